@@ -1,0 +1,1 @@
+"""Alliance Stream shared kernel: event contracts, settings, and Kafka/Mongo/metrics wiring."""

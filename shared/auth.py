@@ -1,0 +1,149 @@
+"""API keys and tenants: the one module every HTTP service uses to authenticate requests.
+
+Keys are random (256 bits) and stored only as SHA-256 hashes; a stolen database does not
+reveal usable keys. A key belongs to one tenant, has one role, and may be bound to a site.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+from fastapi import HTTPException, Request
+from pymongo.asynchronous.database import AsyncDatabase
+
+from shared.http import error_body
+from shared.mongo import Document
+
+Role = Literal["submit", "read", "admin"]
+ROLES: tuple[Role, ...] = ("submit", "read", "admin")
+KEYS = "api_keys"
+KEY_PREFIX = "ak_"
+
+# Roles a key's role also grants: an admin may read what it administers.
+_GRANTS: dict[str, frozenset[str]] = {
+    "submit": frozenset({"submit"}),
+    "read": frozenset({"read"}),
+    "admin": frozenset({"admin", "read"}),
+}
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a tenant, a role, and optionally the one site the key is bound to."""
+
+    key_id: str
+    tenant_id: str
+    role: Role
+    site_id: str | None = None
+
+    def grants(self, role: Role) -> bool:
+        return role in _GRANTS[self.role]
+
+    def may_see_site(self, site_id: str) -> bool:
+        return self.site_id is None or self.site_id == site_id
+
+
+def hash_key(key: str) -> str:
+    """The stored form of a key."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    """A fresh random key."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+async def ensure_indexes(db: AsyncDatabase[Document]) -> None:
+    """Indexes of the key collection."""
+    await db[KEYS].create_index([("tenant_id", 1), ("role", 1)])
+
+
+async def create_key(db: AsyncDatabase[Document], tenant_id: str, role: Role, site_id: str | None = None,
+                     label: str = "") -> tuple[str, Principal]:
+    """Create a key; the plain key is returned once and never stored."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    key = new_key()
+    key_id = hash_key(key)[:16]
+    await db[KEYS].insert_one({
+        "_id": hash_key(key), "key_id": key_id, "tenant_id": tenant_id, "role": role,
+        "site_id": site_id, "label": label, "created_at": datetime.now(UTC), "revoked": False,
+    })
+    await db["tenants"].update_one({"_id": tenant_id}, {"$setOnInsert": {"created_at": datetime.now(UTC)}},
+                                   upsert=True)
+    return key, Principal(key_id, tenant_id, role, site_id)
+
+
+async def revoke_key(db: AsyncDatabase[Document], key_id: str) -> bool:
+    """Revoke a key by its public id."""
+    res = await db[KEYS].update_one({"key_id": key_id}, {"$set": {"revoked": True}})
+    return res.modified_count == 1
+
+
+class KeyStore:
+    """Looks keys up, with a short cache so a hot API does not hit the store per request.
+
+    A revoked key stops working within `ttl_seconds`.
+    """
+
+    def __init__(self, db: AsyncDatabase[Document], ttl_seconds: float = 30.0) -> None:
+        self._db = db
+        self._ttl = ttl_seconds
+        self._cache: dict[str, tuple[float, Principal | None]] = {}
+
+    async def lookup(self, key: str) -> Principal | None:
+        digest = hash_key(key)
+        now = time.monotonic()
+        hit = self._cache.get(digest)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        doc = await self._db[KEYS].find_one({"_id": digest})
+        principal = None
+        if doc is not None and not doc.get("revoked") and hmac.compare_digest(doc["_id"], digest):
+            principal = Principal(doc["key_id"], doc["tenant_id"], doc["role"], doc.get("site_id"))
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[digest] = (now + self._ttl, principal)
+        return principal
+
+
+def _unauthorized(message: str) -> HTTPException:
+    return HTTPException(401, error_body([("Authorization", message)]), headers={"WWW-Authenticate": "Bearer"})
+
+
+def bearer_token(request: Request) -> str | None:
+    """The bearer token of a request, if any."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def require(keys: Callable[[], KeyStore], role: Role) -> Callable[[Request], Awaitable[Principal]]:
+    """A FastAPI dependency: 401 without a valid key, 403 when the key's role does not grant `role`."""
+
+    async def dependency(request: Request) -> Principal:
+        token = bearer_token(request)
+        if token is None:
+            raise _unauthorized("missing bearer API key")
+        principal = await keys().lookup(token)
+        if principal is None:
+            raise _unauthorized("unknown or revoked API key")
+        if not principal.grants(role):
+            raise HTTPException(403, error_body([("Authorization", f"this key's role does not allow '{role}'")]))
+        return principal
+
+    return dependency
+
+
+def forbid_site(site_id: str) -> HTTPException:
+    """The answer when a site-bound key names another site."""
+    return HTTPException(403, error_body([("site_id", f"this key is bound to another site than '{site_id}'")]))

@@ -1,0 +1,51 @@
+"""Structured JSON logs. Records carry ids (submission, correlation), never client ids or ratings."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from shared.settings import LogSettings
+
+_SAFE_EXTRAS = ("correlation_id", "submission_id", "tenant_id", "service", "alert_id", "delivery_id", "outcome")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; only whitelisted extras are emitted."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname,
+            "logger": record.name,
+            "service": self.service,
+            "msg": record.getMessage(),
+        }
+        for name in _SAFE_EXTRAS:
+            value = getattr(record, name, None)
+            if value is not None:
+                doc[name] = value
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def configure(service: str, settings: LogSettings | None = None) -> None:
+    """Route the root logger to stdout (JSON unless disabled)."""
+    settings = settings or LogSettings()
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter(service) if settings.json_format else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.level)
+    # aiokafka logs record contents at DEBUG; keep it at WARNING so no payload reaches the logs.
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)

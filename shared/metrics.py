@@ -1,0 +1,38 @@
+"""Metrics shared by every service. Service-specific metrics live in each service's metrics.py.
+
+Label values are bounded: service names, topic names, partition numbers, outcome enums.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+CONSUMER_LAG = Gauge(
+    "alliance_consumer_lag_messages",
+    "Records between the consumer's position and the partition's high-water mark.",
+    ["service", "topic", "partition"],
+)
+CONSUMER_RECORDS = Counter(
+    "alliance_consumer_records_total",
+    "Records consumed, by outcome (processed or deadlettered).",
+    ["service", "topic", "outcome"],
+)
+CONSUMER_BATCH_SECONDS = Histogram(
+    "alliance_consumer_batch_seconds",
+    "Time to process one consumed batch, commit included.",
+    ["service", "topic"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+CONSUMER_RETRIES = Counter(
+    "alliance_consumer_batch_retries_total",
+    "Batches retried after a transient failure (store or broker unavailable).",
+    ["service", "topic"],
+)
+DEADLETTER = Counter(
+    "alliance_deadletter_total",
+    "Records sent to the dead-letter topic, by service and reason.",
+    ["service", "reason"],
+)
+READY = Gauge("alliance_ready", "1 when the service's dependencies answer.", ["service"])
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)

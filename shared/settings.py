@@ -1,0 +1,105 @@
+"""Settings, read only through pydantic-settings with the `ALLIANCE_` prefix.
+
+One class per adapter (Kafka, MongoDB, SMTP...) and one per service, so a service reads only
+what it uses and the same names work in every service.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.topics import Topics
+
+
+class KafkaSettings(BaseSettings):
+    """How to reach the Kafka cluster (`ALLIANCE_KAFKA_*`)."""
+
+    model_config = SettingsConfigDict(env_prefix="ALLIANCE_KAFKA_", extra="ignore")
+
+    bootstrap: str = "127.0.0.1:9092"
+    # On for Apache Kafka; the local Tansu stand-in rejects InitProducerId v0, so the local
+    # launcher turns it off.
+    idempotence: bool = True
+    acks: Literal["all", "1", "0"] = "all"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"] = "SCRAM-SHA-512"
+    sasl_username: str = ""
+    sasl_password: SecretStr = SecretStr("")
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    topic_prefix: str = ""
+    partitions: int = Field(default=6, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+    retention_ms: int = 7 * 24 * 3600 * 1000
+    linger_ms: int = 5
+    request_timeout_ms: int = 15_000
+    publish_timeout_seconds: float = Field(default=5.0, gt=0)
+    batch_max_records: int = Field(default=500, ge=1)
+
+    def topics(self) -> Topics:
+        """Concrete topic names for this deployment."""
+        return Topics(self.topic_prefix)
+
+    def group(self, service: str) -> str:
+        """Consumer group of a service; one group per service and purpose."""
+        return f"{self.topic_prefix}alliance-{service}"
+
+
+class MongoSettings(BaseSettings):
+    """How to reach MongoDB (`ALLIANCE_MONGO_*`)."""
+
+    model_config = SettingsConfigDict(env_prefix="ALLIANCE_MONGO_", extra="ignore")
+
+    url: str = "mongodb://127.0.0.1:27017/?directConnection=true"
+    database: str = "alliance"
+    timeout_ms: int = 5_000
+
+
+class HttpSettings(BaseSettings):
+    """Where a service listens (`ALLIANCE_<SERVICE>_HOST/PORT`); built per service below."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
+class IntakeHttp(HttpSettings):
+    model_config = SettingsConfigDict(env_prefix="ALLIANCE_INTAKE_", extra="ignore")
+    port: int = 8001
+
+
+class ScoringHttp(HttpSettings):
+    model_config = SettingsConfigDict(env_prefix="ALLIANCE_SCORING_", extra="ignore")
+    port: int = 8002
+
+
+class AlertsHttp(HttpSettings):
+    model_config = SettingsConfigDict(env_prefix="ALLIANCE_ALERTS_", extra="ignore")
+    port: int = 8003
+
+
+class ReportingHttp(HttpSettings):
+    model_config = SettingsConfigDict(env_prefix="ALLIANCE_REPORTING_", extra="ignore")
+    port: int = 8004
+
+
+SERVICE_PORTS: dict[str, type[HttpSettings]] = {
+    "intake": IntakeHttp,
+    "scoring": ScoringHttp,
+    "alerts": AlertsHttp,
+    "reporting": ReportingHttp,
+}
+
+
+class LogSettings(BaseSettings):
+    """Logging (`ALLIANCE_LOG_*`)."""
+
+    model_config = SettingsConfigDict(env_prefix="ALLIANCE_LOG_", extra="ignore")
+
+    level: str = "INFO"
+    json_format: bool = True

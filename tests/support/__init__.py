@@ -1,0 +1,1 @@
+"""Test support: the stack under test, service processes, namespaces."""

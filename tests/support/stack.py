@@ -1,0 +1,64 @@
+"""Which broker and store the tests use, in this order:
+
+1. URLs from the environment: `ALLIANCE_TEST_KAFKA_BOOTSTRAP` and `ALLIANCE_TEST_MONGO_URL`
+   (`ALLIANCE_TEST_KAFKA_IDEMPOTENCE=true` when that broker supports it);
+2. testcontainers (Apache Kafka and MongoDB images) when a Docker engine answers;
+3. the local binaries (Tansu, SecantusDB) on free ports.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.stack import LocalStack, free_port
+
+
+@dataclass
+class StackUnderTest:
+    """Connection facts of the broker and store for this test run."""
+
+    kind: str
+    bootstrap: str
+    mongo_url: str
+    idempotence: bool
+    local: LocalStack | None = None
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        docker.from_env(timeout=2).ping()
+    except Exception:
+        return False
+    return True
+
+
+@contextmanager
+def stack_under_test() -> Iterator[StackUnderTest]:
+    """Start (or find) the broker and store once for the whole test run."""
+    env_kafka, env_mongo = os.environ.get("ALLIANCE_TEST_KAFKA_BOOTSTRAP"), os.environ.get("ALLIANCE_TEST_MONGO_URL")
+    if env_kafka and env_mongo:
+        yield StackUnderTest("environment", env_kafka, env_mongo,
+                             os.environ.get("ALLIANCE_TEST_KAFKA_IDEMPOTENCE", "false").lower() == "true")
+        return
+    if _docker_answers():
+        from testcontainers.kafka import KafkaContainer  # type: ignore[import-untyped]
+        from testcontainers.mongodb import MongoDbContainer  # type: ignore[import-untyped]
+
+        with KafkaContainer("apache/kafka:3.9.1").with_kraft() as kafka, MongoDbContainer("mongo:8.0.4") as mongo:
+            yield StackUnderTest("testcontainers", kafka.get_bootstrap_server(),
+                                 mongo.get_connection_url() + "/?directConnection=true", True)
+        return
+    data = Path(os.environ.get("ALLIANCE_TEST_DATA") or tempfile.mkdtemp(prefix="alliance-test-"))
+    local = LocalStack(data, kafka_port=free_port(), mongo_port=free_port(), s3_port=free_port())
+    local.start()
+    try:
+        yield StackUnderTest("local", local.bootstrap, local.mongo_url, False, local)
+    finally:
+        local.stop()
