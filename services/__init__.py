@@ -1,0 +1,1 @@
+"""The four Alliance Stream services and the operator CLI."""

@@ -1,0 +1,147 @@
+"""`alliance`: every command an operator runs.
+
+Service-specific commands live next to their service (`services/<name>/cli.py`) and are
+mounted here, so this module only composes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+import typer
+
+from shared import auth
+from shared.mongo import database, make_client
+from shared.settings import SERVICE_PORTS, KafkaSettings, MongoSettings
+from shared.stack import LocalStack, ensure_topics
+
+app = typer.Typer(help="Alliance Stream operator commands.", no_args_is_help=True, add_completion=False)
+keys_app = typer.Typer(help="API keys (stored hashed in MongoDB).", no_args_is_help=True)
+tenants_app = typer.Typer(help="Tenants and their alliance rules.", no_args_is_help=True)
+stack_app = typer.Typer(help="The local broker and store (Tansu + SecantusDB).", no_args_is_help=True)
+topics_app = typer.Typer(help="Kafka topics.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(stack_app, name="stack")
+app.add_typer(topics_app, name="topics")
+
+SERVICES = ("intake", "scoring", "alerts", "reporting")
+DATA_DIR = Path(".alliance")
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="tenant id")],
+    role: Annotated[str, typer.Option(help="submit | read | admin")],
+    site: Annotated[str | None, typer.Option(help="bind the key to one site")] = None,
+    label: Annotated[str, typer.Option(help="a note for operators")] = "",
+) -> None:
+    """Create an API key; the key itself is printed once, as the last line."""
+    if role not in auth.ROLES:
+        raise typer.BadParameter(f"role must be one of {', '.join(auth.ROLES)}", param_hint="--role")
+
+    async def go() -> str:
+        settings = MongoSettings()
+        client = make_client(settings)
+        try:
+            key, principal = await auth.create_key(database(client, settings), tenant, role, site, label)  # type: ignore[arg-type]
+        finally:
+            await client.close()
+        typer.echo(f"key id {principal.key_id} tenant={tenant} role={role} site={site or '*'}", err=True)
+        return key
+
+    typer.echo(asyncio.run(go()))
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key by its id (effective within 30 s everywhere)."""
+
+    async def go() -> bool:
+        settings = MongoSettings()
+        client = make_client(settings)
+        try:
+            return await auth.revoke_key(database(client, settings), key_id)
+        finally:
+            await client.close()
+
+    if not asyncio.run(go()):
+        typer.echo("no such key", err=True)
+        raise typer.Exit(1)
+    typer.echo("revoked")
+
+
+@topics_app.command("create")
+def topics_create() -> None:
+    """Create every topic with the configured partitions, replication factor and retention."""
+    created = asyncio.run(ensure_topics(KafkaSettings()))
+    typer.echo(f"created {len(created)} topics: {', '.join(created) or '-'}")
+
+
+@app.command("serve")
+def serve(service: Annotated[str, typer.Argument(help=" | ".join(SERVICES))]) -> None:
+    """Run one service in the foreground."""
+    if service not in SERVICES:
+        raise typer.BadParameter(f"one of {', '.join(SERVICES)}")
+    os.execv(sys.executable, [sys.executable, "-m", f"services.{service}"])
+
+
+@stack_app.command("up")
+def stack_up(
+    durable: Annotated[bool, typer.Option(help="keep the Kafka log across restarts (s3 over localbucket)")] = True,
+    data_dir: Annotated[Path, typer.Option(help="where data and logs go")] = DATA_DIR / "data",
+) -> None:
+    """Start the local broker and store and keep them running until Ctrl-C."""
+    stack = LocalStack(data_dir, durable=durable)
+    stack.start()
+    typer.echo("broker 127.0.0.1:9092, store mongodb://127.0.0.1:27017 (Ctrl-C stops both)")
+    try:
+        asyncio.run(stack.watch_topics())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()
+
+
+def _wait_ready(url: str, timeout: float = 120.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def _mount_service_commands() -> None:
+    from services.alerts import cli as alerts_cli
+    from services.intake import cli as intake_cli
+    from services.reporting import cli as reporting_cli
+    from services.scoring import cli as scoring_cli
+
+    app.add_typer(intake_cli.app, name="intake")
+    app.add_typer(scoring_cli.app, name="scoring")
+    app.add_typer(alerts_cli.app, name="alerts")
+    app.add_typer(reporting_cli.app, name="reporting")
+    app.command("import")(intake_cli.import_csv)
+    tenants_app.command("set-rules")(scoring_cli.set_rules)
+    tenants_app.command("show-rules")(scoring_cli.show_rules)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    _mount_service_commands()
+    app()
+
+
+__all__ = ["app", "main", "signal", "subprocess"]
