@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
-import httpx
 import typer
 
 from shared import auth
 from shared.mongo import database, make_client
-from shared.settings import SERVICE_PORTS, KafkaSettings, MongoSettings
+from shared.settings import KafkaSettings, MongoSettings
 from shared.stack import LocalStack, ensure_topics
 
 app = typer.Typer(help="Alliance Stream operator commands.", no_args_is_help=True, add_completion=False)
@@ -111,18 +107,6 @@ def stack_up(
         stack.stop()
 
 
-def _wait_ready(url: str, timeout: float = 120.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    return False
-
-
 def _mount_service_commands() -> None:
     from services.alerts import cli as alerts_cli
     from services.intake import cli as intake_cli
@@ -133,7 +117,14 @@ def _mount_service_commands() -> None:
     app.add_typer(scoring_cli.app, name="scoring")
     app.add_typer(alerts_cli.app, name="alerts")
     app.add_typer(reporting_cli.app, name="reporting")
+    from services import bench, contracts, run, simulate
+
     app.command("import")(intake_cli.import_csv)
+    app.command("run")(run.run)
+    app.command("simulate")(simulate.simulate)
+    app.command("bench")(bench.bench)
+    docs_app = contracts.app
+    app.add_typer(docs_app, name="docs")
     tenants_app.command("set-rules")(scoring_cli.set_rules)
     tenants_app.command("show-rules")(scoring_cli.show_rules)
 
@@ -144,4 +135,5 @@ def main() -> None:
     app()
 
 
-__all__ = ["app", "main", "signal", "subprocess"]
+if __name__ == "__main__":
+    main()
