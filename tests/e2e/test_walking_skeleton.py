@@ -1,0 +1,129 @@
+"""The whole pipeline, end to end, on the real local broker and store with four service processes:
+a submission posted to intake is scored, becomes a trajectory point readable through reporting,
+and its deterioration reaches the clinician's webhook, signed so that `standardwebhooks` verifies it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaConsumer
+from pymongo import AsyncMongoClient
+from standardwebhooks import Webhook
+
+from shared import auth
+from shared.mongo import Document
+from tests.support.receiver import Receiver, webhook_receiver
+from tests.support.services import Namespace, ServiceProcess, running
+from tests.support.stack import StackUnderTest
+from tests.support.wait import eventually
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+@pytest.fixture(scope="module")
+def e2e_namespace(stack: StackUnderTest) -> Namespace:
+    import asyncio
+
+    from shared.stack import ensure_topics
+
+    ns = Namespace.fresh(stack)
+    asyncio.run(ensure_topics(ns.kafka()))
+    return ns
+
+
+@pytest.fixture(scope="module")
+def services(e2e_namespace: Namespace, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServiceProcess]]:
+    logs = tmp_path_factory.mktemp("e2e-logs")
+    with running(["intake", "scoring", "alerts", "reporting"], e2e_namespace, logs) as procs:
+        yield procs
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    with webhook_receiver() as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+async def keys(e2e_namespace: Namespace) -> AsyncIterator[dict[str, str]]:
+    client: AsyncMongoClient[Document] = AsyncMongoClient(e2e_namespace.stack.mongo_url, tz_aware=True)
+    db = client[e2e_namespace.database]
+    out = {}
+    for role in ("submit", "read", "admin"):
+        out[role], _ = await auth.create_key(db, "acme", role)  # type: ignore[arg-type]
+    yield out
+    await client.close()
+
+
+def _submission(client_id: str, session: int, items: tuple[float, float, float, float]) -> dict[str, Any]:
+    r, g, a, o = items
+    return {
+        "client_id": client_id, "clinician_id": "c-17", "site_id": "north", "instrument": "SRS",
+        "session_number": session,
+        "administered_at": (datetime.now(UTC) - timedelta(hours=10 - session)).isoformat(),
+        "items": {"relationship": r, "goals": g, "approach": a, "overall": o},
+    }
+
+
+async def test_a_deteriorating_submission_flows_to_trajectory_and_signed_webhook(
+    services: dict[str, ServiceProcess], keys: dict[str, str], receiver: Receiver, e2e_namespace: Namespace,
+    artifacts: Path,
+) -> None:
+    admin = {"Authorization": f"Bearer {keys['admin']}"}
+    async with httpx.AsyncClient(timeout=15) as http:
+        secret = (await http.post(f"{services['alerts'].url}/v1/webhook-secret", headers=admin)).json()["secret"]
+        put = await http.put(f"{services['alerts'].url}/v1/clinicians/c-17", headers=admin, json={
+            "site_id": "north", "email": "c17@clinic.example", "webhook_url": receiver.url})
+        assert put.status_code in (200, 201), put.text
+
+        submit = {"Authorization": f"Bearer {keys['submit']}"}
+        first = await http.post(f"{services['intake'].url}/v1/submissions", headers=submit,
+                                json=_submission("client-e2e", 1, (9.5, 9.5, 9.5, 9.5)))
+        assert first.status_code == 202, first.text
+        second = await http.post(f"{services['intake'].url}/v1/submissions", headers=submit,
+                                 json=_submission("client-e2e", 2, (8.0, 7.5, 8.0, 8.0)))
+        assert second.status_code == 202, second.text
+        falling_id = second.json()["submission_id"]
+
+        read = {"Authorization": f"Bearer {keys['read']}"}
+
+        async def trajectory() -> dict[str, Any] | None:
+            r = await http.get(f"{services['reporting'].url}/v1/clients/client-e2e/trajectory",
+                               params={"instrument": "SRS"}, headers=read)
+            doc: dict[str, Any] = r.json() if r.status_code == 200 else {}
+            return doc if len(doc.get("sessions", [])) == 2 else None
+
+        traj = await eventually(trajectory, timeout=60)
+        assert [s["total"] for s in traj["sessions"]] == [38.0, 31.5]
+        assert traj["latest_total"] == 31.5
+        assert traj["at_risk"] is True
+
+    deliveries = await eventually(lambda: _async(receiver.successes()), timeout=60)
+    assert len(deliveries) == 1
+    got = deliveries[0]
+    payload = Webhook(secret).verify(got.body, {k: v for k, v in got.headers.items() if k.startswith("webhook-")})
+    assert payload["submission_id"] == falling_id
+    assert set(payload["triggers"]) >= {"below_cutoff", "drop_from_previous"}
+    assert got.headers["x-alliance-event"] == "alliance.deterioration.v1"
+    (artifacts / "e2e-webhook.json").write_text(json.dumps(payload, indent=2))
+
+    consumer = AIOKafkaConsumer(e2e_namespace.kafka().topics().scored, bootstrap_servers=e2e_namespace.stack.bootstrap,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    try:
+        batch = await consumer.getmany(timeout_ms=5000)
+        scored = [json.loads(r.value) for rs in batch.values() for r in rs]
+    finally:
+        await consumer.stop()
+    assert {s["submission_id"] for s in scored} >= {falling_id}
+
+
+async def _async(value: Any) -> Any:
+    return value
