@@ -1,0 +1,613 @@
+"""A synthetic clinic network that posts realistic SRS series through the intake API.
+
+`alliance simulate --tenants N --sites N --clinicians N --clients N --rate R --duration S`
+
+Two halves, kept apart so the first can be tested without any I/O:
+
+- `plan(...)` builds the whole run up front, deterministically from a seed: which client gives which
+  rating when, which submissions are retries of earlier ones, which sessions arrive late, which
+  bodies are invalid, and which go through the batch endpoint.
+- `send(...)` posts a plan to intake at the offered rate (open loop: each request is due at
+  `submissions_before / rate` seconds after the start), stops by itself after `duration`, and counts
+  what intake answered.
+
+The network: `sites`, `clinicians` and `clients` are totals, spread round-robin (sites over tenants,
+clinicians over sites, clients over clinicians). Each client follows one alliance trajectory:
+most are high and stable (totals ~36-40), some decline session by session, some start low and
+recover. A few clients fill in the child (CSRS) or group (GSRS) form, and some come from EHR
+exports that only carry a total.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+Kind = Literal["new", "duplicate", "late", "invalid"]
+Trajectory = Literal["stable_high", "declining", "low_recovering"]
+ITEMS = ("relationship", "goals", "approach", "overall")
+
+# Rules of issue 3 the planner breaks on purpose; each must get a 422 (or a rejected batch item).
+INVALID_RULES: tuple[str, ...] = (
+    "item_out_of_range", "item_two_decimals", "items_and_total", "neither_items_nor_total",
+    "partial_items", "unknown_instrument", "session_number_zero", "timestamp_without_offset",
+    "timestamp_in_future", "bad_submission_id", "unknown_field", "empty_client_id",
+)
+
+
+@dataclass(frozen=True)
+class Mix:
+    """Shares of the generated stream (fractions of all planned submissions, or of clients)."""
+
+    # trajectories, as fractions of clients (the rest are stable_high)
+    declining: float = 0.12
+    low_recovering: float = 0.10
+    # per client
+    total_only: float = 0.08
+    csrs: float = 0.05
+    gsrs: float = 0.04
+    episodes: float = 0.3
+    # per submission
+    duplicate: float = 0.05
+    late: float = 0.04
+    invalid: float = 0.02
+    # fraction of steps that are an EHR batch export (POST /v1/submissions/batch) instead of a single post
+    batch_steps: float = 0.015
+    batch_size: tuple[int, int] = (5, 40)
+
+
+@dataclass(frozen=True)
+class Client:
+    """One simulated client and the form and trajectory their ratings follow."""
+
+    index: int
+    tenant: int
+    site_id: str
+    clinician_id: str
+    client_id: str
+    trajectory: Trajectory
+    instrument: str
+    total_only: bool
+    episode_id: str | None
+    start_total: float
+    slope: float  # change of the expected total per session
+
+
+@dataclass(frozen=True)
+class PlannedSubmission:
+    """One submission as it will be posted, and what the simulator expects intake to answer."""
+
+    seq: int
+    tenant: int
+    kind: Kind
+    body: dict[str, Any]
+    batch: int | None = None  # submissions sharing a batch id go in one batch request, in order
+    client: int | None = None  # index into the network's clients
+    session_number: int | None = None
+    invalid_rule: str | None = None
+
+    @property
+    def submission_id(self) -> str:
+        return str(self.body.get("submission_id", ""))
+
+    @property
+    def valid(self) -> bool:
+        return self.kind != "invalid"
+
+
+@dataclass(frozen=True)
+class Network:
+    """The synthetic network: tenants index the submit keys; clients carry their trajectories."""
+
+    tenants: int
+    sites: tuple[tuple[int, str], ...]  # (tenant, site_id)
+    clinicians: tuple[tuple[int, str, str], ...]  # (tenant, site_id, clinician_id)
+    clients: tuple[Client, ...]
+
+
+def build_network(tenants: int, sites: int, clinicians: int, clients: int, rng: random.Random, run: str,
+                  mix: Mix = Mix()) -> Network:
+    """Spread sites over tenants, clinicians over sites, clients over clinicians (round-robin)."""
+    tenants = max(1, tenants)
+    sites = max(sites, tenants)
+    clinicians = max(clinicians, sites)
+    clients = max(clients, 1)
+    site_list = tuple((i % tenants, f"site-{i + 1}") for i in range(sites))
+    clin_list = tuple((site_list[j % sites][0], site_list[j % sites][1], f"clin-{j + 1}") for j in range(clinicians))
+    out: list[Client] = []
+    for k in range(clients):
+        tenant, site_id, clinician_id = clin_list[k % clinicians]
+        r = rng.random()
+        trajectory: Trajectory
+        if r < mix.declining:
+            trajectory, start, slope = "declining", rng.uniform(36.5, 39.5), -rng.uniform(0.8, 2.0)
+        elif r < mix.declining + mix.low_recovering:
+            trajectory, start, slope = "low_recovering", rng.uniform(25.0, 33.0), rng.uniform(0.8, 2.0)
+        else:
+            trajectory, start, slope = "stable_high", rng.uniform(37.0, 39.5), 0.0
+        f = rng.random()
+        instrument = "CSRS" if f < mix.csrs else "GSRS" if f < mix.csrs + mix.gsrs else "SRS"
+        out.append(Client(
+            index=k, tenant=tenant, site_id=site_id, clinician_id=clinician_id,
+            client_id=f"cl-{run}-{k + 1:05d}", trajectory=trajectory, instrument=instrument,
+            total_only=rng.random() < mix.total_only,
+            episode_id="ep-1" if rng.random() < mix.episodes else None,
+            start_total=start, slope=slope,
+        ))
+    return Network(tenants, site_list, clin_list, tuple(out))
+
+
+def _round1(x: float) -> float:
+    return float(f"{x:.1f}")
+
+
+def rating(client: Client, session_number: int, rng: random.Random) -> dict[str, float]:
+    """The items (or total) a client gives at one session, following their trajectory."""
+    expected = client.start_total + client.slope * (session_number - 1)
+    noise = 0.5 if client.trajectory == "stable_high" else 0.8
+    total = min(40.0, max(8.0, expected + rng.gauss(0.0, noise)))
+    if client.trajectory == "stable_high":
+        total = max(total, 35.0)
+    items = [min(10.0, max(0.0, _round1(total / 4 + rng.gauss(0.0, 0.25)))) for _ in ITEMS]
+    if client.total_only:
+        return {"total": _round1(sum(items))}
+    return dict(zip(ITEMS, items, strict=True))
+
+
+@dataclass
+class _Draft:
+    """A submission before timestamps are known (they depend on each client's final session count)."""
+
+    tenant: int
+    kind: Kind
+    client: int
+    session_number: int
+    submission_id: str
+    rating: dict[str, float]
+    batch: int | None = None
+    invalid_rule: str | None = None
+
+
+def plan(tenants: int, sites: int, clinicians: int, clients: int, count: int, seed: int = 0, run: str = "",
+         now: datetime | None = None, mix: Mix = Mix()) -> list[PlannedSubmission]:
+    """The whole run, in send order; the same arguments always give the same plan.
+
+    `count` submissions in all (retries, late and invalid ones included). Timestamps are weekly per
+    client and end one hour before `now`, so a plan posted within a day stays valid.
+    """
+    rng = random.Random(seed)
+    run = run or f"s{seed}"
+    now = now or datetime(2026, 1, 1, tzinfo=UTC)
+    net = build_network(tenants, sites, clinicians, clients, rng, run, mix)
+    by_tenant: dict[int, list[int]] = {}
+    for c in net.clients:
+        by_tenant.setdefault(c.tenant, []).append(c.index)
+    next_session = [1] * len(net.clients)
+    drafts: list[_Draft] = []
+    pending_late: list[tuple[int, _Draft]] = []  # (due position, the older session held back)
+    n_ids = 0
+    batch_no = 0
+
+    def new_id() -> str:
+        nonlocal n_ids
+        n_ids += 1
+        return f"sim-{run}-{n_ids:07d}"
+
+    def session(client: int, kind: Kind, batch: int | None) -> _Draft:
+        n = next_session[client]
+        next_session[client] += 1
+        return _Draft(net.clients[client].tenant, kind, client, n, new_id(), rating(net.clients[client], n, rng),
+                      batch)
+
+    def one(tenant: int | None, batch: int | None, room: int) -> list[_Draft]:
+        """One lottery draw: a new session, a retry, a late pair, or an invalid body."""
+        pool = by_tenant[tenant] if tenant is not None else range(len(net.clients))
+        client = rng.choice(pool)
+        r = rng.random()
+        if r < mix.invalid:
+            n = next_session[client]  # an invalid body does not use up a session number
+            d = _Draft(net.clients[client].tenant, "invalid", client, n, new_id(),
+                       rating(net.clients[client], n, rng), batch, rng.choice(INVALID_RULES))
+            return [d]
+        r -= mix.invalid
+        if r < mix.duplicate:
+            # a retry of something already sent in an earlier request (same tenant, same body)
+            in_batch = {d.submission_id for d in drafts[-1000:] if batch is not None and d.batch == batch}
+            earlier = [d for d in drafts[-300:] if d.kind != "invalid" and d.submission_id not in in_batch
+                       and (batch is None or d.batch != batch) and (tenant is None or d.tenant == tenant)]
+            if earlier:
+                src = rng.choice(earlier)
+                return [_Draft(src.tenant, "duplicate", src.client, src.session_number, src.submission_id,
+                               src.rating, batch)]
+        r -= mix.duplicate
+        if r < mix.late and room >= 2:
+            # the newer session goes now, the older one a few submissions later
+            older = session(client, "late", None)
+            newer = session(client, "new", batch)
+            pending_late.append((len(drafts) + rng.randint(3, 25), older))
+            return [newer]
+        return [session(client, "new", batch)]
+
+    while len(drafts) + len(pending_late) < count:
+        due = [p for p in pending_late if p[0] <= len(drafts)]
+        if due:
+            pending_late.remove(due[0])
+            drafts.append(due[0][1])
+            continue
+        room = count - len(drafts) - len(pending_late)
+        if rng.random() < mix.batch_steps and room > 1:
+            batch_no += 1
+            tenant = rng.randrange(net.tenants)
+            size = min(room, rng.randint(*mix.batch_size))
+            before = len(drafts) + len(pending_late)
+            while len(drafts) + len(pending_late) - before < size:
+                drafts.extend(one(tenant, batch_no, count - len(drafts) - len(pending_late)))
+        else:
+            drafts.extend(one(None, None, room))
+    for _, d in sorted(pending_late, key=lambda p: p[0]):
+        drafts.append(d)
+
+    # Timestamps: weekly, the client's last session one hour (plus a little) before `now`.
+    last = [n - 1 for n in next_session]
+    planned: list[PlannedSubmission] = []
+    stamps: dict[str, str] = {}
+    first_body: dict[str, dict[str, Any]] = {}
+    for seq, d in enumerate(drafts):
+        if d.kind == "duplicate":
+            body = dict(first_body[d.submission_id])
+        else:
+            weeks_back = max(0, last[d.client] - d.session_number)
+            at = now - timedelta(hours=1, minutes=(d.client * 7) % 50) - timedelta(weeks=weeks_back)
+            stamp = stamps.setdefault(f"{d.client}:{d.session_number}", at.isoformat())
+            body = _body(net.clients[d.client], d, stamp)
+            if d.invalid_rule is not None:
+                body = _break(body, d.invalid_rule, now, rng)
+        first_body.setdefault(d.submission_id, body)
+        planned.append(PlannedSubmission(seq, d.tenant, d.kind, body, d.batch, d.client, d.session_number,
+                                         d.invalid_rule))
+    return planned
+
+
+def _body(client: Client, d: _Draft, administered_at: str) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "submission_id": d.submission_id,
+        "instrument": client.instrument,
+        "client_id": client.client_id,
+        "clinician_id": client.clinician_id,
+        "site_id": client.site_id,
+        "session_number": d.session_number,
+        "administered_at": administered_at,
+    }
+    if client.episode_id is not None:
+        body["episode_id"] = client.episode_id
+    if "total" in d.rating:
+        body["total"] = d.rating["total"]
+    else:
+        body["items"] = dict(d.rating)
+    return body
+
+
+def _break(body: dict[str, Any], rule: str, now: datetime, rng: random.Random) -> dict[str, Any]:
+    """Make a valid body invalid in one specific way."""
+    b: dict[str, Any] = json.loads(json.dumps(body))
+    items = b.get("items") or {"relationship": 9.0, "goals": 9.0, "approach": 9.0, "overall": 9.0}
+    if rule == "item_out_of_range":
+        b.pop("total", None)
+        b["items"] = {**items, rng.choice(ITEMS): rng.choice([10.5, 11.0, -0.5, 42.0])}
+    elif rule == "item_two_decimals":
+        b.pop("total", None)
+        b["items"] = {**items, rng.choice(ITEMS): rng.choice([8.25, 9.15, 7.05])}
+    elif rule == "items_and_total":
+        b["items"] = items
+        b["total"] = _round1(sum(items.values()))
+    elif rule == "neither_items_nor_total":
+        b.pop("items", None)
+        b.pop("total", None)
+    elif rule == "partial_items":
+        b.pop("total", None)
+        partial = dict(items)
+        del partial[rng.choice(ITEMS)]
+        b["items"] = partial
+    elif rule == "unknown_instrument":
+        b["instrument"] = rng.choice(["XSRS", "ORS", "srs-long"])
+    elif rule == "session_number_zero":
+        b["session_number"] = rng.choice([0, -1])
+    elif rule == "timestamp_without_offset":
+        b["administered_at"] = datetime.fromisoformat(b["administered_at"]).replace(tzinfo=None).isoformat()
+    elif rule == "timestamp_in_future":
+        b["administered_at"] = (now + timedelta(days=rng.choice([3, 10, 400]))).isoformat()
+    elif rule == "bad_submission_id":
+        b["submission_id"] = rng.choice(["has space", "x" * 129, "semi;colon", "slash/id"])
+    elif rule == "unknown_field":
+        b["mood"] = "fine"
+    elif rule == "empty_client_id":
+        b["client_id"] = ""
+    else:  # pragma: no cover - every rule above is listed in INVALID_RULES
+        raise ValueError(rule)
+    return b
+
+
+def requests(planned: Sequence[PlannedSubmission]) -> list[list[PlannedSubmission]]:
+    """Group a plan into HTTP requests: a single post, or consecutive members of one batch."""
+    out: list[list[PlannedSubmission]] = []
+    for p in planned:
+        if p.batch is not None and out and out[-1][0].batch == p.batch:
+            out[-1].append(p)
+        else:
+            out.append([p])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- sending
+
+Outcome = Literal["accepted", "rejected"]
+ResultHook = Callable[[PlannedSubmission, Outcome, str, float], None]
+
+
+@dataclass
+class SendStats:
+    """What intake answered, per planned submission."""
+
+    planned: int = 0
+    sent: int = 0
+    accepted: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)  # by HTTP status (or "422" for batch items)
+    duplicates: int = 0
+    late: int = 0
+    invalid: int = 0
+    retried: int = 0  # requests re-sent after 429/503 (same submission ids)
+    unexpected: int = 0  # a valid submission rejected, or an invalid one accepted
+    behind_seconds: float = 0.0  # how far the sender fell behind its schedule at worst
+    elapsed: float = 0.0
+    accepted_ids: set[str] = field(default_factory=set)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "planned": self.planned, "sent": self.sent, "accepted": self.accepted,
+            "rejected": dict(sorted(self.rejected.items())), "duplicates": self.duplicates, "late": self.late,
+            "invalid": self.invalid, "retried": self.retried, "unexpected": self.unexpected,
+            "behind_seconds": round(self.behind_seconds, 3), "elapsed_seconds": round(self.elapsed, 2),
+            "offered_rate": round(self.sent / self.elapsed, 1) if self.elapsed else 0.0,
+        }
+
+
+def _retry_after(resp: httpx.Response) -> float:
+    try:
+        return min(5.0, max(0.05, float(resp.headers.get("retry-after", "1"))))
+    except ValueError:
+        return 1.0
+
+
+async def _post(client: httpx.AsyncClient, key: str, group: list[PlannedSubmission], stats: SendStats,
+                on_result: ResultHook | None, deadline: float) -> None:
+    """Post one request; retry 429/503 with the same ids (as a well-behaved site would)."""
+    headers = {"Authorization": f"Bearer {key}"}
+    batch = group[0].batch is not None
+    attempt = 0
+    while True:
+        status: str
+        results: list[tuple[Outcome, str]]
+        try:
+            if batch:
+                resp = await client.post("/v1/submissions/batch", json={"submissions": [p.body for p in group]},
+                                         headers=headers)
+            else:
+                resp = await client.post("/v1/submissions", json=group[0].body, headers=headers)
+            status = str(resp.status_code)
+        except httpx.HTTPError as exc:
+            resp = None
+            status = type(exc).__name__
+        if resp is not None and resp.status_code in (429, 503) and attempt < 3 and time.monotonic() < deadline:
+            attempt += 1
+            stats.retried += 1
+            await asyncio.sleep(_retry_after(resp))
+            continue
+        break
+    at = time.time()
+    if resp is not None and batch and resp.status_code == 200:
+        by_index = {int(r["index"]): r for r in resp.json().get("results", [])}
+        results = [("accepted", "200") if by_index.get(i, {}).get("status") == "accepted" else ("rejected", "422")
+                   for i in range(len(group))]
+    elif resp is not None and resp.status_code in (200, 202):
+        results = [("accepted", status)] * len(group)
+    else:
+        results = [("rejected", status)] * len(group)
+    for p, (outcome, st) in zip(group, results, strict=True):
+        stats.sent += 1
+        stats.duplicates += p.kind == "duplicate"
+        stats.late += p.kind == "late"
+        stats.invalid += p.kind == "invalid"
+        if outcome == "accepted":
+            stats.accepted += 1
+            stats.accepted_ids.add(p.submission_id)
+        else:
+            stats.rejected[st] += 1
+        if (outcome == "accepted") != p.valid:
+            stats.unexpected += 1
+        if on_result is not None:
+            on_result(p, outcome, st, at)
+
+
+async def send(planned: Sequence[PlannedSubmission], url: str, keys: Sequence[str], rate: float, duration: float,
+               on_result: ResultHook | None = None, on_tick: Callable[[SendStats], None] | None = None,
+               concurrency: int = 64, grace: float = 15.0,
+               transport: httpx.AsyncBaseTransport | None = None) -> SendStats:
+    """Post a plan at `rate` submissions/s for at most `duration` seconds; wait up to `grace` for answers."""
+    if not keys:
+        raise ValueError("no submit keys")
+    if rate <= 0:
+        raise ValueError("rate must be > 0")
+    stats = SendStats(planned=len(planned))
+    sem = asyncio.Semaphore(concurrency)
+    tasks: set[asyncio.Task[None]] = set()
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(30.0), limits=limits,
+                                 transport=transport) as client:
+        start = time.monotonic()
+        stop_at = start + duration
+        done = 0
+        for group in requests(planned):
+            due = start + done / rate
+            if due >= stop_at:
+                break
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                stats.behind_seconds = max(stats.behind_seconds, -delay)
+            await sem.acquire()
+            key = keys[group[0].tenant % len(keys)]
+
+            async def run(g: list[PlannedSubmission] = group, k: str = key) -> None:
+                try:
+                    await _post(client, k, g, stats, on_result, stop_at + grace)
+                finally:
+                    sem.release()
+
+            task = asyncio.create_task(run())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            done += len(group)
+            if on_tick is not None:
+                on_tick(stats)
+        if tasks:
+            _, late_tasks = await asyncio.wait(set(tasks), timeout=grace)
+            for t in late_tasks:
+                t.cancel()
+        stats.elapsed = time.monotonic() - start
+    return stats
+
+
+async def run_simulation(tenants: int, sites: int, clinicians: int, clients: int, rate: float, duration: float,
+                         url: str, keys: Sequence[str], seed: int = 0, run: str = "", quiet: bool = True,
+                         console: Console | None = None) -> tuple[list[PlannedSubmission], SendStats]:
+    """Plan and post one simulation; returns the plan and the counts."""
+    count = max(1, int(rate * duration))
+    planned = plan(tenants, sites, clinicians, clients, count, seed=seed, run=run or secrets.token_hex(3),
+                   now=datetime.now(UTC))
+    if quiet:
+        return planned, await send(planned, url, keys, rate, duration)
+    console = console or Console(stderr=True)
+    columns = (TextColumn("[bold]simulate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.description}"))
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("", total=len(planned))
+
+        def tick(s: SendStats) -> None:
+            rejected = sum(s.rejected.values())
+            progress.update(task, completed=s.sent, description=(
+                f"accepted {s.accepted}  rejected {rejected}  dup {s.duplicates}  late {s.late}"
+                f"  retried {s.retried}"))
+
+        async def ticker() -> None:
+            while True:
+                await asyncio.sleep(0.25)
+                tick(stats_box[0])
+
+        stats_box = [SendStats()]
+
+        def on_tick(s: SendStats) -> None:
+            stats_box[0] = s
+
+        ticking = asyncio.create_task(ticker())
+        try:
+            stats = await send(planned, url, keys, rate, duration, on_tick=on_tick)
+        finally:
+            ticking.cancel()
+        tick(stats)
+    return planned, stats
+
+
+def summary_table(stats: SendStats) -> Table:
+    """The counts as a table."""
+    t = Table(title="simulation", show_header=True)
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    for k, v in stats.as_dict().items():
+        if k == "rejected":
+            for status, n in v.items():
+                t.add_row(f"rejected ({status})", str(n))
+            t.add_row("rejected (all)", str(sum(v.values())))
+        else:
+            t.add_row(k, str(v))
+    return t
+
+
+async def _create_keys(tenants: int) -> list[str]:
+    from shared import auth
+    from shared.mongo import database, make_client
+    from shared.settings import MongoSettings
+
+    settings = MongoSettings()
+    client = make_client(settings)
+    try:
+        db = database(client, settings)
+        return [(await auth.create_key(db, f"sim-{i + 1}", "submit", None, "alliance simulate"))[0]
+                for i in range(tenants)]
+    finally:
+        await client.close()
+
+
+def simulate(
+    tenants: Annotated[int, typer.Option(help="tenants (one submit key each)", min=1)] = 1,
+    sites: Annotated[int, typer.Option(help="sites in the whole network", min=1)] = 3,
+    clinicians: Annotated[int, typer.Option(help="clinicians in the whole network", min=1)] = 6,
+    clients: Annotated[int, typer.Option(help="clients in the whole network", min=1)] = 60,
+    rate: Annotated[float, typer.Option(help="offered submissions per second", min=0.01)] = 5.0,
+    duration: Annotated[float, typer.Option(help="seconds to run; stops by itself", min=0.1)] = 60.0,
+    url: Annotated[str, typer.Option(help="intake base URL")] = "http://127.0.0.1:8001",
+    keys: Annotated[str, typer.Option(help="comma-separated submit keys, one per tenant",
+                                      envvar="ALLIANCE_SIM_KEYS")] = "",
+    seed: Annotated[int, typer.Option(help="random seed (same seed and run: same plan)")] = 0,
+    run: Annotated[str, typer.Option(help="id prefix for clients and submissions; random by default")] = "",
+    create_keys: Annotated[bool, typer.Option(help="create one submit key per tenant in the configured "
+                                                    "MongoDB (ALLIANCE_MONGO_*) when --keys is empty")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress display; print the counts as one JSON line")] = False,
+) -> SendStats:
+    """Post a synthetic clinic network's SRS ratings to intake at a fixed rate, then print the counts."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]{0,24}", run):
+        raise typer.BadParameter("up to 24 of [A-Za-z0-9._-]", param_hint="--run")
+    key_list = [k.strip() for k in keys.split(",") if k.strip()]
+    if not key_list and create_keys:
+        key_list = asyncio.run(_create_keys(tenants))
+    if not key_list:
+        raise typer.BadParameter("give submit keys (--keys or ALLIANCE_SIM_KEYS; create them with "
+                                 "`alliance keys create --tenant T --role submit`) or pass --create-keys",
+                                 param_hint="--keys")
+    if len(key_list) < tenants and not quiet:
+        Console(stderr=True).print(f"[yellow]{len(key_list)} keys for {tenants} tenants: tenants share keys")
+    _, stats = asyncio.run(run_simulation(tenants, sites, clinicians, clients, rate, duration, url, key_list,
+                                          seed=seed, run=run, quiet=quiet))
+    if quiet:
+        typer.echo(json.dumps(stats.as_dict()))
+    else:
+        Console().print(summary_table(stats))
+    return stats
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m services.simulate`."""
+    app = typer.Typer(add_completion=False)
+    app.command()(simulate)
+    app(args=argv, prog_name="simulate")
+
+
+if __name__ == "__main__":
+    main()
+
+

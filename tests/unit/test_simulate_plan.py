@@ -1,0 +1,223 @@
+"""The simulator's planner: the mix it promises, determinism, and bodies intake accepts (or must reject)."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from services.simulate import INVALID_RULES, PlannedSubmission, build_network, plan, requests
+
+NOW = datetime(2026, 11, 25, 15, 0, tzinfo=UTC)
+ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+FIELDS = {"submission_id", "instrument", "client_id", "clinician_id", "site_id", "episode_id", "session_number",
+          "administered_at", "items", "total"}
+ITEMS = ("relationship", "goals", "approach", "overall")
+
+
+def one_decimal(x: Any, hi: float) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and 0 <= x <= hi and round(x * 10) == x * 10
+
+
+def issue3_errors(body: dict[str, Any], now: datetime = NOW) -> list[str]:
+    """The validation rules of issue 3, written out independently of intake's code."""
+    errors: list[str] = []
+    if set(body) - FIELDS:
+        errors.append("unknown field")
+    if "submission_id" in body and not (isinstance(body["submission_id"], str) and ID.fullmatch(body["submission_id"])):
+        errors.append("submission_id")
+    for f in ("client_id", "clinician_id", "site_id"):
+        if not (isinstance(body.get(f), str) and ID.fullmatch(body[f])):
+            errors.append(f)
+    if "episode_id" in body and not (isinstance(body["episode_id"], str) and ID.fullmatch(body["episode_id"])):
+        errors.append("episode_id")
+    if body.get("instrument", "SRS") not in ("SRS", "CSRS", "GSRS", "CGSRS", "YCSRS"):
+        errors.append("instrument")
+    if not (isinstance(body.get("session_number"), int) and body["session_number"] >= 1):
+        errors.append("session_number")
+    try:
+        at = datetime.fromisoformat(body["administered_at"])
+        if at.utcoffset() is None:
+            errors.append("administered_at offset")
+        elif at > now + timedelta(days=1):
+            errors.append("administered_at future")
+    except (KeyError, TypeError, ValueError):
+        errors.append("administered_at")
+    has_items, has_total = "items" in body, "total" in body
+    if has_items == has_total:
+        errors.append("items xor total")
+    elif has_items:
+        items = body["items"]
+        if not isinstance(items, dict) or set(items) != set(ITEMS):
+            errors.append("items partial")
+        elif not all(one_decimal(v, 10.0) for v in items.values()):
+            errors.append("items range")
+    elif not one_decimal(body["total"], 40.0):
+        errors.append("total range")
+    return errors
+
+
+@pytest.fixture(scope="module")
+def big() -> list[PlannedSubmission]:
+    return plan(3, 6, 12, 400, 20_000, seed=7, run="t", now=NOW)
+
+
+def test_plan_has_exactly_the_requested_count() -> None:
+    for count in (1, 2, 37, 1000):
+        assert len(plan(2, 3, 4, 20, count, seed=count, now=NOW)) == count
+
+
+def test_plan_is_deterministic_by_seed_and_run() -> None:
+    a = plan(2, 4, 8, 50, 2000, seed=3, run="x", now=NOW)
+    assert a == plan(2, 4, 8, 50, 2000, seed=3, run="x", now=NOW)
+    assert a != plan(2, 4, 8, 50, 2000, seed=4, run="x", now=NOW)
+
+
+def test_runs_use_disjoint_client_and_submission_ids() -> None:
+    a = plan(1, 1, 1, 10, 200, seed=1, run="a", now=NOW)
+    b = plan(1, 1, 1, 10, 200, seed=1, run="b", now=NOW)
+    assert not {p.submission_id for p in a} & {p.submission_id for p in b}
+    assert not {p.body.get("client_id") for p in a} & {p.body.get("client_id") for p in b}
+
+
+def test_mix_of_kinds_holds_within_tolerance(big: list[PlannedSubmission]) -> None:
+    kinds = Counter(p.kind for p in big)
+    n = len(big)
+    assert kinds["duplicate"] / n == pytest.approx(0.05, abs=0.01)
+    assert kinds["late"] / n == pytest.approx(0.04, abs=0.01)
+    assert kinds["invalid"] / n == pytest.approx(0.02, abs=0.006)
+    assert kinds["new"] / n > 0.85
+
+
+def test_trajectory_mix_holds_within_tolerance() -> None:
+    import random
+
+    net = build_network(2, 4, 10, 5000, random.Random(1), "r")
+    shares = Counter(c.trajectory for c in net.clients)
+    assert shares["stable_high"] / 5000 == pytest.approx(0.78, abs=0.03)
+    assert shares["declining"] / 5000 == pytest.approx(0.12, abs=0.02)
+    assert shares["low_recovering"] / 5000 == pytest.approx(0.10, abs=0.02)
+    assert sum(c.total_only for c in net.clients) / 5000 == pytest.approx(0.08, abs=0.02)
+    forms = Counter(c.instrument for c in net.clients)
+    assert forms["CSRS"] / 5000 == pytest.approx(0.05, abs=0.015)
+    assert forms["GSRS"] / 5000 == pytest.approx(0.04, abs=0.015)
+
+
+def test_network_spreads_sites_clinicians_and_clients_over_tenants() -> None:
+    import random
+
+    net = build_network(3, 6, 12, 120, random.Random(0), "r")
+    assert Counter(t for t, _ in net.sites) == {0: 2, 1: 2, 2: 2}
+    assert len({c.clinician_id for c in net.clients}) == 12
+    for c in net.clients:  # a client's clinician and site belong to the client's tenant
+        assert (c.tenant, c.site_id, c.clinician_id) in net.clinicians
+
+
+def test_every_valid_planned_submission_passes_intake_rules(big: list[PlannedSubmission]) -> None:
+    bad = [(p.seq, issue3_errors(p.body)) for p in big if p.valid and issue3_errors(p.body)]
+    assert bad == []
+
+
+def test_every_invalid_planned_submission_breaks_a_rule(big: list[PlannedSubmission]) -> None:
+    invalid = [p for p in big if not p.valid]
+    assert invalid
+    assert [p.invalid_rule for p in invalid if not issue3_errors(p.body)] == []
+    assert {p.invalid_rule for p in invalid} == set(INVALID_RULES)
+
+
+def test_planned_submissions_get_intakes_own_verdict(big: list[PlannedSubmission]) -> None:
+    models = pytest.importorskip("services.intake.models")
+    wrong = []
+    for p in big:
+        _, errors = models.check_submission(p.body, now=NOW)
+        if (not errors) != p.valid:
+            wrong.append((p.kind, p.invalid_rule, errors, p.body))
+    assert wrong == []
+
+
+def test_duplicates_resend_an_earlier_submission_unchanged(big: list[PlannedSubmission]) -> None:
+    first: dict[str, PlannedSubmission] = {}
+    for p in big:
+        if p.kind == "duplicate":
+            orig = first[p.submission_id]
+            assert orig.body == p.body and orig.tenant == p.tenant
+            assert orig.batch is None or orig.batch != p.batch  # a retry is a separate request
+        elif p.valid:
+            assert p.submission_id not in first, "only duplicates reuse a submission id"
+            first[p.submission_id] = p
+
+
+def test_late_sessions_arrive_after_a_newer_session_of_the_same_client(big: list[PlannedSubmission]) -> None:
+    highest: dict[int, int] = {}
+    late = 0
+    for p in big:
+        if not p.valid or p.client is None or p.session_number is None:
+            continue
+        if p.kind == "late":
+            late += 1
+            assert highest[p.client] > p.session_number
+        highest[p.client] = max(highest.get(p.client, 0), p.session_number)
+    assert late > 0
+
+
+def test_each_clients_sessions_are_numbered_without_gaps_and_dated_in_order(big: list[PlannedSubmission]) -> None:
+    sessions: dict[str, dict[int, datetime]] = {}
+    for p in big:
+        if p.kind in ("new", "late"):
+            at = datetime.fromisoformat(p.body["administered_at"])
+            assert at <= NOW
+            assert p.body["session_number"] not in sessions.setdefault(p.body["client_id"], {})
+            sessions[p.body["client_id"]][p.body["session_number"]] = at
+    for by_number in sessions.values():
+        numbers = sorted(by_number)
+        assert numbers == list(range(1, len(numbers) + 1))
+        assert [by_number[n] for n in numbers] == sorted(by_number.values())
+
+
+def total(p: PlannedSubmission) -> float:
+    return float(p.body["total"]) if "total" in p.body else sum(p.body["items"].values())
+
+
+def test_trajectories_move_the_way_their_type_says() -> None:
+    import random
+
+    planned = plan(1, 2, 4, 60, 3000, seed=11, run="m", now=NOW)
+    net = build_network(1, 2, 4, 60, random.Random(11), "m")
+    by_client: dict[int, dict[int, float]] = {}
+    for p in planned:
+        if p.kind in ("new", "late") and p.client is not None and p.session_number is not None:
+            by_client.setdefault(p.client, {})[p.session_number] = total(p)
+    for c in net.clients:
+        series = [by_client[c.index][n] for n in sorted(by_client.get(c.index, {}))]
+        if len(series) < 6:
+            continue
+        if c.trajectory == "stable_high":
+            assert sum(series) / len(series) >= 36.0
+        elif c.trajectory == "declining":
+            assert series[-1] < series[0] - 3
+        else:
+            assert series[-1] > series[0] + 3
+
+
+def test_batches_are_contiguous_single_tenant_requests_within_the_batch_limit(big: list[PlannedSubmission]) -> None:
+    reqs = requests(big)
+    assert sum(len(r) for r in reqs) == len(big)
+    batches = [r for r in reqs if r[0].batch is not None]
+    assert batches and any(len(r) > 1 for r in batches)
+    seen: set[int] = set()
+    for r in batches:
+        assert r[0].batch not in seen  # each batch id forms one request
+        seen.add(r[0].batch or 0)
+        assert len({p.tenant for p in r}) == 1 and len(r) <= 1000
+        assert len({p.submission_id for p in r}) == len(r)
+    assert all(len(r) == 1 for r in reqs if r[0].batch is None)
+
+
+def test_total_only_and_child_and_group_forms_appear(big: list[PlannedSubmission]) -> None:
+    valid = [p for p in big if p.valid]
+    assert any("total" in p.body for p in valid)
+    forms = Counter(p.body["instrument"] for p in valid)
+    assert forms["CSRS"] > 0 and forms["GSRS"] > 0 and forms["SRS"] > len(valid) / 2
