@@ -1,7 +1,128 @@
-"""Operator commands of the scoring service (mounted as `alliance scoring ...`)."""
+"""Operator commands of the scoring service.
+
+`set_rules` / `show_rules` are mounted as `alliance tenants set-rules` / `show-rules` (and are
+also `alliance scoring set-rules` / `show-rules`). They read MongoDB settings from the
+environment (`ALLIANCE_MONGO_URL`, `ALLIANCE_MONGO_DATABASE`). A change reaches running scoring
+processes within their rules cache time (ALLIANCE_SCORING_RULES_CACHE_SECONDS, 5 s by default).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+from dataclasses import replace
+from typing import Annotated
+
 import typer
 
+from services.scoring.rules import FLAG_NAMES, OPERATORS, InstrumentOverride, Operator, TenantRules
+from services.scoring.store import RulesStore
+from shared.mongo import database, make_client
+from shared.settings import MongoSettings
+
 app = typer.Typer(help="scoring service commands.", no_args_is_help=True)
+
+
+def change_rules(
+    current: TenantRules,
+    *,
+    cutoff: float | None = None,
+    operator: str | None = None,
+    drop: float | None = None,
+    instrument: str | None = None,
+    critical_drop: float | None = None,
+    item_threshold: float | None = None,
+    triggers: list[str] | None = None,
+    reset: bool = False,
+) -> TenantRules:
+    """The rules after an operator's change; raises ValueError for an invalid one. Pure."""
+    if operator is not None and operator not in OPERATORS:
+        raise ValueError(f"operator must be one of {', '.join(OPERATORS)}")
+    op: Operator | None = "<" if operator == "<" else "<=" if operator == "<=" else None
+    if instrument is not None:
+        if critical_drop is not None or item_threshold is not None or triggers is not None:
+            raise ValueError("--critical-drop, --item-threshold and --triggers apply to all instruments; "
+                             "leave out --instrument")
+        instruments = dict(current.instruments)
+        if reset:
+            instruments.pop(instrument, None)
+        else:
+            have = instruments.get(instrument, InstrumentOverride())
+            instruments[instrument] = InstrumentOverride(
+                cutoff=have.cutoff if cutoff is None else cutoff,
+                operator=have.operator if op is None else op,
+                drop=have.drop if drop is None else drop,
+            )
+        return replace(current, instruments=instruments)
+    base = TenantRules(instruments=current.instruments) if reset else current
+    return replace(
+        base,
+        cutoff=base.cutoff if cutoff is None else cutoff,
+        operator=base.operator if op is None else op,
+        drop=base.drop if drop is None else drop,
+        critical_drop=base.critical_drop if critical_drop is None else critical_drop,
+        item_threshold=base.item_threshold if item_threshold is None else item_threshold,
+        triggers=base.triggers if triggers is None else frozenset(triggers),
+    )
+
+
+def _run_store_op(op: str, tenant: str, new: TenantRules | None = None) -> TenantRules | None:
+    async def go() -> TenantRules | None:
+        settings = MongoSettings()
+        client = make_client(settings)
+        try:
+            store = RulesStore(database(client, settings), ttl_seconds=0)
+            if op == "put" and new is not None:
+                await store.put(tenant, new)
+                return new
+            return await store.stored(tenant)
+        finally:
+            await client.close()
+
+    return asyncio.run(go())
+
+
+def _echo(tenant: str, rules: TenantRules, source: str) -> None:
+    typer.echo(json.dumps({"tenant": tenant, "source": source, "rules": rules.to_doc()}, indent=2))
+
+
+def set_rules(
+    tenant: Annotated[str, typer.Option(help="tenant id")],
+    cutoff: Annotated[float | None, typer.Option(help="clinical cutoff for the total (default 36.0)")] = None,
+    operator: Annotated[str | None, typer.Option(help="'<' (default) or '<=': how a total is below cutoff")] = None,
+    drop: Annotated[float | None, typer.Option(help="a fall of this much from the previous session alerts "
+                                                     "(default 1.0)")] = None,
+    instrument: Annotated[str | None, typer.Option(help="set --cutoff/--operator/--drop for this instrument only "
+                                                         "(SRS, CSRS, GSRS, CGSRS)")] = None,
+    critical_drop: Annotated[float | None, typer.Option(help="a fall of this much makes an alert critical "
+                                                             "(default 3.0)")] = None,
+    item_threshold: Annotated[float | None, typer.Option(help="an item under this is flagged (default 9.0)")] = None,
+    triggers: Annotated[str | None, typer.Option(help="comma-separated flags that raise alerts (default "
+                                                      "below_cutoff,drop_from_previous,low_not_improving)")] = None,
+    reset: Annotated[bool, typer.Option("--reset", help="back to the defaults (with --instrument: drop that "
+                                                        "instrument's override)")] = False,
+) -> None:
+    """Set a tenant's alliance rules; only the options given change. Prints the resulting rules."""
+    current = _run_store_op("get", tenant) or TenantRules()
+    wanted = None if triggers is None else [t.strip() for t in triggers.split(",") if t.strip()]
+    if wanted is not None and (unknown := set(wanted) - set(FLAG_NAMES)):
+        raise typer.BadParameter(f"unknown trigger(s) {', '.join(sorted(unknown))}; choose from "
+                                 f"{', '.join(FLAG_NAMES)}", param_hint="--triggers")
+    try:
+        new = change_rules(current, cutoff=cutoff, operator=operator, drop=drop, instrument=instrument,
+                           critical_drop=critical_drop, item_threshold=item_threshold, triggers=wanted,
+                           reset=reset)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    _run_store_op("put", tenant, new)
+    _echo(tenant, new, "stored")
+
+
+def show_rules(tenant: Annotated[str, typer.Option(help="tenant id")]) -> None:
+    """Print a tenant's alliance rules (the defaults when it has set none)."""
+    stored = _run_store_op("get", tenant)
+    _echo(tenant, stored or TenantRules(), "stored" if stored else "defaults")
+
+
+app.command("set-rules")(set_rules)
+app.command("show-rules")(show_rules)

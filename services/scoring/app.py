@@ -1,0 +1,96 @@
+"""The scoring service: consumes `srs.submitted.v1`, publishes `srs.scored.v1` and
+`alliance.deterioration.v1` (and dead letters), keeps per-client state in MongoDB.
+
+HTTP is for operations only: /healthz, /readyz, /metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI
+from faststream import FastStream
+from faststream.kafka import KafkaBroker
+from faststream.specification import AsyncAPI
+from pymongo import AsyncMongoClient
+
+from services.scoring.handlers import SERVICE, ScoringHandler
+from services.scoring.settings import ScoringSettings
+from services.scoring.store import RulesStore, StateStore
+from shared.events import AllianceDeterioration, DeadLetter, SrsScored
+from shared.http import Runtime, service_api
+from shared.kafka import Publisher, make_broker, subscribe_batch
+from shared.mongo import Document, database, make_client
+from shared.settings import KafkaSettings, MongoSettings
+
+TITLE = "Alliance Stream scoring"
+DESCRIPTION = (
+    "Scores Session Rating Scale submissions with the PCOMS alliance rules (per-tenant cutoff, "
+    "drop from the previous session, low and not improving) and raises deterioration alerts for a "
+    "client's latest session. Input: srs.submitted.v1; output: srs.scored.v1, "
+    "alliance.deterioration.v1, srs.deadletter.v1."
+)
+
+
+@dataclass
+class ScoringConfig:
+    """Everything scoring reads from its environment."""
+
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    mongo: MongoSettings = field(default_factory=MongoSettings)
+    scoring: ScoringSettings = field(default_factory=ScoringSettings)
+
+
+@dataclass
+class Scoring:
+    """The wired service: broker with its subscriber and publishers, store, handler."""
+
+    broker: KafkaBroker
+    mongo: AsyncMongoClient[Document]
+    states: StateStore
+    rules: RulesStore
+    handler: ScoringHandler
+
+
+def build(config: ScoringConfig | None = None) -> Scoring:
+    """Wire broker, store and handler; opens no connection."""
+    config = config or ScoringConfig()
+    topics = config.kafka.topics()
+    broker = make_broker(config.kafka, SERVICE)
+    client = make_client(config.mongo)
+    db = database(client, config.mongo)
+    states = StateStore(db)
+    rules = RulesStore(db, ttl_seconds=config.scoring.rules_cache_seconds)
+    publisher = Publisher(broker, config.kafka.publish_timeout_seconds)
+    handler = ScoringHandler(states, rules, publisher.publish_all, topics,
+                             conflict_attempts=config.scoring.conflict_attempts)
+    subscribe_batch(broker, topics.submitted, group_id=config.kafka.group(SERVICE), service=SERVICE,
+                    handler=handler, max_records=config.scoring.max_records or config.kafka.batch_max_records)
+    # Publishing goes through `Publisher` (many sends, one wait for all acks); these declarations
+    # put the outputs and their schemas into the AsyncAPI document.
+    broker.publisher(topics.scored, title=f"{SERVICE}:{topics.scored}", schema=SrsScored,
+                     description="One event per scored session (not for YCSRS). Key: tenant_id:client_id.")
+    broker.publisher(topics.deterioration, title=f"{SERVICE}:{topics.deterioration}",
+                     schema=AllianceDeterioration,
+                     description="The alliance is at risk in a client's latest session; alert_id is "
+                                 "derived from the submission, so a redelivery carries the same id.")
+    broker.publisher(topics.deadletter, title=f"{SERVICE}:{topics.deadletter}", schema=DeadLetter,
+                     description="Submitted records scoring could not read or score, with the reason.")
+    return Scoring(broker, client, states, rules, handler)
+
+
+def create_app(config: ScoringConfig | None = None) -> FastAPI:
+    """The scoring service as an ASGI app (consumer runs inside its lifespan)."""
+    s = build(config)
+    runtime = Runtime(SERVICE, broker=s.broker, mongo=s.mongo, on_start=[s.states.ensure_indexes])
+    app = service_api(runtime, title=TITLE, description=DESCRIPTION)
+    app.state.scoring = s
+    return app
+
+
+def asyncapi_app(config: ScoringConfig | None = None) -> FastStream:
+    """A FastStream app over the same broker, for `faststream docs gen services.scoring.app:asyncapi_app`."""
+    s = build(config)
+    spec = AsyncAPI(s.broker, title=TITLE, version="1.0.0", description=DESCRIPTION)
+    return FastStream(s.broker, specification=spec)
+

@@ -1,0 +1,37 @@
+"""Scoring metrics (dead letters and consumer lag are shared ones, see shared/metrics.py).
+
+Counted once per submission, when its outcome is first stored; a redelivery re-emits events
+without counting them again.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+from shared.metrics import LATENCY_BUCKETS
+
+SCORED = Counter("alliance_scored_total", "Sessions scored, by instrument.", ["instrument"])
+DETERIORATION = Counter(
+    "alliance_deterioration_total",
+    "Deterioration alerts raised, by trigger (an alert with two triggers counts under both) and severity.",
+    ["trigger", "severity"],
+)
+AUDITED = Counter("alliance_scoring_audited_total", "Submissions stored without scoring (YCSRS).", ["instrument"])
+BATCH_SECONDS = Histogram(
+    "alliance_scoring_batch_seconds",
+    "Time to handle one batch of submissions: state read, scoring, state write, publish and acks.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+SUBMISSION_TO_SCORED = Histogram(
+    "alliance_submission_to_scored_seconds",
+    "From intake's acceptance of a submission to its scoring.",
+    buckets=LATENCY_BUCKETS,
+)
+STATE_CONFLICTS = Counter(
+    "alliance_scoring_state_conflicts_total",
+    "State writes that lost to another scoring process (a partition moved mid-batch); retried.",
+)
+REEMITTED = Counter(
+    "alliance_scoring_reemitted_total",
+    "Submissions seen again (redelivery or duplicate) whose stored outcome was published again.",
+)

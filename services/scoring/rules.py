@@ -1,0 +1,256 @@
+"""PCOMS alliance rules: pure functions over numbers, no I/O, no clock.
+
+Defaults (each overridable per tenant, and cutoff/operator/drop per instrument):
+
+- total = sum of the four items (or the given total), rounded to one decimal;
+- below_cutoff: total < 36.0 (operator `<` or `<=`, value per tenant / instrument);
+- drop_from_previous: total - previous_total <= -1.0, previous = the closest earlier session
+  number of the same client, instrument and episode;
+- low_not_improving: below cutoff in this session and in the previous one, and change <= 0;
+- item_below_threshold: any item < 9.0 (informational; not an alert trigger by default);
+- an alert is raised when a trigger holds AND the session is the client's latest; severity is
+  `critical` when two or more triggers hold or the drop is >= 3.0, else `warning`.
+
+Every number is rounded to one decimal before it is compared, so `35.1 + 0.9` is 36.0 and a
+change of `-0.9999999` is a drop of exactly 1.0, as a clinician reading the form would count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from shared.events import ITEM_NAMES, SCORED_INSTRUMENTS, Instrument, Items, Severity
+
+Operator = Literal["<", "<="]
+OPERATORS: tuple[Operator, ...] = ("<", "<=")
+
+BELOW_CUTOFF = "below_cutoff"
+DROP_FROM_PREVIOUS = "drop_from_previous"
+LOW_NOT_IMPROVING = "low_not_improving"
+ITEM_BELOW_THRESHOLD = "item_below_threshold"
+# Canonical order of flags in events, so equal inputs give byte-equal outputs.
+FLAG_NAMES: tuple[str, ...] = (BELOW_CUTOFF, DROP_FROM_PREVIOUS, LOW_NOT_IMPROVING, ITEM_BELOW_THRESHOLD)
+DEFAULT_TRIGGERS: frozenset[str] = frozenset({BELOW_CUTOFF, DROP_FROM_PREVIOUS, LOW_NOT_IMPROVING})
+
+MAX_ITEM = 10.0
+MAX_TOTAL = 40.0
+
+
+class Unscorable(ValueError):
+    """A submission the rules cannot score (no total, or values out of range)."""
+
+
+def r1(value: float) -> float:
+    """Round to one decimal (the precision of the form); -0.0 becomes 0.0."""
+    return round(value, 1) + 0.0
+
+
+@dataclass(frozen=True)
+class InstrumentOverride:
+    """A tenant's own settings for one instrument; None means 'the tenant's default'."""
+
+    cutoff: float | None = None
+    operator: Operator | None = None
+    drop: float | None = None
+
+
+@dataclass(frozen=True)
+class TenantRules:
+    """One tenant's alliance rules. `instruments` overrides cutoff/operator/drop per instrument."""
+
+    cutoff: float = 36.0
+    operator: Operator = "<"
+    drop: float = 1.0
+    critical_drop: float = 3.0
+    item_threshold: float = 9.0
+    triggers: frozenset[str] = DEFAULT_TRIGGERS
+    instruments: Mapping[str, InstrumentOverride] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_rules(self)
+
+    def for_instrument(self, instrument: Instrument | str) -> TenantRules:
+        """The rules that apply to one instrument (its override merged over the defaults)."""
+        o = self.instruments.get(str(instrument))
+        if o is None:
+            return self if not self.instruments else replace(self, instruments={})
+        return replace(
+            self,
+            cutoff=self.cutoff if o.cutoff is None else o.cutoff,
+            operator=self.operator if o.operator is None else o.operator,
+            drop=self.drop if o.drop is None else o.drop,
+            instruments={},
+        )
+
+    def to_doc(self) -> dict[str, Any]:
+        """A plain document (for the store and for `show-rules`)."""
+        return {
+            "cutoff": self.cutoff,
+            "operator": self.operator,
+            "drop": self.drop,
+            "critical_drop": self.critical_drop,
+            "item_threshold": self.item_threshold,
+            "triggers": sorted(self.triggers, key=FLAG_NAMES.index),
+            "instruments": {
+                name: {k: v for k, v in (("cutoff", o.cutoff), ("operator", o.operator), ("drop", o.drop))
+                       if v is not None}
+                for name, o in sorted(self.instruments.items())
+            },
+        }
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any] | None) -> TenantRules:
+        """Rules from a stored document; missing fields take the defaults."""
+        if not doc:
+            return cls()
+        base = cls()
+        instruments = {
+            str(name): InstrumentOverride(
+                cutoff=_opt_float(o.get("cutoff")), operator=o.get("operator"), drop=_opt_float(o.get("drop")))
+            for name, o in (doc.get("instruments") or {}).items()
+        }
+        return cls(
+            cutoff=float(doc.get("cutoff", base.cutoff)),
+            operator=doc.get("operator", base.operator),
+            drop=float(doc.get("drop", base.drop)),
+            critical_drop=float(doc.get("critical_drop", base.critical_drop)),
+            item_threshold=float(doc.get("item_threshold", base.item_threshold)),
+            triggers=frozenset(doc.get("triggers", base.triggers)),
+            instruments=instruments,
+        )
+
+
+def _opt_float(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def _check_cutoff(cutoff: float, operator: str, drop: float, where: str) -> None:
+    if not (0.0 <= cutoff <= MAX_TOTAL):
+        raise ValueError(f"{where}cutoff must be between 0 and {MAX_TOTAL}, got {cutoff}")
+    if operator not in OPERATORS:
+        raise ValueError(f"{where}operator must be one of {', '.join(OPERATORS)}, got {operator!r}")
+    if not (0.0 < drop <= MAX_TOTAL):
+        raise ValueError(f"{where}drop must be > 0 and <= {MAX_TOTAL}, got {drop}")
+
+
+def check_rules(rules: TenantRules) -> None:
+    """Raise ValueError when a setting is out of range (so a typo cannot silence every alert)."""
+    _check_cutoff(rules.cutoff, rules.operator, rules.drop, "")
+    if not (0.0 < rules.critical_drop <= MAX_TOTAL):
+        raise ValueError(f"critical_drop must be > 0 and <= {MAX_TOTAL}, got {rules.critical_drop}")
+    if not (0.0 <= rules.item_threshold <= MAX_ITEM):
+        raise ValueError(f"item_threshold must be between 0 and {MAX_ITEM}, got {rules.item_threshold}")
+    unknown = set(rules.triggers) - set(FLAG_NAMES)
+    if unknown or not rules.triggers:
+        raise ValueError(f"triggers must be a non-empty subset of {', '.join(FLAG_NAMES)}")
+    for name, o in rules.instruments.items():
+        if name not in {i.value for i in SCORED_INSTRUMENTS}:
+            raise ValueError(f"no rules for instrument {name!r}: one of SRS, CSRS, GSRS, CGSRS")
+        _check_cutoff(rules.cutoff if o.cutoff is None else o.cutoff,
+                      rules.operator if o.operator is None else o.operator,
+                      rules.drop if o.drop is None else o.drop, f"{name}: ")
+
+
+# --- the rules ---------------------------------------------------------------------------------
+
+
+def total_of(items: Items | None, total: float | None) -> float:
+    """The session total: the sum of the items when given, else the given total; one decimal."""
+    if items is not None:
+        values = items.values()
+        for name, v in zip(ITEM_NAMES, values, strict=True):
+            if not (math.isfinite(v) and 0.0 <= v <= MAX_ITEM):
+                raise Unscorable(f"items.{name} must be between 0 and {MAX_ITEM}, got {v}")
+        return r1(sum(values))
+    if total is None:
+        raise Unscorable("neither items nor total given")
+    if not (math.isfinite(total) and 0.0 <= total <= MAX_TOTAL):
+        raise Unscorable(f"total must be between 0 and {MAX_TOTAL}, got {total}")
+    return r1(total)
+
+
+def below_cutoff(total: float, cutoff: float, operator: Operator = "<") -> bool:
+    """The total is under the clinical cutoff (`<`), or at or under it (`<=`)."""
+    t, c = r1(total), r1(cutoff)
+    return t < c if operator == "<" else t <= c
+
+
+def change_from_previous(total: float, previous_total: float | None) -> float | None:
+    """total - previous_total to one decimal; None for a first session."""
+    return None if previous_total is None else r1(total - previous_total)
+
+
+def drop_from_previous(change: float | None, drop: float = 1.0) -> bool:
+    """The total fell by `drop` or more since the previous session."""
+    return change is not None and r1(change) <= -r1(drop)
+
+
+def low_not_improving(total: float, previous_total: float | None, cutoff: float, operator: Operator = "<") -> bool:
+    """Below cutoff now and in the previous session, and not improving (change <= 0)."""
+    if previous_total is None:
+        return False
+    change = change_from_previous(total, previous_total)
+    return (below_cutoff(total, cutoff, operator) and below_cutoff(previous_total, cutoff, operator)
+            and change is not None and change <= 0.0)
+
+
+def item_below_threshold(items: Items | None, threshold: float = 9.0) -> bool:
+    """Any item under the threshold; false for total-only entries (no items to look at)."""
+    return items is not None and any(r1(v) < r1(threshold) for v in items.values())
+
+
+def is_latest(session_number: int, other_session_numbers: Iterable[int]) -> bool:
+    """No other session of the series has a higher number (a correction of the latest is latest)."""
+    return all(n <= session_number for n in other_session_numbers)
+
+
+@dataclass(frozen=True)
+class Alert:
+    """Why an alert is raised, and how urgent it is."""
+
+    triggers: tuple[str, ...]
+    severity: Severity
+
+
+def alert_decision(flags: Iterable[str], change: float | None, latest: bool, rules: TenantRules) -> Alert | None:
+    """An alert when a trigger flag holds and the session is the latest; None otherwise."""
+    if not latest:
+        return None
+    triggers = tuple(f for f in FLAG_NAMES if f in set(flags) and f in rules.triggers)
+    if not triggers:
+        return None
+    big_drop = change is not None and r1(change) <= -r1(rules.critical_drop)
+    return Alert(triggers, "critical" if len(triggers) >= 2 or big_drop else "warning")
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """Everything the rules say about one session."""
+
+    total: float
+    cutoff: float
+    previous_total: float | None
+    change_from_previous: float | None
+    flags: tuple[str, ...]
+    latest: bool
+    alert: Alert | None
+
+
+def score(total: float, items: Items | None, previous_total: float | None, latest: bool,
+          rules: TenantRules) -> Scoring:
+    """Apply every rule to one session. `rules` must already be resolved for the instrument."""
+    total = r1(total)
+    prev = None if previous_total is None else r1(previous_total)
+    change = change_from_previous(total, prev)
+    holds = {
+        BELOW_CUTOFF: below_cutoff(total, rules.cutoff, rules.operator),
+        DROP_FROM_PREVIOUS: drop_from_previous(change, rules.drop),
+        LOW_NOT_IMPROVING: low_not_improving(total, prev, rules.cutoff, rules.operator),
+        ITEM_BELOW_THRESHOLD: item_below_threshold(items, rules.item_threshold),
+    }
+    flags = tuple(f for f in FLAG_NAMES if holds[f])
+    return Scoring(total, r1(rules.cutoff), prev, change, flags, latest,
+                   alert_decision(flags, change, latest, rules))

@@ -1,0 +1,20 @@
+"""Scoring's own settings (`ALLIANCE_SCORING_*`); Kafka and MongoDB come from shared.settings."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ScoringSettings(BaseSettings):
+    """Tuning knobs of the scoring consumer."""
+
+    model_config = SettingsConfigDict(env_prefix="ALLIANCE_SCORING_", extra="ignore")
+
+    # A rules change (`alliance tenants set-rules`) applies within this many seconds.
+    rules_cache_seconds: float = Field(default=5.0, ge=0)
+    # Records per consumed batch; None takes ALLIANCE_KAFKA_BATCH_MAX_RECORDS. Larger batches
+    # mean fewer store round trips (the store is the slower of the two limits).
+    max_records: int | None = Field(default=None, ge=1)
+    # How often a batch re-reads state after losing a write race before the batch is retried.
+    conflict_attempts: int = Field(default=5, ge=1)
