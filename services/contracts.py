@@ -1,0 +1,184 @@
+"""Contract documents generated from the code: AsyncAPI per service, OpenAPI per HTTP API.
+
+`alliance docs gen` writes `docs/asyncapi/<service>.json` from each service's `asyncapi_app()`
+(exactly what `faststream docs gen` would write) and `docs/openapi/<service>.json` from each
+service's `create_app().openapi()`. `alliance docs check` fails when the committed documents
+differ from what the code generates, so the contracts partners read cannot drift silently.
+
+Documents describe the default deployment: generation ignores `ALLIANCE_*` variables of the
+calling shell (a topic prefix or a broker address must not leak into a published contract).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+SERVICES: tuple[str, ...] = ("intake", "scoring", "alerts", "reporting")
+KINDS: tuple[str, ...] = ("asyncapi", "openapi")
+DEFAULT_DOCS_DIR = Path(__file__).resolve().parents[1] / "docs"
+
+app = typer.Typer(help="Contract documents (AsyncAPI, OpenAPI) generated from the code.", no_args_is_help=True)
+
+
+def implemented_services() -> list[str]:
+    """Services whose `services/<name>/app.py` exists."""
+    return [s for s in SERVICES if importlib.util.find_spec(f"services.{s}.app") is not None]
+
+
+@contextlib.contextmanager
+def default_environment() -> Iterator[None]:
+    """Hide `ALLIANCE_*` variables while building apps, so documents show the defaults."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("ALLIANCE_")}
+    for k in saved:
+        del os.environ[k]
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def asyncapi_document(service: str) -> dict[str, Any]:
+    """The AsyncAPI document of one service, as `faststream docs gen` builds it."""
+    with default_environment():
+        module = importlib.import_module(f"services.{service}.app")
+        stream_app = module.asyncapi_app()
+    schema: dict[str, Any] = stream_app.schema.to_specification().to_jsonable()
+    return schema
+
+
+def openapi_document(service: str) -> dict[str, Any] | None:
+    """The OpenAPI document of one service's HTTP API (None if it has no `create_app`)."""
+    with default_environment():
+        module = importlib.import_module(f"services.{service}.app")
+        create_app = getattr(module, "create_app", None)
+        if create_app is None:
+            return None
+        # Never started, so nothing to close: connections open only in the app's lifespan.
+        api = create_app()
+    document: dict[str, Any] = api.openapi()
+    return document
+
+
+@dataclass(frozen=True)
+class Document:
+    """One generated contract document and where it is committed."""
+
+    kind: str
+    service: str
+    content: dict[str, Any]
+
+    def path(self, docs_dir: Path) -> Path:
+        return docs_dir / self.kind / f"{self.service}.json"
+
+    def text(self) -> str:
+        # Same layout as `faststream docs gen` (indent 2), plus a final newline.
+        return json.dumps(self.content, indent=2, ensure_ascii=False) + "\n"
+
+
+def generate(services: list[str] | None = None) -> list[Document]:
+    """Every contract document the code defines for `services` (default: all implemented)."""
+    docs: list[Document] = []
+    for service in services if services is not None else implemented_services():
+        docs.append(Document("asyncapi", service, asyncapi_document(service)))
+        openapi = openapi_document(service)
+        if openapi is not None:
+            docs.append(Document("openapi", service, openapi))
+    return docs
+
+
+def write(docs: list[Document], docs_dir: Path) -> list[Path]:
+    """Write the documents; returns the paths written."""
+    written = []
+    for doc in docs:
+        path = doc.path(docs_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(doc.text(), encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def committed(docs_dir: Path) -> dict[Path, dict[str, Any]]:
+    """Every committed contract document under `docs_dir`."""
+    found: dict[Path, dict[str, Any]] = {}
+    for kind in KINDS:
+        for path in sorted((docs_dir / kind).glob("*.json")):
+            found[path] = json.loads(path.read_text(encoding="utf-8"))
+    return found
+
+
+def drift(docs: list[Document], docs_dir: Path) -> list[str]:
+    """How the committed documents differ from `docs` (empty when they match).
+
+    Compares parsed JSON, so formatting does not count; a committed document that the code no
+    longer generates counts as drift too.
+    """
+    on_disk = committed(docs_dir)
+    problems: list[str] = []
+    expected = {doc.path(docs_dir): doc for doc in docs}
+    for path, doc in expected.items():
+        if path not in on_disk:
+            problems.append(f"{path}: missing (run `alliance docs gen`)")
+        elif on_disk[path] != doc.content:
+            problems.append(f"{path}: differs from the code ({_first_difference(on_disk[path], doc.content)})")
+    for path in on_disk:
+        if path not in expected:
+            problems.append(f"{path}: committed but no longer generated by the code")
+    return problems
+
+
+def _first_difference(old: Any, new: Any, where: str = "$") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            if key not in old:
+                return f"{where}.{key} added"
+            if key not in new:
+                return f"{where}.{key} removed"
+            if old[key] != new[key]:
+                return _first_difference(old[key], new[key], f"{where}.{key}")
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            if a != b:
+                return _first_difference(a, b, f"{where}[{i}]")
+    return f"{where} changed"
+
+
+DocsDir = Annotated[Path, typer.Option("--docs-dir", help="where docs/asyncapi and docs/openapi live")]
+Only = Annotated[list[str] | None, typer.Option("--service", help="only this service (repeatable)")]
+
+
+@app.command("gen")
+def gen_command(docs_dir: DocsDir = DEFAULT_DOCS_DIR, service: Only = None) -> None:
+    """Write docs/asyncapi/<service>.json and docs/openapi/<service>.json from the code."""
+    services = service or implemented_services()
+    for path in write(generate(services), docs_dir):
+        typer.echo(f"wrote {path}")
+    missing = sorted(set(SERVICES) - set(implemented_services()))
+    if missing:
+        typer.echo(f"no app.py yet for: {', '.join(missing)}", err=True)
+
+
+@app.command("check")
+def check_command(docs_dir: DocsDir = DEFAULT_DOCS_DIR) -> None:
+    """Exit 1 if the committed documents differ from what the code generates."""
+    problems = drift(generate(), docs_dir)
+    missing = sorted(set(SERVICES) - set(implemented_services()))
+    problems += [f"services/{s}/app.py: missing, so its contracts cannot be generated" for s in missing]
+    for p in problems:
+        typer.echo(p, err=True)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo("contract documents match the code")
+
+
+if __name__ == "__main__":
+    app()
