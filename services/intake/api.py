@@ -1,0 +1,421 @@
+"""The intake HTTP API: authenticate, validate, publish to `srs.submitted.v1`, answer after the ack.
+
+Order of checks for every submission request (the first that fails answers):
+401/403 key -> 413 `Content-Length` over the limit -> 415 media type -> 413 actual body size ->
+422 malformed JSON / batch envelope -> 429 rate limit -> 422 rules (per item in a batch) -> 403 site
+(per item in a batch) -> 503 broker not started / not acknowledging in time -> 202/200.
+
+Nothing is half-accepted: a 503 means the client must retry, with the same `submission_id`
+(which the 503 body repeats when the server generated it), and downstream dedupes on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, NoReturn
+
+from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
+from pydantic_core import from_json, to_json
+from pymongo.errors import PyMongoError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.intake import csvformat, metrics
+from services.intake.csvformat import CsvRow, parse_csv
+from services.intake.metrics import Reason
+from services.intake.models import (
+    Accepted,
+    BatchIn,
+    BatchOut,
+    ErrorBody,
+    FieldError,
+    Outgoing,
+    SubmissionIn,
+    check_submission,
+    claimed_submission_id,
+    outgoing,
+)
+from services.intake.ratelimit import RateLimiter, retry_after_header
+from services.intake.settings import IntakeSettings
+from shared.auth import KeyStore, Principal, require
+from shared.http import Runtime, error_body
+from shared.kafka import JSON_HEADERS
+
+log = logging.getLogger("alliance.intake")
+
+CORRELATION_HEADER = "X-Correlation-ID"
+ROUTES = frozenset({"/v1/submissions", "/v1/submissions/batch", "/v1/submissions/csv", "/healthz", "/readyz",
+                    "/metrics", "/openapi.json", "/docs"})
+
+
+def valid_correlation_id(value: str | None) -> bool:
+    """A client's correlation id is kept when it is short and plain (it ends up in headers and logs)."""
+    return bool(value) and len(value or "") <= 128 and all(c.isascii() and (c.isalnum() or c in "._:-")
+                                                           for c in value or "")
+
+
+class HttpMiddleware:
+    """Correlation id on every request and response; request metrics by route and status class."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        cid = ""
+        for name, value in scope.get("headers", ()):
+            if name == b"x-correlation-id":
+                cid = value.decode("latin-1")
+                break
+        if not valid_correlation_id(cid):
+            cid = str(uuid.uuid4())
+        scope.setdefault("state", {})["correlation_id"] = cid
+        path = scope.get("path", "")
+        route = path if path in ROUTES else "other"
+        status = 500
+        header = (b"x-correlation-id", cid.encode())
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), header]}
+            await send(message)
+
+        started = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            metrics.HTTP_REQUESTS.labels(route, f"{status // 100}xx").inc()
+            metrics.HTTP_SECONDS.labels(route).observe(time.perf_counter() - started)
+
+
+class PublishFailed(Exception):
+    """The broker did not acknowledge (in time)."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason: Reason = reason
+
+
+class SubmissionPublisher:
+    """Hands records to the producer and waits, bounded, for every acknowledgement."""
+
+    def __init__(self, runtime: Runtime, publish: Callable[..., Awaitable[Any]], timeout_seconds: float) -> None:
+        self._runtime = runtime
+        self._publish = publish
+        self.timeout = timeout_seconds
+
+    async def publish(self, records: Sequence[Outgoing], correlation_id: str, endpoint: str) -> None:
+        """Publish all records, then wait for all acks; `PublishFailed` if that takes longer than the bound."""
+        if not self._runtime.started:
+            raise PublishFailed("not_started", "the broker is not connected yet")
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.timeout):
+                # One send per record without waiting (no_confirm), then all acks together:
+                # a batch costs one round trip to the broker, not one per record.
+                futures = [
+                    await self._publish(r.value, key=r.key, headers=JSON_HEADERS, correlation_id=correlation_id,
+                                        no_confirm=True)
+                    for r in records
+                ]
+                await asyncio.gather(*futures)
+        except TimeoutError:
+            raise PublishFailed("broker_timeout",
+                                f"the broker did not acknowledge within {self.timeout:g}s") from None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise PublishFailed("broker_error", f"the broker refused the write: {type(exc).__name__}") from exc
+        metrics.PUBLISH_SECONDS.labels(endpoint).observe(time.perf_counter() - started)
+
+
+@dataclass
+class Context:
+    """What the routes need."""
+
+    settings: IntakeSettings
+    keys: KeyStore
+    publisher: SubmissionPublisher
+    limiter: RateLimiter
+
+    def __post_init__(self) -> None:
+        self._require = require(lambda: self.keys, "submit")
+
+    async def authenticate(self, request: Request) -> Principal:
+        """The caller's key (401/403), or 503 when the key store does not answer in time."""
+        try:
+            async with asyncio.timeout(self.settings.auth_timeout_seconds):
+                return await self._require(request)
+        except HTTPException as exc:
+            metrics.count("rejected", "unauthorized" if exc.status_code == 401 else "forbidden")
+            raise
+        except (TimeoutError, PyMongoError):
+            metrics.count("unavailable", "keystore")
+            log.warning("API key store unavailable", extra={"correlation_id": correlation_id(request)})
+            raise HTTPException(503, error_body([("Authorization", "API keys cannot be checked right now")]),
+                                headers={"Retry-After": str(self.settings.unavailable_retry_after_seconds)}) from None
+
+    def rate_limit(self, principal: Principal, cost: int) -> None:
+        wait = self.limiter.take(principal.key_id, cost)
+        if wait > 0:
+            metrics.count("rejected", "rate_limited", cost)
+            raise HTTPException(429, error_body([(None, f"rate limit of {self.limiter.rate:g} submissions/s "
+                                                        f"(burst {self.limiter.burst:g}) exceeded")]),
+                                headers={"Retry-After": retry_after_header(wait)})
+
+    @property
+    def max_future(self) -> timedelta:
+        return timedelta(seconds=self.settings.max_future_seconds)
+
+    async def publish(self, records: Sequence[Outgoing], request: Request, endpoint: str,
+                      ids: Sequence[str | None]) -> None:
+        try:
+            await self.publisher.publish(records, correlation_id(request), endpoint)
+        except PublishFailed as exc:
+            metrics.count("unavailable", exc.reason, len(records))
+            log.warning("not accepted: %s", exc, extra={"correlation_id": correlation_id(request)})
+            raise HTTPException(503, {**error_body([(None, f"{exc}; nothing was accepted, retry with the same "
+                                                           "submission_id")]), "submission_ids": list(ids)},
+                                headers={"Retry-After": str(self.settings.unavailable_retry_after_seconds)}) from None
+
+
+def correlation_id(request: Request) -> str:
+    """The request's correlation id (set by `HttpMiddleware`)."""
+    cid = request.scope.get("state", {}).get("correlation_id")
+    return cid if isinstance(cid, str) else str(uuid.uuid4())
+
+
+def _reject(status: int, reason: Reason, errors: Sequence[FieldError], n: int = 1) -> NoReturn:
+    metrics.count("rejected", reason, n)
+    raise HTTPException(status, error_body(errors))
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def read_body(request: Request, limit: int, media_types: tuple[str, ...]) -> bytes:
+    """The body, checked for size (413, before and while reading) and media type (415)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        _reject(413, "too_large", [("body", f"the body must not exceed {limit} bytes")])
+    media = _media_type(request)
+    if media not in media_types and not ("application/json" in media_types and media.endswith("+json")):
+        _reject(415, "media_type", [("Content-Type", f"must be {' or '.join(media_types)}, not '{media or '-'}'")])
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            _reject(413, "too_large", [("body", f"the body must not exceed {limit} bytes")])
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return from_json(body, allow_inf_nan=False)
+    except ValueError as exc:
+        _reject(422, "invalid", [("body", f"invalid JSON: {exc}")])
+
+
+def _json(content: Any, status: int, headers: dict[str, str] | None = None) -> Response:
+    return Response(to_json(content), status_code=status, media_type="application/json", headers=headers)
+
+
+def _errors(errors: Sequence[FieldError]) -> list[dict[str, str | None]]:
+    return [{"field": f, "message": m} for f, m in errors]
+
+
+def _site_error(site_id: str) -> FieldError:
+    return ("site_id", f"this key is bound to another site than '{site_id}'")
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "missing or unknown API key"},
+    403: {"model": ErrorBody, "description": "the key may not submit (role), or not for this site"},
+    413: {"model": ErrorBody, "description": "body too large"},
+    415: {"model": ErrorBody, "description": "wrong Content-Type"},
+    422: {"model": ErrorBody, "description": "a validation rule failed; each error names its field"},
+    429: {"model": ErrorBody, "description": "per-key rate limit exceeded; see Retry-After"},
+    503: {"model": ErrorBody, "description": "the broker did not acknowledge in time; retry after Retry-After "
+                                             "with the same submission_id"},
+}
+
+
+def _json_body(ref: str) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}},
+        "security": [{"bearer": []}]}
+
+
+def _batch_results(ctx: Context, principal: Principal, data: Sequence[Any], now: datetime,
+                   rows: Sequence[CsvRow] | None = None) -> tuple[list[dict[str, Any]], list[Outgoing]]:
+    """Validate each item: its result (accepted/rejected) and the records of the valid ones."""
+    results: list[dict[str, Any]] = []
+    records: list[Outgoing] = []
+    site = principal.site_id
+    rejected_invalid = rejected_site = 0
+    for index, item in enumerate(data):
+        row = rows[index] if rows is not None else None
+        errors: list[FieldError] = list(row.errors) if row is not None else []
+        model = None
+        if not errors:
+            model, errors = check_submission(item, now, ctx.max_future)
+        result: dict[str, Any] = {"index": index}
+        if row is not None:
+            result["row"] = row.line
+        if model is not None and site is not None and model.site_id != site:
+            errors = [_site_error(model.site_id)]
+            model = None
+            rejected_site += 1
+        elif model is None:
+            rejected_invalid += 1
+        if model is None:
+            result.update(submission_id=claimed_submission_id(item), status="rejected", errors=_errors(errors))
+        else:
+            rec = outgoing(model, principal.tenant_id, now)
+            records.append(rec)
+            result.update(submission_id=rec.submission_id, status="accepted", errors=[])
+        results.append(result)
+    metrics.count("rejected", "invalid", rejected_invalid)
+    metrics.count("rejected", "site", rejected_site)
+    return results, records
+
+
+async def _publish_batch(ctx: Context, request: Request, endpoint: str, results: list[dict[str, Any]],
+                         records: list[Outgoing]) -> Response:
+    metrics.BATCH_SIZE.labels(endpoint).observe(len(results))
+    if records:
+        ids = [r["submission_id"] for r in results]
+        await ctx.publish(records, request, endpoint, ids)
+        metrics.count("accepted", "ok", len(records))
+    cid = correlation_id(request)
+    log.info("%s: %d accepted, %d rejected", endpoint, len(records), len(results) - len(records),
+             extra={"correlation_id": cid})
+    if log.isEnabledFor(logging.DEBUG):
+        for r in records:
+            log.debug("submission accepted", extra={"submission_id": r.submission_id, "correlation_id": cid})
+    return _json({"results": results}, 200)
+
+
+def build_router(ctx: Context) -> APIRouter:
+    """The submission routes."""
+    router = APIRouter(tags=["submissions"])
+    settings = ctx.settings
+
+    @router.post(
+        "/v1/submissions", status_code=202, response_model=Accepted, responses=_ERRORS,
+        summary="Submit one SRS rating; 202 once the broker has acknowledged it",
+        openapi_extra=_json_body("SubmissionIn"),
+    )
+    async def submit(request: Request) -> Response:
+        principal = await ctx.authenticate(request)
+        body = await read_body(request, settings.max_single_bytes, ("application/json",))
+        data = parse_json(body)
+        ctx.rate_limit(principal, 1)
+        now = datetime.now(UTC)
+        model, errors = check_submission(data, now, ctx.max_future)
+        if model is None:
+            _reject(422, "invalid", errors)
+        if not principal.may_see_site(model.site_id):
+            _reject(403, "site", [_site_error(model.site_id)])
+        rec = outgoing(model, principal.tenant_id, now)
+        await ctx.publish([rec], request, "single", [rec.submission_id])
+        metrics.count("accepted", "ok")
+        log.info("submission accepted", extra={"submission_id": rec.submission_id,
+                                               "correlation_id": correlation_id(request)})
+        return _json({"submission_id": rec.submission_id, "status": "accepted"}, 202)
+
+    @router.post(
+        "/v1/submissions/batch", response_model=BatchOut, responses=_ERRORS,
+        summary=f"Submit up to {settings.max_batch_items} ratings; valid items are accepted even when others "
+                "are rejected",
+        openapi_extra=_json_body("BatchIn"),
+    )
+    async def submit_batch(request: Request) -> Response:
+        principal = await ctx.authenticate(request)
+        body = await read_body(request, settings.max_batch_bytes, ("application/json",))
+        data = parse_json(body)
+        items = _batch_items(data, settings.max_batch_items)
+        ctx.rate_limit(principal, len(items))
+        results, records = _batch_results(ctx, principal, items, datetime.now(UTC))
+        return await _publish_batch(ctx, request, "batch", results, records)
+
+    @router.post(
+        "/v1/submissions/csv", response_model=BatchOut, responses=_ERRORS,
+        summary=f"Import an EHR export (text/csv, up to {settings.max_batch_items} rows); a result per row",
+        description=csvformat.__doc__ or "",
+        openapi_extra={"requestBody": {"required": True, "content": {"text/csv": {"schema": {"type": "string"}}}},
+                       "security": [{"bearer": []}]},
+    )
+    async def submit_csv(request: Request) -> Response:
+        principal = await ctx.authenticate(request)
+        body = await read_body(request, settings.max_batch_bytes, ("text/csv",))
+        try:
+            text = body.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            _reject(422, "invalid", [("body", "the file must be UTF-8 text")])
+        parsed = parse_csv(text, hashlib.sha256(body).hexdigest())
+        if parsed.errors:
+            _reject(422, "invalid", parsed.errors)
+        if not parsed.rows:
+            _reject(422, "invalid", [("body", "the file has no data rows")])
+        if len(parsed.rows) > settings.max_batch_items:
+            _reject(422, "invalid", [("body", f"at most {settings.max_batch_items} rows per request, got "
+                                              f"{len(parsed.rows)}; `alliance import FILE.csv` sends any size "
+                                              "in chunks")], len(parsed.rows))
+        ctx.rate_limit(principal, len(parsed.rows))
+        results, records = _batch_results(ctx, principal, [r.data for r in parsed.rows], datetime.now(UTC),
+                                          parsed.rows)
+        return await _publish_batch(ctx, request, "csv", results, records)
+
+    return router
+
+
+def _batch_items(data: Any, max_items: int) -> list[Any]:
+    if not isinstance(data, dict):
+        _reject(422, "invalid", [("body", 'must be a JSON object {"submissions": [...]}')])
+    unknown = [k for k in data if k != "submissions"]
+    errors: list[FieldError] = [(k, "Extra inputs are not permitted") for k in unknown]
+    items = data.get("submissions")
+    if not isinstance(items, list):
+        errors.append(("submissions", "must be a list of submissions"))
+    elif not 1 <= len(items) <= max_items:
+        errors.append(("submissions", f"must hold 1 to {max_items} submissions, got {len(items)}"))
+    if errors:
+        _reject(422, "invalid", errors, len(items) if isinstance(items, list) else 1)
+    assert isinstance(items, list)
+    return items
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Document the request bodies (parsed by hand for speed and size limits) and the bearer scheme."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        components = schema.setdefault("components", {})
+        schemas = components.setdefault("schemas", {})
+        for model in (SubmissionIn, BatchIn):
+            doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(doc.pop("$defs", {}))
+            schemas[model.__name__] = doc
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
+                                                    "description": "an API key with role `submit`"}}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

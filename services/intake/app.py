@@ -1,0 +1,78 @@
+"""Wiring of the intake service: broker, key store, routes. No connection is opened at import time."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+from faststream import FastStream
+from faststream.kafka import KafkaBroker
+from faststream.specification import AsyncAPI
+
+from services.intake.api import Context, HttpMiddleware, SubmissionPublisher, build_router, install_openapi
+from services.intake.ratelimit import RateLimiter
+from services.intake.settings import IntakeSettings
+from shared.auth import KeyStore
+from shared.events import SrsSubmitted
+from shared.http import Runtime, service_api
+from shared.kafka import make_broker
+from shared.mongo import database, make_client
+from shared.settings import KafkaSettings, MongoSettings
+
+DESCRIPTION = """Accepts Session Rating Scale submissions from clinic sites and EHR exports, validates them,
+and publishes them to `srs.submitted.v1`. A submission is answered with 202 only after the broker has
+acknowledged it; send the same `submission_id` again to retry safely."""
+
+
+@dataclass
+class IntakeConfig:
+    """Everything intake reads from the environment."""
+
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    mongo: MongoSettings = field(default_factory=MongoSettings)
+    intake: IntakeSettings = field(default_factory=IntakeSettings)
+
+    @property
+    def publish_timeout(self) -> float:
+        """Intake may answer sooner than the shared publish bound, never later."""
+        return min(self.intake.publish_timeout_seconds, self.kafka.publish_timeout_seconds)
+
+
+def _publisher(broker: KafkaBroker, config: IntakeConfig) -> Any:
+    return broker.publisher(
+        config.kafka.topics().submitted,
+        description="Validated SRS submissions; key `tenant_id:client_id`, header `correlation_id`.",
+        schema=SrsSubmitted,
+    )
+
+
+def create_app(config: IntakeConfig | None = None) -> FastAPI:
+    """The intake HTTP app (its lifespan connects the broker in the background)."""
+    config = config or IntakeConfig()
+    broker = make_broker(config.kafka, "intake")
+    publisher = _publisher(broker, config)
+    mongo = make_client(config.mongo)
+    runtime = Runtime("intake", broker=broker, mongo=mongo)
+    ctx = Context(
+        settings=config.intake,
+        keys=KeyStore(database(mongo, config.mongo), ttl_seconds=config.intake.key_cache_seconds),
+        publisher=SubmissionPublisher(runtime, publisher.publish, config.publish_timeout),
+        limiter=RateLimiter(config.intake.rate_per_second, config.intake.rate_burst, time.monotonic),
+    )
+    app = service_api(runtime, title="Alliance Stream intake", description=DESCRIPTION)
+    app.include_router(build_router(ctx))
+    app.add_middleware(HttpMiddleware)
+    install_openapi(app)
+    app.state.intake = ctx
+    return app
+
+
+def asyncapi_app(config: IntakeConfig | None = None) -> FastStream:
+    """A FastStream app over intake's broker, for `faststream docs gen` (it publishes srs.submitted.v1)."""
+    config = config or IntakeConfig()
+    broker = make_broker(config.kafka, "intake")
+    _publisher(broker, config)
+    return FastStream(broker, specification=AsyncAPI(broker, title="Alliance Stream intake", version="1.0.0",
+                                                     description=DESCRIPTION))

@@ -1,0 +1,144 @@
+"""The CSV format of EHR exports (pure: text in, submission dicts out).
+
+A header row names the columns; the order is free, names are case-sensitive:
+
+| column           | required | content                                                   |
+|------------------|----------|-----------------------------------------------------------|
+| `submission_id`  | no       | idempotency key; when empty, derived from the file's      |
+|                  |          | content and the line number (re-importing a file is safe) |
+| `instrument`     | no       | SRS (default), CSRS, GSRS, CGSRS, YCSRS                   |
+| `client_id`      | yes      | pseudonymous client id                                    |
+| `clinician_id`   | yes      |                                                           |
+| `site_id`        | yes      |                                                           |
+| `episode_id`     | no       |                                                           |
+| `session_number` | yes      | integer >= 1                                              |
+| `administered_at`| yes      | ISO-8601 with offset, e.g. `2026-11-25T14:05:00+00:00`    |
+| `relationship`, `goals`, `approach`, `overall` | items | 0.0-10.0, one decimal       |
+| `total`          | or total | 0.0-40.0, one decimal                                     |
+
+An empty cell means "absent". A row gives all four item cells or a `total`, never both. Rows are
+validated by exactly the rules of `POST /v1/submissions` (see `services.intake.models`); the report
+names each rejected row by its line number in the file (the header is line 1).
+
+Example:
+
+    submission_id,client_id,clinician_id,site_id,session_number,administered_at,relationship,goals,approach,overall,total
+    n-1,p-8812,c-17,north,3,2026-11-25T14:05:00+00:00,9.1,8.4,9.0,8.8,
+    n-2,p-9001,c-17,north,1,2026-11-25T15:00:00+00:00,,,,,36.5
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.events import ITEM_NAMES
+
+COLUMNS: tuple[str, ...] = ("submission_id", "instrument", "client_id", "clinician_id", "site_id", "episode_id",
+                            "session_number", "administered_at", *ITEM_NAMES, "total")
+REQUIRED: tuple[str, ...] = ("client_id", "clinician_id", "site_id", "session_number", "administered_at")
+_INT = re.compile(r"^[+-]?\d{1,18}$")
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+
+FieldError = tuple[str | None, str]
+
+
+@dataclass
+class CsvRow:
+    """One data row: its line number in the file and the submission it describes."""
+
+    line: int
+    data: dict[str, Any]
+    errors: list[FieldError] = field(default_factory=list)
+
+
+@dataclass
+class CsvFile:
+    """A parsed file: its rows, or the errors that make the whole file unusable."""
+
+    rows: list[CsvRow]
+    errors: list[FieldError]
+    digest: str
+
+
+def _number(cell: str, integer: bool) -> Any:
+    # A cell that does not look like a number is passed on as text, so validation names the rule.
+    if integer:
+        return int(cell) if _INT.match(cell) else cell
+    return float(cell) if _NUMBER.match(cell) else cell
+
+
+def row_to_submission(cells: dict[str, str]) -> dict[str, Any]:
+    """A CSV row (column -> cell text) as a submission object; empty cells are absent."""
+    out: dict[str, Any] = {}
+    items: dict[str, Any] = {}
+    for name, raw in cells.items():
+        cell = raw.strip()
+        if not cell:
+            continue
+        if name in ITEM_NAMES:
+            items[name] = _number(cell, integer=False)
+        elif name == "total":
+            out[name] = _number(cell, integer=False)
+        elif name == "session_number":
+            out[name] = _number(cell, integer=True)
+        else:
+            out[name] = cell
+    if items:
+        out["items"] = items
+    return out
+
+
+def default_submission_id(digest: str, line: int) -> str:
+    """The id of a row without one: the same file imported twice yields the same ids."""
+    return f"csv:{digest[:24]}:{line}"
+
+
+def parse_csv(text: str, digest: str | None = None) -> CsvFile:
+    """Parse an export; every row carries a submission id (given or derived)."""
+    digest = digest or hashlib.sha256(text.encode()).hexdigest()
+    reader = csv.reader(io.StringIO(text.lstrip("\ufeff"), newline=""))
+    header: list[str] | None = None
+    rows: list[CsvRow] = []
+    try:
+        for cells in reader:
+            if header is None:
+                header = [c.strip() for c in cells]
+                errors = _header_errors(header)
+                if errors:
+                    return CsvFile([], errors, digest)
+                continue
+            if not any(c.strip() for c in cells):
+                continue  # blank line
+            line = reader.line_num
+            if len(cells) != len(header):
+                rows.append(CsvRow(line, {}, [(None, f"row has {len(cells)} cells, the header has {len(header)}")]))
+                continue
+            data = row_to_submission(dict(zip(header, cells, strict=True)))
+            data.setdefault("submission_id", default_submission_id(digest, line))
+            rows.append(CsvRow(line, data))
+    except csv.Error as exc:
+        return CsvFile(rows, [(None, f"line {reader.line_num}: {exc}")], digest)
+    if header is None:
+        return CsvFile([], [("header", "the file is empty: a header row is required")], digest)
+    return CsvFile(rows, [], digest)
+
+
+def _header_errors(header: list[str]) -> list[FieldError]:
+    errors: list[FieldError] = []
+    unknown = [h for h in header if h not in COLUMNS]
+    if unknown:
+        errors.append(("header", f"unknown columns: {', '.join(unknown)}; allowed: {', '.join(COLUMNS)}"))
+    dupes = sorted({h for h in header if header.count(h) > 1})
+    if dupes:
+        errors.append(("header", f"duplicate columns: {', '.join(dupes)}"))
+    missing = [c for c in REQUIRED if c not in header]
+    if missing:
+        errors.append(("header", f"missing required columns: {', '.join(missing)}"))
+    if "total" not in header and not all(i in header for i in ITEM_NAMES):
+        errors.append(("header", f"needs the item columns ({', '.join(ITEM_NAMES)}) or a total column"))
+    return errors

@@ -1,0 +1,62 @@
+"""Metrics of the intake service (default registry, served on /metrics).
+
+Label values are bounded: `outcome` and `reason` come from the fixed sets below, `route` from the
+service's own routes (anything else is `other`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from prometheus_client import Counter, Histogram
+
+Outcome = Literal["accepted", "rejected", "unavailable"]
+Reason = Literal[
+    "ok",                  # accepted
+    "invalid",             # a validation rule (422, or a rejected batch item)
+    "site",                # a site-bound key named another site
+    "unauthorized",        # 401
+    "forbidden",           # 403: the key's role does not allow submitting
+    "too_large",           # 413
+    "media_type",          # 415
+    "rate_limited",        # 429
+    "not_started",         # 503: the broker has not been connected yet
+    "broker_timeout",      # 503: no acknowledgement within the bound
+    "broker_error",        # 503: the producer failed
+    "keystore",            # 503: API keys could not be looked up
+]
+
+SUBMISSIONS = Counter(
+    "alliance_intake_submissions_total",
+    "Submissions by outcome and reason. Requests refused before their body was read count once.",
+    ["outcome", "reason"],
+)
+PUBLISH_SECONDS = Histogram(
+    "alliance_intake_publish_seconds",
+    "From handing a request's records to the producer until the broker acknowledged all of them.",
+    ["endpoint"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+BATCH_SIZE = Histogram(
+    "alliance_intake_batch_size",
+    "Items per batch or CSV request.",
+    ["endpoint"],
+    buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000),
+)
+HTTP_REQUESTS = Counter(
+    "alliance_intake_http_requests_total",
+    "HTTP requests by route and status class (2xx, 4xx, 5xx).",
+    ["route", "status_class"],
+)
+HTTP_SECONDS = Histogram(
+    "alliance_intake_http_request_seconds",
+    "HTTP request duration by route.",
+    ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+
+def count(outcome: Outcome, reason: Reason, n: int = 1) -> None:
+    """Count `n` submissions."""
+    if n > 0:
+        SUBMISSIONS.labels(outcome, reason).inc(n)

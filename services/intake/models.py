@@ -1,0 +1,262 @@
+"""What intake accepts and answers, and the validation rules of a submission (pure, no I/O).
+
+Rules (each violation is reported as `{"field": ..., "message": ...}`):
+- unknown fields are rejected (also inside `items`);
+- ids (`submission_id`, `client_id`, `clinician_id`, `site_id`, `episode_id`) are 1-128 characters
+  of `A-Za-z0-9._:-`; `submission_id` and `episode_id` are optional;
+- `instrument` is one of SRS, CSRS, GSRS, CGSRS, YCSRS (default SRS);
+- `session_number` is a JSON integer, 1..100000;
+- `administered_at` is an ISO-8601 string with a UTC offset, not before 1970 and at most one day
+  (configurable) in the future;
+- a submission carries either all four `items` or a `total`, never both, never neither, never a
+  partial set of items; each item is a JSON number 0.0-10.0 with at most one decimal, `total`
+  0.0-40.0 with at most one decimal.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from shared import ids
+from shared.events import ITEM_NAMES, Instrument, Items, SrsSubmitted
+from shared.http import validation_errors
+
+ID_PATTERN = r"^[A-Za-z0-9._:-]+$"
+MAX_SESSION_NUMBER = 100_000
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+DEFAULT_MAX_FUTURE = timedelta(days=1)
+
+FieldError = tuple[str | None, str]
+
+
+def _one_decimal(value: float) -> float:
+    # Ratings are marks on a 10 cm line read to the millimetre: one decimal, no more.
+    scaled = value * 10
+    if not math.isfinite(value) or abs(scaled - round(scaled)) > 1e-6:
+        raise ValueError("must have at most one decimal")
+    return round(value, 1)
+
+
+def _json_string(value: Any) -> Any:
+    # pydantic would turn a number into a UTC timestamp; a time without an explicit offset is
+    # exactly what the API refuses, so only strings are accepted.
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO-8601 string with a UTC offset, e.g. 2026-11-25T14:05:00+00:00")
+    return value
+
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=ID_PATTERN)]
+Rating = Annotated[float, Field(strict=True, ge=0, le=10, description="0.0-10.0, one decimal"),
+                   AfterValidator(_one_decimal)]
+Total = Annotated[float, Field(strict=True, ge=0, le=40, description="0.0-40.0, one decimal"),
+                  AfterValidator(_one_decimal)]
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_json_string)]
+
+
+class ItemsIn(BaseModel):
+    """The four SRS items, all required."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    relationship: Rating
+    goals: Rating
+    approach: Rating
+    overall: Rating
+
+
+class SubmissionIn(BaseModel):
+    """One SRS submission as a site posts it. Exactly one of `items` and `total` is given."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{
+                "submission_id": "north-2026-11-25-0001", "instrument": "SRS", "client_id": "p-8812",
+                "clinician_id": "c-17", "site_id": "north", "session_number": 3,
+                "administered_at": "2026-11-25T14:05:00+00:00",
+                "items": {"relationship": 9.1, "goals": 8.4, "approach": 9.0, "overall": 8.8},
+            }],
+        },
+    )
+
+    submission_id: Id | None = Field(default=None, description="idempotency key; generated when absent")
+    instrument: Instrument = Instrument.SRS
+    client_id: Id = Field(description="pseudonymous client id")
+    clinician_id: Id
+    site_id: Id
+    episode_id: Id | None = None
+    session_number: int = Field(strict=True, ge=1, le=MAX_SESSION_NUMBER)
+    administered_at: Timestamp
+    items: ItemsIn | None = Field(default=None, description="all four items, or none and a total")
+    total: Total | None = Field(default=None, description="only for sites that record just the total")
+
+    @field_validator("administered_at")
+    @classmethod
+    def _not_in_future(cls, value: datetime, info: ValidationInfo) -> datetime:
+        ctx: Mapping[str, Any] = info.context or {}
+        now: datetime = ctx.get("now") or datetime.now(UTC)
+        max_future: timedelta = ctx.get("max_future", DEFAULT_MAX_FUTURE)
+        if value < EARLIEST:
+            raise ValueError("must not be before 1970-01-01T00:00:00+00:00")
+        if value > now + max_future:
+            raise ValueError(f"must not be more than {_human(max_future)} in the future")
+        return value
+
+
+def _human(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    if seconds % 86_400 == 0:
+        days = seconds // 86_400
+        return f"{days} day" + ("s" if days != 1 else "")
+    return f"{seconds} seconds"
+
+
+class BatchIn(BaseModel):
+    """A batch of submissions (documentation model: items are validated one by one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    submissions: list[SubmissionIn] = Field(min_length=1, max_length=1000)
+
+
+class FieldErrorOut(BaseModel):
+    field: str | None
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error answer."""
+
+    errors: list[FieldErrorOut]
+
+
+class Accepted(BaseModel):
+    """The broker has acknowledged the submission."""
+
+    submission_id: str
+    status: Literal["accepted"] = "accepted"
+
+
+class ItemResult(BaseModel):
+    """The fate of one item of a batch (or one row of a CSV import)."""
+
+    index: int
+    row: int | None = Field(default=None, description="CSV line number (CSV imports only)")
+    submission_id: str | None
+    status: Literal["accepted", "rejected"]
+    errors: list[FieldErrorOut] = Field(default_factory=list)
+
+
+class BatchOut(BaseModel):
+    results: list[ItemResult]
+
+
+_MISSING_ITEMS = "partial items: all four of relationship, goals, approach, overall are required"
+_BOTH = "give either all four items or a total, not both"
+_NEITHER = "either items (all four) or a total is required"
+
+
+def _rewrite(errors: list[Any]) -> list[FieldError]:
+    out = validation_errors(errors)
+    for i, e in enumerate(errors):
+        loc = e.get("loc", ())
+        if e.get("type") == "missing" and len(loc) == 2 and loc[0] == "items":
+            out[i] = (out[i][0], _MISSING_ITEMS)
+        elif e.get("type") == "model_type":
+            out[i] = (out[i][0], "must be a JSON object")
+    return out
+
+
+def check_submission(data: Any, now: datetime | None = None,
+                     max_future: timedelta = DEFAULT_MAX_FUTURE) -> tuple[SubmissionIn | None, list[FieldError]]:
+    """Validate one submission (a decoded JSON value): the model, or every rule it breaks."""
+    errors: list[FieldError] = []
+    if isinstance(data, dict):
+        has_items, has_total = data.get("items") is not None, data.get("total") is not None
+        if has_items and has_total:
+            errors.append(("total", _BOTH))
+        elif not has_items and not has_total:
+            errors.append(("items", _NEITHER))
+    try:
+        model = SubmissionIn.model_validate(data, context={"now": now or datetime.now(UTC),
+                                                           "max_future": max_future})
+    except ValidationError as exc:
+        return None, errors + _rewrite(exc.errors(include_url=False, include_input=False))
+    return (None, errors) if errors else (model, [])
+
+
+def claimed_submission_id(data: Any) -> str | None:
+    """The submission id an item names, if it is a well-formed one (for per-item reports)."""
+    if isinstance(data, dict):
+        sid = data.get("submission_id")
+        if isinstance(sid, str) and 0 < len(sid) <= 128 and all(c.isascii() and (c.isalnum() or c in "._:-")
+                                                                for c in sid):
+            return sid
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A submission ready to publish."""
+
+    submission_id: str
+    key: bytes
+    value: bytes
+
+
+def new_submission_id() -> str:
+    """A server-generated submission id (when the site gives none)."""
+    return str(uuid.uuid4())
+
+
+def to_event(sub: SubmissionIn, tenant_id: str, now: datetime, submission_id: str | None = None) -> SrsSubmitted:
+    """The `srs.submitted.v1` event of a validated submission (tenant from the API key)."""
+    sid = submission_id or sub.submission_id or new_submission_id()
+    items = sub.items
+    # Built without re-validation: every field was validated on the way in.
+    return SrsSubmitted.model_construct(
+        schema_version=1,
+        event_id=ids.submitted_event_id(tenant_id, sid),
+        tenant_id=tenant_id,
+        occurred_at=now,
+        submission_id=sid,
+        site_id=sub.site_id,
+        clinician_id=sub.clinician_id,
+        client_id=sub.client_id,
+        episode_id=sub.episode_id,
+        instrument=sub.instrument,
+        session_number=sub.session_number,
+        administered_at=sub.administered_at,
+        items=None if items is None else Items.model_construct(
+            relationship=items.relationship, goals=items.goals, approach=items.approach, overall=items.overall),
+        total=sub.total,
+        accepted_at=now,
+    )
+
+
+def outgoing(sub: SubmissionIn, tenant_id: str, now: datetime) -> Outgoing:
+    """The Kafka record of a validated submission: key `tenant:client`, JSON value."""
+    event = to_event(sub, tenant_id, now)
+    return Outgoing(event.submission_id, ids.partition_key(tenant_id, sub.client_id),
+                    event.model_dump_json().encode())
+
+
+__all__ = ["ITEM_NAMES", "check_submission", "outgoing", "to_event"]

@@ -1,0 +1,34 @@
+"""Settings of the intake service (`ALLIANCE_INTAKE_*`)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class IntakeSettings(BaseSettings):
+    """Limits and timeouts of the intake API.
+
+    The rate limit is a token bucket per API key that counts *submissions*: a single post
+    costs 1, a batch or CSV import costs its number of items (capped at the burst, so a batch
+    larger than the burst is still admitted once the bucket is full). Submissions are what
+    load the broker and every downstream consumer, so that is what the limit meters.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="ALLIANCE_INTAKE_", extra="ignore")
+
+    # The broker must acknowledge within this bound, else 503; the effective value is the
+    # smaller of this and ALLIANCE_KAFKA_PUBLISH_TIMEOUT_SECONDS.
+    publish_timeout_seconds: float = Field(default=3.0, gt=0)
+    # Key look-ups hit MongoDB on a cache miss; a store that hangs must not hang the API.
+    auth_timeout_seconds: float = Field(default=3.0, gt=0)
+    key_cache_seconds: float = Field(default=30.0, ge=0)
+    rate_per_second: float = Field(default=500.0, gt=0)
+    rate_burst: float = Field(default=2000.0, ge=1)
+    max_single_bytes: int = Field(default=64 * 1024, ge=1024)
+    max_batch_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_batch_items: int = Field(default=1000, ge=1)
+    # How far in the future `administered_at` may lie (clock skew between tablets and us).
+    max_future_seconds: float = Field(default=86_400.0, ge=0)
+    # Retry-After (seconds) sent with a 503 when the broker does not acknowledge.
+    unavailable_retry_after_seconds: int = Field(default=2, ge=1)
