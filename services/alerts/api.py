@@ -1,0 +1,325 @@
+"""HTTP API of the alerts service (tenant-scoped; `admin` writes, `read` lists and acknowledges).
+
+A key bound to a site sees and changes only that site's clinicians, alerts and deliveries;
+tenant-wide settings (partner subscriptions, the webhook signing secret, the escalation
+interval) need a key that is not bound to a site, because they concern every site.
+Acknowledging an alert is allowed to `read` keys: it is what a clinician does after reading it,
+and it changes no configuration.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from services.alerts import signing
+from services.alerts.handlers import status_record
+from services.alerts.rules import SUBSCRIBABLE, Clinician, status_changed, url_problem
+from services.alerts.secretbox import SecretBox
+from services.alerts.settings import AlertsSettings
+from services.alerts.store import AlertsStore, utcnow
+from services.alerts.targets import target_problem
+from shared.auth import KeyStore, Principal, forbid_site, require
+from shared.http import error_body
+from shared.kafka import Publisher
+from shared.topics import Topics
+
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+Id = Annotated[str, Path(min_length=1, max_length=200)]
+
+
+class ClinicianIn(BaseModel):
+    """A clinician's directory entry."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    site_id: str = Field(min_length=1, max_length=200)
+    email: str = Field(max_length=320, description="where alert emails go")
+    webhook_url: str | None = Field(default=None, max_length=2000, description="optional http(s) endpoint")
+    supervisor_id: str | None = Field(default=None, min_length=1, max_length=200,
+                                      description="who gets unacknowledged alerts (a clinician id)")
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, v: str) -> str:
+        if not _EMAIL.match(v):
+            raise ValueError("not an email address")
+        return v
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and (problem := url_problem(v)):
+            raise ValueError(problem)
+        return v
+
+
+class ClinicianOut(ClinicianIn):
+    clinician_id: str
+
+
+class SubscriptionIn(BaseModel):
+    """A partner webhook for some topics of the caller's tenant."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(max_length=2000)
+    events: list[Literal["alliance.deterioration.v1", "srs.scored.v1"]] = Field(min_length=1, max_length=2)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if problem := url_problem(v):
+            raise ValueError(problem)
+        return v
+
+
+class SubscriptionOut(BaseModel):
+    id: str
+    url: str
+    events: list[str]
+    created_at: datetime
+
+
+class SubscriptionCreated(SubscriptionOut):
+    secret: str = Field(description="whsec_... signing secret; shown only in this answer")
+
+
+class SecretOut(BaseModel):
+    secret: str = Field(description="whsec_... signing secret for clinician webhooks; shown only once")
+    previous_valid_until: datetime | None = Field(
+        default=None, description="until then webhooks carry a second signature made with the previous secret")
+
+
+class EscalationIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    interval_seconds: float | None = Field(gt=0, le=30 * 24 * 3600,
+                                           description="null returns the tenant to the default")
+
+
+class EscalationOut(BaseModel):
+    interval_seconds: float
+    default: bool
+
+
+class AlertOut(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    alert_id: str
+    tenant_id: str
+    site_id: str
+    clinician_id: str
+    client_id: str
+    submission_id: str
+    instrument: str
+    session_number: int
+    severity: str
+    triggers: list[str]
+    total: float
+    previous_total: float | None = None
+    change_from_previous: float | None = None
+    cutoff: float
+    occurred_at: datetime
+    created_at: datetime
+    status: Literal["open", "acknowledged"]
+    acknowledged_at: datetime | None = None
+    escalated: bool
+    escalated_at: datetime | None = None
+    escalated_to: str | None = None
+
+
+class DeliveryOut(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    delivery_id: str
+    kind: str
+    alert_id: str | None = None
+    subject_id: str
+    topic: str
+    recipient: str
+    channel: str
+    target: str
+    status: Literal["pending", "delivered", "failed", "cancelled"]
+    attempts: int
+    next_attempt_at: datetime | None = None
+    last_error: str | None = None
+    response_status: int | None = None
+    created_at: datetime
+    delivered_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+def _alert(doc: dict[str, Any]) -> AlertOut:
+    return AlertOut.model_validate({**doc, "alert_id": doc["_id"]})
+
+
+def _delivery(doc: dict[str, Any]) -> DeliveryOut:
+    return DeliveryOut.model_validate({**doc, "delivery_id": doc["_id"]})
+
+
+def _tenant_wide(p: Principal) -> None:
+    if p.site_id is not None:
+        raise HTTPException(403, error_body([("Authorization", "tenant-wide settings need a key not bound to a site")]))
+
+
+def _not_found(what: str) -> HTTPException:
+    return HTTPException(404, error_body([(None, f"no such {what}")]))
+
+
+def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topics: Topics, settings: AlertsSettings,
+                 box: SecretBox, forget_secret: Callable[[str], None], wake: Callable[[], None]) -> APIRouter:
+    """The /v1 routes."""
+    reader = Depends(require(lambda: keys, "read"))
+    admin = Depends(require(lambda: keys, "admin"))
+    r = APIRouter(prefix="/v1")
+
+    @r.put("/clinicians/{clinician_id}", tags=["directory"], response_model=ClinicianOut,
+           responses={201: {"description": "created"}, 422: {"description": "invalid body"}})
+    async def put_clinician(clinician_id: Id, body: ClinicianIn, response: Response,
+                            p: Principal = admin) -> ClinicianOut:
+        """Create or replace a clinician's directory entry."""
+        if not p.may_see_site(body.site_id):
+            raise forbid_site(body.site_id)
+        existing = await store.get_clinician(p.tenant_id, clinician_id)
+        if existing is not None and not p.may_see_site(existing.site_id):
+            raise forbid_site(existing.site_id)
+        if body.supervisor_id == clinician_id:
+            raise HTTPException(422, error_body([("supervisor_id", "a clinician cannot supervise themselves")]))
+        if body.webhook_url and (problem := await target_problem(body.webhook_url, settings.allow_private_targets)):
+            raise HTTPException(422, error_body([("webhook_url", problem)]))
+        created = await store.put_clinician(Clinician(p.tenant_id, clinician_id, body.site_id, body.email,
+                                                      body.webhook_url, body.supervisor_id))
+        response.status_code = 201 if created else 200
+        return ClinicianOut(clinician_id=clinician_id, **body.model_dump())
+
+    @r.get("/clinicians/{clinician_id}", tags=["directory"], response_model=ClinicianOut)
+    async def get_clinician(clinician_id: Id, p: Principal = reader) -> ClinicianOut:
+        """One directory entry."""
+        c = await store.get_clinician(p.tenant_id, clinician_id)
+        if c is None or not p.may_see_site(c.site_id):
+            raise _not_found("clinician")
+        return ClinicianOut(clinician_id=c.clinician_id, site_id=c.site_id, email=c.email or "",
+                            webhook_url=c.webhook_url, supervisor_id=c.supervisor_id)
+
+    @r.get("/clinicians", tags=["directory"], response_model=list[ClinicianOut])
+    async def list_clinicians(p: Principal = reader, site_id: str | None = None,
+                              limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> list[ClinicianOut]:
+        """The directory (a site-bound key sees its site only)."""
+        if site_id is not None and not p.may_see_site(site_id):
+            raise forbid_site(site_id)
+        rows = await store.list_clinicians(p.tenant_id, p.site_id or site_id, limit)
+        return [ClinicianOut(clinician_id=c.clinician_id, site_id=c.site_id, email=c.email or "",
+                             webhook_url=c.webhook_url, supervisor_id=c.supervisor_id) for c in rows]
+
+    @r.post("/subscriptions", tags=["subscriptions"], status_code=201, response_model=SubscriptionCreated)
+    async def create_subscription(body: SubscriptionIn, p: Principal = admin) -> SubscriptionCreated:
+        """Subscribe a partner URL; the signing secret is in this answer only."""
+        _tenant_wide(p)
+        if problem := await target_problem(body.url, settings.allow_private_targets):
+            raise HTTPException(422, error_body([("url", problem)]))
+        secret = signing.new_secret()
+        events = sorted(set(body.events), key=SUBSCRIBABLE.index)
+        doc = await store.create_subscription(p.tenant_id, body.url, events, box.seal(secret))
+        return SubscriptionCreated(id=doc["_id"], url=body.url, events=events, created_at=doc["created_at"],
+                                   secret=secret)
+
+    @r.get("/subscriptions", tags=["subscriptions"], response_model=list[SubscriptionOut])
+    async def list_subscriptions(p: Principal = reader) -> list[SubscriptionOut]:
+        """The tenant's subscriptions (never their secrets)."""
+        return [SubscriptionOut(id=d["_id"], url=d["url"], events=d["events"], created_at=d["created_at"])
+                for d in await store.list_subscriptions(p.tenant_id)]
+
+    @r.delete("/subscriptions/{subscription_id}", tags=["subscriptions"], status_code=204)
+    async def delete_subscription(subscription_id: Id, p: Principal = admin) -> Response:
+        """Delete a subscription; its pending deliveries are cancelled."""
+        _tenant_wide(p)
+        if not await store.delete_subscription(p.tenant_id, subscription_id):
+            raise _not_found("subscription")
+        forget_secret("sub:" + subscription_id)
+        return Response(status_code=204)
+
+    @r.post("/webhook-secret", tags=["directory"], status_code=201, response_model=SecretOut)
+    async def rotate_secret(p: Principal = admin) -> SecretOut:
+        """Create or rotate the tenant's clinician-webhook signing secret (shown once)."""
+        _tenant_wide(p)
+        secret = signing.new_secret()
+        grace = timedelta(seconds=settings.secret_rotation_grace_seconds)
+        await store.rotate_webhook_secret(p.tenant_id, box.seal(secret), grace)
+        forget_secret("tenant:" + p.tenant_id)
+        doc = await store.tenant(p.tenant_id) or {}
+        return SecretOut(secret=secret, previous_valid_until=doc.get("previous_until"))
+
+    @r.put("/escalation", tags=["alerts"], response_model=EscalationOut)
+    async def put_escalation(body: EscalationIn, p: Principal = admin) -> EscalationOut:
+        """Set (or clear, with null) how long an alert may stay unacknowledged before it escalates."""
+        _tenant_wide(p)
+        await store.set_escalation(p.tenant_id, body.interval_seconds)
+        seconds = body.interval_seconds
+        return EscalationOut(interval_seconds=seconds or settings.escalation_seconds, default=seconds is None)
+
+    @r.get("/escalation", tags=["alerts"], response_model=EscalationOut)
+    async def get_escalation(p: Principal = reader) -> EscalationOut:
+        """The tenant's escalation interval."""
+        doc = await store.tenant(p.tenant_id) or {}
+        seconds = doc.get("escalation_seconds")
+        return EscalationOut(interval_seconds=seconds or settings.escalation_seconds, default=seconds is None)
+
+    @r.get("/alerts", tags=["alerts"], response_model=list[AlertOut])
+    async def list_alerts(p: Principal = reader, clinician_id: str | None = None,
+                          status: Literal["open", "acknowledged"] | None = None,
+                          limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[AlertOut]:
+        """Alerts, newest first (a site-bound key sees its site only)."""
+        return [_alert(d) for d in await store.list_alerts(p.tenant_id, p.site_id, clinician_id, status, limit)]
+
+    @r.get("/alerts/{alert_id}", tags=["alerts"], response_model=AlertOut)
+    async def get_alert(alert_id: Id, p: Principal = reader) -> AlertOut:
+        """One alert."""
+        doc = await store.get_alert(p.tenant_id, alert_id)
+        if doc is None or not p.may_see_site(doc["site_id"]):
+            raise _not_found("alert")
+        return _alert(doc)
+
+    @r.post("/alerts/{alert_id}/ack", tags=["alerts"], response_model=AlertOut,
+            responses={503: {"description": "the status event could not be published; retry"}})
+    async def ack(alert_id: Id, p: Principal = reader) -> AlertOut:
+        """Acknowledge an alert (idempotent); it will not escalate any more."""
+        doc = await store.get_alert(p.tenant_id, alert_id)
+        if doc is None or not p.may_see_site(doc["site_id"]):
+            raise _not_found("alert")
+        doc = await store.acknowledge(p.tenant_id, alert_id, p.key_id) or doc
+        # Published on every call (stable event id): a retry after a 503 still tells reporting.
+        event = status_changed(p.tenant_id, alert_id, doc["site_id"], doc["clinician_id"], "acknowledged",
+                               doc.get("acknowledged_at") or utcnow())
+        try:
+            await publisher.publish_all([status_record(event, doc["client_id"], topics, doc.get("correlation_id"))])
+        except Exception as exc:
+            raise HTTPException(503, error_body([(None, f"acknowledged, but the status event is not published yet "
+                                                        f"({type(exc).__name__}); retry")])) from exc
+        return _alert(doc)
+
+    @r.get("/deliveries", tags=["deliveries"], response_model=list[DeliveryOut])
+    async def list_deliveries(p: Principal = reader,
+                              status: Literal["pending", "delivered", "failed", "cancelled"] | None = None,
+                              alert_id: str | None = None,
+                              limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[DeliveryOut]:
+        """Deliveries, newest first; `status=failed` lists the dead-lettered ones."""
+        rows = await store.list_deliveries(p.tenant_id, p.site_id, status, alert_id, limit)
+        return [_delivery(d) for d in rows]
+
+    @r.post("/deliveries/{delivery_id}/retry", tags=["deliveries"], response_model=DeliveryOut)
+    async def retry(delivery_id: Id, p: Principal = admin) -> DeliveryOut:
+        """Put a failed delivery back on the schedule with a fresh attempt budget."""
+        doc = await store.get_delivery(p.tenant_id, delivery_id)
+        if doc is None or not p.may_see_site(doc["site_id"]) or doc["status"] != "failed":
+            raise _not_found("failed delivery")
+        await store.requeue_failed(p.tenant_id, [delivery_id])
+        wake()
+        return _delivery(await store.get_delivery(p.tenant_id, delivery_id) or doc)
+
+    return r

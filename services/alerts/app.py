@@ -1,0 +1,113 @@
+"""The alerts service: consumes deteriorations (and scored events for partners), delivers signed
+webhooks and emails from a durable schedule in MongoDB, escalates unacknowledged alerts, and
+serves the directory/subscription/alert API on port 8003.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from fastapi import APIRouter, FastAPI
+from faststream import FastStream
+from faststream.kafka import KafkaBroker
+from faststream.specification import AsyncAPI
+
+from services.alerts.api import build_router
+from services.alerts.escalation import Escalator
+from services.alerts.handlers import Handlers
+from services.alerts.secretbox import SecretBox
+from services.alerts.senders import EmailSender, SigningSecrets, WebhookSender
+from services.alerts.settings import AlertsConfig
+from services.alerts.store import AlertsStore
+from services.alerts.worker import DeliveryWorker, Sender
+from shared import auth
+from shared.events import AlertStatusChanged, DeadLetter
+from shared.http import Runtime, service_api
+from shared.kafka import Publisher, make_broker, subscribe_batch
+from shared.mongo import database, make_client
+
+log = logging.getLogger("alliance.alerts")
+
+SERVICE = "alerts"
+DESCRIPTION = """Delivers alliance alerts to clinicians (signed webhook, email) and partners (signed webhooks,
+Standard Webhooks), retries with backoff from a durable schedule, escalates unacknowledged alerts."""
+
+
+@dataclass
+class Components:
+    """The parts of one alerts instance (tests and the bench reach them through `app.state.alerts`)."""
+
+    config: AlertsConfig
+    broker: KafkaBroker
+    store: AlertsStore
+    handlers: Handlers
+    worker: DeliveryWorker
+    escalator: Escalator
+    webhook: WebhookSender
+    router: APIRouter
+
+
+def _broker(config: AlertsConfig) -> KafkaBroker:
+    broker = make_broker(config.kafka, SERVICE)
+    topics = config.kafka.topics()
+    # Declared for the AsyncAPI document; records are published through shared.kafka.Publisher.
+    broker.publisher(topics.alert_status, title="alerts:alert-status", schema=AlertStatusChanged,
+                     description="acknowledged / escalated alerts, for reporting")
+    broker.publisher(topics.deadletter, title="alerts:deadletter", schema=DeadLetter,
+                     description="undecodable events and deliveries that exhausted their attempts")
+    return broker
+
+
+def build(config: AlertsConfig | None = None) -> tuple[Runtime, Components]:
+    """Wire everything; opens no connection."""
+    cfg = config or AlertsConfig()
+    topics = cfg.kafka.topics()
+    broker = _broker(cfg)
+    mongo = make_client(cfg.mongo)
+    db = database(mongo, cfg.mongo)
+    store = AlertsStore(db)
+    publisher = Publisher(broker, cfg.kafka.publish_timeout_seconds)
+    box = SecretBox(cfg.alerts.secrets_key.get_secret_value())
+    secrets = SigningSecrets(store, box)
+    webhook = WebhookSender(secrets, cfg.alerts.allow_private_targets, cfg.alerts.attempt_timeout_seconds)
+    senders: dict[str, Sender] = {"webhook": webhook}
+    if cfg.smtp.enabled:
+        senders["email"] = EmailSender(cfg.smtp, cfg.alerts.dashboard_url, cfg.alerts.attempt_timeout_seconds)
+    worker = DeliveryWorker(store, senders, publisher, topics, cfg.alerts)
+    handlers = Handlers(store, publisher, topics, cfg.smtp.enabled, worker.wake)
+    escalator = Escalator(store, publisher, topics, cfg.alerts, cfg.smtp.enabled, worker.wake)
+
+    subscribe_batch(broker, topics.deterioration, group_id=cfg.kafka.group(SERVICE), service=SERVICE,
+                    handler=handlers.on_deterioration, max_records=cfg.kafka.batch_max_records)
+    subscribe_batch(broker, topics.scored, group_id=cfg.kafka.group("alerts-partners"), service=SERVICE,
+                    handler=handlers.on_scored, max_records=cfg.kafka.batch_max_records)
+
+    async def start() -> None:
+        await store.ensure_indexes()
+        if not box.encrypting:
+            log.warning("ALLIANCE_ALERTS_SECRETS_KEY is empty: webhook signing secrets are stored unencrypted")
+        if not cfg.smtp.enabled:
+            log.info("ALLIANCE_SMTP_HOST is empty: the email channel is off")
+
+    runtime = Runtime(SERVICE, broker, mongo, on_start=[start],
+                      background=[worker.run, escalator.run, worker.refresh_gauges], on_stop=[webhook.close])
+    router = build_router(store, auth.KeyStore(db), publisher, topics, cfg.alerts, box, secrets.forget, worker.wake)
+    return runtime, Components(cfg, broker, store, handlers, worker, escalator, webhook, router)
+
+
+def create_app(config: AlertsConfig | None = None) -> FastAPI:
+    """The alerts HTTP app; its lifespan runs the consumers, the delivery worker and escalation."""
+    runtime, components = build(config)
+    app = service_api(runtime, title="Alliance Stream — alerts", description=DESCRIPTION)
+    app.include_router(components.router)
+    app.state.alerts = components
+    return app
+
+
+def asyncapi_app(config: AlertsConfig | None = None) -> FastStream:
+    """A FastStream app over the same broker, for `faststream docs gen services.alerts.app:asyncapi_app`."""
+    _, components = build(config)
+    spec = AsyncAPI(components.broker, title="Alliance Stream — alerts", description=DESCRIPTION)
+    return FastStream(components.broker, specification=spec)
+

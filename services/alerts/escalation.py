@@ -1,0 +1,91 @@
+"""Escalation: an alert left unacknowledged past its tenant's interval goes once to the supervisor.
+
+Each tick finds due alerts (open, never escalated, created before now - interval; the interval
+is the tenant's override or the default), schedules the supervisor's deliveries (unique ids),
+publishes `AlertStatusChanged(escalated)` (stable event id) and only then marks the alerts
+escalated. Every step is idempotent, so two processes ticking at once, or a crash between
+steps, can at worst repeat a step without a second delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from services.alerts import metrics
+from services.alerts.handlers import delivery_doc, status_record
+from services.alerts.rules import due_for_escalation_filter, route_escalation, status_changed
+from services.alerts.settings import AlertsSettings
+from services.alerts.store import AlertsStore
+from shared.events import AllianceDeterioration
+from shared.kafka import Publisher
+from shared.mongo import Document
+from shared.topics import Topics
+
+log = logging.getLogger("alliance.alerts.escalation")
+
+
+class Escalator:
+    """Periodically escalates overdue alerts."""
+
+    def __init__(self, store: AlertsStore, publisher: Publisher, topics: Topics, settings: AlertsSettings,
+                 email_enabled: bool, on_scheduled: Callable[[], None], batch: int = 200) -> None:
+        self._store = store
+        self._publisher = publisher
+        self._topics = topics
+        self._s = settings
+        self._email = email_enabled
+        self._on_scheduled = on_scheduled
+        self._batch = batch
+
+    async def run(self) -> None:
+        """Tick until cancelled; a failed tick (store or broker down) is retried on the next one."""
+        while True:
+            try:
+                while await self.tick() == self._batch:
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("escalation tick failed: %r", exc)
+            await asyncio.sleep(self._s.escalation_check_seconds)
+
+    async def tick(self) -> int:
+        """Escalate what is due now; returns how many alerts it handled."""
+        now = datetime.now(UTC)
+        overrides = await self._store.escalation_overrides()
+        pairs = due_for_escalation_filter(now.timestamp(), self._s.escalation_seconds, overrides)
+        due = await self._store.due_escalations(
+            [(t, datetime.fromtimestamp(cut, UTC)) for t, cut in pairs], self._batch)
+        if not due:
+            return 0
+        clinicians = await self._store.clinicians_for((a["tenant_id"], a["clinician_id"]) for a in due)
+        supervisor_of: dict[str, str | None] = {}
+        for a in due:
+            c = clinicians.get((a["tenant_id"], a["clinician_id"]))
+            supervisor_of[a["_id"]] = c.supervisor_id if c is not None else None
+        supervisors = await self._store.clinicians_for(
+            (a["tenant_id"], sup) for a in due if (sup := supervisor_of[a["_id"]]) is not None)
+        docs: list[Document] = []
+        records = []
+        outcomes: list[tuple[str, str | None]] = []
+
+        for a in due:
+            sup_id = supervisor_of[a["_id"]]
+            supervisor = supervisors.get((a["tenant_id"], sup_id)) if sup_id is not None else None
+            alert = AllianceDeterioration.model_validate_json(a["event"])
+            planned = route_escalation(alert, supervisor, self._email)
+            docs.extend(delivery_doc(p, a["event"], now, a.get("correlation_id"), None, now) for p in planned)
+            event = status_changed(a["tenant_id"], a["_id"], a["site_id"], a["clinician_id"], "escalated", now)
+            records.append(status_record(event, a["client_id"], self._topics, a.get("correlation_id")))
+            outcomes.append((a["_id"], supervisor.clinician_id if supervisor is not None else None))
+            metrics.ESCALATIONS.labels("sent" if planned else "no_supervisor").inc()
+        inserted = await self._store.insert_deliveries(docs)
+        await self._publisher.publish_all(records)
+        await self._store.mark_escalated(outcomes)
+        if inserted:
+            self._on_scheduled()
+        log.info("escalated %d alerts (%d deliveries)", len(due), inserted)
+        return len(due)

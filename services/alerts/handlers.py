@@ -1,0 +1,134 @@
+"""Consumer handlers: translate consumed events into alerts and scheduled deliveries.
+
+Per batch: decode every record (an undecodable one is dead-lettered, never retried), load the
+directory entries and subscriptions the batch needs (two `$in` reads), upsert the alerts (one
+bulk write), plan the deliveries with the pure routing rules and insert them (one bulk write,
+unique ids: a redelivered batch inserts nothing new), publish the dead letters, and return —
+only then are the offsets committed. Nothing is sent here: the delivery worker does that, so
+a slow receiver can never hold up a partition.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from services.alerts.rules import PlannedDelivery, route_alert
+from services.alerts.rules import partner_deliveries as plan_partners
+from services.alerts.store import EPOCH, AlertsStore
+from shared.events import AlertStatusChanged, AllianceDeterioration, SrsScored
+from shared.ids import partition_key
+from shared.kafka import InboundRecord, OutboundRecord, Publisher, dead_letter_record
+from shared.mongo import Document
+from shared.topics import DETERIORATION, SCORED, Topics
+
+log = logging.getLogger("alliance.alerts.handlers")
+
+SERVICE = "alerts"
+
+
+def _source(rec: InboundRecord) -> dict[str, Any]:
+    return {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset,
+            "key": rec.key.decode("utf-8", "replace") if rec.key is not None else None}
+
+
+def delivery_doc(p: PlannedDelivery, body: str, origin_at: datetime, correlation_id: str | None,
+                 source: dict[str, Any] | None, now: datetime) -> Document:
+    """The schedule entry of one planned delivery: pending, due now, unleased."""
+    return {
+        "_id": p.delivery_id, "kind": p.kind, "tenant_id": p.tenant_id, "site_id": p.site_id,
+        "subject_id": p.subject_id, "alert_id": p.alert_id, "topic": p.topic, "recipient": p.recipient,
+        "channel": p.channel, "target": p.target, "subscription_id": p.subscription_id, "body": body,
+        "status": "pending", "attempts": 0, "next_attempt_at": now, "claimed_until": EPOCH,
+        "created_at": now, "origin_at": origin_at, "correlation_id": correlation_id, "source": source,
+        "last_error": None,
+    }
+
+
+def alert_doc(ev: AllianceDeterioration, body: str, rec: InboundRecord, now: datetime) -> Document:
+    """The alert as clinicians list and acknowledge it (client id is the pseudonymous one)."""
+    return {
+        "_id": ev.alert_id, "tenant_id": ev.tenant_id, "site_id": ev.site_id, "clinician_id": ev.clinician_id,
+        "client_id": ev.client_id, "submission_id": ev.submission_id, "episode_id": ev.episode_id,
+        "instrument": ev.instrument.value, "session_number": ev.session_number, "severity": ev.severity,
+        "triggers": list(ev.triggers), "total": ev.total, "previous_total": ev.previous_total,
+        "change_from_previous": ev.change_from_previous, "cutoff": ev.cutoff, "occurred_at": ev.occurred_at,
+        "accepted_at": ev.accepted_at, "created_at": now, "status": "open", "escalated": False,
+        "event_id": ev.event_id, "correlation_id": rec.correlation_id, "event": body,
+    }
+
+
+def status_record(event: AlertStatusChanged, client_id: str, topics: Topics,
+                  correlation_id: str | None = None) -> OutboundRecord:
+    """An alert-status event, keyed like the client's other events so it stays in their order."""
+    return OutboundRecord(topics.alert_status, event.model_dump_json().encode(),
+                          key=partition_key(event.tenant_id, client_id), correlation_id=correlation_id)
+
+
+class Handlers:
+    """The two batch handlers of the service."""
+
+    def __init__(self, store: AlertsStore, publisher: Publisher, topics: Topics, email_enabled: bool,
+                 on_scheduled: Callable[[], None]) -> None:
+        self._store = store
+        self._publisher = publisher
+        self._topics = topics
+        self._email = email_enabled
+        self._on_scheduled = on_scheduled
+
+    def _decode(self, records: Sequence[InboundRecord], model: type[Any],
+                dead: list[OutboundRecord]) -> list[tuple[InboundRecord, Any, str]]:
+        out = []
+        for rec in records:
+            try:
+                body = rec.value.decode("utf-8")
+                out.append((rec, model.model_validate_json(body), body))
+            except (UnicodeDecodeError, ValidationError, ValueError) as exc:
+                dead.append(dead_letter_record(SERVICE, rec, "invalid_event", str(exc), self._topics.deadletter))
+        return out
+
+    async def on_deterioration(self, records: list[InboundRecord]) -> None:
+        """Record alerts and schedule their deliveries (clinician webhook/email, the tenant's partners)."""
+        dead: list[OutboundRecord] = []
+        decoded: list[tuple[InboundRecord, AllianceDeterioration, str]] = self._decode(
+            records, AllianceDeterioration, dead)
+        scheduled = 0
+        if decoded:
+            now = datetime.now(UTC)
+            clinicians = await self._store.clinicians_for((ev.tenant_id, ev.clinician_id) for _, ev, _ in decoded)
+            subscriptions = await self._store.subscriptions_for((ev.tenant_id for _, ev, _ in decoded), DETERIORATION)
+            await self._store.upsert_alerts([alert_doc(ev, body, rec, now) for rec, ev, body in decoded])
+            docs: list[Document] = []
+            for rec, ev, body in decoded:
+                planned = route_alert(ev, clinicians.get((ev.tenant_id, ev.clinician_id)),
+                                      subscriptions, self._email)
+                origin = ev.accepted_at or ev.occurred_at
+                docs.extend(delivery_doc(p, body, origin, rec.correlation_id, _source(rec), now) for p in planned)
+            scheduled = await self._store.insert_deliveries(docs)
+        await self._publisher.publish_all(dead)
+        if scheduled:
+            self._on_scheduled()
+
+    async def on_scored(self, records: list[InboundRecord]) -> None:
+        """Schedule scored events for the partners of their tenant that subscribed to them."""
+        dead: list[OutboundRecord] = []
+        decoded: list[tuple[InboundRecord, SrsScored, str]] = self._decode(records, SrsScored, dead)
+        scheduled = 0
+        if decoded:
+            subscriptions = await self._store.subscriptions_for((ev.tenant_id for _, ev, _ in decoded), SCORED)
+            if subscriptions:
+                now = datetime.now(UTC)
+                docs: list[Document] = []
+                for rec, ev, body in decoded:
+                    planned = plan_partners("event", ev.tenant_id, ev.site_id, ev.event_id, None, SCORED,
+                                            subscriptions)
+                    origin = ev.accepted_at or ev.occurred_at
+                    docs.extend(delivery_doc(p, body, origin, rec.correlation_id, _source(rec), now) for p in planned)
+                scheduled = await self._store.insert_deliveries(docs)
+        await self._publisher.publish_all(dead)
+        if scheduled:
+            self._on_scheduled()

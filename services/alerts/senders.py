@@ -1,0 +1,161 @@
+"""The two channels: signed webhooks over HTTP (httpx) and plain-text email over SMTP (aiosmtplib).
+
+A sender makes exactly one attempt and raises `SendError` (retryable) or `Cancelled` (the
+recipient no longer exists); the worker owns timeouts, retries and recording.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.utils import format_datetime
+
+import aiosmtplib
+import httpx
+
+from services.alerts import signing
+from services.alerts.rules import email_text
+from services.alerts.secretbox import SecretBox
+from services.alerts.settings import SmtpSettings
+from services.alerts.store import AlertsStore
+from services.alerts.targets import target_problem
+from shared.events import AllianceDeterioration
+from shared.mongo import Document
+
+
+class SendError(Exception):
+    """An attempt failed; it may succeed later."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Cancelled(Exception):
+    """The delivery has no recipient any more (e.g. its subscription was deleted)."""
+
+
+class SigningSecrets:
+    """Looks up (and briefly caches) the secrets a delivery is signed with.
+
+    The cache is short so that a rotation or deletion takes effect within seconds in every
+    process, while a burst of deliveries costs one lookup.
+    """
+
+    def __init__(self, store: AlertsStore, box: SecretBox, ttl_seconds: float = 5.0) -> None:
+        self._store = store
+        self._box = box
+        self._ttl = ttl_seconds
+        self._cache: dict[str, tuple[float, list[str] | None]] = {}
+
+    async def _cached(self, key: str, load: Callable[[], Awaitable[list[str] | None]]) -> list[str] | None:
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        value = await load()
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[key] = (now + self._ttl, value)
+        return value
+
+    async def for_delivery(self, d: Document) -> list[str] | None:
+        """The secrets to sign with; None when the recipient is gone; [] when none is configured."""
+        sub = d.get("subscription_id")
+        if sub:
+            async def load_sub() -> list[str] | None:
+                sealed = await self._store.subscription_secret(sub)
+                return None if sealed is None else [self._box.open(sealed)]
+            return await self._cached("sub:" + sub, load_sub)
+
+        tenant_id = str(d["tenant_id"])
+
+        async def load_tenant() -> list[str] | None:
+            doc = await self._store.tenant(tenant_id) or {}
+            out = [self._box.open(doc["webhook_secret"])] if doc.get("webhook_secret") else []
+            until = doc.get("previous_until")
+            if out and doc.get("previous_secret") and until is not None and until > datetime.now(UTC):
+                out.append(self._box.open(doc["previous_secret"]))
+            return out
+        return await self._cached("tenant:" + tenant_id, load_tenant)
+
+    def forget(self, key: str) -> None:
+        self._cache.pop(key, None)
+
+
+class WebhookSender:
+    """POSTs the event JSON, signed per Standard Webhooks; any 2xx is success."""
+
+    def __init__(self, secrets: SigningSecrets, allow_private: bool, timeout_seconds: float) -> None:
+        self._secrets = secrets
+        self._allow_private = allow_private
+        # Redirects are not followed: a 3xx could point at an address the target check refused.
+        self._client = httpx.AsyncClient(timeout=timeout_seconds, follow_redirects=False,
+                                         limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
+
+    async def send(self, d: Document) -> int:
+        signing_secrets = await self._secrets.for_delivery(d)
+        if signing_secrets is None:
+            raise Cancelled("the subscription was deleted")
+        if not signing_secrets:
+            raise SendError("the tenant has no webhook signing secret (an admin creates one: POST /v1/webhook-secret)")
+        url = str(d["target"])
+        problem = await target_problem(url, self._allow_private)
+        if problem is not None:
+            raise SendError(f"target refused: {problem}")
+        body = str(d["body"]).encode()
+        headers = signing.webhook_headers(str(d["_id"]), int(time.time()), body, signing_secrets, str(d["topic"]))
+        if d.get("kind") == "escalation":
+            headers["x-alliance-escalation"] = "true"
+        try:
+            response = await self._client.post(url, content=body, headers=headers)
+        except httpx.TimeoutException as exc:
+            raise SendError(f"timeout: {type(exc).__name__}") from exc
+        except httpx.HTTPError as exc:
+            raise SendError(f"transport error: {type(exc).__name__}: {exc}") from exc
+        if not 200 <= response.status_code < 300:
+            raise SendError(f"HTTP {response.status_code}", response.status_code)
+        return response.status_code
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+class EmailSender:
+    """Sends the plain-text alert email through the configured SMTP relay."""
+
+    def __init__(self, smtp: SmtpSettings, dashboard_url: str, timeout_seconds: float) -> None:
+        self._smtp = smtp
+        self._dashboard = dashboard_url
+        self._timeout = timeout_seconds
+
+    def message(self, d: Document) -> EmailMessage:
+        alert = AllianceDeterioration.model_validate_json(d["body"])
+        subject, text = email_text(alert, self._dashboard, escalation=d.get("kind") == "escalation")
+        msg = EmailMessage()
+        msg["From"] = self._smtp.sender
+        msg["To"] = str(d["target"])
+        msg["Subject"] = subject
+        msg["Date"] = format_datetime(datetime.now(UTC))
+        # The same Message-ID on every retry: mail systems can drop the duplicate of a resend.
+        msg["Message-ID"] = f"<{d['_id']}@alliance-stream>"
+        msg["X-Alliance-Delivery"] = str(d["_id"])
+        msg.set_content(text)
+        return msg
+
+    async def send(self, d: Document) -> int:
+        msg = self.message(d)
+        s = self._smtp
+        try:
+            await aiosmtplib.send(
+                msg, hostname=s.host, port=s.port, username=s.username or None,
+                password=s.password.get_secret_value() or None, use_tls=s.tls, start_tls=s.starttls or None,
+                timeout=self._timeout)
+        except aiosmtplib.SMTPResponseException as exc:
+            raise SendError(f"SMTP {exc.code}: {exc.message[:200]}", exc.code) from exc
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise SendError(f"SMTP error: {type(exc).__name__}: {exc}") from exc
+        return 250
+

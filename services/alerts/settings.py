@@ -1,0 +1,71 @@
+"""Settings of the alerts service (`ALLIANCE_ALERTS_*`) and of its SMTP adapter (`ALLIANCE_SMTP_*`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.settings import KafkaSettings, MongoSettings
+
+
+class AlertsSettings(BaseSettings):
+    """Delivery, escalation and target-validation knobs (`ALLIANCE_ALERTS_*`)."""
+
+    model_config = SettingsConfigDict(env_prefix="ALLIANCE_ALERTS_", extra="ignore")
+
+    # Webhook targets on loopback/private/link-local addresses are refused unless this is on
+    # (local runs and tests deliver to 127.0.0.1); it protects the internal network from SSRF.
+    allow_private_targets: bool = False
+    dashboard_url: str = "http://127.0.0.1:8004/dashboard"
+
+    # Retry schedule: attempt n (1-based) that fails waits min(max, first * 2**(n-1)), jittered.
+    retry_first_seconds: float = Field(default=1.0, gt=0)
+    retry_max_seconds: float = Field(default=300.0, gt=0)
+    max_attempts: int = Field(default=8, ge=1)
+    attempt_timeout_seconds: float = Field(default=5.0, gt=0)
+    # A claimed delivery is invisible to other workers until the lease ends; it must outlast one
+    # attempt (timeout) plus recording it, or a slow process could see its delivery re-sent.
+    lease_seconds: float = Field(default=30.0, gt=0)
+    concurrency: int = Field(default=32, ge=1)
+    # How often a worker looks for due deliveries when nothing woke it (other processes' work, retries).
+    poll_seconds: float = Field(default=1.0, gt=0)
+    gauge_seconds: float = Field(default=5.0, gt=0)
+
+    escalation_seconds: float = Field(default=24 * 3600.0, gt=0)
+    escalation_check_seconds: float = Field(default=30.0, gt=0)
+
+    # Key that encrypts stored signing secrets (base64 of >= 32 bytes, or any passphrase);
+    # empty = stored unencrypted (local runs only).
+    secrets_key: SecretStr = SecretStr("")
+    # How long a rotated clinician-webhook secret still signs alongside the new one.
+    secret_rotation_grace_seconds: float = Field(default=24 * 3600.0, ge=0)
+
+
+class SmtpSettings(BaseSettings):
+    """The mail relay (`ALLIANCE_SMTP_*`). An empty host turns the email channel off."""
+
+    model_config = SettingsConfigDict(env_prefix="ALLIANCE_SMTP_", extra="ignore", populate_by_name=True)
+
+    host: str = ""
+    port: int = 25
+    starttls: bool = False
+    tls: bool = False
+    username: str = ""
+    password: SecretStr = SecretStr("")
+    sender: str = Field(default="alerts@alliance.invalid", validation_alias="ALLIANCE_SMTP_FROM")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.host)
+
+
+@dataclass
+class AlertsConfig:
+    """Everything `create_app` needs; defaults come from the environment."""
+
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    mongo: MongoSettings = field(default_factory=MongoSettings)
+    alerts: AlertsSettings = field(default_factory=AlertsSettings)
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)

@@ -1,0 +1,326 @@
+"""The alerts service's MongoDB collections (it owns them; no other service reads them).
+
+- `clinicians`: the directory, `_id` = "<tenant>:<clinician>".
+- `subscriptions`: partner webhooks with their (sealed) signing secrets.
+- `alert_tenants`: per-tenant clinician-webhook signing secret and escalation interval.
+- `alerts`: one document per alert id (status open/acknowledged, escalated once).
+- `deliveries`: one document per (alert or event, recipient, channel) — `_id` is the delivery id,
+  so a redelivered event cannot create a second one. It is also the durable retry schedule:
+  status pending + `next_attempt_at`, leased by one worker at a time through `claimed_until`.
+
+Every hot path is one round trip per batch (bulk writes, `$in` reads); see the worker for how
+deliveries are claimed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from pymongo import ASCENDING, DESCENDING, InsertOne, ReturnDocument, UpdateOne
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError
+
+from services.alerts.rules import Clinician, Subscription
+from shared.mongo import Document
+
+CLINICIANS = "clinicians"
+SUBSCRIPTIONS = "subscriptions"
+TENANTS = "alert_tenants"
+ALERTS = "alerts"
+DELIVERIES = "deliveries"
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+DUPLICATE_KEY = 11000
+
+Outcome = Literal["delivered", "retry", "failed", "cancelled"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def clinician_key(tenant_id: str, clinician_id: str) -> str:
+    return f"{tenant_id}:{clinician_id}"
+
+
+def _clinician(doc: Mapping[str, Any]) -> Clinician:
+    return Clinician(doc["tenant_id"], doc["clinician_id"], doc["site_id"], doc.get("email"),
+                     doc.get("webhook_url"), doc.get("supervisor_id"))
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    """What one attempt decided about a claimed delivery."""
+
+    delivery_id: str
+    claim: str
+    outcome: Outcome
+    attempts: int
+    error: str | None = None
+    next_attempt_at: datetime | None = None
+    response_status: int | None = None
+
+
+class AlertsStore:
+    """Thin adapter over the service's collections."""
+
+    def __init__(self, db: AsyncDatabase[Document]) -> None:
+        self.db = db
+        self.clinicians = db[CLINICIANS]
+        self.subscriptions = db[SUBSCRIPTIONS]
+        self.tenants = db[TENANTS]
+        self.alerts = db[ALERTS]
+        self.deliveries = db[DELIVERIES]
+
+    async def ensure_indexes(self) -> None:
+        """Indexes every query below relies on."""
+        await self.clinicians.create_index([("tenant_id", ASCENDING), ("site_id", ASCENDING)])
+        await self.subscriptions.create_index([("tenant_id", ASCENDING), ("events", ASCENDING)])
+        await self.alerts.create_index([("tenant_id", ASCENDING), ("clinician_id", ASCENDING),
+                                        ("status", ASCENDING), ("created_at", DESCENDING)])
+        await self.alerts.create_index([("status", ASCENDING), ("escalated", ASCENDING), ("created_at", ASCENDING)])
+        await self.deliveries.create_index([("status", ASCENDING), ("next_attempt_at", ASCENDING)])
+        await self.deliveries.create_index([("tenant_id", ASCENDING), ("status", ASCENDING),
+                                            ("created_at", DESCENDING)])
+        await self.deliveries.create_index([("alert_id", ASCENDING)])
+        await self.deliveries.create_index([("subscription_id", ASCENDING), ("status", ASCENDING)])
+
+    # ---- directory -------------------------------------------------------------------------
+
+    async def put_clinician(self, c: Clinician) -> bool:
+        """Create or replace a directory entry; True when it was created."""
+        now = utcnow()
+        res = await self.clinicians.update_one(
+            {"_id": clinician_key(c.tenant_id, c.clinician_id)},
+            {"$set": {"tenant_id": c.tenant_id, "clinician_id": c.clinician_id, "site_id": c.site_id,
+                      "email": c.email, "webhook_url": c.webhook_url, "supervisor_id": c.supervisor_id,
+                      "updated_at": now},
+             "$setOnInsert": {"created_at": now}},
+            upsert=True,
+        )
+        return res.upserted_id is not None
+
+    async def get_clinician(self, tenant_id: str, clinician_id: str) -> Clinician | None:
+        doc = await self.clinicians.find_one({"_id": clinician_key(tenant_id, clinician_id)})
+        return None if doc is None else _clinician(doc)
+
+    async def list_clinicians(self, tenant_id: str, site_id: str | None, limit: int) -> list[Clinician]:
+        query: Document = {"tenant_id": tenant_id}
+        if site_id is not None:
+            query["site_id"] = site_id
+        docs = await self.clinicians.find(query).sort("_id", ASCENDING).limit(limit).to_list()
+        return [_clinician(d) for d in docs]
+
+    async def clinicians_for(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Clinician]:
+        """Directory entries for many (tenant, clinician) pairs in one round trip."""
+        wanted = sorted({clinician_key(t, c) for t, c in keys})
+        if not wanted:
+            return {}
+        docs = await self.clinicians.find({"_id": {"$in": wanted}}).to_list()
+        return {(d["tenant_id"], d["clinician_id"]): _clinician(d) for d in docs}
+
+    # ---- subscriptions -----------------------------------------------------------------------
+
+    async def create_subscription(self, tenant_id: str, url: str, events: Sequence[str],
+                                  sealed_secret: str) -> Document:
+        doc: Document = {"_id": str(uuid.uuid4()), "tenant_id": tenant_id, "url": url, "events": list(events),
+                         "secret": sealed_secret, "created_at": utcnow()}
+        await self.subscriptions.insert_one(doc)
+        return doc
+
+    async def list_subscriptions(self, tenant_id: str) -> list[Document]:
+        return await self.subscriptions.find({"tenant_id": tenant_id}, {"secret": 0}).sort(
+            "created_at", ASCENDING).to_list()
+
+    async def delete_subscription(self, tenant_id: str, subscription_id: str) -> bool:
+        """Delete a subscription and cancel what it still had pending; True if it existed."""
+        res = await self.subscriptions.delete_one({"_id": subscription_id, "tenant_id": tenant_id})
+        if res.deleted_count:
+            await self.deliveries.update_many(
+                {"subscription_id": subscription_id, "status": "pending"},
+                {"$set": {"status": "cancelled", "last_error": "subscription deleted", "finished_at": utcnow()}})
+        return res.deleted_count == 1
+
+    async def subscriptions_for(self, tenant_ids: Iterable[str], topic: str) -> list[Subscription]:
+        """Every subscription of these tenants to `topic` (logical name), in one round trip."""
+        tenants = sorted(set(tenant_ids))
+        if not tenants:
+            return []
+        docs = await self.subscriptions.find({"tenant_id": {"$in": tenants}, "events": topic},
+                                             {"secret": 0}).to_list()
+        return [Subscription(d["_id"], d["tenant_id"], d["url"], frozenset(d["events"])) for d in docs]
+
+    async def subscription_secret(self, subscription_id: str) -> str | None:
+        doc = await self.subscriptions.find_one({"_id": subscription_id}, {"secret": 1})
+        return None if doc is None else str(doc["secret"])
+
+    # ---- per-tenant settings -----------------------------------------------------------------
+
+    async def rotate_webhook_secret(self, tenant_id: str, sealed_secret: str, grace: timedelta) -> None:
+        """Install a new clinician-webhook secret; the previous one keeps signing for `grace`."""
+        now = utcnow()
+        old = await self.tenants.find_one_and_update(
+            {"_id": tenant_id},
+            {"$set": {"webhook_secret": sealed_secret, "rotated_at": now}},
+            upsert=True, return_document=ReturnDocument.BEFORE)
+        previous = (old or {}).get("webhook_secret")
+        update: Document = ({"previous_secret": previous, "previous_until": now + grace} if previous and grace
+                            else {"previous_secret": None, "previous_until": None})
+        await self.tenants.update_one({"_id": tenant_id}, {"$set": update})
+
+    async def tenant(self, tenant_id: str) -> Document | None:
+        return await self.tenants.find_one({"_id": tenant_id})
+
+    async def set_escalation(self, tenant_id: str, seconds: float | None) -> None:
+        await self.tenants.update_one({"_id": tenant_id}, {"$set": {"escalation_seconds": seconds}}, upsert=True)
+
+    async def escalation_overrides(self) -> dict[str, float]:
+        docs = await self.tenants.find({"escalation_seconds": {"$ne": None}}, {"escalation_seconds": 1}).to_list()
+        return {d["_id"]: float(d["escalation_seconds"]) for d in docs if d.get("escalation_seconds") is not None}
+
+    # ---- alerts ------------------------------------------------------------------------------
+
+    async def upsert_alerts(self, docs: Sequence[Document]) -> None:
+        """Record alerts once (a redelivery changes nothing), in one round trip."""
+        if not docs:
+            return
+        await self.alerts.bulk_write(
+            [UpdateOne({"_id": d["_id"]}, {"$setOnInsert": d}, upsert=True) for d in docs], ordered=False)
+
+    async def get_alert(self, tenant_id: str, alert_id: str) -> Document | None:
+        return await self.alerts.find_one({"_id": alert_id, "tenant_id": tenant_id}, {"event": 0})
+
+    async def list_alerts(self, tenant_id: str, site_id: str | None, clinician_id: str | None, status: str | None,
+                          limit: int) -> list[Document]:
+        query: Document = {"tenant_id": tenant_id}
+        if site_id is not None:
+            query["site_id"] = site_id
+        if clinician_id is not None:
+            query["clinician_id"] = clinician_id
+        if status is not None:
+            query["status"] = status
+        return await self.alerts.find(query, {"event": 0}).sort("created_at", DESCENDING).limit(limit).to_list()
+
+    async def acknowledge(self, tenant_id: str, alert_id: str, by: str) -> Document | None:
+        """Mark an open alert acknowledged (an acknowledged one stays as it was); None if unknown."""
+        await self.alerts.update_one({"_id": alert_id, "tenant_id": tenant_id, "status": "open"},
+                                     {"$set": {"status": "acknowledged", "acknowledged_at": utcnow(),
+                                               "acknowledged_by": by}})
+        return await self.get_alert(tenant_id, alert_id)
+
+    async def due_escalations(self, before: Sequence[tuple[str | None, datetime]], limit: int) -> list[Document]:
+        """Open, never-escalated alerts created before their tenant's threshold."""
+        overridden = [t for t, _ in before if t is not None]
+        clauses: list[Document] = []
+        for tenant, cutoff in before:
+            tenant_clause: Document = ({"tenant_id": tenant} if tenant is not None
+                                       else {"tenant_id": {"$nin": overridden}})
+            clauses.append({**tenant_clause, "created_at": {"$lte": cutoff}})
+        return await self.alerts.find({"status": "open", "escalated": False, "$or": clauses}).sort(
+            "created_at", ASCENDING).limit(limit).to_list()
+
+    async def mark_escalated(self, outcomes: Sequence[tuple[str, str | None]]) -> None:
+        """(alert id, supervisor id or None) -> escalated once, in one round trip."""
+        if not outcomes:
+            return
+        now = utcnow()
+        await self.alerts.bulk_write([
+            UpdateOne({"_id": a, "escalated": False},
+                      {"$set": {"escalated": True, "escalated_at": now, "escalated_to": sup}})
+            for a, sup in outcomes], ordered=False)
+
+    # ---- deliveries (the durable schedule) ---------------------------------------------------
+
+    async def insert_deliveries(self, docs: Sequence[Document]) -> int:
+        """Insert new deliveries in one round trip; existing ids are left as they are. Returns # new."""
+        unique = list({d["_id"]: d for d in docs}.values())
+        if not unique:
+            return 0
+        try:
+            res = await self.deliveries.bulk_write([InsertOne(d) for d in unique], ordered=False)
+            return res.inserted_count
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(e.get("code") != DUPLICATE_KEY for e in errors):
+                raise
+            return int(exc.details.get("nInserted", 0))
+
+    async def claim_due(self, now: datetime, limit: int, lease: timedelta) -> list[Document]:
+        """Lease up to `limit` due deliveries to this caller (3 round trips for the whole batch).
+
+        Candidates are read, then leased with one `update_many` whose filter repeats the "due
+        and not leased" condition: the update of each document is atomic, so when two workers
+        race for one delivery exactly one update matches it. The claim token tells which
+        documents this caller got.
+        """
+        due: Document = {"status": "pending", "next_attempt_at": {"$lte": now}, "claimed_until": {"$lte": now}}
+        candidates = await self.deliveries.find(due, {"_id": 1}).sort("next_attempt_at", ASCENDING).limit(
+            limit).to_list()
+        if not candidates:
+            return []
+        token = uuid.uuid4().hex
+        await self.deliveries.update_many({**due, "_id": {"$in": [c["_id"] for c in candidates]}},
+                                          {"$set": {"claimed_until": now + lease, "claim": token}})
+        return await self.deliveries.find({"claim": token, "status": "pending"}).to_list()
+
+    async def record(self, results: Sequence[AttemptResult]) -> None:
+        """Write attempt outcomes in one round trip.
+
+        Success is recorded whoever holds the lease (it is true regardless); a retry or failure
+        only by the holder of the claim, so a worker whose lease ran out cannot overwrite a newer
+        attempt's state.
+        """
+        if not results:
+            return
+        now = utcnow()
+        ops = []
+        for r in results:
+            if r.outcome == "delivered":
+                ops.append(UpdateOne({"_id": r.delivery_id, "status": "pending"}, {"$set": {
+                    "status": "delivered", "attempts": r.attempts, "delivered_at": now, "finished_at": now,
+                    "response_status": r.response_status, "claimed_until": EPOCH, "last_error": None}}))
+            elif r.outcome == "retry":
+                ops.append(UpdateOne({"_id": r.delivery_id, "status": "pending", "claim": r.claim}, {"$set": {
+                    "attempts": r.attempts, "next_attempt_at": r.next_attempt_at or now, "claimed_until": EPOCH,
+                    "last_error": r.error, "last_attempt_at": now, "response_status": r.response_status}}))
+            else:
+                ops.append(UpdateOne({"_id": r.delivery_id, "status": "pending", "claim": r.claim}, {"$set": {
+                    "status": r.outcome, "attempts": r.attempts, "finished_at": now, "claimed_until": EPOCH,
+                    "last_error": r.error, "response_status": r.response_status}}))
+        await self.deliveries.bulk_write(ops, ordered=False)
+
+    async def list_deliveries(self, tenant_id: str, site_id: str | None, status: str | None, alert_id: str | None,
+                              limit: int) -> list[Document]:
+        query: Document = {"tenant_id": tenant_id}
+        if site_id is not None:
+            query["site_id"] = site_id
+        if status is not None:
+            query["status"] = status
+        if alert_id is not None:
+            query["alert_id"] = alert_id
+        return await self.deliveries.find(query, {"body": 0, "claim": 0}).sort("created_at", DESCENDING).limit(
+            limit).to_list()
+
+    async def get_delivery(self, tenant_id: str, delivery_id: str) -> Document | None:
+        return await self.deliveries.find_one({"_id": delivery_id, "tenant_id": tenant_id}, {"body": 0, "claim": 0})
+
+    async def count_pending(self) -> tuple[int, int]:
+        """(pending deliveries, of which waiting for a retry)."""
+        pending = await self.deliveries.count_documents({"status": "pending"})
+        retrying = await self.deliveries.count_documents({"status": "pending", "attempts": {"$gt": 0}})
+        return pending, retrying
+
+    async def requeue_failed(self, tenant_id: str | None, delivery_ids: Sequence[str] | None = None) -> int:
+        """Put failed deliveries back on the schedule (operator action), with a fresh attempt budget."""
+        query: Document = {"status": "failed"}
+        if tenant_id is not None:
+            query["tenant_id"] = tenant_id
+        if delivery_ids:
+            query["_id"] = {"$in": list(delivery_ids)}
+        res = await self.deliveries.update_many(query, {"$set": {
+            "status": "pending", "attempts": 0, "next_attempt_at": utcnow(), "claimed_until": EPOCH}})
+        return res.modified_count

@@ -1,0 +1,224 @@
+"""The delivery worker: sends due deliveries from the durable schedule in MongoDB.
+
+Why a schedule in MongoDB and not a retry topic
+-----------------------------------------------
+The consumer only *records* what must be sent (one `deliveries` document per (alert or event,
+recipient, channel), `_id` = the deterministic delivery id, status `pending`, due now) and
+commits. Sending happens here, outside the consumer, so a slow or failing receiver never holds
+up a partition or other receivers. Retries are just `next_attempt_at` in the future on the same
+document: exponential backoff with jitter (default 1 s doubling to 5 min, 8 attempts), no extra
+topic, no re-consumption, and the state of every delivery (attempts, last error, failed) can be
+queried through the API. After the last attempt the delivery becomes `failed` and a DeadLetter
+goes to `srs.deadletter.v1`.
+
+Claiming (two alerts processes never send the same delivery at the same time)
+------------------------------------------------------------------------------
+A worker leases due deliveries by setting `claimed_until = now + lease` and a claim token in a
+conditional `update_many` (see `AlertsStore.claim_due`); other workers skip leased documents.
+The lease (default 30 s) outlasts one attempt (timeout 5 s) plus recording it. Up to
+`concurrency` attempts run at once, each with its own timeout, so one slow receiver occupies one
+slot, not the worker.
+
+The window between sending and recording, and what a receiver sees
+------------------------------------------------------------------
+The effect is "exactly once" per delivery id in our records: the unique `_id` means a replayed
+event can never create a second delivery, and a delivery marked `delivered` is never sent again.
+The one window left is between a receiver's 2xx and our write of `delivered`: if the process
+dies (or the store is unreachable) in that window, the lease expires and another attempt sends
+the same delivery again. In that worst case a receiver sees the same `webhook-id` (and
+`X-Alliance-Delivery`; for email the same Message-ID) twice; the Standard Webhooks contract is that
+receivers dedupe on `webhook-id`. The window cannot be closed without the receiver's help
+(a two-phase protocol), so we keep it to a single store write after the response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from services.alerts import metrics
+from services.alerts.rules import backoff_seconds, is_final
+from services.alerts.senders import Cancelled, SendError
+from services.alerts.settings import AlertsSettings
+from services.alerts.store import AlertsStore, AttemptResult, utcnow
+from shared.events import DeadLetter
+from shared.kafka import OutboundRecord, Publisher
+from shared.metrics import DEADLETTER
+from shared.mongo import Document
+from shared.topics import Topics
+
+log = logging.getLogger("alliance.alerts.worker")
+
+SERVICE = "alerts"
+DELIVERY_FAILED = "delivery_failed"
+
+
+class Sender(Protocol):
+    async def send(self, d: Document) -> int: ...
+
+
+def dead_letter(d: Document, attempts: int, error: str, dlq_topic: str) -> OutboundRecord:
+    """The DeadLetter of a delivery that exhausted its attempts (no client data outside `payload`)."""
+    source = d.get("source") or {}
+    detail = (f"delivery {d['_id']} to {d['recipient']} by {d['channel']} failed after {attempts} "
+              f"attempts; last error: {error}")
+    dl = DeadLetter(
+        event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"dl:{SERVICE}:{DELIVERY_FAILED}:{d['_id']}")),
+        tenant_id=d.get("tenant_id"),
+        occurred_at=datetime.now(UTC),
+        service=SERVICE,
+        reason=DELIVERY_FAILED,
+        detail=detail[:2000],
+        source_topic=source.get("topic") or str(d.get("topic", "")),
+        source_partition=source.get("partition"),
+        source_offset=source.get("offset"),
+        key=source.get("key"),
+        payload=str(d.get("body", "")),
+    )
+    DEADLETTER.labels(SERVICE, DELIVERY_FAILED).inc()
+    key = source.get("key")
+    return OutboundRecord(dlq_topic, dl.model_dump_json().encode(), key=key.encode() if key else None,
+                          correlation_id=d.get("correlation_id"))
+
+
+class DeliveryWorker:
+    """Claims due deliveries and attempts them, concurrently and with bounded parallelism."""
+
+    def __init__(self, store: AlertsStore, senders: dict[str, Sender], publisher: Publisher, topics: Topics,
+                 settings: AlertsSettings, jitter: Callable[[], float] = random.random) -> None:
+        self._store = store
+        self._senders = senders
+        self._publisher = publisher
+        self._topics = topics
+        self._s = settings
+        self._jitter = jitter
+        self._wake = asyncio.Event()
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    def wake(self) -> None:
+        """New deliveries are due now (called by the consumer after it recorded them)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Loop until cancelled: claim what is due and free slots allow, start attempts, wait."""
+        lease = timedelta(seconds=self._s.lease_seconds)
+        try:
+            while True:
+                self._wake.clear()
+                free = self._s.concurrency - len(self._inflight)
+                if free > 0:
+                    try:
+                        claimed = await self._store.claim_due(utcnow(), free, lease)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:
+                        log.warning("claiming deliveries failed (store unavailable?): %r", exc)
+                        claimed = []
+                    for d in claimed:
+                        task = asyncio.create_task(self._attempt(d), name=f"delivery-{d['_id']}")
+                        self._inflight.add(task)
+                        task.add_done_callback(self._done)
+                    if claimed and len(claimed) == free:
+                        continue  # probably more due: claim again as soon as slots allow
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._s.poll_seconds)
+        finally:
+            for t in list(self._inflight):
+                t.cancel()
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._wake.set()  # a slot is free
+
+    async def _attempt(self, d: Document) -> None:
+        channel = str(d["channel"])
+        attempt = int(d.get("attempts", 0)) + 1
+        claim = str(d["claim"])
+        result: AttemptResult
+        if attempt > self._s.max_attempts:
+            # The last attempt already failed but its dead letter could not be published then.
+            result = await self._fail(d, claim, attempt - 1, str(d.get("last_error") or "unknown"), None)
+        else:
+            status: int | None = None
+            error: str | None = None
+            try:
+                status = await asyncio.wait_for(self._senders[channel].send(d), self._s.attempt_timeout_seconds)
+            except Cancelled as exc:
+                metrics.NOTIFICATIONS.labels(channel, "cancelled").inc()
+                await self._record(AttemptResult(d["_id"], claim, "cancelled", attempt - 1, error=str(exc)))
+                return
+            except TimeoutError:
+                error = f"timeout after {self._s.attempt_timeout_seconds:g}s"
+            except SendError as exc:
+                error, status = str(exc), exc.status
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug or an unexpected library error: retry, never crash the worker
+                log.exception("delivery attempt raised", extra={"delivery_id": d["_id"]})
+                error = f"{type(exc).__name__}: {exc}"
+            metrics.ATTEMPTS.labels(channel, "ok" if error is None else "error").inc()
+            if error is None:
+                result = AttemptResult(d["_id"], claim, "delivered", attempt, response_status=status)
+                metrics.NOTIFICATIONS.labels(channel, "delivered").inc()
+                origin = d.get("origin_at")
+                if d.get("kind") != "escalation" and isinstance(origin, datetime):
+                    metrics.ALERT_TO_DELIVERED.labels(channel).observe(
+                        max(0.0, (datetime.now(UTC) - origin).total_seconds()))
+            elif is_final(attempt, self._s.max_attempts):
+                result = await self._fail(d, claim, attempt, error, status)
+            else:
+                delay = backoff_seconds(attempt, self._s.retry_first_seconds, self._s.retry_max_seconds,
+                                        self._jitter())
+                result = AttemptResult(d["_id"], claim, "retry", attempt, error=error, response_status=status,
+                                       next_attempt_at=utcnow() + timedelta(seconds=delay))
+                # Wake this worker when the retry is due (other processes find it by polling).
+                asyncio.get_running_loop().call_later(delay, self._wake.set)
+                log.info("delivery attempt %d failed, retrying in %.2fs: %s", attempt, delay, error,
+                         extra={"delivery_id": d["_id"], "alert_id": d.get("alert_id")})
+        await self._record(result)
+
+    async def _fail(self, d: Document, claim: str, attempts: int, error: str, status: int | None) -> AttemptResult:
+        """Dead-letter the delivery, then mark it failed; if the broker is down, try again later."""
+        try:
+            await self._publisher.publish_all([dead_letter(d, attempts, error, self._topics.deadletter)])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("could not publish the dead letter of a failed delivery: %r", exc,
+                        extra={"delivery_id": d["_id"]})
+            # attempts stays at the maximum: the next claim only retries the dead-lettering.
+            return AttemptResult(d["_id"], claim, "retry", attempts, error=error, response_status=status,
+                                 next_attempt_at=utcnow() + timedelta(seconds=self._s.retry_first_seconds))
+        metrics.NOTIFICATIONS.labels(str(d["channel"]), "failed").inc()
+        log.warning("delivery failed after %d attempts: %s", attempts, error,
+                    extra={"delivery_id": d["_id"], "alert_id": d.get("alert_id")})
+        return AttemptResult(d["_id"], claim, "failed", attempts, error=error, response_status=status)
+
+    async def _record(self, result: AttemptResult) -> None:
+        try:
+            await self._store.record([result])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # The lease runs out and another attempt happens: the documented duplicate window.
+            log.error("could not record a delivery attempt: %r", exc, extra={"delivery_id": result.delivery_id})
+
+    async def refresh_gauges(self) -> None:
+        """Keep the pending gauges current (counts over all processes), until cancelled."""
+        while True:
+            try:
+                pending, retrying = await self._store.count_pending()
+                metrics.PENDING.set(pending)
+                metrics.PENDING_RETRIES.set(retrying)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("gauge refresh failed: %r", exc)
+            await asyncio.sleep(self._s.gauge_seconds)
