@@ -1,0 +1,788 @@
+"""`alliance bench`: the end-to-end benchmark (also `python -m services.bench`).
+
+What it does, in one run on this machine:
+
+1. Starts its own local stack (Tansu memory broker + SecantusDB on free ports) unless
+   ALLIANCE_KAFKA_BOOTSTRAP and ALLIANCE_MONGO_URL are given (then it uses a fresh topic prefix
+   and database there).
+2. Measures the raw limits of that broker and store with bare clients, before any service runs:
+   aiokafka produce and consume rates, and the store's bulk-upsert rate.
+3. Starts the four services as separate processes (`python -m services.<svc>`), creates keys,
+   registers clinicians whose webhook points at a receiver the bench runs on 127.0.0.1.
+4. Latency phase: posts single submissions at a fixed offered rate (default 50/s, every tenth one
+   deteriorating) and measures p50/p95/p99 from intake acceptance (the 202 received) to
+   (a) the scored event on `srs.scored.v1` (a raw aiokafka reader), (b) the session visible in the
+   trajectory through the reporting API (a sample, polled), (c) the webhook received.
+5. Throughput phase: a burst through the batch endpoint; intake submissions/s, and the rates at
+   which scoring and reporting drain it (with all four services running), each as a ratio to the
+   raw limits of step 2.
+6. Peak RSS (VmHWM) per service, broker and store; optionally the per-service benches.
+
+Figures come from one run on one machine; nothing here is a test assertion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import re
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from services.simulate import PlannedSubmission, send
+from shared.settings import KafkaSettings, MongoSettings
+from shared.stack import LocalStack, ensure_topics, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICES = ("intake", "scoring", "alerts", "reporting")
+TENANT = "bench"
+console = Console()
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100); NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float, interval: float = 0.1) -> bool:
+    """Poll `check` until it holds or `timeout` passes; whether it held."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if await check():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(interval)
+
+
+def vm_hwm_kb(pid: int) -> int | None:
+    """Peak resident set size of a live process (VmHWM), in KiB."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    m = re.search(r"^VmHWM:\s+(\d+)\s+kB", text, re.MULTILINE)
+    return int(m.group(1)) if m else None
+
+
+@dataclass
+class ServiceProc:
+    """One service as a child process (`python -m services.<name>`)."""
+
+    name: str
+    port: int
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = {**os.environ, **self.env, f"ALLIANCE_{self.name.upper()}_PORT": str(self.port),
+               "PYTHONPATH": str(ROOT)}
+        out = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", f"services.{self.name}"], env=env, cwd=ROOT,
+                                     stdout=out, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                r = httpx.get(self.url + "/readyz", timeout=3)
+                if r.status_code == 200:
+                    return
+                last = r.text[:200]
+            except httpx.HTTPError as exc:
+                last = repr(exc)
+            time.sleep(0.3)
+        raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s: {last}; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class Stack:
+    """Where the bench's broker and store are, and the processes that serve them (if ours)."""
+
+    kafka: KafkaSettings
+    mongo: MongoSettings
+    env: dict[str, str]
+    pids: dict[str, int] = field(default_factory=dict)  # broker/store processes we started
+
+
+@contextlib.contextmanager
+def bench_stack(data_dir: Path, mongo_memory: bool) -> Iterator[Stack]:
+    """Our own local stack, or the one named by ALLIANCE_KAFKA_BOOTSTRAP / ALLIANCE_MONGO_URL."""
+    tag = secrets.token_hex(4)
+    if os.environ.get("ALLIANCE_KAFKA_BOOTSTRAP") and os.environ.get("ALLIANCE_MONGO_URL"):
+        kafka = KafkaSettings(topic_prefix=f"bench{tag}.")
+        mongo = MongoSettings(database=f"bench_{tag}")
+        asyncio.run(ensure_topics(kafka))
+        env = {"ALLIANCE_KAFKA_TOPIC_PREFIX": kafka.topic_prefix, "ALLIANCE_MONGO_DATABASE": mongo.database}
+        yield Stack(kafka, mongo, env)
+        return
+    local = LocalStack(data_dir, kafka_port=free_port(), mongo_port=free_port(), s3_port=free_port(),
+                       mongo_memory=mongo_memory)
+    local.start()
+    try:
+        mongo = MongoSettings(url=local.mongo_url, database=f"bench_{tag}")
+        env = {**local.env(), "ALLIANCE_MONGO_DATABASE": mongo.database}
+        yield Stack(local.kafka_settings(), mongo, env, {n: p.pid for n, p in local.procs.items()})
+    finally:
+        local.stop()
+
+
+# ------------------------------------------------------------------------------------------ raw limits
+
+@dataclass
+class RawLimits:
+    produce_per_s: float = math.nan
+    consume_per_s: float = math.nan
+    upsert_per_s: float = math.nan
+
+
+async def raw_kafka(kafka: KafkaSettings, n: int, size: int = 300) -> tuple[float, float]:
+    """Bare aiokafka: produce n records (acks=all, futures gathered), then read them all back."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+    topic = f"{kafka.topic_prefix}bench.raw.{secrets.token_hex(3)}"
+    await ensure_topics(kafka, topics=(topic,))
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", linger_ms=kafka.linger_ms,
+                                enable_idempotence=kafka.idempotence)
+    await producer.start()
+    value = b"x" * size
+    try:
+        # warm the metadata so the timed part measures produce only
+        await (await producer.send(topic, value, key=b"warm"))
+        t0 = time.perf_counter()
+        for start in range(0, n, 5000):
+            futs = [await producer.send(topic, value, key=str(i).encode()) for i in range(start, min(n, start + 5000))]
+            await asyncio.gather(*futs)
+        produce = n / (time.perf_counter() - t0)
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, enable_auto_commit=False,
+                                auto_offset_reset="earliest", max_partition_fetch_bytes=4 * 1024 * 1024)
+    await consumer.start()
+    try:
+        parts = [TopicPartition(topic, p) for p in (consumer.partitions_for_topic(topic) or set())]
+        if not parts:
+            await consumer._client.force_metadata_update()
+            parts = [TopicPartition(topic, p) for p in (consumer.partitions_for_topic(topic) or set())]
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        got = 0
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + 60
+        while got < n + 1 and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=500, max_records=5000)
+            got += sum(len(v) for v in batches.values())
+        consume = got / (time.perf_counter() - t0)
+    finally:
+        await consumer.stop()
+    return produce, consume
+
+
+async def raw_upsert(mongo: MongoSettings, n: int, batch: int = 500) -> float:
+    """Bare pymongo: bulk_write of UpdateOne upserts (what read models and state stores do), n docs."""
+    from pymongo import UpdateOne
+
+    from shared.mongo import database, make_client
+
+    client = make_client(mongo)
+    try:
+        coll = database(client, mongo)["bench_raw_upsert"]
+        await coll.drop()
+        t0 = time.perf_counter()
+        for start in range(0, n, batch):
+            ops = [UpdateOne({"_id": f"k{i}"}, {"$set": {"total": 38.0, "n": i}, "$push": {"s": i}}, upsert=True)
+                   for i in range(start, min(n, start + batch))]
+            await coll.bulk_write(ops, ordered=False)
+        rate = n / (time.perf_counter() - t0)
+        await coll.drop()
+        return rate
+    finally:
+        await client.close()
+
+
+# --------------------------------------------------------------------------------------- the pipeline
+
+HEALTHY = {"relationship": 9.5, "goals": 9.5, "approach": 9.5, "overall": 9.5}  # total 38.0: no trigger
+DETERIORATING = {"relationship": 7.0, "goals": 7.0, "approach": 7.0, "overall": 7.0}  # 28.0: below cutoff
+
+
+def bench_plan(count: int, clients: int, run: str, deteriorate_every: int, now: datetime,
+               sites: int = 2, clinicians: int = 4) -> list[PlannedSubmission]:
+    """Round-robin sessions over `clients`; every `deteriorate_every`-th submission is below cutoff.
+
+    Healthy sessions all total 38.0 (no drop, no cutoff), so exactly the deteriorating ones raise
+    an alert; each client's sessions are posted in order, seconds apart, so each is the latest.
+    """
+    out: list[PlannedSubmission] = []
+    base = now - timedelta(days=1)
+    for i in range(count):
+        c = i % clients
+        n = i // clients + 1
+        bad = deteriorate_every > 0 and i % deteriorate_every == deteriorate_every - 1
+        body = {
+            "submission_id": f"bench-{run}-{i:07d}", "instrument": "SRS", "client_id": f"bc-{run}-{c:05d}",
+            "clinician_id": f"bench-clin-{c % clinicians + 1}", "site_id": f"bench-site-{c % sites + 1}",
+            "session_number": n, "administered_at": (base + timedelta(minutes=n)).isoformat(),
+            "items": DETERIORATING if bad else HEALTHY,
+        }
+        out.append(PlannedSubmission(i, 0, "new", body, None, c, n))
+    return out
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1 (raw ASGI under uvicorn, in the bench's event loop)."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, float] = {}  # submission_id -> first receipt (time.time())
+        self.deliveries: dict[str, int] = {}  # webhook-id -> receipts
+        self.bodies: list[tuple[dict[str, str], bytes]] = []
+        self.port = free_port()
+        self._server: Any = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send_: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        at = time.time()
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        self.bodies.append((headers, body))
+        wid = headers.get("webhook-id", "")
+        self.deliveries[wid] = self.deliveries.get(wid, 0) + 1
+        with contextlib.suppress(ValueError, AttributeError):
+            sid = json.loads(body).get("submission_id")
+            if isinstance(sid, str):
+                self.first.setdefault(sid, at)
+        await send_({"type": "http.response.start", "status": 204, "headers": []})
+        await send_({"type": "http.response.body", "body": b""})
+
+    async def start(self) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(self, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off",
+                                access_log=False)
+        self._server = uvicorn.Server(config)
+        self._task = asyncio.create_task(self._server.serve())
+        server = self._server
+
+        async def started() -> bool:
+            return bool(server.started)
+
+        await until(started, 10, 0.05)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, 5)
+
+    def verified(self, secret: str | None) -> int:
+        """How many received bodies carry a valid Standard Webhooks signature for `secret`."""
+        if not secret:
+            return 0
+        try:
+            from standardwebhooks import Webhook  # test extra; the bench works without it
+        except ImportError:
+            return 0
+        hook = Webhook(secret)
+        ok = 0
+        for headers, body in self.bodies:
+            with contextlib.suppress(Exception):
+                hook.verify(body, headers)
+                ok += 1
+        return ok
+
+
+class ScoredReader:
+    """Reads `srs.scored.v1` from the beginning (a fresh topic) with a bare aiokafka consumer, no group."""
+
+    def __init__(self, kafka: KafkaSettings) -> None:
+        self.kafka = kafka
+        self.first: dict[str, float] = {}
+        self.records = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        topic = self.kafka.topics().scored
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.kafka.bootstrap, enable_auto_commit=False,
+                                          auto_offset_reset="earliest")
+        await self._consumer.start()
+        parts = [TopicPartition(topic, p) for p in (self._consumer.partitions_for_topic(topic) or set())]
+        if not parts:
+            await self._consumer._client.force_metadata_update()
+            parts = [TopicPartition(topic, p) for p in (self._consumer.partitions_for_topic(topic) or set())]
+        self._consumer.assign(parts)
+        await self._consumer.seek_to_beginning(*parts)
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=200, max_records=2000)
+            at = time.time()
+            for recs in batches.values():
+                for r in recs:
+                    self.records += 1
+                    with contextlib.suppress(ValueError, AttributeError, TypeError):
+                        sid = json.loads(r.value).get("submission_id")
+                        if isinstance(sid, str):
+                            self.first.setdefault(sid, at)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self._consumer.stop()
+
+
+class VisibilityProbe:
+    """Polls the reporting trajectory of sampled submissions until their session shows up."""
+
+    def __init__(self, http: httpx.AsyncClient, key: str, interval: float, timeout: float) -> None:
+        self.http, self.key, self.interval, self.timeout = http, key, interval, timeout
+        self.first: dict[str, float] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def visible(self, client_id: str, session_number: int) -> bool:
+        r = await self.http.get(f"/v1/clients/{client_id}/trajectory", params={"instrument": "SRS"},
+                                headers={"Authorization": f"Bearer {self.key}"})
+        if r.status_code != 200:
+            return False
+        return any(s.get("session_number") == session_number for s in r.json().get("sessions", []))
+
+    def watch(self, submission_id: str, client_id: str, session_number: int) -> None:
+        async def poll() -> None:
+            deadline = time.monotonic() + self.timeout
+            while time.monotonic() < deadline:
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    if await self.visible(client_id, session_number):
+                        self.first[submission_id] = time.time()
+                        return
+                await asyncio.sleep(self.interval)
+
+        task = asyncio.create_task(poll())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+async def metric_sum(http: httpx.AsyncClient, url: str, name: str) -> float | None:
+    """Sum of every sample of a Prometheus counter on a /metrics page; None when absent."""
+    try:
+        text = (await http.get(url + "/metrics")).text
+    except httpx.HTTPError:
+        return None
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            with contextlib.suppress(ValueError):
+                total += float(line.rsplit(" ", 1)[1])
+                found = True
+    return total if found else None
+
+
+@dataclass
+class Options:
+    rate: float = 50.0
+    duration: float = 30.0
+    deteriorate_every: int = 10
+    clients: int = 199
+    burst: int = 5000
+    batch_size: int = 500
+    raw_records: int = 20_000
+    raw_upserts: int = 5000
+    visible_sample: int = 5
+    visible_poll: float = 0.05
+    drain_timeout: float = 60.0
+    ready_timeout: float = 120.0
+
+
+@dataclass
+class Results:
+    raw: RawLimits = field(default_factory=RawLimits)
+    latency: dict[str, list[float]] = field(default_factory=dict)
+    expected: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, Any] = field(default_factory=dict)
+    throughput: dict[str, float] = field(default_factory=dict)
+    rss_kb: dict[str, int | None] = field(default_factory=dict)
+    startup_seconds: float = math.nan
+    notes: list[str] = field(default_factory=list)
+
+
+async def setup_tenant(stack: Stack, urls: dict[str, str], hook_url: str, clinicians: int
+                       ) -> tuple[str, str, str | None]:
+    """Keys for the bench tenant, a webhook signing secret, and clinicians whose webhook is the receiver."""
+    from shared import auth
+    from shared.mongo import database, make_client
+
+    client = make_client(stack.mongo)
+    try:
+        db = database(client, stack.mongo)
+        submit, _ = await auth.create_key(db, TENANT, "submit", None, "bench")
+        read, _ = await auth.create_key(db, TENANT, "read", None, "bench")
+        admin, _ = await auth.create_key(db, TENANT, "admin", None, "bench")
+    finally:
+        await client.close()
+    secret: str | None = None
+    async with httpx.AsyncClient(base_url=urls["alerts"], timeout=10,
+                                 headers={"Authorization": f"Bearer {admin}"}) as http:
+        r = await http.post("/v1/webhook-secret")
+        if r.status_code in (200, 201):
+            secret = r.json().get("secret")
+        for k in range(clinicians):
+            body = {"site_id": f"bench-site-{k % 2 + 1}", "email": f"bench-clin-{k + 1}@example.test",
+                    "webhook_url": hook_url}
+            r = await http.put(f"/v1/clinicians/bench-clin-{k + 1}", json=body)
+            if r.status_code >= 300:
+                raise RuntimeError(f"registering a clinician failed: {r.status_code} {r.text[:300]}")
+    return submit, read, secret
+
+
+async def measure(stack: Stack, urls: dict[str, str], opts: Options, res: Results) -> None:
+    """Warm up, then the latency phase, then the throughput burst."""
+    receiver = Receiver()
+    await receiver.start()
+    reader = ScoredReader(stack.kafka)
+    await reader.start()
+    submit, read, secret = await setup_tenant(stack, urls, receiver.url, clinicians=4)
+    http = httpx.AsyncClient(base_url=urls["reporting"], timeout=10)
+    probe = VisibilityProbe(http, read, opts.visible_poll, opts.drain_timeout)
+    try:
+        # Warm-up: one deteriorating submission must travel the whole way (consumers have joined
+        # their groups, caches are warm) before anything is timed.
+        run = secrets.token_hex(3)
+        warm = bench_plan(1, 1, f"w{run}", 1, datetime.now(UTC))
+        t0 = time.monotonic()
+        await send(warm, urls["intake"], [submit], rate=10, duration=5)
+        sid = warm[0].submission_id
+        async def warmed() -> bool:
+            return (sid in reader.first and sid in receiver.first
+                    and await probe.visible(warm[0].body["client_id"], 1))
+
+        await until(warmed, opts.ready_timeout, 0.2)
+        if sid not in receiver.first:
+            res.notes.append("warm-up alert never reached the webhook receiver")
+        res.counts["warmup_seconds"] = round(time.monotonic() - t0, 1)
+
+        # Latency phase: single posts at the offered rate.
+        count = max(1, int(opts.rate * opts.duration))
+        planned = bench_plan(count, opts.clients, run, opts.deteriorate_every, datetime.now(UTC))
+        accepted: dict[str, float] = {}
+        n_accepted = 0
+
+        def on_result(p: PlannedSubmission, outcome: str, status: str, at: float) -> None:
+            nonlocal n_accepted
+            if outcome != "accepted":
+                return
+            accepted[p.submission_id] = at
+            n_accepted += 1
+            if opts.visible_sample > 0 and n_accepted % opts.visible_sample == 0:
+                probe.watch(p.submission_id, p.body["client_id"], p.body["session_number"])
+
+        stats = await send(planned, urls["intake"], [submit], opts.rate, opts.duration, on_result=on_result)
+        deteriorating = {p.submission_id for p in planned if p.body["items"] == DETERIORATING}
+        expected_alerts = deteriorating & set(accepted)
+        async def drained() -> bool:
+            return set(accepted) <= set(reader.first) and expected_alerts <= set(receiver.first) and not probe.tasks
+
+        await until(drained, opts.drain_timeout, 0.2)
+        res.latency["(a) accepted -> scored event"] = [
+            max(0.0, reader.first[s] - t) for s, t in accepted.items() if s in reader.first]
+        res.latency["(b) accepted -> trajectory visible"] = [
+            max(0.0, probe.first[s] - accepted[s]) for s in probe.first if s in accepted]
+        res.latency["(c) accepted -> webhook received"] = [
+            max(0.0, receiver.first[s] - accepted[s]) for s in expected_alerts if s in receiver.first]
+        res.expected = {"(a) accepted -> scored event": len(accepted),
+                        "(b) accepted -> trajectory visible": n_accepted // max(1, opts.visible_sample),
+                        "(c) accepted -> webhook received": len(expected_alerts)}
+        unexpected_hooks = set(receiver.first) - expected_alerts - {sid}
+        res.counts.update({
+            "offered_rate": round(stats.sent / stats.elapsed, 1) if stats.elapsed else 0,
+            "sent": stats.sent, "accepted": stats.accepted, "rejected": dict(stats.rejected),
+            "retried_429_503": stats.retried, "sender_behind_s": round(stats.behind_seconds, 3),
+            "alerts_expected": len(expected_alerts),
+            "alerts_received": len(expected_alerts & set(receiver.first)),
+            "unexpected_alerts": len(unexpected_hooks),
+            "webhook_redeliveries": sum(n - 1 for n in receiver.deliveries.values()),
+            "signatures_verified": f"{receiver.verified(secret)}/{len(receiver.bodies)}" if secret else "no secret",
+        })
+
+        # Throughput phase: a burst through the batch endpoint.
+        if opts.burst > 0:
+            await burst(stack, urls, opts, res, submit, reader, http)
+    finally:
+        for t in list(probe.tasks):
+            t.cancel()
+        await http.aclose()
+        await reader.stop()
+        await receiver.stop()
+
+
+async def burst(stack: Stack, urls: dict[str, str], opts: Options, res: Results, submit: str,
+                reader: ScoredReader, http: httpx.AsyncClient) -> None:
+    """Post `opts.burst` healthy submissions in batches as fast as intake takes them; time each stage's drain."""
+    run = secrets.token_hex(3)
+    planned = bench_plan(opts.burst, max(1, opts.burst // 5), f"b{run}", 0, datetime.now(UTC))
+    bodies = [p.body for p in planned]
+    ids = {p.submission_id for p in planned}
+    before = await metric_sum(http, urls["reporting"], "alliance_reporting_events_total")
+    accepted = 0
+    async with httpx.AsyncClient(base_url=urls["intake"], timeout=60,
+                                 headers={"Authorization": f"Bearer {submit}"}) as intake:
+        sem = asyncio.Semaphore(4)
+
+        async def post(chunk: list[dict[str, Any]]) -> int:
+            async with sem:
+                for _ in range(5):
+                    r = await intake.post("/v1/submissions/batch", json={"submissions": chunk})
+                    if r.status_code in (429, 503):
+                        await asyncio.sleep(float(r.headers.get("retry-after", "1")))
+                        continue
+                    r.raise_for_status()
+                    return sum(1 for x in r.json()["results"] if x["status"] == "accepted")
+                return 0
+
+        t0 = time.time()
+        chunks = [bodies[i:i + opts.batch_size] for i in range(0, len(bodies), opts.batch_size)]
+        accepted = sum(await asyncio.gather(*(post(c) for c in chunks)))
+        t_intake = time.time()
+    res.throughput["intake batch submissions/s"] = accepted / (t_intake - t0)
+    async def all_scored() -> bool:
+        return ids <= set(reader.first)
+
+    await until(all_scored, opts.drain_timeout)
+    scored = [reader.first[s] for s in ids if s in reader.first]
+    if scored:
+        res.throughput["scoring events/s (burst start -> last scored)"] = len(scored) / (max(scored) - t0)
+    if len(scored) < accepted:
+        res.notes.append(f"burst: {accepted - len(scored)} of {accepted} never seen scored")
+    if before is None:
+        res.notes.append("reporting exposes no alliance_reporting_events_total; reporting rate not measured")
+        return
+    target = before + len(scored)
+
+    async def all_applied() -> bool:
+        now = await metric_sum(http, urls["reporting"], "alliance_reporting_events_total")
+        return now is not None and now >= target
+
+    if await until(all_applied, opts.drain_timeout):
+        res.throughput["reporting materialized events/s (burst start -> applied)"] = len(scored) / (time.time() - t0)
+    else:
+        res.notes.append("burst: reporting did not apply every scored event within the drain timeout")
+
+
+def run_service_benches() -> None:
+    """Run each `services/<svc>/bench.py` that exists (each starts its own stack unless given one)."""
+    for svc in SERVICES:
+        if importlib.util.find_spec(f"services.{svc}.bench") is None:
+            console.print(f"[yellow]services/{svc}/bench.py: not present")
+            continue
+        console.rule(f"python -m services.{svc}.bench")
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        subprocess.run([sys.executable, "-m", f"services.{svc}.bench"], env=env, cwd=ROOT, check=False)
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def _ms(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x * 1000:.0f}"
+
+
+def report(res: Results, opts: Options) -> None:
+    """Print the figures as tables."""
+    raw = Table(title="raw limits of the broker and store in use (bare clients, before the services start)")
+    raw.add_column("limit")
+    raw.add_column("rate/s", justify="right")
+    raw.add_row(f"aiokafka produce (acks=all, {opts.raw_records} x 300 B)", f"{res.raw.produce_per_s:,.0f}")
+    raw.add_row("aiokafka consume (no group)", f"{res.raw.consume_per_s:,.0f}")
+    raw.add_row(f"store bulk upsert (UpdateOne upserts, batches of 500, {opts.raw_upserts} docs)",
+                f"{res.raw.upsert_per_s:,.0f}")
+    console.print(raw)
+
+    lat = Table(title=f"end-to-end latency at {opts.rate:g}/s offered for {opts.duration:g} s, "
+                      f"every {opts.deteriorate_every}th deteriorating (ms)")
+    for col in ("path", "n / expected", "p50", "p95", "p99", "max"):
+        lat.add_column(col, justify="left" if col == "path" else "right")
+    for name, values in res.latency.items():
+        lat.add_row(name, f"{len(values)}/{res.expected.get(name, 0)}", _ms(percentile(values, 50)),
+                    _ms(percentile(values, 95)), _ms(percentile(values, 99)),
+                    _ms(max(values) if values else math.nan))
+    console.print(lat)
+    console.print(f"(b) polls every {opts.visible_poll * 1000:.0f} ms, every {opts.visible_sample}th submission")
+
+    if res.throughput:
+        thr = Table(title=f"throughput: a burst of {opts.burst} submissions in batches of {opts.batch_size}, "
+                          "all services running")
+        for col in ("stage", "events/s", "vs raw produce", "vs raw upsert"):
+            thr.add_column(col, justify="left" if col == "stage" else "right")
+        for name, rate in res.throughput.items():
+            thr.add_row(name, f"{rate:,.0f}", f"{rate / res.raw.produce_per_s:.1%}",
+                        f"{rate / res.raw.upsert_per_s:.1%}")
+        console.print(thr)
+
+    rss = Table(title="peak RSS (VmHWM)")
+    rss.add_column("process")
+    rss.add_column("MiB", justify="right")
+    for name, kb in res.rss_kb.items():
+        rss.add_row(name, "-" if kb is None else f"{kb / 1024:.0f}")
+    console.print(rss)
+
+    counts = Table(title="counts")
+    counts.add_column("measure")
+    counts.add_column("value", justify="right")
+    counts.add_row("services ready after (s)", f"{res.startup_seconds:.1f}")
+    for k, v in res.counts.items():
+        counts.add_row(k, str(v))
+    console.print(counts)
+    for note in res.notes:
+        console.print(f"[yellow]note: {note}")
+
+
+def figures(res: Results, opts: Options) -> dict[str, Any]:
+    """The figures as JSON-friendly data."""
+    return {
+        "options": opts.__dict__,
+        "raw": res.raw.__dict__,
+        "latency_ms": {k: {"n": len(v), "expected": res.expected.get(k, 0),
+                           **{f"p{p}": round(percentile(v, p) * 1000, 1) for p in (50, 95, 99)}}
+                       for k, v in res.latency.items()},
+        "throughput_per_s": {k: round(v, 1) for k, v in res.throughput.items()},
+        "peak_rss_mib": {k: None if v is None else round(v / 1024, 1) for k, v in res.rss_kb.items()},
+        "counts": res.counts,
+        "startup_seconds": res.startup_seconds,
+        "notes": res.notes,
+    }
+
+
+# ------------------------------------------------------------------------------------------------- cli
+
+def missing_services() -> list[str]:
+    """Services whose `python -m services.<svc>` cannot run yet."""
+    return [s for s in SERVICES if not (ROOT / "services" / s / "__main__.py").exists()
+            or not (ROOT / "services" / s / "app.py").exists()]
+
+
+def bench(
+    rate: Annotated[float, typer.Option(help="offered submissions/s in the latency phase", min=0.1)] = 50.0,
+    duration: Annotated[float, typer.Option(help="seconds of the latency phase", min=1)] = 30.0,
+    deteriorate_every: Annotated[int, typer.Option(help="every Nth submission deteriorates (0: none)",
+                                                   min=0)] = 10,
+    clients: Annotated[int, typer.Option(help="clients in the latency phase", min=1)] = 199,
+    burst: Annotated[int, typer.Option(help="submissions in the throughput burst (0: skip)", min=0)] = 5000,
+    batch_size: Annotated[int, typer.Option(help="batch size in the burst", min=1, max=1000)] = 500,
+    raw_records: Annotated[int, typer.Option(help="records for the raw Kafka rates", min=100)] = 20_000,
+    raw_upserts: Annotated[int, typer.Option(help="documents for the raw bulk-upsert rate", min=100)] = 5000,
+    visible_sample: Annotated[int, typer.Option(help="probe trajectory visibility of every Nth submission",
+                                                min=1)] = 5,
+    mongo_memory: Annotated[bool, typer.Option(help="run the local store in memory instead of on disk")] = False,
+    service_benches: Annotated[bool, typer.Option(help="then run each services/<svc>/bench.py")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the figures to this file")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="stack data and service logs (default: a temp dir)")] = None,
+) -> None:
+    """End-to-end benchmark: raw broker/store limits, latency to scored/visible/webhook, stage rates, RSS."""
+    opts = Options(rate=rate, duration=duration, deteriorate_every=deteriorate_every, clients=clients, burst=burst,
+                   batch_size=batch_size, raw_records=raw_records, raw_upserts=raw_upserts,
+                   visible_sample=visible_sample)
+    missing = missing_services()
+    if missing:
+        console.print(f"[red]not runnable yet (no app.py/__main__.py): {', '.join(missing)}")
+        raise typer.Exit(2)
+    data = data_dir or Path(tempfile.mkdtemp(prefix="alliance-bench-"))
+    data.mkdir(parents=True, exist_ok=True)
+    res = Results()
+    console.print(f"stack data and service logs: {data}")
+    with bench_stack(data, mongo_memory) as stack:
+        console.print("measuring raw limits ...")
+        res.raw.produce_per_s, res.raw.consume_per_s = asyncio.run(raw_kafka(stack.kafka, opts.raw_records))
+        res.raw.upsert_per_s = asyncio.run(raw_upsert(stack.mongo, opts.raw_upserts))
+        env = {**stack.env, "ALLIANCE_ALERTS_ALLOW_PRIVATE_TARGETS": "true", "ALLIANCE_LOG_LEVEL": "WARNING",
+               # the burst measures capacity, so the per-key rate limit must not be what binds
+               "ALLIANCE_INTAKE_RATE_PER_SECOND": "1000000", "ALLIANCE_INTAKE_RATE_BURST": "1000000",
+               "ALLIANCE_SMTP_HOST": ""}
+        procs = {s: ServiceProc(s, free_port(), env, data / f"{s}.log") for s in SERVICES}
+        try:
+            console.print("starting the four services ...")
+            t0 = time.monotonic()
+            for p in procs.values():
+                p.start()
+            for p in procs.values():
+                p.wait_ready(opts.ready_timeout)
+            res.startup_seconds = time.monotonic() - t0
+            console.print(f"services ready in {res.startup_seconds:.1f} s; warm-up, then "
+                          f"{opts.rate:g}/s for {opts.duration:g} s ...")
+            asyncio.run(measure(stack, {s: p.url for s, p in procs.items()}, opts, res))
+            for s, p in procs.items():
+                res.rss_kb[s] = vm_hwm_kb(p.proc.pid) if p.proc is not None else None
+            for name, pid in stack.pids.items():
+                res.rss_kb[{"kafka": "broker (tansu)", "mongo": "store (secantusdb)"}.get(name, name)] = vm_hwm_kb(pid)
+        finally:
+            for p in procs.values():
+                p.stop()
+        report(res, opts)
+        if json_out is not None:
+            json_out.write_text(json.dumps(figures(res, opts), indent=2, default=str))
+    if service_benches:
+        run_service_benches()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m services.bench [options]`."""
+    app = typer.Typer(add_completion=False)
+    app.command()(bench)
+    app(args=argv, prog_name="bench")
+
+
+if __name__ == "__main__":
+    main()
