@@ -1,0 +1,180 @@
+"""Pure rules of the alerts service: routing, retry schedule, email text, URL checks."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.alerts import rules
+from services.alerts.rules import Clinician, Subscription
+from shared import ids
+from shared.events import AllianceDeterioration
+from shared.topics import DETERIORATION, SCORED
+
+NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def alert(tenant: str = "t1", clinician: str = "c1", client: str = "client-7") -> AllianceDeterioration:
+    return AllianceDeterioration(
+        event_id="e1", tenant_id=tenant, occurred_at=NOW, submission_id="s1", site_id="site-a",
+        clinician_id=clinician, client_id=client, session_number=4, administered_at=NOW,
+        alert_id=ids.alert_id(tenant, "s1"), triggers=["below_cutoff", "drop_from_previous"], severity="critical",
+        total=30.5, previous_total=37.0, change_from_previous=-6.5, cutoff=36.0, accepted_at=NOW)
+
+
+def clinician(webhook: str | None = "https://c1.example/hook", email: str | None = "c1@example.org",
+              tenant: str = "t1") -> Clinician:
+    return Clinician(tenant, "c1", "site-a", email, webhook, "sup1")
+
+
+def sub(sid: str, tenant: str = "t1", events: tuple[str, ...] = (DETERIORATION,)) -> Subscription:
+    return Subscription(sid, tenant, f"https://partner.example/{sid}", frozenset(events))
+
+
+def test_alert_goes_to_clinician_webhook_and_email_and_matching_partner() -> None:
+    planned = rules.route_alert(alert(), clinician(), [sub("p1")], email_enabled=True)
+    assert [(p.recipient, p.channel, p.target) for p in planned] == [
+        ("clinician:c1", "webhook", "https://c1.example/hook"),
+        ("clinician:c1", "email", "c1@example.org"),
+        ("subscription:p1", "webhook", "https://partner.example/p1"),
+    ]
+
+
+def test_delivery_ids_are_the_shared_deterministic_ids() -> None:
+    a = alert()
+    planned = rules.route_alert(a, clinician(), [sub("p1")], email_enabled=True)
+    assert {p.delivery_id for p in planned} == {
+        ids.delivery_id(a.alert_id, "clinician:c1", "webhook"),
+        ids.delivery_id(a.alert_id, "clinician:c1", "email"),
+        ids.delivery_id(a.alert_id, "subscription:p1", "webhook"),
+    }
+    assert planned == rules.route_alert(a, clinician(), [sub("p1")], email_enabled=True)
+
+
+def test_no_email_delivery_when_smtp_is_not_configured() -> None:
+    planned = rules.route_alert(alert(), clinician(), [], email_enabled=False)
+    assert [p.channel for p in planned] == ["webhook"]
+
+
+def test_clinician_without_webhook_gets_email_only() -> None:
+    planned = rules.route_alert(alert(), clinician(webhook=None), [], email_enabled=True)
+    assert [p.channel for p in planned] == ["email"]
+
+
+def test_unknown_clinician_still_reaches_partners() -> None:
+    planned = rules.route_alert(alert(), None, [sub("p1")], email_enabled=True)
+    assert [p.recipient for p in planned] == ["subscription:p1"]
+
+
+def test_another_tenants_subscription_never_matches() -> None:
+    planned = rules.route_alert(alert(tenant="t1"), None, [sub("p1", tenant="t2"), sub("p2")], email_enabled=True)
+    assert [p.recipient for p in planned] == ["subscription:p2"]
+
+
+def test_another_tenants_clinician_entry_is_ignored() -> None:
+    planned = rules.route_alert(alert(tenant="t1"), clinician(tenant="t2"), [], email_enabled=True)
+    assert planned == []
+
+
+def test_subscription_to_scored_only_does_not_get_deteriorations() -> None:
+    planned = rules.route_alert(alert(), None, [sub("p1", events=(SCORED,))], email_enabled=True)
+    assert planned == []
+
+
+def test_scored_events_go_to_scored_subscribers_of_the_tenant() -> None:
+    planned = rules.partner_deliveries("event", "t1", "site-a", "ev9", None, SCORED,
+                                       [sub("p1", events=(SCORED,)), sub("p2"), sub("p3", "t2", (SCORED,))])
+    assert [(p.recipient, p.delivery_id) for p in planned] == [
+        ("subscription:p1", ids.delivery_id("ev9", "subscription:p1", "webhook"))]
+
+
+def test_escalation_goes_to_the_supervisor_under_its_own_recipient_id() -> None:
+    a = alert()
+    supervisor = Clinician("t1", "sup1", "site-a", "sup@example.org", "https://sup.example/h")
+    planned = rules.route_escalation(a, supervisor, email_enabled=True)
+    assert [(p.recipient, p.channel, p.kind) for p in planned] == [
+        ("supervisor:sup1", "webhook", "escalation"), ("supervisor:sup1", "email", "escalation")]
+    # Distinct from what the same person would get as the clinician of the alert.
+    assert planned[0].delivery_id == ids.delivery_id(a.alert_id, "supervisor:sup1", "webhook")
+
+
+def test_escalation_without_a_supervisor_entry_plans_nothing() -> None:
+    assert rules.route_escalation(alert(), None, email_enabled=True) == []
+
+
+def test_backoff_doubles_from_the_first_delay_up_to_the_cap() -> None:
+    full = [rules.backoff_seconds(n, 1.0, 300.0, jitter=0.999999) for n in range(1, 11)]
+    assert [round(x) for x in full] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]
+    low = [rules.backoff_seconds(n, 1.0, 300.0, jitter=0.0) for n in range(1, 4)]
+    assert low == [0.5, 1.0, 2.0]
+
+
+@given(st.integers(min_value=1, max_value=10_000), st.floats(min_value=0, max_value=1))
+def test_backoff_stays_within_half_and_full_capped_delay(n: int, jitter: float) -> None:
+    d = rules.backoff_seconds(n, 0.05, 2.0, jitter)
+    cap = min(2.0, 0.05 * 2 ** min(n - 1, 64))
+    assert cap / 2 <= d <= cap
+
+
+def test_backoff_rejects_attempt_zero() -> None:
+    with pytest.raises(ValueError):
+        rules.backoff_seconds(0, 1.0, 300.0, 0.5)
+
+
+def test_final_after_max_attempts() -> None:
+    assert not rules.is_final(7, 8)
+    assert rules.is_final(8, 8)
+
+
+def test_email_text_has_pseudonym_totals_triggers_and_link_only() -> None:
+    subject, body = rules.email_text(alert(client="cl/7 x"), "http://127.0.0.1:8004/dashboard")
+    assert "cl/7 x" in subject
+    assert "Total: 30.5 (cutoff 36)" in body
+    assert "Previous total: 37; change: -6.5" in body
+    assert "Triggers: below_cutoff, drop_from_previous" in body
+    assert "Trajectory: http://127.0.0.1:8004/dashboard?client=cl%2F7+x&instrument=SRS" in body
+    assert "site-a" not in body and "s1" not in body.split()  # no site, no submission id
+
+
+def test_escalation_email_says_it_is_escalated() -> None:
+    subject, body = rules.email_text(alert(), "http://x/d", escalation=True)
+    assert subject.startswith("Escalated")
+    assert "has not been acknowledged" in body
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("ftp://example.org/x", "only http and https URLs are allowed"),
+    ("file:///etc/passwd", "only http and https URLs are allowed"),
+    ("https://", "the URL has no host"),
+    ("https://user:pw@example.org/", "credentials in the URL are not allowed"),
+    ("http://example.org:99999/", "not a valid URL"),
+    ("https://example.org/hook", None),
+    ("http://127.0.0.1:8080/x", None),  # syntax is fine; the address check is separate
+])
+def test_url_problem(url: str, problem: str | None) -> None:
+    assert rules.url_problem(url) == problem
+
+
+@pytest.mark.parametrize(("address", "public"), [
+    ("127.0.0.1", False), ("10.1.2.3", False), ("172.16.0.1", False), ("192.168.1.1", False),
+    ("169.254.169.254", False), ("0.0.0.0", False), ("100.64.0.1", False), ("::1", False), ("fe80::1%eth0", False),
+    ("fd00::1", False), ("::ffff:127.0.0.1", False), ("224.0.0.1", False),
+    ("93.184.216.34", True), ("2606:2800:220:1:248:1893:25c8:1946", True),
+])
+def test_is_public_address(address: str, public: bool) -> None:
+    assert rules.is_public_address(address) is public
+
+
+def test_escalation_thresholds_use_overrides_then_default() -> None:
+    pairs = rules.due_for_escalation_filter(1000.0, 100.0, {"fast": 1.0})
+    assert pairs == [("fast", 999.0), (None, 900.0)]
+
+
+def test_status_event_id_is_stable_per_alert_and_status() -> None:
+    a = rules.status_changed("t1", "a1", "s", "c", "acknowledged", NOW)
+    b = rules.status_changed("t1", "a1", "s", "c", "acknowledged", datetime.now(UTC))
+    c = rules.status_changed("t1", "a1", "s", "c", "escalated", NOW)
+    assert a.event_id == b.event_id != c.event_id
