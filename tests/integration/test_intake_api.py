@@ -1,0 +1,530 @@
+"""Intake through HTTP (in-process ASGI app) against the real local broker and store: every rule of
+the API, and the event each accepted submission becomes on `srs.submitted.v1`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from fastapi import FastAPI
+from pymongo import AsyncMongoClient
+
+from services.intake.app import IntakeConfig, create_app
+from services.intake.settings import IntakeSettings
+from shared import auth, ids
+from shared.events import SrsSubmitted
+from shared.logs import JsonFormatter
+from shared.mongo import Document
+from shared.stack import ensure_topics
+from tests.support.services import Namespace
+from tests.support.stack import StackUnderTest
+from tests.support.wait import eventually
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def submission(**over: Any) -> dict[str, Any]:
+    """A valid submission; keyword arguments replace (or, with value ..., remove) fields."""
+    doc: dict[str, Any] = {
+        "instrument": "SRS", "client_id": "p-8812", "clinician_id": "c-17", "site_id": "north",
+        "session_number": 3, "administered_at": (datetime.now(UTC) - timedelta(hours=1)).isoformat(),
+        "items": {"relationship": 9.1, "goals": 8.4, "approach": 9.0, "overall": 8.8},
+    }
+    for k, v in over.items():
+        if v is ...:
+            doc.pop(k, None)
+        else:
+            doc[k] = v
+    return doc
+
+
+@dataclass
+class Published:
+    key: bytes | None
+    value: bytes
+    headers: dict[str, str]
+    partition: int
+
+    @property
+    def event(self) -> SrsSubmitted:
+        return SrsSubmitted.model_validate_json(self.value)
+
+
+@dataclass
+class TopicReader:
+    """Reads a topic from the beginning (no consumer group: no join pause) and indexes records by
+    submission id."""
+
+    bootstrap: str
+    topic: str
+    seen: dict[str, list[Published]] = field(default_factory=dict)
+    consumer: AIOKafkaConsumer | None = None
+
+    async def start(self) -> None:
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
+                                         auto_offset_reset="earliest")
+        await self.consumer.start()
+        parts = self.consumer.partitions_for_topic(self.topic) or set()
+        if not parts:
+            await self.consumer.client.force_metadata_update()
+            parts = self.consumer.partitions_for_topic(self.topic) or set()
+        tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+        self.consumer.assign(tps)
+        await self.consumer.seek_to_beginning(*tps)
+
+    async def stop(self) -> None:
+        if self.consumer is not None:
+            await self.consumer.stop()
+
+    async def poll(self) -> None:
+        assert self.consumer is not None
+        batches = await self.consumer.getmany(timeout_ms=200, max_records=5000)
+        for records in batches.values():
+            for r in records:
+                headers = {k: v.decode() for k, v in r.headers}
+                sid = json.loads(r.value)["submission_id"]
+                self.seen.setdefault(sid, []).append(Published(r.key, r.value, headers, r.partition))
+
+    async def wait_for(self, submission_id: str, count: int = 1, timeout: float = 20) -> list[Published]:
+        async def check() -> list[Published] | None:
+            await self.poll()
+            got = self.seen.get(submission_id, [])
+            return got if len(got) >= count else None
+
+        return await eventually(check, timeout=timeout, interval=0.05)
+
+
+@dataclass
+class Keys:
+    submit: str
+    read: str
+    north: str  # bound to site "north"
+    other_tenant: str
+
+
+@dataclass
+class Intake:
+    app: FastAPI
+    http: httpx.AsyncClient
+    keys: Keys
+    reader: TopicReader
+    ns: Namespace
+
+    def auth(self, key: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key or self.keys.submit}"}
+
+    async def post(self, body: Any, key: str | None = None, path: str = "/v1/submissions",
+                   **kw: Any) -> httpx.Response:
+        return await self.http.post(path, json=body, headers={**self.auth(key), **kw.pop("headers", {})}, **kw)
+
+
+async def make_keys(ns: Namespace) -> Keys:
+    client: AsyncMongoClient[Document] = AsyncMongoClient(ns.stack.mongo_url, tz_aware=True)
+    try:
+        db = client[ns.database]
+        submit, _ = await auth.create_key(db, "acme", "submit")
+        read, _ = await auth.create_key(db, "acme", "read")
+        north, _ = await auth.create_key(db, "acme", "submit", "north")
+        other, _ = await auth.create_key(db, "globex", "submit")
+    finally:
+        await client.close()
+    return Keys(submit, read, north, other)
+
+
+async def ready(http: httpx.AsyncClient) -> bool:
+    return (await http.get("/readyz")).status_code == 200
+
+
+def intake_config(ns: Namespace, **settings: Any) -> IntakeConfig:
+    base = {"rate_per_second": 1_000_000, "rate_burst": 1_000_000, "publish_timeout_seconds": 5.0}
+    return IntakeConfig(kafka=ns.kafka(), mongo=ns.mongo(), intake=IntakeSettings(**{**base, **settings}))
+
+
+@pytest.fixture(scope="module")
+async def intake_ns(stack: StackUnderTest) -> Namespace:
+    ns = Namespace.fresh(stack)
+    await ensure_topics(ns.kafka())
+    return ns
+
+
+@pytest.fixture(scope="module")
+async def intake(intake_ns: Namespace) -> AsyncIterator[Intake]:
+    app = create_app(intake_config(intake_ns))
+    keys = await make_keys(intake_ns)
+    reader = TopicReader(intake_ns.stack.bootstrap, intake_ns.kafka().topics().submitted)
+    await reader.start()
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app), base_url="http://intake", timeout=30) as http:
+        await eventually(lambda: ready(http), timeout=60)
+        yield Intake(app, http, keys, reader, intake_ns)
+    await reader.stop()
+
+
+# --- accepted submissions and their events ---------------------------------------------------
+
+
+async def test_valid_submission_is_202_and_published_with_key_headers_and_ids(intake: Intake) -> None:
+    r = await intake.post(submission(submission_id="acc-1"), headers={"X-Correlation-ID": "corr-abc.1"})
+    assert r.status_code == 202, r.text
+    assert r.json() == {"submission_id": "acc-1", "status": "accepted"}
+    assert r.headers["x-correlation-id"] == "corr-abc.1"
+    [rec] = await intake.reader.wait_for("acc-1")
+    assert rec.key == b"acme:p-8812"
+    assert rec.headers["correlation_id"] == "corr-abc.1"
+    assert rec.headers["content-type"] == "application/json"
+    ev = rec.event
+    assert ev.event_id == ids.submitted_event_id("acme", "acc-1")
+    assert ev.tenant_id == "acme"
+    assert (ev.client_id, ev.clinician_id, ev.site_id, ev.session_number) == ("p-8812", "c-17", "north", 3)
+    assert ev.items is not None and ev.items.values() == (9.1, 8.4, 9.0, 8.8)
+    assert ev.total is None
+    assert ev.accepted_at.tzinfo is not None and abs(ev.accepted_at - datetime.now(UTC)) < timedelta(minutes=5)
+
+
+async def test_submission_without_id_gets_a_server_generated_one(intake: Intake) -> None:
+    r = await intake.post(submission())
+    assert r.status_code == 202, r.text
+    sid = r.json()["submission_id"]
+    assert len(sid) == 36
+    [rec] = await intake.reader.wait_for(sid)
+    assert rec.event.event_id == ids.submitted_event_id("acme", sid)
+
+
+async def test_retry_with_the_same_submission_id_carries_the_same_event_id(intake: Intake) -> None:
+    for _ in range(2):
+        assert (await intake.post(submission(submission_id="retry-1"))).status_code == 202
+    recs = await intake.reader.wait_for("retry-1", count=2)
+    # At-least-once: a retry may be published again, but as the same event (downstream dedupes on it).
+    assert {r.event.event_id for r in recs} == {ids.submitted_event_id("acme", "retry-1")}
+    assert len({r.partition for r in recs}) == 1
+
+
+async def test_total_only_submission_of_any_instrument_is_accepted(intake: Intake) -> None:
+    r = await intake.post(submission(submission_id="tot-1", items=..., total=36.5, instrument="YCSRS",
+                                     episode_id="ep-2"))
+    assert r.status_code == 202, r.text
+    ev = (await intake.reader.wait_for("tot-1"))[0].event
+    assert (ev.total, ev.items, ev.instrument, ev.episode_id) == (36.5, None, "YCSRS", "ep-2")
+
+
+async def test_tenant_is_taken_from_the_key(intake: Intake) -> None:
+    r = await intake.post(submission(submission_id="ten-1"), key=intake.keys.other_tenant)
+    assert r.status_code == 202
+    [rec] = await intake.reader.wait_for("ten-1")
+    assert rec.event.tenant_id == "globex" and rec.key == b"globex:p-8812"
+
+
+async def test_tenant_id_in_the_body_is_rejected_as_unknown_field(intake: Intake) -> None:
+    r = await intake.post(submission(tenant_id="globex"))
+    assert r.status_code == 422
+    assert r.json() == {"errors": [{"field": "tenant_id", "message": "Extra inputs are not permitted"}]}
+
+
+async def test_invalid_correlation_header_is_replaced_by_a_generated_one(intake: Intake) -> None:
+    r = await intake.post(submission(submission_id="corr-2"), headers={"X-Correlation-ID": "bad id with spaces"})
+    assert r.status_code == 202
+    cid = r.headers["x-correlation-id"]
+    assert cid != "bad id with spaces" and len(cid) == 36
+    [rec] = await intake.reader.wait_for("corr-2")
+    assert rec.headers["correlation_id"] == cid
+
+
+# --- 422: every rule names its field -----------------------------------------------------------
+
+ITEMS = {"relationship": 9.1, "goals": 8.4, "approach": 9.0, "overall": 8.8}
+FUTURE = (datetime.now(UTC) + timedelta(days=2)).isoformat()
+
+RULES: list[tuple[str, Callable[[], Any], str, str]] = [
+    ("item above 10", lambda: submission(items={**ITEMS, "goals": 10.5}), "items.goals", "less than or equal to 10"),
+    ("item below 0", lambda: submission(items={**ITEMS, "goals": -0.1}), "items.goals", "greater than or equal to 0"),
+    ("item with two decimals", lambda: submission(items={**ITEMS, "goals": 8.45}), "items.goals", "one decimal"),
+    ("item as text", lambda: submission(items={**ITEMS, "goals": "8.4"}), "items.goals", "valid number"),
+    ("item as boolean", lambda: submission(items={**ITEMS, "goals": True}), "items.goals", "valid number"),
+    ("items and total", lambda: submission(total=35.3), "total", "not both"),
+    ("neither items nor total", lambda: submission(items=...), "items", "either items"),
+    ("partial items", lambda: submission(items={"relationship": 9.0, "goals": 8.0, "approach": 9.0}),
+     "items.overall", "partial items"),
+    ("unknown item", lambda: submission(items={**ITEMS, "mood": 5.0}), "items.mood", "Extra inputs"),
+    ("total above 40", lambda: submission(items=..., total=40.1), "total", "less than or equal to 40"),
+    ("total with two decimals", lambda: submission(items=..., total=30.25), "total", "one decimal"),
+    ("unknown instrument", lambda: submission(instrument="ORS"), "instrument", "'SRS'"),
+    ("session number 0", lambda: submission(session_number=0), "session_number", "greater than or equal to 1"),
+    ("session number not integer", lambda: submission(session_number=2.5), "session_number", "valid integer"),
+    ("session number huge", lambda: submission(session_number=10**20), "session_number", "less than or equal"),
+    ("timestamp without offset", lambda: submission(administered_at="2026-11-20T14:05:00"), "administered_at",
+     "timezone"),
+    ("timestamp over a day ahead", lambda: submission(administered_at=FUTURE), "administered_at", "future"),
+    ("timestamp as number", lambda: submission(administered_at=1764000000), "administered_at", "ISO-8601"),
+    ("timestamp not a date", lambda: submission(administered_at="yesterday"), "administered_at", "datetime"),
+    ("submission id empty", lambda: submission(submission_id=""), "submission_id", "at least 1"),
+    ("submission id too long", lambda: submission(submission_id="x" * 129), "submission_id", "at most 128"),
+    ("submission id bad characters", lambda: submission(submission_id="a b/c"), "submission_id", "pattern"),
+    ("client id empty", lambda: submission(client_id=""), "client_id", "at least 1"),
+    ("client id missing", lambda: submission(client_id=...), "client_id", "Field required"),
+    ("clinician id too long", lambda: submission(clinician_id="c" * 129), "clinician_id", "at most 128"),
+    ("site id bad characters", lambda: submission(site_id="north site"), "site_id", "pattern"),
+    ("episode id bad characters", lambda: submission(episode_id="ep#1"), "episode_id", "pattern"),
+    ("unknown field", lambda: submission(rating_scale="v2"), "rating_scale", "Extra inputs"),
+    ("not an object", lambda: [submission()], "body", "JSON object"),
+]
+
+
+@pytest.mark.parametrize(("case", "make", "field", "message"), RULES, ids=[r[0] for r in RULES])
+async def test_rule_violation_is_422_naming_the_field_and_rule(intake: Intake, case: str, make: Callable[[], Any],
+                                                               field: str, message: str) -> None:
+    r = await intake.post(make())
+    assert r.status_code == 422, r.text
+    errors = r.json()["errors"]
+    assert any(e["field"] == field and message in e["message"] for e in errors), errors
+
+
+async def test_every_violation_of_one_submission_is_reported(intake: Intake) -> None:
+    r = await intake.post(submission(session_number=0, site_id="", items={**ITEMS, "goals": 11}))
+    assert r.status_code == 422
+    assert {e["field"] for e in r.json()["errors"]} == {"session_number", "site_id", "items.goals"}
+
+
+async def test_malformed_json_is_422(intake: Intake) -> None:
+    r = await intake.http.post("/v1/submissions", content=b'{"client_id": ', headers={
+        **intake.auth(), "Content-Type": "application/json"})
+    assert r.status_code == 422
+    assert r.json()["errors"][0]["field"] == "body"
+    assert "invalid JSON" in r.json()["errors"][0]["message"]
+
+
+# --- 401 / 403 -----------------------------------------------------------------------------------
+
+
+async def test_missing_key_is_401(intake: Intake) -> None:
+    r = await intake.http.post("/v1/submissions", json=submission())
+    assert r.status_code == 401
+    assert r.json()["errors"][0]["field"] == "Authorization"
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
+async def test_unknown_key_is_401(intake: Intake) -> None:
+    r = await intake.post(submission(), key="ak_not-a-key")
+    assert r.status_code == 401
+
+
+async def test_key_without_submit_role_is_403(intake: Intake) -> None:
+    r = await intake.post(submission(), key=intake.keys.read)
+    assert r.status_code == 403
+    assert "submit" in r.json()["errors"][0]["message"]
+
+
+async def test_site_bound_key_submitting_for_another_site_is_403_naming_site_id(intake: Intake) -> None:
+    r = await intake.post(submission(site_id="south"), key=intake.keys.north)
+    assert r.status_code == 403
+    assert r.json()["errors"][0]["field"] == "site_id"
+
+
+async def test_site_bound_key_submitting_for_its_site_is_accepted(intake: Intake) -> None:
+    r = await intake.post(submission(submission_id="site-ok", site_id="north"), key=intake.keys.north)
+    assert r.status_code == 202
+    await intake.reader.wait_for("site-ok")
+
+
+# --- 413 / 415 -----------------------------------------------------------------------------------
+
+
+async def test_single_body_over_64_kib_is_413_by_content_length(intake: Intake) -> None:
+    body = json.dumps(submission(client_id="p-1", padding="x" * 70_000)).encode()
+    r = await intake.http.post("/v1/submissions", content=body, headers={
+        **intake.auth(), "Content-Type": "application/json"})
+    assert r.status_code == 413
+    assert "65536" in r.json()["errors"][0]["message"]
+
+
+async def test_single_body_over_64_kib_without_content_length_is_413(intake: Intake) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(20):
+            yield b" " * 4096  # JSON whitespace: only the size can be wrong
+
+    r = await intake.http.post("/v1/submissions", content=chunks(), headers={
+        **intake.auth(), "Content-Type": "application/json"})
+    assert "content-length" not in r.request.headers
+    assert r.status_code == 413
+
+
+async def test_batch_body_over_4_mib_is_413(intake: Intake) -> None:
+    body = json.dumps({"submissions": [submission(client_id="p" * 120)] * 1000,
+                       "pad": "x" * (4 * 1024 * 1024)}).encode()
+    r = await intake.http.post("/v1/submissions/batch", content=body, headers={
+        **intake.auth(), "Content-Type": "application/json"})
+    assert r.status_code == 413
+
+
+async def test_batch_body_of_1_mib_is_not_too_large(intake: Intake) -> None:
+    items = [submission(submission_id=f"big-{i}", clinician_id="c" * 100, episode_id="e" * 100) for i in range(1000)]
+    body = json.dumps({"submissions": items}).encode()
+    assert 65_536 < len(body) < 4 * 1024 * 1024
+    r = await intake.http.post("/v1/submissions/batch", content=body, headers={
+        **intake.auth(), "Content-Type": "application/json"})
+    assert r.status_code == 200
+    assert all(x["status"] == "accepted" for x in r.json()["results"])
+
+
+async def test_body_that_is_not_json_is_415(intake: Intake) -> None:
+    r = await intake.http.post("/v1/submissions", content=b"client_id=p-1", headers={
+        **intake.auth(), "Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415
+    assert r.json()["errors"][0]["field"] == "Content-Type"
+
+
+async def test_body_without_content_type_is_415(intake: Intake) -> None:
+    r = await intake.http.post("/v1/submissions", content=json.dumps(submission()).encode(), headers=intake.auth())
+    assert r.status_code == 415
+
+
+async def test_json_with_charset_parameter_is_accepted(intake: Intake) -> None:
+    r = await intake.http.post("/v1/submissions", content=json.dumps(submission()).encode(), headers={
+        **intake.auth(), "Content-Type": "application/json; charset=utf-8"})
+    assert r.status_code == 202
+
+
+# --- batch -----------------------------------------------------------------------------------------
+
+
+async def test_batch_accepts_valid_items_and_rejects_invalid_ones_by_index(intake: Intake) -> None:
+    items = [submission(submission_id="b-0"), submission(submission_id="b-1", session_number=0),
+             submission(submission_id="b-2", client_id="p-2"), "not an object"]
+    r = await intake.post({"submissions": items}, path="/v1/submissions/batch")
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [(x["index"], x["submission_id"], x["status"]) for x in results] == [
+        (0, "b-0", "accepted"), (1, "b-1", "rejected"), (2, "b-2", "accepted"), (3, None, "rejected")]
+    assert results[1]["errors"] == [{"field": "session_number", "message": "Input should be greater than or equal to 1"}]
+    assert results[3]["errors"][0]["field"] == "body"
+    await intake.reader.wait_for("b-0")
+    [rec] = await intake.reader.wait_for("b-2")
+    assert rec.key == b"acme:p-2"
+    await intake.reader.poll()
+    assert "b-1" not in intake.reader.seen
+
+
+async def test_batch_items_share_the_request_correlation_id(intake: Intake) -> None:
+    r = await intake.post({"submissions": [submission(submission_id=f"bc-{i}") for i in range(3)]},
+                          path="/v1/submissions/batch", headers={"X-Correlation-ID": "batch-corr"})
+    assert r.status_code == 200
+    for i in range(3):
+        assert (await intake.reader.wait_for(f"bc-{i}"))[0].headers["correlation_id"] == "batch-corr"
+
+
+async def test_batch_of_1000_is_accepted_and_of_1001_is_422(intake: Intake) -> None:
+    items = [submission(submission_id=f"k-{i}", client_id=f"p-{i}") for i in range(1001)]
+    r = await intake.post({"submissions": items[:1000]}, path="/v1/submissions/batch")
+    assert r.status_code == 200
+    assert sum(x["status"] == "accepted" for x in r.json()["results"]) == 1000
+    await intake.reader.wait_for("k-999")
+    r = await intake.post({"submissions": items}, path="/v1/submissions/batch")
+    assert r.status_code == 422
+    assert r.json()["errors"] == [{"field": "submissions", "message": "must hold 1 to 1000 submissions, got 1001"}]
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"submissions": []}, "submissions"),
+    ({"submissions": "x"}, "submissions"),
+    ({}, "submissions"),
+    ({"submissions": [{}], "extra": 1}, "extra"),
+    ([], "body"),
+], ids=["empty", "not a list", "missing", "unknown field", "not an object"])
+async def test_malformed_batch_envelope_is_422(intake: Intake, body: Any, field: str) -> None:
+    r = await intake.post(body, path="/v1/submissions/batch")
+    assert r.status_code == 422
+    assert field in [e["field"] for e in r.json()["errors"]]
+
+
+async def test_batch_with_site_bound_key_rejects_items_of_other_sites(intake: Intake) -> None:
+    items = [submission(submission_id="bs-0", site_id="north"), submission(submission_id="bs-1", site_id="south")]
+    r = await intake.post({"submissions": items}, path="/v1/submissions/batch", key=intake.keys.north)
+    assert r.status_code == 200
+    res = r.json()["results"]
+    assert [x["status"] for x in res] == ["accepted", "rejected"]
+    assert res[1]["errors"][0]["field"] == "site_id"
+
+
+async def test_batch_with_read_key_is_403(intake: Intake) -> None:
+    r = await intake.post({"submissions": [submission()]}, path="/v1/submissions/batch", key=intake.keys.read)
+    assert r.status_code == 403
+
+
+# --- CSV ---------------------------------------------------------------------------------------------
+
+CSV_HEADER = "submission_id,client_id,clinician_id,site_id,session_number,administered_at,relationship,goals,approach,overall,total"
+
+
+def csv_row(sid: str, *, session: str = "2", items: str = "9.1,8.4,9.0,8.8", total: str = "") -> str:
+    when = (datetime.now(UTC) - timedelta(days=1)).isoformat()
+    return f"{sid},p-77,c-17,north,{session},{when},{items},{total}"
+
+
+async def test_csv_import_reports_each_row_by_line_and_publishes_the_valid_ones(intake: Intake) -> None:
+    text = "\n".join([CSV_HEADER, csv_row("csv-1"), csv_row("csv-2", session="zero"), "",
+                      csv_row("", items=",,,", total="36.5"), csv_row("csv-4", items="9.1,,9.0,8.8")]) + "\n"
+    r = await intake.http.post("/v1/submissions/csv", content=text.encode(), headers={
+        **intake.auth(), "Content-Type": "text/csv"})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [(x["row"], x["status"]) for x in res] == [(2, "accepted"), (3, "rejected"), (5, "accepted"),
+                                                      (6, "rejected")]
+    assert res[1]["errors"][0]["field"] == "session_number"
+    assert res[3]["errors"][0]["field"] == "items.goals"
+    derived = res[2]["submission_id"]
+    assert derived.startswith("csv:") and derived.endswith(":5")
+    assert (await intake.reader.wait_for(derived))[0].event.total == 36.5
+    await intake.reader.wait_for("csv-1")
+
+
+async def test_csv_with_unknown_or_missing_columns_is_422(intake: Intake) -> None:
+    r = await intake.http.post("/v1/submissions/csv", content=b"client_id,mood\np-1,5\n", headers={
+        **intake.auth(), "Content-Type": "text/csv"})
+    assert r.status_code == 422
+    messages = " ".join(e["message"] for e in r.json()["errors"])
+    assert "unknown columns: mood" in messages and "missing required columns" in messages
+
+
+async def test_csv_endpoint_refuses_json_with_415(intake: Intake) -> None:
+    r = await intake.post({"submissions": []}, path="/v1/submissions/csv")
+    assert r.status_code == 415
+
+
+# --- metrics and logs ---------------------------------------------------------------------------------
+
+
+async def test_metrics_show_submissions_publish_latency_and_batch_size(intake: Intake) -> None:
+    assert (await intake.post(submission())).status_code == 202
+    assert (await intake.post(submission(session_number=0))).status_code == 422
+    text = (await intake.http.get("/metrics")).text
+    assert 'alliance_intake_submissions_total{outcome="accepted",reason="ok"}' in text
+    assert 'alliance_intake_submissions_total{outcome="rejected",reason="invalid"}' in text
+    assert 'alliance_intake_publish_seconds_bucket{endpoint="single"' in text
+    assert 'alliance_intake_batch_size_bucket{endpoint="batch"' in text
+    assert 'alliance_intake_http_requests_total{route="/v1/submissions",status_class="2xx"}' in text
+
+
+async def test_logs_carry_submission_and_correlation_ids_but_no_client_id_or_rating(
+        intake: Intake, caplog: pytest.LogCaptureFixture) -> None:
+    # as shared.logs.configure does in every service: aiokafka logs payloads at DEBUG
+    caplog.set_level(logging.WARNING, logger="aiokafka")
+    caplog.set_level(logging.DEBUG)  # last: it also sets the capturing handler's level
+    secret_client = "client-do-not-log-4711"
+    r1 = await intake.post(submission(submission_id="log-1", client_id=secret_client,
+                                      items={**ITEMS, "goals": 7.3}), headers={"X-Correlation-ID": "log-corr"})
+    r2 = await intake.post({"submissions": [submission(submission_id="log-2", client_id=secret_client,
+                                                       items={**ITEMS, "goals": 7.3})]},
+                           path="/v1/submissions/batch")
+    r3 = await intake.post(submission(client_id=secret_client, session_number=0))
+    assert (r1.status_code, r2.status_code, r3.status_code) == (202, 200, 422)
+    formatter = JsonFormatter("intake")
+    lines = [formatter.format(rec) for rec in caplog.records]
+    assert any('"submission_id": "log-1"' in line and '"correlation_id": "log-corr"' in line for line in lines)
+    for line in lines:
+        assert secret_client not in line and "7.3" not in line, line
