@@ -1,0 +1,106 @@
+"""Feeding and reading scoring's topics directly (benchmark and tests): synthetic submitted
+events published the way intake publishes them, and a reader that collects a topic."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from shared import ids
+from shared.events import Instrument, Items, SrsSubmitted
+from shared.kafka import CORRELATION_HEADER
+
+BASE = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+
+
+def submission(tenant: str, client: str, session: int, total: float | None = None, *,
+               items: Items | None = None, submission_id: str | None = None,
+               instrument: Instrument = Instrument.SRS, episode_id: str | None = None,
+               accepted_at: datetime | None = None, site: str = "north", clinician: str = "c-1") -> SrsSubmitted:
+    """A submitted event as intake would publish it."""
+    sid = submission_id or f"{client}-s{session}"
+    now = datetime.now(UTC)
+    return SrsSubmitted(
+        event_id=ids.submitted_event_id(tenant, sid), tenant_id=tenant, occurred_at=now,
+        submission_id=sid, site_id=site, clinician_id=clinician, client_id=client, episode_id=episode_id,
+        instrument=instrument, session_number=session, administered_at=BASE + timedelta(days=7 * session),
+        items=items, total=total, accepted_at=accepted_at or now,
+    )
+
+
+def series_total(client_index: int, session: int) -> float:
+    """A deterministic, varied series: most clients stable and high, some declining, some low."""
+    if client_index % 7 == 0:
+        return max(20.0, 39.0 - 2.5 * (session - 1))
+    if client_index % 11 == 0:
+        return min(39.0, 28.0 + 1.5 * (session - 1))
+    return 38.0 + (client_index + session) % 2 * 0.5
+
+
+async def start_producer(bootstrap: str, **kwargs: Any) -> AIOKafkaProducer:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, **kwargs)
+    await producer.start()
+    return producer
+
+
+async def publish(producer: AIOKafkaProducer, topic: str, events: Sequence[SrsSubmitted],
+                  correlation: str | None = None) -> None:
+    """Publish events keyed `tenant:client` and wait for every acknowledgement."""
+    futures = []
+    for ev in events:
+        headers = [(CORRELATION_HEADER, (correlation or f"corr-{ev.submission_id}").encode())]
+        futures.append(await producer.send(topic, ev.model_dump_json().encode(),
+                                           key=ids.partition_key(ev.tenant_id, ev.client_id), headers=headers))
+    await asyncio.gather(*futures)
+
+
+@dataclass
+class TopicReader:
+    """Reads every partition of a topic from the beginning, without a group, in the background."""
+
+    bootstrap: str
+    topic: str
+    records: list[Any] = field(default_factory=list)
+    _consumer: AIOKafkaConsumer | None = None
+    _task: asyncio.Task[None] | None = None
+
+    async def start(self) -> TopicReader:
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
+                                          auto_offset_reset="earliest")
+        await self._consumer.start()
+        partitions = None
+        for _ in range(50):
+            await self._consumer.topics()  # refreshes the metadata
+            partitions = self._consumer.partitions_for_topic(self.topic)
+            if partitions:
+                break
+            await asyncio.sleep(0.1)
+        tps = [TopicPartition(self.topic, p) for p in sorted(partitions or ())]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_beginning(*tps)
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def _run(self) -> None:
+        assert self._consumer is not None
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=200, max_records=5000)
+            for recs in batch.values():
+                self.records.extend(recs)
+
+    def values(self) -> list[bytes]:
+        return [r.value for r in self.records]
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
