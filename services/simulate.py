@@ -4,18 +4,20 @@
 
 Two halves, kept apart so the first can be tested without any I/O:
 
-- `plan(...)` builds the whole run up front, deterministically from a seed: which client gives which
-  rating when, which submissions are retries of earlier ones, which sessions arrive late, which
-  bodies are invalid, and which go through the batch endpoint.
+- `iter_plan(...)` / `plan(...)` generate the run deterministically from a seed: which client gives
+  which rating, which submissions are retries of earlier ones, which sessions arrive late, which
+  bodies are invalid, and which go through the batch endpoint. `iter_plan` streams (a week-long
+  demo run never holds its whole plan in memory); `plan` is the same stream as a list.
 - `send(...)` posts a plan to intake at the offered rate (open loop: each request is due at
   `submissions_before / rate` seconds after the start), stops by itself after `duration`, and counts
   what intake answered.
 
 The network: `sites`, `clinicians` and `clients` are totals, spread round-robin (sites over tenants,
-clinicians over sites, clients over clinicians). Each client follows one alliance trajectory:
-most are high and stable (totals ~36-40), some decline session by session, some start low and
-recover. A few clients fill in the child (CSRS) or group (GSRS) form, and some come from EHR
-exports that only carry a total.
+clinicians over sites, clients over clinicians). `clients` is the active caseload: each client
+comes for a course of 6-20 weekly sessions and is then discharged, and a new client takes the
+slot. Each client follows one alliance trajectory: most are high and stable (totals ~36-40), some
+decline session by session, some start low and recover. A few fill in the child (CSRS) or group
+(GSRS) form, and some come from EHR exports that only carry a total.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ import random
 import re
 import secrets
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -41,6 +43,7 @@ from rich.table import Table
 Kind = Literal["new", "duplicate", "late", "invalid"]
 Trajectory = Literal["stable_high", "declining", "low_recovering"]
 ITEMS = ("relationship", "goals", "approach", "overall")
+DEFAULT_NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 # Rules of issue 3 the planner breaks on purpose; each must get a 422 (or a rejected batch item).
 INVALID_RULES: tuple[str, ...] = (
@@ -62,6 +65,7 @@ class Mix:
     csrs: float = 0.05
     gsrs: float = 0.04
     episodes: float = 0.3
+    course: tuple[int, int] = (6, 20)  # weekly sessions before discharge
     # per submission
     duplicate: float = 0.05
     late: float = 0.04
@@ -73,9 +77,10 @@ class Mix:
 
 @dataclass(frozen=True)
 class Client:
-    """One simulated client and the form and trajectory their ratings follow."""
+    """One simulated client: where they are seen, which form they fill in, how their alliance moves."""
 
-    index: int
+    slot: int  # caseload slot; when a client is discharged, a new client takes the slot
+    generation: int
     tenant: int
     site_id: str
     clinician_id: str
@@ -86,6 +91,11 @@ class Client:
     episode_id: str | None
     start_total: float
     slope: float  # change of the expected total per session
+    course: int  # sessions before discharge
+    anchor: datetime  # administered_at of session 1; sessions are weekly
+
+    def administered_at(self, session_number: int) -> str:
+        return (self.anchor + timedelta(weeks=session_number - 1)).isoformat()
 
 
 @dataclass(frozen=True)
@@ -97,9 +107,10 @@ class PlannedSubmission:
     kind: Kind
     body: dict[str, Any]
     batch: int | None = None  # submissions sharing a batch id go in one batch request, in order
-    client: int | None = None  # index into the network's clients
+    client: int | None = None  # the caseload slot of the client
     session_number: int | None = None
     invalid_rule: str | None = None
+    trajectory: Trajectory | None = None
 
     @property
     def submission_id(self) -> str:
@@ -112,7 +123,7 @@ class PlannedSubmission:
 
 @dataclass(frozen=True)
 class Network:
-    """The synthetic network: tenants index the submit keys; clients carry their trajectories."""
+    """The synthetic network: tenants index the submit keys; clients are the first generation per slot."""
 
     tenants: int
     sites: tuple[tuple[int, str], ...]  # (tenant, site_id)
@@ -120,8 +131,31 @@ class Network:
     clients: tuple[Client, ...]
 
 
+def new_client(slot: int, generation: int, clinician: tuple[int, str, str], rng: random.Random, run: str,
+               mix: Mix, first_seen: datetime) -> Client:
+    """A client entering the caseload; their course of sessions ends before `first_seen` (when we first post)."""
+    tenant, site_id, clinician_id = clinician
+    r = rng.random()
+    trajectory: Trajectory
+    if r < mix.declining:
+        trajectory, start, slope = "declining", rng.uniform(36.5, 39.5), -rng.uniform(0.6, 1.5)
+    elif r < mix.declining + mix.low_recovering:
+        trajectory, start, slope = "low_recovering", rng.uniform(25.0, 33.0), rng.uniform(0.6, 1.5)
+    else:
+        trajectory, start, slope = "stable_high", rng.uniform(37.0, 39.5), 0.0
+    f = rng.random()
+    instrument = "CSRS" if f < mix.csrs else "GSRS" if f < mix.csrs + mix.gsrs else "SRS"
+    course = rng.randint(*mix.course)
+    # the whole course is history by the time it is posted: a site catching up, or an EHR export
+    anchor = first_seen - timedelta(weeks=course, minutes=rng.randint(60, 3 * 24 * 60))
+    client_id = f"cl-{run}-{slot + 1:05d}" + (f"-g{generation}" if generation else "")
+    return Client(slot, generation, tenant, site_id, clinician_id, client_id, trajectory, instrument,
+                  rng.random() < mix.total_only, "ep-1" if rng.random() < mix.episodes else None, start, slope,
+                  course, anchor)
+
+
 def build_network(tenants: int, sites: int, clinicians: int, clients: int, rng: random.Random, run: str,
-                  mix: Mix = Mix()) -> Network:
+                  mix: Mix = Mix(), now: datetime = DEFAULT_NOW) -> Network:
     """Spread sites over tenants, clinicians over sites, clients over clinicians (round-robin)."""
     tenants = max(1, tenants)
     sites = max(sites, tenants)
@@ -129,27 +163,8 @@ def build_network(tenants: int, sites: int, clinicians: int, clients: int, rng: 
     clients = max(clients, 1)
     site_list = tuple((i % tenants, f"site-{i + 1}") for i in range(sites))
     clin_list = tuple((site_list[j % sites][0], site_list[j % sites][1], f"clin-{j + 1}") for j in range(clinicians))
-    out: list[Client] = []
-    for k in range(clients):
-        tenant, site_id, clinician_id = clin_list[k % clinicians]
-        r = rng.random()
-        trajectory: Trajectory
-        if r < mix.declining:
-            trajectory, start, slope = "declining", rng.uniform(36.5, 39.5), -rng.uniform(0.8, 2.0)
-        elif r < mix.declining + mix.low_recovering:
-            trajectory, start, slope = "low_recovering", rng.uniform(25.0, 33.0), rng.uniform(0.8, 2.0)
-        else:
-            trajectory, start, slope = "stable_high", rng.uniform(37.0, 39.5), 0.0
-        f = rng.random()
-        instrument = "CSRS" if f < mix.csrs else "GSRS" if f < mix.csrs + mix.gsrs else "SRS"
-        out.append(Client(
-            index=k, tenant=tenant, site_id=site_id, clinician_id=clinician_id,
-            client_id=f"cl-{run}-{k + 1:05d}", trajectory=trajectory, instrument=instrument,
-            total_only=rng.random() < mix.total_only,
-            episode_id="ep-1" if rng.random() < mix.episodes else None,
-            start_total=start, slope=slope,
-        ))
-    return Network(tenants, site_list, clin_list, tuple(out))
+    first = tuple(new_client(k, 0, clin_list[k % clinicians], rng, run, mix, now) for k in range(clients))
+    return Network(tenants, site_list, clin_list, first)
 
 
 def _round1(x: float) -> float:
@@ -160,7 +175,7 @@ def rating(client: Client, session_number: int, rng: random.Random) -> dict[str,
     """The items (or total) a client gives at one session, following their trajectory."""
     expected = client.start_total + client.slope * (session_number - 1)
     noise = 0.5 if client.trajectory == "stable_high" else 0.8
-    total = min(40.0, max(8.0, expected + rng.gauss(0.0, noise)))
+    total = min(40.0, max(12.0, expected + rng.gauss(0.0, noise)))
     if client.trajectory == "stable_high":
         total = max(total, 35.0)
     items = [min(10.0, max(0.0, _round1(total / 4 + rng.gauss(0.0, 0.25)))) for _ in ITEMS]
@@ -169,136 +184,140 @@ def rating(client: Client, session_number: int, rng: random.Random) -> dict[str,
     return dict(zip(ITEMS, items, strict=True))
 
 
-@dataclass
-class _Draft:
-    """A submission before timestamps are known (they depend on each client's final session count)."""
+def iter_plan(tenants: int, sites: int, clinicians: int, clients: int, count: int | None, seed: int = 0,
+              run: str = "", now: datetime | None = None, rate: float | None = None,
+              mix: Mix = Mix()) -> Iterator[PlannedSubmission]:
+    """The run in send order: `count` submissions (retries, late and invalid ones included), or endless.
 
-    tenant: int
-    kind: Kind
-    client: int
-    session_number: int
-    submission_id: str
-    rating: dict[str, float]
-    batch: int | None = None
-    invalid_rule: str | None = None
-
-
-def plan(tenants: int, sites: int, clinicians: int, clients: int, count: int, seed: int = 0, run: str = "",
-         now: datetime | None = None, mix: Mix = Mix()) -> list[PlannedSubmission]:
-    """The whole run, in send order; the same arguments always give the same plan.
-
-    `count` submissions in all (retries, late and invalid ones included). Timestamps are weekly per
-    client and end one hour before `now`, so a plan posted within a day stays valid.
+    The same arguments always give the same stream. `now` is when sending starts and `rate` the
+    offered rate: a client who enters the caseload when the stream is at position p has a course
+    of weekly sessions that ends before `now + p / rate`, so every valid timestamp is in the past
+    when it is posted.
     """
     rng = random.Random(seed)
     run = run or f"s{seed}"
-    now = now or datetime(2026, 1, 1, tzinfo=UTC)
-    net = build_network(tenants, sites, clinicians, clients, rng, run, mix)
+    start = now or DEFAULT_NOW
+    net = build_network(tenants, sites, clinicians, clients, rng, run, mix, start)
+    active = list(net.clients)
+    next_session = [1] * len(active)
     by_tenant: dict[int, list[int]] = {}
-    for c in net.clients:
-        by_tenant.setdefault(c.tenant, []).append(c.index)
-    next_session = [1] * len(net.clients)
-    drafts: list[_Draft] = []
-    pending_late: list[tuple[int, _Draft]] = []  # (due position, the older session held back)
+    for c in active:
+        by_tenant.setdefault(c.tenant, []).append(c.slot)
+    recent: deque[PlannedSubmission] = deque(maxlen=300)  # what a retry may resend
+    pending: list[tuple[int, PlannedSubmission]] = []  # (due position, an older session held back)
+    in_batch: set[str] = set()
+    emitted = 0
     n_ids = 0
     batch_no = 0
+    unbounded = 1 << 62
 
-    def new_id() -> str:
+    def posted_at(pos: int) -> datetime:
+        return start + timedelta(seconds=pos / rate) if rate else start
+
+    def take_session(slot: int) -> tuple[Client, int]:
+        client, n = active[slot], next_session[slot]
+        next_session[slot] += 1
+        if next_session[slot] > client.course:  # discharged: the slot goes to a new client
+            active[slot] = new_client(slot, client.generation + 1, (client.tenant, client.site_id,
+                                                                    client.clinician_id),
+                                      rng, run, mix, posted_at(emitted))
+            next_session[slot] = 1
+        return client, n
+
+    def make(client: Client, n: int, kind: Kind, batch: int | None, rule: str | None = None) -> PlannedSubmission:
         nonlocal n_ids
         n_ids += 1
-        return f"sim-{run}-{n_ids:07d}"
+        body = _body(client, f"sim-{run}-{n_ids:07d}", n, rating(client, n, rng))
+        if rule is not None:
+            body = _break(body, rule, posted_at(emitted), rng)
+        return PlannedSubmission(-1, client.tenant, kind, body, batch, client.slot, n, rule, client.trajectory)
 
-    def session(client: int, kind: Kind, batch: int | None) -> _Draft:
-        n = next_session[client]
-        next_session[client] += 1
-        return _Draft(net.clients[client].tenant, kind, client, n, new_id(), rating(net.clients[client], n, rng),
-                      batch)
-
-    def one(tenant: int | None, batch: int | None, room: int) -> list[_Draft]:
+    def one(tenant: int | None, batch: int | None, room: int) -> PlannedSubmission:
         """One lottery draw: a new session, a retry, a late pair, or an invalid body."""
-        pool = by_tenant[tenant] if tenant is not None else range(len(net.clients))
-        client = rng.choice(pool)
+        slot = rng.choice(by_tenant[tenant]) if tenant is not None else rng.randrange(len(active))
+        client = active[slot]
         r = rng.random()
-        if r < mix.invalid:
-            n = next_session[client]  # an invalid body does not use up a session number
-            d = _Draft(net.clients[client].tenant, "invalid", client, n, new_id(),
-                       rating(net.clients[client], n, rng), batch, rng.choice(INVALID_RULES))
-            return [d]
+        if r < mix.invalid:  # an invalid body does not use up a session number
+            return make(client, next_session[slot], "invalid", batch, rng.choice(INVALID_RULES))
         r -= mix.invalid
         if r < mix.duplicate:
-            # a retry of something already sent in an earlier request (same tenant, same body)
-            in_batch = {d.submission_id for d in drafts[-1000:] if batch is not None and d.batch == batch}
-            earlier = [d for d in drafts[-300:] if d.kind != "invalid" and d.submission_id not in in_batch
-                       and (batch is None or d.batch != batch) and (tenant is None or d.tenant == tenant)]
+            # a retry of something sent in an earlier request (same tenant, same body)
+            earlier = [p for p in recent if (batch is None or p.batch != batch) and p.submission_id not in in_batch
+                       and (tenant is None or p.tenant == tenant)]
             if earlier:
-                src = rng.choice(earlier)
-                return [_Draft(src.tenant, "duplicate", src.client, src.session_number, src.submission_id,
-                               src.rating, batch)]
+                return replace(rng.choice(earlier), kind="duplicate", batch=batch)
         r -= mix.duplicate
         if r < mix.late and room >= 2:
-            # the newer session goes now, the older one a few submissions later
-            older = session(client, "late", None)
-            newer = session(client, "new", batch)
-            pending_late.append((len(drafts) + rng.randint(3, 25), older))
-            return [newer]
-        return [session(client, "new", batch)]
+            # the newer session goes now, the older one a few submissions later; a client in their
+            # last session cannot have a pair, so pick another one
+            pool = by_tenant[tenant] if tenant is not None else range(len(active))
+            for _ in range(10):
+                if next_session[slot] < active[slot].course:
+                    break
+                slot = rng.choice(pool)
+            else:
+                return make(*take_session(slot), "new", batch)
+            older = make(*take_session(slot), "late", None)
+            newer = make(*take_session(slot), "new", batch)
+            pending.append((emitted + rng.randint(3, 25), older))
+            return newer
+        return make(*take_session(slot), "new", batch)
 
-    while len(drafts) + len(pending_late) < count:
-        due = [p for p in pending_late if p[0] <= len(drafts)]
-        if due:
-            pending_late.remove(due[0])
-            drafts.append(due[0][1])
+    def emit(p: PlannedSubmission) -> PlannedSubmission:
+        nonlocal emitted
+        p = replace(p, seq=emitted)
+        emitted += 1
+        if p.valid:
+            recent.append(p)
+        return p
+
+    def room() -> int:
+        return unbounded if count is None else count - emitted - len(pending)
+
+    while room() > 0:
+        due = next((p for p in pending if p[0] <= emitted), None)
+        if due is not None:
+            pending.remove(due)
+            yield emit(due[1])
             continue
-        room = count - len(drafts) - len(pending_late)
-        if rng.random() < mix.batch_steps and room > 1:
+        if rng.random() < mix.batch_steps and room() > 1:
             batch_no += 1
             tenant = rng.randrange(net.tenants)
-            size = min(room, rng.randint(*mix.batch_size))
-            before = len(drafts) + len(pending_late)
-            while len(drafts) + len(pending_late) - before < size:
-                drafts.extend(one(tenant, batch_no, count - len(drafts) - len(pending_late)))
+            size = min(room(), rng.randint(*mix.batch_size))
+            in_batch.clear()
+            target = room() - size
+            while room() > target:
+                p = one(tenant, batch_no, room())
+                in_batch.add(p.submission_id)
+                yield emit(p)
         else:
-            drafts.extend(one(None, None, room))
-    for _, d in sorted(pending_late, key=lambda p: p[0]):
-        drafts.append(d)
-
-    # Timestamps: weekly, the client's last session one hour (plus a little) before `now`.
-    last = [n - 1 for n in next_session]
-    planned: list[PlannedSubmission] = []
-    stamps: dict[str, str] = {}
-    first_body: dict[str, dict[str, Any]] = {}
-    for seq, d in enumerate(drafts):
-        if d.kind == "duplicate":
-            body = dict(first_body[d.submission_id])
-        else:
-            weeks_back = max(0, last[d.client] - d.session_number)
-            at = now - timedelta(hours=1, minutes=(d.client * 7) % 50) - timedelta(weeks=weeks_back)
-            stamp = stamps.setdefault(f"{d.client}:{d.session_number}", at.isoformat())
-            body = _body(net.clients[d.client], d, stamp)
-            if d.invalid_rule is not None:
-                body = _break(body, d.invalid_rule, now, rng)
-        first_body.setdefault(d.submission_id, body)
-        planned.append(PlannedSubmission(seq, d.tenant, d.kind, body, d.batch, d.client, d.session_number,
-                                         d.invalid_rule))
-    return planned
+            yield emit(one(None, None, room()))
+    for _, p in sorted(pending, key=lambda d: d[0]):
+        yield emit(p)
 
 
-def _body(client: Client, d: _Draft, administered_at: str) -> dict[str, Any]:
+def plan(tenants: int, sites: int, clinicians: int, clients: int, count: int, seed: int = 0, run: str = "",
+         now: datetime | None = None, rate: float | None = None, mix: Mix = Mix()) -> list[PlannedSubmission]:
+    """`iter_plan` as a list of exactly `count` submissions."""
+    return list(iter_plan(tenants, sites, clinicians, clients, count, seed, run, now, rate, mix))
+
+
+def _body(client: Client, submission_id: str, session_number: int, rating: dict[str, float]) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "submission_id": d.submission_id,
+        "submission_id": submission_id,
         "instrument": client.instrument,
         "client_id": client.client_id,
         "clinician_id": client.clinician_id,
         "site_id": client.site_id,
-        "session_number": d.session_number,
-        "administered_at": administered_at,
+        "session_number": session_number,
+        "administered_at": client.administered_at(session_number),
     }
     if client.episode_id is not None:
         body["episode_id"] = client.episode_id
-    if "total" in d.rating:
-        body["total"] = d.rating["total"]
+    if "total" in rating:
+        body["total"] = rating["total"]
     else:
-        body["items"] = dict(d.rating)
+        body["items"] = dict(rating)
     return body
 
 
@@ -342,15 +361,16 @@ def _break(body: dict[str, Any], rule: str, now: datetime, rng: random.Random) -
     return b
 
 
-def requests(planned: Sequence[PlannedSubmission]) -> list[list[PlannedSubmission]]:
+def requests(planned: Iterable[PlannedSubmission]) -> Iterator[list[PlannedSubmission]]:
     """Group a plan into HTTP requests: a single post, or consecutive members of one batch."""
-    out: list[list[PlannedSubmission]] = []
+    group: list[PlannedSubmission] = []
     for p in planned:
-        if p.batch is not None and out and out[-1][0].batch == p.batch:
-            out[-1].append(p)
-        else:
-            out.append([p])
-    return out
+        if group and (p.batch is None or group[0].batch != p.batch):
+            yield group
+            group = []
+        group.append(p)
+    if group:
+        yield group
 
 
 # ---------------------------------------------------------------------------------------------- sending
@@ -374,7 +394,8 @@ class SendStats:
     unexpected: int = 0  # a valid submission rejected, or an invalid one accepted
     behind_seconds: float = 0.0  # how far the sender fell behind its schedule at worst
     elapsed: float = 0.0
-    accepted_ids: set[str] = field(default_factory=set)
+    track_ids: bool = True
+    accepted_ids: set[str] = field(default_factory=set)  # only with track_ids (it grows with the run)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -434,7 +455,8 @@ async def _post(client: httpx.AsyncClient, key: str, group: list[PlannedSubmissi
         stats.invalid += p.kind == "invalid"
         if outcome == "accepted":
             stats.accepted += 1
-            stats.accepted_ids.add(p.submission_id)
+            if stats.track_ids:
+                stats.accepted_ids.add(p.submission_id)
         else:
             stats.rejected[st] += 1
         if (outcome == "accepted") != p.valid:
@@ -443,16 +465,18 @@ async def _post(client: httpx.AsyncClient, key: str, group: list[PlannedSubmissi
             on_result(p, outcome, st, at)
 
 
-async def send(planned: Sequence[PlannedSubmission], url: str, keys: Sequence[str], rate: float, duration: float,
+async def send(planned: Iterable[PlannedSubmission], url: str, keys: Sequence[str], rate: float, duration: float,
                on_result: ResultHook | None = None, on_tick: Callable[[SendStats], None] | None = None,
-               concurrency: int = 64, grace: float = 15.0,
-               transport: httpx.AsyncBaseTransport | None = None) -> SendStats:
+               concurrency: int = 64, grace: float = 15.0, transport: httpx.AsyncBaseTransport | None = None,
+               total: int | None = None, track_ids: bool = True) -> SendStats:
     """Post a plan at `rate` submissions/s for at most `duration` seconds; wait up to `grace` for answers."""
     if not keys:
         raise ValueError("no submit keys")
     if rate <= 0:
         raise ValueError("rate must be > 0")
-    stats = SendStats(planned=len(planned))
+    if total is None:
+        total = len(planned) if isinstance(planned, Sequence) else 0
+    stats = SendStats(planned=total, track_ids=track_ids)
     sem = asyncio.Semaphore(concurrency)
     tasks: set[asyncio.Task[None]] = set()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -495,41 +519,49 @@ async def send(planned: Sequence[PlannedSubmission], url: str, keys: Sequence[st
 
 async def run_simulation(tenants: int, sites: int, clinicians: int, clients: int, rate: float, duration: float,
                          url: str, keys: Sequence[str], seed: int = 0, run: str = "", quiet: bool = True,
-                         console: Console | None = None) -> tuple[list[PlannedSubmission], SendStats]:
-    """Plan and post one simulation; returns the plan and the counts."""
+                         keep: bool = False, console: Console | None = None
+                         ) -> tuple[list[PlannedSubmission], SendStats]:
+    """Plan and post one simulation; returns the plan (only with `keep`) and the counts.
+
+    Without `keep` the plan is streamed and accepted ids are not kept, so memory stays flat however
+    long the run.
+    """
     count = max(1, int(rate * duration))
-    planned = plan(tenants, sites, clinicians, clients, count, seed=seed, run=run or secrets.token_hex(3),
-                   now=datetime.now(UTC))
+    stream = iter_plan(tenants, sites, clinicians, clients, count, seed=seed, run=run or secrets.token_hex(3),
+                       now=datetime.now(UTC), rate=rate)
+    planned: list[PlannedSubmission] = list(stream) if keep else []
+    source: Iterable[PlannedSubmission] = planned if keep else stream
     if quiet:
-        return planned, await send(planned, url, keys, rate, duration)
+        return planned, await send(source, url, keys, rate, duration, total=count, track_ids=keep)
     console = console or Console(stderr=True)
     columns = (TextColumn("[bold]simulate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.description}"))
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("", total=len(planned))
+    live: list[SendStats] = []
 
-        def tick(s: SendStats) -> None:
-            rejected = sum(s.rejected.values())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("", total=count)
+
+        def show(s: SendStats) -> None:
             progress.update(task, completed=s.sent, description=(
-                f"accepted {s.accepted}  rejected {rejected}  dup {s.duplicates}  late {s.late}"
+                f"accepted {s.accepted}  rejected {sum(s.rejected.values())}  dup {s.duplicates}  late {s.late}"
                 f"  retried {s.retried}"))
 
-        async def ticker() -> None:
-            while True:
-                await asyncio.sleep(0.25)
-                tick(stats_box[0])
-
-        stats_box = [SendStats()]
-
         def on_tick(s: SendStats) -> None:
-            stats_box[0] = s
+            if not live:
+                live.append(s)
+
+        async def ticker() -> None:
+            while True:  # answers arrive between sends, so refresh on a clock too
+                await asyncio.sleep(0.25)
+                if live:
+                    show(live[0])
 
         ticking = asyncio.create_task(ticker())
         try:
-            stats = await send(planned, url, keys, rate, duration, on_tick=on_tick)
+            stats = await send(source, url, keys, rate, duration, on_tick=on_tick, total=count, track_ids=keep)
         finally:
             ticking.cancel()
-        tick(stats)
+        show(stats)
     return planned, stats
 
 

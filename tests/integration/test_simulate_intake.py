@@ -43,7 +43,7 @@ async def simulated(stack: StackUnderTest, tmp_path_factory: pytest.TempPathFact
     log_dir = tmp_path_factory.mktemp("simulate-logs")
     with running(["intake"], ns, Path(log_dir)) as procs:
         planned, stats = await run_simulation(2, 4, 8, 40, rate=60, duration=4, url=procs["intake"].url, keys=keys,
-                                              seed=3, quiet=True)
+                                              seed=3, quiet=True, keep=True)
     yield Run(ns, planned, stats)
 
 
