@@ -40,7 +40,9 @@ Outcome = Literal["delivered", "retry", "failed", "cancelled"]
 
 
 def utcnow() -> datetime:
-    return datetime.now(UTC)
+    """Now, at the store's precision (BSON dates are milliseconds), so answers match what is stored."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond - now.microsecond % 1000)
 
 
 def clinician_key(tenant_id: str, clinician_id: str) -> str:

@@ -1,0 +1,216 @@
+"""Tools to drive the alerts service from the outside, shared by its benchmark and its tests.
+
+- `WebhookReceiver`: a small threaded HTTP server on 127.0.0.1 that records every request and
+  answers per path: succeed, fail the first N times, always fail, or hold the request until
+  released (a slow receiver).
+- `EventPublisher`: publishes contract events straight onto a topic, keyed like production.
+- `deterioration` / `scored`: valid events for a tenant, clinician and client.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from pydantic import BaseModel
+
+from shared import ids
+from shared.events import AllianceDeterioration, SrsScored
+
+
+@dataclass
+class Received:
+    """One request the receiver got."""
+
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    status: int
+    at: float  # time.time() when it arrived
+
+    @property
+    def webhook_id(self) -> str:
+        return self.headers.get("webhook-id", "")
+
+
+@dataclass
+class Behaviour:
+    """How a path answers."""
+
+    fail_first: int = 0  # answer 500 to the first N requests
+    always_fail: bool = False
+    hold: threading.Event | None = None  # block requests after the first `hold_after` until set
+    hold_after: int = 0
+    hold_max: float = 30.0
+    seen: int = 0
+    held_now: int = 0
+
+
+@dataclass
+class WebhookReceiver:
+    """Records requests per path; thread-safe."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    requests: list[Received] = field(default_factory=list)
+    behaviours: dict[str, Behaviour] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _server: ThreadingHTTPServer | None = None
+    _thread: threading.Thread | None = None
+    on_request: Any = None  # optional callable(Received), called from the server thread
+
+    def start(self) -> WebhookReceiver:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                path = self.path.split("?", 1)[0]
+                with receiver._lock:
+                    b = receiver.behaviours.setdefault(path, Behaviour())
+                    b.seen += 1
+                    n = b.seen
+                    hold = b.hold if n > b.hold_after else None
+                    if hold is not None:
+                        b.held_now += 1
+                if hold is not None:
+                    hold.wait(b.hold_max)
+                    with receiver._lock:
+                        b.held_now -= 1
+                status = 500 if b.always_fail or n <= b.fail_first else 200
+                rec = Received(path, {k.lower(): v for k, v in self.headers.items()}, body, status, time.time())
+                with receiver._lock:
+                    receiver.requests.append(rec)
+                if receiver.on_request is not None:
+                    receiver.on_request(rec)
+                payload = b'{"ok":true}' if status == 200 else b'{"ok":false}'
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, format: str, *args: Any) -> None:  # quiet
+                return
+
+        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
+        self._server.daemon_threads = True
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, name="webhook-receiver", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            for b in self.behaviours.values():
+                if b.hold is not None:
+                    b.hold.set()
+            self._server.shutdown()
+            self._server.server_close()
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host}:{self.port}{path}"
+
+    def behave(self, path: str, **kwargs: Any) -> str:
+        """Set how `path` answers; returns its URL."""
+        with self._lock:
+            self.behaviours[path] = Behaviour(**kwargs)
+        return self.url(path)
+
+    def at(self, path: str) -> list[Received]:
+        """Requests to `path` so far (a copy)."""
+        with self._lock:
+            return [r for r in self.requests if r.path == path]
+
+    def held(self, path: str) -> int:
+        with self._lock:
+            b = self.behaviours.get(path)
+            return b.held_now if b else 0
+
+
+class TopicReader:
+    """Reads a whole topic from the beginning (no consumer group), accumulating what it saw."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                          auto_offset_reset="earliest")
+        self._topic = topic
+        self.records: list[tuple[bytes | None, bytes, dict[str, str]]] = []
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        partitions = self._consumer.partitions_for_topic(self._topic) or set()
+        if not partitions:
+            await self._consumer._client.force_metadata_update()
+            partitions = self._consumer.partitions_for_topic(self._topic) or set()
+        tps = [TopicPartition(self._topic, p) for p in sorted(partitions)]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_beginning(*tps)
+
+    async def poll(self) -> list[tuple[bytes | None, bytes, dict[str, str]]]:
+        """Fetch what arrived since the last poll; returns everything read so far."""
+        batches = await self._consumer.getmany(timeout_ms=200, max_records=1000)
+        for recs in batches.values():
+            for r in recs:
+                headers = {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))
+                           for k, v in (r.headers or ())}
+                self.records.append((r.key, r.value, headers))
+        return self.records
+
+    async def stop(self) -> None:
+        await self._consumer.stop()
+
+
+class EventPublisher:
+    """Publishes events the way scoring does: JSON, key `tenant:client`, correlation id header."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=1)
+
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+
+    async def publish(self, topic: str, event: BaseModel, tenant_id: str, client_id: str,
+                      correlation_id: str | None = None) -> None:
+        await self._producer.send_and_wait(
+            topic, event.model_dump_json().encode(), key=ids.partition_key(tenant_id, client_id),
+            headers=[("correlation_id", (correlation_id or str(uuid.uuid4())).encode()),
+                     ("content-type", b"application/json")])
+
+    async def publish_raw(self, topic: str, value: bytes, key: bytes | None = None) -> None:
+        await self._producer.send_and_wait(topic, value, key=key)
+
+
+def deterioration(tenant_id: str, clinician_id: str, client_id: str, submission_id: str | None = None,
+                  site_id: str = "site-a", accepted_at: datetime | None = None) -> AllianceDeterioration:
+    """A valid deterioration event (ids derived like scoring derives them)."""
+    sid = submission_id or uuid.uuid4().hex
+    now = datetime.now(UTC)
+    return AllianceDeterioration(
+        event_id=ids.derive("deterioration", tenant_id, sid), tenant_id=tenant_id, occurred_at=now,
+        submission_id=sid, site_id=site_id, clinician_id=clinician_id, client_id=client_id, session_number=3,
+        administered_at=now, alert_id=ids.alert_id(tenant_id, sid), triggers=["below_cutoff", "drop_from_previous"],
+        severity="warning", total=31.2, previous_total=36.5, change_from_previous=-5.3, cutoff=36.0,
+        accepted_at=accepted_at or now)
+
+
+def scored(tenant_id: str, clinician_id: str, client_id: str, submission_id: str | None = None,
+           site_id: str = "site-a") -> SrsScored:
+    """A valid scored event."""
+    sid = submission_id or uuid.uuid4().hex
+    now = datetime.now(UTC)
+    return SrsScored(
+        event_id=ids.scored_event_id(tenant_id, sid), tenant_id=tenant_id, occurred_at=now, submission_id=sid,
+        site_id=site_id, clinician_id=clinician_id, client_id=client_id, session_number=2, administered_at=now,
+        total=38.0, cutoff=36.0, scored_at=now, accepted_at=now)
