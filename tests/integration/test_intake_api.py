@@ -98,7 +98,9 @@ class TopicReader:
             got = self.seen.get(submission_id, [])
             return got if len(got) >= count else None
 
-        return await eventually(check, timeout=timeout, interval=0.05)
+        found = await eventually(check, timeout=timeout, interval=0.05)
+        assert found is not None
+        return found
 
 
 @dataclass
@@ -401,7 +403,8 @@ async def test_batch_accepts_valid_items_and_rejects_invalid_ones_by_index(intak
     results = r.json()["results"]
     assert [(x["index"], x["submission_id"], x["status"]) for x in results] == [
         (0, "b-0", "accepted"), (1, "b-1", "rejected"), (2, "b-2", "accepted"), (3, None, "rejected")]
-    assert results[1]["errors"] == [{"field": "session_number", "message": "Input should be greater than or equal to 1"}]
+    assert results[1]["errors"] == [{"field": "session_number",
+                                     "message": "Input should be greater than or equal to 1"}]
     assert results[3]["errors"][0]["field"] == "body"
     await intake.reader.wait_for("b-0")
     [rec] = await intake.reader.wait_for("b-2")
@@ -458,7 +461,8 @@ async def test_batch_with_read_key_is_403(intake: Intake) -> None:
 
 # --- CSV ---------------------------------------------------------------------------------------------
 
-CSV_HEADER = "submission_id,client_id,clinician_id,site_id,session_number,administered_at,relationship,goals,approach,overall,total"
+CSV_HEADER = ("submission_id,client_id,clinician_id,site_id,session_number,administered_at,"
+              "relationship,goals,approach,overall,total")
 
 
 def csv_row(sid: str, *, session: str = "2", items: str = "9.1,8.4,9.0,8.8", total: str = "") -> str:
@@ -528,3 +532,38 @@ async def test_logs_carry_submission_and_correlation_ids_but_no_client_id_or_rat
     assert any('"submission_id": "log-1"' in line and '"correlation_id": "log-corr"' in line for line in lines)
     for line in lines:
         assert secret_client not in line and "7.3" not in line, line
+
+
+# --- 429: a token bucket per key, counting submissions ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+async def limited(intake_ns: Namespace) -> AsyncIterator[Intake]:
+    """A second intake whose keys may submit 3 at once and then 1 per second."""
+    app = create_app(intake_config(intake_ns, rate_per_second=1, rate_burst=3))
+    keys = await make_keys(intake_ns)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app), base_url="http://intake", timeout=30) as http:
+        await eventually(lambda: ready(http), timeout=60)
+        yield Intake(app, http, keys, TopicReader("", ""), intake_ns)
+
+
+async def test_requests_past_the_per_key_rate_are_429_with_retry_after(limited: Intake) -> None:
+    statuses = [(await limited.post(submission())).status_code for _ in range(3)]
+    assert statuses == [202, 202, 202]
+    r = await limited.post(submission())
+    assert r.status_code == 429
+    assert int(r.headers["retry-after"]) >= 1
+    assert "rate limit" in r.json()["errors"][0]["message"]
+    # the bucket is per key: another key of the same tenant is not limited
+    assert (await limited.post(submission(), key=limited.keys.north)).status_code == 202
+
+
+async def test_batch_items_count_against_the_rate(limited: Intake) -> None:
+    key = limited.keys.other_tenant
+    r = await limited.post({"submissions": [submission(), submission(), submission()]}, key=key,
+                           path="/v1/submissions/batch")
+    assert r.status_code == 200
+    r = await limited.post(submission(), key=key)
+    assert r.status_code == 429
+    assert r.headers["retry-after"] == "1"

@@ -1,0 +1,168 @@
+"""Intake as a real process (`python -m services.intake`, uvicorn): a schemathesis run over its
+OpenAPI finds no 5xx, `alliance import FILE.csv` reports per row, and the body limit holds for
+chunked uploads on the real server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import schemathesis
+import typer
+from hypothesis import HealthCheck, given, settings
+from typer.testing import CliRunner
+
+from services.intake.cli import import_csv
+from shared.stack import ensure_topics
+from tests.integration.test_intake_api import Keys, TopicReader, make_keys
+from tests.support.services import Namespace, ServiceProcess, running
+from tests.support.stack import StackUnderTest
+
+
+@pytest.fixture(scope="module")
+async def proc_ns(stack: StackUnderTest) -> Namespace:
+    ns = Namespace.fresh(stack)
+    await ensure_topics(ns.kafka())
+    return ns
+
+
+@pytest.fixture(scope="module")
+async def proc_keys(proc_ns: Namespace) -> Keys:
+    return await make_keys(proc_ns)
+
+
+@pytest.fixture(scope="module")
+def intake_proc(proc_ns: Namespace, proc_keys: Keys, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[ServiceProcess]:
+    logs = tmp_path_factory.mktemp("intake-proc-logs")
+    with running(["intake"], proc_ns, logs, extra_env={"ALLIANCE_INTAKE_RATE_PER_SECOND": "100000",
+                                                       "ALLIANCE_INTAKE_RATE_BURST": "100000"}) as procs:
+        yield procs["intake"]
+    log_text = (logs / "intake.log").read_text()
+    # the service's own log must never carry client ids (every generated and CSV client id starts so)
+    assert "p-cli-" not in log_text
+
+
+def test_schemathesis_finds_no_server_error(intake_proc: ServiceProcess, proc_keys: Keys) -> None:
+    """Positive and negative cases for every operation; no answer may be a 5xx, and every answer
+    must be one the schema documents (status, content type, body schema)."""
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.generation import GenerationMode
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+    headers = {"Authorization": f"Bearer {proc_keys.submit}"}
+    api = schemathesis.openapi.from_url(f"{intake_proc.url}/openapi.json")
+    operations = [result.ok() for result in api.get_all_operations()]  # type: ignore[union-attr]
+    assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
+        "POST /v1/submissions", "POST /v1/submissions/batch", "POST /v1/submissions/csv"}
+    calls = 0
+    for op in operations:
+        modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if op.method.upper() == "POST" else [])
+        for mode in modes:
+            @given(case=op.as_strategy(generation_mode=mode))
+            @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+            def run(case: Any) -> None:
+                nonlocal calls
+                calls += 1
+                case.call_and_validate(headers=headers, checks=checks)
+
+            run()
+    assert calls > 100
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_chunked_body_over_the_limit_is_413_on_the_real_server(intake_proc: ServiceProcess,
+                                                                      proc_keys: Keys) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(40):
+            yield b" " * 4096
+
+    async with httpx.AsyncClient(timeout=15) as http:
+        r = await http.post(f"{intake_proc.url}/v1/submissions", content=chunks(), headers={
+            "Authorization": f"Bearer {proc_keys.submit}", "Content-Type": "application/json"})
+    assert r.status_code == 413
+
+
+def _csv(path: Path, rows: int, bad_lines: set[int]) -> None:
+    when = (datetime.now(UTC) - timedelta(days=2)).isoformat()
+    lines = ["client_id,clinician_id,site_id,session_number,administered_at,relationship,goals,approach,overall,total"]
+    for i in range(rows):
+        line = len(lines) + 1
+        goals = "12.5" if line in bad_lines else "8.4"
+        lines.append(f"p-cli-{i},c-17,north,{1 + i % 20},{when},9.1,{goals},9.0,8.8,")
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_alliance_import_sends_chunks_and_reports_rejected_rows_by_line(
+        intake_proc: ServiceProcess, proc_keys: Keys, proc_ns: Namespace, tmp_path: Path) -> None:
+    file = tmp_path / "export.csv"
+    _csv(file, 1200, bad_lines={5, 1100})
+    cli = typer.Typer()
+    cli.command()(import_csv)
+    result = await asyncio.to_thread(CliRunner().invoke, cli, [str(file), "--url", intake_proc.url],
+                                     env={"ALLIANCE_API_KEY": proc_keys.submit, "COLUMNS": "200"})
+    assert result.exit_code == 1, result.output
+    assert "1200 rows: 1198 accepted, 2 rejected" in result.output
+    table = result.output[result.output.index("rejected rows"):]
+    assert "│    5 │" in table and "│ 1100 │" in table and "items.goals" in table
+    assert "1200/1200" in result.output  # the progress bar reached the end
+
+    reader = TopicReader(proc_ns.stack.bootstrap, proc_ns.kafka().topics().submitted)
+    await reader.start()
+    try:
+        last = (await reader.wait_for(_derived_id(file, 1201)))[0]
+    finally:
+        await reader.stop()
+    assert json.loads(last.value)["client_id"] == "p-cli-1199"
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_importing_the_same_file_again_reuses_its_submission_ids(
+        intake_proc: ServiceProcess, proc_keys: Keys, proc_ns: Namespace, tmp_path: Path) -> None:
+    from services.intake.cli import run_import
+
+    file = tmp_path / "again.csv"
+    _csv(file, 3, bad_lines=set())
+    for _ in range(2):
+        report = await asyncio.to_thread(run_import, file, intake_proc.url, proc_keys.submit)
+        assert (report.accepted, report.rejected) == (3, [])
+    reader = TopicReader(proc_ns.stack.bootstrap, proc_ns.kafka().topics().submitted)
+    await reader.start()
+    try:
+        for line in (2, 3, 4):
+            recs = await reader.wait_for(_derived_id(file, line), count=2)
+            assert len({json.loads(r.value)["event_id"] for r in recs}) == 1
+    finally:
+        await reader.stop()
+
+
+def _derived_id(file: Path, line: int) -> str:
+    import hashlib
+
+    from services.intake.csvformat import default_submission_id
+
+    return default_submission_id(hashlib.sha256(file.read_bytes()).hexdigest(), line)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_alliance_import_with_an_unknown_key_fails_with_exit_2(intake_proc: ServiceProcess,
+                                                                     tmp_path: Path) -> None:
+    file = tmp_path / "x.csv"
+    _csv(file, 2, bad_lines=set())
+    cli = typer.Typer()
+    cli.command()(import_csv)
+    result = await asyncio.to_thread(CliRunner().invoke, cli, [str(file), "--url", intake_proc.url, "--key", "ak_x"])
+    assert result.exit_code == 2
+    assert "401" in result.output
