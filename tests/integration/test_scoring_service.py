@@ -1,0 +1,231 @@
+"""The scoring service as a process on the real local broker and store: submitted events go
+straight to its input topic; scored events, alerts and dead letters are read from its outputs.
+
+One process serves the whole module (a start costs a group join); each test uses its own tenant.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaProducer
+from prometheus_client.parser import text_string_to_metric_families
+from pymongo import AsyncMongoClient
+
+from services.scoring.loadgen import TopicReader, publish, start_producer, submission
+from services.scoring.rules import TenantRules
+from services.scoring.store import STATES, RulesStore
+from shared import ids
+from shared.events import AllianceDeterioration, DeadLetter, Instrument, Items, SrsScored
+from shared.mongo import Document
+from shared.stack import ensure_topics
+from tests.support.services import Namespace, ServiceProcess, running
+from tests.support.stack import StackUnderTest
+from tests.support.wait import eventually
+
+T0 = datetime(2026, 4, 1, 8, 0, tzinfo=UTC)
+
+
+@dataclass
+class Scoring:
+    ns: Namespace
+    proc: ServiceProcess
+    producer: AIOKafkaProducer
+    scored: TopicReader
+    alerts: TopicReader
+    dead: TopicReader
+    mongo: AsyncMongoClient[Document]
+
+    def scored_of(self, tenant: str) -> list[SrsScored]:
+        return [s for s in (SrsScored.model_validate_json(v) for v in self.scored.values()) if s.tenant_id == tenant]
+
+    def alerts_of(self, tenant: str) -> list[AllianceDeterioration]:
+        return [a for a in (AllianceDeterioration.model_validate_json(v) for v in self.alerts.values())
+                if a.tenant_id == tenant]
+
+    def raw_of(self, reader: TopicReader, tenant: str) -> list[bytes]:
+        return [v for v in reader.values() if json.loads(v)["tenant_id"] == tenant]
+
+
+@pytest.fixture(scope="module")
+async def namespace_m(stack: StackUnderTest) -> Namespace:
+    ns = Namespace.fresh(stack)
+    await ensure_topics(ns.kafka())
+    return ns
+
+
+@pytest.fixture(scope="module")
+def scoring_process(namespace_m: Namespace, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    with running(["scoring"], namespace_m, tmp_path_factory.mktemp("scoring-logs")) as procs:
+        yield procs["scoring"]
+
+
+@pytest.fixture(scope="module")
+async def scoring(namespace_m: Namespace, scoring_process: ServiceProcess) -> AsyncIterator[Scoring]:
+    ns = namespace_m
+    topics = ns.kafka().topics()
+    producer = await start_producer(ns.stack.bootstrap)
+    readers = [await TopicReader(ns.stack.bootstrap, t).start()
+               for t in (topics.scored, topics.deterioration, topics.deadletter)]
+    mongo: AsyncMongoClient[Document] = AsyncMongoClient(ns.stack.mongo_url, tz_aware=True)
+    try:
+        yield Scoring(ns, scoring_process, producer, readers[0], readers[1], readers[2], mongo)
+    finally:
+        for r in readers:
+            await r.stop()
+        await producer.stop()
+        await mongo.close()
+
+
+def at(seconds: int) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+async def test_sessions_are_scored_in_order_and_each_low_latest_session_alerts(scoring: Scoring) -> None:
+    t = "t-order"
+    await publish(scoring.producer, scoring.ns.kafka().topics().submitted, [
+        submission(t, "c", 1, 38.0, accepted_at=at(1)),
+        submission(t, "c", 2, 36.5, accepted_at=at(2)),
+        submission(t, "c", 3, 33.0, accepted_at=at(3)),
+        submission(t, "c", 4, 35.0, accepted_at=at(4)),
+    ])
+    scored = await at_least(lambda: scoring.scored_of(t), 4)
+    assert [(s.session_number, s.total, s.previous_total, s.change_from_previous, s.flags, s.latest)
+            for s in scored] == [
+        (1, 38.0, None, None, [], True),
+        (2, 36.5, 38.0, -1.5, ["drop_from_previous"], True),
+        (3, 33.0, 36.5, -3.5, ["below_cutoff", "drop_from_previous"], True),
+        (4, 35.0, 33.0, 2.0, ["below_cutoff"], True),
+    ]
+    alerts = await at_least(lambda: scoring.alerts_of(t), 3)
+    assert [(a.session_number, a.triggers, a.severity) for a in alerts] == [
+        (2, ["drop_from_previous"], "warning"),
+        (3, ["below_cutoff", "drop_from_previous"], "critical"),
+        (4, ["below_cutoff"], "warning"),
+    ]
+    assert alerts[0].alert_id == ids.alert_id(t, "c-s2") and scored[0].event_id == ids.scored_event_id(t, "c-s1")
+
+
+async def test_a_late_older_session_is_scored_not_latest_and_raises_no_alert(scoring: Scoring) -> None:
+    t = "t-late"
+    await publish(scoring.producer, scoring.ns.kafka().topics().submitted, [
+        submission(t, "c", 1, 38.0, accepted_at=at(1)),
+        submission(t, "c", 3, 38.0, accepted_at=at(2)),
+        submission(t, "c", 2, 30.0, accepted_at=at(3)),  # backfilled
+        submission(t, "c", 4, 37.5, accepted_at=at(4)),  # flushes the partition past the late one
+    ])
+    scored = await at_least(lambda: scoring.scored_of(t), 4)
+    late = next(s for s in scored if s.session_number == 2)
+    assert late.latest is False and late.flags == ["below_cutoff", "drop_from_previous"]
+    assert scoring.alerts_of(t) == []
+
+
+async def test_a_correction_supersedes_its_session_and_the_next_session_compares_with_it(scoring: Scoring) -> None:
+    t = "t-fix"
+    await publish(scoring.producer, scoring.ns.kafka().topics().submitted, [
+        submission(t, "c", 1, 38.0, accepted_at=at(1)),
+        submission(t, "c", 1, 34.0, submission_id="c-s1-fix", accepted_at=at(2)),
+        submission(t, "c", 2, 34.0, accepted_at=at(3)),
+    ])
+    scored = await at_least(lambda: scoring.scored_of(t), 3)
+    assert [(s.submission_id, s.latest, s.previous_total) for s in scored] == [
+        ("c-s1", True, None), ("c-s1-fix", True, None), ("c-s2", True, 34.0)]
+    alerts = await at_least(lambda: scoring.alerts_of(t), 2)
+    assert [(a.submission_id, a.severity) for a in alerts] == [("c-s1-fix", "warning"), ("c-s2", "critical")]
+
+
+async def test_redelivered_and_duplicated_submissions_republish_identical_events_and_no_second_alert(
+        scoring: Scoring) -> None:
+    t = "t-dup"
+    events = [submission(t, "c", 1, 30.0, accepted_at=at(1)), submission(t, "c", 2, 29.0, accepted_at=at(2))]
+    topic = scoring.ns.kafka().topics().submitted
+    await publish(scoring.producer, topic, events)
+    first = await at_least(lambda: scoring.raw_of(scoring.alerts, t), 2)
+    await publish(scoring.producer, topic, events)  # an upstream retry
+    await publish(scoring.producer, topic, [*events, submission(t, "c", 3, 38.0, accepted_at=at(3))])
+
+    async def third_scored() -> bool:  # it follows every duplicate in the client's partition
+        return any(s.session_number == 3 for s in scoring.scored_of(t))
+
+    await eventually(third_scored)
+    alerts = scoring.raw_of(scoring.alerts, t)
+    assert len(set(alerts)) == 2 and set(alerts) == set(first)  # byte-identical repeats, same two alert ids
+    by_id = Counter(json.loads(v)["event_id"] for v in set(scoring.raw_of(scoring.scored, t)))
+    assert all(n == 1 for n in by_id.values()) and len(by_id) == 3
+
+
+async def test_poison_records_are_deadlettered_with_a_reason_and_consumption_continues(scoring: Scoring) -> None:
+    t = "t-poison"
+    topic = scoring.ns.kafka().topics().submitted
+    key = ids.partition_key(t, "c")
+    for value in (b"not json at all", b"\xff\xfe\x00binary", b'{"schema_version": 1, "tenant_id": "t-poison"}',
+                  b"[1, 2, 3]", b""):
+        await scoring.producer.send_and_wait(topic, value, key=key)
+    no_total = submission(t, "c", 1, None)
+    await publish(scoring.producer, topic, [no_total, submission(t, "c", 2, 38.0)])
+    scored = await at_least(lambda: scoring.scored_of(t), 1)
+    assert scored[0].session_number == 2
+
+    def letters() -> list[DeadLetter]:
+        return [d for d in (DeadLetter.model_validate_json(v) for v in scoring.dead.values())
+                if d.key == f"{t}:c"]
+
+    got = await at_least(lambda: letters(), 6)
+    assert sorted(d.reason for d in got) == ["invalid", "invalid", "undecodable", "undecodable", "undecodable",
+                                             "unscorable"]
+    assert all(d.service == "scoring" and d.source_topic == topic and d.source_offset is not None for d in got)
+    assert next(d for d in got if d.reason == "unscorable").tenant_id == t
+
+
+async def test_tenant_rules_in_the_store_change_the_cutoff(scoring: Scoring) -> None:
+    t = "t-strict"
+    await RulesStore(scoring.mongo[scoring.ns.database]).put(t, TenantRules(cutoff=38.0, operator="<="))
+    await publish(scoring.producer, scoring.ns.kafka().topics().submitted, [submission(t, "c", 1, 38.0)])
+    (scored,) = await at_least(lambda: scoring.scored_of(t), 1)
+    assert (scored.cutoff, scored.flags) == (38.0, ["below_cutoff"])
+    await at_least(lambda: scoring.alerts_of(t), 1)
+
+
+async def test_ycsrs_is_kept_for_audit_and_publishes_nothing(scoring: Scoring) -> None:
+    t = "t-young"
+    young = submission(t, "c", 1, None, instrument=Instrument.YCSRS, submission_id="c-young-1",
+                       items=Items(relationship=1.0, goals=2.0, approach=3.0, overall=4.0))
+    await publish(scoring.producer, scoring.ns.kafka().topics().submitted, [young, submission(t, "c", 1, 30.0)])
+    scored = await at_least(lambda: scoring.scored_of(t), 1)
+    assert [s.instrument for s in scored] == [Instrument.SRS]
+    doc = await scoring.mongo[scoring.ns.database][STATES].find_one({"tenant_id": t, "instrument": "YCSRS"})
+    assert doc is not None and [s["sid"] for s in doc["subs"]] == ["c-young-1"] and doc["subs"][0]["o"]["s"] is False
+
+
+async def test_metrics_count_scored_sessions_alerts_and_latency(scoring: Scoring) -> None:
+    t = "t-metrics"
+    await publish(scoring.producer, scoring.ns.kafka().topics().submitted, [submission(t, "c", 1, 20.0)])
+    await at_least(lambda: scoring.scored_of(t), 1)
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(scoring.proc.url + "/metrics")).text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("alliance_scored_total", (("instrument", "SRS"),))] >= 1
+    assert samples[("alliance_deterioration_total", (("severity", "warning"), ("trigger", "below_cutoff")))] >= 1
+    assert samples[("alliance_scoring_batch_seconds_count", ())] >= 1
+    assert samples[("alliance_submission_to_scored_seconds_count", ())] >= 1
+    assert any(name == "alliance_consumer_lag_messages" for name, _ in samples)
+
+T = TypeVar("T")
+
+
+async def at_least(get: Callable[[], list[T]], n: int) -> list[T]:
+    """Wait until `get()` returns n items or more, and return them."""
+
+    async def check() -> list[T]:
+        items = get()
+        return items if len(items) >= n else []
+
+    return await eventually(check, timeout=60)
