@@ -1,0 +1,31 @@
+"""The AsyncAPI document of intake shows what it publishes."""
+
+from __future__ import annotations
+
+import json
+
+from services.intake.app import IntakeConfig, asyncapi_app, create_app
+from shared.settings import KafkaSettings
+
+
+def test_asyncapi_shows_the_srs_submitted_publisher_with_its_payload() -> None:
+    app = asyncapi_app(IntakeConfig(kafka=KafkaSettings(topic_prefix="")))
+    spec = json.loads(app.schema.to_specification().to_json())
+    [channel] = spec["channels"].values()
+    assert channel["address"] == "srs.submitted.v1"
+    [op] = spec["operations"].values()
+    assert op["action"] == "send"
+    assert "SrsSubmitted" in spec["components"]["schemas"]
+
+
+def test_openapi_documents_the_request_bodies_and_bearer_auth() -> None:
+    doc = create_app(IntakeConfig()).openapi()
+    body = doc["paths"]["/v1/submissions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/SubmissionIn"}
+    schemas = doc["components"]["schemas"]
+    assert schemas["SubmissionIn"]["additionalProperties"] is False
+    assert set(schemas["ItemsIn"]["required"]) == {"relationship", "goals", "approach", "overall"}
+    assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert set(doc["paths"]["/v1/submissions"]["post"]["responses"]) >= {"202", "401", "403", "413", "415", "422",
+                                                                         "429", "503"}
+    assert "text/csv" in doc["paths"]["/v1/submissions/csv"]["post"]["requestBody"]["content"]
