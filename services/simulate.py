@@ -154,15 +154,30 @@ def new_client(slot: int, generation: int, clinician: tuple[int, str, str], rng:
                   course, anchor)
 
 
+Roster = Sequence[tuple[str, str]]  # (clinician_id, site_id)
+
+
 def build_network(tenants: int, sites: int, clinicians: int, clients: int, rng: random.Random, run: str,
-                  mix: Mix = Mix(), now: datetime = DEFAULT_NOW) -> Network:
-    """Spread sites over tenants, clinicians over sites, clients over clinicians (round-robin)."""
+                  mix: Mix = Mix(), now: datetime = DEFAULT_NOW, roster: Roster | None = None) -> Network:
+    """Spread sites over tenants, clinicians over sites, clients over clinicians (round-robin).
+
+    A `roster` names the clinicians and their sites instead (e.g. to match clinicians registered
+    in alerts); its sites are spread over tenants in order of appearance.
+    """
     tenants = max(1, tenants)
-    sites = max(sites, tenants)
-    clinicians = max(clinicians, sites)
     clients = max(clients, 1)
-    site_list = tuple((i % tenants, f"site-{i + 1}") for i in range(sites))
-    clin_list = tuple((site_list[j % sites][0], site_list[j % sites][1], f"clin-{j + 1}") for j in range(clinicians))
+    if roster:
+        names = list(dict.fromkeys(site for _, site in roster))
+        tenant_of = {site: i % tenants for i, site in enumerate(names)}
+        site_list = tuple((tenant_of[site], site) for site in names)
+        clin_list = tuple((tenant_of[site], site, clinician) for clinician, site in roster)
+        clinicians = len(clin_list)
+    else:
+        sites = max(sites, tenants)
+        clinicians = max(clinicians, sites)
+        site_list = tuple((i % tenants, f"site-{i + 1}") for i in range(sites))
+        clin_list = tuple((site_list[j % sites][0], site_list[j % sites][1], f"clin-{j + 1}")
+                          for j in range(clinicians))
     first = tuple(new_client(k, 0, clin_list[k % clinicians], rng, run, mix, now) for k in range(clients))
     return Network(tenants, site_list, clin_list, first)
 
@@ -186,7 +201,7 @@ def rating(client: Client, session_number: int, rng: random.Random) -> dict[str,
 
 def iter_plan(tenants: int, sites: int, clinicians: int, clients: int, count: int | None, seed: int = 0,
               run: str = "", now: datetime | None = None, rate: float | None = None,
-              mix: Mix = Mix()) -> Iterator[PlannedSubmission]:
+              mix: Mix = Mix(), roster: Roster | None = None) -> Iterator[PlannedSubmission]:
     """The run in send order: `count` submissions (retries, late and invalid ones included), or endless.
 
     The same arguments always give the same stream. `now` is when sending starts and `rate` the
@@ -197,12 +212,13 @@ def iter_plan(tenants: int, sites: int, clinicians: int, clients: int, count: in
     rng = random.Random(seed)
     run = run or f"s{seed}"
     start = now or DEFAULT_NOW
-    net = build_network(tenants, sites, clinicians, clients, rng, run, mix, start)
+    net = build_network(tenants, sites, clinicians, clients, rng, run, mix, start, roster)
     active = list(net.clients)
     next_session = [1] * len(active)
     by_tenant: dict[int, list[int]] = {}
     for c in active:
         by_tenant.setdefault(c.tenant, []).append(c.slot)
+    tenants_with_clients = sorted(by_tenant)
     recent: deque[PlannedSubmission] = deque(maxlen=300)  # what a retry may resend
     pending: list[tuple[int, PlannedSubmission]] = []  # (due position, an older session held back)
     in_batch: set[str] = set()
@@ -282,7 +298,7 @@ def iter_plan(tenants: int, sites: int, clinicians: int, clients: int, count: in
             continue
         if rng.random() < mix.batch_steps and room() > 1:
             batch_no += 1
-            tenant = rng.randrange(net.tenants)
+            tenant = rng.choice(tenants_with_clients)
             size = min(room(), rng.randint(*mix.batch_size))
             in_batch.clear()
             target = room() - size
@@ -297,9 +313,10 @@ def iter_plan(tenants: int, sites: int, clinicians: int, clients: int, count: in
 
 
 def plan(tenants: int, sites: int, clinicians: int, clients: int, count: int, seed: int = 0, run: str = "",
-         now: datetime | None = None, rate: float | None = None, mix: Mix = Mix()) -> list[PlannedSubmission]:
+         now: datetime | None = None, rate: float | None = None, mix: Mix = Mix(),
+         roster: Roster | None = None) -> list[PlannedSubmission]:
     """`iter_plan` as a list of exactly `count` submissions."""
-    return list(iter_plan(tenants, sites, clinicians, clients, count, seed, run, now, rate, mix))
+    return list(iter_plan(tenants, sites, clinicians, clients, count, seed, run, now, rate, mix, roster))
 
 
 def _body(client: Client, submission_id: str, session_number: int, rating: dict[str, float]) -> dict[str, Any]:
@@ -519,7 +536,7 @@ async def send(planned: Iterable[PlannedSubmission], url: str, keys: Sequence[st
 
 async def run_simulation(tenants: int, sites: int, clinicians: int, clients: int, rate: float, duration: float,
                          url: str, keys: Sequence[str], seed: int = 0, run: str = "", quiet: bool = True,
-                         keep: bool = False, console: Console | None = None
+                         keep: bool = False, console: Console | None = None, roster: Roster | None = None
                          ) -> tuple[list[PlannedSubmission], SendStats]:
     """Plan and post one simulation; returns the plan (only with `keep`) and the counts.
 
@@ -528,7 +545,7 @@ async def run_simulation(tenants: int, sites: int, clinicians: int, clients: int
     """
     count = max(1, int(rate * duration))
     stream = iter_plan(tenants, sites, clinicians, clients, count, seed=seed, run=run or secrets.token_hex(3),
-                       now=datetime.now(UTC), rate=rate)
+                       now=datetime.now(UTC), rate=rate, roster=roster)
     planned: list[PlannedSubmission] = list(stream) if keep else []
     source: Iterable[PlannedSubmission] = planned if keep else stream
     if quiet:
@@ -607,6 +624,8 @@ def simulate(
                                       envvar="ALLIANCE_SIM_KEYS")] = "",
     seed: Annotated[int, typer.Option(help="random seed (same seed and run: same plan)")] = 0,
     run: Annotated[str, typer.Option(help="id prefix for clients and submissions; random by default")] = "",
+    roster: Annotated[str, typer.Option(help="name the clinicians and their sites instead of --sites/--clinicians:"
+                                             " CLINICIAN@SITE,... (e.g. c-1@north,c-2@north,c-3@south)")] = "",
     create_keys: Annotated[bool, typer.Option(help="create one submit key per tenant in the configured "
                                                     "MongoDB (ALLIANCE_MONGO_*) when --keys is empty")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress display; print the counts as one JSON line")] = False,
@@ -614,6 +633,13 @@ def simulate(
     """Post a synthetic clinic network's SRS ratings to intake at a fixed rate, then print the counts."""
     if not re.fullmatch(r"[A-Za-z0-9._-]{0,24}", run):
         raise typer.BadParameter("up to 24 of [A-Za-z0-9._-]", param_hint="--run")
+    pairs: list[tuple[str, str]] = []
+    for entry in (e.strip() for e in roster.split(",") if e.strip()):
+        clinician, sep, site = entry.partition("@")
+        if not (sep and re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", clinician)
+                and re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", site)):
+            raise typer.BadParameter(f"{entry!r}: want CLINICIAN@SITE", param_hint="--roster")
+        pairs.append((clinician, site))
     key_list = [k.strip() for k in keys.split(",") if k.strip()]
     if not key_list and create_keys:
         key_list = asyncio.run(_create_keys(tenants))
@@ -624,7 +650,7 @@ def simulate(
     if len(key_list) < tenants and not quiet:
         Console(stderr=True).print(f"[yellow]{len(key_list)} keys for {tenants} tenants: tenants share keys")
     _, stats = asyncio.run(run_simulation(tenants, sites, clinicians, clients, rate, duration, url, key_list,
-                                          seed=seed, run=run, quiet=quiet))
+                                          seed=seed, run=run, quiet=quiet, roster=pairs or None))
     if quiet:
         typer.echo(json.dumps(stats.as_dict()))
     else:

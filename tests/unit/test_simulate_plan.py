@@ -247,3 +247,20 @@ def test_total_only_and_child_and_group_forms_appear(big: list[PlannedSubmission
     assert any("total" in p.body for p in valid)
     forms = Counter(p.body["instrument"] for p in valid)
     assert forms["CSRS"] > 0 and forms["GSRS"] > 0 and forms["SRS"] > len(valid) / 2
+
+
+def test_a_roster_names_the_clinicians_and_their_sites() -> None:
+    roster = [("c-1", "north"), ("c-2", "north"), ("c-3", "south")]
+    planned = plan(1, 0, 0, 30, 500, seed=2, now=NOW, roster=roster)
+    pairs = {(p.body["clinician_id"], p.body["site_id"]) for p in planned if p.valid}
+    assert pairs == set(roster)
+
+
+def test_a_roster_spreads_its_sites_over_tenants() -> None:
+    planned = plan(2, 0, 0, 30, 500, seed=2, now=NOW, roster=[("c-1", "north"), ("c-2", "south"), ("c-3", "south")])
+    tenant_of_site = {(p.body["site_id"], p.tenant) for p in planned if p.valid}
+    assert tenant_of_site == {("north", 0), ("south", 1)}
+
+
+def test_more_tenants_than_clients_still_plans() -> None:
+    assert len(plan(5, 5, 5, 2, 300, seed=1, now=NOW)) == 300
