@@ -5,6 +5,7 @@ serves the directory/subscription/alert API on port 8003.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -83,15 +84,29 @@ def build(config: AlertsConfig | None = None) -> tuple[Runtime, Components]:
     subscribe_batch(broker, topics.scored, group_id=cfg.kafka.group("alerts-partners"), service=SERVICE,
                     handler=handlers.on_scored, max_records=cfg.kafka.batch_max_records)
 
+    tasks: list[asyncio.Task[None]] = []
+
     async def start() -> None:
         await store.ensure_indexes()
+        await auth.ensure_indexes(db)
         if not box.encrypting:
             log.warning("ALLIANCE_ALERTS_SECRETS_KEY is empty: webhook signing secrets are stored unencrypted")
         if not cfg.smtp.enabled:
             log.info("ALLIANCE_SMTP_HOST is empty: the email channel is off")
+        # Delivery and escalation need only the store, so they start before the broker: after a
+        # restart, pending deliveries and retries go out while the consumer group still rebalances.
+        # (Runtime re-runs on_start steps when the broker start fails, hence the guard.)
+        if not tasks:
+            for job in (worker.run, escalator.run, worker.refresh_gauges):
+                tasks.append(asyncio.create_task(job(), name=f"alerts-{job.__name__}"))
 
-    runtime = Runtime(SERVICE, broker, mongo, on_start=[start],
-                      background=[worker.run, escalator.run, worker.refresh_gauges], on_stop=[webhook.close])
+    async def stop() -> None:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await webhook.close()
+
+    runtime = Runtime(SERVICE, broker, mongo, on_start=[start], on_stop=[stop])
     router = build_router(store, auth.KeyStore(db), publisher, topics, cfg.alerts, box, secrets.forget, worker.wake)
     return runtime, Components(cfg, broker, store, handlers, worker, escalator, webhook, router)
 

@@ -47,6 +47,7 @@ class Behaviour:
     always_fail: bool = False
     hold: threading.Event | None = None  # block requests after the first `hold_after` until set
     hold_after: int = 0
+    delay: float = 0.0  # answer after this many seconds
     hold_max: float = 30.0
     seen: int = 0
     held_now: int = 0
@@ -85,6 +86,8 @@ class WebhookReceiver:
                     hold.wait(b.hold_max)
                     with receiver._lock:
                         b.held_now -= 1
+                if b.delay:
+                    time.sleep(b.delay)
                 status = 500 if b.always_fail or n <= b.fail_first else 200
                 rec = Received(path, {k.lower(): v for k, v in self.headers.items()}, body, status, time.time())
                 with receiver._lock:

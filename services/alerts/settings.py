@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.settings import KafkaSettings, MongoSettings
@@ -41,6 +41,12 @@ class AlertsSettings(BaseSettings):
     secrets_key: SecretStr = SecretStr("")
     # How long a rotated clinician-webhook secret still signs alongside the new one.
     secret_rotation_grace_seconds: float = Field(default=24 * 3600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _lease_outlasts_an_attempt(self) -> AlertsSettings:
+        if self.lease_seconds <= self.attempt_timeout_seconds:
+            raise ValueError("lease_seconds must be longer than attempt_timeout_seconds")
+        return self
 
 
 class SmtpSettings(BaseSettings):

@@ -251,7 +251,7 @@ class AlertsStore:
                 raise
             return int(exc.details.get("nInserted", 0))
 
-    async def claim_due(self, now: datetime, limit: int, lease: timedelta) -> list[Document]:
+    async def claim_due(self, now: datetime, limit: int, lease: timedelta, owner: str = "") -> list[Document]:
         """Lease up to `limit` due deliveries to this caller (3 round trips for the whole batch).
 
         Candidates are read, then leased with one `update_many` whose filter repeats the "due
@@ -266,7 +266,8 @@ class AlertsStore:
             return []
         token = uuid.uuid4().hex
         await self.deliveries.update_many({**due, "_id": {"$in": [c["_id"] for c in candidates]}},
-                                          {"$set": {"claimed_until": now + lease, "claim": token}})
+                                          {"$set": {"claimed_until": now + lease, "claim": token,
+                                                    "claimed_by": owner}})
         return await self.deliveries.find({"claim": token, "status": "pending"}).to_list()
 
     async def record(self, results: Sequence[AttemptResult]) -> None:

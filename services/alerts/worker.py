@@ -36,7 +36,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
+import socket
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -100,6 +102,8 @@ class DeliveryWorker:
         self._jitter = jitter
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
+        # Recorded on each claim, so operators (and tests) can tell which process holds a lease.
+        self.instance = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
     def wake(self) -> None:
         """New deliveries are due now (called by the consumer after it recorded them)."""
@@ -114,7 +118,7 @@ class DeliveryWorker:
                 free = self._s.concurrency - len(self._inflight)
                 if free > 0:
                     try:
-                        claimed = await self._store.claim_due(utcnow(), free, lease)
+                        claimed = await self._store.claim_due(utcnow(), free, lease, self.instance)
                     except asyncio.CancelledError:
                         raise
                     except Exception as exc:
