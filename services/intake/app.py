@@ -51,7 +51,7 @@ def _publisher(broker: KafkaBroker, config: IntakeConfig) -> Any:
 def create_app(config: IntakeConfig | None = None) -> FastAPI:
     """The intake HTTP app (its lifespan connects the broker in the background)."""
     config = config or IntakeConfig()
-    broker = make_broker(config.kafka, "intake")
+    broker = make_broker(config.kafka.model_copy(update={"linger_ms": config.intake.linger_ms}), "intake")
     publisher = _publisher(broker, config)
     mongo = make_client(config.mongo)
     runtime = Runtime("intake", broker=broker, mongo=mongo)

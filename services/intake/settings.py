@@ -30,5 +30,9 @@ class IntakeSettings(BaseSettings):
     max_batch_items: int = Field(default=1000, ge=1)
     # How far in the future `administered_at` may lie (clock skew between tablets and us).
     max_future_seconds: float = Field(default=86_400.0, ge=0)
+    # The producer's linger for intake (overrides ALLIANCE_KAFKA_LINGER_MS): every HTTP client waits
+    # for the ack, so lingering only adds latency; records of concurrent requests still share a
+    # produce request while one is in flight.
+    linger_ms: int = Field(default=0, ge=0)
     # Retry-After (seconds) sent with a 503 when the broker does not acknowledge.
     unavailable_retry_after_seconds: int = Field(default=2, ge=1)

@@ -180,3 +180,13 @@ def test_a_generated_submission_id_differs_per_submission() -> None:
     model, _ = check_submission(sub(), NOW)
     assert model is not None
     assert outgoing(model, "acme", NOW).submission_id != outgoing(model, "acme", NOW).submission_id
+
+
+@pytest.mark.parametrize("over", [{}, {"items": ..., "total": 30.0, "episode_id": "e-1", "instrument": "YCSRS"},
+                                  {"administered_at": "2026-11-25T14:05:00.123456-07:30"}])
+def test_the_fast_record_value_is_the_contract_json_of_the_event(over: dict[str, Any]) -> None:
+    import json
+
+    model, _ = check_submission(sub(submission_id="s-5", **over), NOW)
+    assert model is not None
+    assert json.loads(outgoing(model, "acme", NOW).value) == json.loads(to_event(model, "acme", NOW).model_dump_json())
