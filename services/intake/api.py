@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
 from pydantic_core import from_json, to_json
 from pymongo.errors import PyMongoError
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.intake import csvformat, metrics
@@ -214,11 +215,15 @@ async def read_body(request: Request, limit: int, media_types: tuple[str, ...]) 
         _reject(415, "media_type", [("Content-Type", f"must be {' or '.join(media_types)}, not '{media or '-'}'")])
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            _reject(413, "too_large", [("body", f"the body must not exceed {limit} bytes")])
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                _reject(413, "too_large", [("body", f"the body must not exceed {limit} bytes")])
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # Nobody will read this answer; it only keeps a vanished client from becoming a 500.
+        _reject(400, "invalid", [("body", "the client disconnected before sending the whole body")])
     return b"".join(chunks)
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from services.intake.app import IntakeConfig, create_app
 from services.intake.settings import IntakeSettings
-from shared.settings import KafkaSettings
+from shared.settings import KafkaSettings, MongoSettings
 from shared.stack import LocalStack, ensure_topics, free_port
 from tests.integration.test_intake_api import Intake, TopicReader, make_keys, submission
 from tests.support.services import Namespace
@@ -106,3 +106,18 @@ async def test_broker_killed_gives_503_within_the_bound_and_intake_recovers(
         await fragile.reader.wait_for(sid)
     finally:
         await fragile.reader.stop()
+
+
+async def test_an_unreachable_key_store_gives_503_within_the_bound(stack: StackUnderTest) -> None:
+    ns = Namespace.fresh(stack)
+    dead_store = MongoSettings(url=f"mongodb://127.0.0.1:{free_port()}/?directConnection=true", database="x")
+    config = IntakeConfig(kafka=ns.kafka(), mongo=dead_store, intake=IntakeSettings(auth_timeout_seconds=0.5))
+    app = create_app(config)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app), base_url="http://intake", timeout=30) as http:
+        started = time.monotonic()
+        r = await http.post("/v1/submissions", json=submission(), headers={"Authorization": "Bearer ak_any"})
+        assert r.status_code == 503, r.text
+        assert time.monotonic() - started < 0.5 + 1.0
+        assert r.headers["retry-after"]
+        assert r.json()["errors"][0]["field"] == "Authorization"
