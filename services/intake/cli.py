@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import typer
@@ -137,11 +137,16 @@ def print_report(report: ImportReport, console: Console) -> None:
 
 
 def import_csv(
-    path: Path,
+    path: Annotated[Path, typer.Argument(help="the CSV export", exists=True, dir_okay=False, readable=True)],
     url: str = typer.Option("http://127.0.0.1:8001", help="intake base URL"),
     key: str = typer.Option(..., envvar="ALLIANCE_API_KEY", help="API key with role submit"),
 ) -> None:
-    """Import an EHR export (CSV) into intake with a progress bar; report the rejected rows."""
+    """Import an EHR export (CSV) into intake with a progress bar; report the rejected rows.
+
+    Header row, any order: client_id, clinician_id, site_id, session_number, administered_at
+    (required); submission_id, instrument, episode_id (optional); relationship, goals, approach,
+    overall (all four) or total. Empty cell = absent. Exit 0 all accepted, 1 some rejected, 2 failed.
+    """
     console = Console()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     try:
