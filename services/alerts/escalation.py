@@ -4,7 +4,9 @@ Each tick finds due alerts (open, never escalated, created before now - interval
 is the tenant's override or the default), schedules the supervisor's deliveries (unique ids),
 publishes `AlertStatusChanged(escalated)` (stable event id) and only then marks the alerts
 escalated. Every step is idempotent, so two processes ticking at once, or a crash between
-steps, can at worst repeat a step without a second delivery.
+steps, can at worst repeat a step without a second delivery. An alert whose clinician has no
+supervisor in the directory (or one without any channel) is marked escalated with nobody to
+tell, and no status event is published for it.
 """
 
 from __future__ import annotations
@@ -78,9 +80,11 @@ class Escalator:
             alert = AllianceDeterioration.model_validate_json(a["event"])
             planned = route_escalation(alert, supervisor, self._email)
             docs.extend(delivery_doc(p, a["event"], now, a.get("correlation_id"), None, now) for p in planned)
-            event = status_changed(a["tenant_id"], a["_id"], a["site_id"], a["clinician_id"], "escalated", now)
-            records.append(status_record(event, a["client_id"], self._topics, a.get("correlation_id")))
-            outcomes.append((a["_id"], supervisor.clinician_id if supervisor is not None else None))
+            if planned:
+                event = status_changed(a["tenant_id"], a["_id"], a["site_id"], a["clinician_id"], "escalated", now)
+                records.append(status_record(event, a["client_id"], self._topics, a.get("correlation_id")))
+            # Marked either way, so an alert without a reachable supervisor is not looked at again.
+            outcomes.append((a["_id"], supervisor.clinician_id if planned and supervisor is not None else None))
             metrics.ESCALATIONS.labels("sent" if planned else "no_supervisor").inc()
         inserted = await self._store.insert_deliveries(docs)
         await self._publisher.publish_all(records)

@@ -1,0 +1,288 @@
+"""Benchmark of the alerts stage: publish a deterioration -> signed webhook received.
+
+    python -m services.alerts.bench [--rate 5] [--scored-rate 50] [--duration 30] [--in-process]
+
+Offers deteriorations at a fixed rate (open loop: the schedule does not slow down when the
+system does) together with the scored events alerts also consumes (default 50/s, i.e. the
+issue's 50 submissions/s of which every tenth deteriorates). Each deterioration goes to its
+clinician's webhook and one partner subscription. Prints p50/p95/p99/max from publishing to
+receipt at the receiver, and, measured in the same run, the broker's own publish -> consume
+latency for the same records, so the ratio shows what the alerts stage adds.
+
+Starts its own broker and store (memory) unless ALLIANCE_KAFKA_BOOTSTRAP and ALLIANCE_MONGO_URL
+are set; runs alerts as a separate process (`python -m services.alerts`) unless --in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from services.alerts.harness import EventPublisher, WebhookReceiver, deterioration, scored
+from shared.auth import create_key
+from shared.mongo import database, make_client
+from shared.settings import KafkaSettings, MongoSettings
+from shared.stack import LocalStack, ensure_topics, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-quantile (nearest rank) of `values`."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"n": 0}
+    return {"n": len(values), "p50_ms": pct(values, 0.5) * 1000, "p95_ms": pct(values, 0.95) * 1000,
+            "p99_ms": pct(values, 0.99) * 1000, "max_ms": max(values) * 1000,
+            "mean_ms": statistics.fmean(values) * 1000}
+
+
+def spawn_alerts(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+    """`python -m services.alerts` on `port`, logging to a temp file."""
+    log = open(Path(tempfile.gettempdir()) / f"alerts-bench-{port}.log", "ab")
+    return subprocess.Popen([sys.executable, "-m", "services.alerts"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, **env, "ALLIANCE_ALERTS_PORT": str(port), "PYTHONPATH": str(ROOT)})
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    """Poll `predicate` until true or `timeout` seconds passed; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(interval)
+
+
+class BrokerFloor:
+    """A bare consumer of the deterioration topic: when each record becomes consumable."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                         fetch_max_wait_ms=10)
+        self.topic = topic
+        self.seen: dict[str, float] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.consumer.start()
+        parts = self.consumer.partitions_for_topic(self.topic)
+        while not parts:
+            await asyncio.sleep(0.1)
+            parts = self.consumer.partitions_for_topic(self.topic)
+        tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+        self.consumer.assign(tps)
+        await self.consumer.seek_to_end(*tps)
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            batches = await self.consumer.getmany(timeout_ms=50)
+            now = time.time()
+            for recs in batches.values():
+                for r in recs:
+                    try:
+                        self.seen.setdefault(json.loads(r.value)["alert_id"], now)
+                    except (ValueError, KeyError, TypeError):
+                        pass
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.consumer.stop()
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    prefix = f"bench{uuid.uuid4().hex[:6]}."
+    stack: LocalStack | None = None
+    if os.environ.get("ALLIANCE_KAFKA_BOOTSTRAP") and os.environ.get("ALLIANCE_MONGO_URL"):
+        bootstrap, mongo_url = os.environ["ALLIANCE_KAFKA_BOOTSTRAP"], os.environ["ALLIANCE_MONGO_URL"]
+        idempotence = os.environ.get("ALLIANCE_KAFKA_IDEMPOTENCE", "false").lower() == "true"
+    else:
+        stack = LocalStack(Path(tempfile.mkdtemp(prefix="alerts-bench-")), kafka_port=free_port(),
+                           mongo_port=free_port(), mongo_memory=True)
+        await asyncio.to_thread(stack.start)
+        bootstrap, mongo_url, idempotence = stack.bootstrap, stack.mongo_url, False
+    kafka = KafkaSettings(bootstrap=bootstrap, idempotence=idempotence, topic_prefix=prefix)
+    mongo = MongoSettings(url=mongo_url, database=f"bench_{prefix[5:-1]}")
+    topics = kafka.topics()
+    await ensure_topics(kafka)
+    env = {"ALLIANCE_KAFKA_BOOTSTRAP": bootstrap, "ALLIANCE_KAFKA_IDEMPOTENCE": str(idempotence).lower(),
+           "ALLIANCE_KAFKA_TOPIC_PREFIX": prefix, "ALLIANCE_MONGO_URL": mongo_url,
+           "ALLIANCE_MONGO_DATABASE": mongo.database, "ALLIANCE_ALERTS_ALLOW_PRIVATE_TARGETS": "true",
+           "ALLIANCE_LOG_LEVEL": "WARNING"}
+    receiver = WebhookReceiver().start()
+    publisher = EventPublisher(bootstrap)
+    floor = BrokerFloor(bootstrap, topics.deterioration)
+    proc: subprocess.Popen[bytes] | None = None
+    app_ctx: Any = None
+    client = make_client(mongo)
+    started_parts: dict[str, bool] = {}
+    try:
+        if args.in_process:
+            from services.alerts.app import create_app
+            from services.alerts.settings import AlertsConfig, AlertsSettings, SmtpSettings
+
+            app = create_app(AlertsConfig(kafka=kafka, mongo=mongo, alerts=AlertsSettings(allow_private_targets=True),
+                                          smtp=SmtpSettings(host="")))
+            app_ctx = app.router.lifespan_context(app)
+            await app_ctx.__aenter__()
+            http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://alerts")
+        else:
+            port = free_port()
+            proc = spawn_alerts(env, port)
+            http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}")
+        started = time.monotonic()
+        while True:
+            try:
+                if (await http.get("/readyz")).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() - started > 120:
+                raise TimeoutError("alerts did not become ready")
+            await asyncio.sleep(0.3)
+
+        tenant = "bench"
+        admin, _ = await create_key(database(client, mongo), tenant, "admin")
+        headers = {"Authorization": f"Bearer {admin}"}
+        await http.post("/v1/webhook-secret", headers=headers)
+        clinicians = [f"c{i}" for i in range(args.clinicians)]
+        for c in clinicians:
+            body = {"site_id": "s1", "email": f"{c}@bench.test", "webhook_url": receiver.url(f"/c/{c}")}
+            r = await http.put(f"/v1/clinicians/{c}", headers=headers, json=body)
+            r.raise_for_status()
+        r = await http.post("/v1/subscriptions", headers=headers,
+                            json={"url": receiver.url("/partner"), "events": ["alliance.deterioration.v1"]})
+        r.raise_for_status()
+        await publisher.start()
+        started_parts["publisher"] = True
+        await floor.start()
+        started_parts["floor"] = True
+
+        # Warm-up: one alert end to end (the consumer group has joined once it arrives).
+        warm = deterioration(tenant, clinicians[0], "warmup")
+        await publisher.publish(topics.deterioration, warm, tenant, warm.client_id)
+        await wait_until(lambda: len(receiver.requests) >= 2, 120)
+        receiver.requests.clear()
+        floor.seen.clear()
+
+        sent_at: dict[str, float] = {}
+        n_alerts = int(args.rate * args.duration)
+        n_scored = int(args.scored_rate * args.duration)
+        schedule = sorted([(i / args.rate, "d", i) for i in range(n_alerts)]
+                          + [(i / args.scored_rate, "s", i) for i in range(n_scored if args.scored_rate > 0 else 0)])
+        t0 = time.monotonic()
+        late = 0
+        for offset, kind, i in schedule:
+            delay = t0 + offset - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif delay < -0.05:
+                late += 1
+            client_id = f"client-{i % 500}"
+            if kind == "d":
+                ev = deterioration(tenant, clinicians[i % len(clinicians)], client_id)
+                sent_at[ev.alert_id] = time.time()
+                await publisher.publish(topics.deterioration, ev, tenant, client_id)
+            else:
+                await publisher.publish(topics.scored, scored(tenant, clinicians[i % len(clinicians)], client_id),
+                                        tenant, client_id)
+        offered_seconds = time.monotonic() - t0
+        expected = 2 * n_alerts
+        await wait_until(lambda: len(receiver.requests) >= expected, 60)
+
+        clinician_lat: list[float] = []
+        partner_lat: list[float] = []
+        for rec in list(receiver.requests):
+            alert_id = json.loads(rec.body)["alert_id"]
+            if alert_id not in sent_at:
+                continue
+            (partner_lat if rec.path == "/partner" else clinician_lat).append(rec.at - sent_at[alert_id])
+        floor_lat = [floor.seen[a] - t for a, t in sent_at.items() if a in floor.seen]
+        # Breakdown: when alerts recorded each alert (consumed + stored) is `created_at` of its document.
+        docs = await database(client, mongo)["alerts"].find({"_id": {"$in": list(sent_at)}},
+                                                           {"created_at": 1}).to_list()
+        consumed_lat = [d["created_at"].timestamp() - sent_at[d["_id"]] for d in docs]
+        dup = sum(n - 1 for n in Counter(r.webhook_id for r in receiver.requests).values() if n > 1)
+        all_lat = clinician_lat + partner_lat
+        result: dict[str, Any] = {
+            "offered": {"deteriorations_per_s": args.rate, "scored_per_s": args.scored_rate,
+                        "duration_s": round(offered_seconds, 1), "late_sends": late},
+            "expected_webhooks": expected, "received_webhooks": len(all_lat), "duplicate_webhook_ids": dup,
+            "webhook_all": summary(all_lat), "webhook_clinician": summary(clinician_lat),
+            "webhook_partner": summary(partner_lat), "broker_floor": summary(floor_lat),
+            "alert_recorded": summary(consumed_lat),
+        }
+        if floor_lat and all_lat:
+            result["ratio_p50_vs_broker"] = round(pct(all_lat, 0.5) / max(pct(floor_lat, 0.5), 1e-6), 1)
+            result["ratio_p99_vs_broker"] = round(pct(all_lat, 0.99) / max(pct(floor_lat, 0.99), 1e-6), 1)
+        await http.aclose()
+        return result
+    finally:
+        if started_parts.get("floor"):
+            await floor.stop()
+        if started_parts.get("publisher"):
+            await publisher.stop()
+        if app_ctx is not None:
+            await app_ctx.__aexit__(None, None, None)
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        await client.close()
+        receiver.stop()
+        if stack is not None:
+            await asyncio.to_thread(stack.stop)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark and print its figures (also as JSON on the last line)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rate", type=float, default=5.0, help="deteriorations per second (default 5)")
+    p.add_argument("--scored-rate", type=float, default=50.0, help="scored events per second alongside (default 50)")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of offered load (default 30)")
+    p.add_argument("--clinicians", type=int, default=20)
+    p.add_argument("--in-process", action="store_true", help="run alerts inside the bench process")
+    args = p.parse_args(argv)
+    result = asyncio.run(run(args))
+    print(f"alerts stage: publish deterioration -> signed webhook received "
+          f"({args.rate:g} deteriorations/s + {args.scored_rate:g} scored/s for {args.duration:g} s)")
+    for name in ("webhook_all", "webhook_clinician", "webhook_partner", "alert_recorded", "broker_floor"):
+        s = result[name]
+        if s.get("n"):
+            print(f"  {name:18} n={s['n']:5d}  p50={s['p50_ms']:7.1f} ms  p95={s['p95_ms']:7.1f} ms  "
+                  f"p99={s['p99_ms']:7.1f} ms  max={s['max_ms']:7.1f} ms")
+    print(f"  received {result['received_webhooks']}/{result['expected_webhooks']} webhooks, "
+          f"{result['duplicate_webhook_ids']} duplicate ids, {result['offered']['late_sends']} late sends")
+    if "ratio_p50_vs_broker" in result:
+        print(f"  alerts stage / bare broker consume: p50 x{result['ratio_p50_vs_broker']}, "
+              f"p99 x{result['ratio_p99_vs_broker']}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
