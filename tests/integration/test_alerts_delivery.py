@@ -6,6 +6,7 @@ works in its own tenant, so tests cannot see each other's deliveries.
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import json
@@ -22,7 +23,9 @@ import pytest
 from aiosmtpd.controller import Controller
 from pymongo import AsyncMongoClient
 from standardwebhooks.webhooks import Webhook
+from typer.testing import CliRunner
 
+from services.alerts import cli
 from services.alerts.app import create_app
 from services.alerts.harness import EventPublisher, TopicReader, WebhookReceiver, deterioration, scored
 from services.alerts.settings import AlertsConfig, AlertsSettings, SmtpSettings
@@ -515,6 +518,38 @@ async def test_keys_are_tenant_and_site_scoped(env: Env) -> None:
     # Another tenant sees none of it.
     assert (await env.client.get("/v1/alerts", headers=other.read)).json() == []
     assert (await env.client.get("/v1/clinicians/a1", headers=other.read)).status_code == 404
+
+
+async def _a_failed_delivery(env: Env, name: str) -> tuple[Tenant, dict[str, Any]]:
+    t = await new_tenant(env, name)
+    await put_clinician(env, t, "c1", env.receiver.behave(path(t, "c1"), always_fail=True))
+    ev = deterioration(t.id, "c1", "client-20")
+    await env.publisher.publish(env.topics.deterioration, ev, t.id, ev.client_id)
+    failed = await eventually(lambda: _failed(env, t, ev.alert_id))
+    env.receiver.behave(path(t, "c1"))  # the receiver is fixed
+    return t, failed
+
+
+async def test_an_admin_can_retry_a_failed_delivery_through_the_api(env: Env) -> None:
+    t, failed = await _a_failed_delivery(env, "retry-api")
+    assert (await env.client.post(f"/v1/deliveries/{failed['delivery_id']}/retry", headers=t.read)).status_code == 403
+    r = await env.client.post(f"/v1/deliveries/{failed['delivery_id']}/retry", headers=t.admin)
+    assert r.status_code == 200 and r.json()["status"] == "pending"
+    done = await eventually(lambda: _delivered_channel(env, t, failed["alert_id"], "webhook"))
+    assert done["delivery_id"] == failed["delivery_id"] and done["attempts"] == 1
+
+
+async def test_an_operator_can_requeue_failed_deliveries_with_the_cli(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    t, failed = await _a_failed_delivery(env, "retry-cli")
+    monkeypatch.setenv("ALLIANCE_MONGO_URL", env.ns.stack.mongo_url)
+    monkeypatch.setenv("ALLIANCE_MONGO_DATABASE", env.ns.database)
+    runner = CliRunner()
+    listed = await asyncio.to_thread(runner.invoke, cli.app, ["deliveries", "--tenant", t.id])
+    assert listed.exit_code == 0 and failed["delivery_id"] in listed.output and "HTTP 500" in listed.output
+    result = await asyncio.to_thread(runner.invoke, cli.app, ["retry", "--tenant", t.id])
+    assert result.exit_code == 0 and "requeued 1 deliveries" in result.output
+    await eventually(lambda: _delivered_channel(env, t, failed["alert_id"], "webhook"))
 
 
 # ---- helpers -------------------------------------------------------------------------------------
