@@ -20,7 +20,8 @@ ATTEMPTS = Counter(
 ALERT_TO_DELIVERED = Histogram(
     "alliance_alert_to_delivered_seconds",
     "From the alert's origin (intake acceptance, else the event's occurred_at) to a successful "
-    "delivery to the clinician or a partner; escalations are not counted.",
+    "delivery of the alert to its clinician or a partner (escalations and forwarded scored events are "
+    "not counted).",
     ["channel"],
     buckets=LATENCY_BUCKETS,
 )

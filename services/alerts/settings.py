@@ -56,7 +56,9 @@ class SmtpSettings(BaseSettings):
 
     host: str = ""
     port: int = 25
+    # starttls=true requires STARTTLS; false uses it only when the server offers it.
     starttls: bool = False
+    # tls=true speaks TLS from the first byte (SMTPS, usually port 465).
     tls: bool = False
     username: str = ""
     password: SecretStr = SecretStr("")
@@ -65,6 +67,12 @@ class SmtpSettings(BaseSettings):
     @property
     def enabled(self) -> bool:
         return bool(self.host)
+
+    @model_validator(mode="after")
+    def _one_tls_mode(self) -> SmtpSettings:
+        if self.tls and self.starttls:
+            raise ValueError("set ALLIANCE_SMTP_TLS or ALLIANCE_SMTP_STARTTLS, not both")
+        return self
 
 
 @dataclass

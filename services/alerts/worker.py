@@ -172,7 +172,7 @@ class DeliveryWorker:
                 result = AttemptResult(d["_id"], claim, "delivered", attempt, response_status=status)
                 metrics.NOTIFICATIONS.labels(channel, "delivered").inc()
                 origin = d.get("origin_at")
-                if d.get("kind") != "escalation" and isinstance(origin, datetime):
+                if d.get("kind") == "alert" and isinstance(origin, datetime):
                     metrics.ALERT_TO_DELIVERED.labels(channel).observe(
                         max(0.0, (datetime.now(UTC) - origin).total_seconds()))
             elif is_final(attempt, self._s.max_attempts):
