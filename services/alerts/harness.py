@@ -150,10 +150,10 @@ class TopicReader:
 
     async def start(self) -> None:
         await self._consumer.start()
+        await self._consumer.topics()  # fetches cluster metadata
         partitions = self._consumer.partitions_for_topic(self._topic) or set()
         if not partitions:
-            await self._consumer._client.force_metadata_update()
-            partitions = self._consumer.partitions_for_topic(self._topic) or set()
+            raise RuntimeError(f"topic {self._topic} does not exist")
         tps = [TopicPartition(self._topic, p) for p in sorted(partitions)]
         self._consumer.assign(tps)
         await self._consumer.seek_to_beginning(*tps)
