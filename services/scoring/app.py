@@ -16,7 +16,7 @@ from pymongo import AsyncMongoClient
 
 from services.scoring.handlers import SERVICE, ScoringHandler
 from services.scoring.settings import ScoringSettings
-from services.scoring.store import RulesStore, StateStore
+from services.scoring.store import RulesStore, StateCache, StateStore
 from shared.events import AllianceDeterioration, DeadLetter, SrsScored
 from shared.http import Runtime, service_api
 from shared.kafka import Publisher, make_broker, subscribe_batch
@@ -47,7 +47,8 @@ class Scoring:
 
     broker: KafkaBroker
     mongo: AsyncMongoClient[Document]
-    states: StateStore
+    store: StateStore
+    states: StateCache
     rules: RulesStore
     handler: ScoringHandler
 
@@ -59,7 +60,8 @@ def build(config: ScoringConfig | None = None) -> Scoring:
     broker = make_broker(config.kafka, SERVICE)
     client = make_client(config.mongo)
     db = database(client, config.mongo)
-    states = StateStore(db)
+    store = StateStore(db)
+    states = StateCache(store, max_series=config.scoring.state_cache_series)
     rules = RulesStore(db, ttl_seconds=config.scoring.rules_cache_seconds)
     publisher = Publisher(broker, config.kafka.publish_timeout_seconds)
     handler = ScoringHandler(states, rules, publisher.publish_all, topics,
@@ -76,13 +78,13 @@ def build(config: ScoringConfig | None = None) -> Scoring:
                                  "derived from the submission, so a redelivery carries the same id.")
     broker.publisher(topics.deadletter, title=f"{SERVICE}:{topics.deadletter}", schema=DeadLetter,
                      description="Submitted records scoring could not read or score, with the reason.")
-    return Scoring(broker, client, states, rules, handler)
+    return Scoring(broker, client, store, states, rules, handler)
 
 
 def create_app(config: ScoringConfig | None = None) -> FastAPI:
     """The scoring service as an ASGI app (consumer runs inside its lifespan)."""
     s = build(config)
-    runtime = Runtime(SERVICE, broker=s.broker, mongo=s.mongo, on_start=[s.states.ensure_indexes])
+    runtime = Runtime(SERVICE, broker=s.broker, mongo=s.mongo, on_start=[s.store.ensure_indexes])
     app = service_api(runtime, title=TITLE, description=DESCRIPTION)
     app.state.scoring = s
     return app

@@ -3,7 +3,8 @@
 Per batch (never per message):
 
 1. decode every record; undecodable or invalid ones become dead letters (the batch goes on);
-2. read the state of every series in the batch with ONE query, and the tenants' rules (cached);
+2. read the state of every series in the batch - from this process's cache of the series it
+   wrote, the rest with ONE query - and the tenants' rules (cached for a few seconds);
 3. apply the records in order in memory (`History.apply`): a submission id already in the state
    returns its stored outcome, so a redelivery yields exactly what was computed the first time;
 4. write the changed series with ONE bulk write, each guarded by the version it was read at;
@@ -31,6 +32,8 @@ old owner may still be mid-batch while the new owner re-reads the uncommitted re
 version check in step 4 decides: whoever writes first wins, the other gets a conflict, reloads
 that state (now holding the winner's outcomes) and re-applies, so it publishes the winner's
 outcomes, byte-equal. Both may publish them (a duplicate, same ids) but never two different ones.
+The same check makes the state cache safe when a partition comes back after another process
+wrote its series: scoring against the stale entry ends in a conflict, never in a publish.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from pydantic import ValidationError
 from services.scoring import metrics
 from services.scoring.history import History, Outcome, Submission
 from services.scoring.rules import TenantRules, Unscorable
-from services.scoring.store import SeriesKey, series_key
+from services.scoring.store import SeriesKey, StatePort, series_key
 from shared import ids
 from shared.events import (
     AllianceDeterioration,
@@ -63,14 +66,6 @@ log = logging.getLogger("alliance.scoring")
 
 SERVICE = "scoring"
 IDENTITY_FIELDS: tuple[str, ...] = tuple(SubmissionIdentity.model_fields)
-
-
-class StatePort(Protocol):
-    """Where series state lives (MongoDB in production, a dict in unit tests)."""
-
-    async def load(self, keys: Iterable[SeriesKey]) -> dict[SeriesKey, History]: ...
-
-    async def save(self, changed: dict[SeriesKey, History]) -> set[SeriesKey]: ...
 
 
 class RulesPort(Protocol):

@@ -78,6 +78,10 @@ class History:
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     version: int = 0
 
+    def copy(self) -> History:
+        """An independent copy (entries and outcomes are immutable, so the dicts suffice)."""
+        return History(dict(self.entries), dict(self.outcomes), self.version)
+
     def current(self) -> dict[int, Entry]:
         """The current version of each session number."""
         out: dict[int, Entry] = {}

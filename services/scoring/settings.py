@@ -16,5 +16,8 @@ class ScoringSettings(BaseSettings):
     # Records per consumed batch; None takes ALLIANCE_KAFKA_BATCH_MAX_RECORDS. Larger batches
     # mean fewer store round trips (the store is the slower of the two limits).
     max_records: int | None = Field(default=None, ge=1)
+    # Series kept in memory after a write, so hot clients are not re-read from the store each
+    # batch (0 turns the cache off). Roughly 1-2 KB each.
+    state_cache_series: int = Field(default=50_000, ge=0)
     # How often a batch re-reads state after losing a write race before the batch is retried.
     conflict_attempts: int = Field(default=5, ge=1)

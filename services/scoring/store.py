@@ -2,10 +2,13 @@
 
 One state document per (tenant, client, instrument, episode), holding every submission of the
 series with the outcome computed for it. A batch reads all its documents with one `find` and
-writes them back with one unordered `bulk_write` of replace-upserts guarded by a version
-number: the filter is `{_id, v: <version read>}`, so if another process wrote the document in
-between, the filter misses, the upsert collides with the existing `_id` (E11000), and that
-document is reported as a conflict instead of being overwritten.
+writes them back with one unordered `bulk_write` guarded by a version number: a series read at
+version 0 (new) is an insert, any other a replace-upsert filtered on `{_id, v: <version read>}`.
+If another process wrote the document in between, the insert or the upsert collides with the
+existing `_id` (E11000) and that document is reported as a conflict instead of being overwritten.
+
+`StateCache` keeps the series a process has written, so a batch reads from the store only the
+series it has not seen; the version check makes a stale cache entry harmless (see its docs).
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
-from pymongo import ReplaceOne
+from pymongo import InsertOne, ReplaceOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
@@ -96,6 +100,15 @@ def history_from(doc: Document) -> History:
     return h
 
 
+class StatePort(Protocol):
+    """Where series state lives: `StateStore` (MongoDB), `StateCache` in front of it, or a dict
+    in unit tests."""
+
+    async def load(self, keys: Iterable[SeriesKey]) -> dict[SeriesKey, History]: ...
+
+    async def save(self, changed: dict[SeriesKey, History]) -> set[SeriesKey]: ...
+
+
 class StateStore:
     """Reads and writes series state, one round trip each per batch."""
 
@@ -124,8 +137,14 @@ class StateStore:
         if not changed:
             return set()
         keys = list(changed)
-        ops = [ReplaceOne({"_id": k.doc_id, "v": changed[k].version},
-                          history_doc(k, changed[k], changed[k].version + 1), upsert=True) for k in keys]
+        ops: list[InsertOne[Document] | ReplaceOne[Document]] = []
+        for k in keys:
+            h = changed[k]
+            doc = history_doc(k, h, h.version + 1)
+            if h.version == 0:
+                ops.append(InsertOne({"_id": k.doc_id, **doc}))
+            else:
+                ops.append(ReplaceOne({"_id": k.doc_id, "v": h.version}, doc, upsert=True))
         conflicts: set[SeriesKey] = set()
         try:
             await self._col.bulk_write(ops, ordered=False)
@@ -143,6 +162,68 @@ class StateStore:
     async def drop_series(self, key: SeriesKey) -> None:
         """Remove one series (tests and operator clean-up)."""
         await self._col.delete_one({"_id": key.doc_id})
+
+
+class StateCache:
+    """The series this process wrote or read last, in front of a `StateStore` (LRU-bounded).
+
+    Safe without invalidation on rebalances: an entry only ever holds a state that was in the
+    store at some point. If another process has written the series since (the partition moved
+    away and back), a submission scored against the stale entry cannot be published, because
+    the write that must precede publishing is filtered on the stale version and conflicts; the
+    conflict evicts the entry and the batch re-reads the store. A stale entry can also answer a
+    redelivered submission from its outcomes, but outcomes are never changed once written, so
+    that answer is the one in the store.
+    """
+
+    def __init__(self, store: StatePort, max_series: int = 50_000) -> None:
+        self._store = store
+        self._max = max_series
+        self._lru: OrderedDict[SeriesKey, History] = OrderedDict()
+
+    async def load(self, keys: Iterable[SeriesKey]) -> dict[SeriesKey, History]:
+        """Copies of the cached series; the others read from the store in one query."""
+        out: dict[SeriesKey, History] = {}
+        missing: list[SeriesKey] = []
+        for k in keys:
+            hit = self._lru.get(k)
+            if hit is None:
+                missing.append(k)
+            else:
+                self._lru.move_to_end(k)
+                out[k] = hit.copy()
+        if missing:
+            loaded = await self._store.load(missing)
+            for k, h in loaded.items():
+                self._remember(k, h.copy())
+            out.update(loaded)
+        return out
+
+    async def save(self, changed: dict[SeriesKey, History]) -> set[SeriesKey]:
+        """Write through; written series are remembered, conflicting ones forgotten."""
+        try:
+            conflicts = await self._store.save(changed)
+        except BaseException:
+            for k in changed:  # unknown outcome: read the store next time
+                self._lru.pop(k, None)
+            raise
+        for k, h in changed.items():
+            if k in conflicts:
+                self._lru.pop(k, None)
+            else:
+                self._remember(k, h.copy())
+        return conflicts
+
+    def _remember(self, key: SeriesKey, h: History) -> None:
+        if self._max <= 0:
+            return
+        self._lru[key] = h
+        self._lru.move_to_end(key)
+        while len(self._lru) > self._max:
+            self._lru.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._lru)
 
 
 class RulesStore:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from services.scoring.handlers import ScoringHandler, StateConflict
 from services.scoring.history import History
 from services.scoring.rules import TenantRules
-from services.scoring.store import SeriesKey, history_doc, history_from
+from services.scoring.store import SeriesKey, StateCache, StatePort, history_doc, history_from
 from shared import ids
 from shared.events import AllianceDeterioration, DeadLetter, SrsScored
 from shared.kafka import InboundRecord, OutboundRecord
@@ -89,10 +89,11 @@ def ticking_clock(start: datetime = T0) -> Callable[[], datetime]:
 
 
 def handler(states: MemoryStates | None = None, sink: Sink | None = None, clock: Callable[[], datetime] | None = None,
-            rules: MemoryRules | None = None) -> tuple[ScoringHandler, MemoryStates, Sink]:
+            rules: MemoryRules | None = None, cache: bool = False) -> tuple[ScoringHandler, MemoryStates, Sink]:
     states = states or MemoryStates()
     sink = sink or Sink()
-    h = ScoringHandler(states, rules or MemoryRules(), sink, TOPICS, clock=clock or ticking_clock())
+    port: StatePort = StateCache(states) if cache else states
+    h = ScoringHandler(port, rules or MemoryRules(), sink, TOPICS, clock=clock or ticking_clock())
     return h, states, sink
 
 
@@ -255,6 +256,54 @@ async def test_tenant_rules_are_applied_per_tenant() -> None:
     assert cutoffs == [("strict", 38.0, ["below_cutoff"]), ("acme", 36.0, [])]
 
 
+# --- the state cache ---------------------------------------------------------------------------
+
+
+async def test_series_written_by_this_process_are_not_read_again() -> None:
+    h, states, _ = handler(cache=True)
+    await h([submitted(f"c{i}", 1, 37.0) for i in range(10)])
+    await h([submitted(f"c{i}", 2, 37.0) for i in range(10)])
+    await h([submitted(f"c{i}", 3, 37.0) for i in range(12)])
+    assert (states.loads, states.saves) == (2, 3)  # the third batch read only the two new series
+
+
+async def test_stale_cache_after_another_process_wrote_leads_to_a_reread_not_a_wrong_previous() -> None:
+    states = MemoryStates()
+    a, _, sink_a = handler(states, cache=True)
+    b, _, sink_b = handler(states, cache=True, clock=ticking_clock(T0 + timedelta(hours=5)))
+    await a([submitted("x", 1, 38.0, at=1)])  # A caches the series at version 1
+    await b([submitted("x", 2, 35.0, at=2)])  # the partition moved to B: version 2
+    await a([submitted("x", 2, 35.0, at=2), submitted("x", 3, 34.5, at=3)])  # ...and back to A
+    republished, third = (SrsScored.model_validate_json(r.value) for r in of_topic(sink_a.published[1:], TOPICS.scored))
+    assert republished.model_dump_json() == SrsScored.model_validate_json(
+        of_topic(sink_b.published, TOPICS.scored)[0].value).model_dump_json()
+    assert third.previous_total == 35.0 and third.flags == ["below_cutoff", "low_not_improving"]
+
+
+async def test_cache_is_bounded_and_forgets_the_least_recent_series() -> None:
+    states = MemoryStates()
+    cache = StateCache(states, max_series=2)
+    h = ScoringHandler(cache, MemoryRules(), Sink(), TOPICS)
+    for c in ("a", "b", "c"):
+        await h([submitted(c, 1, 37.0)])
+    assert len(cache) == 2
+    before = states.loads
+    await h([submitted("a", 2, 37.0)])
+    assert states.loads == before + 1  # "a" was forgotten
+
+
+async def test_a_failed_write_forgets_the_series() -> None:
+    class Failing(MemoryStates):
+        async def save(self, changed: dict[SeriesKey, History]) -> set[SeriesKey]:
+            raise ConnectionError("store down")
+
+    cache = StateCache(Failing())
+    h = ScoringHandler(cache, MemoryRules(), Sink(), TOPICS)
+    with pytest.raises(ConnectionError):
+        await h([submitted("x", 1, 37.0)])
+    assert len(cache) == 0
+
+
 # --- crash anywhere, redeliver: exactly-once in effect -----------------------------------------
 
 
@@ -271,30 +320,35 @@ def workloads(draw: st.DrawFn) -> list[InboundRecord]:
     return out
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(stream=workloads(), batch_size=st.integers(1, 6), crashes=st.lists(st.sampled_from(["publish", "commit"]),
                                                                        max_size=6), data=st.data())
 async def test_crash_at_any_point_and_redelivery_yields_each_submission_once_in_effect(
         stream: list[InboundRecord], batch_size: int, crashes: list[str], data: st.DataObject) -> None:
+    """Two processes with their own state caches share the store; the partition moves between
+    them at random, and a process may die (losing its cache) or fail to publish at any batch."""
     clean, _, clean_sink = handler()
     for i in range(0, len(stream), batch_size):
         await clean(stream[i : i + batch_size])
 
-    h, _, sink = handler()
+    states, sink = MemoryStates(), Sink()
+    procs = [handler(states, sink, cache=True)[0], handler(states, sink, cache=True)[0]]
     committed = 0
     pending = list(crashes)
     while committed < len(stream):
         size = data.draw(st.integers(1, batch_size))
+        owner: int = data.draw(st.integers(0, 1))
         batch = stream[committed : committed + size]
         crash_now: bool = data.draw(st.booleans())
         crash = pending.pop(0) if pending and crash_now else None
         sink.fail_next = 1 if crash == "publish" else 0
         try:
-            await h(batch)
+            await procs[owner](batch)
         except ConnectionError:
             continue  # no commit: the same offsets are read again
         if crash == "commit":
-            continue  # published, then killed before the commit
+            procs[owner] = handler(states, sink, cache=True)[0]  # killed before the commit: restarts cold
+            continue
         committed += len(batch)
 
     def contents(records: list[OutboundRecord], topic: str) -> dict[str, set[bytes]]:
