@@ -1,0 +1,172 @@
+"""The read API (role `read`) and the dashboard.
+
+Isolation: every query is filtered by the key's tenant, and by its site when the key is bound
+to one. A client that does not exist and a client of another tenant (or another site, for a
+site-bound key) get the same 404 body, so nothing tells them apart. Summaries of a site other
+than a site-bound key's own are 403 (the site is named in the request, the key says which it
+may see); a site or clinician with nothing visible is 404.
+
+Caching: JSON answers carry a strong ETag (hash of the body) and `Cache-Control: private`
+with a short max-age; `If-None-Match` answers 304. `X-Reporting-Generation` names the read-model
+generation that answered (it changes when a rebuild switches over).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from services.reporting import rules
+from services.reporting.fhir import FHIR_JSON, trajectory_bundle
+from services.reporting.settings import ReportingSettings
+from services.reporting.store import Generations, ReportingStore
+from shared.auth import KeyStore, Principal, forbid_site, require
+from shared.events import Instrument
+from shared.http import error_body
+
+STATIC = Path(__file__).resolve().parent / "static"
+NOT_FOUND_CLIENT = error_body([("client_id", "no trajectory for this client and instrument")])
+
+# The dashboard loads only its own files; nothing may reach another origin.
+DASHBOARD_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+                 "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+
+
+def _json_response(request: Request, body: Any, *, max_age: int, generation: str,
+                   media_type: str = "application/json") -> Response:
+    raw = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+    tag = rules.etag(raw)
+    headers = {"ETag": tag, "Cache-Control": f"private, max-age={max_age}", "Vary": "Authorization",
+               "X-Reporting-Generation": generation}
+    if rules.etag_matches(request.headers.get("if-none-match"), tag):
+        return Response(status_code=304, headers=headers)
+    return Response(raw, media_type=media_type, headers=headers)
+
+
+class SummaryCache:
+    """Summaries per (generation, tenant, site) for a short window: they aggregate a whole scope."""
+
+    def __init__(self, ttl: float) -> None:
+        self._ttl = ttl
+        self._items: dict[tuple[str, str, str | None], tuple[float, dict[str, Any] | None]] = {}
+
+    def get(self, key: tuple[str, str, str | None]) -> tuple[bool, dict[str, Any] | None]:
+        hit = self._items.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            return True, hit[1]
+        return False, None
+
+    def put(self, key: tuple[str, str, str | None], value: dict[str, Any] | None) -> None:
+        if len(self._items) > 10_000:
+            self._items.clear()
+        self._items[key] = (time.monotonic() + self._ttl, value)
+
+
+def build_router(store: ReportingStore, generations: Generations, keys: Callable[[], KeyStore],
+                 settings: ReportingSettings) -> APIRouter:
+    """The `/v1` read endpoints."""
+    router = APIRouter(prefix="/v1", tags=["reporting"])
+    reader = require(keys, "read")
+    summaries = SummaryCache(settings.summary_cache_seconds)
+    Reader = Annotated[Principal, Depends(reader)]
+    InstrumentQ = Annotated[Instrument, Query(description="SRS, CSRS, GSRS, CGSRS or YCSRS")]
+    EpisodeQ = Annotated[str | None, Query(max_length=128, description="an episode; default: the most recent")]
+
+    async def find_trajectory(p: Principal, client_id: str, instrument: Instrument,
+                              episode: str | None) -> tuple[str, dict[str, Any]]:
+        gen = (await generations.current()).active
+        doc = await store.trajectory(gen, p.tenant_id, client_id, instrument.value, episode, p.site_id)
+        if doc is None:
+            raise HTTPException(404, NOT_FOUND_CLIENT)
+        return gen, doc
+
+    @router.get("/clients/{client_id}/trajectory", summary="One client's trajectory on one instrument",
+                responses={404: {"description": "unknown client (or not visible to this key)"}})
+    async def trajectory(request: Request, client_id: str, p: Reader, instrument: InstrumentQ = Instrument.SRS,
+                         episode: EpisodeQ = None) -> Response:
+        gen, doc = await find_trajectory(p, client_id, instrument, episode)
+        alerts = (await store.alerts_for(gen, p.tenant_id, [doc["_id"]]))[doc["_id"]]
+        return _json_response(request, rules.trajectory_view(doc, alerts),
+                              max_age=settings.trajectory_max_age_seconds, generation=gen)
+
+    @router.get("/clients/{client_id}/fhir", summary="The trajectory as a FHIR R4 Bundle",
+                responses={200: {"content": {FHIR_JSON: {}}}, 404: {"description": "unknown client"}})
+    async def fhir(request: Request, client_id: str, p: Reader, instrument: InstrumentQ = Instrument.SRS,
+                   episode: EpisodeQ = None) -> Response:
+        gen, doc = await find_trajectory(p, client_id, instrument, episode)
+        return _json_response(request, trajectory_bundle(doc), max_age=settings.trajectory_max_age_seconds,
+                              generation=gen, media_type=FHIR_JSON)
+
+    @router.get("/clinicians/{clinician_id}/caseload", summary="A clinician's caseload, at-risk clients first",
+                responses={404: {"description": "no trajectory of this clinician is visible to this key"}})
+    async def caseload(request: Request, clinician_id: str, p: Reader,
+                       cursor: Annotated[str | None, Query(max_length=2048)] = None,
+                       limit: Annotated[int | None, Query(ge=1, le=1000)] = None) -> Response:
+        size = min(limit or settings.page_size, settings.max_page_size)
+        try:
+            after = rules.decode_cursor(cursor) if cursor else None
+        except rules.BadCursor as exc:
+            raise HTTPException(422, error_body([("cursor", str(exc))])) from exc
+        gen = (await generations.current()).active
+        docs = await store.caseload(gen, p.tenant_id, clinician_id, p.site_id, after, size)
+        if not docs and after is None:
+            raise HTTPException(404, error_body([("clinician_id", "no caseload for this clinician")]))
+        page, more = docs[:size], len(docs) > size
+        alerts = await store.alerts_for(gen, p.tenant_id, [d["_id"] for d in page])
+        body = {
+            "clinician_id": clinician_id,
+            "clients": [rules.caseload_entry(d, alerts.get(d["_id"], [])) for d in page],
+            "next_cursor": rules.encode_cursor(page[-1]["caseload_key"]) if more else None,
+        }
+        return _json_response(request, body, max_age=settings.trajectory_max_age_seconds, generation=gen)
+
+    async def summary_of(request: Request, p: Principal, site_id: str | None) -> Response:
+        gen = (await generations.current()).active
+        key = (gen, p.tenant_id, site_id)
+        hit, body = summaries.get(key)
+        if not hit:
+            body = await store.summary(gen, p.tenant_id, site_id)
+            summaries.put(key, body)
+        if body is None:
+            if site_id is not None:
+                raise HTTPException(404, error_body([("site_id", "no data for this site")]))
+            body = rules.summarize([], 0, 0, {}, {}, 0, 0)  # a tenant with no data yet: zeros
+        body = {"tenant_id": p.tenant_id, "site_id": site_id, **body}
+        return _json_response(request, body, max_age=settings.summary_max_age_seconds, generation=gen)
+
+    @router.get("/sites/{site_id}/summary", summary="PCOMS indices of one site",
+                responses={403: {"description": "site-bound key of another site"},
+                           404: {"description": "no data for this site"}})
+    async def site_summary(request: Request, site_id: str, p: Reader) -> Response:
+        if not p.may_see_site(site_id):
+            raise forbid_site(site_id)
+        return await summary_of(request, p, site_id)
+
+    @router.get("/summary", summary="PCOMS indices of the whole tenant",
+                responses={403: {"description": "a site-bound key sees only its site's summary"}})
+    async def tenant_summary(request: Request, p: Reader) -> Response:
+        if p.site_id is not None:
+            raise HTTPException(403, error_body([("site_id", "this key is bound to one site; use "
+                                                             f"/v1/sites/{p.site_id}/summary")]))
+        return await summary_of(request, p, None)
+
+    return router
+
+
+def mount_dashboard(app: FastAPI) -> None:
+    """`GET /dashboard` and its static files (no external resources)."""
+    app.mount("/dashboard/static", StaticFiles(directory=STATIC), name="dashboard-static")
+
+    @app.get("/dashboard", tags=["dashboard"], summary="The trajectory page (sign in with a read key)",
+             response_class=FileResponse)
+    async def dashboard() -> FileResponse:
+        return FileResponse(STATIC / "dashboard.html", media_type="text/html",
+                            headers={"Content-Security-Policy": DASHBOARD_CSP, "Cache-Control": "no-cache",
+                                     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})

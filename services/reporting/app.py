@@ -1,0 +1,84 @@
+"""The reporting service: consumers that materialize read models, the read API, the dashboard."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI
+from faststream import FastStream
+from faststream.kafka import KafkaBroker
+
+from services.reporting.api import build_router, mount_dashboard
+from services.reporting.handlers import ReportingHandlers
+from services.reporting.settings import ReportingSettings
+from services.reporting.store import Generations, ReportingStore
+from shared.auth import KeyStore
+from shared.http import Runtime, service_api
+from shared.kafka import OutboundRecord, Publisher, make_broker, subscribe_batch
+from shared.mongo import database, make_client
+from shared.settings import KafkaSettings, MongoSettings
+
+SERVICE = "reporting"
+
+
+@dataclass
+class ReportingConfig:
+    """Everything the service reads from the environment (overridable in tests)."""
+
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    mongo: MongoSettings = field(default_factory=MongoSettings)
+    reporting: ReportingSettings = field(default_factory=ReportingSettings)
+    consume: bool = True  # False: API only (e.g. a read replica of the API)
+
+
+def _wire(config: ReportingConfig) -> tuple[KafkaBroker, Runtime, ReportingStore, Generations, KeyStore]:
+    broker = make_broker(config.kafka, SERVICE)
+    mongo = make_client(config.mongo)
+    db = database(mongo, config.mongo)
+    settings = config.reporting
+    store = ReportingStore(db, settings.decline_threshold)
+    generations = Generations(db, settings.generation_cache_seconds)
+    keys = KeyStore(db, settings.key_cache_seconds)
+    topics = config.kafka.topics()
+    publisher = Publisher(broker, config.kafka.publish_timeout_seconds)
+
+    async def dead_letters(records: Sequence[OutboundRecord]) -> None:
+        await publisher.publish_all(records)
+
+    handlers = ReportingHandlers(store, generations, dead_letters, topics.deadletter)
+    if config.consume:
+        batch = min(settings.batch_max_records, config.kafka.batch_max_records)
+        for topic, purpose, handler in (
+            (topics.scored, "scored", handlers.scored),
+            (topics.deterioration, "deterioration", handlers.deterioration),
+            (topics.alert_status, "alert-status", handlers.alert_status),
+        ):
+            subscribe_batch(broker, topic, group_id=config.kafka.group(f"{SERVICE}-{purpose}"), service=SERVICE,
+                            handler=handler, max_records=batch)
+
+    async def prepare_store() -> None:
+        state = await generations.ensure()
+        for gen in state.write_targets:
+            await store.ensure_indexes(gen)
+
+    runtime = Runtime(SERVICE, broker, mongo, on_start=[prepare_store])
+    return broker, runtime, store, generations, keys
+
+
+def create_app(config: ReportingConfig | None = None) -> FastAPI:
+    """The reporting FastAPI app (consumers start with its lifespan; no connection at import)."""
+    config = config or ReportingConfig()
+    _, runtime, store, generations, keys = _wire(config)
+    app = service_api(
+        runtime, title="Alliance Stream reporting",
+        description="Trajectories and PCOMS indices materialized from scored sessions; read keys only.")
+    app.include_router(build_router(store, generations, lambda: keys, config.reporting))
+    mount_dashboard(app)
+    return app
+
+
+def asyncapi_app(config: ReportingConfig | None = None) -> FastStream:
+    """A FastStream app over the same broker and subscribers (for `faststream docs gen`)."""
+    broker, *_ = _wire(config or ReportingConfig())
+    return FastStream(broker)

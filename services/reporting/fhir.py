@@ -1,0 +1,121 @@
+"""A FHIR R4 view of one trajectory, for EHR partners (pure; no I/O).
+
+One `Bundle` (type `collection`) holding, per session, a `QuestionnaireResponse` with the four
+items and the total, and an `Observation` of the total score (category `survey`, code from the
+local code system below, the items as components, `derivedFrom` the response). Subjects are
+identified by the tenant's pseudonymous client id only: no other identifying data leaves.
+Resource ids are derived from the submission, so the same trajectory always yields the same
+Bundle (and the same ETag).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from services.reporting.rules import below_cutoff, ordered_sessions
+from shared.events import ITEM_NAMES
+from shared.ids import derive
+
+FHIR_JSON = "application/fhir+json"
+# Local identifiers: URNs, so nothing here points at a host.
+CODE_SYSTEM = "urn:alliance-stream:fhir:CodeSystem:srs"
+QUESTIONNAIRE = "urn:alliance-stream:fhir:Questionnaire:"
+SUBMISSION_SYSTEM = "urn:alliance-stream:fhir:submission"
+OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
+INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+UCUM = "http://unitsofmeasure.org"
+
+Resource = dict[str, Any]
+
+
+def _iso(ts: Any) -> str:
+    if isinstance(ts, datetime):
+        return (ts if ts.tzinfo else ts.replace(tzinfo=UTC)).isoformat()
+    return str(ts)
+
+
+def client_system(tenant_id: str) -> str:
+    """The identifier system of a tenant's pseudonymous client ids."""
+    return f"urn:alliance-stream:tenant:{tenant_id}:client"
+
+
+def _score(value: float) -> Resource:
+    return {"value": value, "unit": "score", "system": UCUM, "code": "{score}"}
+
+
+def _code(code: str, display: str) -> Resource:
+    return {"coding": [{"system": CODE_SYSTEM, "code": code, "display": display}], "text": display}
+
+
+def _questionnaire_response(rid: str, doc: Mapping[str, Any], s: Mapping[str, Any],
+                            subject: Resource) -> Resource:
+    items = s.get("items") or {}
+    answers = [{"linkId": name, "text": name.capitalize(), "answer": [{"valueDecimal": float(items[name])}]}
+               for name in ITEM_NAMES if name in items]
+    answers.append({"linkId": "total", "text": "Total", "answer": [{"valueDecimal": float(s["total"])}]})
+    return {
+        "resourceType": "QuestionnaireResponse",
+        "id": rid,
+        "identifier": {"system": SUBMISSION_SYSTEM, "value": s["submission_id"]},
+        "questionnaire": QUESTIONNAIRE + doc["instrument"],
+        "status": "completed",
+        "subject": subject,
+        "authored": _iso(s["administered_at"]),
+        "item": answers,
+    }
+
+
+def _observation(oid: str, qr_id: str, doc: Mapping[str, Any], s: Mapping[str, Any],
+                 subject: Resource) -> Resource:
+    instrument = doc["instrument"]
+    items = s.get("items") or {}
+    low = below_cutoff(s)
+    obs: Resource = {
+        "resourceType": "Observation",
+        "id": oid,
+        "identifier": [{"system": SUBMISSION_SYSTEM, "value": s["submission_id"]}],
+        "status": "final",
+        "category": [{"coding": [{"system": OBSERVATION_CATEGORY, "code": "survey", "display": "Survey"}]}],
+        "code": _code(f"{instrument}-total", f"{instrument} total score"),
+        "subject": subject,
+        "effectiveDateTime": _iso(s["administered_at"]),
+        "valueQuantity": _score(float(s["total"])),
+        "interpretation": [{"coding": [{"system": INTERPRETATION, "code": "L" if low else "N",
+                                        "display": "Low" if low else "Normal"}]}],
+        "referenceRange": [{"low": _score(float(s["cutoff"])), "text": "alliance cutoff"}],
+        "derivedFrom": [{"reference": f"urn:uuid:{qr_id}"}],
+        "extension": [{"url": "urn:alliance-stream:fhir:session-number", "valueInteger": int(s["session_number"])}],
+    }
+    if items:
+        obs["component"] = [{"code": _code(f"{instrument}-{name}", f"{instrument} {name}"),
+                             "valueQuantity": _score(float(items[name]))} for name in ITEM_NAMES if name in items]
+    return obs
+
+
+def trajectory_bundle(doc: Mapping[str, Any]) -> Resource:
+    """The Bundle of one trajectory document."""
+    tenant = doc["tenant_id"]
+    subject = {"identifier": {"system": client_system(tenant), "value": doc["client_id"]}}
+    entries: list[Resource] = []
+    last_scored: datetime | None = None
+    for s in ordered_sessions(doc):
+        qr_id = derive("fhir-qr", tenant, s["submission_id"])
+        obs_id = derive("fhir-obs", tenant, s["submission_id"])
+        qr = _questionnaire_response(qr_id, doc, s, subject)
+        obs = _observation(obs_id, qr_id, doc, s, subject)
+        entries.append({"fullUrl": f"urn:uuid:{qr_id}", "resource": qr})
+        entries.append({"fullUrl": f"urn:uuid:{obs_id}", "resource": obs})
+        scored = s.get("scored_at")
+        if isinstance(scored, datetime) and (last_scored is None or scored > last_scored):
+            last_scored = scored
+    bundle: Resource = {
+        "resourceType": "Bundle",
+        "id": derive("fhir-bundle", tenant, doc["_id"]),
+        "type": "collection",
+        "entry": entries,
+    }
+    if last_scored is not None:
+        bundle["timestamp"] = _iso(last_scored)
+    return bundle

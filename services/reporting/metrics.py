@@ -1,0 +1,25 @@
+"""Metrics of the reporting service (default registry, bounded labels)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+from shared.metrics import LATENCY_BUCKETS
+
+EVENTS = Counter(
+    "alliance_reporting_events_total",
+    "Events consumed by reporting, by outcome: applied (new point or alert fact), corrected (a later "
+    "submission replaced a session), duplicate (already there), stale (older than what is there), "
+    "deadlettered (undecodable or invalid).",
+    ["outcome"],
+)
+APPLY_SECONDS = Histogram(
+    "alliance_reporting_apply_seconds",
+    "Time to apply one consumed batch to the read models (all generations written).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+SCORED_TO_VISIBLE = Histogram(
+    "alliance_scored_to_visible_seconds",
+    "From a session's scored_at to its point being readable through the reporting API.",
+    buckets=LATENCY_BUCKETS,
+)

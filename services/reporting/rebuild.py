@@ -1,0 +1,186 @@
+"""Rebuild the read models from the event log, then switch over atomically.
+
+1. Claim a new generation in the pointer document (`building`). From then on every live
+   consumer writes each batch into the active generation AND the new one (see handlers.py).
+2. Wait a few pointer-cache lifetimes, so every live consumer has seen the claim.
+3. Replay `srs.scored.v1`, `alliance.deterioration.v1` and `alliance.alert-status.v1` from the
+   beginning with a fresh group-less consumer (nothing committed anywhere) into the new
+   generation, until each partition reaches the high-water mark first seen after step 2.
+   Anything past those marks was produced after the claim, so the live consumers put it into
+   the new generation themselves; the writes are idempotent and commutative, so the two
+   writers overlapping is harmless.
+4. Flip `active` to the new generation in one single-document update. Until then the API
+   answers from the old generation; after at most one pointer-cache lifetime, from the new one.
+5. Drop generations older than the previous one (the previous stays for a quick way back).
+
+The replay skips records that do not decode (the live consumer dead-lettered them already).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from services.reporting.handlers import parse
+from services.reporting.settings import ReportingSettings
+from services.reporting.store import Generations, ReportingStore, alerts_name, trajectories_name
+from shared.events import AlertStatusChanged, AllianceDeterioration, SrsScored
+from shared.kafka import InboundRecord
+from shared.mongo import database, make_client
+from shared.settings import KafkaSettings, MongoSettings
+
+log = logging.getLogger("alliance.reporting.rebuild")
+
+Progress = Callable[[int, int], None]
+Hook = Callable[[str], Awaitable[None]]
+
+
+@dataclass
+class RebuildResult:
+    """What a rebuild did."""
+
+    previous: str
+    generation: str
+    events: int = 0
+    skipped: int = 0
+    replay_seconds: float = 0.0
+    switched: bool = False
+    dropped: list[str] = field(default_factory=list)
+
+    @property
+    def events_per_second(self) -> float:
+        return self.events / self.replay_seconds if self.replay_seconds > 0 else 0.0
+
+
+def consumer_security(settings: KafkaSettings) -> dict[str, Any]:
+    """aiokafka keyword arguments for the configured TLS/SASL (the same settings the services use)."""
+    kw: dict[str, Any] = {"security_protocol": settings.security_protocol}
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        ctx = ssl.create_default_context(cafile=settings.ssl_cafile or None)
+        if settings.ssl_certfile:
+            ctx.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile or None)
+        kw["ssl_context"] = ctx
+    if settings.security_protocol.startswith("SASL"):
+        kw.update(sasl_mechanism=settings.sasl_mechanism, sasl_plain_username=settings.sasl_username,
+                  sasl_plain_password=settings.sasl_password.get_secret_value())
+    return kw
+
+
+class Replayer:
+    """Applies replayed records of the three topics to one generation."""
+
+    def __init__(self, store: ReportingStore, gen: str, kafka: KafkaSettings) -> None:
+        self.store, self.gen = store, gen
+        topics = kafka.topics()
+        self.scored, self.deterioration, self.alert_status = topics.scored, topics.deterioration, topics.alert_status
+        self.events = 0
+        self.skipped = 0
+
+    async def apply(self, records: list[InboundRecord]) -> None:
+        by_topic: dict[str, list[InboundRecord]] = {}
+        for r in records:
+            by_topic.setdefault(r.topic, []).append(r)
+        scored, bad1 = parse(by_topic.get(self.scored, []), SrsScored)
+        alerts, bad2 = parse(by_topic.get(self.deterioration, []), AllianceDeterioration)
+        status, bad3 = parse(by_topic.get(self.alert_status, []), AlertStatusChanged)
+        if scored:
+            await self.store.apply_scored(self.gen, scored)
+        await self.store.apply_deterioration(self.gen, alerts)
+        await self.store.apply_alert_status(self.gen, status)
+        self.events += len(scored) + len(alerts) + len(status)
+        self.skipped += len(bad1) + len(bad2) + len(bad3)
+
+
+async def replay(kafka: KafkaSettings, replayer: Replayer, *, batch: int, progress: Progress | None = None,
+                 idle_seconds: float = 10.0) -> None:
+    """Read the three topics from the beginning up to the high-water marks first seen, applying batches."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, client_id="alliance-reporting-rebuild",
+                                group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
+                                request_timeout_ms=kafka.request_timeout_ms, **consumer_security(kafka))
+    await consumer.start()
+    try:
+        names = (replayer.scored, replayer.deterioration, replayer.alert_status)
+        await consumer.topics()  # fetches metadata
+        tps = [TopicPartition(t, p) for t in names for p in sorted(consumer.partitions_for_topic(t) or ())]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        begin = {tp: int(o) for tp, o in (await consumer.beginning_offsets(tps)).items()}
+        # The high-water mark each partition had when first seen (Tansu's ListOffsets is
+        # approximate; the fetch responses' marks are exact).
+        target: dict[TopicPartition, int] = {}
+        last_record = time.monotonic()
+        while True:
+            got = await consumer.getmany(timeout_ms=200, max_records=batch)
+            records = [InboundRecord.from_consumer_record(r) for recs in got.values() for r in recs]
+            if records:
+                last_record = time.monotonic()
+                await replayer.apply(records)
+            done = 0
+            caught_up = True
+            for tp in tps:
+                if tp not in target:
+                    hw = consumer.highwater(tp)
+                    if hw is not None:
+                        target[tp] = int(hw)
+                pos = await consumer.position(tp)
+                if tp in target:
+                    done += max(0, min(pos, target[tp]) - begin.get(tp, 0))
+                    caught_up = caught_up and pos >= target[tp]
+                else:
+                    caught_up = False
+            if progress is not None:
+                progress(done, sum(target[tp] - begin.get(tp, 0) for tp in target))
+            if caught_up:
+                return
+            if not records and time.monotonic() - last_record > idle_seconds:
+                log.warning("replay idle for %.0fs before every partition reported its end; finishing", idle_seconds)
+                return
+    finally:
+        await consumer.stop()
+
+
+async def rebuild(kafka: KafkaSettings, mongo: MongoSettings, settings: ReportingSettings, *,
+                  progress: Progress | None = None, after_claim: Hook | None = None,
+                  before_switch: Hook | None = None, force: bool = False, drop_old: bool = True,
+                  idle_seconds: float = 10.0) -> RebuildResult:
+    """Replay the log into a new generation and switch the API over to it (see module docs)."""
+    client = make_client(mongo)
+    db = database(client, mongo)
+    generations = Generations(db, settings.generation_cache_seconds)
+    store = ReportingStore(db, settings.decline_threshold)
+    try:
+        old, new = await generations.begin_rebuild(force=force)
+        result = RebuildResult(previous=old.active, generation=new)
+        try:
+            await store.ensure_indexes(new)
+            if after_claim is not None:
+                await after_claim(new)
+            # Every live consumer re-reads the pointer at least once per cache lifetime.
+            await asyncio.sleep(2 * settings.generation_cache_seconds + 0.25)
+            replayer = Replayer(store, new, kafka)
+            started = time.perf_counter()
+            await replay(kafka, replayer, batch=settings.rebuild_batch_records, progress=progress,
+                         idle_seconds=idle_seconds)
+            result.replay_seconds = time.perf_counter() - started
+            result.events, result.skipped = replayer.events, replayer.skipped
+            if before_switch is not None:
+                await before_switch(new)
+            await generations.switch(new)
+            result.switched = True
+        except BaseException:
+            await generations.abandon(new)
+            for name in (trajectories_name(new), alerts_name(new)):
+                await db.drop_collection(name)
+            raise
+        if drop_old:
+            result.dropped = await generations.drop_unused()
+        return result
+    finally:
+        await client.close()

@@ -1,0 +1,30 @@
+"""Settings of the reporting service (`ALLIANCE_REPORTING_*`)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ReportingSettings(BaseSettings):
+    """What the reporting service reads from the environment besides Kafka, MongoDB and HTTP."""
+
+    model_config = SettingsConfigDict(env_prefix="ALLIANCE_REPORTING_", extra="ignore")
+
+    # How long the API and the consumers trust their copy of the active-generation pointer. A
+    # rebuild waits a few of these after announcing its generation, so every live consumer is
+    # writing into it before the replay's end offsets are taken.
+    generation_cache_seconds: float = Field(default=1.0, gt=0, le=30)
+    # Network indices are not real-time numbers; one aggregation per scope and window is enough.
+    summary_cache_seconds: float = Field(default=15.0, ge=0)
+    # Browser/proxy caching of per-key JSON answers (`Cache-Control: private, max-age=...`).
+    trajectory_max_age_seconds: int = Field(default=5, ge=0)
+    summary_max_age_seconds: int = Field(default=30, ge=0)
+    page_size: int = Field(default=50, ge=1, le=500)
+    max_page_size: int = Field(default=200, ge=1, le=1000)
+    # A drop of this much from the previous session marks a trajectory as declining (scoring's
+    # default `drop_from_previous`; a tenant's own rule reaches reporting through the flags).
+    decline_threshold: float = Field(default=1.0, gt=0)
+    batch_max_records: int = Field(default=500, ge=1)
+    rebuild_batch_records: int = Field(default=2000, ge=1)
+    key_cache_seconds: float = Field(default=30.0, ge=0)
