@@ -17,7 +17,9 @@ A worker leases due deliveries by setting `claimed_until = now + lease` and a cl
 conditional `update_many` (see `AlertsStore.claim_due`); other workers skip leased documents.
 The lease (default 30 s) outlasts one attempt (timeout 5 s) plus recording it. Up to
 `concurrency` attempts run at once, each with its own timeout, so one slow receiver occupies one
-slot, not the worker.
+slot, not the worker. Outcomes are written in batches (whatever finished while the previous write
+was in flight), and a claim happens only when something is due: new deliveries (the consumer
+wakes the worker), a retry timer, a slot freed while work was waiting, or the poll interval.
 
 The window between sending and recording, and what a receiver sees
 ------------------------------------------------------------------
@@ -102,6 +104,8 @@ class DeliveryWorker:
         self._jitter = jitter
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
+        self._saturated = False
+        self._results: asyncio.Queue[AttemptResult | None] = asyncio.Queue()
         # Recorded on each claim, so operators (and tests) can tell which process holds a lease.
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
@@ -112,10 +116,12 @@ class DeliveryWorker:
     async def run(self) -> None:
         """Loop until cancelled: claim what is due and free slots allow, start attempts, wait."""
         lease = timedelta(seconds=self._s.lease_seconds)
+        recorder = asyncio.create_task(self._recorder(), name="delivery-recorder")
         try:
             while True:
                 self._wake.clear()
                 free = self._s.concurrency - len(self._inflight)
+                self._saturated = free <= 0
                 if free > 0:
                     try:
                         claimed = await self._store.claim_due(utcnow(), free, lease, self.instance)
@@ -128,18 +134,60 @@ class DeliveryWorker:
                         task = asyncio.create_task(self._attempt(d), name=f"delivery-{d['_id']}")
                         self._inflight.add(task)
                         task.add_done_callback(self._done)
-                    if claimed and len(claimed) == free:
-                        continue  # probably more due: claim again as soon as slots allow
+                    # All free slots taken: more may be due, so a freed slot should claim again.
+                    self._saturated = len(claimed) == free
+                    if self._saturated and len(self._inflight) < self._s.concurrency:
+                        continue
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._s.poll_seconds)
         finally:
             for t in list(self._inflight):
                 t.cancel()
             await asyncio.gather(*self._inflight, return_exceptions=True)
+            # Let the recorder write what finished (a lost outcome means a duplicate send later).
+            self._results.put_nowait(None)
+            try:
+                await asyncio.wait_for(recorder, 5.0)
+            except (TimeoutError, asyncio.CancelledError, Exception) as exc:
+                log.warning("delivery outcomes not recorded at shutdown: %r", exc)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
-        self._wake.set()  # a slot is free
+        if self._saturated:
+            self._wake.set()  # a slot is free and more may be due
+
+    async def _recorder(self) -> None:
+        """Write attempt outcomes in batches: whatever finished while the last write was in flight.
+
+        Ends after writing everything queued before the `None` that `run` puts at shutdown.
+        """
+        stopping = False
+        while not stopping:
+            batch: list[AttemptResult] = []
+            item = await self._results.get()
+            while True:
+                if item is None:
+                    stopping = True
+                else:
+                    batch.append(item)
+                if self._results.empty():
+                    break
+                item = self._results.get_nowait()
+            if not batch:
+                continue
+            for retry_in in (0.2, 1.0, None):
+                try:
+                    await self._store.record(batch)
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    if retry_in is None:
+                        # The leases run out and the deliveries are attempted again: the documented
+                        # duplicate window.
+                        log.error("could not record %d delivery attempts: %r", len(batch), exc)
+                    else:
+                        await asyncio.sleep(retry_in)
 
     async def _attempt(self, d: Document) -> None:
         channel = str(d["channel"])
@@ -206,13 +254,7 @@ class DeliveryWorker:
         return AttemptResult(d["_id"], claim, "failed", attempts, error=error, response_status=status)
 
     async def _record(self, result: AttemptResult) -> None:
-        try:
-            await self._store.record([result])
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            # The lease runs out and another attempt happens: the documented duplicate window.
-            log.error("could not record a delivery attempt: %r", exc, extra={"delivery_id": result.delivery_id})
+        self._results.put_nowait(result)
 
     async def refresh_gauges(self) -> None:
         """Keep the pending gauges current (counts over all processes), until cancelled."""
