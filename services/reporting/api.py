@@ -39,6 +39,12 @@ DASHBOARD_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; sc
                  "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 
 
+InstrumentQ = Annotated[Instrument, Query(description="SRS, CSRS, GSRS, CGSRS or YCSRS")]
+EpisodeQ = Annotated[str | None, Query(max_length=128, description="an episode; default: the most recent")]
+CursorQ = Annotated[str | None, Query(max_length=2048, description="next_cursor of the previous page")]
+LimitQ = Annotated[int | None, Query(ge=1, le=1000, description="page size (capped by the server)")]
+
+
 def _json_response(request: Request, body: Any, *, max_age: int, generation: str,
                    media_type: str = "application/json") -> Response:
     raw = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
@@ -75,9 +81,6 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
     router = APIRouter(prefix="/v1", tags=["reporting"])
     reader = require(keys, "read")
     summaries = SummaryCache(settings.summary_cache_seconds)
-    Reader = Annotated[Principal, Depends(reader)]
-    InstrumentQ = Annotated[Instrument, Query(description="SRS, CSRS, GSRS, CGSRS or YCSRS")]
-    EpisodeQ = Annotated[str | None, Query(max_length=128, description="an episode; default: the most recent")]
 
     async def find_trajectory(p: Principal, client_id: str, instrument: Instrument,
                               episode: str | None) -> tuple[str, dict[str, Any]]:
@@ -89,8 +92,8 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
 
     @router.get("/clients/{client_id}/trajectory", summary="One client's trajectory on one instrument",
                 responses={404: {"description": "unknown client (or not visible to this key)"}})
-    async def trajectory(request: Request, client_id: str, p: Reader, instrument: InstrumentQ = Instrument.SRS,
-                         episode: EpisodeQ = None) -> Response:
+    async def trajectory(request: Request, client_id: str, p: Principal = Depends(reader),
+                         instrument: InstrumentQ = Instrument.SRS, episode: EpisodeQ = None) -> Response:
         gen, doc = await find_trajectory(p, client_id, instrument, episode)
         alerts = (await store.alerts_for(gen, p.tenant_id, [doc["_id"]]))[doc["_id"]]
         return _json_response(request, rules.trajectory_view(doc, alerts),
@@ -98,17 +101,16 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
 
     @router.get("/clients/{client_id}/fhir", summary="The trajectory as a FHIR R4 Bundle",
                 responses={200: {"content": {FHIR_JSON: {}}}, 404: {"description": "unknown client"}})
-    async def fhir(request: Request, client_id: str, p: Reader, instrument: InstrumentQ = Instrument.SRS,
-                   episode: EpisodeQ = None) -> Response:
+    async def fhir(request: Request, client_id: str, p: Principal = Depends(reader),
+                   instrument: InstrumentQ = Instrument.SRS, episode: EpisodeQ = None) -> Response:
         gen, doc = await find_trajectory(p, client_id, instrument, episode)
         return _json_response(request, trajectory_bundle(doc), max_age=settings.trajectory_max_age_seconds,
                               generation=gen, media_type=FHIR_JSON)
 
     @router.get("/clinicians/{clinician_id}/caseload", summary="A clinician's caseload, at-risk clients first",
                 responses={404: {"description": "no trajectory of this clinician is visible to this key"}})
-    async def caseload(request: Request, clinician_id: str, p: Reader,
-                       cursor: Annotated[str | None, Query(max_length=2048)] = None,
-                       limit: Annotated[int | None, Query(ge=1, le=1000)] = None) -> Response:
+    async def caseload(request: Request, clinician_id: str, p: Principal = Depends(reader), cursor: CursorQ = None,
+                       limit: LimitQ = None) -> Response:
         size = min(limit or settings.page_size, settings.max_page_size)
         try:
             after = rules.decode_cursor(cursor) if cursor else None
@@ -144,14 +146,14 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
     @router.get("/sites/{site_id}/summary", summary="PCOMS indices of one site",
                 responses={403: {"description": "site-bound key of another site"},
                            404: {"description": "no data for this site"}})
-    async def site_summary(request: Request, site_id: str, p: Reader) -> Response:
+    async def site_summary(request: Request, site_id: str, p: Principal = Depends(reader)) -> Response:
         if not p.may_see_site(site_id):
             raise forbid_site(site_id)
         return await summary_of(request, p, site_id)
 
     @router.get("/summary", summary="PCOMS indices of the whole tenant",
                 responses={403: {"description": "a site-bound key sees only its site's summary"}})
-    async def tenant_summary(request: Request, p: Reader) -> Response:
+    async def tenant_summary(request: Request, p: Principal = Depends(reader)) -> Response:
         if p.site_id is not None:
             raise HTTPException(403, error_body([("site_id", "this key is bound to one site; use "
                                                              f"/v1/sites/{p.site_id}/summary")]))

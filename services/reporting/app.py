@@ -14,6 +14,7 @@ from services.reporting.handlers import ReportingHandlers
 from services.reporting.settings import ReportingSettings
 from services.reporting.store import Generations, ReportingStore
 from shared.auth import KeyStore
+from shared.events import DeadLetter
 from shared.http import Runtime, service_api
 from shared.kafka import OutboundRecord, Publisher, make_broker, subscribe_batch
 from shared.mongo import database, make_client
@@ -56,6 +57,11 @@ def _wire(config: ReportingConfig) -> tuple[KafkaBroker, Runtime, ReportingStore
         ):
             subscribe_batch(broker, topic, group_id=config.kafka.group(f"{SERVICE}-{purpose}"), service=SERVICE,
                             handler=handler, max_records=batch)
+
+    # Dead letters go out through `Publisher`; this declaration puts them (and their schema) into
+    # the AsyncAPI document.
+    broker.publisher(topics.deadletter, title=f"{SERVICE}:{topics.deadletter}", schema=DeadLetter,
+                     description="Scored, deterioration or alert-status records reporting could not read.")
 
     async def prepare_store() -> None:
         state = await generations.ensure()

@@ -59,7 +59,7 @@ class RebuildResult:
         return self.events / self.replay_seconds if self.replay_seconds > 0 else 0.0
 
 
-def consumer_security(settings: KafkaSettings) -> dict[str, Any]:
+def aiokafka_security(settings: KafkaSettings) -> dict[str, Any]:
     """aiokafka keyword arguments for the configured TLS/SASL (the same settings the services use)."""
     kw: dict[str, Any] = {"security_protocol": settings.security_protocol}
     if settings.security_protocol in ("SSL", "SASL_SSL"):
@@ -103,7 +103,7 @@ async def replay(kafka: KafkaSettings, replayer: Replayer, *, batch: int, progre
     """Read the three topics from the beginning up to the high-water marks first seen, applying batches."""
     consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, client_id="alliance-reporting-rebuild",
                                 group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
-                                request_timeout_ms=kafka.request_timeout_ms, **consumer_security(kafka))
+                                request_timeout_ms=kafka.request_timeout_ms, **aiokafka_security(kafka))
     await consumer.start()
     try:
         names = (replayer.scored, replayer.deterioration, replayer.alert_status)

@@ -1,0 +1,161 @@
+"""Demo and test data: plausible scored-session streams as scoring would publish them.
+
+Used by the benchmark, the tests and the dashboard demo. The flags mimic scoring's default
+rules (issue 4) closely enough for charts and alerts to look right; scoring itself is the
+authority on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from aiokafka import AIOKafkaProducer
+
+from services.reporting.rebuild import aiokafka_security
+from shared.events import AlertStatusChanged, AllianceDeterioration, Instrument, Items, SrsScored, SubmissionIdentity
+from shared.ids import alert_id, derive, partition_key, scored_event_id
+from shared.settings import KafkaSettings
+from shared.topics import Topics
+
+CUTOFF = 36.0
+BASE = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+
+
+def scored(tenant_id: str, client_id: str, session_number: int, total: float, *, site_id: str = "north",
+           clinician_id: str = "c-1", instrument: Instrument = Instrument.SRS, episode_id: str | None = None,
+           submission_id: str | None = None, items: Items | None = None, previous_total: float | None = None,
+           accepted_at: datetime | None = None, scored_at: datetime | None = None, cutoff: float = CUTOFF,
+           flags: list[str] | None = None, latest: bool = True) -> SrsScored:
+    """One scored event; ids and times derived from the arguments unless given."""
+    sid = submission_id or derive("demo-submission", tenant_id, client_id, str(instrument), episode_id or "",
+                                  str(session_number))
+    administered = BASE + timedelta(days=7 * (session_number - 1))
+    accepted = accepted_at or administered + timedelta(minutes=5)
+    change = round(total - previous_total, 1) if previous_total is not None else None
+    if flags is None:
+        flags = []
+        if total < cutoff:
+            flags.append("below_cutoff")
+        if change is not None and change <= -1.0:
+            flags.append("drop_from_previous")
+        if previous_total is not None and total < cutoff and previous_total < cutoff and (change or 0) <= 0:
+            flags.append("low_not_improving")
+    return SrsScored(
+        event_id=scored_event_id(tenant_id, sid), tenant_id=tenant_id, occurred_at=scored_at or accepted,
+        submission_id=sid, site_id=site_id, clinician_id=clinician_id, client_id=client_id, episode_id=episode_id,
+        instrument=instrument, session_number=session_number, administered_at=administered, items=items,
+        total=total, cutoff=cutoff, previous_total=previous_total, change_from_previous=change, flags=flags,
+        latest=latest, scored_at=scored_at or accepted + timedelta(seconds=1), accepted_at=accepted)
+
+
+def items_for(total: float, rng: random.Random) -> Items:
+    """Four items (one decimal, 0-10) that add up to `total`."""
+    tenths = round(total * 10)
+    parts = [0, 0, 0, 0]
+    for _ in range(tenths):
+        candidates = [i for i in range(4) if parts[i] < 100]
+        parts[rng.choice(candidates)] += 1
+    return Items(relationship=parts[0] / 10, goals=parts[1] / 10, approach=parts[2] / 10, overall=parts[3] / 10)
+
+
+def deterioration_for(event: SrsScored) -> AllianceDeterioration | None:
+    """The alert scoring would raise for this session (its latest), if any."""
+    triggers = [f for f in event.flags if f in ("below_cutoff", "drop_from_previous", "low_not_improving")]
+    if not triggers or not event.latest:
+        return None
+    change = event.change_from_previous
+    severity = "critical" if len(triggers) >= 2 or (change is not None and change <= -3.0) else "warning"
+    return AllianceDeterioration(
+        event_id=derive("deterioration", event.tenant_id, event.submission_id), tenant_id=event.tenant_id,
+        occurred_at=event.scored_at, alert_id=alert_id(event.tenant_id, event.submission_id),
+        submission_id=event.submission_id, site_id=event.site_id, clinician_id=event.clinician_id,
+        client_id=event.client_id, episode_id=event.episode_id, instrument=event.instrument,
+        session_number=event.session_number, administered_at=event.administered_at, triggers=triggers,
+        severity=severity, total=event.total, previous_total=event.previous_total,
+        change_from_previous=event.change_from_previous, cutoff=event.cutoff, accepted_at=event.accepted_at)
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """Shape of a demo caseload."""
+
+    tenant_id: str = "demo"
+    sites: tuple[str, ...] = ("north", "south")
+    clinicians_per_site: int = 2
+    clients_per_clinician: int = 6
+    sessions: int = 8
+    seed: int = 7
+
+
+def client_stream(tenant_id: str, client_id: str, site_id: str, clinician_id: str, sessions: int,
+                  rng: random.Random, instrument: Instrument = Instrument.SRS) -> list[SrsScored]:
+    """One client's sessions in order: a random walk that sometimes falls below the cutoff."""
+    style = rng.choice(("steady", "steady", "improving", "declining", "low"))
+    level = {"steady": 38.0, "improving": 33.0, "declining": 39.0, "low": 33.5}[style]
+    out: list[SrsScored] = []
+    previous: float | None = None
+    for n in range(1, sessions + 1):
+        drift = {"steady": 0.0, "improving": 0.8, "declining": -0.9, "low": 0.0}[style]
+        level = min(40.0, max(12.0, level + drift + rng.uniform(-0.8, 0.8)))
+        total = round(level, 1)
+        out.append(scored(tenant_id, client_id, n, total, site_id=site_id, clinician_id=clinician_id,
+                          instrument=instrument, items=items_for(total, rng), previous_total=previous,
+                          latest=True))
+        previous = total
+    return out
+
+
+def demo_events(spec: DemoSpec = DemoSpec()) -> Iterator[SrsScored | AllianceDeterioration]:
+    """A whole demo tenant: scored events in session order, each followed by its alert if any."""
+    rng = random.Random(spec.seed)
+    instruments = (Instrument.SRS, Instrument.SRS, Instrument.SRS, Instrument.CSRS, Instrument.GSRS)
+    for site in spec.sites:
+        for c in range(spec.clinicians_per_site):
+            clinician = f"{site}-c{c + 1}"
+            for k in range(spec.clients_per_clinician):
+                client = f"{site[0]}{c + 1}-{k + 1:03d}"
+                instrument = instruments[k % len(instruments)]
+                for event in client_stream(spec.tenant_id, client, site, clinician, rng.randint(3, spec.sessions),
+                                           rng, instrument):
+                    yield event
+                    alert = deterioration_for(event)
+                    if alert is not None:
+                        yield alert
+
+
+def topic_of(event: SrsScored | AllianceDeterioration | AlertStatusChanged, topics: Topics) -> str:
+    """The topic an event travels on."""
+    if isinstance(event, SrsScored):
+        return topics.scored
+    if isinstance(event, AllianceDeterioration):
+        return topics.deterioration
+    return topics.alert_status
+
+
+async def publish(kafka: KafkaSettings, events: Iterable[SrsScored | AllianceDeterioration | AlertStatusChanged],
+                  raw: Iterable[tuple[str, bytes, bytes | None]] = ()) -> int:
+    """Publish events as scoring and alerts would (per-client key, correlation header), plus raw
+    `(topic, value, key)` records; waits for every acknowledgement. Returns the count."""
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", linger_ms=5,
+                                enable_idempotence=kafka.idempotence, **aiokafka_security(kafka))
+    await producer.start()
+    try:
+        topics = kafka.topics()
+        futures = []
+        for e in events:
+            key: bytes = (partition_key(e.tenant_id, e.client_id) if isinstance(e, SubmissionIdentity)
+                          else e.alert_id.encode())
+            headers = [("correlation_id", derive("demo-correlation", e.event_id).encode()),
+                       ("content-type", b"application/json")]
+            futures.append(await producer.send(topic_of(e, topics), e.model_dump_json().encode(), key=key,
+                                               headers=headers))
+        for topic, value, raw_key in raw:
+            futures.append(await producer.send(topic, value, key=raw_key))
+        await asyncio.gather(*futures)
+        return len(futures)
+    finally:
+        await producer.stop()

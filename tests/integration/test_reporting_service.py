@@ -1,0 +1,438 @@
+"""The reporting service as a process on the real local broker and store.
+
+Events go straight to its input topics (as scoring and alerts publish them); effects are read
+through its HTTP API. One process serves the whole module (a start costs three group joins);
+each test uses its own tenants.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaConsumer
+from prometheus_client.parser import text_string_to_metric_families
+from pymongo import AsyncMongoClient
+
+from services.reporting.demo import deterioration_for, publish, scored
+from shared.auth import create_key
+from shared.events import AlertStatusChanged, DeadLetter, Instrument, Items, SrsScored
+from shared.ids import derive
+from shared.mongo import Document
+from shared.stack import ensure_topics
+from tests.support.services import Namespace, ServiceProcess, running
+from tests.support.stack import StackUnderTest
+from tests.support.wait import eventually
+
+ITEMS = Items(relationship=9.0, goals=8.5, approach=9.0, overall=9.5)
+
+
+@dataclass
+class Reporting:
+    ns: Namespace
+    proc: ServiceProcess
+    http: httpx.AsyncClient
+    mongo: AsyncMongoClient[Document]
+
+    async def key(self, tenant: str, role: str = "read", site: str | None = None) -> str:
+        key, _ = await create_key(self.mongo[self.ns.database], tenant, role, site)  # type: ignore[arg-type]
+        return key
+
+    async def get(self, path: str, key: str, **params: Any) -> httpx.Response:
+        return await self.http.get(path, params=params, headers={"Authorization": f"Bearer {key}"})
+
+
+@pytest.fixture(scope="module")
+async def namespace_m(stack: StackUnderTest) -> Namespace:
+    ns = Namespace.fresh(stack)
+    await ensure_topics(ns.kafka())
+    return ns
+
+
+@pytest.fixture(scope="module")
+def reporting_process(namespace_m: Namespace, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    # Summaries uncached so each test sees its own writes at once.
+    with running(["reporting"], namespace_m, tmp_path_factory.mktemp("reporting-logs"),
+                 extra_env={"ALLIANCE_REPORTING_SUMMARY_CACHE_SECONDS": "0"}) as procs:
+        yield procs["reporting"]
+
+
+@pytest.fixture(scope="module")
+async def reporting(namespace_m: Namespace, reporting_process: ServiceProcess) -> AsyncIterator[Reporting]:
+    mongo: AsyncMongoClient[Document] = AsyncMongoClient(namespace_m.stack.mongo_url, tz_aware=True)
+    async with httpx.AsyncClient(base_url=reporting_process.url, timeout=30) as http:
+        yield Reporting(namespace_m, reporting_process, http, mongo)
+    await mongo.close()
+
+
+def tenant() -> str:
+    return "t-" + uuid.uuid4().hex[:8]
+
+
+def client_sessions(tenant_id: str, client: str, totals: list[float], **kw: Any) -> list[SrsScored]:
+    events = []
+    previous = None
+    for n, total in enumerate(totals, start=1):
+        events.append(scored(tenant_id, client, n, total, previous_total=previous, items=ITEMS if n % 2 else None,
+                             **kw))
+        previous = total
+    return events
+
+
+async def trajectory_of(r: Reporting, key: str, client: str, count: int, **params: Any) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        res = await r.get(f"/v1/clients/{client}/trajectory", key, **params)
+        if res.status_code != 200:
+            return None
+        body: dict[str, Any] = res.json()
+        return body if len(body["sessions"]) == count else None
+
+    return await eventually(check, timeout=60)
+
+
+# ---------------------------------------------------------------------------------------------
+# Materialization
+
+
+async def test_shuffled_and_duplicated_events_give_the_same_trajectories_as_the_clean_stream(
+        reporting: Reporting) -> None:
+    clean_tenant, shuffled_tenant = tenant(), tenant()
+    plan = {f"c{i}": [round(random.Random(i).uniform(28, 40), 1) for _ in range(2 + i % 5)] for i in range(8)}
+
+    def stream(t: str) -> list[SrsScored]:
+        out: list[SrsScored] = []
+        for client, totals in plan.items():
+            events = client_sessions(t, client, totals, site_id="north", clinician_id="c-1")
+            out.extend(events)
+            # a correction of session 2, submitted an hour after the original
+            if len(events) > 1:
+                original = events[1]
+                out.append(scored(t, client, 2, 20.0, submission_id=original.submission_id + "-fix",
+                                  accepted_at=original.accepted_at + timedelta(hours=1), site_id="north",
+                                  clinician_id="c-1"))
+        return out
+
+    clean = stream(clean_tenant)
+    noisy = stream(shuffled_tenant)
+    rng = random.Random(5)
+    noisy = noisy + [rng.choice(noisy) for _ in range(len(noisy))]
+    rng.shuffle(noisy)
+    await publish(reporting.ns.kafka(), clean)
+    await publish(reporting.ns.kafka(), noisy)
+    clean_key, noisy_key = await reporting.key(clean_tenant), await reporting.key(shuffled_tenant)
+    for client, totals in plan.items():
+        a = await trajectory_of(reporting, clean_key, client, len(totals))
+        b = await trajectory_of(reporting, noisy_key, client, len(totals))
+        assert a == b
+        if len(totals) > 1:
+            assert a["sessions"][1]["total"] == 20.0  # the correction won in both
+    # a redelivery after everything was applied changes nothing either
+    await publish(reporting.ns.kafka(), noisy[: len(noisy) // 2])
+    marker = scored(shuffled_tenant, "marker", 1, 38.0)
+    await publish(reporting.ns.kafka(), [marker])
+    await trajectory_of(reporting, noisy_key, "marker", 1)
+    for client, totals in plan.items():
+        a = await trajectory_of(reporting, clean_key, client, len(totals))
+        assert a == await trajectory_of(reporting, noisy_key, client, len(totals))
+
+
+async def test_an_out_of_order_session_lands_in_its_place(reporting: Reporting) -> None:
+    t = tenant()
+    events = client_sessions(t, "c1", [38.0, 37.0, 30.0, 33.0])
+    await publish(reporting.ns.kafka(), [events[0], events[1], events[3]])
+    key = await reporting.key(t)
+    await trajectory_of(reporting, key, "c1", 3)
+    await publish(reporting.ns.kafka(), [events[2]])
+    body = await trajectory_of(reporting, key, "c1", 4)
+    assert [s["session_number"] for s in body["sessions"]] == [1, 2, 3, 4]
+    assert [s["change_from_previous"] for s in body["sessions"]] == [None, -1.0, -7.0, 3.0]
+    assert body["latest_total"] == 33.0 and body["at_risk"]
+
+
+async def test_a_poison_record_is_dead_lettered_and_the_partition_moves_on(reporting: Reporting) -> None:
+    t = tenant()
+    topics = reporting.ns.kafka().topics()
+    key = f"{t}:c1".encode()
+    bad_json = b"{not json"
+    invalid = json.dumps({"tenant_id": t, "event_id": "x"}).encode()
+    await publish(reporting.ns.kafka(), [], raw=[(topics.scored, bad_json, key), (topics.scored, invalid, key)])
+    await publish(reporting.ns.kafka(), [scored(t, "c1", 1, 38.0)])  # same key: same partition, after the poison
+    await trajectory_of(reporting, await reporting.key(t), "c1", 1)
+
+    consumer = AIOKafkaConsumer(topics.deadletter, bootstrap_servers=reporting.ns.stack.bootstrap,
+                                auto_offset_reset="earliest", group_id=None)
+    await consumer.start()
+    seen: list[DeadLetter] = []
+    try:
+        async def check() -> bool:
+            for recs in (await consumer.getmany(timeout_ms=500)).values():
+                seen.extend(DeadLetter.model_validate_json(r.value) for r in recs)
+            return {bad_json.decode(), invalid.decode()} <= {d.payload for d in seen if d.service == "reporting"}
+
+        await eventually(check, timeout=30)
+    finally:
+        await consumer.stop()
+    mine = [d for d in seen if d.service == "reporting" and d.payload in (bad_json.decode(), invalid.decode())]
+    assert {d.reason for d in mine} == {"undecodable", "invalid"}
+    assert all(d.source_topic == topics.scored and d.source_offset is not None for d in mine)
+
+
+async def test_alerts_are_marked_and_acknowledgements_counted_whatever_arrives_first(reporting: Reporting) -> None:
+    t = tenant()
+    events = client_sessions(t, "c1", [38.0, 33.0], site_id="north")
+    alert = deterioration_for(events[1])
+    assert alert is not None
+    ack = AlertStatusChanged(event_id=derive("ack", alert.alert_id), tenant_id=t, occurred_at=datetime.now(UTC),
+                             alert_id=alert.alert_id, site_id="north", clinician_id=alert.clinician_id,
+                             status="acknowledged")
+    await publish(reporting.ns.kafka(), [ack])  # the acknowledgement before the alert itself
+    await publish(reporting.ns.kafka(), [*events, alert, alert])
+    key = await reporting.key(t)
+    body = await trajectory_of(reporting, key, "c1", 2)
+
+    async def marked() -> dict[str, Any] | None:
+        b = (await reporting.get("/v1/clients/c1/trajectory", key)).json()
+        return b if b["alerts"] and b["alerts"][0]["acknowledged"] else None
+
+    body = await eventually(marked, timeout=30)
+    assert [(a["alert_id"], a["session_number"]) for a in body["alerts"]] == [(alert.alert_id, 2)]
+    summary = (await reporting.get("/v1/sites/north/summary", key)).json()
+    assert summary["alerts"] == {"raised": 1, "acknowledged": 1}
+
+
+async def test_metrics_count_outcomes_and_scored_to_visible_latency(reporting: Reporting) -> None:
+    t = tenant()
+    e = scored(t, "c1", 1, 38.0)
+    await publish(reporting.ns.kafka(), [e, e])
+    await trajectory_of(reporting, await reporting.key(t), "c1", 1)
+
+    async def families() -> dict[str, Any] | None:
+        text = (await reporting.http.get("/metrics")).text
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        outcomes = {s.labels.get("outcome"): s.value for s in fams["alliance_reporting_events"].samples
+                    if s.name.endswith("_total")}
+        return fams if outcomes.get("applied", 0) >= 1 and outcomes.get("duplicate", 0) >= 1 else None
+
+    fams = await eventually(families, timeout=30)
+    visible = {s.name: s.value for s in fams["alliance_scored_to_visible_seconds"].samples}
+    assert visible["alliance_scored_to_visible_seconds_count"] >= 1
+    assert {s.name for s in fams["alliance_reporting_apply_seconds"].samples} >= {
+        "alliance_reporting_apply_seconds_count"}
+    assert any(s.labels.get("service") == "reporting" for s in fams["alliance_consumer_lag_messages"].samples)
+
+
+# ---------------------------------------------------------------------------------------------
+# API: shapes, paging, caching, FHIR
+
+
+async def test_trajectory_has_the_documented_shape(reporting: Reporting) -> None:
+    t = tenant()
+    await publish(reporting.ns.kafka(), client_sessions(t, "c1", [38.0, 35.0]))
+    body = await trajectory_of(reporting, await reporting.key(t), "c1", 2, instrument="SRS")
+    assert {"client_id", "instrument", "sessions", "latest_total", "at_risk"} <= set(body)
+    assert body["client_id"] == "c1" and body["instrument"] == "SRS"
+    s1, s2 = body["sessions"]
+    assert set(s1) >= {"session_number", "administered_at", "total", "items", "change_from_previous", "flags"}
+    assert s1["items"] == ITEMS.model_dump() and s2["items"] is None
+    assert s2["change_from_previous"] == -3.0 and "below_cutoff" in s2["flags"]
+    assert body["latest_total"] == 35.0 and body["at_risk"] is True
+
+
+async def test_instruments_are_separate_and_unknown_instruments_are_rejected(reporting: Reporting) -> None:
+    t = tenant()
+    await publish(reporting.ns.kafka(), [scored(t, "c1", 1, 38.0), scored(t, "c1", 1, 30.0,
+                                                                           instrument=Instrument.CSRS)])
+    key = await reporting.key(t)
+    assert (await trajectory_of(reporting, key, "c1", 1, instrument="CSRS"))["latest_total"] == 30.0
+    assert (await trajectory_of(reporting, key, "c1", 1))["latest_total"] == 38.0
+    res = await reporting.get("/v1/clients/c1/trajectory", key, instrument="PHQ9")
+    assert res.status_code == 422 and res.json()["errors"][0]["field"] == "instrument"
+
+
+async def test_etag_answers_304_until_the_trajectory_changes(reporting: Reporting) -> None:
+    t = tenant()
+    await publish(reporting.ns.kafka(), [scored(t, "c1", 1, 38.0)])
+    key = await reporting.key(t)
+    await trajectory_of(reporting, key, "c1", 1)
+    first = await reporting.get("/v1/clients/c1/trajectory", key)
+    tag = first.headers["etag"]
+    assert first.headers["cache-control"].startswith("private, max-age=")
+    again = await reporting.http.get("/v1/clients/c1/trajectory",
+                                     headers={"Authorization": f"Bearer {key}", "If-None-Match": tag})
+    assert again.status_code == 304 and again.headers["etag"] == tag and not again.content
+    await publish(reporting.ns.kafka(), [scored(t, "c1", 2, 37.0)])
+    await trajectory_of(reporting, key, "c1", 2)
+    changed = await reporting.http.get("/v1/clients/c1/trajectory",
+                                       headers={"Authorization": f"Bearer {key}", "If-None-Match": tag})
+    assert changed.status_code == 200 and changed.headers["etag"] != tag
+
+
+async def test_caseload_pages_with_a_cursor_at_risk_clients_first(reporting: Reporting) -> None:
+    t = tenant()
+    totals = {"a": 38.0, "b": 30.0, "c": 39.0, "d": 31.0, "e": 37.5}
+    await publish(reporting.ns.kafka(), [scored(t, c, 1, v, clinician_id="c-7", flags=[])
+                                         for c, v in totals.items()])
+    key = await reporting.key(t)
+    await trajectory_of(reporting, key, "e", 1)
+    pages: list[list[dict[str, Any]]] = []
+    cursor: str | None = None
+    while True:
+        params: dict[str, Any] = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        body = (await reporting.get("/v1/clinicians/c-7/caseload", key, **params)).json()
+        pages.append(body["clients"])
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    entries = [c for page in pages for c in page]
+    assert [len(p) for p in pages] == [2, 2, 1]
+    assert [(c["client_id"], c["at_risk"]) for c in entries] == [
+        ("b", True), ("d", True), ("a", False), ("c", False), ("e", False)]
+    assert entries[0]["points"] == [{"session_number": 1, "total": 30.0}] and entries[0]["cutoff"] == 36.0
+    bad = await reporting.get("/v1/clinicians/c-7/caseload", key, cursor="garbage!")
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "cursor"
+
+
+async def test_summaries_follow_the_pcoms_indices(reporting: Reporting) -> None:
+    t = tenant()
+    events = [*client_sessions(t, "c1", [30.0, 34.0], site_id="north"),  # below cutoff twice, at risk
+              *client_sessions(t, "c2", [38.0, 39.0, 39.5], site_id="north"),
+              *client_sessions(t, "k1", [37.0], site_id="south", instrument=Instrument.CSRS)]
+    await publish(reporting.ns.kafka(), events)
+    key = await reporting.key(t)
+    await trajectory_of(reporting, key, "k1", 1, instrument="CSRS")
+    await trajectory_of(reporting, key, "c2", 3)
+    await trajectory_of(reporting, key, "c1", 2)
+    s = (await reporting.get("/v1/summary", key)).json()
+    assert (s["clients"], s["sessions"], s["clients_at_risk"]) == (3, 6, 1)
+    assert s["mean_first_session_total"] == round((30 + 38 + 37) / 3, 2)
+    assert s["mean_latest_total"] == round((34 + 39.5 + 37) / 3, 2)
+    assert s["pct_sessions_below_cutoff"] == round(100 * 2 / 6, 1)
+    assert s["mean_sessions_per_client"] == 2.0
+    assert [(b["age_band"], b["clients"], b["sessions"]) for b in s["by_age_band"]] == [("13+", 2, 5), ("6-12", 1, 1)]
+    north = (await reporting.get("/v1/sites/north/summary", key)).json()
+    assert (north["site_id"], north["clients"], north["sessions"]) == ("north", 2, 5)
+
+
+async def test_fhir_view_is_a_bundle_of_responses_and_survey_observations(reporting: Reporting) -> None:
+    t = tenant()
+    await publish(reporting.ns.kafka(), client_sessions(t, "c1", [38.0, 35.0]))
+    key = await reporting.key(t)
+    await trajectory_of(reporting, key, "c1", 2)
+    res = await reporting.get("/v1/clients/c1/fhir", key)
+    assert res.status_code == 200 and res.headers["content-type"].startswith("application/fhir+json")
+    bundle = res.json()
+    kinds = [e["resource"]["resourceType"] for e in bundle["entry"]]
+    assert bundle["resourceType"] == "Bundle" and kinds.count("QuestionnaireResponse") == 2
+    assert kinds.count("Observation") == 2
+    obs = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation"]
+    assert all(o["category"][0]["coding"][0]["code"] == "survey" for o in obs)
+    assert [o["valueQuantity"]["value"] for o in obs] == [38.0, 35.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Isolation: two tenants, two sites, every endpoint
+
+
+@dataclass
+class World:
+    a: str
+    b: str
+    key_a: str
+    key_a_north: str
+    key_b: str
+    key_a_submit: str
+
+
+@pytest.fixture(scope="module")
+async def world(reporting: Reporting) -> World:
+    a, b = tenant(), tenant()
+    events = [
+        *client_sessions(a, "shared-id", [38.0, 30.0], site_id="north", clinician_id="doc"),
+        *client_sessions(a, "a-south", [37.0], site_id="south", clinician_id="doc"),
+        *client_sessions(a, "a-only", [39.0], site_id="north", clinician_id="a-doc"),
+        *client_sessions(b, "shared-id", [20.0], site_id="north", clinician_id="b-doc"),
+    ]
+    await publish(reporting.ns.kafka(), events)
+    w = World(a, b, await reporting.key(a), await reporting.key(a, site="north"), await reporting.key(b),
+              await reporting.key(a, role="submit"))
+    for key, client, n in ((w.key_a, "shared-id", 2), (w.key_a, "a-south", 1), (w.key_a, "a-only", 1),
+                           (w.key_b, "shared-id", 1)):
+        await trajectory_of(reporting, key, client, n)
+    return w
+
+
+ENDPOINTS = ["/v1/clients/shared-id/trajectory", "/v1/clients/shared-id/fhir", "/v1/clinicians/doc/caseload",
+             "/v1/sites/north/summary", "/v1/summary"]
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
+async def test_every_endpoint_needs_a_key(reporting: Reporting, world: World, path: str) -> None:
+    assert (await reporting.http.get(path)).status_code == 401
+    assert (await reporting.get(path, "ak_not-a-key")).status_code == 401
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
+async def test_every_endpoint_needs_the_read_role(reporting: Reporting, world: World, path: str) -> None:
+    assert (await reporting.get(path, world.key_a_submit)).status_code == 403
+
+
+@pytest.mark.parametrize("kind", ["trajectory", "fhir"])
+async def test_another_tenants_client_is_a_404_exactly_like_an_unknown_one(
+        reporting: Reporting, world: World, kind: str) -> None:
+    foreign = await reporting.get(f"/v1/clients/a-only/{kind}", world.key_b)
+    unknown = await reporting.get(f"/v1/clients/nobody-{uuid.uuid4().hex}/{kind}", world.key_b)
+    assert foreign.status_code == unknown.status_code == 404
+    assert foreign.content == unknown.content
+
+
+@pytest.mark.parametrize("kind", ["trajectory", "fhir"])
+async def test_the_same_client_id_in_two_tenants_never_mixes(reporting: Reporting, world: World, kind: str) -> None:
+    a = (await reporting.get(f"/v1/clients/shared-id/{kind}", world.key_a)).json()
+    b = (await reporting.get(f"/v1/clients/shared-id/{kind}", world.key_b)).json()
+    assert a != b
+    text_b = json.dumps(b)
+    assert world.a not in text_b and "30.0" not in text_b
+
+
+@pytest.mark.parametrize("kind", ["trajectory", "fhir"])
+async def test_a_site_bound_key_sees_no_client_of_another_site(reporting: Reporting, world: World, kind: str) -> None:
+    assert (await reporting.get(f"/v1/clients/shared-id/{kind}", world.key_a_north)).status_code == 200
+    other_site = await reporting.get(f"/v1/clients/a-south/{kind}", world.key_a_north)
+    unknown = await reporting.get(f"/v1/clients/nobody-{uuid.uuid4().hex}/{kind}", world.key_a_north)
+    assert other_site.status_code == 404 and other_site.content == unknown.content
+
+
+async def test_caseload_is_tenant_and_site_scoped(reporting: Reporting, world: World) -> None:
+    full = (await reporting.get("/v1/clinicians/doc/caseload", world.key_a)).json()
+    assert sorted(c["client_id"] for c in full["clients"]) == ["a-south", "shared-id"]
+    north = (await reporting.get("/v1/clinicians/doc/caseload", world.key_a_north)).json()
+    assert [c["client_id"] for c in north["clients"]] == ["shared-id"]
+    assert (await reporting.get("/v1/clinicians/doc/caseload", world.key_b)).status_code == 404
+    assert (await reporting.get("/v1/clinicians/b-doc/caseload", world.key_a)).status_code == 404
+
+
+async def test_site_summary_is_tenant_and_site_scoped(reporting: Reporting, world: World) -> None:
+    a_north = (await reporting.get("/v1/sites/north/summary", world.key_a)).json()
+    b_north = (await reporting.get("/v1/sites/north/summary", world.key_b)).json()
+    assert (a_north["clients"], a_north["sessions"]) == (2, 3)
+    assert (b_north["clients"], b_north["sessions"]) == (1, 1)
+    assert (await reporting.get("/v1/sites/north/summary", world.key_a_north)).json()["clients"] == 2
+    forbidden = await reporting.get("/v1/sites/south/summary", world.key_a_north)
+    assert forbidden.status_code == 403
+    assert (await reporting.get("/v1/sites/south/summary", world.key_b)).status_code == 404
+
+
+async def test_tenant_summary_is_tenant_scoped_and_closed_to_site_bound_keys(
+        reporting: Reporting, world: World) -> None:
+    a = (await reporting.get("/v1/summary", world.key_a)).json()
+    b = (await reporting.get("/v1/summary", world.key_b)).json()
+    assert (a["tenant_id"], a["clients"], a["sessions"]) == (world.a, 3, 4)
+    assert (b["tenant_id"], b["clients"], b["sessions"]) == (world.b, 1, 1)
+    assert (await reporting.get("/v1/summary", world.key_a_north)).status_code == 403
