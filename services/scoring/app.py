@@ -65,7 +65,7 @@ def build(config: ScoringConfig | None = None) -> Scoring:
     rules = RulesStore(db, ttl_seconds=config.scoring.rules_cache_seconds)
     publisher = Publisher(broker, config.kafka.publish_timeout_seconds)
     handler = ScoringHandler(states, rules, publisher.publish_all, topics,
-                             conflict_attempts=config.scoring.conflict_attempts)
+                             conflict_attempts=config.scoring.conflict_attempts, save_chunk=config.scoring.save_chunk)
     subscribe_batch(broker, topics.submitted, group_id=config.kafka.group(SERVICE), service=SERVICE,
                     handler=handler, max_records=config.scoring.max_records or config.kafka.batch_max_records)
     # Publishing goes through `Publisher` (many sends, one wait for all acks); these declarations

@@ -38,6 +38,7 @@ wrote its series: scoring against the stale entry ends in a conflict, never in a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -153,16 +154,22 @@ def _now() -> datetime:
 
 @dataclass
 class _Pass:
-    """The result of applying a batch to the state once."""
+    """The result of applying events to the state once."""
 
-    outcomes: list[tuple[InboundRecord, SrsSubmitted, Outcome]] = field(default_factory=list)
+    # per series, in input order: (record, event, outcome) - what the series will publish
+    outcomes: dict[SeriesKey, list[tuple[InboundRecord, SrsSubmitted, Outcome]]] = field(default_factory=dict)
     fresh: dict[SeriesKey, list[tuple[SrsSubmitted, Outcome]]] = field(default_factory=dict)
     unscorable: list[tuple[InboundRecord, SrsSubmitted, str]] = field(default_factory=list)
 
 
 @dataclass
 class ScoringHandler:
-    """The batch handler given to `shared.kafka.subscribe_batch`."""
+    """The batch handler given to `shared.kafka.subscribe_batch`.
+
+    The state write is split into chunks of `save_chunk` series, and the events of a chunk are
+    published as soon as its write succeeded, while the next chunk is being written: the store
+    and the broker work at the same time, and no event is ever published before its state.
+    """
 
     states: StatePort
     rules: RulesPort
@@ -170,6 +177,7 @@ class ScoringHandler:
     topics: Topics
     clock: Callable[[], datetime] = _now
     conflict_attempts: int = 5
+    save_chunk: int = 128
 
     async def __call__(self, records: list[InboundRecord]) -> None:
         started = time.perf_counter()
@@ -183,29 +191,63 @@ class ScoringHandler:
                 reason, detail = got
                 dead.append(dead_letter_record(SERVICE, rec, reason, detail, self.topics.deadletter,
                                                _tenant_hint(rec.value)))
-        done = await self._score(events) if events else _Pass()
-        for rec, ev, detail in done.unscorable:
-            dead.append(dead_letter_record(SERVICE, rec, "unscorable", detail, self.topics.deadletter,
-                                           ev.tenant_id))
-        out = self._outputs(done)
-        await self.publish([*out, *dead])
+        sending: list[asyncio.Task[None]] = []
+        try:
+            if events:
+                unscorable = await self._score(events, sending)
+                dead.extend(dead_letter_record(SERVICE, rec, "unscorable", detail, self.topics.deadletter, ev.tenant_id)
+                            for rec, ev, detail in unscorable)
+            if dead:
+                sending.append(asyncio.create_task(self._send(dead)))
+            await asyncio.gather(*sending)
+        finally:
+            for task in sending:  # after a failure, let no send outlive the batch attempt
+                task.cancel()
+            await asyncio.gather(*sending, return_exceptions=True)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
 
-    async def _score(self, events: list[tuple[InboundRecord, SrsSubmitted]]) -> _Pass:
-        keys = {self._key(ev) for _, ev in events}
-        tenants = {ev.tenant_id for _, ev in events}
+    async def _send(self, records: list[OutboundRecord]) -> None:
+        with metrics.PHASE_SECONDS.labels("publish").time():
+            await self.publish(records)
+
+    async def _score(self, events: list[tuple[InboundRecord, SrsSubmitted]],
+                     sending: list[asyncio.Task[None]]) -> list[tuple[InboundRecord, SrsSubmitted, str]]:
+        """Score, write state, and start publishing; returns the unscorable events."""
+        unscorable: dict[int, tuple[InboundRecord, SrsSubmitted, str]] = {}
+        published: set[tuple[str, str]] = set()  # (tenant, submission) already sent in this batch
+        remaining = events
         for _attempt in range(self.conflict_attempts):
-            states = await self.states.load(keys)
-            rules = await self.rules.get_many(tenants)
-            p = self._apply(events, states, rules)
-            conflicts = await self.states.save({k: states[k] for k in p.fresh})
-            self._count({k: v for k, v in p.fresh.items() if k not in conflicts})
+            keys = {self._key(ev) for _, ev in remaining}
+            with metrics.PHASE_SECONDS.labels("load").time():
+                states = await self.states.load(keys)
+                rules = await self.rules.get_many({ev.tenant_id for _, ev in remaining})
+            with metrics.PHASE_SECONDS.labels("apply").time():
+                p = self._apply(remaining, states, rules)
+            for rec, ev, detail in p.unscorable:
+                unscorable.setdefault(id(rec), (rec, ev, detail))
+            # Series with nothing new were stored before: their events can go right away.
+            ready = self._outputs(p, [k for k in p.outcomes if k not in p.fresh], published)
+            if ready:
+                sending.append(asyncio.create_task(self._send(ready)))
+            conflicts: set[SeriesKey] = set()
+            dirty = list(p.fresh)
+            for i in range(0, len(dirty), self.save_chunk):
+                chunk = dirty[i : i + self.save_chunk]
+                with metrics.PHASE_SECONDS.labels("save").time():
+                    lost = await self.states.save({k: states[k] for k in chunk})
+                saved = [k for k in chunk if k not in lost]
+                self._count({k: p.fresh[k] for k in saved})
+                outputs = self._outputs(p, saved, published)
+                if outputs:
+                    sending.append(asyncio.create_task(self._send(outputs)))
+                conflicts |= lost
             if not conflicts:
-                return p
+                return list(unscorable.values())
             # Another process wrote these series since we read them (a partition moved): read
-            # again; its outcomes are now in the state and are what we publish.
+            # them again; its outcomes are now in the state and are what we publish.
             metrics.STATE_CONFLICTS.inc(len(conflicts))
             log.warning("state conflict on %d series; re-reading", len(conflicts))
+            remaining = [(rec, ev) for rec, ev in remaining if self._key(ev) in conflicts]
         raise StateConflict(f"state kept changing under us after {self.conflict_attempts} attempts")
 
     @staticmethod
@@ -222,7 +264,7 @@ class ScoringHandler:
             except Unscorable as exc:
                 p.unscorable.append((rec, ev, str(exc)))
                 continue
-            p.outcomes.append((rec, ev, outcome))
+            p.outcomes.setdefault(key, []).append((rec, ev, outcome))
             if fresh:
                 p.fresh.setdefault(key, []).append((ev, outcome))
             else:
@@ -245,19 +287,20 @@ class ScoringHandler:
                         "alert_id": ids.alert_id(ev.tenant_id, ev.submission_id),
                         "submission_id": ev.submission_id, "tenant_id": ev.tenant_id})
 
-    def _outputs(self, p: _Pass) -> list[OutboundRecord]:
+    def _outputs(self, p: _Pass, keys: Iterable[SeriesKey], published: set[tuple[str, str]]) -> list[OutboundRecord]:
+        """The events of the given series, in input order; each submission once per batch."""
         out: list[OutboundRecord] = []
-        seen: set[tuple[str, str]] = set()
-        for rec, ev, o in p.outcomes:
-            if not o.scored or (ev.tenant_id, ev.submission_id) in seen:
-                continue  # audit-only, or the same submission twice in one batch: publish once
-            seen.add((ev.tenant_id, ev.submission_id))
-            key = ids.partition_key(ev.tenant_id, ev.client_id)
-            corr = rec.headers.get(CORRELATION_HEADER) or ev.submission_id
-            out.append(OutboundRecord(self.topics.scored, scored_event(ev, o).model_dump_json().encode(),
-                                      key=key, correlation_id=corr))
-            if o.severity is not None:
-                out.append(OutboundRecord(self.topics.deterioration, alert_event(ev, o).model_dump_json().encode(),
-                                          key=key, correlation_id=corr))
+        for key in keys:
+            for rec, ev, o in p.outcomes[key]:
+                if not o.scored or (ev.tenant_id, ev.submission_id) in published:
+                    continue  # audit-only, or the same submission twice in one batch
+                published.add((ev.tenant_id, ev.submission_id))
+                pkey = ids.partition_key(ev.tenant_id, ev.client_id)
+                corr = rec.headers.get(CORRELATION_HEADER) or ev.submission_id
+                out.append(OutboundRecord(self.topics.scored, scored_event(ev, o).model_dump_json().encode(),
+                                          key=pkey, correlation_id=corr))
+                if o.severity is not None:
+                    out.append(OutboundRecord(self.topics.deterioration,
+                                              alert_event(ev, o).model_dump_json().encode(),
+                                              key=pkey, correlation_id=corr))
         return out
-

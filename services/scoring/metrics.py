@@ -22,6 +22,12 @@ BATCH_SECONDS = Histogram(
     "Time to handle one batch of submissions: state read, scoring, state write, publish and acks.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+PHASE_SECONDS = Histogram(
+    "alliance_scoring_phase_seconds",
+    "Time per batch in each phase: load (state and rules), apply (the rules), save (state), publish (incl. acks).",
+    ["phase"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 SUBMISSION_TO_SCORED = Histogram(
     "alliance_submission_to_scored_seconds",
     "From intake's acceptance of a submission to its scoring.",

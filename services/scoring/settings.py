@@ -19,5 +19,7 @@ class ScoringSettings(BaseSettings):
     # Series kept in memory after a write, so hot clients are not re-read from the store each
     # batch (0 turns the cache off). Roughly 1-2 KB each.
     state_cache_series: int = Field(default=50_000, ge=0)
+    # Series per state write: the events of one chunk are published while the next is written.
+    save_chunk: int = Field(default=128, ge=1)
     # How often a batch re-reads state after losing a write race before the batch is retried.
     conflict_attempts: int = Field(default=5, ge=1)

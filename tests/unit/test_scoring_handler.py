@@ -4,6 +4,7 @@ store in tests/integration/test_scoring_*.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -89,11 +90,13 @@ def ticking_clock(start: datetime = T0) -> Callable[[], datetime]:
 
 
 def handler(states: MemoryStates | None = None, sink: Sink | None = None, clock: Callable[[], datetime] | None = None,
-            rules: MemoryRules | None = None, cache: bool = False) -> tuple[ScoringHandler, MemoryStates, Sink]:
+            rules: MemoryRules | None = None, cache: bool = False,
+            save_chunk: int = 128) -> tuple[ScoringHandler, MemoryStates, Sink]:
     states = states or MemoryStates()
     sink = sink or Sink()
     port: StatePort = StateCache(states) if cache else states
-    h = ScoringHandler(port, rules or MemoryRules(), sink, TOPICS, clock=clock or ticking_clock())
+    h = ScoringHandler(port, rules or MemoryRules(), sink, TOPICS, clock=clock or ticking_clock(),
+                       save_chunk=save_chunk)
     return h, states, sink
 
 
@@ -256,6 +259,25 @@ async def test_tenant_rules_are_applied_per_tenant() -> None:
     assert cutoffs == [("strict", 38.0, ["below_cutoff"]), ("acme", 36.0, [])]
 
 
+async def test_events_of_a_written_chunk_are_published_while_later_chunks_wait_for_their_write() -> None:
+    sink = Sink()
+    published_at_save: list[int] = []
+
+    class Watching(MemoryStates):
+        async def save(self, changed: dict[SeriesKey, History]) -> set[SeriesKey]:
+            await asyncio.sleep(0)  # let started sends run
+            published_at_save.append(len(sink.published))
+            return await super().save(changed)
+
+    watching = Watching()
+    h = ScoringHandler(watching, MemoryRules(), sink, TOPICS, save_chunk=2)
+    await h([submitted(c, 1, 37.0) for c in "abcde"])
+    assert watching.saves == 3 and len(of_topic(sink.published, TOPICS.scored)) == 5
+    assert published_at_save[0] == 0  # nothing before the first write
+    for seen, saves_done in zip(published_at_save, range(3), strict=True):
+        assert seen <= 2 * saves_done  # never more events out than series written
+
+
 # --- the state cache ---------------------------------------------------------------------------
 
 
@@ -332,7 +354,8 @@ async def test_crash_at_any_point_and_redelivery_yields_each_submission_once_in_
         await clean(stream[i : i + batch_size])
 
     states, sink = MemoryStates(), Sink()
-    procs = [handler(states, sink, cache=True)[0], handler(states, sink, cache=True)[0]]
+    chunk: int = data.draw(st.integers(1, 3))
+    procs = [handler(states, sink, cache=True, save_chunk=chunk)[0] for _ in range(2)]
     committed = 0
     pending = list(crashes)
     while committed < len(stream):
@@ -347,7 +370,7 @@ async def test_crash_at_any_point_and_redelivery_yields_each_submission_once_in_
         except ConnectionError:
             continue  # no commit: the same offsets are read again
         if crash == "commit":
-            procs[owner] = handler(states, sink, cache=True)[0]  # killed before the commit: restarts cold
+            procs[owner] = handler(states, sink, cache=True, save_chunk=chunk)[0]  # killed: restarts cold
             continue
         committed += len(batch)
 
