@@ -53,30 +53,39 @@
   // points: [{session_number, total}], alerts: [{session_number, acknowledged}]
   function chart(points, cutoff, alerts, opts) {
     const w = opts.width, h = opts.height;
-    const pad = opts.axes ? { l: 34, r: 14, t: 12, b: 28 } : { l: 6, r: 6, t: 6, b: 6 };
+    const pad = opts.axes ? { l: 34, r: 14, t: 12, b: 36 } : { l: 6, r: 6, t: 6, b: 6 };
     const root = svg("svg", { class: "chart", viewBox: `0 0 ${w} ${h}`, role: "img",
       "aria-label": opts.label || "SRS trajectory" });
     const nums = points.map((p) => p.session_number);
     const lo = Math.min(...nums), hi = Math.max(...nums);
     const x = (n) => hi === lo ? (pad.l + (w - pad.l - pad.r) / 2)
       : pad.l + (n - lo) * (w - pad.l - pad.r) / (hi - lo);
-    const y = (v) => pad.t + (Y_MAX - Math.max(0, Math.min(Y_MAX, v))) * (h - pad.t - pad.b) / Y_MAX;
+    // The SRS lives near its ceiling: scale from a little under the lowest value (or the cutoff) to 40,
+    // so that a one-point drop is visible.
+    const floorOf = Math.min(...points.map((p) => p.total), typeof cutoff === "number" ? cutoff : Y_MAX);
+    const yMin = Math.max(0, 5 * Math.floor((floorOf - 3) / 5));
+    const y = (v) => pad.t + (Y_MAX - Math.max(yMin, Math.min(Y_MAX, v))) * (h - pad.t - pad.b) / (Y_MAX - yMin);
 
+    if (typeof cutoff === "number") {
+      root.appendChild(svg("rect", { class: "risk-zone", x: pad.l, y: y(cutoff), width: w - pad.l - pad.r,
+        height: Math.max(0, y(yMin) - y(cutoff)) }));
+    }
     if (opts.axes) {
-      for (const v of [0, 10, 20, 30, 40]) {
+      for (let v = yMin; v <= Y_MAX; v += 5) {
         root.appendChild(svg("line", { class: "grid", x1: pad.l, x2: w - pad.r, y1: y(v), y2: y(v) }));
         root.appendChild(svg("text", { class: "axis-label", x: pad.l - 6, y: y(v) + 4, "text-anchor": "end" }, v));
       }
       for (const n of nums) {
-        root.appendChild(svg("text", { class: "axis-label", x: x(n), y: h - 10, "text-anchor": "middle" }, n));
+        root.appendChild(svg("text", { class: "axis-label", x: x(n), y: h - 20, "text-anchor": "middle" }, n));
       }
-      root.appendChild(svg("text", { class: "axis-label", x: w - pad.r, y: h - 1, "text-anchor": "end" }, "session"));
+      root.appendChild(svg("text", { class: "axis-label", x: pad.l + (w - pad.l - pad.r) / 2, y: h - 3,
+        "text-anchor": "middle" }, "session number"));
     }
     if (typeof cutoff === "number") {
       root.appendChild(svg("line", { class: "cutoff", x1: pad.l, x2: w - pad.r, y1: y(cutoff), y2: y(cutoff) }));
       if (opts.axes) {
         root.appendChild(svg("text", { class: "cutoff-label", x: w - pad.r, y: y(cutoff) - 4, "text-anchor": "end" },
-          "cutoff " + cutoff));
+          "cutoff " + num(cutoff)));
       }
     }
     if (points.length) {
@@ -87,7 +96,7 @@
     for (const p of points) {
       const c = svg("circle", { class: "point" + (typeof cutoff === "number" && p.total < cutoff ? " below" : ""),
         cx: x(p.session_number), cy: y(p.total), r, "data-session": p.session_number });
-      c.appendChild(svg("title", {}, `session ${p.session_number}: ${p.total}`));
+      c.appendChild(svg("title", {}, `session ${p.session_number}: ${num(p.total)}`));
       root.appendChild(c);
     }
     const byNumber = new Map(points.map((p) => [p.session_number, p]));
@@ -120,11 +129,11 @@
     li.appendChild(head);
     const why = entry.below_cutoff ? "below cutoff" : entry.declining ? "declining" : "";
     li.appendChild(el("div", { class: "facts" },
-      `latest ${entry.latest_total} (session ${entry.latest_session_number}) · ${entry.session_count} sessions` +
+      `latest ${num(entry.latest_total)} (session ${entry.latest_session_number}) · ${entry.session_count} sessions` +
       (entry.alerts.length ? ` · ${entry.alerts.length} alert${entry.alerts.length > 1 ? "s" : ""}` : "") +
       (why ? " · " + why : "")));
     li.appendChild(chart(entry.points, entry.cutoff, entry.alerts,
-      { width: 300, height: 90, label: `SRS trajectory of ${entry.client_id}` }));
+      { width: 300, height: 80, label: `SRS trajectory of ${entry.client_id}` }));
     const open = () => {
       const p = { client: entry.client_id, instrument: entry.instrument };
       if (entry.episode_id) p.episode = entry.episode_id;
@@ -175,7 +184,7 @@
     return isNaN(d) ? String(iso) : d.toISOString().slice(0, 10);
   }
 
-  function num(v) { return v === null || v === undefined ? "–" : String(v); }
+  function num(v) { return v === null || v === undefined ? "–" : Number(v).toFixed(1); }
 
   async function showDetail(client, instrument, episode) {
     show("detail");
@@ -194,7 +203,7 @@
     }
     $("detail-status").textContent = "";
     $("detail-meta").textContent =
-      `${t.at_risk ? "At risk" : "On track"} · latest total ${t.latest_total} · cutoff ${t.cutoff} · ` +
+      `${t.at_risk ? "At risk" : "On track"} · latest total ${num(t.latest_total)} · cutoff ${num(t.cutoff)} · ` +
       `${t.sessions.length} sessions · clinician ${t.clinician_id} · site ${t.site_id} · age band ${t.age_band}` +
       (t.alerts.length ? ` · ${t.alerts.length} alert${t.alerts.length > 1 ? "s" : ""} raised` : "");
     $("detail-chart").appendChild(chart(t.sessions, t.cutoff, t.alerts,
@@ -205,9 +214,9 @@
       tr.appendChild(el("td", {}, String(s.session_number)));
       tr.appendChild(el("td", {}, fmtDate(s.administered_at)));
       for (const k of ["relationship", "goals", "approach", "overall"]) tr.appendChild(el("td", {}, num(items[k])));
-      tr.appendChild(el("td", { class: "total" }, String(s.total)));
+      tr.appendChild(el("td", { class: "total" }, num(s.total)));
       const ch = s.change_from_previous;
-      tr.appendChild(el("td", {}, ch === null ? "–" : (ch > 0 ? "+" : "") + ch));
+      tr.appendChild(el("td", {}, ch === null ? "–" : (ch > 0 ? "+" : "") + num(ch)));
       tr.appendChild(el("td", { class: "flags" }, (s.flags || []).join(", ")));
       tbody.appendChild(tr);
     }

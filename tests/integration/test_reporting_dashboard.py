@@ -1,0 +1,172 @@
+"""The trajectory page in a real headless Chromium (Debian `chromium`, driven by Playwright).
+
+Demo data goes through the real consumers (events published to the topics the service reads),
+the page is served by the reporting process, and a person's path is followed: sign in with a
+read key, see the caseload with charts, click a client, see the full trajectory. Screenshots
+are saved to test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.async_api import Browser, Page, async_playwright
+from pymongo import AsyncMongoClient
+
+from services.reporting.demo import DemoSpec, demo_events, publish
+from shared.auth import create_key
+from shared.events import AllianceDeterioration, SrsScored
+from shared.mongo import Document
+from shared.stack import ensure_topics
+from tests.support.services import Namespace, ServiceProcess, running
+from tests.support.stack import StackUnderTest
+from tests.support.wait import eventually
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SPEC = DemoSpec(tenant_id="demo-dash", sites=("north", "south"), clinicians_per_site=1, clients_per_clinician=7,
+                sessions=9, seed=11)
+CLINICIAN = "north-c1"
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
+
+
+@pytest.fixture(scope="module")
+async def namespace_m(stack: StackUnderTest) -> Namespace:
+    ns = Namespace.fresh(stack)
+    await ensure_topics(ns.kafka())
+    return ns
+
+
+@pytest.fixture(scope="module")
+def reporting(namespace_m: Namespace, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    with running(["reporting"], namespace_m, tmp_path_factory.mktemp("reporting-logs")) as procs:
+        yield procs["reporting"]
+
+
+@pytest.fixture(scope="module")
+async def demo(namespace_m: Namespace, reporting: ServiceProcess) -> dict[str, Any]:
+    """Publish the demo tenant and wait until the clinician's whole caseload is materialized."""
+    events = list(demo_events(SPEC))
+    await publish(namespace_m.kafka(), events)
+    mongo: AsyncMongoClient[Document] = AsyncMongoClient(namespace_m.stack.mongo_url, tz_aware=True)
+    try:
+        key, _ = await create_key(mongo[namespace_m.database], SPEC.tenant_id, "read")
+    finally:
+        await mongo.close()
+    scored = [e for e in events if isinstance(e, SrsScored) and e.clinician_id == CLINICIAN]
+    alerts = [e for e in events if isinstance(e, AllianceDeterioration) and e.clinician_id == CLINICIAN]
+    sessions = {(e.client_id, e.instrument.value): 0 for e in scored}
+    for e in scored:
+        sessions[(e.client_id, e.instrument.value)] += 1
+
+    async def loaded() -> dict[str, Any] | None:
+        async with httpx.AsyncClient(base_url=reporting.url) as http:
+            res = await http.get(f"/v1/clinicians/{CLINICIAN}/caseload", headers={"Authorization": f"Bearer {key}"})
+        if res.status_code != 200:
+            return None
+        body: dict[str, Any] = res.json()
+        have = {(c["client_id"], c["instrument"]): c["session_count"] for c in body["clients"]}
+        marks = sum(len(c["alerts"]) for c in body["clients"])
+        return body if have == sessions and marks == len({a.alert_id for a in alerts}) else None
+
+    caseload = await eventually(loaded, timeout=60)
+    return {"key": key, "caseload": caseload, "sessions": sessions, "alerts": len(alerts)}
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as pw:
+        b = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+async def sign_in(page: Page, base: str, key: str, clinician: str = "", query: str = "") -> None:
+    await page.goto(f"{base}/dashboard{query}")
+    await page.fill("#key", key)
+    if clinician:
+        await page.fill("#clinician", clinician)
+    await page.click("#signin button[type=submit]")
+
+
+async def test_caseload_charts_then_a_click_opens_the_full_trajectory(
+        browser: Browser, reporting: ServiceProcess, demo: dict[str, Any], artifacts: Path) -> None:
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    page = await context.new_page()
+    failed: list[str] = []
+    page.on("requestfailed", lambda r: failed.append(r.url))
+    outside: list[str] = []
+    page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(reporting.url) else None)
+    try:
+        await sign_in(page, reporting.url, demo["key"], CLINICIAN)
+        expected = demo["caseload"]["clients"]
+        await page.wait_for_selector(f"#cards li.card >> nth={len(expected) - 1}")
+        cards = page.locator("#cards li.card")
+        assert await cards.count() == len(expected)
+        # every card has its chart: a line through one point per session, and the cutoff line
+        for i, entry in enumerate(expected):
+            card = cards.nth(i)
+            assert await card.get_attribute("data-client") == entry["client_id"]
+            assert await card.locator("svg.chart path.line").count() == 1
+            assert await card.locator("svg.chart circle.point").count() == entry["session_count"]
+            assert await card.locator("svg.chart line.cutoff").count() == 1
+        # at-risk clients first, and the alerts marked on the charts
+        risk = [await cards.nth(i).evaluate("e => e.classList.contains('at-risk')") for i in range(len(expected))]
+        assert any(risk) and risk == sorted(risk, reverse=True)
+        assert await page.locator("#cards svg.chart circle.alert-marker").count() == demo["alerts"] > 0
+        await page.screenshot(path=str(artifacts / "reporting-dashboard-caseload.png"), full_page=True)
+
+        first = expected[0]
+        await cards.nth(0).click()
+        await page.wait_for_selector("#detail svg.chart path.line")
+        assert await page.locator("#detail").is_visible()
+        assert await page.locator("#detail svg.chart circle.point").count() == first["session_count"]
+        assert await page.locator("#detail-table tbody tr").count() == first["session_count"]
+        assert await page.locator("#detail svg.chart line.cutoff").count() == 1
+        assert first["client_id"] in (await page.text_content("#detail-title") or "")
+        assert f"client={first['client_id']}" in page.url
+        await page.screenshot(path=str(artifacts / "reporting-dashboard-trajectory.png"), full_page=True)
+
+        await page.click("#back")
+        await page.wait_for_selector("#cards li.card")
+        assert await page.locator("#caseload").is_visible()
+    finally:
+        await context.close()
+    assert not failed
+    assert not outside  # the page needs no other origin
+
+
+async def test_a_deep_link_opens_the_clients_trajectory_after_sign_in(
+        browser: Browser, reporting: ServiceProcess, demo: dict[str, Any]) -> None:
+    entry = demo["caseload"]["clients"][-1]
+    context = await browser.new_context()
+    page = await context.new_page()
+    try:
+        await sign_in(page, reporting.url, demo["key"],
+                      query=f"?client={entry['client_id']}&instrument={entry['instrument']}")
+        await page.wait_for_selector("#detail svg.chart path.line")
+        assert await page.locator("#detail svg.chart circle.point").count() == entry["session_count"]
+    finally:
+        await context.close()
+
+
+async def test_a_wrong_key_is_sent_back_to_sign_in(browser: Browser, reporting: ServiceProcess,
+                                                   demo: dict[str, Any]) -> None:
+    context = await browser.new_context()
+    page = await context.new_page()
+    try:
+        await sign_in(page, reporting.url, "ak_wrong", CLINICIAN)
+        await page.wait_for_selector("#signin-error:not(:empty)")
+        assert await page.locator("#signin").is_visible()
+        assert await page.locator("#cards li.card").count() == 0
+    finally:
+        await context.close()

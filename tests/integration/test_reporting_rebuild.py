@@ -1,0 +1,176 @@
+"""`alliance reporting rebuild` on the real broker and store, with the live service running.
+
+The live API must keep answering from the old generation until the switch, events that arrive
+during the rebuild must not be lost, and after the switch the API answers from the new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from pymongo import AsyncMongoClient
+
+from services.reporting.demo import deterioration_for, publish, scored
+from services.reporting.rebuild import rebuild
+from services.reporting.settings import ReportingSettings
+from services.reporting.store import META, POINTER_ID, trajectories_name
+from shared.auth import create_key
+from shared.events import SrsScored
+from shared.mongo import Document
+from shared.stack import ensure_topics
+from tests.support.services import ROOT, Namespace, ServiceProcess, running
+from tests.support.stack import StackUnderTest
+from tests.support.wait import eventually
+
+T = "tenant-rebuild"
+
+
+@dataclass
+class Live:
+    ns: Namespace
+    proc: ServiceProcess
+    http: httpx.AsyncClient
+    mongo: AsyncMongoClient[Document]
+    key: str
+
+    async def trajectory(self, client: str) -> httpx.Response:
+        return await self.http.get(f"/v1/clients/{client}/trajectory", headers={"Authorization": f"Bearer {self.key}"})
+
+    async def pointer(self) -> Document:
+        doc = await self.mongo[self.ns.database][META].find_one({"_id": POINTER_ID})
+        assert doc is not None
+        return doc
+
+
+@pytest.fixture(scope="module")
+async def namespace_m(stack: StackUnderTest) -> Namespace:
+    ns = Namespace.fresh(stack)
+    await ensure_topics(ns.kafka())
+    return ns
+
+
+@pytest.fixture(scope="module")
+def reporting(namespace_m: Namespace, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    with running(["reporting"], namespace_m, tmp_path_factory.mktemp("reporting-logs")) as procs:
+        yield procs["reporting"]
+
+
+@pytest.fixture(scope="module")
+async def live(namespace_m: Namespace, reporting: ServiceProcess) -> AsyncIterator[Live]:
+    mongo: AsyncMongoClient[Document] = AsyncMongoClient(namespace_m.stack.mongo_url, tz_aware=True)
+    key, _ = await create_key(mongo[namespace_m.database], T, "read")
+    async with httpx.AsyncClient(base_url=reporting.url, timeout=30) as http:
+        yield Live(namespace_m, reporting, http, mongo, key)
+    await mongo.close()
+
+
+def sessions(client: str, totals: list[float]) -> list[SrsScored]:
+    out, prev = [], None
+    for n, t in enumerate(totals, start=1):
+        out.append(scored(T, client, n, t, previous_total=prev))
+        prev = t
+    return out
+
+
+@dataclass
+class Done:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def run_cli(args: list[str], env: dict[str, str]) -> Done:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "from services.cli import main; main()", *args, env=env, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return Done(proc.returncode, out.decode(), err.decode())
+
+
+async def visible(live: Live, client: str, count: int) -> httpx.Response:
+    async def check() -> httpx.Response | None:
+        res = await live.trajectory(client)
+        return res if res.status_code == 200 and len(res.json()["sessions"]) == count else None
+
+    return await eventually(check, timeout=60)
+
+
+async def test_rebuild_replays_into_a_new_generation_and_switches_while_the_api_keeps_answering(
+        live: Live) -> None:
+    events = [*sessions("c1", [38.0, 36.5, 33.0]), *sessions("c2", [39.0, 39.5])]
+    alert = deterioration_for(events[2])
+    assert alert is not None
+    await publish(live.ns.kafka(), [*events, alert])
+    before = await visible(live, "c1", 3)
+    await visible(live, "c2", 2)
+    old_gen = before.headers["x-reporting-generation"]
+    assert before.json()["alerts"]
+
+    during: list[tuple[str, dict[str, Any]]] = []
+    late = scored(T, "c2", 3, 31.0, previous_total=39.5)
+
+    async def after_claim(new: str) -> None:
+        # Arrives while the replay runs: only the live consumer's double write can bring it over.
+        await publish(live.ns.kafka(), [late])
+
+    async def before_switch(new: str) -> None:
+        res = await live.trajectory("c1")
+        during.append((res.headers["x-reporting-generation"], res.json()))
+        # the new generation is complete before anyone reads it
+        count = await live.mongo[live.ns.database][trajectories_name(new)].count_documents({"tenant_id": T})
+        assert count == 2
+
+    progress: list[tuple[int, int]] = []
+    result = await rebuild(live.ns.kafka(), live.ns.mongo(), ReportingSettings(), after_claim=after_claim,
+                           before_switch=before_switch, progress=lambda d, t: progress.append((d, t)),
+                           idle_seconds=5)
+    assert result.switched and result.previous == old_gen and result.generation != old_gen
+    assert result.events >= len(events) + 1
+    assert during == [(old_gen, before.json())]  # the API answered from the old generation until the switch
+    assert progress and progress[-1][0] == progress[-1][1] > 0
+
+    async def switched() -> httpx.Response | None:
+        res = await live.trajectory("c1")
+        return res if res.headers["x-reporting-generation"] == result.generation else None
+
+    after = await eventually(switched, timeout=10)
+    assert after.json() == before.json()
+    c2 = await visible(live, "c2", 3)  # the event published during the rebuild is there
+    assert c2.headers["x-reporting-generation"] == result.generation
+    assert c2.json()["latest_total"] == 31.0
+    pointer = await live.pointer()
+    assert (pointer["active"], pointer["previous"], pointer["building"]) == (result.generation, old_gen, None)
+
+
+async def test_the_cli_rebuilds_with_a_progress_bar_and_refuses_a_second_concurrent_rebuild(live: Live) -> None:
+    await publish(live.ns.kafka(), sessions("c3", [37.0]))
+    await visible(live, "c3", 1)
+    start = (await live.pointer())["active"]
+    env = {**os.environ, **live.ns.env(), "PYTHONPATH": str(ROOT), "COLUMNS": "100"}
+    cmd = ["reporting", "rebuild", "--idle-seconds", "5"]
+    done = await run_cli(cmd, env)
+    assert done.returncode == 0, done.stderr
+    assert "replaying" in done.stdout and "replayed" in done.stdout
+    pointer = await live.pointer()
+    assert pointer["previous"] == start and pointer["active"] != start
+    assert f"switched: {start} -> {pointer['active']}" in done.stdout
+    # generations older than the previous one are gone
+    names = await live.mongo[live.ns.database].list_collection_names()
+    gens = {n.split("_")[1] for n in names if n.startswith("reporting_g")}
+    assert gens == {pointer["active"], pointer["previous"]}
+
+    # a rebuild holding the slot (e.g. one that died) blocks another, unless forced
+    await live.mongo[live.ns.database][META].update_one({"_id": POINTER_ID}, {"$set": {"building": "g999"}})
+    refused = await run_cli(cmd, env)
+    assert refused.returncode == 2 and "rebuild refused" in refused.stderr
+    forced = await run_cli([*cmd, "--force"], env)
+    assert forced.returncode == 0, forced.stderr
+    assert (await visible(live, "c3", 1)).json()["latest_total"] == 37.0
