@@ -350,6 +350,7 @@ class ScoredReader:
     def __init__(self, kafka: KafkaSettings) -> None:
         self.kafka = kafka
         self.first: dict[str, float] = {}
+        self.flags: dict[str, tuple[bool, tuple[str, ...]]] = {}  # submission -> (latest, flags)
         self.records = 0
         self._task: asyncio.Task[None] | None = None
 
@@ -378,9 +379,11 @@ class ScoredReader:
                 for r in recs:
                     self.records += 1
                     with contextlib.suppress(ValueError, AttributeError, TypeError):
-                        sid = json.loads(r.value).get("submission_id")
+                        event = json.loads(r.value)
+                        sid = event.get("submission_id")
                         if isinstance(sid, str):
                             self.first.setdefault(sid, at)
+                            self.flags[sid] = (bool(event.get("latest", True)), tuple(event.get("flags") or ()))
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -549,11 +552,14 @@ async def measure(stack: Stack, urls: dict[str, str], opts: Options, res: Result
         accepted: dict[str, float] = {}
         n_accepted = 0
 
-        def on_result(p: PlannedSubmission, outcome: str, status: str, at: float) -> None:
+        post_latency: list[float] = []
+
+        def on_result(p: PlannedSubmission, outcome: str, status: str, at: float, started: float) -> None:
             nonlocal n_accepted
             if outcome != "accepted":
                 return
             accepted[p.submission_id] = at
+            post_latency.append(at - started)
             n_accepted += 1
             if reporting and n_accepted % opts.visible_sample == 0:
                 probe.watch(p.submission_id, p.body["client_id"], p.body["session_number"])
@@ -569,6 +575,8 @@ async def measure(stack: Stack, urls: dict[str, str], opts: Options, res: Result
         await until(drained, opts.drain_timeout, 0.2)
         a, b, c = ("(a) accepted -> scored event", "(b) accepted -> trajectory visible",
                    "(c) accepted -> webhook received")
+        res.latency["(0) POST sent -> 202 received (intake)"] = post_latency
+        res.expected["(0) POST sent -> 202 received (intake)"] = stats.sent
         res.latency[a] = [max(0.0, reader.first[s] - t) for s, t in accepted.items() if s in reader.first]
         res.expected[a] = len(accepted)
         if reporting:
@@ -585,6 +593,9 @@ async def measure(stack: Stack, urls: dict[str, str], opts: Options, res: Result
         else:
             res.notes.append("alerts is not runnable yet: (c) was not measured")
         unexpected_hooks = set(receiver.first) - expected_alerts - {sid}
+        for missing in sorted(expected_alerts - set(receiver.first))[:5] if alerts else ():
+            latest, flags = reader.flags.get(missing, (None, ()))
+            res.notes.append(f"no webhook for {missing}: scored latest={latest} flags={list(flags)}")
         res.counts.update({
             "offered_rate": round(stats.sent / stats.elapsed, 1) if stats.elapsed else 0,
             "sent": stats.sent, "accepted": stats.accepted, "rejected": dict(stats.rejected),
@@ -795,6 +806,8 @@ def bench(
     data.mkdir(parents=True, exist_ok=True)
     res = Results()
     console.print(f"stack data and service logs: {data}")
+    # a shared machine: other work skews every figure, so say how busy it was
+    res.counts["load average (1 min) at start"] = round(os.getloadavg()[0], 2)
     with bench_stack(data, mongo_memory) as stack:
         console.print("measuring raw limits ...")
         res.raw.produce_per_s, res.raw.consume_per_s = asyncio.run(raw_kafka(stack.kafka, opts.raw_records))
@@ -815,6 +828,8 @@ def bench(
             console.print(f"services ready in {res.startup_seconds:.1f} s; warm-up, then "
                           f"{opts.rate:g}/s for {opts.duration:g} s ...")
             asyncio.run(measure(stack, {s: p.url for s, p in procs.items()}, opts, res))
+            res.counts["load average (1 min) at end"] = round(os.getloadavg()[0], 2)
+            res.counts["cpus"] = os.cpu_count()
             for s, p in procs.items():
                 res.rss_kb[s] = vm_hwm_kb(p.proc.pid) if p.proc is not None else None
             for name, pid in stack.pids.items():

@@ -393,7 +393,8 @@ def requests(planned: Iterable[PlannedSubmission]) -> Iterator[list[PlannedSubmi
 # ---------------------------------------------------------------------------------------------- sending
 
 Outcome = Literal["accepted", "rejected"]
-ResultHook = Callable[[PlannedSubmission, Outcome, str, float], None]
+# (submission, outcome, status, answered at, first attempt started at), times from time.time()
+ResultHook = Callable[[PlannedSubmission, Outcome, str, float, float], None]
 
 
 @dataclass
@@ -437,6 +438,7 @@ async def _post(client: httpx.AsyncClient, key: str, group: list[PlannedSubmissi
     headers = {"Authorization": f"Bearer {key}"}
     batch = group[0].batch is not None
     attempt = 0
+    started = time.time()
     while True:
         status: str
         results: list[tuple[Outcome, str]]
@@ -479,7 +481,7 @@ async def _post(client: httpx.AsyncClient, key: str, group: list[PlannedSubmissi
         if (outcome == "accepted") != p.valid:
             stats.unexpected += 1
         if on_result is not None:
-            on_result(p, outcome, st, at)
+            on_result(p, outcome, st, at, started)
 
 
 async def send(planned: Iterable[PlannedSubmission], url: str, keys: Sequence[str], rate: float, duration: float,
