@@ -84,7 +84,7 @@ def build(config: ScoringConfig | None = None) -> Scoring:
 def create_app(config: ScoringConfig | None = None) -> FastAPI:
     """The scoring service as an ASGI app (consumer runs inside its lifespan)."""
     s = build(config)
-    runtime = Runtime(SERVICE, broker=s.broker, mongo=s.mongo, on_start=[s.store.ensure_indexes])
+    runtime = Runtime(SERVICE, broker=s.broker, mongo=s.mongo)
     app = service_api(runtime, title=TITLE, description=DESCRIPTION)
     app.state.scoring = s
     return app

@@ -7,20 +7,27 @@ Per batch (never per message):
    wrote, the rest with ONE query - and the tenants' rules (cached for a few seconds);
 3. apply the records in order in memory (`History.apply`): a submission id already in the state
    returns its stored outcome, so a redelivery yields exactly what was computed the first time;
-4. write the changed series with ONE bulk write, each guarded by the version it was read at;
-5. publish the scored events, alerts and dead letters and wait for every acknowledgement;
+4. write the changed series with bulk writes of `save_chunk` series each (one bulk write for a
+   batch of up to `save_chunk` clients), each series guarded by the version it was read at;
+5. publish the scored events and alerts of each written chunk as soon as its write returned
+   (so the broker works while the next chunk is written), then the dead letters, and wait for
+   every acknowledgement;
 6. return: the shared subscriber then commits the offsets.
 
 State is written BEFORE publishing (not after) so that an outcome exists in exactly one version
 before anyone can see it. What a `kill -9` at each point leaves behind:
 
 - during 1-3: nothing was written or published; the batch is redelivered and scored afresh.
-- during 4 (some documents written, some not): the written ones hold their outcomes; the
-  redelivered batch finds them (same flags, same `scored_at`, same ids) and scores the rest.
-- after 4, during or after 5, before the commit: the state holds every outcome; the redelivery
-  re-publishes the same events with the same ids and bytes (consumers dedupe by event id /
-  alert id). Nothing is lost: the offsets were not committed, so the records come back.
+- during 4 (some documents or chunks written, some not): the written ones hold their outcomes;
+  the redelivered batch finds them (same flags, same `scored_at`, same ids) and scores the rest.
+- during or after 5, before the commit (some or all events published): the state holds every
+  published outcome; the redelivery re-publishes the same events with the same ids and bytes
+  (consumers dedupe by event id / alert id). Nothing is lost: the offsets were not committed,
+  so the records come back.
 - after 6: nothing is redelivered.
+
+A transient failure (store or broker down, acknowledgements late) raises out of the handler:
+the shared subscriber retries the batch with backoff and never commits past it.
 
 Had we published first and written state after, a crash between the two would make the
 redelivery score again with a new `scored_at` (and possibly changed tenant rules): two different

@@ -17,8 +17,9 @@ class ScoringSettings(BaseSettings):
     # mean fewer store round trips (the store is the slower of the two limits).
     max_records: int | None = Field(default=None, ge=1)
     # Series kept in memory after a write, so hot clients are not re-read from the store each
-    # batch (0 turns the cache off). Roughly 1-2 KB each.
-    state_cache_series: int = Field(default=50_000, ge=0)
+    # batch (0 turns the cache off). About 0.6 KB per stored session (20k series of 10
+    # sessions: ~120 MB).
+    state_cache_series: int = Field(default=20_000, ge=0)
     # Series per state write: the events of one chunk are published while the next is written.
     save_chunk: int = Field(default=128, ge=1)
     # How often a batch re-reads state after losing a write race before the batch is retried.

@@ -110,20 +110,16 @@ class StatePort(Protocol):
 
 
 class StateStore:
-    """Reads and writes series state, one round trip each per batch."""
+    """Reads series state with one query per batch, writes it with one bulk write per chunk."""
 
     def __init__(self, db: AsyncDatabase[Document]) -> None:
         self._col = db[STATES]
 
-    async def ensure_indexes(self) -> None:
-        """No secondary index on purpose: scoring reads and writes by `_id` only, and each index
-        costs every state write (on the local store, ~40% of the write rate). A client's series
-        are still found through `_id`, whose JSON form starts with tenant and client (see
-        `client_series`)."""
-        await self._col.find_one({}, projection={"_id": 1})  # touches the collection: fails fast if down
-
     async def client_series(self, tenant_id: str, client_id: str) -> list[Document]:
-        """Every series of one client (operators, tests), by an `_id` range scan."""
+        """Every series of one client (operators, tests), by a range scan of `_id`, whose JSON
+        form starts with tenant and client. There is no secondary index on purpose: scoring
+        reads and writes by `_id` only, and an index costs every state write (~40% of the write
+        rate on the local store)."""
         prefix = json.dumps([tenant_id, client_id], separators=(",", ":"))[:-1] + ","
         cursor = self._col.find({"_id": {"$gte": prefix, "$lt": prefix + "\U0010ffff"}})
         return [doc async for doc in cursor]
@@ -139,7 +135,7 @@ class StateStore:
         return out
 
     async def save(self, changed: dict[SeriesKey, History]) -> set[SeriesKey]:
-        """Write the changed series in one bulk write; returns the ones another writer got to first.
+        """Write the series in one bulk write; returns the ones another writer got to first.
 
         Written series get their version bumped in memory.
         """
@@ -168,10 +164,6 @@ class StateStore:
                 changed[k].version += 1
         return conflicts
 
-    async def drop_series(self, key: SeriesKey) -> None:
-        """Remove one series (tests and operator clean-up)."""
-        await self._col.delete_one({"_id": key.doc_id})
-
 
 class StateCache:
     """The series this process wrote or read last, in front of a `StateStore` (LRU-bounded).
@@ -185,7 +177,7 @@ class StateCache:
     that answer is the one in the store.
     """
 
-    def __init__(self, store: StatePort, max_series: int = 50_000) -> None:
+    def __init__(self, store: StatePort, max_series: int = 20_000) -> None:
         self._store = store
         self._max = max_series
         self._lru: OrderedDict[SeriesKey, History] = OrderedDict()

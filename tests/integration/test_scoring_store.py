@@ -79,6 +79,17 @@ async def test_one_find_loads_many_series(namespace: Namespace, mongo: AsyncMong
     assert await mongo[namespace.database][STATES].count_documents({}) == 40
 
 
+async def test_a_clients_series_are_found_by_tenant_and_client(namespace: Namespace,
+                                                               mongo: AsyncMongoClient[Document]) -> None:
+    store = StateStore(mongo[namespace.database])
+    mine = [series_key("acme", "c1", Instrument.SRS, None), series_key("acme", "c1", Instrument.CSRS, "ep-2")]
+    others = [series_key("acme", "c10", Instrument.SRS, None), series_key("acme", "c", Instrument.SRS, None),
+              series_key("beta", "c1", Instrument.SRS, None)]
+    assert await store.save({k: history_with(37.0) for k in mine + others}) == set()
+    found = await store.client_series("acme", "c1")
+    assert sorted(d["instrument"] for d in found) == ["CSRS", "SRS"]
+
+
 async def test_rules_default_until_stored_and_are_cached_for_the_ttl(namespace: Namespace,
                                                                      mongo: AsyncMongoClient[Document]) -> None:
     now = [0.0]
