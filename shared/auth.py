@@ -6,6 +6,7 @@ reveal usable keys. A key belongs to one tenant, has one role, and may be bound 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
@@ -17,6 +18,7 @@ from typing import Literal
 
 from fastapi import HTTPException, Request
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
 
 from shared.http import error_body
 from shared.mongo import Document
@@ -25,6 +27,7 @@ Role = Literal["submit", "read", "admin"]
 ROLES: tuple[Role, ...] = ("submit", "read", "admin")
 KEYS = "api_keys"
 KEY_PREFIX = "ak_"
+KEY_LOOKUP_TIMEOUT_SECONDS = 3.0
 
 # Roles a key's role also grants: an admin may read what it administers.
 _GRANTS: dict[str, frozenset[str]] = {
@@ -134,7 +137,12 @@ def require(keys: Callable[[], KeyStore], role: Role) -> Callable[[Request], Awa
         token = bearer_token(request)
         if token is None:
             raise _unauthorized("missing bearer API key")
-        principal = await keys().lookup(token)
+        try:
+            principal = await asyncio.wait_for(keys().lookup(token), KEY_LOOKUP_TIMEOUT_SECONDS)
+        except (TimeoutError, PyMongoError) as exc:
+            # The key store not answering is our outage, not the caller's fault: 503, retry later.
+            raise HTTPException(503, error_body([(None, "authentication store unavailable, retry later")]),
+                                headers={"Retry-After": "2"}) from exc
         if principal is None:
             raise _unauthorized("unknown or revoked API key")
         if not principal.grants(role):

@@ -63,6 +63,23 @@ def _security(settings: KafkaSettings) -> BaseSecurity | None:
     return SASLPlaintext(user, password, ssl_context=ctx, use_ssl=use_ssl)
 
 
+def admin_security_kwargs(settings: KafkaSettings) -> dict[str, Any]:
+    """TLS/SASL keyword arguments for plain aiokafka clients (admin, tools), matching `make_broker`."""
+    proto = settings.security_protocol
+    if proto == "PLAINTEXT":
+        return {}
+    kwargs: dict[str, Any] = {"security_protocol": proto}
+    if proto in ("SSL", "SASL_SSL"):
+        ctx = ssl.create_default_context(cafile=settings.ssl_cafile or None)
+        if settings.ssl_certfile:
+            ctx.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile or None)
+        kwargs["ssl_context"] = ctx
+    if proto.startswith("SASL"):
+        kwargs.update(sasl_mechanism=settings.sasl_mechanism, sasl_plain_username=settings.sasl_username,
+                      sasl_plain_password=settings.sasl_password.get_secret_value())
+    return kwargs
+
+
 def make_broker(settings: KafkaSettings, client_id: str) -> KafkaBroker:
     """A broker whose producer waits for all in-sync replicas (and is idempotent where supported)."""
     acks: Any = "all" if settings.acks == "all" else int(settings.acks)
@@ -207,8 +224,13 @@ def subscribe_batch(
     max_records: int = 500,
     retry: RetryPolicy | None = None,
     batch_timeout_ms: int = 50,
+    fetch_max_wait_ms: int = 20,
 ) -> None:
-    """Register an at-least-once batch consumer of `topic` for `handler` (see module docs)."""
+    """Register an at-least-once batch consumer of `topic` for `handler` (see module docs).
+
+    `fetch_max_wait_ms` is short because Tansu holds a fetch for the whole wait even when records
+    arrive; aiokafka's 500 ms default would add up to half a second to every stage.
+    """
     policy = retry or RetryPolicy()
 
     async def _raw(msg: Any) -> None:  # skip FastStream's JSON decoding: we decode per record
@@ -220,6 +242,7 @@ def subscribe_batch(
         batch=True,
         max_records=max_records,
         batch_timeout_ms=batch_timeout_ms,
+        fetch_max_wait_ms=fetch_max_wait_ms,
         ack_policy=AckPolicy.MANUAL,
         auto_offset_reset="earliest",
         decoder=_raw,

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from shared.kafka import admin_security_kwargs
 from shared.settings import KafkaSettings
 
 log = logging.getLogger("alliance.stack")
@@ -72,7 +73,8 @@ async def ensure_topics(kafka: KafkaSettings, topics: tuple[str, ...] | None = N
     names = topics or kafka.topics().all()
     deadline = time.monotonic() + timeout
     while True:
-        admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap, request_timeout_ms=5000)
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap, request_timeout_ms=5000,
+                                    **admin_security_kwargs(kafka))
         try:
             await admin.start()
             existing = set(await admin.list_topics())

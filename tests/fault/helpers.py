@@ -14,7 +14,8 @@ from shared import auth
 from shared.mongo import Document
 from tests.support.services import Namespace
 
-BASE_TIME = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
+# Far enough back that 50 weekly sessions stay in the past (intake refuses the future).
+BASE_TIME = (datetime.now(UTC) - timedelta(days=400)).replace(hour=9, minute=0, second=0, microsecond=0)
 
 
 @dataclass
