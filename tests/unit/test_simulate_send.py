@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 
@@ -13,7 +14,7 @@ from services.simulate import Mix, PlannedSubmission, plan, send
 NOW = datetime.now(UTC)
 
 
-def fake_intake(seen: list[tuple[str, str, dict[str, object]]], throttle_first: int = 0) -> httpx.MockTransport:
+def fake_intake(seen: list[tuple[str, str, dict[str, Any]]], throttle_first: int = 0) -> httpx.MockTransport:
     """Accepts valid-looking bodies (invalid ones carry a planner-made defect we can spot by id)."""
     calls = Counter[str]()
 
@@ -46,7 +47,7 @@ def marked(planned: list[PlannedSubmission]) -> list[PlannedSubmission]:
 
 async def test_send_counts_accepted_rejected_duplicates_and_late() -> None:
     planned = marked(plan(2, 2, 4, 30, 600, seed=5, now=NOW))
-    seen: list[tuple[str, str, dict[str, object]]] = []
+    seen: list[tuple[str, str, dict[str, Any]]] = []
     stats = await send(planned, "http://intake", ["k0", "k1"], rate=100_000, duration=60,
                        transport=fake_intake(seen))
     kinds = Counter(p.kind for p in planned)
@@ -59,22 +60,22 @@ async def test_send_counts_accepted_rejected_duplicates_and_late() -> None:
 
 async def test_send_uses_each_tenants_own_key_and_the_batch_endpoint_for_batches() -> None:
     planned = marked(plan(2, 2, 4, 30, 600, seed=5, now=NOW))
-    seen: list[tuple[str, str, dict[str, object]]] = []
+    seen: list[tuple[str, str, dict[str, Any]]] = []
     await send(planned, "http://intake", ["k0", "k1"], rate=100_000, duration=60, transport=fake_intake(seen))
     tenant_of = {p.submission_id: p.tenant for p in planned}
     batches = [b for path, _, b in seen if path == "/v1/submissions/batch"]
     assert batches
     for path, key, body in seen:
-        subs = body["submissions"] if path.endswith("/batch") else [body]
-        for s in subs:  # type: ignore[union-attr]
-            sid = s.get("submission_id")  # type: ignore[union-attr]
+        subs: list[dict[str, Any]] = body["submissions"] if path.endswith("/batch") else [body]
+        for s in subs:
+            sid = s.get("submission_id")
             if sid in tenant_of:
                 assert key == f"Bearer k{tenant_of[sid]}"
 
 
 async def test_send_retries_throttled_requests_with_the_same_submission() -> None:
     planned = plan(1, 1, 1, 5, 1, seed=1, now=NOW, mix=Mix(duplicate=0, late=0, invalid=0, batch_steps=0))
-    seen: list[tuple[str, str, dict[str, object]]] = []
+    seen: list[tuple[str, str, dict[str, Any]]] = []
     stats = await send(planned, "http://intake", ["k"], rate=1000, duration=30,
                        transport=fake_intake(seen, throttle_first=2))
     assert stats.retried == 2
@@ -84,6 +85,6 @@ async def test_send_retries_throttled_requests_with_the_same_submission() -> Non
 
 async def test_send_stops_by_itself_after_the_duration() -> None:
     planned = plan(1, 1, 1, 5, 10_000, seed=1, now=NOW)
-    seen: list[tuple[str, str, dict[str, object]]] = []
+    seen: list[tuple[str, str, dict[str, Any]]] = []
     stats = await send(planned, "http://intake", ["k"], rate=200, duration=0.5, transport=fake_intake(seen))
     assert 0 < stats.sent < 10_000
