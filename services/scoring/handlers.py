@@ -243,6 +243,7 @@ class ScoringHandler:
                 with metrics.PHASE_SECONDS.labels("save").time():
                     lost = await self.states.save({k: states[k] for k in chunk})
                 saved = [k for k in chunk if k not in lost]
+                metrics.STATE_WRITES.inc(len(saved))
                 self._count({k: p.fresh[k] for k in saved})
                 outputs = self._outputs(p, saved, published)
                 if outputs:

@@ -33,6 +33,10 @@ SUBMISSION_TO_SCORED = Histogram(
     "From intake's acceptance of a submission to its scoring.",
     buckets=LATENCY_BUCKETS,
 )
+STATE_WRITES = Counter(
+    "alliance_scoring_state_writes_total",
+    "Series documents written; below one per scored session when a batch holds several sessions of a client.",
+)
 STATE_CONFLICTS = Counter(
     "alliance_scoring_state_conflicts_total",
     "State writes that lost to another scoring process (a partition moved mid-batch); retried.",
