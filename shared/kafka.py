@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import ssl
 import time
@@ -201,6 +202,18 @@ class RetryPolicy:
         return [min(self.max_delay, self.first_delay * 2**i) for i in range(self.attempts - 1)]
 
 
+def _sanitize_headers(rec: ConsumerRecord[Any, Any]) -> ConsumerRecord[Any, Any]:
+    headers = rec.headers or ()
+    try:
+        for _, value in headers:
+            value.decode("utf-8")
+    except (UnicodeDecodeError, AttributeError):
+        fixed = [(k, v.decode("utf-8", "replace").encode() if isinstance(v, bytes) else str(v).encode())
+                 for k, v in headers]
+        return dataclasses.replace(rec, headers=fixed)
+    return rec
+
+
 def _record_lag(service: str, consumer: Any, records: Sequence[ConsumerRecord[Any, Any]]) -> None:
     last: dict[tuple[str, int], int] = {}
     for r in records:
@@ -236,6 +249,11 @@ def subscribe_batch(
     async def _raw(msg: Any) -> None:  # skip FastStream's JSON decoding: we decode per record
         return None
 
+    async def _safe_parser(raw: Any, original: Callable[[Any], Awaitable[Any]]) -> Any:
+        # FastStream decodes header values strictly; one non-UTF-8 header would fail the whole
+        # batch before our handler sees it, so such values are made decodable first.
+        return await original(tuple(_sanitize_headers(r) for r in raw))
+
     @broker.subscriber(
         topic,
         group_id=group_id,
@@ -246,6 +264,7 @@ def subscribe_batch(
         ack_policy=AckPolicy.MANUAL,
         auto_offset_reset="earliest",
         decoder=_raw,
+        parser=_safe_parser,
         title=f"{service}:{topic}",
     )
     async def _consume(body: Any, message: KafkaMessage) -> None:

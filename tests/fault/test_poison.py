@@ -64,7 +64,11 @@ async def test_poison_on_every_input_topic_is_deadlettered_and_consumption_conti
                 # the alert status topic is consumed by reporting only; the others by one or two services
                 return all(per_topic.get(t, 0) >= len(POISON) for t in inputs)
 
-            await eventually(all_deadlettered, timeout=120)
+            try:
+                await eventually(all_deadlettered, timeout=90)
+            except AssertionError:
+                seen = sorted((d.source_topic, d.service, d.reason, d.source_offset) for d in letters)
+                raise AssertionError(f"not every poison record was dead-lettered; got {seen}") from None
         finally:
             await consumer.stop()
     for dl in letters:
