@@ -30,7 +30,6 @@ class ReportingConfig:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     mongo: MongoSettings = field(default_factory=MongoSettings)
     reporting: ReportingSettings = field(default_factory=ReportingSettings)
-    consume: bool = True  # False: API only (e.g. a read replica of the API)
 
 
 def _wire(config: ReportingConfig) -> tuple[KafkaBroker, Runtime, ReportingStore, Generations, KeyStore]:
@@ -38,7 +37,7 @@ def _wire(config: ReportingConfig) -> tuple[KafkaBroker, Runtime, ReportingStore
     mongo = make_client(config.mongo)
     db = database(mongo, config.mongo)
     settings = config.reporting
-    store = ReportingStore(db, settings.decline_threshold)
+    store = ReportingStore(db, settings.decline_threshold, cache_entries=settings.cache_entries)
     generations = Generations(db, settings.generation_cache_seconds)
     keys = KeyStore(db, settings.key_cache_seconds)
     topics = config.kafka.topics()
@@ -48,7 +47,7 @@ def _wire(config: ReportingConfig) -> tuple[KafkaBroker, Runtime, ReportingStore
         await publisher.publish_all(records)
 
     handlers = ReportingHandlers(store, generations, dead_letters, topics.deadletter)
-    if config.consume:
+    if settings.consume:
         batch = min(settings.batch_max_records, config.kafka.batch_max_records)
         for topic, purpose, handler in (
             (topics.scored, "scored", handlers.scored),

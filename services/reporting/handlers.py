@@ -62,8 +62,7 @@ class ReportingHandlers:
 
     async def _targets(self) -> tuple[str, str | None]:
         state = await self.generations.current()
-        for gen in state.write_targets:
-            await self.store.ensure_indexes(gen)
+        await self.store.ensure_indexes(state.active)  # a generation being built gets them from its rebuild
         return state.active, state.building if state.building != state.active else None
 
     async def _dead(self, dead: list[OutboundRecord]) -> None:

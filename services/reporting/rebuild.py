@@ -5,7 +5,8 @@
 2. Wait a few pointer-cache lifetimes, so every live consumer has seen the claim.
 3. Replay `srs.scored.v1`, `alliance.deterioration.v1` and `alliance.alert-status.v1` from the
    beginning with a fresh group-less consumer (nothing committed anywhere) into the new
-   generation, until each partition reaches the high-water mark first seen after step 2.
+   generation (inserts for trajectories it has not written yet, a write-through cache for the
+   rest, query indexes built after the load), until each partition reaches the high-water mark first seen after step 2.
    Anything past those marks was produced after the claim, so the live consumers put it into
    the new generation themselves; the writes are idempotent and commutative, so the two
    writers overlapping is harmless.
@@ -91,7 +92,7 @@ class Replayer:
         alerts, bad2 = parse(by_topic.get(self.deterioration, []), AllianceDeterioration)
         status, bad3 = parse(by_topic.get(self.alert_status, []), AlertStatusChanged)
         if scored:
-            await self.store.apply_scored(self.gen, scored)
+            await self.store.apply_scored(self.gen, scored, fresh=True)
         await self.store.apply_deterioration(self.gen, alerts)
         await self.store.apply_alert_status(self.gen, status)
         self.events += len(scored) + len(alerts) + len(status)
@@ -154,12 +155,11 @@ async def rebuild(kafka: KafkaSettings, mongo: MongoSettings, settings: Reportin
     client = make_client(mongo)
     db = database(client, mongo)
     generations = Generations(db, settings.generation_cache_seconds)
-    store = ReportingStore(db, settings.decline_threshold)
+    store = ReportingStore(db, settings.decline_threshold, cache_entries=settings.rebuild_cache_entries)
     try:
         old, new = await generations.begin_rebuild(force=force)
         result = RebuildResult(previous=old.active, generation=new)
         try:
-            await store.ensure_indexes(new)
             if after_claim is not None:
                 await after_claim(new)
             # Every live consumer re-reads the pointer at least once per cache lifetime.
@@ -170,6 +170,8 @@ async def rebuild(kafka: KafkaSettings, mongo: MongoSettings, settings: Reportin
                          idle_seconds=idle_seconds)
             result.replay_seconds = time.perf_counter() - started
             result.events, result.skipped = replayer.events, replayer.skipped
+            # Query indexes after the bulk load (cheaper than maintaining them through it).
+            await store.ensure_indexes(new)
             if before_switch is not None:
                 await before_switch(new)
             await generations.switch(new)

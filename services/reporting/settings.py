@@ -27,4 +27,10 @@ class ReportingSettings(BaseSettings):
     decline_threshold: float = Field(default=1.0, gt=0)
     batch_max_records: int = Field(default=500, ge=1)
     rebuild_batch_records: int = Field(default=2000, ge=1)
+    # Write-through cache of trajectory documents (saves the read before each write). Entries
+    # are a few KB each; a rebuild, which writes every trajectory, gets a bigger one.
+    cache_entries: int = Field(default=20_000, ge=0)
+    rebuild_cache_entries: int = Field(default=200_000, ge=0)
     key_cache_seconds: float = Field(default=30.0, ge=0)
+    # False: serve the API and dashboard only (e.g. extra read replicas behind a load balancer).
+    consume: bool = True

@@ -19,12 +19,15 @@ Collections (all prefixed `reporting_`):
     * `(tenant_id, trajectory_id)` — the alert marks of one trajectory or of a caseload page;
     * `(tenant_id, site_id, raised)` and `(tenant_id, site_id, acknowledged)` — alert counts.
 
-Concurrency: a batch reads the trajectories it touches in one `find`, merges in Python (pure
-rules), and writes them in ONE unordered `bulk_write` of replaces conditioned on the version it
-read (`{_id, v}` with upsert). A concurrent writer (the live consumer and a rebuild both filling
-a new generation) makes the condition miss; the upsert then hits the unique `_id` and fails with
-E11000 for that document only, and just those trajectories are re-read and re-merged. Because the
-merge is a commutative max, the retry converges to the same result whoever wins.
+Concurrency: a batch takes the trajectories it touches from a write-through cache (or one `find`
+of the misses), merges in Python (pure rules), and writes them in ONE unordered `bulk_write`:
+inserts for new trajectories, replaces conditioned on the version merged from (`{_id, v}` with
+upsert) for known ones. A concurrent writer (two consumers around a rebalance; the live consumer
+and a rebuild both filling a new generation) makes the condition miss; the upsert (or insert)
+then hits the unique `_id` and fails with E11000 for that document only, and just those
+trajectories are re-read and re-merged. Because the merge is a commutative max, the retry
+converges to the same result whoever wins. (Filters are `_id`-led so the store uses its
+primary-key path.)
 """
 
 from __future__ import annotations
@@ -32,12 +35,12 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from pymongo import ASCENDING, DESCENDING, ReplaceOne, ReturnDocument, UpdateOne
+from pymongo import ASCENDING, DESCENDING, InsertOne, ReplaceOne, ReturnDocument, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
@@ -174,15 +177,48 @@ class ApplyReport:
     conflicts: int = 0
 
 
+class DocCache:
+    """Trajectories this process wrote or read last, keyed by (generation, id); least recently used go first.
+
+    Only an optimisation: every write is conditioned on the cached version, so a stale entry
+    (another writer got there first) fails that one write, is dropped, and is re-read.
+    """
+
+    def __init__(self, max_entries: int) -> None:
+        self._max = max_entries
+        self._docs: OrderedDict[tuple[str, str], Document] = OrderedDict()
+
+    def get(self, gen: str, tid: str) -> Document | None:
+        doc = self._docs.get((gen, tid))
+        if doc is not None:
+            self._docs.move_to_end((gen, tid))
+        return doc
+
+    def put(self, gen: str, tid: str, doc: Document) -> None:
+        if self._max <= 0:
+            return
+        self._docs[(gen, tid)] = doc
+        self._docs.move_to_end((gen, tid))
+        while len(self._docs) > self._max:
+            self._docs.popitem(last=False)
+
+    def drop(self, gen: str, tid: str) -> None:
+        self._docs.pop((gen, tid), None)
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+
 class ReportingStore:
     """Batch writes and queries of the reporting read models."""
 
     def __init__(self, db: AsyncDatabase[Document], decline_threshold: float = rules.DEFAULT_DECLINE_THRESHOLD,
-                 max_conflict_retries: int = 8) -> None:
+                 max_conflict_retries: int = 8, cache_entries: int = 0) -> None:
         self.db = db
         self._threshold = decline_threshold
         self._retries = max_conflict_retries
         self._indexed: set[str] = set()
+        self.cache = DocCache(cache_entries)
 
     def trajectories(self, gen: str) -> AsyncCollection[Document]:
         return self.db[trajectories_name(gen)]
@@ -191,7 +227,10 @@ class ReportingStore:
         return self.db[alerts_name(gen)]
 
     async def ensure_indexes(self, gen: str) -> None:
-        """Create one generation's indexes (idempotent; done once per process and generation)."""
+        """Create one generation's query indexes (idempotent; done once per process and generation).
+
+        Writers need only `_id`; a rebuild creates these after its bulk load, before the switch.
+        """
         if gen in self._indexed:
             return
         t = self.trajectories(gen)
@@ -211,27 +250,53 @@ class ReportingStore:
 
     # ------------------------------------------------------------------ writes
 
-    async def apply_scored(self, gen: str, events: Sequence[SrsScored]) -> ApplyReport:
-        """Merge scored events into their trajectories: one read and one bulk write per round."""
+    async def apply_scored(self, gen: str, events: Sequence[SrsScored], *, fresh: bool = False) -> ApplyReport:
+        """Merge scored events into their trajectories with one bulk write per round.
+
+        Current documents come from the cache, else from one `find` of the misses; with `fresh`
+        (a generation being rebuilt, where almost nothing exists yet) a miss is taken as absent
+        and written as an insert — if it did exist, the insert fails on `_id` and that one
+        trajectory is read and merged again. New trajectories are inserts, known ones replaces
+        conditioned on the version they were merged from.
+        """
         report = ApplyReport()
         groups = rules.group_by_trajectory(events)
         pending = set(groups)
+        must_read: set[str] = set()
         col = self.trajectories(gen)
         for attempt in range(self._retries + 1):
             if not pending:
                 break
-            existing = {d["_id"]: d async for d in col.find({"_id": {"$in": sorted(pending)}})}
-            ops: list[ReplaceOne[Document]] = []
+            existing: dict[str, Document] = {}
+            misses: list[str] = []
+            for tid in pending:
+                cached = None if tid in must_read else self.cache.get(gen, tid)
+                if cached is not None:
+                    existing[tid] = cached
+                elif fresh and tid not in must_read:
+                    continue
+                else:
+                    misses.append(tid)
+            if misses:
+                async for d in col.find({"_id": {"$in": sorted(misses)}}):
+                    existing[d["_id"]] = d
+            ops: list[InsertOne[Document] | ReplaceOne[Document]] = []
             op_ids: list[str] = []
             merged: dict[str, rules.MergeResult] = {}
             for tid in sorted(pending):
-                result = rules.merge(existing.get(tid), groups[tid], self._threshold)
+                old = existing.get(tid)
+                result = rules.merge(old, groups[tid], self._threshold)
                 merged[tid] = result
-                if result.doc is not None:
-                    old = existing.get(tid)
-                    result.doc["updated_at"] = datetime.now(UTC)
-                    ops.append(ReplaceOne({"_id": tid, "v": old.get("v", 0) if old else 0}, result.doc, upsert=True))
-                    op_ids.append(tid)
+                if result.doc is None:
+                    if old is not None:
+                        self.cache.put(gen, tid, old)
+                    continue
+                result.doc["updated_at"] = datetime.now(UTC)
+                if old is None:
+                    ops.append(InsertOne(result.doc))
+                else:
+                    ops.append(ReplaceOne({"_id": tid, "v": old.get("v", 0)}, result.doc, upsert=True))
+                op_ids.append(tid)
             failed: set[str] = set()
             if ops:
                 try:
@@ -243,15 +308,19 @@ class ReportingStore:
                         failed.add(op_ids[err["index"]])
             for tid, result in merged.items():
                 if tid in failed:
+                    self.cache.drop(gen, tid)
                     continue
+                if result.doc is not None:
+                    self.cache.put(gen, tid, result.doc)
                 for event, outcome in result.outcomes:
                     report.outcomes[outcome] += 1
                     if outcome in ("applied", "corrected"):
                         report.visible.append(event)
             report.conflicts += len(failed)
             pending = failed
-            if pending:
-                await asyncio.sleep(0.01 * (attempt + 1))
+            must_read |= failed
+            if pending and attempt:
+                await asyncio.sleep(0.01 * attempt)
         if pending:
             raise RuntimeError(f"{len(pending)} trajectories kept conflicting; the batch will be retried")
         return report

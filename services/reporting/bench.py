@@ -1,0 +1,292 @@
+"""Reporting benchmark: `python -m services.reporting.bench [--clients N] ...`.
+
+Prints, measured in the same run on the same store:
+
+1. the store's raw bulk-upsert rate (unordered `bulk_write` of `UpdateOne(..., upsert=True)`, one
+   per event, batches of the rebuild's size) — the limit a naive materializer could reach;
+2. materialized events/s during `rebuild` (replay of srs.scored.v1 from the beginning into a new
+   generation), and its ratio to (1) (target >= 70%);
+3. trajectory read latency (p50/p95/p99 over HTTP, one API-only reporting process) with
+   `--clients` trajectories loaded (the issue asks 100,000; the default is smaller so that the
+   default run stays under two minutes on this machine kind — pass --clients 100000), plus a
+   caseload read for comparison.
+
+Starts its own broker and store (`shared.stack.LocalStack`) unless ALLIANCE_KAFKA_BOOTSTRAP and
+ALLIANCE_MONGO_URL are set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pymongo import InsertOne, UpdateOne
+
+from services.reporting import rules
+from services.reporting.demo import publish, scored
+from services.reporting.rebuild import rebuild
+from services.reporting.settings import ReportingSettings
+from services.reporting.store import Generations, ReportingStore
+from shared.auth import create_key
+from shared.mongo import database, make_client
+from shared.settings import KafkaSettings, MongoSettings
+from shared.stack import LocalStack, ensure_topics, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Endpoints:
+    bootstrap: str
+    mongo_url: str
+    idempotence: bool
+
+
+@contextmanager
+def stack(memory: bool) -> Iterator[Endpoints]:
+    """The broker and store to measure: from the environment, or started here."""
+    env_kafka, env_mongo = os.environ.get("ALLIANCE_KAFKA_BOOTSTRAP"), os.environ.get("ALLIANCE_MONGO_URL")
+    if env_kafka and env_mongo:
+        yield Endpoints(env_kafka, env_mongo, KafkaSettings().idempotence)
+        return
+    with tempfile.TemporaryDirectory(prefix="alliance-reporting-bench-") as tmp:
+        local = LocalStack(Path(tmp), kafka_port=free_port(), mongo_port=free_port(), mongo_memory=memory)
+        local.start()
+        try:
+            yield Endpoints(local.bootstrap, local.mongo_url, False)
+        finally:
+            local.stop()
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+async def raw_upsert_rate(mongo: MongoSettings, n: int, batch: int) -> float:
+    """Upserts/s of plain bulk upserts (one small document per event) on this store."""
+    client = make_client(mongo)
+    try:
+        col = database(client, mongo)["bench_raw_upserts"]
+        await col.drop()
+        ops = [UpdateOne({"_id": f"k{i}"}, {"$set": {"tenant_id": "bench", "client_id": f"c{i // 10}",
+                                                     "session_number": i % 10 + 1, "total": 30.0 + i % 10,
+                                                     "flags": ["below_cutoff"]}}, upsert=True) for i in range(n)]
+        started = time.perf_counter()
+        for i in range(0, n, batch):
+            await col.bulk_write(ops[i:i + batch], ordered=False)
+        elapsed = time.perf_counter() - started
+        await col.drop()
+        return n / elapsed
+    finally:
+        await client.close()
+
+
+async def materialize_rate(ep: Endpoints, clients: int, sessions: int, batch: int,
+                           order: str) -> tuple[int, float]:
+    """Publish clients x sessions scored events to a fresh topic set, rebuild from them into a fresh
+    database; returns (events, materialized events/s).
+
+    `chronological`: session 1 of every client, then session 2... (a long-lived log: a batch holds
+    each client at most once when clients >= batch, so nothing folds and every later event
+    replaces an existing trajectory). `shuffled`: the same events in random order.
+    """
+    tag = uuid.uuid4().hex[:8]
+    kafka = KafkaSettings(bootstrap=ep.bootstrap, idempotence=ep.idempotence, topic_prefix=f"bench{tag}.")
+    mongo = MongoSettings(url=ep.mongo_url, database=f"bench_reporting_{tag}")
+    await ensure_topics(kafka, (kafka.topics().scored, kafka.topics().deterioration, kafka.topics().alert_status))
+    rng = random.Random(3)
+    rows: list[list[Any]] = []
+    for c in range(clients):
+        prev = None
+        row = []
+        for n in range(1, sessions + 1):
+            total = round(rng.uniform(28, 40), 1)
+            row.append(scored("bench", f"c{c:06d}", n, total, clinician_id=f"doc{c % 40}", previous_total=prev))
+            prev = total
+        rows.append(row)
+    events = [rows[c][n] for n in range(sessions) for c in range(clients)]
+    if order == "shuffled":
+        rng.shuffle(events)
+    await publish(kafka, events)
+    settings = ReportingSettings(generation_cache_seconds=0.1, rebuild_batch_records=batch)
+    try:
+        result = await rebuild(kafka, mongo, settings, idle_seconds=5)
+    finally:
+        client = make_client(mongo)
+        try:
+            await client.drop_database(mongo.database)
+        finally:
+            await client.close()
+    return result.events, result.events_per_second
+
+
+def _template_docs(shapes: int) -> list[dict[str, Any]]:
+    rng = random.Random(9)
+    out = []
+    for _ in range(shapes):
+        prev = None
+        evs = []
+        for n in range(1, 9):
+            total = round(rng.uniform(28, 40), 1)
+            evs.append(scored("bench-read", "template", n, total, previous_total=prev, clinician_id="x"))
+            prev = total
+        doc = rules.merge(None, evs).doc
+        assert doc is not None
+        out.append(doc)
+    return out
+
+
+async def load_trajectories(mongo: MongoSettings, clients: int, gen: str) -> float:
+    """Insert `clients` trajectories (8 sessions each) into generation `gen`; returns seconds."""
+    client = make_client(mongo)
+    try:
+        store = ReportingStore(database(client, mongo))
+        await store.ensure_indexes(gen)
+        col = store.trajectories(gen)
+        templates = _template_docs(50)
+        started = time.perf_counter()
+        batch: list[InsertOne[dict[str, Any]]] = []
+        for i in range(clients):
+            doc = copy.copy(templates[i % len(templates)])
+            client_id, clinician = f"r{i:07d}", f"doc{i % 4000}"
+            doc.update(_id=rules.trajectory_id("bench-read", client_id, "SRS", None), client_id=client_id,
+                       clinician_id=clinician, site_id=f"site{i % 20}",
+                       caseload_key=rules.caseload_key(doc["at_risk"], client_id, "SRS", None))
+            batch.append(InsertOne(doc))
+            if len(batch) == 2000:
+                await col.bulk_write(batch, ordered=False)
+                batch = []
+            if i and i % 20000 == 0:
+                print(f"  loaded {i:,} trajectories ({i / (time.perf_counter() - started):,.0f}/s)", flush=True)
+        if batch:
+            await col.bulk_write(batch, ordered=False)
+        return time.perf_counter() - started
+    finally:
+        await client.close()
+
+
+async def read_latencies(url: str, key: str, clients: int, reads: int) -> tuple[list[float], list[float]]:
+    rng = random.Random(1)
+    headers = {"Authorization": f"Bearer {key}"}
+    traj: list[float] = []
+    case: list[float] = []
+    async with httpx.AsyncClient(base_url=url, timeout=30, headers=headers) as http:
+        for _ in range(20):  # warm-up: key cache, connections
+            await http.get(f"/v1/clients/r{rng.randrange(clients):07d}/trajectory")
+        for _ in range(reads):
+            path = f"/v1/clients/r{rng.randrange(clients):07d}/trajectory"
+            t0 = time.perf_counter()
+            res = await http.get(path)
+            traj.append((time.perf_counter() - t0) * 1000)
+            assert res.status_code == 200, res.text
+        for _ in range(max(20, reads // 10)):
+            path = f"/v1/clinicians/doc{rng.randrange(min(4000, clients))}/caseload"
+            t0 = time.perf_counter()
+            res = await http.get(path)
+            case.append((time.perf_counter() - t0) * 1000)
+            assert res.status_code == 200, res.text
+    return traj, case
+
+
+def start_api(ep: Endpoints, prefix: str, db: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {**os.environ, "ALLIANCE_KAFKA_BOOTSTRAP": ep.bootstrap, "ALLIANCE_MONGO_URL": ep.mongo_url,
+           "ALLIANCE_KAFKA_IDEMPOTENCE": str(ep.idempotence).lower(), "ALLIANCE_KAFKA_TOPIC_PREFIX": prefix,
+           "ALLIANCE_MONGO_DATABASE": db, "ALLIANCE_REPORTING_PORT": str(port), "ALLIANCE_REPORTING_CONSUME": "false",
+           "ALLIANCE_LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "services.reporting"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("reporting API did not become ready")
+
+
+async def run(args: argparse.Namespace, ep: Endpoints) -> None:
+    tag = uuid.uuid4().hex[:8]
+    kafka = KafkaSettings(bootstrap=ep.bootstrap, idempotence=ep.idempotence, topic_prefix=f"bench{tag}.")
+    mongo = MongoSettings(url=ep.mongo_url, database=f"bench_reporting_{tag}")
+    await ensure_topics(kafka)
+    print(f"store: {ep.mongo_url}  broker: {ep.bootstrap}", flush=True)
+
+    # The store's rate drifts on a shared machine: measure the raw limit before and after each
+    # rebuild and compare with their mean.
+    for order in ("chronological", "shuffled"):
+        raw = await raw_upsert_rate(mongo, args.raw_upserts, args.batch)
+        events, rate = await materialize_rate(ep, args.rebuild_clients, args.sessions, args.batch, order)
+        raw_after = await raw_upsert_rate(mongo, args.raw_upserts, args.batch)
+        raw_mean = (raw + raw_after) / 2
+        print(f"rebuild, {order} log: {events:,} scored events ({args.rebuild_clients:,} clients x {args.sessions} "
+              f"sessions) materialized at {rate:,.0f} events/s; raw bulk upserts (UpdateOne upsert, batches of "
+              f"{args.batch}) {raw:,.0f}/s before, {raw_after:,.0f}/s after", flush=True)
+        print(f"RATIO ({order}) materialized / raw bulk upsert: {rate / raw_mean:.0%} (target >= 70%)", flush=True)
+
+    client = make_client(mongo)
+    try:
+        db = database(client, mongo)
+        gen = (await Generations(db, 0.1).ensure()).active
+        key, _ = await create_key(db, "bench-read", "read")
+    finally:
+        await client.close()
+    print(f"loading {args.clients:,} trajectories (8 sessions each) into generation {gen} ...", flush=True)
+    seconds = await load_trajectories(mongo, args.clients, gen)
+    print(f"  loaded in {seconds:.1f}s ({args.clients / seconds:,.0f}/s)", flush=True)
+    proc, url = start_api(ep, kafka.topic_prefix, mongo.database)
+    try:
+        traj, case = await read_latencies(url, key, args.clients, args.reads)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    print(f"trajectory reads over HTTP with {args.clients:,} clients loaded ({len(traj)} reads, sequential): "
+          f"p50 {statistics.median(traj):.1f} ms, p95 {pct(traj, 95):.1f} ms, p99 {pct(traj, 99):.1f} ms "
+          f"(target p99 < 50 ms)")
+    print(f"caseload reads (first page, ~{max(1, args.clients // 4000)} trajectories per clinician): "
+          f"p50 {statistics.median(case):.1f} ms, p99 {pct(case, 99):.1f} ms ({len(case)} reads)")
+    client = make_client(mongo)
+    try:
+        await client.drop_database(mongo.database)
+    finally:
+        await client.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark and print its figures."""
+    p = argparse.ArgumentParser(prog="python -m services.reporting.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, default=20_000, help="trajectories loaded for the read test")
+    p.add_argument("--reads", type=int, default=1_000, help="trajectory reads to time")
+    p.add_argument("--rebuild-clients", type=int, default=2_000, help="clients in the replayed log")
+    p.add_argument("--sessions", type=int, default=6, help="sessions per client in the replayed log")
+    p.add_argument("--raw-upserts", type=int, default=6_000, help="documents for the raw bulk-upsert rate")
+    p.add_argument("--batch", type=int, default=2_000, help="records per bulk write (rebuild batch size)")
+    p.add_argument("--memory", action="store_true", help="SecantusDB in memory instead of WiredTiger on disk")
+    args = p.parse_args(argv)
+    with stack(args.memory) as ep:
+        asyncio.run(run(args, ep))
+
+
+if __name__ == "__main__":
+    main()
