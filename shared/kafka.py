@@ -110,7 +110,9 @@ class InboundRecord:
 
     @property
     def correlation_id(self) -> str:
-        return self.headers.get(CORRELATION_HEADER) or str(uuid.uuid4())
+        # Derived from the record's coordinates when missing, so a redelivery carries the same id.
+        return self.headers.get(CORRELATION_HEADER) or str(
+            uuid.uuid5(uuid.NAMESPACE_URL, f"kafka:{self.topic}:{self.partition}:{self.offset}"))
 
     @classmethod
     def from_consumer_record(cls, rec: ConsumerRecord[Any, Any]) -> InboundRecord:
