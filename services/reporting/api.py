@@ -19,18 +19,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Security
 from fastapi.responses import FileResponse, Response
+from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 
 from services.reporting import rules
 from services.reporting.fhir import FHIR_JSON, trajectory_bundle
+from services.reporting.models import CaseloadOut, SummaryOut, TrajectoryOut
 from services.reporting.settings import ReportingSettings
 from services.reporting.store import Generations, ReportingStore
 from shared.auth import KeyStore, Principal, forbid_site, require
 from shared.events import Instrument
 from shared.http import error_body
 
+# Only documents the scheme in OpenAPI; `shared.auth.require` does the checking (uniform errors).
+BEARER = HTTPBearer(auto_error=False, scheme_name="bearer", description="a read (or admin) API key")
 STATIC = Path(__file__).resolve().parent / "static"
 NOT_FOUND_CLIENT = error_body([("client_id", "no trajectory for this client and instrument")])
 
@@ -39,6 +43,8 @@ DASHBOARD_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; sc
                  "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 
 
+AUTH: dict[int | str, dict[str, Any]] = {401: {"description": "missing or unknown API key"},
+                                         403: {"description": "the key's role does not allow read"}}
 InstrumentQ = Annotated[Instrument, Query(description="SRS, CSRS, GSRS, CGSRS or YCSRS")]
 EpisodeQ = Annotated[str | None, Query(max_length=128, description="an episode; default: the most recent")]
 CursorQ = Annotated[str | None, Query(max_length=2048, description="next_cursor of the previous page")]
@@ -78,7 +84,7 @@ class SummaryCache:
 def build_router(store: ReportingStore, generations: Generations, keys: Callable[[], KeyStore],
                  settings: ReportingSettings) -> APIRouter:
     """The `/v1` read endpoints."""
-    router = APIRouter(prefix="/v1", tags=["reporting"])
+    router = APIRouter(prefix="/v1", tags=["reporting"], dependencies=[Security(BEARER)])
     reader = require(keys, "read")
     summaries = SummaryCache(settings.summary_cache_seconds)
 
@@ -91,7 +97,8 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
         return gen, doc
 
     @router.get("/clients/{client_id}/trajectory", summary="One client's trajectory on one instrument",
-                responses={404: {"description": "unknown client (or not visible to this key)"}})
+                responses={200: {"model": TrajectoryOut}, 304: {"description": "unchanged (If-None-Match)"},
+                           404: {"description": "unknown client (or not visible to this key)"}, **AUTH})
     async def trajectory(request: Request, client_id: str, p: Principal = Depends(reader),
                          instrument: InstrumentQ = Instrument.SRS, episode: EpisodeQ = None) -> Response:
         gen, doc = await find_trajectory(p, client_id, instrument, episode)
@@ -100,7 +107,10 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
                               max_age=settings.trajectory_max_age_seconds, generation=gen)
 
     @router.get("/clients/{client_id}/fhir", summary="The trajectory as a FHIR R4 Bundle",
-                responses={200: {"content": {FHIR_JSON: {}}}, 404: {"description": "unknown client"}})
+                responses={200: {"content": {FHIR_JSON: {"schema": {"type": "object"}}},
+                                 "description": "a FHIR R4 Bundle (type collection)"},
+                           304: {"description": "unchanged (If-None-Match)"},
+                           404: {"description": "unknown client (or not visible to this key)"}, **AUTH})
     async def fhir(request: Request, client_id: str, p: Principal = Depends(reader),
                    instrument: InstrumentQ = Instrument.SRS, episode: EpisodeQ = None) -> Response:
         gen, doc = await find_trajectory(p, client_id, instrument, episode)
@@ -108,7 +118,9 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
                               generation=gen, media_type=FHIR_JSON)
 
     @router.get("/clinicians/{clinician_id}/caseload", summary="A clinician's caseload, at-risk clients first",
-                responses={404: {"description": "no trajectory of this clinician is visible to this key"}})
+                responses={200: {"model": CaseloadOut}, 304: {"description": "unchanged (If-None-Match)"},
+                           404: {"description": "no trajectory of this clinician is visible to this key"},
+                           422: {"description": "a cursor this API did not issue"}, **AUTH})
     async def caseload(request: Request, clinician_id: str, p: Principal = Depends(reader), cursor: CursorQ = None,
                        limit: LimitQ = None) -> Response:
         size = min(limit or settings.page_size, settings.max_page_size)
@@ -144,15 +156,16 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
         return _json_response(request, body, max_age=settings.summary_max_age_seconds, generation=gen)
 
     @router.get("/sites/{site_id}/summary", summary="PCOMS indices of one site",
-                responses={403: {"description": "site-bound key of another site"},
-                           404: {"description": "no data for this site"}})
+                responses={200: {"model": SummaryOut}, 403: {"description": "site-bound key of another site"},
+                           404: {"description": "no data for this site"}, **AUTH})
     async def site_summary(request: Request, site_id: str, p: Principal = Depends(reader)) -> Response:
         if not p.may_see_site(site_id):
             raise forbid_site(site_id)
         return await summary_of(request, p, site_id)
 
     @router.get("/summary", summary="PCOMS indices of the whole tenant",
-                responses={403: {"description": "a site-bound key sees only its site's summary"}})
+                responses={200: {"model": SummaryOut},
+                           403: {"description": "a site-bound key sees only its site's summary"}, **AUTH})
     async def tenant_summary(request: Request, p: Principal = Depends(reader)) -> Response:
         if p.site_id is not None:
             raise HTTPException(403, error_body([("site_id", "this key is bound to one site; use "

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from services.reporting.rebuild import RebuildResult, rebuild
+from services.reporting.rebuild import RebuildResult, TruncatedLog, rebuild
 from services.reporting.settings import ReportingSettings
 from services.reporting.store import Generations, RebuildInProgress
 from shared.mongo import database, make_client
@@ -23,6 +23,8 @@ def rebuild_command(
     keep_old: Annotated[bool, typer.Option(help="keep every older generation (default: keep only the previous)")]
     = False,
     idle_seconds: Annotated[float, typer.Option(help="finish when the log stays silent this long")] = 10.0,
+    allow_truncated_log: Annotated[bool, typer.Option(help="rebuild even though retention deleted the oldest "
+                                                           "scored events (trajectories will lack them)")] = False,
 ) -> None:
     """Replay srs.scored.v1 (+ alerts) from the beginning into fresh collections, then switch over.
 
@@ -39,8 +41,9 @@ def rebuild_command(
         try:
             result: RebuildResult = asyncio.run(rebuild(KafkaSettings(), MongoSettings(), ReportingSettings(),
                                                         progress=progress, force=force, drop_old=not keep_old,
-                                                        idle_seconds=idle_seconds))
-        except RebuildInProgress as exc:
+                                                        idle_seconds=idle_seconds,
+                                                        allow_truncated=allow_truncated_log))
+        except (RebuildInProgress, TruncatedLog) as exc:
             typer.echo(f"rebuild refused: {exc}", err=True)
             raise typer.Exit(2) from exc
     typer.echo(f"replayed {result.events} events ({result.skipped} undecodable skipped) in "

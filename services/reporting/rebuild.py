@@ -40,6 +40,10 @@ from shared.settings import KafkaSettings, MongoSettings
 log = logging.getLogger("alliance.reporting.rebuild")
 
 Progress = Callable[[int, int], None]
+
+
+class TruncatedLog(RuntimeError):
+    """The scored topic no longer starts at offset 0: retention deleted history a rebuild needs."""
 Hook = Callable[[str], Awaitable[None]]
 
 
@@ -74,6 +78,11 @@ def aiokafka_security(settings: KafkaSettings) -> dict[str, Any]:
     return kw
 
 
+def truncated_partitions(begin: dict[TopicPartition, int], topic: str) -> list[int]:
+    """Partitions of `topic` whose log no longer starts at offset 0."""
+    return sorted(tp.partition for tp, offset in begin.items() if tp.topic == topic and offset > 0)
+
+
 class Replayer:
     """Applies replayed records of the three topics to one generation."""
 
@@ -100,8 +109,13 @@ class Replayer:
 
 
 async def replay(kafka: KafkaSettings, replayer: Replayer, *, batch: int, progress: Progress | None = None,
-                 idle_seconds: float = 10.0) -> None:
-    """Read the three topics from the beginning up to the high-water marks first seen, applying batches."""
+                 idle_seconds: float = 10.0, allow_truncated: bool = False) -> None:
+    """Read the three topics from the beginning up to the high-water marks first seen, applying batches.
+
+    Refuses (TruncatedLog) when a partition of the scored topic no longer starts at offset 0:
+    the rebuilt trajectories would silently lack their oldest sessions. `srs.scored.v1` needs
+    unlimited retention (`retention.ms=-1`) for rebuilds to be complete.
+    """
     consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, client_id="alliance-reporting-rebuild",
                                 group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
                                 request_timeout_ms=kafka.request_timeout_ms, **aiokafka_security(kafka))
@@ -113,6 +127,10 @@ async def replay(kafka: KafkaSettings, replayer: Replayer, *, batch: int, progre
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         begin = {tp: int(o) for tp, o in (await consumer.beginning_offsets(tps)).items()}
+        cut = truncated_partitions(begin, replayer.scored)
+        if cut and not allow_truncated:
+            raise TruncatedLog(f"{replayer.scored} partitions {cut} no longer start at offset 0 (retention); "
+                               "a rebuild would lose their oldest sessions")
         # The high-water mark each partition had when first seen (Tansu's ListOffsets is
         # approximate; the fetch responses' marks are exact).
         target: dict[TopicPartition, int] = {}
@@ -150,7 +168,7 @@ async def replay(kafka: KafkaSettings, replayer: Replayer, *, batch: int, progre
 async def rebuild(kafka: KafkaSettings, mongo: MongoSettings, settings: ReportingSettings, *,
                   progress: Progress | None = None, after_claim: Hook | None = None,
                   before_switch: Hook | None = None, force: bool = False, drop_old: bool = True,
-                  idle_seconds: float = 10.0) -> RebuildResult:
+                  idle_seconds: float = 10.0, allow_truncated: bool = False) -> RebuildResult:
     """Replay the log into a new generation and switch the API over to it (see module docs)."""
     client = make_client(mongo)
     db = database(client, mongo)
@@ -167,7 +185,7 @@ async def rebuild(kafka: KafkaSettings, mongo: MongoSettings, settings: Reportin
             replayer = Replayer(store, new, kafka)
             started = time.perf_counter()
             await replay(kafka, replayer, batch=settings.rebuild_batch_records, progress=progress,
-                         idle_seconds=idle_seconds)
+                         idle_seconds=idle_seconds, allow_truncated=allow_truncated)
             result.replay_seconds = time.perf_counter() - started
             result.events, result.skipped = replayer.events, replayer.skipped
             # Query indexes after the bulk load (cheaper than maintaining them through it).

@@ -1,0 +1,123 @@
+"""Response documents of the read API, for the OpenAPI description (answers are built by rules.py;
+unit tests check that what it builds validates against these, field for field)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict
+
+from shared.events import Instrument
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SessionOut(_Out):
+    session_number: int
+    administered_at: datetime
+    total: float
+    items: dict[str, float] | None
+    change_from_previous: float | None
+    flags: list[str]
+    below_cutoff: bool
+
+
+class AlertOut(_Out):
+    alert_id: str
+    session_number: int | None
+    severity: str | None
+    triggers: list[str]
+    raised_at: datetime | None
+    acknowledged: bool
+
+
+class TrajectoryOut(_Out):
+    """One client's trajectory on one instrument (and episode)."""
+
+    client_id: str
+    instrument: Instrument
+    episode_id: str | None
+    age_band: str
+    site_id: str
+    clinician_id: str
+    cutoff: float
+    sessions: list[SessionOut]
+    latest_total: float
+    at_risk: bool
+    below_cutoff: bool
+    declining: bool
+    alerts: list[AlertOut]
+
+
+class PointOut(_Out):
+    session_number: int
+    total: float
+
+
+class AlertMarkOut(_Out):
+    session_number: int | None
+    severity: str | None
+    acknowledged: bool
+
+
+class CaseloadEntryOut(_Out):
+    client_id: str
+    instrument: Instrument
+    episode_id: str | None
+    site_id: str
+    at_risk: bool
+    below_cutoff: bool
+    declining: bool
+    latest_total: float
+    latest_session_number: int
+    latest_administered_at: datetime
+    session_count: int
+    cutoff: float
+    points: list[PointOut]
+    alerts: list[AlertMarkOut]
+
+
+class CaseloadOut(_Out):
+    """One page of a clinician's caseload, at-risk trajectories first."""
+
+    clinician_id: str
+    clients: list[CaseloadEntryOut]
+    next_cursor: str | None
+
+
+class IndicesOut(_Out):
+    clients: int
+    trajectories: int
+    sessions: int
+    mean_sessions_per_client: float | None
+    mean_first_session_total: float | None
+    mean_latest_total: float | None
+    pct_sessions_below_cutoff: float | None
+    trajectories_at_risk: int
+
+
+class InstrumentIndicesOut(IndicesOut):
+    instrument: Instrument
+    age_band: str
+
+
+class AgeBandIndicesOut(IndicesOut):
+    age_band: str
+
+
+class AlertCountsOut(_Out):
+    raised: int
+    acknowledged: int
+
+
+class SummaryOut(IndicesOut):
+    """PCOMS indices of a tenant or a site (age band derived from the instrument)."""
+
+    tenant_id: str
+    site_id: str | None
+    clients_at_risk: int
+    alerts: AlertCountsOut
+    by_instrument: list[InstrumentIndicesOut]
+    by_age_band: list[AgeBandIndicesOut]

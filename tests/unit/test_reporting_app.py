@@ -1,0 +1,72 @@
+"""The reporting app's contracts: routes, OpenAPI, AsyncAPI, and the views matching their documents."""
+
+from __future__ import annotations
+
+import json
+
+from services.reporting import rules
+from services.reporting.app import ReportingConfig, asyncapi_app, create_app
+from services.reporting.demo import scored
+from services.reporting.models import CaseloadOut, SummaryOut, TrajectoryOut
+from shared.events import Items
+from shared.settings import KafkaSettings
+
+
+def test_the_app_serves_exactly_the_read_endpoints_and_the_dashboard() -> None:
+    paths = set(create_app().openapi()["paths"])
+    assert {p for p in paths if p.startswith("/v1")} == {
+        "/v1/clients/{client_id}/trajectory", "/v1/clients/{client_id}/fhir", "/v1/clinicians/{clinician_id}/caseload",
+        "/v1/sites/{site_id}/summary", "/v1/summary"}
+    assert {"/dashboard", "/healthz", "/readyz", "/metrics"} <= paths
+
+
+def test_openapi_documents_bearer_auth_and_response_bodies() -> None:
+    doc = create_app().openapi()
+    assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    op = doc["paths"]["/v1/clients/{client_id}/trajectory"]["get"]
+    assert op["security"] == [{"bearer": []}]
+    schema = op["responses"]["200"]["content"]["application/json"]["schema"]
+    assert schema == {"$ref": "#/components/schemas/TrajectoryOut"}
+    assert {"401", "403", "404"} <= set(op["responses"])
+
+
+def test_asyncapi_shows_the_three_subscriptions_and_the_dead_letters() -> None:
+    app = asyncapi_app(ReportingConfig(kafka=KafkaSettings(topic_prefix="")))
+    spec = json.loads(app.schema.to_specification().to_json())
+    addresses = {c["address"] for c in spec["channels"].values()}
+    assert addresses == {"srs.scored.v1", "alliance.deterioration.v1", "alliance.alert-status.v1", "srs.deadletter.v1"}
+    assert "DeadLetter" in spec["components"]["schemas"]
+
+
+def _doc() -> dict[str, object]:
+    doc = rules.merge(None, [scored("t", "c1", 1, 35.0, items=Items(relationship=9, goals=9, approach=8, overall=9)),
+                             scored("t", "c1", 2, 37.0)]).doc
+    assert doc is not None
+    return doc
+
+
+def test_trajectory_view_matches_its_documented_model() -> None:
+    alerts = [{"_id": "a1", "session_number": 1, "severity": "warning", "triggers": ["below_cutoff"],
+               "raised": True, "raised_at": None, "acknowledged": False}]
+    TrajectoryOut.model_validate(rules.trajectory_view(_doc(), alerts))
+
+
+def test_caseload_entry_matches_its_documented_model() -> None:
+    CaseloadOut.model_validate({"clinician_id": "c-1", "clients": [rules.caseload_entry(_doc())], "next_cursor": None})
+
+
+def test_summary_matches_its_documented_model() -> None:
+    totals = [rules.GroupTotals("SRS", 1, 2, 1, 35.0, 37.0, 0)]
+    body = rules.summarize(totals, 1, 0, {"SRS": 1}, {"13+": 1}, 1, 0)
+    SummaryOut.model_validate({"tenant_id": "t", "site_id": None, **body})
+
+
+def test_a_scored_log_cut_by_retention_is_detected_before_a_rebuild() -> None:
+    from aiokafka import TopicPartition
+
+    from services.reporting.rebuild import truncated_partitions
+
+    begin = {TopicPartition("srs.scored.v1", 0): 0, TopicPartition("srs.scored.v1", 1): 17,
+             TopicPartition("alliance.deterioration.v1", 0): 5}
+    assert truncated_partitions(begin, "srs.scored.v1") == [1]
+    assert truncated_partitions({TopicPartition("srs.scored.v1", 0): 0}, "srs.scored.v1") == []
