@@ -48,6 +48,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.simulate import PlannedSubmission, send
+from shared.kafka import admin_security_kwargs
 from shared.settings import KafkaSettings, MongoSettings
 from shared.stack import LocalStack, ensure_topics, free_port
 
@@ -184,7 +185,7 @@ async def raw_kafka(kafka: KafkaSettings, n: int, size: int = 300) -> tuple[floa
     topic = f"{kafka.topic_prefix}bench.raw.{secrets.token_hex(3)}"
     await ensure_topics(kafka, topics=(topic,))
     producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", linger_ms=kafka.linger_ms,
-                                enable_idempotence=kafka.idempotence)
+                                enable_idempotence=kafka.idempotence, **admin_security_kwargs(kafka))
     await producer.start()
     value = b"x" * size
     try:
@@ -198,7 +199,8 @@ async def raw_kafka(kafka: KafkaSettings, n: int, size: int = 300) -> tuple[floa
     finally:
         await producer.stop()
     consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, enable_auto_commit=False,
-                                auto_offset_reset="earliest", max_partition_fetch_bytes=4 * 1024 * 1024)
+                                auto_offset_reset="earliest", max_partition_fetch_bytes=4 * 1024 * 1024,
+                                **admin_security_kwargs(kafka))
     await consumer.start()
     try:
         parts = [TopicPartition(topic, p) for p in (consumer.partitions_for_topic(topic) or set())]
@@ -361,7 +363,8 @@ class ScoredReader:
         # a short fetch wait: the broker otherwise holds an empty fetch for up to 500 ms, which
         # would be measured as pipeline latency
         self._consumer = AIOKafkaConsumer(bootstrap_servers=self.kafka.bootstrap, enable_auto_commit=False,
-                                          auto_offset_reset="earliest", fetch_max_wait_ms=10)
+                                          auto_offset_reset="earliest", fetch_max_wait_ms=10,
+                                          **admin_security_kwargs(self.kafka))
         await self._consumer.start()
         parts = [TopicPartition(topic, p) for p in (self._consumer.partitions_for_topic(topic) or set())]
         if not parts:
