@@ -159,3 +159,10 @@ async def publish(kafka: KafkaSettings, events: Iterable[SrsScored | AllianceDet
         return len(futures)
     finally:
         await producer.stop()
+
+
+def acknowledgement(alert: AllianceDeterioration, at: datetime | None = None) -> AlertStatusChanged:
+    """The status event alerts publishes when a clinician acknowledges `alert`."""
+    return AlertStatusChanged(event_id=derive("demo-ack", alert.alert_id), tenant_id=alert.tenant_id,
+                              occurred_at=at or alert.occurred_at + timedelta(hours=2), alert_id=alert.alert_id,
+                              site_id=alert.site_id, clinician_id=alert.clinician_id, status="acknowledged")

@@ -18,7 +18,7 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright
 from pymongo import AsyncMongoClient
 
-from services.reporting.demo import DemoSpec, demo_events, publish
+from services.reporting.demo import DemoSpec, acknowledgement, demo_events, publish
 from shared.auth import create_key
 from shared.events import AllianceDeterioration, SrsScored
 from shared.mongo import Document
@@ -54,7 +54,9 @@ def reporting(namespace_m: Namespace, tmp_path_factory: pytest.TempPathFactory) 
 async def demo(namespace_m: Namespace, reporting: ServiceProcess) -> dict[str, Any]:
     """Publish the demo tenant and wait until the clinician's whole caseload is materialized."""
     events = list(demo_events(SPEC))
-    await publish(namespace_m.kafka(), events)
+    # clinicians acknowledged every other alert (drawn dashed)
+    acks = [acknowledgement(e) for e in events if isinstance(e, AllianceDeterioration)][::2]
+    await publish(namespace_m.kafka(), [*events, *acks])
     mongo: AsyncMongoClient[Document] = AsyncMongoClient(namespace_m.stack.mongo_url, tz_aware=True)
     try:
         key, _ = await create_key(mongo[namespace_m.database], SPEC.tenant_id, "read")
@@ -74,10 +76,14 @@ async def demo(namespace_m: Namespace, reporting: ServiceProcess) -> dict[str, A
         body: dict[str, Any] = res.json()
         have = {(c["client_id"], c["instrument"]): c["session_count"] for c in body["clients"]}
         marks = sum(len(c["alerts"]) for c in body["clients"])
-        return body if have == sessions and marks == len({a.alert_id for a in alerts}) else None
+        acked = sum(a["acknowledged"] for c in body["clients"] for a in c["alerts"])
+        mine = {a.alert_id for a in alerts}
+        return body if have == sessions and marks == len(mine) and acked == len(
+            [a for a in acks if a.alert_id in mine]) else None
 
     caseload = await eventually(loaded, timeout=60)
-    return {"key": key, "caseload": caseload, "sessions": sessions, "alerts": len(alerts)}
+    return {"key": key, "caseload": caseload, "sessions": sessions, "alerts": len(alerts),
+            "acknowledged": len([a for a in acks if a.alert_id in {x.alert_id for x in alerts}])}
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +129,8 @@ async def test_caseload_charts_then_a_click_opens_the_full_trajectory(
         risk = [await cards.nth(i).evaluate("e => e.classList.contains('at-risk')") for i in range(len(expected))]
         assert any(risk) and risk == sorted(risk, reverse=True)
         assert await page.locator("#cards svg.chart circle.alert-marker").count() == demo["alerts"] > 0
+        assert await page.locator("#cards svg.chart circle.alert-marker.acknowledged").count() == demo[
+            "acknowledged"] > 0
         await page.screenshot(path=str(artifacts / "reporting-dashboard-caseload.png"), full_page=True)
 
         first = expected[0]
