@@ -13,9 +13,10 @@ generation that answered (it changes when a rebuild switches over).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -62,23 +63,48 @@ def _json_response(request: Request, body: Any, *, max_age: int, generation: str
     return Response(raw, media_type=media_type, headers=headers)
 
 
+SummaryKey = tuple[str, str, str | None]  # (generation, tenant, site)
+Compute = Callable[[], Awaitable[dict[str, Any] | None]]
+
+
 class SummaryCache:
-    """Summaries per (generation, tenant, site) for a short window: they aggregate a whole scope."""
+    """Summaries per (generation, tenant, site): each aggregates a whole scope, so it is computed at
+    most once per `ttl` and scope (one computation at a time per scope, however many requests
+    wait for it). An expired entry is served stale while one background task refreshes it, so
+    only the very first request of a scope waits for the aggregation."""
 
     def __init__(self, ttl: float) -> None:
         self._ttl = ttl
-        self._items: dict[tuple[str, str, str | None], tuple[float, dict[str, Any] | None]] = {}
+        self._items: dict[SummaryKey, tuple[float, dict[str, Any] | None]] = {}
+        self._running: dict[SummaryKey, asyncio.Task[dict[str, Any] | None]] = {}
 
-    def get(self, key: tuple[str, str, str | None]) -> tuple[bool, dict[str, Any] | None]:
+    def _refresh(self, key: SummaryKey, compute: Compute) -> asyncio.Task[dict[str, Any] | None]:
+        task = self._running.get(key)
+        if task is None:
+            async def run() -> dict[str, Any] | None:
+                try:
+                    value = await compute()
+                    if len(self._items) > 10_000:
+                        self._items.clear()
+                    self._items[key] = (time.monotonic() + self._ttl, value)
+                    return value
+                finally:
+                    self._running.pop(key, None)
+
+            task = asyncio.create_task(run(), name="reporting-summary")
+            self._running[key] = task
+        return task
+
+    async def get(self, key: SummaryKey, compute: Compute) -> dict[str, Any] | None:
+        """The summary of a scope: fresh from cache, stale while refreshing, or computed now."""
+        if self._ttl <= 0:
+            return await compute()
         hit = self._items.get(key)
-        if hit is not None and hit[0] > time.monotonic():
-            return True, hit[1]
-        return False, None
-
-    def put(self, key: tuple[str, str, str | None], value: dict[str, Any] | None) -> None:
-        if len(self._items) > 10_000:
-            self._items.clear()
-        self._items[key] = (time.monotonic() + self._ttl, value)
+        if hit is not None:
+            if hit[0] <= time.monotonic():
+                self._refresh(key, compute)
+            return hit[1]
+        return await asyncio.shield(self._refresh(key, compute))
 
 
 def build_router(store: ReportingStore, generations: Generations, keys: Callable[[], KeyStore],
@@ -144,10 +170,7 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
     async def summary_of(request: Request, p: Principal, site_id: str | None) -> Response:
         gen = (await generations.current()).active
         key = (gen, p.tenant_id, site_id)
-        hit, body = summaries.get(key)
-        if not hit:
-            body = await store.summary(gen, p.tenant_id, site_id)
-            summaries.put(key, body)
+        body = await summaries.get(key, lambda: store.summary(gen, p.tenant_id, site_id))
         if body is None:
             if site_id is not None:
                 raise HTTPException(404, error_body([("site_id", "no data for this site")]))

@@ -181,6 +181,18 @@ async def load_trajectories(mongo: MongoSettings, clients: int, gen: str) -> flo
         await client.close()
 
 
+async def summary_latency(url: str, key: str) -> tuple[float, float]:
+    """Seconds for the tenant summary: cold (the aggregation runs) and then cached."""
+    async with httpx.AsyncClient(base_url=url, timeout=600, headers={"Authorization": f"Bearer {key}"}) as http:
+        t0 = time.perf_counter()
+        res = await http.get("/v1/summary")
+        cold = time.perf_counter() - t0
+        assert res.status_code == 200, res.text
+        t0 = time.perf_counter()
+        await http.get("/v1/summary")
+        return cold, time.perf_counter() - t0
+
+
 async def read_latencies(url: str, key: str, clients: int, reads: int) -> tuple[list[float], list[float]]:
     rng = random.Random(1)
     headers = {"Authorization": f"Bearer {key}"}
@@ -257,6 +269,7 @@ async def run(args: argparse.Namespace, ep: Endpoints) -> None:
     proc, url = start_api(ep, kafka.topic_prefix, mongo.database)
     try:
         traj, case = await read_latencies(url, key, args.clients, args.reads)
+        cold, warm = await summary_latency(url, key) if args.summary else (0.0, 0.0)
     finally:
         proc.terminate()
         proc.wait(timeout=15)
@@ -265,6 +278,9 @@ async def run(args: argparse.Namespace, ep: Endpoints) -> None:
           f"(target p99 < 50 ms)")
     print(f"caseload reads (first page, ~{max(1, args.clients // 4000)} trajectories per clinician): "
           f"p50 {statistics.median(case):.1f} ms, p99 {pct(case, 99):.1f} ms ({len(case)} reads)")
+    if args.summary:
+        print(f"tenant summary over {args.clients:,} trajectories: {cold:.2f} s cold (aggregation), "
+              f"{warm * 1000:.1f} ms cached")
     client = make_client(mongo)
     try:
         await client.drop_database(mongo.database)
@@ -282,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sessions", type=int, default=6, help="sessions per client in the replayed log")
     p.add_argument("--raw-upserts", type=int, default=6_000, help="documents for the raw bulk-upsert rate")
     p.add_argument("--batch", type=int, default=2_000, help="records per bulk write (rebuild batch size)")
+    p.add_argument("--no-summary", dest="summary", action="store_false", help="skip timing the tenant summary")
     p.add_argument("--memory", action="store_true", help="SecantusDB in memory instead of WiredTiger on disk")
     args = p.parse_args(argv)
     with stack(args.memory) as ep:

@@ -423,14 +423,23 @@ class ReportingStore:
         if not totals and not raised and not acknowledged:
             return None
         # Distinct client counts: `distinct` is linear in the store in use, where $addToSet in a
-        # $group is not; one call per scope, instrument and band.
+        # $group is not. One call per scope, plus one per instrument and band only when a scope
+        # mixes them (a client may use two instruments; the counts are of distinct clients).
         clients = len(await col.distinct("client_id", scope))
         at_risk = len(await col.distinct("client_id", {**scope, "at_risk": True}))
-        by_instrument = {t.key: len(await col.distinct("client_id", {**scope, "instrument": t.key}))
-                         for t in totals}
-        bands = {rules.age_band(t.key) for t in totals}
-        by_band = {b: len(await col.distinct("client_id",
-                                             {**scope, "instrument": {"$in": rules.instruments_of_band(b)}}))
-                   for b in bands}
+        present = [t.key for t in totals]
+        by_instrument: dict[str, int] = {}
+        for inst in present:
+            by_instrument[inst] = clients if len(present) == 1 else len(
+                await col.distinct("client_id", {**scope, "instrument": inst}))
+        by_band: dict[str, int] = {}
+        for band in {rules.age_band(i) for i in present}:
+            members = [i for i in present if rules.age_band(i) == band]
+            if len(members) == len(present):
+                by_band[band] = clients
+            elif len(members) == 1:
+                by_band[band] = by_instrument[members[0]]
+            else:
+                by_band[band] = len(await col.distinct("client_id", {**scope, "instrument": {"$in": members}}))
         return rules.summarize(totals, clients, at_risk, by_instrument, by_band, raised, acknowledged)
 
