@@ -55,6 +55,7 @@ from shared.stack import LocalStack, ensure_topics, free_port
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ("intake", "scoring", "alerts", "reporting")
 TENANT = "bench"
+PROC_NAMES = {"kafka": "broker (tansu)", "mongo": "store (secantusdb)", "s3": "s3 (localbucket)"}
 console = Console(width=None if sys.stdout.isatty() else 120)
 
 
@@ -78,6 +79,15 @@ async def until(check: Callable[[], Awaitable[bool]], timeout: float, interval: 
         if time.monotonic() >= deadline:
             return False
         await asyncio.sleep(interval)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time a live process has used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def vm_hwm_kb(pid: int) -> int | None:
@@ -401,7 +411,7 @@ class VisibilityProbe:
     """Polls the reporting trajectory of sampled submissions until their session shows up."""
 
     def __init__(self, http: httpx.AsyncClient, key: str, interval: float, timeout: float,
-                 max_in_flight: int = 20) -> None:
+                 max_in_flight: int = 8) -> None:
         self.http, self.key, self.interval, self.timeout = http, key, interval, timeout
         self.max_in_flight = max_in_flight
         self.first: dict[str, float] = {}
@@ -468,6 +478,7 @@ class Options:
     visible_poll: float = 0.05
     drain_timeout: float = 60.0
     visible_timeout: float = 15.0
+    visible_probes: int = 8
     ready_timeout: float = 120.0
 
 
@@ -479,6 +490,7 @@ class Results:
     counts: dict[str, Any] = field(default_factory=dict)
     throughput: dict[str, float] = field(default_factory=dict)
     rss_kb: dict[str, int | None] = field(default_factory=dict)
+    cpu_s: dict[str, float | None] = field(default_factory=dict)  # CPU used during warm-up + measurement
     startup_seconds: float = math.nan
     notes: list[str] = field(default_factory=list)
 
@@ -523,7 +535,7 @@ async def measure(stack: Stack, urls: dict[str, str], opts: Options, res: Result
     submit, read, secret = await setup_tenant(stack, urls, receiver.url, clinicians=4)
     alerts, reporting = "alerts" in urls, "reporting" in urls
     http = httpx.AsyncClient(base_url=urls.get("reporting", "http://127.0.0.1:9"), timeout=10)
-    probe = VisibilityProbe(http, read, opts.visible_poll, opts.visible_timeout)
+    probe = VisibilityProbe(http, read, opts.visible_poll, opts.visible_timeout, opts.visible_probes)
     try:
         # Warm-up: one deteriorating submission must travel the whole way (consumers have joined
         # their groups, caches are warm) before anything is timed.
@@ -732,7 +744,8 @@ def report(res: Results, opts: Options) -> None:
                     _ms(percentile(values, 95)), _ms(percentile(values, 99)),
                     _ms(max(values) if values else math.nan))
     console.print(lat)
-    console.print(f"(b) polls every {opts.visible_poll * 1000:.0f} ms, every {opts.visible_sample}th submission")
+    console.print(f"(b) polls every {opts.visible_poll * 1000:.0f} ms, every {opts.visible_sample}th submission, "
+                  f"at most {opts.visible_probes} probes at once")
 
     if res.throughput:
         thr = Table(title=f"throughput: a burst of {opts.burst} submissions in batches of {opts.batch_size}, "
@@ -744,11 +757,13 @@ def report(res: Results, opts: Options) -> None:
             thr.add_row(name, f"{rate:,.0f}", f"{limit_name} {limit:,.0f}/s", f"{rate / limit:.1%}")
         console.print(thr)
 
-    rss = Table(title="peak RSS (VmHWM)")
+    rss = Table(title="per process: peak RSS (VmHWM) and CPU used from warm-up to the end of the burst")
     rss.add_column("process")
-    rss.add_column("MiB", justify="right")
-    for name, kb in res.rss_kb.items():
-        rss.add_row(name, "-" if kb is None else f"{kb / 1024:.0f}")
+    rss.add_column("peak RSS MiB", justify="right")
+    rss.add_column("CPU s", justify="right")
+    for name in dict.fromkeys([*res.rss_kb, *res.cpu_s]):
+        kb, cpu = res.rss_kb.get(name), res.cpu_s.get(name)
+        rss.add_row(name, "-" if kb is None else f"{kb / 1024:.0f}", "-" if cpu is None else f"{cpu:.1f}")
     console.print(rss)
 
     counts = Table(title="counts")
@@ -773,6 +788,7 @@ def figures(res: Results, opts: Options) -> dict[str, Any]:
         "throughput_per_s": {k: round(v, 1) for k, v in res.throughput.items()},
         "throughput_ratio": {k: round(v / stage_limit(k, res.raw)[1], 3) for k, v in res.throughput.items()},
         "peak_rss_mib": {k: None if v is None else round(v / 1024, 1) for k, v in res.rss_kb.items()},
+        "cpu_seconds": {k: None if v is None else round(v, 1) for k, v in res.cpu_s.items()},
         "counts": res.counts,
         "startup_seconds": res.startup_seconds,
         "notes": res.notes,
@@ -799,6 +815,8 @@ def bench(
     raw_upserts: Annotated[int, typer.Option(help="documents for the raw bulk-upsert rate", min=100)] = 5000,
     visible_sample: Annotated[int, typer.Option(help="probe trajectory visibility of every Nth submission",
                                                 min=1)] = 5,
+    visible_probes: Annotated[int, typer.Option(help="at most this many trajectory probes at once (each polls "
+                                                     "every 50 ms), so probing cannot become the load", min=1)] = 8,
     mongo_memory: Annotated[bool, typer.Option(help="run the local store in memory instead of on disk")] = False,
     service_benches: Annotated[bool, typer.Option(help="then run each services/<svc>/bench.py")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the figures to this file")] = None,
@@ -807,7 +825,7 @@ def bench(
     """End-to-end benchmark: raw broker/store limits, latency to scored/visible/webhook, stage rates, RSS."""
     opts = Options(rate=rate, duration=duration, deteriorate_every=deteriorate_every, clients=clients, burst=burst,
                    batch_size=batch_size, raw_records=raw_records, raw_upserts=raw_upserts,
-                   visible_sample=visible_sample)
+                   visible_sample=visible_sample, visible_probes=visible_probes)
     missing = missing_services()
     if "intake" in missing or "scoring" in missing:
         console.print(f"[red]not runnable yet (no app.py/__main__.py): {', '.join(missing)}")
@@ -838,13 +856,21 @@ def bench(
             res.startup_seconds = time.monotonic() - t0
             console.print(f"services ready in {res.startup_seconds:.1f} s; warm-up, then "
                           f"{opts.rate:g}/s for {opts.duration:g} s ...")
+            pids = {s: p.proc.pid for s, p in procs.items() if p.proc is not None}
+            pids.update({PROC_NAMES.get(n, n): pid for n, pid in stack.pids.items()})
+            cpu0 = {n: cpu_seconds(pid) for n, pid in pids.items()}
+            own0 = sum(os.times()[:2])
             asyncio.run(measure(stack, {s: p.url for s, p in procs.items()}, opts, res))
+            for n, pid in pids.items():
+                before, after = cpu0.get(n), cpu_seconds(pid)
+                res.cpu_s[n] = None if before is None or after is None else after - before
+            res.cpu_s["bench (load generator, probes, receiver)"] = sum(os.times()[:2]) - own0
             res.counts["load average (1 min) at end"] = round(os.getloadavg()[0], 2)
             res.counts["cpus"] = os.cpu_count()
             for s, p in procs.items():
                 res.rss_kb[s] = vm_hwm_kb(p.proc.pid) if p.proc is not None else None
             for name, pid in stack.pids.items():
-                res.rss_kb[{"kafka": "broker (tansu)", "mongo": "store (secantusdb)"}.get(name, name)] = vm_hwm_kb(pid)
+                res.rss_kb[PROC_NAMES.get(name, name)] = vm_hwm_kb(pid)
         finally:
             for p in procs.values():
                 p.stop()
