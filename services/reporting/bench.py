@@ -41,7 +41,7 @@ from services.reporting import rules
 from services.reporting.demo import publish, scored
 from services.reporting.rebuild import rebuild
 from services.reporting.settings import ReportingSettings
-from services.reporting.store import Generations, ReportingStore
+from services.reporting.store import Generations, ReportingStore, to_stored
 from shared.auth import create_key
 from shared.mongo import database, make_client
 from shared.settings import KafkaSettings, MongoSettings
@@ -148,7 +148,7 @@ def _template_docs(shapes: int) -> list[dict[str, Any]]:
             prev = total
         doc = rules.merge(None, evs).doc
         assert doc is not None
-        out.append(doc)
+        out.append(to_stored(doc))
     return out
 
 

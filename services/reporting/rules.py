@@ -102,6 +102,34 @@ def session_entry(event: SrsScored) -> Doc:
     }
 
 
+_SESSION_TIMES = ("administered_at", "scored_at", "accepted_at")
+
+
+def pack_sessions(sessions: Mapping[str, Mapping[str, Any]]) -> str:
+    """The stored form of a trajectory's sessions: one compact JSON text.
+
+    Nothing queries inside sessions on the server (the query fields are top-level), and a text
+    field costs a store a fraction of a nested map to scan past: summaries aggregate over every
+    trajectory of a scope.
+    """
+    def encode(value: Any) -> Any:
+        if isinstance(value, datetime):
+            return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+        raise TypeError(f"cannot store {type(value).__name__} in sessions")
+
+    return json.dumps(sessions, default=encode, separators=(",", ":"), sort_keys=True)
+
+
+def unpack_sessions(text: str) -> dict[str, Doc]:
+    """Sessions as `pack_sessions` stored them, times back as aware datetimes."""
+    sessions: dict[str, Doc] = json.loads(text)
+    for s in sessions.values():
+        for name in _SESSION_TIMES:
+            if isinstance(s.get(name), str):
+                s[name] = datetime.fromisoformat(s[name])
+    return sessions
+
+
 def below_cutoff(session: Mapping[str, Any]) -> bool:
     """The session's total is under the cutoff that scoring applied to it."""
     return float(session["total"]) < float(session["cutoff"])

@@ -177,6 +177,18 @@ class ApplyReport:
     conflicts: int = 0
 
 
+def to_stored(doc: Document) -> Document:
+    """A trajectory as written: sessions packed into one text field (see rules.pack_sessions)."""
+    return {**doc, "sessions": rules.pack_sessions(doc["sessions"])}
+
+
+def from_stored(doc: Document) -> Document:
+    """A trajectory as read back, sessions unpacked."""
+    if isinstance(doc.get("sessions"), str):
+        doc["sessions"] = rules.unpack_sessions(doc["sessions"])
+    return doc
+
+
 class DocCache:
     """Trajectories this process wrote or read last, keyed by (generation, id); least recently used go first.
 
@@ -279,7 +291,7 @@ class ReportingStore:
                     misses.append(tid)
             if misses:
                 async for d in col.find({"_id": {"$in": sorted(misses)}}):
-                    existing[d["_id"]] = d
+                    existing[d["_id"]] = from_stored(d)
             ops: list[InsertOne[Document] | ReplaceOne[Document]] = []
             op_ids: list[str] = []
             merged: dict[str, rules.MergeResult] = {}
@@ -293,9 +305,9 @@ class ReportingStore:
                     continue
                 result.doc["updated_at"] = datetime.now(UTC)
                 if old is None:
-                    ops.append(InsertOne(result.doc))
+                    ops.append(InsertOne(to_stored(result.doc)))
                 else:
-                    ops.append(ReplaceOne({"_id": tid, "v": old.get("v", 0)}, result.doc, upsert=True))
+                    ops.append(ReplaceOne({"_id": tid, "v": old.get("v", 0)}, to_stored(result.doc), upsert=True))
                 op_ids.append(tid)
             failed: set[str] = set()
             if ops:
@@ -376,7 +388,7 @@ class ReportingStore:
         if site_id is not None:
             q["site_id"] = site_id
         docs = await self.trajectories(gen).find(q).sort([("latest_administered_at", DESCENDING)]).limit(1).to_list()
-        return docs[0] if docs else None
+        return from_stored(docs[0]) if docs else None
 
     async def alerts_for(self, gen: str, tenant_id: str, trajectory_ids: Sequence[str]) -> dict[str, list[Document]]:
         """Alerts of some trajectories, grouped by trajectory id (one query)."""
@@ -396,7 +408,8 @@ class ReportingStore:
             q["caseload_key"] = {"$gt": after}
         if site_id is not None:
             q["site_id"] = site_id
-        return await self.trajectories(gen).find(q).sort([("caseload_key", ASCENDING)]).limit(limit + 1).to_list()
+        docs = await self.trajectories(gen).find(q).sort([("caseload_key", ASCENDING)]).limit(limit + 1).to_list()
+        return [from_stored(d) for d in docs]
 
     async def summary(self, gen: str, tenant_id: str, site_id: str | None) -> Document | None:
         """The PCOMS summary of a tenant or site; None when the scope has no data at all."""

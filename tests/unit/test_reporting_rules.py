@@ -234,3 +234,11 @@ def test_etag_matching_follows_if_none_match_rules() -> None:
 
 def test_instrument_enum_covers_every_age_band() -> None:
     assert set(rules.AGE_BANDS) == set(Instrument)
+
+
+def test_packed_sessions_round_trip_with_aware_times() -> None:
+    items = Items(relationship=9.1, goals=8.4, approach=9.0, overall=8.8)
+    doc = fold([scored(T, "c1", 1, 35.3, items=items), scored(T, "c1", 2, 38.0)])
+    text = rules.pack_sessions(doc["sessions"])
+    assert isinstance(text, str)
+    assert rules.unpack_sessions(text) == doc["sessions"]
