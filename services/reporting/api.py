@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Security
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from pymongo.errors import PyMongoError
 
 from services.reporting import rules
 from services.reporting.fhir import FHIR_JSON, trajectory_bundle
@@ -33,6 +35,8 @@ from services.reporting.store import Generations, ReportingStore
 from shared.auth import KeyStore, Principal, forbid_site, require
 from shared.events import Instrument
 from shared.http import error_body
+
+log = logging.getLogger("alliance.reporting.api")
 
 # Only documents the scheme in OpenAPI; `shared.auth.require` does the checking (uniform errors).
 BEARER = HTTPBearer(auto_error=False, scheme_name="bearer", description="a read (or admin) API key")
@@ -196,6 +200,16 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
         return await summary_of(request, p, None)
 
     return router
+
+
+def install_store_errors(app: FastAPI) -> None:
+    """A store that does not answer is a 503 with Retry-After, not a 500."""
+
+    @app.exception_handler(PyMongoError)
+    async def _store_down(_: Request, exc: PyMongoError) -> JSONResponse:
+        log.warning("store error answering a read: %r", exc)
+        return JSONResponse(error_body([(None, "the read store is unavailable; retry shortly")]), status_code=503,
+                            headers={"Retry-After": "5"})
 
 
 def mount_dashboard(app: FastAPI) -> None:

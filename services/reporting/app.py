@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from faststream import FastStream
 from faststream.kafka import KafkaBroker
 
-from services.reporting.api import build_router, mount_dashboard
+from services.reporting.api import build_router, install_store_errors, mount_dashboard
 from services.reporting.handlers import ReportingHandlers
 from services.reporting.settings import ReportingSettings
 from services.reporting.store import Generations, ReportingStore
@@ -79,6 +79,7 @@ def create_app(config: ReportingConfig | None = None) -> FastAPI:
         runtime, title="Alliance Stream reporting",
         description="Trajectories and PCOMS indices materialized from scored sessions; read keys only.")
     app.include_router(build_router(store, generations, lambda: keys, config.reporting))
+    install_store_errors(app)
     mount_dashboard(app)
     return app
 

@@ -70,3 +70,36 @@ def test_a_scored_log_cut_by_retention_is_detected_before_a_rebuild() -> None:
              TopicPartition("alliance.deterioration.v1", 0): 5}
     assert truncated_partitions(begin, "srs.scored.v1") == [1]
     assert truncated_partitions({TopicPartition("srs.scored.v1", 0): 0}, "srs.scored.v1") == []
+
+
+async def test_a_store_that_does_not_answer_is_a_503_with_retry_after() -> None:
+    import httpx
+
+    from shared.settings import MongoSettings
+    from shared.stack import free_port
+
+    mongo = MongoSettings(url=f"mongodb://127.0.0.1:{free_port()}/?directConnection=true", timeout_ms=300)
+    app = create_app(ReportingConfig(mongo=mongo))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://reporting") as http:
+        res = await http.get("/v1/clients/c1/trajectory", headers={"Authorization": "Bearer ak_x"})
+    assert res.status_code == 503 and "retry-after" in res.headers
+
+
+async def test_a_store_error_after_authentication_is_a_503_too() -> None:
+    import httpx
+    from fastapi import FastAPI
+    from pymongo.errors import AutoReconnect
+
+    from services.reporting.api import install_store_errors
+
+    app = FastAPI()
+    install_store_errors(app)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise AutoReconnect("connection pool paused")
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://reporting") as http:
+        res = await http.get("/boom")
+    assert res.status_code == 503 and res.headers["retry-after"] == "5"
+    assert res.json()["errors"][0]["message"].startswith("the read store is unavailable")
