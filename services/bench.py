@@ -356,6 +356,29 @@ class Receiver:
         return ok
 
 
+class LoopLag:
+    """How late the bench's own event loop wakes up: every timestamp here is taken on that loop."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval = interval
+        self.samples: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        async def run() -> None:
+            loop = asyncio.get_running_loop()
+            while True:
+                t = loop.time()
+                await asyncio.sleep(self.interval)
+                self.samples.append(max(0.0, loop.time() - t - self.interval))
+
+        self._task = asyncio.create_task(run())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
 class ScoredReader:
     """Reads `srs.scored.v1` from the beginning (a fresh topic) with a bare aiokafka consumer, no group."""
 
@@ -528,6 +551,8 @@ async def setup_tenant(stack: Stack, urls: dict[str, str], hook_url: str, clinic
 
 async def measure(stack: Stack, urls: dict[str, str], opts: Options, res: Results) -> None:
     """Warm up, then the latency phase, then the throughput burst."""
+    lag = LoopLag()
+    lag.start()
     receiver = Receiver()
     await receiver.start()
     reader = ScoredReader(stack.kafka)
@@ -579,7 +604,9 @@ async def measure(stack: Stack, urls: dict[str, str], opts: Options, res: Result
             if reporting and n_accepted % opts.visible_sample == 0:
                 probe.watch(p.submission_id, p.body["client_id"], p.body["session_number"])
 
+        lag.samples.clear()
         stats = await send(planned, urls["intake"], [submit], opts.rate, opts.duration, on_result=on_result)
+        res.latency["bench event-loop lag (10 ms ticks, sending)"] = list(lag.samples)
         deteriorating = {p.submission_id for p in planned if p.body["items"] == DETERIORATING}
         deteriorated = deteriorating & set(accepted)
 
@@ -634,6 +661,7 @@ async def measure(stack: Stack, urls: dict[str, str], opts: Options, res: Result
         if opts.burst > 0:
             await burst(stack, urls, opts, res, submit, reader, http)
     finally:
+        lag.stop()
         for t in list(probe.tasks):
             t.cancel()
         await http.aclose()
@@ -740,7 +768,8 @@ def report(res: Results, opts: Options) -> None:
     for col in ("path", "n / expected", "p50", "p95", "p99", "max"):
         lat.add_column(col, justify="left" if col == "path" else "right")
     for name, values in res.latency.items():
-        lat.add_row(name, f"{len(values)}/{res.expected.get(name, 0)}", _ms(percentile(values, 50)),
+        n = f"{len(values)}/{res.expected[name]}" if name in res.expected else str(len(values))
+        lat.add_row(name, n, _ms(percentile(values, 50)),
                     _ms(percentile(values, 95)), _ms(percentile(values, 99)),
                     _ms(max(values) if values else math.nan))
     console.print(lat)
@@ -866,6 +895,9 @@ def bench(
                 res.cpu_s[n] = None if before is None or after is None else after - before
             res.cpu_s["bench (load generator, probes, receiver)"] = sum(os.times()[:2]) - own0
             res.counts["load average (1 min) at end"] = round(os.getloadavg()[0], 2)
+            for s, p in procs.items():  # kept for a closer look (histograms of each stage)
+                with contextlib.suppress(httpx.HTTPError):
+                    (data / f"{s}.metrics.txt").write_text(httpx.get(p.url + "/metrics", timeout=5).text)
             res.counts["cpus"] = os.cpu_count()
             for s, p in procs.items():
                 res.rss_kb[s] = vm_hwm_kb(p.proc.pid) if p.proc is not None else None
