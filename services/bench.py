@@ -12,11 +12,14 @@ What it does, in one run on this machine:
 4. Latency phase: posts single submissions at a fixed offered rate (default 50/s, every tenth one
    deteriorating) and measures p50/p95/p99 from intake acceptance (the 202 received) to
    (a) the scored event on `srs.scored.v1` (a raw aiokafka reader), (b) the session visible in the
-   trajectory through the reporting API (a sample, polled), (c) the webhook received.
+   trajectory through the reporting API (a sample, polled), (c) the webhook received; plus the
+   intake round trip itself and the bench's own event-loop lag (every timestamp is taken on it).
 5. Throughput phase: a burst through the batch endpoint; intake submissions/s, and the rates at
    which scoring and reporting drain it (with all four services running), each as a ratio to the
-   raw limits of step 2.
-6. Peak RSS (VmHWM) per service, broker and store; optionally the per-service benches.
+   raw limit that binds it (step 2).
+6. Peak RSS (VmHWM) and CPU seconds per service, broker and store, the machine's load average
+   (a shared machine skews every figure); optionally the per-service benches
+   (`--service-benches`: each `services/<svc>/bench.py`, run after this one).
 
 Figures come from one run on one machine; nothing here is a test assertion.
 """
