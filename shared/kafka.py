@@ -18,6 +18,7 @@ import logging
 import ssl
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -81,10 +82,14 @@ def admin_security_kwargs(settings: KafkaSettings) -> dict[str, Any]:
     return kwargs
 
 
+# Settings each broker was made from, so subscribers created on it use the same fetch tuning.
+_BROKER_SETTINGS: weakref.WeakKeyDictionary[KafkaBroker, KafkaSettings] = weakref.WeakKeyDictionary()
+
+
 def make_broker(settings: KafkaSettings, client_id: str) -> KafkaBroker:
     """A broker whose producer waits for all in-sync replicas (and is idempotent where supported)."""
     acks: Any = "all" if settings.acks == "all" else int(settings.acks)
-    return KafkaBroker(
+    broker = KafkaBroker(
         settings.bootstrap,
         client_id=f"alliance-{client_id}",
         acks=acks,
@@ -94,6 +99,8 @@ def make_broker(settings: KafkaSettings, client_id: str) -> KafkaBroker:
         security=_security(settings),
         logger=logging.getLogger(f"alliance.{client_id}.faststream"),
     )
+    _BROKER_SETTINGS[broker] = settings
+    return broker
 
 
 @dataclass(frozen=True)
@@ -239,14 +246,16 @@ def subscribe_batch(
     max_records: int = 500,
     retry: RetryPolicy | None = None,
     batch_timeout_ms: int = 50,
-    fetch_max_wait_ms: int = 20,
+    fetch_max_wait_ms: int | None = None,
 ) -> None:
     """Register an at-least-once batch consumer of `topic` for `handler` (see module docs).
 
-    `fetch_max_wait_ms` is short because Tansu holds a fetch for the whole wait even when records
-    arrive; aiokafka's 500 ms default would add up to half a second to every stage.
+    `fetch_max_wait_ms` defaults to the broker's `KafkaSettings.fetch_max_wait_ms` (see there).
     """
     policy = retry or RetryPolicy()
+    if fetch_max_wait_ms is None:
+        known = _BROKER_SETTINGS.get(broker)
+        fetch_max_wait_ms = known.fetch_max_wait_ms if known is not None else 500
 
     async def _raw(msg: Any) -> None:  # skip FastStream's JSON decoding: we decode per record
         return None

@@ -39,6 +39,11 @@ class KafkaSettings(BaseSettings):
     request_timeout_ms: int = 15_000
     publish_timeout_seconds: float = Field(default=5.0, gt=0)
     batch_max_records: int = Field(default=500, ge=1)
+    # How long a consumer fetch may wait for data. Apache Kafka answers as soon as data arrives.
+    # The local Tansu differs by storage: in memory it holds a fetch for the whole wait (so the
+    # launcher sets 20 ms), on s3 a short wait returns before the read completes, almost always
+    # empty (so it needs the 500 ms default).
+    fetch_max_wait_ms: int = Field(default=500, ge=1)
 
     def topics(self) -> Topics:
         """Concrete topic names for this deployment."""

@@ -125,12 +125,18 @@ class LocalStack:
             "ALLIANCE_KAFKA_IDEMPOTENCE": "false",  # Tansu lacks InitProducerId v3 (see NOTES)
             "ALLIANCE_KAFKA_TOPIC_PREFIX": self.topic_prefix,
             "ALLIANCE_KAFKA_PARTITIONS": str(self.partitions),
+            "ALLIANCE_KAFKA_FETCH_MAX_WAIT_MS": str(self.fetch_max_wait_ms),
             "ALLIANCE_MONGO_URL": self.mongo_url,
         }
 
+    @property
+    def fetch_max_wait_ms(self) -> int:
+        """Tansu in memory holds fetches for the whole wait; on s3 a short wait returns empty."""
+        return 500 if self.durable else 20
+
     def kafka_settings(self) -> KafkaSettings:
         return KafkaSettings(bootstrap=self.bootstrap, idempotence=False, topic_prefix=self.topic_prefix,
-                             partitions=self.partitions)
+                             partitions=self.partitions, fetch_max_wait_ms=self.fetch_max_wait_ms)
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         logs = self.data_dir / "logs"

@@ -37,9 +37,15 @@ class Namespace:
         tag = uuid.uuid4().hex[:10]
         return cls(stack, f"t{tag}.", f"t_{tag}", partitions)
 
+    @property
+    def fetch_max_wait_ms(self) -> int:
+        local = self.stack.local
+        return local.fetch_max_wait_ms if local is not None else 500
+
     def kafka(self) -> KafkaSettings:
         return KafkaSettings(bootstrap=self.stack.bootstrap, idempotence=self.stack.idempotence,
-                             topic_prefix=self.prefix, partitions=self.partitions)
+                             topic_prefix=self.prefix, partitions=self.partitions,
+                             fetch_max_wait_ms=self.fetch_max_wait_ms)
 
     def mongo(self) -> MongoSettings:
         return MongoSettings(url=self.stack.mongo_url, database=self.database)
@@ -50,6 +56,7 @@ class Namespace:
             "ALLIANCE_KAFKA_IDEMPOTENCE": str(self.stack.idempotence).lower(),
             "ALLIANCE_KAFKA_TOPIC_PREFIX": self.prefix,
             "ALLIANCE_KAFKA_PARTITIONS": str(self.partitions),
+            "ALLIANCE_KAFKA_FETCH_MAX_WAIT_MS": str(self.fetch_max_wait_ms),
             "ALLIANCE_MONGO_URL": self.stack.mongo_url,
             "ALLIANCE_MONGO_DATABASE": self.database,
             "ALLIANCE_ALERTS_ALLOW_PRIVATE_TARGETS": "true",
