@@ -45,8 +45,9 @@ def artifacts() -> Path:
 
 
 @pytest.fixture
-def log_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "logs"
-    d.mkdir()
+def log_dir(request: pytest.FixtureRequest) -> Path:
+    """Service logs of one test, kept under test-artifacts/logs/ for after the run."""
+    d = ARTIFACTS / "logs" / request.node.name[:120]
+    d.mkdir(parents=True, exist_ok=True)
     return d
 
