@@ -145,7 +145,8 @@ def run(
             procs["simulator"] = subprocess.Popen([sys.executable, "-m", "services.cli", "simulate", "--tenants", "1",
                                     "--sites", str(len(DEMO_SITES)), "--clinicians", str(len(DEMO_CLINICIANS)),
                                     "--clients", "40", "--rate", str(rate), "--duration", str(7 * 24 * 3600),
-                                    "--url", urls["intake"], "--keys", keys["submit"], "--quiet"],
+                                    "--url", urls["intake"], "--keys", keys["submit"], "--quiet",
+                                    "--roster", ",".join(f"{c}@{s}" for c, s in DEMO_CLINICIANS.items())],
                                    env=env, stdout=out, stderr=subprocess.STDOUT)
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         watchdog = threading.Thread(target=lambda: asyncio.run(_watch(stack, stop)), daemon=True)
