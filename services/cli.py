@@ -48,7 +48,7 @@ def keys_create(
         settings = MongoSettings()
         client = make_client(settings)
         try:
-            key, principal = await auth.create_key(database(client, settings), tenant, role, site, label)  # type: ignore[arg-type]
+            key, principal = await auth.create_key(database(client, settings), tenant, role, site, label)
         finally:
             await client.close()
         typer.echo(f"key id {principal.key_id} tenant={tenant} role={role} site={site or '*'}", err=True)
@@ -117,13 +117,15 @@ def _mount_service_commands() -> None:
     app.add_typer(scoring_cli.app, name="scoring")
     app.add_typer(alerts_cli.app, name="alerts")
     app.add_typer(reporting_cli.app, name="reporting")
-    from services import bench, contracts, run, simulate
+    from services.bench import bench
+    from services.contracts import app as docs_app
+    from services.run import run
+    from services.simulate import simulate
 
     app.command("import")(intake_cli.import_csv)
-    app.command("run")(run.run)
-    app.command("simulate")(simulate.simulate)
-    app.command("bench")(bench.bench)
-    docs_app = contracts.app
+    app.command("run")(run)
+    app.command("simulate")(simulate)
+    app.command("bench")(bench)
     app.add_typer(docs_app, name="docs")
     tenants_app.command("set-rules")(scoring_cli.set_rules)
     tenants_app.command("show-rules")(scoring_cli.show_rules)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -34,6 +35,14 @@ DEMO_SITES = ("north", "south")
 DEMO_CLINICIANS = {"c-1": "north", "c-2": "north", "c-3": "south"}
 
 
+def _local_secret(path: Path) -> str:
+    """A key that encrypts webhook secrets at rest, kept beside the local data (mode 0600)."""
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
 def _ensure_demo_keys(state_dir: Path, mongo: MongoSettings) -> dict[str, str]:
     """Demo keys survive restarts of the local system (the store is durable)."""
     path = state_dir / "demo-keys.json"
@@ -50,7 +59,7 @@ def _ensure_demo_keys(state_dir: Path, mongo: MongoSettings) -> dict[str, str]:
                     return keys
             keys = {}
             for role in ("submit", "read", "admin"):
-                keys[role], _ = await auth.create_key(db, DEMO_TENANT, role, label="demo")  # type: ignore[arg-type]
+                keys[role], _ = await auth.create_key(db, DEMO_TENANT, role, label="demo")
             path.write_text(json.dumps(keys))
             path.chmod(0o600)
             return keys
@@ -109,7 +118,7 @@ def run(
     typer.echo("starting broker and store ...")
     stack.start()
     env = {**os.environ, **stack.env(), "ALLIANCE_ALERTS_ALLOW_PRIVATE_TARGETS": "true",
-           "PYTHONUNBUFFERED": "1"}
+           "ALLIANCE_ALERTS_SECRETS_KEY": _local_secret(state_dir / "secrets-key"), "PYTHONUNBUFFERED": "1"}
     procs: dict[str, subprocess.Popen[bytes]] = {}
     receiver: ThreadingHTTPServer | None = None
     stop = threading.Event()
@@ -127,6 +136,10 @@ def run(
         typer.echo(f"all four services ready in {time.monotonic() - started:.1f}s")
         receiver = _start_receiver(receiver_port, logs / "webhooks.log")
         admin = {"Authorization": f"Bearer {keys['admin']}"}
+        # Clinician webhooks are signed with the tenant's secret; a fresh one each run (the demo
+        # receiver logs deliveries without verifying them; a real receiver would).
+        signing = httpx.post(f"{urls['alerts']}/v1/webhook-secret", headers=admin, timeout=10)
+        signing.raise_for_status()
         for clinician, site in DEMO_CLINICIANS.items():
             httpx.put(f"{urls['alerts']}/v1/clinicians/{clinician}", headers=admin, timeout=10, json={
                 "site_id": site, "email": f"{clinician}@clinic.example",
@@ -139,6 +152,7 @@ def run(
         typer.echo(f"\n  tenant '{DEMO_TENANT}' keys:")
         for role, key in keys.items():
             typer.echo(f"    {role:<7} {key}")
+        typer.echo(f"    webhook signing secret: {signing.json()['secret']}")
         typer.echo(f"\n  logs in {logs}; Ctrl-C stops everything\n")
         if rate > 0:
             out = open(logs / "simulator.log", "ab")
