@@ -231,7 +231,8 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
 
     @r.get("/subscriptions", tags=["subscriptions"], response_model=list[SubscriptionOut])
     async def list_subscriptions(p: Principal = reader) -> list[SubscriptionOut]:
-        """The tenant's subscriptions (never their secrets)."""
+        """The tenant's subscriptions (never their secrets); tenant-wide keys only, like their writes."""
+        _tenant_wide(p)
         return [SubscriptionOut(id=d["_id"], url=d["url"], events=d["events"], created_at=d["created_at"])
                 for d in await store.list_subscriptions(p.tenant_id)]
 
