@@ -64,6 +64,13 @@ def wait_port(port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> None
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
 
 
+def retention_ms(kafka: KafkaSettings, topic: str) -> int:
+    """Retention of a topic: reporting rebuilds its read models by replaying the scored,
+    deterioration and alert-status logs from the beginning, so those are kept forever (-1)."""
+    t = kafka.topics()
+    return -1 if topic in (t.scored, t.deterioration, t.alert_status) else kafka.retention_ms
+
+
 async def ensure_topics(kafka: KafkaSettings, topics: tuple[str, ...] | None = None,
                         timeout: float = 30.0) -> list[str]:
     """Create missing topics with the configured partitions, replication and retention.
@@ -82,7 +89,7 @@ async def ensure_topics(kafka: KafkaSettings, topics: tuple[str, ...] | None = N
             if missing:
                 await admin.create_topics([
                     NewTopic(t, kafka.partitions, kafka.replication_factor,
-                             topic_configs={"retention.ms": str(kafka.retention_ms)})
+                             topic_configs={"retention.ms": str(retention_ms(kafka, t))})
                     for t in missing
                 ])
             return missing
