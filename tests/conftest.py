@@ -31,6 +31,14 @@ async def namespace(stack: StackUnderTest) -> Namespace:
     return ns
 
 
+@pytest.fixture(scope="module")
+async def namespace_m(stack: StackUnderTest) -> Namespace:
+    """A namespace shared by one test module (for services started once per module)."""
+    ns = Namespace.fresh(stack)
+    await ensure_topics(ns.kafka())
+    return ns
+
+
 @pytest.fixture
 async def mongo(stack: StackUnderTest) -> AsyncIterator[AsyncMongoClient[Document]]:
     client: AsyncMongoClient[Document] = AsyncMongoClient(stack.mongo_url, tz_aware=True)

@@ -21,27 +21,15 @@ from shared import auth
 from shared.mongo import Document
 from tests.support.receiver import Receiver, webhook_receiver
 from tests.support.services import Namespace, ServiceProcess, running
-from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 @pytest.fixture(scope="module")
-def e2e_namespace(stack: StackUnderTest) -> Namespace:
-    import asyncio
-
-    from shared.stack import ensure_topics
-
-    ns = Namespace.fresh(stack)
-    asyncio.run(ensure_topics(ns.kafka()))
-    return ns
-
-
-@pytest.fixture(scope="module")
-def services(e2e_namespace: Namespace, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServiceProcess]]:
+def services(namespace_m: Namespace, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServiceProcess]]:
     logs = tmp_path_factory.mktemp("e2e-logs")
-    with running(["intake", "scoring", "alerts", "reporting"], e2e_namespace, logs) as procs:
+    with running(["intake", "scoring", "alerts", "reporting"], namespace_m, logs) as procs:
         yield procs
 
 
@@ -52,9 +40,9 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture(scope="module")
-async def keys(e2e_namespace: Namespace) -> AsyncIterator[dict[str, str]]:
-    client: AsyncMongoClient[Document] = AsyncMongoClient(e2e_namespace.stack.mongo_url, tz_aware=True)
-    db = client[e2e_namespace.database]
+async def keys(namespace_m: Namespace) -> AsyncIterator[dict[str, str]]:
+    client: AsyncMongoClient[Document] = AsyncMongoClient(namespace_m.stack.mongo_url, tz_aware=True)
+    db = client[namespace_m.database]
     out = {}
     for role in ("submit", "read", "admin"):
         out[role], _ = await auth.create_key(db, "acme", role)  # type: ignore[arg-type]
@@ -73,7 +61,7 @@ def _submission(client_id: str, session: int, items: tuple[float, float, float, 
 
 
 async def test_a_deteriorating_submission_flows_to_trajectory_and_signed_webhook(
-    services: dict[str, ServiceProcess], keys: dict[str, str], receiver: Receiver, e2e_namespace: Namespace,
+    services: dict[str, ServiceProcess], keys: dict[str, str], receiver: Receiver, namespace_m: Namespace,
     artifacts: Path,
 ) -> None:
     admin = {"Authorization": f"Bearer {keys['admin']}"}
@@ -114,7 +102,7 @@ async def test_a_deteriorating_submission_flows_to_trajectory_and_signed_webhook
     assert got.headers["x-alliance-event"] == "alliance.deterioration.v1"
     (artifacts / "e2e-webhook.json").write_text(json.dumps(payload, indent=2))
 
-    consumer = AIOKafkaConsumer(e2e_namespace.kafka().topics().scored, bootstrap_servers=e2e_namespace.stack.bootstrap,
+    consumer = AIOKafkaConsumer(namespace_m.kafka().topics().scored, bootstrap_servers=namespace_m.stack.bootstrap,
                                 auto_offset_reset="earliest", enable_auto_commit=False)
     await consumer.start()
     try:

@@ -22,9 +22,7 @@ from services.reporting.demo import DemoSpec, acknowledgement, demo_events, publ
 from shared.auth import create_key
 from shared.events import AllianceDeterioration, SrsScored
 from shared.mongo import Document
-from shared.stack import ensure_topics
 from tests.support.services import Namespace, ServiceProcess, running
-from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -35,13 +33,6 @@ SPEC = DemoSpec(tenant_id="demo-dash", sites=("north", "south"), clinicians_per_
 CLINICIAN = "north-c1"
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
-
-
-@pytest.fixture(scope="module")
-async def namespace_m(stack: StackUnderTest) -> Namespace:
-    ns = Namespace.fresh(stack)
-    await ensure_topics(ns.kafka())
-    return ns
 
 
 @pytest.fixture(scope="module")

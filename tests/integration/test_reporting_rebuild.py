@@ -24,9 +24,7 @@ from services.reporting.store import META, POINTER_ID, trajectories_name
 from shared.auth import create_key
 from shared.events import SrsScored
 from shared.mongo import Document
-from shared.stack import ensure_topics
 from tests.support.services import ROOT, Namespace, ServiceProcess, running
-from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
 
 T = "tenant-rebuild"
@@ -47,13 +45,6 @@ class Live:
         doc = await self.mongo[self.ns.database][META].find_one({"_id": POINTER_ID})
         assert doc is not None
         return doc
-
-
-@pytest.fixture(scope="module")
-async def namespace_m(stack: StackUnderTest) -> Namespace:
-    ns = Namespace.fresh(stack)
-    await ensure_topics(ns.kafka())
-    return ns
 
 
 @pytest.fixture(scope="module")

@@ -26,9 +26,7 @@ from shared.auth import create_key
 from shared.events import AlertStatusChanged, DeadLetter, Instrument, Items, SrsScored
 from shared.ids import derive
 from shared.mongo import Document
-from shared.stack import ensure_topics
 from tests.support.services import Namespace, ServiceProcess, running
-from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
 
 ITEMS = Items(relationship=9.0, goals=8.5, approach=9.0, overall=9.5)
@@ -47,13 +45,6 @@ class Reporting:
 
     async def get(self, path: str, key: str, **params: Any) -> httpx.Response:
         return await self.http.get(path, params=params, headers={"Authorization": f"Bearer {key}"})
-
-
-@pytest.fixture(scope="module")
-async def namespace_m(stack: StackUnderTest) -> Namespace:
-    ns = Namespace.fresh(stack)
-    await ensure_topics(ns.kafka())
-    return ns
 
 
 @pytest.fixture(scope="module")

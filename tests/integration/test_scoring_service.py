@@ -25,9 +25,7 @@ from services.scoring.store import STATES, RulesStore
 from shared import ids
 from shared.events import AllianceDeterioration, DeadLetter, Instrument, Items, SrsScored
 from shared.mongo import Document
-from shared.stack import ensure_topics
 from tests.support.services import Namespace, ServiceProcess, running
-from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
 
 T0 = datetime(2026, 4, 1, 8, 0, tzinfo=UTC)
@@ -52,13 +50,6 @@ class Scoring:
 
     def raw_of(self, reader: TopicReader, tenant: str) -> list[bytes]:
         return [v for v in reader.values() if json.loads(v)["tenant_id"] == tenant]
-
-
-@pytest.fixture(scope="module")
-async def namespace_m(stack: StackUnderTest) -> Namespace:
-    ns = Namespace.fresh(stack)
-    await ensure_topics(ns.kafka())
-    return ns
 
 
 @pytest.fixture(scope="module")
