@@ -113,5 +113,17 @@ async def test_a_deteriorating_submission_flows_to_trajectory_and_signed_webhook
     assert {s["submission_id"] for s in scored} >= {falling_id}
 
 
+async def test_service_logs_are_json_with_correlation_ids_and_no_client_ids(
+        services: dict[str, ServiceProcess]) -> None:
+    for proc in services.values():
+        lines = proc.log_path.read_text().splitlines()
+        assert lines, f"{proc.name} logged nothing"
+        docs = [json.loads(line) for line in lines]  # every line is one JSON object
+        assert all({"ts", "level", "service", "msg"} <= d.keys() for d in docs)
+        assert "client-e2e" not in proc.log_path.read_text(), f"{proc.name} logged a client id"
+    intake_log = services["intake"].log_path.read_text()
+    assert '"correlation_id"' in intake_log
+
+
 async def _async(value: Any) -> Any:
     return value
