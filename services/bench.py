@@ -50,6 +50,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.processes import ServiceProcess
 from services.simulate import PlannedSubmission, send
 from shared.kafka import admin_security_kwargs
 from shared.settings import KafkaSettings, MongoSettings
@@ -101,53 +102,6 @@ def vm_hwm_kb(pid: int) -> int | None:
         return None
     m = re.search(r"^VmHWM:\s+(\d+)\s+kB", text, re.MULTILINE)
     return int(m.group(1)) if m else None
-
-
-@dataclass
-class ServiceProc:
-    """One service as a child process (`python -m services.<name>`)."""
-
-    name: str
-    port: int
-    env: dict[str, str]
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        env = {**os.environ, **self.env, f"ALLIANCE_{self.name.upper()}_PORT": str(self.port),
-               "PYTHONPATH": str(ROOT)}
-        out = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", f"services.{self.name}"], env=env, cwd=ROOT,
-                                     stdout=out, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        last = ""
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                r = httpx.get(self.url + "/readyz", timeout=3)
-                if r.status_code == 200:
-                    return
-                last = r.text[:200]
-            except httpx.HTTPError as exc:
-                last = repr(exc)
-            time.sleep(0.3)
-        raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s: {last}; see {self.log_path}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @dataclass
@@ -877,7 +831,7 @@ def bench(
                # the burst measures capacity, so the per-key rate limit must not be what binds
                "ALLIANCE_INTAKE_RATE_PER_SECOND": "1000000", "ALLIANCE_INTAKE_RATE_BURST": "1000000",
                "ALLIANCE_SMTP_HOST": ""}
-        procs = {s: ServiceProc(s, free_port(), env, data / f"{s}.log") for s in present}
+        procs = {s: ServiceProcess(s, free_port(), env, data / f"{s}.log") for s in present}
         try:
             console.print(f"starting {', '.join(present)} ...")
             t0 = time.monotonic()

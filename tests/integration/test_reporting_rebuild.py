@@ -17,6 +17,7 @@ import httpx
 import pytest
 from pymongo import AsyncMongoClient
 
+from services.processes import ROOT
 from services.reporting.demo import deterioration_for, publish, scored
 from services.reporting.rebuild import rebuild
 from services.reporting.settings import ReportingSettings
@@ -24,7 +25,7 @@ from services.reporting.store import META, POINTER_ID, trajectories_name
 from shared.auth import create_key
 from shared.events import SrsScored
 from shared.mongo import Document
-from tests.support.services import ROOT, Namespace, ServiceProcess, running
+from tests.support.services import Namespace, ServiceProcess, running
 from tests.support.wait import eventually
 
 T = "tenant-rebuild"

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
+from services.processes import ServiceProcess
 from shared.settings import KafkaSettings, MongoSettings
 from shared.stack import free_port
 from tests.support.stack import StackUnderTest
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -62,59 +54,6 @@ class Namespace:
             "ALLIANCE_ALERTS_ALLOW_PRIVATE_TARGETS": "true",
             **self.extra_env,
         }
-
-
-@dataclass
-class ServiceProcess:
-    """One service running as `python -m services.<name>`."""
-
-    name: str
-    port: int
-    env: dict[str, str]
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        env = {**os.environ, **self.env, f"ALLIANCE_{self.name.upper()}_PORT": str(self.port),
-               "ALLIANCE_LOG_LEVEL": "INFO", "PYTHONPATH": str(ROOT)}
-        out = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", f"services.{self.name}"], env=env, cwd=ROOT,
-                                     stdout=out, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        last = ""
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                r = httpx.get(self.url + "/readyz", timeout=3)
-                if r.status_code == 200:
-                    return
-                last = r.text
-            except httpx.HTTPError as exc:
-                last = repr(exc)
-            time.sleep(0.3)
-        raise TimeoutError(f"{self.name} not ready after {timeout}s: {last}; see {self.log_path}")
-
-    def kill(self) -> None:
-        """kill -9."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @contextmanager
