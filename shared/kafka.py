@@ -45,15 +45,18 @@ CORRELATION_HEADER = "correlation_id"
 JSON_HEADERS = {"content-type": "application/json"}
 
 
+def _ssl_context(settings: KafkaSettings) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=settings.ssl_cafile or None)
+    if settings.ssl_certfile:
+        ctx.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile or None)
+    return ctx
+
+
 def _security(settings: KafkaSettings) -> BaseSecurity | None:
     proto = settings.security_protocol
     if proto == "PLAINTEXT":
         return None
-    ctx: ssl.SSLContext | None = None
-    if proto in ("SSL", "SASL_SSL"):
-        ctx = ssl.create_default_context(cafile=settings.ssl_cafile or None)
-        if settings.ssl_certfile:
-            ctx.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile or None)
+    ctx = _ssl_context(settings) if proto in ("SSL", "SASL_SSL") else None
     if proto == "SSL":
         return BaseSecurity(ssl_context=ctx, use_ssl=True)
     user, password = settings.sasl_username, settings.sasl_password.get_secret_value()
@@ -72,10 +75,7 @@ def admin_security_kwargs(settings: KafkaSettings) -> dict[str, Any]:
         return {}
     kwargs: dict[str, Any] = {"security_protocol": proto}
     if proto in ("SSL", "SASL_SSL"):
-        ctx = ssl.create_default_context(cafile=settings.ssl_cafile or None)
-        if settings.ssl_certfile:
-            ctx.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile or None)
-        kwargs["ssl_context"] = ctx
+        kwargs["ssl_context"] = _ssl_context(settings)
     if proto.startswith("SASL"):
         kwargs.update(sasl_mechanism=settings.sasl_mechanism, sasl_plain_username=settings.sasl_username,
                       sasl_plain_password=settings.sasl_password.get_secret_value())

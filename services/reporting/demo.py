@@ -15,9 +15,9 @@ from datetime import UTC, datetime, timedelta
 
 from aiokafka import AIOKafkaProducer
 
-from services.reporting.rebuild import aiokafka_security
 from shared.events import AlertStatusChanged, AllianceDeterioration, Instrument, Items, SrsScored, SubmissionIdentity
 from shared.ids import alert_id, derive, partition_key, scored_event_id
+from shared.kafka import admin_security_kwargs
 from shared.settings import KafkaSettings
 from shared.topics import Topics
 
@@ -141,7 +141,7 @@ async def publish(kafka: KafkaSettings, events: Iterable[SrsScored | AllianceDet
     """Publish events as scoring and alerts would (per-client key, correlation header), plus raw
     `(topic, value, key)` records; waits for every acknowledgement. Returns the count."""
     producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", linger_ms=5,
-                                enable_idempotence=kafka.idempotence, **aiokafka_security(kafka))
+                                enable_idempotence=kafka.idempotence, **admin_security_kwargs(kafka))
     await producer.start()
     try:
         topics = kafka.topics()

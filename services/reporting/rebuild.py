@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -33,7 +31,7 @@ from services.reporting.handlers import parse
 from services.reporting.settings import ReportingSettings
 from services.reporting.store import Generations, ReportingStore, alerts_name, trajectories_name
 from shared.events import AlertStatusChanged, AllianceDeterioration, SrsScored
-from shared.kafka import InboundRecord
+from shared.kafka import InboundRecord, admin_security_kwargs
 from shared.mongo import database, make_client
 from shared.settings import KafkaSettings, MongoSettings
 
@@ -62,20 +60,6 @@ class RebuildResult:
     @property
     def events_per_second(self) -> float:
         return self.events / self.replay_seconds if self.replay_seconds > 0 else 0.0
-
-
-def aiokafka_security(settings: KafkaSettings) -> dict[str, Any]:
-    """aiokafka keyword arguments for the configured TLS/SASL (the same settings the services use)."""
-    kw: dict[str, Any] = {"security_protocol": settings.security_protocol}
-    if settings.security_protocol in ("SSL", "SASL_SSL"):
-        ctx = ssl.create_default_context(cafile=settings.ssl_cafile or None)
-        if settings.ssl_certfile:
-            ctx.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile or None)
-        kw["ssl_context"] = ctx
-    if settings.security_protocol.startswith("SASL"):
-        kw.update(sasl_mechanism=settings.sasl_mechanism, sasl_plain_username=settings.sasl_username,
-                  sasl_plain_password=settings.sasl_password.get_secret_value())
-    return kw
 
 
 def truncated_partitions(begin: dict[TopicPartition, int], topic: str) -> list[int]:
@@ -118,7 +102,7 @@ async def replay(kafka: KafkaSettings, replayer: Replayer, *, batch: int, progre
     """
     consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, client_id="alliance-reporting-rebuild",
                                 group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
-                                request_timeout_ms=kafka.request_timeout_ms, **aiokafka_security(kafka))
+                                request_timeout_ms=kafka.request_timeout_ms, **admin_security_kwargs(kafka))
     await consumer.start()
     try:
         names = (replayer.scored, replayer.deterioration, replayer.alert_status)
