@@ -82,28 +82,50 @@ class SrsSubmitted(Event, SubmissionIdentity):
     accepted_at: datetime
 
 
+Severity = Literal["warning", "critical"]
+Operator = Literal["<", "<="]
+
+
 class SrsScored(Event, SubmissionIdentity):
-    """A scored session (topic `srs.scored.v1`). `latest` is false for a backfilled older session."""
+    """One version of a scored session (topic `srs.scored.v1`); see docs/clinical-records.md.
+
+    A session is (tenant, client, instrument, episode_id, session_number). Scoring publishes a
+    new event for a session, with `revision` + 1, whenever what it shows changes: a correction
+    (then `supersedes` names the submission whose version it replaces, when that was another
+    submission id), a recomputation after an earlier session of the episode was corrected, a
+    move to another (derived) episode, or a transfer of the client to another site. The event
+    with the highest `revision` for a submission id is the current one. `episode_id` is always
+    set: the submitter's, or a derived one (`episode_derived`). `latest` is what held when it
+    was scored (false for a backfilled older session); later sessions make it stale.
+    """
 
     items: Items | None = None
     total: float
     cutoff: float
+    operator: Operator = "<"
     previous_total: float | None = None
     change_from_previous: float | None = None
     flags: list[str] = Field(default_factory=list)
+    triggers: list[str] = Field(default_factory=list)
+    severity: Severity | None = None
+    low_items: list[str] = Field(default_factory=list)
     latest: bool = True
     scored_at: datetime
     accepted_at: datetime | None = None
-
-
-Severity = Literal["warning", "critical"]
+    revision: int = Field(default=1, ge=1)
+    supersedes: str | None = None
+    episode_derived: bool = False
+    site_version: int = Field(default=0, ge=0)
 
 
 class AllianceDeterioration(Event, SubmissionIdentity):
-    """The alliance is at risk for a client's latest session (topic `alliance.deterioration.v1`).
+    """The alliance is at risk in the latest session of a client's current episode (topic
+    `alliance.deterioration.v1`): an alert raised (`revision` 1) or revised by a correction
+    (`revision` + 1, same `alert_id`).
 
     This document is also the body of clinician and partner webhooks. `alert_id` is derived
-    from the submission, so a redelivery carries the same id.
+    from the session (tenant, client, instrument, episode, session number), so it is stable
+    across redeliveries and corrections.
     """
 
     alert_id: str
@@ -114,15 +136,49 @@ class AllianceDeterioration(Event, SubmissionIdentity):
     change_from_previous: float | None = None
     cutoff: float
     accepted_at: datetime | None = None
+    revision: int = Field(default=1, ge=1)
+    low_items: list[str] = Field(default_factory=list)
+
+
+AlertStatus = Literal["acknowledged", "escalated", "delivered", "failed", "superseded", "withdrawn"]
+# Decided by scoring (the alert's lifecycle); the others are what alerts did with it.
+LIFECYCLE_STATUSES: frozenset[str] = frozenset({"superseded", "withdrawn"})
 
 
 class AlertStatusChanged(Event):
-    """Alerts tells reporting what happened to an alert (topic `alliance.alert-status.v1`)."""
+    """What happened to an alert (topic `alliance.alert-status.v1`).
+
+    `superseded` (a later session of the episode, or a later episode, was scored) and
+    `withdrawn` (a correction cleared the alert's triggers, or moved its session) come from
+    scoring and name the `revision` they end; `acknowledged`, `escalated`, `delivered` and
+    `failed` come from alerts.
+    """
 
     alert_id: str
     site_id: str
     clinician_id: str
-    status: Literal["acknowledged", "escalated", "delivered", "failed"]
+    status: AlertStatus
+    revision: int | None = Field(default=None, ge=1)
+    client_id: str | None = None
+    instrument: Instrument | None = None
+    episode_id: str | None = None
+    session_number: int | None = None
+
+
+RECORD_TYPE_HEADER = "record-type"
+CLIENT_TRANSFER = "client-transfer"
+
+
+class ClientTransfer(Event):
+    """An admin moved a client to another site (written by intake to `srs.submitted.v1`, keyed
+    like the client's submissions so that it is applied in order with them; the record carries
+    the header `record-type: client-transfer`). Scoring applies it."""
+
+    record_type: Literal["client-transfer"] = "client-transfer"
+    client_id: str
+    site_id: str
+    accepted_at: datetime
+    requested_by: str | None = None
 
 
 class DeadLetter(BaseModel):
