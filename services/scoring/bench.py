@@ -45,10 +45,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient, ReplaceOne
 
-from services.scoring.history import History, Submission
 from services.scoring.loadgen import TopicReader, publish, series_total, start_producer, submission
 from services.scoring.rules import TenantRules
-from services.scoring.store import history_doc, series_key
+from services.scoring.series import ClientState, version_of
+from services.scoring.store import client_key
+from services.scoring.store import state_doc as stored_state
 from shared.events import Instrument
 from shared.mongo import Document
 from shared.settings import KafkaSettings
@@ -132,12 +133,13 @@ async def bare_loop(target: Target, n: int, batch: int) -> float:
 
 def state_doc(client: int, sessions: int, now: datetime) -> tuple[str, Document]:
     """The state document scoring writes for `client` after `sessions` sessions."""
-    h = History()
+    key = client_key(TENANT, f"client-{client}")
+    st = ClientState(key.tenant_id, key.client_id)
     for s in range(1, sessions + 1):
-        h.apply(Submission(f"client-{client}-s{s}", s, Instrument.SRS, now + timedelta(seconds=s), None,
-                           series_total(client, s)), TenantRules(), now)
-    key = series_key(TENANT, f"client-{client}", Instrument.SRS, None)
-    return key.doc_id, history_doc(key, h, sessions)
+        at = now + timedelta(seconds=s)
+        st.submit(version_of(f"client-{client}-s{s}", Instrument.SRS, None, s, at, "north", "c-1", None,
+                             series_total(client, s), at), TenantRules(), now)
+    return key.doc_id, stored_state(key, st, sessions)
 
 
 async def store_limit(target: Target, clients: int, sessions: int, batch: int, tag: str) -> float:

@@ -2,13 +2,16 @@
 
 Per batch (never per message):
 
-1. decode every record; undecodable or invalid ones become dead letters (the batch goes on);
-2. read the state of every series in the batch - from this process's cache of the series it
+1. decode every record (a submission, or a client transfer named by the `record-type` header);
+   undecodable or invalid ones become dead letters (the batch goes on);
+2. read the state of every client in the batch - from this process's cache of the clients it
    wrote, the rest with ONE query - and the tenants' rules (cached for a few seconds);
-3. apply the records in order in memory (`History.apply`): a submission id already in the state
-   returns its stored outcome, so a redelivery yields exactly what was computed the first time;
-4. write the changed series with bulk writes of `save_chunk` series each (one bulk write for a
-   batch of up to `save_chunk` clients), each series guarded by the version it was read at;
+3. apply the records in order in memory (`series.ClientState`): each accepted record yields the
+   events that tell the difference it made to the client's record; a refused one (site
+   conflict, session gap, unscorable) a dead letter with the reason, remembered in the state so
+   that a redelivery is refused alike; a record seen before re-emits what the record shows now;
+4. write the changed clients with bulk writes of `save_chunk` clients each, each guarded by the
+   version it was read at;
 5. publish the scored events and alerts of each written chunk as soon as its write returned
    (so the broker works while the next chunk is written), then the dead letters, and wait for
    every acknowledgement;
@@ -18,12 +21,14 @@ State is written BEFORE publishing (not after) so that an outcome exists in exac
 before anyone can see it. What a `kill -9` at each point leaves behind:
 
 - during 1-3: nothing was written or published; the batch is redelivered and scored afresh.
-- during 4 (some documents or chunks written, some not): the written ones hold their outcomes;
-  the redelivered batch finds them (same flags, same `scored_at`, same ids) and scores the rest.
+- during 4 (some documents or chunks written, some not): the written ones hold their records;
+  the redelivered batch finds them as redeliveries, re-emits what those clients' records show
+  (the same revisions, ids and bytes that were decided, none of which may have been published)
+  and applies the rest.
 - during or after 5, before the commit (some or all events published): the state holds every
-  published outcome; the redelivery re-publishes the same events with the same ids and bytes
-  (consumers dedupe by event id / alert id). Nothing is lost: the offsets were not committed,
-  so the records come back.
+  decision; the redelivery re-publishes the clients' current events with the same ids and
+  bytes (consumers dedupe by event id, and keep the highest revision). Nothing is lost: the
+  offsets were not committed, so the records come back.
 - after 6: nothing is redelivered.
 
 A transient failure (store or broker down, acknowledgements late) raises out of the handler:
@@ -33,12 +38,17 @@ Had we published first and written state after, a crash between the two would ma
 redelivery score again with a new `scored_at` (and possibly changed tenant rules): two different
 outputs for one input. Writing first closes that window.
 
+Re-emitting what a record shows *now* (not what the redelivered input produced then) is enough
+and never wrong: every event is a revision of a session or an alert, consumers keep the greatest
+revision, and the current ones are the greatest.
+
 Two scoring processes share the consumer group. The Kafka key is `tenant:client`, so one client
-(every series of it) is in one partition, owned by one process at a time. During a rebalance the
+(its whole record) is in one partition, owned by one process at a time. During a rebalance the
 old owner may still be mid-batch while the new owner re-reads the uncommitted records; the
 version check in step 4 decides: whoever writes first wins, the other gets a conflict, reloads
-that state (now holding the winner's outcomes) and re-applies, so it publishes the winner's
-outcomes, byte-equal. Both may publish them (a duplicate, same ids) but never two different ones.
+that state (now holding the winner's decisions) and re-applies, which finds the records as
+redeliveries and publishes the winner's events, byte-equal. Both may publish them (a duplicate,
+same ids) but never two different ones.
 The same check makes the state cache safe when a partition comes back after another process
 wrote its series: scoring against the stale entry ends in a conflict, never in a publish.
 """
@@ -54,18 +64,30 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from services.scoring import metrics
-from services.scoring.history import History, Outcome, Submission
-from services.scoring.rules import TenantRules, Unscorable
-from services.scoring.store import SeriesKey, StatePort, series_key
+from services.scoring.rules import TenantRules
+from services.scoring.series import (
+    AlertOut,
+    ClientState,
+    Output,
+    ScoredOut,
+    StatusOut,
+    Step,
+    Transfer,
+    version_of,
+)
+from services.scoring.store import ClientKey, StatePort, client_key
 from shared import ids
 from shared.events import (
+    CLIENT_TRANSFER,
+    RECORD_TYPE_HEADER,
+    AlertStatusChanged,
     AllianceDeterioration,
+    ClientTransfer,
     SrsScored,
     SrsSubmitted,
-    SubmissionIdentity,
 )
 from shared.kafka import CORRELATION_HEADER, InboundRecord, OutboundRecord, dead_letter_record
 from shared.topics import Topics
@@ -73,7 +95,7 @@ from shared.topics import Topics
 log = logging.getLogger("alliance.scoring")
 
 SERVICE = "scoring"
-IDENTITY_FIELDS: tuple[str, ...] = tuple(SubmissionIdentity.model_fields)
+Input = SrsSubmitted | ClientTransfer
 
 
 class RulesPort(Protocol):
@@ -86,7 +108,7 @@ Publish = Callable[[Sequence[OutboundRecord]], Awaitable[None]]
 
 
 class StateConflict(RuntimeError):
-    """Another process kept writing the same series; the batch is retried by the subscriber."""
+    """Another process kept writing the same client; the batch is retried by the subscriber."""
 
 
 def _tenant_hint(value: bytes) -> str | None:
@@ -103,56 +125,56 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
 
 
-def decode(rec: InboundRecord) -> SrsSubmitted | tuple[str, str]:
-    """The submitted event, or (reason, detail) for the dead-letter topic."""
+def decode(rec: InboundRecord) -> Input | tuple[str, str]:
+    """The submitted event or client transfer, or (reason, detail) for the dead-letter topic."""
+    model: type[BaseModel] = ClientTransfer if rec.headers.get(RECORD_TYPE_HEADER) == CLIENT_TRANSFER else SrsSubmitted
     try:
-        return SrsSubmitted.model_validate_json(rec.value)
+        got = model.model_validate_json(rec.value)
     except ValidationError as exc:
         if any(e["type"] == "json_invalid" for e in exc.errors()):
             return "undecodable", _describe(exc)
         return "invalid", _describe(exc)
+    assert isinstance(got, SrsSubmitted | ClientTransfer)
+    return got
 
 
-def scored_event(ev: SrsSubmitted, o: Outcome) -> SrsScored:
-    """The `srs.scored.v1` event of one outcome; a pure function of its inputs."""
-    assert o.total is not None and o.cutoff is not None
+def scored_event(tenant_id: str, client_id: str, o: ScoredOut) -> SrsScored:
+    """The `srs.scored.v1` event of one published revision; a pure function of its inputs."""
+    s, v = o.session, o.session.version
     return SrsScored(
-        **{f: getattr(ev, f) for f in IDENTITY_FIELDS},
-        event_id=ids.scored_event_id(ev.tenant_id, ev.submission_id),
-        occurred_at=o.scored_at,
-        items=ev.items,
-        total=o.total,
-        cutoff=o.cutoff,
-        previous_total=o.previous_total,
-        change_from_previous=o.change_from_previous,
-        flags=list(o.flags),
-        latest=o.latest,
-        scored_at=o.scored_at,
-        accepted_at=ev.accepted_at,
+        event_id=ids.scored_event_id(tenant_id, v.submission_id, o.revision), tenant_id=tenant_id, occurred_at=o.at,
+        submission_id=v.submission_id, site_id=s.site_id, clinician_id=v.clinician_id, client_id=client_id,
+        episode_id=s.episode_id, instrument=v.instrument, session_number=v.session_number,
+        administered_at=v.administered_at, items=v.items_model(), total=s.total, cutoff=s.cutoff, operator=s.operator,
+        previous_total=s.previous_total, change_from_previous=s.change_from_previous, flags=list(s.flags),
+        triggers=list(s.triggers), severity=s.severity, low_items=list(s.low_items), latest=o.latest,
+        scored_at=o.at, accepted_at=v.accepted_at, revision=o.revision, supersedes=o.supersedes,
+        episode_derived=s.episode_derived, site_version=s.site_version,
     )
 
 
-def alert_event(ev: SrsSubmitted, o: Outcome) -> AllianceDeterioration:
-    """The `alliance.deterioration.v1` event of an outcome that raised an alert."""
-    assert o.severity is not None and o.total is not None and o.cutoff is not None
-    alert = ids.alert_id(ev.tenant_id, ev.submission_id)
+def alert_event(tenant_id: str, client_id: str, o: AlertOut) -> AllianceDeterioration:
+    """The `alliance.deterioration.v1` event of one raised revision of an alert."""
+    a, s, v = o.alert, o.alert.session, o.alert.session.version
     return AllianceDeterioration(
-        **{f: getattr(ev, f) for f in IDENTITY_FIELDS},
-        event_id=alert,
-        occurred_at=o.scored_at,
-        alert_id=alert,
-        triggers=list(o.triggers),
-        severity=o.severity,
-        total=o.total,
-        previous_total=o.previous_total,
-        change_from_previous=o.change_from_previous,
-        cutoff=o.cutoff,
-        accepted_at=ev.accepted_at,
+        event_id=ids.alert_event_id(a.alert_id, o.revision), tenant_id=tenant_id, occurred_at=o.at,
+        submission_id=v.submission_id, site_id=a.site_id, clinician_id=v.clinician_id, client_id=client_id,
+        episode_id=s.episode_id, instrument=v.instrument, session_number=v.session_number,
+        administered_at=v.administered_at, alert_id=a.alert_id, triggers=list(a.triggers), severity=a.severity,
+        total=s.total, previous_total=s.previous_total, change_from_previous=s.change_from_previous,
+        cutoff=s.cutoff, accepted_at=v.accepted_at, revision=o.revision, low_items=list(s.low_items),
     )
 
 
-def _submission(ev: SrsSubmitted) -> Submission:
-    return Submission(ev.submission_id, ev.session_number, ev.instrument, ev.accepted_at, ev.items, ev.total)
+def status_event(tenant_id: str, client_id: str, o: StatusOut) -> AlertStatusChanged:
+    """The `alliance.alert-status.v1` event of an alert scoring superseded or withdrew."""
+    r = o.record
+    return AlertStatusChanged(
+        event_id=ids.alert_status_event_id(tenant_id, o.alert_id, o.status, r.revision), tenant_id=tenant_id,
+        occurred_at=r.at, alert_id=o.alert_id, site_id=r.site_id, clinician_id=r.clinician_id, status=o.status,
+        revision=r.revision, client_id=client_id, instrument=r.instrument, episode_id=r.episode_id,
+        session_number=r.session_number,
+    )
 
 
 def _now() -> datetime:
@@ -161,19 +183,17 @@ def _now() -> datetime:
 
 @dataclass
 class _Pass:
-    """The result of applying events to the state once."""
+    """The result of applying the batch's records to the state once."""
 
-    # per series, in input order: (record, event, outcome) - what the series will publish
-    outcomes: dict[SeriesKey, list[tuple[InboundRecord, SrsSubmitted, Outcome]]] = field(default_factory=dict)
-    fresh: dict[SeriesKey, list[tuple[SrsSubmitted, Outcome]]] = field(default_factory=dict)
-    unscorable: list[tuple[InboundRecord, SrsSubmitted, str]] = field(default_factory=list)
+    outputs: dict[ClientKey, list[OutboundRecord]] = field(default_factory=dict)  # incl. refusals' dead letters
+    changed: set[ClientKey] = field(default_factory=set)
 
 
 @dataclass
 class ScoringHandler:
     """The batch handler given to `shared.kafka.subscribe_batch`.
 
-    The state write is split into chunks of `save_chunk` series, and the events of a chunk are
+    The state write is split into chunks of `save_chunk` clients, and the events of a chunk are
     published as soon as its write succeeded, while the next chunk is being written: the store
     and the broker work at the same time, and no event is ever published before its state.
     """
@@ -189,21 +209,19 @@ class ScoringHandler:
     async def __call__(self, records: list[InboundRecord]) -> None:
         started = time.perf_counter()
         dead: list[OutboundRecord] = []
-        events: list[tuple[InboundRecord, SrsSubmitted]] = []
+        inputs: list[tuple[InboundRecord, Input]] = []
         for rec in records:
             got = decode(rec)
-            if isinstance(got, SrsSubmitted):
-                events.append((rec, got))
+            if isinstance(got, SrsSubmitted | ClientTransfer):
+                inputs.append((rec, got))
             else:
                 reason, detail = got
                 dead.append(dead_letter_record(SERVICE, rec, reason, detail, self.topics.deadletter,
                                                _tenant_hint(rec.value)))
         sending: list[asyncio.Task[None]] = []
         try:
-            if events:
-                unscorable = await self._score(events, sending)
-                dead.extend(dead_letter_record(SERVICE, rec, "unscorable", detail, self.topics.deadletter, ev.tenant_id)
-                            for rec, ev, detail in unscorable)
+            if inputs:
+                await self._apply_all(inputs, sending)
             if dead:
                 sending.append(asyncio.create_task(self._send(dead)))
             await asyncio.gather(*sending)
@@ -217,98 +235,103 @@ class ScoringHandler:
         with metrics.PHASE_SECONDS.labels("publish").time():
             await self.publish(records)
 
-    async def _score(self, events: list[tuple[InboundRecord, SrsSubmitted]],
-                     sending: list[asyncio.Task[None]]) -> list[tuple[InboundRecord, SrsSubmitted, str]]:
-        """Score, write state, and start publishing; returns the unscorable events."""
-        unscorable: dict[int, tuple[InboundRecord, SrsSubmitted, str]] = {}
-        published: set[tuple[str, str]] = set()  # (tenant, submission) already sent in this batch
-        remaining = events
+    async def _apply_all(self, inputs: list[tuple[InboundRecord, Input]], sending: list[asyncio.Task[None]]) -> None:
+        """Apply, write state, and start publishing each client's events (and the dead letters of
+        its refused records) once its state is written."""
+        remaining = inputs
         for _attempt in range(self.conflict_attempts):
-            keys = {self._key(ev) for _, ev in remaining}
+            keys = {client_key(ev.tenant_id, ev.client_id) for _, ev in remaining}
             with metrics.PHASE_SECONDS.labels("load").time():
                 states = await self.states.load(keys)
                 rules = await self.rules.get_many({ev.tenant_id for _, ev in remaining})
             with metrics.PHASE_SECONDS.labels("apply").time():
                 p = self._apply(remaining, states, rules)
-            for rec, ev, detail in p.unscorable:
-                unscorable.setdefault(id(rec), (rec, ev, detail))
-            # Series with nothing new were stored before: their events can go right away.
-            ready = self._outputs(p, [k for k in p.outcomes if k not in p.fresh], published)
+            # Clients whose record did not change were stored before: their events can go now.
+            ready = [r for k, rs in p.outputs.items() if k not in p.changed for r in rs]
             if ready:
                 sending.append(asyncio.create_task(self._send(ready)))
-            conflicts: set[SeriesKey] = set()
-            dirty = list(p.fresh)
+            conflicts: set[ClientKey] = set()
+            dirty = sorted(p.changed, key=lambda k: k.doc_id)
             for i in range(0, len(dirty), self.save_chunk):
                 chunk = dirty[i : i + self.save_chunk]
                 with metrics.PHASE_SECONDS.labels("save").time():
                     lost = await self.states.save({k: states[k] for k in chunk})
                 saved = [k for k in chunk if k not in lost]
                 metrics.STATE_WRITES.inc(len(saved))
-                self._count({k: p.fresh[k] for k in saved})
-                outputs = self._outputs(p, saved, published)
+                outputs = [r for k in saved for r in p.outputs.get(k, ())]
                 if outputs:
                     sending.append(asyncio.create_task(self._send(outputs)))
                 conflicts |= lost
             if not conflicts:
-                return list(unscorable.values())
-            # Another process wrote these series since we read them (a partition moved): read
-            # them again; its outcomes are now in the state and are what we publish.
+                return
+            # Another process wrote these clients since we read them (a partition moved): read
+            # them again; its decisions are now in the state and are what we publish.
             metrics.STATE_CONFLICTS.inc(len(conflicts))
-            log.warning("state conflict on %d series; re-reading", len(conflicts))
-            remaining = [(rec, ev) for rec, ev in remaining if self._key(ev) in conflicts]
+            log.warning("state conflict on %d clients; re-reading", len(conflicts))
+            remaining = [(rec, ev) for rec, ev in remaining if client_key(ev.tenant_id, ev.client_id) in conflicts]
         raise StateConflict(f"state kept changing under us after {self.conflict_attempts} attempts")
 
-    @staticmethod
-    def _key(ev: SrsSubmitted) -> SeriesKey:
-        return series_key(ev.tenant_id, ev.client_id, ev.instrument, ev.episode_id)
-
-    def _apply(self, events: list[tuple[InboundRecord, SrsSubmitted]], states: dict[SeriesKey, History],
+    def _apply(self, inputs: list[tuple[InboundRecord, Input]], states: dict[ClientKey, ClientState],
                rules: dict[str, TenantRules]) -> _Pass:
         p = _Pass()
-        for rec, ev in events:
-            key = self._key(ev)
-            try:
-                outcome, fresh = states[key].apply(_submission(ev), rules[ev.tenant_id], self.clock())
-            except Unscorable as exc:
-                p.unscorable.append((rec, ev, str(exc)))
-                continue
-            p.outcomes.setdefault(key, []).append((rec, ev, outcome))
-            if fresh:
-                p.fresh.setdefault(key, []).append((ev, outcome))
+        reemitted: set[ClientKey] = set()
+        for rec, ev in inputs:
+            key = client_key(ev.tenant_id, ev.client_id)
+            st = states[key]
+            tenant_rules = rules[ev.tenant_id]
+            now = self.clock()
+            step: Step
+            if isinstance(ev, ClientTransfer):
+                step = st.transfer(Transfer(ev.event_id, ev.site_id), tenant_rules, now)
             else:
+                step = st.submit(version_of(ev.submission_id, ev.instrument, ev.episode_id, ev.session_number,
+                                            ev.administered_at, ev.site_id, ev.clinician_id, ev.items, ev.total,
+                                            ev.accepted_at), tenant_rules, now)
+            if step.changed:
+                p.changed.add(key)
+            outputs: list[Output] = step.outputs
+            if step.redelivered:
                 metrics.REEMITTED.inc()
+                if key not in reemitted:  # once per client and batch: it is the whole record
+                    reemitted.add(key)
+                    outputs = st.current_outputs(tenant_rules)
+            corr = rec.headers.get(CORRELATION_HEADER) or getattr(ev, "submission_id", None) or ev.event_id
+            mine = p.outputs.setdefault(key, [])
+            mine.extend(self._records(ev.tenant_id, ev.client_id, outputs, corr))
+            if step.rejection is not None:
+                mine.append(dead_letter_record(SERVICE, rec, step.rejection.reason, step.rejection.detail,
+                                               self.topics.deadletter, ev.tenant_id))
+            self._count(ev, step, now)
         return p
 
-    @staticmethod
-    def _count(written: dict[SeriesKey, list[tuple[SrsSubmitted, Outcome]]]) -> None:
-        for pairs in written.values():
-            for ev, o in pairs:
-                if not o.scored:
-                    metrics.AUDITED.labels(ev.instrument.value).inc()
-                    continue
-                metrics.SCORED.labels(ev.instrument.value).inc()
-                metrics.SUBMISSION_TO_SCORED.observe(max(0.0, (o.scored_at - ev.accepted_at).total_seconds()))
-                if o.severity is not None:
-                    for trigger in o.triggers:
-                        metrics.DETERIORATION.labels(trigger, o.severity).inc()
-                    log.debug("deterioration alert", extra={
-                        "alert_id": ids.alert_id(ev.tenant_id, ev.submission_id),
-                        "submission_id": ev.submission_id, "tenant_id": ev.tenant_id})
-
-    def _outputs(self, p: _Pass, keys: Iterable[SeriesKey], published: set[tuple[str, str]]) -> list[OutboundRecord]:
-        """The events of the given series, in input order; each submission once per batch."""
+    def _records(self, tenant_id: str, client_id: str, outputs: Iterable[Output], corr: str) -> list[OutboundRecord]:
+        pkey = ids.partition_key(tenant_id, client_id)
         out: list[OutboundRecord] = []
-        for key in keys:
-            for rec, ev, o in p.outcomes[key]:
-                if not o.scored or (ev.tenant_id, ev.submission_id) in published:
-                    continue  # audit-only, or the same submission twice in one batch
-                published.add((ev.tenant_id, ev.submission_id))
-                pkey = ids.partition_key(ev.tenant_id, ev.client_id)
-                corr = rec.headers.get(CORRELATION_HEADER) or ev.submission_id
-                out.append(OutboundRecord(self.topics.scored, scored_event(ev, o).model_dump_json().encode(),
-                                          key=pkey, correlation_id=corr))
-                if o.severity is not None:
-                    out.append(OutboundRecord(self.topics.deterioration,
-                                              alert_event(ev, o).model_dump_json().encode(),
-                                              key=pkey, correlation_id=corr))
+        for o in outputs:
+            if isinstance(o, ScoredOut):
+                topic, body = self.topics.scored, scored_event(tenant_id, client_id, o).model_dump_json()
+            elif isinstance(o, AlertOut):
+                topic, body = self.topics.deterioration, alert_event(tenant_id, client_id, o).model_dump_json()
+            else:
+                topic, body = self.topics.alert_status, status_event(tenant_id, client_id, o).model_dump_json()
+            out.append(OutboundRecord(topic, body.encode(), key=pkey, correlation_id=corr))
         return out
+
+    @staticmethod
+    def _count(ev: Input, step: Step, now: datetime) -> None:
+        if not isinstance(ev, SrsSubmitted) or step.redelivered or not step.changed:
+            return
+        if step.audited:
+            metrics.AUDITED.labels(ev.instrument.value).inc()
+            return
+        if step.rejection is not None and step.rejection.reason != "duplicate":
+            return
+        metrics.SCORED.labels(ev.instrument.value).inc()
+        metrics.SUBMISSION_TO_SCORED.observe(max(0.0, (now - ev.accepted_at).total_seconds()))
+        for o in step.outputs:
+            if isinstance(o, AlertOut) and o.revision == 1:
+                for trigger in o.alert.triggers:
+                    metrics.DETERIORATION.labels(trigger, o.alert.severity).inc()
+            elif isinstance(o, StatusOut):
+                metrics.ALERT_STATUS.labels(o.status).inc()
+

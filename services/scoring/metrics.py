@@ -45,3 +45,8 @@ REEMITTED = Counter(
     "alliance_scoring_reemitted_total",
     "Submissions seen again (redelivery or duplicate) whose stored outcome was published again.",
 )
+ALERT_STATUS = Counter(
+    "alliance_scoring_alert_status_total",
+    "Alerts scoring ended: superseded (a later session was scored) or withdrawn (a correction cleared it).",
+    ["status"],
+)

@@ -7,9 +7,21 @@ Defaults (each overridable per tenant, and cutoff/operator/drop per instrument):
 - drop_from_previous: total - previous_total <= -1.0, previous = the closest earlier session
   number of the same client, instrument and episode;
 - low_not_improving: below cutoff in this session and in the previous one, and change <= 0;
-- item_below_threshold: any item < 9.0 (informational; not an alert trigger by default);
-- an alert is raised when a trigger holds AND the session is the client's latest; severity is
-  `critical` when two or more triggers hold or the drop is >= 3.0, else `warning`.
+- item_below_threshold: any item < 9.0 (informational; not an alert trigger by default; the
+  items are named in `low_items`);
+- an alert is raised when a trigger holds AND the session is the latest of the client's current
+  episode. Severity is `critical` when the session is below the cutoff and dropped, or dropped by
+  `critical_drop` (3.0) or more, or `low_not_improving` holds in this session and held in the
+  previous one (three low sessions without a rise); otherwise `warning`. Two triggers alone do
+  not make an alert critical: `low_not_improving` implies `below_cutoff`, so counting triggers
+  would call 30 -> 30 critical while 40 -> 37.1 stays a warning;
+- session_gap: a session more than 20 numbers above the highest of its episode is refused as a
+  probable typo (it would otherwise be the "latest" session for ever and silence the client).
+
+Sources (docs/clinical-records.md cites them): the SRS cutoff of 36 and "any drop" as a signal to
+discuss the alliance come from Duncan & Miller's PCOMS manual and Duncan et al. (2003), "The
+Session Rating Scale", Journal of Brief Therapy 3(1); the 3-point critical drop and the
+three-low-sessions rule are this product's defaults, configurable per tenant.
 
 Every number is rounded to one decimal before it is compared, so `35.1 + 0.9` is 36.0 and a
 change of `-0.9999999` is a drop of exactly 1.0, as a clinician reading the form would count.
@@ -68,6 +80,7 @@ class TenantRules:
     item_threshold: float = 9.0
     triggers: frozenset[str] = DEFAULT_TRIGGERS
     instruments: Mapping[str, InstrumentOverride] = field(default_factory=dict)
+    session_gap: int = 20
 
     def __post_init__(self) -> None:
         check_rules(self)
@@ -94,6 +107,7 @@ class TenantRules:
             "critical_drop": self.critical_drop,
             "item_threshold": self.item_threshold,
             "triggers": sorted(self.triggers, key=FLAG_NAMES.index),
+            "session_gap": self.session_gap,
             "instruments": {
                 name: {k: v for k, v in (("cutoff", o.cutoff), ("operator", o.operator), ("drop", o.drop))
                        if v is not None}
@@ -120,6 +134,7 @@ class TenantRules:
             item_threshold=float(doc.get("item_threshold", base.item_threshold)),
             triggers=frozenset(doc.get("triggers", base.triggers)),
             instruments=instruments,
+            session_gap=int(doc.get("session_gap", base.session_gap)),
         )
 
 
@@ -143,6 +158,8 @@ def check_rules(rules: TenantRules) -> None:
         raise ValueError(f"critical_drop must be > 0 and <= {MAX_TOTAL}, got {rules.critical_drop}")
     if not (0.0 <= rules.item_threshold <= MAX_ITEM):
         raise ValueError(f"item_threshold must be between 0 and {MAX_ITEM}, got {rules.item_threshold}")
+    if not (1 <= rules.session_gap <= 100_000):
+        raise ValueError(f"session_gap must be between 1 and 100000, got {rules.session_gap}")
     unknown = set(rules.triggers) - set(FLAG_NAMES)
     if unknown or not rules.triggers:
         raise ValueError(f"triggers must be a non-empty subset of {', '.join(FLAG_NAMES)}")
@@ -202,9 +219,21 @@ def item_below_threshold(items: Items | None, threshold: float = 9.0) -> bool:
     return items is not None and any(r1(v) < r1(threshold) for v in items.values())
 
 
-def is_latest(session_number: int, other_session_numbers: Iterable[int]) -> bool:
-    """No other session of the series has a higher number (a correction of the latest is latest)."""
-    return all(n <= session_number for n in other_session_numbers)
+def low_items(items: Items | None, threshold: float = 9.0) -> tuple[str, ...]:
+    """The items under the threshold, in form order (what the clinician should ask about)."""
+    if items is None:
+        return ()
+    return tuple(name for name, v in zip(ITEM_NAMES, items.values(), strict=True) if r1(v) < r1(threshold))
+
+
+def severity(flags: Iterable[str], change: float | None, previous_low_not_improving: bool,
+             rules: TenantRules) -> Severity:
+    """How urgent an alert with these flags is (see module docs)."""
+    holds = set(flags)
+    dropped_below = BELOW_CUTOFF in holds and DROP_FROM_PREVIOUS in holds
+    big_drop = change is not None and r1(change) <= -r1(rules.critical_drop)
+    persistent = LOW_NOT_IMPROVING in holds and previous_low_not_improving
+    return "critical" if dropped_below or big_drop or persistent else "warning"
 
 
 @dataclass(frozen=True)
@@ -215,20 +244,22 @@ class Alert:
     severity: Severity
 
 
-def alert_decision(flags: Iterable[str], change: float | None, latest: bool, rules: TenantRules) -> Alert | None:
+def alert_decision(flags: Iterable[str], change: float | None, latest: bool, rules: TenantRules,
+                   previous_low_not_improving: bool = False) -> Alert | None:
     """An alert when a trigger flag holds and the session is the latest; None otherwise."""
     if not latest:
         return None
+    flags = tuple(flags)
     triggers = tuple(f for f in FLAG_NAMES if f in set(flags) and f in rules.triggers)
     if not triggers:
         return None
-    big_drop = change is not None and r1(change) <= -r1(rules.critical_drop)
-    return Alert(triggers, "critical" if len(triggers) >= 2 or big_drop else "warning")
+    return Alert(triggers, severity(flags, change, previous_low_not_improving, rules))
 
 
 @dataclass(frozen=True)
 class Scoring:
-    """Everything the rules say about one session."""
+    """Everything the rules say about one session. `triggers` and `severity` are what an alert
+    would carry if the session were the latest (`alert` is set only when it is)."""
 
     total: float
     cutoff: float
@@ -237,11 +268,15 @@ class Scoring:
     flags: tuple[str, ...]
     latest: bool
     alert: Alert | None
+    triggers: tuple[str, ...] = ()
+    severity: Severity | None = None
+    low_items: tuple[str, ...] = ()
 
 
 def score(total: float, items: Items | None, previous_total: float | None, latest: bool,
-          rules: TenantRules) -> Scoring:
-    """Apply every rule to one session. `rules` must already be resolved for the instrument."""
+          rules: TenantRules, previous_low_not_improving: bool = False) -> Scoring:
+    """Apply every rule to one session. `rules` must already be resolved for the instrument;
+    `previous_low_not_improving` is whether `low_not_improving` held in the previous session."""
     total = r1(total)
     prev = None if previous_total is None else r1(previous_total)
     change = change_from_previous(total, prev)
@@ -252,5 +287,7 @@ def score(total: float, items: Items | None, previous_total: float | None, lates
         ITEM_BELOW_THRESHOLD: item_below_threshold(items, rules.item_threshold),
     }
     flags = tuple(f for f in FLAG_NAMES if holds[f])
-    return Scoring(total, r1(rules.cutoff), prev, change, flags, latest,
-                   alert_decision(flags, change, latest, rules))
+    would = alert_decision(flags, change, True, rules, previous_low_not_improving)
+    return Scoring(total, r1(rules.cutoff), prev, change, flags, latest, would if latest else None,
+                   would.triggers if would else (), would.severity if would else None,
+                   low_items(items, rules.item_threshold))

@@ -1,14 +1,16 @@
-"""Scoring's own collections: per-series state (`scoring_state`) and tenant rules (`scoring_rules`).
+"""Scoring's own collections: per-client state (`scoring_state`) and tenant rules (`scoring_rules`).
 
-One state document per (tenant, client, instrument, episode), holding every submission of the
-series with the outcome computed for it. A batch reads all its documents with one `find` and
-writes them back with one unordered `bulk_write` guarded by a version number: a series read at
-version 0 (new) is an insert, any other a replace-upsert filtered on `{_id, v: <version read>}`.
-If another process wrote the document in between, the insert or the upsert collides with the
-existing `_id` (E11000) and that document is reported as a conflict instead of being overwritten.
+One state document per (tenant, client), holding everything `series.ClientState` keeps: every
+accepted version of every submission (all instruments and episodes: episodes are derived across
+them, and the client's owning site is one per client), the rejections, and what was published
+per session slot and per alert. A batch reads all its documents with one `find` and writes them
+back with one unordered `bulk_write` guarded by a version number: a client read at version 0
+(new) is an insert, any other a replace-upsert filtered on `{_id, v: <version read>}`. If another
+process wrote the document in between, the insert or the upsert collides with the existing `_id`
+(E11000) and that document is reported as a conflict instead of being overwritten.
 
-`StateCache` keeps the series a process has written, so a batch reads from the store only the
-series it has not seen; the version check makes a stale cache entry harmless (see its docs).
+`StateCache` keeps the clients a process has written, so a batch reads from the store only the
+clients it has not seen; the version check makes a stale cache entry harmless (see its docs).
 """
 
 from __future__ import annotations
@@ -26,9 +28,8 @@ from pymongo import InsertOne, ReplaceOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
-from services.scoring.history import Entry, History, Outcome
 from services.scoring.rules import TenantRules
-from shared.events import Instrument
+from services.scoring.series import AlertRecord, ClientState, Published, Rejection, Version
 from shared.mongo import Document
 
 log = logging.getLogger("alliance.scoring.store")
@@ -39,18 +40,16 @@ DUPLICATE_KEY = 11000
 
 
 @dataclass(frozen=True)
-class SeriesKey:
-    """Which series a submission belongs to; one state document each."""
+class ClientKey:
+    """Whose record a submission belongs to; one state document each."""
 
     tenant_id: str
     client_id: str
-    instrument: str
-    episode_id: str | None
 
     @property
     def doc_id(self) -> str:
         # JSON keeps the parts unambiguous whatever characters the ids contain.
-        return json.dumps([self.tenant_id, self.client_id, self.instrument, self.episode_id], separators=(",", ":"))
+        return json.dumps([self.tenant_id, self.client_id], separators=(",", ":"))
 
 
 def _iso(dt: datetime) -> str:
@@ -62,51 +61,63 @@ def _dt(s: str) -> datetime:
     return datetime.fromisoformat(s)
 
 
-def outcome_doc(o: Outcome) -> Document:
+def _version_doc(v: Version) -> Document:
     """Short field names: the document is read and written on every batch."""
-    doc: Document = {"s": o.scored, "at": _iso(o.scored_at)}
-    if o.total is not None:
-        doc["t"] = o.total
-    if o.scored:
-        doc.update(c=o.cutoff, p=o.previous_total, d=o.change_from_previous, f=list(o.flags), l=o.latest)
-        if o.severity is not None:
-            doc.update(tr=list(o.triggers), sv=o.severity)
-    return doc
+    return {"sid": v.submission_id, "i": v.instrument, "e": v.episode_id, "n": v.session_number,
+            "at": _iso(v.administered_at), "s": v.site_id, "c": v.clinician_id,
+            "it": list(v.items) if v.items is not None else None, "t": v.total, "acc": _iso(v.accepted_at),
+            "d": v.digest}
 
 
-def outcome_from(doc: Document) -> Outcome:
-    return Outcome(
-        scored=bool(doc["s"]), scored_at=_dt(doc["at"]), total=doc.get("t"), cutoff=doc.get("c"),
-        previous_total=doc.get("p"), change_from_previous=doc.get("d"), flags=tuple(doc.get("f", ())),
-        latest=bool(doc.get("l", False)), triggers=tuple(doc.get("tr", ())), severity=doc.get("sv"),
-    )
+def _version_from(d: Document) -> Version:
+    items = d.get("it")
+    return Version(d["sid"], d["i"], d.get("e"), int(d["n"]), _dt(d["at"]), d["s"], d["c"],
+                   (items[0], items[1], items[2], items[3]) if items is not None else None, d.get("t"),
+                   _dt(d["acc"]), d["d"])
 
 
-def history_doc(key: SeriesKey, h: History, version: int) -> Document:
-    """The stored form of a series."""
-    subs = []
-    for sid, e in h.entries.items():
-        subs.append({"sid": sid, "n": e.session_number, "t": e.total, "acc": _iso(e.accepted_at),
-                     "o": outcome_doc(h.outcomes[sid])})
-    return {"tenant_id": key.tenant_id, "client_id": key.client_id, "instrument": key.instrument,
-            "episode_id": key.episode_id, "v": version, "updated_at": datetime.now(UTC), "subs": subs}
+def state_doc(key: ClientKey, st: ClientState, version: int) -> Document:
+    """The stored form of a client's state."""
+    return {
+        "tenant_id": key.tenant_id, "client_id": key.client_id, "v": version, "updated_at": datetime.now(UTC),
+        "owner": st.owner, "sv": st.site_version, "tx": list(st.transfers),
+        "subs": [_version_doc(v) for v in st.versions.values()],
+        "rej": [{"sid": sid, "acc": _iso(r.accepted_at), "d": r.digest, "r": r.reason, "x": r.detail}
+                for sid, r in st.rejected.items()],
+        "pub": [{"k": slot, "r": p.revision, "sid": p.submission_id, "d": p.digest, "at": _iso(p.at),
+                 "sup": p.supersedes, "l": p.latest, "vac": p.vacant} for slot, p in st.published.items()],
+        "sr": st.submission_revision,
+        "al": [{"id": aid, "r": a.revision, "st": a.state, "d": a.digest, "at": _iso(a.at), "s": a.site_id,
+                "c": a.clinician_id, "i": a.instrument, "e": a.episode_id, "n": a.session_number, "k": a.slot}
+               for aid, a in st.alerts.items()],
+    }
 
 
-def history_from(doc: Document) -> History:
-    h = History(version=int(doc.get("v", 0)))
-    for s in doc.get("subs", ()):
-        h.entries[s["sid"]] = Entry(s["sid"], int(s["n"]), s.get("t"), _dt(s["acc"]))
-        h.outcomes[s["sid"]] = outcome_from(s["o"])
-    return h
+def state_from(key: ClientKey, doc: Document) -> ClientState:
+    st = ClientState(key.tenant_id, key.client_id, owner=doc.get("owner"), site_version=int(doc.get("sv", 0)),
+                     transfers=list(doc.get("tx", ())), version=int(doc.get("v", 0)))
+    for d in doc.get("subs", ()):
+        v = _version_from(d)
+        st.versions[v.submission_id] = v
+    for r in doc.get("rej", ()):
+        st.rejected[r["sid"]] = Rejection(_dt(r["acc"]), r["d"], r["r"], r["x"])
+    for p in doc.get("pub", ()):
+        st.published[p["k"]] = Published(int(p["r"]), p["sid"], p["d"], _dt(p["at"]), p.get("sup"),
+                                         bool(p.get("l")), bool(p.get("vac")))
+    st.submission_revision = {str(k): int(v) for k, v in (doc.get("sr") or {}).items()}
+    for a in doc.get("al", ()):
+        st.alerts[a["id"]] = AlertRecord(int(a["r"]), a["st"], a["d"], _dt(a["at"]), a["s"], a["c"], a["i"], a["e"],
+                                         int(a["n"]), a["k"])
+    return st
 
 
 class StatePort(Protocol):
     """Where series state lives: `StateStore` (MongoDB), `StateCache` in front of it, or a dict
     in unit tests."""
 
-    async def load(self, keys: Iterable[SeriesKey]) -> dict[SeriesKey, History]: ...
+    async def load(self, keys: Iterable[ClientKey]) -> dict[ClientKey, ClientState]: ...
 
-    async def save(self, changed: dict[SeriesKey, History]) -> set[SeriesKey]: ...
+    async def save(self, changed: dict[ClientKey, ClientState]) -> set[ClientKey]: ...
 
 
 class StateStore:
@@ -115,29 +126,25 @@ class StateStore:
     def __init__(self, db: AsyncDatabase[Document]) -> None:
         self._col = db[STATES]
 
-    async def client_series(self, tenant_id: str, client_id: str) -> list[Document]:
-        """Every series of one client (operators, tests), by a range scan of `_id`, whose JSON
-        form starts with tenant and client. There is no secondary index on purpose: scoring
-        reads and writes by `_id` only, and an index costs every state write (~40% of the write
-        rate on the local store)."""
-        prefix = json.dumps([tenant_id, client_id], separators=(",", ":"))[:-1] + ","
-        cursor = self._col.find({"_id": {"$gte": prefix, "$lt": prefix + "\U0010ffff"}})
-        return [doc async for doc in cursor]
+    async def client_state(self, tenant_id: str, client_id: str) -> Document | None:
+        """The stored state of one client (operators, tests)."""
+        return await self._col.find_one({"_id": ClientKey(tenant_id, client_id).doc_id})
 
-    async def load(self, keys: Iterable[SeriesKey]) -> dict[SeriesKey, History]:
-        """The stored series for `keys` (empty ones for series never seen), in one query."""
+    async def load(self, keys: Iterable[ClientKey]) -> dict[ClientKey, ClientState]:
+        """The stored state of `keys` (empty ones for clients never seen), in one query."""
         by_id = {k.doc_id: k for k in keys}
-        out = {k: History() for k in by_id.values()}
+        out = {k: ClientState(k.tenant_id, k.client_id) for k in by_id.values()}
         if not by_id:
             return out
         async for doc in self._col.find({"_id": {"$in": list(by_id)}}):
-            out[by_id[doc["_id"]]] = history_from(doc)
+            key = by_id[doc["_id"]]
+            out[key] = state_from(key, doc)
         return out
 
-    async def save(self, changed: dict[SeriesKey, History]) -> set[SeriesKey]:
-        """Write the series in one bulk write; returns the ones another writer got to first.
+    async def save(self, changed: dict[ClientKey, ClientState]) -> set[ClientKey]:
+        """Write the clients' states in one bulk write; returns the ones another writer got to first.
 
-        Written series get their version bumped in memory.
+        Written states get their version bumped in memory.
         """
         if not changed:
             return set()
@@ -145,12 +152,12 @@ class StateStore:
         ops: list[InsertOne[Document] | ReplaceOne[Document]] = []
         for k in keys:
             h = changed[k]
-            doc = history_doc(k, h, h.version + 1)
+            doc = state_doc(k, h, h.version + 1)
             if h.version == 0:
                 ops.append(InsertOne({"_id": k.doc_id, **doc}))
             else:
                 ops.append(ReplaceOne({"_id": k.doc_id, "v": h.version}, doc, upsert=True))
-        conflicts: set[SeriesKey] = set()
+        conflicts: set[ClientKey] = set()
         try:
             await self._col.bulk_write(ops, ordered=False)
         except BulkWriteError as exc:
@@ -166,26 +173,26 @@ class StateStore:
 
 
 class StateCache:
-    """The series this process wrote or read last, in front of a `StateStore` (LRU-bounded).
+    """The clients this process wrote or read last, in front of a `StateStore` (LRU-bounded).
 
     Safe without invalidation on rebalances: an entry only ever holds a state that was in the
-    store at some point. If another process has written the series since (the partition moved
-    away and back), a submission scored against the stale entry cannot be published, because
-    the write that must precede publishing is filtered on the stale version and conflicts; the
-    conflict evicts the entry and the batch re-reads the store. A stale entry can also answer a
-    redelivered submission from its outcomes, but outcomes are never changed once written, so
-    that answer is the one in the store.
+    store at some point. If another process has written the client since (the partition moved
+    away and back), a submission applied to the stale entry cannot be published, because the
+    write that must precede publishing is filtered on the stale version and conflicts; the
+    conflict evicts the entry and the batch re-reads the store. A stale entry can also take a
+    redelivered submission for a redelivery and re-emit what the entry shows; what it shows was
+    published before, and the revisions the store holds since are greater, so consumers keep them.
     """
 
-    def __init__(self, store: StatePort, max_series: int = 20_000) -> None:
+    def __init__(self, store: StatePort, max_clients: int = 20_000) -> None:
         self._store = store
-        self._max = max_series
-        self._lru: OrderedDict[SeriesKey, History] = OrderedDict()
+        self._max = max_clients
+        self._lru: OrderedDict[ClientKey, ClientState] = OrderedDict()
 
-    async def load(self, keys: Iterable[SeriesKey]) -> dict[SeriesKey, History]:
+    async def load(self, keys: Iterable[ClientKey]) -> dict[ClientKey, ClientState]:
         """Copies of the cached series; the others read from the store in one query."""
-        out: dict[SeriesKey, History] = {}
-        missing: list[SeriesKey] = []
+        out: dict[ClientKey, ClientState] = {}
+        missing: list[ClientKey] = []
         for k in keys:
             hit = self._lru.get(k)
             if hit is None:
@@ -200,7 +207,7 @@ class StateCache:
             out.update(loaded)
         return out
 
-    async def save(self, changed: dict[SeriesKey, History]) -> set[SeriesKey]:
+    async def save(self, changed: dict[ClientKey, ClientState]) -> set[ClientKey]:
         """Write through; written series are remembered, conflicting ones forgotten."""
         try:
             conflicts = await self._store.save(changed)
@@ -215,7 +222,7 @@ class StateCache:
                 self._remember(k, h.copy())
         return conflicts
 
-    def _remember(self, key: SeriesKey, h: History) -> None:
+    def _remember(self, key: ClientKey, h: ClientState) -> None:
         if self._max <= 0:
             return
         self._lru[key] = h
@@ -282,6 +289,6 @@ class RulesStore:
         self._cache.pop(tenant, None)
 
 
-def series_key(tenant_id: str, client_id: str, instrument: Instrument | str, episode_id: str | None) -> SeriesKey:
-    """The series of a submission."""
-    return SeriesKey(tenant_id, client_id, str(instrument), episode_id)
+def client_key(tenant_id: str, client_id: str) -> ClientKey:
+    """The record a submission belongs to."""
+    return ClientKey(tenant_id, client_id)

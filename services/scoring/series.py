@@ -1,0 +1,543 @@
+"""One client's clinical record as scoring keeps it: pure, in memory, no I/O, no clock.
+
+`store.py` maps a `ClientState` to one MongoDB document per (tenant, client). The contract this
+implements is docs/clinical-records.md; the shape of the algorithm is:
+
+    what was submitted (inputs)  --derive-->  what the record shows (a View)
+    what the record showed       --diff---->  the events that tell everyone the difference
+
+1. **Inputs.** For every submission id, its newest accepted version (`Version`), and the client's
+   owning site. Nothing else is an input: in particular no earlier *decision* is.
+2. **View** (`derive`). Versions naming the same session are grouped; the newest accepted is
+   current. Sessions without an episode id are put in episodes by the order they were
+   administered (a restart of the numbering begins a new episode). Every session of every episode
+   is scored against its previous session with the tenant's rules, and the latest session of the
+   current episode is the one that may hold an alert. The view is a function of the set of
+   current versions and the rules alone, so it does not depend on the order the versions arrived
+   in, nor on duplicates.
+3. **Diff** (`_publish`). What was published last is kept per session slot (revision, digest of
+   what it showed) and per alert (revision, lifecycle). A slot whose digest changed gets a new
+   scored event with `revision` + 1; an alert whose content changed is raised again with
+   `revision` + 1; an alert that is no longer the latest's is `superseded`, or `withdrawn` when a
+   correction cleared its triggers or its session left the episode. Consumers keep the greatest
+   revision per key, so they converge on the view whatever they receive in between.
+
+Decisions that depend on the state at arrival (a `session_gap` or `site_conflict` rejection, an
+identical resend under a new id rejected as `duplicate`) are stored with the version they
+rejected, so a redelivery of that record gets the same answer even after later records changed
+the state. A record seen before (same submission, same accepted time, same content) is a
+*redelivery*: the step changes nothing and returns `redelivered=True`, and the handler re-emits
+everything the record currently shows (`current_outputs`), because the first attempt's events may
+not have reached the broker before a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Literal
+
+from services.scoring import rules as R
+from shared import ids
+from shared.events import SCORED_INSTRUMENTS, Instrument, Items, Operator, Severity
+
+DERIVED_PREFIX = "auto/"
+MAX_TRANSFER_IDS = 32
+
+RejectReason = Literal["site_conflict", "session_gap", "duplicate", "unscorable"]
+AlertState = Literal["raised", "superseded", "withdrawn"]
+
+
+def _utc(ts: datetime) -> datetime:
+    return ts.astimezone(UTC) if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Version:
+    """One accepted version of a submission: everything the submitter said about the session."""
+
+    submission_id: str
+    instrument: str
+    episode_id: str | None
+    session_number: int
+    administered_at: datetime
+    site_id: str
+    clinician_id: str
+    items: tuple[float, float, float, float] | None
+    total: float | None
+    accepted_at: datetime
+    digest: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.digest:
+            object.__setattr__(self, "digest", content_digest(self))
+
+    def order(self) -> tuple[datetime, str]:
+        """Which of two versions is newer: later accepted, then (a tie) the larger digest."""
+        return (_utc(self.accepted_at), self.digest)
+
+    def session_key(self) -> tuple[str, ...]:
+        """Which session the version names (see module docs of the contract: without an episode
+        id, the UTC date of administration is part of the identity)."""
+        if self.episode_id is not None:
+            return (self.instrument, "e", self.episode_id, str(self.session_number))
+        return (self.instrument, "d", _utc(self.administered_at).date().isoformat(), str(self.session_number))
+
+    def items_model(self) -> Items | None:
+        if self.items is None:
+            return None
+        r, g, a, o = self.items
+        return Items(relationship=r, goals=g, approach=a, overall=o)
+
+
+def content_digest(v: Version) -> str:
+    """A digest of what the submitter said (not of when it was accepted, nor its id)."""
+    doc = [v.instrument, v.episode_id, v.session_number, _utc(v.administered_at).isoformat(), v.site_id,
+           v.clinician_id, list(v.items) if v.items is not None else None, v.total]
+    return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """An admin's request to move the client to another site."""
+
+    event_id: str
+    site_id: str
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A version scoring refused, kept so that a redelivery gets the same answer."""
+
+    accepted_at: datetime
+    digest: str
+    reason: RejectReason
+    detail: str
+
+
+# --- the view -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionView:
+    """What the record shows for one session (a slot: instrument, episode, number)."""
+
+    version: Version
+    episode_id: str
+    episode_derived: bool
+    site_id: str
+    site_version: int
+    total: float
+    cutoff: float
+    operator: Operator
+    previous_total: float | None
+    change_from_previous: float | None
+    flags: tuple[str, ...]
+    triggers: tuple[str, ...]
+    severity: Severity | None
+    low_items: tuple[str, ...]
+    latest: bool
+
+    @property
+    def slot(self) -> str:
+        return slot_key(self.version.instrument, self.episode_id, self.version.session_number)
+
+    def digest(self) -> str:
+        """Everything a scored event shows except `latest` (a point-in-time fact: a new session
+        would otherwise re-publish its predecessor) and the revision bookkeeping."""
+        v = self.version
+        doc = [v.submission_id, v.digest, self.episode_id, self.site_id, self.site_version, self.total, self.cutoff,
+               self.operator, self.previous_total, self.change_from_previous, list(self.flags),
+               list(self.triggers), self.severity, list(self.low_items)]
+        return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class AlertView:
+    """The alert the latest session of a current episode holds."""
+
+    alert_id: str
+    session: SessionView
+    triggers: tuple[str, ...]
+    severity: Severity
+    site_id: str  # the site the alert was first raised for (a transfer does not move an alert)
+
+    def digest(self) -> str:
+        s, v = self.session, self.session.version
+        doc = [v.submission_id, v.digest, list(self.triggers), self.severity, s.total, s.previous_total,
+               s.change_from_previous, s.cutoff, list(s.low_items), self.site_id]
+        return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class View:
+    sessions: dict[str, SessionView]  # by slot
+    alerts: dict[str, AlertView]  # by alert id
+    current: frozenset[str]  # submission ids that represent their session (their events are shown)
+    members: frozenset[str]  # ... and the identical resends of those (not superseded)
+    slot_of_key: dict[tuple[str, ...], str]  # session key of each current version -> its slot
+
+
+def slot_key(instrument: str, episode_id: str, session_number: int) -> str:
+    return "\x1f".join((instrument, episode_id, str(session_number)))
+
+
+def derived_episode_id(first: Version) -> str:
+    """`auto/<UTC date of the episode's first session>/<its number>` (see the contract)."""
+    return f"{DERIVED_PREFIX}{_utc(first.administered_at).date().isoformat()}/{first.session_number}"
+
+
+def _administered(v: Version) -> tuple[datetime, int, str]:
+    return (_utc(v.administered_at), v.session_number, v.submission_id)
+
+
+def current_versions(versions: Iterable[Version]) -> tuple[dict[tuple[str, ...], Version], set[str]]:
+    """The current version of each session, and the ids whose version is the session's content.
+
+    Versions of one session are grouped by content: the content accepted last wins, and it is
+    represented by the version of it accepted FIRST (ties: the smaller id). So an identical resend
+    under a new id changes nothing, whatever order the two arrive in; the resend's id is a member
+    of the winning group (the second value), not superseded.
+    """
+    groups: dict[tuple[str, ...], dict[str, list[Version]]] = {}
+    for v in versions:
+        groups.setdefault(v.session_key(), {}).setdefault(v.digest, []).append(v)
+    by_key: dict[tuple[str, ...], Version] = {}
+    members: set[str] = set()
+    for key, contents in groups.items():
+        winner = max(contents.values(), key=lambda g: (max(_utc(v.accepted_at) for v in g), g[0].digest))
+        by_key[key] = min(winner, key=lambda v: (_utc(v.accepted_at), v.submission_id))
+        members.update(v.submission_id for v in winner)
+    return by_key, members
+
+
+def episodes_of(current: Iterable[Version]) -> dict[str, list[tuple[str, bool, list[Version]]]]:
+    """Per instrument, its episodes: (episode id, derived?, sessions by number)."""
+    by_instrument: dict[str, list[Version]] = {}
+    for v in current:
+        by_instrument.setdefault(v.instrument, []).append(v)
+    out: dict[str, list[tuple[str, bool, list[Version]]]] = {}
+    for instrument, vs in by_instrument.items():
+        episodes: list[tuple[str, bool, list[Version]]] = []
+        given: dict[str, list[Version]] = {}
+        for v in vs:
+            if v.episode_id is not None:
+                given.setdefault(v.episode_id, []).append(v)
+        for eid, members in sorted(given.items()):
+            episodes.append((eid, False, sorted(members, key=lambda x: x.session_number)))
+        run: list[Version] = []
+        for v in sorted((v for v in vs if v.episode_id is None), key=_administered):
+            if run and v.session_number <= run[-1].session_number:
+                episodes.append((derived_episode_id(run[0]), True, run))
+                run = []
+            run.append(v)
+        if run:
+            episodes.append((derived_episode_id(run[0]), True, run))
+        out[instrument] = episodes
+    return out
+
+
+def derive(versions: Iterable[Version], owner: str | None, site_version: int, rules: R.TenantRules,
+           tenant_id: str, client_id: str, alert_sites: Mapping[str, str] | None = None) -> View:
+    """What the record shows: every current session scored, and the alerts (see module docs)."""
+    by_key, resends = current_versions(v for v in versions if v.instrument in _SCORED)
+    sessions: dict[str, SessionView] = {}
+    alerts: dict[str, AlertView] = {}
+    slot_of: dict[tuple[str, ...], str] = {}
+    for instrument, episodes in episodes_of(by_key.values()).items():
+        resolved = rules.for_instrument(instrument)
+        newest = max((v for _, _, vs in episodes for v in vs), key=_administered)
+        for eid, derived, members in episodes:
+            is_current = any(v is newest for v in members)
+            prev: Version | None = None
+            prev_total: float | None = None
+            prev_lni = False
+            for i, v in enumerate(members):
+                latest = is_current and i == len(members) - 1
+                total = R.total_of(v.items_model(), v.total)
+                s = R.score(total, v.items_model(), prev_total, latest, resolved, prev_lni)
+                view = SessionView(v, eid, derived, owner or v.site_id, site_version, s.total, s.cutoff,
+                                   resolved.operator, s.previous_total, s.change_from_previous, s.flags,
+                                   s.triggers, s.severity, s.low_items, latest)
+                sessions[view.slot] = view
+                slot_of[v.session_key()] = view.slot
+                if s.alert is not None:
+                    aid = ids.alert_id(tenant_id, client_id, instrument, eid, v.session_number)
+                    site = (alert_sites or {}).get(aid, view.site_id)
+                    alerts[aid] = AlertView(aid, view, s.alert.triggers, s.alert.severity, site)
+                prev, prev_total = v, s.total
+                prev_lni = R.LOW_NOT_IMPROVING in s.flags
+            del prev
+    return View(sessions, alerts, frozenset(v.submission_id for v in by_key.values()), frozenset(resends), slot_of)
+
+
+_SCORED = frozenset(i.value for i in SCORED_INSTRUMENTS)
+
+
+# --- what was published ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Published:
+    """The last scored event of a slot. `vacant`: no session holds the slot any more (its
+    revision is kept so that a session coming back continues the count)."""
+
+    revision: int
+    submission_id: str
+    digest: str
+    at: datetime
+    supersedes: str | None = None
+    latest: bool = False
+    vacant: bool = False
+
+
+@dataclass(frozen=True)
+class AlertRecord:
+    """The last thing published about an alert, and enough to publish a status change."""
+
+    revision: int
+    state: AlertState
+    digest: str
+    at: datetime
+    site_id: str
+    clinician_id: str
+    instrument: str
+    episode_id: str
+    session_number: int
+    slot: str
+
+
+# --- outputs --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScoredOut:
+    session: SessionView
+    revision: int
+    supersedes: str | None
+    at: datetime
+    latest: bool
+
+
+@dataclass(frozen=True)
+class AlertOut:
+    alert: AlertView
+    revision: int
+    at: datetime
+
+
+@dataclass(frozen=True)
+class StatusOut:
+    alert_id: str
+    record: AlertRecord
+    status: Literal["superseded", "withdrawn"]
+
+
+Output = ScoredOut | AlertOut | StatusOut
+
+
+@dataclass
+class Step:
+    """What applying one input did."""
+
+    outputs: list[Output] = field(default_factory=list)
+    rejection: Rejection | None = None
+    redelivered: bool = False
+    changed: bool = False
+    audited: bool = False  # stored, never scored (YCSRS)
+
+
+# --- the state ------------------------------------------------------------------------------
+
+
+@dataclass
+class ClientState:
+    """Inputs and what was published, for one (tenant, client); `version` guards writers."""
+
+    tenant_id: str
+    client_id: str
+    owner: str | None = None
+    site_version: int = 0
+    transfers: list[str] = field(default_factory=list)
+    versions: dict[str, Version] = field(default_factory=dict)
+    rejected: dict[str, Rejection] = field(default_factory=dict)
+    published: dict[str, Published] = field(default_factory=dict)
+    submission_revision: dict[str, int] = field(default_factory=dict)
+    alerts: dict[str, AlertRecord] = field(default_factory=dict)
+    version: int = 0
+
+    def copy(self) -> ClientState:
+        """An independent copy (the values are immutable, so copying the containers suffices)."""
+        return replace(self, transfers=list(self.transfers), versions=dict(self.versions),
+                       rejected=dict(self.rejected), published=dict(self.published),
+                       submission_revision=dict(self.submission_revision), alerts=dict(self.alerts))
+
+    def view(self, rules: R.TenantRules) -> View:
+        sites = {aid: a.site_id for aid, a in self.alerts.items()}
+        return derive(self.versions.values(), self.owner, self.site_version, rules, self.tenant_id, self.client_id,
+                      sites)
+
+    # ---- inputs -----------------------------------------------------------------------------
+
+    def submit(self, v: Version, rules: R.TenantRules, now: datetime) -> Step:
+        """Apply one submitted version (see module docs); the state changes only when accepted."""
+        known = self.versions.get(v.submission_id)
+        rejected = self.rejected.get(v.submission_id)
+        same_rejection = (rejected if rejected is not None and rejected.accepted_at == v.accepted_at
+                          and rejected.digest == v.digest else None)
+        if known is not None and known.accepted_at == v.accepted_at and known.digest == v.digest:
+            return Step(redelivered=True, rejection=same_rejection)
+        if same_rejection is not None:
+            return Step(rejection=same_rejection)
+        if known is not None and (known.order() >= v.order() or known.digest == v.digest):
+            return Step()  # an older version arriving late, or an identical resend: nothing changes
+        if v.instrument not in _SCORED:
+            self.versions[v.submission_id] = v
+            self.owner = self.owner or v.site_id
+            return Step(changed=True, audited=True)
+        refusal = self._refusal(v, rules)
+        if refusal is not None and refusal[0] != "duplicate":
+            reason, detail = refusal
+            rej = Rejection(v.accepted_at, v.digest, reason, detail)
+            self.rejected[v.submission_id] = rej
+            return Step(rejection=rej, changed=True)
+        # An identical resend under a new id is kept (so that the record does not depend on which
+        # of the two arrived first) but changes nothing; its submitter is told `duplicate`.
+        notice = None
+        if refusal is not None:
+            notice = Rejection(v.accepted_at, v.digest, "duplicate", refusal[1])
+            self.rejected[v.submission_id] = notice
+        self.versions[v.submission_id] = v
+        self.owner = self.owner or v.site_id
+        return Step(outputs=self._publish(self.view(rules), now), rejection=notice, changed=True)
+
+    def transfer(self, t: Transfer, rules: R.TenantRules, now: datetime) -> Step:
+        """Move the client to another site; every current session is re-published with it."""
+        if t.event_id in self.transfers:
+            return Step(redelivered=True)
+        self.transfers = [*self.transfers, t.event_id][-MAX_TRANSFER_IDS:]
+        if self.owner == t.site_id:
+            return Step(changed=True)
+        self.owner = t.site_id
+        self.site_version += 1
+        return Step(outputs=self._publish(self.view(rules), now), changed=True)
+
+    def _refusal(self, v: Version, rules: R.TenantRules) -> tuple[RejectReason, str] | None:
+        if self.owner is not None and v.site_id != self.owner:
+            return "site_conflict", (f"client belongs to site '{self.owner}', not '{v.site_id}'; an admin can "
+                                     "transfer it (POST /v1/clients/{client_id}/transfer)")
+        try:
+            R.total_of(v.items_model(), v.total)
+        except R.Unscorable as exc:
+            return "unscorable", str(exc)
+        others = [o for sid, o in self.versions.items() if sid != v.submission_id]
+        by_key, _ = current_versions(others)
+        same = by_key.get(v.session_key())
+        if same is not None:
+            if same.digest == v.digest:
+                return "duplicate", f"identical to submission '{same.submission_id}', which is already recorded"
+            return None  # a correction of an existing session: never a gap
+        tentative = dict(by_key)
+        tentative[v.session_key()] = v
+        for eid, _derived, members in episodes_of(tentative.values()).get(v.instrument, []):
+            if any(m is v for m in members):
+                rest = [m.session_number for m in members if m is not v]
+                gap = rules.session_gap
+                if rest and v.session_number > max(rest) + gap:
+                    return "session_gap", (f"session_number {v.session_number} is more than {gap} above the "
+                                           f"highest session of episode '{eid}' ({max(rest)}); a typo?")
+        return None
+
+    # ---- outputs ----------------------------------------------------------------------------
+
+    def _publish(self, view: View, now: datetime) -> list[Output]:
+        """Diff the view against what was published; record and return what must be published now."""
+        out: list[Output] = []
+        for slot in sorted(view.sessions):
+            sv = view.sessions[slot]
+            sid = sv.version.submission_id
+            p = self.published.get(slot)
+            digest = sv.digest()
+            if p is not None and not p.vacant and p.submission_id == sid and p.digest == digest:
+                continue
+            rev = max(p.revision if p else 0, self.submission_revision.get(sid, 0)) + 1
+            sup = p.submission_id if (p is not None and not p.vacant and p.submission_id != sid
+                                      and p.submission_id not in view.current) else None
+            out.append(self._scored(slot, sv, rev, sup, now))
+        for slot, p in list(self.published.items()):
+            if slot not in view.sessions and not p.vacant:
+                self.published[slot] = replace(p, vacant=True)
+        # A version that lost to a newer one before anything was said about it (it arrived late):
+        # the session's current event is published again naming it, so its submitter learns.
+        for sid, v in sorted(self.versions.items()):
+            if sid in view.members or sid in self.submission_revision or v.instrument not in _SCORED:
+                continue
+            holder = view.slot_of_key.get(v.session_key())
+            if holder is None:
+                continue
+            out.append(self._scored(holder, view.sessions[holder], self.published[holder].revision + 1, sid, now))
+        out.extend(self._alerts(view, now))
+        return out
+
+    def _scored(self, slot: str, sv: SessionView, rev: int, supersedes: str | None, now: datetime) -> ScoredOut:
+        sid = sv.version.submission_id
+        self.published[slot] = Published(rev, sid, sv.digest(), now, supersedes, sv.latest)
+        self.submission_revision[sid] = rev
+        if supersedes is not None:
+            self.submission_revision[supersedes] = rev
+        return ScoredOut(sv, rev, supersedes, now, sv.latest)
+
+    def _alerts(self, view: View, now: datetime) -> list[Output]:
+        out: list[Output] = []
+        for aid in sorted(view.alerts):
+            av = view.alerts[aid]
+            rec = self.alerts.get(aid)
+            digest = av.digest()
+            if rec is not None and rec.state == "raised" and rec.digest == digest:
+                continue
+            rev = rec.revision + 1 if rec is not None else 1
+            s = av.session
+            self.alerts[aid] = AlertRecord(rev, "raised", digest, now, av.site_id, s.version.clinician_id,
+                                           s.version.instrument, s.episode_id, s.version.session_number, s.slot)
+            out.append(AlertOut(av, rev, now))
+        for aid, rec in sorted(self.alerts.items()):
+            if aid in view.alerts or rec.state != "raised":
+                continue
+            session = view.sessions.get(rec.slot)
+            cleared = session is None or not session.triggers
+            status: Literal["superseded", "withdrawn"] = "withdrawn" if cleared else "superseded"
+            ended = replace(rec, state=status, at=now)
+            self.alerts[aid] = ended
+            out.append(StatusOut(aid, ended, status))
+        return out
+
+    def current_outputs(self, rules: R.TenantRules) -> list[Output]:
+        """Everything the record shows now, as it was published (same revisions, same times):
+        what a redelivered input re-emits."""
+        view = self.view(rules)
+        out: list[Output] = []
+        for slot, p in sorted(self.published.items()):
+            sv = view.sessions.get(slot)
+            if p.vacant or sv is None or sv.digest() != p.digest:
+                continue  # cannot happen after a completed step; never publish what was not decided
+            out.append(ScoredOut(sv, p.revision, p.supersedes, p.at, p.latest))
+        for aid, rec in sorted(self.alerts.items()):
+            if rec.state == "raised":
+                av = view.alerts.get(aid)
+                if av is not None and av.digest() == rec.digest:
+                    out.append(AlertOut(av, rec.revision, rec.at))
+            else:
+                out.append(StatusOut(aid, rec, rec.state))
+        return out
+
+
+def version_of(submission_id: str, instrument: Instrument | str, episode_id: str | None, session_number: int,
+               administered_at: datetime, site_id: str, clinician_id: str, items: Items | None,
+               total: float | None, accepted_at: datetime) -> Version:
+    """A `Version` from the fields of a submitted event."""
+    return Version(submission_id, str(instrument), episode_id, session_number, administered_at, site_id,
+                   clinician_id, None if items is None else items.values(), None if items is not None else total,
+                   accepted_at)
