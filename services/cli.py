@@ -114,6 +114,7 @@ def _mount_service_commands() -> None:
     from services.scoring import cli as scoring_cli
 
     app.add_typer(intake_cli.app, name="intake")
+    app.add_typer(intake_cli.clients_app, name="clients")
     app.add_typer(scoring_cli.app, name="scoring")
     app.add_typer(alerts_cli.app, name="alerts")
     app.add_typer(reporting_cli.app, name="reporting")

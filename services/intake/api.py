@@ -7,13 +7,16 @@ Order of checks for every submission request (the first that fails answers):
 
 Nothing is half-accepted: a 503 means the client must retry, with the same `submission_id`
 (which the 503 body repeats when the server generated it), and downstream dedupes on it.
+
+A client transfer (`POST /v1/clients/{client_id}/transfer`) is checked in the same order: 401/403
+key (role `admin`, and not bound to a site) -> 413/415 -> 422 JSON and ids -> 429 -> 503 -> 202.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -21,16 +24,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
-from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
+from fastapi import APIRouter, FastAPI, HTTPException, Path, Request, Response
 from pydantic_core import from_json, to_json
 from pymongo.errors import PyMongoError
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.intake import csvformat, metrics
-from services.intake.csvformat import CsvRow, parse_csv
+from services.intake.csvformat import CsvRow, parse_csv, session_submission_id
 from services.intake.metrics import Reason
 from services.intake.models import (
+    ID_PATTERN,
     Accepted,
     BatchIn,
     BatchOut,
@@ -38,21 +42,40 @@ from services.intake.models import (
     FieldError,
     Outgoing,
     SubmissionIn,
+    TransferAccepted,
+    TransferIn,
+    check_id,
     check_submission,
+    check_transfer,
     claimed_submission_id,
     outgoing,
+    transfer_event,
+    transfer_record,
 )
 from services.intake.ratelimit import RateLimiter, retry_after_header
 from services.intake.settings import IntakeSettings
-from shared.auth import KeyStore, Principal, require
+from shared.auth import KeyStore, Principal, Role, require
 from shared.http import Runtime, error_body
 from shared.kafka import JSON_HEADERS
 
 log = logging.getLogger("alliance.intake")
 
 CORRELATION_HEADER = "X-Correlation-ID"
-ROUTES = frozenset({"/v1/submissions", "/v1/submissions/batch", "/v1/submissions/csv", "/healthz", "/readyz",
-                    "/metrics", "/openapi.json", "/docs"})
+TRANSFER_ROUTE = "/v1/clients/{client_id}/transfer"
+ROUTES = frozenset({"/v1/submissions", "/v1/submissions/batch", "/v1/submissions/csv", TRANSFER_ROUTE, "/healthz",
+                    "/readyz", "/metrics", "/openapi.json", "/docs"})
+# Routes with path parameters: their metrics label is the template, never the concrete path.
+_TEMPLATES: tuple[tuple[re.Pattern[str], str], ...] = ((re.compile(r"^/v1/clients/.+/transfer$"), TRANSFER_ROUTE),)
+
+
+def route_label(path: str) -> str:
+    """The metrics label of a request path: one of `ROUTES`, or `other` (bounded cardinality)."""
+    if path in ROUTES:
+        return path
+    for pattern, template in _TEMPLATES:
+        if pattern.match(path):
+            return template
+    return "other"
 
 
 def valid_correlation_id(value: str | None) -> bool:
@@ -79,8 +102,7 @@ class HttpMiddleware:
         if not valid_correlation_id(cid):
             cid = str(uuid.uuid4())
         scope.setdefault("state", {})["correlation_id"] = cid
-        path = scope.get("path", "")
-        route = path if path in ROUTES else "other"
+        route = route_label(scope.get("path", ""))
         status = 500
         header = (b"x-correlation-id", cid.encode())
 
@@ -125,8 +147,9 @@ class SubmissionPublisher:
                 # One send per record without waiting (no_confirm), then all acks together:
                 # a batch costs one round trip to the broker, not one per record.
                 futures = [
-                    await self._publish(r.value, key=r.key, headers=JSON_HEADERS, correlation_id=correlation_id,
-                                        no_confirm=True)
+                    await self._publish(r.value, key=r.key,
+                                        headers=JSON_HEADERS if r.headers is None else {**JSON_HEADERS, **r.headers},
+                                        correlation_id=correlation_id, no_confirm=True)
                     for r in records
                 ]
                 await asyncio.gather(*futures)
@@ -150,26 +173,27 @@ class Context:
     limiter: RateLimiter
 
     def __post_init__(self) -> None:
-        self._require = require(lambda: self.keys, "submit")
+        self._require = {role: require(lambda: self.keys, role) for role in ("submit", "admin")}
 
-    async def authenticate(self, request: Request) -> Principal:
-        """The caller's key (401/403), or 503 when the key store does not answer in time."""
+    async def authenticate(self, request: Request, role: Role = "submit") -> Principal:
+        """The caller's key with `role` (401/403), or 503 when the key store does not answer in time."""
+        count = metrics.count if role == "submit" else metrics.count_transfers
         try:
             async with asyncio.timeout(self.settings.auth_timeout_seconds):
-                return await self._require(request)
+                return await self._require[role](request)
         except HTTPException as exc:
-            metrics.count("rejected", "unauthorized" if exc.status_code == 401 else "forbidden")
+            count("rejected", "unauthorized" if exc.status_code == 401 else "forbidden", 1)
             raise
         except (TimeoutError, PyMongoError):
-            metrics.count("unavailable", "keystore")
+            count("unavailable", "keystore", 1)
             log.warning("API key store unavailable", extra={"correlation_id": correlation_id(request)})
             raise HTTPException(503, error_body([("Authorization", "API keys cannot be checked right now")]),
                                 headers={"Retry-After": str(self.settings.unavailable_retry_after_seconds)}) from None
 
-    def rate_limit(self, principal: Principal, cost: int) -> None:
+    def rate_limit(self, principal: Principal, cost: int, count: Callable[..., None] = metrics.count) -> None:
         wait = self.limiter.take(principal.key_id, cost)
         if wait > 0:
-            metrics.count("rejected", "rate_limited", cost)
+            count("rejected", "rate_limited", cost)
             raise HTTPException(429, error_body([(None, f"rate limit of {self.limiter.rate:g} submissions/s "
                                                         f"(burst {self.limiter.burst:g}) exceeded")]),
                                 headers={"Retry-After": retry_after_header(wait)})
@@ -189,6 +213,15 @@ class Context:
                                                            "submission_id")]), "submission_ids": list(ids)},
                                 headers={"Retry-After": str(self.settings.unavailable_retry_after_seconds)}) from None
 
+    async def publish_transfer(self, record: Outgoing, request: Request) -> None:
+        try:
+            await self.publisher.publish([record], correlation_id(request), "transfer")
+        except PublishFailed as exc:
+            metrics.count_transfers("unavailable", exc.reason, 1)
+            log.warning("transfer not accepted: %s", exc, extra={"correlation_id": correlation_id(request)})
+            raise HTTPException(503, error_body([(None, f"{exc}; the transfer was not accepted, retry it")]),
+                                headers={"Retry-After": str(self.settings.unavailable_retry_after_seconds)}) from None
+
 
 def correlation_id(request: Request) -> str:
     """The request's correlation id (set by `HttpMiddleware`)."""
@@ -196,8 +229,12 @@ def correlation_id(request: Request) -> str:
     return cid if isinstance(cid, str) else str(uuid.uuid4())
 
 
-def _reject(status: int, reason: Reason, errors: Sequence[FieldError], n: int = 1) -> NoReturn:
-    metrics.count("rejected", reason, n)
+Count = Callable[[metrics.Outcome, Reason, int], None]
+
+
+def _reject(status: int, reason: Reason, errors: Sequence[FieldError], n: int = 1,
+            count: Count = metrics.count) -> NoReturn:
+    count("rejected", reason, n)
     raise HTTPException(status, error_body(errors))
 
 
@@ -205,33 +242,34 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-async def read_body(request: Request, limit: int, media_types: tuple[str, ...]) -> bytes:
+async def read_body(request: Request, limit: int, media_types: tuple[str, ...], count: Count = metrics.count) -> bytes:
     """The body, checked for size (413, before and while reading) and media type (415)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        _reject(413, "too_large", [("body", f"the body must not exceed {limit} bytes")])
+        _reject(413, "too_large", [("body", f"the body must not exceed {limit} bytes")], count=count)
     media = _media_type(request)
     if media not in media_types and not ("application/json" in media_types and media.endswith("+json")):
-        _reject(415, "media_type", [("Content-Type", f"must be {' or '.join(media_types)}, not '{media or '-'}'")])
+        _reject(415, "media_type", [("Content-Type", f"must be {' or '.join(media_types)}, not '{media or '-'}'")],
+                count=count)
     chunks: list[bytes] = []
     size = 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                _reject(413, "too_large", [("body", f"the body must not exceed {limit} bytes")])
+                _reject(413, "too_large", [("body", f"the body must not exceed {limit} bytes")], count=count)
             chunks.append(chunk)
     except ClientDisconnect:
         # Nobody will read this answer; it only keeps a vanished client from becoming a 500.
-        _reject(400, "invalid", [("body", "the client disconnected before sending the whole body")])
+        _reject(400, "invalid", [("body", "the client disconnected before sending the whole body")], count=count)
     return b"".join(chunks)
 
 
-def parse_json(body: bytes) -> Any:
+def parse_json(body: bytes, count: Count = metrics.count) -> Any:
     try:
         return from_json(body, allow_inf_nan=False)
     except ValueError as exc:
-        _reject(422, "invalid", [("body", f"invalid JSON: {exc}")])
+        _reject(422, "invalid", [("body", f"invalid JSON: {exc}")], count=count)
 
 
 def _json(content: Any, status: int, headers: dict[str, str] | None = None) -> Response:
@@ -255,6 +293,17 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     429: {"model": ErrorBody, "description": "per-key rate limit exceeded; see Retry-After"},
     503: {"model": ErrorBody, "description": "the broker did not acknowledge in time; retry after Retry-After "
                                              "with the same submission_id"},
+}
+
+
+_TRANSFER_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_ERRORS,
+    403: {"model": ErrorBody, "description": "the key is not an `admin` key, or it is bound to a site (only a "
+                                             "tenant-wide admin key may transfer clients)"},
+    422: {"model": ErrorBody, "description": "`client_id` or `site_id` breaks the id rules, or the body is not "
+                                             '{"site_id": ...}; each error names its field'},
+    503: {"model": ErrorBody, "description": "the broker did not acknowledge in time; nothing was accepted, retry "
+                                             "after Retry-After"},
 }
 
 
@@ -289,7 +338,11 @@ def _batch_results(ctx: Context, principal: Principal, data: Sequence[Any], now:
         if model is None:
             result.update(submission_id=claimed_submission_id(item), status="rejected", errors=_errors(errors))
         else:
-            rec = outgoing(model, principal.tenant_id, now)
+            sid = None
+            if row is not None and model.submission_id is None:
+                sid = session_submission_id(principal.tenant_id, model.client_id, model.instrument, model.episode_id,
+                                            model.session_number, model.administered_at)
+            rec = outgoing(model, principal.tenant_id, now, sid)
             records.append(rec)
             result.update(submission_id=rec.submission_id, status="accepted", errors=[])
         results.append(result)
@@ -315,12 +368,12 @@ async def _publish_batch(ctx: Context, request: Request, endpoint: str, results:
 
 
 def build_router(ctx: Context) -> APIRouter:
-    """The submission routes."""
-    router = APIRouter(tags=["submissions"])
+    """The submission routes and the client transfer route."""
+    router = APIRouter()
     settings = ctx.settings
 
     @router.post(
-        "/v1/submissions", status_code=202, response_model=Accepted, responses=_ERRORS,
+        "/v1/submissions", status_code=202, response_model=Accepted, responses=_ERRORS, tags=["submissions"],
         summary="Submit one SRS rating; 202 once the broker has acknowledged it",
         openapi_extra=_json_body("SubmissionIn"),
     )
@@ -343,7 +396,7 @@ def build_router(ctx: Context) -> APIRouter:
         return _json({"submission_id": rec.submission_id, "status": "accepted"}, 202)
 
     @router.post(
-        "/v1/submissions/batch", response_model=BatchOut, responses=_ERRORS,
+        "/v1/submissions/batch", response_model=BatchOut, responses=_ERRORS, tags=["submissions"],
         summary=f"Submit up to {settings.max_batch_items} ratings; valid items are accepted even when others "
                 "are rejected",
         openapi_extra=_json_body("BatchIn"),
@@ -358,7 +411,7 @@ def build_router(ctx: Context) -> APIRouter:
         return await _publish_batch(ctx, request, "batch", results, records)
 
     @router.post(
-        "/v1/submissions/csv", response_model=BatchOut, responses=_ERRORS,
+        "/v1/submissions/csv", response_model=BatchOut, responses=_ERRORS, tags=["submissions"],
         summary=f"Import an EHR export (text/csv, up to {settings.max_batch_items} rows); a result per row",
         description=csvformat.__doc__ or "",
         openapi_extra={"requestBody": {"required": True, "content": {"text/csv": {"schema": {"type": "string"}}}},
@@ -371,7 +424,7 @@ def build_router(ctx: Context) -> APIRouter:
             text = body.decode("utf-8-sig")
         except UnicodeDecodeError:
             _reject(422, "invalid", [("body", "the file must be UTF-8 text")])
-        parsed = parse_csv(text, hashlib.sha256(body).hexdigest())
+        parsed = parse_csv(text)
         if parsed.errors:
             _reject(422, "invalid", parsed.errors)
         if not parsed.rows:
@@ -384,6 +437,40 @@ def build_router(ctx: Context) -> APIRouter:
         results, records = _batch_results(ctx, principal, [r.data for r in parsed.rows], datetime.now(UTC),
                                           parsed.rows)
         return await _publish_batch(ctx, request, "csv", results, records)
+
+    @router.post(
+        "/v1/clients/{client_id:path}/transfer", status_code=202, response_model=TransferAccepted,
+        responses=_TRANSFER_ERRORS, tags=["clients"],
+        summary="Move a client to another site (tenant-wide admin key); 202 once the broker has acknowledged it",
+        description="The client's record follows the new site: scoring re-publishes its current sessions with "
+                    "the new `site_id`, in order with the client's submissions (docs/clinical-records.md, "
+                    "*Site ownership*). Only an `admin` key that is not bound to a site may do this.",
+        openapi_extra=_json_body("TransferIn"),
+    )
+    async def transfer_client(
+        request: Request,
+        client_id: str = Path(description="the client to move (1-128 characters of A-Za-z0-9._:-)",
+                              json_schema_extra={"minLength": 1, "maxLength": 128, "pattern": ID_PATTERN}),
+    ) -> Response:
+        count = metrics.count_transfers
+        principal = await ctx.authenticate(request, "admin")
+        if principal.site_id is not None:
+            _reject(403, "forbidden", [("Authorization", f"only a tenant-wide admin key may transfer clients; "
+                                                         f"this key is bound to site '{principal.site_id}'")],
+                    count=count)
+        body = await read_body(request, settings.max_single_bytes, ("application/json",), count)
+        data = parse_json(body, count)
+        model, errors = check_transfer(data)
+        errors = check_id("client_id", client_id) + errors
+        if model is None or errors:
+            _reject(422, "invalid", errors, count=count)
+        ctx.rate_limit(principal, 1, count)
+        event = transfer_event(principal.tenant_id, client_id, model.site_id, principal.key_id, datetime.now(UTC))
+        await ctx.publish_transfer(transfer_record(event), request)
+        count("accepted", "ok", 1)
+        log.info("client transfer accepted", extra={"event_id": event.event_id, "site_id": model.site_id,
+                                                    "correlation_id": correlation_id(request)})
+        return _json({"client_id": client_id, "site_id": model.site_id, "status": "accepted"}, 202)
 
     return router
 
@@ -414,12 +501,14 @@ def install_openapi(app: FastAPI) -> None:
         schema = generate()
         components = schema.setdefault("components", {})
         schemas = components.setdefault("schemas", {})
-        for model in (SubmissionIn, BatchIn):
+        for model in (SubmissionIn, BatchIn, TransferIn):
             doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(doc.pop("$defs", {}))
             schemas[model.__name__] = doc
-        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
-                                                    "description": "an API key with role `submit`"}}
+        components["securitySchemes"] = {"bearer": {
+            "type": "http", "scheme": "bearer",
+            "description": "an API key: role `submit` for submissions; a tenant-wide (not site-bound) `admin` key "
+                           "for client transfers"}}
         app.openapi_schema = schema
         return schema
 

@@ -15,7 +15,7 @@ from services.intake.api import Context, HttpMiddleware, SubmissionPublisher, bu
 from services.intake.ratelimit import RateLimiter
 from services.intake.settings import IntakeSettings
 from shared.auth import KeyStore
-from shared.events import SrsSubmitted
+from shared.events import ClientTransfer, SrsSubmitted
 from shared.http import Runtime, service_api
 from shared.kafka import make_broker
 from shared.mongo import database, make_client
@@ -23,7 +23,8 @@ from shared.settings import KafkaSettings, MongoSettings
 
 DESCRIPTION = """Accepts Session Rating Scale submissions from clinic sites and EHR exports, validates them,
 and publishes them to `srs.submitted.v1`. A submission is answered with 202 only after the broker has
-acknowledged it; send the same `submission_id` again to retry safely."""
+acknowledged it; send the same `submission_id` again to retry safely. A tenant-wide admin key moves a
+client to another site with `POST /v1/clients/{client_id}/transfer`."""
 
 
 @dataclass
@@ -43,8 +44,9 @@ class IntakeConfig:
 def _publisher(broker: KafkaBroker, config: IntakeConfig) -> Any:
     return broker.publisher(
         config.kafka.topics().submitted,
-        description="Validated SRS submissions; key `tenant_id:client_id`, header `correlation_id`.",
-        schema=SrsSubmitted,
+        description="Validated SRS submissions, and client transfers (header `record-type: client-transfer`, "
+                    "see docs/clinical-records.md); key `tenant_id:client_id`, header `correlation_id`.",
+        schema=SrsSubmitted | ClientTransfer,
     )
 
 

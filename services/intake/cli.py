@@ -1,19 +1,26 @@
 """Operator commands of the intake service (mounted as `alliance intake ...`), and `alliance import`.
 
 `alliance import FILE.csv --key KEY [--url URL]` sends an EHR export (columns: see
-`services.intake.csvformat`) to intake's batch endpoint in chunks, with a progress bar, retrying
+`services.intake.csvformat`) to intake's CSV endpoint in chunks, with a progress bar, retrying
 429/503 answers after their Retry-After, and prints a report of the rejected rows by line number.
-Rows without a `submission_id` get one derived from the file's content and line, so importing the
-same file again (e.g. after an interruption) creates no duplicates.
+Rows without a `submission_id` get one that intake derives from the row's session (tenant, client,
+instrument, episode, session number, UTC date), so importing the same cumulative export again
+(e.g. after an interruption) changes nothing, and a changed row corrects its session.
 Exit status: 0 all rows accepted, 1 some rows rejected, 2 the import could not run.
+
+`alliance clients transfer CLIENT --tenant T --site S` moves a client to another site, as an
+operator: it publishes the same `ClientTransfer` record as `POST /v1/clients/{client_id}/transfer`
+straight to the broker (no API key; it needs the broker settings, `ALLIANCE_KAFKA_*`).
 """
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,9 +30,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from services.intake.csvformat import CsvRow, parse_csv
+from services.intake.csvformat import CsvRow, parse_csv, to_csv
+from services.intake.models import check_id, transfer_event, transfer_record
+from shared.kafka import OutboundRecord, Publisher, make_broker
+from shared.settings import KafkaSettings
 
 app = typer.Typer(help="intake service commands.", no_args_is_help=True)
+clients_app = typer.Typer(help="Clients: which site owns them.", no_args_is_help=True)
 
 MAX_ATTEMPTS = 30
 
@@ -48,13 +59,16 @@ class ImportReport:
     rejected: list[Rejection] = field(default_factory=list)
 
 
-def _post_chunk(http: httpx.Client, url: str, key: str, rows: list[CsvRow],
+def _post_chunk(http: httpx.Client, url: str, key: str, header: list[str], rows: list[CsvRow],
                 sleep: Callable[[float], None]) -> list[dict[str, Any]]:
-    body = {"submissions": [r.data for r in rows]}
+    # The chunk is sent as a CSV file of its own: intake derives the ids of rows without one (it
+    # knows the key's tenant); results come back by index within the chunk.
+    body = to_csv(header, rows).encode()
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "text/csv"}
     last = ""
     for _ in range(MAX_ATTEMPTS):
         try:
-            r = http.post(f"{url}/v1/submissions/batch", json=body, headers={"Authorization": f"Bearer {key}"})
+            r = http.post(f"{url}/v1/submissions/csv", content=body, headers=headers)
         except httpx.TransportError as exc:
             last = f"intake unreachable: {exc!r}"
             sleep(1.0)
@@ -80,13 +94,13 @@ def _messages(r: httpx.Response) -> str:
 
 def run_import(path: Path, url: str, key: str, chunk: int = 500, http: httpx.Client | None = None,
                progress: Progress | None = None, sleep: Callable[[float], None] = time.sleep) -> ImportReport:
-    """Import a CSV file through the batch endpoint; the report of accepted and rejected rows."""
+    """Import a CSV file through the CSV endpoint in chunks; the report of accepted and rejected rows."""
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ImportFailed(f"{path} is not UTF-8 text: {exc}") from None
-    parsed = parse_csv(text, hashlib.sha256(raw).hexdigest())
+    parsed = parse_csv(text)
     if parsed.errors:
         raise ImportFailed("; ".join(f"{f or 'file'}: {m}" for f, m in parsed.errors))
     report = ImportReport(rows=len(parsed.rows))
@@ -103,7 +117,7 @@ def run_import(path: Path, url: str, key: str, chunk: int = 500, http: httpx.Cli
     try:
         for start in range(0, len(sendable), chunk):
             rows = sendable[start:start + chunk]
-            for result in _post_chunk(client, url.rstrip("/"), key, rows, sleep):
+            for result in _post_chunk(client, url.rstrip("/"), key, parsed.header, rows, sleep):
                 row = rows[result["index"]]
                 if result["status"] == "accepted":
                     report.accepted += 1
@@ -161,3 +175,40 @@ def import_csv(
 
 
 app.command("import")(import_csv)
+
+
+async def publish_transfer(kafka: KafkaSettings, tenant: str, client: str, site: str,
+                           requested_by: str = "operator-cli") -> str:
+    """Publish one client transfer and wait for the broker's acknowledgement; its event id."""
+    event = transfer_event(tenant, client, site, requested_by, datetime.now(UTC))
+    record = transfer_record(event)
+    broker = make_broker(kafka, "intake-cli")
+    await broker.start()
+    try:
+        await Publisher(broker, kafka.publish_timeout_seconds).publish_all([OutboundRecord(
+            kafka.topics().submitted, record.value, record.key, correlation_id=str(uuid.uuid4()),
+            headers=dict(record.headers or {}))])
+    finally:
+        await broker.stop()
+    return event.event_id
+
+
+@clients_app.command("transfer")
+def clients_transfer(
+    client: Annotated[str, typer.Argument(help="the client id")],
+    tenant: Annotated[str, typer.Option(help="tenant id")],
+    site: Annotated[str, typer.Option(help="the site that owns the client from now on")],
+) -> None:
+    """Move a client to another site (what a tenant-wide admin key does with
+    POST /v1/clients/{client_id}/transfer): scoring re-publishes its current sessions with the new site."""
+    for name, hint, value in (("tenant_id", "--tenant", tenant), ("client_id", "CLIENT", client),
+                              ("site_id", "--site", site)):
+        errors = check_id(name, value)
+        if errors:
+            raise typer.BadParameter(errors[0][1], param_hint=hint)
+    try:
+        event_id = asyncio.run(publish_transfer(KafkaSettings(), tenant, client, site))
+    except Exception as exc:
+        typer.echo(f"transfer not accepted: the broker did not acknowledge ({type(exc).__name__}: {exc})", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"transfer accepted: event {event_id}, site {site}")

@@ -4,8 +4,8 @@ A header row names the columns; the order is free, names are case-sensitive:
 
 | column           | required | content                                                   |
 |------------------|----------|-----------------------------------------------------------|
-| `submission_id`  | no       | idempotency key; when empty, derived from the file's      |
-|                  |          | content and the line number (re-importing a file is safe) |
+| `submission_id`  | no       | idempotency key; when empty, derived from the session     |
+|                  |          | (see below)                                               |
 | `instrument`     | no       | SRS (default), CSRS, GSRS, CGSRS, YCSRS                   |
 | `client_id`      | yes      | pseudonymous client id                                    |
 | `clinician_id`   | yes      |                                                           |
@@ -20,6 +20,15 @@ An empty cell means "absent". A row gives all four item cells or a `total`, neve
 validated by exactly the rules of `POST /v1/submissions` (see `services.intake.models`); the report
 names each rejected row by its line number in the file (the header is line 1).
 
+A valid row without a `submission_id` gets `csv:<uuid>`, a UUIDv5 of its session: the tenant (of
+the API key), `client_id`, `instrument` (SRS when empty), `episode_id` (or none), `session_number`
+and the UTC calendar date of `administered_at`. So re-importing the same cumulative export changes
+nothing, the same row in another file or at another line keeps its id, and a row whose ratings
+changed is a correction of that session (docs/clinical-records.md). Two rows of one request with
+the same session get the same id and are accepted together: which one counts is then decided by
+the rule for equal acceptance times (a digest of the content), not by their order in the file. A
+rejected row without a `submission_id` is reported with `submission_id: null` (its line names it).
+
 Example:
 
     submission_id,client_id,clinician_id,site_id,session_number,administered_at,relationship,goals,approach,overall,total
@@ -30,12 +39,13 @@ Example:
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
+from shared import ids
 from shared.events import ITEM_NAMES
 
 COLUMNS: tuple[str, ...] = ("submission_id", "instrument", "client_id", "clinician_id", "site_id", "episode_id",
@@ -54,6 +64,7 @@ class CsvRow:
     line: int
     data: dict[str, Any]
     errors: list[FieldError] = field(default_factory=list)
+    cells: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -62,7 +73,7 @@ class CsvFile:
 
     rows: list[CsvRow]
     errors: list[FieldError]
-    digest: str
+    header: list[str] = field(default_factory=list)
 
 
 def _number(cell: str, integer: bool) -> Any:
@@ -93,14 +104,19 @@ def row_to_submission(cells: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def default_submission_id(digest: str, line: int) -> str:
-    """The id of a row without one: the same file imported twice yields the same ids."""
-    return f"csv:{digest[:24]}:{line}"
+def session_submission_id(tenant_id: str, client_id: str, instrument: str, episode_id: str | None,
+                          session_number: int, administered_at: datetime) -> str:
+    """The id of a row without one, derived from its session: the same session always gets the same id,
+    whatever file or line it comes from; sessions of two tenants never share one. Takes validated
+    values (e.g. `SubmissionIn` fields), so `+01:00` and `Z` times of one UTC day agree."""
+    day = administered_at.astimezone(UTC).date().isoformat()
+    return "csv:" + ids.derive("csv-session", tenant_id, client_id, str(instrument), episode_id or "",
+                               str(session_number), day)
 
 
-def parse_csv(text: str, digest: str | None = None) -> CsvFile:
-    """Parse an export; every row carries a submission id (given or derived)."""
-    digest = digest or hashlib.sha256(text.encode()).hexdigest()
+def parse_csv(text: str) -> CsvFile:
+    """Parse an export. Rows keep the `submission_id` they give; the API derives the others
+    (`session_submission_id`) once a row is valid."""
     reader = csv.reader(io.StringIO(text.lstrip("\ufeff"), newline=""))
     header: list[str] | None = None
     rows: list[CsvRow] = []
@@ -110,22 +126,30 @@ def parse_csv(text: str, digest: str | None = None) -> CsvFile:
                 header = [c.strip() for c in cells]
                 errors = _header_errors(header)
                 if errors:
-                    return CsvFile([], errors, digest)
+                    return CsvFile([], errors, header)
                 continue
             if not any(c.strip() for c in cells):
                 continue  # blank line
             line = reader.line_num
             if len(cells) != len(header):
-                rows.append(CsvRow(line, {}, [(None, f"row has {len(cells)} cells, the header has {len(header)}")]))
+                rows.append(CsvRow(line, {}, [(None, f"row has {len(cells)} cells, the header has {len(header)}")],
+                                   cells))
                 continue
-            data = row_to_submission(dict(zip(header, cells, strict=True)))
-            data.setdefault("submission_id", default_submission_id(digest, line))
-            rows.append(CsvRow(line, data))
+            rows.append(CsvRow(line, row_to_submission(dict(zip(header, cells, strict=True))), [], cells))
     except csv.Error as exc:
-        return CsvFile(rows, [(None, f"line {reader.line_num}: {exc}")], digest)
+        return CsvFile(rows, [(None, f"line {reader.line_num}: {exc}")], header or [])
     if header is None:
-        return CsvFile([], [("header", "the file is empty: a header row is required")], digest)
-    return CsvFile(rows, [], digest)
+        return CsvFile([], [("header", "the file is empty: a header row is required")])
+    return CsvFile(rows, [], header)
+
+
+def to_csv(header: list[str], rows: list[CsvRow]) -> str:
+    """Rows of a parsed file as a file of their own (same header), e.g. to send a large file in chunks."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(r.cells for r in rows)
+    return out.getvalue()
 
 
 def _header_errors(header: list[str]) -> list[FieldError]:

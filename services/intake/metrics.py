@@ -43,6 +43,11 @@ BATCH_SIZE = Histogram(
     ["endpoint"],
     buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000),
 )
+TRANSFERS = Counter(
+    "alliance_intake_client_transfers_total",
+    "Client transfer requests by outcome and reason (same reasons as submissions).",
+    ["outcome", "reason"],
+)
 HTTP_REQUESTS = Counter(
     "alliance_intake_http_requests_total",
     "HTTP requests by route and status class (2xx, 4xx, 5xx).",
@@ -60,3 +65,9 @@ def count(outcome: Outcome, reason: Reason, n: int = 1) -> None:
     """Count `n` submissions."""
     if n > 0:
         SUBMISSIONS.labels(outcome, reason).inc(n)
+
+
+def count_transfers(outcome: Outcome, reason: Reason, n: int = 1) -> None:
+    """Count `n` client transfer requests."""
+    if n > 0:
+        TRANSFERS.labels(outcome, reason).inc(n)

@@ -30,6 +30,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -37,7 +38,15 @@ from pydantic import (
 from pydantic_core import to_json
 
 from shared import ids
-from shared.events import ITEM_NAMES, Instrument, Items, SrsSubmitted
+from shared.events import (
+    CLIENT_TRANSFER,
+    ITEM_NAMES,
+    RECORD_TYPE_HEADER,
+    ClientTransfer,
+    Instrument,
+    Items,
+    SrsSubmitted,
+)
 from shared.http import validation_errors
 
 ID_PATTERN = r"^[A-Za-z0-9._:-]+$"
@@ -156,6 +165,22 @@ class Accepted(BaseModel):
     status: Literal["accepted"] = "accepted"
 
 
+class TransferIn(BaseModel):
+    """Move a client to another site (`POST /v1/clients/{client_id}/transfer`)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"site_id": "south"}]})
+
+    site_id: Id = Field(description="the site that owns the client from now on")
+
+
+class TransferAccepted(BaseModel):
+    """The broker has acknowledged the transfer; scoring applies it in order with the client's submissions."""
+
+    client_id: str
+    site_id: str
+    status: Literal["accepted"] = "accepted"
+
+
 class ItemResult(BaseModel):
     """The fate of one item of a batch (or one row of a CSV import)."""
 
@@ -204,6 +229,26 @@ def check_submission(data: Any, now: datetime | None = None,
     return (None, errors) if errors else (model, [])
 
 
+_ID_ADAPTER: TypeAdapter[str] = TypeAdapter(Id)
+
+
+def check_id(name: str, value: Any) -> list[FieldError]:
+    """The id rules (as for the fields of a submission) applied to one value, e.g. a path parameter."""
+    try:
+        _ID_ADAPTER.validate_python(value)
+    except ValidationError as exc:
+        return [(name, msg) for _, msg in validation_errors(exc.errors(include_url=False, include_input=False))]
+    return []
+
+
+def check_transfer(data: Any) -> tuple[TransferIn | None, list[FieldError]]:
+    """Validate a transfer body (a decoded JSON value): the model, or every rule it breaks."""
+    try:
+        return TransferIn.model_validate(data), []
+    except ValidationError as exc:
+        return None, _rewrite(exc.errors(include_url=False, include_input=False))
+
+
 def claimed_submission_id(data: Any) -> str | None:
     """The submission id an item names, if it is a well-formed one (for per-item reports)."""
     if isinstance(data, dict):
@@ -221,6 +266,7 @@ class Outgoing:
     submission_id: str
     key: bytes
     value: bytes
+    headers: Mapping[str, str] | None = None  # besides content-type and correlation_id
 
 
 def new_submission_id() -> str:
@@ -253,13 +299,14 @@ def to_event(sub: SubmissionIn, tenant_id: str, now: datetime, submission_id: st
     )
 
 
-def outgoing(sub: SubmissionIn, tenant_id: str, now: datetime) -> Outgoing:
+def outgoing(sub: SubmissionIn, tenant_id: str, now: datetime, submission_id: str | None = None) -> Outgoing:
     """The Kafka record of a validated submission: key `tenant:client`, value the event's JSON.
+    `submission_id` is used when the submission names none (else a random one is generated).
 
     The hot path of every batch: the document is serialized straight from a dict (the same JSON
     as `to_event(...).model_dump_json()`, which a unit test checks), skipping model construction.
     """
-    sid = sub.submission_id or new_submission_id()
+    sid = sub.submission_id or submission_id or new_submission_id()
     items = sub.items
     doc = {
         "schema_version": 1, "event_id": ids.submitted_event_id(tenant_id, sid), "tenant_id": tenant_id,
@@ -271,6 +318,26 @@ def outgoing(sub: SubmissionIn, tenant_id: str, now: datetime) -> Outgoing:
         "total": sub.total, "accepted_at": now,
     }
     return Outgoing(sid, ids.partition_key(tenant_id, sub.client_id), to_json(doc))
+
+
+TRANSFER_HEADERS: Mapping[str, str] = {RECORD_TYPE_HEADER: CLIENT_TRANSFER}
+
+
+def transfer_event(tenant_id: str, client_id: str, site_id: str, requested_by: str | None, now: datetime,
+                   request_id: str | None = None) -> ClientTransfer:
+    """The `ClientTransfer` of one transfer request (ids already validated); a fresh request id
+    per request unless given."""
+    request_id = request_id or str(uuid.uuid4())
+    return ClientTransfer(
+        event_id=ids.client_transfer_event_id(tenant_id, client_id, site_id, request_id), tenant_id=tenant_id,
+        occurred_at=now, client_id=client_id, site_id=site_id, accepted_at=now, requested_by=requested_by)
+
+
+def transfer_record(event: ClientTransfer) -> Outgoing:
+    """The Kafka record of a transfer: on `srs.submitted.v1` with the client's key, so it is applied
+    in order with the client's submissions, and the header `record-type: client-transfer`."""
+    return Outgoing(event.event_id, ids.partition_key(event.tenant_id, event.client_id),
+                    event.model_dump_json().encode(), TRANSFER_HEADERS)
 
 
 __all__ = ["ITEM_NAMES", "check_submission", "outgoing", "to_event"]

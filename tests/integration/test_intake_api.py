@@ -17,9 +17,10 @@ from fastapi import FastAPI
 from pymongo import AsyncMongoClient
 
 from services.intake.app import IntakeConfig, create_app
+from services.intake.csvformat import session_submission_id
 from services.intake.settings import IntakeSettings
 from shared import auth, ids
-from shared.events import SrsSubmitted
+from shared.events import CLIENT_TRANSFER, RECORD_TYPE_HEADER, ClientTransfer, SrsSubmitted
 from shared.logs import JsonFormatter
 from shared.mongo import Document
 from shared.stack import ensure_topics
@@ -65,6 +66,7 @@ class TopicReader:
     bootstrap: str
     topic: str
     seen: dict[str, list[Published]] = field(default_factory=dict)
+    others: list[Published] = field(default_factory=list)  # records without a submission id (transfers)
     consumer: AIOKafkaConsumer | None = None
 
     async def start(self) -> None:
@@ -89,14 +91,28 @@ class TopicReader:
         for records in batches.values():
             for r in records:
                 headers = {k: v.decode() for k, v in r.headers}
-                sid = json.loads(r.value)["submission_id"]
-                self.seen.setdefault(sid, []).append(Published(r.key, r.value, headers, r.partition))
+                rec = Published(r.key, r.value, headers, r.partition)
+                sid = json.loads(r.value).get("submission_id")
+                if sid is None:
+                    self.others.append(rec)
+                else:
+                    self.seen.setdefault(sid, []).append(rec)
 
     async def wait_for(self, submission_id: str, count: int = 1, timeout: float = 20) -> list[Published]:
         async def check() -> list[Published] | None:
             await self.poll()
             got = self.seen.get(submission_id, [])
             return got if len(got) >= count else None
+
+        found = await eventually(check, timeout=timeout, interval=0.05)
+        assert found is not None
+        return found
+
+    async def wait_for_other(self, match: Callable[[Published], bool], timeout: float = 20) -> Published:
+        """The first record without a submission id that `match`es."""
+        async def check() -> Published | None:
+            await self.poll()
+            return next((r for r in self.others if match(r)), None)
 
         found = await eventually(check, timeout=timeout, interval=0.05)
         assert found is not None
@@ -109,6 +125,8 @@ class Keys:
     read: str
     north: str  # bound to site "north"
     other_tenant: str
+    admin: str = ""  # tenant-wide
+    admin_north: str = ""  # an admin key bound to site "north"
 
 
 @dataclass
@@ -135,9 +153,11 @@ async def make_keys(ns: Namespace) -> Keys:
         read, _ = await auth.create_key(db, "acme", "read")
         north, _ = await auth.create_key(db, "acme", "submit", "north")
         other, _ = await auth.create_key(db, "globex", "submit")
+        admin, _ = await auth.create_key(db, "acme", "admin")
+        admin_north, _ = await auth.create_key(db, "acme", "admin", "north")
     finally:
         await client.close()
-    return Keys(submit, read, north, other)
+    return Keys(submit, read, north, other, admin, admin_north)
 
 
 async def ready(http: httpx.AsyncClient) -> bool:
@@ -465,16 +485,23 @@ CSV_HEADER = ("submission_id,client_id,clinician_id,site_id,session_number,admin
               "relationship,goals,approach,overall,total")
 
 
-def csv_row(sid: str, *, session: str = "2", items: str = "9.1,8.4,9.0,8.8", total: str = "") -> str:
-    when = (datetime.now(UTC) - timedelta(days=1)).isoformat()
-    return f"{sid},p-77,c-17,north,{session},{when},{items},{total}"
+CSV_WHEN = (datetime.now(UTC) - timedelta(days=1)).replace(hour=12, minute=0, second=0, microsecond=0)
+
+
+def csv_row(sid: str, *, session: str = "2", items: str = "9.1,8.4,9.0,8.8", total: str = "",
+            client: str = "p-77") -> str:
+    return f"{sid},{client},c-17,north,{session},{CSV_WHEN.isoformat()},{items},{total}"
+
+
+async def post_csv(intake: Intake, text: str, key: str | None = None) -> httpx.Response:
+    return await intake.http.post("/v1/submissions/csv", content=text.encode(), headers={
+        **intake.auth(key), "Content-Type": "text/csv"})
 
 
 async def test_csv_import_reports_each_row_by_line_and_publishes_the_valid_ones(intake: Intake) -> None:
     text = "\n".join([CSV_HEADER, csv_row("csv-1"), csv_row("csv-2", session="zero"), "",
                       csv_row("", items=",,,", total="36.5"), csv_row("csv-4", items="9.1,,9.0,8.8")]) + "\n"
-    r = await intake.http.post("/v1/submissions/csv", content=text.encode(), headers={
-        **intake.auth(), "Content-Type": "text/csv"})
+    r = await post_csv(intake, text)
     assert r.status_code == 200, r.text
     res = r.json()["results"]
     assert [(x["row"], x["status"]) for x in res] == [(2, "accepted"), (3, "rejected"), (5, "accepted"),
@@ -482,9 +509,31 @@ async def test_csv_import_reports_each_row_by_line_and_publishes_the_valid_ones(
     assert res[1]["errors"][0]["field"] == "session_number"
     assert res[3]["errors"][0]["field"] == "items.goals"
     derived = res[2]["submission_id"]
-    assert derived.startswith("csv:") and derived.endswith(":5")
-    assert (await intake.reader.wait_for(derived))[0].event.total == 36.5
+    assert derived == session_submission_id("acme", "p-77", "SRS", None, 2, CSV_WHEN)
+    [rec] = await intake.reader.wait_for(derived)
+    assert rec.event.total == 36.5 and rec.event.event_id == ids.submitted_event_id("acme", derived)
     await intake.reader.wait_for("csv-1")
+
+
+async def test_a_csv_posted_twice_yields_the_same_submission_ids(intake: Intake) -> None:
+    rows = [csv_row("", client="p-twice-1", session="1"), csv_row("", client="p-twice-1", session="2"),
+            csv_row("", client="p-twice-2", session="1", items=",,,", total="30.0")]
+    text = "\n".join([CSV_HEADER, *rows]) + "\n"
+    first, again = (await post_csv(intake, text)).json()["results"], (await post_csv(intake, text)).json()["results"]
+    assert all(x["status"] == "accepted" for x in first + again)
+    ids_first = [x["submission_id"] for x in first]
+    assert ids_first == [x["submission_id"] for x in again] and len(set(ids_first)) == 3
+    # the same rows in another order, in a later export with a changed row: the same ids
+    changed = rows[2].replace("30.0", "31.5")
+    later = (await post_csv(intake, "\n".join([CSV_HEADER, csv_row("", client="p-twice-1", session="3"),
+                                               changed, rows[1], rows[0]]) + "\n")).json()["results"]
+    assert [x["submission_id"] for x in later[1:]] == [ids_first[2], ids_first[1], ids_first[0]]
+    recs = await intake.reader.wait_for(ids_first[2], count=3)
+    assert {r.event.event_id for r in recs} == {ids.submitted_event_id("acme", ids_first[2])}
+    assert sorted(r.event.total or 0 for r in recs) == [30.0, 30.0, 31.5]
+    # another tenant's identical file: other ids
+    other = (await post_csv(intake, text, key=intake.keys.other_tenant)).json()["results"]
+    assert not {x["submission_id"] for x in other} & set(ids_first)
 
 
 async def test_csv_with_unknown_or_missing_columns_is_422(intake: Intake) -> None:
@@ -498,6 +547,106 @@ async def test_csv_with_unknown_or_missing_columns_is_422(intake: Intake) -> Non
 async def test_csv_endpoint_refuses_json_with_415(intake: Intake) -> None:
     r = await intake.post({"submissions": []}, path="/v1/submissions/csv")
     assert r.status_code == 415
+
+
+# --- client transfers -------------------------------------------------------------------------------
+
+
+async def transfer(intake: Intake, client: str, body: Any, key: str | None, **kw: Any) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return await intake.http.post(f"/v1/clients/{client}/transfer", json=body,
+                                  headers={**headers, **kw.pop("headers", {})}, **kw)
+
+
+async def test_a_tenant_wide_admin_key_transfers_a_client_through_the_submitted_topic(intake: Intake) -> None:
+    r = await transfer(intake, "p-move-1", {"site_id": "south"}, intake.keys.admin,
+                       headers={"X-Correlation-ID": "transfer-corr-1"})
+    assert r.status_code == 202, r.text
+    assert r.json() == {"client_id": "p-move-1", "site_id": "south", "status": "accepted"}
+    rec = await intake.reader.wait_for_other(lambda p: p.headers.get("correlation_id") == "transfer-corr-1")
+    assert rec.key == ids.partition_key("acme", "p-move-1") == b"acme:p-move-1"
+    assert rec.headers[RECORD_TYPE_HEADER] == CLIENT_TRANSFER
+    assert rec.headers["content-type"] == "application/json"
+    ev = ClientTransfer.model_validate_json(rec.value)
+    assert (ev.tenant_id, ev.client_id, ev.site_id, ev.record_type) == ("acme", "p-move-1", "south", CLIENT_TRANSFER)
+    assert ev.requested_by == auth.hash_key(intake.keys.admin)[:16]
+    assert ev.occurred_at == ev.accepted_at and abs(ev.accepted_at - datetime.now(UTC)) < timedelta(minutes=5)
+    # the client's submissions and its transfers share a partition, so they are applied in order
+    assert (await intake.post(submission(submission_id="move-sub-1", client_id="p-move-1"))).status_code == 202
+    assert (await intake.reader.wait_for("move-sub-1"))[0].partition == rec.partition
+
+
+async def test_every_transfer_request_is_an_event_of_its_own(intake: Intake) -> None:
+    for cid in ("transfer-twice-a", "transfer-twice-b"):
+        r = await transfer(intake, "p-move-2", {"site_id": "south"}, intake.keys.admin,
+                           headers={"X-Correlation-ID": cid})
+        assert r.status_code == 202
+    a = await intake.reader.wait_for_other(lambda p: p.headers.get("correlation_id") == "transfer-twice-a")
+    b = await intake.reader.wait_for_other(lambda p: p.headers.get("correlation_id") == "transfer-twice-b")
+    assert json.loads(a.value)["event_id"] != json.loads(b.value)["event_id"]
+
+
+async def test_a_site_bound_admin_key_may_not_transfer_clients(intake: Intake) -> None:
+    r = await transfer(intake, "p-move-3", {"site_id": "north"}, intake.keys.admin_north)
+    assert r.status_code == 403
+    [error] = r.json()["errors"]
+    assert error["field"] == "Authorization" and "tenant-wide admin key" in error["message"]
+    assert "north" in error["message"]
+
+
+@pytest.mark.parametrize("role", ["submit", "read", "north"])
+async def test_a_key_without_the_admin_role_gets_403(intake: Intake, role: str) -> None:
+    r = await transfer(intake, "p-move-4", {"site_id": "south"}, getattr(intake.keys, role))
+    assert r.status_code == 403
+    assert r.json()["errors"] == [{"field": "Authorization", "message": "this key's role does not allow 'admin'"}]
+
+
+async def test_a_transfer_without_a_key_is_401(intake: Intake) -> None:
+    r = await transfer(intake, "p-move-5", {"site_id": "south"}, None)
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize(("client", "body", "field", "message"), [
+    ("p-move-6", {"site_id": "south site"}, "site_id", "pattern"),
+    ("p-move-6", {"site_id": ""}, "site_id", "at least 1"),
+    ("p-move-6", {"site_id": "s" * 129}, "site_id", "at most 128"),
+    ("p-move-6", {"site_id": 7}, "site_id", "valid string"),
+    ("p-move-6", {}, "site_id", "Field required"),
+    ("p-move-6", {"site_id": "south", "note": "x"}, "note", "Extra inputs"),
+    ("p-move-6", ["south"], "body", "JSON object"),
+    ("p%20move", {"site_id": "south"}, "client_id", "pattern"),
+    ("p%2Fmove", {"site_id": "south"}, "client_id", "pattern"),
+    ("p" * 129, {"site_id": "south"}, "client_id", "at most 128"),
+], ids=["site with space", "site empty", "site too long", "site not a string", "site missing", "unknown field",
+        "not an object", "client with space", "client with slash", "client too long"])
+async def test_a_transfer_breaking_an_id_rule_is_422_naming_the_field(intake: Intake, client: str, body: Any,
+                                                                       field: str, message: str) -> None:
+    r = await transfer(intake, client, body, intake.keys.admin)
+    assert r.status_code == 422, r.text
+    errors = r.json()["errors"]
+    assert any(e["field"] == field and message in e["message"] for e in errors), errors
+
+
+async def test_a_transfer_body_that_is_not_json_is_415_or_422(intake: Intake) -> None:
+    r = await intake.http.post("/v1/clients/p-move-7/transfer", content=b"site_id=south", headers={
+        **intake.auth(intake.keys.admin), "Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415
+    r = await intake.http.post("/v1/clients/p-move-7/transfer", content=b'{"site_id": ', headers={
+        **intake.auth(intake.keys.admin), "Content-Type": "application/json"})
+    assert r.status_code == 422 and "invalid JSON" in r.json()["errors"][0]["message"]
+
+
+async def test_transfer_metrics_use_the_route_template(intake: Intake) -> None:
+    assert (await transfer(intake, "p-move-8", {"site_id": "south"}, intake.keys.admin)).status_code == 202
+    assert (await transfer(intake, "p-move-9", {"site_id": "south"}, intake.keys.submit)).status_code == 403
+    text = (await intake.http.get("/metrics")).text
+    assert ('alliance_intake_http_requests_total{route="/v1/clients/{client_id}/transfer",status_class="2xx"}'
+            in text)
+    assert 'alliance_intake_http_requests_total{route="/v1/clients/{client_id}/transfer",status_class="4xx"}' in text
+    assert "p-move-8" not in text
+    assert 'alliance_intake_client_transfers_total{outcome="accepted",reason="ok"}' in text
+    assert 'alliance_intake_client_transfers_total{outcome="rejected",reason="forbidden"}' in text
 
 
 # --- metrics and logs ---------------------------------------------------------------------------------

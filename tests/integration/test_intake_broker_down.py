@@ -88,16 +88,19 @@ async def test_broker_killed_gives_503_within_the_bound_and_intake_recovers(
     await _accepted_again(fragile)
 
     own_broker.kill("kafka")
-    for path, body in (("/v1/submissions", submission(submission_id="down-1")),
-                       ("/v1/submissions/batch", {"submissions": [submission(submission_id="down-2")]})):
+    for path, body, key in (
+            ("/v1/submissions", submission(submission_id="down-1"), None),
+            ("/v1/submissions/batch", {"submissions": [submission(submission_id="down-2")]}, None),
+            ("/v1/clients/p-down/transfer", {"site_id": "south"}, fragile.keys.admin)):
         started = time.monotonic()
-        r = await fragile.post(body, path=path)
+        r = await fragile.post(body, key=key, path=path)
         elapsed = time.monotonic() - started
         assert r.status_code == 503, r.text
         assert r.headers["retry-after"]
         assert elapsed < BOUND + 1.0, f"{path} took {elapsed:.1f}s with a {BOUND}s bound"
     metrics = (await fragile.http.get("/metrics")).text
     assert 'alliance_intake_submissions_total{outcome="unavailable",reason="broker_timeout"}' in metrics
+    assert 'alliance_intake_client_transfers_total{outcome="unavailable",reason="broker_timeout"}' in metrics
 
     await _start_broker(own_broker, fragile)
     sid = await _accepted_again(fragile)

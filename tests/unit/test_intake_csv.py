@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from services.intake.csvformat import COLUMNS, default_submission_id, parse_csv, row_to_submission
-from services.intake.models import check_submission
+from datetime import UTC, datetime
+
+from services.intake.csvformat import COLUMNS, CsvFile, parse_csv, row_to_submission, session_submission_id, to_csv
+from services.intake.models import SubmissionIn, check_submission
 
 HEADER = ("submission_id,client_id,clinician_id,site_id,session_number,administered_at,"
           "relationship,goals,approach,overall,total")
@@ -36,13 +38,9 @@ def test_cells_that_are_not_numbers_are_passed_on_as_text() -> None:
     assert data == {"session_number": "three", "items": {"goals": "8,4"}, "total": 3.5}
 
 
-def test_rows_without_an_id_get_one_derived_from_the_file_and_line() -> None:
-    text = HEADER + "\n,p-1,c-17,north,1,2026-11-25T14:05:00+00:00,,,,,36.5\n"
-    a, b = parse_csv(text), parse_csv(text)
-    assert a.rows[0].data["submission_id"] == b.rows[0].data["submission_id"] == default_submission_id(a.digest, 2)
-    other = parse_csv(text.replace("36.5", "36.0"))
-    assert other.rows[0].data["submission_id"] != a.rows[0].data["submission_id"]
-    assert check_submission(a.rows[0].data)[1] == []  # the derived id is a valid id
+def test_rows_without_an_id_keep_it_absent_for_the_api_to_derive() -> None:
+    f = parse_csv(HEADER + "\n,p-1,c-17,north,1,2026-11-25T14:05:00+00:00,,,,,36.5\n")
+    assert "submission_id" not in f.rows[0].data
 
 
 def test_line_numbers_count_blank_lines_and_quoted_newlines() -> None:
@@ -78,3 +76,95 @@ def test_column_order_is_free_and_a_bom_is_ignored() -> None:
 
 def test_an_empty_file_is_an_error() -> None:
     assert parse_csv("").errors == [("header", "the file is empty: a header row is required")]
+
+
+# --- ids derived from the session (what the API does for a valid row without a submission_id) -------
+
+EXPORT = "\n".join([
+    "client_id,clinician_id,site_id,episode_id,session_number,administered_at,total",
+    "p-1,c-17,north,,1,2026-11-03T09:00:00+00:00,36.5",
+    "p-1,c-17,north,,2,2026-11-10T09:00:00+00:00,35.0",
+    "p-2,c-17,north,ep-1,1,2026-11-10T23:30:00-02:00,38.0",
+]) + "\n"
+
+
+def derived_ids(text: str, tenant: str = "acme") -> dict[tuple[str, int], str]:
+    """What the API assigns: the id of each valid row, by (client, session number)."""
+    out = {}
+    for row in parse_csv(text).rows:
+        model, errors = check_submission(row.data)
+        assert model is not None, errors
+        out[(model.client_id, model.session_number)] = _derive(tenant, model)
+    return out
+
+
+def _derive(tenant: str, m: SubmissionIn) -> str:
+    return session_submission_id(tenant, m.client_id, m.instrument, m.episode_id, m.session_number, m.administered_at)
+
+
+def test_the_same_export_imported_again_gets_the_same_ids() -> None:
+    first, again = derived_ids(EXPORT), derived_ids(EXPORT)
+    assert first == again and len(set(first.values())) == 3
+
+
+def test_a_derived_id_is_a_valid_submission_id() -> None:
+    for sid in derived_ids(EXPORT).values():
+        assert sid.startswith("csv:") and len(sid) <= 128
+        assert check_submission({**parse_csv(EXPORT).rows[0].data, "submission_id": sid})[1] == []
+
+
+def test_a_changed_row_keeps_its_id_so_it_corrects_its_session() -> None:
+    # another total, another clinician, another time of the same day: the same session
+    changed = EXPORT.replace("p-1,c-17,north,,2,2026-11-10T09:00:00+00:00,35.0",
+                             "p-1,c-99,north,,2,2026-11-10T16:45:00+00:00,31.2")
+    assert changed != EXPORT
+    assert derived_ids(changed) == derived_ids(EXPORT)
+
+
+def test_reordered_rows_or_rows_in_another_file_keep_their_ids() -> None:
+    header, *rows = EXPORT.strip().split("\n")
+    reordered = "\n".join([header, *reversed(rows)]) + "\n"
+    assert derived_ids(reordered) == derived_ids(EXPORT)
+    # a later cumulative export: a new row at the top, blank lines, another column order
+    later = "\n".join(["total,session_number,administered_at,site_id,clinician_id,client_id,episode_id",
+                        "34.0,3,2026-11-17T09:00:00+00:00,north,c-17,p-1,", "",
+                        "35.0,2,2026-11-10T09:00:00+00:00,north,c-17,p-1,",
+                        "36.5,1,2026-11-03T09:00:00+00:00,north,c-17,p-1,"]) + "\n"
+    ids_later = derived_ids(later)
+    assert ids_later[("p-1", 1)] == derived_ids(EXPORT)[("p-1", 1)]
+    assert ids_later[("p-1", 2)] == derived_ids(EXPORT)[("p-1", 2)]
+
+
+def test_rows_of_two_tenants_never_share_an_id() -> None:
+    acme, globex = derived_ids(EXPORT, "acme"), derived_ids(EXPORT, "globex")
+    assert not set(acme.values()) & set(globex.values())
+
+
+def test_every_part_of_the_session_identity_changes_the_id() -> None:
+    when = datetime(2026, 11, 10, 9, 0, tzinfo=UTC)
+
+    def sid(tenant: str = "acme", client: str = "p-1", instrument: str = "SRS", episode: str | None = None,
+            number: int = 2, at: datetime = when) -> str:
+        return session_submission_id(tenant, client, instrument, episode, number, at)
+
+    variants = [sid(), sid(tenant="globex"), sid(client="p-2"), sid(instrument="CSRS"), sid(episode="ep-1"),
+                sid(number=3), sid(at=when.replace(day=11))]
+    assert len(set(variants)) == len(variants)
+    # an empty episode cell is no episode; another time of the same UTC day is the same session
+    assert sid(episode="") == sid() == sid(at=when.replace(hour=23, minute=59))
+
+
+def test_the_date_is_the_utc_calendar_date_of_administered_at() -> None:
+    late_evening_west = datetime.fromisoformat("2026-11-10T23:30:00-02:00")  # 2026-11-11 in UTC
+    assert (session_submission_id("acme", "p-1", "SRS", None, 2, late_evening_west)
+            == session_submission_id("acme", "p-1", "SRS", None, 2, datetime(2026, 11, 11, 8, 0, tzinfo=UTC)))
+    assert (session_submission_id("acme", "p-1", "SRS", None, 2, late_evening_west)
+            != session_submission_id("acme", "p-1", "SRS", None, 2, datetime(2026, 11, 10, 8, 0, tzinfo=UTC)))
+
+
+def test_rows_can_be_written_back_as_a_file_of_their_own() -> None:
+    f = parse_csv(HEADER + '\n"n,1",p-1,c-17,north,1,2026-11-25T14:05:00+00:00,,,,,36.5\n'
+                  + "n-2,p-2,c-17,north,1,2026-11-25T14:05:00+00:00,,,,,30\n")
+    again: CsvFile = parse_csv(to_csv(f.header, f.rows[1:]))
+    assert [r.data for r in again.rows] == [f.rows[1].data]
+    assert parse_csv(to_csv(f.header, f.rows)).rows[0].data["submission_id"] == "n,1"
