@@ -15,16 +15,89 @@ from typing import Literal
 from urllib.parse import urlencode, urlsplit
 
 from shared import ids
-from shared.events import AlertStatusChanged, AllianceDeterioration
-from shared.topics import DETERIORATION, SCORED
+from shared.events import LIFECYCLE_STATUSES, AlertStatusChanged, AllianceDeterioration
+from shared.topics import ALERT_STATUS, DETERIORATION, SCORED
 
 Channel = Literal["webhook", "email"]
-Kind = Literal["alert", "event", "escalation"]
+# alert: a raised revision; escalation: its supervisor's copy; withdrawal: the clinician told that
+# an alert they may have been sent is withdrawn; event: a topic event forwarded to a partner.
+Kind = Literal["alert", "event", "escalation", "withdrawal"]
 WEBHOOK: Channel = "webhook"
 EMAIL: Channel = "email"
 
 # Topics a partner may subscribe to (logical names, as in the contract).
-SUBSCRIBABLE: tuple[str, ...] = (DETERIORATION, SCORED)
+SUBSCRIBABLE: tuple[str, ...] = (DETERIORATION, SCORED, ALERT_STATUS)
+
+# ---- the alert lifecycle (docs/clinical-records.md, "The alert lifecycle") ----------------------
+#
+# Scoring decides an alert's lifecycle and tells it in events that may arrive in any order, on two
+# topics. Every event names the revision it is about; ordering them by (revision, rank) with
+# raised < superseded < withdrawn and keeping the greatest gives the same final state whatever the
+# arrival order, so no consumer ever has to wait for "the previous" event.
+
+RAISED = "raised"
+LifecycleStatus = Literal["open", "superseded", "withdrawn"]
+_RANK: dict[str, int] = {RAISED: 0, "open": 0, "superseded": 1, "withdrawn": 2}
+_BY_RANK: tuple[LifecycleStatus, ...] = ("open", "superseded", "withdrawn")
+_MAX_REVISION = 10**8 - 1  # lifecycle_order() spends 8 digits on it
+ApiStatus = Literal["open", "acknowledged", "superseded", "withdrawn"]
+
+
+def lifecycle_key(status: str, revision: int) -> tuple[int, int]:
+    """Where an event stands in its alert's lifecycle: (revision, rank), compared as a tuple.
+
+    `status` is `raised` (or `open`) for an AllianceDeterioration, else the lifecycle status of an
+    AlertStatusChanged (`superseded`, `withdrawn`); anything else is not part of the lifecycle.
+    """
+    if status not in _RANK:
+        raise ValueError(f"{status!r} is not a lifecycle status")
+    if not 1 <= revision <= _MAX_REVISION:
+        raise ValueError(f"revision {revision} is out of range")
+    return (revision, _RANK[status])
+
+
+def lifecycle_order(status: str, revision: int) -> str:
+    """`lifecycle_key` as a string that sorts the same way, so the store can compare it in a filter."""
+    revision, rank = lifecycle_key(status, revision)
+    return f"{revision:08d}{rank}"
+
+
+def lifecycle_status(order: str) -> LifecycleStatus:
+    """The status a stored `lifecycle_order` string stands for."""
+    return _BY_RANK[int(order[-1])]
+
+
+def event_lifecycle_key(event: AllianceDeterioration | AlertStatusChanged) -> tuple[int, int] | None:
+    """The lifecycle key of an event, or None for an event that does not move the lifecycle (what
+    alerts itself reports: acknowledged, escalated, ...; or a lifecycle status naming no revision,
+    which the contract does not allow and the consumer dead-letters)."""
+    if isinstance(event, AllianceDeterioration):
+        return lifecycle_key(RAISED, event.revision)
+    if event.status in LIFECYCLE_STATUSES and event.revision is not None:
+        return lifecycle_key(event.status, event.revision)
+    return None
+
+
+def merge_lifecycle(events: Iterable[AllianceDeterioration | AlertStatusChanged]) -> dict[str, str]:
+    """{alert id: final lifecycle status (`open`, `superseded`, `withdrawn`)} after all `events`,
+    in any order. Acknowledgement is not part of it (see `api_status`). The alerts store applies
+    the same rule one conditional update at a time."""
+    best: dict[str, tuple[int, int]] = {}
+    for event in events:
+        key = event_lifecycle_key(event)
+        if key is not None and key > best.get(event.alert_id, (0, -1)):
+            best[event.alert_id] = key
+    return {alert: _BY_RANK[key[1]] for alert, key in best.items()}
+
+
+def api_status(lifecycle: str, acknowledged: bool) -> ApiStatus:
+    """What the API shows: an ended alert (superseded, withdrawn) says so, whether or not it was
+    acknowledged; a raised one is acknowledged once a clinician acknowledged any of its revisions."""
+    if lifecycle == "superseded":
+        return "superseded"
+    if lifecycle == "withdrawn":
+        return "withdrawn"
+    return "acknowledged" if acknowledged else "open"
 
 
 @dataclass(frozen=True)
@@ -88,38 +161,75 @@ def partner_deliveries(kind: Kind, tenant_id: str, site_id: str, subject_id: str
     return out
 
 
-def person_deliveries(kind: Kind, role: str, alert: AllianceDeterioration, person: Clinician | None,
-                      email_enabled: bool) -> list[PlannedDelivery]:
-    """A person's webhook (if they have one) and email (if they have one and SMTP is configured)."""
-    if person is None or person.tenant_id != alert.tenant_id:
+def reaches(person: Clinician | None, tenant_id: str, site_id: str) -> bool:
+    """Site ownership: a person hears of an alert only through a directory entry of the alert's
+    tenant AND site. A clinician id is only unique within a site's records, so an entry of the
+    same id at another site is somebody else (or a stale entry) and gets nothing."""
+    return person is not None and person.tenant_id == tenant_id and person.site_id == site_id
+
+
+def person_deliveries(kind: Kind, role: str, person: Clinician | None, email_enabled: bool, *, tenant_id: str,
+                      site_id: str, subject_id: str, alert_id: str, topic: str) -> list[PlannedDelivery]:
+    """A person's webhook (if they have one) and email (if they have one and SMTP is configured),
+    provided the person belongs to the subject's tenant and site."""
+    if person is None or not reaches(person, tenant_id, site_id):
         return []
     who = recipient(role, person.clinician_id)
     out = []
     if person.webhook_url:
-        out.append(_plan(kind, alert.tenant_id, alert.site_id, alert.alert_id, alert.alert_id, DETERIORATION,
-                         who, WEBHOOK, person.webhook_url))
+        out.append(_plan(kind, tenant_id, site_id, subject_id, alert_id, topic, who, WEBHOOK, person.webhook_url))
     if email_enabled and person.email:
-        out.append(_plan(kind, alert.tenant_id, alert.site_id, alert.alert_id, alert.alert_id, DETERIORATION,
-                         who, EMAIL, person.email))
+        out.append(_plan(kind, tenant_id, site_id, subject_id, alert_id, topic, who, EMAIL, person.email))
     return out
+
+
+def raise_subject(alert: AllianceDeterioration) -> str:
+    """The subject of a raised revision's deliveries: one set of deliveries per revision, and
+    revision 1 keeps the delivery ids this service gave before alerts had revisions."""
+    return ids.alert_event_id(alert.alert_id, alert.revision)
 
 
 def route_alert(alert: AllianceDeterioration, clinician: Clinician | None, subscriptions: Iterable[Subscription],
                 email_enabled: bool) -> list[PlannedDelivery]:
-    """Everyone a deterioration goes to: its clinician (webhook, email) and the tenant's partners."""
+    """Everyone a raised revision goes to: its clinician (webhook, email; same site only) and the
+    tenant's partners subscribed to deteriorations."""
     if clinician is not None and clinician.clinician_id != alert.clinician_id:
         clinician = None
+    subject = raise_subject(alert)
     return [
-        *person_deliveries("alert", "clinician", alert, clinician, email_enabled),
-        *partner_deliveries("alert", alert.tenant_id, alert.site_id, alert.alert_id, alert.alert_id,
-                            DETERIORATION, subscriptions),
+        *person_deliveries("alert", "clinician", clinician, email_enabled, tenant_id=alert.tenant_id,
+                           site_id=alert.site_id, subject_id=subject, alert_id=alert.alert_id, topic=DETERIORATION),
+        *partner_deliveries("alert", alert.tenant_id, alert.site_id, subject, alert.alert_id, DETERIORATION,
+                            subscriptions),
     ]
+
+
+def route_status(event: AlertStatusChanged, clinician: Clinician | None, subscriptions: Iterable[Subscription],
+                 email_enabled: bool) -> list[PlannedDelivery]:
+    """Who hears of an alert-status event: partners subscribed to `alliance.alert-status.v1` get
+    every one (the topic's whole story of the alert), and a withdrawal also goes to the clinician
+    (webhook, email; same site only), who may have acted on the alert. A supersession is not sent
+    to the clinician: the later session that superseded it speaks for itself.
+
+    The caller drops lifecycle events that are already stale (see the handlers)."""
+    people: list[PlannedDelivery] = []
+    if event.status == "withdrawn":
+        if clinician is not None and clinician.clinician_id != event.clinician_id:
+            clinician = None
+        people = person_deliveries("withdrawal", "clinician", clinician, email_enabled, tenant_id=event.tenant_id,
+                                   site_id=event.site_id, subject_id=event.event_id, alert_id=event.alert_id,
+                                   topic=ALERT_STATUS)
+    return [*people, *partner_deliveries("event", event.tenant_id, event.site_id, event.event_id, event.alert_id,
+                                         ALERT_STATUS, subscriptions)]
 
 
 def route_escalation(alert: AllianceDeterioration, supervisor: Clinician | None,
                      email_enabled: bool) -> list[PlannedDelivery]:
-    """The supervisor's copy of an alert nobody acknowledged in time."""
-    return person_deliveries("escalation", "supervisor", alert, supervisor, email_enabled)
+    """The supervisor's copy of an alert nobody acknowledged in time (once per alert, whatever its
+    revision; the supervisor must belong to the alert's site)."""
+    return person_deliveries("escalation", "supervisor", supervisor, email_enabled, tenant_id=alert.tenant_id,
+                             site_id=alert.site_id, subject_id=alert.alert_id, alert_id=alert.alert_id,
+                             topic=DETERIORATION)
 
 
 def backoff_seconds(failed_attempts: int, first: float, cap: float, jitter: float) -> float:
@@ -151,7 +261,10 @@ def _num(x: float | None) -> str:
 
 def email_text(alert: AllianceDeterioration, dashboard_url: str, escalation: bool = False) -> tuple[str, str]:
     """Subject and plain-text body: pseudonymous client id, totals, triggers, link; nothing else identifying."""
-    prefix = "Escalated: unacknowledged alliance alert" if escalation else "Alliance alert"
+    if escalation:
+        prefix = "Escalated: unacknowledged alliance alert"
+    else:
+        prefix = "Alliance alert" if alert.revision == 1 else "Revised alliance alert"
     subject = f"{prefix} ({alert.severity}) for client {alert.client_id}"
     lines = [
         f"{prefix} ({alert.severity}).",
@@ -166,8 +279,29 @@ def email_text(alert: AllianceDeterioration, dashboard_url: str, escalation: boo
         "",
         f"Alert id: {alert.alert_id}",
     ]
+    if alert.revision > 1:
+        lines.insert(2, f"A correction changed this alert (revision {alert.revision}); it replaces the earlier one.")
     if escalation:
         lines.insert(2, f"It was sent to clinician {alert.clinician_id} and has not been acknowledged.")
+    return subject, "\n".join(lines) + "\n"
+
+
+def withdrawal_email_text(event: AlertStatusChanged, dashboard_url: str) -> tuple[str, str]:
+    """Subject and plain-text body telling the clinician an alert is withdrawn (same privacy rule
+    as `email_text`: pseudonymous client id, no site, no submission id)."""
+    subject = f"Alliance alert withdrawn for client {event.client_id or '-'}"
+    lines = [
+        "Alliance alert withdrawn.",
+        "",
+        "A correction of the session's record cleared this alert; nothing is needed for it any more.",
+        "",
+        f"Client: {event.client_id or '-'}",
+    ]
+    if event.instrument is not None and event.session_number is not None:
+        lines.append(f"Instrument: {event.instrument.value}, session {event.session_number}")
+    if event.client_id and event.instrument is not None:
+        lines += ["", f"Trajectory: {trajectory_link(dashboard_url, event.client_id, event.instrument.value)}"]
+    lines += ["", f"Alert id: {event.alert_id}"]
     return subject, "\n".join(lines) + "\n"
 
 
@@ -208,8 +342,11 @@ def due_for_escalation_filter(now_epoch: float, default_seconds: float,
 
 def status_changed(tenant_id: str, alert_id: str, site_id: str, clinician_id: str,
                    status: Literal["acknowledged", "escalated", "delivered", "failed"],
-                   occurred_at: datetime) -> AlertStatusChanged:
-    """The event telling reporting what happened to an alert; its id is stable per (alert, status)."""
-    return AlertStatusChanged(event_id=ids.derive("alert-status", tenant_id, alert_id, status), tenant_id=tenant_id,
+                   occurred_at: datetime, client_id: str | None = None) -> AlertStatusChanged:
+    """The event telling reporting what happened to an alert; its id is stable per (alert, status).
+
+    It names no revision: what alerts did with an alert holds for all of its revisions, and
+    consumers of the lifecycle ignore it."""
+    return AlertStatusChanged(event_id=ids.alert_status_event_id(tenant_id, alert_id, status), tenant_id=tenant_id,
                               occurred_at=occurred_at, alert_id=alert_id, site_id=site_id,
-                              clinician_id=clinician_id, status=status)
+                              clinician_id=clinician_id, status=status, client_id=client_id)

@@ -1,4 +1,5 @@
-"""Pure rules of the alerts service: routing, retry schedule, email text, URL checks."""
+"""Pure rules of the alerts service: routing (site ownership included), retry schedule, email
+text, URL checks. The lifecycle merge has its own file (test_alerts_lifecycle.py)."""
 
 from __future__ import annotations
 
@@ -11,23 +12,35 @@ from hypothesis import strategies as st
 from services.alerts import rules
 from services.alerts.rules import Clinician, Subscription
 from shared import ids
-from shared.events import AllianceDeterioration
-from shared.topics import DETERIORATION, SCORED
+from shared.events import AlertStatusChanged, AllianceDeterioration
+from shared.topics import ALERT_STATUS, DETERIORATION, SCORED
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
 
-def alert(tenant: str = "t1", clinician: str = "c1", client: str = "client-7") -> AllianceDeterioration:
+def alert(tenant: str = "t1", clinician: str = "c1", client: str = "client-7", revision: int = 1,
+          site: str = "site-a") -> AllianceDeterioration:
+    alert_id = ids.alert_id(tenant, client, "SRS", "ep-1", 4)
     return AllianceDeterioration(
-        event_id="e1", tenant_id=tenant, occurred_at=NOW, submission_id="s1", site_id="site-a",
-        clinician_id=clinician, client_id=client, session_number=4, administered_at=NOW,
-        alert_id=ids.alert_id(tenant, "s1"), triggers=["below_cutoff", "drop_from_previous"], severity="critical",
-        total=30.5, previous_total=37.0, change_from_previous=-6.5, cutoff=36.0, accepted_at=NOW)
+        event_id=ids.alert_event_id(alert_id, revision), tenant_id=tenant, occurred_at=NOW, submission_id="s1",
+        site_id=site, clinician_id=clinician, client_id=client, episode_id="ep-1", session_number=4,
+        administered_at=NOW, alert_id=alert_id, triggers=["below_cutoff", "drop_from_previous"],
+        severity="critical", total=30.5, previous_total=37.0, change_from_previous=-6.5, cutoff=36.0,
+        accepted_at=NOW, revision=revision, low_items=["goals"])
+
+
+def status(status: str, revision: int | None = 1, site: str = "site-a") -> AlertStatusChanged:
+    a = alert(site=site)
+    return AlertStatusChanged.model_validate({
+        "event_id": ids.alert_status_event_id(a.tenant_id, a.alert_id, status, revision), "tenant_id": a.tenant_id,
+        "occurred_at": NOW, "alert_id": a.alert_id, "site_id": site, "clinician_id": "c1", "status": status,
+        "revision": revision, "client_id": a.client_id, "instrument": "SRS", "episode_id": "ep-1",
+        "session_number": 4})
 
 
 def clinician(webhook: str | None = "https://c1.example/hook", email: str | None = "c1@example.org",
-              tenant: str = "t1") -> Clinician:
-    return Clinician(tenant, "c1", "site-a", email, webhook, "sup1")
+              tenant: str = "t1", site: str = "site-a") -> Clinician:
+    return Clinician(tenant, "c1", site, email, webhook, "sup1")
 
 
 def sub(sid: str, tenant: str = "t1", events: tuple[str, ...] = (DETERIORATION,)) -> Subscription:
@@ -52,6 +65,53 @@ def test_delivery_ids_are_the_shared_deterministic_ids() -> None:
         ids.delivery_id(a.alert_id, "subscription:p1", "webhook"),
     }
     assert planned == rules.route_alert(a, clinician(), [sub("p1")], email_enabled=True)
+
+
+def test_each_revision_of_an_alert_is_a_new_delivery_and_revision_1_keeps_the_old_ids() -> None:
+    first = rules.route_alert(alert(revision=1), clinician(), [sub("p1")], email_enabled=True)
+    second = rules.route_alert(alert(revision=2), clinician(), [sub("p1")], email_enabled=True)
+    a = alert()
+    assert first[0].delivery_id == ids.delivery_id(a.alert_id, "clinician:c1", "webhook")
+    assert {p.delivery_id for p in second} == {
+        ids.delivery_id(ids.alert_event_id(a.alert_id, 2), who, channel)
+        for who, channel in (("clinician:c1", "webhook"), ("clinician:c1", "email"), ("subscription:p1", "webhook"))}
+    assert not {p.delivery_id for p in first} & {p.delivery_id for p in second}
+    assert {p.alert_id for p in second} == {a.alert_id}
+
+
+def test_a_clinician_entry_of_another_site_gets_nothing_while_partners_still_do() -> None:
+    planned = rules.route_alert(alert(site="site-a"), clinician(site="site-b"), [sub("p1")], email_enabled=True)
+    assert [p.recipient for p in planned] == ["subscription:p1"]
+
+
+def test_a_withdrawal_goes_to_the_clinician_and_alert_status_partners_only() -> None:
+    ev = status("withdrawn")
+    planned = rules.route_status(ev, clinician(), [sub("p1", events=(ALERT_STATUS,)), sub("p2")], email_enabled=True)
+    assert [(p.recipient, p.channel, p.kind, p.topic) for p in planned] == [
+        ("clinician:c1", "webhook", "withdrawal", ALERT_STATUS),
+        ("clinician:c1", "email", "withdrawal", ALERT_STATUS),
+        ("subscription:p1", "webhook", "event", ALERT_STATUS),
+    ]
+    assert {p.delivery_id for p in planned} == {
+        ids.delivery_id(ev.event_id, who, ch)
+        for who, ch in (("clinician:c1", "webhook"), ("clinician:c1", "email"), ("subscription:p1", "webhook"))}
+    assert {p.alert_id for p in planned} == {ev.alert_id}
+
+
+def test_a_withdrawal_is_not_sent_to_a_clinician_of_another_site() -> None:
+    planned = rules.route_status(status("withdrawn"), clinician(site="site-b"), [], email_enabled=True)
+    assert planned == []
+
+
+@pytest.mark.parametrize("name", ["superseded", "acknowledged", "escalated"])
+def test_other_status_events_go_to_alert_status_partners_but_not_the_clinician(name: str) -> None:
+    ev = status(name, revision=1 if name == "superseded" else None)
+    planned = rules.route_status(ev, clinician(), [sub("p1", events=(ALERT_STATUS,))], email_enabled=True)
+    assert [p.recipient for p in planned] == ["subscription:p1"]
+
+
+def test_partners_can_subscribe_to_alert_status_events() -> None:
+    assert ALERT_STATUS in rules.SUBSCRIBABLE
 
 
 def test_no_email_delivery_when_smtp_is_not_configured() -> None:
@@ -105,6 +165,19 @@ def test_escalation_without_a_supervisor_entry_plans_nothing() -> None:
     assert rules.route_escalation(alert(), None, email_enabled=True) == []
 
 
+def test_escalation_never_goes_to_a_supervisor_of_another_site_or_tenant() -> None:
+    elsewhere = Clinician("t1", "sup1", "site-b", "sup@example.org", "https://sup.example/h")
+    other_tenant = Clinician("t2", "sup1", "site-a", "sup@example.org", "https://sup.example/h")
+    assert rules.route_escalation(alert(), elsewhere, email_enabled=True) == []
+    assert rules.route_escalation(alert(), other_tenant, email_enabled=True) == []
+
+
+def test_escalation_is_one_per_alert_whatever_its_revision() -> None:
+    supervisor = Clinician("t1", "sup1", "site-a", None, "https://sup.example/h")
+    assert (rules.route_escalation(alert(revision=1), supervisor, email_enabled=False)
+            == rules.route_escalation(alert(revision=3), supervisor, email_enabled=False))
+
+
 def test_backoff_doubles_from_the_first_delay_up_to_the_cap() -> None:
     full = [rules.backoff_seconds(n, 1.0, 300.0, jitter=0.999999) for n in range(1, 11)]
     assert [round(x) for x in full] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]
@@ -137,6 +210,21 @@ def test_email_text_has_pseudonym_totals_triggers_and_link_only() -> None:
     assert "Triggers: below_cutoff, drop_from_previous" in body
     assert "Trajectory: http://127.0.0.1:8004/dashboard?client=cl%2F7+x&instrument=SRS" in body
     assert "site-a" not in body and "s1" not in body.split()  # no site, no submission id
+
+
+def test_a_revised_alert_email_says_it_replaces_the_earlier_one() -> None:
+    subject, body = rules.email_text(alert(revision=2), "http://x/d")
+    assert subject.startswith("Revised alliance alert")
+    assert "revision 2" in body and "replaces the earlier one" in body
+
+
+def test_withdrawal_email_says_a_correction_cleared_the_alert_and_names_no_site() -> None:
+    subject, body = rules.withdrawal_email_text(status("withdrawn"), "http://127.0.0.1:8004/dashboard")
+    assert subject == "Alliance alert withdrawn for client client-7"
+    assert "withdrawn" in body and "correction" in body and "cleared" in body
+    assert "Client: client-7" in body and "Instrument: SRS, session 4" in body
+    assert "Trajectory: http://127.0.0.1:8004/dashboard?client=client-7&instrument=SRS" in body
+    assert "site-a" not in body
 
 
 def test_escalation_email_says_it_is_escalated() -> None:
@@ -178,3 +266,5 @@ def test_status_event_id_is_stable_per_alert_and_status() -> None:
     b = rules.status_changed("t1", "a1", "s", "c", "acknowledged", datetime.now(UTC))
     c = rules.status_changed("t1", "a1", "s", "c", "escalated", NOW)
     assert a.event_id == b.event_id != c.event_id
+    assert a.event_id == ids.alert_status_event_id("t1", "a1", "acknowledged")
+    assert a.revision is None  # what alerts did holds for every revision
