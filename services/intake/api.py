@@ -300,6 +300,8 @@ _TRANSFER_ERRORS: dict[int | str, dict[str, Any]] = {
     **_ERRORS,
     403: {"model": ErrorBody, "description": "the key is not an `admin` key, or it is bound to a site (only a "
                                              "tenant-wide admin key may transfer clients)"},
+    404: {"model": ErrorBody, "description": "no such route: a `client_id` holding a line break cannot be routed "
+                                             "(any other invalid `client_id` is a 422)"},
     422: {"model": ErrorBody, "description": "`client_id` or `site_id` breaks the id rules, or the body is not "
                                              '{"site_id": ...}; each error names its field'},
     503: {"model": ErrorBody, "description": "the broker did not acknowledge in time; nothing was accepted, retry "

@@ -586,6 +586,16 @@ async def test_every_transfer_request_is_an_event_of_its_own(intake: Intake) -> 
     assert json.loads(a.value)["event_id"] != json.loads(b.value)["event_id"]
 
 
+async def test_the_operator_cli_publishes_the_same_transfer_record(intake: Intake) -> None:
+    from services.intake.cli import publish_transfer
+
+    event_id = await publish_transfer(intake.ns.kafka(), "acme", "p-move-cli", "south")
+    rec = await intake.reader.wait_for_other(lambda p: json.loads(p.value)["event_id"] == event_id)
+    assert rec.key == b"acme:p-move-cli" and rec.headers[RECORD_TYPE_HEADER] == CLIENT_TRANSFER
+    ev = ClientTransfer.model_validate_json(rec.value)
+    assert (ev.tenant_id, ev.client_id, ev.site_id, ev.requested_by) == ("acme", "p-move-cli", "south", "operator-cli")
+
+
 async def test_a_site_bound_admin_key_may_not_transfer_clients(intake: Intake) -> None:
     r = await transfer(intake, "p-move-3", {"site_id": "north"}, intake.keys.admin_north)
     assert r.status_code == 403
