@@ -5,6 +5,9 @@ tenant-wide settings (partner subscriptions, the webhook signing secret, the esc
 interval) need a key that is not bound to a site, because they concern every site.
 Acknowledging an alert is allowed to `read` keys: it is what a clinician does after reading it,
 and it changes no configuration.
+
+An alert's `status` is `open`, `acknowledged`, or — decided by scoring — `superseded` (a later
+session speaks for it) or `withdrawn` (a correction cleared it); see docs/clinical-records.md.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.alerts import signing
 from services.alerts.handlers import status_record
-from services.alerts.rules import SUBSCRIBABLE, Clinician, status_changed, url_problem
+from services.alerts.rules import SUBSCRIBABLE, ApiStatus, Clinician, status_changed, url_problem
 from services.alerts.secretbox import SecretBox
 from services.alerts.settings import AlertsSettings
 from services.alerts.store import AlertsStore, utcnow
@@ -69,7 +72,10 @@ class SubscriptionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str = Field(max_length=2000)
-    events: list[Literal["alliance.deterioration.v1", "srs.scored.v1"]] = Field(min_length=1, max_length=2)
+    events: list[Literal["alliance.deterioration.v1", "srs.scored.v1", "alliance.alert-status.v1"]] = Field(
+        min_length=1, max_length=3,
+        description="alliance.alert-status.v1: every status event of the tenant's alerts (superseded, "
+                    "withdrawn, acknowledged, escalated)")
 
     @field_validator("url")
     @classmethod
@@ -109,25 +115,34 @@ class EscalationOut(BaseModel):
 
 
 class AlertOut(BaseModel):
+    """An alert as its latest raised revision describes it, with where its lifecycle stands.
+
+    The content fields are null only while scoring's end of the alert (superseded, withdrawn) is
+    known and the raise it ends has not arrived yet.
+    """
+
     model_config = ConfigDict(extra="ignore")
 
     alert_id: str
     tenant_id: str
     site_id: str
     clinician_id: str
-    client_id: str
-    submission_id: str
-    instrument: str
-    session_number: int
-    severity: str
-    triggers: list[str]
-    total: float
+    client_id: str | None = None
+    submission_id: str | None = None
+    instrument: str | None = None
+    episode_id: str | None = None
+    session_number: int | None = None
+    severity: str | None = None
+    triggers: list[str] = Field(default_factory=list)
+    low_items: list[str] = Field(default_factory=list, description="items below their threshold, e.g. goals")
+    total: float | None = None
     previous_total: float | None = None
     change_from_previous: float | None = None
-    cutoff: float
-    occurred_at: datetime
+    cutoff: float | None = None
+    occurred_at: datetime | None = None
     created_at: datetime
-    status: Literal["open", "acknowledged"]
+    status: ApiStatus
+    revision: int = Field(default=1, description="the revision the status is about (scoring's numbering)")
     acknowledged_at: datetime | None = None
     escalated: bool
     escalated_at: datetime | None = None
@@ -273,7 +288,7 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
 
     @r.get("/alerts", tags=["alerts"], response_model=list[AlertOut])
     async def list_alerts(p: Principal = reader, clinician_id: str | None = None,
-                          status: Literal["open", "acknowledged"] | None = None,
+                          status: ApiStatus | None = None,
                           limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[AlertOut]:
         """Alerts, newest first (a site-bound key sees its site only)."""
         return [_alert(d) for d in await store.list_alerts(p.tenant_id, p.site_id, clinician_id, status, limit)]
@@ -289,14 +304,17 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
     @r.post("/alerts/{alert_id}/ack", tags=["alerts"], response_model=AlertOut,
             responses={503: {"description": "the status event could not be published; retry"}})
     async def ack(alert_id: Id, p: Principal = reader) -> AlertOut:
-        """Acknowledge an alert (idempotent); it will not escalate any more."""
+        """Acknowledge an alert (idempotent); it will not escalate any more. A superseded or
+        withdrawn alert is answered as it is: nothing is left to acknowledge."""
         doc = await store.get_alert(p.tenant_id, alert_id)
         if doc is None or not p.may_see_site(doc["site_id"]):
             raise _not_found("alert")
         doc = await store.acknowledge(p.tenant_id, alert_id, p.key_id) or doc
+        if doc.get("acknowledged_at") is None:
+            return _alert(doc)
         # Published on every call (stable event id): a retry after a 503 still tells reporting.
         event = status_changed(p.tenant_id, alert_id, doc["site_id"], doc["clinician_id"], "acknowledged",
-                               doc.get("acknowledged_at") or utcnow())
+                               doc.get("acknowledged_at") or utcnow(), doc.get("client_id"))
         try:
             await publisher.publish_all([status_record(event, doc["client_id"], topics, doc.get("correlation_id"))])
         except Exception as exc:

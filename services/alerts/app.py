@@ -1,6 +1,6 @@
-"""The alerts service: consumes deteriorations (and scored events for partners), delivers signed
-webhooks and emails from a durable schedule in MongoDB, escalates unacknowledged alerts, and
-serves the directory/subscription/alert API on port 8003.
+"""The alerts service: consumes deteriorations and the alerts' lifecycle statuses (and scored
+events for partners), delivers signed webhooks and emails from a durable schedule in MongoDB,
+escalates unacknowledged alerts, and serves the directory/subscription/alert API on port 8003.
 """
 
 from __future__ import annotations
@@ -83,6 +83,11 @@ def build(config: AlertsConfig | None = None) -> tuple[Runtime, Components]:
                     handler=handlers.on_deterioration, max_records=cfg.kafka.batch_max_records)
     subscribe_batch(broker, topics.scored, group_id=cfg.kafka.group("alerts-partners"), service=SERVICE,
                     handler=handlers.on_scored, max_records=cfg.kafka.batch_max_records)
+    # Superseded / withdrawn from scoring (and this service's own acknowledged / escalated, which
+    # are only forwarded to partners). Its own group: the lifecycle merge does not depend on the
+    # order of the two topics, so neither consumer waits for the other.
+    subscribe_batch(broker, topics.alert_status, group_id=cfg.kafka.group("alerts-status"), service=SERVICE,
+                    handler=handlers.on_alert_status, max_records=cfg.kafka.batch_max_records)
 
     tasks: list[asyncio.Task[None]] = []
 

@@ -40,6 +40,7 @@ from shared.settings import KafkaSettings, MongoSettings
 from shared.stack import LocalStack, ensure_topics, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+SITE = "s1"  # clinicians and their clients' sessions share it: alerts go only to a clinician of the alert's site
 
 
 def pct(values: list[float], q: float) -> float:
@@ -170,7 +171,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await http.post("/v1/webhook-secret", headers=headers)
         clinicians = [f"c{i}" for i in range(args.clinicians)]
         for c in clinicians:
-            body = {"site_id": "s1", "email": f"{c}@bench.test", "webhook_url": receiver.url(f"/c/{c}")}
+            body = {"site_id": SITE, "email": f"{c}@bench.test", "webhook_url": receiver.url(f"/c/{c}")}
             r = await http.put(f"/v1/clinicians/{c}", headers=headers, json=body)
             r.raise_for_status()
         r = await http.post("/v1/subscriptions", headers=headers,
@@ -182,7 +183,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         started_parts["floor"] = True
 
         # Warm-up: one alert end to end (the consumer group has joined once it arrives).
-        warm = deterioration(tenant, clinicians[0], "warmup")
+        warm = deterioration(tenant, clinicians[0], "warmup", site_id=SITE)
         await publisher.publish(topics.deterioration, warm, tenant, warm.client_id)
         await wait_until(lambda: len(receiver.requests) >= 2, 120)
         receiver.requests.clear()
@@ -203,11 +204,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 late += 1
             client_id = f"client-{i % 500}"
             if kind == "d":
-                ev = deterioration(tenant, clinicians[i % len(clinicians)], client_id)
+                ev = deterioration(tenant, clinicians[i % len(clinicians)], client_id, site_id=SITE)
                 sent_at[ev.alert_id] = time.time()
                 await publisher.publish(topics.deterioration, ev, tenant, client_id)
             else:
-                await publisher.publish(topics.scored, scored(tenant, clinicians[i % len(clinicians)], client_id),
+                await publisher.publish(topics.scored, scored(tenant, clinicians[i % len(clinicians)], client_id,
+                                                                     site_id=SITE),
                                         tenant, client_id)
         offered_seconds = time.monotonic() - t0
         expected = 2 * n_alerts

@@ -1,12 +1,13 @@
 """Escalation: an alert left unacknowledged past its tenant's interval goes once to the supervisor.
 
-Each tick finds due alerts (open, never escalated, created before now - interval; the interval
-is the tenant's override or the default), schedules the supervisor's deliveries (unique ids),
-publishes `AlertStatusChanged(escalated)` (stable event id) and only then marks the alerts
-escalated. Every step is idempotent, so two processes ticking at once, or a crash between
-steps, can at worst repeat a step without a second delivery. An alert whose clinician has no
-supervisor in the directory (or one without any channel) is marked escalated with nobody to
-tell, and no status event is published for it.
+Each tick finds due alerts (open: not acknowledged, superseded or withdrawn; never escalated;
+created before now - interval; the interval is the tenant's override or the default),
+schedules the supervisor's deliveries (unique ids), publishes `AlertStatusChanged(escalated)`
+(stable event id) and only then marks the alerts escalated. Every step is idempotent, so two
+processes ticking at once, or a crash between steps, can at worst repeat a step without a
+second delivery. An alert whose clinician has no supervisor in the directory (or one without
+any channel, or one of another site) is marked escalated with nobody to tell, and no status
+event is published for it.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ class Escalator:
             planned = route_escalation(alert, supervisor, self._email)
             docs.extend(delivery_doc(p, a["event"], now, a.get("correlation_id"), None, now) for p in planned)
             if planned:
-                event = status_changed(a["tenant_id"], a["_id"], a["site_id"], a["clinician_id"], "escalated", now)
+                event = status_changed(a["tenant_id"], a["_id"], a["site_id"], a["clinician_id"], "escalated", now,
+                                       a.get("client_id"))
                 records.append(status_record(event, a["client_id"], self._topics, a.get("correlation_id")))
             # Marked either way, so an alert without a reachable supervisor is not looked at again.
             outcomes.append((a["_id"], supervisor.clinician_id if planned and supervisor is not None else None))

@@ -1,11 +1,17 @@
 """Consumer handlers: translate consumed events into alerts and scheduled deliveries.
 
 Per batch: decode every record (an undecodable one is dead-lettered, never retried), load the
-directory entries and subscriptions the batch needs (two `$in` reads), upsert the alerts (one
-bulk write), plan the deliveries with the pure routing rules and insert them (one bulk write,
-unique ids: a redelivered batch inserts nothing new), publish the dead letters, and return —
-only then are the offsets committed. Nothing is sent here: the delivery worker does that, so
-a slow receiver can never hold up a partition.
+directory entries and subscriptions the batch needs (two `$in` reads), merge the alerts'
+lifecycles (one bulk write), read back where each alert now stands (one `$in` read), plan the
+deliveries of the events that are their alert's current state with the pure routing rules and
+insert them (one bulk write, unique ids: a redelivered batch inserts nothing new), publish the
+dead letters, and return — only then are the offsets committed. Nothing is sent here: the
+delivery worker does that, so a slow receiver can never hold up a partition.
+
+Raises (`alliance.deterioration.v1`) and their ends (`alliance.alert-status.v1`) arrive on two
+topics, consumed independently, so in any order: an event that is already behind its alert's
+stored lifecycle (a late revision, a withdrawal of a revision already raised again) is recorded
+as nothing and told to nobody.
 """
 
 from __future__ import annotations
@@ -17,14 +23,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from services.alerts.rules import PlannedDelivery, route_alert
+from services.alerts.rules import RAISED, PlannedDelivery, lifecycle_order, route_alert, route_status
 from services.alerts.rules import partner_deliveries as plan_partners
 from services.alerts.store import EPOCH, AlertsStore
-from shared.events import AlertStatusChanged, AllianceDeterioration, SrsScored
+from shared.events import LIFECYCLE_STATUSES, AlertStatusChanged, AllianceDeterioration, SrsScored
 from shared.ids import partition_key
 from shared.kafka import InboundRecord, OutboundRecord, Publisher, dead_letter_record
 from shared.mongo import Document
-from shared.topics import DETERIORATION, SCORED, Topics
+from shared.topics import ALERT_STATUS, DETERIORATION, SCORED, Topics
 
 log = logging.getLogger("alliance.alerts.handlers")
 
@@ -49,16 +55,27 @@ def delivery_doc(p: PlannedDelivery, body: str, origin_at: datetime, correlation
     }
 
 
-def alert_doc(ev: AllianceDeterioration, body: str, rec: InboundRecord, now: datetime) -> Document:
-    """The alert as clinicians list and acknowledge it (client id is the pseudonymous one)."""
+def alert_content(ev: AllianceDeterioration, body: str, rec: InboundRecord) -> Document:
+    """What one raised revision says about its alert, as clinicians list it (client id is the
+    pseudonymous one); `event` is the body escalation sends. The store keeps the highest revision's."""
     return {
         "_id": ev.alert_id, "tenant_id": ev.tenant_id, "site_id": ev.site_id, "clinician_id": ev.clinician_id,
         "client_id": ev.client_id, "submission_id": ev.submission_id, "episode_id": ev.episode_id,
         "instrument": ev.instrument.value, "session_number": ev.session_number, "severity": ev.severity,
-        "triggers": list(ev.triggers), "total": ev.total, "previous_total": ev.previous_total,
-        "change_from_previous": ev.change_from_previous, "cutoff": ev.cutoff, "occurred_at": ev.occurred_at,
-        "accepted_at": ev.accepted_at, "created_at": now, "status": "open", "escalated": False,
-        "event_id": ev.event_id, "correlation_id": rec.correlation_id, "event": body,
+        "triggers": list(ev.triggers), "low_items": list(ev.low_items), "total": ev.total,
+        "previous_total": ev.previous_total, "change_from_previous": ev.change_from_previous, "cutoff": ev.cutoff,
+        "occurred_at": ev.occurred_at, "accepted_at": ev.accepted_at, "event_id": ev.event_id,
+        "correlation_id": rec.correlation_id, "event": body,
+    }
+
+
+def status_identity(ev: AlertStatusChanged) -> Document:
+    """Who and what a lifecycle status is about: enough to list the alert (and route it) when the
+    status arrives before the raise it ends."""
+    return {
+        "_id": ev.alert_id, "tenant_id": ev.tenant_id, "site_id": ev.site_id, "clinician_id": ev.clinician_id,
+        "client_id": ev.client_id, "instrument": ev.instrument.value if ev.instrument is not None else None,
+        "episode_id": ev.episode_id, "session_number": ev.session_number,
     }
 
 
@@ -70,7 +87,7 @@ def status_record(event: AlertStatusChanged, client_id: str, topics: Topics,
 
 
 class Handlers:
-    """The two batch handlers of the service."""
+    """The three batch handlers of the service."""
 
     def __init__(self, store: AlertsStore, publisher: Publisher, topics: Topics, email_enabled: bool,
                  on_scheduled: Callable[[], None]) -> None:
@@ -101,13 +118,67 @@ class Handlers:
             now = datetime.now(UTC)
             clinicians = await self._store.clinicians_for((ev.tenant_id, ev.clinician_id) for _, ev, _ in decoded)
             subscriptions = await self._store.subscriptions_for((ev.tenant_id for _, ev, _ in decoded), DETERIORATION)
-            await self._store.upsert_alerts([alert_doc(ev, body, rec, now) for rec, ev, body in decoded])
+            await self._store.record_raises([(ev.revision, alert_content(ev, body, rec)) for rec, ev, body in decoded])
+            current = await self._store.lifecycle_orders(ev.alert_id for _, ev, _ in decoded)
             docs: list[Document] = []
             for rec, ev, body in decoded:
+                if current.get(ev.alert_id) != lifecycle_order(RAISED, ev.revision):
+                    log.info("revision %d of an alert is already superseded, withdrawn or revised: not sent",
+                             ev.revision, extra={"alert_id": ev.alert_id})
+                    continue
                 planned = route_alert(ev, clinicians.get((ev.tenant_id, ev.clinician_id)),
                                       subscriptions, self._email)
                 origin = ev.accepted_at or ev.occurred_at
                 docs.extend(delivery_doc(p, body, origin, rec.correlation_id, _source(rec), now) for p in planned)
+            scheduled = await self._store.insert_deliveries(docs)
+        await self._publisher.publish_all(dead)
+        if scheduled:
+            self._on_scheduled()
+
+    def _decode_status(self, records: Sequence[InboundRecord],
+                       dead: list[OutboundRecord]) -> list[tuple[InboundRecord, AlertStatusChanged, str]]:
+        """Decode alert-status records; a lifecycle status without the revision it ends (or the
+        client it concerns) breaks the contract and cannot be ordered, so it is dead-lettered."""
+        out = []
+        for rec, ev, body in self._decode(records, AlertStatusChanged, dead):
+            if ev.status in LIFECYCLE_STATUSES and (ev.revision is None or ev.client_id is None):
+                dead.append(dead_letter_record(SERVICE, rec, "invalid_event",
+                                               f"a {ev.status} status must name its revision and client_id",
+                                               self._topics.deadletter))
+            else:
+                out.append((rec, ev, body))
+        return out
+
+    async def on_alert_status(self, records: list[InboundRecord]) -> None:
+        """Merge superseded/withdrawn into the alerts, tell the clinician of a withdrawal, and
+        forward status events to the tenant's partners subscribed to `alliance.alert-status.v1`.
+
+        The events alerts publishes itself (acknowledged, escalated) come back here too: they do
+        not touch the lifecycle, and are only forwarded to partners.
+        """
+        dead: list[OutboundRecord] = []
+        decoded = self._decode_status(records, dead)
+        scheduled = 0
+        if decoded:
+            now = datetime.now(UTC)
+            # (status, revision it ends) of the lifecycle events; _decode_status made sure both are set.
+            ends = {ev.event_id: (ev.status, ev.revision) for _, ev, _ in decoded
+                    if ev.status in LIFECYCLE_STATUSES and ev.revision is not None}
+            await self._store.record_statuses([(*ends[ev.event_id], status_identity(ev))
+                                               for _, ev, _ in decoded if ev.event_id in ends])
+            current = await self._store.lifecycle_orders(ev.alert_id for _, ev, _ in decoded if ev.event_id in ends)
+            clinicians = await self._store.clinicians_for((ev.tenant_id, ev.clinician_id) for _, ev, _ in decoded
+                                                          if ev.status == "withdrawn")
+            subscriptions = await self._store.subscriptions_for((ev.tenant_id for _, ev, _ in decoded), ALERT_STATUS)
+            docs: list[Document] = []
+            for rec, ev, body in decoded:
+                end = ends.get(ev.event_id)
+                if end is not None and current.get(ev.alert_id) != lifecycle_order(*end):
+                    continue  # stale: the alert has moved on (e.g. raised again); telling anyone would mislead
+                planned = route_status(ev, clinicians.get((ev.tenant_id, ev.clinician_id)), subscriptions,
+                                       self._email)
+                docs.extend(delivery_doc(p, body, ev.occurred_at, rec.correlation_id, _source(rec), now)
+                            for p in planned)
             scheduled = await self._store.insert_deliveries(docs)
         await self._publisher.publish_all(dead)
         if scheduled:

@@ -4,7 +4,9 @@
   answers per path: succeed, fail the first N times, always fail, or hold the request until
   released (a slow receiver).
 - `EventPublisher`: publishes contract events straight onto a topic, keyed like production.
-- `deterioration` / `scored`: valid events for a tenant, clinician and client.
+- `deterioration` / `scored`: valid events for a tenant, clinician and client; `revised` and
+  `ended` build the later revisions and the superseded / withdrawn statuses of an alert the way
+  scoring does.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import BaseModel
 
 from shared import ids
-from shared.events import AllianceDeterioration, SrsScored
+from shared.events import AlertStatusChanged, AllianceDeterioration, SrsScored
 
 
 @dataclass
@@ -196,16 +198,40 @@ class EventPublisher:
 
 
 def deterioration(tenant_id: str, clinician_id: str, client_id: str, submission_id: str | None = None,
-                  site_id: str = "site-a", accepted_at: datetime | None = None) -> AllianceDeterioration:
-    """A valid deterioration event (ids derived like scoring derives them)."""
+                  site_id: str = "site-a", accepted_at: datetime | None = None, episode_id: str | None = None,
+                  session_number: int = 3) -> AllianceDeterioration:
+    """A valid deterioration event (revision 1; ids derived like scoring derives them).
+
+    Without `episode_id` every call is its own episode, hence its own alert: the alert id derives
+    from the session (tenant, client, instrument, episode, session number).
+    """
     sid = submission_id or uuid.uuid4().hex
+    episode = episode_id or f"ep-{sid[:12]}"
     now = datetime.now(UTC)
+    alert = ids.alert_id(tenant_id, client_id, "SRS", episode, session_number)
     return AllianceDeterioration(
-        event_id=ids.derive("deterioration", tenant_id, sid), tenant_id=tenant_id, occurred_at=now,
-        submission_id=sid, site_id=site_id, clinician_id=clinician_id, client_id=client_id, session_number=3,
-        administered_at=now, alert_id=ids.alert_id(tenant_id, sid), triggers=["below_cutoff", "drop_from_previous"],
-        severity="warning", total=31.2, previous_total=36.5, change_from_previous=-5.3, cutoff=36.0,
-        accepted_at=accepted_at or now)
+        event_id=ids.alert_event_id(alert, 1), tenant_id=tenant_id, occurred_at=now, submission_id=sid,
+        site_id=site_id, clinician_id=clinician_id, client_id=client_id, episode_id=episode,
+        session_number=session_number, administered_at=now, alert_id=alert,
+        triggers=["below_cutoff", "drop_from_previous"], severity="warning", total=31.2, previous_total=36.5,
+        change_from_previous=-5.3, cutoff=36.0, accepted_at=accepted_at or now)
+
+
+def revised(alert: AllianceDeterioration, revision: int, **changes: Any) -> AllianceDeterioration:
+    """Revision `revision` of an alert (what scoring publishes after a correction), with `changes`."""
+    return alert.model_copy(update={"revision": revision, "event_id": ids.alert_event_id(alert.alert_id, revision),
+                                    "occurred_at": datetime.now(UTC), **changes})
+
+
+def ended(alert: AllianceDeterioration, status: str, revision: int | None = None) -> AlertStatusChanged:
+    """Scoring's `superseded` / `withdrawn` of an alert, ending `revision` (default: the alert's)."""
+    rev = alert.revision if revision is None else revision
+    return AlertStatusChanged.model_validate({
+        "event_id": ids.alert_status_event_id(alert.tenant_id, alert.alert_id, status, rev),
+        "tenant_id": alert.tenant_id, "occurred_at": datetime.now(UTC), "alert_id": alert.alert_id,
+        "site_id": alert.site_id, "clinician_id": alert.clinician_id, "status": status, "revision": rev,
+        "client_id": alert.client_id, "instrument": alert.instrument, "episode_id": alert.episode_id,
+        "session_number": alert.session_number})
 
 
 def scored(tenant_id: str, clinician_id: str, client_id: str, submission_id: str | None = None,

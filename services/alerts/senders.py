@@ -16,13 +16,14 @@ import aiosmtplib
 import httpx
 
 from services.alerts import signing
-from services.alerts.rules import email_text
+from services.alerts.rules import email_text, withdrawal_email_text
 from services.alerts.secretbox import SecretBox
 from services.alerts.settings import SmtpSettings
 from services.alerts.store import AlertsStore
 from services.alerts.targets import target_problem
-from shared.events import AllianceDeterioration
+from shared.events import AlertStatusChanged, AllianceDeterioration
 from shared.mongo import Document
+from shared.topics import ALERT_STATUS
 
 
 class SendError(Exception):
@@ -124,7 +125,7 @@ class WebhookSender:
 
 
 class EmailSender:
-    """Sends the plain-text alert email through the configured SMTP relay."""
+    """Sends the plain-text alert (or withdrawal) email through the configured SMTP relay."""
 
     def __init__(self, smtp: SmtpSettings, dashboard_url: str, timeout_seconds: float) -> None:
         self._smtp = smtp
@@ -132,8 +133,11 @@ class EmailSender:
         self._timeout = timeout_seconds
 
     def message(self, d: Document) -> EmailMessage:
-        alert = AllianceDeterioration.model_validate_json(d["body"])
-        subject, text = email_text(alert, self._dashboard, escalation=d.get("kind") == "escalation")
+        if d.get("topic") == ALERT_STATUS:  # a withdrawal; the body is the AlertStatusChanged
+            subject, text = withdrawal_email_text(AlertStatusChanged.model_validate_json(d["body"]), self._dashboard)
+        else:
+            alert = AllianceDeterioration.model_validate_json(d["body"])
+            subject, text = email_text(alert, self._dashboard, escalation=d.get("kind") == "escalation")
         msg = EmailMessage()
         msg["From"] = self._smtp.sender
         msg["To"] = str(d["target"])

@@ -3,7 +3,12 @@
 - `clinicians`: the directory, `_id` = "<tenant>:<clinician>".
 - `subscriptions`: partner webhooks with their (sealed) signing secrets.
 - `alert_tenants`: per-tenant clinician-webhook signing secret and escalation interval.
-- `alerts`: one document per alert id (status open/acknowledged, escalated once).
+- `alerts`: one document per alert id. Its lifecycle (raised, superseded, withdrawn; decided by
+  scoring) is merged from events in any order: `lkey` is `rules.lifecycle_order` of the greatest
+  event seen, and every write is conditional on it (see `record_raises`). Content (triggers,
+  severity, totals, the body escalation sends) is that of the highest raised revision, `crev`.
+  `status` is kept equal to `rules.api_status(lifecycle, acknowledged)`, so escalation (status
+  open) and list filters stay single-field queries. Escalated once.
 - `deliveries`: one document per (alert or event, recipient, channel) — `_id` is the delivery id,
   so a redelivered event cannot create a second one. It is also the durable retry schedule:
   status pending + `next_attempt_at`, leased by one worker at a time through `claimed_until`.
@@ -24,7 +29,7 @@ from pymongo import ASCENDING, DESCENDING, InsertOne, ReturnDocument, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
-from services.alerts.rules import Clinician, Subscription
+from services.alerts.rules import RAISED, Clinician, Subscription, lifecycle_order
 from shared.mongo import Document
 
 CLINICIANS = "clinicians"
@@ -47,6 +52,12 @@ def utcnow() -> datetime:
 
 def clinician_key(tenant_id: str, clinician_id: str) -> str:
     return f"{tenant_id}:{clinician_id}"
+
+
+def _below(value: str | int) -> Document:
+    """Guard "the stored field is below `value`", also true when the field is missing (an alert
+    recorded before alerts had a lifecycle is at the bottom of it)."""
+    return {"$not": {"$gte": value}}
 
 
 def _clinician(doc: Mapping[str, Any]) -> Clinician:
@@ -186,12 +197,89 @@ class AlertsStore:
 
     # ---- alerts ------------------------------------------------------------------------------
 
-    async def upsert_alerts(self, docs: Sequence[Document]) -> None:
-        """Record alerts once (a redelivery changes nothing), in one round trip."""
-        if not docs:
-            return
-        await self.alerts.bulk_write(
-            [UpdateOne({"_id": d["_id"]}, {"$setOnInsert": d}, upsert=True) for d in docs], ordered=False)
+    async def record_raises(self, raises: Sequence[tuple[int, Document]]) -> None:
+        """Merge raised revisions — (revision, content document with `_id`) — into their alerts.
+
+        Three conditional upserts per revision, in one round trip for the batch:
+
+        - content: `{_id, crev < revision}` sets the content of this revision;
+        - lifecycle, not acknowledged: `{_id, lkey < key, acknowledged_at: null}` makes it `open`;
+        - lifecycle, acknowledged: `{_id, lkey < key, acknowledged_at != null}` keeps it
+          `acknowledged` (a revision keeps the acknowledgement). This one never inserts.
+
+        Each guard only lets a greater key in, so a redelivered or stale revision changes nothing
+        (its upsert collides with the existing `_id`: E11000, see `_merge`). Each op initialises
+        the other guards on insert, whichever of them (or a status event) creates the document.
+        """
+        now = utcnow()
+        ops: list[UpdateOne] = []
+        for revision, content in raises:
+            key = lifecycle_order(RAISED, revision)
+            alert_id = content["_id"]
+            born = {"created_at": now, "escalated": False}
+            fields = {k: v for k, v in content.items() if k != "_id"}
+            ops.append(UpdateOne({"_id": alert_id, "crev": _below(revision)},
+                                 {"$set": {**fields, "crev": revision, "content_at": now},
+                                  "$setOnInsert": {**born, "lkey": "", "acknowledged_at": None}}, upsert=True))
+            lifecycle = {"lkey": key, "lifecycle": RAISED, "revision": revision, "lifecycle_at": now}
+            ops.append(UpdateOne({"_id": alert_id, "lkey": _below(key), "acknowledged_at": None},
+                                 {"$set": {**lifecycle, "status": "open"},
+                                  "$setOnInsert": {**born, "crev": 0}}, upsert=True))
+            ops.append(UpdateOne({"_id": alert_id, "lkey": _below(key), "acknowledged_at": {"$ne": None}},
+                                 {"$set": {**lifecycle, "status": "acknowledged"}}))
+        await self._merge(ops)
+
+    async def record_statuses(self, statuses: Sequence[tuple[str, int, Document]]) -> None:
+        """Merge lifecycle statuses — (status, revision it ends, identity document with `_id`:
+        tenant, site, clinician, client, ...) — into their alerts, in one round trip.
+
+        `{_id, lkey < key}` upserted: a status may arrive before the raise it ends, and then
+        creates the alert from its identity fields (the raise fills the content in later, and
+        finds it already ended). The status wins over an acknowledgement.
+        """
+        now = utcnow()
+        ops: list[UpdateOne] = []
+        for status, revision, identity in statuses:
+            key = lifecycle_order(status, revision)
+            fields = {k: v for k, v in identity.items() if k != "_id"}
+            ops.append(UpdateOne({"_id": identity["_id"], "lkey": _below(key)},
+                                 {"$set": {"lkey": key, "lifecycle": status, "revision": revision, "status": status,
+                                           "lifecycle_at": now},
+                                  "$setOnInsert": {**fields, "crev": 0, "created_at": now, "escalated": False,
+                                                   "acknowledged_at": None}}, upsert=True))
+        await self._merge(ops)
+
+    async def _merge(self, ops: Sequence[UpdateOne]) -> None:
+        """Run guarded upserts; a duplicate key means "the document already holds something at
+        least as new": nothing to do.
+
+        Except in one race: two upserts of a document that does not exist yet (the deterioration
+        and the alert-status consumers run independently) both try to insert it, and one loses
+        with E11000 although its guard would have matched. So the colliding ops are run once more:
+        the document exists by then, and as documents are never deleted and guards only grow, a
+        second E11000 really is a stale event.
+        """
+        pending = list(ops)
+        for _ in range(2):
+            if not pending:
+                return
+            try:
+                await self.alerts.bulk_write(pending, ordered=False)
+                return
+            except BulkWriteError as exc:
+                errors: list[dict[str, Any]] = exc.details.get("writeErrors", [])
+                if any(e.get("code") != DUPLICATE_KEY for e in errors) or exc.details.get("writeConcernErrors"):
+                    raise
+                pending = [pending[e["index"]] for e in errors]
+
+    async def lifecycle_orders(self, alert_ids: Iterable[str]) -> dict[str, str]:
+        """{alert id: stored `lkey`} for many alerts in one round trip (after a merge: which events
+        of the batch are the alert's current state, and so worth telling anyone)."""
+        wanted = sorted(set(alert_ids))
+        if not wanted:
+            return {}
+        docs = await self.alerts.find({"_id": {"$in": wanted}}, {"lkey": 1}).to_list()
+        return {d["_id"]: str(d.get("lkey", "")) for d in docs}
 
     async def get_alert(self, tenant_id: str, alert_id: str) -> Document | None:
         return await self.alerts.find_one({"_id": alert_id, "tenant_id": tenant_id}, {"event": 0})
@@ -208,25 +296,29 @@ class AlertsStore:
         return await self.alerts.find(query, {"event": 0}).sort("created_at", DESCENDING).limit(limit).to_list()
 
     async def acknowledge(self, tenant_id: str, alert_id: str, by: str) -> Document | None:
-        """Mark an open alert acknowledged (an acknowledged one stays as it was); None if unknown."""
+        """Mark an open alert acknowledged; None if unknown. An acknowledged one stays as it was,
+        and so does a superseded or withdrawn one (nothing is left to acknowledge)."""
         await self.alerts.update_one({"_id": alert_id, "tenant_id": tenant_id, "status": "open"},
                                      {"$set": {"status": "acknowledged", "acknowledged_at": utcnow(),
                                                "acknowledged_by": by}})
         return await self.get_alert(tenant_id, alert_id)
 
     async def due_escalations(self, before: Sequence[tuple[str | None, datetime]], limit: int) -> list[Document]:
-        """Open, never-escalated alerts created before their tenant's threshold."""
+        """Open, never-escalated alerts created before their tenant's threshold (with content:
+        `crev` >= 1, so there is a body to send)."""
         overridden = [t for t, _ in before if t is not None]
         clauses: list[Document] = []
         for tenant, cutoff in before:
             tenant_clause: Document = ({"tenant_id": tenant} if tenant is not None
                                        else {"tenant_id": {"$nin": overridden}})
             clauses.append({**tenant_clause, "created_at": {"$lte": cutoff}})
-        return await self.alerts.find({"status": "open", "escalated": False, "$or": clauses}).sort(
+        return await self.alerts.find({"status": "open", "escalated": False, "crev": {"$gte": 1},
+                                       "$or": clauses}).sort(
             "created_at", ASCENDING).limit(limit).to_list()
 
     async def mark_escalated(self, outcomes: Sequence[tuple[str, str | None]]) -> None:
-        """(alert id, supervisor id or None) -> escalated once, in one round trip."""
+        """(alert id, supervisor id or None) -> escalated once, in one round trip (whatever its
+        lifecycle did meanwhile: the flag only means "looked at by escalation")."""
         if not outcomes:
             return
         now = utcnow()

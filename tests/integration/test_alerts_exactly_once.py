@@ -54,7 +54,7 @@ async def test_two_alerts_instances_in_one_group_send_each_delivery_once(
                 await eventually(lambda c=c: _ready(c), timeout=60)  # type: ignore[misc]
             # Each request takes a while, so one instance's slots fill up and the other claims too.
             url = receiver.behave("/c1", delay=0.05)
-            body = {"site_id": "s", "email": "c1@x.org", "webhook_url": url}
+            body = {"site_id": "site-a", "email": "c1@x.org", "webhook_url": url}
             r = await clients[0].put("/v1/clinicians/c1", json=body, headers=headers)
             assert r.status_code == 201
             assert (await clients[1].post("/v1/webhook-secret", headers=headers)).status_code == 201
@@ -100,7 +100,8 @@ async def test_a_delivery_interrupted_by_kill_9_is_resent_with_the_same_id_and_r
         with running(["alerts"], ns, log_dir, extra_env=env) as procs:
             alerts = procs["alerts"]
             async with httpx.AsyncClient(base_url=alerts.url, headers=headers) as client:
-                r = await client.put("/v1/clinicians/c1", json={"site_id": "s", "email": "c@x.org", "webhook_url": url})
+                r = await client.put("/v1/clinicians/c1", json={"site_id": "site-a", "email": "c@x.org",
+                                                                  "webhook_url": url})
                 assert r.status_code == 201, r.text
                 secret = (await client.post("/v1/webhook-secret")).json()["secret"]
             ev = deterioration(tenant, "c1", "client-1")
