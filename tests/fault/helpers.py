@@ -60,6 +60,17 @@ def expected_alert_sessions(client_index: int, sessions: int) -> list[int]:
     return out
 
 
+def administered_at(client_index: int, session: int) -> datetime:
+    """When a session of the series was administered: weekly, at a per-client minute of the day."""
+    return BASE_TIME + timedelta(days=7 * session, minutes=client_index % 600)
+
+
+def derived_episode(client_index: int) -> str:
+    """The episode id scoring derives for a series posted without one (docs/clinical-records.md:
+    `auto/<UTC date of the first session>/<its number>`)."""
+    return f"auto/{administered_at(client_index, 1).astimezone(UTC).date().isoformat()}/1"
+
+
 def submission(client_index: int, session: int, site: str = "north", clinician: str = "c-1") -> dict[str, Any]:
     """A total-only submission (sites with only a total exist; it keeps the series exact)."""
     return {
@@ -69,7 +80,7 @@ def submission(client_index: int, session: int, site: str = "north", clinician: 
         "site_id": site,
         "instrument": "SRS",
         "session_number": session,
-        "administered_at": (BASE_TIME + timedelta(days=7 * session, minutes=client_index % 600)).isoformat(),
+        "administered_at": administered_at(client_index, session).isoformat(),
         "total": series_total(client_index, session),
     }
 

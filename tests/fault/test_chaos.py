@@ -16,7 +16,14 @@ from aiokafka import AIOKafkaConsumer
 
 from shared import ids
 from shared.stack import ensure_topics
-from tests.fault.helpers import expected_alert_sessions, make_tenant, post_batch, submission, trajectory_sessions
+from tests.fault.helpers import (
+    derived_episode,
+    expected_alert_sessions,
+    make_tenant,
+    post_batch,
+    submission,
+    trajectory_sessions,
+)
 from tests.support.receiver import webhook_receiver
 from tests.support.services import Namespace, ServiceProcess, running
 from tests.support.stack import StackUnderTest
@@ -73,7 +80,7 @@ async def test_ten_thousand_submissions_survive_consumer_kills_and_a_store_resta
     await ensure_topics(ns.kafka())
     keys = await make_tenant(ns, "acme")
     rng = random.Random(20261125)
-    expected_alerts = {ids.alert_id("acme", f"sub-{i}-{s}")
+    expected_alerts = {ids.alert_id("acme", f"client-{i}", "SRS", derived_episode(i), s)
                        for i in range(CLIENTS) for s in expected_alert_sessions(i, SESSIONS)}
     chaos_log: list[str] = []
     with webhook_receiver() as receiver, running(["intake", *CONSUMERS], ns, log_dir,
