@@ -1,8 +1,9 @@
-"""The read API (role `read`) and the dashboard.
+"""The read API (role `read`; the submission status also `submit`) and the dashboard.
 
 Isolation: every query is filtered by the key's tenant, and by its site when the key is bound
-to one. A client that does not exist and a client of another tenant (or another site, for a
-site-bound key) get the same 404 body, so nothing tells them apart. Summaries of a site other
+to one (a client's owning site; a submission's current site). A client (or submission) that
+does not exist and one of another tenant (or another site, for a site-bound key) get the same
+404 body, so nothing tells them apart. Summaries of a site other
 than a site-bound key's own are 403 (the site is named in the request, the key says which it
 may see); a site or clinician with nothing visible is 404.
 
@@ -18,8 +19,9 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Security
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -29,9 +31,9 @@ from pymongo.errors import PyMongoError
 
 from services.reporting import rules
 from services.reporting.fhir import FHIR_JSON, trajectory_bundle
-from services.reporting.models import CaseloadOut, SummaryOut, TrajectoryOut
+from services.reporting.models import CaseloadOut, SubmissionOut, SubmissionsPageOut, SummaryOut, TrajectoryOut
 from services.reporting.settings import ReportingSettings
-from services.reporting.store import Generations, ReportingStore
+from services.reporting.store import Generations, ReportingStore, SubmissionStore
 from shared.auth import KeyStore, Principal, forbid_site, require
 from shared.events import Instrument
 from shared.http import error_body
@@ -42,6 +44,8 @@ log = logging.getLogger("alliance.reporting.api")
 BEARER = HTTPBearer(auto_error=False, scheme_name="bearer", description="a read (or admin) API key")
 STATIC = Path(__file__).resolve().parent / "static"
 NOT_FOUND_CLIENT = error_body([("client_id", "no trajectory for this client and instrument")])
+NOT_FOUND_EPISODE = error_body([("episode_id", "no such episode for this client and instrument")])
+NOT_FOUND_SUBMISSION = error_body([("submission_id", "no submission with this id is known (yet)")])
 
 # The dashboard loads only its own files; nothing may reach another origin.
 DASHBOARD_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
@@ -51,7 +55,9 @@ DASHBOARD_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; sc
 AUTH: dict[int | str, dict[str, Any]] = {401: {"description": "missing or unknown API key"},
                                          403: {"description": "the key's role does not allow read"}}
 InstrumentQ = Annotated[Instrument, Query(description="SRS, CSRS, GSRS, CGSRS or YCSRS")]
-EpisodeQ = Annotated[str | None, Query(max_length=128, description="an episode; default: the most recent")]
+EpisodeQ = Annotated[str | None, Query(max_length=128, description="an episode; default: the current one")]
+OldEpisodeQ = Annotated[str | None, Query(max_length=128, deprecated=True, description="former name of episode_id")]
+SinceQ = Annotated[datetime | None, Query(description="only rejections at or after this time (ISO 8601)")]
 CursorQ = Annotated[str | None, Query(max_length=2048, description="next_cursor of the previous page")]
 LimitQ = Annotated[int | None, Query(ge=1, le=1000, description="page size (capped by the server)")]
 
@@ -111,29 +117,52 @@ class SummaryCache:
         return await asyncio.shield(self._refresh(key, compute))
 
 
+def read_or_submit(keys: Callable[[], KeyStore]) -> Callable[[Request], Awaitable[Principal]]:
+    """A dependency accepting a key whose role grants `read` or `submit` (401 without a valid key)."""
+    reader, submitter = require(keys, "read"), require(keys, "submit")
+
+    async def dependency(request: Request) -> Principal:
+        try:
+            return await reader(request)
+        except HTTPException as exc:
+            if exc.status_code != 403:
+                raise
+        return await submitter(request)
+
+    return dependency
+
+
 def build_router(store: ReportingStore, generations: Generations, keys: Callable[[], KeyStore],
-                 settings: ReportingSettings) -> APIRouter:
+                 settings: ReportingSettings, submissions: SubmissionStore) -> APIRouter:
     """The `/v1` read endpoints."""
     router = APIRouter(prefix="/v1", tags=["reporting"], dependencies=[Security(BEARER)])
     reader = require(keys, "read")
+    either = read_or_submit(keys)
     summaries = SummaryCache(settings.summary_cache_seconds)
 
-    async def find_trajectory(p: Principal, client_id: str, instrument: Instrument,
-                              episode: str | None) -> tuple[str, dict[str, Any]]:
+    async def find_record(p: Principal, client_id: str, instrument: Instrument) -> tuple[str, dict[str, Any]]:
         gen = (await generations.current()).active
-        doc = await store.trajectory(gen, p.tenant_id, client_id, instrument.value, episode, p.site_id)
+        doc = await store.record(gen, p.tenant_id, client_id, instrument.value, p.site_id)
         if doc is None:
             raise HTTPException(404, NOT_FOUND_CLIENT)
         return gen, doc
 
+    def episode_or_404(doc: dict[str, Any], episode: str | None) -> None:
+        if episode is not None and episode not in {e["episode_id"] for e in doc.get("episodes", [])}:
+            raise HTTPException(404, NOT_FOUND_EPISODE)
+
     @router.get("/clients/{client_id}/trajectory", summary="One client's trajectory on one instrument",
                 responses={200: {"model": TrajectoryOut}, 304: {"description": "unchanged (If-None-Match)"},
-                           404: {"description": "unknown client (or not visible to this key)"}, **AUTH})
+                           404: {"description": "unknown client or episode (or not visible to this key)"},
+                           **AUTH})
     async def trajectory(request: Request, client_id: str, p: Principal = Depends(reader),
-                         instrument: InstrumentQ = Instrument.SRS, episode: EpisodeQ = None) -> Response:
-        gen, doc = await find_trajectory(p, client_id, instrument, episode)
+                         instrument: InstrumentQ = Instrument.SRS, episode_id: EpisodeQ = None,
+                         episode: OldEpisodeQ = None) -> Response:
+        gen, doc = await find_record(p, client_id, instrument)
+        chosen = episode_id if episode_id is not None else episode
+        episode_or_404(doc, chosen)
         alerts = (await store.alerts_for(gen, p.tenant_id, [doc["_id"]]))[doc["_id"]]
-        return _json_response(request, rules.trajectory_view(doc, alerts),
+        return _json_response(request, rules.trajectory_view(doc, alerts, chosen),
                               max_age=settings.trajectory_max_age_seconds, generation=gen)
 
     @router.get("/clients/{client_id}/fhir", summary="The trajectory as a FHIR R4 Bundle",
@@ -142,9 +171,12 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
                            304: {"description": "unchanged (If-None-Match)"},
                            404: {"description": "unknown client (or not visible to this key)"}, **AUTH})
     async def fhir(request: Request, client_id: str, p: Principal = Depends(reader),
-                   instrument: InstrumentQ = Instrument.SRS, episode: EpisodeQ = None) -> Response:
-        gen, doc = await find_trajectory(p, client_id, instrument, episode)
-        return _json_response(request, trajectory_bundle(doc), max_age=settings.trajectory_max_age_seconds,
+                   instrument: InstrumentQ = Instrument.SRS, episode_id: EpisodeQ = None,
+                   episode: OldEpisodeQ = None) -> Response:
+        gen, doc = await find_record(p, client_id, instrument)
+        chosen = episode_id if episode_id is not None else episode
+        episode_or_404(doc, chosen)
+        return _json_response(request, trajectory_bundle(doc, chosen), max_age=settings.trajectory_max_age_seconds,
                               generation=gen, media_type=FHIR_JSON)
 
     @router.get("/clinicians/{clinician_id}/caseload", summary="A clinician's caseload, at-risk clients first",
@@ -198,6 +230,44 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
             raise HTTPException(403, error_body([("site_id", "this key is bound to one site; use "
                                                              f"/v1/sites/{p.site_id}/summary")]))
         return await summary_of(request, p, None)
+
+    either_auth: dict[int | str, dict[str, Any]] = {
+        **AUTH, 403: {"description": "the key's role allows neither read nor submit"}}
+
+    @router.get("/submissions/{submission_id}", summary="What happened to one submission",
+                responses={200: {"model": SubmissionOut},
+                           404: {"description": "unknown (yet), or not visible to this key"}, **either_auth})
+    async def submission(submission_id: str, p: Principal = Depends(either)) -> JSONResponse:
+        doc = await submissions.get(p.tenant_id, submission_id)
+        body = rules.submission_view(doc) if doc is not None else None
+        if body is None or (p.site_id is not None and rules.submission_site(doc or {}) != p.site_id):
+            raise HTTPException(404, NOT_FOUND_SUBMISSION)
+        return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+    @router.get("/submissions", summary="A tenant's rejected submissions, oldest rejection first",
+                responses={200: {"model": SubmissionsPageOut},
+                           422: {"description": "a cursor this API did not issue"}, **either_auth})
+    async def rejected_submissions(p: Principal = Depends(either),
+                                   status: Annotated[Literal["rejected"], Query(
+                                       description="only `rejected` is listed")] = "rejected",
+                                   since: SinceQ = None, cursor: CursorQ = None,
+                                   limit: LimitQ = None) -> JSONResponse:
+        size = min(limit or settings.page_size, settings.max_page_size)
+        floor = rules.rejection_sort_floor(since) if since is not None else ""
+        try:
+            after = max(rules.decode_cursor(cursor), floor) if cursor else floor
+        except rules.BadCursor as exc:
+            raise HTTPException(422, error_body([("cursor", str(exc))])) from exc
+        docs = await submissions.rejections(p.tenant_id, p.site_id, after, size)
+        page, more = docs[:size], len(docs) > size
+        items = []
+        for d in page:
+            view = rules.submission_view(d)
+            if view is not None and (p.site_id is None or rules.submission_site(d) == p.site_id):
+                items.append(view)
+        body = {"submissions": items,
+                "next_cursor": rules.encode_cursor(page[-1]["rejected"]["sort"]) if more else None}
+        return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
     return router
 

@@ -12,7 +12,7 @@ from faststream.kafka import KafkaBroker
 from services.reporting.api import build_router, install_store_errors, mount_dashboard
 from services.reporting.handlers import ReportingHandlers
 from services.reporting.settings import ReportingSettings
-from services.reporting.store import Generations, ReportingStore
+from services.reporting.store import Generations, ReportingStore, SubmissionStore
 from shared.auth import KeyStore
 from shared.events import DeadLetter
 from shared.http import Runtime, service_api
@@ -32,12 +32,14 @@ class ReportingConfig:
     reporting: ReportingSettings = field(default_factory=ReportingSettings)
 
 
-def _wire(config: ReportingConfig) -> tuple[KafkaBroker, Runtime, ReportingStore, Generations, KeyStore]:
+def _wire(config: ReportingConfig) -> tuple[KafkaBroker, Runtime, ReportingStore, Generations, KeyStore,
+                                            SubmissionStore]:
     broker = make_broker(config.kafka, SERVICE)
     mongo = make_client(config.mongo)
     db = database(mongo, config.mongo)
     settings = config.reporting
-    store = ReportingStore(db, settings.decline_threshold, cache_entries=settings.cache_entries)
+    store = ReportingStore(db, cache_entries=settings.cache_entries)
+    submissions = SubmissionStore(db)
     generations = Generations(db, settings.generation_cache_seconds)
     keys = KeyStore(db, settings.key_cache_seconds)
     topics = config.kafka.topics()
@@ -46,39 +48,42 @@ def _wire(config: ReportingConfig) -> tuple[KafkaBroker, Runtime, ReportingStore
     async def dead_letters(records: Sequence[OutboundRecord]) -> None:
         await publisher.publish_all(records)
 
-    handlers = ReportingHandlers(store, generations, dead_letters, topics.deadletter)
+    handlers = ReportingHandlers(store, generations, dead_letters, topics, submissions)
     if settings.consume:
         batch = min(settings.batch_max_records, config.kafka.batch_max_records)
         for topic, purpose, handler in (
             (topics.scored, "scored", handlers.scored),
             (topics.deterioration, "deterioration", handlers.deterioration),
             (topics.alert_status, "alert-status", handlers.alert_status),
+            (topics.deadletter, "deadletter", handlers.deadletter),
         ):
             subscribe_batch(broker, topic, group_id=config.kafka.group(f"{SERVICE}-{purpose}"), service=SERVICE,
                             handler=handler, max_records=batch)
 
     # Dead letters go out through `Publisher`; this declaration puts them (and their schema) into
     # the AsyncAPI document.
-    broker.publisher(topics.deadletter, title=f"{SERVICE}:{topics.deadletter}", schema=DeadLetter,
+    broker.publisher(topics.deadletter, title=f"{SERVICE}:deadletter", schema=DeadLetter,
                      description="Scored, deterioration or alert-status records reporting could not read.")
 
     async def prepare_store() -> None:
         state = await generations.ensure()
         for gen in state.write_targets:
             await store.ensure_indexes(gen)
+        await submissions.ensure_indexes()
 
     runtime = Runtime(SERVICE, broker, mongo, on_start=[prepare_store])
-    return broker, runtime, store, generations, keys
+    return broker, runtime, store, generations, keys, submissions
 
 
 def create_app(config: ReportingConfig | None = None) -> FastAPI:
     """The reporting FastAPI app (consumers start with its lifespan; no connection at import)."""
     config = config or ReportingConfig()
-    _, runtime, store, generations, keys = _wire(config)
+    _, runtime, store, generations, keys, submissions = _wire(config)
     app = service_api(
         runtime, title="Alliance Stream reporting",
-        description="Trajectories and PCOMS indices materialized from scored sessions; read keys only.")
-    app.include_router(build_router(store, generations, lambda: keys, config.reporting))
+        description="Trajectories and PCOMS indices materialized from scored sessions (read keys), and what "
+                    "happened to each submission (read or submit keys).")
+    app.include_router(build_router(store, generations, lambda: keys, config.reporting, submissions))
     install_store_errors(app)
     mount_dashboard(app)
     return app

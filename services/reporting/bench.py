@@ -7,7 +7,8 @@ Prints, measured in the same run on the same store:
 2. materialized events/s during `rebuild` (replay of srs.scored.v1 from the beginning into a new
    generation), and its ratio to (1) (target >= 70%);
 3. trajectory read latency (p50/p95/p99 over HTTP, one API-only reporting process) with
-   `--clients` trajectories loaded (the issue asks 100,000; the default is smaller so that the
+   `--clients` client records loaded (each: two episodes, one session corrected under a new id;
+   the issue asks 100,000; the default is smaller so that the
    default run stays under two minutes on this machine kind — pass --clients 100000), plus a
    caseload read for comparison.
 
@@ -31,6 +32,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,7 @@ import httpx
 from pymongo import InsertOne, UpdateOne
 
 from services.reporting import rules
-from services.reporting.demo import publish, scored
+from services.reporting.demo import BASE, derived_episode, publish, revised, scored
 from services.reporting.rebuild import rebuild
 from services.reporting.settings import ReportingSettings
 from services.reporting.store import Generations, ReportingStore, to_stored
@@ -104,7 +106,7 @@ async def materialize_rate(ep: Endpoints, clients: int, sessions: int, batch: in
 
     `chronological`: session 1 of every client, then session 2... (a long-lived log: a batch holds
     each client at most once when clients >= batch, so nothing folds and every later event
-    replaces an existing trajectory). `shuffled`: the same events in random order.
+    replaces an existing record). `shuffled`: the same events in random order.
     """
     tag = uuid.uuid4().hex[:8]
     kafka = KafkaSettings(bootstrap=ep.bootstrap, idempotence=ep.idempotence, topic_prefix=f"bench{tag}.")
@@ -137,15 +139,22 @@ async def materialize_rate(ep: Endpoints, clients: int, sessions: int, batch: in
 
 
 def _template_docs(shapes: int) -> list[dict[str, Any]]:
+    """Records of realistic shape: a finished episode of 4 sessions, a current one of 8 whose
+    session 3 was corrected under a new submission id (a tombstone and a revision 2)."""
     rng = random.Random(9)
     out = []
     for _ in range(shapes):
-        prev = None
         evs = []
-        for n in range(1, 9):
-            total = round(rng.uniform(28, 40), 1)
-            evs.append(scored("bench-read", "template", n, total, previous_total=prev, clinician_id="x"))
-            prev = total
+        earlier = BASE - timedelta(days=200)
+        for episode, count, start in ((derived_episode(earlier), 4, earlier), (derived_episode(BASE), 8, BASE)):
+            prev = None
+            for n in range(1, count + 1):
+                total = round(rng.uniform(28, 40), 1)
+                evs.append(scored("bench-read", "template", n, total, previous_total=prev, clinician_id="x",
+                                  episode_id=episode, episode_derived=True,
+                                  administered_at=start + timedelta(days=7 * (n - 1))))
+                prev = total
+        evs.append(revised(evs[6], submission_id="template-fix", total=round(rng.uniform(28, 40), 1)))
         doc = rules.merge(None, evs).doc
         assert doc is not None
         out.append(to_stored(doc))
@@ -153,27 +162,27 @@ def _template_docs(shapes: int) -> list[dict[str, Any]]:
 
 
 async def load_trajectories(mongo: MongoSettings, clients: int, gen: str) -> float:
-    """Insert `clients` trajectories (8 sessions each) into generation `gen`; returns seconds."""
+    """Insert `clients` records (see `_template_docs`) into generation `gen`; returns seconds."""
     client = make_client(mongo)
     try:
         store = ReportingStore(database(client, mongo))
         await store.ensure_indexes(gen)
-        col = store.trajectories(gen)
+        col = store.clients(gen)
         templates = _template_docs(50)
         started = time.perf_counter()
         batch: list[InsertOne[dict[str, Any]]] = []
         for i in range(clients):
             doc = copy.copy(templates[i % len(templates)])
             client_id, clinician = f"r{i:07d}", f"doc{i % 4000}"
-            doc.update(_id=rules.trajectory_id("bench-read", client_id, "SRS", None), client_id=client_id,
+            doc.update(_id=rules.record_id("bench-read", client_id, "SRS"), client_id=client_id,
                        clinician_id=clinician, site_id=f"site{i % 20}",
-                       caseload_key=rules.caseload_key(doc["at_risk"], client_id, "SRS", None))
+                       caseload_key=rules.caseload_key(doc["at_risk"], client_id, "SRS"))
             batch.append(InsertOne(doc))
             if len(batch) == 2000:
                 await col.bulk_write(batch, ordered=False)
                 batch = []
             if i and i % 20000 == 0:
-                print(f"  loaded {i:,} trajectories ({i / (time.perf_counter() - started):,.0f}/s)", flush=True)
+                print(f"  loaded {i:,} records ({i / (time.perf_counter() - started):,.0f}/s)", flush=True)
         if batch:
             await col.bulk_write(batch, ordered=False)
         return time.perf_counter() - started
@@ -263,7 +272,8 @@ async def run(args: argparse.Namespace, ep: Endpoints) -> None:
         key, _ = await create_key(db, "bench-read", "read")
     finally:
         await client.close()
-    print(f"loading {args.clients:,} trajectories (8 sessions each) into generation {gen} ...", flush=True)
+    print(f"loading {args.clients:,} client records (2 episodes, 13 entries each) into generation {gen} ...",
+          flush=True)
     seconds = await load_trajectories(mongo, args.clients, gen)
     print(f"  loaded in {seconds:.1f}s ({args.clients / seconds:,.0f}/s)", flush=True)
     proc, url = start_api(ep, kafka.topic_prefix, mongo.database)

@@ -1,8 +1,8 @@
 """Demo and test data: plausible scored-session streams as scoring would publish them.
 
-Used by the benchmark, the tests and the dashboard demo. The flags mimic scoring's default
-rules (issue 4) closely enough for charts and alerts to look right; scoring itself is the
-authority on them.
+Used by the benchmark, the tests and the dashboard demo. The flags, triggers and severity mimic
+scoring's default rules (docs/clinical-records.md) closely enough for charts and alerts to look
+right; scoring itself is the authority on them, and reporting never re-derives them.
 """
 
 from __future__ import annotations
@@ -12,11 +12,21 @@ import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
 
 from aiokafka import AIOKafkaProducer
 
-from shared.events import AlertStatusChanged, AllianceDeterioration, Instrument, Items, SrsScored, SubmissionIdentity
-from shared.ids import alert_id, derive, partition_key, scored_event_id
+from shared.events import (
+    ITEM_NAMES,
+    AlertStatusChanged,
+    AllianceDeterioration,
+    Instrument,
+    Items,
+    Severity,
+    SrsScored,
+    SubmissionIdentity,
+)
+from shared.ids import alert_id, alert_status_event_id, derive, partition_key, scored_event_id
 from shared.kafka import admin_security_kwargs
 from shared.settings import KafkaSettings
 from shared.topics import Topics
@@ -25,15 +35,26 @@ CUTOFF = 36.0
 BASE = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 
 
+TRIGGERS = ("below_cutoff", "drop_from_previous", "low_not_improving")
+LOW_ITEM = 9.0
+
+
+def derived_episode(first_administered: datetime, first_session: int = 1) -> str:
+    """Scoring's id of a derived episode: `auto/<UTC date of its first session>/<its first number>`."""
+    return f"auto/{first_administered.astimezone(UTC).date().isoformat()}/{first_session}"
+
+
 def scored(tenant_id: str, client_id: str, session_number: int, total: float, *, site_id: str = "north",
            clinician_id: str = "c-1", instrument: Instrument = Instrument.SRS, episode_id: str | None = None,
            submission_id: str | None = None, items: Items | None = None, previous_total: float | None = None,
            accepted_at: datetime | None = None, scored_at: datetime | None = None, cutoff: float = CUTOFF,
-           flags: list[str] | None = None, latest: bool = True) -> SrsScored:
-    """One scored event; ids and times derived from the arguments unless given."""
+           flags: list[str] | None = None, latest: bool = True, revision: int = 1, supersedes: str | None = None,
+           site_version: int = 0, episode_derived: bool = False, administered_at: datetime | None = None,
+           severity: Severity | None = None, previously_low_not_improving: bool = False) -> SrsScored:
+    """One scored event; ids, times, flags, triggers and severity derived from the arguments unless given."""
     sid = submission_id or derive("demo-submission", tenant_id, client_id, str(instrument), episode_id or "",
                                   str(session_number))
-    administered = BASE + timedelta(days=7 * (session_number - 1))
+    administered = administered_at or BASE + timedelta(days=7 * (session_number - 1))
     accepted = accepted_at or administered + timedelta(minutes=5)
     change = round(total - previous_total, 1) if previous_total is not None else None
     if flags is None:
@@ -44,12 +65,56 @@ def scored(tenant_id: str, client_id: str, session_number: int, total: float, *,
             flags.append("drop_from_previous")
         if previous_total is not None and total < cutoff and previous_total < cutoff and (change or 0) <= 0:
             flags.append("low_not_improving")
+    low_items = [n for n, v in zip(ITEM_NAMES, items.values(), strict=True) if v < LOW_ITEM] if items else []
+    if low_items and "item_below_threshold" not in flags:
+        flags = [*flags, "item_below_threshold"]
+    triggers = [f for f in flags if f in TRIGGERS]
+    if severity is None and triggers:
+        critical = (("below_cutoff" in triggers and "drop_from_previous" in triggers)
+                    or (change is not None and change <= -3.0)
+                    or ("low_not_improving" in triggers and previously_low_not_improving))
+        severity = "critical" if critical else "warning"
     return SrsScored(
-        event_id=scored_event_id(tenant_id, sid), tenant_id=tenant_id, occurred_at=scored_at or accepted,
+        event_id=scored_event_id(tenant_id, sid, revision), tenant_id=tenant_id, occurred_at=scored_at or accepted,
         submission_id=sid, site_id=site_id, clinician_id=clinician_id, client_id=client_id, episode_id=episode_id,
         instrument=instrument, session_number=session_number, administered_at=administered, items=items,
         total=total, cutoff=cutoff, previous_total=previous_total, change_from_previous=change, flags=flags,
-        latest=latest, scored_at=scored_at or accepted + timedelta(seconds=1), accepted_at=accepted)
+        triggers=triggers, severity=severity if triggers else None, low_items=low_items, latest=latest,
+        scored_at=scored_at or accepted + timedelta(seconds=1), accepted_at=accepted, revision=revision,
+        supersedes=supersedes, episode_derived=episode_derived, site_version=site_version)
+
+
+RESCORED = ("total", "items", "previous_total", "cutoff")
+
+
+def revised(event: SrsScored, **changes: Any) -> SrsScored:
+    """The next revision of a scored event, as scoring publishes it after a correction, a
+    recomputation, a move or a transfer: `changes` (any argument of `scored`) applied, `revision`
+    + 1 unless given, a later scoring time. Flags, triggers and severity are derived again when a
+    scored value changes. Under a new `submission_id` it names the old one in `supersedes`
+    (unless given)."""
+    revision = int(changes.pop("revision", event.revision + 1))
+    sid = str(changes.pop("submission_id", event.submission_id))
+    supersedes = changes.pop("supersedes", event.submission_id if sid != event.submission_id else None)
+    args: dict[str, Any] = dict(
+        site_id=event.site_id, clinician_id=event.clinician_id, instrument=event.instrument,
+        episode_id=event.episode_id, items=event.items, previous_total=event.previous_total,
+        accepted_at=event.accepted_at, cutoff=event.cutoff, latest=event.latest, site_version=event.site_version,
+        episode_derived=event.episode_derived, administered_at=event.administered_at,
+        scored_at=event.scored_at + timedelta(minutes=revision))
+    if not any(name in changes for name in RESCORED):
+        args.update(flags=list(event.flags), severity=event.severity)
+    args.update(changes)
+    total = float(args.pop("total", event.total))
+    number = int(args.pop("session_number", event.session_number))
+    return scored(event.tenant_id, event.client_id, number, total, submission_id=sid, revision=revision,
+                  supersedes=supersedes, **args)
+
+
+def transferred(events: Iterable[SrsScored], site_id: str) -> list[SrsScored]:
+    """What scoring re-publishes when a client moves to `site_id`: every current session with the
+    new site, `revision` + 1 and `site_version` + 1."""
+    return [revised(e, site_id=site_id, site_version=e.site_version + 1, supersedes=None) for e in events]
 
 
 def items_for(total: float, rng: random.Random) -> Items:
@@ -63,20 +128,30 @@ def items_for(total: float, rng: random.Random) -> Items:
 
 
 def deterioration_for(event: SrsScored) -> AllianceDeterioration | None:
-    """The alert scoring would raise for this session (its latest), if any."""
-    triggers = [f for f in event.flags if f in ("below_cutoff", "drop_from_previous", "low_not_improving")]
-    if not triggers or not event.latest:
+    """The alert scoring would raise (or revise) for this session when it is the latest, if any."""
+    if not event.triggers or not event.latest or event.severity is None:
         return None
-    change = event.change_from_previous
-    severity = "critical" if len(triggers) >= 2 or (change is not None and change <= -3.0) else "warning"
+    aid = alert_id(event.tenant_id, event.client_id, str(event.instrument), event.episode_id or "",
+                   event.session_number)
     return AllianceDeterioration(
-        event_id=derive("deterioration", event.tenant_id, event.submission_id), tenant_id=event.tenant_id,
-        occurred_at=event.scored_at, alert_id=alert_id(event.tenant_id, event.submission_id),
-        submission_id=event.submission_id, site_id=event.site_id, clinician_id=event.clinician_id,
-        client_id=event.client_id, episode_id=event.episode_id, instrument=event.instrument,
-        session_number=event.session_number, administered_at=event.administered_at, triggers=triggers,
-        severity=severity, total=event.total, previous_total=event.previous_total,
-        change_from_previous=event.change_from_previous, cutoff=event.cutoff, accepted_at=event.accepted_at)
+        event_id=derive("deterioration", aid, str(event.revision)), tenant_id=event.tenant_id,
+        occurred_at=event.scored_at, alert_id=aid, submission_id=event.submission_id, site_id=event.site_id,
+        clinician_id=event.clinician_id, client_id=event.client_id, episode_id=event.episode_id,
+        instrument=event.instrument, session_number=event.session_number, administered_at=event.administered_at,
+        triggers=list(event.triggers), severity=event.severity, total=event.total,
+        previous_total=event.previous_total, change_from_previous=event.change_from_previous, cutoff=event.cutoff,
+        accepted_at=event.accepted_at, revision=event.revision, low_items=list(event.low_items))
+
+
+def lifecycle(alert: AllianceDeterioration, status: Literal["superseded", "withdrawn"], revision: int | None = None,
+              at: datetime | None = None) -> AlertStatusChanged:
+    """Scoring's `superseded` or `withdrawn` status of `alert` (ending `revision`, default the alert's)."""
+    rev = revision or alert.revision
+    return AlertStatusChanged(
+        event_id=alert_status_event_id(alert.tenant_id, alert.alert_id, status, rev), tenant_id=alert.tenant_id,
+        occurred_at=at or alert.occurred_at + timedelta(minutes=30), alert_id=alert.alert_id, site_id=alert.site_id,
+        clinician_id=alert.clinician_id, status=status, revision=rev, client_id=alert.client_id,
+        instrument=alert.instrument, episode_id=alert.episode_id, session_number=alert.session_number)
 
 
 @dataclass(frozen=True)
@@ -92,25 +167,34 @@ class DemoSpec:
 
 
 def client_stream(tenant_id: str, client_id: str, site_id: str, clinician_id: str, sessions: int,
-                  rng: random.Random, instrument: Instrument = Instrument.SRS) -> list[SrsScored]:
-    """One client's sessions in order: a random walk that sometimes falls below the cutoff."""
+                  rng: random.Random, instrument: Instrument = Instrument.SRS,
+                  start: datetime = BASE) -> list[SrsScored]:
+    """One episode of a client's sessions in order (weekly from `start`, derived episode id as
+    scoring gives it): a random walk that sometimes falls below the cutoff."""
     style = rng.choice(("steady", "steady", "improving", "declining", "low"))
     level = {"steady": 38.0, "improving": 33.0, "declining": 39.0, "low": 33.5}[style]
+    episode = derived_episode(start)
     out: list[SrsScored] = []
     previous: float | None = None
+    was_low_not_improving = False
     for n in range(1, sessions + 1):
         drift = {"steady": 0.0, "improving": 0.8, "declining": -0.9, "low": 0.0}[style]
         level = min(40.0, max(12.0, level + drift + rng.uniform(-0.8, 0.8)))
         total = round(level, 1)
-        out.append(scored(tenant_id, client_id, n, total, site_id=site_id, clinician_id=clinician_id,
-                          instrument=instrument, items=items_for(total, rng), previous_total=previous,
-                          latest=True))
+        event = scored(tenant_id, client_id, n, total, site_id=site_id, clinician_id=clinician_id,
+                       instrument=instrument, items=items_for(total, rng), previous_total=previous, latest=True,
+                       episode_id=episode, episode_derived=True, administered_at=start + timedelta(days=7 * (n - 1)),
+                       previously_low_not_improving=was_low_not_improving)
+        out.append(event)
+        was_low_not_improving = "low_not_improving" in event.flags
         previous = total
     return out
 
 
-def demo_events(spec: DemoSpec = DemoSpec()) -> Iterator[SrsScored | AllianceDeterioration]:
-    """A whole demo tenant: scored events in session order, each followed by its alert if any."""
+def demo_events(spec: DemoSpec = DemoSpec()) -> Iterator[SrsScored | AllianceDeterioration | AlertStatusChanged]:
+    """A whole demo tenant: scored events in session order, each followed by its alert if any (a
+    later session supersedes the alert of the one before). Every third client had an earlier
+    episode of care half a year before the current one."""
     rng = random.Random(spec.seed)
     instruments = (Instrument.SRS, Instrument.SRS, Instrument.SRS, Instrument.CSRS, Instrument.GSRS)
     for site in spec.sites:
@@ -119,12 +203,21 @@ def demo_events(spec: DemoSpec = DemoSpec()) -> Iterator[SrsScored | AllianceDet
             for k in range(spec.clients_per_clinician):
                 client = f"{site[0]}{c + 1}-{k + 1:03d}"
                 instrument = instruments[k % len(instruments)]
-                for event in client_stream(spec.tenant_id, client, site, clinician, rng.randint(3, spec.sessions),
-                                           rng, instrument):
-                    yield event
-                    alert = deterioration_for(event)
-                    if alert is not None:
-                        yield alert
+                starts = [BASE - timedelta(days=182), BASE] if k % 3 == 1 else [BASE]
+                for start in starts:
+                    open_alert: AllianceDeterioration | None = None
+                    for event in client_stream(spec.tenant_id, client, site, clinician,
+                                               rng.randint(3, spec.sessions), rng, instrument, start):
+                        yield event
+                        if open_alert is not None:
+                            yield lifecycle(open_alert, "superseded", at=event.scored_at)
+                            open_alert = None
+                        alert = deterioration_for(event)
+                        if alert is not None:
+                            yield alert
+                            open_alert = alert
+                    if open_alert is not None and start != starts[-1]:
+                        yield lifecycle(open_alert, "superseded")
 
 
 def topic_of(event: SrsScored | AllianceDeterioration | AlertStatusChanged, topics: Topics) -> str:

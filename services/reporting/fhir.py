@@ -4,8 +4,13 @@ One `Bundle` (type `collection`) holding, per session, a `QuestionnaireResponse`
 items and the total, and an `Observation` of the total score (category `survey`, code from the
 local code system below, the items as components, `derivedFrom` the response). Subjects are
 identified by the tenant's pseudonymous client id only: no other identifying data leaves.
-Resource ids are derived from the submission, so the same trajectory always yields the same
-Bundle (and the same ETag).
+
+Resource ids are derived from the session identity (tenant, client, instrument, episode, session
+number), not from the submission, so a corrected session keeps its ids whatever submission
+corrected it; `meta.versionId` is the session's `revision`, and a revision above 1 makes both
+resources `amended`. The submission that holds the session stays visible as the `identifier`.
+The interpretation is scoring's `below_cutoff` flag (never recomputed). The same record always
+yields the same Bundle (and the same ETag).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from services.reporting.rules import below_cutoff, ordered_sessions
+from services.reporting.rules import below_cutoff, episode_of
 from shared.events import ITEM_NAMES
 from shared.ids import derive
 
@@ -49,6 +54,24 @@ def _code(code: str, display: str) -> Resource:
     return {"coding": [{"system": CODE_SYSTEM, "code": code, "display": display}], "text": display}
 
 
+def session_resource_ids(tenant_id: str, client_id: str, instrument: str, episode_id: str | None,
+                         session_number: int) -> tuple[str, str]:
+    """(QuestionnaireResponse id, Observation id) of one session: stable across corrections."""
+    parts = (tenant_id, client_id, str(instrument), episode_id or "", str(session_number))
+    return derive("fhir-qr", *parts), derive("fhir-obs", *parts)
+
+
+def _status(s: Mapping[str, Any], first: str) -> str:
+    return "amended" if int(s.get("revision") or 1) > 1 else first
+
+
+def _meta(s: Mapping[str, Any]) -> Resource:
+    meta: Resource = {"versionId": str(int(s.get("revision") or 1))}
+    if isinstance(s.get("scored_at"), datetime):
+        meta["lastUpdated"] = _iso(s["scored_at"])
+    return meta
+
+
 def _questionnaire_response(rid: str, doc: Mapping[str, Any], s: Mapping[str, Any],
                             subject: Resource) -> Resource:
     items = s.get("items") or {}
@@ -58,9 +81,10 @@ def _questionnaire_response(rid: str, doc: Mapping[str, Any], s: Mapping[str, An
     return {
         "resourceType": "QuestionnaireResponse",
         "id": rid,
+        "meta": _meta(s),
         "identifier": {"system": SUBMISSION_SYSTEM, "value": s["submission_id"]},
         "questionnaire": QUESTIONNAIRE + doc["instrument"],
-        "status": "completed",
+        "status": _status(s, "completed"),
         "subject": subject,
         "authored": _iso(s["administered_at"]),
         "item": answers,
@@ -75,8 +99,9 @@ def _observation(oid: str, qr_id: str, doc: Mapping[str, Any], s: Mapping[str, A
     obs: Resource = {
         "resourceType": "Observation",
         "id": oid,
+        "meta": _meta(s),
         "identifier": [{"system": SUBMISSION_SYSTEM, "value": s["submission_id"]}],
-        "status": "final",
+        "status": _status(s, "final"),
         "category": [{"coding": [{"system": OBSERVATION_CATEGORY, "code": "survey", "display": "Survey"}]}],
         "code": _code(f"{instrument}-total", f"{instrument} total score"),
         "subject": subject,
@@ -94,15 +119,16 @@ def _observation(oid: str, qr_id: str, doc: Mapping[str, Any], s: Mapping[str, A
     return obs
 
 
-def trajectory_bundle(doc: Mapping[str, Any]) -> Resource:
-    """The Bundle of one trajectory document."""
+def trajectory_bundle(doc: Mapping[str, Any], episode_id: str | None = None) -> Resource:
+    """The Bundle of one record's current episode (or the named one; rules.UnknownEpisode if none)."""
     tenant = doc["tenant_id"]
+    episode, sessions = episode_of(doc, episode_id)
     subject = {"identifier": {"system": client_system(tenant), "value": doc["client_id"]}}
     entries: list[Resource] = []
     last_scored: datetime | None = None
-    for s in ordered_sessions(doc):
-        qr_id = derive("fhir-qr", tenant, s["submission_id"])
-        obs_id = derive("fhir-obs", tenant, s["submission_id"])
+    for s in sessions:
+        qr_id, obs_id = session_resource_ids(tenant, doc["client_id"], doc["instrument"], episode,
+                                             int(s["session_number"]))
         qr = _questionnaire_response(qr_id, doc, s, subject)
         obs = _observation(obs_id, qr_id, doc, s, subject)
         entries.append({"fullUrl": f"urn:uuid:{qr_id}", "resource": qr})
@@ -112,7 +138,7 @@ def trajectory_bundle(doc: Mapping[str, Any]) -> Resource:
             last_scored = scored
     bundle: Resource = {
         "resourceType": "Bundle",
-        "id": derive("fhir-bundle", tenant, doc["_id"]),
+        "id": derive("fhir-bundle", tenant, doc["_id"], episode or ""),
         "type": "collection",
         "entry": entries,
     }

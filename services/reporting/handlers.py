@@ -8,6 +8,8 @@ batch is retried and never committed past.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -17,9 +19,10 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 
 from services.reporting import metrics
-from services.reporting.store import Generations, ReportingStore
-from shared.events import AlertStatusChanged, AllianceDeterioration, SrsScored
+from services.reporting.store import Generations, ReportingStore, SubmissionStore
+from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, SrsScored, SrsSubmitted
 from shared.kafka import InboundRecord, OutboundRecord, dead_letter_record
+from shared.topics import Topics
 
 log = logging.getLogger("alliance.reporting")
 
@@ -50,15 +53,30 @@ def decode(records: Sequence[InboundRecord], model: type[M], dlq_topic: str,
     return good, [dead_letter_record(service, rec, reason, detail, dlq_topic) for rec, reason, detail in bad]
 
 
+def rejection(dead: DeadLetter, topics: Topics) -> tuple[str, SrsSubmitted] | None:
+    """(tenant, submission) of a dead letter about a submitted record; None for any other."""
+    if dead.source_topic != topics.submitted:
+        return None
+    try:
+        raw = base64.b64decode(dead.payload, validate=True) if dead.payload_encoding == "base64" else dead.payload
+        submitted = SrsSubmitted.model_validate_json(raw)
+    except (ValidationError, ValueError, binascii.Error):
+        return None
+    return dead.tenant_id or submitted.tenant_id, submitted
+
+
 class ReportingHandlers:
-    """The three consumers of reporting; each writes to every generation the pointer names."""
+    """The consumers of reporting: three write to every generation the pointer names; the scored
+    one and the dead-letter one also keep the submissions' status (outside the generations)."""
 
     def __init__(self, store: ReportingStore, generations: Generations, dead_letters: DeadLetterSink,
-                 dlq_topic: str) -> None:
+                 topics: Topics, submissions: SubmissionStore) -> None:
         self.store = store
         self.generations = generations
+        self.submissions = submissions
         self._dead_letters = dead_letters
-        self._dlq = dlq_topic
+        self._topics = topics
+        self._dlq = topics.deadletter
 
     async def _targets(self) -> tuple[str, str | None]:
         state = await self.generations.current()
@@ -71,7 +89,7 @@ class ReportingHandlers:
             metrics.EVENTS.labels("deadlettered").inc(len(dead))
 
     async def scored(self, records: list[InboundRecord]) -> None:
-        """`srs.scored.v1`: merge sessions into trajectories."""
+        """`srs.scored.v1`: merge sessions into records, and note each submission's scored revision."""
         events, dead = decode(records, SrsScored, self._dlq)
         started = time.perf_counter()
         if events:
@@ -79,6 +97,7 @@ class ReportingHandlers:
             report = await self.store.apply_scored(active, events)
             if building is not None:
                 await self.store.apply_scored(building, events)
+            metrics.SUBMISSION_WRITES.inc(await self.submissions.apply_scored(events))
             now = datetime.now(UTC)
             for outcome, n in report.outcomes.items():
                 metrics.EVENTS.labels(outcome).inc(n)
@@ -114,3 +133,23 @@ class ReportingHandlers:
             metrics.EVENTS.labels("applied").inc(len(events))
             metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
         await self._dead(dead)
+
+    async def deadletter(self, records: list[InboundRecord]) -> None:
+        """`srs.deadletter.v1`: note the rejected submissions (dead letters of the submitted topic
+        whose payload is a submission). Anything else is skipped and counted, never
+        dead-lettered again: this consumer must not stall or feed its own input."""
+        found: list[tuple[str, DeadLetter, SrsSubmitted]] = []
+        for rec in records:
+            try:
+                dead = DeadLetter.model_validate_json(rec.value)
+            except (ValidationError, ValueError):
+                metrics.DEAD_LETTERS.labels("unparseable").inc()
+                continue
+            hit = rejection(dead, self._topics)
+            if hit is None:
+                metrics.DEAD_LETTERS.labels("ignored").inc()
+                continue
+            found.append((hit[0], dead, hit[1]))
+        if found:
+            metrics.SUBMISSION_WRITES.inc(await self.submissions.apply_rejected(found))
+            metrics.DEAD_LETTERS.labels("recorded").inc(len(found))

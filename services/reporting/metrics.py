@@ -8,9 +8,9 @@ from shared.metrics import LATENCY_BUCKETS
 
 EVENTS = Counter(
     "alliance_reporting_events_total",
-    "Events consumed by reporting, by outcome: applied (new point or alert fact), corrected (a later "
-    "submission replaced a session), duplicate (already there), stale (older than what is there), "
-    "deadlettered (undecodable or invalid).",
+    "Events consumed by reporting, by outcome: applied (new session or alert fact), corrected (a newer "
+    "revision replaced a session, or superseded another submission), duplicate (already there), stale "
+    "(older than what is there), deadlettered (undecodable or invalid).",
     ["outcome"],
 )
 APPLY_SECONDS = Histogram(
@@ -22,4 +22,16 @@ SCORED_TO_VISIBLE = Histogram(
     "alliance_scored_to_visible_seconds",
     "From a session's scored_at to its point being readable through the reporting API.",
     buckets=LATENCY_BUCKETS,
+)
+DEAD_LETTERS = Counter(
+    "alliance_reporting_dead_letters_total",
+    "Dead letters read by reporting's rejection feed, by outcome: recorded (a rejected submission), "
+    "ignored (not a submission: another source topic, or a payload that is not one), unparseable "
+    "(not a dead letter at all; skipped).",
+    ["outcome"],
+)
+SUBMISSION_WRITES = Counter(
+    "alliance_reporting_submission_writes_total",
+    "Parts of submission status documents written (scored, superseded, rejected; a part older "
+    "than the stored one is not written).",
 )

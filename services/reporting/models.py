@@ -4,10 +4,13 @@ unit tests check that what it builds validates against these, field for field)."
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from shared.events import Instrument
+from shared.events import Instrument, Operator, Severity
+
+AlertState = Literal["open", "acknowledged", "superseded", "withdrawn"]
 
 
 class _Out(BaseModel):
@@ -15,26 +18,47 @@ class _Out(BaseModel):
 
 
 class SessionOut(_Out):
+    """One session as scoring scored it (its current revision)."""
+
     session_number: int
+    submission_id: str
+    revision: int
     administered_at: datetime
     total: float
     items: dict[str, float] | None
     change_from_previous: float | None
     flags: list[str]
     below_cutoff: bool
+    triggers: list[str]
+    severity: Severity | None
+    low_items: list[str]
 
 
 class AlertOut(_Out):
+    """An alert of the shown episode: its latest raise and its lifecycle status."""
+
     alert_id: str
     session_number: int | None
     severity: str | None
     triggers: list[str]
+    low_items: list[str]
     raised_at: datetime | None
     acknowledged: bool
+    status: AlertState
+    revision: int
+
+
+class EpisodeOut(_Out):
+    episode_id: str | None
+    derived: bool
+    first_administered_at: datetime
+    last_administered_at: datetime
+    session_count: int
 
 
 class TrajectoryOut(_Out):
-    """One client's trajectory on one instrument (and episode)."""
+    """One client's trajectory on one instrument: the current episode (or the one asked for),
+    with the list of every episode, most recent first."""
 
     client_id: str
     instrument: Instrument
@@ -43,29 +67,34 @@ class TrajectoryOut(_Out):
     site_id: str
     clinician_id: str
     cutoff: float
+    operator: Operator
     sessions: list[SessionOut]
     latest_total: float
     at_risk: bool
     below_cutoff: bool
     declining: bool
     alerts: list[AlertOut]
+    episodes: list[EpisodeOut]
 
 
 class PointOut(_Out):
     session_number: int
     total: float
+    below_cutoff: bool
 
 
 class AlertMarkOut(_Out):
     session_number: int | None
     severity: str | None
     acknowledged: bool
+    status: AlertState
 
 
 class CaseloadEntryOut(_Out):
     client_id: str
     instrument: Instrument
     episode_id: str | None
+    episode_count: int
     site_id: str
     at_risk: bool
     below_cutoff: bool
@@ -121,3 +150,27 @@ class SummaryOut(IndicesOut):
     alerts: AlertCountsOut
     by_instrument: list[InstrumentIndicesOut]
     by_age_band: list[AgeBandIndicesOut]
+
+
+class SubmissionOut(_Out):
+    """What happened to one submission."""
+
+    submission_id: str
+    status: Literal["scored", "superseded", "rejected"]
+    reason: str | None
+    detail: str | None
+    revision: int | None
+    superseded_by: str | None
+    client_id: str | None
+    episode_id: str | None
+    session_number: int | None
+    total: float | None
+    flags: list[str]
+    rejected_at: datetime | None
+
+
+class SubmissionsPageOut(_Out):
+    """One page of a tenant's rejected submissions, oldest rejection first."""
+
+    submissions: list[SubmissionOut]
+    next_cursor: str | None

@@ -5,8 +5,9 @@
 2. Wait a few pointer-cache lifetimes, so every live consumer has seen the claim.
 3. Replay `srs.scored.v1`, `alliance.deterioration.v1` and `alliance.alert-status.v1` from the
    beginning with a fresh group-less consumer (nothing committed anywhere) into the new
-   generation (inserts for trajectories it has not written yet, a write-through cache for the
-   rest, query indexes built after the load), until each partition reaches the high-water mark first seen after step 2.
+   generation, through the same merge as the live consumer (inserts for records it has not
+   written yet, a write-through cache for the rest, query indexes built after the load), until
+   each partition reaches the high-water mark first seen after step 2.
    Anything past those marks was produced after the claim, so the live consumers put it into
    the new generation themselves; the writes are idempotent and commutative, so the two
    writers overlapping is harmless.
@@ -15,6 +16,8 @@
 5. Drop generations older than the previous one (the previous stays for a quick way back).
 
 The replay skips records that do not decode (the live consumer dead-lettered them already).
+Submission statuses (`reporting_submissions`) are not part of a generation and are not touched:
+the live consumers keep them, and the dead-letter topic is not replayed.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.reporting.handlers import parse
 from services.reporting.settings import ReportingSettings
-from services.reporting.store import Generations, ReportingStore, alerts_name, trajectories_name
+from services.reporting.store import Generations, ReportingStore, alerts_name, clients_name
 from shared.events import AlertStatusChanged, AllianceDeterioration, SrsScored
 from shared.kafka import InboundRecord, admin_security_kwargs
 from shared.mongo import database, make_client
@@ -157,7 +160,7 @@ async def rebuild(kafka: KafkaSettings, mongo: MongoSettings, settings: Reportin
     client = make_client(mongo)
     db = database(client, mongo)
     generations = Generations(db, settings.generation_cache_seconds)
-    store = ReportingStore(db, settings.decline_threshold, cache_entries=settings.rebuild_cache_entries)
+    store = ReportingStore(db, cache_entries=settings.rebuild_cache_entries)
     try:
         old, new = await generations.begin_rebuild(force=force)
         result = RebuildResult(previous=old.active, generation=new)
@@ -180,7 +183,7 @@ async def rebuild(kafka: KafkaSettings, mongo: MongoSettings, settings: Reportin
             result.switched = True
         except BaseException:
             await generations.abandon(new)
-            for name in (trajectories_name(new), alerts_name(new)):
+            for name in (clients_name(new), alerts_name(new)):
                 await db.drop_collection(name)
             raise
         if drop_old:

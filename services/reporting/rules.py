@@ -1,24 +1,52 @@
 """Pure read-model rules of reporting: no I/O.
 
-A trajectory is one client's sessions for one instrument and episode. It is built by merging
-scored events into a map keyed by session number, so that:
+**The record.** Reporting keeps one document per (tenant, client, instrument): the client's
+*record* on that instrument, holding every episode. Its state is one map, `entries`, keyed by
+submission id; everything else in the document is derived from that map.
 
-- a redelivered or duplicated event never adds a second point (same key, same revision);
-- an out-of-order session lands in its place (the map has no order; views sort by number);
-- a correction (same session number, another submission) supersedes the earlier one, and a
-  stale event replayed later never overwrites a newer correction.
+**Facts and their order.** Every scored event contributes one or two facts to the map:
 
-"Newer" is decided by a revision string, compared as text:
-`accepted_at | scored_at | submission_id`, each time in fixed-width UTC so text order is time
-order. `accepted_at` is stamped once by intake when the broker acknowledged the submission, so a
-re-scored old submission (whose `scored_at` is new) still sorts before the correction that was
-submitted after it. When `accepted_at` is missing the scored time stands in. The submission id
-only breaks exact ties, deterministically.
+- its own *scored entry* under its `submission_id`, ranked by the key
+  `(revision, 1, digest of the entry)`;
+- when it names another submission in `supersedes`, a *tombstone* under that submission id,
+  `{revision, superseded_by}` with the event's revision, ranked by `(revision, 0, superseded_by)`.
 
-The merge keeps, per session number, the entry with the greatest revision: a max is
-commutative, associative and idempotent, so any shuffle or duplication of a client's events
-yields the same trajectory as the clean ordered stream. Every derived field is a function of
-the merged sessions alone, so it inherits that property.
+The map keeps, per submission id, the fact with the greatest key (the keys are stored as
+fixed-width text, so text order is that order). So:
+
+- a redelivered or duplicated event changes nothing (same key);
+- a newer revision of a submission replaces the older one, and a stale one replayed later never
+  overwrites it (lower key);
+- a submission named in `supersedes` of an event whose revision is higher than its own entry's
+  becomes a tombstone; a scored event of that submission with a higher revision than the
+  tombstone's revives it. At an equal revision the scored entry wins (rank 1 > 0), so
+  superseding takes a strictly higher revision, as docs/clinical-records.md says;
+- the digest only orders two different contents under one (submission, revision), which
+  scoring never publishes; it makes the order total, so even that never depends on arrival.
+
+A per-key max is commutative, associative and idempotent, so any shuffle, duplication or
+batching of a record's events yields the same map as the clean ordered stream.
+
+**Derived fields** are functions of the map alone, so they inherit that property:
+
+- the *shown sessions* are the scored entries, one per session `(episode_id, session_number)`;
+  should two current submissions ever name one session (an older producer that corrected without
+  `supersedes`), the one with the greatest `(revision, accepted_at, scored_at, submission_id)`
+  is shown;
+- sessions are grouped by `episode_id`; within an episode ordered by `session_number`. The
+  *current episode* is the episode of the most recently administered session (`administered_at`,
+  then `session_number`, then episode id); episodes are listed most recent first in that order;
+- the *latest session* is the highest-numbered session of the current episode; `below_cutoff`,
+  `declining` and `at_risk` are read from its flags (scoring decided them with the tenant's
+  rules; nothing is re-derived here): below = `below_cutoff` in flags, declining =
+  `drop_from_previous` or `low_not_improving` in flags, at risk = either;
+- the *owning site* is the `site_id` of the shown session with the highest `site_version` (then
+  the most recently administered): a transfer re-publishes every session with the new site and
+  `site_version` + 1. Reads of a site-bound key are scoped by it;
+- the clinician is that of the latest session (caseloads follow it); summary fields
+  (`session_count`, `first_total`, ...) are of the current episode.
+
+The submission-status rules ("what happened to my submission?") are at the end of this module.
 """
 
 from __future__ import annotations
@@ -33,7 +61,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from shared.events import AllianceDeterioration, Instrument, SrsScored
+from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, Instrument, SrsScored, SrsSubmitted
 from shared.ids import derive
 
 Outcome = Literal["applied", "corrected", "duplicate", "stale"]
@@ -47,10 +75,12 @@ AGE_BANDS: dict[Instrument, str] = {
 }
 AGE_BAND_ORDER: tuple[str, ...] = ("13+", "6-12", "<=5")
 
-# Scoring's rule names that mean the alliance is getting worse (issue 4); a tenant's own
-# thresholds reach reporting only through these flags.
+# Scoring's rule names that mean the alliance is getting worse; the tenant's thresholds reach
+# reporting only through these flags.
 DECLINE_FLAGS = frozenset({"drop_from_previous", "low_not_improving"})
-DEFAULT_DECLINE_THRESHOLD = 1.0
+BELOW_CUTOFF = "below_cutoff"
+SCORED = "scored"
+SUPERSEDED = "superseded"
 
 Doc = dict[str, Any]
 
@@ -65,9 +95,9 @@ def instruments_of_band(band: str) -> list[str]:
     return [i.value for i, b in AGE_BANDS.items() if b == band]
 
 
-def trajectory_id(tenant_id: str, client_id: str, instrument: str, episode_id: str | None) -> str:
-    """The read model's key: one trajectory per (tenant, client, instrument, episode)."""
-    return derive("trajectory", tenant_id, client_id, str(instrument), episode_id or "")
+def record_id(tenant_id: str, client_id: str, instrument: str) -> str:
+    """The read model's key: one record per (tenant, client, instrument), every episode in it."""
+    return derive("client-record", tenant_id, client_id, str(instrument))
 
 
 def _utc_text(ts: datetime) -> str:
@@ -77,109 +107,167 @@ def _utc_text(ts: datetime) -> str:
     return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def revision(event: SrsScored) -> str:
-    """Which of two events for one session is newer (see module docs)."""
-    accepted = event.accepted_at or event.scored_at
-    return f"{_utc_text(accepted)}|{_utc_text(event.scored_at)}|{event.submission_id}"
+def _rev_text(revision: int) -> str:
+    return f"{revision:010d}"
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+    raise TypeError(f"cannot store {type(value).__name__} in a record")
+
+
+def _digest(value: Mapping[str, Any]) -> str:
+    text = json.dumps(value, default=_encode, separators=(",", ":"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def session_entry(event: SrsScored) -> Doc:
-    """The stored form of one scored session."""
-    return {
-        "session_number": event.session_number,
+    """The scored entry of one event (the map's value under its submission id)."""
+    entry: Doc = {
+        "kind": SCORED,
         "submission_id": event.submission_id,
         "event_id": event.event_id,
+        "revision": event.revision,
+        "episode_id": event.episode_id,
+        "episode_derived": event.episode_derived,
+        "session_number": event.session_number,
         "administered_at": event.administered_at,
         "total": event.total,
         "items": event.items.model_dump() if event.items is not None else None,
         "flags": list(event.flags),
+        "triggers": list(event.triggers),
+        "severity": event.severity,
+        "low_items": list(event.low_items),
         "cutoff": event.cutoff,
+        "operator": event.operator,
+        "previous_total": event.previous_total,
+        "change_from_previous": event.change_from_previous,
         "site_id": event.site_id,
+        "site_version": event.site_version,
         "clinician_id": event.clinician_id,
         "scored_at": event.scored_at,
         "accepted_at": event.accepted_at,
-        "rev": revision(event),
     }
+    # times normalized to UTC text, so the digest does not depend on the offset a producer used
+    normal = {k: _utc_text(v) if isinstance(v, datetime) else v for k, v in entry.items()}
+    entry["key"] = f"{_rev_text(event.revision)}|1|{_digest(normal)}"
+    return entry
 
 
-_SESSION_TIMES = ("administered_at", "scored_at", "accepted_at")
+def tombstone(submission_id: str, revision: int, superseded_by: str) -> Doc:
+    """The entry of a submission superseded by `superseded_by` at `revision`."""
+    return {"kind": SUPERSEDED, "submission_id": submission_id, "revision": revision,
+            "superseded_by": superseded_by, "key": f"{_rev_text(revision)}|0|{superseded_by}"}
 
 
-def pack_sessions(sessions: Mapping[str, Mapping[str, Any]]) -> str:
-    """The stored form of a trajectory's sessions: one compact JSON text.
+_ENTRY_TIMES = ("administered_at", "scored_at", "accepted_at")
 
-    Nothing queries inside sessions on the server (the query fields are top-level), and a text
+
+def pack_entries(entries: Mapping[str, Mapping[str, Any]]) -> str:
+    """The stored form of a record's entries: one compact JSON text.
+
+    Nothing queries inside entries on the server (the query fields are top-level), and a text
     field costs a store a fraction of a nested map to scan past: summaries aggregate over every
-    trajectory of a scope.
+    record of a scope.
     """
-    def encode(value: Any) -> Any:
-        if isinstance(value, datetime):
-            return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
-        raise TypeError(f"cannot store {type(value).__name__} in sessions")
-
-    return json.dumps(sessions, default=encode, separators=(",", ":"), sort_keys=True)
+    return json.dumps(entries, default=_encode, separators=(",", ":"), sort_keys=True)
 
 
-def unpack_sessions(text: str) -> dict[str, Doc]:
-    """Sessions as `pack_sessions` stored them, times back as aware datetimes."""
-    sessions: dict[str, Doc] = json.loads(text)
-    for s in sessions.values():
-        for name in _SESSION_TIMES:
-            if isinstance(s.get(name), str):
-                s[name] = datetime.fromisoformat(s[name])
-    return sessions
+def unpack_entries(text: str) -> dict[str, Doc]:
+    """Entries as `pack_entries` stored them, times back as aware datetimes."""
+    entries: dict[str, Doc] = json.loads(text)
+    for e in entries.values():
+        for name in _ENTRY_TIMES:
+            if isinstance(e.get(name), str):
+                e[name] = datetime.fromisoformat(e[name])
+    return entries
 
 
 def below_cutoff(session: Mapping[str, Any]) -> bool:
-    """The session's total is under the cutoff that scoring applied to it."""
-    return float(session["total"]) < float(session["cutoff"])
+    """Scoring found the session below its cutoff (the `below_cutoff` flag)."""
+    return BELOW_CUTOFF in (session.get("flags") or ())
 
 
-def ordered_sessions(doc: Mapping[str, Any]) -> list[Doc]:
-    """The sessions of a trajectory document by session number."""
-    return sorted(doc.get("sessions", {}).values(), key=lambda s: int(s["session_number"]))
+def is_declining(session: Mapping[str, Any]) -> bool:
+    """Scoring flagged the session with a deterioration rule (`drop_from_previous` or `low_not_improving`)."""
+    return bool(DECLINE_FLAGS.intersection(session.get("flags") or ()))
 
 
-def is_declining(latest: Mapping[str, Any], previous: Mapping[str, Any] | None,
-                 threshold: float = DEFAULT_DECLINE_THRESHOLD) -> bool:
-    """The latest session dropped by `threshold` or more from the one before it, or scoring flagged
-    it with a deterioration rule (which carries the tenant's own thresholds)."""
-    if DECLINE_FLAGS.intersection(latest.get("flags") or ()):
-        return True
-    if previous is None:
-        return False
-    return round(float(latest["total"]) - float(previous["total"]), 1) <= -threshold
+def _slot_rank(e: Mapping[str, Any]) -> tuple[int, str, str, str]:
+    accepted = e.get("accepted_at") or e["scored_at"]
+    return (int(e["revision"]), _utc_text(accepted), _utc_text(e["scored_at"]), e["submission_id"])
 
 
-def caseload_key(at_risk: bool, client_id: str, instrument: str, episode_id: str | None) -> str:
+def _recency(e: Mapping[str, Any]) -> tuple[str, int, str]:
+    return (_utc_text(e["administered_at"]), int(e["session_number"]), e.get("episode_id") or "")
+
+
+def sessions_by_episode(entries: Mapping[str, Mapping[str, Any]]) -> dict[str | None, list[Doc]]:
+    """The shown sessions grouped by episode, episodes most recent first, sessions by number."""
+    slots: dict[tuple[str | None, int], Doc] = {}
+    for e in entries.values():
+        if e.get("kind") != SCORED:
+            continue
+        slot = (e.get("episode_id"), int(e["session_number"]))
+        held = slots.get(slot)
+        if held is None or _slot_rank(e) > _slot_rank(held):
+            slots[slot] = dict(e)
+    groups: dict[str | None, list[Doc]] = {}
+    for (episode, _), e in slots.items():
+        groups.setdefault(episode, []).append(e)
+    for sessions in groups.values():
+        sessions.sort(key=lambda s: int(s["session_number"]))
+    order = sorted(groups, key=lambda ep: max(_recency(s) for s in groups[ep]), reverse=True)
+    return {ep: groups[ep] for ep in order}
+
+
+def caseload_key(at_risk: bool, client_id: str, instrument: str) -> str:
     """Sort key of a caseload: at-risk first, then by client; unique within a clinician."""
-    return "\x1f".join(("0" if at_risk else "1", client_id, instrument, episode_id or ""))
+    return "\x1f".join(("0" if at_risk else "1", client_id, instrument))
 
 
-def derive_trajectory(identity: Mapping[str, Any], sessions: Mapping[str, Doc],
-                      threshold: float = DEFAULT_DECLINE_THRESHOLD) -> Doc:
-    """A full trajectory document from its identity and merged sessions (no version or timestamps).
+def episode_summary(episode_id: str | None, sessions: Sequence[Mapping[str, Any]]) -> Doc:
+    """One line of a record's episode list."""
+    times = [s["administered_at"] for s in sessions]
+    return {"episode_id": episode_id, "derived": any(bool(s.get("episode_derived")) for s in sessions),
+            "first_administered_at": min(times, key=_utc_text), "last_administered_at": max(times, key=_utc_text),
+            "session_count": len(sessions)}
 
-    The trajectory belongs to the site and clinician of its latest session (clients move);
-    `first_total` is the lowest session number on record (a client may have started before the
-    site used this system).
+
+def derive_record(identity: Mapping[str, Any], entries: Mapping[str, Doc]) -> Doc:
+    """A full record document from its identity and merged entries (no version or timestamps).
+
+    A record whose entries are all tombstones (possible only while a superseding event is still
+    on its way) has `session_count` 0 and no site or clinician: no read finds it.
     """
-    ordered = sorted(sessions.values(), key=lambda s: int(s["session_number"]))
-    latest = ordered[-1]
-    previous = ordered[-2] if len(ordered) > 1 else None
-    below = below_cutoff(latest)
-    declining = is_declining(latest, previous, threshold)
-    at_risk = below or declining
-    return {
+    groups = sessions_by_episode(entries)
+    doc: Doc = {
         "_id": identity["_id"],
         "tenant_id": identity["tenant_id"],
         "client_id": identity["client_id"],
         "instrument": identity["instrument"],
-        "episode_id": identity.get("episode_id"),
         "age_band": age_band(identity["instrument"]),
-        "site_id": latest["site_id"],
+        "entries": dict(entries),
+    }
+    if not groups:
+        return {**doc, "site_id": None, "site_version": 0, "clinician_id": None, "episode_id": None,
+                "episode_derived": False, "episodes": [], "session_count": 0, "sessions_below_cutoff": 0,
+                "caseload_key": None, "at_risk": False, "below_cutoff": False, "declining": False}
+    shown = [s for sessions in groups.values() for s in sessions]
+    owner = max(shown, key=lambda s: (int(s.get("site_version") or 0), *_recency(s), s["submission_id"]))
+    episode, ordered = next(iter(groups.items()))
+    latest = ordered[-1]
+    below, declining = below_cutoff(latest), is_declining(latest)
+    at_risk = below or declining
+    return {
+        **doc,
+        "site_id": owner["site_id"],
+        "site_version": int(owner.get("site_version") or 0),
         "clinician_id": latest["clinician_id"],
-        "sessions": {str(s["session_number"]): s for s in ordered},
+        "episode_id": episode,
+        "episode_derived": any(bool(s.get("episode_derived")) for s in ordered),
+        "episodes": [episode_summary(ep, sessions) for ep, sessions in groups.items()],
         "session_count": len(ordered),
         "sessions_below_cutoff": sum(1 for s in ordered if below_cutoff(s)),
         "first_session_number": int(ordered[0]["session_number"]),
@@ -188,76 +276,105 @@ def derive_trajectory(identity: Mapping[str, Any], sessions: Mapping[str, Doc],
         "latest_total": float(latest["total"]),
         "latest_administered_at": latest["administered_at"],
         "cutoff": float(latest["cutoff"]),
+        "operator": latest.get("operator") or "<",
         "below_cutoff": below,
         "declining": declining,
         "at_risk": at_risk,
-        "caseload_key": caseload_key(at_risk, identity["client_id"], identity["instrument"],
-                                     identity.get("episode_id")),
+        "caseload_key": caseload_key(at_risk, identity["client_id"], identity["instrument"]),
     }
 
 
 @dataclass
 class MergeResult:
-    """What merging a group of events into one trajectory did."""
+    """What merging a group of events into one record did."""
 
     doc: Doc | None  # None: nothing changed, nothing to write
     outcomes: list[tuple[SrsScored, Outcome]] = field(default_factory=list)
 
 
-def merge(existing: Mapping[str, Any] | None, events: Sequence[SrsScored],
-          threshold: float = DEFAULT_DECLINE_THRESHOLD) -> MergeResult:
-    """Merge scored events of ONE trajectory into its current document (None when new).
+def _put(entries: dict[str, Doc], entry: Doc) -> Outcome:
+    """Keep the greater of `entry` and what the map holds under its submission id."""
+    sid = entry["submission_id"]
+    held = entries.get(sid)
+    if held is None:
+        entries[sid] = entry
+        return "applied"
+    if held["key"] == entry["key"]:
+        return "duplicate"
+    if held["key"] > entry["key"]:
+        return "stale"
+    entries[sid] = entry
+    return "corrected" if held.get("kind") == SCORED and int(held["revision"]) < int(entry["revision"]) \
+        else "applied"
 
-    Returns the new document (version bumped, `updated_at` left to the store) or None when every
-    event was a duplicate or stale.
+
+def merge(existing: Mapping[str, Any] | None, events: Sequence[SrsScored]) -> MergeResult:
+    """Merge scored events of ONE record (same tenant, client and instrument) into its document.
+
+    `existing` is the current document (None when new); `events` any batch, in any order, with
+    any duplicates. Returns the new document (`v` bumped; `updated_at` is left to the store) or
+    `doc=None` when nothing changed, and per event its outcome: `applied` (a new submission or
+    session), `corrected` (it replaced an older revision of its submission, or superseded
+    another submission), `duplicate`, `stale` (older than what the record holds). Folding any
+    permutation of a set of events, in any batches, gives the same document up to `v` (see
+    the module docs for why).
     """
     if not events:
         return MergeResult(None)
     first = events[0]
     identity: Doc = {
-        "_id": trajectory_id(first.tenant_id, first.client_id, first.instrument, first.episode_id),
+        "_id": record_id(first.tenant_id, first.client_id, first.instrument),
         "tenant_id": first.tenant_id,
         "client_id": first.client_id,
         "instrument": str(first.instrument),
-        "episode_id": first.episode_id,
     }
-    sessions: dict[str, Doc] = dict(existing.get("sessions", {})) if existing else {}
+    entries: dict[str, Doc] = dict(existing.get("entries", {})) if existing else {}
     result = MergeResult(None)
     changed = False
     for event in events:
-        key = str(event.session_number)
-        entry = session_entry(event)
-        current = sessions.get(key)
-        outcome: Outcome
-        if current is None:
-            outcome = "applied"
-        elif current["rev"] == entry["rev"]:
-            outcome = "duplicate"
-        elif current["rev"] > entry["rev"]:
-            outcome = "stale"
-        else:
-            outcome = "corrected" if current["submission_id"] != entry["submission_id"] else "applied"
-        if outcome in ("applied", "corrected"):
-            sessions[key] = entry
-            changed = True
+        outcome = _put(entries, session_entry(event))
+        if event.supersedes and event.supersedes != event.submission_id:
+            if _put(entries, tombstone(event.supersedes, event.revision, event.submission_id)) in (
+                    "applied", "corrected"):
+                changed = True
+                if outcome in ("applied", "duplicate"):
+                    outcome = "corrected"
+        changed = changed or outcome in ("applied", "corrected")
         result.outcomes.append((event, outcome))
     if changed:
-        doc = derive_trajectory(identity, sessions, threshold)
+        doc = derive_record(identity, entries)
         doc["v"] = int(existing.get("v", 0)) + 1 if existing else 1
         result.doc = doc
     return result
 
 
-def group_by_trajectory(events: Iterable[SrsScored]) -> dict[str, list[SrsScored]]:
-    """Scored events grouped by the trajectory they belong to (input order kept)."""
+def group_by_record(events: Iterable[SrsScored]) -> dict[str, list[SrsScored]]:
+    """Scored events grouped by the record they belong to (input order kept)."""
     groups: dict[str, list[SrsScored]] = {}
     for e in events:
-        groups.setdefault(trajectory_id(e.tenant_id, e.client_id, e.instrument, e.episode_id), []).append(e)
+        groups.setdefault(record_id(e.tenant_id, e.client_id, e.instrument), []).append(e)
     return groups
 
 
-def alert_fields(event: AllianceDeterioration) -> Doc:
-    """What reporting keeps of a raised alert (set on every delivery: the values never change)."""
+# ---------------------------------------------------------------------------------------------
+# Alerts: one document per alert id, merged from raises and status events in any order.
+#
+# The lifecycle is a max of `(revision, rank)` with raised = 0 < superseded = 1 < withdrawn = 2,
+# stored as the single number `life = 4 * revision + rank` so the store can take it with `$max`.
+# What a raise says (severity, triggers, totals) is kept per revision (`raises.<revision>`, the
+# same value on every delivery), and the view shows the highest. An acknowledgement is a flag
+# that only turns true; a revision keeps it.
+
+LIFECYCLE_RANK: dict[str, int] = {"raised": 0, "superseded": 1, "withdrawn": 2}
+
+
+def life_key(revision: int | None, status: str) -> int:
+    """The lifecycle key of a raise (`status` "raised") or a scoring status, as one number."""
+    return 4 * int(revision or 1) + LIFECYCLE_RANK[status]
+
+
+def alert_identity(event: AllianceDeterioration) -> Doc:
+    """The fields of an alert that never change (its session)."""
     return {
         "tenant_id": event.tenant_id,
         "site_id": event.site_id,
@@ -265,15 +382,52 @@ def alert_fields(event: AllianceDeterioration) -> Doc:
         "client_id": event.client_id,
         "instrument": str(event.instrument),
         "episode_id": event.episode_id,
-        "trajectory_id": trajectory_id(event.tenant_id, event.client_id, event.instrument, event.episode_id),
+        "record_id": record_id(event.tenant_id, event.client_id, event.instrument),
         "session_number": event.session_number,
-        "submission_id": event.submission_id,
-        "severity": event.severity,
-        "triggers": list(event.triggers),
-        "total": event.total,
-        "raised": True,
-        "raised_at": event.occurred_at,
     }
+
+
+def alert_raise(event: AllianceDeterioration) -> Doc:
+    """What one revision of a raised alert says (stored under `raises.<revision>`)."""
+    return {"revision": event.revision, "submission_id": event.submission_id, "severity": event.severity,
+            "triggers": list(event.triggers), "low_items": list(event.low_items), "total": event.total,
+            "raised_at": event.occurred_at}
+
+
+def status_identity(event: AlertStatusChanged) -> Doc:
+    """The session fields a scoring status event names (only those it carries)."""
+    out: Doc = {}
+    if event.client_id is not None and event.instrument is not None:
+        out.update(client_id=event.client_id, instrument=str(event.instrument),
+                   record_id=record_id(event.tenant_id, event.client_id, event.instrument))
+    if event.episode_id is not None:
+        out["episode_id"] = event.episode_id
+    if event.session_number is not None:
+        out["session_number"] = event.session_number
+    return out
+
+
+def latest_raise(alert: Mapping[str, Any]) -> Doc:
+    """The highest revision's raise of an alert document (older documents kept it top-level)."""
+    raises = alert.get("raises") or {}
+    if raises:
+        return dict(raises[max(raises, key=int)])
+    return {"revision": 1, "severity": alert.get("severity"), "triggers": alert.get("triggers", []),
+            "low_items": [], "total": alert.get("total"), "raised_at": alert.get("raised_at")}
+
+
+def alert_status(alert: Mapping[str, Any]) -> tuple[str, int]:
+    """(status, revision) of an alert: the lifecycle's greatest fact, `open` shown as
+    `acknowledged` once a clinician acknowledged it."""
+    life = int(alert.get("life") or 0)
+    if life < 4:  # raised before revisions existed
+        life = 4
+    revision, rank = divmod(life, 4)
+    if rank == LIFECYCLE_RANK["withdrawn"]:
+        return "withdrawn", revision
+    if rank == LIFECYCLE_RANK["superseded"]:
+        return "superseded", revision
+    return ("acknowledged" if alert.get("acknowledged") else "open"), revision
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,67 +442,113 @@ def _iso(value: Any) -> Any:
     return value
 
 
-def _round1(x: float) -> float:
-    return round(x + 0.0, 1)
+class UnknownEpisode(KeyError):
+    """The record has no such episode."""
 
 
 def alert_view(alert: Mapping[str, Any]) -> Doc:
     """One alert as the API shows it."""
+    raised = latest_raise(alert)
+    status, revision = alert_status(alert)
     return {
         "alert_id": alert["_id"],
         "session_number": alert.get("session_number"),
-        "severity": alert.get("severity"),
-        "triggers": alert.get("triggers", []),
-        "raised_at": _iso(alert.get("raised_at")),
+        "severity": raised.get("severity"),
+        "triggers": list(raised.get("triggers") or []),
+        "low_items": list(raised.get("low_items") or []),
+        "raised_at": _iso(alert.get("raised_at") or raised.get("raised_at")),
         "acknowledged": bool(alert.get("acknowledged", False)),
+        "status": status,
+        "revision": revision,
     }
 
 
-def trajectory_view(doc: Mapping[str, Any], alerts: Sequence[Mapping[str, Any]] = ()) -> Doc:
-    """The API document of one trajectory.
+def _episode_alerts(alerts: Sequence[Mapping[str, Any]], episode: str | None) -> list[Mapping[str, Any]]:
+    return [a for a in alerts if a.get("raised") and a.get("episode_id") == episode]
 
-    `change_from_previous` is computed here from the trajectory itself (the closest earlier
-    session on record), so it stays right when a session arrived out of order.
+
+def session_view(s: Mapping[str, Any]) -> Doc:
+    """One session as the API shows it: scoring's values, as scored."""
+    return {
+        "session_number": int(s["session_number"]),
+        "submission_id": s["submission_id"],
+        "revision": int(s["revision"]),
+        "administered_at": _iso(s["administered_at"]),
+        "total": float(s["total"]),
+        "items": s.get("items"),
+        "change_from_previous": s.get("change_from_previous"),
+        "flags": list(s.get("flags") or []),
+        "below_cutoff": below_cutoff(s),
+        "triggers": list(s.get("triggers") or []),
+        "severity": s.get("severity"),
+        "low_items": list(s.get("low_items") or []),
+    }
+
+
+def episodes_view(doc: Mapping[str, Any]) -> list[Doc]:
+    """The record's episodes, most recent first."""
+    return [{**e, "first_administered_at": _iso(e["first_administered_at"]),
+             "last_administered_at": _iso(e["last_administered_at"])} for e in doc.get("episodes", [])]
+
+
+def episode_of(doc: Mapping[str, Any], episode_id: str | None = None) -> tuple[str | None, list[Doc]]:
+    """(episode id, its shown sessions by number): the current episode, or the one named.
+
+    UnknownEpisode when the record has no such episode (or no session at all).
     """
-    sessions = []
-    previous: Mapping[str, Any] | None = None
-    for s in ordered_sessions(doc):
-        change = _round1(float(s["total"]) - float(previous["total"])) if previous is not None else None
-        sessions.append({
-            "session_number": int(s["session_number"]),
-            "administered_at": _iso(s["administered_at"]),
-            "total": float(s["total"]),
-            "items": s.get("items"),
-            "change_from_previous": change,
-            "flags": list(s.get("flags") or []),
-            "below_cutoff": below_cutoff(s),
-        })
-        previous = s
-    raised = [a for a in alerts if a.get("raised")]
+    groups = sessions_by_episode(doc.get("entries", {}))
+    episode = doc.get("episode_id") if episode_id is None else episode_id
+    if episode not in groups:
+        raise UnknownEpisode(episode_id)
+    return episode, groups[episode]
+
+
+def trajectory_view(doc: Mapping[str, Any], alerts: Sequence[Mapping[str, Any]] = (),
+                    episode_id: str | None = None) -> Doc:
+    """The API document of one record: the current episode's trajectory, or the named episode's.
+
+    Contract: `doc` is a record as `merge` builds it (or as the store reads it back), `alerts`
+    the record's alert documents (any episode; only raised alerts of the shown episode appear,
+    with their lifecycle `status` and `revision`). Every value is scoring's (flags, cutoff,
+    operator, severity, change_from_previous): nothing is recomputed. `at_risk`, `below_cutoff`
+    and `declining` are those of the shown episode's latest session; `site_id` is the owning
+    site; `episodes` lists every episode most recent first. Raises UnknownEpisode.
+    """
+    episode, ordered = episode_of(doc, episode_id)
+    latest = ordered[-1]
+    below, declining = below_cutoff(latest), is_declining(latest)
+    marks = _episode_alerts(alerts, episode)
     return {
         "client_id": doc["client_id"],
         "instrument": doc["instrument"],
-        "episode_id": doc.get("episode_id"),
+        "episode_id": episode,
         "age_band": doc.get("age_band") or age_band(doc["instrument"]),
         "site_id": doc["site_id"],
-        "clinician_id": doc["clinician_id"],
-        "cutoff": float(doc["cutoff"]),
-        "sessions": sessions,
-        "latest_total": float(doc["latest_total"]),
-        "at_risk": bool(doc["at_risk"]),
-        "below_cutoff": bool(doc.get("below_cutoff", False)),
-        "declining": bool(doc.get("declining", False)),
-        "alerts": sorted((alert_view(a) for a in raised), key=lambda a: (a["session_number"] or 0, a["alert_id"])),
+        "clinician_id": latest["clinician_id"],
+        "cutoff": float(latest["cutoff"]),
+        "operator": latest.get("operator") or "<",
+        "sessions": [session_view(s) for s in ordered],
+        "latest_total": float(latest["total"]),
+        "at_risk": below or declining,
+        "below_cutoff": below,
+        "declining": declining,
+        "alerts": sorted((alert_view(a) for a in marks), key=lambda a: (a["session_number"] or 0, a["alert_id"])),
+        "episodes": episodes_view(doc),
     }
 
 
 def caseload_entry(doc: Mapping[str, Any], alerts: Sequence[Mapping[str, Any]] = ()) -> Doc:
-    """One line of a caseload: enough to draw the trajectory chart without another request."""
-    raised = [a for a in alerts if a.get("raised")]
+    """One line of a caseload (the current episode): enough to draw its chart without another request."""
+    episode, ordered = episode_of(doc)
+    marks = []
+    for a in _episode_alerts(alerts, episode):
+        view = alert_view(a)
+        marks.append({k: view[k] for k in ("session_number", "severity", "acknowledged", "status")})
     return {
         "client_id": doc["client_id"],
         "instrument": doc["instrument"],
-        "episode_id": doc.get("episode_id"),
+        "episode_id": episode,
+        "episode_count": len(doc.get("episodes", [])),
         "site_id": doc["site_id"],
         "at_risk": bool(doc["at_risk"]),
         "below_cutoff": bool(doc.get("below_cutoff", False)),
@@ -358,12 +558,126 @@ def caseload_entry(doc: Mapping[str, Any], alerts: Sequence[Mapping[str, Any]] =
         "latest_administered_at": _iso(doc["latest_administered_at"]),
         "session_count": int(doc["session_count"]),
         "cutoff": float(doc["cutoff"]),
-        "points": [{"session_number": int(s["session_number"]), "total": float(s["total"])}
-                   for s in ordered_sessions(doc)],
-        "alerts": sorted(({"session_number": a.get("session_number"), "severity": a.get("severity"),
-                           "acknowledged": bool(a.get("acknowledged", False))} for a in raised),
-                         key=lambda a: a["session_number"] or 0),
+        "points": [{"session_number": int(s["session_number"]), "total": float(s["total"]),
+                    "below_cutoff": below_cutoff(s)} for s in ordered],
+        "alerts": sorted(marks, key=lambda a: a["session_number"] or 0),
     }
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# What happened to my submission?
+#
+# One document per (tenant, submission id), outside the rebuildable generations, with three
+# independent parts, each a max of its own key (the store writes a part only when its key is
+# greater than the stored one, so every part is commutative and idempotent on its own):
+#
+# - `scored`: the scored event with the highest revision (key: the revision);
+# - `superseded`: the highest-revision event that named this submission in `supersedes` (key:
+#   revision, then the superseding submission id);
+# - `rejected`: the dead-lettered version accepted last (key: its `accepted_at`, then a digest
+#   of the payload).
+#
+# The status is decided when read, from the three parts: `rejected` when the rejected version
+# was accepted after the scored one (or nothing was scored); else `superseded` when the
+# superseding revision is higher than the scored revision; else `scored`.
+
+SubmissionStatus = Literal["scored", "superseded", "rejected"]
+
+
+def submission_doc_id(tenant_id: str, submission_id: str) -> str:
+    """The key of a submission's status document."""
+    return derive("submission-status", tenant_id, submission_id)
+
+
+def scored_part(event: SrsScored) -> Doc:
+    """What the `scored` part keeps of a scored event."""
+    accepted = event.accepted_at or event.scored_at
+    return {"key": _rev_text(event.revision), "revision": event.revision, "accepted": _utc_text(accepted),
+            "site_id": event.site_id, "client_id": event.client_id, "instrument": str(event.instrument),
+            "episode_id": event.episode_id, "session_number": event.session_number, "total": event.total,
+            "flags": list(event.flags), "at": event.scored_at}
+
+
+def superseded_part(event: SrsScored) -> Doc:
+    """What the `superseded` part of `event.supersedes` keeps of the superseding event."""
+    return {"key": f"{_rev_text(event.revision)}|{event.submission_id}", "revision": event.revision,
+            "by": event.submission_id, "site_id": event.site_id, "at": event.scored_at}
+
+
+def rejected_part(dead: DeadLetter, submitted: SrsSubmitted) -> Doc:
+    """What the `rejected` part keeps of a dead-lettered submission (`sort` orders the rejections page)."""
+    accepted = _utc_text(submitted.accepted_at)
+    return {"key": f"{accepted}|{hashlib.sha256(dead.payload.encode()).hexdigest()[:20]}",
+            "sort": f"{_utc_text(dead.occurred_at)}|{submitted.submission_id}",
+            "accepted": accepted, "reason": dead.reason, "detail": dead.detail, "at": dead.occurred_at,
+            "site_id": submitted.site_id, "client_id": submitted.client_id, "instrument": str(submitted.instrument),
+            "episode_id": submitted.episode_id, "session_number": submitted.session_number,
+            "total": submitted.total}
+
+
+def rejection_sort_floor(since: datetime) -> str:
+    """The `rejected.sort` value every rejection at or after `since` is greater than."""
+    return _utc_text(since)
+
+
+def submission_status(doc: Mapping[str, Any]) -> SubmissionStatus | None:
+    """The status of a submission document (see above); None when it holds nothing yet."""
+    scored, superseded, rejected = doc.get("scored"), doc.get("superseded"), doc.get("rejected")
+    if rejected and (not scored or rejected["accepted"] > scored["accepted"]):
+        return "rejected"
+    if superseded and int(superseded["revision"]) > int(scored["revision"] if scored else 0):
+        return "superseded"
+    if scored:
+        return "scored"
+    return None
+
+
+def submission_site(doc: Mapping[str, Any]) -> str | None:
+    """The site a submission belongs to now: that of the part deciding its status (the scored
+    version's, else the superseding one's, or the rejected version's)."""
+    status = submission_status(doc)
+    if status == "rejected":
+        return str(doc["rejected"]["site_id"])
+    if doc.get("scored"):
+        return str(doc["scored"]["site_id"])
+    if doc.get("superseded"):
+        return str(doc["superseded"]["site_id"])
+    return None
+
+
+def submission_view(doc: Mapping[str, Any]) -> Doc | None:
+    """The API answer about one submission; None when nothing is known yet."""
+    status = submission_status(doc)
+    if status is None:
+        return None
+    scored, superseded, rejected = doc.get("scored") or {}, doc.get("superseded") or {}, doc.get("rejected") or {}
+    about = rejected if status == "rejected" else scored
+    return {
+        "submission_id": doc["submission_id"],
+        "status": status,
+        "reason": rejected.get("reason") if status == "rejected" else None,
+        "detail": rejected.get("detail") if status == "rejected" else None,
+        "revision": scored.get("revision") if status != "rejected" else None,
+        "superseded_by": superseded.get("by") if status == "superseded" else None,
+        "client_id": about.get("client_id"),
+        "episode_id": about.get("episode_id"),
+        "session_number": about.get("session_number"),
+        "total": about.get("total"),
+        "flags": list(scored.get("flags") or []) if status != "rejected" else [],
+        "rejected_at": _iso(rejected.get("at")) if rejected else None,
+    }
+
+
+def fold_parts(parts: Iterable[tuple[str, str, Doc]]) -> dict[tuple[str, str], Doc]:
+    """Per (document id, part name), the part with the greatest key: a batch's writes, pre-folded."""
+    out: dict[tuple[str, str], Doc] = {}
+    for doc_id, name, part in parts:
+        held = out.get((doc_id, name))
+        if held is None or part["key"] > held["key"]:
+            out[(doc_id, name)] = part
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,14 +20,12 @@ class ReportingSettings(BaseSettings):
     # Browser/proxy caching of per-key JSON answers (`Cache-Control: private, max-age=...`).
     trajectory_max_age_seconds: int = Field(default=5, ge=0)
     summary_max_age_seconds: int = Field(default=30, ge=0)
+    # Declining, below cutoff and at risk come from scoring's flags; there is no threshold here.
     page_size: int = Field(default=50, ge=1, le=500)
     max_page_size: int = Field(default=200, ge=1, le=1000)
-    # A drop of this much from the previous session marks a trajectory as declining (scoring's
-    # default `drop_from_previous`; a tenant's own rule reaches reporting through the flags).
-    decline_threshold: float = Field(default=1.0, gt=0)
     batch_max_records: int = Field(default=500, ge=1)
     rebuild_batch_records: int = Field(default=2000, ge=1)
-    # Write-through cache of trajectory documents (saves the read before each write). Entries
+    # Write-through cache of record documents (saves the read before each write). Entries
     # are a few KB each; a rebuild, which writes every trajectory, gets a bigger one.
     cache_entries: int = Field(default=20_000, ge=0)
     rebuild_cache_entries: int = Field(default=200_000, ge=0)

@@ -5,29 +5,36 @@ Collections (all prefixed `reporting_`):
 - `reporting_meta`: one document `{_id: "generation", active, building, previous, seq}` — the
   pointer the API reads (cached briefly) and the consumers write through. A rebuild writes a
   new generation next to the live one and flips `active` in one single-document update.
-- `reporting_<gen>_trajectories`: one document per (tenant, client, instrument, episode); its
-  sessions are a map keyed by session number (see rules.py). Indexes, and the query each serves:
-    * `_id` (derived trajectory id) — the consumer's batch read and conditional replace;
-    * `(tenant_id, client_id, instrument, latest_administered_at -1)` — GET trajectory / fhir
-      (the most recent episode of one client and instrument);
+- `reporting_<gen>_clients`: one *record* per (tenant, client, instrument) holding every episode;
+  its entries are a map keyed by submission id (see rules.py), packed as one JSON text; the
+  query fields (owning site, clinician, current episode's figures) are top-level. Indexes, and
+  the query each serves:
+    * `_id` (derived from tenant, client, instrument) — GET trajectory / fhir (one primary-key
+      read, then the owning site is checked), the consumer's batch read and conditional replace;
     * `(tenant_id, clinician_id, caseload_key)` — GET caseload: equality on the clinician, then
       a range scan from the cursor in sort order (at-risk first), no in-memory sort;
     * `(tenant_id, site_id, instrument)` — site and tenant summaries ($match, then $group by
       instrument; `distinct` client counts).
 - `reporting_<gen>_alerts`: one document per alert id, merged from deterioration and alert
-  status events (either may come first). Indexes:
-    * `(tenant_id, trajectory_id)` — the alert marks of one trajectory or of a caseload page;
+  status events (either may come first; every update is a max, see rules.py). Indexes:
+    * `(tenant_id, record_id)` — the alert marks of one record or of a caseload page;
     * `(tenant_id, site_id, raised)` and `(tenant_id, site_id, acknowledged)` — alert counts.
+- `reporting_submissions` (not per generation: a rebuild does not replay the dead-letter topic):
+  one document per (tenant, submission id) with the parts `scored`, `superseded` and `rejected`
+  (see rules.py). Indexes: `_id` — GET /v1/submissions/{id}; `(tenant_id, rejected.sort)` and
+  `(tenant_id, rejected.site_id, rejected.sort)` — the rejections page of a tenant or a site.
 
-Concurrency: a batch takes the trajectories it touches from a write-through cache (or one `find`
-of the misses), merges in Python (pure rules), and writes them in ONE unordered `bulk_write`:
-inserts for new trajectories, replaces conditioned on the version merged from (`{_id, v}` with
+Concurrency: a batch takes the records it touches from a write-through cache (or one `find` of
+the misses), merges in Python (pure rules), and writes them in ONE unordered `bulk_write`:
+inserts for new records, replaces conditioned on the version merged from (`{_id, v}` with
 upsert) for known ones. A concurrent writer (two consumers around a rebalance; the live consumer
 and a rebuild both filling a new generation) makes the condition miss; the upsert (or insert)
 then hits the unique `_id` and fails with E11000 for that document only, and just those
-trajectories are re-read and re-merged. Because the merge is a commutative max, the retry
-converges to the same result whoever wins. (Filters are `_id`-led so the store uses its
-primary-key path.)
+records are re-read and re-merged. Because the merge is a commutative max, the retry converges
+to the same result whoever wins. (Filters are `_id`-led so the store uses its primary-key path.)
+Submission parts are written with the same trick: an update conditioned on the stored part's key
+being lower (or absent), with upsert; E11000 means the document exists with a key at least as
+high (the update is tried once more in case that document was created concurrently).
 """
 
 from __future__ import annotations
@@ -40,19 +47,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from pymongo import ASCENDING, DESCENDING, InsertOne, ReplaceOne, ReturnDocument, UpdateOne
+from pymongo import ASCENDING, InsertOne, ReplaceOne, ReturnDocument, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
 from services.reporting import rules
-from shared.events import AlertStatusChanged, AllianceDeterioration, SrsScored
+from shared.events import (
+    LIFECYCLE_STATUSES,
+    AlertStatusChanged,
+    AllianceDeterioration,
+    DeadLetter,
+    SrsScored,
+    SrsSubmitted,
+)
 from shared.mongo import Document
 
 META = "reporting_meta"
 POINTER_ID = "generation"
 FIRST_GENERATION = "g1"
-_GEN_COLLECTION = re.compile(r"^reporting_(g\d+)_(trajectories|alerts)$")
+# `trajectories` (one document per episode) is the shape before records; dropped with its generation.
+_GEN_COLLECTION = re.compile(r"^reporting_(g\d+)_(clients|trajectories|alerts)$")
+SUBMISSIONS = "reporting_submissions"
 DUPLICATE_KEY = 11000
 
 
@@ -77,8 +93,8 @@ class GenerationState:
         return (self.active,)
 
 
-def trajectories_name(gen: str) -> str:
-    return f"reporting_{gen}_trajectories"
+def clients_name(gen: str) -> str:
+    return f"reporting_{gen}_clients"
 
 
 def alerts_name(gen: str) -> str:
@@ -173,24 +189,24 @@ class ApplyReport:
     """What one batch did to one generation."""
 
     outcomes: Counter[str] = field(default_factory=Counter)
-    visible: list[SrsScored] = field(default_factory=list)  # events whose point is now readable
+    visible: list[SrsScored] = field(default_factory=list)  # events whose session is now readable
     conflicts: int = 0
 
 
 def to_stored(doc: Document) -> Document:
-    """A trajectory as written: sessions packed into one text field (see rules.pack_sessions)."""
-    return {**doc, "sessions": rules.pack_sessions(doc["sessions"])}
+    """A record as written: entries packed into one text field (see rules.pack_entries)."""
+    return {**doc, "entries": rules.pack_entries(doc["entries"])}
 
 
 def from_stored(doc: Document) -> Document:
-    """A trajectory as read back, sessions unpacked."""
-    if isinstance(doc.get("sessions"), str):
-        doc["sessions"] = rules.unpack_sessions(doc["sessions"])
+    """A record as read back, entries unpacked."""
+    if isinstance(doc.get("entries"), str):
+        doc["entries"] = rules.unpack_entries(doc["entries"])
     return doc
 
 
 class DocCache:
-    """Trajectories this process wrote or read last, keyed by (generation, id); least recently used go first.
+    """Records this process wrote or read last, keyed by (generation, id); least recently used go first.
 
     Only an optimisation: every write is conditioned on the cached version, so a stale entry
     (another writer got there first) fails that one write, is dropped, and is re-read.
@@ -224,16 +240,14 @@ class DocCache:
 class ReportingStore:
     """Batch writes and queries of the reporting read models."""
 
-    def __init__(self, db: AsyncDatabase[Document], decline_threshold: float = rules.DEFAULT_DECLINE_THRESHOLD,
-                 max_conflict_retries: int = 8, cache_entries: int = 0) -> None:
+    def __init__(self, db: AsyncDatabase[Document], max_conflict_retries: int = 8, cache_entries: int = 0) -> None:
         self.db = db
-        self._threshold = decline_threshold
         self._retries = max_conflict_retries
         self._indexed: set[str] = set()
         self.cache = DocCache(cache_entries)
 
-    def trajectories(self, gen: str) -> AsyncCollection[Document]:
-        return self.db[trajectories_name(gen)]
+    def clients(self, gen: str) -> AsyncCollection[Document]:
+        return self.db[clients_name(gen)]
 
     def alerts(self, gen: str) -> AsyncCollection[Document]:
         return self.db[alerts_name(gen)]
@@ -245,15 +259,13 @@ class ReportingStore:
         """
         if gen in self._indexed:
             return
-        t = self.trajectories(gen)
-        await t.create_index([("tenant_id", ASCENDING), ("client_id", ASCENDING), ("instrument", ASCENDING),
-                              ("latest_administered_at", DESCENDING)], name="by_client")
+        t = self.clients(gen)
         await t.create_index([("tenant_id", ASCENDING), ("clinician_id", ASCENDING), ("caseload_key", ASCENDING)],
                              name="caseload")
         await t.create_index([("tenant_id", ASCENDING), ("site_id", ASCENDING), ("instrument", ASCENDING)],
                              name="by_site")
         a = self.alerts(gen)
-        await a.create_index([("tenant_id", ASCENDING), ("trajectory_id", ASCENDING)], name="by_trajectory")
+        await a.create_index([("tenant_id", ASCENDING), ("record_id", ASCENDING)], name="by_record")
         await a.create_index([("tenant_id", ASCENDING), ("site_id", ASCENDING), ("raised", ASCENDING)],
                              name="raised")
         await a.create_index([("tenant_id", ASCENDING), ("site_id", ASCENDING), ("acknowledged", ASCENDING)],
@@ -263,52 +275,52 @@ class ReportingStore:
     # ------------------------------------------------------------------ writes
 
     async def apply_scored(self, gen: str, events: Sequence[SrsScored], *, fresh: bool = False) -> ApplyReport:
-        """Merge scored events into their trajectories with one bulk write per round.
+        """Merge scored events into their records with one bulk write per round.
 
         Current documents come from the cache, else from one `find` of the misses; with `fresh`
         (a generation being rebuilt, where almost nothing exists yet) a miss is taken as absent
         and written as an insert — if it did exist, the insert fails on `_id` and that one
-        trajectory is read and merged again. New trajectories are inserts, known ones replaces
+        record is read and merged again. New records are inserts, known ones replaces
         conditioned on the version they were merged from.
         """
         report = ApplyReport()
-        groups = rules.group_by_trajectory(events)
+        groups = rules.group_by_record(events)
         pending = set(groups)
         must_read: set[str] = set()
-        col = self.trajectories(gen)
+        col = self.clients(gen)
         for attempt in range(self._retries + 1):
             if not pending:
                 break
             existing: dict[str, Document] = {}
             misses: list[str] = []
-            for tid in pending:
-                cached = None if tid in must_read else self.cache.get(gen, tid)
+            for rid in pending:
+                cached = None if rid in must_read else self.cache.get(gen, rid)
                 if cached is not None:
-                    existing[tid] = cached
-                elif fresh and tid not in must_read:
+                    existing[rid] = cached
+                elif fresh and rid not in must_read:
                     continue
                 else:
-                    misses.append(tid)
+                    misses.append(rid)
             if misses:
                 async for d in col.find({"_id": {"$in": sorted(misses)}}):
                     existing[d["_id"]] = from_stored(d)
             ops: list[InsertOne[Document] | ReplaceOne[Document]] = []
             op_ids: list[str] = []
             merged: dict[str, rules.MergeResult] = {}
-            for tid in sorted(pending):
-                old = existing.get(tid)
-                result = rules.merge(old, groups[tid], self._threshold)
-                merged[tid] = result
+            for rid in sorted(pending):
+                old = existing.get(rid)
+                result = rules.merge(old, groups[rid])
+                merged[rid] = result
                 if result.doc is None:
                     if old is not None:
-                        self.cache.put(gen, tid, old)
+                        self.cache.put(gen, rid, old)
                     continue
                 result.doc["updated_at"] = datetime.now(UTC)
                 if old is None:
                     ops.append(InsertOne(to_stored(result.doc)))
                 else:
-                    ops.append(ReplaceOne({"_id": tid, "v": old.get("v", 0)}, to_stored(result.doc), upsert=True))
-                op_ids.append(tid)
+                    ops.append(ReplaceOne({"_id": rid, "v": old.get("v", 0)}, to_stored(result.doc), upsert=True))
+                op_ids.append(rid)
             failed: set[str] = set()
             if ops:
                 try:
@@ -318,12 +330,12 @@ class ReportingStore:
                         if err.get("code") != DUPLICATE_KEY:
                             raise
                         failed.add(op_ids[err["index"]])
-            for tid, result in merged.items():
-                if tid in failed:
-                    self.cache.drop(gen, tid)
+            for rid, result in merged.items():
+                if rid in failed:
+                    self.cache.drop(gen, rid)
                     continue
                 if result.doc is not None:
-                    self.cache.put(gen, tid, result.doc)
+                    self.cache.put(gen, rid, result.doc)
                 for event, outcome in result.outcomes:
                     report.outcomes[outcome] += 1
                     if outcome in ("applied", "corrected"):
@@ -334,15 +346,23 @@ class ReportingStore:
             if pending and attempt:
                 await asyncio.sleep(0.01 * attempt)
         if pending:
-            raise RuntimeError(f"{len(pending)} trajectories kept conflicting; the batch will be retried")
+            raise RuntimeError(f"{len(pending)} records kept conflicting; the batch will be retried")
         return report
 
     async def apply_deterioration(self, gen: str, events: Sequence[AllianceDeterioration]) -> int:
-        """Record raised alerts (keyed by alert id: a redelivery changes nothing). One bulk write."""
+        """Record raised (or revised) alerts; one bulk write.
+
+        Every update is a max (the lifecycle key with `$max`, the earliest raise time with
+        `$min`, a raise stored under its own revision), so redeliveries and any order agree.
+        """
         if not events:
             return 0
         ops = [UpdateOne({"_id": e.alert_id},
-                         {"$set": rules.alert_fields(e), "$setOnInsert": {"acknowledged": False}}, upsert=True)
+                         {"$set": {**rules.alert_identity(e), "raised": True,
+                                   f"raises.{e.revision}": rules.alert_raise(e)},
+                          "$max": {"life": rules.life_key(e.revision, "raised")},
+                          "$min": {"raised_at": e.occurred_at},
+                          "$setOnInsert": {"acknowledged": False}}, upsert=True)
                for e in events]
         await self.alerts(gen).bulk_write(ops, ordered=False)
         return len(ops)
@@ -350,18 +370,22 @@ class ReportingStore:
     async def apply_alert_status(self, gen: str, events: Sequence[AlertStatusChanged]) -> int:
         """Record what happened to alerts; may arrive before the alert itself. One bulk write.
 
-        Every update is a monotone fact (a flag turning true, the earliest time per status), so
-        the order of arrival does not matter.
+        Every update is a monotone fact (a flag turning true, the earliest time per status, the
+        lifecycle key of scoring's `superseded`/`withdrawn` with `$max`), so the order of
+        arrival does not matter.
         """
         if not events:
             return 0
         ops = []
         for e in events:
             update: Document = {
-                "$set": {"tenant_id": e.tenant_id, "site_id": e.site_id, "clinician_id": e.clinician_id},
+                "$set": {"tenant_id": e.tenant_id, "site_id": e.site_id, "clinician_id": e.clinician_id,
+                         **rules.status_identity(e)},
                 "$min": {f"status_at.{e.status}": e.occurred_at},
                 "$setOnInsert": {"raised": False},
             }
+            if e.status in LIFECYCLE_STATUSES:
+                update["$max"] = {"life": rules.life_key(e.revision, e.status)}
             if e.status == "acknowledged":
                 update["$set"]["acknowledged"] = True
             else:
@@ -379,44 +403,46 @@ class ReportingStore:
             q["site_id"] = site_id
         return q
 
-    async def trajectory(self, gen: str, tenant_id: str, client_id: str, instrument: str,
-                         episode_id: str | None = None, site_id: str | None = None) -> Document | None:
-        """The trajectory of a client and instrument (its most recent episode unless one is named)."""
-        q = {**self._scope(tenant_id, None), "client_id": client_id, "instrument": instrument}
-        if episode_id is not None:
-            q["episode_id"] = episode_id
-        if site_id is not None:
-            q["site_id"] = site_id
-        docs = await self.trajectories(gen).find(q).sort([("latest_administered_at", DESCENDING)]).limit(1).to_list()
-        return from_stored(docs[0]) if docs else None
+    async def record(self, gen: str, tenant_id: str, client_id: str, instrument: str,
+                     site_id: str | None = None) -> Document | None:
+        """The record of a client and instrument (None when unknown, empty, or owned by another
+        site than `site_id`)."""
+        doc = await self.clients(gen).find_one({"_id": rules.record_id(tenant_id, client_id, instrument)})
+        if doc is None or doc.get("tenant_id") != tenant_id or not doc.get("session_count"):
+            return None
+        if site_id is not None and doc.get("site_id") != site_id:
+            return None
+        return from_stored(doc)
 
-    async def alerts_for(self, gen: str, tenant_id: str, trajectory_ids: Sequence[str]) -> dict[str, list[Document]]:
-        """Alerts of some trajectories, grouped by trajectory id (one query)."""
-        out: dict[str, list[Document]] = {t: [] for t in trajectory_ids}
-        if not trajectory_ids:
+    async def alerts_for(self, gen: str, tenant_id: str, record_ids: Sequence[str]) -> dict[str, list[Document]]:
+        """Alerts of some records, grouped by record id (one query)."""
+        out: dict[str, list[Document]] = {t: [] for t in record_ids}
+        if not record_ids:
             return out
-        cursor = self.alerts(gen).find({"tenant_id": tenant_id, "trajectory_id": {"$in": list(trajectory_ids)}})
+        cursor = self.alerts(gen).find({"tenant_id": tenant_id, "record_id": {"$in": list(record_ids)}})
         async for a in cursor:
-            out.setdefault(a["trajectory_id"], []).append(a)
+            out.setdefault(a["record_id"], []).append(a)
         return out
 
     async def caseload(self, gen: str, tenant_id: str, clinician_id: str, site_id: str | None,
                        after: str | None, limit: int) -> list[Document]:
-        """One page (limit + 1 to tell whether more follow) of a clinician's trajectories, at-risk first."""
+        """One page (limit + 1 to tell whether more follow) of a clinician's records, at-risk first."""
         q: Document = {"tenant_id": tenant_id, "clinician_id": clinician_id}
         if after is not None:
             q["caseload_key"] = {"$gt": after}
         if site_id is not None:
             q["site_id"] = site_id
-        docs = await self.trajectories(gen).find(q).sort([("caseload_key", ASCENDING)]).limit(limit + 1).to_list()
+        docs = await self.clients(gen).find(q).sort([("caseload_key", ASCENDING)]).limit(limit + 1).to_list()
         return [from_stored(d) for d in docs]
 
     async def summary(self, gen: str, tenant_id: str, site_id: str | None) -> Document | None:
-        """The PCOMS summary of a tenant or site; None when the scope has no data at all."""
+        """The PCOMS summary of a tenant or site (each record's current episode); None when the
+        scope has no data at all."""
         scope = self._scope(tenant_id, site_id)
-        col = self.trajectories(gen)
+        records: Document = {**scope, "session_count": {"$gt": 0}}
+        col = self.clients(gen)
         pipeline: list[Document] = [
-            {"$match": scope},
+            {"$match": records},
             {"$group": {
                 "_id": "$instrument",
                 "trajectories": {"$sum": 1},
@@ -438,13 +464,13 @@ class ReportingStore:
         # Distinct client counts: `distinct` is linear in the store in use, where $addToSet in a
         # $group is not. One call per scope, plus one per instrument and band only when a scope
         # mixes them (a client may use two instruments; the counts are of distinct clients).
-        clients = len(await col.distinct("client_id", scope))
-        at_risk = len(await col.distinct("client_id", {**scope, "at_risk": True}))
+        clients = len(await col.distinct("client_id", records))
+        at_risk = len(await col.distinct("client_id", {**records, "at_risk": True}))
         present = [t.key for t in totals]
         by_instrument: dict[str, int] = {}
         for inst in present:
             by_instrument[inst] = clients if len(present) == 1 else len(
-                await col.distinct("client_id", {**scope, "instrument": inst}))
+                await col.distinct("client_id", {**records, "instrument": inst}))
         by_band: dict[str, int] = {}
         for band in {rules.age_band(i) for i in present}:
             members = [i for i in present if rules.age_band(i) == band]
@@ -453,6 +479,88 @@ class ReportingStore:
             elif len(members) == 1:
                 by_band[band] = by_instrument[members[0]]
             else:
-                by_band[band] = len(await col.distinct("client_id", {**scope, "instrument": {"$in": members}}))
+                by_band[band] = len(await col.distinct("client_id", {**records, "instrument": {"$in": members}}))
         return rules.summarize(totals, clients, at_risk, by_instrument, by_band, raised, acknowledged)
 
+
+class SubmissionStore:
+    """The `reporting_submissions` collection: what happened to each submission (see rules.py)."""
+
+    def __init__(self, db: AsyncDatabase[Document]) -> None:
+        self.col: AsyncCollection[Document] = db[SUBMISSIONS]
+        self._indexed = False
+
+    async def ensure_indexes(self) -> None:
+        if self._indexed:
+            return
+        await self.col.create_index([("tenant_id", ASCENDING), ("rejected.sort", ASCENDING)], name="rejections")
+        await self.col.create_index([("tenant_id", ASCENDING), ("rejected.site_id", ASCENDING),
+                                     ("rejected.sort", ASCENDING)], name="site_rejections")
+        self._indexed = True
+
+    async def _write(self, parts: dict[tuple[str, str], Document], owners: dict[str, tuple[str, str]]) -> int:
+        """Write each (document, part) when its key is greater than the stored one; one bulk write
+        per round, E11000 (the document exists with a key at least as high, or was created
+        concurrently) tried once more."""
+        todo = sorted(parts)
+        written = 0
+        for _ in range(2):
+            if not todo:
+                break
+            ops: list[UpdateOne] = []
+            for doc_id, name in todo:
+                part = parts[(doc_id, name)]
+                tenant_id, submission_id = owners[doc_id]
+                lower = {"$or": [{f"{name}.key": {"$lt": part["key"]}}, {f"{name}.key": {"$exists": False}}]}
+                ops.append(UpdateOne(
+                    {"_id": doc_id, **lower},
+                    {"$set": {name: part}, "$setOnInsert": {"tenant_id": tenant_id, "submission_id": submission_id}},
+                    upsert=True))
+            retry: list[tuple[str, str]] = []
+            try:
+                res = await self.col.bulk_write(ops, ordered=False)
+                written += res.modified_count + res.upserted_count
+            except BulkWriteError as exc:
+                for err in exc.details.get("writeErrors", []):
+                    if err.get("code") != DUPLICATE_KEY:
+                        raise
+                    retry.append(todo[err["index"]])
+                written += int(exc.details.get("nModified", 0)) + int(exc.details.get("nUpserted", 0))
+            todo = retry
+        return written
+
+    async def apply_scored(self, events: Sequence[SrsScored]) -> int:
+        """The `scored` part of each event's submission and the `superseded` part of the one it
+        names in `supersedes`."""
+        owners: dict[str, tuple[str, str]] = {}
+        parts: list[tuple[str, str, Document]] = []
+        for e in events:
+            doc_id = rules.submission_doc_id(e.tenant_id, e.submission_id)
+            owners[doc_id] = (e.tenant_id, e.submission_id)
+            parts.append((doc_id, "scored", rules.scored_part(e)))
+            if e.supersedes and e.supersedes != e.submission_id:
+                old = rules.submission_doc_id(e.tenant_id, e.supersedes)
+                owners[old] = (e.tenant_id, e.supersedes)
+                parts.append((old, "superseded", rules.superseded_part(e)))
+        return await self._write(rules.fold_parts(parts), owners)
+
+    async def apply_rejected(self, rejections: Sequence[tuple[str, DeadLetter, SrsSubmitted]]) -> int:
+        """The `rejected` part of dead-lettered submissions, given as (tenant, dead letter, submission)."""
+        owners: dict[str, tuple[str, str]] = {}
+        parts: list[tuple[str, str, Document]] = []
+        for tenant_id, dead, submitted in rejections:
+            doc_id = rules.submission_doc_id(tenant_id, submitted.submission_id)
+            owners[doc_id] = (tenant_id, submitted.submission_id)
+            parts.append((doc_id, "rejected", rules.rejected_part(dead, submitted)))
+        return await self._write(rules.fold_parts(parts), owners)
+
+    async def get(self, tenant_id: str, submission_id: str) -> Document | None:
+        doc = await self.col.find_one({"_id": rules.submission_doc_id(tenant_id, submission_id)})
+        return doc if doc is not None and doc.get("tenant_id") == tenant_id else None
+
+    async def rejections(self, tenant_id: str, site_id: str | None, after: str, limit: int) -> list[Document]:
+        """One page (limit + 1) of a tenant's (or site's) rejections with `rejected.sort` > `after`, oldest first."""
+        q: Document = {"tenant_id": tenant_id, "rejected.sort": {"$gt": after}}
+        if site_id is not None:
+            q["rejected.site_id"] = site_id
+        return await self.col.find(q).sort([("rejected.sort", ASCENDING)]).limit(limit + 1).to_list()

@@ -6,8 +6,8 @@ import json
 
 from services.reporting import rules
 from services.reporting.app import ReportingConfig, asyncapi_app, create_app
-from services.reporting.demo import scored
-from services.reporting.models import CaseloadOut, SummaryOut, TrajectoryOut
+from services.reporting.demo import revised, scored
+from services.reporting.models import CaseloadOut, SubmissionOut, SubmissionsPageOut, SummaryOut, TrajectoryOut
 from shared.events import Items
 from shared.settings import KafkaSettings
 
@@ -16,7 +16,7 @@ def test_the_app_serves_exactly_the_read_endpoints_and_the_dashboard() -> None:
     paths = set(create_app().openapi()["paths"])
     assert {p for p in paths if p.startswith("/v1")} == {
         "/v1/clients/{client_id}/trajectory", "/v1/clients/{client_id}/fhir", "/v1/clinicians/{clinician_id}/caseload",
-        "/v1/sites/{site_id}/summary", "/v1/summary"}
+        "/v1/sites/{site_id}/summary", "/v1/summary", "/v1/submissions/{submission_id}", "/v1/submissions"}
     assert {"/dashboard", "/healthz", "/readyz", "/metrics"} <= paths
 
 
@@ -30,29 +30,59 @@ def test_openapi_documents_bearer_auth_and_response_bodies() -> None:
     assert {"401", "403", "404"} <= set(op["responses"])
 
 
-def test_asyncapi_shows_the_three_subscriptions_and_the_dead_letters() -> None:
+def test_asyncapi_shows_the_four_subscriptions_and_the_dead_letters() -> None:
     app = asyncapi_app(ReportingConfig(kafka=KafkaSettings(topic_prefix="")))
     spec = json.loads(app.schema.to_specification().to_json())
     addresses = {c["address"] for c in spec["channels"].values()}
     assert addresses == {"srs.scored.v1", "alliance.deterioration.v1", "alliance.alert-status.v1", "srs.deadletter.v1"}
+    actions = {(spec["channels"][o["channel"]["$ref"].split("/")[-1]]["address"], o["action"])
+               for o in spec["operations"].values()}
+    assert {("srs.deadletter.v1", "receive"), ("srs.deadletter.v1", "send")} <= actions
     assert "DeadLetter" in spec["components"]["schemas"]
 
 
 def _doc() -> dict[str, object]:
-    doc = rules.merge(None, [scored("t", "c1", 1, 35.0, items=Items(relationship=9, goals=9, approach=8, overall=9)),
-                             scored("t", "c1", 2, 37.0)]).doc
+    first = scored("t", "c1", 1, 35.0, items=Items(relationship=9, goals=9, approach=8, overall=9))
+    doc = rules.merge(None, [first, scored("t", "c1", 2, 37.0), revised(first, submission_id="fix", total=35.5)]).doc
     assert doc is not None
     return doc
 
 
 def test_trajectory_view_matches_its_documented_model() -> None:
     alerts = [{"_id": "a1", "session_number": 1, "severity": "warning", "triggers": ["below_cutoff"],
-               "raised": True, "raised_at": None, "acknowledged": False}]
-    TrajectoryOut.model_validate(rules.trajectory_view(_doc(), alerts))
+               "raised": True, "raised_at": None, "acknowledged": False},
+              {"_id": "a2", "session_number": 2, "raised": True, "life": rules.life_key(2, "withdrawn"),
+               "raises": {"2": {"severity": "critical", "triggers": ["drop_from_previous"], "low_items": ["goals"]}}}]
+    view = rules.trajectory_view(_doc(), alerts)
+    TrajectoryOut.model_validate(view)
+    assert [a["status"] for a in view["alerts"]] == ["open", "withdrawn"]
 
 
 def test_caseload_entry_matches_its_documented_model() -> None:
     CaseloadOut.model_validate({"clinician_id": "c-1", "clients": [rules.caseload_entry(_doc())], "next_cursor": None})
+
+
+def test_submission_views_match_their_documented_models() -> None:
+    from datetime import UTC, datetime
+
+    from shared.events import DeadLetter, SrsSubmitted
+
+    event = scored("t", "c1", 1, 35.0)
+    fix = revised(event, submission_id="fix", total=36.0)
+    submitted = SrsSubmitted(event_id="x", tenant_id="t", occurred_at=event.accepted_at, submission_id="r",
+                             site_id="north", clinician_id="c-1", client_id="c1", session_number=40,
+                             administered_at=event.administered_at, total=30.0,
+                             accepted_at=event.accepted_at or datetime.now(UTC))
+    dead = DeadLetter(event_id="d", tenant_id="t", occurred_at=datetime.now(UTC), service="scoring",
+                      reason="session_gap", detail="40 is more than 20 above 1", source_topic="srs.submitted.v1",
+                      payload=submitted.model_dump_json())
+    docs = [{"submission_id": event.submission_id, "scored": rules.scored_part(event),
+             "superseded": rules.superseded_part(fix)},
+            {"submission_id": "r", "rejected": rules.rejected_part(dead, submitted)}]
+    views = [rules.submission_view(d) for d in docs]
+    assert [v["status"] for v in views if v] == ["superseded", "rejected"]
+    SubmissionsPageOut.model_validate({"submissions": views, "next_cursor": None})
+    SubmissionOut.model_validate(views[0])
 
 
 def test_summary_matches_its_documented_model() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import random
+from dataclasses import dataclass
 from datetime import timedelta, timezone
 from typing import Any
 
@@ -11,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.reporting import rules
-from services.reporting.demo import BASE, scored
+from services.reporting.demo import BASE, revised, scored, transferred
 from shared.events import Instrument, Items, SrsScored
 
 T = "tenant-a"
@@ -32,7 +34,7 @@ def content(doc: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in doc.items() if k not in ("v", "updated_at")}
 
 
-def test_sessions_are_keyed_by_number_and_sorted_in_views() -> None:
+def test_sessions_are_sorted_by_number_in_views() -> None:
     doc = fold([scored(T, "c1", 3, 30.0), scored(T, "c1", 1, 38.0), scored(T, "c1", 2, 37.0)])
     view = rules.trajectory_view(doc)
     assert [s["session_number"] for s in view["sessions"]] == [1, 2, 3]
@@ -49,68 +51,190 @@ def test_a_duplicated_event_never_adds_a_second_point() -> None:
     assert first.doc["session_count"] == 1
 
 
-def test_a_correction_supersedes_the_earlier_submission_of_the_same_session() -> None:
-    original = scored(T, "c1", 2, 30.0, submission_id="s-orig")
-    fix = scored(T, "c1", 2, 37.5, submission_id="s-fix", accepted_at=original.accepted_at + timedelta(hours=1))
+def test_a_correction_under_a_new_id_supersedes_the_earlier_submission_of_the_same_session() -> None:
+    original = scored(T, "c1", 2, 30.0, submission_id="s-orig", previous_total=38.0)
+    fix = revised(original, submission_id="s-fix", total=37.5, accepted_at=original.accepted_at + timedelta(hours=1))
     doc = fold([scored(T, "c1", 1, 38.0), original])
     result = rules.merge(doc, [fix])
     assert [o for _, o in result.outcomes] == ["corrected"]
     assert result.doc is not None
-    assert result.doc["sessions"]["2"]["submission_id"] == "s-fix"
+    assert result.doc["entries"]["s-orig"] == {"kind": "superseded", "submission_id": "s-orig", "revision": 2,
+                                               "superseded_by": "s-fix", "key": result.doc["entries"]["s-orig"]["key"]}
+    view = rules.trajectory_view(result.doc)
+    assert [(s["submission_id"], s["revision"], s["total"]) for s in view["sessions"]][1] == ("s-fix", 2, 37.5)
     assert result.doc["session_count"] == 2 and result.doc["latest_total"] == 37.5
+
+
+def test_a_correction_under_the_same_id_replaces_its_entry() -> None:
+    original = scored(T, "c1", 1, 30.0, items=Items(relationship=7.5, goals=7.5, approach=7.5, overall=7.5))
+    fix = revised(original, total=36.0, items=Items(relationship=9.0, goals=9.0, approach=9.0, overall=9.0))
+    doc = fold([original, fix])
+    (s,) = rules.trajectory_view(doc)["sessions"]
+    assert (s["revision"], s["total"], sum(s["items"].values())) == (2, 36.0, 36.0)
+    assert rules.merge(doc, [original]).outcomes[0][1] == "stale"
+
+
+def test_an_older_producers_correction_without_supersedes_still_shows_the_later_accepted_version() -> None:
+    original = scored(T, "c1", 2, 30.0, submission_id="s-orig")
+    fix = scored(T, "c1", 2, 37.5, submission_id="s-fix", accepted_at=original.accepted_at + timedelta(hours=1))
+    for order in ([original, fix], [fix, original]):
+        doc = fold(order)
+        assert [s["submission_id"] for s in rules.trajectory_view(doc)["sessions"]] == ["s-fix"]
 
 
 def test_a_stale_event_replayed_after_a_correction_does_not_overwrite_it() -> None:
     original = scored(T, "c1", 2, 30.0, submission_id="s-orig")
-    fix = scored(T, "c1", 2, 37.5, submission_id="s-fix", accepted_at=original.accepted_at + timedelta(hours=1))
+    fix = revised(original, submission_id="s-fix", total=37.5, accepted_at=original.accepted_at + timedelta(hours=1))
     doc = fold([original, fix])
-    # the original is re-scored later (a redelivery): newer scored_at, older acceptance
-    rescored = original.model_copy(update={"scored_at": fix.scored_at + timedelta(days=1)})
-    result = rules.merge(doc, [rescored])
+    # the original is delivered again later (a replay): it is older than its tombstone
+    result = rules.merge(doc, [original])
     assert [o for _, o in result.outcomes] == ["stale"]
     assert result.doc is None
 
 
-def test_revision_falls_back_to_scored_at_when_accepted_at_is_missing() -> None:
+def test_a_tombstone_is_revived_by_a_higher_revision_of_its_submission() -> None:
+    a = scored(T, "c1", 1, 30.0, submission_id="a")
+    b = revised(a, submission_id="b", total=31.0)  # revision 2 supersedes a
+    a_again = revised(b, submission_id="a", total=32.0)  # revision 3 supersedes b
+    for order in itertools.permutations([a, b, a_again]):
+        doc = fold(list(order), 1)
+        assert doc["entries"]["b"]["kind"] == "superseded" and doc["entries"]["a"]["revision"] == 3
+        assert [s["total"] for s in rules.trajectory_view(doc)["sessions"]] == [32.0]
+
+
+def test_superseding_takes_a_strictly_higher_revision() -> None:
+    a = scored(T, "c1", 1, 30.0, submission_id="a", revision=2)
+    b = scored(T, "c1", 1, 31.0, submission_id="b", revision=2, supersedes="a")
+    for order in ([a, b], [b, a]):
+        assert fold(order)["entries"]["a"]["kind"] == "scored"
+
+
+def test_when_a_session_shares_its_slot_the_later_accepted_one_shows_whatever_accepted_at_is() -> None:
     a = scored(T, "c1", 1, 30.0, submission_id="a").model_copy(update={"accepted_at": None})
     b = scored(T, "c1", 1, 31.0, submission_id="b").model_copy(
         update={"accepted_at": None, "scored_at": a.scored_at + timedelta(seconds=5)})
-    assert rules.revision(a) < rules.revision(b)
-    assert fold([b, a])["sessions"]["1"]["submission_id"] == "b"
+    assert [s["submission_id"] for s in rules.trajectory_view(fold([b, a]))["sessions"]] == ["b"]
+    early = scored(T, "c1", 2, 30.0, submission_id="z")
+    shifted = early.accepted_at.astimezone(timezone(timedelta(hours=-5)))
+    later = scored(T, "c1", 2, 30.0, submission_id="a", accepted_at=shifted + timedelta(microseconds=1))
+    assert [s["submission_id"] for s in rules.trajectory_view(fold([later, early]))["sessions"]] == ["a"]
 
 
-def test_revision_text_order_is_time_order_across_offsets() -> None:
-    early = scored(T, "c1", 1, 30.0, submission_id="z")
-    tz_shifted = early.accepted_at.astimezone(timezone(timedelta(hours=-5)))
-    later = scored(T, "c1", 1, 30.0, submission_id="a", accepted_at=tz_shifted + timedelta(microseconds=1))
-    assert rules.revision(early) < rules.revision(later)
+# ---------------------------------------------------------------------------------------------
+# The merge algebra: a simulated scoring publishes a history of one client's record (new
+# sessions in several episodes, corrections under the same and under new ids, moves between
+# episodes, transfers between sites); any shuffle with duplicates, in any batches, must give
+# the document of the ordered stream.
+
+
+@dataclass
+class History:
+    clean: list[SrsScored]
+    current: dict[str, SrsScored]  # submission id -> its current event
+    site: str
+    clashes: bool
 
 
 @st.composite
-def streams(draw: st.DrawFn) -> tuple[list[SrsScored], list[SrsScored]]:
-    """A clean stream of one client's sessions (with some corrections), and a shuffled, duplicated replay."""
-    n = draw(st.integers(1, 8))
-    totals = draw(st.lists(st.floats(0, 40).map(lambda x: round(x, 1)), min_size=n, max_size=n))
+def histories(draw: st.DrawFn) -> History:
+    ops = draw(st.lists(st.sampled_from(["new", "new", "new", "fix_same", "fix_new", "move", "transfer"]),
+                        min_size=1, max_size=14))
+    allow_clash = draw(st.booleans())
     clean: list[SrsScored] = []
-    for i, total in enumerate(totals, start=1):
-        e = scored(T, "c1", i, total, submission_id=f"s{i}")
-        clean.append(e)
-        if draw(st.booleans()) and draw(st.booleans()):
-            clean.append(scored(T, "c1", i, round(40 - total, 1), submission_id=f"s{i}-fix",
-                                accepted_at=e.accepted_at + timedelta(hours=2)))
-    seed = draw(st.integers(0, 2**32 - 1))
-    rng = random.Random(seed)
-    replay = clean + [rng.choice(clean) for _ in range(draw(st.integers(0, 10)))]
+    current: dict[str, SrsScored] = {}
+    site, site_version, n_sids, clashes = "north", 0, 0, False
+    episodes = ["auto/2026-01-05/1"]
+
+    def total() -> float:
+        return round(draw(st.floats(20, 40)), 1)
+
+    def taken(episode: str | None, number: int) -> bool:
+        return any(e.episode_id == episode and e.session_number == number for e in current.values())
+
+    for op in ops:
+        if op == "new" or not current:
+            if draw(st.integers(0, 4)) == 0:
+                episodes.append(f"ep-{len(episodes)}")
+            k = draw(st.integers(0, len(episodes) - 1))
+            number = draw(st.integers(1, 6))
+            if taken(episodes[k], number):
+                if not allow_clash:
+                    continue
+                clashes = True
+            n_sids += 1
+            event = scored(T, "c1", number, total(), episode_id=episodes[k], submission_id=f"s{n_sids}",
+                           site_id=site, site_version=site_version, clinician_id=f"doc-{k}",
+                           administered_at=BASE + timedelta(days=100 * k + 7 * number),
+                           accepted_at=BASE + timedelta(days=1000, minutes=len(clean)))
+            clean.append(event)
+            current[event.submission_id] = event
+            continue
+        sid = draw(st.sampled_from(sorted(current)))
+        old = current[sid]
+        if op == "fix_same":
+            event = revised(old, total=total())
+            clean.append(event)
+            current[sid] = event
+        elif op == "fix_new":
+            n_sids += 1
+            event = revised(old, submission_id=f"s{n_sids}", total=total(),
+                            accepted_at=BASE + timedelta(days=1000, minutes=len(clean)))
+            clean.append(event)
+            del current[sid]
+            current[event.submission_id] = event
+        elif op == "move":
+            target = draw(st.sampled_from(episodes))
+            if target == old.episode_id or taken(target, old.session_number):
+                continue
+            event = revised(old, episode_id=target)
+            clean.append(event)
+            current[sid] = event
+        else:  # transfer: every current session again, with the new site
+            site = "south" if site == "north" else "north"
+            site_version += 1
+            moved = transferred(sorted(current.values(), key=lambda e: e.submission_id), site)
+            clean.extend(moved)
+            current.update({e.submission_id: e for e in moved})
+    return History(clean, current, site, clashes)
+
+
+@st.composite
+def replays(draw: st.DrawFn) -> tuple[History, list[SrsScored], int]:
+    history = draw(histories())
+    rng = random.Random(draw(st.integers(0, 2**32 - 1)))
+    replay = history.clean + [rng.choice(history.clean) for _ in range(draw(st.integers(0, 12)))]
     rng.shuffle(replay)
-    return clean, replay
+    return history, replay, draw(st.integers(1, 5))
+
+
+@settings(max_examples=300, deadline=None)
+@given(replays())
+def test_any_permutation_with_duplicates_gives_the_ordered_streams_document(
+        data: tuple[History, list[SrsScored], int]) -> None:
+    history, replay, batch = data
+    ordered = fold(history.clean, 1)
+    assert content(fold(replay, batch)) == content(ordered)
+    assert rules.merge(ordered, replay).doc is None  # idempotent: nothing left to change
 
 
 @settings(max_examples=200, deadline=None)
-@given(streams(), st.integers(1, 5))
-def test_shuffled_duplicated_replays_give_the_clean_streams_trajectory(
-        data: tuple[list[SrsScored], list[SrsScored]], batch: int) -> None:
-    clean, replay = data
-    assert content(fold(replay, batch)) == content(fold(clean, 1))
+@given(histories())
+def test_the_ordered_stream_shows_exactly_the_current_sessions(history: History) -> None:
+    doc = fold(history.clean, 1)
+    assert doc["site_id"] == history.site
+    if history.clashes:
+        return
+    shown = {s["submission_id"]: (ep, s) for ep, sessions in rules.sessions_by_episode(doc["entries"]).items()
+             for s in sessions}
+    assert set(shown) == set(history.current)
+    for sid, (ep, s) in shown.items():
+        e = history.current[sid]
+        assert (ep, s["session_number"], s["total"], s["revision"]) == (
+            e.episode_id, e.session_number, e.total, e.revision)
+    # the current episode is that of the most recently administered session
+    newest = max(history.current.values(), key=lambda e: (e.administered_at, e.session_number, e.episode_id or ""))
+    assert doc["episode_id"] == newest.episode_id
+    assert rules.episodes_view(doc)[0]["episode_id"] == newest.episode_id
 
 
 def test_at_risk_when_the_latest_session_is_below_cutoff() -> None:
@@ -123,19 +247,21 @@ def test_at_cutoff_is_not_below_it() -> None:
     assert not doc["below_cutoff"] and not doc["at_risk"]
 
 
-def test_a_drop_of_one_point_is_declining_and_at_risk() -> None:
-    doc = fold([scored(T, "c1", 1, 39.5, flags=[]), scored(T, "c1", 2, 38.5, flags=[])])
-    assert doc["declining"] and doc["at_risk"] and not doc["below_cutoff"]
+def test_below_cutoff_is_scoring_s_flag_never_a_comparison_here() -> None:
+    # a tenant whose rule is `total <= 36`: scoring flagged 36.0; a total under 36 it did not flag stays fine
+    at = fold([scored(T, "c1", 1, 36.0, flags=["below_cutoff"])])
+    assert at["below_cutoff"] and at["at_risk"] and rules.trajectory_view(at)["sessions"][0]["below_cutoff"]
+    under = fold([scored(T, "c2", 1, 34.0, flags=[], cutoff=34.0)])
+    assert not under["below_cutoff"] and not rules.trajectory_view(under)["sessions"][0]["below_cutoff"]
 
 
-def test_a_drop_under_the_threshold_is_not_declining() -> None:
-    doc = fold([scored(T, "c1", 1, 39.5, flags=[]), scored(T, "c1", 2, 38.6, flags=[])])
-    assert not doc["declining"] and not doc["at_risk"]
-
-
-def test_a_scoring_decline_flag_counts_even_without_the_previous_session_on_record() -> None:
-    doc = fold([scored(T, "c1", 4, 38.0, flags=["drop_from_previous"])])
-    assert doc["declining"] and doc["at_risk"]
+def test_declining_comes_only_from_scoring_s_flags() -> None:
+    # a one-point drop scoring did not flag (the tenant's drop rule is bigger) is not declining
+    quiet = fold([scored(T, "c1", 1, 39.5, flags=[]), scored(T, "c1", 2, 38.5, flags=[], previous_total=39.5)])
+    assert not quiet["declining"] and not quiet["at_risk"]
+    for flag in ("drop_from_previous", "low_not_improving"):
+        doc = fold([scored(T, "c1", 4, 38.0, flags=[flag])])
+        assert doc["declining"] and doc["at_risk"]
 
 
 def test_only_the_latest_session_decides_at_risk() -> None:
@@ -144,22 +270,48 @@ def test_only_the_latest_session_decides_at_risk() -> None:
     assert doc["sessions_below_cutoff"] == 1 and doc["first_total"] == 20.0
 
 
-def test_trajectory_follows_the_site_and_clinician_of_its_latest_session() -> None:
+def test_the_owning_site_is_that_of_the_highest_site_version() -> None:
+    first = [scored(T, "c1", 1, 38.0, site_id="north"), scored(T, "c1", 2, 38.0, site_id="north")]
+    moved = transferred(first, "south")
+    # a straggler of the old site (site_version 0) administered later does not take the client back
+    straggler = scored(T, "c1", 3, 38.0, site_id="north", clinician_id="c-3")
+    for order in ([*first, *moved, straggler], [straggler, *moved, *first]):
+        doc = fold(order)
+        assert (doc["site_id"], doc["site_version"], doc["clinician_id"]) == ("south", 1, "c-3")
+
+
+def test_without_site_versions_the_record_follows_the_latest_session() -> None:
     doc = fold([scored(T, "c1", 2, 38.0, site_id="south", clinician_id="c-9"),
                 scored(T, "c1", 1, 38.0, site_id="north", clinician_id="c-1")])
     assert (doc["site_id"], doc["clinician_id"]) == ("south", "c-9")
 
 
 def test_caseload_key_sorts_at_risk_clients_first() -> None:
-    risky = rules.caseload_key(True, "zz", "SRS", None)
-    fine = rules.caseload_key(False, "aa", "SRS", None)
+    risky = rules.caseload_key(True, "zz", "SRS")
+    fine = rules.caseload_key(False, "aa", "SRS")
     assert sorted([fine, risky]) == [risky, fine]
 
 
-def test_episodes_and_instruments_are_separate_trajectories() -> None:
-    ids = {rules.trajectory_id(T, "c1", "SRS", None), rules.trajectory_id(T, "c1", "SRS", "e2"),
-           rules.trajectory_id(T, "c1", "CSRS", None), rules.trajectory_id("other", "c1", "SRS", None)}
-    assert len(ids) == 4
+def test_one_record_per_client_and_instrument_holds_every_episode() -> None:
+    ids = {rules.record_id(T, "c1", "SRS"), rules.record_id(T, "c1", "CSRS"), rules.record_id("other", "c1", "SRS")}
+    assert len(ids) == 3
+    old = scored(T, "c1", 1, 30.0, episode_id="e1", administered_at=BASE - timedelta(days=90))
+    new = [scored(T, "c1", 1, 38.0, episode_id="e2"), scored(T, "c1", 2, 38.5, episode_id="e2", previous_total=38.0)]
+    doc = fold([*new, old])
+    assert doc["episode_id"] == "e2" and doc["session_count"] == 2 and not doc["at_risk"]
+    assert [(e["episode_id"], e["session_count"]) for e in rules.episodes_view(doc)] == [("e2", 2), ("e1", 1)]
+    older = rules.trajectory_view(doc, episode_id="e1")
+    assert (older["episode_id"], older["latest_total"], older["at_risk"]) == ("e1", 30.0, True)
+    with pytest.raises(rules.UnknownEpisode):
+        rules.trajectory_view(doc, episode_id="e3")
+
+
+def test_the_current_episode_is_that_of_the_most_recently_administered_session() -> None:
+    # a backfilled older episode with higher session numbers does not become current
+    current = scored(T, "c1", 1, 38.0, episode_id="new")
+    backfill = scored(T, "c1", 9, 20.0, episode_id="old", administered_at=current.administered_at - timedelta(days=1))
+    doc = fold([current, backfill])
+    assert (doc["episode_id"], doc["latest_total"]) == ("new", 38.0)
 
 
 @pytest.mark.parametrize(("instrument", "band"), [("SRS", "13+"), ("GSRS", "13+"), ("CSRS", "6-12"),
@@ -168,10 +320,20 @@ def test_age_band_is_derived_from_the_instrument(instrument: str, band: str) -> 
     assert rules.age_band(instrument) == band
 
 
-def test_view_computes_change_from_the_previous_session_on_record() -> None:
-    doc = fold([scored(T, "c1", 3, 31.0), scored(T, "c1", 1, 38.0)])
+def test_view_shows_scoring_s_change_from_previous() -> None:
+    # scoring compared session 3 with session 2, which reporting never received
+    doc = fold([scored(T, "c1", 3, 31.0, previous_total=33.0), scored(T, "c1", 1, 38.0)])
     view = rules.trajectory_view(doc)
-    assert [s["change_from_previous"] for s in view["sessions"]] == [None, -7.0]
+    assert [s["change_from_previous"] for s in view["sessions"]] == [None, -2.0]
+
+
+def test_view_shows_revision_severity_triggers_and_low_items_per_session() -> None:
+    items = Items(relationship=9.5, goals=8.0, approach=9.0, overall=8.5)
+    first = scored(T, "c1", 1, 38.0)
+    second = scored(T, "c1", 2, 35.0, items=items, previous_total=38.0)
+    s = rules.trajectory_view(fold([first, revised(second, clinician_id="c-2")]))["sessions"][1]
+    assert (s["revision"], s["severity"], s["submission_id"]) == (2, "critical", second.submission_id)
+    assert s["triggers"] == ["below_cutoff", "drop_from_previous"] and s["low_items"] == ["goals", "overall"]
 
 
 def test_view_has_the_documented_fields() -> None:
@@ -190,7 +352,41 @@ def test_view_marks_only_raised_alerts() -> None:
     alerts = [{"_id": "a1", "session_number": 1, "severity": "warning", "raised": True, "acknowledged": True},
               {"_id": "a2", "acknowledged": True, "raised": False}]
     view = rules.trajectory_view(doc, alerts)
-    assert [(a["alert_id"], a["acknowledged"]) for a in view["alerts"]] == [("a1", True)]
+    assert [(a["alert_id"], a["acknowledged"], a["status"]) for a in view["alerts"]] == [("a1", True, "acknowledged")]
+
+
+def test_view_shows_only_the_alerts_of_the_shown_episode() -> None:
+    old = scored(T, "c1", 1, 30.0, episode_id="e1", administered_at=BASE - timedelta(days=90))
+    new = scored(T, "c1", 1, 31.0, episode_id="e2")
+    doc = fold([old, new])
+    alerts = [{"_id": "a-old", "episode_id": "e1", "session_number": 1, "raised": True, "life": 4},
+              {"_id": "a-new", "episode_id": "e2", "session_number": 1, "raised": True, "life": 4}]
+    assert [a["alert_id"] for a in rules.trajectory_view(doc, alerts)["alerts"]] == ["a-new"]
+    assert [a["alert_id"] for a in rules.trajectory_view(doc, alerts, "e1")["alerts"]] == ["a-old"]
+
+
+FACTS = [("raised", 1), ("superseded", 1), ("raised", 2), ("withdrawn", 2), ("raised", 3)]
+
+
+@pytest.mark.parametrize("facts", [FACTS[:2], FACTS[:3], FACTS[:4], FACTS])
+def test_the_alert_lifecycle_is_the_greatest_revision_then_rank_in_any_order(facts: list[tuple[str, int]]) -> None:
+    expected = {2: ("superseded", 1), 3: ("open", 2), 4: ("withdrawn", 2), 5: ("open", 3)}[len(facts)]
+    for order in itertools.permutations(facts):
+        life = max(rules.life_key(rev, status) for status, rev in order)
+        assert rules.alert_status({"life": life}) == expected
+        # an acknowledgement is a separate flag: kept by a revision, hidden by an end
+        acked = rules.alert_status({"life": life, "acknowledged": True})
+        assert acked == (("acknowledged", expected[1]) if expected[0] == "open" else expected)
+
+
+def test_an_alert_shows_its_highest_revision_s_raise() -> None:
+    alert = {"_id": "a", "raised": True, "life": rules.life_key(2, "raised"), "session_number": 2,
+             "raises": {"1": {"severity": "warning", "triggers": ["below_cutoff"], "low_items": []},
+                        "2": {"severity": "critical", "triggers": ["below_cutoff", "drop_from_previous"],
+                              "low_items": ["goals"]}}}
+    view = rules.alert_view(alert)
+    assert (view["severity"], view["low_items"], view["status"], view["revision"]) == (
+        "critical", ["goals"], "open", 2)
 
 
 def test_summary_indices() -> None:
@@ -216,7 +412,7 @@ def test_summary_of_nothing_has_no_means() -> None:
 
 
 def test_cursor_round_trips_and_rejects_foreign_text() -> None:
-    key = rules.caseload_key(True, "c|1", "SRS", "e")
+    key = rules.caseload_key(True, "c|1", "SRS")
     assert rules.decode_cursor(rules.encode_cursor(key)) == key
     for bad in ("not-base64!!", "eyJ4IjoxfQ", "bnVsbA"):
         with pytest.raises(rules.BadCursor):
@@ -236,9 +432,10 @@ def test_instrument_enum_covers_every_age_band() -> None:
     assert set(rules.AGE_BANDS) == set(Instrument)
 
 
-def test_packed_sessions_round_trip_with_aware_times() -> None:
+def test_packed_entries_round_trip_with_aware_times() -> None:
     items = Items(relationship=9.1, goals=8.4, approach=9.0, overall=8.8)
-    doc = fold([scored(T, "c1", 1, 35.3, items=items), scored(T, "c1", 2, 38.0)])
-    text = rules.pack_sessions(doc["sessions"])
+    first = scored(T, "c1", 1, 35.3, items=items)
+    doc = fold([first, scored(T, "c1", 2, 38.0), revised(first, submission_id="fix", total=36.0)])
+    text = rules.pack_entries(doc["entries"])
     assert isinstance(text, str)
-    assert rules.unpack_sessions(text) == doc["sessions"]
+    assert rules.unpack_entries(text) == doc["entries"]

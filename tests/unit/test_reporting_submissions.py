@@ -1,0 +1,160 @@
+"""What happened to a submission: the status rules over the three monotone parts, the pre-fold of a
+batch's writes, and which dead letters count as rejections."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from services.reporting import rules
+from services.reporting.demo import revised, scored
+from services.reporting.handlers import rejection
+from shared.events import DeadLetter, SrsScored, SrsSubmitted
+from shared.topics import Topics
+
+T = "t"
+
+
+def submitted_like(event: SrsScored, *, accepted_delta: timedelta = timedelta(0), **changes: Any) -> SrsSubmitted:
+    assert event.accepted_at is not None
+    data: dict[str, Any] = {
+        "event_id": "sub-" + event.submission_id, "tenant_id": event.tenant_id, "occurred_at": event.accepted_at,
+        "submission_id": event.submission_id, "site_id": event.site_id, "clinician_id": event.clinician_id,
+        "client_id": event.client_id, "episode_id": event.episode_id, "instrument": event.instrument,
+        "session_number": event.session_number, "administered_at": event.administered_at, "total": event.total,
+        "accepted_at": event.accepted_at + accepted_delta}
+    data.update(changes)
+    return SrsSubmitted.model_validate(data)
+
+
+def dead_letter(submitted: SrsSubmitted, reason: str = "session_gap", *, topic: str = "srs.submitted.v1",
+                tenant_id: str | None = T, encoding: str = "utf-8") -> DeadLetter:
+    payload = submitted.model_dump_json()
+    if encoding == "base64":
+        payload = base64.b64encode(payload.encode()).decode()
+    return DeadLetter(event_id="dl-" + submitted.submission_id, tenant_id=tenant_id,
+                      occurred_at=submitted.accepted_at + timedelta(seconds=1), service="scoring", reason=reason,
+                      detail=f"because {reason}", source_topic=topic, payload=payload,
+                      payload_encoding=encoding)  # type: ignore[arg-type]
+
+
+def doc_of(submission_id: str, **parts: dict[str, Any]) -> dict[str, Any]:
+    return {"submission_id": submission_id, **parts}
+
+
+def test_a_scored_submission_says_what_scoring_decided() -> None:
+    e = scored(T, "c1", 3, 35.3, episode_id="auto/2026-11-03/1")
+    view = rules.submission_view(doc_of(e.submission_id, scored=rules.scored_part(e)))
+    assert view is not None
+    assert {k: view[k] for k in ("status", "reason", "revision", "client_id", "episode_id", "session_number",
+                                 "total", "flags", "superseded_by")} == {
+        "status": "scored", "reason": None, "revision": 1, "client_id": "c1", "episode_id": "auto/2026-11-03/1",
+        "session_number": 3, "total": 35.3, "flags": ["below_cutoff"], "superseded_by": None}
+
+
+def test_a_submission_superseded_by_a_higher_revision_names_its_successor() -> None:
+    e = scored(T, "c1", 1, 30.0, submission_id="old")
+    fix = revised(e, submission_id="new", total=31.0)
+    view = rules.submission_view(doc_of("old", scored=rules.scored_part(e), superseded=rules.superseded_part(fix)))
+    assert view is not None and (view["status"], view["superseded_by"], view["revision"]) == ("superseded", "new", 1)
+
+
+def test_a_superseded_submission_revived_by_a_higher_revision_is_scored_again() -> None:
+    e = scored(T, "c1", 1, 30.0, submission_id="old")
+    fix = revised(e, submission_id="new", total=31.0)
+    back = revised(fix, submission_id="old", total=32.0)  # revision 3
+    doc = doc_of("old", scored=rules.scored_part(back), superseded=rules.superseded_part(fix))
+    assert rules.submission_status(doc) == "scored"
+
+
+def test_known_only_as_superseded_is_superseded() -> None:
+    e = scored(T, "c1", 1, 30.0, submission_id="old")
+    doc = doc_of("old", superseded=rules.superseded_part(revised(e, submission_id="new")))
+    assert rules.submission_status(doc) == "superseded" and rules.submission_site(doc) == "north"
+
+
+def test_nothing_known_is_no_answer() -> None:
+    assert rules.submission_view(doc_of("x")) is None
+
+
+@pytest.mark.parametrize(("delta", "expected"), [(timedelta(minutes=5), "rejected"), (timedelta(minutes=-5), "scored"),
+                                                 (timedelta(0), "scored")])
+def test_rejected_only_when_the_rejected_version_was_accepted_after_the_scored_one(
+        delta: timedelta, expected: str) -> None:
+    e = scored(T, "c1", 2, 38.0)
+    dead = dead_letter(submitted_like(e, accepted_delta=delta, site_id="south"), "site_conflict")
+    doc = doc_of(e.submission_id, scored=rules.scored_part(e), rejected=rules.rejected_part(dead, submitted_like(
+        e, accepted_delta=delta, site_id="south")))
+    assert rules.submission_status(doc) == expected
+    view = rules.submission_view(doc)
+    assert view is not None
+    if expected == "rejected":
+        assert (view["reason"], view["detail"], view["revision"], view["flags"]) == (
+            "site_conflict", "because site_conflict", None, [])
+        assert rules.submission_site(doc) == "south"
+    else:
+        assert view["reason"] is None and view["revision"] == 1 and rules.submission_site(doc) == "north"
+
+
+def test_a_rejection_alone_is_rejected_with_what_was_submitted() -> None:
+    e = scored(T, "c1", 41, 30.0)
+    sub = submitted_like(e)
+    view = rules.submission_view(doc_of(e.submission_id, rejected=rules.rejected_part(dead_letter(sub), sub)))
+    assert view is not None
+    assert (view["status"], view["reason"], view["client_id"], view["session_number"], view["total"]) == (
+        "rejected", "session_gap", "c1", 41, 30.0)
+
+
+def test_each_part_keeps_its_greatest_key_in_any_order() -> None:
+    e = scored(T, "c1", 1, 30.0, submission_id="s")
+    r2 = revised(e, total=31.0)
+    r3 = revised(r2, total=32.0)
+    by_b = revised(r3, submission_id="b")  # revision 4, supersedes s
+    by_c = revised(by_b, submission_id="c", supersedes="s")  # revision 5 names s as well
+    sub_early, sub_late = submitted_like(e, accepted_delta=timedelta(hours=1)), submitted_like(
+        e, accepted_delta=timedelta(hours=2), total=20.0)
+    parts = [("d", "scored", rules.scored_part(x)) for x in (e, r2, r3)]
+    parts += [("d", "superseded", rules.superseded_part(x)) for x in (by_b, by_c)]
+    parts += [("d", "rejected", rules.rejected_part(dead_letter(x), x)) for x in (sub_early, sub_late)]
+    folded = {rules.fold_parts(order)[("d", name)]["key"] for order in itertools.permutations(parts, len(parts))
+              for name in ("scored", "superseded", "rejected")}
+    assert len(folded) == 3
+    final = rules.fold_parts(parts)
+    assert final[("d", "scored")]["revision"] == 3
+    assert final[("d", "superseded")]["by"] == "c"
+    assert final[("d", "rejected")]["total"] == 20.0
+
+
+def test_the_rejections_page_floor_includes_a_rejection_at_exactly_since() -> None:
+    e = scored(T, "c1", 1, 30.0)
+    sub = submitted_like(e)
+    dead = dead_letter(sub)
+    assert rules.rejected_part(dead, sub)["sort"] > rules.rejection_sort_floor(dead.occurred_at)
+    assert rules.rejected_part(dead, sub)["sort"] < rules.rejection_sort_floor(dead.occurred_at + timedelta(
+        microseconds=1))
+
+
+TOPICS = Topics("ns.")
+
+
+def test_a_dead_lettered_submission_is_a_rejection_of_its_tenant() -> None:
+    sub = submitted_like(scored(T, "c1", 1, 30.0))
+    assert rejection(dead_letter(sub, topic="ns.srs.submitted.v1"), TOPICS) == (T, sub)
+    assert rejection(dead_letter(sub, topic="ns.srs.submitted.v1", encoding="base64"), TOPICS) == (T, sub)
+    # no tenant on the dead letter: the submission's
+    assert rejection(dead_letter(sub, topic="ns.srs.submitted.v1", tenant_id=None), TOPICS) == (T, sub)
+
+
+def test_dead_letters_of_other_topics_or_payloads_are_not_rejections() -> None:
+    sub = submitted_like(scored(T, "c1", 1, 30.0))
+    assert rejection(dead_letter(sub, topic="ns.srs.scored.v1"), TOPICS) is None
+    assert rejection(dead_letter(sub, topic="srs.submitted.v1"), TOPICS) is None  # another deployment's prefix
+    not_a_submission = dead_letter(sub, topic="ns.srs.submitted.v1").model_copy(update={"payload": "{not json"})
+    assert rejection(not_a_submission, TOPICS) is None
+    bad_base64 = dead_letter(sub, topic="ns.srs.submitted.v1").model_copy(
+        update={"payload": "%%%", "payload_encoding": "base64"})
+    assert rejection(bad_base64, TOPICS) is None
