@@ -454,36 +454,50 @@ class ClientState:
     # ---- outputs ----------------------------------------------------------------------------
 
     def _publish(self, view: View, now: datetime) -> list[Output]:
-        """Diff the view against what was published; record and return what must be published now."""
+        """Diff the view against what was published; record and return what must be published now.
+
+        A revision always exceeds every revision published before for the submissions it names
+        (its own, and the one it supersedes), so "keep the highest revision per submission" is
+        right for consumers even when a submission moves between slots.
+        """
         out: list[Output] = []
+        shown_before = {p.submission_id for p in self.published.values() if not p.vacant}
+        named: set[str] = set()
         for slot in sorted(view.sessions):
             sv = view.sessions[slot]
             sid = sv.version.submission_id
             p = self.published.get(slot)
-            digest = sv.digest()
-            if p is not None and not p.vacant and p.submission_id == sid and p.digest == digest:
+            if p is not None and not p.vacant and p.submission_id == sid and p.digest == sv.digest():
                 continue
-            rev = max(p.revision if p else 0, self.submission_revision.get(sid, 0)) + 1
             sup = p.submission_id if (p is not None and not p.vacant and p.submission_id != sid
                                       and p.submission_id not in view.current) else None
-            out.append(self._scored(slot, sv, rev, sup, now))
+            if sup is not None:
+                named.add(sup)
+            out.append(self._scored(slot, sv, sup, now))
         for slot, p in list(self.published.items()):
             if slot not in view.sessions and not p.vacant:
                 self.published[slot] = replace(p, vacant=True)
-        # A version that lost to a newer one before anything was said about it (it arrived late):
-        # the session's current event is published again naming it, so its submitter learns.
+        # A submission no longer current that no event of this step names: it was shown and lost
+        # its session (to a correction, or by moving onto a session a newer version holds), or it
+        # lost before anything was said about it (it arrived late). The session's current event
+        # is published again naming it, so every consumer drops it and its submitter learns.
         for sid, v in sorted(self.versions.items()):
-            if sid in view.members or sid in self.submission_revision or v.instrument not in _SCORED:
+            if v.instrument not in _SCORED or sid in view.current or sid in named:
                 continue
+            said = sid in self.submission_revision
+            if sid not in shown_before and (said or sid in view.members):
+                continue  # already said superseded, or an identical resend never shown
             holder = view.slot_of_key.get(v.session_key())
-            if holder is None:
-                continue
-            out.append(self._scored(holder, view.sessions[holder], self.published[holder].revision + 1, sid, now))
+            if holder is not None:
+                out.append(self._scored(holder, view.sessions[holder], sid, now))
         out.extend(self._alerts(view, now))
         return out
 
-    def _scored(self, slot: str, sv: SessionView, rev: int, supersedes: str | None, now: datetime) -> ScoredOut:
+    def _scored(self, slot: str, sv: SessionView, supersedes: str | None, now: datetime) -> ScoredOut:
         sid = sv.version.submission_id
+        p = self.published.get(slot)
+        rev = 1 + max(p.revision if p is not None else 0, self.submission_revision.get(sid, 0),
+                      self.submission_revision.get(supersedes, 0) if supersedes is not None else 0)
         self.published[slot] = Published(rev, sid, sv.digest(), now, supersedes, sv.latest)
         self.submission_revision[sid] = rev
         if supersedes is not None:
