@@ -33,6 +33,7 @@ def change_rules(
     critical_drop: float | None = None,
     item_threshold: float | None = None,
     triggers: list[str] | None = None,
+    session_gap: int | None = None,
     reset: bool = False,
 ) -> TenantRules:
     """The rules after an operator's change; raises ValueError for an invalid one. Pure."""
@@ -40,9 +41,9 @@ def change_rules(
         raise ValueError(f"operator must be one of {', '.join(OPERATORS)}")
     op: Operator | None = "<" if operator == "<" else "<=" if operator == "<=" else None
     if instrument is not None:
-        if critical_drop is not None or item_threshold is not None or triggers is not None:
-            raise ValueError("--critical-drop, --item-threshold and --triggers apply to all instruments; "
-                             "leave out --instrument")
+        if critical_drop is not None or item_threshold is not None or triggers is not None or session_gap is not None:
+            raise ValueError("--critical-drop, --item-threshold, --triggers and --session-gap apply to all "
+                             "instruments; leave out --instrument")
         instruments = dict(current.instruments)
         if reset:
             instruments.pop(instrument, None)
@@ -63,6 +64,7 @@ def change_rules(
         critical_drop=base.critical_drop if critical_drop is None else critical_drop,
         item_threshold=base.item_threshold if item_threshold is None else item_threshold,
         triggers=base.triggers if triggers is None else frozenset(triggers),
+        session_gap=base.session_gap if session_gap is None else session_gap,
     )
 
 
@@ -99,6 +101,8 @@ def set_rules(
     item_threshold: Annotated[float | None, typer.Option(help="an item under this is flagged (default 9.0)")] = None,
     triggers: Annotated[str | None, typer.Option(help="comma-separated flags that raise alerts (default "
                                                       "below_cutoff,drop_from_previous,low_not_improving)")] = None,
+    session_gap: Annotated[int | None, typer.Option(help="a session number more than this above the highest of "
+                                                         "its episode is refused as a typo (default 20)")] = None,
     reset: Annotated[bool, typer.Option("--reset", help="back to the defaults (with --instrument: drop that "
                                                         "instrument's override)")] = False,
 ) -> None:
@@ -111,7 +115,7 @@ def set_rules(
     try:
         new = change_rules(current, cutoff=cutoff, operator=operator, drop=drop, instrument=instrument,
                            critical_drop=critical_drop, item_threshold=item_threshold, triggers=wanted,
-                           reset=reset)
+                           session_gap=session_gap, reset=reset)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     _run_store_op("put", tenant, new)

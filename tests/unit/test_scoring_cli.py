@@ -61,3 +61,14 @@ def test_tenant_wide_settings_are_refused_with_instrument() -> None:
 def test_triggers_can_include_item_below_threshold() -> None:
     new = change_rules(TenantRules(), triggers=["below_cutoff", "item_below_threshold"])
     assert new.triggers == frozenset({"below_cutoff", "item_below_threshold"})
+
+
+def test_session_gap_is_a_tenant_wide_setting() -> None:
+    assert change_rules(TenantRules(), session_gap=5).session_gap == 5
+    with pytest.raises(ValueError, match="--session-gap"):
+        change_rules(TenantRules(), session_gap=5, instrument="SRS")
+
+
+def test_a_session_gap_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="session_gap"):
+        change_rules(TenantRules(), session_gap=0)
