@@ -2,8 +2,8 @@
 
 Demo data goes through the real consumers (events published to the topics the service reads),
 the page is served by the reporting process, and a person's path is followed: sign in with a
-read key, see the caseload with charts, click a client, see the full trajectory. Screenshots
-are saved to test-artifacts/.
+read key, see the caseload with charts, click a client, see the full trajectory of the current
+episode, pick an earlier episode. Screenshots are saved to test-artifacts/.
 """
 
 from __future__ import annotations
@@ -54,10 +54,20 @@ async def demo(namespace_m: Namespace, reporting: ServiceProcess) -> dict[str, A
     finally:
         await mongo.close()
     scored = [e for e in events if isinstance(e, SrsScored) and e.clinician_id == CLINICIAN]
-    alerts = [e for e in events if isinstance(e, AllianceDeterioration) and e.clinician_id == CLINICIAN]
-    sessions = {(e.client_id, e.instrument.value): 0 for e in scored}
+    # per client and instrument, the episodes with their session counts; the caseload shows the
+    # current one (that of the most recently administered session)
+    episodes: dict[tuple[str, str], dict[str | None, int]] = {}
+    newest: dict[tuple[str, str], SrsScored] = {}
     for e in scored:
-        sessions[(e.client_id, e.instrument.value)] += 1
+        ck = (e.client_id, e.instrument.value)
+        episodes.setdefault(ck, {}).setdefault(e.episode_id, 0)
+        episodes[ck][e.episode_id] += 1
+        if ck not in newest or e.administered_at > newest[ck].administered_at:
+            newest[ck] = e
+    sessions = {ck: episodes[ck][newest[ck].episode_id] for ck in episodes}
+    current = {(k[0], k[1], e.episode_id) for k, e in newest.items()}
+    alerts = [e for e in events if isinstance(e, AllianceDeterioration) and e.clinician_id == CLINICIAN
+              and (e.client_id, e.instrument.value, e.episode_id) in current]
 
     async def loaded() -> dict[str, Any] | None:
         async with httpx.AsyncClient(base_url=reporting.url) as http:
@@ -74,7 +84,8 @@ async def demo(namespace_m: Namespace, reporting: ServiceProcess) -> dict[str, A
 
     caseload = await eventually(loaded, timeout=60)
     return {"key": key, "caseload": caseload, "sessions": sessions, "alerts": len(alerts),
-            "acknowledged": len([a for a in acks if a.alert_id in {x.alert_id for x in alerts}])}
+            "acknowledged": len([a for a in acks if a.alert_id in {x.alert_id for x in alerts}]),
+            "episodes": episodes}
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +165,34 @@ async def test_a_deep_link_opens_the_clients_trajectory_after_sign_in(
                       query=f"?client={entry['client_id']}&instrument={entry['instrument']}")
         await page.wait_for_selector("#detail svg.chart path.line")
         assert await page.locator("#detail svg.chart circle.point").count() == entry["session_count"]
+    finally:
+        await context.close()
+
+
+async def test_the_detail_page_offers_the_clients_other_episodes(
+        browser: Browser, reporting: ServiceProcess, demo: dict[str, Any], artifacts: Path) -> None:
+    (client, instrument), counts = next((k, v) for k, v in sorted(demo["episodes"].items()) if len(v) > 1)
+    entry = next(c for c in demo["caseload"]["clients"] if c["client_id"] == client)
+    older = next(e for e in counts if e != entry["episode_id"])
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    page = await context.new_page()
+    try:
+        await sign_in(page, reporting.url, demo["key"], query=f"?client={client}&instrument={instrument}")
+        await page.wait_for_selector("#detail svg.chart path.line")
+        assert await page.locator("#episode-picker").is_visible()
+        assert await page.locator("#episode option").count() == len(counts)
+        assert await page.locator("#episode").input_value() == entry["episode_id"]
+        assert await page.locator("#detail-table tbody tr").count() == counts[entry["episode_id"]]
+        await page.select_option("#episode", older)
+        await page.wait_for_function(
+            "n => document.querySelectorAll('#detail-table tbody tr').length === n", arg=counts[older])
+        assert f"episode={older}".replace("/", "%2F") in page.url
+        assert await page.locator("#detail svg.chart circle.point").count() == counts[older]
+        assert older in (await page.text_content("#detail-title") or "")
+        await page.screenshot(path=str(artifacts / "reporting-dashboard-older-episode.png"), full_page=True)
+        await page.go_back()
+        await page.wait_for_function(
+            "n => document.querySelectorAll('#detail-table tbody tr').length === n", arg=counts[entry["episode_id"]])
     finally:
         await context.close()
 

@@ -50,7 +50,8 @@
     return node;
   }
 
-  // points: [{session_number, total}], alerts: [{session_number, acknowledged}]
+  // points: [{session_number, total, below_cutoff}], alerts: [{session_number, acknowledged, status}].
+  // Whether a point is below the cutoff is scoring's flag, never a comparison drawn here.
   function chart(points, cutoff, alerts, opts) {
     const w = opts.width, h = opts.height;
     const pad = opts.axes ? { l: 34, r: 14, t: 12, b: 36 } : { l: 6, r: 6, t: 6, b: 6 };
@@ -94,7 +95,7 @@
     }
     const r = opts.axes ? 4.5 : 3;
     for (const p of points) {
-      const c = svg("circle", { class: "point" + (typeof cutoff === "number" && p.total < cutoff ? " below" : ""),
+      const c = svg("circle", { class: "point" + (p.below_cutoff ? " below" : ""),
         cx: x(p.session_number), cy: y(p.total), r, "data-session": p.session_number });
       c.appendChild(svg("title", {}, `session ${p.session_number}: ${num(p.total)}`));
       root.appendChild(c);
@@ -103,9 +104,11 @@
     for (const a of alerts || []) {
       const p = byNumber.get(a.session_number);
       if (!p) continue;
-      const m = svg("circle", { class: "alert-marker" + (a.acknowledged ? " acknowledged" : ""),
-        cx: x(p.session_number), cy: y(p.total), r: r + 4, "data-session": p.session_number });
-      m.appendChild(svg("title", {}, `alert (${a.severity || "raised"})` + (a.acknowledged ? ", acknowledged" : "")));
+      const status = a.status || (a.acknowledged ? "acknowledged" : "open");
+      const ended = status === "withdrawn" || status === "superseded";
+      const m = svg("circle", { class: "alert-marker" + (a.acknowledged ? " acknowledged" : "") + (ended ? " " + status : ""),
+        cx: x(p.session_number), cy: y(p.total), r: r + 4, "data-session": p.session_number, "data-status": status });
+      m.appendChild(svg("title", {}, `alert (${a.severity || "raised"}): ${status}`));
       root.appendChild(m);
     }
     return root;
@@ -123,7 +126,8 @@
     const head = el("div", { class: "head" });
     const name = el("span", {});
     name.appendChild(el("span", { class: "client" }, entry.client_id));
-    name.appendChild(el("span", { class: "inst" }, entry.instrument + (entry.episode_id ? " · " + entry.episode_id : "")));
+    name.appendChild(el("span", { class: "inst" }, entry.instrument + (entry.episode_id ? " · " + entry.episode_id : "") +
+      (entry.episode_count > 1 ? ` (${entry.episode_count} episodes)` : "")));
     head.appendChild(name);
     head.appendChild(el("span", { class: "badge" + (entry.at_risk ? " risk" : "") }, entry.at_risk ? "At risk" : "On track"));
     li.appendChild(head);
@@ -134,11 +138,8 @@
       (why ? " · " + why : "")));
     li.appendChild(chart(entry.points, entry.cutoff, entry.alerts,
       { width: 300, height: 80, label: `SRS trajectory of ${entry.client_id}` }));
-    const open = () => {
-      const p = { client: entry.client_id, instrument: entry.instrument };
-      if (entry.episode_id) p.episode = entry.episode_id;
-      go(p);
-    };
+    // the client's current episode: the detail page opens on it and offers the others
+    const open = () => go({ client: entry.client_id, instrument: entry.instrument });
     li.addEventListener("click", open);
     li.addEventListener("keydown", (ev) => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); open(); } });
     return li;
@@ -194,29 +195,50 @@
     $("detail-chart").replaceChildren();
     const tbody = $("detail-table").querySelector("tbody");
     tbody.replaceChildren();
+    const picker = $("episode");
+    picker.replaceChildren();
+    $("episode-picker").hidden = true;
     let path = `/v1/clients/${encodeURIComponent(client)}/trajectory?instrument=${encodeURIComponent(instrument)}`;
-    if (episode) path += `&episode=${encodeURIComponent(episode)}`;
+    if (episode) path += `&episode_id=${encodeURIComponent(episode)}`;
     const t = await api(path);
     if (!t) {
-      $("detail-status").textContent = "No trajectory for this client is visible to this key.";
+      $("detail-status").textContent = episode ? "No such episode of this client is visible to this key."
+        : "No trajectory for this client is visible to this key.";
       return;
     }
+    $("detail-title").textContent = `Client ${client} · ${instrument}` + (t.episode_id ? ` · episode ${t.episode_id}` : "");
+    t.episodes.forEach((e, i) => {
+      const label = `${e.episode_id || "(no episode)"} · ${fmtDate(e.first_administered_at)} to ` +
+        `${fmtDate(e.last_administered_at)} · ${e.session_count} session${e.session_count > 1 ? "s" : ""}` +
+        (i === 0 ? " (current)" : "");
+      const option = el("option", { value: e.episode_id || "" }, label);
+      if (e.episode_id === t.episode_id) option.selected = true;
+      picker.appendChild(option);
+    });
+    $("episode-picker").hidden = t.episodes.length < 2;
+    const open = t.alerts.filter((a) => a.status === "open" || a.status === "acknowledged").length;
     $("detail-status").textContent = "";
     $("detail-meta").textContent =
-      `${t.at_risk ? "At risk" : "On track"} · latest total ${num(t.latest_total)} · cutoff ${num(t.cutoff)} · ` +
-      `${t.sessions.length} sessions · clinician ${t.clinician_id} · site ${t.site_id} · age band ${t.age_band}` +
-      (t.alerts.length ? ` · ${t.alerts.length} alert${t.alerts.length > 1 ? "s" : ""} raised` : "");
+      `${t.at_risk ? "At risk" : "On track"} · latest total ${num(t.latest_total)} · cutoff ${t.operator === "<=" ? "≤" : "<"} ` +
+      `${num(t.cutoff)} · ${t.sessions.length} sessions · clinician ${t.clinician_id} · site ${t.site_id} · ` +
+      `age band ${t.age_band}` +
+      (t.alerts.length ? ` · ${t.alerts.length} alert${t.alerts.length > 1 ? "s" : ""} raised, ${open} open` : "");
     $("detail-chart").appendChild(chart(t.sessions, t.cutoff, t.alerts,
       { width: 820, height: 300, axes: true, label: `Full SRS trajectory of ${client}` }));
     for (const s of t.sessions) {
       const tr = el("tr", { class: s.below_cutoff ? "below" : "" });
       const items = s.items || {};
+      const low = new Set(s.low_items || []);
       tr.appendChild(el("td", {}, String(s.session_number)));
       tr.appendChild(el("td", {}, fmtDate(s.administered_at)));
-      for (const k of ["relationship", "goals", "approach", "overall"]) tr.appendChild(el("td", {}, num(items[k])));
+      for (const k of ["relationship", "goals", "approach", "overall"]) {
+        tr.appendChild(el("td", low.has(k) ? { class: "low-item" } : {}, num(items[k])));
+      }
       tr.appendChild(el("td", { class: "total" }, num(s.total)));
       const ch = s.change_from_previous;
-      tr.appendChild(el("td", {}, ch === null ? "–" : (ch > 0 ? "+" : "") + num(ch)));
+      tr.appendChild(el("td", {}, ch === null || ch === undefined ? "–" : (ch > 0 ? "+" : "") + num(ch)));
+      tr.appendChild(el("td", { class: "severity" }, s.severity || ""));
+      tr.appendChild(el("td", s.revision > 1 ? { class: "amended", title: "corrected" } : {}, String(s.revision)));
       tr.appendChild(el("td", { class: "flags" }, (s.flags || []).join(", ")));
       tbody.appendChild(tr);
     }
@@ -273,6 +295,12 @@
       if (currentClinician && nextCursor) loadCaseload(currentClinician, nextCursor).catch((e) => {
         $("caseload-status").textContent = "Could not load: " + e.message;
       });
+    });
+    $("episode").addEventListener("change", () => {
+      const q = new URLSearchParams(location.search);
+      const p = { client: q.get("client"), instrument: q.get("instrument") || "SRS" };
+      if ($("episode").value) p.episode = $("episode").value;
+      go(p);
     });
     $("back").addEventListener("click", () => {
       const c = sessionStorage.getItem(CLINICIAN);
