@@ -135,6 +135,16 @@ def test_first_session_is_never_low_not_improving() -> None:
 # --- item_below_threshold -----------------------------------------------------------------------
 
 
+def test_low_items_are_the_items_under_the_threshold() -> None:
+    assert R.low_items(items(10, 8.9, 9.0, 3.0), 9.0) == ("goals", "overall")
+    assert R.low_items(items(10, 10, 10, 10), 9.0) == ()
+    assert R.low_items(None, 9.0) == ()
+
+
+def test_low_items_follow_a_tenants_item_threshold() -> None:
+    assert R.low_items(items(8.0, 8.5, 9.0, 10.0), 8.5) == ("relationship",)
+
+
 @pytest.mark.parametrize(("low", "flag"), [(8.9, True), (9.0, False), (9.1, False)])
 def test_item_below_threshold_is_any_item_strictly_under_9(low: float, flag: bool) -> None:
     assert R.item_below_threshold(items(10, 10, low, 10), 9.0) is flag
@@ -142,25 +152,6 @@ def test_item_below_threshold_is_any_item_strictly_under_9(low: float, flag: boo
 
 def test_total_only_entry_never_has_an_item_below_threshold() -> None:
     assert R.item_below_threshold(None, 9.0) is False
-
-
-# --- latest -------------------------------------------------------------------------------------
-
-
-def test_session_above_every_other_is_latest() -> None:
-    assert R.is_latest(4, [1, 2, 3]) is True
-
-
-def test_older_session_arriving_late_is_not_latest() -> None:
-    assert R.is_latest(2, [1, 3]) is False
-
-
-def test_correction_of_the_latest_session_is_latest() -> None:
-    assert R.is_latest(3, [1, 2, 3]) is True
-
-
-def test_first_session_is_latest() -> None:
-    assert R.is_latest(1, []) is True
 
 
 # --- alert decision and severity ----------------------------------------------------------------
@@ -171,9 +162,37 @@ def test_single_trigger_on_latest_session_is_a_warning() -> None:
     assert alert == R.Alert((R.BELOW_CUTOFF,), "warning")
 
 
-def test_two_triggers_are_critical() -> None:
+def test_below_the_cutoff_and_dropped_is_critical() -> None:
     alert = R.alert_decision([R.DROP_FROM_PREVIOUS, R.BELOW_CUTOFF], -1.0, True, DEFAULT)
     assert alert == R.Alert((R.BELOW_CUTOFF, R.DROP_FROM_PREVIOUS), "critical")
+
+
+def test_two_triggers_alone_are_not_critical_low_and_not_improving_once_is_a_warning() -> None:
+    alert = R.alert_decision([R.BELOW_CUTOFF, R.LOW_NOT_IMPROVING], 0.0, True, DEFAULT)
+    assert alert == R.Alert((R.BELOW_CUTOFF, R.LOW_NOT_IMPROVING), "warning")
+
+
+def test_low_and_not_improving_in_this_and_the_previous_session_is_critical() -> None:
+    alert = R.alert_decision([R.BELOW_CUTOFF, R.LOW_NOT_IMPROVING], 0.0, True, DEFAULT,
+                             previous_low_not_improving=True)
+    assert alert is not None and alert.severity == "critical"
+
+
+def test_previous_low_not_improving_alone_does_not_make_a_rise_critical() -> None:
+    alert = R.alert_decision([R.BELOW_CUTOFF], 1.0, True, DEFAULT, previous_low_not_improving=True)
+    assert alert == R.Alert((R.BELOW_CUTOFF,), "warning")
+
+
+@pytest.mark.parametrize(("previous", "total", "severity"), [
+    (30.0, 30.0, "warning"), (36.5, 35.4, "critical"), (40.0, 36.5, "critical"), (39.9, 37.0, "warning")])
+def test_the_documented_severity_examples(previous: float, total: float, severity: str) -> None:
+    s = R.score(total, None, previous, True, DEFAULT)
+    assert s.alert is not None and s.alert.severity == severity and s.severity == severity
+
+
+def test_a_tenants_critical_drop_applies() -> None:
+    assert R.alert_decision([R.DROP_FROM_PREVIOUS], -2.0, True, TenantRules(critical_drop=2.0)) == R.Alert(
+        (R.DROP_FROM_PREVIOUS,), "critical")
 
 
 @pytest.mark.parametrize(("change", "severity"), [(-2.9, "warning"), (-3.0, "critical"), (-3.1, "critical")])
@@ -219,9 +238,14 @@ def test_score_at_exactly_the_cutoff_with_a_drop_of_exactly_one_is_a_drop_warnin
     assert s.alert == R.Alert((R.DROP_FROM_PREVIOUS,), "warning")
 
 
-def test_score_low_and_not_improving_is_critical() -> None:
+def test_score_low_and_not_improving_once_is_a_warning() -> None:
     s = R.score(34.0, None, 34.0, True, DEFAULT)
     assert s.flags == (R.BELOW_CUTOFF, R.LOW_NOT_IMPROVING)
+    assert s.alert is not None and s.alert.severity == "warning"
+
+
+def test_score_low_and_not_improving_after_a_session_where_it_held_is_critical() -> None:
+    s = R.score(34.0, None, 34.0, True, DEFAULT, previous_low_not_improving=True)
     assert s.alert is not None and s.alert.severity == "critical"
 
 
@@ -233,6 +257,20 @@ def test_score_flags_item_below_threshold_without_alerting() -> None:
 def test_score_of_an_older_session_keeps_its_flags_but_raises_no_alert() -> None:
     s = R.score(30.0, None, 38.0, False, DEFAULT)
     assert s.flags == (R.BELOW_CUTOFF, R.DROP_FROM_PREVIOUS) and not s.latest and s.alert is None
+
+
+def test_score_of_an_older_session_shows_the_triggers_and_severity_an_alert_would_have() -> None:
+    s = R.score(30.0, None, 38.0, False, DEFAULT)
+    assert s.triggers == (R.BELOW_CUTOFF, R.DROP_FROM_PREVIOUS) and s.severity == "critical"
+
+
+def test_score_names_the_low_items_in_form_order() -> None:
+    s = R.score(35.0, items(8.0, 10.0, 8.5, 8.5), None, True, DEFAULT)
+    assert s.low_items == ("relationship", "approach", "overall")
+
+
+def test_score_of_a_total_only_entry_names_no_low_items() -> None:
+    assert R.score(20.0, None, None, True, DEFAULT).low_items == ()
 
 
 @pytest.mark.parametrize("instrument", [Instrument.SRS, Instrument.CSRS, Instrument.GSRS, Instrument.CGSRS])
@@ -262,7 +300,7 @@ def test_tenant_drop_setting_changes_the_drop_rule() -> None:
 
 def test_rules_document_round_trips() -> None:
     rules = TenantRules(cutoff=34.5, operator="<=", drop=1.5, critical_drop=4.0, item_threshold=8.0,
-                        triggers=frozenset({R.BELOW_CUTOFF}),
+                        triggers=frozenset({R.BELOW_CUTOFF}), session_gap=5,
                         instruments={"CSRS": InstrumentOverride(cutoff=32.0)})
     assert TenantRules.from_doc(rules.to_doc()) == rules
 
@@ -272,9 +310,14 @@ def test_missing_rules_document_means_defaults() -> None:
     assert TenantRules.from_doc({"cutoff": 30.0}) == TenantRules(cutoff=30.0)
 
 
+def test_a_rules_document_without_a_session_gap_gets_the_default_of_20() -> None:
+    assert TenantRules.from_doc({"cutoff": 30.0}).session_gap == 20
+
+
 @pytest.mark.parametrize("kwargs", [
     {"cutoff": 41.0}, {"cutoff": -1.0}, {"operator": ">"}, {"drop": 0.0}, {"critical_drop": -1.0},
-    {"item_threshold": 11.0}, {"triggers": frozenset()}, {"triggers": frozenset({"sad"})},
+    {"item_threshold": 11.0}, {"session_gap": 0}, {"session_gap": 100_001},
+    {"triggers": frozenset()}, {"triggers": frozenset({"sad"})},
     {"instruments": {"YCSRS": InstrumentOverride(cutoff=30.0)}},
     {"instruments": {"CSRS": InstrumentOverride(operator=">")}},  # type: ignore[arg-type]
 ])

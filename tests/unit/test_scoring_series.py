@@ -1,0 +1,842 @@
+"""One client's clinical record (services/scoring/series.py), one behaviour per test.
+
+Every rule here is from docs/clinical-records.md: severity, corrections (same id, new id,
+identical resends), the alert lifecycle, derived episodes, the session gap, site ownership and
+transfers, redelivery, and the stored form of the state.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, timezone
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.scoring import handlers
+from services.scoring import rules as R
+from services.scoring.rules import TenantRules
+from services.scoring.series import (
+    AlertOut,
+    ClientState,
+    Output,
+    ScoredOut,
+    StatusOut,
+    Step,
+    Transfer,
+    Version,
+    current_versions,
+    derive,
+    derived_episode_id,
+    episodes_of,
+)
+from services.scoring.store import ClientKey, state_doc, state_from
+from shared import ids
+
+TENANT, CLIENT = "acme", "c-1"
+SEPT = datetime(2026, 9, 1, 9, 0, tzinfo=UTC)
+NOV = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
+ACCEPTED = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+RULES = TenantRules()
+Four = tuple[float, float, float, float]
+
+
+@dataclass
+class Client:
+    """One client's state, fed the way the handler feeds it: each version accepted after the last."""
+
+    rules: TenantRules = RULES
+    state: ClientState = field(default_factory=lambda: ClientState(TENANT, CLIENT))
+    _accepted: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    _clock: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def version(self, sid: str, n: int, total: float | None = None, *, items: Four | None = None,
+                at: datetime | None = None, episode: str | None = None, site: str = "north",
+                clinician: str = "c-1", instrument: str = "SRS") -> Version:
+        """A version of `sid` for session `n`, administered `at` (default: Sept 1 + n - 1 days)."""
+        administered = at if at is not None else SEPT + timedelta(days=n - 1)
+        accepted = ACCEPTED + timedelta(seconds=next(self._accepted))
+        return Version(sid, instrument, episode, n, administered, site, clinician, items,
+                       None if items is not None else total, accepted)
+
+    def now(self) -> datetime:
+        return NOW + timedelta(milliseconds=next(self._clock))
+
+    def submit(self, sid: str, n: int, total: float | None = None, **kw: object) -> Step:
+        return self.apply(self.version(sid, n, total, **kw))  # type: ignore[arg-type]
+
+    def apply(self, v: Version) -> Step:
+        return self.state.submit(v, self.rules, self.now())
+
+    def transfer(self, event_id: str, site: str) -> Step:
+        return self.state.transfer(Transfer(event_id, site), self.rules, self.now())
+
+    def feed(self, *totals: float) -> list[Step]:
+        """Sessions 1..n with these totals, on consecutive days from Sept 1."""
+        return [self.submit(f"s{n}", n, t) for n, t in enumerate(totals, start=1)]
+
+
+def scored(step: Step | list[Output]) -> list[ScoredOut]:
+    outputs = step.outputs if isinstance(step, Step) else step
+    return [o for o in outputs if isinstance(o, ScoredOut)]
+
+
+def alerts(step: Step | list[Output]) -> list[AlertOut]:
+    outputs = step.outputs if isinstance(step, Step) else step
+    return [o for o in outputs if isinstance(o, AlertOut)]
+
+
+def statuses(step: Step | list[Output]) -> list[StatusOut]:
+    outputs = step.outputs if isinstance(step, Step) else step
+    return [o for o in outputs if isinstance(o, StatusOut)]
+
+
+def one_scored(step: Step, sid: str) -> ScoredOut:
+    (o,) = [o for o in scored(step) if o.session.version.submission_id == sid]
+    return o
+
+
+def alert_id(n: int, episode: str = "auto/2026-09-01/1") -> str:
+    return ids.alert_id(TENANT, CLIENT, "SRS", episode, n)
+
+
+def severity_of(*totals: float) -> str | None:
+    """The severity of the alert the last of these sessions raises (None: no alert)."""
+    steps = Client().feed(*totals)
+    raised = alerts(steps[-1])
+    return raised[0].alert.severity if raised else None
+
+
+def items_of(o: ScoredOut) -> Four | None:
+    return o.session.version.items
+
+
+# --- severity ---------------------------------------------------------------------------------
+
+
+def test_30_then_30_is_a_warning() -> None:
+    assert severity_of(30.0, 30.0) == "warning"
+
+
+def test_30_then_30_then_30_is_critical_three_low_sessions_without_a_rise() -> None:
+    assert severity_of(30.0, 30.0, 30.0) == "critical"
+
+
+def test_36_5_then_35_4_is_critical_below_the_cutoff_and_dropped() -> None:
+    assert severity_of(36.5, 35.4) == "critical"
+
+
+def test_40_then_36_5_is_critical_a_drop_of_three_or_more() -> None:
+    assert severity_of(40.0, 36.5) == "critical"
+
+
+def test_39_9_then_37_0_is_a_warning_a_drop_under_three_above_the_cutoff() -> None:
+    assert severity_of(39.9, 37.0) == "warning"
+
+
+def test_a_first_session_below_the_cutoff_is_a_warning() -> None:
+    assert severity_of(30.0) == "warning"
+
+
+def test_low_then_a_rise_still_low_is_a_warning_not_critical() -> None:
+    assert severity_of(30.0, 30.0, 31.0) == "warning"
+
+
+def test_no_trigger_no_alert() -> None:
+    assert severity_of(38.0, 38.0) is None
+
+
+def test_low_items_are_named_in_the_session_and_in_the_alert() -> None:
+    c = Client()
+    step = c.submit("s1", 1, items=(10.0, 8.5, 9.0, 7.0))
+    (s,), (a,) = scored(step), alerts(step)
+    assert s.session.low_items == ("goals", "overall") and s.session.total == 34.5
+    assert R.ITEM_BELOW_THRESHOLD in s.session.flags and R.ITEM_BELOW_THRESHOLD not in a.alert.triggers
+    assert a.alert.session.low_items == ("goals", "overall")
+    event = handlers.alert_event(TENANT, CLIENT, a)
+    assert event.low_items == ["goals", "overall"]
+
+
+def test_a_session_that_is_not_the_latest_shows_its_triggers_and_severity_but_holds_no_alert() -> None:
+    c = Client()
+    c.feed(38.0, 38.0)
+    step = c.submit("late", 3, 30.0, at=SEPT + timedelta(hours=1))  # administered before s2, later number
+    assert alerts(step) == []
+    # 1 then 3 on Sept 1, then 2 on Sept 2: 2 <= 3 begins a new episode, which is the current one
+    late = one_scored(step, "late")
+    assert late.session.triggers == (R.BELOW_CUTOFF, R.DROP_FROM_PREVIOUS) and late.session.severity == "critical"
+    assert late.latest is False
+
+
+def test_scored_event_carries_cutoff_operator_triggers_and_severity() -> None:
+    c = Client(rules=TenantRules(cutoff=38.0, operator="<="))
+    (s,) = scored(c.submit("s1", 1, 38.0))
+    event = handlers.scored_event(TENANT, CLIENT, s)
+    assert (event.cutoff, event.operator, event.triggers, event.severity) == (38.0, "<=", ["below_cutoff"], "warning")
+
+
+# --- corrections under the same submission id ---------------------------------------------------
+
+
+def test_correction_under_the_same_id_shows_the_new_items_and_their_total_as_revision_2() -> None:
+    c = Client()
+    c.submit("s1", 1, items=(9.0, 9.0, 9.0, 9.0))
+    fixed = one_scored(c.submit("s1", 1, items=(10.0, 9.5, 9.0, 9.5)), "s1")
+    assert items_of(fixed) == (10.0, 9.5, 9.0, 9.5) and fixed.session.total == 38.0
+    assert fixed.revision == 2 and fixed.supersedes is None
+    event = handlers.scored_event(TENANT, CLIENT, fixed)
+    assert event.items is not None and sum(event.items.values()) == event.total
+    assert event.event_id == ids.scored_event_id(TENANT, "s1", 2)
+
+
+def test_correction_from_items_to_a_total_shows_no_items() -> None:
+    c = Client()
+    c.submit("s1", 1, items=(9.0, 9.0, 9.0, 9.0))
+    fixed = one_scored(c.submit("s1", 1, 37.0), "s1")
+    assert items_of(fixed) is None and fixed.session.total == 37.0
+
+
+def test_correction_under_the_same_id_recomputes_the_flags() -> None:
+    c = Client()
+    (first,) = scored(c.submit("s1", 1, 30.0))
+    assert first.session.flags == (R.BELOW_CUTOFF,)
+    fixed = one_scored(c.submit("s1", 1, 38.0), "s1")
+    assert fixed.session.flags == () and fixed.session.triggers == () and fixed.session.severity is None
+
+
+def test_correction_recomputes_the_next_sessions_previous_total_and_change_as_its_next_revision() -> None:
+    c = Client()
+    c.feed(38.0, 36.5)
+    step = c.submit("s1", 1, 37.0)
+    nxt = one_scored(step, "s2")
+    assert (nxt.session.previous_total, nxt.session.change_from_previous) == (37.0, -0.5)
+    assert nxt.session.flags == () and nxt.revision == 2
+    assert [o.session.version.submission_id for o in scored(step)] == ["s1", "s2"]
+
+
+def test_correction_recomputes_every_later_session_of_the_episode() -> None:
+    c = Client()
+    c.feed(38.0, 30.0, 30.0)
+    step = c.submit("s2", 2, 38.0)
+    third = one_scored(step, "s3")
+    assert third.session.previous_total == 38.0 and third.session.flags == (R.BELOW_CUTOFF, R.DROP_FROM_PREVIOUS)
+    assert third.revision == 2
+
+
+def test_correction_that_changes_nothing_the_next_session_shows_does_not_republish_it() -> None:
+    c = Client()
+    c.submit("s1", 1, items=(9.0, 9.0, 10.0, 10.0))
+    c.submit("s2", 2, 38.0)
+    step = c.submit("s1", 1, items=(10.0, 10.0, 9.0, 9.0))  # same total, other items
+    assert [o.session.version.submission_id for o in scored(step)] == ["s1"]
+
+
+def test_older_version_of_a_submission_arriving_late_changes_nothing() -> None:
+    c = Client()
+    old = c.version("s1", 1, 30.0)
+    c.submit("s1", 1, 38.0)
+    step = c.apply(old)
+    assert step.outputs == [] and not step.changed and step.rejection is None
+    assert c.state.versions["s1"].total == 38.0
+
+
+# --- corrections under a new id, identical resends -------------------------------------------
+
+
+def test_correction_under_a_new_id_names_the_replaced_submission_in_supersedes() -> None:
+    c = Client()
+    c.feed(38.0)
+    fix = one_scored(c.submit("s1-fix", 1, 35.0), "s1-fix")
+    assert fix.supersedes == "s1" and fix.revision == 2 and fix.session.total == 35.0
+    event = handlers.scored_event(TENANT, CLIENT, fix)
+    assert event.supersedes == "s1" and event.submission_id == "s1-fix"
+
+
+def test_session_after_a_correction_under_a_new_id_compares_with_the_corrected_total() -> None:
+    c = Client()
+    c.feed(38.0)
+    c.submit("s1-fix", 1, 37.0)
+    (s2,) = scored(c.submit("s2", 2, 36.5))
+    assert s2.session.previous_total == 37.0 and s2.session.flags == ()
+
+
+def test_identical_resend_under_the_same_id_publishes_nothing() -> None:
+    c = Client()
+    c.feed(38.0, 30.0)
+    step = c.submit("s2", 2, 30.0)  # accepted again (a new accepted time), same content
+    assert step.outputs == [] and step.rejection is None and not step.redelivered
+
+
+def test_identical_resend_under_a_new_id_publishes_nothing_and_is_rejected_as_duplicate() -> None:
+    c = Client()
+    c.feed(38.0, 30.0)
+    step = c.submit("s2-again", 2, 30.0)
+    assert step.outputs == []
+    assert step.rejection is not None and step.rejection.reason == "duplicate"
+    assert "'s2'" in step.rejection.detail
+
+
+def test_duplicate_rejection_is_given_again_when_the_resend_is_redelivered() -> None:
+    c = Client()
+    c.feed(38.0)
+    dup = c.version("s1-again", 1, 38.0)
+    first = c.apply(dup)
+    again = c.apply(dup)
+    assert again.redelivered and again.rejection == first.rejection
+
+
+def test_stale_version_under_a_new_id_arriving_after_its_correction_is_named_superseded() -> None:
+    c = Client()
+    stale = c.version("s1-old", 1, 30.0)  # accepted first ...
+    c.submit("s1-new", 1, 38.0)  # ... but the correction arrived first
+    step = c.apply(stale)
+    (o,) = scored(step)
+    assert o.session.version.submission_id == "s1-new" and o.supersedes == "s1-old" and o.revision == 2
+    assert alerts(step) == []
+
+
+def test_current_versions_keeps_the_newest_content_represented_by_its_first_submission() -> None:
+    c = Client()
+    a, fix, a_again = c.version("a", 1, 30.0), c.version("b", 1, 38.0), c.version("c", 1, 38.0)
+    by_key, members = current_versions([a_again, fix, a])
+    (winner,) = by_key.values()
+    assert winner.submission_id == "b" and members == {"b", "c"}
+
+
+# --- the alert lifecycle ----------------------------------------------------------------------
+
+
+def test_correction_that_clears_the_triggers_of_the_latest_session_withdraws_its_alert() -> None:
+    c = Client()
+    c.feed(38.0, 30.0)
+    step = c.submit("s2", 2, 38.0)
+    assert alerts(step) == []
+    (status,) = statuses(step)
+    assert status.status == "withdrawn" and status.alert_id == alert_id(2) and status.record.revision == 1
+    event = handlers.status_event(TENANT, CLIENT, status)
+    assert (event.status, event.revision, event.session_number, event.episode_id) == (
+        "withdrawn", 1, 2, "auto/2026-09-01/1")
+
+
+def test_correction_that_still_triggers_raises_the_alert_again_as_revision_2() -> None:
+    c = Client()
+    c.feed(38.0, 30.0)
+    step = c.submit("s2", 2, 35.0)
+    (a,) = alerts(step)
+    assert a.alert.alert_id == alert_id(2) and a.revision == 2 and a.alert.session.total == 35.0
+    assert statuses(step) == []
+    assert handlers.alert_event(TENANT, CLIENT, a).event_id == ids.alert_event_id(alert_id(2), 2)
+
+
+def test_correction_that_changes_nothing_the_alert_shows_does_not_raise_it_again() -> None:
+    c = Client()
+    c.submit("s1", 1, items=(9.0, 9.0, 9.0, 9.0))
+    c.submit("s2", 2, 30.0)
+    step = c.submit("s1", 1, items=(9.5, 9.5, 8.5, 8.5))  # same total, so s2 is unchanged
+    assert alerts(step) == [] and statuses(step) == []
+
+
+def test_a_later_session_supersedes_the_earlier_alert_it_does_not_withdraw_it() -> None:
+    c = Client()
+    c.feed(38.0, 30.0)
+    step = c.submit("s3", 3, 38.0)
+    (status,) = statuses(step)
+    assert status.status == "superseded" and status.alert_id == alert_id(2) and status.record.revision == 1
+    assert alerts(step) == []
+
+
+def test_a_later_low_session_raises_its_own_alert_and_supersedes_the_earlier() -> None:
+    c = Client()
+    c.feed(38.0, 30.0)
+    step = c.submit("s3", 3, 29.0)
+    (a,), (status,) = alerts(step), statuses(step)
+    assert a.alert.alert_id == alert_id(3) and a.revision == 1
+    assert (status.alert_id, status.status) == (alert_id(2), "superseded")
+
+
+def test_correction_of_an_earlier_session_revises_the_latest_alert() -> None:
+    c = Client()
+    c.feed(30.0, 30.0, 30.0)  # s3 critical: three low sessions
+    step = c.submit("s2", 2, 38.0)
+    (a,) = alerts(step)
+    assert a.alert.alert_id == alert_id(3) and a.revision == 2
+    assert a.alert.triggers == (R.BELOW_CUTOFF, R.DROP_FROM_PREVIOUS) and a.alert.session.previous_total == 38.0
+
+
+def test_a_withdrawn_alert_whose_session_triggers_again_is_raised_with_the_next_revision() -> None:
+    c = Client()
+    c.feed(38.0, 30.0)
+    c.submit("s2", 2, 38.0)  # withdrawn, revision 1
+    (a,) = alerts(c.submit("s2", 2, 31.0))
+    assert a.alert.alert_id == alert_id(2) and a.revision == 2
+
+
+def test_alert_id_is_the_same_across_corrections_under_a_new_id() -> None:
+    c = Client()
+    c.feed(38.0, 30.0)
+    (a,) = alerts(c.submit("s2-fix", 2, 31.0))
+    assert a.alert.alert_id == alert_id(2) and a.revision == 2 and a.alert.session.version.submission_id == "s2-fix"
+
+
+def test_a_late_older_session_holds_no_alert() -> None:
+    c = Client()
+    c.submit("s1", 1, 38.0)
+    c.submit("s3", 3, 38.0)
+    step = c.submit("s2", 2, 30.0)
+    assert alerts(step) == [] and one_scored(step, "s2").latest is False
+
+
+# --- episodes ---------------------------------------------------------------------------------
+
+
+def september_then_november(c: Client, november: tuple[float, float] = (38.0, 30.0)) -> list[Step]:
+    """Sessions 1, 2, 3 on Sept 1-3, then 1, 2 on Nov 1-2, none with an episode id."""
+    steps = [c.submit(f"sep-{n}", n, 38.0, at=SEPT + timedelta(days=n - 1)) for n in (1, 2, 3)]
+    steps += [c.submit(f"nov-{n}", n, t, at=NOV + timedelta(days=n - 1)) for n, t in zip((1, 2), november,
+                                                                                            strict=True)]
+    return steps
+
+
+def test_numbering_that_restarts_without_an_episode_id_begins_a_new_derived_episode() -> None:
+    c = Client()
+    steps = september_then_november(c)
+    got = [(o.session.version.submission_id, o.session.episode_id, o.session.episode_derived)
+           for s in steps for o in scored(s)]
+    assert got == [("sep-1", "auto/2026-09-01/1", True), ("sep-2", "auto/2026-09-01/1", True),
+                   ("sep-3", "auto/2026-09-01/1", True), ("nov-1", "auto/2026-11-01/1", True),
+                   ("nov-2", "auto/2026-11-01/1", True)]
+
+
+def test_a_new_episode_overwrites_nothing_of_the_earlier_one() -> None:
+    c = Client()
+    steps = september_then_november(c)
+    assert all(o.session.version.submission_id.startswith("nov") for s in steps[3:] for o in scored(s))
+    september = {k: p for k, p in c.state.published.items() if "2026-09-01" in k}
+    assert sorted((p.submission_id, p.revision, p.vacant) for p in september.values()) == [
+        ("sep-1", 1, False), ("sep-2", 1, False), ("sep-3", 1, False)]
+
+
+def test_the_first_session_of_a_new_episode_has_no_previous() -> None:
+    c = Client()
+    steps = september_then_november(c)
+    nov1 = one_scored(steps[3], "nov-1")
+    assert nov1.session.previous_total is None and nov1.session.change_from_previous is None
+
+
+def test_a_drop_in_the_new_episode_alerts() -> None:
+    c = Client()
+    steps = september_then_november(c, (38.0, 30.0))
+    (a,) = alerts(steps[-1])
+    assert a.alert.alert_id == alert_id(2, "auto/2026-11-01/1") and a.alert.severity == "critical"
+    assert a.alert.session.previous_total == 38.0
+
+
+def test_a_new_episode_supersedes_the_alert_of_the_earlier_one() -> None:
+    c = Client()
+    c.submit("sep-1", 1, 38.0, at=SEPT)
+    c.submit("sep-2", 2, 30.0, at=SEPT + timedelta(days=1))
+    step = c.submit("nov-1", 1, 38.0, at=NOV)
+    (status,) = statuses(step)
+    assert (status.alert_id, status.status) == (alert_id(2), "superseded")
+
+
+def test_same_number_on_the_same_day_without_episode_id_is_a_correction() -> None:
+    c = Client()
+    c.submit("a", 1, 38.0, at=SEPT)
+    step = c.submit("b", 1, 30.0, at=SEPT + timedelta(hours=3))
+    (o,) = scored(step)
+    assert o.session.version.submission_id == "b" and o.supersedes == "a" and o.revision == 2
+    assert o.session.episode_id == "auto/2026-09-01/1"
+
+
+def test_same_number_on_another_day_is_another_session_never_an_overwrite() -> None:
+    c = Client()
+    c.submit("a", 1, 38.0, at=SEPT)
+    step = c.submit("b", 1, 30.0, at=SEPT + timedelta(days=1))
+    (o,) = scored(step)
+    assert o.supersedes is None and o.revision == 1 and o.session.episode_id == "auto/2026-09-02/1"
+    assert len(c.state.published) == 2
+
+
+def test_two_numbers_on_one_day_a_later_lower_number_begins_a_new_episode() -> None:
+    c = Client()
+    c.submit("a", 2, 38.0, at=SEPT)
+    (o,) = scored(c.submit("b", 1, 30.0, at=SEPT + timedelta(hours=3)))
+    assert o.session.episode_id == "auto/2026-09-01/1" and o.session.previous_total is None and o.latest
+
+
+def test_a_date_corrected_under_the_same_id_moves_the_session_to_its_new_episode() -> None:
+    c = Client()
+    september_then_november(c)  # nov-2 (30.0) alerts in the November episode
+    step = c.submit("nov-2", 4, 30.0, at=SEPT + timedelta(days=3))  # it was session 4 on Sept 4
+    moved = one_scored(step, "nov-2")
+    assert moved.session.episode_id == "auto/2026-09-01/1" and moved.revision == 2
+    assert moved.session.previous_total == 38.0
+    (status,) = statuses(step)
+    assert (status.alert_id, status.status) == (alert_id(2, "auto/2026-11-01/1"), "withdrawn")
+    vacated = c.state.published["SRS\x1fauto/2026-11-01/1\x1f2"]
+    assert vacated.vacant
+
+
+def test_a_date_corrected_under_a_new_id_is_another_session_and_the_old_one_stays() -> None:
+    c = Client()
+    c.submit("a", 1, 38.0, at=SEPT)
+    step = c.submit("a-fix", 1, 38.0, at=SEPT + timedelta(days=1))
+    (o,) = scored(step)
+    assert o.supersedes is None and o.revision == 1
+    assert c.state.published["SRS\x1fauto/2026-09-01/1\x1f1"].submission_id == "a"
+
+
+def test_backfilling_an_older_episode_after_a_newer_one_keeps_the_newer_current() -> None:
+    c = Client()
+    c.submit("nov-1", 1, 38.0, at=NOV)
+    c.submit("nov-2", 2, 30.0, at=NOV + timedelta(days=1))
+    c.submit("sep-1", 1, 38.0, at=SEPT)
+    step = c.submit("sep-2", 2, 30.0, at=SEPT + timedelta(days=1))
+    (o,) = scored(step)
+    assert o.session.episode_id == "auto/2026-09-01/1" and o.latest is False
+    assert alerts(step) == [] and statuses(step) == []
+    assert c.state.alerts[alert_id(2, "auto/2026-11-01/1")].state == "raised"
+
+
+def test_backfilling_an_older_start_regroups_the_later_sessions_into_its_episode() -> None:
+    c = Client()
+    c.submit("n3", 3, 38.0, at=NOV)
+    c.submit("n4", 4, 30.0, at=NOV + timedelta(days=7))  # alerts in episode auto/2026-11-01/3
+    step = c.submit("s1", 1, 38.0, at=SEPT)  # 1 then 3, 4: one episode that began in September
+    got = {o.session.version.submission_id: (o.session.episode_id, o.revision) for o in scored(step)}
+    assert got == {"s1": ("auto/2026-09-01/1", 1), "n3": ("auto/2026-09-01/1", 2), "n4": ("auto/2026-09-01/1", 2)}
+    (raised,), (withdrawn,) = alerts(step), statuses(step)
+    assert raised.alert.alert_id == alert_id(4) and raised.revision == 1
+    assert (withdrawn.alert_id, withdrawn.status) == (alert_id(4, "auto/2026-11-01/3"), "withdrawn")
+
+
+def test_a_given_episode_id_orders_its_sessions_by_number_not_by_date() -> None:
+    c = Client()
+    c.submit("a", 1, 38.0, episode="ep-1", at=SEPT + timedelta(days=5))
+    (o,) = scored(c.submit("b", 2, 30.0, episode="ep-1", at=SEPT))
+    assert o.session.episode_id == "ep-1" and not o.session.episode_derived
+    assert o.session.previous_total == 38.0 and o.latest
+
+
+def test_the_current_episode_is_that_of_the_most_recently_administered_session() -> None:
+    c = Client()
+    c.submit("a", 5, 30.0, episode="ep-old", at=SEPT)
+    step = c.submit("b", 1, 38.0, episode="ep-new", at=NOV)
+    assert one_scored(step, "b").latest
+    assert [s.status for s in statuses(step)] == ["superseded"]
+
+
+def test_episodes_of_groups_by_administration_and_derives_ids() -> None:
+    c = Client()
+    vs = [c.version(f"s{i}", n, 38.0, at=at) for i, (n, at) in enumerate(
+        [(1, SEPT), (2, SEPT + timedelta(days=7)), (1, NOV), (3, NOV + timedelta(days=7)), (7, SEPT)])]
+    vs.append(c.version("given", 2, 38.0, episode="ep-x", at=SEPT))
+    got = [(eid, derived, [v.submission_id for v in members])
+           for eid, derived, members in episodes_of(vs)["SRS"]]
+    assert got == [("ep-x", False, ["given"]), ("auto/2026-09-01/1", True, ["s0", "s4"]),
+                   ("auto/2026-09-08/2", True, ["s1"]), ("auto/2026-11-01/1", True, ["s2", "s3"])]
+
+
+def test_derived_episode_id_is_the_utc_date_and_number_of_its_first_session() -> None:
+    c = Client()
+    late_evening = datetime(2026, 9, 1, 20, 30, tzinfo=timezone(timedelta(hours=-5)))  # Sept 2 01:30 UTC
+    assert derived_episode_id(c.version("a", 4, 38.0, at=late_evening)) == "auto/2026-09-02/4"
+
+
+def test_the_view_does_not_depend_on_the_order_versions_arrive_in() -> None:
+    c = Client()
+    vs = [c.version("a", 1, 38.0), c.version("b", 2, 30.0), c.version("b-fix", 2, 33.0),
+          c.version("c", 1, 34.0, at=NOV), c.version("d", 2, 31.0, at=NOV + timedelta(days=1))]
+    views = [derive(p, "north", 0, RULES, TENANT, CLIENT) for p in itertools.permutations(vs)]
+    assert all(v == views[0] for v in views)
+
+
+# --- the session gap --------------------------------------------------------------------------
+
+
+def test_a_session_far_above_the_highest_of_its_episode_is_rejected_as_a_session_gap() -> None:
+    c = Client()
+    c.feed(38.0, 38.0, 38.0)
+    step = c.submit("typo", 100000, 30.0, at=SEPT + timedelta(days=3))
+    assert step.outputs == []
+    assert step.rejection is not None and step.rejection.reason == "session_gap"
+    assert "100000" in step.rejection.detail and "typo" not in c.state.versions
+
+
+def test_after_a_session_gap_rejection_a_drop_in_the_next_session_still_alerts() -> None:
+    c = Client()
+    c.feed(38.0, 38.0, 38.0)
+    c.submit("typo", 100000, 30.0, at=SEPT + timedelta(days=3))
+    step = c.submit("s4", 4, 12.0)
+    (a,) = alerts(step)
+    assert a.alert.alert_id == alert_id(4) and a.alert.session.previous_total == 38.0
+
+
+def test_the_first_session_may_have_any_number() -> None:
+    c = Client()
+    step = c.submit("big", 100000, 38.0, at=SEPT)
+    assert step.rejection is None and one_scored(step, "big").session.episode_id == "auto/2026-09-01/100000"
+
+
+def test_a_session_exactly_the_gap_above_is_accepted_one_more_is_not() -> None:
+    c = Client()
+    c.feed(38.0)
+    assert c.submit("ok", 21, 38.0).rejection is None
+    rejected = c.submit("far", 42, 38.0)
+    assert rejected.rejection is not None and rejected.rejection.reason == "session_gap"
+
+
+def test_a_tenants_own_session_gap_applies() -> None:
+    c = Client(rules=TenantRules(session_gap=5))
+    c.feed(38.0)
+    rejected = c.submit("far", 7, 38.0)
+    assert rejected.rejection is not None and rejected.rejection.reason == "session_gap"
+    assert "5" in rejected.rejection.detail
+    assert c.submit("near", 6, 38.0).rejection is None
+
+
+def test_correcting_an_existing_session_is_never_a_gap() -> None:
+    c = Client(rules=TenantRules(session_gap=1))
+    c.submit("a", 1, 38.0)
+    c.submit("b", 2, 38.0)
+    assert c.submit("a", 1, 30.0).rejection is None
+
+
+def test_a_rejected_version_redelivered_gets_the_same_rejection_though_the_state_changed() -> None:
+    c = Client()
+    c.feed(38.0)
+    typo = c.version("typo", 30, 38.0, at=SEPT + timedelta(days=2))
+    first = c.apply(typo)
+    for n in range(2, 12):  # the episode grows: 30 would no longer be a gap
+        c.submit(f"s{n}", n, 38.0)
+    again = c.apply(typo)
+    assert again.rejection == first.rejection and again.outputs == [] and not again.changed
+
+
+def test_a_fixed_number_resubmitted_under_the_rejected_id_is_accepted() -> None:
+    c = Client()
+    c.feed(38.0)
+    c.submit("typo", 100, 38.0)
+    step = c.submit("typo", 2, 30.0)
+    fixed = one_scored(step, "typo")
+    assert step.rejection is None and fixed.session.version.session_number == 2 and fixed.revision == 1
+    assert len(alerts(step)) == 1
+
+
+def test_an_unscorable_submission_is_rejected_and_not_stored() -> None:
+    c = Client()
+    step = c.submit("none", 1, None)
+    assert step.rejection is not None and step.rejection.reason == "unscorable"
+    assert c.state.versions == {} and step.outputs == []
+
+
+# --- site ownership and transfers -------------------------------------------------------------
+
+
+def test_the_client_belongs_to_the_site_of_its_first_accepted_session() -> None:
+    c = Client()
+    c.submit("s1", 1, 38.0, site="north")
+    assert c.state.owner == "north"
+
+
+def test_a_submission_of_another_site_is_refused_as_site_conflict_and_changes_nothing() -> None:
+    c = Client()
+    c.feed(38.0)
+    before = c.state.copy()
+    step = c.submit("s2", 2, 30.0, site="south")
+    assert step.outputs == [] and step.rejection is not None and step.rejection.reason == "site_conflict"
+    assert "north" in step.rejection.detail
+    assert (c.state.versions, c.state.published, c.state.alerts, c.state.owner) == (
+        before.versions, before.published, before.alerts, before.owner)
+
+
+def test_a_correction_from_another_site_is_refused_too() -> None:
+    c = Client()
+    c.feed(38.0)
+    step = c.submit("s1", 1, 30.0, site="south")
+    assert step.rejection is not None and step.rejection.reason == "site_conflict"
+    assert c.state.versions["s1"].total == 38.0
+
+
+def test_a_transfer_republishes_every_current_session_with_the_new_site_and_site_version() -> None:
+    c = Client()
+    september_then_november(c, (38.0, 37.0))
+    step = c.transfer("tx-1", "south")
+    got = sorted((o.session.version.submission_id, o.session.site_id, o.session.site_version, o.revision)
+                 for o in scored(step))
+    assert got == [(f"{m}-{n}", "south", 1, 2) for m, ns in (("nov", (1, 2)), ("sep", (1, 2, 3))) for n in ns]
+    event = handlers.scored_event(TENANT, CLIENT, scored(step)[0])
+    assert (event.site_id, event.site_version) == ("south", 1)
+
+
+def test_after_a_transfer_the_new_sites_submissions_are_accepted_and_the_old_sites_refused() -> None:
+    c = Client()
+    c.feed(38.0)
+    c.transfer("tx-1", "south")
+    accepted = c.submit("s2", 2, 38.0, site="south")
+    assert accepted.rejection is None and one_scored(accepted, "s2").session.site_id == "south"
+    refused = c.submit("s3", 3, 38.0, site="north")
+    assert refused.rejection is not None and refused.rejection.reason == "site_conflict"
+
+
+def test_a_transfer_redelivered_is_a_no_op() -> None:
+    c = Client()
+    c.feed(38.0)
+    c.transfer("tx-1", "south")
+    before = c.state.copy()
+    again = c.transfer("tx-1", "south")
+    assert again.redelivered and again.outputs == [] and not again.changed
+    assert (c.state.site_version, c.state.published) == (before.site_version, before.published)
+
+
+def test_a_transfer_back_and_forth_counts_site_versions() -> None:
+    c = Client()
+    c.feed(38.0)
+    c.transfer("tx-1", "south")
+    (o,) = scored(c.transfer("tx-2", "north"))
+    assert (o.session.site_id, o.session.site_version, o.revision) == ("north", 2, 3)
+
+
+def test_a_transfer_to_the_owning_site_publishes_nothing() -> None:
+    c = Client()
+    c.feed(38.0)
+    step = c.transfer("tx-1", "north")
+    assert step.outputs == [] and c.state.site_version == 0
+
+
+def test_an_open_alert_stays_with_its_site_and_is_not_raised_again_by_a_transfer() -> None:
+    c = Client()
+    c.feed(38.0, 30.0)
+    step = c.transfer("tx-1", "south")
+    assert alerts(step) == [] and statuses(step) == []
+    (a,) = alerts(c.state.current_outputs(c.rules))
+    assert a.alert.site_id == "north" and a.revision == 1
+
+
+def test_a_session_after_a_transfer_alerts_for_the_new_site() -> None:
+    c = Client()
+    c.feed(38.0)
+    c.transfer("tx-1", "south")
+    (a,) = alerts(c.submit("s2", 2, 30.0, site="south"))
+    assert a.alert.site_id == "south"
+
+
+def test_a_rejection_from_before_a_transfer_is_given_again_when_redelivered_after_it() -> None:
+    c = Client()
+    c.feed(38.0)
+    from_south = c.version("s2", 2, 38.0, site="south")
+    first = c.apply(from_south)
+    c.transfer("tx-1", "south")
+    again = c.apply(from_south)
+    assert again.rejection == first.rejection and again.outputs == []
+
+
+# --- young children's forms -------------------------------------------------------------------
+
+
+def test_a_young_childs_form_is_stored_and_never_scored() -> None:
+    c = Client()
+    step = c.submit("kid", 1, 10.0, instrument="YCSRS")
+    assert step.audited and step.changed and step.outputs == [] and "kid" in c.state.versions
+    assert c.state.current_outputs(c.rules) == []
+
+
+def test_a_young_childs_form_without_a_total_is_still_stored() -> None:
+    c = Client()
+    step = c.submit("kid", 1, None, instrument="YCSRS")
+    assert step.audited and step.rejection is None and "kid" in c.state.versions
+
+
+def test_other_instruments_are_separate_series_with_their_own_rules() -> None:
+    c = Client(rules=TenantRules(instruments={"CSRS": R.InstrumentOverride(cutoff=32.0)}))
+    c.submit("srs", 1, 34.0)
+    (o,) = scored(c.submit("csrs", 1, 34.0, instrument="CSRS"))
+    assert (o.session.cutoff, o.session.flags, o.session.previous_total) == (32.0, (), None)
+
+
+# --- redelivery -------------------------------------------------------------------------------
+
+
+def test_the_same_version_twice_is_a_redelivery_that_changes_nothing() -> None:
+    c = Client()
+    c.feed(38.0)
+    v = c.version("s2", 2, 30.0)
+    c.apply(v)
+    before = c.state.copy()
+    again = c.apply(v)
+    assert again.redelivered and again.outputs == [] and not again.changed and again.rejection is None
+    assert c.state == before
+
+
+def as_bytes(outputs: list[Output]) -> dict[tuple[str, str], bytes]:
+    """Each output as the event the handler publishes, keyed as a consumer keeps them (scored events
+    per submission id, alert events and statuses per alert id)."""
+    out: dict[tuple[str, str], bytes] = {}
+    for o in outputs:
+        if isinstance(o, ScoredOut):
+            event = handlers.scored_event(TENANT, CLIENT, o)
+            out["scored", o.session.version.submission_id] = event.model_dump_json().encode()
+        elif isinstance(o, AlertOut):
+            out["alert", o.alert.alert_id] = handlers.alert_event(TENANT, CLIENT, o).model_dump_json().encode()
+        else:
+            out["alert", o.alert_id] = handlers.status_event(TENANT, CLIENT, o).model_dump_json().encode()
+    return out
+
+
+def test_current_outputs_re_emit_the_latest_revisions_byte_equal() -> None:
+    c = Client()
+    published: list[Output] = []
+    for step in september_then_november(c, (38.0, 30.0)):
+        published += step.outputs
+    published += c.submit("nov-2", 2, 33.0, at=NOV + timedelta(days=1)).outputs  # revision 2 of nov-2, its alert
+    published += c.submit("nov-1", 1, 37.0, at=NOV + timedelta(days=2)).outputs  # moved: a date corrected
+    published += c.submit("sep-1", 1, 37.0).outputs  # sep-2, sep-3 recomputed
+    published += c.transfer("tx-1", "south").outputs
+    latest = as_bytes(published)  # later outputs replace earlier ones of the same key
+    assert as_bytes(c.state.current_outputs(c.rules)) == latest
+
+
+def test_current_outputs_include_the_status_of_ended_alerts() -> None:
+    c = Client()
+    c.feed(38.0, 30.0)
+    withdrawn = statuses(c.submit("s2", 2, 38.0))
+    assert statuses(c.state.current_outputs(c.rules)) == withdrawn
+
+
+# --- the stored form --------------------------------------------------------------------------
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> ClientState:
+    """A client's state after a random mix of sessions, corrections, episodes, transfers and refusals."""
+    c = Client(rules=TenantRules(session_gap=draw(st.integers(1, 30))))
+    sites = ["north", "south"]
+    for i in range(draw(st.integers(0, 14))):
+        kind = draw(st.sampled_from(["submit", "submit", "submit", "fix", "transfer"]))
+        if kind == "transfer":
+            c.transfer(f"tx-{i}", draw(st.sampled_from(sites)))
+            continue
+        sid = f"s{i}" if kind == "submit" or not c.state.versions else draw(st.sampled_from(sorted(c.state.versions)))
+        n = draw(st.integers(1, 40))
+        at = draw(st.sampled_from([SEPT, NOV])) + timedelta(days=n, hours=draw(st.integers(0, 3)))
+        use_items = draw(st.booleans())
+        items = tuple(draw(st.integers(0, 100)) / 10 for _ in range(4)) if use_items else None
+        c.submit(sid, n, None if use_items else draw(st.integers(0, 400)) / 10, items=items, at=at,
+                 site=draw(st.sampled_from([*sites, c.state.owner or "north"])),
+                 episode=draw(st.sampled_from([None, None, "ep-1"])),
+                 instrument=draw(st.sampled_from(["SRS", "SRS", "CSRS", "YCSRS"])))
+    return c.state
+
+
+@settings(max_examples=150, deadline=None)
+@given(histories())
+def test_stored_state_round_trips_through_its_document(state: ClientState) -> None:
+    key = ClientKey(TENANT, CLIENT)
+    back = state_from(key, state_doc(key, state, 7))
+    assert back.version == 7
+    back.version = state.version
+    assert back == state
+    assert back.current_outputs(RULES) == state.current_outputs(RULES)
