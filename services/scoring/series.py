@@ -394,7 +394,7 @@ class ClientState:
             return Step(rejection=same_rejection)
         if known is not None and (known.order() >= v.order() or known.digest == v.digest):
             return Step()  # an older version arriving late, or an identical resend: nothing changes
-        if v.instrument not in _SCORED:
+        if v.instrument not in _SCORED and self.owner in (None, v.site_id):  # another site's: refused below
             self.versions[v.submission_id] = v
             self.owner = self.owner or v.site_id
             return Step(changed=True, audited=True)

@@ -661,6 +661,14 @@ def test_a_correction_from_another_site_is_refused_too() -> None:
     assert c.state.versions["s1"].total == 38.0
 
 
+def test_a_young_childs_form_from_another_site_is_refused_too() -> None:
+    c = Client()
+    c.feed(38.0)
+    step = c.submit("kid", 1, 20.0, site="south", instrument="YCSRS")
+    assert step.rejection is not None and step.rejection.reason == "site_conflict"
+    assert "kid" not in c.state.versions
+
+
 def test_a_transfer_republishes_every_current_session_with_the_new_site_and_site_version() -> None:
     c = Client()
     september_then_november(c, (38.0, 37.0))
