@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -18,10 +19,10 @@ import pytest
 from pymongo import AsyncMongoClient
 
 from services.processes import ROOT
-from services.reporting.demo import deterioration_for, publish, scored
+from services.reporting.demo import BASE, deterioration_for, publish, revised, scored
 from services.reporting.rebuild import rebuild
 from services.reporting.settings import ReportingSettings
-from services.reporting.store import META, POINTER_ID, trajectories_name
+from services.reporting.store import META, POINTER_ID, clients_name
 from shared.auth import create_key
 from shared.events import SrsScored
 from shared.mongo import Document
@@ -100,8 +101,18 @@ async def test_rebuild_replays_into_a_new_generation_and_switches_while_the_api_
     events = [*sessions("c1", [38.0, 36.5, 33.0]), *sessions("c2", [39.0, 39.5])]
     alert = deterioration_for(events[2])
     assert alert is not None
-    await publish(live.ns.kafka(), [*events, alert])
-    before = await visible(live, "c1", 3)
+    # a correction under a new id and an earlier episode: the replay goes through the same merge
+    fix = revised(events[1], submission_id="c1-fix", total=37.0)
+    earlier = scored(T, "c1", 1, 30.0, episode_id="earlier", administered_at=BASE - timedelta(days=120))
+    await publish(live.ns.kafka(), [*events, alert, fix, earlier])
+
+    async def settled() -> httpx.Response | None:
+        res = await visible(live, "c1", 3)
+        body = res.json()
+        done = body["sessions"][1]["submission_id"] == "c1-fix" and len(body["episodes"]) == 2
+        return res if done else None
+
+    before = await eventually(settled, timeout=60)
     await visible(live, "c2", 2)
     old_gen = before.headers["x-reporting-generation"]
     assert before.json()["alerts"]
@@ -117,7 +128,7 @@ async def test_rebuild_replays_into_a_new_generation_and_switches_while_the_api_
         res = await live.trajectory("c1")
         during.append((res.headers["x-reporting-generation"], res.json()))
         # the new generation is complete before anyone reads it
-        count = await live.mongo[live.ns.database][trajectories_name(new)].count_documents({"tenant_id": T})
+        count = await live.mongo[live.ns.database][clients_name(new)].count_documents({"tenant_id": T})
         assert count == 2
 
     progress: list[tuple[int, int]] = []

@@ -1,27 +1,32 @@
-"""The reporting store on the real local MongoDB-protocol server: concurrent writers, generations."""
+"""The reporting store on the real local MongoDB-protocol server: concurrent writers, generations,
+the alert lifecycle and the submission statuses in every arrival order."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.reporting import rules
-from services.reporting.demo import deterioration_for, scored
+from services.reporting.demo import acknowledgement, deterioration_for, lifecycle, revised, scored
 from services.reporting.store import (
     FIRST_GENERATION,
     Generations,
     RebuildInProgress,
     ReportingStore,
+    SubmissionStore,
     alerts_name,
+    clients_name,
     from_stored,
-    trajectories_name,
 )
-from shared.events import AlertStatusChanged
+from shared.events import AlertStatusChanged, DeadLetter, SrsSubmitted
 from shared.mongo import Document
 from tests.support.stack import StackUnderTest
 
@@ -38,7 +43,7 @@ async def db(stack: StackUnderTest) -> AsyncIterator[AsyncDatabase[Document]]:
 
 
 def tid(client: str) -> str:
-    return rules.trajectory_id(T, client, "SRS", None)
+    return rules.record_id(T, client, "SRS")
 
 
 async def test_a_writer_with_a_stale_cache_loses_nothing(db: AsyncDatabase[Document]) -> None:
@@ -48,8 +53,8 @@ async def test_a_writer_with_a_stale_cache_loses_nothing(db: AsyncDatabase[Docum
     await b.apply_scored("g1", [scored(T, "c1", 2, 37.0)])  # b reads v1, writes v2; a's cache still has v1
     report = await a.apply_scored("g1", [scored(T, "c1", 3, 30.0)])
     assert report.conflicts == 1 and report.outcomes["applied"] == 1
-    doc = await a.trajectories("g1").find_one({"_id": tid("c1")})
-    assert doc is not None and sorted(from_stored(doc)["sessions"]) == ["1", "2", "3"] and doc["v"] == 3
+    doc = await a.clients("g1").find_one({"_id": tid("c1")})
+    assert doc is not None and from_stored(doc)["session_count"] == 3 and doc["v"] == 3
 
 
 async def test_a_fresh_generation_insert_that_meets_an_existing_trajectory_merges_into_it(
@@ -59,20 +64,27 @@ async def test_a_fresh_generation_insert_that_meets_an_existing_trajectory_merge
     await live.apply_scored("g2", [scored(T, "c1", 5, 31.0)])  # the live consumer's double write came first
     report = await replay.apply_scored("g2", [scored(T, "c1", 1, 38.0), scored(T, "c1", 2, 37.5)], fresh=True)
     assert report.conflicts == 1 and report.outcomes["applied"] == 2
-    doc = await replay.trajectories("g2").find_one({"_id": tid("c1")})
-    assert doc is not None and sorted(from_stored(doc)["sessions"]) == ["1", "2", "5"]
+    doc = await replay.clients("g2").find_one({"_id": tid("c1")})
+    assert doc is not None
+    assert [s["session_number"] for s in rules.trajectory_view(from_stored(doc))["sessions"]] == [1, 2, 5]
     assert doc["latest_total"] == 31.0
 
 
-async def test_a_trajectory_read_back_is_the_one_written(db: AsyncDatabase[Document]) -> None:
+async def test_a_record_read_back_is_the_one_written(db: AsyncDatabase[Document]) -> None:
     store = ReportingStore(db)
     events = [scored(T, "c1", 1, 38.0), scored(T, "c1", 2, 30.5)]
+    events.append(revised(events[1], submission_id="fix", total=31.0))
     await store.apply_scored("g1", events)
     written = rules.merge(None, events).doc
-    read = await store.trajectory("g1", T, "c1", "SRS")
+    read = await store.record("g1", T, "c1", "SRS")
     assert written is not None and read is not None
     assert rules.trajectory_view(read) == rules.trajectory_view(written)
-    assert read["sessions"]["2"]["administered_at"] == events[1].administered_at
+    assert read["entries"] == written["entries"]
+    assert read["entries"]["fix"]["administered_at"] == events[1].administered_at
+    # scoped by the owning site, and by tenant
+    assert await store.record("g1", T, "c1", "SRS", site_id="north") is not None
+    assert await store.record("g1", T, "c1", "SRS", site_id="south") is None
+    assert await store.record("g1", "other", "c1", "SRS") is None
 
 
 async def test_duplicates_write_nothing(db: AsyncDatabase[Document]) -> None:
@@ -81,7 +93,7 @@ async def test_duplicates_write_nothing(db: AsyncDatabase[Document]) -> None:
     await store.apply_scored("g1", [e])
     report = await store.apply_scored("g1", [e, e])
     assert report.outcomes == {"duplicate": 2} and not report.visible
-    doc = await store.trajectories("g1").find_one({"_id": tid("c1")})
+    doc = await store.clients("g1").find_one({"_id": tid("c1")})
     assert doc is not None and doc["v"] == 1
 
 
@@ -96,7 +108,7 @@ async def test_an_acknowledgement_before_its_alert_counts_once_both_are_in(db: A
     await store.apply_deterioration("g1", [alert, alert])
     docs = await store.alerts("g1").find({}).to_list()
     assert len(docs) == 1 and docs[0]["raised"] and docs[0]["acknowledged"]
-    assert docs[0]["trajectory_id"] == tid("c1")
+    assert docs[0]["record_id"] == tid("c1")
 
 
 async def test_generations_claim_switch_and_drop(db: AsyncDatabase[Document]) -> None:
@@ -117,7 +129,7 @@ async def test_generations_claim_switch_and_drop(db: AsyncDatabase[Document]) ->
     await store.apply_scored(FIRST_GENERATION, [scored(T, "c1", 1, 38.0)])
     assert await gens.drop_unused() == [FIRST_GENERATION]
     names = set(await db.list_collection_names())
-    assert trajectories_name(FIRST_GENERATION) not in names and trajectories_name(new) in names
+    assert clients_name(FIRST_GENERATION) not in names and clients_name(new) in names
     assert alerts_name(FIRST_GENERATION) not in names
 
 
@@ -130,3 +142,111 @@ async def test_an_abandoned_rebuild_frees_the_slot_and_leaves_the_live_generatio
     assert (state.active, state.building) == (FIRST_GENERATION, None)
     with pytest.raises(RebuildInProgress):
         await gens.switch(new)
+
+
+# ---------------------------------------------------------------------------------------------
+# The alert lifecycle: every arrival order of one alert's history gives the same document.
+
+
+def _alert_doc(doc: Document) -> Document:
+    out = {k: v for k, v in doc.items() if k not in ("_id",)}
+    out["status_at"] = {k: v.replace(microsecond=0) for k, v in (doc.get("status_at") or {}).items()}
+    return out
+
+
+async def test_every_arrival_order_of_an_alerts_history_gives_one_document(db: AsyncDatabase[Document]) -> None:
+    store = ReportingStore(db)
+    first = scored(T, "c1", 2, 30.0, previous_total=38.0)
+    raised = deterioration_for(first)
+    assert raised is not None
+    revised_alert = deterioration_for(revised(first, total=29.0))
+    assert revised_alert is not None and revised_alert.alert_id == raised.alert_id
+    history: list[Any] = [raised, acknowledgement(raised), revised_alert, lifecycle(revised_alert, "withdrawn")]
+    seen: list[Document] = []
+    for i, order in enumerate(itertools.permutations(history)):
+        gen = f"g{100 + i}"
+        for e in [*order, order[0]]:  # and a redelivery
+            if isinstance(e, AlertStatusChanged):
+                await store.apply_alert_status(gen, [e])
+            else:
+                await store.apply_deterioration(gen, [e])
+        docs = await store.alerts(gen).find({}).to_list()
+        assert len(docs) == 1
+        seen.append(_alert_doc(docs[0]))
+        view = rules.alert_view(docs[0])
+        assert (view["status"], view["revision"], view["acknowledged"], view["severity"]) == (
+            "withdrawn", 2, True, revised_alert.severity)
+    assert all(d == seen[0] for d in seen)
+
+
+async def test_a_revision_after_a_superseded_status_reopens_and_keeps_the_acknowledgement(
+        db: AsyncDatabase[Document]) -> None:
+    store = ReportingStore(db)
+    raised = deterioration_for(scored(T, "c1", 2, 30.0, previous_total=38.0))
+    assert raised is not None
+    again = raised.model_copy(update={"revision": 2, "event_id": "r2"})
+    await store.apply_deterioration("g1", [again])
+    await store.apply_alert_status("g1", [lifecycle(raised, "superseded", 1), acknowledgement(raised)])
+    await store.apply_deterioration("g1", [raised])
+    (doc,) = await store.alerts("g1").find({}).to_list()
+    assert rules.alert_status(doc) == ("acknowledged", 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Submission statuses
+
+
+def _submitted(sid: str, session: int, accepted: datetime, site: str = "north") -> SrsSubmitted:
+    return SrsSubmitted(event_id="e-" + sid, tenant_id=T, occurred_at=accepted, submission_id=sid, site_id=site,
+                        clinician_id="c-1", client_id="c1", session_number=session, administered_at=accepted,
+                        total=30.0, accepted_at=accepted)
+
+
+def _dead(sub: SrsSubmitted, reason: str, at: datetime) -> DeadLetter:
+    return DeadLetter(event_id="dl-" + sub.submission_id + reason, tenant_id=T, occurred_at=at, service="scoring",
+                      reason=reason, detail="why", source_topic="srs.submitted.v1", payload=sub.model_dump_json())
+
+
+async def test_submission_parts_converge_in_any_order_and_with_concurrent_writers(
+        db: AsyncDatabase[Document]) -> None:
+    s1 = scored(T, "c1", 1, 30.0, submission_id="s")
+    s2 = revised(s1, total=31.0)
+    by = revised(s2, submission_id="b", total=32.0)
+    late = _submitted("s", 1, (s1.accepted_at or s1.scored_at) + timedelta(days=1))
+    rejected = (T, _dead(late, "site_conflict", datetime(2026, 2, 1, tzinfo=UTC)), late)
+    results = []
+    for i, order in enumerate(itertools.permutations(["s1", "s2", "by", "rejected"])):
+        store = SubmissionStore(db)
+        store.col = db[f"subs_{i}"]
+        racing = SubmissionStore(db)
+        racing.col = store.col
+        for name in order:
+            if name == "rejected":
+                await store.apply_rejected([rejected])
+            else:
+                event = {"s1": s1, "s2": s2, "by": by}[name]
+                # two writers at once (a rebalance): the greater part must win whatever the interleaving
+                await asyncio.gather(store.apply_scored([event]), racing.apply_scored([s1]))
+        doc = await store.get(T, "s")
+        assert doc is not None
+        results.append((doc["scored"]["revision"], doc["superseded"]["by"], doc["rejected"]["reason"],
+                         rules.submission_status(doc)))
+    assert set(results) == {(2, "b", "site_conflict", "rejected")}
+
+
+async def test_rejections_page_oldest_first_per_tenant_and_site(db: AsyncDatabase[Document]) -> None:
+    store = SubmissionStore(db)
+    await store.ensure_indexes()
+    at = datetime(2026, 3, 1, tzinfo=UTC)
+    subs = [_submitted(f"r{i}", 40 + i, at, site="north" if i % 2 else "south") for i in range(5)]
+    await store.apply_rejected([(T, _dead(s, "session_gap", at + timedelta(minutes=i)), s)
+                                for i, s in reversed(list(enumerate(subs)))])
+    await store.apply_rejected([("other", _dead(subs[0], "invalid", at), subs[0])])
+    page = await store.rejections(T, None, "", 2)
+    assert [d["submission_id"] for d in page] == ["r0", "r1", "r2"]  # limit + 1
+    rest = await store.rejections(T, None, page[1]["rejected"]["sort"], 10)
+    assert [d["submission_id"] for d in rest] == ["r2", "r3", "r4"]
+    since = rules.rejection_sort_floor(at + timedelta(minutes=3))
+    assert [d["submission_id"] for d in await store.rejections(T, None, since, 10)] == ["r3", "r4"]
+    assert [d["submission_id"] for d in await store.rejections(T, "north", "", 10)] == ["r1", "r3"]
+    assert [d["submission_id"] for d in await store.rejections("other", None, "", 10)] == ["r0"]
