@@ -13,7 +13,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from shared import ids
-from shared.events import Instrument, Items, SrsSubmitted
+from shared.events import CLIENT_TRANSFER, RECORD_TYPE_HEADER, ClientTransfer, Instrument, Items, SrsSubmitted
 from shared.kafka import CORRELATION_HEADER
 
 BASE = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
@@ -22,16 +22,27 @@ BASE = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 def submission(tenant: str, client: str, session: int, total: float | None = None, *,
                items: Items | None = None, submission_id: str | None = None,
                instrument: Instrument = Instrument.SRS, episode_id: str | None = None,
-               accepted_at: datetime | None = None, site: str = "north", clinician: str = "c-1") -> SrsSubmitted:
-    """A submitted event as intake would publish it."""
+               accepted_at: datetime | None = None, site: str = "north", clinician: str = "c-1",
+               administered_at: datetime | None = None) -> SrsSubmitted:
+    """A submitted event as intake would publish it (administered weekly from BASE by default)."""
     sid = submission_id or f"{client}-s{session}"
     now = datetime.now(UTC)
     return SrsSubmitted(
         event_id=ids.submitted_event_id(tenant, sid), tenant_id=tenant, occurred_at=now,
         submission_id=sid, site_id=site, clinician_id=clinician, client_id=client, episode_id=episode_id,
-        instrument=instrument, session_number=session, administered_at=BASE + timedelta(days=7 * session),
+        instrument=instrument, session_number=session,
+        administered_at=administered_at or BASE + timedelta(days=7 * session),
         items=items, total=total, accepted_at=accepted_at or now,
     )
+
+
+def client_transfer(tenant: str, client: str, site: str, request_id: str = "r-1",
+                    accepted_at: datetime | None = None) -> ClientTransfer:
+    """A client transfer as intake publishes it (on the submitted topic, see `publish`)."""
+    now = datetime.now(UTC)
+    return ClientTransfer(event_id=ids.client_transfer_event_id(tenant, client, site, request_id), tenant_id=tenant,
+                          occurred_at=now, client_id=client, site_id=site, accepted_at=accepted_at or now,
+                          requested_by="admin")
 
 
 def series_total(client_index: int, session: int) -> float:
@@ -49,12 +60,16 @@ async def start_producer(bootstrap: str, **kwargs: Any) -> AIOKafkaProducer:
     return producer
 
 
-async def publish(producer: AIOKafkaProducer, topic: str, events: Sequence[SrsSubmitted],
+async def publish(producer: AIOKafkaProducer, topic: str, events: Sequence[SrsSubmitted | ClientTransfer],
                   correlation: str | None = None) -> None:
-    """Publish events keyed `tenant:client` and wait for every acknowledgement."""
+    """Publish events keyed `tenant:client` and wait for every acknowledgement. A transfer gets the
+    `record-type: client-transfer` header, as intake writes it."""
     futures = []
     for ev in events:
-        headers = [(CORRELATION_HEADER, (correlation or f"corr-{ev.submission_id}").encode())]
+        name = ev.submission_id if isinstance(ev, SrsSubmitted) else ev.event_id
+        headers = [(CORRELATION_HEADER, (correlation or f"corr-{name}").encode())]
+        if isinstance(ev, ClientTransfer):
+            headers.append((RECORD_TYPE_HEADER, CLIENT_TRANSFER.encode()))
         futures.append(await producer.send(topic, ev.model_dump_json().encode(),
                                            key=ids.partition_key(ev.tenant_id, ev.client_id), headers=headers))
     await asyncio.gather(*futures)

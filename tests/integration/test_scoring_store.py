@@ -11,83 +11,106 @@ from pathlib import Path
 
 from pymongo import AsyncMongoClient
 
-from services.scoring.history import History, Submission
 from services.scoring.rules import InstrumentOverride, TenantRules
-from services.scoring.store import RULES, STATES, RulesStore, StateStore, series_key
-from shared.events import Instrument, Items
+from services.scoring.series import ClientState, Transfer, Version
+from services.scoring.store import RULES, STATES, ClientKey, RulesStore, StateStore, client_key
 from shared.mongo import Document
 from tests.support.services import Namespace
 
 NOW = datetime(2026, 2, 3, 10, 11, 12, 345678, tzinfo=UTC)
-KEY = series_key("acme", "client-1", Instrument.SRS, None)
+KEY = client_key("acme", "client-1")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def history_with(*totals: float) -> History:
-    h = History()
+def version(sid: str, n: int, total: float | None, *, instrument: str = "SRS", episode: str | None = None,
+            items: tuple[float, float, float, float] | None = None, site: str = "north") -> Version:
+    return Version(sid, instrument, episode, n, NOW + timedelta(days=n), site, "c-1", items, total,
+                   NOW + timedelta(seconds=n, microseconds=n))
+
+
+def state_with(*totals: float, key: ClientKey = KEY) -> ClientState:
+    st = ClientState(key.tenant_id, key.client_id)
     for i, t in enumerate(totals, start=1):
-        h.apply(Submission(f"s{i}", i, Instrument.SRS, NOW + timedelta(seconds=i), None, t), TenantRules(),
-                NOW + timedelta(microseconds=i))
-    return h
+        st.submit(version(f"s{i}", i, t), TenantRules(), NOW + timedelta(microseconds=i))
+    return st
 
 
-async def test_unknown_series_load_as_empty_histories(namespace: Namespace, mongo: AsyncMongoClient[Document]) -> None:
+async def test_unknown_clients_load_as_empty_states(namespace: Namespace, mongo: AsyncMongoClient[Document]) -> None:
     loaded = await StateStore(mongo[namespace.database]).load([KEY])
-    assert loaded[KEY].entries == {} and loaded[KEY].version == 0
+    assert loaded[KEY].versions == {} and loaded[KEY].version == 0 and loaded[KEY].owner is None
 
 
-async def test_saved_series_load_back_with_identical_outcomes(namespace: Namespace,
-                                                              mongo: AsyncMongoClient[Document]) -> None:
+async def test_a_saved_record_loads_back_equal_and_re_emits_the_same_outputs(
+        namespace: Namespace, mongo: AsyncMongoClient[Document]) -> None:
     store = StateStore(mongo[namespace.database])
-    h = history_with(38.0, 34.5)
-    h.apply(Submission("kid", 1, Instrument.YCSRS, NOW, Items(relationship=1, goals=2, approach=3, overall=4)),
-            TenantRules(), NOW)
-    assert await store.save({KEY: h}) == set()
+    st = state_with(38.0, 34.5)
+    rules = TenantRules()
+    st.submit(version("kid", 1, None, instrument="YCSRS", items=(1, 2, 3, 4)), rules, NOW)
+    st.submit(version("s2", 2, 30.0), rules, NOW + timedelta(seconds=1))  # a correction: revision 2
+    st.submit(version("far", 99, 30.0), rules, NOW)  # refused: session_gap
+    st.submit(version("ep", 1, 37.0, episode="ep-1", items=(9.0, 9.5, 9.0, 9.5)), rules, NOW)
+    moved_at = NOW + timedelta(seconds=2, microseconds=3)
+    st.transfer(Transfer("tx-1", "south"), rules, moved_at)
+    assert await store.save({KEY: st}) == set()
     loaded = (await store.load([KEY]))[KEY]
-    assert loaded.outcomes == h.outcomes and loaded.entries == h.entries
-    assert loaded.version == 1 and loaded.outcomes["s2"].scored_at.microsecond == 345680  # not cut to milliseconds
+    assert loaded.version == 1 == st.version
+    assert loaded == st
+    assert loaded.current_outputs(rules) == st.current_outputs(rules)
+    assert loaded.published["SRS\x1fauto/2026-02-04/1\x1f1"].at == moved_at  # not cut to milliseconds
+
+
+async def test_submission_ids_with_dots_colons_and_dashes_are_stored(
+        namespace: Namespace, mongo: AsyncMongoClient[Document]) -> None:
+    store = StateStore(mongo[namespace.database])
+    st = ClientState(KEY.tenant_id, KEY.client_id)
+    for i, sid in enumerate(("north.2026-11-25.0001", "a:b", "x-1.fix"), start=1):
+        st.submit(version(sid, i, 37.0), TenantRules(), NOW)
+    assert await store.save({KEY: st}) == set()
+    loaded = (await store.load([KEY]))[KEY]
+    assert loaded.submission_revision == st.submission_revision and set(loaded.versions) == set(st.versions)
 
 
 async def test_a_write_based_on_a_stale_read_is_a_conflict_and_changes_nothing(
         namespace: Namespace, mongo: AsyncMongoClient[Document]) -> None:
     store = StateStore(mongo[namespace.database])
-    other = series_key("acme", "client-2", Instrument.SRS, "ep-1")
-    assert await store.save({KEY: history_with(38.0)}) == set()
+    other = client_key("acme", "client-2")
+    assert await store.save({KEY: state_with(38.0)}) == set()
     mine = (await store.load([KEY]))[KEY]
     theirs = (await store.load([KEY]))[KEY]
-    theirs.apply(Submission("theirs", 2, Instrument.SRS, NOW, None, 30.0), TenantRules(), NOW)
+    theirs.submit(version("theirs", 2, 30.0), TenantRules(), NOW)
     assert await store.save({KEY: theirs}) == set()
-    mine.apply(Submission("mine", 2, Instrument.SRS, NOW, None, 37.0), TenantRules(), NOW)
-    assert await store.save({KEY: mine, other: history_with(36.0)}) == {KEY}
+    mine.submit(version("mine", 2, 37.0), TenantRules(), NOW)
+    assert await store.save({KEY: mine, other: state_with(36.0, key=other)}) == {KEY}
     stored = await store.load([KEY, other])
-    assert set(stored[KEY].entries) == {"s1", "theirs"} and stored[KEY].version == 2
-    assert set(stored[other].entries) == {"s1"}  # the rest of the bulk write still applied
+    assert set(stored[KEY].versions) == {"s1", "theirs"} and stored[KEY].version == 2
+    assert set(stored[other].versions) == {"s1"}  # the rest of the bulk write still applied
 
 
-async def test_two_first_writes_of_one_series_conflict(namespace: Namespace, mongo: AsyncMongoClient[Document]) -> None:
+async def test_two_first_writes_of_one_client_conflict(namespace: Namespace,
+                                                       mongo: AsyncMongoClient[Document]) -> None:
     store = StateStore(mongo[namespace.database])
-    assert await store.save({KEY: history_with(38.0)}) == set()
-    assert await store.save({KEY: history_with(30.0)}) == {KEY}
+    assert await store.save({KEY: state_with(38.0)}) == set()
+    assert await store.save({KEY: state_with(30.0)}) == {KEY}
 
 
-async def test_one_find_loads_many_series(namespace: Namespace, mongo: AsyncMongoClient[Document]) -> None:
+async def test_one_find_loads_many_clients(namespace: Namespace, mongo: AsyncMongoClient[Document]) -> None:
     store = StateStore(mongo[namespace.database])
-    keys = [series_key("acme", f"c{i}", Instrument.SRS, None) for i in range(40)]
-    assert await store.save({k: history_with(37.0, 38.0) for k in keys}) == set()
+    keys = [client_key("acme", f"c{i}") for i in range(40)]
+    assert await store.save({k: state_with(37.0, 38.0, key=k) for k in keys}) == set()
     loaded = await store.load(keys)
-    assert all(len(loaded[k].entries) == 2 for k in keys)
+    assert all(len(loaded[k].versions) == 2 for k in keys)
     assert await mongo[namespace.database][STATES].count_documents({}) == 40
 
 
-async def test_a_clients_series_are_found_by_tenant_and_client(namespace: Namespace,
-                                                               mongo: AsyncMongoClient[Document]) -> None:
+async def test_a_clients_state_is_found_by_tenant_and_client(namespace: Namespace,
+                                                             mongo: AsyncMongoClient[Document]) -> None:
     store = StateStore(mongo[namespace.database])
-    mine = [series_key("acme", "c1", Instrument.SRS, None), series_key("acme", "c1", Instrument.CSRS, "ep-2")]
-    others = [series_key("acme", "c10", Instrument.SRS, None), series_key("acme", "c", Instrument.SRS, None),
-              series_key("beta", "c1", Instrument.SRS, None)]
-    assert await store.save({k: history_with(37.0) for k in mine + others}) == set()
-    found = await store.client_series("acme", "c1")
-    assert sorted(d["instrument"] for d in found) == ["CSRS", "SRS"]
+    keys = [client_key("acme", "c1"), client_key("acme", "c10"), client_key("acme", "c"), client_key("beta", "c1")]
+    assert await store.save({k: state_with(37.0, key=k) for k in keys}) == set()
+    found = await store.client_state("acme", "c1")
+    assert found is not None and (found["tenant_id"], found["client_id"]) == ("acme", "c1")
+    assert found["owner"] == "north" and [v["sid"] for v in found["subs"]] == ["s1"]
+    assert await store.client_state("acme", "nobody") is None
 
 
 async def test_rules_default_until_stored_and_are_cached_for_the_ttl(namespace: Namespace,
@@ -120,16 +143,18 @@ async def alliance(namespace: Namespace, *args: str) -> tuple[int, str, str]:
 async def test_set_rules_command_stores_rules_that_show_rules_prints(namespace: Namespace,
                                                                      mongo: AsyncMongoClient[Document]) -> None:
     code, out, err = await alliance(namespace, "tenants", "set-rules", "--tenant", "acme", "--cutoff", "34.5",
-                                    "--operator", "<=")
+                                    "--operator", "<=", "--session-gap", "8")
     assert code == 0, err
     code, out, err = await alliance(namespace, "tenants", "set-rules", "--tenant", "acme", "--instrument", "CSRS",
                                     "--cutoff", "31")
     assert code == 0, err
     stored = await RulesStore(mongo[namespace.database]).stored("acme")
-    assert stored == TenantRules(cutoff=34.5, operator="<=", instruments={"CSRS": InstrumentOverride(cutoff=31.0)})
+    assert stored == TenantRules(cutoff=34.5, operator="<=", session_gap=8,
+                                 instruments={"CSRS": InstrumentOverride(cutoff=31.0)})
     code, out, _ = await alliance(namespace, "tenants", "show-rules", "--tenant", "acme")
     shown = json.loads(out)
     assert code == 0 and shown["source"] == "stored" and shown["rules"]["instruments"] == {"CSRS": {"cutoff": 31.0}}
+    assert shown["rules"]["session_gap"] == 8
 
 
 async def test_set_rules_command_refuses_an_invalid_operator_and_stores_nothing(
