@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and print its figures."""
     p = argparse.ArgumentParser(prog="python -m services.reporting.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clients", type=int, default=20_000, help="trajectories loaded for the read test")
+    p.add_argument("--clients", type=int, default=20_000, help="client records loaded for the read test")
     p.add_argument("--reads", type=int, default=1_000, help="trajectory reads to time")
     p.add_argument("--rebuild-clients", type=int, default=2_000, help="clients in the replayed log")
     p.add_argument("--sessions", type=int, default=6, help="sessions per client in the replayed log")

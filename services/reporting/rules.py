@@ -304,20 +304,20 @@ def _put(entries: dict[str, Doc], entry: Doc) -> Outcome:
     if held["key"] > entry["key"]:
         return "stale"
     entries[sid] = entry
-    return "corrected" if held.get("kind") == SCORED and int(held["revision"]) < int(entry["revision"]) \
-        else "applied"
+    revised = held.get("kind") == SCORED and int(held["revision"]) < int(entry["revision"])
+    return "corrected" if revised else "applied"
 
 
 def merge(existing: Mapping[str, Any] | None, events: Sequence[SrsScored]) -> MergeResult:
     """Merge scored events of ONE record (same tenant, client and instrument) into its document.
 
     `existing` is the current document (None when new); `events` any batch, in any order, with
-    any duplicates. Returns the new document (`v` bumped; `updated_at` is left to the store) or
-    `doc=None` when nothing changed, and per event its outcome: `applied` (a new submission or
-    session), `corrected` (it replaced an older revision of its submission, or superseded
-    another submission), `duplicate`, `stale` (older than what the record holds). Folding any
-    permutation of a set of events, in any batches, gives the same document up to `v` (see
-    the module docs for why).
+    any duplicates (ValueError if one belongs to another record). Returns the new document (`v`
+    bumped; `updated_at` is left to the store) or `doc=None` when nothing changed, and per event
+    its outcome: `applied` (a new submission or session), `corrected` (it replaced an older
+    revision of its submission, or superseded another submission), `duplicate`, `stale` (older
+    than what the record holds). Folding any permutation of a set of events, in any batches,
+    gives the same document up to `v` (see the module docs for why).
     """
     if not events:
         return MergeResult(None)
@@ -332,6 +332,9 @@ def merge(existing: Mapping[str, Any] | None, events: Sequence[SrsScored]) -> Me
     result = MergeResult(None)
     changed = False
     for event in events:
+        if record_id(event.tenant_id, event.client_id, event.instrument) != identity["_id"]:
+            raise ValueError("merge takes the events of one record (tenant, client, instrument); "
+                             "see group_by_record")
         outcome = _put(entries, session_entry(event))
         if event.supersedes and event.supersedes != event.submission_id:
             if _put(entries, tombstone(event.supersedes, event.revision, event.submission_id)) in (
@@ -486,9 +489,12 @@ def session_view(s: Mapping[str, Any]) -> Doc:
 
 
 def episodes_view(doc: Mapping[str, Any]) -> list[Doc]:
-    """The record's episodes, most recent first."""
+    """The record's episodes, most recent first (from the entries: their times keep microseconds,
+    which the store's top-level dates do not)."""
     return [{**e, "first_administered_at": _iso(e["first_administered_at"]),
-             "last_administered_at": _iso(e["last_administered_at"])} for e in doc.get("episodes", [])]
+             "last_administered_at": _iso(e["last_administered_at"])}
+            for e in (episode_summary(ep, sessions)
+                      for ep, sessions in sessions_by_episode(doc.get("entries", {})).items())]
 
 
 def episode_of(doc: Mapping[str, Any], episode_id: str | None = None) -> tuple[str | None, list[Doc]]:
@@ -554,9 +560,9 @@ def caseload_entry(doc: Mapping[str, Any], alerts: Sequence[Mapping[str, Any]] =
         "below_cutoff": bool(doc.get("below_cutoff", False)),
         "declining": bool(doc.get("declining", False)),
         "latest_total": float(doc["latest_total"]),
-        "latest_session_number": int(doc["latest_session_number"]),
-        "latest_administered_at": _iso(doc["latest_administered_at"]),
-        "session_count": int(doc["session_count"]),
+        "latest_session_number": int(ordered[-1]["session_number"]),
+        "latest_administered_at": _iso(ordered[-1]["administered_at"]),
+        "session_count": len(ordered),
         "cutoff": float(doc["cutoff"]),
         "points": [{"session_number": int(s["session_number"]), "total": float(s["total"]),
                     "below_cutoff": below_cutoff(s)} for s in ordered],

@@ -439,3 +439,10 @@ def test_packed_entries_round_trip_with_aware_times() -> None:
     text = rules.pack_entries(doc["entries"])
     assert isinstance(text, str)
     assert rules.unpack_entries(text) == doc["entries"]
+
+
+def test_merge_refuses_events_of_another_record() -> None:
+    with pytest.raises(ValueError, match="one record"):
+        rules.merge(None, [scored(T, "c1", 1, 38.0), scored(T, "c2", 1, 38.0)])
+    with pytest.raises(ValueError, match="one record"):
+        rules.merge(None, [scored(T, "c1", 1, 38.0), scored(T, "c1", 1, 38.0, instrument=Instrument.CSRS)])
