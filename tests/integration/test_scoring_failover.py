@@ -2,8 +2,8 @@
 
 Every submission must be scored exactly once in effect: each scored event id and alert id is
 published with one content only (a redelivery republishes the same bytes), every submission has
-its scored event, and the alerts are exactly the ones the rules call for - none missing, none
-twice with different content.
+its scored event (revision 1: nothing is corrected here, so nothing is ever re-scored), and the
+alerts are exactly the ones the rules call for - none missing, none twice with different content.
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import defaultdict
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.scoring.loadgen import TopicReader, publish, series_total, start_producer, submission
+from services.scoring.loadgen import BASE, TopicReader, publish, series_total, start_producer, submission
 from services.scoring.rules import TenantRules, score
 from shared import ids
 from shared.stack import free_port
@@ -27,16 +28,22 @@ TENANT = "acme"
 CLIENTS = 400
 SESSIONS = 5
 KILL_AFTER = 2 * CLIENTS + 1  # the first records of the burst of session 3: batches are in flight
+EPISODE = f"auto/{(BASE + timedelta(days=7)).date().isoformat()}/1"  # derived: session 1 is on BASE + 7 days
 
 
-def expected_alerts() -> set[str]:
+def expected_alert_sessions() -> set[tuple[int, int]]:
+    """(client, session) of every session that alerts when it is scored (each is the latest then)."""
     out = set()
     for c in range(CLIENTS):
         for s in range(1, SESSIONS + 1):
             prev = series_total(c, s - 1) if s > 1 else None
             if score(series_total(c, s), None, prev, True, TenantRules()).alert is not None:
-                out.add(ids.alert_id(TENANT, f"client-{c}-s{s}"))
+                out.add((c, s))
     return out
+
+
+def expected_alerts() -> set[str]:
+    return {ids.alert_id(TENANT, f"client-{c}", "SRS", EPISODE, s) for c, s in expected_alert_sessions()}
 
 
 async def _reemitted(proc: ServiceProcess) -> float:
@@ -62,6 +69,7 @@ async def test_one_of_two_processes_killed_mid_stream_every_submission_scored_on
     b = ServiceProcess("scoring", free_port(), namespace.env(), tmp_path / "scoring-b.log")
     scored = await TopicReader(namespace.stack.bootstrap, topics.scored).start()
     alerts = await TopicReader(namespace.stack.bootstrap, topics.deterioration).start()
+    statuses = await TopicReader(namespace.stack.bootstrap, topics.alert_status).start()
     producer = await start_producer(namespace.stack.bootstrap)
     try:
         a.start()
@@ -100,11 +108,21 @@ async def test_one_of_two_processes_killed_mid_stream_every_submission_scored_on
             return set(by_event_id(alerts.values())) >= want_alerts
 
         await eventually(all_alerts, timeout=30)
+        # every alert but those of the last session is superseded by the next session
+        want_statuses = {ids.alert_status_event_id(TENANT, ids.alert_id(TENANT, f"client-{c}", "SRS", EPISODE, s),
+                                                   "superseded", 1)
+                         for c, s in expected_alert_sessions() if s < SESSIONS}
+
+        async def all_statuses() -> bool:
+            return set(by_event_id(statuses.values())) >= want_statuses
+
+        await eventually(all_statuses, timeout=30)
         reemitted = sum([await _reemitted(p) for p in (a, b)])
     finally:
         await producer.stop()
         await scored.stop()
         await alerts.stop()
+        await statuses.stop()
         a.stop()
         b.stop()
 
@@ -119,3 +137,6 @@ async def test_one_of_two_processes_killed_mid_stream_every_submission_scored_on
     assert [k for k, v in scored_ids.items() if len(v) > 1] == [], "a submission was scored twice, differently"
     assert set(alert_ids) == want_alerts
     assert [k for k, v in alert_ids.items() if len(v) > 1] == [], "an alert was raised twice, differently"
+    status_ids = by_event_id(statuses.values())
+    assert set(status_ids) == want_statuses
+    assert [k for k, v in status_ids.items() if len(v) > 1] == [], "an alert was ended twice, differently"

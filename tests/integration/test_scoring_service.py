@@ -1,5 +1,6 @@
-"""The scoring service as a process on the real local broker and store: submitted events go
-straight to its input topic; scored events, alerts and dead letters are read from its outputs.
+"""The scoring service as a process on the real local broker and store: submitted events and
+client transfers go straight to its input topic; scored events, alerts, alert statuses and dead
+letters are read from its outputs.
 
 One process serves the whole module (a start costs a group join); each test uses its own tenant.
 """
@@ -19,11 +20,11 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient
 
-from services.scoring.loadgen import TopicReader, publish, start_producer, submission
+from services.scoring.loadgen import BASE, TopicReader, client_transfer, publish, start_producer, submission
 from services.scoring.rules import TenantRules
-from services.scoring.store import STATES, RulesStore
+from services.scoring.store import RulesStore, StateStore
 from shared import ids
-from shared.events import AllianceDeterioration, DeadLetter, Instrument, Items, SrsScored
+from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, Instrument, Items, SrsScored
 from shared.mongo import Document
 from tests.support.services import Namespace, ServiceProcess, running
 from tests.support.wait import eventually
@@ -38,8 +39,13 @@ class Scoring:
     producer: AIOKafkaProducer
     scored: TopicReader
     alerts: TopicReader
+    statuses: TopicReader
     dead: TopicReader
     mongo: AsyncMongoClient[Document]
+
+    @property
+    def submitted(self) -> str:
+        return self.ns.kafka().topics().submitted
 
     def scored_of(self, tenant: str) -> list[SrsScored]:
         return [s for s in (SrsScored.model_validate_json(v) for v in self.scored.values()) if s.tenant_id == tenant]
@@ -47,6 +53,13 @@ class Scoring:
     def alerts_of(self, tenant: str) -> list[AllianceDeterioration]:
         return [a for a in (AllianceDeterioration.model_validate_json(v) for v in self.alerts.values())
                 if a.tenant_id == tenant]
+
+    def statuses_of(self, tenant: str) -> list[AlertStatusChanged]:
+        return [a for a in (AlertStatusChanged.model_validate_json(v) for v in self.statuses.values())
+                if a.tenant_id == tenant]
+
+    def letters_of(self, tenant: str) -> list[DeadLetter]:
+        return [d for d in (DeadLetter.model_validate_json(v) for v in self.dead.values()) if d.tenant_id == tenant]
 
     def raw_of(self, reader: TopicReader, tenant: str) -> list[bytes]:
         return [v for v in reader.values() if json.loads(v)["tenant_id"] == tenant]
@@ -64,10 +77,10 @@ async def scoring(namespace_m: Namespace, scoring_process: ServiceProcess) -> As
     topics = ns.kafka().topics()
     producer = await start_producer(ns.stack.bootstrap)
     readers = [await TopicReader(ns.stack.bootstrap, t).start()
-               for t in (topics.scored, topics.deterioration, topics.deadletter)]
+               for t in (topics.scored, topics.deterioration, topics.alert_status, topics.deadletter)]
     mongo: AsyncMongoClient[Document] = AsyncMongoClient(ns.stack.mongo_url, tz_aware=True)
     try:
-        yield Scoring(ns, scoring_process, producer, readers[0], readers[1], readers[2], mongo)
+        yield Scoring(ns, scoring_process, producer, readers[0], readers[1], readers[2], readers[3], mongo)
     finally:
         for r in readers:
             await r.stop()
@@ -77,6 +90,16 @@ async def scoring(namespace_m: Namespace, scoring_process: ServiceProcess) -> As
 
 def at(seconds: int) -> datetime:
     return T0 + timedelta(seconds=seconds)
+
+
+def episode_of(first_session: int) -> str:
+    """The derived episode of a series whose first session is `first_session` (loadgen administers
+    session n on BASE + 7n days)."""
+    return f"auto/{(BASE + timedelta(days=7 * first_session)).date().isoformat()}/{first_session}"
+
+
+def alert_id(tenant: str, client: str, session: int, episode: str | None = None) -> str:
+    return ids.alert_id(tenant, client, "SRS", episode or episode_of(1), session)
 
 
 async def test_sessions_are_scored_in_order_and_each_low_latest_session_alerts(scoring: Scoring) -> None:
@@ -95,13 +118,17 @@ async def test_sessions_are_scored_in_order_and_each_low_latest_session_alerts(s
         (3, 33.0, 36.5, -3.5, ["below_cutoff", "drop_from_previous"], True),
         (4, 35.0, 33.0, 2.0, ["below_cutoff"], True),
     ]
+    assert {(s.episode_id, s.episode_derived, s.revision) for s in scored} == {(episode_of(1), True, 1)}
     alerts = await at_least(lambda: scoring.alerts_of(t), 3)
-    assert [(a.session_number, a.triggers, a.severity) for a in alerts] == [
-        (2, ["drop_from_previous"], "warning"),
-        (3, ["below_cutoff", "drop_from_previous"], "critical"),
-        (4, ["below_cutoff"], "warning"),
+    assert [(a.session_number, a.triggers, a.severity, a.revision) for a in alerts] == [
+        (2, ["drop_from_previous"], "warning", 1),
+        (3, ["below_cutoff", "drop_from_previous"], "critical", 1),
+        (4, ["below_cutoff"], "warning", 1),
     ]
-    assert alerts[0].alert_id == ids.alert_id(t, "c-s2") and scored[0].event_id == ids.scored_event_id(t, "c-s1")
+    assert alerts[0].alert_id == alert_id(t, "c", 2) and scored[0].event_id == ids.scored_event_id(t, "c-s1")
+    statuses = await at_least(lambda: scoring.statuses_of(t), 2)
+    assert [(s.alert_id, s.status, s.revision) for s in statuses] == [
+        (alert_id(t, "c", 2), "superseded", 1), (alert_id(t, "c", 3), "superseded", 1)]
 
 
 async def test_a_late_older_session_is_scored_not_latest_and_raises_no_alert(scoring: Scoring) -> None:
@@ -112,9 +139,12 @@ async def test_a_late_older_session_is_scored_not_latest_and_raises_no_alert(sco
         submission(t, "c", 2, 30.0, accepted_at=at(3)),  # backfilled
         submission(t, "c", 4, 37.5, accepted_at=at(4)),  # flushes the partition past the late one
     ])
-    scored = await at_least(lambda: scoring.scored_of(t), 4)
+    scored = await at_least(lambda: scoring.scored_of(t), 5)
     late = next(s for s in scored if s.session_number == 2)
     assert late.latest is False and late.flags == ["below_cutoff", "drop_from_previous"]
+    third = [(s.revision, s.previous_total) for s in scored if s.session_number == 3]
+    assert third == [(1, 38.0), (2, 30.0)]  # recomputed against the backfilled session
+    assert next(s for s in scored if s.session_number == 4).previous_total == 38.0
     assert scoring.alerts_of(t) == []
 
 
@@ -126,10 +156,10 @@ async def test_a_correction_supersedes_its_session_and_the_next_session_compares
         submission(t, "c", 2, 34.0, accepted_at=at(3)),
     ])
     scored = await at_least(lambda: scoring.scored_of(t), 3)
-    assert [(s.submission_id, s.latest, s.previous_total) for s in scored] == [
-        ("c-s1", True, None), ("c-s1-fix", True, None), ("c-s2", True, 34.0)]
+    assert [(s.submission_id, s.latest, s.previous_total, s.revision, s.supersedes) for s in scored] == [
+        ("c-s1", True, None, 1, None), ("c-s1-fix", True, None, 2, "c-s1"), ("c-s2", True, 34.0, 1, None)]
     alerts = await at_least(lambda: scoring.alerts_of(t), 2)
-    assert [(a.submission_id, a.severity) for a in alerts] == [("c-s1-fix", "warning"), ("c-s2", "critical")]
+    assert [(a.submission_id, a.severity) for a in alerts] == [("c-s1-fix", "warning"), ("c-s2", "warning")]
 
 
 async def test_redelivered_and_duplicated_submissions_republish_identical_events_and_no_second_alert(
@@ -191,8 +221,117 @@ async def test_ycsrs_is_kept_for_audit_and_publishes_nothing(scoring: Scoring) -
     await publish(scoring.producer, scoring.ns.kafka().topics().submitted, [young, submission(t, "c", 1, 30.0)])
     scored = await at_least(lambda: scoring.scored_of(t), 1)
     assert [s.instrument for s in scored] == [Instrument.SRS]
-    doc = await scoring.mongo[scoring.ns.database][STATES].find_one({"tenant_id": t, "instrument": "YCSRS"})
-    assert doc is not None and [s["sid"] for s in doc["subs"]] == ["c-young-1"] and doc["subs"][0]["o"]["s"] is False
+    doc = await StateStore(scoring.mongo[scoring.ns.database]).client_state(t, "c")
+    assert doc is not None and sorted((s["sid"], s["i"]) for s in doc["subs"]) == [
+        ("c-s1", "SRS"), ("c-young-1", "YCSRS")]
+    assert all(json.loads(v)["submission_id"] != "c-young-1" for v in scoring.raw_of(scoring.alerts, t))
+
+
+async def test_a_correction_under_the_same_id_is_revision_2_with_items_and_total_that_agree(
+        scoring: Scoring) -> None:
+    t = "t-same-id"
+    await publish(scoring.producer, scoring.submitted, [
+        submission(t, "c", 1, items=Items(relationship=9.0, goals=9.0, approach=9.0, overall=9.0), accepted_at=at(1)),
+        submission(t, "c", 2, 37.0, accepted_at=at(2)),
+    ])
+    await at_least(lambda: scoring.scored_of(t), 2)
+    await publish(scoring.producer, scoring.submitted, [
+        submission(t, "c", 1, items=Items(relationship=10.0, goals=9.5, approach=9.0, overall=9.5), accepted_at=at(3))])
+    scored = await at_least(lambda: scoring.scored_of(t), 4)
+    fixed = next(s for s in scored if s.submission_id == "c-s1" and s.revision == 2)
+    assert fixed.items is not None and sum(fixed.items.values()) == fixed.total == 38.0
+    assert fixed.event_id == ids.scored_event_id(t, "c-s1", 2) and fixed.supersedes is None
+    after = next(s for s in scored if s.submission_id == "c-s2" and s.revision == 2)
+    assert (after.previous_total, after.change_from_previous, after.flags) == (38.0, -1.0, ["drop_from_previous"])
+    (alert,) = await at_least(lambda: scoring.alerts_of(t), 1)
+    assert (alert.session_number, alert.revision, alert.severity) == (2, 1, "warning")
+
+
+async def test_a_correction_clearing_the_triggers_withdraws_the_alert(scoring: Scoring) -> None:
+    t = "t-withdraw"
+    await publish(scoring.producer, scoring.submitted, [
+        submission(t, "c", 1, 38.0, accepted_at=at(1)), submission(t, "c", 2, 30.0, accepted_at=at(2))])
+    (alert,) = await at_least(lambda: scoring.alerts_of(t), 1)
+    await publish(scoring.producer, scoring.submitted, [submission(t, "c", 2, 38.0, accepted_at=at(3))])
+    (status,) = await at_least(lambda: scoring.statuses_of(t), 1)
+    assert (status.alert_id, status.status, status.revision) == (alert.alert_id, "withdrawn", 1)
+    assert (status.client_id, status.session_number, status.episode_id, status.site_id) == (
+        "c", 2, episode_of(1), "north")
+    assert status.event_id == ids.alert_status_event_id(t, alert.alert_id, "withdrawn", 1)
+    fixed = await at_least(lambda: [s for s in scoring.scored_of(t) if s.revision == 2], 1)
+    assert fixed[0].flags == [] and fixed[0].triggers == [] and scoring.alerts_of(t) == [alert]
+
+
+async def test_a_new_episode_without_episode_id_keeps_the_old_one_and_a_drop_in_it_alerts(scoring: Scoring) -> None:
+    t = "t-episodes"
+    sept, nov = datetime(2026, 9, 1, 9, tzinfo=UTC), datetime(2026, 11, 1, 9, tzinfo=UTC)
+    await publish(scoring.producer, scoring.submitted, [
+        *(submission(t, "c", n, 38.0, submission_id=f"sep-{n}", administered_at=sept + timedelta(days=n - 1),
+                     accepted_at=at(n)) for n in (1, 2, 3)),
+        *(submission(t, "c", n, total, submission_id=f"nov-{n}", administered_at=nov + timedelta(days=n - 1),
+                     accepted_at=at(10 + n)) for n, total in ((1, 38.0), (2, 30.0))),
+    ])
+    scored = await at_least(lambda: scoring.scored_of(t), 5)
+    assert [(s.submission_id, s.episode_id, s.revision) for s in scored] == [
+        ("sep-1", "auto/2026-09-01/1", 1), ("sep-2", "auto/2026-09-01/1", 1), ("sep-3", "auto/2026-09-01/1", 1),
+        ("nov-1", "auto/2026-11-01/1", 1), ("nov-2", "auto/2026-11-01/1", 1)]
+    (alert,) = await at_least(lambda: scoring.alerts_of(t), 1)
+    assert (alert.submission_id, alert.episode_id, alert.severity, alert.previous_total) == (
+        "nov-2", "auto/2026-11-01/1", "critical", 38.0)
+    assert alert.alert_id == ids.alert_id(t, "c", "SRS", "auto/2026-11-01/1", 2)
+
+
+async def test_a_session_number_typo_is_dead_lettered_as_session_gap_and_the_client_still_alerts(
+        scoring: Scoring) -> None:
+    t = "t-gap"
+    typo = submission(t, "c", 100000, 30.0, submission_id="c-typo", administered_at=BASE + timedelta(days=28),
+                      accepted_at=at(4))
+    await publish(scoring.producer, scoring.submitted, [
+        *(submission(t, "c", n, 38.0, accepted_at=at(n)) for n in (1, 2, 3)), typo,
+        submission(t, "c", 4, 12.0, accepted_at=at(5))])
+    (letter,) = await at_least(lambda: scoring.letters_of(t), 1)
+    assert (letter.reason, letter.service, letter.key) == ("session_gap", "scoring", f"{t}:c")
+    assert "100000" in letter.detail and json.loads(letter.payload)["submission_id"] == "c-typo"
+    (alert,) = await at_least(lambda: scoring.alerts_of(t), 1)
+    assert (alert.session_number, alert.previous_total, alert.severity) == (4, 38.0, "critical")
+    assert all(s.submission_id != "c-typo" for s in scoring.scored_of(t))
+
+
+async def test_a_submission_of_another_site_is_dead_lettered_as_site_conflict(scoring: Scoring) -> None:
+    t = "t-site"
+    await publish(scoring.producer, scoring.submitted, [
+        submission(t, "c", 1, 38.0, accepted_at=at(1)),
+        submission(t, "c", 2, 20.0, site="south", accepted_at=at(2)),
+        submission(t, "c", 3, 37.5, accepted_at=at(3))])
+    (letter,) = await at_least(lambda: scoring.letters_of(t), 1)
+    assert letter.reason == "site_conflict" and "north" in letter.detail
+    scored = await at_least(lambda: scoring.scored_of(t), 2)
+    assert [(s.submission_id, s.site_id, s.previous_total) for s in scored] == [
+        ("c-s1", "north", None), ("c-s3", "north", 38.0)]
+    assert scoring.alerts_of(t) == []
+
+
+async def test_a_transfer_moves_the_client_and_its_sessions_to_the_new_site(scoring: Scoring) -> None:
+    t = "t-transfer"
+    await publish(scoring.producer, scoring.submitted, [
+        submission(t, "c", 1, 38.0, accepted_at=at(1)), submission(t, "c", 2, 37.5, accepted_at=at(2))])
+    await at_least(lambda: scoring.scored_of(t), 2)
+    move = client_transfer(t, "c", "south", accepted_at=at(3))
+    await publish(scoring.producer, scoring.submitted, [
+        move, submission(t, "c", 3, 37.0, site="south", accepted_at=at(4)),
+        submission(t, "c", 4, 37.0, site="north", accepted_at=at(5))])
+    (letter,) = await at_least(lambda: scoring.letters_of(t), 1)
+    assert letter.reason == "site_conflict" and json.loads(letter.payload)["submission_id"] == "c-s4"
+    scored = await at_least(lambda: scoring.scored_of(t), 5)
+    assert [(s.submission_id, s.site_id, s.site_version, s.revision) for s in scored] == [
+        ("c-s1", "north", 0, 1), ("c-s2", "north", 0, 1),
+        ("c-s1", "south", 1, 2), ("c-s2", "south", 1, 2), ("c-s3", "south", 1, 1)]
+    await publish(scoring.producer, scoring.submitted, [move, submission(t, "c", 5, 37.0, site="south",
+                                                                         accepted_at=at(6))])  # redelivered
+    after = await at_least(lambda: [s for s in scoring.scored_of(t) if s.session_number == 5], 1)
+    assert after[0].site_version == 1
+    events = scoring.raw_of(scoring.scored, t)
+    assert len({json.loads(v)["event_id"] for v in events}) == len(set(events)) == 6  # the redelivery: same bytes
 
 
 async def test_metrics_count_scored_sessions_alerts_and_latency(scoring: Scoring) -> None:
