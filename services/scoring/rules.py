@@ -32,9 +32,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-from shared.events import ITEM_NAMES, SCORED_INSTRUMENTS, Instrument, Items, Severity
+from shared.events import ITEM_NAMES, SCORED_INSTRUMENTS, Instrument, Severity
 
 Operator = Literal["<", "<="]
 OPERATORS: tuple[Operator, ...] = ("<", "<=")
@@ -49,6 +49,12 @@ DEFAULT_TRIGGERS: frozenset[str] = frozenset({BELOW_CUTOFF, DROP_FROM_PREVIOUS, 
 
 MAX_ITEM = 10.0
 MAX_TOTAL = 40.0
+
+
+class ItemRatings(Protocol):
+    """The four item ratings in form order: `shared.events.Items`, or any lighter holder of them."""
+
+    def values(self) -> tuple[float, float, float, float]: ...
 
 
 class Unscorable(ValueError):
@@ -174,7 +180,7 @@ def check_rules(rules: TenantRules) -> None:
 # --- the rules ---------------------------------------------------------------------------------
 
 
-def total_of(items: Items | None, total: float | None) -> float:
+def total_of(items: ItemRatings | None, total: float | None) -> float:
     """The session total: the sum of the items when given, else the given total; one decimal."""
     if items is not None:
         values = items.values()
@@ -214,12 +220,12 @@ def low_not_improving(total: float, previous_total: float | None, cutoff: float,
             and change is not None and change <= 0.0)
 
 
-def item_below_threshold(items: Items | None, threshold: float = 9.0) -> bool:
+def item_below_threshold(items: ItemRatings | None, threshold: float = 9.0) -> bool:
     """Any item under the threshold; false for total-only entries (no items to look at)."""
     return items is not None and any(r1(v) < r1(threshold) for v in items.values())
 
 
-def low_items(items: Items | None, threshold: float = 9.0) -> tuple[str, ...]:
+def low_items(items: ItemRatings | None, threshold: float = 9.0) -> tuple[str, ...]:
     """The items under the threshold, in form order (what the clinician should ask about)."""
     if items is None:
         return ()
@@ -273,7 +279,7 @@ class Scoring:
     low_items: tuple[str, ...] = ()
 
 
-def score(total: float, items: Items | None, previous_total: float | None, latest: bool,
+def score(total: float, items: ItemRatings | None, previous_total: float | None, latest: bool,
           rules: TenantRules, previous_low_not_improving: bool = False) -> Scoring:
     """Apply every rule to one session. `rules` must already be resolved for the instrument;
     `previous_low_not_improving` is whether `low_not_improving` held in the previous session."""

@@ -38,7 +38,8 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Literal
+from functools import cached_property
+from typing import Literal, NamedTuple
 
 from services.scoring import rules as R
 from shared import ids
@@ -87,10 +88,15 @@ class Version:
         return (self.instrument, "d", _utc(self.administered_at).date().isoformat(), str(self.session_number))
 
     def items_model(self) -> Items | None:
+        """The items as the event model carries them (built only when an event is)."""
         if self.items is None:
             return None
         r, g, a, o = self.items
         return Items(relationship=r, goals=g, approach=a, overall=o)
+
+    def ratings(self) -> Ratings | None:
+        """The items for the rules: a plain tuple, cheap enough to build on every derivation."""
+        return None if self.items is None else Ratings(*self.items)
 
 
 def content_digest(v: Version) -> str:
@@ -98,6 +104,18 @@ def content_digest(v: Version) -> str:
     doc = [v.instrument, v.episode_id, v.session_number, _utc(v.administered_at).isoformat(), v.site_id,
            v.clinician_id, list(v.items) if v.items is not None else None, v.total]
     return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()[:20]
+
+
+class Ratings(NamedTuple):
+    """The four items in form order, as the rules read them (`rules.ItemRatings`)."""
+
+    relationship: float
+    goals: float
+    approach: float
+    overall: float
+
+    def values(self) -> tuple[float, float, float, float]:
+        return (self.relationship, self.goals, self.approach, self.overall)
 
 
 @dataclass(frozen=True)
@@ -145,6 +163,7 @@ class SessionView:
     def slot(self) -> str:
         return slot_key(self.version.instrument, self.episode_id, self.version.session_number)
 
+    @cached_property
     def digest(self) -> str:
         """Everything a scored event shows except `latest` (a point-in-time fact: a new session
         would otherwise re-publish its predecessor) and the revision bookkeeping."""
@@ -165,6 +184,7 @@ class AlertView:
     severity: Severity
     site_id: str  # the site the alert was first raised for (a transfer does not move an alert)
 
+    @cached_property
     def digest(self) -> str:
         s, v = self.session, self.session.version
         doc = [v.submission_id, v.digest, list(self.triggers), self.severity, s.total, s.previous_total,
@@ -257,8 +277,9 @@ def derive(versions: Iterable[Version], owner: str | None, site_version: int, ru
             prev_lni = False
             for i, v in enumerate(members):
                 latest = is_current and i == len(members) - 1
-                total = R.total_of(v.items_model(), v.total)
-                s = R.score(total, v.items_model(), prev_total, latest, resolved, prev_lni)
+                ratings = v.ratings()
+                total = R.total_of(ratings, v.total)
+                s = R.score(total, ratings, prev_total, latest, resolved, prev_lni)
                 view = SessionView(v, eid, derived, owner or v.site_id, site_version, s.total, s.cutoff,
                                    resolved.operator, s.previous_total, s.change_from_previous, s.flags,
                                    s.triggers, s.severity, s.low_items, latest)
@@ -389,7 +410,7 @@ class ClientState:
         same_rejection = (rejected if rejected is not None and rejected.accepted_at == v.accepted_at
                           and rejected.digest == v.digest else None)
         if known is not None and known.accepted_at == v.accepted_at and known.digest == v.digest:
-            return Step(redelivered=True, rejection=same_rejection)
+            return self._redelivered(rules, now, same_rejection)
         if same_rejection is not None:
             return Step(rejection=same_rejection)
         if known is not None and (known.order() >= v.order() or known.digest == v.digest):
@@ -417,7 +438,7 @@ class ClientState:
     def transfer(self, t: Transfer, rules: R.TenantRules, now: datetime) -> Step:
         """Move the client to another site; every current session is re-published with it."""
         if t.event_id in self.transfers:
-            return Step(redelivered=True)
+            return self._redelivered(rules, now)
         self.transfers = [*self.transfers, t.event_id][-MAX_TRANSFER_IDS:]
         if self.owner == t.site_id:
             return Step(changed=True)
@@ -425,12 +446,21 @@ class ClientState:
         self.site_version += 1
         return Step(outputs=self._publish(self.view(rules), now), changed=True)
 
+    def _redelivered(self, rules: R.TenantRules, now: datetime, rejection: Rejection | None = None) -> Step:
+        """A record seen before changes nothing - unless the tenant's rules changed since it was
+        applied: then the record is published anew under them (as any new record would do). The
+        first attempt's events may never have reached the broker, and `current_outputs` can only
+        re-emit what still matches what was decided, so without this they would be lost until the
+        client's next record."""
+        outputs = self._publish(self.view(rules), now)
+        return Step(outputs=outputs, rejection=rejection, redelivered=True, changed=bool(outputs))
+
     def _refusal(self, v: Version, rules: R.TenantRules) -> tuple[RejectReason, str] | None:
         if self.owner is not None and v.site_id != self.owner:
             return "site_conflict", (f"client belongs to site '{self.owner}', not '{v.site_id}'; an admin can "
                                      "transfer it (POST /v1/clients/{client_id}/transfer)")
         try:
-            R.total_of(v.items_model(), v.total)
+            R.total_of(v.ratings(), v.total)
         except R.Unscorable as exc:
             return "unscorable", str(exc)
         others = [o for sid, o in self.versions.items() if sid != v.submission_id]
@@ -440,6 +470,8 @@ class ClientState:
             if same.digest == v.digest:
                 return "duplicate", f"identical to submission '{same.submission_id}', which is already recorded"
             return None  # a correction of an existing session: never a gap
+        if v.session_number <= rules.session_gap + 1:
+            return None  # every episode's highest number is at least 1: no gap is possible
         tentative = dict(by_key)
         tentative[v.session_key()] = v
         for eid, _derived, members in episodes_of(tentative.values()).get(v.instrument, []):
@@ -467,7 +499,7 @@ class ClientState:
             sv = view.sessions[slot]
             sid = sv.version.submission_id
             p = self.published.get(slot)
-            if p is not None and not p.vacant and p.submission_id == sid and p.digest == sv.digest():
+            if p is not None and not p.vacant and p.submission_id == sid and p.digest == sv.digest:
                 continue
             sup = p.submission_id if (p is not None and not p.vacant and p.submission_id != sid
                                       and p.submission_id not in view.current) else None
@@ -498,7 +530,7 @@ class ClientState:
         p = self.published.get(slot)
         rev = 1 + max(p.revision if p is not None else 0, self.submission_revision.get(sid, 0),
                       self.submission_revision.get(supersedes, 0) if supersedes is not None else 0)
-        self.published[slot] = Published(rev, sid, sv.digest(), now, supersedes, sv.latest)
+        self.published[slot] = Published(rev, sid, sv.digest, now, supersedes, sv.latest)
         self.submission_revision[sid] = rev
         if supersedes is not None:
             self.submission_revision[supersedes] = rev
@@ -509,7 +541,7 @@ class ClientState:
         for aid in sorted(view.alerts):
             av = view.alerts[aid]
             rec = self.alerts.get(aid)
-            digest = av.digest()
+            digest = av.digest
             if rec is not None and rec.state == "raised" and rec.digest == digest:
                 continue
             rev = rec.revision + 1 if rec is not None else 1
@@ -535,13 +567,13 @@ class ClientState:
         out: list[Output] = []
         for slot, p in sorted(self.published.items()):
             sv = view.sessions.get(slot)
-            if p.vacant or sv is None or sv.digest() != p.digest:
+            if p.vacant or sv is None or sv.digest != p.digest:
                 continue  # cannot happen after a completed step; never publish what was not decided
             out.append(ScoredOut(sv, p.revision, p.supersedes, p.at, p.latest))
         for aid, rec in sorted(self.alerts.items()):
             if rec.state == "raised":
                 av = view.alerts.get(aid)
-                if av is not None and av.digest() == rec.digest:
+                if av is not None and av.digest == rec.digest:
                     out.append(AlertOut(av, rec.revision, rec.at))
             else:
                 out.append(StatusOut(aid, rec, rec.state))
