@@ -97,13 +97,15 @@ async def test_every_endpoint_refuses_other_tenants_other_sites_and_missing_keys
 
             await eventually(visible, timeout=90)
             ids = {"client_id": "client-4242", "clinician_id": "clin-a7", "site_id": "north", "alert_id": alert_id,
-                   "subscription_id": sub.json()["id"], "delivery_id": delivery_id}
+                   "subscription_id": sub.json()["id"], "delivery_id": delivery_id,
+                   "submission_id": falling["submission_id"]}
             # tenant B may create its own client-4242 here (its submit key posts one), so the markers
             # are ids only tenant A's data can hold
-            markers = [alert_id, sub.json()["id"], delivery_id, "tenant-a"]
+            markers = [alert_id, sub.json()["id"], delivery_id, "tenant-a", falling["submission_id"]]
             bodies: dict[str, Any] = {
                 "/v1/submissions": submission(4242, 3), "/v1/submissions/batch": {"submissions": [submission(4242, 3)]},
                 "/v1/clinicians/{clinician_id}": {"site_id": "north", "email": "b@clinic.example"},
+                "/v1/clients/{client_id}/transfer": {"site_id": "south"},
             }
 
             leaks, failures = [], []
@@ -123,7 +125,8 @@ async def test_every_endpoint_refuses_other_tenants_other_sites_and_missing_keys
                         failures.append(f"{method} {path} as {who}: {r.status_code}")
                     elif r.status_code < 300 and any(m in r.text for m in markers):
                         leaks.append(f"{method} {path} as {who}: {r.status_code} {r.text[:300]}")
-                    elif path == "/v1/submissions" and who == "tenant-a:submit@south" and r.status_code != 403:
+                    elif (svc, method, path) == ("intake", "POST", "/v1/submissions") and \
+                            who == "tenant-a:submit@south" and r.status_code != 403:
                         failures.append(f"a south key submitted for north: {r.status_code}")
 
             # Tenant A's things are intact after tenant B's writes and deletes.
