@@ -17,7 +17,7 @@ from pymongo import AsyncMongoClient
 from services.scoring.handlers import SERVICE, ScoringHandler
 from services.scoring.settings import ScoringSettings
 from services.scoring.store import RulesStore, StateCache, StateStore
-from shared.events import AllianceDeterioration, DeadLetter, SrsScored
+from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, SrsScored
 from shared.http import Runtime, service_api
 from shared.kafka import Publisher, make_broker, subscribe_batch
 from shared.mongo import Document, database, make_client
@@ -26,9 +26,12 @@ from shared.settings import KafkaSettings, MongoSettings
 TITLE = "Alliance Stream scoring"
 DESCRIPTION = (
     "Scores Session Rating Scale submissions with the PCOMS alliance rules (per-tenant cutoff, "
-    "drop from the previous session, low and not improving) and raises deterioration alerts for a "
-    "client's latest session. Input: srs.submitted.v1; output: srs.scored.v1, "
-    "alliance.deterioration.v1, srs.deadletter.v1."
+    "drop from the previous session, low and not improving) over each client's whole record: "
+    "corrections publish new revisions, episodes are derived from restarts of the numbering, a "
+    "client belongs to one site until transferred, and the latest session of the current episode "
+    "raises, revises, supersedes or withdraws its alert (docs/clinical-records.md). Input: "
+    "srs.submitted.v1 (submissions and client transfers); output: srs.scored.v1, "
+    "alliance.deterioration.v1, alliance.alert-status.v1, srs.deadletter.v1."
 )
 
 
@@ -71,13 +74,19 @@ def build(config: ScoringConfig | None = None) -> Scoring:
     # Publishing goes through `Publisher` (many sends, one wait for all acks); these declarations
     # put the outputs and their schemas into the AsyncAPI document.
     broker.publisher(topics.scored, title=f"{SERVICE}:{topics.scored}", schema=SrsScored,
-                     description="One event per scored session (not for YCSRS). Key: tenant_id:client_id.")
+                     description="One event per revision of a scored session (not for YCSRS): keep the highest "
+                                 "revision per submission_id. Key: tenant_id:client_id.")
     broker.publisher(topics.deterioration, title=f"{SERVICE}:{topics.deterioration}",
                      schema=AllianceDeterioration,
-                     description="The alliance is at risk in a client's latest session; alert_id is "
-                                 "derived from the submission, so a redelivery carries the same id.")
+                     description="An alert raised (revision 1) or revised by a correction (revision + 1) for the "
+                                 "latest session of a client's current episode; alert_id is derived from the "
+                                 "session, so redeliveries and revisions carry the same id.")
+    broker.publisher(topics.alert_status, title=f"{SERVICE}:{topics.alert_status}", schema=AlertStatusChanged,
+                     description="An alert superseded by a later session, or withdrawn by a correction that "
+                                 "cleared it, naming the revision it ends.")
     broker.publisher(topics.deadletter, title=f"{SERVICE}:{topics.deadletter}", schema=DeadLetter,
-                     description="Submitted records scoring could not read or score, with the reason.")
+                     description="Submitted records scoring could not read or refused, with the reason "
+                                 "(undecodable, invalid, unscorable, site_conflict, session_gap, duplicate).")
     return Scoring(broker, client, store, states, rules, handler)
 
 
