@@ -1,0 +1,377 @@
+"""Clinical record integrity through the four real services (docs/clinical-records.md): each of the
+eight defects reported in the integrity issue, reproduced as a user meets it — posting to intake,
+reading reporting, listing alerts, receiving webhooks — and what the contract says instead.
+
+One tenant per module, one client per test, so the tests do not see each other's data.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from pymongo import AsyncMongoClient
+
+from services.scoring.rules import TenantRules
+from services.scoring.store import RulesStore
+from shared import auth
+from shared.mongo import Document
+from tests.support.receiver import Receiver, webhook_receiver
+from tests.support.services import Namespace, ServiceProcess, running
+from tests.support.wait import eventually
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+TENANT = "acme"
+STRICT_TENANT = "strict"  # its own rules: cutoff 30 with `<=`, drop 2.0
+SEPT = datetime(2026, 9, 1, 10, 0, tzinfo=UTC)
+NOV = datetime(2026, 11, 3, 10, 0, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    with webhook_receiver() as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def services(namespace_m: Namespace, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServiceProcess]]:
+    logs = tmp_path_factory.mktemp("records-logs")
+    with running(["intake", "scoring", "alerts", "reporting"], namespace_m, logs) as procs:
+        yield procs
+
+
+@pytest.fixture(scope="module")
+async def keys(namespace_m: Namespace) -> AsyncIterator[dict[str, str]]:
+    client: AsyncMongoClient[Document] = AsyncMongoClient(namespace_m.stack.mongo_url, tz_aware=True)
+    db = client[namespace_m.database]
+    out: dict[str, str] = {}
+    for role in ("submit", "read", "admin"):
+        out[role], _ = await auth.create_key(db, TENANT, role)  # type: ignore[arg-type]
+        for site in ("north", "south"):
+            out[f"{role}@{site}"], _ = await auth.create_key(db, TENANT, role, site)  # type: ignore[arg-type]
+        out[f"strict:{role}"], _ = await auth.create_key(db, STRICT_TENANT, role)  # type: ignore[arg-type]
+    await RulesStore(db).put(STRICT_TENANT, TenantRules(cutoff=30.0, operator="<=", drop=2.0))
+    yield out
+    await client.close()
+
+
+@pytest.fixture(scope="module")
+async def http(services: dict[str, ServiceProcess], keys: dict[str, str],
+               receiver: Receiver) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=30) as client:
+        for tenant_admin in (keys["admin"], keys["strict:admin"]):
+            headers = _auth(tenant_admin)
+            (await client.post(f"{services['alerts'].url}/v1/webhook-secret", headers=headers)).raise_for_status()
+            for clinician, site in (("c-north", "north"), ("c-south", "south")):
+                (await client.put(f"{services['alerts'].url}/v1/clinicians/{clinician}", headers=headers, json={
+                    "site_id": site, "email": f"{clinician}@clinic.example",
+                    "webhook_url": receiver.url})).raise_for_status()
+        yield client
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _items(*values: float) -> dict[str, float]:
+    r, g, a, o = values if len(values) == 4 else (values[0],) * 4
+    return {"relationship": r, "goals": g, "approach": a, "overall": o}
+
+
+def _session(client: str, n: int, at: datetime, *, items: dict[str, float] | None = None,
+             total: float | None = None, sid: str | None = None, site: str = "north",
+             clinician: str = "c-north", episode: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"client_id": client, "clinician_id": clinician, "site_id": site, "session_number": n,
+                            "administered_at": at.isoformat()}
+    if items is not None:
+        body["items"] = items
+    else:
+        body["total"] = total
+    if sid is not None:
+        body["submission_id"] = sid
+    if episode is not None:
+        body["episode_id"] = episode
+    return body
+
+
+async def _post(http: httpx.AsyncClient, services: dict[str, ServiceProcess], key: str,
+                body: dict[str, Any]) -> str:
+    r = await http.post(f"{services['intake'].url}/v1/submissions", headers=_auth(key), json=body)
+    assert r.status_code == 202, r.text
+    sid: str = r.json()["submission_id"]
+    return sid
+
+
+async def _status(http: httpx.AsyncClient, services: dict[str, ServiceProcess], key: str, sid: str,
+                  want: str | None = None, revision: int | None = None) -> dict[str, Any]:
+    """The submission's status once reporting knows it (and, if asked, has reached `want`)."""
+    async def known() -> dict[str, Any] | None:
+        r = await http.get(f"{services['reporting'].url}/v1/submissions/{sid}", headers=_auth(key))
+        if r.status_code != 200:
+            return None
+        doc: dict[str, Any] = r.json()
+        if want is not None and doc["status"] != want:
+            return None
+        if revision is not None and doc.get("revision") != revision:
+            return None
+        return doc
+
+    return await eventually(known, timeout=60)
+
+
+async def _trajectory(http: httpx.AsyncClient, services: dict[str, ServiceProcess], key: str, client: str,
+                      **params: str) -> httpx.Response:
+    return await http.get(f"{services['reporting'].url}/v1/clients/{client}/trajectory", headers=_auth(key),
+                          params=params)
+
+
+async def _alerts(http: httpx.AsyncClient, services: dict[str, ServiceProcess], key: str,
+                  client: str) -> list[dict[str, Any]]:
+    r = await http.get(f"{services['alerts'].url}/v1/alerts", headers=_auth(key), params={"limit": 1000})
+    r.raise_for_status()
+    return [a for a in r.json() if a.get("client_id") == client]
+
+
+def _webhooks(receiver: Receiver, client: str) -> list[dict[str, Any]]:
+    out = []
+    for got in receiver.successes():
+        body = json.loads(got.body)
+        if body.get("client_id") == client:
+            out.append({**body, "_event": got.headers.get("x-alliance-event")})
+    return out
+
+
+async def test_a_correction_under_the_same_submission_id_shows_its_own_items_total_and_flags(
+        http: httpx.AsyncClient, services: dict[str, ServiceProcess], keys: dict[str, str],
+        receiver: Receiver) -> None:
+    c = "case1"
+    await _post(http, services, keys["submit"], _session(c, 1, SEPT, items=_items(9.5), sid="case1-s1"))
+    await _post(http, services, keys["submit"], _session(c, 2, SEPT + timedelta(days=7), items=_items(8.0),
+                                                         sid="case1-s2"))
+    await _status(http, services, keys["read"], "case1-s2", "scored", 1)
+    await _post(http, services, keys["submit"], _session(c, 2, SEPT + timedelta(days=7), items=_items(9.5),
+                                                         sid="case1-s2"))
+    status = await _status(http, services, keys["read"], "case1-s2", "scored", 2)
+    assert status["total"] == 38.0 and status["flags"] == []
+
+    async def corrected() -> dict[str, Any] | None:
+        r = await _trajectory(http, services, keys["read"], c)
+        doc: dict[str, Any] = r.json() if r.status_code == 200 else {}
+        sessions = doc.get("sessions", [])
+        return doc if len(sessions) == 2 and sessions[1]["total"] == 38.0 else None
+
+    traj = await eventually(corrected, timeout=60)
+    second = traj["sessions"][1]
+    assert second["items"] == _items(9.5)
+    assert sum(second["items"].values()) == second["total"]
+    assert second["flags"] == [] and second["revision"] == 2
+    assert traj["at_risk"] is False
+
+
+async def test_a_correction_that_clears_the_triggers_withdraws_the_alert_and_tells_the_clinician(
+        http: httpx.AsyncClient, services: dict[str, ServiceProcess], keys: dict[str, str],
+        receiver: Receiver) -> None:
+    c = "case2"
+    await _post(http, services, keys["submit"], _session(c, 1, SEPT, total=38.0, sid="case2-s1"))
+    await _post(http, services, keys["submit"], _session(c, 2, SEPT + timedelta(days=7), total=32.0,
+                                                         sid="case2-s2"))
+
+    async def raised() -> list[dict[str, Any]]:
+        return [a for a in await _alerts(http, services, keys["admin"], c) if a["status"] == "open"]
+
+    alert = (await eventually(raised, timeout=60))[0]
+    assert alert["severity"] == "critical"
+    await _post(http, services, keys["submit"], _session(c, 2, SEPT + timedelta(days=7), total=38.0,
+                                                         sid="case2-s2-fixed"))
+
+    async def withdrawn() -> list[dict[str, Any]]:
+        return [a for a in await _alerts(http, services, keys["admin"], c) if a["status"] == "withdrawn"]
+
+    assert [a["alert_id"] for a in await eventually(withdrawn, timeout=60)] == [alert["alert_id"]]
+    old = await _status(http, services, keys["read"], "case2-s2", "superseded")
+    assert old["superseded_by"] == "case2-s2-fixed"
+
+    async def told() -> list[str] | None:
+        kinds = [h.get("status") or "raised" for h in _webhooks(receiver, c)]
+        return kinds if "withdrawn" in kinds else None
+
+    assert await eventually(told, timeout=60) == ["raised", "withdrawn"]
+
+
+async def test_an_episode_restart_without_episode_id_keeps_history_and_alerts_on_the_new_drop(
+        http: httpx.AsyncClient, services: dict[str, ServiceProcess], keys: dict[str, str],
+        receiver: Receiver) -> None:
+    c = "case3"
+    for n in (1, 2, 3):
+        await _post(http, services, keys["submit"], _session(c, n, SEPT + timedelta(days=7 * (n - 1)), total=38.0,
+                                                             sid=f"case3-sept-{n}"))
+    await _post(http, services, keys["submit"], _session(c, 1, NOV, total=38.0, sid="case3-nov-1"))
+    await _post(http, services, keys["submit"], _session(c, 2, NOV + timedelta(days=7), total=30.0,
+                                                         sid="case3-nov-2"))
+    await _status(http, services, keys["read"], "case3-nov-2", "scored")
+
+    async def current() -> dict[str, Any] | None:
+        r = await _trajectory(http, services, keys["read"], c)
+        doc: dict[str, Any] = r.json() if r.status_code == 200 else {}
+        return doc if len(doc.get("episodes", [])) == 2 and len(doc.get("sessions", [])) == 2 else None
+
+    traj = await eventually(current, timeout=60)
+    assert traj["episode_id"] == "auto/2026-11-03/1"
+    assert [s["total"] for s in traj["sessions"]] == [38.0, 30.0]
+    september = await _trajectory(http, services, keys["read"], c, episode_id="auto/2026-09-01/1")
+    assert [s["total"] for s in september.json()["sessions"]] == [38.0, 38.0, 38.0]
+
+    async def alerted() -> list[dict[str, Any]]:
+        return [h for h in _webhooks(receiver, c) if h["_event"] == "alliance.deterioration.v1"]
+
+    hooks = await eventually(alerted, timeout=60)
+    assert hooks[0]["session_number"] == 2 and hooks[0]["episode_id"] == "auto/2026-11-03/1"
+    assert hooks[0]["severity"] == "critical"
+
+
+async def test_a_mistyped_session_number_is_rejected_and_does_not_silence_the_client(
+        http: httpx.AsyncClient, services: dict[str, ServiceProcess], keys: dict[str, str],
+        receiver: Receiver) -> None:
+    c = "case4"
+    await _post(http, services, keys["submit"], _session(c, 1, SEPT, total=38.0, sid="case4-s1"))
+    await _post(http, services, keys["submit"], _session(c, 100000, SEPT + timedelta(days=7), total=38.0,
+                                                         sid="case4-typo"))
+    rejected = await _status(http, services, keys["submit"], "case4-typo", "rejected")
+    assert rejected["reason"] == "session_gap"
+    await _post(http, services, keys["submit"], _session(c, 2, SEPT + timedelta(days=14), total=12.0,
+                                                         sid="case4-s2"))
+
+    async def alerted() -> list[dict[str, Any]]:
+        return [h for h in _webhooks(receiver, c) if h["_event"] == "alliance.deterioration.v1"]
+
+    assert (await eventually(alerted, timeout=60))[0]["submission_id"] == "case4-s2"
+
+    async def listed() -> list[str] | None:
+        r = await http.get(f"{services['reporting'].url}/v1/submissions", headers=_auth(keys["read"]),
+                           params={"status": "rejected", "since": "2020-01-01T00:00:00+00:00"})
+        got = [s["submission_id"] for s in r.json().get("submissions", [])] if r.status_code == 200 else []
+        return got if "case4-typo" in got else None
+
+    await eventually(listed, timeout=30)
+
+
+async def test_another_sites_submission_never_takes_a_client_over(
+        http: httpx.AsyncClient, services: dict[str, ServiceProcess], keys: dict[str, str]) -> None:
+    c = "case5"
+    await _post(http, services, keys["submit@north"], _session(c, 1, SEPT, total=38.0, sid="case5-s1"))
+    await _status(http, services, keys["read@north"], "case5-s1", "scored")
+    await _post(http, services, keys["submit@south"], _session(c, 2, SEPT + timedelta(days=7), total=20.0,
+                                                               sid="case5-south", site="south",
+                                                               clinician="c-south"))
+    rejected = await _status(http, services, keys["submit@south"], "case5-south", "rejected")
+    assert rejected["reason"] == "site_conflict"
+    north = await _trajectory(http, services, keys["read@north"], c)
+    assert north.status_code == 200 and len(north.json()["sessions"]) == 1
+    assert (await _trajectory(http, services, keys["read@south"], c)).status_code == 404
+
+
+async def test_an_admin_transfer_moves_the_client_and_its_reads_to_the_new_site(
+        http: httpx.AsyncClient, services: dict[str, ServiceProcess], keys: dict[str, str]) -> None:
+    c = "case5b"
+    await _post(http, services, keys["submit@north"], _session(c, 1, SEPT, total=38.0, sid="case5b-s1"))
+    await _status(http, services, keys["read@north"], "case5b-s1", "scored")
+    r = await http.post(f"{services['intake'].url}/v1/clients/{c}/transfer", headers=_auth(keys["admin"]),
+                        json={"site_id": "south"})
+    assert r.status_code == 202, r.text
+
+    async def moved() -> bool:
+        return (await _trajectory(http, services, keys["read@south"], c)).status_code == 200
+
+    await eventually(moved, timeout=60)
+    assert (await _trajectory(http, services, keys["read@north"], c)).status_code == 404
+    await _post(http, services, keys["submit@south"], _session(c, 2, SEPT + timedelta(days=7), total=38.0,
+                                                               sid="case5b-s2", site="south",
+                                                               clinician="c-south"))
+    assert (await _status(http, services, keys["read@south"], "case5b-s2", "scored"))["session_number"] == 2
+
+
+async def test_a_site_admin_cannot_register_another_sites_clinician(
+        http: httpx.AsyncClient, services: dict[str, ServiceProcess], keys: dict[str, str]) -> None:
+    r = await http.put(f"{services['alerts'].url}/v1/clinicians/c-north", headers=_auth(keys["admin@south"]),
+                       json={"site_id": "south", "email": "thief@clinic.example"})
+    assert r.status_code == 403, r.text
+    r = await http.put(f"{services['alerts'].url}/v1/clinicians/c-new", headers=_auth(keys["admin@south"]),
+                       json={"site_id": "north", "email": "thief@clinic.example"})
+    assert r.status_code == 403, r.text
+
+
+async def test_reimporting_the_same_csv_export_changes_nothing_and_a_changed_row_is_a_correction(
+        http: httpx.AsyncClient, services: dict[str, ServiceProcess], keys: dict[str, str],
+        receiver: Receiver) -> None:
+    header = "client_id,clinician_id,site_id,session_number,administered_at,total\n"
+    rows = [f"case6,c-north,north,1,{SEPT.isoformat()},38.0\n",
+            f"case6,c-north,north,2,{(SEPT + timedelta(days=7)).isoformat()},31.0\n"]
+
+    async def post_csv(text: str) -> list[str]:
+        r = await http.post(f"{services['intake'].url}/v1/submissions/csv", headers={
+            **_auth(keys["submit"]), "Content-Type": "text/csv"}, content=text.encode())
+        assert r.status_code == 200, r.text
+        return [x["submission_id"] for x in r.json()["results"]]
+
+    first = await post_csv(header + "".join(rows))
+    await _status(http, services, keys["read"], first[1], "scored", 1)
+    again = await post_csv(header + "".join(rows))
+    assert again == first
+
+    async def one_alert() -> list[dict[str, Any]]:
+        return [h for h in _webhooks(receiver, "case6") if h["_event"] == "alliance.deterioration.v1"]
+
+    await eventually(one_alert, timeout=60)
+    changed = await post_csv(header + rows[0] + rows[1].replace(",31.0", ",30.0"))
+    assert changed == first
+    corrected = await _status(http, services, keys["read"], first[1], "scored", 2)
+    assert corrected["total"] == 30.0
+    assert (await _status(http, services, keys["read"], first[0], "scored"))["revision"] == 1
+    revisions = sorted(h["revision"] for h in await one_alert())
+    assert revisions == [1, 2]  # the re-import raised nothing; the correction revised the alert once
+
+
+@pytest.mark.parametrize(("client", "totals", "severity"), [
+    ("case7-flat", (30.0, 30.0), "warning"),
+    ("case7-three-low", (30.0, 30.0, 30.0), "critical"),
+    ("case7-small-drop-below", (36.5, 35.4), "critical"),
+    ("case7-big-drop", (40.0, 36.5), "critical"),
+    ("case7-drop-above", (39.9, 37.0), "warning"),
+])
+async def test_severity_counts_each_reason_once(
+        http: httpx.AsyncClient, services: dict[str, ServiceProcess], keys: dict[str, str],
+        receiver: Receiver, client: str, totals: tuple[float, ...], severity: str) -> None:
+    for n, total in enumerate(totals, start=1):
+        await _post(http, services, keys["submit"], _session(client, n, SEPT + timedelta(days=7 * n), total=total,
+                                                             sid=f"{client}-{n}"))
+
+    async def latest_alert() -> dict[str, Any] | None:
+        got = [a for a in await _alerts(http, services, keys["admin"], client)
+               if a["session_number"] == len(totals) and a["status"] == "open"]
+        return got[0] if got else None
+
+    assert (await eventually(latest_alert, timeout=60))["severity"] == severity
+
+
+async def test_reporting_and_fhir_show_the_flags_scoring_decided_with_the_tenants_rules(
+        http: httpx.AsyncClient, services: dict[str, ServiceProcess], keys: dict[str, str]) -> None:
+    c = "case8"
+    read = keys["strict:read"]
+    await _post(http, services, keys["strict:submit"], _session(c, 1, SEPT, total=31.5, sid="case8-1"))
+    await _post(http, services, keys["strict:submit"], _session(c, 2, SEPT + timedelta(days=7), total=30.0,
+                                                                sid="case8-2"))
+    await _status(http, services, read, "case8-2", "scored")
+    traj = (await _trajectory(http, services, read, c)).json()
+    latest = traj["sessions"][-1]
+    # cutoff 30 with `<=`: 30.0 is below; a drop of 1.5 is under the tenant's 2.0: not declining
+    assert latest["flags"] == ["below_cutoff"] and latest["below_cutoff"] is True
+    assert traj["cutoff"] == 30.0 and traj["declining"] is False and traj["at_risk"] is True
+    fhir = (await http.get(f"{services['reporting'].url}/v1/clients/{c}/fhir", headers=_auth(read))).json()
+    observations = [e["resource"] for e in fhir["entry"] if e["resource"]["resourceType"] == "Observation"]
+    codes = [o["interpretation"][0]["coding"][0]["code"] for o in observations]
+    assert codes == ["N", "L"]
