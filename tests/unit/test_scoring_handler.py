@@ -427,6 +427,22 @@ async def test_crash_after_state_write_before_the_acks_republishes_byte_equal_ev
     assert [(r.topic, r.key, r.value) for r in retried] == [(r.topic, r.key, r.value) for r in first_attempt]
 
 
+async def test_crash_after_state_write_then_a_rules_change_still_publishes_every_session() -> None:
+    rules = MemoryRules()
+    h, _, sink = handler(rules=rules)
+    batch = [submitted("x", 1, 38.0, at=1), submitted("x", 2, 37.5, at=2)]
+    sink.fail_next = 1
+    with pytest.raises(ConnectionError):
+        await h(batch)
+    assert [s.submission_id for s in scored_of(sink.published)] == ["x-1"]  # x-2 never reached the broker
+    rules.rules["acme"] = TenantRules(cutoff=38.0)  # set-rules before the retry
+    await h(batch)
+    latest = {s.submission_id: s for s in scored_of(sink.published)}
+    assert (latest["x-2"].cutoff, latest["x-2"].flags, latest["x-2"].revision) == (38.0, ["below_cutoff"], 2)
+    (alert,) = alerts_of(sink.published)
+    assert alert.submission_id == "x-2" and alert.cutoff == 38.0
+
+
 async def test_redelivery_after_publishing_republishes_the_current_events_byte_equal_and_no_new_alert() -> None:
     h, _, sink = handler()
     batch = [submitted("x", 1, 30.0, at=1), submitted("x", 2, 29.0, at=2)]

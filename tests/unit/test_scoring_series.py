@@ -779,6 +779,33 @@ def test_the_same_version_twice_is_a_redelivery_that_changes_nothing() -> None:
     assert c.state == before
 
 
+def test_a_redelivery_after_the_tenants_rules_changed_publishes_the_record_anew_under_them() -> None:
+    # The first attempt's events may never have reached the broker (a crash after the state write):
+    # re-emitting only what matches the old decisions would then lose them for good.
+    c = Client()
+    c.feed(38.0)
+    v = c.version("s2", 2, 37.5)
+    c.apply(v)
+    c.rules = TenantRules(cutoff=38.0)
+    again = c.apply(v)
+    assert again.redelivered and again.changed
+    assert [(o.session.version.submission_id, o.revision, o.session.cutoff) for o in scored(again)] == [
+        ("s1", 2, 38.0), ("s2", 2, 38.0)]
+    (a,) = alerts(again)
+    assert a.alert.triggers == (R.BELOW_CUTOFF,) and a.alert.session.version.submission_id == "s2"
+    assert len(scored(c.state.current_outputs(c.rules))) == 2
+
+
+def test_a_transfer_redelivered_after_the_tenants_rules_changed_publishes_the_record_anew() -> None:
+    c = Client()
+    c.feed(37.0)
+    c.transfer("tx-1", "south")
+    c.rules = TenantRules(cutoff=38.0)
+    again = c.transfer("tx-1", "south")
+    assert again.redelivered and again.changed and [o.revision for o in scored(again)] == [3]
+    assert c.state.site_version == 1
+
+
 def as_bytes(outputs: list[Output]) -> dict[tuple[str, str], bytes]:
     """Each output as the event the handler publishes, keyed as a consumer keeps them (scored events
     per submission id, alert events and statuses per alert id)."""
@@ -817,10 +844,13 @@ def test_current_outputs_include_the_status_of_ended_alerts() -> None:
 # --- the stored form --------------------------------------------------------------------------
 
 
+RULES_OF_HISTORIES = TenantRules(session_gap=5)
+
+
 @st.composite
 def histories(draw: st.DrawFn) -> ClientState:
     """A client's state after a random mix of sessions, corrections, episodes, transfers and refusals."""
-    c = Client(rules=TenantRules(session_gap=draw(st.integers(1, 30))))
+    c = Client(rules=RULES_OF_HISTORIES)
     sites = ["north", "south"]
     for i in range(draw(st.integers(0, 14))):
         kind = draw(st.sampled_from(["submit", "submit", "submit", "fix", "transfer"]))
