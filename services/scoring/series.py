@@ -418,7 +418,9 @@ class ClientState:
         if v.instrument not in _SCORED and self.owner in (None, v.site_id):  # another site's: refused below
             self.versions[v.submission_id] = v
             self.owner = self.owner or v.site_id
-            return Step(changed=True, audited=True)
+            # A scored submission corrected into an unscored form leaves its session: say so now.
+            outputs = self._publish(self.view(rules), now) if known is not None else []
+            return Step(outputs=outputs, changed=True, audited=True)
         refusal = self._refusal(v, rules)
         if refusal is not None and refusal[0] != "duplicate":
             reason, detail = refusal

@@ -752,6 +752,24 @@ def test_a_young_childs_form_is_stored_and_never_scored() -> None:
     assert c.state.current_outputs(c.rules) == []
 
 
+def test_a_scored_session_corrected_into_a_young_childs_form_withdraws_its_alert() -> None:
+    c = Client()
+    c.feed(38.0, 30.0)
+    step = c.submit("s2", 2, 30.0, instrument="YCSRS")
+    assert step.audited and [(o.alert_id, o.status) for o in statuses(step)] == [(alert_id(2), "withdrawn")]
+
+
+def test_a_scored_session_corrected_into_a_young_childs_form_hands_its_session_to_an_identical_resend() -> None:
+    c = Client()
+    c.feed(38.0, 30.0)
+    c.submit("s2-again", 2, 30.0)  # duplicate: kept, not shown
+    step = c.submit("s2", 2, 30.0, instrument="YCSRS")
+    (o,) = scored(step)
+    assert (o.session.version.submission_id, o.supersedes, o.revision) == ("s2-again", "s2", 2)
+    nxt = c.submit("s3", 3, 38.0)  # and the next record publishes only itself
+    assert [o.session.version.submission_id for o in scored(nxt)] == ["s3"]
+
+
 def test_a_young_childs_form_without_a_total_is_still_stored() -> None:
     c = Client()
     step = c.submit("kid", 1, None, instrument="YCSRS")
@@ -867,6 +885,16 @@ def histories(draw: st.DrawFn) -> ClientState:
                  episode=draw(st.sampled_from([None, None, "ep-1"])),
                  instrument=draw(st.sampled_from(["SRS", "SRS", "CSRS", "YCSRS"])))
     return c.state
+
+
+@settings(max_examples=150, deadline=None)
+@given(histories())
+def test_every_accepted_version_redelivered_changes_nothing_and_publishes_nothing(state: ClientState) -> None:
+    for v in list(state.versions.values()):
+        before = state.copy()
+        step = state.submit(v, RULES_OF_HISTORIES, NOW)
+        assert step.redelivered and step.outputs == [] and not step.changed
+        assert state == before
 
 
 @settings(max_examples=150, deadline=None)
