@@ -48,7 +48,7 @@ from shared.events import SCORED_INSTRUMENTS, Instrument, Items, Operator, Sever
 DERIVED_PREFIX = "auto/"
 MAX_TRANSFER_IDS = 32
 
-RejectReason = Literal["site_conflict", "session_gap", "duplicate", "unscorable"]
+RejectReason = Literal["site_conflict", "session_gap", "duplicate", "unscorable"]  # duplicate: kept, told
 AlertState = Literal["raised", "superseded", "withdrawn"]
 
 
@@ -422,20 +422,27 @@ class ClientState:
             outputs = self._publish(self.view(rules), now) if known is not None else []
             return Step(outputs=outputs, changed=True, audited=True)
         refusal = self._refusal(v, rules)
-        if refusal is not None and refusal[0] != "duplicate":
+        if refusal is not None:
             reason, detail = refusal
             rej = Rejection(v.accepted_at, v.digest, reason, detail)
             self.rejected[v.submission_id] = rej
             return Step(rejection=rej, changed=True)
-        # An identical resend under a new id is kept (so that the record does not depend on which
-        # of the two arrived first) but changes nothing; its submitter is told `duplicate`.
-        notice = None
-        if refusal is not None:
-            notice = Rejection(v.accepted_at, v.digest, "duplicate", refusal[1])
-            self.rejected[v.submission_id] = notice
         self.versions[v.submission_id] = v
         self.owner = self.owner or v.site_id
-        return Step(outputs=self._publish(self.view(rules), now), rejection=notice, changed=True)
+        view = self.view(rules)
+        outputs = self._publish(view, now)
+        # A version whose content another submission already shows (an identical resend under a
+        # new id, or a correction back to content an older submission holds) is kept - so that the
+        # record does not depend on which arrived first - but changes nothing; its submitter is
+        # told `duplicate`, naming the submission that shows it.
+        notice = None
+        if v.submission_id in view.members and v.submission_id not in view.current:
+            holder = view.slot_of_key.get(v.session_key())
+            shown = view.sessions[holder].version.submission_id if holder is not None else "another submission"
+            notice = Rejection(v.accepted_at, v.digest, "duplicate",
+                               f"identical to submission '{shown}', which is already recorded")
+            self.rejected[v.submission_id] = notice
+        return Step(outputs=outputs, rejection=notice, changed=True)
 
     def transfer(self, t: Transfer, rules: R.TenantRules, now: datetime) -> Step:
         """Move the client to another site; every current session is re-published with it."""
@@ -467,11 +474,8 @@ class ClientState:
             return "unscorable", str(exc)
         others = [o for sid, o in self.versions.items() if sid != v.submission_id]
         by_key, _ = current_versions(others)
-        same = by_key.get(v.session_key())
-        if same is not None:
-            if same.digest == v.digest:
-                return "duplicate", f"identical to submission '{same.submission_id}', which is already recorded"
-            return None  # a correction of an existing session: never a gap
+        if v.session_key() in by_key:
+            return None  # a correction (or a resend) of an existing session: never a gap
         if v.session_number <= rules.session_gap + 1:
             return None  # every episode's highest number is at least 1: no gap is possible
         tentative = dict(by_key)

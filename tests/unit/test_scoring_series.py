@@ -287,6 +287,17 @@ def test_duplicate_rejection_is_given_again_when_the_resend_is_redelivered() -> 
     assert again.redelivered and again.rejection == first.rejection
 
 
+def test_a_correction_back_to_content_an_older_submission_holds_is_told_duplicate_naming_it() -> None:
+    c = Client()
+    c.feed(38.0, 30.0)
+    c.submit("s2-fix", 2, 36.0)  # a correction under a new id ...
+    step = c.submit("s2-back", 2, 30.0)  # ... and back to what s2 said, under a third id
+    (o,) = scored(step)
+    assert o.session.version.submission_id == "s2" and o.supersedes == "s2-fix" and o.session.total == 30.0
+    assert step.rejection is not None and step.rejection.reason == "duplicate"
+    assert "'s2'" in step.rejection.detail
+
+
 def test_stale_version_under_a_new_id_arriving_after_its_correction_is_named_superseded() -> None:
     c = Client()
     stale = c.version("s1-old", 1, 30.0)  # accepted first ...
