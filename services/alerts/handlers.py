@@ -9,9 +9,12 @@ dead letters, and return — only then are the offsets committed. Nothing is sen
 delivery worker does that, so a slow receiver can never hold up a partition.
 
 Raises (`alliance.deterioration.v1`) and their ends (`alliance.alert-status.v1`) arrive on two
-topics, consumed independently, so in any order: an event that is already behind its alert's
-stored lifecycle (a late revision, a withdrawal of a revision already raised again) is recorded
-as nothing and told to nobody.
+topics, consumed independently, so in any order. A raise is told unless the alert has already
+moved past it by a later revision or a withdrawal: its *supersession* does not silence it (a
+later session superseding it says nothing about whether it was right, and whether the two
+topics' consumers happened to see them in order must not decide who is warned). A withdrawal
+is told unless the alert was raised again since (a stale end). What is not told is still
+recorded.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from services.alerts.rules import RAISED, PlannedDelivery, lifecycle_order, route_alert, route_status
+from services.alerts.rules import RAISED, SUPERSEDED, PlannedDelivery, lifecycle_order, route_alert, route_status
 from services.alerts.rules import partner_deliveries as plan_partners
 from services.alerts.store import EPOCH, AlertsStore
 from shared.events import LIFECYCLE_STATUSES, AlertStatusChanged, AllianceDeterioration, SrsScored
@@ -122,8 +125,9 @@ class Handlers:
             current = await self._store.lifecycle_orders(ev.alert_id for _, ev, _ in decoded)
             docs: list[Document] = []
             for rec, ev, body in decoded:
-                if current.get(ev.alert_id) != lifecycle_order(RAISED, ev.revision):
-                    log.info("revision %d of an alert is already superseded, withdrawn or revised: not sent",
+                if current.get(ev.alert_id) not in (lifecycle_order(RAISED, ev.revision),
+                                                    lifecycle_order(SUPERSEDED, ev.revision)):
+                    log.info("revision %d of an alert is already withdrawn or revised: not sent",
                              ev.revision, extra={"alert_id": ev.alert_id})
                     continue
                 planned = route_alert(ev, clinicians.get((ev.tenant_id, ev.clinician_id)),

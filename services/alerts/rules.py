@@ -36,6 +36,7 @@ SUBSCRIBABLE: tuple[str, ...] = (DETERIORATION, SCORED, ALERT_STATUS)
 # arrival order, so no consumer ever has to wait for "the previous" event.
 
 RAISED = "raised"
+SUPERSEDED = "superseded"
 LifecycleStatus = Literal["open", "superseded", "withdrawn"]
 _RANK: dict[str, int] = {RAISED: 0, "open": 0, "superseded": 1, "withdrawn": 2}
 _BY_RANK: tuple[LifecycleStatus, ...] = ("open", "superseded", "withdrawn")

@@ -182,6 +182,21 @@ async def test_a_withdrawal_arriving_before_its_raise_leaves_the_alert_withdrawn
     assert {k for k, _, _ in await kinds(env, t, r1.alert_id)} == {"withdrawal"}
 
 
+async def test_a_raise_arriving_after_its_supersession_still_warns_the_clinician(env: Env) -> None:
+    # The two topics are consumed independently: which of them alerts happened to read first must
+    # not decide whether the clinician is warned of a low session.
+    t = await new_tenant(env, "late-raise")
+    await put_clinician(env, t, "c1", env.receiver.behave(path(t, "c1")))
+    r1 = deterioration(t.id, "c1", "client-1")
+    await end(env, ended(r1, "superseded"))
+    await alert_when(env, t, r1.alert_id, status="superseded")
+    await raise_(env, r1)
+    got = await eventually(lambda: _async(about(env.receiver.at(path(t, "c1")), r1.alert_id)))
+
+    assert [b.get("status") for b in got] == [None]  # the raise
+    assert (await alert(env, t, r1.alert_id))["status"] == "superseded"
+
+
 async def test_a_stale_withdrawal_of_a_revision_already_raised_again_is_ignored(env: Env) -> None:
     t = await new_tenant(env, "stale-end")
     await put_clinician(env, t, "c1", env.receiver.behave(path(t, "c1")))
@@ -227,11 +242,13 @@ async def test_a_partner_subscribed_to_alert_status_gets_every_status_event_of_t
     got = await requests_at(env, t, "p", 2)
 
     bodies = [Webhook(sub["secret"]).verify(r.body, r.headers) for r in got]
-    assert [(b["alert_id"], b["status"]) for b in bodies] == [(superseded.alert_id, "superseded"),
-                                                             (withdrawn.alert_id, "withdrawn")]
+    # two deliveries, sent by the worker in no particular order
+    assert sorted((b["alert_id"], b["status"]) for b in bodies) == sorted([(superseded.alert_id, "superseded"),
+                                                                           (withdrawn.alert_id, "withdrawn")])
     assert {r.headers["x-alliance-event"] for r in got} == {ALERT_STATUS}  # and no deterioration
-    assert got[1].webhook_id == ids.delivery_id(ended(withdrawn, "withdrawn").event_id, f"subscription:{sub['id']}",
-                                                "webhook")
+    (withdrawal,) = [r for r, b in zip(got, bodies, strict=True) if b["status"] == "withdrawn"]
+    assert withdrawal.webhook_id == ids.delivery_id(ended(withdrawn, "withdrawn").event_id,
+                                                    f"subscription:{sub['id']}", "webhook")
 
 
 # ---- site ownership ----------------------------------------------------------------------------
