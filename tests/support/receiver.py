@@ -46,7 +46,13 @@ def webhook_receiver(fail_first: int = 0, delay_seconds: float = 0.0, status: in
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("content-length", "0")))
+            length = int(self.headers.get("content-length", "0"))
+            body = self.rfile.read(length)
+            if len(body) < length:
+                # The sender died mid-request (a kill -9 of alerts): nothing was delivered, and the
+                # sender never saw an answer, so it will send this delivery again.
+                self.close_connection = True
+                return
             with state.lock:
                 state.attempts += 1
                 failing = state.attempts <= state.fail_first
