@@ -41,9 +41,9 @@ def fixture(model: str, variant: str) -> bytes:
 CASES = [(m, v) for m in sorted(event_models()) for v in VARIANTS]
 
 
-def test_the_events_module_still_defines_the_five_v1_events() -> None:
+def test_the_events_module_still_defines_the_six_v1_events() -> None:
     assert set(event_models()) == {"SrsSubmitted", "SrsScored", "AllianceDeterioration", "AlertStatusChanged",
-                                   "DeadLetter"}
+                                   "ClientTransfer", "DeadLetter"}
 
 
 def test_every_fixture_belongs_to_an_event_and_a_known_variant() -> None:
