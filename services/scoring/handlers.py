@@ -86,6 +86,7 @@ from shared.events import (
     AlertStatusChanged,
     AllianceDeterioration,
     ClientTransfer,
+    Instrument,
     SrsScored,
     SrsSubmitted,
 )
@@ -139,13 +140,17 @@ def decode(rec: InboundRecord) -> Input | tuple[str, str]:
 
 
 def scored_event(tenant_id: str, client_id: str, o: ScoredOut) -> SrsScored:
-    """The `srs.scored.v1` event of one published revision; a pure function of its inputs."""
+    """The `srs.scored.v1` event of one published revision; a pure function of its inputs.
+
+    Built without validation (`model_construct`): every value comes from a validated submission or
+    from the rules, and this is on the hot path (a tenth of a batch's apply time)."""
     s, v = o.session, o.session.version
-    return SrsScored(
+    return SrsScored.model_construct(
         event_id=ids.scored_event_id(tenant_id, v.submission_id, o.revision), tenant_id=tenant_id, occurred_at=o.at,
         submission_id=v.submission_id, site_id=s.site_id, clinician_id=v.clinician_id, client_id=client_id,
-        episode_id=s.episode_id, instrument=v.instrument, session_number=v.session_number,
+        episode_id=s.episode_id, instrument=Instrument(v.instrument), session_number=v.session_number,
         administered_at=v.administered_at, items=v.items_model(), total=s.total, cutoff=s.cutoff, operator=s.operator,
+        schema_version=1,
         previous_total=s.previous_total, change_from_previous=s.change_from_previous, flags=list(s.flags),
         triggers=list(s.triggers), severity=s.severity, low_items=list(s.low_items), latest=o.latest,
         scored_at=o.at, accepted_at=v.accepted_at, revision=o.revision, supersedes=o.supersedes,

@@ -34,7 +34,6 @@ not have reached the broker before a crash.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -80,6 +79,7 @@ class Version:
         """Which of two versions is newer: later accepted, then (a tie) the larger digest."""
         return (_utc(self.accepted_at), self.digest)
 
+    @cached_property
     def session_key(self) -> tuple[str, ...]:
         """Which session the version names (see module docs of the contract: without an episode
         id, the UTC date of administration is part of the identity)."""
@@ -92,18 +92,23 @@ class Version:
         if self.items is None:
             return None
         r, g, a, o = self.items
-        return Items(relationship=r, goals=g, approach=a, overall=o)
+        return Items.model_construct(relationship=r, goals=g, approach=a, overall=o)
 
     def ratings(self) -> Ratings | None:
         """The items for the rules: a plain tuple, cheap enough to build on every derivation."""
         return None if self.items is None else Ratings(*self.items)
 
 
+def _digest(parts: tuple[object, ...]) -> str:
+    """A short, stable digest of plain values (`repr` of str, int, float, None and tuples of them
+    is the same in every process, unlike `hash`); stored in the state, so it must not change."""
+    return hashlib.blake2b(repr(parts).encode(), digest_size=10).hexdigest()
+
+
 def content_digest(v: Version) -> str:
     """A digest of what the submitter said (not of when it was accepted, nor its id)."""
-    doc = [v.instrument, v.episode_id, v.session_number, _utc(v.administered_at).isoformat(), v.site_id,
-           v.clinician_id, list(v.items) if v.items is not None else None, v.total]
-    return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()[:20]
+    return _digest((v.instrument, v.episode_id, v.session_number, _utc(v.administered_at).isoformat(), v.site_id,
+                    v.clinician_id, v.items, v.total))
 
 
 class Ratings(NamedTuple):
@@ -168,10 +173,9 @@ class SessionView:
         """Everything a scored event shows except `latest` (a point-in-time fact: a new session
         would otherwise re-publish its predecessor) and the revision bookkeeping."""
         v = self.version
-        doc = [v.submission_id, v.digest, self.episode_id, self.site_id, self.site_version, self.total, self.cutoff,
-               self.operator, self.previous_total, self.change_from_previous, list(self.flags),
-               list(self.triggers), self.severity, list(self.low_items)]
-        return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()[:20]
+        return _digest((v.submission_id, v.digest, self.episode_id, self.site_id, self.site_version, self.total,
+                        self.cutoff, self.operator, self.previous_total, self.change_from_previous, self.flags,
+                        self.triggers, self.severity, self.low_items))
 
 
 @dataclass(frozen=True)
@@ -187,9 +191,8 @@ class AlertView:
     @cached_property
     def digest(self) -> str:
         s, v = self.session, self.session.version
-        doc = [v.submission_id, v.digest, list(self.triggers), self.severity, s.total, s.previous_total,
-               s.change_from_previous, s.cutoff, list(s.low_items), self.site_id]
-        return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()[:20]
+        return _digest((v.submission_id, v.digest, self.triggers, self.severity, s.total, s.previous_total,
+                        s.change_from_previous, s.cutoff, s.low_items, self.site_id))
 
 
 @dataclass(frozen=True)
@@ -224,7 +227,7 @@ def current_versions(versions: Iterable[Version]) -> tuple[dict[tuple[str, ...],
     """
     groups: dict[tuple[str, ...], dict[str, list[Version]]] = {}
     for v in versions:
-        groups.setdefault(v.session_key(), {}).setdefault(v.digest, []).append(v)
+        groups.setdefault(v.session_key, {}).setdefault(v.digest, []).append(v)
     by_key: dict[tuple[str, ...], Version] = {}
     members: set[str] = set()
     for key, contents in groups.items():
@@ -284,7 +287,7 @@ def derive(versions: Iterable[Version], owner: str | None, site_version: int, ru
                                    resolved.operator, s.previous_total, s.change_from_previous, s.flags,
                                    s.triggers, s.severity, s.low_items, latest)
                 sessions[view.slot] = view
-                slot_of[v.session_key()] = view.slot
+                slot_of[v.session_key] = view.slot
                 if s.alert is not None:
                     aid = ids.alert_id(tenant_id, client_id, instrument, eid, v.session_number)
                     site = (alert_sites or {}).get(aid, view.site_id)
@@ -437,7 +440,7 @@ class ClientState:
         # told `duplicate`, naming the submission that shows it.
         notice = None
         if v.submission_id in view.members and v.submission_id not in view.current:
-            holder = view.slot_of_key.get(v.session_key())
+            holder = view.slot_of_key.get(v.session_key)
             shown = view.sessions[holder].version.submission_id if holder is not None else "another submission"
             notice = Rejection(v.accepted_at, v.digest, "duplicate",
                                f"identical to submission '{shown}', which is already recorded")
@@ -472,14 +475,14 @@ class ClientState:
             R.total_of(v.ratings(), v.total)
         except R.Unscorable as exc:
             return "unscorable", str(exc)
-        others = [o for sid, o in self.versions.items() if sid != v.submission_id]
-        by_key, _ = current_versions(others)
-        if v.session_key() in by_key:
-            return None  # a correction (or a resend) of an existing session: never a gap
         if v.session_number <= rules.session_gap + 1:
             return None  # every episode's highest number is at least 1: no gap is possible
+        others = [o for sid, o in self.versions.items() if sid != v.submission_id]
+        by_key, _ = current_versions(others)
+        if v.session_key in by_key:
+            return None  # a correction (or a resend) of an existing session: never a gap
         tentative = dict(by_key)
-        tentative[v.session_key()] = v
+        tentative[v.session_key] = v
         for eid, _derived, members in episodes_of(tentative.values()).get(v.instrument, []):
             if any(m is v for m in members):
                 rest = [m.session_number for m in members if m is not v]
@@ -525,7 +528,7 @@ class ClientState:
             said = sid in self.submission_revision
             if sid not in shown_before and (said or sid in view.members):
                 continue  # already said superseded, or an identical resend never shown
-            holder = view.slot_of_key.get(v.session_key())
+            holder = view.slot_of_key.get(v.session_key)
             if holder is not None:
                 out.append(self._scored(holder, view.sessions[holder], sid, now))
         out.extend(self._alerts(view, now))
