@@ -1,25 +1,34 @@
 """The intake HTTP API: authenticate, validate, publish to `srs.submitted.v1`, answer after the ack.
 
 Order of checks for every submission request (the first that fails answers):
-401/403 key -> 413 `Content-Length` over the limit -> 415 media type -> 413 actual body size ->
-422 malformed JSON / batch envelope -> 429 rate limit -> 422 rules (per item in a batch) -> 403 site
-(per item in a batch) -> 503 broker not started / not acknowledging in time -> 202/200.
+401/403 key -> 429 the key's bucket is empty (before the body is read) -> 413 `Content-Length` over
+the limit -> 415 media type -> 413 actual body size -> 422 malformed JSON / batch envelope / CSV file
+(its rows are counted while parsing: the file is refused at the first row past the limit) -> 429
+rate limit (the submissions the body holds) -> 422 rules (per item in a batch) -> 403 site (per item
+in a batch) -> 503 broker not started / not acknowledging in time -> 202/200.
+
+Rejected work is paid for: a request refused with 413/415/422 before its submissions were counted
+spends tokens in proportion to what was read and parsed (services/intake/ratelimit.py), so a client
+cannot keep intake busy with invalid bodies for free.
 
 Nothing is half-accepted: a 503 means the client must retry, with the same `submission_id`
 (which the 503 body repeats when the server generated it), and downstream dedupes on it.
 
 A client transfer (`POST /v1/clients/{client_id}/transfer`) is checked in the same order: 401/403
-key (role `admin`, and not bound to a site) -> 413/415 -> 422 JSON and ids -> 429 -> 503 -> 202.
+key (role `admin`, and not bound to a site) -> 429 empty bucket -> 413/415 -> 422 JSON and ids (paid for
+like a rejected submission) -> 429 -> 503 -> 202.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
@@ -163,6 +172,24 @@ class SubmissionPublisher:
         metrics.PUBLISH_SECONDS.labels(endpoint).observe(time.perf_counter() - started)
 
 
+# Rejections that come after intake has read or parsed (part of) the body: they are charged.
+_WORK_REJECTIONS = frozenset({400, 413, 415, 422})
+
+
+@dataclass
+class Work:
+    """What a request has cost so far: bytes of body read and items (or CSV rows) parsed."""
+
+    unit_bytes: int
+    bytes: int = 0
+    items: int = 0
+
+    @property
+    def cost(self) -> int:
+        """Tokens: one per item, one per `unit_bytes` read (the weight of one submission), at least one."""
+        return max(1, self.items, math.ceil(self.bytes / self.unit_bytes))
+
+
 @dataclass
 class Context:
     """What the routes need."""
@@ -191,7 +218,24 @@ class Context:
                                 headers={"Retry-After": str(self.settings.unavailable_retry_after_seconds)}) from None
 
     def rate_limit(self, principal: Principal, cost: int, count: Callable[..., None] = metrics.count) -> None:
-        wait = self.limiter.take(principal.key_id, cost)
+        self._refuse_after(self.limiter.take(principal.key_id, cost), cost, count)
+
+    def admit(self, principal: Principal, count: Callable[..., None] = metrics.count) -> None:
+        """429 before the body is read when the key's bucket is empty (e.g. in debt for rejected work)."""
+        self._refuse_after(self.limiter.wait(principal.key_id), 1, count)
+
+    @contextmanager
+    def paid(self, principal: Principal) -> Iterator[Work]:
+        """Charge the key for the work done when the block rejects the request (413/415/422)."""
+        work = Work(self.settings.max_single_bytes)
+        try:
+            yield work
+        except HTTPException as exc:
+            if exc.status_code in _WORK_REJECTIONS:
+                self.limiter.charge(principal.key_id, work.cost)
+            raise
+
+    def _refuse_after(self, wait: float, cost: int, count: Callable[..., None]) -> None:
         if wait > 0:
             count("rejected", "rate_limited", cost)
             raise HTTPException(429, error_body([(None, f"rate limit of {self.limiter.rate:g} submissions/s "
@@ -242,8 +286,10 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-async def read_body(request: Request, limit: int, media_types: tuple[str, ...], count: Count = metrics.count) -> bytes:
-    """The body, checked for size (413, before and while reading) and media type (415)."""
+async def read_body(request: Request, limit: int, media_types: tuple[str, ...], count: Count = metrics.count,
+                    work: Work | None = None) -> bytes:
+    """The body, checked for size (413, before and while reading) and media type (415); the bytes
+    read are added to `work`."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         _reject(413, "too_large", [("body", f"the body must not exceed {limit} bytes")], count=count)
@@ -256,6 +302,8 @@ async def read_body(request: Request, limit: int, media_types: tuple[str, ...], 
     try:
         async for chunk in request.stream():
             size += len(chunk)
+            if work is not None:
+                work.bytes = size
             if size > limit:
                 _reject(413, "too_large", [("body", f"the body must not exceed {limit} bytes")], count=count)
             chunks.append(chunk)
@@ -381,8 +429,10 @@ def build_router(ctx: Context) -> APIRouter:
     )
     async def submit(request: Request) -> Response:
         principal = await ctx.authenticate(request)
-        body = await read_body(request, settings.max_single_bytes, ("application/json",))
-        data = parse_json(body)
+        ctx.admit(principal)
+        with ctx.paid(principal) as work:
+            body = await read_body(request, settings.max_single_bytes, ("application/json",), work=work)
+            data = parse_json(body)
         ctx.rate_limit(principal, 1)
         now = datetime.now(UTC)
         model, errors = check_submission(data, now, ctx.max_future)
@@ -405,9 +455,11 @@ def build_router(ctx: Context) -> APIRouter:
     )
     async def submit_batch(request: Request) -> Response:
         principal = await ctx.authenticate(request)
-        body = await read_body(request, settings.max_batch_bytes, ("application/json",))
-        data = parse_json(body)
-        items = _batch_items(data, settings.max_batch_items)
+        ctx.admit(principal)
+        with ctx.paid(principal) as work:
+            body = await read_body(request, settings.max_batch_bytes, ("application/json",), work=work)
+            data = parse_json(body)
+            items = _batch_items(data, settings.max_batch_items, work)
         ctx.rate_limit(principal, len(items))
         results, records = _batch_results(ctx, principal, items, datetime.now(UTC))
         return await _publish_batch(ctx, request, "batch", results, records)
@@ -421,20 +473,24 @@ def build_router(ctx: Context) -> APIRouter:
     )
     async def submit_csv(request: Request) -> Response:
         principal = await ctx.authenticate(request)
-        body = await read_body(request, settings.max_batch_bytes, ("text/csv",))
-        try:
-            text = body.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            _reject(422, "invalid", [("body", "the file must be UTF-8 text")])
-        parsed = parse_csv(text)
-        if parsed.errors:
-            _reject(422, "invalid", parsed.errors)
-        if not parsed.rows:
-            _reject(422, "invalid", [("body", "the file has no data rows")])
-        if len(parsed.rows) > settings.max_batch_items:
-            _reject(422, "invalid", [("body", f"at most {settings.max_batch_items} rows per request, got "
-                                              f"{len(parsed.rows)}; `alliance import FILE.csv` sends any size "
-                                              "in chunks")], len(parsed.rows))
+        ctx.admit(principal)
+        with ctx.paid(principal) as work:
+            body = await read_body(request, settings.max_batch_bytes, ("text/csv",), work=work)
+            try:
+                text = body.decode("utf-8-sig")
+            except UnicodeDecodeError:
+                _reject(422, "invalid", [("body", "the file must be UTF-8 text")])
+            del body  # the text is all that is needed from here on
+            parsed = parse_csv(text, settings.max_batch_items, settings.max_csv_row_chars)
+            work.items = len(parsed.rows)
+            if parsed.errors:
+                _reject(422, "invalid", parsed.errors)
+            if not parsed.rows:
+                _reject(422, "invalid", [("body", "the file has no data rows")])
+            if parsed.too_many_rows:
+                _reject(422, "invalid", [("body", f"at most {settings.max_batch_items} rows per request, got "
+                                                  "more; `alliance import FILE.csv` sends any size in chunks")],
+                        len(parsed.rows))
         ctx.rate_limit(principal, len(parsed.rows))
         results, records = _batch_results(ctx, principal, [r.data for r in parsed.rows], datetime.now(UTC),
                                           parsed.rows)
@@ -460,12 +516,14 @@ def build_router(ctx: Context) -> APIRouter:
             _reject(403, "forbidden", [("Authorization", f"only a tenant-wide admin key may transfer clients; "
                                                          f"this key is bound to site '{principal.site_id}'")],
                     count=count)
-        body = await read_body(request, settings.max_single_bytes, ("application/json",), count)
-        data = parse_json(body, count)
-        model, errors = check_transfer(data)
-        errors = check_id("client_id", client_id) + errors
-        if model is None or errors:
-            _reject(422, "invalid", errors, count=count)
+        ctx.admit(principal, count)
+        with ctx.paid(principal) as work:
+            body = await read_body(request, settings.max_single_bytes, ("application/json",), count, work)
+            data = parse_json(body, count)
+            model, errors = check_transfer(data)
+            errors = check_id("client_id", client_id) + errors
+            if model is None or errors:
+                _reject(422, "invalid", errors, count=count)
         ctx.rate_limit(principal, 1, count)
         event = transfer_event(principal.tenant_id, client_id, model.site_id, principal.key_id, datetime.now(UTC))
         await ctx.publish_transfer(transfer_record(event), request)
@@ -477,12 +535,14 @@ def build_router(ctx: Context) -> APIRouter:
     return router
 
 
-def _batch_items(data: Any, max_items: int) -> list[Any]:
+def _batch_items(data: Any, max_items: int, work: Work) -> list[Any]:
     if not isinstance(data, dict):
         _reject(422, "invalid", [("body", 'must be a JSON object {"submissions": [...]}')])
     unknown = [k for k in data if k != "submissions"]
     errors: list[FieldError] = [(k, "Extra inputs are not permitted") for k in unknown]
     items = data.get("submissions")
+    if isinstance(items, list):
+        work.items = len(items)
     if not isinstance(items, list):
         errors.append(("submissions", "must be a list of submissions"))
     elif not 1 <= len(items) <= max_items:

@@ -74,6 +74,9 @@ class CsvFile:
     rows: list[CsvRow]
     errors: list[FieldError]
     header: list[str] = field(default_factory=list)
+    # True when parsing stopped at `max_rows + 1` data rows: the file is over the limit, and how
+    # far over is not worth reading to find out.
+    too_many_rows: bool = False
 
 
 def _number(cell: str, integer: bool) -> Any:
@@ -114,14 +117,24 @@ def session_submission_id(tenant_id: str, client_id: str, instrument: str, episo
                                str(session_number), day)
 
 
-def parse_csv(text: str) -> CsvFile:
+def parse_csv(text: str, max_rows: int | None = None, max_row_chars: int | None = None) -> CsvFile:
     """Parse an export. Rows keep the `submission_id` they give; the API derives the others
-    (`session_submission_id`) once a row is valid."""
+    (`session_submission_id`) once a row is valid.
+
+    The file is read as a stream of rows, and the limits are checked on each row's cells before a
+    row object is built: parsing stops at the first data row past `max_rows` (`too_many_rows`)
+    and at the first row whose cells hold more than `max_row_chars` characters (a file error). So
+    refusing an oversize file costs the rows up to the limit, never the whole file (a 4 MiB file
+    of tiny rows built every row, ~1 GiB, before the API looked at the count).
+    """
     reader = csv.reader(io.StringIO(text.lstrip("\ufeff"), newline=""))
     header: list[str] | None = None
     rows: list[CsvRow] = []
     try:
         for cells in reader:
+            if max_row_chars is not None and sum(map(len, cells)) > max_row_chars:
+                return CsvFile([], [(None, f"line {reader.line_num}: a row may hold at most {max_row_chars} "
+                                           "characters")], header or [])
             if header is None:
                 header = [c.strip() for c in cells]
                 errors = _header_errors(header)
@@ -130,6 +143,8 @@ def parse_csv(text: str) -> CsvFile:
                 continue
             if not any(c.strip() for c in cells):
                 continue  # blank line
+            if max_rows is not None and len(rows) >= max_rows:
+                return CsvFile(rows, [], header, too_many_rows=True)
             line = reader.line_num
             if len(cells) != len(header):
                 rows.append(CsvRow(line, {}, [(None, f"row has {len(cells)} cells, the header has {len(header)}")],

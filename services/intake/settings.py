@@ -28,6 +28,9 @@ class IntakeSettings(BaseSettings):
     max_single_bytes: int = Field(default=64 * 1024, ge=1024)
     max_batch_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_batch_items: int = Field(default=1000, ge=1)
+    # A CSV row's cells together; a valid row needs a few hundred characters. Checked on each row
+    # while parsing, so one huge row is refused without building it.
+    max_csv_row_chars: int = Field(default=4096, ge=256)
     # How far in the future `administered_at` may lie (clock skew between tablets and us).
     max_future_seconds: float = Field(default=86_400.0, ge=0)
     # The producer's linger for intake (overrides ALLIANCE_KAFKA_LINGER_MS): every HTTP client waits

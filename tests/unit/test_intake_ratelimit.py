@@ -67,3 +67,28 @@ def test_the_number_of_buckets_is_bounded() -> None:
 @pytest.mark.parametrize(("seconds", "header"), [(0.01, "1"), (1.0, "1"), (1.2, "2"), (30, "30")])
 def test_retry_after_is_whole_seconds_at_least_one(seconds: float, header: str) -> None:
     assert retry_after_header(seconds) == header
+
+
+def test_waiting_for_admission_spends_nothing() -> None:
+    limiter = RateLimiter(rate=1, burst=2, clock=Clock())
+    assert limiter.wait("k") == 0.0
+    assert limiter.wait("k") == 0.0
+    assert limiter.take("k", 2) == 0.0
+    assert limiter.wait("k") == pytest.approx(1.0)
+
+
+def test_rejected_work_is_charged_even_past_an_empty_bucket_and_makes_the_key_wait() -> None:
+    clock = Clock()
+    limiter = RateLimiter(rate=10, burst=100, clock=clock)
+    limiter.charge("k", 150)  # capped at the burst: the bucket is now empty
+    limiter.charge("k", 30)  # a debt of 30 tokens
+    assert limiter.wait("k") == pytest.approx(3.1)  # 31 tokens to one token at 10/s
+    clock.now += 3.2
+    assert limiter.wait("k") == 0.0
+
+
+def test_a_debt_is_at_most_one_burst() -> None:
+    limiter = RateLimiter(rate=10, burst=100, clock=Clock())
+    for _ in range(10):
+        limiter.charge("k", 100)
+    assert limiter.wait("k") == pytest.approx(10.1)  # from -100 to 1 token at 10/s
