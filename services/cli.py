@@ -43,6 +43,8 @@ def keys_create(
     """Create an API key; the key itself is printed once, as the last line."""
     if role not in auth.ROLES:
         raise typer.BadParameter(f"role must be one of {', '.join(auth.ROLES)}", param_hint="--role")
+    if problem := auth.tenant_id_problem(tenant):
+        raise typer.BadParameter(problem, param_hint="--tenant")
 
     async def go() -> str:
         settings = MongoSettings()

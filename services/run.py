@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 import httpx
 import typer
 
+from services.alerts.secretbox import new_key
 from shared import auth
 from shared.mongo import database, make_client
 from shared.settings import SERVICE_PORTS, MongoSettings
@@ -36,9 +36,9 @@ DEMO_CLINICIANS = {"c-1": "north", "c-2": "north", "c-3": "south"}
 
 
 def _local_secret(path: Path) -> str:
-    """A key that encrypts webhook secrets at rest, kept beside the local data (mode 0600)."""
+    """A keyring that encrypts webhook secrets at rest, kept beside the local data (mode 0600)."""
     if not path.exists():
-        path.write_text(secrets.token_urlsafe(32))
+        path.write_text(new_key("local1"))
         path.chmod(0o600)
     return path.read_text().strip()
 
@@ -118,7 +118,7 @@ def run(
     typer.echo("starting broker and store ...")
     stack.start()
     env = {**os.environ, **stack.env(), "ALLIANCE_ALERTS_ALLOW_PRIVATE_TARGETS": "true",
-           "ALLIANCE_ALERTS_SECRETS_KEY": _local_secret(state_dir / "secrets-key"), "PYTHONUNBUFFERED": "1"}
+           "ALLIANCE_ALERTS_SECRETS_KEYS": _local_secret(state_dir / "secrets-keys"), "PYTHONUNBUFFERED": "1"}
     procs: dict[str, subprocess.Popen[bytes]] = {}
     receiver: ThreadingHTTPServer | None = None
     stop = threading.Event()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -68,11 +69,25 @@ async def ensure_indexes(db: AsyncDatabase[Document]) -> None:
     await db[KEYS].create_index([("tenant_id", 1), ("role", 1)])
 
 
+# Tenant ids: no ':' (nor anything else a store or a Kafka key might use as a separator), so no
+# composite id built from a tenant id can be read as another tenant's (issue 12, item 7).
+TENANT_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def tenant_id_problem(tenant_id: str) -> str | None:
+    """Why `tenant_id` cannot be a tenant id, or None if it can."""
+    if not TENANT_ID_PATTERN.fullmatch(tenant_id):
+        return "a tenant id is 1-64 characters of A-Za-z0-9._- (no ':')"
+    return None
+
+
 async def create_key(db: AsyncDatabase[Document], tenant_id: str, role: Role, site_id: str | None = None,
                      label: str = "") -> tuple[str, Principal]:
     """Create a key; the plain key is returned once and never stored."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    if problem := tenant_id_problem(tenant_id):
+        raise ValueError(problem)
     key = new_key()
     key_id = hash_key(key)[:16]
     await db[KEYS].insert_one({

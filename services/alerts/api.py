@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from services.alerts import signing
 from services.alerts.handlers import status_record
 from services.alerts.rules import SUBSCRIBABLE, ApiStatus, Clinician, status_changed, url_problem
-from services.alerts.secretbox import SecretBox
+from services.alerts.secretbox import SecretBox, subscription_row, tenant_row
 from services.alerts.settings import AlertsSettings
 from services.alerts.store import AlertsStore, utcnow
 from services.alerts.targets import target_problem
@@ -34,6 +34,10 @@ from shared.topics import Topics
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 Id = Annotated[str, Path(min_length=1, max_length=200)]
+# The id rule intake applies to clinician ids, so the directory only holds ids events can carry.
+CLINICIAN_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+ClinicianId = Annotated[str, Path(min_length=1, max_length=128, pattern=CLINICIAN_ID_PATTERN,
+                                  description="1-128 characters of A-Za-z0-9._:-")]
 
 
 class ClinicianIn(BaseModel):
@@ -196,7 +200,7 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
 
     @r.put("/clinicians/{clinician_id}", tags=["directory"], response_model=ClinicianOut,
            responses={201: {"description": "created"}, 422: {"description": "invalid body"}})
-    async def put_clinician(clinician_id: Id, body: ClinicianIn, response: Response,
+    async def put_clinician(clinician_id: ClinicianId, body: ClinicianIn, response: Response,
                             p: Principal = admin) -> ClinicianOut:
         """Create or replace a clinician's directory entry."""
         if not p.may_see_site(body.site_id):
@@ -214,7 +218,7 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
         return ClinicianOut(clinician_id=clinician_id, **body.model_dump())
 
     @r.get("/clinicians/{clinician_id}", tags=["directory"], response_model=ClinicianOut)
-    async def get_clinician(clinician_id: Id, p: Principal = reader) -> ClinicianOut:
+    async def get_clinician(clinician_id: ClinicianId, p: Principal = reader) -> ClinicianOut:
         """One directory entry."""
         c = await store.get_clinician(p.tenant_id, clinician_id)
         if c is None or not p.may_see_site(c.site_id):
@@ -240,7 +244,9 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
             raise HTTPException(422, error_body([("url", problem)]))
         secret = signing.new_secret()
         events = sorted(set(body.events), key=SUBSCRIBABLE.index)
-        doc = await store.create_subscription(p.tenant_id, body.url, events, box.seal(secret))
+        sub_id = store.new_subscription_id()
+        sealed = box.seal(secret, subscription_row(p.tenant_id, sub_id))
+        doc = await store.create_subscription(p.tenant_id, body.url, events, sealed, sub_id)
         return SubscriptionCreated(id=doc["_id"], url=body.url, events=events, created_at=doc["created_at"],
                                    secret=secret)
 
@@ -266,7 +272,7 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
         _tenant_wide(p)
         secret = signing.new_secret()
         grace = timedelta(seconds=settings.secret_rotation_grace_seconds)
-        await store.rotate_webhook_secret(p.tenant_id, box.seal(secret), grace)
+        await store.rotate_webhook_secret(p.tenant_id, box.seal(secret, tenant_row(p.tenant_id)), grace)
         forget_secret("tenant:" + p.tenant_id)
         doc = await store.tenant(p.tenant_id) or {}
         return SecretOut(secret=secret, previous_valid_until=doc.get("previous_until"))
@@ -287,7 +293,8 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
         return EscalationOut(interval_seconds=seconds or settings.escalation_seconds, default=seconds is None)
 
     @r.get("/alerts", tags=["alerts"], response_model=list[AlertOut])
-    async def list_alerts(p: Principal = reader, clinician_id: str | None = None,
+    async def list_alerts(p: Principal = reader,
+                          clinician_id: Annotated[str | None, Query(pattern=CLINICIAN_ID_PATTERN)] = None,
                           status: ApiStatus | None = None,
                           limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[AlertOut]:
         """Alerts, newest first (a site-bound key sees its site only)."""

@@ -17,14 +17,13 @@ from faststream.specification import AsyncAPI
 from services.alerts.api import build_router
 from services.alerts.escalation import Escalator
 from services.alerts.handlers import Handlers
-from services.alerts.secretbox import SecretBox
 from services.alerts.senders import EmailSender, SigningSecrets, WebhookSender
 from services.alerts.settings import AlertsConfig
 from services.alerts.store import AlertsStore
 from services.alerts.worker import DeliveryWorker, Sender
 from shared import auth
 from shared.events import AlertStatusChanged, DeadLetter
-from shared.http import Runtime, service_api
+from shared.http import Runtime, authenticate_first, service_api
 from shared.kafka import Publisher, make_broker, subscribe_batch
 from shared.mongo import database, make_client
 
@@ -69,7 +68,7 @@ def build(config: AlertsConfig | None = None) -> tuple[Runtime, Components]:
     db = database(mongo, cfg.mongo)
     store = AlertsStore(db)
     publisher = Publisher(broker, cfg.kafka.publish_timeout_seconds)
-    box = SecretBox(cfg.alerts.secrets_key.get_secret_value())
+    box = cfg.alerts.secret_box()
     secrets = SigningSecrets(store, box)
     webhook = WebhookSender(secrets, cfg.alerts.allow_private_targets, cfg.alerts.attempt_timeout_seconds)
     senders: dict[str, Sender] = {"webhook": webhook}
@@ -93,9 +92,12 @@ def build(config: AlertsConfig | None = None) -> tuple[Runtime, Components]:
 
     async def start() -> None:
         await store.ensure_indexes()
+        if moved := await store.migrate_clinician_keys():
+            log.info("migrated %d directory entries to unambiguous keys", moved)
         await auth.ensure_indexes(db)
         if not box.encrypting:
-            log.warning("ALLIANCE_ALERTS_SECRETS_KEY is empty: webhook signing secrets are stored unencrypted")
+            log.warning("ALLIANCE_ALERTS_SECRETS_KEYS is empty: webhook signing secrets are stored unencrypted "
+                        "(refused when ALLIANCE_ALERTS_PRODUCTION is on)")
         if not cfg.smtp.enabled:
             log.info("ALLIANCE_SMTP_HOST is empty: the email channel is off")
         # Delivery and escalation need only the store, so they start before the broker: after a
@@ -121,6 +123,10 @@ def create_app(config: AlertsConfig | None = None) -> FastAPI:
     runtime, components = build(config)
     app = service_api(runtime, title="Alliance Stream — alerts", description=DESCRIPTION)
     app.include_router(components.router)
+    # Every /v1 route needs a key: check it before a body is read (the routes' own KeyStore comes
+    # after FastAPI has parsed the body). A second cache of the same keys; misses cost one look-up.
+    assert runtime.mongo is not None
+    authenticate_first(app, auth.KeyStore(database(runtime.mongo, components.config.mongo)).lookup)
     app.state.alerts = components
     return app
 

@@ -8,11 +8,15 @@ from typing import Annotated, TypeVar
 
 import typer
 
+from services.alerts.secretbox import KeyringError, Row, new_key, open_legacy
+from services.alerts.settings import AlertsSettings
 from services.alerts.store import AlertsStore
 from shared.mongo import database, make_client
 from shared.settings import MongoSettings
 
 app = typer.Typer(help="alerts service commands.", no_args_is_help=True)
+secrets_app = typer.Typer(help="The keyring that encrypts stored webhook signing secrets.", no_args_is_help=True)
+app.add_typer(secrets_app, name="secrets")
 
 T = TypeVar("T")
 
@@ -51,3 +55,48 @@ def retry(
     """Put failed deliveries back on the schedule with a fresh attempt budget."""
     n = _with_store(lambda s: s.requeue_failed(tenant, delivery_id or None))
     typer.echo(f"requeued {n} deliveries")
+
+
+@secrets_app.command("new-key")
+def secrets_new_key(
+    key_id: Annotated[str, typer.Option("--id", help="key id (1-32 of A-Za-z0-9_-), e.g. the date")],
+) -> None:
+    """Print a fresh keyring entry `id:base64key` for ALLIANCE_ALERTS_SECRETS_KEYS.
+
+    Rotation: put it second in every replica's keyring, then first, then run `reseal`, then
+    drop the old entry."""
+    try:
+        typer.echo(new_key(key_id))
+    except KeyringError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--id") from None
+
+
+@secrets_app.command("reseal")
+def secrets_reseal(
+    legacy_key: Annotated[str, typer.Option(help="the retired ALLIANCE_ALERTS_SECRETS_KEY, to migrate sb1 values",
+                                            envvar="ALLIANCE_ALERTS_LEGACY_SECRETS_KEY")] = "",
+) -> None:
+    """Re-seal every stored signing secret under the first key of ALLIANCE_ALERTS_SECRETS_KEYS
+    (values under older keys, plain ones, and with --legacy-key those of the retired sb1 box)."""
+    box = AlertsSettings().secret_box()
+    if not box.encrypting:
+        raise typer.BadParameter("ALLIANCE_ALERTS_SECRETS_KEYS is empty: nothing to seal with")
+    failed: list[str] = []
+
+    def reseal(stored: str, row: Row) -> str | None:
+        if box.current(stored):
+            return None
+        try:
+            legacy = stored.startswith("sb1:") and legacy_key
+            plain = open_legacy(stored, legacy_key) if legacy else box.open(stored, row)
+        except ValueError as exc:
+            failed.append(f"{list(row)}: {exc}")
+            return None
+        return box.seal(plain, row)
+
+    n = _with_store(lambda s: s.reseal_secrets(reseal))
+    for line in failed:
+        typer.echo(f"not resealed {line}", err=True)
+    typer.echo(f"resealed {n} secrets under key {box.sealing_key_id!r}")
+    if failed:
+        raise typer.Exit(1)

@@ -17,7 +17,7 @@ import httpx
 
 from services.alerts import signing
 from services.alerts.rules import email_text, withdrawal_email_text
-from services.alerts.secretbox import SecretBox
+from services.alerts.secretbox import SecretBox, subscription_row, tenant_row
 from services.alerts.settings import SmtpSettings
 from services.alerts.store import AlertsStore
 from services.alerts.targets import target_problem
@@ -65,20 +65,20 @@ class SigningSecrets:
     async def for_delivery(self, d: Document) -> list[str] | None:
         """The secrets to sign with; None when the recipient is gone; [] when none is configured."""
         sub = d.get("subscription_id")
+        tenant_id = str(d["tenant_id"])
         if sub:
             async def load_sub() -> list[str] | None:
                 sealed = await self._store.subscription_secret(sub)
-                return None if sealed is None else [self._box.open(sealed)]
+                return None if sealed is None else [self._box.open(sealed, subscription_row(tenant_id, sub))]
             return await self._cached("sub:" + sub, load_sub)
 
-        tenant_id = str(d["tenant_id"])
 
         async def load_tenant() -> list[str] | None:
             doc = await self._store.tenant(tenant_id) or {}
-            out = [self._box.open(doc["webhook_secret"])] if doc.get("webhook_secret") else []
+            out = [self._box.open(doc["webhook_secret"], tenant_row(tenant_id))] if doc.get("webhook_secret") else []
             until = doc.get("previous_until")
             if out and doc.get("previous_secret") and until is not None and until > datetime.now(UTC):
-                out.append(self._box.open(doc["previous_secret"]))
+                out.append(self._box.open(doc["previous_secret"], tenant_row(tenant_id)))
             return out
         return await self._cached("tenant:" + tenant_id, load_tenant)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.alerts.secretbox import KEYS_SETTING, SecretBox, parse_keyring
 from shared.settings import KafkaSettings, MongoSettings
 
 
@@ -36,9 +37,15 @@ class AlertsSettings(BaseSettings):
     escalation_seconds: float = Field(default=24 * 3600.0, gt=0)
     escalation_check_seconds: float = Field(default=30.0, gt=0)
 
-    # Key that encrypts stored signing secrets (base64 of >= 32 bytes, or any passphrase);
-    # empty = stored unencrypted (local runs only).
+    # Keyring that encrypts stored signing secrets: `id:base64key,...` (32 random bytes each; the
+    # first seals, all open; see secretbox). Empty = stored unencrypted, which only a non-production
+    # process accepts. Malformed, short or placeholder keys are refused in every mode.
+    secrets_keys: SecretStr = SecretStr("")
+    # The retired single-key setting: refused (not silently reinterpreted), see the validator.
     secrets_key: SecretStr = SecretStr("")
+    # Production mode (compose and k8s set it): refuse to start without a keyring, so a deployment
+    # that forgot the key fails loudly instead of storing partners' secrets in plain text.
+    production: bool = False
     # How long a rotated clinician-webhook secret still signs alongside the new one.
     secret_rotation_grace_seconds: float = Field(default=24 * 3600.0, ge=0)
 
@@ -47,6 +54,22 @@ class AlertsSettings(BaseSettings):
         if self.lease_seconds <= self.attempt_timeout_seconds:
             raise ValueError("lease_seconds must be longer than attempt_timeout_seconds")
         return self
+
+    @model_validator(mode="after")
+    def _a_usable_keyring(self) -> AlertsSettings:
+        if self.secrets_key.get_secret_value():
+            raise ValueError("ALLIANCE_ALERTS_SECRETS_KEY is no longer read: set ALLIANCE_ALERTS_SECRETS_KEYS="
+                             "<id>:<base64 of 32 bytes> (`alliance alerts secrets new-key`), unset the old "
+                             "setting, and migrate stored values with `alliance alerts secrets reseal "
+                             "--legacy-key <old value>`")
+        ring = parse_keyring(self.secrets_keys.get_secret_value())
+        if self.production and not ring:
+            raise ValueError(f"{KEYS_SETTING} is empty and ALLIANCE_ALERTS_PRODUCTION is on: production "
+                             "refuses to store webhook signing secrets unencrypted")
+        return self
+
+    def secret_box(self) -> SecretBox:
+        return SecretBox(parse_keyring(self.secrets_keys.get_secret_value()))
 
 
 class SmtpSettings(BaseSettings):

@@ -1,6 +1,7 @@
 """The alerts service's MongoDB collections (it owns them; no other service reads them).
 
-- `clinicians`: the directory, `_id` = "<tenant>:<clinician>".
+- `clinicians`: the directory, `_id` = the JSON array `["<tenant>", "<clinician>"]` (see
+  `clinician_key`; documents of the older `"<tenant>:<clinician>"` form are migrated at start).
 - `subscriptions`: partner webhooks with their (sealed) signing secrets.
 - `alert_tenants`: per-tenant clinician-webhook signing secret and escalation interval.
 - `alerts`: one document per alert id. Its lifecycle (raised, superseded, withdrawn; decided by
@@ -19,8 +20,9 @@ deliveries are claimed.
 
 from __future__ import annotations
 
+import json
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -30,6 +32,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
 from services.alerts.rules import RAISED, Clinician, Subscription, lifecycle_order
+from services.alerts.secretbox import Row, subscription_row, tenant_row
 from shared.mongo import Document
 
 CLINICIANS = "clinicians"
@@ -51,7 +54,10 @@ def utcnow() -> datetime:
 
 
 def clinician_key(tenant_id: str, clinician_id: str) -> str:
-    return f"{tenant_id}:{clinician_id}"
+    """The directory `_id` of a clinician: a JSON array, not `tenant:clinician`, because with a
+    separator that may occur inside an id, tenant `t`'s clinician `x:c1` and tenant `t:x`'s
+    clinician `c1` were the same document (one tenant read another's directory entry)."""
+    return json.dumps([tenant_id, clinician_id], separators=(",", ":"))
 
 
 def _below(value: str | int) -> Document:
@@ -88,6 +94,23 @@ class AlertsStore:
         self.tenants = db[TENANTS]
         self.alerts = db[ALERTS]
         self.deliveries = db[DELIVERIES]
+
+    async def migrate_clinician_keys(self) -> int:
+        """Rewrite directory documents still keyed `tenant:clinician` to `clinician_key` (from their
+        own `tenant_id` / `clinician_id` fields, which were always stored separately, so the move is
+        exact); idempotent, run at every start. Returns how many were moved.
+
+        Reading the old form as a fallback is not an option: that lookup is the collision itself."""
+        moved = 0
+        async for doc in self.clinicians.find({}):
+            new_id = clinician_key(doc["tenant_id"], doc["clinician_id"])
+            if doc["_id"] == new_id:
+                continue
+            await self.clinicians.update_one({"_id": new_id}, {"$setOnInsert": {k: v for k, v in doc.items()
+                                                                                 if k != "_id"}}, upsert=True)
+            await self.clinicians.delete_one({"_id": doc["_id"]})
+            moved += 1
+        return moved
 
     async def ensure_indexes(self) -> None:
         """Indexes every query below relies on."""
@@ -138,9 +161,15 @@ class AlertsStore:
 
     # ---- subscriptions -----------------------------------------------------------------------
 
+    @staticmethod
+    def new_subscription_id() -> str:
+        """A fresh subscription id (chosen before the insert: the sealed secret is bound to it)."""
+        return str(uuid.uuid4())
+
     async def create_subscription(self, tenant_id: str, url: str, events: Sequence[str],
-                                  sealed_secret: str) -> Document:
-        doc: Document = {"_id": str(uuid.uuid4()), "tenant_id": tenant_id, "url": url, "events": list(events),
+                                  sealed_secret: str, subscription_id: str | None = None) -> Document:
+        doc: Document = {"_id": subscription_id or self.new_subscription_id(), "tenant_id": tenant_id,
+                         "url": url, "events": list(events),
                          "secret": sealed_secret, "created_at": utcnow()}
         await self.subscriptions.insert_one(doc)
         return doc
@@ -170,6 +199,28 @@ class AlertsStore:
     async def subscription_secret(self, subscription_id: str) -> str | None:
         doc = await self.subscriptions.find_one({"_id": subscription_id}, {"secret": 1})
         return None if doc is None else str(doc["secret"])
+
+    async def reseal_secrets(self, reseal: Callable[[str, Row], str | None]) -> int:
+        """Re-seal every stored signing secret: `reseal(stored, row)` returns the new stored form,
+        or None to leave it. Each write is conditional on the value read, so a rotation through the
+        API meanwhile wins. Returns how many values were rewritten."""
+        n = 0
+        async for doc in self.subscriptions.find({}, {"tenant_id": 1, "secret": 1}):
+            new = reseal(str(doc["secret"]), subscription_row(doc["tenant_id"], doc["_id"]))
+            if new is not None:
+                res = await self.subscriptions.update_one({"_id": doc["_id"], "secret": doc["secret"]},
+                                                          {"$set": {"secret": new}})
+                n += res.modified_count
+        async for doc in self.tenants.find({}, {"webhook_secret": 1, "previous_secret": 1}):
+            for field in ("webhook_secret", "previous_secret"):
+                if not doc.get(field):
+                    continue
+                new = reseal(str(doc[field]), tenant_row(doc["_id"]))
+                if new is not None:
+                    res = await self.tenants.update_one({"_id": doc["_id"], field: doc[field]},
+                                                        {"$set": {field: new}})
+                    n += res.modified_count
+        return n
 
     # ---- per-tenant settings -----------------------------------------------------------------
 

@@ -9,7 +9,6 @@ import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from services.alerts import signing
-from services.alerts.secretbox import SecretBox
 
 BODY = b'{"alert_id":"a1","client_id":"c\xc3\xa9"}'
 
@@ -61,30 +60,3 @@ def test_signature_matches_the_specification_example() -> None:
 def test_no_secret_means_no_headers() -> None:
     with pytest.raises(ValueError):
         signing.webhook_headers("d", 1, BODY, [], "t")
-
-
-def test_secretbox_round_trip_and_ciphertext_hides_the_secret() -> None:
-    box = SecretBox("a passphrase")
-    secret = signing.new_secret()
-    sealed = box.seal(secret)
-    assert secret not in sealed and sealed.startswith("sb1:")
-    assert box.open(sealed) == secret
-    assert box.seal(secret) != sealed  # fresh nonce
-
-
-def test_secretbox_rejects_tampering_and_wrong_keys() -> None:
-    sealed = SecretBox("k1").seal("whsec_abc")
-    raw = bytearray(base64.b64decode(sealed[4:]))
-    raw[20] ^= 1
-    with pytest.raises(ValueError):
-        SecretBox("k1").open("sb1:" + base64.b64encode(bytes(raw)).decode())
-    with pytest.raises(ValueError):
-        SecretBox("k2").open(sealed)
-    with pytest.raises(ValueError):
-        SecretBox("").open(sealed)
-
-
-def test_secretbox_without_key_stores_plain_and_opens_it_after_a_key_is_set() -> None:
-    sealed = SecretBox("").seal("whsec_abc")
-    assert sealed == "plain:whsec_abc"
-    assert SecretBox("now-a-key").open(sealed) == "whsec_abc"
