@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
@@ -60,15 +62,27 @@ def retry(
 @secrets_app.command("new-key")
 def secrets_new_key(
     key_id: Annotated[str, typer.Option("--id", help="key id (1-32 of A-Za-z0-9_-), e.g. the date")],
+    file: Annotated[Path | None, typer.Option(help="write it to this file (mode 0600) unless the file exists, "
+                                                   "instead of printing it")] = None,
 ) -> None:
     """Print a fresh keyring entry `id:base64key` for ALLIANCE_ALERTS_SECRETS_KEYS.
 
     Rotation: put it second in every replica's keyring, then first, then run `reseal`, then
     drop the old entry."""
     try:
-        typer.echo(new_key(key_id))
+        entry = new_key(key_id)
     except KeyringError as exc:
         raise typer.BadParameter(str(exc), param_hint="--id") from None
+    if file is None:
+        typer.echo(entry)
+    elif file.exists():
+        typer.echo(f"{file} exists: kept", err=True)
+    else:
+        # Created 0600 from the start: the key is never readable by others, not even briefly.
+        fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(entry + "\n")
+        typer.echo(f"wrote a new key {key_id!r} to {file}", err=True)
 
 
 @secrets_app.command("reseal")

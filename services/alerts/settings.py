@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,6 +42,9 @@ class AlertsSettings(BaseSettings):
     # first seals, all open; see secretbox). Empty = stored unencrypted, which only a non-production
     # process accepts. Malformed, short or placeholder keys are refused in every mode.
     secrets_keys: SecretStr = SecretStr("")
+    # Or a file holding that keyring (compose generates one into a volume; a mounted k8s Secret
+    # works too). Read when `secrets_keys` is empty.
+    secrets_keys_file: str = ""
     # The retired single-key setting: refused (not silently reinterpreted), see the validator.
     secrets_key: SecretStr = SecretStr("")
     # Production mode (compose and k8s set it): refuse to start without a keyring, so a deployment
@@ -62,6 +66,11 @@ class AlertsSettings(BaseSettings):
                              "<id>:<base64 of 32 bytes> (`alliance alerts secrets new-key`), unset the old "
                              "setting, and migrate stored values with `alliance alerts secrets reseal "
                              "--legacy-key <old value>`")
+        if not self.secrets_keys.get_secret_value() and self.secrets_keys_file:
+            try:
+                self.secrets_keys = SecretStr(Path(self.secrets_keys_file).read_text().strip())
+            except OSError as exc:
+                raise ValueError(f"ALLIANCE_ALERTS_SECRETS_KEYS_FILE cannot be read: {exc}") from None
         ring = parse_keyring(self.secrets_keys.get_secret_value())
         if self.production and not ring:
             raise ValueError(f"{KEYS_SETTING} is empty and ALLIANCE_ALERTS_PRODUCTION is on: production "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -70,3 +71,20 @@ def test_the_retired_single_key_setting_is_refused_with_the_migration(monkeypatc
     monkeypatch.setenv("ALLIANCE_ALERTS_SECRETS_KEY", "change-me")
     with pytest.raises(ValidationError, match=r"ALLIANCE_ALERTS_SECRETS_KEY is no longer read.*reseal"):
         AlertsSettings()
+
+
+def test_the_keyring_can_come_from_a_file_that_the_cli_writes_once(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from services.alerts import cli
+
+    path = tmp_path / "keys"
+    assert CliRunner().invoke(cli.app, ["secrets", "new-key", "--id", "c1", "--file", str(path)]).exit_code == 0
+    first = path.read_text()
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert CliRunner().invoke(cli.app, ["secrets", "new-key", "--id", "c2", "--file", str(path)]).exit_code == 0
+    assert path.read_text() == first  # an existing keyring is never replaced
+    box = AlertsSettings(production=True, secrets_keys_file=str(path)).secret_box()
+    assert box.sealing_key_id == "c1"
+    with pytest.raises(ValidationError, match="SECRETS_KEYS_FILE"):
+        AlertsSettings(secrets_keys_file=str(tmp_path / "missing"))

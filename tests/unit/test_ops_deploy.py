@@ -126,6 +126,15 @@ def test_compose_services_use_acks_all_and_idempotence_on_real_kafka(compose: di
         assert env["ALLIANCE_KAFKA_IDEMPOTENCE"] == "true"
 
 
+def test_compose_alerts_requires_a_keyring_and_gets_one_generated_once(compose: dict[str, Any]) -> None:
+    alerts, init = compose["services"]["alerts"], compose["services"]["alerts-keys"]
+    assert alerts["environment"]["ALLIANCE_ALERTS_PRODUCTION"] == "true"
+    assert alerts["environment"]["ALLIANCE_ALERTS_SECRETS_KEYS_FILE"] == "/keys/alerts-secrets-keys"
+    assert alerts["volumes"] == ["alerts-keys:/keys:ro"] and "alerts-keys" in compose["volumes"]
+    assert alerts["depends_on"]["alerts-keys"]["condition"] == "service_completed_successfully"
+    assert "secrets new-key" in " ".join(init["command"]) and "--file /keys/alerts-secrets-keys" in init["command"][2]
+
+
 def test_compose_images_are_pinned(compose: dict[str, Any]) -> None:
     images = {name: svc["image"] for name, svc in compose["services"].items()}
     assert set(images) == set(compose["services"]), "every service names its image"
@@ -230,7 +239,7 @@ def test_compose_file_is_valid_for_docker_compose(env_name: str) -> None:
     resolved = yaml.safe_load(out.stdout)
     brokers = {"kafka-1", "kafka-2", "kafka-3"} if env_name == "ha.env" else {"kafka"}
     assert set(resolved["services"]) == {*SERVICES, *brokers, "topic-init", "mongo", "mongo-init", "prometheus",
-                                         "grafana"}
+                                         "grafana", "alerts-keys"}
     bootstrap = resolved["services"]["scoring"]["environment"]["ALLIANCE_KAFKA_BOOTSTRAP"]
     assert {b.split(":")[0] for b in bootstrap.split(",")} == brokers
 
@@ -479,6 +488,19 @@ def test_configmap_and_secret_keys_are_real_settings(manifests: list[dict[str, A
         for container in spec["containers"] if spec else []:
             keys |= {e["name"] for e in container.get("env", [])}
     assert sorted(keys - known) == []
+
+
+def test_the_k8s_secrets_keyring_placeholder_is_refused_and_alerts_runs_in_production_mode(
+        manifests: list[dict[str, Any]]) -> None:
+    from pydantic import ValidationError
+
+    from services.alerts.settings import AlertsSettings
+
+    placeholder = find(manifests, "Secret", "alliance-secrets")["stringData"]["ALLIANCE_ALERTS_SECRETS_KEYS"]
+    assert "ALLIANCE_ALERTS_SECRETS_KEY" not in find(manifests, "Secret", "alliance-secrets")["stringData"]
+    with pytest.raises(ValidationError, match="ALLIANCE_ALERTS_SECRETS_KEYS"):
+        AlertsSettings(secrets_keys=placeholder)
+    assert find(manifests, "ConfigMap", "alliance-config")["data"]["ALLIANCE_ALERTS_PRODUCTION"] == "true"
 
 
 def test_production_kafka_settings_are_tls_scram_acks_all_idempotent(manifests: list[dict[str, Any]]) -> None:
