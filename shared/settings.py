@@ -71,11 +71,17 @@ class HttpSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    # Request bodies larger than this get 413 before they are read (`shared.http.BodyLimit`); the
+    # alerts and reporting bodies are small JSON documents, so 1 MiB leaves ample room.
+    max_body_bytes: int | None = Field(default=1024 * 1024, ge=1024)
 
 
 class IntakeHttp(HttpSettings):
     model_config = SettingsConfigDict(env_prefix="ALLIANCE_INTAKE_", extra="ignore")
     port: int = 8001
+    # Intake limits each route itself (ALLIANCE_INTAKE_MAX_SINGLE_BYTES / MAX_BATCH_BYTES), counting
+    # its refusals in its metrics; no service-wide limit on top.
+    max_body_bytes: int | None = None
 
 
 class ScoringHttp(HttpSettings):

@@ -15,7 +15,7 @@ from services.reporting.settings import ReportingSettings
 from services.reporting.store import Generations, ReportingStore, SubmissionStore
 from shared.auth import KeyStore
 from shared.events import DeadLetter
-from shared.http import Runtime, service_api
+from shared.http import Runtime, authenticate_first, service_api
 from shared.kafka import OutboundRecord, Publisher, make_broker, subscribe_batch
 from shared.mongo import database, make_client
 from shared.settings import KafkaSettings, MongoSettings
@@ -86,6 +86,8 @@ def create_app(config: ReportingConfig | None = None) -> FastAPI:
     app.include_router(build_router(store, generations, lambda: keys, config.reporting, submissions))
     install_store_errors(app)
     mount_dashboard(app)
+    # Every /v1 route needs a key: check it before anything else (FastAPI reads a body first).
+    authenticate_first(app, keys.lookup)
     return app
 
 
