@@ -174,6 +174,9 @@ def run(
     except KeyboardInterrupt:
         pass
     finally:
+        # Ctrl-C arrives as KeyboardInterrupt, not through `stop`: set it, or the topic watchdog
+        # keeps calling the stopped broker and its waiting worker thread holds the exit forever.
+        stop.set()
         typer.echo("stopping ...")
         for p in procs.values():
             if p.poll() is None:
