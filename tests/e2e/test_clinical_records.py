@@ -137,6 +137,11 @@ async def _alerts(http: httpx.AsyncClient, services: dict[str, ServiceProcess], 
     return [a for a in r.json() if a.get("client_id") == client]
 
 
+async def _alert_webhooks(receiver: Receiver, client: str) -> list[dict[str, Any]]:
+    """The raised and revised alerts the clinician's webhook received for a client (for `eventually`)."""
+    return [h for h in _webhooks(receiver, client) if h["_event"] == "alliance.deterioration.v1"]
+
+
 def _webhooks(receiver: Receiver, client: str) -> list[dict[str, Any]]:
     out = []
     for got in receiver.successes():
@@ -226,10 +231,7 @@ async def test_an_episode_restart_without_episode_id_keeps_history_and_alerts_on
     september = await _trajectory(http, services, keys["read"], c, episode_id="auto/2026-09-01/1")
     assert [s["total"] for s in september.json()["sessions"]] == [38.0, 38.0, 38.0]
 
-    async def alerted() -> list[dict[str, Any]]:
-        return [h for h in _webhooks(receiver, c) if h["_event"] == "alliance.deterioration.v1"]
-
-    hooks = await eventually(alerted, timeout=60)
+    hooks = await eventually(lambda: _alert_webhooks(receiver, c), timeout=60)
     assert hooks[0]["session_number"] == 2 and hooks[0]["episode_id"] == "auto/2026-11-03/1"
     assert hooks[0]["severity"] == "critical"
 
@@ -246,10 +248,7 @@ async def test_a_mistyped_session_number_is_rejected_and_does_not_silence_the_cl
     await _post(http, services, keys["submit"], _session(c, 2, SEPT + timedelta(days=14), total=12.0,
                                                          sid="case4-s2"))
 
-    async def alerted() -> list[dict[str, Any]]:
-        return [h for h in _webhooks(receiver, c) if h["_event"] == "alliance.deterioration.v1"]
-
-    assert (await eventually(alerted, timeout=60))[0]["submission_id"] == "case4-s2"
+    assert (await eventually(lambda: _alert_webhooks(receiver, c), timeout=60))[0]["submission_id"] == "case4-s2"
 
     async def listed() -> list[str] | None:
         r = await http.get(f"{services['reporting'].url}/v1/submissions", headers=_auth(keys["read"]),
@@ -323,17 +322,19 @@ async def test_reimporting_the_same_csv_export_changes_nothing_and_a_changed_row
     again = await post_csv(header + "".join(rows))
     assert again == first
 
-    async def one_alert() -> list[dict[str, Any]]:
-        return [h for h in _webhooks(receiver, "case6") if h["_event"] == "alliance.deterioration.v1"]
-
-    await eventually(one_alert, timeout=60)
+    await eventually(lambda: _alert_webhooks(receiver, "case6"), timeout=60)
     changed = await post_csv(header + rows[0] + rows[1].replace(",31.0", ",30.0"))
     assert changed == first
     corrected = await _status(http, services, keys["read"], first[1], "scored", 2)
     assert corrected["total"] == 30.0
     assert (await _status(http, services, keys["read"], first[0], "scored"))["revision"] == 1
-    revisions = sorted(h["revision"] for h in await one_alert())
-    assert revisions == [1, 2]  # the re-import raised nothing; the correction revised the alert once
+
+    async def revised() -> list[int] | None:
+        revisions = sorted(h["revision"] for h in await _alert_webhooks(receiver, "case6"))
+        return revisions if 2 in revisions else None
+
+    # the re-import raised nothing; the correction revised the alert once
+    assert await eventually(revised, timeout=60) == [1, 2]
 
 
 @pytest.mark.parametrize(("client", "totals", "severity"), [
