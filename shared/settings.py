@@ -114,3 +114,24 @@ class LogSettings(BaseSettings):
 
     level: str = "INFO"
     json_format: bool = True
+
+
+class AuditSettings(BaseSettings):
+    """The access audit trail (`ALLIANCE_AUDIT_*`, see `shared.audit` and docs/operations.md)."""
+
+    model_config = SettingsConfigDict(env_prefix="ALLIANCE_AUDIT_", extra="ignore")
+
+    # Off only to measure what auditing costs (the reporting bench); a deployment keeps it on.
+    enabled: bool = True
+    # One collection every service writes and reporting reads; empty: ALLIANCE_MONGO_DATABASE.
+    database: str = ""
+    collection: str = Field(default="audit", min_length=1)
+    # Entries are written in batches: at most this long after they were recorded, or as soon as a
+    # batch is full, so a read never waits for the store's write.
+    flush_interval_seconds: float = Field(default=0.2, gt=0, le=5)
+    batch_max_entries: int = Field(default=500, ge=1)
+    # Entries held while the store does not answer; past this, audited requests get 503 rather
+    # than client data nobody could audit.
+    queue_max_entries: int = Field(default=50_000, ge=1)
+    # How long a stopping service keeps trying to write what it still holds.
+    close_timeout_seconds: float = Field(default=10.0, gt=0)
