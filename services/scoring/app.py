@@ -86,7 +86,8 @@ def build(config: ScoringConfig | None = None) -> Scoring:
                                  "cleared it, naming the revision it ends.")
     broker.publisher(topics.deadletter, title=f"{SERVICE}:{topics.deadletter}", schema=DeadLetter,
                      description="Submitted records scoring could not read or refused, with the reason "
-                                 "(undecodable, invalid, unscorable, site_conflict, session_gap, duplicate).")
+                                 "(undecodable, invalid, unscorable, site_conflict, session_gap, duplicate, "
+                                 "series_full).")
     return Scoring(broker, client, store, states, rules, handler)
 
 

@@ -34,6 +34,8 @@ def change_rules(
     item_threshold: float | None = None,
     triggers: list[str] | None = None,
     session_gap: int | None = None,
+    max_episode_sessions: int | None = None,
+    max_client_submissions: int | None = None,
     reset: bool = False,
 ) -> TenantRules:
     """The rules after an operator's change; raises ValueError for an invalid one. Pure."""
@@ -41,9 +43,11 @@ def change_rules(
         raise ValueError(f"operator must be one of {', '.join(OPERATORS)}")
     op: Operator | None = "<" if operator == "<" else "<=" if operator == "<=" else None
     if instrument is not None:
-        if critical_drop is not None or item_threshold is not None or triggers is not None or session_gap is not None:
-            raise ValueError("--critical-drop, --item-threshold, --triggers and --session-gap apply to all "
-                             "instruments; leave out --instrument")
+        tenant_wide = (critical_drop, item_threshold, triggers, session_gap, max_episode_sessions,
+                       max_client_submissions)
+        if any(x is not None for x in tenant_wide):
+            raise ValueError("--critical-drop, --item-threshold, --triggers, --session-gap, --max-episode-sessions "
+                             "and --max-client-submissions apply to all instruments; leave out --instrument")
         instruments = dict(current.instruments)
         if reset:
             instruments.pop(instrument, None)
@@ -65,6 +69,9 @@ def change_rules(
         item_threshold=base.item_threshold if item_threshold is None else item_threshold,
         triggers=base.triggers if triggers is None else frozenset(triggers),
         session_gap=base.session_gap if session_gap is None else session_gap,
+        max_episode_sessions=base.max_episode_sessions if max_episode_sessions is None else max_episode_sessions,
+        max_client_submissions=(base.max_client_submissions if max_client_submissions is None
+                                else max_client_submissions),
     )
 
 
@@ -103,6 +110,11 @@ def set_rules(
                                                       "below_cutoff,drop_from_previous,low_not_improving)")] = None,
     session_gap: Annotated[int | None, typer.Option(help="a session number more than this above the highest of "
                                                          "its episode is refused as a typo (default 20)")] = None,
+    max_episode_sessions: Annotated[int | None, typer.Option(help="a new session beyond this many in one episode "
+                                                                  "is refused as series_full (default 500)")] = None,
+    max_client_submissions: Annotated[int | None, typer.Option(help="a new submission once a client holds this "
+                                                                    "many is refused as series_full "
+                                                                    "(default 5000)")] = None,
     reset: Annotated[bool, typer.Option("--reset", help="back to the defaults (with --instrument: drop that "
                                                         "instrument's override)")] = False,
 ) -> None:
@@ -115,7 +127,8 @@ def set_rules(
     try:
         new = change_rules(current, cutoff=cutoff, operator=operator, drop=drop, instrument=instrument,
                            critical_drop=critical_drop, item_threshold=item_threshold, triggers=wanted,
-                           session_gap=session_gap, reset=reset)
+                           session_gap=session_gap, max_episode_sessions=max_episode_sessions,
+                           max_client_submissions=max_client_submissions, reset=reset)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     _run_store_op("put", tenant, new)

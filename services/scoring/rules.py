@@ -16,7 +16,11 @@ Defaults (each overridable per tenant, and cutoff/operator/drop per instrument):
   not make an alert critical: `low_not_improving` implies `below_cutoff`, so counting triggers
   would call 30 -> 30 critical while 40 -> 37.1 stays a warning;
 - session_gap: a session more than 20 numbers above the highest of its episode is refused as a
-  probable typo (it would otherwise be the "latest" session for ever and silence the client).
+  probable typo (it would otherwise be the "latest" session for ever and silence the client);
+- series_full: a new session beyond 500 in one episode, or a new submission once a client holds
+  5,000 (accepted and refused together), is refused. Weekly sessions for ten years are ~520; the
+  caps exist so that no client's record can grow without bound (one document per client: MongoDB
+  refuses documents over 16 MiB, and every step re-reads the record).
 
 Sources (docs/clinical-records.md cites them): the SRS cutoff of 36 and "any drop" as a signal to
 discuss the alliance come from Duncan & Miller's PCOMS manual and Duncan et al. (2003), "The
@@ -87,6 +91,8 @@ class TenantRules:
     triggers: frozenset[str] = DEFAULT_TRIGGERS
     instruments: Mapping[str, InstrumentOverride] = field(default_factory=dict)
     session_gap: int = 20
+    max_episode_sessions: int = 500
+    max_client_submissions: int = 5_000
 
     def __post_init__(self) -> None:
         check_rules(self)
@@ -114,6 +120,8 @@ class TenantRules:
             "item_threshold": self.item_threshold,
             "triggers": sorted(self.triggers, key=FLAG_NAMES.index),
             "session_gap": self.session_gap,
+            "max_episode_sessions": self.max_episode_sessions,
+            "max_client_submissions": self.max_client_submissions,
             "instruments": {
                 name: {k: v for k, v in (("cutoff", o.cutoff), ("operator", o.operator), ("drop", o.drop))
                        if v is not None}
@@ -141,6 +149,8 @@ class TenantRules:
             triggers=frozenset(doc.get("triggers", base.triggers)),
             instruments=instruments,
             session_gap=int(doc.get("session_gap", base.session_gap)),
+            max_episode_sessions=int(doc.get("max_episode_sessions", base.max_episode_sessions)),
+            max_client_submissions=int(doc.get("max_client_submissions", base.max_client_submissions)),
         )
 
 
@@ -166,6 +176,12 @@ def check_rules(rules: TenantRules) -> None:
         raise ValueError(f"item_threshold must be between 0 and {MAX_ITEM}, got {rules.item_threshold}")
     if not (1 <= rules.session_gap <= 100_000):
         raise ValueError(f"session_gap must be between 1 and 100000, got {rules.session_gap}")
+    # Upper bounds keep the per-client document well below MongoDB's 16 MiB (~0.7 KiB per submission:
+    # 10,000 is ~7 MiB).
+    if not (1 <= rules.max_episode_sessions <= 5_000):
+        raise ValueError(f"max_episode_sessions must be between 1 and 5000, got {rules.max_episode_sessions}")
+    if not (1 <= rules.max_client_submissions <= 10_000):
+        raise ValueError(f"max_client_submissions must be between 1 and 10000, got {rules.max_client_submissions}")
     unknown = set(rules.triggers) - set(FLAG_NAMES)
     if unknown or not rules.triggers:
         raise ValueError(f"triggers must be a non-empty subset of {', '.join(FLAG_NAMES)}")

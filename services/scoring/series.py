@@ -47,7 +47,7 @@ from shared.events import SCORED_INSTRUMENTS, Instrument, Items, Operator, Sever
 DERIVED_PREFIX = "auto/"
 MAX_TRANSFER_IDS = 32
 
-RejectReason = Literal["site_conflict", "session_gap", "duplicate", "unscorable"]  # duplicate: kept, told
+RejectReason = Literal["site_conflict", "session_gap", "duplicate", "unscorable", "series_full"]  # duplicate: kept
 AlertState = Literal["raised", "superseded", "withdrawn"]
 
 
@@ -418,6 +418,12 @@ class ClientState:
             return Step(rejection=same_rejection)
         if known is not None and (known.order() >= v.order() or known.digest == v.digest):
             return Step()  # an older version arriving late, or an identical resend: nothing changes
+        if known is None and v.submission_id not in self.rejected and self._holds() >= rules.max_client_submissions:
+            # Not remembered (that would grow the record the cap bounds): a redelivery is judged
+            # again, and as the record never shrinks, it is refused again unless the cap was raised.
+            return Step(rejection=Rejection(v.accepted_at, v.digest, "series_full", (
+                f"the client's record already holds {self._holds()} submissions, the most one client may hold "
+                f"(max_client_submissions {rules.max_client_submissions})")))
         if v.instrument not in _SCORED and self.owner in (None, v.site_id):  # another site's: refused below
             self.versions[v.submission_id] = v
             self.owner = self.owner or v.site_id
@@ -475,22 +481,37 @@ class ClientState:
             R.total_of(v.ratings(), v.total)
         except R.Unscorable as exc:
             return "unscorable", str(exc)
-        if v.session_number <= rules.session_gap + 1:
-            return None  # every episode's highest number is at least 1: no gap is possible
+        # Both checks below need the episodes; skipped when neither can refuse (the usual case):
+        # every episode's highest number is at least 1, and an episode holds at most the
+        # instrument's versions.
+        gap_possible = v.session_number > rules.session_gap + 1
+        cap = rules.max_episode_sessions
+        may_fill = len(self.versions) >= cap and sum(1 for o in self.versions.values()
+                                                     if o.instrument == v.instrument) >= cap
+        if not (gap_possible or may_fill):
+            return None
         others = [o for sid, o in self.versions.items() if sid != v.submission_id]
         by_key, _ = current_versions(others)
         if v.session_key in by_key:
-            return None  # a correction (or a resend) of an existing session: never a gap
+            return None  # a correction (or a resend) of an existing session: neither a gap nor growth
         tentative = dict(by_key)
         tentative[v.session_key] = v
         for eid, _derived, members in episodes_of(tentative.values()).get(v.instrument, []):
             if any(m is v for m in members):
                 rest = [m.session_number for m in members if m is not v]
+                if len(rest) >= cap:
+                    return "series_full", (f"episode '{eid}' already holds {len(rest)} sessions, the most one "
+                                           f"episode may hold (max_episode_sessions {cap}); a new course of "
+                                           "treatment is a new episode (an episode_id, or numbering from 1)")
                 gap = rules.session_gap
-                if rest and v.session_number > max(rest) + gap:
+                if gap_possible and rest and v.session_number > max(rest) + gap:
                     return "session_gap", (f"session_number {v.session_number} is more than {gap} above the "
                                            f"highest session of episode '{eid}' ({max(rest)}); a typo?")
         return None
+
+    def _holds(self) -> int:
+        """How many submissions the record keeps (accepted and refused): what the client cap bounds."""
+        return len(self.versions) + len(self.rejected)  # an id in both counts twice: errs on the safe side
 
     # ---- outputs ----------------------------------------------------------------------------
 

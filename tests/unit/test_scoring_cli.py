@@ -72,3 +72,16 @@ def test_session_gap_is_a_tenant_wide_setting() -> None:
 def test_a_session_gap_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="session_gap"):
         change_rules(TenantRules(), session_gap=0)
+
+
+def test_the_record_caps_are_tenant_wide_settings() -> None:
+    new = change_rules(TenantRules(), max_episode_sessions=100, max_client_submissions=1000)
+    assert (new.max_episode_sessions, new.max_client_submissions) == (100, 1000)
+    assert TenantRules.from_doc(new.to_doc()) == new
+    with pytest.raises(ValueError, match="--max-episode-sessions"):
+        change_rules(TenantRules(), max_episode_sessions=100, instrument="SRS")
+
+
+def test_a_client_cap_that_would_let_a_record_near_the_document_limit_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_client_submissions must be between 1 and 10000"):
+        change_rules(TenantRules(), max_client_submissions=50_000)

@@ -616,6 +616,52 @@ def test_correcting_an_existing_session_is_never_a_gap() -> None:
     assert c.submit("a", 1, 30.0).rejection is None
 
 
+def test_a_new_session_beyond_the_episode_cap_is_refused_as_series_full() -> None:
+    c = Client(rules=TenantRules(max_episode_sessions=3))
+    c.feed(38.0, 38.0, 38.0)
+    step = c.submit("s4", 4, 12.0)
+    assert step.outputs == [] and step.rejection is not None and step.rejection.reason == "series_full"
+    assert "max_episode_sessions 3" in step.rejection.detail and "s4" not in c.state.versions
+
+
+def test_a_full_episode_still_takes_corrections_of_its_sessions() -> None:
+    c = Client(rules=TenantRules(max_episode_sessions=3))
+    c.feed(38.0, 38.0, 38.0)
+    step = c.submit("s3", 3, 30.0)
+    assert step.rejection is None and alerts(step)
+
+
+def test_a_full_episode_does_not_stop_a_new_episode() -> None:
+    c = Client(rules=TenantRules(max_episode_sessions=3))
+    c.feed(38.0, 38.0, 38.0)
+    step = c.submit("new-1", 1, 38.0, at=NOV)
+    assert step.rejection is None and one_scored(step, "new-1").session.episode_id == "auto/2026-11-01/1"
+
+
+def test_a_new_submission_once_the_client_holds_the_cap_is_refused_as_series_full_and_not_kept() -> None:
+    c = Client(rules=TenantRules(max_client_submissions=3))
+    c.feed(38.0, 38.0)
+    c.submit("typo", 100000, 30.0, at=SEPT + timedelta(days=3))  # a refusal is kept: it counts
+    step = c.submit("s3", 3, 12.0)
+    assert step.rejection is not None and step.rejection.reason == "series_full"
+    assert "max_client_submissions 3" in step.rejection.detail
+    assert "s3" not in c.state.versions and "s3" not in c.state.rejected and not step.changed
+
+
+def test_a_full_client_still_takes_a_correction_under_a_known_submission_id() -> None:
+    c = Client(rules=TenantRules(max_client_submissions=2))
+    c.feed(38.0, 38.0)
+    step = c.submit("s2", 2, 30.0)
+    assert step.rejection is None and alerts(step)
+
+
+def test_a_series_full_refusal_redelivered_is_refused_again() -> None:
+    c = Client(rules=TenantRules(max_client_submissions=1))
+    c.feed(38.0)
+    late = c.version("s2", 2, 30.0)
+    assert c.apply(late).rejection == c.apply(late).rejection is not None
+
+
 def test_a_rejected_version_redelivered_gets_the_same_rejection_though_the_state_changed() -> None:
     c = Client()
     c.feed(38.0)
