@@ -81,8 +81,10 @@ class Document:
         return docs_dir / self.kind / f"{self.service}.json"
 
     def text(self) -> str:
-        # Same layout as `faststream docs gen` (indent 2), plus a final newline.
-        return json.dumps(self.content, indent=2, ensure_ascii=False) + "\n"
+        # `faststream docs gen`'s indent, plus a final newline; keys sorted, because the generator's
+        # channel order changes from run to run and every regeneration would otherwise rewrite
+        # the partner-facing documents.
+        return json.dumps(self.content, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
 
 
 def generate(services: list[str] | None = None) -> list[Document]:
