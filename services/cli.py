@@ -14,9 +14,9 @@ from typing import Annotated
 
 import typer
 
-from shared import auth
+from shared import audit, auth
 from shared.mongo import database, make_client
-from shared.settings import KafkaSettings, MongoSettings
+from shared.settings import AuditSettings, KafkaSettings, MongoSettings
 from shared.stack import LocalStack, ensure_topics
 
 app = typer.Typer(help="Alliance Stream operator commands.", no_args_is_help=True, add_completion=False)
@@ -51,6 +51,8 @@ def keys_create(
         client = make_client(settings)
         try:
             key, principal = await auth.create_key(database(client, settings), tenant, role, site, label)
+            await audit.write_now(audit.audit_collection(client, settings, AuditSettings()), tenant_id=tenant,
+                                  action="keys.create", target=principal.key_id)
         finally:
             await client.close()
         typer.echo(f"key id {principal.key_id} tenant={tenant} role={role} site={site or '*'}", err=True)
@@ -67,7 +69,14 @@ def keys_revoke(key_id: str) -> None:
         settings = MongoSettings()
         client = make_client(settings)
         try:
-            return await auth.revoke_key(database(client, settings), key_id)
+            db = database(client, settings)
+            doc = await db[auth.KEYS].find_one({"key_id": key_id}, {"tenant_id": 1})
+            revoked = await auth.revoke_key(db, key_id)
+            if doc is not None:
+                await audit.write_now(audit.audit_collection(client, settings, AuditSettings()),
+                                      tenant_id=doc["tenant_id"], action="keys.revoke", target=key_id,
+                                      outcome="allowed" if revoked else "invalid")
+            return revoked
         finally:
             await client.close()
 
@@ -120,6 +129,7 @@ def _mount_service_commands() -> None:
     app.add_typer(scoring_cli.app, name="scoring")
     app.add_typer(alerts_cli.app, name="alerts")
     app.add_typer(reporting_cli.app, name="reporting")
+    app.add_typer(reporting_cli.audit_app, name="audit")
     from services.bench import bench
     from services.contracts import app as docs_app
     from services.run import run

@@ -27,21 +27,25 @@ import binascii
 import getpass
 import json
 import logging
+import re
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 from bson import ObjectId
 from bson.errors import InvalidId
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Gauge
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.auth import Principal, bearer_token
-from shared.http import error_body
+from shared.http import Runtime, error_body
 from shared.mongo import Document, make_client
 from shared.settings import AuditSettings, MongoSettings
 
@@ -144,6 +148,11 @@ class AuditLog:
         """Entries not written yet."""
         return len(self._queue)
 
+    @property
+    def full(self) -> bool:
+        """True when `append` would refuse an entry."""
+        return len(self._queue) >= self._max
+
     def append(self, doc: Document) -> None:
         """Queue one entry; AuditFull when `queue_max_entries` are already waiting."""
         if len(self._queue) >= self._max:
@@ -238,7 +247,7 @@ class Auditor:
     def __init__(self, audit_log: AuditLog | None, service: str, lookup: Lookup) -> None:
         self.log = audit_log
         self.service = service
-        self._lookup = lookup
+        self.lookup = lookup
 
     def record(self, p: Principal, action: str, outcome: Outcome = "allowed", *, client_id: str | None = None,
                target: str | None = None) -> None:
@@ -268,10 +277,7 @@ class Auditor:
             try:
                 p = await authenticate(request)
             except HTTPException as exc:
-                token = bearer_token(request)
-                who = await self._lookup(token) if exc.status_code == 403 and token else None
-                if who is not None:
-                    self.record(who, action, "denied", client_id=client_id, target=target)
+                await self.refused(request, exc, action, client_id=client_id, target=target)
                 raise
             try:
                 yield p
@@ -285,11 +291,94 @@ class Auditor:
 
         return Depends(dependency, scope="function")
 
+    async def refused(self, request: Request, exc: HTTPException, action: str, *, client_id: str | None = None,
+                      target: str | None = None) -> None:
+        """Record a key whose role does not allow `action` (403 from the key check) as `denied`; a
+        request without a valid key (401) has nobody to record."""
+        token = bearer_token(request)
+        who = await self.lookup(token) if exc.status_code == 403 and token else None
+        if who is not None:
+            self.record(who, action, "denied", client_id=client_id, target=target)
+
+    @contextmanager
+    def around(self, request: Request, p: Principal, action: str, *, client_id: str | None = None,
+               target: str | None = None) -> Iterator[None]:
+        """`route` for a handler that checks its key itself: records the block's outcome."""
+        try:
+            yield
+        except HTTPException as exc:
+            self._record_noted(request, p, action, outcome_of(exc.status_code), client_id, target)
+            raise
+        except Exception:
+            self._record_noted(request, p, action, "error", client_id, target)
+            raise
+        self._record_noted(request, p, action, "allowed", client_id, target)
+
     def _record_noted(self, request: Request, p: Principal, action: str, outcome: Outcome, client_id: str | None,
                       target: str | None) -> None:
         notes: dict[str, Any] = getattr(request.state, "audit", None) or {}
         self.record(p, action, notes.get("outcome", outcome), client_id=notes.get("client_id", client_id),
                     target=notes.get("target", target))
+
+
+AuditedRoute = tuple[str, re.Pattern[str], str]  # (method, path with an optional client_id group, action)
+
+
+class AuditRoutes:
+    """ASGI middleware auditing routes whose handlers check their key themselves (intake's): one
+    entry per request with a known key, its outcome taken from the answer's status.
+
+    A full trail refuses the request (503) before the handler runs, so no change goes unaudited.
+    """
+
+    def __init__(self, app: ASGIApp, auditor: Auditor, routes: Sequence[AuditedRoute]) -> None:
+        self.app = app
+        self.auditor = auditor
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        found = self._match(scope) if scope["type"] == "http" and self.auditor.log is not None else None
+        p = await self._principal(scope) if found is not None else None
+        if found is None or p is None:  # not audited, or nobody to record (the handler answers 401/503)
+            await self.app(scope, receive, send)
+            return
+        action, client_id = found
+        if self.auditor.log is not None and self.auditor.log.full:
+            REFUSED.labels(self.auditor.service).inc()
+            body = error_body([(None, "the audit trail cannot be written right now; retry shortly")])
+            await JSONResponse(body, status_code=503, headers={"Retry-After": "5"})(scope, receive, send)
+            return
+        status = 500
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        finally:
+            try:
+                self.auditor.record(p, action, outcome_of(status), client_id=client_id)
+            except HTTPException:  # full since the check above: the answer is already out
+                log.error("an audit entry was dropped: the trail is full")
+
+    def _match(self, scope: Scope) -> tuple[str, str | None] | None:
+        for method, pattern, action in self.routes:
+            if scope.get("method") == method and (m := pattern.fullmatch(scope.get("path", ""))):
+                return action, m.groupdict().get("client_id")
+        return None
+
+    async def _principal(self, scope: Scope) -> Principal | None:
+        header = next((v.decode("latin-1") for n, v in scope.get("headers", ()) if n == b"authorization"), "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        try:
+            return await self.auditor.lookup(token.strip())
+        except Exception:  # the key store not answering: the handler answers 503 itself
+            return None
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -369,3 +458,25 @@ async def record_cli(*, tenant_id: str, action: str, outcome: Outcome = "allowed
                         outcome=outcome, client_id=client_id, target=target)
     finally:
         await client.close()
+
+
+def audit_log_for(client: AsyncMongoClient[Document], mongo: MongoSettings, service: str,
+                  settings: AuditSettings | None = None) -> AuditLog | None:
+    """The service's batching writer into the shared trail; None when auditing is off."""
+    settings = settings or AuditSettings()
+    if not settings.enabled:
+        return None
+    return AuditLog.from_settings(audit_collection(client, mongo, settings), service, settings)
+
+
+def install_audit_routes(app: FastAPI, runtime: Runtime, mongo: MongoSettings, lookup: Lookup,
+                         routes: Sequence[AuditedRoute]) -> Auditor:
+    """Audit `routes` of a service whose handlers check keys themselves (`AuditRoutes`); the writer
+    is flushed when the service stops."""
+    assert runtime.mongo is not None
+    audit_log = audit_log_for(runtime.mongo, mongo, runtime.name)
+    if audit_log is not None:
+        runtime.on_stop.append(audit_log.close)
+    auditor = Auditor(audit_log, runtime.name, lookup)
+    app.add_middleware(AuditRoutes, auditor=auditor, routes=routes)
+    return auditor

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.alerts import signing
@@ -27,6 +27,7 @@ from services.alerts.secretbox import SecretBox, subscription_row, tenant_row
 from services.alerts.settings import AlertsSettings
 from services.alerts.store import AlertsStore, utcnow
 from services.alerts.targets import target_problem
+from shared.audit import Auditor, note
 from shared.auth import KeyStore, Principal, forbid_site, require
 from shared.http import error_body
 from shared.kafka import Publisher
@@ -191,17 +192,26 @@ def _not_found(what: str) -> HTTPException:
     return HTTPException(404, error_body([(None, f"no such {what}")]))
 
 
+def _note_alert(request: Request, p: Principal, doc: dict[str, Any] | None) -> None:
+    """The audit entry names the alert's client; another site's alert is answered 404 but audited as denied."""
+    if doc is not None:
+        note(request, client_id=doc.get("client_id"), outcome=None if p.may_see_site(doc["site_id"]) else "denied")
+
+
 def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topics: Topics, settings: AlertsSettings,
-                 box: SecretBox, forget_secret: Callable[[str], None], wake: Callable[[], None]) -> APIRouter:
-    """The /v1 routes."""
-    reader = Depends(require(lambda: keys, "read"))
-    admin = Depends(require(lambda: keys, "admin"))
+                 box: SecretBox, forget_secret: Callable[[str], None], wake: Callable[[], None],
+                 auditor: Auditor | None = None) -> APIRouter:
+    """The /v1 routes. Alert and delivery reads and every change append an audit entry (`shared.audit`)."""
+    read_key, admin_key = require(lambda: keys, "read"), require(lambda: keys, "admin")
+    reader = Depends(read_key)
+    audited = (auditor or Auditor(None, "alerts", keys.lookup)).route
     r = APIRouter(prefix="/v1")
 
     @r.put("/clinicians/{clinician_id}", tags=["directory"], response_model=ClinicianOut,
            responses={201: {"description": "created"}, 422: {"description": "invalid body"}})
     async def put_clinician(clinician_id: ClinicianId, body: ClinicianIn, response: Response,
-                            p: Principal = admin) -> ClinicianOut:
+                            p: Principal = audited("clinician.put", admin_key, client_param=None,
+                                                   target_param="clinician_id")) -> ClinicianOut:
         """Create or replace a clinician's directory entry."""
         if not p.may_see_site(body.site_id):
             raise forbid_site(body.site_id)
@@ -237,7 +247,8 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
                              webhook_url=c.webhook_url, supervisor_id=c.supervisor_id) for c in rows]
 
     @r.post("/subscriptions", tags=["subscriptions"], status_code=201, response_model=SubscriptionCreated)
-    async def create_subscription(body: SubscriptionIn, p: Principal = admin) -> SubscriptionCreated:
+    async def create_subscription(body: SubscriptionIn,
+                                  p: Principal = audited("subscription.create", admin_key)) -> SubscriptionCreated:
         """Subscribe a partner URL; the signing secret is in this answer only."""
         _tenant_wide(p)
         if problem := await target_problem(body.url, settings.allow_private_targets):
@@ -258,7 +269,9 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
                 for d in await store.list_subscriptions(p.tenant_id)]
 
     @r.delete("/subscriptions/{subscription_id}", tags=["subscriptions"], status_code=204)
-    async def delete_subscription(subscription_id: Id, p: Principal = admin) -> Response:
+    async def delete_subscription(subscription_id: Id,
+                                  p: Principal = audited("subscription.delete", admin_key, client_param=None,
+                                                         target_param="subscription_id")) -> Response:
         """Delete a subscription; its pending deliveries are cancelled."""
         _tenant_wide(p)
         if not await store.delete_subscription(p.tenant_id, subscription_id):
@@ -267,7 +280,7 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
         return Response(status_code=204)
 
     @r.post("/webhook-secret", tags=["directory"], status_code=201, response_model=SecretOut)
-    async def rotate_secret(p: Principal = admin) -> SecretOut:
+    async def rotate_secret(p: Principal = audited("webhook_secret.rotate", admin_key)) -> SecretOut:
         """Create or rotate the tenant's clinician-webhook signing secret (shown once)."""
         _tenant_wide(p)
         secret = signing.new_secret()
@@ -278,7 +291,7 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
         return SecretOut(secret=secret, previous_valid_until=doc.get("previous_until"))
 
     @r.put("/escalation", tags=["alerts"], response_model=EscalationOut)
-    async def put_escalation(body: EscalationIn, p: Principal = admin) -> EscalationOut:
+    async def put_escalation(body: EscalationIn, p: Principal = audited("escalation.put", admin_key)) -> EscalationOut:
         """Set (or clear, with null) how long an alert may stay unacknowledged before it escalates."""
         _tenant_wide(p)
         await store.set_escalation(p.tenant_id, body.interval_seconds)
@@ -293,7 +306,7 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
         return EscalationOut(interval_seconds=seconds or settings.escalation_seconds, default=seconds is None)
 
     @r.get("/alerts", tags=["alerts"], response_model=list[AlertOut])
-    async def list_alerts(p: Principal = reader,
+    async def list_alerts(p: Principal = audited("alerts.list", read_key),
                           clinician_id: Annotated[str | None, Query(pattern=CLINICIAN_ID_PATTERN)] = None,
                           status: ApiStatus | None = None,
                           limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[AlertOut]:
@@ -301,19 +314,23 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
         return [_alert(d) for d in await store.list_alerts(p.tenant_id, p.site_id, clinician_id, status, limit)]
 
     @r.get("/alerts/{alert_id}", tags=["alerts"], response_model=AlertOut)
-    async def get_alert(alert_id: Id, p: Principal = reader) -> AlertOut:
+    async def get_alert(request: Request, alert_id: Id,
+                        p: Principal = audited("alert.read", read_key, target_param="alert_id")) -> AlertOut:
         """One alert."""
         doc = await store.get_alert(p.tenant_id, alert_id)
+        _note_alert(request, p, doc)
         if doc is None or not p.may_see_site(doc["site_id"]):
             raise _not_found("alert")
         return _alert(doc)
 
     @r.post("/alerts/{alert_id}/ack", tags=["alerts"], response_model=AlertOut,
             responses={503: {"description": "the status event could not be published; retry"}})
-    async def ack(alert_id: Id, p: Principal = reader) -> AlertOut:
+    async def ack(request: Request, alert_id: Id,
+                  p: Principal = audited("alert.acknowledge", read_key, target_param="alert_id")) -> AlertOut:
         """Acknowledge an alert (idempotent); it will not escalate any more. A superseded or
         withdrawn alert is answered as it is: nothing is left to acknowledge."""
         doc = await store.get_alert(p.tenant_id, alert_id)
+        _note_alert(request, p, doc)
         if doc is None or not p.may_see_site(doc["site_id"]):
             raise _not_found("alert")
         doc = await store.acknowledge(p.tenant_id, alert_id, p.key_id) or doc
@@ -330,7 +347,7 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
         return _alert(doc)
 
     @r.get("/deliveries", tags=["deliveries"], response_model=list[DeliveryOut])
-    async def list_deliveries(p: Principal = reader,
+    async def list_deliveries(p: Principal = audited("deliveries.list", read_key),
                               status: Literal["pending", "delivered", "failed", "cancelled"] | None = None,
                               alert_id: str | None = None,
                               limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[DeliveryOut]:
@@ -339,7 +356,9 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
         return [_delivery(d) for d in rows]
 
     @r.post("/deliveries/{delivery_id}/retry", tags=["deliveries"], response_model=DeliveryOut)
-    async def retry(delivery_id: Id, p: Principal = admin) -> DeliveryOut:
+    async def retry(delivery_id: Id,
+                    p: Principal = audited("delivery.retry", admin_key, client_param=None,
+                                           target_param="delivery_id")) -> DeliveryOut:
         """Put a failed delivery back on the schedule with a fresh attempt budget."""
         doc = await store.get_delivery(p.tenant_id, delivery_id)
         if doc is None or not p.may_see_site(doc["site_id"]) or doc["status"] != "failed":

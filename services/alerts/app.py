@@ -21,11 +21,12 @@ from services.alerts.senders import EmailSender, SigningSecrets, WebhookSender
 from services.alerts.settings import AlertsConfig
 from services.alerts.store import AlertsStore
 from services.alerts.worker import DeliveryWorker, Sender
-from shared import auth
+from shared import audit, auth
 from shared.events import AlertStatusChanged, DeadLetter
 from shared.http import Runtime, authenticate_first, service_api
 from shared.kafka import Publisher, make_broker, subscribe_batch
 from shared.mongo import database, make_client
+from shared.settings import AuditSettings
 
 log = logging.getLogger("alliance.alerts")
 
@@ -113,8 +114,14 @@ def build(config: AlertsConfig | None = None) -> tuple[Runtime, Components]:
         await asyncio.gather(*tasks, return_exceptions=True)
         await webhook.close()
 
-    runtime = Runtime(SERVICE, broker, mongo, on_start=[start], on_stop=[stop])
-    router = build_router(store, auth.KeyStore(db), publisher, topics, cfg.alerts, box, secrets.forget, worker.wake)
+    audit_settings = AuditSettings()
+    audit_log = (audit.AuditLog.from_settings(audit.audit_collection(mongo, cfg.mongo, audit_settings), SERVICE,
+                                              audit_settings) if audit_settings.enabled else None)
+    runtime = Runtime(SERVICE, broker, mongo, on_start=[start],
+                      on_stop=[stop, *([audit_log.close] if audit_log is not None else [])])
+    keys = auth.KeyStore(db)
+    router = build_router(store, keys, publisher, topics, cfg.alerts, box, secrets.forget, worker.wake,
+                          audit.Auditor(audit_log, SERVICE, keys.lookup))
     return runtime, Components(cfg, broker, store, handlers, worker, escalator, webhook, router)
 
 

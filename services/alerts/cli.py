@@ -13,6 +13,7 @@ import typer
 from services.alerts.secretbox import KeyringError, Row, new_key, open_legacy
 from services.alerts.settings import AlertsSettings
 from services.alerts.store import AlertsStore
+from shared import audit
 from shared.mongo import database, make_client
 from shared.settings import MongoSettings
 
@@ -56,6 +57,7 @@ def retry(
 ) -> None:
     """Put failed deliveries back on the schedule with a fresh attempt budget."""
     n = _with_store(lambda s: s.requeue_failed(tenant, delivery_id or None))
+    asyncio.run(audit.record_cli(tenant_id=tenant, action="delivery.retry", target=",".join(delivery_id or []) or "*"))
     typer.echo(f"requeued {n} deliveries")
 
 

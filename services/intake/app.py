@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,7 @@ from faststream.specification import AsyncAPI
 from services.intake.api import Context, HttpMiddleware, SubmissionPublisher, build_router, install_openapi
 from services.intake.ratelimit import RateLimiter
 from services.intake.settings import IntakeSettings
+from shared.audit import install_audit_routes
 from shared.auth import KeyStore
 from shared.events import ClientTransfer, SrsSubmitted
 from shared.http import Runtime, service_api
@@ -66,6 +68,9 @@ def create_app(config: IntakeConfig | None = None) -> FastAPI:
     app = service_api(runtime, title="Alliance Stream intake", description=DESCRIPTION)
     app.include_router(build_router(ctx))
     app.add_middleware(HttpMiddleware)
+    # A client transfer is an administrative change: each appends an audit entry (shared.audit).
+    install_audit_routes(app, runtime, config.mongo, ctx.keys.lookup,
+                         [("POST", re.compile(r"/v1/clients/(?P<client_id>.+)/transfer"), "client.transfer")])
     install_openapi(app)
     app.state.intake = ctx
     return app

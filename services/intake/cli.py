@@ -32,6 +32,7 @@ from rich.table import Table
 
 from services.intake.csvformat import CsvRow, parse_csv, to_csv
 from services.intake.models import check_id, transfer_event, transfer_record
+from shared import audit
 from shared.kafka import OutboundRecord, Publisher, make_broker
 from shared.settings import KafkaSettings
 
@@ -211,4 +212,5 @@ def clients_transfer(
     except Exception as exc:
         typer.echo(f"transfer not accepted: the broker did not acknowledge ({type(exc).__name__}: {exc})", err=True)
         raise typer.Exit(2) from None
+    asyncio.run(audit.record_cli(tenant_id=tenant, action="client.transfer", client_id=client, target=site))
     typer.echo(f"transfer accepted: event {event_id}, site {site}")

@@ -34,6 +34,7 @@ from services.reporting.fhir import FHIR_JSON, trajectory_bundle
 from services.reporting.models import CaseloadOut, SubmissionOut, SubmissionsPageOut, SummaryOut, TrajectoryOut
 from services.reporting.settings import ReportingSettings
 from services.reporting.store import Generations, ReportingStore, SubmissionStore
+from shared.audit import Auditor, note
 from shared.auth import KeyStore, Principal, forbid_site, require
 from shared.events import Instrument
 from shared.http import error_body
@@ -133,17 +134,22 @@ def read_or_submit(keys: Callable[[], KeyStore]) -> Callable[[Request], Awaitabl
 
 
 def build_router(store: ReportingStore, generations: Generations, keys: Callable[[], KeyStore],
-                 settings: ReportingSettings, submissions: SubmissionStore) -> APIRouter:
-    """The `/v1` read endpoints."""
+                 settings: ReportingSettings, submissions: SubmissionStore, auditor: Auditor) -> APIRouter:
+    """The `/v1` read endpoints. Reads of client-level data (trajectory, FHIR, caseload, submissions)
+    append an audit entry each (`shared.audit`); the aggregate summaries do not."""
     router = APIRouter(prefix="/v1", tags=["reporting"], dependencies=[Security(BEARER)])
     reader = require(keys, "read")
     either = read_or_submit(keys)
     summaries = SummaryCache(settings.summary_cache_seconds)
 
-    async def find_record(p: Principal, client_id: str, instrument: Instrument) -> tuple[str, dict[str, Any]]:
+    async def find_record(request: Request, p: Principal, client_id: str,
+                          instrument: Instrument) -> tuple[str, dict[str, Any]]:
         gen = (await generations.current()).active
         doc = await store.record(gen, p.tenant_id, client_id, instrument.value, p.site_id)
         if doc is None:
+            # The caller gets the same 404 either way; the audit tells a foreign site's client apart.
+            if p.site_id is not None and await store.record(gen, p.tenant_id, client_id, instrument.value, None):
+                note(request, outcome="denied")
             raise HTTPException(404, NOT_FOUND_CLIENT)
         return gen, doc
 
@@ -155,10 +161,10 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
                 responses={200: {"model": TrajectoryOut}, 304: {"description": "unchanged (If-None-Match)"},
                            404: {"description": "unknown client or episode (or not visible to this key)"},
                            **AUTH})
-    async def trajectory(request: Request, client_id: str, p: Principal = Depends(reader),
+    async def trajectory(request: Request, client_id: str, p: Principal = auditor.route("trajectory.read", reader),
                          instrument: InstrumentQ = Instrument.SRS, episode_id: EpisodeQ = None,
                          episode: OldEpisodeQ = None) -> Response:
-        gen, doc = await find_record(p, client_id, instrument)
+        gen, doc = await find_record(request, p, client_id, instrument)
         chosen = episode_id if episode_id is not None else episode
         episode_or_404(doc, chosen)
         alerts = (await store.alerts_for(gen, p.tenant_id, [doc["_id"]]))[doc["_id"]]
@@ -170,10 +176,10 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
                                  "description": "a FHIR R4 Bundle (type collection)"},
                            304: {"description": "unchanged (If-None-Match)"},
                            404: {"description": "unknown client (or not visible to this key)"}, **AUTH})
-    async def fhir(request: Request, client_id: str, p: Principal = Depends(reader),
+    async def fhir(request: Request, client_id: str, p: Principal = auditor.route("fhir.read", reader),
                    instrument: InstrumentQ = Instrument.SRS, episode_id: EpisodeQ = None,
                    episode: OldEpisodeQ = None) -> Response:
-        gen, doc = await find_record(p, client_id, instrument)
+        gen, doc = await find_record(request, p, client_id, instrument)
         chosen = episode_id if episode_id is not None else episode
         episode_or_404(doc, chosen)
         return _json_response(request, trajectory_bundle(doc, chosen), max_age=settings.trajectory_max_age_seconds,
@@ -183,8 +189,10 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
                 responses={200: {"model": CaseloadOut}, 304: {"description": "unchanged (If-None-Match)"},
                            404: {"description": "no trajectory of this clinician is visible to this key"},
                            422: {"description": "a cursor this API did not issue"}, **AUTH})
-    async def caseload(request: Request, clinician_id: str, p: Principal = Depends(reader), cursor: CursorQ = None,
-                       limit: LimitQ = None) -> Response:
+    async def caseload(request: Request, clinician_id: str,
+                       p: Principal = auditor.route("caseload.read", reader, client_param=None,
+                                                    target_param="clinician_id"),
+                       cursor: CursorQ = None, limit: LimitQ = None) -> Response:
         size = min(limit or settings.page_size, settings.max_page_size)
         try:
             after = rules.decode_cursor(cursor) if cursor else None
@@ -237,17 +245,23 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
     @router.get("/submissions/{submission_id}", summary="What happened to one submission",
                 responses={200: {"model": SubmissionOut},
                            404: {"description": "unknown (yet), or not visible to this key"}, **either_auth})
-    async def submission(submission_id: str, p: Principal = Depends(either)) -> JSONResponse:
+    async def submission(request: Request, submission_id: str,
+                         p: Principal = auditor.route("submission.read", either, client_param=None,
+                                                      target_param="submission_id")) -> JSONResponse:
         doc = await submissions.get(p.tenant_id, submission_id)
         body = rules.submission_view(doc) if doc is not None else None
+        if body is not None and body.get("client_id"):
+            note(request, client_id=body["client_id"])
         if body is None or (p.site_id is not None and rules.submission_site(doc or {}) != p.site_id):
+            if body is not None:
+                note(request, outcome="denied")
             raise HTTPException(404, NOT_FOUND_SUBMISSION)
         return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
     @router.get("/submissions", summary="A tenant's rejected submissions, oldest rejection first",
                 responses={200: {"model": SubmissionsPageOut},
                            422: {"description": "a cursor this API did not issue"}, **either_auth})
-    async def rejected_submissions(p: Principal = Depends(either),
+    async def rejected_submissions(p: Principal = auditor.route("submissions.list", either, client_param=None),
                                    status: Annotated[Literal["rejected"], Query(
                                        description="only `rejected` is listed")] = "rejected",
                                    since: SinceQ = None, cursor: CursorQ = None,

@@ -10,15 +10,17 @@ from faststream import FastStream
 from faststream.kafka import KafkaBroker
 
 from services.reporting.api import build_router, install_store_errors, mount_dashboard
+from services.reporting.audit import build_audit_router
 from services.reporting.handlers import ReportingHandlers
 from services.reporting.settings import ReportingSettings
 from services.reporting.store import Generations, ReportingStore, SubmissionStore
+from shared import audit
 from shared.auth import KeyStore
 from shared.events import DeadLetter
 from shared.http import Runtime, authenticate_first, service_api
 from shared.kafka import OutboundRecord, Publisher, make_broker, subscribe_batch
 from shared.mongo import database, make_client
-from shared.settings import KafkaSettings, MongoSettings
+from shared.settings import AuditSettings, KafkaSettings, MongoSettings
 
 SERVICE = "reporting"
 
@@ -30,6 +32,7 @@ class ReportingConfig:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     mongo: MongoSettings = field(default_factory=MongoSettings)
     reporting: ReportingSettings = field(default_factory=ReportingSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
 
 def _wire(config: ReportingConfig) -> tuple[KafkaBroker, Runtime, ReportingStore, Generations, KeyStore,
@@ -79,11 +82,20 @@ def create_app(config: ReportingConfig | None = None) -> FastAPI:
     """The reporting FastAPI app (consumers start with its lifespan; no connection at import)."""
     config = config or ReportingConfig()
     _, runtime, store, generations, keys, submissions = _wire(config)
+    assert runtime.mongo is not None
+    trail = audit.audit_collection(runtime.mongo, config.mongo, config.audit)
+    audit_log = audit.AuditLog.from_settings(trail, SERVICE, config.audit) if config.audit.enabled else None
+    auditor = audit.Auditor(audit_log, SERVICE, keys.lookup)
+    # The read side's indexes (this service serves the trail); written entries are flushed on stop.
+    runtime.on_start.append(lambda: audit.ensure_indexes(trail))
+    if audit_log is not None:
+        runtime.on_stop.append(audit_log.close)
     app = service_api(
         runtime, title="Alliance Stream reporting",
         description="Trajectories and PCOMS indices materialized from scored sessions (read keys), and what "
                     "happened to each submission (read or submit keys).")
-    app.include_router(build_router(store, generations, lambda: keys, config.reporting, submissions))
+    app.include_router(build_router(store, generations, lambda: keys, config.reporting, submissions, auditor))
+    app.include_router(build_audit_router(trail, lambda: keys, auditor, config.reporting))
     install_store_errors(app)
     mount_dashboard(app)
     # Every /v1 route needs a key: check it before anything else (FastAPI reads a body first).

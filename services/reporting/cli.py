@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
@@ -11,8 +13,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from services.reporting.rebuild import RebuildResult, TruncatedLog, rebuild
 from services.reporting.settings import ReportingSettings
 from services.reporting.store import Generations, RebuildInProgress
+from shared import audit
 from shared.mongo import database, make_client
-from shared.settings import KafkaSettings, MongoSettings
+from shared.settings import AuditSettings, KafkaSettings, MongoSettings
 
 app = typer.Typer(help="reporting service commands.", no_args_is_help=True)
 
@@ -66,3 +69,39 @@ def generation_command() -> None:
         return f"active={state.active} building={state.building or '-'} previous={state.previous or '-'}"
 
     typer.echo(asyncio.run(go()))
+
+
+audit_app = typer.Typer(help="The access audit trail (mounted as `alliance audit ...`).", no_args_is_help=True)
+
+
+@audit_app.command("export")
+def audit_export(
+    since: Annotated[datetime | None, typer.Option(help="only entries at or after this time (ISO 8601, UTC if no "
+                                                         "offset); default: all", formats=[
+        "%Y-%m-%dT%H:%M:%S.%f%z", "%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"])] = None,
+    tenant: Annotated[str | None, typer.Option(help="one tenant; default: every tenant")] = None,
+    client: Annotated[str | None, typer.Option(help="only entries about this client")] = None,
+) -> None:
+    """Print audit entries as JSON lines, oldest first (the export itself is recorded)."""
+    start = since.replace(tzinfo=UTC) if since is not None and since.tzinfo is None else since
+
+    async def go() -> int:
+        mongo_settings, settings = MongoSettings(), AuditSettings()
+        mongo = make_client(mongo_settings)
+        try:
+            trail = audit.audit_collection(mongo, mongo_settings, settings)
+            # An export of every tenant's trail is recorded under tenant `*`.
+            await audit.write_now(trail, tenant_id=tenant or "*", action="audit.export", client_id=client)
+            count, after = 0, None
+            while True:
+                docs, more = await audit.read_page(trail, audit.query(tenant, client, start, after), 1000)
+                for doc in docs:
+                    typer.echo(json.dumps(audit.view(doc), separators=(",", ":")))
+                count += len(docs)
+                if not more:
+                    return count
+                after = (docs[-1]["at"], docs[-1]["_id"])
+        finally:
+            await mongo.close()
+
+    typer.echo(f"{asyncio.run(go())} audit entries", err=True)

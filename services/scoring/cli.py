@@ -17,8 +17,9 @@ import typer
 
 from services.scoring.rules import FLAG_NAMES, OPERATORS, InstrumentOverride, Operator, TenantRules
 from services.scoring.store import RulesStore
+from shared import audit
 from shared.mongo import database, make_client
-from shared.settings import MongoSettings
+from shared.settings import AuditSettings, MongoSettings
 
 app = typer.Typer(help="scoring service commands.", no_args_is_help=True)
 
@@ -83,6 +84,8 @@ def _run_store_op(op: str, tenant: str, new: TenantRules | None = None) -> Tenan
             store = RulesStore(database(client, settings), ttl_seconds=0)
             if op == "put" and new is not None:
                 await store.put(tenant, new)
+                await audit.write_now(audit.audit_collection(client, settings, AuditSettings()), tenant_id=tenant,
+                                      action="tenant_rules.set")
                 return new
             return await store.stored(tenant)
         finally:
