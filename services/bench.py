@@ -827,7 +827,8 @@ def bench(
         console.print("measuring raw limits ...")
         res.raw.produce_per_s, res.raw.consume_per_s = asyncio.run(raw_kafka(stack.kafka, opts.raw_records))
         res.raw.upsert_per_s = asyncio.run(raw_upsert(stack.mongo, opts.raw_upserts))
-        env = {**stack.env, "ALLIANCE_ALERTS_ALLOW_PRIVATE_TARGETS": "true", "ALLIANCE_LOG_LEVEL": "WARNING",
+        env = {**stack.env, "ALLIANCE_ALERTS_ALLOW_PRIVATE_TARGETS": "true", "ALLIANCE_ALERTS_DEV_MODE": "true",
+               "ALLIANCE_LOG_LEVEL": "WARNING",
                # the burst measures capacity, so the per-key rate limit must not be what binds
                "ALLIANCE_INTAKE_RATE_PER_SECOND": "1000000", "ALLIANCE_INTAKE_RATE_BURST": "1000000",
                "ALLIANCE_SMTP_HOST": ""}

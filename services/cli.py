@@ -128,6 +128,8 @@ def _mount_service_commands() -> None:
     app.add_typer(intake_cli.clients_app, name="clients")
     app.add_typer(scoring_cli.app, name="scoring")
     app.add_typer(alerts_cli.app, name="alerts")
+    # `alliance secrets new-key | rotate | reseal`: the same commands as `alliance alerts secrets ...`.
+    app.add_typer(alerts_cli.secrets_app, name="secrets")
     app.add_typer(reporting_cli.app, name="reporting")
     app.add_typer(reporting_cli.audit_app, name="audit")
     from services.bench import bench

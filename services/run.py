@@ -117,7 +117,9 @@ def run(
     stack = LocalStack(state_dir / "data", durable=not memory)
     typer.echo("starting broker and store ...")
     stack.start()
+    # A local run is the one place alerts runs in dev mode (it has a generated keyring all the same).
     env = {**os.environ, **stack.env(), "ALLIANCE_ALERTS_ALLOW_PRIVATE_TARGETS": "true",
+           "ALLIANCE_ALERTS_DEV_MODE": "true",
            "ALLIANCE_ALERTS_SECRETS_KEYS": _local_secret(state_dir / "secrets-keys"), "PYTHONUNBUFFERED": "1"}
     procs: dict[str, subprocess.Popen[bytes]] = {}
     receiver: ThreadingHTTPServer | None = None

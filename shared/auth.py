@@ -12,6 +12,7 @@ import hmac
 import re
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -108,28 +109,44 @@ async def revoke_key(db: AsyncDatabase[Document], key_id: str) -> bool:
 class KeyStore:
     """Looks keys up, with a short cache so a hot API does not hit the store per request.
 
-    A revoked key stops working within `ttl_seconds`.
+    A revoked key stops working within `ttl_seconds`. The cache holds only keys that exist: at most
+    `max_entries`, the least recently used dropped first. Unknown keys are not cached, so a flood of
+    random keys cannot push known keys out (each such miss costs a look-up, and a peer sending them
+    is stopped by the failed-authentication limit, `shared.http.Guard`).
     """
 
-    def __init__(self, db: AsyncDatabase[Document], ttl_seconds: float = 30.0) -> None:
+    def __init__(self, db: AsyncDatabase[Document], ttl_seconds: float = 30.0, max_entries: int = 10_000) -> None:
         self._db = db
         self._ttl = ttl_seconds
-        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._max = max(1, max_entries)
+        self._cache: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
+
+    def cached(self, key: str) -> Principal | None:
+        """The key's principal when the cache knows it (and it has not expired), without a look-up."""
+        digest = hash_key(key)
+        hit = self._cache.get(digest)
+        if hit is None or hit[0] <= time.monotonic():
+            return None
+        self._cache.move_to_end(digest)
+        return hit[1]
 
     async def lookup(self, key: str) -> Principal | None:
+        if (known := self.cached(key)) is not None:
+            return known
         digest = hash_key(key)
-        now = time.monotonic()
-        hit = self._cache.get(digest)
-        if hit is not None and hit[0] > now:
-            return hit[1]
         doc = await self._db[KEYS].find_one({"_id": digest})
-        principal = None
-        if doc is not None and not doc.get("revoked") and hmac.compare_digest(doc["_id"], digest):
-            principal = Principal(doc["key_id"], doc["tenant_id"], doc["role"], doc.get("site_id"))
-        if len(self._cache) > 10_000:
-            self._cache.clear()
-        self._cache[digest] = (now + self._ttl, principal)
+        if doc is None or doc.get("revoked") or not hmac.compare_digest(doc["_id"], digest):
+            self._cache.pop(digest, None)
+            return None
+        principal = Principal(doc["key_id"], doc["tenant_id"], doc["role"], doc.get("site_id"))
+        self._cache[digest] = (time.monotonic() + self._ttl, principal)
+        self._cache.move_to_end(digest)
+        while len(self._cache) > self._max:
+            self._cache.popitem(last=False)
         return principal
+
+    def __len__(self) -> int:
+        return len(self._cache)
 
 
 def _unauthorized(message: str) -> HTTPException:

@@ -18,7 +18,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,12 +26,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from faststream.kafka import KafkaBroker
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.metrics import READY
 from shared.mongo import Document, ping
-from shared.settings import SERVICE_PORTS
+from shared.ratelimit import COLLECTION, Limiter, SlotStorage, retry_after_header, slot_storage
+from shared.settings import SERVICE_PORTS, HttpSettings
 
 log = logging.getLogger("alliance.runtime")
 
@@ -135,7 +137,82 @@ class BodyLimit:
             await _answer(send, exc)
 
 
-Lookup = Callable[[str], Awaitable[object | None]]
+class Identified(Protocol):
+    """What a key look-up returns (`shared.auth.Principal`): the key's public id."""
+
+    @property
+    def key_id(self) -> str: ...
+
+
+Lookup = Callable[[str], Awaitable[Identified | None]]
+Cached = Callable[[str], Identified | None]
+
+
+def peer_address(scope: Scope, trusted_proxy_hops: int = 0) -> str:
+    """Who sent a request, for per-peer limits. With no trusted proxy (the default) it is the TCP
+    peer: `X-Forwarded-For` is ignored, since any client can send one. Behind `n` trusted proxies
+    that each append the address they saw, it is the n-th address from the right (what the
+    outermost trusted proxy saw); a shorter header falls back to its leftmost address."""
+    client = scope.get("client")
+    direct = str(client[0]) if client else "unknown"
+    if trusted_proxy_hops <= 0:
+        return direct
+    forwarded: list[str] = [a.strip() for n, v in scope.get("headers", ()) if n == b"x-forwarded-for"
+                            for a in v.decode("latin-1").split(",") if a.strip()]
+    if not forwarded:
+        return direct
+    return forwarded[-min(trusted_proxy_hops, len(forwarded))][:64]
+
+
+def too_many(message: str, wait_seconds: float) -> HTTPException:
+    """429 with the uniform body and a `Retry-After`."""
+    return HTTPException(429, error_body([(None, message)]), headers={"Retry-After": retry_after_header(wait_seconds)})
+
+
+@dataclass
+class Guard:
+    """Limits in front of the key check: failed authentications per peer (`failures`), and requests
+    per key (`per_key`, none for intake, which meters submissions itself)."""
+
+    failures: Limiter
+    per_key: Limiter | None = None
+    trusted_proxy_hops: int = 0
+
+    def peer(self, scope: Scope) -> str:
+        return peer_address(scope, self.trusted_proxy_hops)
+
+    async def peer_refusal(self, scope: Scope) -> HTTPException | None:
+        """429 when this peer has failed to authenticate too often (checked before a key look-up)."""
+        wait = await self.failures.wait(self.peer(scope))
+        if wait <= 0:
+            return None
+        return too_many(f"too many failed authentications from this address (at most {self.failures.burst:g}, "
+                        f"then {self.failures.rate:g}/s)", wait)
+
+    async def failed(self, scope: Scope) -> None:
+        """Count one failed authentication against the request's peer."""
+        await self.failures.charge(self.peer(scope), 1)
+
+    async def key_refusal(self, key_id: str) -> HTTPException | None:
+        """429 when this key is past its request rate."""
+        if self.per_key is None:
+            return None
+        wait = await self.per_key.take(key_id)
+        if wait <= 0:
+            return None
+        return too_many(f"rate limit of {self.per_key.rate:g} requests/s (burst {self.per_key.burst:g}) per API key "
+                        "exceeded", wait)
+
+
+def make_guard(settings: HttpSettings, db: AsyncDatabase[Document], service: str,
+               per_key: bool = True) -> tuple[Guard, SlotStorage]:
+    """The service's guard from its settings, and its storage (whose `ensure_indexes` is a start-up step)."""
+    storage = slot_storage(settings.rate_limit_backend, db[COLLECTION])
+    failures = Limiter(storage, f"{service}:auth-failures", settings.auth_failure_rate_per_second,
+                       settings.auth_failure_burst)
+    requests = Limiter(storage, f"{service}:requests", settings.read_rate_per_second,
+                       settings.read_rate_burst) if per_key else None
+    return Guard(failures, requests, settings.trusted_proxy_hops), storage
 
 
 class AuthenticateFirst:
@@ -144,13 +221,20 @@ class AuthenticateFirst:
     A missing or unknown key gets 401 (the same answer as `shared.auth.require`) without the body
     being read; a key store that does not answer gets 503. Roles and sites are still checked by each
     route's dependency; `lookup` (a `KeyStore`'s) caches, so the second look-up costs nothing.
+
+    With a `guard`: a peer past its failed-authentication limit gets 429 before its key is looked
+    up (unless the key is one `cached` already knows: a valid key behind the same address keeps
+    working), each 401 counts against the peer, and a known key past its request rate gets 429.
     """
 
-    def __init__(self, app: ASGIApp, lookup: Lookup, prefix: str = "/v1/", timeout_seconds: float = 3.0) -> None:
+    def __init__(self, app: ASGIApp, lookup: Lookup, prefix: str = "/v1/", timeout_seconds: float = 3.0,
+                 guard: Guard | None = None, cached: Cached | None = None) -> None:
         self.app = app
         self.lookup = lookup
         self.prefix = prefix
         self.timeout = timeout_seconds
+        self.guard = guard
+        self.cached = cached
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("path", "").startswith(self.prefix):
@@ -163,18 +247,26 @@ class AuthenticateFirst:
     async def _refusal(self, scope: Scope) -> HTTPException | None:
         header = next((v.decode("latin-1") for n, v in scope.get("headers", ()) if n == b"authorization"), "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return _unauthorized("missing bearer API key")
+        token = token.strip() if scheme.lower() == "bearer" else ""
         try:
             async with asyncio.timeout(self.timeout):
-                principal = await self.lookup(token.strip())
+                known = self.cached(token) if self.cached is not None and token else None
+                if self.guard is not None and known is None and (refusal := await self.guard.peer_refusal(scope)):
+                    return refusal
+                principal = known or (await self.lookup(token) if token else None)
+                if principal is None:
+                    if self.guard is not None:
+                        await self.guard.failed(scope)
+                    return _unauthorized("unknown or revoked API key" if token else "missing bearer API key")
+                if self.guard is not None:
+                    return await self.guard.key_refusal(principal.key_id)
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.warning("API key store unavailable", exc_info=True)
+            log.warning("API key or rate-limit store unavailable", exc_info=True)
             return HTTPException(503, error_body([(None, "authentication store unavailable, retry later")]),
                                  headers={"Retry-After": "2"})
-        return None if principal is not None else _unauthorized("unknown or revoked API key")
+        return None
 
 
 def _unauthorized(message: str) -> HTTPException:
@@ -193,10 +285,39 @@ async def _answer(send: Send, exc: HTTPException) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def authenticate_first(app: FastAPI, lookup: Lookup, prefix: str = "/v1/") -> None:
-    """Check the bearer key of every request under `prefix` before its body is read (see
-    `AuthenticateFirst`); added last, so it runs before the body limit."""
-    app.add_middleware(AuthenticateFirst, lookup=lookup, prefix=prefix)
+TOO_MANY_REQUESTS: dict[str, Any] = {
+    "description": "too many requests with this API key, or too many failed authentications from this "
+                   "address; retry after `Retry-After` seconds",
+    "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer", "minimum": 1}}},
+    "content": {"application/json": {"schema": {
+        "type": "object", "required": ["errors"],
+        "properties": {"errors": {"type": "array", "items": {
+            "type": "object", "required": ["field", "message"],
+            "properties": {"field": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                           "message": {"type": "string"}}}}}}}},
+}
+
+
+def authenticate_first(app: FastAPI, lookup: Lookup, prefix: str = "/v1/", guard: Guard | None = None,
+                       cached: Cached | None = None) -> None:
+    """Check the bearer key of every request under `prefix` before its body is read, and with a
+    `guard` the failed-authentication and per-key limits (see `AuthenticateFirst`, whose 429 every
+    operation under `prefix` then documents); added last, so it runs before the body limit."""
+    app.add_middleware(AuthenticateFirst, lookup=lookup, prefix=prefix, guard=guard, cached=cached)
+    if guard is None:
+        return
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = generate()
+        for path, operations in schema.get("paths", {}).items():
+            if path.startswith(prefix):
+                for operation in operations.values():
+                    if isinstance(operation, dict) and "responses" in operation:
+                        operation["responses"].setdefault("429", TOO_MANY_REQUESTS)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 Check = Callable[[], Awaitable[bool]]

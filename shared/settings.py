@@ -74,6 +74,22 @@ class HttpSettings(BaseSettings):
     # Request bodies larger than this get 413 before they are read (`shared.http.BodyLimit`); the
     # alerts and reporting bodies are small JSON documents, so 1 MiB leaves ample room.
     max_body_bytes: int | None = Field(default=1024 * 1024, ge=1024)
+    # Where rate-limit counters live (`shared.ratelimit`): `mongodb` (the `rate_limits` collection,
+    # shared by every replica, so N replicas do not multiply a limit) or `memory` (this process only).
+    rate_limit_backend: Literal["mongodb", "memory"] = "mongodb"
+    # Failed authentications (a missing, unknown or revoked key) per peer: `auth_failure_burst` at once,
+    # then `auth_failure_rate_per_second`; past it the peer gets 429 with Retry-After without its key
+    # being looked up. A key already known (cached) from that peer still passes.
+    auth_failure_rate_per_second: float = Field(default=0.2, gt=0)
+    auth_failure_burst: float = Field(default=10, ge=1)
+    # How the peer is identified: 0 = the TCP peer's address (the default: X-Forwarded-For is
+    # ignored, as any client can send it). Behind N trusted proxies that each append to
+    # X-Forwarded-For, N picks the address the outermost trusted proxy saw.
+    trusted_proxy_hops: int = Field(default=0, ge=0, le=10)
+    # Requests per API key on alerts and reporting (`/v1/...`); intake limits submissions instead
+    # (ALLIANCE_INTAKE_RATE_PER_SECOND / _RATE_BURST).
+    read_rate_per_second: float = Field(default=50.0, gt=0)
+    read_rate_burst: float = Field(default=200.0, ge=1)
 
 
 class IntakeHttp(HttpSettings):

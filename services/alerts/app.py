@@ -23,7 +23,7 @@ from services.alerts.store import AlertsStore
 from services.alerts.worker import DeliveryWorker, Sender
 from shared import audit, auth
 from shared.events import AlertStatusChanged, DeadLetter
-from shared.http import Runtime, authenticate_first, service_api
+from shared.http import Runtime, authenticate_first, make_guard, service_api
 from shared.kafka import Publisher, make_broker, subscribe_batch
 from shared.mongo import database, make_client
 from shared.settings import AuditSettings
@@ -98,7 +98,7 @@ def build(config: AlertsConfig | None = None) -> tuple[Runtime, Components]:
         await auth.ensure_indexes(db)
         if not box.encrypting:
             log.warning("ALLIANCE_ALERTS_SECRETS_KEYS is empty: webhook signing secrets are stored unencrypted "
-                        "(refused when ALLIANCE_ALERTS_PRODUCTION is on)")
+                        "(dev mode only: `python -m services.alerts` refuses to start so outside it)")
         if not cfg.smtp.enabled:
             log.info("ALLIANCE_SMTP_HOST is empty: the email channel is off")
         # Delivery and escalation need only the store, so they start before the broker: after a
@@ -132,8 +132,13 @@ def create_app(config: AlertsConfig | None = None) -> FastAPI:
     app.include_router(components.router)
     # Every /v1 route needs a key: check it before a body is read (the routes' own KeyStore comes
     # after FastAPI has parsed the body). A second cache of the same keys; misses cost one look-up.
+    # With it, the failed-authentication limit per peer and the request rate per key (`make_guard`).
     assert runtime.mongo is not None
-    authenticate_first(app, auth.KeyStore(database(runtime.mongo, components.config.mongo)).lookup)
+    db = database(runtime.mongo, components.config.mongo)
+    first = auth.KeyStore(db)
+    guard, limits = make_guard(components.config.http, db, SERVICE)
+    runtime.on_start.append(limits.ensure_indexes)
+    authenticate_first(app, first.lookup, guard=guard, cached=first.cached)
     app.state.alerts = components
     return app
 

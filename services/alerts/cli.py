@@ -116,3 +116,16 @@ def secrets_reseal(
     typer.echo(f"resealed {n} secrets under key {box.sealing_key_id!r}")
     if failed:
         raise typer.Exit(1)
+
+
+@secrets_app.command("rotate")
+def secrets_rotate(
+    legacy_key: Annotated[str, typer.Option(help="the retired ALLIANCE_ALERTS_SECRETS_KEY, to migrate sb1 values",
+                                            envvar="ALLIANCE_ALERTS_LEGACY_SECRETS_KEY")] = "",
+) -> None:
+    """Finish a key rotation without downtime: re-seal every stored secret under the keyring's first key.
+
+    The rotation: `alliance secrets new-key --id <new>`; add it *second* in every replica's
+    ALLIANCE_ALERTS_SECRETS_KEYS (all can open what it seals) and roll them; move it *first* (it
+    seals) and roll again; `alliance secrets rotate` (this command, = `reseal`); then drop the old key."""
+    secrets_reseal(legacy_key)

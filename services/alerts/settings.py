@@ -9,7 +9,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.alerts.secretbox import KEYS_SETTING, SecretBox, parse_keyring
-from shared.settings import KafkaSettings, MongoSettings
+from shared.settings import AlertsHttp, KafkaSettings, MongoSettings
 
 
 class AlertsSettings(BaseSettings):
@@ -47,8 +47,12 @@ class AlertsSettings(BaseSettings):
     secrets_keys_file: str = ""
     # The retired single-key setting: refused (not silently reinterpreted), see the validator.
     secrets_key: SecretStr = SecretStr("")
-    # Production mode (compose and k8s set it): refuse to start without a keyring, so a deployment
-    # that forgot the key fails loudly instead of storing partners' secrets in plain text.
+    # The alerts process refuses to start without a keyring unless this is on (`start_refusal`):
+    # only the local run command (`alliance run`), the benches and the test kit turn it on, so a
+    # deployment that forgot the key fails loudly instead of storing partners' secrets in plain text.
+    dev_mode: bool = False
+    # Kept from before the guard became the default (compose and k8s still set it): with it, even a
+    # settings object without a keyring is refused, and it contradicts dev mode.
     production: bool = False
     # How long a rotated clinician-webhook secret still signs alongside the new one.
     secret_rotation_grace_seconds: float = Field(default=24 * 3600.0, ge=0)
@@ -72,6 +76,8 @@ class AlertsSettings(BaseSettings):
             except OSError as exc:
                 raise ValueError(f"ALLIANCE_ALERTS_SECRETS_KEYS_FILE cannot be read: {exc}") from None
         ring = parse_keyring(self.secrets_keys.get_secret_value())
+        if self.production and self.dev_mode:
+            raise ValueError("ALLIANCE_ALERTS_PRODUCTION and ALLIANCE_ALERTS_DEV_MODE are both on: choose one")
         if self.production and not ring:
             raise ValueError(f"{KEYS_SETTING} is empty and ALLIANCE_ALERTS_PRODUCTION is on: production "
                              "refuses to store webhook signing secrets unencrypted")
@@ -79,6 +85,17 @@ class AlertsSettings(BaseSettings):
 
     def secret_box(self) -> SecretBox:
         return SecretBox(parse_keyring(self.secrets_keys.get_secret_value()))
+
+
+def start_refusal(settings: AlertsSettings) -> str | None:
+    """Why the alerts process must not start with `settings`, or None. Malformed, short and
+    placeholder keys are refused by the settings themselves; here a missing keyring is refused
+    unless dev mode says this is a local run (where plain-text secrets are acceptable)."""
+    if settings.dev_mode or settings.secret_box().encrypting:
+        return None
+    return (f"{KEYS_SETTING} is empty: alerts refuses to store webhook signing secrets unencrypted. Set it "
+            "(or ALLIANCE_ALERTS_SECRETS_KEYS_FILE) to a keyring from `alliance secrets new-key --id <id>`; "
+            "only a local run may set ALLIANCE_ALERTS_DEV_MODE=true instead")
 
 
 class SmtpSettings(BaseSettings):
@@ -115,3 +132,4 @@ class AlertsConfig:
     mongo: MongoSettings = field(default_factory=MongoSettings)
     alerts: AlertsSettings = field(default_factory=AlertsSettings)
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    http: AlertsHttp = field(default_factory=AlertsHttp)

@@ -1,7 +1,8 @@
 """The intake HTTP API: authenticate, validate, publish to `srs.submitted.v1`, answer after the ack.
 
 Order of checks for every submission request (the first that fails answers):
-401/403 key -> 429 the key's bucket is empty (before the body is read) -> 413 `Content-Length` over
+429 too many failed authentications from this address (before a key not already cached is looked
+up) -> 401/403 key -> 429 the key has no room left (before the body is read) -> 413 `Content-Length` over
 the limit -> 415 media type -> 413 actual body size -> 422 malformed JSON / batch envelope / CSV file
 (its rows are counted while parsing: the file is refused at the first row past the limit) -> 429
 rate limit (the submissions the body holds) -> 422 rules (per item in a batch) -> 403 site (per item
@@ -15,7 +16,7 @@ Nothing is half-accepted: a 503 means the client must retry, with the same `subm
 (which the 503 body repeats when the server generated it), and downstream dedupes on it.
 
 A client transfer (`POST /v1/clients/{client_id}/transfer`) is checked in the same order: 401/403
-key (role `admin`, and not bound to a site) -> 429 empty bucket -> 413/415 -> 422 JSON and ids (paid for
+key (role `admin`, and not bound to a site) -> 429 no room left -> 413/415 -> 422 JSON and ids (paid for
 like a rejected submission) -> 429 -> 503 -> 202.
 """
 
@@ -27,8 +28,8 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
@@ -61,10 +62,10 @@ from services.intake.models import (
     transfer_event,
     transfer_record,
 )
-from services.intake.ratelimit import RateLimiter, retry_after_header
+from services.intake.ratelimit import Limiter, retry_after_header
 from services.intake.settings import IntakeSettings
-from shared.auth import KeyStore, Principal, Role, require
-from shared.http import Runtime, error_body
+from shared.auth import KeyStore, Principal, Role, bearer_token, require
+from shared.http import Guard, Runtime, error_body
 from shared.kafka import JSON_HEADERS
 
 log = logging.getLogger("alliance.intake")
@@ -197,7 +198,8 @@ class Context:
     settings: IntakeSettings
     keys: KeyStore
     publisher: SubmissionPublisher
-    limiter: RateLimiter
+    limiter: Limiter
+    guard: Guard
 
     def __post_init__(self) -> None:
         self._require = {role: require(lambda: self.keys, role) for role in ("submit", "admin")}
@@ -207,9 +209,22 @@ class Context:
         count = metrics.count if role == "submit" else metrics.count_transfers
         try:
             async with asyncio.timeout(self.settings.auth_timeout_seconds):
-                return await self._require[role](request)
+                # A peer that failed to authenticate too often is refused before its key is looked
+                # up, unless the key is one the cache knows (a valid key behind the same address).
+                token = bearer_token(request)
+                if (token is None or self.keys.cached(token) is None) and \
+                        (refusal := await self.guard.peer_refusal(request.scope)) is not None:
+                    count("rejected", "rate_limited", 1)
+                    raise refusal
+                try:
+                    return await self._require[role](request)
+                except HTTPException as exc:
+                    if exc.status_code == 401:
+                        await self.guard.failed(request.scope)
+                    raise
         except HTTPException as exc:
-            count("rejected", "unauthorized" if exc.status_code == 401 else "forbidden", 1)
+            if exc.status_code != 429:
+                count("rejected", "unauthorized" if exc.status_code == 401 else "forbidden", 1)
             raise
         except (TimeoutError, PyMongoError):
             count("unavailable", "keystore", 1)
@@ -217,22 +232,22 @@ class Context:
             raise HTTPException(503, error_body([("Authorization", "API keys cannot be checked right now")]),
                                 headers={"Retry-After": str(self.settings.unavailable_retry_after_seconds)}) from None
 
-    def rate_limit(self, principal: Principal, cost: int, count: Callable[..., None] = metrics.count) -> None:
-        self._refuse_after(self.limiter.take(principal.key_id, cost), cost, count)
+    async def rate_limit(self, principal: Principal, cost: int, count: Callable[..., None] = metrics.count) -> None:
+        self._refuse_after(await self.limiter.take(principal.key_id, cost), cost, count)
 
-    def admit(self, principal: Principal, count: Callable[..., None] = metrics.count) -> None:
-        """429 before the body is read when the key's bucket is empty (e.g. in debt for rejected work)."""
-        self._refuse_after(self.limiter.wait(principal.key_id), 1, count)
+    async def admit(self, principal: Principal, count: Callable[..., None] = metrics.count) -> None:
+        """429 before the body is read when the key has no room left (e.g. in debt for rejected work)."""
+        self._refuse_after(await self.limiter.wait(principal.key_id), 1, count)
 
-    @contextmanager
-    def paid(self, principal: Principal) -> Iterator[Work]:
+    @asynccontextmanager
+    async def paid(self, principal: Principal) -> AsyncIterator[Work]:
         """Charge the key for the work done when the block rejects the request (413/415/422)."""
         work = Work(self.settings.max_single_bytes)
         try:
             yield work
         except HTTPException as exc:
             if exc.status_code in _WORK_REJECTIONS:
-                self.limiter.charge(principal.key_id, work.cost)
+                await self.limiter.charge(principal.key_id, work.cost)
             raise
 
     def _refuse_after(self, wait: float, cost: int, count: Callable[..., None]) -> None:
@@ -338,7 +353,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorBody, "description": "body too large"},
     415: {"model": ErrorBody, "description": "wrong Content-Type"},
     422: {"model": ErrorBody, "description": "a validation rule failed; each error names its field"},
-    429: {"model": ErrorBody, "description": "per-key rate limit exceeded; see Retry-After"},
+    429: {"model": ErrorBody, "description": "per-key rate limit exceeded, or too many failed authentications "
+                                             "from this address; see Retry-After"},
     503: {"model": ErrorBody, "description": "the broker did not acknowledge in time; retry after Retry-After "
                                              "with the same submission_id"},
 }
@@ -429,11 +445,11 @@ def build_router(ctx: Context) -> APIRouter:
     )
     async def submit(request: Request) -> Response:
         principal = await ctx.authenticate(request)
-        ctx.admit(principal)
-        with ctx.paid(principal) as work:
+        await ctx.admit(principal)
+        async with ctx.paid(principal) as work:
             body = await read_body(request, settings.max_single_bytes, ("application/json",), work=work)
             data = parse_json(body)
-        ctx.rate_limit(principal, 1)
+        await ctx.rate_limit(principal, 1)
         now = datetime.now(UTC)
         model, errors = check_submission(data, now, ctx.max_future)
         if model is None:
@@ -455,12 +471,12 @@ def build_router(ctx: Context) -> APIRouter:
     )
     async def submit_batch(request: Request) -> Response:
         principal = await ctx.authenticate(request)
-        ctx.admit(principal)
-        with ctx.paid(principal) as work:
+        await ctx.admit(principal)
+        async with ctx.paid(principal) as work:
             body = await read_body(request, settings.max_batch_bytes, ("application/json",), work=work)
             data = parse_json(body)
             items = _batch_items(data, settings.max_batch_items, work)
-        ctx.rate_limit(principal, len(items))
+        await ctx.rate_limit(principal, len(items))
         results, records = _batch_results(ctx, principal, items, datetime.now(UTC))
         return await _publish_batch(ctx, request, "batch", results, records)
 
@@ -473,8 +489,8 @@ def build_router(ctx: Context) -> APIRouter:
     )
     async def submit_csv(request: Request) -> Response:
         principal = await ctx.authenticate(request)
-        ctx.admit(principal)
-        with ctx.paid(principal) as work:
+        await ctx.admit(principal)
+        async with ctx.paid(principal) as work:
             body = await read_body(request, settings.max_batch_bytes, ("text/csv",), work=work)
             try:
                 text = body.decode("utf-8-sig")
@@ -491,7 +507,7 @@ def build_router(ctx: Context) -> APIRouter:
                 _reject(422, "invalid", [("body", f"at most {settings.max_batch_items} rows per request, got "
                                                   "more; `alliance import FILE.csv` sends any size in chunks")],
                         len(parsed.rows))
-        ctx.rate_limit(principal, len(parsed.rows))
+        await ctx.rate_limit(principal, len(parsed.rows))
         results, records = _batch_results(ctx, principal, [r.data for r in parsed.rows], datetime.now(UTC),
                                           parsed.rows)
         return await _publish_batch(ctx, request, "csv", results, records)
@@ -516,15 +532,15 @@ def build_router(ctx: Context) -> APIRouter:
             _reject(403, "forbidden", [("Authorization", f"only a tenant-wide admin key may transfer clients; "
                                                          f"this key is bound to site '{principal.site_id}'")],
                     count=count)
-        ctx.admit(principal, count)
-        with ctx.paid(principal) as work:
+        await ctx.admit(principal, count)
+        async with ctx.paid(principal) as work:
             body = await read_body(request, settings.max_single_bytes, ("application/json",), count, work)
             data = parse_json(body, count)
             model, errors = check_transfer(data)
             errors = check_id("client_id", client_id) + errors
             if model is None or errors:
                 _reject(422, "invalid", errors, count=count)
-        ctx.rate_limit(principal, 1, count)
+        await ctx.rate_limit(principal, 1, count)
         event = transfer_event(principal.tenant_id, client_id, model.site_id, principal.key_id, datetime.now(UTC))
         await ctx.publish_transfer(transfer_record(event), request)
         count("accepted", "ok", 1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,15 +12,15 @@ from faststream.kafka import KafkaBroker
 from faststream.specification import AsyncAPI
 
 from services.intake.api import Context, HttpMiddleware, SubmissionPublisher, build_router, install_openapi
-from services.intake.ratelimit import RateLimiter
+from services.intake.ratelimit import submission_limiter
 from services.intake.settings import IntakeSettings
 from shared.audit import install_audit_routes
 from shared.auth import KeyStore
 from shared.events import ClientTransfer, SrsSubmitted
-from shared.http import Runtime, service_api
+from shared.http import Runtime, make_guard, service_api
 from shared.kafka import make_broker
 from shared.mongo import database, make_client
-from shared.settings import KafkaSettings, MongoSettings
+from shared.settings import IntakeHttp, KafkaSettings, MongoSettings
 
 DESCRIPTION = """Accepts Session Rating Scale submissions from clinic sites and EHR exports, validates them,
 and publishes them to `srs.submitted.v1`. A submission is answered with 202 only after the broker has
@@ -36,6 +35,7 @@ class IntakeConfig:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     mongo: MongoSettings = field(default_factory=MongoSettings)
     intake: IntakeSettings = field(default_factory=IntakeSettings)
+    http: IntakeHttp = field(default_factory=IntakeHttp)
 
     @property
     def publish_timeout(self) -> float:
@@ -58,12 +58,17 @@ def create_app(config: IntakeConfig | None = None) -> FastAPI:
     broker = make_broker(config.kafka.model_copy(update={"linger_ms": config.intake.linger_ms}), "intake")
     publisher = _publisher(broker, config)
     mongo = make_client(config.mongo)
-    runtime = Runtime("intake", broker=broker, mongo=mongo)
+    db = database(mongo, config.mongo)
+    # Failed authentications per peer; submissions per key are metered by `limiter` instead.
+    guard, limits = make_guard(config.http, db, "intake", per_key=False)
+    runtime = Runtime("intake", broker=broker, mongo=mongo, on_start=[limits.ensure_indexes])
     ctx = Context(
         settings=config.intake,
-        keys=KeyStore(database(mongo, config.mongo), ttl_seconds=config.intake.key_cache_seconds),
+        keys=KeyStore(db, ttl_seconds=config.intake.key_cache_seconds,
+                      max_entries=config.intake.key_cache_entries),
         publisher=SubmissionPublisher(runtime, publisher.publish, config.publish_timeout),
-        limiter=RateLimiter(config.intake.rate_per_second, config.intake.rate_burst, time.monotonic),
+        limiter=submission_limiter(config.intake, limits),
+        guard=guard,
     )
     app = service_api(runtime, title="Alliance Stream intake", description=DESCRIPTION)
     app.include_router(build_router(ctx))

@@ -9,9 +9,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class IntakeSettings(BaseSettings):
     """Limits and timeouts of the intake API.
 
-    The rate limit is a token bucket per API key that counts *submissions*: a single post
-    costs 1, a batch or CSV import costs its number of items (capped at the burst, so a batch
-    larger than the burst is still admitted once the bucket is full). Submissions are what
+    The rate limit is per API key and counts *submissions* (`rate_burst` per window of
+    `ceil(rate_burst / rate_per_second)` seconds, a sliding window shared by all replicas, see
+    services/intake/ratelimit.py): a single post costs 1, a batch or CSV import costs its number
+    of items (capped at the burst, so a batch larger than the burst is still admitted once nothing
+    else counts). Submissions are what
     load the broker and every downstream consumer, so that is what the limit meters.
     """
 
@@ -23,6 +25,8 @@ class IntakeSettings(BaseSettings):
     # Key look-ups hit MongoDB on a cache miss; a store that hangs must not hang the API.
     auth_timeout_seconds: float = Field(default=3.0, gt=0)
     key_cache_seconds: float = Field(default=30.0, ge=0)
+    # Known keys cached at most (least recently used dropped first; unknown keys are never cached).
+    key_cache_entries: int = Field(default=10_000, ge=1)
     rate_per_second: float = Field(default=500.0, gt=0)
     rate_burst: float = Field(default=2000.0, ge=1)
     max_single_bytes: int = Field(default=64 * 1024, ge=1024)

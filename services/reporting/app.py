@@ -17,10 +17,10 @@ from services.reporting.store import Generations, ReportingStore, SubmissionStor
 from shared import audit
 from shared.auth import KeyStore
 from shared.events import DeadLetter
-from shared.http import Runtime, authenticate_first, service_api
+from shared.http import Runtime, authenticate_first, make_guard, service_api
 from shared.kafka import OutboundRecord, Publisher, make_broker, subscribe_batch
 from shared.mongo import database, make_client
-from shared.settings import AuditSettings, KafkaSettings, MongoSettings
+from shared.settings import AuditSettings, KafkaSettings, MongoSettings, ReportingHttp
 
 SERVICE = "reporting"
 
@@ -32,6 +32,7 @@ class ReportingConfig:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     mongo: MongoSettings = field(default_factory=MongoSettings)
     reporting: ReportingSettings = field(default_factory=ReportingSettings)
+    http: ReportingHttp = field(default_factory=ReportingHttp)
     audit: AuditSettings = field(default_factory=AuditSettings)
 
 
@@ -99,7 +100,11 @@ def create_app(config: ReportingConfig | None = None) -> FastAPI:
     install_store_errors(app)
     mount_dashboard(app)
     # Every /v1 route needs a key: check it before anything else (FastAPI reads a body first).
-    authenticate_first(app, keys.lookup)
+    # With it, the failed-authentication limit per peer and the request rate per key (`make_guard`).
+    assert runtime.mongo is not None
+    guard, limits = make_guard(config.http, database(runtime.mongo, config.mongo), SERVICE)
+    runtime.on_start.append(limits.ensure_indexes)
+    authenticate_first(app, keys.lookup, guard=guard, cached=keys.cached)
     return app
 
 

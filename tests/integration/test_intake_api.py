@@ -693,7 +693,7 @@ async def test_logs_carry_submission_and_correlation_ids_but_no_client_id_or_rat
         assert secret_client not in line and "7.3" not in line, line
 
 
-# --- 429: a token bucket per key, counting submissions ---------------------------------------------
+# --- 429: a limit per key, counting submissions -----------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -758,4 +758,5 @@ async def test_batch_items_count_against_the_rate(limited: Intake) -> None:
     assert r.status_code == 200
     r = await limited.post(submission(), key=key)
     assert r.status_code == 429
-    assert r.headers["retry-after"] == "1"
+    # 3 per 3-second window (rate 1, burst 3): room again when this slot ends, within the window
+    assert 1 <= int(r.headers["retry-after"]) <= 3

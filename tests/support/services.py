@@ -52,6 +52,8 @@ class Namespace:
             "ALLIANCE_MONGO_URL": self.stack.mongo_url,
             "ALLIANCE_MONGO_DATABASE": self.database,
             "ALLIANCE_ALERTS_ALLOW_PRIVATE_TARGETS": "true",
+            # The test kit runs alerts as a local run does: dev mode, no keyring required.
+            "ALLIANCE_ALERTS_DEV_MODE": "true",
             **self.extra_env,
         }
 

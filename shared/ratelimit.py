@@ -1,0 +1,289 @@
+"""Rate limits shared by every replica of a service: the `limits` library's sliding-window-counter
+strategy over a storage that lives in MongoDB (or in the process, for one-process setups and tests).
+
+Why not `limits`' own MongoDB storage: its async variant needs Motor (end-of-life, not used here)
+and updates with aggregation pipelines. `SlotStorage` implements the same storage interface
+(`limits.aio.storage.Storage` + `SlidingWindowCounterSupport`) with two primitives any MongoDB-protocol
+store answers, `find` over `_id $in` and an upserting `$inc`, on PyMongo's async API.
+
+The model: a limit of `burst` per window of `ceil(burst / rate)` seconds, counted per key in
+wall-clock-aligned slots of one window each. The count a request is checked against is the current
+slot's plus the previous slot's weighted by how much of it the sliding window still covers (the
+strategy of `limits.aio.strategies.SlidingWindowCounterRateLimiter`). Replicas that share the store
+share the counts, so N replicas do not multiply the limit (their clocks must agree to well under
+a window, as NTP keeps them).
+
+`Limiter` is what the services use:
+
+- `wait(key)`: seconds until one more unit would be admitted (0.0 now); spends nothing.
+- `take(key, cost)`: admits and spends `cost` (capped at the burst), or answers the seconds to wait.
+- `charge(key, cost)`: spends `cost` even when over the limit (work already done is paid for after the
+  fact), up to a debt of one burst: the weighted count goes no higher than twice the burst.
+
+A reservation is checked, then added, then checked again: two replicas racing for the last units
+both add, see the sum over the limit, and the loser takes its units back, so the limit is never
+exceeded (under contention a request may be refused that a serial order would have admitted).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Literal, Protocol
+
+from limits import RateLimitItemPerSecond
+from limits.aio.storage import Storage
+from limits.aio.storage.base import SlidingWindowCounterSupport
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from pymongo import ReturnDocument
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import PyMongoError
+
+from shared.mongo import Document
+
+Backend = Literal["mongodb", "memory"]
+COLLECTION = "rate_limits"
+
+
+class Counters(Protocol):
+    """Integer counters by name, each forgotten after its `expires_at` (a wall-clock timestamp)."""
+
+    async def counts(self, names: Sequence[str]) -> dict[str, int]: ...
+
+    async def add(self, name: str, amount: int, expires_at: float) -> int: ...
+
+    async def delete(self, prefix: str) -> None: ...
+
+    async def ping(self) -> bool: ...
+
+
+class MemoryCounters:
+    """Counters in this process (one replica; tests). At most `max_names`: the oldest are dropped first,
+    so a flood of new keys costs bounded memory (a dropped key starts again from zero)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time, max_names: int = 100_000) -> None:
+        self._clock = clock
+        self._max = max_names
+        self._values: dict[str, tuple[int, float]] = {}
+
+    async def counts(self, names: Sequence[str]) -> dict[str, int]:
+        now = self._clock()
+        return {n: v[0] for n in names if (v := self._values.get(n)) is not None and v[1] > now}
+
+    async def add(self, name: str, amount: int, expires_at: float) -> int:
+        now = self._clock()
+        value = self._values.get(name)
+        count = amount if value is None or value[1] <= now else value[0] + amount
+        if value is None and len(self._values) >= self._max:
+            # dicts keep insertion order: drop the oldest half in one go
+            for old in list(self._values)[: self._max // 2]:
+                del self._values[old]
+        self._values[name] = (count, expires_at if value is None or value[1] <= now else value[1])
+        return count
+
+    async def delete(self, prefix: str) -> None:
+        for name in [n for n in self._values if n.startswith(prefix)]:
+            del self._values[name]
+
+    async def ping(self) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+class MongoCounters:
+    """Counters in a MongoDB collection shared by every replica: `{_id, n, expire_at}`, a TTL index
+    removing old slots (`ensure_indexes`)."""
+
+    def __init__(self, collection: AsyncCollection[Document]) -> None:
+        self._coll = collection
+
+    async def ensure_indexes(self) -> None:
+        await self._coll.create_index("expire_at", expireAfterSeconds=0)
+
+    async def counts(self, names: Sequence[str]) -> dict[str, int]:
+        return {str(d["_id"]): int(d["n"]) async for d in self._coll.find({"_id": {"$in": list(names)}})}
+
+    async def add(self, name: str, amount: int, expires_at: float) -> int:
+        expire_at = datetime.fromtimestamp(expires_at, UTC)
+        doc = await self._coll.find_one_and_update(
+            {"_id": name}, {"$inc": {"n": amount}, "$setOnInsert": {"expire_at": expire_at}},
+            upsert=True, return_document=ReturnDocument.AFTER)
+        return int(doc["n"]) if doc is not None else amount
+
+    async def delete(self, prefix: str) -> None:
+        await self._coll.delete_many({"_id": {"$regex": f"^{_escape(prefix)}"}})
+
+    async def ping(self) -> bool:
+        try:
+            await self._coll.database.command("ping")
+        except PyMongoError:
+            return False
+        return True
+
+
+def _escape(text: str) -> str:
+    return "".join(f"\\{c}" if not c.isalnum() else c for c in text)
+
+
+def weighted(previous: int, previous_share: float, current: int) -> float:
+    """The sliding window's count: the previous slot's count times the share of it the window still
+    covers (1.0 at the start of the current slot, 0.0 at its end), plus the current slot's."""
+    return previous * previous_share + current
+
+
+def seconds_until(cost: int, limit: int, window: float, previous: int, previous_share: float, current: int) -> float:
+    """Seconds until `cost` more fit under `limit` (0.0 when they fit now), counting as the
+    sliding-window-counter strategy does: admitted while `floor(weighted) + cost <= limit`."""
+    room = limit - cost + 1  # admitted while weighted < room
+    if weighted(previous, previous_share, current) < room:
+        return 0.0
+    if current < room:
+        # The previous slot's share shrinks linearly with time within this slot.
+        return max(0.0, window * previous_share - window * (room - current) / previous) if previous else 0.0
+    # Not before the next slot, where this slot's count becomes the shrinking previous one.
+    return window * previous_share + max(0.0, window - window * room / current)
+
+
+class SlotStorage(Storage, SlidingWindowCounterSupport):
+    """A `limits` async storage over `Counters`: fixed windows and sliding window counters in
+    clock-aligned slots (`<key>@<slot number>`), so it needs no atomic read-modify-write beyond `$inc`."""
+
+    STORAGE_SCHEME: list[str] | None = ["alliance-slots"]  # noqa: RUF012 (the base class declares it so)
+
+    def __init__(self, counters: Counters, clock: Callable[[], float] = time.time) -> None:
+        super().__init__()
+        self.counters = counters
+        self._clock = clock
+
+    @property
+    def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
+        return PyMongoError
+
+    async def ensure_indexes(self) -> None:
+        """The store's TTL index, when the counters live in MongoDB (a start-up step)."""
+        if isinstance(self.counters, MongoCounters):
+            await self.counters.ensure_indexes()
+
+    def _slot(self, expiry: int) -> tuple[int, float]:
+        """The current slot number and the share of the previous slot the window still covers."""
+        now = self._clock()
+        slot = math.floor(now / expiry)
+        return slot, ((slot + 1) * expiry - now) / expiry
+
+    async def _window(self, key: str, expiry: int) -> tuple[int, float, int, int]:
+        slot, share = self._slot(expiry)
+        got = await self.counters.counts([f"{key}@{slot - 1}", f"{key}@{slot}"])
+        return got.get(f"{key}@{slot - 1}", 0), share, got.get(f"{key}@{slot}", 0), slot
+
+    async def _add(self, key: str, slot: int, expiry: int, amount: int) -> int:
+        # A slot is read while it is current and while it is the previous one: kept for two windows.
+        return await self.counters.add(f"{key}@{slot}", amount, (slot + 2) * expiry + 1.0)
+
+    # --- sliding window counter -------------------------------------------------------------------
+
+    async def acquire_sliding_window_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        if amount > limit:
+            return False
+        previous, share, current, slot = await self._window(key, expiry)
+        if math.floor(weighted(previous, share, current)) + amount > limit:
+            return False
+        now_current = await self._add(key, slot, expiry, amount)
+        if math.floor(weighted(previous, share, now_current)) > limit:
+            await self._add(key, slot, expiry, -amount)  # lost a race with another replica
+            return False
+        return True
+
+    async def get_sliding_window(self, key: str, expiry: int) -> tuple[int, float, int, float]:
+        previous, share, current, _ = await self._window(key, expiry)
+        return previous, share * expiry, current, share * expiry + expiry
+
+    async def clear_sliding_window(self, key: str, expiry: int) -> None:
+        await self.clear(key)
+
+    async def force(self, key: str, limit: int, expiry: int, amount: int) -> None:
+        """Add `amount` whatever the count, up to a weighted count of `2 * limit` (a debt of one limit)."""
+        previous, share, current, slot = await self._window(key, expiry)
+        room = 2 * limit - math.ceil(weighted(previous, share, current))
+        if (spent := min(amount, room)) > 0:
+            await self._add(key, slot, expiry, spent)
+
+    # --- fixed window (the base interface) --------------------------------------------------------
+
+    async def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        slot, _ = self._slot(expiry)
+        return await self._add(key, slot, expiry, amount)
+
+    async def get(self, key: str) -> int:
+        raise NotImplementedError("SlotStorage counts in slots: use the sliding window counter strategy")
+
+    async def get_expiry(self, key: str) -> float:
+        raise NotImplementedError("SlotStorage counts in slots: use the sliding window counter strategy")
+
+    async def check(self) -> bool:
+        return await self.counters.ping()
+
+    async def reset(self) -> int | None:
+        await self.counters.delete("")
+        return None
+
+    async def clear(self, key: str) -> None:
+        await self.counters.delete(f"{key}@")
+
+
+class Limiter:
+    """`burst` units per `ceil(burst / rate)` seconds per key, in `namespace` (e.g. `intake:submit`),
+    on a shared `SlotStorage`. See the module docstring for `wait`, `take` and `charge`."""
+
+    def __init__(self, storage: SlotStorage, namespace: str, rate: float, burst: float) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be > 0 and burst >= 1")
+        self.rate = rate
+        self.burst = burst
+        self.window = max(1, math.ceil(burst / rate))
+        self.item = RateLimitItemPerSecond(int(burst), self.window, namespace=namespace)
+        self.storage = storage
+        self._strategy = SlidingWindowCounterRateLimiter(storage)
+
+    def _cost(self, cost: float) -> int:
+        return min(max(math.ceil(cost), 0), self.item.amount)
+
+    async def take(self, key: str, cost: float = 1.0) -> float:
+        """0.0 when admitted (`cost` spent), else the seconds until `cost` would be."""
+        units = self._cost(cost)
+        if units == 0 or await self._strategy.hit(self.item, key, cost=units):
+            return 0.0
+        return max(await self._seconds_until(key, units), 1e-3)
+
+    async def wait(self, key: str) -> float:
+        """0.0 when one unit would be admitted now, else the seconds until it would; spends nothing."""
+        if await self._strategy.test(self.item, key):
+            return 0.0
+        return max(await self._seconds_until(key, 1), 1e-3)
+
+    async def charge(self, key: str, cost: float) -> None:
+        """Spend `cost` (capped at the burst) even when over the limit, down to a debt of one burst."""
+        if (units := self._cost(cost)) > 0:
+            await self.storage.force(self.item.key_for(key), self.item.amount, self.window, units)
+
+    async def _seconds_until(self, key: str, cost: int) -> float:
+        previous, previous_ttl, current, _ = await self.storage.get_sliding_window(self.item.key_for(key), self.window)
+        return seconds_until(cost, self.item.amount, self.window, previous, previous_ttl / self.window, current)
+
+
+def slot_storage(backend: Backend, collection: AsyncCollection[Document] | None,
+                 clock: Callable[[], float] = time.time) -> SlotStorage:
+    """The storage for `backend`: `mongodb` (shared by replicas; `collection` required) or `memory`."""
+    if backend == "mongodb":
+        if collection is None:
+            raise ValueError("the mongodb rate-limit backend needs a collection")
+        return SlotStorage(MongoCounters(collection), clock)
+    return SlotStorage(MemoryCounters(clock), clock)
+
+
+def retry_after_header(seconds: float) -> str:
+    """A `Retry-After` value: whole seconds, at least 1."""
+    return str(max(1, math.ceil(seconds)))

@@ -1,0 +1,98 @@
+"""Failed authentications are limited per peer (issue 12, item 8: 300 random keys in 0.8 s, each a
+store look-up, were all answered 401). On intake, alerts and reporting alike: after a small burst of
+missing or unknown keys one peer gets 429 with `Retry-After`; other peers, and keys already known
+from that peer, are unaffected. The peer is the TCP client; `X-Forwarded-For` counts only behind a
+configured number of trusted proxies."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.http import peer_address
+from tests.support.apps import HTTP_SERVICES, PROBES, HttpService, build_app, client, new_key
+from tests.support.services import Namespace
+
+# 3 failures, then one per 8 hours: a one-day window whose slots turn only at midnight UTC, so no
+# test here sees the count shrink while it runs.
+LIMITED = {"auth_failure_burst": 3, "auth_failure_rate_per_second": 3 / 86_400}
+
+
+@pytest.mark.parametrize("service", HTTP_SERVICES)
+async def test_repeated_unknown_keys_from_one_peer_get_429_with_retry_after(service: HttpService,
+                                                                              namespace: Namespace) -> None:
+    probe = PROBES[service]
+    async with client(build_app(service, namespace, **LIMITED)) as http:
+        statuses = [(await probe.send(http, f"ak_wrong-{i}")).status_code for i in range(3)]
+        r = await probe.send(http, "ak_wrong-3")
+    assert statuses == [401, 401, 401]
+    assert r.status_code == 429
+    assert int(r.headers["retry-after"]) >= 1
+    assert "too many failed authentications" in r.json()["errors"][0]["message"]
+
+
+@pytest.mark.parametrize("service", HTTP_SERVICES)
+async def test_requests_without_a_key_count_as_failed_authentications(service: HttpService,
+                                                                     namespace: Namespace) -> None:
+    probe = PROBES[service]
+    async with client(build_app(service, namespace, **LIMITED)) as http:
+        statuses = [(await probe.send(http, None)).status_code for _ in range(4)]
+    assert statuses == [401, 401, 401, 429]
+
+
+@pytest.mark.parametrize("service", HTTP_SERVICES)
+async def test_a_peer_with_a_valid_key_is_unaffected_by_another_peers_failures(service: HttpService,
+                                                                              namespace: Namespace) -> None:
+    probe = PROBES[service]
+    key = await new_key(namespace, probe.role)
+    app = build_app(service, namespace, **LIMITED)
+    async with client(app, "203.0.113.7") as attacker, client(app, "198.51.100.9") as partner:
+        for i in range(3):
+            await probe.send(attacker, f"ak_wrong-{i}")
+        assert (await probe.send(attacker, "ak_wrong")).status_code == 429
+        assert (await probe.send(partner, key)).status_code == probe.answer
+
+
+@pytest.mark.parametrize("service", HTTP_SERVICES)
+async def test_a_key_already_known_keeps_working_from_a_limited_peer(service: HttpService,
+                                                                    namespace: Namespace) -> None:
+    probe = PROBES[service]
+    key = await new_key(namespace, probe.role)
+    async with client(build_app(service, namespace, **LIMITED)) as http:
+        assert (await probe.send(http, key)).status_code == probe.answer
+        for i in range(3):
+            await probe.send(http, f"ak_wrong-{i}")
+        assert (await probe.send(http, "ak_wrong")).status_code == 429
+        assert (await probe.send(http, key)).status_code == probe.answer
+
+
+async def test_x_forwarded_for_is_ignored_without_trusted_proxies(namespace: Namespace) -> None:
+    probe = PROBES["reporting"]
+    async with client(build_app("reporting", namespace, **LIMITED)) as http:
+        statuses = [(await probe.send(http, "ak_wrong", **{"X-Forwarded-For": f"192.0.2.{i}"})).status_code
+                    for i in range(4)]
+    assert statuses == [401, 401, 401, 429]
+
+
+async def test_behind_a_trusted_proxy_each_forwarded_client_is_limited_on_its_own(namespace: Namespace) -> None:
+    probe = PROBES["reporting"]
+    app = build_app("reporting", namespace, trusted_proxy_hops=1, **LIMITED)
+    async with client(app, "10.0.0.2") as proxy:  # every request arrives from the proxy
+        statuses = [(await probe.send(proxy, "ak_wrong", **{"X-Forwarded-For": "192.0.2.1"})).status_code
+                    for _ in range(4)]
+        other = await probe.send(proxy, "ak_wrong", **{"X-Forwarded-For": "192.0.2.2"})
+    assert statuses == [401, 401, 401, 429]
+    assert other.status_code == 401
+
+
+@pytest.mark.parametrize(("hops", "forwarded", "peer"), [
+    (0, "192.0.2.1", "10.0.0.2"),  # not trusted: the TCP peer
+    (1, "192.0.2.1", "192.0.2.1"),
+    (1, "198.51.100.1, 192.0.2.1", "192.0.2.1"),  # a client-sent first entry is not believed
+    (2, "198.51.100.1, 192.0.2.1", "198.51.100.1"),
+    (3, "192.0.2.1", "192.0.2.1"),  # fewer entries than hops: the leftmost
+    (1, None, "10.0.0.2"),
+])
+def test_the_peer_is_the_address_the_outermost_trusted_proxy_saw(hops: int, forwarded: str | None,
+                                                                   peer: str) -> None:
+    headers = [(b"x-forwarded-for", forwarded.encode())] if forwarded else []
+    assert peer_address({"type": "http", "client": ("10.0.0.2", 5000), "headers": headers}, hops) == peer
