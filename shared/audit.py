@@ -296,7 +296,13 @@ class Auditor:
         """Record a key whose role does not allow `action` (403 from the key check) as `denied`; a
         request without a valid key (401) has nobody to record."""
         token = bearer_token(request)
-        who = await self.lookup(token) if exc.status_code == 403 and token else None
+        if exc.status_code != 403 or not token:
+            return
+        try:
+            who = await self.lookup(token)  # cached: the key check just looked it up
+        except Exception:  # the store stopped answering: the 403 still stands
+            log.warning("could not record a denied request: the key store did not answer")
+            return
         if who is not None:
             self.record(who, action, "denied", client_id=client_id, target=target)
 

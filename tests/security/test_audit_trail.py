@@ -25,6 +25,7 @@ from pymongo import AsyncMongoClient
 from services.alerts.harness import deterioration
 from services.processes import ServiceProcess
 from services.reporting.demo import publish, scored
+from shared import audit
 from shared.auth import create_key
 from shared.mongo import Document
 from tests.support.services import Namespace, running
@@ -270,3 +271,22 @@ async def test_a_key_created_with_the_cli_is_recorded_and_the_export_prints_json
     cli = next(e for e in lines if e["action"] == "keys.create")
     assert (cli["key_id"], cli["role"], cli["tenant_id"]) == ("cli", "operator", t)
     assert {e["tenant_id"] for e in lines} == {t}
+
+
+# ---------------------------------------------------------------------------------------------
+# The writer on the real store
+
+
+async def test_a_batch_written_again_stores_each_entry_once(stack_: Stack) -> None:
+    trail = stack_.mongo[stack_.ns.database]["audit_retry_check"]
+    docs = [audit.entry(tenant_id=tenant(), key_id="k", role="read", site=None, service="test",
+                        action="trajectory.read", outcome="allowed", client_id=f"c{n}") for n in range(3)]
+    log = audit.AuditLog(trail, "test", flush_interval_seconds=3600)
+    for doc in docs[:2]:
+        log.append(doc)
+    await log.flush()
+    for doc in docs:  # a retry of the first two (their answer lost), and a new one
+        log.append(doc)
+    assert await log.flush() == 3
+    assert sorted(d["client_id"] for d in await trail.find().to_list()) == ["c0", "c1", "c2"]
+    await log.close()
