@@ -30,7 +30,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.metrics import READY
+from shared.metrics import READY, THROTTLED
 from shared.mongo import Document, ping
 from shared.ratelimit import COLLECTION, Limiter, SlotStorage, retry_after_header, slot_storage
 from shared.settings import SERVICE_PORTS, HttpSettings
@@ -177,6 +177,7 @@ class Guard:
     failures: Limiter
     per_key: Limiter | None = None
     trusted_proxy_hops: int = 0
+    service: str = ""
 
     def peer(self, scope: Scope) -> str:
         return peer_address(scope, self.trusted_proxy_hops)
@@ -186,6 +187,7 @@ class Guard:
         wait = await self.failures.wait(self.peer(scope))
         if wait <= 0:
             return None
+        THROTTLED.labels(self.service, "auth_failures").inc()
         return too_many(f"too many failed authentications from this address (at most {self.failures.burst:g}, "
                         f"then {self.failures.rate:g}/s)", wait)
 
@@ -200,6 +202,7 @@ class Guard:
         wait = await self.per_key.take(key_id)
         if wait <= 0:
             return None
+        THROTTLED.labels(self.service, "key_rate").inc()
         return too_many(f"rate limit of {self.per_key.rate:g} requests/s (burst {self.per_key.burst:g}) per API key "
                         "exceeded", wait)
 
@@ -212,7 +215,7 @@ def make_guard(settings: HttpSettings, db: AsyncDatabase[Document], service: str
                        settings.auth_failure_burst)
     requests = Limiter(storage, f"{service}:requests", settings.read_rate_per_second,
                        settings.read_rate_burst) if per_key else None
-    return Guard(failures, requests, settings.trusted_proxy_hops), storage
+    return Guard(failures, requests, settings.trusted_proxy_hops, service), storage
 
 
 class AuthenticateFirst:

@@ -34,5 +34,11 @@ DEADLETTER = Counter(
     ["service", "reason"],
 )
 READY = Gauge("alliance_ready", "1 when the service's dependencies answer.", ["service"])
+THROTTLED = Counter(
+    "alliance_http_throttled_total",
+    "Requests answered 429 in front of the routes, by limit: auth_failures (too many failed "
+    "authentications from one peer) or key_rate (one API key past its request rate).",
+    ["service", "limit"],
+)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)

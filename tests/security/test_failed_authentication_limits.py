@@ -7,6 +7,7 @@ configured number of trusted proxies."""
 from __future__ import annotations
 
 import pytest
+from prometheus_client import REGISTRY
 
 from shared.http import peer_address
 from tests.support.apps import HTTP_SERVICES, PROBES, HttpService, build_app, client, new_key
@@ -28,6 +29,17 @@ async def test_repeated_unknown_keys_from_one_peer_get_429_with_retry_after(serv
     assert r.status_code == 429
     assert int(r.headers["retry-after"]) >= 1
     assert "too many failed authentications" in r.json()["errors"][0]["message"]
+
+
+@pytest.mark.parametrize("service", HTTP_SERVICES)
+async def test_the_429s_are_counted_in_a_metric_by_service_and_limit(service: HttpService,
+                                                                    namespace: Namespace) -> None:
+    labels = {"service": service, "limit": "auth_failures"}
+    before = REGISTRY.get_sample_value("alliance_http_throttled_total", labels) or 0.0
+    async with client(build_app(service, namespace, **LIMITED)) as http:
+        for i in range(5):
+            await PROBES[service].send(http, f"ak_wrong-{i}")
+    assert REGISTRY.get_sample_value("alliance_http_throttled_total", labels) == before + 2
 
 
 @pytest.mark.parametrize("service", HTTP_SERVICES)
