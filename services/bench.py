@@ -831,6 +831,7 @@ def bench(
                "ALLIANCE_LOG_LEVEL": "WARNING",
                # the burst measures capacity, so the per-key rate limit must not be what binds
                "ALLIANCE_INTAKE_RATE_PER_SECOND": "1000000", "ALLIANCE_INTAKE_RATE_BURST": "1000000",
+               "ALLIANCE_REPORTING_READ_RATE_PER_SECOND": "1000000", "ALLIANCE_REPORTING_READ_RATE_BURST": "1000000",
                "ALLIANCE_SMTP_HOST": ""}
         procs = {s: ServiceProcess(s, free_port(), env, data / f"{s}.log") for s in present}
         try:
