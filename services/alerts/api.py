@@ -22,11 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.alerts import signing
 from services.alerts.handlers import status_record
-from services.alerts.rules import SUBSCRIBABLE, ApiStatus, Clinician, status_changed, url_problem
+from services.alerts.rules import SUBSCRIBABLE, ApiStatus, Clinician, Outcome, status_changed, url_problem
 from services.alerts.secretbox import SecretBox, subscription_row, tenant_row
 from services.alerts.settings import AlertsSettings
 from services.alerts.store import AlertsStore, utcnow
-from services.alerts.targets import target_problem
+from services.alerts.targets import Resolver, system_resolve, target_problem
 from shared.audit import Auditor, note
 from shared.auth import KeyStore, Principal, forbid_site, require
 from shared.http import error_body
@@ -168,8 +168,10 @@ class DeliveryOut(BaseModel):
     status: Literal["pending", "delivered", "failed", "cancelled"]
     attempts: int
     next_attempt_at: datetime | None = None
-    last_error: str | None = None
-    response_status: int | None = None
+    last_outcome: Outcome | None = Field(
+        default=None, description="the class of the last attempt's result: 2xx, 3xx, 4xx, 5xx, timeout, refused "
+                                  "(could not connect), blocked (the target is not a public address), no_secret "
+                                  "(the tenant has no signing secret) or error; never a status code or error text")
     created_at: datetime
     delivered_at: datetime | None = None
     finished_at: datetime | None = None
@@ -188,6 +190,11 @@ def _tenant_wide(p: Principal) -> None:
         raise HTTPException(403, error_body([("Authorization", "tenant-wide settings need a key not bound to a site")]))
 
 
+def _too_many_subscriptions(cap: int) -> HTTPException:
+    return HTTPException(409, error_body([(None, f"a tenant may have at most {cap} subscriptions "
+                                                 "(max_subscriptions_per_tenant): delete one first")]))
+
+
 def _not_found(what: str) -> HTTPException:
     return HTTPException(404, error_body([(None, f"no such {what}")]))
 
@@ -200,7 +207,7 @@ def _note_alert(request: Request, p: Principal, doc: dict[str, Any] | None) -> N
 
 def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topics: Topics, settings: AlertsSettings,
                  box: SecretBox, forget_secret: Callable[[str], None], wake: Callable[[], None],
-                 auditor: Auditor | None = None) -> APIRouter:
+                 auditor: Auditor | None = None, resolve: Resolver = system_resolve) -> APIRouter:
     """The /v1 routes. Alert and delivery reads and every change append an audit entry (`shared.audit`)."""
     read_key, admin_key = require(lambda: keys, "read"), require(lambda: keys, "admin")
     reader = Depends(read_key)
@@ -220,7 +227,8 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
             raise forbid_site(existing.site_id)
         if body.supervisor_id == clinician_id:
             raise HTTPException(422, error_body([("supervisor_id", "a clinician cannot supervise themselves")]))
-        if body.webhook_url and (problem := await target_problem(body.webhook_url, settings.allow_private_targets)):
+        if body.webhook_url and (problem := await target_problem(body.webhook_url, settings.allow_private_targets,
+                                                                      resolve)):
             raise HTTPException(422, error_body([("webhook_url", problem)]))
         created = await store.put_clinician(Clinician(p.tenant_id, clinician_id, body.site_id, body.email,
                                                       body.webhook_url, body.supervisor_id))
@@ -246,18 +254,27 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
         return [ClinicianOut(clinician_id=c.clinician_id, site_id=c.site_id, email=c.email or "",
                              webhook_url=c.webhook_url, supervisor_id=c.supervisor_id) for c in rows]
 
-    @r.post("/subscriptions", tags=["subscriptions"], status_code=201, response_model=SubscriptionCreated)
+    @r.post("/subscriptions", tags=["subscriptions"], status_code=201, response_model=SubscriptionCreated,
+            responses={409: {"description": "the tenant already has the most subscriptions allowed (20 by default)"}})
     async def create_subscription(body: SubscriptionIn,
                                   p: Principal = audited("subscription.create", admin_key)) -> SubscriptionCreated:
         """Subscribe a partner URL; the signing secret is in this answer only."""
         _tenant_wide(p)
-        if problem := await target_problem(body.url, settings.allow_private_targets):
+        if problem := await target_problem(body.url, settings.allow_private_targets, resolve):
             raise HTTPException(422, error_body([("url", problem)]))
+        cap = settings.max_subscriptions_per_tenant
+        if await store.count_subscriptions(p.tenant_id) >= cap:
+            raise _too_many_subscriptions(cap)
         secret = signing.new_secret()
         events = sorted(set(body.events), key=SUBSCRIBABLE.index)
         sub_id = store.new_subscription_id()
         sealed = box.seal(secret, subscription_row(p.tenant_id, sub_id))
         doc = await store.create_subscription(p.tenant_id, body.url, events, sealed, sub_id)
+        if await store.count_subscriptions(p.tenant_id) > cap:
+            # Two creations raced past the check above: undo this one (both may be undone; the
+            # caller retries), so the cap holds.
+            await store.remove_subscription(p.tenant_id, sub_id)
+            raise _too_many_subscriptions(cap)
         return SubscriptionCreated(id=doc["_id"], url=body.url, events=events, created_at=doc["created_at"],
                                    secret=secret)
 

@@ -20,6 +20,7 @@ from services.alerts.handlers import Handlers
 from services.alerts.senders import EmailSender, SigningSecrets, WebhookSender
 from services.alerts.settings import AlertsConfig
 from services.alerts.store import AlertsStore
+from services.alerts.targets import Resolver, system_resolve
 from services.alerts.worker import DeliveryWorker, Sender
 from shared import audit, auth
 from shared.events import AlertStatusChanged, DeadLetter
@@ -60,8 +61,9 @@ def _broker(config: AlertsConfig) -> KafkaBroker:
     return broker
 
 
-def build(config: AlertsConfig | None = None) -> tuple[Runtime, Components]:
-    """Wire everything; opens no connection."""
+def build(config: AlertsConfig | None = None, resolve: Resolver = system_resolve) -> tuple[Runtime, Components]:
+    """Wire everything; opens no connection. `resolve` answers webhook host names (tests
+    replace it to play a rebinding DNS server)."""
     cfg = config or AlertsConfig()
     topics = cfg.kafka.topics()
     broker = _broker(cfg)
@@ -71,7 +73,8 @@ def build(config: AlertsConfig | None = None) -> tuple[Runtime, Components]:
     publisher = Publisher(broker, cfg.kafka.publish_timeout_seconds)
     box = cfg.alerts.secret_box()
     secrets = SigningSecrets(store, box)
-    webhook = WebhookSender(secrets, cfg.alerts.allow_private_targets, cfg.alerts.attempt_timeout_seconds)
+    webhook = WebhookSender(secrets, cfg.alerts.allow_private_targets, cfg.alerts.attempt_timeout_seconds, resolve,
+                            cfg.alerts.response_body_max_bytes)
     senders: dict[str, Sender] = {"webhook": webhook}
     if cfg.smtp.enabled:
         senders["email"] = EmailSender(cfg.smtp, cfg.alerts.dashboard_url, cfg.alerts.attempt_timeout_seconds)
@@ -121,13 +124,13 @@ def build(config: AlertsConfig | None = None) -> tuple[Runtime, Components]:
                       on_stop=[stop, *([audit_log.close] if audit_log is not None else [])])
     keys = auth.KeyStore(db)
     router = build_router(store, keys, publisher, topics, cfg.alerts, box, secrets.forget, worker.wake,
-                          audit.Auditor(audit_log, SERVICE, keys.lookup))
+                          audit.Auditor(audit_log, SERVICE, keys.lookup), resolve=resolve)
     return runtime, Components(cfg, broker, store, handlers, worker, escalator, webhook, router)
 
 
-def create_app(config: AlertsConfig | None = None) -> FastAPI:
+def create_app(config: AlertsConfig | None = None, resolve: Resolver = system_resolve) -> FastAPI:
     """The alerts HTTP app; its lifespan runs the consumers, the delivery worker and escalation."""
-    runtime, components = build(config)
+    runtime, components = build(config, resolve)
     app = service_api(runtime, title="Alliance Stream — alerts", description=DESCRIPTION)
     app.include_router(components.router)
     # Every /v1 route needs a key: check it before a body is read (the routes' own KeyStore comes

@@ -1,6 +1,7 @@
 """Benchmark of the alerts stage: publish a deterioration -> signed webhook received.
 
     python -m services.alerts.bench [--rate 5] [--scored-rate 50] [--duration 30] [--in-process]
+    python -m services.alerts.bench --fairness [--rate 5] [--slow-rate 2] [--duration 30]
 
 Offers deteriorations at a fixed rate (open loop: the schedule does not slow down when the
 system does) together with the scored events alerts also consumes (default 50/s, i.e. the
@@ -8,6 +9,12 @@ issue's 50 submissions/s of which every tenth deteriorates). Each deterioration 
 clinician's webhook and one partner subscription. Prints p50/p95/p99/max from publishing to
 receipt at the receiver, and, measured in the same run, the broker's own publish -> consume
 latency for the same records, so the ratio shows what the alerts stage adds.
+
+`--fairness` measures issue 12's fair-delivery case instead: tenant A has 20 partner
+subscriptions whose endpoints never answer (every attempt times out after the default 5 s and is
+retried), A's alerts arrive at `--slow-rate` per second (20 hanging deliveries each), and tenant
+B's alerts arrive at `--rate` per second for B's clinicians' webhooks (which answer at once).
+Prints B's publish -> receipt percentiles (target: p99 < 1 s) and the most slots A held at once.
 
 Starts its own broker and store (memory) unless ALLIANCE_KAFKA_BOOTSTRAP and ALLIANCE_MONGO_URL
 are set; runs alerts as a separate process (`python -m services.alerts`) unless --in-process.
@@ -23,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -34,6 +42,7 @@ import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.alerts.harness import EventPublisher, WebhookReceiver, deterioration, scored
+from services.alerts.secretbox import new_key
 from shared.auth import create_key
 from shared.mongo import database, make_client
 from shared.settings import KafkaSettings, MongoSettings
@@ -132,6 +141,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     env = {"ALLIANCE_KAFKA_BOOTSTRAP": bootstrap, "ALLIANCE_KAFKA_IDEMPOTENCE": str(idempotence).lower(),
            "ALLIANCE_KAFKA_TOPIC_PREFIX": prefix, "ALLIANCE_MONGO_URL": mongo_url,
            "ALLIANCE_MONGO_DATABASE": mongo.database, "ALLIANCE_ALERTS_ALLOW_PRIVATE_TARGETS": "true",
+           "ALLIANCE_ALERTS_SECRETS_KEYS": new_key("bench"),
            "ALLIANCE_LOG_LEVEL": "WARNING"}
     receiver = WebhookReceiver().start()
     publisher = EventPublisher(bootstrap)
@@ -261,6 +271,113 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.to_thread(stack.stop)
 
 
+async def run_fairness(args: argparse.Namespace) -> dict[str, Any]:
+    """Tenant A's 20 hanging endpoints against tenant B's clinician webhooks (see the module doc)."""
+    prefix = f"bench{uuid.uuid4().hex[:6]}."
+    stack: LocalStack | None = None
+    if os.environ.get("ALLIANCE_KAFKA_BOOTSTRAP") and os.environ.get("ALLIANCE_MONGO_URL"):
+        bootstrap, mongo_url = os.environ["ALLIANCE_KAFKA_BOOTSTRAP"], os.environ["ALLIANCE_MONGO_URL"]
+        idempotence = os.environ.get("ALLIANCE_KAFKA_IDEMPOTENCE", "false").lower() == "true"
+    else:
+        stack = LocalStack(Path(tempfile.mkdtemp(prefix="alerts-bench-")), kafka_port=free_port(),
+                           mongo_port=free_port(), mongo_memory=True)
+        await asyncio.to_thread(stack.start)
+        bootstrap, mongo_url, idempotence = stack.bootstrap, stack.mongo_url, False
+    kafka = KafkaSettings(bootstrap=bootstrap, idempotence=idempotence, topic_prefix=prefix)
+    mongo = MongoSettings(url=mongo_url, database=f"bench_{prefix[5:-1]}")
+    topics = kafka.topics()
+    await ensure_topics(kafka)
+    env = {"ALLIANCE_KAFKA_BOOTSTRAP": bootstrap, "ALLIANCE_KAFKA_IDEMPOTENCE": str(idempotence).lower(),
+           "ALLIANCE_KAFKA_TOPIC_PREFIX": prefix, "ALLIANCE_MONGO_URL": mongo_url,
+           "ALLIANCE_MONGO_DATABASE": mongo.database, "ALLIANCE_ALERTS_ALLOW_PRIVATE_TARGETS": "true",
+           "ALLIANCE_ALERTS_SECRETS_KEYS": new_key("bench"),
+           "ALLIANCE_LOG_LEVEL": "WARNING"}
+    receiver = WebhookReceiver().start()
+    hang = threading.Event()  # never set: A's endpoints hold each request past the attempt timeout
+    slow_paths = [f"/a/p{i}" for i in range(20)]
+    for path in slow_paths:
+        receiver.behave(path, hold=hang, hold_max=6.0)
+    publisher = EventPublisher(bootstrap)
+    client = make_client(mongo)
+    port = free_port()
+    proc = spawn_alerts(env, port)
+    publisher_started = False
+    try:
+        http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        started = time.monotonic()
+        while True:
+            try:
+                if (await http.get("/readyz")).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() - started > 120:
+                raise TimeoutError("alerts did not become ready")
+            await asyncio.sleep(0.3)
+        db = database(client, mongo)
+        a_key, _ = await create_key(db, "tenant-a", "admin")
+        b_key, _ = await create_key(db, "tenant-b", "admin")
+        a_h, b_h = {"Authorization": f"Bearer {a_key}"}, {"Authorization": f"Bearer {b_key}"}
+        for h in (a_h, b_h):
+            (await http.post("/v1/webhook-secret", headers=h)).raise_for_status()
+        for path in slow_paths:
+            (await http.post("/v1/subscriptions", headers=a_h, json={
+                "url": receiver.url(path), "events": ["alliance.deterioration.v1"]})).raise_for_status()
+        clinicians = [f"c{i}" for i in range(args.clinicians)]
+        for c in clinicians:
+            (await http.put(f"/v1/clinicians/{c}", headers=b_h, json={
+                "site_id": SITE, "email": f"{c}@b.test", "webhook_url": receiver.url(f"/b/{c}")})).raise_for_status()
+        await publisher.start()
+        publisher_started = True
+        warm = deterioration("tenant-b", clinicians[0], "warmup", site_id=SITE)
+        await publisher.publish(topics.deterioration, warm, "tenant-b", warm.client_id)
+        await wait_until(lambda: any(r.path.startswith("/b/") for r in receiver.requests), 120)
+        receiver.requests.clear()
+
+        sent_at: dict[str, float] = {}
+        n_b, n_a = int(args.rate * args.duration), int(args.slow_rate * args.duration)
+        schedule = sorted([(i / args.rate, "b", i) for i in range(n_b)]
+                          + [(i / args.slow_rate, "a", i) for i in range(n_a if args.slow_rate > 0 else 0)])
+        t0 = time.monotonic()
+        for offset, who, i in schedule:
+            delay = t0 + offset - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if who == "a":
+                ev = deterioration("tenant-a", "nobody", f"a-{i}", site_id=SITE)
+                await publisher.publish(topics.deterioration, ev, "tenant-a", ev.client_id)
+            else:
+                ev = deterioration("tenant-b", clinicians[i % len(clinicians)], f"b-{i % 500}", site_id=SITE)
+                sent_at[ev.alert_id] = time.time()
+                await publisher.publish(topics.deterioration, ev, "tenant-b", ev.client_id)
+
+        def b_received() -> list[float]:
+            return [r.at - sent_at[a] for r in list(receiver.requests)
+                    if r.path.startswith("/b/") and (a := json.loads(r.body)["alert_id"]) in sent_at]
+        await wait_until(lambda: len(b_received()) >= n_b, 60)
+        a_held_max = max(receiver.behaviours[p].seen for p in slow_paths)
+        pending_a = await db["deliveries"].count_documents({"tenant_id": "tenant-a", "status": "pending"})
+        await http.aclose()
+        return {"offered": {"b_alerts_per_s": args.rate, "a_alerts_per_s": args.slow_rate,
+                            "a_hanging_endpoints": len(slow_paths), "duration_s": args.duration},
+                "b_clinician_webhook": summary(b_received()), "b_expected": n_b,
+                "a_attempts_started": sum(receiver.behaviours[p].seen for p in slow_paths),
+                "a_attempts_per_endpoint_max": a_held_max, "a_pending_at_end": pending_a}
+    finally:
+        if publisher_started:
+            await publisher.stop()
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        await client.close()
+        hang.set()
+        receiver.stop()
+        if stack is not None:
+            await asyncio.to_thread(stack.stop)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and print its figures (also as JSON on the last line)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -269,7 +386,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--duration", type=float, default=30.0, help="seconds of offered load (default 30)")
     p.add_argument("--clinicians", type=int, default=20)
     p.add_argument("--in-process", action="store_true", help="run alerts inside the bench process")
+    p.add_argument("--fairness", action="store_true",
+                   help="tenant A's 20 hanging endpoints against tenant B's clinician webhooks (issue 12)")
+    p.add_argument("--slow-rate", type=float, default=2.0, help="--fairness: tenant A's alerts per second (default 2)")
     args = p.parse_args(argv)
+    if args.fairness:
+        fair = asyncio.run(run_fairness(args))
+        b = fair["b_clinician_webhook"]
+        print(f"alerts fair delivery: tenant A {args.slow_rate:g} alerts/s to 20 endpoints that never answer "
+              f"(5 s timeouts), tenant B {args.rate:g} alerts/s to clinician webhooks, {args.duration:g} s")
+        if b.get("n"):
+            print(f"  b_clinician_webhook n={b['n']:5d}/{fair['b_expected']}  p50={b['p50_ms']:7.1f} ms  "
+                  f"p95={b['p95_ms']:7.1f} ms  p99={b['p99_ms']:7.1f} ms  max={b['max_ms']:7.1f} ms")
+        print(f"  tenant A: {fair['a_attempts_started']} attempts started, {fair['a_pending_at_end']} deliveries "
+              "still pending at the end")
+        print(json.dumps(fair))
+        return
     result = asyncio.run(run(args))
     print(f"alerts stage: publish deterioration -> signed webhook received "
           f"({args.rate:g} deteriorations/s + {args.scored_rate:g} scored/s for {args.duration:g} s)")

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import uuid
@@ -53,6 +54,15 @@ class Behaviour:
     hold_max: float = 30.0
     seen: int = 0
     held_now: int = 0
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A sender that gave up (its timeout) leaves a held request writing to a closed socket:
+    expected with slow receivers, not worth a traceback."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 @dataclass
@@ -106,7 +116,7 @@ class WebhookReceiver:
             def log_message(self, format: str, *args: Any) -> None:  # quiet
                 return
 
-        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
+        self._server = _QuietServer((self.host, self.port), Handler)
         self._server.daemon_threads = True
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(target=self._server.serve_forever, name="webhook-receiver", daemon=True)

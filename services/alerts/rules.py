@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
@@ -324,13 +325,165 @@ def url_problem(url: str) -> str | None:
     return None
 
 
+# ---- egress: which addresses a webhook may connect to ------------------------------------------
+#
+# A webhook target is reached only at a globally routable unicast address. Anything that is, or
+# embeds, or maps to a loopback, private, link-local, shared or otherwise special address is
+# refused: an IPv6 form that carries an IPv4 address (IPv4-mapped, NAT64, 6to4) is judged by the
+# IPv4 address it carries, because a translator or relay on the way delivers the packet there.
+# IANA's special-purpose registries are the source; Python's `is_global` is consulted as well,
+# so an address either table calls special is refused.
+
+_V4_BLOCKED: tuple[tuple[str, str], ...] = (
+    ("0.0.0.0/8", "this network"),
+    ("10.0.0.0/8", "private"),
+    ("100.64.0.0/10", "shared address space (CGNAT)"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"),
+    ("172.16.0.0/12", "private"),
+    ("192.0.0.0/24", "IETF protocol assignments"),
+    ("192.0.2.0/24", "documentation"),
+    ("192.88.99.0/24", "6to4 relay anycast"),
+    ("192.168.0.0/16", "private"),
+    ("198.18.0.0/15", "benchmarking"),
+    ("198.51.100.0/24", "documentation"),
+    ("203.0.113.0/24", "documentation"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved"),
+)
+_V6_BLOCKED: tuple[tuple[str, str], ...] = (
+    ("64:ff9b:1::/48", "local-use NAT64"),
+    ("100::/64", "discard-only"),
+    ("2001::/23", "IETF protocol assignments (Teredo, benchmarking, ORCHID)"),
+    ("2001:db8::/32", "documentation"),
+    ("3fff::/20", "documentation"),
+    ("5f00::/16", "SRv6 segment identifiers"),
+    ("fc00::/7", "unique local"),
+    ("fe80::/10", "link-local"),
+    ("fec0::/10", "site-local"),
+    ("ff00::/8", "multicast"),
+)
+_V4_NETS = tuple((ipaddress.IPv4Network(n), why) for n, why in _V4_BLOCKED)
+_V6_NETS = tuple((ipaddress.IPv6Network(n), why) for n, why in _V6_BLOCKED)
+_V6_GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")
+
+
+def _v4_block_reason(ip: ipaddress.IPv4Address) -> str | None:
+    for net, why in _V4_NETS:
+        if ip in net:
+            return why
+    return None if ip.is_global else "not globally routable"
+
+
+def address_block_reason(address: str) -> str | None:
+    """Why a webhook must not connect to `address` (an IP literal), or None when it may.
+
+    Raises ValueError when `address` is not an IP address."""
+    text = address.strip("[]")
+    if "%" in text:
+        # A zone index only means something for link-local and multicast addresses.
+        return "scoped (zone index)"
+    ip = ipaddress.ip_address(text)
+    if isinstance(ip, ipaddress.IPv4Address):
+        return _v4_block_reason(ip)
+    embedded: ipaddress.IPv4Address | None = None
+    kind = ""
+    if ip.ipv4_mapped is not None:
+        embedded, kind = ip.ipv4_mapped, "IPv4-mapped"
+    elif ip in _NAT64:
+        embedded, kind = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF), "NAT64"
+    elif ip in _SIX_TO_FOUR:
+        embedded, kind = ipaddress.IPv4Address((int(ip) >> 80) & 0xFFFFFFFF), "6to4"
+    if embedded is not None:
+        why = _v4_block_reason(embedded)
+        return None if why is None else f"{kind} address of a {why} IPv4 address"
+    if ip not in _V6_GLOBAL_UNICAST:
+        # Outside 2000::/3: unspecified, loopback, IPv4-compatible, discard, unique/link/site-local,
+        # multicast, and everything IANA has not assigned.
+        if ip.is_loopback:
+            return "loopback"
+        if ip.is_unspecified:
+            return "unspecified"
+        if int(ip) >> 32 == 0:
+            return "IPv4-compatible (deprecated)"
+        for net, why in _V6_NETS:
+            if ip in net:
+                return why
+        return "not global unicast (outside 2000::/3)"
+    for net, why in _V6_NETS:
+        if ip in net:
+            return why
+    return None if ip.is_global else "not globally routable"
+
+
 def is_public_address(address: str) -> bool:
-    """False for loopback, private, link-local, multicast, reserved and unspecified addresses."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return not (ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast or ip.is_reserved
-                or ip.is_unspecified or not ip.is_global)
+    """True when a webhook may connect to `address` (see `address_block_reason`)."""
+    return address_block_reason(address) is None
+
+
+# What a tenant sees of a delivery attempt: a class, never the status code or error text, which
+# would tell a tenant how an internal or third-party address answered.
+Outcome = Literal["2xx", "3xx", "4xx", "5xx", "timeout", "refused", "blocked", "no_secret", "error"]
+OUTCOMES: tuple[Outcome, ...] = ("2xx", "3xx", "4xx", "5xx", "timeout", "refused", "blocked", "no_secret", "error")
+
+
+def status_outcome(status: int) -> Outcome:
+    """The outcome class of an HTTP (or SMTP) status code; a non-standard code above 599 counts as 5xx."""
+    if 200 <= status < 300:
+        return "2xx"
+    if 300 <= status < 400:
+        return "3xx"
+    if 400 <= status < 500:
+        return "4xx"
+    return "5xx"
+
+
+# ---- fair delivery: how the worker's slots are shared between tenants --------------------------
+
+
+def tenant_share(active_tenants: int, concurrency: int, tenant_cap: int) -> int:
+    """How many attempts one tenant may have in flight in one worker: an equal split of the
+    slots between the tenants with work, never more than `tenant_cap` (so one tenant alone can
+    never take every slot, and a newcomer finds one free), never less than one."""
+    return max(1, min(tenant_cap, concurrency // max(1, active_tenants)))
+
+
+def fair_pick(candidates: Sequence[tuple[str, str]], inflight: Mapping[str, int], free: int, concurrency: int,
+              tenant_cap: int) -> list[str]:
+    """Which due deliveries to claim now: `candidates` are (delivery id, tenant) oldest due first;
+    tenants take turns, one slot at a time, in the order of their oldest candidate, each up to its
+    `tenant_share` minus what it already has in flight, at most `free` in all.
+
+    A tenant with thousands of due deliveries therefore gets its share and no more, and every
+    other tenant among the candidates gets a turn in the same claim."""
+    order = list(dict.fromkeys(t for _, t in candidates))
+    if not order or free <= 0:
+        return []
+    active = set(order) | {t for t, n in inflight.items() if n > 0}
+    share = tenant_share(len(active), concurrency, tenant_cap)
+    queues: dict[str, deque[str]] = {t: deque() for t in order}
+    for delivery_id, tenant in candidates:
+        queues[tenant].append(delivery_id)
+    room = {t: max(0, share - inflight.get(t, 0)) for t in order}
+    out: list[str] = []
+    while len(out) < free and any(room[t] > 0 and queues[t] for t in order):
+        for t in order:
+            if len(out) >= free:
+                break
+            if room[t] > 0 and queues[t]:
+                out.append(queues[t].popleft())
+                room[t] -= 1
+    return out
+
+
+def tenants_at_share(inflight: Mapping[str, int], concurrency: int, tenant_cap: int) -> list[str]:
+    """Tenants that already hold their share (as far as the tenants in flight tell): the claim's
+    query leaves their deliveries out, so their backlog does not fill the candidates."""
+    busy = {t: n for t, n in inflight.items() if n > 0}
+    share = tenant_share(len(busy), concurrency, tenant_cap)
+    return sorted(t for t, n in busy.items() if n >= share)
 
 
 def due_for_escalation_filter(now_epoch: float, default_seconds: float,

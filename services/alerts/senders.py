@@ -16,22 +16,25 @@ import aiosmtplib
 import httpx
 
 from services.alerts import signing
-from services.alerts.rules import email_text, withdrawal_email_text
+from services.alerts.rules import Outcome, email_text, status_outcome, url_problem, withdrawal_email_text
 from services.alerts.secretbox import SecretBox, subscription_row, tenant_row
 from services.alerts.settings import SmtpSettings
 from services.alerts.store import AlertsStore
-from services.alerts.targets import target_problem
+from services.alerts.targets import EgressBlocked, PinnedTransport, Resolver, system_resolve
 from shared.events import AlertStatusChanged, AllianceDeterioration
 from shared.mongo import Document
 from shared.topics import ALERT_STATUS
 
 
 class SendError(Exception):
-    """An attempt failed; it may succeed later."""
+    """An attempt failed; it may succeed later.
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    The message is for operators (logs, the CLI, dead letters); tenants see only `outcome`."""
+
+    def __init__(self, message: str, status: int | None = None, outcome: Outcome = "error") -> None:
         super().__init__(message)
         self.status = status
+        self.outcome: Outcome = outcome
 
 
 class Cancelled(Exception):
@@ -86,39 +89,62 @@ class SigningSecrets:
         self._cache.pop(key, None)
 
 
-class WebhookSender:
-    """POSTs the event JSON, signed per Standard Webhooks; any 2xx is success."""
+# How much of a receiver's answer is read: only the status matters, and a receiver must not be
+# able to make an attempt read (or hold memory for) a large body.
+RESPONSE_BODY_MAX_BYTES = 4096
 
-    def __init__(self, secrets: SigningSecrets, allow_private: bool, timeout_seconds: float) -> None:
+
+class WebhookSender:
+    """POSTs the event JSON, signed per Standard Webhooks; any 2xx is success.
+
+    Egress rules (see targets): each connection goes to an address vetted from one resolution
+    of the target's name (no second lookup to rebind), redirects are not followed (a 3xx could
+    point anywhere), and at most `body_max_bytes` of an answer are read."""
+
+    def __init__(self, secrets: SigningSecrets, allow_private: bool, timeout_seconds: float,
+                 resolve: Resolver = system_resolve, body_max_bytes: int = RESPONSE_BODY_MAX_BYTES) -> None:
         self._secrets = secrets
-        self._allow_private = allow_private
-        # Redirects are not followed: a 3xx could point at an address the target check refused.
-        self._client = httpx.AsyncClient(timeout=timeout_seconds, follow_redirects=False,
-                                         limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
+        self._body_max = body_max_bytes
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
+        self._client = httpx.AsyncClient(timeout=timeout_seconds, follow_redirects=False, trust_env=False,
+                                         transport=PinnedTransport(resolve, allow_private, limits))
 
     async def send(self, d: Document) -> int:
         signing_secrets = await self._secrets.for_delivery(d)
         if signing_secrets is None:
             raise Cancelled("the subscription was deleted")
         if not signing_secrets:
-            raise SendError("the tenant has no webhook signing secret (an admin creates one: POST /v1/webhook-secret)")
+            raise SendError("the tenant has no webhook signing secret (an admin creates one: POST /v1/webhook-secret)",
+                            outcome="no_secret")
         url = str(d["target"])
-        problem = await target_problem(url, self._allow_private)
-        if problem is not None:
-            raise SendError(f"target refused: {problem}")
+        if (problem := url_problem(url)) is not None:
+            raise SendError(f"target refused: {problem}", outcome="blocked")
         body = str(d["body"]).encode()
         headers = signing.webhook_headers(str(d["_id"]), int(time.time()), body, signing_secrets, str(d["topic"]))
         if d.get("kind") == "escalation":
             headers["x-alliance-escalation"] = "true"
         try:
-            response = await self._client.post(url, content=body, headers=headers)
+            async with self._client.stream("POST", url, content=body, headers=headers) as response:
+                status = response.status_code
+                await self._drain(response)
+        except EgressBlocked as exc:
+            raise SendError(f"target refused: {exc}", outcome="blocked") from exc
         except httpx.TimeoutException as exc:
-            raise SendError(f"timeout: {type(exc).__name__}") from exc
+            raise SendError(f"timeout: {type(exc).__name__}", outcome="timeout") from exc
         except httpx.HTTPError as exc:
-            raise SendError(f"transport error: {type(exc).__name__}: {exc}") from exc
-        if not 200 <= response.status_code < 300:
-            raise SendError(f"HTTP {response.status_code}", response.status_code)
-        return response.status_code
+            raise SendError(f"transport error: {type(exc).__name__}: {exc}", outcome="refused") from exc
+        if not 200 <= status < 300:
+            raise SendError(f"HTTP {status}", status, status_outcome(status))
+        return status
+
+    async def _drain(self, response: httpx.Response) -> None:
+        """Read at most `body_max_bytes` of the answer (a short body read to its end lets the
+        connection be reused; a longer one is cut off and its connection closed)."""
+        read = 0
+        async for chunk in response.aiter_raw():
+            read += len(chunk)
+            if read >= self._body_max:
+                break
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -158,8 +184,10 @@ class EmailSender:
                 password=s.password.get_secret_value() or None, use_tls=s.tls, start_tls=s.starttls or None,
                 timeout=self._timeout)
         except aiosmtplib.SMTPResponseException as exc:
-            raise SendError(f"SMTP {exc.code}: {exc.message[:200]}", exc.code) from exc
+            raise SendError(f"SMTP {exc.code}: {exc.message[:200]}", exc.code, status_outcome(exc.code)) from exc
+        except aiosmtplib.SMTPTimeoutError as exc:
+            raise SendError(f"SMTP timeout: {exc}", outcome="timeout") from exc
         except (aiosmtplib.SMTPException, OSError) as exc:
-            raise SendError(f"SMTP error: {type(exc).__name__}: {exc}") from exc
+            raise SendError(f"SMTP error: {type(exc).__name__}: {exc}", outcome="refused") from exc
         return 250
 

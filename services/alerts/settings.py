@@ -31,6 +31,14 @@ class AlertsSettings(BaseSettings):
     # attempt (timeout) plus recording it, or a slow process could see its delivery re-sent.
     lease_seconds: float = Field(default=30.0, gt=0)
     concurrency: int = Field(default=32, ge=1)
+    # At most this many of those attempts belong to one tenant (fewer when several tenants have
+    # work: an equal split), so one tenant's slow endpoints never hold every slot.
+    tenant_concurrency: int = Field(default=8, ge=1)
+    # Partner subscriptions one tenant may have (each is a delivery per event: many slow ones
+    # would otherwise be cheap to create and costly to serve).
+    max_subscriptions_per_tenant: int = Field(default=20, ge=0)
+    # How much of a webhook receiver's answer is read (only its status matters).
+    response_body_max_bytes: int = Field(default=4096, ge=0)
     # How often a worker looks for due deliveries when nothing woke it (other processes' work, retries).
     poll_seconds: float = Field(default=1.0, gt=0)
     gauge_seconds: float = Field(default=5.0, gt=0)

@@ -82,6 +82,8 @@ class AttemptResult:
     error: str | None = None
     next_attempt_at: datetime | None = None
     response_status: int | None = None
+    # The class tenants see (rules.Outcome); error and response_status are for operators only.
+    last_outcome: str | None = None
 
 
 class AlertsStore:
@@ -173,6 +175,13 @@ class AlertsStore:
                          "secret": sealed_secret, "created_at": utcnow()}
         await self.subscriptions.insert_one(doc)
         return doc
+
+    async def count_subscriptions(self, tenant_id: str) -> int:
+        return await self.subscriptions.count_documents({"tenant_id": tenant_id})
+
+    async def remove_subscription(self, tenant_id: str, subscription_id: str) -> None:
+        """Undo a `create_subscription` that went over the tenant's cap (nothing was delivered yet)."""
+        await self.subscriptions.delete_one({"_id": subscription_id, "tenant_id": tenant_id})
 
     async def list_subscriptions(self, tenant_id: str) -> list[Document]:
         return await self.subscriptions.find({"tenant_id": tenant_id}, {"secret": 0}).sort(
@@ -394,24 +403,42 @@ class AlertsStore:
                 raise
             return int(exc.details.get("nInserted", 0))
 
-    async def claim_due(self, now: datetime, limit: int, lease: timedelta, owner: str = "") -> list[Document]:
-        """Lease up to `limit` due deliveries to this caller (3 round trips for the whole batch).
+    @staticmethod
+    def _due(now: datetime) -> Document:
+        return {"status": "pending", "next_attempt_at": {"$lte": now}, "claimed_until": {"$lte": now}}
 
-        Candidates are read, then leased with one `update_many` whose filter repeats the "due
-        and not leased" condition: the update of each document is atomic, so when two workers
-        race for one delivery exactly one update matches it. The claim token tells which
-        documents this caller got.
+    async def due_candidates(self, now: datetime, limit: int, exclude_tenants: Sequence[str] = ()
+                             ) -> list[tuple[str, str]]:
+        """Up to `limit` (delivery id, tenant) that are due and not leased, oldest due first,
+        leaving out the tenants in `exclude_tenants` (those already at their share)."""
+        query = self._due(now)
+        if exclude_tenants:
+            query["tenant_id"] = {"$nin": list(exclude_tenants)}
+        rows = await self.deliveries.find(query, {"_id": 1, "tenant_id": 1}).sort(
+            "next_attempt_at", ASCENDING).limit(limit).to_list()
+        return [(str(r["_id"]), str(r.get("tenant_id"))) for r in rows]
+
+    async def claim(self, now: datetime, ids: Sequence[str], lease: timedelta, owner: str = "") -> list[Document]:
+        """Lease these deliveries to this caller if they are still due and not leased (2 round trips).
+
+        One `update_many` whose filter repeats the "due and not leased" condition: the update of
+        each document is atomic, so when two workers race for one delivery exactly one update
+        matches it. The claim token tells which documents this caller got.
         """
-        due: Document = {"status": "pending", "next_attempt_at": {"$lte": now}, "claimed_until": {"$lte": now}}
-        candidates = await self.deliveries.find(due, {"_id": 1}).sort("next_attempt_at", ASCENDING).limit(
-            limit).to_list()
-        if not candidates:
+        if not ids:
             return []
+        due = self._due(now)
         token = uuid.uuid4().hex
-        await self.deliveries.update_many({**due, "_id": {"$in": [c["_id"] for c in candidates]}},
+        await self.deliveries.update_many({**due, "_id": {"$in": list(ids)}},
                                           {"$set": {"claimed_until": now + lease, "claim": token,
                                                     "claimed_by": owner}})
-        return await self.deliveries.find({"claim": token, "status": "pending"}).to_list()
+        # By `_id` (the claim token has no index): which of them this caller got.
+        return await self.deliveries.find({"_id": {"$in": list(ids)}, "claim": token, "status": "pending"}).to_list()
+
+    async def claim_due(self, now: datetime, limit: int, lease: timedelta, owner: str = "") -> list[Document]:
+        """Lease up to `limit` due deliveries, oldest due first, whatever their tenant (the
+        worker shares its slots with `due_candidates` + `rules.fair_pick` + `claim` instead)."""
+        return await self.claim(now, [i for i, _ in await self.due_candidates(now, limit)], lease, owner)
 
     async def record(self, results: Sequence[AttemptResult]) -> None:
         """Write attempt outcomes in one round trip.
@@ -428,15 +455,18 @@ class AlertsStore:
             if r.outcome == "delivered":
                 ops.append(UpdateOne({"_id": r.delivery_id, "status": "pending"}, {"$set": {
                     "status": "delivered", "attempts": r.attempts, "delivered_at": now, "finished_at": now,
-                    "response_status": r.response_status, "claimed_until": EPOCH, "last_error": None}}))
+                    "response_status": r.response_status, "claimed_until": EPOCH, "last_error": None,
+                    "last_outcome": r.last_outcome}}))
             elif r.outcome == "retry":
                 ops.append(UpdateOne({"_id": r.delivery_id, "status": "pending", "claim": r.claim}, {"$set": {
                     "attempts": r.attempts, "next_attempt_at": r.next_attempt_at or now, "claimed_until": EPOCH,
-                    "last_error": r.error, "last_attempt_at": now, "response_status": r.response_status}}))
+                    "last_error": r.error, "last_attempt_at": now, "response_status": r.response_status,
+                    "last_outcome": r.last_outcome}}))
             else:
                 ops.append(UpdateOne({"_id": r.delivery_id, "status": "pending", "claim": r.claim}, {"$set": {
                     "status": r.outcome, "attempts": r.attempts, "finished_at": now, "claimed_until": EPOCH,
-                    "last_error": r.error, "response_status": r.response_status}}))
+                    "last_error": r.error, "response_status": r.response_status,
+                    "last_outcome": r.last_outcome}}))
         await self.deliveries.bulk_write(ops, ordered=False)
 
     async def list_deliveries(self, tenant_id: str, site_id: str | None, status: str | None, alert_id: str | None,

@@ -17,9 +17,21 @@ A worker leases due deliveries by setting `claimed_until = now + lease` and a cl
 conditional `update_many` (see `AlertsStore.claim_due`); other workers skip leased documents.
 The lease (default 30 s) outlasts one attempt (timeout 5 s) plus recording it. Up to
 `concurrency` attempts run at once, each with its own timeout, so one slow receiver occupies one
-slot, not the worker. Outcomes are written in batches (whatever finished while the previous write
-was in flight), and a claim happens only when something is due: new deliveries (the consumer
-wakes the worker), a retry timer, a slot freed while work was waiting, or the poll interval.
+slot, not the worker.
+
+Sharing the slots between tenants
+---------------------------------
+One first-come schedule let a tenant with many slow endpoints fill every slot with attempts that
+time out, and everyone else's clinical alerts waited behind them. Each claim now reads the oldest
+due candidates of the tenants not already at their share (so one tenant's backlog cannot fill the
+candidates) and takes, tenants taking turns, at most each tenant's share (`rules.fair_pick`): an
+equal split of the slots between the tenants with work, capped at `tenant_concurrency` (a quarter
+of the slots by default), so a tenant alone never holds every slot and a newcomer's delivery finds
+a free one at once.
+
+Outcomes are written in batches (whatever finished while the previous write was in flight), and a
+claim happens only when something is due: new deliveries (the consumer wakes the worker), a retry
+timer, a slot freed while work was waiting, or the poll interval.
 
 The window between sending and recording, and what a receiver sees
 ------------------------------------------------------------------
@@ -42,12 +54,13 @@ import os
 import random
 import socket
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from services.alerts import metrics
-from services.alerts.rules import backoff_seconds, is_final
+from services.alerts.rules import Outcome, backoff_seconds, fair_pick, is_final, tenants_at_share
 from services.alerts.senders import Cancelled, SendError
 from services.alerts.settings import AlertsSettings
 from services.alerts.store import AlertsStore, AttemptResult, utcnow
@@ -104,6 +117,11 @@ class DeliveryWorker:
         self._jitter = jitter
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
+        self._tenant_of: dict[asyncio.Task[None], str] = {}
+        # In-flight attempts per tenant (what `fair_pick` subtracts from each share), and the
+        # most any tenant has had at once (for tests and the bench: fairness is structural).
+        self.inflight_by_tenant: Counter[str] = Counter()
+        self.peak_by_tenant: Counter[str] = Counter()
         self._saturated = False
         self._results: asyncio.Queue[AttemptResult | None] = asyncio.Queue()
         # Recorded on each claim, so operators (and tests) can tell which process holds a lease.
@@ -124,19 +142,23 @@ class DeliveryWorker:
                 self._saturated = free <= 0
                 if free > 0:
                     try:
-                        claimed = await self._store.claim_due(utcnow(), free, lease, self.instance)
+                        claimed, more = await self._claim(free, lease)
                     except asyncio.CancelledError:
                         raise
                     except Exception as exc:
                         log.warning("claiming deliveries failed (store unavailable?): %r", exc)
-                        claimed = []
+                        claimed, more = [], False
                     for d in claimed:
+                        tenant = str(d.get("tenant_id"))
                         task = asyncio.create_task(self._attempt(d), name=f"delivery-{d['_id']}")
                         self._inflight.add(task)
+                        self._tenant_of[task] = tenant
+                        self.inflight_by_tenant[tenant] += 1
+                        self.peak_by_tenant[tenant] = max(self.peak_by_tenant[tenant], self.inflight_by_tenant[tenant])
                         task.add_done_callback(self._done)
-                    # All free slots taken: more may be due, so a freed slot should claim again.
-                    self._saturated = len(claimed) == free
-                    if self._saturated and len(self._inflight) < self._s.concurrency:
+                    # Some tenant may have more due than it got: a freed slot should claim again.
+                    self._saturated = more
+                    if more and claimed and len(self._inflight) < self._s.concurrency:
                         continue
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._s.poll_seconds)
@@ -151,8 +173,28 @@ class DeliveryWorker:
             except (TimeoutError, asyncio.CancelledError, Exception) as exc:
                 log.warning("delivery outcomes not recorded at shutdown: %r", exc)
 
+    async def _claim(self, free: int, lease: timedelta) -> tuple[list[Document], bool]:
+        """Claim up to `free` due deliveries, shared between tenants (`rules.fair_pick`); also
+        whether more may be due (the candidates filled their window, or some were left for a
+        tenant's share)."""
+        now = utcnow()
+        concurrency, cap = self._s.concurrency, self._s.tenant_concurrency
+        window = free + concurrency  # room for other tenants' candidates behind one tenant's backlog
+        candidates = await self._store.due_candidates(
+            now, window, tenants_at_share(self.inflight_by_tenant, concurrency, cap))
+        if not candidates:
+            return [], False
+        ids = fair_pick(candidates, self.inflight_by_tenant, free, concurrency, cap)
+        claimed = await self._store.claim(now, ids, lease, self.instance)
+        return claimed, len(candidates) == window or len(ids) < len(candidates)
+
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
+        tenant = self._tenant_of.pop(task, None)
+        if tenant is not None:
+            self.inflight_by_tenant[tenant] -= 1
+            if self.inflight_by_tenant[tenant] <= 0:
+                del self.inflight_by_tenant[tenant]
         if self._saturated:
             self._wake.set()  # a slot is free and more may be due
 
@@ -196,10 +238,12 @@ class DeliveryWorker:
         result: AttemptResult
         if attempt > self._s.max_attempts:
             # The last attempt already failed but its dead letter could not be published then.
-            result = await self._fail(d, claim, attempt - 1, str(d.get("last_error") or "unknown"), None)
+            result = await self._fail(d, claim, attempt - 1, str(d.get("last_error") or "unknown"), None,
+                                      d.get("last_outcome") or "error")
         else:
             status: int | None = None
             error: str | None = None
+            outcome: Outcome = "2xx"
             try:
                 status = await asyncio.wait_for(self._senders[channel].send(d), self._s.attempt_timeout_seconds)
             except Cancelled as exc:
@@ -207,36 +251,38 @@ class DeliveryWorker:
                 await self._record(AttemptResult(d["_id"], claim, "cancelled", attempt - 1, error=str(exc)))
                 return
             except TimeoutError:
-                error = f"timeout after {self._s.attempt_timeout_seconds:g}s"
+                error, outcome = f"timeout after {self._s.attempt_timeout_seconds:g}s", "timeout"
             except SendError as exc:
-                error, status = str(exc), exc.status
+                error, status, outcome = str(exc), exc.status, exc.outcome
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a bug or an unexpected library error: retry, never crash the worker
                 log.exception("delivery attempt raised", extra={"delivery_id": d["_id"]})
-                error = f"{type(exc).__name__}: {exc}"
+                error, outcome = f"{type(exc).__name__}: {exc}", "error"
             metrics.ATTEMPTS.labels(channel, "ok" if error is None else "error").inc()
             if error is None:
-                result = AttemptResult(d["_id"], claim, "delivered", attempt, response_status=status)
+                result = AttemptResult(d["_id"], claim, "delivered", attempt, response_status=status,
+                                       last_outcome="2xx")
                 metrics.NOTIFICATIONS.labels(channel, "delivered").inc()
                 origin = d.get("origin_at")
                 if d.get("kind") == "alert" and isinstance(origin, datetime):
                     metrics.ALERT_TO_DELIVERED.labels(channel).observe(
                         max(0.0, (datetime.now(UTC) - origin).total_seconds()))
             elif is_final(attempt, self._s.max_attempts):
-                result = await self._fail(d, claim, attempt, error, status)
+                result = await self._fail(d, claim, attempt, error, status, outcome)
             else:
                 delay = backoff_seconds(attempt, self._s.retry_first_seconds, self._s.retry_max_seconds,
                                         self._jitter())
                 result = AttemptResult(d["_id"], claim, "retry", attempt, error=error, response_status=status,
-                                       next_attempt_at=utcnow() + timedelta(seconds=delay))
+                                       next_attempt_at=utcnow() + timedelta(seconds=delay), last_outcome=outcome)
                 # Wake this worker when the retry is due (other processes find it by polling).
                 asyncio.get_running_loop().call_later(delay, self._wake.set)
                 log.info("delivery attempt %d failed, retrying in %.2fs: %s", attempt, delay, error,
                          extra={"delivery_id": d["_id"], "alert_id": d.get("alert_id")})
         await self._record(result)
 
-    async def _fail(self, d: Document, claim: str, attempts: int, error: str, status: int | None) -> AttemptResult:
+    async def _fail(self, d: Document, claim: str, attempts: int, error: str, status: int | None,
+                    outcome: str) -> AttemptResult:
         """Dead-letter the delivery, then mark it failed; if the broker is down, try again later."""
         try:
             await self._publisher.publish_all([dead_letter(d, attempts, error, self._topics.deadletter)])
@@ -247,11 +293,13 @@ class DeliveryWorker:
                         extra={"delivery_id": d["_id"]})
             # attempts stays at the maximum: the next claim only retries the dead-lettering.
             return AttemptResult(d["_id"], claim, "retry", attempts, error=error, response_status=status,
-                                 next_attempt_at=utcnow() + timedelta(seconds=self._s.retry_first_seconds))
+                                 next_attempt_at=utcnow() + timedelta(seconds=self._s.retry_first_seconds),
+                                 last_outcome=outcome)
         metrics.NOTIFICATIONS.labels(str(d["channel"]), "failed").inc()
         log.warning("delivery failed after %d attempts: %s", attempts, error,
                     extra={"delivery_id": d["_id"], "alert_id": d.get("alert_id")})
-        return AttemptResult(d["_id"], claim, "failed", attempts, error=error, response_status=status)
+        return AttemptResult(d["_id"], claim, "failed", attempts, error=error, response_status=status,
+                             last_outcome=outcome)
 
     async def _record(self, result: AttemptResult) -> None:
         self._results.put_nowait(result)

@@ -26,6 +26,11 @@ class Receiver:
     fail_first: int = 0
     delay_seconds: float = 0.0
     status: int = 204
+    # Answer successes with a body of this many bytes (a receiver that sends too much);
+    # `body_bytes_sent` counts what the sender actually took before it hung up.
+    body_bytes: int = 0
+    body_bytes_sent: int = 0
+    bodies_finished: int = 0  # answers with a body that ended (written whole, or cut off by the sender)
     received: list[Received] = field(default_factory=list)
     attempts: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -40,9 +45,10 @@ class Receiver:
 
 
 @contextmanager
-def webhook_receiver(fail_first: int = 0, delay_seconds: float = 0.0, status: int = 204) -> Iterator[Receiver]:
+def webhook_receiver(fail_first: int = 0, delay_seconds: float = 0.0, status: int = 204,
+                     body_bytes: int = 0) -> Iterator[Receiver]:
     """Run a receiver in a thread for the duration of the block."""
-    state = Receiver(fail_first=fail_first, delay_seconds=delay_seconds, status=status)
+    state = Receiver(fail_first=fail_first, delay_seconds=delay_seconds, status=status, body_bytes=body_bytes)
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
@@ -66,7 +72,23 @@ def webhook_receiver(fail_first: int = 0, delay_seconds: float = 0.0, status: in
                 state.received.append(Received(self.path, {k.lower(): v for k, v in self.headers.items()},
                                                body, time.time()))
             self.send_response(state.status)
+            if state.body_bytes:
+                self.send_header("content-length", str(state.body_bytes))
             self.end_headers()
+            chunk = b"x" * 65536
+            left = state.body_bytes
+            try:
+                while left > 0:
+                    n = min(left, len(chunk))
+                    self.wfile.write(chunk[:n])
+                    left -= n
+                    with state.lock:
+                        state.body_bytes_sent += n
+            except OSError:  # the sender hung up before the end: what the test wants to see
+                self.close_connection = True
+            if state.body_bytes:
+                with state.lock:
+                    state.bodies_finished += 1
 
         def log_message(self, format: str, *args: object) -> None:
             return
