@@ -176,6 +176,15 @@ async def test_an_acknowledgement_is_recorded_with_the_alert_and_its_client(stac
         reader_id, ev.alert_id, "c7", "allowed")
 
 
+async def test_an_alert_list_is_recorded(stack_: Stack) -> None:
+    t = tenant()
+    (reader, reader_id), (admin, _) = await stack_.key(t, "read", "north"), await stack_.key(t, "admin")
+    assert (await stack_.call("alerts", "GET", "/v1/alerts", reader)).status_code == 200
+    (entry,) = await stack_.recorded(admin, "alerts.list")
+    assert (entry["service"], entry["key_id"], entry["site"], entry["outcome"]) == (
+        "alerts", reader_id, "north", "allowed")
+
+
 async def test_a_client_transfer_through_intake_is_recorded(stack_: Stack) -> None:
     t = tenant()
     admin, admin_id = await stack_.key(t, "admin")
@@ -273,6 +282,14 @@ async def test_a_key_created_with_the_cli_is_recorded_and_the_export_prints_json
     assert {e["tenant_id"] for e in lines} == {t}
 
 
+async def test_tenant_rules_set_with_the_cli_are_recorded(stack_: Stack) -> None:
+    t = tenant()
+    admin, _ = await stack_.key(t, "admin")
+    alliance(stack_.ns, "tenants", "set-rules", "--tenant", t, "--cutoff", "35")
+    (entry,) = await stack_.recorded(admin, "tenant_rules.set")
+    assert (entry["key_id"], entry["role"], entry["outcome"]) == ("cli", "operator", "allowed")
+
+
 # ---------------------------------------------------------------------------------------------
 # The writer on the real store
 
@@ -290,3 +307,4 @@ async def test_a_batch_written_again_stores_each_entry_once(stack_: Stack) -> No
     assert await log.flush() == 3
     assert sorted(d["client_id"] for d in await trail.find().to_list()) == ["c0", "c1", "c2"]
     await log.close()
+
