@@ -10,10 +10,19 @@ from pymongo import AsyncMongoClient
 
 from shared.mongo import Document
 from shared.stack import ensure_topics
-from tests.support.services import Namespace
+from tests.support.services import SUITE_LIMITS, Namespace
 from tests.support.stack import StackUnderTest, stack_under_test
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def suite_limits() -> Iterator[None]:
+    """The request limits lifted for the suite (see `SUITE_LIMITS`), processes it starts included."""
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in SUITE_LIMITS.items():
+            env.setenv(name, value)
+        yield
 
 
 @pytest.fixture(scope="session")

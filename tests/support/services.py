@@ -13,6 +13,16 @@ from shared.settings import KafkaSettings, MongoSettings
 from shared.stack import free_port
 from tests.support.stack import StackUnderTest
 
+# Every in-process test client calls from the same address, and many tests send missing or wrong
+# keys on purpose or read in loops with one key: the suite lifts the failed-authentication and
+# per-key read limits (tests/conftest.py sets these for the session). tests/security sets its own
+# limits explicitly and tests them; settings passed to a config beat these variables.
+SUITE_LIMITS: dict[str, str] = {
+    f"ALLIANCE_{service}_{name}": "1000000"
+    for service in ("INTAKE", "ALERTS", "REPORTING")
+    for name in ("AUTH_FAILURE_BURST", "AUTH_FAILURE_RATE_PER_SECOND", "READ_RATE_BURST", "READ_RATE_PER_SECOND")
+}
+
 
 @dataclass
 class Namespace:
