@@ -3,9 +3,29 @@
 - `make_broker`: a FastStream KafkaBroker with `acks=all`, idempotence per settings, TLS/SASL.
 - `subscribe_batch`: a batch subscriber with manual commits. The handler gets raw records (so
   one undecodable record cannot fail a whole batch) and must publish its outputs, dead-letter
-  what it cannot process, and return; the offsets are committed only after that. A transient
-  failure is retried with backoff; after a bounded number of attempts the batch is rewound
-  (seek) so the partition is re-read later, never skipped and never spun in a hot loop.
+  what it cannot process, and return; the offsets are committed only after that.
+  Every failure that escapes the handler is classified (`classify`):
+    * *transient* (the store or broker unreachable, a timeout, not primary, a write concern, and
+      anything not known to be deterministic): the batch is retried with backoff; after a
+      bounded number of attempts it is rewound (seek) so the partition is re-read later, never
+      skipped and never spun in a hot loop. Nothing is committed past it.
+    * *deterministic* (a document too large for the store, a document BSON cannot encode or the
+      store refuses as invalid, a pydantic `ValidationError`, a `PermanentError` the handler
+      raised): it would fail the same way on every attempt. After `RetryPolicy.poison_attempts`
+      such failures of the whole batch, the culprits are isolated: the handler is run again on
+      halves of the batch, recursively, down to single records (handlers are idempotent, so
+      running a record twice is safe by design). Every record that fails deterministically on
+      its own is dead-lettered (`dead_letter_record`, with the failure's reason, e.g.
+      `document_too_large`, and the record's coordinates), counted in
+      `alliance_consumer_poison_records_total` and logged with its topic, partition, offset and
+      a hash of its key (no payload values); the rest of the batch has then been handled and the
+      offsets are committed. A transient failure during isolation sends the batch back to the
+      retries above. Without a dead-letter target a deterministic failure is retried like a
+      transient one.
+  A crash (or a lost partition) before the commit leaves the whole batch to be delivered again:
+  its effects may already be in the store (re-applied idempotently) and its poison records may
+  already be on the dead-letter topic; a redelivery dead-letters them again under the same
+  `event_id` (derived from source coordinates and reason), so readers can drop the copies.
 - `Publisher`: publishes many records and waits for all acknowledgements together.
 """
 
@@ -14,6 +34,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import hashlib
+import json
 import logging
 import ssl
 import time
@@ -25,9 +47,20 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import ConsumerRecord, TopicPartition
+from bson.errors import BSONError, InvalidDocument
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
+from pydantic import ValidationError
+from pymongo.errors import (
+    BulkWriteError,
+    ConnectionFailure,
+    DocumentTooLarge,
+    ExecutionTimeout,
+    OperationFailure,
+    WriteConcernError,
+    WriteError,
+)
 
 from shared.events import DeadLetter
 from shared.metrics import (
@@ -36,6 +69,7 @@ from shared.metrics import (
     CONSUMER_RECORDS,
     CONSUMER_RETRIES,
     DEADLETTER,
+    POISON_RECORDS,
 )
 from shared.settings import KafkaSettings
 
@@ -197,18 +231,202 @@ def dead_letter_record(service: str, rec: InboundRecord, reason: str, detail: st
 
 
 BatchHandler = Callable[[list[InboundRecord]], Awaitable[None]]
+DeadLetterSink = Callable[[Sequence[OutboundRecord]], Awaitable[None]]
+
+
+class PermanentError(Exception):
+    """Raised by a handler for a failure that will recur on every attempt: the records it was
+    given cannot be processed, ever (see `subscribe_batch`, which isolates and dead-letters them).
+
+    `reason` becomes the dead letter's reason and a metric label: keep it to a few fixed words.
+    `detail` goes to the dead letter only, never to a log.
+    """
+
+    def __init__(self, reason: str = "permanent_error", detail: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+# Store error codes that say the document itself is at fault, whoever sends it and however often.
+TOO_LARGE_CODES = frozenset({
+    10334,  # BSONObjectTooLarge: an inserted or replaced document over 16 MiB
+    17419,  # an update whose resulting document is over 16 MiB
+    17420,  # an upsert whose document is over 16 MiB
+    17280,  # KeyTooLong: an indexed value too large for an index entry (before 4.2)
+})
+# Only trusted as the record's fault when the store attributes them to one written document (a
+# write error): a command-level BadValue may just as well be a bug in a query, which must stall
+# (and alert), not dead-letter every record it meets.
+INVALID_WRITE_CODES = frozenset({
+    2,  # BadValue
+    52,  # DollarPrefixedFieldName
+    53,  # InvalidIdField
+    55,  # InvalidDBRef
+    56,  # EmptyFieldName
+    57,  # DottedFieldName
+    66,  # ImmutableField
+    121,  # DocumentValidationFailure
+})
+DUPLICATE_KEY = 11000
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What `classify` made of an exception."""
+
+    deterministic: bool
+    reason: str  # dead-letter reason and metric label; "transient" for the others
+    summary: str  # exception type and store codes only: safe to log (no document, no value)
+    detail: str = ""  # for the dead letter (which holds the record anyway), never for a log
+
+
+TRANSIENT = "transient"
+
+
+def _write_error_reason(codes: Sequence[int]) -> str | None:
+    """The reason when every (non-duplicate) write error is the document's own fault, else None."""
+    own = [c for c in codes if c != DUPLICATE_KEY]
+    if not own or not all(c in TOO_LARGE_CODES or c in INVALID_WRITE_CODES for c in own):
+        return None
+    return "document_too_large" if any(c in TOO_LARGE_CODES for c in own) else "invalid_document"
+
+
+def classify(exc: BaseException) -> Failure:
+    """Deterministic (the records are at fault: retrying cannot help) or transient (anything else).
+
+    Deterministic: pymongo's `DocumentTooLarge` and other BSON encoding errors; a `BulkWriteError`
+    whose write errors all carry a too-large or invalid-document code (duplicate keys aside) and
+    no write concern error; a `WriteError` or `OperationFailure` with such a code (the invalid
+    ones only as a write error); a pydantic `ValidationError`; a `PermanentError`. An exception
+    raised `from` one of these counts as it. An exception group is deterministic when all of its
+    members are. Everything else — network errors, timeouts, not primary, write concern errors,
+    errors with a retryable label, exceptions nobody classified — is transient.
+    """
+    name = type(exc).__name__
+    if isinstance(exc, PermanentError):
+        return Failure(True, exc.reason, f"{name}({exc.reason})", exc.detail)
+    if isinstance(exc, DocumentTooLarge):
+        return Failure(True, "document_too_large", name, str(exc)[:500])
+    if isinstance(exc, (InvalidDocument, BSONError)):
+        return Failure(True, "invalid_document", name, str(exc)[:500])
+    if isinstance(exc, ValidationError):
+        return Failure(True, "validation_error", f"{name}({exc.error_count()} errors, {exc.title})", str(exc)[:2000])
+    if isinstance(exc, (ConnectionFailure, ExecutionTimeout, WriteConcernError)):
+        return Failure(False, TRANSIENT, f"{name}(code={getattr(exc, 'code', None)})")
+    if isinstance(exc, BulkWriteError):
+        details = exc.details or {}
+        errors = details.get("writeErrors") or []
+        codes = [int(e.get("code") or 0) for e in errors]
+        summary = f"{name}(codes={sorted(set(codes))}, writes={len(errors)})"
+        reason = None if details.get("writeConcernErrors") else _write_error_reason(codes)
+        if reason is None:
+            return Failure(False, TRANSIENT, summary)
+        messages = "; ".join(sorted({str(e.get("errmsg", ""))[:300] for e in errors if e.get("code") != DUPLICATE_KEY}))
+        return Failure(True, reason, summary, messages)
+    if isinstance(exc, OperationFailure):
+        code = int(exc.code or 0)
+        summary = f"{name}(code={code})"
+        if exc.has_error_label("RetryableWriteError") or exc.has_error_label("TransientTransactionError"):
+            return Failure(False, TRANSIENT, summary)
+        message = str((exc.details or {}).get("errmsg", ""))[:500]
+        if code in TOO_LARGE_CODES:
+            return Failure(True, "document_too_large", summary, message)
+        if isinstance(exc, WriteError) and code in INVALID_WRITE_CODES:
+            return Failure(True, "invalid_document", summary, message)
+        return Failure(False, TRANSIENT, summary)
+    if isinstance(exc, BaseExceptionGroup):
+        members = [classify(e) for e in exc.exceptions]
+        summary = f"{name}[{', '.join(m.summary for m in members)}]"
+        if members and all(m.deterministic for m in members):
+            return Failure(True, members[0].reason, summary, members[0].detail)
+        return Failure(False, TRANSIENT, summary)
+    if exc.__cause__ is not None:
+        inner = classify(exc.__cause__)
+        return dataclasses.replace(inner, summary=f"{name} from {inner.summary}")
+    return Failure(False, TRANSIENT, name)
+
+
+@dataclass(frozen=True)
+class DeadLetterTarget:
+    """Where `subscribe_batch` sends the records that fail deterministically on their own."""
+
+    topic: str
+    publish: DeadLetterSink
 
 
 @dataclass
 class RetryPolicy:
-    """Backoff for transient failures of a whole batch."""
+    """Backoff for failures of a whole batch, and when a deterministic one is isolated."""
 
     attempts: int = 6
     first_delay: float = 0.2
     max_delay: float = 5.0
+    # Deterministic failures of the whole batch before its records are isolated (at least 1; at
+    # most `attempts`, after which the batch would be rewound and the count start again).
+    poison_attempts: int = 2
 
     def delays(self) -> list[float]:
         return [min(self.max_delay, self.first_delay * 2**i) for i in range(self.attempts - 1)]
+
+
+def key_hash(key: bytes | None) -> str:
+    """A short digest of a record key for logs (keys name tenants and clients)."""
+    return hashlib.blake2b(key, digest_size=6).hexdigest() if key is not None else "-"
+
+
+def coordinates(rec: InboundRecord) -> str:
+    """Where a record is, for logs: topic, partition, offset and its key's hash; no values."""
+    return f"{rec.topic}/{rec.partition}@{rec.offset} key#{key_hash(rec.key)}"
+
+
+async def isolate_poison(handler: BatchHandler, records: list[InboundRecord],
+                         failure: Failure) -> list[tuple[InboundRecord, Failure]]:
+    """The records of a batch that failed deterministically (`failure`) that fail on their own.
+
+    The halves are run through `handler` in order, and a half that fails deterministically is
+    split again, down to single records; every other record has been handled when this returns.
+    Raises the first transient failure (the caller retries the whole batch).
+    """
+    if len(records) == 1:
+        return [(records[0], failure)]
+    poison: list[tuple[InboundRecord, Failure]] = []
+    mid = len(records) // 2
+    for part in (records[:mid], records[mid:]):
+        try:
+            await handler(part)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            found = classify(exc)
+            if not found.deterministic:
+                raise
+            poison.extend(await isolate_poison(handler, part, found))
+    return poison
+
+
+def _tenant_of(rec: InboundRecord) -> str | None:
+    # Events name their tenant at the top level; a dead letter that keeps it can be routed back.
+    try:
+        value = json.loads(rec.value)
+    except ValueError:
+        return None
+    tenant = value.get("tenant_id") if isinstance(value, dict) else None
+    return tenant if isinstance(tenant, str) else None
+
+
+def poison_letters(service: str, poison: Sequence[tuple[InboundRecord, Failure]],
+                   target: DeadLetterTarget) -> list[OutboundRecord]:
+    """Dead letters of isolated poison records; counts and logs each (coordinates only)."""
+    out = []
+    for rec, failure in poison:
+        detail = f"failed on its own, deterministically: {failure.summary}"
+        if failure.detail:
+            detail += f": {failure.detail}"
+        out.append(dead_letter_record(service, rec, failure.reason, detail, target.topic, _tenant_of(rec)))
+        POISON_RECORDS.labels(service, rec.topic, failure.reason).inc()
+        log.error("poison record dead-lettered (%s): %s, %s", failure.reason, coordinates(rec), failure.summary)
+    return out
 
 
 def _sanitize_headers(rec: ConsumerRecord[Any, Any]) -> ConsumerRecord[Any, Any]:
@@ -247,14 +465,17 @@ def subscribe_batch(
     retry: RetryPolicy | None = None,
     batch_timeout_ms: int = 50,
     fetch_max_wait_ms: int | None = None,
+    dead_letters: DeadLetterTarget | None = None,
 ) -> None:
     """Register an at-least-once batch consumer of `topic` for `handler` (see module docs).
 
-    `fetch_max_wait_ms` defaults to the broker's `KafkaSettings.fetch_max_wait_ms` (see there).
+    `fetch_max_wait_ms` defaults to the broker's `KafkaSettings.fetch_max_wait_ms` (see there),
+    `retry.poison_attempts` to its `KafkaSettings.poison_attempts`. `dead_letters` is where
+    records failing deterministically on their own go; without it they are retried forever.
     """
-    policy = retry or RetryPolicy()
+    known = _BROKER_SETTINGS.get(broker)
+    policy = retry or RetryPolicy(poison_attempts=known.poison_attempts if known is not None else 2)
     if fetch_max_wait_ms is None:
-        known = _BROKER_SETTINGS.get(broker)
         fetch_max_wait_ms = known.fetch_max_wait_ms if known is not None else 500
 
     async def _raw(msg: Any) -> None:  # skip FastStream's JSON decoding: we decode per record
@@ -282,23 +503,40 @@ def subscribe_batch(
         raw: tuple[ConsumerRecord[Any, Any], ...] = message.raw_message
         records = [InboundRecord.from_consumer_record(r) for r in raw]
         started = time.perf_counter()
+        deterministic: Failure | None = None
+        seen_deterministic = 0
         for attempt, delay in enumerate([*policy.delays(), None]):
+            poison: list[tuple[InboundRecord, Failure]] = []
             try:
-                await handler(records)
+                if dead_letters is not None and deterministic is not None \
+                        and seen_deterministic >= max(1, policy.poison_attempts):
+                    poison = await isolate_poison(handler, records, deterministic)
+                    if poison:
+                        await dead_letters.publish(poison_letters(service, poison, dead_letters))
+                else:
+                    await handler(records)
                 await message.ack()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                failure = classify(exc)
                 CONSUMER_RETRIES.labels(service, topic).inc()
+                if failure.deterministic:
+                    deterministic, seen_deterministic = failure, seen_deterministic + 1
+                kind = f"deterministic, {failure.reason}" if failure.deterministic else "transient"
+                # The summary names the exception and store codes only: a store error's repr
+                # carries the documents it refused (client data, up to 16 MiB of it).
                 if delay is None:
-                    log.error("batch failed %d times, rewinding for redelivery: %r", attempt + 1, exc)
+                    log.error("batch failed %d times (%s: %s), rewinding for redelivery", attempt + 1, kind,
+                              failure.summary)
                     await asyncio.sleep(policy.max_delay)
                     await message.nack()  # seeks back to the batch's first offsets
                     return
-                log.warning("batch failed (attempt %d), retrying in %.1fs: %r", attempt + 1, delay, exc)
+                log.warning("batch failed (attempt %d, %s: %s), retrying in %.1fs", attempt + 1, kind,
+                            failure.summary, delay)
                 await asyncio.sleep(delay)
             else:
-                CONSUMER_RECORDS.labels(service, topic, "committed").inc(len(records))
+                CONSUMER_RECORDS.labels(service, topic, "committed").inc(len(records) - len(poison))
                 CONSUMER_BATCH_SECONDS.labels(service, topic).observe(time.perf_counter() - started)
                 _record_lag(service, getattr(message, "consumer", None), raw)
                 return

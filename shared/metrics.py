@@ -33,6 +33,12 @@ DEADLETTER = Counter(
     "Records sent to the dead-letter topic, by service and reason.",
     ["service", "reason"],
 )
+POISON_RECORDS = Counter(
+    "alliance_consumer_poison_records_total",
+    "Records that failed deterministically on their own (too large for the store, invalid, refused "
+    "for good by the handler) and were dead-lettered so the rest of their batch could be committed.",
+    ["service", "topic", "reason"],
+)
 READY = Gauge("alliance_ready", "1 when the service's dependencies answer.", ["service"])
 THROTTLED = Counter(
     "alliance_http_throttled_total",

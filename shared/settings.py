@@ -44,6 +44,10 @@ class KafkaSettings(BaseSettings):
     # launcher sets 20 ms), on s3 a short wait returns before the read completes, almost always
     # empty (so it needs the 500 ms default).
     fetch_max_wait_ms: int = Field(default=500, ge=1)
+    # How many times a whole batch may fail deterministically (a document too large or invalid
+    # for the store, a permanent refusal) before its records are isolated and the culprits
+    # dead-lettered (`shared.kafka.subscribe_batch`); at most 5, as the 6th failure rewinds it.
+    poison_attempts: int = Field(default=2, ge=1, le=5)
 
     def topics(self) -> Topics:
         """Concrete topic names for this deployment."""

@@ -25,7 +25,7 @@ from services.alerts.worker import DeliveryWorker, Sender
 from shared import audit, auth
 from shared.events import AlertStatusChanged, DeadLetter
 from shared.http import Runtime, authenticate_first, make_guard, service_api
-from shared.kafka import Publisher, make_broker, subscribe_batch
+from shared.kafka import DeadLetterTarget, Publisher, make_broker, subscribe_batch
 from shared.mongo import database, make_client
 from shared.settings import AuditSettings
 
@@ -82,15 +82,19 @@ def build(config: AlertsConfig | None = None, resolve: Resolver = system_resolve
     handlers = Handlers(store, publisher, topics, cfg.smtp.enabled, worker.wake)
     escalator = Escalator(store, publisher, topics, cfg.alerts, cfg.smtp.enabled, worker.wake)
 
+    poison = DeadLetterTarget(topics.deadletter, publisher.publish_all)
     subscribe_batch(broker, topics.deterioration, group_id=cfg.kafka.group(SERVICE), service=SERVICE,
-                    handler=handlers.on_deterioration, max_records=cfg.kafka.batch_max_records)
+                    handler=handlers.on_deterioration, max_records=cfg.kafka.batch_max_records,
+                    dead_letters=poison)
     subscribe_batch(broker, topics.scored, group_id=cfg.kafka.group("alerts-partners"), service=SERVICE,
-                    handler=handlers.on_scored, max_records=cfg.kafka.batch_max_records)
+                    handler=handlers.on_scored, max_records=cfg.kafka.batch_max_records,
+                    dead_letters=poison)
     # Superseded / withdrawn from scoring (and this service's own acknowledged / escalated, which
     # are only forwarded to partners). Its own group: the lifecycle merge does not depend on the
     # order of the two topics, so neither consumer waits for the other.
     subscribe_batch(broker, topics.alert_status, group_id=cfg.kafka.group("alerts-status"), service=SERVICE,
-                    handler=handlers.on_alert_status, max_records=cfg.kafka.batch_max_records)
+                    handler=handlers.on_alert_status, max_records=cfg.kafka.batch_max_records,
+                    dead_letters=poison)
 
     tasks: list[asyncio.Task[None]] = []
 

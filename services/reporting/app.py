@@ -18,7 +18,7 @@ from shared import audit
 from shared.auth import KeyStore
 from shared.events import DeadLetter
 from shared.http import Runtime, authenticate_first, make_guard, service_api
-from shared.kafka import OutboundRecord, Publisher, make_broker, subscribe_batch
+from shared.kafka import DeadLetterTarget, OutboundRecord, Publisher, make_broker, subscribe_batch
 from shared.mongo import database, make_client
 from shared.settings import AuditSettings, KafkaSettings, MongoSettings, ReportingHttp
 
@@ -42,7 +42,7 @@ def _wire(config: ReportingConfig) -> tuple[KafkaBroker, Runtime, ReportingStore
     mongo = make_client(config.mongo)
     db = database(mongo, config.mongo)
     settings = config.reporting
-    store = ReportingStore(db, cache_entries=settings.cache_entries)
+    store = ReportingStore(db, cache_entries=settings.cache_entries, max_record_bytes=settings.max_record_bytes)
     submissions = SubmissionStore(db)
     generations = Generations(db, settings.generation_cache_seconds)
     keys = KeyStore(db, settings.key_cache_seconds)
@@ -61,8 +61,10 @@ def _wire(config: ReportingConfig) -> tuple[KafkaBroker, Runtime, ReportingStore
             (topics.alert_status, "alert-status", handlers.alert_status),
             (topics.deadletter, "deadletter", handlers.deadletter),
         ):
+            # The dead-letter consumer gets no target: a record it fails on must not feed its own input.
+            poison = None if topic == topics.deadletter else DeadLetterTarget(topics.deadletter, dead_letters)
             subscribe_batch(broker, topic, group_id=config.kafka.group(f"{SERVICE}-{purpose}"), service=SERVICE,
-                            handler=handler, max_records=batch)
+                            handler=handler, max_records=batch, dead_letters=poison)
 
     # Dead letters go out through `Publisher`; this declaration puts them (and their schema) into
     # the AsyncAPI document.

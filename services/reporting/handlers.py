@@ -2,8 +2,12 @@
 
 Each handler decodes its batch, dead-letters what cannot be decoded or validated (a poison
 record never blocks the partition), writes the rest with one bulk write per generation, and
-returns; `shared.kafka.subscribe_batch` commits only after that. A store failure raises, so the
-batch is retried and never committed past.
+returns; `shared.kafka.subscribe_batch` commits only after that. A store failure raises: a
+transient one is retried and never committed past; a deterministic one (a document the store
+refuses as too large or invalid) makes the subscriber isolate and dead-letter the record at
+fault. Sessions that would grow a client's record past its size cap are refused by the store
+adapter before any write and dead-lettered here as `record_too_large`, so one client's history
+never stalls its partition.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from pydantic import BaseModel, ValidationError
 from services.reporting import metrics
 from services.reporting.store import Generations, ReportingStore, SubmissionStore
 from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, SrsScored, SrsSubmitted
-from shared.kafka import InboundRecord, OutboundRecord, dead_letter_record
+from shared.kafka import InboundRecord, OutboundRecord, coordinates, dead_letter_record
+from shared.metrics import POISON_RECORDS
 from shared.topics import Topics
 
 log = logging.getLogger("alliance.reporting")
@@ -51,6 +56,40 @@ def decode(records: Sequence[InboundRecord], model: type[M], dlq_topic: str,
     """Decode records into `model`; undecodable or invalid ones become dead letters."""
     good, bad = parse(records, model)
     return good, [dead_letter_record(service, rec, reason, detail, dlq_topic) for rec, reason, detail in bad]
+
+
+def decode_each(records: Sequence[InboundRecord], model: type[M], dlq_topic: str,
+                service: str = SERVICE) -> tuple[list[tuple[InboundRecord, M]], list[OutboundRecord]]:
+    """Like `decode`, each event with the record it came from."""
+    pairs: list[tuple[InboundRecord, M]] = []
+    dead: list[OutboundRecord] = []
+    for rec in records:
+        good, bad = parse([rec], model)
+        pairs.extend((rec, event) for event in good)
+        dead.extend(dead_letter_record(service, r, reason, detail, dlq_topic) for r, reason, detail in bad)
+    return pairs, dead
+
+
+def too_large_letters(refused: Sequence[tuple[SrsScored, int]], sources: dict[int, InboundRecord], cap: int,
+                      dlq_topic: str) -> list[OutboundRecord]:
+    """Dead letters (`record_too_large`) of events the store refused to add to a full record; each
+    event's record found by identity in `sources`. An event refused in two generations is sent once."""
+    out: list[OutboundRecord] = []
+    done: set[int] = set()
+    for event, size in refused:
+        rec = sources.get(id(event))
+        if rec is None or id(event) in done:
+            continue
+        done.add(id(event))
+        detail = (f"the client's record would be {size} bytes with this session, over the cap of {cap} "
+                  "(ALLIANCE_REPORTING_MAX_RECORD_BYTES); the record keeps the sessions it had")
+        out.append(dead_letter_record(SERVICE, rec, "record_too_large", detail, dlq_topic, event.tenant_id))
+        POISON_RECORDS.labels(SERVICE, rec.topic, "record_too_large").inc()
+    if out:
+        first, last = sources[id(refused[0][0])], sources[id(refused[-1][0])]
+        log.warning("%d sessions refused: their client's record is at its size cap (first %s, last %s)",
+                    len(out), coordinates(first), coordinates(last))
+    return out
 
 
 def rejection(dead: DeadLetter, topics: Topics) -> tuple[str, SrsSubmitted] | None:
@@ -90,13 +129,18 @@ class ReportingHandlers:
 
     async def scored(self, records: list[InboundRecord]) -> None:
         """`srs.scored.v1`: merge sessions into records, and note each submission's scored revision."""
-        events, dead = decode(records, SrsScored, self._dlq)
+        pairs, dead = decode_each(records, SrsScored, self._dlq)
+        events = [e for _, e in pairs]
         started = time.perf_counter()
         if events:
             active, building = await self._targets()
             report = await self.store.apply_scored(active, events)
+            refused = list(report.refused)
             if building is not None:
-                await self.store.apply_scored(building, events)
+                refused.extend((await self.store.apply_scored(building, events)).refused)
+            if refused:
+                sources = {id(e): rec for rec, e in pairs}
+                dead.extend(too_large_letters(refused, sources, self.store.max_record_bytes, self._dlq))
             metrics.SUBMISSION_WRITES.inc(await self.submissions.apply_scored(events))
             now = datetime.now(UTC)
             for outcome, n in report.outcomes.items():

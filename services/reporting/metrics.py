@@ -10,7 +10,8 @@ EVENTS = Counter(
     "alliance_reporting_events_total",
     "Events consumed by reporting, by outcome: applied (new session or alert fact), corrected (a newer "
     "revision replaced a session, or superseded another submission), duplicate (already there), stale "
-    "(older than what is there), deadlettered (undecodable or invalid).",
+    "(older than what is there), refused (its client's record is at its size cap; also counted as "
+    "deadlettered), deadlettered (undecodable, invalid or refused).",
     ["outcome"],
 )
 APPLY_SECONDS = Histogram(

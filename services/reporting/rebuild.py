@@ -88,7 +88,8 @@ class Replayer:
         alerts, bad2 = parse(by_topic.get(self.deterioration, []), AllianceDeterioration)
         status, bad3 = parse(by_topic.get(self.alert_status, []), AlertStatusChanged)
         if scored:
-            await self.store.apply_scored(self.gen, scored, fresh=True)
+            # Sessions over a record's size cap are skipped here as the live consumer dead-lettered them.
+            self.skipped += len((await self.store.apply_scored(self.gen, scored, fresh=True)).refused)
         await self.store.apply_deterioration(self.gen, alerts)
         await self.store.apply_alert_status(self.gen, status)
         self.events += len(scored) + len(alerts) + len(status)
@@ -160,7 +161,8 @@ async def rebuild(kafka: KafkaSettings, mongo: MongoSettings, settings: Reportin
     client = make_client(mongo)
     db = database(client, mongo)
     generations = Generations(db, settings.generation_cache_seconds)
-    store = ReportingStore(db, cache_entries=settings.rebuild_cache_entries)
+    store = ReportingStore(db, cache_entries=settings.rebuild_cache_entries,
+                           max_record_bytes=settings.max_record_bytes)
     try:
         old, new = await generations.begin_rebuild(force=force)
         result = RebuildResult(previous=old.active, generation=new)

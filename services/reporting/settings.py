@@ -30,5 +30,9 @@ class ReportingSettings(BaseSettings):
     cache_entries: int = Field(default=20_000, ge=0)
     rebuild_cache_entries: int = Field(default=200_000, ge=0)
     key_cache_seconds: float = Field(default=30.0, ge=0)
+    # A client's record (every session on one instrument) is one document; sessions that would
+    # grow it past this many bytes (encoded) are dead-lettered as `record_too_large` instead of
+    # being written. Below MongoDB's 16 MiB limit, which would refuse the write anyway.
+    max_record_bytes: int = Field(default=15 * 1024 * 1024, ge=64 * 1024, le=16 * 1024 * 1024)
     # False: serve the API and dashboard only (e.g. extra read replicas behind a load balancer).
     consume: bool = True

@@ -32,6 +32,14 @@ and a rebuild both filling a new generation) makes the condition miss; the upser
 then hits the unique `_id` and fails with E11000 for that document only, and just those
 records are re-read and re-merged. Because the merge is a commutative max, the retry converges
 to the same result whoever wins. (Filters are `_id`-led so the store uses its primary-key path.)
+Size: a record holds every session of its client on one instrument, so it is the document that
+grows without bound. Before a write its encoded size is compared with `max_record_bytes`
+(ALLIANCE_REPORTING_MAX_RECORD_BYTES, 15 MiB by default, below MongoDB's 16 MiB): a merge that
+would pass it is not written, and the batch's events that would have changed that record come
+back as *refused* (the handler dead-letters them as `record_too_large`); the record keeps what
+it had and every other record of the batch is written. So no client's history can stall its
+partition; should a write still be refused by the store, `shared.kafka.subscribe_batch`
+isolates and dead-letters the record that caused it.
 Submission parts are written with the same trick: an update conditioned on the stored part's key
 being lower (or absent), with upsert; E11000 means the document exists with a key at least as
 high (the update is tried once more in case that document was created concurrently).
@@ -47,6 +55,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import bson
 from pymongo import ASCENDING, InsertOne, ReplaceOne, ReturnDocument, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
@@ -70,6 +79,8 @@ FIRST_GENERATION = "g1"
 _GEN_COLLECTION = re.compile(r"^reporting_(g\d+)_(clients|trajectories|alerts)$")
 SUBMISSIONS = "reporting_submissions"
 DUPLICATE_KEY = 11000
+MONGO_MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_RECORD_BYTES = 15 * 1024 * 1024
 
 
 class RebuildInProgress(RuntimeError):
@@ -191,6 +202,8 @@ class ApplyReport:
     outcomes: Counter[str] = field(default_factory=Counter)
     visible: list[SrsScored] = field(default_factory=list)  # events whose session is now readable
     conflicts: int = 0
+    # events that would have grown their record past `max_record_bytes`, with that size
+    refused: list[tuple[SrsScored, int]] = field(default_factory=list)
 
 
 def to_stored(doc: Document) -> Document:
@@ -240,9 +253,11 @@ class DocCache:
 class ReportingStore:
     """Batch writes and queries of the reporting read models."""
 
-    def __init__(self, db: AsyncDatabase[Document], max_conflict_retries: int = 8, cache_entries: int = 0) -> None:
+    def __init__(self, db: AsyncDatabase[Document], max_conflict_retries: int = 8, cache_entries: int = 0,
+                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> None:
         self.db = db
         self._retries = max_conflict_retries
+        self.max_record_bytes = max_record_bytes
         self._indexed: set[str] = set()
         self.cache = DocCache(cache_entries)
 
@@ -281,7 +296,9 @@ class ReportingStore:
         (a generation being rebuilt, where almost nothing exists yet) a miss is taken as absent
         and written as an insert — if it did exist, the insert fails on `_id` and that one
         record is read and merged again. New records are inserts, known ones replaces
-        conditioned on the version they were merged from.
+        conditioned on the version they were merged from. A record whose merge would encode to
+        more than `max_record_bytes` is not written; the events that would have changed it come
+        back in `report.refused`.
         """
         report = ApplyReport()
         groups = rules.group_by_record(events)
@@ -316,10 +333,22 @@ class ReportingStore:
                         self.cache.put(gen, rid, old)
                     continue
                 result.doc["updated_at"] = datetime.now(UTC)
+                stored = to_stored(result.doc)
+                size = len(bson.encode(stored))
+                if size > self.max_record_bytes:
+                    # Not written: the record keeps what it has; the events that changed it are refused.
+                    merged[rid] = rules.MergeResult(None, [(e, o) for e, o in result.outcomes
+                                                           if o not in ("applied", "corrected")])
+                    refused = [e for e, o in result.outcomes if o in ("applied", "corrected")]
+                    report.refused.extend((e, size) for e in refused)
+                    report.outcomes["refused"] += len(refused)
+                    if old is not None:
+                        self.cache.put(gen, rid, old)
+                    continue
                 if old is None:
-                    ops.append(InsertOne(to_stored(result.doc)))
+                    ops.append(InsertOne(stored))
                 else:
-                    ops.append(ReplaceOne({"_id": rid, "v": old.get("v", 0)}, to_stored(result.doc), upsert=True))
+                    ops.append(ReplaceOne({"_id": rid, "v": old.get("v", 0)}, stored, upsert=True))
                 op_ids.append(rid)
             failed: set[str] = set()
             if ops:

@@ -19,7 +19,7 @@ from services.scoring.settings import ScoringSettings
 from services.scoring.store import RulesStore, StateCache, StateStore
 from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, SrsScored
 from shared.http import Runtime, service_api
-from shared.kafka import Publisher, make_broker, subscribe_batch
+from shared.kafka import DeadLetterTarget, Publisher, make_broker, subscribe_batch
 from shared.mongo import Document, database, make_client
 from shared.settings import KafkaSettings, MongoSettings
 
@@ -70,7 +70,8 @@ def build(config: ScoringConfig | None = None) -> Scoring:
     handler = ScoringHandler(states, rules, publisher.publish_all, topics,
                              conflict_attempts=config.scoring.conflict_attempts, save_chunk=config.scoring.save_chunk)
     subscribe_batch(broker, topics.submitted, group_id=config.kafka.group(SERVICE), service=SERVICE,
-                    handler=handler, max_records=config.scoring.max_records or config.kafka.batch_max_records)
+                    handler=handler, max_records=config.scoring.max_records or config.kafka.batch_max_records,
+                    dead_letters=DeadLetterTarget(topics.deadletter, publisher.publish_all))
     # Publishing goes through `Publisher` (many sends, one wait for all acks); these declarations
     # put the outputs and their schemas into the AsyncAPI document.
     broker.publisher(topics.scored, title=f"{SERVICE}:{topics.scored}", schema=SrsScored,

@@ -82,6 +82,7 @@ def rules() -> list[dict[str, Any]]:
     [
         ("consumer lag growing", r"delta\(alliance_consumer_lag_messages\["),
         ("dead-letter rate above zero", r"increase\(alliance_deadletter_total(\{[^}]*\})?\[\w+\]\)\)\s*>\s*0"),
+        ("poison records set aside", r"increase\(alliance_consumer_poison_records_total\[\w+\]\)\)\s*>\s*0"),
         ("notification failures", r"alliance_notifications_total\{outcome=\"failed\"\}"),
         ("intake 503 rate", r"alliance_intake_submissions_total\{outcome=\"unavailable\"\}"),
         ("intake 5xx rate", r"alliance_intake_http_requests_total\{status_class=\"5xx\"\}"),
