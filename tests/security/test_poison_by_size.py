@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -23,7 +24,7 @@ from pymongo import AsyncMongoClient
 
 from services.reporting.demo import BASE, publish, scored
 from services.reporting.rules import record_id
-from services.reporting.store import FIRST_GENERATION, clients_name
+from services.reporting.store import FIRST_GENERATION, ReportingStore, clients_name
 from shared.auth import create_key
 from shared.events import DeadLetter, Items, SrsScored
 from shared.mongo import Document
@@ -140,3 +141,21 @@ async def test_a_client_past_the_document_limit_does_not_stall_other_clients_on_
     print(f"\n{SESSIONS} sessions of one client worked through in {backlog:.1f} s "
           f"({len(kept)} kept, {len(refused_ids)} refused as record_too_large); the other clients behind it visible "
           f"{others:.1f} s after they were published")
+
+
+async def test_sessions_past_a_records_size_cap_are_refused_and_every_other_record_is_written(
+        mongo: AsyncMongoClient[Document]) -> None:
+    store = ReportingStore(mongo[f"t_{uuid.uuid4().hex[:10]}"], max_record_bytes=64 * 1024)
+    fitting = [big_session(n) for n in range(1, 41)]  # about 35 KB
+    report = await store.apply_scored(FIRST_GENERATION, [*fitting, *other_sessions("client-0")[:2]])
+    assert not report.refused
+
+    too_many = [big_session(n) for n in range(41, 121)]  # about 70 KB more
+    report = await store.apply_scored(FIRST_GENERATION, [*too_many, other_sessions("client-0")[2]])
+    assert [e.submission_id for e, _ in report.refused] == [e.submission_id for e in too_many]
+    assert all(size > 64 * 1024 for _, size in report.refused)
+    assert report.outcomes["refused"] == len(too_many) and report.outcomes["applied"] == 1
+    big = await store.record(FIRST_GENERATION, TENANT, BIG, "SRS")
+    other = await store.record(FIRST_GENERATION, TENANT, "client-0", "SRS")
+    assert big is not None and set(big["entries"]) == {e.submission_id for e in fitting}
+    assert other is not None and other["session_count"] == 3

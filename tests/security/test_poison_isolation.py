@@ -15,9 +15,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from pymongo import AsyncMongoClient, ReplaceOne
 from pymongo.errors import AutoReconnect, BulkWriteError
 
 from shared.kafka import (
+    BatchHandler,
     DeadLetterTarget,
     Failure,
     InboundRecord,
@@ -27,6 +29,7 @@ from shared.kafka import (
     make_broker,
     subscribe_batch,
 )
+from shared.mongo import Document
 from tests.support.deadletters import dead_letters
 from tests.support.services import Namespace
 from tests.support.wait import eventually
@@ -99,7 +102,7 @@ FAST = RetryPolicy(attempts=4, first_delay=0.05, max_delay=0.2, poison_attempts=
 
 
 @asynccontextmanager
-async def consuming(ns: Namespace, handler: FakeHandler, group: str) -> AsyncIterator[str]:
+async def consuming(ns: Namespace, handler: BatchHandler, group: str) -> AsyncIterator[str]:
     """`handler` subscribed to the namespace's scored topic (dead letters to its dead-letter topic)."""
     kafka = ns.kafka()
     topics = kafka.topics()
@@ -174,3 +177,24 @@ async def test_a_transient_failure_is_retried_and_nothing_is_dead_lettered(names
     assert sorted(handler.handled) == values
     assert len(handler.calls) >= 3  # two failed attempts, then the one that went through
     assert written == 0
+
+
+async def test_a_record_whose_document_the_real_store_refuses_as_too_large_is_set_aside(
+        namespace: Namespace, mongo: AsyncMongoClient[Document]) -> None:
+    # A handler like the services': one unordered bulk write per batch, idempotent (upserts by
+    # offset); the record `big` becomes a 17 MiB document, which the store refuses (10334).
+    col = mongo[namespace.database]["poison_docs"]
+
+    async def write(records: list[InboundRecord]) -> None:
+        await col.bulk_write([ReplaceOne({"_id": r.offset}, {"value": r.value.decode(), "blob": "x" * (
+            17 * 1024 * 1024 if r.value == b"big" else 10)}, upsert=True) for r in records], ordered=False)
+
+    values = [b"a", b"b", b"c", b"big", b"d", b"e"]
+    group = namespace.prefix + "poison-store"
+    async with consuming(namespace, write, group) as topic, dead_letters(namespace.kafka()) as letters:
+        tp = await produce(namespace, topic, values)
+        seen = await letters.until(lambda seen: any(d.payload == "big" for d in seen))
+        await eventually(committed_to(namespace, group, tp, len(values)))
+    assert sorted([d["value"] async for d in col.find({}, {"value": 1})]) == ["a", "b", "c", "d", "e"]
+    [letter] = seen
+    assert letter.reason == "document_too_large" and letter.source_offset == 3
