@@ -34,7 +34,7 @@ not have reached the broker before a crash.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import cached_property
@@ -70,22 +70,27 @@ class Version:
     total: float | None
     accepted_at: datetime
     digest: str = ""
+    # Derived once here (not as cached properties: those take a lock on every read in 3.11, and
+    # these are read many times per step).
+    accepted_utc: datetime = field(init=False, repr=False, compare=False)
+    administered_key: tuple[datetime, int, str] = field(init=False, repr=False, compare=False)
+    session_key: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.digest:
             object.__setattr__(self, "digest", content_digest(self))
+        administered = _utc(self.administered_at)
+        object.__setattr__(self, "accepted_utc", _utc(self.accepted_at))
+        object.__setattr__(self, "administered_key", (administered, self.session_number, self.submission_id))
+        # Which session the version names (see the contract: without an episode id, the UTC date
+        # of administration is part of the identity).
+        object.__setattr__(self, "session_key", (self.instrument, "e", self.episode_id, str(self.session_number))
+                           if self.episode_id is not None else
+                           (self.instrument, "d", administered.date().isoformat(), str(self.session_number)))
 
     def order(self) -> tuple[datetime, str]:
         """Which of two versions is newer: later accepted, then (a tie) the larger digest."""
-        return (_utc(self.accepted_at), self.digest)
-
-    @cached_property
-    def session_key(self) -> tuple[str, ...]:
-        """Which session the version names (see module docs of the contract: without an episode
-        id, the UTC date of administration is part of the identity)."""
-        if self.episode_id is not None:
-            return (self.instrument, "e", self.episode_id, str(self.session_number))
-        return (self.instrument, "d", _utc(self.administered_at).date().isoformat(), str(self.session_number))
+        return (self.accepted_utc, self.digest)
 
     def items_model(self) -> Items | None:
         """The items as the event model carries them (built only when an event is)."""
@@ -168,6 +173,15 @@ class SessionView:
     def slot(self) -> str:
         return slot_key(self.version.instrument, self.episode_id, self.version.session_number)
 
+    def not_latest(self) -> SessionView:
+        """The same session once a later one is the latest (its digest, which leaves `latest`
+        out, carried over rather than computed again)."""
+        out = SessionView(self.version, self.episode_id, self.episode_derived, self.site_id, self.site_version,
+                          self.total, self.cutoff, self.operator, self.previous_total, self.change_from_previous,
+                          self.flags, self.triggers, self.severity, self.low_items, False)
+        out.__dict__["digest"] = self.digest  # frozen: the cached property's slot is written directly
+        return out
+
     @cached_property
     def digest(self) -> str:
         """Everything a scored event shows except `latest` (a point-in-time fact: a new session
@@ -196,12 +210,25 @@ class AlertView:
 
 
 @dataclass(frozen=True)
+class Tail:
+    """Where one instrument's sessions end: what `extend` needs to add a session after them."""
+
+    newest: Version  # the most recently administered session
+    latest_slot: str  # the session that is `latest` (the last of the newest's episode)
+    latest_alert: str | None  # the alert it holds
+    last_derived: tuple[str, Version] | None  # the last session without an episode id, and its episode
+    last_given: Mapping[str, Version]  # each given episode id -> its highest-numbered session
+    episode_ids: frozenset[str]
+
+
+@dataclass(frozen=True)
 class View:
     sessions: dict[str, SessionView]  # by slot
     alerts: dict[str, AlertView]  # by alert id
     current: frozenset[str]  # submission ids that represent their session (their events are shown)
     members: frozenset[str]  # ... and the identical resends of those (not superseded)
     slot_of_key: dict[tuple[str, ...], str]  # session key of each current version -> its slot
+    tails: dict[str, Tail] = field(default_factory=dict)  # by instrument
 
 
 def slot_key(instrument: str, episode_id: str, session_number: int) -> str:
@@ -214,7 +241,7 @@ def derived_episode_id(first: Version) -> str:
 
 
 def _administered(v: Version) -> tuple[datetime, int, str]:
-    return (_utc(v.administered_at), v.session_number, v.submission_id)
+    return v.administered_key
 
 
 def current_versions(versions: Iterable[Version]) -> tuple[dict[tuple[str, ...], Version], set[str]]:
@@ -231,8 +258,8 @@ def current_versions(versions: Iterable[Version]) -> tuple[dict[tuple[str, ...],
     by_key: dict[tuple[str, ...], Version] = {}
     members: set[str] = set()
     for key, contents in groups.items():
-        winner = max(contents.values(), key=lambda g: (max(_utc(v.accepted_at) for v in g), g[0].digest))
-        by_key[key] = min(winner, key=lambda v: (_utc(v.accepted_at), v.submission_id))
+        winner = max(contents.values(), key=lambda g: (max(v.accepted_utc for v in g), g[0].digest))
+        by_key[key] = min(winner, key=lambda v: (v.accepted_utc, v.submission_id))
         members.update(v.submission_id for v in winner)
     return by_key, members
 
@@ -270,32 +297,114 @@ def derive(versions: Iterable[Version], owner: str | None, site_version: int, ru
     sessions: dict[str, SessionView] = {}
     alerts: dict[str, AlertView] = {}
     slot_of: dict[tuple[str, ...], str] = {}
+    tails: dict[str, Tail] = {}
     for instrument, episodes in episodes_of(by_key.values()).items():
         resolved = rules.for_instrument(instrument)
         newest = max((v for _, _, vs in episodes for v in vs), key=_administered)
+        latest_slot, latest_alert = "", None
+        last_derived: tuple[str, Version] | None = None
+        last_given: dict[str, Version] = {}
         for eid, derived, members in episodes:
             is_current = any(v is newest for v in members)
-            prev: Version | None = None
-            prev_total: float | None = None
-            prev_lni = False
+            prev: SessionView | None = None
             for i, v in enumerate(members):
-                latest = is_current and i == len(members) - 1
-                ratings = v.ratings()
-                total = R.total_of(ratings, v.total)
-                s = R.score(total, ratings, prev_total, latest, resolved, prev_lni)
-                view = SessionView(v, eid, derived, owner or v.site_id, site_version, s.total, s.cutoff,
-                                   resolved.operator, s.previous_total, s.change_from_previous, s.flags,
-                                   s.triggers, s.severity, s.low_items, latest)
+                view, alert = _session_view(v, eid, derived, prev, is_current and i == len(members) - 1, resolved,
+                                            owner, site_version, tenant_id, client_id, alert_sites)
                 sessions[view.slot] = view
                 slot_of[v.session_key] = view.slot
-                if s.alert is not None:
-                    aid = ids.alert_id(tenant_id, client_id, instrument, eid, v.session_number)
-                    site = (alert_sites or {}).get(aid, view.site_id)
-                    alerts[aid] = AlertView(aid, view, s.alert.triggers, s.alert.severity, site)
-                prev, prev_total = v, s.total
-                prev_lni = R.LOW_NOT_IMPROVING in s.flags
-            del prev
-    return View(sessions, alerts, frozenset(v.submission_id for v in by_key.values()), frozenset(resends), slot_of)
+                if alert is not None:
+                    alerts[alert.alert_id] = alert
+                if view.latest:
+                    latest_slot, latest_alert = view.slot, alert.alert_id if alert is not None else None
+                prev = view
+            if derived:  # derived runs come in order of administration: the last one wins
+                last_derived = (eid, members[-1])
+            else:
+                last_given[eid] = members[-1]
+        tails[instrument] = Tail(newest, latest_slot, latest_alert, last_derived, last_given,
+                                 frozenset(e for e, _, _ in episodes))
+    return View(sessions, alerts, frozenset(v.submission_id for v in by_key.values()), frozenset(resends), slot_of,
+                tails)
+
+
+def _session_view(v: Version, eid: str, derived: bool, prev: SessionView | None, latest: bool,
+                  resolved: R.TenantRules, owner: str | None, site_version: int, tenant_id: str, client_id: str,
+                  alert_sites: Mapping[str, str] | None) -> tuple[SessionView, AlertView | None]:
+    """One session scored against the previous session of its episode, and the alert it holds."""
+    ratings = v.ratings()
+    total = R.total_of(ratings, v.total)
+    prev_total = prev.total if prev is not None else None
+    prev_lni = prev is not None and R.LOW_NOT_IMPROVING in prev.flags
+    s = R.score(total, ratings, prev_total, latest, resolved, prev_lni)
+    view = SessionView(v, eid, derived, owner or v.site_id, site_version, s.total, s.cutoff, resolved.operator,
+                       s.previous_total, s.change_from_previous, s.flags, s.triggers, s.severity, s.low_items, latest)
+    if s.alert is None:
+        return view, None
+    aid = ids.alert_id(tenant_id, client_id, v.instrument, eid, v.session_number)
+    site = (alert_sites or {}).get(aid, view.site_id)
+    return view, AlertView(aid, view, s.alert.triggers, s.alert.severity, site)
+
+
+def extend(view: View, v: Version, owner: str | None, site_version: int, rules: R.TenantRules, tenant_id: str,
+           client_id: str, alert_sites: Mapping[str, str] | None = None) -> View | None:
+    """`derive` of the view's versions plus `v`, computed from the view in time independent of
+    the record's length - when `v` is a new session administered after every other session of
+    its instrument, that ends an episode or begins a new one (a record growing one session at a
+    time, the common case); None when it is anything else (then `derive`).
+
+    Why the result equals `derive`'s (the unit tests check it on random records): `v` is the
+    only version of its session, so it is current and a member; it is the newest of its
+    instrument, so its episode becomes current and `v`, its last session, the latest - the
+    previous latest session stops being latest and loses its alert (nothing else about a session
+    depends on `latest`); `v` is scored against the session before it in its episode, which is
+    the episode's last; no other session's previous session changes.
+    """
+    tail = view.tails.get(v.instrument)
+    if v.instrument not in _SCORED or v.session_key in view.slot_of_key or v.submission_id in view.members:
+        return None
+    if tail is not None and _administered(v) <= _administered(tail.newest):
+        return None  # not the newest: it may fall inside an episode, or split one
+    derived = v.episode_id is None
+    before: Version | None = None  # the session before `v` in its episode
+    if v.episode_id is None:
+        last = tail.last_derived if tail is not None else None
+        if last is not None and v.session_number > last[1].session_number:
+            eid, before = last
+        else:
+            eid = derived_episode_id(v)  # a restart of the numbering (or the first): a new episode
+    elif v.episode_id.startswith(DERIVED_PREFIX):
+        return None  # cannot come through intake (its ids have no '/'): left to `derive` as it is
+    else:
+        eid = v.episode_id
+        before = tail.last_given.get(eid) if tail is not None else None
+        if before is not None and v.session_number <= before.session_number:
+            return None  # numbered inside its episode
+    if before is None and tail is not None and eid in tail.episode_ids:
+        return None  # a new episode whose id another one has (a given id that looks derived)
+    sessions = dict(view.sessions)
+    alerts = dict(view.alerts)
+    if tail is not None:
+        sessions[tail.latest_slot] = sessions[tail.latest_slot].not_latest()
+        if tail.latest_alert is not None:
+            del alerts[tail.latest_alert]
+    prev = sessions[view.slot_of_key[before.session_key]] if before is not None else None
+    sv, alert = _session_view(v, eid, derived, prev, True, rules.for_instrument(v.instrument), owner, site_version,
+                              tenant_id, client_id, alert_sites)
+    sessions[sv.slot] = sv
+    if alert is not None:
+        alerts[alert.alert_id] = alert
+    slot_of = dict(view.slot_of_key)
+    slot_of[v.session_key] = sv.slot
+    last_derived = tail.last_derived if tail is not None else None
+    last_given = dict(tail.last_given) if tail is not None else {}
+    if derived:
+        last_derived = (eid, v)
+    else:
+        last_given[eid] = v
+    tails = dict(view.tails)
+    tails[v.instrument] = Tail(v, sv.slot, alert.alert_id if alert is not None else None, last_derived, last_given,
+                               (tail.episode_ids if tail is not None else frozenset()) | {eid})
+    return View(sessions, alerts, view.current | {v.submission_id}, view.members | {v.submission_id}, slot_of, tails)
 
 
 _SCORED = frozenset(i.value for i in SCORED_INSTRUMENTS)
@@ -392,17 +501,45 @@ class ClientState:
     submission_revision: dict[str, int] = field(default_factory=dict)
     alerts: dict[str, AlertRecord] = field(default_factory=dict)
     version: int = 0
+    # The last view and what it was derived under; not stored, not compared. Views are never
+    # mutated (`extend` builds a new one), so a copy may share it.
+    cached: _Cached | None = field(default=None, repr=False, compare=False)
 
     def copy(self) -> ClientState:
         """An independent copy (the values are immutable, so copying the containers suffices)."""
-        return replace(self, transfers=list(self.transfers), versions=dict(self.versions),
-                       rejected=dict(self.rejected), published=dict(self.published),
-                       submission_revision=dict(self.submission_revision), alerts=dict(self.alerts))
+        # Built field by field (not `dataclasses.replace`, which re-reads the class's fields on every
+        # call): the state cache copies every client twice per batch.
+        return ClientState(self.tenant_id, self.client_id, self.owner, self.site_version, list(self.transfers),
+                           dict(self.versions), dict(self.rejected), dict(self.published),
+                           dict(self.submission_revision), dict(self.alerts), self.version, self.cached)
 
     def view(self, rules: R.TenantRules) -> View:
-        sites = {aid: a.site_id for aid, a in self.alerts.items()}
-        return derive(self.versions.values(), self.owner, self.site_version, rules, self.tenant_id, self.client_id,
-                      sites)
+        """What the record shows under `rules` (derived once per change of the record)."""
+        c = self._cached(rules)
+        if c is not None:
+            return c.view
+        view = derive(self.versions.values(), self.owner, self.site_version, rules, self.tenant_id, self.client_id,
+                      _AlertSites(self.alerts))
+        self.cached = _Cached(rules, self.owner, self.site_version, view)
+        return view
+
+    def _cached(self, rules: R.TenantRules) -> _Cached | None:
+        c = self.cached
+        if c is None or c.owner != self.owner or c.site_version != self.site_version:
+            return None
+        return c if c.rules is rules or c.rules == rules else None
+
+    def _grown(self, v: Version, rules: R.TenantRules) -> View:
+        """The view after `v` was added to the versions: `extend`ed from the last one when it can
+        be, else derived."""
+        c = self._cached(rules)
+        view = None if c is None else extend(c.view, v, self.owner, self.site_version, rules, self.tenant_id,
+                                              self.client_id, _AlertSites(self.alerts))
+        if view is None:
+            self.cached = None
+            return self.view(rules)
+        self.cached = _Cached(rules, self.owner, self.site_version, view)
+        return view
 
     # ---- inputs -----------------------------------------------------------------------------
 
@@ -426,6 +563,7 @@ class ClientState:
                 f"(max_client_submissions {rules.max_client_submissions})")))
         if v.instrument not in _SCORED and self.owner in (None, v.site_id):  # another site's: refused below
             self.versions[v.submission_id] = v
+            self.cached = None
             self.owner = self.owner or v.site_id
             # A scored submission corrected into an unscored form leaves its session: say so now.
             outputs = self._publish(self.view(rules), now) if known is not None else []
@@ -438,7 +576,11 @@ class ClientState:
             return Step(rejection=rej, changed=True)
         self.versions[v.submission_id] = v
         self.owner = self.owner or v.site_id
-        view = self.view(rules)
+        if known is None:
+            view = self._grown(v, rules)
+        else:
+            self.cached = None
+            view = self.view(rules)
         outputs = self._publish(view, now)
         # A version whose content another submission already shows (an identical resend under a
         # new id, or a correction back to content an older submission holds) is kept - so that the
@@ -608,6 +750,30 @@ class ClientState:
             else:
                 out.append(StatusOut(aid, rec, rec.state))
         return out
+
+
+@dataclass(frozen=True)
+class _Cached:
+    rules: R.TenantRules
+    owner: str | None
+    site_version: int
+    view: View
+
+
+class _AlertSites(Mapping[str, str]):
+    """The site each known alert was first raised for (read by `derive`; a view, not a copy)."""
+
+    def __init__(self, alerts: Mapping[str, AlertRecord]) -> None:
+        self._alerts = alerts
+
+    def __getitem__(self, alert_id: str) -> str:
+        return self._alerts[alert_id].site_id
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._alerts)
+
+    def __len__(self) -> int:
+        return len(self._alerts)
 
 
 def version_of(submission_id: str, instrument: Instrument | str, episode_id: str | None, session_number: int,

@@ -62,7 +62,15 @@ def _dt(s: str) -> datetime:
 
 
 def _version_doc(v: Version) -> Document:
-    """Short field names: the document is read and written on every batch."""
+    """Short field names: the document is read and written on every batch. Built once per version
+    (versions are immutable and every save writes them all) and never mutated."""
+    doc = v.__dict__.get("_doc")
+    if doc is None:
+        doc = v.__dict__["_doc"] = _new_version_doc(v)
+    return doc
+
+
+def _new_version_doc(v: Version) -> Document:
     return {"sid": v.submission_id, "i": v.instrument, "e": v.episode_id, "n": v.session_number,
             "at": _iso(v.administered_at), "s": v.site_id, "c": v.clinician_id,
             "it": list(v.items) if v.items is not None else None, "t": v.total, "acc": _iso(v.accepted_at),

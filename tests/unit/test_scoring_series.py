@@ -963,3 +963,62 @@ def test_stored_state_round_trips_through_its_document(state: ClientState) -> No
     back.version = state.version
     assert back == state
     assert back.current_outputs(RULES) == state.current_outputs(RULES)
+
+
+# --- the view kept between steps (extend) equals the view derived afresh ------------------------
+
+
+def _fresh(state: ClientState, rules: TenantRules) -> object:
+    sites = {aid: a.site_id for aid, a in state.alerts.items()}
+    return derive(state.versions.values(), state.owner, state.site_version, rules, TENANT, CLIENT, sites)
+
+
+@st.composite
+def growing_records(draw: st.DrawFn) -> list[tuple[str, dict[str, object]]]:
+    """Steps of a record that mostly grows one session at a time (what `extend` handles), mixed
+    with what it must hand to `derive`: restarts, given episodes, sessions back in time,
+    corrections, other instruments, transfers and a change of rules."""
+    steps: list[tuple[str, dict[str, object]]] = []
+    n, day = 0, 0
+    for i in range(draw(st.integers(1, 16))):
+        kind = draw(st.sampled_from(["next", "next", "next", "restart", "past", "fix", "transfer", "rules"]))
+        day += draw(st.integers(0, 2))
+        n = 1 if kind == "restart" else n + draw(st.integers(1, 2))
+        at = SEPT + timedelta(days=day, hours=draw(st.integers(0, 2)))
+        if kind == "past":
+            at, n = SEPT + timedelta(days=draw(st.integers(0, max(day, 0)))), draw(st.integers(1, 8))
+        steps.append((kind, {"sid": f"s{i}", "n": n, "at": at, "total": draw(st.integers(200, 400)) / 10,
+                             "episode": draw(st.sampled_from([None, None, None, "ep-1", "ep-2"])),
+                             "instrument": draw(st.sampled_from(["SRS", "SRS", "SRS", "CSRS", "YCSRS"])),
+                             "site": draw(st.sampled_from(["north", "south"]))}))
+    return steps
+
+
+@settings(max_examples=300, deadline=None)
+@given(growing_records())
+def test_the_view_kept_between_steps_is_the_view_derived_from_the_versions(
+        steps: list[tuple[str, dict[str, object]]]) -> None:
+    c = Client(rules=RULES_OF_HISTORIES)
+    for kind, s in steps:
+        if kind == "transfer":
+            c.transfer(str(s["sid"]), str(s["site"]))
+        elif kind == "rules":
+            c.rules = TenantRules(session_gap=5, cutoff=float(s["n"]) % 40)  # type: ignore[arg-type]
+        else:
+            sid = str(s["sid"]) if kind != "fix" or not c.state.versions else sorted(c.state.versions)[0]
+            c.submit(sid, s["n"], s["total"], at=s["at"], episode=s["episode"],  # type: ignore[arg-type]
+                     instrument=s["instrument"], site=c.state.owner or "north")
+        assert c.state.view(c.rules) == _fresh(c.state, c.rules)
+
+
+def test_a_record_growing_one_session_at_a_time_is_not_derived_again(monkeypatch: object) -> None:
+    import services.scoring.series as series
+
+    c = Client()
+    c.feed(38.0)
+    calls: list[int] = []
+    real = series.derive
+    monkeypatch.setattr(series, "derive", lambda *a, **k: calls.append(1) or real(*a, **k))  # type: ignore[attr-defined]
+    steps = [c.submit(f"s{n}", n, 38.0 - n) for n in range(2, 8)]
+    assert calls == [] and all(alerts(s) for s in steps[1:])
+    assert c.state.view(c.rules) == _fresh(c.state, c.rules)
