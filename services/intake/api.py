@@ -233,11 +233,22 @@ class Context:
                                 headers={"Retry-After": str(self.settings.unavailable_retry_after_seconds)}) from None
 
     async def rate_limit(self, principal: Principal, cost: int, count: Callable[..., None] = metrics.count) -> None:
-        self._refuse_after(await self.limiter.take(principal.key_id, cost), cost, count)
+        self._refuse_after(await self._limit(self.limiter.take(principal.key_id, cost), cost, count), cost, count)
 
     async def admit(self, principal: Principal, count: Callable[..., None] = metrics.count) -> None:
         """429 before the body is read when the key has no room left (e.g. in debt for rejected work)."""
-        self._refuse_after(await self.limiter.wait(principal.key_id), 1, count)
+        self._refuse_after(await self._limit(self.limiter.wait(principal.key_id), 1, count), 1, count)
+
+    async def _limit(self, check: Awaitable[float], cost: int, count: Callable[..., None]) -> float:
+        """A limiter call, bounded: the counters' store not answering is our outage, so 503 (not 500)."""
+        try:
+            async with asyncio.timeout(self.settings.auth_timeout_seconds):
+                return await check
+        except (TimeoutError, PyMongoError):
+            count("unavailable", "keystore", cost)
+            log.warning("rate-limit store unavailable")
+            raise HTTPException(503, error_body([(None, "the rate limit cannot be checked right now; retry")]),
+                                headers={"Retry-After": str(self.settings.unavailable_retry_after_seconds)}) from None
 
     @asynccontextmanager
     async def paid(self, principal: Principal) -> AsyncIterator[Work]:
@@ -247,7 +258,12 @@ class Context:
             yield work
         except HTTPException as exc:
             if exc.status_code in _WORK_REJECTIONS:
-                await self.limiter.charge(principal.key_id, work.cost)
+                try:
+                    async with asyncio.timeout(self.settings.auth_timeout_seconds):
+                        await self.limiter.charge(principal.key_id, work.cost)
+                except (TimeoutError, PyMongoError):
+                    # The rejection stands; only its charge is lost while the store is away.
+                    log.warning("rate-limit store unavailable: a rejected request was not charged")
             raise
 
     def _refuse_after(self, wait: float, cost: int, count: Callable[..., None]) -> None:

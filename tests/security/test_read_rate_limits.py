@@ -6,7 +6,11 @@ submission limit is shared the same way."""
 from __future__ import annotations
 
 import pytest
+from pymongo import AsyncMongoClient
 
+from shared.mongo import Document
+from shared.ratelimit import MongoCounters
+from shared.stack import free_port
 from tests.support.apps import PROBES, HttpService, build_app, client, new_key
 from tests.support.services import Namespace
 
@@ -76,3 +80,22 @@ async def test_in_memory_counters_are_per_replica(namespace: Namespace) -> None:
             await probe.send(http_a, key)
         assert (await probe.send(http_a, key)).status_code == 429
         assert (await probe.send(http_b, key)).status_code == probe.answer
+
+
+async def test_intake_answers_503_with_retry_after_when_the_limit_store_does_not_answer(namespace: Namespace) -> None:
+    probe = PROBES["intake"]
+    key = await new_key(namespace, probe.role)
+    app = build_app("intake", namespace)
+    # The counters' store stops answering (a client of a port nobody listens on) once the key is
+    # cached: the key is checked, its limit cannot be.
+    dead: AsyncMongoClient[Document] = AsyncMongoClient(f"mongodb://127.0.0.1:{free_port()}/?directConnection=true",
+                                                        serverSelectionTimeoutMS=200)
+    try:
+        async with client(app) as http:
+            assert (await probe.send(http, key)).status_code == probe.answer
+            app.state.intake.limiter.storage.counters = MongoCounters(dead["limits"]["rate_limits"])
+            r = await probe.send(http, key)
+    finally:
+        await dead.close()
+    assert r.status_code == 503
+    assert int(r.headers["retry-after"]) >= 1
