@@ -20,9 +20,11 @@ a window, as NTP keeps them).
 - `charge(key, cost)`: spends `cost` even when over the limit (work already done is paid for after the
   fact), up to a debt of one burst: the weighted count goes no higher than twice the burst.
 
-A reservation is checked, then added, then checked again: two replicas racing for the last units
-both add, see the sum over the limit, and the loser takes its units back, so the limit is never
-exceeded (under contention a request may be refused that a serial order would have admitted).
+A reservation is added, then checked: past the limit it is taken back. Two replicas racing for the
+last units both add, see the sum over the limit, and take their units back, so the limit is never
+exceeded (under contention a request may be refused that a serial order would have admitted). A
+slot that is no longer current is read once per process, so an admitted request costs one round
+trip (an upserting `$inc`) and a check before the body is read another (a `find`).
 """
 
 from __future__ import annotations
@@ -154,10 +156,14 @@ class SlotStorage(Storage, SlidingWindowCounterSupport):
 
     STORAGE_SCHEME: list[str] | None = ["alliance-slots"]  # noqa: RUF012 (the base class declares it so)
 
-    def __init__(self, counters: Counters, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, counters: Counters, clock: Callable[[], float] = time.time, max_closed: int = 100_000) -> None:
         super().__init__()
         self.counters = counters
         self._clock = clock
+        # Counts of slots that are no longer current: nothing adds to them any more (but for a
+        # race's give-back), so each is read once per process rather than once per request.
+        self._closed: dict[str, int] = {}
+        self._max_closed = max_closed
 
     @property
     def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
@@ -175,9 +181,30 @@ class SlotStorage(Storage, SlidingWindowCounterSupport):
         return slot, ((slot + 1) * expiry - now) / expiry
 
     async def _window(self, key: str, expiry: int) -> tuple[int, float, int, int]:
+        """(previous slot's count, its share, current slot's count, current slot): one round trip."""
         slot, share = self._slot(expiry)
-        got = await self.counters.counts([f"{key}@{slot - 1}", f"{key}@{slot}"])
-        return got.get(f"{key}@{slot - 1}", 0), share, got.get(f"{key}@{slot}", 0), slot
+        previous, current = f"{key}@{slot - 1}", f"{key}@{slot}"
+        known = self._closed.get(previous)
+        got = await self.counters.counts([current] if known is not None else [previous, current])
+        if known is None:
+            known = self._remember(previous, got.get(previous, 0))
+        return known, share, got.get(current, 0), slot
+
+    async def _previous(self, key: str, expiry: int) -> tuple[int, float, int]:
+        """(previous slot's count, its share, current slot), reading the store only once per slot."""
+        slot, share = self._slot(expiry)
+        name = f"{key}@{slot - 1}"
+        known = self._closed.get(name)
+        if known is None:
+            known = self._remember(name, (await self.counters.counts([name])).get(name, 0))
+        return known, share, slot
+
+    def _remember(self, name: str, count: int) -> int:
+        if len(self._closed) >= self._max_closed:
+            for old in list(self._closed)[: self._max_closed // 2]:
+                del self._closed[old]
+        self._closed[name] = count
+        return count
 
     async def _add(self, key: str, slot: int, expiry: int, amount: int) -> int:
         # A slot is read while it is current and while it is the previous one: kept for two windows.
@@ -188,12 +215,12 @@ class SlotStorage(Storage, SlidingWindowCounterSupport):
     async def acquire_sliding_window_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
         if amount > limit:
             return False
-        previous, share, current, slot = await self._window(key, expiry)
-        if math.floor(weighted(previous, share, current)) + amount > limit:
-            return False
+        # Add first, then check (one round trip when admitted): a count past the limit is given
+        # back, whether it was this request's own or a race with another replica that made it so.
+        previous, share, slot = await self._previous(key, expiry)
         now_current = await self._add(key, slot, expiry, amount)
         if math.floor(weighted(previous, share, now_current)) > limit:
-            await self._add(key, slot, expiry, -amount)  # lost a race with another replica
+            await self._add(key, slot, expiry, -amount)
             return False
         return True
 
@@ -227,10 +254,13 @@ class SlotStorage(Storage, SlidingWindowCounterSupport):
         return await self.counters.ping()
 
     async def reset(self) -> int | None:
+        self._closed.clear()
         await self.counters.delete("")
         return None
 
     async def clear(self, key: str) -> None:
+        for name in [n for n in self._closed if n.startswith(f"{key}@")]:
+            del self._closed[name]
         await self.counters.delete(f"{key}@")
 
 
