@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -31,13 +32,15 @@ class Receiver:
     body_bytes: int = 0
     body_bytes_sent: int = 0
     bodies_finished: int = 0  # answers with a body that ended (written whole, or cut off by the sender)
+    tls_server_names: list[str | None] = field(default_factory=list)  # SNI of each TLS handshake
+    scheme: str = "http"
     received: list[Received] = field(default_factory=list)
     attempts: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+        return f"{self.scheme}://127.0.0.1:{self.port}/hook"
 
     def successes(self) -> list[Received]:
         with self.lock:
@@ -46,9 +49,10 @@ class Receiver:
 
 @contextmanager
 def webhook_receiver(fail_first: int = 0, delay_seconds: float = 0.0, status: int = 204,
-                     body_bytes: int = 0) -> Iterator[Receiver]:
-    """Run a receiver in a thread for the duration of the block."""
-    state = Receiver(fail_first=fail_first, delay_seconds=delay_seconds, status=status, body_bytes=body_bytes)
+                     body_bytes: int = 0, tls: ssl.SSLContext | None = None) -> Iterator[Receiver]:
+    """Run a receiver in a thread for the duration of the block (HTTPS with the `tls` server context)."""
+    state = Receiver(fail_first=fail_first, delay_seconds=delay_seconds, status=status, body_bytes=body_bytes,
+                     scheme="https" if tls else "http")
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
@@ -94,6 +98,13 @@ def webhook_receiver(fail_first: int = 0, delay_seconds: float = 0.0, status: in
             return
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if tls is not None:
+        def sni(sock: ssl.SSLObject | ssl.SSLSocket, name: str | None, ctx: ssl.SSLContext) -> None:
+            with state.lock:
+                state.tls_server_names.append(name)
+        tls.sni_callback = sni
+        # Handshake in the request's thread, so a client that refuses the certificate holds nobody up.
+        server.socket = tls.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     state.port = server.server_address[1]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
