@@ -55,25 +55,31 @@ def peak_rss_mib(pid: int) -> float:
     raise AssertionError(f"no VmHWM for pid {pid}")
 
 
-def send_large_body(port: int, method: str, path: str, size: int, headers: dict[str, str]) -> int:
-    """Send a request declaring a `size`-byte body over a raw socket; the answer's status code.
+def send_large_body(port: int, method: str, path: str, size: int, headers: dict[str, str],
+                    chunked: bool = False) -> int:
+    """Send a request with a `size`-byte body over a raw socket; the answer's status code.
 
-    A server that answers after the headers alone (refusing early) gets no body: its answer is
-    read within a second. Otherwise the whole body is sent, 1 MiB at a time, then the answer read.
+    With `Content-Length` (the default) a server that answers after the headers alone (refusing
+    early) gets no body: its answer is read within a second. Otherwise the body is sent 1 MiB at a
+    time (as chunks of `Transfer-Encoding: chunked` when `chunked`, so the server cannot know its
+    size in advance), and sending stops as soon as the server has answered.
     """
-    head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": "127.0.0.1", "Content-Length": str(size),
+    framing = {"Transfer-Encoding": "chunked"} if chunked else {"Content-Length": str(size)}
+    head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": "127.0.0.1", **framing,
                                                  "Content-Type": "application/json", **headers}.items())
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
         sock.sendall(f"{method} {path} HTTP/1.1\r\n{head}\r\n".encode())
-        answered, _, _ = select.select([sock], [], [], 1.0)
+        answered, _, _ = select.select([sock], [], [], 0.0 if chunked else 1.0)
         if not answered:
             chunk = b'{"site_id": "' + b"x" * (1024 * 1024 - 13)
             sent = 0
             try:
-                while sent < size:
+                while sent < size and not select.select([sock], [], [], 0.0)[0]:
                     part = chunk[: size - sent]
-                    sock.sendall(part)
+                    sock.sendall(b"%x\r\n%b\r\n" % (len(part), part) if chunked else part)
                     sent += len(part)
+                if chunked and sent >= size:
+                    sock.sendall(b"0\r\n\r\n")
             except OSError:
                 pass  # the server answered and closed while the body was on its way
         answer = b""
