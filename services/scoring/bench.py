@@ -20,6 +20,9 @@ default sizes a batch holds at most one session of a client and scoring writes o
 event, like the raw limit; the bench prints the writes per event to show it (below 1.00 the
 batches coalesced sessions and the comparison flatters scoring: raise --submissions with --batch).
 
+`--apply-only` measures only the CPU per event of scoring's in-process path (no stack), with the
+garbage collector at Python's default and at the service's `gc_young_threshold`.
+
 Prints the three rates, names the slower limit (the binding one) and the ratio of scoring to it
 (target >= 0.5). Starts its own local stack unless ALLIANCE_KAFKA_BOOTSTRAP and
 ALLIANCE_MONGO_URL are set (then it uses a fresh topic prefix and database there).
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import subprocess
@@ -36,24 +40,30 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import bson
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient, ReplaceOne
 
+from services.scoring.handlers import ScoringHandler
 from services.scoring.loadgen import TopicReader, publish, series_total, start_producer, submission
 from services.scoring.rules import TenantRules
 from services.scoring.series import ClientState, version_of
-from services.scoring.store import client_key
+from services.scoring.settings import ScoringSettings
+from services.scoring.store import ClientKey, StateCache, client_key
 from services.scoring.store import state_doc as stored_state
 from shared.events import Instrument
+from shared.kafka import InboundRecord, OutboundRecord
 from shared.mongo import Document
 from shared.settings import KafkaSettings
 from shared.stack import LocalStack, ensure_topics, free_port
+from shared.topics import Topics
 
 ROOT = Path(__file__).resolve().parents[2]
 TENANT = "bench"
@@ -278,6 +288,66 @@ async def run(args: argparse.Namespace) -> dict[str, float | str]:
             await asyncio.to_thread(stack.stop)
 
 
+class _EncodingStates:
+    """A state port in memory that encodes every saved state to BSON, as the driver would."""
+
+    def __init__(self) -> None:
+        self.docs: dict[str, bytes] = {}
+
+    async def load(self, keys: Iterable[ClientKey]) -> dict[ClientKey, ClientState]:
+        return {k: ClientState(k.tenant_id, k.client_id) for k in keys}  # only new clients reach here
+
+    async def save(self, changed: dict[ClientKey, ClientState]) -> set[ClientKey]:
+        for k, st in changed.items():
+            st.version += 1
+            self.docs[k.doc_id] = bson.encode(stored_state(k, st, st.version))
+        return set()
+
+
+class _Rules:
+    async def get_many(self, tenants: Iterable[str]) -> dict[str, TenantRules]:
+        return {t: TenantRules() for t in tenants}
+
+
+async def _no_publish(records: Sequence[OutboundRecord]) -> None:
+    return None
+
+
+def apply_cpu(args: argparse.Namespace) -> dict[str, float]:
+    """CPU per event of scoring's in-process path (decode, apply, events, state documents; no
+    broker, no store), with the collector at Python's default and at the service's setting,
+    in alternating rounds (the best of each is printed: the machine may be shared)."""
+    clients = args.submissions // args.sessions
+    records = [InboundRecord("bench", 0, i, None, ev.model_dump_json().encode(), {}, 0) for i, ev in enumerate(
+        submission(TENANT, f"c{c}", s, series_total(c, s)) for s in range(1, args.sessions + 1)
+        for c in range(clients))]
+
+    async def once() -> float:
+        handler = ScoringHandler(StateCache(_EncodingStates()), _Rules(), _no_publish, Topics())
+        started = time.process_time()
+        for i in range(0, len(records), args.batch):
+            await handler(records[i : i + args.batch])
+        return (time.process_time() - started) / len(records) * 1e6
+
+    default, tuned = (700, 10, 10), (ScoringSettings().gc_young_threshold or 700, 10, 10)
+    best: dict[str, float] = {}
+    saved = gc.get_threshold()
+    try:
+        for _ in range(args.rounds):
+            for name, threshold in (("gc_default", default), ("gc_service", tuned)):
+                gc.set_threshold(*threshold)
+                gc.collect()
+                best[name] = min(best.get(name, float("inf")), asyncio.run(once()))
+    finally:
+        gc.set_threshold(*saved)
+    print(f"{len(records)} submissions ({clients} clients x {args.sessions} sessions), batches of {args.batch}, "
+          f"best of {args.rounds} rounds, CPU per event in process (no broker, no store):")
+    print(f"  collector at Python's default {default[0]:>6}: {best['gc_default']:6.0f} us/event")
+    print(f"  collector at the service's    {tuned[0]:>6}: {best['gc_service']:6.0f} us/event "
+          f"({best['gc_service'] / best['gc_default']:.2f} of the default)")
+    return best
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m services.scoring.bench [options]`."""
     parser = argparse.ArgumentParser(prog="python -m services.scoring.bench", description=__doc__,
@@ -289,8 +359,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mongo-memory", action="store_true", help="in-memory store instead of WiredTiger on disk")
     parser.add_argument("--data-dir", default=None, help="where the local stack keeps data and logs")
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+    parser.add_argument("--apply-only", action="store_true", help="only the CPU per event of the in-process path "
+                                                                  "(no stack started)")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of --apply-only (default 4)")
     args = parser.parse_args(argv)
-    result = asyncio.run(run(args))
+    result: dict[str, float] | dict[str, float | str] = apply_cpu(args) if args.apply_only else asyncio.run(run(args))
     if args.json:
         print(json.dumps(result))
 
