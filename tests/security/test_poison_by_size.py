@@ -20,6 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import httpx
+import pytest
 from pymongo import AsyncMongoClient
 
 from services.reporting.demo import BASE, publish, scored
@@ -72,6 +73,7 @@ def refused_sessions(letters: list[DeadLetter]) -> set[str]:
     return {SrsScored.model_validate_json(d.payload).submission_id for d in letters if d.service == "reporting"}
 
 
+@pytest.mark.slow  # about 100 s: reporting re-encodes the ~15 MiB record for each batch of 500
 async def test_a_client_past_the_document_limit_does_not_stall_other_clients_on_its_partition(
         stack: StackUnderTest, log_dir: Path) -> None:
     ns = Namespace.fresh(stack, partitions=1)
