@@ -5,12 +5,17 @@ the test kit set; a real keyring starts without it."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from pymongo import MongoClient
 
-from services.alerts.secretbox import new_key
+from services.alerts.secretbox import new_key, tenant_row
 from services.alerts.settings import AlertsSettings, start_refusal
+from services.alerts.store import TENANTS
 from services.processes import ServiceProcess
 from shared.stack import free_port
 from tests.support.services import Namespace, running
@@ -66,3 +71,38 @@ def test_the_guard_is_the_default_and_dev_mode_lifts_it_for_a_missing_key_only()
 def test_dev_mode_and_production_mode_together_are_refused() -> None:
     with pytest.raises(ValueError, match="choose one"):
         AlertsSettings(dev_mode=True, production=True)
+
+
+
+def alliance(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The `alliance` command line, as an operator runs it."""
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})}, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_alliance_secrets_rotate_reseals_stored_secrets_under_the_first_key(namespace: Namespace) -> None:
+    old, new = new_key("old"), new_key("new")
+    sealed_old = AlertsSettings(secrets_keys=old).secret_box().seal("whsec-1", tenant_row("acme"))  # type: ignore[arg-type]
+    with MongoClient(namespace.stack.mongo_url) as mongo:
+        tenants = mongo[namespace.database][TENANTS]
+        tenants.insert_one({"_id": "acme", "webhook_secret": sealed_old})
+        # step 3 of a rotation: the new key first, the old one still in the ring
+        result = alliance("secrets", "rotate", env={
+            "ALLIANCE_MONGO_URL": namespace.stack.mongo_url, "ALLIANCE_MONGO_DATABASE": namespace.database,
+            "ALLIANCE_ALERTS_SECRETS_KEYS": f"{new},{old}"})
+        stored = tenants.find_one({"_id": "acme"})
+    assert result.returncode == 0, result.stderr
+    assert "resealed 1 secrets under key 'new'" in result.stdout
+    assert stored is not None and stored["webhook_secret"] != sealed_old
+    box = AlertsSettings(secrets_keys=new).secret_box()  # type: ignore[arg-type]
+    assert box.open(stored["webhook_secret"], tenant_row("acme")) == "whsec-1"
+
+
+def test_the_old_secrets_command_names_keep_working() -> None:
+    for command in (["alerts", "secrets", "new-key", "--id", "k2"], ["secrets", "new-key", "--id", "k2"]):
+        result = alliance(*command)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("k2:")
+    for group in (["alerts", "secrets"], ["secrets"]):
+        listed = alliance(*group, "--help").stdout
+        assert all(name in listed for name in ("new-key", "reseal", "rotate"))
