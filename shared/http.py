@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -178,15 +179,28 @@ class Guard:
     per_key: Limiter | None = None
     trusted_proxy_hops: int = 0
     service: str = ""
+    # Peers this process has refused, until when (monotonic): a flood from a refused peer is answered
+    # without reading the store again until its Retry-After has passed. At most `max_blocked`.
+    max_blocked: int = 10_000
+    _blocked: dict[str, float] = field(default_factory=dict)
 
     def peer(self, scope: Scope) -> str:
         return peer_address(scope, self.trusted_proxy_hops)
 
     async def peer_refusal(self, scope: Scope) -> HTTPException | None:
         """429 when this peer has failed to authenticate too often (checked before a key look-up)."""
-        wait = await self.failures.wait(self.peer(scope))
-        if wait <= 0:
-            return None
+        peer, now = self.peer(scope), time.monotonic()
+        if (until := self._blocked.get(peer, 0.0)) > now:
+            wait = until - now
+        else:
+            self._blocked.pop(peer, None)
+            wait = await self.failures.wait(peer)
+            if wait <= 0:
+                return None
+            if len(self._blocked) >= self.max_blocked:
+                for old in list(self._blocked)[: self.max_blocked // 2]:
+                    del self._blocked[old]
+            self._blocked[peer] = now + wait
         THROTTLED.labels(self.service, "auth_failures").inc()
         return too_many(f"too many failed authentications from this address (at most {self.failures.burst:g}, "
                         f"then {self.failures.rate:g}/s)", wait)

@@ -289,10 +289,10 @@ class Limiter:
         return max(await self._seconds_until(key, units), 1e-3)
 
     async def wait(self, key: str) -> float:
-        """0.0 when one unit would be admitted now, else the seconds until it would; spends nothing."""
-        if await self._strategy.test(self.item, key):
-            return 0.0
-        return max(await self._seconds_until(key, 1), 1e-3)
+        """0.0 when one unit would be admitted now, else the seconds until it would; spends nothing.
+        (The strategy's `test` with the same arithmetic, from one read of the window.)"""
+        wait = await self._seconds_until(key, 1)
+        return 0.0 if wait <= 0 else max(wait, 1e-3)
 
     async def charge(self, key: str, cost: float) -> None:
         """Spend `cost` (capped at the burst) even when over the limit, down to a debt of one burst."""

@@ -6,10 +6,15 @@ configured number of trusted proxies."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import cast
+
 import pytest
+from fastapi import FastAPI
 from prometheus_client import REGISTRY
 
-from shared.http import peer_address
+from shared.http import AuthenticateFirst, Guard, peer_address
+from shared.ratelimit import MongoCounters
 from tests.support.apps import HTTP_SERVICES, PROBES, HttpService, build_app, client, new_key
 from tests.support.services import Namespace
 
@@ -108,3 +113,32 @@ def test_the_peer_is_the_address_the_outermost_trusted_proxy_saw(hops: int, forw
                                                                    peer: str) -> None:
     headers = [(b"x-forwarded-for", forwarded.encode())] if forwarded else []
     assert peer_address({"type": "http", "client": ("10.0.0.2", 5000), "headers": headers}, hops) == peer
+
+
+def guard_of(app: FastAPI) -> Guard:
+    if hasattr(app.state, "intake"):
+        return cast(Guard, app.state.intake.guard)
+    return cast(Guard, next(m.kwargs["guard"] for m in app.user_middleware if m.cls is AuthenticateFirst))
+
+
+@pytest.mark.parametrize("service", HTTP_SERVICES)
+async def test_a_limited_peer_costs_no_store_reads_until_its_retry_after(service: HttpService,
+                                                                        namespace: Namespace) -> None:
+    app = build_app(service, namespace, **LIMITED)
+    counters = cast(MongoCounters, guard_of(app).failures.storage.counters)
+    reads = 0
+    counts = counters.counts
+
+    async def counting(names: Sequence[str]) -> dict[str, int]:
+        nonlocal reads
+        reads += 1
+        return await counts(names)
+
+    counters.counts = counting  # type: ignore[method-assign]
+    async with client(app) as http:
+        for i in range(4):
+            await PROBES[service].send(http, f"ak_wrong-{i}")
+        before = reads
+        statuses = {(await PROBES[service].send(http, f"ak_flood-{i}")).status_code for i in range(20)}
+    assert statuses == {429}
+    assert reads == before
