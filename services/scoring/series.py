@@ -219,6 +219,7 @@ class Tail:
     last_derived: tuple[str, Version] | None  # the last session without an episode id, and its episode
     last_given: Mapping[str, Version]  # each given episode id -> its highest-numbered session
     episode_ids: frozenset[str]
+    sizes: Mapping[tuple[str, bool], int]  # sessions per (episode id, derived?)
 
 
 @dataclass(frozen=True)
@@ -322,7 +323,8 @@ def derive(versions: Iterable[Version], owner: str | None, site_version: int, ru
             else:
                 last_given[eid] = members[-1]
         tails[instrument] = Tail(newest, latest_slot, latest_alert, last_derived, last_given,
-                                 frozenset(e for e, _, _ in episodes))
+                                 frozenset(e for e, _, _ in episodes),
+                                 {(e, d): len(ms) for e, d, ms in episodes})
     return View(sessions, alerts, frozenset(v.submission_id for v in by_key.values()), frozenset(resends), slot_of,
                 tails)
 
@@ -401,9 +403,11 @@ def extend(view: View, v: Version, owner: str | None, site_version: int, rules: 
         last_derived = (eid, v)
     else:
         last_given[eid] = v
+    sizes = dict(tail.sizes) if tail is not None else {}
+    sizes[(eid, derived)] = sizes.get((eid, derived), 0) + 1
     tails = dict(view.tails)
     tails[v.instrument] = Tail(v, sv.slot, alert.alert_id if alert is not None else None, last_derived, last_given,
-                               (tail.episode_ids if tail is not None else frozenset()) | {eid})
+                               (tail.episode_ids if tail is not None else frozenset()) | {eid}, sizes)
     return View(sessions, alerts, view.current | {v.submission_id}, view.members | {v.submission_id}, slot_of, tails)
 
 
@@ -623,33 +627,65 @@ class ClientState:
             R.total_of(v.ratings(), v.total)
         except R.Unscorable as exc:
             return "unscorable", str(exc)
-        # Both checks below need the episodes; skipped when neither can refuse (the usual case):
-        # every episode's highest number is at least 1, and an episode holds at most the
-        # instrument's versions.
-        gap_possible = v.session_number > rules.session_gap + 1
+        eid, held, highest = self._joins(v, rules) or self._joins_derived(v, rules)
+        cap, gap = rules.max_episode_sessions, rules.session_gap
+        if held >= cap:
+            return "series_full", (f"episode '{eid}' already holds {held} sessions, the most one episode may hold "
+                                   f"(max_episode_sessions {cap}); a new course of treatment is a new episode (an "
+                                   "episode_id, or numbering from 1)")
+        if highest is not None and v.session_number > highest + gap:
+            return "session_gap", (f"session_number {v.session_number} is more than {gap} above the highest session "
+                                   f"of episode '{eid}' ({highest}); a typo?")
+        return None
+
+    def _joins(self, v: Version, rules: R.TenantRules) -> tuple[str, int, int | None] | None:
+        """For a new session `v`: (the episode it would join, how many sessions that holds, their
+        highest number), read from the kept view in constant time; None when that cannot tell
+        (then `_joins_derived`). An existing session (a correction, a resend) joins nothing that
+        could refuse it: `_EXISTING`."""
+        c = self._cached(rules)
+        if c is None or v.submission_id in self.versions:
+            return None
+        view = c.view
+        if v.session_key in view.slot_of_key:
+            return _EXISTING
+        tail = view.tails.get(v.instrument)
+        if v.episode_id is not None:
+            if v.episode_id.startswith(DERIVED_PREFIX):
+                return None
+            last = tail.last_given.get(v.episode_id) if tail is not None else None
+            held = tail.sizes.get((v.episode_id, False), 0) if tail is not None else 0
+            return v.episode_id, held, last.session_number if last is not None else None
+        if tail is None:
+            return derived_episode_id(v), 0, None
+        if v.administered_key <= tail.newest.administered_key:
+            return None  # it may fall inside a run of the numbering, or split one
+        run = tail.last_derived
+        if run is not None and v.session_number > run[1].session_number:
+            return run[0], tail.sizes[(run[0], True)], run[1].session_number
+        return derived_episode_id(v), 0, None
+
+    def _joins_derived(self, v: Version, rules: R.TenantRules) -> tuple[str, int, int | None]:
+        """`_joins` from the versions themselves."""
+        # Skipped when neither check can refuse (the usual case): every episode's highest number
+        # is at least 1, and an episode holds at most the instrument's versions.
         cap = rules.max_episode_sessions
+        gap_possible = v.session_number > rules.session_gap + 1
         may_fill = len(self.versions) >= cap and sum(1 for o in self.versions.values()
                                                      if o.instrument == v.instrument) >= cap
         if not (gap_possible or may_fill):
-            return None
+            return _EXISTING
         others = [o for sid, o in self.versions.items() if sid != v.submission_id]
         by_key, _ = current_versions(others)
         if v.session_key in by_key:
-            return None  # a correction (or a resend) of an existing session: neither a gap nor growth
+            return _EXISTING
         tentative = dict(by_key)
         tentative[v.session_key] = v
         for eid, _derived, members in episodes_of(tentative.values()).get(v.instrument, []):
             if any(m is v for m in members):
                 rest = [m.session_number for m in members if m is not v]
-                if len(rest) >= cap:
-                    return "series_full", (f"episode '{eid}' already holds {len(rest)} sessions, the most one "
-                                           f"episode may hold (max_episode_sessions {cap}); a new course of "
-                                           "treatment is a new episode (an episode_id, or numbering from 1)")
-                gap = rules.session_gap
-                if gap_possible and rest and v.session_number > max(rest) + gap:
-                    return "session_gap", (f"session_number {v.session_number} is more than {gap} above the "
-                                           f"highest session of episode '{eid}' ({max(rest)}); a typo?")
-        return None
+                return eid, len(rest), max(rest) if rest else None
+        return _EXISTING  # unreachable: `v` is in one of its instrument's episodes
 
     def _holds(self) -> int:
         """How many submissions the record keeps (accepted and refused): what the client cap bounds."""
@@ -750,6 +786,9 @@ class ClientState:
             else:
                 out.append(StatusOut(aid, rec, rec.state))
         return out
+
+
+_EXISTING: tuple[str, int, int | None] = ("", 0, None)  # joins nothing that could refuse it
 
 
 @dataclass(frozen=True)

@@ -1022,3 +1022,22 @@ def test_a_record_growing_one_session_at_a_time_is_not_derived_again(monkeypatch
     steps = [c.submit(f"s{n}", n, 38.0 - n) for n in range(2, 8)]
     assert calls == [] and all(alerts(s) for s in steps[1:])
     assert c.state.view(c.rules) == _fresh(c.state, c.rules)
+
+
+SMALL_CAPS = TenantRules(session_gap=3, max_episode_sessions=3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(growing_records(), st.integers(1, 12), st.integers(0, 30), st.sampled_from([None, "ep-1", "ep-2"]))
+def test_a_new_session_is_refused_alike_from_the_kept_view_and_from_the_versions(
+        steps: list[tuple[str, dict[str, object]]], n: int, day: int, episode: str | None) -> None:
+    c = Client(rules=SMALL_CAPS)
+    for kind, s in steps:
+        if kind not in ("transfer", "rules"):
+            c.submit(str(s["sid"]), s["n"], s["total"], at=s["at"], episode=s["episode"],  # type: ignore[arg-type]
+                     instrument="SRS", site="north")
+    candidate = c.version("new", n, 30.0, at=SEPT + timedelta(days=day), episode=episode)
+    c.state.view(c.rules)  # the view kept, as after any step
+    kept = c.state._refusal(candidate, c.rules)
+    c.state.cached = None
+    assert kept == c.state._refusal(candidate, c.rules)
