@@ -533,17 +533,23 @@ class ClientState:
             return None
         return c if c.rules is rules or c.rules == rules else None
 
-    def _grown(self, v: Version, rules: R.TenantRules) -> View:
+    def _grown(self, v: Version, rules: R.TenantRules) -> tuple[View, _Scope | None]:
         """The view after `v` was added to the versions: `extend`ed from the last one when it can
-        be, else derived."""
+        be, else derived; and, when the last view was published, the only slots and alerts the
+        extension can have changed (the new session, the previous latest, and their alerts)."""
         c = self._cached(rules)
         view = None if c is None else extend(c.view, v, self.owner, self.site_version, rules, self.tenant_id,
                                               self.client_id, _AlertSites(self.alerts))
-        if view is None:
+        if c is None or view is None:
             self.cached = None
-            return self.view(rules)
+            return self.view(rules), None
         self.cached = _Cached(rules, self.owner, self.site_version, view)
-        return view
+        if not c.published:
+            return view, None
+        before, after = c.view.tails.get(v.instrument), view.tails[v.instrument]
+        slots = {after.latest_slot} | ({before.latest_slot} if before is not None else set())
+        alerts = {a for a in (after.latest_alert, before.latest_alert if before is not None else None) if a}
+        return view, _Scope(frozenset(slots), frozenset(alerts))
 
     # ---- inputs -----------------------------------------------------------------------------
 
@@ -580,12 +586,13 @@ class ClientState:
             return Step(rejection=rej, changed=True)
         self.versions[v.submission_id] = v
         self.owner = self.owner or v.site_id
+        scope = None
         if known is None:
-            view = self._grown(v, rules)
+            view, scope = self._grown(v, rules)
         else:
             self.cached = None
             view = self.view(rules)
-        outputs = self._publish(view, now)
+        outputs = self._publish(view, now, scope)
         # A version whose content another submission already shows (an identical resend under a
         # new id, or a correction back to content an older submission holds) is kept - so that the
         # record does not depend on which arrived first - but changes nothing; its submitter is
@@ -693,14 +700,27 @@ class ClientState:
 
     # ---- outputs ----------------------------------------------------------------------------
 
-    def _publish(self, view: View, now: datetime) -> list[Output]:
+    def _publish(self, view: View, now: datetime, scope: _Scope | None = None) -> list[Output]:
         """Diff the view against what was published; record and return what must be published now.
+
+        `scope`: the view grew by one session from a view that was published, and only these
+        slots and alerts can differ (what `extend` changes; the tests check the outputs equal the
+        full diff's): the diff looks at them alone, in time independent of the record's length.
 
         A revision always exceeds every revision published before for the submissions it names
         (its own, and the one it supersedes), so "keep the highest revision per submission" is
         right for consumers even when a submission moves between slots.
         """
         out: list[Output] = []
+        if scope is not None:
+            for slot in sorted(scope.slots):
+                sv = view.sessions[slot]
+                p = self.published.get(slot)
+                if p is None or p.vacant or p.submission_id != sv.version.submission_id or p.digest != sv.digest:
+                    out.append(self._scored(slot, sv, None, now))
+            out.extend(self._alerts(view, now, scope.alerts))
+            self._mark_published(view)
+            return out
         shown_before = {p.submission_id for p in self.published.values() if not p.vacant}
         named: set[str] = set()
         for slot in sorted(view.sessions):
@@ -731,7 +751,13 @@ class ClientState:
             if holder is not None:
                 out.append(self._scored(holder, view.sessions[holder], sid, now))
         out.extend(self._alerts(view, now))
+        self._mark_published(view)
         return out
+
+    def _mark_published(self, view: View) -> None:
+        c = self.cached
+        if c is not None and c.view is view:
+            self.cached = replace(c, published=True)
 
     def _scored(self, slot: str, sv: SessionView, supersedes: str | None, now: datetime) -> ScoredOut:
         sid = sv.version.submission_id
@@ -744,9 +770,9 @@ class ClientState:
             self.submission_revision[supersedes] = rev
         return ScoredOut(sv, rev, supersedes, now, sv.latest)
 
-    def _alerts(self, view: View, now: datetime) -> list[Output]:
+    def _alerts(self, view: View, now: datetime, only: frozenset[str] | None = None) -> list[Output]:
         out: list[Output] = []
-        for aid in sorted(view.alerts):
+        for aid in sorted(view.alerts if only is None else only & view.alerts.keys()):
             av = view.alerts[aid]
             rec = self.alerts.get(aid)
             digest = av.digest
@@ -757,7 +783,8 @@ class ClientState:
             self.alerts[aid] = AlertRecord(rev, "raised", digest, now, av.site_id, s.version.clinician_id,
                                            s.version.instrument, s.episode_id, s.version.session_number, s.slot)
             out.append(AlertOut(av, rev, now))
-        for aid, rec in sorted(self.alerts.items()):
+        ended_before = self.alerts.items() if only is None else ((a, self.alerts[a]) for a in only if a in self.alerts)
+        for aid, rec in sorted(ended_before):
             if aid in view.alerts or rec.state != "raised":
                 continue
             session = view.sessions.get(rec.slot)
@@ -797,6 +824,15 @@ class _Cached:
     owner: str | None
     site_version: int
     view: View
+    published: bool = False  # what was published is this view (a `_publish` of it completed)
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """What one `extend` can have changed: these slots and these alerts."""
+
+    slots: frozenset[str]
+    alerts: frozenset[str]
 
 
 class _AlertSites(Mapping[str, str]):

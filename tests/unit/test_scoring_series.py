@@ -1041,3 +1041,25 @@ def test_a_new_session_is_refused_alike_from_the_kept_view_and_from_the_versions
     kept = c.state._refusal(candidate, c.rules)
     c.state.cached = None
     assert kept == c.state._refusal(candidate, c.rules)
+
+
+@settings(max_examples=300, deadline=None)
+@given(growing_records())
+def test_a_grown_record_publishes_what_the_full_diff_publishes(steps: list[tuple[str, dict[str, object]]]) -> None:
+    kept, fresh = Client(rules=RULES_OF_HISTORIES), Client(rules=RULES_OF_HISTORIES)
+    for kind, s in steps:
+        got: list[Step] = []
+        for c in (kept, fresh):
+            if c is fresh:
+                c.state.cached = None  # derived afresh and diffed in full every step
+            if kind == "transfer":
+                got.append(c.transfer(str(s["sid"]), str(s["site"])))
+            elif kind == "rules":
+                c.rules = TenantRules(session_gap=5, cutoff=float(s["n"]) % 40)  # type: ignore[arg-type]
+            else:
+                sid = str(s["sid"]) if kind != "fix" or not c.state.versions else sorted(c.state.versions)[0]
+                got.append(c.submit(sid, s["n"], s["total"], at=s["at"], episode=s["episode"],  # type: ignore[arg-type]
+                                    instrument=s["instrument"], site=c.state.owner or "north"))
+        if got:
+            assert got[0] == got[1]
+        assert kept.state == fresh.state
