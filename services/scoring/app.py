@@ -64,7 +64,7 @@ def build(config: ScoringConfig | None = None) -> Scoring:
     client = make_client(config.mongo)
     db = database(client, config.mongo)
     store = StateStore(db)
-    states = StateCache(store, max_clients=config.scoring.state_cache_series)
+    states = StateCache(store, max_sessions=config.scoring.state_cache_sessions)
     rules = RulesStore(db, ttl_seconds=config.scoring.rules_cache_seconds)
     publisher = Publisher(broker, config.kafka.publish_timeout_seconds)
     handler = ScoringHandler(states, rules, publisher.publish_all, topics,

@@ -180,6 +180,11 @@ class StateStore:
         return conflicts
 
 
+def _weight(st: ClientState) -> int:
+    """What a cached client costs, in submissions kept (each ~2 KB in memory with its view)."""
+    return 1 + len(st.versions) + len(st.rejected)
+
+
 class StateCache:
     """The clients this process wrote or read last, in front of a `StateStore` (LRU-bounded).
 
@@ -192,9 +197,12 @@ class StateCache:
     published before, and the revisions the store holds since are greater, so consumers keep them.
     """
 
-    def __init__(self, store: StatePort, max_clients: int = 20_000) -> None:
+    def __init__(self, store: StatePort, max_sessions: int = 100_000) -> None:
         self._store = store
-        self._max = max_clients
+        # Bounded by what the entries hold, not by how many there are: one client may hold
+        # thousands of submissions (see `_weight`).
+        self._max = max_sessions
+        self._held = 0
         self._lru: OrderedDict[ClientKey, ClientState] = OrderedDict()
 
     async def load(self, keys: Iterable[ClientKey]) -> dict[ClientKey, ClientState]:
@@ -221,11 +229,11 @@ class StateCache:
             conflicts = await self._store.save(changed)
         except BaseException:
             for k in changed:  # unknown outcome: read the store next time
-                self._lru.pop(k, None)
+                self._forget(k)
             raise
         for k, h in changed.items():
             if k in conflicts:
-                self._lru.pop(k, None)
+                self._forget(k)
             else:
                 self._remember(k, h.copy())
         return conflicts
@@ -233,10 +241,22 @@ class StateCache:
     def _remember(self, key: ClientKey, h: ClientState) -> None:
         if self._max <= 0:
             return
+        self._forget(key)
         self._lru[key] = h
-        self._lru.move_to_end(key)
-        while len(self._lru) > self._max:
-            self._lru.popitem(last=False)
+        self._held += _weight(h)
+        while self._held > self._max and self._lru:
+            _, old = self._lru.popitem(last=False)
+            self._held -= _weight(old)
+
+    def _forget(self, key: ClientKey) -> None:
+        old = self._lru.pop(key, None)
+        if old is not None:
+            self._held -= _weight(old)
+
+    @property
+    def sessions(self) -> int:
+        """What the entries hold, as `_weight` counts it."""
+        return self._held
 
     def __len__(self) -> int:
         return len(self._lru)

@@ -579,7 +579,7 @@ async def test_stale_cache_after_another_process_wrote_leads_to_a_reread_not_a_w
 
 async def test_cache_is_bounded_and_forgets_the_least_recent_client() -> None:
     states = MemoryStates()
-    cache = StateCache(states, max_clients=2)
+    cache = StateCache(states, max_sessions=4)  # two clients of one session each (weight 2)
     h = ScoringHandler(cache, MemoryRules(), Sink(), TOPICS)
     for c in ("a", "b", "c"):
         await h([submitted(c, 1, 37.0)])
@@ -587,6 +587,14 @@ async def test_cache_is_bounded_and_forgets_the_least_recent_client() -> None:
     before = states.loads
     await h([submitted("a", 2, 37.0)])
     assert states.loads == before + 1  # "a" was forgotten
+
+
+async def test_cache_is_bounded_by_the_submissions_its_clients_hold() -> None:
+    cache = StateCache(MemoryStates(), max_sessions=10)
+    h = ScoringHandler(cache, MemoryRules(), Sink(), TOPICS)
+    await h([submitted("big", n, 37.0, at=n) for n in range(1, 9)])  # weight 9
+    await h([submitted("small", 1, 37.0)])  # weight 2: 11 > 10, the least recent goes
+    assert len(cache) == 1 and cache.sessions == 2
 
 
 async def test_a_failed_write_forgets_the_client() -> None:
