@@ -71,6 +71,9 @@ def validation_errors(errors: Sequence[Any]) -> list[tuple[str | None, str]]:
     return out
 
 
+_UNPARSABLE_BODY = "There was an error parsing the body"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Make every error answer use the uniform body."""
 
@@ -80,6 +83,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == _UNPARSABLE_BODY:
+            # FastAPI's answer to a JSON body that is not UTF-8: a 422 naming the body, like every
+            # other malformed body (and like intake), instead of a bare 400 no API documents.
+            return JSONResponse(error_body([("body", "invalid JSON: the body must be UTF-8 encoded JSON")]),
+                                status_code=422)
         detail = exc.detail
         body = detail if isinstance(detail, dict) and "errors" in detail else error_body([(None, str(detail))])
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
@@ -302,27 +310,35 @@ async def _answer(send: Send, exc: HTTPException) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-TOO_MANY_REQUESTS: dict[str, Any] = {
-    "description": "too many requests with this API key, or too many failed authentications from this "
-                   "address; retry after `Retry-After` seconds",
-    "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer", "minimum": 1}}},
-    "content": {"application/json": {"schema": {
-        "type": "object", "required": ["errors"],
-        "properties": {"errors": {"type": "array", "items": {
-            "type": "object", "required": ["field", "message"],
-            "properties": {"field": {"anyOf": [{"type": "string"}, {"type": "null"}]},
-                           "message": {"type": "string"}}}}}}}},
-}
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["errors"],
+    "properties": {"errors": {"type": "array", "items": {
+        "type": "object", "required": ["field", "message"],
+        "properties": {"field": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                       "message": {"type": "string"}}}}}}
 
 
-def authenticate_first(app: FastAPI, lookup: Lookup, prefix: str = "/v1/", guard: Guard | None = None,
-                       cached: Cached | None = None) -> None:
-    """Check the bearer key of every request under `prefix` before its body is read, and with a
-    `guard` the failed-authentication and per-key limits (see `AuthenticateFirst`, whose 429 every
-    operation under `prefix` then documents); added last, so it runs before the body limit."""
-    app.add_middleware(AuthenticateFirst, lookup=lookup, prefix=prefix, guard=guard, cached=cached)
-    if guard is None:
-        return
+def error_response(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An OpenAPI response answered with the uniform error body (for `responses=` and documents)."""
+    return {"description": description, "content": {"application/json": {"schema": ERROR_SCHEMA}},
+            **({"headers": headers} if headers else {})}
+
+
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer", "minimum": 1}}}
+TOO_MANY_REQUESTS: dict[str, Any] = error_response(
+    "too many requests with this API key, or too many failed authentications from this address; retry after "
+    "`Retry-After` seconds", _RETRY_AFTER)
+UNAUTHORIZED: dict[str, Any] = error_response("missing, unknown or revoked API key (`WWW-Authenticate: Bearer`)")
+UNAVAILABLE: dict[str, Any] = error_response(
+    "a store the request needs (API keys, rate limits, the audit trail) does not answer, or the audit trail's "
+    "queue is full; retry after `Retry-After` seconds", _RETRY_AFTER)
+BODY_TOO_LARGE: dict[str, Any] = error_response("the body is larger than the service's limit "
+                                                "(`ALLIANCE_<SERVICE>_MAX_BODY_BYTES`)")
+
+
+def document_responses(app: FastAPI, prefix: str, responses: dict[str, dict[str, Any]]) -> None:
+    """Add `responses` (by status code) to every operation under `prefix` of `app`'s OpenAPI document
+    that does not document that status itself: answers a middleware gives, which no route declares."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -331,10 +347,22 @@ def authenticate_first(app: FastAPI, lookup: Lookup, prefix: str = "/v1/", guard
             if path.startswith(prefix):
                 for operation in operations.values():
                     if isinstance(operation, dict) and "responses" in operation:
-                        operation["responses"].setdefault("429", TOO_MANY_REQUESTS)
+                        for status, response in responses.items():
+                            operation["responses"].setdefault(status, response)
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def authenticate_first(app: FastAPI, lookup: Lookup, prefix: str = "/v1/", guard: Guard | None = None,
+                       cached: Cached | None = None) -> None:
+    """Check the bearer key of every request under `prefix` before its body is read, and with a
+    `guard` the failed-authentication and per-key limits (see `AuthenticateFirst`, whose 429 every
+    operation under `prefix` then documents, with the 401 and 503); added last, so it runs before the
+    body limit."""
+    app.add_middleware(AuthenticateFirst, lookup=lookup, prefix=prefix, guard=guard, cached=cached)
+    document_responses(app, prefix, {"401": UNAUTHORIZED, "503": UNAVAILABLE,
+                                     **({"429": TOO_MANY_REQUESTS} if guard is not None else {})})
 
 
 Check = Callable[[], Awaitable[bool]]
@@ -419,6 +447,7 @@ def service_api(runtime: Runtime, *, title: str, version: str = "1.0.0", descrip
         max_body_bytes = settings().max_body_bytes
     if max_body_bytes is not None:
         app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+        document_responses(app, "/v1/", {"413": BODY_TOO_LARGE})
 
     @app.get("/healthz", tags=["ops"], summary="The process is alive")
     async def healthz() -> dict[str, str]:

@@ -29,7 +29,7 @@ from services.alerts.store import AlertsStore, utcnow
 from services.alerts.targets import Resolver, system_resolve, target_problem
 from shared.audit import Auditor, note
 from shared.auth import KeyStore, Principal, forbid_site, require
-from shared.http import error_body
+from shared.http import error_body, error_response
 from shared.kafka import Publisher
 from shared.topics import Topics
 
@@ -195,6 +195,10 @@ def _too_many_subscriptions(cap: int) -> HTTPException:
                                                  "(max_subscriptions_per_tenant): delete one first")]))
 
 
+def _not_found_response(what: str) -> dict[str, Any]:
+    return error_response(f"no such {what} in the key's tenant (or site)")
+
+
 def _not_found(what: str) -> HTTPException:
     return HTTPException(404, error_body([(None, f"no such {what}")]))
 
@@ -212,7 +216,9 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
     read_key, admin_key = require(lambda: keys, "read"), require(lambda: keys, "admin")
     reader = Depends(read_key)
     audited = (auditor or Auditor(None, "alerts", keys.lookup)).route
-    r = APIRouter(prefix="/v1")
+    r = APIRouter(prefix="/v1", responses={"403": error_response(
+        "the key's role may not do this, or the key is bound to another site (or to a site, for tenant-wide "
+        "settings)")})
 
     @r.put("/clinicians/{clinician_id}", tags=["directory"], response_model=ClinicianOut,
            responses={201: {"description": "created"}, 422: {"description": "invalid body"}})
@@ -235,7 +241,8 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
         response.status_code = 201 if created else 200
         return ClinicianOut(clinician_id=clinician_id, **body.model_dump())
 
-    @r.get("/clinicians/{clinician_id}", tags=["directory"], response_model=ClinicianOut)
+    @r.get("/clinicians/{clinician_id}", tags=["directory"], response_model=ClinicianOut,
+           responses={"404": _not_found_response("clinician")})
     async def get_clinician(clinician_id: ClinicianId, p: Principal = reader) -> ClinicianOut:
         """One directory entry."""
         c = await store.get_clinician(p.tenant_id, clinician_id)
@@ -285,7 +292,8 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
         return [SubscriptionOut(id=d["_id"], url=d["url"], events=d["events"], created_at=d["created_at"])
                 for d in await store.list_subscriptions(p.tenant_id)]
 
-    @r.delete("/subscriptions/{subscription_id}", tags=["subscriptions"], status_code=204)
+    @r.delete("/subscriptions/{subscription_id}", tags=["subscriptions"], status_code=204,
+              responses={"404": _not_found_response("subscription")})
     async def delete_subscription(subscription_id: Id,
                                   p: Principal = audited("subscription.delete", admin_key, client_param=None,
                                                          target_param="subscription_id")) -> Response:
@@ -330,7 +338,8 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
         """Alerts, newest first (a site-bound key sees its site only)."""
         return [_alert(d) for d in await store.list_alerts(p.tenant_id, p.site_id, clinician_id, status, limit)]
 
-    @r.get("/alerts/{alert_id}", tags=["alerts"], response_model=AlertOut)
+    @r.get("/alerts/{alert_id}", tags=["alerts"], response_model=AlertOut,
+           responses={"404": _not_found_response("alert")})
     async def get_alert(request: Request, alert_id: Id,
                         p: Principal = audited("alert.read", read_key, target_param="alert_id")) -> AlertOut:
         """One alert."""
@@ -341,7 +350,8 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
         return _alert(doc)
 
     @r.post("/alerts/{alert_id}/ack", tags=["alerts"], response_model=AlertOut,
-            responses={503: {"description": "the status event could not be published; retry"}})
+            responses={"404": _not_found_response("alert"),
+                       503: {"description": "the status event could not be published; retry"}})
     async def ack(request: Request, alert_id: Id,
                   p: Principal = audited("alert.acknowledge", read_key, target_param="alert_id")) -> AlertOut:
         """Acknowledge an alert (idempotent); it will not escalate any more. A superseded or
@@ -372,7 +382,8 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
         rows = await store.list_deliveries(p.tenant_id, p.site_id, status, alert_id, limit)
         return [_delivery(d) for d in rows]
 
-    @r.post("/deliveries/{delivery_id}/retry", tags=["deliveries"], response_model=DeliveryOut)
+    @r.post("/deliveries/{delivery_id}/retry", tags=["deliveries"], response_model=DeliveryOut,
+            responses={"404": _not_found_response("failed delivery")})
     async def retry(delivery_id: Id,
                     p: Principal = audited("delivery.retry", admin_key, client_param=None,
                                            target_param="delivery_id")) -> DeliveryOut:
