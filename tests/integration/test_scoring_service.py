@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
+import bson
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -359,3 +360,23 @@ async def at_least(get: Callable[[], list[T]], n: int) -> list[T]:
         return items if len(items) >= n else []
 
     return await eventually(check, timeout=60)
+
+
+async def test_a_client_at_its_record_cap_is_refused_series_full_and_the_partition_goes_on(scoring: Scoring) -> None:
+    # Issue 12, finding 1: a client's record must not grow without bound (one document per
+    # client: MongoDB refuses 16 MiB) nor stall the clients behind it. Default caps: 500 sessions
+    # per episode, 5,000 submissions per client; ten full episodes, then ten more sessions.
+    t = "t-full"
+    big = [submission(t, "big", n, 38.0, submission_id=f"big-{e}-{n}", episode_id=f"course-{e}",
+                      administered_at=BASE + timedelta(days=e * 600 + n), accepted_at=at(e * 600 + n))
+           for e in range(11) for n in range(1, 501 if e < 10 else 11)]
+    after = [submission(t, "other", n, total, accepted_at=at(10_000 + n)) for n, total in ((1, 38.0), (2, 30.0))]
+    await publish(scoring.producer, scoring.submitted, [*big, *after])
+    (alert,) = await at_least(lambda: scoring.alerts_of(t), 1)
+    assert alert.client_id == "other"  # scored behind the big client's 5,010 submissions
+    letters = await at_least(lambda: scoring.letters_of(t), 10)
+    assert {d.reason for d in letters} == {"series_full"} and len(letters) == 10
+    assert all("max_client_submissions 5000" in d.detail for d in letters)
+    assert len({s.submission_id for s in scoring.scored_of(t) if s.client_id == "big"}) == 5_000
+    doc = await scoring.mongo[scoring.ns.database]["scoring_state"].find_one({"client_id": "big", "tenant_id": t})
+    assert doc is not None and len(bson.encode(doc)) < 4 * 2**20  # far from the 16 MiB limit
