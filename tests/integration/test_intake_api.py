@@ -718,39 +718,6 @@ async def test_requests_past_the_per_key_rate_are_429_with_retry_after(limited: 
     assert (await limited.post(submission(), key=limited.keys.north)).status_code == 202
 
 
-async def fresh_submit_key(ns: Namespace) -> str:
-    """A key of its own, so a test of the bucket is not disturbed by the others sharing `limited`."""
-    client: AsyncMongoClient[Document] = AsyncMongoClient(ns.stack.mongo_url, tz_aware=True)
-    try:
-        key, _ = await auth.create_key(client[ns.database], "acme", "submit")
-    finally:
-        await client.close()
-    return key
-
-
-async def test_rejected_bodies_spend_tokens_so_invalid_requests_are_not_free(limited: Intake) -> None:
-    key = await fresh_submit_key(limited.ns)
-    headers = {**limited.auth(key), "Content-Type": "application/json"}
-    statuses = [(await limited.http.post("/v1/submissions", content=b"{not json", headers=headers)).status_code
-                for _ in range(3)]
-    assert statuses == [422, 422, 422]
-    # The bucket (burst 3) is empty: the next request is refused before its body is read.
-    r = await limited.http.post("/v1/submissions", content=b"{not json", headers=headers)
-    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
-    assert (await limited.post(submission(), key=key)).status_code == 429
-
-
-async def test_a_csv_past_the_row_limit_is_refused_while_parsing_and_charged_for_its_rows(limited: Intake) -> None:
-    key = await fresh_submit_key(limited.ns)
-    rows = [csv_row("", client=f"p-big-{i}", session="1") for i in range(5000)]
-    r = await post_csv(limited, "\n".join([CSV_HEADER, *rows]) + "\n", key=key)
-    assert r.status_code == 422
-    assert "at most 1000 rows per request, got more" in r.json()["errors"][0]["message"]
-    # 1001 rows parsed, charged up to the burst: even one submission must wait.
-    r = await limited.post(submission(), key=key)
-    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
-
-
 async def test_batch_items_count_against_the_rate(limited: Intake) -> None:
     key = limited.keys.other_tenant
     r = await limited.post({"submissions": [submission(), submission(), submission()]}, key=key,

@@ -168,23 +168,3 @@ def test_rows_can_be_written_back_as_a_file_of_their_own() -> None:
     again: CsvFile = parse_csv(to_csv(f.header, f.rows[1:]))
     assert [r.data for r in again.rows] == [f.rows[1].data]
     assert parse_csv(to_csv(f.header, f.rows)).rows[0].data["submission_id"] == "n,1"
-
-
-def test_parsing_stops_at_the_first_row_past_the_limit() -> None:
-    row = "\n,p-1,c-17,north,1,2026-11-25T14:05:00+00:00,,,,,36.5"
-    f = parse_csv(HEADER + row * 50_000, max_rows=10)
-    assert f.too_many_rows and not f.errors
-    assert len(f.rows) == 10  # the rows before the limit, not the 50,000 of the file
-
-
-def test_a_file_at_the_limit_is_not_too_many_rows() -> None:
-    row = "\n,p-1,c-17,north,1,2026-11-25T14:05:00+00:00,,,,,36.5"
-    f = parse_csv(HEADER + row * 10 + "\n\n", max_rows=10)
-    assert not f.too_many_rows and len(f.rows) == 10
-
-
-def test_a_row_longer_than_the_limit_refuses_the_file_without_building_rows() -> None:
-    text = HEADER + "\n,p-1,c-17,north,1,2026-11-25T14:05:00+00:00,,,,,36.5\n," + "x" * 5000 + ",c,n,1,t,,,,,1\n"
-    f = parse_csv(text, max_row_chars=4096)
-    assert f.rows == []
-    assert f.errors == [(None, "line 3: a row may hold at most 4096 characters")]
