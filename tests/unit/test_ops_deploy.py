@@ -325,7 +325,12 @@ def test_dockerfile_healthcheck_fails_when_nothing_listens(dockerfile: str) -> N
 
 def test_dockerignore_keeps_the_build_context_to_the_code() -> None:
     lines = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
-    assert "**" in lines and {"!pyproject.toml", "!shared/**", "!services/**"} <= set(lines)
+    assert "**" in lines and {"!pyproject.toml", "!requirements/prod.lock", "!shared/**", "!services/**"} <= set(lines)
+
+
+def test_the_image_installs_the_production_lock_hash_checked(dockerfile: str) -> None:
+    assert "pip install --require-hashes -r prod.lock" in dockerfile
+    assert re.search(r"pip install --no-deps \.", dockerfile)
 
 
 # ---- Kubernetes ------------------------------------------------------------------------------
