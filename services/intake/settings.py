@@ -13,8 +13,8 @@ class IntakeSettings(BaseSettings):
     `ceil(rate_burst / rate_per_second)` seconds, a sliding window shared by all replicas, see
     services/intake/ratelimit.py): a single post costs 1, a batch or CSV import costs its number
     of items (capped at the burst, so a batch larger than the burst is still admitted once nothing
-    else counts). Submissions are what
-    load the broker and every downstream consumer, so that is what the limit meters.
+    else counts). Submissions are what load the broker and every downstream consumer, so that is
+    what the limit meters.
     """
 
     model_config = SettingsConfigDict(env_prefix="ALLIANCE_INTAKE_", extra="ignore")
