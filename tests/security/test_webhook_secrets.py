@@ -1,14 +1,36 @@
-"""Encryption at rest of webhook signing secrets: AES-GCM under a keyring, bound to the row."""
+"""Webhook signing secrets at rest (issue 12, finding 6: a passphrase became one unsalted SHA-256
+for a hand-written HMAC keystream, the k8s placeholder `change-me` was accepted, compose stored
+secrets in plain text, rows could be swapped, no rotation).
+
+AES-GCM (`cryptography`) under a keyring of base64 32-byte keys with ids
+(`ALLIANCE_ALERTS_SECRETS_KEYS`), the row's identity (tenant, subscription) as associated data;
+placeholders, passphrases and short keys refused; rotation by putting a new key first and
+`alliance alerts secrets reseal`. That alerts refuses to start without a usable key outside a local
+run: test_secrets_startup_guard.py.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import secrets
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
+from fastapi import FastAPI
+from pydantic import ValidationError
+from pymongo import AsyncMongoClient
+from typer.testing import CliRunner
 
+from services.alerts import cli
+from services.alerts.app import create_app
 from services.alerts.secretbox import (
     KeyringError,
     SecretBox,
@@ -18,6 +40,12 @@ from services.alerts.secretbox import (
     subscription_row,
     tenant_row,
 )
+from services.alerts.senders import SigningSecrets
+from services.alerts.settings import AlertsConfig, AlertsSettings, SmtpSettings
+from shared.mongo import Document
+from tests.support.apps import new_key as new_api_key
+from tests.support.apps import serving
+from tests.support.services import Namespace
 
 K1, K2 = new_key("k1"), new_key("k2")
 ROW = subscription_row("acme", "sub-1")
@@ -102,3 +130,136 @@ def _legacy_seal(plain: str, key: str) -> str:
     ct = bytes(a ^ b for a, b in zip(data, stream, strict=False))
     tag = hmac.new(mac, b"sb1" + nonce + ct, hashlib.sha256).digest()
     return "sb1:" + base64.b64encode(nonce + ct + tag).decode()
+
+
+# ---- the keyring setting -------------------------------------------------------------------------
+
+GOOD_KEYRING = "k1:" + base64.b64encode(bytes(range(32))).decode()
+
+
+@pytest.mark.parametrize("placeholder", ["change-me", "k1:change-me", "k1:" + base64.b64encode(b"short").decode(),
+                                         "k1:" + base64.b64encode(bytes(32)).decode()])
+def test_a_placeholder_short_or_non_random_key_is_refused_naming_the_setting(placeholder: str) -> None:
+    with pytest.raises(ValidationError, match="ALLIANCE_ALERTS_SECRETS_KEYS"):
+        AlertsSettings(secrets_keys=placeholder)  # type: ignore[arg-type]
+
+
+def test_production_mode_refuses_to_start_without_a_keyring() -> None:
+    with pytest.raises(ValidationError, match="ALLIANCE_ALERTS_SECRETS_KEYS is empty"):
+        AlertsSettings(production=True)
+    assert AlertsSettings(production=True, secrets_keys=GOOD_KEYRING).secret_box().encrypting  # type: ignore[arg-type]
+
+
+def test_outside_production_no_keyring_means_plain_storage() -> None:
+    assert AlertsSettings().secret_box().encrypting is False
+
+
+def test_the_retired_single_key_setting_is_refused_with_the_migration(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ALLIANCE_ALERTS_SECRETS_KEY", "change-me")
+    with pytest.raises(ValidationError, match=r"ALLIANCE_ALERTS_SECRETS_KEY is no longer read.*reseal"):
+        AlertsSettings()
+
+
+def test_the_keyring_can_come_from_a_file_that_the_cli_writes_once(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    assert CliRunner().invoke(cli.app, ["secrets", "new-key", "--id", "c1", "--file", str(path)]).exit_code == 0
+    first = path.read_text()
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert CliRunner().invoke(cli.app, ["secrets", "new-key", "--id", "c2", "--file", str(path)]).exit_code == 0
+    assert path.read_text() == first  # an existing keyring is never replaced
+    box = AlertsSettings(production=True, secrets_keys_file=str(path)).secret_box()
+    assert box.sealing_key_id == "c1"
+    with pytest.raises(ValidationError, match="SECRETS_KEYS_FILE"):
+        AlertsSettings(secrets_keys_file=str(tmp_path / "missing"))
+
+
+def test_the_cli_prints_a_usable_new_key() -> None:
+    result = CliRunner().invoke(cli.app, ["secrets", "new-key", "--id", "2026-11"])
+    assert result.exit_code == 0 and SecretBox.from_setting(result.output.strip()).sealing_key_id == "2026-11"
+
+
+# ---- through the alerts API and the real store -----------------------------------------------------
+
+@dataclass
+class Alerts:
+    app: FastAPI
+    http: httpx.AsyncClient
+    db: Any
+    ns: Namespace
+
+
+@dataclass
+class Tenant:
+    id: str
+    admin: dict[str, str]
+    secret: str
+
+
+@pytest.fixture(scope="module")
+async def alerts(namespace_m: Namespace) -> AsyncIterator[Alerts]:
+    """One alerts instance sealing with K1 that also opens K2 (step 1 of a rotation)."""
+    settings = AlertsSettings(allow_private_targets=True, secrets_keys=f"{K1},{K2}")  # type: ignore[arg-type]
+    app = create_app(AlertsConfig(kafka=namespace_m.kafka(), mongo=namespace_m.mongo(), smtp=SmtpSettings(host=""),
+                                  alerts=settings))
+    mongo: AsyncMongoClient[Document] = AsyncMongoClient(namespace_m.stack.mongo_url, tz_aware=True)
+    try:
+        async with serving(app) as http:
+            yield Alerts(app, http, mongo[namespace_m.database], namespace_m)
+    finally:
+        await mongo.close()
+
+
+async def new_tenant(alerts: Alerts, name: str) -> Tenant:
+    """A tenant whose clinician-webhook signing secret was set through the API."""
+    tenant = f"{name}-{uuid.uuid4().hex[:8]}"
+    admin = {"Authorization": f"Bearer {await new_api_key(alerts.ns, 'admin', tenant)}"}
+    r = await alerts.http.post("/v1/webhook-secret", headers=admin)
+    assert r.status_code == 201, r.text
+    return Tenant(tenant, admin, r.json()["secret"])
+
+
+def signing_secrets(alerts: Alerts, keyring: str = f"{K1},{K2}") -> SigningSecrets:
+    """What the delivery worker signs with, reading the real store (no cache)."""
+    return SigningSecrets(alerts.app.state.alerts.store, SecretBox.from_setting(keyring), 0)
+
+
+async def test_a_stored_secret_is_sealed_with_aes_gcm_under_the_first_key_and_opens_for_its_row(
+        alerts: Alerts) -> None:
+    a = await new_tenant(alerts, "sealed")
+    stored = (await alerts.db["alert_tenants"].find_one({"_id": a.id}))["webhook_secret"]
+    assert stored.startswith("v2:k1:") and a.secret not in stored
+    assert await signing_secrets(alerts).for_delivery({"tenant_id": a.id}) == [a.secret]
+
+
+async def test_a_sealed_secret_copied_onto_another_tenants_row_does_not_open(alerts: Alerts) -> None:
+    a, b = await new_tenant(alerts, "swap-a"), await new_tenant(alerts, "swap-b")
+    tenants = alerts.db["alert_tenants"]
+    a_sealed = (await tenants.find_one({"_id": a.id}))["webhook_secret"]
+    b_sealed = (await tenants.find_one({"_id": b.id}))["webhook_secret"]
+    await tenants.update_one({"_id": a.id}, {"$set": {"webhook_secret": b_sealed}})
+    try:
+        with pytest.raises(ValueError, match="another row"):
+            await signing_secrets(alerts).for_delivery({"tenant_id": a.id})
+    finally:  # the module's store is shared: a rotation test reseals every row
+        await tenants.update_one({"_id": a.id}, {"$set": {"webhook_secret": a_sealed}})
+
+
+async def test_rotation_reseal_puts_every_secret_under_the_new_first_key(
+        alerts: Alerts, monkeypatch: pytest.MonkeyPatch) -> None:
+    t = await new_tenant(alerts, "rotate")
+    r = await alerts.http.post("/v1/subscriptions", json={"url": "http://127.0.0.1:9/p", "events": ["srs.scored.v1"]},
+                               headers=t.admin)
+    assert r.status_code == 201, r.text
+    sub = r.json()
+    monkeypatch.setenv("ALLIANCE_MONGO_URL", alerts.ns.stack.mongo_url)
+    monkeypatch.setenv("ALLIANCE_MONGO_DATABASE", alerts.ns.database)
+    monkeypatch.setenv("ALLIANCE_ALERTS_SECRETS_KEYS", f"{K2},{K1}")
+    result = await asyncio.to_thread(CliRunner().invoke, cli.app, ["secrets", "reseal"])
+    assert result.exit_code == 0 and "under key 'k2'" in result.output, result.output
+
+    stored = await alerts.db["subscriptions"].find_one({"_id": sub["id"]})
+    assert stored["secret"].startswith("v2:k2:")
+    assert (await alerts.db["alert_tenants"].find_one({"_id": t.id}))["webhook_secret"].startswith("v2:k2:")
+    only_new = signing_secrets(alerts, K2)
+    assert await only_new.for_delivery({"tenant_id": t.id}) == [t.secret]
+    assert await only_new.for_delivery({"tenant_id": t.id, "subscription_id": sub["id"]}) == [sub["secret"]]

@@ -6,6 +6,8 @@ so the apps' lifespans are not run; the store is reached lazily by each request.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,6 +26,7 @@ from shared import auth
 from shared.mongo import Document
 from shared.settings import AlertsHttp, IntakeHttp, ReportingHttp
 from tests.support.services import Namespace
+from tests.support.wait import eventually
 
 HttpService = Literal["intake", "alerts", "reporting"]
 HTTP_SERVICES: tuple[HttpService, ...] = ("intake", "alerts", "reporting")
@@ -39,6 +42,18 @@ def build_app(service: HttpService, ns: Namespace, intake: dict[str, Any] | None
         return create_alerts(AlertsConfig(kafka=ns.kafka(), mongo=ns.mongo(), smtp=SmtpSettings(host=""),
                                           http=AlertsHttp(**http)))
     return create_reporting(ReportingConfig(kafka=ns.kafka(), mongo=ns.mongo(), http=ReportingHttp(**http)))
+
+
+@asynccontextmanager
+async def serving(app: FastAPI, peer: str = "203.0.113.7") -> AsyncIterator[httpx.AsyncClient]:
+    """`app` with its lifespan run (broker connected, consumers and workers started) and a client
+    calling it from `peer`, once `/readyz` answers 200: for tests that need more than the routes."""
+    async with app.router.lifespan_context(app), client(app, peer) as http:
+        async def ready() -> bool:
+            return (await http.get("/readyz")).status_code == 200
+
+        await eventually(ready, timeout=60)
+        yield http
 
 
 def client(app: FastAPI, peer: str = "203.0.113.7") -> httpx.AsyncClient:
