@@ -156,8 +156,9 @@ class DeliveryWorker:
                         self.inflight_by_tenant[tenant] += 1
                         self.peak_by_tenant[tenant] = max(self.peak_by_tenant[tenant], self.inflight_by_tenant[tenant])
                         task.add_done_callback(self._done)
-                    # Some tenant may have more due than it got: a freed slot should claim again.
-                    self._saturated = more
+                    # Every slot taken, or some tenant may have more due than it got: a freed slot
+                    # should claim again.
+                    self._saturated = more or len(self._inflight) >= self._s.concurrency
                     if more and claimed and len(self._inflight) < self._s.concurrency:
                         continue
                 with contextlib.suppress(TimeoutError):
@@ -180,13 +181,17 @@ class DeliveryWorker:
         now = utcnow()
         concurrency, cap = self._s.concurrency, self._s.tenant_concurrency
         window = free + concurrency  # room for other tenants' candidates behind one tenant's backlog
-        candidates = await self._store.due_candidates(
-            now, window, tenants_at_share(self.inflight_by_tenant, concurrency, cap))
+        at_share = tenants_at_share(self.inflight_by_tenant, concurrency, cap)
+        candidates = await self._store.due_candidates(now, window, at_share)
+        # A tenant left out for holding its share may have a backlog: each of its finished attempts
+        # must claim again at once, not at the next poll (one tenant alone would get a share per
+        # poll interval).
+        more = bool(at_share)
         if not candidates:
-            return [], False
+            return [], more
         ids = fair_pick(candidates, self.inflight_by_tenant, free, concurrency, cap)
         claimed = await self._store.claim(now, ids, lease, self.instance)
-        return claimed, len(candidates) == window or len(ids) < len(candidates)
+        return claimed, more or len(candidates) == window or len(ids) < len(candidates)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)

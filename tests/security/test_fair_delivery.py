@@ -61,7 +61,10 @@ async def env(stack: StackUnderTest) -> AsyncIterator[Env]:
         kafka=ns.kafka(), mongo=ns.mongo(),
         alerts=AlertsSettings(allow_private_targets=True, concurrency=SLOTS, tenant_concurrency=PER_TENANT,
                               # A's attempts stay in flight until released, never timing out here.
-                              attempt_timeout_seconds=120.0, lease_seconds=240.0, poll_seconds=0.1,
+                              attempt_timeout_seconds=120.0, lease_seconds=240.0,
+                              # No polling: only wake-ups (new deliveries, freed slots, retry
+                              # timers) move the worker, so a missed wake-up shows as a stall.
+                              poll_seconds=3600.0,
                               retry_first_seconds=0.05, retry_max_seconds=0.1,
                               secrets_keys=new_key("k1")),  # type: ignore[arg-type]
         smtp=SmtpSettings(host=""))
@@ -136,6 +139,19 @@ async def test_a_tenant_with_twenty_hanging_endpoints_holds_only_its_share_while
     # Released, A's endpoints all get theirs, a share at a time.
     await eventually(lambda: _true(all(env.receiver.at(p) for p in a_paths)), timeout=60)
     assert env.app.state.alerts.worker.peak_by_tenant[a.id] == PER_TENANT
+
+
+async def test_a_tenant_alone_gets_its_whole_backlog_delivered_a_share_at_a_time(env: Env) -> None:
+    t = await new_tenant(env, "backlog")
+    paths = [f"/{t.id}/p{i}" for i in range(SUBSCRIPTION_CAP)]
+    for p in paths:
+        assert (await subscribe(env, t, env.receiver.behave(p))).status_code == 201
+    for i in range(3):  # 60 deliveries, 15 times the tenant's share
+        ev = deterioration(t.id, "nobody", f"client-{i}")
+        await env.publisher.publish(env.topics.deterioration, ev, t.id, ev.client_id)
+
+    await eventually(lambda: _true(all(len(env.receiver.at(p)) == 3 for p in paths)), timeout=60)
+    assert env.app.state.alerts.worker.peak_by_tenant[t.id] == PER_TENANT
 
 
 async def test_a_tenant_may_not_have_more_than_the_cap_of_subscriptions(env: Env) -> None:
