@@ -121,6 +121,12 @@ class KeyStore:
         self._max = max(1, max_entries)
         self._cache: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
 
+    def known(self, key: str) -> bool:
+        """Whether the key was valid when last looked up and is still remembered (whatever its age):
+        such a key is no stranger to the failed-authentication limit, though `lookup` reads it again
+        once its time to live has passed (so a revocation still takes effect)."""
+        return hash_key(key) in self._cache
+
     def cached(self, key: str) -> Principal | None:
         """The key's principal when the cache knows it (and it has not expired), without a look-up."""
         digest = hash_key(key)

@@ -154,7 +154,7 @@ class Identified(Protocol):
 
 
 Lookup = Callable[[str], Awaitable[Identified | None]]
-Cached = Callable[[str], Identified | None]
+Known = Callable[[str], bool]
 
 
 def peer_address(scope: Scope, trusted_proxy_hops: int = 0) -> str:
@@ -248,18 +248,18 @@ class AuthenticateFirst:
     route's dependency; `lookup` (a `KeyStore`'s) caches, so the second look-up costs nothing.
 
     With a `guard`: a peer past its failed-authentication limit gets 429 before its key is looked
-    up (unless the key is one `cached` already knows: a valid key behind the same address keeps
+    up (unless the key is one `known` remembers as valid: a valid key behind the same address keeps
     working), each 401 counts against the peer, and a known key past its request rate gets 429.
     """
 
     def __init__(self, app: ASGIApp, lookup: Lookup, prefix: str = "/v1/", timeout_seconds: float = 3.0,
-                 guard: Guard | None = None, cached: Cached | None = None) -> None:
+                 guard: Guard | None = None, known: Known | None = None) -> None:
         self.app = app
         self.lookup = lookup
         self.prefix = prefix
         self.timeout = timeout_seconds
         self.guard = guard
-        self.cached = cached
+        self.known = known
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("path", "").startswith(self.prefix):
@@ -275,10 +275,10 @@ class AuthenticateFirst:
         token = token.strip() if scheme.lower() == "bearer" else ""
         try:
             async with asyncio.timeout(self.timeout):
-                known = self.cached(token) if self.cached is not None and token else None
-                if self.guard is not None and known is None and (refusal := await self.guard.peer_refusal(scope)):
+                known = bool(token) and self.known is not None and self.known(token)
+                if self.guard is not None and not known and (refusal := await self.guard.peer_refusal(scope)):
                     return refusal
-                principal = known or (await self.lookup(token) if token else None)
+                principal = await self.lookup(token) if token else None
                 if principal is None:
                     if self.guard is not None:
                         await self.guard.failed(scope)
@@ -355,12 +355,12 @@ def document_responses(app: FastAPI, prefix: str, responses: dict[str, dict[str,
 
 
 def authenticate_first(app: FastAPI, lookup: Lookup, prefix: str = "/v1/", guard: Guard | None = None,
-                       cached: Cached | None = None) -> None:
+                       known: Known | None = None) -> None:
     """Check the bearer key of every request under `prefix` before its body is read, and with a
     `guard` the failed-authentication and per-key limits (see `AuthenticateFirst`, whose 429 every
     operation under `prefix` then documents, with the 401 and 503); added last, so it runs before the
     body limit."""
-    app.add_middleware(AuthenticateFirst, lookup=lookup, prefix=prefix, guard=guard, cached=cached)
+    app.add_middleware(AuthenticateFirst, lookup=lookup, prefix=prefix, guard=guard, known=known)
     document_responses(app, prefix, {"401": UNAUTHORIZED, "503": UNAVAILABLE,
                                      **({"429": TOO_MANY_REQUESTS} if guard is not None else {})})
 

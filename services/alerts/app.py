@@ -145,7 +145,7 @@ def create_app(config: AlertsConfig | None = None, resolve: Resolver = system_re
     first = auth.KeyStore(db)
     guard, limits = make_guard(components.config.http, db, SERVICE)
     runtime.on_start.append(limits.ensure_indexes)
-    authenticate_first(app, first.lookup, guard=guard, cached=first.cached)
+    authenticate_first(app, first.lookup, guard=guard, known=first.known)
     app.state.alerts = components
     return app
 

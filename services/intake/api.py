@@ -212,7 +212,7 @@ class Context:
                 # A peer that failed to authenticate too often is refused before its key is looked
                 # up, unless the key is one the cache knows (a valid key behind the same address).
                 token = bearer_token(request)
-                if (token is None or self.keys.cached(token) is None) and \
+                if (token is None or not self.keys.known(token)) and \
                         (refusal := await self.guard.peer_refusal(request.scope)) is not None:
                     count("rejected", "rate_limited", 1)
                     raise refusal

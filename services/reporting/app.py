@@ -106,7 +106,7 @@ def create_app(config: ReportingConfig | None = None) -> FastAPI:
     assert runtime.mongo is not None
     guard, limits = make_guard(config.http, database(runtime.mongo, config.mongo), SERVICE)
     runtime.on_start.append(limits.ensure_indexes)
-    authenticate_first(app, keys.lookup, guard=guard, cached=keys.cached)
+    authenticate_first(app, keys.lookup, guard=guard, known=keys.known)
     return app
 
 

@@ -142,3 +142,18 @@ async def test_a_limited_peer_costs_no_store_reads_until_its_retry_after(service
         statuses = {(await PROBES[service].send(http, f"ak_flood-{i}")).status_code for i in range(20)}
     assert statuses == {429}
     assert reads == before
+
+
+async def test_a_known_key_keeps_working_from_a_limited_peer_after_its_cache_entry_expired(
+        namespace: Namespace) -> None:
+    """The cache's time to live only makes a known key be read again (for revocations); it does not
+    make it a stranger to the failed-authentication limit (`alliance run`'s simulator got 429s)."""
+    probe = PROBES["intake"]
+    key = await new_key(namespace, probe.role)
+    app = build_app("intake", namespace, intake={"key_cache_seconds": 0}, **LIMITED)
+    async with client(app) as http:
+        assert (await probe.send(http, key)).status_code == probe.answer
+        for i in range(3):
+            await probe.send(http, f"ak_wrong-{i}")
+        assert (await probe.send(http, "ak_wrong")).status_code == 429
+        assert (await probe.send(http, key)).status_code == probe.answer
