@@ -46,10 +46,12 @@ class ClinicianIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    site_id: str = Field(min_length=1, max_length=200)
+    # Site and clinician ids follow intake's id rule like every id events carry (issue 12, ids).
+    site_id: str = Field(min_length=1, max_length=128, pattern=CLINICIAN_ID_PATTERN,
+                         description="1-128 characters of A-Za-z0-9._:-")
     email: str = Field(max_length=320, description="where alert emails go")
     webhook_url: str | None = Field(default=None, max_length=2000, description="optional http(s) endpoint")
-    supervisor_id: str | None = Field(default=None, min_length=1, max_length=200,
+    supervisor_id: str | None = Field(default=None, min_length=1, max_length=128, pattern=CLINICIAN_ID_PATTERN,
                                       description="who gets unacknowledged alerts (a clinician id)")
 
     @field_validator("email")
@@ -67,8 +69,14 @@ class ClinicianIn(BaseModel):
         return v
 
 
-class ClinicianOut(ClinicianIn):
+class ClinicianOut(BaseModel):
+    """A directory entry as stored (entries written before the id rule are still shown)."""
+
     clinician_id: str
+    site_id: str
+    email: str
+    webhook_url: str | None = None
+    supervisor_id: str | None = None
 
 
 class SubscriptionIn(BaseModel):
@@ -252,7 +260,8 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
                             webhook_url=c.webhook_url, supervisor_id=c.supervisor_id)
 
     @r.get("/clinicians", tags=["directory"], response_model=list[ClinicianOut])
-    async def list_clinicians(p: Principal = reader, site_id: str | None = None,
+    async def list_clinicians(p: Principal = reader,
+                              site_id: Annotated[str | None, Query(pattern=CLINICIAN_ID_PATTERN)] = None,
                               limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> list[ClinicianOut]:
         """The directory (a site-bound key sees its site only)."""
         if site_id is not None and not p.may_see_site(site_id):

@@ -130,3 +130,13 @@ async def test_directory_entries_under_the_old_key_form_are_migrated(alerts: Ale
     got = await alerts.http.get("/v1/clinicians/old-c", headers=read)
     assert got.status_code == 200 and got.json()["email"] == "old@clinic.test"
     assert await alerts.db["clinicians"].find_one({"_id": f"{t}:old-c"}) is None
+
+
+@pytest.mark.parametrize("field", ["site_id", "supervisor_id"])
+async def test_a_site_or_supervisor_id_outside_the_id_rule_is_refused_in_a_directory_entry(
+        alerts: Alerts, namespace_m: Namespace, field: str) -> None:
+    admin = bearer(await new_key(namespace_m, "admin", tenant="ids"))
+    body = {"site_id": "north", "email": "a@b.test", field: "north site"}
+    r = await alerts.http.put("/v1/clinicians/c-rule", json=body, headers=admin)
+    assert r.status_code == 422, r.text
+    assert r.json()["errors"][0]["field"] == field
