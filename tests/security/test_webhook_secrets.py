@@ -141,13 +141,13 @@ GOOD_KEYRING = "k1:" + base64.b64encode(bytes(range(32))).decode()
                                          "k1:" + base64.b64encode(bytes(32)).decode()])
 def test_a_placeholder_short_or_non_random_key_is_refused_naming_the_setting(placeholder: str) -> None:
     with pytest.raises(ValidationError, match="ALLIANCE_ALERTS_SECRETS_KEYS"):
-        AlertsSettings(secrets_keys=placeholder)  # type: ignore[arg-type]
+        AlertsSettings(secrets_keys=placeholder)
 
 
 def test_production_mode_refuses_to_start_without_a_keyring() -> None:
     with pytest.raises(ValidationError, match="ALLIANCE_ALERTS_SECRETS_KEYS is empty"):
         AlertsSettings(production=True)
-    assert AlertsSettings(production=True, secrets_keys=GOOD_KEYRING).secret_box().encrypting  # type: ignore[arg-type]
+    assert AlertsSettings(production=True, secrets_keys=GOOD_KEYRING).secret_box().encrypting
 
 
 def test_outside_production_no_keyring_means_plain_storage() -> None:
@@ -198,7 +198,7 @@ class Tenant:
 @pytest.fixture(scope="module")
 async def alerts(namespace_m: Namespace) -> AsyncIterator[Alerts]:
     """One alerts instance sealing with K1 that also opens K2 (step 1 of a rotation)."""
-    settings = AlertsSettings(allow_private_targets=True, secrets_keys=f"{K1},{K2}")  # type: ignore[arg-type]
+    settings = AlertsSettings(allow_private_targets=True, secrets_keys=f"{K1},{K2}")
     app = create_app(AlertsConfig(kafka=namespace_m.kafka(), mongo=namespace_m.mongo(), smtp=SmtpSettings(host=""),
                                   alerts=settings))
     mongo: AsyncMongoClient[Document] = AsyncMongoClient(namespace_m.stack.mongo_url, tz_aware=True)
