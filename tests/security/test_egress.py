@@ -73,7 +73,7 @@ async def env(stack: StackUnderTest) -> AsyncIterator[Env]:
         kafka=ns.kafka(), mongo=ns.mongo(),
         alerts=AlertsSettings(allow_private_targets=False, retry_first_seconds=0.05, retry_max_seconds=0.1,
                               max_attempts=MAX_ATTEMPTS, attempt_timeout_seconds=5.0, poll_seconds=0.1,
-                              secrets_keys=new_key("k1")),  # type: ignore[arg-type]
+                              secrets_keys=new_key("k1")),
         smtp=SmtpSettings(host=""))
     app = create_app(config, resolve=dns)
     publisher = EventPublisher(stack.bootstrap)
@@ -105,10 +105,11 @@ async def admin_of_new_tenant(env: Env) -> tuple[str, dict[str, str]]:
     return tenant, headers
 
 
-async def finished_delivery(env: Env, headers: dict[str, str], alert_id: str) -> dict[str, Any] | None:
+async def finished_delivery(env: Env, headers: dict[str, str], alert_id: str) -> dict[str, Any]:
+    """The alert's delivery once it reached a final state ({} until then)."""
     r = await env.client.get("/v1/deliveries", params={"alert_id": alert_id}, headers=headers)
     rows = [d for d in r.json() if d["status"] != "pending"]
-    return rows[0] if rows else None
+    return dict(rows[0]) if rows else {}
 
 
 async def test_a_name_that_rebinds_to_loopback_after_the_check_gets_no_request_through(

@@ -66,7 +66,7 @@ async def env(stack: StackUnderTest) -> AsyncIterator[Env]:
                               # timers) move the worker, so a missed wake-up shows as a stall.
                               poll_seconds=3600.0,
                               retry_first_seconds=0.05, retry_max_seconds=0.1,
-                              secrets_keys=new_key("k1")),  # type: ignore[arg-type]
+                              secrets_keys=new_key("k1")),
         smtp=SmtpSettings(host=""))
     app = create_app(config)
     publisher = EventPublisher(stack.bootstrap)
@@ -188,3 +188,19 @@ async def test_a_receiver_answering_a_huge_body_is_read_only_a_few_kib(env: Env)
         # buffers' worth at most, nowhere near the 64 MiB body.
         await eventually(lambda: _true(receiver.bodies_finished == 1))
         assert receiver.body_bytes_sent < 16 * 1024 * 1024
+
+
+async def test_a_redirect_is_not_followed(env: Env) -> None:
+    t = await new_tenant(env, "redirect")
+    with webhook_receiver() as elsewhere, webhook_receiver(status=307, headers={"location": "PLACEHOLDER"}) as hook:
+        hook.headers["location"] = elsewhere.url
+        assert (await subscribe(env, t, hook.url)).status_code == 201
+        ev = deterioration(t.id, "nobody", "client-redirect")
+        await env.publisher.publish(env.topics.deterioration, ev, t.id, ev.client_id)
+
+        async def answered() -> list[dict[str, Any]]:
+            r = await env.client.get("/v1/deliveries", params={"alert_id": ev.alert_id}, headers=t.admin)
+            return [d for d in r.json() if d["last_outcome"] is not None]
+        row = (await eventually(answered))[0]
+        assert row["last_outcome"] == "3xx" and row["status"] != "delivered"
+        assert hook.successes() and elsewhere.attempts == 0

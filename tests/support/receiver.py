@@ -33,6 +33,7 @@ class Receiver:
     body_bytes_sent: int = 0
     bodies_finished: int = 0  # answers with a body that ended (written whole, or cut off by the sender)
     tls_server_names: list[str | None] = field(default_factory=list)  # SNI of each TLS handshake
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every answer (e.g. a Location)
     scheme: str = "http"
     received: list[Received] = field(default_factory=list)
     attempts: int = 0
@@ -49,10 +50,11 @@ class Receiver:
 
 @contextmanager
 def webhook_receiver(fail_first: int = 0, delay_seconds: float = 0.0, status: int = 204,
-                     body_bytes: int = 0, tls: ssl.SSLContext | None = None) -> Iterator[Receiver]:
+                     body_bytes: int = 0, tls: ssl.SSLContext | None = None,
+                     headers: dict[str, str] | None = None) -> Iterator[Receiver]:
     """Run a receiver in a thread for the duration of the block (HTTPS with the `tls` server context)."""
     state = Receiver(fail_first=fail_first, delay_seconds=delay_seconds, status=status, body_bytes=body_bytes,
-                     scheme="https" if tls else "http")
+                     scheme="https" if tls else "http", headers=dict(headers or {}))
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
@@ -76,6 +78,8 @@ def webhook_receiver(fail_first: int = 0, delay_seconds: float = 0.0, status: in
                 state.received.append(Received(self.path, {k.lower(): v for k, v in self.headers.items()},
                                                body, time.time()))
             self.send_response(state.status)
+            for name, value in state.headers.items():
+                self.send_header(name, value)
             if state.body_bytes:
                 self.send_header("content-length", str(state.body_bytes))
             self.end_headers()
