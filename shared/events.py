@@ -181,6 +181,32 @@ class ClientTransfer(Event):
     requested_by: str | None = None
 
 
+class DeadLetterReason(StrEnum):
+    """Why a record went to `srs.deadletter.v1` (`DeadLetter.reason`): every reason any service
+    writes. The values are the wire format (docs/events.md lists them); readers treat a value
+    they do not know as "something else"."""
+
+    # A consumer could not read the record (`shared.kafka.decode_batch`).
+    UNDECODABLE = "undecodable"  # not UTF-8 JSON
+    INVALID = "invalid"  # JSON, but not the event the topic carries
+    INVALID_EVENT = "invalid_event"  # alerts' name for both (and for a status breaking the contract)
+    # Scoring refused a submission (services/scoring/series.py).
+    UNSCORABLE = "unscorable"
+    SITE_CONFLICT = "site_conflict"
+    SESSION_GAP = "session_gap"
+    DUPLICATE = "duplicate"
+    SERIES_FULL = "series_full"
+    # Alerts gave up on a delivery.
+    DELIVERY_FAILED = "delivery_failed"
+    # Reporting refused a session: the client's record is at its size cap.
+    RECORD_TOO_LARGE = "record_too_large"
+    # A poison record, set aside by the shared subscriber (`shared.kafka.classify`).
+    DOCUMENT_TOO_LARGE = "document_too_large"
+    INVALID_DOCUMENT = "invalid_document"
+    VALIDATION_ERROR = "validation_error"
+    PERMANENT_ERROR = "permanent_error"
+
+
 class DeadLetter(BaseModel):
     """A record some stage could not process (topic `srs.deadletter.v1`), kept with the reason."""
 

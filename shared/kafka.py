@@ -26,6 +26,11 @@
   its effects may already be in the store (re-applied idempotently) and its poison records may
   already be on the dead-letter topic; a redelivery dead-letters them again under the same
   `event_id` (derived from source coordinates and reason), so readers can drop the copies.
+- `decode_batch`: the typed layer handlers call first: decodes a batch into `Decoded` events
+  (each with its record: coordinates, key, headers) with one model or one chosen per record, and
+  builds the dead letters of the records that do not decode (`DeadLetterReason` `undecodable` or
+  `invalid`, with the tenant the record names). It publishes nothing; the handler sends those
+  dead letters with its other outputs before it returns, so the crash rule above holds for them.
 - `Publisher`: publishes many records and waits for all acknowledgements together.
 """
 
@@ -44,14 +49,14 @@ import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from aiokafka import ConsumerRecord, TopicPartition
 from bson.errors import BSONError, InvalidDocument
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from pymongo.errors import (
     BulkWriteError,
     ConnectionFailure,
@@ -62,7 +67,7 @@ from pymongo.errors import (
     WriteError,
 )
 
-from shared.events import DeadLetter
+from shared.events import DeadLetter, DeadLetterReason
 from shared.metrics import (
     CONSUMER_BATCH_SECONDS,
     CONSUMER_LAG,
@@ -230,6 +235,72 @@ def dead_letter_record(service: str, rec: InboundRecord, reason: str, detail: st
     return OutboundRecord(dlq_topic, dl.model_dump_json().encode(), key=rec.key, correlation_id=rec.correlation_id)
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Decoded(Generic[M]):
+    """One record decoded into its event, with the record (coordinates, key, headers: for
+    correlation ids, sources and dead letters)."""
+
+    record: InboundRecord
+    event: M
+
+    @property
+    def body(self) -> str:
+        """The record's value as text (it decoded, so it is UTF-8)."""
+        return self.record.value.decode("utf-8")
+
+    @property
+    def correlation_id(self) -> str:
+        return self.record.correlation_id
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A record that did not decode: `undecodable` (not UTF-8 JSON) or `invalid` (not the event)."""
+
+    record: InboundRecord
+    reason: DeadLetterReason
+    detail: str  # field paths and messages, never the values (they may hold client ids and ratings)
+
+
+# Which model a record holds: one for the topic, or chosen per record (e.g. by a header).
+ModelOf = type[M] | Callable[[InboundRecord], type[M]]
+
+
+def describe(exc: ValidationError) -> str:
+    """A validation error as field paths and messages only: the input values may hold client ids and ratings."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+
+
+def decode_records(records: Sequence[InboundRecord], model: ModelOf[M]) -> tuple[list[Decoded[M]], list[Refused]]:
+    """Decode each record into its model, in order; the others come back refused, with the reason."""
+    good: list[Decoded[M]] = []
+    refused: list[Refused] = []
+    for rec in records:
+        chosen: type[M] = model if isinstance(model, type) else model(rec)
+        try:
+            good.append(Decoded(rec, chosen.model_validate_json(rec.value)))
+        except ValidationError as exc:
+            undecodable = any(e["type"] == "json_invalid" for e in exc.errors())
+            reason = DeadLetterReason.UNDECODABLE if undecodable else DeadLetterReason.INVALID
+            refused.append(Refused(rec, reason, describe(exc)))
+    return good, refused
+
+
+def decode_batch(records: Sequence[InboundRecord], model: ModelOf[M], *, service: str, dlq_topic: str,
+                 reason: DeadLetterReason | None = None) -> tuple[list[Decoded[M]], list[OutboundRecord]]:
+    """Decode a batch: the events in record order, and a dead letter (with the tenant the record
+    names, when it names one) for each record that did not decode. `reason` replaces both decode
+    reasons for a service whose dead letters have always carried one (alerts: `invalid_event`).
+    Nothing is published here: the handler sends the dead letters with its other outputs, before
+    it returns (so a crash before the commit dead-letters them again, under the same ids)."""
+    good, refused = decode_records(records, model)
+    return good, [dead_letter_record(service, r.record, reason or r.reason, r.detail, dlq_topic, _tenant_of(r.record))
+                  for r in refused]
+
+
 BatchHandler = Callable[[list[InboundRecord]], Awaitable[None]]
 DeadLetterSink = Callable[[Sequence[OutboundRecord]], Awaitable[None]]
 
@@ -242,7 +313,7 @@ class PermanentError(Exception):
     `detail` goes to the dead letter only, never to a log.
     """
 
-    def __init__(self, reason: str = "permanent_error", detail: str = "") -> None:
+    def __init__(self, reason: str = DeadLetterReason.PERMANENT_ERROR, detail: str = "") -> None:
         super().__init__(reason)
         self.reason = reason
         self.detail = detail
@@ -289,7 +360,8 @@ def _write_error_reason(codes: Sequence[int]) -> str | None:
     own = [c for c in codes if c != DUPLICATE_KEY]
     if not own or not all(c in TOO_LARGE_CODES or c in INVALID_WRITE_CODES for c in own):
         return None
-    return "document_too_large" if any(c in TOO_LARGE_CODES for c in own) else "invalid_document"
+    return DeadLetterReason.DOCUMENT_TOO_LARGE if any(c in TOO_LARGE_CODES for c in own) \
+        else DeadLetterReason.INVALID_DOCUMENT
 
 
 def classify(exc: BaseException) -> Failure:
@@ -307,11 +379,12 @@ def classify(exc: BaseException) -> Failure:
     if isinstance(exc, PermanentError):
         return Failure(True, exc.reason, f"{name}({exc.reason})", exc.detail)
     if isinstance(exc, DocumentTooLarge):
-        return Failure(True, "document_too_large", name, str(exc)[:500])
+        return Failure(True, DeadLetterReason.DOCUMENT_TOO_LARGE, name, str(exc)[:500])
     if isinstance(exc, (InvalidDocument, BSONError)):
-        return Failure(True, "invalid_document", name, str(exc)[:500])
+        return Failure(True, DeadLetterReason.INVALID_DOCUMENT, name, str(exc)[:500])
     if isinstance(exc, ValidationError):
-        return Failure(True, "validation_error", f"{name}({exc.error_count()} errors, {exc.title})", str(exc)[:2000])
+        return Failure(True, DeadLetterReason.VALIDATION_ERROR, f"{name}({exc.error_count()} errors, {exc.title})",
+                       str(exc)[:2000])
     if isinstance(exc, (ConnectionFailure, ExecutionTimeout, WriteConcernError)):
         return Failure(False, TRANSIENT, f"{name}(code={getattr(exc, 'code', None)})")
     if isinstance(exc, BulkWriteError):
@@ -331,9 +404,9 @@ def classify(exc: BaseException) -> Failure:
             return Failure(False, TRANSIENT, summary)
         message = str((exc.details or {}).get("errmsg", ""))[:500]
         if code in TOO_LARGE_CODES:
-            return Failure(True, "document_too_large", summary, message)
+            return Failure(True, DeadLetterReason.DOCUMENT_TOO_LARGE, summary, message)
         if isinstance(exc, WriteError) and code in INVALID_WRITE_CODES:
-            return Failure(True, "invalid_document", summary, message)
+            return Failure(True, DeadLetterReason.INVALID_DOCUMENT, summary, message)
         return Failure(False, TRANSIENT, summary)
     if isinstance(exc, BaseExceptionGroup):
         members = [classify(e) for e in exc.exceptions]

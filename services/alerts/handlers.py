@@ -1,12 +1,13 @@
 """Consumer handlers: translate consumed events into alerts and scheduled deliveries.
 
-Per batch: decode every record (an undecodable one is dead-lettered, never retried), load the
-directory entries and subscriptions the batch needs (two `$in` reads), merge the alerts'
-lifecycles (one bulk write), read back where each alert now stands (one `$in` read), plan the
-deliveries of the events that are their alert's current state with the pure routing rules and
-insert them (one bulk write, unique ids: a redelivered batch inserts nothing new), publish the
-dead letters, and return — only then are the offsets committed. Nothing is sent here: the
-delivery worker does that, so a slow receiver can never hold up a partition.
+Per batch: decode every record (`shared.kafka.decode_batch`; one that does not decode is
+dead-lettered as `invalid_event`, never retried), load the directory entries and subscriptions
+the batch needs (two `$in` reads), merge the alerts' lifecycles (one bulk write), read back
+where each alert now stands (one `$in` read), plan the deliveries of the events that are their
+alert's current state with the pure routing rules and insert them (one bulk write, unique ids: a
+redelivered batch inserts nothing new), publish the dead letters, and return — only then are the
+offsets committed. Nothing is sent here: the delivery worker does that, so a slow receiver can
+never hold up a partition.
 
 Raises (`alliance.deterioration.v1`) and their ends (`alliance.alert-status.v1`) arrive on two
 topics, consumed independently, so in any order. A raise is told unless the alert has already
@@ -20,24 +21,40 @@ recorded.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel
 
-from services.alerts.rules import RAISED, SUPERSEDED, PlannedDelivery, lifecycle_order, route_alert, route_status
+from services.alerts.rules import (
+    RAISED,
+    SUPERSEDED,
+    Clinician,
+    PlannedDelivery,
+    Subscription,
+    lifecycle_order,
+    route_alert,
+    route_status,
+)
 from services.alerts.rules import partner_deliveries as plan_partners
-from services.alerts.store import EPOCH, AlertsStore
-from shared.events import LIFECYCLE_STATUSES, AlertStatusChanged, AllianceDeterioration, SrsScored
+from services.alerts.store import EPOCH
+from shared.events import (
+    LIFECYCLE_STATUSES,
+    AlertStatusChanged,
+    AllianceDeterioration,
+    DeadLetterReason,
+    SrsScored,
+)
 from shared.ids import partition_key
-from shared.kafka import InboundRecord, OutboundRecord, Publisher, dead_letter_record
+from shared.kafka import Decoded, InboundRecord, OutboundRecord, dead_letter_record, decode_batch
 from shared.mongo import Document
 from shared.topics import ALERT_STATUS, DETERIORATION, SCORED, Topics
 
 log = logging.getLogger("alliance.alerts.handlers")
 
 SERVICE = "alerts"
+M = TypeVar("M", bound=BaseModel)
 
 
 def _source(rec: InboundRecord) -> dict[str, Any]:
@@ -89,10 +106,32 @@ def status_record(event: AlertStatusChanged, client_id: str, topics: Topics,
                           key=partition_key(event.tenant_id, client_id), correlation_id=correlation_id)
 
 
+class HandlerStore(Protocol):
+    """What the handlers need of the store (`AlertsStore`; an in-memory fake in the unit tests)."""
+
+    async def clinicians_for(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Clinician]: ...
+
+    async def subscriptions_for(self, tenant_ids: Iterable[str], topic: str) -> list[Subscription]: ...
+
+    async def record_raises(self, raises: Sequence[tuple[int, Document]]) -> None: ...
+
+    async def record_statuses(self, statuses: Sequence[tuple[str, int, Document]]) -> None: ...
+
+    async def lifecycle_orders(self, alert_ids: Iterable[str]) -> dict[str, str]: ...
+
+    async def insert_deliveries(self, docs: Sequence[Document]) -> int: ...
+
+
+class PublishesAll(Protocol):
+    """Publishes records and returns once every one is acknowledged (`shared.kafka.Publisher`)."""
+
+    async def publish_all(self, records: Sequence[OutboundRecord]) -> None: ...
+
+
 class Handlers:
     """The three batch handlers of the service."""
 
-    def __init__(self, store: AlertsStore, publisher: Publisher, topics: Topics, email_enabled: bool,
+    def __init__(self, store: HandlerStore, publisher: PublishesAll, topics: Topics, email_enabled: bool,
                  on_scheduled: Callable[[], None]) -> None:
         self._store = store
         self._publisher = publisher
@@ -100,31 +139,29 @@ class Handlers:
         self._email = email_enabled
         self._on_scheduled = on_scheduled
 
-    def _decode(self, records: Sequence[InboundRecord], model: type[Any],
-                dead: list[OutboundRecord]) -> list[tuple[InboundRecord, Any, str]]:
-        out = []
-        for rec in records:
-            try:
-                body = rec.value.decode("utf-8")
-                out.append((rec, model.model_validate_json(body), body))
-            except (UnicodeDecodeError, ValidationError, ValueError) as exc:
-                dead.append(dead_letter_record(SERVICE, rec, "invalid_event", str(exc), self._topics.deadletter))
-        return out
+    def _decode(self, records: Sequence[InboundRecord], model: type[M],
+                dead: list[OutboundRecord]) -> list[Decoded[M]]:
+        # Alerts' decode failures have always been dead-lettered as `invalid_event` (kept: it is the wire format).
+        decoded, letters = decode_batch(records, model, service=SERVICE, dlq_topic=self._topics.deadletter,
+                                        reason=DeadLetterReason.INVALID_EVENT)
+        dead.extend(letters)
+        return decoded
 
     async def on_deterioration(self, records: list[InboundRecord]) -> None:
         """Record alerts and schedule their deliveries (clinician webhook/email, the tenant's partners)."""
         dead: list[OutboundRecord] = []
-        decoded: list[tuple[InboundRecord, AllianceDeterioration, str]] = self._decode(
-            records, AllianceDeterioration, dead)
+        decoded = self._decode(records, AllianceDeterioration, dead)
         scheduled = 0
         if decoded:
             now = datetime.now(UTC)
-            clinicians = await self._store.clinicians_for((ev.tenant_id, ev.clinician_id) for _, ev, _ in decoded)
-            subscriptions = await self._store.subscriptions_for((ev.tenant_id for _, ev, _ in decoded), DETERIORATION)
-            await self._store.record_raises([(ev.revision, alert_content(ev, body, rec)) for rec, ev, body in decoded])
-            current = await self._store.lifecycle_orders(ev.alert_id for _, ev, _ in decoded)
+            clinicians = await self._store.clinicians_for((d.event.tenant_id, d.event.clinician_id) for d in decoded)
+            subscriptions = await self._store.subscriptions_for((d.event.tenant_id for d in decoded), DETERIORATION)
+            await self._store.record_raises([(d.event.revision, alert_content(d.event, d.body, d.record))
+                                             for d in decoded])
+            current = await self._store.lifecycle_orders(d.event.alert_id for d in decoded)
             docs: list[Document] = []
-            for rec, ev, body in decoded:
+            for d in decoded:
+                ev = d.event
                 if current.get(ev.alert_id) not in (lifecycle_order(RAISED, ev.revision),
                                                     lifecycle_order(SUPERSEDED, ev.revision)):
                     log.info("revision %d of an alert is already withdrawn or revised: not sent",
@@ -133,24 +170,26 @@ class Handlers:
                 planned = route_alert(ev, clinicians.get((ev.tenant_id, ev.clinician_id)),
                                       subscriptions, self._email)
                 origin = ev.accepted_at or ev.occurred_at
-                docs.extend(delivery_doc(p, body, origin, rec.correlation_id, _source(rec), now) for p in planned)
+                docs.extend(delivery_doc(p, d.body, origin, d.correlation_id, _source(d.record), now)
+                            for p in planned)
             scheduled = await self._store.insert_deliveries(docs)
         await self._publisher.publish_all(dead)
         if scheduled:
             self._on_scheduled()
 
     def _decode_status(self, records: Sequence[InboundRecord],
-                       dead: list[OutboundRecord]) -> list[tuple[InboundRecord, AlertStatusChanged, str]]:
+                       dead: list[OutboundRecord]) -> list[Decoded[AlertStatusChanged]]:
         """Decode alert-status records; a lifecycle status without the revision it ends (or the
         client it concerns) breaks the contract and cannot be ordered, so it is dead-lettered."""
         out = []
-        for rec, ev, body in self._decode(records, AlertStatusChanged, dead):
+        for d in self._decode(records, AlertStatusChanged, dead):
+            ev = d.event
             if ev.status in LIFECYCLE_STATUSES and (ev.revision is None or ev.client_id is None):
-                dead.append(dead_letter_record(SERVICE, rec, "invalid_event",
+                dead.append(dead_letter_record(SERVICE, d.record, DeadLetterReason.INVALID_EVENT,
                                                f"a {ev.status} status must name its revision and client_id",
-                                               self._topics.deadletter))
+                                               self._topics.deadletter, ev.tenant_id))
             else:
-                out.append((rec, ev, body))
+                out.append(d)
         return out
 
     async def on_alert_status(self, records: list[InboundRecord]) -> None:
@@ -165,23 +204,25 @@ class Handlers:
         scheduled = 0
         if decoded:
             now = datetime.now(UTC)
+            events = [d.event for d in decoded]
             # (status, revision it ends) of the lifecycle events; _decode_status made sure both are set.
-            ends = {ev.event_id: (ev.status, ev.revision) for _, ev, _ in decoded
+            ends = {ev.event_id: (ev.status, ev.revision) for ev in events
                     if ev.status in LIFECYCLE_STATUSES and ev.revision is not None}
             await self._store.record_statuses([(*ends[ev.event_id], status_identity(ev))
-                                               for _, ev, _ in decoded if ev.event_id in ends])
-            current = await self._store.lifecycle_orders(ev.alert_id for _, ev, _ in decoded if ev.event_id in ends)
-            clinicians = await self._store.clinicians_for((ev.tenant_id, ev.clinician_id) for _, ev, _ in decoded
+                                               for ev in events if ev.event_id in ends])
+            current = await self._store.lifecycle_orders(ev.alert_id for ev in events if ev.event_id in ends)
+            clinicians = await self._store.clinicians_for((ev.tenant_id, ev.clinician_id) for ev in events
                                                           if ev.status == "withdrawn")
-            subscriptions = await self._store.subscriptions_for((ev.tenant_id for _, ev, _ in decoded), ALERT_STATUS)
+            subscriptions = await self._store.subscriptions_for((ev.tenant_id for ev in events), ALERT_STATUS)
             docs: list[Document] = []
-            for rec, ev, body in decoded:
+            for d in decoded:
+                ev = d.event
                 end = ends.get(ev.event_id)
                 if end is not None and current.get(ev.alert_id) != lifecycle_order(*end):
                     continue  # stale: the alert has moved on (e.g. raised again); telling anyone would mislead
                 planned = route_status(ev, clinicians.get((ev.tenant_id, ev.clinician_id)), subscriptions,
                                        self._email)
-                docs.extend(delivery_doc(p, body, ev.occurred_at, rec.correlation_id, _source(rec), now)
+                docs.extend(delivery_doc(p, d.body, ev.occurred_at, d.correlation_id, _source(d.record), now)
                             for p in planned)
             scheduled = await self._store.insert_deliveries(docs)
         await self._publisher.publish_all(dead)
@@ -191,18 +232,20 @@ class Handlers:
     async def on_scored(self, records: list[InboundRecord]) -> None:
         """Schedule scored events for the partners of their tenant that subscribed to them."""
         dead: list[OutboundRecord] = []
-        decoded: list[tuple[InboundRecord, SrsScored, str]] = self._decode(records, SrsScored, dead)
+        decoded = self._decode(records, SrsScored, dead)
         scheduled = 0
         if decoded:
-            subscriptions = await self._store.subscriptions_for((ev.tenant_id for _, ev, _ in decoded), SCORED)
+            subscriptions = await self._store.subscriptions_for((d.event.tenant_id for d in decoded), SCORED)
             if subscriptions:
                 now = datetime.now(UTC)
                 docs: list[Document] = []
-                for rec, ev, body in decoded:
+                for d in decoded:
+                    ev = d.event
                     planned = plan_partners("event", ev.tenant_id, ev.site_id, ev.event_id, None, SCORED,
                                             subscriptions)
                     origin = ev.accepted_at or ev.occurred_at
-                    docs.extend(delivery_doc(p, body, origin, rec.correlation_id, _source(rec), now) for p in planned)
+                    docs.extend(delivery_doc(p, d.body, origin, d.correlation_id, _source(d.record), now)
+                                for p in planned)
                 scheduled = await self._store.insert_deliveries(docs)
         await self._publisher.publish_all(dead)
         if scheduled:

@@ -64,7 +64,7 @@ from services.alerts.rules import Outcome, backoff_seconds, fair_pick, is_final,
 from services.alerts.senders import Cancelled, SendError
 from services.alerts.settings import AlertsSettings
 from services.alerts.store import AlertsStore, AttemptResult, utcnow
-from shared.events import DeadLetter
+from shared.events import DeadLetter, DeadLetterReason
 from shared.kafka import OutboundRecord, Publisher
 from shared.metrics import DEADLETTER
 from shared.mongo import Document
@@ -73,7 +73,7 @@ from shared.topics import Topics
 log = logging.getLogger("alliance.alerts.worker")
 
 SERVICE = "alerts"
-DELIVERY_FAILED = "delivery_failed"
+DELIVERY_FAILED = DeadLetterReason.DELIVERY_FAILED
 
 
 class Sender(Protocol):

@@ -1,13 +1,13 @@
 """Batch handlers: raw records in, read-model writes out.
 
-Each handler decodes its batch, dead-letters what cannot be decoded or validated (a poison
-record never blocks the partition), writes the rest with one bulk write per generation, and
-returns; `shared.kafka.subscribe_batch` commits only after that. A store failure raises: a
-transient one is retried and never committed past; a deterministic one (a document the store
-refuses as too large or invalid) makes the subscriber isolate and dead-letter the record at
-fault. Sessions that would grow a client's record past its size cap are refused by the store
-adapter before any write and dead-lettered here as `record_too_large`, so one client's history
-never stalls its partition.
+Each handler decodes its batch (`shared.kafka.decode_batch`), dead-letters what cannot be
+decoded or validated (`undecodable`, `invalid`: a poison record never blocks the partition),
+writes the rest with one bulk write per generation, and returns; `shared.kafka.subscribe_batch`
+commits only after that. A store failure raises: a transient one is retried and never committed
+past; a deterministic one (a document the store refuses as too large or invalid) makes the
+subscriber isolate and dead-letter the record at fault. Sessions that would grow a client's
+record past its size cap are refused by the store adapter before any write and dead-lettered
+here as `record_too_large`, so one client's history never stalls its partition.
 """
 
 from __future__ import annotations
@@ -18,56 +18,28 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Protocol
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from services.reporting import metrics
-from services.reporting.store import Generations, ReportingStore, SubmissionStore
-from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, SrsScored, SrsSubmitted
-from shared.kafka import InboundRecord, OutboundRecord, coordinates, dead_letter_record
+from services.reporting.store import ApplyReport, GenerationState
+from shared.events import (
+    AlertStatusChanged,
+    AllianceDeterioration,
+    DeadLetter,
+    DeadLetterReason,
+    SrsScored,
+    SrsSubmitted,
+)
+from shared.kafka import InboundRecord, OutboundRecord, coordinates, dead_letter_record, decode_batch, decode_records
 from shared.metrics import POISON_RECORDS
 from shared.topics import Topics
 
 log = logging.getLogger("alliance.reporting")
 
 SERVICE = "reporting"
-M = TypeVar("M", bound=BaseModel)
 DeadLetterSink = Callable[[Sequence[OutboundRecord]], Awaitable[None]]
-
-
-def parse(records: Sequence[InboundRecord], model: type[M]) -> tuple[list[M], list[tuple[InboundRecord, str, str]]]:
-    """Decode records into `model`; the rest come back as (record, reason, detail)."""
-    good: list[M] = []
-    bad: list[tuple[InboundRecord, str, str]] = []
-    for rec in records:
-        try:
-            good.append(model.model_validate_json(rec.value))
-        except ValidationError as exc:
-            reason = "undecodable" if any(e.get("type") == "json_invalid" for e in exc.errors()) else "invalid"
-            bad.append((rec, reason, str(exc)))
-        except (UnicodeDecodeError, ValueError) as exc:
-            bad.append((rec, "undecodable", repr(exc)))
-    return good, bad
-
-
-def decode(records: Sequence[InboundRecord], model: type[M], dlq_topic: str,
-           service: str = SERVICE) -> tuple[list[M], list[OutboundRecord]]:
-    """Decode records into `model`; undecodable or invalid ones become dead letters."""
-    good, bad = parse(records, model)
-    return good, [dead_letter_record(service, rec, reason, detail, dlq_topic) for rec, reason, detail in bad]
-
-
-def decode_each(records: Sequence[InboundRecord], model: type[M], dlq_topic: str,
-                service: str = SERVICE) -> tuple[list[tuple[InboundRecord, M]], list[OutboundRecord]]:
-    """Like `decode`, each event with the record it came from."""
-    pairs: list[tuple[InboundRecord, M]] = []
-    dead: list[OutboundRecord] = []
-    for rec in records:
-        good, bad = parse([rec], model)
-        pairs.extend((rec, event) for event in good)
-        dead.extend(dead_letter_record(service, r, reason, detail, dlq_topic) for r, reason, detail in bad)
-    return pairs, dead
 
 
 def too_large_letters(refused: Sequence[tuple[SrsScored, int]], sources: dict[int, InboundRecord], cap: int,
@@ -83,8 +55,9 @@ def too_large_letters(refused: Sequence[tuple[SrsScored, int]], sources: dict[in
         done.add(id(event))
         detail = (f"the client's record would be {size} bytes with this session, over the cap of {cap} "
                   "(ALLIANCE_REPORTING_MAX_RECORD_BYTES); the record keeps the sessions it had")
-        out.append(dead_letter_record(SERVICE, rec, "record_too_large", detail, dlq_topic, event.tenant_id))
-        POISON_RECORDS.labels(SERVICE, rec.topic, "record_too_large").inc()
+        out.append(dead_letter_record(SERVICE, rec, DeadLetterReason.RECORD_TOO_LARGE, detail, dlq_topic,
+                                      event.tenant_id))
+        POISON_RECORDS.labels(SERVICE, rec.topic, DeadLetterReason.RECORD_TOO_LARGE).inc()
     if out:
         first, last = sources[id(refused[0][0])], sources[id(refused[-1][0])]
         log.warning("%d sessions refused: their client's record is at its size cap (first %s, last %s)",
@@ -104,12 +77,41 @@ def rejection(dead: DeadLetter, topics: Topics) -> tuple[str, SrsSubmitted] | No
     return dead.tenant_id or submitted.tenant_id, submitted
 
 
+class ReadModels(Protocol):
+    """What the handlers need of the read models (`ReportingStore`; a fake in the unit tests)."""
+
+    @property
+    def max_record_bytes(self) -> int: ...
+
+    async def ensure_indexes(self, gen: str) -> None: ...
+
+    async def apply_scored(self, gen: str, events: Sequence[SrsScored]) -> ApplyReport: ...
+
+    async def apply_deterioration(self, gen: str, events: Sequence[AllianceDeterioration]) -> int: ...
+
+    async def apply_alert_status(self, gen: str, events: Sequence[AlertStatusChanged]) -> int: ...
+
+
+class GenerationPointer(Protocol):
+    """Which generations the consumers write (`Generations`)."""
+
+    async def current(self) -> GenerationState: ...
+
+
+class SubmissionStatuses(Protocol):
+    """The submissions' status, outside the generations (`SubmissionStore`)."""
+
+    async def apply_scored(self, events: Sequence[SrsScored]) -> int: ...
+
+    async def apply_rejected(self, rejections: Sequence[tuple[str, DeadLetter, SrsSubmitted]]) -> int: ...
+
+
 class ReportingHandlers:
     """The consumers of reporting: three write to every generation the pointer names; the scored
     one and the dead-letter one also keep the submissions' status (outside the generations)."""
 
-    def __init__(self, store: ReportingStore, generations: Generations, dead_letters: DeadLetterSink,
-                 topics: Topics, submissions: SubmissionStore) -> None:
+    def __init__(self, store: ReadModels, generations: GenerationPointer, dead_letters: DeadLetterSink,
+                 topics: Topics, submissions: SubmissionStatuses) -> None:
         self.store = store
         self.generations = generations
         self.submissions = submissions
@@ -129,8 +131,8 @@ class ReportingHandlers:
 
     async def scored(self, records: list[InboundRecord]) -> None:
         """`srs.scored.v1`: merge sessions into records, and note each submission's scored revision."""
-        pairs, dead = decode_each(records, SrsScored, self._dlq)
-        events = [e for _, e in pairs]
+        decoded, dead = decode_batch(records, SrsScored, service=SERVICE, dlq_topic=self._dlq)
+        events = [d.event for d in decoded]
         started = time.perf_counter()
         if events:
             active, building = await self._targets()
@@ -139,7 +141,7 @@ class ReportingHandlers:
             if building is not None:
                 refused.extend((await self.store.apply_scored(building, events)).refused)
             if refused:
-                sources = {id(e): rec for rec, e in pairs}
+                sources = {id(d.event): d.record for d in decoded}
                 dead.extend(too_large_letters(refused, sources, self.store.max_record_bytes, self._dlq))
             metrics.SUBMISSION_WRITES.inc(await self.submissions.apply_scored(events))
             now = datetime.now(UTC)
@@ -154,7 +156,8 @@ class ReportingHandlers:
 
     async def deterioration(self, records: list[InboundRecord]) -> None:
         """`alliance.deterioration.v1`: count raised alerts and mark them on trajectories."""
-        events, dead = decode(records, AllianceDeterioration, self._dlq)
+        decoded, dead = decode_batch(records, AllianceDeterioration, service=SERVICE, dlq_topic=self._dlq)
+        events = [d.event for d in decoded]
         started = time.perf_counter()
         if events:
             active, building = await self._targets()
@@ -167,7 +170,8 @@ class ReportingHandlers:
 
     async def alert_status(self, records: list[InboundRecord]) -> None:
         """`alliance.alert-status.v1`: count acknowledged alerts."""
-        events, dead = decode(records, AlertStatusChanged, self._dlq)
+        decoded, dead = decode_batch(records, AlertStatusChanged, service=SERVICE, dlq_topic=self._dlq)
+        events = [d.event for d in decoded]
         started = time.perf_counter()
         if events:
             active, building = await self._targets()
@@ -183,12 +187,11 @@ class ReportingHandlers:
         whose payload is a submission). Anything else is skipped and counted, never
         dead-lettered again: this consumer must not stall or feed its own input."""
         found: list[tuple[str, DeadLetter, SrsSubmitted]] = []
-        for rec in records:
-            try:
-                dead = DeadLetter.model_validate_json(rec.value)
-            except (ValidationError, ValueError):
-                metrics.DEAD_LETTERS.labels("unparseable").inc()
-                continue
+        decoded, unparseable = decode_records(records, DeadLetter)
+        if unparseable:
+            metrics.DEAD_LETTERS.labels("unparseable").inc(len(unparseable))
+        for d in decoded:
+            dead = d.event
             hit = rejection(dead, self._topics)
             if hit is None:
                 metrics.DEAD_LETTERS.labels("ignored").inc()

@@ -30,11 +30,10 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from services.reporting.handlers import parse
 from services.reporting.settings import ReportingSettings
 from services.reporting.store import Generations, ReportingStore, alerts_name, clients_name
 from shared.events import AlertStatusChanged, AllianceDeterioration, SrsScored
-from shared.kafka import InboundRecord, admin_security_kwargs
+from shared.kafka import InboundRecord, admin_security_kwargs, decode_records
 from shared.mongo import database, make_client
 from shared.settings import KafkaSettings, MongoSettings
 
@@ -84,9 +83,12 @@ class Replayer:
         by_topic: dict[str, list[InboundRecord]] = {}
         for r in records:
             by_topic.setdefault(r.topic, []).append(r)
-        scored, bad1 = parse(by_topic.get(self.scored, []), SrsScored)
-        alerts, bad2 = parse(by_topic.get(self.deterioration, []), AllianceDeterioration)
-        status, bad3 = parse(by_topic.get(self.alert_status, []), AlertStatusChanged)
+        scored_in, bad1 = decode_records(by_topic.get(self.scored, []), SrsScored)
+        alerts_in, bad2 = decode_records(by_topic.get(self.deterioration, []), AllianceDeterioration)
+        status_in, bad3 = decode_records(by_topic.get(self.alert_status, []), AlertStatusChanged)
+        scored = [d.event for d in scored_in]
+        alerts = [d.event for d in alerts_in]
+        status = [d.event for d in status_in]
         if scored:
             # Sessions over a record's size cap are skipped here as the live consumer dead-lettered them.
             self.skipped += len((await self.store.apply_scored(self.gen, scored, fresh=True)).refused)

@@ -2,8 +2,8 @@
 
 Per batch (never per message):
 
-1. decode every record (a submission, or a client transfer named by the `record-type` header);
-   undecodable or invalid ones become dead letters (the batch goes on);
+1. decode every record (`shared.kafka.decode_batch`: a submission, or a client transfer named by
+   the `record-type` header); undecodable or invalid ones become dead letters (the batch goes on);
 2. read the state of every client in the batch - from this process's cache of the clients it
    wrote, the rest with ONE query - and the tenants' rules (cached for a few seconds);
 3. apply the records in order in memory (`series.ClientState`): each accepted record yields the
@@ -56,15 +56,12 @@ wrote its series: scoring against the stale entry ends in a conflict, never in a
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
-
-from pydantic import BaseModel, ValidationError
 
 from services.scoring import metrics
 from services.scoring.rules import TenantRules
@@ -90,7 +87,7 @@ from shared.events import (
     SrsScored,
     SrsSubmitted,
 )
-from shared.kafka import CORRELATION_HEADER, InboundRecord, OutboundRecord, dead_letter_record
+from shared.kafka import CORRELATION_HEADER, InboundRecord, OutboundRecord, dead_letter_record, decode_batch
 from shared.topics import Topics
 
 log = logging.getLogger("alliance.scoring")
@@ -112,31 +109,9 @@ class StateConflict(RuntimeError):
     """Another process kept writing the same client; the batch is retried by the subscriber."""
 
 
-def _tenant_hint(value: bytes) -> str | None:
-    try:
-        doc = json.loads(value)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    t = doc.get("tenant_id") if isinstance(doc, dict) else None
-    return t if isinstance(t, str) else None
-
-
-def _describe(exc: ValidationError) -> str:
-    # Field paths and messages only: the input values may hold client ids and ratings.
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
-
-
-def decode(rec: InboundRecord) -> Input | tuple[str, str]:
-    """The submitted event or client transfer, or (reason, detail) for the dead-letter topic."""
-    model: type[BaseModel] = ClientTransfer if rec.headers.get(RECORD_TYPE_HEADER) == CLIENT_TRANSFER else SrsSubmitted
-    try:
-        got = model.model_validate_json(rec.value)
-    except ValidationError as exc:
-        if any(e["type"] == "json_invalid" for e in exc.errors()):
-            return "undecodable", _describe(exc)
-        return "invalid", _describe(exc)
-    assert isinstance(got, SrsSubmitted | ClientTransfer)
-    return got
+def model_of(rec: InboundRecord) -> type[SrsSubmitted] | type[ClientTransfer]:
+    """The model a `srs.submitted.v1` record holds: its `record-type` header tells a client transfer."""
+    return ClientTransfer if rec.headers.get(RECORD_TYPE_HEADER) == CLIENT_TRANSFER else SrsSubmitted
 
 
 def scored_event(tenant_id: str, client_id: str, o: ScoredOut) -> SrsScored:
@@ -213,16 +188,8 @@ class ScoringHandler:
 
     async def __call__(self, records: list[InboundRecord]) -> None:
         started = time.perf_counter()
-        dead: list[OutboundRecord] = []
-        inputs: list[tuple[InboundRecord, Input]] = []
-        for rec in records:
-            got = decode(rec)
-            if isinstance(got, SrsSubmitted | ClientTransfer):
-                inputs.append((rec, got))
-            else:
-                reason, detail = got
-                dead.append(dead_letter_record(SERVICE, rec, reason, detail, self.topics.deadletter,
-                                               _tenant_hint(rec.value)))
+        decoded, dead = decode_batch(records, model_of, service=SERVICE, dlq_topic=self.topics.deadletter)
+        inputs: list[tuple[InboundRecord, Input]] = [(d.record, d.event) for d in decoded]
         sending: list[asyncio.Task[None]] = []
         try:
             if inputs:

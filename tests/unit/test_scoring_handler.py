@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -33,6 +33,7 @@ from shared.events import (
 from shared.kafka import InboundRecord, OutboundRecord
 from shared.mongo import Document
 from shared.topics import Topics
+from tests.support.fakes import Sink
 
 TOPICS = Topics("u.")
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
@@ -74,24 +75,6 @@ class MemoryRules:
 
     async def get_many(self, tenants: Iterable[str]) -> dict[str, TenantRules]:
         return {t: self.rules.get(t, TenantRules()) for t in tenants}
-
-
-class Sink:
-    """A publisher that can fail its next N calls (broker down / kill -9 before the acks);
-    a failing call still gets its first half acknowledged, as when a process dies mid-publish."""
-
-    def __init__(self) -> None:
-        self.published: list[OutboundRecord] = []
-        self.attempted: list[OutboundRecord] = []
-        self.fail_next = 0
-
-    async def __call__(self, records: Sequence[OutboundRecord]) -> None:
-        self.attempted.extend(records)
-        if self.fail_next:
-            self.fail_next -= 1
-            self.published.extend(records[: len(records) // 2])
-            raise ConnectionError("broker did not acknowledge")
-        self.published.extend(records)
 
 
 def ticking_clock(start: datetime = T0) -> Callable[[], datetime]:

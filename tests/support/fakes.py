@@ -1,0 +1,202 @@
+"""In-memory stand-ins for the ports of the services' batch handlers, for unit tests that run a
+real handler without a broker or a store (tests/unit/test_*_handler.py).
+
+Each fake keeps what it was given so a test can read it back, and behaves like the real adapter
+in what the handler relies on: `MemoryAlertsStore` keeps the greatest lifecycle key of an alert
+and inserts a delivery id once; `MemoryReadModels` applies an event id once per generation.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+
+from services.alerts.rules import RAISED, Clinician, Subscription, lifecycle_order
+from services.reporting.store import ApplyReport, GenerationState
+from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, SrsScored, SrsSubmitted
+from shared.kafka import CORRELATION_HEADER, InboundRecord, OutboundRecord
+from shared.mongo import Document
+
+_offsets = itertools.count()
+
+
+def inbound(topic: str, value: bytes | BaseModel, *, key: bytes | None = b"acme:x", correlation: str | None = None,
+            headers: dict[str, str] | None = None, partition: int = 0, offset: int | None = None) -> InboundRecord:
+    """A consumed record of `topic` (an event is written as its JSON); each gets a new offset unless given."""
+    body = value.model_dump_json().encode() if isinstance(value, BaseModel) else value
+    all_headers = {**({CORRELATION_HEADER: correlation} if correlation else {}), **(headers or {})}
+    return InboundRecord(topic, partition, next(_offsets) if offset is None else offset, key, body, all_headers, 0)
+
+
+class Sink:
+    """A publisher that keeps what it was given; it can fail its next N calls (broker down, or a
+    kill -9 before the acks), a failing call still getting its first half acknowledged.
+
+    Callable (`publish(records)`, the handlers' sink) and `publish_all` (`shared.kafka.Publisher`)."""
+
+    def __init__(self) -> None:
+        self.published: list[OutboundRecord] = []
+        self.attempted: list[OutboundRecord] = []
+        self.fail_next = 0
+
+    async def __call__(self, records: Sequence[OutboundRecord]) -> None:
+        self.attempted.extend(records)
+        if self.fail_next:
+            self.fail_next -= 1
+            self.published.extend(records[: len(records) // 2])
+            raise ConnectionError("broker did not acknowledge")
+        self.published.extend(records)
+
+    async def publish_all(self, records: Sequence[OutboundRecord]) -> None:
+        await self(records)
+
+    def of_topic(self, topic: str) -> list[OutboundRecord]:
+        return [r for r in self.published if r.topic == topic]
+
+    def letters(self, topic: str) -> list[DeadLetter]:
+        """The dead letters published to `topic`."""
+        return [DeadLetter.model_validate_json(r.value) for r in self.of_topic(topic)]
+
+
+class StoreDown(ConnectionError):
+    """What a fake store raises while it is `down` (a transient failure for the subscriber)."""
+
+
+# ---- alerts ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class MemoryAlertsStore:
+    """The alerts store as the handlers use it: directory, subscriptions, lifecycles, deliveries."""
+
+    clinicians: dict[tuple[str, str], Clinician] = field(default_factory=dict)
+    subscriptions: list[Subscription] = field(default_factory=list)
+    lkeys: dict[str, str] = field(default_factory=dict)  # alert id -> greatest lifecycle key
+    contents: dict[str, tuple[int, Document]] = field(default_factory=dict)  # alert id -> (revision, content)
+    deliveries: dict[str, Document] = field(default_factory=dict)
+    down: bool = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise StoreDown("store unreachable")
+
+    async def clinicians_for(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Clinician]:
+        self._check()
+        return {k: self.clinicians[k] for k in keys if k in self.clinicians}
+
+    async def subscriptions_for(self, tenant_ids: Iterable[str], topic: str) -> list[Subscription]:
+        self._check()
+        tenants = set(tenant_ids)
+        return [s for s in self.subscriptions if s.tenant_id in tenants and topic in s.events]
+
+    def _raise_key(self, alert_id: str, key: str) -> None:
+        if key > self.lkeys.get(alert_id, ""):
+            self.lkeys[alert_id] = key
+
+    async def record_raises(self, raises: Sequence[tuple[int, Document]]) -> None:
+        self._check()
+        for revision, content in raises:
+            alert_id = content["_id"]
+            if revision > self.contents.get(alert_id, (0, {}))[0]:
+                self.contents[alert_id] = (revision, content)
+            self._raise_key(alert_id, lifecycle_order(RAISED, revision))
+
+    async def record_statuses(self, statuses: Sequence[tuple[str, int, Document]]) -> None:
+        self._check()
+        for status, revision, identity in statuses:
+            self._raise_key(identity["_id"], lifecycle_order(status, revision))
+
+    async def lifecycle_orders(self, alert_ids: Iterable[str]) -> dict[str, str]:
+        self._check()
+        return {a: self.lkeys[a] for a in alert_ids if a in self.lkeys}
+
+    async def insert_deliveries(self, docs: Sequence[Document]) -> int:
+        self._check()
+        new = [d for d in {d["_id"]: d for d in docs}.values() if d["_id"] not in self.deliveries]
+        self.deliveries.update((d["_id"], d) for d in new)
+        return len(new)
+
+
+# ---- reporting -------------------------------------------------------------------------------------
+
+
+@dataclass
+class MemoryReadModels:
+    """Reporting's read models as the handlers use them: each event id applied once per generation;
+    the scored events of the clients in `full` are refused as over the record cap."""
+
+    max_record_bytes: int = 1000
+    full: set[str] = field(default_factory=set)  # client ids whose record is at its cap
+    scored: dict[str, dict[str, SrsScored]] = field(default_factory=dict)  # generation -> event id -> event
+    alerts: dict[str, dict[str, AllianceDeterioration]] = field(default_factory=dict)
+    statuses: dict[str, dict[str, AlertStatusChanged]] = field(default_factory=dict)
+    indexed: set[str] = field(default_factory=set)
+    down: bool = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise StoreDown("store unreachable")
+
+    async def ensure_indexes(self, gen: str) -> None:
+        self._check()
+        self.indexed.add(gen)
+
+    async def apply_scored(self, gen: str, events: Sequence[SrsScored]) -> ApplyReport:
+        self._check()
+        report = ApplyReport()
+        held = self.scored.setdefault(gen, {})
+        for e in events:
+            if e.client_id in self.full:
+                report.refused.append((e, self.max_record_bytes + 1))
+            elif e.event_id in held:
+                report.outcomes["duplicate"] += 1
+            else:
+                held[e.event_id] = e
+                report.outcomes["applied"] += 1
+                report.visible.append(e)
+        return report
+
+    async def apply_deterioration(self, gen: str, events: Sequence[AllianceDeterioration]) -> int:
+        self._check()
+        held = self.alerts.setdefault(gen, {})
+        new = [e for e in events if e.event_id not in held]
+        held.update((e.event_id, e) for e in new)
+        return len(new)
+
+    async def apply_alert_status(self, gen: str, events: Sequence[AlertStatusChanged]) -> int:
+        self._check()
+        held = self.statuses.setdefault(gen, {})
+        new = [e for e in events if e.event_id not in held]
+        held.update((e.event_id, e) for e in new)
+        return len(new)
+
+
+@dataclass
+class FixedGenerations:
+    """A generation pointer that says what the test set."""
+
+    state: GenerationState = field(default_factory=lambda: GenerationState("g1"))
+
+    async def current(self) -> GenerationState:
+        return self.state
+
+
+@dataclass
+class MemorySubmissions:
+    """The submissions' status: the scored submission ids and the rejections, as given."""
+
+    scored: Counter[str] = field(default_factory=Counter)
+    rejected: dict[str, tuple[str, DeadLetter]] = field(default_factory=dict)  # submission id -> (tenant, letter)
+
+    async def apply_scored(self, events: Sequence[SrsScored]) -> int:
+        self.scored.update(e.submission_id for e in events)
+        return len(events)
+
+    async def apply_rejected(self, rejections: Sequence[tuple[str, DeadLetter, SrsSubmitted]]) -> int:
+        for tenant, letter, submitted in rejections:
+            self.rejected[submitted.submission_id] = (tenant, letter)
+        return len(rejections)

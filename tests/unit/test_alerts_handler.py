@@ -1,0 +1,196 @@
+"""The alerts batch handlers with an in-memory store and publisher (tests/support/fakes.py): what
+each consumed event schedules, what is dead-lettered, and what a redelivery does (the same
+behaviours run against the real broker and store in tests/integration/test_alerts_*.py)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from services.alerts.handlers import Handlers
+from services.alerts.rules import Clinician, Subscription
+from shared import ids
+from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetterReason, Instrument, SrsScored
+from shared.kafka import InboundRecord
+from shared.topics import ALERT_STATUS, DETERIORATION, SCORED, Topics
+from tests.support.fakes import MemoryAlertsStore, Sink, StoreDown, inbound
+
+TOPICS = Topics("u.")
+T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+TENANT = "acme"
+
+
+class Wired:
+    """A handler on fakes, counting the worker wake-ups (`on_scheduled`)."""
+
+    def __init__(self, store: MemoryAlertsStore | None = None) -> None:
+        self.store = store or MemoryAlertsStore()
+        self.sink = Sink()
+        self.wakeups = 0
+        self.handlers = Handlers(self.store, self.sink, TOPICS, email_enabled=False, on_scheduled=self._wake)
+
+    def _wake(self) -> None:
+        self.wakeups += 1
+
+    def letters(self) -> list[tuple[str, str | None]]:
+        return [(d.reason, d.tenant_id) for d in self.sink.letters(TOPICS.deadletter)]
+
+
+def directory(webhook: str | None = "https://clinic.example/hook") -> MemoryAlertsStore:
+    """A store whose directory holds clinician c-1 of site north (with a webhook)."""
+    store = MemoryAlertsStore()
+    store.clinicians[(TENANT, "c-1")] = Clinician(TENANT, "c-1", "north", "c1@clinic.example", webhook)
+    return store
+
+
+def raised(session: int = 2, revision: int = 1, client: str = "x") -> AllianceDeterioration:
+    alert_id = ids.alert_id(TENANT, client, "SRS", "e-1", session)
+    return AllianceDeterioration(
+        event_id=ids.alert_event_id(alert_id, revision), tenant_id=TENANT, occurred_at=T0,
+        submission_id=f"{client}-{session}", site_id="north", clinician_id="c-1", client_id=client, episode_id="e-1",
+        instrument=Instrument.SRS, session_number=session, administered_at=T0, alert_id=alert_id,
+        triggers=["below_cutoff"], severity="warning", total=30.0, cutoff=36.0, revision=revision,
+        accepted_at=T0 + timedelta(seconds=1))
+
+
+def ended(alert: AllianceDeterioration, status: str = "withdrawn", revision: int | None = None,
+          client: str | None = "x") -> AlertStatusChanged:
+    rev = alert.revision if revision is None else revision
+    return AlertStatusChanged(
+        event_id=ids.alert_status_event_id(TENANT, alert.alert_id, status, rev or 0), tenant_id=TENANT,
+        occurred_at=T0 + timedelta(hours=1), alert_id=alert.alert_id, site_id="north", clinician_id="c-1",
+        status=status, revision=revision if revision is not None else alert.revision, client_id=client,
+        instrument=Instrument.SRS, episode_id="e-1", session_number=alert.session_number)
+
+
+def scored(client: str = "x") -> SrsScored:
+    return SrsScored(
+        event_id=ids.scored_event_id(TENANT, f"{client}-1"), tenant_id=TENANT, occurred_at=T0,
+        submission_id=f"{client}-1", site_id="north", clinician_id="c-1", client_id=client, episode_id="e-1",
+        session_number=1, administered_at=T0, total=38.0, cutoff=36.0, scored_at=T0)
+
+
+def on(topic: str, event: AllianceDeterioration | AlertStatusChanged | SrsScored, correlation: str = "corr-1"
+       ) -> InboundRecord:
+    return inbound(topic, event, key=ids.partition_key(TENANT, "x"), correlation=correlation)
+
+
+# --- decoding -------------------------------------------------------------------------------------
+
+
+async def test_a_record_that_does_not_decode_is_dead_lettered_as_invalid_event_and_the_batch_goes_on() -> None:
+    w = Wired(directory())
+    await w.handlers.on_deterioration([
+        inbound(TOPICS.deterioration, b"not json"),
+        inbound(TOPICS.deterioration, b'{"tenant_id": "acme", "alert_id": "a"}'),
+        on(TOPICS.deterioration, raised()),
+    ])
+    assert w.letters() == [("invalid_event", None), ("invalid_event", "acme")]
+    assert len(w.store.deliveries) == 1 and w.wakeups == 1
+
+
+async def test_a_dead_letter_names_the_fields_at_fault_but_not_their_values() -> None:
+    w = Wired()
+    bad = raised().model_copy(update={"session_number": 0}).model_dump_json().encode()
+    await w.handlers.on_deterioration([inbound(TOPICS.deterioration, bad)])
+    (letter,) = w.sink.letters(TOPICS.deadletter)
+    assert letter.reason == DeadLetterReason.INVALID_EVENT and "session_number" in letter.detail
+    assert raised().submission_id not in letter.detail and letter.payload == bad.decode()
+
+
+async def test_a_withdrawal_naming_no_revision_is_dead_lettered_with_its_tenant() -> None:
+    w = Wired(directory())
+    await w.handlers.on_alert_status([on(TOPICS.alert_status, ended(raised()).model_copy(update={"revision": None}))])
+    assert w.letters() == [("invalid_event", TENANT)]
+    assert w.store.lkeys == {} and w.store.deliveries == {}
+
+
+# --- raises ---------------------------------------------------------------------------------------
+
+
+async def test_a_raise_is_recorded_and_its_clinician_webhook_scheduled_with_the_record_as_source() -> None:
+    w = Wired(directory())
+    rec = on(TOPICS.deterioration, raised(), correlation="corr-7")
+    await w.handlers.on_deterioration([rec])
+    (delivery,) = w.store.deliveries.values()
+    assert (delivery["recipient"], delivery["channel"], delivery["status"]) == ("clinician:c-1", "webhook", "pending")
+    assert delivery["body"] == rec.value.decode() and delivery["correlation_id"] == "corr-7"
+    assert delivery["source"] == {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset,
+                                  "key": "acme:x"}
+    assert w.store.contents[raised().alert_id][0] == 1 and w.wakeups == 1 and w.letters() == []
+
+
+async def test_a_partner_subscribed_to_deteriorations_is_scheduled_too() -> None:
+    store = directory(webhook=None)
+    store.subscriptions.append(Subscription("s-1", TENANT, "https://partner.example/in", frozenset({DETERIORATION})))
+    w = Wired(store)
+    await w.handlers.on_deterioration([on(TOPICS.deterioration, raised())])
+    assert [d["recipient"] for d in w.store.deliveries.values()] == ["subscription:s-1"]
+
+
+async def test_a_redelivered_batch_schedules_nothing_new() -> None:
+    w = Wired(directory())
+    batch = [on(TOPICS.deterioration, raised()), inbound(TOPICS.deterioration, b"{")]
+    await w.handlers.on_deterioration(batch)
+    first = dict(w.store.deliveries)
+    await w.handlers.on_deterioration(batch)
+    assert w.store.deliveries == first and w.wakeups == 1
+    letters = w.sink.letters(TOPICS.deadletter)
+    assert len(letters) == 2 and letters[0].event_id == letters[1].event_id  # the same dead letter, again
+
+
+async def test_a_raise_already_withdrawn_is_recorded_but_not_sent() -> None:
+    w = Wired(directory())
+    alert = raised()
+    await w.handlers.on_alert_status([on(TOPICS.alert_status, ended(alert))])
+    sent = len(w.store.deliveries)
+    await w.handlers.on_deterioration([on(TOPICS.deterioration, alert)])
+    assert len(w.store.deliveries) == sent and alert.alert_id in w.store.contents
+
+
+# --- statuses and scored events -------------------------------------------------------------------
+
+
+async def test_a_withdrawal_is_told_to_the_clinician() -> None:
+    w = Wired(directory())
+    alert = raised()
+    await w.handlers.on_deterioration([on(TOPICS.deterioration, alert)])
+    await w.handlers.on_alert_status([on(TOPICS.alert_status, ended(alert))])
+    kinds = sorted(d["kind"] for d in w.store.deliveries.values())
+    assert kinds == ["alert", "withdrawal"] and w.wakeups == 2
+
+
+async def test_a_stale_withdrawal_is_not_told() -> None:
+    w = Wired(directory())
+    first = raised()
+    await w.handlers.on_deterioration([on(TOPICS.deterioration, raised(revision=2))])
+    await w.handlers.on_alert_status([on(TOPICS.alert_status, ended(first, revision=1))])
+    assert [d["kind"] for d in w.store.deliveries.values()] == ["alert"]
+
+
+async def test_scored_events_go_only_to_partners_subscribed_to_them() -> None:
+    store = MemoryAlertsStore()
+    store.subscriptions += [Subscription("s-1", TENANT, "https://a.example", frozenset({SCORED})),
+                            Subscription("s-2", TENANT, "https://b.example", frozenset({ALERT_STATUS}))]
+    w = Wired(store)
+    await w.handlers.on_scored([on(TOPICS.scored, scored())])
+    assert [d["recipient"] for d in w.store.deliveries.values()] == ["subscription:s-1"]
+
+
+# --- failures -------------------------------------------------------------------------------------
+
+
+async def test_a_store_failure_raises_and_publishes_no_dead_letter() -> None:
+    w = Wired(directory())
+    w.store.down = True
+    with pytest.raises(StoreDown):
+        await w.handlers.on_deterioration([inbound(TOPICS.deterioration, b"x"), on(TOPICS.deterioration, raised())])
+    assert w.sink.attempted == []  # the subscriber retries the batch; its dead letters come with it
+
+
+async def test_unacknowledged_dead_letters_fail_the_batch() -> None:
+    w = Wired()
+    w.sink.fail_next = 1
+    with pytest.raises(ConnectionError):
+        await w.handlers.on_scored([inbound(TOPICS.scored, b"x")])
