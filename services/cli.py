@@ -1,7 +1,12 @@
-"""`alliance`: every command an operator runs.
+"""The operator CLI: every command an operator runs against a deployment.
 
-Service-specific commands live next to their service (`services/<name>/cli.py`) and are
-mounted here, so this module only composes them.
+Keys, tenants and their rules, topics, imports, client transfers, rebuilds, the audit trail and
+the secrets keyring. Service-specific commands live next to their service
+(`services/<name>/cli.py`) and are mounted here, so this module only composes them.
+
+The production image runs it as `python -m services.cli ...`. The `alliance` console script of
+a development install is `tools/cli.py`: these commands plus the tools (run, bench, simulate,
+docs, stack). This module never imports tools/ (tests/unit/test_architecture.py).
 """
 
 from __future__ import annotations
@@ -9,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -17,20 +21,17 @@ import typer
 from shared import audit, auth
 from shared.mongo import database, make_client
 from shared.settings import AuditSettings, KafkaSettings, MongoSettings
-from shared.stack import LocalStack, ensure_topics
+from shared.topic_admin import ensure_topics
 
 app = typer.Typer(help="Alliance Stream operator commands.", no_args_is_help=True, add_completion=False)
 keys_app = typer.Typer(help="API keys (stored hashed in MongoDB).", no_args_is_help=True)
 tenants_app = typer.Typer(help="Tenants and their alliance rules.", no_args_is_help=True)
-stack_app = typer.Typer(help="The local broker and store (Tansu + SecantusDB).", no_args_is_help=True)
 topics_app = typer.Typer(help="Kafka topics.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(tenants_app, name="tenants")
-app.add_typer(stack_app, name="stack")
 app.add_typer(topics_app, name="topics")
 
 SERVICES = ("intake", "scoring", "alerts", "reporting")
-DATA_DIR = Path(".alliance")
 
 
 @keys_app.command("create")
@@ -101,24 +102,8 @@ def serve(service: Annotated[str, typer.Argument(help=" | ".join(SERVICES))]) ->
     os.execv(sys.executable, [sys.executable, "-m", f"services.{service}"])
 
 
-@stack_app.command("up")
-def stack_up(
-    durable: Annotated[bool, typer.Option(help="keep the Kafka log across restarts (s3 over localbucket)")] = True,
-    data_dir: Annotated[Path, typer.Option(help="where data and logs go")] = DATA_DIR / "data",
-) -> None:
-    """Start the local broker and store and keep them running until Ctrl-C."""
-    stack = LocalStack(data_dir, durable=durable)
-    stack.start()
-    typer.echo("broker 127.0.0.1:9092, store mongodb://127.0.0.1:27017 (Ctrl-C stops both)")
-    try:
-        asyncio.run(stack.watch_topics())
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stack.stop()
-
-
-def _mount_service_commands() -> None:
+def mount_operator_commands() -> None:
+    """Mount every service's commands on `app` (call once, before running it)."""
     from services.alerts import cli as alerts_cli
     from services.intake import cli as intake_cli
     from services.reporting import cli as reporting_cli
@@ -132,23 +117,14 @@ def _mount_service_commands() -> None:
     app.add_typer(alerts_cli.secrets_app, name="secrets")
     app.add_typer(reporting_cli.app, name="reporting")
     app.add_typer(reporting_cli.audit_app, name="audit")
-    from services.bench import bench
-    from services.contracts import app as docs_app
-    from services.run import run
-    from services.simulate import simulate
-
     app.command("import")(intake_cli.import_csv)
-    app.command("run")(run)
-    app.command("simulate")(simulate)
-    app.command("bench")(bench)
-    app.add_typer(docs_app, name="docs")
     tenants_app.command("set-rules")(scoring_cli.set_rules)
     tenants_app.command("show-rules")(scoring_cli.show_rules)
 
 
 def main() -> None:
-    """Console-script entry point."""
-    _mount_service_commands()
+    """Entry point of `python -m services.cli`."""
+    mount_operator_commands()
     app()
 
 

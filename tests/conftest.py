@@ -9,7 +9,7 @@ import pytest
 from pymongo import AsyncMongoClient
 
 from shared.mongo import Document
-from shared.stack import ensure_topics
+from shared.topic_admin import ensure_topics
 from tests.support.services import SUITE_LIMITS, Namespace
 from tests.support.stack import StackUnderTest, stack_under_test
 

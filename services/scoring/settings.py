@@ -28,5 +28,5 @@ class ScoringSettings(BaseSettings):
     # The collector's first-generation threshold for the scoring process (0: Python's default,
     # 700). The state cache keeps many small long-lived objects (each client's record and the
     # view kept with it), and with the default every few batches walk them all. Measured by
-    # `python -m services.scoring.bench --apply-only` (CPU per event, default vs this).
+    # `python -m tools.bench.scoring --apply-only` (CPU per event, default vs this).
     gc_young_threshold: int = Field(default=10_000, ge=0)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.stack import LocalStack, free_port
 from tests.support.stack import StackUnderTest
+from tools.stack import LocalStack, free_port
 
 
 def _local(durable: bool) -> LocalStack:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from shared.stack import ensure_topics
+from shared.topic_admin import ensure_topics
 from tests.fault.helpers import make_tenant, post_batch, submission, trajectory_sessions
 from tests.support.services import Namespace, running
 from tests.support.stack import StackUnderTest

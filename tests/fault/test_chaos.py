@@ -15,7 +15,7 @@ import httpx
 from aiokafka import AIOKafkaConsumer
 
 from shared import ids
-from shared.stack import ensure_topics
+from shared.topic_admin import ensure_topics
 from tests.fault.helpers import (
     derived_episode,
     expected_alert_sessions,

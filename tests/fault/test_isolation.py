@@ -14,7 +14,7 @@ from pymongo import AsyncMongoClient
 
 from shared import auth
 from shared.mongo import Document
-from shared.stack import ensure_topics
+from shared.topic_admin import ensure_topics
 from tests.fault.helpers import post_batch, submission
 from tests.support.receiver import webhook_receiver
 from tests.support.services import Namespace, running

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from shared.stack import ensure_topics
+from shared.topic_admin import ensure_topics
 from tests.fault.helpers import make_tenant, post_batch, submission
 from tests.support.services import Namespace, running
 from tests.support.stack import StackUnderTest

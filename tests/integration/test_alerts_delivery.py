@@ -27,18 +27,19 @@ from typer.testing import CliRunner
 
 from services.alerts import cli
 from services.alerts.app import create_app
-from services.alerts.harness import EventPublisher, TopicReader, WebhookReceiver, deterioration, scored
 from services.alerts.secretbox import new_key
 from services.alerts.settings import AlertsConfig, AlertsSettings, SmtpSettings
 from shared import ids
 from shared.auth import create_key
 from shared.events import AlertStatusChanged, DeadLetter
 from shared.mongo import Document
-from shared.stack import ensure_topics, free_port
+from shared.topic_admin import ensure_topics
 from shared.topics import Topics
 from tests.support.services import Namespace
 from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
+from tools.harness import EventPublisher, TopicReader, WebhookReceiver, deterioration, scored
+from tools.stack import free_port
 
 MAX_ATTEMPTS = 4
 # The module's alerts instance seals with KEY_1 and also opens KEY_2 (step 1 of a rotation).

@@ -14,15 +14,15 @@ from pymongo import AsyncMongoClient
 from standardwebhooks.webhooks import Webhook
 
 from services.alerts.app import create_app
-from services.alerts.harness import EventPublisher, WebhookReceiver, deterioration
 from services.alerts.settings import AlertsConfig, AlertsSettings, SmtpSettings
 from shared import ids
 from shared.auth import create_key
 from shared.mongo import Document
-from shared.stack import ensure_topics
+from shared.topic_admin import ensure_topics
 from tests.support.services import Namespace, running
 from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
+from tools.harness import EventPublisher, WebhookReceiver, deterioration
 
 
 async def _ready(client: httpx.AsyncClient) -> bool:

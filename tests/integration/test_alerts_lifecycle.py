@@ -14,7 +14,6 @@ from typing import Any
 
 from standardwebhooks.webhooks import Webhook
 
-from services.alerts.harness import TopicReader, deterioration, ended, revised
 from shared import ids
 from shared.auth import create_key
 from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter
@@ -31,6 +30,7 @@ from tests.integration.test_alerts_delivery import (
     subscribe,
 )
 from tests.support.wait import eventually
+from tools.harness import TopicReader, deterioration, ended, revised
 
 env = delivery.env  # the module-scoped alerts service (its own instance for this module)
 ALERT_STATUS = "alliance.alert-status.v1"

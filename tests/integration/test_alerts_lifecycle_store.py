@@ -19,7 +19,6 @@ from faststream.kafka import KafkaBroker
 from pymongo import AsyncMongoClient
 
 from services.alerts.handlers import Handlers
-from services.alerts.harness import deterioration, ended, revised
 from services.alerts.rules import api_status, merge_lifecycle
 from services.alerts.store import AlertsStore
 from shared.events import AlertStatusChanged, AllianceDeterioration
@@ -27,6 +26,7 @@ from shared.kafka import InboundRecord, Publisher
 from shared.mongo import Document
 from shared.topics import Topics
 from tests.support.stack import StackUnderTest
+from tools.harness import deterioration, ended, revised
 
 Event = AllianceDeterioration | AlertStatusChanged
 TOPICS = Topics()

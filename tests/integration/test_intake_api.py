@@ -23,7 +23,7 @@ from shared import auth, ids
 from shared.events import CLIENT_TRANSFER, RECORD_TYPE_HEADER, ClientTransfer, SrsSubmitted
 from shared.logs import JsonFormatter
 from shared.mongo import Document
-from shared.stack import ensure_topics
+from shared.topic_admin import ensure_topics
 from tests.support.services import Namespace
 from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually

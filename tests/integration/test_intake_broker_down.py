@@ -15,11 +15,12 @@ import pytest
 from services.intake.app import IntakeConfig, create_app
 from services.intake.settings import IntakeSettings
 from shared.settings import KafkaSettings, MongoSettings
-from shared.stack import LocalStack, ensure_topics, free_port
+from shared.topic_admin import ensure_topics
 from tests.integration.test_intake_api import Intake, TopicReader, make_keys, submission
 from tests.support.services import Namespace
 from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
+from tools.stack import LocalStack, free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -16,7 +16,7 @@ import typer
 from typer.testing import CliRunner
 
 from services.intake.cli import import_csv
-from shared.stack import ensure_topics
+from shared.topic_admin import ensure_topics
 from tests.integration.test_intake_api import Keys, TopicReader, make_keys
 from tests.support.services import Namespace, ServiceProcess, running
 from tests.support.stack import StackUnderTest

@@ -18,12 +18,12 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright
 from pymongo import AsyncMongoClient
 
-from services.reporting.demo import DemoSpec, acknowledgement, demo_events, publish
 from shared.auth import create_key
 from shared.events import AllianceDeterioration, SrsScored
 from shared.mongo import Document
 from tests.support.services import Namespace, ServiceProcess, running
 from tests.support.wait import eventually
+from tools.demo import DemoSpec, acknowledgement, demo_events, publish
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

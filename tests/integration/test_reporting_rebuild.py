@@ -18,8 +18,6 @@ import httpx
 import pytest
 from pymongo import AsyncMongoClient
 
-from services.processes import ROOT
-from services.reporting.demo import BASE, deterioration_for, publish, revised, scored
 from services.reporting.rebuild import rebuild
 from services.reporting.settings import ReportingSettings
 from services.reporting.store import META, POINTER_ID, clients_name
@@ -28,6 +26,8 @@ from shared.events import SrsScored
 from shared.mongo import Document
 from tests.support.services import Namespace, ServiceProcess, running
 from tests.support.wait import eventually
+from tools.demo import BASE, deterioration_for, publish, revised, scored
+from tools.processes import ROOT
 
 T = "tenant-rebuild"
 

@@ -21,7 +21,13 @@ from aiokafka import AIOKafkaConsumer
 from prometheus_client.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient
 
-from services.reporting.demo import (
+from shared.auth import create_key
+from shared.events import AlertStatusChanged, DeadLetter, Instrument, Items, SrsScored, SrsSubmitted
+from shared.ids import derive
+from shared.mongo import Document
+from tests.support.services import Namespace, ServiceProcess, running
+from tests.support.wait import eventually
+from tools.demo import (
     BASE,
     acknowledgement,
     deterioration_for,
@@ -31,12 +37,6 @@ from services.reporting.demo import (
     scored,
     transferred,
 )
-from shared.auth import create_key
-from shared.events import AlertStatusChanged, DeadLetter, Instrument, Items, SrsScored, SrsSubmitted
-from shared.ids import derive
-from shared.mongo import Document
-from tests.support.services import Namespace, ServiceProcess, running
-from tests.support.wait import eventually
 
 ITEMS = Items(relationship=9.0, goals=8.5, approach=9.0, overall=9.5)
 

@@ -15,7 +15,6 @@ from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.reporting import rules
-from services.reporting.demo import acknowledgement, deterioration_for, lifecycle, revised, scored
 from services.reporting.store import (
     FIRST_GENERATION,
     Generations,
@@ -29,6 +28,7 @@ from services.reporting.store import (
 from shared.events import AlertStatusChanged, DeadLetter, SrsSubmitted
 from shared.mongo import Document
 from tests.support.stack import StackUnderTest
+from tools.demo import acknowledgement, deterioration_for, lifecycle, revised, scored
 
 T = "tenant-store"
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.scoring.loadgen import BASE, TopicReader, publish, series_total, start_producer, submission
 from services.scoring.rules import TenantRules, score
 from shared import ids
-from shared.stack import free_port
 from tests.support.services import Namespace, ServiceProcess
 from tests.support.wait import eventually
+from tools.loadgen import BASE, TopicReader, publish, series_total, start_producer, submission
+from tools.stack import free_port
 
 TENANT = "acme"
 CLIENTS = 400

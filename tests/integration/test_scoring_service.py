@@ -21,7 +21,6 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient
 
-from services.scoring.loadgen import BASE, TopicReader, client_transfer, publish, start_producer, submission
 from services.scoring.rules import TenantRules
 from services.scoring.store import RulesStore, StateStore
 from shared import ids
@@ -29,6 +28,7 @@ from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter,
 from shared.mongo import Document
 from tests.support.services import Namespace, ServiceProcess, running
 from tests.support.wait import eventually
+from tools.loadgen import BASE, TopicReader, client_transfer, publish, start_producer, submission
 
 T0 = datetime(2026, 4, 1, 8, 0, tzinfo=UTC)
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from services.simulate import PlannedSubmission, SendStats, run_simulation
 from shared.auth import create_key
-from shared.stack import ensure_topics
+from shared.topic_admin import ensure_topics
 from tests.support.services import Namespace, running
 from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
+from tools.simulate import PlannedSubmission, SendStats, run_simulation
 
 TENANTS = ("sim-a", "sim-b")
 

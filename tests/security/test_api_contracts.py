@@ -28,10 +28,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from services.processes import ServiceProcess
 from shared import auth
 from tests.support.apps import HTTP_SERVICES, HttpService, build_app, client, new_key
 from tests.support.services import Namespace, running
+from tools.processes import ServiceProcess
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 EXAMPLES = 12

@@ -22,14 +22,14 @@ import httpx
 import pytest
 from pymongo import AsyncMongoClient
 
-from services.alerts.harness import deterioration
-from services.processes import ServiceProcess
-from services.reporting.demo import publish, scored
 from shared import audit
 from shared.auth import create_key
 from shared.mongo import Document
 from tests.support.services import Namespace, running
 from tests.support.wait import eventually
+from tools.demo import publish, scored
+from tools.harness import deterioration
+from tools.processes import ServiceProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 

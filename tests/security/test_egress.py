@@ -17,18 +17,18 @@ import pytest
 from pymongo import AsyncMongoClient
 
 from services.alerts.app import create_app
-from services.alerts.harness import EventPublisher, deterioration
 from services.alerts.secretbox import new_key
 from services.alerts.settings import AlertsConfig, AlertsSettings, SmtpSettings
 from services.alerts.targets import system_resolve
 from shared.auth import create_key
 from shared.mongo import Document
-from shared.stack import ensure_topics
+from shared.topic_admin import ensure_topics
 from shared.topics import Topics
 from tests.support.receiver import webhook_receiver
 from tests.support.services import Namespace
 from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
+from tools.harness import EventPublisher, deterioration
 
 MAX_ATTEMPTS = 3
 PUBLIC = "93.184.216.34"

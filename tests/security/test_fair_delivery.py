@@ -2,7 +2,7 @@
 
 The alerts service runs in-process against the real broker and store (16 delivery slots, at most
 4 per tenant); tenant A's partner endpoints hold every request until the test releases them.
-Nothing here measures time: the p99 figure is the bench's (`python -m services.alerts.bench
+Nothing here measures time: the p99 figure is the bench's (`python -m tools.bench.alerts
 --fairness`); these tests check the structure that makes it hold.
 """
 
@@ -19,17 +19,17 @@ import pytest
 from pymongo import AsyncMongoClient
 
 from services.alerts.app import create_app
-from services.alerts.harness import EventPublisher, WebhookReceiver, deterioration
 from services.alerts.secretbox import new_key
 from services.alerts.settings import AlertsConfig, AlertsSettings, SmtpSettings
 from shared.auth import create_key
 from shared.mongo import Document
-from shared.stack import ensure_topics
+from shared.topic_admin import ensure_topics
 from shared.topics import Topics
 from tests.support.receiver import webhook_receiver
 from tests.support.services import Namespace
 from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
+from tools.harness import EventPublisher, WebhookReceiver, deterioration
 
 SLOTS = 16
 PER_TENANT = 4

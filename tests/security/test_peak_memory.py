@@ -16,10 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.processes import ServiceProcess
 from tests.support.apps import new_key
 from tests.support.limits import peak_rss_mib, send_large_body
 from tests.support.services import Namespace, running
+from tools.processes import ServiceProcess
 
 BOUND_MIB = 64
 BODY_150_MB = 150 * 1000 * 1000

@@ -23,17 +23,17 @@ import httpx
 import pytest
 from pymongo import AsyncMongoClient
 
-from services.reporting.demo import BASE, publish, scored
 from services.reporting.rules import record_id
 from services.reporting.store import FIRST_GENERATION, ReportingStore, clients_name
 from shared.auth import create_key
 from shared.events import DeadLetter, Items, SrsScored
 from shared.mongo import Document
-from shared.stack import ensure_topics
+from shared.topic_admin import ensure_topics
 from tests.support.deadletters import dead_letters
 from tests.support.services import Namespace, running
 from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
+from tools.demo import BASE, publish, scored
 
 ITEMS = Items(relationship=9.0, goals=8.5, approach=9.0, overall=9.5)
 TENANT = "t-oversized"

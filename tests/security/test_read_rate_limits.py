@@ -10,9 +10,9 @@ from pymongo import AsyncMongoClient
 
 from shared.mongo import Document
 from shared.ratelimit import MongoCounters
-from shared.stack import free_port
 from tests.support.apps import PROBES, HttpService, build_app, client, new_key
 from tests.support.services import Namespace
+from tools.stack import free_port
 
 # 3 requests per one-day window (slots turn at midnight UTC only: nothing frees up during a test).
 READS = {"read_rate_burst": 3, "read_rate_per_second": 3 / 86_400}

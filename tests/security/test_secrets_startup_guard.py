@@ -16,9 +16,9 @@ from pymongo import MongoClient
 from services.alerts.secretbox import new_key, tenant_row
 from services.alerts.settings import AlertsSettings, start_refusal
 from services.alerts.store import TENANTS
-from services.processes import ServiceProcess
-from shared.stack import free_port
 from tests.support.services import Namespace, running
+from tools.processes import ServiceProcess
+from tools.stack import free_port
 
 NOT_DEV = {"ALLIANCE_ALERTS_DEV_MODE": "false", "ALLIANCE_ALERTS_SECRETS_KEYS": "",
            "ALLIANCE_ALERTS_SECRETS_KEYS_FILE": "", "ALLIANCE_ALERTS_PRODUCTION": "false"}

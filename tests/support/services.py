@@ -8,10 +8,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.processes import ServiceProcess
 from shared.settings import KafkaSettings, MongoSettings
-from shared.stack import free_port
 from tests.support.stack import StackUnderTest
+from tools.processes import ServiceProcess
+from tools.stack import free_port
 
 # Every in-process test client calls from the same address, and many tests send missing or wrong
 # keys on purpose or read in loops with one key: the suite lifts the failed-authentication and

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.stack import LocalStack, free_port
+from tools.stack import LocalStack, free_port
 
 
 @dataclass

@@ -18,8 +18,8 @@ import pytest
 from faststream._internal.cli.main import cli as faststream_cli
 from typer.testing import CliRunner
 
-from services import contracts
 from tests.unit.test_contracts_events import event_models
+from tools import contracts
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 

@@ -182,7 +182,7 @@ def test_compose_default_is_one_broker_with_rf1(compose: dict[str, Any]) -> None
 
 def test_compose_topic_init_sets_partitions_replication_and_retention(compose: dict[str, Any]) -> None:
     init = compose["services"]["topic-init"]
-    assert init["command"] == ["alliance", "topics", "create"]
+    assert init["command"] == ["python", "-m", "services.cli", "topics", "create"]
     assert "create" in {c.name for c in topics_app.registered_commands}
     env = init["environment"]
     assert int(env["ALLIANCE_KAFKA_PARTITIONS"]) == KafkaSettings.model_fields["partitions"].default
@@ -522,5 +522,5 @@ def test_production_kafka_settings_are_tls_scram_acks_all_idempotent(manifests: 
 def test_topics_job_creates_topics_with_the_cluster_settings(manifests: list[dict[str, Any]]) -> None:
     job = find(manifests, "Job", "alliance-topics")
     (container,) = job["spec"]["template"]["spec"]["containers"]
-    assert container["command"] == ["alliance", "topics", "create"]
+    assert container["command"] == ["python", "-m", "services.cli", "topics", "create"]
     assert job["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from services import contracts
 from services.alerts import signing
 from shared.settings import KafkaSettings
 from tests.unit.test_contracts_events import event_models
+from tools import contracts
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"

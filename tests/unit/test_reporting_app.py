@@ -6,10 +6,10 @@ import json
 
 from services.reporting import rules
 from services.reporting.app import ReportingConfig, asyncapi_app, create_app
-from services.reporting.demo import revised, scored
 from services.reporting.models import CaseloadOut, SubmissionOut, SubmissionsPageOut, SummaryOut, TrajectoryOut
 from shared.events import Items
 from shared.settings import KafkaSettings
+from tools.demo import revised, scored
 
 
 def test_the_app_serves_exactly_the_read_endpoints_and_the_dashboard() -> None:
@@ -107,7 +107,7 @@ async def test_a_store_that_does_not_answer_is_a_503_with_retry_after() -> None:
     import httpx
 
     from shared.settings import MongoSettings
-    from shared.stack import free_port
+    from tools.stack import free_port
 
     mongo = MongoSettings(url=f"mongodb://127.0.0.1:{free_port()}/?directConnection=true", timeout_ms=300)
     app = create_app(ReportingConfig(mongo=mongo))

@@ -6,8 +6,8 @@ from datetime import timedelta
 from typing import Any
 
 from services.reporting import fhir, rules
-from services.reporting.demo import BASE, revised, scored
 from shared.events import Items, SrsScored
+from tools.demo import BASE, revised, scored
 
 ITEMS = Items(relationship=9.0, goals=8.0, approach=9.5, overall=9.0)
 

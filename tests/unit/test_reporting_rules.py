@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.reporting import rules
-from services.reporting.demo import BASE, revised, scored, transferred
 from shared.events import Instrument, Items, SrsScored
+from tools.demo import BASE, revised, scored, transferred
 
 T = "tenant-a"
 

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from services.reporting import rules
-from services.reporting.demo import revised, scored
 from services.reporting.handlers import rejection
 from shared.events import DeadLetter, SrsScored, SrsSubmitted
 from shared.topics import Topics
+from tools.demo import revised, scored
 
 T = "t"
 

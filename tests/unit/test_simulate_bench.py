@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 
-from services.bench import DETERIORATING, HEALTHY, bench_plan, percentile
 from tests.unit.test_simulate_plan import issue3_errors
+from tools.bench.system import DETERIORATING, HEALTHY, bench_plan, percentile
 
 NOW = datetime(2026, 11, 25, 15, 0, tzinfo=UTC)
 

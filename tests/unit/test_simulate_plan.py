@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from services.simulate import INVALID_RULES, PlannedSubmission, build_network, plan, requests
+from tools.simulate import INVALID_RULES, PlannedSubmission, build_network, plan, requests
 
 NOW = datetime(2026, 11, 25, 15, 0, tzinfo=UTC)
 ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -218,7 +218,7 @@ def test_clients_are_discharged_after_a_course_and_replaced(big: list[PlannedSub
 
 
 def test_an_endless_stream_stays_valid_at_the_time_each_submission_is_posted() -> None:
-    from services.simulate import iter_plan
+    from tools.simulate import iter_plan
 
     rate = 500.0
     stream = iter_plan(1, 1, 2, 5, None, seed=2, now=NOW, rate=rate)

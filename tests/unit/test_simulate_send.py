@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from services.simulate import Mix, PlannedSubmission, plan, send
+from tools.simulate import Mix, PlannedSubmission, plan, send
 
 NOW = datetime.now(UTC)
 

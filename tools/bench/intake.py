@@ -1,7 +1,7 @@
 """Intake benchmark: accepted submissions/s through the batch endpoint and p50/p99 latency of single
 posts, next to a raw aiokafka produce rate (same record size, acks=all) measured in the same run.
 
-    python -m services.intake.bench [--submissions 50000] [--singles 2000]
+    python -m tools.bench.intake [--submissions 50000] [--singles 2000]
 
 Starts its own local stack (Tansu memory + SecantusDB in memory) on free ports unless
 ALLIANCE_KAFKA_BOOTSTRAP and ALLIANCE_MONGO_URL are set, and intake as a separate process
@@ -33,7 +33,8 @@ from services.intake.settings import IntakeSettings
 from shared import auth
 from shared.mongo import Document
 from shared.settings import KafkaSettings
-from shared.stack import LocalStack, ensure_topics, free_port
+from shared.topic_admin import ensure_topics
+from tools.stack import LocalStack, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

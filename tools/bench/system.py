@@ -1,4 +1,4 @@
-"""`alliance bench`: the end-to-end benchmark (also `python -m services.bench`).
+"""`alliance bench`: the end-to-end benchmark (also `python -m tools.bench.system`).
 
 What it does, in one run on this machine:
 
@@ -50,13 +50,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.processes import ServiceProcess
-from services.simulate import PlannedSubmission, send
 from shared.kafka import admin_security_kwargs
 from shared.settings import KafkaSettings, MongoSettings
-from shared.stack import LocalStack, ensure_topics, free_port
+from shared.topic_admin import ensure_topics
+from tools.processes import ServiceProcess
+from tools.simulate import PlannedSubmission, send
+from tools.stack import LocalStack, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("intake", "scoring", "alerts", "reporting")
 TENANT = "bench"
 PROC_NAMES = {"kafka": "broker (tansu)", "mongo": "store (secantusdb)", "s3": "s3 (localbucket)"}
@@ -686,12 +687,12 @@ async def burst(stack: Stack, urls: dict[str, str], opts: Options, res: Results,
 def run_service_benches() -> None:
     """Run each `services/<svc>/bench.py` that exists (each starts its own stack unless given one)."""
     for svc in SERVICES:
-        if importlib.util.find_spec(f"services.{svc}.bench") is None:
+        if importlib.util.find_spec(f"tools.bench.{svc}") is None:
             console.print(f"[yellow]services/{svc}/bench.py: not present")
             continue
-        console.rule(f"python -m services.{svc}.bench")
+        console.rule(f"python -m tools.bench.{svc}")
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        subprocess.run([sys.executable, "-m", f"services.{svc}.bench"], env=env, cwd=ROOT, check=False)
+        subprocess.run([sys.executable, "-m", f"tools.bench.{svc}"], env=env, cwd=ROOT, check=False)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -873,7 +874,7 @@ def bench(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m services.bench [options]`."""
+    """`python -m tools.bench.system [options]`."""
     app = typer.Typer(add_completion=False)
     app.command()(bench)
     app(args=argv, prog_name="bench")

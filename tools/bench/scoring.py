@@ -1,6 +1,6 @@
 """Benchmark of the scoring stage: scored events/s next to the two limits under it.
 
-    python -m services.scoring.bench [--submissions 12000] [--sessions 4] [--batch 500]
+    python -m tools.bench.scoring [--submissions 12000] [--sessions 4] [--batch 500]
 
 In one run, on one broker and one store:
 
@@ -52,7 +52,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient, ReplaceOne
 
 from services.scoring.handlers import ScoringHandler
-from services.scoring.loadgen import TopicReader, publish, series_total, start_producer, submission
 from services.scoring.rules import TenantRules
 from services.scoring.series import ClientState, version_of
 from services.scoring.settings import ScoringSettings
@@ -62,8 +61,10 @@ from shared.events import Instrument
 from shared.kafka import InboundRecord, OutboundRecord
 from shared.mongo import Document
 from shared.settings import KafkaSettings
-from shared.stack import LocalStack, ensure_topics, free_port
+from shared.topic_admin import ensure_topics
 from shared.topics import Topics
+from tools.loadgen import TopicReader, publish, series_total, start_producer, submission
+from tools.stack import LocalStack, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TENANT = "bench"
@@ -349,8 +350,8 @@ def apply_cpu(args: argparse.Namespace) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m services.scoring.bench [options]`."""
-    parser = argparse.ArgumentParser(prog="python -m services.scoring.bench", description=__doc__,
+    """`python -m tools.bench.scoring [options]`."""
+    parser = argparse.ArgumentParser(prog="python -m tools.bench.scoring", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--submissions", type=int, default=12_000, help="records to score (default 12000)")
     parser.add_argument("--sessions", type=int, default=4, help="sessions per client (default 4)")

@@ -1,7 +1,7 @@
 """Benchmark of the alerts stage: publish a deterioration -> signed webhook received.
 
-    python -m services.alerts.bench [--rate 5] [--scored-rate 50] [--duration 30] [--in-process]
-    python -m services.alerts.bench --fairness [--rate 5] [--slow-rate 2] [--duration 30]
+    python -m tools.bench.alerts [--rate 5] [--scored-rate 50] [--duration 30] [--in-process]
+    python -m tools.bench.alerts --fairness [--rate 5] [--slow-rate 2] [--duration 30]
 
 Offers deteriorations at a fixed rate (open loop: the schedule does not slow down when the
 system does) together with the scored events alerts also consumes (default 50/s, i.e. the
@@ -41,12 +41,13 @@ from typing import Any
 import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from services.alerts.harness import EventPublisher, WebhookReceiver, deterioration, scored
 from services.alerts.secretbox import new_key
 from shared.auth import create_key
 from shared.mongo import database, make_client
 from shared.settings import KafkaSettings, MongoSettings
-from shared.stack import LocalStack, ensure_topics, free_port
+from shared.topic_admin import ensure_topics
+from tools.harness import EventPublisher, WebhookReceiver, deterioration, scored
+from tools.stack import LocalStack, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SITE = "s1"  # clinicians and their clients' sessions share it: alerts go only to a clinician of the alert's site

@@ -24,10 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-from shared.kafka import admin_security_kwargs
 from shared.settings import KafkaSettings
+from shared.topic_admin import ensure_topics
 
 log = logging.getLogger("alliance.stack")
 
@@ -62,45 +60,6 @@ def wait_port(port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> None
             return
         time.sleep(0.1)
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
-
-
-def retention_ms(kafka: KafkaSettings, topic: str) -> int:
-    """Retention of a topic: reporting rebuilds its read models by replaying the scored,
-    deterioration and alert-status logs from the beginning, so those are kept forever (-1)."""
-    t = kafka.topics()
-    return -1 if topic in (t.scored, t.deterioration, t.alert_status) else kafka.retention_ms
-
-
-async def ensure_topics(kafka: KafkaSettings, topics: tuple[str, ...] | None = None,
-                        timeout: float = 30.0) -> list[str]:
-    """Create missing topics with the configured partitions, replication and retention.
-
-    Returns the names it created.
-    """
-    names = topics or kafka.topics().all()
-    deadline = time.monotonic() + timeout
-    while True:
-        admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap, request_timeout_ms=5000,
-                                    **admin_security_kwargs(kafka))
-        try:
-            await admin.start()
-            existing = set(await admin.list_topics())
-            missing = [t for t in names if t not in existing]
-            if missing:
-                await admin.create_topics([
-                    NewTopic(t, kafka.partitions, kafka.replication_factor,
-                             topic_configs={"retention.ms": str(retention_ms(kafka, t))})
-                    for t in missing
-                ])
-            return missing
-        except Exception as exc:
-            if time.monotonic() > deadline:
-                raise
-            log.debug("topic creation not possible yet: %r", exc)
-            await asyncio.sleep(0.5)
-        finally:
-            with contextlib.suppress(Exception):
-                await admin.close()
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Reporting benchmark: `python -m services.reporting.bench [--clients N] ...`.
+"""Reporting benchmark: `python -m tools.bench.reporting [--clients N] ...`.
 
 Prints, measured in the same run on the same store:
 
@@ -14,7 +14,7 @@ Prints, measured in the same run on the same store:
 4. the same trajectory reads with the audit trail off (`ALLIANCE_AUDIT_ENABLED=false`), to show
    what auditing each read costs.
 
-Starts its own broker and store (`shared.stack.LocalStack`) unless ALLIANCE_KAFKA_BOOTSTRAP and
+Starts its own broker and store (`tools.stack.LocalStack`) unless ALLIANCE_KAFKA_BOOTSTRAP and
 ALLIANCE_MONGO_URL are set.
 """
 
@@ -42,14 +42,15 @@ import httpx
 from pymongo import InsertOne, UpdateOne
 
 from services.reporting import rules
-from services.reporting.demo import BASE, derived_episode, publish, revised, scored
 from services.reporting.rebuild import rebuild
 from services.reporting.settings import ReportingSettings
 from services.reporting.store import Generations, ReportingStore, to_stored
 from shared.auth import create_key
 from shared.mongo import database, make_client
 from shared.settings import KafkaSettings, MongoSettings
-from shared.stack import LocalStack, ensure_topics, free_port
+from shared.topic_admin import ensure_topics
+from tools.demo import BASE, derived_episode, publish, revised, scored
+from tools.stack import LocalStack, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -313,7 +314,7 @@ async def run(args: argparse.Namespace, ep: Endpoints) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and print its figures."""
-    p = argparse.ArgumentParser(prog="python -m services.reporting.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tools.bench.reporting", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, default=20_000, help="client records loaded for the read test")
     p.add_argument("--reads", type=int, default=1_000, help="trajectory reads to time")

@@ -661,7 +661,7 @@ def simulate(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m services.simulate`."""
+    """`python -m tools.simulate`."""
     app = typer.Typer(add_completion=False)
     app.command()(simulate)
     app(args=argv, prog_name="simulate")

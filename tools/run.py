@@ -27,7 +27,7 @@ from services.alerts.secretbox import new_key
 from shared import auth
 from shared.mongo import database, make_client
 from shared.settings import SERVICE_PORTS, MongoSettings
-from shared.stack import LocalStack
+from tools.stack import LocalStack
 
 SERVICES = ("intake", "scoring", "alerts", "reporting")
 DEMO_TENANT = "demo"
@@ -158,7 +158,7 @@ def run(
         typer.echo(f"\n  logs in {logs}; Ctrl-C stops everything\n")
         if rate > 0:
             out = open(logs / "simulator.log", "ab")
-            procs["simulator"] = subprocess.Popen([sys.executable, "-m", "services.cli", "simulate", "--tenants", "1",
+            procs["simulator"] = subprocess.Popen([sys.executable, "-m", "tools.cli", "simulate", "--tenants", "1",
                                     "--sites", str(len(DEMO_SITES)), "--clinicians", str(len(DEMO_CLINICIANS)),
                                     "--clients", "40", "--rate", str(rate), "--duration", str(7 * 24 * 3600),
                                     "--url", urls["intake"], "--keys", keys["submit"], "--quiet",

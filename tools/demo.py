@@ -1,8 +1,9 @@
 """Demo and test data: plausible scored-session streams as scoring would publish them.
 
-Used by the benchmark, the tests and the dashboard demo. The flags, triggers and severity mimic
-scoring's default rules (docs/clinical-records.md) closely enough for charts and alerts to look
-right; scoring itself is the authority on them, and reporting never re-derives them.
+Used by reporting's benchmark (tools/bench/reporting.py), the tests and the dashboard demo. The
+flags, triggers and severity mimic scoring's default rules (docs/clinical-records.md) closely
+enough for charts and alerts to look right; scoring itself is the authority on them, and
+reporting never re-derives them.
 """
 
 from __future__ import annotations
