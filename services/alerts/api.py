@@ -1,5 +1,9 @@
 """HTTP API of the alerts service (tenant-scoped; `admin` writes, `read` lists and acknowledges).
 
+HTTP only for the commands (put a clinician, acknowledge, retry a delivery): their rules live in
+`services/alerts/service.py`; this module parses, checks the key's role, audits, and maps the
+commands' errors to responses.
+
 A key bound to a site sees and changes only that site's clinicians, alerts and deliveries;
 tenant-wide settings (partner subscriptions, the webhook signing secret, the escalation
 interval) need a key that is not bound to a site, because they concern every site.
@@ -21,11 +25,11 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Res
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.alerts import signing
-from services.alerts.handlers import status_record
-from services.alerts.rules import SUBSCRIBABLE, ApiStatus, Clinician, Outcome, status_changed, url_problem
+from services.alerts.rules import SUBSCRIBABLE, ApiStatus, Clinician, Outcome, url_problem
 from services.alerts.secretbox import SecretBox, subscription_row, tenant_row
+from services.alerts.service import AlertsCommands, Invalid, NotFound, NotPublished, SiteForbidden
 from services.alerts.settings import AlertsSettings
-from services.alerts.store import AlertsStore, utcnow
+from services.alerts.store import AlertsStore
 from services.alerts.targets import Resolver, system_resolve, target_problem
 from shared.audit import Auditor, note
 from shared.auth import KeyStore, Principal, forbid_site, require
@@ -221,6 +225,7 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
                  box: SecretBox, forget_secret: Callable[[str], None], wake: Callable[[], None],
                  auditor: Auditor | None = None, resolve: Resolver = system_resolve) -> APIRouter:
     """The /v1 routes. Alert and delivery reads and every change append an audit entry (`shared.audit`)."""
+    commands = AlertsCommands(store, publisher, topics, wake, settings.allow_private_targets, resolve)
     read_key, admin_key = require(lambda: keys, "read"), require(lambda: keys, "admin")
     reader = Depends(read_key)
     audited = (auditor or Auditor(None, "alerts", keys.lookup)).route
@@ -234,18 +239,13 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
                             p: Principal = audited("clinician.put", admin_key, client_param=None,
                                                    target_param="clinician_id")) -> ClinicianOut:
         """Create or replace a clinician's directory entry."""
-        if not p.may_see_site(body.site_id):
-            raise forbid_site(body.site_id)
-        existing = await store.get_clinician(p.tenant_id, clinician_id)
-        if existing is not None and not p.may_see_site(existing.site_id):
-            raise forbid_site(existing.site_id)
-        if body.supervisor_id == clinician_id:
-            raise HTTPException(422, error_body([("supervisor_id", "a clinician cannot supervise themselves")]))
-        if body.webhook_url and (problem := await target_problem(body.webhook_url, settings.allow_private_targets,
-                                                                      resolve)):
-            raise HTTPException(422, error_body([("webhook_url", problem)]))
-        created = await store.put_clinician(Clinician(p.tenant_id, clinician_id, body.site_id, body.email,
-                                                      body.webhook_url, body.supervisor_id))
+        try:
+            created = await commands.put_clinician(p, Clinician(p.tenant_id, clinician_id, body.site_id, body.email,
+                                                                body.webhook_url, body.supervisor_id))
+        except SiteForbidden as exc:
+            raise forbid_site(exc.site_id) from exc
+        except Invalid as exc:
+            raise HTTPException(422, error_body([(exc.field, exc.message)])) from exc
         response.status_code = 201 if created else 200
         return ClinicianOut(clinician_id=clinician_id, **body.model_dump())
 
@@ -365,22 +365,12 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
                   p: Principal = audited("alert.acknowledge", read_key, target_param="alert_id")) -> AlertOut:
         """Acknowledge an alert (idempotent); it will not escalate any more. A superseded or
         withdrawn alert is answered as it is: nothing is left to acknowledge."""
-        doc = await store.get_alert(p.tenant_id, alert_id)
-        _note_alert(request, p, doc)
-        if doc is None or not p.may_see_site(doc["site_id"]):
-            raise _not_found("alert")
-        doc = await store.acknowledge(p.tenant_id, alert_id, p.key_id) or doc
-        if doc.get("acknowledged_at") is None:
-            return _alert(doc)
-        # Published on every call (stable event id): a retry after a 503 still tells reporting.
-        event = status_changed(p.tenant_id, alert_id, doc["site_id"], doc["clinician_id"], "acknowledged",
-                               doc.get("acknowledged_at") or utcnow(), doc.get("client_id"))
         try:
-            await publisher.publish_all([status_record(event, doc["client_id"], topics, doc.get("correlation_id"))])
-        except Exception as exc:
-            raise HTTPException(503, error_body([(None, f"acknowledged, but the status event is not published yet "
-                                                        f"({type(exc).__name__}); retry")])) from exc
-        return _alert(doc)
+            return _alert(await commands.acknowledge(p, alert_id, seen=lambda doc: _note_alert(request, p, doc)))
+        except NotFound as exc:
+            raise _not_found(exc.what) from exc
+        except NotPublished as exc:
+            raise HTTPException(503, error_body([(None, str(exc))])) from exc
 
     @r.get("/deliveries", tags=["deliveries"], response_model=list[DeliveryOut])
     async def list_deliveries(p: Principal = audited("deliveries.list", read_key),
@@ -397,11 +387,9 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
                     p: Principal = audited("delivery.retry", admin_key, client_param=None,
                                            target_param="delivery_id")) -> DeliveryOut:
         """Put a failed delivery back on the schedule with a fresh attempt budget."""
-        doc = await store.get_delivery(p.tenant_id, delivery_id)
-        if doc is None or not p.may_see_site(doc["site_id"]) or doc["status"] != "failed":
-            raise _not_found("failed delivery")
-        await store.requeue_failed(p.tenant_id, [delivery_id])
-        wake()
-        return _delivery(await store.get_delivery(p.tenant_id, delivery_id) or doc)
+        try:
+            return _delivery(await commands.requeue(p, delivery_id))
+        except NotFound as exc:
+            raise _not_found(exc.what) from exc
 
     return r

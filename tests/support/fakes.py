@@ -12,6 +12,7 @@ import itertools
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from pydantic import BaseModel
 
@@ -71,13 +72,16 @@ class StoreDown(ConnectionError):
 
 @dataclass
 class MemoryAlertsStore:
-    """The alerts store as the handlers use it: directory, subscriptions, lifecycles, deliveries."""
+    """The alerts store as the handlers and the API's commands use it: directory, subscriptions,
+    lifecycles, alerts, deliveries."""
 
     clinicians: dict[tuple[str, str], Clinician] = field(default_factory=dict)
     subscriptions: list[Subscription] = field(default_factory=list)
     lkeys: dict[str, str] = field(default_factory=dict)  # alert id -> greatest lifecycle key
     contents: dict[str, tuple[int, Document]] = field(default_factory=dict)  # alert id -> (revision, content)
     deliveries: dict[str, Document] = field(default_factory=dict)
+    alerts: dict[str, Document] = field(default_factory=dict)  # alert documents as the API reads them
+    now: datetime = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)  # when an acknowledgement happens
     down: bool = False
 
     def _check(self) -> None:
@@ -119,6 +123,43 @@ class MemoryAlertsStore:
         new = [d for d in {d["_id"]: d for d in docs}.values() if d["_id"] not in self.deliveries]
         self.deliveries.update((d["_id"], d) for d in new)
         return len(new)
+
+    # what the API's commands use (services/alerts/service.py)
+
+    async def get_clinician(self, tenant_id: str, clinician_id: str) -> Clinician | None:
+        self._check()
+        return self.clinicians.get((tenant_id, clinician_id))
+
+    async def put_clinician(self, c: Clinician) -> bool:
+        self._check()
+        created = (c.tenant_id, c.clinician_id) not in self.clinicians
+        self.clinicians[(c.tenant_id, c.clinician_id)] = c
+        return created
+
+    async def get_alert(self, tenant_id: str, alert_id: str) -> Document | None:
+        self._check()
+        doc = self.alerts.get(alert_id)
+        return dict(doc) if doc is not None and doc["tenant_id"] == tenant_id else None
+
+    async def acknowledge(self, tenant_id: str, alert_id: str, by: str) -> Document | None:
+        self._check()
+        doc = self.alerts.get(alert_id)
+        if doc is not None and doc["tenant_id"] == tenant_id and doc["status"] == "open":
+            doc.update(status="acknowledged", acknowledged_at=self.now, acknowledged_by=by)
+        return await self.get_alert(tenant_id, alert_id)
+
+    async def get_delivery(self, tenant_id: str, delivery_id: str) -> Document | None:
+        self._check()
+        doc = self.deliveries.get(delivery_id)
+        return dict(doc) if doc is not None and doc["tenant_id"] == tenant_id else None
+
+    async def requeue_failed(self, tenant_id: str | None, delivery_ids: Sequence[str] | None = None) -> int:
+        self._check()
+        hits = [d for d in self.deliveries.values() if d["status"] == "failed"
+                and tenant_id in (None, d["tenant_id"]) and (not delivery_ids or d["_id"] in delivery_ids)]
+        for d in hits:
+            d.update(status="pending", attempts=0)
+        return len(hits)
 
 
 # ---- reporting -------------------------------------------------------------------------------------
