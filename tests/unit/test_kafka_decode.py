@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import get_args
 
+from services.scoring.series import RejectReason
 from shared.events import (
     CLIENT_TRANSFER,
     RECORD_TYPE_HEADER,
@@ -54,3 +56,7 @@ def test_every_dead_letter_reason_is_documented() -> None:
     reasons_row = next(line for line in EVENTS_DOC.read_text().splitlines() if line.startswith("| `reason` |"))
     documented = set(re.findall(r"`([a-z_]+)`", reasons_row))
     assert {r.value for r in DeadLetterReason} <= documented
+
+
+def test_every_reason_scoring_refuses_a_submission_with_is_a_dead_letter_reason() -> None:
+    assert set(get_args(RejectReason)) <= {r.value for r in DeadLetterReason}
