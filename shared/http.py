@@ -366,6 +366,7 @@ def authenticate_first(app: FastAPI, lookup: Lookup, prefix: str = "/v1/", guard
 
 
 Check = Callable[[], Awaitable[bool]]
+STOP_TIMEOUT_SECONDS = 5.0
 
 
 @dataclass
@@ -427,7 +428,14 @@ class Runtime:
         finally:
             for t in self._tasks:
                 t.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            # Bounded: a task cancellation does not reach must not hold the exit for ever. PyMongo's
+            # async server selection against a store that never answered keeps waiting after its
+            # caller is cancelled (a start-up step stuck so hung every shutdown during an outage).
+            if self._tasks:
+                _done, stuck = await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT_SECONDS)
+                if stuck:
+                    log.warning("%s: %d task(s) did not stop within %.0fs; exiting without them", self.name,
+                                len(stuck), STOP_TIMEOUT_SECONDS)
             for step in self.on_stop:
                 await step()
             if self.broker is not None:
