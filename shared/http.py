@@ -1,4 +1,4 @@
-"""HTTP conventions every API shares: error bodies, ops endpoints, and the service runtime.
+"""HTTP conventions every API shares: error bodies, ops endpoints, request context, and the service runtime.
 
 Errors are always `{"errors": [{"field": "...", "message": "..."}]}` so clients can show the
 failing field and rule.
@@ -9,13 +9,21 @@ streams in, and an app whose routes all need an API key can put the key check in
 everything (`authenticate_first`): FastAPI reads and parses a body before it resolves the
 dependency that checks the key, so without it an unauthenticated 150 MB PUT cost alerts 450 MiB
 before its 401.
+
+Request context: every app made by `service_api` is a `ServiceApp`, whose outermost layer
+(`RequestContext`) gives each request a correlation id (the client's valid `X-Correlation-ID`, or a
+new one; echoed on the response and put into log records) and counts it in
+`alliance_http_requests_total{service,method,route,status}` and
+`alliance_http_request_seconds{service,method,route}`, `route` being the route template.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -24,14 +32,17 @@ from typing import Any, Protocol
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.routing import iter_route_contexts
 from faststream.kafka import KafkaBroker
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Mount, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.metrics import READY, THROTTLED
+from shared.logs import CORRELATION_ID
+from shared.metrics import HTTP_REQUESTS, HTTP_SECONDS, READY, THROTTLED
 from shared.mongo import Document, ping
 from shared.ratelimit import COLLECTION, Limiter, SlotStorage, retry_after_header, slot_storage
 from shared.settings import SERVICE_PORTS, HttpSettings
@@ -144,6 +155,106 @@ class BodyLimit:
             if started:
                 raise
             await _answer(send, exc)
+
+
+CORRELATION_HEADER = "X-Correlation-ID"
+# Request headers a client may name its correlation id in, in order of preference.
+_CORRELATION_HEADERS = (b"x-correlation-id", b"correlation_id")
+# Methods counted by name; anything else is `other`, so a client cannot mint label values.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def valid_correlation_id(value: str | None) -> bool:
+    """A client's correlation id is kept when it is short and plain (it ends up in headers and logs)."""
+    return bool(value) and len(value or "") <= 128 and all(c.isascii() and (c.isalnum() or c in "._:-")
+                                                           for c in value or "")
+
+
+Templates = list[tuple[re.Pattern[str], str]]
+
+
+def route_templates(routes: Sequence[BaseRoute]) -> Templates:
+    """(path pattern, template) of every route of an app, included routers and mounts flattened, in
+    routing order."""
+    out: Templates = []
+    for route in iter_route_contexts(routes):
+        path, template = route.path, route.path_format
+        if not path or not template:
+            continue
+        # A mount answers every path under its prefix, as Starlette's `Mount` matches it.
+        regex, _, _ = compile_path(path.rstrip("/") + "/{path:path}" if isinstance(route.original_route, Mount)
+                                   else path)
+        out.append((regex, template))
+    return out
+
+
+def route_template(templates: Templates, path: str) -> str:
+    """The metrics label of a request path: the template of the first route whose path matches it
+    (`/v1/clients/{client_id}/transfer`), or `other` (bounded cardinality: never the concrete path)."""
+    return next((template for regex, template in templates if regex.match(path)), "other")
+
+
+class RequestContext:
+    """ASGI middleware of every API: the correlation id and the HTTP metrics of each request.
+
+    The id is the client's `X-Correlation-ID` (or `correlation_id`) header when it is valid, else a
+    new UUID; it is in `scope["state"]["correlation_id"]` for the routes, in `shared.logs.CORRELATION_ID`
+    (so every log record written while serving the request carries it) and on the response.
+    `alliance_http_requests_total` / `alliance_http_request_seconds` count every request by service,
+    method and route template, whoever answers it (a route, an error handler or a middleware).
+    """
+
+    def __init__(self, app: ASGIApp, service: str, routes: Sequence[BaseRoute]) -> None:
+        self.app = app
+        self.service = service
+        # Built with the middleware stack, at the first request: every route is included by then.
+        # Matched here rather than read from the scope after routing, so requests a middleware
+        # answers (401, 413, 429) are labelled with their route too.
+        self.templates = route_templates(routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers", ()))
+        cid = next((v.decode("latin-1") for h in _CORRELATION_HEADERS if (v := headers.get(h)) is not None), "")
+        if not valid_correlation_id(cid):
+            cid = str(uuid.uuid4())
+        scope.setdefault("state", {})["correlation_id"] = cid
+        method = scope.get("method", "")
+        method = method if method in _METHODS else "other"
+        route = route_template(self.templates, scope.get("path", ""))
+        status = 500
+        header = (b"x-correlation-id", cid.encode())
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), header]}
+            await send(message)
+
+        token = CORRELATION_ID.set(cid)
+        started = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            CORRELATION_ID.reset(token)
+            HTTP_REQUESTS.labels(self.service, method, route, str(status)).inc()
+            HTTP_SECONDS.labels(self.service, method, route).observe(time.perf_counter() - started)
+
+
+class ServiceApp(FastAPI):
+    """A service's FastAPI app: `RequestContext` wraps the whole middleware stack, so it stays the
+    outermost layer whatever middleware is added after the app is made (an answer from the key check or
+    the body limit, even a 500, is counted and carries the correlation id)."""
+
+    def __init__(self, service: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.service = service
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return RequestContext(super().build_middleware_stack(), self.service, self.router.routes)
 
 
 class Identified(Protocol):
@@ -446,10 +557,10 @@ class Runtime:
 
 def service_api(runtime: Runtime, *, title: str, version: str = "1.0.0", description: str = "",
                 max_body_bytes: int | None = None) -> FastAPI:
-    """A FastAPI app with the runtime's lifespan, uniform errors, /healthz /readyz /metrics, and a
-    body-size limit: `max_body_bytes`, else the service's `ALLIANCE_<SERVICE>_MAX_BODY_BYTES`
-    (none for intake, which limits each route itself)."""
-    app = FastAPI(title=title, version=version, description=description, lifespan=runtime.lifespan)
+    """A FastAPI app with the runtime's lifespan, uniform errors, /healthz /readyz /metrics, correlation
+    ids and HTTP metrics (`RequestContext`), and a body-size limit: `max_body_bytes`, else the service's
+    `ALLIANCE_<SERVICE>_MAX_BODY_BYTES` (none for intake, which limits each route itself)."""
+    app = ServiceApp(runtime.name, title=title, version=version, description=description, lifespan=runtime.lifespan)
     install_error_handlers(app)
     if max_body_bytes is None and (settings := SERVICE_PORTS.get(runtime.name)) is not None:
         max_body_bytes = settings().max_body_bytes

@@ -1,14 +1,22 @@
-"""Structured JSON logs. Records carry ids (submission, correlation), never client ids or ratings."""
+"""Structured JSON logs. Records carry ids (submission, correlation), never client ids or ratings.
+
+The correlation id of the HTTP request being served (`CORRELATION_ID`, set by `shared.http`'s
+request middleware) goes into every record logged while serving it, unless the record names its own.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
 from shared.settings import LogSettings
+
+# The request's correlation id; a contextvar so tasks started while serving a request keep it.
+CORRELATION_ID: ContextVar[str | None] = ContextVar("alliance_correlation_id", default=None)
 
 _SAFE_EXTRAS = ("correlation_id", "submission_id", "tenant_id", "service", "alert_id", "delivery_id", "outcome")
 
@@ -30,6 +38,8 @@ class JsonFormatter(logging.Formatter):
         }
         for name in _SAFE_EXTRAS:
             value = getattr(record, name, None)
+            if value is None and name == "correlation_id":
+                value = CORRELATION_ID.get()
             if value is not None:
                 doc[name] = value
         if record.exc_info:

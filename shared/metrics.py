@@ -48,3 +48,14 @@ THROTTLED = Counter(
 )
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+HTTP_REQUESTS = Counter(
+    "alliance_http_requests_total",
+    "HTTP requests by service, method, route template (`other` for paths no route matches) and status code.",
+    ["service", "method", "route", "status"],
+)
+HTTP_SECONDS = Histogram(
+    "alliance_http_request_seconds",
+    "HTTP request duration by service, method and route template.",
+    ["service", "method", "route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -38,7 +37,6 @@ from fastapi import APIRouter, FastAPI, HTTPException, Path, Request, Response
 from pydantic_core import from_json, to_json
 from pymongo.errors import PyMongoError
 from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.intake import csvformat, metrics
 from services.intake.csvformat import CsvRow, parse_csv, session_submission_id
@@ -69,67 +67,6 @@ from shared.http import Guard, Runtime, error_body
 from shared.kafka import JSON_HEADERS
 
 log = logging.getLogger("alliance.intake")
-
-CORRELATION_HEADER = "X-Correlation-ID"
-TRANSFER_ROUTE = "/v1/clients/{client_id}/transfer"
-ROUTES = frozenset({"/v1/submissions", "/v1/submissions/batch", "/v1/submissions/csv", TRANSFER_ROUTE, "/healthz",
-                    "/readyz", "/metrics", "/openapi.json", "/docs"})
-# Routes with path parameters: their metrics label is the template, never the concrete path.
-_TEMPLATES: tuple[tuple[re.Pattern[str], str], ...] = ((re.compile(r"^/v1/clients/.+/transfer$"), TRANSFER_ROUTE),)
-
-
-def route_label(path: str) -> str:
-    """The metrics label of a request path: one of `ROUTES`, or `other` (bounded cardinality)."""
-    if path in ROUTES:
-        return path
-    for pattern, template in _TEMPLATES:
-        if pattern.match(path):
-            return template
-    return "other"
-
-
-def valid_correlation_id(value: str | None) -> bool:
-    """A client's correlation id is kept when it is short and plain (it ends up in headers and logs)."""
-    return bool(value) and len(value or "") <= 128 and all(c.isascii() and (c.isalnum() or c in "._:-")
-                                                           for c in value or "")
-
-
-class HttpMiddleware:
-    """Correlation id on every request and response; request metrics by route and status class."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        cid = ""
-        for name, value in scope.get("headers", ()):
-            if name == b"x-correlation-id":
-                cid = value.decode("latin-1")
-                break
-        if not valid_correlation_id(cid):
-            cid = str(uuid.uuid4())
-        scope.setdefault("state", {})["correlation_id"] = cid
-        route = route_label(scope.get("path", ""))
-        status = 500
-        header = (b"x-correlation-id", cid.encode())
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message = {**message, "headers": [*message.get("headers", ()), header]}
-            await send(message)
-
-        started = time.perf_counter()
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            metrics.HTTP_REQUESTS.labels(route, f"{status // 100}xx").inc()
-            metrics.HTTP_SECONDS.labels(route).observe(time.perf_counter() - started)
-
 
 class PublishFailed(Exception):
     """The broker did not acknowledge (in time)."""
@@ -299,7 +236,7 @@ class Context:
 
 
 def correlation_id(request: Request) -> str:
-    """The request's correlation id (set by `HttpMiddleware`)."""
+    """The request's correlation id (set by `shared.http.RequestContext`)."""
     cid = request.scope.get("state", {}).get("correlation_id")
     return cid if isinstance(cid, str) else str(uuid.uuid4())
 

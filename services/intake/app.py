@@ -11,7 +11,7 @@ from faststream import FastStream
 from faststream.kafka import KafkaBroker
 from faststream.specification import AsyncAPI
 
-from services.intake.api import Context, HttpMiddleware, SubmissionPublisher, build_router, install_openapi
+from services.intake.api import Context, SubmissionPublisher, build_router, install_openapi
 from services.intake.ratelimit import submission_limiter
 from services.intake.settings import IntakeSettings
 from shared.audit import install_audit_routes
@@ -72,7 +72,6 @@ def create_app(config: IntakeConfig | None = None) -> FastAPI:
     )
     app = service_api(runtime, title="Alliance Stream intake", description=DESCRIPTION)
     app.include_router(build_router(ctx))
-    app.add_middleware(HttpMiddleware)
     # A client transfer is an administrative change: each appends an audit entry (shared.audit).
     install_audit_routes(app, runtime, config.mongo, ctx.keys.lookup,
                          [("POST", re.compile(r"/v1/clients/(?P<client_id>.+)/transfer"), "client.transfer")])

@@ -1,7 +1,7 @@
 """Metrics of the intake service (default registry, served on /metrics).
 
-Label values are bounded: `outcome` and `reason` come from the fixed sets below, `route` from the
-service's own routes (anything else is `other`).
+Label values are bounded: `outcome` and `reason` come from the fixed sets below. HTTP requests are
+counted for every service by `shared.http.RequestContext` (`alliance_http_requests_total`).
 """
 
 from __future__ import annotations
@@ -48,19 +48,6 @@ TRANSFERS = Counter(
     "Client transfer requests by outcome and reason (same reasons as submissions).",
     ["outcome", "reason"],
 )
-HTTP_REQUESTS = Counter(
-    "alliance_intake_http_requests_total",
-    "HTTP requests by route and status class (2xx, 4xx, 5xx).",
-    ["route", "status_class"],
-)
-HTTP_SECONDS = Histogram(
-    "alliance_intake_http_request_seconds",
-    "HTTP request duration by route.",
-    ["route"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-)
-
-
 def count(outcome: Outcome, reason: Reason, n: int = 1) -> None:
     """Count `n` submissions."""
     if n > 0:

@@ -651,9 +651,9 @@ async def test_transfer_metrics_use_the_route_template(intake: Intake) -> None:
     assert (await transfer(intake, "p-move-8", {"site_id": "south"}, intake.keys.admin)).status_code == 202
     assert (await transfer(intake, "p-move-9", {"site_id": "south"}, intake.keys.submit)).status_code == 403
     text = (await intake.http.get("/metrics")).text
-    assert ('alliance_intake_http_requests_total{route="/v1/clients/{client_id}/transfer",status_class="2xx"}'
-            in text)
-    assert 'alliance_intake_http_requests_total{route="/v1/clients/{client_id}/transfer",status_class="4xx"}' in text
+    transfers = 'alliance_http_requests_total{method="POST",route="/v1/clients/{client_id}/transfer",service="intake"'
+    assert f'{transfers},status="202"}}' in text
+    assert f'{transfers},status="403"}}' in text
     assert "p-move-8" not in text
     assert 'alliance_intake_client_transfers_total{outcome="accepted",reason="ok"}' in text
     assert 'alliance_intake_client_transfers_total{outcome="rejected",reason="forbidden"}' in text
@@ -670,7 +670,8 @@ async def test_metrics_show_submissions_publish_latency_and_batch_size(intake: I
     assert 'alliance_intake_submissions_total{outcome="rejected",reason="invalid"}' in text
     assert 'alliance_intake_publish_seconds_bucket{endpoint="single"' in text
     assert 'alliance_intake_batch_size_bucket{endpoint="batch"' in text
-    assert 'alliance_intake_http_requests_total{route="/v1/submissions",status_class="2xx"}' in text
+    assert ('alliance_http_requests_total{method="POST",route="/v1/submissions",service="intake",status="202"}'
+            in text)
 
 
 async def test_logs_carry_submission_and_correlation_ids_but_no_client_id_or_rating(

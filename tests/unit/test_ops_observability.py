@@ -85,7 +85,7 @@ def rules() -> list[dict[str, Any]]:
         ("poison records set aside", r"increase\(alliance_consumer_poison_records_total\[\w+\]\)\)\s*>\s*0"),
         ("notification failures", r"alliance_notifications_total\{outcome=\"failed\"\}"),
         ("intake 503 rate", r"alliance_intake_submissions_total\{outcome=\"unavailable\"\}"),
-        ("intake 5xx rate", r"alliance_intake_http_requests_total\{status_class=\"5xx\"\}"),
+        ("5xx rate of every API", r"sum by \(service\) \(rate\(alliance_http_requests_total\{status=~\"5\.\.\"\}"),
         ("service not scraped", r"up\{job=~\"alliance-\.\+\"\} == 0"),
         ("service not ready", r"alliance_ready\) == 0"),
     ],
