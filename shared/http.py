@@ -15,6 +15,11 @@ Request context: every app made by `service_api` is a `ServiceApp`, whose outerm
 new one; echoed on the response and put into log records) and counts it in
 `alliance_http_requests_total{service,method,route,status}` and
 `alliance_http_request_seconds{service,method,route}`, `route` being the route template.
+
+Service shape: every service's app.py has a `Config` extending `shared.settings.ServiceConfig` and a
+`build(config) -> <X>Service`, a `Service` dataclass owning the broker, the store client, the `Runtime`
+(start-up steps, store tasks started before the broker, background tasks, stop steps) and the HTTP app;
+`create_app` is `build(config).app` and `asyncapi_app` is `stream_app(build(config))`.
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import iter_route_contexts
+from faststream import FastStream
 from faststream.kafka import KafkaBroker
+from faststream.specification import AsyncAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
@@ -485,17 +492,23 @@ class Runtime:
     """What a service runs: its broker, its store client, start-up steps and background tasks.
 
     Start-up never blocks the HTTP server: the broker is connected by a background task that
-    retries until it answers, and `/readyz` says 503 until then.
+    retries until it answers, and `/readyz` says 503 until then. On stop, the background tasks are
+    cancelled first, then the on_stop steps run, then the broker and the store client close.
     """
 
     name: str
     broker: KafkaBroker | None = None
     mongo: AsyncMongoClient[Document] | None = None
     on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Started once every on_start step has succeeded, before the broker connects: jobs that need only
+    # the store (alerts' deliveries and escalation) run while the consumer group still rebalances.
+    store_tasks: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
+    # Started once the broker is connected.
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     started: bool = False
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _store_tasks_started: bool = False
 
     async def _start(self) -> None:
         delay = 0.5
@@ -503,6 +516,11 @@ class Runtime:
             try:
                 for step in self.on_start:
                     await step()
+                # on_start steps are re-run when the broker start fails; these tasks start once.
+                if not self._store_tasks_started:
+                    self._store_tasks_started = True
+                    for job in self.store_tasks:
+                        self._tasks.append(asyncio.create_task(job(), name=f"{self.name}-{job.__name__}"))
                 if self.broker is not None:
                     await self.broker.start()
                 break
@@ -586,6 +604,33 @@ def service_api(runtime: Runtime, *, title: str, version: str = "1.0.0", descrip
 
     app.state.runtime = runtime
     return app
+
+
+@dataclass
+class Service:
+    """One wired service, as every app.py's `build(config)` returns it (extended with the service's
+    own parts): its broker (subscribers and publisher declarations), its store client, its `Runtime`
+    (start-up steps, background tasks) and its HTTP app. Building opens no connection; the app's
+    lifespan starts and stops everything."""
+
+    broker: KafkaBroker
+    mongo: AsyncMongoClient[Document]
+    runtime: Runtime
+    app: FastAPI
+    # The AsyncAPI document's info (FastStream's defaults when no title is given).
+    spec_title: str | None = field(default=None, kw_only=True)
+    spec_version: str = field(default="0.1.0", kw_only=True)
+    spec_description: str | None = field(default=None, kw_only=True)
+
+
+def stream_app(service: Service) -> FastStream:
+    """A FastStream app over `service`'s broker, for `faststream docs gen` / `alliance docs gen`: the
+    AsyncAPI document of its subscribers and declared publishers."""
+    if service.spec_title is None:
+        return FastStream(service.broker)
+    spec = AsyncAPI(service.broker, title=service.spec_title, version=service.spec_version,
+                    description=service.spec_description)
+    return FastStream(service.broker, specification=spec)
 
 
 def serve(name: str, app: FastAPI, host: str, port: int) -> None:

@@ -45,7 +45,6 @@ import logging
 import ssl
 import time
 import uuid
-import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -121,10 +120,6 @@ def admin_security_kwargs(settings: KafkaSettings) -> dict[str, Any]:
     return kwargs
 
 
-# Settings each broker was made from, so subscribers created on it use the same fetch tuning.
-_BROKER_SETTINGS: weakref.WeakKeyDictionary[KafkaBroker, KafkaSettings] = weakref.WeakKeyDictionary()
-
-
 def make_broker(settings: KafkaSettings, client_id: str) -> KafkaBroker:
     """A broker whose producer waits for all in-sync replicas (and is idempotent where supported)."""
     acks: Any = "all" if settings.acks == "all" else int(settings.acks)
@@ -138,7 +133,6 @@ def make_broker(settings: KafkaSettings, client_id: str) -> KafkaBroker:
         security=_security(settings),
         logger=logging.getLogger(f"alliance.{client_id}.faststream"),
     )
-    _BROKER_SETTINGS[broker] = settings
     return broker
 
 
@@ -539,17 +533,18 @@ def subscribe_batch(
     batch_timeout_ms: int = 50,
     fetch_max_wait_ms: int | None = None,
     dead_letters: DeadLetterTarget | None = None,
+    settings: KafkaSettings | None = None,
 ) -> None:
     """Register an at-least-once batch consumer of `topic` for `handler` (see module docs).
 
-    `fetch_max_wait_ms` defaults to the broker's `KafkaSettings.fetch_max_wait_ms` (see there),
-    `retry.poison_attempts` to its `KafkaSettings.poison_attempts`. `dead_letters` is where
-    records failing deterministically on their own go; without it they are retried forever.
+    `settings` are the service's Kafka settings (those its broker was made from):
+    `fetch_max_wait_ms` defaults to their `fetch_max_wait_ms` (see there), `retry.poison_attempts` to
+    their `poison_attempts` (without settings, 500 ms and 2). `dead_letters` is where records failing
+    deterministically on their own go; without it they are retried forever.
     """
-    known = _BROKER_SETTINGS.get(broker)
-    policy = retry or RetryPolicy(poison_attempts=known.poison_attempts if known is not None else 2)
+    policy = retry or RetryPolicy(poison_attempts=settings.poison_attempts if settings is not None else 2)
     if fetch_max_wait_ms is None:
-        fetch_max_wait_ms = known.fetch_max_wait_ms if known is not None else 500
+        fetch_max_wait_ms = settings.fetch_max_wait_ms if settings is not None else 500
 
     async def _raw(msg: Any) -> None:  # skip FastStream's JSON decoding: we decode per record
         return None

@@ -6,6 +6,7 @@ what it uses and the same names work in every service.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import Field, SecretStr
@@ -155,3 +156,12 @@ class AuditSettings(BaseSettings):
     queue_max_entries: int = Field(default=50_000, ge=1)
     # How long a stopping service keeps trying to write what it still holds.
     close_timeout_seconds: float = Field(default=10.0, gt=0)
+
+
+@dataclass
+class ServiceConfig:
+    """What every service reads from its environment: the broker and the store. Each service's
+    `Config` (in its app.py) extends it with its own settings; tests pass explicit instances."""
+
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    mongo: MongoSettings = field(default_factory=MongoSettings)

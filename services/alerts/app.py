@@ -1,18 +1,21 @@
 """The alerts service: consumes deteriorations and the alerts' lifecycle statuses (and scored
 events for partners), delivers signed webhooks and emails from a durable schedule in MongoDB,
 escalates unacknowledged alerts, and serves the directory/subscription/alert API on port 8003.
+
+Shape (the same in every service): `AlertsConfig` (services/alerts/settings.py) extends
+`shared.settings.ServiceConfig`; `build(config)` wires an `AlertsService` (broker, store, runtime with
+the delivery worker and escalation as its store tasks, HTTP app) without opening a connection;
+`create_app` (uvicorn) and `asyncapi_app` (`faststream docs gen`) are views of it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 
-from fastapi import APIRouter, FastAPI
+from fastapi import FastAPI
 from faststream import FastStream
 from faststream.kafka import KafkaBroker
-from faststream.specification import AsyncAPI
 
 from services.alerts.api import build_router
 from services.alerts.escalation import Escalator
@@ -24,7 +27,7 @@ from services.alerts.targets import Resolver, system_resolve
 from services.alerts.worker import DeliveryWorker, Sender
 from shared import audit, auth
 from shared.events import AlertStatusChanged, DeadLetter
-from shared.http import Runtime, authenticate_first, make_guard, service_api
+from shared.http import Runtime, Service, authenticate_first, make_guard, service_api, stream_app
 from shared.kafka import DeadLetterTarget, Publisher, make_broker, subscribe_batch
 from shared.mongo import database, make_client
 from shared.settings import AuditSettings
@@ -36,18 +39,19 @@ DESCRIPTION = """Delivers alliance alerts to clinicians (signed webhook, email) 
 Standard Webhooks), retries with backoff from a durable schedule, escalates unacknowledged alerts."""
 
 
+TITLE = "Alliance Stream — alerts"
+
+
 @dataclass
-class Components:
-    """The parts of one alerts instance (tests and the bench reach them through `app.state.alerts`)."""
+class AlertsService(Service):
+    """The wired service (tests and the bench reach it through `app.state.alerts`)."""
 
     config: AlertsConfig
-    broker: KafkaBroker
     store: AlertsStore
     handlers: Handlers
     worker: DeliveryWorker
     escalator: Escalator
     webhook: WebhookSender
-    router: APIRouter
 
 
 def _broker(config: AlertsConfig) -> KafkaBroker:
@@ -61,7 +65,7 @@ def _broker(config: AlertsConfig) -> KafkaBroker:
     return broker
 
 
-def build(config: AlertsConfig | None = None, resolve: Resolver = system_resolve) -> tuple[Runtime, Components]:
+def build(config: AlertsConfig | None = None, resolve: Resolver = system_resolve) -> AlertsService:
     """Wire everything; opens no connection. `resolve` answers webhook host names (tests
     replace it to play a rebinding DNS server)."""
     cfg = config or AlertsConfig()
@@ -85,18 +89,16 @@ def build(config: AlertsConfig | None = None, resolve: Resolver = system_resolve
     poison = DeadLetterTarget(topics.deadletter, publisher.publish_all)
     subscribe_batch(broker, topics.deterioration, group_id=cfg.kafka.group(SERVICE), service=SERVICE,
                     handler=handlers.on_deterioration, max_records=cfg.kafka.batch_max_records,
-                    dead_letters=poison)
+                    dead_letters=poison, settings=cfg.kafka)
     subscribe_batch(broker, topics.scored, group_id=cfg.kafka.group("alerts-partners"), service=SERVICE,
                     handler=handlers.on_scored, max_records=cfg.kafka.batch_max_records,
-                    dead_letters=poison)
+                    dead_letters=poison, settings=cfg.kafka)
     # Superseded / withdrawn from scoring (and this service's own acknowledged / escalated, which
     # are only forwarded to partners). Its own group: the lifecycle merge does not depend on the
     # order of the two topics, so neither consumer waits for the other.
     subscribe_batch(broker, topics.alert_status, group_id=cfg.kafka.group("alerts-status"), service=SERVICE,
                     handler=handlers.on_alert_status, max_records=cfg.kafka.batch_max_records,
-                    dead_letters=poison)
-
-    tasks: list[asyncio.Task[None]] = []
+                    dead_letters=poison, settings=cfg.kafka)
 
     async def start() -> None:
         await store.ensure_indexes()
@@ -108,51 +110,40 @@ def build(config: AlertsConfig | None = None, resolve: Resolver = system_resolve
                         "(dev mode only: `python -m services.alerts` refuses to start so outside it)")
         if not cfg.smtp.enabled:
             log.info("ALLIANCE_SMTP_HOST is empty: the email channel is off")
-        # Delivery and escalation need only the store, so they start before the broker: after a
-        # restart, pending deliveries and retries go out while the consumer group still rebalances.
-        # (Runtime re-runs on_start steps when the broker start fails, hence the guard.)
-        if not tasks:
-            for job in (worker.run, escalator.run, worker.refresh_gauges):
-                tasks.append(asyncio.create_task(job(), name=f"alerts-{job.__name__}"))
-
-    async def stop() -> None:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await webhook.close()
 
     audit_settings = AuditSettings()
     audit_log = (audit.AuditLog.from_settings(audit.audit_collection(mongo, cfg.mongo, audit_settings), SERVICE,
                                               audit_settings) if audit_settings.enabled else None)
+    # Delivery and escalation need only the store, so they are store tasks, started before the broker:
+    # after a restart, pending deliveries and retries go out while the consumer group still rebalances.
+    # On stop the runtime cancels them before closing the webhook client.
     runtime = Runtime(SERVICE, broker, mongo, on_start=[start],
-                      on_stop=[stop, *([audit_log.close] if audit_log is not None else [])])
+                      store_tasks=[worker.run, escalator.run, worker.refresh_gauges],
+                      on_stop=[webhook.close, *([audit_log.close] if audit_log is not None else [])])
     keys = auth.KeyStore(db)
     router = build_router(store, keys, publisher, topics, cfg.alerts, box, secrets.forget, worker.wake,
                           audit.Auditor(audit_log, SERVICE, keys.lookup), resolve=resolve)
-    return runtime, Components(cfg, broker, store, handlers, worker, escalator, webhook, router)
+    app = service_api(runtime, title=TITLE, description=DESCRIPTION)
+    app.include_router(router)
+    # Every /v1 route needs a key: check it before a body is read (the routes' own KeyStore comes
+    # after FastAPI has parsed the body). A second cache of the same keys; misses cost one look-up.
+    # With it, the failed-authentication limit per peer and the request rate per key (`make_guard`).
+    first = auth.KeyStore(db)
+    guard, limits = make_guard(cfg.http, db, SERVICE)
+    runtime.on_start.append(limits.ensure_indexes)
+    authenticate_first(app, first.lookup, guard=guard, known=first.known)
+    service = AlertsService(broker, mongo, runtime, app, cfg, store, handlers, worker, escalator, webhook,
+                            spec_title=TITLE, spec_description=DESCRIPTION)
+    app.state.alerts = service
+    return service
 
 
 def create_app(config: AlertsConfig | None = None, resolve: Resolver = system_resolve) -> FastAPI:
     """The alerts HTTP app; its lifespan runs the consumers, the delivery worker and escalation."""
-    runtime, components = build(config, resolve)
-    app = service_api(runtime, title="Alliance Stream — alerts", description=DESCRIPTION)
-    app.include_router(components.router)
-    # Every /v1 route needs a key: check it before a body is read (the routes' own KeyStore comes
-    # after FastAPI has parsed the body). A second cache of the same keys; misses cost one look-up.
-    # With it, the failed-authentication limit per peer and the request rate per key (`make_guard`).
-    assert runtime.mongo is not None
-    db = database(runtime.mongo, components.config.mongo)
-    first = auth.KeyStore(db)
-    guard, limits = make_guard(components.config.http, db, SERVICE)
-    runtime.on_start.append(limits.ensure_indexes)
-    authenticate_first(app, first.lookup, guard=guard, known=first.known)
-    app.state.alerts = components
-    return app
+    return build(config, resolve).app
 
 
 def asyncapi_app(config: AlertsConfig | None = None) -> FastStream:
     """A FastStream app over the same broker, for `faststream docs gen services.alerts.app:asyncapi_app`."""
-    _, components = build(config)
-    spec = AsyncAPI(components.broker, title="Alliance Stream — alerts", description=DESCRIPTION)
-    return FastStream(components.broker, specification=spec)
+    return stream_app(build(config))
 

@@ -9,7 +9,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.alerts.secretbox import KEYS_SETTING, SecretBox, parse_keyring
-from shared.settings import AlertsHttp, KafkaSettings, MongoSettings
+from shared.settings import AlertsHttp, ServiceConfig
 
 
 class AlertsSettings(BaseSettings):
@@ -133,11 +133,9 @@ class SmtpSettings(BaseSettings):
 
 
 @dataclass
-class AlertsConfig:
-    """Everything `create_app` needs; defaults come from the environment."""
+class AlertsConfig(ServiceConfig):
+    """Everything `build` needs; defaults come from the environment."""
 
-    kafka: KafkaSettings = field(default_factory=KafkaSettings)
-    mongo: MongoSettings = field(default_factory=MongoSettings)
     alerts: AlertsSettings = field(default_factory=AlertsSettings)
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     http: AlertsHttp = field(default_factory=AlertsHttp)

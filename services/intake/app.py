@@ -1,4 +1,10 @@
-"""Wiring of the intake service: broker, key store, routes. No connection is opened at import time."""
+"""Wiring of the intake service: broker, key store, routes. No connection is opened at import time.
+
+Shape (the same in every service): `IntakeConfig` extends `shared.settings.ServiceConfig`;
+`build(config)` wires an `IntakeService` (broker, store client, runtime, HTTP app and the routes'
+`Context`) without opening a connection; `create_app` (uvicorn) and `asyncapi_app` (`faststream docs
+gen`) are views of it.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,6 @@ from typing import Any
 from fastapi import FastAPI
 from faststream import FastStream
 from faststream.kafka import KafkaBroker
-from faststream.specification import AsyncAPI
 
 from services.intake.api import Context, SubmissionPublisher, build_router, install_openapi
 from services.intake.ratelimit import submission_limiter
@@ -17,11 +22,12 @@ from services.intake.settings import IntakeSettings
 from shared.audit import install_audit_routes
 from shared.auth import KeyStore
 from shared.events import ClientTransfer, SrsSubmitted
-from shared.http import Runtime, make_guard, service_api
+from shared.http import Runtime, Service, make_guard, service_api, stream_app
 from shared.kafka import make_broker
 from shared.mongo import database, make_client
-from shared.settings import IntakeHttp, KafkaSettings, MongoSettings
+from shared.settings import IntakeHttp, ServiceConfig
 
+TITLE = "Alliance Stream intake"
 DESCRIPTION = """Accepts Session Rating Scale submissions from clinic sites and EHR exports, validates them,
 and publishes them to `srs.submitted.v1`. A submission is answered with 202 only after the broker has
 acknowledged it; send the same `submission_id` again to retry safely. A tenant-wide admin key moves a
@@ -29,11 +35,9 @@ client to another site with `POST /v1/clients/{client_id}/transfer`."""
 
 
 @dataclass
-class IntakeConfig:
+class IntakeConfig(ServiceConfig):
     """Everything intake reads from the environment."""
 
-    kafka: KafkaSettings = field(default_factory=KafkaSettings)
-    mongo: MongoSettings = field(default_factory=MongoSettings)
     intake: IntakeSettings = field(default_factory=IntakeSettings)
     http: IntakeHttp = field(default_factory=IntakeHttp)
 
@@ -52,8 +56,15 @@ def _publisher(broker: KafkaBroker, config: IntakeConfig) -> Any:
     )
 
 
-def create_app(config: IntakeConfig | None = None) -> FastAPI:
-    """The intake HTTP app (its lifespan connects the broker in the background)."""
+@dataclass
+class IntakeService(Service):
+    """The wired service: broker and publisher, key store and limits (`context`), runtime, HTTP app."""
+
+    context: Context
+
+
+def build(config: IntakeConfig | None = None) -> IntakeService:
+    """Wire broker, key store, limits and routes; opens no connection."""
     config = config or IntakeConfig()
     broker = make_broker(config.kafka.model_copy(update={"linger_ms": config.intake.linger_ms}), "intake")
     publisher = _publisher(broker, config)
@@ -70,20 +81,22 @@ def create_app(config: IntakeConfig | None = None) -> FastAPI:
         limiter=submission_limiter(config.intake, limits),
         guard=guard,
     )
-    app = service_api(runtime, title="Alliance Stream intake", description=DESCRIPTION)
+    app = service_api(runtime, title=TITLE, description=DESCRIPTION)
     app.include_router(build_router(ctx))
     # A client transfer is an administrative change: each appends an audit entry (shared.audit).
     install_audit_routes(app, runtime, config.mongo, ctx.keys.lookup,
                          [("POST", re.compile(r"/v1/clients/(?P<client_id>.+)/transfer"), "client.transfer")])
     install_openapi(app)
     app.state.intake = ctx
-    return app
+    return IntakeService(broker, mongo, runtime, app, ctx, spec_title=TITLE, spec_version="1.0.0",
+                         spec_description=DESCRIPTION)
+
+
+def create_app(config: IntakeConfig | None = None) -> FastAPI:
+    """The intake HTTP app (its lifespan connects the broker in the background)."""
+    return build(config).app
 
 
 def asyncapi_app(config: IntakeConfig | None = None) -> FastStream:
     """A FastStream app over intake's broker, for `faststream docs gen` (it publishes srs.submitted.v1)."""
-    config = config or IntakeConfig()
-    broker = make_broker(config.kafka, "intake")
-    _publisher(broker, config)
-    return FastStream(broker, specification=AsyncAPI(broker, title="Alliance Stream intake", version="1.0.0",
-                                                     description=DESCRIPTION))
+    return stream_app(build(config))

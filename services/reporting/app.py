@@ -1,4 +1,9 @@
-"""The reporting service: consumers that materialize read models, the read API, the dashboard."""
+"""The reporting service: consumers that materialize read models, the read API, the dashboard.
+
+Shape (the same in every service): `ReportingConfig` extends `shared.settings.ServiceConfig`;
+`build(config)` wires a `ReportingService` (broker, stores, key store, runtime, HTTP app) without
+opening a connection; `create_app` (uvicorn) and `asyncapi_app` (`faststream docs gen`) are views of it.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,6 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 from faststream import FastStream
-from faststream.kafka import KafkaBroker
 
 from services.reporting.api import build_router, install_store_errors, mount_dashboard
 from services.reporting.audit import build_audit_router
@@ -17,27 +21,36 @@ from services.reporting.store import Generations, ReportingStore, SubmissionStor
 from shared import audit
 from shared.auth import KeyStore
 from shared.events import DeadLetter
-from shared.http import Runtime, authenticate_first, make_guard, service_api
+from shared.http import Runtime, Service, authenticate_first, make_guard, service_api, stream_app
 from shared.kafka import DeadLetterTarget, OutboundRecord, Publisher, make_broker, subscribe_batch
 from shared.mongo import database, make_client
-from shared.settings import AuditSettings, KafkaSettings, MongoSettings, ReportingHttp
+from shared.settings import AuditSettings, ReportingHttp, ServiceConfig
 
 SERVICE = "reporting"
 
 
 @dataclass
-class ReportingConfig:
+class ReportingConfig(ServiceConfig):
     """Everything the service reads from the environment (overridable in tests)."""
 
-    kafka: KafkaSettings = field(default_factory=KafkaSettings)
-    mongo: MongoSettings = field(default_factory=MongoSettings)
     reporting: ReportingSettings = field(default_factory=ReportingSettings)
     http: ReportingHttp = field(default_factory=ReportingHttp)
     audit: AuditSettings = field(default_factory=AuditSettings)
 
 
-def _wire(config: ReportingConfig) -> tuple[KafkaBroker, Runtime, ReportingStore, Generations, KeyStore,
-                                            SubmissionStore]:
+@dataclass
+class ReportingService(Service):
+    """The wired service: broker with its consumers, stores, key store, runtime and HTTP app."""
+
+    store: ReportingStore
+    generations: Generations
+    submissions: SubmissionStore
+    keys: KeyStore
+
+
+def build(config: ReportingConfig | None = None) -> ReportingService:
+    """Wire broker, stores, consumers and the HTTP app; opens no connection."""
+    config = config or ReportingConfig()
     broker = make_broker(config.kafka, SERVICE)
     mongo = make_client(config.mongo)
     db = database(mongo, config.mongo)
@@ -64,7 +77,7 @@ def _wire(config: ReportingConfig) -> tuple[KafkaBroker, Runtime, ReportingStore
             # The dead-letter consumer gets no target: a record it fails on must not feed its own input.
             poison = None if topic == topics.deadletter else DeadLetterTarget(topics.deadletter, dead_letters)
             subscribe_batch(broker, topic, group_id=config.kafka.group(f"{SERVICE}-{purpose}"), service=SERVICE,
-                            handler=handler, max_records=batch, dead_letters=poison)
+                            handler=handler, max_records=batch, dead_letters=poison, settings=config.kafka)
 
     # Dead letters go out through `Publisher`; this declaration puts them (and their schema) into
     # the AsyncAPI document.
@@ -78,15 +91,7 @@ def _wire(config: ReportingConfig) -> tuple[KafkaBroker, Runtime, ReportingStore
         await submissions.ensure_indexes()
 
     runtime = Runtime(SERVICE, broker, mongo, on_start=[prepare_store])
-    return broker, runtime, store, generations, keys, submissions
-
-
-def create_app(config: ReportingConfig | None = None) -> FastAPI:
-    """The reporting FastAPI app (consumers start with its lifespan; no connection at import)."""
-    config = config or ReportingConfig()
-    _, runtime, store, generations, keys, submissions = _wire(config)
-    assert runtime.mongo is not None
-    trail = audit.audit_collection(runtime.mongo, config.mongo, config.audit)
+    trail = audit.audit_collection(mongo, config.mongo, config.audit)
     audit_log = audit.AuditLog.from_settings(trail, SERVICE, config.audit) if config.audit.enabled else None
     auditor = audit.Auditor(audit_log, SERVICE, keys.lookup)
     # The read side's indexes (this service serves the trail); written entries are flushed on stop.
@@ -103,14 +108,17 @@ def create_app(config: ReportingConfig | None = None) -> FastAPI:
     mount_dashboard(app)
     # Every /v1 route needs a key: check it before anything else (FastAPI reads a body first).
     # With it, the failed-authentication limit per peer and the request rate per key (`make_guard`).
-    assert runtime.mongo is not None
-    guard, limits = make_guard(config.http, database(runtime.mongo, config.mongo), SERVICE)
+    guard, limits = make_guard(config.http, db, SERVICE)
     runtime.on_start.append(limits.ensure_indexes)
     authenticate_first(app, keys.lookup, guard=guard, known=keys.known)
-    return app
+    return ReportingService(broker, mongo, runtime, app, store, generations, submissions, keys)
+
+
+def create_app(config: ReportingConfig | None = None) -> FastAPI:
+    """The reporting FastAPI app (consumers start with its lifespan; no connection at import)."""
+    return build(config).app
 
 
 def asyncapi_app(config: ReportingConfig | None = None) -> FastStream:
     """A FastStream app over the same broker and subscribers (for `faststream docs gen`)."""
-    broker, *_ = _wire(config or ReportingConfig())
-    return FastStream(broker)
+    return stream_app(build(config))

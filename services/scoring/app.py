@@ -2,6 +2,10 @@
 `alliance.deterioration.v1` (and dead letters), keeps per-client state in MongoDB.
 
 HTTP is for operations only: /healthz, /readyz, /metrics.
+
+Shape (the same in every service): `ScoringConfig` extends `shared.settings.ServiceConfig`;
+`build(config)` wires a `ScoringService` (broker, store, runtime, HTTP app, handler) without opening a
+connection; `create_app` (uvicorn) and `asyncapi_app` (`faststream docs gen`) are views of it.
 """
 
 from __future__ import annotations
@@ -10,18 +14,15 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 from faststream import FastStream
-from faststream.kafka import KafkaBroker
-from faststream.specification import AsyncAPI
-from pymongo import AsyncMongoClient
 
 from services.scoring.handlers import SERVICE, ScoringHandler
 from services.scoring.settings import ScoringSettings
 from services.scoring.store import RulesStore, StateCache, StateStore
 from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, SrsScored
-from shared.http import Runtime, service_api
+from shared.http import Runtime, Service, service_api, stream_app
 from shared.kafka import DeadLetterTarget, Publisher, make_broker, subscribe_batch
-from shared.mongo import Document, database, make_client
-from shared.settings import KafkaSettings, MongoSettings
+from shared.mongo import database, make_client
+from shared.settings import ServiceConfig
 
 TITLE = "Alliance Stream scoring"
 DESCRIPTION = (
@@ -36,27 +37,23 @@ DESCRIPTION = (
 
 
 @dataclass
-class ScoringConfig:
+class ScoringConfig(ServiceConfig):
     """Everything scoring reads from its environment."""
 
-    kafka: KafkaSettings = field(default_factory=KafkaSettings)
-    mongo: MongoSettings = field(default_factory=MongoSettings)
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
 
 
 @dataclass
-class Scoring:
-    """The wired service: broker with its subscriber and publishers, store, handler."""
+class ScoringService(Service):
+    """The wired service: broker with its subscriber and publishers, store, handler, ops HTTP app."""
 
-    broker: KafkaBroker
-    mongo: AsyncMongoClient[Document]
     store: StateStore
     states: StateCache
     rules: RulesStore
     handler: ScoringHandler
 
 
-def build(config: ScoringConfig | None = None) -> Scoring:
+def build(config: ScoringConfig | None = None) -> ScoringService:
     """Wire broker, store and handler; opens no connection."""
     config = config or ScoringConfig()
     topics = config.kafka.topics()
@@ -71,7 +68,7 @@ def build(config: ScoringConfig | None = None) -> Scoring:
                              conflict_attempts=config.scoring.conflict_attempts, save_chunk=config.scoring.save_chunk)
     subscribe_batch(broker, topics.submitted, group_id=config.kafka.group(SERVICE), service=SERVICE,
                     handler=handler, max_records=config.scoring.max_records or config.kafka.batch_max_records,
-                    dead_letters=DeadLetterTarget(topics.deadletter, publisher.publish_all))
+                    dead_letters=DeadLetterTarget(topics.deadletter, publisher.publish_all), settings=config.kafka)
     # Publishing goes through `Publisher` (many sends, one wait for all acks); these declarations
     # put the outputs and their schemas into the AsyncAPI document.
     broker.publisher(topics.scored, title=f"{SERVICE}:{topics.scored}", schema=SrsScored,
@@ -89,21 +86,20 @@ def build(config: ScoringConfig | None = None) -> Scoring:
                      description="Submitted records scoring could not read or refused, with the reason "
                                  "(undecodable, invalid, unscorable, site_conflict, session_gap, duplicate, "
                                  "series_full).")
-    return Scoring(broker, client, store, states, rules, handler)
+    runtime = Runtime(SERVICE, broker=broker, mongo=client)
+    app = service_api(runtime, title=TITLE, description=DESCRIPTION)
+    service = ScoringService(broker, client, runtime, app, store, states, rules, handler, spec_title=TITLE,
+                             spec_version="1.0.0", spec_description=DESCRIPTION)
+    app.state.scoring = service
+    return service
 
 
 def create_app(config: ScoringConfig | None = None) -> FastAPI:
     """The scoring service as an ASGI app (consumer runs inside its lifespan)."""
-    s = build(config)
-    runtime = Runtime(SERVICE, broker=s.broker, mongo=s.mongo)
-    app = service_api(runtime, title=TITLE, description=DESCRIPTION)
-    app.state.scoring = s
-    return app
+    return build(config).app
 
 
 def asyncapi_app(config: ScoringConfig | None = None) -> FastStream:
     """A FastStream app over the same broker, for `faststream docs gen services.scoring.app:asyncapi_app`."""
-    s = build(config)
-    spec = AsyncAPI(s.broker, title=TITLE, version="1.0.0", description=DESCRIPTION)
-    return FastStream(s.broker, specification=spec)
+    return stream_app(build(config))
 

@@ -109,7 +109,7 @@ async def consuming(ns: Namespace, handler: BatchHandler, group: str) -> AsyncIt
     broker = make_broker(kafka, "poison-test")
     publisher = Publisher(broker, kafka.publish_timeout_seconds)
     subscribe_batch(broker, topics.scored, group_id=group, service="poison-test", handler=handler,
-                    retry=FAST, dead_letters=DeadLetterTarget(topics.deadletter, publisher.publish_all))
+                    retry=FAST, dead_letters=DeadLetterTarget(topics.deadletter, publisher.publish_all), settings=kafka)
     await broker.start()
     try:
         yield topics.scored
