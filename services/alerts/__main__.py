@@ -2,8 +2,8 @@
 
 import sys
 
-from services.alerts.app import create_app
-from services.alerts.settings import AlertsConfig, start_refusal
+from services.alerts.app import AlertsConfig, create_app
+from services.alerts.settings import start_refusal
 from shared.http import serve
 from shared.settings import AlertsHttp
 

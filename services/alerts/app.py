@@ -2,7 +2,7 @@
 events for partners), delivers signed webhooks and emails from a durable schedule in MongoDB,
 escalates unacknowledged alerts, and serves the directory/subscription/alert API on port 8003.
 
-Shape (the same in every service): `AlertsConfig` (services/alerts/settings.py) extends
+Shape (the same in every service): `AlertsConfig` extends
 `shared.settings.ServiceConfig`; `build(config)` wires an `AlertsService` (broker, store, runtime with
 the delivery worker and escalation as its store tasks, HTTP app) without opening a connection;
 `create_app` (uvicorn) and `asyncapi_app` (`faststream docs gen`) are views of it.
@@ -11,7 +11,7 @@ the delivery worker and escalation as its store tasks, HTTP app) without opening
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 from faststream import FastStream
@@ -21,7 +21,7 @@ from services.alerts.api import build_router
 from services.alerts.escalation import Escalator
 from services.alerts.handlers import Handlers
 from services.alerts.senders import EmailSender, SigningSecrets, WebhookSender
-from services.alerts.settings import AlertsConfig
+from services.alerts.settings import AlertsSettings, SmtpSettings
 from services.alerts.store import AlertsStore
 from services.alerts.targets import Resolver, system_resolve
 from services.alerts.worker import DeliveryWorker, Sender
@@ -30,7 +30,7 @@ from shared.events import AlertStatusChanged, DeadLetter
 from shared.http import Runtime, Service, authenticate_first, make_guard, service_api, stream_app
 from shared.kafka import DeadLetterTarget, Publisher, make_broker, subscribe_batch
 from shared.mongo import database, make_client
-from shared.settings import AuditSettings
+from shared.settings import AlertsHttp, AuditSettings, ServiceConfig
 
 log = logging.getLogger("alliance.alerts")
 
@@ -40,6 +40,15 @@ Standard Webhooks), retries with backoff from a durable schedule, escalates unac
 
 
 TITLE = "Alliance Stream — alerts"
+
+
+@dataclass
+class AlertsConfig(ServiceConfig):
+    """Everything `build` needs; defaults come from the environment."""
+
+    alerts: AlertsSettings = field(default_factory=AlertsSettings)
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    http: AlertsHttp = field(default_factory=AlertsHttp)
 
 
 @dataclass

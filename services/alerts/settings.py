@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.alerts.secretbox import KEYS_SETTING, SecretBox, parse_keyring
-from shared.settings import AlertsHttp, ServiceConfig
 
 
 class AlertsSettings(BaseSettings):
@@ -130,12 +128,3 @@ class SmtpSettings(BaseSettings):
         if self.tls and self.starttls:
             raise ValueError("set ALLIANCE_SMTP_TLS or ALLIANCE_SMTP_STARTTLS, not both")
         return self
-
-
-@dataclass
-class AlertsConfig(ServiceConfig):
-    """Everything `build` needs; defaults come from the environment."""
-
-    alerts: AlertsSettings = field(default_factory=AlertsSettings)
-    smtp: SmtpSettings = field(default_factory=SmtpSettings)
-    http: AlertsHttp = field(default_factory=AlertsHttp)

@@ -26,9 +26,9 @@ from standardwebhooks.webhooks import Webhook
 from typer.testing import CliRunner
 
 from services.alerts import cli
-from services.alerts.app import create_app
+from services.alerts.app import AlertsConfig, create_app
 from services.alerts.secretbox import new_key
-from services.alerts.settings import AlertsConfig, AlertsSettings, SmtpSettings
+from services.alerts.settings import AlertsSettings, SmtpSettings
 from shared import ids
 from shared.auth import create_key
 from shared.events import AlertStatusChanged, DeadLetter

@@ -13,8 +13,8 @@ import httpx
 from pymongo import AsyncMongoClient
 from standardwebhooks.webhooks import Webhook
 
-from services.alerts.app import create_app
-from services.alerts.settings import AlertsConfig, AlertsSettings, SmtpSettings
+from services.alerts.app import AlertsConfig, create_app
+from services.alerts.settings import AlertsSettings, SmtpSettings
 from shared import ids
 from shared.auth import create_key
 from shared.mongo import Document

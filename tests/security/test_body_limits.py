@@ -13,8 +13,9 @@ import pytest
 from fastapi import FastAPI
 from pymongo import AsyncMongoClient
 
+from services.alerts.app import AlertsConfig
 from services.alerts.app import create_app as create_alerts
-from services.alerts.settings import AlertsConfig, SmtpSettings
+from services.alerts.settings import SmtpSettings
 from services.reporting.app import ReportingConfig
 from services.reporting.app import create_app as create_reporting
 from shared import auth

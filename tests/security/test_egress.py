@@ -16,9 +16,9 @@ import httpx
 import pytest
 from pymongo import AsyncMongoClient
 
-from services.alerts.app import create_app
+from services.alerts.app import AlertsConfig, create_app
 from services.alerts.secretbox import new_key
-from services.alerts.settings import AlertsConfig, AlertsSettings, SmtpSettings
+from services.alerts.settings import AlertsSettings, SmtpSettings
 from services.alerts.targets import system_resolve
 from shared.auth import create_key
 from shared.mongo import Document

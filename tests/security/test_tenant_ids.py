@@ -19,8 +19,8 @@ import pytest
 from fastapi import FastAPI
 from pymongo import AsyncMongoClient
 
-from services.alerts.app import create_app
-from services.alerts.settings import AlertsConfig, AlertsSettings, SmtpSettings
+from services.alerts.app import AlertsConfig, create_app
+from services.alerts.settings import AlertsSettings, SmtpSettings
 from services.alerts.store import clinician_key
 from shared.auth import create_key, hash_key
 from shared.auth import new_key as new_api_key

@@ -30,7 +30,7 @@ from pymongo import AsyncMongoClient
 from typer.testing import CliRunner
 
 from services.alerts import cli
-from services.alerts.app import create_app
+from services.alerts.app import AlertsConfig, create_app
 from services.alerts.secretbox import (
     KeyringError,
     SecretBox,
@@ -41,7 +41,7 @@ from services.alerts.secretbox import (
     tenant_row,
 )
 from services.alerts.senders import SigningSecrets
-from services.alerts.settings import AlertsConfig, AlertsSettings, SmtpSettings
+from services.alerts.settings import AlertsSettings, SmtpSettings
 from shared.mongo import Document
 from tests.support.apps import new_key as new_api_key
 from tests.support.apps import serving

@@ -15,8 +15,9 @@ import httpx
 from fastapi import FastAPI
 from pymongo import AsyncMongoClient
 
+from services.alerts.app import AlertsConfig
 from services.alerts.app import create_app as create_alerts
-from services.alerts.settings import AlertsConfig, SmtpSettings
+from services.alerts.settings import SmtpSettings
 from services.intake.app import IntakeConfig
 from services.intake.app import create_app as create_intake
 from services.intake.settings import IntakeSettings

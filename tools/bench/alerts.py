@@ -153,8 +153,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     started_parts: dict[str, bool] = {}
     try:
         if args.in_process:
-            from services.alerts.app import create_app
-            from services.alerts.settings import AlertsConfig, AlertsSettings, SmtpSettings
+            from services.alerts.app import AlertsConfig, create_app
+            from services.alerts.settings import AlertsSettings, SmtpSettings
 
             app = create_app(AlertsConfig(kafka=kafka, mongo=mongo, alerts=AlertsSettings(allow_private_targets=True),
                                           smtp=SmtpSettings(host="")))
