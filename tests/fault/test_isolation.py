@@ -123,6 +123,12 @@ async def test_every_endpoint_refuses_other_tenants_other_sites_and_missing_keys
                     r = await http.request(method, target, json=body, headers=auth_for(who))
                     if r.status_code >= 500:
                         failures.append(f"{method} {path} as {who}: {r.status_code}")
+                    elif path == "/v1/audit" and r.status_code < 300:
+                        # A caller's own audit trail names the ids it asked for (tenant A's among
+                        # them, as this test asks for them): what must hold is that it is its own.
+                        tenants = {e["tenant_id"] for e in r.json()["entries"]}
+                        if tenants - {who.split(":")[0]}:
+                            leaks.append(f"{method} {path} as {who}: entries of {sorted(tenants)}")
                     elif r.status_code < 300 and any(m in r.text for m in markers):
                         leaks.append(f"{method} {path} as {who}: {r.status_code} {r.text[:300]}")
                     elif (svc, method, path) == ("intake", "POST", "/v1/submissions") and \

@@ -24,6 +24,7 @@ from shared.auth import create_key
 from shared.mongo import Document
 from shared.topic_admin import ensure_topics
 from shared.topics import Topics
+from tests.support.apps import serving
 from tests.support.receiver import webhook_receiver
 from tests.support.services import Namespace
 from tests.support.stack import StackUnderTest
@@ -80,12 +81,8 @@ async def env(stack: StackUnderTest) -> AsyncIterator[Env]:
     await publisher.start()
     mongo: AsyncMongoClient[Document] = AsyncMongoClient(stack.mongo_url, tz_aware=True)
     try:
-        async with app.router.lifespan_context(app):
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://alerts") as client:
-                async def ready() -> bool:
-                    return (await client.get("/readyz")).status_code == 200
-                await eventually(ready, timeout=60)
-                yield Env(ns.kafka().topics(), client, publisher, mongo[ns.database], dns)
+        async with serving(app) as client:
+            yield Env(ns.kafka().topics(), client, publisher, mongo[ns.database], dns)
     finally:
         await publisher.stop()
         await mongo.close()
