@@ -139,7 +139,10 @@ class DeliveryWorker:
             while True:
                 self._wake.clear()
                 free = self._s.concurrency - len(self._inflight)
-                self._saturated = free <= 0
+                # Until the claim below has decided, every finished attempt must wake the loop: one
+                # that finishes while the claim is in flight would otherwise go unheard (the claim
+                # left its tenant out, at its share, and nothing else may ever wake the loop).
+                self._saturated = True
                 if free > 0:
                     try:
                         claimed, more = await self._claim(free, lease)
@@ -225,6 +228,7 @@ class DeliveryWorker:
             for retry_in in (0.2, 1.0, None):
                 try:
                     await self._store.record(batch)
+                    self._wake_when_due(batch)
                     break
                 except asyncio.CancelledError:
                     raise
@@ -235,6 +239,14 @@ class DeliveryWorker:
                         log.error("could not record %d delivery attempts: %r", len(batch), exc)
                     else:
                         await asyncio.sleep(retry_in)
+
+    def _wake_when_due(self, recorded: list[AttemptResult]) -> None:
+        """Wake this worker when each recorded retry is due (other processes find it by polling).
+        Only once it is recorded: a wake before the write would claim nothing and not come again."""
+        loop, now = asyncio.get_running_loop(), utcnow()
+        for r in recorded:
+            if r.outcome == "retry" and r.next_attempt_at is not None:
+                loop.call_later(max(0.0, (r.next_attempt_at - now).total_seconds()), self._wake.set)
 
     async def _attempt(self, d: Document) -> None:
         channel = str(d["channel"])
@@ -280,8 +292,6 @@ class DeliveryWorker:
                                         self._jitter())
                 result = AttemptResult(d["_id"], claim, "retry", attempt, error=error, response_status=status,
                                        next_attempt_at=utcnow() + timedelta(seconds=delay), last_outcome=outcome)
-                # Wake this worker when the retry is due (other processes find it by polling).
-                asyncio.get_running_loop().call_later(delay, self._wake.set)
                 log.info("delivery attempt %d failed, retrying in %.2fs: %s", attempt, delay, error,
                          extra={"delivery_id": d["_id"], "alert_id": d.get("alert_id")})
         await self._record(result)
