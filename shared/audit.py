@@ -279,15 +279,8 @@ class Auditor:
             except HTTPException as exc:
                 await self.refused(request, exc, action, client_id=client_id, target=target)
                 raise
-            try:
+            with self.around(request, p, action, client_id=client_id, target=target):
                 yield p
-            except HTTPException as exc:
-                self._record_noted(request, p, action, outcome_of(exc.status_code), client_id, target)
-                raise
-            except Exception:
-                self._record_noted(request, p, action, "error", client_id, target)
-                raise
-            self._record_noted(request, p, action, "allowed", client_id, target)
 
         return Depends(dependency, scope="function")
 
