@@ -270,6 +270,9 @@ class AlertsStore:
         Each guard only lets a greater key in, so a redelivered or stale revision changes nothing
         (its upsert collides with the existing `_id`: E11000, see `_merge`). Each op initialises
         the other guards on insert, whichever of them (or a status event) creates the document.
+        The ops are separate writes, not one transaction: whichever inserts the document makes it
+        a whole alert at once (the content upsert inserts it `open` at its revision, with the
+        lowest `lkey`), so an API read between them never finds an alert without a status.
         """
         now = utcnow()
         ops: list[UpdateOne] = []
@@ -280,7 +283,10 @@ class AlertsStore:
             fields = {k: v for k, v in content.items() if k != "_id"}
             ops.append(UpdateOne({"_id": alert_id, "crev": _below(revision)},
                                  {"$set": {**fields, "crev": revision, "content_at": now},
-                                  "$setOnInsert": {**born, "lkey": "", "acknowledged_at": None}}, upsert=True))
+                                  # Open already, as the lifecycle upsert after it will make it:
+                                  # a reader between the two must see a whole alert.
+                                  "$setOnInsert": {**born, "lkey": "", "acknowledged_at": None, "status": "open",
+                                                   "lifecycle": RAISED, "revision": revision}}, upsert=True))
             lifecycle = {"lkey": key, "lifecycle": RAISED, "revision": revision, "lifecycle_at": now}
             ops.append(UpdateOne({"_id": alert_id, "lkey": _below(key), "acknowledged_at": None},
                                  {"$set": {**lifecycle, "status": "open"},

@@ -16,8 +16,9 @@ from datetime import UTC, datetime
 
 import pytest
 from faststream.kafka import KafkaBroker
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, UpdateOne
 
+from services.alerts.api import AlertOut
 from services.alerts.handlers import Handlers
 from services.alerts.rules import api_status, merge_lifecycle
 from services.alerts.store import AlertsStore
@@ -198,3 +199,26 @@ async def test_an_alert_recorded_before_alerts_had_a_lifecycle_can_still_be_revi
     assert await stored(store, r1.alert_id) == ("open", 2, 30.0)
     await feed(h, [ended(r1, "withdrawn", 2)])
     assert await stored(store, r1.alert_id) == ("withdrawn", 2, 30.0)
+
+
+@pytest.mark.parametrize("kind", HISTORIES)
+async def test_a_reader_between_the_writes_of_one_merge_always_sees_a_whole_alert(
+        handlers: tuple[Handlers, AlertsStore], kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A merge's upserts are separate writes (one round trip, not one transaction): the API may read
+    # the alert after the content upsert created it and before the lifecycle upsert opened it.
+    h, store = handlers
+    seen: list[Document] = []
+    merge = store._merge
+
+    async def one_write_at_a_time(ops: Sequence[UpdateOne]) -> None:
+        for op in ops:
+            await merge([op])
+            seen.extend(await store.alerts.find({}).to_list())
+
+    monkeypatch.setattr(store, "_merge", one_write_at_a_time)
+    for order in itertools.permutations(range(len(history(kind)))):
+        events = history(kind)
+        await feed(h, [events[i] for i in order])
+    assert seen
+    for doc in seen:
+        AlertOut.model_validate({**doc, "alert_id": doc["_id"]})
