@@ -48,8 +48,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Mount, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.kafka import measure_lag
 from shared.logs import CORRELATION_ID
-from shared.metrics import HTTP_REQUESTS, HTTP_SECONDS, READY, THROTTLED
+from shared.metrics import DEPENDENCY_UP, HTTP_REQUESTS, HTTP_SECONDS, READY, THROTTLED
 from shared.mongo import Document, ping
 from shared.ratelimit import COLLECTION, Limiter, SlotStorage, retry_after_header, slot_storage
 from shared.settings import SERVICE_PORTS, HttpSettings
@@ -485,6 +486,20 @@ def authenticate_first(app: FastAPI, lookup: Lookup, prefix: str = "/v1/", guard
 
 Check = Callable[[], Awaitable[bool]]
 STOP_TIMEOUT_SECONDS = 5.0
+# How often the monitor loop refreshes readiness and consumer lag: well inside Prometheus' 15 s
+# scrape interval, and a few cheap requests (a ping each, one offsets request per consumer).
+MONITOR_INTERVAL_SECONDS = 5.0
+DEPENDENCIES = ("kafka", "mongodb")
+
+
+def record_readiness(service: str, checks: dict[str, bool]) -> bool:
+    """Set `alliance_ready` and `alliance_dependency_up` from a readiness check; True when ready."""
+    ok = all(checks.values())
+    READY.labels(service).set(1 if ok else 0)
+    for dependency in DEPENDENCIES:
+        if dependency in checks:
+            DEPENDENCY_UP.labels(service, dependency).set(1 if checks[dependency] else 0)
+    return ok
 
 
 @dataclass
@@ -494,6 +509,12 @@ class Runtime:
     Start-up never blocks the HTTP server: the broker is connected by a background task that
     retries until it answers, and `/readyz` says 503 until then. On stop, the background tasks are
     cancelled first, then the on_stop steps run, then the broker and the store client close.
+
+    A monitor loop runs from start to stop, every `monitor_interval_seconds`: it sets
+    `alliance_ready` / `alliance_dependency_up` from the readiness checks and, once the broker is
+    connected, `alliance_consumer_lag_messages` of the partitions this process owns. Alerts then
+    see a store or broker outage, and a consumer that stopped committing, without anyone calling
+    `/readyz` and whether or not batches succeed.
     """
 
     name: str
@@ -506,6 +527,7 @@ class Runtime:
     # Started once the broker is connected.
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    monitor_interval_seconds: float = MONITOR_INTERVAL_SECONDS
     started: bool = False
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _store_tasks_started: bool = False
@@ -549,9 +571,28 @@ class Runtime:
             checks["mongodb"] = await ping(self.mongo)
         return checks
 
+    async def refresh(self) -> dict[str, bool]:
+        """Check the dependencies, record readiness and (when the broker answers) consumer lag."""
+        checks = await self.ready()
+        record_readiness(self.name, checks)
+        if self.broker is not None and checks.get("kafka"):
+            await measure_lag(self.name, self.broker, timeout_seconds=max(1.0, self.monitor_interval_seconds))
+        return checks
+
+    async def _monitor(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the loop must outlive any one failed check
+                log.warning("%s: monitor check failed: %r", self.name, exc)
+            await asyncio.sleep(self.monitor_interval_seconds)
+
     @asynccontextmanager
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
         self._tasks.append(asyncio.create_task(self._start(), name=f"{self.name}-start"))
+        self._tasks.append(asyncio.create_task(self._monitor(), name=f"{self.name}-monitor"))
         try:
             yield
         finally:
@@ -593,8 +634,7 @@ def service_api(runtime: Runtime, *, title: str, version: str = "1.0.0", descrip
     @app.get("/readyz", tags=["ops"], summary="Broker and store answer", responses={503: {"description": "not ready"}})
     async def readyz() -> JSONResponse:
         checks = await runtime.ready()
-        ok = all(checks.values())
-        READY.labels(runtime.name).set(1 if ok else 0)
+        ok = record_readiness(runtime.name, checks)
         body = {"status": "ready" if ok else "not ready", "checks": checks}
         return JSONResponse(body, status_code=200 if ok else 503)
 

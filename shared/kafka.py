@@ -508,17 +508,54 @@ def _sanitize_headers(rec: ConsumerRecord[Any, Any]) -> ConsumerRecord[Any, Any]
     return rec
 
 
-def _record_lag(service: str, consumer: Any, records: Sequence[ConsumerRecord[Any, Any]]) -> None:
-    last: dict[tuple[str, int], int] = {}
-    for r in records:
-        last[(r.topic, r.partition)] = r.offset
-    for (topic, partition), offset in last.items():
+# Partitions whose lag this process reports, per service: a partition a rebalance moved to another
+# replica is dropped from the gauge, so only its owner reports it.
+_LAG_REPORTED: dict[str, set[tuple[str, str]]] = {}
+
+
+async def _consumer_lag(consumer: Any) -> dict[TopicPartition, int]:
+    """Lag of each partition assigned to an aiokafka consumer: the log end offset minus the group's
+    committed offset (the earliest offset before the first commit: consumers start at `earliest`).
+
+    Read from the broker, not from the consumer's fetch state: a consumer whose batches keep failing
+    neither commits nor fetches further, and its lag must still grow as records arrive."""
+    parts = sorted(consumer.assignment())
+    if not parts:
+        return {}
+    ends: dict[TopicPartition, int] = await consumer.end_offsets(parts)
+    committed: dict[TopicPartition, int | None] = {tp: await consumer.committed(tp) for tp in parts}
+    unset = [tp for tp, offset in committed.items() if offset is None]
+    starts: dict[TopicPartition, int] = await consumer.beginning_offsets(unset) if unset else {}
+    return {tp: max(0, ends[tp] - (offset if offset is not None else starts[tp]))
+            for tp, offset in committed.items()}
+
+
+async def measure_lag(service: str, broker: KafkaBroker, timeout_seconds: float) -> None:
+    """Set `alliance_consumer_lag_messages` for every partition the broker's consumers own now, and
+    drop the partitions they no longer own. Called by the service runtime's monitor loop (shared.http
+    `Runtime`) whether or not batches succeed. A consumer the broker does not answer for within
+    `timeout_seconds` keeps its last values (the broker alerts say why)."""
+    seen: set[tuple[str, str]] = set()
+    for subscriber in broker.subscribers:
+        consumer = getattr(subscriber, "consumer", None)
+        if consumer is None:
+            continue
         try:
-            hw = consumer.highwater(TopicPartition(topic, partition))
-        except Exception:
-            hw = None
-        if hw is not None:
-            CONSUMER_LAG.labels(service, topic, str(partition)).set(max(0, hw - offset - 1))
+            async with asyncio.timeout(timeout_seconds):
+                lags = await _consumer_lag(consumer)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.debug("%s: consumer lag not measured: %r", service, exc)
+            # Unknown is not zero: keep what was reported for this consumer's partitions.
+            seen |= {(tp.topic, str(tp.partition)) for tp in consumer.assignment()}
+            continue
+        for tp, value in lags.items():
+            CONSUMER_LAG.labels(service, tp.topic, str(tp.partition)).set(value)
+            seen.add((tp.topic, str(tp.partition)))
+    for topic, partition in _LAG_REPORTED.get(service, set()) - seen:
+        CONSUMER_LAG.remove(service, topic, partition)
+    _LAG_REPORTED[service] = seen
 
 
 def subscribe_batch(
@@ -606,5 +643,4 @@ def subscribe_batch(
             else:
                 CONSUMER_RECORDS.labels(service, topic, "committed").inc(len(records) - len(poison))
                 CONSUMER_BATCH_SECONDS.labels(service, topic).observe(time.perf_counter() - started)
-                _record_lag(service, getattr(message, "consumer", None), raw)
                 return

@@ -39,7 +39,13 @@ POISON_RECORDS = Counter(
     "for good by the handler) and were dead-lettered so the rest of their batch could be committed.",
     ["service", "topic", "reason"],
 )
-READY = Gauge("alliance_ready", "1 when the service's dependencies answer.", ["service"])
+READY = Gauge("alliance_ready", "1 when the service's dependencies answer (checked every few seconds by the "
+              "runtime's monitor loop, and by each /readyz).", ["service"])
+DEPENDENCY_UP = Gauge(
+    "alliance_dependency_up",
+    "1 when the dependency (kafka, mongodb) answered the service's last check, else 0.",
+    ["service", "dependency"],
+)
 THROTTLED = Counter(
     "alliance_http_throttled_total",
     "Requests answered 429 in front of the routes, by limit: auth_failures (too many failed "
