@@ -46,14 +46,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.auth import Principal, bearer_token
 from shared.http import Runtime, error_body
-from shared.mongo import Document, make_client
+from shared.mongo import Document, duplicate_key_indexes, make_client
 from shared.settings import AuditSettings, MongoSettings
 
 log = logging.getLogger("alliance.audit")
 
 Outcome = Literal["allowed", "denied", "not_found", "invalid", "error"]
 OUTCOMES: tuple[Outcome, ...] = ("allowed", "denied", "not_found", "invalid", "error")
-DUPLICATE_KEY = 11000
 CLI_KEY_ID = "cli"
 CLI_ROLE = "operator"
 
@@ -196,8 +195,7 @@ class AuditLog:
                     await self._collection.insert_many(batch, ordered=False)
                 except BulkWriteError as exc:
                     # Entries a previous, failed attempt did write come back as duplicates: done.
-                    if any(e.get("code") != DUPLICATE_KEY for e in exc.details.get("writeErrors", [])) or \
-                            exc.details.get("writeConcernErrors"):
+                    if duplicate_key_indexes(exc) is None:
                         raise
                 for _ in batch:
                     self._queue.popleft()

@@ -11,8 +11,6 @@ import hashlib
 import hmac
 import re
 import secrets
-import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,7 +21,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
 from shared.http import error_body
-from shared.mongo import Document
+from shared.mongo import Document, TtlCache
 
 Role = Literal["submit", "read", "admin"]
 ROLES: tuple[Role, ...] = ("submit", "read", "admin")
@@ -117,9 +115,7 @@ class KeyStore:
 
     def __init__(self, db: AsyncDatabase[Document], ttl_seconds: float = 30.0, max_entries: int = 10_000) -> None:
         self._db = db
-        self._ttl = ttl_seconds
-        self._max = max(1, max_entries)
-        self._cache: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
+        self._cache: TtlCache[str, Principal] = TtlCache(ttl_seconds, max_entries)
 
     def known(self, key: str) -> bool:
         """Whether the key was valid when last looked up and is still remembered (whatever its age):
@@ -129,12 +125,8 @@ class KeyStore:
 
     def cached(self, key: str) -> Principal | None:
         """The key's principal when the cache knows it (and it has not expired), without a look-up."""
-        digest = hash_key(key)
-        hit = self._cache.get(digest)
-        if hit is None or hit[0] <= time.monotonic():
-            return None
-        self._cache.move_to_end(digest)
-        return hit[1]
+        hit = self._cache.fresh(hash_key(key))
+        return None if hit is None else hit.value
 
     async def lookup(self, key: str) -> Principal | None:
         if (known := self.cached(key)) is not None:
@@ -142,13 +134,10 @@ class KeyStore:
         digest = hash_key(key)
         doc = await self._db[KEYS].find_one({"_id": digest})
         if doc is None or doc.get("revoked") or not hmac.compare_digest(doc["_id"], digest):
-            self._cache.pop(digest, None)
+            self._cache.pop(digest)
             return None
         principal = Principal(doc["key_id"], doc["tenant_id"], doc["role"], doc.get("site_id"))
-        self._cache[digest] = (time.monotonic() + self._ttl, principal)
-        self._cache.move_to_end(digest)
-        while len(self._cache) > self._max:
-            self._cache.popitem(last=False)
+        self._cache.put(digest, principal)
         return principal
 
     def __len__(self) -> int:

@@ -75,6 +75,7 @@ from shared.metrics import (
     DEADLETTER,
     POISON_RECORDS,
 )
+from shared.mongo import DUPLICATE_KEY
 from shared.settings import KafkaSettings
 
 log = logging.getLogger("alliance.kafka")
@@ -333,7 +334,6 @@ INVALID_WRITE_CODES = frozenset({
     66,  # ImmutableField
     121,  # DocumentValidationFailure
 })
-DUPLICATE_KEY = 11000
 
 
 @dataclass(frozen=True)

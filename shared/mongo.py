@@ -1,15 +1,25 @@
-"""MongoDB wiring: one place builds clients, so every service connects the same way."""
+"""MongoDB wiring and the persistence kit every store shares.
+
+One place builds clients, so every service connects the same way; below them, the caches in front
+of the store and the one duplicate-key / write-concern policy of bulk writes."""
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, DeleteMany, DeleteOne, InsertOne, ReplaceOne, UpdateMany, UpdateOne
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError
 
 from shared.settings import MongoSettings
 
 Document = dict[str, Any]
+WriteOp = (InsertOne[Document] | ReplaceOne[Document] | UpdateOne | UpdateMany | DeleteOne | DeleteMany)
 
 
 def make_client(settings: MongoSettings) -> AsyncMongoClient[Document]:
@@ -35,3 +45,212 @@ async def ping(client: AsyncMongoClient[Document]) -> bool:
     except Exception:
         return False
     return True
+
+
+# ---------------------------------------------------------------- the persistence kit
+#
+# What the services' stores share: in-process caches in front of the store, and how a bulk write
+# reads a duplicate key. Every store here writes idempotently (deterministic `_id`s, guarded
+# upserts, versioned replaces), so E11000 is an answer ("the document exists, at least as new"),
+# while any other write error, or a write concern error (the outcome is unknown), is a failure the
+# caller's retry (at-least-once consumer, background loop) must see.
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+DUPLICATE_KEY = 11000
+# The field a versioned document keeps its version in (see `versioned_op`).
+VERSION_FIELD = "v"
+
+
+class LruCache(Generic[K, V]):
+    """At most `capacity` worth of entries, the least recently used dropped first.
+
+    What an entry is worth is `weight(value)` (1 by default), so a cache can be bounded by what its
+    entries hold instead of by how many there are. A capacity of 0 or less keeps nothing. A value
+    heavier than the whole capacity is not kept either. Not for `None` values: `get` answers
+    `None` for a miss.
+    """
+
+    def __init__(self, capacity: int, weight: Callable[[V], int] | None = None) -> None:
+        self._capacity = capacity
+        self._weight = weight
+        self._held = 0
+        self._entries: OrderedDict[K, V] = OrderedDict()
+
+    def _cost(self, value: V) -> int:
+        return 1 if self._weight is None else self._weight(value)
+
+    def get(self, key: K) -> V | None:
+        """The value, now the most recently used; None when it is not kept."""
+        value = self._entries.get(key)
+        if value is not None:
+            self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        """Keep `value` as the most recently used, dropping the least recently used past capacity."""
+        if self._capacity <= 0:
+            return
+        self.pop(key)
+        self._entries[key] = value
+        self._held += self._cost(value)
+        while self._held > self._capacity and self._entries:
+            _, old = self._entries.popitem(last=False)
+            self._held -= self._cost(old)
+
+    def pop(self, key: K) -> V | None:
+        """Forget `key`; its value, or None when it was not kept."""
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._held -= self._cost(old)
+        return old
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._held = 0
+
+    @property
+    def held(self) -> int:
+        """What the entries are worth together (their count unless a `weight` was given)."""
+        return self._held
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+@dataclass(frozen=True, slots=True)
+class Hit(Generic[V]):
+    """A value a `TtlCache` holds, and whether its time to live has passed."""
+
+    value: V
+    stale: bool
+
+
+class TtlCache(Generic[K, V]):
+    """Values trusted for `ttl` seconds after they were put, at most `max_entries` of them (the
+    least recently used dropped first).
+
+    An expired value is kept until it is replaced or pushed out, so a caller may still serve it
+    while it refreshes (`get`), or know a key it has seen (`in`). A `ttl` of 0 or less makes every
+    value stale at once. `clock` is injected so the expiry can be tested without waiting.
+    """
+
+    def __init__(self, ttl: float, max_entries: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self._clock = clock
+        self._entries: LruCache[K, tuple[float, V]] = LruCache(max(1, max_entries))
+
+    def get(self, key: K) -> Hit[V] | None:
+        """The value kept for `key`, whatever its age (`Hit.stale` tells); None when none is kept."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        expires, value = entry
+        return Hit(value, expires <= self._clock())
+
+    def fresh(self, key: K) -> Hit[V] | None:
+        """The value kept for `key` while its time to live lasts; None when missing or stale."""
+        hit = self.get(key)
+        return None if hit is None or hit.stale else hit
+
+    def put(self, key: K, value: V) -> None:
+        """Keep `value` for `ttl` seconds from now."""
+        self._entries.put(key, (self._clock() + self.ttl, value))
+
+    def pop(self, key: K) -> None:
+        """Forget `key` (a write through this process: the next read goes to the store)."""
+        self._entries.pop(key)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def duplicate_key_indexes(exc: BulkWriteError) -> list[int] | None:
+    """The indexes of the ops a bulk write refused for a duplicate key, when that is all it refused;
+    None when it also holds another write error or a write concern error — the caller re-raises
+    then: a document it cannot write, or writes whose durability is unknown, must be retried, not
+    taken for "already there"."""
+    details = exc.details or {}
+    if details.get("writeConcernErrors"):
+        return None
+    errors: list[Document] = details.get("writeErrors") or []
+    if any(e.get("code") != DUPLICATE_KEY for e in errors):
+        return None
+    return [int(e["index"]) for e in errors]
+
+
+@dataclass(frozen=True)
+class Written:
+    """What an unordered bulk write did; `duplicates` are the indexes of the ops refused for a
+    duplicate key (their documents exist already, see `duplicate_key_indexes`)."""
+
+    inserted: int = 0
+    upserted: int = 0
+    modified: int = 0
+    duplicates: tuple[int, ...] = ()
+
+
+async def bulk_write(collection: AsyncCollection[Document], ops: Sequence[WriteOp]) -> Written:
+    """Run `ops` as one unordered bulk write under the duplicate-key policy: a duplicate key is
+    reported in `Written.duplicates`, every other failure raises."""
+    if not ops:
+        return Written()
+    try:
+        res = await collection.bulk_write(list(ops), ordered=False)
+    except BulkWriteError as exc:
+        duplicates = duplicate_key_indexes(exc)
+        if duplicates is None:
+            raise
+        d = exc.details
+        return Written(int(d.get("nInserted", 0)), int(d.get("nUpserted", 0)), int(d.get("nModified", 0)),
+                       tuple(duplicates))
+    return Written(res.inserted_count, res.upserted_count, res.modified_count)
+
+
+async def guarded_upserts(collection: AsyncCollection[Document], ops: Sequence[WriteOp]) -> int:
+    """Run upserts guarded by "what is stored is older" filters; a duplicate key means the stored
+    document already holds something at least as new: nothing to write.
+
+    Except in one race: two upserts of a document that does not exist yet both try to insert it,
+    and one loses with E11000 although its guard would have matched. So the colliding ops are run
+    once more: the document exists by then and, as long as documents are not deleted and guards
+    only grow, a second E11000 really is a stale write. Returns the documents inserted or changed.
+    """
+    written, pending = 0, list(ops)
+    for _ in range(2):
+        if not pending:
+            break
+        result = await bulk_write(collection, pending)
+        written += result.upserted + result.modified
+        pending = [pending[i] for i in result.duplicates]
+    return written
+
+
+def versioned_op(doc: Document, read: int | None) -> InsertOne[Document] | ReplaceOne[Document]:
+    """The write of `doc` (with its `_id` and its new version) that succeeds only over the version it
+    was derived from: an insert when none was stored (`read` None), else a replace-upsert filtered
+    on `{_id, v: read}`. When another writer got there first, either collides with the stored
+    `_id` (E11000) instead of overwriting it."""
+    if read is None:
+        return InsertOne(doc)
+    return ReplaceOne({"_id": doc["_id"], VERSION_FIELD: read}, doc, upsert=True)
+
+
+async def write_versioned(collection: AsyncCollection[Document],
+                          writes: Sequence[tuple[K, Document, int | None]]) -> set[K]:
+    """Write (key, document, version read or None) in one unordered bulk write of `versioned_op`s;
+    returns the keys whose version another writer changed first (their documents are not written:
+    re-read and merge them again)."""
+    written = await bulk_write(collection, [versioned_op(doc, read) for _, doc, read in writes])
+    return {writes[i][0] for i in written.duplicates}

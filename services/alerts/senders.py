@@ -22,7 +22,7 @@ from services.alerts.settings import SmtpSettings
 from services.alerts.store import AlertsStore
 from services.alerts.targets import EgressBlocked, PinnedTransport, Resolver, system_resolve
 from shared.events import AlertStatusChanged, AllianceDeterioration
-from shared.mongo import Document
+from shared.mongo import Document, TtlCache
 from shared.topics import ALERT_STATUS
 
 
@@ -51,18 +51,13 @@ class SigningSecrets:
     def __init__(self, store: AlertsStore, box: SecretBox, ttl_seconds: float = 5.0) -> None:
         self._store = store
         self._box = box
-        self._ttl = ttl_seconds
-        self._cache: dict[str, tuple[float, list[str] | None]] = {}
+        self._cache: TtlCache[str, list[str] | None] = TtlCache(ttl_seconds)
 
     async def _cached(self, key: str, load: Callable[[], Awaitable[list[str] | None]]) -> list[str] | None:
-        now = time.monotonic()
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] > now:
-            return hit[1]
+        if (hit := self._cache.fresh(key)) is not None:
+            return hit.value
         value = await load()
-        if len(self._cache) > 10_000:
-            self._cache.clear()
-        self._cache[key] = (now + self._ttl, value)
+        self._cache.put(key, value)
         return value
 
     async def for_delivery(self, d: Document) -> list[str] | None:
@@ -86,7 +81,7 @@ class SigningSecrets:
         return await self._cached("tenant:" + tenant_id, load_tenant)
 
     def forget(self, key: str) -> None:
-        self._cache.pop(key, None)
+        self._cache.pop(key)
 
 
 # How much of a receiver's answer is read: only the status matters, and a receiver must not be

@@ -29,11 +29,10 @@ from typing import Any, Literal
 
 from pymongo import ASCENDING, DESCENDING, InsertOne, ReturnDocument, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError
 
 from services.alerts.rules import RAISED, Clinician, Subscription, lifecycle_order
 from services.alerts.secretbox import Row, subscription_row, tenant_row
-from shared.mongo import Document
+from shared.mongo import Document, bulk_write, guarded_upserts
 
 CLINICIANS = "clinicians"
 SUBSCRIPTIONS = "subscriptions"
@@ -42,7 +41,6 @@ ALERTS = "alerts"
 DELIVERIES = "deliveries"
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-DUPLICATE_KEY = 11000
 
 Outcome = Literal["delivered", "retry", "failed", "cancelled"]
 
@@ -317,26 +315,10 @@ class AlertsStore:
 
     async def _merge(self, ops: Sequence[UpdateOne]) -> None:
         """Run guarded upserts; a duplicate key means "the document already holds something at
-        least as new": nothing to do.
-
-        Except in one race: two upserts of a document that does not exist yet (the deterioration
-        and the alert-status consumers run independently) both try to insert it, and one loses
-        with E11000 although its guard would have matched. So the colliding ops are run once more:
-        the document exists by then, and as documents are never deleted and guards only grow, a
-        second E11000 really is a stale event.
-        """
-        pending = list(ops)
-        for _ in range(2):
-            if not pending:
-                return
-            try:
-                await self.alerts.bulk_write(pending, ordered=False)
-                return
-            except BulkWriteError as exc:
-                errors: list[dict[str, Any]] = exc.details.get("writeErrors", [])
-                if any(e.get("code") != DUPLICATE_KEY for e in errors) or exc.details.get("writeConcernErrors"):
-                    raise
-                pending = [pending[e["index"]] for e in errors]
+        least as new": nothing to do. The deterioration and the alert-status consumers run
+        independently, so two upserts may race to insert one alert: `guarded_upserts` runs the
+        loser once more (documents here are never deleted and guards only grow)."""
+        await guarded_upserts(self.alerts, ops)
 
     async def lifecycle_orders(self, alert_ids: Iterable[str]) -> dict[str, str]:
         """{alert id: stored `lkey`} for many alerts in one round trip (after a merge: which events
@@ -400,14 +382,7 @@ class AlertsStore:
         unique = list({d["_id"]: d for d in docs}.values())
         if not unique:
             return 0
-        try:
-            res = await self.deliveries.bulk_write([InsertOne(d) for d in unique], ordered=False)
-            return res.inserted_count
-        except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors", [])
-            if any(e.get("code") != DUPLICATE_KEY for e in errors):
-                raise
-            return int(exc.details.get("nInserted", 0))
+        return (await bulk_write(self.deliveries, [InsertOne(d) for d in unique])).inserted
 
     @staticmethod
     def _due(now: datetime) -> Document:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
@@ -38,6 +37,7 @@ from shared.audit import Auditor, note
 from shared.auth import KeyStore, Principal, forbid_site, require
 from shared.events import Instrument
 from shared.http import error_body
+from shared.mongo import TtlCache
 
 log = logging.getLogger("alliance.reporting.api")
 
@@ -85,8 +85,7 @@ class SummaryCache:
     only the very first request of a scope waits for the aggregation."""
 
     def __init__(self, ttl: float) -> None:
-        self._ttl = ttl
-        self._items: dict[SummaryKey, tuple[float, dict[str, Any] | None]] = {}
+        self._items: TtlCache[SummaryKey, dict[str, Any] | None] = TtlCache(ttl)
         self._running: dict[SummaryKey, asyncio.Task[dict[str, Any] | None]] = {}
 
     def _refresh(self, key: SummaryKey, compute: Compute) -> asyncio.Task[dict[str, Any] | None]:
@@ -95,9 +94,7 @@ class SummaryCache:
             async def run() -> dict[str, Any] | None:
                 try:
                     value = await compute()
-                    if len(self._items) > 10_000:
-                        self._items.clear()
-                    self._items[key] = (time.monotonic() + self._ttl, value)
+                    self._items.put(key, value)
                     return value
                 finally:
                     self._running.pop(key, None)
@@ -108,13 +105,13 @@ class SummaryCache:
 
     async def get(self, key: SummaryKey, compute: Compute) -> dict[str, Any] | None:
         """The summary of a scope: fresh from cache, stale while refreshing, or computed now."""
-        if self._ttl <= 0:
+        if self._items.ttl <= 0:
             return await compute()
         hit = self._items.get(key)
         if hit is not None:
-            if hit[0] <= time.monotonic():
+            if hit.stale:
                 self._refresh(key, compute)
-            return hit[1]
+            return hit.value
         return await asyncio.shield(self._refresh(key, compute))
 
 

@@ -49,17 +49,15 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import bson
-from pymongo import ASCENDING, InsertOne, ReplaceOne, ReturnDocument, UpdateOne
+from pymongo import ASCENDING, ReturnDocument, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError
 
 from services.reporting import rules
 from shared.events import (
@@ -70,7 +68,7 @@ from shared.events import (
     SrsScored,
     SrsSubmitted,
 )
-from shared.mongo import Document
+from shared.mongo import Document, LruCache, TtlCache, guarded_upserts, write_versioned
 
 META = "reporting_meta"
 POINTER_ID = "generation"
@@ -78,7 +76,6 @@ FIRST_GENERATION = "g1"
 # `trajectories` (one document per episode) is the shape before records; dropped with its generation.
 _GEN_COLLECTION = re.compile(r"^reporting_(g\d+)_(clients|trajectories|alerts)$")
 SUBMISSIONS = "reporting_submissions"
-DUPLICATE_KEY = 11000
 MONGO_MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_RECORD_BYTES = 15 * 1024 * 1024
 
@@ -117,12 +114,12 @@ class Generations:
 
     def __init__(self, db: AsyncDatabase[Document], ttl: float) -> None:
         self._db = db
-        self._ttl = ttl
-        self._cached: tuple[float, GenerationState] | None = None
+        # One entry: the pointer document.
+        self._cached: TtlCache[str, GenerationState] = TtlCache(ttl, max_entries=1)
 
     @property
     def ttl(self) -> float:
-        return self._ttl
+        return self._cached.ttl
 
     @staticmethod
     def _state(doc: Document) -> GenerationState:
@@ -137,17 +134,16 @@ class Generations:
             upsert=True, return_document=ReturnDocument.AFTER)
         assert doc is not None  # an upsert returning the document after the update always has one
         state = self._state(doc)
-        self._cached = (time.monotonic() + self._ttl, state)
+        self._cached.put(POINTER_ID, state)
         return state
 
     async def current(self) -> GenerationState:
         """The pointer, at most `ttl` seconds old."""
-        now = time.monotonic()
-        if self._cached is not None and self._cached[0] > now:
-            return self._cached[1]
+        if (hit := self._cached.fresh(POINTER_ID)) is not None:
+            return hit.value
         doc = await self._db[META].find_one({"_id": POINTER_ID})
         state = self._state(doc) if doc is not None else await self.ensure()
-        self._cached = (now + self._ttl, state)
+        self._cached.put(POINTER_ID, state)
         return state
 
     async def begin_rebuild(self, force: bool = False) -> tuple[GenerationState, str]:
@@ -161,7 +157,7 @@ class Generations:
                                                              "building_since": datetime.now(UTC)}})
         if res.modified_count != 1:
             raise RebuildInProgress("the generation pointer changed under this rebuild; try again")
-        self._cached = None
+        self._cached.clear()
         return state, new
 
     async def switch(self, new: str) -> GenerationState:
@@ -174,13 +170,13 @@ class Generations:
             {"$set": {"active": new, "previous": doc["active"], "building": None, "switched_at": datetime.now(UTC)}})
         if res.modified_count != 1:
             raise RebuildInProgress(f"generation {new} no longer holds the building slot")
-        self._cached = None
+        self._cached.clear()
         return await self.current()
 
     async def abandon(self, new: str) -> None:
         """Give up a failed rebuild: free the slot (the live generation was never touched)."""
         await self._db[META].update_one({"_id": POINTER_ID, "building": new}, {"$set": {"building": None}})
-        self._cached = None
+        self._cached.clear()
 
     async def drop_unused(self) -> list[str]:
         """Drop generations other than the active, previous and building ones. Returns them."""
@@ -218,36 +214,12 @@ def from_stored(doc: Document) -> Document:
     return doc
 
 
-class DocCache:
+class DocCache(LruCache[tuple[str, str], Document]):
     """Records this process wrote or read last, keyed by (generation, id); least recently used go first.
 
     Only an optimisation: every write is conditioned on the cached version, so a stale entry
     (another writer got there first) fails that one write, is dropped, and is re-read.
     """
-
-    def __init__(self, max_entries: int) -> None:
-        self._max = max_entries
-        self._docs: OrderedDict[tuple[str, str], Document] = OrderedDict()
-
-    def get(self, gen: str, tid: str) -> Document | None:
-        doc = self._docs.get((gen, tid))
-        if doc is not None:
-            self._docs.move_to_end((gen, tid))
-        return doc
-
-    def put(self, gen: str, tid: str, doc: Document) -> None:
-        if self._max <= 0:
-            return
-        self._docs[(gen, tid)] = doc
-        self._docs.move_to_end((gen, tid))
-        while len(self._docs) > self._max:
-            self._docs.popitem(last=False)
-
-    def drop(self, gen: str, tid: str) -> None:
-        self._docs.pop((gen, tid), None)
-
-    def __len__(self) -> int:
-        return len(self._docs)
 
 
 class ReportingStore:
@@ -311,7 +283,7 @@ class ReportingStore:
             existing: dict[str, Document] = {}
             misses: list[str] = []
             for rid in pending:
-                cached = None if rid in must_read else self.cache.get(gen, rid)
+                cached = None if rid in must_read else self.cache.get((gen, rid))
                 if cached is not None:
                     existing[rid] = cached
                 elif fresh and rid not in must_read:
@@ -321,8 +293,7 @@ class ReportingStore:
             if misses:
                 async for d in col.find({"_id": {"$in": sorted(misses)}}):
                     existing[d["_id"]] = from_stored(d)
-            ops: list[InsertOne[Document] | ReplaceOne[Document]] = []
-            op_ids: list[str] = []
+            writes: list[tuple[str, Document, int | None]] = []
             merged: dict[str, rules.MergeResult] = {}
             for rid in sorted(pending):
                 old = existing.get(rid)
@@ -330,7 +301,7 @@ class ReportingStore:
                 merged[rid] = result
                 if result.doc is None:
                     if old is not None:
-                        self.cache.put(gen, rid, old)
+                        self.cache.put((gen, rid), old)
                     continue
                 result.doc["updated_at"] = datetime.now(UTC)
                 stored = to_stored(result.doc)
@@ -343,28 +314,16 @@ class ReportingStore:
                     report.refused.extend((e, size) for e in refused)
                     report.outcomes["refused"] += len(refused)
                     if old is not None:
-                        self.cache.put(gen, rid, old)
+                        self.cache.put((gen, rid), old)
                     continue
-                if old is None:
-                    ops.append(InsertOne(stored))
-                else:
-                    ops.append(ReplaceOne({"_id": rid, "v": old.get("v", 0)}, stored, upsert=True))
-                op_ids.append(rid)
-            failed: set[str] = set()
-            if ops:
-                try:
-                    await col.bulk_write(ops, ordered=False)
-                except BulkWriteError as exc:
-                    for err in exc.details.get("writeErrors", []):
-                        if err.get("code") != DUPLICATE_KEY:
-                            raise
-                        failed.add(op_ids[err["index"]])
+                writes.append((rid, stored, None if old is None else old.get("v", 0)))
+            failed = await write_versioned(col, writes)
             for rid, result in merged.items():
                 if rid in failed:
-                    self.cache.drop(gen, rid)
+                    self.cache.pop((gen, rid))
                     continue
                 if result.doc is not None:
-                    self.cache.put(gen, rid, result.doc)
+                    self.cache.put((gen, rid), result.doc)
                 for event, outcome in result.outcomes:
                     report.outcomes[outcome] += 1
                     if outcome in ("applied", "corrected"):
@@ -528,38 +487,20 @@ class SubmissionStore:
         self._indexed = True
 
     async def _write(self, parts: dict[tuple[str, str], Document], owners: dict[str, tuple[str, str]]) -> int:
-        """Write each (document, part) when its key is greater than the stored one; one bulk write
-        per round, E11000 (the document exists with a key at least as high, or was created
-        concurrently) tried once more."""
-        todo = sorted(parts)
-        written = 0
-        for _ in range(2):
-            if not todo:
-                break
-            ops: list[UpdateOne] = []
-            for doc_id, name in todo:
-                part = parts[(doc_id, name)]
-                tenant_id, submission_id = owners[doc_id]
-                # "missing or lower" as one `$not`, not an `$or`: the local store plans an `$or` as a
-                # collection scan (63 ms per update at 10,000 documents), `_id` + `$not` by key.
-                lower = {f"{name}.key": {"$not": {"$gte": part["key"]}}}
-                ops.append(UpdateOne(
-                    {"_id": doc_id, **lower},
-                    {"$set": {name: part}, "$setOnInsert": {"tenant_id": tenant_id, "submission_id": submission_id}},
-                    upsert=True))
-            retry: list[tuple[str, str]] = []
-            try:
-                res = await self.col.bulk_write(ops, ordered=False)
-                written += res.modified_count + res.upserted_count
-            except BulkWriteError as exc:
-                for err in exc.details.get("writeErrors", []):
-                    if err.get("code") != DUPLICATE_KEY:
-                        raise
-                    retry.append(todo[err["index"]])
-                written += int(exc.details.get("nModified", 0)) + int(exc.details.get("nUpserted", 0))
-            todo = retry
-        return written
-
+        """Write each (document, part) when its key is greater than the stored one, in one bulk write
+        (`guarded_upserts`: E11000 means the document exists with a key at least as high)."""
+        ops: list[UpdateOne] = []
+        for doc_id, name in sorted(parts):
+            part = parts[(doc_id, name)]
+            tenant_id, submission_id = owners[doc_id]
+            # "missing or lower" as one `$not`, not an `$or`: the local store plans an `$or` as a
+            # collection scan (63 ms per update at 10,000 documents), `_id` + `$not` by key.
+            lower = {f"{name}.key": {"$not": {"$gte": part["key"]}}}
+            ops.append(UpdateOne(
+                {"_id": doc_id, **lower},
+                {"$set": {name: part}, "$setOnInsert": {"tenant_id": tenant_id, "submission_id": submission_id}},
+                upsert=True))
+        return await guarded_upserts(self.col, ops)
     async def apply_scored(self, events: Sequence[SrsScored]) -> int:
         """The `scored` part of each event's submission and the `superseded` part of the one it
         names in `supersedes`."""

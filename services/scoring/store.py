@@ -18,25 +18,21 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Protocol
 
-from pymongo import InsertOne, ReplaceOne
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError
 
 from services.scoring.rules import TenantRules
 from services.scoring.series import AlertRecord, ClientState, Published, Rejection, Version
-from shared.mongo import Document
+from shared.mongo import Document, LruCache, TtlCache, write_versioned
 
 log = logging.getLogger("alliance.scoring.store")
 
 STATES = "scoring_state"
 RULES = "scoring_rules"
-DUPLICATE_KEY = 11000
 
 
 @dataclass(frozen=True)
@@ -156,25 +152,11 @@ class StateStore:
         """
         if not changed:
             return set()
-        keys = list(changed)
-        ops: list[InsertOne[Document] | ReplaceOne[Document]] = []
-        for k in keys:
-            h = changed[k]
-            doc = state_doc(k, h, h.version + 1)
-            if h.version == 0:
-                ops.append(InsertOne({"_id": k.doc_id, **doc}))
-            else:
-                ops.append(ReplaceOne({"_id": k.doc_id, "v": h.version}, doc, upsert=True))
-        conflicts: set[ClientKey] = set()
-        try:
-            await self._col.bulk_write(ops, ordered=False)
-        except BulkWriteError as exc:
-            errors: list[dict[str, Any]] = exc.details.get("writeErrors", [])
-            other = [e for e in errors if e.get("code") != DUPLICATE_KEY]
-            if other or exc.details.get("writeConcernErrors"):
-                raise
-            conflicts = {keys[e["index"]] for e in errors}
-        for k in keys:
+        # Version 0 is a client never stored: an insert.
+        conflicts = await write_versioned(self._col, [
+            (k, {"_id": k.doc_id, **state_doc(k, h, h.version + 1)}, h.version if h.version else None)
+            for k, h in changed.items()])
+        for k in changed:
             if k not in conflicts:
                 changed[k].version += 1
         return conflicts
@@ -201,9 +183,7 @@ class StateCache:
         self._store = store
         # Bounded by what the entries hold, not by how many there are: one client may hold
         # thousands of submissions (see `_weight`).
-        self._max = max_sessions
-        self._held = 0
-        self._lru: OrderedDict[ClientKey, ClientState] = OrderedDict()
+        self._lru: LruCache[ClientKey, ClientState] = LruCache(max_sessions, weight=_weight)
 
     async def load(self, keys: Iterable[ClientKey]) -> dict[ClientKey, ClientState]:
         """Copies of the cached series; the others read from the store in one query."""
@@ -214,12 +194,11 @@ class StateCache:
             if hit is None:
                 missing.append(k)
             else:
-                self._lru.move_to_end(k)
                 out[k] = hit.copy()
         if missing:
             loaded = await self._store.load(missing)
             for k, h in loaded.items():
-                self._remember(k, h.copy())
+                self._lru.put(k, h.copy())
             out.update(loaded)
         return out
 
@@ -229,34 +208,19 @@ class StateCache:
             conflicts = await self._store.save(changed)
         except BaseException:
             for k in changed:  # unknown outcome: read the store next time
-                self._forget(k)
+                self._lru.pop(k)
             raise
         for k, h in changed.items():
             if k in conflicts:
-                self._forget(k)
+                self._lru.pop(k)
             else:
-                self._remember(k, h.copy())
+                self._lru.put(k, h.copy())
         return conflicts
-
-    def _remember(self, key: ClientKey, h: ClientState) -> None:
-        if self._max <= 0:
-            return
-        self._forget(key)
-        self._lru[key] = h
-        self._held += _weight(h)
-        while self._held > self._max and self._lru:
-            _, old = self._lru.popitem(last=False)
-            self._held -= _weight(old)
-
-    def _forget(self, key: ClientKey) -> None:
-        old = self._lru.pop(key, None)
-        if old is not None:
-            self._held -= _weight(old)
 
     @property
     def sessions(self) -> int:
         """What the entries hold, as `_weight` counts it."""
-        return self._held
+        return self._lru.held
 
     def __len__(self) -> int:
         return len(self._lru)
@@ -271,19 +235,15 @@ class RulesStore:
     def __init__(self, db: AsyncDatabase[Document], ttl_seconds: float = 5.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._col = db[RULES]
-        self._ttl = ttl_seconds
-        self._clock = clock
-        self._cache: dict[str, tuple[float, TenantRules]] = {}
+        self._cache: TtlCache[str, TenantRules] = TtlCache(ttl_seconds, clock=clock)
 
     async def get_many(self, tenants: Iterable[str]) -> dict[str, TenantRules]:
         """Rules of each tenant (defaults when it has none); one query for the ones not cached."""
-        now = self._clock()
         wanted = set(tenants)
         out: dict[str, TenantRules] = {}
         for t in wanted:
-            hit = self._cache.get(t)
-            if hit is not None and hit[0] > now:
-                out[t] = hit[1]
+            if (hit := self._cache.fresh(t)) is not None:
+                out[t] = hit.value
         missing = wanted - out.keys()
         if missing:
             found: dict[str, TenantRules] = {}
@@ -297,7 +257,7 @@ class RulesStore:
                               extra={"tenant_id": doc["_id"]})
             for t in missing:
                 rules = found.get(t, TenantRules())
-                self._cache[t] = (now + self._ttl, rules)
+                self._cache.put(t, rules)
                 out[t] = rules
         return out
 
@@ -314,7 +274,7 @@ class RulesStore:
         """Store a tenant's rules (validated by `TenantRules` itself)."""
         await self._col.replace_one({"_id": tenant}, {**rules.to_doc(), "updated_at": datetime.now(UTC)},
                                     upsert=True)
-        self._cache.pop(tenant, None)
+        self._cache.pop(tenant)
 
 
 def client_key(tenant_id: str, client_id: str) -> ClientKey:

@@ -10,9 +10,9 @@ import pytest
 from fastapi import HTTPException
 from pymongo.errors import AutoReconnect, BulkWriteError
 
-from shared.audit import DUPLICATE_KEY, AuditFull, AuditLog, Auditor, entry
+from shared.audit import AuditFull, AuditLog, Auditor, entry
 from shared.auth import Principal
-from shared.mongo import Document
+from shared.mongo import DUPLICATE_KEY, Document
 from tests.support.wait import eventually
 
 
