@@ -199,8 +199,8 @@ def test_compose_mongo_is_an_initiated_replica_set(compose: dict[str, Any]) -> N
         assert f"replicaSet={rs}" in compose["services"][service]["environment"]["ALLIANCE_MONGO_URL"]
 
 
-def test_compose_prometheus_and_grafana_mount_files_that_exist(compose: dict[str, Any]) -> None:
-    for name in ("prometheus", "grafana"):
+def test_compose_prometheus_alertmanager_and_grafana_mount_files_that_exist(compose: dict[str, Any]) -> None:
+    for name in ("prometheus", "alertmanager", "grafana"):
         for volume in compose["services"][name]["volumes"]:
             source = volume.split(":")[0]
             if source.startswith("./"):
@@ -239,7 +239,7 @@ def test_compose_file_is_valid_for_docker_compose(env_name: str) -> None:
     resolved = yaml.safe_load(out.stdout)
     brokers = {"kafka-1", "kafka-2", "kafka-3"} if env_name == "ha.env" else {"kafka"}
     assert set(resolved["services"]) == {*SERVICES, *brokers, "topic-init", "mongo", "mongo-init", "prometheus",
-                                         "grafana", "alerts-keys"}
+                                         "alertmanager", "grafana", "alerts-keys"}
     bootstrap = resolved["services"]["scoring"]["environment"]["ALLIANCE_KAFKA_BOOTSTRAP"]
     assert {b.split(":")[0] for b in bootstrap.split(",")} == brokers
 

@@ -36,11 +36,16 @@ LATENCY_HISTOGRAMS = (
 )
 
 
-def promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    binary = shutil.which("promtool")
+def run_tool(name: str, package: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a Prometheus tool, or skip when it is not installed (scripts/system-deps installs it in CI)."""
+    binary = shutil.which(name)
     if binary is None:
-        pytest.skip("promtool is missing (Debian package `prometheus`; scripts/system-deps installs it in CI)")
+        pytest.skip(f"{name} is missing (Debian package `{package}`; scripts/system-deps installs it in CI)")
     return subprocess.run([binary, *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    return run_tool("promtool", "prometheus", *args)
 
 
 # ---- promtool --------------------------------------------------------------------------------
@@ -71,10 +76,21 @@ def test_promtool_rejects_a_broken_rule(tmp_path: Path) -> None:
 # ---- what the rules cover --------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def rules() -> list[dict[str, Any]]:
+def all_rules() -> list[dict[str, Any]]:
     doc = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())
     return [r for g in doc["groups"] for r in g["rules"]]
+
+
+@pytest.fixture(scope="module")
+def rules() -> list[dict[str, Any]]:
+    """The alerting rules (the recording rules aside)."""
+    return [r for r in all_rules() if "alert" in r]
+
+
+@pytest.fixture(scope="module")
+def recorded() -> set[str]:
+    """Series the recording rules write."""
+    return {r["record"] for r in all_rules() if "record" in r}
 
 
 @pytest.mark.parametrize(
@@ -88,14 +104,30 @@ def rules() -> list[dict[str, Any]]:
         ("5xx rate of every API", r"sum by \(service\) \(rate\(alliance_http_requests_total\{status=~\"5\.\.\"\}"),
         ("service not scraped", r"up\{job=~\"alliance-\.\+\"\} == 0"),
         ("service not ready", r"alliance_ready\) == 0"),
+        ("stuck consumer: lag not decreasing", r"delta\(alliance_consumer_lag_messages\[\w+\]\)\) >= 0"),
+        ("stuck consumer: batch retries rising", r"increase\(alliance_consumer_batch_retries_total\[\w+\]\)\) > 0"),
+        ("dead-letter rate", r"rate\(alliance_deadletter_total\{[^}]*\}\[\w+\]\)\)\s*/"),
+        ("delivery backlog", r"max\(alliance_notification_pending\) >"),
+        ("deliveries waiting for a retry", r"max\(alliance_notification_pending_retries\) >"),
+        ("escalation without a supervisor", r"alliance_alert_escalations_total\{outcome=\"no_supervisor\"\}"),
+        ("escalations", r"alliance_alert_escalations_total\{outcome=\"sent\"\}"),
+        ("store unavailable", r"alliance_dependency_up\{dependency=\"mongodb\"\}\) == 0"),
+        ("broker unavailable", r"alliance_dependency_up\{dependency=\"kafka\"\}\) == 0"),
+        ("alert delivery SLO burn", r"alliance:slo_alert_delivery:error_ratio_rate1h > \(14\.4 \* 0\.010\)"),
+        ("submissions scored SLO burn", r"alliance:slo_submissions_scored:error_ratio_rate1h > \(14\.4 \* 0\.001\)"),
     ],
 )
 def test_an_alert_covers(rules: list[dict[str, Any]], concern: str, pattern: str) -> None:
     matching = [r["alert"] for r in rules if re.search(pattern, r["expr"])]
     assert matching, f"no alert rule for {concern}"
+
+
+def test_every_alert_has_a_severity_a_summary_a_description_and_a_runbook(rules: list[dict[str, Any]]) -> None:
     for rule in rules:
-        assert rule["labels"]["severity"] in ("warning", "critical")
-        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+        assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
+        annotations = rule["annotations"]
+        assert annotations["summary"] and annotations["description"], rule["alert"]
+        assert annotations["runbook_url"].startswith("docs/runbooks.md#"), rule["alert"]
 
 
 def test_prometheus_scrapes_every_service_on_its_port() -> None:
@@ -107,6 +139,187 @@ def test_prometheus_scrapes_every_service_on_its_port() -> None:
         targets = [t for sc in job["static_configs"] for t in sc["targets"]]
         assert targets == [f"{service}:{settings.model_fields['port'].default}"]
     assert all((PROMETHEUS / f).is_file() for f in config["rule_files"])
+
+
+# ---- runbooks --------------------------------------------------------------------------------
+
+RUNBOOKS = ROOT / "docs" / "runbooks.md"
+RUNBOOK_PARTS = ("**Symptom.**", "**Impact.**", "**First checks.**", "**Commands.**", "**Fix.**")
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading (lower case, punctuation dropped, spaces to -)."""
+    return re.sub(r"[^a-z0-9 _-]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def runbook_sections() -> dict[str, str]:
+    """Anchor -> text of every `##` section of docs/runbooks.md."""
+    parts = re.split(r"^## (.+)$", RUNBOOKS.read_text(), flags=re.M)
+    return {github_anchor(title): body for title, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+def test_every_runbook_url_points_at_a_section_of_the_runbooks(rules: list[dict[str, Any]]) -> None:
+    sections = runbook_sections()
+    missing = [(r["alert"], r["annotations"]["runbook_url"]) for r in rules
+               if r["annotations"]["runbook_url"].partition("#")[2] not in sections]
+    assert missing == []
+
+
+def test_every_alerts_runbook_says_symptom_impact_first_checks_commands_and_fix(rules: list[dict[str, Any]]) -> None:
+    sections = runbook_sections()
+    for anchor in {r["annotations"]["runbook_url"].partition("#")[2] for r in rules}:
+        text = sections[anchor]
+        if not anchor.startswith("slo-"):
+            assert [p for p in RUNBOOK_PARTS if p not in text] == [], anchor
+        assert "```" in text, f"{anchor}: no commands"
+
+
+def cli_commands(text: str) -> set[tuple[str, ...]]:
+    """`alliance a b ...` command paths (without options) named in command lines of the text."""
+    found = set()
+    for line in re.findall(r"^\s*alliance ((?:[a-z][a-z-]* ?)+)", text, flags=re.M):
+        found.add(tuple(line.split()))
+    return found
+
+
+def test_the_runbooks_name_only_cli_commands_that_exist() -> None:
+    import click
+    import typer
+
+    from tools.cli import app
+
+    root = typer.main.get_command(app)
+    named = cli_commands(RUNBOOKS.read_text())
+    assert named, "the runbooks name no alliance command"
+    for path in named:
+        command: click.Command = root
+        for i, word in enumerate(path):
+            if not isinstance(command, click.Group):
+                break  # the rest are arguments
+            sub = command.commands.get(word)
+            assert sub is not None, f"`alliance {' '.join(path[:i + 1])}` does not exist"
+            command = sub
+        assert not isinstance(command, click.Group), f"`alliance {' '.join(path)}` is a group, not a command"
+
+
+# ---- promtool unit tests cover every rule ----------------------------------------------------
+
+
+def rule_tests() -> list[dict[str, Any]]:
+    doc: dict[str, Any] = yaml.safe_load((PROMETHEUS / "alerts.test.yml").read_text())
+    tests: list[dict[str, Any]] = doc["tests"]
+    return tests
+
+
+def test_every_alert_fires_in_a_promtool_unit_test(rules: list[dict[str, Any]]) -> None:
+    firing = {case["alertname"] for test in rule_tests() for case in test.get("alert_rule_test", [])
+              if case["exp_alerts"]}
+    assert sorted(r["alert"] for r in rules if r["alert"] not in firing) == []
+
+
+def expand(values: str) -> list[float]:
+    """promtool's expanding notation: `a+bxn` / `a-bxn` (n+1 values), `axn`, plain numbers."""
+    out: list[float] = []
+    for term in values.split():
+        match = re.fullmatch(r"(-?[\d.]+)(?:([+-][\d.]+))?x(\d+)", term)
+        if match is None:
+            out.append(float(term))
+            continue
+        start, step, times = float(match[1]), float(match[2] or 0), int(match[3])
+        out += [start + step * i for i in range(times + 1)]
+    return out
+
+
+def test_a_unit_test_fires_the_stuck_alert_on_a_lag_that_stops_decreasing() -> None:
+    for test in rule_tests():
+        if any(c["alertname"] == "AllianceConsumerStuck" and c["exp_alerts"] for c in test.get("alert_rule_test", [])):
+            lags = [expand(s["values"]) for s in test["input_series"]
+                    if s["series"].startswith("alliance_consumer_lag_messages")]
+            for lag in lags:
+                turn = next((i for i in range(1, len(lag)) if lag[i] == lag[i - 1]), None)
+                if turn is not None and turn > 1 and lag[turn - 1] < lag[0] and len(set(lag[turn - 1:])) == 1 \
+                        and lag[-1] > 0:
+                    return
+    raise AssertionError("no unit test fires AllianceConsumerStuck on a lag that decreases, then stays put")
+
+
+# Alert name suffix -> (long window, short window, burn rate) pairs, as the SRE workbook recommends.
+SLO_WINDOWS = {"BurnFast": (("1h", "5m", "14.4"), ("6h", "30m", "6")),
+               "BurnSlow": (("1d", "2h", "3"), ("3d", "6h", "1"))}
+
+
+@pytest.mark.parametrize(("slo", "objective"), [("alert_delivery", 0.99), ("submissions_scored", 0.999)])
+def test_each_slo_alerts_on_the_sre_workbook_windows_and_burn_rates(rules: list[dict[str, Any]], recorded: set[str],
+                                                                     slo: str, objective: float) -> None:
+    budget = f"{1 - objective:.3f}"
+    for suffix, pairs in SLO_WINDOWS.items():
+        (rule,) = [r for r in rules if r["labels"].get("slo") == slo and r["alert"].endswith(suffix)]
+        for long, short, rate in pairs:
+            for window in (long, short):
+                series = f"alliance:slo_{slo}:error_ratio_rate{window}"
+                assert series in recorded
+                assert f"{series} > ({rate} * {budget})" in rule["expr"], (rule["alert"], window)
+
+
+def test_alerts_use_only_recorded_series_that_a_rule_records(recorded: set[str]) -> None:
+    used = {name for _, expr in queries() for name in re.findall(r"\balliance:[a-z0-9_:]+", expr)}
+    assert sorted(used - recorded) == []
+
+
+# ---- Alertmanager ----------------------------------------------------------------------------
+
+ALERTMANAGER = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
+
+
+def amtool(*args: str) -> subprocess.CompletedProcess[str]:
+    return run_tool("amtool", "prometheus-alertmanager", *args)
+
+
+def test_amtool_accepts_the_alertmanager_config() -> None:
+    done = amtool("check-config", str(ALERTMANAGER))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(("labels", "receiver"), [
+    (("severity=critical", "alertname=AllianceConsumerStuck"), "ops-pager"),
+    (("severity=warning", "alertname=AllianceDeliveryBacklog"), "ops-tickets"),
+    (("alertname=Unlabelled",), "ops-tickets"),
+])
+def test_alertmanager_pages_critical_alerts_and_tickets_the_others(labels: tuple[str, ...], receiver: str) -> None:
+    done = amtool("config", "routes", "test", f"--config.file={ALERTMANAGER}", *labels)
+    assert done.stdout.strip() == receiver, done.stdout + done.stderr
+
+
+def test_every_alertmanager_receiver_is_a_webhook() -> None:
+    config = yaml.safe_load(ALERTMANAGER.read_text())
+    for receiver in config["receivers"]:
+        assert set(receiver) == {"name", "webhook_configs"}, receiver["name"]
+
+
+def test_prometheus_sends_alerts_to_the_alertmanager_compose_runs() -> None:
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    (manager,) = config["alerting"]["alertmanagers"]
+    targets = [t for sc in manager["static_configs"] for t in sc["targets"]]
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    service = compose["services"]["alertmanager"]
+    assert targets == ["alertmanager:9093"]
+    assert "9093:9093" in service["ports"]
+    assert "./alertmanager/alertmanager.yml:/etc/alertmanager/alertmanager.yml:ro" in service["volumes"]
+    assert "--config.file=/etc/alertmanager/alertmanager.yml" in service["command"]
+
+
+def test_operations_doc_names_every_receiver_and_inhibition() -> None:
+    from tests.unit.test_ops_docs import section
+
+    # A `|` inside a table cell is written `\\|`.
+    routing = section((ROOT / "docs" / "operations.md").read_text(), "Alert routing").replace("\\|", "|")
+    config = yaml.safe_load(ALERTMANAGER.read_text())
+    for receiver in config["receivers"]:
+        assert f"`{receiver['name']}`" in routing
+    for rule in config["inhibit_rules"]:
+        source = rule["source_matchers"][0].split("=", 1)[1].strip('~"')
+        assert f"`{source}`" in routing, source
+
 
 
 # ---- metrics the code defines ----------------------------------------------------------------
@@ -128,11 +341,9 @@ def registered() -> dict[str, tuple[str, ...]]:
 
 
 def queries() -> Iterator[tuple[str, str]]:
-    """(where, PromQL) for every alert rule and every dashboard target."""
-    doc = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())
-    for group in doc["groups"]:
-        for rule in group["rules"]:
-            yield f"alerts.yml {rule['alert']}", rule["expr"]
+    """(where, PromQL) for every alerting and recording rule and every dashboard target."""
+    for rule in all_rules():
+        yield f"alerts.yml {rule.get('alert') or rule['record']}", rule["expr"]
     for panel in dashboard_panels():
         for target in panel.get("targets", []):
             yield f"alliance.json {panel['title']!r}", target["expr"]
@@ -167,7 +378,7 @@ def test_every_label_in_rules_and_dashboard_exists_on_its_metric(registered: dic
     wrong = []
     for where, expr in queries():
         for name, matchers in SELECTOR.findall(expr):
-            valid = set(registered.get(name, ())) | TARGET_LABELS
+            valid = set(registered.get(name, ())) | TARGET_LABELS | ({"le"} if name.endswith("_bucket") else set())
             wrong += [(where, name, label) for label in MATCHER.findall(matchers) if label not in valid]
         allowed = allowed_labels(expr, registered)
         for grouping in GROUPING.findall(expr):
