@@ -9,7 +9,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 CONSUMER_LAG = Gauge(
     "alliance_consumer_lag_messages",
-    "Records between the consumer's position and the partition's high-water mark.",
+    "Records between the consumer group's committed offset and the partition's log end, for the partitions "
+    "this process owns (measured from the broker every few seconds, also while batches fail).",
     ["service", "topic", "partition"],
 )
 CONSUMER_RECORDS = Counter(

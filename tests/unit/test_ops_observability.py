@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import pkgutil
 import re
 import shutil
 import subprocess
@@ -325,19 +326,77 @@ def test_operations_doc_names_every_receiver_and_inhibition() -> None:
 # ---- metrics the code defines ----------------------------------------------------------------
 
 
+def import_every_module() -> None:
+    """Import every module of shared/ and services/ (their metrics register at import; importing
+    opens no connection), entry points aside."""
+    for package in ("shared", "services"):
+        for module in pkgutil.walk_packages([str(ROOT / package)], prefix=f"{package}."):
+            if not module.name.endswith("__main__"):
+                importlib.import_module(module.name)
+
+
 @pytest.fixture(scope="module")
 def registered() -> dict[str, tuple[str, ...]]:
     """Series name -> label names, for every metric the code registers."""
-    importlib.import_module("shared.metrics")
-    importlib.import_module("shared.http")
-    for service in SERVICES:
-        for module in ("metrics", "app"):
-            if importlib.util.find_spec(f"services.{service}.{module}") is not None:
-                importlib.import_module(f"services.{service}.{module}")
+    import_every_module()
     names: dict[str, tuple[str, ...]] = {}
     for series, collector in REGISTRY._names_to_collectors.items():
         names[series] = tuple(getattr(collector, "_labelnames", ()))
     return names
+
+
+EXPORTED = re.compile(r"(alliance|process|python)_")
+SERIES_SUFFIXES = ("_total", "_created", "_bucket", "_count", "_sum")
+# Families the code exports (prometheus_client's default collectors included) that no panel and no
+# rule shows, on purpose. Every other exported family must be on the dashboard or in a rule.
+UNUSED_FAMILIES = {
+    "process_max_fds": "a limit, not a state: open descriptors near it would show as errors first",
+    "process_open_fds": "no leak has been seen; the connection pools are bounded",
+    "process_start_time_seconds": "restarts show as gaps in `up` and alliance_ready",
+    "process_virtual_memory_bytes": "resident memory (shown) is what a pod's limit counts",
+    "python_gc_collections": "interpreter internals; CPU and memory panels show their cost",
+    "python_gc_objects_collected": "interpreter internals",
+    "python_gc_objects_uncollectable": "interpreter internals",
+    "python_info": "a constant: the Python version",
+}
+
+
+@pytest.fixture(scope="module")
+def families(registered: dict[str, tuple[str, ...]]) -> set[str]:
+    """Every metric family the code exports (alliance_*, and the default collectors' process_*, python_*)."""
+    names: set[str] = set()
+    for collector in set(REGISTRY._names_to_collectors.values()):
+        described = getattr(collector, "describe", collector.collect)()
+        names |= {metric.name for metric in described if EXPORTED.match(metric.name)}
+    return names
+
+
+def family_of(series: str, families: set[str]) -> str:
+    if series in families:
+        return series
+    for suffix in SERIES_SUFFIXES:
+        if series.endswith(suffix) and series.removesuffix(suffix) in families:
+            return series.removesuffix(suffix)
+    return series
+
+
+def used_families(families: set[str]) -> set[str]:
+    return {family_of(name, families) for _, expr in queries() for name in metric_names(expr)} - BUILTIN_SERIES
+
+
+def test_every_exported_family_is_shown_or_alerted_on_or_listed_as_unused(families: set[str]) -> None:
+    assert sorted(families - used_families(families) - set(UNUSED_FAMILIES)) == []
+
+
+def test_the_unused_list_names_exported_families_that_nothing_uses(families: set[str]) -> None:
+    assert sorted(set(UNUSED_FAMILIES) - families) == [], "not exported"
+    assert sorted(set(UNUSED_FAMILIES) & used_families(families)) == [], "used after all"
+
+
+def test_the_families_found_include_every_services_own(families: set[str]) -> None:
+    # The check above means something only if the code's families are found: one of each service's.
+    assert {"alliance_intake_submissions", "alliance_scored", "alliance_notifications", "alliance_reporting_events",
+            "alliance_consumer_lag_messages", "alliance_http_requests"} <= families
 
 
 def queries() -> Iterator[tuple[str, str]]:
@@ -349,8 +408,10 @@ def queries() -> Iterator[tuple[str, str]]:
             yield f"alliance.json {panel['title']!r}", target["expr"]
 
 
-METRIC = re.compile(r"\b(alliance_[a-z0-9_]+|up)\b(?!\s*\()")
-SELECTOR = re.compile(r"\b(alliance_[a-z0-9_]+|up)\{([^}]*)\}")
+# Series the code exports: the services' own (alliance_*) and prometheus_client's default
+# collectors' (process_*, python_*); `up` is Prometheus' own.
+METRIC = re.compile(r"\b((?:alliance|process|python)_[a-z0-9_]+|up)\b(?!\s*\()")
+SELECTOR = re.compile(r"\b((?:alliance|process|python)_[a-z0-9_]+|up)\{([^}]*)\}")
 MATCHER = re.compile(r"(\w+)\s*(?:=~|!~|!=|=)")
 GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
 
@@ -404,15 +465,45 @@ def dashboard_panels() -> list[dict[str, Any]]:
     return [p for p in dashboard()["panels"] if p["type"] != "row"]
 
 
-def test_dashboard_uses_the_provisioned_datasource() -> None:
-    provisioned = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())
-    (source,) = provisioned["datasources"]
-    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+def test_dashboard_picks_its_datasource_by_a_variable_and_hard_codes_no_uid() -> None:
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
     for panel in dashboard_panels():
-        assert panel["datasource"] == {"type": "prometheus", "uid": source["uid"]}
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
-            assert target["datasource"]["uid"] == source["uid"]
+            assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+    uids = set(re.findall(r'"uid":\s*"([^"]*)"', (GRAFANA / "alliance.json").read_text()))
+    assert uids == {"${datasource}", dashboard()["uid"]}
+
+
+def test_the_provisioned_datasource_is_the_default_prometheus() -> None:
+    provisioned = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    (source,) = provisioned["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090" and source["isDefault"]
+
+
+def test_dashboard_has_job_and_instance_variables_from_the_scrape_targets() -> None:
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    assert 'up{job=~"alliance-.+"}' in variables["job"]["query"]["query"]
+    assert 'up{job=~"$job"}' in variables["instance"]["query"]["query"]
+    for name in ("job", "instance"):
+        assert variables[name]["multi"] and variables[name]["includeAll"], name
+        assert variables[name]["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+
+
+def test_every_panel_query_is_filtered_by_job_and_instance() -> None:
+    unfiltered = []
+    for panel in dashboard_panels():
+        for target in panel["targets"]:
+            expr = target["expr"]
+            selected = {name for name, _ in SELECTOR.findall(expr)}
+            bare = metric_names(expr) - selected
+            unfiltered += [(panel["title"], name) for name in bare]
+            for name, matchers in SELECTOR.findall(expr):
+                if 'job=~"$job"' not in matchers or 'instance=~"$instance"' not in matchers:
+                    unfiltered.append((panel["title"], name))
+    assert unfiltered == []
 
 
 def test_dashboard_provider_loads_the_path_compose_mounts_it_to() -> None:
@@ -432,6 +523,9 @@ def test_dashboard_panels_have_unique_ids_and_fit_the_grid() -> None:
         assert grid["x"] + grid["w"] <= 24 and grid["h"] > 0
 
 
+SEL = r"(?:\{[^}]*\})?"  # an optional label selector, in the patterns below
+
+
 def panel_exprs() -> str:
     return "\n".join(t["expr"] for p in dashboard_panels() for t in p["targets"])
 
@@ -439,13 +533,23 @@ def panel_exprs() -> str:
 @pytest.mark.parametrize(
     ("what", "pattern"),
     [
-        ("submissions/s", r"rate\(alliance_intake_submissions_total\["),
-        ("scored/s", r"rate\(alliance_scored_total\["),
+        ("submissions/s", rf"rate\(alliance_intake_submissions_total{SEL}\["),
+        ("scored/s", rf"rate\(alliance_scored_total{SEL}\["),
         ("deterioration alerts by trigger", r"by \(trigger.*alliance_deterioration_total"),
-        ("delivery outcomes", r"by \(channel, outcome\) \(rate\(alliance_notifications_total\["),
+        ("delivery outcomes", rf"by \(channel, outcome\) \(rate\(alliance_notifications_total{SEL}\["),
         ("consumer lag", r"alliance_consumer_lag_messages"),
         ("dead letters", r"alliance_deadletter_total"),
-        *[(f"latency percentiles of {h}", rf"histogram_quantile\(0\.99, sum by \(le\) \(rate\({h}_bucket\[")
+        ("HTTP requests of every API by service",
+         rf"by \(service, status\) \(rate\(alliance_http_requests_total{SEL}\["),
+        ("HTTP latency by service and route",
+         rf"histogram_quantile\(0\.99, sum by \(le, service, route\) "
+         rf"\(rate\(alliance_http_request_seconds_bucket{SEL}\["),
+        ("delivery backlog", r"alliance_notification_pending\b"),
+        ("escalations", r"alliance_alert_escalations_total"),
+        ("dependencies", r"alliance_dependency_up"),
+        *[(f"the burn rate of the {slo} SLO", rf"alliance:slo_{slo}:error_ratio_rate1h / ")
+          for slo in ("alert_delivery", "submissions_scored")],
+        *[(f"latency percentiles of {h}", rf"histogram_quantile\(0\.99, sum by \(le\) \(rate\({h}_bucket{SEL}\[")
           for h in LATENCY_HISTOGRAMS],
     ],
 )
