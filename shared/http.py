@@ -455,9 +455,16 @@ BODY_TOO_LARGE: dict[str, Any] = error_response("the body is larger than the ser
                                                 "(`ALLIANCE_<SERVICE>_MAX_BODY_BYTES`)")
 
 
-def document_responses(app: FastAPI, prefix: str, responses: dict[str, dict[str, Any]]) -> None:
-    """Add `responses` (by status code) to every operation under `prefix` of `app`'s OpenAPI document
-    that does not document that status itself: answers a middleware gives, which no route declares."""
+BEARER_SCHEME = "bearer"
+BEARER: dict[str, Any] = {
+    "type": "http", "scheme": "bearer",
+    "description": "an API key (`ak_...`, from `alliance keys create`) sent as `Authorization: Bearer <key>`; "
+                   "an operation's 403 says which role (and which site binding) it needs"}
+
+
+def _document_operations(app: FastAPI, prefix: str, edit: Callable[[dict[str, Any], dict[str, Any]], None]) -> None:
+    """Apply `edit(document, operation)` to every operation under `prefix` of `app`'s OpenAPI document
+    (at each generation: FastAPI caches the document, and every edit here keeps what is there)."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -466,20 +473,43 @@ def document_responses(app: FastAPI, prefix: str, responses: dict[str, dict[str,
             if path.startswith(prefix):
                 for operation in operations.values():
                     if isinstance(operation, dict) and "responses" in operation:
-                        for status, response in responses.items():
-                            operation["responses"].setdefault(status, response)
+                        edit(schema, operation)
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def document_responses(app: FastAPI, prefix: str, responses: dict[str, dict[str, Any]]) -> None:
+    """Add `responses` (by status code) to every operation under `prefix` of `app`'s OpenAPI document
+    that does not document that status itself: answers a middleware gives, which no route declares."""
+
+    def edit(_: dict[str, Any], operation: dict[str, Any]) -> None:
+        for status, response in responses.items():
+            operation["responses"].setdefault(status, response)
+
+    _document_operations(app, prefix, edit)
+
+
+def document_bearer(app: FastAPI, prefix: str) -> None:
+    """Declare the bearer API key scheme and require it on every operation under `prefix` (a route
+    declaring its own scheme, such as reporting's `HTTPBearer` with a role in its description, keeps
+    it): the key check of `AuthenticateFirst` covers every such route, so the document does too."""
+
+    def edit(schema: dict[str, Any], operation: dict[str, Any]) -> None:
+        schema.setdefault("components", {}).setdefault("securitySchemes", {}).setdefault(BEARER_SCHEME, BEARER)
+        operation.setdefault("security", [{BEARER_SCHEME: []}])
+
+    _document_operations(app, prefix, edit)
 
 
 def authenticate_first(app: FastAPI, lookup: Lookup, prefix: str = "/v1/", guard: Guard | None = None,
                        known: Known | None = None) -> None:
     """Check the bearer key of every request under `prefix` before its body is read, and with a
     `guard` the failed-authentication and per-key limits (see `AuthenticateFirst`, whose 429 every
-    operation under `prefix` then documents, with the 401 and 503); added last, so it runs before the
-    body limit."""
+    operation under `prefix` then documents, with the 401, the 503 and the bearer scheme itself);
+    added last, so it runs before the body limit."""
     app.add_middleware(AuthenticateFirst, lookup=lookup, prefix=prefix, guard=guard, known=known)
+    document_bearer(app, prefix)
     document_responses(app, prefix, {"401": UNAUTHORIZED, "503": UNAVAILABLE,
                                      **({"429": TOO_MANY_REQUESTS} if guard is not None else {})})
 

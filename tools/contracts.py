@@ -1,9 +1,11 @@
 """Contract documents generated from the code: AsyncAPI per service, OpenAPI per HTTP API.
 
 `alliance docs gen` writes `docs/asyncapi/<service>.json` from each service's `asyncapi_app()`
-(exactly what `faststream docs gen` would write) and `docs/openapi/<service>.json` from each
-service's `create_app().openapi()`. `alliance docs check` fails when the committed documents
-differ from what the code generates, so the contracts partners read cannot drift silently.
+(what `faststream docs gen` writes, completed by `complete_asyncapi` with what FastStream cannot
+declare: the payloads of the generic batch consumers and the production server with its security)
+and `docs/openapi/<service>.json` from each service's `create_app().openapi()`. `alliance docs
+check` fails when the committed documents differ from what the code generates, so the contracts
+partners read cannot drift silently.
 
 Documents describe the default deployment: generation ignores `ALLIANCE_*` variables of the
 calling shell (a topic prefix or a broker address must not leak into a published contract).
@@ -12,6 +14,7 @@ calling shell (a topic prefix or a broker address must not leak into a published
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import importlib.util
 import json
@@ -22,6 +25,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import BaseModel
+
+from shared import events, topics
 
 SERVICES: tuple[str, ...] = ("intake", "scoring", "alerts", "reporting")
 KINDS: tuple[str, ...] = ("asyncapi", "openapi")
@@ -47,13 +53,102 @@ def default_environment() -> Iterator[None]:
         os.environ.update(saved)
 
 
+# What a consumer of each topic reads (logical names). Every service consumes through the generic
+# `shared.kafka.subscribe_batch`, which decodes records itself, so FastStream sees no payload type
+# for a subscriber: the document gets it from here.
+TOPIC_EVENTS: dict[str, tuple[type[BaseModel], ...]] = {
+    topics.SUBMITTED: (events.SrsSubmitted, events.ClientTransfer),
+    topics.SCORED: (events.SrsScored,),
+    topics.DETERIORATION: (events.AllianceDeterioration,),
+    topics.ALERT_STATUS: (events.AlertStatusChanged,),
+    topics.DEADLETTER: (events.DeadLetter,),
+}
+
+# FastStream names the one server of a broker `development` (the local stack). Production is the
+# deployment's cluster (deploy/k8s/config.yaml): TLS and SASL/SCRAM-SHA-512, where partners get a
+# user of their own (docs/partners.md, Option 1).
+SASL_SCHEME = "saslScramSha512"
+PRODUCTION_SERVER: dict[str, Any] = {
+    "host": "{bootstrap}",
+    "protocol": "kafka-secure",
+    "description": "The deployment's Kafka cluster: TLS on the wire and SASL/SCRAM-SHA-512 authentication "
+                   "(`security_protocol=SASL_SSL`). The operator gives you the bootstrap brokers, the CA "
+                   "certificate, a user with read access to the topics and a consumer group of your own "
+                   "(`partner-<name>`). A consumer sees every tenant's events: see docs/partners.md.",
+    "variables": {"bootstrap": {"default": "kafka-0.example.org:9094",
+                                "description": "the cluster's bootstrap brokers (`host:port`), from the operator"}},
+    "security": [{"$ref": f"#/components/securitySchemes/{SASL_SCHEME}"}],
+}
+SECURITY_SCHEMES: dict[str, Any] = {
+    SASL_SCHEME: {"type": "scramSha512",
+                  "description": "a SASL/SCRAM-SHA-512 user and password issued by the operator, over TLS"},
+}
+DEVELOPMENT_DESCRIPTION = "The local stack (`alliance run`): plaintext, no authentication."
+
+
 def asyncapi_document(service: str) -> dict[str, Any]:
-    """The AsyncAPI document of one service, as `faststream docs gen` builds it."""
+    """The AsyncAPI document of one service: what `faststream docs gen` builds, completed."""
     with default_environment():
         module = importlib.import_module(f"services.{service}.app")
         stream_app = module.asyncapi_app()
     schema: dict[str, Any] = stream_app.schema.to_specification().to_jsonable()
-    return schema
+    return complete_asyncapi(schema)
+
+
+def complete_asyncapi(document: dict[str, Any]) -> dict[str, Any]:
+    """`document` (FastStream's) with each receive operation's payload taken from the events its topic
+    carries (`TOPIC_EVENTS`), and the production server with its security next to the local one."""
+    doc = copy.deepcopy(document)
+    for operation in doc.get("operations", {}).values():
+        if operation.get("action") == "receive":
+            _receive_payload(doc, operation)
+    doc["servers"]["development"].setdefault("description", DEVELOPMENT_DESCRIPTION)
+    doc["servers"]["production"] = PRODUCTION_SERVER
+    doc.setdefault("components", {}).setdefault("securitySchemes", {}).update(SECURITY_SCHEMES)
+    for channel in doc.get("channels", {}).values():
+        if "servers" in channel:
+            channel["servers"].append({"$ref": "#/servers/production"})
+    return doc
+
+
+def _resolve(doc: dict[str, Any], ref: str) -> Any:
+    """The object a local `$ref` ("#/a/b") points at."""
+    node: Any = doc
+    for part in ref.removeprefix("#/").split("/"):
+        node = node[part.replace("~1", "/").replace("~0", "~")]
+    return node
+
+
+def _receive_payload(doc: dict[str, Any], operation: dict[str, Any]) -> None:
+    topic = _resolve(doc, operation["channel"]["$ref"])["address"]
+    models = TOPIC_EVENTS.get(topic)
+    if models is None:
+        raise ValueError(f"{topic}: consumed, but tools/contracts.py TOPIC_EVENTS does not say which events it "
+                         "carries, so its payload cannot be documented")
+    schemas: dict[str, Any] = doc.setdefault("components", {}).setdefault("schemas", {})
+    for model in models:
+        for name, schema in _model_schemas(model).items():
+            if schemas.setdefault(name, schema) != schema:
+                raise ValueError(f"two different schemas are named {name}")
+    refs = [{"$ref": f"#/components/schemas/{model.__name__}"} for model in models]
+    for message_ref in operation["messages"]:
+        message = _resolve(doc, message_ref["$ref"])
+        if "$ref" in message:  # the channel's message is a reference to components/messages
+            message = _resolve(doc, message["$ref"])
+        placeholder = message.get("payload", {}).get("$ref")
+        # FastStream's stand-in for an untyped handler: a schema holding only a title.
+        if placeholder is not None and set(_resolve(doc, placeholder)) <= {"title"}:
+            del schemas[placeholder.rsplit("/", 1)[1]]
+        message["payload"] = refs[0] if len(refs) == 1 else {"anyOf": refs}
+
+
+def _model_schemas(model: type[BaseModel]) -> dict[str, Any]:
+    """The JSON schema of `model` and of the models it refers to, by name, as FastStream lays them out
+    under components/schemas."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    found: dict[str, Any] = schema.pop("$defs", {})
+    found[model.__name__] = schema
+    return found
 
 
 def openapi_document(service: str) -> dict[str, Any] | None:

@@ -24,6 +24,7 @@ from services.alerts.senders import EmailSender, SigningSecrets, WebhookSender
 from services.alerts.settings import AlertsSettings, SmtpSettings
 from services.alerts.store import AlertsStore
 from services.alerts.targets import Resolver, system_resolve
+from services.alerts.webhooks import webhooks_router
 from services.alerts.worker import DeliveryWorker, Sender
 from shared import audit, auth
 from shared.events import AlertStatusChanged, DeadLetter
@@ -39,7 +40,7 @@ DESCRIPTION = """Delivers alliance alerts to clinicians (signed webhook, email) 
 Standard Webhooks), retries with backoff from a durable schedule, escalates unacknowledged alerts."""
 
 
-TITLE = "Alliance Stream — alerts"
+TITLE = "Alliance Stream alerts"
 
 
 @dataclass
@@ -134,6 +135,8 @@ def build(config: AlertsConfig | None = None, resolve: Resolver = system_resolve
                           audit.Auditor(audit_log, SERVICE, keys.lookup), resolve=resolve)
     app = service_api(runtime, title=TITLE, description=DESCRIPTION)
     app.include_router(router)
+    # What the worker sends, documented as the OpenAPI document's `webhooks` (served by no route).
+    app.webhooks.include_router(webhooks_router(cfg.alerts))
     # Every /v1 route needs a key: check it before a body is read (the routes' own KeyStore comes
     # after FastAPI has parsed the body). A second cache of the same keys; misses cost one look-up.
     # With it, the failed-authentication limit per peer and the request rate per key (`make_guard`).
@@ -142,7 +145,7 @@ def build(config: AlertsConfig | None = None, resolve: Resolver = system_resolve
     runtime.on_start.append(limits.ensure_indexes)
     authenticate_first(app, first.lookup, guard=guard, known=first.known)
     service = AlertsService(broker, mongo, runtime, app, cfg, store, handlers, worker, escalator, webhook,
-                            spec_title=TITLE, spec_description=DESCRIPTION)
+                            spec_title=TITLE, spec_version="1.0.0", spec_description=DESCRIPTION)
     app.state.alerts = service
     return service
 

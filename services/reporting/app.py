@@ -27,6 +27,9 @@ from shared.mongo import database, make_client
 from shared.settings import AuditSettings, ReportingHttp, ServiceConfig
 
 SERVICE = "reporting"
+TITLE = "Alliance Stream reporting"
+DESCRIPTION = ("Trajectories and PCOMS indices materialized from scored sessions (read keys), and what happened to "
+               "each submission (read or submit keys).")
 
 
 @dataclass
@@ -98,10 +101,7 @@ def build(config: ReportingConfig | None = None) -> ReportingService:
     runtime.on_start.append(lambda: audit.ensure_indexes(trail))
     if audit_log is not None:
         runtime.on_stop.append(audit_log.close)
-    app = service_api(
-        runtime, title="Alliance Stream reporting",
-        description="Trajectories and PCOMS indices materialized from scored sessions (read keys), and what "
-                    "happened to each submission (read or submit keys).")
+    app = service_api(runtime, title=TITLE, description=DESCRIPTION)
     app.include_router(build_router(store, generations, lambda: keys, config.reporting, submissions, auditor))
     app.include_router(build_audit_router(trail, lambda: keys, auditor, config.reporting))
     install_store_errors(app)
@@ -111,7 +111,8 @@ def build(config: ReportingConfig | None = None) -> ReportingService:
     guard, limits = make_guard(config.http, db, SERVICE)
     runtime.on_start.append(limits.ensure_indexes)
     authenticate_first(app, keys.lookup, guard=guard, known=keys.known)
-    return ReportingService(broker, mongo, runtime, app, store, generations, submissions, keys)
+    return ReportingService(broker, mongo, runtime, app, store, generations, submissions, keys, spec_title=TITLE,
+                            spec_version="1.0.0", spec_description=DESCRIPTION)
 
 
 def create_app(config: ReportingConfig | None = None) -> FastAPI:

@@ -18,6 +18,7 @@ import pytest
 from faststream._internal.cli.main import cli as faststream_cli
 from typer.testing import CliRunner
 
+from shared.events import AllianceDeterioration
 from tests.unit.test_contracts_events import event_models
 from tools import contracts
 
@@ -26,6 +27,8 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 # A stand-in service, so the generator itself is tested whatever the real services look like.
 PROBE = textwrap.dedent(
     '''
+    from typing import Any
+
     from fastapi import FastAPI
     from faststream import FastStream
     from faststream.kafka import KafkaBroker
@@ -33,11 +36,19 @@ PROBE = textwrap.dedent(
     from shared.events import SrsScored
     from shared.settings import KafkaSettings
 
+    CONSUMED = "alliance.deterioration.v1"
+
 
     def asyncapi_app() -> FastStream:
         kafka = KafkaSettings()
         broker = KafkaBroker(kafka.bootstrap)
         broker.publisher(kafka.topics().scored, schema=SrsScored, title="scored", description="scored sessions")
+
+        # Untyped, like every consumer made by shared.kafka.subscribe_batch.
+        @broker.subscriber(kafka.topics().prefix + CONSUMED, title="probe:consumed")
+        async def consume(body: Any) -> None:
+            return None
+
         return FastStream(broker)
 
 
@@ -69,15 +80,60 @@ def probe(tmp_path: Path) -> Iterator[str]:
         del sys.modules["services.probe.app"]
 
 
-def test_generated_asyncapi_is_what_faststream_docs_gen_writes(probe: str, tmp_path: Path) -> None:
-    out = tmp_path / "faststream.json"
+def faststream_docs_gen(app_dir: Path) -> dict[str, Any]:
+    """What `faststream docs gen` writes for the probe."""
+    out = app_dir / "faststream.json"
     result = CliRunner().invoke(
         faststream_cli,
-        ["docs", "gen", "probe_app:asyncapi_app", "--factory", "--out", str(out), "--app-dir", str(tmp_path)],
+        ["docs", "gen", "probe_app:asyncapi_app", "--factory", "--out", str(out), "--app-dir", str(app_dir)],
     )
     assert result.exit_code == 0, result.output
+    document: dict[str, Any] = json.loads(out.read_text())
+    return document
+
+
+def probe_asyncapi() -> dict[str, Any]:
     (doc,) = [d for d in contracts.generate(["probe"]) if d.kind == "asyncapi"]
-    assert doc.content == json.loads(out.read_text())
+    return doc.content
+
+
+def test_generated_asyncapi_is_what_faststream_docs_gen_writes_completed(probe: str, tmp_path: Path) -> None:
+    assert probe_asyncapi() == contracts.complete_asyncapi(faststream_docs_gen(tmp_path))
+
+
+def test_completion_only_adds_to_what_faststream_writes(probe: str, tmp_path: Path) -> None:
+    written = faststream_docs_gen(tmp_path)
+    completed = probe_asyncapi()
+    assert completed["channels"].keys() == written["channels"].keys()
+    assert completed["operations"] == written["operations"]
+    assert completed["servers"]["development"].items() >= written["servers"]["development"].items()
+
+
+def test_an_untyped_consumer_gets_the_payload_of_the_events_its_topic_carries(probe: str) -> None:
+    document = probe_asyncapi()
+    message = document["components"]["messages"]["probe:consumed:SubscribeMessage"]
+    assert message["payload"] == {"$ref": "#/components/schemas/AllianceDeterioration"}
+    assert "probe:consumed:Message:Payload" not in document["components"]["schemas"]
+    expected = set(AllianceDeterioration.model_json_schema()["properties"])
+    assert set(document["components"]["schemas"]["AllianceDeterioration"]["properties"]) == expected
+
+
+def test_a_consumed_topic_without_known_events_fails_generation(probe: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(contracts.TOPIC_EVENTS, "alliance.deterioration.v1")
+    with pytest.raises(ValueError, match=r"alliance\.deterioration\.v1: consumed, but .*TOPIC_EVENTS"):
+        contracts.generate(["probe"])
+
+
+def test_documents_name_the_production_cluster_with_sasl_ssl_next_to_the_local_one(probe: str) -> None:
+    document = probe_asyncapi()
+    assert set(document["servers"]) == {"development", "production"}
+    production = document["servers"]["production"]
+    assert production["protocol"] == "kafka-secure"
+    (scheme_ref,) = production["security"]
+    scheme = scheme_ref["$ref"].rsplit("/", 1)[1]
+    assert document["components"]["securitySchemes"][scheme]["type"] == "scramSha512"
+    for channel in document["channels"].values():
+        assert {"$ref": "#/servers/production"} in channel["servers"]
 
 
 def test_gen_writes_asyncapi_and_openapi_documents_that_check_accepts(probe: str, tmp_path: Path) -> None:
