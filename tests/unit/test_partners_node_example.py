@@ -9,10 +9,7 @@ worker signs it.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
 import time
 from base64 import b64encode
 from pathlib import Path
@@ -22,9 +19,9 @@ import pytest
 
 from services.alerts import signing
 from shared.topics import DETERIORATION
+from tests.support.node import run_node
 
 ROOT = Path(__file__).resolve().parents[2]
-NODE_MODULES = ROOT / "tests" / "node" / "node_modules"
 BODY = (ROOT / "tests" / "fixtures" / "events" / "v1" / "AllianceDeterioration.current.json").read_bytes()
 
 # Runs the example's `handle` over the requests given on stdin; the last line printed is its answers.
@@ -53,16 +50,10 @@ def delivery(secrets: list[str], body: bytes = BODY, delivery_id: str = "d-1",
 def run(secret: str, requests: list[dict[str, Any]], tmp_path: Path) -> tuple[list[int], str]:
     """What the example answers to `requests` (in one process, so it remembers what it handled),
     and what it printed before."""
-    node = shutil.which("node")
-    assert node is not None, "Node.js is not installed (scripts/system-deps installs it)"
-    assert (NODE_MODULES / "standardwebhooks").is_dir(), "run scripts/bootstrap (npm ci in tests/node)"
     script = tmp_path / "partner_example.js"
     script.write_text(node_example() + HARNESS)
-    env = {"PATH": os.environ.get("PATH", ""), "NODE_PATH": str(NODE_MODULES), "WEBHOOK_SECRET": secret}
-    done = subprocess.run([node, str(script)], input=json.dumps(requests), capture_output=True, text=True,
-                          env=env, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr
-    *printed, answers = done.stdout.splitlines()
+    out = run_node(script, stdin=json.dumps(requests), env={"WEBHOOK_SECRET": secret})
+    *printed, answers = out.splitlines()
     return json.loads(answers), "\n".join(printed)
 
 
