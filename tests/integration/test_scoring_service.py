@@ -339,15 +339,20 @@ async def test_metrics_count_scored_sessions_alerts_and_latency(scoring: Scoring
     t = "t-metrics"
     await publish(scoring.producer, scoring.ns.kafka().topics().submitted, [submission(t, "c", 1, 20.0)])
     await at_least(lambda: scoring.scored_of(t), 1)
-    async with httpx.AsyncClient() as http:
-        text = (await http.get(scoring.proc.url + "/metrics")).text
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for f in text_string_to_metric_families(text) for s in f.samples}
+
+    async def with_lag() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+        # Lag is measured by the runtime's monitor loop, every few seconds: wait for its first report.
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(scoring.proc.url + "/metrics")).text
+        found = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                 for f in text_string_to_metric_families(text) for s in f.samples}
+        return found if any(name == "alliance_consumer_lag_messages" for name, _ in found) else None
+
+    samples = await eventually(with_lag, timeout=20)
     assert samples[("alliance_scored_total", (("instrument", "SRS"),))] >= 1
     assert samples[("alliance_deterioration_total", (("severity", "warning"), ("trigger", "below_cutoff")))] >= 1
     assert samples[("alliance_scoring_batch_seconds_count", ())] >= 1
     assert samples[("alliance_submission_to_scored_seconds_count", ())] >= 1
-    assert any(name == "alliance_consumer_lag_messages" for name, _ in samples)
 
 T = TypeVar("T")
 
