@@ -355,7 +355,7 @@ def make_guard(settings: HttpSettings, db: AsyncDatabase[Document], service: str
     failures = Limiter(storage, f"{service}:auth-failures", settings.auth_failure_rate_per_second,
                        settings.auth_failure_burst)
     requests = Limiter(storage, f"{service}:requests", settings.read_rate_per_second,
-                       settings.read_rate_burst) if per_key else None
+                       settings.read_rate_burst, settings.rate_limit_lease) if per_key else None
     return Guard(failures, requests, settings.trusted_proxy_hops, service), storage
 
 

@@ -25,6 +25,11 @@ last units both add, see the sum over the limit, and take their units back, so t
 exceeded (under contention a request may be refused that a serial order would have admitted). A
 slot that is no longer current is read once per process, so an admitted request costs one round
 trip (an upserting `$inc`) and a check before the body is read another (a `find`).
+
+A per-key limit with a lease (`ALLIANCE_<SERVICE>_RATE_LIMIT_LEASE`, see `Limiter`) counts several
+units at once and admits from them in memory: on a busy key about one request in `lease` reaches the
+store (the rest cost nothing there), which is what kept the rate limit from doubling the store's
+load per request.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal, Protocol
 
@@ -174,6 +180,10 @@ class SlotStorage(Storage, SlidingWindowCounterSupport):
         if isinstance(self.counters, MongoCounters):
             await self.counters.ensure_indexes()
 
+    def current_slot(self, expiry: int) -> int:
+        """The number of the slot counts are added to now."""
+        return self._slot(expiry)[0]
+
     def _slot(self, expiry: int) -> tuple[int, float]:
         """The current slot number and the share of the previous slot the window still covers."""
         now = self._clock()
@@ -264,39 +274,109 @@ class SlotStorage(Storage, SlidingWindowCounterSupport):
         await self.counters.delete(f"{key}@")
 
 
-class Limiter:
-    """`burst` units per `ceil(burst / rate)` seconds per key, in `namespace` (e.g. `intake:submit`),
-    on a shared `SlotStorage`. See the module docstring for `wait`, `take` and `charge`."""
+@dataclass
+class _Held:
+    """Units this process counted in the shared store ahead of use, in one slot."""
 
-    def __init__(self, storage: SlotStorage, namespace: str, rate: float, burst: float) -> None:
+    slot: int
+    units: int
+
+
+class Limiter:
+    """`burst` units per `ceil(burst / rate)` seconds per key, in `namespace` (e.g. `intake:submissions`),
+    on a shared `SlotStorage`. See the module docstring for `wait`, `take` and `charge`.
+
+    With a `lease` above 1 a replica counts up to `lease` units in the shared store at once and
+    admits from them without a round trip until they are spent (a lease is only ever taken whole
+    when it fits under the limit, else just what the request needs). Units counted are never
+    more than the limit, so replicas still never admit more than it together; the price is that a
+    replica's unspent units count against the key until their slot ends (they are dropped when it
+    turns), so N replicas may refuse up to N x `lease` units early. The lease is capped at a
+    twentieth of the burst: small limits (the failed-authentication one) stay exact.
+    """
+
+    def __init__(self, storage: SlotStorage, namespace: str, rate: float, burst: float, lease: int = 1) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError("rate must be > 0 and burst >= 1")
         self.rate = rate
         self.burst = burst
         self.window = max(1, math.ceil(burst / rate))
         self.item = RateLimitItemPerSecond(int(burst), self.window, namespace=namespace)
+        self.lease = max(1, min(lease, int(burst) // 20))
         self.storage = storage
         self._strategy = SlidingWindowCounterRateLimiter(storage)
+        self._held: dict[str, _Held] = {}
+        self._max_held = 100_000
 
     def _cost(self, cost: float) -> int:
         return min(max(math.ceil(cost), 0), self.item.amount)
 
+    def _holding(self, key: str) -> _Held | None:
+        """This process's unspent units for `key` in the current slot (units of an ended slot are dropped)."""
+        held = self._held.get(key)
+        if held is None:
+            return None
+        if held.slot != self.storage.current_slot(self.window) or held.units <= 0:
+            del self._held[key]
+            return None
+        return held
+
+    def _hold(self, key: str, units: int, slot: int) -> None:
+        """Keep `units` counted in `slot` for later requests (dropped if that slot has ended)."""
+        if units <= 0 or slot != self.storage.current_slot(self.window):
+            return
+        held = self._held.get(key)
+        if held is not None and held.slot == slot:
+            held.units += units
+            return
+        if held is None and len(self._held) >= self._max_held:
+            for old in list(self._held)[: self._max_held // 2]:
+                del self._held[old]
+        self._held[key] = _Held(slot, units)
+
     async def take(self, key: str, cost: float = 1.0) -> float:
         """0.0 when admitted (`cost` spent), else the seconds until `cost` would be."""
         units = self._cost(cost)
-        if units == 0 or await self._strategy.hit(self.item, key, cost=units):
+        if units == 0:
             return 0.0
+        held = self._holding(key)
+        if held is not None and held.units >= units:
+            held.units -= units
+            return 0.0
+        # Claim what is held before the round trip (another request of this process may run
+        # meanwhile), and put it back if the store refuses the rest.
+        have, have_slot = (held.units, held.slot) if held is not None else (0, 0)
+        if held is not None:
+            held.units = 0
+        need = units - have
+        # A whole lease when it fits, else exactly what this request lacks.
+        for ask in dict.fromkeys((min(max(need, self.lease), self.item.amount), need)):
+            slot = self.storage.current_slot(self.window)
+            if await self._strategy.hit(self.item, key, cost=ask):
+                self._hold(key, ask - need, slot)
+                return 0.0
+        self._hold(key, have, have_slot)
         return max(await self._seconds_until(key, units), 1e-3)
 
     async def wait(self, key: str) -> float:
         """0.0 when one unit would be admitted now, else the seconds until it would; spends nothing.
-        (The strategy's `test` with the same arithmetic, from one read of the window.)"""
+        (The strategy's `test` with the same arithmetic, from one read of the window; no read at
+        all while this process holds units of the key.)"""
+        if self._holding(key) is not None:
+            return 0.0
         wait = await self._seconds_until(key, 1)
         return 0.0 if wait <= 0 else max(wait, 1e-3)
 
     async def charge(self, key: str, cost: float) -> None:
-        """Spend `cost` (capped at the burst) even when over the limit, down to a debt of one burst."""
-        if (units := self._cost(cost)) > 0:
+        """Spend `cost` (capped at the burst) even when over the limit, down to a debt of one burst;
+        units this process holds are spent first (they are counted already)."""
+        units = self._cost(cost)
+        held = self._holding(key)
+        if held is not None:
+            spent = min(held.units, units)
+            held.units -= spent
+            units -= spent
+        if units > 0:
             await self.storage.force(self.item.key_for(key), self.item.amount, self.window, units)
 
     async def _seconds_until(self, key: str, cost: int) -> float:

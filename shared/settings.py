@@ -82,6 +82,10 @@ class HttpSettings(BaseSettings):
     # Where rate-limit counters live (`shared.ratelimit`): `mongodb` (the `rate_limits` collection,
     # shared by every replica, so N replicas do not multiply a limit) or `memory` (this process only).
     rate_limit_backend: Literal["mongodb", "memory"] = "mongodb"
+    # Units of a per-key limit (reads on alerts and reporting, submissions on intake) a replica
+    # counts in the shared store at once and then admits from without a store round trip, at most
+    # a twentieth of the burst (`shared.ratelimit.Limiter`). 1 = one round trip per request.
+    rate_limit_lease: int = Field(default=10, ge=1)
     # Failed authentications (a missing, unknown or revoked key) per peer: `auth_failure_burst` at once,
     # then `auth_failure_rate_per_second`; past it the peer gets 429 with Retry-After without its key
     # being looked up. A key already known (cached) from that peer still passes.

@@ -78,7 +78,7 @@ def build(config: IntakeConfig | None = None) -> IntakeService:
         keys=KeyStore(db, ttl_seconds=config.intake.key_cache_seconds,
                       max_entries=config.intake.key_cache_entries),
         publisher=SubmissionPublisher(runtime, publisher.publish, config.publish_timeout),
-        limiter=submission_limiter(config.intake, limits),
+        limiter=submission_limiter(config.intake, limits, config.http.rate_limit_lease),
         guard=guard,
     )
     app = service_api(runtime, title=TITLE, description=DESCRIPTION)

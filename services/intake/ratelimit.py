@@ -27,6 +27,6 @@ from shared.ratelimit import Limiter, SlotStorage, retry_after_header
 __all__ = ["Limiter", "retry_after_header", "submission_limiter"]
 
 
-def submission_limiter(settings: IntakeSettings, storage: SlotStorage) -> Limiter:
-    """The per-key submissions limit from intake's settings."""
-    return Limiter(storage, "intake:submissions", settings.rate_per_second, settings.rate_burst)
+def submission_limiter(settings: IntakeSettings, storage: SlotStorage, lease: int = 1) -> Limiter:
+    """The per-key submissions limit from intake's settings (`lease`: `ALLIANCE_INTAKE_RATE_LIMIT_LEASE`)."""
+    return Limiter(storage, "intake:submissions", settings.rate_per_second, settings.rate_burst, lease)

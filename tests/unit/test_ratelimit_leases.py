@@ -1,0 +1,126 @@
+"""Leases: a replica counts several units of a per-key limit in the shared store at once and admits
+from them without a round trip (`shared.ratelimit.Limiter(lease=...)`). Replicas sharing the store
+must still never admit more than the limit together."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared.ratelimit import Limiter, MemoryCounters, SlotStorage
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0  # the start of a slot for every window size used here
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class CountedCounters(MemoryCounters):
+    """In-process counters that count the round trips a store would have answered."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.trips = 0
+
+    async def counts(self, names: Sequence[str]) -> dict[str, int]:
+        self.trips += 1
+        return await super().counts(names)
+
+    async def add(self, name: str, amount: int, expires_at: float) -> int:
+        self.trips += 1
+        return await super().add(name, amount, expires_at)
+
+
+def replica(counters: CountedCounters, clock: Clock, burst: float = 200, lease: int = 10) -> Limiter:
+    """One replica's limiter (its own process memory) over the store all replicas share."""
+    return Limiter(SlotStorage(counters, clock), "test", rate=burst / 4, burst=burst, lease=lease)
+
+
+async def test_a_lease_admits_that_many_requests_for_one_store_add() -> None:
+    clock = Clock()
+    store = CountedCounters(clock)
+    lim = replica(store, clock)
+    await lim.take("k")
+    trips = store.trips
+    assert [await lim.take("k") for _ in range(9)] == [0.0] * 9
+    assert store.trips == trips  # the other nine came out of the lease
+    await lim.take("k")
+    assert store.trips > trips  # the eleventh needed a new one
+
+
+async def test_waiting_before_the_body_reads_nothing_while_units_are_held() -> None:
+    clock = Clock()
+    store = CountedCounters(clock)
+    lim = replica(store, clock)
+    await lim.take("k")
+    trips = store.trips
+    assert await lim.wait("k") == 0.0
+    assert store.trips == trips
+
+
+async def test_one_replica_alone_still_gets_the_whole_burst() -> None:
+    # The last requests take exactly what they lack when a whole lease no longer fits.
+    clock = Clock()
+    lim = replica(CountedCounters(clock), clock, burst=205, lease=10)
+    assert [await lim.take("k", 3) for _ in range(68)] == [0.0] * 68  # 204 units
+    assert await lim.take("k") == 0.0
+    assert await lim.take("k") > 0
+
+
+async def test_units_held_from_an_ended_slot_are_not_spent() -> None:
+    clock = Clock()
+    store = CountedCounters(clock)
+    lim = replica(store, clock)
+    await lim.take("k")
+    clock.now += 4.0  # the next slot (a window of 200 / 50 = 4 s)
+    trips = store.trips
+    await lim.take("k")
+    assert store.trips > trips
+
+
+async def test_charged_work_spends_held_units_first() -> None:
+    clock = Clock()
+    store = CountedCounters(clock)
+    lim = replica(store, clock)
+    await lim.take("k")  # 9 held
+    trips = store.trips
+    await lim.charge("k", 9)
+    assert store.trips == trips
+    await lim.take("k")
+    assert store.trips > trips  # nothing was left
+
+
+async def test_the_lease_is_at_most_a_twentieth_of_the_burst() -> None:
+    clock = Clock()
+    assert replica(CountedCounters(clock), clock, burst=10, lease=10).lease == 1  # failed authentications
+    assert replica(CountedCounters(clock), clock, burst=2000, lease=10).lease == 10
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(1, 12)), min_size=1, max_size=120),
+       st.integers(1, 40))
+async def test_replicas_with_leases_never_admit_more_than_the_limit_together(
+        requests: list[tuple[int, int]], lease: int) -> None:
+    clock = Clock()
+    store = CountedCounters(clock)
+    replicas = [replica(store, clock, burst=100, lease=lease) for _ in range(3)]
+    admitted = 0
+    for which, cost in requests:  # all in one slot: nothing frees up
+        if await replicas[which].take("k", cost) == 0.0:
+            admitted += cost
+    assert admitted <= 100
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 12), min_size=1, max_size=60))
+async def test_a_lease_changes_no_answer_of_a_single_replica_within_a_slot(costs: list[int]) -> None:
+    clock = Clock()
+    exact = replica(CountedCounters(clock), clock, burst=100, lease=1)
+    leased = replica(CountedCounters(clock), clock, burst=100, lease=5)
+    for cost in costs:
+        assert (await exact.take("k", cost) == 0.0) == (await leased.take("k", cost) == 0.0)
