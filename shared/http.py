@@ -522,16 +522,6 @@ MONITOR_INTERVAL_SECONDS = 5.0
 DEPENDENCIES = ("kafka", "mongodb")
 
 
-def record_readiness(service: str, checks: dict[str, bool]) -> bool:
-    """Set `alliance_ready` and `alliance_dependency_up` from a readiness check; True when ready."""
-    ok = all(checks.values())
-    READY.labels(service).set(1 if ok else 0)
-    for dependency in DEPENDENCIES:
-        if dependency in checks:
-            DEPENDENCY_UP.labels(service, dependency).set(1 if checks[dependency] else 0)
-    return ok
-
-
 @dataclass
 class Runtime:
     """What a service runs: its broker, its store client, start-up steps and background tasks.
@@ -561,6 +551,9 @@ class Runtime:
     started: bool = False
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _store_tasks_started: bool = False
+    # True while start-up is failing at the broker connection (not at an on_start step): until the
+    # broker first connects, `kafka` is known to be down only then.
+    _broker_refused: bool = False
 
     async def _start(self) -> None:
         delay = 0.5
@@ -574,7 +567,9 @@ class Runtime:
                     for job in self.store_tasks:
                         self._tasks.append(asyncio.create_task(job(), name=f"{self.name}-{job.__name__}"))
                 if self.broker is not None:
+                    self._broker_refused = True
                     await self.broker.start()
+                    self._broker_refused = False
                 break
             except asyncio.CancelledError:
                 raise
@@ -601,10 +596,24 @@ class Runtime:
             checks["mongodb"] = await ping(self.mongo)
         return checks
 
+    def record(self, checks: dict[str, bool]) -> bool:
+        """Set `alliance_ready` and `alliance_dependency_up` from a readiness check; True when ready.
+
+        Before the broker first connects, `kafka` is reported only while its connection is what
+        start-up fails at: a start-up step failing on the store says nothing about the broker."""
+        ok = all(checks.values())
+        READY.labels(self.name).set(1 if ok else 0)
+        for dependency in DEPENDENCIES:
+            unknown = dependency == "kafka" and not self.started and not self._broker_refused
+            if dependency not in checks or unknown:
+                continue
+            DEPENDENCY_UP.labels(self.name, dependency).set(1 if checks[dependency] else 0)
+        return ok
+
     async def refresh(self) -> dict[str, bool]:
         """Check the dependencies, record readiness and (when the broker answers) consumer lag."""
         checks = await self.ready()
-        record_readiness(self.name, checks)
+        self.record(checks)
         if self.broker is not None and checks.get("kafka"):
             await measure_lag(self.name, self.broker, timeout_seconds=max(1.0, self.monitor_interval_seconds))
         return checks
@@ -664,7 +673,7 @@ def service_api(runtime: Runtime, *, title: str, version: str = "1.0.0", descrip
     @app.get("/readyz", tags=["ops"], summary="Broker and store answer", responses={503: {"description": "not ready"}})
     async def readyz() -> JSONResponse:
         checks = await runtime.ready()
-        ok = record_readiness(runtime.name, checks)
+        ok = runtime.record(checks)
         body = {"status": "ready" if ok else "not ready", "checks": checks}
         return JSONResponse(body, status_code=200 if ok else 503)
 

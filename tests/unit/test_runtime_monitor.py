@@ -7,6 +7,7 @@ batches keep failing, is tests/integration/test_consumer_lag_monitor.py).
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,52 @@ async def test_readiness_follows_the_store_without_anyone_calling_readyz() -> No
         runtime.store_answers = True
         await eventually(lambda: ready_is(1))
         assert gauge(DEPENDENCY_UP, service="monitor-ready-test", dependency="mongodb") == 1
+
+
+@dataclass
+class StartingBroker:
+    """What the runtime uses of a broker: start (refused while `refuses`), stop, ping, subscribers."""
+
+    refuses: bool
+    subscribers: list[Any] = field(default_factory=list)
+
+    async def start(self) -> None:
+        if self.refuses:
+            raise ConnectionError("no broker answers")
+
+    async def stop(self) -> None:
+        return None
+
+    async def ping(self, timeout: float) -> bool:
+        return not self.refuses
+
+
+async def test_a_broker_refusing_the_start_up_is_reported_down() -> None:
+    runtime = Runtime("monitor-broker-test", broker=StartingBroker(refuses=True),  # type: ignore[arg-type]
+                      monitor_interval_seconds=0.05)
+
+    async def kafka_down() -> bool:
+        return gauge(DEPENDENCY_UP, service="monitor-broker-test", dependency="kafka") == 0
+
+    async with runtime.lifespan(FastAPI()):
+        await eventually(kafka_down)
+        assert gauge(READY, service="monitor-broker-test") == 0
+
+
+async def test_a_start_up_step_failing_on_the_store_says_nothing_about_the_broker() -> None:
+    async def store_step() -> None:
+        raise ConnectionError("the store is away")
+
+    runtime = Runtime("monitor-steps-test", broker=StartingBroker(refuses=False),  # type: ignore[arg-type]
+                      on_start=[store_step], monitor_interval_seconds=0.05)
+
+    async def not_ready() -> bool:
+        return gauge(READY, service="monitor-steps-test") == 0
+
+    async with runtime.lifespan(FastAPI()):
+        await eventually(not_ready)
+        await asyncio.sleep(0.3)  # several more checks
+        assert gauge(DEPENDENCY_UP, service="monitor-steps-test", dependency="kafka") is None
 
 
 @dataclass
