@@ -42,7 +42,7 @@ async def failing_consumer(ns: Namespace, group: str) -> AsyncIterator[str]:
                     settings=kafka)
     runtime = Runtime(SERVICE, broker=broker, monitor_interval_seconds=0.2)
     async with runtime.lifespan(FastAPI()):
-        await eventually(lambda: _started(runtime))
+        await eventually(lambda: _started(runtime), timeout=45)
         yield topic
 
 
@@ -76,6 +76,6 @@ async def test_the_lag_of_a_consumer_whose_batches_keep_failing_grows_as_records
         async def lag_is(expected: int) -> bool:
             return lag(topic, 0) == expected
 
-        await eventually(lambda: lag_is(5), timeout=20)
+        await eventually(lambda: lag_is(5), timeout=45)
         await produce(namespace.stack.bootstrap, topic, 7)
-        await eventually(lambda: lag_is(12), timeout=20)
+        await eventually(lambda: lag_is(12), timeout=45)
