@@ -82,7 +82,25 @@ class SrsSubmitted(Event, SubmissionIdentity):
     accepted_at: datetime
 
 
-Severity = Literal["warning", "critical"]
+class Flag(StrEnum):
+    """A rule that holds for a scored session (`SrsScored.flags`; the alert triggers are among
+    them). Declared in the canonical order flags are listed in, so equal inputs give byte-equal
+    events. `flags` and `triggers` stay lists of strings on the wire: new flags may appear within
+    v1, and a reader treats a value it does not know as "something else" (docs/events.md)."""
+
+    BELOW_CUTOFF = "below_cutoff"
+    DROP_FROM_PREVIOUS = "drop_from_previous"
+    LOW_NOT_IMPROVING = "low_not_improving"
+    ITEM_BELOW_THRESHOLD = "item_below_threshold"  # informational: not an alert trigger by default
+
+
+class Severity(StrEnum):
+    """How urgent an alert is (the rule: docs/clinical-records.md, "Severity")."""
+
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
 Operator = Literal["<", "<="]
 
 
@@ -140,9 +158,41 @@ class AllianceDeterioration(Event, SubmissionIdentity):
     low_items: list[str] = Field(default_factory=list)
 
 
-AlertStatus = Literal["acknowledged", "escalated", "delivered", "failed", "superseded", "withdrawn"]
-# Decided by scoring (the alert's lifecycle); the others are what alerts did with it.
-LIFECYCLE_STATUSES: frozenset[str] = frozenset({"superseded", "withdrawn"})
+class AlertStatus(StrEnum):
+    """What happened to an alert (`AlertStatusChanged.status`)."""
+
+    # What alerts did with it.
+    ACKNOWLEDGED = "acknowledged"
+    ESCALATED = "escalated"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    # Decided by scoring: the alert's lifecycle ended (see `Lifecycle`).
+    SUPERSEDED = "superseded"
+    WITHDRAWN = "withdrawn"
+
+
+# The statuses scoring decides (the alert's lifecycle); the others are what alerts did with it.
+LIFECYCLE_STATUSES: frozenset[AlertStatus] = frozenset({AlertStatus.SUPERSEDED, AlertStatus.WITHDRAWN})
+
+
+class Lifecycle(StrEnum):
+    """Where scoring has an alert: raised (by an `AllianceDeterioration` revision), then ended by a
+    `superseded` or `withdrawn` status. Declared in rank order: at one revision a later member
+    wins over an earlier one (docs/clinical-records.md, "The alert lifecycle")."""
+
+    RAISED = "raised"
+    SUPERSEDED = "superseded"
+    WITHDRAWN = "withdrawn"
+
+
+class AlertState(StrEnum):
+    """An alert's `status` as the alerts and reporting APIs show it: an ended alert says so (its
+    lifecycle), a raised one is `acknowledged` once a clinician acknowledged it, else `open`."""
+
+    OPEN = "open"
+    ACKNOWLEDGED = "acknowledged"
+    SUPERSEDED = "superseded"
+    WITHDRAWN = "withdrawn"
 
 
 class AlertStatusChanged(Event):

@@ -19,8 +19,10 @@ from aiokafka import AIOKafkaProducer
 
 from shared.events import (
     ITEM_NAMES,
+    AlertStatus,
     AlertStatusChanged,
     AllianceDeterioration,
+    Flag,
     Instrument,
     Items,
     Severity,
@@ -36,7 +38,7 @@ CUTOFF = 36.0
 BASE = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 
 
-TRIGGERS = ("below_cutoff", "drop_from_previous", "low_not_improving")
+TRIGGERS = (Flag.BELOW_CUTOFF, Flag.DROP_FROM_PREVIOUS, Flag.LOW_NOT_IMPROVING)
 LOW_ITEM = 9.0
 
 
@@ -61,20 +63,20 @@ def scored(tenant_id: str, client_id: str, session_number: int, total: float, *,
     if flags is None:
         flags = []
         if total < cutoff:
-            flags.append("below_cutoff")
+            flags.append(Flag.BELOW_CUTOFF)
         if change is not None and change <= -1.0:
-            flags.append("drop_from_previous")
+            flags.append(Flag.DROP_FROM_PREVIOUS)
         if previous_total is not None and total < cutoff and previous_total < cutoff and (change or 0) <= 0:
-            flags.append("low_not_improving")
+            flags.append(Flag.LOW_NOT_IMPROVING)
     low_items = [n for n, v in zip(ITEM_NAMES, items.values(), strict=True) if v < LOW_ITEM] if items else []
-    if low_items and "item_below_threshold" not in flags:
-        flags = [*flags, "item_below_threshold"]
+    if low_items and Flag.ITEM_BELOW_THRESHOLD not in flags:
+        flags = [*flags, Flag.ITEM_BELOW_THRESHOLD]
     triggers = [f for f in flags if f in TRIGGERS]
     if severity is None and triggers:
-        critical = (("below_cutoff" in triggers and "drop_from_previous" in triggers)
+        critical = ((Flag.BELOW_CUTOFF in triggers and Flag.DROP_FROM_PREVIOUS in triggers)
                     or (change is not None and change <= -3.0)
-                    or ("low_not_improving" in triggers and previously_low_not_improving))
-        severity = "critical" if critical else "warning"
+                    or (Flag.LOW_NOT_IMPROVING in triggers and previously_low_not_improving))
+        severity = Severity.CRITICAL if critical else Severity.WARNING
     return SrsScored(
         event_id=scored_event_id(tenant_id, sid, revision), tenant_id=tenant_id, occurred_at=scored_at or accepted,
         submission_id=sid, site_id=site_id, clinician_id=clinician_id, client_id=client_id, episode_id=episode_id,
@@ -144,8 +146,8 @@ def deterioration_for(event: SrsScored) -> AllianceDeterioration | None:
         accepted_at=event.accepted_at, revision=event.revision, low_items=list(event.low_items))
 
 
-def lifecycle(alert: AllianceDeterioration, status: Literal["superseded", "withdrawn"], revision: int | None = None,
-              at: datetime | None = None) -> AlertStatusChanged:
+def lifecycle(alert: AllianceDeterioration, status: Literal[AlertStatus.SUPERSEDED, AlertStatus.WITHDRAWN],
+              revision: int | None = None, at: datetime | None = None) -> AlertStatusChanged:
     """Scoring's `superseded` or `withdrawn` status of `alert` (ending `revision`, default the alert's)."""
     rev = revision or alert.revision
     return AlertStatusChanged(
@@ -187,7 +189,7 @@ def client_stream(tenant_id: str, client_id: str, site_id: str, clinician_id: st
                        episode_id=episode, episode_derived=True, administered_at=start + timedelta(days=7 * (n - 1)),
                        previously_low_not_improving=was_low_not_improving)
         out.append(event)
-        was_low_not_improving = "low_not_improving" in event.flags
+        was_low_not_improving = Flag.LOW_NOT_IMPROVING in event.flags
         previous = total
     return out
 
@@ -211,14 +213,14 @@ def demo_events(spec: DemoSpec = DemoSpec()) -> Iterator[SrsScored | AllianceDet
                                                rng.randint(3, spec.sessions), rng, instrument, start):
                         yield event
                         if open_alert is not None:
-                            yield lifecycle(open_alert, "superseded", at=event.scored_at)
+                            yield lifecycle(open_alert, AlertStatus.SUPERSEDED, at=event.scored_at)
                             open_alert = None
                         alert = deterioration_for(event)
                         if alert is not None:
                             yield alert
                             open_alert = alert
                     if open_alert is not None and start != starts[-1]:
-                        yield lifecycle(open_alert, "superseded")
+                        yield lifecycle(open_alert, AlertStatus.SUPERSEDED)
 
 
 def topic_of(event: SrsScored | AllianceDeterioration | AlertStatusChanged, topics: Topics) -> str:
@@ -259,4 +261,4 @@ def acknowledgement(alert: AllianceDeterioration, at: datetime | None = None) ->
     """The status event alerts publishes when a clinician acknowledges `alert`."""
     return AlertStatusChanged(event_id=derive("demo-ack", alert.alert_id), tenant_id=alert.tenant_id,
                               occurred_at=at or alert.occurred_at + timedelta(hours=2), alert_id=alert.alert_id,
-                              site_id=alert.site_id, clinician_id=alert.clinician_id, status="acknowledged")
+                              site_id=alert.site_id, clinician_id=alert.clinician_id, status=AlertStatus.ACKNOWLEDGED)

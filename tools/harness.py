@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import BaseModel
 
 from shared import ids
-from shared.events import AlertStatusChanged, AllianceDeterioration, SrsScored
+from shared.events import AlertStatusChanged, AllianceDeterioration, Flag, Severity, SrsScored
 
 
 @dataclass
@@ -223,8 +223,8 @@ def deterioration(tenant_id: str, clinician_id: str, client_id: str, submission_
         event_id=ids.alert_event_id(alert, 1), tenant_id=tenant_id, occurred_at=now, submission_id=sid,
         site_id=site_id, clinician_id=clinician_id, client_id=client_id, episode_id=episode,
         session_number=session_number, administered_at=now, alert_id=alert,
-        triggers=["below_cutoff", "drop_from_previous"], severity="warning", total=31.2, previous_total=36.5,
-        change_from_previous=-5.3, cutoff=36.0, accepted_at=accepted_at or now)
+        triggers=[Flag.BELOW_CUTOFF, Flag.DROP_FROM_PREVIOUS], severity=Severity.WARNING, total=31.2,
+        previous_total=36.5, change_from_previous=-5.3, cutoff=36.0, accepted_at=accepted_at or now)
 
 
 def revised(alert: AllianceDeterioration, revision: int, **changes: Any) -> AllianceDeterioration:

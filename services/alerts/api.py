@@ -25,7 +25,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Res
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.alerts import signing
-from services.alerts.rules import SUBSCRIBABLE, ApiStatus, Clinician, Outcome, url_problem
+from services.alerts.rules import SUBSCRIBABLE, Clinician, Outcome, url_problem
 from services.alerts.secretbox import SecretBox, subscription_row, tenant_row
 from services.alerts.service import AlertsCommands, Invalid, NotFound, NotPublished, SiteForbidden
 from services.alerts.settings import AlertsSettings
@@ -33,6 +33,7 @@ from services.alerts.store import AlertsStore
 from services.alerts.targets import Resolver, system_resolve, target_problem
 from shared.audit import Auditor, note
 from shared.auth import KeyStore, Principal, forbid_site, require
+from shared.events import AlertState, Severity
 from shared.http import error_body, error_response
 from shared.kafka import Publisher
 from shared.topics import Topics
@@ -149,7 +150,7 @@ class AlertOut(BaseModel):
     instrument: str | None = None
     episode_id: str | None = None
     session_number: int | None = None
-    severity: str | None = None
+    severity: Severity | None = None
     triggers: list[str] = Field(default_factory=list)
     low_items: list[str] = Field(default_factory=list, description="items below their threshold, e.g. goals")
     total: float | None = None
@@ -158,7 +159,7 @@ class AlertOut(BaseModel):
     cutoff: float | None = None
     occurred_at: datetime | None = None
     created_at: datetime
-    status: ApiStatus
+    status: AlertState
     revision: int = Field(default=1, description="the revision the status is about (scoring's numbering)")
     acknowledged_at: datetime | None = None
     escalated: bool
@@ -342,7 +343,7 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
     @r.get("/alerts", tags=["alerts"], response_model=list[AlertOut])
     async def list_alerts(p: Principal = audited("alerts.list", read_key),
                           clinician_id: Annotated[str | None, Query(pattern=CLINICIAN_ID_PATTERN)] = None,
-                          status: ApiStatus | None = None,
+                          status: AlertState | None = None,
                           limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[AlertOut]:
         """Alerts, newest first (a site-bound key sees its site only)."""
         return [_alert(d) for d in await store.list_alerts(p.tenant_id, p.site_id, clinician_id, status, limit)]

@@ -22,7 +22,7 @@ from services.alerts.handlers import delivery_doc, status_record
 from services.alerts.rules import due_for_escalation_filter, route_escalation, status_changed
 from services.alerts.settings import AlertsSettings
 from services.alerts.store import AlertsStore
-from shared.events import AllianceDeterioration
+from shared.events import AlertStatus, AllianceDeterioration
 from shared.kafka import Publisher
 from shared.mongo import Document
 from shared.topics import Topics
@@ -82,8 +82,8 @@ class Escalator:
             planned = route_escalation(alert, supervisor, self._email)
             docs.extend(delivery_doc(p, a["event"], now, a.get("correlation_id"), None, now) for p in planned)
             if planned:
-                event = status_changed(a["tenant_id"], a["_id"], a["site_id"], a["clinician_id"], "escalated", now,
-                                       a.get("client_id"))
+                event = status_changed(a["tenant_id"], a["_id"], a["site_id"], a["clinician_id"],
+                                       AlertStatus.ESCALATED, now, a.get("client_id"))
                 records.append(status_record(event, a["client_id"], self._topics, a.get("correlation_id")))
             # Marked either way, so an alert without a reachable supervisor is not looked at again.
             outcomes.append((a["_id"], supervisor.clinician_id if planned and supervisor is not None else None))

@@ -28,8 +28,6 @@ from typing import Any, Protocol, TypeVar
 from pydantic import BaseModel
 
 from services.alerts.rules import (
-    RAISED,
-    SUPERSEDED,
     Clinician,
     PlannedDelivery,
     Subscription,
@@ -41,9 +39,11 @@ from services.alerts.rules import partner_deliveries as plan_partners
 from services.alerts.store import EPOCH
 from shared.events import (
     LIFECYCLE_STATUSES,
+    AlertStatus,
     AlertStatusChanged,
     AllianceDeterioration,
     DeadLetterReason,
+    Lifecycle,
     SrsScored,
 )
 from shared.ids import partition_key
@@ -162,8 +162,8 @@ class Handlers:
             docs: list[Document] = []
             for d in decoded:
                 ev = d.event
-                if current.get(ev.alert_id) not in (lifecycle_order(RAISED, ev.revision),
-                                                    lifecycle_order(SUPERSEDED, ev.revision)):
+                if current.get(ev.alert_id) not in (lifecycle_order(Lifecycle.RAISED, ev.revision),
+                                                    lifecycle_order(Lifecycle.SUPERSEDED, ev.revision)):
                     log.info("revision %d of an alert is already withdrawn or revised: not sent",
                              ev.revision, extra={"alert_id": ev.alert_id})
                     continue
@@ -212,7 +212,7 @@ class Handlers:
                                                for ev in events if ev.event_id in ends])
             current = await self._store.lifecycle_orders(ev.alert_id for ev in events if ev.event_id in ends)
             clinicians = await self._store.clinicians_for((ev.tenant_id, ev.clinician_id) for ev in events
-                                                          if ev.status == "withdrawn")
+                                                          if ev.status == AlertStatus.WITHDRAWN)
             subscriptions = await self._store.subscriptions_for((ev.tenant_id for ev in events), ALERT_STATUS)
             docs: list[Document] = []
             for d in decoded:

@@ -16,7 +16,14 @@ from typing import Literal
 from urllib.parse import urlencode, urlsplit
 
 from shared import ids
-from shared.events import LIFECYCLE_STATUSES, AlertStatusChanged, AllianceDeterioration
+from shared.events import (
+    LIFECYCLE_STATUSES,
+    AlertState,
+    AlertStatus,
+    AlertStatusChanged,
+    AllianceDeterioration,
+    Lifecycle,
+)
 from shared.topics import ALERT_STATUS, DETERIORATION, SCORED
 
 Channel = Literal["webhook", "email"]
@@ -36,13 +43,10 @@ SUBSCRIBABLE: tuple[str, ...] = (DETERIORATION, SCORED, ALERT_STATUS)
 # raised < superseded < withdrawn and keeping the greatest gives the same final state whatever the
 # arrival order, so no consumer ever has to wait for "the previous" event.
 
-RAISED = "raised"
-SUPERSEDED = "superseded"
-LifecycleStatus = Literal["open", "superseded", "withdrawn"]
-_RANK: dict[str, int] = {RAISED: 0, "open": 0, "superseded": 1, "withdrawn": 2}
-_BY_RANK: tuple[LifecycleStatus, ...] = ("open", "superseded", "withdrawn")
+# `Lifecycle` is declared in rank order; `open` is what the API calls a raised alert.
+_RANK: dict[str, int] = {**{status: rank for rank, status in enumerate(Lifecycle)}, AlertState.OPEN: 0}
+_BY_RANK: tuple[AlertState, ...] = (AlertState.OPEN, AlertState.SUPERSEDED, AlertState.WITHDRAWN)
 _MAX_REVISION = 10**8 - 1  # lifecycle_order() spends 8 digits on it
-ApiStatus = Literal["open", "acknowledged", "superseded", "withdrawn"]
 
 
 def lifecycle_key(status: str, revision: int) -> tuple[int, int]:
@@ -64,7 +68,7 @@ def lifecycle_order(status: str, revision: int) -> str:
     return f"{revision:08d}{rank}"
 
 
-def lifecycle_status(order: str) -> LifecycleStatus:
+def lifecycle_status(order: str) -> AlertState:
     """The status a stored `lifecycle_order` string stands for."""
     return _BY_RANK[int(order[-1])]
 
@@ -74,7 +78,7 @@ def event_lifecycle_key(event: AllianceDeterioration | AlertStatusChanged) -> tu
     alerts itself reports: acknowledged, escalated, ...; or a lifecycle status naming no revision,
     which the contract does not allow and the consumer dead-letters)."""
     if isinstance(event, AllianceDeterioration):
-        return lifecycle_key(RAISED, event.revision)
+        return lifecycle_key(Lifecycle.RAISED, event.revision)
     if event.status in LIFECYCLE_STATUSES and event.revision is not None:
         return lifecycle_key(event.status, event.revision)
     return None
@@ -92,14 +96,14 @@ def merge_lifecycle(events: Iterable[AllianceDeterioration | AlertStatusChanged]
     return {alert: _BY_RANK[key[1]] for alert, key in best.items()}
 
 
-def api_status(lifecycle: str, acknowledged: bool) -> ApiStatus:
+def api_status(lifecycle: str, acknowledged: bool) -> AlertState:
     """What the API shows: an ended alert (superseded, withdrawn) says so, whether or not it was
     acknowledged; a raised one is acknowledged once a clinician acknowledged any of its revisions."""
-    if lifecycle == "superseded":
-        return "superseded"
-    if lifecycle == "withdrawn":
-        return "withdrawn"
-    return "acknowledged" if acknowledged else "open"
+    if lifecycle == Lifecycle.SUPERSEDED:
+        return AlertState.SUPERSEDED
+    if lifecycle == Lifecycle.WITHDRAWN:
+        return AlertState.WITHDRAWN
+    return AlertState.ACKNOWLEDGED if acknowledged else AlertState.OPEN
 
 
 @dataclass(frozen=True)
@@ -215,7 +219,7 @@ def route_status(event: AlertStatusChanged, clinician: Clinician | None, subscri
 
     The caller drops lifecycle events that are already stale (see the handlers)."""
     people: list[PlannedDelivery] = []
-    if event.status == "withdrawn":
+    if event.status == AlertStatus.WITHDRAWN:
         if clinician is not None and clinician.clinician_id != event.clinician_id:
             clinician = None
         people = person_deliveries("withdrawal", "clinician", clinician, email_enabled, tenant_id=event.tenant_id,
@@ -495,7 +499,8 @@ def due_for_escalation_filter(now_epoch: float, default_seconds: float,
 
 
 def status_changed(tenant_id: str, alert_id: str, site_id: str, clinician_id: str,
-                   status: Literal["acknowledged", "escalated", "delivered", "failed"],
+                   status: Literal[AlertStatus.ACKNOWLEDGED, AlertStatus.ESCALATED, AlertStatus.DELIVERED,
+                                   AlertStatus.FAILED],
                    occurred_at: datetime, client_id: str | None = None) -> AlertStatusChanged:
     """The event telling reporting what happened to an alert; its id is stable per (alert, status).
 

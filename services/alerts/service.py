@@ -18,6 +18,7 @@ from services.alerts.rules import Clinician, status_changed
 from services.alerts.store import utcnow
 from services.alerts.targets import Resolver, system_resolve, target_problem
 from shared.auth import Principal
+from shared.events import AlertStatus
 from shared.mongo import Document
 from shared.topics import Topics
 
@@ -118,7 +119,7 @@ class AlertsCommands:
         doc = await self.store.acknowledge(p.tenant_id, alert_id, p.key_id) or doc
         if doc.get("acknowledged_at") is None:
             return doc
-        event = status_changed(p.tenant_id, alert_id, doc["site_id"], doc["clinician_id"], "acknowledged",
+        event = status_changed(p.tenant_id, alert_id, doc["site_id"], doc["clinician_id"], AlertStatus.ACKNOWLEDGED,
                                doc.get("acknowledged_at") or utcnow(), doc.get("client_id"))
         try:
             await self.publisher.publish_all([status_record(event, doc["client_id"], self.topics,

@@ -30,8 +30,9 @@ from typing import Any, Literal
 from pymongo import ASCENDING, DESCENDING, InsertOne, ReturnDocument, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 
-from services.alerts.rules import RAISED, Clinician, Subscription, lifecycle_order
+from services.alerts.rules import Clinician, Subscription, lifecycle_order
 from services.alerts.secretbox import Row, subscription_row, tenant_row
+from shared.events import AlertState, Lifecycle
 from shared.mongo import Document, bulk_write, guarded_upserts
 
 CLINICIANS = "clinicians"
@@ -275,7 +276,7 @@ class AlertsStore:
         now = utcnow()
         ops: list[UpdateOne] = []
         for revision, content in raises:
-            key = lifecycle_order(RAISED, revision)
+            key = lifecycle_order(Lifecycle.RAISED, revision)
             alert_id = content["_id"]
             born = {"created_at": now, "escalated": False}
             fields = {k: v for k, v in content.items() if k != "_id"}
@@ -283,14 +284,15 @@ class AlertsStore:
                                  {"$set": {**fields, "crev": revision, "content_at": now},
                                   # Open already, as the lifecycle upsert after it will make it:
                                   # a reader between the two must see a whole alert.
-                                  "$setOnInsert": {**born, "lkey": "", "acknowledged_at": None, "status": "open",
-                                                   "lifecycle": RAISED, "revision": revision}}, upsert=True))
-            lifecycle = {"lkey": key, "lifecycle": RAISED, "revision": revision, "lifecycle_at": now}
+                                  "$setOnInsert": {**born, "lkey": "", "acknowledged_at": None,
+                                                   "status": AlertState.OPEN, "lifecycle": Lifecycle.RAISED,
+                                                   "revision": revision}}, upsert=True))
+            lifecycle = {"lkey": key, "lifecycle": Lifecycle.RAISED, "revision": revision, "lifecycle_at": now}
             ops.append(UpdateOne({"_id": alert_id, "lkey": _below(key), "acknowledged_at": None},
-                                 {"$set": {**lifecycle, "status": "open"},
+                                 {"$set": {**lifecycle, "status": AlertState.OPEN},
                                   "$setOnInsert": {**born, "crev": 0}}, upsert=True))
             ops.append(UpdateOne({"_id": alert_id, "lkey": _below(key), "acknowledged_at": {"$ne": None}},
-                                 {"$set": {**lifecycle, "status": "acknowledged"}}))
+                                 {"$set": {**lifecycle, "status": AlertState.ACKNOWLEDGED}}))
         await self._merge(ops)
 
     async def record_statuses(self, statuses: Sequence[tuple[str, int, Document]]) -> None:
@@ -346,8 +348,8 @@ class AlertsStore:
     async def acknowledge(self, tenant_id: str, alert_id: str, by: str) -> Document | None:
         """Mark an open alert acknowledged; None if unknown. An acknowledged one stays as it was,
         and so does a superseded or withdrawn one (nothing is left to acknowledge)."""
-        await self.alerts.update_one({"_id": alert_id, "tenant_id": tenant_id, "status": "open"},
-                                     {"$set": {"status": "acknowledged", "acknowledged_at": utcnow(),
+        await self.alerts.update_one({"_id": alert_id, "tenant_id": tenant_id, "status": AlertState.OPEN},
+                                     {"$set": {"status": AlertState.ACKNOWLEDGED, "acknowledged_at": utcnow(),
                                                "acknowledged_by": by}})
         return await self.get_alert(tenant_id, alert_id)
 
@@ -360,7 +362,7 @@ class AlertsStore:
             tenant_clause: Document = ({"tenant_id": tenant} if tenant is not None
                                        else {"tenant_id": {"$nin": overridden}})
             clauses.append({**tenant_clause, "created_at": {"$lte": cutoff}})
-        return await self.alerts.find({"status": "open", "escalated": False, "crev": {"$gte": 1},
+        return await self.alerts.find({"status": AlertState.OPEN, "escalated": False, "crev": {"$gte": 1},
                                        "$or": clauses}).sort(
             "created_at", ASCENDING).limit(limit).to_list()
 

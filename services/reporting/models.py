@@ -8,9 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from shared.events import Instrument, Operator, Severity
-
-AlertState = Literal["open", "acknowledged", "superseded", "withdrawn"]
+from shared.events import AlertState, Instrument, Operator, Severity
 
 
 class _Out(BaseModel):

@@ -61,7 +61,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, Instrument, SrsScored, SrsSubmitted
+from shared.events import (
+    AlertState,
+    AlertStatusChanged,
+    AllianceDeterioration,
+    DeadLetter,
+    Flag,
+    Instrument,
+    Lifecycle,
+    SrsScored,
+    SrsSubmitted,
+)
 from shared.ids import derive
 
 Outcome = Literal["applied", "corrected", "duplicate", "stale"]
@@ -77,8 +87,8 @@ AGE_BAND_ORDER: tuple[str, ...] = ("13+", "6-12", "<=5")
 
 # Scoring's rule names that mean the alliance is getting worse; the tenant's thresholds reach
 # reporting only through these flags.
-DECLINE_FLAGS = frozenset({"drop_from_previous", "low_not_improving"})
-BELOW_CUTOFF = "below_cutoff"
+DECLINE_FLAGS = frozenset({Flag.DROP_FROM_PREVIOUS, Flag.LOW_NOT_IMPROVING})
+BELOW_CUTOFF = Flag.BELOW_CUTOFF
 SCORED = "scored"
 SUPERSEDED = "superseded"
 
@@ -368,7 +378,7 @@ def group_by_record(events: Iterable[SrsScored]) -> dict[str, list[SrsScored]]:
 # same value on every delivery), and the view shows the highest. An acknowledgement is a flag
 # that only turns true; a revision keeps it.
 
-LIFECYCLE_RANK: dict[str, int] = {"raised": 0, "superseded": 1, "withdrawn": 2}
+LIFECYCLE_RANK: dict[str, int] = {status: rank for rank, status in enumerate(Lifecycle)}  # in rank order
 
 
 def life_key(revision: int | None, status: str) -> int:
@@ -419,18 +429,18 @@ def latest_raise(alert: Mapping[str, Any]) -> Doc:
             "low_items": [], "total": alert.get("total"), "raised_at": alert.get("raised_at")}
 
 
-def alert_status(alert: Mapping[str, Any]) -> tuple[str, int]:
+def alert_status(alert: Mapping[str, Any]) -> tuple[AlertState, int]:
     """(status, revision) of an alert: the lifecycle's greatest fact, `open` shown as
     `acknowledged` once a clinician acknowledged it."""
     life = int(alert.get("life") or 0)
     if life < 4:  # raised before revisions existed
         life = 4
     revision, rank = divmod(life, 4)
-    if rank == LIFECYCLE_RANK["withdrawn"]:
-        return "withdrawn", revision
-    if rank == LIFECYCLE_RANK["superseded"]:
-        return "superseded", revision
-    return ("acknowledged" if alert.get("acknowledged") else "open"), revision
+    if rank == LIFECYCLE_RANK[Lifecycle.WITHDRAWN]:
+        return AlertState.WITHDRAWN, revision
+    if rank == LIFECYCLE_RANK[Lifecycle.SUPERSEDED]:
+        return AlertState.SUPERSEDED, revision
+    return (AlertState.ACKNOWLEDGED if alert.get("acknowledged") else AlertState.OPEN), revision
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from services.reporting import rules
 from shared.events import (
     LIFECYCLE_STATUSES,
+    AlertStatus,
     AlertStatusChanged,
     AllianceDeterioration,
     DeadLetter,
@@ -374,7 +375,7 @@ class ReportingStore:
             }
             if e.status in LIFECYCLE_STATUSES:
                 update["$max"] = {"life": rules.life_key(e.revision, e.status)}
-            if e.status == "acknowledged":
+            if e.status == AlertStatus.ACKNOWLEDGED:
                 update["$set"]["acknowledged"] = True
             else:
                 update["$setOnInsert"]["acknowledged"] = False

@@ -38,17 +38,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
-from shared.events import ITEM_NAMES, SCORED_INSTRUMENTS, Instrument, Severity
+from shared.events import ITEM_NAMES, SCORED_INSTRUMENTS, Flag, Instrument, Severity
 
 Operator = Literal["<", "<="]
 OPERATORS: tuple[Operator, ...] = ("<", "<=")
 
-BELOW_CUTOFF = "below_cutoff"
-DROP_FROM_PREVIOUS = "drop_from_previous"
-LOW_NOT_IMPROVING = "low_not_improving"
-ITEM_BELOW_THRESHOLD = "item_below_threshold"
-# Canonical order of flags in events, so equal inputs give byte-equal outputs.
-FLAG_NAMES: tuple[str, ...] = (BELOW_CUTOFF, DROP_FROM_PREVIOUS, LOW_NOT_IMPROVING, ITEM_BELOW_THRESHOLD)
+# The flags as plain strings (`Flag` values): they enter the series digests, which `repr` them
+# and are stored, so an enum member (whose repr differs) would change every stored digest.
+BELOW_CUTOFF = Flag.BELOW_CUTOFF.value
+DROP_FROM_PREVIOUS = Flag.DROP_FROM_PREVIOUS.value
+LOW_NOT_IMPROVING = Flag.LOW_NOT_IMPROVING.value
+ITEM_BELOW_THRESHOLD = Flag.ITEM_BELOW_THRESHOLD.value
+# Canonical order of flags in events (`Flag`'s), so equal inputs give byte-equal outputs.
+FLAG_NAMES: tuple[str, ...] = tuple(f.value for f in Flag)
 DEFAULT_TRIGGERS: frozenset[str] = frozenset({BELOW_CUTOFF, DROP_FROM_PREVIOUS, LOW_NOT_IMPROVING})
 
 MAX_ITEM = 10.0
@@ -255,7 +257,7 @@ def severity(flags: Iterable[str], change: float | None, previous_low_not_improv
     dropped_below = BELOW_CUTOFF in holds and DROP_FROM_PREVIOUS in holds
     big_drop = change is not None and r1(change) <= -r1(rules.critical_drop)
     persistent = LOW_NOT_IMPROVING in holds and previous_low_not_improving
-    return "critical" if dropped_below or big_drop or persistent else "warning"
+    return Severity.CRITICAL if dropped_below or big_drop or persistent else Severity.WARNING
 
 
 @dataclass(frozen=True)

@@ -42,13 +42,12 @@ from typing import Literal, NamedTuple
 
 from services.scoring import rules as R
 from shared import ids
-from shared.events import SCORED_INSTRUMENTS, Instrument, Items, Operator, Severity
+from shared.events import SCORED_INSTRUMENTS, AlertStatus, Instrument, Items, Lifecycle, Operator, Severity
 
 DERIVED_PREFIX = "auto/"
 MAX_TRANSFER_IDS = 32
 
 RejectReason = Literal["site_conflict", "session_gap", "duplicate", "unscorable", "series_full"]  # duplicate: kept
-AlertState = Literal["raised", "superseded", "withdrawn"]
 
 
 def _utc(ts: datetime) -> datetime:
@@ -106,8 +105,14 @@ class Version:
 
 def _digest(parts: tuple[object, ...]) -> str:
     """A short, stable digest of plain values (`repr` of str, int, float, None and tuples of them
-    is the same in every process, unlike `hash`); stored in the state, so it must not change."""
+    is the same in every process, unlike `hash`); stored in the state, so it must not change.
+    Enum members are not plain: their `repr` names the class (pass `_text(member)`)."""
     return hashlib.blake2b(repr(parts).encode(), digest_size=10).hexdigest()
+
+
+def _text(value: str | None) -> str | None:
+    """A `StrEnum` member (e.g. a `Severity`) as the plain string it stands for, for `_digest`."""
+    return None if value is None else str(value)
 
 
 def content_digest(v: Version) -> str:
@@ -189,7 +194,7 @@ class SessionView:
         v = self.version
         return _digest((v.submission_id, v.digest, self.episode_id, self.site_id, self.site_version, self.total,
                         self.cutoff, self.operator, self.previous_total, self.change_from_previous, self.flags,
-                        self.triggers, self.severity, self.low_items))
+                        self.triggers, _text(self.severity), self.low_items))
 
 
 @dataclass(frozen=True)
@@ -205,7 +210,7 @@ class AlertView:
     @cached_property
     def digest(self) -> str:
         s, v = self.session, self.session.version
-        return _digest((v.submission_id, v.digest, self.triggers, self.severity, s.total, s.previous_total,
+        return _digest((v.submission_id, v.digest, self.triggers, _text(self.severity), s.total, s.previous_total,
                         s.change_from_previous, s.cutoff, s.low_items, self.site_id))
 
 
@@ -436,7 +441,7 @@ class AlertRecord:
     """The last thing published about an alert, and enough to publish a status change."""
 
     revision: int
-    state: AlertState
+    state: Lifecycle
     digest: str
     at: datetime
     site_id: str
@@ -470,7 +475,7 @@ class AlertOut:
 class StatusOut:
     alert_id: str
     record: AlertRecord
-    status: Literal["superseded", "withdrawn"]
+    status: AlertStatus  # a lifecycle status: superseded or withdrawn
 
 
 Output = ScoredOut | AlertOut | StatusOut
@@ -776,21 +781,21 @@ class ClientState:
             av = view.alerts[aid]
             rec = self.alerts.get(aid)
             digest = av.digest
-            if rec is not None and rec.state == "raised" and rec.digest == digest:
+            if rec is not None and rec.state == Lifecycle.RAISED and rec.digest == digest:
                 continue
             rev = rec.revision + 1 if rec is not None else 1
             s = av.session
-            self.alerts[aid] = AlertRecord(rev, "raised", digest, now, av.site_id, s.version.clinician_id,
+            self.alerts[aid] = AlertRecord(rev, Lifecycle.RAISED, digest, now, av.site_id, s.version.clinician_id,
                                            s.version.instrument, s.episode_id, s.version.session_number, s.slot)
             out.append(AlertOut(av, rev, now))
         ended_before = self.alerts.items() if only is None else ((a, self.alerts[a]) for a in only if a in self.alerts)
         for aid, rec in sorted(ended_before):
-            if aid in view.alerts or rec.state != "raised":
+            if aid in view.alerts or rec.state != Lifecycle.RAISED:
                 continue
             session = view.sessions.get(rec.slot)
             cleared = session is None or not session.triggers
-            status: Literal["superseded", "withdrawn"] = "withdrawn" if cleared else "superseded"
-            ended = replace(rec, state=status, at=now)
+            status = AlertStatus.WITHDRAWN if cleared else AlertStatus.SUPERSEDED
+            ended = replace(rec, state=Lifecycle(status), at=now)
             self.alerts[aid] = ended
             out.append(StatusOut(aid, ended, status))
         return out
@@ -806,12 +811,12 @@ class ClientState:
                 continue  # cannot happen after a completed step; never publish what was not decided
             out.append(ScoredOut(sv, p.revision, p.supersedes, p.at, p.latest))
         for aid, rec in sorted(self.alerts.items()):
-            if rec.state == "raised":
+            if rec.state == Lifecycle.RAISED:
                 av = view.alerts.get(aid)
                 if av is not None and av.digest == rec.digest:
                     out.append(AlertOut(av, rec.revision, rec.at))
             else:
-                out.append(StatusOut(aid, rec, rec.state))
+                out.append(StatusOut(aid, rec, AlertStatus(rec.state)))
         return out
 
 

@@ -27,6 +27,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from services.scoring.rules import TenantRules
 from services.scoring.series import AlertRecord, ClientState, Published, Rejection, Version
+from shared.events import Lifecycle
 from shared.mongo import Document, LruCache, TtlCache, write_versioned
 
 log = logging.getLogger("alliance.scoring.store")
@@ -110,8 +111,8 @@ def state_from(key: ClientKey, doc: Document) -> ClientState:
                                          bool(p.get("l")), bool(p.get("vac")))
     st.submission_revision = {str(k): int(v) for k, v in (doc.get("sr") or {}).items()}
     for a in doc.get("al", ()):
-        st.alerts[a["id"]] = AlertRecord(int(a["r"]), a["st"], a["d"], _dt(a["at"]), a["s"], a["c"], a["i"], a["e"],
-                                         int(a["n"]), a["k"])
+        st.alerts[a["id"]] = AlertRecord(int(a["r"]), Lifecycle(a["st"]), a["d"], _dt(a["at"]), a["s"], a["c"],
+                                         a["i"], a["e"], int(a["n"]), a["k"])
     return st
 
 

@@ -16,9 +16,9 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel
 
-from services.alerts.rules import RAISED, Clinician, Subscription, lifecycle_order
+from services.alerts.rules import Clinician, Subscription, lifecycle_order
 from services.reporting.store import ApplyReport, GenerationState
-from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, SrsScored, SrsSubmitted
+from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, Lifecycle, SrsScored, SrsSubmitted
 from shared.kafka import CORRELATION_HEADER, InboundRecord, OutboundRecord
 from shared.mongo import Document
 
@@ -107,7 +107,7 @@ class MemoryAlertsStore:
             alert_id = content["_id"]
             if revision > self.contents.get(alert_id, (0, {}))[0]:
                 self.contents[alert_id] = (revision, content)
-            self._raise_key(alert_id, lifecycle_order(RAISED, revision))
+            self._raise_key(alert_id, lifecycle_order(Lifecycle.RAISED, revision))
 
     async def record_statuses(self, statuses: Sequence[tuple[str, int, Document]]) -> None:
         self._check()

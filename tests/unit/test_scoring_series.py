@@ -19,9 +19,11 @@ from services.scoring import rules as R
 from services.scoring.rules import TenantRules
 from services.scoring.series import (
     AlertOut,
+    AlertView,
     ClientState,
     Output,
     ScoredOut,
+    SessionView,
     StatusOut,
     Step,
     Transfer,
@@ -33,6 +35,7 @@ from services.scoring.series import (
 )
 from services.scoring.store import ClientKey, state_doc, state_from
 from shared import ids
+from shared.events import Severity
 
 TENANT, CLIENT = "acme", "c-1"
 SEPT = datetime(2026, 9, 1, 9, 0, tzinfo=UTC)
@@ -1063,3 +1066,17 @@ def test_a_grown_record_publishes_what_the_full_diff_publishes(steps: list[tuple
         if got:
             assert got[0] == got[1]
         assert kept.state == fresh.state
+
+
+def test_stored_digests_keep_the_values_earlier_versions_stored() -> None:
+    # The digests are stored in every client's state and compared with fresh ones on each step:
+    # a change (e.g. an enum member's repr entering one, where a plain string was) would republish
+    # every session and alert as a new revision. Values computed before `Severity` was an enum.
+    v = Version("sub-1", "SRS", "ep-1", 2, datetime(2026, 1, 5, 9, tzinfo=UTC), "north", "c-1",
+                (8.0, 8.0, 8.0, 8.5), None, datetime(2026, 1, 5, 9, 5, tzinfo=UTC))
+    s = R.score(32.5, None, 36.0, True, TenantRules())
+    session = SessionView(v, "ep-1", False, "north", 0, s.total, s.cutoff, "<", s.previous_total,
+                          s.change_from_previous, s.flags, s.triggers, s.severity, s.low_items, True)
+    alert = AlertView("alert-1", session, s.triggers, s.severity or Severity.WARNING, "north")
+    assert (s.severity, v.digest, session.digest, alert.digest) == (
+        Severity.CRITICAL, "f0571247da3bdce9a83e", "9627261a4410c4466860", "17c91ffc53587dd7b103")
