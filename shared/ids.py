@@ -1,8 +1,15 @@
-"""Deterministic identities: a redelivery of the same input always yields the same ids."""
+"""Deterministic identities: a redelivery of the same input always yields the same ids.
+
+Every id the system derives is made here, so that its recipe is written once: ids are stored and
+published, and a recipe that changed (a part, its order, the namespace) would break idempotency.
+tests/unit/test_ids.py pins the value of each.
+"""
 
 from __future__ import annotations
 
+import json
 import uuid
+from datetime import UTC, datetime
 
 # A fixed namespace for every id this system derives; changing it would break idempotency.
 NAMESPACE = uuid.UUID("5b7f3a52-6f0e-4e37-9a43-2c1f1f6f9a10")
@@ -51,6 +58,70 @@ def delivery_id(alert_or_event_id: str, recipient: str, channel: str) -> str:
 def submitted_event_id(tenant_id: str, submission_id: str) -> str:
     """Event id of the submitted event of one submission."""
     return derive("submitted", tenant_id, submission_id)
+
+
+DERIVED_EPISODE_PREFIX = "auto/"
+
+
+def derived_episode_id(first_administered_at: datetime, first_session_number: int) -> str:
+    """Scoring's id of an episode the submitter did not name: `auto/<UTC date of its first
+    session>/<that session's number>` (published in `SrsScored.episode_id`; see the contract)."""
+    return f"{DERIVED_EPISODE_PREFIX}{first_administered_at.astimezone(UTC).date().isoformat()}/{first_session_number}"
+
+
+def csv_submission_id(tenant_id: str, client_id: str, instrument: str, episode_id: str | None,
+                      session_number: int, administered_day: str) -> str:
+    """Intake's submission id of a CSV row without one, from its session (`administered_day`: the
+    UTC date of administration, ISO): the same session always gets the same id."""
+    return "csv:" + derive("csv-session", tenant_id, client_id, str(instrument), episode_id or "",
+                           str(session_number), administered_day)
+
+
+def client_record_id(tenant_id: str, client_id: str, instrument: str) -> str:
+    """Reporting's key of a client's record of one instrument (every episode in it)."""
+    return derive("client-record", tenant_id, client_id, str(instrument))
+
+
+def submission_status_id(tenant_id: str, submission_id: str) -> str:
+    """Reporting's key of a submission's status document."""
+    return derive("submission-status", tenant_id, submission_id)
+
+
+def fhir_session_ids(tenant_id: str, client_id: str, instrument: str, episode_id: str | None,
+                     session_number: int) -> tuple[str, str]:
+    """(QuestionnaireResponse id, Observation id) of one session in FHIR exports: stable across corrections."""
+    parts = (tenant_id, client_id, str(instrument), episode_id or "", str(session_number))
+    return derive("fhir-qr", *parts), derive("fhir-obs", *parts)
+
+
+def fhir_bundle_id(tenant_id: str, record_id: str, episode_id: str | None) -> str:
+    """Id of the FHIR Bundle exporting one episode (or a whole record) of a client's record."""
+    return derive("fhir-bundle", tenant_id, record_id, episode_id or "")
+
+
+# The consumer-side ids below predate `NAMESPACE`: they are UUIDv5s in the URL namespace over a
+# `:`-joined text, kept as they are (dead letters already published carry them).
+
+
+def dead_letter_event_id(service: str, topic: str, partition: int, offset: int, reason: str) -> str:
+    """Event id of the dead letter of one consumed record: a redelivery dead-letters it again under this id."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"dl:{service}:{topic}:{partition}:{offset}:{reason}"))
+
+
+def delivery_dead_letter_event_id(service: str, reason: str, delivery_id_: str) -> str:
+    """Event id of the dead letter of a delivery that exhausted its attempts."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"dl:{service}:{reason}:{delivery_id_}"))
+
+
+def record_correlation_id(topic: str, partition: int, offset: int) -> str:
+    """The correlation id of a consumed record that carries none: the same on every redelivery."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"kafka:{topic}:{partition}:{offset}"))
+
+
+def store_key(*parts: str) -> str:
+    """A store `_id` made of several ids: a JSON array, which keeps the parts apart whatever
+    characters they hold (with a separator, tenant `t`'s `x:c1` and tenant `t:x`'s `c1` were one key)."""
+    return json.dumps(list(parts), separators=(",", ":"))
 
 
 def partition_key(tenant_id: str, client_id: str) -> bytes:

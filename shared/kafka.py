@@ -44,7 +44,6 @@ import json
 import logging
 import ssl
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -66,6 +65,7 @@ from pymongo.errors import (
     WriteError,
 )
 
+from shared import ids
 from shared.events import DeadLetter, DeadLetterReason
 from shared.metrics import (
     CONSUMER_BATCH_SECONDS,
@@ -152,8 +152,8 @@ class InboundRecord:
     @property
     def correlation_id(self) -> str:
         # Derived from the record's coordinates when missing, so a redelivery carries the same id.
-        return self.headers.get(CORRELATION_HEADER) or str(
-            uuid.uuid5(uuid.NAMESPACE_URL, f"kafka:{self.topic}:{self.partition}:{self.offset}"))
+        return self.headers.get(CORRELATION_HEADER) or ids.record_correlation_id(self.topic, self.partition,
+                                                                                 self.offset)
 
     @classmethod
     def from_consumer_record(cls, rec: ConsumerRecord[Any, Any]) -> InboundRecord:
@@ -212,7 +212,7 @@ def dead_letter_record(service: str, rec: InboundRecord, reason: str, detail: st
         payload, encoding = base64.b64encode(rec.value).decode(), "base64"
     key = rec.key.decode("utf-8", "replace") if rec.key is not None else None
     dl = DeadLetter(
-        event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"dl:{service}:{rec.topic}:{rec.partition}:{rec.offset}:{reason}")),
+        event_id=ids.dead_letter_event_id(service, rec.topic, rec.partition, rec.offset, reason),
         tenant_id=tenant_id,
         occurred_at=datetime.now(UTC),
         service=service,

@@ -29,7 +29,7 @@ from shared.events import (
     SrsScored,
     SubmissionIdentity,
 )
-from shared.ids import alert_id, alert_status_event_id, derive, partition_key, scored_event_id
+from shared.ids import alert_id, alert_status_event_id, derive, derived_episode_id, partition_key, scored_event_id
 from shared.kafka import admin_security_kwargs
 from shared.settings import KafkaSettings
 from shared.topics import Topics
@@ -44,7 +44,7 @@ LOW_ITEM = 9.0
 
 def derived_episode(first_administered: datetime, first_session: int = 1) -> str:
     """Scoring's id of a derived episode: `auto/<UTC date of its first session>/<its first number>`."""
-    return f"auto/{first_administered.astimezone(UTC).date().isoformat()}/{first_session}"
+    return derived_episode_id(first_administered, first_session)
 
 
 def scored(tenant_id: str, client_id: str, session_number: int, total: float, *, site_id: str = "north",

@@ -20,7 +20,6 @@ deliveries are claimed.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from services.alerts.rules import Clinician, Subscription, lifecycle_order
 from services.alerts.secretbox import Row, subscription_row, tenant_row
+from shared import ids
 from shared.events import AlertState, Lifecycle
 from shared.mongo import Document, bulk_write, guarded_upserts
 
@@ -56,7 +56,7 @@ def clinician_key(tenant_id: str, clinician_id: str) -> str:
     """The directory `_id` of a clinician: a JSON array, not `tenant:clinician`, because with a
     separator that may occur inside an id, tenant `t`'s clinician `x:c1` and tenant `t:x`'s
     clinician `c1` were the same document (one tenant read another's directory entry)."""
-    return json.dumps([tenant_id, clinician_id], separators=(",", ":"))
+    return ids.store_key(tenant_id, clinician_id)
 
 
 def _below(value: str | int) -> Document:

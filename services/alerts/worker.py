@@ -64,6 +64,7 @@ from services.alerts.rules import Outcome, backoff_seconds, fair_pick, is_final,
 from services.alerts.senders import Cancelled, SendError
 from services.alerts.settings import AlertsSettings
 from services.alerts.store import AlertsStore, AttemptResult, utcnow
+from shared import ids
 from shared.events import DeadLetter, DeadLetterReason
 from shared.kafka import OutboundRecord, Publisher
 from shared.metrics import DEADLETTER
@@ -86,7 +87,7 @@ def dead_letter(d: Document, attempts: int, error: str, dlq_topic: str) -> Outbo
     detail = (f"delivery {d['_id']} to {d['recipient']} by {d['channel']} failed after {attempts} "
               f"attempts; last error: {error}")
     dl = DeadLetter(
-        event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"dl:{SERVICE}:{DELIVERY_FAILED}:{d['_id']}")),
+        event_id=ids.delivery_dead_letter_event_id(SERVICE, DELIVERY_FAILED, d["_id"]),
         tenant_id=d.get("tenant_id"),
         occurred_at=datetime.now(UTC),
         service=SERVICE,

@@ -113,8 +113,7 @@ def session_submission_id(tenant_id: str, client_id: str, instrument: str, episo
     whatever file or line it comes from; sessions of two tenants never share one. Takes validated
     values (e.g. `SubmissionIn` fields), so `+01:00` and `Z` times of one UTC day agree."""
     day = administered_at.astimezone(UTC).date().isoformat()
-    return "csv:" + ids.derive("csv-session", tenant_id, client_id, str(instrument), episode_id or "",
-                               str(session_number), day)
+    return ids.csv_submission_id(tenant_id, client_id, instrument, episode_id, session_number, day)
 
 
 def parse_csv(text: str, max_rows: int | None = None, max_row_chars: int | None = None) -> CsvFile:

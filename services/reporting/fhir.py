@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from services.reporting.rules import below_cutoff, episode_of
+from shared import ids
 from shared.events import ITEM_NAMES
-from shared.ids import derive
 
 FHIR_JSON = "application/fhir+json"
 # Local identifiers: URNs, so nothing here points at a host.
@@ -57,8 +57,7 @@ def _code(code: str, display: str) -> Resource:
 def session_resource_ids(tenant_id: str, client_id: str, instrument: str, episode_id: str | None,
                          session_number: int) -> tuple[str, str]:
     """(QuestionnaireResponse id, Observation id) of one session: stable across corrections."""
-    parts = (tenant_id, client_id, str(instrument), episode_id or "", str(session_number))
-    return derive("fhir-qr", *parts), derive("fhir-obs", *parts)
+    return ids.fhir_session_ids(tenant_id, client_id, instrument, episode_id, session_number)
 
 
 def _status(s: Mapping[str, Any], first: str) -> str:
@@ -138,7 +137,7 @@ def trajectory_bundle(doc: Mapping[str, Any], episode_id: str | None = None) -> 
             last_scored = scored
     bundle: Resource = {
         "resourceType": "Bundle",
-        "id": derive("fhir-bundle", tenant, doc["_id"], episode or ""),
+        "id": ids.fhir_bundle_id(tenant, doc["_id"], episode),
         "type": "collection",
         "entry": entries,
     }

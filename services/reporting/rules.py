@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from shared import ids
 from shared.events import (
     AlertState,
     AlertStatusChanged,
@@ -72,7 +73,6 @@ from shared.events import (
     SrsScored,
     SrsSubmitted,
 )
-from shared.ids import derive
 
 Outcome = Literal["applied", "corrected", "duplicate", "stale"]
 
@@ -107,7 +107,7 @@ def instruments_of_band(band: str) -> list[str]:
 
 def record_id(tenant_id: str, client_id: str, instrument: str) -> str:
     """The read model's key: one record per (tenant, client, instrument), every episode in it."""
-    return derive("client-record", tenant_id, client_id, str(instrument))
+    return ids.client_record_id(tenant_id, client_id, instrument)
 
 
 def _utc_text(ts: datetime) -> str:
@@ -604,7 +604,7 @@ SubmissionStatus = Literal["scored", "superseded", "rejected"]
 
 def submission_doc_id(tenant_id: str, submission_id: str) -> str:
     """The key of a submission's status document."""
-    return derive("submission-status", tenant_id, submission_id)
+    return ids.submission_status_id(tenant_id, submission_id)
 
 
 def scored_part(event: SrsScored) -> Doc:

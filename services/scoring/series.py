@@ -44,7 +44,7 @@ from services.scoring import rules as R
 from shared import ids
 from shared.events import SCORED_INSTRUMENTS, AlertStatus, Instrument, Items, Lifecycle, Operator, Severity
 
-DERIVED_PREFIX = "auto/"
+DERIVED_PREFIX = ids.DERIVED_EPISODE_PREFIX
 MAX_TRANSFER_IDS = 32
 
 RejectReason = Literal["site_conflict", "session_gap", "duplicate", "unscorable", "series_full"]  # duplicate: kept
@@ -243,7 +243,7 @@ def slot_key(instrument: str, episode_id: str, session_number: int) -> str:
 
 def derived_episode_id(first: Version) -> str:
     """`auto/<UTC date of the episode's first session>/<its number>` (see the contract)."""
-    return f"{DERIVED_PREFIX}{_utc(first.administered_at).date().isoformat()}/{first.session_number}"
+    return ids.derived_episode_id(first.administered_at, first.session_number)
 
 
 def _administered(v: Version) -> tuple[datetime, int, str]:

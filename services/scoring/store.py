@@ -15,7 +15,6 @@ clients it has not seen; the version check makes a stale cache entry harmless (s
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -27,6 +26,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from services.scoring.rules import TenantRules
 from services.scoring.series import AlertRecord, ClientState, Published, Rejection, Version
+from shared import ids
 from shared.events import Lifecycle
 from shared.mongo import Document, LruCache, TtlCache, write_versioned
 
@@ -45,8 +45,7 @@ class ClientKey:
 
     @property
     def doc_id(self) -> str:
-        # JSON keeps the parts unambiguous whatever characters the ids contain.
-        return json.dumps([self.tenant_id, self.client_id], separators=(",", ":"))
+        return ids.store_key(self.tenant_id, self.client_id)
 
 
 def _iso(dt: datetime) -> str:
