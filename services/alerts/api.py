@@ -1,8 +1,10 @@
 """HTTP API of the alerts service (tenant-scoped; `admin` writes, `read` lists and acknowledges).
 
-HTTP only for the commands (put a clinician, acknowledge, retry a delivery): their rules live in
-`services/alerts/service.py`; this module parses, checks the key's role, audits, and maps the
-commands' errors to responses.
+HTTP only: the commands (put a clinician, acknowledge, retry a delivery, create or delete a
+subscription, rotate the webhook secret, set the escalation interval) and their rules live in
+`services/alerts/service.py`, the typed rows (`Alert`, `Delivery`, ...) in `services/alerts/store.py`;
+this module parses, checks the key's role, audits, reads, and maps the commands' errors to
+responses.
 
 A key bound to a site sees and changes only that site's clinicians, alerts and deliveries;
 tenant-wide settings (partner subscriptions, the webhook signing secret, the escalation
@@ -18,22 +20,38 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.alerts import signing
-from services.alerts.rules import SUBSCRIBABLE, Clinician, Outcome, url_problem
-from services.alerts.secretbox import SecretBox, subscription_row, tenant_row
-from services.alerts.service import AlertsCommands, Invalid, NotFound, NotPublished, SiteForbidden
+from services.alerts.rules import Clinician, url_problem
+from services.alerts.secretbox import SecretBox
+from services.alerts.service import (
+    AlertsCommands,
+    Invalid,
+    NotFound,
+    NotPublished,
+    SiteForbidden,
+    TenantWideOnly,
+    TooManySubscriptions,
+    tenant_wide,
+)
 from services.alerts.settings import AlertsSettings
-from services.alerts.store import AlertsStore
-from services.alerts.targets import Resolver, system_resolve, target_problem
+from services.alerts.store import (
+    Alert,
+    AlertFields,
+    AlertsStore,
+    Delivery,
+    DeliveryFields,
+    DeliveryStatus,
+    SubscriptionRow,
+)
+from services.alerts.targets import Resolver, system_resolve
 from shared.audit import Auditor, note
 from shared.auth import KeyStore, Principal, forbid_site, require
-from shared.events import AlertState, Severity
+from shared.events import AlertState
 from shared.http import error_body, error_response
 from shared.kafka import Publisher
 from shared.topics import Topics
@@ -132,75 +150,32 @@ class EscalationOut(BaseModel):
     default: bool
 
 
-class AlertOut(BaseModel):
+class AlertOut(AlertFields):
     """An alert as its latest raised revision describes it, with where its lifecycle stands.
 
     The content fields are null only while scoring's end of the alert (superseded, withdrawn) is
     known and the raise it ends has not arrived yet.
     """
 
-    model_config = ConfigDict(extra="ignore")
 
-    alert_id: str
-    tenant_id: str
-    site_id: str
-    clinician_id: str
-    client_id: str | None = None
-    submission_id: str | None = None
-    instrument: str | None = None
-    episode_id: str | None = None
-    session_number: int | None = None
-    severity: Severity | None = None
-    triggers: list[str] = Field(default_factory=list)
-    low_items: list[str] = Field(default_factory=list, description="items below their threshold, e.g. goals")
-    total: float | None = None
-    previous_total: float | None = None
-    change_from_previous: float | None = None
-    cutoff: float | None = None
-    occurred_at: datetime | None = None
-    created_at: datetime
-    status: AlertState
-    revision: int = Field(default=1, description="the revision the status is about (scoring's numbering)")
-    acknowledged_at: datetime | None = None
-    escalated: bool
-    escalated_at: datetime | None = None
-    escalated_to: str | None = None
+class DeliveryOut(DeliveryFields):
+    pass
 
 
-class DeliveryOut(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    delivery_id: str
-    kind: str
-    alert_id: str | None = None
-    subject_id: str
-    topic: str
-    recipient: str
-    channel: str
-    target: str
-    status: Literal["pending", "delivered", "failed", "cancelled"]
-    attempts: int
-    next_attempt_at: datetime | None = None
-    last_outcome: Outcome | None = Field(
-        default=None, description="the class of the last attempt's result: 2xx, 3xx, 4xx, 5xx, timeout, refused "
-                                  "(could not connect), blocked (the target is not a public address), no_secret "
-                                  "(the tenant has no signing secret) or error; never a status code or error text")
-    created_at: datetime
-    delivered_at: datetime | None = None
-    finished_at: datetime | None = None
+def _alert(alert: Alert) -> AlertOut:
+    return AlertOut.model_validate(alert.model_dump())  # leaves out what only the store keeps
 
 
-def _alert(doc: dict[str, Any]) -> AlertOut:
-    return AlertOut.model_validate({**doc, "alert_id": doc["_id"]})
+def _delivery(delivery: Delivery) -> DeliveryOut:
+    return DeliveryOut.model_validate(delivery.model_dump())
 
 
-def _delivery(doc: dict[str, Any]) -> DeliveryOut:
-    return DeliveryOut.model_validate({**doc, "delivery_id": doc["_id"]})
+def _subscription(row: SubscriptionRow) -> SubscriptionOut:
+    return SubscriptionOut(id=row.subscription_id, url=row.url, events=list(row.events), created_at=row.created_at)
 
 
-def _tenant_wide(p: Principal) -> None:
-    if p.site_id is not None:
-        raise HTTPException(403, error_body([("Authorization", "tenant-wide settings need a key not bound to a site")]))
+def _tenant_wide_only() -> HTTPException:
+    return HTTPException(403, error_body([("Authorization", "tenant-wide settings need a key not bound to a site")]))
 
 
 def _too_many_subscriptions(cap: int) -> HTTPException:
@@ -216,17 +191,18 @@ def _not_found(what: str) -> HTTPException:
     return HTTPException(404, error_body([(None, f"no such {what}")]))
 
 
-def _note_alert(request: Request, p: Principal, doc: dict[str, Any] | None) -> None:
+def _note_alert(request: Request, p: Principal, alert: Alert | None) -> None:
     """The audit entry names the alert's client; another site's alert is answered 404 but audited as denied."""
-    if doc is not None:
-        note(request, client_id=doc.get("client_id"), outcome=None if p.may_see_site(doc["site_id"]) else "denied")
+    if alert is not None:
+        note(request, client_id=alert.client_id, outcome=None if p.may_see_site(alert.site_id) else "denied")
 
 
 def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topics: Topics, settings: AlertsSettings,
                  box: SecretBox, forget_secret: Callable[[str], None], wake: Callable[[], None],
                  auditor: Auditor | None = None, resolve: Resolver = system_resolve) -> APIRouter:
     """The /v1 routes. Alert and delivery reads and every change append an audit entry (`shared.audit`)."""
-    commands = AlertsCommands(store, publisher, topics, wake, settings.allow_private_targets, resolve)
+    commands = AlertsCommands(store, publisher, topics, wake, settings.allow_private_targets, resolve, settings, box,
+                              forget_secret)
     read_key, admin_key = require(lambda: keys, "read"), require(lambda: keys, "admin")
     reader = Depends(read_key)
     audited = (auditor or Auditor(None, "alerts", keys.lookup)).route
@@ -276,31 +252,24 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
     async def create_subscription(body: SubscriptionIn,
                                   p: Principal = audited("subscription.create", admin_key)) -> SubscriptionCreated:
         """Subscribe a partner URL; the signing secret is in this answer only."""
-        _tenant_wide(p)
-        if problem := await target_problem(body.url, settings.allow_private_targets, resolve):
-            raise HTTPException(422, error_body([("url", problem)]))
-        cap = settings.max_subscriptions_per_tenant
-        if await store.count_subscriptions(p.tenant_id) >= cap:
-            raise _too_many_subscriptions(cap)
-        secret = signing.new_secret()
-        events = sorted(set(body.events), key=SUBSCRIBABLE.index)
-        sub_id = store.new_subscription_id()
-        sealed = box.seal(secret, subscription_row(p.tenant_id, sub_id))
-        doc = await store.create_subscription(p.tenant_id, body.url, events, sealed, sub_id)
-        if await store.count_subscriptions(p.tenant_id) > cap:
-            # Two creations raced past the check above: undo this one (both may be undone; the
-            # caller retries), so the cap holds.
-            await store.remove_subscription(p.tenant_id, sub_id)
-            raise _too_many_subscriptions(cap)
-        return SubscriptionCreated(id=doc["_id"], url=body.url, events=events, created_at=doc["created_at"],
-                                   secret=secret)
+        try:
+            new = await commands.create_subscription(p, body.url, body.events)
+        except TenantWideOnly as exc:
+            raise _tenant_wide_only() from exc
+        except Invalid as exc:
+            raise HTTPException(422, error_body([(exc.field, exc.message)])) from exc
+        except TooManySubscriptions as exc:
+            raise _too_many_subscriptions(exc.cap) from exc
+        return SubscriptionCreated(**_subscription(new.subscription).model_dump(), secret=new.secret)
 
     @r.get("/subscriptions", tags=["subscriptions"], response_model=list[SubscriptionOut])
     async def list_subscriptions(p: Principal = reader) -> list[SubscriptionOut]:
         """The tenant's subscriptions (never their secrets); tenant-wide keys only, like their writes."""
-        _tenant_wide(p)
-        return [SubscriptionOut(id=d["_id"], url=d["url"], events=d["events"], created_at=d["created_at"])
-                for d in await store.list_subscriptions(p.tenant_id)]
+        try:
+            tenant_wide(p)
+        except TenantWideOnly as exc:
+            raise _tenant_wide_only() from exc
+        return [_subscription(row) for row in await store.list_subscriptions(p.tenant_id)]
 
     @r.delete("/subscriptions/{subscription_id}", tags=["subscriptions"], status_code=204,
               responses={"404": _not_found_response("subscription")})
@@ -308,37 +277,37 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
                                   p: Principal = audited("subscription.delete", admin_key, client_param=None,
                                                          target_param="subscription_id")) -> Response:
         """Delete a subscription; its pending deliveries are cancelled."""
-        _tenant_wide(p)
-        if not await store.delete_subscription(p.tenant_id, subscription_id):
-            raise _not_found("subscription")
-        forget_secret("sub:" + subscription_id)
+        try:
+            await commands.delete_subscription(p, subscription_id)
+        except TenantWideOnly as exc:
+            raise _tenant_wide_only() from exc
+        except NotFound as exc:
+            raise _not_found(exc.what) from exc
         return Response(status_code=204)
 
     @r.post("/webhook-secret", tags=["directory"], status_code=201, response_model=SecretOut)
     async def rotate_secret(p: Principal = audited("webhook_secret.rotate", admin_key)) -> SecretOut:
         """Create or rotate the tenant's clinician-webhook signing secret (shown once)."""
-        _tenant_wide(p)
-        secret = signing.new_secret()
-        grace = timedelta(seconds=settings.secret_rotation_grace_seconds)
-        await store.rotate_webhook_secret(p.tenant_id, box.seal(secret, tenant_row(p.tenant_id)), grace)
-        forget_secret("tenant:" + p.tenant_id)
-        doc = await store.tenant(p.tenant_id) or {}
-        return SecretOut(secret=secret, previous_valid_until=doc.get("previous_until"))
+        try:
+            new = await commands.rotate_webhook_secret(p)
+        except TenantWideOnly as exc:
+            raise _tenant_wide_only() from exc
+        return SecretOut(secret=new.secret, previous_valid_until=new.previous_valid_until)
 
     @r.put("/escalation", tags=["alerts"], response_model=EscalationOut)
     async def put_escalation(body: EscalationIn, p: Principal = audited("escalation.put", admin_key)) -> EscalationOut:
         """Set (or clear, with null) how long an alert may stay unacknowledged before it escalates."""
-        _tenant_wide(p)
-        await store.set_escalation(p.tenant_id, body.interval_seconds)
-        seconds = body.interval_seconds
-        return EscalationOut(interval_seconds=seconds or settings.escalation_seconds, default=seconds is None)
+        try:
+            escalation = await commands.set_escalation(p, body.interval_seconds)
+        except TenantWideOnly as exc:
+            raise _tenant_wide_only() from exc
+        return EscalationOut(interval_seconds=escalation.interval_seconds, default=escalation.default)
 
     @r.get("/escalation", tags=["alerts"], response_model=EscalationOut)
     async def get_escalation(p: Principal = reader) -> EscalationOut:
         """The tenant's escalation interval."""
-        doc = await store.tenant(p.tenant_id) or {}
-        seconds = doc.get("escalation_seconds")
-        return EscalationOut(interval_seconds=seconds or settings.escalation_seconds, default=seconds is None)
+        escalation = await commands.escalation(p)
+        return EscalationOut(interval_seconds=escalation.interval_seconds, default=escalation.default)
 
     @r.get("/alerts", tags=["alerts"], response_model=list[AlertOut])
     async def list_alerts(p: Principal = audited("alerts.list", read_key),
@@ -353,11 +322,11 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
     async def get_alert(request: Request, alert_id: Id,
                         p: Principal = audited("alert.read", read_key, target_param="alert_id")) -> AlertOut:
         """One alert."""
-        doc = await store.get_alert(p.tenant_id, alert_id)
-        _note_alert(request, p, doc)
-        if doc is None or not p.may_see_site(doc["site_id"]):
+        alert = await store.get_alert(p.tenant_id, alert_id)
+        _note_alert(request, p, alert)
+        if alert is None or not p.may_see_site(alert.site_id):
             raise _not_found("alert")
-        return _alert(doc)
+        return _alert(alert)
 
     @r.post("/alerts/{alert_id}/ack", tags=["alerts"], response_model=AlertOut,
             responses={"404": _not_found_response("alert"),
@@ -367,7 +336,7 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
         """Acknowledge an alert (idempotent); it will not escalate any more. A superseded or
         withdrawn alert is answered as it is: nothing is left to acknowledge."""
         try:
-            return _alert(await commands.acknowledge(p, alert_id, seen=lambda doc: _note_alert(request, p, doc)))
+            return _alert(await commands.acknowledge(p, alert_id, seen=lambda alert: _note_alert(request, p, alert)))
         except NotFound as exc:
             raise _not_found(exc.what) from exc
         except NotPublished as exc:
@@ -375,7 +344,7 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
 
     @r.get("/deliveries", tags=["deliveries"], response_model=list[DeliveryOut])
     async def list_deliveries(p: Principal = audited("deliveries.list", read_key),
-                              status: Literal["pending", "delivered", "failed", "cancelled"] | None = None,
+                              status: DeliveryStatus | None = None,
                               alert_id: str | None = None,
                               limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[DeliveryOut]:
         """Deliveries, newest first; `status=failed` lists the dead-lettered ones."""

@@ -45,8 +45,8 @@ def deliveries(
     """List a tenant's deliveries (by default the failed, dead-lettered ones)."""
     rows = _with_store(lambda s: s.list_deliveries(tenant, None, status, None, limit))
     for d in rows:
-        typer.echo(f"{d['_id']}  {d['status']:9}  {d['channel']:7}  {d['recipient']:40}  attempts={d['attempts']}  "
-                   f"{d.get('last_error') or ''}")
+        typer.echo(f"{d.delivery_id}  {d.status:9}  {d.channel:7}  {d.recipient:40}  attempts={d.attempts}  "
+                   f"{d.last_error or ''}")
     typer.echo(f"{len(rows)} deliveries", err=True)
 
 

@@ -1,25 +1,31 @@
 """The alerts service's commands, apart from HTTP: put a clinician's directory entry, acknowledge
-an alert, requeue a failed delivery. `api.py` parses requests, calls these and maps their errors
-to responses; the rules of each command (who may, what is checked, what is stored, what is
-published) live here.
+an alert, requeue a failed delivery, create or delete a partner subscription, rotate the tenant's
+webhook signing secret, set its escalation interval. `api.py` parses requests, calls these and
+maps their errors to responses; the rules of each command (who may, what is checked, what is
+stored, what is published) live here.
 
 Each command checks the caller's site against the entry it touches: a key bound to a site may
-not see (`NotFound`) or change (`SiteForbidden`) another site's entries.
+not see (`NotFound`) or change (`SiteForbidden`) another site's entries. Tenant-wide settings
+(subscriptions, the signing secret, the escalation interval) concern every site: they need a key
+bound to none (`TenantWideOnly`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Protocol
 
+from services.alerts import signing
 from services.alerts.handlers import PublishesAll, status_record
-from services.alerts.rules import Clinician, status_changed
-from services.alerts.store import utcnow
+from services.alerts.rules import SUBSCRIBABLE, Clinician, status_changed
+from services.alerts.secretbox import SecretBox, subscription_row, tenant_row
+from services.alerts.settings import AlertsSettings
+from services.alerts.store import Alert, Delivery, SubscriptionRow
 from services.alerts.targets import Resolver, system_resolve, target_problem
 from shared.auth import Principal
 from shared.events import AlertStatus
-from shared.mongo import Document
 from shared.topics import Topics
 
 
@@ -48,6 +54,18 @@ class Invalid(Exception):
         self.message = message
 
 
+class TenantWideOnly(Exception):
+    """A tenant-wide setting asked for with a key bound to a site."""
+
+
+class TooManySubscriptions(Exception):
+    """The tenant has the most subscriptions allowed."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__(f"at most {cap} subscriptions")
+        self.cap = cap
+
+
 class NotPublished(Exception):
     """The command took effect, but the event telling others is not published yet: retry (the
     event id is stable, so a retry publishes the same event)."""
@@ -60,21 +78,76 @@ class CommandStore(Protocol):
 
     async def put_clinician(self, c: Clinician) -> bool: ...
 
-    async def get_alert(self, tenant_id: str, alert_id: str) -> Document | None: ...
+    async def get_alert(self, tenant_id: str, alert_id: str) -> Alert | None: ...
 
-    async def acknowledge(self, tenant_id: str, alert_id: str, by: str) -> Document | None: ...
+    async def acknowledge(self, tenant_id: str, alert_id: str, by: str) -> Alert | None: ...
 
-    async def get_delivery(self, tenant_id: str, delivery_id: str) -> Document | None: ...
+    async def get_delivery(self, tenant_id: str, delivery_id: str) -> Delivery | None: ...
 
     async def requeue_failed(self, tenant_id: str | None, delivery_ids: Sequence[str] | None = None) -> int: ...
 
+    @staticmethod
+    def new_subscription_id() -> str: ...
+
+    async def create_subscription(self, tenant_id: str, url: str, events: Sequence[str], sealed_secret: str,
+                                  subscription_id: str | None = None) -> SubscriptionRow: ...
+
+    async def count_subscriptions(self, tenant_id: str) -> int: ...
+
+    async def remove_subscription(self, tenant_id: str, subscription_id: str) -> None: ...
+
+    async def delete_subscription(self, tenant_id: str, subscription_id: str) -> bool: ...
+
+    async def rotate_webhook_secret(self, tenant_id: str, sealed_secret: str,
+                                    grace: timedelta) -> datetime | None: ...
+
+    async def escalation_seconds(self, tenant_id: str) -> float | None: ...
+
+    async def set_escalation(self, tenant_id: str, seconds: float | None) -> None: ...
+
 
 # Told what a command found before it checks the caller's site (the audit trail names it).
-Seen = Callable[[Document | None], None]
+Seen = Callable[[Alert | None], None]
 
 
-def _nothing(doc: Document | None) -> None:
+def _nothing(alert: Alert | None) -> None:
     return None
+
+
+def _forget_nothing(cache_key: str) -> None:
+    return None
+
+
+def tenant_wide(p: Principal) -> None:
+    """Refuse a key bound to a site (`TenantWideOnly`): the setting concerns every site."""
+    if p.site_id is not None:
+        raise TenantWideOnly()
+
+
+@dataclass(frozen=True)
+class NewSubscription:
+    """A subscription just created, with its signing secret (shown once, never stored in clear)."""
+
+    subscription: SubscriptionRow
+    secret: str
+
+
+@dataclass(frozen=True)
+class NewSecret:
+    """A tenant's new clinician-webhook signing secret (shown once); until `previous_valid_until`
+    webhooks also carry a signature made with the previous one."""
+
+    secret: str
+    previous_valid_until: datetime | None
+
+
+@dataclass(frozen=True)
+class Escalation:
+    """How long an alert may stay unacknowledged before it escalates; `default` when the tenant
+    has no interval of its own."""
+
+    interval_seconds: float
+    default: bool
 
 
 @dataclass
@@ -87,6 +160,9 @@ class AlertsCommands:
     wake: Callable[[], None]
     allow_private_targets: bool = False
     resolve: Resolver = system_resolve
+    settings: AlertsSettings = field(default_factory=AlertsSettings)  # the subscription cap, grace, interval
+    box: SecretBox = field(default_factory=SecretBox)  # seals signing secrets (no keyring: stored as they are)
+    forget_secret: Callable[[str], None] = _forget_nothing  # drops a cached secret (the senders')
 
     async def put_clinician(self, p: Principal, entry: Clinician) -> bool:
         """Create or replace a directory entry (of the caller's tenant); True when it is new.
@@ -106,35 +182,88 @@ class AlertsCommands:
             raise Invalid("webhook_url", problem)
         return await self.store.put_clinician(entry)
 
-    async def acknowledge(self, p: Principal, alert_id: str, seen: Seen = _nothing) -> Document:
+    async def acknowledge(self, p: Principal, alert_id: str, seen: Seen = _nothing) -> Alert:
         """Acknowledge an alert (idempotent) and publish `acknowledged`; the alert as it stands.
 
         A superseded or withdrawn alert is returned as it is: nothing is left to acknowledge. The
         status event is published on every call (stable event id), so a retry after
         `NotPublished` still tells reporting."""
-        doc = await self.store.get_alert(p.tenant_id, alert_id)
-        seen(doc)
-        if doc is None or not p.may_see_site(doc["site_id"]):
+        alert = await self.store.get_alert(p.tenant_id, alert_id)
+        seen(alert)
+        if alert is None or not p.may_see_site(alert.site_id):
             raise NotFound("alert")
-        doc = await self.store.acknowledge(p.tenant_id, alert_id, p.key_id) or doc
-        if doc.get("acknowledged_at") is None:
-            return doc
-        event = status_changed(p.tenant_id, alert_id, doc["site_id"], doc["clinician_id"], AlertStatus.ACKNOWLEDGED,
-                               doc.get("acknowledged_at") or utcnow(), doc.get("client_id"))
+        alert = await self.store.acknowledge(p.tenant_id, alert_id, p.key_id) or alert
+        # Every alert names its client (a raise and a lifecycle status both carry it): the status
+        # event is keyed by it, like the client's other events.
+        if alert.acknowledged_at is None or alert.client_id is None:
+            return alert
+        event = status_changed(p.tenant_id, alert_id, alert.site_id, alert.clinician_id, AlertStatus.ACKNOWLEDGED,
+                               alert.acknowledged_at, alert.client_id)
         try:
-            await self.publisher.publish_all([status_record(event, doc["client_id"], self.topics,
-                                                            doc.get("correlation_id"))])
+            await self.publisher.publish_all([status_record(event, alert.client_id, self.topics,
+                                                            alert.correlation_id)])
         except Exception as exc:
             raise NotPublished(f"acknowledged, but the status event is not published yet ({type(exc).__name__}); "
                                "retry") from exc
-        return doc
+        return alert
 
-    async def requeue(self, p: Principal, delivery_id: str) -> Document:
+    async def requeue(self, p: Principal, delivery_id: str) -> Delivery:
         """Put a failed delivery back on the schedule with a fresh attempt budget, and wake the
         worker; the delivery as it stands."""
-        doc = await self.store.get_delivery(p.tenant_id, delivery_id)
-        if doc is None or not p.may_see_site(doc["site_id"]) or doc["status"] != "failed":
+        delivery = await self.store.get_delivery(p.tenant_id, delivery_id)
+        if delivery is None or not p.may_see_site(delivery.site_id) or delivery.status != "failed":
             raise NotFound("failed delivery")
         await self.store.requeue_failed(p.tenant_id, [delivery_id])
         self.wake()
-        return await self.store.get_delivery(p.tenant_id, delivery_id) or doc
+        return await self.store.get_delivery(p.tenant_id, delivery_id) or delivery
+
+    async def create_subscription(self, p: Principal, url: str, events: Sequence[str]) -> NewSubscription:
+        """Subscribe a partner URL (a public http(s) target, unless private targets are allowed) to
+        some topics of the caller's tenant, with a new signing secret sealed to its row; at most
+        `max_subscriptions_per_tenant` per tenant."""
+        tenant_wide(p)
+        if problem := await target_problem(url, self.allow_private_targets, self.resolve):
+            raise Invalid("url", problem)
+        cap = self.settings.max_subscriptions_per_tenant
+        if await self.store.count_subscriptions(p.tenant_id) >= cap:
+            raise TooManySubscriptions(cap)
+        secret = signing.new_secret()
+        subscription_id = self.store.new_subscription_id()
+        sealed = self.box.seal(secret, subscription_row(p.tenant_id, subscription_id))
+        row = await self.store.create_subscription(p.tenant_id, url, sorted(set(events), key=SUBSCRIBABLE.index),
+                                                   sealed, subscription_id)
+        if await self.store.count_subscriptions(p.tenant_id) > cap:
+            # Two creations raced past the check above: undo this one (both may be undone; the
+            # caller retries), so the cap holds.
+            await self.store.remove_subscription(p.tenant_id, subscription_id)
+            raise TooManySubscriptions(cap)
+        return NewSubscription(row, secret)
+
+    async def delete_subscription(self, p: Principal, subscription_id: str) -> None:
+        """Delete a subscription (its pending deliveries are cancelled) and forget its cached secret."""
+        tenant_wide(p)
+        if not await self.store.delete_subscription(p.tenant_id, subscription_id):
+            raise NotFound("subscription")
+        self.forget_secret("sub:" + subscription_id)
+
+    async def rotate_webhook_secret(self, p: Principal) -> NewSecret:
+        """Create or rotate the tenant's clinician-webhook signing secret; the previous one keeps
+        signing for `secret_rotation_grace_seconds`."""
+        tenant_wide(p)
+        secret = signing.new_secret()
+        grace = timedelta(seconds=self.settings.secret_rotation_grace_seconds)
+        until = await self.store.rotate_webhook_secret(p.tenant_id, self.box.seal(secret, tenant_row(p.tenant_id)),
+                                                        grace)
+        self.forget_secret("tenant:" + p.tenant_id)
+        return NewSecret(secret, until)
+
+    async def set_escalation(self, p: Principal, seconds: float | None) -> Escalation:
+        """Set the tenant's escalation interval, or (None) return it to the default."""
+        tenant_wide(p)
+        await self.store.set_escalation(p.tenant_id, seconds)
+        return Escalation(seconds or self.settings.escalation_seconds, seconds is None)
+
+    async def escalation(self, p: Principal) -> Escalation:
+        """The tenant's escalation interval."""
+        seconds = await self.store.escalation_seconds(p.tenant_id)
+        return Escalation(seconds or self.settings.escalation_seconds, seconds is None)

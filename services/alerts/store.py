@@ -26,13 +26,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field
 from pymongo import ASCENDING, DESCENDING, InsertOne, ReturnDocument, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.alerts.rules import Clinician, Subscription, lifecycle_order
+from services.alerts.rules import Outcome as AttemptClass
 from services.alerts.secretbox import Row, subscription_row, tenant_row
 from shared import ids
-from shared.events import AlertState, Lifecycle
+from shared.events import AlertState, Lifecycle, Severity
 from shared.mongo import Document, bulk_write, guarded_upserts
 
 CLINICIANS = "clinicians"
@@ -44,6 +46,7 @@ DELIVERIES = "deliveries"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 Outcome = Literal["delivered", "retry", "failed", "cancelled"]
+DeliveryStatus = Literal["pending", "delivered", "failed", "cancelled"]
 
 
 def utcnow() -> datetime:
@@ -68,6 +71,102 @@ def _below(value: str | int) -> Document:
 def _clinician(doc: Mapping[str, Any]) -> Clinician:
     return Clinician(doc["tenant_id"], doc["clinician_id"], doc["site_id"], doc.get("email"),
                      doc.get("webhook_url"), doc.get("supervisor_id"))
+
+
+@dataclass(frozen=True)
+class SubscriptionRow:
+    """A partner subscription as its tenant lists it (never its secret)."""
+
+    subscription_id: str
+    url: str
+    events: tuple[str, ...]
+    created_at: datetime
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> SubscriptionRow:
+        return cls(doc["_id"], doc["url"], tuple(doc["events"]), doc["created_at"])
+
+
+class AlertFields(BaseModel):
+    """What the API shows of an alert (`api.AlertOut`): the content of its highest raised revision
+    (None while only scoring's end of the alert is known, before the raise it ends arrived), where
+    its lifecycle stands (`status`, `revision`) and what alerts did with it."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    alert_id: str
+    tenant_id: str
+    site_id: str
+    clinician_id: str
+    client_id: str | None = None
+    submission_id: str | None = None
+    instrument: str | None = None
+    episode_id: str | None = None
+    session_number: int | None = None
+    severity: Severity | None = None
+    triggers: list[str] = Field(default_factory=list)
+    low_items: list[str] = Field(default_factory=list, description="items below their threshold, e.g. goals")
+    total: float | None = None
+    previous_total: float | None = None
+    change_from_previous: float | None = None
+    cutoff: float | None = None
+    occurred_at: datetime | None = None
+    created_at: datetime
+    status: AlertState
+    revision: int = Field(default=1, description="the revision the status is about (scoring's numbering)")
+    acknowledged_at: datetime | None = None
+    escalated: bool
+    escalated_at: datetime | None = None
+    escalated_to: str | None = None
+
+
+class Alert(AlertFields):
+    """An alert as the store holds it (`alerts` collection, without the body escalation sends)."""
+
+    correlation_id: str | None = None  # of the raise: carried on to what alerts publishes about it
+    acknowledged_by: str | None = None  # the key that acknowledged it
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> Alert:
+        return cls.model_validate({**doc, "alert_id": doc["_id"]})
+
+
+class DeliveryFields(BaseModel):
+    """What tenants see of a delivery (`api.DeliveryOut`): where it goes, and where its schedule stands."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    delivery_id: str
+    kind: str
+    alert_id: str | None = None
+    subject_id: str
+    topic: str
+    recipient: str
+    channel: str
+    target: str
+    status: DeliveryStatus
+    attempts: int
+    next_attempt_at: datetime | None = None
+    last_outcome: AttemptClass | None = Field(
+        default=None, description="the class of the last attempt's result: 2xx, 3xx, 4xx, 5xx, timeout, refused "
+                                  "(could not connect), blocked (the target is not a public address), no_secret "
+                                  "(the tenant has no signing secret) or error; never a status code or error text")
+    created_at: datetime
+    delivered_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class Delivery(DeliveryFields):
+    """A delivery as the store holds it (`deliveries` collection, without its body and lease)."""
+
+    tenant_id: str
+    site_id: str
+    subscription_id: str | None = None
+    last_error: str | None = None  # for operators only (the CLI): never shown to tenants
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> Delivery:
+        return cls.model_validate({**doc, "delivery_id": doc["_id"]})
 
 
 @dataclass(frozen=True)
@@ -168,12 +267,12 @@ class AlertsStore:
         return str(uuid.uuid4())
 
     async def create_subscription(self, tenant_id: str, url: str, events: Sequence[str],
-                                  sealed_secret: str, subscription_id: str | None = None) -> Document:
+                                  sealed_secret: str, subscription_id: str | None = None) -> SubscriptionRow:
         doc: Document = {"_id": subscription_id or self.new_subscription_id(), "tenant_id": tenant_id,
                          "url": url, "events": list(events),
                          "secret": sealed_secret, "created_at": utcnow()}
         await self.subscriptions.insert_one(doc)
-        return doc
+        return SubscriptionRow.from_doc(doc)
 
     async def count_subscriptions(self, tenant_id: str) -> int:
         return await self.subscriptions.count_documents({"tenant_id": tenant_id})
@@ -182,9 +281,10 @@ class AlertsStore:
         """Undo a `create_subscription` that went over the tenant's cap (nothing was delivered yet)."""
         await self.subscriptions.delete_one({"_id": subscription_id, "tenant_id": tenant_id})
 
-    async def list_subscriptions(self, tenant_id: str) -> list[Document]:
-        return await self.subscriptions.find({"tenant_id": tenant_id}, {"secret": 0}).sort(
+    async def list_subscriptions(self, tenant_id: str) -> list[SubscriptionRow]:
+        docs = await self.subscriptions.find({"tenant_id": tenant_id}, {"secret": 0}).sort(
             "created_at", ASCENDING).to_list()
+        return [SubscriptionRow.from_doc(d) for d in docs]
 
     async def delete_subscription(self, tenant_id: str, subscription_id: str) -> bool:
         """Delete a subscription and cancel what it still had pending; True if it existed."""
@@ -232,8 +332,9 @@ class AlertsStore:
 
     # ---- per-tenant settings -----------------------------------------------------------------
 
-    async def rotate_webhook_secret(self, tenant_id: str, sealed_secret: str, grace: timedelta) -> None:
-        """Install a new clinician-webhook secret; the previous one keeps signing for `grace`."""
+    async def rotate_webhook_secret(self, tenant_id: str, sealed_secret: str, grace: timedelta) -> datetime | None:
+        """Install a new clinician-webhook secret; the previous one keeps signing for `grace`.
+        Returns until when it does (None: there was none, or no grace)."""
         now = utcnow()
         old = await self.tenants.find_one_and_update(
             {"_id": tenant_id},
@@ -243,6 +344,14 @@ class AlertsStore:
         update: Document = ({"previous_secret": previous, "previous_until": now + grace} if previous and grace
                             else {"previous_secret": None, "previous_until": None})
         await self.tenants.update_one({"_id": tenant_id}, {"$set": update})
+        until: datetime | None = update["previous_until"]
+        return until
+
+    async def escalation_seconds(self, tenant_id: str) -> float | None:
+        """The tenant's own escalation interval; None: the default."""
+        doc = await self.tenants.find_one({"_id": tenant_id}, {"escalation_seconds": 1})
+        seconds = (doc or {}).get("escalation_seconds")
+        return None if seconds is None else float(seconds)
 
     async def tenant(self, tenant_id: str) -> Document | None:
         return await self.tenants.find_one({"_id": tenant_id})
@@ -331,11 +440,12 @@ class AlertsStore:
         docs = await self.alerts.find({"_id": {"$in": wanted}}, {"lkey": 1}).to_list()
         return {d["_id"]: str(d.get("lkey", "")) for d in docs}
 
-    async def get_alert(self, tenant_id: str, alert_id: str) -> Document | None:
-        return await self.alerts.find_one({"_id": alert_id, "tenant_id": tenant_id}, {"event": 0})
+    async def get_alert(self, tenant_id: str, alert_id: str) -> Alert | None:
+        doc = await self.alerts.find_one({"_id": alert_id, "tenant_id": tenant_id}, {"event": 0})
+        return None if doc is None else Alert.from_doc(doc)
 
-    async def list_alerts(self, tenant_id: str, site_id: str | None, clinician_id: str | None, status: str | None,
-                          limit: int) -> list[Document]:
+    async def list_alerts(self, tenant_id: str, site_id: str | None, clinician_id: str | None,
+                          status: AlertState | None, limit: int) -> list[Alert]:
         query: Document = {"tenant_id": tenant_id}
         if site_id is not None:
             query["site_id"] = site_id
@@ -343,9 +453,10 @@ class AlertsStore:
             query["clinician_id"] = clinician_id
         if status is not None:
             query["status"] = status
-        return await self.alerts.find(query, {"event": 0}).sort("created_at", DESCENDING).limit(limit).to_list()
+        docs = await self.alerts.find(query, {"event": 0}).sort("created_at", DESCENDING).limit(limit).to_list()
+        return [Alert.from_doc(d) for d in docs]
 
-    async def acknowledge(self, tenant_id: str, alert_id: str, by: str) -> Document | None:
+    async def acknowledge(self, tenant_id: str, alert_id: str, by: str) -> Alert | None:
         """Mark an open alert acknowledged; None if unknown. An acknowledged one stays as it was,
         and so does a superseded or withdrawn one (nothing is left to acknowledge)."""
         await self.alerts.update_one({"_id": alert_id, "tenant_id": tenant_id, "status": AlertState.OPEN},
@@ -452,8 +563,8 @@ class AlertsStore:
                     "last_outcome": r.last_outcome}}))
         await self.deliveries.bulk_write(ops, ordered=False)
 
-    async def list_deliveries(self, tenant_id: str, site_id: str | None, status: str | None, alert_id: str | None,
-                              limit: int) -> list[Document]:
+    async def list_deliveries(self, tenant_id: str, site_id: str | None, status: str | None,
+                              alert_id: str | None, limit: int) -> list[Delivery]:
         query: Document = {"tenant_id": tenant_id}
         if site_id is not None:
             query["site_id"] = site_id
@@ -461,11 +572,13 @@ class AlertsStore:
             query["status"] = status
         if alert_id is not None:
             query["alert_id"] = alert_id
-        return await self.deliveries.find(query, {"body": 0, "claim": 0}).sort("created_at", DESCENDING).limit(
+        docs = await self.deliveries.find(query, {"body": 0, "claim": 0}).sort("created_at", DESCENDING).limit(
             limit).to_list()
+        return [Delivery.from_doc(d) for d in docs]
 
-    async def get_delivery(self, tenant_id: str, delivery_id: str) -> Document | None:
-        return await self.deliveries.find_one({"_id": delivery_id, "tenant_id": tenant_id}, {"body": 0, "claim": 0})
+    async def get_delivery(self, tenant_id: str, delivery_id: str) -> Delivery | None:
+        doc = await self.deliveries.find_one({"_id": delivery_id, "tenant_id": tenant_id}, {"body": 0, "claim": 0})
+        return None if doc is None else Delivery.from_doc(doc)
 
     async def count_pending(self) -> tuple[int, int]:
         """(pending deliveries, of which waiting for a retry)."""

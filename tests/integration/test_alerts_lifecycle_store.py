@@ -174,8 +174,8 @@ async def test_a_superseded_or_withdrawn_alert_cannot_be_acknowledged(handlers: 
     for status in ("superseded", "withdrawn"):
         r1 = deterioration("t1", "c1", "client-1")
         await feed(h, [r1, ended(r1, status)])
-        doc = await store.acknowledge("t1", r1.alert_id, "key-1")
-        assert doc is not None and (doc["status"], doc.get("acknowledged_at")) == (status, None)
+        alert = await store.acknowledge("t1", r1.alert_id, "key-1")
+        assert alert is not None and (alert.status, alert.acknowledged_at) == (status, None)
 
 
 async def test_only_open_alerts_with_content_are_due_for_escalation(handlers: tuple[Handlers, AlertsStore]) -> None:

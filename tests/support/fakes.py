@@ -12,11 +12,12 @@ import itertools
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel
 
 from services.alerts.rules import Clinician, Subscription, lifecycle_order
+from services.alerts.store import Alert, Delivery, SubscriptionRow
 from services.reporting.store import ApplyReport, GenerationState
 from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, Lifecycle, SrsScored, SrsSubmitted
 from shared.kafka import CORRELATION_HEADER, InboundRecord, OutboundRecord
@@ -81,6 +82,10 @@ class MemoryAlertsStore:
     contents: dict[str, tuple[int, Document]] = field(default_factory=dict)  # alert id -> (revision, content)
     deliveries: dict[str, Document] = field(default_factory=dict)
     alerts: dict[str, Document] = field(default_factory=dict)  # alert documents as the API reads them
+    # partner subscriptions as the API's commands write them: id -> (tenant, row, sealed secret)
+    subscription_rows: dict[str, tuple[str, SubscriptionRow, str]] = field(default_factory=dict)
+    webhook_secrets: dict[str, str] = field(default_factory=dict)  # tenant -> sealed clinician-webhook secret
+    escalations: dict[str, float] = field(default_factory=dict)  # tenant -> its own interval
     now: datetime = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)  # when an acknowledgement happens
     down: bool = False
 
@@ -136,22 +141,22 @@ class MemoryAlertsStore:
         self.clinicians[(c.tenant_id, c.clinician_id)] = c
         return created
 
-    async def get_alert(self, tenant_id: str, alert_id: str) -> Document | None:
+    async def get_alert(self, tenant_id: str, alert_id: str) -> Alert | None:
         self._check()
         doc = self.alerts.get(alert_id)
-        return dict(doc) if doc is not None and doc["tenant_id"] == tenant_id else None
+        return Alert.from_doc(doc) if doc is not None and doc["tenant_id"] == tenant_id else None
 
-    async def acknowledge(self, tenant_id: str, alert_id: str, by: str) -> Document | None:
+    async def acknowledge(self, tenant_id: str, alert_id: str, by: str) -> Alert | None:
         self._check()
         doc = self.alerts.get(alert_id)
         if doc is not None and doc["tenant_id"] == tenant_id and doc["status"] == "open":
             doc.update(status="acknowledged", acknowledged_at=self.now, acknowledged_by=by)
         return await self.get_alert(tenant_id, alert_id)
 
-    async def get_delivery(self, tenant_id: str, delivery_id: str) -> Document | None:
+    async def get_delivery(self, tenant_id: str, delivery_id: str) -> Delivery | None:
         self._check()
         doc = self.deliveries.get(delivery_id)
-        return dict(doc) if doc is not None and doc["tenant_id"] == tenant_id else None
+        return Delivery.from_doc(doc) if doc is not None and doc["tenant_id"] == tenant_id else None
 
     async def requeue_failed(self, tenant_id: str | None, delivery_ids: Sequence[str] | None = None) -> int:
         self._check()
@@ -160,6 +165,49 @@ class MemoryAlertsStore:
         for d in hits:
             d.update(status="pending", attempts=0)
         return len(hits)
+
+    @staticmethod
+    def new_subscription_id() -> str:
+        return f"sub-{next(_offsets)}"
+
+    async def create_subscription(self, tenant_id: str, url: str, events: Sequence[str], sealed_secret: str,
+                                  subscription_id: str | None = None) -> SubscriptionRow:
+        self._check()
+        row = SubscriptionRow(subscription_id or self.new_subscription_id(), url, tuple(events), self.now)
+        self.subscription_rows[row.subscription_id] = (tenant_id, row, sealed_secret)
+        return row
+
+    async def count_subscriptions(self, tenant_id: str) -> int:
+        self._check()
+        return sum(1 for tenant, _, _ in self.subscription_rows.values() if tenant == tenant_id)
+
+    async def remove_subscription(self, tenant_id: str, subscription_id: str) -> None:
+        await self.delete_subscription(tenant_id, subscription_id)
+
+    async def delete_subscription(self, tenant_id: str, subscription_id: str) -> bool:
+        self._check()
+        held = self.subscription_rows.get(subscription_id)
+        if held is None or held[0] != tenant_id:
+            return False
+        del self.subscription_rows[subscription_id]
+        return True
+
+    async def rotate_webhook_secret(self, tenant_id: str, sealed_secret: str, grace: timedelta) -> datetime | None:
+        self._check()
+        previous = self.webhook_secrets.get(tenant_id)
+        self.webhook_secrets[tenant_id] = sealed_secret
+        return self.now + grace if previous and grace else None
+
+    async def escalation_seconds(self, tenant_id: str) -> float | None:
+        self._check()
+        return self.escalations.get(tenant_id)
+
+    async def set_escalation(self, tenant_id: str, seconds: float | None) -> None:
+        self._check()
+        if seconds is None:
+            self.escalations.pop(tenant_id, None)
+        else:
+            self.escalations[tenant_id] = seconds
 
 
 # ---- reporting -------------------------------------------------------------------------------------
