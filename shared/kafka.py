@@ -1,9 +1,12 @@
 """Kafka wiring shared by every service.
 
 - `make_broker`: a FastStream KafkaBroker with `acks=all`, idempotence per settings, TLS/SASL.
-- `subscribe_batch`: a batch subscriber with manual commits. The handler gets raw records (so
-  one undecodable record cannot fail a whole batch) and must publish its outputs, dead-letter
-  what it cannot process, and return; the offsets are committed only after that.
+- `subscribe_batch`: a batch subscriber with manual commits. Given the `model` of the topic's
+  events, it decodes each batch (`typed_handler`: one undecodable record cannot fail a whole
+  batch), runs the handler on the typed events (`Decoded`), then dead-letters the records that
+  did not decode; without a model the handler gets the raw records. The handler must publish its
+  outputs, dead-letter what it cannot process, and return; the offsets are committed only after
+  that.
   Every failure that escapes the handler is classified (`classify`):
     * *transient* (the store or broker unreachable, a timeout, not primary, a write concern, and
       anything not known to be deterministic): the batch is retried with backoff; after a
@@ -26,11 +29,12 @@
   its effects may already be in the store (re-applied idempotently) and its poison records may
   already be on the dead-letter topic; a redelivery dead-letters them again under the same
   `event_id` (derived from source coordinates and reason), so readers can drop the copies.
-- `decode_batch`: the typed layer handlers call first: decodes a batch into `Decoded` events
-  (each with its record: coordinates, key, headers) with one model or one chosen per record, and
-  builds the dead letters of the records that do not decode (`DeadLetterReason` `undecodable` or
-  `invalid`, with the tenant the record names). It publishes nothing; the handler sends those
-  dead letters with its other outputs before it returns, so the crash rule above holds for them.
+- `decode_batch`: the typed layer: decodes a batch into `Decoded` events (each with its record:
+  coordinates, key, headers) with one model or one chosen per record, and builds the dead letters
+  of the records that do not decode (`DeadLetterReason` `undecodable` or `invalid`, with the
+  tenant the record names). `typed_handler` publishes them after the handler returned and before
+  the commit, so the crash rule above holds for them (and a batch retried after a failure of the
+  handler does not publish them once per attempt).
 - `Publisher`: publishes many records and waits for all acknowledgements together.
 """
 
@@ -47,7 +51,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast, overload
 
 from aiokafka import ConsumerRecord, TopicPartition
 from bson.errors import BSONError, InvalidDocument
@@ -297,6 +301,7 @@ def decode_batch(records: Sequence[InboundRecord], model: ModelOf[M], *, service
 
 
 BatchHandler = Callable[[list[InboundRecord]], Awaitable[None]]
+TypedHandler = Callable[[list[Decoded[M]]], Awaitable[None]]
 DeadLetterSink = Callable[[Sequence[OutboundRecord]], Awaitable[None]]
 
 
@@ -558,13 +563,47 @@ async def measure_lag(service: str, broker: KafkaBroker, timeout_seconds: float)
     _LAG_REPORTED[service] = seen
 
 
+def typed_handler(model: ModelOf[M], handler: TypedHandler[M], *, service: str, dead_letters: DeadLetterTarget,
+                  invalid_reason: DeadLetterReason | None = None) -> BatchHandler:
+    """The raw-record handler `subscribe_batch(model=...)` runs: decode the batch (`decode_batch`),
+    run `handler` on the events in record order, then publish the dead letters of the records that
+    did not decode (`invalid_reason` replaces both decode reasons, see `decode_batch`)."""
+
+    async def run(records: list[InboundRecord]) -> None:
+        decoded, dead = decode_batch(records, model, service=service, dlq_topic=dead_letters.topic,
+                                     reason=invalid_reason)
+        await handler(decoded)
+        if dead:
+            await dead_letters.publish(dead)
+
+    return run
+
+
+@overload
+def subscribe_batch(broker: KafkaBroker, topic: str, *, group_id: str, service: str, handler: TypedHandler[M],
+                    model: ModelOf[M], invalid_reason: DeadLetterReason | None = None, max_records: int = 500,
+                    retry: RetryPolicy | None = None, batch_timeout_ms: int = 50,
+                    fetch_max_wait_ms: int | None = None, dead_letters: DeadLetterTarget,
+                    settings: KafkaSettings | None = None) -> None: ...
+
+
+@overload
+def subscribe_batch(broker: KafkaBroker, topic: str, *, group_id: str, service: str, handler: BatchHandler,
+                    model: None = None, invalid_reason: None = None, max_records: int = 500,
+                    retry: RetryPolicy | None = None, batch_timeout_ms: int = 50,
+                    fetch_max_wait_ms: int | None = None, dead_letters: DeadLetterTarget | None = None,
+                    settings: KafkaSettings | None = None) -> None: ...
+
+
 def subscribe_batch(
     broker: KafkaBroker,
     topic: str,
     *,
     group_id: str,
     service: str,
-    handler: BatchHandler,
+    handler: TypedHandler[Any] | BatchHandler,
+    model: ModelOf[Any] | None = None,
+    invalid_reason: DeadLetterReason | None = None,
     max_records: int = 500,
     retry: RetryPolicy | None = None,
     batch_timeout_ms: int = 50,
@@ -574,11 +613,22 @@ def subscribe_batch(
 ) -> None:
     """Register an at-least-once batch consumer of `topic` for `handler` (see module docs).
 
-    `settings` are the service's Kafka settings (those its broker was made from):
-    `fetch_max_wait_ms` defaults to their `fetch_max_wait_ms` (see there), `retry.poison_attempts` to
-    their `poison_attempts` (without settings, 500 ms and 2). `dead_letters` is where records failing
-    deterministically on their own go; without it they are retried forever.
+    With `model` (the topic's event model, or a function choosing one per record) the handler gets
+    the decoded events, and the records that do not decode are dead-lettered to `dead_letters`
+    (`typed_handler`); without it, the raw records. `settings` are the service's Kafka settings
+    (those its broker was made from): `fetch_max_wait_ms` defaults to their `fetch_max_wait_ms`
+    (see there), `retry.poison_attempts` to their `poison_attempts` (without settings, 500 ms and
+    2). `dead_letters` is where records failing deterministically on their own go; without it they
+    are retried forever.
     """
+    # The overloads pair a typed handler with a model, a raw one with none.
+    if model is not None:
+        if dead_letters is None:
+            raise ValueError("a typed consumer dead-letters the records that do not decode: give dead_letters")
+        raw_handler = typed_handler(model, cast(TypedHandler[Any], handler), service=service,
+                                    dead_letters=dead_letters, invalid_reason=invalid_reason)
+    else:
+        raw_handler = cast(BatchHandler, handler)
     policy = retry or RetryPolicy(poison_attempts=settings.poison_attempts if settings is not None else 2)
     if fetch_max_wait_ms is None:
         fetch_max_wait_ms = settings.fetch_max_wait_ms if settings is not None else 500
@@ -615,11 +665,11 @@ def subscribe_batch(
             try:
                 if dead_letters is not None and deterministic is not None \
                         and seen_deterministic >= max(1, policy.poison_attempts):
-                    poison = await isolate_poison(handler, records, deterministic)
+                    poison = await isolate_poison(raw_handler, records, deterministic)
                     if poison:
                         await dead_letters.publish(poison_letters(service, poison, dead_letters))
                 else:
-                    await handler(records)
+                    await raw_handler(records)
                 await message.ack()
             except asyncio.CancelledError:
                 raise

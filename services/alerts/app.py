@@ -19,7 +19,7 @@ from faststream.kafka import KafkaBroker
 
 from services.alerts.api import build_router
 from services.alerts.escalation import Escalator
-from services.alerts.handlers import Handlers
+from services.alerts.handlers import INVALID, Handlers, StatusEvent
 from services.alerts.senders import EmailSender, SigningSecrets, WebhookSender
 from services.alerts.settings import AlertsSettings, SmtpSettings
 from services.alerts.store import AlertsStore
@@ -27,7 +27,7 @@ from services.alerts.targets import Resolver, system_resolve
 from services.alerts.webhooks import webhooks_router
 from services.alerts.worker import DeliveryWorker, Sender
 from shared import audit, auth
-from shared.events import AlertStatusChanged, DeadLetter
+from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, SrsScored
 from shared.http import Runtime, Service, authenticate_first, make_guard, service_api, stream_app
 from shared.kafka import DeadLetterTarget, Publisher, make_broker, subscribe_batch
 from shared.mongo import database, make_client
@@ -93,22 +93,22 @@ def build(config: AlertsConfig | None = None, resolve: Resolver = system_resolve
     if cfg.smtp.enabled:
         senders["email"] = EmailSender(cfg.smtp, cfg.alerts.dashboard_url, cfg.alerts.attempt_timeout_seconds)
     worker = DeliveryWorker(store, senders, publisher, topics, cfg.alerts)
-    handlers = Handlers(store, publisher, topics, cfg.smtp.enabled, worker.wake)
+    handlers = Handlers(store, cfg.smtp.enabled, worker.wake)
     escalator = Escalator(store, publisher, topics, cfg.alerts, cfg.smtp.enabled, worker.wake)
 
     poison = DeadLetterTarget(topics.deadletter, publisher.publish_all)
     subscribe_batch(broker, topics.deterioration, group_id=cfg.kafka.group(SERVICE), service=SERVICE,
-                    handler=handlers.on_deterioration, max_records=cfg.kafka.batch_max_records,
-                    dead_letters=poison, settings=cfg.kafka)
+                    model=AllianceDeterioration, handler=handlers.on_deterioration, invalid_reason=INVALID,
+                    max_records=cfg.kafka.batch_max_records, dead_letters=poison, settings=cfg.kafka)
     subscribe_batch(broker, topics.scored, group_id=cfg.kafka.group("alerts-partners"), service=SERVICE,
-                    handler=handlers.on_scored, max_records=cfg.kafka.batch_max_records,
-                    dead_letters=poison, settings=cfg.kafka)
+                    model=SrsScored, handler=handlers.on_scored, invalid_reason=INVALID,
+                    max_records=cfg.kafka.batch_max_records, dead_letters=poison, settings=cfg.kafka)
     # Superseded / withdrawn from scoring (and this service's own acknowledged / escalated, which
     # are only forwarded to partners). Its own group: the lifecycle merge does not depend on the
     # order of the two topics, so neither consumer waits for the other.
     subscribe_batch(broker, topics.alert_status, group_id=cfg.kafka.group("alerts-status"), service=SERVICE,
-                    handler=handlers.on_alert_status, max_records=cfg.kafka.batch_max_records,
-                    dead_letters=poison, settings=cfg.kafka)
+                    model=StatusEvent, handler=handlers.on_alert_status, invalid_reason=INVALID,
+                    max_records=cfg.kafka.batch_max_records, dead_letters=poison, settings=cfg.kafka)
 
     async def start() -> None:
         await store.ensure_indexes()

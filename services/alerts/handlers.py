@@ -1,13 +1,13 @@
 """Consumer handlers: translate consumed events into alerts and scheduled deliveries.
 
-Per batch: decode every record (`shared.kafka.decode_batch`; one that does not decode is
-dead-lettered as `invalid_event`, never retried), load the directory entries and subscriptions
-the batch needs (two `$in` reads), merge the alerts' lifecycles (one bulk write), read back
-where each alert now stands (one `$in` read), plan the deliveries of the events that are their
-alert's current state with the pure routing rules and insert them (one bulk write, unique ids: a
-redelivered batch inserts nothing new), publish the dead letters, and return — only then are the
-offsets committed. Nothing is sent here: the delivery worker does that, so a slow receiver can
-never hold up a partition.
+Per batch of typed events (`shared.kafka.subscribe_batch(model=...)` decodes the records; one
+that does not decode is dead-lettered as `invalid_event`, never retried): load the directory
+entries and subscriptions the batch needs (two `$in` reads), merge the alerts' lifecycles (one
+bulk write), read back where each alert now stands (one `$in` read), plan the deliveries of the
+events that are their alert's current state with the pure routing rules and insert them (one
+bulk write, unique ids: a redelivered batch inserts nothing new), and return; the subscriber
+then publishes the dead letters — only then are the offsets committed. Nothing is sent here: the
+delivery worker does that, so a slow receiver can never hold up a partition.
 
 Raises (`alliance.deterioration.v1`) and their ends (`alliance.alert-status.v1`) arrive on two
 topics, consumed independently, so in any order. A raise is told unless the alert has already
@@ -23,9 +23,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
-from pydantic import BaseModel
+from pydantic import model_validator
 
 from services.alerts.rules import (
     Clinician,
@@ -47,14 +47,27 @@ from shared.events import (
     SrsScored,
 )
 from shared.ids import partition_key
-from shared.kafka import Decoded, InboundRecord, OutboundRecord, dead_letter_record, decode_batch
+from shared.kafka import Decoded, InboundRecord, OutboundRecord
 from shared.mongo import Document
 from shared.topics import ALERT_STATUS, DETERIORATION, SCORED, Topics
 
 log = logging.getLogger("alliance.alerts.handlers")
 
 SERVICE = "alerts"
-M = TypeVar("M", bound=BaseModel)
+# Alerts' decode failures have always been dead-lettered as `invalid_event` (kept: it is the wire format).
+INVALID = DeadLetterReason.INVALID_EVENT
+
+
+class StatusEvent(AlertStatusChanged):
+    """An alert-status event as alerts reads it: a lifecycle status (superseded, withdrawn) that
+    does not name the revision it ends and the client it concerns breaks the contract and cannot
+    be ordered, so it does not decode (and is dead-lettered as `invalid_event`)."""
+
+    @model_validator(mode="after")
+    def _lifecycle_names_its_revision(self) -> StatusEvent:
+        if self.status in LIFECYCLE_STATUSES and (self.revision is None or self.client_id is None):
+            raise ValueError(f"a {self.status} status must name its revision and client_id")
+        return self
 
 
 def _source(rec: InboundRecord) -> dict[str, Any]:
@@ -129,28 +142,16 @@ class PublishesAll(Protocol):
 
 
 class Handlers:
-    """The three batch handlers of the service."""
+    """The three batch handlers of the service, on typed events (they publish nothing: the records
+    that do not decode are the subscriber's to dead-letter, and deliveries are the worker's)."""
 
-    def __init__(self, store: HandlerStore, publisher: PublishesAll, topics: Topics, email_enabled: bool,
-                 on_scheduled: Callable[[], None]) -> None:
+    def __init__(self, store: HandlerStore, email_enabled: bool, on_scheduled: Callable[[], None]) -> None:
         self._store = store
-        self._publisher = publisher
-        self._topics = topics
         self._email = email_enabled
         self._on_scheduled = on_scheduled
 
-    def _decode(self, records: Sequence[InboundRecord], model: type[M],
-                dead: list[OutboundRecord]) -> list[Decoded[M]]:
-        # Alerts' decode failures have always been dead-lettered as `invalid_event` (kept: it is the wire format).
-        decoded, letters = decode_batch(records, model, service=SERVICE, dlq_topic=self._topics.deadletter,
-                                        reason=DeadLetterReason.INVALID_EVENT)
-        dead.extend(letters)
-        return decoded
-
-    async def on_deterioration(self, records: list[InboundRecord]) -> None:
+    async def on_deterioration(self, decoded: list[Decoded[AllianceDeterioration]]) -> None:
         """Record alerts and schedule their deliveries (clinician webhook/email, the tenant's partners)."""
-        dead: list[OutboundRecord] = []
-        decoded = self._decode(records, AllianceDeterioration, dead)
         scheduled = 0
         if decoded:
             now = datetime.now(UTC)
@@ -173,39 +174,21 @@ class Handlers:
                 docs.extend(delivery_doc(p, d.body, origin, d.correlation_id, _source(d.record), now)
                             for p in planned)
             scheduled = await self._store.insert_deliveries(docs)
-        await self._publisher.publish_all(dead)
         if scheduled:
             self._on_scheduled()
 
-    def _decode_status(self, records: Sequence[InboundRecord],
-                       dead: list[OutboundRecord]) -> list[Decoded[AlertStatusChanged]]:
-        """Decode alert-status records; a lifecycle status without the revision it ends (or the
-        client it concerns) breaks the contract and cannot be ordered, so it is dead-lettered."""
-        out = []
-        for d in self._decode(records, AlertStatusChanged, dead):
-            ev = d.event
-            if ev.status in LIFECYCLE_STATUSES and (ev.revision is None or ev.client_id is None):
-                dead.append(dead_letter_record(SERVICE, d.record, DeadLetterReason.INVALID_EVENT,
-                                               f"a {ev.status} status must name its revision and client_id",
-                                               self._topics.deadletter, ev.tenant_id))
-            else:
-                out.append(d)
-        return out
-
-    async def on_alert_status(self, records: list[InboundRecord]) -> None:
+    async def on_alert_status(self, decoded: list[Decoded[StatusEvent]]) -> None:
         """Merge superseded/withdrawn into the alerts, tell the clinician of a withdrawal, and
         forward status events to the tenant's partners subscribed to `alliance.alert-status.v1`.
 
         The events alerts publishes itself (acknowledged, escalated) come back here too: they do
         not touch the lifecycle, and are only forwarded to partners.
         """
-        dead: list[OutboundRecord] = []
-        decoded = self._decode_status(records, dead)
         scheduled = 0
         if decoded:
             now = datetime.now(UTC)
             events = [d.event for d in decoded]
-            # (status, revision it ends) of the lifecycle events; _decode_status made sure both are set.
+            # (status, revision it ends) of the lifecycle events; `StatusEvent` made sure both are set.
             ends = {ev.event_id: (ev.status, ev.revision) for ev in events
                     if ev.status in LIFECYCLE_STATUSES and ev.revision is not None}
             await self._store.record_statuses([(*ends[ev.event_id], status_identity(ev))
@@ -225,14 +208,11 @@ class Handlers:
                 docs.extend(delivery_doc(p, d.body, ev.occurred_at, d.correlation_id, _source(d.record), now)
                             for p in planned)
             scheduled = await self._store.insert_deliveries(docs)
-        await self._publisher.publish_all(dead)
         if scheduled:
             self._on_scheduled()
 
-    async def on_scored(self, records: list[InboundRecord]) -> None:
+    async def on_scored(self, decoded: list[Decoded[SrsScored]]) -> None:
         """Schedule scored events for the partners of their tenant that subscribed to them."""
-        dead: list[OutboundRecord] = []
-        decoded = self._decode(records, SrsScored, dead)
         scheduled = 0
         if decoded:
             subscriptions = await self._store.subscriptions_for((d.event.tenant_id for d in decoded), SCORED)
@@ -247,6 +227,5 @@ class Handlers:
                     docs.extend(delivery_doc(p, d.body, origin, d.correlation_id, _source(d.record), now)
                                 for p in planned)
                 scheduled = await self._store.insert_deliveries(docs)
-        await self._publisher.publish_all(dead)
         if scheduled:
             self._on_scheduled()

@@ -20,7 +20,7 @@ from services.reporting.settings import ReportingSettings
 from services.reporting.store import Generations, ReportingStore, SubmissionStore
 from shared import audit
 from shared.auth import KeyStore
-from shared.events import DeadLetter
+from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, SrsScored
 from shared.http import Runtime, Service, authenticate_first, make_guard, service_api, stream_app
 from shared.kafka import DeadLetterTarget, OutboundRecord, Publisher, make_broker, subscribe_batch
 from shared.mongo import database, make_client
@@ -71,16 +71,22 @@ def build(config: ReportingConfig | None = None) -> ReportingService:
     handlers = ReportingHandlers(store, generations, dead_letters, topics, submissions)
     if settings.consume:
         batch = min(settings.batch_max_records, config.kafka.batch_max_records)
-        for topic, purpose, handler in (
-            (topics.scored, "scored", handlers.scored),
-            (topics.deterioration, "deterioration", handlers.deterioration),
-            (topics.alert_status, "alert-status", handlers.alert_status),
-            (topics.deadletter, "deadletter", handlers.deadletter),
-        ):
-            # The dead-letter consumer gets no target: a record it fails on must not feed its own input.
-            poison = None if topic == topics.deadletter else DeadLetterTarget(topics.deadletter, dead_letters)
-            subscribe_batch(broker, topic, group_id=config.kafka.group(f"{SERVICE}-{purpose}"), service=SERVICE,
-                            handler=handler, max_records=batch, dead_letters=poison, settings=config.kafka)
+        poison = DeadLetterTarget(topics.deadletter, handlers.dead_letter)
+
+        def group(purpose: str) -> str:
+            return config.kafka.group(f"{SERVICE}-{purpose}")
+
+        subscribe_batch(broker, topics.scored, group_id=group("scored"), service=SERVICE, model=SrsScored,
+                        handler=handlers.scored, max_records=batch, dead_letters=poison, settings=config.kafka)
+        subscribe_batch(broker, topics.deterioration, group_id=group("deterioration"), service=SERVICE,
+                        model=AllianceDeterioration, handler=handlers.deterioration, max_records=batch,
+                        dead_letters=poison, settings=config.kafka)
+        subscribe_batch(broker, topics.alert_status, group_id=group("alert-status"), service=SERVICE,
+                        model=AlertStatusChanged, handler=handlers.alert_status, max_records=batch,
+                        dead_letters=poison, settings=config.kafka)
+        # Raw records and no target: a record the dead-letter consumer fails on must not feed its own input.
+        subscribe_batch(broker, topics.deadletter, group_id=group("deadletter"), service=SERVICE,
+                        handler=handlers.deadletter, max_records=batch, settings=config.kafka)
 
     # Dead letters go out through `Publisher`; this declaration puts them (and their schema) into
     # the AsyncAPI document.

@@ -1,13 +1,15 @@
-"""Batch handlers: raw records in, read-model writes out.
+"""Batch handlers: typed events in, read-model writes out.
 
-Each handler decodes its batch (`shared.kafka.decode_batch`), dead-letters what cannot be
-decoded or validated (`undecodable`, `invalid`: a poison record never blocks the partition),
-writes the rest with one bulk write per generation, and returns; `shared.kafka.subscribe_batch`
-commits only after that. A store failure raises: a transient one is retried and never committed
-past; a deterministic one (a document the store refuses as too large or invalid) makes the
-subscriber isolate and dead-letter the record at fault. Sessions that would grow a client's
-record past its size cap are refused by the store adapter before any write and dead-lettered
-here as `record_too_large`, so one client's history never stalls its partition.
+The subscriber decodes each batch (`shared.kafka.subscribe_batch(model=...)`) and dead-letters,
+through `dead_letter`, what cannot be decoded or validated (`undecodable`, `invalid`: a poison
+record never blocks the partition); each handler writes the events with one bulk write per
+generation and returns, and the subscriber commits only after that. The dead-letter topic's
+handler reads raw records: it must never dead-letter its own input. A store failure raises: a
+transient one is retried and never committed past; a deterministic one (a document the store
+refuses as too large or invalid) makes the subscriber isolate and dead-letter the record at
+fault. Sessions that would grow a client's record past its size cap are refused by the store
+adapter before any write and dead-lettered here as `record_too_large`, so one client's history
+never stalls its partition.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from shared.events import (
     SrsScored,
     SrsSubmitted,
 )
-from shared.kafka import InboundRecord, OutboundRecord, coordinates, dead_letter_record, decode_batch, decode_records
+from shared.kafka import Decoded, InboundRecord, OutboundRecord, coordinates, dead_letter_record, decode_records
 from shared.metrics import POISON_RECORDS
 from shared.topics import Topics
 
@@ -124,15 +126,17 @@ class ReportingHandlers:
         await self.store.ensure_indexes(state.active)  # a generation being built gets them from its rebuild
         return state.active, state.building if state.building != state.active else None
 
-    async def _dead(self, dead: list[OutboundRecord]) -> None:
+    async def dead_letter(self, dead: Sequence[OutboundRecord]) -> None:
+        """Publish dead letters and count them (the subscriber's target for the records that do not
+        decode or are poison, and the handlers' for the records they refuse)."""
         if dead:
             await self._dead_letters(dead)
             metrics.EVENTS.labels("deadlettered").inc(len(dead))
 
-    async def scored(self, records: list[InboundRecord]) -> None:
+    async def scored(self, decoded: list[Decoded[SrsScored]]) -> None:
         """`srs.scored.v1`: merge sessions into records, and note each submission's scored revision."""
-        decoded, dead = decode_batch(records, SrsScored, service=SERVICE, dlq_topic=self._dlq)
         events = [d.event for d in decoded]
+        dead: list[OutboundRecord] = []
         started = time.perf_counter()
         if events:
             active, building = await self._targets()
@@ -152,11 +156,10 @@ class ReportingHandlers:
             metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
             if report.conflicts:
                 log.info("batch met %d concurrent trajectory writes (retried)", report.conflicts)
-        await self._dead(dead)
+        await self.dead_letter(dead)
 
-    async def deterioration(self, records: list[InboundRecord]) -> None:
+    async def deterioration(self, decoded: list[Decoded[AllianceDeterioration]]) -> None:
         """`alliance.deterioration.v1`: count raised alerts and mark them on trajectories."""
-        decoded, dead = decode_batch(records, AllianceDeterioration, service=SERVICE, dlq_topic=self._dlq)
         events = [d.event for d in decoded]
         started = time.perf_counter()
         if events:
@@ -166,11 +169,9 @@ class ReportingHandlers:
                 await self.store.apply_deterioration(building, events)
             metrics.EVENTS.labels("applied").inc(len(events))
             metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
-        await self._dead(dead)
 
-    async def alert_status(self, records: list[InboundRecord]) -> None:
+    async def alert_status(self, decoded: list[Decoded[AlertStatusChanged]]) -> None:
         """`alliance.alert-status.v1`: count acknowledged alerts."""
-        decoded, dead = decode_batch(records, AlertStatusChanged, service=SERVICE, dlq_topic=self._dlq)
         events = [d.event for d in decoded]
         started = time.perf_counter()
         if events:
@@ -180,7 +181,6 @@ class ReportingHandlers:
                 await self.store.apply_alert_status(building, events)
             metrics.EVENTS.labels("applied").inc(len(events))
             metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
-        await self._dead(dead)
 
     async def deadletter(self, records: list[InboundRecord]) -> None:
         """`srs.deadletter.v1`: note the rejected submissions (dead letters of the submitted topic

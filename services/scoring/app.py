@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI
 from faststream import FastStream
 
-from services.scoring.handlers import SERVICE, ScoringHandler
+from services.scoring.handlers import SERVICE, ScoringHandler, model_of
 from services.scoring.settings import ScoringSettings
 from services.scoring.store import RulesStore, StateCache, StateStore
 from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, SrsScored
@@ -67,7 +67,8 @@ def build(config: ScoringConfig | None = None) -> ScoringService:
     handler = ScoringHandler(states, rules, publisher.publish_all, topics,
                              conflict_attempts=config.scoring.conflict_attempts, save_chunk=config.scoring.save_chunk)
     subscribe_batch(broker, topics.submitted, group_id=config.kafka.group(SERVICE), service=SERVICE,
-                    handler=handler, max_records=config.scoring.max_records or config.kafka.batch_max_records,
+                    model=model_of, handler=handler,
+                    max_records=config.scoring.max_records or config.kafka.batch_max_records,
                     dead_letters=DeadLetterTarget(topics.deadletter, publisher.publish_all), settings=config.kafka)
     # Publishing goes through `Publisher` (many sends, one wait for all acks); these declarations
     # put the outputs and their schemas into the AsyncAPI document.

@@ -2,8 +2,9 @@
 
 Per batch (never per message):
 
-1. decode every record (`shared.kafka.decode_batch`: a submission, or a client transfer named by
-   the `record-type` header); undecodable or invalid ones become dead letters (the batch goes on);
+1. the subscriber decodes every record (`shared.kafka.subscribe_batch(model=model_of)`: a
+   submission, or a client transfer named by the `record-type` header); undecodable or invalid
+   ones become dead letters, published once the handler returned (the batch goes on);
 2. read the state of every client in the batch - from this process's cache of the clients it
    wrote, the rest with ONE query - and the tenants' rules (cached for a few seconds);
 3. apply the records in order in memory (`series.ClientState`): each accepted record yields the
@@ -13,9 +14,10 @@ Per batch (never per message):
 4. write the changed clients with bulk writes of `save_chunk` clients each, each guarded by the
    version it was read at;
 5. publish the scored events and alerts of each written chunk as soon as its write returned
-   (so the broker works while the next chunk is written), then the dead letters, and wait for
-   every acknowledgement;
-6. return: the shared subscriber then commits the offsets.
+   (so the broker works while the next chunk is written), with the dead letters of the refused
+   records, and wait for every acknowledgement;
+6. return: the shared subscriber then publishes the dead letters of the records that did not
+   decode, and commits the offsets.
 
 State is written BEFORE publishing (not after) so that an outcome exists in exactly one version
 before anyone can see it. What a `kill -9` at each point leaves behind:
@@ -87,7 +89,7 @@ from shared.events import (
     SrsScored,
     SrsSubmitted,
 )
-from shared.kafka import CORRELATION_HEADER, InboundRecord, OutboundRecord, dead_letter_record, decode_batch
+from shared.kafka import CORRELATION_HEADER, Decoded, InboundRecord, OutboundRecord, dead_letter_record
 from shared.topics import Topics
 
 log = logging.getLogger("alliance.scoring")
@@ -186,16 +188,13 @@ class ScoringHandler:
     conflict_attempts: int = 5
     save_chunk: int = 128
 
-    async def __call__(self, records: list[InboundRecord]) -> None:
+    async def __call__(self, decoded: list[Decoded[Input]]) -> None:
         started = time.perf_counter()
-        decoded, dead = decode_batch(records, model_of, service=SERVICE, dlq_topic=self.topics.deadletter)
         inputs: list[tuple[InboundRecord, Input]] = [(d.record, d.event) for d in decoded]
         sending: list[asyncio.Task[None]] = []
         try:
             if inputs:
                 await self._apply_all(inputs, sending)
-            if dead:
-                sending.append(asyncio.create_task(self._send(dead)))
             await asyncio.gather(*sending)
         finally:
             for task in sending:  # after a failure, let no send outlive the batch attempt

@@ -16,7 +16,7 @@ from standardwebhooks.webhooks import Webhook
 
 from shared import ids
 from shared.auth import create_key
-from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter
+from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, Severity
 from tests.integration import test_alerts_delivery as delivery
 from tests.integration.test_alerts_delivery import (
     Env,
@@ -92,7 +92,7 @@ async def test_a_revision_reaches_the_clinician_webhook_as_a_second_delivery(env
     r1 = deterioration(t.id, "c1", "client-1")
     await raise_(env, r1)
     await requests_at(env, t, "c1", 1)
-    r2 = revised(r1, 2, total=29.5, severity="critical", low_items=["goals"])
+    r2 = revised(r1, 2, total=29.5, severity=Severity.CRITICAL, low_items=["goals"])
     await raise_(env, r2)
 
     got = await requests_at(env, t, "c1", 2)

@@ -15,15 +15,14 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 
 import pytest
-from faststream.kafka import KafkaBroker
 from pymongo import AsyncMongoClient, UpdateOne
 
 from services.alerts.api import AlertOut
-from services.alerts.handlers import Handlers
+from services.alerts.handlers import Handlers, StatusEvent
 from services.alerts.rules import api_status, merge_lifecycle
 from services.alerts.store import AlertsStore
-from shared.events import AlertStatusChanged, AllianceDeterioration
-from shared.kafka import InboundRecord, Publisher
+from shared.events import AlertStatusChanged, AllianceDeterioration, Severity
+from shared.kafka import Decoded, InboundRecord
 from shared.mongo import Document
 from shared.topics import Topics
 from tests.support.stack import StackUnderTest
@@ -38,8 +37,7 @@ async def handlers(stack: StackUnderTest) -> AsyncIterator[tuple[Handlers, Alert
     client: AsyncMongoClient[Document] = AsyncMongoClient(stack.mongo_url, tz_aware=True)
     store = AlertsStore(client[f"t_{uuid.uuid4().hex[:10]}"])
     await store.ensure_indexes()
-    # Never connected: publish_all returns at once when there is nothing to dead-letter.
-    yield Handlers(store, Publisher(KafkaBroker(), 1.0), TOPICS, email_enabled=False, on_scheduled=lambda: None), store
+    yield Handlers(store, email_enabled=False, on_scheduled=lambda: None), store
     await client.close()
 
 
@@ -48,13 +46,22 @@ def record(ev: Event, offset: int = 0) -> InboundRecord:
     return InboundRecord(topic, 0, offset, b"k", ev.model_dump_json().encode(), {}, 0)
 
 
+def raises(batch: Sequence[AllianceDeterioration]) -> list[Decoded[AllianceDeterioration]]:
+    """A consumed batch of raises, as the subscriber hands it to the handler."""
+    return [Decoded(record(e, i), e) for i, e in enumerate(batch)]
+
+
+def statuses(batch: Sequence[AlertStatusChanged]) -> list[Decoded[StatusEvent]]:
+    """A consumed batch of statuses, read as alerts reads them (`StatusEvent`)."""
+    return [Decoded(record(e, i), StatusEvent.model_validate(e.model_dump())) for i, e in enumerate(batch)]
+
+
 async def handle(h: Handlers, batch: Sequence[Event]) -> None:
     """One consumed batch of one topic."""
-    records = [record(e, i) for i, e in enumerate(batch)]
     if all(isinstance(e, AllianceDeterioration) for e in batch):
-        await h.on_deterioration(records)
+        await h.on_deterioration(raises([e for e in batch if isinstance(e, AllianceDeterioration)]))
     else:
-        await h.on_alert_status(records)
+        await h.on_alert_status(statuses([e for e in batch if isinstance(e, AlertStatusChanged)]))
 
 
 async def feed(h: Handlers, events: Sequence[Event], per_topic_batch: bool = False) -> None:
@@ -74,7 +81,7 @@ async def feed(h: Handlers, events: Sequence[Event], per_topic_batch: bool = Fal
 def history(kind: str) -> list[Event]:
     """A fresh alert (its own episode) and a history of it, as scoring may publish it."""
     r1 = deterioration("t1", "c1", "client-1", session_number=4)
-    r2 = revised(r1, 2, total=29.0, severity="critical", low_items=["goals"])
+    r2 = revised(r1, 2, total=29.0, severity=Severity.CRITICAL, low_items=["goals"])
     r3 = revised(r1, 3, total=28.0)
     histories: dict[str, list[Event]] = {
         "revised then superseded, revision 1 withdrawn":
@@ -140,10 +147,10 @@ async def test_a_raise_and_its_withdrawal_handled_at_the_same_moment_both_count(
         handlers: tuple[Handlers, AlertsStore]) -> None:
     # The two consumers are independent: both may try to create the same alert document at once.
     h, store = handlers
-    raises = [deterioration("t1", "c1", f"client-{i}") for i in range(30)]
-    await asyncio.gather(h.on_deterioration([record(e, i) for i, e in enumerate(raises)]),
-                         h.on_alert_status([record(ended(e, "withdrawn"), i) for i, e in enumerate(raises)]))
-    docs = await store.alerts.find({"_id": {"$in": [e.alert_id for e in raises]}}).to_list()
+    raised = [deterioration("t1", "c1", f"client-{i}") for i in range(30)]
+    await asyncio.gather(h.on_deterioration(raises(raised)),
+                         h.on_alert_status(statuses([ended(e, "withdrawn") for e in raised])))
+    docs = await store.alerts.find({"_id": {"$in": [e.alert_id for e in raised]}}).to_list()
     assert len(docs) == 30
     assert {(d["status"], d["crev"], d["total"]) for d in docs} == {("withdrawn", 1, 31.2)}
 

@@ -5,14 +5,16 @@ behaviours run against the real broker and store in tests/integration/test_alert
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
-from services.alerts.handlers import Handlers
+from services.alerts.handlers import INVALID, SERVICE, Handlers, StatusEvent
 from services.alerts.rules import Clinician, Subscription
 from shared import ids
 from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetterReason, Instrument, SrsScored
-from shared.kafka import InboundRecord
+from shared.kafka import DeadLetterTarget, InboundRecord, typed_handler
 from shared.topics import ALERT_STATUS, DETERIORATION, SCORED, Topics
 from tests.support.fakes import MemoryAlertsStore, Sink, StoreDown, inbound
 
@@ -22,13 +24,23 @@ TENANT = "acme"
 
 
 class Wired:
-    """A handler on fakes, counting the worker wake-ups (`on_scheduled`)."""
+    """The handlers on fakes, as the subscriber runs them on raw records (decoded to the model
+    app.py subscribes them with, the records that do not decode dead-lettered to the sink),
+    counting the worker wake-ups (`on_scheduled`)."""
 
     def __init__(self, store: MemoryAlertsStore | None = None) -> None:
         self.store = store or MemoryAlertsStore()
         self.sink = Sink()
         self.wakeups = 0
-        self.handlers = Handlers(self.store, self.sink, TOPICS, email_enabled=False, on_scheduled=self._wake)
+        handlers = Handlers(self.store, email_enabled=False, on_scheduled=self._wake)
+        dead_letters = DeadLetterTarget(TOPICS.deadletter, self.sink.publish_all)
+
+        def consumer(model: type, handler: Any) -> Any:
+            return typed_handler(model, handler, service=SERVICE, dead_letters=dead_letters, invalid_reason=INVALID)
+
+        self.handlers = SimpleNamespace(on_deterioration=consumer(AllianceDeterioration, handlers.on_deterioration),
+                                        on_alert_status=consumer(StatusEvent, handlers.on_alert_status),
+                                        on_scored=consumer(SrsScored, handlers.on_scored))
 
     def _wake(self) -> None:
         self.wakeups += 1

@@ -1,10 +1,14 @@
-"""The typed layer of the shared consumer (`shared.kafka.decode_batch`) and the dead-letter reasons."""
+"""The typed layer of the shared consumer (`shared.kafka.decode_batch`, `typed_handler`) and the
+dead-letter reasons."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 from typing import get_args
+
+import pytest
+from faststream.kafka import KafkaBroker
 
 from services.scoring.series import RejectReason
 from shared.events import (
@@ -15,8 +19,8 @@ from shared.events import (
     DeadLetterReason,
     SrsSubmitted,
 )
-from shared.kafka import InboundRecord, decode_batch
-from tests.support.fakes import inbound
+from shared.kafka import DeadLetterTarget, Decoded, InboundRecord, decode_batch, subscribe_batch, typed_handler
+from tests.support.fakes import Sink, inbound
 
 EVENTS_DOC = Path(__file__).resolve().parents[2] / "docs" / "events.md"
 TRANSFER = (b'{"event_id": "t", "tenant_id": "acme", "occurred_at": "2026-03-02T09:00:00Z", "client_id": "x", '
@@ -60,3 +64,58 @@ def test_every_dead_letter_reason_is_documented() -> None:
 
 def test_every_reason_scoring_refuses_a_submission_with_is_a_dead_letter_reason() -> None:
     assert set(get_args(RejectReason)) <= {r.value for r in DeadLetterReason}
+
+
+# --- typed_handler: what subscribe_batch(model=...) runs ------------------------------------------
+
+
+class Recording:
+    """A typed handler keeping the events it got; fails while `failing`."""
+
+    def __init__(self, sink: Sink, failing: bool = False) -> None:
+        self.sink = sink
+        self.failing = failing
+        self.batches: list[list[str]] = []
+        self.letters_before: list[int] = []
+
+    async def __call__(self, decoded: list[Decoded[ClientTransfer]]) -> None:
+        self.letters_before.append(len(self.sink.published))
+        if self.failing:
+            raise ConnectionError("store down")
+        self.batches.append([d.event.client_id for d in decoded])
+
+
+def transfer_to(client: str) -> InboundRecord:
+    return inbound("t", TRANSFER.replace(b'"x"', f'"{client}"'.encode()))
+
+
+async def test_the_handler_gets_the_decoded_events_in_order_and_the_rest_is_dead_lettered_after_it() -> None:
+    sink = Sink()
+    handler = Recording(sink)
+    run = typed_handler(ClientTransfer, handler, service="s", dead_letters=DeadLetterTarget("dlq", sink.publish_all))
+    await run([transfer_to("a"), inbound("t", b"not json"), transfer_to("b")])
+    assert handler.batches == [["a", "b"]] and handler.letters_before == [0]
+    assert [DeadLetter.model_validate_json(r.value).reason for r in sink.of_topic("dlq")] == ["undecodable"]
+
+
+async def test_a_failing_handler_publishes_no_dead_letter_so_a_retried_batch_sends_each_once() -> None:
+    sink = Sink()
+    run = typed_handler(ClientTransfer, Recording(sink, failing=True), service="s",
+                        dead_letters=DeadLetterTarget("dlq", sink.publish_all))
+    with pytest.raises(ConnectionError):
+        await run([inbound("t", b"not json"), transfer_to("a")])
+    assert sink.attempted == []
+
+
+async def test_a_chosen_reason_replaces_both_decode_reasons() -> None:
+    sink = Sink()
+    run = typed_handler(ClientTransfer, Recording(sink), service="s", dead_letters=DeadLetterTarget("dlq", sink),
+                        invalid_reason=DeadLetterReason.INVALID_EVENT)
+    await run([inbound("t", b"not json"), inbound("t", b"{}")])
+    assert [d.reason for d in sink.letters("dlq")] == ["invalid_event", "invalid_event"]
+
+
+def test_a_typed_consumer_without_a_dead_letter_target_is_refused_at_wiring() -> None:
+    with pytest.raises(ValueError, match="dead_letters"):
+        subscribe_batch(KafkaBroker(), "t", group_id="g", service="s", model=ClientTransfer,  # type: ignore[call-overload]
+                        handler=Recording(Sink()))

@@ -6,10 +6,12 @@ tests/integration/test_reporting_service.py)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
-from services.reporting.handlers import ReportingHandlers
+from services.reporting.handlers import SERVICE, ReportingHandlers
 from services.reporting.store import GenerationState
 from shared import ids
 from shared.events import (
@@ -21,7 +23,7 @@ from shared.events import (
     SrsScored,
     SrsSubmitted,
 )
-from shared.kafka import InboundRecord, dead_letter_record
+from shared.kafka import DeadLetterTarget, InboundRecord, dead_letter_record, typed_handler
 from shared.topics import Topics
 from tests.support.fakes import FixedGenerations, MemoryReadModels, MemorySubmissions, Sink, StoreDown, inbound
 
@@ -31,14 +33,25 @@ TENANT = "acme"
 
 
 class Wired:
-    """The handlers on fakes."""
+    """The handlers on fakes, as the subscriber runs them on raw records (decoded to the model
+    app.py subscribes them with, the records that do not decode dead-lettered through
+    `dead_letter`; the dead-letter topic's handler reads raw records)."""
 
     def __init__(self, generations: GenerationState | None = None) -> None:
         self.models = MemoryReadModels()
         self.pointer = FixedGenerations(generations or GenerationState("g1"))
         self.submissions = MemorySubmissions()
         self.sink = Sink()
-        self.handlers = ReportingHandlers(self.models, self.pointer, self.sink, TOPICS, self.submissions)
+        handlers = ReportingHandlers(self.models, self.pointer, self.sink.publish_all, TOPICS, self.submissions)
+        dead_letters = DeadLetterTarget(TOPICS.deadletter, handlers.dead_letter)
+
+        def consumer(model: type, handler: Any) -> Any:
+            return typed_handler(model, handler, service=SERVICE, dead_letters=dead_letters)
+
+        self.handlers = SimpleNamespace(scored=consumer(SrsScored, handlers.scored),
+                                        deterioration=consumer(AllianceDeterioration, handlers.deterioration),
+                                        alert_status=consumer(AlertStatusChanged, handlers.alert_status),
+                                        deadletter=handlers.deadletter)
 
     def letters(self) -> list[DeadLetter]:
         return self.sink.letters(TOPICS.deadletter)

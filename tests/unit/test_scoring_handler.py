@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
-from services.scoring.handlers import ScoringHandler, StateConflict
+from services.scoring.handlers import SERVICE, ScoringHandler, StateConflict, model_of
 from services.scoring.rules import TenantRules
 from services.scoring.series import ClientState
 from services.scoring.store import ClientKey, StateCache, StatePort, state_doc, state_from
@@ -30,7 +30,7 @@ from shared.events import (
     DeadLetter,
     SrsScored,
 )
-from shared.kafka import InboundRecord, OutboundRecord
+from shared.kafka import BatchHandler, DeadLetterTarget, InboundRecord, OutboundRecord, typed_handler
 from shared.mongo import Document
 from shared.topics import Topics
 from tests.support.fakes import Sink
@@ -84,13 +84,20 @@ def ticking_clock(start: datetime = T0) -> Callable[[], datetime]:
 
 def handler(states: MemoryStates | None = None, sink: Sink | None = None, clock: Callable[[], datetime] | None = None,
             rules: MemoryRules | None = None, cache: bool = False,
-            save_chunk: int = 128) -> tuple[ScoringHandler, MemoryStates, Sink]:
+            save_chunk: int = 128) -> tuple[BatchHandler, MemoryStates, Sink]:
+    """The handler on fakes, as the subscriber runs it (`subscribed`)."""
     states = states or MemoryStates()
     sink = sink or Sink()
     port: StatePort = StateCache(states) if cache else states
     h = ScoringHandler(port, rules or MemoryRules(), sink, TOPICS, clock=clock or ticking_clock(),
                        save_chunk=save_chunk)
-    return h, states, sink
+    return subscribed(h), states, sink
+
+
+def subscribed(h: ScoringHandler) -> BatchHandler:
+    """`h` as the subscriber runs it on raw records: decoded with `model_of` (as app.py subscribes
+    it), the records that do not decode dead-lettered where `h` publishes."""
+    return typed_handler(model_of, h, service=SERVICE, dead_letters=DeadLetterTarget(TOPICS.deadletter, h.publish))
 
 
 _offsets = itertools.count()
@@ -489,7 +496,7 @@ async def test_events_of_a_written_chunk_are_published_while_later_chunks_wait_f
             return await super().save(changed)
 
     watching = Watching()
-    h = ScoringHandler(watching, MemoryRules(), sink, TOPICS, save_chunk=2)
+    h = subscribed(ScoringHandler(watching, MemoryRules(), sink, TOPICS, save_chunk=2))
     await h([submitted(c, 1, 37.0) for c in "abcde"])
     assert watching.saves == 3 and len(of_topic(sink.published, TOPICS.scored)) == 5
     assert published_at_save[0] == 0  # nothing before the first write
@@ -507,7 +514,7 @@ async def test_dead_letters_of_a_refused_record_wait_for_its_clients_write() -> 
             seen_at_save.append(len(sink.published))
             return await super().save(changed)
 
-    h = ScoringHandler(Watching(), MemoryRules(), sink, TOPICS)
+    h = subscribed(ScoringHandler(Watching(), MemoryRules(), sink, TOPICS))
     await h([submitted("x", 1, 38.0, at=1), submitted("x", 2, 30.0, at=2, site_id="south")])
     assert seen_at_save == [0] and [r.topic for r in sink.published] == [TOPICS.scored, TOPICS.deadletter]
 
@@ -563,7 +570,7 @@ async def test_stale_cache_after_another_process_wrote_leads_to_a_reread_not_a_w
 async def test_cache_is_bounded_and_forgets_the_least_recent_client() -> None:
     states = MemoryStates()
     cache = StateCache(states, max_sessions=4)  # two clients of one session each (weight 2)
-    h = ScoringHandler(cache, MemoryRules(), Sink(), TOPICS)
+    h = subscribed(ScoringHandler(cache, MemoryRules(), Sink(), TOPICS))
     for c in ("a", "b", "c"):
         await h([submitted(c, 1, 37.0)])
     assert len(cache) == 2
@@ -574,7 +581,7 @@ async def test_cache_is_bounded_and_forgets_the_least_recent_client() -> None:
 
 async def test_cache_is_bounded_by_the_submissions_its_clients_hold() -> None:
     cache = StateCache(MemoryStates(), max_sessions=10)
-    h = ScoringHandler(cache, MemoryRules(), Sink(), TOPICS)
+    h = subscribed(ScoringHandler(cache, MemoryRules(), Sink(), TOPICS))
     await h([submitted("big", n, 37.0, at=n) for n in range(1, 9)])  # weight 9
     await h([submitted("small", 1, 37.0)])  # weight 2: 11 > 10, the least recent goes
     assert len(cache) == 1 and cache.sessions == 2
@@ -586,7 +593,7 @@ async def test_a_failed_write_forgets_the_client() -> None:
             raise ConnectionError("store down")
 
     cache = StateCache(Failing())
-    h = ScoringHandler(cache, MemoryRules(), Sink(), TOPICS)
+    h = subscribed(ScoringHandler(cache, MemoryRules(), Sink(), TOPICS))
     with pytest.raises(ConnectionError):
         await h([submitted("x", 1, 37.0)])
     assert len(cache) == 0

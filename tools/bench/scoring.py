@@ -51,14 +51,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient, ReplaceOne
 
-from services.scoring.handlers import ScoringHandler
+from services.scoring.handlers import ScoringHandler, model_of
 from services.scoring.rules import TenantRules
 from services.scoring.series import ClientState, version_of
 from services.scoring.settings import ScoringSettings
 from services.scoring.store import ClientKey, StateCache, client_key
 from services.scoring.store import state_doc as stored_state
 from shared.events import Instrument
-from shared.kafka import InboundRecord, OutboundRecord
+from shared.kafka import DeadLetterTarget, InboundRecord, OutboundRecord, typed_handler
 from shared.mongo import Document
 from shared.settings import KafkaSettings
 from shared.topic_admin import ensure_topics
@@ -324,7 +324,10 @@ def apply_cpu(args: argparse.Namespace) -> dict[str, float]:
         for c in range(clients))]
 
     async def once() -> float:
-        handler = ScoringHandler(StateCache(_EncodingStates()), _Rules(), _no_publish, Topics())
+        # Decoding included, as the subscriber runs the handler.
+        scoring = ScoringHandler(StateCache(_EncodingStates()), _Rules(), _no_publish, Topics())
+        handler = typed_handler(model_of, scoring, service="bench",
+                                dead_letters=DeadLetterTarget("bench-deadletter", _no_publish))
         started = time.process_time()
         for i in range(0, len(records), args.batch):
             await handler(records[i : i + args.batch])
