@@ -66,6 +66,7 @@ from shared.events import (
     AlertStatusChanged,
     AllianceDeterioration,
     DeadLetter,
+    Lifecycle,
     SrsScored,
     SrsSubmitted,
 )
@@ -349,7 +350,7 @@ class ReportingStore:
         ops = [UpdateOne({"_id": e.alert_id},
                          {"$set": {**rules.alert_identity(e), "raised": True,
                                    f"raises.{e.revision}": rules.alert_raise(e)},
-                          "$max": {"life": rules.life_key(e.revision, "raised")},
+                          "$max": {"life": rules.life_key(e.revision, Lifecycle.RAISED)},
                           "$min": {"raised_at": e.occurred_at},
                           "$setOnInsert": {"acknowledged": False}}, upsert=True)
                for e in events]

@@ -46,6 +46,7 @@ from services.reporting.rebuild import rebuild
 from services.reporting.settings import ReportingSettings
 from services.reporting.store import Generations, ReportingStore, to_stored
 from shared.auth import create_key
+from shared.events import Flag
 from shared.mongo import database, make_client
 from shared.settings import KafkaSettings, MongoSettings
 from shared.topic_admin import ensure_topics
@@ -91,7 +92,7 @@ async def raw_upsert_rate(mongo: MongoSettings, n: int, batch: int) -> float:
         await col.drop()
         ops = [UpdateOne({"_id": f"k{i}"}, {"$set": {"tenant_id": "bench", "client_id": f"c{i // 10}",
                                                      "session_number": i % 10 + 1, "total": 30.0 + i % 10,
-                                                     "flags": ["below_cutoff"]}}, upsert=True) for i in range(n)]
+                                                     "flags": [Flag.BELOW_CUTOFF]}}, upsert=True) for i in range(n)]
         started = time.perf_counter()
         for i in range(0, n, batch):
             await col.bulk_write(ops[i:i + batch], ordered=False)
