@@ -46,7 +46,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.auth import Principal, bearer_token
 from shared.http import Runtime, error_body
-from shared.mongo import Document, duplicate_key_indexes, make_client
+from shared.mongo import Document, duplicate_key_indexes, given, make_client
 from shared.settings import AuditSettings, MongoSettings
 
 log = logging.getLogger("alliance.audit")
@@ -78,15 +78,9 @@ def entry(*, tenant_id: str, key_id: str, role: str, site: str | None, service: 
           outcome: Outcome, client_id: str | None = None, target: str | None = None,
           at: datetime | None = None, operator: str | None = None) -> Document:
     """One audit entry with its own id (so a retried batch cannot store it twice). Pure but for the clock."""
-    doc: Document = {"_id": ObjectId(), "at": at or datetime.now(UTC), "tenant_id": tenant_id, "key_id": key_id,
-                     "role": role, "site": site, "service": service, "action": action, "outcome": outcome}
-    if client_id is not None:
-        doc["client_id"] = client_id
-    if target is not None:
-        doc["target"] = target
-    if operator is not None:
-        doc["operator"] = operator
-    return doc
+    return {"_id": ObjectId(), "at": at or datetime.now(UTC), "tenant_id": tenant_id, "key_id": key_id,
+            "role": role, "site": site, "service": service, "action": action, "outcome": outcome,
+            **given(client_id=client_id, target=target, operator=operator)}
 
 
 def outcome_of(status: int) -> Outcome:
@@ -403,11 +397,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, ObjectId]:
 def query(tenant_id: str | None, client_id: str | None = None, since: datetime | None = None,
           after: tuple[datetime, ObjectId] | None = None) -> Document:
     """The filter of a page of entries (tenant None: every tenant, for the operator's export). Pure."""
-    q: Document = {}
-    if tenant_id is not None:
-        q["tenant_id"] = tenant_id
-    if client_id is not None:
-        q["client_id"] = client_id
+    q: Document = given(tenant_id=tenant_id, client_id=client_id)
     if since is not None:
         q["at"] = {"$gte": since}
     if after is not None:

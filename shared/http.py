@@ -359,6 +359,7 @@ def make_guard(settings: HttpSettings, db: AsyncDatabase[Document], service: str
     return Guard(failures, requests, settings.trusted_proxy_hops, service), storage
 
 
+@dataclass(eq=False)
 class AuthenticateFirst:
     """ASGI middleware: requests under `prefix` need a known bearer key before the app sees them.
 
@@ -371,14 +372,12 @@ class AuthenticateFirst:
     working), each 401 counts against the peer, and a known key past its request rate gets 429.
     """
 
-    def __init__(self, app: ASGIApp, lookup: Lookup, prefix: str = "/v1/", timeout_seconds: float = 3.0,
-                 guard: Guard | None = None, known: Known | None = None) -> None:
-        self.app = app
-        self.lookup = lookup
-        self.prefix = prefix
-        self.timeout = timeout_seconds
-        self.guard = guard
-        self.known = known
+    app: ASGIApp
+    lookup: Lookup
+    prefix: str = "/v1/"
+    timeout_seconds: float = 3.0
+    guard: Guard | None = None
+    known: Known | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("path", "").startswith(self.prefix):
@@ -393,7 +392,7 @@ class AuthenticateFirst:
         scheme, _, token = header.partition(" ")
         token = token.strip() if scheme.lower() == "bearer" else ""
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(self.timeout_seconds):
                 known = bool(token) and self.known is not None and self.known(token)
                 if self.guard is not None and not known and (refusal := await self.guard.peer_refusal(scope)):
                     return refusal

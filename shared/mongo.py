@@ -47,6 +47,12 @@ async def ping(client: AsyncMongoClient[Document]) -> bool:
     return True
 
 
+def given(**fields: Any) -> Document:
+    """The fields whose value is not None: the optional parts of a filter or a document, left out
+    when not given."""
+    return {name: value for name, value in fields.items() if value is not None}
+
+
 # ---------------------------------------------------------------- the persistence kit
 #
 # What the services' stores share: in-process caches in front of the store, and how a bulk write

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from services.alerts import metrics
@@ -30,46 +31,46 @@ from shared.topics import Topics
 log = logging.getLogger("alliance.alerts.escalation")
 
 
+@dataclass(eq=False)
 class Escalator:
     """Periodically escalates overdue alerts."""
 
-    def __init__(self, store: AlertsStore, publisher: Publisher, topics: Topics, settings: AlertsSettings,
-                 email_enabled: bool, on_scheduled: Callable[[], None], batch: int = 200) -> None:
-        self._store = store
-        self._publisher = publisher
-        self._topics = topics
-        self._s = settings
-        self._email = email_enabled
-        self._on_scheduled = on_scheduled
-        self._batch = batch
+    store: AlertsStore
+    publisher: Publisher
+    topics: Topics
+    settings: AlertsSettings
+    email_enabled: bool
+    # Wakes the delivery worker once escalation deliveries are scheduled.
+    on_scheduled: Callable[[], None]
+    batch: int = 200
 
     async def run(self) -> None:
         """Tick until cancelled; a failed tick (store or broker down) is retried on the next one."""
         while True:
             try:
-                while await self.tick() == self._batch:
+                while await self.tick() == self.batch:
                     pass
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("escalation tick failed: %r", exc)
-            await asyncio.sleep(self._s.escalation_check_seconds)
+            await asyncio.sleep(self.settings.escalation_check_seconds)
 
     async def tick(self) -> int:
         """Escalate what is due now; returns how many alerts it handled."""
         now = datetime.now(UTC)
-        overrides = await self._store.escalation_overrides()
-        pairs = due_for_escalation_filter(now.timestamp(), self._s.escalation_seconds, overrides)
-        due = await self._store.due_escalations(
-            [(t, datetime.fromtimestamp(cut, UTC)) for t, cut in pairs], self._batch)
+        overrides = await self.store.escalation_overrides()
+        pairs = due_for_escalation_filter(now.timestamp(), self.settings.escalation_seconds, overrides)
+        due = await self.store.due_escalations(
+            [(t, datetime.fromtimestamp(cut, UTC)) for t, cut in pairs], self.batch)
         if not due:
             return 0
-        clinicians = await self._store.clinicians_for((a["tenant_id"], a["clinician_id"]) for a in due)
+        clinicians = await self.store.clinicians_for((a["tenant_id"], a["clinician_id"]) for a in due)
         supervisor_of: dict[str, str | None] = {}
         for a in due:
             c = clinicians.get((a["tenant_id"], a["clinician_id"]))
             supervisor_of[a["_id"]] = c.supervisor_id if c is not None else None
-        supervisors = await self._store.clinicians_for(
+        supervisors = await self.store.clinicians_for(
             (a["tenant_id"], sup) for a in due if (sup := supervisor_of[a["_id"]]) is not None)
         docs: list[Document] = []
         records = []
@@ -79,19 +80,19 @@ class Escalator:
             sup_id = supervisor_of[a["_id"]]
             supervisor = supervisors.get((a["tenant_id"], sup_id)) if sup_id is not None else None
             alert = AllianceDeterioration.model_validate_json(a["event"])
-            planned = route_escalation(alert, supervisor, self._email)
+            planned = route_escalation(alert, supervisor, self.email_enabled)
             docs.extend(delivery_doc(p, a["event"], now, a.get("correlation_id"), None, now) for p in planned)
             if planned:
                 event = status_changed(a["tenant_id"], a["_id"], a["site_id"], a["clinician_id"],
                                        AlertStatus.ESCALATED, now, a.get("client_id"))
-                records.append(status_record(event, a["client_id"], self._topics, a.get("correlation_id")))
+                records.append(status_record(event, a["client_id"], self.topics, a.get("correlation_id")))
             # Marked either way, so an alert without a reachable supervisor is not looked at again.
             outcomes.append((a["_id"], supervisor.clinician_id if planned and supervisor is not None else None))
             metrics.ESCALATIONS.labels("sent" if planned else "no_supervisor").inc()
-        inserted = await self._store.insert_deliveries(docs)
-        await self._publisher.publish_all(records)
-        await self._store.mark_escalated(outcomes)
+        inserted = await self.store.insert_deliveries(docs)
+        await self.publisher.publish_all(records)
+        await self.store.mark_escalated(outcomes)
         if inserted:
-            self._on_scheduled()
+            self.on_scheduled()
         log.info("escalated %d alerts (%d deliveries)", len(due), inserted)
         return len(due)

@@ -88,6 +88,13 @@ def delivery_doc(p: PlannedDelivery, body: str, origin_at: datetime, correlation
     }
 
 
+def planned_docs(planned: Iterable[PlannedDelivery], d: Decoded[Any], origin_at: datetime,
+                 now: datetime) -> list[Document]:
+    """The schedule entries of the deliveries planned for one received event (its body, correlation
+    id and source record travel with each)."""
+    return [delivery_doc(p, d.body, origin_at, d.correlation_id, _source(d.record), now) for p in planned]
+
+
 def alert_content(ev: AllianceDeterioration, body: str, rec: InboundRecord) -> Document:
     """What one raised revision says about its alert, as clinicians list it (client id is the
     pseudonymous one); `event` is the body escalation sends. The store keeps the highest revision's."""
@@ -150,9 +157,15 @@ class Handlers:
         self._email = email_enabled
         self._on_scheduled = on_scheduled
 
+    async def _schedule(self, docs: list[Document]) -> None:
+        """Store a batch's deliveries and wake the worker when one is new (a redelivered batch
+        schedules nothing twice)."""
+        if docs and await self._store.insert_deliveries(docs):
+            self._on_scheduled()
+
     async def on_deterioration(self, decoded: list[Decoded[AllianceDeterioration]]) -> None:
         """Record alerts and schedule their deliveries (clinician webhook/email, the tenant's partners)."""
-        scheduled = 0
+        docs: list[Document] = []
         if decoded:
             now = datetime.now(UTC)
             clinicians = await self._store.clinicians_for((d.event.tenant_id, d.event.clinician_id) for d in decoded)
@@ -160,7 +173,6 @@ class Handlers:
             await self._store.record_raises([(d.event.revision, alert_content(d.event, d.body, d.record))
                                              for d in decoded])
             current = await self._store.lifecycle_orders(d.event.alert_id for d in decoded)
-            docs: list[Document] = []
             for d in decoded:
                 ev = d.event
                 if current.get(ev.alert_id) not in (lifecycle_order(Lifecycle.RAISED, ev.revision),
@@ -170,12 +182,8 @@ class Handlers:
                     continue
                 planned = route_alert(ev, clinicians.get((ev.tenant_id, ev.clinician_id)),
                                       subscriptions, self._email)
-                origin = ev.accepted_at or ev.occurred_at
-                docs.extend(delivery_doc(p, d.body, origin, d.correlation_id, _source(d.record), now)
-                            for p in planned)
-            scheduled = await self._store.insert_deliveries(docs)
-        if scheduled:
-            self._on_scheduled()
+                docs.extend(planned_docs(planned, d, ev.accepted_at or ev.occurred_at, now))
+        await self._schedule(docs)
 
     async def on_alert_status(self, decoded: list[Decoded[StatusEvent]]) -> None:
         """Merge superseded/withdrawn into the alerts, tell the clinician of a withdrawal, and
@@ -184,7 +192,7 @@ class Handlers:
         The events alerts publishes itself (acknowledged, escalated) come back here too: they do
         not touch the lifecycle, and are only forwarded to partners.
         """
-        scheduled = 0
+        docs: list[Document] = []
         if decoded:
             now = datetime.now(UTC)
             events = [d.event for d in decoded]
@@ -197,7 +205,6 @@ class Handlers:
             clinicians = await self._store.clinicians_for((ev.tenant_id, ev.clinician_id) for ev in events
                                                           if ev.status == AlertStatus.WITHDRAWN)
             subscriptions = await self._store.subscriptions_for((ev.tenant_id for ev in events), ALERT_STATUS)
-            docs: list[Document] = []
             for d in decoded:
                 ev = d.event
                 end = ends.get(ev.event_id)
@@ -205,27 +212,19 @@ class Handlers:
                     continue  # stale: the alert has moved on (e.g. raised again); telling anyone would mislead
                 planned = route_status(ev, clinicians.get((ev.tenant_id, ev.clinician_id)), subscriptions,
                                        self._email)
-                docs.extend(delivery_doc(p, d.body, ev.occurred_at, d.correlation_id, _source(d.record), now)
-                            for p in planned)
-            scheduled = await self._store.insert_deliveries(docs)
-        if scheduled:
-            self._on_scheduled()
+                docs.extend(planned_docs(planned, d, ev.occurred_at, now))
+        await self._schedule(docs)
 
     async def on_scored(self, decoded: list[Decoded[SrsScored]]) -> None:
         """Schedule scored events for the partners of their tenant that subscribed to them."""
-        scheduled = 0
+        docs: list[Document] = []
         if decoded:
             subscriptions = await self._store.subscriptions_for((d.event.tenant_id for d in decoded), SCORED)
             if subscriptions:
                 now = datetime.now(UTC)
-                docs: list[Document] = []
                 for d in decoded:
                     ev = d.event
                     planned = plan_partners("event", ev.tenant_id, ev.site_id, ev.event_id, None, SCORED,
                                             subscriptions)
-                    origin = ev.accepted_at or ev.occurred_at
-                    docs.extend(delivery_doc(p, d.body, origin, d.correlation_id, _source(d.record), now)
-                                for p in planned)
-                scheduled = await self._store.insert_deliveries(docs)
-        if scheduled:
-            self._on_scheduled()
+                    docs.extend(planned_docs(planned, d, ev.accepted_at or ev.occurred_at, now))
+        await self._schedule(docs)

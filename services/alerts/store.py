@@ -35,7 +35,7 @@ from services.alerts.rules import Outcome as AttemptClass
 from services.alerts.secretbox import Row, subscription_row, tenant_row
 from shared import ids
 from shared.events import AlertState, Lifecycle, Severity
-from shared.mongo import Document, bulk_write, guarded_upserts
+from shared.mongo import Document, bulk_write, given, guarded_upserts
 
 CLINICIANS = "clinicians"
 SUBSCRIPTIONS = "subscriptions"
@@ -446,13 +446,7 @@ class AlertsStore:
 
     async def list_alerts(self, tenant_id: str, site_id: str | None, clinician_id: str | None,
                           status: AlertState | None, limit: int) -> list[Alert]:
-        query: Document = {"tenant_id": tenant_id}
-        if site_id is not None:
-            query["site_id"] = site_id
-        if clinician_id is not None:
-            query["clinician_id"] = clinician_id
-        if status is not None:
-            query["status"] = status
+        query = {"tenant_id": tenant_id, **given(site_id=site_id, clinician_id=clinician_id, status=status)}
         docs = await self.alerts.find(query, {"event": 0}).sort("created_at", DESCENDING).limit(limit).to_list()
         return [Alert.from_doc(d) for d in docs]
 
@@ -565,13 +559,7 @@ class AlertsStore:
 
     async def list_deliveries(self, tenant_id: str, site_id: str | None, status: str | None,
                               alert_id: str | None, limit: int) -> list[Delivery]:
-        query: Document = {"tenant_id": tenant_id}
-        if site_id is not None:
-            query["site_id"] = site_id
-        if status is not None:
-            query["status"] = status
-        if alert_id is not None:
-            query["alert_id"] = alert_id
+        query = {"tenant_id": tenant_id, **given(site_id=site_id, status=status, alert_id=alert_id)}
         docs = await self.deliveries.find(query, {"body": 0, "claim": 0}).sort("created_at", DESCENDING).limit(
             limit).to_list()
         return [Delivery.from_doc(d) for d in docs]

@@ -56,6 +56,7 @@ import socket
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -105,28 +106,31 @@ def dead_letter(d: Document, attempts: int, error: str, dlq_topic: str) -> Outbo
                           correlation_id=d.get("correlation_id"))
 
 
+def _instance_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(eq=False)
 class DeliveryWorker:
     """Claims due deliveries and attempts them, concurrently and with bounded parallelism."""
 
-    def __init__(self, store: AlertsStore, senders: dict[str, Sender], publisher: Publisher, topics: Topics,
-                 settings: AlertsSettings, jitter: Callable[[], float] = random.random) -> None:
-        self._store = store
-        self._senders = senders
-        self._publisher = publisher
-        self._topics = topics
-        self._s = settings
-        self._jitter = jitter
-        self._wake = asyncio.Event()
-        self._inflight: set[asyncio.Task[None]] = set()
-        self._tenant_of: dict[asyncio.Task[None], str] = {}
-        # In-flight attempts per tenant (what `fair_pick` subtracts from each share), and the
-        # most any tenant has had at once (for tests and the bench: fairness is structural).
-        self.inflight_by_tenant: Counter[str] = Counter()
-        self.peak_by_tenant: Counter[str] = Counter()
-        self._saturated = False
-        self._results: asyncio.Queue[AttemptResult | None] = asyncio.Queue()
-        # Recorded on each claim, so operators (and tests) can tell which process holds a lease.
-        self.instance = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    store: AlertsStore
+    senders: dict[str, Sender]
+    publisher: Publisher
+    topics: Topics
+    settings: AlertsSettings
+    jitter: Callable[[], float] = random.random
+    _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _inflight: set[asyncio.Task[None]] = field(default_factory=set, init=False)
+    _tenant_of: dict[asyncio.Task[None], str] = field(default_factory=dict, init=False)
+    # In-flight attempts per tenant (what `fair_pick` subtracts from each share), and the
+    # most any tenant has had at once (for tests and the bench: fairness is structural).
+    inflight_by_tenant: Counter[str] = field(default_factory=Counter, init=False)
+    peak_by_tenant: Counter[str] = field(default_factory=Counter, init=False)
+    _saturated: bool = field(default=False, init=False)
+    _results: asyncio.Queue[AttemptResult | None] = field(default_factory=asyncio.Queue, init=False)
+    # Recorded on each claim, so operators (and tests) can tell which process holds a lease.
+    instance: str = field(default_factory=_instance_name, init=False)
 
     def wake(self) -> None:
         """New deliveries are due now (called by the consumer after it recorded them)."""
@@ -134,12 +138,12 @@ class DeliveryWorker:
 
     async def run(self) -> None:
         """Loop until cancelled: claim what is due and free slots allow, start attempts, wait."""
-        lease = timedelta(seconds=self._s.lease_seconds)
+        lease = timedelta(seconds=self.settings.lease_seconds)
         recorder = asyncio.create_task(self._recorder(), name="delivery-recorder")
         try:
             while True:
                 self._wake.clear()
-                free = self._s.concurrency - len(self._inflight)
+                free = self.settings.concurrency - len(self._inflight)
                 # Until the claim below has decided, every finished attempt must wake the loop: one
                 # that finishes while the claim is in flight would otherwise go unheard (the claim
                 # left its tenant out, at its share, and nothing else may ever wake the loop).
@@ -162,11 +166,11 @@ class DeliveryWorker:
                         task.add_done_callback(self._done)
                     # Every slot taken, or some tenant may have more due than it got: a freed slot
                     # should claim again.
-                    self._saturated = more or len(self._inflight) >= self._s.concurrency
-                    if more and claimed and len(self._inflight) < self._s.concurrency:
+                    self._saturated = more or len(self._inflight) >= self.settings.concurrency
+                    if more and claimed and len(self._inflight) < self.settings.concurrency:
                         continue
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._s.poll_seconds)
+                    await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
         finally:
             for t in list(self._inflight):
                 t.cancel()
@@ -183,10 +187,10 @@ class DeliveryWorker:
         whether more may be due (the candidates filled their window, or some were left for a
         tenant's share)."""
         now = utcnow()
-        concurrency, cap = self._s.concurrency, self._s.tenant_concurrency
+        concurrency, cap = self.settings.concurrency, self.settings.tenant_concurrency
         window = free + concurrency  # room for other tenants' candidates behind one tenant's backlog
         at_share = tenants_at_share(self.inflight_by_tenant, concurrency, cap)
-        candidates = await self._store.due_candidates(now, window, at_share)
+        candidates = await self.store.due_candidates(now, window, at_share)
         # A tenant left out for holding its share may have a backlog: each of its finished attempts
         # must claim again at once, not at the next poll (one tenant alone would get a share per
         # poll interval).
@@ -194,7 +198,7 @@ class DeliveryWorker:
         if not candidates:
             return [], more
         ids = fair_pick(candidates, self.inflight_by_tenant, free, concurrency, cap)
-        claimed = await self._store.claim(now, ids, lease, self.instance)
+        claimed = await self.store.claim(now, ids, lease, self.instance)
         return claimed, more or len(candidates) == window or len(ids) < len(candidates)
 
     def _done(self, task: asyncio.Task[None]) -> None:
@@ -228,7 +232,7 @@ class DeliveryWorker:
                 continue
             for retry_in in (0.2, 1.0, None):
                 try:
-                    await self._store.record(batch)
+                    await self.store.record(batch)
                     self._wake_when_due(batch)
                     break
                 except asyncio.CancelledError:
@@ -254,7 +258,7 @@ class DeliveryWorker:
         attempt = int(d.get("attempts", 0)) + 1
         claim = str(d["claim"])
         result: AttemptResult
-        if attempt > self._s.max_attempts:
+        if attempt > self.settings.max_attempts:
             # The last attempt already failed but its dead letter could not be published then.
             result = await self._fail(d, claim, attempt - 1, str(d.get("last_error") or "unknown"), None,
                                       d.get("last_outcome") or "error")
@@ -263,13 +267,13 @@ class DeliveryWorker:
             error: str | None = None
             outcome: Outcome = "2xx"
             try:
-                status = await asyncio.wait_for(self._senders[channel].send(d), self._s.attempt_timeout_seconds)
+                status = await asyncio.wait_for(self.senders[channel].send(d), self.settings.attempt_timeout_seconds)
             except Cancelled as exc:
                 metrics.NOTIFICATIONS.labels(channel, "cancelled").inc()
                 await self._record(AttemptResult(d["_id"], claim, "cancelled", attempt - 1, error=str(exc)))
                 return
             except TimeoutError:
-                error, outcome = f"timeout after {self._s.attempt_timeout_seconds:g}s", "timeout"
+                error, outcome = f"timeout after {self.settings.attempt_timeout_seconds:g}s", "timeout"
             except SendError as exc:
                 error, status, outcome = str(exc), exc.status, exc.outcome
             except asyncio.CancelledError:
@@ -286,11 +290,11 @@ class DeliveryWorker:
                 if d.get("kind") == "alert" and isinstance(origin, datetime):
                     metrics.ALERT_TO_DELIVERED.labels(channel).observe(
                         max(0.0, (datetime.now(UTC) - origin).total_seconds()))
-            elif is_final(attempt, self._s.max_attempts):
+            elif is_final(attempt, self.settings.max_attempts):
                 result = await self._fail(d, claim, attempt, error, status, outcome)
             else:
-                delay = backoff_seconds(attempt, self._s.retry_first_seconds, self._s.retry_max_seconds,
-                                        self._jitter())
+                delay = backoff_seconds(attempt, self.settings.retry_first_seconds, self.settings.retry_max_seconds,
+                                        self.jitter())
                 result = AttemptResult(d["_id"], claim, "retry", attempt, error=error, response_status=status,
                                        next_attempt_at=utcnow() + timedelta(seconds=delay), last_outcome=outcome)
                 log.info("delivery attempt %d failed, retrying in %.2fs: %s", attempt, delay, error,
@@ -301,7 +305,7 @@ class DeliveryWorker:
                     outcome: str) -> AttemptResult:
         """Dead-letter the delivery, then mark it failed; if the broker is down, try again later."""
         try:
-            await self._publisher.publish_all([dead_letter(d, attempts, error, self._topics.deadletter)])
+            await self.publisher.publish_all([dead_letter(d, attempts, error, self.topics.deadletter)])
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -309,7 +313,7 @@ class DeliveryWorker:
                         extra={"delivery_id": d["_id"]})
             # attempts stays at the maximum: the next claim only retries the dead-lettering.
             return AttemptResult(d["_id"], claim, "retry", attempts, error=error, response_status=status,
-                                 next_attempt_at=utcnow() + timedelta(seconds=self._s.retry_first_seconds),
+                                 next_attempt_at=utcnow() + timedelta(seconds=self.settings.retry_first_seconds),
                                  last_outcome=outcome)
         metrics.NOTIFICATIONS.labels(str(d["channel"]), "failed").inc()
         log.warning("delivery failed after %d attempts: %s", attempts, error,
@@ -324,11 +328,11 @@ class DeliveryWorker:
         """Keep the pending gauges current (counts over all processes), until cancelled."""
         while True:
             try:
-                pending, retrying = await self._store.count_pending()
+                pending, retrying = await self.store.count_pending()
                 metrics.PENDING.set(pending)
                 metrics.PENDING_RETRIES.set(retrying)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.debug("gauge refresh failed: %r", exc)
-            await asyncio.sleep(self._s.gauge_seconds)
+            await asyncio.sleep(self.settings.gauge_seconds)

@@ -176,6 +176,12 @@ class Context:
         """429 before the body is read when the key has no room left (e.g. in debt for rejected work)."""
         self._refuse_after(await self._limit(self.limiter.wait(principal.key_id), 1, count), 1, count)
 
+    async def submitter(self, request: Request) -> Principal:
+        """The caller of a submission route: its key authenticated (`authenticate`) and admitted (`admit`)."""
+        principal = await self.authenticate(request)
+        await self.admit(principal)
+        return principal
+
     async def _limit(self, check: Awaitable[float], cost: int, count: Callable[..., None]) -> float:
         """A limiter call, bounded: the counters' store not answering is our outage, so 503 (not 500)."""
         try:
@@ -279,6 +285,11 @@ async def read_body(request: Request, limit: int, media_types: tuple[str, ...], 
         # Nobody will read this answer; it only keeps a vanished client from becoming a 500.
         _reject(400, "invalid", [("body", "the client disconnected before sending the whole body")], count=count)
     return b"".join(chunks)
+
+
+async def read_json(request: Request, limit: int, work: Work) -> Any:
+    """A submission route's JSON body, read as `read_body` reads it and parsed (422 when it is not JSON)."""
+    return parse_json(await read_body(request, limit, ("application/json",), work=work))
 
 
 def parse_json(body: bytes, count: Count = metrics.count) -> Any:
@@ -397,11 +408,9 @@ def build_router(ctx: Context) -> APIRouter:
         openapi_extra=_json_body("SubmissionIn"),
     )
     async def submit(request: Request) -> Response:
-        principal = await ctx.authenticate(request)
-        await ctx.admit(principal)
+        principal = await ctx.submitter(request)
         async with ctx.paid(principal) as work:
-            body = await read_body(request, settings.max_single_bytes, ("application/json",), work=work)
-            data = parse_json(body)
+            data = await read_json(request, settings.max_single_bytes, work)
         await ctx.rate_limit(principal, 1)
         now = datetime.now(UTC)
         model, errors = check_submission(data, now, ctx.max_future)
@@ -423,11 +432,9 @@ def build_router(ctx: Context) -> APIRouter:
         openapi_extra=_json_body("BatchIn"),
     )
     async def submit_batch(request: Request) -> Response:
-        principal = await ctx.authenticate(request)
-        await ctx.admit(principal)
+        principal = await ctx.submitter(request)
         async with ctx.paid(principal) as work:
-            body = await read_body(request, settings.max_batch_bytes, ("application/json",), work=work)
-            data = parse_json(body)
+            data = await read_json(request, settings.max_batch_bytes, work)
             items = _batch_items(data, settings.max_batch_items, work)
         await ctx.rate_limit(principal, len(items))
         results, records = _batch_results(ctx, principal, items, datetime.now(UTC))
@@ -441,8 +448,7 @@ def build_router(ctx: Context) -> APIRouter:
                        "security": [{"bearer": []}]},
     )
     async def submit_csv(request: Request) -> Response:
-        principal = await ctx.authenticate(request)
-        await ctx.admit(principal)
+        principal = await ctx.submitter(request)
         async with ctx.paid(principal) as work:
             body = await read_body(request, settings.max_batch_bytes, ("text/csv",), work=work)
             try:

@@ -150,9 +150,15 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
             raise HTTPException(404, NOT_FOUND_CLIENT)
         return gen, doc
 
-    def episode_or_404(doc: dict[str, Any], episode: str | None) -> None:
-        if episode is not None and episode not in {e["episode_id"] for e in doc.get("episodes", [])}:
+    async def find_episode(request: Request, p: Principal, client_id: str, instrument: Instrument,
+                           episode_id: str | None, episode: str | None) -> tuple[str, dict[str, Any], str | None]:
+        """The record (`find_record`) and the episode asked for (`episode_id`, else the older
+        `episode` parameter; None: the whole record); 404 when the record has no such episode."""
+        gen, doc = await find_record(request, p, client_id, instrument)
+        chosen = episode_id if episode_id is not None else episode
+        if chosen is not None and chosen not in {e["episode_id"] for e in doc.get("episodes", [])}:
             raise HTTPException(404, NOT_FOUND_EPISODE)
+        return gen, doc, chosen
 
     @router.get("/clients/{client_id}/trajectory", summary="One client's trajectory on one instrument",
                 responses={200: {"model": TrajectoryOut}, 304: {"description": "unchanged (If-None-Match)"},
@@ -161,9 +167,7 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
     async def trajectory(request: Request, client_id: str, p: Principal = auditor.route("trajectory.read", reader),
                          instrument: InstrumentQ = Instrument.SRS, episode_id: EpisodeQ = None,
                          episode: OldEpisodeQ = None) -> Response:
-        gen, doc = await find_record(request, p, client_id, instrument)
-        chosen = episode_id if episode_id is not None else episode
-        episode_or_404(doc, chosen)
+        gen, doc, chosen = await find_episode(request, p, client_id, instrument, episode_id, episode)
         alerts = (await store.alerts_for(gen, p.tenant_id, [doc["_id"]]))[doc["_id"]]
         return _json_response(request, rules.trajectory_view(doc, alerts, chosen),
                               max_age=settings.trajectory_max_age_seconds, generation=gen)
@@ -176,9 +180,7 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
     async def fhir(request: Request, client_id: str, p: Principal = auditor.route("fhir.read", reader),
                    instrument: InstrumentQ = Instrument.SRS, episode_id: EpisodeQ = None,
                    episode: OldEpisodeQ = None) -> Response:
-        gen, doc = await find_record(request, p, client_id, instrument)
-        chosen = episode_id if episode_id is not None else episode
-        episode_or_404(doc, chosen)
+        gen, doc, chosen = await find_episode(request, p, client_id, instrument, episode_id, episode)
         return _json_response(request, trajectory_bundle(doc, chosen), max_age=settings.trajectory_max_age_seconds,
                               generation=gen, media_type=FHIR_JSON)
 

@@ -100,7 +100,7 @@ class Version:
 
     def ratings(self) -> Ratings | None:
         """The items for the rules: a plain tuple, cheap enough to build on every derivation."""
-        return None if self.items is None else Ratings(*self.items)
+        return None if self.items is None else Ratings(self.items)
 
 
 def _digest(parts: tuple[object, ...]) -> str:
@@ -122,15 +122,13 @@ def content_digest(v: Version) -> str:
 
 
 class Ratings(NamedTuple):
-    """The four items in form order, as the rules read them (`rules.ItemRatings`)."""
+    """The four items in form order (`shared.events.ITEM_NAMES`), as the rules read them
+    (`rules.ItemRatings`): lighter than the event model's `Items`."""
 
-    relationship: float
-    goals: float
-    approach: float
-    overall: float
+    items: tuple[float, float, float, float]
 
     def values(self) -> tuple[float, float, float, float]:
-        return (self.relationship, self.goals, self.approach, self.overall)
+        return self.items
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import pytest
 from pymongo import UpdateOne
 from pymongo.errors import BulkWriteError
 
-from shared.mongo import DUPLICATE_KEY, LruCache, TtlCache, duplicate_key_indexes, guarded_upserts
+from shared.mongo import DUPLICATE_KEY, LruCache, TtlCache, duplicate_key_indexes, given, guarded_upserts
 
 
 class Clock:
@@ -199,3 +199,7 @@ async def test_a_guarded_upsert_raises_any_other_write_error() -> None:
     col = FakeCollection([(0, DUPLICATE_KEY), (1, 121)])
     with pytest.raises(BulkWriteError):
         await guarded_upserts(cast(Any, col), OPS)
+
+
+def test_given_keeps_only_the_fields_that_are_not_none() -> None:
+    assert given(site_id="north", status=None, flag=False) == {"site_id": "north", "flag": False}
