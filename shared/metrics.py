@@ -5,7 +5,25 @@ Label values are bounded: service names, topic names, partition numbers, outcome
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import Counter, Gauge, Histogram
+
+# One bucket set per kind of duration, so that kind reads alike in every service.
+BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)  # handling one consumed batch
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)  # from one stage to a later one
+REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)  # one request
+
+
+def batch_seconds(name: str, documentation: str, labels: Sequence[str] = ()) -> Histogram:
+    """A histogram of how long handling one batch took, on `BATCH_BUCKETS`."""
+    return Histogram(name, documentation, labels, buckets=BATCH_BUCKETS)
+
+
+def latency_seconds(name: str, documentation: str, labels: Sequence[str] = ()) -> Histogram:
+    """A histogram of the time from one stage's event to a later stage, on `LATENCY_BUCKETS`."""
+    return Histogram(name, documentation, labels, buckets=LATENCY_BUCKETS)
+
 
 CONSUMER_LAG = Gauge(
     "alliance_consumer_lag_messages",
@@ -18,12 +36,8 @@ CONSUMER_RECORDS = Counter(
     "Records consumed, by outcome (processed or deadlettered).",
     ["service", "topic", "outcome"],
 )
-CONSUMER_BATCH_SECONDS = Histogram(
-    "alliance_consumer_batch_seconds",
-    "Time to process one consumed batch, commit included.",
-    ["service", "topic"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-)
+CONSUMER_BATCH_SECONDS = batch_seconds("alliance_consumer_batch_seconds",
+                                       "Time to process one consumed batch, commit included.", ["service", "topic"])
 CONSUMER_RETRIES = Counter(
     "alliance_consumer_batch_retries_total",
     "Batches retried after a transient failure (store or broker unavailable).",
@@ -54,7 +68,6 @@ THROTTLED = Counter(
     ["service", "limit"],
 )
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 HTTP_REQUESTS = Counter(
     "alliance_http_requests_total",
     "HTTP requests by service, method, route template (`other` for paths no route matches) and status code.",
@@ -64,5 +77,5 @@ HTTP_SECONDS = Histogram(
     "alliance_http_request_seconds",
     "HTTP request duration by service, method and route template.",
     ["service", "method", "route"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    buckets=REQUEST_BUCKETS,
 )

@@ -38,6 +38,12 @@ def database(client: AsyncMongoClient[Document], settings: MongoSettings) -> Asy
     return client[settings.database]
 
 
+def client_and_database(settings: MongoSettings) -> tuple[AsyncMongoClient[Document], AsyncDatabase[Document]]:
+    """A service's client (`make_client`: no connection until first used) and its configured database."""
+    client = make_client(settings)
+    return client, database(client, settings)
+
+
 async def ping(client: AsyncMongoClient[Document]) -> bool:
     """True when the store answers."""
     try:

@@ -30,7 +30,7 @@ from shared import audit, auth
 from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, SrsScored
 from shared.http import Runtime, Service, authenticate_first, make_guard, service_api, stream_app
 from shared.kafka import DeadLetterTarget, Publisher, make_broker, subscribe_batch
-from shared.mongo import database, make_client
+from shared.mongo import client_and_database
 from shared.settings import AlertsHttp, AuditSettings, ServiceConfig
 
 log = logging.getLogger("alliance.alerts")
@@ -81,8 +81,7 @@ def build(config: AlertsConfig | None = None, resolve: Resolver = system_resolve
     cfg = config or AlertsConfig()
     topics = cfg.kafka.topics()
     broker = _broker(cfg)
-    mongo = make_client(cfg.mongo)
-    db = database(mongo, cfg.mongo)
+    mongo, db = client_and_database(cfg.mongo)
     store = AlertsStore(db)
     publisher = Publisher(broker, cfg.kafka.publish_timeout_seconds)
     box = cfg.alerts.secret_box()

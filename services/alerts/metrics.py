@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge
 
-from shared.metrics import LATENCY_BUCKETS
+from shared.metrics import latency_seconds
 
 NOTIFICATIONS = Counter(
     "alliance_notifications",
@@ -17,14 +17,12 @@ ATTEMPTS = Counter(
     "Delivery attempts, by channel and outcome (ok, error).",
     ["channel", "outcome"],
 )
-ALERT_TO_DELIVERED = Histogram(
+ALERT_TO_DELIVERED = latency_seconds(
     "alliance_alert_to_delivered_seconds",
     "From the alert's origin (intake acceptance, else the event's occurred_at) to a successful "
     "delivery of the alert to its clinician or a partner (escalations and forwarded scored events are "
     "not counted).",
-    ["channel"],
-    buckets=LATENCY_BUCKETS,
-)
+    ["channel"])
 PENDING_RETRIES = Gauge(
     "alliance_notification_pending_retries",
     "Deliveries that failed at least once and still wait for another attempt (all processes).",

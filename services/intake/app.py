@@ -24,7 +24,7 @@ from shared.auth import KeyStore
 from shared.events import ClientTransfer, SrsSubmitted
 from shared.http import Runtime, Service, make_guard, service_api, stream_app
 from shared.kafka import make_broker
-from shared.mongo import database, make_client
+from shared.mongo import client_and_database
 from shared.settings import IntakeHttp, ServiceConfig
 
 TITLE = "Alliance Stream intake"
@@ -68,8 +68,7 @@ def build(config: IntakeConfig | None = None) -> IntakeService:
     config = config or IntakeConfig()
     broker = make_broker(config.kafka.model_copy(update={"linger_ms": config.intake.linger_ms}), "intake")
     publisher = _publisher(broker, config)
-    mongo = make_client(config.mongo)
-    db = database(mongo, config.mongo)
+    mongo, db = client_and_database(config.mongo)
     # Failed authentications per peer; submissions per key are metered by `limiter` instead.
     guard, limits = make_guard(config.http, db, "intake", per_key=False)
     runtime = Runtime("intake", broker=broker, mongo=mongo, on_start=[limits.ensure_indexes])

@@ -10,6 +10,8 @@ from typing import Literal
 
 from prometheus_client import Counter, Histogram
 
+from shared.metrics import REQUEST_BUCKETS
+
 Outcome = Literal["accepted", "rejected", "unavailable"]
 Reason = Literal[
     "ok",                  # accepted
@@ -35,7 +37,7 @@ PUBLISH_SECONDS = Histogram(
     "alliance_intake_publish_seconds",
     "From handing a request's records to the producer until the broker acknowledged all of them.",
     ["endpoint"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    buckets=REQUEST_BUCKETS,
 )
 BATCH_SIZE = Histogram(
     "alliance_intake_batch_size",

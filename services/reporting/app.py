@@ -23,7 +23,7 @@ from shared.auth import KeyStore
 from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, SrsScored
 from shared.http import Runtime, Service, authenticate_first, make_guard, service_api, stream_app
 from shared.kafka import DeadLetterTarget, OutboundRecord, Publisher, make_broker, subscribe_batch
-from shared.mongo import database, make_client
+from shared.mongo import client_and_database
 from shared.settings import AuditSettings, ReportingHttp, ServiceConfig
 
 SERVICE = "reporting"
@@ -55,8 +55,7 @@ def build(config: ReportingConfig | None = None) -> ReportingService:
     """Wire broker, stores, consumers and the HTTP app; opens no connection."""
     config = config or ReportingConfig()
     broker = make_broker(config.kafka, SERVICE)
-    mongo = make_client(config.mongo)
-    db = database(mongo, config.mongo)
+    mongo, db = client_and_database(config.mongo)
     settings = config.reporting
     store = ReportingStore(db, cache_entries=settings.cache_entries, max_record_bytes=settings.max_record_bytes)
     submissions = SubmissionStore(db)

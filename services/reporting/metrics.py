@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter
 
-from shared.metrics import LATENCY_BUCKETS
+from shared.metrics import batch_seconds, latency_seconds
 
 EVENTS = Counter(
     "alliance_reporting_events_total",
@@ -14,16 +14,10 @@ EVENTS = Counter(
     "deadlettered), deadlettered (undecodable, invalid or refused).",
     ["outcome"],
 )
-APPLY_SECONDS = Histogram(
-    "alliance_reporting_apply_seconds",
-    "Time to apply one consumed batch to the read models (all generations written).",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-)
-SCORED_TO_VISIBLE = Histogram(
-    "alliance_scored_to_visible_seconds",
-    "From a session's scored_at to its point being readable through the reporting API.",
-    buckets=LATENCY_BUCKETS,
-)
+APPLY_SECONDS = batch_seconds("alliance_reporting_apply_seconds",
+                              "Time to apply one consumed batch to the read models (all generations written).")
+SCORED_TO_VISIBLE = latency_seconds("alliance_scored_to_visible_seconds",
+                                    "From a session's scored_at to its point being readable through the reporting API.")
 DEAD_LETTERS = Counter(
     "alliance_reporting_dead_letters_total",
     "Dead letters read by reporting's rejection feed, by outcome: recorded (a rejected submission), "

@@ -21,7 +21,7 @@ from services.scoring.store import RulesStore, StateCache, StateStore
 from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, SrsScored
 from shared.http import Runtime, Service, service_api, stream_app
 from shared.kafka import DeadLetterTarget, Publisher, make_broker, subscribe_batch
-from shared.mongo import database, make_client
+from shared.mongo import client_and_database
 from shared.settings import ServiceConfig
 
 TITLE = "Alliance Stream scoring"
@@ -58,8 +58,7 @@ def build(config: ScoringConfig | None = None) -> ScoringService:
     config = config or ScoringConfig()
     topics = config.kafka.topics()
     broker = make_broker(config.kafka, SERVICE)
-    client = make_client(config.mongo)
-    db = database(client, config.mongo)
+    client, db = client_and_database(config.mongo)
     store = StateStore(db)
     states = StateCache(store, max_sessions=config.scoring.state_cache_sessions)
     rules = RulesStore(db, ttl_seconds=config.scoring.rules_cache_seconds)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
-from shared.metrics import LATENCY_BUCKETS
+from shared.metrics import batch_seconds, latency_seconds
 
 SCORED = Counter("alliance_scored_total", "Sessions scored, by instrument.", ["instrument"])
 DETERIORATION = Counter(
@@ -17,22 +17,17 @@ DETERIORATION = Counter(
     ["trigger", "severity"],
 )
 AUDITED = Counter("alliance_scoring_audited_total", "Submissions stored without scoring (YCSRS).", ["instrument"])
-BATCH_SECONDS = Histogram(
-    "alliance_scoring_batch_seconds",
-    "Time to handle one batch of submissions: state read, scoring, state write, publish and acks.",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-)
+BATCH_SECONDS = batch_seconds("alliance_scoring_batch_seconds",
+                              "Time to handle one batch of submissions: state read, scoring, state write, publish "
+                              "and acks.")
 PHASE_SECONDS = Histogram(
     "alliance_scoring_phase_seconds",
     "Time per batch in each phase: load (state and rules), apply (the rules), save (state), publish (incl. acks).",
     ["phase"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
-SUBMISSION_TO_SCORED = Histogram(
-    "alliance_submission_to_scored_seconds",
-    "From intake's acceptance of a submission to its scoring.",
-    buckets=LATENCY_BUCKETS,
-)
+SUBMISSION_TO_SCORED = latency_seconds("alliance_submission_to_scored_seconds",
+                                       "From intake's acceptance of a submission to its scoring.")
 STATE_WRITES = Counter(
     "alliance_scoring_state_writes_total",
     "Series documents written; below one per scored session when a batch holds several sessions of a client.",
