@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, PositiveFloat, PositiveInt, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.topics import Topics
@@ -33,18 +33,18 @@ class KafkaSettings(BaseSettings):
     ssl_certfile: str = ""
     ssl_keyfile: str = ""
     topic_prefix: str = ""
-    partitions: int = Field(default=6, ge=1)
-    replication_factor: int = Field(default=1, ge=1)
+    partitions: PositiveInt = 6
+    replication_factor: PositiveInt = 1
     retention_ms: int = 7 * 24 * 3600 * 1000
     linger_ms: int = 5
     request_timeout_ms: int = 15_000
-    publish_timeout_seconds: float = Field(default=5.0, gt=0)
-    batch_max_records: int = Field(default=500, ge=1)
+    publish_timeout_seconds: PositiveFloat = 5.0
+    batch_max_records: PositiveInt = 500
     # How long a consumer fetch may wait for data. Apache Kafka answers as soon as data arrives.
     # The local Tansu differs by storage: in memory it holds a fetch for the whole wait (so the
     # launcher sets 20 ms), on s3 a short wait returns before the read completes, almost always
     # empty (so it needs the 500 ms default).
-    fetch_max_wait_ms: int = Field(default=500, ge=1)
+    fetch_max_wait_ms: PositiveInt = 500
     # How many times a whole batch may fail deterministically (a document too large or invalid
     # for the store, a permanent refusal) before its records are isolated and the culprits
     # dead-lettered (`shared.kafka.subscribe_batch`); at most 5, as the 6th failure rewinds it.
@@ -89,7 +89,7 @@ class HttpSettings(BaseSettings):
     # Failed authentications (a missing, unknown or revoked key) per peer: `auth_failure_burst` at once,
     # then `auth_failure_rate_per_second`; past it the peer gets 429 with Retry-After without its key
     # being looked up. A key already known (cached) from that peer still passes.
-    auth_failure_rate_per_second: float = Field(default=0.2, gt=0)
+    auth_failure_rate_per_second: PositiveFloat = 0.2
     auth_failure_burst: float = Field(default=10, ge=1)
     # How the peer is identified: 0 = the TCP peer's address (the default: X-Forwarded-For is
     # ignored, as any client can send it). Behind N trusted proxies that each append to
@@ -97,7 +97,7 @@ class HttpSettings(BaseSettings):
     trusted_proxy_hops: int = Field(default=0, ge=0, le=10)
     # Requests per API key on alerts and reporting (`/v1/...`); intake limits submissions instead
     # (ALLIANCE_INTAKE_RATE_PER_SECOND / _RATE_BURST).
-    read_rate_per_second: float = Field(default=50.0, gt=0)
+    read_rate_per_second: PositiveFloat = 50.0
     read_rate_burst: float = Field(default=200.0, ge=1)
 
 
@@ -154,12 +154,12 @@ class AuditSettings(BaseSettings):
     # Entries are written in batches: at most this long after they were recorded, or as soon as a
     # batch is full, so a read never waits for the store's write.
     flush_interval_seconds: float = Field(default=0.2, gt=0, le=5)
-    batch_max_entries: int = Field(default=500, ge=1)
+    batch_max_entries: PositiveInt = 500
     # Entries held while the store does not answer; past this, audited requests get 503 rather
     # than client data nobody could audit.
-    queue_max_entries: int = Field(default=50_000, ge=1)
+    queue_max_entries: PositiveInt = 50_000
     # How long a stopping service keeps trying to write what it still holds.
-    close_timeout_seconds: float = Field(default=10.0, gt=0)
+    close_timeout_seconds: PositiveFloat = 10.0
 
 
 @dataclass

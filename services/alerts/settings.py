@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.alerts.secretbox import KEYS_SETTING, SecretBox, parse_keyring
@@ -21,28 +21,28 @@ class AlertsSettings(BaseSettings):
     dashboard_url: str = "http://127.0.0.1:8004/dashboard"
 
     # Retry schedule: attempt n (1-based) that fails waits min(max, first * 2**(n-1)), jittered.
-    retry_first_seconds: float = Field(default=1.0, gt=0)
-    retry_max_seconds: float = Field(default=300.0, gt=0)
-    max_attempts: int = Field(default=8, ge=1)
-    attempt_timeout_seconds: float = Field(default=5.0, gt=0)
+    retry_first_seconds: PositiveFloat = 1.0
+    retry_max_seconds: PositiveFloat = 300.0
+    max_attempts: PositiveInt = 8
+    attempt_timeout_seconds: PositiveFloat = 5.0
     # A claimed delivery is invisible to other workers until the lease ends; it must outlast one
     # attempt (timeout) plus recording it, or a slow process could see its delivery re-sent.
-    lease_seconds: float = Field(default=30.0, gt=0)
-    concurrency: int = Field(default=32, ge=1)
+    lease_seconds: PositiveFloat = 30.0
+    concurrency: PositiveInt = 32
     # At most this many of those attempts belong to one tenant (fewer when several tenants have
     # work: an equal split), so one tenant's slow endpoints never hold every slot.
-    tenant_concurrency: int = Field(default=8, ge=1)
+    tenant_concurrency: PositiveInt = 8
     # Partner subscriptions one tenant may have (each is a delivery per event: many slow ones
     # would otherwise be cheap to create and costly to serve).
-    max_subscriptions_per_tenant: int = Field(default=20, ge=0)
+    max_subscriptions_per_tenant: NonNegativeInt = 20
     # How much of a webhook receiver's answer is read (only its status matters).
-    response_body_max_bytes: int = Field(default=4096, ge=0)
+    response_body_max_bytes: NonNegativeInt = 4096
     # How often a worker looks for due deliveries when nothing woke it (other processes' work, retries).
-    poll_seconds: float = Field(default=1.0, gt=0)
-    gauge_seconds: float = Field(default=5.0, gt=0)
+    poll_seconds: PositiveFloat = 1.0
+    gauge_seconds: PositiveFloat = 5.0
 
-    escalation_seconds: float = Field(default=24 * 3600.0, gt=0)
-    escalation_check_seconds: float = Field(default=30.0, gt=0)
+    escalation_seconds: PositiveFloat = 24 * 3600.0
+    escalation_check_seconds: PositiveFloat = 30.0
 
     # Keyring that encrypts stored signing secrets: `id:base64key,...` (32 random bytes each; the
     # first seals, all open; see secretbox). Empty = stored unencrypted, which only a non-production
@@ -61,7 +61,7 @@ class AlertsSettings(BaseSettings):
     # settings object without a keyring is refused, and it contradicts dev mode.
     production: bool = False
     # How long a rotated clinician-webhook secret still signs alongside the new one.
-    secret_rotation_grace_seconds: float = Field(default=24 * 3600.0, ge=0)
+    secret_rotation_grace_seconds: NonNegativeFloat = 24 * 3600.0
 
     @model_validator(mode="after")
     def _lease_outlasts_an_attempt(self) -> AlertsSettings:

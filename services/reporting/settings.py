@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -16,20 +16,20 @@ class ReportingSettings(BaseSettings):
     # writing into it before the replay's end offsets are taken.
     generation_cache_seconds: float = Field(default=1.0, gt=0, le=30)
     # Network indices are not real-time numbers; one aggregation per scope and window is enough.
-    summary_cache_seconds: float = Field(default=15.0, ge=0)
+    summary_cache_seconds: NonNegativeFloat = 15.0
     # Browser/proxy caching of per-key JSON answers (`Cache-Control: private, max-age=...`).
-    trajectory_max_age_seconds: int = Field(default=5, ge=0)
-    summary_max_age_seconds: int = Field(default=30, ge=0)
+    trajectory_max_age_seconds: NonNegativeInt = 5
+    summary_max_age_seconds: NonNegativeInt = 30
     # Declining, below cutoff and at risk come from scoring's flags; there is no threshold here.
     page_size: int = Field(default=50, ge=1, le=500)
     max_page_size: int = Field(default=200, ge=1, le=1000)
-    batch_max_records: int = Field(default=500, ge=1)
-    rebuild_batch_records: int = Field(default=2000, ge=1)
+    batch_max_records: PositiveInt = 500
+    rebuild_batch_records: PositiveInt = 2000
     # Write-through cache of record documents (saves the read before each write). Entries
     # are a few KB each; a rebuild, which writes every trajectory, gets a bigger one.
-    cache_entries: int = Field(default=20_000, ge=0)
-    rebuild_cache_entries: int = Field(default=200_000, ge=0)
-    key_cache_seconds: float = Field(default=30.0, ge=0)
+    cache_entries: NonNegativeInt = 20_000
+    rebuild_cache_entries: NonNegativeInt = 200_000
+    key_cache_seconds: NonNegativeFloat = 30.0
     # A client's record (every session on one instrument) is one document; sessions that would
     # grow it past this many bytes (encoded) are dead-lettered as `record_too_large` instead of
     # being written. Below MongoDB's 16 MiB limit, which would refuse the write anyway.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -12,7 +12,7 @@ class ScoringSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ALLIANCE_SCORING_", extra="ignore")
 
     # A rules change (`alliance tenants set-rules`) applies within this many seconds.
-    rules_cache_seconds: float = Field(default=5.0, ge=0)
+    rules_cache_seconds: NonNegativeFloat = 5.0
     # Records per consumed batch; None takes ALLIANCE_KAFKA_BATCH_MAX_RECORDS. Larger batches
     # mean fewer store round trips (the store is the slower of the two limits).
     max_records: int | None = Field(default=None, ge=1)
@@ -20,13 +20,13 @@ class ScoringSettings(BaseSettings):
     # batch, bounded by the submissions they hold (0 turns the cache off). About 2 KB each with
     # the view kept beside the record (measured with tracemalloc: 1.1 KB for the record, 0.9 KB
     # for the view): 100,000 is ~200 MB, within the k8s limit of 512 MiB.
-    state_cache_sessions: int = Field(default=100_000, ge=0)
+    state_cache_sessions: NonNegativeInt = 100_000
     # Series per state write: the events of one chunk are published while the next is written.
-    save_chunk: int = Field(default=128, ge=1)
+    save_chunk: PositiveInt = 128
     # How often a batch re-reads state after losing a write race before the batch is retried.
-    conflict_attempts: int = Field(default=5, ge=1)
+    conflict_attempts: PositiveInt = 5
     # The collector's first-generation threshold for the scoring process (0: Python's default,
     # 700). The state cache keeps many small long-lived objects (each client's record and the
     # view kept with it), and with the default every few batches walk them all. Measured by
     # `python -m tools.bench.scoring --apply-only` (CPU per event, default vs this).
-    gc_young_threshold: int = Field(default=10_000, ge=0)
+    gc_young_threshold: NonNegativeInt = 10_000
