@@ -457,11 +457,11 @@ def audit_log_for(client: AsyncMongoClient[Document], mongo: MongoSettings, serv
 
 
 def install_audit_routes(app: FastAPI, runtime: Runtime, mongo: MongoSettings, lookup: Lookup,
-                         routes: Sequence[AuditedRoute]) -> Auditor:
+                         routes: Sequence[AuditedRoute], settings: AuditSettings | None = None) -> Auditor:
     """Audit `routes` of a service whose handlers check keys themselves (`AuditRoutes`); the writer
     is flushed when the service stops."""
     assert runtime.mongo is not None
-    audit_log = audit_log_for(runtime.mongo, mongo, runtime.name)
+    audit_log = audit_log_for(runtime.mongo, mongo, runtime.name, settings)
     if audit_log is not None:
         runtime.on_stop.append(audit_log.close)
     auditor = Auditor(audit_log, runtime.name, lookup)

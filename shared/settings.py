@@ -164,8 +164,10 @@ class AuditSettings(BaseSettings):
 
 @dataclass
 class ServiceConfig:
-    """What every service reads from its environment: the broker and the store. Each service's
-    `Config` (in its app.py) extends it with its own settings; tests pass explicit instances."""
+    """What every service reads from its environment: the broker, the store and the audit trail.
+    Each service's `Config` (in its app.py) extends it with its own settings; tests pass explicit
+    instances."""
 
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     mongo: MongoSettings = field(default_factory=MongoSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)

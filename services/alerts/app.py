@@ -31,7 +31,7 @@ from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter,
 from shared.http import Runtime, Service, authenticate_first, make_guard, service_api, stream_app
 from shared.kafka import DeadLetterTarget, Publisher, make_broker, subscribe_batch
 from shared.mongo import client_and_database
-from shared.settings import AlertsHttp, AuditSettings, ServiceConfig
+from shared.settings import AlertsHttp, ServiceConfig
 
 log = logging.getLogger("alliance.alerts")
 
@@ -120,9 +120,7 @@ def build(config: AlertsConfig | None = None, resolve: Resolver = system_resolve
         if not cfg.smtp.enabled:
             log.info("ALLIANCE_SMTP_HOST is empty: the email channel is off")
 
-    audit_settings = AuditSettings()
-    audit_log = (audit.AuditLog.from_settings(audit.audit_collection(mongo, cfg.mongo, audit_settings), SERVICE,
-                                              audit_settings) if audit_settings.enabled else None)
+    audit_log = audit.audit_log_for(mongo, cfg.mongo, SERVICE, cfg.audit)
     # Delivery and escalation need only the store, so they are store tasks, started before the broker:
     # after a restart, pending deliveries and retries go out while the consumer group still rebalances.
     # On stop the runtime cancels them before closing the webhook client.

@@ -84,7 +84,8 @@ def build(config: IntakeConfig | None = None) -> IntakeService:
     app.include_router(build_router(ctx))
     # A client transfer is an administrative change: each appends an audit entry (shared.audit).
     install_audit_routes(app, runtime, config.mongo, ctx.keys.lookup,
-                         [("POST", re.compile(r"/v1/clients/(?P<client_id>.+)/transfer"), "client.transfer")])
+                         [("POST", re.compile(r"/v1/clients/(?P<client_id>.+)/transfer"), "client.transfer")],
+                         config.audit)
     install_openapi(app)
     app.state.intake = ctx
     return IntakeService(broker, mongo, runtime, app, ctx, spec_title=TITLE, spec_version="1.0.0",

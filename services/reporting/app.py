@@ -24,7 +24,7 @@ from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter,
 from shared.http import Runtime, Service, authenticate_first, make_guard, service_api, stream_app
 from shared.kafka import DeadLetterTarget, OutboundRecord, Publisher, make_broker, subscribe_batch
 from shared.mongo import client_and_database
-from shared.settings import AuditSettings, ReportingHttp, ServiceConfig
+from shared.settings import ReportingHttp, ServiceConfig
 
 SERVICE = "reporting"
 TITLE = "Alliance Stream reporting"
@@ -38,7 +38,6 @@ class ReportingConfig(ServiceConfig):
 
     reporting: ReportingSettings = field(default_factory=ReportingSettings)
     http: ReportingHttp = field(default_factory=ReportingHttp)
-    audit: AuditSettings = field(default_factory=AuditSettings)
 
 
 @dataclass
@@ -100,7 +99,7 @@ def build(config: ReportingConfig | None = None) -> ReportingService:
 
     runtime = Runtime(SERVICE, broker, mongo, on_start=[prepare_store])
     trail = audit.audit_collection(mongo, config.mongo, config.audit)
-    audit_log = audit.AuditLog.from_settings(trail, SERVICE, config.audit) if config.audit.enabled else None
+    audit_log = audit.audit_log_for(mongo, config.mongo, SERVICE, config.audit)
     auditor = audit.Auditor(audit_log, SERVICE, keys.lookup)
     # The read side's indexes (this service serves the trail); written entries are flushed on stop.
     runtime.on_start.append(lambda: audit.ensure_indexes(trail))
