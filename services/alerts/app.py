@@ -75,39 +75,38 @@ def _broker(config: AlertsConfig) -> KafkaBroker:
     return broker
 
 
-def build(config: AlertsConfig | None = None, resolve: Resolver = system_resolve) -> AlertsService:
+def build(config: AlertsConfig, resolve: Resolver = system_resolve) -> AlertsService:
     """Wire everything; opens no connection. `resolve` answers webhook host names (tests
     replace it to play a rebinding DNS server)."""
-    cfg = config or AlertsConfig()
-    topics = cfg.kafka.topics()
-    broker = _broker(cfg)
-    mongo, db = client_and_database(cfg.mongo)
+    topics = config.kafka.topics()
+    broker = _broker(config)
+    mongo, db = client_and_database(config.mongo)
     store = AlertsStore(db)
-    publisher = Publisher(broker, cfg.kafka.publish_timeout_seconds)
-    box = cfg.alerts.secret_box()
+    publisher = Publisher(broker, config.kafka.publish_timeout_seconds)
+    box = config.alerts.secret_box()
     secrets = SigningSecrets(store, box)
-    webhook = WebhookSender(secrets, cfg.alerts.allow_private_targets, cfg.alerts.attempt_timeout_seconds, resolve,
-                            cfg.alerts.response_body_max_bytes)
+    webhook = WebhookSender(secrets, config.alerts.allow_private_targets, config.alerts.attempt_timeout_seconds,
+                            resolve, config.alerts.response_body_max_bytes)
     senders: dict[str, Sender] = {"webhook": webhook}
-    if cfg.smtp.enabled:
-        senders["email"] = EmailSender(cfg.smtp, cfg.alerts.dashboard_url, cfg.alerts.attempt_timeout_seconds)
-    worker = DeliveryWorker(store, senders, publisher, topics, cfg.alerts)
-    handlers = Handlers(store, cfg.smtp.enabled, worker.wake)
-    escalator = Escalator(store, publisher, topics, cfg.alerts, cfg.smtp.enabled, worker.wake)
+    if config.smtp.enabled:
+        senders["email"] = EmailSender(config.smtp, config.alerts.dashboard_url, config.alerts.attempt_timeout_seconds)
+    worker = DeliveryWorker(store, senders, publisher, topics, config.alerts)
+    handlers = Handlers(store, config.smtp.enabled, worker.wake)
+    escalator = Escalator(store, publisher, topics, config.alerts, config.smtp.enabled, worker.wake)
 
     poison = DeadLetterTarget(topics.deadletter, publisher.publish_all)
-    subscribe_batch(broker, topics.deterioration, group_id=cfg.kafka.group(SERVICE), service=SERVICE,
+    subscribe_batch(broker, topics.deterioration, group_id=config.kafka.group(SERVICE), service=SERVICE,
                     model=AllianceDeterioration, handler=handlers.on_deterioration, invalid_reason=INVALID,
-                    max_records=cfg.kafka.batch_max_records, dead_letters=poison, settings=cfg.kafka)
-    subscribe_batch(broker, topics.scored, group_id=cfg.kafka.group("alerts-partners"), service=SERVICE,
+                    max_records=config.kafka.batch_max_records, dead_letters=poison, settings=config.kafka)
+    subscribe_batch(broker, topics.scored, group_id=config.kafka.group("alerts-partners"), service=SERVICE,
                     model=SrsScored, handler=handlers.on_scored, invalid_reason=INVALID,
-                    max_records=cfg.kafka.batch_max_records, dead_letters=poison, settings=cfg.kafka)
+                    max_records=config.kafka.batch_max_records, dead_letters=poison, settings=config.kafka)
     # Superseded / withdrawn from scoring (and this service's own acknowledged / escalated, which
     # are only forwarded to partners). Its own group: the lifecycle merge does not depend on the
     # order of the two topics, so neither consumer waits for the other.
-    subscribe_batch(broker, topics.alert_status, group_id=cfg.kafka.group("alerts-status"), service=SERVICE,
+    subscribe_batch(broker, topics.alert_status, group_id=config.kafka.group("alerts-status"), service=SERVICE,
                     model=StatusEvent, handler=handlers.on_alert_status, invalid_reason=INVALID,
-                    max_records=cfg.kafka.batch_max_records, dead_letters=poison, settings=cfg.kafka)
+                    max_records=config.kafka.batch_max_records, dead_letters=poison, settings=config.kafka)
 
     async def start() -> None:
         await store.ensure_indexes()
@@ -117,10 +116,10 @@ def build(config: AlertsConfig | None = None, resolve: Resolver = system_resolve
         if not box.encrypting:
             log.warning("ALLIANCE_ALERTS_SECRETS_KEYS is empty: webhook signing secrets are stored unencrypted "
                         "(dev mode only: `python -m services.alerts` refuses to start so outside it)")
-        if not cfg.smtp.enabled:
+        if not config.smtp.enabled:
             log.info("ALLIANCE_SMTP_HOST is empty: the email channel is off")
 
-    audit_log = audit.audit_log_for(mongo, cfg.mongo, SERVICE, cfg.audit)
+    audit_log = audit.audit_log_for(mongo, config.mongo, SERVICE, config.audit)
     # Delivery and escalation need only the store, so they are store tasks, started before the broker:
     # after a restart, pending deliveries and retries go out while the consumer group still rebalances.
     # On stop the runtime cancels them before closing the webhook client.
@@ -128,20 +127,20 @@ def build(config: AlertsConfig | None = None, resolve: Resolver = system_resolve
                       store_tasks=[worker.run, escalator.run, worker.refresh_gauges],
                       on_stop=[webhook.close, *([audit_log.close] if audit_log is not None else [])])
     keys = auth.KeyStore(db)
-    router = build_router(store, keys, publisher, topics, cfg.alerts, box, secrets.forget, worker.wake,
+    router = build_router(store, keys, publisher, topics, config.alerts, box, secrets.forget, worker.wake,
                           audit.Auditor(audit_log, SERVICE, keys.lookup), resolve=resolve)
     app = service_api(runtime, title=TITLE, description=DESCRIPTION)
     app.include_router(router)
     # What the worker sends, documented as the OpenAPI document's `webhooks` (served by no route).
-    app.webhooks.include_router(webhooks_router(cfg.alerts))
+    app.webhooks.include_router(webhooks_router(config.alerts))
     # Every /v1 route needs a key: check it before a body is read (the routes' own KeyStore comes
     # after FastAPI has parsed the body). A second cache of the same keys; misses cost one look-up.
     # With it, the failed-authentication limit per peer and the request rate per key (`make_guard`).
     first = auth.KeyStore(db)
-    guard, limits = make_guard(cfg.http, db, SERVICE)
+    guard, limits = make_guard(config.http, db, SERVICE)
     runtime.on_start.append(limits.ensure_indexes)
     authenticate_first(app, first.lookup, guard=guard, known=first.known)
-    service = AlertsService(broker, mongo, runtime, app, cfg, store, handlers, worker, escalator, webhook,
+    service = AlertsService(broker, mongo, runtime, app, config, store, handlers, worker, escalator, webhook,
                             spec_title=TITLE, spec_version="1.0.0", spec_description=DESCRIPTION)
     app.state.alerts = service
     return service
@@ -149,10 +148,10 @@ def build(config: AlertsConfig | None = None, resolve: Resolver = system_resolve
 
 def create_app(config: AlertsConfig | None = None, resolve: Resolver = system_resolve) -> FastAPI:
     """The alerts HTTP app; its lifespan runs the consumers, the delivery worker and escalation."""
-    return build(config, resolve).app
+    return build(config or AlertsConfig(), resolve).app
 
 
 def asyncapi_app(config: AlertsConfig | None = None) -> FastStream:
     """A FastStream app over the same broker, for `faststream docs gen services.alerts.app:asyncapi_app`."""
-    return stream_app(build(config))
+    return stream_app(build(config or AlertsConfig()))
 

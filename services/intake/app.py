@@ -63,9 +63,8 @@ class IntakeService(Service):
     context: Context
 
 
-def build(config: IntakeConfig | None = None) -> IntakeService:
+def build(config: IntakeConfig) -> IntakeService:
     """Wire broker, key store, limits and routes; opens no connection."""
-    config = config or IntakeConfig()
     broker = make_broker(config.kafka.model_copy(update={"linger_ms": config.intake.linger_ms}), "intake")
     publisher = _publisher(broker, config)
     mongo, db = client_and_database(config.mongo)
@@ -94,9 +93,9 @@ def build(config: IntakeConfig | None = None) -> IntakeService:
 
 def create_app(config: IntakeConfig | None = None) -> FastAPI:
     """The intake HTTP app (its lifespan connects the broker in the background)."""
-    return build(config).app
+    return build(config or IntakeConfig()).app
 
 
 def asyncapi_app(config: IntakeConfig | None = None) -> FastStream:
     """A FastStream app over intake's broker, for `faststream docs gen` (it publishes srs.submitted.v1)."""
-    return stream_app(build(config))
+    return stream_app(build(config or IntakeConfig()))

@@ -50,9 +50,8 @@ class ReportingService(Service):
     keys: KeyStore
 
 
-def build(config: ReportingConfig | None = None) -> ReportingService:
+def build(config: ReportingConfig) -> ReportingService:
     """Wire broker, stores, consumers and the HTTP app; opens no connection."""
-    config = config or ReportingConfig()
     broker = make_broker(config.kafka, SERVICE)
     mongo, db = client_and_database(config.mongo)
     settings = config.reporting
@@ -121,9 +120,9 @@ def build(config: ReportingConfig | None = None) -> ReportingService:
 
 def create_app(config: ReportingConfig | None = None) -> FastAPI:
     """The reporting FastAPI app (consumers start with its lifespan; no connection at import)."""
-    return build(config).app
+    return build(config or ReportingConfig()).app
 
 
 def asyncapi_app(config: ReportingConfig | None = None) -> FastStream:
     """A FastStream app over the same broker and subscribers (for `faststream docs gen`)."""
-    return stream_app(build(config))
+    return stream_app(build(config or ReportingConfig()))

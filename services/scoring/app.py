@@ -53,9 +53,8 @@ class ScoringService(Service):
     handler: ScoringHandler
 
 
-def build(config: ScoringConfig | None = None) -> ScoringService:
+def build(config: ScoringConfig) -> ScoringService:
     """Wire broker, store and handler; opens no connection."""
-    config = config or ScoringConfig()
     topics = config.kafka.topics()
     broker = make_broker(config.kafka, SERVICE)
     client, db = client_and_database(config.mongo)
@@ -96,10 +95,10 @@ def build(config: ScoringConfig | None = None) -> ScoringService:
 
 def create_app(config: ScoringConfig | None = None) -> FastAPI:
     """The scoring service as an ASGI app (consumer runs inside its lifespan)."""
-    return build(config).app
+    return build(config or ScoringConfig()).app
 
 
 def asyncapi_app(config: ScoringConfig | None = None) -> FastStream:
     """A FastStream app over the same broker, for `faststream docs gen services.scoring.app:asyncapi_app`."""
-    return stream_app(build(config))
+    return stream_app(build(config or ScoringConfig()))
 
