@@ -1,9 +1,9 @@
 """Demo and test data: plausible scored-session streams as scoring would publish them.
 
 Used by reporting's benchmark (tools/bench/reporting.py), the tests and the dashboard demo. The
-flags, triggers and severity mimic scoring's default rules (docs/clinical-records.md) closely
-enough for charts and alerts to look right; scoring itself is the authority on them, and
-reporting never re-derives them.
+flags, triggers and severity come from scoring's own rules (`services/scoring/rules.py`, default
+tenant rules with the given cutoff), the ids from `shared/ids.py`, an acknowledgement from alerts'
+own `status_changed`: nothing here re-derives what the services decide.
 """
 
 from __future__ import annotations
@@ -17,8 +17,16 @@ from typing import Any, Literal
 
 from aiokafka import AIOKafkaProducer
 
+from services.alerts.rules import status_changed
+from services.scoring.rules import (
+    ITEM_BELOW_THRESHOLD,
+    TenantRules,
+    alert_decision,
+    change_from_previous,
+    low_items,
+    score,
+)
 from shared.events import (
-    ITEM_NAMES,
     AlertStatus,
     AlertStatusChanged,
     AllianceDeterioration,
@@ -29,17 +37,21 @@ from shared.events import (
     SrsScored,
     SubmissionIdentity,
 )
-from shared.ids import alert_id, alert_status_event_id, derive, derived_episode_id, partition_key, scored_event_id
+from shared.ids import (
+    alert_event_id,
+    alert_id,
+    alert_status_event_id,
+    derive,
+    derived_episode_id,
+    partition_key,
+    scored_event_id,
+)
 from shared.kafka import admin_security_kwargs
 from shared.settings import KafkaSettings
 from shared.topics import Topics
 
 CUTOFF = 36.0
 BASE = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
-
-
-TRIGGERS = (Flag.BELOW_CUTOFF, Flag.DROP_FROM_PREVIOUS, Flag.LOW_NOT_IMPROVING)
-LOW_ITEM = 9.0
 
 
 def derived_episode(first_administered: datetime, first_session: int = 1) -> str:
@@ -59,30 +71,26 @@ def scored(tenant_id: str, client_id: str, session_number: int, total: float, *,
                                   str(session_number))
     administered = administered_at or BASE + timedelta(days=7 * (session_number - 1))
     accepted = accepted_at or administered + timedelta(minutes=5)
-    change = round(total - previous_total, 1) if previous_total is not None else None
+    rules = TenantRules(cutoff=cutoff)
     if flags is None:
-        flags = []
-        if total < cutoff:
-            flags.append(Flag.BELOW_CUTOFF)
-        if change is not None and change <= -1.0:
-            flags.append(Flag.DROP_FROM_PREVIOUS)
-        if previous_total is not None and total < cutoff and previous_total < cutoff and (change or 0) <= 0:
-            flags.append(Flag.LOW_NOT_IMPROVING)
-    low_items = [n for n, v in zip(ITEM_NAMES, items.values(), strict=True) if v < LOW_ITEM] if items else []
-    if low_items and Flag.ITEM_BELOW_THRESHOLD not in flags:
-        flags = [*flags, Flag.ITEM_BELOW_THRESHOLD]
-    triggers = [f for f in flags if f in TRIGGERS]
-    if severity is None and triggers:
-        critical = ((Flag.BELOW_CUTOFF in triggers and Flag.DROP_FROM_PREVIOUS in triggers)
-                    or (change is not None and change <= -3.0)
-                    or (Flag.LOW_NOT_IMPROVING in triggers and previously_low_not_improving))
-        severity = Severity.CRITICAL if critical else Severity.WARNING
+        decided = score(total, items, previous_total, latest, rules, previously_low_not_improving)
+        total, change, flags = decided.total, decided.change_from_previous, list(decided.flags)
+    else:
+        change = change_from_previous(total, previous_total)
+    low = list(low_items(items, rules.item_threshold))
+    if low and ITEM_BELOW_THRESHOLD not in flags:
+        flags = [*flags, ITEM_BELOW_THRESHOLD]
+    # What an alert would carry were the session the latest (scoring shows it on every session).
+    alert = alert_decision(flags, change, True, rules, previously_low_not_improving)
+    triggers = list(alert.triggers) if alert is not None else []
+    if severity is None and alert is not None:
+        severity = alert.severity
     return SrsScored(
         event_id=scored_event_id(tenant_id, sid, revision), tenant_id=tenant_id, occurred_at=scored_at or accepted,
         submission_id=sid, site_id=site_id, clinician_id=clinician_id, client_id=client_id, episode_id=episode_id,
         instrument=instrument, session_number=session_number, administered_at=administered, items=items,
         total=total, cutoff=cutoff, previous_total=previous_total, change_from_previous=change, flags=flags,
-        triggers=triggers, severity=severity if triggers else None, low_items=low_items, latest=latest,
+        triggers=triggers, severity=severity if triggers else None, low_items=low, latest=latest,
         scored_at=scored_at or accepted + timedelta(seconds=1), accepted_at=accepted, revision=revision,
         supersedes=supersedes, episode_derived=episode_derived, site_version=site_version)
 
@@ -137,7 +145,7 @@ def deterioration_for(event: SrsScored) -> AllianceDeterioration | None:
     aid = alert_id(event.tenant_id, event.client_id, str(event.instrument), event.episode_id or "",
                    event.session_number)
     return AllianceDeterioration(
-        event_id=derive("deterioration", aid, str(event.revision)), tenant_id=event.tenant_id,
+        event_id=alert_event_id(aid, event.revision), tenant_id=event.tenant_id,
         occurred_at=event.scored_at, alert_id=aid, submission_id=event.submission_id, site_id=event.site_id,
         clinician_id=event.clinician_id, client_id=event.client_id, episode_id=event.episode_id,
         instrument=event.instrument, session_number=event.session_number, administered_at=event.administered_at,
@@ -258,7 +266,6 @@ async def publish(kafka: KafkaSettings, events: Iterable[SrsScored | AllianceDet
 
 
 def acknowledgement(alert: AllianceDeterioration, at: datetime | None = None) -> AlertStatusChanged:
-    """The status event alerts publishes when a clinician acknowledges `alert`."""
-    return AlertStatusChanged(event_id=derive("demo-ack", alert.alert_id), tenant_id=alert.tenant_id,
-                              occurred_at=at or alert.occurred_at + timedelta(hours=2), alert_id=alert.alert_id,
-                              site_id=alert.site_id, clinician_id=alert.clinician_id, status=AlertStatus.ACKNOWLEDGED)
+    """The status event alerts publishes when a clinician acknowledges `alert` (alerts' own builder)."""
+    return status_changed(alert.tenant_id, alert.alert_id, alert.site_id, alert.clinician_id, AlertStatus.ACKNOWLEDGED,
+                          at or alert.occurred_at + timedelta(hours=2), alert.client_id)

@@ -1,187 +1,31 @@
 """Tools to drive the alerts service from the outside, shared by its benchmark and its tests.
 
-- `WebhookReceiver`: a small threaded HTTP server on 127.0.0.1 that records every request and
-  answers per path: succeed, fail the first N times, always fail, or hold the request until
-  released (a slow receiver).
 - `EventPublisher`: publishes contract events straight onto a topic, keyed like production.
-- `deterioration` / `scored`: valid events for a tenant, clinician and client; `revised` and
-  `ended` build the later revisions and the superseded / withdrawn statuses of an alert the way
-  scoring does.
+- `deterioration` / `scored`: the events scoring itself publishes for a client's sessions: they
+  are run through scoring's own state (`series.ClientState`, default tenant rules) and event
+  builders (`handlers.alert_event` / `scored_event`), so ids, triggers and severity are scoring's;
+  `revised` and `ended` build the later revisions and the superseded / withdrawn statuses of an
+  alert with the ids of `shared/ids.py`.
+
+The webhook receiver is `tools/receiver.py`, the topic recorder `tools/recorder.py`.
 """
 
 from __future__ import annotations
 
-import sys
-import threading
-import time
 import uuid
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from pydantic import BaseModel
 
+from services.scoring.handlers import alert_event, scored_event
+from services.scoring.rules import TenantRules
+from services.scoring.series import AlertOut, ClientState, Output, ScoredOut, Version, version_of
 from shared import ids
-from shared.events import AlertStatusChanged, AllianceDeterioration, Flag, Severity, SrsScored
+from shared.events import AlertStatusChanged, AllianceDeterioration, Instrument, SrsScored
 
-
-@dataclass
-class Received:
-    """One request the receiver got."""
-
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    status: int
-    at: float  # time.time() when it arrived
-
-    @property
-    def webhook_id(self) -> str:
-        return self.headers.get("webhook-id", "")
-
-
-@dataclass
-class Behaviour:
-    """How a path answers."""
-
-    fail_first: int = 0  # answer 500 to the first N requests
-    always_fail: bool = False
-    hold: threading.Event | None = None  # block requests after the first `hold_after` until set
-    hold_after: int = 0
-    delay: float = 0.0  # answer after this many seconds
-    hold_max: float = 30.0
-    seen: int = 0
-    held_now: int = 0
-
-
-class _QuietServer(ThreadingHTTPServer):
-    """A sender that gave up (its timeout) leaves a held request writing to a closed socket:
-    expected with slow receivers, not worth a traceback."""
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
-
-
-@dataclass
-class WebhookReceiver:
-    """Records requests per path; thread-safe."""
-
-    host: str = "127.0.0.1"
-    port: int = 0
-    requests: list[Received] = field(default_factory=list)
-    behaviours: dict[str, Behaviour] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _server: ThreadingHTTPServer | None = None
-    _thread: threading.Thread | None = None
-    on_request: Any = None  # optional callable(Received), called from the server thread
-
-    def start(self) -> WebhookReceiver:
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                path = self.path.split("?", 1)[0]
-                with receiver._lock:
-                    b = receiver.behaviours.setdefault(path, Behaviour())
-                    b.seen += 1
-                    n = b.seen
-                    hold = b.hold if n > b.hold_after else None
-                    if hold is not None:
-                        b.held_now += 1
-                if hold is not None:
-                    hold.wait(b.hold_max)
-                    with receiver._lock:
-                        b.held_now -= 1
-                if b.delay:
-                    time.sleep(b.delay)
-                status = 500 if b.always_fail or n <= b.fail_first else 200
-                rec = Received(path, {k.lower(): v for k, v in self.headers.items()}, body, status, time.time())
-                with receiver._lock:
-                    receiver.requests.append(rec)
-                if receiver.on_request is not None:
-                    receiver.on_request(rec)
-                payload = b'{"ok":true}' if status == 200 else b'{"ok":false}'
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, format: str, *args: Any) -> None:  # quiet
-                return
-
-        self._server = _QuietServer((self.host, self.port), Handler)
-        self._server.daemon_threads = True
-        self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, name="webhook-receiver", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            for b in self.behaviours.values():
-                if b.hold is not None:
-                    b.hold.set()
-            self._server.shutdown()
-            self._server.server_close()
-
-    def url(self, path: str) -> str:
-        return f"http://{self.host}:{self.port}{path}"
-
-    def behave(self, path: str, **kwargs: Any) -> str:
-        """Set how `path` answers; returns its URL."""
-        with self._lock:
-            self.behaviours[path] = Behaviour(**kwargs)
-        return self.url(path)
-
-    def at(self, path: str) -> list[Received]:
-        """Requests to `path` so far (a copy)."""
-        with self._lock:
-            return [r for r in self.requests if r.path == path]
-
-    def held(self, path: str) -> int:
-        with self._lock:
-            b = self.behaviours.get(path)
-            return b.held_now if b else 0
-
-
-class TopicReader:
-    """Reads a whole topic from the beginning (no consumer group), accumulating what it saw."""
-
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                          auto_offset_reset="earliest")
-        self._topic = topic
-        self.records: list[tuple[bytes | None, bytes, dict[str, str]]] = []
-
-    async def start(self) -> None:
-        await self._consumer.start()
-        await self._consumer.topics()  # fetches cluster metadata
-        partitions = self._consumer.partitions_for_topic(self._topic) or set()
-        if not partitions:
-            raise RuntimeError(f"topic {self._topic} does not exist")
-        tps = [TopicPartition(self._topic, p) for p in sorted(partitions)]
-        self._consumer.assign(tps)
-        await self._consumer.seek_to_beginning(*tps)
-
-    async def poll(self) -> list[tuple[bytes | None, bytes, dict[str, str]]]:
-        """Fetch what arrived since the last poll; returns everything read so far."""
-        batches = await self._consumer.getmany(timeout_ms=200, max_records=1000)
-        for recs in batches.values():
-            for r in recs:
-                headers = {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))
-                           for k, v in (r.headers or ())}
-                self.records.append((r.key, r.value, headers))
-        return self.records
-
-    async def stop(self) -> None:
-        await self._consumer.stop()
+RULES = TenantRules()  # scoring's defaults: cutoff 36.0, a drop of 1.0, critical from a drop below the cutoff
 
 
 class EventPublisher:
@@ -207,10 +51,23 @@ class EventPublisher:
         await self._producer.send_and_wait(topic, value, key=key)
 
 
+def _scoring(tenant_id: str, client_id: str, sessions: list[Version], now: datetime) -> list[Output]:
+    """What scoring publishes for these sessions of a new client, in order."""
+    state = ClientState(tenant_id, client_id)
+    outputs: list[Output] = []
+    for v in sessions:
+        step = state.submit(v, RULES, now)
+        if step.rejection is not None:
+            raise ValueError(f"scoring refused the session: {step.rejection.reason} {step.rejection.detail}")
+        outputs.extend(step.outputs)
+    return outputs
+
+
 def deterioration(tenant_id: str, clinician_id: str, client_id: str, submission_id: str | None = None,
                   site_id: str = "site-a", accepted_at: datetime | None = None, episode_id: str | None = None,
                   session_number: int = 3) -> AllianceDeterioration:
-    """A valid deterioration event (revision 1; ids derived like scoring derives them).
+    """The alert scoring raises (revision 1) when a client's total falls from 36.5 to 31.2 at
+    `session_number` (below the cutoff and a drop: critical).
 
     Without `episode_id` every call is its own episode, hence its own alert: the alert id derives
     from the session (tenant, client, instrument, episode, session number).
@@ -218,13 +75,14 @@ def deterioration(tenant_id: str, clinician_id: str, client_id: str, submission_
     sid = submission_id or uuid.uuid4().hex
     episode = episode_id or f"ep-{sid[:12]}"
     now = datetime.now(UTC)
-    alert = ids.alert_id(tenant_id, client_id, "SRS", episode, session_number)
-    return AllianceDeterioration(
-        event_id=ids.alert_event_id(alert, 1), tenant_id=tenant_id, occurred_at=now, submission_id=sid,
-        site_id=site_id, clinician_id=clinician_id, client_id=client_id, episode_id=episode,
-        session_number=session_number, administered_at=now, alert_id=alert,
-        triggers=[Flag.BELOW_CUTOFF, Flag.DROP_FROM_PREVIOUS], severity=Severity.WARNING, total=31.2,
-        previous_total=36.5, change_from_previous=-5.3, cutoff=36.0, accepted_at=accepted_at or now)
+    accepted = accepted_at or now
+    falling = version_of(sid, Instrument.SRS, episode, session_number, now, site_id, clinician_id, None, 31.2,
+                         accepted)
+    before = version_of(f"{sid}-before", Instrument.SRS, episode, session_number - 1, now - timedelta(days=7),
+                        site_id, clinician_id, None, 36.5, accepted)
+    sessions = [before, falling] if session_number > 1 else [falling]
+    [raised] = [o for o in _scoring(tenant_id, client_id, sessions, now) if isinstance(o, AlertOut)]
+    return alert_event(tenant_id, client_id, raised)
 
 
 def revised(alert: AllianceDeterioration, revision: int, **changes: Any) -> AllianceDeterioration:
@@ -246,10 +104,10 @@ def ended(alert: AllianceDeterioration, status: str, revision: int | None = None
 
 def scored(tenant_id: str, clinician_id: str, client_id: str, submission_id: str | None = None,
            site_id: str = "site-a") -> SrsScored:
-    """A valid scored event."""
+    """The scored event scoring publishes for a client's first session on record (number 2, total
+    38.0: above the cutoff, no alert)."""
     sid = submission_id or uuid.uuid4().hex
     now = datetime.now(UTC)
-    return SrsScored(
-        event_id=ids.scored_event_id(tenant_id, sid), tenant_id=tenant_id, occurred_at=now, submission_id=sid,
-        site_id=site_id, clinician_id=clinician_id, client_id=client_id, session_number=2, administered_at=now,
-        total=38.0, cutoff=36.0, scored_at=now, accepted_at=now)
+    session = version_of(sid, Instrument.SRS, None, 2, now, site_id, clinician_id, None, 38.0, now)
+    [out] = [o for o in _scoring(tenant_id, client_id, [session], now) if isinstance(o, ScoredOut)]
+    return scored_event(tenant_id, client_id, out)

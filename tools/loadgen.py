@@ -1,16 +1,14 @@
 """Feeding and reading scoring's topics directly (benchmark and tests): synthetic submitted
-events published the way intake publishes them, and a reader that collects a topic."""
+events published the way intake publishes them (read them back with `tools.recorder`)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
 from shared import ids
 from shared.events import CLIENT_TRANSFER, RECORD_TYPE_HEADER, ClientTransfer, Instrument, Items, SrsSubmitted
@@ -73,49 +71,3 @@ async def publish(producer: AIOKafkaProducer, topic: str, events: Sequence[SrsSu
         futures.append(await producer.send(topic, ev.model_dump_json().encode(),
                                            key=ids.partition_key(ev.tenant_id, ev.client_id), headers=headers))
     await asyncio.gather(*futures)
-
-
-@dataclass
-class TopicReader:
-    """Reads every partition of a topic from the beginning, without a group, in the background."""
-
-    bootstrap: str
-    topic: str
-    records: list[Any] = field(default_factory=list)
-    _consumer: AIOKafkaConsumer | None = None
-    _task: asyncio.Task[None] | None = None
-
-    async def start(self) -> TopicReader:
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-                                          auto_offset_reset="earliest")
-        await self._consumer.start()
-        partitions = None
-        for _ in range(50):
-            await self._consumer.topics()  # refreshes the metadata
-            partitions = self._consumer.partitions_for_topic(self.topic)
-            if partitions:
-                break
-            await asyncio.sleep(0.1)
-        tps = [TopicPartition(self.topic, p) for p in sorted(partitions or ())]
-        self._consumer.assign(tps)
-        await self._consumer.seek_to_beginning(*tps)
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def _run(self) -> None:
-        assert self._consumer is not None
-        while True:
-            batch = await self._consumer.getmany(timeout_ms=200, max_records=5000)
-            for recs in batch.values():
-                self.records.extend(recs)
-
-    def values(self) -> list[bytes]:
-        return [r.value for r in self.records]
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._consumer is not None:
-            await self._consumer.stop()

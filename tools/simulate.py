@@ -40,6 +40,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from tools.console import run_command
+
 Kind = Literal["new", "duplicate", "late", "invalid"]
 Trajectory = Literal["stable_high", "declining", "low_recovering"]
 ITEMS = ("relationship", "goals", "approach", "overall")
@@ -662,9 +664,7 @@ def simulate(
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m tools.simulate`."""
-    app = typer.Typer(add_completion=False)
-    app.command()(simulate)
-    app(args=argv, prog_name="simulate")
+    run_command(simulate, argv, "simulate")
 
 
 if __name__ == "__main__":

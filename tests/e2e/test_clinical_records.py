@@ -8,7 +8,7 @@ One tenant per module, one client per test, so the tests do not see each other's
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,9 +20,9 @@ from services.scoring.rules import TenantRules
 from services.scoring.store import RulesStore
 from shared import auth
 from shared.mongo import Document
-from tests.support.receiver import Receiver, webhook_receiver
-from tests.support.services import Namespace, ServiceProcess, running
+from tests.support.services import Namespace, ServiceProcess
 from tests.support.wait import eventually
+from tools.receiver import WebhookReceiver
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -30,19 +30,6 @@ TENANT = "acme"
 STRICT_TENANT = "strict"  # its own rules: cutoff 30 with `<=`, drop 2.0
 SEPT = datetime(2026, 9, 1, 10, 0, tzinfo=UTC)
 NOV = datetime(2026, 11, 3, 10, 0, tzinfo=UTC)
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    with webhook_receiver() as r:
-        yield r
-
-
-@pytest.fixture(scope="module")
-def services(namespace_m: Namespace, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServiceProcess]]:
-    logs = tmp_path_factory.mktemp("records-logs")
-    with running(["intake", "scoring", "alerts", "reporting"], namespace_m, logs) as procs:
-        yield procs
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +49,7 @@ async def keys(namespace_m: Namespace) -> AsyncIterator[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 async def http(services: dict[str, ServiceProcess], keys: dict[str, str],
-               receiver: Receiver) -> AsyncIterator[httpx.AsyncClient]:
+               receiver: WebhookReceiver) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(timeout=30) as client:
         for tenant_admin in (keys["admin"], keys["strict:admin"]):
             headers = _auth(tenant_admin)
@@ -86,17 +73,10 @@ def _items(*values: float) -> dict[str, float]:
 def _session(client: str, n: int, at: datetime, *, items: dict[str, float] | None = None,
              total: float | None = None, sid: str | None = None, site: str = "north",
              clinician: str = "c-north", episode: str | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {"client_id": client, "clinician_id": clinician, "site_id": site, "session_number": n,
-                            "administered_at": at.isoformat()}
-    if items is not None:
-        body["items"] = items
-    else:
-        body["total"] = total
-    if sid is not None:
-        body["submission_id"] = sid
-    if episode is not None:
-        body["episode_id"] = episode
-    return body
+    rating = {"items": items} if items is not None else {"total": total}
+    given = {"submission_id": sid, "episode_id": episode}
+    return {"client_id": client, "clinician_id": clinician, "site_id": site, "session_number": n,
+            "administered_at": at.isoformat(), **rating, **{k: v for k, v in given.items() if v is not None}}
 
 
 async def _post(http: httpx.AsyncClient, services: dict[str, ServiceProcess], key: str,
@@ -137,12 +117,12 @@ async def _alerts(http: httpx.AsyncClient, services: dict[str, ServiceProcess], 
     return [a for a in r.json() if a.get("client_id") == client]
 
 
-async def _alert_webhooks(receiver: Receiver, client: str) -> list[dict[str, Any]]:
+async def _alert_webhooks(receiver: WebhookReceiver, client: str) -> list[dict[str, Any]]:
     """The raised and revised alerts the clinician's webhook received for a client (for `eventually`)."""
     return [h for h in _webhooks(receiver, client) if h["_event"] == "alliance.deterioration.v1"]
 
 
-def _webhooks(receiver: Receiver, client: str) -> list[dict[str, Any]]:
+def _webhooks(receiver: WebhookReceiver, client: str) -> list[dict[str, Any]]:
     out = []
     for got in receiver.successes():
         body = json.loads(got.body)
@@ -153,7 +133,7 @@ def _webhooks(receiver: Receiver, client: str) -> list[dict[str, Any]]:
 
 async def test_a_correction_under_the_same_submission_id_shows_its_own_items_total_and_flags(
         http: httpx.AsyncClient, services: dict[str, ServiceProcess], keys: dict[str, str],
-        receiver: Receiver) -> None:
+        receiver: WebhookReceiver) -> None:
     c = "case1"
     await _post(http, services, keys["submit"], _session(c, 1, SEPT, items=_items(9.5), sid="case1-s1"))
     await _post(http, services, keys["submit"], _session(c, 2, SEPT + timedelta(days=7), items=_items(8.0),
@@ -180,7 +160,7 @@ async def test_a_correction_under_the_same_submission_id_shows_its_own_items_tot
 
 async def test_a_correction_that_clears_the_triggers_withdraws_the_alert_and_tells_the_clinician(
         http: httpx.AsyncClient, services: dict[str, ServiceProcess], keys: dict[str, str],
-        receiver: Receiver) -> None:
+        receiver: WebhookReceiver) -> None:
     c = "case2"
     await _post(http, services, keys["submit"], _session(c, 1, SEPT, total=38.0, sid="case2-s1"))
     await _post(http, services, keys["submit"], _session(c, 2, SEPT + timedelta(days=7), total=32.0,
@@ -210,7 +190,7 @@ async def test_a_correction_that_clears_the_triggers_withdraws_the_alert_and_tel
 
 async def test_an_episode_restart_without_episode_id_keeps_history_and_alerts_on_the_new_drop(
         http: httpx.AsyncClient, services: dict[str, ServiceProcess], keys: dict[str, str],
-        receiver: Receiver) -> None:
+        receiver: WebhookReceiver) -> None:
     c = "case3"
     for n in (1, 2, 3):
         await _post(http, services, keys["submit"], _session(c, n, SEPT + timedelta(days=7 * (n - 1)), total=38.0,
@@ -238,7 +218,7 @@ async def test_an_episode_restart_without_episode_id_keeps_history_and_alerts_on
 
 async def test_a_mistyped_session_number_is_rejected_and_does_not_silence_the_client(
         http: httpx.AsyncClient, services: dict[str, ServiceProcess], keys: dict[str, str],
-        receiver: Receiver) -> None:
+        receiver: WebhookReceiver) -> None:
     c = "case4"
     await _post(http, services, keys["submit"], _session(c, 1, SEPT, total=38.0, sid="case4-s1"))
     await _post(http, services, keys["submit"], _session(c, 100000, SEPT + timedelta(days=7), total=38.0,
@@ -306,7 +286,7 @@ async def test_a_site_admin_cannot_register_another_sites_clinician(
 
 async def test_reimporting_the_same_csv_export_changes_nothing_and_a_changed_row_is_a_correction(
         http: httpx.AsyncClient, services: dict[str, ServiceProcess], keys: dict[str, str],
-        receiver: Receiver) -> None:
+        receiver: WebhookReceiver) -> None:
     header = "client_id,clinician_id,site_id,session_number,administered_at,total\n"
     rows = [f"case6,c-north,north,1,{SEPT.isoformat()},38.0\n",
             f"case6,c-north,north,2,{(SEPT + timedelta(days=7)).isoformat()},31.0\n"]
@@ -346,7 +326,7 @@ async def test_reimporting_the_same_csv_export_changes_nothing_and_a_changed_row
 ])
 async def test_severity_counts_each_reason_once(
         http: httpx.AsyncClient, services: dict[str, ServiceProcess], keys: dict[str, str],
-        receiver: Receiver, client: str, totals: tuple[float, ...], severity: str) -> None:
+        receiver: WebhookReceiver, client: str, totals: tuple[float, ...], severity: str) -> None:
     for n, total in enumerate(totals, start=1):
         await _post(http, services, keys["submit"], _session(client, n, SEPT + timedelta(days=7 * n), total=total,
                                                              sid=f"{client}-{n}"))

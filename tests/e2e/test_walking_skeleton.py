@@ -6,37 +6,24 @@ and its deterioration reaches the clinician's webhook, signed so that `standardw
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer
 from pymongo import AsyncMongoClient
 from standardwebhooks import Webhook
 
 from shared import auth
 from shared.mongo import Document
-from tests.support.receiver import Receiver, webhook_receiver
-from tests.support.services import Namespace, ServiceProcess, running
+from tests.support.services import Namespace, ServiceProcess
 from tests.support.wait import eventually
+from tools.receiver import WebhookReceiver
+from tools.recorder import TopicRecorder
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-@pytest.fixture(scope="module")
-def services(namespace_m: Namespace, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServiceProcess]]:
-    logs = tmp_path_factory.mktemp("e2e-logs")
-    with running(["intake", "scoring", "alerts", "reporting"], namespace_m, logs) as procs:
-        yield procs
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    with webhook_receiver() as r:
-        yield r
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +48,7 @@ def _submission(client_id: str, session: int, items: tuple[float, float, float, 
 
 
 async def test_a_deteriorating_submission_flows_to_trajectory_and_signed_webhook(
-    services: dict[str, ServiceProcess], keys: dict[str, str], receiver: Receiver, namespace_m: Namespace,
+    services: dict[str, ServiceProcess], keys: dict[str, str], receiver: WebhookReceiver, namespace_m: Namespace,
     artifacts: Path,
 ) -> None:
     admin = {"Authorization": f"Bearer {keys['admin']}"}
@@ -102,15 +89,8 @@ async def test_a_deteriorating_submission_flows_to_trajectory_and_signed_webhook
     assert got.headers["x-alliance-event"] == "alliance.deterioration.v1"
     (artifacts / "e2e-webhook.json").write_text(json.dumps(payload, indent=2))
 
-    consumer = AIOKafkaConsumer(namespace_m.kafka().topics().scored, bootstrap_servers=namespace_m.stack.bootstrap,
-                                auto_offset_reset="earliest", enable_auto_commit=False)
-    await consumer.start()
-    try:
-        batch = await consumer.getmany(timeout_ms=5000)
-        scored = [json.loads(r.value) for rs in batch.values() for r in rs]
-    finally:
-        await consumer.stop()
-    assert {s["submission_id"] for s in scored} >= {falling_id}
+    async with TopicRecorder(namespace_m.stack.bootstrap, namespace_m.kafka().topics().scored) as scored:
+        await scored.until(lambda records: falling_id in {json.loads(r.value)["submission_id"] for r in records})
 
 
 async def test_service_logs_are_json_with_correlation_ids_and_no_client_ids(

@@ -24,10 +24,10 @@ from tests.fault.helpers import (
     submission,
     trajectory_sessions,
 )
-from tests.support.receiver import webhook_receiver
 from tests.support.services import Namespace, ServiceProcess, running
 from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
+from tools.receiver import webhook_receiver
 
 CLIENTS = 1000
 SESSIONS = 10

@@ -16,10 +16,10 @@ from shared import auth
 from shared.mongo import Document
 from shared.topic_admin import ensure_topics
 from tests.fault.helpers import post_batch, submission
-from tests.support.receiver import webhook_receiver
 from tests.support.services import Namespace, running
 from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
+from tools.receiver import webhook_receiver
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "openapi"
 OPEN = {"/healthz", "/readyz", "/metrics", "/dashboard"}

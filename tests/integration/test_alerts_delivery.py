@@ -14,14 +14,13 @@ import re
 import threading
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import Any
 
 import httpx
 import pytest
 from aiosmtpd.controller import Controller
-from pymongo import AsyncMongoClient
 from standardwebhooks.webhooks import Webhook
 from typer.testing import CliRunner
 
@@ -31,15 +30,14 @@ from services.alerts.secretbox import new_key
 from services.alerts.settings import AlertsSettings, SmtpSettings
 from shared import ids
 from shared.auth import create_key
-from shared.events import AlertStatusChanged, DeadLetter
-from shared.mongo import Document
-from shared.topic_admin import ensure_topics
-from shared.topics import Topics
-from tests.support.apps import serving
-from tests.support.services import Namespace
+from shared.events import AlertStatusChanged, AllianceDeterioration, SrsScored
+from tests.support.alerts import AlertsApp, alerts_app
+from tests.support.deadletters import dead_letters
 from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
-from tools.harness import EventPublisher, TopicReader, WebhookReceiver, deterioration, scored
+from tools.harness import deterioration, scored
+from tools.receiver import Received
+from tools.recorder import Record, TopicRecorder
 from tools.stack import free_port
 
 MAX_ATTEMPTS = 4
@@ -66,19 +64,8 @@ class SmtpSink:
 
 
 @dataclass
-class Env:
-    ns: Namespace
-    topics: Topics
-    client: httpx.AsyncClient
-    receiver: WebhookReceiver
-    smtp: SmtpSink
-    publisher: EventPublisher
-    mongo: AsyncMongoClient[Document]
-    app: Any
-
-    @property
-    def db(self) -> Any:
-        return self.mongo[self.ns.database]
+class Env(AlertsApp):
+    smtp: SmtpSink = field(default_factory=SmtpSink)  # the mail alerts sent
 
 
 @dataclass
@@ -91,32 +78,19 @@ class Tenant:
 
 @pytest.fixture(scope="module")
 async def env(stack: StackUnderTest) -> AsyncIterator[Env]:
-    ns = Namespace.fresh(stack)
-    await ensure_topics(ns.kafka())
-    receiver = WebhookReceiver().start()
     sink = SmtpSink()
     controller = Controller(sink, hostname="127.0.0.1", port=free_port())
     controller.start()
-    config = AlertsConfig(
-        kafka=ns.kafka(), mongo=ns.mongo(),
-        alerts=AlertsSettings(allow_private_targets=True, retry_first_seconds=0.05, retry_max_seconds=0.2,
+    settings = AlertsSettings(allow_private_targets=True, retry_first_seconds=0.05, retry_max_seconds=0.2,
                               max_attempts=MAX_ATTEMPTS, attempt_timeout_seconds=5.0, poll_seconds=0.1,
                               gauge_seconds=0.1, escalation_check_seconds=0.2,
-                              secrets_keys=f"{KEY_1},{KEY_2}"),  # type: ignore[arg-type]
-        smtp=SmtpSettings(host="127.0.0.1", port=controller.port, sender="alerts@alliance.test"),
-    )
-    app = create_app(config)
-    publisher = EventPublisher(stack.bootstrap)
-    await publisher.start()
-    mongo: AsyncMongoClient[Document] = AsyncMongoClient(stack.mongo_url, tz_aware=True)
+                              secrets_keys=f"{KEY_1},{KEY_2}")  # type: ignore[arg-type]
     try:
-        async with serving(app) as client:
-            yield Env(ns, ns.kafka().topics(), client, receiver, sink, publisher, mongo, app)
+        async with alerts_app(stack, settings, SmtpSettings(host="127.0.0.1", port=controller.port,
+                                                            sender="alerts@alliance.test")) as a:
+            yield Env(a.ns, a.topics, a.client, a.receiver, a.publisher, a.mongo, a.app, sink)
     finally:
-        await publisher.stop()
-        await mongo.close()
         controller.stop()
-        receiver.stop()
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -161,6 +135,16 @@ def path(t: Tenant, name: str) -> str:
     return f"/{t.id}/{name}"
 
 
+async def first_partner_delivery(env: Env, t: Tenant, topic: str,
+                                 ev: AllianceDeterioration | SrsScored) -> tuple[dict[str, Any], Received]:
+    """Subscribe a partner of `t` to `topic`'s events, publish `ev` there: the subscription and
+    the first request the partner's endpoint got."""
+    event_type = topic.removeprefix(env.ns.prefix)
+    sub = await subscribe(env, t, env.receiver.behave(path(t, event_type)), [event_type])
+    await env.publisher.publish(topic, ev, t.id, ev.client_id)
+    return sub, (await eventually(lambda: _async(env.receiver.at(path(t, event_type)))))[0]
+
+
 async def test_deterioration_reaches_the_clinician_webhook_signed_with_the_tenant_secret(env: Env) -> None:
     t = await new_tenant(env, "hook")
     await put_clinician(env, t, "c1", env.receiver.behave(path(t, "c1")))
@@ -194,22 +178,16 @@ async def test_deterioration_reaches_the_clinicians_inbox(env: Env) -> None:
 
 async def test_a_subscribed_partner_gets_the_deterioration_signed_with_its_own_secret(env: Env) -> None:
     t = await new_tenant(env, "partner")
-    sub = await subscribe(env, t, env.receiver.behave(path(t, "p")), ["alliance.deterioration.v1"])
     ev = deterioration(t.id, "nobody-in-directory", "client-2")
-    await env.publisher.publish(env.topics.deterioration, ev, t.id, ev.client_id)
-
-    req = (await eventually(lambda: _async(env.receiver.at(path(t, "p")))))[0]
+    sub, req = await first_partner_delivery(env, t, env.topics.deterioration, ev)
     assert Webhook(sub["secret"]).verify(req.body, req.headers)["alert_id"] == ev.alert_id
     assert req.headers["webhook-id"] == ids.delivery_id(ev.alert_id, f"subscription:{sub['id']}", "webhook")
 
 
 async def test_a_partner_subscribed_to_scored_events_gets_them(env: Env) -> None:
     t = await new_tenant(env, "scored")
-    sub = await subscribe(env, t, env.receiver.behave(path(t, "s")), ["srs.scored.v1"])
     ev = scored(t.id, "c1", "client-3")
-    await env.publisher.publish(env.topics.scored, ev, t.id, ev.client_id)
-
-    req = (await eventually(lambda: _async(env.receiver.at(path(t, "s")))))[0]
+    sub, req = await first_partner_delivery(env, t, env.topics.scored, ev)
     assert Webhook(sub["secret"]).verify(req.body, req.headers)["event_id"] == ev.event_id
     assert req.headers["x-alliance-event"] == "srs.scored.v1"
 
@@ -232,7 +210,7 @@ async def test_a_tenants_subscription_never_receives_another_tenants_events(env:
     b_bodies = [json.loads(r.body) for r in env.receiver.at(path(b, "p"))]
     assert [x["tenant_id"] for x in b_bodies] == [b.id]
     assert {d["tenant_id"] for d in await env.db["deliveries"].find(
-        {"target": env.receiver.url(path(b, "p"))}).to_list()} == {b.id}
+        {"target": env.receiver.url_for(path(b, "p"))}).to_list()} == {b.id}
 
 
 async def test_a_receiver_failing_three_times_then_recovering_gets_exactly_one_successful_delivery(env: Env) -> None:
@@ -258,25 +236,14 @@ async def test_a_receiver_that_never_recovers_ends_in_the_dead_letter_topic_whil
     await put_clinician(env, t, "c1", env.receiver.behave(path(t, "c1"), always_fail=True), email_addr="c1@dead.test")
     await subscribe(env, t, env.receiver.behave(path(t, "p")), ["alliance.deterioration.v1"])
     ev = deterioration(t.id, "c1", "client-5")
-    reader = TopicReader(env.ns.stack.bootstrap, env.topics.deadletter)
-    await reader.start()
-    try:
+    async with dead_letters(env.ns.kafka()) as letters:
         await env.publisher.publish(env.topics.deterioration, ev, t.id, ev.client_id)
         failed = await eventually(lambda: _failed(env, t, ev.alert_id))
         assert failed["attempts"] == MAX_ATTEMPTS and failed["last_outcome"] == "5xx" and "last_error" not in failed
         assert failed["delivery_id"] == ids.delivery_id(ev.alert_id, "clinician:c1", "webhook")
-
-        async def dead_letter() -> DeadLetter | None:
-            for _, value, _ in await reader.poll():
-                dl = DeadLetter.model_validate_json(value)
-                if dl.reason == "delivery_failed" and failed["delivery_id"] in dl.detail:
-                    return dl
-            return None
-        dl = await eventually(dead_letter)
-        assert dl.service == "alerts" and dl.tenant_id == t.id and dl.source_topic == env.topics.deterioration
-        assert json.loads(dl.payload)["alert_id"] == ev.alert_id
-    finally:
-        await reader.stop()
+        dl = await letters.first(lambda d: d.reason == "delivery_failed" and failed["delivery_id"] in d.detail)
+    assert dl.service == "alerts" and dl.tenant_id == t.id and dl.source_topic == env.topics.deterioration
+    assert json.loads(dl.payload)["alert_id"] == ev.alert_id
     # The partner and the clinician's email were delivered all the same.
     assert len(env.receiver.at(path(t, "p"))) == 1
     assert {d["channel"] for d in await deliveries(env, t, alert_id=ev.alert_id, status="delivered")} == {
@@ -328,24 +295,13 @@ async def test_an_undecodable_event_is_dead_lettered_and_the_partition_goes_on(e
     t = await new_tenant(env, "poison")
     await put_clinician(env, t, "c1", env.receiver.behave(path(t, "c1")))
     key = ids.partition_key(t.id, "client-8")
-    reader = TopicReader(env.ns.stack.bootstrap, env.topics.deadletter)
-    await reader.start()
-    try:
+    async with dead_letters(env.ns.kafka()) as letters:
         await env.publisher.publish_raw(env.topics.deterioration, b'{"not": "an alert"' + t.id.encode(), key)
         ev = deterioration(t.id, "c1", "client-8")
         await env.publisher.publish(env.topics.deterioration, ev, t.id, ev.client_id)
         await eventually(lambda: _async(env.receiver.at(path(t, "c1"))))
-
-        async def dead_letter() -> DeadLetter | None:
-            for _, value, _ in await reader.poll():
-                dl = DeadLetter.model_validate_json(value)
-                if dl.reason == "invalid_event" and t.id in dl.payload:
-                    return dl
-            return None
-        dl = await eventually(dead_letter)
-        assert dl.service == "alerts" and dl.key == f"{t.id}:client-8"
-    finally:
-        await reader.stop()
+        dl = await letters.first(lambda d: d.reason == "invalid_event" and t.id in d.payload)
+    assert dl.service == "alerts" and dl.key == f"{t.id}:client-8"
 
 
 async def test_metrics_count_attempts_outcomes_latency_and_pending_retries(env: Env) -> None:
@@ -391,23 +347,16 @@ async def test_acknowledging_an_alert_lists_it_as_acknowledged_and_publishes_the
         r = await env.client.get("/v1/alerts", params={"clinician_id": "c1", "status": status}, headers=t.read)
         return [a for a in r.json() if a["alert_id"] == ev.alert_id]
     assert (await eventually(lambda: listed("open")))[0]["client_id"] == "client-10"
-    reader = TopicReader(env.ns.stack.bootstrap, env.topics.alert_status)
-    await reader.start()
-    try:
+    async with TopicRecorder(env.ns.stack.bootstrap, env.topics.alert_status) as statuses:
         r = await env.client.post(f"/v1/alerts/{ev.alert_id}/ack", headers=t.read)
         assert r.status_code == 200 and r.json()["status"] == "acknowledged"
         assert await listed("acknowledged") and not await listed("open")
 
-        async def status_event() -> AlertStatusChanged | None:
-            for _, value, _ in await reader.poll():
-                e = AlertStatusChanged.model_validate_json(value)
-                if e.alert_id == ev.alert_id:
-                    return e
-            return None
-        e = await eventually(status_event)
-        assert (e.status, e.tenant_id, e.clinician_id, e.site_id) == ("acknowledged", t.id, "c1", "site-a")
-    finally:
-        await reader.stop()
+        def about_it(records: list[Record]) -> list[AlertStatusChanged]:
+            events = [AlertStatusChanged.model_validate_json(r.value) for r in records]
+            return [e for e in events if e.alert_id == ev.alert_id]
+        e = about_it(await statuses.until(about_it))[0]
+    assert (e.status, e.tenant_id, e.clinician_id, e.site_id) == ("acknowledged", t.id, "c1", "site-a")
 
 
 async def test_an_unacknowledged_alert_escalates_once_to_the_supervisor(env: Env) -> None:
@@ -465,10 +414,10 @@ async def test_bad_bodies_get_422_naming_the_field(env: Env) -> None:
         ("/v1/clinicians/c1", {"site_id": "s"}, "email"),
         ("/v1/clinicians/c1", {"site_id": "s", "email": "c@x.org", "supervisor_id": "c1"}, "supervisor_id"),
     ]
-    for url, body, field in cases:
+    for url, body, named in cases:
         r = await env.client.put(url, json=body, headers=t.admin)
         assert r.status_code == 422, (body, r.text)
-        assert [e["field"] for e in r.json()["errors"]] == [field], r.text
+        assert [e["field"] for e in r.json()["errors"]] == [named], r.text
     r = await env.client.post("/v1/subscriptions", json={"url": "https://x.org", "events": ["nope"]}, headers=t.admin)
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "events[0]"
     r = await env.client.post("/v1/subscriptions", json={"url": "javascript:alert(1)", "events": ["srs.scored.v1"]},

@@ -22,7 +22,8 @@ from shared.topic_admin import ensure_topics
 from tests.support.services import Namespace, running
 from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
-from tools.harness import EventPublisher, WebhookReceiver, deterioration
+from tools.harness import EventPublisher, deterioration
+from tools.receiver import WebhookReceiver
 
 
 async def _ready(client: httpx.AsyncClient) -> bool:

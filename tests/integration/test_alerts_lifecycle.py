@@ -16,7 +16,7 @@ from standardwebhooks.webhooks import Webhook
 
 from shared import ids
 from shared.auth import create_key
-from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, Severity
+from shared.events import AlertStatusChanged, AllianceDeterioration, Severity
 from tests.integration import test_alerts_delivery as delivery
 from tests.integration.test_alerts_delivery import (
     Env,
@@ -29,8 +29,9 @@ from tests.integration.test_alerts_delivery import (
     put_clinician,
     subscribe,
 )
+from tests.support.deadletters import dead_letters
 from tests.support.wait import eventually
-from tools.harness import TopicReader, deterioration, ended, revised
+from tools.harness import deterioration, ended, revised
 
 env = delivery.env  # the module-scoped alerts service (its own instance for this module)
 ALERT_STATUS = "alliance.alert-status.v1"
@@ -163,20 +164,26 @@ async def test_acknowledging_a_withdrawn_alert_answers_it_as_it_is(env: Env) -> 
     assert (r.json()["status"], r.json()["acknowledged_at"]) == ("withdrawn", None)
 
 
-async def test_a_withdrawal_arriving_before_its_raise_leaves_the_alert_withdrawn_and_sends_no_raise(
-        env: Env) -> None:
-    t = await new_tenant(env, "early-end")
+async def raised_after_its_end(env: Env, name: str, status: str) -> tuple[Tenant, AllianceDeterioration]:
+    """An alert for clinician c1 of a new tenant: scoring's `status` of it is handled first, then its raise."""
+    t = await new_tenant(env, name)
     await put_clinician(env, t, "c1", env.receiver.behave(path(t, "c1")))
     r1 = deterioration(t.id, "c1", "client-1")
-    await end(env, ended(r1, "withdrawn"))
-    await alert_when(env, t, r1.alert_id, status="withdrawn")
+    await end(env, ended(r1, status))
+    await alert_when(env, t, r1.alert_id, status=status)
     await raise_(env, r1)
+    return t, r1
+
+
+async def test_a_withdrawal_arriving_before_its_raise_leaves_the_alert_withdrawn_and_sends_no_raise(
+        env: Env) -> None:
+    t, r1 = await raised_after_its_end(env, "early-end", "withdrawn")
     sentinel = deterioration(t.id, "c1", "client-1")  # same key: handled after r1
     await raise_(env, sentinel)
     await eventually(lambda: _async(about(env.receiver.at(path(t, "c1")), sentinel.alert_id)))
 
     shown = await alert(env, t, r1.alert_id)
-    assert (shown["status"], shown["total"], shown["severity"]) == ("withdrawn", 31.2, "warning")
+    assert (shown["status"], shown["total"], shown["severity"]) == ("withdrawn", r1.total, r1.severity)
     # The clinician is told of the withdrawal (it was the alert's state when it arrived), never of the raise.
     assert [b.get("status") for b in about(env.receiver.at(path(t, "c1")), r1.alert_id)] == ["withdrawn"]
     assert {k for k, _, _ in await kinds(env, t, r1.alert_id)} == {"withdrawal"}
@@ -185,12 +192,7 @@ async def test_a_withdrawal_arriving_before_its_raise_leaves_the_alert_withdrawn
 async def test_a_raise_arriving_after_its_supersession_still_warns_the_clinician(env: Env) -> None:
     # The two topics are consumed independently: which of them alerts happened to read first must
     # not decide whether the clinician is warned of a low session.
-    t = await new_tenant(env, "late-raise")
-    await put_clinician(env, t, "c1", env.receiver.behave(path(t, "c1")))
-    r1 = deterioration(t.id, "c1", "client-1")
-    await end(env, ended(r1, "superseded"))
-    await alert_when(env, t, r1.alert_id, status="superseded")
-    await raise_(env, r1)
+    t, r1 = await raised_after_its_end(env, "late-raise", "superseded")
     got = await eventually(lambda: _async(about(env.receiver.at(path(t, "c1")), r1.alert_id)))
 
     assert [b.get("status") for b in got] == [None]  # the raise
@@ -273,13 +275,13 @@ async def test_a_site_bound_admin_cannot_take_over_a_clinician_of_another_site(e
     t = await new_tenant(env, "takeover")
     await put_clinician(env, t, "c1", env.receiver.behave(path(t, "c1")), site="site-b")
     site_admin, _ = await create_key(env.db, t.id, "admin", site_id="site-a")
-    takeover = {"site_id": "site-a", "email": "me@site-a.test", "webhook_url": env.receiver.url("/mine")}
+    takeover = {"site_id": "site-a", "email": "me@site-a.test", "webhook_url": env.receiver.url_for("/mine")}
     r = await env.client.put("/v1/clinicians/c1", json=takeover, headers=bearer(site_admin))
     assert r.status_code == 403
     r = await env.client.put("/v1/clinicians/c1", json={**takeover, "site_id": "site-b"}, headers=bearer(site_admin))
     assert r.status_code == 403
     entry = (await env.client.get("/v1/clinicians/c1", headers=t.admin)).json()
-    assert (entry["site_id"], entry["webhook_url"]) == ("site-b", env.receiver.url(path(t, "c1")))
+    assert (entry["site_id"], entry["webhook_url"]) == ("site-b", env.receiver.url_for(path(t, "c1")))
 
 
 # ---- contract violations -------------------------------------------------------------------------
@@ -289,19 +291,8 @@ async def test_a_withdrawal_naming_no_revision_is_dead_lettered(env: Env) -> Non
     t = await new_tenant(env, "no-rev")
     r1 = deterioration(t.id, "c1", "client-1")
     bad = ended(r1, "withdrawn").model_copy(update={"revision": None})
-    reader = TopicReader(env.ns.stack.bootstrap, env.topics.deadletter)
-    await reader.start()
-    try:
+    async with dead_letters(env.ns.kafka()) as letters:
         await end(env, bad)
-
-        async def dead_letter() -> DeadLetter | None:
-            for _, value, _ in await reader.poll():
-                dl = DeadLetter.model_validate_json(value)
-                if dl.reason == "invalid_event" and r1.alert_id in dl.payload:
-                    return dl
-            return None
-        dl = await eventually(dead_letter)
-        assert dl is not None and dl.source_topic == env.topics.alert_status and "revision" in dl.detail
-    finally:
-        await reader.stop()
+        dl = await letters.first(lambda d: d.reason == "invalid_event" and r1.alert_id in d.payload)
+    assert dl.source_topic == env.topics.alert_status and "revision" in dl.detail
     assert (await env.client.get(f"/v1/alerts/{r1.alert_id}", headers=t.read)).status_code == 404

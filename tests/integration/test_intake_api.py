@@ -12,7 +12,6 @@ from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from fastapi import FastAPI
 from pymongo import AsyncMongoClient
 
@@ -21,85 +20,61 @@ from services.intake.csvformat import session_submission_id
 from services.intake.settings import IntakeSettings
 from shared import auth, ids
 from shared.events import CLIENT_TRANSFER, RECORD_TYPE_HEADER, ClientTransfer, SrsSubmitted
+from shared.kafka import InboundRecord
 from shared.logs import JsonFormatter
 from shared.mongo import Document
-from shared.topic_admin import ensure_topics
+from tests.support.bodies import changed
 from tests.support.services import Namespace
-from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
+from tools.recorder import TopicRecorder
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 def submission(**over: Any) -> dict[str, Any]:
     """A valid submission; keyword arguments replace (or, with value ..., remove) fields."""
-    doc: dict[str, Any] = {
+    return changed({
         "instrument": "SRS", "client_id": "p-8812", "clinician_id": "c-17", "site_id": "north",
         "session_number": 3, "administered_at": (datetime.now(UTC) - timedelta(hours=1)).isoformat(),
         "items": {"relationship": 9.1, "goals": 8.4, "approach": 9.0, "overall": 8.8},
-    }
-    for k, v in over.items():
-        if v is ...:
-            doc.pop(k, None)
-        else:
-            doc[k] = v
-    return doc
+    }, **over)
 
 
-@dataclass
-class Published:
-    key: bytes | None
-    value: bytes
-    headers: dict[str, str]
-    partition: int
-
-    @property
-    def event(self) -> SrsSubmitted:
-        return SrsSubmitted.model_validate_json(self.value)
+def submitted(rec: InboundRecord) -> SrsSubmitted:
+    return SrsSubmitted.model_validate_json(rec.value)
 
 
 @dataclass
 class TopicReader:
-    """Reads a topic from the beginning (no consumer group: no join pause) and indexes records by
-    submission id."""
+    """The submitted topic from its beginning (`tools.recorder`), its records indexed by submission id."""
 
     bootstrap: str
     topic: str
-    seen: dict[str, list[Published]] = field(default_factory=dict)
-    others: list[Published] = field(default_factory=list)  # records without a submission id (transfers)
-    consumer: AIOKafkaConsumer | None = None
+    seen: dict[str, list[InboundRecord]] = field(default_factory=dict)
+    others: list[InboundRecord] = field(default_factory=list)  # records without a submission id (transfers)
+    recorder: TopicRecorder | None = None
 
     async def start(self) -> None:
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-                                         auto_offset_reset="earliest")
-        await self.consumer.start()
-        parts = self.consumer.partitions_for_topic(self.topic) or set()
-        if not parts:
-            await self.consumer.client.force_metadata_update()
-            parts = self.consumer.partitions_for_topic(self.topic) or set()
-        tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
-        self.consumer.assign(tps)
-        await self.consumer.seek_to_beginning(*tps)
+        self.seen.clear()
+        self.others.clear()
+        self.recorder = await TopicRecorder(self.bootstrap, self.topic).start()
 
     async def stop(self) -> None:
-        if self.consumer is not None:
-            await self.consumer.stop()
+        if self.recorder is not None:
+            await self.recorder.stop()
 
     async def poll(self) -> None:
-        assert self.consumer is not None
-        batches = await self.consumer.getmany(timeout_ms=200, max_records=5000)
-        for records in batches.values():
-            for r in records:
-                headers = {k: v.decode() for k, v in r.headers}
-                rec = Published(r.key, r.value, headers, r.partition)
-                sid = json.loads(r.value).get("submission_id")
-                if sid is None:
-                    self.others.append(rec)
-                else:
-                    self.seen.setdefault(sid, []).append(rec)
+        assert self.recorder is not None
+        indexed = len(self.others) + sum(len(v) for v in self.seen.values())
+        for rec in (await self.recorder.poll())[indexed:]:
+            sid = json.loads(rec.value).get("submission_id")
+            if sid is None:
+                self.others.append(rec)
+            else:
+                self.seen.setdefault(sid, []).append(rec)
 
-    async def wait_for(self, submission_id: str, count: int = 1, timeout: float = 20) -> list[Published]:
-        async def check() -> list[Published] | None:
+    async def wait_for(self, submission_id: str, count: int = 1, timeout: float = 20) -> list[InboundRecord]:
+        async def check() -> list[InboundRecord] | None:
             await self.poll()
             got = self.seen.get(submission_id, [])
             return got if len(got) >= count else None
@@ -108,9 +83,9 @@ class TopicReader:
         assert found is not None
         return found
 
-    async def wait_for_other(self, match: Callable[[Published], bool], timeout: float = 20) -> Published:
+    async def wait_for_other(self, match: Callable[[InboundRecord], bool], timeout: float = 20) -> InboundRecord:
         """The first record without a submission id that `match`es."""
-        async def check() -> Published | None:
+        async def check() -> InboundRecord | None:
             await self.poll()
             return next((r for r in self.others if match(r)), None)
 
@@ -170,22 +145,15 @@ def intake_config(ns: Namespace, **settings: Any) -> IntakeConfig:
 
 
 @pytest.fixture(scope="module")
-async def intake_ns(stack: StackUnderTest) -> Namespace:
-    ns = Namespace.fresh(stack)
-    await ensure_topics(ns.kafka())
-    return ns
-
-
-@pytest.fixture(scope="module")
-async def intake(intake_ns: Namespace) -> AsyncIterator[Intake]:
-    app = create_app(intake_config(intake_ns))
-    keys = await make_keys(intake_ns)
-    reader = TopicReader(intake_ns.stack.bootstrap, intake_ns.kafka().topics().submitted)
+async def intake(namespace_m: Namespace) -> AsyncIterator[Intake]:
+    app = create_app(intake_config(namespace_m))
+    keys = await make_keys(namespace_m)
+    reader = TopicReader(namespace_m.stack.bootstrap, namespace_m.kafka().topics().submitted)
     await reader.start()
     async with app.router.lifespan_context(app), httpx.AsyncClient(
             transport=httpx.ASGITransport(app), base_url="http://intake", timeout=30) as http:
         await eventually(lambda: ready(http), timeout=60)
-        yield Intake(app, http, keys, reader, intake_ns)
+        yield Intake(app, http, keys, reader, namespace_m)
     await reader.stop()
 
 
@@ -201,7 +169,7 @@ async def test_valid_submission_is_202_and_published_with_key_headers_and_ids(in
     assert rec.key == b"acme:p-8812"
     assert rec.headers["correlation_id"] == "corr-abc.1"
     assert rec.headers["content-type"] == "application/json"
-    ev = rec.event
+    ev = submitted(rec)
     assert ev.event_id == ids.submitted_event_id("acme", "acc-1")
     assert ev.tenant_id == "acme"
     assert (ev.client_id, ev.clinician_id, ev.site_id, ev.session_number) == ("p-8812", "c-17", "north", 3)
@@ -216,7 +184,7 @@ async def test_submission_without_id_gets_a_server_generated_one(intake: Intake)
     sid = r.json()["submission_id"]
     assert len(sid) == 36
     [rec] = await intake.reader.wait_for(sid)
-    assert rec.event.event_id == ids.submitted_event_id("acme", sid)
+    assert submitted(rec).event_id == ids.submitted_event_id("acme", sid)
 
 
 async def test_retry_with_the_same_submission_id_carries_the_same_event_id(intake: Intake) -> None:
@@ -224,7 +192,7 @@ async def test_retry_with_the_same_submission_id_carries_the_same_event_id(intak
         assert (await intake.post(submission(submission_id="retry-1"))).status_code == 202
     recs = await intake.reader.wait_for("retry-1", count=2)
     # At-least-once: a retry may be published again, but as the same event (downstream dedupes on it).
-    assert {r.event.event_id for r in recs} == {ids.submitted_event_id("acme", "retry-1")}
+    assert {submitted(r).event_id for r in recs} == {ids.submitted_event_id("acme", "retry-1")}
     assert len({r.partition for r in recs}) == 1
 
 
@@ -232,7 +200,7 @@ async def test_total_only_submission_of_any_instrument_is_accepted(intake: Intak
     r = await intake.post(submission(submission_id="tot-1", items=..., total=36.5, instrument="YCSRS",
                                      episode_id="ep-2"))
     assert r.status_code == 202, r.text
-    ev = (await intake.reader.wait_for("tot-1"))[0].event
+    ev = submitted((await intake.reader.wait_for("tot-1"))[0])
     assert (ev.total, ev.items, ev.instrument, ev.episode_id) == (36.5, None, "YCSRS", "ep-2")
 
 
@@ -240,7 +208,7 @@ async def test_tenant_is_taken_from_the_key(intake: Intake) -> None:
     r = await intake.post(submission(submission_id="ten-1"), key=intake.keys.other_tenant)
     assert r.status_code == 202
     [rec] = await intake.reader.wait_for("ten-1")
-    assert rec.event.tenant_id == "globex" and rec.key == b"globex:p-8812"
+    assert submitted(rec).tenant_id == "globex" and rec.key == b"globex:p-8812"
 
 
 async def test_tenant_id_in_the_body_is_rejected_as_unknown_field(intake: Intake) -> None:
@@ -511,7 +479,7 @@ async def test_csv_import_reports_each_row_by_line_and_publishes_the_valid_ones(
     derived = res[2]["submission_id"]
     assert derived == session_submission_id("acme", "p-77", "SRS", None, 2, CSV_WHEN)
     [rec] = await intake.reader.wait_for(derived)
-    assert rec.event.total == 36.5 and rec.event.event_id == ids.submitted_event_id("acme", derived)
+    assert submitted(rec).total == 36.5 and submitted(rec).event_id == ids.submitted_event_id("acme", derived)
     await intake.reader.wait_for("csv-1")
 
 
@@ -529,8 +497,8 @@ async def test_a_csv_posted_twice_yields_the_same_submission_ids(intake: Intake)
                                                changed, rows[1], rows[0]]) + "\n")).json()["results"]
     assert [x["submission_id"] for x in later[1:]] == [ids_first[2], ids_first[1], ids_first[0]]
     recs = await intake.reader.wait_for(ids_first[2], count=3)
-    assert {r.event.event_id for r in recs} == {ids.submitted_event_id("acme", ids_first[2])}
-    assert sorted(r.event.total or 0 for r in recs) == [30.0, 30.0, 31.5]
+    assert {submitted(r).event_id for r in recs} == {ids.submitted_event_id("acme", ids_first[2])}
+    assert sorted(submitted(r).total or 0 for r in recs) == [30.0, 30.0, 31.5]
     # another tenant's identical file: other ids
     other = (await post_csv(intake, text, key=intake.keys.other_tenant)).json()["results"]
     assert not {x["submission_id"] for x in other} & set(ids_first)
@@ -698,14 +666,14 @@ async def test_logs_carry_submission_and_correlation_ids_but_no_client_id_or_rat
 
 
 @pytest.fixture(scope="module")
-async def limited(intake_ns: Namespace) -> AsyncIterator[Intake]:
+async def limited(namespace_m: Namespace) -> AsyncIterator[Intake]:
     """A second intake whose keys may submit 3 at once and then 1 per second."""
-    app = create_app(intake_config(intake_ns, rate_per_second=1, rate_burst=3))
-    keys = await make_keys(intake_ns)
+    app = create_app(intake_config(namespace_m, rate_per_second=1, rate_burst=3))
+    keys = await make_keys(namespace_m)
     async with app.router.lifespan_context(app), httpx.AsyncClient(
             transport=httpx.ASGITransport(app), base_url="http://intake", timeout=30) as http:
         await eventually(lambda: ready(http), timeout=60)
-        yield Intake(app, http, keys, TopicReader("", ""), intake_ns)
+        yield Intake(app, http, keys, TopicReader("", ""), namespace_m)
 
 
 async def test_requests_past_the_per_key_rate_are_429_with_retry_after(limited: Intake) -> None:

@@ -52,6 +52,17 @@ async def _start_broker(local: LocalStack, intake: Intake) -> None:
     await ensure_topics(KafkaSettings(bootstrap=local.bootstrap, idempotence=False, topic_prefix=intake.ns.prefix))
 
 
+async def _accepts_once_the_broker_is_back(local: LocalStack, intake: Intake) -> None:
+    """Start the broker: intake accepts again, and what it accepts is on the topic."""
+    await _start_broker(local, intake)
+    sid = await _accepted_again(intake)
+    await intake.reader.start()
+    try:
+        await intake.reader.wait_for(sid)
+    finally:
+        await intake.reader.stop()
+
+
 async def _accepted_again(intake: Intake) -> str:
     async def attempt() -> str | None:
         sid = f"back-{uuid.uuid4().hex[:8]}"
@@ -73,13 +84,7 @@ async def test_without_a_broker_intake_answers_503_at_once_and_starts_when_one_a
     assert r.json()["submission_ids"] == ["early-1"]
     assert (await fragile.http.get("/readyz")).status_code == 503
 
-    await _start_broker(own_broker, fragile)
-    sid = await _accepted_again(fragile)
-    await fragile.reader.start()
-    try:
-        await fragile.reader.wait_for(sid)
-    finally:
-        await fragile.reader.stop()
+    await _accepts_once_the_broker_is_back(own_broker, fragile)
 
 
 async def test_broker_killed_gives_503_within_the_bound_and_intake_recovers(
@@ -103,13 +108,7 @@ async def test_broker_killed_gives_503_within_the_bound_and_intake_recovers(
     assert 'alliance_intake_submissions_total{outcome="unavailable",reason="broker_timeout"}' in metrics
     assert 'alliance_intake_client_transfers_total{outcome="unavailable",reason="broker_timeout"}' in metrics
 
-    await _start_broker(own_broker, fragile)
-    sid = await _accepted_again(fragile)
-    await fragile.reader.start()
-    try:
-        await fragile.reader.wait_for(sid)
-    finally:
-        await fragile.reader.stop()
+    await _accepts_once_the_broker_is_back(own_broker, fragile)
 
 
 async def test_an_unreachable_key_store_gives_503_within_the_bound(stack: StackUnderTest) -> None:

@@ -16,29 +16,20 @@ import typer
 from typer.testing import CliRunner
 
 from services.intake.cli import import_csv
-from shared.topic_admin import ensure_topics
 from tests.integration.test_intake_api import Keys, TopicReader, make_keys
 from tests.support.services import Namespace, ServiceProcess, running
-from tests.support.stack import StackUnderTest
 
 
 @pytest.fixture(scope="module")
-async def proc_ns(stack: StackUnderTest) -> Namespace:
-    ns = Namespace.fresh(stack)
-    await ensure_topics(ns.kafka())
-    return ns
+async def proc_keys(namespace_m: Namespace) -> Keys:
+    return await make_keys(namespace_m)
 
 
 @pytest.fixture(scope="module")
-async def proc_keys(proc_ns: Namespace) -> Keys:
-    return await make_keys(proc_ns)
-
-
-@pytest.fixture(scope="module")
-def intake_proc(proc_ns: Namespace, proc_keys: Keys, tmp_path_factory: pytest.TempPathFactory
+def intake_proc(namespace_m: Namespace, proc_keys: Keys, tmp_path_factory: pytest.TempPathFactory
                 ) -> Iterator[ServiceProcess]:
     logs = tmp_path_factory.mktemp("intake-proc-logs")
-    with running(["intake"], proc_ns, logs, extra_env={"ALLIANCE_INTAKE_RATE_PER_SECOND": "100000",
+    with running(["intake"], namespace_m, logs, extra_env={"ALLIANCE_INTAKE_RATE_PER_SECOND": "100000",
                                                        "ALLIANCE_INTAKE_RATE_BURST": "100000"}) as procs:
         yield procs["intake"]
     log_text = (logs / "intake.log").read_text()
@@ -71,7 +62,7 @@ def _csv(path: Path, rows: int, bad_lines: set[int]) -> None:
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_alliance_import_sends_chunks_and_reports_rejected_rows_by_line(
-        intake_proc: ServiceProcess, proc_keys: Keys, proc_ns: Namespace, tmp_path: Path) -> None:
+        intake_proc: ServiceProcess, proc_keys: Keys, namespace_m: Namespace, tmp_path: Path) -> None:
     file = tmp_path / "export.csv"
     _csv(file, 1200, bad_lines={5, 1100})
     cli = typer.Typer()
@@ -84,7 +75,7 @@ async def test_alliance_import_sends_chunks_and_reports_rejected_rows_by_line(
     assert "│    5 │" in table and "│ 1100 │" in table and "items.goals" in table
     assert "1200/1200" in result.output  # the progress bar reached the end
 
-    reader = TopicReader(proc_ns.stack.bootstrap, proc_ns.kafka().topics().submitted)
+    reader = TopicReader(namespace_m.stack.bootstrap, namespace_m.kafka().topics().submitted)
     await reader.start()
     try:
         last = (await reader.wait_for(_derived_id(file, 1201)))[0]
@@ -95,7 +86,7 @@ async def test_alliance_import_sends_chunks_and_reports_rejected_rows_by_line(
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_importing_the_same_file_again_reuses_its_submission_ids(
-        intake_proc: ServiceProcess, proc_keys: Keys, proc_ns: Namespace, tmp_path: Path) -> None:
+        intake_proc: ServiceProcess, proc_keys: Keys, namespace_m: Namespace, tmp_path: Path) -> None:
     from services.intake.cli import run_import
 
     file = tmp_path / "again.csv"
@@ -103,7 +94,7 @@ async def test_importing_the_same_file_again_reuses_its_submission_ids(
     for _ in range(2):
         report = await asyncio.to_thread(run_import, file, intake_proc.url, proc_keys.submit)
         assert (report.accepted, report.rejected) == (3, [])
-    reader = TopicReader(proc_ns.stack.bootstrap, proc_ns.kafka().topics().submitted)
+    reader = TopicReader(namespace_m.stack.bootstrap, namespace_m.kafka().topics().submitted)
     await reader.start()
     try:
         for line in (2, 3, 4):

@@ -9,7 +9,7 @@ episode, pick an earlier episode. Screenshots are saved to test-artifacts/.
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from pymongo import AsyncMongoClient
 from shared.auth import create_key
 from shared.events import AllianceDeterioration, SrsScored
 from shared.mongo import Document
-from tests.support.services import Namespace, ServiceProcess, running
+from tests.support.services import Namespace, ServiceProcess, service_fixture
 from tests.support.wait import eventually
 from tools.demo import DemoSpec, acknowledgement, demo_events, publish
 
@@ -35,10 +35,7 @@ CLINICIAN = "north-c1"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
 
 
-@pytest.fixture(scope="module")
-def reporting(namespace_m: Namespace, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    with running(["reporting"], namespace_m, tmp_path_factory.mktemp("reporting-logs")) as procs:
-        yield procs["reporting"]
+reporting = service_fixture("reporting")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -24,7 +24,7 @@ from services.reporting.store import META, POINTER_ID, clients_name
 from shared.auth import create_key
 from shared.events import SrsScored
 from shared.mongo import Document
-from tests.support.services import Namespace, ServiceProcess, running
+from tests.support.services import Namespace, ServiceProcess, service_fixture
 from tests.support.wait import eventually
 from tools.demo import BASE, deterioration_for, publish, revised, scored
 from tools.processes import ROOT
@@ -49,10 +49,7 @@ class Live:
         return doc
 
 
-@pytest.fixture(scope="module")
-def reporting(namespace_m: Namespace, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    with running(["reporting"], namespace_m, tmp_path_factory.mktemp("reporting-logs")) as procs:
-        yield procs["reporting"]
+reporting = service_fixture("reporting")
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import random
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer
 from prometheus_client.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient
 
@@ -25,7 +24,8 @@ from shared.auth import create_key
 from shared.events import AlertStatusChanged, DeadLetter, Instrument, Items, SrsScored, SrsSubmitted
 from shared.ids import derive
 from shared.mongo import Document
-from tests.support.services import Namespace, ServiceProcess, running
+from tests.support.deadletters import dead_letters
+from tests.support.services import Namespace, ServiceProcess, service_fixture
 from tests.support.wait import eventually
 from tools.demo import (
     BASE,
@@ -56,12 +56,8 @@ class Reporting:
         return await self.http.get(path, params=params, headers={"Authorization": f"Bearer {key}"})
 
 
-@pytest.fixture(scope="module")
-def reporting_process(namespace_m: Namespace, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    # Summaries uncached so each test sees its own writes at once.
-    with running(["reporting"], namespace_m, tmp_path_factory.mktemp("reporting-logs"),
-                 extra_env={"ALLIANCE_REPORTING_SUMMARY_CACHE_SECONDS": "0"}) as procs:
-        yield procs["reporting"]
+# Summaries uncached so each test sees its own writes at once.
+reporting_process = service_fixture("reporting", extra_env={"ALLIANCE_REPORTING_SUMMARY_CACHE_SECONDS": "0"})
 
 
 @pytest.fixture(scope="module")
@@ -175,20 +171,10 @@ async def test_a_poison_record_is_dead_lettered_and_the_partition_moves_on(repor
     await publish(reporting.ns.kafka(), [scored(t, "c1", 1, 38.0)])  # same key: same partition, after the poison
     await trajectory_of(reporting, await reporting.key(t), "c1", 1)
 
-    consumer = AIOKafkaConsumer(topics.deadletter, bootstrap_servers=reporting.ns.stack.bootstrap,
-                                auto_offset_reset="earliest", group_id=None)
-    await consumer.start()
-    seen: list[DeadLetter] = []
-    try:
-        async def check() -> bool:
-            for recs in (await consumer.getmany(timeout_ms=500)).values():
-                seen.extend(DeadLetter.model_validate_json(r.value) for r in recs)
-            return {bad_json.decode(), invalid.decode()} <= {d.payload for d in seen if d.service == "reporting"}
-
-        await eventually(check, timeout=30)
-    finally:
-        await consumer.stop()
-    mine = [d for d in seen if d.service == "reporting" and d.payload in (bad_json.decode(), invalid.decode())]
+    poison = {bad_json.decode(), invalid.decode()}
+    async with dead_letters(reporting.ns.kafka()) as letters:
+        seen = await letters.until(lambda seen: poison <= {d.payload for d in seen if d.service == "reporting"})
+    mine = [d for d in seen if d.service == "reporting" and d.payload in poison]
     assert {d.reason for d in mine} == {"undecodable", "invalid"}
     assert all(d.source_topic == topics.scored and d.source_offset is not None for d in mine)
 

@@ -21,7 +21,8 @@ from services.scoring.rules import TenantRules, score
 from shared import ids
 from tests.support.services import Namespace, ServiceProcess
 from tests.support.wait import eventually
-from tools.loadgen import BASE, TopicReader, publish, series_total, start_producer, submission
+from tools.loadgen import BASE, publish, series_total, start_producer, submission
+from tools.recorder import TopicRecorder
 from tools.stack import free_port
 
 TENANT = "acme"
@@ -67,9 +68,9 @@ async def test_one_of_two_processes_killed_mid_stream_every_submission_scored_on
     topics = namespace.kafka().topics()
     a = ServiceProcess("scoring", free_port(), namespace.env(), tmp_path / "scoring-a.log")
     b = ServiceProcess("scoring", free_port(), namespace.env(), tmp_path / "scoring-b.log")
-    scored = await TopicReader(namespace.stack.bootstrap, topics.scored).start()
-    alerts = await TopicReader(namespace.stack.bootstrap, topics.deterioration).start()
-    statuses = await TopicReader(namespace.stack.bootstrap, topics.alert_status).start()
+    scored = await TopicRecorder(namespace.stack.bootstrap, topics.scored).start(background=True)
+    alerts = await TopicRecorder(namespace.stack.bootstrap, topics.deterioration).start(background=True)
+    statuses = await TopicRecorder(namespace.stack.bootstrap, topics.alert_status).start(background=True)
     producer = await start_producer(namespace.stack.bootstrap)
     try:
         a.start()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
@@ -26,9 +26,10 @@ from services.scoring.store import RulesStore, StateStore
 from shared import ids
 from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, Instrument, Items, SrsScored
 from shared.mongo import Document
-from tests.support.services import Namespace, ServiceProcess, running
+from tests.support.services import Namespace, ServiceProcess, service_fixture
 from tests.support.wait import eventually
-from tools.loadgen import BASE, TopicReader, client_transfer, publish, start_producer, submission
+from tools.loadgen import BASE, client_transfer, publish, start_producer, submission
+from tools.recorder import TopicRecorder
 
 T0 = datetime(2026, 4, 1, 8, 0, tzinfo=UTC)
 
@@ -38,10 +39,10 @@ class Scoring:
     ns: Namespace
     proc: ServiceProcess
     producer: AIOKafkaProducer
-    scored: TopicReader
-    alerts: TopicReader
-    statuses: TopicReader
-    dead: TopicReader
+    scored: TopicRecorder
+    alerts: TopicRecorder
+    statuses: TopicRecorder
+    dead: TopicRecorder
     mongo: AsyncMongoClient[Document]
 
     @property
@@ -62,14 +63,11 @@ class Scoring:
     def letters_of(self, tenant: str) -> list[DeadLetter]:
         return [d for d in (DeadLetter.model_validate_json(v) for v in self.dead.values()) if d.tenant_id == tenant]
 
-    def raw_of(self, reader: TopicReader, tenant: str) -> list[bytes]:
+    def raw_of(self, reader: TopicRecorder, tenant: str) -> list[bytes]:
         return [v for v in reader.values() if json.loads(v)["tenant_id"] == tenant]
 
 
-@pytest.fixture(scope="module")
-def scoring_process(namespace_m: Namespace, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    with running(["scoring"], namespace_m, tmp_path_factory.mktemp("scoring-logs")) as procs:
-        yield procs["scoring"]
+scoring_process = service_fixture("scoring")
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +75,7 @@ async def scoring(namespace_m: Namespace, scoring_process: ServiceProcess) -> As
     ns = namespace_m
     topics = ns.kafka().topics()
     producer = await start_producer(ns.stack.bootstrap)
-    readers = [await TopicReader(ns.stack.bootstrap, t).start()
+    readers = [await TopicRecorder(ns.stack.bootstrap, t).start(background=True)
                for t in (topics.scored, topics.deterioration, topics.alert_status, topics.deadletter)]
     mongo: AsyncMongoClient[Document] = AsyncMongoClient(ns.stack.mongo_url, tz_aware=True)
     try:

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from shared.auth import create_key
+from shared.kafka import InboundRecord
 from shared.topic_admin import ensure_topics
 from tests.support.services import Namespace, running
 from tests.support.stack import StackUnderTest
-from tests.support.wait import eventually
+from tools.recorder import TopicRecorder
 from tools.simulate import PlannedSubmission, SendStats, run_simulation
 
 TENANTS = ("sim-a", "sim-b")
@@ -47,30 +47,12 @@ async def simulated(stack: StackUnderTest, tmp_path_factory: pytest.TempPathFact
     yield Run(ns, planned, stats)
 
 
-async def read_topic(ns: Namespace, want: int) -> list[ConsumerRecord[bytes, bytes]]:
+async def read_topic(ns: Namespace, want: int) -> list[InboundRecord]:
     """Every record on the namespace's submitted topic (no consumer group), once `want` have arrived."""
-    topic = ns.kafka().topics().submitted
-    consumer = AIOKafkaConsumer(bootstrap_servers=ns.stack.bootstrap, enable_auto_commit=False,
-                                auto_offset_reset="earliest")
-    await consumer.start()
-    records: list[ConsumerRecord[bytes, bytes]] = []
-    try:
-        parts = [TopicPartition(topic, p) for p in range(ns.partitions)]
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-
-        async def enough() -> bool:
-            for batch in (await consumer.getmany(timeout_ms=300)).values():
-                records.extend(batch)
-            return len(records) >= want
-
-        await eventually(enough, timeout=30)
+    async with TopicRecorder(ns.stack.bootstrap, ns.kafka().topics().submitted) as recorder:
+        await recorder.until(lambda records: len(records) >= want)
         # anything beyond `want` would be a second copy: give it a moment to show up
-        for batch in (await consumer.getmany(timeout_ms=1000)).values():
-            records.extend(batch)
-    finally:
-        await consumer.stop()
-    return records
+        return await recorder.poll(timeout_ms=1000)
 
 
 async def test_simulator_gets_the_answer_it_planned_for_every_submission(simulated: Run) -> None:

@@ -25,11 +25,11 @@ from shared.mongo import Document
 from shared.topic_admin import ensure_topics
 from shared.topics import Topics
 from tests.support.apps import serving
-from tests.support.receiver import webhook_receiver
 from tests.support.services import Namespace
 from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
 from tools.harness import EventPublisher, deterioration
+from tools.receiver import webhook_receiver
 
 MAX_ATTEMPTS = 3
 PUBLIC = "93.184.216.34"

@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from services.alerts.targets import EgressBlocked, PinnedTransport
-from tests.support.receiver import webhook_receiver
 from tests.support.tls import LocalCA
+from tools.receiver import webhook_receiver
 
 LIMITS = httpx.Limits(max_connections=4, max_keepalive_connections=0)
 

@@ -16,35 +16,19 @@ from typing import Any
 
 import httpx
 import pytest
-from pymongo import AsyncMongoClient
 
-from services.alerts.app import AlertsConfig, create_app
 from services.alerts.secretbox import new_key
-from services.alerts.settings import AlertsSettings, SmtpSettings
+from services.alerts.settings import AlertsSettings
 from shared.auth import create_key
-from shared.mongo import Document
-from shared.topic_admin import ensure_topics
-from shared.topics import Topics
-from tests.support.apps import serving
-from tests.support.receiver import webhook_receiver
-from tests.support.services import Namespace
+from tests.support.alerts import AlertsApp, alerts_app
 from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
-from tools.harness import EventPublisher, WebhookReceiver, deterioration
+from tools.harness import deterioration
+from tools.receiver import webhook_receiver
 
 SLOTS = 16
 PER_TENANT = 4
 SUBSCRIPTION_CAP = 20
-
-
-@dataclass
-class Env:
-    topics: Topics
-    client: httpx.AsyncClient
-    receiver: WebhookReceiver
-    publisher: EventPublisher
-    db: Any
-    app: Any
 
 
 @dataclass
@@ -54,35 +38,20 @@ class Tenant:
 
 
 @pytest.fixture(scope="module")
-async def env(stack: StackUnderTest) -> AsyncIterator[Env]:
-    ns = Namespace.fresh(stack)
-    await ensure_topics(ns.kafka())
-    receiver = WebhookReceiver().start()
-    config = AlertsConfig(
-        kafka=ns.kafka(), mongo=ns.mongo(),
-        alerts=AlertsSettings(allow_private_targets=True, concurrency=SLOTS, tenant_concurrency=PER_TENANT,
+async def env(stack: StackUnderTest) -> AsyncIterator[AlertsApp]:
+    settings = AlertsSettings(allow_private_targets=True, concurrency=SLOTS, tenant_concurrency=PER_TENANT,
                               # A's attempts stay in flight until released, never timing out here.
                               attempt_timeout_seconds=120.0, lease_seconds=240.0,
                               # No polling: only wake-ups (new deliveries, freed slots, retry
                               # timers) move the worker, so a missed wake-up shows as a stall.
                               poll_seconds=3600.0,
                               retry_first_seconds=0.05, retry_max_seconds=0.1,
-                              secrets_keys=new_key("k1")),
-        smtp=SmtpSettings(host=""))
-    app = create_app(config)
-    publisher = EventPublisher(stack.bootstrap)
-    await publisher.start()
-    mongo: AsyncMongoClient[Document] = AsyncMongoClient(stack.mongo_url, tz_aware=True)
-    try:
-        async with serving(app) as client:
-            yield Env(ns.kafka().topics(), client, receiver, publisher, mongo[ns.database], app)
-    finally:
-        receiver.stop()
-        await publisher.stop()
-        await mongo.close()
+                              secrets_keys=new_key("k1"))
+    async with alerts_app(stack, settings) as a:
+        yield a
 
 
-async def new_tenant(env: Env, name: str) -> Tenant:
+async def new_tenant(env: AlertsApp, name: str) -> Tenant:
     tid = f"{name}-{uuid.uuid4().hex[:8]}"
     key, _ = await create_key(env.db, tid, "admin")
     t = Tenant(tid, {"Authorization": f"Bearer {key}"})
@@ -90,7 +59,7 @@ async def new_tenant(env: Env, name: str) -> Tenant:
     return t
 
 
-async def subscribe(env: Env, t: Tenant, url: str) -> httpx.Response:
+async def subscribe(env: AlertsApp, t: Tenant, url: str) -> httpx.Response:
     return await env.client.post("/v1/subscriptions", headers=t.admin,
                                  json={"url": url, "events": ["alliance.deterioration.v1"]})
 
@@ -100,7 +69,7 @@ async def _true(value: bool) -> bool:
 
 
 async def test_a_tenant_with_twenty_hanging_endpoints_holds_only_its_share_while_others_are_delivered(
-        env: Env) -> None:
+        env: AlertsApp) -> None:
     a, b = await new_tenant(env, "slow-a"), await new_tenant(env, "clinic-b")
     release = threading.Event()
     a_paths = [f"/{a.id}/p{i}" for i in range(SUBSCRIPTION_CAP)]
@@ -109,7 +78,7 @@ async def test_a_tenant_with_twenty_hanging_endpoints_holds_only_its_share_while
         assert r.status_code == 201, r.text
     b_paths = [f"/{b.id}/c{i}" for i in range(6)]
     for i, p in enumerate(b_paths):
-        body = {"site_id": "site-a", "email": f"c{i}@b.test", "webhook_url": env.receiver.url(p)}
+        body = {"site_id": "site-a", "email": f"c{i}@b.test", "webhook_url": env.receiver.url_for(p)}
         assert (await env.client.put(f"/v1/clinicians/c{i}", headers=b.admin, json=body)).status_code == 201
 
     def a_held() -> int:
@@ -138,7 +107,7 @@ async def test_a_tenant_with_twenty_hanging_endpoints_holds_only_its_share_while
     assert env.app.state.alerts.worker.peak_by_tenant[a.id] == PER_TENANT
 
 
-async def test_a_tenant_alone_gets_its_whole_backlog_delivered_a_share_at_a_time(env: Env) -> None:
+async def test_a_tenant_alone_gets_its_whole_backlog_delivered_a_share_at_a_time(env: AlertsApp) -> None:
     t = await new_tenant(env, "backlog")
     paths = [f"/{t.id}/p{i}" for i in range(SUBSCRIPTION_CAP)]
     for p in paths:
@@ -151,25 +120,25 @@ async def test_a_tenant_alone_gets_its_whole_backlog_delivered_a_share_at_a_time
     assert env.app.state.alerts.worker.peak_by_tenant[t.id] == PER_TENANT
 
 
-async def test_a_tenant_may_not_have_more_than_the_cap_of_subscriptions(env: Env) -> None:
+async def test_a_tenant_may_not_have_more_than_the_cap_of_subscriptions(env: AlertsApp) -> None:
     t = await new_tenant(env, "cap")
     ids = []
     for i in range(SUBSCRIPTION_CAP):
-        r = await subscribe(env, t, env.receiver.url(f"/{t.id}/s{i}"))
+        r = await subscribe(env, t, env.receiver.url_for(f"/{t.id}/s{i}"))
         assert r.status_code == 201, r.text
         ids.append(r.json()["id"])
 
-    r = await subscribe(env, t, env.receiver.url(f"/{t.id}/one-more"))
+    r = await subscribe(env, t, env.receiver.url_for(f"/{t.id}/one-more"))
     assert r.status_code == 409
     assert "at most 20 subscriptions" in r.json()["errors"][0]["message"]
     assert "max_subscriptions_per_tenant" in r.json()["errors"][0]["message"]
     assert len((await env.client.get("/v1/subscriptions", headers=t.admin)).json()) == SUBSCRIPTION_CAP
 
     assert (await env.client.delete(f"/v1/subscriptions/{ids[0]}", headers=t.admin)).status_code == 204
-    assert (await subscribe(env, t, env.receiver.url(f"/{t.id}/one-more"))).status_code == 201
+    assert (await subscribe(env, t, env.receiver.url_for(f"/{t.id}/one-more"))).status_code == 201
 
 
-async def test_a_receiver_answering_a_huge_body_is_read_only_a_few_kib(env: Env) -> None:
+async def test_a_receiver_answering_a_huge_body_is_read_only_a_few_kib(env: AlertsApp) -> None:
     t = await new_tenant(env, "big")
     with webhook_receiver(status=200, body_bytes=64 * 1024 * 1024) as receiver:
         assert (await subscribe(env, t, receiver.url)).status_code == 201
@@ -187,10 +156,10 @@ async def test_a_receiver_answering_a_huge_body_is_read_only_a_few_kib(env: Env)
         assert receiver.body_bytes_sent < 16 * 1024 * 1024
 
 
-async def test_a_redirect_is_not_followed(env: Env) -> None:
+async def test_a_redirect_is_not_followed(env: AlertsApp) -> None:
     t = await new_tenant(env, "redirect")
     with webhook_receiver() as elsewhere, webhook_receiver(status=307, headers={"location": "PLACEHOLDER"}) as hook:
-        hook.headers["location"] = elsewhere.url
+        hook.default.headers["location"] = elsewhere.url
         assert (await subscribe(env, t, hook.url)).status_code == 201
         ev = deterioration(t.id, "nobody", "client-redirect")
         await env.publisher.publish(env.topics.deterioration, ev, t.id, ev.client_id)

@@ -22,6 +22,10 @@ from services.reporting.store import ApplyReport, GenerationState
 from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, Lifecycle, SrsScored, SrsSubmitted
 from shared.kafka import CORRELATION_HEADER, InboundRecord, OutboundRecord
 from shared.mongo import Document
+from shared.topics import Topics
+
+TOPICS = Topics("u.")  # the topics the handlers under unit test read and write
+T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)  # when the unit tests' events happen
 
 _offsets = itertools.count()
 

@@ -7,6 +7,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from shared.settings import KafkaSettings, MongoSettings
 from tests.support.stack import StackUnderTest
@@ -84,3 +87,12 @@ def running(names: list[str], ns: Namespace, log_dir: Path, extra_env: dict[str,
     finally:
         for p in procs.values():
             p.stop()
+
+
+def service_fixture(name: str, extra_env: dict[str, str] | None = None) -> Any:
+    """A module-scoped fixture: service `name` running against the module's namespace (`namespace_m`)."""
+    @pytest.fixture(scope="module")
+    def service(namespace_m: Namespace, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+        with running([name], namespace_m, tmp_path_factory.mktemp(f"{name}-logs"), extra_env) as procs:
+            yield procs[name]
+    return service

@@ -4,7 +4,7 @@ behaviours run against the real broker and store in tests/integration/test_alert
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -15,11 +15,9 @@ from services.alerts.rules import Clinician, Subscription
 from shared import ids
 from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetterReason, Instrument, SrsScored
 from shared.kafka import DeadLetterTarget, InboundRecord, typed_handler
-from shared.topics import ALERT_STATUS, DETERIORATION, SCORED, Topics
-from tests.support.fakes import MemoryAlertsStore, Sink, StoreDown, inbound
+from shared.topics import ALERT_STATUS, DETERIORATION, SCORED
+from tests.support.fakes import T0, TOPICS, MemoryAlertsStore, Sink, StoreDown, inbound
 
-TOPICS = Topics("u.")
-T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 TENANT = "acme"
 
 

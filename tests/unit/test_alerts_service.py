@@ -26,10 +26,8 @@ from shared import ids
 from shared.auth import Principal
 from shared.events import AlertState, AlertStatus, AlertStatusChanged
 from shared.mongo import Document
-from shared.topics import Topics
-from tests.support.fakes import MemoryAlertsStore, Sink
+from tests.support.fakes import TOPICS, MemoryAlertsStore, Sink
 
-TOPICS = Topics("u.")
 TENANT = "acme"
 ADMIN = Principal("k-admin", TENANT, "admin")
 NORTH_ONLY = Principal("k-north", TENANT, "admin", site_id="north")

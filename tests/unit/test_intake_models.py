@@ -11,20 +11,15 @@ import pytest
 from services.intake.models import check_submission, claimed_submission_id, outgoing, to_event
 from shared import ids
 from shared.events import SrsSubmitted
+from tests.support.bodies import changed
 
 NOW = datetime(2026, 11, 25, 15, 0, tzinfo=UTC)
 ITEMS = {"relationship": 9.1, "goals": 8.4, "approach": 9.0, "overall": 8.8}
 
 
 def sub(**over: Any) -> dict[str, Any]:
-    doc: dict[str, Any] = {"client_id": "p-1", "clinician_id": "c-17", "site_id": "north", "session_number": 3,
-                           "administered_at": "2026-11-25T14:05:00+01:00", "items": dict(ITEMS)}
-    for k, v in over.items():
-        if v is ...:
-            doc.pop(k, None)
-        else:
-            doc[k] = v
-    return doc
+    return changed({"client_id": "p-1", "clinician_id": "c-17", "site_id": "north", "session_number": 3,
+                    "administered_at": "2026-11-25T14:05:00+01:00", "items": dict(ITEMS)}, **over)
 
 
 def fields(data: Any, **kw: Any) -> set[str | None]:

@@ -5,7 +5,7 @@ tests/integration/test_reporting_service.py)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,11 +24,17 @@ from shared.events import (
     SrsSubmitted,
 )
 from shared.kafka import DeadLetterTarget, InboundRecord, dead_letter_record, typed_handler
-from shared.topics import Topics
-from tests.support.fakes import FixedGenerations, MemoryReadModels, MemorySubmissions, Sink, StoreDown, inbound
+from tests.support.fakes import (
+    T0,
+    TOPICS,
+    FixedGenerations,
+    MemoryReadModels,
+    MemorySubmissions,
+    Sink,
+    StoreDown,
+    inbound,
+)
 
-TOPICS = Topics("u.")
-T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 TENANT = "acme"
 
 

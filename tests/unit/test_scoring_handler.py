@@ -8,7 +8,7 @@ import asyncio
 import itertools
 import json
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -32,11 +32,7 @@ from shared.events import (
 )
 from shared.kafka import BatchHandler, DeadLetterTarget, InboundRecord, OutboundRecord, typed_handler
 from shared.mongo import Document
-from shared.topics import Topics
-from tests.support.fakes import Sink
-
-TOPICS = Topics("u.")
-T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+from tests.support.fakes import T0, TOPICS, Sink
 
 
 class MemoryStates:

@@ -14,19 +14,13 @@ from datetime import UTC, datetime, timedelta, timezone
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.scoring import handlers
+from services.scoring import handlers, series
 from services.scoring import rules as R
 from services.scoring.rules import TenantRules
 from services.scoring.series import (
-    AlertOut,
     AlertView,
     ClientState,
-    Output,
-    ScoredOut,
     SessionView,
-    StatusOut,
-    Step,
-    Transfer,
     Version,
     current_versions,
     derive,
@@ -67,36 +61,36 @@ class Client:
     def now(self) -> datetime:
         return NOW + timedelta(milliseconds=next(self._clock))
 
-    def submit(self, sid: str, n: int, total: float | None = None, **kw: object) -> Step:
+    def submit(self, sid: str, n: int, total: float | None = None, **kw: object) -> series.Step:
         return self.apply(self.version(sid, n, total, **kw))  # type: ignore[arg-type]
 
-    def apply(self, v: Version) -> Step:
+    def apply(self, v: Version) -> series.Step:
         return self.state.submit(v, self.rules, self.now())
 
-    def transfer(self, event_id: str, site: str) -> Step:
-        return self.state.transfer(Transfer(event_id, site), self.rules, self.now())
+    def transfer(self, event_id: str, site: str) -> series.Step:
+        return self.state.transfer(series.Transfer(event_id, site), self.rules, self.now())
 
-    def feed(self, *totals: float) -> list[Step]:
+    def feed(self, *totals: float) -> list[series.Step]:
         """Sessions 1..n with these totals, on consecutive days from Sept 1."""
         return [self.submit(f"s{n}", n, t) for n, t in enumerate(totals, start=1)]
 
 
-def scored(step: Step | list[Output]) -> list[ScoredOut]:
-    outputs = step.outputs if isinstance(step, Step) else step
-    return [o for o in outputs if isinstance(o, ScoredOut)]
+def scored(step: series.Step | list[series.Output]) -> list[series.ScoredOut]:
+    outputs = step.outputs if isinstance(step, series.Step) else step
+    return [o for o in outputs if isinstance(o, series.ScoredOut)]
 
 
-def alerts(step: Step | list[Output]) -> list[AlertOut]:
-    outputs = step.outputs if isinstance(step, Step) else step
-    return [o for o in outputs if isinstance(o, AlertOut)]
+def alerts(step: series.Step | list[series.Output]) -> list[series.AlertOut]:
+    outputs = step.outputs if isinstance(step, series.Step) else step
+    return [o for o in outputs if isinstance(o, series.AlertOut)]
 
 
-def statuses(step: Step | list[Output]) -> list[StatusOut]:
-    outputs = step.outputs if isinstance(step, Step) else step
-    return [o for o in outputs if isinstance(o, StatusOut)]
+def statuses(step: series.Step | list[series.Output]) -> list[series.StatusOut]:
+    outputs = step.outputs if isinstance(step, series.Step) else step
+    return [o for o in outputs if isinstance(o, series.StatusOut)]
 
 
-def one_scored(step: Step, sid: str) -> ScoredOut:
+def one_scored(step: series.Step, sid: str) -> series.ScoredOut:
     (o,) = [o for o in scored(step) if o.session.version.submission_id == sid]
     return o
 
@@ -112,7 +106,7 @@ def severity_of(*totals: float) -> str | None:
     return raised[0].alert.severity if raised else None
 
 
-def items_of(o: ScoredOut) -> Four | None:
+def items_of(o: series.ScoredOut) -> Four | None:
     return o.session.version.items
 
 
@@ -405,7 +399,7 @@ def test_a_late_older_session_holds_no_alert() -> None:
 # --- episodes ---------------------------------------------------------------------------------
 
 
-def september_then_november(c: Client, november: tuple[float, float] = (38.0, 30.0)) -> list[Step]:
+def september_then_november(c: Client, november: tuple[float, float] = (38.0, 30.0)) -> list[series.Step]:
     """Sessions 1, 2, 3 on Sept 1-3, then 1, 2 on Nov 1-2, none with an episode id."""
     steps = [c.submit(f"sep-{n}", n, 38.0, at=SEPT + timedelta(days=n - 1)) for n in (1, 2, 3)]
     steps += [c.submit(f"nov-{n}", n, t, at=NOV + timedelta(days=n - 1)) for n, t in zip((1, 2), november,
@@ -884,15 +878,15 @@ def test_a_transfer_redelivered_after_the_tenants_rules_changed_publishes_the_re
     assert c.state.site_version == 1
 
 
-def as_bytes(outputs: list[Output]) -> dict[tuple[str, str], bytes]:
+def as_bytes(outputs: list[series.Output]) -> dict[tuple[str, str], bytes]:
     """Each output as the event the handler publishes, keyed as a consumer keeps them (scored events
     per submission id, alert events and statuses per alert id)."""
     out: dict[tuple[str, str], bytes] = {}
     for o in outputs:
-        if isinstance(o, ScoredOut):
+        if isinstance(o, series.ScoredOut):
             event = handlers.scored_event(TENANT, CLIENT, o)
             out["scored", o.session.version.submission_id] = event.model_dump_json().encode()
-        elif isinstance(o, AlertOut):
+        elif isinstance(o, series.AlertOut):
             out["alert", o.alert.alert_id] = handlers.alert_event(TENANT, CLIENT, o).model_dump_json().encode()
         else:
             out["alert", o.alert_id] = handlers.status_event(TENANT, CLIENT, o).model_dump_json().encode()
@@ -901,7 +895,7 @@ def as_bytes(outputs: list[Output]) -> dict[tuple[str, str], bytes]:
 
 def test_current_outputs_re_emit_the_latest_revisions_byte_equal() -> None:
     c = Client()
-    published: list[Output] = []
+    published: list[series.Output] = []
     for step in september_then_november(c, (38.0, 30.0)):
         published += step.outputs
     published += c.submit("nov-2", 2, 33.0, at=NOV + timedelta(days=1)).outputs  # revision 2 of nov-2, its alert
@@ -1051,7 +1045,7 @@ def test_a_new_session_is_refused_alike_from_the_kept_view_and_from_the_versions
 def test_a_grown_record_publishes_what_the_full_diff_publishes(steps: list[tuple[str, dict[str, object]]]) -> None:
     kept, fresh = Client(rules=RULES_OF_HISTORIES), Client(rules=RULES_OF_HISTORIES)
     for kind, s in steps:
-        got: list[Step] = []
+        got: list[series.Step] = []
         for c in (kept, fresh):
             if c is fresh:
                 c.state.cached = None  # derived afresh and diffed in full every step

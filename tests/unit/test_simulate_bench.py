@@ -6,7 +6,8 @@ import math
 from datetime import UTC, datetime
 
 from tests.unit.test_simulate_plan import issue3_errors
-from tools.bench.system import DETERIORATING, HEALTHY, bench_plan, percentile
+from tools.bench.common import percentile
+from tools.bench.system import DETERIORATING, HEALTHY, bench_plan
 
 NOW = datetime(2026, 11, 25, 15, 0, tzinfo=UTC)
 

@@ -24,107 +24,74 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
-import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from pymongo.asynchronous.database import AsyncDatabase
 
 from services.alerts.secretbox import new_key
 from shared.auth import create_key
-from shared.mongo import database, make_client
+from shared.kafka import InboundRecord
+from shared.mongo import Document, database, make_client
 from shared.settings import KafkaSettings, MongoSettings
 from shared.topic_admin import ensure_topics
-from tools.harness import EventPublisher, WebhookReceiver, deterioration, scored
+from shared.topics import Topics
+from tools.bench.common import latency_summary, percentile, wait_until
+from tools.harness import EventPublisher, deterioration, scored
+from tools.processes import ServiceProcess
+from tools.receiver import WebhookReceiver
+from tools.recorder import TopicRecorder
 from tools.stack import LocalStack, free_port
 
-ROOT = Path(__file__).resolve().parents[2]
 SITE = "s1"  # clinicians and their clients' sessions share it: alerts go only to a clinician of the alert's site
 
 
-def pct(values: list[float], q: float) -> float:
-    """The q-quantile (nearest rank) of `values`."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"n": 0}
-    return {"n": len(values), "p50_ms": pct(values, 0.5) * 1000, "p95_ms": pct(values, 0.95) * 1000,
-            "p99_ms": pct(values, 0.99) * 1000, "max_ms": max(values) * 1000,
-            "mean_ms": statistics.fmean(values) * 1000}
-
-
-def spawn_alerts(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
-    """`python -m services.alerts` on `port`, logging to a temp file."""
-    log = open(Path(tempfile.gettempdir()) / f"alerts-bench-{port}.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "services.alerts"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, **env, "ALLIANCE_ALERTS_PORT": str(port), "PYTHONPATH": str(ROOT)})
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    """Poll `predicate` until true or `timeout` seconds passed; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(interval)
-
-
 class BrokerFloor:
-    """A bare consumer of the deterioration topic: when each record becomes consumable."""
+    """A bare reader of the deterioration topic: when each record becomes consumable."""
 
     def __init__(self, bootstrap: str, topic: str) -> None:
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                         fetch_max_wait_ms=10)
-        self.topic = topic
         self.seen: dict[str, float] = {}
-        self._task: asyncio.Task[None] | None = None
+        self.recorder = TopicRecorder(bootstrap, topic, from_end=True, fetch_max_wait_ms=10, on_record=self._record)
+
+    def _record(self, r: InboundRecord, at: float) -> None:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            self.seen.setdefault(json.loads(r.value)["alert_id"], at)
 
     async def start(self) -> None:
-        await self.consumer.start()
-        parts = self.consumer.partitions_for_topic(self.topic)
-        while not parts:
-            await asyncio.sleep(0.1)
-            parts = self.consumer.partitions_for_topic(self.topic)
-        tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
-        self.consumer.assign(tps)
-        await self.consumer.seek_to_end(*tps)
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            batches = await self.consumer.getmany(timeout_ms=50)
-            now = time.time()
-            for recs in batches.values():
-                for r in recs:
-                    try:
-                        self.seen.setdefault(json.loads(r.value)["alert_id"], now)
-                    except (ValueError, KeyError, TypeError):
-                        pass
+        await self.recorder.start(background=True, wait_for_topic=60)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        await self.consumer.stop()
+        await self.recorder.stop()
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
+@dataclass
+class Bench:
+    """Alerts under bench, on its own broker and store (or the configured ones), and what drives it."""
+
+    topics: Topics
+    bootstrap: str
+    db: AsyncDatabase[Document]
+    http: httpx.AsyncClient
+    receiver: WebhookReceiver
+    publisher: EventPublisher
+
+
+@asynccontextmanager
+async def alerts_under_bench(in_process: bool = False) -> AsyncIterator[Bench]:
+    """Alerts ready to answer (a `python -m services.alerts` process, or in this process), the
+    receiver its webhooks go to, and a started publisher; everything stopped on the way out."""
     prefix = f"bench{uuid.uuid4().hex[:6]}."
     stack: LocalStack | None = None
     if os.environ.get("ALLIANCE_KAFKA_BOOTSTRAP") and os.environ.get("ALLIANCE_MONGO_URL"):
@@ -135,96 +102,106 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                            mongo_port=free_port(), mongo_memory=True)
         await asyncio.to_thread(stack.start)
         bootstrap, mongo_url, idempotence = stack.bootstrap, stack.mongo_url, False
-    kafka = KafkaSettings(bootstrap=bootstrap, idempotence=idempotence, topic_prefix=prefix)
-    mongo = MongoSettings(url=mongo_url, database=f"bench_{prefix[5:-1]}")
-    topics = kafka.topics()
-    await ensure_topics(kafka)
-    env = {"ALLIANCE_KAFKA_BOOTSTRAP": bootstrap, "ALLIANCE_KAFKA_IDEMPOTENCE": str(idempotence).lower(),
-           "ALLIANCE_KAFKA_TOPIC_PREFIX": prefix, "ALLIANCE_MONGO_URL": mongo_url,
-           "ALLIANCE_MONGO_DATABASE": mongo.database, "ALLIANCE_ALERTS_ALLOW_PRIVATE_TARGETS": "true",
-           "ALLIANCE_ALERTS_SECRETS_KEYS": new_key("bench"),
-           "ALLIANCE_LOG_LEVEL": "WARNING"}
-    receiver = WebhookReceiver().start()
-    publisher = EventPublisher(bootstrap)
-    floor = BrokerFloor(bootstrap, topics.deterioration)
-    proc: subprocess.Popen[bytes] | None = None
-    app_ctx: Any = None
-    client = make_client(mongo)
-    started_parts: dict[str, bool] = {}
-    try:
-        if args.in_process:
+    async with contextlib.AsyncExitStack() as on_exit:
+        if stack is not None:
+            on_exit.push_async_callback(asyncio.to_thread, stack.stop)
+        kafka = KafkaSettings(bootstrap=bootstrap, idempotence=idempotence, topic_prefix=prefix)
+        mongo = MongoSettings(url=mongo_url, database=f"bench_{prefix[5:-1]}")
+        await ensure_topics(kafka)
+        receiver = on_exit.enter_context(WebhookReceiver())
+        client = make_client(mongo)
+        on_exit.push_async_callback(client.close)
+        if in_process:
             from services.alerts.app import AlertsConfig, create_app
             from services.alerts.settings import AlertsSettings, SmtpSettings
 
             app = create_app(AlertsConfig(kafka=kafka, mongo=mongo, alerts=AlertsSettings(allow_private_targets=True),
                                           smtp=SmtpSettings(host="")))
-            app_ctx = app.router.lifespan_context(app)
-            await app_ctx.__aenter__()
-            http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://alerts")
+            await on_exit.enter_async_context(app.router.lifespan_context(app))
+            http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://alerts", timeout=30)
         else:
-            port = free_port()
-            proc = spawn_alerts(env, port)
-            http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}")
-        started = time.monotonic()
-        while True:
-            try:
-                if (await http.get("/readyz")).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() - started > 120:
-                raise TimeoutError("alerts did not become ready")
-            await asyncio.sleep(0.3)
-
-        tenant = "bench"
-        admin, _ = await create_key(database(client, mongo), tenant, "admin")
-        headers = {"Authorization": f"Bearer {admin}"}
-        await http.post("/v1/webhook-secret", headers=headers)
-        clinicians = [f"c{i}" for i in range(args.clinicians)]
-        for c in clinicians:
-            body = {"site_id": SITE, "email": f"{c}@bench.test", "webhook_url": receiver.url(f"/c/{c}")}
-            r = await http.put(f"/v1/clinicians/{c}", headers=headers, json=body)
-            r.raise_for_status()
-        r = await http.post("/v1/subscriptions", headers=headers,
-                            json={"url": receiver.url("/partner"), "events": ["alliance.deterioration.v1"]})
-        r.raise_for_status()
+            env = {"ALLIANCE_KAFKA_BOOTSTRAP": bootstrap, "ALLIANCE_KAFKA_IDEMPOTENCE": str(idempotence).lower(),
+                   "ALLIANCE_KAFKA_TOPIC_PREFIX": prefix, "ALLIANCE_MONGO_URL": mongo_url,
+                   "ALLIANCE_MONGO_DATABASE": mongo.database, "ALLIANCE_ALERTS_ALLOW_PRIVATE_TARGETS": "true",
+                   "ALLIANCE_ALERTS_SECRETS_KEYS": new_key("bench"), "ALLIANCE_LOG_LEVEL": "WARNING"}
+            proc = ServiceProcess("alerts", free_port(), env, Path(tempfile.gettempdir()) / f"alerts-{prefix}log")
+            proc.start()
+            on_exit.callback(proc.stop)
+            await asyncio.to_thread(proc.wait_ready, 120)
+            http = httpx.AsyncClient(base_url=proc.url, timeout=30)
+        on_exit.push_async_callback(http.aclose)
+        publisher = EventPublisher(bootstrap)
         await publisher.start()
-        started_parts["publisher"] = True
+        on_exit.push_async_callback(publisher.stop)
+        yield Bench(kafka.topics(), bootstrap, database(client, mongo), http, receiver, publisher)
+
+
+async def admin_headers(bench: Bench, tenant: str) -> dict[str, str]:
+    """An admin key's headers for `tenant`, whose webhook signing secret is set."""
+    key, _ = await create_key(bench.db, tenant, "admin")
+    headers = {"Authorization": f"Bearer {key}"}
+    (await bench.http.post("/v1/webhook-secret", headers=headers)).raise_for_status()
+    return headers
+
+
+async def add_clinicians(bench: Bench, headers: dict[str, str], clinicians: list[str], path: str) -> None:
+    """Clinicians of `SITE` whose webhooks are the receiver's `path/<clinician>`."""
+    for c in clinicians:
+        body = {"site_id": SITE, "email": f"{c}@bench.test", "webhook_url": bench.receiver.url_for(f"{path}/{c}")}
+        (await bench.http.put(f"/v1/clinicians/{c}", headers=headers, json=body)).raise_for_status()
+
+
+async def subscribe(bench: Bench, headers: dict[str, str], path: str) -> None:
+    """A partner subscription to deteriorations at the receiver's `path`."""
+    (await bench.http.post("/v1/subscriptions", headers=headers, json={
+        "url": bench.receiver.url_for(path), "events": ["alliance.deterioration.v1"]})).raise_for_status()
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    async with alerts_under_bench(args.in_process) as bench:
+        receiver, publisher, topics = bench.receiver, bench.publisher, bench.topics
+        tenant = "bench"
+        headers = await admin_headers(bench, tenant)
+        clinicians = [f"c{i}" for i in range(args.clinicians)]
+        await add_clinicians(bench, headers, clinicians, "/c")
+        await subscribe(bench, headers, "/partner")
+        floor = BrokerFloor(bench.bootstrap, topics.deterioration)
         await floor.start()
-        started_parts["floor"] = True
+        try:
+            # Warm-up: one alert end to end (the consumer group has joined once it arrives).
+            warm = deterioration(tenant, clinicians[0], "warmup", site_id=SITE)
+            await publisher.publish(topics.deterioration, warm, tenant, warm.client_id)
+            await wait_until(lambda: len(receiver.requests) >= 2, 120)
+            receiver.clear()
+            floor.seen.clear()
 
-        # Warm-up: one alert end to end (the consumer group has joined once it arrives).
-        warm = deterioration(tenant, clinicians[0], "warmup", site_id=SITE)
-        await publisher.publish(topics.deterioration, warm, tenant, warm.client_id)
-        await wait_until(lambda: len(receiver.requests) >= 2, 120)
-        receiver.requests.clear()
-        floor.seen.clear()
-
-        sent_at: dict[str, float] = {}
-        n_alerts = int(args.rate * args.duration)
-        n_scored = int(args.scored_rate * args.duration)
-        schedule = sorted([(i / args.rate, "d", i) for i in range(n_alerts)]
-                          + [(i / args.scored_rate, "s", i) for i in range(n_scored if args.scored_rate > 0 else 0)])
-        t0 = time.monotonic()
-        late = 0
-        for offset, kind, i in schedule:
-            delay = t0 + offset - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            elif delay < -0.05:
-                late += 1
-            client_id = f"client-{i % 500}"
-            if kind == "d":
-                ev = deterioration(tenant, clinicians[i % len(clinicians)], client_id, site_id=SITE)
-                sent_at[ev.alert_id] = time.time()
-                await publisher.publish(topics.deterioration, ev, tenant, client_id)
-            else:
-                await publisher.publish(topics.scored, scored(tenant, clinicians[i % len(clinicians)], client_id,
-                                                                     site_id=SITE),
-                                        tenant, client_id)
-        offered_seconds = time.monotonic() - t0
-        expected = 2 * n_alerts
-        await wait_until(lambda: len(receiver.requests) >= expected, 60)
+            sent_at: dict[str, float] = {}
+            n_alerts = int(args.rate * args.duration)
+            n_scored = int(args.scored_rate * args.duration) if args.scored_rate > 0 else 0
+            schedule = sorted([(i / args.rate, "d", i) for i in range(n_alerts)]
+                              + [(i / args.scored_rate, "s", i) for i in range(n_scored)])
+            t0 = time.monotonic()
+            late = 0
+            for offset, kind, i in schedule:
+                delay = t0 + offset - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                elif delay < -0.05:
+                    late += 1
+                client_id = f"client-{i % 500}"
+                clinician = clinicians[i % len(clinicians)]
+                if kind == "d":
+                    ev = deterioration(tenant, clinician, client_id, site_id=SITE)
+                    sent_at[ev.alert_id] = time.time()
+                    await publisher.publish(topics.deterioration, ev, tenant, client_id)
+                else:
+                    await publisher.publish(topics.scored, scored(tenant, clinician, client_id, site_id=SITE),
+                                            tenant, client_id)
+            offered_seconds = time.monotonic() - t0
+            expected = 2 * n_alerts
+            await wait_until(lambda: len(receiver.requests) >= expected, 60)
+        finally:
+            await floor.stop()
 
         clinician_lat: list[float] = []
         partner_lat: list[float] = []
@@ -235,8 +212,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             (partner_lat if rec.path == "/partner" else clinician_lat).append(rec.at - sent_at[alert_id])
         floor_lat = [floor.seen[a] - t for a, t in sent_at.items() if a in floor.seen]
         # Breakdown: when alerts recorded each alert (consumed + stored) is `created_at` of its document.
-        docs = await database(client, mongo)["alerts"].find({"_id": {"$in": list(sent_at)}},
-                                                           {"created_at": 1}).to_list()
+        docs = await bench.db["alerts"].find({"_id": {"$in": list(sent_at)}}, {"created_at": 1}).to_list()
         consumed_lat = [d["created_at"].timestamp() - sent_at[d["_id"]] for d in docs]
         dup = sum(n - 1 for n in Counter(r.webhook_id for r in receiver.requests).values() if n > 1)
         all_lat = clinician_lat + partner_lat
@@ -244,96 +220,33 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "offered": {"deteriorations_per_s": args.rate, "scored_per_s": args.scored_rate,
                         "duration_s": round(offered_seconds, 1), "late_sends": late},
             "expected_webhooks": expected, "received_webhooks": len(all_lat), "duplicate_webhook_ids": dup,
-            "webhook_all": summary(all_lat), "webhook_clinician": summary(clinician_lat),
-            "webhook_partner": summary(partner_lat), "broker_floor": summary(floor_lat),
-            "alert_recorded": summary(consumed_lat),
+            "webhook_all": latency_summary(all_lat), "webhook_clinician": latency_summary(clinician_lat),
+            "webhook_partner": latency_summary(partner_lat), "broker_floor": latency_summary(floor_lat),
+            "alert_recorded": latency_summary(consumed_lat),
         }
         if floor_lat and all_lat:
-            result["ratio_p50_vs_broker"] = round(pct(all_lat, 0.5) / max(pct(floor_lat, 0.5), 1e-6), 1)
-            result["ratio_p99_vs_broker"] = round(pct(all_lat, 0.99) / max(pct(floor_lat, 0.99), 1e-6), 1)
-        await http.aclose()
+            for p in (50, 99):
+                result[f"ratio_p{p}_vs_broker"] = round(percentile(all_lat, p) / max(percentile(floor_lat, p), 1e-6), 1)
         return result
-    finally:
-        if started_parts.get("floor"):
-            await floor.stop()
-        if started_parts.get("publisher"):
-            await publisher.stop()
-        if app_ctx is not None:
-            await app_ctx.__aexit__(None, None, None)
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        await client.close()
-        receiver.stop()
-        if stack is not None:
-            await asyncio.to_thread(stack.stop)
 
 
 async def run_fairness(args: argparse.Namespace) -> dict[str, Any]:
     """Tenant A's 20 hanging endpoints against tenant B's clinician webhooks (see the module doc)."""
-    prefix = f"bench{uuid.uuid4().hex[:6]}."
-    stack: LocalStack | None = None
-    if os.environ.get("ALLIANCE_KAFKA_BOOTSTRAP") and os.environ.get("ALLIANCE_MONGO_URL"):
-        bootstrap, mongo_url = os.environ["ALLIANCE_KAFKA_BOOTSTRAP"], os.environ["ALLIANCE_MONGO_URL"]
-        idempotence = os.environ.get("ALLIANCE_KAFKA_IDEMPOTENCE", "false").lower() == "true"
-    else:
-        stack = LocalStack(Path(tempfile.mkdtemp(prefix="alerts-bench-")), kafka_port=free_port(),
-                           mongo_port=free_port(), mongo_memory=True)
-        await asyncio.to_thread(stack.start)
-        bootstrap, mongo_url, idempotence = stack.bootstrap, stack.mongo_url, False
-    kafka = KafkaSettings(bootstrap=bootstrap, idempotence=idempotence, topic_prefix=prefix)
-    mongo = MongoSettings(url=mongo_url, database=f"bench_{prefix[5:-1]}")
-    topics = kafka.topics()
-    await ensure_topics(kafka)
-    env = {"ALLIANCE_KAFKA_BOOTSTRAP": bootstrap, "ALLIANCE_KAFKA_IDEMPOTENCE": str(idempotence).lower(),
-           "ALLIANCE_KAFKA_TOPIC_PREFIX": prefix, "ALLIANCE_MONGO_URL": mongo_url,
-           "ALLIANCE_MONGO_DATABASE": mongo.database, "ALLIANCE_ALERTS_ALLOW_PRIVATE_TARGETS": "true",
-           "ALLIANCE_ALERTS_SECRETS_KEYS": new_key("bench"),
-           "ALLIANCE_LOG_LEVEL": "WARNING"}
-    receiver = WebhookReceiver().start()
     hang = threading.Event()  # never set: A's endpoints hold each request past the attempt timeout
     slow_paths = [f"/a/p{i}" for i in range(20)]
-    for path in slow_paths:
-        receiver.behave(path, hold=hang, hold_max=6.0)
-    publisher = EventPublisher(bootstrap)
-    client = make_client(mongo)
-    port = free_port()
-    proc = spawn_alerts(env, port)
-    publisher_started = False
-    try:
-        http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30)
-        started = time.monotonic()
-        while True:
-            try:
-                if (await http.get("/readyz")).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() - started > 120:
-                raise TimeoutError("alerts did not become ready")
-            await asyncio.sleep(0.3)
-        db = database(client, mongo)
-        a_key, _ = await create_key(db, "tenant-a", "admin")
-        b_key, _ = await create_key(db, "tenant-b", "admin")
-        a_h, b_h = {"Authorization": f"Bearer {a_key}"}, {"Authorization": f"Bearer {b_key}"}
-        for h in (a_h, b_h):
-            (await http.post("/v1/webhook-secret", headers=h)).raise_for_status()
+    async with alerts_under_bench() as bench:
+        receiver, publisher, topics = bench.receiver, bench.publisher, bench.topics
         for path in slow_paths:
-            (await http.post("/v1/subscriptions", headers=a_h, json={
-                "url": receiver.url(path), "events": ["alliance.deterioration.v1"]})).raise_for_status()
+            receiver.behave(path, hold=hang, hold_max=6.0)
+        a_h, b_h = await admin_headers(bench, "tenant-a"), await admin_headers(bench, "tenant-b")
+        for path in slow_paths:
+            await subscribe(bench, a_h, path)
         clinicians = [f"c{i}" for i in range(args.clinicians)]
-        for c in clinicians:
-            (await http.put(f"/v1/clinicians/{c}", headers=b_h, json={
-                "site_id": SITE, "email": f"{c}@b.test", "webhook_url": receiver.url(f"/b/{c}")})).raise_for_status()
-        await publisher.start()
-        publisher_started = True
+        await add_clinicians(bench, b_h, clinicians, "/b")
         warm = deterioration("tenant-b", clinicians[0], "warmup", site_id=SITE)
         await publisher.publish(topics.deterioration, warm, "tenant-b", warm.client_id)
         await wait_until(lambda: any(r.path.startswith("/b/") for r in receiver.requests), 120)
-        receiver.requests.clear()
+        receiver.clear()
 
         sent_at: dict[str, float] = {}
         n_b, n_a = int(args.rate * args.duration), int(args.slow_rate * args.duration)
@@ -357,26 +270,13 @@ async def run_fairness(args: argparse.Namespace) -> dict[str, Any]:
                     if r.path.startswith("/b/") and (a := json.loads(r.body)["alert_id"]) in sent_at]
         await wait_until(lambda: len(b_received()) >= n_b, 60)
         a_held_max = max(receiver.behaviours[p].seen for p in slow_paths)
-        pending_a = await db["deliveries"].count_documents({"tenant_id": "tenant-a", "status": "pending"})
-        await http.aclose()
+        pending_a = await bench.db["deliveries"].count_documents({"tenant_id": "tenant-a", "status": "pending"})
+        hang.set()
         return {"offered": {"b_alerts_per_s": args.rate, "a_alerts_per_s": args.slow_rate,
                             "a_hanging_endpoints": len(slow_paths), "duration_s": args.duration},
-                "b_clinician_webhook": summary(b_received()), "b_expected": n_b,
+                "b_clinician_webhook": latency_summary(b_received()), "b_expected": n_b,
                 "a_attempts_started": sum(receiver.behaviours[p].seen for p in slow_paths),
                 "a_attempts_per_endpoint_max": a_held_max, "a_pending_at_end": pending_a}
-    finally:
-        if publisher_started:
-            await publisher.stop()
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        await client.close()
-        hang.set()
-        receiver.stop()
-        if stack is not None:
-            await asyncio.to_thread(stack.stop)
 
 
 def main(argv: list[str] | None = None) -> None:

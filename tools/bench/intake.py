@@ -15,8 +15,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -34,9 +32,8 @@ from shared import auth
 from shared.mongo import Document
 from shared.settings import KafkaSettings
 from shared.topic_admin import ensure_topics
+from tools.processes import ServiceProcess
 from tools.stack import LocalStack, free_port
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _submission(i: int, run: str) -> dict[str, Any]:
@@ -144,20 +141,6 @@ async def _create_key(mongo_url: str, db: str) -> str:
     return key
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"intake exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError("intake not ready")
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and print the figures."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -179,22 +162,18 @@ def main(argv: list[str] | None = None) -> None:
     idempotence = os.environ.get("ALLIANCE_KAFKA_IDEMPOTENCE", "false" if stack else "true").lower() == "true"
     kafka = KafkaSettings(bootstrap=bootstrap, idempotence=idempotence, topic_prefix=f"bench{tag}.")
     database = f"bench_{tag}"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc: subprocess.Popen[bytes] | None = None
+    proc: ServiceProcess | None = None
     try:
         asyncio.run(ensure_topics(kafka))
         key = asyncio.run(_create_key(mongo_url, database))
-        env = {**os.environ, "ALLIANCE_KAFKA_BOOTSTRAP": bootstrap,
-               "ALLIANCE_KAFKA_IDEMPOTENCE": str(idempotence).lower(),
+        env = {"ALLIANCE_KAFKA_BOOTSTRAP": bootstrap, "ALLIANCE_KAFKA_IDEMPOTENCE": str(idempotence).lower(),
                "ALLIANCE_KAFKA_TOPIC_PREFIX": kafka.topic_prefix, "ALLIANCE_MONGO_URL": mongo_url,
-               "ALLIANCE_MONGO_DATABASE": database, "ALLIANCE_INTAKE_PORT": str(port),
-               "ALLIANCE_INTAKE_RATE_PER_SECOND": "10000000", "ALLIANCE_INTAKE_RATE_BURST": "10000000",
-               "PYTHONPATH": str(ROOT)}
-        with open(data / "intake.log", "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "services.intake"], env=env, cwd=ROOT, stdout=log,
-                                    stderr=subprocess.STDOUT)
-        _wait_ready(url, proc)
+               "ALLIANCE_MONGO_DATABASE": database,
+               "ALLIANCE_INTAKE_RATE_PER_SECOND": "10000000", "ALLIANCE_INTAKE_RATE_BURST": "10000000"}
+        proc = ServiceProcess("intake", free_port(), env, data / "intake.log")
+        proc.start()
+        proc.wait_ready()
+        url = proc.url
 
         linger = IntakeSettings().linger_ms  # the raw producer gets intake's producer settings
         raw = asyncio.run(_raw_produce_rate(kafka, args.submissions, args.batch_size, linger))
@@ -203,8 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         latencies, singles_rate = asyncio.run(_single_latencies(url, key, args.singles, args.single_concurrency))
     finally:
         if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=15)
+            proc.stop()
         if stack is not None:
             stack.stop()
 

@@ -26,8 +26,6 @@ import copy
 import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -50,10 +48,10 @@ from shared.events import Flag
 from shared.mongo import database, make_client
 from shared.settings import KafkaSettings, MongoSettings
 from shared.topic_admin import ensure_topics
+from tools.bench.common import percentile as pct
 from tools.demo import BASE, derived_episode, publish, revised, scored
+from tools.processes import ServiceProcess
 from tools.stack import LocalStack, free_port
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -77,11 +75,6 @@ def stack(memory: bool) -> Iterator[Endpoints]:
             yield Endpoints(local.bootstrap, local.mongo_url, False)
         finally:
             local.stop()
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
 async def raw_upsert_rate(mongo: MongoSettings, n: int, batch: int) -> float:
@@ -229,28 +222,22 @@ async def read_latencies(url: str, key: str, clients: int, reads: int) -> tuple[
     return traj, case
 
 
-def start_api(ep: Endpoints, prefix: str, db: str, audit: bool = True) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
+def start_api(ep: Endpoints, prefix: str, db: str, audit: bool = True) -> ServiceProcess:
+    """The reporting API alone (no consumers), ready to answer."""
     # One key reads as fast as it can: the per-key read rate limit would refuse most of it.
-    env = {**os.environ, "ALLIANCE_AUDIT_ENABLED": str(audit).lower(),
+    env = {"ALLIANCE_AUDIT_ENABLED": str(audit).lower(),
            "ALLIANCE_REPORTING_READ_RATE_PER_SECOND": "1000000", "ALLIANCE_REPORTING_READ_RATE_BURST": "1000000",
            "ALLIANCE_KAFKA_BOOTSTRAP": ep.bootstrap, "ALLIANCE_MONGO_URL": ep.mongo_url,
            "ALLIANCE_KAFKA_IDEMPOTENCE": str(ep.idempotence).lower(), "ALLIANCE_KAFKA_TOPIC_PREFIX": prefix,
-           "ALLIANCE_MONGO_DATABASE": db, "ALLIANCE_REPORTING_PORT": str(port), "ALLIANCE_REPORTING_CONSUME": "false",
-           "ALLIANCE_LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "services.reporting"], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("reporting API did not become ready")
+           "ALLIANCE_MONGO_DATABASE": db, "ALLIANCE_REPORTING_CONSUME": "false", "ALLIANCE_LOG_LEVEL": "WARNING"}
+    proc = ServiceProcess("reporting", free_port(), env, Path(tempfile.gettempdir()) / f"reporting-{prefix}log")
+    proc.start()
+    try:
+        proc.wait_ready(60)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
 
 
 async def run(args: argparse.Namespace, ep: Endpoints) -> None:
@@ -283,24 +270,22 @@ async def run(args: argparse.Namespace, ep: Endpoints) -> None:
           flush=True)
     seconds = await load_trajectories(mongo, args.clients, gen)
     print(f"  loaded in {seconds:.1f}s ({args.clients / seconds:,.0f}/s)", flush=True)
-    proc, url = start_api(ep, kafka.topic_prefix, mongo.database)
+    api = start_api(ep, kafka.topic_prefix, mongo.database)
     try:
-        traj, case = await read_latencies(url, key, args.clients, args.reads)
-        cold, warm = await summary_latency(url, key) if args.summary else (0.0, 0.0)
+        traj, case = await read_latencies(api.url, key, args.clients, args.reads)
+        cold, warm = await summary_latency(api.url, key) if args.summary else (0.0, 0.0)
     finally:
-        proc.terminate()
-        proc.wait(timeout=15)
+        api.stop()
     print(f"trajectory reads over HTTP with {args.clients:,} clients loaded ({len(traj)} reads, sequential): "
           f"p50 {statistics.median(traj):.1f} ms, p95 {pct(traj, 95):.1f} ms, p99 {pct(traj, 99):.1f} ms "
           f"(target p99 < 50 ms)")
     print(f"caseload reads (first page, ~{max(1, args.clients // 4000)} trajectories per clinician): "
           f"p50 {statistics.median(case):.1f} ms, p99 {pct(case, 99):.1f} ms ({len(case)} reads)")
-    proc, url = start_api(ep, kafka.topic_prefix, mongo.database, audit=False)
+    api = start_api(ep, kafka.topic_prefix, mongo.database, audit=False)
     try:
-        unaudited, _ = await read_latencies(url, key, args.clients, args.reads)
+        unaudited, _ = await read_latencies(api.url, key, args.clients, args.reads)
     finally:
-        proc.terminate()
-        proc.wait(timeout=15)
+        api.stop()
     print(f"trajectory reads with the audit trail off: p50 {statistics.median(unaudited):.1f} ms, "
           f"p95 {pct(unaudited, 95):.1f} ms, p99 {pct(unaudited, 99):.1f} ms; on (above): p99 {pct(traj, 99):.1f} ms")
     if args.summary:

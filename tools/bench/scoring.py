@@ -35,8 +35,6 @@ import asyncio
 import gc
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -63,10 +61,12 @@ from shared.mongo import Document
 from shared.settings import KafkaSettings
 from shared.topic_admin import ensure_topics
 from shared.topics import Topics
-from tools.loadgen import TopicReader, publish, series_total, start_producer, submission
+from tools.bench.common import cpu_seconds
+from tools.loadgen import publish, series_total, start_producer, submission
+from tools.processes import ServiceProcess
+from tools.recorder import TopicRecorder
 from tools.stack import LocalStack, free_port
 
-ROOT = Path(__file__).resolve().parents[2]
 TENANT = "bench"
 
 
@@ -83,11 +83,11 @@ class Target:
     def kafka(self) -> KafkaSettings:
         return KafkaSettings(bootstrap=self.bootstrap, idempotence=self.idempotence, topic_prefix=self.prefix)
 
-    def env(self, port: int, batch: int, chunk: int) -> dict[str, str]:
+    def env(self, batch: int, chunk: int) -> dict[str, str]:
         return {
             "ALLIANCE_KAFKA_BOOTSTRAP": self.bootstrap, "ALLIANCE_KAFKA_IDEMPOTENCE": str(self.idempotence).lower(),
             "ALLIANCE_KAFKA_TOPIC_PREFIX": self.prefix, "ALLIANCE_MONGO_URL": self.mongo_url,
-            "ALLIANCE_MONGO_DATABASE": self.database, "ALLIANCE_SCORING_PORT": str(port),
+            "ALLIANCE_MONGO_DATABASE": self.database,
             "ALLIANCE_SCORING_MAX_RECORDS": str(batch), "ALLIANCE_SCORING_SAVE_CHUNK": str(chunk),
             "ALLIANCE_LOG_LEVEL": "WARNING",
         }
@@ -171,22 +171,6 @@ async def store_limit(target: Target, clients: int, sessions: int, batch: int, t
         await client.close()
 
 
-def spawn_scoring(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """`python -m services.scoring` as production runs it, logging to `log`."""
-    with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "services.scoring"], cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT, env={**os.environ, **env, "PYTHONPATH": str(ROOT)})
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """User+system CPU a process has used (Linux /proc); NaN when unknown."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError, TypeError):
-        return float("nan")
-
-
 @dataclass
 class ScoringRun:
     rate: float  # scored events/s, first to last scored event
@@ -199,34 +183,30 @@ class ScoringRun:
 
 async def scoring_rate(target: Target, n: int, batch: int, chunk: int, log: Path) -> ScoringRun:
     """Run `python -m services.scoring` until it has scored the n submitted records."""
-    port = free_port()
-    reader = await TopicReader(target.bootstrap, target.kafka().topics().scored).start()
+    reader = await TopicRecorder(target.bootstrap, target.kafka().topics().scored).start(background=True)
     started = time.monotonic()
-    proc = spawn_scoring(target.env(port, batch, chunk), log)
+    proc = ServiceProcess("scoring", free_port(), target.env(batch, chunk), log)
+    proc.start()
     try:
         deadline = time.monotonic() + max(120.0, n / 100)
         while len(reader.records) < n:
-            if proc.poll() is not None:
-                raise RuntimeError(f"scoring exited with {proc.returncode}; see {log}")
+            if proc.proc is not None and proc.proc.poll() is not None:
+                raise RuntimeError(f"scoring exited with {proc.proc.returncode}; see {log}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {len(reader.records)}/{n} scored; see {log}")
             await asyncio.sleep(0.2)
         wall = time.monotonic() - started
         async with httpx.AsyncClient() as http:
-            text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+            text = (await http.get(f"{proc.url}/metrics")).text
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        proc.stop()
         await reader.stop()
     samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
     phases = {s.labels["phase"]: s.value for s in samples if s.name == "alliance_scoring_phase_seconds_sum"}
     batches = next((int(s.value) for s in samples if s.name == "alliance_scoring_batch_seconds_count"), 0)
     conflicts = sum(s.value for s in samples if s.name == "alliance_scoring_state_conflicts_total")
     writes = sum(s.value for s in samples if s.name == "alliance_scoring_state_writes_total")
-    stamps = sorted(r.timestamp for r in reader.records[:n])
+    stamps = sorted(r.timestamp_ms for r in reader.records[:n])
     span = (stamps[-1] - stamps[0]) / 1000
     return ScoringRun((n - 1) / span if span > 0 else float("inf"), wall, phases, batches, conflicts, writes)
 

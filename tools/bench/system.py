@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -50,10 +50,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from shared.kafka import admin_security_kwargs
+from shared.kafka import InboundRecord, admin_security_kwargs
 from shared.settings import KafkaSettings, MongoSettings
 from shared.topic_admin import ensure_topics
+from tools.bench.common import cpu_seconds, percentile, until
+from tools.console import run_command
 from tools.processes import ServiceProcess
+from tools.receiver import Behaviour, Received, WebhookReceiver
+from tools.recorder import TopicRecorder
 from tools.simulate import PlannedSubmission, send
 from tools.stack import LocalStack, free_port
 
@@ -65,35 +69,6 @@ console = Console(width=None if sys.stdout.isatty() else 120)
 
 
 # ------------------------------------------------------------------------------------------- helpers
-
-def percentile(values: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100); NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(p / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout: float, interval: float = 0.1) -> bool:
-    """Poll `check` until it holds or `timeout` passes; whether it held."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if await check():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(interval)
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time a live process has used so far."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
 
 def vm_hwm_kb(pid: int) -> int | None:
     """Peak resident set size of a live process (VmHWM), in KiB."""
@@ -240,78 +215,44 @@ def bench_plan(count: int, clients: int, run: str, deteriorate_every: int, now: 
     return out
 
 
-class Receiver:
-    """A webhook receiver on 127.0.0.1 (raw ASGI under uvicorn, in the bench's event loop)."""
+class Webhooks:
+    """The shared webhook receiver, and when each submission's first webhook reached it (taken on
+    the receiver's thread as the body arrived, so the bench's own loop lag does not count)."""
 
     def __init__(self) -> None:
         self.first: dict[str, float] = {}  # submission_id -> first receipt (time.time())
-        self.deliveries: dict[str, int] = {}  # webhook-id -> receipts
-        self.bodies: list[tuple[dict[str, str], bytes]] = []
-        self.port = free_port()
-        self._server: Any = None
-        self._task: asyncio.Task[None] | None = None
+        self.receiver = WebhookReceiver(default=Behaviour(status=204), on_request=self._record)
+
+    def _record(self, r: Received) -> None:
+        with contextlib.suppress(ValueError, AttributeError):
+            sid = json.loads(r.body).get("submission_id")
+            if isinstance(sid, str):
+                self.first.setdefault(sid, r.at)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+        return self.receiver.url
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send_: Any) -> None:
-        if scope["type"] != "http":
-            return
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
-        at = time.time()
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        self.bodies.append((headers, body))
-        wid = headers.get("webhook-id", "")
-        self.deliveries[wid] = self.deliveries.get(wid, 0) + 1
-        with contextlib.suppress(ValueError, AttributeError):
-            sid = json.loads(body).get("submission_id")
-            if isinstance(sid, str):
-                self.first.setdefault(sid, at)
-        await send_({"type": "http.response.start", "status": 204, "headers": []})
-        await send_({"type": "http.response.body", "body": b""})
+    def redeliveries(self) -> int:
+        """Receipts beyond the first of a webhook id."""
+        return sum(n - 1 for n in Counter(r.webhook_id for r in self.receiver.successes()).values())
 
-    async def start(self) -> None:
-        import uvicorn
-
-        config = uvicorn.Config(self, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off",
-                                access_log=False)
-        self._server = uvicorn.Server(config)
-        self._task = asyncio.create_task(self._server.serve())
-        server = self._server
-
-        async def started() -> bool:
-            return bool(server.started)
-
-        await until(started, 10, 0.05)
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._task, 5)
-
-    def verified(self, secret: str | None) -> int:
-        """How many received bodies carry a valid Standard Webhooks signature for `secret`."""
+    def verified(self, secret: str | None) -> str:
+        """How many received bodies carry a valid Standard Webhooks signature for `secret`, of how many."""
         if not secret:
-            return 0
+            return "no secret"
+        got = self.receiver.successes()
         try:
             from standardwebhooks import Webhook  # test extra; the bench works without it
         except ImportError:
-            return 0
+            return f"0/{len(got)}"
         hook = Webhook(secret)
         ok = 0
-        for headers, body in self.bodies:
+        for r in got:
             with contextlib.suppress(Exception):
-                hook.verify(body, headers)
+                hook.verify(r.body, r.headers)
                 ok += 1
-        return ok
+        return f"{ok}/{len(got)}"
 
 
 class LoopLag:
@@ -338,54 +279,30 @@ class LoopLag:
 
 
 class ScoredReader:
-    """Reads `srs.scored.v1` from the beginning (a fresh topic) with a bare aiokafka consumer, no group."""
+    """Reads `srs.scored.v1` from the beginning (a fresh topic): when each submission was first scored."""
 
     def __init__(self, kafka: KafkaSettings) -> None:
-        self.kafka = kafka
         self.first: dict[str, float] = {}
         self.flags: dict[str, tuple[bool, tuple[str, ...]]] = {}  # submission -> (latest, flags)
-        self.records = 0
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        from aiokafka import AIOKafkaConsumer, TopicPartition
-
-        topic = self.kafka.topics().scored
         # a short fetch wait: the broker otherwise holds an empty fetch for up to 500 ms, which
         # would be measured as pipeline latency
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.kafka.bootstrap, enable_auto_commit=False,
-                                          auto_offset_reset="earliest", fetch_max_wait_ms=10,
-                                          **admin_security_kwargs(self.kafka))
-        await self._consumer.start()
-        parts = [TopicPartition(topic, p) for p in (self._consumer.partitions_for_topic(topic) or set())]
-        if not parts:
-            await self._consumer._client.force_metadata_update()
-            parts = [TopicPartition(topic, p) for p in (self._consumer.partitions_for_topic(topic) or set())]
-        self._consumer.assign(parts)
-        await self._consumer.seek_to_beginning(*parts)
-        self._task = asyncio.create_task(self._run())
+        self.recorder = TopicRecorder(kafka.bootstrap, kafka.topics().scored, kafka=kafka, fetch_max_wait_ms=10,
+                                      on_record=self._record)
 
-    async def _run(self) -> None:
-        while True:
-            batches = await self._consumer.getmany(timeout_ms=200, max_records=2000)
-            at = time.time()
-            for recs in batches.values():
-                for r in recs:
-                    self.records += 1
-                    with contextlib.suppress(ValueError, AttributeError, TypeError):
-                        event = json.loads(r.value)
-                        sid = event.get("submission_id")
-                        if isinstance(sid, str):
-                            self.first.setdefault(sid, at)
-                            self.flags[sid] = (bool(event.get("latest", True)), tuple(event.get("flags") or ()))
+    def _record(self, r: InboundRecord, at: float) -> None:
+        with contextlib.suppress(ValueError, AttributeError, TypeError):
+            event = json.loads(r.value)
+            sid = event.get("submission_id")
+            if isinstance(sid, str):
+                self.first.setdefault(sid, at)
+                self.flags[sid] = (bool(event.get("latest", True)), tuple(event.get("flags") or ()))
+
+    async def start(self) -> None:
+        await self.recorder.start(background=True)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
         with contextlib.suppress(Exception):
-            await self._consumer.stop()
+            await self.recorder.stop()
 
 
 class VisibilityProbe:
@@ -511,8 +428,8 @@ async def measure(stack: Stack, urls: dict[str, str], opts: Options, res: Result
     """Warm up, then the latency phase, then the throughput burst."""
     lag = LoopLag()
     lag.start()
-    receiver = Receiver()
-    await receiver.start()
+    receiver = Webhooks()
+    receiver.receiver.start()
     reader = ScoredReader(stack.kafka)
     await reader.start()
     submit, read, secret = await setup_tenant(stack, urls, receiver.url, clinicians=4)
@@ -611,8 +528,8 @@ async def measure(stack: Stack, urls: dict[str, str], opts: Options, res: Result
             "alerts_expected": len(expected_alerts),
             "alerts_received": len(expected_alerts & set(receiver.first)),
             "unexpected_alerts": len(unexpected_hooks),
-            "webhook_redeliveries": sum(n - 1 for n in receiver.deliveries.values()),
-            "signatures_verified": f"{receiver.verified(secret)}/{len(receiver.bodies)}" if secret else "no secret",
+            "webhook_redeliveries": receiver.redeliveries(),
+            "signatures_verified": receiver.verified(secret),
         })
 
         # Throughput phase: a burst through the batch endpoint.
@@ -624,7 +541,7 @@ async def measure(stack: Stack, urls: dict[str, str], opts: Options, res: Result
             t.cancel()
         await http.aclose()
         await reader.stop()
-        await receiver.stop()
+        receiver.receiver.stop()
 
 
 async def burst(stack: Stack, urls: dict[str, str], opts: Options, res: Results, submit: str,
@@ -851,8 +768,8 @@ def bench(
             own0 = sum(os.times()[:2])
             asyncio.run(measure(stack, {s: p.url for s, p in procs.items()}, opts, res))
             for n, pid in pids.items():
-                before, after = cpu0.get(n), cpu_seconds(pid)
-                res.cpu_s[n] = None if before is None or after is None else after - before
+                used = cpu_seconds(pid) - cpu0.get(n, math.nan)
+                res.cpu_s[n] = None if math.isnan(used) else used
             res.cpu_s["bench (load generator, probes, receiver)"] = sum(os.times()[:2]) - own0
             res.counts["load average (1 min) at end"] = round(os.getloadavg()[0], 2)
             for s, p in procs.items():  # kept for a closer look (histograms of each stage)
@@ -875,9 +792,7 @@ def bench(
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m tools.bench.system [options]`."""
-    app = typer.Typer(add_completion=False)
-    app.command()(bench)
-    app(args=argv, prog_name="bench")
+    run_command(bench, argv, "bench")
 
 
 if __name__ == "__main__":
