@@ -8,7 +8,7 @@ A request whose body is shorter than its `Content-Length` (the sender hung up mi
 a `kill -9` of alerts) is a failed request: it is counted in `cut`, never answered and never a
 delivery - the sender saw no answer, so it will send that delivery again.
 
-One receiver for every user: the tests reach it through `tests/support/receiver.py`.
+One receiver for every user, the benches and the tests alike (tools never import tests, so it lives here).
 """
 
 from __future__ import annotations
