@@ -9,17 +9,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from services.alerts import service
 from services.alerts.rules import Clinician
 from services.alerts.secretbox import SecretBox, subscription_row
-from services.alerts.service import (
-    AlertsCommands,
-    Invalid,
-    NotFound,
-    NotPublished,
-    SiteForbidden,
-    TenantWideOnly,
-    TooManySubscriptions,
-)
+from services.alerts.service import AlertsCommands
 from services.alerts.settings import AlertsSettings
 from services.alerts.store import Alert
 from shared import ids
@@ -82,17 +75,17 @@ async def test_a_new_entry_is_created_and_a_second_put_replaces_it() -> None:
 
 async def test_a_site_bound_key_may_not_move_an_entry_out_of_its_site_nor_take_one_from_another() -> None:
     w = Wired()
-    with pytest.raises(SiteForbidden):
+    with pytest.raises(service.SiteForbidden):
         await w.commands.put_clinician(NORTH_ONLY, entry(site="south"))
     await w.commands.put_clinician(ADMIN, entry(site="south"))
-    with pytest.raises(SiteForbidden):
+    with pytest.raises(service.SiteForbidden):
         await w.commands.put_clinician(NORTH_ONLY, entry(site="north"))
     assert w.store.clinicians[(TENANT, "c-1")].site_id == "south"
 
 
 async def test_a_clinician_cannot_supervise_themselves() -> None:
     w = Wired()
-    with pytest.raises(Invalid) as refused:
+    with pytest.raises(service.Invalid) as refused:
         await w.commands.put_clinician(ADMIN, entry(supervisor="c-1"))
     assert refused.value.field == "supervisor_id" and w.store.clinicians == {}
 
@@ -100,7 +93,7 @@ async def test_a_clinician_cannot_supervise_themselves() -> None:
 async def test_a_webhook_on_a_private_address_is_refused_unless_allowed() -> None:
     w = Wired()
     w.commands.allow_private_targets = False
-    with pytest.raises(Invalid) as refused:
+    with pytest.raises(service.Invalid) as refused:
         await w.commands.put_clinician(ADMIN, entry(webhook="http://127.0.0.1/hook"))
     assert refused.value.field == "webhook_url"
 
@@ -141,7 +134,7 @@ async def test_another_sites_alert_is_not_found_but_seen_for_the_audit() -> None
     w = Wired()
     w.store.alerts["a-1"] = alert(site="south")
     seen: list[Alert | None] = []
-    with pytest.raises(NotFound):
+    with pytest.raises(service.NotFound):
         await w.commands.acknowledge(NORTH_ONLY, "a-1", seen=seen.append)
     assert [a.alert_id for a in seen if a is not None] == ["a-1"] and w.store.alerts["a-1"]["status"] == "open"
 
@@ -150,7 +143,7 @@ async def test_an_unpublished_acknowledgement_is_kept_and_reported() -> None:
     w = Wired()
     w.store.alerts["a-1"] = alert()
     w.sink.fail_next = 1
-    with pytest.raises(NotPublished):
+    with pytest.raises(service.NotPublished):
         await w.commands.acknowledge(ADMIN, "a-1")
     assert w.store.alerts["a-1"]["status"] == "acknowledged"
 
@@ -172,7 +165,7 @@ async def test_a_failed_delivery_is_requeued_and_the_worker_woken() -> None:
 async def test_only_a_failed_delivery_of_the_callers_site_may_be_requeued(who: Principal, delivery: Document) -> None:
     w = Wired()
     w.store.deliveries["d-1"] = dict(delivery)
-    with pytest.raises(NotFound):
+    with pytest.raises(service.NotFound):
         await w.commands.requeue(who, "d-1")
     assert w.store.deliveries["d-1"]["status"] == delivery["status"] and w.wakeups == 0
 
@@ -194,7 +187,7 @@ async def test_a_subscription_is_created_with_a_secret_sealed_to_its_row_and_its
 async def test_a_subscription_beyond_the_tenants_cap_is_refused() -> None:
     w = Wired(max_subscriptions=1)
     await w.commands.create_subscription(ADMIN, "https://partner.example/1", ["srs.scored.v1"])
-    with pytest.raises(TooManySubscriptions):
+    with pytest.raises(service.TooManySubscriptions):
         await w.commands.create_subscription(ADMIN, "https://partner.example/2", ["srs.scored.v1"])
     assert len(w.store.subscription_rows) == 1
 
@@ -202,7 +195,7 @@ async def test_a_subscription_beyond_the_tenants_cap_is_refused() -> None:
 async def test_a_subscription_to_a_private_address_is_refused_unless_allowed() -> None:
     w = Wired()
     w.commands.allow_private_targets = False
-    with pytest.raises(Invalid) as refused:
+    with pytest.raises(service.Invalid) as refused:
         await w.commands.create_subscription(ADMIN, "http://10.0.0.5/hook", ["srs.scored.v1"])
     assert refused.value.field == "url" and w.store.subscription_rows == {}
 
@@ -215,7 +208,7 @@ async def test_deleting_a_subscription_forgets_its_cached_secret() -> None:
 
 
 async def test_deleting_an_unknown_subscription_is_not_found() -> None:
-    with pytest.raises(NotFound):
+    with pytest.raises(service.NotFound):
         await Wired().commands.delete_subscription(ADMIN, "sub-none")
 
 
@@ -239,7 +232,7 @@ async def test_the_escalation_interval_is_the_tenants_own_until_cleared() -> Non
 @pytest.mark.parametrize("command", ["create", "delete", "rotate", "escalation"])
 async def test_a_site_bound_key_may_not_change_tenant_wide_settings(command: str) -> None:
     w = Wired()
-    with pytest.raises(TenantWideOnly):
+    with pytest.raises(service.TenantWideOnly):
         if command == "create":
             await w.commands.create_subscription(NORTH_ONLY, "https://partner.example/h", ["srs.scored.v1"])
         elif command == "delete":
