@@ -106,7 +106,8 @@ async def test_rebuild_replays_into_a_new_generation_and_switches_while_the_api_
     async def settled() -> httpx.Response | None:
         res = await visible(live, "c1", 3)
         body = res.json()
-        done = body["sessions"][1]["submission_id"] == "c1-fix" and len(body["episodes"]) == 2
+        # the alert comes through its own topic and consumer: wait for it too
+        done = body["sessions"][1]["submission_id"] == "c1-fix" and len(body["episodes"]) == 2 and body["alerts"]
         return res if done else None
 
     before = await eventually(settled, timeout=60)
