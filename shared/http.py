@@ -29,7 +29,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -38,6 +38,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import iter_route_contexts
+from fastapi.telemetry import TelemetryConfig
 from faststream import FastStream
 from faststream.kafka import KafkaBroker
 from faststream.specification import AsyncAPI
@@ -48,6 +49,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Mount, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared import tracing
 from shared.kafka import measure_lag
 from shared.logs import CORRELATION_ID
 from shared.metrics import DEPENDENCY_UP, HTTP_REQUESTS, HTTP_SECONDS, READY, THROTTLED
@@ -252,13 +254,32 @@ class RequestContext:
             HTTP_SECONDS.labels(self.service, method, route).observe(time.perf_counter() - started)
 
 
+# Not traced: probes and scrapes every few seconds would bury the requests that matter.
+_UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def _untraced(scope: MutableMapping[str, Any]) -> bool:
+    return scope.get("path") in _UNTRACED_PATHS
+
+
+# FastAPI's own telemetry: a server span per request once `shared.tracing.configure` has set a
+# tracer provider (none otherwise: it then costs one check per request). Its metrics and logs stay
+# off (the services' metrics are Prometheus'; its logs would export exception messages, which may
+# quote a request's values), and so do its per-operation spans (dependencies, serialization): the
+# request span and the store, broker and HTTP client spans under it say where the time went.
+# `auto_configure` off: the exporter is `shared.tracing`'s, whatever FASTAPI_OTEL_AUTO_CONFIGURE says.
+TELEMETRY: TelemetryConfig = {"metrics": False, "logs": False, "operation_spans": False, "exclude": _untraced,
+                              "auto_configure": False}
+
+
 class ServiceApp(FastAPI):
     """A service's FastAPI app: `RequestContext` wraps the whole middleware stack, so it stays the
     outermost layer whatever middleware is added after the app is made (an answer from the key check or
-    the body limit, even a 500, is counted and carries the correlation id)."""
+    the body limit, even a 500, is counted and carries the correlation id). With tracing on, FastAPI's
+    telemetry wraps it in turn: the request's span is current while it runs (logs carry its ids)."""
 
     def __init__(self, service: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(telemetry=TELEMETRY, **kwargs)
         self.service = service
 
     def build_middleware_stack(self) -> ASGIApp:
@@ -711,11 +732,18 @@ def stream_app(service: Service) -> FastStream:
     return FastStream(service.broker, specification=spec)
 
 
-def serve(name: str, app: FastAPI, host: str, port: int) -> None:
-    """Run one service's HTTP server (and with it, its consumers) until SIGTERM/SIGINT."""
+def serve(name: str, make_app: Callable[[], FastAPI], host: str, port: int) -> None:
+    """Run one service's HTTP server (and with it, its consumers) until SIGTERM/SIGINT. Logging and
+    tracing are set up before `make_app` builds the service: PyMongo's clients take the tracing
+    listener only when they are made."""
     import uvicorn
 
     from shared.logs import configure
 
     configure(name)
-    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=10)
+    tracing.configure(name)
+    try:
+        uvicorn.run(make_app(), host=host, port=port, log_config=None, access_log=False,
+                    timeout_graceful_shutdown=10)
+    finally:
+        tracing.shutdown()

@@ -36,6 +36,11 @@
   the commit, so the crash rule above holds for them (and a batch retried after a failure of the
   handler does not publish them once per attempt).
 - `Publisher`: publishes many records and waits for all acknowledgements together.
+
+Tracing (`shared.tracing`, when on): each consumed batch gets a span linked to its records' contexts
+and each record a span continuing its own trace; `InboundRecord.traceparent` is that span's, and an
+`OutboundRecord` made from the record carries it on (`traceparent=rec.traceparent`) in its
+`traceparent` header. Tracing off, the header a record arrived with is passed on unchanged.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from bson.errors import BSONError, InvalidDocument
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
+from opentelemetry.trace import SpanKind
 from pydantic import BaseModel, ValidationError
 from pymongo.errors import (
     BulkWriteError,
@@ -81,6 +87,9 @@ from shared.metrics import (
 )
 from shared.mongo import DUPLICATE_KEY
 from shared.settings import KafkaSettings
+from shared.tracing import TRACEPARENT, BatchTrace
+from shared.tracing import enabled as tracing_enabled
+from shared.tracing import span as trace_span
 
 log = logging.getLogger("alliance.kafka")
 
@@ -152,6 +161,14 @@ class InboundRecord:
     value: bytes
     headers: dict[str, str]
     timestamp_ms: int
+    # The W3C traceparent of this record's process span, set by `subscribe_batch` when tracing is on.
+    process_traceparent: str | None = None
+
+    @property
+    def traceparent(self) -> str | None:
+        """The trace context this record's outputs carry: its process span's when tracing is on, else
+        the one it arrived with (passed on, so a trace joins up across a service that does not export)."""
+        return self.process_traceparent or self.headers.get(TRACEPARENT)
 
     @property
     def correlation_id(self) -> str:
@@ -179,6 +196,14 @@ class OutboundRecord:
     key: bytes | None = None
     correlation_id: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    # The W3C trace context of what caused the record (`InboundRecord.traceparent`), sent as a header.
+    traceparent: str | None = None
+
+    def all_headers(self) -> dict[str, str]:
+        """The headers it is published with: content type, its own, and its trace context."""
+        if self.traceparent is None:
+            return {**JSON_HEADERS, **self.headers}
+        return {**JSON_HEADERS, **self.headers, TRACEPARENT: self.traceparent}
 
 
 class Publisher:
@@ -192,19 +217,22 @@ class Publisher:
         """Send all records, then wait for all acks; raises if any is not acknowledged in time."""
         if not records:
             return
-        futures = []
-        for r in records:
-            futures.append(
-                await self._broker.publish(
-                    r.value,
-                    r.topic,
-                    key=r.key,
-                    headers={**JSON_HEADERS, **r.headers},
-                    correlation_id=r.correlation_id,
-                    no_confirm=True,
+        with trace_span("publish", kind=SpanKind.PRODUCER,
+                        attributes={"messaging.system": "kafka", "messaging.operation.type": "send",
+                                    "messaging.batch.message_count": len(records)}):
+            futures = []
+            for r in records:
+                futures.append(
+                    await self._broker.publish(
+                        r.value,
+                        r.topic,
+                        key=r.key,
+                        headers=r.all_headers(),
+                        correlation_id=r.correlation_id,
+                        no_confirm=True,
+                    )
                 )
-            )
-        await asyncio.wait_for(asyncio.gather(*futures), self._timeout)
+            await asyncio.wait_for(asyncio.gather(*futures), self._timeout)
 
 
 def dead_letter_record(service: str, rec: InboundRecord, reason: str, detail: str, dlq_topic: str,
@@ -231,7 +259,8 @@ def dead_letter_record(service: str, rec: InboundRecord, reason: str, detail: st
     )
     DEADLETTER.labels(service, reason).inc()
     CONSUMER_RECORDS.labels(service, rec.topic, "deadlettered").inc()
-    return OutboundRecord(dlq_topic, dl.model_dump_json().encode(), key=rec.key, correlation_id=rec.correlation_id)
+    return OutboundRecord(dlq_topic, dl.model_dump_json().encode(), key=rec.key, correlation_id=rec.correlation_id,
+                          traceparent=rec.traceparent)
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -253,6 +282,10 @@ class Decoded(Generic[M]):
     @property
     def correlation_id(self) -> str:
         return self.record.correlation_id
+
+    @property
+    def traceparent(self) -> str | None:
+        return self.record.traceparent
 
 
 @dataclass(frozen=True)
@@ -655,8 +688,20 @@ def subscribe_batch(
         title=f"{service}:{topic}",
     )
     async def _consume(body: Any, message: KafkaMessage) -> None:
-        raw: tuple[ConsumerRecord[Any, Any], ...] = message.raw_message
-        records = [InboundRecord.from_consumer_record(r) for r in raw]
+        records = [InboundRecord.from_consumer_record(r) for r in message.raw_message]
+        traced = BatchTrace(service, topic, group_id, [r.headers for r in records]) if tracing_enabled() else None
+        if traced is not None:
+            records = [dataclasses.replace(r, process_traceparent=tp) for r, tp in zip(records, traced.traceparents,
+                                                                                      strict=True)]
+            try:
+                with traced.current():
+                    await _consume_batch(message, records, traced)
+            finally:
+                traced.end(False, "interrupted")  # cancelled or raised: ends what nothing ended
+        else:
+            await _consume_batch(message, records, None)
+
+    async def _consume_batch(message: KafkaMessage, records: list[InboundRecord], traced: BatchTrace | None) -> None:
         started = time.perf_counter()
         deterministic: Failure | None = None
         seen_deterministic = 0
@@ -681,11 +726,15 @@ def subscribe_batch(
                 kind = f"deterministic, {failure.reason}" if failure.deterministic else "transient"
                 # The summary names the exception and store codes only: a store error's repr
                 # carries the documents it refused (client data, up to 16 MiB of it).
+                if traced is not None:
+                    traced.retrying(attempt + 1, failure.summary)
                 if delay is None:
                     log.error("batch failed %d times (%s: %s), rewinding for redelivery", attempt + 1, kind,
                               failure.summary)
                     await asyncio.sleep(policy.max_delay)
                     await message.nack()  # seeks back to the batch's first offsets
+                    if traced is not None:
+                        traced.end(False, "rewound for redelivery")
                     return
                 log.warning("batch failed (attempt %d, %s: %s), retrying in %.1fs", attempt + 1, kind,
                             failure.summary, delay)
@@ -693,4 +742,6 @@ def subscribe_batch(
             else:
                 CONSUMER_RECORDS.labels(service, topic, "committed").inc(len(records) - len(poison))
                 CONSUMER_BATCH_SECONDS.labels(service, topic).observe(time.perf_counter() - started)
+                if traced is not None:
+                    traced.end(True)
                 return

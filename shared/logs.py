@@ -2,6 +2,8 @@
 
 The correlation id of the HTTP request being served (`CORRELATION_ID`, set by `shared.http`'s
 request middleware) goes into every record logged while serving it, unless the record names its own.
+Every record logged while a span is current (a request, a consumed batch, a delivery attempt: see
+`shared.tracing`) carries its `trace_id` and `span_id`, to find the trace of a log line and back.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from shared.settings import LogSettings
+from shared.tracing import log_ids
 
 # The request's correlation id; a contextvar so tasks started while serving a request keep it.
 CORRELATION_ID: ContextVar[str | None] = ContextVar("alliance_correlation_id", default=None)
@@ -42,6 +45,8 @@ class JsonFormatter(logging.Formatter):
                 value = CORRELATION_ID.get()
             if value is not None:
                 doc[name] = value
+        if (ids := log_ids()) is not None:
+            doc["trace_id"], doc["span_id"] = ids
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc)

@@ -141,6 +141,26 @@ class LogSettings(BaseSettings):
     json_format: bool = True
 
 
+class TracingSettings(BaseSettings):
+    """Whether to export traces: the standard OpenTelemetry variables (`OTEL_*`), not `ALLIANCE_*`,
+    so collectors, operators and the SDK agree on them (see `shared.tracing`). Only what decides
+    "on or off" is read here; the exporter and the batch processor read their own `OTEL_*` variables."""
+
+    model_config = SettingsConfigDict(env_prefix="OTEL_", extra="ignore")
+
+    sdk_disabled: bool = False
+    traces_exporter: str = "otlp"
+    exporter_otlp_endpoint: str = ""
+    exporter_otlp_traces_endpoint: str = ""
+    exporter_otlp_protocol: str = ""
+
+    @property
+    def exporting(self) -> bool:
+        """An OTLP endpoint is set and nothing turns tracing off."""
+        endpoint = self.exporter_otlp_traces_endpoint or self.exporter_otlp_endpoint
+        return bool(endpoint) and not self.sdk_disabled and self.traces_exporter.strip().lower() != "none"
+
+
 class AuditSettings(BaseSettings):
     """The access audit trail (`ALLIANCE_AUDIT_*`, see `shared.audit` and docs/operations.md)."""
 

@@ -14,7 +14,7 @@ def main() -> None:
     if (refusal := start_refusal(config.alerts)) is not None:
         # Before anything starts: the process exits non-zero and says why (issue 12, item 6).
         sys.exit(f"alerts: not starting: {refusal}")
-    serve("alerts", create_app(config), http.host, http.port)
+    serve("alerts", lambda: create_app(config), http.host, http.port)
 
 
 if __name__ == "__main__":

@@ -81,11 +81,13 @@ class Escalator:
             supervisor = supervisors.get((a["tenant_id"], sup_id)) if sup_id is not None else None
             alert = AllianceDeterioration.model_validate_json(a["event"])
             planned = route_escalation(alert, supervisor, self.email_enabled)
-            docs.extend(delivery_doc(p, a["event"], now, a.get("correlation_id"), None, now) for p in planned)
+            docs.extend(delivery_doc(p, a["event"], now, a.get("correlation_id"), None, now, a.get("traceparent"))
+                        for p in planned)
             if planned:
                 event = status_changed(a["tenant_id"], a["_id"], a["site_id"], a["clinician_id"],
                                        AlertStatus.ESCALATED, now, a.get("client_id"))
-                records.append(status_record(event, a["client_id"], self.topics, a.get("correlation_id")))
+                records.append(status_record(event, a["client_id"], self.topics, a.get("correlation_id"),
+                                             a.get("traceparent")))
             # Marked either way, so an alert without a reachable supervisor is not looked at again.
             outcomes.append((a["_id"], supervisor.clinician_id if planned and supervisor is not None else None))
             metrics.ESCALATIONS.labels("sent" if planned else "no_supervisor").inc()

@@ -76,23 +76,25 @@ def _source(rec: InboundRecord) -> dict[str, Any]:
 
 
 def delivery_doc(p: PlannedDelivery, body: str, origin_at: datetime, correlation_id: str | None,
-                 source: dict[str, Any] | None, now: datetime) -> Document:
-    """The schedule entry of one planned delivery: pending, due now, unleased."""
+                 source: dict[str, Any] | None, now: datetime, traceparent: str | None = None) -> Document:
+    """The schedule entry of one planned delivery: pending, due now, unleased. `traceparent` is the
+    trace its attempts continue (the causing record's), so the webhook carries the submission's trace."""
     return {
         "_id": p.delivery_id, "kind": p.kind, "tenant_id": p.tenant_id, "site_id": p.site_id,
         "subject_id": p.subject_id, "alert_id": p.alert_id, "topic": p.topic, "recipient": p.recipient,
         "channel": p.channel, "target": p.target, "subscription_id": p.subscription_id, "body": body,
         "status": "pending", "attempts": 0, "next_attempt_at": now, "claimed_until": EPOCH,
         "created_at": now, "origin_at": origin_at, "correlation_id": correlation_id, "source": source,
-        "last_error": None,
+        "traceparent": traceparent, "last_error": None,
     }
 
 
 def planned_docs(planned: Iterable[PlannedDelivery], d: Decoded[Any], origin_at: datetime,
                  now: datetime) -> list[Document]:
     """The schedule entries of the deliveries planned for one received event (its body, correlation
-    id and source record travel with each)."""
-    return [delivery_doc(p, d.body, origin_at, d.correlation_id, _source(d.record), now) for p in planned]
+    id, trace context and source record travel with each)."""
+    return [delivery_doc(p, d.body, origin_at, d.correlation_id, _source(d.record), now, d.traceparent)
+            for p in planned]
 
 
 def alert_content(ev: AllianceDeterioration, body: str, rec: InboundRecord) -> Document:
@@ -105,7 +107,7 @@ def alert_content(ev: AllianceDeterioration, body: str, rec: InboundRecord) -> D
         "triggers": list(ev.triggers), "low_items": list(ev.low_items), "total": ev.total,
         "previous_total": ev.previous_total, "change_from_previous": ev.change_from_previous, "cutoff": ev.cutoff,
         "occurred_at": ev.occurred_at, "accepted_at": ev.accepted_at, "event_id": ev.event_id,
-        "correlation_id": rec.correlation_id, "event": body,
+        "correlation_id": rec.correlation_id, "traceparent": rec.traceparent, "event": body,
     }
 
 
@@ -120,10 +122,11 @@ def status_identity(ev: AlertStatusChanged) -> Document:
 
 
 def status_record(event: AlertStatusChanged, client_id: str, topics: Topics,
-                  correlation_id: str | None = None) -> OutboundRecord:
+                  correlation_id: str | None = None, traceparent: str | None = None) -> OutboundRecord:
     """An alert-status event, keyed like the client's other events so it stays in their order."""
     return OutboundRecord(topics.alert_status, event.model_dump_json().encode(),
-                          key=partition_key(event.tenant_id, client_id), correlation_id=correlation_id)
+                          key=partition_key(event.tenant_id, client_id), correlation_id=correlation_id,
+                          traceparent=traceparent)
 
 
 class HandlerStore(Protocol):

@@ -24,6 +24,7 @@ from services.alerts.secretbox import SecretBox, subscription_row, tenant_row
 from services.alerts.settings import AlertsSettings
 from services.alerts.store import Alert, Delivery, SubscriptionRow
 from services.alerts.targets import Resolver, system_resolve, target_problem
+from shared import tracing
 from shared.auth import Principal
 from shared.events import AlertStatus
 from shared.topics import Topics
@@ -200,8 +201,9 @@ class AlertsCommands:
         event = status_changed(p.tenant_id, alert_id, alert.site_id, alert.clinician_id, AlertStatus.ACKNOWLEDGED,
                                alert.acknowledged_at, alert.client_id)
         try:
+            # The status event continues the trace of the acknowledging request, not the alert's.
             await self.publisher.publish_all([status_record(event, alert.client_id, self.topics,
-                                                            alert.correlation_id)])
+                                                            alert.correlation_id, tracing.current_traceparent())])
         except Exception as exc:
             raise NotPublished(f"acknowledged, but the status event is not published yet ({type(exc).__name__}); "
                                "retry") from exc

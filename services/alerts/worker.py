@@ -65,7 +65,7 @@ from services.alerts.rules import Outcome, backoff_seconds, fair_pick, is_final,
 from services.alerts.senders import Cancelled, SendError
 from services.alerts.settings import AlertsSettings
 from services.alerts.store import AlertsStore, AttemptResult, utcnow
-from shared import ids
+from shared import ids, tracing
 from shared.events import DeadLetter, DeadLetterReason
 from shared.kafka import OutboundRecord, Publisher
 from shared.metrics import DEADLETTER
@@ -103,7 +103,7 @@ def dead_letter(d: Document, attempts: int, error: str, dlq_topic: str) -> Outbo
     DEADLETTER.labels(SERVICE, DELIVERY_FAILED).inc()
     key = source.get("key")
     return OutboundRecord(dlq_topic, dl.model_dump_json().encode(), key=key.encode() if key else None,
-                          correlation_id=d.get("correlation_id"))
+                          correlation_id=d.get("correlation_id"), traceparent=d.get("traceparent"))
 
 
 def _instance_name() -> str:
@@ -267,7 +267,14 @@ class DeliveryWorker:
             error: str | None = None
             outcome: Outcome = "2xx"
             try:
-                status = await asyncio.wait_for(self.senders[channel].send(d), self.settings.attempt_timeout_seconds)
+                # The attempt continues the trace stored with the delivery (the submission's): the
+                # webhook request's `traceparent` (httpx instrumentation) carries it to the partner.
+                with tracing.span(f"deliver {channel}", traceparent=d.get("traceparent"),
+                                  attributes={"alliance.delivery.channel": channel,
+                                              "alliance.delivery.kind": str(d.get("kind")),
+                                              "alliance.delivery.attempt": attempt}):
+                    status = await asyncio.wait_for(self.senders[channel].send(d),
+                                                    self.settings.attempt_timeout_seconds)
             except Cancelled as exc:
                 metrics.NOTIFICATIONS.labels(channel, "cancelled").inc()
                 await self._record(AttemptResult(d["_id"], claim, "cancelled", attempt - 1, error=str(exc)))

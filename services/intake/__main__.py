@@ -9,7 +9,7 @@ from shared.settings import IntakeHttp
 
 def main() -> None:
     http = IntakeHttp()
-    serve("intake", create_app(), http.host, http.port)
+    serve("intake", create_app, http.host, http.port)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
 from fastapi import APIRouter, FastAPI, HTTPException, Path, Request, Response
+from opentelemetry.trace import SpanKind
 from pydantic_core import from_json, to_json
 from pymongo.errors import PyMongoError
 from starlette.requests import ClientDisconnect
@@ -62,9 +63,11 @@ from services.intake.models import (
 )
 from services.intake.ratelimit import Limiter, retry_after_header
 from services.intake.settings import IntakeSettings
+from shared import tracing
 from shared.auth import KeyStore, Principal, Role, bearer_token, require
 from shared.http import Guard, Runtime, error_body
 from shared.kafka import JSON_HEADERS
+from shared.tracing import TRACEPARENT
 
 log = logging.getLogger("alliance.intake")
 
@@ -91,15 +94,21 @@ class SubmissionPublisher:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout):
-                # One send per record without waiting (no_confirm), then all acks together:
-                # a batch costs one round trip to the broker, not one per record.
-                futures = [
-                    await self._publish(r.value, key=r.key,
-                                        headers=JSON_HEADERS if r.headers is None else {**JSON_HEADERS, **r.headers},
-                                        correlation_id=correlation_id, no_confirm=True)
-                    for r in records
-                ]
-                await asyncio.gather(*futures)
+                with tracing.span("publish", kind=SpanKind.PRODUCER,
+                                  attributes={"messaging.system": "kafka", "messaging.operation.type": "send",
+                                              "messaging.batch.message_count": len(records)}):
+                    # Each record carries on the request's trace: scoring's spans continue it.
+                    traceparent = tracing.current_traceparent()
+                    base = JSON_HEADERS if traceparent is None else {**JSON_HEADERS, TRACEPARENT: traceparent}
+                    # One send per record without waiting (no_confirm), then all acks together:
+                    # a batch costs one round trip to the broker, not one per record.
+                    futures = [
+                        await self._publish(r.value, key=r.key,
+                                            headers=base if r.headers is None else {**base, **r.headers},
+                                            correlation_id=correlation_id, no_confirm=True)
+                        for r in records
+                    ]
+                    await asyncio.gather(*futures)
         except TimeoutError:
             raise PublishFailed("broker_timeout",
                                 f"the broker did not acknowledge within {self.timeout:g}s") from None

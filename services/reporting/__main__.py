@@ -9,7 +9,7 @@ from shared.settings import ReportingHttp
 
 def main() -> None:
     http = ReportingHttp()
-    serve("reporting", create_app(), http.host, http.port)
+    serve("reporting", create_app, http.host, http.port)
 
 
 if __name__ == "__main__":

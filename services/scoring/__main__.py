@@ -17,7 +17,7 @@ def main() -> None:
         _, older, oldest = gc.get_threshold()
         gc.set_threshold(young, older, oldest)
     http = ScoringHttp()
-    serve("scoring", create_app(), http.host, http.port)
+    serve("scoring", create_app, http.host, http.port)
 
 
 if __name__ == "__main__":

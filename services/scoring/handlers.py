@@ -268,14 +268,15 @@ class ScoringHandler:
                     outputs = st.current_outputs(tenant_rules)
             corr = rec.headers.get(CORRELATION_HEADER) or getattr(ev, "submission_id", None) or ev.event_id
             mine = p.outputs.setdefault(key, [])
-            mine.extend(self._records(ev.tenant_id, ev.client_id, outputs, corr))
+            mine.extend(self._records(ev.tenant_id, ev.client_id, outputs, corr, rec.traceparent))
             if step.rejection is not None:
                 mine.append(dead_letter_record(SERVICE, rec, step.rejection.reason, step.rejection.detail,
                                                self.topics.deadletter, ev.tenant_id))
             self._count(ev, step, now)
         return p
 
-    def _records(self, tenant_id: str, client_id: str, outputs: Iterable[Output], corr: str) -> list[OutboundRecord]:
+    def _records(self, tenant_id: str, client_id: str, outputs: Iterable[Output], corr: str,
+                 traceparent: str | None) -> list[OutboundRecord]:
         pkey = ids.partition_key(tenant_id, client_id)
         out: list[OutboundRecord] = []
         for o in outputs:
@@ -285,7 +286,7 @@ class ScoringHandler:
                 topic, body = self.topics.deterioration, alert_event(tenant_id, client_id, o).model_dump_json()
             else:
                 topic, body = self.topics.alert_status, status_event(tenant_id, client_id, o).model_dump_json()
-            out.append(OutboundRecord(topic, body.encode(), key=pkey, correlation_id=corr))
+            out.append(OutboundRecord(topic, body.encode(), key=pkey, correlation_id=corr, traceparent=traceparent))
         return out
 
     @staticmethod

@@ -1,12 +1,15 @@
-"""What every end-to-end test module runs against: the four services as processes, and the
-webhook receiver the clinicians' webhooks point at (one of each per module)."""
+"""What every end-to-end test module runs against: the four services as processes, the webhook
+receiver the clinicians' webhooks point at, and API keys of tenant `acme` (one of each per module)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from pymongo import AsyncMongoClient
 
+from shared import auth
+from shared.mongo import Document
 from tests.support.services import Namespace, ServiceProcess, running
 from tools.receiver import WebhookReceiver, webhook_receiver
 
@@ -22,3 +25,15 @@ def services(namespace_m: Namespace, tmp_path_factory: pytest.TempPathFactory) -
 def receiver() -> Iterator[WebhookReceiver]:
     with webhook_receiver() as r:
         yield r
+
+
+@pytest.fixture(scope="module")
+async def keys(namespace_m: Namespace) -> AsyncIterator[dict[str, str]]:
+    """A key of each role (submit, read, admin) for tenant `acme`, by role."""
+    client: AsyncMongoClient[Document] = AsyncMongoClient(namespace_m.stack.mongo_url, tz_aware=True)
+    db = client[namespace_m.database]
+    out = {}
+    for role in ("submit", "read", "admin"):
+        out[role], _ = await auth.create_key(db, "acme", role)  # type: ignore[arg-type]
+    yield out
+    await client.close()

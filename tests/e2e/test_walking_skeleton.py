@@ -6,35 +6,20 @@ and its deterioration reaches the clinician's webhook, signed so that `standardw
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from pymongo import AsyncMongoClient
 from standardwebhooks import Webhook
 
-from shared import auth
-from shared.mongo import Document
 from tests.support.services import Namespace, ServiceProcess
 from tests.support.wait import eventually
 from tools.receiver import WebhookReceiver
 from tools.recorder import TopicRecorder
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-@pytest.fixture(scope="module")
-async def keys(namespace_m: Namespace) -> AsyncIterator[dict[str, str]]:
-    client: AsyncMongoClient[Document] = AsyncMongoClient(namespace_m.stack.mongo_url, tz_aware=True)
-    db = client[namespace_m.database]
-    out = {}
-    for role in ("submit", "read", "admin"):
-        out[role], _ = await auth.create_key(db, "acme", role)  # type: ignore[arg-type]
-    yield out
-    await client.close()
 
 
 def _submission(client_id: str, session: int, items: tuple[float, float, float, float]) -> dict[str, Any]:
