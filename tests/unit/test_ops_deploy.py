@@ -239,7 +239,7 @@ def test_compose_file_is_valid_for_docker_compose(env_name: str) -> None:
     resolved = yaml.safe_load(out.stdout)
     brokers = {"kafka-1", "kafka-2", "kafka-3"} if env_name == "ha.env" else {"kafka"}
     assert set(resolved["services"]) == {*SERVICES, *brokers, "topic-init", "mongo", "mongo-init", "prometheus",
-                                         "alertmanager", "grafana", "alerts-keys"}
+                                         "alertmanager", "grafana", "alerts-keys", "otel-collector", "jaeger"}
     bootstrap = resolved["services"]["scoring"]["environment"]["ALLIANCE_KAFKA_BOOTSTRAP"]
     assert {b.split(":")[0] for b in bootstrap.split(",")} == brokers
 
