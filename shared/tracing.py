@@ -102,10 +102,12 @@ def context_of(traceparent: str | None) -> Context | None:
 
 
 def traceparent_of(span: Span) -> str | None:
-    """The W3C `traceparent` of `span` (None for an invalid one)."""
-    carrier: dict[str, str] = {}
-    _PROPAGATOR.inject(carrier, trace.set_span_in_context(span))
-    return carrier.get(TRACEPARENT)
+    """The W3C `traceparent` of `span` (None for an invalid one). Formatted here rather than through
+    the propagator: a batch of 500 records asks 500 times."""
+    ctx = span.get_span_context()
+    if not ctx.is_valid:
+        return None
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
 
 
 def current_traceparent() -> str | None:
@@ -160,9 +162,11 @@ class BatchTrace:
         self.batch = tracer.start_span(f"{topic} process", context=Context(), kind=SpanKind.CONSUMER,
                                         links=list(links.values()),
                                         attributes={**attributes, "messaging.batch.message_count": len(headers)})
+        # The record spans name their topic only: the batch span holds the rest, once.
         to_batch = [Link(self.batch.get_span_context())]
-        self.records = [tracer.start_span(f"{topic} process", context=ctx or Context(), kind=SpanKind.CONSUMER,
-                                           links=to_batch, attributes=attributes) for ctx in parents]
+        name, on_topic = f"{topic} process", {"messaging.destination.name": topic}
+        self.records = [tracer.start_span(name, context=ctx or Context(), kind=SpanKind.CONSUMER, links=to_batch,
+                                          attributes=on_topic) for ctx in parents]
         self.traceparents = [traceparent_of(s) for s in self.records]
         self.ended = False
 
