@@ -551,36 +551,66 @@ def _sanitize_headers(rec: ConsumerRecord[Any, Any]) -> ConsumerRecord[Any, Any]
 _LAG_REPORTED: dict[str, set[tuple[str, str]]] = {}
 
 
-async def _consumer_lag(consumer: Any) -> dict[TopicPartition, int]:
-    """Lag of each partition assigned to an aiokafka consumer: the log end offset minus the group's
-    committed offset (the earliest offset before the first commit: consumers start at `earliest`).
+# Where each partition's group resumes, as this process's batch consumers know it (per service):
+# the first offset of the batch in hand (a batch starts where the last commit left off, or where a
+# rewind put it back) and, once a batch is committed, the offset after it.
+_RESUME: dict[str, dict[TopicPartition, int]] = {}
 
-    Read from the broker, not from the consumer's fetch state: a consumer whose batches keep failing
-    neither commits nor fetches further, and its lag must still grow as records arrive."""
-    parts = sorted(consumer.assignment())
-    if not parts:
-        return {}
-    ends: dict[TopicPartition, int] = await consumer.end_offsets(parts)
-    committed: dict[TopicPartition, int | None] = {tp: await consumer.committed(tp) for tp in parts}
-    unset = [tp for tp, offset in committed.items() if offset is None]
-    starts: dict[TopicPartition, int] = await consumer.beginning_offsets(unset) if unset else {}
-    return {tp: max(0, ends[tp] - (offset if offset is not None else starts[tp]))
-            for tp, offset in committed.items()}
+
+def _note_batch(service: str, records: Sequence[InboundRecord], committed: bool) -> None:
+    resume = _RESUME.setdefault(service, {})
+    if committed:
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            resume[tp] = max(resume.get(tp, 0), r.offset + 1)
+        return
+    first: dict[TopicPartition, int] = {}
+    for r in records:
+        tp = TopicPartition(r.topic, r.partition)
+        first[tp] = min(first.get(tp, r.offset), r.offset)
+    resume.update(first)
+
+
+async def _consumer_lag(service: str, consumer: Any) -> dict[TopicPartition, int]:
+    """Lag of each partition assigned to an aiokafka consumer: the high-water mark of its last fetch
+    answer minus where the group resumes (`_RESUME`; for a partition no batch has reached in this
+    process yet, the consumer's position, which is then the committed offset).
+
+    No request to the broker: the consumer keeps fetching while its batches fail (aiokafka fetches a
+    partition again once its buffered records were handed out) and while it is idle (long polls), and
+    every fetch answer carries the high-water mark, so the lag grows as records arrive either way.
+    Asking the broker instead (ListOffsets, OffsetFetch on the consumer's own connections, cancelled
+    by a timeout) stalled a consumer's commit on the local broker, and its `end_offsets` is only
+    approximate there (../shared/stack/NOTES.md)."""
+    resume = _RESUME.get(service, {})
+    lags: dict[TopicPartition, int] = {}
+    for tp in sorted(consumer.assignment()):
+        high = consumer.highwater(tp)
+        if high is None:
+            continue  # no fetch answer yet
+        start = resume.get(tp)
+        if start is None:
+            start = await consumer.position(tp)  # local once assigned: the fetch position
+        lags[tp] = max(0, high - start)
+    return lags
 
 
 async def measure_lag(service: str, broker: KafkaBroker, timeout_seconds: float) -> None:
     """Set `alliance_consumer_lag_messages` for every partition the broker's consumers own now, and
-    drop the partitions they no longer own. Called by the service runtime's monitor loop (shared.http
-    `Runtime`) whether or not batches succeed. A consumer the broker does not answer for within
-    `timeout_seconds` keeps its last values (the broker alerts say why)."""
+    drop the partitions they no longer own (and what this process knew of where they resume: their
+    new owner moves them on). Called by the service runtime's monitor loop (shared.http `Runtime`)
+    whether or not batches succeed. A consumer whose position is not known within `timeout_seconds`
+    (just assigned) keeps its last values."""
     seen: set[tuple[str, str]] = set()
+    assigned: set[TopicPartition] = set()
     for subscriber in broker.subscribers:
         consumer = getattr(subscriber, "consumer", None)
         if consumer is None:
             continue
+        assigned |= set(consumer.assignment())
         try:
             async with asyncio.timeout(timeout_seconds):
-                lags = await _consumer_lag(consumer)
+                lags = await _consumer_lag(service, consumer)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -594,6 +624,9 @@ async def measure_lag(service: str, broker: KafkaBroker, timeout_seconds: float)
     for topic, partition in _LAG_REPORTED.get(service, set()) - seen:
         CONSUMER_LAG.remove(service, topic, partition)
     _LAG_REPORTED[service] = seen
+    resume = _RESUME.get(service, {})
+    for tp in set(resume) - assigned:
+        del resume[tp]
 
 
 def typed_handler(model: ModelOf[M], handler: TypedHandler[M], *, service: str, dead_letters: DeadLetterTarget,
@@ -705,6 +738,7 @@ def subscribe_batch(
         started = time.perf_counter()
         deterministic: Failure | None = None
         seen_deterministic = 0
+        _note_batch(service, records, committed=False)
         for attempt, delay in enumerate([*policy.delays(), None]):
             poison: list[tuple[InboundRecord, Failure]] = []
             try:
@@ -740,6 +774,7 @@ def subscribe_batch(
                             failure.summary, delay)
                 await asyncio.sleep(delay)
             else:
+                _note_batch(service, records, committed=True)
                 CONSUMER_RECORDS.labels(service, topic, "committed").inc(len(records) - len(poison))
                 CONSUMER_BATCH_SECONDS.labels(service, topic).observe(time.perf_counter() - started)
                 if traced is not None:

@@ -11,11 +11,12 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from aiokafka import TopicPartition
 from fastapi import FastAPI
 
 from shared.http import Runtime
-from shared.kafka import measure_lag
+from shared.kafka import _RESUME, InboundRecord, _note_batch, measure_lag
 from shared.metrics import CONSUMER_LAG, DEPENDENCY_UP, READY
 from tests.support.wait import eventually
 
@@ -102,24 +103,23 @@ async def test_a_start_up_step_failing_on_the_store_says_nothing_about_the_broke
 
 @dataclass
 class FakeConsumer:
-    """What `measure_lag` reads from an aiokafka consumer: assignment, end, committed, beginning."""
+    """What `measure_lag` reads from an aiokafka consumer, all of it local state: the assignment,
+    each partition's high-water mark from the last fetch answer, the fetch position."""
 
     assigned: set[TopicPartition]
-    ends: dict[TopicPartition, int]
-    commits: dict[TopicPartition, int | None] = field(default_factory=dict)
-    starts: dict[TopicPartition, int] = field(default_factory=dict)
+    high: dict[TopicPartition, int]
+    positions: dict[TopicPartition, int] = field(default_factory=dict)
 
     def assignment(self) -> set[TopicPartition]:
         return set(self.assigned)
 
-    async def end_offsets(self, parts: list[TopicPartition]) -> dict[TopicPartition, int]:
-        return {tp: self.ends[tp] for tp in parts}
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return self.high.get(tp)
 
-    async def committed(self, tp: TopicPartition) -> int | None:
-        return self.commits.get(tp)
-
-    async def beginning_offsets(self, parts: list[TopicPartition]) -> dict[TopicPartition, int]:
-        return {tp: self.starts.get(tp, 0) for tp in parts}
+    async def position(self, tp: TopicPartition) -> int:
+        if tp not in self.positions:
+            await asyncio.sleep(3600)  # aiokafka waits until a just-assigned partition has a position
+        return self.positions[tp]
 
 
 @dataclass
@@ -136,36 +136,63 @@ P0, P1 = TopicPartition("srs.scored.v1", 0), TopicPartition("srs.scored.v1", 1)
 SERVICE = "monitor-lag-test"
 
 
+@pytest.fixture(autouse=True)
+def nothing_known_of_earlier_batches() -> None:
+    _RESUME.pop(SERVICE, None)
+
+
 def lag(partition: int) -> float | None:
     return gauge(CONSUMER_LAG, service=SERVICE, topic="srs.scored.v1", partition=str(partition))
 
 
-async def test_lag_is_the_log_end_minus_the_committed_offset() -> None:
-    consumer = FakeConsumer({P0}, {P0: 120}, {P0: 100})
-    await measure_lag(SERVICE, FakeBroker([FakeSubscriber(consumer)]), 1.0)  # type: ignore[arg-type]
+def batch(partition: int, offsets: range) -> list[InboundRecord]:
+    return [InboundRecord("srs.scored.v1", partition, o, b"k", b"{}", {}, 0) for o in offsets]
+
+
+async def measure(consumer: FakeConsumer) -> None:
+    await measure_lag(SERVICE, FakeBroker([FakeSubscriber(consumer)]), 0.2)  # type: ignore[arg-type]
+
+
+async def test_lag_is_the_high_water_mark_minus_the_offset_after_the_last_committed_batch() -> None:
+    _note_batch(SERVICE, batch(0, range(90, 100)), committed=True)
+    await measure(FakeConsumer({P0}, {P0: 120}, {P0: 110}))
     assert lag(0) == 20
 
 
-async def test_before_the_first_commit_lag_counts_from_the_earliest_offset() -> None:
-    consumer = FakeConsumer({P0}, {P0: 120}, {}, {P0: 30})
-    await measure_lag(SERVICE, FakeBroker([FakeSubscriber(consumer)]), 1.0)  # type: ignore[arg-type]
+async def test_a_batch_that_keeps_failing_counts_from_its_first_offset() -> None:
+    # The consumer has fetched past it (its position moved on); the group will resume at 30.
+    _note_batch(SERVICE, batch(0, range(30, 41)), committed=False)
+    await measure(FakeConsumer({P0}, {P0: 120}, {P0: 41}))
     assert lag(0) == 90
 
 
+async def test_before_any_batch_here_lag_counts_from_the_fetch_position() -> None:
+    await measure(FakeConsumer({P0}, {P0: 120}, {P0: 100}))
+    assert lag(0) == 20
+
+
+async def test_a_partition_no_fetch_has_answered_for_is_not_reported() -> None:
+    await measure(FakeConsumer({P0}, {}, {P0: 0}))
+    assert lag(0) is None
+
+
 async def test_a_partition_moved_to_another_replica_is_no_longer_reported_here() -> None:
+    _note_batch(SERVICE, batch(1, range(0, 5)), committed=True)
     consumer = FakeConsumer({P0, P1}, {P0: 10, P1: 10}, {P0: 5, P1: 5})
-    broker = FakeBroker([FakeSubscriber(consumer)])
-    await measure_lag(SERVICE, broker, 1.0)  # type: ignore[arg-type]
+    await measure(consumer)
     assert (lag(0), lag(1)) == (5, 5)
     consumer.assigned = {P0}
-    await measure_lag(SERVICE, broker, 1.0)  # type: ignore[arg-type]
+    await measure(consumer)
     assert (lag(0), lag(1)) == (5, None)
+    # Its new owner moves it on: if it comes back, it counts from its position again.
+    consumer.assigned, consumer.positions[P1] = {P0, P1}, 9
+    await measure(consumer)
+    assert lag(1) == 1
 
 
-async def test_a_consumer_the_broker_does_not_answer_for_keeps_its_last_lag() -> None:
+async def test_a_consumer_whose_position_is_not_known_in_time_keeps_its_last_lag() -> None:
     consumer = FakeConsumer({P0}, {P0: 50}, {P0: 10})
-    broker = FakeBroker([FakeSubscriber(consumer)])
-    await measure_lag(SERVICE, broker, 1.0)  # type: ignore[arg-type]
-    consumer.ends = {}  # the next offsets request fails
-    await measure_lag(SERVICE, broker, 1.0)  # type: ignore[arg-type]
+    await measure(consumer)
+    consumer.high[P0], consumer.positions = 60, {}  # reassigned: no position yet
+    await measure(consumer)
     assert lag(0) == 40
