@@ -100,8 +100,32 @@ async def create_key(db: AsyncDatabase[Document], tenant_id: str, role: Role, si
 
 async def revoke_key(db: AsyncDatabase[Document], key_id: str) -> bool:
     """Revoke a key by its public id."""
-    res = await db[KEYS].update_one({"key_id": key_id}, {"$set": {"revoked": True}})
+    res = await db[KEYS].update_one({"key_id": key_id, "revoked": {"$ne": True}},
+                                    {"$set": {"revoked": True, "revoked_at": datetime.now(UTC)}})
     return res.modified_count == 1
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What an operator may see of a key: never the key, nor its hash (the stored `_id`)."""
+
+    key_id: str
+    tenant_id: str
+    role: str
+    site_id: str | None
+    label: str
+    created_at: datetime | None
+    revoked: bool
+    revoked_at: datetime | None
+
+
+async def list_keys(db: AsyncDatabase[Document], tenant_id: str | None = None) -> list[KeyInfo]:
+    """Every key (of one tenant, if given), by tenant then age; revoked ones included."""
+    query: Document = {} if tenant_id is None else {"tenant_id": tenant_id}
+    # The projection keeps the hash in the store: a listing cannot leak it.
+    docs = await db[KEYS].find(query, {"_id": 0}).sort([("tenant_id", 1), ("created_at", 1)]).to_list()
+    return [KeyInfo(d["key_id"], d["tenant_id"], d["role"], d.get("site_id"), d.get("label") or "",
+                    d.get("created_at"), bool(d.get("revoked")), d.get("revoked_at")) for d in docs]
 
 
 class KeyStore:

@@ -275,3 +275,7 @@ class DeadLetter(BaseModel):
     key: str | None = None
     payload: str = Field(description="the original value, UTF-8 text or base64 when not text")
     payload_encoding: Literal["utf-8", "base64"] = "utf-8"
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="the original record's headers (correlation id, record type), so that a replay to "
+                    "`source_topic` is read like the original; empty in dead letters written before they were kept")

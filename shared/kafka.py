@@ -256,6 +256,7 @@ def dead_letter_record(service: str, rec: InboundRecord, reason: str, detail: st
         key=key,
         payload=payload,
         payload_encoding=encoding,
+        headers=rec.headers,
     )
     DEADLETTER.labels(service, reason).inc()
     CONSUMER_RECORDS.labels(service, rec.topic, "deadlettered").inc()

@@ -31,6 +31,7 @@ from services.alerts.secretbox import SecretBox
 from services.alerts.service import (
     AlertsCommands,
     Invalid,
+    NoSigningSecret,
     NotFound,
     NotPublished,
     SiteForbidden,
@@ -211,7 +212,9 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
         "settings)")})
 
     @r.put("/clinicians/{clinician_id}", tags=["directory"], response_model=ClinicianOut,
-           responses={201: {"description": "created"}, 422: {"description": "invalid body"}})
+           responses={201: {"description": "created"}, 422: {"description": "invalid body"},
+                      409: error_response("a webhook_url while the tenant has no webhook signing secret: create "
+                                          "one first with POST /v1/webhook-secret")})
     async def put_clinician(clinician_id: ClinicianId, body: ClinicianIn, response: Response,
                             p: Principal = audited("clinician.put", admin_key, client_param=None,
                                                    target_param="clinician_id")) -> ClinicianOut:
@@ -223,6 +226,8 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
             raise forbid_site(exc.site_id) from exc
         except Invalid as exc:
             raise HTTPException(422, error_body([(exc.field, exc.message)])) from exc
+        except NoSigningSecret as exc:
+            raise HTTPException(409, error_body([(exc.field, exc.message)])) from exc
         response.status_code = 201 if created else 200
         return ClinicianOut(clinician_id=clinician_id, **body.model_dump())
 

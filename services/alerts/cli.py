@@ -10,9 +10,10 @@ from typing import Annotated, TypeVar
 
 import typer
 
+from services.alerts.rules import Outcome
 from services.alerts.secretbox import KeyringError, Row, new_key, open_legacy
 from services.alerts.settings import AlertsSettings
-from services.alerts.store import AlertsStore
+from services.alerts.store import AlertsStore, DeliveryStatus
 from shared import audit
 from shared.mongo import database, make_client
 from shared.settings import MongoSettings
@@ -38,15 +39,17 @@ def _with_store(job: Callable[[AlertsStore], Awaitable[T]]) -> T:
 
 @app.command("deliveries")
 def deliveries(
-    tenant: Annotated[str, typer.Option(help="tenant id")],
-    status: Annotated[str | None, typer.Option(help="pending | delivered | failed | cancelled")] = "failed",
-    limit: Annotated[int, typer.Option(help="at most this many, newest first")] = 50,
+    tenant: Annotated[str | None, typer.Option(help="tenant id; default: every tenant")] = None,
+    status: Annotated[DeliveryStatus, typer.Option(help="the deliveries in this state")] = "failed",
+    outcome: Annotated[Outcome | None, typer.Option(help="only those whose last attempt ended so (no_secret and "
+                                                         "blocked wait for an operator)")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="at most this many, newest first")] = 50,
 ) -> None:
-    """List a tenant's deliveries (by default the failed, dead-lettered ones)."""
-    rows = _with_store(lambda s: s.list_deliveries(tenant, None, status, None, limit))
+    """List deliveries (by default the failed, dead-lettered ones) with their tenant and last error."""
+    rows = _with_store(lambda s: s.operator_deliveries(tenant, status, outcome, limit))
     for d in rows:
-        typer.echo(f"{d.delivery_id}  {d.status:9}  {d.channel:7}  {d.recipient:40}  attempts={d.attempts}  "
-                   f"{d.last_error or ''}")
+        typer.echo(f"{d.delivery_id}  {d.tenant_id}  {d.status:9}  {d.channel:7}  {d.recipient:40}  "
+                   f"attempts={d.attempts}  {d.last_outcome or '-':9}  {d.last_error or ''}")
     typer.echo(f"{len(rows)} deliveries", err=True)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
+from services.alerts.rules import NEEDS_OPERATOR
 from shared.metrics import latency_seconds
 
 NOTIFICATIONS = Counter(
@@ -36,3 +37,13 @@ ESCALATIONS = Counter(
     "Alerts escalated to a supervisor, by outcome (sent, no_supervisor).",
     ["outcome"],
 )
+# Attempt outcomes that no retry can fix, only an operator (`rules.NEEDS_OPERATOR`).
+BLOCKED_ATTEMPTS = Counter(
+    "alliance_notification_blocked_attempts",
+    "Delivery attempts that cannot succeed until an operator acts, by reason: no_secret (the tenant has no "
+    "webhook signing secret: POST /v1/webhook-secret), blocked (the target is not a public address). "
+    "Each such delivery retries until its attempts are used up.",
+    ["reason"],
+)
+for _reason in NEEDS_OPERATOR:  # exported at zero, so that `increase()` sees the first one
+    BLOCKED_ATTEMPTS.labels(_reason)

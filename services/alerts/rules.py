@@ -431,6 +431,8 @@ def is_public_address(address: str) -> bool:
 # would tell a tenant how an internal or third-party address answered.
 Outcome = Literal["2xx", "3xx", "4xx", "5xx", "timeout", "refused", "blocked", "no_secret", "error"]
 OUTCOMES: tuple[Outcome, ...] = ("2xx", "3xx", "4xx", "5xx", "timeout", "refused", "blocked", "no_secret", "error")
+# Outcomes no retry can change, only an operator: a signing secret to create, a target to fix.
+NEEDS_OPERATOR: tuple[Outcome, ...] = ("no_secret", "blocked")
 
 
 def status_outcome(status: int) -> Outcome:

@@ -67,6 +67,19 @@ class TooManySubscriptions(Exception):
         self.cap = cap
 
 
+class NoSigningSecret(Exception):
+    """A clinician webhook while the tenant has no signing secret: nothing could sign its
+    deliveries, which would retry until they fail. Refused, naming the fix."""
+
+    field = "webhook_url"
+    message = ("the tenant has no webhook signing secret, so no delivery to this webhook could be signed: "
+               "an admin with a tenant-wide key creates one with POST /v1/webhook-secret (shown once), "
+               "then puts the clinician again")
+
+    def __init__(self) -> None:
+        super().__init__(self.message)
+
+
 class NotPublished(Exception):
     """The command took effect, but the event telling others is not published yet: retry (the
     event id is stable, so a retry publishes the same event)."""
@@ -78,6 +91,8 @@ class CommandStore(Protocol):
     async def get_clinician(self, tenant_id: str, clinician_id: str) -> Clinician | None: ...
 
     async def put_clinician(self, c: Clinician) -> bool: ...
+
+    async def has_webhook_secret(self, tenant_id: str) -> bool: ...
 
     async def get_alert(self, tenant_id: str, alert_id: str) -> Alert | None: ...
 
@@ -170,7 +185,7 @@ class AlertsCommands:
 
         The caller must see both the entry's new site and its current one; a clinician cannot
         supervise themselves; a webhook must be a public http(s) target (unless private targets
-        are allowed)."""
+        are allowed) and the tenant must have a signing secret for it."""
         if not p.may_see_site(entry.site_id):
             raise SiteForbidden(entry.site_id)
         existing = await self.store.get_clinician(p.tenant_id, entry.clinician_id)
@@ -181,6 +196,8 @@ class AlertsCommands:
         if entry.webhook_url and (problem := await target_problem(entry.webhook_url, self.allow_private_targets,
                                                                        self.resolve)):
             raise Invalid("webhook_url", problem)
+        if entry.webhook_url and not await self.store.has_webhook_secret(p.tenant_id):
+            raise NoSigningSecret()
         return await self.store.put_clinician(entry)
 
     async def acknowledge(self, p: Principal, alert_id: str, seen: Seen = _nothing) -> Alert:

@@ -356,6 +356,11 @@ class AlertsStore:
     async def tenant(self, tenant_id: str) -> Document | None:
         return await self.tenants.find_one({"_id": tenant_id})
 
+    async def has_webhook_secret(self, tenant_id: str) -> bool:
+        """Whether the tenant has a clinician-webhook signing secret (a rotation only replaces it)."""
+        doc = await self.tenants.find_one({"_id": tenant_id, "webhook_secret": {"$nin": [None, ""]}}, {"_id": 1})
+        return doc is not None
+
     async def set_escalation(self, tenant_id: str, seconds: float | None) -> None:
         await self.tenants.update_one({"_id": tenant_id}, {"$set": {"escalation_seconds": seconds}}, upsert=True)
 
@@ -560,6 +565,16 @@ class AlertsStore:
     async def list_deliveries(self, tenant_id: str, site_id: str | None, status: str | None,
                               alert_id: str | None, limit: int) -> list[Delivery]:
         query = {"tenant_id": tenant_id, **given(site_id=site_id, status=status, alert_id=alert_id)}
+        return await self._newest_deliveries(query, limit)
+
+    async def operator_deliveries(self, tenant_id: str | None, status: str, outcome: str | None,
+                                  limit: int) -> list[Delivery]:
+        """Deliveries for an operator (the CLI): of one tenant or of every tenant, by status and
+        last outcome, newest first."""
+        return await self._newest_deliveries({"status": status, **given(tenant_id=tenant_id, last_outcome=outcome)},
+                                             limit)
+
+    async def _newest_deliveries(self, query: Document, limit: int) -> list[Delivery]:
         docs = await self.deliveries.find(query, {"body": 0, "claim": 0}).sort("created_at", DESCENDING).limit(
             limit).to_list()
         return [Delivery.from_doc(d) for d in docs]

@@ -61,7 +61,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from services.alerts import metrics
-from services.alerts.rules import Outcome, backoff_seconds, fair_pick, is_final, tenants_at_share
+from services.alerts.rules import NEEDS_OPERATOR, Outcome, backoff_seconds, fair_pick, is_final, tenants_at_share
 from services.alerts.senders import Cancelled, SendError
 from services.alerts.settings import AlertsSettings
 from services.alerts.store import AlertsStore, AttemptResult, utcnow
@@ -289,6 +289,8 @@ class DeliveryWorker:
                 log.exception("delivery attempt raised", extra={"delivery_id": d["_id"]})
                 error, outcome = f"{type(exc).__name__}: {exc}", "error"
             metrics.ATTEMPTS.labels(channel, "ok" if error is None else "error").inc()
+            if error is not None and outcome in NEEDS_OPERATOR:
+                metrics.BLOCKED_ATTEMPTS.labels(outcome).inc()
             if error is None:
                 result = AttemptResult(d["_id"], claim, "delivered", attempt, response_status=status,
                                        last_outcome="2xx")

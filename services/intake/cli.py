@@ -35,6 +35,7 @@ from services.intake.models import check_id, transfer_event, transfer_record
 from shared import audit
 from shared.kafka import OutboundRecord, Publisher, make_broker
 from shared.settings import KafkaSettings
+from shared.unreachable import EXIT_UNREACHABLE, describe
 
 app = typer.Typer(help="intake service commands.", no_args_is_help=True)
 clients_app = typer.Typer(help="Clients: which site owns them.", no_args_is_help=True)
@@ -184,8 +185,8 @@ async def publish_transfer(kafka: KafkaSettings, tenant: str, client: str, site:
     event = transfer_event(tenant, client, site, requested_by, datetime.now(UTC))
     record = transfer_record(event)
     broker = make_broker(kafka, "intake-cli")
-    await broker.start()
     try:
+        await broker.start()  # inside the try: a broker that never answered is closed too
         await Publisher(broker, kafka.publish_timeout_seconds).publish_all([OutboundRecord(
             kafka.topics().submitted, record.value, record.key, correlation_id=str(uuid.uuid4()),
             headers=dict(record.headers or {}))])
@@ -210,7 +211,8 @@ def clients_transfer(
     try:
         event_id = asyncio.run(publish_transfer(KafkaSettings(), tenant, client, site))
     except Exception as exc:
-        typer.echo(f"transfer not accepted: the broker did not acknowledge ({type(exc).__name__}: {exc})", err=True)
-        raise typer.Exit(2) from None
+        typer.echo(describe(exc) or f"transfer not accepted: the broker did not acknowledge ({type(exc).__name__}: "
+                                    f"{exc})", err=True)
+        raise typer.Exit(EXIT_UNREACHABLE) from None
     asyncio.run(audit.record_cli(tenant_id=tenant, action="client.transfer", client_id=client, target=site))
     typer.echo(f"transfer accepted: event {event_id}, site {site}")

@@ -18,6 +18,7 @@ import typer
 from services.scoring.rules import FLAG_NAMES, OPERATORS, InstrumentOverride, Operator, TenantRules
 from services.scoring.store import RulesStore
 from shared import audit
+from shared.events import SCORED_INSTRUMENTS, Instrument
 from shared.mongo import database, make_client
 from shared.settings import AuditSettings, MongoSettings
 
@@ -101,11 +102,11 @@ def _echo(tenant: str, rules: TenantRules, source: str) -> None:
 def set_rules(
     tenant: Annotated[str, typer.Option(help="tenant id")],
     cutoff: Annotated[float | None, typer.Option(help="clinical cutoff for the total (default 36.0)")] = None,
-    operator: Annotated[str | None, typer.Option(help="'<' (default) or '<=': how a total is below cutoff")] = None,
+    operator: Annotated[Operator | None, typer.Option(help="how a total is below cutoff (default '<')")] = None,
     drop: Annotated[float | None, typer.Option(help="a fall of this much from the previous session alerts "
                                                      "(default 1.0)")] = None,
-    instrument: Annotated[str | None, typer.Option(help="set --cutoff/--operator/--drop for this instrument only "
-                                                         "(SRS, CSRS, GSRS, CGSRS)")] = None,
+    instrument: Annotated[Instrument | None, typer.Option(help="set --cutoff/--operator/--drop for this instrument "
+                                                                "only (YCSRS is never scored)")] = None,
     critical_drop: Annotated[float | None, typer.Option(help="a fall of this much makes an alert critical "
                                                              "(default 3.0)")] = None,
     item_threshold: Annotated[float | None, typer.Option(help="an item under this is flagged (default 9.0)")] = None,
@@ -122,13 +123,17 @@ def set_rules(
                                                         "instrument's override)")] = False,
 ) -> None:
     """Set a tenant's alliance rules; only the options given change. Prints the resulting rules."""
+    if instrument is not None and instrument not in SCORED_INSTRUMENTS:
+        raise typer.BadParameter(f"{instrument.value} is stored but never scored: it has no rules",
+                                 param_hint="--instrument")
     current = _run_store_op("get", tenant) or TenantRules()
     wanted = None if triggers is None else [t.strip() for t in triggers.split(",") if t.strip()]
     if wanted is not None and (unknown := set(wanted) - set(FLAG_NAMES)):
         raise typer.BadParameter(f"unknown trigger(s) {', '.join(sorted(unknown))}; choose from "
                                  f"{', '.join(FLAG_NAMES)}", param_hint="--triggers")
     try:
-        new = change_rules(current, cutoff=cutoff, operator=operator, drop=drop, instrument=instrument,
+        new = change_rules(current, cutoff=cutoff, operator=operator, drop=drop,
+                           instrument=None if instrument is None else instrument.value,
                            critical_drop=critical_drop, item_threshold=item_threshold, triggers=wanted,
                            session_gap=session_gap, max_episode_sessions=max_episode_sessions,
                            max_client_submissions=max_client_submissions, reset=reset)

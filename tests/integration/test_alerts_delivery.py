@@ -26,8 +26,10 @@ from typer.testing import CliRunner
 
 from services.alerts import cli
 from services.alerts.app import AlertsConfig, create_app
+from services.alerts.rules import Clinician
 from services.alerts.secretbox import new_key
 from services.alerts.settings import AlertsSettings, SmtpSettings
+from services.alerts.store import AlertsStore
 from shared import ids
 from shared.auth import create_key
 from shared.events import AlertStatusChanged, AllianceDeterioration, SrsScored
@@ -177,7 +179,8 @@ async def test_deterioration_reaches_the_clinicians_inbox(env: Env) -> None:
 
 
 async def test_a_subscribed_partner_gets_the_deterioration_signed_with_its_own_secret(env: Env) -> None:
-    t = await new_tenant(env, "partner")
+    # The tenant has no clinician-webhook secret: a subscription needs none, it has its own.
+    t = await _tenant_without_secret(env, "partner")
     ev = deterioration(t.id, "nobody-in-directory", "client-2")
     sub, req = await first_partner_delivery(env, t, env.topics.deterioration, ev)
     assert Webhook(sub["secret"]).verify(req.body, req.headers)["alert_id"] == ev.alert_id
@@ -439,6 +442,53 @@ async def test_private_targets_are_refused_unless_allowed(env: Env) -> None:
                                                         "the URL points to a private address")
             r = await client.post("/v1/subscriptions", json={"url": url, "events": ["srs.scored.v1"]}, headers=t.admin)
             assert r.status_code == 422 and r.json()["errors"][0]["field"] == "url"
+
+
+async def _tenant_without_secret(env: Env, name: str) -> Tenant:
+    tid = f"{name}-{uuid.uuid4().hex[:8]}"
+    admin, _ = await create_key(env.db, tid, "admin")
+    read, _ = await create_key(env.db, tid, "read")
+    return Tenant(tid, bearer(admin), bearer(read), secret="")
+
+
+async def test_a_clinician_webhook_is_refused_with_409_naming_the_fix_while_the_tenant_has_no_signing_secret(
+        env: Env) -> None:
+    # Accepted, every delivery to it would retry until it failed, seen only in alerts' log.
+    t = await _tenant_without_secret(env, "nosecret")
+    body = {"site_id": "site-a", "email": "c1@clinic.test", "webhook_url": env.receiver.url(path(t, "c1"))}
+    r = await env.client.put("/v1/clinicians/c1", json=body, headers=t.admin)
+    assert r.status_code == 409, r.text
+    [error] = r.json()["errors"]
+    assert error["field"] == "webhook_url" and "POST /v1/webhook-secret" in error["message"]
+    assert (await env.client.get("/v1/clinicians/c1", headers=t.admin)).status_code == 404
+
+
+async def test_a_clinician_webhook_is_accepted_once_the_tenant_has_a_signing_secret(env: Env) -> None:
+    t = await _tenant_without_secret(env, "secretlater")
+    assert (await env.client.post("/v1/webhook-secret", headers=t.admin)).status_code == 201
+    body = {"site_id": "site-a", "email": "c1@clinic.test", "webhook_url": env.receiver.url(path(t, "c1"))}
+    assert (await env.client.put("/v1/clinicians/c1", json=body, headers=t.admin)).status_code == 201
+
+
+async def test_a_clinician_without_a_webhook_needs_no_signing_secret(env: Env) -> None:
+    t = await _tenant_without_secret(env, "emailonly")
+    r = await env.client.put("/v1/clinicians/c1", json={"site_id": "site-a", "email": "c1@clinic.test"},
+                             headers=t.admin)
+    assert r.status_code == 201, r.text
+
+
+async def test_webhook_attempts_without_a_signing_secret_are_counted_as_waiting_for_an_operator(env: Env) -> None:
+    # An entry stored before registration checked for a secret: its webhook cannot be signed.
+    t = await _tenant_without_secret(env, "legacy")
+    await AlertsStore(env.db).put_clinician(Clinician(t.id, "c1", "site-a", "c1@clinic.test",
+                                                      env.receiver.url(path(t, "c1"))))
+    name = 'alliance_notification_blocked_attempts_total{reason="no_secret"}'
+    before = (await _metrics(env)).get(name, 0.0)
+    ev = deterioration(t.id, "c1", "client-4")
+    await env.publisher.publish(env.topics.deterioration, ev, t.id, ev.client_id)
+
+    await eventually(lambda: _metrics_when(env, name, before + 1))
+    assert env.receiver.at(path(t, "c1")) == []
 
 
 async def test_keys_are_tenant_and_site_scoped(env: Env) -> None:

@@ -145,6 +145,10 @@ class MemoryAlertsStore:
         self.clinicians[(c.tenant_id, c.clinician_id)] = c
         return created
 
+    async def has_webhook_secret(self, tenant_id: str) -> bool:
+        self._check()
+        return tenant_id in self.webhook_secrets
+
     async def get_alert(self, tenant_id: str, alert_id: str) -> Alert | None:
         self._check()
         doc = self.alerts.get(alert_id)

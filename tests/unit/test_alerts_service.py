@@ -68,6 +68,7 @@ def failed_delivery(site: str = "north", status: str = "failed") -> Document:
 
 async def test_a_new_entry_is_created_and_a_second_put_replaces_it() -> None:
     w = Wired()
+    w.store.webhook_secrets[TENANT] = "sealed"
     assert await w.commands.put_clinician(ADMIN, entry()) is True
     assert await w.commands.put_clinician(ADMIN, entry(webhook="https://clinic.example/h")) is False
     assert w.store.clinicians[(TENANT, "c-1")].webhook_url == "https://clinic.example/h"
@@ -96,6 +97,18 @@ async def test_a_webhook_on_a_private_address_is_refused_unless_allowed() -> Non
     with pytest.raises(service.Invalid) as refused:
         await w.commands.put_clinician(ADMIN, entry(webhook="http://127.0.0.1/hook"))
     assert refused.value.field == "webhook_url"
+
+
+async def test_a_webhook_is_refused_while_the_tenant_has_no_signing_secret() -> None:
+    w = Wired()
+    with pytest.raises(service.NoSigningSecret) as refused:
+        await w.commands.put_clinician(ADMIN, entry(webhook="https://clinic.example/h"))
+    assert "POST /v1/webhook-secret" in refused.value.message and w.store.clinicians == {}
+
+
+async def test_an_entry_without_a_webhook_needs_no_signing_secret() -> None:
+    w = Wired()
+    assert await w.commands.put_clinician(ADMIN, entry()) is True
 
 
 # --- acknowledge ----------------------------------------------------------------------------------

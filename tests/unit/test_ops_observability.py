@@ -101,6 +101,8 @@ def recorded() -> set[str]:
         ("dead-letter rate above zero", r"increase\(alliance_deadletter_total(\{[^}]*\})?\[\w+\]\)\)\s*>\s*0"),
         ("poison records set aside", r"increase\(alliance_consumer_poison_records_total\[\w+\]\)\)\s*>\s*0"),
         ("notification failures", r"alliance_notifications_total\{outcome=\"failed\"\}"),
+        ("deliveries waiting for an operator",
+         r"increase\(alliance_notification_blocked_attempts_total\[\w+\]\)\)\s*>\s*0"),
         ("intake 503 rate", r"alliance_intake_submissions_total\{outcome=\"unavailable\"\}"),
         ("5xx rate of every API", r"sum by \(service\) \(rate\(alliance_http_requests_total\{status=~\"5\.\.\"\}"),
         ("service not scraped", r"up\{job=~\"alliance-\.\+\"\} == 0"),
