@@ -55,10 +55,10 @@ async def test_two_alerts_instances_in_one_group_send_each_delivery_once(
                 await eventually(lambda c=c: _ready(c), timeout=60)  # type: ignore[misc]
             # Each request takes a while, so one instance's slots fill up and the other claims too.
             url = receiver.behave("/c1", delay=0.05)
+            assert (await clients[1].post("/v1/webhook-secret", headers=headers)).status_code == 201
             body = {"site_id": "site-a", "email": "c1@x.org", "webhook_url": url}
             r = await clients[0].put("/v1/clinicians/c1", json=body, headers=headers)
             assert r.status_code == 201
-            assert (await clients[1].post("/v1/webhook-secret", headers=headers)).status_code == 201
             sub = (await clients[1].post("/v1/subscriptions", headers=headers, json={
                 "url": receiver.behave("/p", delay=0.05), "events": ["alliance.deterioration.v1"]})).json()
             events = [deterioration(tenant, "c1", f"client-{i}") for i in range(40)]
@@ -101,10 +101,10 @@ async def test_a_delivery_interrupted_by_kill_9_is_resent_with_the_same_id_and_r
         with running(["alerts"], ns, log_dir, extra_env=env) as procs:
             alerts = procs["alerts"]
             async with httpx.AsyncClient(base_url=alerts.url, headers=headers) as client:
+                secret = (await client.post("/v1/webhook-secret")).json()["secret"]
                 r = await client.put("/v1/clinicians/c1", json={"site_id": "site-a", "email": "c@x.org",
                                                                   "webhook_url": url})
                 assert r.status_code == 201, r.text
-                secret = (await client.post("/v1/webhook-secret")).json()["secret"]
             ev = deterioration(tenant, "c1", "client-1")
             await publisher.publish(ns.kafka().topics().deterioration, ev, tenant, ev.client_id)
             await eventually(_held(receiver, "/c1"))
