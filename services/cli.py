@@ -355,12 +355,13 @@ def deadletters_replay(
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
             asyncio.run(_publish(kafka, chosen, progress))
-        by_tenant: dict[str, list[str]] = defaultdict(list)
-        for s in chosen:
-            by_tenant[s.letter.tenant_id or "*"].append(s.letter.event_id)
-        for tenant_id, ids in by_tenant.items():
-            asyncio.run(audit.record_cli(tenant_id=tenant_id, action="deadletters.replay", target=",".join(ids)))
+    # Said before the audit entries are written: if the store fails now, the replay has happened.
     typer.echo(f"replayed {len(chosen)} dead letters, {skipped} skipped")
+    by_tenant: dict[str, list[str]] = defaultdict(list)
+    for s in chosen:
+        by_tenant[s.letter.tenant_id or "*"].append(s.letter.event_id)
+    for tenant_id, ids in by_tenant.items():
+        asyncio.run(audit.record_cli(tenant_id=tenant_id, action="deadletters.replay", target=",".join(ids)))
     if missing:
         typer.echo(f"not found: {', '.join(sorted(missing))}", err=True)
         raise typer.Exit(1)

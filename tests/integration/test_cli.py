@@ -202,8 +202,8 @@ async def read_topic(stack: StackUnderTest, topic: str, seconds: float = 2.0) ->
         await reader.stop()
 
 
-async def test_replay_publishes_the_original_value_key_and_headers_to_the_source_topic(
-        cli_env: Namespace, letters: Letters) -> None:
+async def test_replay_publishes_the_original_value_key_and_headers_to_the_source_topic_and_is_audited(
+        cli_env: Namespace, letters: Letters, db: Any) -> None:
     result = await invoke(cli.app, "deadletters", "replay", "--id", letters.transfer.event_id)
     assert result.exit_code == 0, result.output
     assert "replayed 1 dead letters, 0 skipped" in result.stdout  # the redelivery's copy is published once
@@ -212,6 +212,8 @@ async def test_replay_publishes_the_original_value_key_and_headers_to_the_source
     [(key, value, headers)] = await read_topic(cli_env.stack, topics.submitted)
     assert (key, value) == (f"{letters.tenant}:client-1".encode(), letters.transfer_value)
     assert headers[CORRELATION_HEADER] == "corr-transfer" and headers[RECORD_TYPE_HEADER] == CLIENT_TRANSFER
+    entry = await db["audit"].find_one({"tenant_id": letters.tenant, "action": "deadletters.replay"})
+    assert entry is not None and entry["target"] == letters.transfer.event_id
 
 
 async def test_a_dry_run_says_what_would_be_replayed_and_publishes_nothing(cli_env: Namespace,
