@@ -31,7 +31,8 @@ from shared.kafka import CORRELATION_HEADER, InboundRecord, dead_letter_record
 from shared.mongo import Document
 from tests.support.services import Namespace
 from tests.support.stack import StackUnderTest
-from tools.harness import EventPublisher, TopicReader
+from tools.harness import EventPublisher
+from tools.recorder import Record, TopicRecorder
 from tools.stack import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -189,17 +190,15 @@ async def test_show_of_an_unknown_id_fails(cli_env: Namespace, letters: Letters)
     assert result.exit_code == 1 and "no dead letter no-such-letter" in result.output
 
 
-async def read_topic(stack: StackUnderTest, topic: str, seconds: float = 2.0) -> list[tuple[bytes | None, bytes,
-                                                                                          dict[str, str]]]:
-    reader = TopicReader(stack.bootstrap, topic)
-    await reader.start()
+async def read_topic(stack: StackUnderTest, topic: str, seconds: float = 2.0) -> list[Record]:
+    recorder = await TopicRecorder(stack.bootstrap, topic).start()
     try:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            await reader.poll()
-        return reader.records
+            await recorder.poll()
+        return recorder.records
     finally:
-        await reader.stop()
+        await recorder.stop()
 
 
 async def test_replay_publishes_the_original_value_key_and_headers_to_the_source_topic_and_is_audited(
@@ -209,9 +208,10 @@ async def test_replay_publishes_the_original_value_key_and_headers_to_the_source
     assert "replayed 1 dead letters, 0 skipped" in result.stdout  # the redelivery's copy is published once
 
     topics = cli_env.kafka().topics()
-    [(key, value, headers)] = await read_topic(cli_env.stack, topics.submitted)
-    assert (key, value) == (f"{letters.tenant}:client-1".encode(), letters.transfer_value)
-    assert headers[CORRELATION_HEADER] == "corr-transfer" and headers[RECORD_TYPE_HEADER] == CLIENT_TRANSFER
+    [replayed] = await read_topic(cli_env.stack, topics.submitted)
+    assert (replayed.key, replayed.value) == (f"{letters.tenant}:client-1".encode(), letters.transfer_value)
+    assert replayed.headers[CORRELATION_HEADER] == "corr-transfer"
+    assert replayed.headers[RECORD_TYPE_HEADER] == CLIENT_TRANSFER
     entry = await db["audit"].find_one({"tenant_id": letters.tenant, "action": "deadletters.replay"})
     assert entry is not None and entry["target"] == letters.transfer.event_id
 
