@@ -455,7 +455,7 @@ async def test_a_clinician_webhook_is_refused_with_409_naming_the_fix_while_the_
         env: Env) -> None:
     # Accepted, every delivery to it would retry until it failed, seen only in alerts' log.
     t = await _tenant_without_secret(env, "nosecret")
-    body = {"site_id": "site-a", "email": "c1@clinic.test", "webhook_url": env.receiver.url(path(t, "c1"))}
+    body = {"site_id": "site-a", "email": "c1@clinic.test", "webhook_url": env.receiver.url_for(path(t, "c1"))}
     r = await env.client.put("/v1/clinicians/c1", json=body, headers=t.admin)
     assert r.status_code == 409, r.text
     [error] = r.json()["errors"]
@@ -466,7 +466,7 @@ async def test_a_clinician_webhook_is_refused_with_409_naming_the_fix_while_the_
 async def test_a_clinician_webhook_is_accepted_once_the_tenant_has_a_signing_secret(env: Env) -> None:
     t = await _tenant_without_secret(env, "secretlater")
     assert (await env.client.post("/v1/webhook-secret", headers=t.admin)).status_code == 201
-    body = {"site_id": "site-a", "email": "c1@clinic.test", "webhook_url": env.receiver.url(path(t, "c1"))}
+    body = {"site_id": "site-a", "email": "c1@clinic.test", "webhook_url": env.receiver.url_for(path(t, "c1"))}
     assert (await env.client.put("/v1/clinicians/c1", json=body, headers=t.admin)).status_code == 201
 
 
@@ -481,7 +481,7 @@ async def test_webhook_attempts_without_a_signing_secret_are_counted_as_waiting_
     # An entry stored before registration checked for a secret: its webhook cannot be signed.
     t = await _tenant_without_secret(env, "legacy")
     await AlertsStore(env.db).put_clinician(Clinician(t.id, "c1", "site-a", "c1@clinic.test",
-                                                      env.receiver.url(path(t, "c1"))))
+                                                      env.receiver.url_for(path(t, "c1"))))
     name = 'alliance_notification_blocked_attempts_total{reason="no_secret"}'
     before = (await _metrics(env)).get(name, 0.0)
     ev = deterioration(t.id, "c1", "client-4")
