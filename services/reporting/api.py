@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -30,7 +30,14 @@ from pymongo.errors import PyMongoError
 
 from services.reporting import rules
 from services.reporting.fhir import FHIR_JSON, trajectory_bundle
-from services.reporting.models import CaseloadOut, SubmissionOut, SubmissionsPageOut, SummaryOut, TrajectoryOut
+from services.reporting.models import (
+    CaseloadOut,
+    SubmissionOut,
+    SubmissionsPageOut,
+    SummaryOut,
+    TrajectoryOut,
+    TrendsOut,
+)
 from services.reporting.settings import ReportingSettings
 from services.reporting.store import Generations, ReportingStore, SubmissionStore
 from shared.audit import Auditor, note
@@ -61,6 +68,11 @@ OldEpisodeQ = Annotated[str | None, Query(max_length=128, deprecated=True, descr
 SinceQ = Annotated[datetime | None, Query(description="only rejections at or after this time (ISO 8601)")]
 CursorQ = Annotated[str | None, Query(max_length=2048, description="next_cursor of the previous page")]
 LimitQ = Annotated[int | None, Query(ge=1, le=1000, description="page size (capped by the server)")]
+MONTH = r"^\d{4}-(0[1-9]|1[0-2])$"
+FromQ = Annotated[str, Query(alias="from", pattern=MONTH, description="first month, YYYY-MM (UTC)")]
+ToQ = Annotated[str, Query(alias="to", pattern=MONTH, description="last month, YYYY-MM (UTC), at most "
+                                                                  "120 months after `from`")]
+MAX_TREND_MONTHS = 120
 
 
 def _json_response(request: Request, body: Any, *, max_age: int, generation: str,
@@ -79,10 +91,10 @@ Compute = Callable[[], Awaitable[dict[str, Any] | None]]
 
 
 class SummaryCache:
-    """Summaries per (generation, tenant, site): each aggregates a whole scope, so it is computed at
-    most once per `ttl` and scope (one computation at a time per scope, however many requests
-    wait for it). An expired entry is served stale while one background task refreshes it, so
-    only the very first request of a scope waits for the aggregation."""
+    """Summaries per (generation, tenant, site): each reads a scope's counters and counts its
+    alerts, so it is computed at most once per `ttl` and scope (one computation at a time per
+    scope, however many requests wait for it). An expired entry is served stale while one
+    background task refreshes it, so only the very first request of a scope waits."""
 
     def __init__(self, ttl: float) -> None:
         self._items: TtlCache[SummaryKey, dict[str, Any] | None] = TtlCache(ttl)
@@ -217,7 +229,8 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
         if body is None:
             if site_id is not None:
                 raise HTTPException(404, error_body([("site_id", "no data for this site")]))
-            body = rules.summarize([], 0, 0, {}, {}, 0, 0)  # a tenant with no data yet: zeros
+            # a tenant with no data yet: zeros
+            body = {**rules.summarize([], 0, 0, {}, {}, 0, 0), "as_of": datetime.now(UTC).isoformat()}
         body = {"tenant_id": p.tenant_id, "site_id": site_id, **body}
         return _json_response(request, body, max_age=settings.summary_max_age_seconds, generation=gen)
 
@@ -237,6 +250,44 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
             raise HTTPException(403, error_body([("site_id", "this key is bound to one site; use "
                                                              f"/v1/sites/{p.site_id}/summary")]))
         return await summary_of(request, p, None)
+
+    async def trends_of(request: Request, p: Principal, first: str, last: str, *, site_id: str | None = None,
+                        clinician_id: str | None = None) -> Response:
+        months = rules.months_between(first, last)
+        if not months or len(months) > MAX_TREND_MONTHS:
+            raise HTTPException(422, error_body([("to", f"must be from `from` to {MAX_TREND_MONTHS} months after it")]))
+        gen = (await generations.current()).active
+        series = await store.trends(gen, p.tenant_id, first, last, site_id=site_id, clinician_id=clinician_id)
+        body = {"tenant_id": p.tenant_id, "site_id": site_id, "clinician_id": clinician_id, "from_month": first,
+                "to_month": last, "as_of": datetime.now(UTC).isoformat(), "months": series}
+        return _json_response(request, body, max_age=settings.summary_max_age_seconds, generation=gen)
+
+    trend_responses: dict[int | str, dict[str, Any]] = {
+        200: {"model": TrendsOut}, 422: {"description": "a month that is not YYYY-MM, or `to` before `from` or "
+                                                        f"more than {MAX_TREND_MONTHS} months after it"}, **AUTH}
+
+    @router.get("/summary/trends", summary="Monthly series of the whole tenant", responses={
+        **trend_responses, 403: {"description": "a site-bound key sees only its site's trends"}})
+    async def tenant_trends(request: Request, first: FromQ, last: ToQ, p: Principal = Depends(reader)) -> Response:
+        if p.site_id is not None:
+            raise HTTPException(403, error_body([("site_id", "this key is bound to one site; use "
+                                                             f"/v1/sites/{p.site_id}/trends")]))
+        return await trends_of(request, p, first, last)
+
+    @router.get("/sites/{site_id}/trends", summary="Monthly series of one site", responses={
+        **trend_responses, 403: {"description": "site-bound key of another site"}})
+    async def site_trends(request: Request, site_id: str, first: FromQ, last: ToQ,
+                          p: Principal = Depends(reader)) -> Response:
+        if not p.may_see_site(site_id):
+            raise forbid_site(site_id)
+        return await trends_of(request, p, first, last, site_id=site_id)
+
+    @router.get("/clinicians/{clinician_id}/trends", summary="Monthly series of one clinician's records",
+                responses=trend_responses)
+    async def clinician_trends(request: Request, clinician_id: str, first: FromQ, last: ToQ,
+                               p: Principal = Depends(reader)) -> Response:
+        # a site-bound key sees the clinician's records at its site only
+        return await trends_of(request, p, first, last, site_id=p.site_id, clinician_id=clinician_id)
 
     either_auth: dict[int | str, dict[str, Any]] = {
         **AUTH, 403: {"description": "the key's role allows neither read nor submit"}}

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from services.reporting.rebuild import RebuildResult, TruncatedLog, rebuild
 from services.reporting.settings import ReportingSettings
-from services.reporting.store import Generations, RebuildInProgress
+from services.reporting.store import Generations, RebuildInProgress, ReportingStore
 from shared import audit
 from shared.mongo import database, make_client
 from shared.settings import AuditSettings, KafkaSettings, MongoSettings
@@ -69,6 +69,38 @@ def generation_command() -> None:
         return f"active={state.active} building={state.building or '-'} previous={state.previous or '-'}"
 
     typer.echo(asyncio.run(go()))
+
+
+async def verify_generation(mongo: MongoSettings, gen: str | None = None) -> tuple[str, dict[str, tuple[
+        dict[str, int], dict[str, int]]]]:
+    """(generation checked, differences) of the counters against the records (`ReportingStore.verify`);
+    the active generation unless `gen` names one."""
+    client = make_client(mongo)
+    try:
+        db = database(client, mongo)
+        target = gen or (await Generations(db, 0.1).ensure()).active
+        return target, await ReportingStore(db).verify(target)
+    finally:
+        await client.close()
+
+
+@app.command("verify")
+def verify_command(
+    generation: Annotated[str | None, typer.Option(help="the generation to check (default: the active one)")]
+    = None,
+) -> None:
+    """Recompute the incremental indices from the records and compare them with the counters.
+
+    Exits 1 when any counter differs (each difference printed as one JSON line), 0 when all agree.
+    """
+    gen, differences = asyncio.run(verify_generation(MongoSettings(), generation))
+    for counter, (expected, held) in differences.items():
+        typer.echo(json.dumps({"counter": counter, "from_records": expected, "counters": held},
+                              separators=(",", ":"), sort_keys=True))
+    if differences:
+        typer.echo(f"{gen}: {len(differences)} counters differ from the records", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{gen}: the counters agree with the records")
 
 
 audit_app = typer.Typer(help="The access audit trail (mounted as `alliance audit ...`).", no_args_is_help=True)

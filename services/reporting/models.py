@@ -148,6 +148,30 @@ class SummaryOut(IndicesOut):
     alerts: AlertCountsOut
     by_instrument: list[InstrumentIndicesOut]
     by_age_band: list[AgeBandIndicesOut]
+    as_of: datetime  # when the counters were read (a summary is cached for a few seconds)
+
+
+class TrendPointOut(_Out):
+    """One month of a scope (UTC calendar month of the sessions' `administered_at`)."""
+
+    month: str
+    sessions: int
+    clients_seen: int  # records with a session that month: one client on one instrument each
+    pct_sessions_below_cutoff: float | None
+    episodes_ending: int  # episodes whose latest session falls in this month
+    mean_change_first_to_latest: float | None  # over those episodes: latest total - first total
+
+
+class TrendsOut(_Out):
+    """Monthly series of a tenant, a site or a clinician, every month from `from` to `to`."""
+
+    tenant_id: str
+    site_id: str | None
+    clinician_id: str | None
+    from_month: str
+    to_month: str
+    as_of: datetime
+    months: list[TrendPointOut]
 
 
 class SubmissionOut(_Out):

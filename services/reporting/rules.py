@@ -245,13 +245,16 @@ def episode_summary(episode_id: str | None, sessions: Sequence[Mapping[str, Any]
             "session_count": len(sessions)}
 
 
-def derive_record(identity: Mapping[str, Any], entries: Mapping[str, Doc]) -> Doc:
-    """A full record document from its identity and merged entries (no version or timestamps).
+def derive_record(identity: Mapping[str, Any], entries: Mapping[str, Doc],
+                  groups: dict[str | None, list[Doc]] | None = None) -> Doc:
+    """A full record document from its identity and merged entries (no version or timestamps);
+    `groups` is `sessions_by_episode(entries)` when the caller has it already.
 
     A record whose entries are all tombstones (possible only while a superseding event is still
     on its way) has `session_count` 0 and no site or clinician: no read finds it.
     """
-    groups = sessions_by_episode(entries)
+    if groups is None:
+        groups = sessions_by_episode(entries)
     doc: Doc = {
         "_id": identity["_id"],
         "tenant_id": identity["tenant_id"],
@@ -300,6 +303,7 @@ class MergeResult:
 
     doc: Doc | None  # None: nothing changed, nothing to write
     outcomes: list[tuple[SrsScored, Outcome]] = field(default_factory=list)
+    groups: dict[str | None, list[Doc]] | None = None  # the doc's sessions_by_episode, for contribution
 
 
 def _put(entries: dict[str, Doc], entry: Doc) -> Outcome:
@@ -355,7 +359,8 @@ def merge(existing: Mapping[str, Any] | None, events: Sequence[SrsScored]) -> Me
         changed = changed or outcome in ("applied", "corrected")
         result.outcomes.append((event, outcome))
     if changed:
-        doc = derive_record(identity, entries)
+        result.groups = sessions_by_episode(entries)
+        doc = derive_record(identity, entries, result.groups)
         doc["v"] = int(existing.get("v", 0)) + 1 if existing else 1
         result.doc = doc
     return result
@@ -799,3 +804,158 @@ def etag_matches(if_none_match: str | None, tag: str) -> bool:
 def count_outcomes(outcomes: Iterable[Outcome]) -> Counter[str]:
     """Outcome counts, for metrics."""
     return Counter(outcomes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Incremental indices: what one record contributes to the counters
+#
+# Summaries and trends are sums over records, so each record's share of them is a pure function
+# of the record (`contribution`), and a change of the record moves the counters by
+# `diff(contribution(old), contribution(new))`. The store applies that difference with `$inc`;
+# how it is applied exactly once (a per-record version marker in each counter document) is in
+# the docstring of store.py. Because the difference is taken between two whole contributions,
+# corrections, late sessions, a transfer (every session re-published with the new site) and an
+# episode restart need no rule of their own: the record's old share leaves the buckets it was in
+# and its new share enters the ones it is in now. Counters hold integers only (totals in
+# hundredths), so adding and taking back always returns to exactly zero.
+#
+# Buckets: `(tenant, site, clinician, instrument, month)`, the record's owning site and its
+# clinician (as caseloads do: a record counts where it is read); `month` "" for the record's
+# current episode (the all-time summary), else "YYYY-MM" (UTC) of the sessions it counts. The age
+# band is the instrument's. Counted fields:
+#
+# - current (`month` ""): `records` 1, `sessions` and `below` of the current episode, `first` and
+#   `latest` (hundredths: its first and latest session's totals), `at_risk` 0/1;
+# - monthly: `sessions` and `below` of the shown sessions of every episode administered that
+#   month, `clients` 1 when the record had a session that month (a record is one client on one
+#   instrument, so per instrument this is the distinct-client count), and for every episode whose
+#   last session falls in that month `episodes` 1 and `change` (hundredths, latest - first total).
+
+CounterKey = tuple[str, str, str, str, str]  # (tenant, site, clinician, instrument, month)
+Counters = dict[CounterKey, dict[str, int]]
+CURRENT = ""
+
+
+def hundredths(total: float) -> int:
+    """A total as integer hundredths: sums of these add and subtract exactly."""
+    return round(float(total) * 100)
+
+
+def month_of(ts: datetime) -> str:
+    """The UTC calendar month of an instant, `YYYY-MM` (naive times are taken as UTC)."""
+    if ts.tzinfo is not None and ts.utcoffset():
+        ts = ts.astimezone(UTC)
+    return f"{ts.year:04d}-{ts.month:02d}"  # not strftime: this runs for every session of every write
+
+
+def _add(out: Counters, key: CounterKey, **fields: int) -> None:
+    held = out.setdefault(key, {})
+    for name, n in fields.items():
+        held[name] = held.get(name, 0) + n
+
+
+def contribution(record: Mapping[str, Any], groups: Mapping[str | None, list[Doc]] | None = None) -> Counters:
+    """What one record (as `merge` builds it, or None/empty) adds to the counters (see above);
+    `groups` is `sessions_by_episode` of its entries when the caller has it already."""
+    if not record or not record.get("session_count") or record.get("site_id") is None:
+        return {}
+    t, site, clinician, inst = (str(record["tenant_id"]), str(record["site_id"]), str(record["clinician_id"]),
+                                str(record["instrument"]))
+    out: Counters = {}
+    _add(out, (t, site, clinician, inst, CURRENT), records=1, sessions=int(record["session_count"]),
+         below=int(record["sessions_below_cutoff"]), first=hundredths(record["first_total"]),
+         latest=hundredths(record["latest_total"]), at_risk=int(bool(record["at_risk"])))
+    if groups is None:
+        groups = sessions_by_episode(record.get("entries", {}))
+    for sessions in groups.values():
+        for s in sessions:
+            key = (t, site, clinician, inst, month_of(s["administered_at"]))
+            held = out.get(key)
+            if held is None:
+                held = out[key] = {"sessions": 0, "below": 0, "clients": 1}
+            held["sessions"] += 1
+            held["below"] += below_cutoff(s)
+        _add(out, (t, site, clinician, inst, month_of(sessions[-1]["administered_at"])), episodes=1,
+             change=hundredths(sessions[-1]["total"]) - hundredths(sessions[0]["total"]))
+    return out
+
+
+def diff(old: Counters, new: Counters) -> Counters:
+    """`new - old` per bucket and field, zeros left out: what moves the counters from a record's
+    old share to its new one."""
+    out: Counters = {}
+    for key in old.keys() | new.keys():
+        was, now = old.get(key, {}), new.get(key, {})
+        moved = {f: now.get(f, 0) - was.get(f, 0) for f in was.keys() | now.keys()}
+        moved = {f: n for f, n in sorted(moved.items()) if n}
+        if moved:
+            out[key] = moved
+    return out
+
+
+def total_counters(shares: Iterable[Counters]) -> Counters:
+    """The sum of many contributions (what the counters should hold; the checker's side)."""
+    out: Counters = {}
+    for share in shares:
+        for key, fields in share.items():
+            _add(out, key, **fields)
+    return {k: {f: n for f, n in v.items() if n} for k, v in out.items() if any(v.values())}
+
+
+def counter_id(key: CounterKey) -> str:
+    """The `_id` of a bucket's counter document."""
+    return derive("reporting-counter", *key)
+
+
+def summary_from_counters(rows: Iterable[Mapping[str, Any]], alerts_raised: int, alerts_acknowledged: int) -> Doc:
+    """The summary of a scope from its current-episode counter documents.
+
+    Client counts are counts of records (one client on one instrument): exact per instrument;
+    a client on two instruments counts once per instrument in the band and scope totals.
+    """
+    per: dict[str, dict[str, int]] = {}
+    for r in rows:
+        held = per.setdefault(str(r["instrument"]), {})
+        for f in ("records", "sessions", "below", "first", "latest", "at_risk"):
+            held[f] = held.get(f, 0) + int(r.get(f) or 0)
+    present = {i: c for i, c in per.items() if c.get("records")}
+    totals = [GroupTotals(i, c["records"], c.get("sessions", 0), c.get("below", 0), c.get("first", 0) / 100,
+                          c.get("latest", 0) / 100, c.get("at_risk", 0)) for i, c in present.items()]
+    by_band: dict[str, int] = {}
+    for i, c in present.items():
+        by_band[age_band(i)] = by_band.get(age_band(i), 0) + c["records"]
+    return summarize(totals, sum(t.trajectories for t in totals), sum(t.trajectories_at_risk for t in totals),
+                     {t.key: t.trajectories for t in totals}, by_band, alerts_raised, alerts_acknowledged)
+
+
+def months_between(first: str, last: str) -> list[str]:
+    """Every `YYYY-MM` from `first` to `last` inclusive (empty when `last` is before `first`)."""
+    y, m = int(first[:4]), int(first[5:7])
+    out: list[str] = []
+    while f"{y:04d}-{m:02d}" <= last:
+        out.append(f"{y:04d}-{m:02d}")
+        y, m = (y + 1, 1) if m == 12 else (y, m + 1)
+    return out
+
+
+def trend_series(rows: Iterable[Mapping[str, Any]], first: str, last: str) -> list[Doc]:
+    """Monthly series of a scope from its monthly counter documents, one point per month from
+    `first` to `last` (months without sessions included, with empty means)."""
+    per: dict[str, dict[str, int]] = {}
+    for r in rows:
+        held = per.setdefault(str(r["month"]), {})
+        for f in ("sessions", "below", "clients", "episodes", "change"):
+            held[f] = held.get(f, 0) + int(r.get(f) or 0)
+    out: list[Doc] = []
+    for month in months_between(first, last):
+        c = per.get(month, {})
+        sessions, episodes = c.get("sessions", 0), c.get("episodes", 0)
+        out.append({
+            "month": month,
+            "sessions": sessions,
+            "clients_seen": c.get("clients", 0),
+            "pct_sessions_below_cutoff": round(100.0 * c.get("below", 0) / sessions, 1) if sessions else None,
+            "episodes_ending": episodes,
+            "mean_change_first_to_latest": round(c.get("change", 0) / 100 / episodes, 2) if episodes else None,
+        })
+    return out

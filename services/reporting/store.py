@@ -13,8 +13,8 @@ Collections (all prefixed `reporting_`):
       read, then the owning site is checked), the consumer's batch read and conditional replace;
     * `(tenant_id, clinician_id, caseload_key)` — GET caseload: equality on the clinician, then
       a range scan from the cursor in sort order (at-risk first), no in-memory sort;
-    * `(tenant_id, site_id, instrument)` — site and tenant summaries ($match, then $group by
-      instrument; `distinct` client counts).
+    * `(tenant_id, site_id, instrument)` — a scope's records (summaries read the counters now;
+      kept for operators' scans of one site).
 - `reporting_<gen>_alerts`: one document per alert id, merged from deterioration and alert
   status events (either may come first; every update is a max, see rules.py). Indexes:
     * `(tenant_id, record_id)` — the alert marks of one record or of a caseload page;
@@ -40,6 +40,28 @@ back as *refused* (the handler dead-letters them as `record_too_large`); the rec
 it had and every other record of the batch is written. So no client's history can stall its
 partition; should a write still be refused by the store, `shared.kafka.subscribe_batch`
 isolates and dead-letters the record that caused it.
+Counters (`reporting_<gen>_counters`, one document per bucket `(tenant, site, clinician,
+instrument, month)`, see rules.py): every record write carries in `pending` the moves
+`diff(contribution(old), contribution(new))` tagged with the record's new version `v`; after the
+record bulk write, the moves of the records written are applied in ONE unordered bulk of `$inc`s,
+each filtered on the counter's marker `m.<record id>` being below `v` and setting it to `v`.
+What a crash leaves behind, step by step:
+  1. before the record write: nothing; the batch is redelivered and merged again;
+  2. after the record write, before (or during) the counter write: records at `v` whose moves
+     are applied on none or some of their counters. The redelivered batch finds those records
+     in the store (the process's cache is gone; a failed counter write also drops them from
+     the cache), and every record read from the store has its `pending` applied before
+     anything else is written — the markers skip the counters that took it already;
+  3. after the counter write: everything is applied; the redelivery merges to "duplicate",
+     re-applies the carried moves (markers: no-op) and writes nothing.
+So moves of version `v` are on every counter before version `v + 1` of the record can be
+written (a writer either applied them itself, or read the record and applied them), and a
+marker never passes a version whose moves it has not taken. `pending` is never cleared (that
+would cost a write); it is replaced with the next version. Indexes: `(tenant, month)`,
+`(tenant, site, month)`, `(tenant, clinician, month)` — summaries read `month` "" of a scope,
+trends a range of months. A counter document's markers grow with the records that ever counted
+in its bucket (a clinician's caseload on one instrument, or its sessions of one month).
+Records written before counters existed carry no share: run `alliance reporting rebuild` once.
 Submission parts are written with the same trick: an update conditioned on the stored part's key
 being lower (or absent), with upsert; E11000 means the document exists with a key at least as
 high (the update is tried once more in case that document was created concurrently).
@@ -70,13 +92,13 @@ from shared.events import (
     SrsScored,
     SrsSubmitted,
 )
-from shared.mongo import Document, LruCache, TtlCache, guarded_upserts, write_versioned
+from shared.mongo import Document, LruCache, TtlCache, bulk_write, guarded_upserts, write_versioned
 
 META = "reporting_meta"
 POINTER_ID = "generation"
 FIRST_GENERATION = "g1"
 # `trajectories` (one document per episode) is the shape before records; dropped with its generation.
-_GEN_COLLECTION = re.compile(r"^reporting_(g\d+)_(clients|trajectories|alerts)$")
+_GEN_COLLECTION = re.compile(r"^reporting_(g\d+)_(clients|trajectories|alerts|counters)$")
 SUBMISSIONS = "reporting_submissions"
 MONGO_MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_RECORD_BYTES = 15 * 1024 * 1024
@@ -109,6 +131,45 @@ def clients_name(gen: str) -> str:
 
 def alerts_name(gen: str) -> str:
     return f"reporting_{gen}_alerts"
+
+
+def counters_name(gen: str) -> str:
+    return f"reporting_{gen}_counters"
+
+
+PENDING = "pending"
+SHARE = "_share"
+MARKS = "m"
+_COUNTER_FIELDS = ("tenant_id", "site_id", "clinician_id", "instrument", "month")
+
+
+def pending_of(doc: Document) -> tuple[int, rules.Counters] | None:
+    """(version, counter moves) a record carries in `pending`; None when it carries none."""
+    pending = doc.get(PENDING)
+    if not pending or not pending.get("ops"):
+        return None
+    return int(pending["v"]), {tuple(op[:5]): dict(op[5]) for op in pending["ops"]}
+
+
+def with_pending(doc: Document, old: Document | None,
+                 groups: dict[str | None, list[Document]] | None = None) -> Document:
+    """`doc` (a merge result) carrying the counter moves from `old`'s contribution to its own.
+
+    The contribution is kept on the in-memory document (`SHARE`, never stored), so the next merge
+    of a cached record does not compute its old share again."""
+    was = old.get(SHARE) if old is not None else None
+    if was is None:
+        was = rules.contribution(old or {})
+    doc[SHARE] = now = rules.contribution(doc, groups)
+    moves = rules.diff(was, now)
+    doc[PENDING] = {"v": int(doc["v"]), "ops": [[*key, fields] for key, fields in sorted(moves.items())]}
+    return doc
+
+
+def counter_values(doc: Document) -> dict[str, int]:
+    """The counted fields of a counter document (identity, markers and zeros left out)."""
+    skip = {"_id", MARKS, "age_band", *_COUNTER_FIELDS}
+    return {k: int(v) for k, v in doc.items() if k not in skip and v}
 
 
 class Generations:
@@ -206,7 +267,9 @@ class ApplyReport:
 
 def to_stored(doc: Document) -> Document:
     """A record as written: entries packed into one text field (see rules.pack_entries)."""
-    return {**doc, "entries": rules.pack_entries(doc["entries"])}
+    stored = {**doc, "entries": rules.pack_entries(doc["entries"])}
+    stored.pop(SHARE, None)
+    return stored
 
 
 def from_stored(doc: Document) -> Document:
@@ -214,6 +277,14 @@ def from_stored(doc: Document) -> Document:
     if isinstance(doc.get("entries"), str):
         doc["entries"] = rules.unpack_entries(doc["entries"])
     return doc
+
+
+# (name, fields after `tenant_id`) of each generation collection's query indexes (see the module docs)
+_RECORD_INDEXES = (("caseload", ("clinician_id", "caseload_key")), ("by_site", ("site_id", "instrument")))
+_COUNTER_INDEXES = (("by_month", ("month",)), ("site_by_month", ("site_id", "month")),
+                    ("clinician_by_month", ("clinician_id", "month")))
+_ALERT_INDEXES = (("by_record", ("record_id",)), ("raised", ("site_id", "raised")),
+                  ("acknowledged", ("site_id", "acknowledged")))
 
 
 class DocCache(LruCache[tuple[str, str], Document]):
@@ -241,6 +312,9 @@ class ReportingStore:
     def alerts(self, gen: str) -> AsyncCollection[Document]:
         return self.db[alerts_name(gen)]
 
+    def counters(self, gen: str) -> AsyncCollection[Document]:
+        return self.db[counters_name(gen)]
+
     async def ensure_indexes(self, gen: str) -> None:
         """Create one generation's query indexes (idempotent; done once per process and generation).
 
@@ -248,17 +322,10 @@ class ReportingStore:
         """
         if gen in self._indexed:
             return
-        t = self.clients(gen)
-        await t.create_index([("tenant_id", ASCENDING), ("clinician_id", ASCENDING), ("caseload_key", ASCENDING)],
-                             name="caseload")
-        await t.create_index([("tenant_id", ASCENDING), ("site_id", ASCENDING), ("instrument", ASCENDING)],
-                             name="by_site")
-        a = self.alerts(gen)
-        await a.create_index([("tenant_id", ASCENDING), ("record_id", ASCENDING)], name="by_record")
-        await a.create_index([("tenant_id", ASCENDING), ("site_id", ASCENDING), ("raised", ASCENDING)],
-                             name="raised")
-        await a.create_index([("tenant_id", ASCENDING), ("site_id", ASCENDING), ("acknowledged", ASCENDING)],
-                             name="acknowledged")
+        for col, indexes in ((self.clients(gen), _RECORD_INDEXES), (self.counters(gen), _COUNTER_INDEXES),
+                             (self.alerts(gen), _ALERT_INDEXES)):
+            for name, fields in indexes:
+                await col.create_index([("tenant_id", ASCENDING), *((f, ASCENDING) for f in fields)], name=name)
         self._indexed.add(gen)
 
     # ------------------------------------------------------------------ writes
@@ -293,8 +360,15 @@ class ReportingStore:
                 else:
                     misses.append(rid)
             if misses:
+                # A record read from the store may carry moves a writer never applied (it died
+                # between the record write and the counter write): apply them first, before any
+                # newer version of the record can be written (see the module docs).
+                unsure: list[tuple[str, int, rules.Counters]] = []
                 async for d in col.find({"_id": {"$in": sorted(misses)}}):
                     existing[d["_id"]] = from_stored(d)
+                    if (carried := pending_of(d)) is not None:
+                        unsure.append((d["_id"], *carried))
+                await self.apply_counters(gen, unsure)
             writes: list[tuple[str, Document, int | None]] = []
             merged: dict[str, rules.MergeResult] = {}
             for rid in sorted(pending):
@@ -306,6 +380,7 @@ class ReportingStore:
                         self.cache.put((gen, rid), old)
                     continue
                 result.doc["updated_at"] = datetime.now(UTC)
+                with_pending(result.doc, old, result.groups)
                 stored = to_stored(result.doc)
                 size = len(bson.encode(stored))
                 if size > self.max_record_bytes:
@@ -320,6 +395,15 @@ class ReportingStore:
                     continue
                 writes.append((rid, stored, None if old is None else old.get("v", 0)))
             failed = await write_versioned(col, writes)
+            try:
+                await self.apply_counters(gen, [(rid, *p) for rid, doc, _ in writes
+                                                if rid not in failed and (p := pending_of(doc)) is not None])
+            except BaseException:
+                # The records are written, their moves maybe not: forget them here, so that the
+                # retry reads them back and applies what they carry.
+                for rid, _, _ in writes:
+                    self.cache.pop((gen, rid))
+                raise
             for rid, result in merged.items():
                 if rid in failed:
                     self.cache.pop((gen, rid))
@@ -338,6 +422,46 @@ class ReportingStore:
         if pending:
             raise RuntimeError(f"{len(pending)} records kept conflicting; the batch will be retried")
         return report
+
+    async def apply_counters(self, gen: str, moves: Sequence[tuple[str, int, rules.Counters]]) -> int:
+        """Apply records' counter moves, given as (record id, record version, moves), exactly once.
+
+        Each counter document keeps, per record, the version whose moves it took last
+        (`m.<record id>`); an update is filtered on that marker being lower, so a repeat does
+        nothing. The moves of one batch are folded into one update per counter document (the
+        filter names every record in it) and sent as one unordered bulk write; a folded update
+        whose filter misses (some record in it was applied already: a retry) is split and each
+        record's share retried alone, where a miss really means "already applied".
+        """
+        folded: dict[str, tuple[rules.CounterKey, dict[str, int], dict[str, int]]] = {}
+        for rid, version, counters in moves:
+            for key, fields in counters.items():
+                _, incs, marks = folded.setdefault(rules.counter_id(key), (key, {}, {}))
+                for name, n in fields.items():
+                    incs[name] = incs.get(name, 0) + n
+                marks[rid] = version
+        if not folded:
+            return 0
+
+        def op(cid: str, key: rules.CounterKey, incs: dict[str, int], marks: dict[str, int]) -> UpdateOne:
+            guard = {f"{MARKS}.{rid}": {"$not": {"$gte": v}} for rid, v in sorted(marks.items())}
+            identity = dict(zip(_COUNTER_FIELDS, key, strict=True))
+            return UpdateOne({"_id": cid, **guard},
+                             {"$inc": incs, "$set": {f"{MARKS}.{rid}": v for rid, v in marks.items()},
+                              "$setOnInsert": {**identity, "age_band": rules.age_band(key[3])}}, upsert=True)
+
+        ids = sorted(folded)
+        written = await bulk_write(self.counters(gen), [op(cid, *folded[cid]) for cid in ids])
+        done = written.upserted + written.modified
+        missed = [ids[i] for i in written.duplicates]
+        if missed:
+            alone: list[UpdateOne] = []
+            split = {(rid, v): c for rid, v, c in moves}
+            for cid in missed:
+                key, _, marks = folded[cid]
+                alone.extend(op(cid, key, split[(rid, v)][key], {rid: v}) for rid, v in sorted(marks.items()))
+            done += await guarded_upserts(self.counters(gen), alone)
+        return done
 
     async def apply_deterioration(self, gen: str, events: Sequence[AllianceDeterioration]) -> int:
         """Record raised (or revised) alerts; one bulk write.
@@ -426,51 +550,44 @@ class ReportingStore:
         return [from_stored(d) for d in docs]
 
     async def summary(self, gen: str, tenant_id: str, site_id: str | None) -> Document | None:
-        """The PCOMS summary of a tenant or site (each record's current episode); None when the
-        scope has no data at all."""
+        """The PCOMS summary of a tenant or site (each record's current episode), from the
+        current-episode counters of the scope (one document per site, clinician and instrument,
+        whatever the number of clients); None when the scope has no data at all."""
         scope = self._scope(tenant_id, site_id)
-        records: Document = {**scope, "session_count": {"$gt": 0}}
-        col = self.clients(gen)
-        pipeline: list[Document] = [
-            {"$match": records},
-            {"$group": {
-                "_id": "$instrument",
-                "trajectories": {"$sum": 1},
-                "sessions": {"$sum": "$session_count"},
-                "below": {"$sum": "$sessions_below_cutoff"},
-                "first": {"$sum": "$first_total"},
-                "latest": {"$sum": "$latest_total"},
-                "at_risk": {"$sum": {"$cond": ["$at_risk", 1, 0]}},
-            }},
-        ]
-        rows = await (await col.aggregate(pipeline)).to_list()
-        totals = [rules.GroupTotals(r["_id"], int(r["trajectories"]), int(r["sessions"]), int(r["below"]),
-                                    float(r["first"]), float(r["latest"]), int(r["at_risk"])) for r in rows]
+        rows = await self.counters(gen).find({**scope, "month": rules.CURRENT}, {MARKS: 0}).to_list()
         alerts = self.alerts(gen)
         raised = await alerts.count_documents({**scope, "raised": True})
         acknowledged = await alerts.count_documents({**scope, "acknowledged": True})
-        if not totals and not raised and not acknowledged:
+        if not any(r.get("records") for r in rows) and not raised and not acknowledged:
             return None
-        # Distinct client counts: `distinct` is linear in the store in use, where $addToSet in a
-        # $group is not. One call per scope, plus one per instrument and band only when a scope
-        # mixes them (a client may use two instruments; the counts are of distinct clients).
-        clients = len(await col.distinct("client_id", records))
-        at_risk = len(await col.distinct("client_id", {**records, "at_risk": True}))
-        present = [t.key for t in totals]
-        by_instrument: dict[str, int] = {}
-        for inst in present:
-            by_instrument[inst] = clients if len(present) == 1 else len(
-                await col.distinct("client_id", {**records, "instrument": inst}))
-        by_band: dict[str, int] = {}
-        for band in {rules.age_band(i) for i in present}:
-            members = [i for i in present if rules.age_band(i) == band]
-            if len(members) == len(present):
-                by_band[band] = clients
-            elif len(members) == 1:
-                by_band[band] = by_instrument[members[0]]
-            else:
-                by_band[band] = len(await col.distinct("client_id", {**records, "instrument": {"$in": members}}))
-        return rules.summarize(totals, clients, at_risk, by_instrument, by_band, raised, acknowledged)
+        return {**rules.summary_from_counters(rows, raised, acknowledged), "as_of": datetime.now(UTC).isoformat()}
+
+    async def trends(self, gen: str, tenant_id: str, first: str, last: str, *, site_id: str | None = None,
+                     clinician_id: str | None = None) -> list[Document]:
+        """Monthly series of a tenant, a site or a clinician from `first` to `last` (`YYYY-MM`)."""
+        q = self._scope(tenant_id, site_id)
+        if clinician_id is not None:
+            q["clinician_id"] = clinician_id
+        q["month"] = {"$gte": first, "$lte": last}
+        rows = await self.counters(gen).find(q, {MARKS: 0}).to_list()
+        return rules.trend_series(rows, first, last)
+
+    async def verify(self, gen: str) -> dict[str, tuple[dict[str, int], dict[str, int]]]:
+        """Recompute the counters from the records and compare: per counter id whose values
+        differ, (what the records say, what the counters hold). Empty when they agree."""
+        total: rules.Counters = {}
+        shares: list[rules.Counters] = []
+        async for d in self.clients(gen).find({}):
+            shares.append(rules.contribution(from_stored(d)))
+            if len(shares) == 1000:  # folded as it goes: memory bounded by the buckets, not the records
+                total, shares = rules.total_counters([total, *shares]), []
+        expected = {rules.counter_id(k): v for k, v in rules.total_counters([total, *shares]).items()}
+        held: dict[str, dict[str, int]] = {}
+        async for c in self.counters(gen).find({}, {MARKS: 0}):
+            if values := counter_values(c):
+                held[c["_id"]] = values
+        return {cid: (expected.get(cid, {}), held.get(cid, {}))
+                for cid in sorted(expected.keys() | held.keys()) if expected.get(cid, {}) != held.get(cid, {})}
 
 
 class SubmissionStore:

@@ -18,9 +18,10 @@ import httpx
 import pytest
 from pymongo import AsyncMongoClient
 
+from services.reporting.cli import verify_generation
 from services.reporting.rebuild import rebuild
 from services.reporting.settings import ReportingSettings
-from services.reporting.store import META, POINTER_ID, clients_name
+from services.reporting.store import META, POINTER_ID, clients_name, counters_name
 from shared.auth import create_key
 from shared.events import SrsScored
 from shared.mongo import Document
@@ -149,6 +150,17 @@ async def test_rebuild_replays_into_a_new_generation_and_switches_while_the_api_
     assert c2.json()["latest_total"] == 31.0
     pointer = await live.pointer()
     assert (pointer["active"], pointer["previous"], pointer["building"]) == (result.generation, old_gen, None)
+    # the counters came with the records, replay and live double write alike
+    assert await eventually(lambda: counters_agree(live, result.generation), timeout=30)
+    assert await eventually(lambda: counters_agree(live, old_gen), timeout=30)
+    current = await live.mongo[live.ns.database][counters_name(result.generation)].find(
+        {"tenant_id": T, "month": ""}).to_list()
+    assert sum(c.get("sessions", 0) for c in current) == 3 + 3  # c1's current episode, c2 with the late one
+
+
+async def counters_agree(live: Live, gen: str) -> bool:
+    _, differences = await verify_generation(live.ns.mongo(), gen)
+    return not differences
 
 
 async def test_the_cli_rebuilds_with_a_progress_bar_and_refuses_a_second_concurrent_rebuild(live: Live) -> None:
@@ -175,3 +187,22 @@ async def test_the_cli_rebuilds_with_a_progress_bar_and_refuses_a_second_concurr
     forced = await run_cli([*cmd, "--force"], env)
     assert forced.returncode == 0, forced.stderr
     assert (await visible(live, "c3", 1)).json()["latest_total"] == 37.0
+
+
+async def test_the_cli_verify_passes_on_agreeing_counters_and_exits_1_naming_a_counter_that_differs(
+        live: Live) -> None:
+    await publish(live.ns.kafka(), sessions("c4", [36.0, 38.0]))
+    await visible(live, "c4", 2)
+    env = {**os.environ, **live.ns.env(), "PYTHONPATH": str(ROOT), "COLUMNS": "100"}
+
+    async def agreed() -> bool:
+        return (await run_cli(["reporting", "verify"], env)).returncode == 0
+
+    assert await eventually(agreed, timeout=30)
+    gen = (await live.pointer())["active"]
+    counters = live.mongo[live.ns.database][counters_name(gen)]
+    tampered = await counters.find_one_and_update({"tenant_id": T, "month": ""}, {"$inc": {"sessions": 1}})
+    assert tampered is not None
+    found = await run_cli(["reporting", "verify"], env)
+    assert found.returncode == 1 and tampered["_id"] in found.stdout and "differ" in found.stderr
+    await counters.update_one({"_id": tampered["_id"]}, {"$inc": {"sessions": -1}})

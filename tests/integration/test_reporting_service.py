@@ -20,10 +20,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient
 
+from services.reporting.cli import verify_generation
 from shared.auth import create_key
 from shared.events import AlertStatusChanged, DeadLetter, Instrument, Items, SrsScored, SrsSubmitted
 from shared.ids import derive
 from shared.mongo import Document
+from shared.settings import MongoSettings
 from tests.support.deadletters import dead_letters
 from tests.support.services import Namespace, ServiceProcess, service_fixture
 from tests.support.wait import eventually
@@ -66,6 +68,20 @@ async def reporting(namespace_m: Namespace, reporting_process: ServiceProcess) -
     async with httpx.AsyncClient(base_url=reporting_process.url, timeout=30) as http:
         yield Reporting(namespace_m, reporting_process, http, mongo)
     await mongo.close()
+
+
+@pytest.fixture(autouse=True)
+async def counters_agree_after_each_scenario(reporting: Reporting) -> AsyncIterator[None]:
+    """`alliance reporting verify` after every scenario: once the consumer has caught up, the
+    incremental indices equal what the records say (a batch in flight may briefly differ)."""
+    yield
+    mongo = MongoSettings(url=reporting.ns.stack.mongo_url, database=reporting.ns.database)
+
+    async def agree() -> bool:
+        _, differences = await verify_generation(mongo)
+        return not differences
+
+    await eventually(agree, timeout=30)
 
 
 def tenant() -> str:
@@ -314,6 +330,42 @@ async def test_summaries_follow_the_pcoms_indices(reporting: Reporting) -> None:
     assert [(b["age_band"], b["clients"], b["sessions"]) for b in s["by_age_band"]] == [("13+", 2, 5), ("6-12", 1, 1)]
     north = (await reporting.get("/v1/sites/north/summary", key)).json()
     assert (north["site_id"], north["clients"], north["sessions"]) == ("north", 2, 5)
+    assert datetime.fromisoformat(s["as_of"]) <= datetime.now(UTC)
+
+
+async def test_trends_give_the_monthly_series_of_a_tenant_a_site_and_a_clinician(reporting: Reporting) -> None:
+    t = tenant()
+    y = BASE.year
+    march = [scored(t, "c1", n, total, administered_at=datetime(y, 3, 2 + n, tzinfo=UTC))
+             for n, total in ((1, 30.0), (2, 34.0))]
+    april = [scored(t, "c1", 3, 37.0, administered_at=datetime(y, 4, 6, tzinfo=UTC)),
+             scored(t, "c2", 1, 39.0, site_id="south", clinician_id="c-2",
+                    administered_at=datetime(y, 4, 9, tzinfo=UTC))]
+    await publish(reporting.ns.kafka(), [*march, *april])
+    key = await reporting.key(t)
+    await trajectory_of(reporting, key, "c1", 3)
+    await trajectory_of(reporting, key, "c2", 1)
+    span = {"from": f"{y}-03", "to": f"{y}-05"}
+    whole = (await reporting.get("/v1/summary/trends", key, **span)).json()
+    assert [(m["month"], m["sessions"], m["clients_seen"]) for m in whole["months"]] == [
+        (f"{y}-03", 2, 1), (f"{y}-04", 2, 2), (f"{y}-05", 0, 0)]
+    assert whole["months"][0]["pct_sessions_below_cutoff"] == 100.0
+    assert whole["months"][1]["mean_change_first_to_latest"] == round(((37.0 - 30.0) + 0.0) / 2, 2)
+    south = (await reporting.get("/v1/sites/south/trends", key, **span)).json()
+    assert [m["sessions"] for m in south["months"]] == [0, 1, 0]
+    c1 = (await reporting.get("/v1/clinicians/c-1/trends", key, **span)).json()
+    assert [m["sessions"] for m in c1["months"]] == [2, 1, 0]
+
+
+async def test_trends_refuse_a_backwards_or_malformed_span_and_scope_site_bound_keys(reporting: Reporting) -> None:
+    t = tenant()
+    key, north = await reporting.key(t), await reporting.key(t, site="north")
+    assert (await reporting.get("/v1/summary/trends", key, **{"from": "2026-05", "to": "2026-04"})).status_code == 422
+    assert (await reporting.get("/v1/summary/trends", key, **{"from": "2026-13", "to": "2026-14"})).status_code == 422
+    span = {"from": "2026-01", "to": "2026-02"}
+    assert (await reporting.get("/v1/summary/trends", north, **span)).status_code == 403
+    assert (await reporting.get("/v1/sites/south/trends", north, **span)).status_code == 403
+    assert (await reporting.get("/v1/clinicians/c-1/trends", north, **span)).json()["site_id"] == "north"
 
 
 async def test_fhir_view_is_a_bundle_of_responses_and_survey_observations(reporting: Reporting) -> None:

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.reporting import rules
@@ -27,7 +25,7 @@ from services.reporting.store import (
 )
 from shared.events import AlertStatusChanged, DeadLetter, SrsSubmitted
 from shared.mongo import Document
-from tests.support.stack import StackUnderTest
+from tests.support.stack import StackUnderTest, scratch_database
 from tools.demo import acknowledgement, deterioration_for, lifecycle, revised, scored
 
 T = "tenant-store"
@@ -35,11 +33,8 @@ T = "tenant-store"
 
 @pytest.fixture
 async def db(stack: StackUnderTest) -> AsyncIterator[AsyncDatabase[Document]]:
-    client: AsyncMongoClient[Document] = AsyncMongoClient(stack.mongo_url, tz_aware=True)
-    name = "t_store_" + uuid.uuid4().hex[:10]
-    yield client[name]
-    await client.drop_database(name)
-    await client.close()
+    async with scratch_database(stack, "t_store_") as database:
+        yield database
 
 
 def tid(client: str) -> str:

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+
+from shared.mongo import Document
 from tools.stack import LocalStack, free_port
 
 
@@ -62,3 +67,15 @@ def stack_under_test() -> Iterator[StackUnderTest]:
         yield StackUnderTest("local", local.bootstrap, local.mongo_url, False, local)
     finally:
         local.stop()
+
+
+@asynccontextmanager
+async def scratch_database(stack: StackUnderTest, prefix: str) -> AsyncIterator[AsyncDatabase[Document]]:
+    """A database of its own for one test on the store under test, dropped afterwards."""
+    client: AsyncMongoClient[Document] = AsyncMongoClient(stack.mongo_url, tz_aware=True)
+    name = prefix + uuid.uuid4().hex[:10]
+    try:
+        yield client[name]
+    finally:
+        await client.drop_database(name)
+        await client.close()

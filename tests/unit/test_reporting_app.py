@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from services.reporting import rules
+from services.reporting import models, rules
 from services.reporting.app import ReportingConfig, asyncapi_app, create_app
 from services.reporting.models import CaseloadOut, SubmissionOut, SubmissionsPageOut, SummaryOut, TrajectoryOut
 from shared.events import Items
@@ -17,7 +17,7 @@ def test_the_app_serves_exactly_the_read_endpoints_and_the_dashboard() -> None:
     assert {p for p in paths if p.startswith("/v1")} == {
         "/v1/clients/{client_id}/trajectory", "/v1/clients/{client_id}/fhir", "/v1/clinicians/{clinician_id}/caseload",
         "/v1/sites/{site_id}/summary", "/v1/summary", "/v1/submissions/{submission_id}", "/v1/submissions",
-        "/v1/audit"}
+        "/v1/audit", "/v1/summary/trends", "/v1/sites/{site_id}/trends", "/v1/clinicians/{clinician_id}/trends"}
     assert {"/dashboard", "/healthz", "/readyz", "/metrics"} <= paths
 
 
@@ -87,9 +87,17 @@ def test_submission_views_match_their_documented_models() -> None:
 
 
 def test_summary_matches_its_documented_model() -> None:
-    totals = [rules.GroupTotals("SRS", 1, 2, 1, 35.0, 37.0, 0)]
-    body = rules.summarize(totals, 1, 0, {"SRS": 1}, {"13+": 1}, 1, 0)
-    SummaryOut.model_validate({"tenant_id": "t", "site_id": None, **body})
+    rows = [{"instrument": "SRS", "records": 1, "sessions": 2, "below": 1, "first": 3500, "latest": 3700}]
+    body = rules.summary_from_counters(rows, 1, 0)
+    SummaryOut.model_validate({"tenant_id": "t", "site_id": None, **body, "as_of": "2026-11-26T10:00:00+00:00"})
+
+
+def test_trends_match_their_documented_model() -> None:
+    months = rules.trend_series([{"month": "2026-01", "sessions": 2, "below": 1, "clients": 1, "episodes": 1,
+                                  "change": 400}], "2025-12", "2026-01")
+    models.TrendsOut.model_validate({"tenant_id": "t", "site_id": None, "clinician_id": None,
+                                     "from_month": "2025-12", "to_month": "2026-01",
+                                     "as_of": "2026-11-26T10:00:00+00:00", "months": months})
 
 
 def test_a_scored_log_cut_by_retention_is_detected_before_a_rebuild() -> None:
