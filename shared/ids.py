@@ -82,6 +82,12 @@ def client_record_id(tenant_id: str, client_id: str, instrument: str) -> str:
     return derive("client-record", tenant_id, client_id, str(instrument))
 
 
+def reporting_counter_id(tenant_id: str, site_id: str, clinician_id: str, instrument: str, month: str) -> str:
+    """Reporting's key of one counter document (a bucket of the incremental indices; `month` ""
+    for the current episodes)."""
+    return derive("reporting-counter", tenant_id, site_id, clinician_id, str(instrument), month)
+
+
 def submission_status_id(tenant_id: str, submission_id: str) -> str:
     """Reporting's key of a submission's status document."""
     return derive("submission-status", tenant_id, submission_id)

@@ -904,7 +904,7 @@ def total_counters(shares: Iterable[Counters]) -> Counters:
 
 def counter_id(key: CounterKey) -> str:
     """The `_id` of a bucket's counter document."""
-    return derive("reporting-counter", *key)
+    return ids.reporting_counter_id(*key)
 
 
 def summary_from_counters(rows: Iterable[Mapping[str, Any]], alerts_raised: int, alerts_acknowledged: int) -> Doc:

@@ -20,6 +20,7 @@ from services.reporting.handlers import ReportingHandlers
 from services.reporting.store import FIRST_GENERATION, GenerationState, ReportingStore, SubmissionStore
 from shared import ids
 from shared.events import Instrument, SrsScored
+from shared.kafka import Decoded
 from shared.mongo import Document
 from shared.topics import Topics
 from tests.support.fakes import FixedGenerations, Sink, inbound
@@ -37,12 +38,14 @@ async def db(stack: StackUnderTest) -> AsyncIterator[AsyncDatabase[Document]]:
         yield database
 
 
-def handlers(store: ReportingStore) -> ReportingHandlers:
-    return ReportingHandlers(store, FixedGenerations(GenerationState(G)), Sink(), TOPICS, SubmissionStore(store.db))
+def handlers(store: ReportingStore, gen: str = G) -> ReportingHandlers:
+    return ReportingHandlers(store, FixedGenerations(GenerationState(gen)), Sink(), TOPICS, SubmissionStore(store.db))
 
 
 async def deliver(h: ReportingHandlers, events: list[SrsScored]) -> None:
-    await h.scored([inbound(TOPICS.scored, e, key=ids.partition_key(e.tenant_id, e.client_id)) for e in events])
+    """One batch of `srs.scored.v1`, decoded as the subscriber hands it to the handler."""
+    await h.scored([Decoded(inbound(TOPICS.scored, e, key=ids.partition_key(e.tenant_id, e.client_id)), e)
+                    for e in events])
 
 
 def history() -> list[SrsScored]:
@@ -158,7 +161,7 @@ async def test_any_order_duplicates_and_batching_leave_counters_equal_to_the_rec
         db: AsyncDatabase[Document], order: list[int], repeats: list[int], batch: int) -> None:
     gen = "g" + uuid.uuid4().hex[:8]  # one generation per example: the database is shared
     store = ReportingStore(db, cache_entries=100)
-    h = ReportingHandlers(store, FixedGenerations(GenerationState(gen)), Sink(), TOPICS, SubmissionStore(db))
+    h = handlers(store, gen)
     stream = [_EVENTS[i] for i in [*order, *repeats]]
     for i in range(0, len(stream), batch):
         await deliver(h, stream[i:i + batch])

@@ -50,6 +50,11 @@ def test_reporting_record_and_submission_status_ids_keep_their_values() -> None:
     assert ids.submission_status_id("acme", "sub-1") == "5df505a6-d131-5cde-8c93-a950a31df6b2"
 
 
+def test_reporting_counter_ids_keep_their_values() -> None:
+    # stored as counter documents' _id: a new recipe would orphan every counter until a rebuild
+    assert ids.reporting_counter_id("acme", "north", "c-1", "SRS", "2026-03") == "f96cee12-46a5-5091-a779-48fb4ffed516"
+
+
 def test_fhir_ids_keep_their_values() -> None:
     assert ids.fhir_session_ids("acme", "c-1", "SRS", "ep-1", 3) == (
         "b6da8d54-1b41-5a13-9dcb-1d4c99ca1add", "7e44eda9-2c7c-5f6c-a0b6-49332b70423b")
