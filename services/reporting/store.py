@@ -40,11 +40,14 @@ back as *refused* (the handler dead-letters them as `record_too_large`); the rec
 it had and every other record of the batch is written. So no client's history can stall its
 partition; should a write still be refused by the store, `shared.kafka.subscribe_batch`
 isolates and dead-letters the record that caused it.
-Counters (`reporting_<gen>_counters`, one document per bucket `(tenant, site, clinician,
-instrument, month)`, see rules.py): every record write carries in `pending` the moves
+Counters (`reporting_<gen>_counters`, one document per `(tenant, site, clinician, instrument)`
+holding the current-episode fields top-level and the monthly ones under `mo.<YYYY-MM>`: the
+buckets of rules.py, nested so that one record's moves touch one document): every
+record write carries in `pending` the moves
 `diff(contribution(old), contribution(new))` tagged with the record's new version `v`; after the
 record bulk write, the moves of the records written are applied in ONE unordered bulk of `$inc`s,
-each filtered on the counter's marker `m.<record id>` being below `v` and setting it to `v`.
+each filtered on the counter's marker of the record (`marker`) being below `v` and setting it
+to `v`.
 What a crash leaves behind, step by step:
   1. before the record write: nothing; the batch is redelivered and merged again;
   2. after the record write, before (or during) the counter write: records at `v` whose moves
@@ -57,10 +60,11 @@ What a crash leaves behind, step by step:
 So moves of version `v` are on every counter before version `v + 1` of the record can be
 written (a writer either applied them itself, or read the record and applied them), and a
 marker never passes a version whose moves it has not taken. `pending` is never cleared (that
-would cost a write); it is replaced with the next version. Indexes: `(tenant, month)`,
-`(tenant, site, month)`, `(tenant, clinician, month)` — summaries read `month` "" of a scope,
-trends a range of months. A counter document's markers grow with the records that ever counted
-in its bucket (a clinician's caseload on one instrument, or its sessions of one month).
+would cost a write); it is replaced with the next version. Indexes: `(tenant, site)`,
+`(tenant, clinician)` — summaries and trends read every counter document of a scope (one per
+site, clinician and instrument, whatever the number of clients; trends project the months asked).
+A counter document's markers grow with the records that ever counted in it (a clinician's
+caseload on one instrument).
 Records written before counters existed carry no share: run `alliance reporting rebuild` once.
 Submission parts are written with the same trick: an update conditioned on the stored part's key
 being lower (or absent), with upsert; E11000 means the document exists with a key at least as
@@ -70,6 +74,7 @@ high (the update is tried once more in case that document was created concurrent
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -140,15 +145,65 @@ def counters_name(gen: str) -> str:
 PENDING = "pending"
 SHARE = "_share"
 MARKS = "m"
-_COUNTER_FIELDS = ("tenant_id", "site_id", "clinician_id", "instrument", "month")
+MONTHS = "mo"
+_COUNTER_FIELDS = ("tenant_id", "site_id", "clinician_id", "instrument")
+Bucket = tuple[str, str, str, str]  # (tenant, site, clinician, instrument): one counter document
+
+
+def counter_place(key: rules.CounterKey) -> tuple[Bucket, str]:
+    """(counter document, field prefix) of a bucket: a record's monthly buckets are nested in the
+    document of its current one (`mo.<YYYY-MM>.<field>`), so one record's moves touch one document."""
+    tenant, site, clinician, instrument, month = key
+    return (tenant, site, clinician, instrument), (f"{MONTHS}.{month}." if month else "")
+
+
+def marker(record_id: str) -> str:
+    """The field of a counter document holding a record's applied version: 64 bits of the record
+    id (short names cost the store less to match and set; a clash among the records of one
+    clinician's caseload has odds of about n^2 / 2^65)."""
+    return f"{MARKS}.{record_id.replace('-', '')[:16]}"
+
+
+def counter_doc_id(bucket: Bucket) -> str:
+    return rules.counter_id((*bucket, rules.CURRENT))
+
+
+def flat_counters(counters: rules.Counters) -> dict[Bucket, dict[str, int]]:
+    """Counters as the documents hold them: per document, its fields by dotted name."""
+    out: dict[Bucket, dict[str, int]] = {}
+    for key, fields in counters.items():
+        bucket, prefix = counter_place(key)
+        held = out.setdefault(bucket, {})
+        for name, n in fields.items():
+            held[prefix + name] = held.get(prefix + name, 0) + n
+    return out
+
+
+def counter_document(bucket: Bucket, fields: dict[str, int]) -> Document:
+    """A counter document holding `fields` (dotted names), without markers (a bulk load's)."""
+    doc: Document = {"_id": counter_doc_id(bucket), **dict(zip(_COUNTER_FIELDS, bucket, strict=True)),
+                     "age_band": rules.age_band(bucket[3])}
+    for name, n in fields.items():
+        *path, leaf = name.split(".")
+        at = doc
+        for part in path:
+            at = at.setdefault(part, {})
+        at[leaf] = n
+    return doc
+
+
+def month_rows(doc: Document) -> list[Document]:
+    """The monthly buckets of a counter document, each as `{month, <fields>}`."""
+    return [{"month": month, **fields} for month, fields in (doc.get(MONTHS) or {}).items()]
 
 
 def pending_of(doc: Document) -> tuple[int, rules.Counters] | None:
     """(version, counter moves) a record carries in `pending`; None when it carries none."""
     pending = doc.get(PENDING)
-    if not pending or not pending.get("ops"):
+    if not pending:
         return None
-    return int(pending["v"]), {tuple(op[:5]): dict(op[5]) for op in pending["ops"]}
+    version, ops = json.loads(pending)
+    return (int(version), {tuple(op[:5]): dict(op[5]) for op in ops}) if ops else None
 
 
 def with_pending(doc: Document, old: Document | None,
@@ -162,14 +217,19 @@ def with_pending(doc: Document, old: Document | None,
         was = rules.contribution(old or {})
     doc[SHARE] = now = rules.contribution(doc, groups)
     moves = rules.diff(was, now)
-    doc[PENDING] = {"v": int(doc["v"]), "ops": [[*key, fields] for key, fields in sorted(moves.items())]}
+    # one text, like the entries: the store writes and skips a string faster than nested arrays
+    doc[PENDING] = json.dumps([int(doc["v"]), [[*key, fields] for key, fields in sorted(moves.items())]],
+                              separators=(",", ":"))
     return doc
 
 
 def counter_values(doc: Document) -> dict[str, int]:
-    """The counted fields of a counter document (identity, markers and zeros left out)."""
-    skip = {"_id", MARKS, "age_band", *_COUNTER_FIELDS}
-    return {k: int(v) for k, v in doc.items() if k not in skip and v}
+    """The counted fields of a counter document by dotted name (identity, markers and zeros left out)."""
+    skip = {"_id", MARKS, MONTHS, "age_band", *_COUNTER_FIELDS}
+    out = {k: int(v) for k, v in doc.items() if k not in skip and v}
+    for row in month_rows(doc):
+        out.update({f"{MONTHS}.{row['month']}.{k}": int(v) for k, v in row.items() if k != "month" and v})
+    return out
 
 
 class Generations:
@@ -281,8 +341,7 @@ def from_stored(doc: Document) -> Document:
 
 # (name, fields after `tenant_id`) of each generation collection's query indexes (see the module docs)
 _RECORD_INDEXES = (("caseload", ("clinician_id", "caseload_key")), ("by_site", ("site_id", "instrument")))
-_COUNTER_INDEXES = (("by_month", ("month",)), ("site_by_month", ("site_id", "month")),
-                    ("clinician_by_month", ("clinician_id", "month")))
+_COUNTER_INDEXES = (("by_site", ("site_id",)), ("by_clinician", ("clinician_id",)))
 _ALERT_INDEXES = (("by_record", ("record_id",)), ("raised", ("site_id", "raised")),
                   ("acknowledged", ("site_id", "acknowledged")))
 
@@ -427,28 +486,30 @@ class ReportingStore:
         """Apply records' counter moves, given as (record id, record version, moves), exactly once.
 
         Each counter document keeps, per record, the version whose moves it took last
-        (`m.<record id>`); an update is filtered on that marker being lower, so a repeat does
-        nothing. The moves of one batch are folded into one update per counter document (the
+        (`marker`: `m.` and 64 bits of the record id); an update is filtered on it being lower,
+        so a repeat does nothing. The moves of one batch are folded into one update per counter document (the
         filter names every record in it) and sent as one unordered bulk write; a folded update
         whose filter misses (some record in it was applied already: a retry) is split and each
         record's share retried alone, where a miss really means "already applied".
         """
-        folded: dict[str, tuple[rules.CounterKey, dict[str, int], dict[str, int]]] = {}
+        folded: dict[str, tuple[Bucket, dict[str, int], dict[str, int]]] = {}
+        flat: dict[tuple[str, Bucket], dict[str, int]] = {}
         for rid, version, counters in moves:
-            for key, fields in counters.items():
-                _, incs, marks = folded.setdefault(rules.counter_id(key), (key, {}, {}))
+            for bucket, fields in flat_counters(counters).items():
+                flat[(rid, bucket)] = fields
+                _, incs, marks = folded.setdefault(counter_doc_id(bucket), (bucket, {}, {}))
                 for name, n in fields.items():
                     incs[name] = incs.get(name, 0) + n
                 marks[rid] = version
         if not folded:
             return 0
 
-        def op(cid: str, key: rules.CounterKey, incs: dict[str, int], marks: dict[str, int]) -> UpdateOne:
-            guard = {f"{MARKS}.{rid}": {"$not": {"$gte": v}} for rid, v in sorted(marks.items())}
-            identity = dict(zip(_COUNTER_FIELDS, key, strict=True))
+        def op(cid: str, bucket: Bucket, incs: dict[str, int], marks: dict[str, int]) -> UpdateOne:
+            guard = {marker(rid): {"$not": {"$gte": v}} for rid, v in sorted(marks.items())}
+            identity = dict(zip(_COUNTER_FIELDS, bucket, strict=True))
             return UpdateOne({"_id": cid, **guard},
-                             {"$inc": incs, "$set": {f"{MARKS}.{rid}": v for rid, v in marks.items()},
-                              "$setOnInsert": {**identity, "age_band": rules.age_band(key[3])}}, upsert=True)
+                             {"$inc": incs, "$set": {marker(rid): v for rid, v in marks.items()},
+                              "$setOnInsert": {**identity, "age_band": rules.age_band(bucket[3])}}, upsert=True)
 
         ids = sorted(folded)
         written = await bulk_write(self.counters(gen), [op(cid, *folded[cid]) for cid in ids])
@@ -456,10 +517,9 @@ class ReportingStore:
         missed = [ids[i] for i in written.duplicates]
         if missed:
             alone: list[UpdateOne] = []
-            split = {(rid, v): c for rid, v, c in moves}
             for cid in missed:
-                key, _, marks = folded[cid]
-                alone.extend(op(cid, key, split[(rid, v)][key], {rid: v}) for rid, v in sorted(marks.items()))
+                bucket, _, marks = folded[cid]
+                alone.extend(op(cid, bucket, flat[(rid, bucket)], {rid: v}) for rid, v in sorted(marks.items()))
             done += await guarded_upserts(self.counters(gen), alone)
         return done
 
@@ -554,7 +614,7 @@ class ReportingStore:
         current-episode counters of the scope (one document per site, clinician and instrument,
         whatever the number of clients); None when the scope has no data at all."""
         scope = self._scope(tenant_id, site_id)
-        rows = await self.counters(gen).find({**scope, "month": rules.CURRENT}, {MARKS: 0}).to_list()
+        rows = await self.counters(gen).find(scope, {MARKS: 0, MONTHS: 0}).to_list()
         alerts = self.alerts(gen)
         raised = await alerts.count_documents({**scope, "raised": True})
         acknowledged = await alerts.count_documents({**scope, "acknowledged": True})
@@ -568,9 +628,9 @@ class ReportingStore:
         q = self._scope(tenant_id, site_id)
         if clinician_id is not None:
             q["clinician_id"] = clinician_id
-        q["month"] = {"$gte": first, "$lte": last}
-        rows = await self.counters(gen).find(q, {MARKS: 0}).to_list()
-        return rules.trend_series(rows, first, last)
+        shown: Document = {f"{MONTHS}.{m}": 1 for m in rules.months_between(first, last)}
+        docs = await self.counters(gen).find(q, shown).to_list()
+        return rules.trend_series([row for d in docs for row in month_rows(d)], first, last)
 
     async def verify(self, gen: str) -> dict[str, tuple[dict[str, int], dict[str, int]]]:
         """Recompute the counters from the records and compare: per counter id whose values
@@ -581,7 +641,7 @@ class ReportingStore:
             shares.append(rules.contribution(from_stored(d)))
             if len(shares) == 1000:  # folded as it goes: memory bounded by the buckets, not the records
                 total, shares = rules.total_counters([total, *shares]), []
-        expected = {rules.counter_id(k): v for k, v in rules.total_counters([total, *shares]).items()}
+        expected = {counter_doc_id(b): v for b, v in flat_counters(rules.total_counters([total, *shares])).items()}
         held: dict[str, dict[str, int]] = {}
         async for c in self.counters(gen).find({}, {MARKS: 0}):
             if values := counter_values(c):

@@ -44,7 +44,14 @@ from pymongo import InsertOne, UpdateOne
 from services.reporting import rules
 from services.reporting.rebuild import rebuild
 from services.reporting.settings import ReportingSettings
-from services.reporting.store import Generations, ReportingStore, from_stored, to_stored
+from services.reporting.store import (
+    Generations,
+    ReportingStore,
+    counter_document,
+    flat_counters,
+    from_stored,
+    to_stored,
+)
 from shared.auth import create_key
 from shared.events import Flag
 from shared.mongo import database, make_client
@@ -200,9 +207,7 @@ def bench_counters(templates: list[dict[str, Any]], clients: int) -> list[dict[s
             held = totals.setdefault((tenant, f"site{i % 20}", f"doc{i % 4000}", inst, month), {})
             for name, n in fields.items():
                 held[name] = held.get(name, 0) + n
-    names = ("tenant_id", "site_id", "clinician_id", "instrument", "month")
-    return [{"_id": rules.counter_id(key), **dict(zip(names, key, strict=True)), "age_band": rules.age_band(key[3]),
-             **fields} for key, fields in totals.items()]
+    return [counter_document(bucket, fields) for bucket, fields in flat_counters(totals).items()]
 
 
 async def summary_latency(url: str, key: str) -> tuple[float, float]:
