@@ -14,6 +14,7 @@ never stalls its partition.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -140,14 +141,18 @@ class ReportingHandlers:
         started = time.perf_counter()
         if events:
             active, building = await self._targets()
-            report = await self.store.apply_scored(active, events)
+            # The submissions' statuses are another collection, independent of the records: written
+            # while the records and their counters are (both idempotent: a failure of either fails
+            # the batch, whose retry repeats nothing).
+            report, statuses = await asyncio.gather(self.store.apply_scored(active, events),
+                                                    self.submissions.apply_scored(events))
             refused = list(report.refused)
             if building is not None:
                 refused.extend((await self.store.apply_scored(building, events)).refused)
             if refused:
                 sources = {id(d.event): d.record for d in decoded}
                 dead.extend(too_large_letters(refused, sources, self.store.max_record_bytes, self._dlq))
-            metrics.SUBMISSION_WRITES.inc(await self.submissions.apply_scored(events))
+            metrics.SUBMISSION_WRITES.inc(statuses)
             now = datetime.now(UTC)
             for outcome, n in report.outcomes.items():
                 metrics.EVENTS.labels(outcome).inc(n)
