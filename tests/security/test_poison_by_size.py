@@ -31,7 +31,7 @@ from shared.mongo import Document
 from shared.topic_admin import ensure_topics
 from tests.support.deadletters import dead_letters
 from tests.support.services import Namespace, running
-from tests.support.stack import StackUnderTest
+from tests.support.stack import StackUnderTest, own_store
 from tests.support.wait import eventually
 from tools.demo import BASE, publish, scored
 
@@ -76,6 +76,11 @@ def refused_sessions(letters: list[DeadLetter]) -> set[str]:
 @pytest.mark.slow  # about 100 s: reporting re-encodes the ~15 MiB record for each batch of 500
 async def test_a_client_past_the_document_limit_does_not_stall_other_clients_on_its_partition(
         stack: StackUnderTest, log_dir: Path) -> None:
+    with own_store(stack) as isolated:
+        await past_the_document_limit(isolated, log_dir)
+
+
+async def past_the_document_limit(stack: StackUnderTest, log_dir: Path) -> None:
     ns = Namespace.fresh(stack, partitions=1)
     kafka = ns.kafka()
     await ensure_topics(kafka)

@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -79,3 +81,27 @@ async def scratch_database(stack: StackUnderTest, prefix: str) -> AsyncIterator[
     finally:
         await client.drop_database(name)
         await client.close()
+
+
+@contextmanager
+def own_store(stack: StackUnderTest) -> Iterator[StackUnderTest]:
+    """`stack` with a local store of its own (the broker is shared), for a test that rewrites
+    documents near the 16 MiB limit hundreds of times.
+
+    Why: SecantusDB holds one lock while a write waits for WiredTiger to evict, and its TTL sweeper
+    waits for that lock with an old read snapshot pinned, so history it pins cannot be evicted: with
+    the suite's data already in the shared store's cache, the 19,000-session test deadlocked that
+    store for good (seen twice in full runs; alone it always passed). A store of its own starts with
+    an empty cache. A store the run did not start (environment, testcontainers) is used as it is.
+    """
+    if stack.local is None:
+        yield stack
+        return
+    data = Path(tempfile.mkdtemp(prefix="alliance-own-store-"))
+    own = LocalStack(data, kafka_port=stack.local.kafka_port, mongo_port=free_port())
+    own.start_mongo()
+    try:
+        yield dataclasses.replace(stack, mongo_url=own.mongo_url)
+    finally:
+        own.stop()
+        shutil.rmtree(data, ignore_errors=True)
