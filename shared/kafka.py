@@ -573,22 +573,23 @@ def _note_batch(service: str, records: Sequence[InboundRecord], committed: bool)
 
 
 async def _consumer_lag(service: str, consumer: Any) -> dict[TopicPartition, int]:
-    """Lag of each partition assigned to an aiokafka consumer: the high-water mark of its last fetch
-    answer minus where the group resumes (`_RESUME`; for a partition no batch has reached in this
-    process yet, the consumer's position, which is then the committed offset).
+    """Lag of each partition assigned to an aiokafka consumer: the log end offset minus where the
+    group resumes (`_RESUME`; for a partition no batch has reached in this process yet, the
+    consumer's position, which is then the committed offset).
 
-    No request to the broker: the consumer keeps fetching while its batches fail (aiokafka fetches a
-    partition again once its buffered records were handed out) and while it is idle (long polls), and
-    every fetch answer carries the high-water mark, so the lag grows as records arrive either way.
-    Asking the broker instead (ListOffsets, OffsetFetch on the consumer's own connections, cancelled
-    by a timeout) stalled a consumer's commit on the local broker, and its `end_offsets` is only
-    approximate there (../shared/stack/NOTES.md)."""
+    The log end is asked of the broker (ListOffsets): a consumer whose batch keeps failing holds
+    fetched records in its buffer and fetches that partition no further, so the high-water mark of
+    its last fetch answer stops moving while records keep arriving. That mark is the floor (the
+    local broker's ListOffsets is approximate, ../shared/stack/NOTES.md). Where the group resumes is
+    known here, so no OffsetFetch is sent."""
+    parts = sorted(consumer.assignment())
+    if not parts:
+        return {}
+    ends: dict[TopicPartition, int] = await consumer.end_offsets(parts)
     resume = _RESUME.get(service, {})
     lags: dict[TopicPartition, int] = {}
-    for tp in sorted(consumer.assignment()):
-        high = consumer.highwater(tp)
-        if high is None:
-            continue  # no fetch answer yet
+    for tp in parts:
+        high = max(ends.get(tp, 0), consumer.highwater(tp) or 0)
         start = resume.get(tp)
         if start is None:
             start = await consumer.position(tp)  # local once assigned: the fetch position
@@ -600,8 +601,8 @@ async def measure_lag(service: str, broker: KafkaBroker, timeout_seconds: float)
     """Set `alliance_consumer_lag_messages` for every partition the broker's consumers own now, and
     drop the partitions they no longer own (and what this process knew of where they resume: their
     new owner moves them on). Called by the service runtime's monitor loop (shared.http `Runtime`)
-    whether or not batches succeed. A consumer whose position is not known within `timeout_seconds`
-    (just assigned) keeps its last values."""
+    whether or not batches succeed. A consumer the broker does not answer for (or whose position is
+    not known, just assigned) within `timeout_seconds` keeps its last values."""
     seen: set[tuple[str, str]] = set()
     assigned: set[TopicPartition] = set()
     for subscriber in broker.subscribers:

@@ -103,15 +103,22 @@ async def test_a_start_up_step_failing_on_the_store_says_nothing_about_the_broke
 
 @dataclass
 class FakeConsumer:
-    """What `measure_lag` reads from an aiokafka consumer, all of it local state: the assignment,
-    each partition's high-water mark from the last fetch answer, the fetch position."""
+    """What `measure_lag` reads from an aiokafka consumer: the assignment, the log end offsets (asked
+    of the broker), each partition's high-water mark from the last fetch answer, the fetch position."""
 
     assigned: set[TopicPartition]
     high: dict[TopicPartition, int]
     positions: dict[TopicPartition, int] = field(default_factory=dict)
+    ends: dict[TopicPartition, int] | None = field(default_factory=dict)  # None: the broker does not answer
 
     def assignment(self) -> set[TopicPartition]:
         return set(self.assigned)
+
+    async def end_offsets(self, parts: list[TopicPartition]) -> dict[TopicPartition, int]:
+        if self.ends is None:
+            await asyncio.sleep(3600)
+        assert self.ends is not None
+        return {tp: self.ends[tp] for tp in parts if tp in self.ends}
 
     def highwater(self, tp: TopicPartition) -> int | None:
         return self.high.get(tp)
@@ -171,9 +178,26 @@ async def test_before_any_batch_here_lag_counts_from_the_fetch_position() -> Non
     assert lag(0) == 20
 
 
-async def test_a_partition_no_fetch_has_answered_for_is_not_reported() -> None:
-    await measure(FakeConsumer({P0}, {}, {P0: 0}))
-    assert lag(0) is None
+async def test_a_consumer_holding_a_failing_batch_still_sees_records_arrive() -> None:
+    # It fetches that partition no further, so its high-water mark stays where it was: the log end
+    # offset comes from the broker.
+    _note_batch(SERVICE, batch(0, range(0, 3)), committed=False)
+    await measure(FakeConsumer({P0}, {P0: 5}, {P0: 5}, ends={P0: 12}))
+    assert lag(0) == 12
+
+
+async def test_the_log_end_is_at_least_the_high_water_mark_of_the_last_fetch() -> None:
+    # The local broker's ListOffsets is approximate.
+    await measure(FakeConsumer({P0}, {P0: 120}, {P0: 100}, ends={P0: 90}))
+    assert lag(0) == 20
+
+
+async def test_a_consumer_the_broker_does_not_answer_for_keeps_its_last_lag() -> None:
+    consumer = FakeConsumer({P0}, {P0: 50}, {P0: 10}, ends={P0: 50})
+    await measure(consumer)
+    consumer.high[P0], consumer.ends = 60, None
+    await measure(consumer)
+    assert lag(0) == 40
 
 
 async def test_a_partition_moved_to_another_replica_is_no_longer_reported_here() -> None:
@@ -191,7 +215,7 @@ async def test_a_partition_moved_to_another_replica_is_no_longer_reported_here()
 
 
 async def test_a_consumer_whose_position_is_not_known_in_time_keeps_its_last_lag() -> None:
-    consumer = FakeConsumer({P0}, {P0: 50}, {P0: 10})
+    consumer = FakeConsumer({P0}, {P0: 50}, {P0: 10}, ends={P0: 50})
     await measure(consumer)
     consumer.high[P0], consumer.positions = 60, {}  # reassigned: no position yet
     await measure(consumer)
