@@ -156,6 +156,9 @@ class AllianceDeterioration(Event, SubmissionIdentity):
     accepted_at: datetime | None = None
     revision: int = Field(default=1, ge=1)
     low_items: list[str] = Field(default_factory=list)
+    # An outcome alert holds for the same session (its ORS, docs/outcome.md): then the alert is
+    # critical whatever its own triggers say. Added within v1 (optional, default false).
+    outcome_at_risk: bool = False
 
 
 class AlertStatus(StrEnum):
@@ -213,6 +216,158 @@ class AlertStatusChanged(Event):
     instrument: Instrument | None = None
     episode_id: str | None = None
     session_number: int | None = None
+
+
+# --- the Outcome Rating Scale (ORS): the other half of PCOMS (docs/outcome.md) -------------------
+
+
+class OutcomeInstrument(StrEnum):
+    """The ORS family: how the client has been doing, given at the START of a session. Its own
+    enum (not members of `Instrument`) so that the SRS contracts stay exactly as they were."""
+
+    ORS = "ORS"  # 13 and over (adolescents 13-17 and adults have different cutoffs)
+    CORS = "CORS"  # children 6-12
+    YCORS = "YCORS"  # 5 and under: stored and shown, never scored
+
+
+SCORED_OUTCOME_INSTRUMENTS = frozenset({OutcomeInstrument.ORS, OutcomeInstrument.CORS})
+
+ORS_ITEM_NAMES: tuple[str, ...] = ("individually", "interpersonally", "socially", "overall")
+
+# Which outcome instrument is given in the same sessions as each alliance instrument: an alliance
+# alert and an outcome alert "hold for the same session" when they share (client, episode,
+# session_number) and their instruments pair up here.
+OUTCOME_OF: dict[Instrument, OutcomeInstrument] = {
+    Instrument.SRS: OutcomeInstrument.ORS,
+    Instrument.GSRS: OutcomeInstrument.ORS,
+    Instrument.CSRS: OutcomeInstrument.CORS,
+    Instrument.CGSRS: OutcomeInstrument.CORS,
+    Instrument.YCSRS: OutcomeInstrument.YCORS,
+}
+
+
+class OrsItems(BaseModel):
+    """The four ORS items (individually, interpersonally, socially, overall), each 0.0-10.0 to
+    one decimal; the total is 0.0-40.0."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    individually: float
+    interpersonally: float
+    socially: float
+    overall: float
+
+    def values(self) -> tuple[float, float, float, float]:
+        """The items in their canonical order."""
+        return (self.individually, self.interpersonally, self.socially, self.overall)
+
+
+class AgeBand(StrEnum):
+    """Whose norms an ORS total is read against (the clinical cutoff differs)."""
+
+    ADULT = "adult"  # ORS, 18 and over, or age not given
+    ADOLESCENT = "adolescent"  # ORS, 13-17
+    CHILD = "child"  # CORS, 6-12
+    YOUNG_CHILD = "young_child"  # YCORS, 5 and under
+
+
+class OutcomeIdentity(SubmissionIdentity):
+    """The identity of an ORS-family session: like an SRS session's, with an outcome instrument.
+    An ORS and an SRS of the same session share (client, episode, session_number).
+    `client_age` (whole years when the form was given) picks the ORS cutoff: 13-17 adolescent,
+    otherwise (or when not given) adult."""
+
+    instrument: OutcomeInstrument = OutcomeInstrument.ORS  # type: ignore[assignment]
+    client_age: int | None = Field(default=None, ge=0, le=130)
+
+
+class OrsSubmitted(Event, OutcomeIdentity):
+    """A validated ORS-family submission accepted by intake (topic `ors.submitted.v1`, keyed like
+    `srs.submitted.v1`). Exactly one of `items` and `total` is set."""
+
+    items: OrsItems | None = None
+    total: float | None = None
+    accepted_at: datetime
+
+
+class OutcomeChange(StrEnum):
+    """Where a session stands against the first session of its episode (the intake score), by
+    the reliable change index: a change of at least the index either way is reliable."""
+
+    RELIABLE_IMPROVEMENT = "reliable_improvement"
+    RELIABLE_DETERIORATION = "reliable_deterioration"
+    NO_RELIABLE_CHANGE = "no_reliable_change"
+
+
+class OutcomeFlag(StrEnum):
+    """What holds for a scored ORS session (`OrsScored.flags`, canonical order); the alert
+    triggers are among them. Lists of strings on the wire, like `Flag`."""
+
+    IN_CLINICAL_RANGE = "in_clinical_range"  # total below the cutoff of the client's age band
+    RELIABLE_IMPROVEMENT = "reliable_improvement"
+    RELIABLE_DETERIORATION = "reliable_deterioration"  # alert trigger (critical)
+    NO_RELIABLE_CHANGE = "no_reliable_change"
+    CLINICALLY_SIGNIFICANT_IMPROVEMENT = "clinically_significant_improvement"
+    NOT_ON_TRACK = "not_on_track"  # alert trigger: no reliable improvement by the tenant's session
+
+
+class OrsScored(Event, OutcomeIdentity):
+    """One version of a scored ORS-family session (topic `ors.scored.v1`). Revisions, `supersedes`,
+    `episode_id`/`episode_derived`, `latest` and `site_version` mean what they mean on
+    `srs.scored.v1` (docs/clinical-records.md). YCORS sessions are published with `total` only:
+    no cutoff, no change, no flags."""
+
+    items: OrsItems | None = None
+    total: float
+    age_band: AgeBand
+    cutoff: float | None = None
+    reliable_change_index: float | None = None
+    intake_total: float | None = None  # the total of the episode's first session
+    change_from_intake: float | None = None
+    previous_total: float | None = None
+    change_from_previous: float | None = None
+    change: OutcomeChange | None = None
+    clinically_significant_improvement: bool = False
+    in_clinical_range: bool | None = None
+    flags: list[str] = Field(default_factory=list)
+    triggers: list[str] = Field(default_factory=list)
+    severity: Severity | None = None
+    latest: bool = True
+    scored_at: datetime
+    accepted_at: datetime | None = None
+    revision: int = Field(default=1, ge=1)
+    supersedes: str | None = None
+    episode_derived: bool = False
+    site_version: int = Field(default=0, ge=0)
+
+
+class OutcomeAlert(Event, OutcomeIdentity):
+    """The client is off track in the latest ORS session of their current episode (topic
+    `outcome.alert.v1`): raised (`revision` 1) or revised (`revision` + 1, same `alert_id`), with
+    the same lifecycle as an alliance alert. Also the body of outcome webhooks.
+    `triggers`: `reliable_deterioration` (critical) and/or `not_on_track` (warning from the
+    tenant's first not-on-track session, critical from its second)."""
+
+    alert_type: Literal["outcome"] = "outcome"
+    alert_id: str
+    triggers: list[str]
+    severity: Severity
+    total: float
+    cutoff: float | None = None
+    intake_total: float | None = None
+    change_from_intake: float | None = None
+    previous_total: float | None = None
+    change_from_previous: float | None = None
+    advice: str = ""
+    accepted_at: datetime | None = None
+    revision: int = Field(default=1, ge=1)
+
+
+class OutcomeAlertStatusChanged(AlertStatusChanged):
+    """What happened to an outcome alert (topic `outcome.alert-status.v1`): the same statuses, from
+    the same services, as `alliance.alert-status.v1` carries for alliance alerts."""
+
+    instrument: OutcomeInstrument | None = None  # type: ignore[assignment]
 
 
 RECORD_TYPE_HEADER = "record-type"

@@ -25,7 +25,8 @@ def retention_ms(kafka: KafkaSettings, topic: str) -> int:
     """Retention of a topic: reporting rebuilds its read models by replaying the scored,
     deterioration and alert-status logs from the beginning, so those are kept forever (-1)."""
     t = kafka.topics()
-    return -1 if topic in (t.scored, t.deterioration, t.alert_status) else kafka.retention_ms
+    return -1 if topic in (t.scored, t.deterioration, t.alert_status, t.ors_scored, t.outcome_alert,
+                           t.outcome_alert_status) else kafka.retention_ms
 
 
 async def ensure_topics(kafka: KafkaSettings, topics: tuple[str, ...] | None = None,

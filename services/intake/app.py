@@ -21,7 +21,7 @@ from services.intake.ratelimit import submission_limiter
 from services.intake.settings import IntakeSettings
 from shared.audit import install_audit_routes
 from shared.auth import KeyStore
-from shared.events import ClientTransfer, SrsSubmitted
+from shared.events import ClientTransfer, OrsSubmitted, SrsSubmitted
 from shared.http import Runtime, Service, make_guard, service_api, stream_app
 from shared.kafka import make_broker
 from shared.mongo import client_and_database
@@ -56,6 +56,15 @@ def _publisher(broker: KafkaBroker, config: IntakeConfig) -> Any:
     )
 
 
+def _ors_publisher(broker: KafkaBroker, config: IntakeConfig) -> Any:
+    return broker.publisher(
+        config.kafka.topics().ors_submitted,
+        description="Validated Outcome Rating Scale submissions (ORS, CORS, YCORS; docs/outcome.md); key "
+                    "`tenant_id:client_id`, header `correlation_id`.",
+        schema=OrsSubmitted,
+    )
+
+
 @dataclass
 class IntakeService(Service):
     """The wired service: broker and publisher, key store and limits (`context`), runtime, HTTP app."""
@@ -67,6 +76,7 @@ def build(config: IntakeConfig) -> IntakeService:
     """Wire broker, key store, limits and routes; opens no connection."""
     broker = make_broker(config.kafka.model_copy(update={"linger_ms": config.intake.linger_ms}), "intake")
     publisher = _publisher(broker, config)
+    _ors_publisher(broker, config)  # declared for the AsyncAPI document; intake publishes ORS there
     mongo, db = client_and_database(config.mongo)
     # Failed authentications per peer; submissions per key are metered by `limiter` instead.
     guard, limits = make_guard(config.http, db, "intake", per_key=False)

@@ -18,7 +18,15 @@ from faststream import FastStream
 from services.scoring.handlers import SERVICE, ScoringHandler, model_of
 from services.scoring.settings import ScoringSettings
 from services.scoring.store import RulesStore, StateCache, StateStore
-from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, SrsScored
+from shared.events import (
+    AlertStatusChanged,
+    AllianceDeterioration,
+    DeadLetter,
+    OrsScored,
+    OutcomeAlert,
+    OutcomeAlertStatusChanged,
+    SrsScored,
+)
 from shared.http import Runtime, Service, service_api, stream_app
 from shared.kafka import DeadLetterTarget, Publisher, make_broker, subscribe_batch
 from shared.mongo import client_and_database
@@ -81,6 +89,16 @@ def build(config: ScoringConfig) -> ScoringService:
     broker.publisher(topics.alert_status, title=f"{SERVICE}:{topics.alert_status}", schema=AlertStatusChanged,
                      description="An alert superseded by a later session, or withdrawn by a correction that "
                                  "cleared it, naming the revision it ends.")
+    broker.publisher(topics.ors_scored, title=f"{SERVICE}:{topics.ors_scored}", schema=OrsScored,
+                     description="One event per revision of a scored ORS-family session (docs/outcome.md): keep "
+                                 "the highest revision per submission_id. Key: tenant_id:client_id.")
+    broker.publisher(topics.outcome_alert, title=f"{SERVICE}:{topics.outcome_alert}", schema=OutcomeAlert,
+                     description="An outcome alert (reliable deterioration, not on track) raised or revised for the "
+                                 "latest ORS session of a client's current episode; alert_id derived from the session.")
+    broker.publisher(topics.outcome_alert_status, title=f"{SERVICE}:{topics.outcome_alert_status}",
+                     schema=OutcomeAlertStatusChanged,
+                     description="An outcome alert superseded by a later session, or withdrawn by a correction "
+                                 "that cleared it, naming the revision it ends.")
     broker.publisher(topics.deadletter, title=f"{SERVICE}:{topics.deadletter}", schema=DeadLetter,
                      description="Submitted records scoring could not read or refused, with the reason "
                                  "(undecodable, invalid, unscorable, site_conflict, session_gap, duplicate, "

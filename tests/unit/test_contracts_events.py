@@ -41,9 +41,10 @@ def fixture(model: str, variant: str) -> bytes:
 CASES = [(m, v) for m in sorted(event_models()) for v in VARIANTS]
 
 
-def test_the_events_module_still_defines_the_six_v1_events() -> None:
+def test_the_events_module_defines_the_srs_and_the_ors_v1_events() -> None:
     assert set(event_models()) == {"SrsSubmitted", "SrsScored", "AllianceDeterioration", "AlertStatusChanged",
-                                   "ClientTransfer", "DeadLetter"}
+                                   "ClientTransfer", "DeadLetter",
+                                   "OrsSubmitted", "OrsScored", "OutcomeAlert", "OutcomeAlertStatusChanged"}
 
 
 def test_every_fixture_belongs_to_an_event_and_a_known_variant() -> None:

@@ -8,14 +8,12 @@ from services.intake.app import IntakeConfig, asyncapi_app, create_app
 from shared.settings import KafkaSettings
 
 
-def test_asyncapi_shows_the_srs_submitted_publisher_with_its_payload() -> None:
+def test_asyncapi_shows_the_srs_and_ors_submitted_publishers_with_their_payloads() -> None:
     app = asyncapi_app(IntakeConfig(kafka=KafkaSettings(topic_prefix="")))
     spec = json.loads(app.schema.to_specification().to_json())
-    [channel] = spec["channels"].values()
-    assert channel["address"] == "srs.submitted.v1"
-    [op] = spec["operations"].values()
-    assert op["action"] == "send"
-    assert "SrsSubmitted" in spec["components"]["schemas"]
+    assert {c["address"] for c in spec["channels"].values()} == {"srs.submitted.v1", "ors.submitted.v1"}
+    assert {op["action"] for op in spec["operations"].values()} == {"send"}
+    assert {"SrsSubmitted", "OrsSubmitted"} <= set(spec["components"]["schemas"])
 
 
 def test_openapi_documents_the_request_bodies_and_bearer_auth() -> None:
