@@ -10,19 +10,55 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Annotated
 
 import typer
 
-from services.scoring.rules import FLAG_NAMES, OPERATORS, InstrumentOverride, Operator, TenantRules
+from services.scoring.rules import (
+    FLAG_NAMES,
+    OPERATORS,
+    SCORED_OUTCOME,
+    InstrumentOverride,
+    Operator,
+    OutcomeRules,
+    TenantRules,
+)
 from services.scoring.store import RulesStore
 from shared import audit
-from shared.events import SCORED_INSTRUMENTS, Instrument
+from shared.events import SCORED_INSTRUMENTS, Instrument, OutcomeInstrument
 from shared.mongo import database, make_client
 from shared.settings import AuditSettings, MongoSettings
 
 app = typer.Typer(help="scoring service commands.", no_args_is_help=True)
+
+
+@dataclass(frozen=True)
+class OutcomeChanges:
+    """An operator's change to the outcome rules; None leaves a setting as it is."""
+
+    adult_cutoff: float | None = None
+    adolescent_cutoff: float | None = None
+    child_cutoff: float | None = None
+    reliable_change: float | None = None
+    not_on_track_warning_session: int | None = None
+    not_on_track_critical_session: int | None = None
+
+    def given(self) -> dict[str, float | int]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+def change_outcome_rules(current: TenantRules, changes: OutcomeChanges, instrument: str | None = None,
+                         reset: bool = False) -> TenantRules:
+    """The rules after an operator's change to the outcome rules of `instrument` (ORS or CORS;
+    None: both); `reset` puts them back to the defaults first. Raises ValueError. Pure."""
+    if instrument is not None and instrument not in SCORED_OUTCOME:
+        raise ValueError(f"{instrument} has no outcome rules: one of {', '.join(SCORED_OUTCOME)}")
+    outcome = dict(current.outcome)
+    for name in [instrument] if instrument is not None else SCORED_OUTCOME:
+        base = OutcomeRules() if reset else outcome.get(name, OutcomeRules())
+        outcome[name] = replace(base, **changes.given())  # type: ignore[arg-type]
+    return replace(current, outcome=outcome)
 
 
 def change_rules(
@@ -119,10 +155,31 @@ def set_rules(
     max_client_submissions: Annotated[int | None, typer.Option(help="a new submission once a client holds this "
                                                                     "many is refused as series_full "
                                                                     "(default 5000)")] = None,
+    outcome_instrument: Annotated[OutcomeInstrument | None, typer.Option(
+        help="set the outcome options below (or with --reset: put them back) for this outcome instrument only "
+             "(default: ORS and CORS; YCORS is never scored)")] = None,
+    adult_cutoff: Annotated[float | None, typer.Option(help="ORS clinical cutoff, adults (default 25.0)")] = None,
+    adolescent_cutoff: Annotated[float | None, typer.Option(help="ORS clinical cutoff, ages 13-17 "
+                                                                 "(default 28.0)")] = None,
+    child_cutoff: Annotated[float | None, typer.Option(help="CORS clinical cutoff (default 32.0)")] = None,
+    reliable_change: Annotated[float | None, typer.Option(help="reliable change index from intake "
+                                                               "(default 5.0)")] = None,
+    not_on_track_warning_session: Annotated[int | None, typer.Option(
+        help="no reliable improvement at this session number or later alerts: warning (default 3)")] = None,
+    not_on_track_critical_session: Annotated[int | None, typer.Option(
+        help="... and from this session number on: critical (default 6)")] = None,
     reset: Annotated[bool, typer.Option("--reset", help="back to the defaults (with --instrument: drop that "
-                                                        "instrument's override)")] = False,
+                                                        "instrument's override; with --outcome-instrument: "
+                                                        "that instrument's outcome rules)")] = False,
 ) -> None:
-    """Set a tenant's alliance rules; only the options given change. Prints the resulting rules."""
+    """Set a tenant's alliance and outcome rules; only the options given change. Prints the
+    resulting rules."""
+    outcome_changes = OutcomeChanges(adult_cutoff, adolescent_cutoff, child_cutoff, reliable_change,
+                                     not_on_track_warning_session, not_on_track_critical_session)
+    outcome_given = outcome_instrument is not None or bool(outcome_changes.given())
+    if outcome_instrument is not None and outcome_instrument.value not in SCORED_OUTCOME:
+        raise typer.BadParameter(f"{outcome_instrument.value} is stored but never scored: it has no rules",
+                                 param_hint="--outcome-instrument")
     if instrument is not None and instrument not in SCORED_INSTRUMENTS:
         raise typer.BadParameter(f"{instrument.value} is stored but never scored: it has no rules",
                                  param_hint="--instrument")
@@ -136,7 +193,11 @@ def set_rules(
                            instrument=None if instrument is None else instrument.value,
                            critical_drop=critical_drop, item_threshold=item_threshold, triggers=wanted,
                            session_gap=session_gap, max_episode_sessions=max_episode_sessions,
-                           max_client_submissions=max_client_submissions, reset=reset)
+                           max_client_submissions=max_client_submissions,
+                           reset=reset and outcome_instrument is None)
+        if outcome_given:
+            new = change_outcome_rules(new, outcome_changes,
+                                       None if outcome_instrument is None else outcome_instrument.value, reset)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     _run_store_op("put", tenant, new)

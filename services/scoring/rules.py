@@ -27,6 +27,9 @@ discuss the alliance come from Duncan & Miller's PCOMS manual and Duncan et al. 
 Session Rating Scale", Journal of Brief Therapy 3(1); the 3-point critical drop and the
 three-low-sessions rule are this product's defaults, configurable per tenant.
 
+The outcome rules (ORS, CORS) are in outcome.py; their settings (`OutcomeRules`, per tenant and per
+outcome instrument) live here with the rest of a tenant's rules.
+
 Every number is rounded to one decimal before it is compared, so `35.1 + 0.9` is 36.0 and a
 change of `-0.9999999` is a drop of exactly 1.0, as a clinician reading the form would count.
 """
@@ -38,7 +41,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
-from shared.events import ITEM_NAMES, SCORED_INSTRUMENTS, Flag, Instrument, Severity
+from shared.events import ITEM_NAMES, SCORED_INSTRUMENTS, AgeBand, Flag, Instrument, OutcomeInstrument, Severity
 
 Operator = Literal["<", "<="]
 OPERATORS: tuple[Operator, ...] = ("<", "<=")
@@ -55,6 +58,9 @@ DEFAULT_TRIGGERS: frozenset[str] = frozenset({BELOW_CUTOFF, DROP_FROM_PREVIOUS, 
 
 MAX_ITEM = 10.0
 MAX_TOTAL = 40.0
+MAX_SESSION = 5_000  # the largest not-on-track session a tenant may set
+# The outcome instruments that have rules (YCORS is stored and shown, never scored).
+SCORED_OUTCOME: tuple[str, ...] = (OutcomeInstrument.ORS.value, OutcomeInstrument.CORS.value)
 
 
 class ItemRatings(Protocol):
@@ -82,8 +88,71 @@ class InstrumentOverride:
 
 
 @dataclass(frozen=True)
+class OutcomeRules:
+    """One tenant's rules for one outcome instrument (ORS or CORS)."""
+
+    adult_cutoff: float = 25.0
+    adolescent_cutoff: float = 28.0
+    child_cutoff: float = 32.0
+    reliable_change: float = 5.0
+    not_on_track_warning_session: int = 3
+    not_on_track_critical_session: int = 6
+
+    def __post_init__(self) -> None:
+        check_outcome_rules(self)
+
+    def cutoff(self, band: AgeBand | str) -> float | None:
+        """The clinical cutoff of an age band; None for young children (not scored)."""
+        return {AgeBand.ADULT.value: self.adult_cutoff, AgeBand.ADOLESCENT.value: self.adolescent_cutoff,
+                AgeBand.CHILD.value: self.child_cutoff}.get(str(band))
+
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"adult_cutoff": self.adult_cutoff, "adolescent_cutoff": self.adolescent_cutoff,
+                "child_cutoff": self.child_cutoff, "reliable_change": self.reliable_change,
+                "not_on_track_warning_session": self.not_on_track_warning_session,
+                "not_on_track_critical_session": self.not_on_track_critical_session}
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any] | None) -> OutcomeRules:
+        """Rules from a stored document; missing fields take the defaults."""
+        base = cls()
+        d = doc or {}
+        return cls(
+            adult_cutoff=float(d.get("adult_cutoff", base.adult_cutoff)),
+            adolescent_cutoff=float(d.get("adolescent_cutoff", base.adolescent_cutoff)),
+            child_cutoff=float(d.get("child_cutoff", base.child_cutoff)),
+            reliable_change=float(d.get("reliable_change", base.reliable_change)),
+            not_on_track_warning_session=int(d.get("not_on_track_warning_session",
+                                                   base.not_on_track_warning_session)),
+            not_on_track_critical_session=int(d.get("not_on_track_critical_session",
+                                                    base.not_on_track_critical_session)),
+        )
+
+
+
+def check_outcome_rules(o: OutcomeRules, where: str = "") -> None:
+    """Raise ValueError when a setting is out of range (so a typo cannot silence every alert)."""
+    for name in ("adult_cutoff", "adolescent_cutoff", "child_cutoff"):
+        value = getattr(o, name)
+        if not (0.0 <= value <= MAX_TOTAL):
+            raise ValueError(f"{where}{name} must be between 0 and {MAX_TOTAL}, got {value}")
+    if not (0.0 < o.reliable_change <= MAX_TOTAL):
+        raise ValueError(f"{where}reliable_change must be > 0 and <= {MAX_TOTAL}, got {o.reliable_change}")
+    w, c = o.not_on_track_warning_session, o.not_on_track_critical_session
+    if not (1 <= w <= MAX_SESSION):
+        raise ValueError(f"{where}not_on_track_warning_session must be between 1 and {MAX_SESSION}, got {w}")
+    if not (w <= c <= MAX_SESSION):
+        raise ValueError(f"{where}not_on_track_critical_session must be between not_on_track_warning_session "
+                         f"({w}) and {MAX_SESSION}, got {c}")
+
+
+
+@dataclass(frozen=True)
 class TenantRules:
-    """One tenant's alliance rules. `instruments` overrides cutoff/operator/drop per instrument."""
+    """One tenant's rules. `instruments` overrides the alliance cutoff/operator/drop per SRS-family
+    instrument; `outcome` holds the outcome rules of each scored outcome instrument (ORS, CORS: the
+    defaults for any not given)."""
 
     cutoff: float = 36.0
     operator: Operator = "<"
@@ -95,9 +164,18 @@ class TenantRules:
     session_gap: int = 20
     max_episode_sessions: int = 500
     max_client_submissions: int = 5_000
+    outcome: Mapping[str, OutcomeRules] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # Every scored outcome instrument gets its rules (the defaults unless given), so that equal
+        # settings compare equal however they were written down.
+        if set(self.outcome) != set(SCORED_OUTCOME):
+            object.__setattr__(self, "outcome", {**{i: OutcomeRules() for i in SCORED_OUTCOME}, **self.outcome})
         check_rules(self)
+
+    def outcome_for(self, instrument: OutcomeInstrument | str) -> OutcomeRules:
+        """The outcome rules of one outcome instrument (YCORS: the defaults, never applied)."""
+        return self.outcome.get(str(instrument)) or OutcomeRules()
 
     def for_instrument(self, instrument: Instrument | str) -> TenantRules:
         """The rules that apply to one instrument (its override merged over the defaults)."""
@@ -129,6 +207,7 @@ class TenantRules:
                        if v is not None}
                 for name, o in sorted(self.instruments.items())
             },
+            "outcome": {name: o.to_doc() for name, o in sorted(self.outcome.items())},
         }
 
     @classmethod
@@ -153,6 +232,8 @@ class TenantRules:
             session_gap=int(doc.get("session_gap", base.session_gap)),
             max_episode_sessions=int(doc.get("max_episode_sessions", base.max_episode_sessions)),
             max_client_submissions=int(doc.get("max_client_submissions", base.max_client_submissions)),
+            # Rules stored before the ORS existed have no "outcome": the defaults apply.
+            outcome={str(name): OutcomeRules.from_doc(o) for name, o in (doc.get("outcome") or {}).items()},
         )
 
 
@@ -193,16 +274,21 @@ def check_rules(rules: TenantRules) -> None:
         _check_cutoff(rules.cutoff if o.cutoff is None else o.cutoff,
                       rules.operator if o.operator is None else o.operator,
                       rules.drop if o.drop is None else o.drop, f"{name}: ")
+    for name, oc in rules.outcome.items():
+        if name not in SCORED_OUTCOME:
+            raise ValueError(f"no outcome rules for instrument {name!r}: one of {', '.join(SCORED_OUTCOME)}")
+        check_outcome_rules(oc, f"{name}: ")
 
 
 # --- the rules ---------------------------------------------------------------------------------
 
 
-def total_of(items: ItemRatings | None, total: float | None) -> float:
-    """The session total: the sum of the items when given, else the given total; one decimal."""
+def total_of(items: ItemRatings | None, total: float | None, names: tuple[str, ...] = ITEM_NAMES) -> float:
+    """The session total: the sum of the items when given, else the given total; one decimal.
+    `names`: the items' names, for the message (`shared.events.ORS_ITEM_NAMES` for the ORS)."""
     if items is not None:
         values = items.values()
-        for name, v in zip(ITEM_NAMES, values, strict=True):
+        for name, v in zip(names, values, strict=True):
             if not (math.isfinite(v) and 0.0 <= v <= MAX_ITEM):
                 raise Unscorable(f"items.{name} must be between 0 and {MAX_ITEM}, got {v}")
         return r1(sum(values))
