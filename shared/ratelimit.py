@@ -23,17 +23,24 @@ a window, as NTP keeps them).
 A reservation is added, then checked: past the limit it is taken back. Two replicas racing for the
 last units both add, see the sum over the limit, and take their units back, so the limit is never
 exceeded (under contention a request may be refused that a serial order would have admitted). A
-slot that is no longer current is read once per process, so an admitted request costs one round
-trip (an upserting `$inc`) and a check before the body is read another (a `find`).
+slot that is no longer current is read once per process (alongside the slot's first add), so an
+admitted request costs one round trip (an upserting `$inc`) and a check before the body is read
+another (a `find`).
 
 A per-key limit with a lease (`ALLIANCE_<SERVICE>_RATE_LIMIT_LEASE`, see `Limiter`) counts several
 units at once and admits from them in memory: on a busy key about one request in `lease` reaches the
 store (the rest cost nothing there), which is what kept the rate limit from doubling the store's
-load per request.
+load per request. The next lease is counted in the background before the held one runs out, and
+again just after a slot turns for a key that was busy in the slot before, so on a steadily busy key
+requests do not wait for the store at all (issue 11: the POST p99 had doubled since the limit moved
+into the store).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -50,6 +57,8 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import PyMongoError
 
 from shared.mongo import Document
+
+log = logging.getLogger("alliance.ratelimit")
 
 Backend = Literal["mongodb", "memory"]
 COLLECTION = "rate_limits"
@@ -180,6 +189,10 @@ class SlotStorage(Storage, SlidingWindowCounterSupport):
         if isinstance(self.counters, MongoCounters):
             await self.counters.ensure_indexes()
 
+    def now(self) -> float:
+        """The wall-clock time slots are counted in."""
+        return self._clock()
+
     def current_slot(self, expiry: int) -> int:
         """The number of the slot counts are added to now."""
         return self._slot(expiry)[0]
@@ -200,15 +213,6 @@ class SlotStorage(Storage, SlidingWindowCounterSupport):
             known = self._remember(previous, got.get(previous, 0))
         return known, share, got.get(current, 0), slot
 
-    async def _previous(self, key: str, expiry: int) -> tuple[int, float, int]:
-        """(previous slot's count, its share, current slot), reading the store only once per slot."""
-        slot, share = self._slot(expiry)
-        name = f"{key}@{slot - 1}"
-        known = self._closed.get(name)
-        if known is None:
-            known = self._remember(name, (await self.counters.counts([name])).get(name, 0))
-        return known, share, slot
-
     def _remember(self, name: str, count: int) -> int:
         if len(self._closed) >= self._max_closed:
             for old in list(self._closed)[: self._max_closed // 2]:
@@ -227,8 +231,18 @@ class SlotStorage(Storage, SlidingWindowCounterSupport):
             return False
         # Add first, then check (one round trip when admitted): a count past the limit is given
         # back, whether it was this request's own or a race with another replica that made it so.
-        previous, share, slot = await self._previous(key, expiry)
-        now_current = await self._add(key, slot, expiry, amount)
+        slot, share = self._slot(expiry)
+        name = f"{key}@{slot - 1}"
+        previous = self._closed.get(name)
+        if previous is None:
+            # The first add of a slot: the previous slot's count is read alongside (one round trip
+            # of waiting, not two); the check below needs both. Should the read fail after the add
+            # went through, the unit stays counted unused: conservative, never an admission too many.
+            got, now_current = await asyncio.gather(self.counters.counts([name]),
+                                                    self._add(key, slot, expiry, amount))
+            previous = self._remember(name, got.get(name, 0))
+        else:
+            now_current = await self._add(key, slot, expiry, amount)
         if math.floor(weighted(previous, share, now_current)) > limit:
             await self._add(key, slot, expiry, -amount)
             return False
@@ -291,8 +305,17 @@ class Limiter:
     when it fits under the limit, else just what the request needs). Units counted are never
     more than the limit, so replicas still never admit more than it together; the price is that a
     replica's unspent units count against the key until their slot ends (they are dropped when it
-    turns), so N replicas may refuse up to N x `lease` units early. The lease is capped at a
-    twentieth of the burst: small limits (the failed-authentication one) stay exact.
+    turns), so N replicas may refuse up to N x 1.5 x `lease` units early (a replica holds at most
+    half a lease when it counts the next one). The lease is capped at a twentieth of the burst:
+    small limits (the failed-authentication one) stay exact.
+
+    Refills ahead of need (only with a lease above 1): when a request leaves half a lease or less
+    held, the next lease is counted by a background task, and a request finding too few units while
+    that task runs waits for it rather than asking the store itself. A key that needed a refill in a
+    slot gets one lease counted right after the next slot begins (held units of an ended slot are
+    dropped, so without it the first requests of every slot would wait for the store). A refill
+    the store refuses or does not answer is dropped: the request path then asks the store as
+    without refills, and reports its outage.
     """
 
     def __init__(self, storage: SlotStorage, namespace: str, rate: float, burst: float, lease: int = 1) -> None:
@@ -307,6 +330,9 @@ class Limiter:
         self._strategy = SlidingWindowCounterRateLimiter(storage)
         self._held: dict[str, _Held] = {}
         self._max_held = 100_000
+        self._refills: dict[str, asyncio.Task[None]] = {}
+        # Keys that needed a refill in a slot, by slot: refilled again as the next slot begins.
+        self._busy: dict[int, set[str]] = {}
 
     def _cost(self, cost: float) -> int:
         return min(max(math.ceil(cost), 0), self.item.amount)
@@ -339,9 +365,10 @@ class Limiter:
         units = self._cost(cost)
         if units == 0:
             return 0.0
-        held = self._holding(key)
+        held = await self._refilled(key, units)
         if held is not None and held.units >= units:
             held.units -= units
+            self._refill_if_low(key, held)
             return 0.0
         # Claim what is held before the round trip (another request of this process may run
         # meanwhile), and put it back if the store refuses the rest.
@@ -354,6 +381,8 @@ class Limiter:
             slot = self.storage.current_slot(self.window)
             if await self._strategy.hit(self.item, key, cost=ask):
                 self._hold(key, ask - need, slot)
+                if ask > need:
+                    self._mark_busy(key, slot)
                 return 0.0
         self._hold(key, have, have_slot)
         return max(await self._seconds_until(key, units), 1e-3)
@@ -362,7 +391,7 @@ class Limiter:
         """0.0 when one unit would be admitted now, else the seconds until it would; spends nothing.
         (The strategy's `test` with the same arithmetic, from one read of the window; no read at
         all while this process holds units of the key.)"""
-        if self._holding(key) is not None:
+        if await self._refilled(key, 1) is not None:
             return 0.0
         wait = await self._seconds_until(key, 1)
         return 0.0 if wait <= 0 else max(wait, 1e-3)
@@ -378,6 +407,59 @@ class Limiter:
             units -= spent
         if units > 0:
             await self.storage.force(self.item.key_for(key), self.item.amount, self.window, units)
+
+    # --- refills ahead of need --------------------------------------------------------------------
+
+    async def _refilled(self, key: str, units: int) -> _Held | None:
+        """The units held for `key`, after waiting for a refill under way when they are fewer than `units`."""
+        held = self._holding(key)
+        if (held is None or held.units < units) and (task := self._refills.get(key)) is not None:
+            # Shielded: a request given up on (its timeout) must not cancel the refill others wait for.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task)
+            held = self._holding(key)
+        return held
+
+    def _refill_if_low(self, key: str, held: _Held) -> None:
+        if self.lease > 1 and held.units <= self.lease // 2:
+            self._refill(key, held.slot)
+
+    def _refill(self, key: str, slot: int, busy: bool = True) -> None:
+        """Count one lease for `key` in `slot` in the background (at most one refill per key at a time);
+        `busy`: the key needed it, so it gets another as the next slot begins."""
+        if key in self._refills or slot != self.storage.current_slot(self.window):
+            return
+        if busy:
+            self._mark_busy(key, slot)
+        task = asyncio.get_running_loop().create_task(self._count_lease(key, slot), name=f"ratelimit-refill:{key}")
+        self._refills[key] = task
+        task.add_done_callback(lambda _t: self._refills.pop(key, None))
+
+    async def _count_lease(self, key: str, slot: int) -> None:
+        try:
+            if slot == self.storage.current_slot(self.window) and \
+                    await self._strategy.hit(self.item, key, cost=self.lease):
+                self._hold(key, self.lease, slot)
+        except Exception as exc:  # the request path asks the store itself and reports its outage
+            log.debug("rate-limit refill not counted: %s", type(exc).__name__)
+
+    def _mark_busy(self, key: str, slot: int) -> None:
+        """Remember `key` as busy in `slot`: one lease is counted for it as soon as the next slot begins."""
+        busy = self._busy.get(slot)
+        if busy is None:
+            if len(self._busy) > 2:  # only the current slot's (and a just-ended one's) matter
+                for old in [s for s in self._busy if s < slot]:
+                    del self._busy[old]
+            busy = self._busy[slot] = set()
+            delay = (slot + 1) * self.window - self.storage.now()
+            asyncio.get_running_loop().call_later(max(delay, 0.0), self._slot_turned, slot)
+        if len(busy) < self._max_held:
+            busy.add(key)
+
+    def _slot_turned(self, ended: int) -> None:
+        for key in self._busy.pop(ended, ()):
+            # Not marked busy again: a key idle in the new slot gets no lease in the one after.
+            self._refill(key, ended + 1, busy=False)
 
     async def _seconds_until(self, key: str, cost: int) -> float:
         previous, previous_ttl, current, _ = await self.storage.get_sliding_window(self.item.key_for(key), self.window)

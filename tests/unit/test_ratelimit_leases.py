@@ -4,10 +4,14 @@ must still never admit more than the limit together."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Sequence
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pymongo.errors import PyMongoError
 
 from shared.ratelimit import Limiter, MemoryCounters, SlotStorage
 
@@ -124,3 +128,118 @@ async def test_a_lease_changes_no_answer_of_a_single_replica_within_a_slot(costs
     leased = replica(CountedCounters(clock), clock, burst=100, lease=5)
     for cost in costs:
         assert (await exact.take("k", cost) == 0.0) == (await leased.take("k", cost) == 0.0)
+
+
+async def settle() -> None:
+    """Let background refills run (the in-process counters answer without waiting)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_the_next_lease_is_counted_before_the_held_one_runs_out() -> None:
+    clock = Clock()
+    store = CountedCounters(clock)
+    lim = replica(store, clock)
+    for _ in range(6):  # the first counts a lease of 10; the sixth leaves 4 held, under half a lease
+        await lim.take("k")
+    await settle()
+    trips = store.trips
+    assert [await lim.take("k") for _ in range(14)] == [0.0] * 14  # 4 held + the 10 counted ahead
+    assert store.trips == trips
+
+
+class SlowCounters(CountedCounters):
+    """Counters whose adds let other tasks run meanwhile, as a store's round trip does; adds counted."""
+
+    adds = 0
+
+    async def add(self, name: str, amount: int, expires_at: float) -> int:
+        self.adds += 1
+        await asyncio.sleep(0)
+        return await super().add(name, amount, expires_at)
+
+
+async def test_requests_finding_too_few_units_wait_for_the_refill_under_way() -> None:
+    clock = Clock()
+    store = SlowCounters(clock)
+    lim = replica(store, clock)
+    for _ in range(6):
+        await lim.take("k")  # the sixth started a refill, which has not counted its lease yet
+    await lim.take("k", 4)  # the 4 held
+    adds = store.adds
+    assert list(await asyncio.gather(lim.take("k"), lim.take("k"))) == [0.0, 0.0]
+    assert store.adds - adds == 1  # both served from the refill's lease, neither counted one of its own
+
+
+async def test_refilled_units_never_exceed_the_limit() -> None:
+    clock = Clock()
+    lim = replica(CountedCounters(clock), clock, burst=200, lease=10)
+    admitted = 0
+    for _ in range(300):
+        if await lim.take("k") == 0.0:
+            admitted += 1
+        await settle()
+    assert admitted == 200
+
+
+async def test_a_key_busy_in_a_slot_has_a_lease_counted_as_the_next_slot_begins() -> None:
+    clock = Clock()
+    clock.now = time.time()
+    store = CountedCounters(clock)
+    lim = Limiter(SlotStorage(store, clock), "test", rate=100_000, burst=100_000, lease=10)  # a 1 s window
+    for _ in range(6):
+        await lim.take("k")
+    await settle()
+    slot = lim.storage.current_slot(lim.window)
+    clock.now = float(slot + 1)  # the next slot, where the units held are dropped
+    await asyncio.sleep(slot + 1 - time.time() + 0.05)  # the turn of the slot passes on the loop's clock
+    await settle()
+    trips = store.trips
+    assert await lim.take("k") == 0.0
+    assert store.trips == trips
+
+
+async def test_a_refill_the_store_does_not_answer_leaves_the_request_to_ask_itself() -> None:
+    clock = Clock()
+    store = CountedCounters(clock)
+    lim = replica(store, clock)
+    for _ in range(6):
+        await lim.take("k")
+    failing = store.add
+
+    async def refuse(name: str, amount: int, expires_at: float) -> int:
+        raise PyMongoError("store away")
+
+    store.add = refuse  # type: ignore[method-assign]
+    await settle()  # the refill fails quietly
+    await lim.take("k", 4)
+    with pytest.raises(PyMongoError):  # the request's own round trip reports the outage
+        await lim.take("k")
+    store.add = failing  # type: ignore[method-assign]
+    assert await lim.take("k") == 0.0
+
+
+async def test_the_first_add_of_a_slot_reads_the_previous_slot_in_the_same_wait() -> None:
+    clock = Clock()
+
+    class Overlapping(CountedCounters):
+        in_flight = 0
+        most = 0
+
+        async def _trip(self) -> None:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+            await asyncio.sleep(0.01)
+            self.in_flight -= 1
+
+        async def counts(self, names: Sequence[str]) -> dict[str, int]:
+            await self._trip()
+            return await super().counts(names)
+
+        async def add(self, name: str, amount: int, expires_at: float) -> int:
+            await self._trip()
+            return await super().add(name, amount, expires_at)
+
+    store = Overlapping(clock)
+    assert await replica(store, clock).take("k") == 0.0
+    assert store.most == 2  # the read of the previous slot and the add were under way together
