@@ -10,8 +10,12 @@ from pymongo import AsyncMongoClient
 
 from shared import auth
 from shared.mongo import Document
+from tests.support.reporting import counters_verified
 from tests.support.services import Namespace, ServiceProcess, running
 from tools.receiver import WebhookReceiver, webhook_receiver
+
+# `alliance reporting verify` after every end-to-end scenario (each drives reporting).
+counters_agree_after_each_scenario = counters_verified()
 
 
 @pytest.fixture(scope="module")

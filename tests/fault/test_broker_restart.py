@@ -12,6 +12,7 @@ import httpx
 
 from shared.topic_admin import ensure_topics
 from tests.fault.helpers import make_tenant, post_batch, submission, trajectory_sessions
+from tests.support.reporting import assert_counters_agree
 from tests.support.services import Namespace, running
 from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
@@ -62,5 +63,6 @@ async def test_broker_killed_for_20s_loses_nothing_and_intake_fails_fast(durable
                 return True
 
             await eventually(all_visible, timeout=180, interval=2)
+            await assert_counters_agree(ns.mongo(), timeout=60)
         for p in procs.values():
             assert p.proc is not None and p.proc.poll() is None, f"{p.name} died instead of reconnecting"

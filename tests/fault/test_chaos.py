@@ -24,6 +24,7 @@ from tests.fault.helpers import (
     submission,
     trajectory_sessions,
 )
+from tests.support.reporting import assert_counters_agree
 from tests.support.services import Namespace, ServiceProcess, running
 from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
@@ -135,6 +136,7 @@ async def test_ten_thousand_submissions_survive_consumer_kills_and_a_store_resta
             return {json.loads(r.body)["alert_id"] for r in receiver.successes()} >= expected_alerts
 
         await eventually(delivered_all, timeout=300, interval=2)
+        await assert_counters_agree(ns.mongo(), timeout=60)
         by_webhook_id = Counter(r.headers["webhook-id"] for r in receiver.successes())
         delivered_alerts = {json.loads(r.body)["alert_id"] for r in receiver.successes()}
 

@@ -16,6 +16,7 @@ from shared import auth
 from shared.mongo import Document
 from shared.topic_admin import ensure_topics
 from tests.fault.helpers import post_batch, submission
+from tests.support.reporting import assert_counters_agree
 from tests.support.services import Namespace, running
 from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
@@ -139,6 +140,7 @@ async def test_every_endpoint_refuses_other_tenants_other_sites_and_missing_keys
             assert (await http.get(f"{url['alerts']}/v1/subscriptions", headers=admin_a)).json()
             a7 = (await http.get(f"{url['alerts']}/v1/clinicians/clin-a7", headers=admin_a)).json()
             assert a7["site_id"] == "north"
+            await assert_counters_agree(ns.mongo())
     print(f"\n{len(ops)} operations x 7 callers checked")
     print("\n".join(["failures:", *failures, "leaks:", *leaks, f"tenant A ids: {ids}"]))
     assert not failures, f"{len(failures)} failures (printed above)"

@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from shared.events import DeadLetter
 from shared.topic_admin import ensure_topics
 from tests.fault.helpers import make_tenant, post_batch, submission, trajectory_sessions
+from tests.support.reporting import assert_counters_agree
 from tests.support.services import Namespace, running
 from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
@@ -49,6 +50,7 @@ async def test_poison_on_every_input_topic_is_deadlettered_and_consumption_conti
                 return await trajectory_sessions(http, procs["reporting"].url, keys.read, "client-1") == [1]
 
             await eventually(visible, timeout=120)
+            await assert_counters_agree(ns.mongo())
 
         consumer = AIOKafkaConsumer(topics.deadletter, bootstrap_servers=ns.stack.bootstrap,
                                     auto_offset_reset="earliest", enable_auto_commit=False)

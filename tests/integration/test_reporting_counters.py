@@ -24,6 +24,7 @@ from shared.kafka import Decoded
 from shared.mongo import Document
 from shared.topics import Topics
 from tests.support.fakes import FixedGenerations, Sink, inbound
+from tests.support.reporting import counters_verified_in_db
 from tests.support.stack import StackUnderTest, scratch_database
 from tools.demo import BASE, revised, scored, transferred
 
@@ -36,6 +37,9 @@ G = FIRST_GENERATION
 async def db(stack: StackUnderTest) -> AsyncIterator[AsyncDatabase[Document]]:
     async with scratch_database(stack, "t_counters_") as database:
         yield database
+
+
+counters_agree_after_each_scenario = counters_verified_in_db()
 
 
 def handlers(store: ReportingStore, gen: str = G) -> ReportingHandlers:

@@ -25,6 +25,7 @@ from services.reporting.store import META, POINTER_ID, clients_name, counters_na
 from shared.auth import create_key
 from shared.events import SrsScored
 from shared.mongo import Document
+from tests.support.reporting import counters_verified
 from tests.support.services import Namespace, ServiceProcess, service_fixture
 from tests.support.wait import eventually
 from tools.demo import BASE, deterioration_for, publish, revised, scored
@@ -51,6 +52,7 @@ class Live:
 
 
 reporting = service_fixture("reporting")
+counters_agree_after_each_scenario = counters_verified()
 
 
 @pytest.fixture(scope="module")

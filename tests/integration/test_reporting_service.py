@@ -20,13 +20,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient
 
-from services.reporting.cli import verify_generation
 from shared.auth import create_key
 from shared.events import AlertStatusChanged, DeadLetter, Instrument, Items, SrsScored, SrsSubmitted
 from shared.ids import derive
 from shared.mongo import Document
-from shared.settings import MongoSettings
 from tests.support.deadletters import dead_letters
+from tests.support.reporting import counters_verified
 from tests.support.services import Namespace, ServiceProcess, service_fixture
 from tests.support.wait import eventually
 from tools.demo import (
@@ -70,18 +69,7 @@ async def reporting(namespace_m: Namespace, reporting_process: ServiceProcess) -
     await mongo.close()
 
 
-@pytest.fixture(autouse=True)
-async def counters_agree_after_each_scenario(reporting: Reporting) -> AsyncIterator[None]:
-    """`alliance reporting verify` after every scenario: once the consumer has caught up, the
-    incremental indices equal what the records say (a batch in flight may briefly differ)."""
-    yield
-    mongo = MongoSettings(url=reporting.ns.stack.mongo_url, database=reporting.ns.database)
-
-    async def agree() -> bool:
-        _, differences = await verify_generation(mongo)
-        return not differences
-
-    await eventually(agree, timeout=30)
+counters_agree_after_each_scenario = counters_verified()
 
 
 def tenant() -> str:

@@ -25,6 +25,7 @@ from services.reporting.store import (
 )
 from shared.events import AlertStatusChanged, DeadLetter, SrsSubmitted
 from shared.mongo import Document
+from tests.support.reporting import counters_verified_in_db
 from tests.support.stack import StackUnderTest, scratch_database
 from tools.demo import acknowledgement, deterioration_for, lifecycle, revised, scored
 
@@ -35,6 +36,9 @@ T = "tenant-store"
 async def db(stack: StackUnderTest) -> AsyncIterator[AsyncDatabase[Document]]:
     async with scratch_database(stack, "t_store_") as database:
         yield database
+
+
+counters_agree_after_each_scenario = counters_verified_in_db()
 
 
 def tid(client: str) -> str:
