@@ -241,11 +241,13 @@ def topic_of(event: SrsScored | AllianceDeterioration | AlertStatusChanged, topi
 
 
 async def publish(kafka: KafkaSettings, events: Iterable[SrsScored | AllianceDeterioration | AlertStatusChanged],
-                  raw: Iterable[tuple[str, bytes, bytes | None]] = ()) -> int:
+                  raw: Iterable[tuple[str, bytes, bytes | None]] = (), **producer_options: Any) -> int:
     """Publish events as scoring and alerts would (per-client key, correlation header), plus raw
-    `(topic, value, key)` records; waits for every acknowledgement. Returns the count."""
-    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", linger_ms=5,
-                                enable_idempotence=kafka.idempotence, **admin_security_kwargs(kafka))
+    `(topic, value, key)` records; waits for every acknowledgement. Returns the count.
+    `producer_options` override the producer's (a bulk load passes bigger batches and linger)."""
+    options: dict[str, Any] = {"acks": "all", "linger_ms": 5, **producer_options}
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, enable_idempotence=kafka.idempotence,
+                                **options, **admin_security_kwargs(kafka))
     await producer.start()
     try:
         topics = kafka.topics()
