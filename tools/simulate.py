@@ -362,7 +362,7 @@ def _break(body: dict[str, Any], rule: str, now: datetime, rng: random.Random) -
         del partial[rng.choice(ITEMS)]
         b["items"] = partial
     elif rule == "unknown_instrument":
-        b["instrument"] = rng.choice(["XSRS", "ORS", "srs-long"])
+        b["instrument"] = rng.choice(["XSRS", "OQ45", "srs-long"])
     elif rule == "session_number_zero":
         b["session_number"] = rng.choice([0, -1])
     elif rule == "timestamp_without_offset":

@@ -1,4 +1,5 @@
-"""The intake HTTP API: authenticate, validate, publish to `srs.submitted.v1`, answer after the ack.
+"""The intake HTTP API: authenticate, validate, publish to `srs.submitted.v1` (an outcome rating -
+ORS, CORS, YCORS - to `ors.submitted.v1`), answer after the ack.
 
 Order of checks for every submission request (the first that fails answers):
 429 too many failed authentications from this address (before a key not already cached is looked
@@ -49,6 +50,7 @@ from services.intake.models import (
     BatchOut,
     ErrorBody,
     FieldError,
+    OrsSubmissionIn,
     Outgoing,
     SubmissionIn,
     TransferAccepted,
@@ -80,11 +82,14 @@ class PublishFailed(Exception):
 
 
 class SubmissionPublisher:
-    """Hands records to the producer and waits, bounded, for every acknowledgement."""
+    """Hands records to the producer and waits, bounded, for every acknowledgement. `publish`
+    writes to `srs.submitted.v1`, `publish_outcome` to `ors.submitted.v1` (records with `outcome`)."""
 
-    def __init__(self, runtime: Runtime, publish: Callable[..., Awaitable[Any]], timeout_seconds: float) -> None:
+    def __init__(self, runtime: Runtime, publish: Callable[..., Awaitable[Any]], timeout_seconds: float,
+                 publish_outcome: Callable[..., Awaitable[Any]]) -> None:
         self._runtime = runtime
         self._publish = publish
+        self._publish_outcome = publish_outcome
         self.timeout = timeout_seconds
 
     async def publish(self, records: Sequence[Outgoing], correlation_id: str, endpoint: str) -> None:
@@ -103,9 +108,9 @@ class SubmissionPublisher:
                     # One send per record without waiting (no_confirm), then all acks together:
                     # a batch costs one round trip to the broker, not one per record.
                     futures = [
-                        await self._publish(r.value, key=r.key,
-                                            headers=base if r.headers is None else {**base, **r.headers},
-                                            correlation_id=correlation_id, no_confirm=True)
+                        await (self._publish_outcome if r.outcome else self._publish)(
+                            r.value, key=r.key, headers=base if r.headers is None else {**base, **r.headers},
+                            correlation_id=correlation_id, no_confirm=True)
                         for r in records
                     ]
                     await asyncio.gather(*futures)
@@ -413,8 +418,11 @@ def build_router(ctx: Context) -> APIRouter:
 
     @router.post(
         "/v1/submissions", status_code=202, response_model=Accepted, responses=_ERRORS, tags=["submissions"],
-        summary="Submit one SRS rating; 202 once the broker has acknowledged it",
-        openapi_extra=_json_body("SubmissionIn"),
+        summary="Submit one rating (SRS family, or ORS family with `instrument` ORS, CORS or YCORS); 202 once the "
+                "broker has acknowledged it",
+        openapi_extra={**_json_body("SubmissionIn"), "requestBody": {"required": True, "content": {
+            "application/json": {"schema": {"oneOf": [{"$ref": "#/components/schemas/SubmissionIn"},
+                                                      {"$ref": "#/components/schemas/OrsSubmissionIn"}]}}}}},
     )
     async def submit(request: Request) -> Response:
         principal = await ctx.submitter(request)
@@ -547,7 +555,7 @@ def install_openapi(app: FastAPI) -> None:
         schema = generate()
         components = schema.setdefault("components", {})
         schemas = components.setdefault("schemas", {})
-        for model in (SubmissionIn, BatchIn, TransferIn):
+        for model in (SubmissionIn, OrsSubmissionIn, BatchIn, TransferIn):
             doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(doc.pop("$defs", {}))
             schemas[model.__name__] = doc

@@ -29,9 +29,11 @@ from shared.settings import IntakeHttp, ServiceConfig
 
 TITLE = "Alliance Stream intake"
 DESCRIPTION = """Accepts Session Rating Scale submissions from clinic sites and EHR exports, validates them,
-and publishes them to `srs.submitted.v1`. A submission is answered with 202 only after the broker has
-acknowledged it; send the same `submission_id` again to retry safely. A tenant-wide admin key moves a
-client to another site with `POST /v1/clients/{client_id}/transfer`."""
+and publishes them to `srs.submitted.v1`; Outcome Rating Scale submissions (`instrument` ORS, CORS or
+YCORS, docs/outcome.md) through the same endpoints go to `ors.submitted.v1`. A submission is answered
+with 202 only after the broker has acknowledged it; send the same `submission_id` again to retry
+safely. A tenant-wide admin key moves a client to another site with
+`POST /v1/clients/{client_id}/transfer`."""
 
 
 @dataclass
@@ -76,7 +78,7 @@ def build(config: IntakeConfig) -> IntakeService:
     """Wire broker, key store, limits and routes; opens no connection."""
     broker = make_broker(config.kafka.model_copy(update={"linger_ms": config.intake.linger_ms}), "intake")
     publisher = _publisher(broker, config)
-    _ors_publisher(broker, config)  # declared for the AsyncAPI document; intake publishes ORS there
+    ors_publisher = _ors_publisher(broker, config)
     mongo, db = client_and_database(config.mongo)
     # Failed authentications per peer; submissions per key are metered by `limiter` instead.
     guard, limits = make_guard(config.http, db, "intake", per_key=False)
@@ -85,7 +87,7 @@ def build(config: IntakeConfig) -> IntakeService:
         settings=config.intake,
         keys=KeyStore(db, ttl_seconds=config.intake.key_cache_seconds,
                       max_entries=config.intake.key_cache_entries),
-        publisher=SubmissionPublisher(runtime, publisher.publish, config.publish_timeout),
+        publisher=SubmissionPublisher(runtime, publisher.publish, config.publish_timeout, ors_publisher.publish),
         limiter=submission_limiter(config.intake, limits, config.http.rate_limit_lease),
         guard=guard,
     )

@@ -1,8 +1,9 @@
 """Operator commands of the intake service (mounted as `alliance intake ...`), and `alliance import`.
 
 `alliance import FILE.csv --key KEY [--url URL]` sends an EHR export (columns: see
-`services.intake.csvformat`) to intake's CSV endpoint in chunks, with a progress bar, retrying
-429/503 answers after their Retry-After, and prints a report of the rejected rows by line number.
+`services.intake.csvformat`; SRS and ORS rows, mixed as the export has them) to intake's CSV
+endpoint in chunks, with a progress bar, retrying 429/503 answers after their Retry-After, and
+prints a report of the rejected rows by line number.
 Rows without a `submission_id` get one that intake derives from the row's session (tenant, client,
 instrument, episode, session number, UTC date), so importing the same cumulative export again
 (e.g. after an interruption) changes nothing, and a changed row corrects its session.

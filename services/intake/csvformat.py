@@ -6,22 +6,29 @@ A header row names the columns; the order is free, names are case-sensitive:
 |------------------|----------|-----------------------------------------------------------|
 | `submission_id`  | no       | idempotency key; when empty, derived from the session     |
 |                  |          | (see below)                                               |
-| `instrument`     | no       | SRS (default), CSRS, GSRS, CGSRS, YCSRS                   |
+| `instrument`     | no       | SRS (default), CSRS, GSRS, CGSRS, YCSRS; or an outcome    |
+|                  |          | rating: ORS, CORS, YCORS (docs/outcome.md)                |
 | `client_id`      | yes      | pseudonymous client id                                    |
 | `clinician_id`   | yes      |                                                           |
 | `site_id`        | yes      |                                                           |
 | `episode_id`     | no       |                                                           |
 | `session_number` | yes      | integer >= 1                                              |
 | `administered_at`| yes      | ISO-8601 with offset, e.g. `2026-11-25T14:05:00+00:00`    |
-| `relationship`, `goals`, `approach`, `overall` | items | 0.0-10.0, one decimal       |
+| `relationship`, `goals`, `approach`, `overall` | items | SRS family: 0.0-10.0, one decimal |
+| `individually`, `interpersonally`, `socially`, `overall` | items | ORS family: the same scale |
 | `total`          | or total | 0.0-40.0, one decimal                                     |
+| `client_age`     | no       | ORS family only: whole years, 0-130                       |
 
-An empty cell means "absent". A row gives all four item cells or a `total`, never both. Rows are
+An empty cell means "absent". A row gives all four item cells of its instrument or a `total`,
+never both. One file may mix SRS and ORS rows: each row fills in the item columns of its own
+instrument (`overall` is an item of both) and leaves the other scale's cells empty; an item of
+the other scale, or a `client_age` on an SRS row, is refused naming that cell's column. Rows are
 validated by exactly the rules of `POST /v1/submissions` (see `services.intake.models`); the report
 names each rejected row by its line number in the file (the header is line 1).
 
 A valid row without a `submission_id` gets `csv:<uuid>`, a UUIDv5 of its session: the tenant (of
-the API key), `client_id`, `instrument` (SRS when empty), `episode_id` (or none), `session_number`
+the API key), `client_id`, `instrument` (SRS when empty; an ORS row and the SRS row of the same
+session therefore get different ids), `episode_id` (or none), `session_number`
 and the UTC calendar date of `administered_at`. So re-importing the same cumulative export changes
 nothing, the same row in another file or at another line keeps its id, and a row whose ratings
 changed is a correction of that session (docs/clinical-records.md). Two rows of one request with
@@ -34,6 +41,13 @@ Example:
     submission_id,client_id,clinician_id,site_id,session_number,administered_at,relationship,goals,approach,overall,total
     n-1,p-8812,c-17,north,3,2026-11-25T14:05:00+00:00,9.1,8.4,9.0,8.8,
     n-2,p-9001,c-17,north,1,2026-11-25T15:00:00+00:00,,,,,36.5
+
+A file with both scales of each session (the ORS at the start, the SRS at the end):
+
+    instrument,client_id,clinician_id,site_id,session_number,administered_at,client_age,individually,interpersonally,socially,relationship,goals,approach,overall,total
+    ORS,p-8812,c-17,north,3,2026-11-25T13:10:00+00:00,34,5.2,6.0,5.8,,,,5.5,
+    SRS,p-8812,c-17,north,3,2026-11-25T14:05:00+00:00,,,,,9.1,8.4,9.0,8.8,
+    ORS,p-9001,c-17,north,1,2026-11-25T14:10:00+00:00,15,,,,,,,,18.0
 """
 
 from __future__ import annotations
@@ -46,10 +60,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from shared import ids
-from shared.events import ITEM_NAMES
+from shared.events import ITEM_NAMES, ORS_ITEM_NAMES
 
+# The item columns of both scales (`overall` is an item of each); a row's instrument says which it fills.
+ALL_ITEM_NAMES: tuple[str, ...] = (*ITEM_NAMES, *(n for n in ORS_ITEM_NAMES if n not in ITEM_NAMES))
 COLUMNS: tuple[str, ...] = ("submission_id", "instrument", "client_id", "clinician_id", "site_id", "episode_id",
-                            "session_number", "administered_at", *ITEM_NAMES, "total")
+                            "session_number", "administered_at", "client_age", *ALL_ITEM_NAMES, "total")
 REQUIRED: tuple[str, ...] = ("client_id", "clinician_id", "site_id", "session_number", "administered_at")
 _INT = re.compile(r"^[+-]?\d{1,18}$")
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
@@ -94,11 +110,11 @@ def row_to_submission(cells: dict[str, str]) -> dict[str, Any]:
         cell = raw.strip()
         if not cell:
             continue
-        if name in ITEM_NAMES:
+        if name in ALL_ITEM_NAMES:
             items[name] = _number(cell, integer=False)
         elif name == "total":
             out[name] = _number(cell, integer=False)
-        elif name == "session_number":
+        elif name in ("session_number", "client_age"):
             out[name] = _number(cell, integer=True)
         else:
             out[name] = cell
@@ -177,6 +193,7 @@ def _header_errors(header: list[str]) -> list[FieldError]:
     missing = [c for c in REQUIRED if c not in header]
     if missing:
         errors.append(("header", f"missing required columns: {', '.join(missing)}"))
-    if "total" not in header and not all(i in header for i in ITEM_NAMES):
-        errors.append(("header", f"needs the item columns ({', '.join(ITEM_NAMES)}) or a total column"))
+    if "total" not in header and not any(all(i in header for i in names) for names in (ITEM_NAMES, ORS_ITEM_NAMES)):
+        errors.append(("header", f"needs the item columns of a scale (SRS: {', '.join(ITEM_NAMES)}; ORS: "
+                                 f"{', '.join(ORS_ITEM_NAMES)}) or a total column"))
     return errors

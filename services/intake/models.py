@@ -4,7 +4,11 @@ Rules (each violation is reported as `{"field": ..., "message": ...}`):
 - unknown fields are rejected (also inside `items`);
 - ids (`submission_id`, `client_id`, `clinician_id`, `site_id`, `episode_id`) are 1-128 characters
   of `A-Za-z0-9._:-`; `submission_id` and `episode_id` are optional;
-- `instrument` is one of SRS, CSRS, GSRS, CGSRS, YCSRS (default SRS);
+- `instrument` is one of SRS, CSRS, GSRS, CGSRS, YCSRS (the alliance scales, default SRS) or ORS,
+  CORS, YCORS (the outcome scales, docs/outcome.md); the instrument decides the item names: SRS
+  `relationship`, `goals`, `approach`, `overall`; ORS `individually`, `interpersonally`,
+  `socially`, `overall` (an item of the other scale is named as such);
+- `client_age` (optional, whole years 0-130, a JSON integer) only with an outcome instrument;
 - `session_number` is a JSON integer, 1..100000;
 - `administered_at` is an ISO-8601 string with a UTC offset, not before 1970 and at most one day
   (configurable) in the future;
@@ -41,10 +45,14 @@ from shared import ids
 from shared.events import (
     CLIENT_TRANSFER,
     ITEM_NAMES,
+    ORS_ITEM_NAMES,
     RECORD_TYPE_HEADER,
     ClientTransfer,
     Instrument,
     Items,
+    OrsItems,
+    OrsSubmitted,
+    OutcomeInstrument,
     SrsSubmitted,
 )
 from shared.http import validation_errors
@@ -92,6 +100,17 @@ class ItemsIn(BaseModel):
     overall: Rating
 
 
+class OrsItemsIn(BaseModel):
+    """The four ORS items, all required."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    individually: Rating
+    interpersonally: Rating
+    socially: Rating
+    overall: Rating
+
+
 class SubmissionIn(BaseModel):
     """One SRS submission as a site posts it. Exactly one of `items` and `total` is given."""
 
@@ -131,6 +150,35 @@ class SubmissionIn(BaseModel):
         return value
 
 
+class OrsSubmissionIn(SubmissionIn):
+    """One ORS-family submission (ORS, CORS, YCORS; docs/outcome.md), given at the start of the
+    session: the same fields and rules as an SRS submission, the ORS items, and the client's age."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{
+                "submission_id": "north-2026-11-25-0001-ors", "instrument": "ORS", "client_id": "p-8812",
+                "clinician_id": "c-17", "site_id": "north", "session_number": 3, "client_age": 34,
+                "administered_at": "2026-11-25T13:10:00+00:00",
+                "items": {"individually": 5.2, "interpersonally": 6.0, "socially": 5.8, "overall": 5.5},
+            }],
+        },
+    )
+
+    instrument: OutcomeInstrument = Field(  # type: ignore[assignment]
+        description="required: without it a submission is an SRS")
+    items: OrsItemsIn | None = Field(  # type: ignore[assignment]
+        default=None, description="all four items, or none and a total")
+    client_age: int | None = Field(default=None, strict=True, ge=0, le=130,
+                                   description="whole years when the form was given: 13-17 reads an ORS against "
+                                               "the adolescent cutoff; absent, the adult one")
+
+
+AnySubmissionIn = SubmissionIn | OrsSubmissionIn
+OUTCOME_INSTRUMENTS: frozenset[str] = frozenset(OutcomeInstrument)
+
+
 def _human(delta: timedelta) -> str:
     seconds = int(delta.total_seconds())
     if seconds % 86_400 == 0:
@@ -144,7 +192,7 @@ class BatchIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    submissions: list[SubmissionIn] = Field(min_length=1, max_length=1000)
+    submissions: list[SubmissionIn | OrsSubmissionIn] = Field(min_length=1, max_length=1000)
 
 
 class FieldErrorOut(BaseModel):
@@ -195,25 +243,41 @@ class BatchOut(BaseModel):
     results: list[ItemResult]
 
 
-_MISSING_ITEMS = "partial items: all four of relationship, goals, approach, overall are required"
 _BOTH = "give either all four items or a total, not both"
 _NEITHER = "either items (all four) or a total is required"
+_ALL_INSTRUMENTS = ", ".join(f"'{i}'" for i in (*Instrument, *OutcomeInstrument))
+_OTHER_SCALE = {
+    **{name: f"'{name}' is an SRS item; the items of an ORS, CORS or YCORS are {', '.join(ORS_ITEM_NAMES)}"
+       for name in ITEM_NAMES if name not in ORS_ITEM_NAMES},
+    **{name: f"'{name}' is an ORS item; give `instrument` ORS, CORS or YCORS for an outcome rating "
+             f"(the items of an SRS are {', '.join(ITEM_NAMES)})"
+       for name in ORS_ITEM_NAMES if name not in ITEM_NAMES},
+}
+_AGE_ONLY_OUTCOME = "client_age is given with an outcome rating only (instrument ORS, CORS or YCORS)"
 
 
-def _rewrite(errors: list[Any]) -> list[FieldError]:
+def _rewrite(errors: list[Any], item_names: tuple[str, ...]) -> list[FieldError]:
     out = validation_errors(errors)
     for i, e in enumerate(errors):
-        loc = e.get("loc", ())
-        if e.get("type") == "missing" and len(loc) == 2 and loc[0] == "items":
-            out[i] = (out[i][0], _MISSING_ITEMS)
-        elif e.get("type") == "model_type":
+        loc, kind = e.get("loc", ()), e.get("type")
+        if kind == "missing" and len(loc) == 2 and loc[0] == "items":
+            out[i] = (out[i][0], f"partial items: all four of {', '.join(item_names)} are required")
+        elif kind == "extra_forbidden" and len(loc) == 2 and loc[0] == "items" and loc[1] in _OTHER_SCALE:
+            out[i] = (out[i][0], _OTHER_SCALE[loc[1]])
+        elif kind == "extra_forbidden" and loc == ("client_age",):
+            out[i] = (out[i][0], _AGE_ONLY_OUTCOME)
+        elif kind == "enum" and loc == ("instrument",):
+            out[i] = (out[i][0], f"Input should be one of {_ALL_INSTRUMENTS}")
+        elif kind == "model_type":
             out[i] = (out[i][0], "must be a JSON object")
     return out
 
 
 def check_submission(data: Any, now: datetime | None = None,
-                     max_future: timedelta = DEFAULT_MAX_FUTURE) -> tuple[SubmissionIn | None, list[FieldError]]:
-    """Validate one submission (a decoded JSON value): the model, or every rule it breaks."""
+                     max_future: timedelta = DEFAULT_MAX_FUTURE) -> tuple[AnySubmissionIn | None, list[FieldError]]:
+    """Validate one submission (a decoded JSON value): the model, or every rule it breaks. Its
+    `instrument` picks the scale (an `OrsSubmissionIn` for ORS, CORS, YCORS), so every other rule
+    is that scale's."""
     errors: list[FieldError] = []
     if isinstance(data, dict):
         has_items, has_total = data.get("items") is not None, data.get("total") is not None
@@ -221,11 +285,13 @@ def check_submission(data: Any, now: datetime | None = None,
             errors.append(("total", _BOTH))
         elif not has_items and not has_total:
             errors.append(("items", _NEITHER))
+    outcome = isinstance(data, dict) and data.get("instrument") in OUTCOME_INSTRUMENTS
+    kind: type[AnySubmissionIn] = OrsSubmissionIn if outcome else SubmissionIn
     try:
-        model = SubmissionIn.model_validate(data, context={"now": now or datetime.now(UTC),
-                                                           "max_future": max_future})
+        model = kind.model_validate(data, context={"now": now or datetime.now(UTC), "max_future": max_future})
     except ValidationError as exc:
-        return None, errors + _rewrite(exc.errors(include_url=False, include_input=False))
+        return None, errors + _rewrite(exc.errors(include_url=False, include_input=False),
+                                       ORS_ITEM_NAMES if outcome else ITEM_NAMES)
     return (None, errors) if errors else (model, [])
 
 
@@ -246,7 +312,7 @@ def check_transfer(data: Any) -> tuple[TransferIn | None, list[FieldError]]:
     try:
         return TransferIn.model_validate(data), []
     except ValidationError as exc:
-        return None, _rewrite(exc.errors(include_url=False, include_input=False))
+        return None, _rewrite(exc.errors(include_url=False, include_input=False), ITEM_NAMES)
 
 
 def claimed_submission_id(data: Any) -> str | None:
@@ -267,6 +333,7 @@ class Outgoing:
     key: bytes
     value: bytes
     headers: Mapping[str, str] | None = None  # besides content-type and correlation_id
+    outcome: bool = False  # an outcome rating (ORS family): published to `ors.submitted.v1`
 
 
 def new_submission_id() -> str:
@@ -274,50 +341,43 @@ def new_submission_id() -> str:
     return str(uuid.uuid4())
 
 
-def to_event(sub: SubmissionIn, tenant_id: str, now: datetime, submission_id: str | None = None) -> SrsSubmitted:
-    """The `srs.submitted.v1` event of a validated submission (tenant from the API key)."""
-    sid = submission_id or sub.submission_id or new_submission_id()
-    items = sub.items
+def to_event(sub: SubmissionIn, tenant_id: str, now: datetime,
+             submission_id: str | None = None) -> SrsSubmitted | OrsSubmitted:
+    """The event of a validated submission (tenant from the API key): `srs.submitted.v1`'s, or
+    `ors.submitted.v1`'s for an outcome rating."""
     # Built without re-validation: every field was validated on the way in.
-    return SrsSubmitted.model_construct(
-        schema_version=1,
-        event_id=ids.submitted_event_id(tenant_id, sid),
-        tenant_id=tenant_id,
-        occurred_at=now,
-        submission_id=sid,
-        site_id=sub.site_id,
-        clinician_id=sub.clinician_id,
-        client_id=sub.client_id,
-        episode_id=sub.episode_id,
-        instrument=sub.instrument,
-        session_number=sub.session_number,
-        administered_at=sub.administered_at,
-        items=None if items is None else Items.model_construct(
-            relationship=items.relationship, goals=items.goals, approach=items.approach, overall=items.overall),
-        total=sub.total,
-        accepted_at=now,
-    )
+    return (OrsSubmitted if isinstance(sub, OrsSubmissionIn) else SrsSubmitted).model_construct(
+        **_document(sub, tenant_id, now, submission_id or sub.submission_id or new_submission_id(), typed=True))
+
+
+def _document(sub: SubmissionIn, tenant_id: str, now: datetime, sid: str, typed: bool = False) -> dict[str, Any]:
+    """The event's fields; `typed`: items as the event's model (for `model_construct`), else a dict (for JSON)."""
+    items: dict[str, float] | None = None if sub.items is None else sub.items.__dict__
+    doc: dict[str, Any] = {
+        "schema_version": 1, "event_id": ids.submitted_event_id(tenant_id, sid), "tenant_id": tenant_id,
+        "occurred_at": now, "submission_id": sid, "site_id": sub.site_id, "clinician_id": sub.clinician_id,
+        "client_id": sub.client_id, "episode_id": sub.episode_id, "instrument": sub.instrument,
+        "session_number": sub.session_number, "administered_at": sub.administered_at, "items": items,
+        "total": sub.total, "accepted_at": now,
+    }
+    if isinstance(sub, OrsSubmissionIn):
+        doc["client_age"] = sub.client_age
+    if typed and items is not None:
+        doc["items"] = (OrsItems if isinstance(sub, OrsSubmissionIn) else Items).model_construct(None, **items)
+    return doc
 
 
 def outgoing(sub: SubmissionIn, tenant_id: str, now: datetime, submission_id: str | None = None) -> Outgoing:
-    """The Kafka record of a validated submission: key `tenant:client`, value the event's JSON.
-    `submission_id` is used when the submission names none (else a random one is generated).
+    """The Kafka record of a validated submission: key `tenant:client`, value the event's JSON; an
+    outcome rating's record goes to `ors.submitted.v1` (`outcome`). `submission_id` is used when the
+    submission names none (else a random one is generated).
 
     The hot path of every batch: the document is serialized straight from a dict (the same JSON
     as `to_event(...).model_dump_json()`, which a unit test checks), skipping model construction.
     """
     sid = sub.submission_id or submission_id or new_submission_id()
-    items = sub.items
-    doc = {
-        "schema_version": 1, "event_id": ids.submitted_event_id(tenant_id, sid), "tenant_id": tenant_id,
-        "occurred_at": now, "submission_id": sid, "site_id": sub.site_id, "clinician_id": sub.clinician_id,
-        "client_id": sub.client_id, "episode_id": sub.episode_id, "instrument": sub.instrument,
-        "session_number": sub.session_number, "administered_at": sub.administered_at,
-        "items": None if items is None else {"relationship": items.relationship, "goals": items.goals,
-                                             "approach": items.approach, "overall": items.overall},
-        "total": sub.total, "accepted_at": now,
-    }
-    return Outgoing(sid, ids.partition_key(tenant_id, sub.client_id), to_json(doc))
+    return Outgoing(sid, ids.partition_key(tenant_id, sub.client_id), to_json(_document(sub, tenant_id, now, sid)),
+                    outcome=isinstance(sub, OrsSubmissionIn))
 
 
 TRANSFER_HEADERS: Mapping[str, str] = {RECORD_TYPE_HEADER: CLIENT_TRANSFER}

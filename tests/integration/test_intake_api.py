@@ -1,5 +1,6 @@
 """Intake through HTTP (in-process ASGI app) against the real local broker and store: every rule of
-the API, and the event each accepted submission becomes on `srs.submitted.v1`."""
+the API, and the event each accepted submission becomes on `srs.submitted.v1` (an outcome rating:
+on `ors.submitted.v1`)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from services.intake.app import IntakeConfig, create_app
 from services.intake.csvformat import session_submission_id
 from services.intake.settings import IntakeSettings
 from shared import auth, ids
-from shared.events import CLIENT_TRANSFER, RECORD_TYPE_HEADER, ClientTransfer, SrsSubmitted
+from shared.events import CLIENT_TRANSFER, RECORD_TYPE_HEADER, ClientTransfer, OrsSubmitted, SrsSubmitted
 from shared.kafka import InboundRecord
 from shared.logs import JsonFormatter
 from shared.mongo import Document
@@ -246,7 +247,7 @@ RULES: list[tuple[str, Callable[[], Any], str, str]] = [
     ("unknown item", lambda: submission(items={**ITEMS, "mood": 5.0}), "items.mood", "Extra inputs"),
     ("total above 40", lambda: submission(items=..., total=40.1), "total", "less than or equal to 40"),
     ("total with two decimals", lambda: submission(items=..., total=30.25), "total", "one decimal"),
-    ("unknown instrument", lambda: submission(instrument="ORS"), "instrument", "'SRS'"),
+    ("unknown instrument", lambda: submission(instrument="XRS"), "instrument", "'SRS'"),
     ("session number 0", lambda: submission(session_number=0), "session_number", "greater than or equal to 1"),
     ("session number not integer", lambda: submission(session_number=2.5), "session_number", "valid integer"),
     ("session number huge", lambda: submission(session_number=10**20), "session_number", "less than or equal"),
@@ -706,3 +707,168 @@ async def test_batch_items_count_against_the_rate(limited: Intake) -> None:
     assert r.status_code == 429
     # 3 per 3-second window (rate 1, burst 3): room again when this slot ends, within the window
     assert 1 <= int(r.headers["retry-after"]) <= 3
+
+
+# --- the Outcome Rating Scale (docs/outcome.md): the same endpoints, its own topic --------------------
+
+ORS_ITEMS = {"individually": 5.2, "interpersonally": 6.0, "socially": 5.8, "overall": 5.5}
+
+
+def ors_submission(**over: Any) -> dict[str, Any]:
+    """A valid ORS submission (given at the start of the session the SRS of `submission()` ends)."""
+    return submission(**{"instrument": "ORS", "items": dict(ORS_ITEMS), "client_age": 34, **over})
+
+
+@pytest.fixture(scope="module")
+async def ors_reader(intake: Intake) -> AsyncIterator[TopicReader]:
+    reader = TopicReader(intake.ns.stack.bootstrap, intake.ns.kafka().topics().ors_submitted)
+    await reader.start()
+    yield reader
+    await reader.stop()
+
+
+async def test_an_ors_is_202_and_published_to_the_ors_topic_with_key_headers_and_ids(
+        intake: Intake, ors_reader: TopicReader) -> None:
+    # (the traceparent header is added by the same send as an SRS record's, when tracing is on)
+    r = await intake.post(ors_submission(submission_id="ors-1"), headers={"X-Correlation-ID": "corr-ors.1"})
+    assert r.status_code == 202, r.text
+    assert r.json() == {"submission_id": "ors-1", "status": "accepted"}
+    [rec] = await ors_reader.wait_for("ors-1")
+    assert rec.key == b"acme:p-8812"
+    assert rec.headers["correlation_id"] == "corr-ors.1"
+    assert rec.headers["content-type"] == "application/json"
+    ev = OrsSubmitted.model_validate_json(rec.value)
+    assert (ev.event_id, ev.tenant_id, ev.instrument, ev.client_age) == (
+        ids.submitted_event_id("acme", "ors-1"), "acme", "ORS", 34)
+    assert ev.items is not None and ev.items.values() == (5.2, 6.0, 5.8, 5.5) and ev.total is None
+
+
+async def test_an_ors_is_not_published_to_the_srs_topic(intake: Intake, ors_reader: TopicReader) -> None:
+    assert (await intake.post(submission(submission_id="pair-srs"))).status_code == 202
+    assert (await intake.post(ors_submission(submission_id="pair-ors"))).status_code == 202
+    await intake.reader.wait_for("pair-srs")
+    await ors_reader.wait_for("pair-ors")
+    assert "pair-ors" not in intake.reader.seen and "pair-srs" not in ors_reader.seen
+
+
+@pytest.mark.parametrize("instrument", ["CORS", "YCORS"])
+async def test_a_total_only_outcome_rating_of_the_child_forms_is_accepted(
+        intake: Intake, ors_reader: TopicReader, instrument: str) -> None:
+    sid = f"ors-tot-{instrument}"
+    body = ors_submission(submission_id=sid, instrument=instrument, items=..., total=18.5, client_age=...)
+    assert (await intake.post(body)).status_code == 202
+    ev = OrsSubmitted.model_validate_json((await ors_reader.wait_for(sid))[0].value)
+    assert (ev.instrument, ev.total, ev.items, ev.client_age) == (instrument, 18.5, None, None)
+
+
+ORS_RULES: list[tuple[str, Callable[[], Any], str, str]] = [
+    ("srs item on an ors", lambda: ors_submission(items={**ORS_ITEMS, "relationship": 9.0}), "items.relationship",
+     "is an SRS item"),
+    ("ors item on an srs", lambda: submission(items={**ITEMS, "socially": 5.0}), "items.socially", "is an ORS item"),
+    ("ors item above 10", lambda: ors_submission(items={**ORS_ITEMS, "socially": 10.5}), "items.socially",
+     "less than or equal to 10"),
+    ("ors item with two decimals", lambda: ors_submission(items={**ORS_ITEMS, "overall": 5.55}), "items.overall",
+     "one decimal"),
+    ("partial ors items", lambda: ors_submission(items={"individually": 5.0, "interpersonally": 5.0, "overall": 5.0}),
+     "items.socially", "partial items: all four of individually"),
+    ("ors items and total", lambda: ors_submission(total=22.0), "total", "not both"),
+    ("ors total above 40", lambda: ors_submission(items=..., total=40.5), "total", "less than or equal to 40"),
+    ("client age above 130", lambda: ors_submission(client_age=131), "client_age", "less than or equal to 130"),
+    ("client age negative", lambda: ors_submission(client_age=-1), "client_age", "greater than or equal to 0"),
+    ("client age not whole", lambda: ors_submission(client_age=15.5), "client_age", "valid integer"),
+    ("client age on an srs", lambda: submission(client_age=34), "client_age", "outcome rating only"),
+    ("ors session number 0", lambda: ors_submission(session_number=0), "session_number", "greater than or equal"),
+    ("ors timestamp over a day ahead", lambda: ors_submission(administered_at=FUTURE), "administered_at", "future"),
+    ("ors unknown field", lambda: ors_submission(tenant_id="globex"), "tenant_id", "Extra inputs"),
+    ("unknown instrument", lambda: submission(instrument="OQ45"), "instrument", "'ORS', 'CORS', 'YCORS'"),
+]
+
+
+@pytest.mark.parametrize(("case", "make", "field", "message"), ORS_RULES, ids=[r[0] for r in ORS_RULES])
+async def test_an_outcome_rule_violation_is_422_naming_the_field_and_rule(
+        intake: Intake, case: str, make: Callable[[], Any], field: str, message: str) -> None:
+    r = await intake.post(make())
+    assert r.status_code == 422, r.text
+    errors = r.json()["errors"]
+    assert any(e["field"] == field and message in e["message"] for e in errors), errors
+
+
+async def test_a_site_bound_key_submitting_an_ors_for_another_site_is_403_naming_site_id(intake: Intake) -> None:
+    r = await intake.post(ors_submission(site_id="south"), key=intake.keys.north)
+    assert r.status_code == 403
+    assert r.json()["errors"][0]["field"] == "site_id"
+
+
+async def test_a_single_ors_body_over_64_kib_is_413(intake: Intake) -> None:
+    r = await intake.post(ors_submission(client_id="p-" + "x" * 70_000))
+    assert r.status_code == 413
+
+
+async def test_a_batch_may_mix_srs_and_ors_and_each_goes_to_its_topic(
+        intake: Intake, ors_reader: TopicReader) -> None:
+    r = await intake.post({"submissions": [
+        submission(submission_id="mix-srs"), ors_submission(submission_id="mix-ors"),
+        ors_submission(submission_id="mix-bad", items={**ORS_ITEMS, "goals": 8.0}),
+        ors_submission(submission_id="mix-site", site_id="south"),
+    ]}, key=intake.keys.north, path="/v1/submissions/batch", headers={"X-Correlation-ID": "corr-mix"})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [x["status"] for x in res] == ["accepted", "accepted", "rejected", "rejected"]
+    assert res[2]["errors"][0]["field"] == "items.goals" and res[3]["errors"][0]["field"] == "site_id"
+    [srs_rec] = await intake.reader.wait_for("mix-srs")
+    [ors_rec] = await ors_reader.wait_for("mix-ors")
+    assert srs_rec.headers["correlation_id"] == ors_rec.headers["correlation_id"] == "corr-mix"
+
+
+ORS_CSV_HEADER = ("submission_id,instrument,client_id,clinician_id,site_id,session_number,administered_at,"
+                  "client_age,individually,interpersonally,socially,relationship,goals,approach,overall,total")
+
+
+def mixed_csv_row(sid: str, instrument: str, *, client: str = "p-78", session: str = "2", age: str = "",
+                  ors_items: str = ",,", srs_items: str = ",,", overall: str = "", total: str = "") -> str:
+    return (f"{sid},{instrument},{client},c-17,north,{session},{CSV_WHEN.isoformat()},{age},{ors_items},"
+            f"{srs_items},{overall},{total}")
+
+
+async def test_a_csv_mixing_srs_and_ors_rows_publishes_each_row_to_its_topic_with_derived_ids(
+        intake: Intake, ors_reader: TopicReader) -> None:
+    rows = [mixed_csv_row("", "ORS", age="15", ors_items="5.2,6.0,5.8", overall="5.5"),
+            mixed_csv_row("", "SRS", srs_items="9.1,8.4,9.0", overall="8.8"),
+            mixed_csv_row("", "CORS", client="p-79", session="1", total="20.0"),
+            mixed_csv_row("", "ORS", client="p-80", ors_items="5.2,6.0,5.8", srs_items="9.1,,", overall="5.5"),
+            mixed_csv_row("", "SRS", client="p-81", srs_items="9.1,8.4,9.0", overall="8.8", age="40")]
+    text = "\n".join([ORS_CSV_HEADER, *rows]) + "\n"
+    first = (await post_csv(intake, text)).json()["results"]
+    assert [(x["row"], x["status"]) for x in first] == [(2, "accepted"), (3, "accepted"), (4, "accepted"),
+                                                        (5, "rejected"), (6, "rejected")]
+    assert [e["field"] for e in first[3]["errors"]] == ["items.relationship"]
+    assert [e["field"] for e in first[4]["errors"]] == ["client_age"]
+    ors_id, srs_id, cors_id = (x["submission_id"] for x in first[:3])
+    assert ors_id == session_submission_id("acme", "p-78", "ORS", None, 2, CSV_WHEN) != srs_id
+    assert srs_id == session_submission_id("acme", "p-78", "SRS", None, 2, CSV_WHEN)
+    assert cors_id == session_submission_id("acme", "p-79", "CORS", None, 1, CSV_WHEN)
+    # re-importing the same export changes nothing: the same ids, so the same events
+    again = (await post_csv(intake, text)).json()["results"]
+    assert [x["submission_id"] for x in again[:3]] == [ors_id, srs_id, cors_id]
+    recs = await ors_reader.wait_for(ors_id, count=2)
+    assert {OrsSubmitted.model_validate_json(r.value).event_id for r in recs} == {
+        ids.submitted_event_id("acme", ors_id)}
+    assert OrsSubmitted.model_validate_json(recs[0].value).client_age == 15
+    assert OrsSubmitted.model_validate_json((await ors_reader.wait_for(cors_id))[0].value).total == 20.0
+    await intake.reader.wait_for(srs_id, count=2)
+    assert ors_id not in intake.reader.seen
+
+
+async def test_ors_submissions_count_against_the_rate_like_srs_ones(limited: Intake) -> None:
+    client: AsyncMongoClient[Document] = AsyncMongoClient(limited.ns.stack.mongo_url, tz_aware=True)
+    try:
+        key, _ = await auth.create_key(client[limited.ns.database], "acme", "submit")  # a bucket of its own
+    finally:
+        await client.close()
+    await at_the_start_of_a_slot()
+    r = await limited.post({"submissions": [ors_submission(), submission(), ors_submission()]}, key=key,
+                           path="/v1/submissions/batch")
+    assert r.status_code == 200
+    r = await limited.post(ors_submission(), key=key)
+    assert r.status_code == 429
+    assert "rate limit" in r.json()["errors"][0]["message"]

@@ -124,3 +124,35 @@ async def test_alliance_import_with_an_unknown_key_fails_with_exit_2(intake_proc
     result = await asyncio.to_thread(CliRunner().invoke, cli, [str(file), "--url", intake_proc.url, "--key", "ak_x"])
     assert result.exit_code == 2
     assert "401" in result.output
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_alliance_import_of_a_file_mixing_srs_and_ors_publishes_each_to_its_topic_once(
+        intake_proc: ServiceProcess, proc_keys: Keys, namespace_m: Namespace, tmp_path: Path) -> None:
+    from services.intake.cli import run_import
+    from services.intake.csvformat import parse_csv, session_submission_id
+
+    when = (datetime.now(UTC) - timedelta(days=2)).isoformat()
+    file = tmp_path / "mixed.csv"
+    file.write_text("\n".join([
+        "instrument,client_id,clinician_id,site_id,session_number,administered_at,client_age,"
+        "individually,interpersonally,socially,relationship,goals,approach,overall,total",
+        f"ORS,p-cli-ors,c-17,north,1,{when},16,4.1,5.0,4.8,,,,4.5,",
+        f"SRS,p-cli-ors,c-17,north,1,{when},,,,,9.1,8.4,9.0,8.8,",
+    ]) + "\n")
+    for _ in range(2):  # importing it again changes nothing: the same submission ids
+        report = await asyncio.to_thread(run_import, file, intake_proc.url, proc_keys.submit)
+        assert (report.accepted, report.rejected) == (2, [])
+    ors_row, srs_row = (r.data for r in parse_csv(file.read_text()).rows)
+    ors_id, srs_id = (session_submission_id("acme", d["client_id"], d["instrument"], None, 1,
+                                            datetime.fromisoformat(d["administered_at"])) for d in (ors_row, srs_row))
+    topics = namespace_m.kafka().topics()
+    for topic, sid, instrument in ((topics.ors_submitted, ors_id, "ORS"), (topics.submitted, srs_id, "SRS")):
+        reader = TopicReader(namespace_m.stack.bootstrap, topic)
+        await reader.start()
+        try:
+            recs = await reader.wait_for(sid, count=2)
+            assert len({json.loads(r.value)["event_id"] for r in recs}) == 1
+            assert {json.loads(r.value)["instrument"] for r in recs} == {instrument}
+        finally:
+            await reader.stop()

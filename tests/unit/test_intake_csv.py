@@ -168,3 +168,50 @@ def test_rows_can_be_written_back_as_a_file_of_their_own() -> None:
     again: CsvFile = parse_csv(to_csv(f.header, f.rows[1:]))
     assert [r.data for r in again.rows] == [f.rows[1].data]
     assert parse_csv(to_csv(f.header, f.rows)).rows[0].data["submission_id"] == "n,1"
+
+
+# --- ORS rows (docs/outcome.md): a file may mix both scales, each row fills its own item columns ------
+
+MIXED = "\n".join([
+    "instrument,client_id,clinician_id,site_id,session_number,administered_at,client_age,"
+    "individually,interpersonally,socially,relationship,goals,approach,overall,total",
+    "ORS,p-1,c-17,north,3,2026-11-25T13:10:00+00:00,34,5.2,6.0,5.8,,,,5.5,",
+    "SRS,p-1,c-17,north,3,2026-11-25T14:05:00+00:00,,,,,9.1,8.4,9.0,8.8,",
+    "CORS,p-2,c-17,north,1,2026-11-25T14:10:00+00:00,9,,,,,,,,18.0",
+]) + "\n"
+
+
+def test_a_mixed_file_gives_each_row_the_items_of_its_own_instrument() -> None:
+    ors_row, srs_row, total_row = (r.data for r in parse_csv(MIXED).rows)
+    assert ors_row["items"] == {"individually": 5.2, "interpersonally": 6.0, "socially": 5.8, "overall": 5.5}
+    assert ors_row["client_age"] == 34
+    assert srs_row["items"] == {"relationship": 9.1, "goals": 8.4, "approach": 9.0, "overall": 8.8}
+    assert "client_age" not in srs_row
+    assert (total_row["total"], total_row["client_age"], "items" in total_row) == (18.0, 9, False)
+    assert [check_submission(r.data)[1] for r in parse_csv(MIXED).rows] == [[], [], []]
+
+
+def test_an_ors_row_filling_srs_item_cells_is_refused_naming_those_columns() -> None:
+    text = MIXED.replace("ORS,p-1,c-17,north,3,2026-11-25T13:10:00+00:00,34,5.2,6.0,5.8,,,,5.5,",
+                         "ORS,p-1,c-17,north,3,2026-11-25T13:10:00+00:00,34,5.2,6.0,5.8,7.0,,,5.5,")
+    _, errors = check_submission(parse_csv(text).rows[0].data)
+    assert [f for f, _ in errors] == ["items.relationship"]
+
+
+def test_a_header_with_only_the_ors_item_columns_is_enough() -> None:
+    f = parse_csv("instrument,client_id,clinician_id,site_id,session_number,administered_at,"
+                  "individually,interpersonally,socially,overall\nORS,p-1,c,s,1,2026-11-25T13:10:00+00:00,1,2,3,4\n")
+    assert f.errors == [] and check_submission(f.rows[0].data)[1] == []
+
+
+def test_a_client_age_that_is_not_a_whole_number_is_passed_on_for_validation_to_name() -> None:
+    assert row_to_submission({"client_age": "15.5"}) == {"client_age": "15.5"}
+
+
+def test_the_ors_and_the_srs_of_one_session_get_different_derived_ids_stable_across_imports() -> None:
+    def ids_of(text: str) -> list[str]:
+        models = [check_submission(r.data)[0] for r in parse_csv(text).rows]
+        return [_derive("acme", m) for m in models if m is not None]
+
+    first = ids_of(MIXED)
+    assert len(set(first)) == 3 and first == ids_of(MIXED)

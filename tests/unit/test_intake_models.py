@@ -10,7 +10,7 @@ import pytest
 
 from services.intake.models import check_submission, claimed_submission_id, outgoing, to_event
 from shared import ids
-from shared.events import SrsSubmitted
+from shared.events import OrsSubmitted, SrsSubmitted
 from tests.support.bodies import changed
 
 NOW = datetime(2026, 11, 25, 15, 0, tzinfo=UTC)
@@ -82,9 +82,15 @@ def test_every_instrument_of_the_family_is_accepted(instrument: str) -> None:
     assert check_submission(sub(instrument=instrument), NOW)[1] == []
 
 
-@pytest.mark.parametrize("instrument", ["ORS", "srs", "", 1])
+@pytest.mark.parametrize("instrument", ["XRS", "srs", "ors", "", 1])
 def test_unknown_instruments_fail(instrument: Any) -> None:
     assert fields(sub(instrument=instrument)) == {"instrument"}
+
+
+def test_an_unknown_instrument_is_told_every_instrument_of_both_scales() -> None:
+    _, errors = check_submission(sub(instrument="XRS"), NOW)
+    assert errors == [("instrument", "Input should be one of 'SRS', 'CSRS', 'GSRS', 'CGSRS', 'YCSRS', 'ORS', "
+                                     "'CORS', 'YCORS'")]
 
 
 @pytest.mark.parametrize(("value", "ok"), [(1, True), (100_000, True), (0, False), (-3, False), (100_001, False),
@@ -185,3 +191,111 @@ def test_the_fast_record_value_is_the_contract_json_of_the_event(over: dict[str,
     model, _ = check_submission(sub(submission_id="s-5", **over), NOW)
     assert model is not None
     assert json.loads(outgoing(model, "acme", NOW).value) == json.loads(to_event(model, "acme", NOW).model_dump_json())
+
+
+# --- the Outcome Rating Scale (docs/outcome.md): the same rules, its own items, an optional age ---
+
+ORS_ITEMS = {"individually": 5.2, "interpersonally": 6.0, "socially": 5.8, "overall": 5.5}
+
+
+def ors(**over: Any) -> dict[str, Any]:
+    return sub(**{"instrument": "ORS", "items": dict(ORS_ITEMS), **over})
+
+
+@pytest.mark.parametrize("instrument", ["ORS", "CORS", "YCORS"])
+def test_every_instrument_of_the_outcome_family_is_accepted_as_an_outcome_rating(instrument: str) -> None:
+    model, errors = check_submission(ors(instrument=instrument), NOW)
+    assert errors == [] and model is not None
+    assert outgoing(model, "acme", NOW).outcome is True
+
+
+def test_an_srs_submission_is_not_an_outcome_rating() -> None:
+    model, _ = check_submission(sub(), NOW)
+    assert model is not None and outgoing(model, "acme", NOW).outcome is False
+
+
+@pytest.mark.parametrize(("value", "ok"), [(0, True), (10, True), (5.5, True), (10.1, False), (-0.1, False),
+                                           (4.25, False), ("5", False), (True, False)])
+def test_ors_items_are_0_to_10_with_one_decimal(value: Any, ok: bool) -> None:
+    model, errors = check_submission(ors(items={**ORS_ITEMS, "socially": value}), NOW)
+    assert (model is not None) is ok
+    if not ok:
+        assert {f for f, _ in errors} == {"items.socially"}
+
+
+@pytest.mark.parametrize(("value", "ok"), [(0, True), (40, True), (18.5, True), (40.1, False), (18.25, False)])
+def test_an_ors_total_is_0_to_40_with_one_decimal(value: Any, ok: bool) -> None:
+    model, errors = check_submission(ors(items=..., total=value), NOW)
+    assert (model is not None) is ok
+    if not ok:
+        assert {f for f, _ in errors} == {"total"}
+
+
+def test_srs_item_names_on_an_ors_are_refused_naming_each_as_an_srs_item() -> None:
+    _, errors = check_submission(ors(items={**ORS_ITEMS, "relationship": 9.0}), NOW)
+    assert errors == [("items.relationship", "'relationship' is an SRS item; the items of an ORS, CORS or YCORS "
+                                             "are individually, interpersonally, socially, overall")]
+
+
+def test_ors_item_names_on_an_srs_are_refused_pointing_at_the_instrument() -> None:
+    _, errors = check_submission(sub(items={**ITEMS, "socially": 5.0}), NOW)
+    [(field, message)] = errors
+    assert field == "items.socially" and message.startswith("'socially' is an ORS item; give `instrument` ORS")
+
+
+def test_partial_ors_items_name_each_missing_ors_item() -> None:
+    _, errors = check_submission(ors(items={"individually": 5.0, "overall": 6.0}), NOW)
+    partial = "partial items: all four of individually, interpersonally, socially, overall are required"
+    assert errors == [("items.interpersonally", partial), ("items.socially", partial)]
+
+
+@pytest.mark.parametrize(("over", "field"), [({"total": 20.0}, "total"), ({"items": ...}, "items")])
+def test_an_ors_gives_items_or_a_total_exactly_as_an_srs(over: dict[str, Any], field: str) -> None:
+    assert fields(ors(**over)) == {field}
+
+
+@pytest.mark.parametrize(("value", "ok"), [(0, True), (13, True), (17, True), (130, True), (None, True),
+                                           (-1, False), (131, False), (15.0, False), ("15", False), (True, False)])
+def test_client_age_is_a_whole_number_of_years_0_to_130(value: Any, ok: bool) -> None:
+    model, errors = check_submission(ors(client_age=value), NOW)
+    assert (model is not None) is ok
+    if not ok:
+        assert {f for f, _ in errors} == {"client_age"}
+
+
+def test_client_age_on_an_srs_is_refused_naming_the_outcome_instruments() -> None:
+    _, errors = check_submission(sub(client_age=34), NOW)
+    assert errors == [("client_age", "client_age is given with an outcome rating only (instrument ORS, CORS or "
+                                     "YCORS)")]
+
+
+def test_an_ors_breaks_the_shared_rules_like_an_srs() -> None:
+    assert fields(ors(session_number=0, site_id="", administered_at="2026-11-25T14:05:00", mood=1)) == {
+        "session_number", "site_id", "administered_at", "mood"}
+
+
+def test_an_ors_becomes_the_ors_submitted_event_with_its_age() -> None:
+    model, _ = check_submission(ors(submission_id="o-1", instrument="CORS", client_age=9, episode_id="e-1"), NOW)
+    assert model is not None
+    ev = to_event(model, "acme", NOW)
+    assert isinstance(ev, OrsSubmitted) and OrsSubmitted.model_validate_json(ev.model_dump_json()) == ev
+    assert (ev.instrument, ev.client_age, ev.episode_id) == ("CORS", 9, "e-1")
+    assert ev.event_id == ids.submitted_event_id("acme", "o-1")
+    assert ev.items is not None and ev.items.values() == (5.2, 6.0, 5.8, 5.5) and ev.total is None
+
+
+def test_an_ors_record_is_keyed_by_tenant_and_client_like_an_srs() -> None:
+    model, _ = check_submission(ors(), NOW)
+    assert model is not None and outgoing(model, "acme", NOW).key == b"acme:p-1"
+
+
+@pytest.mark.parametrize("over", [{}, {"items": ..., "total": 18.0, "instrument": "YCORS"}, {"client_age": 15},
+                                  {"episode_id": "e-2", "administered_at": "2026-11-25T14:05:00.5-03:00"}])
+def test_the_fast_record_value_of_an_ors_is_the_contract_json_of_its_event(over: dict[str, Any]) -> None:
+    import json
+
+    model, _ = check_submission(ors(submission_id="o-5", **over), NOW)
+    assert model is not None
+    value = json.loads(outgoing(model, "acme", NOW).value)
+    assert value == json.loads(to_event(model, "acme", NOW).model_dump_json())
+    assert OrsSubmitted.model_validate(value).instrument == over.get("instrument", "ORS")
