@@ -1,0 +1,98 @@
+"""The SRS contract did not move when the ORS arrived (issue 16): for clients without an ORS,
+scoring publishes the same bytes and stores the same state as before.
+
+`tests/fixtures/scoring/srs-only.json` was written by the scoring code of the commit before the
+ORS was scored (b6da435 + the outcome rules, series untouched), from the scenario below: random
+clients with every instrument, corrections under the same and new ids, identical resends, late
+sessions, restarts of the numbering, other sites' submissions, transfers and redeliveries. Run
+this module as a script to see what the current code produces.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from services.scoring.handlers import alert_event, scored_event, status_event
+from services.scoring.rules import TenantRules
+from services.scoring.series import AlertOut, ClientState, Output, ScoredOut, Transfer, Version
+from services.scoring.store import ClientKey, state_doc
+
+GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "scoring" / "srs-only.json"
+TENANT = "acme"
+START = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+RULES = TenantRules(instruments={})
+
+
+def _event(client: str, o: Output) -> str:
+    if isinstance(o, ScoredOut):
+        return scored_event(TENANT, client, o).model_dump_json()
+    if isinstance(o, AlertOut):
+        return alert_event(TENANT, client, o).model_dump_json()
+    return status_event(TENANT, client, o).model_dump_json()
+
+
+def _stored(client: str, st: ClientState) -> dict[str, Any]:
+    doc = state_doc(ClientKey(TENANT, client), st, st.version)
+    doc.pop("updated_at")
+    return doc
+
+
+def scenario(seed: int = 16, clients: int = 6, records: int = 40) -> dict[str, Any]:
+    """Every event each client's records produce, in order, and each client's stored state."""
+    rng = random.Random(seed)
+    out: dict[str, Any] = {}
+    for c in range(clients):
+        client = f"client-{c}"
+        st = ClientState(TENANT, client)
+        events: list[str] = []
+        sent: list[Version] = []
+        clock = START
+        for r in range(records):
+            clock += timedelta(seconds=1)
+            roll = rng.random()
+            if roll < 0.04:
+                step = st.transfer(Transfer(f"tx-{c}-{r % 3}", rng.choice(["north", "south"])), RULES, clock)
+            elif roll < 0.12 and sent:
+                step = st.submit(rng.choice(sent), RULES, clock)  # a redelivery
+                if step.redelivered:
+                    step.outputs = st.current_outputs(RULES)
+            elif roll < 0.16 and sent:  # an identical resend under a new id
+                v = replace(rng.choice(sent), submission_id=f"s-{c}-again-{r}", accepted_at=clock)
+                sent.append(v)
+                step = st.submit(v, RULES, clock)
+            else:
+                number = rng.randint(1, 9)
+                day = number + (30 if rng.random() < 0.2 else 0)  # a second course a month later
+                sid = f"s-{c}-{rng.randint(0, 14)}" if rng.random() < 0.7 else f"s-{c}-new-{r}"
+                total = rng.choice([None, round(rng.uniform(20, 40), 1)])
+                items = None if total is not None else tuple(round(rng.uniform(5, 10), 1) for _ in range(4))
+                v = Version(sid, rng.choice(["SRS", "SRS", "SRS", "CSRS", "GSRS", "YCSRS"]),
+                            rng.choice([None, None, "ep-a"]), number, START + timedelta(days=day),
+                            "south" if rng.random() < 0.05 else "north", f"clin-{rng.randint(1, 2)}",
+                            items, total, clock)  # type: ignore[arg-type]
+                sent.append(v)
+                step = st.submit(v, RULES, clock)
+            events.extend(_event(client, o) for o in step.outputs)
+            if step.rejection is not None:
+                events.append(f"rejected {step.rejection.reason}: {step.rejection.detail}")
+        out[client] = {"events": events, "state": _stored(client, st)}
+    return out
+
+
+def test_clients_without_an_ors_get_the_same_events_and_state_as_before_the_ors() -> None:
+    expected = json.loads(GOLDEN.read_text())
+    got = json.loads(json.dumps(scenario()))
+    for client in expected:
+        assert got[client]["events"] == expected[client]["events"], client
+        assert got[client]["state"] == expected[client]["state"], client
+    assert got.keys() == expected.keys()
+
+
+if __name__ == "__main__":
+    json.dump(scenario(), sys.stdout, indent=1, sort_keys=True)
