@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import dataclasses
 import hashlib
 import json
@@ -631,6 +632,14 @@ async def measure_lag(service: str, broker: KafkaBroker, timeout_seconds: float)
         del resume[tp]
 
 
+def _count_committed(service: str, records: list[InboundRecord], poison: list[tuple[InboundRecord, Failure]]) -> None:
+    """`alliance_consumer_records_total{outcome="committed"}` per topic, for a consumer of several."""
+    dead = {id(r) for r, _ in poison}
+    counts = collections.Counter(r.topic for r in records if id(r) not in dead)
+    for name, n in counts.items():
+        CONSUMER_RECORDS.labels(service, name, "committed").inc(n)
+
+
 def typed_handler(model: ModelOf[M], handler: TypedHandler[M], *, service: str, dead_letters: DeadLetterTarget,
                   invalid_reason: DeadLetterReason | None = None) -> BatchHandler:
     """The raw-record handler `subscribe_batch(model=...)` runs: decode the batch (`decode_batch`),
@@ -648,7 +657,8 @@ def typed_handler(model: ModelOf[M], handler: TypedHandler[M], *, service: str, 
 
 
 @overload
-def subscribe_batch(broker: KafkaBroker, topic: str, *, group_id: str, service: str, handler: TypedHandler[M],
+def subscribe_batch(broker: KafkaBroker, topic: str | Sequence[str], *, group_id: str, service: str,
+                    handler: TypedHandler[M],
                     model: ModelOf[M], invalid_reason: DeadLetterReason | None = None, max_records: int = 500,
                     retry: RetryPolicy | None = None, batch_timeout_ms: int = 50,
                     fetch_max_wait_ms: int | None = None, dead_letters: DeadLetterTarget,
@@ -656,7 +666,8 @@ def subscribe_batch(broker: KafkaBroker, topic: str, *, group_id: str, service: 
 
 
 @overload
-def subscribe_batch(broker: KafkaBroker, topic: str, *, group_id: str, service: str, handler: BatchHandler,
+def subscribe_batch(broker: KafkaBroker, topic: str | Sequence[str], *, group_id: str, service: str,
+                    handler: BatchHandler,
                     model: None = None, invalid_reason: None = None, max_records: int = 500,
                     retry: RetryPolicy | None = None, batch_timeout_ms: int = 50,
                     fetch_max_wait_ms: int | None = None, dead_letters: DeadLetterTarget | None = None,
@@ -665,7 +676,7 @@ def subscribe_batch(broker: KafkaBroker, topic: str, *, group_id: str, service: 
 
 def subscribe_batch(
     broker: KafkaBroker,
-    topic: str,
+    topic: str | Sequence[str],
     *,
     group_id: str,
     service: str,
@@ -680,6 +691,10 @@ def subscribe_batch(
     settings: KafkaSettings | None = None,
 ) -> None:
     """Register an at-least-once batch consumer of `topic` for `handler` (see module docs).
+
+    `topic` may be several topics, consumed by one consumer in one group (a batch then mixes their
+    records; scoring reads SRS and ORS submissions so): the batch-level metrics and the trace are
+    labelled with the first, the committed records are counted per topic.
 
     With `model` (the topic's event model, or a function choosing one per record) the handler gets
     the decoded events, and the records that do not decode are dead-lettered to `dead_letters`
@@ -697,6 +712,8 @@ def subscribe_batch(
                                     dead_letters=dead_letters, invalid_reason=invalid_reason)
     else:
         raw_handler = cast(BatchHandler, handler)
+    topics = (topic,) if isinstance(topic, str) else tuple(topic)
+    topic = topics[0]
     policy = retry or RetryPolicy(poison_attempts=settings.poison_attempts if settings is not None else 2)
     if fetch_max_wait_ms is None:
         fetch_max_wait_ms = settings.fetch_max_wait_ms if settings is not None else 500
@@ -710,7 +727,7 @@ def subscribe_batch(
         return await original(tuple(_sanitize_headers(r) for r in raw))
 
     @broker.subscriber(
-        topic,
+        *topics,
         group_id=group_id,
         batch=True,
         max_records=max_records,
@@ -720,7 +737,8 @@ def subscribe_batch(
         auto_offset_reset="earliest",
         decoder=_raw,
         parser=_safe_parser,
-        title=f"{service}:{topic}",
+        # Several topics: FastStream names their channels "<title>:<topic>" itself.
+        title=f"{service}:{topic}" if len(topics) == 1 else service,
     )
     async def _consume(body: Any, message: KafkaMessage) -> None:
         records = [InboundRecord.from_consumer_record(r) for r in message.raw_message]
@@ -777,7 +795,10 @@ def subscribe_batch(
                 await asyncio.sleep(delay)
             else:
                 _note_batch(service, records, committed=True)
-                CONSUMER_RECORDS.labels(service, topic, "committed").inc(len(records) - len(poison))
+                if len(topics) == 1:
+                    CONSUMER_RECORDS.labels(service, topic, "committed").inc(len(records) - len(poison))
+                else:
+                    _count_committed(service, records, poison)
                 CONSUMER_BATCH_SECONDS.labels(service, topic).observe(time.perf_counter() - started)
                 if traced is not None:
                     traced.end(True)

@@ -62,6 +62,10 @@ TOPIC_EVENTS: dict[str, tuple[type[BaseModel], ...]] = {
     topics.DETERIORATION: (events.AllianceDeterioration,),
     topics.ALERT_STATUS: (events.AlertStatusChanged,),
     topics.DEADLETTER: (events.DeadLetter,),
+    topics.ORS_SUBMITTED: (events.OrsSubmitted,),
+    topics.ORS_SCORED: (events.OrsScored,),
+    topics.OUTCOME_ALERT: (events.OutcomeAlert,),
+    topics.OUTCOME_ALERT_STATUS: (events.OutcomeAlertStatusChanged,),
 }
 
 # FastStream names the one server of a broker `development` (the local stack). Production is the
@@ -136,9 +140,11 @@ def _receive_payload(doc: dict[str, Any], operation: dict[str, Any]) -> None:
         if "$ref" in message:  # the channel's message is a reference to components/messages
             message = _resolve(doc, message["$ref"])
         placeholder = message.get("payload", {}).get("$ref")
-        # FastStream's stand-in for an untyped handler: a schema holding only a title.
-        if placeholder is not None and set(_resolve(doc, placeholder)) <= {"title"}:
-            del schemas[placeholder.rsplit("/", 1)[1]]
+        # FastStream's stand-in for an untyped handler: a schema holding only a title (one for all
+        # the topics of a subscriber of several: removed with the first).
+        stand_in = None if placeholder is None else placeholder.rsplit("/", 1)[1]
+        if stand_in is not None and stand_in in schemas and set(schemas[stand_in]) <= {"title"}:
+            del schemas[stand_in]
         message["payload"] = refs[0] if len(refs) == 1 else {"anyOf": refs}
 
 

@@ -1,5 +1,7 @@
-"""The scoring service: consumes `srs.submitted.v1`, publishes `srs.scored.v1` and
-`alliance.deterioration.v1` (and dead letters), keeps per-client state in MongoDB.
+"""The scoring service: consumes `srs.submitted.v1` and `ors.submitted.v1`, publishes
+`srs.scored.v1`, `alliance.deterioration.v1` and `alliance.alert-status.v1`, their ORS
+counterparts `ors.scored.v1`, `outcome.alert.v1` and `outcome.alert-status.v1` (and dead letters),
+keeps per-client state in MongoDB.
 
 HTTP is for operations only: /healthz, /readyz, /metrics.
 
@@ -40,7 +42,11 @@ DESCRIPTION = (
     "client belongs to one site until transferred, and the latest session of the current episode "
     "raises, revises, supersedes or withdraws its alert (docs/clinical-records.md). Input: "
     "srs.submitted.v1 (submissions and client transfers); output: srs.scored.v1, "
-    "alliance.deterioration.v1, alliance.alert-status.v1, srs.deadletter.v1."
+    "alliance.deterioration.v1, alliance.alert-status.v1, srs.deadletter.v1. Outcome Rating Scale "
+    "submissions (ors.submitted.v1) are scored in the same client records with the outcome rules "
+    "(cutoff per age band, reliable change from intake, not on track; docs/outcome.md) and published "
+    "on ors.scored.v1, outcome.alert.v1 and outcome.alert-status.v1; an alliance alert whose session "
+    "also holds an outcome alert is critical and says outcome_at_risk."
 )
 
 
@@ -72,8 +78,10 @@ def build(config: ScoringConfig) -> ScoringService:
     publisher = Publisher(broker, config.kafka.publish_timeout_seconds)
     handler = ScoringHandler(states, rules, publisher.publish_all, topics,
                              conflict_attempts=config.scoring.conflict_attempts, save_chunk=config.scoring.save_chunk)
-    subscribe_batch(broker, topics.submitted, group_id=config.kafka.group(SERVICE), service=SERVICE,
-                    model=model_of, handler=handler,
+    # One consumer of both inputs: a client's SRS and ORS records come in the same batches, and
+    # one ClientState (one document) holds both (docs/outcome.md).
+    subscribe_batch(broker, (topics.submitted, topics.ors_submitted), group_id=config.kafka.group(SERVICE),
+                    service=SERVICE, model=model_of, handler=handler,
                     max_records=config.scoring.max_records or config.kafka.batch_max_records,
                     dead_letters=DeadLetterTarget(topics.deadletter, publisher.publish_all), settings=config.kafka)
     # Publishing goes through `Publisher` (many sends, one wait for all acks); these declarations

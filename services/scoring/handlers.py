@@ -1,10 +1,12 @@
-"""The scoring consumer: one batch of `srs.submitted.v1` records in, scored/alert events out.
+"""The scoring consumer: one batch of `srs.submitted.v1` and `ors.submitted.v1` records in,
+scored/alert events out (the ORS family's on the ORS topics: docs/outcome.md).
 
 Per batch (never per message):
 
-1. the subscriber decodes every record (`shared.kafka.subscribe_batch(model=model_of)`: a
-   submission, or a client transfer named by the `record-type` header); undecodable or invalid
-   ones become dead letters, published once the handler returned (the batch goes on);
+1. the subscriber decodes every record (`shared.kafka.subscribe_batch(model=model_of)`: an SRS
+   submission, or a client transfer named by the `record-type` header; an ORS submission on
+   `ors.submitted.v1`); undecodable or invalid ones become dead letters, published once the
+   handler returned (the batch goes on);
 2. read the state of every client in the batch - from this process's cache of the clients it
    wrote, the rest with ONE query - and the tenants' rules (cached for a few seconds);
 3. apply the records in order in memory (`series.ClientState`): each accepted record yields the
@@ -66,15 +68,19 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from services.scoring import metrics
+from services.scoring.outcome import advice
 from services.scoring.rules import TenantRules
 from services.scoring.series import (
     AlertOut,
     ClientState,
+    OutcomeView,
     Output,
     ScoredOut,
+    SessionView,
     StatusOut,
     Step,
     Transfer,
+    Version,
     version_of,
 )
 from services.scoring.store import ClientKey, StatePort, client_key
@@ -82,20 +88,28 @@ from shared import ids
 from shared.events import (
     CLIENT_TRANSFER,
     RECORD_TYPE_HEADER,
+    AgeBand,
     AlertStatusChanged,
     AllianceDeterioration,
     ClientTransfer,
     Instrument,
+    OrsScored,
+    OrsSubmitted,
+    OutcomeAlert,
+    OutcomeAlertStatusChanged,
+    OutcomeChange,
+    OutcomeInstrument,
     SrsScored,
     SrsSubmitted,
 )
 from shared.kafka import CORRELATION_HEADER, Decoded, InboundRecord, OutboundRecord, dead_letter_record
-from shared.topics import Topics
+from shared.topics import ORS_SUBMITTED, Topics
 
 log = logging.getLogger("alliance.scoring")
 
 SERVICE = "scoring"
-Input = SrsSubmitted | ClientTransfer
+Input = SrsSubmitted | OrsSubmitted | ClientTransfer
+Submitted = SrsSubmitted | OrsSubmitted
 
 
 class RulesPort(Protocol):
@@ -111,8 +125,11 @@ class StateConflict(RuntimeError):
     """Another process kept writing the same client; the batch is retried by the subscriber."""
 
 
-def model_of(rec: InboundRecord) -> type[SrsSubmitted] | type[ClientTransfer]:
-    """The model a `srs.submitted.v1` record holds: its `record-type` header tells a client transfer."""
+def model_of(rec: InboundRecord) -> type[SrsSubmitted] | type[OrsSubmitted] | type[ClientTransfer]:
+    """The model a record holds: an `ors.submitted.v1` record (whatever the deployment's prefix) an
+    ORS submission; on `srs.submitted.v1`, the `record-type` header tells a client transfer."""
+    if rec.topic == ORS_SUBMITTED or rec.topic.endswith("." + ORS_SUBMITTED):
+        return OrsSubmitted
     return ClientTransfer if rec.headers.get(RECORD_TYPE_HEADER) == CLIENT_TRANSFER else SrsSubmitted
 
 
@@ -122,6 +139,7 @@ def scored_event(tenant_id: str, client_id: str, o: ScoredOut) -> SrsScored:
     Built without validation (`model_construct`): every value comes from a validated submission or
     from the rules, and this is on the hot path (a tenth of a batch's apply time)."""
     s, v = o.session, o.session.version
+    assert isinstance(s, SessionView), "an ORS-family session is published by ors_scored_event"
     return SrsScored.model_construct(
         event_id=ids.scored_event_id(tenant_id, v.submission_id, o.revision), tenant_id=tenant_id, occurred_at=o.at,
         submission_id=v.submission_id, site_id=s.site_id, clinician_id=v.clinician_id, client_id=client_id,
@@ -138,25 +156,86 @@ def scored_event(tenant_id: str, client_id: str, o: ScoredOut) -> SrsScored:
 def alert_event(tenant_id: str, client_id: str, o: AlertOut) -> AllianceDeterioration:
     """The `alliance.deterioration.v1` event of one raised revision of an alert."""
     a, s, v = o.alert, o.alert.session, o.alert.session.version
+    assert isinstance(s, SessionView), "an outcome alert is published by outcome_alert_event"
     return AllianceDeterioration(
         event_id=ids.alert_event_id(a.alert_id, o.revision), tenant_id=tenant_id, occurred_at=o.at,
         submission_id=v.submission_id, site_id=a.site_id, clinician_id=v.clinician_id, client_id=client_id,
         episode_id=s.episode_id, instrument=v.instrument, session_number=v.session_number,
-        administered_at=v.administered_at, alert_id=a.alert_id, triggers=list(a.triggers), severity=a.severity,
-        total=s.total, previous_total=s.previous_total, change_from_previous=s.change_from_previous,
-        cutoff=s.cutoff, accepted_at=v.accepted_at, revision=o.revision, low_items=list(s.low_items),
+        administered_at=v.administered_at, alert_id=a.alert_id, triggers=list(a.triggers),
+        severity=a.shown_severity, total=s.total, previous_total=s.previous_total,
+        change_from_previous=s.change_from_previous, cutoff=s.cutoff, accepted_at=v.accepted_at,
+        revision=o.revision, low_items=list(s.low_items), outcome_at_risk=a.outcome_at_risk,
+    )
+
+
+def ors_scored_event(tenant_id: str, client_id: str, o: ScoredOut) -> OrsScored:
+    """The `ors.scored.v1` event of one published revision of an ORS-family session."""
+    s, v = o.session, o.session.version
+    assert isinstance(s, OutcomeView), "an SRS-family session is published by scored_event"
+    return OrsScored.model_construct(
+        event_id=ids.scored_event_id(tenant_id, v.submission_id, o.revision), tenant_id=tenant_id, occurred_at=o.at,
+        schema_version=1, submission_id=v.submission_id, site_id=s.site_id, clinician_id=v.clinician_id,
+        client_id=client_id, episode_id=s.episode_id, instrument=OutcomeInstrument(v.instrument),
+        session_number=v.session_number, administered_at=v.administered_at, client_age=v.client_age,
+        items=v.ors_items_model(), total=s.total, age_band=AgeBand(s.band), cutoff=s.cutoff,
+        reliable_change_index=s.reliable_change, intake_total=s.intake_total,
+        change_from_intake=s.change_from_intake, previous_total=s.previous_total,
+        change_from_previous=s.change_from_previous, change=None if s.change is None else OutcomeChange(s.change),
+        clinically_significant_improvement=s.clinically_significant_improvement,
+        in_clinical_range=s.in_clinical_range, flags=list(s.flags), triggers=list(s.triggers), severity=s.severity,
+        latest=o.latest, scored_at=o.at, accepted_at=v.accepted_at, revision=o.revision, supersedes=o.supersedes,
+        episode_derived=s.episode_derived, site_version=s.site_version,
+    )
+
+
+def outcome_alert_event(tenant_id: str, client_id: str, o: AlertOut) -> OutcomeAlert:
+    """The `outcome.alert.v1` event of one raised revision of an outcome alert."""
+    a, s, v = o.alert, o.alert.session, o.alert.session.version
+    assert isinstance(s, OutcomeView), "an alliance alert is published by alert_event"
+    return OutcomeAlert(
+        event_id=ids.alert_event_id(a.alert_id, o.revision), tenant_id=tenant_id, occurred_at=o.at,
+        submission_id=v.submission_id, site_id=a.site_id, clinician_id=v.clinician_id, client_id=client_id,
+        episode_id=s.episode_id, instrument=OutcomeInstrument(v.instrument), session_number=v.session_number,
+        administered_at=v.administered_at, client_age=v.client_age, alert_id=a.alert_id, triggers=list(a.triggers),
+        severity=a.severity, total=s.total, cutoff=s.cutoff, intake_total=s.intake_total,
+        change_from_intake=s.change_from_intake, previous_total=s.previous_total,
+        change_from_previous=s.change_from_previous, advice=advice(a.triggers, a.severity),
+        accepted_at=v.accepted_at, revision=o.revision,
     )
 
 
 def status_event(tenant_id: str, client_id: str, o: StatusOut) -> AlertStatusChanged:
-    """The `alliance.alert-status.v1` event of an alert scoring superseded or withdrew."""
+    """The `alliance.alert-status.v1` event of an alert scoring superseded or withdrew (an outcome
+    alert's: `OutcomeAlertStatusChanged`, for `outcome.alert-status.v1`)."""
     r = o.record
+    if is_outcome(r.instrument):
+        return OutcomeAlertStatusChanged(
+            event_id=ids.alert_status_event_id(tenant_id, o.alert_id, o.status, r.revision), tenant_id=tenant_id,
+            occurred_at=r.at, alert_id=o.alert_id, site_id=r.site_id, clinician_id=r.clinician_id, status=o.status,
+            revision=r.revision, client_id=client_id, instrument=OutcomeInstrument(r.instrument),
+            episode_id=r.episode_id, session_number=r.session_number,
+        )
     return AlertStatusChanged(
         event_id=ids.alert_status_event_id(tenant_id, o.alert_id, o.status, r.revision), tenant_id=tenant_id,
         occurred_at=r.at, alert_id=o.alert_id, site_id=r.site_id, clinician_id=r.clinician_id, status=o.status,
         revision=r.revision, client_id=client_id, instrument=r.instrument, episode_id=r.episode_id,
         session_number=r.session_number,
     )
+
+
+_OUTCOME_INSTRUMENTS = frozenset(i.value for i in OutcomeInstrument)
+
+
+def is_outcome(instrument: str) -> bool:
+    """An ORS-family instrument: its events go to the ORS topics."""
+    return instrument in _OUTCOME_INSTRUMENTS
+
+
+def version_from(ev: Submitted) -> Version:
+    """The series' version of a submitted event (SRS or ORS family)."""
+    age = ev.client_age if isinstance(ev, OrsSubmitted) else None
+    return version_of(ev.submission_id, ev.instrument, ev.episode_id, ev.session_number, ev.administered_at,
+                      ev.site_id, ev.clinician_id, ev.items, ev.total, ev.accepted_at, age)
 
 
 def _now() -> datetime:
@@ -255,9 +334,7 @@ class ScoringHandler:
             if isinstance(ev, ClientTransfer):
                 step = st.transfer(Transfer(ev.event_id, ev.site_id), tenant_rules, now)
             else:
-                step = st.submit(version_of(ev.submission_id, ev.instrument, ev.episode_id, ev.session_number,
-                                            ev.administered_at, ev.site_id, ev.clinician_id, ev.items, ev.total,
-                                            ev.accepted_at), tenant_rules, now)
+                step = st.submit(version_from(ev), tenant_rules, now)
             if step.changed:
                 p.changed.add(key)
             outputs: list[Output] = step.outputs
@@ -279,19 +356,28 @@ class ScoringHandler:
                  traceparent: str | None) -> list[OutboundRecord]:
         pkey = ids.partition_key(tenant_id, client_id)
         out: list[OutboundRecord] = []
+        t = self.topics
         for o in outputs:
             if isinstance(o, ScoredOut):
-                topic, body = self.topics.scored, scored_event(tenant_id, client_id, o).model_dump_json()
+                if isinstance(o.session, OutcomeView):
+                    topic, body = t.ors_scored, ors_scored_event(tenant_id, client_id, o).model_dump_json()
+                else:
+                    topic, body = t.scored, scored_event(tenant_id, client_id, o).model_dump_json()
             elif isinstance(o, AlertOut):
-                topic, body = self.topics.deterioration, alert_event(tenant_id, client_id, o).model_dump_json()
+                if isinstance(o.alert.session, OutcomeView):
+                    topic, body = t.outcome_alert, outcome_alert_event(tenant_id, client_id, o).model_dump_json()
+                else:
+                    topic, body = t.deterioration, alert_event(tenant_id, client_id, o).model_dump_json()
+            elif is_outcome(o.record.instrument):
+                topic, body = t.outcome_alert_status, status_event(tenant_id, client_id, o).model_dump_json()
             else:
-                topic, body = self.topics.alert_status, status_event(tenant_id, client_id, o).model_dump_json()
+                topic, body = t.alert_status, status_event(tenant_id, client_id, o).model_dump_json()
             out.append(OutboundRecord(topic, body.encode(), key=pkey, correlation_id=corr, traceparent=traceparent))
         return out
 
     @staticmethod
     def _count(ev: Input, step: Step, now: datetime) -> None:
-        if not isinstance(ev, SrsSubmitted) or step.redelivered or not step.changed:
+        if isinstance(ev, ClientTransfer) or step.redelivered or not step.changed:
             return
         if step.audited:
             metrics.AUDITED.labels(ev.instrument.value).inc()
@@ -303,7 +389,7 @@ class ScoringHandler:
         for o in step.outputs:
             if isinstance(o, AlertOut) and o.revision == 1:
                 for trigger in o.alert.triggers:
-                    metrics.DETERIORATION.labels(trigger, o.alert.severity).inc()
+                    metrics.DETERIORATION.labels(trigger, o.alert.shown_severity).inc()
             elif isinstance(o, StatusOut):
                 metrics.ALERT_STATUS.labels(o.status).inc()
 

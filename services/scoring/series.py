@@ -40,9 +40,23 @@ from datetime import UTC, datetime
 from functools import cached_property
 from typing import Literal, NamedTuple
 
+from services.scoring import outcome as O
 from services.scoring import rules as R
 from shared import ids
-from shared.events import SCORED_INSTRUMENTS, AlertStatus, Instrument, Items, Lifecycle, Operator, Severity
+from shared.events import (
+    ITEM_NAMES,
+    ORS_ITEM_NAMES,
+    OUTCOME_OF,
+    SCORED_INSTRUMENTS,
+    AlertStatus,
+    Instrument,
+    Items,
+    Lifecycle,
+    Operator,
+    OrsItems,
+    OutcomeInstrument,
+    Severity,
+)
 
 DERIVED_PREFIX = ids.DERIVED_EPISODE_PREFIX
 MAX_TRANSFER_IDS = 32
@@ -69,6 +83,7 @@ class Version:
     total: float | None
     accepted_at: datetime
     digest: str = ""
+    client_age: int | None = None  # ORS family only: picks the ORS cutoff (docs/outcome.md)
     # Derived once here (not as cached properties: those take a lock on every read in 3.11, and
     # these are read many times per step).
     accepted_utc: datetime = field(init=False, repr=False, compare=False)
@@ -98,6 +113,18 @@ class Version:
         r, g, a, o = self.items
         return Items.model_construct(relationship=r, goals=g, approach=a, overall=o)
 
+    def ors_items_model(self) -> OrsItems | None:
+        """The items of an ORS-family version as the event model carries them."""
+        if self.items is None:
+            return None
+        i, p, s, o = self.items
+        return OrsItems.model_construct(individually=i, interpersonally=p, socially=s, overall=o)
+
+    @property
+    def outcome(self) -> bool:
+        """An ORS-family version (scored by the outcome rules, published on the ORS topics)."""
+        return self.instrument in _OUTCOME
+
     def ratings(self) -> Ratings | None:
         """The items for the rules: a plain tuple, cheap enough to build on every derivation."""
         return None if self.items is None else Ratings(self.items)
@@ -116,9 +143,11 @@ def _text(value: str | None) -> str | None:
 
 
 def content_digest(v: Version) -> str:
-    """A digest of what the submitter said (not of when it was accepted, nor its id)."""
-    return _digest((v.instrument, v.episode_id, v.session_number, _utc(v.administered_at).isoformat(), v.site_id,
-                    v.clinician_id, v.items, v.total))
+    """A digest of what the submitter said (not of when it was accepted, nor its id). The age is
+    part of an ORS-family version only: the digests of SRS versions are stored, and stay as they were."""
+    parts = (v.instrument, v.episode_id, v.session_number, _utc(v.administered_at).isoformat(), v.site_id,
+             v.clinician_id, v.items, v.total)
+    return _digest((*parts, v.client_age) if v.instrument in _OUTCOME else parts)
 
 
 class Ratings(NamedTuple):
@@ -153,8 +182,8 @@ class Rejection:
 
 
 @dataclass(frozen=True)
-class SessionView:
-    """What the record shows for one session (a slot: instrument, episode, number)."""
+class _Session:
+    """What every session shows, whichever scale: the version shown, where it is, its total."""
 
     version: Version
     episode_id: str
@@ -162,6 +191,16 @@ class SessionView:
     site_id: str
     site_version: int
     total: float
+
+    @property
+    def slot(self) -> str:
+        return slot_key(self.version.instrument, self.episode_id, self.version.session_number)
+
+
+@dataclass(frozen=True)
+class SessionView(_Session):
+    """What the record shows for one SRS-family session (a slot: instrument, episode, number)."""
+
     cutoff: float
     operator: Operator
     previous_total: float | None
@@ -171,10 +210,6 @@ class SessionView:
     severity: Severity | None
     low_items: tuple[str, ...]
     latest: bool
-
-    @property
-    def slot(self) -> str:
-        return slot_key(self.version.instrument, self.episode_id, self.version.session_number)
 
     def not_latest(self) -> SessionView:
         """The same session once a later one is the latest (its digest, which leaves `latest`
@@ -196,20 +231,74 @@ class SessionView:
 
 
 @dataclass(frozen=True)
+class OutcomeView(_Session):
+    """What the record shows for one ORS-family session (docs/outcome.md). Plain strings for the
+    band and the change (they enter the digest). YCORS: total only."""
+
+    band: str
+    cutoff: float | None
+    reliable_change: float | None
+    intake_total: float | None
+    change_from_intake: float | None
+    previous_total: float | None
+    change_from_previous: float | None
+    change: str | None
+    clinically_significant_improvement: bool
+    in_clinical_range: bool | None
+    flags: tuple[str, ...]
+    triggers: tuple[str, ...]
+    severity: Severity | None
+    latest: bool
+
+    def not_latest(self) -> OutcomeView:
+        """As `SessionView.not_latest`."""
+        out = replace(self, latest=False)
+        out.__dict__["digest"] = self.digest
+        return out
+
+    @cached_property
+    def digest(self) -> str:
+        """Everything an OrsScored event shows except `latest` and the revision bookkeeping."""
+        v = self.version
+        return _digest(("outcome", v.submission_id, v.digest, self.episode_id, self.site_id, self.site_version,
+                        self.total, self.band, self.cutoff, self.reliable_change, self.intake_total,
+                        self.change_from_intake, self.previous_total, self.change_from_previous, self.change,
+                        self.clinically_significant_improvement, self.in_clinical_range, self.flags,
+                        self.triggers, _text(self.severity)))
+
+
+AnyView = SessionView | OutcomeView
+
+
+@dataclass(frozen=True)
 class AlertView:
-    """The alert the latest session of a current episode holds."""
+    """The alert the latest session of a current episode holds: an alliance alert (its session a
+    `SessionView`) or an outcome alert (an `OutcomeView`). `severity` is what the session's own
+    rules say; an alliance alert whose session also holds an outcome alert is `outcome_at_risk`,
+    and then critical (`shown_severity`)."""
 
     alert_id: str
-    session: SessionView
+    session: AnyView
     triggers: tuple[str, ...]
     severity: Severity
     site_id: str  # the site the alert was first raised for (a transfer does not move an alert)
+    outcome_at_risk: bool = False
+
+    @property
+    def shown_severity(self) -> Severity:
+        return Severity.CRITICAL if self.outcome_at_risk else self.severity
 
     @cached_property
     def digest(self) -> str:
         s, v = self.session, self.session.version
-        return _digest((v.submission_id, v.digest, self.triggers, _text(self.severity), s.total, s.previous_total,
-                        s.change_from_previous, s.cutoff, s.low_items, self.site_id))
+        if isinstance(s, OutcomeView):
+            return _digest(("outcome", v.submission_id, v.digest, self.triggers, _text(self.severity), s.total,
+                            s.cutoff, s.intake_total, s.change_from_intake, s.previous_total,
+                            s.change_from_previous, self.site_id))
+        parts = (v.submission_id, v.digest, self.triggers, _text(self.severity), s.total, s.previous_total,
+                 s.change_from_previous, s.cutoff, s.low_items, self.site_id)
+        # Only when it holds: the digests of alerts raised before the ORS existed are stored.
+        return _digest((*parts, "outcome_at_risk") if self.outcome_at_risk else parts)
 
 
 @dataclass(frozen=True)
@@ -227,7 +316,7 @@ class Tail:
 
 @dataclass(frozen=True)
 class View:
-    sessions: dict[str, SessionView]  # by slot
+    sessions: dict[str, AnyView]  # by slot
     alerts: dict[str, AlertView]  # by alert id
     current: frozenset[str]  # submission ids that represent their session (their events are shown)
     members: frozenset[str]  # ... and the identical resends of those (not superseded)
@@ -298,22 +387,22 @@ def derive(versions: Iterable[Version], owner: str | None, site_version: int, ru
            tenant_id: str, client_id: str, alert_sites: Mapping[str, str] | None = None) -> View:
     """What the record shows: every current session scored, and the alerts (see module docs)."""
     by_key, resends = current_versions(v for v in versions if v.instrument in _SCORED)
-    sessions: dict[str, SessionView] = {}
+    sessions: dict[str, AnyView] = {}
     alerts: dict[str, AlertView] = {}
     slot_of: dict[tuple[str, ...], str] = {}
     tails: dict[str, Tail] = {}
     for instrument, episodes in episodes_of(by_key.values()).items():
-        resolved = rules.for_instrument(instrument)
+        resolved = _resolved(rules, instrument)
         newest = max((v for _, _, vs in episodes for v in vs), key=_administered)
         latest_slot, latest_alert = "", None
         last_derived: tuple[str, Version] | None = None
         last_given: dict[str, Version] = {}
         for eid, derived, members in episodes:
             is_current = any(v is newest for v in members)
-            prev: SessionView | None = None
+            prev: AnyView | None = None
             for i, v in enumerate(members):
-                view, alert = _session_view(v, eid, derived, prev, is_current and i == len(members) - 1, resolved,
-                                            owner, site_version, tenant_id, client_id, alert_sites)
+                view, alert = _scored_view(v, eid, derived, prev, is_current and i == len(members) - 1, resolved,
+                                           owner, site_version, tenant_id, client_id, alert_sites)
                 sessions[view.slot] = view
                 slot_of[v.session_key] = view.slot
                 if alert is not None:
@@ -328,8 +417,64 @@ def derive(versions: Iterable[Version], owner: str | None, site_version: int, ru
         tails[instrument] = Tail(newest, latest_slot, latest_alert, last_derived, last_given,
                                  frozenset(e for e, _, _ in episodes),
                                  {(e, d): len(ms) for e, d, ms in episodes})
+    _mark_outcome_at_risk(alerts, tenant_id, client_id)
     return View(sessions, alerts, frozenset(v.submission_id for v in by_key.values()), frozenset(resends), slot_of,
                 tails)
+
+
+def _resolved(rules: R.TenantRules, instrument: str) -> R.TenantRules | R.OutcomeRules:
+    """The rules one instrument is scored by: the alliance rules (with its override) for the SRS
+    family, its outcome rules for the ORS family."""
+    return rules.outcome_for(instrument) if instrument in _OUTCOME else rules.for_instrument(instrument)
+
+
+def _scored_view(v: Version, eid: str, derived: bool, prev: AnyView | None, latest: bool,
+                 resolved: R.TenantRules | R.OutcomeRules, owner: str | None, site_version: int, tenant_id: str,
+                 client_id: str, alert_sites: Mapping[str, str] | None) -> tuple[AnyView, AlertView | None]:
+    """One session scored against the previous session of its episode (which is of the same
+    instrument, so of the same kind), and the alert it holds."""
+    if isinstance(resolved, R.OutcomeRules):
+        assert prev is None or isinstance(prev, OutcomeView)
+        return _outcome_view(v, eid, derived, prev, latest, resolved, owner, site_version, tenant_id, client_id,
+                             alert_sites)
+    assert prev is None or isinstance(prev, SessionView)
+    return _session_view(v, eid, derived, prev, latest, resolved, owner, site_version, tenant_id, client_id,
+                         alert_sites)
+
+
+def _outcome_view(v: Version, eid: str, derived: bool, prev: OutcomeView | None, latest: bool,
+                  resolved: R.OutcomeRules, owner: str | None, site_version: int, tenant_id: str, client_id: str,
+                  alert_sites: Mapping[str, str] | None) -> tuple[OutcomeView, AlertView | None]:
+    """One ORS-family session scored against its episode's intake and previous session."""
+    total = R.total_of(v.ratings(), v.total, ORS_ITEM_NAMES)
+    intake, prev_total = (prev.intake_total, prev.total) if prev is not None else (None, None)
+    s = O.score_outcome(v.instrument, v.client_age, total, intake, prev_total, v.session_number, latest, resolved)
+    view = OutcomeView(v, eid, derived, owner or v.site_id, site_version, s.total, s.band.value, s.cutoff,
+                       s.reliable_change, s.intake_total, s.change_from_intake, s.previous_total,
+                       s.change_from_previous, None if s.change is None else s.change.value,
+                       s.clinically_significant_improvement, s.in_clinical_range, s.flags, s.triggers, s.severity,
+                       latest)
+    if not s.alert or s.severity is None:
+        return view, None
+    aid = ids.alert_id(tenant_id, client_id, v.instrument, eid, v.session_number)
+    site = (alert_sites or {}).get(aid, view.site_id)
+    return view, AlertView(aid, view, s.triggers, s.severity, site)
+
+
+def _mark_outcome_at_risk(alerts: dict[str, AlertView], tenant_id: str, client_id: str) -> None:
+    """Mark the alliance alerts whose session also holds an outcome alert (same episode id and
+    session number, the paired instrument: `OUTCOME_OF`) `outcome_at_risk`, and unmark the
+    others. In place; an alert that does not change stays the same object (so `_grown` can tell
+    which alerts an `extend` changed). There are at most a few alerts: one per instrument."""
+    if not any(a.outcome_at_risk or a.session.version.outcome for a in alerts.values()):
+        return  # no outcome alert, and no alliance alert marked: nothing to do (every SRS-only client)
+    for aid, a in list(alerts.items()):
+        s = a.session
+        paired = _PAIRED.get(s.version.instrument)
+        at_risk = paired is not None and ids.alert_id(tenant_id, client_id, paired, s.episode_id,
+                                                      s.version.session_number) in alerts
+        if at_risk != a.outcome_at_risk:
+            alerts[aid] = replace(a, outcome_at_risk=at_risk)
 
 
 def _session_view(v: Version, eid: str, derived: bool, prev: SessionView | None, latest: bool,
@@ -362,7 +507,10 @@ def extend(view: View, v: Version, owner: str | None, site_version: int, rules: 
     instrument, so its episode becomes current and `v`, its last session, the latest - the
     previous latest session stops being latest and loses its alert (nothing else about a session
     depends on `latest`); `v` is scored against the session before it in its episode, which is
-    the episode's last; no other session's previous session changes.
+    the episode's last (and, for the ORS family, against the episode's intake, which that session
+    carries); no other session's previous session changes. The only effect across instruments is
+    `outcome_at_risk`, a function of the alerts alone (at most one per instrument), which both
+    `derive` and `extend` compute last from the alerts they hold (`_mark_outcome_at_risk`).
     """
     tail = view.tails.get(v.instrument)
     if v.instrument not in _SCORED or v.session_key in view.slot_of_key or v.submission_id in view.members:
@@ -393,11 +541,12 @@ def extend(view: View, v: Version, owner: str | None, site_version: int, rules: 
         if tail.latest_alert is not None:
             del alerts[tail.latest_alert]
     prev = sessions[view.slot_of_key[before.session_key]] if before is not None else None
-    sv, alert = _session_view(v, eid, derived, prev, True, rules.for_instrument(v.instrument), owner, site_version,
-                              tenant_id, client_id, alert_sites)
+    sv, alert = _scored_view(v, eid, derived, prev, True, _resolved(rules, v.instrument), owner, site_version,
+                             tenant_id, client_id, alert_sites)
     sessions[sv.slot] = sv
     if alert is not None:
         alerts[alert.alert_id] = alert
+    _mark_outcome_at_risk(alerts, tenant_id, client_id)
     slot_of = dict(view.slot_of_key)
     slot_of[v.session_key] = sv.slot
     last_derived = tail.last_derived if tail is not None else None
@@ -414,7 +563,10 @@ def extend(view: View, v: Version, owner: str | None, site_version: int, rules: 
     return View(sessions, alerts, view.current | {v.submission_id}, view.members | {v.submission_id}, slot_of, tails)
 
 
-_SCORED = frozenset(i.value for i in SCORED_INSTRUMENTS)
+_OUTCOME = frozenset(i.value for i in OutcomeInstrument)  # YCORS too: published with its total only
+_SCORED = frozenset(i.value for i in SCORED_INSTRUMENTS) | _OUTCOME
+# Each alliance instrument's outcome instrument, as plain strings.
+_PAIRED: dict[str, str] = {a.value: o.value for a, o in OUTCOME_OF.items() if a in SCORED_INSTRUMENTS}
 
 
 # --- what was published ---------------------------------------------------------------------
@@ -455,7 +607,7 @@ class AlertRecord:
 
 @dataclass(frozen=True)
 class ScoredOut:
-    session: SessionView
+    session: AnyView
     revision: int
     supersedes: str | None
     at: datetime
@@ -551,7 +703,11 @@ class ClientState:
             return view, None
         before, after = c.view.tails.get(v.instrument), view.tails[v.instrument]
         slots = {after.latest_slot} | ({before.latest_slot} if before is not None else set())
-        alerts = {a for a in (after.latest_alert, before.latest_alert if before is not None else None) if a}
+        # The alerts that changed: those of the two sessions, and an alliance alert of another
+        # instrument whose `outcome_at_risk` the new session changed (the views hold a few alerts,
+        # and `extend` keeps an unchanged one the same object).
+        was, now_ = c.view.alerts, view.alerts
+        alerts = {a for a in was.keys() | now_.keys() if was.get(a) is not now_.get(a)}
         return view, _Scope(frozenset(slots), frozenset(alerts))
 
     # ---- inputs -----------------------------------------------------------------------------
@@ -634,7 +790,7 @@ class ClientState:
             return "site_conflict", (f"client belongs to site '{self.owner}', not '{v.site_id}'; an admin can "
                                      "transfer it (POST /v1/clients/{client_id}/transfer)")
         try:
-            R.total_of(v.ratings(), v.total)
+            R.total_of(v.ratings(), v.total, ORS_ITEM_NAMES if v.outcome else ITEM_NAMES)
         except R.Unscorable as exc:
             return "unscorable", str(exc)
         eid, held, highest = self._joins(v, rules) or self._joins_derived(v, rules)
@@ -762,7 +918,7 @@ class ClientState:
         if c is not None and c.view is view:
             self.cached = replace(c, published=True)
 
-    def _scored(self, slot: str, sv: SessionView, supersedes: str | None, now: datetime) -> ScoredOut:
+    def _scored(self, slot: str, sv: AnyView, supersedes: str | None, now: datetime) -> ScoredOut:
         sid = sv.version.submission_id
         p = self.published.get(slot)
         rev = 1 + max(p.revision if p is not None else 0, self.submission_revision.get(sid, 0),
@@ -855,9 +1011,9 @@ class _AlertSites(Mapping[str, str]):
 
 
 def version_of(submission_id: str, instrument: Instrument | str, episode_id: str | None, session_number: int,
-               administered_at: datetime, site_id: str, clinician_id: str, items: Items | None,
-               total: float | None, accepted_at: datetime) -> Version:
+               administered_at: datetime, site_id: str, clinician_id: str, items: Items | OrsItems | None,
+               total: float | None, accepted_at: datetime, client_age: int | None = None) -> Version:
     """A `Version` from the fields of a submitted event."""
     return Version(submission_id, str(instrument), episode_id, session_number, administered_at, site_id,
                    clinician_id, None if items is None else items.values(), None if items is not None else total,
-                   accepted_at)
+                   accepted_at, client_age=client_age)

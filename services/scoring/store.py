@@ -1,7 +1,7 @@
 """Scoring's own collections: per-client state (`scoring_state`) and tenant rules (`scoring_rules`).
 
 One state document per (tenant, client), holding everything `series.ClientState` keeps: every
-accepted version of every submission (all instruments and episodes: episodes are derived across
+accepted version of every submission (all instruments, SRS and ORS families, and episodes: episodes are derived across
 them, and the client's owning site is one per client), the rejections, and what was published
 per session slot and per alert. A batch reads all its documents with one `find` and writes them
 back with one unordered `bulk_write` guarded by a version number: a client read at version 0
@@ -67,17 +67,21 @@ def _version_doc(v: Version) -> Document:
 
 
 def _new_version_doc(v: Version) -> Document:
-    return {"sid": v.submission_id, "i": v.instrument, "e": v.episode_id, "n": v.session_number,
-            "at": _iso(v.administered_at), "s": v.site_id, "c": v.clinician_id,
-            "it": list(v.items) if v.items is not None else None, "t": v.total, "acc": _iso(v.accepted_at),
-            "d": v.digest}
+    doc: Document = {"sid": v.submission_id, "i": v.instrument, "e": v.episode_id, "n": v.session_number,
+                     "at": _iso(v.administered_at), "s": v.site_id, "c": v.clinician_id,
+                     "it": list(v.items) if v.items is not None else None, "t": v.total, "acc": _iso(v.accepted_at),
+                     "d": v.digest}
+    if v.client_age is not None:  # ORS family only; absent, SRS documents stay as they were
+        doc["ag"] = v.client_age
+    return doc
 
 
 def _version_from(d: Document) -> Version:
     items = d.get("it")
+    age = d.get("ag")
     return Version(d["sid"], d["i"], d.get("e"), int(d["n"]), _dt(d["at"]), d["s"], d["c"],
                    (items[0], items[1], items[2], items[3]) if items is not None else None, d.get("t"),
-                   _dt(d["acc"]), d["d"])
+                   _dt(d["acc"]), d["d"], None if age is None else int(age))
 
 
 def state_doc(key: ClientKey, st: ClientState, version: int) -> Document:

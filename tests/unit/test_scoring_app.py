@@ -13,7 +13,7 @@ def config() -> ScoringConfig:
 def test_asyncapi_document_shows_the_input_and_every_output_with_its_schema() -> None:
     spec = asyncapi_app(config()).schema.to_specification().to_jsonable()
     channels = {c["address"] for c in spec["channels"].values()}
-    assert channels == {"p.srs.submitted.v1", "p.srs.scored.v1", "p.alliance.deterioration.v1",
+    assert channels == {"p.srs.submitted.v1", "p.ors.submitted.v1", "p.srs.scored.v1", "p.alliance.deterioration.v1",
                         "p.alliance.alert-status.v1", "p.srs.deadletter.v1",
                         "p.ors.scored.v1", "p.outcome.alert.v1", "p.outcome.alert-status.v1"}
     assert {"SrsScored", "AllianceDeterioration", "AlertStatusChanged", "DeadLetter", "OrsScored", "OutcomeAlert",
