@@ -1,4 +1,5 @@
-"""A synthetic clinic network that posts realistic SRS series through the intake API.
+"""A synthetic clinic network that posts realistic SRS series (and, with `--ors`, the ORS of each
+session) through the intake API.
 
 `alliance simulate --tenants N --sites N --clinicians N --clients N --rate R --duration S`
 
@@ -18,6 +19,14 @@ comes for a course of 6-20 weekly sessions and is then discharged, and a new cli
 slot. Each client follows one alliance trajectory: most are high and stable (totals ~36-40), some
 decline session by session, some start low and recover. A few fill in the child (CSRS) or group
 (GSRS) form, and some come from EHR exports that only carry a total.
+
+With the ORS (`Mix.ors`, on by default for `alliance simulate`; `--no-ors` posts the SRS alone, as
+before) every session is two forms, as in PCOMS: the ORS at its start (50 minutes before the SRS;
+CORS for the CSRS clients, with a `client_age`) and the SRS at its end, posted in that order. Each
+client also follows an outcome trajectory, drawn in correlation with their alliance: improvers
+(mostly among clients whose alliance is high or recovering), non-responders, deteriorators (mostly
+among those whose alliance declines: their SRS falls too) and dropouts (a course cut to 1-4
+sessions). The SRS stream of a seed is the same as without the ORS, except that dropouts end early.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from itertools import islice
 from typing import Annotated, Any, Literal
 
 import httpx
@@ -40,11 +50,21 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from shared.events import ITEM_NAMES, ORS_ITEM_NAMES, OUTCOME_OF, Instrument
 from tools.console import run_command
 
 Kind = Literal["new", "duplicate", "late", "invalid"]
 Trajectory = Literal["stable_high", "declining", "low_recovering"]
-ITEMS = ("relationship", "goals", "approach", "overall")
+OutcomeTrajectory = Literal["improver", "non_responder", "deteriorator", "dropout"]
+ITEMS = ITEM_NAMES
+# How each alliance trajectory's clients fare in outcome (shares; the rest improve): a falling
+# alliance mostly goes with a client getting worse, a good one mostly with a client getting better.
+OUTCOME_SHARES: dict[Trajectory, tuple[tuple[OutcomeTrajectory, float], ...]] = {
+    "stable_high": (("non_responder", 0.2), ("deteriorator", 0.04), ("dropout", 0.06)),
+    "low_recovering": (("non_responder", 0.3), ("deteriorator", 0.05), ("dropout", 0.15)),
+    "declining": (("non_responder", 0.25), ("deteriorator", 0.55), ("dropout", 0.15)),
+}
+ORS_BEFORE_SRS = timedelta(minutes=50)  # the ORS opens the session, the SRS closes it
 DEFAULT_NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 # Rules of issue 3 the planner breaks on purpose; each must get a 422 (or a rejected batch item).
@@ -75,6 +95,9 @@ class Mix:
     # fraction of steps that are an EHR batch export (POST /v1/submissions/batch) instead of a single post
     batch_steps: float = 0.015
     batch_size: tuple[int, int] = (5, 40)
+    # the ORS at the start of every session (off: the SRS alone, the stream of earlier versions)
+    ors: bool = False
+    adolescents: float = 0.15  # of the ORS clients: aged 13-17 (their cutoff differs)
 
 
 @dataclass(frozen=True)
@@ -95,9 +118,17 @@ class Client:
     slope: float  # change of the expected total per session
     course: int  # sessions before discharge
     anchor: datetime  # administered_at of session 1; sessions are weekly
+    # the outcome half (only with `Mix.ors`): trajectory, intake ORS total, change per session, age
+    outcome: OutcomeTrajectory | None = None
+    ors_start: float = 0.0
+    ors_slope: float = 0.0
+    client_age: int | None = None
 
     def administered_at(self, session_number: int) -> str:
         return (self.anchor + timedelta(weeks=session_number - 1)).isoformat()
+
+    def ors_administered_at(self, session_number: int) -> str:
+        return (self.anchor + timedelta(weeks=session_number - 1) - ORS_BEFORE_SRS).isoformat()
 
 
 @dataclass(frozen=True)
@@ -113,6 +144,12 @@ class PlannedSubmission:
     session_number: int | None = None
     invalid_rule: str | None = None
     trajectory: Trajectory | None = None
+    outcome: OutcomeTrajectory | None = None  # the client's (with `Mix.ors`)
+
+    @property
+    def ors(self) -> bool:
+        """An outcome rating (ORS, CORS) rather than an SRS-family one."""
+        return self.body.get("instrument") in ("ORS", "CORS", "YCORS")
 
     @property
     def submission_id(self) -> str:
@@ -151,9 +188,34 @@ def new_client(slot: int, generation: int, clinician: tuple[int, str, str], rng:
     # the whole course is history by the time it is posted: a site catching up, or an EHR export
     anchor = first_seen - timedelta(weeks=course, minutes=rng.randint(60, 3 * 24 * 60))
     client_id = f"cl-{run}-{slot + 1:05d}" + (f"-g{generation}" if generation else "")
-    return Client(slot, generation, tenant, site_id, clinician_id, client_id, trajectory, instrument,
-                  rng.random() < mix.total_only, "ep-1" if rng.random() < mix.episodes else None, start, slope,
-                  course, anchor)
+    client = Client(slot, generation, tenant, site_id, clinician_id, client_id, trajectory, instrument,
+                    rng.random() < mix.total_only, "ep-1" if rng.random() < mix.episodes else None, start, slope,
+                    course, anchor)
+    # Drawn after every SRS draw, from their own generator: the SRS stream of a seed stays the same.
+    return with_outcome(client, random.Random(f"{run}:{client_id}"), mix) if mix.ors else client
+
+
+def with_outcome(client: Client, rng: random.Random, mix: Mix) -> Client:
+    """The client with an outcome trajectory drawn in correlation with their alliance trajectory."""
+    r = rng.random()
+    outcome: OutcomeTrajectory = "improver"
+    for name, share in OUTCOME_SHARES[client.trajectory]:
+        if r < share:
+            outcome = name
+            break
+        r -= share
+    # Intake ORS totals of people starting therapy sit mostly below the adult cutoff (25).
+    start = min(30.0, max(6.0, rng.gauss(19.0, 4.0)))
+    slope, course = {
+        "improver": (rng.uniform(1.2, 2.5), client.course),
+        "non_responder": (rng.uniform(-0.3, 0.4), client.course),
+        "deteriorator": (-rng.uniform(0.8, 1.6), client.course),
+        "dropout": (rng.uniform(-0.5, 0.3), min(client.course, rng.randint(1, 4))),
+    }[outcome]
+    child = OUTCOME_OF[Instrument(client.instrument)] != "ORS"
+    age = rng.randint(6, 12) if child else rng.randint(13, 17) if rng.random() < mix.adolescents else \
+        rng.randint(18, 75)
+    return replace(client, outcome=outcome, ors_start=start, ors_slope=slope, course=course, client_age=age)
 
 
 Roster = Sequence[tuple[str, str]]  # (clinician_id, site_id)
@@ -201,10 +263,32 @@ def rating(client: Client, session_number: int, rng: random.Random) -> dict[str,
     return dict(zip(ITEMS, items, strict=True))
 
 
+def ors_rating(client: Client, session_number: int, rng: random.Random) -> dict[str, float]:
+    """The ORS items (or total) a client gives at the start of one session, following their outcome
+    trajectory: improvement levels off towards the top of the scale, deterioration towards its floor."""
+    expected = client.ors_start + client.ors_slope * (session_number - 1)
+    total = min(36.0, max(3.0, expected + rng.gauss(0.0, 1.5)))
+    items = [min(10.0, max(0.0, _round1(total / 4 + rng.gauss(0.0, 0.6)))) for _ in ORS_ITEM_NAMES]
+    if client.total_only:
+        return {"total": _round1(sum(items))}
+    return dict(zip(ORS_ITEM_NAMES, items, strict=True))
+
+
 def iter_plan(tenants: int, sites: int, clinicians: int, clients: int, count: int | None, seed: int = 0,
               run: str = "", now: datetime | None = None, rate: float | None = None,
               mix: Mix = Mix(), roster: Roster | None = None) -> Iterator[PlannedSubmission]:
+    """`_iter_plan`, cut at `count` (an ORS opening a session may take the last place: its SRS then
+    falls outside the run, like a session still under way when it ends)."""
+    stream = _iter_plan(tenants, sites, clinicians, clients, count, seed, run, now, rate, mix, roster)
+    return stream if count is None else islice(stream, count)
+
+
+def _iter_plan(tenants: int, sites: int, clinicians: int, clients: int, count: int | None, seed: int = 0,
+               run: str = "", now: datetime | None = None, rate: float | None = None,
+               mix: Mix = Mix(), roster: Roster | None = None) -> Iterator[PlannedSubmission]:
     """The run in send order: `count` submissions (retries, late and invalid ones included), or endless.
+    With `mix.ors` each session's ORS comes right before its SRS (in the same batch, or held back
+    with it when the session is late), and counts as a submission of its own.
 
     The same arguments always give the same stream. `now` is when sending starts and `rate` the
     offered rate: a client who enters the caseload when the stream is at position p has a course
@@ -224,6 +308,7 @@ def iter_plan(tenants: int, sites: int, clinicians: int, clients: int, count: in
     recent: deque[PlannedSubmission] = deque(maxlen=300)  # what a retry may resend
     pending: list[tuple[int, PlannedSubmission]] = []  # (due position, an older session held back)
     in_batch: set[str] = set()
+    companions: dict[str, PlannedSubmission] = {}  # SRS submission id -> the ORS that opens its session
     emitted = 0
     n_ids = 0
     batch_no = 0
@@ -245,10 +330,15 @@ def iter_plan(tenants: int, sites: int, clinicians: int, clients: int, count: in
     def make(client: Client, n: int, kind: Kind, batch: int | None, rule: str | None = None) -> PlannedSubmission:
         nonlocal n_ids
         n_ids += 1
-        body = _body(client, f"sim-{run}-{n_ids:07d}", n, rating(client, n, rng))
+        sid = f"sim-{run}-{n_ids:07d}"
+        body = _body(client, sid, n, rating(client, n, rng))
         if rule is not None:
             body = _break(body, rule, posted_at(emitted), rng)
-        return PlannedSubmission(-1, client.tenant, kind, body, batch, client.slot, n, rule, client.trajectory)
+        elif mix.ors:
+            companions[sid] = PlannedSubmission(-1, client.tenant, kind, _ors_body(client, f"{sid}-o", n, rng),
+                                                batch, client.slot, n, None, client.trajectory, client.outcome)
+        return PlannedSubmission(-1, client.tenant, kind, body, batch, client.slot, n, rule, client.trajectory,
+                                 client.outcome)
 
     def one(tenant: int | None, batch: int | None, room: int) -> PlannedSubmission:
         """One lottery draw: a new session, a retry, a late pair, or an invalid body."""
@@ -281,13 +371,20 @@ def iter_plan(tenants: int, sites: int, clinicians: int, clients: int, count: in
             return newer
         return make(*take_session(slot), "new", batch)
 
-    def emit(p: PlannedSubmission) -> PlannedSubmission:
+    def emit_one(p: PlannedSubmission) -> PlannedSubmission:
         nonlocal emitted
         p = replace(p, seq=emitted)
         emitted += 1
         if p.valid:
             recent.append(p)
         return p
+
+    def emit(p: PlannedSubmission) -> Iterator[PlannedSubmission]:
+        """The submission, after the ORS of its session when it opens one (a retry resends just itself)."""
+        opening = companions.pop(p.submission_id, None) if p.kind != "duplicate" else None
+        if opening is not None:
+            yield emit_one(replace(opening, batch=p.batch))
+        yield emit_one(p)
 
     def room() -> int:
         return unbounded if count is None else count - emitted - len(pending)
@@ -296,7 +393,7 @@ def iter_plan(tenants: int, sites: int, clinicians: int, clients: int, count: in
         due = next((p for p in pending if p[0] <= emitted), None)
         if due is not None:
             pending.remove(due)
-            yield emit(due[1])
+            yield from emit(due[1])
             continue
         if rng.random() < mix.batch_steps and room() > 1:
             batch_no += 1
@@ -307,11 +404,12 @@ def iter_plan(tenants: int, sites: int, clinicians: int, clients: int, count: in
             while room() > target:
                 p = one(tenant, batch_no, room())
                 in_batch.add(p.submission_id)
-                yield emit(p)
+                in_batch.add(f"{p.submission_id}-o")
+                yield from emit(p)
         else:
-            yield emit(one(None, None, room()))
+            yield from emit(one(None, None, room()))
     for _, p in sorted(pending, key=lambda d: d[0]):
-        yield emit(p)
+        yield from emit(p)
 
 
 def plan(tenants: int, sites: int, clinicians: int, clients: int, count: int, seed: int = 0, run: str = "",
@@ -337,6 +435,16 @@ def _body(client: Client, submission_id: str, session_number: int, rating: dict[
         body["total"] = rating["total"]
     else:
         body["items"] = dict(rating)
+    return body
+
+
+def _ors_body(client: Client, submission_id: str, session_number: int, rng: random.Random) -> dict[str, Any]:
+    """The ORS-family form that opens a session (CORS for a child), before the session's SRS."""
+    body = _body(client, submission_id, session_number, ors_rating(client, session_number, rng))
+    body.update(instrument=OUTCOME_OF[Instrument(client.instrument)].value,
+                administered_at=client.ors_administered_at(session_number))
+    if client.client_age is not None:
+        body["client_age"] = client.client_age
     return body
 
 
@@ -410,6 +518,7 @@ class SendStats:
     duplicates: int = 0
     late: int = 0
     invalid: int = 0
+    ors: int = 0  # outcome ratings among the sent (`Mix.ors`)
     retried: int = 0  # requests re-sent after 429/503 (same submission ids)
     unexpected: int = 0  # a valid submission rejected, or an invalid one accepted
     behind_seconds: float = 0.0  # how far the sender fell behind its schedule at worst
@@ -421,7 +530,7 @@ class SendStats:
         return {
             "planned": self.planned, "sent": self.sent, "accepted": self.accepted,
             "rejected": dict(sorted(self.rejected.items())), "duplicates": self.duplicates, "late": self.late,
-            "invalid": self.invalid, "retried": self.retried, "unexpected": self.unexpected,
+            "invalid": self.invalid, "ors": self.ors, "retried": self.retried, "unexpected": self.unexpected,
             "behind_seconds": round(self.behind_seconds, 3), "elapsed_seconds": round(self.elapsed, 2),
             "offered_rate": round(self.sent / self.elapsed, 1) if self.elapsed else 0.0,
         }
@@ -474,6 +583,7 @@ async def _post(client: httpx.AsyncClient, key: str, group: list[PlannedSubmissi
         stats.duplicates += p.kind == "duplicate"
         stats.late += p.kind == "late"
         stats.invalid += p.kind == "invalid"
+        stats.ors += p.ors
         if outcome == "accepted":
             stats.accepted += 1
             if stats.track_ids:
@@ -540,16 +650,17 @@ async def send(planned: Iterable[PlannedSubmission], url: str, keys: Sequence[st
 
 async def run_simulation(tenants: int, sites: int, clinicians: int, clients: int, rate: float, duration: float,
                          url: str, keys: Sequence[str], seed: int = 0, run: str = "", quiet: bool = True,
-                         keep: bool = False, console: Console | None = None, roster: Roster | None = None
-                         ) -> tuple[list[PlannedSubmission], SendStats]:
-    """Plan and post one simulation; returns the plan (only with `keep`) and the counts.
+                         keep: bool = False, console: Console | None = None, roster: Roster | None = None,
+                         ors: bool = False) -> tuple[list[PlannedSubmission], SendStats]:
+    """Plan and post one simulation (with `ors`, each session's ORS before its SRS); returns the plan
+    (only with `keep`) and the counts.
 
     Without `keep` the plan is streamed and accepted ids are not kept, so memory stays flat however
     long the run.
     """
     count = max(1, int(rate * duration))
     stream = iter_plan(tenants, sites, clinicians, clients, count, seed=seed, run=run or secrets.token_hex(3),
-                       now=datetime.now(UTC), rate=rate, roster=roster)
+                       now=datetime.now(UTC), rate=rate, roster=roster, mix=Mix(ors=ors))
     planned: list[PlannedSubmission] = list(stream) if keep else []
     source: Iterable[PlannedSubmission] = planned if keep else stream
     if quiet:
@@ -633,8 +744,11 @@ def simulate(
     create_keys: Annotated[bool, typer.Option(help="create one submit key per tenant in the configured "
                                                     "MongoDB (ALLIANCE_MONGO_*) when --keys is empty")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress display; print the counts as one JSON line")] = False,
+    ors: Annotated[bool, typer.Option(help="open each session with its ORS (CORS for children), as in PCOMS; "
+                                           "--no-ors posts the SRS alone")] = True,
 ) -> SendStats:
-    """Post a synthetic clinic network's SRS ratings to intake at a fixed rate, then print the counts."""
+    """Post a synthetic clinic network's ratings (each session's ORS, then its SRS) to intake at a fixed
+    rate, then print the counts."""
     if not re.fullmatch(r"[A-Za-z0-9._-]{0,24}", run):
         raise typer.BadParameter("up to 24 of [A-Za-z0-9._-]", param_hint="--run")
     pairs: list[tuple[str, str]] = []
@@ -654,7 +768,7 @@ def simulate(
     if len(key_list) < tenants and not quiet:
         Console(stderr=True).print(f"[yellow]{len(key_list)} keys for {tenants} tenants: tenants share keys")
     _, stats = asyncio.run(run_simulation(tenants, sites, clinicians, clients, rate, duration, url, key_list,
-                                          seed=seed, run=run, quiet=quiet, roster=pairs or None))
+                                          seed=seed, run=run, quiet=quiet, roster=pairs or None, ors=ors))
     if quiet:
         typer.echo(json.dumps(stats.as_dict()))
     else:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +27,7 @@ class Run:
     stats: SendStats
 
 
-@pytest.fixture(scope="module")
-async def simulated(stack: StackUnderTest, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Run]:
+async def simulate_run(stack: StackUnderTest, tmp_path_factory: pytest.TempPathFactory, ors: bool) -> Run:
     """A few seconds of a two-tenant network posted to one intake process."""
     ns = Namespace.fresh(stack)
     await ensure_topics(ns.kafka())
@@ -43,13 +41,25 @@ async def simulated(stack: StackUnderTest, tmp_path_factory: pytest.TempPathFact
     log_dir = tmp_path_factory.mktemp("simulate-logs")
     with running(["intake"], ns, Path(log_dir)) as procs:
         planned, stats = await run_simulation(2, 4, 8, 40, rate=60, duration=4, url=procs["intake"].url, keys=keys,
-                                              seed=3, quiet=True, keep=True)
-    yield Run(ns, planned, stats)
+                                              seed=3, quiet=True, keep=True, ors=ors)
+    return Run(ns, planned, stats)
 
 
-async def read_topic(ns: Namespace, want: int) -> list[InboundRecord]:
-    """Every record on the namespace's submitted topic (no consumer group), once `want` have arrived."""
-    async with TopicRecorder(ns.stack.bootstrap, ns.kafka().topics().submitted) as recorder:
+@pytest.fixture(scope="module")
+async def simulated(stack: StackUnderTest, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """The SRS alone (`--no-ors`)."""
+    return await simulate_run(stack, tmp_path_factory, ors=False)
+
+
+@pytest.fixture(scope="module")
+async def simulated_ors(stack: StackUnderTest, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """Each session's ORS, then its SRS."""
+    return await simulate_run(stack, tmp_path_factory, ors=True)
+
+
+async def read_topic(ns: Namespace, want: int, topic: str | None = None) -> list[InboundRecord]:
+    """Every record on the namespace's submitted topic (or `topic`; no consumer group), once `want` have arrived."""
+    async with TopicRecorder(ns.stack.bootstrap, topic or ns.kafka().topics().submitted) as recorder:
         await recorder.until(lambda records: len(records) >= want)
         # anything beyond `want` would be a second copy: give it a moment to show up
         return await recorder.poll(timeout_ms=1000)
@@ -77,3 +87,20 @@ async def test_events_carry_the_tenant_of_the_key_that_posted_them(simulated: Ru
         event = json.loads(r.value)
         assert event["tenant_id"] == tenant_of[event["submission_id"]]
         assert r.key == f"{event['tenant_id']}:{event['client_id']}".encode()
+
+
+async def test_with_the_ors_intake_accepts_every_valid_form_of_both_scales(simulated_ors: Run) -> None:
+    s = simulated_ors.stats
+    assert s.ors > 50 and s.unexpected == 0 and set(s.rejected) <= {"422"}
+
+
+async def test_with_the_ors_each_accepted_form_reaches_the_topic_of_its_scale_once(simulated_ors: Run) -> None:
+    is_ors = {p.submission_id: p.ors for p in simulated_ors.planned}
+    accepted_ors = {sid for sid in simulated_ors.stats.accepted_ids if is_ors[sid]}
+    topics = simulated_ors.ns.kafka().topics()
+    ors_records = await read_topic(simulated_ors.ns, len(accepted_ors), topics.ors_submitted)
+    accepted_srs = simulated_ors.stats.accepted_ids - accepted_ors
+    srs_records = await read_topic(simulated_ors.ns, len(accepted_srs))
+    assert {json.loads(r.value)["submission_id"] for r in ors_records} == accepted_ors
+    assert {json.loads(r.value)["submission_id"] for r in srs_records} == accepted_srs
+    assert {json.loads(r.value)["instrument"] for r in ors_records} <= {"ORS", "CORS"}

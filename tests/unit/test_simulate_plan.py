@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -9,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from tools.simulate import INVALID_RULES, PlannedSubmission, build_network, plan, requests
+from services.intake.models import check_submission
+from tools.simulate import INVALID_RULES, Mix, PlannedSubmission, build_network, plan, requests
 
 NOW = datetime(2026, 11, 25, 15, 0, tzinfo=UTC)
 ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -264,3 +266,108 @@ def test_a_roster_spreads_its_sites_over_tenants() -> None:
 
 def test_more_tenants_than_clients_still_plans() -> None:
     assert len(plan(5, 5, 5, 2, 300, seed=1, now=NOW)) == 300
+
+
+# --- with the ORS (docs/outcome.md): each session opens with an ORS, trajectories correlated -----------
+
+ORS_MIX = Mix(ors=True)
+
+
+def ors_plan(count: int = 6000, **kw: Any) -> list[PlannedSubmission]:
+    return plan(2, 4, 8, 120, count, seed=kw.pop("seed", 11), now=NOW, mix=kw.pop("mix", ORS_MIX), **kw)
+
+
+def test_without_the_ors_the_plan_holds_no_outcome_rating() -> None:
+    assert not any(p.ors for p in plan(2, 4, 8, 120, 3000, seed=11, now=NOW))
+
+
+def test_with_the_ors_the_plan_has_exactly_count_submissions_about_half_of_them_ors() -> None:
+    planned = ors_plan()
+    assert len(planned) == 6000 and [p.seq for p in planned] == list(range(6000))
+    assert 0.4 < sum(p.ors for p in planned) / len(planned) < 0.55
+
+
+def test_every_new_or_late_srs_comes_right_after_the_ors_of_its_session() -> None:
+    planned = ors_plan()
+    for before, srs in itertools.pairwise(planned):
+        if srs.ors or srs.kind not in ("new", "late"):
+            continue
+        assert before.ors and before.submission_id == f"{srs.submission_id}-o"
+        for f in ("client_id", "clinician_id", "site_id", "session_number"):
+            assert before.body[f] == srs.body[f]
+        assert before.body.get("episode_id") == srs.body.get("episode_id") and before.batch == srs.batch
+        assert datetime.fromisoformat(before.body["administered_at"]) < datetime.fromisoformat(
+            srs.body["administered_at"])
+
+
+def test_each_alliance_form_is_paired_with_its_outcome_form_and_a_plausible_age() -> None:
+    pairs = {("SRS", "ORS"), ("GSRS", "ORS"), ("CSRS", "CORS")}
+    planned = ors_plan()
+    by_id = {p.submission_id: p for p in planned}
+    for p in planned:
+        if p.ors and p.submission_id[:-2] in by_id:
+            srs = by_id[p.submission_id[:-2]]
+            assert (srs.body["instrument"], p.body["instrument"]) in pairs
+            age = p.body["client_age"]
+            assert (6 <= age <= 12) if p.body["instrument"] == "CORS" else (13 <= age <= 75)
+
+
+def test_every_planned_ors_passes_intakes_own_rules() -> None:
+    for p in ors_plan():
+        if p.ors:
+            assert check_submission(p.body, NOW)[1] == [], p.body
+
+
+def test_some_ors_clients_are_adolescents_and_some_give_only_a_total() -> None:
+    ors = [p.body for p in ors_plan() if p.ors]
+    assert any(13 <= b["client_age"] <= 17 for b in ors) and any(b["client_age"] >= 18 for b in ors)
+    assert any("total" in b for b in ors) and any("items" in b for b in ors)
+
+
+def _totals(planned: list[PlannedSubmission], ors: bool) -> dict[str, list[tuple[int, float]]]:
+    """Each client's (session number, total) of one scale, new sessions only."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for p in planned:
+        if p.ors is ors and p.kind == "new":
+            body = p.body
+            total = body.get("total", sum(body.get("items", {}).values()))
+            out.setdefault(body["client_id"], []).append((body["session_number"], total))
+    return out
+
+
+def _mean_change(planned: list[PlannedSubmission], outcome: str, ors: bool) -> float:
+    """Mean change per session, first to last, of the clients of one outcome trajectory (3+ sessions)."""
+    of = {p.body["client_id"]: p.outcome for p in planned}
+    changes = [(s[-1][1] - s[0][1]) / (s[-1][0] - s[0][0]) for c, s in _totals(planned, ors).items()
+               if of[c] == outcome and len(s) >= 3 and s[-1][0] > s[0][0]]
+    assert len(changes) >= 5, outcome
+    return sum(changes) / len(changes)
+
+
+def test_improvers_outcome_rises_deteriorators_falls_and_non_responders_stays_flat() -> None:
+    planned = ors_plan(12_000)
+    assert _mean_change(planned, "improver", ors=True) > 0.8
+    assert _mean_change(planned, "deteriorator", ors=True) < -0.5
+    assert abs(_mean_change(planned, "non_responder", ors=True)) < 0.4
+
+
+def test_alliance_and_outcome_are_correlated_deteriorators_srs_falls_too() -> None:
+    planned = ors_plan(12_000)
+    assert _mean_change(planned, "deteriorator", ors=False) < -0.3
+    assert _mean_change(planned, "improver", ors=False) > _mean_change(planned, "deteriorator", ors=False) + 0.3
+    trajectories = Counter((p.outcome, p.trajectory) for p in planned if p.ors)
+    deteriorators = sum(n for (o, _), n in trajectories.items() if o == "deteriorator")
+    assert trajectories[("deteriorator", "declining")] > deteriorators / 2
+
+
+def test_dropouts_come_to_at_most_four_sessions() -> None:
+    sessions = Counter()
+    for p in ors_plan(12_000):
+        if p.outcome == "dropout" and p.kind == "new":
+            sessions[p.body["client_id"]] = max(sessions[p.body["client_id"]], p.body["session_number"])
+    assert sessions and max(sessions.values()) <= 4
+
+
+def test_the_ors_plan_is_deterministic_for_a_seed() -> None:
+    assert ors_plan(2000) == ors_plan(2000)
+    assert ors_plan(2000) != ors_plan(2000, seed=12)
