@@ -160,6 +160,11 @@ class TrendPointOut(_Out):
     pct_sessions_below_cutoff: float | None
     episodes_ending: int  # episodes whose latest session falls in this month
     mean_change_first_to_latest: float | None  # over those episodes: latest total - first total
+    alerts_raised: int  # alerts first raised this month (a revised alert counts once)
+    alerts_acknowledged: int  # of those, the ones a clinician acknowledged (whenever that was)
+    # median of their times to acknowledge, read from a histogram of four bins per doubling:
+    # within 9.1% above one minute, within 30 s below; None when none was acknowledged
+    median_seconds_to_acknowledge: float | None
 
 
 class TrendsOut(_Out):

@@ -55,6 +55,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ from typing import Any, Literal
 from shared import ids
 from shared.events import (
     AlertState,
+    AlertStatus,
     AlertStatusChanged,
     AllianceDeterioration,
     DeadLetter,
@@ -406,10 +408,11 @@ def alert_identity(event: AllianceDeterioration) -> Doc:
 
 
 def alert_raise(event: AllianceDeterioration) -> Doc:
-    """What one revision of a raised alert says (stored under `raises.<revision>`)."""
+    """What one revision of a raised alert says (stored under `raises.<revision>`; its site and
+    clinician place the alert in the counters, see `alert_contribution`)."""
     return {"revision": event.revision, "submission_id": event.submission_id, "severity": event.severity,
             "triggers": list(event.triggers), "low_items": list(event.low_items), "total": event.total,
-            "raised_at": event.occurred_at}
+            "raised_at": event.occurred_at, "site_id": event.site_id, "clinician_id": event.clinician_id}
 
 
 def status_identity(event: AlertStatusChanged) -> Doc:
@@ -944,8 +947,9 @@ def trend_series(rows: Iterable[Mapping[str, Any]], first: str, last: str) -> li
     per: dict[str, dict[str, int]] = {}
     for r in rows:
         held = per.setdefault(str(r["month"]), {})
-        for f in ("sessions", "below", "clients", "episodes", "change"):
-            held[f] = held.get(f, 0) + int(r.get(f) or 0)
+        for f, n in r.items():
+            if f != "month":
+                held[f] = held.get(f, 0) + int(n or 0)
     out: list[Doc] = []
     for month in months_between(first, last):
         c = per.get(month, {})
@@ -957,5 +961,116 @@ def trend_series(rows: Iterable[Mapping[str, Any]], first: str, last: str) -> li
             "pct_sessions_below_cutoff": round(100.0 * c.get("below", 0) / sessions, 1) if sessions else None,
             "episodes_ending": episodes,
             "mean_change_first_to_latest": round(c.get("change", 0) / 100 / episodes, 2) if episodes else None,
+            "alerts_raised": c.get(ALERTS_RAISED, 0),
+            "alerts_acknowledged": c.get(ALERTS_ACKNOWLEDGED, 0),
+            "median_seconds_to_acknowledge": median_from_histogram(ack_histogram(c)),
         })
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Alert figures of the trends
+#
+# Each alert document (one per alert id, merged from raises and statuses, see "Alerts" above)
+# contributes to ONE monthly bucket: the UTC month of its first raise (`raised_at`, the earliest
+# raise heard of), under the site and clinician of its highest raised revision and its
+# instrument. A month's alert figures are thus those of the alerts raised that month (a cohort:
+# an acknowledgement in a later month still counts in the month the alert was raised, so
+# "acknowledged" never exceeds "raised" and the delays are those of the same alerts). Fields:
+#
+# - `alerts_raised` 1 once any raise was heard: a revision by a correction is the same alert,
+#   counted once; an alert later superseded or withdrawn was still raised (it was sent);
+# - `alerts_acknowledged` 1 once an `acknowledged` status was heard. `superseded` and
+#   `withdrawn` end an alert's lifecycle; they are not acknowledgements and count nothing here;
+# - `ack_<k>` 1 in the histogram bin of the time to acknowledge (first acknowledgement minus
+#   first raise). A median cannot be maintained with `$inc`; a histogram can, and its median is
+#   within one bin: bin 0 holds delays under a minute, bin k (1..64) delays from 2^((k-1)/4) to
+#   2^(k/4) minutes (four bins per doubling), the last bin 2^16 minutes (45.5 days) and more.
+#   The median is read as the bin's geometric middle, so above a minute it is within 9.1%
+#   (2^(1/8)) of the exact median, under a minute within 30 s, and past 45.5 days it is that
+#   lower bound.
+#
+# An alert heard of only through statuses (its raise not yet arrived) contributes nothing. The
+# contribution is a function of the alert document alone, so the store moves the counters by
+# `diff(old, new)` exactly as for records (see store.py for how that is applied once).
+
+ALERTS_RAISED = "alerts_raised"
+ALERTS_ACKNOWLEDGED = "alerts_acknowledged"
+ACK_BIN_PREFIX = "ack_"
+ACK_FLOOR_SECONDS = 60.0
+ACK_BINS_PER_DOUBLING = 4
+ACK_DOUBLINGS = 16
+ACK_LAST_BIN = 1 + ACK_BINS_PER_DOUBLING * ACK_DOUBLINGS
+
+
+def ack_bin(seconds: float) -> int:
+    """The histogram bin of a time to acknowledge (see above)."""
+    if seconds < ACK_FLOOR_SECONDS:
+        return 0
+    k = 1 + math.floor(ACK_BINS_PER_DOUBLING * math.log2(seconds / ACK_FLOOR_SECONDS))
+    return min(k, ACK_LAST_BIN)
+
+
+def ack_bin_bounds(k: int) -> tuple[float, float | None]:
+    """[low, high) seconds of a bin; high None for the last, open-ended one."""
+    if k == 0:
+        return 0.0, ACK_FLOOR_SECONDS
+    low = ACK_FLOOR_SECONDS * 2 ** ((k - 1) / ACK_BINS_PER_DOUBLING)
+    return low, None if k >= ACK_LAST_BIN else ACK_FLOOR_SECONDS * 2 ** (k / ACK_BINS_PER_DOUBLING)
+
+
+def ack_bin_value(k: int) -> float:
+    """The value a bin stands for: its geometric middle (0: 30 s; the last: its lower bound)."""
+    low, high = ack_bin_bounds(k)
+    if k == 0:
+        return ACK_FLOOR_SECONDS / 2
+    return low if high is None else math.sqrt(low * high)
+
+
+def ack_field(k: int) -> str:
+    return f"{ACK_BIN_PREFIX}{k:02d}"
+
+
+def ack_histogram(fields: Mapping[str, int]) -> dict[int, int]:
+    """The ack-delay histogram of a month's counted fields, {bin: count}."""
+    return {int(f[len(ACK_BIN_PREFIX):]): int(n) for f, n in fields.items() if f.startswith(ACK_BIN_PREFIX) and n}
+
+
+def median_from_histogram(counts: Mapping[int, int]) -> float | None:
+    """The median of the delays a histogram counts, in seconds (one decimal), each delay read as
+    its bin's value (`ack_bin_value`): the mean of the two middle ones for an even count. None
+    when it counts nothing."""
+    n = sum(counts.values())
+    if n <= 0:
+        return None
+    middle = ((n - 1) // 2, n // 2)
+    values: list[float] = []
+    seen = 0
+    for k in sorted(counts):
+        values.extend(ack_bin_value(k) for rank in middle if seen <= rank < seen + counts[k])
+        seen += counts[k]
+    return round(sum(values) / 2, 1)
+
+
+def _aware(ts: datetime) -> datetime:
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+
+
+def alert_contribution(alert: Mapping[str, Any]) -> Counters:
+    """What one alert document adds to the monthly counters (see above); empty before its raise."""
+    raised_at = alert.get("raised_at")
+    if not alert or not alert.get("raised") or not isinstance(raised_at, datetime) or not alert.get("instrument"):
+        return {}
+    latest = latest_raise(alert)
+    site, clinician = latest.get("site_id") or alert.get("site_id"), latest.get("clinician_id") or alert.get(
+        "clinician_id")
+    if site is None or clinician is None:
+        return {}
+    fields = {ALERTS_RAISED: 1}
+    acknowledged_at = (alert.get("status_at") or {}).get(AlertStatus.ACKNOWLEDGED.value)
+    if isinstance(acknowledged_at, datetime):
+        delay = max(0.0, (_aware(acknowledged_at) - _aware(raised_at)).total_seconds())
+        fields[ALERTS_ACKNOWLEDGED] = 1
+        fields[ack_field(ack_bin(delay))] = 1
+    return {(str(alert["tenant_id"]), str(site), str(clinician), str(alert["instrument"]), month_of(raised_at)):
+            fields}

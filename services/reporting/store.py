@@ -16,7 +16,8 @@ Collections (all prefixed `reporting_`):
     * `(tenant_id, site_id, instrument)` — a scope's records (summaries read the counters now;
       kept for operators' scans of one site).
 - `reporting_<gen>_alerts`: one document per alert id, merged from deterioration and alert
-  status events (either may come first; every update is a max, see rules.py). Indexes:
+  status events (either may come first; every update is a max, see rules.py), and what it
+  contributes to the monthly counters (`counted`, `cv`, `pending`: see `count_alerts`). Indexes:
     * `(tenant_id, record_id)` — the alert marks of one record or of a caseload page;
     * `(tenant_id, site_id, raised)` and `(tenant_id, site_id, acknowledged)` — alert counts.
 - `reporting_submissions` (not per generation: a rebuild does not replay the dead-letter topic):
@@ -65,7 +66,11 @@ would cost a write); it is replaced with the next version. Indexes: `(tenant, si
 site, clinician and instrument, whatever the number of clients; trends project the months asked).
 A counter document's markers grow with the records that ever counted in it (a clinician's
 caseload on one instrument).
-Records written before counters existed carry no share: run `alliance reporting rebuild` once.
+Alerts count in the same counter documents (the monthly `alerts_raised`, `alerts_acknowledged`
+and ack-delay histogram of rules.py), with the same markers keyed by the alert id, through a
+versioned `counted` contribution on each alert document (`ReportingStore.count_alerts`).
+Records and alerts written before counters existed carry no share: run `alliance reporting
+rebuild` once.
 Submission parts are written with the same trick: an update conditioned on the stored part's key
 being lower (or absent), with upsert; E11000 means the document exists with a key at least as
 high (the update is tried once more in case that document was created concurrently).
@@ -77,7 +82,7 @@ import asyncio
 import json
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -143,6 +148,8 @@ def counters_name(gen: str) -> str:
 
 
 PENDING = "pending"
+COUNTED = "counted"  # on an alert document: the contribution the counters hold (see count_alerts)
+COUNTED_VERSION = "cv"
 SHARE = "_share"
 MARKS = "m"
 MONTHS = "mo"
@@ -197,13 +204,25 @@ def month_rows(doc: Document) -> list[Document]:
     return [{"month": month, **fields} for month, fields in (doc.get(MONTHS) or {}).items()]
 
 
+def pack_counters(version: int, counters: rules.Counters) -> str:
+    """Counter moves (or a contribution) and the version they belong to, as one stored text (the
+    store writes and skips a string faster than nested arrays)."""
+    return json.dumps([int(version), [[*key, fields] for key, fields in sorted(counters.items())]],
+                      separators=(",", ":"))
+
+
+def unpack_counters(text: str | None) -> tuple[int, rules.Counters]:
+    """(version, counters) of a `pack_counters` text; (0, {}) for none."""
+    if not text:
+        return 0, {}
+    version, ops = json.loads(text)
+    return int(version), {tuple(op[:5]): dict(op[5]) for op in ops}
+
+
 def pending_of(doc: Document) -> tuple[int, rules.Counters] | None:
-    """(version, counter moves) a record carries in `pending`; None when it carries none."""
-    pending = doc.get(PENDING)
-    if not pending:
-        return None
-    version, ops = json.loads(pending)
-    return (int(version), {tuple(op[:5]): dict(op[5]) for op in ops}) if ops else None
+    """(version, counter moves) a record (or an alert) carries in `pending`; None when it carries none."""
+    version, moves = unpack_counters(doc.get(PENDING))
+    return (version, moves) if moves else None
 
 
 def with_pending(doc: Document, old: Document | None,
@@ -216,10 +235,7 @@ def with_pending(doc: Document, old: Document | None,
     if was is None:
         was = rules.contribution(old or {})
     doc[SHARE] = now = rules.contribution(doc, groups)
-    moves = rules.diff(was, now)
-    # one text, like the entries: the store writes and skips a string faster than nested arrays
-    doc[PENDING] = json.dumps([int(doc["v"]), [[*key, fields] for key, fields in sorted(moves.items())]],
-                              separators=(",", ":"))
+    doc[PENDING] = pack_counters(int(doc["v"]), rules.diff(was, now))
     return doc
 
 
@@ -539,6 +555,7 @@ class ReportingStore:
                           "$setOnInsert": {"acknowledged": False}}, upsert=True)
                for e in events]
         await self.alerts(gen).bulk_write(ops, ordered=False)
+        await self.count_alerts(gen, {e.alert_id for e in events})
         return len(ops)
 
     async def apply_alert_status(self, gen: str, events: Sequence[AlertStatusChanged]) -> int:
@@ -566,7 +583,60 @@ class ReportingStore:
                 update["$setOnInsert"]["acknowledged"] = False
             ops.append(UpdateOne({"_id": e.alert_id, "tenant_id": e.tenant_id}, update, upsert=True))
         await self.alerts(gen).bulk_write(ops, ordered=False)
+        await self.count_alerts(gen, {e.alert_id for e in events})
         return len(ops)
+
+    async def count_alerts(self, gen: str, alert_ids: Collection[str]) -> int:
+        """Bring the counters in line with what these alert documents contribute now
+        (`rules.alert_contribution`), each change applied exactly once; returns the alerts moved.
+
+        An alert document is written by update operators (any order, any writer), so its counting
+        is a separate step after each write, versioned on the document itself: `counted` holds the
+        contribution the counters have (with its version `cv`). An alert whose contribution
+        differs gets, in one conditional update on `cv`, the new contribution, `cv` + 1 and in
+        `pending` the moves between the two; those moves are then applied with the records'
+        markers (`apply_counters`, keyed by the alert id) and `pending` is cleared. A concurrent
+        counter of the same alert makes the condition miss (E11000 on the upsert): that alert is
+        read and counted again. A crash between the conditional update and the counter write
+        leaves `pending` set: the redelivered batch reads it back and applies it first (the
+        markers skip the counters that took it), so the moves of version `cv` are on every
+        counter before `cv` + 1 is written, as for records.
+        """
+        col = self.alerts(gen)
+        todo, moved = set(alert_ids), 0
+        for attempt in range(self._retries + 1):
+            if not todo:
+                return moved
+            docs = await col.find({"_id": {"$in": sorted(todo)}}).to_list()
+            await self.apply_counters(gen, [(d["_id"], *p) for d in docs if (p := pending_of(d)) is not None])
+            writes: list[tuple[str, int, rules.Counters]] = []
+            ops: list[UpdateOne] = []
+            for d in docs:
+                _, was = unpack_counters(d.get(COUNTED))
+                now = rules.alert_contribution(d)
+                if now == was:
+                    continue
+                version, moves = int(d.get(COUNTED_VERSION) or 0) + 1, rules.diff(was, now)
+                writes.append((d["_id"], version, moves))
+                # "not counted yet" as `$not $gt 0`: matches a document without `cv`
+                held = version - 1 if version > 1 else {"$not": {"$gt": 0}}
+                ops.append(UpdateOne({"_id": d["_id"], COUNTED_VERSION: held},
+                                     {"$set": {COUNTED_VERSION: version, COUNTED: pack_counters(version, now),
+                                               PENDING: pack_counters(version, moves)}}, upsert=True))
+            written = await bulk_write(col, ops)
+            lost = {writes[i][0] for i in written.duplicates}
+            done = [w for w in writes if w[0] not in lost]
+            await self.apply_counters(gen, done)
+            if done:
+                await col.bulk_write([UpdateOne({"_id": aid, COUNTED_VERSION: v}, {"$unset": {PENDING: ""}})
+                                      for aid, v, _ in done], ordered=False)
+            moved += len(done)
+            todo = lost
+            if todo and attempt:
+                await asyncio.sleep(0.01 * attempt)
+        if todo:
+            raise RuntimeError(f"{len(todo)} alerts kept being counted concurrently; the batch will be retried")
+        return moved
 
     # ------------------------------------------------------------------ reads
 
@@ -633,13 +703,21 @@ class ReportingStore:
         return rules.trend_series([row for d in docs for row in month_rows(d)], first, last)
 
     async def verify(self, gen: str) -> dict[str, tuple[dict[str, int], dict[str, int]]]:
-        """Recompute the counters from the records and compare: per counter id whose values
-        differ, (what the records say, what the counters hold). Empty when they agree."""
+        """Recompute the counters from the records and the alerts and compare: per counter id
+        whose values differ, (what the records and alerts say, what the counters hold). Empty when
+        they agree."""
+
+        async def every_share() -> AsyncIterator[rules.Counters]:
+            async for d in self.clients(gen).find({}):
+                yield rules.contribution(from_stored(d))
+            async for a in self.alerts(gen).find({}, {COUNTED: 0, PENDING: 0}):
+                yield rules.alert_contribution(a)
+
         total: rules.Counters = {}
         shares: list[rules.Counters] = []
-        async for d in self.clients(gen).find({}):
-            shares.append(rules.contribution(from_stored(d)))
-            if len(shares) == 1000:  # folded as it goes: memory bounded by the buckets, not the records
+        async for share in every_share():
+            shares.append(share)
+            if len(shares) == 1000:  # folded as it goes: memory bounded by the buckets, not the documents
                 total, shares = rules.total_counters([total, *shares]), []
         expected = {counter_doc_id(b): v for b, v in flat_counters(rules.total_counters([total, *shares])).items()}
         held: dict[str, dict[str, int]] = {}

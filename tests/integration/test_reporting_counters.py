@@ -6,7 +6,7 @@ the record write and the counter write, the counters equal what the records say
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -19,14 +19,14 @@ from services.reporting import rules
 from services.reporting.handlers import ReportingHandlers
 from services.reporting.store import FIRST_GENERATION, GenerationState, ReportingStore, SubmissionStore
 from shared import ids
-from shared.events import Instrument, SrsScored
+from shared.events import AlertStatus, AlertStatusChanged, AllianceDeterioration, Instrument, SrsScored
 from shared.kafka import Decoded
 from shared.mongo import Document
 from shared.topics import Topics
 from tests.support.fakes import FixedGenerations, Sink, inbound
 from tests.support.reporting import counters_verified_in_db
 from tests.support.stack import StackUnderTest, scratch_database
-from tools.demo import BASE, revised, scored, transferred
+from tools.demo import BASE, acknowledgement, deterioration_for, lifecycle, revised, scored, transferred
 
 TOPICS = Topics("counters.")
 T = "tenant-counters"
@@ -68,6 +68,29 @@ def history() -> list[SrsScored]:
     return [*a, *b, fixed, renamed, *moved, restart, late]
 
 
+# ---------------------------------------------------------------------------------------------
+# Alert figures: raised, acknowledged and the time to acknowledge, counted once per alert
+
+AlertEvent = AllianceDeterioration | AlertStatusChanged
+
+
+def alert_history() -> list[AlertEvent]:
+    """Three alerts of two clients: one revised by a correction and acknowledged after 3 hours,
+    one acknowledged after 20 minutes then superseded, one withdrawn without acknowledgement."""
+    out: list[AllianceDeterioration] = []
+    for client, total in (("a", 28.0), ("b", 27.0), ("c", 26.0)):
+        alert = deterioration_for(scored(T, client, 2, total, previous_total=36.0, episode_id="e1",
+                                         administered_at=BASE.replace(month=3, day=10)))
+        assert alert is not None
+        out.append(alert)
+    a, b, c = out
+    again = a.model_copy(update={"revision": 2, "total": 26.5, "event_id": ids.alert_event_id(a.alert_id, 2),
+                                 "occurred_at": a.occurred_at + timedelta(hours=1)})
+    return [*out, again, acknowledgement(a, a.occurred_at + timedelta(hours=3)),
+            acknowledgement(b, b.occurred_at + timedelta(minutes=20)), lifecycle(b, AlertStatus.SUPERSEDED),
+            lifecycle(c, AlertStatus.WITHDRAWN)]
+
+
 async def test_counters_agree_with_the_records_after_corrections_transfers_and_restarts(
         db: AsyncDatabase[Document]) -> None:
     store = ReportingStore(db, cache_entries=100)
@@ -90,20 +113,37 @@ async def test_the_summary_from_the_counters_counts_each_records_current_episode
     assert await store.summary(G, T, "north") is None
 
 
-async def test_a_redelivered_batch_never_counts_twice(db: AsyncDatabase[Document]) -> None:
+async def deliver_alerts(h: ReportingHandlers, events: Sequence[SrsScored | AlertEvent]) -> None:
+    """One batch of each topic (scored, then the two alert topics), as the subscribers hand them
+    to the handlers."""
+    if sessions := [e for e in events if isinstance(e, SrsScored)]:
+        await deliver(h, sessions)
+    raises = [e for e in events if isinstance(e, AllianceDeterioration)]
+    statuses = [e for e in events if isinstance(e, AlertStatusChanged)]
+    if raises:
+        await h.deterioration([Decoded(inbound(TOPICS.deterioration, e), e) for e in raises])
+    if statuses:
+        await h.alert_status([Decoded(inbound(TOPICS.alert_status, e), e) for e in statuses])
+
+
+@pytest.mark.parametrize("kind", ["sessions", "alerts"])
+async def test_a_redelivered_batch_never_counts_twice(db: AsyncDatabase[Document], kind: str) -> None:
     store = ReportingStore(db)
-    events = history()
-    await deliver(handlers(store), events)
+    events: Sequence[SrsScored | AlertEvent] = history() if kind == "sessions" else alert_history()
+    await deliver_alerts(handlers(store), events)
     before = await store.counters(G).find({}, {"m": 0}).to_list()
-    await deliver(handlers(ReportingStore(db)), events)
+    await deliver_alerts(handlers(ReportingStore(db)), events)
     assert await store.counters(G).find({}, {"m": 0}).to_list() == before
 
 
-async def test_a_crash_between_the_record_write_and_the_counter_write_is_repaired_by_the_redelivery(
-        db: AsyncDatabase[Document], monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("kind", "cut"), [("sessions", (4, 8)), ("alerts", (3, 9))])
+async def test_a_crash_between_the_document_write_and_the_counter_write_is_repaired_by_the_redelivery(
+        db: AsyncDatabase[Document], monkeypatch: pytest.MonkeyPatch, kind: str, cut: tuple[int, int]) -> None:
+    """Sessions: the record is written, its moves are not; alerts: the alert's new contribution is
+    written (`counted`), its moves are not."""
     dying = ReportingStore(db, cache_entries=100)
-    events = history()
-    await deliver(handlers(dying), events[:4])
+    events: Sequence[SrsScored | AlertEvent] = history() if kind == "sessions" else alert_history()
+    await deliver_alerts(handlers(dying), events[:cut[0]])
     real = ReportingStore.apply_counters
 
     async def crash(self: ReportingStore, gen: str, moves: Any) -> int:
@@ -113,12 +153,12 @@ async def test_a_crash_between_the_record_write_and_the_counter_write_is_repaire
 
     monkeypatch.setattr(ReportingStore, "apply_counters", crash)
     with pytest.raises(ConnectionError):
-        await deliver(handlers(dying), events[4:8])
+        await deliver_alerts(handlers(dying), events[cut[0]:cut[1]])
     monkeypatch.undo()
-    assert await dying.verify(G) != {}  # the records moved, the counters did not
+    assert await dying.verify(G) != {}  # the documents moved, the counters did not
     restarted = ReportingStore(db, cache_entries=100)
-    await deliver(handlers(restarted), events[4:8])  # the uncommitted batch comes again
-    await deliver(handlers(restarted), events[8:])
+    await deliver_alerts(handlers(restarted), events[cut[0]:cut[1]])  # the uncommitted batch comes again
+    await deliver_alerts(handlers(restarted), events[cut[1]:])
     assert await restarted.verify(G) == {}
 
 
@@ -178,3 +218,35 @@ async def test_any_order_duplicates_and_batching_leave_counters_equal_to_the_rec
 def without_time(summary: Document | None) -> Document:
     assert summary is not None
     return {k: v for k, v in summary.items() if k != "as_of"}
+
+
+async def test_trends_count_each_alert_once_as_raised_and_acknowledgements_with_their_median_delay(
+        db: AsyncDatabase[Document]) -> None:
+    store = ReportingStore(db)
+    await deliver_alerts(handlers(store), alert_history())
+    (march,) = await store.trends(G, T, f"{BASE.year}-03", f"{BASE.year}-03")
+    assert (march["alerts_raised"], march["alerts_acknowledged"]) == (3, 2)
+    expected = (rules.ack_bin_value(rules.ack_bin(20 * 60)) + rules.ack_bin_value(rules.ack_bin(3 * 3600))) / 2
+    assert march["median_seconds_to_acknowledge"] == round(expected, 1)
+    assert await store.verify(G) == {}
+
+
+_ALERT_EVENTS = alert_history()
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(order=st.permutations(range(len(_ALERT_EVENTS))),
+       repeats=st.lists(st.integers(0, len(_ALERT_EVENTS) - 1), max_size=6), batch=st.integers(1, 5))
+async def test_any_order_duplicates_and_batching_of_alert_events_leave_the_same_alert_figures(
+        db: AsyncDatabase[Document], order: list[int], repeats: list[int], batch: int) -> None:
+    gen = "g" + uuid.uuid4().hex[:8]
+    store = ReportingStore(db)
+    h = handlers(store, gen)
+    stream = [_ALERT_EVENTS[i] for i in [*order, *repeats]]
+    for i in range(0, len(stream), batch):
+        await deliver_alerts(h, stream[i:i + batch])
+    assert await store.verify(gen) == {}
+    ordered = ReportingStore(db)
+    await deliver_alerts(handlers(ordered, "ref" + gen), _ALERT_EVENTS)
+    months = (f"{BASE.year}-01", f"{BASE.year}-12")
+    assert await store.trends(gen, T, *months) == await ordered.trends("ref" + gen, T, *months)
