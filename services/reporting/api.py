@@ -32,6 +32,7 @@ from services.reporting import rules
 from services.reporting.fhir import FHIR_JSON, trajectory_bundle
 from services.reporting.models import (
     CaseloadOut,
+    SitesOut,
     SubmissionOut,
     SubmissionsPageOut,
     SummaryOut,
@@ -289,6 +290,14 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
         # a site-bound key sees the clinician's records at its site only
         return await trends_of(request, p, first, last, site_id=p.site_id, clinician_id=clinician_id)
 
+    @router.get("/sites", summary="The sites this key may read summaries and trends of",
+                responses={200: {"model": SitesOut}, **AUTH})
+    async def sites(request: Request, p: Principal = Depends(reader)) -> Response:
+        gen = (await generations.current()).active
+        listed = [p.site_id] if p.site_id is not None else await store.sites(gen, p.tenant_id)
+        body = {"tenant_id": p.tenant_id, "bound_to": p.site_id, "sites": listed}
+        return _json_response(request, body, max_age=settings.summary_max_age_seconds, generation=gen)
+
     either_auth: dict[int | str, dict[str, Any]] = {
         **AUTH, 403: {"description": "the key's role allows neither read nor submit"}}
 
@@ -350,7 +359,8 @@ def mount_dashboard(app: FastAPI) -> None:
     """`GET /dashboard` and its static files (no external resources)."""
     app.mount("/dashboard/static", StaticFiles(directory=STATIC), name="dashboard-static")
 
-    @app.get("/dashboard", tags=["dashboard"], summary="The trajectory page (sign in with a read key)",
+    @app.get("/dashboard", tags=["dashboard"], summary="The caseload, trajectory and network pages (sign in with "
+                                                        "a read key)",
              response_class=FileResponse)
     async def dashboard() -> FileResponse:
         return FileResponse(STATIC / "dashboard.html", media_type="text/html",

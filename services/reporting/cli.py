@@ -89,7 +89,7 @@ def verify_command(
     generation: Annotated[str | None, typer.Option(help="the generation to check (default: the active one)")]
     = None,
 ) -> None:
-    """Recompute the incremental indices from the records and compare them with the counters.
+    """Recompute the incremental indices from the records and alerts and compare them with the counters.
 
     Exits 1 when any counter differs (each difference printed as one JSON line), 0 when all agree.
     """

@@ -179,6 +179,14 @@ class TrendsOut(_Out):
     months: list[TrendPointOut]
 
 
+class SitesOut(_Out):
+    """The sites a key may read trends and summaries of (the network page's site picker)."""
+
+    tenant_id: str
+    bound_to: str | None  # the key's site when it is bound to one: then `sites` is that site alone
+    sites: list[str]
+
+
 class SubmissionOut(_Out):
     """What happened to one submission."""
 

@@ -702,6 +702,11 @@ class ReportingStore:
         docs = await self.counters(gen).find(q, shown).to_list()
         return rules.trend_series([row for d in docs for row in month_rows(d)], first, last)
 
+    async def sites(self, gen: str, tenant_id: str) -> list[str]:
+        """The sites of a tenant that have any counted data (one counter document per site,
+        clinician and instrument, so this reads no record)."""
+        return sorted(str(s) for s in await self.counters(gen).distinct("site_id", {"tenant_id": tenant_id}) if s)
+
     async def verify(self, gen: str) -> dict[str, tuple[dict[str, int], dict[str, int]]]:
         """Recompute the counters from the records and the alerts and compare: per counter id
         whose values differ, (what the records and alerts say, what the counters hold). Empty when

@@ -8,26 +8,23 @@ episode, pick an earlier episode. Screenshots are saved to test-artifacts/.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from playwright.async_api import Browser, Page, async_playwright
+from playwright.async_api import Browser
 from pymongo import AsyncMongoClient
 
 from shared.auth import create_key
 from shared.events import AllianceDeterioration, SrsScored
 from shared.mongo import Document
+from tests.support.browser import CHROMIUM, chromium, sign_in
 from tests.support.services import Namespace, ServiceProcess, service_fixture
 from tests.support.wait import eventually
 from tools.demo import DemoSpec, acknowledgement, demo_events, publish
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SPEC = DemoSpec(tenant_id="demo-dash", sites=("north", "south"), clinicians_per_site=1, clients_per_clinician=7,
                 sessions=9, seed=11)
 CLINICIAN = "north-c1"
@@ -87,20 +84,8 @@ async def demo(namespace_m: Namespace, reporting: ServiceProcess) -> dict[str, A
 
 @pytest.fixture(scope="module")
 async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as pw:
-        b = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            yield b
-        finally:
-            await b.close()
-
-
-async def sign_in(page: Page, base: str, key: str, clinician: str = "", query: str = "") -> None:
-    await page.goto(f"{base}/dashboard{query}")
-    await page.fill("#key", key)
-    if clinician:
-        await page.fill("#clinician", clinician)
-    await page.click("#signin button[type=submit]")
+    async with chromium() as b:
+        yield b
 
 
 async def test_caseload_charts_then_a_click_opens_the_full_trajectory(

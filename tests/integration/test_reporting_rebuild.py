@@ -158,6 +158,8 @@ async def test_rebuild_replays_into_a_new_generation_and_switches_while_the_api_
     current = await live.mongo[live.ns.database][counters_name(result.generation)].find(
         {"tenant_id": T}).to_list()
     assert sum(c.get("sessions", 0) for c in current) == 3 + 3  # c1's current episode, c2 with the late one
+    # and the alert's monthly figures, rebuilt from the alert topics
+    assert sum(m.get("alerts_raised", 0) for c in current for m in (c.get("mo") or {}).values()) == 1
 
 
 async def counters_agree(live: Live, gen: str) -> bool:

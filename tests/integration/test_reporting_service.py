@@ -20,9 +20,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient
 
+from services.reporting import rules
 from shared.auth import create_key
-from shared.events import AlertStatusChanged, DeadLetter, Instrument, Items, SrsScored, SrsSubmitted
-from shared.ids import derive
+from shared.events import AlertStatus, AlertStatusChanged, DeadLetter, Instrument, Items, SrsScored, SrsSubmitted
+from shared.ids import alert_event_id, derive
 from shared.mongo import Document
 from tests.support.deadletters import dead_letters
 from tests.support.reporting import counters_verified
@@ -345,6 +346,36 @@ async def test_trends_give_the_monthly_series_of_a_tenant_a_site_and_a_clinician
     assert [m["sessions"] for m in c1["months"]] == [2, 1, 0]
 
 
+async def test_trends_count_alerts_raised_and_acknowledged_with_the_median_time_to_acknowledge(
+        reporting: Reporting) -> None:
+    t = tenant()
+    y = BASE.year
+    alerts = []
+    for client in ("c1", "c2", "c3"):
+        events = client_sessions(t, client, [38.0, 30.0], site_id="north")
+        alert = deterioration_for(events[1])
+        assert alert is not None and rules.month_of(alert.occurred_at) == f"{y}-01"
+        alerts.append(alert)
+        await publish(reporting.ns.kafka(), [*events, alert])
+    a, b, c = alerts
+    again = a.model_copy(update={"revision": 2, "event_id": alert_event_id(a.alert_id, 2)})
+    await publish(reporting.ns.kafka(), [again, acknowledgement(a, a.occurred_at + timedelta(hours=2)),
+                                         acknowledgement(b, b.occurred_at + timedelta(hours=4)),
+                                         lifecycle(c, AlertStatus.WITHDRAWN)])
+    key = await reporting.key(t)
+
+    async def counted() -> dict[str, Any] | None:
+        body = (await reporting.get("/v1/summary/trends", key, **{"from": f"{y}-01", "to": f"{y}-01"})).json()
+        month: dict[str, Any] = body["months"][0]
+        return month if (month["alerts_raised"], month["alerts_acknowledged"]) == (3, 2) else None
+
+    month = await eventually(counted, timeout=30)
+    assert month is not None
+    middle = (rules.ack_bin_value(rules.ack_bin(2 * 3600)) + rules.ack_bin_value(rules.ack_bin(4 * 3600))) / 2
+    assert month["median_seconds_to_acknowledge"] == round(middle, 1)
+    assert abs(month["median_seconds_to_acknowledge"] - 3 * 3600) <= 0.091 * 3 * 3600
+
+
 async def test_trends_refuse_a_backwards_or_malformed_span_and_scope_site_bound_keys(reporting: Reporting) -> None:
     t = tenant()
     key, north = await reporting.key(t), await reporting.key(t, site="north")
@@ -405,7 +436,7 @@ async def world(reporting: Reporting) -> World:
 
 
 ENDPOINTS = ["/v1/clients/shared-id/trajectory", "/v1/clients/shared-id/fhir", "/v1/clinicians/doc/caseload",
-             "/v1/sites/north/summary", "/v1/summary"]
+             "/v1/sites/north/summary", "/v1/summary", "/v1/sites"]
 
 
 @pytest.mark.parametrize("path", ENDPOINTS)
@@ -463,6 +494,15 @@ async def test_site_summary_is_tenant_and_site_scoped(reporting: Reporting, worl
     forbidden = await reporting.get("/v1/sites/south/summary", world.key_a_north)
     assert forbidden.status_code == 403
     assert (await reporting.get("/v1/sites/south/summary", world.key_b)).status_code == 404
+
+
+async def test_the_sites_list_is_tenant_scoped_and_a_site_bound_key_sees_its_site_only(
+        reporting: Reporting, world: World) -> None:
+    assert (await reporting.get("/v1/sites", world.key_a)).json() == {
+        "tenant_id": world.a, "bound_to": None, "sites": ["north", "south"]}
+    assert (await reporting.get("/v1/sites", world.key_b)).json()["sites"] == ["north"]
+    assert (await reporting.get("/v1/sites", world.key_a_north)).json() == {
+        "tenant_id": world.a, "bound_to": "north", "sites": ["north"]}
 
 
 async def test_tenant_summary_is_tenant_scoped_and_closed_to_site_bound_keys(

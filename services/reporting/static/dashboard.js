@@ -1,4 +1,4 @@
-// Alliance Stream trajectory page. No external resources: the charts are SVG drawn here.
+// Alliance Stream caseload, trajectory and network pages. No external resources: the charts are SVG drawn here.
 // The read key lives in sessionStorage (this tab only) and goes out only as a Bearer header to
 // this server's JSON API. Every value from the API is inserted as text, never as HTML.
 "use strict";
@@ -16,9 +16,12 @@
   function key() { return sessionStorage.getItem(KEY); }
 
   function show(section) {
-    for (const id of ["signin", "caseload", "detail"]) $(id).hidden = id !== section;
+    for (const id of ["signin", "caseload", "detail", "network"]) $(id).hidden = id !== section;
     const signedIn = Boolean(key());
     $("signout").hidden = !signedIn;
+    $("nav").hidden = !signedIn;
+    $("nav-network").classList.toggle("active", section === "network");
+    $("nav-caseload").classList.toggle("active", section === "caseload" || section === "detail");
     $("who").textContent = signedIn ? "signed in with a read key" : "";
   }
 
@@ -244,11 +247,187 @@
     }
   }
 
+  // ------------------------------------------------------------------ network and site trends
+
+  const MONTH_NAMES = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+  const MONTH_RE = /^\d{4}-(0[1-9]|1[0-2])$/;
+
+  function monthLabel(m) { return MONTH_NAMES[Number(m.slice(5, 7)) - 1] + " " + m.slice(2, 4); }
+
+  function shiftMonth(m, by) {
+    const n = Number(m.slice(0, 4)) * 12 + Number(m.slice(5, 7)) - 1 + by;
+    return String(Math.floor(n / 12)).padStart(4, "0") + "-" + String(n % 12 + 1).padStart(2, "0");
+  }
+
+  // The span asked for, else the twelve months up to this one (UTC, as the API counts months).
+  function span(from, to) {
+    const now = new Date().toISOString().slice(0, 7);
+    const last = MONTH_RE.test(to || "") ? to : now;
+    const first = MONTH_RE.test(from || "") ? from : shiftMonth(last, -11);
+    return { from: first, to: last };
+  }
+
+  function duration(seconds) {
+    if (seconds === null || seconds === undefined) return "–";
+    if (seconds < 90) return Math.round(seconds) + " s";
+    if (seconds < 90 * 60) return Math.round(seconds / 60) + " min";
+    if (seconds < 48 * 3600) return (seconds / 3600).toFixed(1) + " h";
+    return (seconds / 86400).toFixed(1) + " d";
+  }
+
+  function pct(v) { return v === null || v === undefined ? "–" : Number(v).toFixed(1) + " %"; }
+  function signed(v) { return v === null || v === undefined ? "–" : (v > 0 ? "+" : "") + Number(v).toFixed(2); }
+  function count(v) { return String(v); }
+
+  // What the page shows of each month, in table order; `chart` groups the series drawn together.
+  const FIELDS = [
+    { key: "sessions", label: "sessions", fmt: count, chart: "volume", kind: "bar" },
+    { key: "clients_seen", label: "clients seen", fmt: count, chart: "volume", kind: "line" },
+    { key: "pct_sessions_below_cutoff", label: "sessions below cutoff", fmt: pct, chart: "below", kind: "line" },
+    { key: "alerts_raised", label: "alerts raised", fmt: count, chart: "alerts", kind: "bar" },
+    { key: "alerts_acknowledged", label: "acknowledged", fmt: count, chart: "alerts", kind: "bar" },
+    { key: "median_seconds_to_acknowledge", label: "median time to acknowledge", fmt: duration, chart: "ack",
+      kind: "line" },
+    { key: "episodes_ending", label: "episodes ending", fmt: count },
+    { key: "mean_change_first_to_latest", label: "mean change first → latest", fmt: signed, chart: "change",
+      kind: "bar" },
+  ];
+  const CHARTS = [
+    { id: "volume", title: "Sessions and clients seen", axis: (v) => String(+v.toFixed(1)) },
+    { id: "below", title: "Share of sessions below cutoff", axis: (v) => v + " %", max: 100 },
+    { id: "alerts", title: "Alerts raised and acknowledged", axis: (v) => String(+v.toFixed(1)) },
+    { id: "ack", title: "Median time to acknowledge", axis: duration },
+    { id: "change", title: "Mean change, first → latest session (episodes ending)", axis: (v) => signed(v) },
+  ];
+
+  // A monthly chart: bars side by side per month, lines through the months that have a value (a
+  // month without one, e.g. no acknowledged alert, leaves a gap). Every mark carries the API's
+  // value in data-value, and its month in data-month.
+  function monthChart(months, fields, opts) {
+    const w = 420, h = 200, pad = { l: 52, r: 10, t: 10, b: 30 };
+    const root = svg("svg", { class: "chart trend", viewBox: `0 0 ${w} ${h}`, role: "img", "aria-label": opts.title });
+    const values = fields.flatMap((f) => months.map((m) => m[f.key])).filter((v) => v !== null && v !== undefined);
+    let hi = opts.max !== undefined ? opts.max : Math.max(0, ...values);
+    let lo = Math.min(0, ...values);
+    if (hi === lo) hi = lo + 1;
+    const plotW = w - pad.l - pad.r, plotH = h - pad.t - pad.b, band = plotW / months.length;
+    const x = (i) => pad.l + band * (i + 0.5);
+    const y = (v) => pad.t + (hi - v) * plotH / (hi - lo);
+    // gridlines at both ends and at zero when the values cross it (else half way)
+    for (const v of [lo, lo < 0 && hi > 0 ? 0 : (lo + hi) / 2, hi]) {
+      root.appendChild(svg("line", { class: "grid", x1: pad.l, x2: w - pad.r, y1: y(v), y2: y(v) }));
+      root.appendChild(svg("text", { class: "axis-label", x: pad.l - 4, y: y(v) + 4, "text-anchor": "end" }, opts.axis(v)));
+    }
+    const every = Math.ceil(months.length / 12);
+    months.forEach((m, i) => {
+      if (i % every === 0) {
+        root.appendChild(svg("text", { class: "axis-label", x: x(i), y: h - 12, "text-anchor": "middle" }, monthLabel(m.month)));
+      }
+    });
+    const bars = fields.filter((f) => f.kind === "bar");
+    const barW = band * 0.8 / Math.max(1, bars.length);
+    bars.forEach((f, b) => {
+      months.forEach((m, i) => {
+        const v = m[f.key];
+        if (v === null || v === undefined) return;
+        const top = y(Math.max(0, v)), bottom = y(Math.min(0, v));
+        const r = svg("rect", { class: "bar s-" + f.key, x: x(i) - band * 0.4 + b * barW, y: top, width: barW,
+          height: Math.max(v === 0 ? 0 : 1, bottom - top), "data-series": f.key, "data-month": m.month, "data-value": v });
+        r.appendChild(svg("title", {}, `${monthLabel(m.month)}: ${f.fmt(v)} ${f.label}`));
+        root.appendChild(r);
+      });
+    });
+    for (const f of fields.filter((f) => f.kind === "line")) {
+      let d = "", open = false;
+      months.forEach((m, i) => {
+        const v = m[f.key];
+        if (v === null || v === undefined) { open = false; return; }
+        d += (open ? "L" : "M") + x(i).toFixed(1) + " " + y(v).toFixed(1) + " ";
+        open = true;
+      });
+      if (d) root.appendChild(svg("path", { class: "trend-line s-" + f.key, d: d.trim() }));
+      months.forEach((m, i) => {
+        const v = m[f.key];
+        if (v === null || v === undefined) return;
+        const c = svg("circle", { class: "trend-point s-" + f.key, cx: x(i), cy: y(v), r: 3.5,
+          "data-series": f.key, "data-month": m.month, "data-value": v });
+        c.appendChild(svg("title", {}, `${monthLabel(m.month)}: ${f.fmt(v)} ${f.label}`));
+        root.appendChild(c);
+      });
+    }
+    return root;
+  }
+
+  function sum(months, k) { return months.reduce((n, m) => n + (m[k] || 0), 0); }
+
+  async function showNetwork(site, from, to) {
+    show("network");
+    const range = span(from, to);
+    $("from-month").value = range.from;
+    $("to-month").value = range.to;
+    $("network-title").textContent = "";
+    $("network-totals").textContent = "";
+    $("network-status").textContent = "Loading…";
+    $("trend-charts").replaceChildren();
+    $("trend-table").hidden = true;
+    const tbody = $("trend-table").querySelector("tbody");
+    tbody.replaceChildren();
+    const listed = await api("/v1/sites");
+    const picker = $("site");
+    picker.replaceChildren();
+    // A site-bound key reads its own site only: the picker offers nothing else.
+    if (!listed.bound_to) picker.appendChild(el("option", { value: "" }, "Whole network"));
+    for (const s of listed.sites) picker.appendChild(el("option", { value: s }, "Site " + s));
+    const chosen = listed.bound_to || (site && listed.sites.includes(site) ? site : "");
+    picker.value = chosen;
+    const q = `from=${encodeURIComponent(range.from)}&to=${encodeURIComponent(range.to)}`;
+    const t = await api(chosen ? `/v1/sites/${encodeURIComponent(chosen)}/trends?${q}` : `/v1/summary/trends?${q}`);
+    const scope = chosen ? "Site " + chosen : "Whole network";
+    $("network-title").textContent = `${scope} · ${monthLabel(range.from)} to ${monthLabel(range.to)}`;
+    if (!t) {
+      $("network-status").textContent = "No trends for this scope are visible to this key.";
+      return;
+    }
+    const months = t.months;
+    $("network-status").textContent = "";
+    const raised = sum(months, "alerts_raised"), acked = sum(months, "alerts_acknowledged");
+    $("network-totals").textContent = `${sum(months, "sessions")} sessions · ${raised} alert${raised === 1 ? "" : "s"} ` +
+      `raised, ${acked} acknowledged` + (raised ? ` (${(100 * acked / raised).toFixed(0)} %)` : "") +
+      ` · as of ${new Date(t.as_of).toISOString().slice(0, 16).replace("T", " ")} UTC`;
+    for (const c of CHARTS) {
+      const fields = FIELDS.filter((f) => f.chart === c.id);
+      const fig = el("figure", { class: "trend-card", "data-chart": c.id });
+      fig.appendChild(el("figcaption", {}, c.title));
+      fig.appendChild(monthChart(months, fields, c));
+      if (fields.length > 1) {
+        const legend = el("div", { class: "legend" });
+        for (const f of fields) {
+          legend.appendChild(el("span", { class: `lg lg-${f.kind} s-${f.key}` }));
+          legend.appendChild(document.createTextNode(" " + f.label + " "));
+        }
+        fig.appendChild(legend);
+      }
+      $("trend-charts").appendChild(fig);
+    }
+    for (const m of months) {
+      const tr = el("tr", { "data-month": m.month });
+      tr.appendChild(el("td", { class: "month" }, monthLabel(m.month)));
+      for (const f of FIELDS) {
+        const v = m[f.key];
+        tr.appendChild(el("td", { "data-field": f.key, "data-value": v === null ? "" : String(v) }, f.fmt(v)));
+      }
+      tbody.appendChild(tr);
+    }
+    $("trend-table").hidden = false;
+  }
+
   async function route() {
     if (!key()) { show("signin"); return; }
     const q = new URLSearchParams(location.search);
     try {
-      if (q.get("client")) {
+      if (q.get("view") === "network") {
+        await showNetwork(q.get("site"), q.get("from"), q.get("to"));
+      } else if (q.get("client")) {
         await showDetail(q.get("client"), q.get("instrument") || "SRS", q.get("episode"));
       } else {
         await showCaseload(q.get("clinician") || sessionStorage.getItem(CLINICIAN));
@@ -259,7 +438,8 @@
         show("signin");
         $("signin-error").textContent = err.message;
       } else {
-        const target = q.get("client") ? $("detail-status") : $("caseload-status");
+        const target = q.get("view") === "network" ? $("network-status")
+          : q.get("client") ? $("detail-status") : $("caseload-status");
         target.textContent = "Could not load: " + err.message;
       }
     }
@@ -306,6 +486,19 @@
       const c = sessionStorage.getItem(CLINICIAN);
       go(c ? { clinician: c } : {});
     });
+    $("nav-caseload").addEventListener("click", (ev) => {
+      ev.preventDefault();
+      const c = sessionStorage.getItem(CLINICIAN);
+      go(c ? { clinician: c } : {});
+    });
+    $("nav-network").addEventListener("click", (ev) => { ev.preventDefault(); go({ view: "network" }); });
+    const network = () => {
+      const p = { view: "network", from: $("from-month").value, to: $("to-month").value };
+      if ($("site").value) p.site = $("site").value;
+      go(p);
+    };
+    $("network-form").addEventListener("submit", (ev) => { ev.preventDefault(); network(); });
+    $("site").addEventListener("change", network);
     window.addEventListener("popstate", route);
   }
 
