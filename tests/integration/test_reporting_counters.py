@@ -5,6 +5,7 @@ the record write and the counter write, the counters equal what the records say
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
@@ -229,6 +230,19 @@ async def test_trends_count_each_alert_once_as_raised_and_acknowledgements_with_
     expected = (rules.ack_bin_value(rules.ack_bin(20 * 60)) + rules.ack_bin_value(rules.ack_bin(3 * 3600))) / 2
     assert march["median_seconds_to_acknowledge"] == round(expected, 1)
     assert await store.verify(G) == {}
+
+
+async def test_writers_counting_the_same_alerts_at_once_count_each_once(db: AsyncDatabase[Document]) -> None:
+    """Two consumers around a rebalance, or the live consumer and a rebuild in one generation:
+    each writes and counts the same alerts concurrently; the version on `counted` lets one win
+    per alert and version, and the other re-reads and counts what is left."""
+    events = alert_history()
+    await asyncio.gather(*(deliver_alerts(handlers(ReportingStore(db)), events[i:] + events[:i])
+                           for i in range(0, len(events), 2)))
+    store = ReportingStore(db)
+    assert await store.verify(G) == {}
+    (march,) = await store.trends(G, T, f"{BASE.year}-03", f"{BASE.year}-03")
+    assert (march["alerts_raised"], march["alerts_acknowledged"]) == (3, 2)
 
 
 _ALERT_EVENTS = alert_history()
