@@ -621,7 +621,9 @@ class ReportingStore:
                 # "not counted yet" as `$not $gt 0`: matches a document without `cv`
                 held = version - 1 if version > 1 else {"$not": {"$gt": 0}}
                 ops.append(UpdateOne({"_id": d["_id"], COUNTED_VERSION: held},
-                                     {"$set": {COUNTED_VERSION: version, COUNTED: pack_counters(version, now),
+                                     # `counted` without its version (that is `cv`): two arrival orders
+                                     # of the same events leave the same `counted`
+                                     {"$set": {COUNTED_VERSION: version, COUNTED: pack_counters(0, now),
                                                PENDING: pack_counters(version, moves)}}, upsert=True))
             written = await bulk_write(col, ops)
             lost = {writes[i][0] for i in written.duplicates}

@@ -21,6 +21,7 @@ from shared.auth import create_key
 from shared.events import AllianceDeterioration, SrsScored
 from shared.mongo import Document
 from tests.support.browser import CHROMIUM, chromium, sign_in
+from tests.support.reporting import counters_verified
 from tests.support.services import Namespace, ServiceProcess, service_fixture
 from tests.support.wait import eventually
 from tools.demo import DemoSpec, acknowledgement, demo_events, publish
@@ -33,6 +34,7 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chro
 
 
 reporting = service_fixture("reporting")
+counters_agree_after_each_scenario = counters_verified()
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from shared.auth import create_key
 from shared.events import AllianceDeterioration, SrsScored
 from shared.mongo import Document
 from tests.support.browser import CHROMIUM, chromium, sign_in
+from tests.support.reporting import counters_verified
 from tests.support.services import Namespace, ServiceProcess, service_fixture
 from tests.support.wait import eventually
 from tools.demo import DemoSpec, acknowledgement, demo_events, publish
@@ -37,6 +38,7 @@ SERIES = ("sessions", "clients_seen", "pct_sessions_below_cutoff", "alerts_raise
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
 
 reporting = service_fixture("reporting")
+counters_agree_after_each_scenario = counters_verified()
 
 
 @pytest.fixture(scope="module")
