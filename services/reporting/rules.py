@@ -910,6 +910,11 @@ def counter_id(key: CounterKey) -> str:
     return ids.reporting_counter_id(*key)
 
 
+# The current-episode counter fields a summary reads (with `instrument`): the store asks for these
+# alone, as a counter document also holds its months and one marker per record that ever counted in it.
+SUMMARY_FIELDS = ("records", "sessions", "below", "first", "latest", "at_risk")
+
+
 def summary_from_counters(rows: Iterable[Mapping[str, Any]], alerts_raised: int, alerts_acknowledged: int) -> Doc:
     """The summary of a scope from its current-episode counter documents.
 
@@ -919,7 +924,7 @@ def summary_from_counters(rows: Iterable[Mapping[str, Any]], alerts_raised: int,
     per: dict[str, dict[str, int]] = {}
     for r in rows:
         held = per.setdefault(str(r["instrument"]), {})
-        for f in ("records", "sessions", "below", "first", "latest", "at_risk"):
+        for f in SUMMARY_FIELDS:
             held[f] = held.get(f, 0) + int(r.get(f) or 0)
     present = {i: c for i, c in per.items() if c.get("records")}
     totals = [GroupTotals(i, c["records"], c.get("sessions", 0), c.get("below", 0), c.get("first", 0) / 100,

@@ -686,7 +686,10 @@ class ReportingStore:
         current-episode counters of the scope (one document per site, clinician and instrument,
         whatever the number of clients); None when the scope has no data at all."""
         scope = self._scope(tenant_id, site_id)
-        rows = await self.counters(gen).find(scope, {MARKS: 0, MONTHS: 0}).to_list()
+        # Named fields, not "all but markers and months": the store copies a document to cut
+        # fields out of it, so an exclusion costs what the markers weigh (3.6x at 500 markers).
+        shown = {"instrument": 1, **dict.fromkeys(rules.SUMMARY_FIELDS, 1)}
+        rows = await self.counters(gen).find(scope, shown).to_list()
         alerts = self.alerts(gen)
         raised = await alerts.count_documents({**scope, "raised": True})
         acknowledged = await alerts.count_documents({**scope, "acknowledged": True})
