@@ -43,7 +43,7 @@ from services.reporting.settings import ReportingSettings
 from services.reporting.store import Generations, ReportingStore, SubmissionStore
 from shared.audit import Auditor, note
 from shared.auth import KeyStore, Principal, forbid_site, require
-from shared.events import Instrument
+from shared.events import OUTCOME_OF, Instrument
 from shared.http import error_body
 from shared.mongo import TtlCache
 
@@ -163,6 +163,11 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
             raise HTTPException(404, NOT_FOUND_CLIENT)
         return gen, doc
 
+    async def outcome_record(gen: str, p: Principal, client_id: str, instrument: Instrument) -> dict[str, Any] | None:
+        """The client's record on the outcome instrument paired with `instrument` (the same site
+        scope: one owning site across all instruments), None when there is none."""
+        return await store.record(gen, p.tenant_id, client_id, OUTCOME_OF[instrument].value, p.site_id)
+
     async def find_episode(request: Request, p: Principal, client_id: str, instrument: Instrument,
                            episode_id: str | None, episode: str | None) -> tuple[str, dict[str, Any], str | None]:
         """The record (`find_record`) and the episode asked for (`episode_id`, else the older
@@ -181,9 +186,13 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
                          instrument: InstrumentQ = Instrument.SRS, episode_id: EpisodeQ = None,
                          episode: OldEpisodeQ = None) -> Response:
         gen, doc, chosen = await find_episode(request, p, client_id, instrument, episode_id, episode)
-        alerts = (await store.alerts_for(gen, p.tenant_id, [doc["_id"]]))[doc["_id"]]
-        return _json_response(request, rules.trajectory_view(doc, alerts, chosen),
-                              max_age=settings.trajectory_max_age_seconds, generation=gen)
+        outcome = await outcome_record(gen, p, client_id, instrument)
+        alerts, outcome_alerts = await asyncio.gather(
+            store.alerts_for(gen, p.tenant_id, [doc["_id"]]),
+            store.alerts_for(gen, p.tenant_id, [outcome["_id"]] if outcome else [], outcome=True))
+        view = rules.trajectory_view(doc, alerts[doc["_id"]], chosen, outcome,
+                                     outcome_alerts.get(outcome["_id"], []) if outcome else [])
+        return _json_response(request, view, max_age=settings.trajectory_max_age_seconds, generation=gen)
 
     @router.get("/clients/{client_id}/fhir", summary="The trajectory as a FHIR R4 Bundle",
                 responses={200: {"content": {FHIR_JSON: {"schema": {"type": "object"}}},
@@ -194,8 +203,9 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
                    instrument: InstrumentQ = Instrument.SRS, episode_id: EpisodeQ = None,
                    episode: OldEpisodeQ = None) -> Response:
         gen, doc, chosen = await find_episode(request, p, client_id, instrument, episode_id, episode)
-        return _json_response(request, trajectory_bundle(doc, chosen), max_age=settings.trajectory_max_age_seconds,
-                              generation=gen, media_type=FHIR_JSON)
+        outcome = await outcome_record(gen, p, client_id, instrument)
+        return _json_response(request, trajectory_bundle(doc, chosen, outcome),
+                              max_age=settings.trajectory_max_age_seconds, generation=gen, media_type=FHIR_JSON)
 
     @router.get("/clinicians/{clinician_id}/caseload", summary="A clinician's caseload, at-risk clients first",
                 responses={200: {"model": CaseloadOut}, 304: {"description": "unchanged (If-None-Match)"},

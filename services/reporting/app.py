@@ -20,7 +20,15 @@ from services.reporting.settings import ReportingSettings
 from services.reporting.store import Generations, ReportingStore, SubmissionStore
 from shared import audit
 from shared.auth import KeyStore
-from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, SrsScored
+from shared.events import (
+    AlertStatusChanged,
+    AllianceDeterioration,
+    DeadLetter,
+    OrsScored,
+    OutcomeAlert,
+    OutcomeAlertStatusChanged,
+    SrsScored,
+)
 from shared.http import Runtime, Service, authenticate_first, make_guard, service_api, stream_app
 from shared.kafka import DeadLetterTarget, OutboundRecord, Publisher, make_broker, subscribe_batch
 from shared.mongo import client_and_database
@@ -81,6 +89,15 @@ def build(config: ReportingConfig) -> ReportingService:
         subscribe_batch(broker, topics.alert_status, group_id=group("alert-status"), service=SERVICE,
                         model=AlertStatusChanged, handler=handlers.alert_status, max_records=batch,
                         dead_letters=poison, settings=config.kafka)
+        # The outcome half (ORS): its own topics, the same merge (docs/outcome.md).
+        subscribe_batch(broker, topics.ors_scored, group_id=group("ors-scored"), service=SERVICE, model=OrsScored,
+                        handler=handlers.ors_scored, max_records=batch, dead_letters=poison, settings=config.kafka)
+        subscribe_batch(broker, topics.outcome_alert, group_id=group("outcome-alert"), service=SERVICE,
+                        model=OutcomeAlert, handler=handlers.outcome_alert, max_records=batch,
+                        dead_letters=poison, settings=config.kafka)
+        subscribe_batch(broker, topics.outcome_alert_status, group_id=group("outcome-alert-status"),
+                        service=SERVICE, model=OutcomeAlertStatusChanged, handler=handlers.outcome_alert_status,
+                        max_records=batch, dead_letters=poison, settings=config.kafka)
         # Raw records and no target: a record the dead-letter consumer fails on must not feed its own input.
         subscribe_batch(broker, topics.deadletter, group_id=group("deadletter"), service=SERVICE,
                         handler=handlers.deadletter, max_records=batch, settings=config.kafka)
@@ -88,7 +105,7 @@ def build(config: ReportingConfig) -> ReportingService:
     # Dead letters go out through `Publisher`; this declaration puts them (and their schema) into
     # the AsyncAPI document.
     broker.publisher(topics.deadletter, title=f"{SERVICE}:deadletter", schema=DeadLetter,
-                     description="Scored, deterioration or alert-status records reporting could not read.")
+                     description="Scored, alert or alert-status records (of either scale) reporting could not read.")
 
     async def prepare_store() -> None:
         state = await generations.ensure()

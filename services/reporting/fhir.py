@@ -11,6 +11,12 @@ corrected it; `meta.versionId` is the session's `revision`, and a revision above
 resources `amended`. The submission that holds the session stays visible as the `identifier`.
 The interpretation is scoring's `below_cutoff` flag (never recomputed). The same record always
 yields the same Bundle (and the same ETag).
+
+Outcome (ORS-family) sessions of the same episode are in the same Bundle, built the same way:
+their own ids (the outcome instrument is part of the session identity), the ORS items, the
+interpretation from scoring's `in_clinical_range` (none for YCORS, which is not scored), the
+clinical cutoff as reference range, and scoring's reliable change category and change from
+intake as extensions.
 """
 
 from __future__ import annotations
@@ -19,9 +25,9 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from services.reporting.rules import below_cutoff, episode_of
+from services.reporting.rules import below_cutoff, episode_of, is_outcome, sessions_by_episode
 from shared import ids
-from shared.events import ITEM_NAMES
+from shared.events import ITEM_NAMES, ORS_ITEM_NAMES
 
 FHIR_JSON = "application/fhir+json"
 # Local identifiers: URNs, so nothing here points at a host.
@@ -71,11 +77,15 @@ def _meta(s: Mapping[str, Any]) -> Resource:
     return meta
 
 
+def _item_names(instrument: str) -> tuple[str, ...]:
+    return ORS_ITEM_NAMES if is_outcome(instrument) else ITEM_NAMES
+
+
 def _questionnaire_response(rid: str, doc: Mapping[str, Any], s: Mapping[str, Any],
                             subject: Resource) -> Resource:
     items = s.get("items") or {}
     answers = [{"linkId": name, "text": name.capitalize(), "answer": [{"valueDecimal": float(items[name])}]}
-               for name in ITEM_NAMES if name in items]
+               for name in _item_names(doc["instrument"]) if name in items]
     answers.append({"linkId": "total", "text": "Total", "answer": [{"valueDecimal": float(s["total"])}]})
     return {
         "resourceType": "QuestionnaireResponse",
@@ -94,7 +104,6 @@ def _observation(oid: str, qr_id: str, doc: Mapping[str, Any], s: Mapping[str, A
                  subject: Resource) -> Resource:
     instrument = doc["instrument"]
     items = s.get("items") or {}
-    low = below_cutoff(s)
     obs: Resource = {
         "resourceType": "Observation",
         "id": oid,
@@ -106,30 +115,59 @@ def _observation(oid: str, qr_id: str, doc: Mapping[str, Any], s: Mapping[str, A
         "subject": subject,
         "effectiveDateTime": _iso(s["administered_at"]),
         "valueQuantity": _score(float(s["total"])),
-        "interpretation": [{"coding": [{"system": INTERPRETATION, "code": "L" if low else "N",
-                                        "display": "Low" if low else "Normal"}]}],
-        "referenceRange": [{"low": _score(float(s["cutoff"])), "text": "alliance cutoff"}],
         "derivedFrom": [{"reference": f"urn:uuid:{qr_id}"}],
         "extension": [{"url": "urn:alliance-stream:fhir:session-number", "valueInteger": int(s["session_number"])}],
     }
+    if not is_outcome(instrument):
+        low = below_cutoff(s)
+        obs["interpretation"] = [{"coding": [{"system": INTERPRETATION, "code": "L" if low else "N",
+                                              "display": "Low" if low else "Normal"}]}]
+        obs["referenceRange"] = [{"low": _score(float(s["cutoff"])), "text": "alliance cutoff"}]
+    else:
+        _outcome_fields(obs, s)
     if items:
         obs["component"] = [{"code": _code(f"{instrument}-{name}", f"{instrument} {name}"),
-                             "valueQuantity": _score(float(items[name]))} for name in ITEM_NAMES if name in items]
+                             "valueQuantity": _score(float(items[name]))}
+                            for name in _item_names(instrument) if name in items]
     return obs
 
 
-def trajectory_bundle(doc: Mapping[str, Any], episode_id: str | None = None) -> Resource:
-    """The Bundle of one record's current episode (or the named one; rules.UnknownEpisode if none)."""
+def _outcome_fields(obs: Resource, s: Mapping[str, Any]) -> None:
+    """What an outcome Observation says beyond the total: scoring's decisions, as published."""
+    if s.get("in_clinical_range") is not None:
+        low = bool(s["in_clinical_range"])
+        obs["interpretation"] = [{"coding": [{"system": INTERPRETATION, "code": "L" if low else "N",
+                                              "display": "Low" if low else "Normal"}]}]
+    if s.get("cutoff") is not None:
+        obs["referenceRange"] = [{"low": _score(float(s["cutoff"])), "text": "clinical cutoff"}]
+    if s.get("change") is not None:
+        obs["extension"].append({"url": "urn:alliance-stream:fhir:reliable-change", "valueCode": s["change"]})
+    if s.get("change_from_intake") is not None:
+        obs["extension"].append({"url": "urn:alliance-stream:fhir:change-from-intake",
+                                 "valueDecimal": float(s["change_from_intake"])})
+    if s.get("clinically_significant_improvement"):
+        obs["extension"].append({"url": "urn:alliance-stream:fhir:clinically-significant-improvement",
+                                 "valueBoolean": True})
+
+
+def trajectory_bundle(doc: Mapping[str, Any], episode_id: str | None = None,
+                      outcome: Mapping[str, Any] | None = None) -> Resource:
+    """The Bundle of one record's current episode (or the named one; rules.UnknownEpisode if none),
+    with the sessions of the same episode in `outcome` (the client's paired outcome record) after
+    the alliance ones."""
     tenant = doc["tenant_id"]
     episode, sessions = episode_of(doc, episode_id)
     subject = {"identifier": {"system": client_system(tenant), "value": doc["client_id"]}}
     entries: list[Resource] = []
     last_scored: datetime | None = None
-    for s in sessions:
-        qr_id, obs_id = session_resource_ids(tenant, doc["client_id"], doc["instrument"], episode,
+    shown: list[tuple[Mapping[str, Any], Mapping[str, Any]]] = [(doc, s) for s in sessions]
+    if outcome is not None:
+        shown.extend((outcome, s) for s in sessions_by_episode(outcome.get("entries", {})).get(episode, []))
+    for record, s in shown:
+        qr_id, obs_id = session_resource_ids(tenant, doc["client_id"], record["instrument"], episode,
                                              int(s["session_number"]))
-        qr = _questionnaire_response(qr_id, doc, s, subject)
-        obs = _observation(obs_id, qr_id, doc, s, subject)
+        qr = _questionnaire_response(qr_id, record, s, subject)
+        obs = _observation(obs_id, qr_id, record, s, subject)
         entries.append({"fullUrl": f"urn:uuid:{qr_id}", "resource": qr})
         entries.append({"fullUrl": f"urn:uuid:{obs_id}", "resource": obs})
         scored = s.get("scored_at")

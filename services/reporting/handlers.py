@@ -21,17 +21,22 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from pydantic import ValidationError
 
 from services.reporting import metrics
+from services.reporting.rules import Scored, ScoredT, Submitted
 from services.reporting.store import ApplyReport, GenerationState
 from shared.events import (
     AlertStatusChanged,
     AllianceDeterioration,
     DeadLetter,
     DeadLetterReason,
+    OrsScored,
+    OrsSubmitted,
+    OutcomeAlert,
+    OutcomeAlertStatusChanged,
     SrsScored,
     SrsSubmitted,
 )
@@ -43,9 +48,10 @@ log = logging.getLogger("alliance.reporting")
 
 SERVICE = "reporting"
 DeadLetterSink = Callable[[Sequence[OutboundRecord]], Awaitable[None]]
+AlertT = TypeVar("AlertT", AllianceDeterioration, AlertStatusChanged, OutcomeAlert, OutcomeAlertStatusChanged)
 
 
-def too_large_letters(refused: Sequence[tuple[SrsScored, int]], sources: dict[int, InboundRecord], cap: int,
+def too_large_letters(refused: Sequence[tuple[Scored, int]], sources: dict[int, InboundRecord], cap: int,
                       dlq_topic: str) -> list[OutboundRecord]:
     """Dead letters (`record_too_large`) of events the store refused to add to a full record; each
     event's record found by identity in `sources`. An event refused in two generations is sent once."""
@@ -68,13 +74,18 @@ def too_large_letters(refused: Sequence[tuple[SrsScored, int]], sources: dict[in
     return out
 
 
-def rejection(dead: DeadLetter, topics: Topics) -> tuple[str, SrsSubmitted] | None:
-    """(tenant, submission) of a dead letter about a submitted record; None for any other."""
-    if dead.source_topic != topics.submitted:
+def rejection(dead: DeadLetter, topics: Topics) -> tuple[str, Submitted] | None:
+    """(tenant, submission) of a dead letter about a submitted record (SRS or ORS); None for any other."""
+    model: type[SrsSubmitted] | type[OrsSubmitted]
+    if dead.source_topic == topics.submitted:
+        model = SrsSubmitted
+    elif dead.source_topic == topics.ors_submitted:
+        model = OrsSubmitted
+    else:
         return None
     try:
         raw = base64.b64decode(dead.payload, validate=True) if dead.payload_encoding == "base64" else dead.payload
-        submitted = SrsSubmitted.model_validate_json(raw)
+        submitted: Submitted = model.model_validate_json(raw)
     except (ValidationError, ValueError, binascii.Error):
         return None
     return dead.tenant_id or submitted.tenant_id, submitted
@@ -94,6 +105,12 @@ class ReadModels(Protocol):
 
     async def apply_alert_status(self, gen: str, events: Sequence[AlertStatusChanged]) -> int: ...
 
+    async def apply_outcomes(self, gen: str, events: Sequence[OrsScored]) -> ApplyReport: ...
+
+    async def apply_outcome_alerts(self, gen: str, events: Sequence[OutcomeAlert]) -> int: ...
+
+    async def apply_outcome_alert_status(self, gen: str, events: Sequence[OutcomeAlertStatusChanged]) -> int: ...
+
 
 class GenerationPointer(Protocol):
     """Which generations the consumers write (`Generations`)."""
@@ -104,9 +121,9 @@ class GenerationPointer(Protocol):
 class SubmissionStatuses(Protocol):
     """The submissions' status, outside the generations (`SubmissionStore`)."""
 
-    async def apply_scored(self, events: Sequence[SrsScored]) -> int: ...
+    async def apply_scored(self, events: Sequence[Scored]) -> int: ...
 
-    async def apply_rejected(self, rejections: Sequence[tuple[str, DeadLetter, SrsSubmitted]]) -> int: ...
+    async def apply_rejected(self, rejections: Sequence[tuple[str, DeadLetter, Submitted]]) -> int: ...
 
 
 class ReportingHandlers:
@@ -136,6 +153,15 @@ class ReportingHandlers:
 
     async def scored(self, decoded: list[Decoded[SrsScored]]) -> None:
         """`srs.scored.v1`: merge sessions into records, and note each submission's scored revision."""
+        await self._scored(decoded, self.store.apply_scored)
+
+    async def ors_scored(self, decoded: list[Decoded[OrsScored]]) -> None:
+        """`ors.scored.v1`: merge outcome sessions into outcome records (the same algebra), and note
+        each submission's scored revision (`GET /v1/submissions/{id}` answers for ORS ones too)."""
+        await self._scored(decoded, self.store.apply_outcomes)
+
+    async def _scored(self, decoded: list[Decoded[ScoredT]],
+                      apply: Callable[[str, Sequence[ScoredT]], Awaitable[ApplyReport]]) -> None:
         events = [d.event for d in decoded]
         dead: list[OutboundRecord] = []
         started = time.perf_counter()
@@ -144,11 +170,10 @@ class ReportingHandlers:
             # The submissions' statuses are another collection, independent of the records: written
             # while the records and their counters are (both idempotent: a failure of either fails
             # the batch, whose retry repeats nothing).
-            report, statuses = await asyncio.gather(self.store.apply_scored(active, events),
-                                                    self.submissions.apply_scored(events))
+            report, statuses = await asyncio.gather(apply(active, events), self.submissions.apply_scored(events))
             refused = list(report.refused)
             if building is not None:
-                refused.extend((await self.store.apply_scored(building, events)).refused)
+                refused.extend((await apply(building, events)).refused)
             if refused:
                 sources = {id(d.event): d.record for d in decoded}
                 dead.extend(too_large_letters(refused, sources, self.store.max_record_bytes, self._dlq))
@@ -165,33 +190,37 @@ class ReportingHandlers:
 
     async def deterioration(self, decoded: list[Decoded[AllianceDeterioration]]) -> None:
         """`alliance.deterioration.v1`: count raised alerts and mark them on trajectories."""
-        events = [d.event for d in decoded]
-        started = time.perf_counter()
-        if events:
-            active, building = await self._targets()
-            await self.store.apply_deterioration(active, events)
-            if building is not None:
-                await self.store.apply_deterioration(building, events)
-            metrics.EVENTS.labels("applied").inc(len(events))
-            metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
+        await self._alerts(decoded, self.store.apply_deterioration)
 
     async def alert_status(self, decoded: list[Decoded[AlertStatusChanged]]) -> None:
         """`alliance.alert-status.v1`: count acknowledged alerts."""
+        await self._alerts(decoded, self.store.apply_alert_status)
+
+    async def outcome_alert(self, decoded: list[Decoded[OutcomeAlert]]) -> None:
+        """`outcome.alert.v1`: mark outcome alerts on the ORS series."""
+        await self._alerts(decoded, self.store.apply_outcome_alerts)
+
+    async def outcome_alert_status(self, decoded: list[Decoded[OutcomeAlertStatusChanged]]) -> None:
+        """`outcome.alert-status.v1`: the outcome alerts' lifecycle and acknowledgements."""
+        await self._alerts(decoded, self.store.apply_outcome_alert_status)
+
+    async def _alerts(self, decoded: list[Decoded[AlertT]], apply: Callable[[str, Sequence[AlertT]], Awaitable[int]],
+                      ) -> None:
         events = [d.event for d in decoded]
         started = time.perf_counter()
         if events:
             active, building = await self._targets()
-            await self.store.apply_alert_status(active, events)
+            await apply(active, events)
             if building is not None:
-                await self.store.apply_alert_status(building, events)
+                await apply(building, events)
             metrics.EVENTS.labels("applied").inc(len(events))
             metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
 
     async def deadletter(self, records: list[InboundRecord]) -> None:
-        """`srs.deadletter.v1`: note the rejected submissions (dead letters of the submitted topic
-        whose payload is a submission). Anything else is skipped and counted, never
+        """`srs.deadletter.v1`: note the rejected submissions (dead letters of a submitted topic,
+        SRS or ORS, whose payload is a submission). Anything else is skipped and counted, never
         dead-lettered again: this consumer must not stall or feed its own input."""
-        found: list[tuple[str, DeadLetter, SrsSubmitted]] = []
+        found: list[tuple[str, DeadLetter, Submitted]] = []
         decoded, unparseable = decode_records(records, DeadLetter)
         if unparseable:
             metrics.DEAD_LETTERS.labels("unparseable").inc(len(unparseable))

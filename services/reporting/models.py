@@ -8,22 +8,25 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from shared.events import AlertState, Instrument, Operator, Severity
+from shared.events import AgeBand, AlertState, Instrument, Operator, OutcomeChange, OutcomeInstrument, Severity
 
 
 class _Out(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SessionOut(_Out):
-    """One session as scoring scored it (its current revision)."""
-
+class _SessionHeadOut(_Out):
     session_number: int
     submission_id: str
     revision: int
     administered_at: datetime
     total: float
     items: dict[str, float] | None
+
+
+class SessionOut(_SessionHeadOut):
+    """One session as scoring scored it (its current revision)."""
+
     change_from_previous: float | None
     flags: list[str]
     below_cutoff: bool
@@ -54,9 +57,112 @@ class EpisodeOut(_Out):
     session_count: int
 
 
+class AlertMarkOnSessionOut(_Out):
+    """The alert of one session, as marked on a series. `outcome_at_risk` (alliance alerts only):
+    an outcome alert holds for the same session, which made this alert critical."""
+
+    alert_id: str
+    severity: str | None
+    triggers: list[str]
+    status: AlertState
+    acknowledged: bool
+    revision: int
+    outcome_at_risk: bool | None = None
+
+
+class OutcomeSessionOut(_SessionHeadOut):
+    """One ORS-family session as scoring scored it (its current revision): change from the
+    episode's intake session and from the previous one, the reliable change category, clinical
+    significance and range; YCORS sessions carry the total only."""
+
+    cutoff: float | None
+    intake_total: float | None
+    change_from_intake: float | None
+    change_from_previous: float | None
+    change: OutcomeChange | None
+    clinically_significant_improvement: bool
+    in_clinical_range: bool | None
+    flags: list[str]
+    triggers: list[str]
+    severity: Severity | None
+    alert: AlertMarkOnSessionOut | None
+
+
+class OutcomeAlertOut(_Out):
+    """An outcome alert of the shown episode: its latest raise and its lifecycle status."""
+
+    alert_id: str
+    session_number: int | None
+    severity: str | None
+    triggers: list[str]
+    raised_at: datetime | None
+    acknowledged: bool
+    status: AlertState
+    revision: int
+    advice: str
+
+
+class BandOut(_Out):
+    low: float
+    high: float
+
+
+class OutcomeSeriesOut(_Out):
+    """The ORS series of the shown episode (the outcome instrument paired with the trajectory's:
+    ORS for SRS/GSRS, CORS for CSRS/CGSRS, YCORS for YCSRS). `reliable_change_band` is the
+    intake total ± the reliable change index: a session outside it changed reliably."""
+
+    instrument: OutcomeInstrument
+    episode_id: str | None
+    age_band: AgeBand | None
+    cutoff: float | None
+    reliable_change_index: float | None
+    intake_total: float | None
+    reliable_change_band: BandOut | None
+    latest_total: float | None
+    change_from_intake: float | None
+    change: OutcomeChange | None
+    clinically_significant_improvement: bool
+    in_clinical_range: bool | None
+    sessions: list[OutcomeSessionOut]
+    alerts: list[OutcomeAlertOut]
+
+
+class AlignedSrsOut(_Out):
+    submission_id: str
+    total: float
+    cutoff: float
+    below_cutoff: bool
+    severity: Severity | None
+    alert: AlertMarkOnSessionOut | None
+
+
+class AlignedOrsOut(_Out):
+    submission_id: str
+    total: float
+    cutoff: float | None
+    change_from_intake: float | None
+    change: OutcomeChange | None
+    clinically_significant_improvement: bool
+    in_clinical_range: bool | None
+    severity: Severity | None
+    alert: AlertMarkOnSessionOut | None
+
+
+class AlignedSessionOut(_Out):
+    """One session of the shown episode on both scales (None where a scale has no session)."""
+
+    episode_id: str | None
+    session_number: int
+    srs: AlignedSrsOut | None
+    ors: AlignedOrsOut | None
+
+
 class TrajectoryOut(_Out):
     """One client's trajectory on one instrument: the current episode (or the one asked for),
-    with the list of every episode, most recent first."""
+    with the list of every episode, most recent first; with the outcome series of the same
+    episode (`outcome`, null when the client has no ORS record) and both side by side by
+    session (`aligned`)."""
 
     client_id: str
     instrument: Instrument
@@ -73,6 +179,8 @@ class TrajectoryOut(_Out):
     declining: bool
     alerts: list[AlertOut]
     episodes: list[EpisodeOut]
+    outcome: OutcomeSeriesOut | None
+    aligned: list[AlignedSessionOut]
 
 
 class PointOut(_Out):

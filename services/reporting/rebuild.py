@@ -3,7 +3,8 @@
 1. Claim a new generation in the pointer document (`building`). From then on every live
    consumer writes each batch into the active generation AND the new one (see handlers.py).
 2. Wait a few pointer-cache lifetimes, so every live consumer has seen the claim.
-3. Replay `srs.scored.v1`, `alliance.deterioration.v1` and `alliance.alert-status.v1` from the
+3. Replay `srs.scored.v1`, `alliance.deterioration.v1` and `alliance.alert-status.v1`, and the
+   outcome half `ors.scored.v1`, `outcome.alert.v1` and `outcome.alert-status.v1`, from the
    beginning with a fresh group-less consumer (nothing committed anywhere) into the new
    generation, through the same merge as the live consumer (inserts for records it has not
    written yet, a write-through cache for the rest, query indexes built after the load), until
@@ -31,8 +32,15 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.reporting.settings import ReportingSettings
-from services.reporting.store import Generations, ReportingStore, alerts_name, clients_name
-from shared.events import AlertStatusChanged, AllianceDeterioration, SrsScored
+from services.reporting.store import Generations, ReportingStore, generation_collections
+from shared.events import (
+    AlertStatusChanged,
+    AllianceDeterioration,
+    OrsScored,
+    OutcomeAlert,
+    OutcomeAlertStatusChanged,
+    SrsScored,
+)
 from shared.kafka import InboundRecord, admin_security_kwargs, decode_records
 from shared.mongo import database, make_client
 from shared.settings import KafkaSettings, MongoSettings
@@ -43,7 +51,7 @@ Progress = Callable[[int, int], None]
 
 
 class TruncatedLog(RuntimeError):
-    """The scored topic no longer starts at offset 0: retention deleted history a rebuild needs."""
+    """A scored topic no longer starts at offset 0: retention deleted history a rebuild needs."""
 Hook = Callable[[str], Awaitable[None]]
 
 
@@ -70,14 +78,27 @@ def truncated_partitions(begin: dict[TopicPartition, int], topic: str) -> list[i
 
 
 class Replayer:
-    """Applies replayed records of the three topics to one generation."""
+    """Applies replayed records of the six topics (both scales) to one generation."""
 
     def __init__(self, store: ReportingStore, gen: str, kafka: KafkaSettings) -> None:
         self.store, self.gen = store, gen
         topics = kafka.topics()
         self.scored, self.deterioration, self.alert_status = topics.scored, topics.deterioration, topics.alert_status
+        self.ors_scored, self.outcome_alert = topics.ors_scored, topics.outcome_alert
+        self.outcome_alert_status = topics.outcome_alert_status
         self.events = 0
         self.skipped = 0
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        """Every topic replayed."""
+        return (self.scored, self.deterioration, self.alert_status, self.ors_scored, self.outcome_alert,
+                self.outcome_alert_status)
+
+    @property
+    def scored_topics(self) -> tuple[str, ...]:
+        """The topics whose full history a rebuild needs (the records are folded from them)."""
+        return (self.scored, self.ors_scored)
 
     async def apply(self, records: list[InboundRecord]) -> None:
         by_topic: dict[str, list[InboundRecord]] = {}
@@ -86,41 +107,52 @@ class Replayer:
         scored_in, bad1 = decode_records(by_topic.get(self.scored, []), SrsScored)
         alerts_in, bad2 = decode_records(by_topic.get(self.deterioration, []), AllianceDeterioration)
         status_in, bad3 = decode_records(by_topic.get(self.alert_status, []), AlertStatusChanged)
+        ors_in, bad4 = decode_records(by_topic.get(self.ors_scored, []), OrsScored)
+        outcome_in, bad5 = decode_records(by_topic.get(self.outcome_alert, []), OutcomeAlert)
+        ostatus_in, bad6 = decode_records(by_topic.get(self.outcome_alert_status, []), OutcomeAlertStatusChanged)
         scored = [d.event for d in scored_in]
+        ors = [d.event for d in ors_in]
         alerts = [d.event for d in alerts_in]
         status = [d.event for d in status_in]
+        outcome_alerts = [d.event for d in outcome_in]
+        outcome_status = [d.event for d in ostatus_in]
+        # Sessions over a record's size cap are skipped here as the live consumer dead-lettered them.
         if scored:
-            # Sessions over a record's size cap are skipped here as the live consumer dead-lettered them.
             self.skipped += len((await self.store.apply_scored(self.gen, scored, fresh=True)).refused)
+        if ors:
+            self.skipped += len((await self.store.apply_outcomes(self.gen, ors, fresh=True)).refused)
         await self.store.apply_deterioration(self.gen, alerts)
         await self.store.apply_alert_status(self.gen, status)
-        self.events += len(scored) + len(alerts) + len(status)
-        self.skipped += len(bad1) + len(bad2) + len(bad3)
+        await self.store.apply_outcome_alerts(self.gen, outcome_alerts)
+        await self.store.apply_outcome_alert_status(self.gen, outcome_status)
+        self.events += len(scored) + len(ors) + len(alerts) + len(status) + len(outcome_alerts) + len(outcome_status)
+        self.skipped += len(bad1) + len(bad2) + len(bad3) + len(bad4) + len(bad5) + len(bad6)
 
 
 async def replay(kafka: KafkaSettings, replayer: Replayer, *, batch: int, progress: Progress | None = None,
                  idle_seconds: float = 10.0, allow_truncated: bool = False) -> None:
-    """Read the three topics from the beginning up to the high-water marks first seen, applying batches.
+    """Read the six topics from the beginning up to the high-water marks first seen, applying batches.
 
-    Refuses (TruncatedLog) when a partition of the scored topic no longer starts at offset 0:
-    the rebuilt trajectories would silently lack their oldest sessions. `srs.scored.v1` needs
-    unlimited retention (`retention.ms=-1`) for rebuilds to be complete.
+    Refuses (TruncatedLog) when a partition of a scored topic no longer starts at offset 0:
+    the rebuilt trajectories would silently lack their oldest sessions. `srs.scored.v1` and
+    `ors.scored.v1` need unlimited retention (`retention.ms=-1`) for rebuilds to be complete.
     """
     consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, client_id="alliance-reporting-rebuild",
                                 group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
                                 request_timeout_ms=kafka.request_timeout_ms, **admin_security_kwargs(kafka))
     await consumer.start()
     try:
-        names = (replayer.scored, replayer.deterioration, replayer.alert_status)
+        names = replayer.topics
         await consumer.topics()  # fetches metadata
         tps = [TopicPartition(t, p) for t in names for p in sorted(consumer.partitions_for_topic(t) or ())]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         begin = {tp: int(o) for tp, o in (await consumer.beginning_offsets(tps)).items()}
-        cut = truncated_partitions(begin, replayer.scored)
-        if cut and not allow_truncated:
-            raise TruncatedLog(f"{replayer.scored} partitions {cut} no longer start at offset 0 (retention); "
-                               "a rebuild would lose their oldest sessions")
+        for topic in replayer.scored_topics:
+            cut = truncated_partitions(begin, topic)
+            if cut and not allow_truncated:
+                raise TruncatedLog(f"{topic} partitions {cut} no longer start at offset 0 (retention); "
+                                   "a rebuild would lose their oldest sessions")
         # The high-water mark each partition had when first seen (Tansu's ListOffsets is
         # approximate; the fetch responses' marks are exact).
         target: dict[TopicPartition, int] = {}
@@ -187,7 +219,7 @@ async def rebuild(kafka: KafkaSettings, mongo: MongoSettings, settings: Reportin
             result.switched = True
         except BaseException:
             await generations.abandon(new)
-            for name in (clients_name(new), alerts_name(new)):
+            for name in generation_collections(new):
                 await db.drop_collection(name)
             raise
         if drop_old:

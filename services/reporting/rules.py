@@ -46,6 +46,13 @@ batching of a record's events yields the same map as the clean ordered stream.
 - the clinician is that of the latest session (caseloads follow it); summary fields
   (`session_count`, `first_total`, ...) are of the current episode.
 
+**Outcome records.** ORS-family sessions (`ors.scored.v1`) fold into records of their own, one
+per (tenant, client, outcome instrument), by exactly the same map and merge; only the derived
+fields differ (`derive_outcome_record`: scoring's change from intake, reliable and clinically
+significant change of the latest session, no alliance flags). The trajectory of an alliance
+instrument shows the paired outcome record's series of the same episode beside it
+(`outcome_series`, `aligned_view`).
+
 The submission-status rules ("what happened to my submission?") are at the end of this module.
 """
 
@@ -60,7 +67,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from shared import ids
 from shared.events import (
@@ -72,6 +79,11 @@ from shared.events import (
     Flag,
     Instrument,
     Lifecycle,
+    OrsScored,
+    OrsSubmitted,
+    OutcomeAlert,
+    OutcomeAlertStatusChanged,
+    OutcomeInstrument,
     SrsScored,
     SrsSubmitted,
 )
@@ -95,6 +107,13 @@ SCORED = "scored"
 SUPERSEDED = "superseded"
 
 Doc = dict[str, Any]
+# Both scales' scored sessions merge the same way (one record per client and instrument); an ORS
+# record holds what scoring decided about the outcome (change from intake, reliable and clinically
+# significant change) instead of the alliance flags.
+Scored = SrsScored | OrsScored
+Submitted = SrsSubmitted | OrsSubmitted
+ScoredT = TypeVar("ScoredT", SrsScored, OrsScored)
+AlertRaise = AllianceDeterioration | OutcomeAlert
 
 
 def age_band(instrument: str) -> str:
@@ -134,7 +153,20 @@ def _digest(value: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def session_entry(event: SrsScored) -> Doc:
+def _ors_fields(event: OrsScored) -> Doc:
+    """What an ORS entry keeps besides the common fields: scoring's decisions, as published."""
+    return {
+        "age_band": event.age_band,
+        "reliable_change_index": event.reliable_change_index,
+        "intake_total": event.intake_total,
+        "change_from_intake": event.change_from_intake,
+        "change": event.change,
+        "clinically_significant_improvement": event.clinically_significant_improvement,
+        "in_clinical_range": event.in_clinical_range,
+    }
+
+
+def session_entry(event: Scored) -> Doc:
     """The scored entry of one event (the map's value under its submission id)."""
     entry: Doc = {
         "kind": SCORED,
@@ -150,9 +182,7 @@ def session_entry(event: SrsScored) -> Doc:
         "flags": list(event.flags),
         "triggers": list(event.triggers),
         "severity": event.severity,
-        "low_items": list(event.low_items),
         "cutoff": event.cutoff,
-        "operator": event.operator,
         "previous_total": event.previous_total,
         "change_from_previous": event.change_from_previous,
         "site_id": event.site_id,
@@ -161,6 +191,10 @@ def session_entry(event: SrsScored) -> Doc:
         "scored_at": event.scored_at,
         "accepted_at": event.accepted_at,
     }
+    if isinstance(event, OrsScored):
+        entry.update(_ors_fields(event))
+    else:
+        entry.update(low_items=list(event.low_items), operator=event.operator)
     # times normalized to UTC text, so the digest does not depend on the offset a producer used
     normal = {k: _utc_text(v) if isinstance(v, datetime) else v for k, v in entry.items()}
     entry["key"] = f"{_rev_text(event.revision)}|1|{_digest(normal)}"
@@ -247,6 +281,22 @@ def episode_summary(episode_id: str | None, sessions: Sequence[Mapping[str, Any]
             "session_count": len(sessions)}
 
 
+def _placement(groups: Mapping[str | None, list[Doc]]) -> Doc:
+    """Where a record stands (non-empty `groups`): owning site, clinician, current episode, episodes."""
+    shown = [s for sessions in groups.values() for s in sessions]
+    owner = max(shown, key=lambda s: (int(s.get("site_version") or 0), *_recency(s), s["submission_id"]))
+    episode, ordered = next(iter(groups.items()))
+    return {
+        "site_id": owner["site_id"],
+        "site_version": int(owner.get("site_version") or 0),
+        "clinician_id": ordered[-1]["clinician_id"],
+        "episode_id": episode,
+        "episode_derived": any(bool(s.get("episode_derived")) for s in ordered),
+        "episodes": [episode_summary(ep, sessions) for ep, sessions in groups.items()],
+        "session_count": len(ordered),
+    }
+
+
 def derive_record(identity: Mapping[str, Any], entries: Mapping[str, Doc],
                   groups: dict[str | None, list[Doc]] | None = None) -> Doc:
     """A full record document from its identity and merged entries (no version or timestamps);
@@ -269,21 +319,13 @@ def derive_record(identity: Mapping[str, Any], entries: Mapping[str, Doc],
         return {**doc, "site_id": None, "site_version": 0, "clinician_id": None, "episode_id": None,
                 "episode_derived": False, "episodes": [], "session_count": 0, "sessions_below_cutoff": 0,
                 "caseload_key": None, "at_risk": False, "below_cutoff": False, "declining": False}
-    shown = [s for sessions in groups.values() for s in sessions]
-    owner = max(shown, key=lambda s: (int(s.get("site_version") or 0), *_recency(s), s["submission_id"]))
-    episode, ordered = next(iter(groups.items()))
+    ordered = next(iter(groups.values()))
     latest = ordered[-1]
     below, declining = below_cutoff(latest), is_declining(latest)
     at_risk = below or declining
     return {
         **doc,
-        "site_id": owner["site_id"],
-        "site_version": int(owner.get("site_version") or 0),
-        "clinician_id": latest["clinician_id"],
-        "episode_id": episode,
-        "episode_derived": any(bool(s.get("episode_derived")) for s in ordered),
-        "episodes": [episode_summary(ep, sessions) for ep, sessions in groups.items()],
-        "session_count": len(ordered),
+        **_placement(groups),
         "sessions_below_cutoff": sum(1 for s in ordered if below_cutoff(s)),
         "first_session_number": int(ordered[0]["session_number"]),
         "first_total": float(ordered[0]["total"]),
@@ -299,12 +341,45 @@ def derive_record(identity: Mapping[str, Any], entries: Mapping[str, Doc],
     }
 
 
+def is_outcome(instrument: str) -> bool:
+    """The instrument is of the ORS family (its record is an outcome record)."""
+    return instrument in OutcomeInstrument.__members__
+
+
+def derive_outcome_record(identity: Mapping[str, Any], entries: Mapping[str, Doc],
+                          groups: dict[str | None, list[Doc]] | None = None) -> Doc:
+    """An outcome (ORS-family) record document: the same sessions, episodes and owning site as
+    `derive_record` finds, and the latest session's outcome as scoring decided it."""
+    if groups is None:
+        groups = sessions_by_episode(entries)
+    doc: Doc = {"_id": identity["_id"], "tenant_id": identity["tenant_id"], "client_id": identity["client_id"],
+                "instrument": identity["instrument"], "entries": dict(entries)}
+    if not groups:
+        return {**doc, "site_id": None, "site_version": 0, "clinician_id": None, "episode_id": None,
+                "episode_derived": False, "episodes": [], "session_count": 0}
+    ordered = next(iter(groups.values()))
+    latest = ordered[-1]
+    return {
+        **doc,
+        **_placement(groups),
+        "age_band": latest.get("age_band"),
+        "first_total": float(ordered[0]["total"]),
+        "latest_session_number": int(latest["session_number"]),
+        "latest_total": float(latest["total"]),
+        "latest_administered_at": latest["administered_at"],
+        "cutoff": latest.get("cutoff"),
+        "change": latest.get("change"),
+        "change_from_intake": latest.get("change_from_intake"),
+        "clinically_significant_improvement": bool(latest.get("clinically_significant_improvement")),
+    }
+
+
 @dataclass
 class MergeResult:
     """What merging a group of events into one record did."""
 
     doc: Doc | None  # None: nothing changed, nothing to write
-    outcomes: list[tuple[SrsScored, Outcome]] = field(default_factory=list)
+    outcomes: list[tuple[Scored, Outcome]] = field(default_factory=list)
     groups: dict[str | None, list[Doc]] | None = None  # the doc's sessions_by_episode, for contribution
 
 
@@ -324,8 +399,11 @@ def _put(entries: dict[str, Doc], entry: Doc) -> Outcome:
     return "corrected" if revised else "applied"
 
 
-def merge(existing: Mapping[str, Any] | None, events: Sequence[SrsScored]) -> MergeResult:
+def merge(existing: Mapping[str, Any] | None, events: Sequence[Scored]) -> MergeResult:
     """Merge scored events of ONE record (same tenant, client and instrument) into its document.
+
+    The events are all `SrsScored` or all `OrsScored` (their instruments differ, so their records
+    do); an outcome record's fields are `derive_outcome_record`'s.
 
     `existing` is the current document (None when new); `events` any batch, in any order, with
     any duplicates (ValueError if one belongs to another record). Returns the new document (`v`
@@ -362,15 +440,16 @@ def merge(existing: Mapping[str, Any] | None, events: Sequence[SrsScored]) -> Me
         result.outcomes.append((event, outcome))
     if changed:
         result.groups = sessions_by_episode(entries)
-        doc = derive_record(identity, entries, result.groups)
+        derive = derive_outcome_record if is_outcome(identity["instrument"]) else derive_record
+        doc = derive(identity, entries, result.groups)
         doc["v"] = int(existing.get("v", 0)) + 1 if existing else 1
         result.doc = doc
     return result
 
 
-def group_by_record(events: Iterable[SrsScored]) -> dict[str, list[SrsScored]]:
+def group_by_record(events: Iterable[Scored]) -> dict[str, list[Scored]]:
     """Scored events grouped by the record they belong to (input order kept)."""
-    groups: dict[str, list[SrsScored]] = {}
+    groups: dict[str, list[Scored]] = {}
     for e in events:
         groups.setdefault(record_id(e.tenant_id, e.client_id, e.instrument), []).append(e)
     return groups
@@ -393,7 +472,7 @@ def life_key(revision: int | None, status: str) -> int:
     return 4 * int(revision or 1) + LIFECYCLE_RANK[status]
 
 
-def alert_identity(event: AllianceDeterioration) -> Doc:
+def alert_identity(event: AlertRaise) -> Doc:
     """The fields of an alert that never change (its session)."""
     return {
         "tenant_id": event.tenant_id,
@@ -407,15 +486,20 @@ def alert_identity(event: AllianceDeterioration) -> Doc:
     }
 
 
-def alert_raise(event: AllianceDeterioration) -> Doc:
+def alert_raise(event: AlertRaise) -> Doc:
     """What one revision of a raised alert says (stored under `raises.<revision>`; its site and
-    clinician place the alert in the counters, see `alert_contribution`)."""
-    return {"revision": event.revision, "submission_id": event.submission_id, "severity": event.severity,
-            "triggers": list(event.triggers), "low_items": list(event.low_items), "total": event.total,
-            "raised_at": event.occurred_at, "site_id": event.site_id, "clinician_id": event.clinician_id}
+    clinician place an alliance alert in the counters, see `alert_contribution`)."""
+    said: Doc = {"revision": event.revision, "submission_id": event.submission_id, "severity": event.severity,
+                 "triggers": list(event.triggers), "total": event.total, "raised_at": event.occurred_at,
+                 "site_id": event.site_id, "clinician_id": event.clinician_id}
+    if isinstance(event, OutcomeAlert):
+        said.update(low_items=[], change_from_intake=event.change_from_intake, advice=event.advice)
+    else:
+        said.update(low_items=list(event.low_items), outcome_at_risk=event.outcome_at_risk)
+    return said
 
 
-def status_identity(event: AlertStatusChanged) -> Doc:
+def status_identity(event: AlertStatusChanged | OutcomeAlertStatusChanged) -> Doc:
     """The session fields a scoring status event names (only those it carries)."""
     out: Doc = {}
     if event.client_id is not None and event.instrument is not None:
@@ -488,8 +572,8 @@ def _episode_alerts(alerts: Sequence[Mapping[str, Any]], episode: str | None) ->
     return [a for a in alerts if a.get("raised") and a.get("episode_id") == episode]
 
 
-def session_view(s: Mapping[str, Any]) -> Doc:
-    """One session as the API shows it: scoring's values, as scored."""
+def _session_head(s: Mapping[str, Any]) -> Doc:
+    """The fields every session view starts with (either scale)."""
     return {
         "session_number": int(s["session_number"]),
         "submission_id": s["submission_id"],
@@ -497,6 +581,13 @@ def session_view(s: Mapping[str, Any]) -> Doc:
         "administered_at": _iso(s["administered_at"]),
         "total": float(s["total"]),
         "items": s.get("items"),
+    }
+
+
+def session_view(s: Mapping[str, Any]) -> Doc:
+    """One session as the API shows it: scoring's values, as scored."""
+    return {
+        **_session_head(s),
         "change_from_previous": s.get("change_from_previous"),
         "flags": list(s.get("flags") or []),
         "below_cutoff": below_cutoff(s),
@@ -527,8 +618,112 @@ def episode_of(doc: Mapping[str, Any], episode_id: str | None = None) -> tuple[s
     return episode, groups[episode]
 
 
+def alert_mark(alert: Mapping[str, Any]) -> Doc:
+    """An alert as marked on one session of a series (the aligned view and the ORS series)."""
+    view = alert_view(alert)
+    mark = {k: view[k] for k in ("alert_id", "severity", "triggers", "status", "acknowledged", "revision")}
+    raised = latest_raise(alert)
+    if "outcome_at_risk" in raised:  # an alliance alert: does an outcome alert hold for its session?
+        mark["outcome_at_risk"] = bool(raised["outcome_at_risk"])
+    return mark
+
+
+def _marks_by_session(alerts: Sequence[Mapping[str, Any]], episode: str | None) -> dict[int, Doc]:
+    """The alert of each session of an episode, as a mark (one alert per session: its id is the session's)."""
+    out: dict[int, Doc] = {}
+    for a in sorted(_episode_alerts(alerts, episode), key=lambda a: str(a["_id"])):
+        if a.get("session_number") is not None:
+            out.setdefault(int(a["session_number"]), alert_mark(a))
+    return out
+
+
+def outcome_session_view(s: Mapping[str, Any], mark: Doc | None = None) -> Doc:
+    """One ORS session as the API shows it: scoring's values (change, clinical significance,
+    clinical range, severity), never re-derived, and its outcome alert mark (if any)."""
+    return {
+        **_session_head(s),
+        "cutoff": s.get("cutoff"),
+        "intake_total": s.get("intake_total"),
+        "change_from_intake": s.get("change_from_intake"),
+        "change_from_previous": s.get("change_from_previous"),
+        "change": s.get("change"),
+        "clinically_significant_improvement": bool(s.get("clinically_significant_improvement")),
+        "in_clinical_range": s.get("in_clinical_range"),
+        "flags": list(s.get("flags") or []),
+        "triggers": list(s.get("triggers") or []),
+        "severity": s.get("severity"),
+        "alert": mark,
+    }
+
+
+def outcome_alert_view(alert: Mapping[str, Any]) -> Doc:
+    """One outcome alert of the shown episode as the API shows it."""
+    view = alert_view(alert)
+    view.pop("low_items")
+    view["advice"] = latest_raise(alert).get("advice") or ""
+    return view
+
+
+def outcome_series(doc: Mapping[str, Any], alerts: Sequence[Mapping[str, Any]],
+                   episode_id: str | None) -> Doc:
+    """The ORS series of one episode (`doc` an outcome record, `alerts` its outcome alerts): every
+    session with scoring's decisions, and the band a chart draws: the episode's intake total ±
+    the reliable change index (both as scoring published them). An episode the record does not
+    hold gives an empty series."""
+    groups = sessions_by_episode(doc.get("entries", {}))
+    ordered = groups.get(episode_id, [])
+    marks = _marks_by_session(alerts, episode_id)
+    latest = ordered[-1] if ordered else {}
+    intake = next((s.get("intake_total") for s in reversed(ordered) if s.get("intake_total") is not None),
+                  None)
+    rci = latest.get("reliable_change_index")
+    return {
+        "instrument": doc["instrument"],
+        "episode_id": episode_id,
+        "age_band": latest.get("age_band") or doc.get("age_band"),
+        "cutoff": latest.get("cutoff"),
+        "reliable_change_index": rci,
+        "intake_total": intake,
+        "reliable_change_band": ({"low": round(float(intake) - float(rci), 1),
+                                  "high": round(float(intake) + float(rci), 1)}
+                                 if intake is not None and rci is not None else None),
+        "latest_total": float(latest["total"]) if ordered else None,
+        "change_from_intake": latest.get("change_from_intake"),
+        "change": latest.get("change"),
+        "clinically_significant_improvement": bool(latest.get("clinically_significant_improvement")),
+        "in_clinical_range": latest.get("in_clinical_range"),
+        "sessions": [outcome_session_view(s, marks.get(int(s["session_number"]))) for s in ordered],
+        "alerts": sorted((outcome_alert_view(a) for a in _episode_alerts(alerts, episode_id)),
+                         key=lambda a: (a["session_number"] or 0, a["alert_id"])),
+    }
+
+
+def aligned_view(episode: str | None, srs: Sequence[Mapping[str, Any]], srs_alerts: Sequence[Mapping[str, Any]],
+                 outcome: Mapping[str, Any] | None) -> list[Doc]:
+    """Both scales of one episode side by side, one row per session number either has (ascending):
+    `srs` and `ors` are that session's values on each scale (None when it has none)."""
+    alliance = {int(s["session_number"]): s for s in srs}
+    marks = _marks_by_session(srs_alerts, episode)
+    ors = {int(s["session_number"]): s for s in (outcome or {}).get("sessions", [])}
+    rows: list[Doc] = []
+    for n in sorted(alliance.keys() | ors.keys()):
+        a, o = alliance.get(n), ors.get(n)
+        rows.append({
+            "episode_id": episode,
+            "session_number": n,
+            "srs": None if a is None else {"submission_id": a["submission_id"], "total": float(a["total"]),
+                                           "cutoff": float(a["cutoff"]), "below_cutoff": below_cutoff(a),
+                                           "severity": a.get("severity"), "alert": marks.get(n)},
+            "ors": None if o is None else {k: o[k] for k in (
+                "submission_id", "total", "cutoff", "change_from_intake", "change",
+                "clinically_significant_improvement", "in_clinical_range", "severity", "alert")},
+        })
+    return rows
+
+
 def trajectory_view(doc: Mapping[str, Any], alerts: Sequence[Mapping[str, Any]] = (),
-                    episode_id: str | None = None) -> Doc:
+                    episode_id: str | None = None, outcome: Mapping[str, Any] | None = None,
+                    outcome_alerts: Sequence[Mapping[str, Any]] = ()) -> Doc:
     """The API document of one record: the current episode's trajectory, or the named episode's.
 
     Contract: `doc` is a record as `merge` builds it (or as the store reads it back), `alerts`
@@ -537,11 +732,17 @@ def trajectory_view(doc: Mapping[str, Any], alerts: Sequence[Mapping[str, Any]] 
     operator, severity, change_from_previous): nothing is recomputed. `at_risk`, `below_cutoff`
     and `declining` are those of the shown episode's latest session; `site_id` is the owning
     site; `episodes` lists every episode most recent first. Raises UnknownEpisode.
+
+    `outcome` is the client's record on the paired outcome instrument (`OUTCOME_OF`; None when
+    there is none) with its alerts `outcome_alerts`: its series of the same episode is `outcome`
+    and both scales side by side are `aligned` (see `outcome_series`, `aligned_view`). The fields
+    above them are exactly those of the alliance trajectory before the ORS existed.
     """
     episode, ordered = episode_of(doc, episode_id)
     latest = ordered[-1]
     below, declining = below_cutoff(latest), is_declining(latest)
     marks = _episode_alerts(alerts, episode)
+    series = outcome_series(outcome, outcome_alerts, episode) if outcome is not None else None
     return {
         "client_id": doc["client_id"],
         "instrument": doc["instrument"],
@@ -558,6 +759,8 @@ def trajectory_view(doc: Mapping[str, Any], alerts: Sequence[Mapping[str, Any]] 
         "declining": declining,
         "alerts": sorted((alert_view(a) for a in marks), key=lambda a: (a["session_number"] or 0, a["alert_id"])),
         "episodes": episodes_view(doc),
+        "outcome": series,
+        "aligned": aligned_view(episode, ordered, alerts, series),
     }
 
 
@@ -615,7 +818,7 @@ def submission_doc_id(tenant_id: str, submission_id: str) -> str:
     return ids.submission_status_id(tenant_id, submission_id)
 
 
-def scored_part(event: SrsScored) -> Doc:
+def scored_part(event: Scored) -> Doc:
     """What the `scored` part keeps of a scored event."""
     accepted = event.accepted_at or event.scored_at
     return {"key": _rev_text(event.revision), "revision": event.revision, "accepted": _utc_text(accepted),
@@ -624,13 +827,13 @@ def scored_part(event: SrsScored) -> Doc:
             "flags": list(event.flags), "at": event.scored_at}
 
 
-def superseded_part(event: SrsScored) -> Doc:
+def superseded_part(event: Scored) -> Doc:
     """What the `superseded` part of `event.supersedes` keeps of the superseding event."""
     return {"key": f"{_rev_text(event.revision)}|{event.submission_id}", "revision": event.revision,
             "by": event.submission_id, "site_id": event.site_id, "at": event.scored_at}
 
 
-def rejected_part(dead: DeadLetter, submitted: SrsSubmitted) -> Doc:
+def rejected_part(dead: DeadLetter, submitted: Submitted) -> Doc:
     """What the `rejected` part keeps of a dead-lettered submission (`sort` orders the rejections page)."""
     accepted = _utc_text(submitted.accepted_at)
     return {"key": f"{accepted}|{hashlib.sha256(dead.payload.encode()).hexdigest()[:20]}",

@@ -20,6 +20,10 @@ Collections (all prefixed `reporting_`):
   contributes to the monthly counters (`counted`, `cv`, `pending`: see `count_alerts`). Indexes:
     * `(tenant_id, record_id)` — the alert marks of one record or of a caseload page;
     * `(tenant_id, site_id, raised)` and `(tenant_id, site_id, acknowledged)` — alert counts.
+- `reporting_<gen>_outcomes` and `reporting_<gen>_outcome_alerts`: the outcome (ORS) half, the
+  same shapes and merges as `clients` and `alerts`, apart so that caseloads, counters and the
+  alliance alert counts read exactly what they did. Outcome records are read by `_id` only (beside
+  the alliance record of the same client); their alerts by `(tenant_id, record_id)`.
 - `reporting_submissions` (not per generation: a rebuild does not replay the dead-letter topic):
   one document per (tenant, submission id) with the parts `scored`, `superseded` and `rejected`
   (see rules.py). Indexes: `_id` — GET /v1/submissions/{id}; `(tenant_id, rejected.sort)` and
@@ -99,8 +103,10 @@ from shared.events import (
     AllianceDeterioration,
     DeadLetter,
     Lifecycle,
+    OrsScored,
+    OutcomeAlert,
+    OutcomeAlertStatusChanged,
     SrsScored,
-    SrsSubmitted,
 )
 from shared.mongo import Document, LruCache, TtlCache, bulk_write, guarded_upserts, write_versioned
 
@@ -108,7 +114,7 @@ META = "reporting_meta"
 POINTER_ID = "generation"
 FIRST_GENERATION = "g1"
 # `trajectories` (one document per episode) is the shape before records; dropped with its generation.
-_GEN_COLLECTION = re.compile(r"^reporting_(g\d+)_(clients|trajectories|alerts|counters)$")
+_GEN_COLLECTION = re.compile(r"^reporting_(g\d+)_(clients|trajectories|alerts|counters|outcomes|outcome_alerts)$")
 SUBMISSIONS = "reporting_submissions"
 MONGO_MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_RECORD_BYTES = 15 * 1024 * 1024
@@ -145,6 +151,19 @@ def alerts_name(gen: str) -> str:
 
 def counters_name(gen: str) -> str:
     return f"reporting_{gen}_counters"
+
+
+def outcomes_name(gen: str) -> str:
+    return f"reporting_{gen}_outcomes"
+
+
+def outcome_alerts_name(gen: str) -> str:
+    return f"reporting_{gen}_outcome_alerts"
+
+
+def generation_collections(gen: str) -> tuple[str, ...]:
+    """Every collection of one generation (what an abandoned rebuild drops)."""
+    return (clients_name(gen), alerts_name(gen), counters_name(gen), outcomes_name(gen), outcome_alerts_name(gen))
 
 
 PENDING = "pending"
@@ -335,10 +354,10 @@ class ApplyReport:
     """What one batch did to one generation."""
 
     outcomes: Counter[str] = field(default_factory=Counter)
-    visible: list[SrsScored] = field(default_factory=list)  # events whose session is now readable
+    visible: list[rules.Scored] = field(default_factory=list)  # events whose session is now readable
     conflicts: int = 0
     # events that would have grown their record past `max_record_bytes`, with that size
-    refused: list[tuple[SrsScored, int]] = field(default_factory=list)
+    refused: list[tuple[rules.Scored, int]] = field(default_factory=list)
 
 
 def to_stored(doc: Document) -> Document:
@@ -360,6 +379,8 @@ _RECORD_INDEXES = (("caseload", ("clinician_id", "caseload_key")), ("by_site", (
 _COUNTER_INDEXES = (("by_site", ("site_id",)), ("by_clinician", ("clinician_id",)))
 _ALERT_INDEXES = (("by_record", ("record_id",)), ("raised", ("site_id", "raised")),
                   ("acknowledged", ("site_id", "acknowledged")))
+# Outcome records are read by `_id` only (beside their alliance record); their alerts by record.
+_OUTCOME_ALERT_INDEXES = (("by_record", ("record_id",)),)
 
 
 class DocCache(LruCache[tuple[str, str], Document]):
@@ -390,6 +411,15 @@ class ReportingStore:
     def counters(self, gen: str) -> AsyncCollection[Document]:
         return self.db[counters_name(gen)]
 
+    def outcomes(self, gen: str) -> AsyncCollection[Document]:
+        return self.db[outcomes_name(gen)]
+
+    def outcome_alerts(self, gen: str) -> AsyncCollection[Document]:
+        return self.db[outcome_alerts_name(gen)]
+
+    def _records(self, gen: str, instrument: str) -> AsyncCollection[Document]:
+        return self.outcomes(gen) if rules.is_outcome(instrument) else self.clients(gen)
+
     async def ensure_indexes(self, gen: str) -> None:
         """Create one generation's query indexes (idempotent; done once per process and generation).
 
@@ -398,7 +428,7 @@ class ReportingStore:
         if gen in self._indexed:
             return
         for col, indexes in ((self.clients(gen), _RECORD_INDEXES), (self.counters(gen), _COUNTER_INDEXES),
-                             (self.alerts(gen), _ALERT_INDEXES)):
+                             (self.alerts(gen), _ALERT_INDEXES), (self.outcome_alerts(gen), _OUTCOME_ALERT_INDEXES)):
             for name, fields in indexes:
                 await col.create_index([("tenant_id", ASCENDING), *((f, ASCENDING) for f in fields)], name=name)
         self._indexed.add(gen)
@@ -406,6 +436,17 @@ class ReportingStore:
     # ------------------------------------------------------------------ writes
 
     async def apply_scored(self, gen: str, events: Sequence[SrsScored], *, fresh: bool = False) -> ApplyReport:
+        """Merge scored SRS-family events into their records (`_apply_records`), with their
+        counter moves."""
+        return await self._apply_records(gen, self.clients(gen), events, counted=True, fresh=fresh)
+
+    async def apply_outcomes(self, gen: str, events: Sequence[OrsScored], *, fresh: bool = False) -> ApplyReport:
+        """Merge scored ORS-family events into their outcome records (`reporting_<gen>_outcomes`):
+        the same merge, writes and size cap as the alliance records; they move no counter."""
+        return await self._apply_records(gen, self.outcomes(gen), events, counted=False, fresh=fresh)
+
+    async def _apply_records(self, gen: str, col: AsyncCollection[Document], events: Sequence[rules.Scored], *,
+                             counted: bool, fresh: bool) -> ApplyReport:
         """Merge scored events into their records with one bulk write per round.
 
         Current documents come from the cache, else from one `find` of the misses; with `fresh`
@@ -420,7 +461,6 @@ class ReportingStore:
         groups = rules.group_by_record(events)
         pending = set(groups)
         must_read: set[str] = set()
-        col = self.clients(gen)
         for attempt in range(self._retries + 1):
             if not pending:
                 break
@@ -455,7 +495,8 @@ class ReportingStore:
                         self.cache.put((gen, rid), old)
                     continue
                 result.doc["updated_at"] = datetime.now(UTC)
-                with_pending(result.doc, old, result.groups)
+                if counted:
+                    with_pending(result.doc, old, result.groups)
                 stored = to_stored(result.doc)
                 size = len(bson.encode(stored))
                 if size > self.max_record_bytes:
@@ -540,6 +581,22 @@ class ReportingStore:
         return done
 
     async def apply_deterioration(self, gen: str, events: Sequence[AllianceDeterioration]) -> int:
+        """Record raised (or revised) alliance alerts (`_apply_raises`), then count them."""
+        written = await self._apply_raises(self.alerts(gen), events)
+        await self.count_alerts(gen, {e.alert_id for e in events})
+        return written
+
+    async def apply_outcome_alerts(self, gen: str, events: Sequence[OutcomeAlert]) -> int:
+        """Record raised (or revised) outcome alerts in their own collection (so the alliance
+        alert counts of summaries stay what they were), merged the same way."""
+        return await self._apply_raises(self.outcome_alerts(gen), events)
+
+    async def apply_outcome_alert_status(self, gen: str, events: Sequence[OutcomeAlertStatusChanged]) -> int:
+        """Record what happened to outcome alerts (`_apply_statuses`)."""
+        return await self._apply_statuses(self.outcome_alerts(gen), events)
+
+    @staticmethod
+    async def _apply_raises(col: AsyncCollection[Document], events: Sequence[rules.AlertRaise]) -> int:
         """Record raised (or revised) alerts; one bulk write.
 
         Every update is a max (the lifecycle key with `$max`, the earliest raise time with
@@ -554,11 +611,17 @@ class ReportingStore:
                           "$min": {"raised_at": e.occurred_at},
                           "$setOnInsert": {"acknowledged": False}}, upsert=True)
                for e in events]
-        await self.alerts(gen).bulk_write(ops, ordered=False)
-        await self.count_alerts(gen, {e.alert_id for e in events})
+        await col.bulk_write(ops, ordered=False)
         return len(ops)
 
     async def apply_alert_status(self, gen: str, events: Sequence[AlertStatusChanged]) -> int:
+        """Record what happened to alliance alerts (`_apply_statuses`), then count them."""
+        written = await self._apply_statuses(self.alerts(gen), events)
+        await self.count_alerts(gen, {e.alert_id for e in events})
+        return written
+
+    @staticmethod
+    async def _apply_statuses(col: AsyncCollection[Document], events: Sequence[AlertStatusChanged]) -> int:
         """Record what happened to alerts; may arrive before the alert itself. One bulk write.
 
         Every update is a monotone fact (a flag turning true, the earliest time per status, the
@@ -582,8 +645,7 @@ class ReportingStore:
             else:
                 update["$setOnInsert"]["acknowledged"] = False
             ops.append(UpdateOne({"_id": e.alert_id, "tenant_id": e.tenant_id}, update, upsert=True))
-        await self.alerts(gen).bulk_write(ops, ordered=False)
-        await self.count_alerts(gen, {e.alert_id for e in events})
+        await col.bulk_write(ops, ordered=False)
         return len(ops)
 
     async def count_alerts(self, gen: str, alert_ids: Collection[str]) -> int:
@@ -653,19 +715,22 @@ class ReportingStore:
                      site_id: str | None = None) -> Document | None:
         """The record of a client and instrument (None when unknown, empty, or owned by another
         site than `site_id`)."""
-        doc = await self.clients(gen).find_one({"_id": rules.record_id(tenant_id, client_id, instrument)})
+        doc = await self._records(gen, instrument).find_one({"_id": rules.record_id(tenant_id, client_id, instrument)})
         if doc is None or doc.get("tenant_id") != tenant_id or not doc.get("session_count"):
             return None
         if site_id is not None and doc.get("site_id") != site_id:
             return None
         return from_stored(doc)
 
-    async def alerts_for(self, gen: str, tenant_id: str, record_ids: Sequence[str]) -> dict[str, list[Document]]:
-        """Alerts of some records, grouped by record id (one query)."""
+    async def alerts_for(self, gen: str, tenant_id: str, record_ids: Sequence[str], *,
+                         outcome: bool = False) -> dict[str, list[Document]]:
+        """Alerts of some records (alliance ones; outcome ones with `outcome`), grouped by record
+        id (one query)."""
         out: dict[str, list[Document]] = {t: [] for t in record_ids}
         if not record_ids:
             return out
-        cursor = self.alerts(gen).find({"tenant_id": tenant_id, "record_id": {"$in": list(record_ids)}})
+        col = self.outcome_alerts(gen) if outcome else self.alerts(gen)
+        cursor = col.find({"tenant_id": tenant_id, "record_id": {"$in": list(record_ids)}})
         async for a in cursor:
             out.setdefault(a["record_id"], []).append(a)
         return out
@@ -768,7 +833,7 @@ class SubmissionStore:
                 {"$set": {name: part}, "$setOnInsert": {"tenant_id": tenant_id, "submission_id": submission_id}},
                 upsert=True))
         return await guarded_upserts(self.col, ops)
-    async def apply_scored(self, events: Sequence[SrsScored]) -> int:
+    async def apply_scored(self, events: Sequence[rules.Scored]) -> int:
         """The `scored` part of each event's submission and the `superseded` part of the one it
         names in `supersedes`."""
         owners: dict[str, tuple[str, str]] = {}
@@ -783,7 +848,7 @@ class SubmissionStore:
                 parts.append((old, "superseded", rules.superseded_part(e)))
         return await self._write(rules.fold_parts(parts), owners)
 
-    async def apply_rejected(self, rejections: Sequence[tuple[str, DeadLetter, SrsSubmitted]]) -> int:
+    async def apply_rejected(self, rejections: Sequence[tuple[str, DeadLetter, rules.Submitted]]) -> int:
         """The `rejected` part of dead-lettered submissions, given as (tenant, dead letter, submission)."""
         owners: dict[str, tuple[str, str]] = {}
         parts: list[tuple[str, str, Document]] = []

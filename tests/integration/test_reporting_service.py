@@ -90,7 +90,9 @@ def client_sessions(tenant_id: str, client: str, totals: list[float], **kw: Any)
 def untenanted(view: dict[str, Any]) -> dict[str, Any]:
     """A trajectory without its submission ids (the demo derives them from the tenant)."""
     sessions = [{k: v for k, v in s.items() if k != "submission_id"} for s in view["sessions"]]
-    return {**view, "sessions": sessions}
+    aligned = [{**row, "srs": row["srs"] and {k: v for k, v in row["srs"].items() if k != "submission_id"}}
+               for row in view.get("aligned", [])]
+    return {**view, "sessions": sessions, "aligned": aligned}
 
 
 async def trajectory_of(r: Reporting, key: str, client: str, count: int, corrected: float | None = None,

@@ -32,11 +32,12 @@ def test_openapi_documents_bearer_auth_and_response_bodies() -> None:
     assert {"401", "403", "404"} <= set(op["responses"])
 
 
-def test_asyncapi_shows_the_four_subscriptions_and_the_dead_letters() -> None:
+def test_asyncapi_shows_the_subscriptions_of_both_scales_and_the_dead_letters() -> None:
     app = asyncapi_app(ReportingConfig(kafka=KafkaSettings(topic_prefix="")))
     spec = json.loads(app.schema.to_specification().to_json())
     addresses = {c["address"] for c in spec["channels"].values()}
-    assert addresses == {"srs.scored.v1", "alliance.deterioration.v1", "alliance.alert-status.v1", "srs.deadletter.v1"}
+    assert addresses == {"srs.scored.v1", "alliance.deterioration.v1", "alliance.alert-status.v1", "srs.deadletter.v1",
+                         "ors.scored.v1", "outcome.alert.v1", "outcome.alert-status.v1"}
     actions = {(spec["channels"][o["channel"]["$ref"].split("/")[-1]]["address"], o["action"])
                for o in spec["operations"].values()}
     assert {("srs.deadletter.v1", "receive"), ("srs.deadletter.v1", "send")} <= actions

@@ -1,0 +1,168 @@
+"""The outcome half (ORS) through the reporting service as a process on the real local broker and
+store: `ors.scored.v1`, `outcome.alert.v1` and `outcome.alert-status.v1` in, the trajectory (both
+scales aligned by session), the FHIR bundle and the submission status out; and a rebuild that
+replays the ORS topics too. Events are built with the real contract models."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from services.reporting.rebuild import rebuild
+from services.reporting.settings import ReportingSettings
+from shared.events import AlertStatus, DeadLetter, OrsSubmitted, Severity
+from shared.ids import derive
+from tests.integration.test_reporting_service import Reporting, reporting, reporting_process, tenant, until
+from tests.support.outcome_events import (
+    ors_scored,
+    outcome_alert_for,
+    outcome_series,
+    outcome_status,
+    publish_outcome,
+)
+from tests.support.wait import eventually
+from tools.demo import deterioration_for, publish, scored
+
+__all__ = ["reporting", "reporting_process"]  # the service module's fixtures: one process for this module
+
+
+def srs_sessions(t: str, client: str, totals: list[float]) -> list[Any]:
+    out, previous = [], None
+    for n, total in enumerate(totals, start=1):
+        out.append(scored(t, client, n, total, episode_id="ep-1", previous_total=previous))
+        previous = total
+    return out
+
+
+def has_ors(count: int) -> Callable[[dict[str, Any]], bool]:
+    return lambda b: b["outcome"] is not None and len(b["outcome"]["sessions"]) == count
+
+
+async def test_the_trajectory_returns_both_scales_aligned_by_session_as_scoring_scored_them(
+        reporting: Reporting) -> None:
+    t = tenant()
+    srs = srs_sessions(t, "c1", [38.0, 36.0, 35.0])
+    ors = outcome_series(t, "c1", [18.0, 21.0, 24.5, 26.0])
+    await publish(reporting.ns.kafka(), srs)
+    await publish_outcome(reporting.ns.kafka(), ors)
+    key = await reporting.key(t)
+    body = await until(reporting, "/v1/clients/c1/trajectory", key, lambda b: len(b["sessions"]) == 3 and has_ors(4)(b))
+    outcome = body["outcome"]
+    assert (outcome["instrument"], outcome["cutoff"], outcome["intake_total"]) == ("ORS", 25.0, 18.0)
+    assert outcome["reliable_change_band"] == {"low": 13.0, "high": 23.0}
+    latest = outcome["sessions"][-1]
+    assert (latest["change_from_intake"], latest["change"], latest["clinically_significant_improvement"],
+            latest["in_clinical_range"]) == (8.0, "reliable_improvement", True, False)
+    assert [(r["session_number"], (r["srs"] or {}).get("total"), r["ors"]["total"]) for r in body["aligned"]] == [
+        (1, 38.0, 18.0), (2, 36.0, 21.0), (3, 35.0, 24.5), (4, None, 26.0)]
+    # the SRS fields are exactly what they were
+    assert [s["total"] for s in body["sessions"]] == [38.0, 36.0, 35.0] and body["instrument"] == "SRS"
+
+
+async def test_a_corrected_ors_session_shows_its_latest_revision_whatever_the_arrival_order(
+        reporting: Reporting) -> None:
+    t = tenant()
+    ors = outcome_series(t, "c1", [20.0, 13.0])
+    fix = ors_scored(t, "c1", 2, 19.0, intake_total=20.0, previous_total=20.0, revision=2,
+                     submission_id=ors[1].submission_id, administered_at=ors[1].administered_at)
+    await publish(reporting.ns.kafka(), srs_sessions(t, "c1", [38.0, 37.0]))
+    await publish_outcome(reporting.ns.kafka(), [ors[0], fix, ors[1], fix])  # stale after newer, duplicate
+    key = await reporting.key(t)
+    body = await until(reporting, "/v1/clients/c1/trajectory", key,
+                                 lambda b: has_ors(2)(b) and b["outcome"]["sessions"][1]["revision"] == 2)
+    session = body["outcome"]["sessions"][1]
+    assert (session["total"], session["change"]) == (19.0, "no_reliable_change")
+
+
+async def test_alerts_of_both_kinds_are_marked_on_their_sessions_with_their_lifecycle(reporting: Reporting) -> None:
+    t = tenant()
+    srs = srs_sessions(t, "c1", [38.0, 30.0])
+    alliance = deterioration_for(srs[1])
+    assert alliance is not None
+    alliance = alliance.model_copy(update={"outcome_at_risk": True, "severity": Severity.CRITICAL})
+    ors = outcome_series(t, "c1", [20.0, 14.0])
+    outcome = outcome_alert_for(ors[1])
+    await publish(reporting.ns.kafka(), [*srs, alliance])
+    await publish_outcome(reporting.ns.kafka(), [outcome_status(outcome, AlertStatus.ACKNOWLEDGED), *ors, outcome])
+    key = await reporting.key(t)
+
+    def marked(b: dict[str, Any]) -> bool:
+        return has_ors(2)(b) and len(b["aligned"]) == 2 and all(
+            b["aligned"][1][scale] and b["aligned"][1][scale]["alert"] for scale in ("srs", "ors"))
+
+    body = await until(reporting, "/v1/clients/c1/trajectory", key, marked)
+    row = body["aligned"][1]
+    assert (row["srs"]["alert"]["severity"], row["srs"]["alert"]["outcome_at_risk"]) == ("critical", True)
+    assert (row["ors"]["alert"]["triggers"], row["ors"]["alert"]["status"]) == (["reliable_deterioration"],
+                                                                                "acknowledged")
+    assert body["outcome"]["sessions"][1]["alert"]["alert_id"] == outcome.alert_id
+    assert [a["alert_id"] for a in body["outcome"]["alerts"]] == [outcome.alert_id]
+    assert [a["alert_id"] for a in body["alerts"]] == [alliance.alert_id]  # the SRS list holds alliance alerts only
+
+    await publish_outcome(reporting.ns.kafka(), [outcome_status(outcome, AlertStatus.WITHDRAWN)])
+    body = await until(reporting, "/v1/clients/c1/trajectory", key,
+                                 lambda b: b["outcome"]["sessions"][1]["alert"]["status"] == "withdrawn")
+    assert body["outcome"]["alerts"][0]["status"] == "withdrawn"
+
+
+async def test_an_ors_submission_answers_its_status_scored_then_superseded(reporting: Reporting) -> None:
+    t = tenant()
+    first = ors_scored(t, "c1", 1, 18.0, intake_total=None, submission_id="ors-1")
+    fix = ors_scored(t, "c1", 1, 19.0, intake_total=None, submission_id="ors-1b", supersedes="ors-1", revision=2,
+                     administered_at=first.administered_at)
+    await publish_outcome(reporting.ns.kafka(), [first])
+    key = await reporting.key(t, role="submit")
+    status = await until(reporting, "/v1/submissions/ors-1", key, lambda b: True)
+    assert (status["status"], status["revision"], status["total"], status["client_id"]) == ("scored", 1, 18.0, "c1")
+    await publish_outcome(reporting.ns.kafka(), [fix])
+    status = await until(reporting, "/v1/submissions/ors-1", key, lambda b: b["status"] == "superseded")
+    assert status["superseded_by"] == "ors-1b"
+    assert (await until(reporting, "/v1/submissions/ors-1b", key, lambda b: True))["status"] == "scored"
+
+
+async def test_a_dead_lettered_ors_submission_is_rejected_with_its_reason(reporting: Reporting) -> None:
+    t = tenant()
+    topics = reporting.ns.kafka().topics()
+    at = datetime.now(UTC)
+    submitted = OrsSubmitted(event_id=derive("ors-sub", t), tenant_id=t, occurred_at=at, submission_id="ors-gap",
+                             site_id="north", clinician_id="c-1", client_id="c1", session_number=99,
+                             administered_at=at, total=20.0, accepted_at=at)
+    dead = DeadLetter(event_id=derive("dl", t), tenant_id=t, occurred_at=at, service="scoring", reason="session_gap",
+                      detail="99 is more than 20 above 1", source_topic=topics.ors_submitted, source_partition=0,
+                      source_offset=3, key=f"{t}:c1", payload=submitted.model_dump_json())
+    await publish(reporting.ns.kafka(), [], raw=[(topics.deadletter, dead.model_dump_json().encode(), b"k")])
+    status = await until(reporting, "/v1/submissions/ors-gap", await reporting.key(t, role="submit"), lambda b: True)
+    assert (status["status"], status["reason"], status["session_number"]) == ("rejected", "session_gap", 99)
+
+
+async def test_the_fhir_bundle_holds_the_ors_sessions_of_the_episode(reporting: Reporting) -> None:
+    t = tenant()
+    await publish(reporting.ns.kafka(), srs_sessions(t, "c1", [38.0]))
+    await publish_outcome(reporting.ns.kafka(), outcome_series(t, "c1", [18.0, 24.0]))
+    key = await reporting.key(t)
+    await until(reporting, "/v1/clients/c1/trajectory", key, has_ors(2))
+    res = await reporting.http.get("/v1/clients/c1/fhir", headers={"Authorization": f"Bearer {key}"})
+    codes = [e["resource"]["code"]["coding"][0]["code"] for e in res.json()["entry"]
+             if e["resource"]["resourceType"] == "Observation"]
+    assert codes == ["SRS-total", "ORS-total", "ORS-total"]
+
+
+async def test_a_rebuild_replays_the_ors_topics_into_the_new_generation(reporting: Reporting) -> None:
+    t = tenant()
+    ors = outcome_series(t, "c1", [20.0, 14.0])
+    outcome = outcome_alert_for(ors[1])
+    await publish(reporting.ns.kafka(), srs_sessions(t, "c1", [38.0, 37.0]))
+    await publish_outcome(reporting.ns.kafka(), [*ors, outcome])
+    key = await reporting.key(t)
+    before = await until(reporting, "/v1/clients/c1/trajectory", key,
+                                   lambda b: has_ors(2)(b) and b["outcome"]["sessions"][1]["alert"] is not None)
+    result = await rebuild(reporting.ns.kafka(), reporting.ns.mongo(), ReportingSettings(), idle_seconds=5)
+    assert result.switched
+
+    async def switched() -> dict[str, Any] | None:
+        res = await reporting.http.get("/v1/clients/c1/trajectory", headers={"Authorization": f"Bearer {key}"})
+        return res.json() if res.headers["x-reporting-generation"] == result.generation else None
+
+    after = await eventually(switched, timeout=15)
+    assert after["outcome"] == before["outcome"] and after["aligned"] == before["aligned"]

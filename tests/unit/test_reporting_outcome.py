@@ -1,0 +1,245 @@
+"""Reporting's pure rules for the outcome half (ORS): the same merge algebra as the SRS records,
+the ORS series as scoring decided it, both scales aligned by session, and the FHIR resources."""
+
+from __future__ import annotations
+
+import random
+from datetime import timedelta
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.reporting import fhir, rules
+from services.reporting.models import TrajectoryOut
+from shared.events import AlertStatus, Flag, OrsItems, OrsScored, OutcomeInstrument, Severity
+from tests.support.outcome_events import ors_scored, outcome_alert_for, outcome_series
+from tests.unit.test_reporting_rules import content, fold  # the same batched fold the SRS rules are tested with
+from tools.demo import deterioration_for, scored
+
+T = "tenant-o"
+ITEMS = OrsItems(individually=4.0, interpersonally=5.0, socially=4.5, overall=4.5)
+
+
+def corrected(event: OrsScored, total: float, **changes: Any) -> OrsScored:
+    """The next revision of an ORS session with another total (scoring's values recomputed)."""
+    return ors_scored(event.tenant_id, event.client_id, event.session_number, total,
+                      intake_total=event.intake_total if event.session_number > 1 else None,
+                      previous_total=event.previous_total, episode_id=event.episode_id,
+                      revision=changes.pop("revision", event.revision + 1),
+                      submission_id=changes.pop("submission_id", event.submission_id),
+                      administered_at=changes.pop("administered_at", event.administered_at), **changes)
+
+
+def alert_doc(event: Any, *, acknowledged: bool = False) -> dict[str, Any]:
+    """An alert document as the store merges it from one raise."""
+    return {"_id": event.alert_id, **rules.alert_identity(event), "raised": True, "acknowledged": acknowledged,
+            "life": rules.life_key(event.revision, "raised"), "raises": {str(event.revision): rules.alert_raise(event)},
+            "raised_at": event.occurred_at}
+
+
+def test_an_ors_record_is_its_own_record_beside_the_srs_one() -> None:
+    srs = scored(T, "c1", 1, 30.0)
+    ors = ors_scored(T, "c1", 1, 18.0, intake_total=None)
+    assert rules.record_id(T, "c1", srs.instrument) != rules.record_id(T, "c1", ors.instrument)
+    assert set(rules.group_by_record([srs, ors])) == {rules.record_id(T, "c1", "SRS"), rules.record_id(T, "c1", "ORS")}
+
+
+def test_an_ors_record_shows_scoring_s_outcome_of_its_latest_session() -> None:
+    doc = fold(outcome_series(T, "c1", [15.0, 18.0, 21.0]))
+    assert (doc["instrument"], doc["session_count"], doc["latest_total"]) == ("ORS", 3, 21.0)
+    assert (doc["change"], doc["change_from_intake"], doc["cutoff"]) == ("reliable_improvement", 6.0, 25.0)
+    assert doc["age_band"] == "adult" and "at_risk" not in doc  # the alliance's risk is not the outcome's
+
+
+def test_a_duplicated_ors_event_changes_nothing() -> None:
+    e = ors_scored(T, "c1", 1, 18.0, intake_total=None)
+    doc = fold([e])
+    again = rules.merge(doc, [e, e])
+    assert again.doc is None and [o for _, o in again.outcomes] == ["duplicate", "duplicate"]
+
+
+def test_a_corrected_ors_session_shows_its_highest_revision_and_a_stale_replay_does_not_undo_it() -> None:
+    first = outcome_series(T, "c1", [15.0, 12.0])
+    fix = corrected(first[1], 20.5)
+    doc = fold([*first, fix, first[1]])
+    session = rules.outcome_series(doc, [], "ep-1")["sessions"][1]
+    assert (session["total"], session["revision"], session["change"]) == (20.5, 2, "reliable_improvement")
+
+
+def test_a_correction_under_a_new_id_supersedes_the_earlier_ors_submission() -> None:
+    first = outcome_series(T, "c1", [15.0, 12.0])
+    fix = corrected(first[1], 14.0, submission_id="ors-fix", supersedes=first[1].submission_id)
+    result = rules.merge(fold(first), [fix])
+    assert [o for _, o in result.outcomes] == ["corrected"] and result.doc is not None
+    sessions = rules.outcome_series(result.doc, [], "ep-1")["sessions"]
+    assert [s["submission_id"] for s in sessions] == [first[0].submission_id, "ors-fix"]
+
+
+@st.composite
+def ors_replays(draw: st.DrawFn) -> tuple[list[OrsScored], list[OrsScored], int]:
+    totals = draw(st.lists(st.integers(0, 400).map(lambda t: t / 10), min_size=1, max_size=6))
+    clean: list[OrsScored] = list(outcome_series(T, "c1", totals))
+    for n in draw(st.lists(st.integers(0, len(totals) - 1), max_size=4)):
+        current = max((e for e in clean if e.session_number == n + 1), key=lambda e: e.revision)
+        clean.append(corrected(current, draw(st.integers(0, 400)) / 10))
+    rng = random.Random(draw(st.integers(0, 2**32 - 1)))
+    replay = clean + [rng.choice(clean) for _ in range(draw(st.integers(0, 6)))]
+    rng.shuffle(replay)
+    return clean, replay, draw(st.integers(1, 4))
+
+
+@settings(max_examples=150, deadline=None)
+@given(ors_replays())
+def test_any_order_and_batching_of_ors_events_gives_the_ordered_streams_record(
+        data: tuple[list[OrsScored], list[OrsScored], int]) -> None:
+    clean, replay, batch = data
+    ordered = fold(clean, 1)
+    assert content(fold(replay, batch)) == content(ordered)
+    assert rules.merge(ordered, replay).doc is None
+
+
+def test_the_series_carries_scoring_s_values_and_the_reliable_change_band_around_the_intake() -> None:
+    events = outcome_series(T, "c1", [18.0, 19.5, 24.0, 26.0], items=ITEMS)
+    series = rules.outcome_series(fold(events), [], "ep-1")
+    assert (series["instrument"], series["cutoff"], series["reliable_change_index"]) == ("ORS", 25.0, 5.0)
+    assert series["intake_total"] == 18.0
+    assert series["reliable_change_band"] == {"low": 13.0, "high": 23.0}
+    last = series["sessions"][-1]
+    assert (last["change_from_intake"], last["change"], last["clinically_significant_improvement"],
+            last["in_clinical_range"]) == (8.0, "reliable_improvement", True, False)
+    assert series["sessions"][0]["items"] == ITEMS.model_dump()
+    assert [s["change_from_previous"] for s in series["sessions"]] == [None, 1.5, 4.5, 2.0]
+
+
+def test_the_series_shows_what_scoring_published_even_where_a_recomputation_would_differ() -> None:
+    # scoring decided with the tenant's rules (say a cutoff of 28): reporting shows that, never its own
+    event = ors_scored(T, "c1", 1, 26.0, intake_total=None).model_copy(
+        update={"cutoff": 28.0, "in_clinical_range": True, "flags": ["in_clinical_range"]})
+    session = rules.outcome_series(fold([event]), [], "ep-1")["sessions"][0]
+    assert (session["cutoff"], session["in_clinical_range"], session["flags"]) == (28.0, True, ["in_clinical_range"])
+
+
+def test_an_unscored_ycors_session_shows_its_total_without_cutoff_or_band() -> None:
+    event = ors_scored(T, "c1", 1, 30.0, intake_total=None, instrument=OutcomeInstrument.YCORS).model_copy(
+        update={"cutoff": None, "reliable_change_index": None, "intake_total": None, "change_from_intake": None,
+                "change": None, "in_clinical_range": None, "flags": [], "triggers": [], "severity": None})
+    series = rules.outcome_series(fold([event]), [], "ep-1")
+    assert (series["cutoff"], series["reliable_change_band"], series["sessions"][0]["change"]) == (None, None, None)
+
+
+def test_an_outcome_alert_is_marked_on_its_session_with_its_lifecycle() -> None:
+    events = outcome_series(T, "c1", [20.0, 14.0])
+    alert = alert_doc(outcome_alert_for(events[1]), acknowledged=True)
+    series = rules.outcome_series(fold(events), [alert], "ep-1")
+    assert series["sessions"][0]["alert"] is None
+    mark = series["sessions"][1]["alert"]
+    assert (mark["severity"], mark["triggers"], mark["status"]) == ("critical", ["reliable_deterioration"],
+                                                                    "acknowledged")
+    assert series["alerts"][0]["advice"].startswith("discuss with the client")
+
+
+def test_an_episode_the_ors_record_lacks_gives_an_empty_series() -> None:
+    series = rules.outcome_series(fold(outcome_series(T, "c1", [20.0])), [], "another")
+    assert series["sessions"] == [] and series["latest_total"] is None and series["reliable_change_band"] is None
+
+
+def srs_and_ors(srs_totals: list[float], ors_totals: list[float]) -> tuple[dict[str, Any], dict[str, Any]]:
+    srs = [scored(T, "c1", n, t, episode_id="ep-1") for n, t in enumerate(srs_totals, start=1)]
+    return fold(srs), fold(outcome_series(T, "c1", ors_totals))
+
+
+def test_the_trajectory_keeps_every_srs_field_as_it_was_and_adds_the_outcome_and_the_aligned_view() -> None:
+    srs_doc, ors_doc = srs_and_ors([38.0, 36.0], [18.0, 21.0])
+    before = rules.trajectory_view(srs_doc)
+    view = rules.trajectory_view(srs_doc, (), None, ors_doc, ())
+    assert {k: v for k, v in view.items() if k not in ("outcome", "aligned")} == {
+        k: v for k, v in before.items() if k not in ("outcome", "aligned")}
+    assert before["outcome"] is None and view["outcome"]["instrument"] == "ORS"
+    TrajectoryOut.model_validate(view)
+    TrajectoryOut.model_validate(before)
+
+
+def test_the_aligned_view_pairs_both_scales_by_session_and_leaves_a_gap_where_one_is_missing() -> None:
+    srs_doc, ors_doc = srs_and_ors([38.0, 36.0], [18.0, 21.0, 24.0])
+    rows = rules.trajectory_view(srs_doc, (), None, ors_doc)["aligned"]
+    assert [(r["episode_id"], r["session_number"]) for r in rows] == [("ep-1", 1), ("ep-1", 2), ("ep-1", 3)]
+    assert [(r["srs"] or {}).get("total") for r in rows] == [38.0, 36.0, None]
+    assert [r["ors"]["total"] for r in rows] == [18.0, 21.0, 24.0]
+    assert rows[2]["srs"] is None and rows[1]["ors"]["change_from_intake"] == 3.0
+
+
+def test_the_aligned_view_marks_both_kinds_of_alert_and_whether_the_outcome_was_at_risk() -> None:
+    srs = [scored(T, "c1", 1, 38.0, episode_id="ep-1"),
+           scored(T, "c1", 2, 30.0, episode_id="ep-1", previous_total=38.0)]
+    alliance = deterioration_for(srs[1])
+    assert alliance is not None
+    alliance = alliance.model_copy(update={"outcome_at_risk": True, "severity": Severity.CRITICAL})
+    ors = outcome_series(T, "c1", [20.0, 14.0])
+    outcome = outcome_alert_for(ors[1])
+    view = rules.trajectory_view(fold(srs), [alert_doc(alliance)], None, fold(ors), [alert_doc(outcome)])
+    row = view["aligned"][1]
+    assert (row["srs"]["alert"]["severity"], row["srs"]["alert"]["outcome_at_risk"]) == ("critical", True)
+    assert row["ors"]["alert"]["triggers"] == ["reliable_deterioration"]
+    assert view["aligned"][0]["srs"]["alert"] is None and view["aligned"][0]["ors"]["alert"] is None
+    assert Flag.DROP_FROM_PREVIOUS in row["srs"]["alert"]["triggers"]
+    TrajectoryOut.model_validate(view)
+
+
+def test_an_outcome_alert_superseded_by_scoring_shows_as_superseded() -> None:
+    ors = outcome_series(T, "c1", [20.0, 14.0])
+    alert = alert_doc(outcome_alert_for(ors[1]))
+    alert["life"] = max(alert["life"], rules.life_key(1, AlertStatus.SUPERSEDED))
+    mark = rules.outcome_series(fold(ors), [alert], "ep-1")["sessions"][1]["alert"]
+    assert mark["status"] == "superseded"
+
+
+def bundle_resources(srs_totals: list[float], ors_events: list[OrsScored]) -> list[dict[str, Any]]:
+    srs = fold([scored(T, "c1", n, t, episode_id="ep-1") for n, t in enumerate(srs_totals, start=1)])
+    return [e["resource"] for e in fhir.trajectory_bundle(srs, None, fold(ors_events))["entry"]]
+
+
+def test_the_fhir_bundle_holds_an_ors_response_and_observation_per_session_after_the_srs_ones() -> None:
+    resources = bundle_resources([38.0], outcome_series(T, "c1", [18.0, 24.0], items=ITEMS))
+    codes = [r["code"]["coding"][0]["code"] for r in resources if r["resourceType"] == "Observation"]
+    assert codes == ["SRS-total", "ORS-total", "ORS-total"]
+    qr = [r for r in resources if r["resourceType"] == "QuestionnaireResponse"][1]
+    assert qr["questionnaire"].endswith(":ORS")
+    assert [i["linkId"] for i in qr["item"]] == ["individually", "interpersonally", "socially", "overall", "total"]
+
+
+def test_an_ors_observation_carries_scoring_s_clinical_range_cutoff_and_change() -> None:
+    resources = bundle_resources([38.0], outcome_series(T, "c1", [18.0, 26.0]))
+    intake, latest = [r for r in resources if r["resourceType"] == "Observation"][1:]
+    assert intake["interpretation"][0]["coding"][0]["code"] == "L"
+    assert latest["interpretation"][0]["coding"][0]["code"] == "N"
+    assert latest["referenceRange"] == [{"low": {"value": 25.0, "unit": "score", "system": fhir.UCUM,
+                                                 "code": "{score}"}, "text": "clinical cutoff"}]
+    ext = {e["url"].rsplit(":", 1)[-1]: next(v for k, v in e.items() if k.startswith("value"))
+           for e in latest["extension"]}
+    assert ext["reliable-change"] == "reliable_improvement" and ext["change-from-intake"] == 8.0
+    assert ext["clinically-significant-improvement"] is True
+
+
+def test_a_corrected_ors_session_keeps_its_fhir_ids_with_its_revision_as_version_and_amended() -> None:
+    first = outcome_series(T, "c1", [18.0, 12.0])
+    fix = corrected(first[1], 14.0, submission_id="ors-fix", supersedes=first[1].submission_id)
+    before = [r for r in bundle_resources([38.0], first) if "ORS" in str(r.get("questionnaire", r.get("code")))]
+    after = [r for r in bundle_resources([38.0], [*first, fix]) if "ORS" in str(r.get("questionnaire", r.get("code")))]
+    assert [r["id"] for r in before] == [r["id"] for r in after]
+    amended = [r for r in after if r["meta"]["versionId"] == "2"]
+    assert len(amended) == 2 and {r["status"] for r in amended} == {"amended"}
+    assert all(r["status"] in ("completed", "final") for r in after if r["meta"]["versionId"] == "1")
+
+
+def test_ors_and_srs_resources_of_one_session_have_different_ids() -> None:
+    resources = bundle_resources([38.0], outcome_series(T, "c1", [18.0]))
+    assert len({r["id"] for r in resources}) == 4
+
+
+def test_a_later_scored_time_of_an_ors_correction_is_the_bundle_timestamp() -> None:
+    first = outcome_series(T, "c1", [18.0])
+    fix = corrected(first[0], 19.0, administered_at=first[0].administered_at + timedelta(days=30))
+    srs = fold([scored(T, "c1", 1, 38.0, episode_id="ep-1")])
+    bundle = fhir.trajectory_bundle(srs, None, fold([*first, fix]))
+    assert bundle["timestamp"] == fix.scored_at.isoformat()
