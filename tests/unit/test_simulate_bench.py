@@ -5,9 +5,17 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 
+from services.intake.models import check_submission
 from tests.unit.test_simulate_plan import issue3_errors
 from tools.bench.common import percentile
-from tools.bench.system import DETERIORATING, HEALTHY, bench_plan
+from tools.bench.system import (
+    DETERIORATING,
+    HEALTHY,
+    ORS_DETERIORATING,
+    ORS_IMPROVED,
+    ORS_INTAKE,
+    bench_plan,
+)
 
 NOW = datetime(2026, 11, 25, 15, 0, tzinfo=UTC)
 
@@ -40,3 +48,30 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile(values, 100) == 100.0
     assert percentile([3.0], 95) == 3.0
     assert math.isnan(percentile([], 50))
+
+
+def test_the_ors_plan_starts_every_client_at_intake_and_deteriorates_only_later_sessions() -> None:
+    planned = bench_plan(1000, 37, "r", 10, NOW, ors=True)
+    for p in planned:
+        first = p.body["session_number"] == 1
+        assert p.body["instrument"] == "ORS"
+        assert (p.body["items"] == ORS_INTAKE) is first
+        bad = p.seq % 10 == 9 and not first
+        assert p.body["items"] == (ORS_DETERIORATING if bad else ORS_INTAKE if first else ORS_IMPROVED)
+
+
+def test_the_ors_plan_deteriorates_reliably_from_intake_and_improves_reliably_across_the_cutoff() -> None:
+    intake, improved, bad = (sum(x.values()) for x in (ORS_INTAKE, ORS_IMPROVED, ORS_DETERIORATING))
+    assert intake < 25.0 <= improved and improved - intake >= 5 and intake - bad >= 5  # docs/outcome.md
+
+
+def test_every_ors_of_the_plan_passes_intakes_rules() -> None:
+    for p in bench_plan(200, 37, "r", 10, NOW, ors=True):
+        assert check_submission(p.body, NOW)[1] == []
+
+
+def test_the_srs_plan_carries_no_field_of_the_ors() -> None:
+    for p in bench_plan(50, 7, "r", 10, NOW):
+        assert p.body["instrument"] == "SRS" and "client_age" not in p.body
+        assert list(p.body) == ["submission_id", "instrument", "client_id", "clinician_id", "site_id",
+                                "session_number", "administered_at", "items"]

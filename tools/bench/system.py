@@ -20,6 +20,13 @@ What it does, in one run on this machine:
 6. Peak RSS (VmHWM) and CPU seconds per service, broker and store, the machine's load average
    (a shared machine skews every figure); optionally the per-service benches
    (`--service-benches`: each `services/<svc>/bench.py`, run after this one).
+7. ORS phase (`--ors-duration`, default 15 s; 0 skips it): single ORS posts at the same offered
+   rate, every `deteriorate_every`-th a reliable deterioration, measuring accepted -> `ors.scored.v1`
+   and accepted -> outcome webhook. It runs after everything above, and after the CPU and peak RSS
+   figures were taken, so every SRS figure is measured exactly as before the ORS existed (the A/B
+   of issue 11 stays comparable) and the ORS traffic cannot disturb it. Before timing, one ORS
+   must be scored (and its outcome alert delivered) within `--ors-ready-timeout`: a scoring (or
+   alerts) service that does not handle the ORS yet leaves a note, not a failed bench.
 
 Figures come from one run on one machine; nothing here is a test assertion.
 """
@@ -39,7 +46,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -50,6 +57,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from shared.events import ORS_ITEM_NAMES
 from shared.kafka import InboundRecord, admin_security_kwargs
 from shared.settings import KafkaSettings, MongoSettings
 from shared.topic_admin import ensure_topics
@@ -192,12 +200,22 @@ HEALTHY = {"relationship": 9.5, "goals": 9.5, "approach": 9.5, "overall": 9.5}  
 DETERIORATING = {"relationship": 7.0, "goals": 7.0, "approach": 7.0, "overall": 7.0}  # 28.0: below cutoff
 
 
+# The ORS phase (docs/outcome.md): every client starts at 20.0 (below the adult cutoff of 25), then
+# improves reliably (+8, above the cutoff: neither not-on-track nor any other alert) - except the
+# deteriorating sessions, a reliable deterioration (-8 from intake: a critical outcome alert).
+ORS_INTAKE = dict.fromkeys(ORS_ITEM_NAMES, 5.0)  # 20.0
+ORS_IMPROVED = dict.fromkeys(ORS_ITEM_NAMES, 7.0)  # 28.0
+ORS_DETERIORATING = dict.fromkeys(ORS_ITEM_NAMES, 3.0)  # 12.0
+
+
 def bench_plan(count: int, clients: int, run: str, deteriorate_every: int, now: datetime,
-               sites: int = 2, clinicians: int = 4) -> list[PlannedSubmission]:
+               sites: int = 2, clinicians: int = 4, ors: bool = False) -> list[PlannedSubmission]:
     """Round-robin sessions over `clients`; every `deteriorate_every`-th submission is below cutoff.
 
     Healthy sessions all total 38.0 (no drop, no cutoff), so exactly the deteriorating ones raise
     an alert; each client's sessions are posted in order, seconds apart, so each is the latest.
+    With `ors`, ORS forms instead (`ORS_INTAKE` first, then `ORS_IMPROVED` or `ORS_DETERIORATING`;
+    a first session is never deteriorating: it is the intake every change is measured from).
     """
     out: list[PlannedSubmission] = []
     base = now - timedelta(days=1)
@@ -205,12 +223,15 @@ def bench_plan(count: int, clients: int, run: str, deteriorate_every: int, now: 
         c = i % clients
         n = i // clients + 1
         bad = deteriorate_every > 0 and i % deteriorate_every == deteriorate_every - 1
-        body = {
+        body: dict[str, Any] = {
             "submission_id": f"bench-{run}-{i:07d}", "instrument": "SRS", "client_id": f"bc-{run}-{c:05d}",
             "clinician_id": f"bench-clin-{c % clinicians + 1}", "site_id": f"bench-site-{c % sites + 1}",
             "session_number": n, "administered_at": (base + timedelta(minutes=n)).isoformat(),
             "items": DETERIORATING if bad else HEALTHY,
         }
+        if ors:
+            body.update(instrument="ORS", client_age=34,
+                        items=ORS_INTAKE if n == 1 else ORS_DETERIORATING if bad else ORS_IMPROVED)
         out.append(PlannedSubmission(i, 0, "new", body, None, c, n))
     return out
 
@@ -279,15 +300,16 @@ class LoopLag:
 
 
 class ScoredReader:
-    """Reads `srs.scored.v1` from the beginning (a fresh topic): when each submission was first scored."""
+    """Reads `srs.scored.v1` (or `topic`, e.g. `ors.scored.v1`) from the beginning (a fresh topic):
+    when each submission was first scored."""
 
-    def __init__(self, kafka: KafkaSettings) -> None:
+    def __init__(self, kafka: KafkaSettings, topic: str | None = None) -> None:
         self.first: dict[str, float] = {}
         self.flags: dict[str, tuple[bool, tuple[str, ...]]] = {}  # submission -> (latest, flags)
         # a short fetch wait: the broker otherwise holds an empty fetch for up to 500 ms, which
         # would be measured as pipeline latency
-        self.recorder = TopicRecorder(kafka.bootstrap, kafka.topics().scored, kafka=kafka, fetch_max_wait_ms=10,
-                                      on_record=self._record)
+        self.recorder = TopicRecorder(kafka.bootstrap, topic or kafka.topics().scored, kafka=kafka,
+                                      fetch_max_wait_ms=10, on_record=self._record)
 
     def _record(self, r: InboundRecord, at: float) -> None:
         with contextlib.suppress(ValueError, AttributeError, TypeError):
@@ -378,6 +400,8 @@ class Options:
     visible_timeout: float = 15.0
     visible_probes: int = 8
     ready_timeout: float = 120.0
+    ors_duration: float = 15.0  # the ORS phase, after everything SRS (0: skipped)
+    ors_ready_timeout: float = 30.0
 
 
 @dataclass
@@ -424,8 +448,10 @@ async def setup_tenant(stack: Stack, urls: dict[str, str], hook_url: str, clinic
     return submit, read, secret
 
 
-async def measure(stack: Stack, urls: dict[str, str], opts: Options, res: Results) -> None:
-    """Warm up, then the latency phase, then the throughput burst."""
+async def measure(stack: Stack, urls: dict[str, str], opts: Options, res: Results,
+                  before_ors: Callable[[], None] | None = None) -> None:
+    """Warm up, then the latency phase, then the throughput burst; then (`opts.ors_duration`) the ORS
+    phase, after calling `before_ors` (the bench takes its CPU and peak RSS figures there)."""
     lag = LoopLag()
     lag.start()
     receiver = Webhooks()
@@ -535,6 +561,10 @@ async def measure(stack: Stack, urls: dict[str, str], opts: Options, res: Result
         # Throughput phase: a burst through the batch endpoint.
         if opts.burst > 0:
             await burst(stack, urls, opts, res, submit, reader, http)
+        if opts.ors_duration > 0:
+            if before_ors is not None:
+                before_ors()
+            await ors_phase(stack, opts, res, urls["intake"], submit, receiver, alerts, lag)
     finally:
         lag.stop()
         for t in list(probe.tasks):
@@ -601,6 +631,82 @@ async def burst(stack: Stack, urls: dict[str, str], opts: Options, res: Results,
         res.notes.append("burst: reporting did not apply every scored event within the drain timeout")
 
 
+ORS_POST, ORS_SCORED, ORS_WEBHOOK = ("ORS (0) POST sent -> 202 received (intake)",
+                                     "ORS (a) accepted -> ors.scored.v1 event",
+                                     "ORS (c) accepted -> outcome webhook received")
+
+
+async def ors_phase(stack: Stack, opts: Options, res: Results, intake_url: str, submit: str, receiver: Webhooks,
+                    alerts: bool, lag: LoopLag) -> None:
+    """Single ORS posts at `opts.rate` for `opts.ors_duration` s: accepted -> scored, accepted -> webhook.
+    Figures only once one ORS has gone the whole way: scoring and alerts may not handle it yet."""
+    reader = ScoredReader(stack.kafka, stack.kafka.topics().ors_scored)
+    await reader.start()
+    try:
+        run = secrets.token_hex(3)
+        # Warm-up: one client's intake, then a reliable deterioration (its outcome alert).
+        warm = bench_plan(2, 1, f"ow{run}", 2, datetime.now(UTC), ors=True)
+        await send(warm, intake_url, [submit], rate=10, duration=5)
+        last = warm[-1].submission_id
+
+        async def scored() -> bool:
+            return last in reader.first
+
+        async def delivered() -> bool:
+            return last in receiver.first
+
+        if not await until(scored, opts.ors_ready_timeout, 0.2):
+            res.notes.append(f"ORS: no ors.scored.v1 event within {opts.ors_ready_timeout:.0f} s of the warm-up "
+                             "(does scoring score the ORS yet?): the ORS figures were not measured")
+            return
+        hooks = alerts and await until(delivered, opts.ors_ready_timeout, 0.2)
+        if alerts and not hooks:
+            res.notes.append(f"ORS: the warm-up's outcome alert reached no webhook within "
+                             f"{opts.ors_ready_timeout:.0f} s (does alerts deliver outcome alerts yet?): "
+                             "ORS (c) not measured")
+        count = max(1, int(opts.rate * opts.ors_duration))
+        # At least 4 sessions per client: a first session is the intake and never deteriorates.
+        planned = bench_plan(count, max(1, min(opts.clients, count // 4)), f"o{run}", opts.deteriorate_every,
+                             datetime.now(UTC), ors=True)
+        accepted: dict[str, float] = {}
+        post_latency: list[float] = []
+
+        def on_result(p: PlannedSubmission, outcome: str, status: str, at: float, started: float) -> None:
+            if outcome == "accepted":
+                accepted[p.submission_id] = at
+                post_latency.append(at - started)
+
+        lag.samples.clear()
+        stats = await send(planned, intake_url, [submit], opts.rate, opts.ors_duration, on_result=on_result)
+        res.latency["ORS bench event-loop lag (10 ms ticks, sending)"] = list(lag.samples)
+        deteriorated = {p.submission_id for p in planned if p.body["items"] == ORS_DETERIORATING} & set(accepted)
+
+        def expected() -> set[str]:  # as for the SRS: a session superseded before it was scored raises none
+            return {s for s in deteriorated if reader.flags.get(s, (True, ()))[0]}
+
+        async def drained() -> bool:
+            return set(accepted) <= set(reader.first) and (not hooks or expected() <= set(receiver.first))
+
+        await until(drained, opts.drain_timeout, 0.2)
+        wanted = expected()
+        res.latency[ORS_POST] = post_latency
+        res.expected[ORS_POST] = stats.sent
+        res.latency[ORS_SCORED] = [max(0.0, reader.first[s] - t) for s, t in accepted.items() if s in reader.first]
+        res.expected[ORS_SCORED] = len(accepted)
+        if hooks:
+            res.latency[ORS_WEBHOOK] = [max(0.0, receiver.first[s] - accepted[s]) for s in wanted
+                                        if s in receiver.first]
+            res.expected[ORS_WEBHOOK] = len(wanted)
+        res.counts.update({
+            "ORS sent": stats.sent, "ORS accepted": stats.accepted,
+            "ORS reliable deteriorations accepted": len(deteriorated),
+            "ORS outcome alerts expected": len(wanted),
+            "ORS outcome alerts received": len(wanted & set(receiver.first)) if hooks else "not measured",
+        })
+    finally:
+        await reader.stop()
+
+
 def run_service_benches() -> None:
     """Run each `services/<svc>/bench.py` that exists (each starts its own stack unless given one)."""
     for svc in SERVICES:
@@ -650,6 +756,9 @@ def report(res: Results, opts: Options) -> None:
     console.print(lat)
     console.print(f"(b) polls every {opts.visible_poll * 1000:.0f} ms, every {opts.visible_sample}th submission, "
                   f"at most {opts.visible_probes} probes at once")
+    if ORS_SCORED in res.latency:
+        console.print(f"ORS rows: a phase of its own after the burst, {opts.ors_duration:g} s at the same rate, "
+                      f"every {opts.deteriorate_every}th a reliable deterioration (a critical outcome alert)")
 
     if res.throughput:
         thr = Table(title=f"throughput: a burst of {opts.burst} submissions in batches of {opts.batch_size}, "
@@ -721,6 +830,11 @@ def bench(
                                                 min=1)] = 5,
     visible_probes: Annotated[int, typer.Option(help="at most this many trajectory probes at once (each polls "
                                                      "every 50 ms), so probing cannot become the load", min=1)] = 8,
+    ors_duration: Annotated[float, typer.Option(help="seconds of the ORS phase, run after every SRS figure was "
+                                                     "taken (0: skip it)", min=0)] = 15.0,
+    ors_ready_timeout: Annotated[float, typer.Option(help="seconds the ORS warm-up may take to be scored (and its "
+                                                          "outcome alert delivered) before the ORS figures are left "
+                                                          "out with a note", min=1)] = 30.0,
     mongo_memory: Annotated[bool, typer.Option(help="run the local store in memory instead of on disk")] = False,
     service_benches: Annotated[bool, typer.Option(help="then run each services/<svc>/bench.py")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the figures to this file")] = None,
@@ -729,7 +843,8 @@ def bench(
     """End-to-end benchmark: raw broker/store limits, latency to scored/visible/webhook, stage rates, RSS."""
     opts = Options(rate=rate, duration=duration, deteriorate_every=deteriorate_every, clients=clients, burst=burst,
                    batch_size=batch_size, raw_records=raw_records, raw_upserts=raw_upserts,
-                   visible_sample=visible_sample, visible_probes=visible_probes)
+                   visible_sample=visible_sample, visible_probes=visible_probes, ors_duration=ors_duration,
+                   ors_ready_timeout=ors_ready_timeout)
     missing = missing_services()
     if "intake" in missing or "scoring" in missing:
         console.print(f"[red]not runnable yet (no app.py/__main__.py): {', '.join(missing)}")
@@ -766,20 +881,26 @@ def bench(
             pids.update({PROC_NAMES.get(n, n): pid for n, pid in stack.pids.items()})
             cpu0 = {n: cpu_seconds(pid) for n, pid in pids.items()}
             own0 = sum(os.times()[:2])
-            asyncio.run(measure(stack, {s: p.url for s, p in procs.items()}, opts, res))
-            for n, pid in pids.items():
-                used = cpu_seconds(pid) - cpu0.get(n, math.nan)
-                res.cpu_s[n] = None if math.isnan(used) else used
-            res.cpu_s["bench (load generator, probes, receiver)"] = sum(os.times()[:2]) - own0
-            res.counts["load average (1 min) at end"] = round(os.getloadavg()[0], 2)
+
+            def snapshot() -> None:
+                """CPU used and peak RSS so far: taken before the ORS phase, so they stay SRS-only figures."""
+                for n, pid in pids.items():
+                    used = cpu_seconds(pid) - cpu0.get(n, math.nan)
+                    res.cpu_s[n] = None if math.isnan(used) else used
+                res.cpu_s["bench (load generator, probes, receiver)"] = sum(os.times()[:2]) - own0
+                res.counts["load average (1 min) at end"] = round(os.getloadavg()[0], 2)
+                for s, p in procs.items():
+                    res.rss_kb[s] = vm_hwm_kb(p.proc.pid) if p.proc is not None else None
+                for name, pid in stack.pids.items():
+                    res.rss_kb[PROC_NAMES.get(name, name)] = vm_hwm_kb(pid)
+
+            asyncio.run(measure(stack, {s: p.url for s, p in procs.items()}, opts, res, before_ors=snapshot))
+            if not res.cpu_s:  # no ORS phase: taken here, as before the ORS existed
+                snapshot()
             for s, p in procs.items():  # kept for a closer look (histograms of each stage)
                 with contextlib.suppress(httpx.HTTPError):
                     (data / f"{s}.metrics.txt").write_text(httpx.get(p.url + "/metrics", timeout=5).text)
             res.counts["cpus"] = os.cpu_count()
-            for s, p in procs.items():
-                res.rss_kb[s] = vm_hwm_kb(p.proc.pid) if p.proc is not None else None
-            for name, pid in stack.pids.items():
-                res.rss_kb[PROC_NAMES.get(name, name)] = vm_hwm_kb(pid)
         finally:
             for p in procs.values():
                 p.stop()
