@@ -18,13 +18,14 @@ from playwright.async_api import Browser
 from pymongo import AsyncMongoClient
 
 from shared.auth import create_key
-from shared.events import AllianceDeterioration, SrsScored
+from shared.events import AlertStatus, AllianceDeterioration, Severity, SrsScored
 from shared.mongo import Document
 from tests.support.browser import CHROMIUM, chromium, sign_in
+from tests.support.outcome_events import outcome_alert_for, outcome_series, outcome_status, publish_outcome
 from tests.support.reporting import counters_verified
 from tests.support.services import Namespace, ServiceProcess, service_fixture
 from tests.support.wait import eventually
-from tools.demo import DemoSpec, acknowledgement, demo_events, publish
+from tools.demo import DemoSpec, acknowledgement, demo_events, deterioration_for, publish, scored
 
 SPEC = DemoSpec(tenant_id="demo-dash", sites=("north", "south"), clinicians_per_site=1, clients_per_clinician=7,
                 sessions=9, seed=11)
@@ -190,5 +191,100 @@ async def test_a_wrong_key_is_sent_back_to_sign_in(browser: Browser, reporting: 
         await page.wait_for_selector("#signin-error:not(:empty)")
         assert await page.locator("#signin").is_visible()
         assert await page.locator("#cards li.card").count() == 0
+    finally:
+        await context.close()
+
+
+ORS_TENANT = "demo-ors"
+ORS_CLIENT = "ors-1"
+# An episode where the outcome falls while the alliance holds, then both fall: the ORS from an intake of
+# 18 to 11 (reliable deterioration at sessions 5 and 6), the SRS dropping at session 6.
+ORS_TOTALS = [18.0, 17.0, 15.5, 14.0, 12.5, 11.0]
+SRS_TOTALS = [38.0, 37.5, 37.0, 37.5, 36.5, 31.0]
+
+
+@pytest.fixture(scope="module")
+async def outcome_demo(namespace_m: Namespace, reporting: ServiceProcess) -> dict[str, Any]:
+    """One client's episode on both scales through the real consumers: an outcome alert raised at
+    session 5 and superseded by session 6's, an alliance alert at session 6 with outcome_at_risk."""
+    srs, previous = [], None
+    for n, total in enumerate(SRS_TOTALS, start=1):
+        srs.append(scored(ORS_TENANT, ORS_CLIENT, n, total, episode_id="ep-1", previous_total=previous,
+                          clinician_id=CLINICIAN))
+        previous = total
+    alliance = deterioration_for(srs[-1])
+    assert alliance is not None
+    alliance = alliance.model_copy(update={"outcome_at_risk": True, "severity": Severity.CRITICAL})
+    ors = outcome_series(ORS_TENANT, ORS_CLIENT, ORS_TOTALS, clinician_id=CLINICIAN)
+    earlier, latest = outcome_alert_for(ors[4]), outcome_alert_for(ors[5])
+    await publish(namespace_m.kafka(), [*srs, alliance])
+    await publish_outcome(namespace_m.kafka(), [*ors, earlier, latest, outcome_status(earlier, AlertStatus.SUPERSEDED)])
+    mongo: AsyncMongoClient[Document] = AsyncMongoClient(namespace_m.stack.mongo_url, tz_aware=True)
+    try:
+        key, _ = await create_key(mongo[namespace_m.database], ORS_TENANT, "read")
+    finally:
+        await mongo.close()
+
+    async def loaded() -> dict[str, Any] | None:
+        async with httpx.AsyncClient(base_url=reporting.url) as http:
+            res = await http.get(f"/v1/clients/{ORS_CLIENT}/trajectory", headers={"Authorization": f"Bearer {key}"})
+        body: dict[str, Any] = res.json() if res.status_code == 200 else {}
+        marks = [r for r in body.get("aligned", []) for scale in ("srs", "ors") if (r[scale] or {}).get("alert")]
+        superseded = [a for a in (body.get("outcome") or {}).get("alerts", []) if a["status"] == "superseded"]
+        return body if len(body.get("sessions", [])) == 6 and len(marks) == 3 and superseded else None
+
+    return {"key": key, "trajectory": await eventually(loaded, timeout=60)}
+
+
+async def test_the_trajectory_page_draws_the_ors_with_its_band_and_the_srs_with_both_kinds_of_alert(
+        browser: Browser, reporting: ServiceProcess, outcome_demo: dict[str, Any], artifacts: Path) -> None:
+    context = await browser.new_context(viewport={"width": 1280, "height": 1400})
+    page = await context.new_page()
+    try:
+        await sign_in(page, reporting.url, outcome_demo["key"], query=f"?client={ORS_CLIENT}&instrument=SRS")
+        await page.wait_for_selector("#outcome-chart svg path.ors-line")
+        assert await page.locator("#outcome").is_visible()
+        chart = page.locator("#outcome-chart svg.combined")
+        # the ORS line with its cutoff and the reliable change band (intake 18 ± 5), the SRS line with its cutoff
+        assert await chart.locator("circle.ors-point").count() == len(ORS_TOTALS)
+        assert await chart.locator("circle.srs-point").count() == len(SRS_TOTALS)
+        assert await chart.locator("path.srs-line").count() == 1
+        assert await chart.locator("line.ors-cutoff").get_attribute("data-value") == "25"
+        assert await chart.locator("line.srs-cutoff").get_attribute("data-value") == str(
+            outcome_demo["trajectory"]["cutoff"]).removesuffix(".0")
+        band = chart.locator("rect.rci-band")
+        assert (await band.get_attribute("data-low"), await band.get_attribute("data-high")) == ("13", "23")
+        # the points sit where the API says: a point below the band's foot is lower on the page
+        below = await chart.locator("circle.ors-point[data-session='6']").get_attribute("cy")
+        foot = await band.evaluate("r => r.y.baseVal.value + r.height.baseVal.value")
+        assert below is not None and float(below) > foot
+        # alerts of both kinds on their sessions: the superseded outcome alert faint, the alliance one critical
+        outcome_marks = chart.locator("rect.outcome-marker")
+        assert await outcome_marks.count() == 2
+        assert await chart.locator("rect.outcome-marker.superseded[data-session='5']").count() == 1
+        alliance = chart.locator("circle.alliance-marker")
+        assert (await alliance.count(), await alliance.get_attribute("data-severity"),
+                await alliance.get_attribute("data-session")) == (1, "critical", "6")
+        rows = page.locator("#outcome-table tbody tr")
+        assert await rows.count() == len(ORS_TOTALS)
+        last = rows.nth(len(ORS_TOTALS) - 1)
+        assert "reliable deterioration" in (await last.text_content() or "")
+        assert "outcome at risk" in (await last.locator("td.alliance-alert").text_content() or "")
+        # the SRS chart above is unchanged: one point per alliance session
+        assert await page.locator("#detail-chart svg.chart circle.point").count() == len(SRS_TOTALS)
+        await page.screenshot(path=str(artifacts / "reporting-dashboard-outcome.png"), full_page=True)
+    finally:
+        await context.close()
+
+
+async def test_a_client_without_ors_sessions_shows_no_outcome_chart(
+        browser: Browser, reporting: ServiceProcess, demo: dict[str, Any]) -> None:
+    entry = demo["caseload"]["clients"][0]
+    context = await browser.new_context()
+    page = await context.new_page()
+    try:
+        await sign_in(page, reporting.url, demo["key"], query=f"?client={entry['client_id']}&instrument=SRS")
+        await page.wait_for_selector("#detail svg.chart path.line")
+        assert await page.locator("#outcome").is_hidden()
     finally:
         await context.close()

@@ -201,6 +201,9 @@
     const picker = $("episode");
     picker.replaceChildren();
     $("episode-picker").hidden = true;
+    $("outcome").hidden = true;
+    $("outcome-chart").replaceChildren();
+    $("outcome-table").querySelector("tbody").replaceChildren();
     let path = `/v1/clients/${encodeURIComponent(client)}/trajectory?instrument=${encodeURIComponent(instrument)}`;
     if (episode) path += `&episode_id=${encodeURIComponent(episode)}`;
     const t = await api(path);
@@ -245,7 +248,121 @@
       tr.appendChild(el("td", { class: "flags" }, (s.flags || []).join(", ")));
       tbody.appendChild(tr);
     }
+    showOutcome(t);
   }
+
+  // ------------------------------------------------------------------ outcome (ORS) beside the alliance (SRS)
+
+  const ORS_ITEMS = ["individually", "interpersonally", "socially", "overall"];
+  const CHANGE_LABEL = { reliable_improvement: "reliable improvement", reliable_deterioration: "reliable deterioration",
+    no_reliable_change: "no reliable change" };
+
+  function markerClass(base, a) {
+    const ended = a.status === "withdrawn" || a.status === "superseded";
+    return base + (a.acknowledged ? " acknowledged" : "") + (ended ? " " + a.status : "");
+  }
+
+  // Both scales on one 0-40 scale, one x position per session number of the episode (t.aligned):
+  // the ORS line with its clinical cutoff and the reliable change band (intake ± RCI, as scoring
+  // published them), the SRS line with its cutoff, and each session's alerts of either kind.
+  // Every value is the API's; whether a change is reliable is scoring's `change`, never a comparison here.
+  function combinedChart(t) {
+    const o = t.outcome, rows = t.aligned;
+    const w = 820, h = 320, pad = { l: 34, r: 112, t: 12, b: 36 };
+    const root = svg("svg", { class: "chart combined", viewBox: `0 0 ${w} ${h}`, role: "img",
+      "aria-label": `Outcome and alliance of ${t.client_id}` });
+    const nums = rows.map((r) => r.session_number);
+    const lo = Math.min(...nums), hi = Math.max(...nums);
+    const x = (n) => hi === lo ? (pad.l + (w - pad.l - pad.r) / 2) : pad.l + (n - lo) * (w - pad.l - pad.r) / (hi - lo);
+    const y = (v) => pad.t + (Y_MAX - Math.max(0, Math.min(Y_MAX, v))) * (h - pad.t - pad.b) / Y_MAX;
+    const band = o && o.reliable_change_band;
+    if (band) {
+      root.appendChild(svg("rect", { class: "rci-band", x: pad.l, y: y(band.high), width: w - pad.l - pad.r,
+        height: Math.max(0, y(band.low) - y(band.high)), "data-low": band.low, "data-high": band.high }));
+      root.appendChild(svg("line", { class: "intake", x1: pad.l, x2: w - pad.r, y1: y(o.intake_total), y2: y(o.intake_total) }));
+      root.appendChild(svg("text", { class: "axis-label", x: w - pad.r + 4, y: y(o.intake_total) + 4 },
+        `intake ${num(o.intake_total)} ±${num(o.reliable_change_index)}`));
+    }
+    for (let v = 0; v <= Y_MAX; v += 5) {
+      root.appendChild(svg("line", { class: "grid", x1: pad.l, x2: w - pad.r, y1: y(v), y2: y(v) }));
+      root.appendChild(svg("text", { class: "axis-label", x: pad.l - 6, y: y(v) + 4, "text-anchor": "end" }, v));
+    }
+    for (const n of nums) root.appendChild(svg("text", { class: "axis-label", x: x(n), y: h - 20, "text-anchor": "middle" }, n));
+    root.appendChild(svg("text", { class: "axis-label", x: pad.l + (w - pad.l - pad.r) / 2, y: h - 3,
+      "text-anchor": "middle" }, "session number"));
+    const cutoffs = [["ors-cutoff", o && o.cutoff, "ORS cutoff"], ["srs-cutoff", t.cutoff, "SRS cutoff"]];
+    for (const [cls, value, label] of cutoffs) {
+      if (typeof value !== "number") continue;
+      root.appendChild(svg("line", { class: cls, x1: pad.l, x2: w - pad.r, y1: y(value), y2: y(value), "data-value": value }));
+      root.appendChild(svg("text", { class: "cutoff-label " + cls, x: w - pad.r + 4, y: y(value) + 4 }, `${label} ${num(value)}`));
+    }
+    for (const scale of ["ors", "srs"]) {
+      const pts = rows.filter((r) => r[scale]);
+      if (pts.length) {
+        const d = pts.map((r, i) => (i ? "L" : "M") + x(r.session_number).toFixed(1) + " " + y(r[scale].total).toFixed(1)).join(" ");
+        root.appendChild(svg("path", { class: scale + "-line", d }));
+      }
+      for (const r of pts) {
+        const v = r[scale];
+        const flag = scale === "ors" ? (v.in_clinical_range ? " in-range" : "") : (v.below_cutoff ? " below" : "");
+        const c = svg("circle", { class: scale + "-point" + flag, cx: x(r.session_number), cy: y(v.total), r: 4.5,
+          "data-session": r.session_number, "data-total": v.total });
+        const what = scale === "ors" ? `ORS ${num(v.total)}` + (v.change ? ` (${CHANGE_LABEL[v.change] || v.change})` : "")
+          : `SRS ${num(v.total)}`;
+        c.appendChild(svg("title", {}, `session ${r.session_number}: ${what}`));
+        root.appendChild(c);
+        const a = v.alert;
+        if (!a) continue;
+        const cx = x(r.session_number), cy = y(v.total);
+        const m = scale === "ors"
+          ? svg("rect", { class: markerClass("outcome-marker", a), x: cx - 8, y: cy - 8, width: 16, height: 16,
+            transform: `rotate(45 ${cx.toFixed(1)} ${cy.toFixed(1)})` })
+          : svg("circle", { class: markerClass("alliance-marker", a), cx, cy, r: 8.5 });
+        for (const [k, val] of [["data-session", r.session_number], ["data-status", a.status], ["data-severity", a.severity]]) {
+          m.setAttribute(k, String(val));
+        }
+        m.appendChild(svg("title", {}, `${scale === "ors" ? "outcome" : "alliance"} alert (${a.severity}): ` +
+          `${(a.triggers || []).join(", ")} · ${a.status}` + (a.outcome_at_risk ? " · outcome at risk" : "")));
+        root.appendChild(m);
+      }
+    }
+    return root;
+  }
+
+  function showOutcome(t) {
+    const o = t.outcome;
+    if (!o || !o.sessions.length) return;
+    $("outcome").hidden = false;
+    const open = o.alerts.filter((a) => a.status === "open" || a.status === "acknowledged").length;
+    $("outcome-meta").textContent = `${o.instrument} · intake ${num(o.intake_total)} · latest ${num(o.latest_total)}` +
+      ` · change from intake ${o.change_from_intake === null ? "–" : signed1(o.change_from_intake)}` +
+      (o.change ? ` · ${CHANGE_LABEL[o.change] || o.change}` : "") +
+      (o.clinically_significant_improvement ? " · clinically significant improvement" : "") +
+      (o.in_clinical_range === null ? "" : o.in_clinical_range ? " · in the clinical range" : " · above the cutoff") +
+      (o.alerts.length ? ` · ${o.alerts.length} outcome alert${o.alerts.length > 1 ? "s" : ""}, ${open} open` : "");
+    $("outcome-chart").appendChild(combinedChart(t));
+    const tbody = $("outcome-table").querySelector("tbody");
+    for (const r of t.aligned) {
+      const s = o.sessions.find((x) => x.session_number === r.session_number);
+      const tr = el("tr", { "data-session": String(r.session_number), class: s && s.in_clinical_range ? "in-range" : "" });
+      tr.appendChild(el("td", {}, String(r.session_number)));
+      tr.appendChild(el("td", {}, s ? fmtDate(s.administered_at) : "–"));
+      const items = (s && s.items) || {};
+      for (const k of ORS_ITEMS) tr.appendChild(el("td", {}, num(items[k])));
+      tr.appendChild(el("td", { class: "ors-total" }, s ? num(s.total) : "–"));
+      tr.appendChild(el("td", {}, s && s.change_from_intake !== null ? signed1(s.change_from_intake) : "–"));
+      tr.appendChild(el("td", { class: (s && s.change) || "" }, s && s.change ? CHANGE_LABEL[s.change] || s.change : "–"));
+      tr.appendChild(el("td", {}, s && s.clinically_significant_improvement ? "yes" : ""));
+      tr.appendChild(el("td", {}, s && s.in_clinical_range !== null ? (s.in_clinical_range ? "in range" : "above cutoff") : "–"));
+      tr.appendChild(el("td", { class: "outcome-alert" }, s && s.alert ? `${s.alert.severity} · ${s.alert.status}` : ""));
+      tr.appendChild(el("td", {}, r.srs ? num(r.srs.total) : "–"));
+      tr.appendChild(el("td", { class: "alliance-alert" }, r.srs && r.srs.alert ? `${r.srs.alert.severity} · ${r.srs.alert.status}` +
+        (r.srs.alert.outcome_at_risk ? " · outcome at risk" : "") : ""));
+      tbody.appendChild(tr);
+    }
+  }
+
+  function signed1(v) { return (v > 0 ? "+" : "") + Number(v).toFixed(1); }
 
   // ------------------------------------------------------------------ network and site trends
 
