@@ -1282,3 +1282,20 @@ def alert_contribution(alert: Mapping[str, Any]) -> Counters:
         fields[ack_field(ack_bin(delay))] = 1
     return {(str(alert["tenant_id"]), str(site), str(clinician), str(alert["instrument"]), month_of(raised_at)):
             fields}
+
+
+# What the summaries count of alerts, all-time, in the current bucket (top-level fields of the
+# same counter document as the alert's monthly figures).
+SUMMARY_ALERT_FIELDS = (ALERTS_RAISED, ALERTS_ACKNOWLEDGED)
+
+
+def alert_share(alert: Mapping[str, Any]) -> Counters:
+    """Everything one alert document adds to the counters: its monthly figures
+    (`alert_contribution`) and the same alert counted raised (and acknowledged) in the current
+    bucket, which the summaries read - so that a summary reads one counter document per site,
+    clinician and instrument and no alert document, whatever the number of alerts."""
+    out = alert_contribution(alert)
+    for (tenant, site, clinician, instrument, _), fields in list(out.items()):
+        _add(out, (tenant, site, clinician, instrument, CURRENT),
+             **{f: n for f, n in fields.items() if f in SUMMARY_ALERT_FIELDS})
+    return out

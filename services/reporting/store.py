@@ -18,8 +18,8 @@ Collections (all prefixed `reporting_`):
 - `reporting_<gen>_alerts`: one document per alert id, merged from deterioration and alert
   status events (either may come first; every update is a max, see rules.py), and what it
   contributes to the monthly counters (`counted`, `cv`, `pending`: see `count_alerts`). Indexes:
-    * `(tenant_id, record_id)` — the alert marks of one record or of a caseload page;
-    * `(tenant_id, site_id, raised)` and `(tenant_id, site_id, acknowledged)` — alert counts.
+    * `(tenant_id, record_id)` — the alert marks of one record or of a caseload page. (Alert
+      counts come from the counters: no index per count.)
 - `reporting_<gen>_outcomes` and `reporting_<gen>_outcome_alerts`: the outcome (ORS) half, the
   same shapes and merges as `clients` and `alerts`, apart so that caseloads, counters and the
   alliance alert counts read exactly what they did. Outcome records are read by `_id` only (beside
@@ -71,8 +71,9 @@ site, clinician and instrument, whatever the number of clients; trends project t
 A counter document's markers grow with the records that ever counted in it (a clinician's
 caseload on one instrument).
 Alerts count in the same counter documents (the monthly `alerts_raised`, `alerts_acknowledged`
-and ack-delay histogram of rules.py), with the same markers keyed by the alert id, through a
-versioned `counted` contribution on each alert document (`ReportingStore.count_alerts`).
+and ack-delay histogram of rules.py, and all-time `alerts_raised` / `alerts_acknowledged` in the
+current bucket for the summaries: `rules.alert_share`), with the same markers keyed by the alert
+id, through a versioned `counted` contribution on each alert document (`ReportingStore.count_alerts`).
 Records and alerts written before counters existed carry no share: run `alliance reporting
 rebuild` once.
 Submission parts are written with the same trick: an update conditioned on the stored part's key
@@ -377,8 +378,7 @@ def from_stored(doc: Document) -> Document:
 # (name, fields after `tenant_id`) of each generation collection's query indexes (see the module docs)
 _RECORD_INDEXES = (("caseload", ("clinician_id", "caseload_key")), ("by_site", ("site_id", "instrument")))
 _COUNTER_INDEXES = (("by_site", ("site_id",)), ("by_clinician", ("clinician_id",)))
-_ALERT_INDEXES = (("by_record", ("record_id",)), ("raised", ("site_id", "raised")),
-                  ("acknowledged", ("site_id", "acknowledged")))
+_ALERT_INDEXES = (("by_record", ("record_id",)),)
 # Outcome records are read by `_id` only (beside their alliance record); their alerts by record.
 _OUTCOME_ALERT_INDEXES = (("by_record", ("record_id",)),)
 
@@ -650,7 +650,7 @@ class ReportingStore:
 
     async def count_alerts(self, gen: str, alert_ids: Collection[str]) -> int:
         """Bring the counters in line with what these alert documents contribute now
-        (`rules.alert_contribution`), each change applied exactly once; returns the alerts moved.
+        (`rules.alert_share`), each change applied exactly once; returns the alerts moved.
 
         An alert document is written by update operators (any order, any writer), so its counting
         is a separate step after each write, versioned on the document itself: `counted` holds the
@@ -675,7 +675,7 @@ class ReportingStore:
             ops: list[UpdateOne] = []
             for d in docs:
                 _, was = unpack_counters(d.get(COUNTED))
-                now = rules.alert_contribution(d)
+                now = rules.alert_share(d)
                 if now == was:
                     continue
                 version, moves = int(d.get(COUNTED_VERSION) or 0) + 1, rules.diff(was, now)
@@ -753,11 +753,12 @@ class ReportingStore:
         scope = self._scope(tenant_id, site_id)
         # Named fields, not "all but markers and months": the store copies a document to cut
         # fields out of it, so an exclusion costs what the markers weigh (3.6x at 500 markers).
-        shown = {"instrument": 1, **dict.fromkeys(rules.SUMMARY_FIELDS, 1)}
+        shown = {"instrument": 1, **dict.fromkeys((*rules.SUMMARY_FIELDS, *rules.SUMMARY_ALERT_FIELDS), 1)}
         rows = await self.counters(gen).find(scope, shown).to_list()
-        alerts = self.alerts(gen)
-        raised = await alerts.count_documents({**scope, "raised": True})
-        acknowledged = await alerts.count_documents({**scope, "acknowledged": True})
+        # Alerts from the counters too (`rules.alert_share`): counting alert documents costs one
+        # read per alert (the local store fetches every document an index finds, even to count).
+        raised = sum(int(r.get(rules.ALERTS_RAISED) or 0) for r in rows)
+        acknowledged = sum(int(r.get(rules.ALERTS_ACKNOWLEDGED) or 0) for r in rows)
         if not any(r.get("records") for r in rows) and not raised and not acknowledged:
             return None
         return {**rules.summary_from_counters(rows, raised, acknowledged), "as_of": datetime.now(UTC).isoformat()}
@@ -786,7 +787,7 @@ class ReportingStore:
             async for d in self.clients(gen).find({}):
                 yield rules.contribution(from_stored(d))
             async for a in self.alerts(gen).find({}, {COUNTED: 0, PENDING: 0}):
-                yield rules.alert_contribution(a)
+                yield rules.alert_share(a)
 
         total: rules.Counters = {}
         shares: list[rules.Counters] = []

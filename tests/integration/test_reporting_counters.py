@@ -232,6 +232,17 @@ async def test_trends_count_each_alert_once_as_raised_and_acknowledgements_with_
     assert await store.verify(G) == {}
 
 
+async def test_the_summary_counts_alerts_raised_and_acknowledged_from_the_counters_not_the_alert_documents(
+        db: AsyncDatabase[Document]) -> None:
+    store = ReportingStore(db)
+    await deliver_alerts(handlers(store), alert_history())
+    await store.alerts(G).drop()  # a summary that still counted alert documents would see none
+    for scope in (None, "north"):
+        summary = await store.summary(G, T, scope)
+        assert summary is not None and summary["alerts"] == {"raised": 3, "acknowledged": 2}
+    await store.counters(G).drop()  # nothing left to disagree for the check after the scenario
+
+
 async def test_writers_counting_the_same_alerts_at_once_count_each_once(db: AsyncDatabase[Document]) -> None:
     """Two consumers around a rebalance, or the live consumer and a rebuild in one generation:
     each writes and counts the same alerts concurrently; the version on `counted` lets one win

@@ -32,18 +32,18 @@ from tests.support.services import Namespace
 from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
 
-_RECORDS = re.compile(r"^reporting_(g\d+)_clients$")
+_GENERATION = re.compile(r"^reporting_([^_]+)_(clients|alerts|counters)$")
 Differences = dict[str, dict[str, tuple[dict[str, int], dict[str, int]]]]
 
 
 async def generations(mongo: MongoSettings) -> list[str]:
-    """The read-model generations that hold records in `mongo`'s database."""
+    """The read-model generations that hold records, alerts or counters in `mongo`'s database."""
     client: AsyncMongoClient[Document] = AsyncMongoClient(mongo.url, tz_aware=True)
     try:
         names = await client[mongo.database].list_collection_names()
     finally:
         await client.close()
-    return sorted(m.group(1) for name in names if (m := _RECORDS.match(name)))
+    return sorted({m.group(1) for name in names if (m := _GENERATION.match(name))})
 
 
 async def differences(mongo: MongoSettings) -> Differences:

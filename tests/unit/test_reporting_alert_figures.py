@@ -138,3 +138,15 @@ def test_an_alert_on_another_instrument_counts_under_that_instrument() -> None:
     alert = raise_of(instrument=Instrument.CSRS)
     assert [k[3] for k in rules.alert_contribution(alert_doc(alert))] == ["CSRS"]
 
+
+
+def test_an_alerts_share_adds_it_raised_and_acknowledged_all_time_in_the_current_bucket_for_the_summaries() -> None:
+    alert = raise_of()
+    share = rules.alert_share(alert_doc(alert, acknowledgement(alert, alert.occurred_at + timedelta(hours=1))))
+    assert share[(T, "north", "c-1", "SRS", rules.CURRENT)] == {rules.ALERTS_RAISED: 1, rules.ALERTS_ACKNOWLEDGED: 1}
+    assert {k: v for k, v in share.items() if k[4] != rules.CURRENT} == rules.alert_contribution(
+        alert_doc(alert, acknowledgement(alert, alert.occurred_at + timedelta(hours=1))))
+
+
+def test_an_alert_known_only_from_its_statuses_adds_nothing_to_the_summaries_either() -> None:
+    assert rules.alert_share(alert_doc(acknowledgement(raise_of()))) == {}
