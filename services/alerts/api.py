@@ -12,6 +12,8 @@ interval) need a key that is not bound to a site, because they concern every sit
 Acknowledging an alert is allowed to `read` keys: it is what a clinician does after reading it,
 and it changes no configuration.
 
+Alerts are of two types (`alert_type`): `alliance` (the SRS) and `outcome` (the ORS,
+docs/outcome.md), listed side by side with the same lifecycle and the same endpoints.
 An alert's `status` is `open`, `acknowledged`, or — decided by scoring — `superseded` (a later
 session speaks for it) or `withdrawn` (a correction cleared it); see docs/clinical-records.md.
 """
@@ -26,7 +28,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.alerts.rules import Clinician, url_problem
+from services.alerts.rules import SUBSCRIBABLE, AlertType, Clinician, url_problem
 from services.alerts.secretbox import SecretBox
 from services.alerts.service import (
     AlertsCommands,
@@ -109,10 +111,12 @@ class SubscriptionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str = Field(max_length=2000)
-    events: list[Literal["alliance.deterioration.v1", "srs.scored.v1", "alliance.alert-status.v1"]] = Field(
-        min_length=1, max_length=3,
-        description="alliance.alert-status.v1: every status event of the tenant's alerts (superseded, "
-                    "withdrawn, acknowledged, escalated)")
+    events: list[Literal["alliance.deterioration.v1", "srs.scored.v1", "alliance.alert-status.v1",
+                         "ors.scored.v1", "outcome.alert.v1", "outcome.alert-status.v1"]] = Field(
+        min_length=1, max_length=len(SUBSCRIBABLE),
+        description="alliance.alert-status.v1: every status event of the tenant's alliance alerts (superseded, "
+                    "withdrawn, acknowledged, escalated); ors.scored.v1, outcome.alert.v1 and "
+                    "outcome.alert-status.v1: the same for the Outcome Rating Scale and its outcome alerts")
 
     @field_validator("url")
     @classmethod
@@ -318,9 +322,12 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
     async def list_alerts(p: Principal = audited("alerts.list", read_key),
                           clinician_id: Annotated[str | None, Query(pattern=CLINICIAN_ID_PATTERN)] = None,
                           status: AlertState | None = None,
+                          alert_type: Annotated[AlertType | None, Query(
+                              description="alliance or outcome alerts only (default: both)")] = None,
                           limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[AlertOut]:
-        """Alerts, newest first (a site-bound key sees its site only)."""
-        return [_alert(d) for d in await store.list_alerts(p.tenant_id, p.site_id, clinician_id, status, limit)]
+        """Alliance and outcome alerts, newest first (a site-bound key sees its site only)."""
+        return [_alert(d) for d in await store.list_alerts(p.tenant_id, p.site_id, clinician_id, status, limit,
+                                                           alert_type)]
 
     @r.get("/alerts/{alert_id}", tags=["alerts"], response_model=AlertOut,
            responses={"404": _not_found_response("alert")})

@@ -1,6 +1,7 @@
-"""The alerts service: consumes deteriorations and the alerts' lifecycle statuses (and scored
-events for partners), delivers signed webhooks and emails from a durable schedule in MongoDB,
-escalates unacknowledged alerts, and serves the directory/subscription/alert API on port 8003.
+"""The alerts service: consumes alliance alerts (deteriorations) and outcome alerts (the ORS) and
+their lifecycle statuses (and scored SRS and ORS sessions for partners), delivers signed webhooks
+and emails from a durable schedule in MongoDB, escalates unacknowledged alerts, and serves the
+directory/subscription/alert API on port 8003.
 
 Shape (the same in every service): `AlertsConfig` extends
 `shared.settings.ServiceConfig`; `build(config)` wires an `AlertsService` (broker, store, runtime with
@@ -19,7 +20,7 @@ from faststream.kafka import KafkaBroker
 
 from services.alerts.api import build_router
 from services.alerts.escalation import Escalator
-from services.alerts.handlers import INVALID, Handlers, StatusEvent
+from services.alerts.handlers import INVALID, Handlers, OutcomeStatusEvent, StatusEvent
 from services.alerts.senders import EmailSender, SigningSecrets, WebhookSender
 from services.alerts.settings import AlertsSettings, SmtpSettings
 from services.alerts.store import AlertsStore
@@ -27,7 +28,15 @@ from services.alerts.targets import Resolver, system_resolve
 from services.alerts.webhooks import webhooks_router
 from services.alerts.worker import DeliveryWorker, Sender
 from shared import audit, auth
-from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, SrsScored
+from shared.events import (
+    AlertStatusChanged,
+    AllianceDeterioration,
+    DeadLetter,
+    OrsScored,
+    OutcomeAlert,
+    OutcomeAlertStatusChanged,
+    SrsScored,
+)
 from shared.http import Runtime, Service, authenticate_first, make_guard, service_api, stream_app
 from shared.kafka import DeadLetterTarget, Publisher, make_broker, subscribe_batch
 from shared.mongo import client_and_database
@@ -36,8 +45,8 @@ from shared.settings import AlertsHttp, ServiceConfig
 log = logging.getLogger("alliance.alerts")
 
 SERVICE = "alerts"
-DESCRIPTION = """Delivers alliance alerts to clinicians (signed webhook, email) and partners (signed webhooks,
-Standard Webhooks), retries with backoff from a durable schedule, escalates unacknowledged alerts."""
+DESCRIPTION = """Delivers alliance and outcome alerts to clinicians (signed webhook, email) and partners (signed
+webhooks, Standard Webhooks), retries with backoff from a durable schedule, escalates unacknowledged alerts."""
 
 
 TITLE = "Alliance Stream alerts"
@@ -70,6 +79,8 @@ def _broker(config: AlertsConfig) -> KafkaBroker:
     # Declared for the AsyncAPI document; records are published through shared.kafka.Publisher.
     broker.publisher(topics.alert_status, title="alerts:alert-status", schema=AlertStatusChanged,
                      description="acknowledged / escalated alerts, for reporting")
+    broker.publisher(topics.outcome_alert_status, title="alerts:outcome-alert-status", schema=OutcomeAlertStatusChanged,
+                     description="acknowledged / escalated outcome alerts, for reporting")
     broker.publisher(topics.deadletter, title="alerts:deadletter", schema=DeadLetter,
                      description="undecodable events and deliveries that exhausted their attempts")
     return broker
@@ -106,6 +117,18 @@ def build(config: AlertsConfig, resolve: Resolver = system_resolve) -> AlertsSer
     # order of the two topics, so neither consumer waits for the other.
     subscribe_batch(broker, topics.alert_status, group_id=config.kafka.group("alerts-status"), service=SERVICE,
                     model=StatusEvent, handler=handlers.on_alert_status, invalid_reason=INVALID,
+                    max_records=config.kafka.batch_max_records, dead_letters=poison, settings=config.kafka)
+    # Outcome alerts (the ORS, docs/outcome.md): the same three consumers on the ORS topics, each in
+    # a group of its own, so neither alliance consumer ever waits for them or they for it.
+    subscribe_batch(broker, topics.outcome_alert, group_id=config.kafka.group("alerts-outcome"), service=SERVICE,
+                    model=OutcomeAlert, handler=handlers.on_outcome_alert, invalid_reason=INVALID,
+                    max_records=config.kafka.batch_max_records, dead_letters=poison, settings=config.kafka)
+    subscribe_batch(broker, topics.outcome_alert_status, group_id=config.kafka.group("alerts-outcome-status"),
+                    service=SERVICE, model=OutcomeStatusEvent, handler=handlers.on_outcome_status,
+                    invalid_reason=INVALID, max_records=config.kafka.batch_max_records, dead_letters=poison,
+                    settings=config.kafka)
+    subscribe_batch(broker, topics.ors_scored, group_id=config.kafka.group("alerts-ors-partners"), service=SERVICE,
+                    model=OrsScored, handler=handlers.on_ors_scored, invalid_reason=INVALID,
                     max_records=config.kafka.batch_max_records, dead_letters=poison, settings=config.kafka)
 
     async def start() -> None:

@@ -2,8 +2,8 @@
 
 Each tick finds due alerts (open: not acknowledged, superseded or withdrawn; never escalated;
 created before now - interval; the interval is the tenant's override or the default),
-schedules the supervisor's deliveries (unique ids), publishes `AlertStatusChanged(escalated)`
-(stable event id) and only then marks the alerts escalated. Every step is idempotent, so two
+schedules the supervisor's deliveries (unique ids), publishes `escalated` on the alert's type's
+status topic (stable event id) and only then marks the alerts escalated. Every step is idempotent, so two
 processes ticking at once, or a crash between steps, can at worst repeat a step without a
 second delivery. An alert whose clinician has no supervisor in the directory (or one without
 any channel, or one of another site) is marked escalated with nobody to tell, and no status
@@ -20,10 +20,10 @@ from datetime import UTC, datetime
 
 from services.alerts import metrics
 from services.alerts.handlers import delivery_doc, status_record
-from services.alerts.rules import due_for_escalation_filter, route_escalation, status_changed
+from services.alerts.rules import due_for_escalation_filter, kind_of, route_escalation, status_changed
 from services.alerts.settings import AlertsSettings
 from services.alerts.store import AlertsStore
-from shared.events import AlertStatus, AllianceDeterioration
+from shared.events import AlertStatus
 from shared.kafka import Publisher
 from shared.mongo import Document
 from shared.topics import Topics
@@ -79,15 +79,16 @@ class Escalator:
         for a in due:
             sup_id = supervisor_of[a["_id"]]
             supervisor = supervisors.get((a["tenant_id"], sup_id)) if sup_id is not None else None
-            alert = AllianceDeterioration.model_validate_json(a["event"])
+            kind = kind_of(a.get("alert_type"))
+            alert = kind.raised_model().model_validate_json(a["event"])
             planned = route_escalation(alert, supervisor, self.email_enabled)
             docs.extend(delivery_doc(p, a["event"], now, a.get("correlation_id"), None, now, a.get("traceparent"))
                         for p in planned)
             if planned:
                 event = status_changed(a["tenant_id"], a["_id"], a["site_id"], a["clinician_id"],
-                                       AlertStatus.ESCALATED, now, a.get("client_id"))
+                                       AlertStatus.ESCALATED, now, a.get("client_id"), kind)
                 records.append(status_record(event, a["client_id"], self.topics, a.get("correlation_id"),
-                                             a.get("traceparent")))
+                                             a.get("traceparent"), kind))
             # Marked either way, so an alert without a reachable supervisor is not looked at again.
             outcomes.append((a["_id"], supervisor.clinician_id if planned and supervisor is not None else None))
             metrics.ESCALATIONS.labels("sent" if planned else "no_supervisor").inc()

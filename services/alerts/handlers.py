@@ -10,7 +10,10 @@ then publishes the dead letters — only then are the offsets committed. Nothing
 delivery worker does that, so a slow receiver can never hold up a partition.
 
 Raises (`alliance.deterioration.v1`) and their ends (`alliance.alert-status.v1`) arrive on two
-topics, consumed independently, so in any order. A raise is told unless the alert has already
+topics, consumed independently, so in any order. Outcome alerts (docs/outcome.md) arrive on their
+own pair, `outcome.alert.v1` and `outcome.alert-status.v1`, and go through the very same handlers
+(`on_outcome_alert`, `on_outcome_status`) with their type (`rules.AlertKind`): same store, same
+guarantees; what is told about them is told on, and as, their own topics. A raise is told unless the alert has already
 moved past it by a later revision or a withdrawal: its *supersession* does not silence it (a
 later session superseding it says nothing about whether it was right, and whether the two
 topics' consumers happened to see them in order must not decide who is warned). A withdrawal
@@ -28,8 +31,12 @@ from typing import Any, Protocol
 from pydantic import model_validator
 
 from services.alerts.rules import (
+    ALLIANCE_KIND,
+    OUTCOME_KIND,
+    AlertKind,
     Clinician,
     PlannedDelivery,
+    RaisedAlert,
     Subscription,
     lifecycle_order,
     route_alert,
@@ -44,12 +51,15 @@ from shared.events import (
     AllianceDeterioration,
     DeadLetterReason,
     Lifecycle,
+    OrsScored,
+    OutcomeAlert,
+    OutcomeAlertStatusChanged,
     SrsScored,
 )
 from shared.ids import partition_key
 from shared.kafka import Decoded, InboundRecord, OutboundRecord
 from shared.mongo import Document
-from shared.topics import ALERT_STATUS, DETERIORATION, SCORED, Topics
+from shared.topics import ORS_SCORED, SCORED, Topics
 
 log = logging.getLogger("alliance.alerts.handlers")
 
@@ -68,6 +78,11 @@ class StatusEvent(AlertStatusChanged):
         if self.status in LIFECYCLE_STATUSES and (self.revision is None or self.client_id is None):
             raise ValueError(f"a {self.status} status must name its revision and client_id")
         return self
+
+
+class OutcomeStatusEvent(OutcomeAlertStatusChanged, StatusEvent):
+    """An `outcome.alert-status.v1` event as alerts reads it: the same rule as `StatusEvent`, with
+    an outcome instrument."""
 
 
 def _source(rec: InboundRecord) -> dict[str, Any]:
@@ -97,34 +112,43 @@ def planned_docs(planned: Iterable[PlannedDelivery], d: Decoded[Any], origin_at:
             for p in planned]
 
 
-def alert_content(ev: AllianceDeterioration, body: str, rec: InboundRecord) -> Document:
+def alert_content(ev: RaisedAlert, body: str, rec: InboundRecord) -> Document:
     """What one raised revision says about its alert, as clinicians list it (client id is the
-    pseudonymous one); `event` is the body escalation sends. The store keeps the highest revision's."""
-    return {
+    pseudonymous one); `event` is the body escalation sends. The store keeps the highest revision's.
+    An alliance alert says whether an outcome alert holds for its session (`outcome_at_risk`); an
+    outcome alert where the client stands against intake, and its advice."""
+    content: Document = {
         "_id": ev.alert_id, "tenant_id": ev.tenant_id, "site_id": ev.site_id, "clinician_id": ev.clinician_id,
         "client_id": ev.client_id, "submission_id": ev.submission_id, "episode_id": ev.episode_id,
         "instrument": ev.instrument.value, "session_number": ev.session_number, "severity": ev.severity,
-        "triggers": list(ev.triggers), "low_items": list(ev.low_items), "total": ev.total,
+        "triggers": list(ev.triggers), "total": ev.total,
         "previous_total": ev.previous_total, "change_from_previous": ev.change_from_previous, "cutoff": ev.cutoff,
         "occurred_at": ev.occurred_at, "accepted_at": ev.accepted_at, "event_id": ev.event_id,
         "correlation_id": rec.correlation_id, "traceparent": rec.traceparent, "event": body,
     }
+    if isinstance(ev, OutcomeAlert):
+        return {**content, "alert_type": OUTCOME_KIND.alert_type, "low_items": [], "intake_total": ev.intake_total,
+                "change_from_intake": ev.change_from_intake, "advice": ev.advice}
+    return {**content, "alert_type": ALLIANCE_KIND.alert_type, "low_items": list(ev.low_items),
+            "outcome_at_risk": ev.outcome_at_risk}
 
 
-def status_identity(ev: AlertStatusChanged) -> Document:
+def status_identity(ev: AlertStatusChanged, kind: AlertKind = ALLIANCE_KIND) -> Document:
     """Who and what a lifecycle status is about: enough to list the alert (and route it) when the
     status arrives before the raise it ends."""
     return {
-        "_id": ev.alert_id, "tenant_id": ev.tenant_id, "site_id": ev.site_id, "clinician_id": ev.clinician_id,
-        "client_id": ev.client_id, "instrument": ev.instrument.value if ev.instrument is not None else None,
+        "_id": ev.alert_id, "alert_type": kind.alert_type, "tenant_id": ev.tenant_id, "site_id": ev.site_id,
+        "clinician_id": ev.clinician_id, "client_id": ev.client_id,
+        "instrument": ev.instrument.value if ev.instrument is not None else None,
         "episode_id": ev.episode_id, "session_number": ev.session_number,
     }
 
 
-def status_record(event: AlertStatusChanged, client_id: str, topics: Topics,
-                  correlation_id: str | None = None, traceparent: str | None = None) -> OutboundRecord:
-    """An alert-status event, keyed like the client's other events so it stays in their order."""
-    return OutboundRecord(topics.alert_status, event.model_dump_json().encode(),
+def status_record(event: AlertStatusChanged, client_id: str, topics: Topics, correlation_id: str | None = None,
+                  traceparent: str | None = None, kind: AlertKind = ALLIANCE_KIND) -> OutboundRecord:
+    """An alert-status event on its type's status topic (an outcome alert's never on
+    `alliance.alert-status.v1`), keyed like the client's other events so it stays in their order."""
+    return OutboundRecord(kind.status_topic(topics), event.model_dump_json().encode(),
                           key=partition_key(event.tenant_id, client_id), correlation_id=correlation_id,
                           traceparent=traceparent)
 
@@ -167,12 +191,22 @@ class Handlers:
             self._on_scheduled()
 
     async def on_deterioration(self, decoded: list[Decoded[AllianceDeterioration]]) -> None:
-        """Record alerts and schedule their deliveries (clinician webhook/email, the tenant's partners)."""
+        """`alliance.deterioration.v1`: record alliance alerts and schedule their deliveries."""
+        await self._on_raises(decoded, ALLIANCE_KIND)
+
+    async def on_outcome_alert(self, decoded: list[Decoded[OutcomeAlert]]) -> None:
+        """`outcome.alert.v1`: record outcome alerts and schedule their deliveries."""
+        await self._on_raises(decoded, OUTCOME_KIND)
+
+    async def _on_raises(self, decoded: Sequence[Decoded[AllianceDeterioration]] | Sequence[Decoded[OutcomeAlert]],
+                         kind: AlertKind) -> None:
+        """Record alerts of `kind` and schedule their deliveries (clinician webhook/email, the
+        tenant's partners subscribed to the kind's topic)."""
         docs: list[Document] = []
         if decoded:
             now = datetime.now(UTC)
             clinicians = await self._store.clinicians_for((d.event.tenant_id, d.event.clinician_id) for d in decoded)
-            subscriptions = await self._store.subscriptions_for((d.event.tenant_id for d in decoded), DETERIORATION)
+            subscriptions = await self._store.subscriptions_for((d.event.tenant_id for d in decoded), kind.raised)
             await self._store.record_raises([(d.event.revision, alert_content(d.event, d.body, d.record))
                                              for d in decoded])
             current = await self._store.lifecycle_orders(d.event.alert_id for d in decoded)
@@ -189,8 +223,17 @@ class Handlers:
         await self._schedule(docs)
 
     async def on_alert_status(self, decoded: list[Decoded[StatusEvent]]) -> None:
-        """Merge superseded/withdrawn into the alerts, tell the clinician of a withdrawal, and
-        forward status events to the tenant's partners subscribed to `alliance.alert-status.v1`.
+        """`alliance.alert-status.v1`: see `_on_statuses`."""
+        await self._on_statuses(decoded, ALLIANCE_KIND)
+
+    async def on_outcome_status(self, decoded: list[Decoded[OutcomeStatusEvent]]) -> None:
+        """`outcome.alert-status.v1`: see `_on_statuses`."""
+        await self._on_statuses(decoded, OUTCOME_KIND)
+
+    async def _on_statuses(self, decoded: Sequence[Decoded[StatusEvent]] | Sequence[Decoded[OutcomeStatusEvent]],
+                           kind: AlertKind) -> None:
+        """Merge superseded/withdrawn into the alerts of `kind`, tell the clinician of a withdrawal,
+        and forward status events to the tenant's partners subscribed to the kind's status topic.
 
         The events alerts publishes itself (acknowledged, escalated) come back here too: they do
         not touch the lifecycle, and are only forwarded to partners.
@@ -202,32 +245,41 @@ class Handlers:
             # (status, revision it ends) of the lifecycle events; `StatusEvent` made sure both are set.
             ends = {ev.event_id: (ev.status, ev.revision) for ev in events
                     if ev.status in LIFECYCLE_STATUSES and ev.revision is not None}
-            await self._store.record_statuses([(*ends[ev.event_id], status_identity(ev))
+            await self._store.record_statuses([(*ends[ev.event_id], status_identity(ev, kind))
                                                for ev in events if ev.event_id in ends])
             current = await self._store.lifecycle_orders(ev.alert_id for ev in events if ev.event_id in ends)
             clinicians = await self._store.clinicians_for((ev.tenant_id, ev.clinician_id) for ev in events
                                                           if ev.status == AlertStatus.WITHDRAWN)
-            subscriptions = await self._store.subscriptions_for((ev.tenant_id for ev in events), ALERT_STATUS)
+            subscriptions = await self._store.subscriptions_for((ev.tenant_id for ev in events), kind.status)
             for d in decoded:
                 ev = d.event
                 end = ends.get(ev.event_id)
                 if end is not None and current.get(ev.alert_id) != lifecycle_order(*end):
                     continue  # stale: the alert has moved on (e.g. raised again); telling anyone would mislead
                 planned = route_status(ev, clinicians.get((ev.tenant_id, ev.clinician_id)), subscriptions,
-                                       self._email)
+                                       self._email, kind)
                 docs.extend(planned_docs(planned, d, ev.occurred_at, now))
         await self._schedule(docs)
 
     async def on_scored(self, decoded: list[Decoded[SrsScored]]) -> None:
-        """Schedule scored events for the partners of their tenant that subscribed to them."""
+        """`srs.scored.v1`: schedule scored sessions for the partners subscribed to them."""
+        await self._forward(decoded, SCORED)
+
+    async def on_ors_scored(self, decoded: list[Decoded[OrsScored]]) -> None:
+        """`ors.scored.v1`: schedule scored ORS sessions for the partners subscribed to them."""
+        await self._forward(decoded, ORS_SCORED)
+
+    async def _forward(self, decoded: Sequence[Decoded[SrsScored]] | Sequence[Decoded[OrsScored]],
+                       topic: str) -> None:
+        """Schedule scored events for the partners of their tenant that subscribed to `topic`."""
         docs: list[Document] = []
         if decoded:
-            subscriptions = await self._store.subscriptions_for((d.event.tenant_id for d in decoded), SCORED)
+            subscriptions = await self._store.subscriptions_for((d.event.tenant_id for d in decoded), topic)
             if subscriptions:
                 now = datetime.now(UTC)
                 for d in decoded:
                     ev = d.event
-                    planned = plan_partners("event", ev.tenant_id, ev.site_id, ev.event_id, None, SCORED,
+                    planned = plan_partners("event", ev.tenant_id, ev.site_id, ev.event_id, None, topic,
                                             subscriptions)
                     docs.extend(planned_docs(planned, d, ev.accepted_at or ev.occurred_at, now))
         await self._schedule(docs)

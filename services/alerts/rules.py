@@ -23,8 +23,18 @@ from shared.events import (
     AlertStatusChanged,
     AllianceDeterioration,
     Lifecycle,
+    OutcomeAlert,
+    OutcomeAlertStatusChanged,
 )
-from shared.topics import ALERT_STATUS, DETERIORATION, SCORED
+from shared.topics import (
+    ALERT_STATUS,
+    DETERIORATION,
+    ORS_SCORED,
+    OUTCOME_ALERT,
+    OUTCOME_ALERT_STATUS,
+    SCORED,
+    Topics,
+)
 
 Channel = Literal["webhook", "email"]
 # alert: a raised revision; escalation: its supervisor's copy; withdrawal: the clinician told that
@@ -34,7 +44,65 @@ WEBHOOK: Channel = "webhook"
 EMAIL: Channel = "email"
 
 # Topics a partner may subscribe to (logical names, as in the contract).
-SUBSCRIBABLE: tuple[str, ...] = (DETERIORATION, SCORED, ALERT_STATUS)
+SUBSCRIBABLE: tuple[str, ...] = (DETERIORATION, SCORED, ALERT_STATUS, ORS_SCORED, OUTCOME_ALERT, OUTCOME_ALERT_STATUS)
+
+# ---- alert types: alliance (the SRS) and outcome (the ORS, docs/outcome.md) --------------------
+#
+# Both go through one lifecycle, one store and one set of deliveries; what differs is the topic
+# pair each is told on (raises, statuses), so that an SRS partner never notices the ORS: nothing
+# about an outcome alert is ever published on, or sent as, an alliance topic. The two never end
+# each other: an alert's lifecycle is moved only by the statuses of its own type's topic (scoring
+# supersedes an alert by a later session *of the same instrument*, and an outcome alert's id is
+# derived from the outcome instrument), so a clinician has at most one open alert per client and
+# episode per type - an alliance alert and an outcome alert of the same session stand side by side.
+
+AlertType = Literal["alliance", "outcome"]
+ALLIANCE: AlertType = "alliance"
+OUTCOME: AlertType = "outcome"
+ALERT_TYPES: tuple[AlertType, ...] = (ALLIANCE, OUTCOME)
+# A raised revision of either type (both carry alert_id, revision, tenant, site, clinician, client).
+RaisedAlert = AllianceDeterioration | OutcomeAlert
+
+
+@dataclass(frozen=True)
+class AlertKind:
+    """What one alert type is told on, and how its emails name it."""
+
+    alert_type: AlertType
+    raised: str  # logical topic of its raised and revised revisions (and their webhooks)
+    status: str  # logical topic of its status events (and their webhooks)
+    noun: str  # "alliance alert" / "outcome alert", in emails
+
+    def status_topic(self, topics: Topics) -> str:
+        """The concrete topic this type's status events are published on."""
+        return topics.outcome_alert_status if self.alert_type == OUTCOME else topics.alert_status
+
+    def status_model(self) -> type[AlertStatusChanged]:
+        """The event class of this type's status events (an outcome alert names an outcome instrument)."""
+        return OutcomeAlertStatusChanged if self.alert_type == OUTCOME else AlertStatusChanged
+
+    def raised_model(self) -> type[RaisedAlert]:
+        """The event class of this type's raised revisions (the body of its alert webhooks)."""
+        return OutcomeAlert if self.alert_type == OUTCOME else AllianceDeterioration
+
+
+ALLIANCE_KIND = AlertKind(ALLIANCE, DETERIORATION, ALERT_STATUS, "alliance alert")
+OUTCOME_KIND = AlertKind(OUTCOME, OUTCOME_ALERT, OUTCOME_ALERT_STATUS, "outcome alert")
+
+
+def kind_of(alert_type: str | None) -> AlertKind:
+    """The kind of a stored alert: one stored before alerts had types (no `alert_type`) is an alliance alert."""
+    return OUTCOME_KIND if alert_type == OUTCOME else ALLIANCE_KIND
+
+
+def alert_kind(alert: RaisedAlert) -> AlertKind:
+    """The kind of a raised revision, by its event class."""
+    return OUTCOME_KIND if isinstance(alert, OutcomeAlert) else ALLIANCE_KIND
+
+
+def kind_of_topic(topic: str) -> AlertKind:
+    """The kind whose raises or statuses travel on `topic` (logical name); alliance for any other."""
+    return OUTCOME_KIND if topic in (OUTCOME_ALERT, OUTCOME_ALERT_STATUS) else ALLIANCE_KIND
 
 # ---- the alert lifecycle (docs/clinical-records.md, "The alert lifecycle") ----------------------
 #
@@ -73,18 +141,18 @@ def lifecycle_status(order: str) -> AlertState:
     return _BY_RANK[int(order[-1])]
 
 
-def event_lifecycle_key(event: AllianceDeterioration | AlertStatusChanged) -> tuple[int, int] | None:
+def event_lifecycle_key(event: RaisedAlert | AlertStatusChanged) -> tuple[int, int] | None:
     """The lifecycle key of an event, or None for an event that does not move the lifecycle (what
     alerts itself reports: acknowledged, escalated, ...; or a lifecycle status naming no revision,
     which the contract does not allow and the consumer dead-letters)."""
-    if isinstance(event, AllianceDeterioration):
+    if isinstance(event, AllianceDeterioration | OutcomeAlert):
         return lifecycle_key(Lifecycle.RAISED, event.revision)
     if event.status in LIFECYCLE_STATUSES and event.revision is not None:
         return lifecycle_key(event.status, event.revision)
     return None
 
 
-def merge_lifecycle(events: Iterable[AllianceDeterioration | AlertStatusChanged]) -> dict[str, str]:
+def merge_lifecycle(events: Iterable[RaisedAlert | AlertStatusChanged]) -> dict[str, str]:
     """{alert id: final lifecycle status (`open`, `superseded`, `withdrawn`)} after all `events`,
     in any order. Acknowledgement is not part of it (see `api_status`). The alerts store applies
     the same rule one conditional update at a time."""
@@ -189,33 +257,34 @@ def person_deliveries(kind: Kind, role: str, person: Clinician | None, email_ena
     return out
 
 
-def raise_subject(alert: AllianceDeterioration) -> str:
+def raise_subject(alert: RaisedAlert) -> str:
     """The subject of a raised revision's deliveries: one set of deliveries per revision, and
     revision 1 keeps the delivery ids this service gave before alerts had revisions."""
     return ids.alert_event_id(alert.alert_id, alert.revision)
 
 
-def route_alert(alert: AllianceDeterioration, clinician: Clinician | None, subscriptions: Iterable[Subscription],
+def route_alert(alert: RaisedAlert, clinician: Clinician | None, subscriptions: Iterable[Subscription],
                 email_enabled: bool) -> list[PlannedDelivery]:
     """Everyone a raised revision goes to: its clinician (webhook, email; same site only) and the
-    tenant's partners subscribed to deteriorations."""
+    tenant's partners subscribed to its type's topic (`alliance.deterioration.v1`, `outcome.alert.v1`)."""
     if clinician is not None and clinician.clinician_id != alert.clinician_id:
         clinician = None
     subject = raise_subject(alert)
+    topic = alert_kind(alert).raised
     return [
         *person_deliveries("alert", "clinician", clinician, email_enabled, tenant_id=alert.tenant_id,
-                           site_id=alert.site_id, subject_id=subject, alert_id=alert.alert_id, topic=DETERIORATION),
-        *partner_deliveries("alert", alert.tenant_id, alert.site_id, subject, alert.alert_id, DETERIORATION,
-                            subscriptions),
+                           site_id=alert.site_id, subject_id=subject, alert_id=alert.alert_id, topic=topic),
+        *partner_deliveries("alert", alert.tenant_id, alert.site_id, subject, alert.alert_id, topic, subscriptions),
     ]
 
 
 def route_status(event: AlertStatusChanged, clinician: Clinician | None, subscriptions: Iterable[Subscription],
-                 email_enabled: bool) -> list[PlannedDelivery]:
-    """Who hears of an alert-status event: partners subscribed to `alliance.alert-status.v1` get
-    every one (the topic's whole story of the alert), and a withdrawal also goes to the clinician
-    (webhook, email; same site only), who may have acted on the alert. A supersession is not sent
-    to the clinician: the later session that superseded it speaks for itself.
+                 email_enabled: bool, kind: AlertKind = ALLIANCE_KIND) -> list[PlannedDelivery]:
+    """Who hears of an alert-status event of `kind`'s status topic: partners subscribed to it
+    (`alliance.alert-status.v1`, `outcome.alert-status.v1`) get every one (the topic's whole story
+    of the alert), and a withdrawal also goes to the clinician (webhook, email; same site only),
+    who may have acted on the alert. A supersession is not sent to the clinician: the later
+    session that superseded it speaks for itself.
 
     The caller drops lifecycle events that are already stale (see the handlers)."""
     people: list[PlannedDelivery] = []
@@ -224,18 +293,19 @@ def route_status(event: AlertStatusChanged, clinician: Clinician | None, subscri
             clinician = None
         people = person_deliveries("withdrawal", "clinician", clinician, email_enabled, tenant_id=event.tenant_id,
                                    site_id=event.site_id, subject_id=event.event_id, alert_id=event.alert_id,
-                                   topic=ALERT_STATUS)
+                                   topic=kind.status)
     return [*people, *partner_deliveries("event", event.tenant_id, event.site_id, event.event_id, event.alert_id,
-                                         ALERT_STATUS, subscriptions)]
+                                         kind.status, subscriptions)]
 
 
-def route_escalation(alert: AllianceDeterioration, supervisor: Clinician | None,
+def route_escalation(alert: RaisedAlert, supervisor: Clinician | None,
                      email_enabled: bool) -> list[PlannedDelivery]:
     """The supervisor's copy of an alert nobody acknowledged in time (once per alert, whatever its
-    revision; the supervisor must belong to the alert's site)."""
+    revision; the supervisor must belong to the alert's site), as its type's alert webhook."""
+    topic = alert_kind(alert).raised
     return person_deliveries("escalation", "supervisor", supervisor, email_enabled, tenant_id=alert.tenant_id,
                              site_id=alert.site_id, subject_id=alert.alert_id, alert_id=alert.alert_id,
-                             topic=DETERIORATION)
+                             topic=topic)
 
 
 def backoff_seconds(failed_attempts: int, first: float, cap: float, jitter: float) -> float:
@@ -265,12 +335,16 @@ def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:g}"
 
 
-def email_text(alert: AllianceDeterioration, dashboard_url: str, escalation: bool = False) -> tuple[str, str]:
-    """Subject and plain-text body: pseudonymous client id, totals, triggers, link; nothing else identifying."""
+def _email_prefix(noun: str, revision: int, escalation: bool) -> str:
     if escalation:
-        prefix = "Escalated: unacknowledged alliance alert"
-    else:
-        prefix = "Alliance alert" if alert.revision == 1 else "Revised alliance alert"
+        return f"Escalated: unacknowledged {noun}"
+    return noun.capitalize() if revision == 1 else f"Revised {noun}"
+
+
+def email_text(alert: RaisedAlert, dashboard_url: str, escalation: bool = False) -> tuple[str, str]:
+    """Subject and plain-text body: pseudonymous client id, totals, triggers, link; nothing else
+    identifying. An outcome alert says where the client stands against intake, and its advice."""
+    prefix = _email_prefix(alert_kind(alert).noun, alert.revision, escalation)
     subject = f"{prefix} ({alert.severity}) for client {alert.client_id}"
     lines = [
         f"{prefix} ({alert.severity}).",
@@ -278,8 +352,16 @@ def email_text(alert: AllianceDeterioration, dashboard_url: str, escalation: boo
         f"Client: {alert.client_id}",
         f"Instrument: {alert.instrument.value}, session {alert.session_number}",
         f"Total: {_num(alert.total)} (cutoff {_num(alert.cutoff)})",
+    ]
+    if isinstance(alert, OutcomeAlert):
+        lines.append(f"Intake total: {_num(alert.intake_total)}; change from intake: {_num(alert.change_from_intake)}")
+    lines += [
         f"Previous total: {_num(alert.previous_total)}; change: {_num(alert.change_from_previous)}",
         f"Triggers: {', '.join(alert.triggers) or '-'}",
+    ]
+    if isinstance(alert, OutcomeAlert) and alert.advice:
+        lines += ["", alert.advice]
+    lines += [
         "",
         f"Trajectory: {trajectory_link(dashboard_url, alert.client_id, alert.instrument.value)}",
         "",
@@ -292,12 +374,14 @@ def email_text(alert: AllianceDeterioration, dashboard_url: str, escalation: boo
     return subject, "\n".join(lines) + "\n"
 
 
-def withdrawal_email_text(event: AlertStatusChanged, dashboard_url: str) -> tuple[str, str]:
-    """Subject and plain-text body telling the clinician an alert is withdrawn (same privacy rule
-    as `email_text`: pseudonymous client id, no site, no submission id)."""
-    subject = f"Alliance alert withdrawn for client {event.client_id or '-'}"
+def withdrawal_email_text(event: AlertStatusChanged, dashboard_url: str,
+                          kind: AlertKind = ALLIANCE_KIND) -> tuple[str, str]:
+    """Subject and plain-text body telling the clinician an alert of `kind` is withdrawn (same
+    privacy rule as `email_text`: pseudonymous client id, no site, no submission id)."""
+    noun = kind.noun.capitalize()
+    subject = f"{noun} withdrawn for client {event.client_id or '-'}"
     lines = [
-        "Alliance alert withdrawn.",
+        f"{noun} withdrawn.",
         "",
         "A correction of the session's record cleared this alert; nothing is needed for it any more.",
         "",
@@ -503,11 +587,13 @@ def due_for_escalation_filter(now_epoch: float, default_seconds: float,
 def status_changed(tenant_id: str, alert_id: str, site_id: str, clinician_id: str,
                    status: Literal[AlertStatus.ACKNOWLEDGED, AlertStatus.ESCALATED, AlertStatus.DELIVERED,
                                    AlertStatus.FAILED],
-                   occurred_at: datetime, client_id: str | None = None) -> AlertStatusChanged:
+                   occurred_at: datetime, client_id: str | None = None,
+                   kind: AlertKind = ALLIANCE_KIND) -> AlertStatusChanged:
     """The event telling reporting what happened to an alert; its id is stable per (alert, status).
+    Of `kind`'s status class: an `OutcomeAlertStatusChanged` for an outcome alert.
 
     It names no revision: what alerts did with an alert holds for all of its revisions, and
     consumers of the lifecycle ignore it."""
-    return AlertStatusChanged(event_id=ids.alert_status_event_id(tenant_id, alert_id, status), tenant_id=tenant_id,
-                              occurred_at=occurred_at, alert_id=alert_id, site_id=site_id,
-                              clinician_id=clinician_id, status=status, client_id=client_id)
+    return kind.status_model()(event_id=ids.alert_status_event_id(tenant_id, alert_id, status), tenant_id=tenant_id,
+                               occurred_at=occurred_at, alert_id=alert_id, site_id=site_id,
+                               clinician_id=clinician_id, status=status, client_id=client_id)

@@ -16,14 +16,12 @@ import aiosmtplib
 import httpx
 
 from services.alerts import signing
-from services.alerts.rules import Outcome, email_text, status_outcome, url_problem, withdrawal_email_text
+from services.alerts.rules import Outcome, email_text, kind_of_topic, status_outcome, url_problem, withdrawal_email_text
 from services.alerts.secretbox import SecretBox, subscription_row, tenant_row
 from services.alerts.settings import SmtpSettings
 from services.alerts.store import AlertsStore
 from services.alerts.targets import EgressBlocked, PinnedTransport, Resolver, system_resolve
-from shared.events import AlertStatusChanged, AllianceDeterioration
 from shared.mongo import Document, TtlCache
-from shared.topics import ALERT_STATUS
 
 
 class SendError(Exception):
@@ -154,10 +152,13 @@ class EmailSender:
         self._timeout = timeout_seconds
 
     def message(self, d: Document) -> EmailMessage:
-        if d.get("topic") == ALERT_STATUS:  # a withdrawal; the body is the AlertStatusChanged
-            subject, text = withdrawal_email_text(AlertStatusChanged.model_validate_json(d["body"]), self._dashboard)
+        topic = str(d.get("topic"))
+        kind = kind_of_topic(topic)
+        if topic == kind.status:  # a withdrawal; the body is the status event
+            subject, text = withdrawal_email_text(kind.status_model().model_validate_json(d["body"]),
+                                                  self._dashboard, kind)
         else:
-            alert = AllianceDeterioration.model_validate_json(d["body"])
+            alert = kind.raised_model().model_validate_json(d["body"])
             subject, text = email_text(alert, self._dashboard, escalation=d.get("kind") == "escalation")
         msg = EmailMessage()
         msg["From"] = self._smtp.sender

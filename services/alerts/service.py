@@ -19,7 +19,7 @@ from typing import Protocol
 
 from services.alerts import signing
 from services.alerts.handlers import PublishesAll, status_record
-from services.alerts.rules import SUBSCRIBABLE, Clinician, status_changed
+from services.alerts.rules import SUBSCRIBABLE, Clinician, kind_of, status_changed
 from services.alerts.secretbox import SecretBox, subscription_row, tenant_row
 from services.alerts.settings import AlertsSettings
 from services.alerts.store import Alert, Delivery, SubscriptionRow
@@ -201,7 +201,8 @@ class AlertsCommands:
         return await self.store.put_clinician(entry)
 
     async def acknowledge(self, p: Principal, alert_id: str, seen: Seen = _nothing) -> Alert:
-        """Acknowledge an alert (idempotent) and publish `acknowledged`; the alert as it stands.
+        """Acknowledge an alert (idempotent) and publish `acknowledged` on its type's status topic
+        (`alliance.alert-status.v1`, `outcome.alert-status.v1`); the alert as it stands.
 
         A superseded or withdrawn alert is returned as it is: nothing is left to acknowledge. The
         status event is published on every call (stable event id), so a retry after
@@ -215,12 +216,13 @@ class AlertsCommands:
         # event is keyed by it, like the client's other events.
         if alert.acknowledged_at is None or alert.client_id is None:
             return alert
+        kind = kind_of(alert.alert_type)
         event = status_changed(p.tenant_id, alert_id, alert.site_id, alert.clinician_id, AlertStatus.ACKNOWLEDGED,
-                               alert.acknowledged_at, alert.client_id)
+                               alert.acknowledged_at, alert.client_id, kind)
         try:
             # The status event continues the trace of the acknowledging request, not the alert's.
-            await self.publisher.publish_all([status_record(event, alert.client_id, self.topics,
-                                                            alert.correlation_id, tracing.current_traceparent())])
+            await self.publisher.publish_all([status_record(event, alert.client_id, self.topics, alert.correlation_id,
+                                                            tracing.current_traceparent(), kind)])
         except Exception as exc:
             raise NotPublished(f"acknowledged, but the status event is not published yet ({type(exc).__name__}); "
                                "retry") from exc

@@ -4,7 +4,10 @@
   `clinician_key`; documents of the older `"<tenant>:<clinician>"` form are migrated at start).
 - `subscriptions`: partner webhooks with their (sealed) signing secrets.
 - `alert_tenants`: per-tenant clinician-webhook signing secret and escalation interval.
-- `alerts`: one document per alert id. Its lifecycle (raised, superseded, withdrawn; decided by
+- `alerts`: one document per alert id, of either type (`alert_type`: `alliance`, or `outcome`
+  for the ORS's alerts; a document stored before alerts had types has none and is an alliance
+  alert). Every write is also conditional on the type (see `_of_type`), so the events of one
+  type never touch an alert of the other. Its lifecycle (raised, superseded, withdrawn; decided by
   scoring) is merged from events in any order: `lkey` is `rules.lifecycle_order` of the greatest
   event seen, and every write is conditional on it (see `record_raises`). Content (triggers,
   severity, totals, the body escalation sends) is that of the highest raised revision, `crev`.
@@ -26,11 +29,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pymongo import ASCENDING, DESCENDING, InsertOne, ReturnDocument, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 
-from services.alerts.rules import Clinician, Subscription, lifecycle_order
+from services.alerts.rules import ALLIANCE, OUTCOME, AlertType, Clinician, Subscription, lifecycle_order
 from services.alerts.rules import Outcome as AttemptClass
 from services.alerts.secretbox import Row, subscription_row, tenant_row
 from shared import ids
@@ -68,6 +71,18 @@ def _below(value: str | int) -> Document:
     return {"$not": {"$gte": value}}
 
 
+def _of_type(alert_type: str | None) -> Document:
+    """Filter "the alert is of this type": an alliance alert may have no `alert_type` (stored
+    before alerts had types). An equality for outcome alerts, so an upsert inserts it typed."""
+    return {"alert_type": OUTCOME} if alert_type == OUTCOME else {"alert_type": {"$ne": OUTCOME}}
+
+
+def _typed_insert(doc: Mapping[str, Any]) -> Document:
+    """What an upsert inserting an alert sets of its type: an alliance alert is stored typed too
+    (an outcome alert's type comes from `_of_type`'s equality, which an insert copies)."""
+    return {} if doc.get("alert_type") == OUTCOME else {"alert_type": ALLIANCE}
+
+
 def _clinician(doc: Mapping[str, Any]) -> Clinician:
     return Clinician(doc["tenant_id"], doc["clinician_id"], doc["site_id"], doc.get("email"),
                      doc.get("webhook_url"), doc.get("supervisor_id"))
@@ -95,6 +110,8 @@ class AlertFields(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     alert_id: str
+    alert_type: AlertType = Field(default=ALLIANCE, description=(
+        "alliance (the SRS: `alliance.deterioration.v1`) or outcome (the ORS: `outcome.alert.v1`)"))
     tenant_id: str
     site_id: str
     clinician_id: str
@@ -110,6 +127,13 @@ class AlertFields(BaseModel):
     previous_total: float | None = None
     change_from_previous: float | None = None
     cutoff: float | None = None
+    outcome_at_risk: bool | None = Field(default=None, description=(
+        "alliance alerts: an outcome alert holds for the same session (then the alert is critical); "
+        "null for outcome alerts"))
+    intake_total: float | None = Field(default=None, description="outcome alerts: the total of the episode's "
+                                                                  "first session")
+    change_from_intake: float | None = Field(default=None, description="outcome alerts: total - intake total")
+    advice: str | None = Field(default=None, description="outcome alerts: what to do about it")
     occurred_at: datetime | None = None
     created_at: datetime
     status: AlertState
@@ -118,6 +142,16 @@ class AlertFields(BaseModel):
     escalated: bool
     escalated_at: datetime | None = None
     escalated_to: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _alliance_content_says_outcome_at_risk(cls, data: Any) -> Any:
+        # An alliance alert stored before `outcome_at_risk` existed was raised by an event whose
+        # default is false: say so, as its event does (null only while its content is unknown).
+        if (isinstance(data, Mapping) and data.get("alert_type", ALLIANCE) == ALLIANCE
+                and data.get("outcome_at_risk") is None and data.get("total") is not None):
+            return {**data, "outcome_at_risk": False}
+        return data
 
 
 class Alert(AlertFields):
@@ -391,21 +425,22 @@ class AlertsStore:
         ops: list[UpdateOne] = []
         for revision, content in raises:
             key = lifecycle_order(Lifecycle.RAISED, revision)
-            alert_id = content["_id"]
+            alert_id, typed = content["_id"], _of_type(content.get("alert_type"))
             born = {"created_at": now, "escalated": False}
-            fields = {k: v for k, v in content.items() if k != "_id"}
-            ops.append(UpdateOne({"_id": alert_id, "crev": _below(revision)},
+            fields = {k: v for k, v in content.items() if k not in ("_id", "alert_type")}
+            ops.append(UpdateOne({"_id": alert_id, **typed, "crev": _below(revision)},
                                  {"$set": {**fields, "crev": revision, "content_at": now},
                                   # Open already, as the lifecycle upsert after it will make it:
                                   # a reader between the two must see a whole alert.
-                                  "$setOnInsert": {**born, "lkey": "", "acknowledged_at": None,
-                                                   "status": AlertState.OPEN, "lifecycle": Lifecycle.RAISED,
-                                                   "revision": revision}}, upsert=True))
+                                  "$setOnInsert": {**born, **_typed_insert(content), "lkey": "",
+                                                   "acknowledged_at": None, "status": AlertState.OPEN,
+                                                   "lifecycle": Lifecycle.RAISED, "revision": revision}},
+                                 upsert=True))
             lifecycle = {"lkey": key, "lifecycle": Lifecycle.RAISED, "revision": revision, "lifecycle_at": now}
-            ops.append(UpdateOne({"_id": alert_id, "lkey": _below(key), "acknowledged_at": None},
+            ops.append(UpdateOne({"_id": alert_id, **typed, "lkey": _below(key), "acknowledged_at": None},
                                  {"$set": {**lifecycle, "status": AlertState.OPEN},
-                                  "$setOnInsert": {**born, "crev": 0}}, upsert=True))
-            ops.append(UpdateOne({"_id": alert_id, "lkey": _below(key), "acknowledged_at": {"$ne": None}},
+                                  "$setOnInsert": {**born, **_typed_insert(content), "crev": 0}}, upsert=True))
+            ops.append(UpdateOne({"_id": alert_id, **typed, "lkey": _below(key), "acknowledged_at": {"$ne": None}},
                                  {"$set": {**lifecycle, "status": AlertState.ACKNOWLEDGED}}))
         await self._merge(ops)
 
@@ -413,7 +448,7 @@ class AlertsStore:
         """Merge lifecycle statuses — (status, revision it ends, identity document with `_id`:
         tenant, site, clinician, client, ...) — into their alerts, in one round trip.
 
-        `{_id, lkey < key}` upserted: a status may arrive before the raise it ends, and then
+        `{_id, type, lkey < key}` upserted: a status may arrive before the raise it ends, and then
         creates the alert from its identity fields (the raise fills the content in later, and
         finds it already ended). The status wins over an acknowledgement.
         """
@@ -421,12 +456,12 @@ class AlertsStore:
         ops: list[UpdateOne] = []
         for status, revision, identity in statuses:
             key = lifecycle_order(status, revision)
-            fields = {k: v for k, v in identity.items() if k != "_id"}
-            ops.append(UpdateOne({"_id": identity["_id"], "lkey": _below(key)},
+            fields = {k: v for k, v in identity.items() if k not in ("_id", "alert_type")}
+            ops.append(UpdateOne({"_id": identity["_id"], **_of_type(identity.get("alert_type")), "lkey": _below(key)},
                                  {"$set": {"lkey": key, "lifecycle": status, "revision": revision, "status": status,
                                            "lifecycle_at": now},
-                                  "$setOnInsert": {**fields, "crev": 0, "created_at": now, "escalated": False,
-                                                   "acknowledged_at": None}}, upsert=True))
+                                  "$setOnInsert": {**fields, **_typed_insert(identity), "crev": 0, "created_at": now,
+                                                   "escalated": False, "acknowledged_at": None}}, upsert=True))
         await self._merge(ops)
 
     async def _merge(self, ops: Sequence[UpdateOne]) -> None:
@@ -450,8 +485,10 @@ class AlertsStore:
         return None if doc is None else Alert.from_doc(doc)
 
     async def list_alerts(self, tenant_id: str, site_id: str | None, clinician_id: str | None,
-                          status: AlertState | None, limit: int) -> list[Alert]:
-        query = {"tenant_id": tenant_id, **given(site_id=site_id, clinician_id=clinician_id, status=status)}
+                          status: AlertState | None, limit: int, alert_type: AlertType | None = None) -> list[Alert]:
+        """Alerts newest first, of both types unless `alert_type` says which."""
+        query = {"tenant_id": tenant_id, **given(site_id=site_id, clinician_id=clinician_id, status=status),
+                 **(_of_type(alert_type) if alert_type is not None else {})}
         docs = await self.alerts.find(query, {"event": 0}).sort("created_at", DESCENDING).limit(limit).to_list()
         return [Alert.from_doc(d) for d in docs]
 

@@ -15,8 +15,15 @@ from fastapi import APIRouter, Depends, Header, Response
 
 from services.alerts import signing
 from services.alerts.settings import AlertsSettings
-from shared.events import AlertStatusChanged, AllianceDeterioration, SrsScored
-from shared.topics import ALERT_STATUS, DETERIORATION, SCORED
+from shared.events import (
+    AlertStatusChanged,
+    AllianceDeterioration,
+    OrsScored,
+    OutcomeAlert,
+    OutcomeAlertStatusChanged,
+    SrsScored,
+)
+from shared.topics import ALERT_STATUS, DETERIORATION, ORS_SCORED, OUTCOME_ALERT, OUTCOME_ALERT_STATUS, SCORED
 
 _SIGNATURE = r"^v1,[A-Za-z0-9+/]+={0,2}( v1,[A-Za-z0-9+/]+={0,2})*$"
 
@@ -38,6 +45,9 @@ def _signed(
 
 
 Signed = Annotated[None, Depends(_signed)]
+# The header of an alert webhook's escalation copy (alliance and outcome alerts alike).
+EscalationCopy = Annotated[Literal["true"] | None, Header(description=(
+    "present on the copy a clinician's supervisor gets when the alert was not acknowledged in time"))]
 
 
 def _event(topic: str) -> Any:
@@ -62,9 +72,7 @@ def webhooks_router(settings: AlertsSettings) -> APIRouter:
     async def deterioration(
         body: AllianceDeterioration, _: Signed,
         x_alliance_event: Annotated[str, _event(DETERIORATION)],
-        x_alliance_escalation: Annotated[Literal["true"] | None, Header(description=(
-            "present on the copy a clinician's supervisor gets when the alert was not acknowledged in time"))]
-        = None,
+        x_alliance_escalation: EscalationCopy = None,
     ) -> None:
         """Sent to the partners of the alert's tenant subscribed to `alliance.deterioration.v1`, to the alert's
         clinician when their directory entry has a `webhook_url` (signed with the tenant's clinician-webhook
@@ -81,5 +89,33 @@ def webhooks_router(settings: AlertsSettings) -> APIRouter:
         """Every status is sent to the partners of the alert's tenant subscribed to `alliance.alert-status.v1`;
         a `withdrawn` status also to the clinician who may have been told of the alert, when their directory
         entry has a `webhook_url`."""
+
+    # The Outcome Rating Scale (docs/outcome.md): its own event types, so an SRS partner never receives them
+    # unless it subscribes to them.
+    @router.post(OUTCOME_ALERT, operation_id="outcome_alert_webhook", **answers,
+                 summary="An outcome alert raised, or revised by a correction")
+    async def outcome_alert(
+        body: OutcomeAlert, _: Signed,
+        x_alliance_event: Annotated[str, _event(OUTCOME_ALERT)],
+        x_alliance_escalation: EscalationCopy = None,
+    ) -> None:
+        """Sent to the partners of the alert's tenant subscribed to `outcome.alert.v1`, to the alert's clinician
+        when their directory entry has a `webhook_url` (signed with the tenant's clinician-webhook secret, like an
+        alliance alert), and to their supervisor on escalation. `advice` says what to do about it. Keep the
+        highest `revision` per `alert_id`."""
+
+    @router.post(ORS_SCORED, operation_id="ors_scored_webhook", **answers,
+                 summary="One revision of a scored ORS session")
+    async def ors_scored(body: OrsScored, _: Signed, x_alliance_event: Annotated[str, _event(ORS_SCORED)]) -> None:
+        """Sent to the partners of the session's tenant subscribed to `ors.scored.v1`. Keep the highest
+        `revision` per `submission_id`."""
+
+    @router.post(OUTCOME_ALERT_STATUS, operation_id="outcome_alert_status_webhook", **answers,
+                 summary="What happened to an outcome alert")
+    async def outcome_alert_status(body: OutcomeAlertStatusChanged, _: Signed,
+                                   x_alliance_event: Annotated[str, _event(OUTCOME_ALERT_STATUS)]) -> None:
+        """Every status of an outcome alert is sent to the partners of its tenant subscribed to
+        `outcome.alert-status.v1` (never on `alliance.alert-status.v1`); a `withdrawn` status also to the
+        clinician who may have been told of the alert, when their directory entry has a `webhook_url`."""
 
     return router

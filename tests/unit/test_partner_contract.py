@@ -105,10 +105,10 @@ def test_a_documented_signature_matches_what_alerts_sends(topic: str) -> None:
     assert re.fullmatch(pattern, sent)
 
 
-def test_only_the_alert_webhook_has_the_optional_escalation_header() -> None:
+def test_only_the_alert_webhooks_have_the_optional_escalation_header() -> None:
     optional = {t: {p["name"] for p in webhook(t)["parameters"] if not p["required"]} for t in SUBSCRIBABLE}
-    assert optional == {t: ({"x-alliance-escalation"} if t == "alliance.deterioration.v1" else set())
-                        for t in SUBSCRIBABLE}
+    alerts = {"alliance.deterioration.v1", "outcome.alert.v1"}
+    assert optional == {t: ({"x-alliance-escalation"} if t in alerts else set()) for t in SUBSCRIBABLE}
 
 
 # ---- AsyncAPI ------------------------------------------------------------------------------------
