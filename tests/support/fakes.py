@@ -83,6 +83,7 @@ class MemoryAlertsStore:
     clinicians: dict[tuple[str, str], Clinician] = field(default_factory=dict)
     subscriptions: list[Subscription] = field(default_factory=list)
     lkeys: dict[str, str] = field(default_factory=dict)  # alert id -> greatest lifecycle key
+    types: dict[str, str] = field(default_factory=dict)  # alert id -> its type (the first event's)
     contents: dict[str, tuple[int, Document]] = field(default_factory=dict)  # alert id -> (revision, content)
     deliveries: dict[str, Document] = field(default_factory=dict)
     alerts: dict[str, Document] = field(default_factory=dict)  # alert documents as the API reads them
@@ -110,10 +111,17 @@ class MemoryAlertsStore:
         if key > self.lkeys.get(alert_id, ""):
             self.lkeys[alert_id] = key
 
+    def _typed(self, doc: Document) -> bool:
+        """Like the real store: an event of one alert type never touches an alert of the other."""
+        alert_type = str(doc.get("alert_type", "alliance"))
+        return self.types.setdefault(doc["_id"], alert_type) == alert_type
+
     async def record_raises(self, raises: Sequence[tuple[int, Document]]) -> None:
         self._check()
         for revision, content in raises:
             alert_id = content["_id"]
+            if not self._typed(content):
+                continue
             if revision > self.contents.get(alert_id, (0, {}))[0]:
                 self.contents[alert_id] = (revision, content)
             self._raise_key(alert_id, lifecycle_order(Lifecycle.RAISED, revision))
@@ -121,7 +129,8 @@ class MemoryAlertsStore:
     async def record_statuses(self, statuses: Sequence[tuple[str, int, Document]]) -> None:
         self._check()
         for status, revision, identity in statuses:
-            self._raise_key(identity["_id"], lifecycle_order(status, revision))
+            if self._typed(identity):
+                self._raise_key(identity["_id"], lifecycle_order(status, revision))
 
     async def lifecycle_orders(self, alert_ids: Iterable[str]) -> dict[str, str]:
         self._check()
