@@ -109,5 +109,6 @@ def create_app(config: IntakeConfig | None = None) -> FastAPI:
 
 
 def asyncapi_app(config: IntakeConfig | None = None) -> FastStream:
-    """A FastStream app over intake's broker, for `faststream docs gen` (it publishes srs.submitted.v1)."""
+    """A FastStream app over intake's broker, for `faststream docs gen` (it publishes srs.submitted.v1
+    and ors.submitted.v1)."""
     return stream_app(build(config or IntakeConfig()))

@@ -161,8 +161,10 @@ def import_csv(
     """Import an EHR export (CSV) into intake with a progress bar; report the rejected rows.
 
     Header row, any order: client_id, clinician_id, site_id, session_number, administered_at
-    (required); submission_id, instrument, episode_id (optional); relationship, goals, approach,
-    overall (all four) or total. Empty cell = absent. Exit 0 all accepted, 1 some rejected, 2 failed.
+    (required); submission_id, instrument, episode_id, client_age (optional); relationship, goals,
+    approach, overall (all four) for SRS rows, individually, interpersonally, socially, overall for
+    ORS/CORS/YCORS rows, or total. One file may mix both. Empty cell = absent. Exit 0 all accepted,
+    1 some rejected, 2 failed.
     """
     console = Console()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
