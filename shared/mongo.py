@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -51,6 +51,22 @@ async def ping(client: AsyncMongoClient[Document]) -> bool:
     except Exception:
         return False
     return True
+
+
+# Ids per `$in` list when reading documents by id. The local store's `$in` costs more per id the
+# longer the list (1,600 ids: 6.0 s in one list, 0.26 s in lists of 25, loaded machine), so a
+# batch's documents are read in short lists; MongoDB answers either way alike.
+IDS_PER_READ = 25
+
+
+async def find_by_ids(collection: AsyncCollection[Document], ids: Collection[str],
+                      per_read: int = IDS_PER_READ) -> list[Document]:
+    """The documents of `collection` with these `_id`s (those that exist), read `per_read` ids at a time."""
+    wanted = sorted(ids)
+    out: list[Document] = []
+    for i in range(0, len(wanted), per_read):
+        out.extend(await collection.find({"_id": {"$in": wanted[i:i + per_read]}}).to_list())
+    return out
 
 
 def given(**fields: Any) -> Document:

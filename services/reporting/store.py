@@ -109,7 +109,15 @@ from shared.events import (
     OutcomeAlertStatusChanged,
     SrsScored,
 )
-from shared.mongo import Document, LruCache, TtlCache, bulk_write, guarded_upserts, write_versioned
+from shared.mongo import (
+    Document,
+    LruCache,
+    TtlCache,
+    bulk_write,
+    find_by_ids,
+    guarded_upserts,
+    write_versioned,
+)
 
 META = "reporting_meta"
 POINTER_ID = "generation"
@@ -479,7 +487,7 @@ class ReportingStore:
                 # between the record write and the counter write): apply them first, before any
                 # newer version of the record can be written (see the module docs).
                 unsure: list[tuple[str, int, rules.Counters]] = []
-                async for d in col.find({"_id": {"$in": sorted(misses)}}):
+                for d in await find_by_ids(col, misses):
                     existing[d["_id"]] = from_stored(d)
                     if (carried := pending_of(d)) is not None:
                         unsure.append((d["_id"], *carried))
@@ -669,7 +677,7 @@ class ReportingStore:
         for attempt in range(self._retries + 1):
             if not todo:
                 return moved
-            docs = await col.find({"_id": {"$in": sorted(todo)}}).to_list()
+            docs = await find_by_ids(col, todo)
             await self.apply_counters(gen, [(d["_id"], *p) for d in docs if (p := pending_of(d)) is not None])
             writes: list[tuple[str, int, rules.Counters]] = []
             ops: list[UpdateOne] = []

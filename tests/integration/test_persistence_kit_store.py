@@ -1,6 +1,7 @@
 """The duplicate-key policy of `shared.mongo`'s bulk writes against the real local store: a
 duplicate key is reported by the index of its op and the other ops are written; any other write
-error is raised; a versioned write reports the documents another writer changed first."""
+error is raised; a versioned write reports the documents another writer changed first; documents
+are read by id in short lists."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pymongo import AsyncMongoClient, InsertOne, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError
 
-from shared.mongo import Document, bulk_write, guarded_upserts, write_versioned
+from shared.mongo import Document, bulk_write, find_by_ids, guarded_upserts, write_versioned
 from tests.support.services import Namespace
 
 
@@ -63,3 +64,11 @@ async def test_a_guarded_upsert_whose_guard_misses_is_a_stale_write_that_changes
     assert await guarded_upserts(col, [older]) == 0
     assert await guarded_upserts(col, [newer]) == 1
     assert await col.find_one({"_id": "a"}) == {"_id": "a", "key": 7}
+
+
+async def test_reading_by_ids_in_short_lists_returns_every_existing_document_once(
+        col: AsyncCollection[Document]) -> None:
+    await col.insert_many([{"_id": f"d{i:03d}", "n": i} for i in range(60)])
+    wanted = {f"d{i:03d}" for i in range(0, 60, 2)} | {"missing-1", "missing-2"}
+    found = await find_by_ids(col, wanted, per_read=7)
+    assert sorted(d["_id"] for d in found) == sorted(wanted - {"missing-1", "missing-2"})
