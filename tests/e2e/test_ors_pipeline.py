@@ -1,0 +1,134 @@
+"""The Outcome Rating Scale end to end (issue 16), on the real local broker and store with the four
+service processes: ORS forms posted to intake are scored, an ORS deterioration reaches the
+clinician's webhook as an outcome alert signed so that `standardwebhooks` verifies it, and an
+SRS drop in a session whose ORS holds an outcome alert (a non-improving episode) is a critical
+alliance alert with `outcome_at_risk`.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from standardwebhooks import Webhook
+
+from tests.support.services import ServiceProcess
+from tests.support.wait import eventually
+from tools.receiver import Received, WebhookReceiver
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+START = datetime.now(UTC) - timedelta(days=30)
+
+
+def _form(client_id: str, session: int, instrument: str, items: dict[str, float]) -> dict[str, Any]:
+    """A session's form: the ORS at its start, the SRS 50 minutes later (a week between sessions)."""
+    at = START + timedelta(days=7 * session, minutes=50 if instrument == "SRS" else 0)
+    return {"client_id": client_id, "clinician_id": "c-17", "site_id": "north", "instrument": instrument,
+            "session_number": session, "administered_at": at.isoformat(), "items": items}
+
+
+def ors(client_id: str, session: int, total: float) -> dict[str, Any]:
+    quarter = round(total / 4, 1)
+    rest = round(total - 3 * quarter, 1)
+    return _form(client_id, session, "ORS", {"individually": quarter, "interpersonally": quarter,
+                                             "socially": quarter, "overall": rest})
+
+
+def srs(client_id: str, session: int, items: tuple[float, float, float, float]) -> dict[str, Any]:
+    r, g, a, o = items
+    return _form(client_id, session, "SRS", {"relationship": r, "goals": g, "approach": a, "overall": o})
+
+
+def bodies(receiver: WebhookReceiver, event_type: str, client_id: str) -> list[tuple[Received, dict[str, Any]]]:
+    """The deliveries of `event_type` about `client_id` the clinician's webhook got, with their bodies."""
+    out = []
+    for r in receiver.successes():
+        body = json.loads(r.body)
+        if r.headers.get("x-alliance-event") == event_type and body.get("client_id") == client_id:
+            out.append((r, body))
+    return out
+
+
+async def _async(value: Any) -> Any:
+    return value
+
+
+@pytest.fixture(scope="module")
+async def secret(services: dict[str, ServiceProcess], keys: dict[str, str], receiver: WebhookReceiver) -> str:
+    """The tenant's clinician-webhook secret, with clinician c-17's webhook on the receiver."""
+    admin = {"Authorization": f"Bearer {keys['admin']}"}
+    async with httpx.AsyncClient(timeout=15) as http:
+        made = await http.post(f"{services['alerts'].url}/v1/webhook-secret", headers=admin)
+        assert made.status_code == 201, made.text
+        put = await http.put(f"{services['alerts'].url}/v1/clinicians/c-17", headers=admin, json={
+            "site_id": "north", "email": "c17@clinic.example", "webhook_url": receiver.url})
+        assert put.status_code in (200, 201), put.text
+    return str(made.json()["secret"])
+
+
+async def post_all(services: dict[str, ServiceProcess], keys: dict[str, str], forms: list[dict[str, Any]]) -> None:
+    submit = {"Authorization": f"Bearer {keys['submit']}"}
+    async with httpx.AsyncClient(timeout=15) as http:
+        for form in forms:
+            r = await http.post(f"{services['intake'].url}/v1/submissions", headers=submit, json=form)
+            assert r.status_code == 202, r.text
+
+
+async def test_an_ors_deterioration_reaches_the_clinicians_webhook_signed_as_an_outcome_alert(
+    services: dict[str, ServiceProcess], keys: dict[str, str], receiver: WebhookReceiver, secret: str,
+    artifacts: Path,
+) -> None:
+    # Intake 23.0, then 16.4: 6.6 below intake, at least the reliable change index (5).
+    await post_all(services, keys, [ors("client-ors-1", 1, 23.0), ors("client-ors-1", 2, 16.4)])
+
+    (got, body), = await eventually(lambda: _async(bodies(receiver, "outcome.alert.v1", "client-ors-1")), timeout=60)
+    payload = Webhook(secret).verify(got.body, {k: v for k, v in got.headers.items() if k.startswith("webhook-")})
+    assert (payload["alert_type"], payload["instrument"], payload["session_number"]) == ("outcome", "ORS", 2)
+    assert "reliable_deterioration" in payload["triggers"] and payload["severity"] == "critical"
+    assert payload["change_from_intake"] == pytest.approx(-6.6) and payload["advice"]
+    (artifacts / "e2e-outcome-webhook.json").write_text(json.dumps(payload, indent=2))
+
+    read = {"Authorization": f"Bearer {keys['read']}"}
+    async with httpx.AsyncClient(timeout=15) as http:
+        listed = (await http.get(f"{services['alerts'].url}/v1/alerts", params={"alert_type": "outcome"},
+                                 headers=read)).json()
+    assert [(a["alert_id"], a["alert_type"]) for a in listed if a["client_id"] == "client-ors-1"] == [
+        (body["alert_id"], "outcome")]
+
+
+async def test_an_srs_drop_in_a_non_improving_episode_is_a_critical_alliance_alert_with_outcome_at_risk(
+    services: dict[str, ServiceProcess], keys: dict[str, str], receiver: WebhookReceiver, secret: str,
+) -> None:
+    # The ORS stays about where it started (no reliable improvement by session 3: not on track);
+    # the SRS falls below its cutoff at session 3.
+    client = "client-ors-2"
+    await post_all(services, keys, [
+        ors(client, 1, 20.0), srs(client, 1, (9.5, 9.5, 9.5, 9.5)),
+        ors(client, 2, 21.0), srs(client, 2, (9.5, 9.5, 9.5, 9.5)),
+        ors(client, 3, 20.5), srs(client, 3, (8.0, 7.5, 8.0, 8.0)),
+    ])
+
+    def alliance_alert_at_risk() -> dict[str, Any] | None:
+        delivered = [b for _, b in bodies(receiver, "alliance.deterioration.v1", client)]
+        latest = max(delivered, key=lambda b: b["revision"], default=None)
+        return latest if latest is not None and latest["outcome_at_risk"] else None
+
+    alert = await eventually(lambda: _async(alliance_alert_at_risk()), timeout=60)
+    assert (alert["session_number"], alert["severity"]) == (3, "critical")
+    outcome = await eventually(lambda: _async([b for _, b in bodies(receiver, "outcome.alert.v1", client)]))
+    assert {(b["session_number"], *b["triggers"]) for b in outcome} == {(3, "not_on_track")}
+    (got, _), = [(r, b) for r, b in bodies(receiver, "alliance.deterioration.v1", client)
+                 if b["revision"] == alert["revision"]]
+    assert Webhook(secret).verify(got.body, {k: v for k, v in got.headers.items() if k.startswith("webhook-")})
+
+    read = {"Authorization": f"Bearer {keys['read']}"}
+    async with httpx.AsyncClient(timeout=15) as http:
+        listed = (await http.get(f"{services['alerts'].url}/v1/alerts", headers=read)).json()
+    mine = {a["alert_type"]: a for a in listed if a["client_id"] == client and a["status"] == "open"}
+    assert mine["alliance"]["outcome_at_risk"] is True and mine["alliance"]["severity"] == "critical"
+    assert mine["outcome"]["triggers"] == ["not_on_track"]
