@@ -175,6 +175,36 @@ async def test_the_alert_list_shows_both_types_with_their_triggers_and_filters_b
     assert (r.json()["alert_type"], r.json()["triggers"]) == ("outcome", ors.triggers)
 
 
+async def test_an_open_outcome_alert_escalates_to_the_supervisor_as_outcome_alert_v1_and_a_withdrawn_one_never(
+        env: Env) -> None:
+    t = await new_tenant(env, "ors-esc")
+    await put_clinician(env, t, "boss", env.receiver.behave(path(t, "boss")))
+    await put_clinician(env, t, "c1", supervisor="boss")
+    withdrawn, still_open = outcome_alert(t.id, "c1", "client-9"), outcome_alert(t.id, "c1", "client-10")
+    await raise_outcome(env, withdrawn)
+    await end_outcome(env, outcome_ended(withdrawn, "withdrawn"))
+    await raise_outcome(env, still_open)
+
+    async def settled() -> bool | None:
+        status = {a["alert_id"]: a["status"] for a in await listed(env, t, 2)}
+        return status == {withdrawn.alert_id: "withdrawn", still_open.alert_id: "open"} or None
+    await eventually(settled)
+
+    def escalations(records: list[Record]) -> list[OutcomeAlertStatusChanged]:
+        events = [OutcomeAlertStatusChanged.model_validate_json(r.value) for r in records]
+        return [e for e in events if e.alert_id == still_open.alert_id and e.status == "escalated"]
+
+    async with TopicRecorder(env.ns.stack.bootstrap, env.topics.outcome_alert_status) as statuses:
+        # Escalation due at once from now on.
+        await env.client.put("/v1/escalation", json={"interval_seconds": 0.2}, headers=t.admin)
+        (req,) = await requests_at(env, t, "boss", 1)
+        assert escalations(await statuses.until(escalations))
+    body = Webhook(t.secret).verify(req.body, req.headers)
+    assert body["alert_id"] == still_open.alert_id
+    assert (req.headers["x-alliance-event"], req.headers["x-alliance-escalation"]) == (OUTCOME_ALERT, "true")
+    assert {a["alert_id"]: a["escalated"] for a in await listed(env, t, 2)}[withdrawn.alert_id] is False
+
+
 async def test_another_sites_key_sees_no_outcome_alert(env: Env) -> None:
     t = await new_tenant(env, "ors-site")
     await put_clinician(env, t, "c1")
