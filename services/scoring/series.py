@@ -663,6 +663,10 @@ class ClientState:
     # The last view and what it was derived under; not stored, not compared. Views are never
     # mutated (`extend` builds a new one), so a copy may share it.
     cached: _Cached | None = field(default=None, repr=False, compare=False)
+    # A submission's content sent again under its id, accepted later than the version kept (which
+    # stays: its events were published): when it was. A version of that submission accepted
+    # before then is older than the content the record shows, and changes nothing.
+    resent: dict[str, datetime] = field(default_factory=dict)
 
     def copy(self) -> ClientState:
         """An independent copy (the values are immutable, so copying the containers suffices)."""
@@ -670,7 +674,8 @@ class ClientState:
         # call): the state cache copies every client twice per batch.
         return ClientState(self.tenant_id, self.client_id, self.owner, self.site_version, list(self.transfers),
                            dict(self.versions), dict(self.rejected), dict(self.published),
-                           dict(self.submission_revision), dict(self.alerts), self.version, self.cached)
+                           dict(self.submission_revision), dict(self.alerts), self.version, self.cached,
+                           dict(self.resent))
 
     def view(self, rules: R.TenantRules) -> View:
         """What the record shows under `rules` (derived once per change of the record)."""
@@ -722,7 +727,10 @@ class ClientState:
             return self._redelivered(rules, now, same_rejection)
         if same_rejection is not None:
             return Step(rejection=same_rejection)
-        if known is not None and (known.order() >= v.order() or known.digest == v.digest):
+        if known is not None and (self._order(known) >= v.order() or known.digest == v.digest):
+            if known.digest == v.digest and v.order() > self._order(known):
+                self.resent[v.submission_id] = v.accepted_at  # newer: an older version arriving later loses
+                return Step(changed=True)
             return Step()  # an older version arriving late, or an identical resend: nothing changes
         if known is None and v.submission_id not in self.rejected and self._holds() >= rules.max_client_submissions:
             # Not remembered (that would grow the record the cap bounds): a redelivery is judged
@@ -732,6 +740,7 @@ class ClientState:
                 f"(max_client_submissions {rules.max_client_submissions})")))
         if v.instrument not in _SCORED and self.owner in (None, v.site_id):  # another site's: refused below
             self.versions[v.submission_id] = v
+            self.resent.pop(v.submission_id, None)
             self.cached = None
             self.owner = self.owner or v.site_id
             # A scored submission corrected into an unscored form leaves its session: say so now.
@@ -744,6 +753,7 @@ class ClientState:
             self.rejected[v.submission_id] = rej
             return Step(rejection=rej, changed=True)
         self.versions[v.submission_id] = v
+        self.resent.pop(v.submission_id, None)
         self.owner = self.owner or v.site_id
         scope = None
         if known is None:
@@ -775,6 +785,11 @@ class ClientState:
         self.owner = t.site_id
         self.site_version += 1
         return Step(outputs=self._publish(self.view(rules), now), changed=True)
+
+    def _order(self, known: Version) -> tuple[datetime, str]:
+        """How new the content of a kept version is: when it was last accepted (`resent`)."""
+        again = self.resent.get(known.submission_id)
+        return known.order() if again is None else max(known.order(), (_utc(again), known.digest))
 
     def _redelivered(self, rules: R.TenantRules, now: datetime, rejection: Rejection | None = None) -> Step:
         """A record seen before changes nothing - unless the tenant's rules changed since it was

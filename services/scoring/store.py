@@ -98,6 +98,8 @@ def state_doc(key: ClientKey, st: ClientState, version: int) -> Document:
         "al": [{"id": aid, "r": a.revision, "st": a.state, "d": a.digest, "at": _iso(a.at), "s": a.site_id,
                 "c": a.clinician_id, "i": a.instrument, "e": a.episode_id, "n": a.session_number, "k": a.slot}
                for aid, a in st.alerts.items()],
+        # Only when there is one (documents written before it existed stay as they were).
+        **({"rs": {sid: _iso(at) for sid, at in st.resent.items()}} if st.resent else {}),
     }
 
 
@@ -113,6 +115,7 @@ def state_from(key: ClientKey, doc: Document) -> ClientState:
         st.published[p["k"]] = Published(int(p["r"]), p["sid"], p["d"], _dt(p["at"]), p.get("sup"),
                                          bool(p.get("l")), bool(p.get("vac")))
     st.submission_revision = {str(k): int(v) for k, v in (doc.get("sr") or {}).items()}
+    st.resent = {str(sid): _dt(at) for sid, at in (doc.get("rs") or {}).items()}
     for a in doc.get("al", ()):
         st.alerts[a["id"]] = AlertRecord(int(a["r"]), Lifecycle(a["st"]), a["d"], _dt(a["at"]), a["s"], a["c"],
                                          a["i"], a["e"], int(a["n"]), a["k"])

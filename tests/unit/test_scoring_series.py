@@ -239,6 +239,27 @@ def test_older_version_of_a_submission_arriving_late_changes_nothing() -> None:
     assert c.state.versions["s1"].total == 38.0
 
 
+def test_a_version_older_than_an_identical_resend_of_the_current_content_changes_nothing() -> None:
+    # 35.4 accepted first and again last, 30.0 in between but arriving last: 35.4 is the newest word.
+    c = Client()
+    first, between, last = c.version("s1", 1, 35.4), c.version("s1", 1, 30.0), c.version("s1", 1, 35.4)
+    c.apply(first)
+    c.apply(last)
+    step = c.apply(between)
+    assert step.outputs == [] and c.state.versions["s1"].total == 35.4
+
+
+def test_the_newest_acceptance_of_the_current_content_is_kept_in_the_stored_state() -> None:
+    c = Client()
+    first, between, last = c.version("s1", 1, 35.4), c.version("s1", 1, 30.0), c.version("s1", 1, 35.4)
+    c.apply(first)
+    c.apply(last)
+    key = ClientKey(TENANT, CLIENT)
+    stored = state_from(key, state_doc(key, c.state, 1))
+    stored.submit(between, RULES, NOW)
+    assert stored.versions["s1"].total == 35.4
+
+
 # --- corrections under a new id, identical resends -------------------------------------------
 
 
