@@ -24,7 +24,18 @@ from pymongo import AsyncMongoClient
 from services.scoring.rules import TenantRules
 from services.scoring.store import RulesStore, StateStore
 from shared import ids
-from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, Instrument, Items, SrsScored
+from shared.events import (
+    AlertStatusChanged,
+    AllianceDeterioration,
+    DeadLetter,
+    Instrument,
+    Items,
+    OrsScored,
+    OrsSubmitted,
+    OutcomeAlert,
+    SrsScored,
+)
+from shared.kafka import CORRELATION_HEADER
 from shared.mongo import Document
 from tests.support.services import Namespace, ServiceProcess, service_fixture
 from tests.support.wait import eventually
@@ -386,3 +397,47 @@ async def test_a_client_at_its_record_cap_is_refused_series_full_and_the_partiti
     assert len(big_scored) == 5_000
     doc = await scoring.mongo[scoring.ns.database]["scoring_state"].find_one({"client_id": "big", "tenant_id": t})
     assert doc is not None and len(bson.encode(doc)) < 4 * 2**20  # far from the 16 MiB limit
+
+
+# --- the Outcome Rating Scale (docs/outcome.md) ---------------------------------------------------
+
+
+def ors(tenant: str, client: str, session: int, total: float, accepted: int) -> OrsSubmitted:
+    """An ORS as intake publishes it on ors.submitted.v1: the same session as `submission(...)`."""
+    sid = f"{client}-ors{session}"
+    return OrsSubmitted(event_id=ids.submitted_event_id(tenant, sid), tenant_id=tenant, occurred_at=at(accepted),
+                        submission_id=sid, site_id="north", clinician_id="c-1", client_id=client,
+                        session_number=session, administered_at=BASE + timedelta(days=7 * session), total=total,
+                        accepted_at=at(accepted))
+
+
+async def test_an_ors_deterioration_alerts_and_an_srs_drop_in_its_session_is_critical_at_risk(
+        scoring: Scoring) -> None:
+    t = "t-ors"
+    topics = scoring.ns.kafka().topics()
+    ors_scored, outcome_alerts = [await TopicRecorder(scoring.ns.stack.bootstrap, name).start(background=True)
+                                  for name in (topics.ors_scored, topics.outcome_alert)]
+    try:
+        futures = [await scoring.producer.send(topics.ors_submitted, ev.model_dump_json().encode(),
+                                               key=ids.partition_key(t, "c"),
+                                               headers=[(CORRELATION_HEADER, b"corr-ors")])
+                   for ev in (ors(t, "c", 1, 22.0, 1), ors(t, "c", 2, 15.5, 2))]
+        for f in futures:
+            await f
+        scored = await at_least(lambda: [s for s in map(OrsScored.model_validate_json, ors_scored.values())
+                                         if s.tenant_id == t], 2)
+        assert [(s.session_number, s.change_from_intake, s.change) for s in scored] == [
+            (1, 0.0, "no_reliable_change"), (2, -6.5, "reliable_deterioration")]
+        (alert,) = await at_least(lambda: [a for a in map(OutcomeAlert.model_validate_json, outcome_alerts.values())
+                                           if a.tenant_id == t], 1)
+        assert (alert.alert_id, alert.severity, alert.triggers) == (
+            ids.alert_id(t, "c", "ORS", episode_of(1), 2), "critical", ["reliable_deterioration"])
+
+        await publish(scoring.producer, topics.submitted, [submission(t, "c", 1, 39.0, accepted_at=at(3)),
+                                                           submission(t, "c", 2, 38.0, accepted_at=at(4))])
+        (alliance,) = await at_least(lambda: scoring.alerts_of(t), 1)
+        assert (alliance.alert_id, alliance.severity, alliance.outcome_at_risk) == (alert_id(t, "c", 2), "critical",
+                                                                                    True)
+    finally:
+        for r in (ors_scored, outcome_alerts):
+            await r.stop()

@@ -4,6 +4,12 @@ late sessions, episode restarts and redeliveries, the record clinicians see — 
 reporting merges from scoring's events, their flags, and the set of open alerts the lifecycle
 events leave — equals what an independent oracle computes from the final version of each session.
 
+The second property extends the first to a client given both PCOMS scales (docs/outcome.md): ORS
+and SRS sessions of the same courses, with the same corrections, resends, late sessions, restarts
+and redeliveries; the final ORS flags, the open outcome alerts, and the open alliance alerts with
+their `outcome_at_risk` and severity equal the oracle's, and the SRS record is what it would be
+without the ORS.
+
 The pipeline runs through the real pure code: scoring's `ClientState` (submit, and on a
 redelivery what the handler re-emits), the event builders of scoring's handler, reporting's merge
 and view, and the alerts service's lifecycle merge; scoring's output is shuffled and duplicated
@@ -20,13 +26,26 @@ from typing import Any
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from services.alerts.rules import merge_lifecycle
+from services.alerts.rules import lifecycle_key, merge_lifecycle
 from services.reporting import rules as reporting
-from services.scoring.handlers import alert_event, scored_event, status_event
+from services.scoring.handlers import (
+    alert_event,
+    ors_scored_event,
+    outcome_alert_event,
+    scored_event,
+    status_event,
+)
 from services.scoring.rules import TenantRules
-from services.scoring.series import AlertOut, ClientState, Output, ScoredOut, version_of
+from services.scoring.series import AlertOut, ClientState, OutcomeView, Output, ScoredOut, version_of
 from shared import ids
-from shared.events import AlertStatusChanged, AllianceDeterioration, SrsScored
+from shared.events import (
+    AlertStatusChanged,
+    AllianceDeterioration,
+    OrsScored,
+    OutcomeAlert,
+    OutcomeAlertStatusChanged,
+    SrsScored,
+)
 
 TENANT, CLIENT = "acme", "client-1"
 Event = SrsScored | AllianceDeterioration | AlertStatusChanged
@@ -45,6 +64,7 @@ class Sub:
     total: float
     accepted: int  # seconds after DAY0; distinct per version
     minute: int = 0  # of the day: sessions of two courses on one day are never at the same time
+    instrument: str = "SRS"
 
     @property
     def administered(self) -> datetime:
@@ -228,3 +248,206 @@ def test_final_record_depends_only_on_the_final_version_of_each_session(subs: li
     for eid, rows in episodes.items():
         assert shown(doc, eid) == rows, eid
     assert open_alerts(events, rng) == alerts
+
+
+# --- both scales ------------------------------------------------------------------------------
+
+
+def _tenths(x: float) -> int:
+    return round(x * 10)
+
+
+def _final_sessions(subs: list[Sub]) -> dict[str, list[Sub]]:
+    """Per episode id, the final version of each of its sessions (one instrument's subs)."""
+    final: dict[str, Sub] = {}
+    for s in subs:
+        if s.sid not in final or s.accepted > final[s.sid].accepted:
+            final[s.sid] = s
+    sessions: dict[tuple[Any, ...], Sub] = {}
+    for s in final.values():
+        key = ("e", s.episode, s.number) if s.episode is not None else ("d", s.day, s.number)
+        if key not in sessions or s.accepted > sessions[key].accepted:
+            sessions[key] = s
+    episodes: dict[str, list[Sub]] = {}
+    for s in sessions.values():
+        if s.episode is not None:
+            episodes.setdefault(s.episode, []).append(s)
+    run: list[Sub] = []
+    for s in sorted((s for s in sessions.values() if s.episode is None), key=lambda s: (s.administered, s.number)):
+        if run and s.number <= run[-1].number:
+            episodes[f"auto/{(DAY0 + timedelta(days=run[0].day)).date().isoformat()}/{run[0].number}"] = run
+            run = []
+        run.append(s)
+    if run:
+        episodes[f"auto/{(DAY0 + timedelta(days=run[0].day)).date().isoformat()}/{run[0].number}"] = run
+    for members in episodes.values():
+        members.sort(key=lambda s: s.number)
+    return episodes
+
+
+def _newest_episode(episodes: dict[str, list[Sub]]) -> str | None:
+    everyone = [(s.administered, s.number, s.sid, eid) for eid, ms in episodes.items() for s in ms]
+    return max(everyone)[3] if everyone else None
+
+
+def ors_oracle(subs: list[Sub]) -> tuple[dict[tuple[str, int], tuple[float, tuple[str, ...]]],
+                                         dict[tuple[str, int], str]]:
+    """The ORS record from the contract (adult cutoff 25, reliable change 5 from the episode's
+    first session, not on track from session 3, critical from 6): {(episode, number): (total,
+    flags)}, and the open outcome alerts {(episode, number): severity}."""
+    episodes = _final_sessions(subs)
+    rows: dict[tuple[str, int], tuple[float, tuple[str, ...]]] = {}
+    alerts: dict[tuple[str, int], str] = {}
+    for eid, members in episodes.items():
+        intake = _tenths(members[0].total)
+        severity = None
+        for s in members:
+            t = _tenths(s.total)
+            delta = t - intake
+            change = ("reliable_improvement" if delta >= 50 else "reliable_deterioration" if delta <= -50
+                      else "no_reliable_change")
+            significant = change == "reliable_improvement" and intake < 250 <= t
+            off = change != "reliable_improvement" and s.number >= 3
+            flags = tuple(f for f, holds in (("in_clinical_range", t < 250), (change, True),
+                                             ("clinically_significant_improvement", significant),
+                                             ("not_on_track", off)) if holds)
+            rows[(eid, s.number)] = (t / 10, flags)
+            deteriorated = change == "reliable_deterioration"
+            severity = ("critical" if deteriorated or (off and s.number >= 6) else "warning"
+                        if off else None)
+        if eid == _newest_episode(episodes) and severity is not None:
+            alerts[(eid, members[-1].number)] = severity
+    return rows, alerts
+
+
+def srs_alert_oracle(subs: list[Sub]) -> dict[tuple[str, int], str]:
+    """The open alliance alerts by the alliance rules alone: {(episode, number): severity}."""
+    _, by_id = oracle(subs)
+    out: dict[tuple[str, int], str] = {}
+    episodes = _final_sessions(subs)
+    for eid, members in episodes.items():
+        aid = ids.alert_id(TENANT, CLIENT, "SRS", eid, members[-1].number)
+        if aid in by_id:
+            out[(eid, members[-1].number)] = by_id[aid]
+    return out
+
+
+MixedEvent = Event | OrsScored | OutcomeAlert
+
+
+def score_mixed(deliveries: list[Sub]) -> list[MixedEvent]:
+    state = ClientState(TENANT, CLIENT)
+    published: list[Output] = []
+    for i, s in enumerate(deliveries):
+        step = state.submit(version_of(s.sid, s.instrument, s.episode, s.number, s.administered, "north", "c-1",
+                                       None, s.total, DAY0 + timedelta(seconds=s.accepted)), RULES,
+                            DAY0 + timedelta(days=400, seconds=i))
+        assert step.rejection is None or step.rejection.reason == "duplicate", step.rejection
+        published += state.current_outputs(RULES) if step.redelivered else step.outputs
+    events: list[MixedEvent] = []
+    for o in published:
+        if isinstance(o, ScoredOut):
+            outcome = isinstance(o.session, OutcomeView)
+            events.append(ors_scored_event(TENANT, CLIENT, o) if outcome else scored_event(TENANT, CLIENT, o))
+        elif isinstance(o, AlertOut):
+            outcome = isinstance(o.alert.session, OutcomeView)
+            events.append(outcome_alert_event(TENANT, CLIENT, o) if outcome else alert_event(TENANT, CLIENT, o))
+        else:
+            events.append(status_event(TENANT, CLIENT, o))
+    return events
+
+
+def ors_shown(events: list[MixedEvent]) -> dict[tuple[str, int], tuple[float, tuple[str, ...]]]:
+    """What a consumer of ors.scored.v1 shows: per submission, the event of its greatest revision,
+    unless a greater revision of another submission names it superseded."""
+    word: dict[str, tuple[int, OrsScored | None]] = {}
+    for e in events:
+        if not isinstance(e, OrsScored):
+            continue
+        if e.revision > word.get(e.submission_id, (0, None))[0]:
+            word[e.submission_id] = (e.revision, e)
+        if e.supersedes is not None and e.revision >= word.get(e.supersedes, (0, None))[0]:
+            word[e.supersedes] = (e.revision, None)
+    return {(e.episode_id, e.session_number): (e.total, tuple(e.flags)) for _, e in word.values() if e is not None}
+
+
+def open_mixed_alerts(events: list[MixedEvent]) -> tuple[dict[tuple[str, int], tuple[str, bool]],
+                                                         dict[tuple[str, int], str]]:
+    """The open alliance alerts {(episode, number): (severity, outcome_at_risk)} and the open
+    outcome alerts {(episode, number): severity}, from the lifecycle events in any order."""
+    best: dict[str, tuple[tuple[int, int], MixedEvent]] = {}
+    for e in events:
+        if isinstance(e, AllianceDeterioration | OutcomeAlert):
+            key = lifecycle_key("raised", e.revision)
+        elif isinstance(e, AlertStatusChanged) and e.revision is not None:
+            key = lifecycle_key(e.status, e.revision)
+        else:
+            continue
+        if e.alert_id not in best or key > best[e.alert_id][0]:
+            best[e.alert_id] = (key, e)
+    alliance: dict[tuple[str, int], tuple[str, bool]] = {}
+    outcome: dict[tuple[str, int], str] = {}
+    for (_, rank), e in best.values():
+        if rank != 0:
+            continue
+        if isinstance(e, AllianceDeterioration):
+            alliance[(e.episode_id, e.session_number)] = (e.severity, e.outcome_at_risk)
+        elif isinstance(e, OutcomeAlert):
+            outcome[(e.episode_id, e.session_number)] = e.severity
+    assert not any(isinstance(e, OutcomeAlertStatusChanged) and e.instrument is None for _, e in best.values())
+    return alliance, outcome
+
+
+@st.composite
+def both_scales(draw: st.DrawFn) -> list[Sub]:
+    """A client's courses of care where most sessions have an ORS (at the start) and an SRS (at
+    the end), posted with the corrections and resends of `histories`."""
+    subs: list[Sub] = []
+    clock = iter(range(1, 10_000))
+    day = 0
+    for course in range(draw(st.integers(1, 3))):
+        episode = draw(st.sampled_from([None, None, f"E{course}"]))
+        for number in range(1, draw(st.integers(1, 7)) + 1):
+            day += draw(st.integers(1, 10))
+            forms = draw(st.sampled_from([("ORS", "SRS"), ("ORS", "SRS"), ("ORS",), ("SRS",)]))
+            for instrument in forms:
+                sid = f"{instrument}{course}-{number}"
+                scale = ([10.0, 15.0, 19.9, 20.0, 24.9, 25.0, 25.1, 30.0, 35.0] if instrument == "ORS"
+                         else [30.0, 35.4, 36.5, 38.0, 39.9, 40.0])
+                subs.append(Sub(sid, episode, number, day, draw(st.sampled_from(scale)), next(clock),
+                                10 * course + number, instrument))
+                for _ in range(draw(st.integers(0, 2))):
+                    last = subs[-1]
+                    kind = draw(st.sampled_from(["same-id", "new-id", "resend-same", "resend-new"]))
+                    fresh = last.total if kind.startswith("resend") else draw(st.sampled_from(scale))
+                    new_sid = last.sid if kind in ("same-id", "resend-same") else f"{sid}-{kind}{len(subs)}"
+                    subs.append(Sub(new_sid, episode, number, last.day, fresh, next(clock), last.minute,
+                                    instrument))
+    return subs
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(subs=both_scales(), seed=st.integers(0, 2**32 - 1))
+def test_with_both_scales_the_final_record_and_outcome_at_risk_depend_only_on_the_final_versions(
+        subs: list[Sub], seed: int) -> None:
+    note(f"history: {subs!r}")
+    rng = random.Random(seed)
+    deliveries = subs + rng.sample(subs, k=len(subs) // 2)
+    rng.shuffle(deliveries)
+    events = score_mixed(deliveries)
+    events = events + rng.sample(events, k=len(events) // 3)
+    rng.shuffle(events)
+    ors_subs = [s for s in subs if s.instrument == "ORS"]
+    srs_subs = [s for s in subs if s.instrument == "SRS"]
+    rows, outcome_alerts = ors_oracle(ors_subs)
+    srs_alerts = srs_alert_oracle(srs_subs)
+
+    assert ors_shown(events) == rows
+    alliance, outcome = open_mixed_alerts(events)
+    assert outcome == outcome_alerts
+    assert alliance == {k: ("critical", True) if k in outcome_alerts else (v, False) for k, v in srs_alerts.items()}
+    if srs_subs:  # the SRS record itself is what it is without the ORS
+        episodes, _ = oracle(srs_subs)
+        doc = report([e for e in events if isinstance(e, SrsScored)], rng)
+        for eid, srs_rows in episodes.items():
+            assert shown(doc, eid) == srs_rows, eid

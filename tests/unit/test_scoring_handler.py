@@ -28,6 +28,10 @@ from shared.events import (
     AllianceDeterioration,
     ClientTransfer,
     DeadLetter,
+    OrsScored,
+    OrsSubmitted,
+    OutcomeAlert,
+    OutcomeAlertStatusChanged,
     SrsScored,
 )
 from shared.kafka import BatchHandler, DeadLetterTarget, InboundRecord, OutboundRecord, typed_handler
@@ -702,3 +706,93 @@ async def test_crash_at_any_point_and_redelivery_yields_each_submission_once_in_
     assert latest_per_key(sink.published) == latest_per_key(clean_sink.published)
     letters = {(d.source_offset, d.reason) for d in letters_of(sink.published)}
     assert letters == {(d.source_offset, d.reason) for d in letters_of(clean_sink.published)}
+
+
+# --- the Outcome Rating Scale (docs/outcome.md) ----------------------------------------------------
+
+
+def ors_submitted(client: str, session: int, total: float | None = None, *, sid: str | None = None,
+                  instrument: str = "ORS", at: int = 0, correlation: str | None = "corr-ors",
+                  **extra: Any) -> InboundRecord:
+    """An ORS-family submission as intake writes it on `ors.submitted.v1` (the same session as
+    `submitted(client, session)`)."""
+    record = submitted(client, session, total, sid=sid or f"{client}-ors-{session}", instrument=instrument, at=at,
+                       correlation=correlation, **extra)
+    return InboundRecord(TOPICS.ors_submitted, 0, record.offset, record.key, record.value, record.headers, 0)
+
+
+def ors_alert_id(client: str, session: int, instrument: str = "ORS") -> str:
+    return ids.alert_id("acme", client, instrument, episode_of(1), session)
+
+
+def test_records_on_the_ors_topic_decode_as_ors_submissions_whatever_the_prefix() -> None:
+    assert model_of(ors_submitted("x", 1, 20.0)) is OrsSubmitted
+    assert model_of(submitted("x", 1, 20.0)) is not OrsSubmitted
+
+
+async def test_an_ors_deterioration_publishes_ors_scored_and_a_critical_outcome_alert_on_the_ors_topics() -> None:
+    h, _, sink = handler()
+    await h([ors_submitted("x", 1, 20.0, at=1), ors_submitted("x", 2, 14.0, at=2, client_age=40)])
+    scored = [OrsScored.model_validate_json(r.value) for r in of_topic(sink.published, TOPICS.ors_scored)]
+    assert [(s.session_number, s.total, s.change_from_intake, s.change) for s in scored] == [
+        (1, 20.0, 0.0, "no_reliable_change"), (2, 14.0, -6.0, "reliable_deterioration")]
+    assert scored[1].age_band == "adult" and scored[1].cutoff == 25.0 and scored[1].client_age == 40
+    (rec,) = of_topic(sink.published, TOPICS.outcome_alert)
+    alert = OutcomeAlert.model_validate_json(rec.value)
+    assert (alert.alert_id, alert.severity, alert.triggers) == (ors_alert_id("x", 2), "critical",
+                                                               ["reliable_deterioration"])
+    assert "consider changing the approach or a referral" in alert.advice
+    assert rec.key == ids.partition_key("acme", "x") and rec.correlation_id == "corr-ors"
+    assert not of_topic(sink.published, TOPICS.scored) and not of_topic(sink.published, TOPICS.deterioration)
+
+
+async def test_an_outcome_alert_superseded_by_the_next_session_is_told_on_the_outcome_status_topic() -> None:
+    h, _, sink = handler()
+    await h([ors_submitted("x", 1, 20.0, at=1), ors_submitted("x", 2, 14.0, at=2), ors_submitted("x", 3, 26.0, at=3)])
+    (rec,) = of_topic(sink.published, TOPICS.outcome_alert_status)
+    status = OutcomeAlertStatusChanged.model_validate_json(rec.value)
+    assert (status.alert_id, status.status, status.instrument) == (ors_alert_id("x", 2), "superseded", "ORS")
+    assert not of_topic(sink.published, TOPICS.alert_status)
+
+
+async def test_an_invalid_or_unscorable_ors_record_is_dead_lettered_naming_the_ors_topic() -> None:
+    h, _, sink = handler()
+    invalid, unscorable = ors_submitted("x", 1, 20.0, client_age=300), ors_submitted("y", 1)
+    await h([invalid, unscorable, ors_submitted("z", 1, 20.0)])
+    letters = {d.source_offset: d for d in letters_of(sink.published)}
+    assert {o: (d.reason, d.source_topic) for o, d in letters.items()} == {
+        invalid.offset: ("invalid", TOPICS.ors_submitted), unscorable.offset: ("unscorable", TOPICS.ors_submitted)}
+    assert len(of_topic(sink.published, TOPICS.ors_scored)) == 1
+
+
+async def test_an_srs_drop_in_a_session_whose_ors_deteriorated_is_critical_and_outcome_at_risk() -> None:
+    h, _, sink = handler()
+    await h([ors_submitted("x", 1, 20.0, at=1), submitted("x", 1, 39.0, at=2), ors_submitted("x", 2, 14.0, at=3)])
+    await h([submitted("x", 2, 38.0, at=4)])  # a drop of 1 above the cutoff: a warning by the alliance rules
+    (alert,) = alerts_of(sink.published)
+    assert (alert.alert_id, alert.severity, alert.outcome_at_risk, alert.revision) == (alert_id("x", 2), "critical",
+                                                                                       True, 1)
+
+
+async def test_an_srs_alert_raised_before_the_ors_of_its_session_is_revised_when_the_ors_alerts() -> None:
+    h, _, sink = handler()
+    await h([ors_submitted("x", 1, 20.0, at=1), submitted("x", 1, 39.0, at=2), submitted("x", 2, 38.0, at=3)])
+    await h([ors_submitted("x", 2, 14.0, at=4)])
+    alerts = alerts_of(sink.published)
+    assert [(a.revision, a.severity, a.outcome_at_risk) for a in alerts] == [(1, "warning", False),
+                                                                             (2, "critical", True)]
+
+
+async def test_clients_without_an_ors_publish_alliance_alerts_without_outcome_at_risk() -> None:
+    h, _, sink = handler()
+    await h([submitted("x", 1, 39.0, at=1), submitted("x", 2, 38.0, at=2)])
+    (alert,) = alerts_of(sink.published)
+    assert alert.severity == "warning" and alert.outcome_at_risk is False
+
+
+async def test_a_client_keeps_one_state_document_for_both_scales() -> None:
+    h, states, _ = handler()
+    await h([submitted("x", 1, 38.0), ors_submitted("x", 1, 20.0, client_age=15)])
+    (doc,) = states.docs.values()
+    assert sorted((v["sid"], v["i"], v.get("ag")) for v in doc["subs"]) == [("x-1", "SRS", None),
+                                                                           ("x-ors-1", "ORS", 15)]
