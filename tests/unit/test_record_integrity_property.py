@@ -78,9 +78,8 @@ def _r1(x: float) -> float:
     return round(x, 1) + 0.0
 
 
-def oracle(subs: list[Sub]) -> tuple[dict[str, list[tuple[int, float, tuple[str, ...]]]], dict[str, str]]:
-    """Per episode, its sessions (number, total, flags) in number order; and the open alerts
-    {alert_id: severity}. Straight from the contract, sharing no code with the services."""
+def _final_sessions(subs: list[Sub]) -> dict[str, list[Sub]]:
+    """Per episode id, the final version of each of its sessions (one instrument's subs)."""
     final: dict[str, Sub] = {}
     for s in subs:
         if s.sid not in final or s.accepted > final[s.sid].accepted:
@@ -95,19 +94,31 @@ def oracle(subs: list[Sub]) -> tuple[dict[str, list[tuple[int, float, tuple[str,
         if s.episode is not None:
             episodes.setdefault(s.episode, []).append(s)
     run: list[Sub] = []
-    derived = sorted((s for s in sessions.values() if s.episode is None), key=lambda s: (s.administered, s.number))
-    for s in derived:
+    for s in sorted((s for s in sessions.values() if s.episode is None), key=lambda s: (s.administered, s.number)):
         if run and s.number <= run[-1].number:
             episodes[f"auto/{(DAY0 + timedelta(days=run[0].day)).date().isoformat()}/{run[0].number}"] = run
             run = []
         run.append(s)
     if run:
         episodes[f"auto/{(DAY0 + timedelta(days=run[0].day)).date().isoformat()}/{run[0].number}"] = run
+    for members in episodes.values():
+        members.sort(key=lambda s: s.number)
+    return episodes
+
+
+def _newest_episode(episodes: dict[str, list[Sub]]) -> str | None:
+    everyone = [(s.administered, s.number, s.sid, eid) for eid, ms in episodes.items() for s in ms]
+    return max(everyone)[3] if everyone else None
+
+
+def oracle(subs: list[Sub]) -> tuple[dict[str, list[tuple[int, float, tuple[str, ...]]]], dict[str, str]]:
+    """Per episode, its sessions (number, total, flags) in number order; and the open alerts
+    {alert_id: severity}. Straight from the contract, sharing no code with the services."""
+    episodes = _final_sessions(subs)
+    newest_episode = _newest_episode(episodes)
     out: dict[str, list[tuple[int, float, tuple[str, ...]]]] = {}
     alerts: dict[str, str] = {}
-    newest = max(sessions.values(), key=lambda s: (s.administered, s.number, s.sid)) if sessions else None
     for eid, members in episodes.items():
-        members.sort(key=lambda s: s.number)
         rows = []
         prev: float | None = None
         prev_lni = False
@@ -126,7 +137,7 @@ def oracle(subs: list[Sub]) -> tuple[dict[str, list[tuple[int, float, tuple[str,
             prev, prev_lni = total, lni
         out[eid] = rows
         last = members[-1]
-        if newest is not None and newest in members and severity is not None:
+        if eid == newest_episode and severity is not None:
             alerts[ids.alert_id(TENANT, CLIENT, "SRS", eid, last.number)] = severity
     return out, alerts
 
@@ -255,39 +266,6 @@ def test_final_record_depends_only_on_the_final_version_of_each_session(subs: li
 
 def _tenths(x: float) -> int:
     return round(x * 10)
-
-
-def _final_sessions(subs: list[Sub]) -> dict[str, list[Sub]]:
-    """Per episode id, the final version of each of its sessions (one instrument's subs)."""
-    final: dict[str, Sub] = {}
-    for s in subs:
-        if s.sid not in final or s.accepted > final[s.sid].accepted:
-            final[s.sid] = s
-    sessions: dict[tuple[Any, ...], Sub] = {}
-    for s in final.values():
-        key = ("e", s.episode, s.number) if s.episode is not None else ("d", s.day, s.number)
-        if key not in sessions or s.accepted > sessions[key].accepted:
-            sessions[key] = s
-    episodes: dict[str, list[Sub]] = {}
-    for s in sessions.values():
-        if s.episode is not None:
-            episodes.setdefault(s.episode, []).append(s)
-    run: list[Sub] = []
-    for s in sorted((s for s in sessions.values() if s.episode is None), key=lambda s: (s.administered, s.number)):
-        if run and s.number <= run[-1].number:
-            episodes[f"auto/{(DAY0 + timedelta(days=run[0].day)).date().isoformat()}/{run[0].number}"] = run
-            run = []
-        run.append(s)
-    if run:
-        episodes[f"auto/{(DAY0 + timedelta(days=run[0].day)).date().isoformat()}/{run[0].number}"] = run
-    for members in episodes.values():
-        members.sort(key=lambda s: s.number)
-    return episodes
-
-
-def _newest_episode(episodes: dict[str, list[Sub]]) -> str | None:
-    everyone = [(s.administered, s.number, s.sid, eid) for eid, ms in episodes.items() for s in ms]
-    return max(everyone)[3] if everyone else None
 
 
 def ors_oracle(subs: list[Sub]) -> tuple[dict[tuple[str, int], tuple[float, tuple[str, ...]]],
