@@ -195,7 +195,7 @@ async def rebuild(kafka: KafkaSettings, mongo: MongoSettings, settings: Reportin
     client = make_client(mongo)
     db = database(client, mongo)
     generations = Generations(db, settings.generation_cache_seconds)
-    store = ReportingStore(db, cache_entries=settings.rebuild_cache_entries,
+    store = ReportingStore(db, cache_bytes=settings.rebuild_cache_mib * 2**20,
                            max_record_bytes=settings.max_record_bytes)
     try:
         old, new = await generations.begin_rebuild(force=force)
