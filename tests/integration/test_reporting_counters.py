@@ -23,9 +23,10 @@ from shared import ids
 from shared.events import AlertStatus, AlertStatusChanged, AllianceDeterioration, Instrument, SrsScored
 from shared.kafka import Decoded
 from shared.mongo import Document
+from shared.settings import MongoSettings
 from shared.topics import Topics
 from tests.support.fakes import FixedGenerations, Sink, inbound
-from tests.support.reporting import counters_verified_in_db
+from tests.support.reporting import assert_counters_agree, counters_verified_in_db
 from tests.support.stack import StackUnderTest, scratch_database
 from tools.demo import BASE, acknowledgement, deterioration_for, lifecycle, revised, scored, transferred
 
@@ -98,6 +99,17 @@ async def test_counters_agree_with_the_records_after_corrections_transfers_and_r
     for e in history():
         await deliver(handlers(store), [e])
     assert await store.verify(G) == {}
+
+
+async def test_the_check_after_each_scenario_fails_naming_a_counter_that_differs_from_the_records(
+        db: AsyncDatabase[Document], stack: StackUnderTest) -> None:
+    store = ReportingStore(db)
+    await deliver(handlers(store), history()[:3])
+    tampered = await store.counters(G).find_one_and_update({}, {"$inc": {"sessions": 1}})
+    assert tampered is not None
+    with pytest.raises(AssertionError, match=tampered["_id"]):
+        await assert_counters_agree(MongoSettings(url=stack.mongo_url, database=db.name), timeout=1)
+    await store.counters(G).update_one({"_id": tampered["_id"]}, {"$inc": {"sessions": -1}})
 
 
 async def test_the_summary_from_the_counters_counts_each_records_current_episode(
