@@ -50,12 +50,13 @@ from starlette.routing import BaseRoute, Mount, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared import tracing
-from shared.kafka import measure_lag
+from shared.kafka import Publisher, make_broker, measure_lag
 from shared.logs import CORRELATION_ID
 from shared.metrics import DEPENDENCY_UP, HTTP_REQUESTS, HTTP_SECONDS, READY, THROTTLED
-from shared.mongo import Document, ping
+from shared.mongo import Document, client_and_database, ping
 from shared.ratelimit import COLLECTION, Limiter, SlotStorage, retry_after_header, slot_storage
-from shared.settings import SERVICE_PORTS, HttpSettings
+from shared.settings import MONITOR_INTERVAL_SECONDS, SERVICE_PORTS, HttpSettings, KafkaSettings, ServiceConfig
+from shared.topics import Topics
 
 log = logging.getLogger("alliance.runtime")
 
@@ -536,9 +537,6 @@ def authenticate_first(app: FastAPI, lookup: Lookup, prefix: str = "/v1/", guard
 
 Check = Callable[[], Awaitable[bool]]
 STOP_TIMEOUT_SECONDS = 5.0
-# How often the monitor loop refreshes readiness and consumer lag: well inside Prometheus' 15 s
-# scrape interval, and a few cheap requests (a ping each, one offsets request per consumer).
-MONITOR_INTERVAL_SECONDS = 5.0
 DEPENDENCIES = ("kafka", "mongodb")
 
 
@@ -550,7 +548,8 @@ class Runtime:
     retries until it answers, and `/readyz` says 503 until then. On stop, the background tasks are
     cancelled first, then the on_stop steps run, then the broker and the store client close.
 
-    A monitor loop runs from start to stop, every `monitor_interval_seconds`: it sets
+    A monitor loop runs from start to stop, every `monitor_interval_seconds` (a service's from
+    `ALLIANCE_MONITOR_INTERVAL_SECONDS`, through `Adapters.runtime`): it sets
     `alliance_ready` / `alliance_dependency_up` from the readiness checks and, once the broker is
     connected, `alliance_consumer_lag_messages` of the partitions this process owns. Alerts then
     see a store or broker outage, and a consumer that stopped committing, without anyone calling
@@ -720,6 +719,28 @@ class Service:
     spec_title: str | None = field(default=None, kw_only=True)
     spec_version: str = field(default="0.1.0", kw_only=True)
     spec_description: str | None = field(default=None, kw_only=True)
+
+
+class Adapters:
+    """What every service's `build` starts from, made from its `ServiceConfig` without opening a
+    connection: its broker (`kafka`: the config's, unless the service tunes it), its store client
+    and database, the deployment's topic names, the publisher its outputs and dead letters go
+    through, and (`runtime`) its `Runtime` over that broker and store client."""
+
+    def __init__(self, config: ServiceConfig, kafka: KafkaSettings | None = None) -> None:
+        self.service = config.service
+        self.config = config
+        self.broker = make_broker(kafka or config.kafka, self.service)
+        self.mongo, self.db = client_and_database(config.mongo)
+        self.topics: Topics = config.kafka.topics()
+        self.publisher = Publisher(self.broker, config.kafka.publish_timeout_seconds)
+
+    def runtime(self, *, on_start: Sequence[Callable[[], Awaitable[None]]] = (),
+                store_tasks: Sequence[Callable[[], Coroutine[Any, Any, None]]] = (),
+                on_stop: Sequence[Callable[[], Awaitable[None]]] = ()) -> Runtime:
+        """The service's runtime, its monitor loop at `ALLIANCE_MONITOR_INTERVAL_SECONDS`."""
+        return Runtime(self.service, self.broker, self.mongo, on_start=list(on_start), store_tasks=list(store_tasks),
+                       on_stop=list(on_stop), monitor_interval_seconds=self.config.monitor.interval_seconds)
 
 
 def stream_app(service: Service) -> FastStream:

@@ -7,7 +7,7 @@ what it uses and the same names work in every service.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, ClassVar, Literal, cast
 
 from pydantic import Field, PositiveFloat, PositiveInt, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -161,6 +161,23 @@ class TracingSettings(BaseSettings):
         return bool(endpoint) and not self.sdk_disabled and self.traces_exporter.strip().lower() != "none"
 
 
+# How often a service's monitor loop refreshes readiness and consumer lag when nothing sets it: well
+# inside Prometheus' 15 s scrape interval, for a few cheap requests (a ping each, one offsets request
+# per consumer).
+MONITOR_INTERVAL_SECONDS = 5.0
+
+
+class MonitorSettings(BaseSettings):
+    """The runtime's monitor loop (`ALLIANCE_MONITOR_*`, `shared.http.Runtime`): how often it sets
+    `alliance_ready`, `alliance_dependency_up` and `alliance_consumer_lag_messages`. Shorter than the
+    scrape interval, or a scrape may show a value older than one interval; each round costs a ping
+    of the broker and the store and one offsets request per consumer."""
+
+    model_config = SettingsConfigDict(env_prefix="ALLIANCE_MONITOR_", extra="ignore")
+
+    interval_seconds: float = Field(default=MONITOR_INTERVAL_SECONDS, gt=0, le=300)
+
+
 class AuditSettings(BaseSettings):
     """The access audit trail (`ALLIANCE_AUDIT_*`, see `shared.audit` and docs/operations.md)."""
 
@@ -184,10 +201,26 @@ class AuditSettings(BaseSettings):
 
 @dataclass
 class ServiceConfig:
-    """What every service reads from its environment: the broker, the store and the audit trail.
-    Each service's `Config` (in its app.py) extends it with its own settings; tests pass explicit
-    instances."""
+    """What every service reads from its environment: the broker, the store, the audit trail, the
+    runtime's monitor loop and its own HTTP settings. Each service's `Config` (in its app.py) names
+    its service and extends it with its own settings; tests pass explicit instances."""
+
+    # The service's name (`class AlertsConfig(ServiceConfig, service="alerts")`): its HTTP settings
+    # (`SERVICE_PORTS`), broker client id and runtime name.
+    service: ClassVar[str]
 
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     mongo: MongoSettings = field(default_factory=MongoSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)
+    # Where the service listens and its request limits (`ALLIANCE_<SERVICE>_*`): when not given, read
+    # for `service` in `__post_init__` (a default factory cannot see which service it is for).
+    http: HttpSettings = field(default=cast(HttpSettings, None))
+
+    def __init_subclass__(cls, service: str = "", **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if service:
+            cls.service = service
+
+    def __post_init__(self) -> None:
+        self.http = self.http or SERVICE_PORTS[self.service]()

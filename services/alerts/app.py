@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 from faststream import FastStream
-from faststream.kafka import KafkaBroker
 
 from services.alerts.api import build_router
 from services.alerts.escalation import Escalator
@@ -37,10 +36,9 @@ from shared.events import (
     OutcomeAlertStatusChanged,
     SrsScored,
 )
-from shared.http import Runtime, Service, authenticate_first, make_guard, service_api, stream_app
-from shared.kafka import DeadLetterTarget, Publisher, make_broker, subscribe_batch
-from shared.mongo import client_and_database
-from shared.settings import AlertsHttp, ServiceConfig
+from shared.http import Adapters, Service, authenticate_first, make_guard, service_api, stream_app
+from shared.kafka import DeadLetterTarget, subscribe_batch
+from shared.settings import ServiceConfig
 
 log = logging.getLogger("alliance.alerts")
 
@@ -53,12 +51,11 @@ TITLE = "Alliance Stream alerts"
 
 
 @dataclass
-class AlertsConfig(ServiceConfig):
+class AlertsConfig(ServiceConfig, service=SERVICE):
     """Everything `build` needs; defaults come from the environment."""
 
     alerts: AlertsSettings = field(default_factory=AlertsSettings)
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
-    http: AlertsHttp = field(default_factory=AlertsHttp)
 
 
 @dataclass
@@ -73,27 +70,24 @@ class AlertsService(Service):
     webhook: WebhookSender
 
 
-def _broker(config: AlertsConfig) -> KafkaBroker:
-    broker = make_broker(config.kafka, SERVICE)
-    topics = config.kafka.topics()
-    # Declared for the AsyncAPI document; records are published through shared.kafka.Publisher.
+def _declare_outputs(base: Adapters) -> None:
+    """Declared for the AsyncAPI document; records are published through `base.publisher`."""
+    broker, topics = base.broker, base.topics
     broker.publisher(topics.alert_status, title="alerts:alert-status", schema=AlertStatusChanged,
                      description="acknowledged / escalated alerts, for reporting")
     broker.publisher(topics.outcome_alert_status, title="alerts:outcome-alert-status", schema=OutcomeAlertStatusChanged,
                      description="acknowledged / escalated outcome alerts, for reporting")
     broker.publisher(topics.deadletter, title="alerts:deadletter", schema=DeadLetter,
                      description="undecodable events and deliveries that exhausted their attempts")
-    return broker
 
 
 def build(config: AlertsConfig, resolve: Resolver = system_resolve) -> AlertsService:
     """Wire everything; opens no connection. `resolve` answers webhook host names (tests
     replace it to play a rebinding DNS server)."""
-    topics = config.kafka.topics()
-    broker = _broker(config)
-    mongo, db = client_and_database(config.mongo)
+    base = Adapters(config)
+    _declare_outputs(base)
+    broker, mongo, db, topics, publisher = base.broker, base.mongo, base.db, base.topics, base.publisher
     store = AlertsStore(db)
-    publisher = Publisher(broker, config.kafka.publish_timeout_seconds)
     box = config.alerts.secret_box()
     secrets = SigningSecrets(store, box)
     webhook = WebhookSender(secrets, config.alerts.allow_private_targets, config.alerts.attempt_timeout_seconds,
@@ -146,9 +140,8 @@ def build(config: AlertsConfig, resolve: Resolver = system_resolve) -> AlertsSer
     # Delivery and escalation need only the store, so they are store tasks, started before the broker:
     # after a restart, pending deliveries and retries go out while the consumer group still rebalances.
     # On stop the runtime cancels them before closing the webhook client.
-    runtime = Runtime(SERVICE, broker, mongo, on_start=[start],
-                      store_tasks=[worker.run, escalator.run, worker.refresh_gauges],
-                      on_stop=[webhook.close, *([audit_log.close] if audit_log is not None else [])])
+    runtime = base.runtime(on_start=[start], store_tasks=[worker.run, escalator.run, worker.refresh_gauges],
+                           on_stop=[webhook.close, *([audit_log.close] if audit_log is not None else [])])
     keys = auth.KeyStore(db)
     router = build_router(store, keys, publisher, topics, config.alerts, box, secrets.forget, worker.wake,
                           audit.Auditor(audit_log, SERVICE, keys.lookup), resolve=resolve)

@@ -22,11 +22,10 @@ from services.intake.settings import IntakeSettings
 from shared.audit import install_audit_routes
 from shared.auth import KeyStore
 from shared.events import ClientTransfer, OrsSubmitted, SrsSubmitted
-from shared.http import Runtime, Service, make_guard, service_api, stream_app
-from shared.kafka import make_broker
-from shared.mongo import client_and_database
-from shared.settings import IntakeHttp, ServiceConfig
+from shared.http import Adapters, Service, make_guard, service_api, stream_app
+from shared.settings import ServiceConfig
 
+SERVICE = "intake"
 TITLE = "Alliance Stream intake"
 DESCRIPTION = """Accepts Session Rating Scale submissions from clinic sites and EHR exports, validates them,
 and publishes them to `srs.submitted.v1`; Outcome Rating Scale submissions (`instrument` ORS, CORS or
@@ -37,11 +36,10 @@ safely. A tenant-wide admin key moves a client to another site with
 
 
 @dataclass
-class IntakeConfig(ServiceConfig):
+class IntakeConfig(ServiceConfig, service=SERVICE):
     """Everything intake reads from the environment."""
 
     intake: IntakeSettings = field(default_factory=IntakeSettings)
-    http: IntakeHttp = field(default_factory=IntakeHttp)
 
     @property
     def publish_timeout(self) -> float:
@@ -76,13 +74,13 @@ class IntakeService(Service):
 
 def build(config: IntakeConfig) -> IntakeService:
     """Wire broker, key store, limits and routes; opens no connection."""
-    broker = make_broker(config.kafka.model_copy(update={"linger_ms": config.intake.linger_ms}), "intake")
+    base = Adapters(config, kafka=config.kafka.model_copy(update={"linger_ms": config.intake.linger_ms}))
+    broker, mongo, db = base.broker, base.mongo, base.db
     publisher = _publisher(broker, config)
     ors_publisher = _ors_publisher(broker, config)
-    mongo, db = client_and_database(config.mongo)
     # Failed authentications per peer; submissions per key are metered by `limiter` instead.
-    guard, limits = make_guard(config.http, db, "intake", per_key=False)
-    runtime = Runtime("intake", broker=broker, mongo=mongo, on_start=[limits.ensure_indexes])
+    guard, limits = make_guard(config.http, db, SERVICE, per_key=False)
+    runtime = base.runtime(on_start=[limits.ensure_indexes])
     ctx = Context(
         settings=config.intake,
         keys=KeyStore(db, ttl_seconds=config.intake.key_cache_seconds,

@@ -1,8 +1,10 @@
 """The reporting service: consumers that materialize read models, the read API, the dashboard.
 
 Shape (the same in every service): `ReportingConfig` extends `shared.settings.ServiceConfig`;
-`build(config)` wires a `ReportingService` (broker, stores, key store, runtime, HTTP app) without
-opening a connection; `create_app` (uvicorn) and `asyncapi_app` (`faststream docs gen`) are views of it.
+`build(config)` wires a `shared.http.Service` (broker with its consumers, store client, runtime, HTTP
+app over the stores and key store) without opening a connection: nothing outside reads reporting's inner
+parts, so it declares no subclass of its own; `create_app` (uvicorn) and `asyncapi_app`
+(`faststream docs gen`) are views of it.
 """
 
 from __future__ import annotations
@@ -29,10 +31,9 @@ from shared.events import (
     OutcomeAlertStatusChanged,
     SrsScored,
 )
-from shared.http import Runtime, Service, authenticate_first, make_guard, service_api, stream_app
-from shared.kafka import DeadLetterTarget, OutboundRecord, Publisher, make_broker, subscribe_batch
-from shared.mongo import client_and_database
-from shared.settings import ReportingHttp, ServiceConfig
+from shared.http import Adapters, Service, authenticate_first, make_guard, service_api, stream_app
+from shared.kafka import DeadLetterTarget, OutboundRecord, subscribe_batch
+from shared.settings import ServiceConfig
 
 SERVICE = "reporting"
 TITLE = "Alliance Stream reporting"
@@ -41,37 +42,24 @@ DESCRIPTION = ("Trajectories and PCOMS indices materialized from scored sessions
 
 
 @dataclass
-class ReportingConfig(ServiceConfig):
+class ReportingConfig(ServiceConfig, service=SERVICE):
     """Everything the service reads from the environment (overridable in tests)."""
 
     reporting: ReportingSettings = field(default_factory=ReportingSettings)
-    http: ReportingHttp = field(default_factory=ReportingHttp)
 
 
-@dataclass
-class ReportingService(Service):
-    """The wired service: broker with its consumers, stores, key store, runtime and HTTP app."""
-
-    store: ReportingStore
-    generations: Generations
-    submissions: SubmissionStore
-    keys: KeyStore
-
-
-def build(config: ReportingConfig) -> ReportingService:
+def build(config: ReportingConfig) -> Service:
     """Wire broker, stores, consumers and the HTTP app; opens no connection."""
-    broker = make_broker(config.kafka, SERVICE)
-    mongo, db = client_and_database(config.mongo)
+    base = Adapters(config)
+    broker, topics = base.broker, base.topics
     settings = config.reporting
-    store = ReportingStore(db, cache_entries=settings.cache_entries, max_record_bytes=settings.max_record_bytes)
-    submissions = SubmissionStore(db)
-    generations = Generations(db, settings.generation_cache_seconds)
-    keys = KeyStore(db, settings.key_cache_seconds)
-    topics = config.kafka.topics()
-    publisher = Publisher(broker, config.kafka.publish_timeout_seconds)
+    store = ReportingStore(base.db, cache_entries=settings.cache_entries, max_record_bytes=settings.max_record_bytes)
+    submissions = SubmissionStore(base.db)
+    generations = Generations(base.db, settings.generation_cache_seconds)
+    keys = KeyStore(base.db, settings.key_cache_seconds)
 
     async def dead_letters(records: Sequence[OutboundRecord]) -> None:
-        await publisher.publish_all(records)
+        await base.publisher.publish_all(records)
 
     handlers = ReportingHandlers(store, generations, dead_letters, topics, submissions)
     if settings.consume:
@@ -113,9 +101,9 @@ def build(config: ReportingConfig) -> ReportingService:
             await store.ensure_indexes(gen)
         await submissions.ensure_indexes()
 
-    runtime = Runtime(SERVICE, broker, mongo, on_start=[prepare_store])
-    trail = audit.audit_collection(mongo, config.mongo, config.audit)
-    audit_log = audit.audit_log_for(mongo, config.mongo, SERVICE, config.audit)
+    runtime = base.runtime(on_start=[prepare_store])
+    trail = audit.audit_collection(base.mongo, config.mongo, config.audit)
+    audit_log = audit.audit_log_for(base.mongo, config.mongo, SERVICE, config.audit)
     auditor = audit.Auditor(audit_log, SERVICE, keys.lookup)
     # The read side's indexes (this service serves the trail); written entries are flushed on stop.
     runtime.on_start.append(lambda: audit.ensure_indexes(trail))
@@ -128,11 +116,11 @@ def build(config: ReportingConfig) -> ReportingService:
     mount_dashboard(app)
     # Every /v1 route needs a key: check it before anything else (FastAPI reads a body first).
     # With it, the failed-authentication limit per peer and the request rate per key (`make_guard`).
-    guard, limits = make_guard(config.http, db, SERVICE)
+    guard, limits = make_guard(config.http, base.db, SERVICE)
     runtime.on_start.append(limits.ensure_indexes)
     authenticate_first(app, keys.lookup, guard=guard, known=keys.known)
-    return ReportingService(broker, mongo, runtime, app, store, generations, submissions, keys, spec_title=TITLE,
-                            spec_version="1.0.0", spec_description=DESCRIPTION)
+    return Service(broker, base.mongo, runtime, app, spec_title=TITLE, spec_version="1.0.0",
+                   spec_description=DESCRIPTION)
 
 
 def create_app(config: ReportingConfig | None = None) -> FastAPI:

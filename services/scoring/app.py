@@ -6,8 +6,10 @@ keeps per-client state in MongoDB.
 HTTP is for operations only: /healthz, /readyz, /metrics.
 
 Shape (the same in every service): `ScoringConfig` extends `shared.settings.ServiceConfig`;
-`build(config)` wires a `ScoringService` (broker, store, runtime, HTTP app, handler) without opening a
-connection; `create_app` (uvicorn) and `asyncapi_app` (`faststream docs gen`) are views of it.
+`build(config)` wires a `shared.http.Service` (broker with its subscriber and publishers, store client,
+runtime, ops HTTP app) without opening a connection: nothing outside reads scoring's inner parts, so it
+declares no subclass of its own; `create_app` (uvicorn) and `asyncapi_app` (`faststream docs gen`) are
+views of it.
 """
 
 from __future__ import annotations
@@ -29,9 +31,8 @@ from shared.events import (
     OutcomeAlertStatusChanged,
     SrsScored,
 )
-from shared.http import Runtime, Service, service_api, stream_app
-from shared.kafka import DeadLetterTarget, Publisher, make_broker, subscribe_batch
-from shared.mongo import client_and_database
+from shared.http import Adapters, Service, service_api, stream_app
+from shared.kafka import DeadLetterTarget, subscribe_batch
 from shared.settings import ServiceConfig
 
 TITLE = "Alliance Stream scoring"
@@ -51,39 +52,28 @@ DESCRIPTION = (
 
 
 @dataclass
-class ScoringConfig(ServiceConfig):
+class ScoringConfig(ServiceConfig, service=SERVICE):
     """Everything scoring reads from its environment."""
 
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
 
 
-@dataclass
-class ScoringService(Service):
-    """The wired service: broker with its subscriber and publishers, store, handler, ops HTTP app."""
-
-    store: StateStore
-    states: StateCache
-    rules: RulesStore
-    handler: ScoringHandler
-
-
-def build(config: ScoringConfig) -> ScoringService:
+def build(config: ScoringConfig) -> Service:
     """Wire broker, store and handler; opens no connection."""
-    topics = config.kafka.topics()
-    broker = make_broker(config.kafka, SERVICE)
-    client, db = client_and_database(config.mongo)
-    store = StateStore(db)
+    base = Adapters(config)
+    broker, topics = base.broker, base.topics
+    store = StateStore(base.db)
     states = StateCache(store, max_sessions=config.scoring.state_cache_sessions)
-    rules = RulesStore(db, ttl_seconds=config.scoring.rules_cache_seconds)
-    publisher = Publisher(broker, config.kafka.publish_timeout_seconds)
-    handler = ScoringHandler(states, rules, publisher.publish_all, topics,
+    rules = RulesStore(base.db, ttl_seconds=config.scoring.rules_cache_seconds)
+    handler = ScoringHandler(states, rules, base.publisher.publish_all, topics,
                              conflict_attempts=config.scoring.conflict_attempts, save_chunk=config.scoring.save_chunk)
     # One consumer of both inputs: a client's SRS and ORS records come in the same batches, and
     # one ClientState (one document) holds both (docs/outcome.md).
     subscribe_batch(broker, (topics.submitted, topics.ors_submitted), group_id=config.kafka.group(SERVICE),
                     service=SERVICE, model=model_of, handler=handler,
                     max_records=config.scoring.max_records or config.kafka.batch_max_records,
-                    dead_letters=DeadLetterTarget(topics.deadletter, publisher.publish_all), settings=config.kafka)
+                    dead_letters=DeadLetterTarget(topics.deadletter, base.publisher.publish_all),
+                    settings=config.kafka)
     # Publishing goes through `Publisher` (many sends, one wait for all acks); these declarations
     # put the outputs and their schemas into the AsyncAPI document.
     broker.publisher(topics.scored, title=f"{SERVICE}:{topics.scored}", schema=SrsScored,
@@ -111,12 +101,10 @@ def build(config: ScoringConfig) -> ScoringService:
                      description="Submitted records scoring could not read or refused, with the reason "
                                  "(undecodable, invalid, unscorable, site_conflict, session_gap, duplicate, "
                                  "series_full).")
-    runtime = Runtime(SERVICE, broker=broker, mongo=client)
+    runtime = base.runtime()
     app = service_api(runtime, title=TITLE, description=DESCRIPTION)
-    service = ScoringService(broker, client, runtime, app, store, states, rules, handler, spec_title=TITLE,
-                             spec_version="1.0.0", spec_description=DESCRIPTION)
-    app.state.scoring = service
-    return service
+    return Service(broker, base.mongo, runtime, app, spec_title=TITLE, spec_version="1.0.0",
+                   spec_description=DESCRIPTION)
 
 
 def create_app(config: ScoringConfig | None = None) -> FastAPI:

@@ -12,7 +12,7 @@ import pytest
 from faststream import FastStream
 
 from shared.http import Runtime, Service, ServiceApp
-from shared.settings import ServiceConfig
+from shared.settings import SERVICE_PORTS, ServiceConfig
 
 SERVICES = ("intake", "scoring", "alerts", "reporting")
 
@@ -34,6 +34,19 @@ def test_build_returns_a_service_owning_broker_store_runtime_and_app(service: st
     assert isinstance(built, Service) and isinstance(built.app, ServiceApp)
     assert built.runtime.name == service and built.runtime.broker is built.broker
     assert built.runtime.mongo is built.mongo
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_the_config_reads_the_http_settings_of_its_own_service(service: str) -> None:
+    config = config_class(service)()
+    assert config.service == service and type(config.http) is SERVICE_PORTS[service]
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_the_runtime_monitors_at_the_configured_interval(service: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ALLIANCE_MONITOR_INTERVAL_SECONDS", "2.5")
+    built = importlib.import_module(f"services.{service}.app").build(config_class(service)())
+    assert built.runtime.monitor_interval_seconds == 2.5
 
 
 @pytest.mark.parametrize("service", SERVICES)
