@@ -88,9 +88,11 @@ def _clinician(doc: Mapping[str, Any]) -> Clinician:
                      doc.get("webhook_url"), doc.get("supervisor_id"))
 
 
-@dataclass(frozen=True)
-class SubscriptionRow:
-    """A partner subscription as its tenant lists it (never its secret)."""
+class SubscriptionRow(BaseModel):
+    """A partner subscription as its tenant lists it, mapped from its document like `Alert` and
+    `Delivery`: what the document holds besides (its tenant, its sealed secret) is left out."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     subscription_id: str
     url: str
@@ -99,7 +101,7 @@ class SubscriptionRow:
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any]) -> SubscriptionRow:
-        return cls(doc["_id"], doc["url"], tuple(doc["events"]), doc["created_at"])
+        return cls.model_validate({**doc, "subscription_id": doc["_id"]})
 
 
 class AlertFields(BaseModel):

@@ -79,7 +79,6 @@ from services.scoring.series import (
     SessionView,
     StatusOut,
     Step,
-    Transfer,
     Version,
     version_of,
 )
@@ -332,7 +331,7 @@ class ScoringHandler:
             now = self.clock()
             step: Step
             if isinstance(ev, ClientTransfer):
-                step = st.transfer(Transfer(ev.event_id, ev.site_id), tenant_rules, now)
+                step = st.transfer(ev.event_id, ev.site_id, tenant_rules, now)
             else:
                 step = st.submit(version_from(ev), tenant_rules, now)
             if step.changed:

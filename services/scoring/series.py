@@ -161,14 +161,6 @@ class Ratings(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Transfer:
-    """An admin's request to move the client to another site."""
-
-    event_id: str
-    site_id: str
-
-
-@dataclass(frozen=True)
 class Rejection:
     """A version scoring refused, kept so that a redelivery gets the same answer."""
 
@@ -775,14 +767,15 @@ class ClientState:
             self.rejected[v.submission_id] = notice
         return Step(outputs=outputs, rejection=notice, changed=True)
 
-    def transfer(self, t: Transfer, rules: R.TenantRules, now: datetime) -> Step:
-        """Move the client to another site; every current session is re-published with it."""
-        if t.event_id in self.transfers:
+    def transfer(self, event_id: str, site_id: str, rules: R.TenantRules, now: datetime) -> Step:
+        """Apply an admin's transfer (`event_id`, a redelivery of which changes nothing): move the
+        client to `site_id`; every current session is re-published with it."""
+        if event_id in self.transfers:
             return self._redelivered(rules, now)
-        self.transfers = [*self.transfers, t.event_id][-MAX_TRANSFER_IDS:]
-        if self.owner == t.site_id:
+        self.transfers = [*self.transfers, event_id][-MAX_TRANSFER_IDS:]
+        if self.owner == site_id:
             return Step(changed=True)
-        self.owner = t.site_id
+        self.owner = site_id
         self.site_version += 1
         return Step(outputs=self._publish(self.view(rules), now), changed=True)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from pymongo import AsyncMongoClient
 
 from services.scoring.rules import InstrumentOverride, TenantRules
-from services.scoring.series import ClientState, Transfer, Version
+from services.scoring.series import ClientState, Version
 from services.scoring.store import RULES, STATES, ClientKey, RulesStore, StateStore, client_key
 from shared.mongo import Document
 from tests.support.services import Namespace
@@ -50,7 +50,7 @@ async def test_a_saved_record_loads_back_equal_and_re_emits_the_same_outputs(
     st.submit(version("far", 99, 30.0), rules, NOW)  # refused: session_gap
     st.submit(version("ep", 1, 37.0, episode="ep-1", items=(9.0, 9.5, 9.0, 9.5)), rules, NOW)
     moved_at = NOW + timedelta(seconds=2, microseconds=3)
-    st.transfer(Transfer("tx-1", "south"), rules, moved_at)
+    st.transfer("tx-1", "south", rules, moved_at)
     assert await store.save({KEY: st}) == set()
     loaded = (await store.load([KEY]))[KEY]
     assert loaded.version == 1 == st.version

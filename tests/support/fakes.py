@@ -190,7 +190,8 @@ class MemoryAlertsStore:
     async def create_subscription(self, tenant_id: str, url: str, events: Sequence[str], sealed_secret: str,
                                   subscription_id: str | None = None) -> SubscriptionRow:
         self._check()
-        row = SubscriptionRow(subscription_id or self.new_subscription_id(), url, tuple(events), self.now)
+        row = SubscriptionRow(subscription_id=subscription_id or self.new_subscription_id(), url=url,
+                              events=tuple(events), created_at=self.now)
         self.subscription_rows[row.subscription_id] = (tenant_id, row, sealed_secret)
         return row
 

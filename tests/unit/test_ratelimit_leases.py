@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import pytest
 from hypothesis import given, settings
@@ -45,26 +46,37 @@ def replica(counters: CountedCounters, clock: Clock, burst: float = 200, lease: 
     return Limiter(SlotStorage(counters, clock), "test", rate=burst / 4, burst=burst, lease=lease)
 
 
-async def test_a_lease_admits_that_many_requests_for_one_store_add() -> None:
+@dataclass
+class Holding:
+    """One replica (burst 200, lease 10) that has just taken its first unit of key "k": the other nine
+    of its lease are held. `trips` is the store's round-trip count at that moment."""
+
+    clock: Clock
+    store: CountedCounters
+    limiter: Limiter
+    trips: int
+
+
+async def holding_a_lease() -> Holding:
     clock = Clock()
     store = CountedCounters(clock)
-    lim = replica(store, clock)
-    await lim.take("k")
-    trips = store.trips
-    assert [await lim.take("k") for _ in range(9)] == [0.0] * 9
-    assert store.trips == trips  # the other nine came out of the lease
-    await lim.take("k")
-    assert store.trips > trips  # the eleventh needed a new one
+    limiter = replica(store, clock)
+    await limiter.take("k")
+    return Holding(clock, store, limiter, store.trips)
+
+
+async def test_a_lease_admits_that_many_requests_for_one_store_add() -> None:
+    h = await holding_a_lease()
+    assert [await h.limiter.take("k") for _ in range(9)] == [0.0] * 9
+    assert h.store.trips == h.trips  # the other nine came out of the lease
+    await h.limiter.take("k")
+    assert h.store.trips > h.trips  # the eleventh needed a new one
 
 
 async def test_waiting_before_the_body_reads_nothing_while_units_are_held() -> None:
-    clock = Clock()
-    store = CountedCounters(clock)
-    lim = replica(store, clock)
-    await lim.take("k")
-    trips = store.trips
-    assert await lim.wait("k") == 0.0
-    assert store.trips == trips
+    h = await holding_a_lease()
+    assert await h.limiter.wait("k") == 0.0
+    assert h.store.trips == h.trips
 
 
 async def test_one_replica_alone_still_gets_the_whole_burst() -> None:
@@ -77,26 +89,18 @@ async def test_one_replica_alone_still_gets_the_whole_burst() -> None:
 
 
 async def test_units_held_from_an_ended_slot_are_not_spent() -> None:
-    clock = Clock()
-    store = CountedCounters(clock)
-    lim = replica(store, clock)
-    await lim.take("k")
-    clock.now += 4.0  # the next slot (a window of 200 / 50 = 4 s)
-    trips = store.trips
-    await lim.take("k")
-    assert store.trips > trips
+    h = await holding_a_lease()
+    h.clock.now += 4.0  # the next slot (a window of 200 / 50 = 4 s)
+    await h.limiter.take("k")
+    assert h.store.trips > h.trips
 
 
 async def test_charged_work_spends_held_units_first() -> None:
-    clock = Clock()
-    store = CountedCounters(clock)
-    lim = replica(store, clock)
-    await lim.take("k")  # 9 held
-    trips = store.trips
-    await lim.charge("k", 9)
-    assert store.trips == trips
-    await lim.take("k")
-    assert store.trips > trips  # nothing was left
+    h = await holding_a_lease()
+    await h.limiter.charge("k", 9)
+    assert h.store.trips == h.trips
+    await h.limiter.take("k")
+    assert h.store.trips > h.trips  # nothing was left
 
 
 async def test_the_lease_is_at_most_a_twentieth_of_the_burst() -> None:

@@ -68,7 +68,7 @@ class Client:
         return self.state.submit(v, self.rules, self.now())
 
     def transfer(self, event_id: str, site: str) -> series.Step:
-        return self.state.transfer(series.Transfer(event_id, site), self.rules, self.now())
+        return self.state.transfer(event_id, site, self.rules, self.now())
 
     def feed(self, *totals: float) -> list[series.Step]:
         """Sessions 1..n with these totals, on consecutive days from Sept 1."""

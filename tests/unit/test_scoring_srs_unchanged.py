@@ -20,7 +20,7 @@ from typing import Any
 
 from services.scoring.handlers import alert_event, scored_event, status_event
 from services.scoring.rules import TenantRules
-from services.scoring.series import AlertOut, ClientState, Output, ScoredOut, Transfer, Version
+from services.scoring.series import AlertOut, ClientState, Output, ScoredOut, Version
 from services.scoring.store import ClientKey, state_doc
 
 GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "scoring" / "srs-only.json"
@@ -57,7 +57,7 @@ def scenario(seed: int = 16, clients: int = 6, records: int = 40) -> dict[str, A
             clock += timedelta(seconds=1)
             roll = rng.random()
             if roll < 0.04:
-                step = st.transfer(Transfer(f"tx-{c}-{r % 3}", rng.choice(["north", "south"])), RULES, clock)
+                step = st.transfer(f"tx-{c}-{r % 3}", rng.choice(["north", "south"]), RULES, clock)
             elif roll < 0.12 and sent:
                 step = st.submit(rng.choice(sent), RULES, clock)  # a redelivery
                 if step.redelivered:
