@@ -90,6 +90,7 @@ from shared.mongo import DUPLICATE_KEY
 from shared.settings import KafkaSettings
 from shared.tracing import TRACEPARENT, BatchTrace
 from shared.tracing import enabled as tracing_enabled
+from shared.tracing import exemplar as tracing_exemplar
 from shared.tracing import span as trace_span
 
 log = logging.getLogger("alliance.kafka")
@@ -799,7 +800,8 @@ def subscribe_batch(
                     CONSUMER_RECORDS.labels(service, topic, "committed").inc(len(records) - len(poison))
                 else:
                     _count_committed(service, records, poison)
-                CONSUMER_BATCH_SECONDS.labels(service, topic).observe(time.perf_counter() - started)
+                CONSUMER_BATCH_SECONDS.labels(service, topic).observe(
+                    time.perf_counter() - started, exemplar=None if traced is None else tracing_exemplar(traced.batch))
                 if traced is not None:
                     traced.end(True)
                 return

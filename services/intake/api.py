@@ -121,7 +121,7 @@ class SubmissionPublisher:
             raise
         except Exception as exc:
             raise PublishFailed("broker_error", f"the broker refused the write: {type(exc).__name__}") from exc
-        metrics.PUBLISH_SECONDS.labels(endpoint).observe(time.perf_counter() - started)
+        metrics.PUBLISH_SECONDS.labels(endpoint).observe(time.perf_counter() - started, exemplar=tracing.exemplar())
 
 
 # Rejections that come after intake has read or parsed (part of) the body: they are charged.

@@ -23,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
+import opentelemetry.sdk.environment_variables as otel_sdk
 import pytest
 import yaml
 from pydantic_settings import BaseSettings
@@ -46,11 +47,12 @@ def port(service: str) -> int:
 
 
 def known_setting_names() -> set[str]:
-    """Every environment variable some settings class reads (`ALLIANCE_<PREFIX>_<FIELD>`)."""
+    """Every environment variable some settings class reads (`ALLIANCE_<PREFIX>_<FIELD>`), and the
+    standard ones the OpenTelemetry SDK reads itself (`OTEL_SERVICE_NAME`, `OTEL_TRACES_SAMPLER`...)."""
     modules = ["shared.settings"] + [
         f"services.{s}.settings" for s in SERVICES if importlib.util.find_spec(f"services.{s}.settings")
     ]
-    names: set[str] = set()
+    names = {v for k, v in vars(otel_sdk).items() if k.startswith("OTEL_") and isinstance(v, str)}
     for mod_name in modules:
         for _, cls in inspect.getmembers(importlib.import_module(mod_name), inspect.isclass):
             if not issubclass(cls, BaseSettings) or cls is BaseSettings:
@@ -379,7 +381,8 @@ def test_kustomize_renders_the_manifests() -> None:
     out = subprocess.run([binary, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     kinds = sorted(d["kind"] for d in yaml.safe_load_all(out.stdout) if d)
-    assert kinds.count("Deployment") == len(SERVICES) and kinds.count("PodDisruptionBudget") == len(SERVICES)
+    # One deployment per service and the OpenTelemetry Collector's; a disruption budget per service.
+    assert kinds.count("Deployment") == len(SERVICES) + 1 and kinds.count("PodDisruptionBudget") == len(SERVICES)
     assert all(d["metadata"]["namespace"] == "alliance" for d in yaml.safe_load_all(out.stdout)
                if d and d["kind"] != "Namespace")
 
@@ -468,20 +471,25 @@ def test_consumer_autoscaling_is_bounded_by_the_partition_count(manifests: list[
 
 def test_all_images_are_pinned(manifests: list[dict[str, Any]]) -> None:
     images = [c["image"] for d in manifests if pod_spec(d) for c in pod_spec(d)["containers"]]  # type: ignore[index]
-    assert len(images) == len(SERVICES) + 1
+    assert len(images) == len(SERVICES) + 2  # the services, the topics job and the OpenTelemetry Collector
     assert [i for i in images if not pinned(i)] == []
 
 
-def test_every_pod_reads_settings_from_the_configmap_and_secret(manifests: list[dict[str, Any]]) -> None:
+def test_every_alliance_pod_reads_settings_from_the_configmap_and_secret(manifests: list[dict[str, Any]]) -> None:
     config = find(manifests, "ConfigMap", "alliance-config")
     secret = find(manifests, "Secret", "alliance-secrets")
+    alliance_pods = 0
     for doc in manifests:
         spec = pod_spec(doc)
         if spec is None:
             continue
         for container in spec["containers"]:
+            if not container["image"].startswith("alliance-stream"):
+                continue  # the OpenTelemetry Collector reads its own config
+            alliance_pods += 1
             refs = {(k, v["name"]) for e in container["envFrom"] for k, v in e.items()}
             assert refs == {("configMapRef", config["metadata"]["name"]), ("secretRef", secret["metadata"]["name"])}
+    assert alliance_pods == len(SERVICES) + 1
 
 
 def test_configmap_and_secret_keys_are_real_settings(manifests: list[dict[str, Any]]) -> None:
