@@ -266,13 +266,14 @@ class DeliveryWorker:
             status: int | None = None
             error: str | None = None
             outcome: Outcome = "2xx"
+            delivery_span = None  # with tracing on, the attempt's span: the latency sample's exemplar
             try:
                 # The attempt continues the trace stored with the delivery (the submission's): the
                 # webhook request's `traceparent` (httpx instrumentation) carries it to the partner.
                 with tracing.span(f"deliver {channel}", traceparent=d.get("traceparent"),
                                   attributes={"alliance.delivery.channel": channel,
                                               "alliance.delivery.kind": str(d.get("kind")),
-                                              "alliance.delivery.attempt": attempt}):
+                                              "alliance.delivery.attempt": attempt}) as delivery_span:
                     status = await asyncio.wait_for(self.senders[channel].send(d),
                                                     self.settings.attempt_timeout_seconds)
             except Cancelled as exc:
@@ -298,7 +299,8 @@ class DeliveryWorker:
                 origin = d.get("origin_at")
                 if d.get("kind") == "alert" and isinstance(origin, datetime):
                     metrics.ALERT_TO_DELIVERED.labels(channel).observe(
-                        max(0.0, (datetime.now(UTC) - origin).total_seconds()))
+                        max(0.0, (datetime.now(UTC) - origin).total_seconds()),
+                        exemplar=tracing.exemplar(delivery_span))
             elif is_final(attempt, self.settings.max_attempts):
                 result = await self._fail(d, claim, attempt, error, status, outcome)
             else:

@@ -1,11 +1,13 @@
 """Exemplars: with tracing on, a request's sample of `alliance_http_request_seconds` carries the trace
-id of the request's span, so Grafana links a latency panel to the trace (`shared.tracing.exemplar`).
+id of the request's span, and a delivered alert's `alliance_alert_to_delivered_seconds` sample the
+trace its delivery continues, so Grafana links a latency panel to the trace (`shared.tracing.exemplar`).
 Prometheus sees them only in the OpenMetrics exposition, which /metrics serves when asked for it."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -13,9 +15,15 @@ from fastapi import FastAPI
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from prometheus_client import REGISTRY
+from prometheus_client.exposition import choose_encoder
 
+from services.alerts.settings import AlertsSettings
+from services.alerts.worker import DeliveryWorker
 from shared import tracing
 from shared.http import Runtime, service_api
+from shared.mongo import Document
+from shared.topics import Topics
 
 # The registry is the process's: each test labels its requests with a service of its own, so an
 # exemplar another test left on a bucket is not read as this test's.
@@ -106,3 +114,25 @@ def test_with_tracing_off_an_exemplar_costs_no_call_into_opentelemetry(monkeypat
 
     monkeypatch.setattr(trace, "get_current_span", no_call)
     assert tracing.exemplar() is None
+
+
+class Answers200:
+    async def send(self, d: Document) -> int:
+        return 200
+
+
+async def test_a_delivered_alerts_latency_sample_carries_the_trace_its_delivery_continues(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    provider = TracerProvider()
+    _tracing_on(monkeypatch, provider)
+    monkeypatch.setattr(tracing, "_TRACER", provider.get_tracer("alliance"))  # not cached in the proxy for later tests
+    channel = "webhook-exemplar-probe"  # a label of this test's own on the process's registry
+    worker = DeliveryWorker(None, {channel: Answers200()}, None, Topics(""), AlertsSettings())  # type: ignore[arg-type]
+    submission_trace = "0af7651916cd43dd8448eb211c80319c"
+    await worker._attempt({"_id": "d-1", "channel": channel, "claim": "c-1", "attempts": 0, "kind": "alert",
+                           "origin_at": datetime.now(UTC), "traceparent": f"00-{submission_trace}-b7ad6b7169203331-01"})
+    encode, _ = choose_encoder(OPENMETRICS)
+    exposition = encode(REGISTRY).decode()
+    pattern = re.compile(r'^alliance_alert_to_delivered_seconds_bucket\{channel="' + channel
+                         + r'",[^}]*\} \S+ # \{trace_id="([0-9a-f]{32})"\}', re.M)
+    assert set(pattern.findall(exposition)) == {submission_trace}

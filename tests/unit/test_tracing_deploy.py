@@ -59,7 +59,7 @@ def test_grafana_has_a_jaeger_datasource_on_the_compose_jaeger(compose: dict[str
 
 # The histograms observed with the trace id of the request or batch they measure (`tracing.exemplar`).
 EXEMPLAR_HISTOGRAMS = ("alliance_http_request_seconds", "alliance_consumer_batch_seconds",
-                       "alliance_intake_publish_seconds")
+                       "alliance_intake_publish_seconds", "alliance_alert_to_delivered_seconds")
 
 
 def _datasource(name: str) -> dict[str, Any]:
