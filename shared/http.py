@@ -32,7 +32,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -757,6 +757,26 @@ def stream_app(service: Service) -> FastStream:
     spec = AsyncAPI(service.broker, title=service.spec_title, version=service.spec_version,
                     description=service.spec_description)
     return FastStream(service.broker, specification=spec)
+
+
+Config = TypeVar("Config", bound=ServiceConfig)
+
+
+class Views(Generic[Config]):
+    """A service's two entry points, both views of `build(config)` (`config` defaults to the service's
+    Config read from the environment): `create_app`, its HTTP app (uvicorn; the lifespan runs its
+    consumers and background tasks), and `asyncapi_app`, a FastStream app over the same broker
+    (`faststream docs gen services.<name>.app:asyncapi_app`, `alliance docs gen`)."""
+
+    def __init__(self, build: Callable[[Config], Service], default: Callable[[], Config]) -> None:
+        self._build = build
+        self._default = default
+
+    def create_app(self, config: Config | None = None) -> FastAPI:
+        return self._build(config or self._default()).app
+
+    def asyncapi_app(self, config: Config | None = None) -> FastStream:
+        return stream_app(self._build(config or self._default()))
 
 
 def serve(name: str, make_app: Callable[[], FastAPI], host: str, port: int) -> None:

@@ -12,8 +12,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI
-from faststream import FastStream
 from faststream.kafka import KafkaBroker
 
 from services.intake.api import Context, SubmissionPublisher, build_router, install_openapi
@@ -22,7 +20,7 @@ from services.intake.settings import IntakeSettings
 from shared.audit import install_audit_routes
 from shared.auth import KeyStore
 from shared.events import ClientTransfer, OrsSubmitted, SrsSubmitted
-from shared.http import Adapters, Service, make_guard, service_api, stream_app
+from shared.http import Adapters, Service, Views, make_guard, service_api
 from shared.settings import ServiceConfig
 
 SERVICE = "intake"
@@ -101,12 +99,6 @@ def build(config: IntakeConfig) -> IntakeService:
                          spec_description=DESCRIPTION)
 
 
-def create_app(config: IntakeConfig | None = None) -> FastAPI:
-    """The intake HTTP app (its lifespan connects the broker in the background)."""
-    return build(config or IntakeConfig()).app
-
-
-def asyncapi_app(config: IntakeConfig | None = None) -> FastStream:
-    """A FastStream app over intake's broker, for `faststream docs gen` (it publishes srs.submitted.v1
-    and ors.submitted.v1)."""
-    return stream_app(build(config or IntakeConfig()))
+# `create_app` (uvicorn, `python -m services.intake`) and `asyncapi_app` (`faststream docs gen`).
+_views = Views(build, IntakeConfig)
+create_app, asyncapi_app = _views.create_app, _views.asyncapi_app

@@ -12,9 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI
-from faststream import FastStream
-
 from services.reporting.api import build_router, install_store_errors, mount_dashboard
 from services.reporting.audit import build_audit_router
 from services.reporting.handlers import ReportingHandlers
@@ -31,7 +28,7 @@ from shared.events import (
     OutcomeAlertStatusChanged,
     SrsScored,
 )
-from shared.http import Adapters, Service, authenticate_first, make_guard, service_api, stream_app
+from shared.http import Adapters, Service, Views, authenticate_first, make_guard, service_api
 from shared.kafka import DeadLetterTarget, OutboundRecord, subscribe_batch
 from shared.settings import ServiceConfig
 
@@ -50,9 +47,9 @@ class ReportingConfig(ServiceConfig, service=SERVICE):
 
 def build(config: ReportingConfig) -> Service:
     """Wire broker, stores, consumers and the HTTP app; opens no connection."""
+    settings = config.reporting
     base = Adapters(config)
     broker, topics = base.broker, base.topics
-    settings = config.reporting
     store = ReportingStore(base.db, cache_entries=settings.cache_entries, max_record_bytes=settings.max_record_bytes)
     submissions = SubmissionStore(base.db)
     generations = Generations(base.db, settings.generation_cache_seconds)
@@ -123,11 +120,6 @@ def build(config: ReportingConfig) -> Service:
                    spec_description=DESCRIPTION)
 
 
-def create_app(config: ReportingConfig | None = None) -> FastAPI:
-    """The reporting FastAPI app (consumers start with its lifespan; no connection at import)."""
-    return build(config or ReportingConfig()).app
-
-
-def asyncapi_app(config: ReportingConfig | None = None) -> FastStream:
-    """A FastStream app over the same broker and subscribers (for `faststream docs gen`)."""
-    return stream_app(build(config or ReportingConfig()))
+# `create_app` (uvicorn, `python -m services.reporting`) and `asyncapi_app` (`faststream docs gen`).
+_views = Views(build, ReportingConfig)
+create_app, asyncapi_app = _views.create_app, _views.asyncapi_app

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI
-from faststream import FastStream
-
 from services.scoring.handlers import SERVICE, ScoringHandler, model_of
 from services.scoring.settings import ScoringSettings
 from services.scoring.store import RulesStore, StateCache, StateStore
@@ -31,7 +28,7 @@ from shared.events import (
     OutcomeAlertStatusChanged,
     SrsScored,
 )
-from shared.http import Adapters, Service, service_api, stream_app
+from shared.http import Adapters, Service, Views, service_api
 from shared.kafka import DeadLetterTarget, subscribe_batch
 from shared.settings import ServiceConfig
 
@@ -107,12 +104,7 @@ def build(config: ScoringConfig) -> Service:
                    spec_description=DESCRIPTION)
 
 
-def create_app(config: ScoringConfig | None = None) -> FastAPI:
-    """The scoring service as an ASGI app (consumer runs inside its lifespan)."""
-    return build(config or ScoringConfig()).app
-
-
-def asyncapi_app(config: ScoringConfig | None = None) -> FastStream:
-    """A FastStream app over the same broker, for `faststream docs gen services.scoring.app:asyncapi_app`."""
-    return stream_app(build(config or ScoringConfig()))
+# `create_app` (uvicorn, `python -m services.scoring`) and `asyncapi_app` (`faststream docs gen`).
+_views = Views(build, ScoringConfig)
+create_app, asyncapi_app = _views.create_app, _views.asyncapi_app
 
