@@ -87,7 +87,7 @@ def _json_response(request: Request, body: Any, *, max_age: int, generation: str
     return Response(raw, media_type=media_type, headers=headers)
 
 
-SummaryKey = tuple[str, str, str | None]  # (generation, tenant, site)
+SummaryKey = tuple[str, str, str | None, str | None]  # (generation, tenant, site, clinician)
 Compute = Callable[[], Awaitable[dict[str, Any] | None]]
 
 
@@ -233,16 +233,21 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
         }
         return _json_response(request, body, max_age=settings.trajectory_max_age_seconds, generation=gen)
 
-    async def summary_of(request: Request, p: Principal, site_id: str | None) -> Response:
+    async def summary_of(request: Request, p: Principal, site_id: str | None,
+                         clinician_id: str | None = None) -> Response:
         gen = (await generations.current()).active
-        key = (gen, p.tenant_id, site_id)
-        body = await summaries.get(key, lambda: store.summary(gen, p.tenant_id, site_id))
+        key = (gen, p.tenant_id, site_id, clinician_id)
+        body = await summaries.get(key, lambda: store.summary(gen, p.tenant_id, site_id, clinician_id))
         if body is None:
+            if clinician_id is not None:
+                raise HTTPException(404, error_body([("clinician_id", "no data for this clinician")]))
             if site_id is not None:
                 raise HTTPException(404, error_body([("site_id", "no data for this site")]))
             # a tenant with no data yet: zeros
             body = {**rules.summarize([], 0, 0, {}, {}, 0, 0), "as_of": datetime.now(UTC).isoformat()}
         body = {"tenant_id": p.tenant_id, "site_id": site_id, **body}
+        if clinician_id is not None:
+            body["clinician_id"] = clinician_id
         return _json_response(request, body, max_age=settings.summary_max_age_seconds, generation=gen)
 
     @router.get("/sites/{site_id}/summary", summary="PCOMS indices of one site",
@@ -261,6 +266,13 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
             raise HTTPException(403, error_body([("site_id", "this key is bound to one site; use "
                                                              f"/v1/sites/{p.site_id}/summary")]))
         return await summary_of(request, p, None)
+
+    @router.get("/clinicians/{clinician_id}/summary", summary="PCOMS and outcome indices of one clinician's records",
+                responses={200: {"model": SummaryOut}, 404: {"description": "no data of this clinician is visible "
+                                                                          "to this key"}, **AUTH})
+    async def clinician_summary(request: Request, clinician_id: str, p: Principal = Depends(reader)) -> Response:
+        # a site-bound key sees the clinician's records at its site only (as for trends)
+        return await summary_of(request, p, p.site_id, clinician_id)
 
     async def trends_of(request: Request, p: Principal, first: str, last: str, *, site_id: str | None = None,
                         clinician_id: str | None = None) -> Response:

@@ -247,15 +247,40 @@ class AlertCountsOut(_Out):
     acknowledged: int
 
 
+class ShareOut(_Out):
+    count: int
+    pct: float | None  # of the clients with a scored outcome session
+
+
+class OutcomeIndicesOut(_Out):
+    """Outcome (ORS/CORS) indices of a scope, by each client's latest scored outcome session of
+    their current episode, as scoring decided it: clients by reliable change category, the mean
+    change from intake to that session, the sample SD of the intake totals and the pre-post effect
+    size (mean change / that SD; null below two clients or with no spread)."""
+
+    clients: int
+    reliable_improvement: ShareOut
+    clinically_significant_improvement: ShareOut
+    reliable_deterioration: ShareOut
+    no_reliable_change: ShareOut
+    mean_intake_total: float | None
+    mean_change_from_intake: float | None
+    intake_sd: float | None
+    effect_size: float | None
+
+
 class SummaryOut(IndicesOut):
-    """PCOMS indices of a tenant or a site (age band derived from the instrument)."""
+    """PCOMS indices of a tenant, a site or a clinician (age band derived from the instrument),
+    with the outcome indices of the same scope."""
 
     tenant_id: str
     site_id: str | None
+    clinician_id: str | None = None  # set on a clinician's summary
     clients_at_risk: int
     alerts: AlertCountsOut
     by_instrument: list[InstrumentIndicesOut]
     by_age_band: list[AgeBandIndicesOut]
+    outcome: OutcomeIndicesOut
     as_of: datetime  # when the counters were read (a summary is cached for a few seconds)
 
 

@@ -83,6 +83,7 @@ from shared.events import (
     OrsSubmitted,
     OutcomeAlert,
     OutcomeAlertStatusChanged,
+    OutcomeChange,
     OutcomeInstrument,
     SrsScored,
     SrsSubmitted,
@@ -116,8 +117,16 @@ ScoredT = TypeVar("ScoredT", SrsScored, OrsScored)
 AlertRaise = AllianceDeterioration | OutcomeAlert
 
 
+# The outcome instruments' bands, for their counter documents (an ORS record's own `age_band` is
+# scoring's: adult or adolescent by the client's age).
+OUTCOME_AGE_BANDS: dict[OutcomeInstrument, str] = {
+    OutcomeInstrument.ORS: "13+", OutcomeInstrument.CORS: "6-12", OutcomeInstrument.YCORS: "<=5"}
+
+
 def age_band(instrument: str) -> str:
-    """The PCOMS age band an instrument is made for: SRS/GSRS 13+, CSRS/CGSRS 6-12, YCSRS <=5."""
+    """The PCOMS age band an instrument is made for: SRS/GSRS/ORS 13+, CSRS/CGSRS/CORS 6-12, YCSRS/YCORS <=5."""
+    if is_outcome(instrument):
+        return OUTCOME_AGE_BANDS[OutcomeInstrument(instrument)]
     return AGE_BANDS[Instrument(instrument)]
 
 
@@ -364,6 +373,7 @@ def derive_outcome_record(identity: Mapping[str, Any], entries: Mapping[str, Doc
         **_placement(groups),
         "age_band": latest.get("age_band"),
         "first_total": float(ordered[0]["total"]),
+        "intake_total": latest.get("intake_total"),
         "latest_session_number": int(latest["session_number"]),
         "latest_total": float(latest["total"]),
         "latest_administered_at": latest["administered_at"],
@@ -944,8 +954,8 @@ def _indices(clients: int, totals: Sequence[GroupTotals]) -> Doc:
 
 def summarize(by_instrument: Sequence[GroupTotals], clients: int, clients_at_risk: int,
               clients_by_instrument: Mapping[str, int], clients_by_band: Mapping[str, int],
-              alerts_raised: int, alerts_acknowledged: int) -> Doc:
-    """The summary document of a scope (tenant or site).
+              alerts_raised: int, alerts_acknowledged: int, outcome: Doc | None = None) -> Doc:
+    """The summary document of a scope (tenant or site), with its outcome indices (`outcome_indices`).
 
     Means of first and latest totals are per trajectory (an episode of care of one client on one
     instrument); sessions per client divides by distinct clients; the age band is derived from the
@@ -963,6 +973,7 @@ def summarize(by_instrument: Sequence[GroupTotals], clients: int, clients_at_ris
                            **_indices(clients_by_instrument.get(t.key, 0), [t])} for t in instruments],
         "by_age_band": [{"age_band": b, **_indices(clients_by_band.get(b, 0), bands[b])}
                         for b in AGE_BAND_ORDER if b in bands],
+        "outcome": outcome if outcome is not None else outcome_indices(()),
     }
 
 
@@ -1062,9 +1073,12 @@ def _add(out: Counters, key: CounterKey, **fields: int) -> None:
 
 def contribution(record: Mapping[str, Any], groups: Mapping[str | None, list[Doc]] | None = None) -> Counters:
     """What one record (as `merge` builds it, or None/empty) adds to the counters (see above);
-    `groups` is `sessions_by_episode` of its entries when the caller has it already."""
+    `groups` is `sessions_by_episode` of its entries when the caller has it already. An outcome
+    record adds its outcome indices instead (`outcome_contribution`)."""
     if not record or not record.get("session_count") or record.get("site_id") is None:
         return {}
+    if is_outcome(str(record["instrument"])):
+        return outcome_contribution(record)
     t, site, clinician, inst = (str(record["tenant_id"]), str(record["site_id"]), str(record["clinician_id"]),
                                 str(record["instrument"]))
     out: Counters = {}
@@ -1124,6 +1138,7 @@ def summary_from_counters(rows: Iterable[Mapping[str, Any]], alerts_raised: int,
     Client counts are counts of records (one client on one instrument): exact per instrument;
     a client on two instruments counts once per instrument in the band and scope totals.
     """
+    rows = list(rows)
     per: dict[str, dict[str, int]] = {}
     for r in rows:
         held = per.setdefault(str(r["instrument"]), {})
@@ -1136,7 +1151,71 @@ def summary_from_counters(rows: Iterable[Mapping[str, Any]], alerts_raised: int,
     for i, c in present.items():
         by_band[age_band(i)] = by_band.get(age_band(i), 0) + c["records"]
     return summarize(totals, sum(t.trajectories for t in totals), sum(t.trajectories_at_risk for t in totals),
-                     {t.key: t.trajectories for t in totals}, by_band, alerts_raised, alerts_acknowledged)
+                     {t.key: t.trajectories for t in totals}, by_band, alerts_raised, alerts_acknowledged,
+                     outcome_indices(rows))
+
+
+# Outcome indices (issue 16): what an outcome record adds to its current bucket, by the latest
+# scored session of its current episode as scoring decided it: `o_clients` 1, one of `o_improved`,
+# `o_deteriorated`, `o_unchanged` 1 (its reliable change category), `o_significant` 1 for a
+# clinically significant improvement, and for the pre-post effect size the change from intake
+# (`o_change`) and the intake total and its square (`o_intake`, `o_intake_sq`), in hundredths
+# (squares in ten-thousandths), so sums stay integers and a record's share subtracts exactly.
+# A record whose latest session is not scored (YCORS) adds nothing. The names never clash with
+# the alliance fields, and an outcome bucket has no `records`, so the alliance indices ignore it.
+OUTCOME_FIELDS = ("o_clients", "o_improved", "o_significant", "o_deteriorated", "o_unchanged", "o_change",
+                  "o_intake", "o_intake_sq")
+_CHANGE_FIELD = {OutcomeChange.RELIABLE_IMPROVEMENT: "o_improved",
+                 OutcomeChange.RELIABLE_DETERIORATION: "o_deteriorated",
+                 OutcomeChange.NO_RELIABLE_CHANGE: "o_unchanged"}
+
+
+def outcome_contribution(record: Mapping[str, Any]) -> Counters:
+    """What one outcome record adds to the counters (see above)."""
+    change, intake, delta = record.get("change"), record.get("intake_total"), record.get("change_from_intake")
+    if change not in _CHANGE_FIELD or intake is None or delta is None or record.get("site_id") is None:
+        return {}
+    key = (str(record["tenant_id"]), str(record["site_id"]), str(record["clinician_id"]), str(record["instrument"]),
+           CURRENT)
+    i = hundredths(intake)
+    fields = {"o_clients": 1, _CHANGE_FIELD[OutcomeChange(change)]: 1,
+              "o_significant": int(bool(record.get("clinically_significant_improvement"))),
+              "o_change": hundredths(delta), "o_intake": i, "o_intake_sq": i * i}
+    return {key: {f: n for f, n in fields.items() if n}}
+
+
+def _share(count: int, clients: int) -> Doc:
+    return {"count": count, "pct": round(100.0 * count / clients, 1) if clients else None}
+
+
+def outcome_indices(rows: Iterable[Mapping[str, Any]]) -> Doc:
+    """The outcome indices of a scope from its counter documents (any instrument; only outcome
+    buckets carry these fields): clients by reliable change category (count and percent of the
+    clients with a scored outcome), the mean change from intake to the latest session, the sample
+    SD of the intake totals, and the pre-post effect size (mean change / that SD; None below two
+    clients or with no spread)."""
+    sums = dict.fromkeys(OUTCOME_FIELDS, 0)
+    for r in rows:
+        for f in OUTCOME_FIELDS:
+            sums[f] += int(r.get(f) or 0)
+    n = sums["o_clients"]
+    mean_change = sums["o_change"] / 100 / n if n else None
+    sd: float | None = None
+    if n >= 2:
+        # sum of squared deviations from integer sums: exact until the last division
+        ss = (sums["o_intake_sq"] * n - sums["o_intake"] ** 2) / n / 10_000
+        sd = (max(ss, 0.0) / (n - 1)) ** 0.5
+    return {
+        "clients": n,
+        "reliable_improvement": _share(sums["o_improved"], n),
+        "clinically_significant_improvement": _share(sums["o_significant"], n),
+        "reliable_deterioration": _share(sums["o_deteriorated"], n),
+        "no_reliable_change": _share(sums["o_unchanged"], n),
+        "mean_intake_total": round(sums["o_intake"] / 100 / n, 2) if n else None,
+        "mean_change_from_intake": round(mean_change, 2) if mean_change is not None else None,
+        "intake_sd": round(sd, 2) if sd is not None else None,
+        "effect_size": round(mean_change / sd, 2) if mean_change is not None and sd else None,
+    }
 
 
 def months_between(first: str, last: str) -> list[str]:

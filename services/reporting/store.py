@@ -21,9 +21,11 @@ Collections (all prefixed `reporting_`):
     * `(tenant_id, record_id)` — the alert marks of one record or of a caseload page. (Alert
       counts come from the counters: no index per count.)
 - `reporting_<gen>_outcomes` and `reporting_<gen>_outcome_alerts`: the outcome (ORS) half, the
-  same shapes and merges as `clients` and `alerts`, apart so that caseloads, counters and the
-  alliance alert counts read exactly what they did. Outcome records are read by `_id` only (beside
-  the alliance record of the same client); their alerts by `(tenant_id, record_id)`.
+  same shapes and merges as `clients` and `alerts`, apart so that caseloads and the alliance alert
+  counts read exactly what they did. Outcome records are read by `_id` only (beside the alliance
+  record of the same client); their alerts by `(tenant_id, record_id)`. An outcome record moves
+  the counters as an alliance record does (`pending`, markers), into the current bucket of its
+  outcome instrument, with its own fields (`rules.outcome_contribution`: the outcome indices).
 - `reporting_submissions` (not per generation: a rebuild does not replay the dead-letter topic):
   one document per (tenant, submission id) with the parts `scored`, `superseded` and `rejected`
   (see rules.py). Indexes: `_id` — GET /v1/submissions/{id}; `(tenant_id, rejected.sort)` and
@@ -459,15 +461,16 @@ class ReportingStore:
     async def apply_scored(self, gen: str, events: Sequence[SrsScored], *, fresh: bool = False) -> ApplyReport:
         """Merge scored SRS-family events into their records (`_apply_records`), with their
         counter moves."""
-        return await self._apply_records(gen, self.clients(gen), events, counted=True, fresh=fresh)
+        return await self._apply_records(gen, self.clients(gen), events, fresh=fresh)
 
     async def apply_outcomes(self, gen: str, events: Sequence[OrsScored], *, fresh: bool = False) -> ApplyReport:
         """Merge scored ORS-family events into their outcome records (`reporting_<gen>_outcomes`):
-        the same merge, writes and size cap as the alliance records; they move no counter."""
-        return await self._apply_records(gen, self.outcomes(gen), events, counted=False, fresh=fresh)
+        the same merge, writes, size cap and counter moves (their outcome indices,
+        `rules.outcome_contribution`) as the alliance records."""
+        return await self._apply_records(gen, self.outcomes(gen), events, fresh=fresh)
 
     async def _apply_records(self, gen: str, col: AsyncCollection[Document], events: Sequence[rules.Scored], *,
-                             counted: bool, fresh: bool) -> ApplyReport:
+                             fresh: bool) -> ApplyReport:
         """Merge scored events into their records with one bulk write per round.
 
         Current documents come from the cache, else from one `find` of the misses; with `fresh`
@@ -516,8 +519,7 @@ class ReportingStore:
                         self.cache.put((gen, rid), old)
                     continue
                 result.doc["updated_at"] = datetime.now(UTC)
-                if counted:
-                    with_pending(result.doc, old, result.groups)
+                with_pending(result.doc, old, result.groups)
                 stored = to_stored(result.doc)
                 size = len(bson.encode(stored))
                 if size > self.max_record_bytes:
@@ -767,20 +769,25 @@ class ReportingStore:
         docs = await self.clients(gen).find(q).sort([("caseload_key", ASCENDING)]).limit(limit + 1).to_list()
         return [from_stored(d) for d in docs]
 
-    async def summary(self, gen: str, tenant_id: str, site_id: str | None) -> Document | None:
-        """The PCOMS summary of a tenant or site (each record's current episode), from the
-        current-episode counters of the scope (one document per site, clinician and instrument,
-        whatever the number of clients); None when the scope has no data at all."""
+    async def summary(self, gen: str, tenant_id: str, site_id: str | None,
+                      clinician_id: str | None = None) -> Document | None:
+        """The PCOMS summary of a tenant, a site or a clinician (each record's current episode),
+        from the current-episode counters of the scope (one document per site, clinician and
+        instrument, whatever the number of clients), with the outcome indices of its outcome
+        records; None when the scope has no data at all."""
         scope = self._scope(tenant_id, site_id)
+        if clinician_id is not None:
+            scope["clinician_id"] = clinician_id
         # Named fields, not "all but markers and months": the store copies a document to cut
         # fields out of it, so an exclusion costs what the markers weigh (3.6x at 500 markers).
-        shown = {"instrument": 1, **dict.fromkeys((*rules.SUMMARY_FIELDS, *rules.SUMMARY_ALERT_FIELDS), 1)}
+        shown = {"instrument": 1, **dict.fromkeys((*rules.SUMMARY_FIELDS, *rules.SUMMARY_ALERT_FIELDS,
+                                                   *rules.OUTCOME_FIELDS), 1)}
         rows = await self.counters(gen).find(scope, shown).to_list()
         # Alerts from the counters too (`rules.alert_share`): counting alert documents costs one
         # read per alert (the local store fetches every document an index finds, even to count).
         raised = sum(int(r.get(rules.ALERTS_RAISED) or 0) for r in rows)
         acknowledged = sum(int(r.get(rules.ALERTS_ACKNOWLEDGED) or 0) for r in rows)
-        if not any(r.get("records") for r in rows) and not raised and not acknowledged:
+        if not any(r.get("records") or r.get("o_clients") for r in rows) and not raised and not acknowledged:
             return None
         return {**rules.summary_from_counters(rows, raised, acknowledged), "as_of": datetime.now(UTC).isoformat()}
 
@@ -805,8 +812,9 @@ class ReportingStore:
         they agree."""
 
         async def every_share() -> AsyncIterator[rules.Counters]:
-            async for d in self.clients(gen).find({}):
-                yield rules.contribution(from_stored(d))
+            for records in (self.clients(gen), self.outcomes(gen)):
+                async for d in records.find({}):
+                    yield rules.contribution(from_stored(d))
             async for a in self.alerts(gen).find({}, {COUNTED: 0, PENDING: 0}):
                 yield rules.alert_share(a)
 

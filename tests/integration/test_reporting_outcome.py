@@ -21,10 +21,12 @@ from tests.support.outcome_events import (
     outcome_status,
     publish_outcome,
 )
+from tests.support.reporting import counters_verified
 from tests.support.wait import eventually
 from tools.demo import deterioration_for, publish, scored
 
 __all__ = ["reporting", "reporting_process"]  # the service module's fixtures: one process for this module
+counters_agree_after_each_scenario = counters_verified()
 
 
 def srs_sessions(t: str, client: str, totals: list[float]) -> list[Any]:
@@ -166,3 +168,37 @@ async def test_a_rebuild_replays_the_ors_topics_into_the_new_generation(reportin
 
     after = await eventually(switched, timeout=15)
     assert after["outcome"] == before["outcome"] and after["aligned"] == before["aligned"]
+
+
+async def test_summaries_count_clients_by_their_latest_outcome_per_tenant_site_and_clinician(
+        reporting: Reporting) -> None:
+    t = tenant()
+    # intakes 15, 20, 20, 25 (north: c1-c3 of clinician c-1; south: c4 of c-2)
+    plans = {"c1": ([15.0, 21.0, 26.0], "north", "c-1"), "c2": ([20.0, 13.0], "north", "c-1"),
+             "c3": ([20.0, 22.0], "north", "c-1"), "c4": ([25.0, 31.0], "south", "c-2")}
+    events = [e for client, (totals, site, clinician) in plans.items()
+              for e in outcome_series(t, client, totals, site_id=site, clinician_id=clinician)]
+    await publish(reporting.ns.kafka(), [scored(t, "c1", 1, 38.0, episode_id="ep-1")])
+    await publish_outcome(reporting.ns.kafka(), events)
+    key = await reporting.key(t)
+    tenant_view = await until(reporting, "/v1/summary", key, lambda b: b["outcome"]["clients"] == 4)
+    outcome = tenant_view["outcome"]
+    assert outcome["reliable_improvement"] == {"count": 2, "pct": 50.0}  # c1 (+11) and c4 (+6)
+    assert outcome["clinically_significant_improvement"] == {"count": 1, "pct": 25.0}  # c1 crosses 25
+    assert outcome["reliable_deterioration"] == {"count": 1, "pct": 25.0}
+    assert outcome["no_reliable_change"] == {"count": 1, "pct": 25.0}
+    assert outcome["mean_change_from_intake"] == 3.0  # (11 - 7 + 2 + 6) / 4
+    assert (outcome["intake_sd"], outcome["effect_size"]) == (4.08, 0.73)  # sample SD of 15, 20, 20, 25
+    assert tenant_view["clients"] == 1  # the alliance indices count the SRS record only
+    site = await until(reporting, "/v1/sites/south/summary", key, lambda b: b["outcome"]["clients"] == 1)
+    assert site["outcome"]["reliable_improvement"]["count"] == 1
+    clinician = await until(reporting, "/v1/clinicians/c-1/summary", key, lambda b: b["outcome"]["clients"] == 3)
+    assert (clinician["clinician_id"], clinician["outcome"]["mean_change_from_intake"]) == ("c-1", 2.0)
+
+    # a correction moves a client between categories: counters follow, exactly once
+    fix = ors_scored(t, "c2", 2, 21.0, intake_total=20.0, previous_total=20.0, revision=2,
+                     submission_id=events[4].submission_id, administered_at=events[4].administered_at)
+    await publish_outcome(reporting.ns.kafka(), [fix, fix])
+    moved = await until(reporting, "/v1/clinicians/c-1/summary", key,
+                        lambda b: b["outcome"]["reliable_deterioration"]["count"] == 0)
+    assert moved["outcome"]["no_reliable_change"]["count"] == 2 and moved["outcome"]["clients"] == 3

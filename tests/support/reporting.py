@@ -32,7 +32,7 @@ from tests.support.services import Namespace
 from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
 
-_GENERATION = re.compile(r"^reporting_([^_]+)_(clients|alerts|counters)$")
+_GENERATION = re.compile(r"^reporting_([^_]+)_(clients|alerts|counters|outcomes)$")
 Differences = dict[str, dict[str, tuple[dict[str, int], dict[str, int]]]]
 
 

@@ -16,7 +16,8 @@ def test_the_app_serves_exactly_the_read_endpoints_and_the_dashboard() -> None:
     paths = set(create_app().openapi()["paths"])
     assert {p for p in paths if p.startswith("/v1")} == {
         "/v1/clients/{client_id}/trajectory", "/v1/clients/{client_id}/fhir", "/v1/clinicians/{clinician_id}/caseload",
-        "/v1/sites/{site_id}/summary", "/v1/summary", "/v1/submissions/{submission_id}", "/v1/submissions",
+        "/v1/sites/{site_id}/summary", "/v1/summary", "/v1/clinicians/{clinician_id}/summary",
+        "/v1/submissions/{submission_id}", "/v1/submissions",
         "/v1/audit", "/v1/summary/trends", "/v1/sites/{site_id}/trends", "/v1/clinicians/{clinician_id}/trends",
         "/v1/sites"}
     assert {"/dashboard", "/healthz", "/readyz", "/metrics"} <= paths

@@ -4,14 +4,16 @@ the ORS series as scoring decided it, both scales aligned by session, and the FH
 from __future__ import annotations
 
 import random
+import statistics
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.reporting import fhir, rules
-from services.reporting.models import TrajectoryOut
+from services.reporting.models import SummaryOut, TrajectoryOut
 from shared.events import AlertStatus, Flag, OrsItems, OrsScored, OutcomeInstrument, Severity
 from tests.support.outcome_events import ors_scored, outcome_alert_for, outcome_series
 from tests.unit.test_reporting_rules import content, fold  # the same batched fold the SRS rules are tested with
@@ -243,3 +245,101 @@ def test_a_later_scored_time_of_an_ors_correction_is_the_bundle_timestamp() -> N
     srs = fold([scored(T, "c1", 1, 38.0, episode_id="ep-1")])
     bundle = fhir.trajectory_bundle(srs, None, fold([*first, fix]))
     assert bundle["timestamp"] == fix.scored_at.isoformat()
+
+
+# ---------------------------------------------------------------------------------------------
+# Outcome indices: each outcome record's share of the counters, and the indices of a scope
+
+
+def outcome_record(client: str, totals: list[float], **kw: Any) -> dict[str, Any]:
+    return fold(outcome_series(T, client, totals, **kw))
+
+
+def current_fields(record: dict[str, Any]) -> dict[str, int]:
+    (fields,) = rules.contribution(record).values()
+    return fields
+
+
+def test_an_outcome_record_counts_by_its_latest_session_s_change_category() -> None:
+    improved = current_fields(outcome_record("c1", [15.0, 18.0, 26.0]))
+    assert improved == {"o_clients": 1, "o_improved": 1, "o_significant": 1, "o_change": 1100, "o_intake": 1500,
+                        "o_intake_sq": 1500 * 1500}
+    assert current_fields(outcome_record("c2", [20.0, 14.5]))["o_deteriorated"] == 1
+    unchanged = current_fields(outcome_record("c3", [20.0, 24.9]))
+    assert unchanged["o_unchanged"] == 1 and "o_significant" not in unchanged
+
+
+def test_an_outcome_record_counts_in_its_clinician_s_current_bucket() -> None:
+    record = outcome_record("c1", [15.0, 18.0], clinician_id="c-9", site_id="south")
+    assert list(rules.contribution(record)) == [(T, "south", "c-9", "ORS", rules.CURRENT)]
+
+
+def test_an_unscored_latest_session_adds_no_outcome_index() -> None:
+    event = ors_scored(T, "c1", 1, 30.0, intake_total=None, instrument=OutcomeInstrument.YCORS).model_copy(
+        update={"change": None, "intake_total": None, "change_from_intake": None})
+    assert rules.contribution(fold([event])) == {}
+
+
+def test_a_correction_moves_the_record_between_categories_and_back_exactly() -> None:
+    first = outcome_series(T, "c1", [20.0, 14.0])
+    before = rules.contribution(fold(first))
+    after = rules.contribution(fold([*first, corrected(first[1], 26.0)]))
+    moved = rules.diff(before, after)
+    (fields,) = moved.values()
+    assert fields == {"o_deteriorated": -1, "o_improved": 1, "o_significant": 1, "o_change": 1200}
+    assert rules.total_counters([before, moved, rules.diff(after, before)]) == before
+
+
+def oracle(intakes: list[float], latest: list[float]) -> tuple[float, float, float]:
+    """Mean change, sample SD of the intakes and their ratio, the textbook way."""
+    changes = [b - a for a, b in zip(intakes, latest, strict=True)]
+    mean, sd = statistics.mean(changes), statistics.stdev(intakes)
+    return round(mean, 2), round(sd, 2), round(mean / sd, 2)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 400), st.integers(0, 400)), min_size=2, max_size=12)
+       .filter(lambda pairs: len({a for a, _ in pairs}) > 1))
+def test_the_effect_size_is_the_mean_change_over_the_sample_sd_of_the_intakes(pairs: list[tuple[int, int]]) -> None:
+    intakes, latest = [a / 10 for a, _ in pairs], [b / 10 for _, b in pairs]
+    rows = [current_fields(outcome_record(f"c{i}", [a, b])) for i, (a, b) in enumerate(zip(intakes, latest,
+                                                                                           strict=True))]
+    got = rules.outcome_indices(rows)
+    mean, sd, d = oracle(intakes, latest)
+    assert got["clients"] == len(pairs)
+    assert got["mean_change_from_intake"] == pytest.approx(mean, abs=0.011)
+    assert got["intake_sd"] == pytest.approx(sd, abs=0.011)
+    assert got["effect_size"] == pytest.approx(d, abs=0.011)
+
+
+def test_shares_are_of_the_clients_with_a_scored_outcome() -> None:
+    rows = [current_fields(outcome_record("a", [15.0, 21.0])), current_fields(outcome_record("b", [15.0, 26.0])),
+            current_fields(outcome_record("c", [20.0, 14.0])), current_fields(outcome_record("d", [20.0, 21.0]))]
+    got = rules.outcome_indices(rows)
+    assert got["reliable_improvement"] == {"count": 2, "pct": 50.0}
+    assert got["clinically_significant_improvement"] == {"count": 1, "pct": 25.0}
+    assert got["reliable_deterioration"] == {"count": 1, "pct": 25.0}
+    assert got["no_reliable_change"] == {"count": 1, "pct": 25.0}
+
+
+def test_one_client_or_equal_intakes_give_no_effect_size() -> None:
+    one = rules.outcome_indices([current_fields(outcome_record("a", [15.0, 21.0]))])
+    assert (one["mean_change_from_intake"], one["intake_sd"], one["effect_size"]) == (6.0, None, None)
+    same = rules.outcome_indices([current_fields(outcome_record(c, [15.0, 21.0])) for c in ("a", "b")])
+    assert (same["intake_sd"], same["effect_size"]) == (0.0, None)
+    assert rules.outcome_indices([])["clients"] == 0
+
+
+def test_outcome_buckets_leave_the_alliance_indices_of_a_summary_as_they_were() -> None:
+    srs = fold([scored(T, "c1", 1, 30.0), scored(T, "c1", 2, 33.0, previous_total=30.0)])
+    alliance_rows = [{"instrument": "SRS", **current_fields_of(srs)}]
+    ors_rows = [{"instrument": "ORS", **current_fields(outcome_record("c1", [15.0, 21.0]))}]
+    alone = rules.summary_from_counters(alliance_rows, 0, 0)
+    both = rules.summary_from_counters(alliance_rows + ors_rows, 0, 0)
+    assert {k: v for k, v in both.items() if k != "outcome"} == {k: v for k, v in alone.items() if k != "outcome"}
+    assert (alone["outcome"]["clients"], both["outcome"]["clients"]) == (0, 1)
+    SummaryOut.model_validate({**both, "tenant_id": T, "site_id": None, "as_of": "2026-01-01T00:00:00Z"})
+
+
+def current_fields_of(record: dict[str, Any]) -> dict[str, int]:
+    return rules.contribution(record)[(T, "north", "c-1", "SRS", rules.CURRENT)]
