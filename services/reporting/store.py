@@ -279,12 +279,20 @@ def counter_values(doc: Document) -> dict[str, int]:
 
 
 class Generations:
-    """Reads and flips the generation pointer; the read is cached for `ttl` seconds."""
+    """Reads and flips the generation pointer; the read is cached for `ttl` seconds.
+
+    Callers that find the cache expired while a read is under way share that read (every read
+    endpoint and the handlers ask for the pointer: when it expired, each of them read it again,
+    twice the reads of the cache's period - issue 11). A flip (`ensure`, `begin_rebuild`,
+    `switch`) starts a new epoch: a read begun before it is neither shared nor cached after it.
+    """
 
     def __init__(self, db: AsyncDatabase[Document], ttl: float) -> None:
         self._db = db
         # One entry: the pointer document.
         self._cached: TtlCache[str, GenerationState] = TtlCache(ttl, max_entries=1)
+        self._epoch = 0
+        self._reading: tuple[int, asyncio.Task[GenerationState]] | None = None
 
     @property
     def ttl(self) -> float:
@@ -303,17 +311,35 @@ class Generations:
             upsert=True, return_document=ReturnDocument.AFTER)
         assert doc is not None  # an upsert returning the document after the update always has one
         state = self._state(doc)
+        self._flipped()
         self._cached.put(POINTER_ID, state)
         return state
 
+    def _flipped(self) -> None:
+        """The pointer may have changed here: forget it, and leave reads under way unshared."""
+        self._epoch += 1
+        self._reading = None
+        self._cached.clear()
+
     async def current(self) -> GenerationState:
-        """The pointer, at most `ttl` seconds old."""
+        """The pointer, at most `ttl` seconds old (or as old as a read under way when the cache expired)."""
         if (hit := self._cached.fresh(POINTER_ID)) is not None:
             return hit.value
-        doc = await self._db[META].find_one({"_id": POINTER_ID})
-        state = self._state(doc) if doc is not None else await self.ensure()
-        self._cached.put(POINTER_ID, state)
-        return state
+        if self._reading is None or self._reading[0] != self._epoch:
+            self._reading = (self._epoch, asyncio.get_running_loop().create_task(self._read(self._epoch)))
+        # Shielded: a caller given up on must not cancel the read others wait for.
+        return await asyncio.shield(self._reading[1])
+
+    async def _read(self, epoch: int) -> GenerationState:
+        try:
+            doc = await self._db[META].find_one({"_id": POINTER_ID})
+            state = self._state(doc) if doc is not None else await self.ensure()
+            if epoch == self._epoch:
+                self._cached.put(POINTER_ID, state)
+            return state
+        finally:
+            if self._reading is not None and self._reading[0] == epoch:
+                self._reading = None
 
     async def begin_rebuild(self, force: bool = False) -> tuple[GenerationState, str]:
         """Claim the `building` slot for a new generation; RebuildInProgress when taken (unless force)."""
@@ -326,7 +352,7 @@ class Generations:
                                                              "building_since": datetime.now(UTC)}})
         if res.modified_count != 1:
             raise RebuildInProgress("the generation pointer changed under this rebuild; try again")
-        self._cached.clear()
+        self._flipped()
         return state, new
 
     async def switch(self, new: str) -> GenerationState:
@@ -339,13 +365,13 @@ class Generations:
             {"$set": {"active": new, "previous": doc["active"], "building": None, "switched_at": datetime.now(UTC)}})
         if res.modified_count != 1:
             raise RebuildInProgress(f"generation {new} no longer holds the building slot")
-        self._cached.clear()
+        self._flipped()
         return await self.current()
 
     async def abandon(self, new: str) -> None:
         """Give up a failed rebuild: free the slot (the live generation was never touched)."""
         await self._db[META].update_one({"_id": POINTER_ID, "building": new}, {"$set": {"building": None}})
-        self._cached.clear()
+        self._flipped()
 
     async def drop_unused(self) -> list[str]:
         """Drop generations other than the active, previous and building ones. Returns them."""
