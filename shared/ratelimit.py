@@ -451,12 +451,19 @@ class Limiter:
                 for old in [s for s in self._busy if s < slot]:
                     del self._busy[old]
             busy = self._busy[slot] = set()
-            delay = (slot + 1) * self.window - self.storage.now()
-            asyncio.get_running_loop().call_later(max(delay, 0.0), self._slot_turned, slot)
+            self._at_slot_end(slot)
         if len(busy) < self._max_held:
             busy.add(key)
 
+    def _at_slot_end(self, slot: int) -> None:
+        # The loop's timer runs on the monotonic clock, slots on the wall clock: just past the end.
+        delay = (slot + 1) * self.window - self.storage.now() + 0.001
+        asyncio.get_running_loop().call_later(max(delay, 0.0), self._slot_turned, slot)
+
     def _slot_turned(self, ended: int) -> None:
+        if self.storage.current_slot(self.window) <= ended:
+            self._at_slot_end(ended)  # early by the wall clock (it was adjusted): again at its end
+            return
         for key in self._busy.pop(ended, ()):
             # Not marked busy again: a key idle in the new slot gets no lease in the one after.
             self._refill(key, ended + 1, busy=False)

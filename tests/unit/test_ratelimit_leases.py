@@ -247,3 +247,10 @@ async def test_the_first_add_of_a_slot_reads_the_previous_slot_in_the_same_wait(
     store = Overlapping(clock)
     assert await replica(store, clock).take("k") == 0.0
     assert store.most == 2  # the read of the previous slot and the add were under way together
+
+
+async def test_the_check_before_the_body_refuses_a_key_without_room_for_one_unit() -> None:
+    clock = Clock()
+    lim = replica(CountedCounters(clock), clock, burst=200, lease=10)
+    await lim.charge("k", 200)  # a debt: the weighted count is at the limit
+    assert await lim.wait("k") > 0
