@@ -23,6 +23,7 @@ recorded.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
@@ -205,10 +206,14 @@ class Handlers:
         docs: list[Document] = []
         if decoded:
             now = datetime.now(UTC)
-            clinicians = await self._store.clinicians_for((d.event.tenant_id, d.event.clinician_id) for d in decoded)
-            subscriptions = await self._store.subscriptions_for((d.event.tenant_id for d in decoded), kind.raised)
-            await self._store.record_raises([(d.event.revision, alert_content(d.event, d.body, d.record))
-                                             for d in decoded])
+            # The two reads and the merge are independent: one wait for the store, not three
+            # (the webhook waits for every round trip of this handler; issue 11).
+            clinicians, subscriptions, _ = await asyncio.gather(
+                self._store.clinicians_for((d.event.tenant_id, d.event.clinician_id) for d in decoded),
+                self._store.subscriptions_for((d.event.tenant_id for d in decoded), kind.raised),
+                self._store.record_raises([(d.event.revision, alert_content(d.event, d.body, d.record))
+                                           for d in decoded]))
+            # After the merge: what the alert's lifecycle is now, with this batch's raises in it.
             current = await self._store.lifecycle_orders(d.event.alert_id for d in decoded)
             for d in decoded:
                 ev = d.event
@@ -245,12 +250,14 @@ class Handlers:
             # (status, revision it ends) of the lifecycle events; `StatusEvent` made sure both are set.
             ends = {ev.event_id: (ev.status, ev.revision) for ev in events
                     if ev.status in LIFECYCLE_STATUSES and ev.revision is not None}
-            await self._store.record_statuses([(*ends[ev.event_id], status_identity(ev, kind))
-                                               for ev in events if ev.event_id in ends])
+            # The merge and the two reads are independent: one wait for the store, not three.
+            _, clinicians, subscriptions = await asyncio.gather(
+                self._store.record_statuses([(*ends[ev.event_id], status_identity(ev, kind))
+                                             for ev in events if ev.event_id in ends]),
+                self._store.clinicians_for((ev.tenant_id, ev.clinician_id) for ev in events
+                                           if ev.status == AlertStatus.WITHDRAWN),
+                self._store.subscriptions_for((ev.tenant_id for ev in events), kind.status))
             current = await self._store.lifecycle_orders(ev.alert_id for ev in events if ev.event_id in ends)
-            clinicians = await self._store.clinicians_for((ev.tenant_id, ev.clinician_id) for ev in events
-                                                          if ev.status == AlertStatus.WITHDRAWN)
-            subscriptions = await self._store.subscriptions_for((ev.tenant_id for ev in events), kind.status)
             for d in decoded:
                 ev = d.event
                 end = ends.get(ev.event_id)

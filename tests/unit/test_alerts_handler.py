@@ -4,6 +4,8 @@ behaviours run against the real broker and store in tests/integration/test_alert
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -15,6 +17,7 @@ from services.alerts.rules import Clinician, Subscription
 from shared import ids
 from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetterReason, Instrument, SrsScored
 from shared.kafka import DeadLetterTarget, InboundRecord, typed_handler
+from shared.mongo import Document
 from shared.topics import ALERT_STATUS, DETERIORATION, SCORED
 from tests.support.fakes import T0, TOPICS, MemoryAlertsStore, Sink, StoreDown, inbound
 
@@ -204,3 +207,57 @@ async def test_unacknowledged_dead_letters_fail_the_batch() -> None:
     w.sink.fail_next = 1
     with pytest.raises(ConnectionError):
         await w.handlers.on_scored([inbound(TOPICS.scored, b"x")])
+
+
+# --- round trips ----------------------------------------------------------------------------------
+
+
+class OverlapStore(MemoryAlertsStore):
+    """The in-memory store, each call taking a moment as a round trip does; records the most
+    calls under way at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clinicians = directory().clinicians
+        self.in_flight = 0
+        self.most = 0
+
+    async def _trip(self) -> None:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        await asyncio.sleep(0.005)
+        self.in_flight -= 1
+
+    async def clinicians_for(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Clinician]:
+        await self._trip()
+        return await super().clinicians_for(keys)
+
+    async def subscriptions_for(self, tenant_ids: Iterable[str], topic: str) -> list[Subscription]:
+        await self._trip()
+        return await super().subscriptions_for(tenant_ids, topic)
+
+    async def record_raises(self, raises: Sequence[tuple[int, Document]]) -> None:
+        await self._trip()
+        await super().record_raises(raises)
+
+    async def record_statuses(self, statuses: Sequence[tuple[str, int, Document]]) -> None:
+        await self._trip()
+        await super().record_statuses(statuses)
+
+
+async def test_a_raise_waits_for_its_directory_reads_and_its_merge_together() -> None:
+    w = Wired(OverlapStore())
+    await w.handlers.on_deterioration([on(TOPICS.deterioration, raised())])
+    assert isinstance(w.store, OverlapStore) and w.store.most == 3
+    assert len(w.store.deliveries) == 1  # and the clinician's webhook is scheduled as before
+
+
+async def test_a_withdrawal_waits_for_its_merge_and_its_directory_reads_together() -> None:
+    w = Wired(OverlapStore())
+    alert = raised()
+    await w.handlers.on_deterioration([on(TOPICS.deterioration, alert)])
+    assert isinstance(w.store, OverlapStore)
+    w.store.most = 0
+    await w.handlers.on_alert_status([on(TOPICS.alert_status, ended(alert))])
+    assert w.store.most == 3
+    assert sorted(d["kind"] for d in w.store.deliveries.values()) == ["alert", "withdrawal"]
