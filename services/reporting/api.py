@@ -152,9 +152,9 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
     either = read_or_submit(keys)
     summaries = SummaryCache(settings.summary_cache_seconds)
 
-    async def find_record(request: Request, p: Principal, client_id: str,
-                          instrument: Instrument) -> tuple[str, dict[str, Any]]:
-        gen = (await generations.current()).active
+    async def find_record(request: Request, p: Principal, client_id: str, instrument: Instrument,
+                          gen: str | None = None) -> tuple[str, dict[str, Any]]:
+        gen = gen or (await generations.current()).active
         doc = await store.record(gen, p.tenant_id, client_id, instrument.value, p.site_id)
         if doc is None:
             # The caller gets the same 404 either way; the audit tells a foreign site's client apart.
@@ -169,10 +169,11 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
         return await store.record(gen, p.tenant_id, client_id, OUTCOME_OF[instrument].value, p.site_id)
 
     async def find_episode(request: Request, p: Principal, client_id: str, instrument: Instrument,
-                           episode_id: str | None, episode: str | None) -> tuple[str, dict[str, Any], str | None]:
+                           episode_id: str | None, episode: str | None,
+                           gen: str | None = None) -> tuple[str, dict[str, Any], str | None]:
         """The record (`find_record`) and the episode asked for (`episode_id`, else the older
         `episode` parameter; None: the whole record); 404 when the record has no such episode."""
-        gen, doc = await find_record(request, p, client_id, instrument)
+        gen, doc = await find_record(request, p, client_id, instrument, gen)
         chosen = episode_id if episode_id is not None else episode
         if chosen is not None and chosen not in {e["episode_id"] for e in doc.get("episodes", [])}:
             raise HTTPException(404, NOT_FOUND_EPISODE)
@@ -185,12 +186,18 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
     async def trajectory(request: Request, client_id: str, p: Principal = auditor.route("trajectory.read", reader),
                          instrument: InstrumentQ = Instrument.SRS, episode_id: EpisodeQ = None,
                          episode: OldEpisodeQ = None) -> Response:
-        gen, doc, chosen = await find_episode(request, p, client_id, instrument, episode_id, episode)
-        outcome = await outcome_record(gen, p, client_id, instrument)
-        alerts, outcome_alerts = await asyncio.gather(
-            store.alerts_for(gen, p.tenant_id, [doc["_id"]]),
-            store.alerts_for(gen, p.tenant_id, [outcome["_id"]] if outcome else [], outcome=True))
-        view = rules.trajectory_view(doc, alerts[doc["_id"]], chosen, outcome,
+        gen = (await generations.current()).active
+        rid = rules.record_id(p.tenant_id, client_id, instrument.value)
+        # The record, its paired outcome record and the record's alerts are read together (the
+        # record id is known from the request): one wait for the store, not three (issue 11).
+        # Nothing of them is shown when the record is not (404).
+        (gen, doc, chosen), outcome, by_record = await asyncio.gather(
+            find_episode(request, p, client_id, instrument, episode_id, episode, gen),
+            outcome_record(gen, p, client_id, instrument),
+            store.alerts_for(gen, p.tenant_id, [rid]))
+        outcome_alerts = (await store.alerts_for(gen, p.tenant_id, [outcome["_id"]], outcome=True)
+                          if outcome else {})
+        view = rules.trajectory_view(doc, by_record[rid], chosen, outcome,
                                      outcome_alerts.get(outcome["_id"], []) if outcome else [])
         return _json_response(request, view, max_age=settings.trajectory_max_age_seconds, generation=gen)
 
