@@ -51,6 +51,7 @@ from starlette.routing import BaseRoute, Mount, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared import tracing
+from shared.channels import Channel
 from shared.kafka import Publisher, make_broker, measure_lag
 from shared.logs import CORRELATION_ID
 from shared.metrics import DEPENDENCY_UP, HTTP_REQUESTS, HTTP_SECONDS, READY, THROTTLED
@@ -747,6 +748,14 @@ class Adapters:
         """The service's runtime, its monitor loop at `ALLIANCE_MONITOR_INTERVAL_SECONDS`."""
         return Runtime(self.service, self.broker, self.mongo, on_start=list(on_start), store_tasks=list(store_tasks),
                        on_stop=list(on_stop), monitor_interval_seconds=self.config.monitor.interval_seconds)
+
+    def declare_output(self, channel: Channel[Any], description: str, *, title: str | None = None) -> None:
+        """Put an output into the AsyncAPI document: the deployment's topic of `channel` and the schema
+        of the event it carries (records go out through `publisher`; the declaration sends nothing).
+        `title` defaults to `<service>:<topic>`."""
+        topic = channel.on(self.topics)
+        self.broker.publisher(topic, title=title or f"{self.service}:{topic}", schema=channel.model,
+                              description=description)
 
 
 def stream_app(service: Service) -> FastStream:

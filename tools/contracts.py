@@ -27,7 +27,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import BaseModel
 
-from shared import events, topics
+from shared import channels
 
 SERVICES: tuple[str, ...] = ("intake", "scoring", "alerts", "reporting")
 KINDS: tuple[str, ...] = ("asyncapi", "openapi")
@@ -53,20 +53,10 @@ def default_environment() -> Iterator[None]:
         os.environ.update(saved)
 
 
-# What a consumer of each topic reads (logical names). Every service consumes through the generic
-# `shared.kafka.subscribe_batch`, which decodes records itself, so FastStream sees no payload type
-# for a subscriber: the document gets it from here.
-TOPIC_EVENTS: dict[str, tuple[type[BaseModel], ...]] = {
-    topics.SUBMITTED: (events.SrsSubmitted, events.ClientTransfer),
-    topics.SCORED: (events.SrsScored,),
-    topics.DETERIORATION: (events.AllianceDeterioration,),
-    topics.ALERT_STATUS: (events.AlertStatusChanged,),
-    topics.DEADLETTER: (events.DeadLetter,),
-    topics.ORS_SUBMITTED: (events.OrsSubmitted,),
-    topics.ORS_SCORED: (events.OrsScored,),
-    topics.OUTCOME_ALERT: (events.OutcomeAlert,),
-    topics.OUTCOME_ALERT_STATUS: (events.OutcomeAlertStatusChanged,),
-}
+# What a consumer of each topic reads (logical names), owned by the kernel. Every service consumes
+# through the generic `shared.kafka.subscribe_batch`, which decodes records itself, so FastStream
+# sees no payload type for a subscriber: the document gets it from here.
+TOPIC_EVENTS: dict[str, tuple[type[BaseModel], ...]] = channels.TOPIC_EVENTS
 
 # FastStream names the one server of a broker `development` (the local stack). Production is the
 # deployment's cluster (deploy/k8s/config.yaml): TLS and SASL/SCRAM-SHA-512, where partners get a
@@ -127,7 +117,7 @@ def _receive_payload(doc: dict[str, Any], operation: dict[str, Any]) -> None:
     topic = _resolve(doc, operation["channel"]["$ref"])["address"]
     models = TOPIC_EVENTS.get(topic)
     if models is None:
-        raise ValueError(f"{topic}: consumed, but tools/contracts.py TOPIC_EVENTS does not say which events it "
+        raise ValueError(f"{topic}: consumed, but shared/channels.py TOPIC_EVENTS does not say which events it "
                          "carries, so its payload cannot be documented")
     schemas: dict[str, Any] = doc.setdefault("components", {}).setdefault("schemas", {})
     for model in models:

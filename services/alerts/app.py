@@ -26,16 +26,7 @@ from services.alerts.store import AlertsStore
 from services.alerts.targets import Resolver, system_resolve
 from services.alerts.webhooks import webhooks_router
 from services.alerts.worker import DeliveryWorker, Sender
-from shared import audit, auth
-from shared.events import (
-    AlertStatusChanged,
-    AllianceDeterioration,
-    DeadLetter,
-    OrsScored,
-    OutcomeAlert,
-    OutcomeAlertStatusChanged,
-    SrsScored,
-)
+from shared import audit, auth, channels
 from shared.http import Adapters, Service, authenticate_first, make_guard, service_api, stream_app
 from shared.kafka import DeadLetterTarget, subscribe_batch
 from shared.settings import ServiceConfig
@@ -72,13 +63,12 @@ class AlertsService(Service):
 
 def _declare_outputs(base: Adapters) -> None:
     """Declared for the AsyncAPI document; records are published through `base.publisher`."""
-    broker, topics = base.broker, base.topics
-    broker.publisher(topics.alert_status, title="alerts:alert-status", schema=AlertStatusChanged,
-                     description="acknowledged / escalated alerts, for reporting")
-    broker.publisher(topics.outcome_alert_status, title="alerts:outcome-alert-status", schema=OutcomeAlertStatusChanged,
-                     description="acknowledged / escalated outcome alerts, for reporting")
-    broker.publisher(topics.deadletter, title="alerts:deadletter", schema=DeadLetter,
-                     description="undecodable events and deliveries that exhausted their attempts")
+    base.declare_output(channels.ALERT_STATUS, "acknowledged / escalated alerts, for reporting",
+                        title="alerts:alert-status")
+    base.declare_output(channels.OUTCOME_ALERT_STATUS, "acknowledged / escalated outcome alerts, for reporting",
+                        title="alerts:outcome-alert-status")
+    base.declare_output(channels.DEADLETTER, "undecodable events and deliveries that exhausted their attempts",
+                        title="alerts:deadletter")
 
 
 def build(config: AlertsConfig, resolve: Resolver = system_resolve) -> AlertsService:
@@ -101,10 +91,10 @@ def build(config: AlertsConfig, resolve: Resolver = system_resolve) -> AlertsSer
 
     poison = DeadLetterTarget(topics.deadletter, publisher.publish_all)
     subscribe_batch(broker, topics.deterioration, group_id=config.kafka.group(SERVICE), service=SERVICE,
-                    model=AllianceDeterioration, handler=handlers.on_deterioration, invalid_reason=INVALID,
+                    model=channels.DETERIORATION.model, handler=handlers.on_deterioration, invalid_reason=INVALID,
                     max_records=config.kafka.batch_max_records, dead_letters=poison, settings=config.kafka)
     subscribe_batch(broker, topics.scored, group_id=config.kafka.group("alerts-partners"), service=SERVICE,
-                    model=SrsScored, handler=handlers.on_scored, invalid_reason=INVALID,
+                    model=channels.SCORED.model, handler=handlers.on_scored, invalid_reason=INVALID,
                     max_records=config.kafka.batch_max_records, dead_letters=poison, settings=config.kafka)
     # Superseded / withdrawn from scoring (and this service's own acknowledged / escalated, which
     # are only forwarded to partners). Its own group: the lifecycle merge does not depend on the
@@ -115,14 +105,14 @@ def build(config: AlertsConfig, resolve: Resolver = system_resolve) -> AlertsSer
     # Outcome alerts (the ORS, docs/outcome.md): the same three consumers on the ORS topics, each in
     # a group of its own, so neither alliance consumer ever waits for them or they for it.
     subscribe_batch(broker, topics.outcome_alert, group_id=config.kafka.group("alerts-outcome"), service=SERVICE,
-                    model=OutcomeAlert, handler=handlers.on_outcome_alert, invalid_reason=INVALID,
+                    model=channels.OUTCOME_ALERT.model, handler=handlers.on_outcome_alert, invalid_reason=INVALID,
                     max_records=config.kafka.batch_max_records, dead_letters=poison, settings=config.kafka)
     subscribe_batch(broker, topics.outcome_alert_status, group_id=config.kafka.group("alerts-outcome-status"),
                     service=SERVICE, model=OutcomeStatusEvent, handler=handlers.on_outcome_status,
                     invalid_reason=INVALID, max_records=config.kafka.batch_max_records, dead_letters=poison,
                     settings=config.kafka)
     subscribe_batch(broker, topics.ors_scored, group_id=config.kafka.group("alerts-ors-partners"), service=SERVICE,
-                    model=OrsScored, handler=handlers.on_ors_scored, invalid_reason=INVALID,
+                    model=channels.ORS_SCORED.model, handler=handlers.on_ors_scored, invalid_reason=INVALID,
                     max_records=config.kafka.batch_max_records, dead_letters=poison, settings=config.kafka)
 
     async def start() -> None:

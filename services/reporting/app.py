@@ -17,19 +17,11 @@ from services.reporting.audit import build_audit_router
 from services.reporting.handlers import ReportingHandlers
 from services.reporting.settings import ReportingSettings
 from services.reporting.store import Generations, ReportingStore, SubmissionStore
-from shared import audit
+from shared import audit, channels
 from shared.auth import KeyStore
-from shared.events import (
-    AlertStatusChanged,
-    AllianceDeterioration,
-    DeadLetter,
-    OrsScored,
-    OutcomeAlert,
-    OutcomeAlertStatusChanged,
-    SrsScored,
-)
+from shared.channels import Channel
 from shared.http import Adapters, Service, Views, authenticate_first, make_guard, service_api
-from shared.kafka import DeadLetterTarget, OutboundRecord, subscribe_batch
+from shared.kafka import DeadLetterTarget, M, OutboundRecord, TypedHandler, subscribe_batch
 from shared.settings import ServiceConfig
 
 SERVICE = "reporting"
@@ -66,31 +58,26 @@ def build(config: ReportingConfig) -> Service:
         def group(purpose: str) -> str:
             return config.kafka.group(f"{SERVICE}-{purpose}")
 
-        subscribe_batch(broker, topics.scored, group_id=group("scored"), service=SERVICE, model=SrsScored,
-                        handler=handlers.scored, max_records=batch, dead_letters=poison, settings=config.kafka)
-        subscribe_batch(broker, topics.deterioration, group_id=group("deterioration"), service=SERVICE,
-                        model=AllianceDeterioration, handler=handlers.deterioration, max_records=batch,
-                        dead_letters=poison, settings=config.kafka)
-        subscribe_batch(broker, topics.alert_status, group_id=group("alert-status"), service=SERVICE,
-                        model=AlertStatusChanged, handler=handlers.alert_status, max_records=batch,
-                        dead_letters=poison, settings=config.kafka)
+        def consume(channel: Channel[M], purpose: str, handler: TypedHandler[M]) -> None:
+            """One consumer group per input topic, each decoding to the channel's event."""
+            subscribe_batch(broker, channel.on(topics), group_id=group(purpose), service=SERVICE, model=channel.model,
+                            handler=handler, max_records=batch, dead_letters=poison, settings=config.kafka)
+
+        consume(channels.SCORED, "scored", handlers.scored)
+        consume(channels.DETERIORATION, "deterioration", handlers.deterioration)
+        consume(channels.ALERT_STATUS, "alert-status", handlers.alert_status)
         # The outcome half (ORS): its own topics, the same merge (docs/outcome.md).
-        subscribe_batch(broker, topics.ors_scored, group_id=group("ors-scored"), service=SERVICE, model=OrsScored,
-                        handler=handlers.ors_scored, max_records=batch, dead_letters=poison, settings=config.kafka)
-        subscribe_batch(broker, topics.outcome_alert, group_id=group("outcome-alert"), service=SERVICE,
-                        model=OutcomeAlert, handler=handlers.outcome_alert, max_records=batch,
-                        dead_letters=poison, settings=config.kafka)
-        subscribe_batch(broker, topics.outcome_alert_status, group_id=group("outcome-alert-status"),
-                        service=SERVICE, model=OutcomeAlertStatusChanged, handler=handlers.outcome_alert_status,
-                        max_records=batch, dead_letters=poison, settings=config.kafka)
+        consume(channels.ORS_SCORED, "ors-scored", handlers.ors_scored)
+        consume(channels.OUTCOME_ALERT, "outcome-alert", handlers.outcome_alert)
+        consume(channels.OUTCOME_ALERT_STATUS, "outcome-alert-status", handlers.outcome_alert_status)
         # Raw records and no target: a record the dead-letter consumer fails on must not feed its own input.
         subscribe_batch(broker, topics.deadletter, group_id=group("deadletter"), service=SERVICE,
                         handler=handlers.deadletter, max_records=batch, settings=config.kafka)
 
     # Dead letters go out through `Publisher`; this declaration puts them (and their schema) into
     # the AsyncAPI document.
-    broker.publisher(topics.deadletter, title=f"{SERVICE}:deadletter", schema=DeadLetter,
-                     description="Scored, alert or alert-status records (of either scale) reporting could not read.")
+    base.declare_output(channels.DEADLETTER, title=f"{SERVICE}:deadletter",
+                        description="Scored, alert or alert-status records (of either scale) reporting could not read.")
 
     async def prepare_store() -> None:
         state = await generations.ensure()

@@ -33,14 +33,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.reporting.settings import ReportingSettings
 from services.reporting.store import Generations, ReportingStore, generation_collections
-from shared.events import (
-    AlertStatusChanged,
-    AllianceDeterioration,
-    OrsScored,
-    OutcomeAlert,
-    OutcomeAlertStatusChanged,
-    SrsScored,
-)
+from shared import channels
 from shared.kafka import InboundRecord, admin_security_kwargs, decode_records
 from shared.mongo import database, make_client
 from shared.settings import KafkaSettings, MongoSettings
@@ -104,12 +97,13 @@ class Replayer:
         by_topic: dict[str, list[InboundRecord]] = {}
         for r in records:
             by_topic.setdefault(r.topic, []).append(r)
-        scored_in, bad1 = decode_records(by_topic.get(self.scored, []), SrsScored)
-        alerts_in, bad2 = decode_records(by_topic.get(self.deterioration, []), AllianceDeterioration)
-        status_in, bad3 = decode_records(by_topic.get(self.alert_status, []), AlertStatusChanged)
-        ors_in, bad4 = decode_records(by_topic.get(self.ors_scored, []), OrsScored)
-        outcome_in, bad5 = decode_records(by_topic.get(self.outcome_alert, []), OutcomeAlert)
-        ostatus_in, bad6 = decode_records(by_topic.get(self.outcome_alert_status, []), OutcomeAlertStatusChanged)
+        scored_in, bad1 = decode_records(by_topic.get(self.scored, []), channels.SCORED.model)
+        alerts_in, bad2 = decode_records(by_topic.get(self.deterioration, []), channels.DETERIORATION.model)
+        status_in, bad3 = decode_records(by_topic.get(self.alert_status, []), channels.ALERT_STATUS.model)
+        ors_in, bad4 = decode_records(by_topic.get(self.ors_scored, []), channels.ORS_SCORED.model)
+        outcome_in, bad5 = decode_records(by_topic.get(self.outcome_alert, []), channels.OUTCOME_ALERT.model)
+        ostatus_in, bad6 = decode_records(by_topic.get(self.outcome_alert_status, []),
+                                          channels.OUTCOME_ALERT_STATUS.model)
         scored = [d.event for d in scored_in]
         ors = [d.event for d in ors_in]
         alerts = [d.event for d in alerts_in]

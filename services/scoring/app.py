@@ -15,19 +15,13 @@ views of it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.scoring.handlers import SERVICE, ScoringHandler, model_of
 from services.scoring.settings import ScoringSettings
 from services.scoring.store import RulesStore, StateCache, StateStore
-from shared.events import (
-    AlertStatusChanged,
-    AllianceDeterioration,
-    DeadLetter,
-    OrsScored,
-    OutcomeAlert,
-    OutcomeAlertStatusChanged,
-    SrsScored,
-)
+from shared import channels
+from shared.channels import Channel
 from shared.http import Adapters, Service, Views, service_api
 from shared.kafka import DeadLetterTarget, subscribe_batch
 from shared.settings import ServiceConfig
@@ -45,6 +39,36 @@ DESCRIPTION = (
     "(cutoff per age band, reliable change from intake, not on track; docs/outcome.md) and published "
     "on ors.scored.v1, outcome.alert.v1 and outcome.alert-status.v1; an alliance alert whose session "
     "also holds an outcome alert is critical and says outcome_at_risk."
+)
+
+
+# What scoring publishes, with what a reader of each topic must know. Publishing goes through
+# `Publisher` (many sends, one wait for all acks); `build` declares these for the AsyncAPI document.
+OUTPUTS: tuple[tuple[Channel[Any], str], ...] = (
+    (channels.SCORED,
+     "One event per revision of a scored session (not for YCSRS): keep the highest "
+     "revision per submission_id. Key: tenant_id:client_id."),
+    (channels.DETERIORATION,
+     "An alert raised (revision 1) or revised by a correction (revision + 1) for the "
+     "latest session of a client's current episode; alert_id is derived from the "
+     "session, so redeliveries and revisions carry the same id."),
+    (channels.ALERT_STATUS,
+     "An alert superseded by a later session, or withdrawn by a correction that "
+     "cleared it, naming the revision it ends."),
+    (channels.ORS_SCORED,
+     "One event per revision of a scored ORS-family session (docs/outcome.md): keep "
+     "the highest revision per submission_id. Key: tenant_id:client_id."),
+    (channels.OUTCOME_ALERT,
+     "An outcome alert (reliable deterioration, not on track) raised or revised "
+     "for the latest ORS session of a client's current episode; alert_id derived from"
+     " the session."),
+    (channels.OUTCOME_ALERT_STATUS,
+     "An outcome alert superseded by a later session, or withdrawn by a correction "
+     "that cleared it, naming the revision it ends."),
+    (channels.DEADLETTER,
+     "Submitted records scoring could not read or refused, with the reason "
+     "(undecodable, invalid, unscorable, site_conflict, session_gap, duplicate, "
+     "series_full)."),
 )
 
 
@@ -71,33 +95,8 @@ def build(config: ScoringConfig) -> Service:
                     max_records=config.scoring.max_records or config.kafka.batch_max_records,
                     dead_letters=DeadLetterTarget(topics.deadletter, base.publisher.publish_all),
                     settings=config.kafka)
-    # Publishing goes through `Publisher` (many sends, one wait for all acks); these declarations
-    # put the outputs and their schemas into the AsyncAPI document.
-    broker.publisher(topics.scored, title=f"{SERVICE}:{topics.scored}", schema=SrsScored,
-                     description="One event per revision of a scored session (not for YCSRS): keep the highest "
-                                 "revision per submission_id. Key: tenant_id:client_id.")
-    broker.publisher(topics.deterioration, title=f"{SERVICE}:{topics.deterioration}",
-                     schema=AllianceDeterioration,
-                     description="An alert raised (revision 1) or revised by a correction (revision + 1) for the "
-                                 "latest session of a client's current episode; alert_id is derived from the "
-                                 "session, so redeliveries and revisions carry the same id.")
-    broker.publisher(topics.alert_status, title=f"{SERVICE}:{topics.alert_status}", schema=AlertStatusChanged,
-                     description="An alert superseded by a later session, or withdrawn by a correction that "
-                                 "cleared it, naming the revision it ends.")
-    broker.publisher(topics.ors_scored, title=f"{SERVICE}:{topics.ors_scored}", schema=OrsScored,
-                     description="One event per revision of a scored ORS-family session (docs/outcome.md): keep "
-                                 "the highest revision per submission_id. Key: tenant_id:client_id.")
-    broker.publisher(topics.outcome_alert, title=f"{SERVICE}:{topics.outcome_alert}", schema=OutcomeAlert,
-                     description="An outcome alert (reliable deterioration, not on track) raised or revised for the "
-                                 "latest ORS session of a client's current episode; alert_id derived from the session.")
-    broker.publisher(topics.outcome_alert_status, title=f"{SERVICE}:{topics.outcome_alert_status}",
-                     schema=OutcomeAlertStatusChanged,
-                     description="An outcome alert superseded by a later session, or withdrawn by a correction "
-                                 "that cleared it, naming the revision it ends.")
-    broker.publisher(topics.deadletter, title=f"{SERVICE}:{topics.deadletter}", schema=DeadLetter,
-                     description="Submitted records scoring could not read or refused, with the reason "
-                                 "(undecodable, invalid, unscorable, site_conflict, session_gap, duplicate, "
-                                 "series_full).")
+    for channel, description in OUTPUTS:
+        base.declare_output(channel, description)
     runtime = base.runtime()
     app = service_api(runtime, title=TITLE, description=DESCRIPTION)
     return Service(broker, base.mongo, runtime, app, spec_title=TITLE, spec_version="1.0.0",
