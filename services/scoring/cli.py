@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Annotated
 
 import typer
@@ -33,31 +33,19 @@ from shared.settings import AuditSettings, MongoSettings
 app = typer.Typer(help="scoring service commands.", no_args_is_help=True)
 
 
-@dataclass(frozen=True)
-class OutcomeChanges:
-    """An operator's change to the outcome rules; None leaves a setting as it is."""
-
-    adult_cutoff: float | None = None
-    adolescent_cutoff: float | None = None
-    child_cutoff: float | None = None
-    reliable_change: float | None = None
-    not_on_track_warning_session: int | None = None
-    not_on_track_critical_session: int | None = None
-
-    def given(self) -> dict[str, float | int]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
-
-
-def change_outcome_rules(current: TenantRules, changes: OutcomeChanges, instrument: str | None = None,
-                         reset: bool = False) -> TenantRules:
+def change_outcome_rules(current: TenantRules, instrument: str | None = None, reset: bool = False,
+                         **changes: float | int | None) -> TenantRules:
     """The rules after an operator's change to the outcome rules of `instrument` (ORS or CORS;
-    None: both); `reset` puts them back to the defaults first. Raises ValueError. Pure."""
+    None: both); `reset` puts them back to the defaults first. `changes` name `OutcomeRules`
+    settings (the rules' own fields, so no second list of them to keep in step); None leaves a
+    setting as it is. Raises ValueError. Pure."""
+    given = {setting: value for setting, value in changes.items() if value is not None}
     if instrument is not None and instrument not in SCORED_OUTCOME:
         raise ValueError(f"{instrument} has no outcome rules: one of {', '.join(SCORED_OUTCOME)}")
     outcome = dict(current.outcome)
     for name in [instrument] if instrument is not None else SCORED_OUTCOME:
         base = OutcomeRules() if reset else outcome.get(name, OutcomeRules())
-        outcome[name] = replace(base, **changes.given())  # type: ignore[arg-type]
+        outcome[name] = replace(base, **given)  # type: ignore[arg-type]
     return replace(current, outcome=outcome)
 
 
@@ -174,9 +162,11 @@ def set_rules(
 ) -> None:
     """Set a tenant's alliance and outcome rules; only the options given change. Prints the
     resulting rules."""
-    outcome_changes = OutcomeChanges(adult_cutoff, adolescent_cutoff, child_cutoff, reliable_change,
-                                     not_on_track_warning_session, not_on_track_critical_session)
-    outcome_given = outcome_instrument is not None or bool(outcome_changes.given())
+    outcome_changes: dict[str, float | int | None] = dict(
+        adult_cutoff=adult_cutoff, adolescent_cutoff=adolescent_cutoff, child_cutoff=child_cutoff,
+        reliable_change=reliable_change, not_on_track_warning_session=not_on_track_warning_session,
+        not_on_track_critical_session=not_on_track_critical_session)
+    outcome_given = outcome_instrument is not None or any(v is not None for v in outcome_changes.values())
     if outcome_instrument is not None and outcome_instrument.value not in SCORED_OUTCOME:
         raise typer.BadParameter(f"{outcome_instrument.value} is stored but never scored: it has no rules",
                                  param_hint="--outcome-instrument")
@@ -196,8 +186,8 @@ def set_rules(
                            max_client_submissions=max_client_submissions,
                            reset=reset and outcome_instrument is None)
         if outcome_given:
-            new = change_outcome_rules(new, outcome_changes,
-                                       None if outcome_instrument is None else outcome_instrument.value, reset)
+            new = change_outcome_rules(new, None if outcome_instrument is None else outcome_instrument.value,
+                                       reset, **outcome_changes)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     _run_store_op("put", tenant, new)

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.scoring import outcome as O
-from services.scoring.cli import OutcomeChanges, change_outcome_rules
+from services.scoring.cli import change_outcome_rules
 from services.scoring.rules import OutcomeRules, TenantRules, Unscorable, total_of
 from shared.events import ORS_ITEM_NAMES, AgeBand, OrsItems, Severity
 
@@ -273,17 +273,17 @@ def test_outcome_rules_for_an_unscored_instrument_are_refused() -> None:
 
 
 def test_set_rules_changes_one_outcome_instrument_or_both() -> None:
-    one = change_outcome_rules(TenantRules(), OutcomeChanges(child_cutoff=30.0), "CORS")
+    one = change_outcome_rules(TenantRules(), "CORS", child_cutoff=30.0)
     assert one.outcome_for("CORS").child_cutoff == 30.0 and one.outcome_for("ORS") == OutcomeRules()
-    both = change_outcome_rules(one, OutcomeChanges(reliable_change=6.0))
+    both = change_outcome_rules(one, reliable_change=6.0)
     assert {both.outcome_for(i).reliable_change for i in ("ORS", "CORS")} == {6.0}
     assert both.outcome_for("CORS").child_cutoff == 30.0
-    assert change_outcome_rules(both, OutcomeChanges(), "CORS", reset=True).outcome_for("CORS") == OutcomeRules()
+    assert change_outcome_rules(both, "CORS", reset=True).outcome_for("CORS") == OutcomeRules()
 
 
 def test_set_rules_refuses_outcome_rules_for_the_ycors() -> None:
     with pytest.raises(ValueError, match="YCORS"):
-        change_outcome_rules(TenantRules(), OutcomeChanges(reliable_change=6.0), "YCORS")
+        change_outcome_rules(TenantRules(), "YCORS", reliable_change=6.0)
 
 
 # --- totals ---------------------------------------------------------------------------------------
