@@ -82,7 +82,6 @@ from shared.events import (
     OrsScored,
     OrsSubmitted,
     OutcomeAlert,
-    OutcomeAlertStatusChanged,
     OutcomeChange,
     OutcomeInstrument,
     SrsScored,
@@ -509,8 +508,9 @@ def alert_raise(event: AlertRaise) -> Doc:
     return said
 
 
-def status_identity(event: AlertStatusChanged | OutcomeAlertStatusChanged) -> Doc:
-    """The session fields a scoring status event names (only those it carries)."""
+def status_identity(event: AlertStatusChanged) -> Doc:
+    """The session fields a scoring status event names (only those it carries); an outcome alert's
+    status (`OutcomeAlertStatusChanged`) is one."""
     out: Doc = {}
     if event.client_id is not None and event.instrument is not None:
         out.update(client_id=event.client_id, instrument=str(event.instrument),
