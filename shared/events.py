@@ -204,7 +204,9 @@ class AlertStatusChanged(Event):
     `superseded` (a later session of the episode, or a later episode, was scored) and
     `withdrawn` (a correction cleared the alert's triggers, or moved its session) come from
     scoring and name the `revision` they end; `acknowledged`, `escalated`, `delivered` and
-    `failed` come from alerts.
+    `failed` come from alerts. `delivered` (the revision reached its clinician) and `failed` (a
+    clinician channel used up its attempts on the revision) name the `revision` and the `channel`
+    (webhook, email); they are not part of the lifecycle.
     """
 
     alert_id: str
@@ -216,6 +218,7 @@ class AlertStatusChanged(Event):
     instrument: Instrument | None = None
     episode_id: str | None = None
     session_number: int | None = None
+    channel: Literal["webhook", "email"] | None = None
 
 
 # --- the Outcome Rating Scale (ORS): the other half of PCOMS (docs/outcome.md) -------------------

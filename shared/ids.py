@@ -38,11 +38,18 @@ def alert_event_id(alert_id_: str, revision: int) -> str:
     return alert_id_ if revision == 1 else derive("alert-revision", alert_id_, str(revision))
 
 
-def alert_status_event_id(tenant_id: str, alert_id_: str, status: str, revision: int | None = None) -> str:
-    """Event id of an alert status change (one per alert and status, and revision for scoring's)."""
+def alert_status_event_id(tenant_id: str, alert_id_: str, status: str, revision: int | None = None,
+                          channel: str | None = None) -> str:
+    """Event id of an alert status change: one per alert and status; and revision for scoring's
+    and for alerts' `delivered`; and revision and channel for alerts' `failed` (one per clinician
+    delivery that used up its attempts)."""
     if revision is None:
+        if channel is not None:
+            raise ValueError("a status id names a channel only with a revision")
         return derive("alert-status", tenant_id, alert_id_, status)
-    return derive("alert-status", tenant_id, alert_id_, status, str(revision))
+    if channel is None:
+        return derive("alert-status", tenant_id, alert_id_, status, str(revision))
+    return derive("alert-status", tenant_id, alert_id_, status, str(revision), channel)
 
 
 def client_transfer_event_id(tenant_id: str, client_id: str, site_id: str, request_id: str) -> str:

@@ -5,7 +5,8 @@ directory/subscription/alert API on port 8003.
 
 Shape (the same in every service): `AlertsConfig` extends
 `shared.settings.ServiceConfig`; `build(config)` wires an `AlertsService` (broker, store, runtime with
-the delivery worker and escalation as its store tasks, HTTP app) without opening a connection;
+the delivery worker, the status teller (`delivered` / `failed` of clinicians' deliveries) and
+escalation as its store tasks, HTTP app) without opening a connection;
 `create_app` (uvicorn) and `asyncapi_app` (`faststream docs gen`) are views of it.
 """
 
@@ -22,6 +23,7 @@ from services.alerts.escalation import Escalator
 from services.alerts.handlers import INVALID, Handlers, OutcomeStatusEvent, StatusEvent
 from services.alerts.senders import EmailSender, SigningSecrets, WebhookSender
 from services.alerts.settings import AlertsSettings, SmtpSettings
+from services.alerts.statuses import StatusTeller
 from services.alerts.store import AlertsStore
 from services.alerts.targets import Resolver, system_resolve
 from services.alerts.webhooks import webhooks_router
@@ -63,9 +65,10 @@ class AlertsService(Service):
 
 def _declare_outputs(base: Adapters) -> None:
     """Declared for the AsyncAPI document; records are published through `base.publisher`."""
-    base.declare_output(channels.ALERT_STATUS, "acknowledged / escalated alerts, for reporting",
+    base.declare_output(channels.ALERT_STATUS, "acknowledged / escalated / delivered / failed alerts, for reporting",
                         title="alerts:alert-status")
-    base.declare_output(channels.OUTCOME_ALERT_STATUS, "acknowledged / escalated outcome alerts, for reporting",
+    base.declare_output(channels.OUTCOME_ALERT_STATUS,
+                        "acknowledged / escalated / delivered / failed outcome alerts, for reporting",
                         title="alerts:outcome-alert-status")
     base.declare_output(channels.DEADLETTER, "undecodable events and deliveries that exhausted their attempts",
                         title="alerts:deadletter")
@@ -85,7 +88,8 @@ def build(config: AlertsConfig, resolve: Resolver = system_resolve) -> AlertsSer
     senders: dict[str, Sender] = {"webhook": webhook}
     if config.smtp.enabled:
         senders["email"] = EmailSender(config.smtp, config.alerts.dashboard_url, config.alerts.attempt_timeout_seconds)
-    worker = DeliveryWorker(store, senders, publisher, topics, config.alerts)
+    statuses = StatusTeller(store, publisher, topics, config.alerts)
+    worker = DeliveryWorker(store, senders, publisher, topics, config.alerts, on_statuses_owed=statuses.recorded)
     handlers = Handlers(store, config.smtp.enabled, worker.wake)
     escalator = Escalator(store, publisher, topics, config.alerts, config.smtp.enabled, worker.wake)
 
@@ -130,7 +134,8 @@ def build(config: AlertsConfig, resolve: Resolver = system_resolve) -> AlertsSer
     # Delivery and escalation need only the store, so they are store tasks, started before the broker:
     # after a restart, pending deliveries and retries go out while the consumer group still rebalances.
     # On stop the runtime cancels them before closing the webhook client.
-    runtime = base.runtime(on_start=[start], store_tasks=[worker.run, escalator.run, worker.refresh_gauges],
+    runtime = base.runtime(on_start=[start],
+                           store_tasks=[worker.run, statuses.run, escalator.run, worker.refresh_gauges],
                            on_stop=[webhook.close, *([audit_log.close] if audit_log is not None else [])])
     keys = auth.KeyStore(db)
     router = build_router(store, keys, publisher, topics, config.alerts, box, secrets.forget, worker.wake,

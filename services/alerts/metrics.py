@@ -32,6 +32,12 @@ PENDING = Gauge(
     "alliance_notification_pending",
     "Deliveries not yet in a final state (all processes).",
 )
+DELIVERY_STATUSES = Counter(
+    "alliance_alert_delivery_statuses",
+    "delivered / failed status events published for clinicians' deliveries of alerts, by status and by "
+    "path (recorded: right after the delivery was recorded; swept: owed for longer, e.g. after a crash).",
+    ["status", "path"],
+)
 ESCALATIONS = Counter(
     "alliance_alert_escalations",
     "Alerts escalated to a supervisor, by outcome (sent, no_supervisor).",

@@ -585,15 +585,61 @@ def due_for_escalation_filter(now_epoch: float, default_seconds: float,
 
 
 def status_changed(tenant_id: str, alert_id: str, site_id: str, clinician_id: str,
-                   status: Literal[AlertStatus.ACKNOWLEDGED, AlertStatus.ESCALATED, AlertStatus.DELIVERED,
-                                   AlertStatus.FAILED],
+                   status: Literal[AlertStatus.ACKNOWLEDGED, AlertStatus.ESCALATED],
                    occurred_at: datetime, client_id: str | None = None,
                    kind: AlertKind = ALLIANCE_KIND) -> AlertStatusChanged:
     """The event telling reporting what happened to an alert; its id is stable per (alert, status).
     Of `kind`'s status class: an `OutcomeAlertStatusChanged` for an outcome alert.
 
     It names no revision: what alerts did with an alert holds for all of its revisions, and
-    consumers of the lifecycle ignore it."""
+    consumers of the lifecycle ignore it. (`delivered` and `failed` are per revision: see
+    `delivery_status`.)"""
     return kind.status_model()(event_id=ids.alert_status_event_id(tenant_id, alert_id, status), tenant_id=tenant_id,
                                occurred_at=occurred_at, alert_id=alert_id, site_id=site_id,
                                clinician_id=clinician_id, status=status, client_id=client_id)
+
+
+# ---- delivered / failed: what alerts tells of a clinician's delivery of an alert ---------------
+#
+# Only the clinician's own deliveries of a raised revision tell anything (kind `alert`, recipient
+# `clinician:<id>`, webhook or email): a partner's subscription, a supervisor's escalation copy and a
+# withdrawal notice say nothing about whether the clinician was reached. `delivered` is once per
+# revision, whichever channel got there first; `failed` once per revision and channel whose
+# delivery used up its attempts (so a revision may be both `failed` by webhook and `delivered` by
+# email). Both are on the alert's type's status topic (`AlertKind.status_topic`).
+
+DeliveryStatus = Literal[AlertStatus.DELIVERED, AlertStatus.FAILED]
+
+
+def tells_status(kind: str | None, recipient_: str | None) -> bool:
+    """Whether a delivery's final outcome is told as `delivered` / `failed`: only a clinician's
+    delivery of a raised revision (see above)."""
+    return kind == "alert" and str(recipient_ or "").startswith("clinician:")
+
+
+def delivery_status(alert: RaisedAlert, status: DeliveryStatus, channel: Channel,
+                    occurred_at: datetime) -> AlertStatusChanged:
+    """The `delivered` / `failed` event of one clinician delivery of `alert` (a raised revision), of
+    its type's status class. Its id is derived from (alert, revision, status), and the channel for
+    `failed`: telling the same outcome again (a retry, the sweep after a crash, the other channel
+    also delivering) is a duplicate a consumer drops by `event_id`. It names the revision and the
+    session like scoring's statuses, and the channel."""
+    failed = status == AlertStatus.FAILED
+    return alert_kind(alert).status_model()(
+        event_id=ids.alert_status_event_id(alert.tenant_id, alert.alert_id, status, alert.revision,
+                                           channel=channel if failed else None),
+        tenant_id=alert.tenant_id, occurred_at=occurred_at, alert_id=alert.alert_id, site_id=alert.site_id,
+        clinician_id=alert.clinician_id, status=status, revision=alert.revision, client_id=alert.client_id,
+        instrument=alert.instrument, episode_id=alert.episode_id, session_number=alert.session_number,
+        channel=channel)
+
+
+def first_deliveries(delivered: Iterable[tuple[str, str, datetime]]) -> set[str]:
+    """Of clinician deliveries recorded `delivered` — (delivery id, subject: the revision, when
+    recorded) — the first of each subject, the one whose `delivered` is told: the earliest, ties
+    broken by id, so that every process that looks picks the same one."""
+    first: dict[str, tuple[datetime, str]] = {}
+    for delivery_id, subject, at in delivered:
+        if subject not in first or (at, delivery_id) < first[subject]:
+            first[subject] = (at, delivery_id)
+    return {delivery_id for _, delivery_id in first.values()}

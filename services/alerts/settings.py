@@ -40,6 +40,10 @@ class AlertsSettings(BaseSettings):
     # How often a worker looks for due deliveries when nothing woke it (other processes' work, retries).
     poll_seconds: PositiveFloat = 1.0
     gauge_seconds: PositiveFloat = 5.0
+    # A clinician's `delivered` / `failed` status is published right after its delivery is recorded;
+    # one still owed this long after (a crash, a broker outage) is published by a sweep that runs
+    # this often (services/alerts/statuses.py).
+    status_sweep_seconds: PositiveFloat = 30.0
 
     escalation_seconds: PositiveFloat = 24 * 3600.0
     escalation_check_seconds: PositiveFloat = 30.0

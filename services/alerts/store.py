@@ -16,6 +16,9 @@
 - `deliveries`: one document per (alert or event, recipient, channel) — `_id` is the delivery id,
   so a redelivered event cannot create a second one. It is also the durable retry schedule:
   status pending + `next_attempt_at`, leased by one worker at a time through `claimed_until`.
+  `status_outbox: true` (an outbox flag, set in the same write that records a clinician's
+  delivery of an alert `delivered` or `failed`, unset once that status is published) marks a
+  status still owed to the alert's status topic (see `services/alerts/statuses.py`).
 
 Every hot path is one round trip per batch (bulk writes, `$in` reads); see the worker for how
 deliveries are claimed.
@@ -33,7 +36,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pymongo import ASCENDING, DESCENDING, InsertOne, ReturnDocument, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 
-from services.alerts.rules import ALLIANCE, OUTCOME, AlertType, Clinician, Subscription, lifecycle_order
+from services.alerts.rules import (
+    ALLIANCE,
+    OUTCOME,
+    AlertType,
+    Clinician,
+    Subscription,
+    lifecycle_order,
+    tells_status,
+)
 from services.alerts.rules import Outcome as AttemptClass
 from services.alerts.secretbox import Row, subscription_row, tenant_row
 from shared import ids
@@ -47,6 +58,8 @@ ALERTS = "alerts"
 DELIVERIES = "deliveries"
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# The outbox flag of a delivery whose `delivered` / `failed` status event is still owed.
+STATUS_OUTBOX = "status_outbox"
 
 Outcome = Literal["delivered", "retry", "failed", "cancelled"]
 DeliveryStatus = Literal["pending", "delivered", "failed", "cancelled"]
@@ -218,6 +231,9 @@ class AttemptResult:
     response_status: int | None = None
     # The class tenants see (rules.Outcome); error and response_status are for operators only.
     last_outcome: str | None = None
+    # A clinician's delivery of an alert (`rules.tells_status`): recording it `delivered` or
+    # `failed` also owes its status event (the `status_outbox` flag, in the same write).
+    tells_status: bool = False
 
 
 class AlertsStore:
@@ -260,6 +276,8 @@ class AlertsStore:
                                             ("created_at", DESCENDING)])
         await self.deliveries.create_index([("alert_id", ASCENDING)])
         await self.deliveries.create_index([("subscription_id", ASCENDING), ("status", ASCENDING)])
+        # Sparse: only the deliveries whose status is still owed carry the flag.
+        await self.deliveries.create_index([(STATUS_OUTBOX, ASCENDING)], sparse=True)
 
     # ---- directory -------------------------------------------------------------------------
 
@@ -584,11 +602,12 @@ class AlertsStore:
         now = utcnow()
         ops = []
         for r in results:
+            owed = {STATUS_OUTBOX: True} if r.tells_status and r.outcome in ("delivered", "failed") else {}
             if r.outcome == "delivered":
                 ops.append(UpdateOne({"_id": r.delivery_id, "status": "pending"}, {"$set": {
                     "status": "delivered", "attempts": r.attempts, "delivered_at": now, "finished_at": now,
                     "response_status": r.response_status, "claimed_until": EPOCH, "last_error": None,
-                    "last_outcome": r.last_outcome}}))
+                    "last_outcome": r.last_outcome, **owed}}))
             elif r.outcome == "retry":
                 ops.append(UpdateOne({"_id": r.delivery_id, "status": "pending", "claim": r.claim}, {"$set": {
                     "attempts": r.attempts, "next_attempt_at": r.next_attempt_at or now, "claimed_until": EPOCH,
@@ -598,8 +617,40 @@ class AlertsStore:
                 ops.append(UpdateOne({"_id": r.delivery_id, "status": "pending", "claim": r.claim}, {"$set": {
                     "status": r.outcome, "attempts": r.attempts, "finished_at": now, "claimed_until": EPOCH,
                     "last_error": r.error, "response_status": r.response_status,
-                    "last_outcome": r.last_outcome}}))
+                    "last_outcome": r.last_outcome, **owed}}))
         await self.deliveries.bulk_write(ops, ordered=False)
+
+    # ---- the statuses owed for clinicians' deliveries (the outbox, see statuses.py) ----------
+
+    async def owed_statuses(self, delivery_ids: Sequence[str] = (), finished_before: datetime | None = None,
+                            limit: int = 500) -> list[Document]:
+        """Deliveries whose `delivered` / `failed` is still to be published: of `delivery_ids`, or
+        (the sweep) any that finished before `finished_before`, oldest first."""
+        query: Document = {STATUS_OUTBOX: True, "status": {"$in": ["delivered", "failed"]}}
+        if delivery_ids:
+            query["_id"] = {"$in": list(delivery_ids)}
+        if finished_before is not None:
+            query["finished_at"] = {"$lt": finished_before}
+        return await self.deliveries.find(query, {"claim": 0}).sort("finished_at", ASCENDING).limit(limit).to_list()
+
+    async def clinician_deliveries(self, alert_ids: Iterable[str]) -> list[Document]:
+        """The clinicians' deliveries of these alerts recorded `delivered` (which of them was the
+        first of its revision: `rules.first_deliveries`), in one round trip."""
+        wanted = sorted(set(alert_ids))
+        if not wanted:
+            return []
+        docs = await self.deliveries.find({"alert_id": {"$in": wanted}, "kind": "alert", "status": "delivered"},
+                                          {"_id": 1, "kind": 1, "recipient": 1, "subject_id": 1,
+                                           "delivered_at": 1}).to_list()
+        return [d for d in docs if tells_status(d.get("kind"), d.get("recipient"))]
+
+    async def statuses_told(self, told: Sequence[tuple[str, datetime | None]]) -> None:
+        """Unset the outbox flag of (delivery id, `finished_at` told) in one round trip; conditional
+        on that `finished_at`, so a delivery re-queued and finished again since keeps its new debt."""
+        if told:
+            await self.deliveries.bulk_write([
+                UpdateOne({"_id": i, STATUS_OUTBOX: True, "finished_at": at}, {"$unset": {STATUS_OUTBOX: ""}})
+                for i, at in told], ordered=False)
 
     async def list_deliveries(self, tenant_id: str, site_id: str | None, status: str | None,
                               alert_id: str | None, limit: int) -> list[Delivery]:

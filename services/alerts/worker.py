@@ -43,6 +43,18 @@ the same delivery again. In that worst case a receiver sees the same `webhook-id
 `X-Alliance-Delivery`; for email the same Message-ID) twice; the Standard Webhooks contract is that
 receivers dedupe on `webhook-id`. The window cannot be closed without the receiver's help
 (a two-phase protocol), so we keep it to a single store write after the response.
+
+What is told of a clinician's delivery, and a crash around it
+--------------------------------------------------------------
+A clinician's delivery of an alert (webhook or email; not a partner's, a supervisor's or a
+withdrawal notice) also owes a status event when it ends: `delivered`, or `failed` once its
+attempts are used up. The single write that records the outcome sets the delivery's
+`status_outbox` flag with it; only after that write are the ids handed to the `StatusTeller`
+(services/alerts/statuses.py), which publishes on the alert's status topic and then unsets the
+flag. A crash before the write loses nothing (the attempt is made again, as above); a crash after
+it leaves the flag, and the teller's sweep publishes the status later under the same derived
+event id. So the status of a recorded outcome is never lost, and at worst published twice as
+one event.
 """
 
 from __future__ import annotations
@@ -61,7 +73,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from services.alerts import metrics
-from services.alerts.rules import NEEDS_OPERATOR, Outcome, backoff_seconds, fair_pick, is_final, tenants_at_share
+from services.alerts.rules import (
+    NEEDS_OPERATOR,
+    Outcome,
+    backoff_seconds,
+    fair_pick,
+    is_final,
+    tells_status,
+    tenants_at_share,
+)
 from services.alerts.senders import Cancelled, SendError
 from services.alerts.settings import AlertsSettings
 from services.alerts.store import AlertsStore, AttemptResult, utcnow
@@ -120,6 +140,9 @@ class DeliveryWorker:
     topics: Topics
     settings: AlertsSettings
     jitter: Callable[[], float] = random.random
+    # Told the ids of the deliveries just recorded owing a `delivered` / `failed` status
+    # (`StatusTeller.recorded`; see services/alerts/statuses.py).
+    on_statuses_owed: Callable[[list[str]], None] = lambda _ids: None
     _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _inflight: set[asyncio.Task[None]] = field(default_factory=set, init=False)
     _tenant_of: dict[asyncio.Task[None], str] = field(default_factory=dict, init=False)
@@ -234,6 +257,9 @@ class DeliveryWorker:
                 try:
                     await self.store.record(batch)
                     self._wake_when_due(batch)
+                    # Only now that the outcomes (and their outbox flags) are stored: see statuses.py.
+                    self.on_statuses_owed([r.delivery_id for r in batch
+                                           if r.tells_status and r.outcome in ("delivered", "failed")])
                     break
                 except asyncio.CancelledError:
                     raise
@@ -257,6 +283,7 @@ class DeliveryWorker:
         channel = str(d["channel"])
         attempt = int(d.get("attempts", 0)) + 1
         claim = str(d["claim"])
+        tells = tells_status(d.get("kind"), d.get("recipient"))
         result: AttemptResult
         if attempt > self.settings.max_attempts:
             # The last attempt already failed but its dead letter could not be published then.
@@ -294,7 +321,7 @@ class DeliveryWorker:
                 metrics.BLOCKED_ATTEMPTS.labels(outcome).inc()
             if error is None:
                 result = AttemptResult(d["_id"], claim, "delivered", attempt, response_status=status,
-                                       last_outcome="2xx")
+                                       last_outcome="2xx", tells_status=tells)
                 metrics.NOTIFICATIONS.labels(channel, "delivered").inc()
                 origin = d.get("origin_at")
                 if d.get("kind") == "alert" and isinstance(origin, datetime):
@@ -330,7 +357,7 @@ class DeliveryWorker:
         log.warning("delivery failed after %d attempts: %s", attempts, error,
                     extra={"delivery_id": d["_id"], "alert_id": d.get("alert_id")})
         return AttemptResult(d["_id"], claim, "failed", attempts, error=error, response_status=status,
-                             last_outcome=outcome)
+                             last_outcome=outcome, tells_status=tells_status(d.get("kind"), d.get("recipient")))
 
     async def _record(self, result: AttemptResult) -> None:
         self._results.put_nowait(result)

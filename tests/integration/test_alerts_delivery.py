@@ -14,6 +14,7 @@ import re
 import threading
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import Any
@@ -78,21 +79,28 @@ class Tenant:
     secret: str
 
 
-@pytest.fixture(scope="module")
-async def env(stack: StackUnderTest) -> AsyncIterator[Env]:
+@asynccontextmanager
+async def env_with(stack: StackUnderTest, settings: AlertsSettings) -> AsyncIterator[Env]:
+    """Alerts with `settings`, its webhook receiver and an SMTP server of its own."""
     sink = SmtpSink()
     controller = Controller(sink, hostname="127.0.0.1", port=free_port())
     controller.start()
-    settings = AlertsSettings(allow_private_targets=True, retry_first_seconds=0.05, retry_max_seconds=0.2,
-                              max_attempts=MAX_ATTEMPTS, attempt_timeout_seconds=5.0, poll_seconds=0.1,
-                              gauge_seconds=0.1, escalation_check_seconds=0.2,
-                              secrets_keys=f"{KEY_1},{KEY_2}")  # type: ignore[arg-type]
     try:
         async with alerts_app(stack, settings, SmtpSettings(host="127.0.0.1", port=controller.port,
                                                             sender="alerts@alliance.test")) as a:
             yield Env(a.ns, a.topics, a.client, a.receiver, a.publisher, a.mongo, a.app, sink)
     finally:
         controller.stop()
+
+
+@pytest.fixture(scope="module")
+async def env(stack: StackUnderTest) -> AsyncIterator[Env]:
+    settings = AlertsSettings(allow_private_targets=True, retry_first_seconds=0.05, retry_max_seconds=0.2,
+                              max_attempts=MAX_ATTEMPTS, attempt_timeout_seconds=5.0, poll_seconds=0.1,
+                              gauge_seconds=0.1, escalation_check_seconds=0.2,
+                              secrets_keys=f"{KEY_1},{KEY_2}")  # type: ignore[arg-type]
+    async with env_with(stack, settings) as e:
+        yield e
 
 
 def bearer(key: str) -> dict[str, str]:

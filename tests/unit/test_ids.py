@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
+import pytest
+
 from shared import ids
 from shared.events import AlertStatus, Instrument
 
@@ -28,6 +30,20 @@ def test_alert_ids_keep_their_values() -> None:
 def test_alert_status_event_ids_keep_their_values() -> None:
     assert ids.alert_status_event_id("acme", "a-1", "acknowledged") == "f0f17338-f5ed-56e4-9593-24619e8e75fb"
     assert ids.alert_status_event_id("acme", "a-1", "withdrawn", 2) == "41df371a-3cc1-5821-bd22-3461febf73bb"
+
+
+def test_delivery_status_event_ids_keep_their_values() -> None:
+    # alerts' `delivered` is one per revision, its `failed` one per revision and clinician channel
+    assert ids.alert_status_event_id("acme", "a-1", "delivered", 2) == "8d4d41f8-cb3c-50e8-85bd-9c549c543e38"
+    assert ids.alert_status_event_id("acme", "a-1", "failed", 2, channel="webhook") == \
+        "85692f95-d410-5fbf-a2c7-15d631e4f763"
+    assert ids.alert_status_event_id("acme", "a-1", "failed", 2, channel="email") == \
+        "0b5ed6cb-98e8-5734-87c7-881e5dc47a84"
+
+
+def test_a_status_id_names_a_channel_only_with_a_revision() -> None:
+    with pytest.raises(ValueError):
+        ids.alert_status_event_id("acme", "a-1", "failed", channel="webhook")
 
 
 def test_client_transfer_and_delivery_ids_keep_their_values() -> None:

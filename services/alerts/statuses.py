@@ -1,0 +1,166 @@
+"""`delivered` and `failed`: telling the alert's status topic what became of a clinician's delivery.
+
+Which deliveries tell, and what, are the rules of `rules.py` ("delivered / failed"): a
+clinician's delivery of a raised revision, webhook or email; `delivered` once per revision (the
+first channel that got through), `failed` once per revision and channel whose delivery used up its
+attempts; on the alert's type's status topic (`alliance.alert-status.v1`, or
+`outcome.alert-status.v1` for an outcome alert); a partner's, a supervisor's or a withdrawal's
+delivery tells nothing.
+
+Exactly-once effect under at-least-once (an outbox on the delivery row)
+-----------------------------------------------------------------------
+The worker's write that records such a delivery `delivered` or `failed` also sets its
+`status_outbox` flag, in the same single-document update: the outcome and the debt of its status
+are stored together or not at all. Only after that write does `StatusTeller` publish the status
+(the worker hands it the recorded ids), and only once the broker acknowledged does it unset the
+flag. A crash, a broker outage or a store error anywhere in between leaves the flag set, and the
+sweep (every `status_sweep_seconds`, in every alerts process) publishes what finished more than
+`status_sweep_seconds` ago and is still flagged. A status can therefore be published twice (a crash
+after the publish and before the unset, two processes sweeping at once, the sweep racing the
+worker's own publish), never lost; every copy has the same derived `event_id` and the same
+content (`occurred_at` is the recorded `delivered_at` / `finished_at`), so consumers that dedupe on
+`event_id` (the contract) see it once. A second channel delivering the same revision is not told
+(`rules.first_deliveries`); where two processes record the two channels at the same moment both
+may tell it, under the one id.
+
+A delivery an operator re-queues and that finishes again owes its status again (the unset is
+conditional on the `finished_at` that was told): a `delivered` after a `failed`, or the same
+`failed` again under the same id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from pydantic import ValidationError
+
+from services.alerts import metrics
+from services.alerts.handlers import PublishesAll, status_record
+from services.alerts.rules import DeliveryStatus, delivery_status, first_deliveries, kind_of_topic
+from services.alerts.settings import AlertsSettings
+from services.alerts.store import utcnow
+from shared.events import AlertStatus
+from shared.kafka import OutboundRecord
+from shared.mongo import Document
+from shared.topics import Topics
+
+log = logging.getLogger("alliance.alerts.statuses")
+
+
+class OwedStatuses(Protocol):
+    """What the teller needs of the store (`AlertsStore`; an in-memory fake in the unit tests)."""
+
+    async def owed_statuses(self, delivery_ids: Sequence[str] = (), finished_before: datetime | None = None,
+                            limit: int = 500) -> list[Document]: ...
+
+    async def clinician_deliveries(self, alert_ids: Sequence[str]) -> list[Document]: ...
+
+    async def statuses_told(self, told: Sequence[tuple[str, datetime | None]]) -> None: ...
+
+
+def status_of(d: Document) -> tuple[DeliveryStatus, datetime] | None:
+    """The status a recorded delivery owes and when it happened, or None for one not finished."""
+    if d.get("status") == "delivered" and isinstance(d.get("delivered_at"), datetime):
+        return AlertStatus.DELIVERED, d["delivered_at"]
+    if d.get("status") == "failed" and isinstance(d.get("finished_at"), datetime):
+        return AlertStatus.FAILED, d["finished_at"]
+    return None
+
+
+def owed_record(d: Document, topics: Topics) -> OutboundRecord | None:
+    """The status record a flagged delivery owes (its body is the raised revision it delivered), or
+    None when it cannot owe one (not finished; a body that no longer decodes, which no retry fixes)."""
+    owed = status_of(d)
+    if owed is None:
+        return None
+    kind = kind_of_topic(str(d.get("topic", "")))
+    try:
+        alert = kind.raised_model().model_validate_json(str(d.get("body", "")))
+    except ValidationError:
+        log.error("a delivered alert's body does not decode: its status is not published",
+                  extra={"delivery_id": d["_id"]})
+        return None
+    event = delivery_status(alert, owed[0], d["channel"], owed[1])
+    return status_record(event, alert.client_id, topics, d.get("correlation_id"), d.get("traceparent"), kind)
+
+
+@dataclass(eq=False)
+class StatusTeller:
+    """Publishes the statuses the delivery worker recorded as owed, and sweeps up the ones left owed."""
+
+    store: OwedStatuses
+    publisher: PublishesAll
+    topics: Topics
+    settings: AlertsSettings
+    batch: int = 500
+    _recorded: asyncio.Queue[Sequence[str]] = field(default_factory=asyncio.Queue, init=False)
+
+    def recorded(self, delivery_ids: Sequence[str]) -> None:
+        """These deliveries were just recorded owing a status (called by the worker after the write)."""
+        if delivery_ids:
+            self._recorded.put_nowait(delivery_ids)
+
+    async def run(self) -> None:
+        """Until cancelled: tell what the worker recorded as it comes, and sweep every
+        `status_sweep_seconds`. Failures only log: whatever was not told stays owed for the sweep."""
+        loop = asyncio.get_running_loop()
+        every = self.settings.status_sweep_seconds
+        next_sweep = loop.time() + every
+        while True:
+            try:
+                ids = await asyncio.wait_for(self._recorded.get(), max(0.0, next_sweep - loop.time()))
+            except TimeoutError:
+                ids = None
+            try:
+                if ids is not None:
+                    while not self._recorded.empty():
+                        ids = [*ids, *self._recorded.get_nowait()]
+                    await self.tell(await self.store.owed_statuses(ids, limit=len(ids)))
+                if loop.time() >= next_sweep:
+                    next_sweep = loop.time() + every
+                    await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("delivery statuses not published yet (broker or store unavailable?): %r", exc)
+
+    async def sweep(self) -> int:
+        """Tell every status owed for longer than `status_sweep_seconds` (left by a crash, an outage,
+        or another process); returns how many deliveries it settled."""
+        settled = 0
+        cutoff = utcnow() - timedelta(seconds=self.settings.status_sweep_seconds)
+        while True:
+            owed = await self.store.owed_statuses(finished_before=cutoff, limit=self.batch)
+            settled += await self.tell(owed, swept=True)
+            if len(owed) < self.batch:
+                return settled
+
+    async def tell(self, owed: Sequence[Document], swept: bool = False) -> int:
+        """Publish the statuses `owed` (flagged deliveries), then unset their flags; returns how
+        many were settled. A `delivered` of a revision another channel delivered first is settled
+        without publishing (that one tells it)."""
+        if not owed:
+            return 0
+        delivered = [d for d in owed if d.get("status") == "delivered"]
+        first: set[str] = set()
+        if delivered:
+            siblings = await self.store.clinician_deliveries([str(d["alert_id"]) for d in delivered])
+            first = first_deliveries((str(s["_id"]), str(s["subject_id"]), s["delivered_at"]) for s in siblings
+                                     if isinstance(s.get("delivered_at"), datetime))
+        records: list[tuple[str, OutboundRecord]] = []
+        told: list[tuple[str, datetime | None]] = []
+        for d in owed:
+            record = None if d.get("status") == "delivered" and d["_id"] not in first else owed_record(d, self.topics)
+            if record is not None:
+                records.append((str(d["status"]), record))
+            told.append((d["_id"], d.get("finished_at")))
+        await self.publisher.publish_all([r for _, r in records])
+        for status, _ in records:
+            metrics.DELIVERY_STATUSES.labels(status, "swept" if swept else "recorded").inc()
+        await self.store.statuses_told(told)
+        return len(told)
