@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
+from services.alerts.rules import delivery_status
 from services.reporting import rules
 from services.reporting.store import (
     COUNTED_VERSION,
@@ -24,7 +25,7 @@ from services.reporting.store import (
     clients_name,
     from_stored,
 )
-from shared.events import AlertStatusChanged, DeadLetter, SrsSubmitted
+from shared.events import AlertState, AlertStatus, AlertStatusChanged, DeadLetter, SrsSubmitted
 from shared.mongo import Document
 from tests.support.reporting import counters_verified_in_db
 from tests.support.stack import StackUnderTest, scratch_database
@@ -109,6 +110,22 @@ async def test_an_acknowledgement_before_its_alert_counts_once_both_are_in(db: A
     docs = await store.alerts("g1").find({}).to_list()
     assert len(docs) == 1 and docs[0]["raised"] and docs[0]["acknowledged"]
     assert docs[0]["record_id"] == tid("c1")
+
+
+async def test_delivered_and_failed_statuses_are_neither_acknowledgements_nor_ends_of_the_alert(
+        db: AsyncDatabase[Document]) -> None:
+    store = ReportingStore(db)
+    alert = deterioration_for(scored(T, "c1", 1, 30.0))
+    assert alert is not None
+    later = alert.occurred_at + timedelta(minutes=1)
+    told = [delivery_status(alert, AlertStatus.FAILED, "webhook", later),
+            delivery_status(alert, AlertStatus.DELIVERED, "email", later)]
+    await store.apply_deterioration("g1", [alert])
+    await store.apply_alert_status("g1", told)
+    doc = await store.alerts("g1").find_one({"_id": alert.alert_id})
+    assert doc is not None and not doc["acknowledged"]
+    assert rules.alert_status(doc) == (AlertState.OPEN, 1)
+    assert [fields for fields in rules.alert_share(doc).values()] == [{rules.ALERTS_RAISED: 1}] * 2
 
 
 async def test_generations_claim_switch_and_drop(db: AsyncDatabase[Document]) -> None:

@@ -16,8 +16,8 @@ from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel
 
-from services.alerts.rules import Clinician, Subscription, lifecycle_order
-from services.alerts.store import Alert, Delivery, SubscriptionRow
+from services.alerts.rules import Clinician, Subscription, lifecycle_order, tells_status
+from services.alerts.store import STATUS_OUTBOX, Alert, Delivery, SubscriptionRow
 from services.reporting.store import ApplyReport, GenerationState
 from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, Lifecycle, SrsScored, SrsSubmitted
 from shared.kafka import CORRELATION_HEADER, InboundRecord, OutboundRecord
@@ -141,6 +141,28 @@ class MemoryAlertsStore:
         new = [d for d in {d["_id"]: d for d in docs}.values() if d["_id"] not in self.deliveries]
         self.deliveries.update((d["_id"], d) for d in new)
         return len(new)
+
+    # what the status teller uses (services/alerts/statuses.py): the `status_outbox` flag of a delivery
+
+    async def owed_statuses(self, delivery_ids: Sequence[str] = (), finished_before: datetime | None = None,
+                            limit: int = 500) -> list[Document]:
+        self._check()
+        owed = [d for d in self.deliveries.values() if d.get(STATUS_OUTBOX) and d["status"] in ("delivered", "failed")
+                and (not delivery_ids or d["_id"] in delivery_ids)
+                and (finished_before is None or d["finished_at"] < finished_before)]
+        return sorted(owed, key=lambda d: d["finished_at"])[:limit]
+
+    async def clinician_deliveries(self, alert_ids: Sequence[str]) -> list[Document]:
+        self._check()
+        return [d for d in self.deliveries.values() if d.get("alert_id") in alert_ids and d["status"] == "delivered"
+                and tells_status(d.get("kind"), d.get("recipient"))]
+
+    async def statuses_told(self, told: Sequence[tuple[str, datetime | None]]) -> None:
+        self._check()
+        for delivery_id, finished_at in told:
+            d = self.deliveries.get(delivery_id)
+            if d is not None and d.get("finished_at") == finished_at:
+                d.pop(STATUS_OUTBOX, None)
 
     # what the API's commands use (services/alerts/service.py)
 

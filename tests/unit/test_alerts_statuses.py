@@ -1,0 +1,156 @@
+"""`delivered` / `failed` of clinicians' deliveries (services/alerts/statuses.py and the rules in
+services/alerts/rules.py), on an in-memory store and publisher: which deliveries tell, on which
+topic, under which id, and that a status left owed is published by the sweep, never lost."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from services.alerts.handlers import delivery_doc
+from services.alerts.rules import Clinician, PlannedDelivery, Subscription, first_deliveries, route_alert, tells_status
+from services.alerts.settings import AlertsSettings
+from services.alerts.statuses import StatusTeller
+from services.alerts.store import STATUS_OUTBOX
+from shared import ids
+from shared.events import AlertStatusChanged, AllianceDeterioration, OutcomeAlert, OutcomeAlertStatusChanged
+from shared.mongo import Document
+from tests.support.alerts import outcome_alert
+from tests.support.fakes import TOPICS, MemoryAlertsStore, Sink
+from tools.harness import deterioration
+
+SWEEP = 30.0
+CLINICIAN = Clinician("acme", "c1", "site-a", email="c1@clinic.test", webhook_url="https://clinic.test/hook")
+PARTNER = Subscription("s1", "acme", "https://partner.test/hook",
+                       frozenset({"alliance.deterioration.v1", "outcome.alert.v1"}))
+
+
+def planned(alert: AllianceDeterioration | OutcomeAlert) -> dict[str, PlannedDelivery]:
+    """The alert's deliveries by recipient role and channel, e.g. `clinician:webhook`, `subscription:webhook`."""
+    return {f"{p.recipient.split(':')[0]}:{p.channel}": p for p in route_alert(alert, CLINICIAN, [PARTNER], True)}
+
+
+def recorded(alert: AllianceDeterioration | OutcomeAlert, p: PlannedDelivery, status: str, at: datetime,
+             owed: bool = True) -> Document:
+    """A delivery as the worker's write leaves it: `status` at `at`, its status owed unless not `owed`."""
+    doc = delivery_doc(p, alert.model_dump_json(), alert.occurred_at, "corr-1", None, at - timedelta(seconds=1))
+    done = {"status": status, "finished_at": at, **({"delivered_at": at} if status == "delivered" else {})}
+    return {**doc, **done, **({STATUS_OUTBOX: True} if owed else {})}
+
+
+def teller(store: MemoryAlertsStore, sink: Sink) -> StatusTeller:
+    return StatusTeller(store, sink, TOPICS, AlertsSettings(status_sweep_seconds=SWEEP))
+
+
+def alliance_statuses(sink: Sink) -> list[AlertStatusChanged]:
+    return [AlertStatusChanged.model_validate_json(r.value) for r in sink.of_topic(TOPICS.alert_status)]
+
+
+NOW = datetime.now(UTC)
+
+
+def test_only_a_clinicians_delivery_of_a_raised_revision_tells_a_status() -> None:
+    assert tells_status("alert", "clinician:c1")
+    assert not tells_status("alert", "subscription:s1")
+    assert not tells_status("escalation", "supervisor:boss")
+    assert not tells_status("withdrawal", "clinician:c1")
+    assert not tells_status("event", "subscription:s1")
+
+
+def test_the_first_delivery_of_a_revision_is_the_earliest_recorded_ties_broken_by_id() -> None:
+    assert first_deliveries([("b", "rev-1", NOW), ("a", "rev-1", NOW + timedelta(seconds=1)),
+                             ("c", "rev-2", NOW)]) == {"b", "c"}
+    assert first_deliveries([("b", "rev-1", NOW), ("a", "rev-1", NOW)]) == {"a"}
+
+
+async def test_a_clinicians_delivered_webhook_publishes_delivered_with_the_derived_id_and_settles_its_debt() -> None:
+    alert, store, sink = deterioration("acme", "c1", "client-1"), MemoryAlertsStore(), Sink()
+    d = recorded(alert, planned(alert)["clinician:webhook"], "delivered", NOW)
+    await store.insert_deliveries([d])
+
+    assert await teller(store, sink).tell(await store.owed_statuses([d["_id"]])) == 1
+
+    [status] = alliance_statuses(sink)
+    assert status.event_id == ids.alert_status_event_id("acme", alert.alert_id, "delivered", 1)
+    assert (status.status, status.revision, status.channel, status.client_id, status.occurred_at) == (
+        "delivered", 1, "webhook", "client-1", NOW)
+    assert sink.published[0].key == ids.partition_key("acme", "client-1")
+    assert STATUS_OUTBOX not in store.deliveries[d["_id"]]
+
+
+async def test_a_clinician_delivery_that_used_up_its_attempts_publishes_failed_naming_its_channel() -> None:
+    alert, store, sink = deterioration("acme", "c1", "client-2"), MemoryAlertsStore(), Sink()
+    d = recorded(alert, planned(alert)["clinician:email"], "failed", NOW)
+    await store.insert_deliveries([d])
+
+    await teller(store, sink).tell(await store.owed_statuses([d["_id"]]))
+
+    [status] = alliance_statuses(sink)
+    assert status.event_id == ids.alert_status_event_id("acme", alert.alert_id, "failed", 1, channel="email")
+    assert (status.status, status.channel) == ("failed", "email")
+
+
+async def test_a_second_channel_delivering_the_same_revision_tells_nothing_more() -> None:
+    alert, store, sink = deterioration("acme", "c1", "client-3"), MemoryAlertsStore(), Sink()
+    first = recorded(alert, planned(alert)["clinician:email"], "delivered", NOW)
+    second = recorded(alert, planned(alert)["clinician:webhook"], "delivered", NOW + timedelta(seconds=2))
+    await store.insert_deliveries([first, second])
+    statuses = teller(store, sink)
+
+    await statuses.tell(await store.owed_statuses([first["_id"]]))
+    await statuses.tell(await store.owed_statuses([second["_id"]]))
+
+    assert [(s.status, s.channel) for s in alliance_statuses(sink)] == [("delivered", "email")]
+    assert await store.owed_statuses() == []
+
+
+async def test_an_outcome_alerts_status_goes_to_the_outcome_status_topic_only() -> None:
+    alert, store, sink = outcome_alert("acme", "c1", "client-4"), MemoryAlertsStore(), Sink()
+    d = recorded(alert, planned(alert)["clinician:webhook"], "delivered", NOW)
+    await store.insert_deliveries([d])
+
+    await teller(store, sink).tell(await store.owed_statuses([d["_id"]]))
+
+    assert sink.of_topic(TOPICS.alert_status) == []
+    [record] = sink.of_topic(TOPICS.outcome_alert_status)
+    status = OutcomeAlertStatusChanged.model_validate_json(record.value)
+    assert (status.alert_id, status.status, status.instrument) == (alert.alert_id, "delivered", "ORS")
+
+
+async def test_a_status_the_broker_did_not_take_stays_owed_and_the_sweep_publishes_the_same_event() -> None:
+    alert, store, sink = deterioration("acme", "c1", "client-5"), MemoryAlertsStore(), Sink()
+    finished = NOW - timedelta(seconds=SWEEP + 1)
+    d = recorded(alert, planned(alert)["clinician:webhook"], "delivered", finished)
+    await store.insert_deliveries([d])
+    statuses = teller(store, sink)
+    sink.fail_next = 1
+
+    with pytest.raises(ConnectionError):
+        await statuses.tell(await store.owed_statuses([d["_id"]]))
+    assert store.deliveries[d["_id"]][STATUS_OUTBOX] is True
+
+    assert await statuses.sweep() == 1
+    assert [r.value for r in sink.published] == [sink.attempted[0].value]
+    assert STATUS_OUTBOX not in store.deliveries[d["_id"]]
+
+
+async def test_the_sweep_leaves_a_status_owed_for_less_than_its_interval_to_the_worker() -> None:
+    alert, store, sink = deterioration("acme", "c1", "client-6"), MemoryAlertsStore(), Sink()
+    await store.insert_deliveries([recorded(alert, planned(alert)["clinician:webhook"], "delivered", NOW)])
+
+    assert await teller(store, sink).sweep() == 0
+    assert sink.attempted == []
+
+
+async def test_a_delivery_requeued_and_finished_again_since_it_was_told_keeps_its_new_debt() -> None:
+    alert, store, sink = deterioration("acme", "c1", "client-7"), MemoryAlertsStore(), Sink()
+    d = recorded(alert, planned(alert)["clinician:webhook"], "failed", NOW)
+    await store.insert_deliveries([d])
+    owed = await store.owed_statuses([d["_id"]])
+    store.deliveries[d["_id"]] = recorded(alert, planned(alert)["clinician:webhook"], "delivered",
+                                          NOW + timedelta(minutes=1))
+
+    await teller(store, sink).tell(owed)
+
+    assert store.deliveries[d["_id"]][STATUS_OUTBOX] is True
