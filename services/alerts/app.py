@@ -100,9 +100,9 @@ def build(config: AlertsConfig, resolve: Resolver = system_resolve) -> AlertsSer
     subscribe_batch(broker, topics.scored, group_id=config.kafka.group("alerts-partners"), service=SERVICE,
                     model=channels.SCORED.model, handler=handlers.on_scored, invalid_reason=INVALID,
                     max_records=config.kafka.batch_max_records, dead_letters=poison, settings=config.kafka)
-    # Superseded / withdrawn from scoring (and this service's own acknowledged / escalated, which
-    # are only forwarded to partners). Its own group: the lifecycle merge does not depend on the
-    # order of the two topics, so neither consumer waits for the other.
+    # Superseded / withdrawn from scoring (and this service's own acknowledged / escalated /
+    # delivered / failed, which are only forwarded to partners). Its own group: the lifecycle merge
+    # does not depend on the order of the two topics, so neither consumer waits for the other.
     subscribe_batch(broker, topics.alert_status, group_id=config.kafka.group("alerts-status"), service=SERVICE,
                     model=StatusEvent, handler=handlers.on_alert_status, invalid_reason=INVALID,
                     max_records=config.kafka.batch_max_records, dead_letters=poison, settings=config.kafka)

@@ -240,8 +240,8 @@ class Handlers:
         """Merge superseded/withdrawn into the alerts of `kind`, tell the clinician of a withdrawal,
         and forward status events to the tenant's partners subscribed to the kind's status topic.
 
-        The events alerts publishes itself (acknowledged, escalated) come back here too: they do
-        not touch the lifecycle, and are only forwarded to partners.
+        The events alerts publishes itself (acknowledged, escalated, delivered, failed) come back
+        here too: they do not touch the lifecycle, and are only forwarded to partners.
         """
         docs: list[Document] = []
         if decoded:

@@ -9,7 +9,8 @@ up a partition or other receivers. Retries are just `next_attempt_at` in the fut
 document: exponential backoff with jitter (default 1 s doubling to 5 min, 8 attempts), no extra
 topic, no re-consumption, and the state of every delivery (attempts, last error, failed) can be
 queried through the API. After the last attempt the delivery becomes `failed` and a DeadLetter
-goes to `srs.deadletter.v1`.
+goes to `srs.deadletter.v1` (and a clinician's delivery of an alert tells `failed` on the alert's
+status topic: see the last section).
 
 Claiming (two alerts processes never send the same delivery at the same time)
 ------------------------------------------------------------------------------

@@ -98,7 +98,8 @@ async def test_a_clinician_webhook_that_never_succeeds_publishes_failed_after_it
         [failed] = about(records, ev.alert_id, "failed")
     assert failed.event_id == ids.alert_status_event_id(t.id, ev.alert_id, "failed", 1, channel="webhook")
     assert (failed.channel, failed.revision, failed.client_id) == ("webhook", 1, "client-2")
-    assert (await eventually(lambda: _failed(env, t, ev.alert_id)))["attempts"] == MAX_ATTEMPTS
+    row = await eventually(lambda: _failed(env, t, ev.alert_id))
+    assert row is not None and row["attempts"] == MAX_ATTEMPTS
 
 
 async def test_a_partners_subscription_delivery_publishes_no_status(env: Env) -> None:
@@ -154,4 +155,5 @@ async def _both_channels_delivered(env: Env, t: Tenant, alert_id: str) -> bool:
 
 
 async def _no_status_owed(env: Env, delivery_id: str) -> bool:
-    return await env.db["deliveries"].count_documents({"_id": delivery_id, "status_outbox": True}) == 0
+    owed: int = await env.db["deliveries"].count_documents({"_id": delivery_id, "status_outbox": True})
+    return owed == 0
