@@ -47,7 +47,7 @@ def alliance_statuses(sink: Sink) -> list[AlertStatusChanged]:
     return [AlertStatusChanged.model_validate_json(r.value) for r in sink.of_topic(TOPICS.alert_status)]
 
 
-NOW = datetime.now(UTC)
+NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)  # when the deliveries of most tests were recorded
 
 
 def test_only_a_clinicians_delivery_of_a_raised_revision_tells_a_status() -> None:
@@ -137,7 +137,8 @@ async def test_a_status_the_broker_did_not_take_stays_owed_and_the_sweep_publish
 
 async def test_the_sweep_leaves_a_status_owed_for_less_than_its_interval_to_the_worker() -> None:
     alert, store, sink = deterioration("acme", "c1", "client-6"), MemoryAlertsStore(), Sink()
-    await store.insert_deliveries([recorded(alert, planned(alert)["clinician:webhook"], "delivered", NOW)])
+    just_now = datetime.now(UTC)
+    await store.insert_deliveries([recorded(alert, planned(alert)["clinician:webhook"], "delivered", just_now)])
 
     assert await teller(store, sink).sweep() == 0
     assert sink.attempted == []
