@@ -28,6 +28,13 @@ def scored_event_id(tenant_id: str, submission_id: str, revision: int = 1) -> st
     return derive("scored", tenant_id, submission_id, str(revision))
 
 
+def ors_scored_event_id(tenant_id: str, submission_id: str, revision: int) -> str:
+    """Event id of one revision of the scored event of an outcome (ORS-family) submission: apart
+    from `scored_event_id`, because a submission id names one submission per scale, and the SRS and
+    the ORS of one session may carry the same id (docs/clinical-records.md, "Session identity")."""
+    return derive("ors-scored", tenant_id, submission_id, str(revision))
+
+
 def alert_id(tenant_id: str, client_id: str, instrument: str, episode_id: str, session_number: int) -> str:
     """Alert id of a session: one alert per session, stable across corrections."""
     return derive("alert", tenant_id, client_id, str(instrument), episode_id, str(session_number))
@@ -95,8 +102,10 @@ def reporting_counter_id(tenant_id: str, site_id: str, clinician_id: str, instru
     return derive("reporting-counter", tenant_id, site_id, clinician_id, str(instrument), month)
 
 
-def submission_status_id(tenant_id: str, submission_id: str) -> str:
-    """Reporting's key of a submission's status document."""
+def submission_status_id(tenant_id: str, submission_id: str, outcome: bool = False) -> str:
+    """Reporting's key of a submission's status document: one per scale (`outcome`: the ORS family's)."""
+    if outcome:
+        return derive("outcome-submission-status", tenant_id, submission_id)
     return derive("submission-status", tenant_id, submission_id)
 
 

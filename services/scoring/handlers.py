@@ -172,9 +172,10 @@ def ors_scored_event(tenant_id: str, client_id: str, o: ScoredOut) -> OrsScored:
     s, v = o.session, o.session.version
     assert isinstance(s, OutcomeView), "an SRS-family session is published by scored_event"
     return OrsScored.model_construct(
-        event_id=ids.scored_event_id(tenant_id, v.submission_id, o.revision), tenant_id=tenant_id, occurred_at=o.at,
-        schema_version=1, submission_id=v.submission_id, site_id=s.site_id, clinician_id=v.clinician_id,
-        client_id=client_id, episode_id=s.episode_id, instrument=OutcomeInstrument(v.instrument),
+        event_id=ids.ors_scored_event_id(tenant_id, v.submission_id, o.revision), tenant_id=tenant_id,
+        occurred_at=o.at, schema_version=1, submission_id=v.submission_id, site_id=s.site_id,
+        clinician_id=v.clinician_id, client_id=client_id, episode_id=s.episode_id,
+        instrument=OutcomeInstrument(v.instrument),
         session_number=v.session_number, administered_at=v.administered_at, client_age=v.client_age,
         items=v.ors_items_model(), total=s.total, age_band=AgeBand(s.band), cutoff=s.cutoff,
         reliable_change_index=s.reliable_change, intake_total=s.intake_total,

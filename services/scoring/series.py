@@ -89,10 +89,13 @@ class Version:
     accepted_utc: datetime = field(init=False, repr=False, compare=False)
     administered_key: tuple[datetime, int, str] = field(init=False, repr=False, compare=False)
     session_key: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    # What the record keys the submission by: its id on its scale (`record_key`).
+    key: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.digest:
             object.__setattr__(self, "digest", content_digest(self))
+        object.__setattr__(self, "key", record_key(self.submission_id, self.instrument))
         administered = _utc(self.administered_at)
         object.__setattr__(self, "accepted_utc", _utc(self.accepted_at))
         object.__setattr__(self, "administered_key", (administered, self.session_number, self.submission_id))
@@ -128,6 +131,29 @@ class Version:
     def ratings(self) -> Ratings | None:
         """The items for the rules: a plain tuple, cheap enough to build on every derivation."""
         return None if self.items is None else Ratings(self.items)
+
+
+# A submission id names one submission of one scale (docs/clinical-records.md, "Session identity"):
+# the same id may be used once on the alliance scale (SRS family) and once on the outcome scale
+# (ORS family), independently. The record keys every submission by its id on its scale: an
+# alliance submission by its id alone (so the stored state of SRS-only clients is what it always
+# was), an outcome one by its id behind this prefix (a character no submission id may hold).
+OUTCOME_KEY_PREFIX = "ors\x1f"
+
+
+def record_key(submission_id: str, instrument: str) -> str:
+    """The key of a submission in the record: its id on the scale of `instrument`."""
+    return OUTCOME_KEY_PREFIX + submission_id if instrument in _OUTCOME else submission_id
+
+
+def is_outcome_key(key: str) -> bool:
+    """The key names a submission on the outcome scale."""
+    return key.startswith(OUTCOME_KEY_PREFIX)
+
+
+def submission_of(key: str) -> str:
+    """The submission id a record key names (the inverse of `record_key`, scale dropped)."""
+    return key.removeprefix(OUTCOME_KEY_PREFIX)
 
 
 def _digest(parts: tuple[object, ...]) -> str:
@@ -310,8 +336,8 @@ class Tail:
 class View:
     sessions: dict[str, AnyView]  # by slot
     alerts: dict[str, AlertView]  # by alert id
-    current: frozenset[str]  # submission ids that represent their session (their events are shown)
-    members: frozenset[str]  # ... and the identical resends of those (not superseded)
+    current: frozenset[str]  # record keys (`record_key`) of the versions that represent their session
+    members: frozenset[str]  # ... and of the identical resends of those (not superseded)
     slot_of_key: dict[tuple[str, ...], str]  # session key of each current version -> its slot
     tails: dict[str, Tail] = field(default_factory=dict)  # by instrument
 
@@ -345,7 +371,7 @@ def current_versions(versions: Iterable[Version]) -> tuple[dict[tuple[str, ...],
     for key, contents in groups.items():
         winner = max(contents.values(), key=lambda g: (max(v.accepted_utc for v in g), g[0].digest))
         by_key[key] = min(winner, key=lambda v: (v.accepted_utc, v.submission_id))
-        members.update(v.submission_id for v in winner)
+        members.update(v.key for v in winner)
     return by_key, members
 
 
@@ -410,7 +436,7 @@ def derive(versions: Iterable[Version], owner: str | None, site_version: int, ru
                                  frozenset(e for e, _, _ in episodes),
                                  {(e, d): len(ms) for e, d, ms in episodes})
     _mark_outcome_at_risk(alerts, tenant_id, client_id)
-    return View(sessions, alerts, frozenset(v.submission_id for v in by_key.values()), frozenset(resends), slot_of,
+    return View(sessions, alerts, frozenset(v.key for v in by_key.values()), frozenset(resends), slot_of,
                 tails)
 
 
@@ -505,7 +531,7 @@ def extend(view: View, v: Version, owner: str | None, site_version: int, rules: 
     `derive` and `extend` compute last from the alerts they hold (`_mark_outcome_at_risk`).
     """
     tail = view.tails.get(v.instrument)
-    if v.instrument not in _SCORED or v.session_key in view.slot_of_key or v.submission_id in view.members:
+    if v.instrument not in _SCORED or v.session_key in view.slot_of_key or v.key in view.members:
         return None
     if tail is not None and _administered(v) <= _administered(tail.newest):
         return None  # not the newest: it may fall inside an episode, or split one
@@ -552,7 +578,7 @@ def extend(view: View, v: Version, owner: str | None, site_version: int, rules: 
     tails = dict(view.tails)
     tails[v.instrument] = Tail(v, sv.slot, alert.alert_id if alert is not None else None, last_derived, last_given,
                                (tail.episode_ids if tail is not None else frozenset()) | {eid}, sizes)
-    return View(sessions, alerts, view.current | {v.submission_id}, view.members | {v.submission_id}, slot_of, tails)
+    return View(sessions, alerts, view.current | {v.key}, view.members | {v.key}, slot_of, tails)
 
 
 _OUTCOME = frozenset(i.value for i in OutcomeInstrument)  # YCORS too: published with its total only
@@ -570,7 +596,7 @@ class Published:
     revision is kept so that a session coming back continues the count)."""
 
     revision: int
-    submission_id: str
+    submission_id: str  # the record key (`record_key`) of the submission shown, as `supersedes`
     digest: str
     at: datetime
     supersedes: str | None = None
@@ -647,6 +673,7 @@ class ClientState:
     site_version: int = 0
     transfers: list[str] = field(default_factory=list)
     versions: dict[str, Version] = field(default_factory=dict)
+    # `versions`, `rejected`, `submission_revision` and `resent` are keyed by `record_key`.
     rejected: dict[str, Rejection] = field(default_factory=dict)
     published: dict[str, Published] = field(default_factory=dict)
     submission_revision: dict[str, int] = field(default_factory=dict)
@@ -711,28 +738,27 @@ class ClientState:
 
     def submit(self, v: Version, rules: R.TenantRules, now: datetime) -> Step:
         """Apply one submitted version (see module docs); the state changes only when accepted."""
-        known = self.versions.get(v.submission_id)
-        rejected = self.rejected.get(v.submission_id)
-        same_rejection = (rejected if rejected is not None and rejected.accepted_at == v.accepted_at
-                          and rejected.digest == v.digest else None)
+        key = v.key
+        known = self.versions.get(key)
+        same_rejection = self._same_rejection(v)
         if known is not None and known.accepted_at == v.accepted_at and known.digest == v.digest:
             return self._redelivered(rules, now, same_rejection)
         if same_rejection is not None:
             return Step(rejection=same_rejection)
         if known is not None and (self._order(known) >= v.order() or known.digest == v.digest):
             if known.digest == v.digest and v.order() > self._order(known):
-                self.resent[v.submission_id] = v.accepted_at  # newer: an older version arriving later loses
+                self.resent[key] = v.accepted_at  # newer: an older version arriving later loses
                 return Step(changed=True)
             return Step()  # an older version arriving late, or an identical resend: nothing changes
-        if known is None and v.submission_id not in self.rejected and self._holds() >= rules.max_client_submissions:
+        if known is None and key not in self.rejected and self._holds() >= rules.max_client_submissions:
             # Not remembered (that would grow the record the cap bounds): a redelivery is judged
             # again, and as the record never shrinks, it is refused again unless the cap was raised.
             return Step(rejection=Rejection(v.accepted_at, v.digest, "series_full", (
                 f"the client's record already holds {self._holds()} submissions, the most one client may hold "
                 f"(max_client_submissions {rules.max_client_submissions})")))
         if v.instrument not in _SCORED and self.owner in (None, v.site_id):  # another site's: refused below
-            self.versions[v.submission_id] = v
-            self.resent.pop(v.submission_id, None)
+            self.versions[key] = v
+            self.resent.pop(key, None)
             self.cached = None
             self.owner = self.owner or v.site_id
             # A scored submission corrected into an unscored form leaves its session: say so now.
@@ -742,10 +768,10 @@ class ClientState:
         if refusal is not None:
             reason, detail = refusal
             rej = Rejection(v.accepted_at, v.digest, reason, detail)
-            self.rejected[v.submission_id] = rej
+            self.rejected[key] = rej
             return Step(rejection=rej, changed=True)
-        self.versions[v.submission_id] = v
-        self.resent.pop(v.submission_id, None)
+        self.versions[key] = v
+        self.resent.pop(key, None)
         self.owner = self.owner or v.site_id
         scope = None
         if known is None:
@@ -759,12 +785,12 @@ class ClientState:
         # record does not depend on which arrived first - but changes nothing; its submitter is
         # told `duplicate`, naming the submission that shows it.
         notice = None
-        if v.submission_id in view.members and v.submission_id not in view.current:
+        if key in view.members and key not in view.current:
             holder = view.slot_of_key.get(v.session_key)
             shown = view.sessions[holder].version.submission_id if holder is not None else "another submission"
             notice = Rejection(v.accepted_at, v.digest, "duplicate",
                                f"identical to submission '{shown}', which is already recorded")
-            self.rejected[v.submission_id] = notice
+            self.rejected[key] = notice
         return Step(outputs=outputs, rejection=notice, changed=True)
 
     def transfer(self, event_id: str, site_id: str, rules: R.TenantRules, now: datetime) -> Step:
@@ -779,9 +805,19 @@ class ClientState:
         self.site_version += 1
         return Step(outputs=self._publish(self.view(rules), now), changed=True)
 
+    def _same_rejection(self, v: Version) -> Rejection | None:
+        """The rejection of this very record (same accepted time, same content), if it was refused.
+        An outcome submission refused before its scale was part of its key was kept under its id
+        alone: the content digest names the instrument, so a match there is the same record."""
+        for key in (v.key, v.submission_id) if v.key != v.submission_id else (v.key,):
+            r = self.rejected.get(key)
+            if r is not None and r.accepted_at == v.accepted_at and r.digest == v.digest:
+                return r
+        return None
+
     def _order(self, known: Version) -> tuple[datetime, str]:
         """How new the content of a kept version is: when it was last accepted (`resent`)."""
-        again = self.resent.get(known.submission_id)
+        again = self.resent.get(known.key)
         return known.order() if again is None else max(known.order(), (_utc(again), known.digest))
 
     def _redelivered(self, rules: R.TenantRules, now: datetime, rejection: Rejection | None = None) -> Step:
@@ -818,7 +854,7 @@ class ClientState:
         (then `_joins_derived`). An existing session (a correction, a resend) joins nothing that
         could refuse it: `_EXISTING`."""
         c = self._cached(rules)
-        if c is None or v.submission_id in self.versions:
+        if c is None or v.key in self.versions:
             return None
         view = c.view
         if v.session_key in view.slot_of_key:
@@ -849,7 +885,7 @@ class ClientState:
                                                      if o.instrument == v.instrument) >= cap
         if not (gap_possible or may_fill):
             return _EXISTING
-        others = [o for sid, o in self.versions.items() if sid != v.submission_id]
+        others = [o for key, o in self.versions.items() if key != v.key]
         by_key, _ = current_versions(others)
         if v.session_key in by_key:
             return _EXISTING
@@ -883,7 +919,7 @@ class ClientState:
             for slot in sorted(scope.slots):
                 sv = view.sessions[slot]
                 p = self.published.get(slot)
-                if p is None or p.vacant or p.submission_id != sv.version.submission_id or p.digest != sv.digest:
+                if p is None or p.vacant or p.submission_id != sv.version.key or p.digest != sv.digest:
                     out.append(self._scored(slot, sv, None, now))
             out.extend(self._alerts(view, now, scope.alerts))
             self._mark_published(view)
@@ -892,7 +928,7 @@ class ClientState:
         named: set[str] = set()
         for slot in sorted(view.sessions):
             sv = view.sessions[slot]
-            sid = sv.version.submission_id
+            sid = sv.version.key
             p = self.published.get(slot)
             if p is not None and not p.vacant and p.submission_id == sid and p.digest == sv.digest:
                 continue
@@ -927,7 +963,7 @@ class ClientState:
             self.cached = replace(c, published=True)
 
     def _scored(self, slot: str, sv: AnyView, supersedes: str | None, now: datetime) -> ScoredOut:
-        sid = sv.version.submission_id
+        sid = sv.version.key
         p = self.published.get(slot)
         rev = 1 + max(p.revision if p is not None else 0, self.submission_revision.get(sid, 0),
                       self.submission_revision.get(supersedes, 0) if supersedes is not None else 0)
@@ -935,7 +971,7 @@ class ClientState:
         self.submission_revision[sid] = rev
         if supersedes is not None:
             self.submission_revision[supersedes] = rev
-        return ScoredOut(sv, rev, supersedes, now, sv.latest)
+        return ScoredOut(sv, rev, None if supersedes is None else submission_of(supersedes), now, sv.latest)
 
     def _alerts(self, view: View, now: datetime, only: frozenset[str] | None = None) -> list[Output]:
         out: list[Output] = []
@@ -971,7 +1007,8 @@ class ClientState:
             sv = view.sessions.get(slot)
             if p.vacant or sv is None or sv.digest != p.digest:
                 continue  # cannot happen after a completed step; never publish what was not decided
-            out.append(ScoredOut(sv, p.revision, p.supersedes, p.at, p.latest))
+            sup = None if p.supersedes is None else submission_of(p.supersedes)
+            out.append(ScoredOut(sv, p.revision, sup, p.at, p.latest))
         for aid, rec in sorted(self.alerts.items()):
             if rec.state == Lifecycle.RAISED:
                 av = view.alerts.get(aid)

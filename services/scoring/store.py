@@ -20,17 +20,28 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.scoring.rules import TenantRules
-from services.scoring.series import AlertRecord, ClientState, Published, Rejection, Version
+from services.scoring.series import (
+    AlertRecord,
+    ClientState,
+    Published,
+    Rejection,
+    Version,
+    is_outcome_key,
+    record_key,
+    submission_of,
+)
 from shared import ids
 from shared.events import Lifecycle
 from shared.mongo import Document, LruCache, TtlCache, write_versioned
 
 log = logging.getLogger("alliance.scoring.store")
+
+_T = TypeVar("_T")
 
 STATES = "scoring_state"
 RULES = "scoring_rules"
@@ -84,23 +95,45 @@ def _version_from(d: Document) -> Version:
                    _dt(d["acc"]), d["d"], None if age is None else int(age))
 
 
+def _split(keyed: dict[str, _T]) -> tuple[dict[str, _T], dict[str, _T]]:
+    """A map keyed by record key as (alliance entries, outcome entries), both by submission id."""
+    alliance: dict[str, _T] = {}
+    outcome: dict[str, _T] = {}
+    for key, value in keyed.items():
+        (outcome if is_outcome_key(key) else alliance)[submission_of(key)] = value
+    return alliance, outcome
+
+
 def state_doc(key: ClientKey, st: ClientState, version: int) -> Document:
-    """The stored form of a client's state."""
+    """The stored form of a client's state. Submissions are stored by their id; the scale of one is
+    its instrument's (versions; published slots name theirs), a refused outcome submission is
+    marked `o`, and the outcome half of the per-submission maps is stored apart (`sro`, `rso`),
+    only when it holds something: the documents of SRS-only clients are what they always were."""
+    revisions, outcome_revisions = _split(st.submission_revision)
+    resent, outcome_resent = _split(st.resent)
     return {
         "tenant_id": key.tenant_id, "client_id": key.client_id, "v": version, "updated_at": datetime.now(UTC),
         "owner": st.owner, "sv": st.site_version, "tx": list(st.transfers),
         "subs": [_version_doc(v) for v in st.versions.values()],
-        "rej": [{"sid": sid, "acc": _iso(r.accepted_at), "d": r.digest, "r": r.reason, "x": r.detail}
-                for sid, r in st.rejected.items()],
-        "pub": [{"k": slot, "r": p.revision, "sid": p.submission_id, "d": p.digest, "at": _iso(p.at),
-                 "sup": p.supersedes, "l": p.latest, "vac": p.vacant} for slot, p in st.published.items()],
-        "sr": st.submission_revision,
+        "rej": [{"sid": submission_of(k), "acc": _iso(r.accepted_at), "d": r.digest, "r": r.reason, "x": r.detail,
+                 **({"o": True} if is_outcome_key(k) else {})} for k, r in st.rejected.items()],
+        "pub": [{"k": slot, "r": p.revision, "sid": submission_of(p.submission_id), "d": p.digest, "at": _iso(p.at),
+                 "sup": None if p.supersedes is None else submission_of(p.supersedes), "l": p.latest,
+                 "vac": p.vacant} for slot, p in st.published.items()],
+        "sr": revisions,
+        **({"sro": outcome_revisions} if outcome_revisions else {}),
         "al": [{"id": aid, "r": a.revision, "st": a.state, "d": a.digest, "at": _iso(a.at), "s": a.site_id,
                 "c": a.clinician_id, "i": a.instrument, "e": a.episode_id, "n": a.session_number, "k": a.slot}
                for aid, a in st.alerts.items()],
         # Only when there is one (documents written before it existed stay as they were).
-        **({"rs": {sid: _iso(at) for sid, at in st.resent.items()}} if st.resent else {}),
+        **({"rs": {sid: _iso(at) for sid, at in resent.items()}} if resent else {}),
+        **({"rso": {sid: _iso(at) for sid, at in outcome_resent.items()}} if outcome_resent else {}),
     }
+
+
+def _slot_instrument(slot: str) -> str:
+    """The instrument of a published slot (`series.slot_key`: instrument first)."""
+    return slot.split("\x1f", 1)[0]
 
 
 def state_from(key: ClientKey, doc: Document) -> ClientState:
@@ -108,14 +141,34 @@ def state_from(key: ClientKey, doc: Document) -> ClientState:
                      transfers=list(doc.get("tx", ())), version=int(doc.get("v", 0)))
     for d in doc.get("subs", ()):
         v = _version_from(d)
-        st.versions[v.submission_id] = v
+        st.versions[v.key] = v
     for r in doc.get("rej", ()):
-        st.rejected[r["sid"]] = Rejection(_dt(r["acc"]), r["d"], r["r"], r["x"])
+        st.rejected[record_key(r["sid"], "ORS") if r.get("o") else r["sid"]] = Rejection(
+            _dt(r["acc"]), r["d"], r["r"], r["x"])
+    outcome_named: set[str] = set()  # ids an outcome version or slot names (for documents written before)
     for p in doc.get("pub", ()):
-        st.published[p["k"]] = Published(int(p["r"]), p["sid"], p["d"], _dt(p["at"]), p.get("sup"),
+        instrument = _slot_instrument(p["k"])
+        sup = p.get("sup")
+        st.published[p["k"]] = Published(int(p["r"]), record_key(p["sid"], instrument), p["d"], _dt(p["at"]),
+                                         None if sup is None else record_key(sup, instrument),
                                          bool(p.get("l")), bool(p.get("vac")))
-    st.submission_revision = {str(k): int(v) for k, v in (doc.get("sr") or {}).items()}
-    st.resent = {str(sid): _dt(at) for sid, at in (doc.get("rs") or {}).items()}
+        if is_outcome_key(st.published[p["k"]].submission_id):
+            outcome_named.update(s for s in (p["sid"], sup) if s is not None)
+    outcome_named.update(v.submission_id for k, v in st.versions.items() if is_outcome_key(k))
+    revisions = {str(k): int(v) for k, v in (doc.get("sr") or {}).items()}
+    st.submission_revision = dict(revisions)
+    # Written before the scale was part of the key, an outcome submission's revision is under its id
+    # alone (and no alliance submission has that id: ids were one per record then).
+    outcome_revisions = {sid: n for sid, n in revisions.items() if sid in outcome_named and sid not in st.versions}
+    for sid, n in (doc.get("sro") or {}).items():
+        outcome_revisions[str(sid)] = max(int(n), outcome_revisions.get(str(sid), 0))
+    for sid, n in outcome_revisions.items():
+        st.submission_revision[record_key(sid, "ORS")] = n
+    resent = {str(sid): _dt(at) for sid, at in (doc.get("rs") or {}).items()}
+    for sid, at in resent.items():  # before the scale was part of the key: the scale of the version kept
+        st.resent[sid if sid in st.versions else record_key(sid, "ORS")] = at
+    for sid, at in (doc.get("rso") or {}).items():
+        st.resent[record_key(str(sid), "ORS")] = _dt(at)
     for a in doc.get("al", ()):
         st.alerts[a["id"]] = AlertRecord(int(a["r"]), Lifecycle(a["st"]), a["d"], _dt(a["at"]), a["s"], a["c"],
                                          a["i"], a["e"], int(a["n"]), a["k"])

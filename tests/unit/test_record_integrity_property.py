@@ -6,9 +6,11 @@ events leave — equals what an independent oracle computes from the final versi
 
 The second property extends the first to a client given both PCOMS scales (docs/outcome.md): ORS
 and SRS sessions of the same courses, with the same corrections, resends, late sessions, restarts
-and redeliveries; the final ORS flags, the open outcome alerts, and the open alliance alerts with
-their `outcome_at_risk` and severity equal the oracle's, and the SRS record is what it would be
-without the ORS.
+and redeliveries, the ORS and the SRS of a session often under the SAME submission id (a submission
+id names one submission per scale: docs/clinical-records.md, "Session identity"); the final ORS
+flags, the open outcome alerts, and the open alliance alerts with their `outcome_at_risk` and
+severity equal the oracle's, the SRS record is what it would be without the ORS, and no SRS and
+ORS event ever share an event id.
 
 The pipeline runs through the real pure code: scoring's `ClientState` (submit, and on a
 redelivery what the handler re-emits), the event builders of scoring's handler, reporting's merge
@@ -379,7 +381,8 @@ def open_mixed_alerts(events: list[MixedEvent]) -> tuple[dict[tuple[str, int], t
 @st.composite
 def both_scales(draw: st.DrawFn) -> list[Sub]:
     """A client's courses of care where most sessions have an ORS (at the start) and an SRS (at
-    the end), posted with the corrections and resends of `histories`."""
+    the end), posted with the corrections and resends of `histories`; the two forms of a session
+    are often posted under one submission id (an EHR's appointment id)."""
     subs: list[Sub] = []
     clock = iter(range(1, 10_000))
     day = 0
@@ -388,8 +391,9 @@ def both_scales(draw: st.DrawFn) -> list[Sub]:
         for number in range(1, draw(st.integers(1, 7)) + 1):
             day += draw(st.integers(1, 10))
             forms = draw(st.sampled_from([("ORS", "SRS"), ("ORS", "SRS"), ("ORS",), ("SRS",)]))
+            shared_id = draw(st.booleans())
             for instrument in forms:
-                sid = f"{instrument}{course}-{number}"
+                sid = f"{course}-{number}" if shared_id else f"{instrument}{course}-{number}"
                 scale = ([10.0, 15.0, 19.9, 20.0, 24.9, 25.0, 25.1, 30.0, 35.0] if instrument == "ORS"
                          else [30.0, 35.4, 36.5, 38.0, 39.9, 40.0])
                 subs.append(Sub(sid, episode, number, day, draw(st.sampled_from(scale)), next(clock),
@@ -421,6 +425,8 @@ def test_with_both_scales_the_final_record_and_outcome_at_risk_depend_only_on_th
     srs_alerts = srs_alert_oracle(srs_subs)
 
     assert ors_shown(events) == rows
+    scored_ids = [e.event_id for e in events if isinstance(e, SrsScored)]
+    assert not set(scored_ids) & {e.event_id for e in events if isinstance(e, OrsScored)}
     alliance, outcome = open_mixed_alerts(events)
     assert outcome == outcome_alerts
     assert alliance == {k: ("critical", True) if k in outcome_alerts else (v, False) for k, v in srs_alerts.items()}

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from services.scoring import series
 from services.scoring.rules import OutcomeRules, TenantRules
 from services.scoring.series import ClientState, OutcomeView, SessionView, Version, derive, extend
+from services.scoring.store import ClientKey, state_doc, state_from
 from shared import ids
 from shared.events import Severity
 
@@ -183,6 +184,76 @@ def test_an_ors_and_an_srs_of_one_session_are_two_slots() -> None:
     c.submit("o1", 1, 20.0)
     view = c.state.view(RULES)
     assert {type(v) for v in view.sessions.values()} == {SessionView, OutcomeView}
+
+
+# --- a submission id names one submission per scale (docs/clinical-records.md, "Session identity") -------
+
+
+def test_an_ors_and_an_srs_under_one_submission_id_are_both_scored_and_neither_supersedes() -> None:
+    c = Client()
+    srs = c.submit("appt-1", 1, 38.0, "SRS")
+    ors = c.submit("appt-1", 1, 20.0)
+    assert [type(o.session) for o in scored(srs) + scored(ors)] == [SessionView, OutcomeView]
+    assert all(o.supersedes is None for o in scored(srs) + scored(ors)) and ors.rejection is None
+    assert {type(v) for v in c.state.view(RULES).sessions.values()} == {SessionView, OutcomeView}
+
+
+def test_moving_a_submission_id_from_an_srs_to_an_ors_is_a_new_submission_not_a_correction() -> None:
+    c = Client()
+    c.submit("appt-1", 1, 38.0, "SRS")
+    c.submit("appt-1", 2, 37.0, "SRS")  # a correction within the alliance scale: same id, same session
+    step = c.submit("appt-1", 2, 20.0)
+    assert [(o.session.version.instrument, o.revision, o.supersedes) for o in scored(step)] == [("ORS", 1, None)]
+    assert sorted(v.version.instrument for v in c.state.view(RULES).sessions.values()) == ["ORS", "SRS"]
+
+
+def test_a_correction_within_the_outcome_scale_under_a_shared_id_leaves_the_srs_alone() -> None:
+    c = Client()
+    c.submit("appt-1", 1, 38.0, "SRS")
+    c.submit("appt-1", 1, 20.0)
+    step = c.submit("appt-1", 1, 22.0)
+    assert [(outcome(o).total, o.revision) for o in scored(step)] == [(22.0, 2)]
+
+
+def test_a_redelivered_ors_under_a_shared_id_re_emits_both_scales_unchanged() -> None:
+    c = Client()
+    c.submit("appt-1", 1, 38.0, "SRS")
+    ors = c.version("appt-1", 1, 20.0)
+    first = c.state.submit(ors, RULES, NOW)
+    again = c.state.submit(ors, RULES, NOW + timedelta(hours=1))
+    assert again.redelivered and not again.outputs and first.outputs
+    assert sorted(o.session.version.instrument for o in c.state.current_outputs(RULES)
+                  if isinstance(o, series.ScoredOut)) == ["ORS", "SRS"]
+
+
+def test_state_with_a_shared_id_reads_back_from_its_stored_document_unchanged() -> None:
+    c = Client()
+    c.submit("appt-1", 1, 38.0, "SRS")
+    c.submit("appt-1", 1, 20.0)
+    c.submit("appt-1", 1, 22.0)
+    c.submit("appt-2", 2, 30.0, site="south")  # refused (site_conflict): kept per scale too
+    key = ClientKey(TENANT, CLIENT)
+    back = state_from(key, state_doc(key, c.state, 1))
+    assert (back.versions, back.rejected, back.published, back.submission_revision) == (
+        c.state.versions, c.state.rejected, c.state.published, c.state.submission_revision)
+
+
+def test_an_ors_stored_before_scales_were_keyed_apart_reads_as_an_outcome_submission() -> None:
+    c = Client()
+    c.submit("o1", 1, 20.0)
+    c.submit("o1", 1, 22.0)
+    refused = c.version("o9", 9, 20.0, site="south")
+    c.state.submit(refused, RULES, NOW)
+    key = ClientKey(TENANT, CLIENT)
+    doc = state_doc(key, c.state, 1)
+    # What the document looked like then: every map keyed by the submission id alone.
+    legacy = {**{k: v for k, v in doc.items() if k not in ("sro", "rso")}, "sr": doc["sro"],
+              "rej": [{k: v for k, v in r.items() if k != "o"} for r in doc["rej"]]}
+    back = state_from(key, legacy)
+    assert back.submission_revision["ors\x1fo1"] == 2 and back.published == c.state.published
+    assert back.submit(refused, RULES, NOW).rejection == c.state.rejected["ors\x1fo9"]
+    assert [(outcome(o).total, o.revision) for o in scored(back.submit(c.version("o1", 1, 23.0), RULES, NOW))] == [
+        (23.0, 3)]
 
 
 # --- outcome_at_risk ------------------------------------------------------------------------------------
