@@ -174,10 +174,15 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
         """The record (`find_record`) and the episode asked for (`episode_id`, else the older
         `episode` parameter; None: the whole record); 404 when the record has no such episode."""
         gen, doc = await find_record(request, p, client_id, instrument, gen)
+        return gen, doc, pick_episode(doc, episode_id, episode)
+
+    def pick_episode(doc: dict[str, Any], episode_id: str | None, episode: str | None) -> str | None:
+        """The episode asked for (`episode_id`, else the older `episode` parameter; None: the
+        current one); 404 when the record has no such episode."""
         chosen = episode_id if episode_id is not None else episode
         if chosen is not None and chosen not in {e["episode_id"] for e in doc.get("episodes", [])}:
             raise HTTPException(404, NOT_FOUND_EPISODE)
-        return gen, doc, chosen
+        return chosen
 
     @router.get("/clients/{client_id}/trajectory", summary="One client's trajectory on one instrument",
                 responses={200: {"model": TrajectoryOut}, 304: {"description": "unchanged (If-None-Match)"},
@@ -190,15 +195,29 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
         rid = rules.record_id(p.tenant_id, client_id, instrument.value)
         # The record, its paired outcome record and the record's alerts are read together (the
         # record id is known from the request): one wait for the store, not three (issue 11).
-        # Nothing of them is shown when the record is not (404).
-        (gen, doc, chosen), outcome, by_record = await asyncio.gather(
-            find_episode(request, p, client_id, instrument, episode_id, episode, gen),
+        # Nothing of them is shown when neither record is (404).
+        found, outcome, by_record = await asyncio.gather(
+            store.record(gen, p.tenant_id, client_id, instrument.value, p.site_id),
             outcome_record(gen, p, client_id, instrument),
             store.alerts_for(gen, p.tenant_id, [rid]))
+        if found is None and outcome is not None:
+            # No session on this alliance instrument: a client with outcome sessions only still
+            # has a trajectory (its outcome series; docs/partners.md).
+            return await outcome_only(request, p, gen, outcome, instrument, pick_episode(outcome, episode_id, episode))
+        if found is None:  # the 404 (telling a foreign site's client apart in the audit)
+            gen, found = await find_record(request, p, client_id, instrument, gen)
+        doc, chosen = found, pick_episode(found, episode_id, episode)
         outcome_alerts = (await store.alerts_for(gen, p.tenant_id, [outcome["_id"]], outcome=True)
                           if outcome else {})
         view = rules.trajectory_view(doc, by_record[rid], chosen, outcome,
                                      outcome_alerts.get(outcome["_id"], []) if outcome else [])
+        return _json_response(request, view, max_age=settings.trajectory_max_age_seconds, generation=gen)
+
+    async def outcome_only(request: Request, p: Principal, gen: str, outcome: dict[str, Any], instrument: Instrument,
+                           chosen: str | None) -> Response:
+        """The trajectory of a client whose only record is on the outcome instrument paired with `instrument`."""
+        outcome_alerts = await store.alerts_for(gen, p.tenant_id, [outcome["_id"]], outcome=True)
+        view = rules.outcome_only_view(instrument.value, outcome, outcome_alerts.get(outcome["_id"], []), chosen)
         return _json_response(request, view, max_age=settings.trajectory_max_age_seconds, generation=gen)
 
     @router.get("/clients/{client_id}/fhir", summary="The trajectory as a FHIR R4 Bundle",
@@ -335,8 +354,13 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
                            404: {"description": "unknown (yet), or not visible to this key"}, **either_auth})
     async def submission(request: Request, submission_id: str,
                          p: Principal = auditor.route("submission.read", either, client_param=None,
-                                                      target_param="submission_id")) -> JSONResponse:
-        doc = await submissions.get(p.tenant_id, submission_id)
+                                                      target_param="submission_id"),
+                         scale: Annotated[Literal["alliance", "outcome"] | None, Query(
+                             description="which submission of the id: `alliance` (the SRS-family one) or `outcome` "
+                                         "(the ORS-family one); a submission id names one submission per scale. "
+                                         "Default: the alliance one when there is one, else the outcome one")] = None,
+                         ) -> JSONResponse:
+        doc = await submissions.get(p.tenant_id, submission_id, scale)
         body = rules.submission_view(doc) if doc is not None else None
         if body is not None and body.get("client_id"):
             note(request, client_id=body["client_id"])

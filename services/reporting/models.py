@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from shared.events import AgeBand, AlertState, Instrument, Operator, OutcomeChange, OutcomeInstrument, Severity
 
@@ -170,10 +170,11 @@ class TrajectoryOut(_Out):
     age_band: str
     site_id: str
     clinician_id: str
-    cutoff: float
-    operator: Operator
+    # Null (and `sessions` empty) only for a client with outcome sessions and none on `instrument`.
+    cutoff: float | None
+    operator: Operator | None
     sessions: list[SessionOut]
-    latest_total: float
+    latest_total: float | None
     at_risk: bool
     below_cutoff: bool
     declining: bool
@@ -335,6 +336,10 @@ class SubmissionOut(_Out):
     total: float | None
     flags: list[str]
     rejected_at: datetime | None
+    scale: Literal["alliance", "outcome"] = Field(
+        description="the scale the submission rates: `alliance` (SRS family) or `outcome` (ORS family); a "
+                    "submission id names one submission per scale")
+    instrument: str | None = Field(description="the instrument of the submission as it was last scored or rejected")
 
 
 class SubmissionsPageOut(_Out):

@@ -774,6 +774,38 @@ def trajectory_view(doc: Mapping[str, Any], alerts: Sequence[Mapping[str, Any]] 
     }
 
 
+def outcome_only_view(instrument: str, outcome: Mapping[str, Any], outcome_alerts: Sequence[Mapping[str, Any]] = (),
+                      episode_id: str | None = None) -> Doc:
+    """The trajectory document of a client with outcome sessions and no session on the alliance
+    `instrument` (the ORS is given at the start of a session, so every client is here between the
+    two forms, and stays here when no SRS is given). The same fields as `trajectory_view`: the
+    alliance ones say there is nothing on that scale (no sessions, alerts or cutoff, `latest_total`
+    null, not at risk); the episode, its list, the owning site and the clinician are the outcome
+    record's (one owning site per client across instruments), and `outcome` and `aligned` are
+    filled. Raises UnknownEpisode."""
+    episode, ordered = episode_of(outcome, episode_id)
+    series = outcome_series(outcome, outcome_alerts, episode)
+    return {
+        "client_id": outcome["client_id"],
+        "instrument": instrument,
+        "episode_id": episode,
+        "age_band": age_band(instrument),
+        "site_id": outcome["site_id"],
+        "clinician_id": ordered[-1]["clinician_id"],
+        "cutoff": None,
+        "operator": None,
+        "sessions": [],
+        "latest_total": None,
+        "at_risk": False,
+        "below_cutoff": False,
+        "declining": False,
+        "alerts": [],
+        "episodes": episodes_view(outcome),
+        "outcome": series,
+        "aligned": aligned_view(episode, [], [], series),
+    }
+
+
 def caseload_entry(doc: Mapping[str, Any], alerts: Sequence[Mapping[str, Any]] = ()) -> Doc:
     """One line of a caseload (the current episode): enough to draw its chart without another request."""
     episode, ordered = episode_of(doc)
@@ -806,7 +838,10 @@ def caseload_entry(doc: Mapping[str, Any], alerts: Sequence[Mapping[str, Any]] =
 # ---------------------------------------------------------------------------------------------
 # What happened to my submission?
 #
-# One document per (tenant, submission id), outside the rebuildable generations, with three
+# One document per (tenant, scale, submission id), outside the rebuildable generations: a
+# submission id names one submission of one scale (docs/clinical-records.md, "Session identity"),
+# so the SRS and the ORS of one session may share an id and each has its own status (an alliance
+# submission's document keeps the key it always had; an outcome one's is apart). Three
 # independent parts, each a max of its own key (the store writes a part only when its key is
 # greater than the stored one, so every part is commutative and idempotent on its own):
 #
@@ -821,11 +856,32 @@ def caseload_entry(doc: Mapping[str, Any], alerts: Sequence[Mapping[str, Any]] =
 # superseding revision is higher than the scored revision; else `scored`.
 
 SubmissionStatus = Literal["scored", "superseded", "rejected"]
+Scale = Literal["alliance", "outcome"]
 
 
-def submission_doc_id(tenant_id: str, submission_id: str) -> str:
-    """The key of a submission's status document."""
-    return ids.submission_status_id(tenant_id, submission_id)
+def scale_of(instrument: str) -> Scale:
+    """The scale an instrument rates: the outcome (ORS family) or the alliance (SRS family)."""
+    return "outcome" if is_outcome(instrument) else "alliance"
+
+
+def submission_doc_id(tenant_id: str, submission_id: str, scale: Scale = "alliance") -> str:
+    """The key of the status document of a submission on `scale`."""
+    return ids.submission_status_id(tenant_id, submission_id, outcome=scale == "outcome")
+
+
+def submission_instrument(doc: Mapping[str, Any]) -> str | None:
+    """The instrument a status document is about (that of its parts; all name one scale)."""
+    for name in ("scored", "rejected", "superseded"):
+        instrument = (doc.get(name) or {}).get("instrument")
+        if instrument:
+            return str(instrument)
+    return None
+
+
+def submission_scale(doc: Mapping[str, Any]) -> Scale:
+    """The scale of a status document (one written before parts named their instrument: alliance)."""
+    instrument = submission_instrument(doc)
+    return "alliance" if instrument is None else scale_of(instrument)
 
 
 def scored_part(event: Scored) -> Doc:
@@ -840,14 +896,17 @@ def scored_part(event: Scored) -> Doc:
 def superseded_part(event: Scored) -> Doc:
     """What the `superseded` part of `event.supersedes` keeps of the superseding event."""
     return {"key": f"{_rev_text(event.revision)}|{event.submission_id}", "revision": event.revision,
-            "by": event.submission_id, "site_id": event.site_id, "at": event.scored_at}
+            "by": event.submission_id, "site_id": event.site_id, "at": event.scored_at,
+            "instrument": str(event.instrument)}
 
 
 def rejected_part(dead: DeadLetter, submitted: Submitted) -> Doc:
     """What the `rejected` part keeps of a dead-lettered submission (`sort` orders the rejections page)."""
     accepted = _utc_text(submitted.accepted_at)
     return {"key": f"{accepted}|{hashlib.sha256(dead.payload.encode()).hexdigest()[:20]}",
-            "sort": f"{_utc_text(dead.occurred_at)}|{submitted.submission_id}",
+            # The outcome one of an id shared by both scales sorts apart (a cursor names one).
+            "sort": f"{_utc_text(dead.occurred_at)}|{submitted.submission_id}"
+                    + ("|outcome" if is_outcome(str(submitted.instrument)) else ""),
             "accepted": accepted, "reason": dead.reason, "detail": dead.detail, "at": dead.occurred_at,
             "site_id": submitted.site_id, "client_id": submitted.client_id, "instrument": str(submitted.instrument),
             "episode_id": submitted.episode_id, "session_number": submitted.session_number,
@@ -904,6 +963,8 @@ def submission_view(doc: Mapping[str, Any]) -> Doc | None:
         "total": about.get("total"),
         "flags": list(scored.get("flags") or []) if status != "rejected" else [],
         "rejected_at": _iso(rejected.get("at")) if rejected else None,
+        "scale": submission_scale(doc),
+        "instrument": submission_instrument(doc),
     }
 
 

@@ -895,11 +895,12 @@ class SubmissionStore:
         owners: dict[str, tuple[str, str]] = {}
         parts: list[tuple[str, str, Document]] = []
         for e in events:
-            doc_id = rules.submission_doc_id(e.tenant_id, e.submission_id)
+            scale = rules.scale_of(str(e.instrument))  # a submission supersedes only one of its scale
+            doc_id = rules.submission_doc_id(e.tenant_id, e.submission_id, scale)
             owners[doc_id] = (e.tenant_id, e.submission_id)
             parts.append((doc_id, "scored", rules.scored_part(e)))
             if e.supersedes and e.supersedes != e.submission_id:
-                old = rules.submission_doc_id(e.tenant_id, e.supersedes)
+                old = rules.submission_doc_id(e.tenant_id, e.supersedes, scale)
                 owners[old] = (e.tenant_id, e.supersedes)
                 parts.append((old, "superseded", rules.superseded_part(e)))
         return await self._write(rules.fold_parts(parts), owners)
@@ -909,14 +910,29 @@ class SubmissionStore:
         owners: dict[str, tuple[str, str]] = {}
         parts: list[tuple[str, str, Document]] = []
         for tenant_id, dead, submitted in rejections:
-            doc_id = rules.submission_doc_id(tenant_id, submitted.submission_id)
+            doc_id = rules.submission_doc_id(tenant_id, submitted.submission_id,
+                                             rules.scale_of(str(submitted.instrument)))
             owners[doc_id] = (tenant_id, submitted.submission_id)
             parts.append((doc_id, "rejected", rules.rejected_part(dead, submitted)))
         return await self._write(rules.fold_parts(parts), owners)
 
-    async def get(self, tenant_id: str, submission_id: str) -> Document | None:
-        doc = await self.col.find_one({"_id": rules.submission_doc_id(tenant_id, submission_id)})
-        return doc if doc is not None and doc.get("tenant_id") == tenant_id else None
+    async def get(self, tenant_id: str, submission_id: str, scale: rules.Scale | None = None) -> Document | None:
+        """The status document of the submission with this id on `scale`; without one, the
+        alliance submission's when there is one, else the outcome one's. (An outcome submission
+        scored before the scales were keyed apart has its document under the alliance key: it
+        is found by its parts' instrument.)"""
+        alliance_id = rules.submission_doc_id(tenant_id, submission_id, "alliance")
+        outcome_id = rules.submission_doc_id(tenant_id, submission_id, "outcome")
+        found: dict[rules.Scale, Document] = {}
+        async for doc in self.col.find({"_id": {"$in": [alliance_id, outcome_id]}}):
+            if doc.get("tenant_id") != tenant_id:
+                continue
+            held = "outcome" if doc["_id"] == outcome_id else rules.submission_scale(doc)
+            if held not in found or doc["_id"] == outcome_id:
+                found[held] = doc
+        if scale is not None:
+            return found.get(scale)
+        return found.get("alliance") or found.get("outcome")
 
     async def rejections(self, tenant_id: str, site_id: str | None, after: str, limit: int) -> list[Document]:
         """One page (limit + 1) of a tenant's (or site's) rejections with `rejected.sort` > `after`, oldest first."""

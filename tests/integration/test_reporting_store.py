@@ -27,6 +27,7 @@ from services.reporting.store import (
 )
 from shared.events import AlertState, AlertStatus, AlertStatusChanged, DeadLetter, SrsSubmitted
 from shared.mongo import Document
+from tests.support.outcome_events import ors_scored
 from tests.support.reporting import counters_verified_in_db
 from tests.support.stack import StackUnderTest, scratch_database
 from tools.demo import acknowledgement, deterioration_for, lifecycle, revised, scored
@@ -269,3 +270,28 @@ async def test_rejections_page_oldest_first_per_tenant_and_site(db: AsyncDatabas
     assert [d["submission_id"] for d in await store.rejections(T, None, since, 10)] == ["r3", "r4"]
     assert [d["submission_id"] for d in await store.rejections(T, "north", "", 10)] == ["r1", "r3"]
     assert [d["submission_id"] for d in await store.rejections("other", None, "", 10)] == ["r0"]
+
+
+# A submission id names one submission per scale (docs/clinical-records.md, "Session identity").
+
+
+async def test_an_srs_and_an_ors_under_one_id_each_keep_their_own_status(db: AsyncDatabase[Document]) -> None:
+    store = SubmissionStore(db)
+    srs, ors = scored(T, "c1", 1, 30.0, submission_id="appt-1"), ors_scored(T, "c1", 1, 20.0, intake_total=20.0,
+                                                                             submission_id="appt-1")
+    await store.apply_scored([srs, ors])
+    by_scale = {scale: await store.get(T, "appt-1", scale) for scale in ("alliance", "outcome")}
+    assert {s: (d or {})["scored"]["total"] for s, d in by_scale.items()} == {"alliance": 30.0, "outcome": 20.0}
+    assert await store.get(T, "appt-1") == by_scale["alliance"]
+
+
+async def test_an_ors_status_written_under_the_bare_id_before_is_found_as_the_outcome_one(
+        db: AsyncDatabase[Document]) -> None:
+    store = SubmissionStore(db)
+    ors = ors_scored(T, "c1", 1, 20.0, intake_total=20.0, submission_id="old-ors")
+    await store.col.insert_one({"_id": rules.submission_doc_id(T, "old-ors"), "tenant_id": T,
+                                "submission_id": "old-ors", "scored": rules.scored_part(ors)})
+    found = await store.get(T, "old-ors", "outcome")
+    assert found is not None and found == await store.get(T, "old-ors")
+    assert await store.get(T, "old-ors", "alliance") is None
+    assert (rules.submission_view(found) or {})["scale"] == "outcome"

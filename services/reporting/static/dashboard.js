@@ -224,6 +224,15 @@
     $("episode-picker").hidden = t.episodes.length < 2;
     const open = t.alerts.filter((a) => a.status === "open" || a.status === "acknowledged").length;
     $("detail-status").textContent = "";
+    if (!t.sessions.length) {
+      // Outcome sessions only (the ORS is given first; the SRS may never be): the outcome part shows them.
+      $("detail-meta").textContent = `No ${instrument} session yet · outcome sessions only · clinician ` +
+        `${t.clinician_id} · site ${t.site_id}`;
+      $("detail-chart").appendChild(el("p", { class: "meta", id: "no-alliance" },
+        `No ${instrument} session has been scored for this client yet.`));
+      showOutcome(t);
+      return;
+    }
     $("detail-meta").textContent =
       `${t.at_risk ? "At risk" : "On track"} · latest total ${num(t.latest_total)} · cutoff ${t.operator === "<=" ? "≤" : "<"} ` +
       `${num(t.cutoff)} · ${t.sessions.length} sessions · clinician ${t.clinician_id} · site ${t.site_id} · ` +
