@@ -27,7 +27,7 @@ Collections (all prefixed `reporting_`):
   the counters as an alliance record does (`pending`, markers), into the current bucket of its
   outcome instrument, with its own fields (`rules.outcome_contribution`: the outcome indices).
 - `reporting_submissions` (not per generation: a rebuild does not replay the dead-letter topic):
-  one document per (tenant, submission id) with the parts `scored`, `superseded` and `rejected`
+  one document per (tenant, scale, submission id) with the parts `scored`, `superseded` and `rejected`
   (see rules.py). Indexes: `_id` — GET /v1/submissions/{id}; `(tenant_id, rejected.sort)` and
   `(tenant_id, rejected.site_id, rejected.sort)` — the rejections page of a tenant or a site.
 
