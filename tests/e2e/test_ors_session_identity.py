@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.support.browser import CHROMIUM, chromium, sign_in
 from tests.support.services import Namespace, ServiceProcess
 from tests.support.wait import eventually
 from tools.recorder import Record, TopicRecorder
@@ -146,3 +148,33 @@ async def test_a_client_with_only_ors_sessions_has_a_trajectory_with_its_outcome
     assert (shown["site_id"], shown["clinician_id"], shown["episode_id"]) == (
         "north", "c-17", shown["outcome"]["episode_id"])
     assert [[a["srs"], a["ors"]["total"]] for a in shown["aligned"]] == [[None, 20.0], [None, 24.0]]
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
+async def test_the_trajectory_page_of_a_client_with_only_ors_sessions_shows_its_outcome_series(
+    services: dict[str, ServiceProcess], keys: dict[str, str], artifacts: Path,
+) -> None:
+    client, reporting = "client-ors-only-page", services["reporting"].url
+    async with httpx.AsyncClient(timeout=15) as http:
+        await post_all(http, services, keys, [form(client, 1, "ORS", 20.0), form(client, 2, "ORS", 14.0)])
+
+        async def scored_both() -> bool:
+            r = await read(http, f"{reporting}/v1/clients/{client}/trajectory", keys)
+            return r.status_code == 200 and len(r.json()["outcome"]["sessions"]) == 2
+
+        await eventually(scored_both, timeout=60)
+    async with chromium() as browser:
+        context = await browser.new_context(viewport={"width": 1280, "height": 1200})
+        page = await context.new_page()
+        try:
+            await sign_in(page, reporting, keys["read"], query=f"?client={client}&instrument=SRS")
+            await page.wait_for_selector("#outcome-chart svg path.ors-line")
+            chart = page.locator("#outcome-chart svg.combined")
+            assert await chart.locator("circle.ors-point").count() == 2
+            assert await chart.locator("circle.srs-point").count() == 0
+            assert "outcome sessions only" in (await page.locator("#detail-meta").text_content() or "")
+            assert await page.locator("#no-alliance").is_visible()
+            assert await page.locator("#detail-chart svg").count() == 0
+            await page.screenshot(path=str(artifacts / "e2e-ors-only-trajectory-page.png"), full_page=True)
+        finally:
+            await context.close()
