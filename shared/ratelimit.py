@@ -310,10 +310,12 @@ class Limiter:
     small limits (the failed-authentication one) stay exact.
 
     Refills ahead of need (only with a lease above 1): when a request leaves half a lease or less
-    held, the next lease is counted by a background task, and a request finding too few units while
-    that task runs waits for it rather than asking the store itself. A key that needed a refill in a
+    held and the key's pace in this slot would spend what is held before the slot ends, the next
+    lease is counted by a background task, and a request finding too few units while that task runs
+    waits for it rather than asking the store itself. A key that spent half a lease or more in a
     slot gets one lease counted right after the next slot begins (held units of an ended slot are
-    dropped, so without it the first requests of every slot would wait for the store). A refill
+    dropped, so without it the first requests of every slot would wait for the store). The two
+    conditions keep a slow key from counting leases it will not use (each a store write). A refill
     the store refuses or does not answer is dropped: the request path then asks the store as
     without refills, and reports its outage.
     """
@@ -331,8 +333,10 @@ class Limiter:
         self._held: dict[str, _Held] = {}
         self._max_held = 100_000
         self._refills: dict[str, asyncio.Task[None]] = {}
-        # Keys that needed a refill in a slot, by slot: refilled again as the next slot begins.
+        # Keys that spent half a lease or more in a slot, by slot: refilled as the next slot begins.
         self._busy: dict[int, set[str]] = {}
+        # Units this process admitted per key in the current slot: (slot, units).
+        self._used: dict[str, tuple[int, int]] = {}
 
     def _cost(self, cost: float) -> int:
         return min(max(math.ceil(cost), 0), self.item.amount)
@@ -368,7 +372,7 @@ class Limiter:
         held = await self._refilled(key, units)
         if held is not None and held.units >= units:
             held.units -= units
-            self._refill_if_low(key, held)
+            self._refill_if_low(key, held, self._spent(key, held.slot, units))
             return 0.0
         # Claim what is held before the round trip (another request of this process may run
         # meanwhile), and put it back if the store refuses the rest.
@@ -381,8 +385,7 @@ class Limiter:
             slot = self.storage.current_slot(self.window)
             if await self._strategy.hit(self.item, key, cost=ask):
                 self._hold(key, ask - need, slot)
-                if ask > need:
-                    self._mark_busy(key, slot)
+                self._spent(key, slot, units)
                 return 0.0
         self._hold(key, have, have_slot)
         return max(await self._seconds_until(key, units), 1e-3)
@@ -420,17 +423,32 @@ class Limiter:
             held = self._holding(key)
         return held
 
-    def _refill_if_low(self, key: str, held: _Held) -> None:
-        if self.lease > 1 and held.units <= self.lease // 2:
+    def _spent(self, key: str, slot: int, units: int) -> int:
+        """Count `units` admitted for `key` in `slot`; the units admitted in the slot so far. The
+        key becomes busy (a lease as the next slot begins) once they reach half a lease."""
+        before = self._used.get(key)
+        used = units + (before[1] if before is not None and before[0] == slot else 0)
+        if before is None and len(self._used) >= self._max_held:
+            for old in list(self._used)[: self._max_held // 2]:
+                del self._used[old]
+        self._used[key] = (slot, used)
+        if self.lease > 1 and used >= self.lease // 2 > used - units:
+            self._mark_busy(key, slot)
+        return used
+
+    def _refill_if_low(self, key: str, held: _Held, used: int) -> None:
+        """Refill when half a lease or less is held and, at the pace of the slot so far (`used`
+        units), more than that would be spent before the slot ends."""
+        if self.lease <= 1 or held.units > self.lease // 2:
+            return
+        elapsed = self.storage.now() - held.slot * self.window
+        if used * (self.window - elapsed) > held.units * max(elapsed, 1e-3):
             self._refill(key, held.slot)
 
-    def _refill(self, key: str, slot: int, busy: bool = True) -> None:
-        """Count one lease for `key` in `slot` in the background (at most one refill per key at a time);
-        `busy`: the key needed it, so it gets another as the next slot begins."""
+    def _refill(self, key: str, slot: int) -> None:
+        """Count one lease for `key` in `slot` in the background (at most one refill per key at a time)."""
         if key in self._refills or slot != self.storage.current_slot(self.window):
             return
-        if busy:
-            self._mark_busy(key, slot)
         task = asyncio.get_running_loop().create_task(self._count_lease(key, slot), name=f"ratelimit-refill:{key}")
         self._refills[key] = task
         task.add_done_callback(lambda _t: self._refills.pop(key, None))
@@ -465,8 +483,7 @@ class Limiter:
             self._at_slot_end(ended)  # early by the wall clock (it was adjusted): again at its end
             return
         for key in self._busy.pop(ended, ()):
-            # Not marked busy again: a key idle in the new slot gets no lease in the one after.
-            self._refill(key, ended + 1, busy=False)
+            self._refill(key, ended + 1)
 
     async def _seconds_until(self, key: str, cost: int) -> float:
         previous, previous_ttl, current, _ = await self.storage.get_sliding_window(self.item.key_for(key), self.window)

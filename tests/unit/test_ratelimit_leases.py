@@ -254,3 +254,16 @@ async def test_the_check_before_the_body_refuses_a_key_without_room_for_one_unit
     lim = replica(CountedCounters(clock), clock, burst=200, lease=10)
     await lim.charge("k", 200)  # a debt: the weighted count is at the limit
     assert await lim.wait("k") > 0
+
+
+async def test_a_key_whose_pace_would_not_spend_the_held_units_in_this_slot_counts_no_lease_ahead() -> None:
+    clock = Clock()
+    store = CountedCounters(clock)
+    lim = replica(store, clock)  # a window of 4 s
+    await lim.take("k")  # a lease: 9 held
+    clock.now += 3.5
+    for _ in range(4):  # 5 held, 5 spent in 3.5 s: at that pace under one more before the slot ends
+        await lim.take("k")
+    trips = store.trips
+    await settle()
+    assert store.trips == trips
