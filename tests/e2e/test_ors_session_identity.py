@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.browser import CHROMIUM, chromium, sign_in
+from tests.support.browser import CHROMIUM, trajectory_page
 from tests.support.services import Namespace, ServiceProcess
 from tests.support.wait import eventually
 from tools.recorder import Record, TopicRecorder
@@ -163,18 +163,12 @@ async def test_the_trajectory_page_of_a_client_with_only_ors_sessions_shows_its_
             return r.status_code == 200 and len(r.json()["outcome"]["sessions"]) == 2
 
         await eventually(scored_both, timeout=60)
-    async with chromium() as browser:
-        context = await browser.new_context(viewport={"width": 1280, "height": 1200})
-        page = await context.new_page()
-        try:
-            await sign_in(page, reporting, keys["read"], query=f"?client={client}&instrument=SRS")
-            await page.wait_for_selector("#outcome-chart svg path.ors-line")
-            chart = page.locator("#outcome-chart svg.combined")
-            assert await chart.locator("circle.ors-point").count() == 2
-            assert await chart.locator("circle.srs-point").count() == 0
-            assert "outcome sessions only" in (await page.locator("#detail-meta").text_content() or "")
-            assert await page.locator("#no-alliance").is_visible()
-            assert await page.locator("#detail-chart svg").count() == 0
-            await page.screenshot(path=str(artifacts / "e2e-ors-only-trajectory-page.png"), full_page=True)
-        finally:
-            await context.close()
+    async with trajectory_page(reporting, keys["read"], client) as page:
+        await page.wait_for_selector("#outcome-chart svg path.ors-line")
+        chart = page.locator("#outcome-chart svg.combined")
+        assert await chart.locator("circle.ors-point").count() == 2
+        assert await chart.locator("circle.srs-point").count() == 0
+        assert "outcome sessions only" in (await page.locator("#detail-meta").text_content() or "")
+        assert await page.locator("#no-alliance").is_visible()
+        assert await page.locator("#detail-chart svg").count() == 0
+        await page.screenshot(path=str(artifacts / "e2e-ors-only-trajectory-page.png"), full_page=True)

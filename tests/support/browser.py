@@ -31,3 +31,18 @@ async def sign_in(page: Page, base: str, key: str, clinician: str = "", query: s
     if clinician:
         await page.fill("#clinician", clinician)
     await page.click("#signin button[type=submit]")
+
+
+@asynccontextmanager
+async def trajectory_page(base: str, key: str, client: str, instrument: str = "SRS",
+                          height: int = 1200) -> AsyncIterator[Page]:
+    """The dashboard's trajectory page of `client` on `instrument`, signed in with a read key, in a
+    fresh headless Chromium, for the length of the block."""
+    async with chromium() as browser:
+        context = await browser.new_context(viewport={"width": 1280, "height": height})
+        try:
+            page = await context.new_page()
+            await sign_in(page, base, key, query=f"?client={client}&instrument={instrument}")
+            yield page
+        finally:
+            await context.close()
