@@ -27,10 +27,11 @@ class ReportingSettings(BaseSettings):
     rebuild_batch_records: PositiveInt = 2000
     # Write-through cache of record documents (saves the read before each write). Entries
     # are a few KB each; a rebuild, which writes every trajectory, gets a bigger one, bounded by
-    # the memory its records take (a record of 5 sessions ~9 KB: 96 MiB ~ 11,000 of them), so that
-    # a rebuild's footprint does not grow with the network (a record it no longer holds is read again).
+    # the memory its records take (a record of 5 sessions ~9 KB: 64 MiB ~ 7,500 of them), so that
+    # a rebuild's footprint does not grow with the network (a record it no longer holds is read
+    # again). The rebuild process itself takes ~165 MiB; with 96 here it peaked at 303 MiB.
     cache_entries: NonNegativeInt = 20_000
-    rebuild_cache_mib: NonNegativeInt = 96
+    rebuild_cache_mib: NonNegativeInt = 64
     key_cache_seconds: NonNegativeFloat = 30.0
     # A client's record (every session on one instrument) is one document; sessions that would
     # grow it past this many bytes (encoded) are dead-lettered as `record_too_large` instead of
