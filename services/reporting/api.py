@@ -228,8 +228,17 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
     async def fhir(request: Request, client_id: str, p: Principal = auditor.route("fhir.read", reader),
                    instrument: InstrumentQ = Instrument.SRS, episode_id: EpisodeQ = None,
                    episode: OldEpisodeQ = None) -> Response:
-        gen, doc, chosen = await find_episode(request, p, client_id, instrument, episode_id, episode)
-        outcome = await outcome_record(gen, p, client_id, instrument)
+        gen = (await generations.current()).active
+        found, outcome = await asyncio.gather(
+            store.record(gen, p.tenant_id, client_id, instrument.value, p.site_id),
+            outcome_record(gen, p, client_id, instrument))
+        if found is None and outcome is not None:
+            # Outcome sessions only (as for the trajectory): the Bundle of the outcome record's
+            # episode, its sessions built as in a Bundle with both scales.
+            doc, chosen = outcome, pick_episode(outcome, episode_id, episode)
+            outcome = None
+        else:
+            gen, doc, chosen = await find_episode(request, p, client_id, instrument, episode_id, episode, gen)
         return _json_response(request, trajectory_bundle(doc, chosen, outcome),
                               max_age=settings.trajectory_max_age_seconds, generation=gen, media_type=FHIR_JSON)
 
@@ -251,10 +260,15 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
         if not docs and after is None:
             raise HTTPException(404, error_body([("clinician_id", "no caseload for this clinician")]))
         page, more = docs[:size], len(docs) > size
-        alerts = await store.alerts_for(gen, p.tenant_id, [d["_id"] for d in page])
+        # outcome records stand for clients with no alliance record (store.caseload)
+        alone = {d["_id"] for d in page if rules.is_outcome(d["instrument"])}
+        alerts, outcome_alerts = await asyncio.gather(
+            store.alerts_for(gen, p.tenant_id, [d["_id"] for d in page if d["_id"] not in alone]),
+            store.alerts_for(gen, p.tenant_id, sorted(alone), outcome=True))
         body = {
             "clinician_id": clinician_id,
-            "clients": [rules.caseload_entry(d, alerts.get(d["_id"], [])) for d in page],
+            "clients": [rules.caseload_outcome_entry(d, outcome_alerts.get(d["_id"], [])) if d["_id"] in alone
+                        else rules.caseload_entry(d, alerts.get(d["_id"], [])) for d in page],
             "next_cursor": rules.encode_cursor(page[-1]["caseload_key"]) if more else None,
         }
         return _json_response(request, body, max_age=settings.trajectory_max_age_seconds, generation=gen)

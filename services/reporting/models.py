@@ -197,7 +197,24 @@ class AlertMarkOut(_Out):
     status: AlertState
 
 
+class CaseloadOutcomeOut(_Out):
+    """The current episode's latest outcome (ORS) session of a client listed without alliance sessions."""
+
+    instrument: OutcomeInstrument
+    latest_total: float
+    latest_session_number: int
+    latest_administered_at: datetime
+    session_count: int
+    cutoff: float | None
+    change_from_intake: float | None
+    change: OutcomeChange | None
+    alerts: list[AlertMarkOut]
+
+
 class CaseloadEntryOut(_Out):
+    """One client of a caseload. A client with outcome sessions only has its alliance fields null
+    (no points or alerts, not at risk) and `outcome` filled; for every other client `outcome` is null."""
+
     client_id: str
     instrument: Instrument
     episode_id: str | None
@@ -206,13 +223,14 @@ class CaseloadEntryOut(_Out):
     at_risk: bool
     below_cutoff: bool
     declining: bool
-    latest_total: float
-    latest_session_number: int
-    latest_administered_at: datetime
+    latest_total: float | None
+    latest_session_number: int | None
+    latest_administered_at: datetime | None
     session_count: int
-    cutoff: float
+    cutoff: float | None
     points: list[PointOut]
     alerts: list[AlertMarkOut]
+    outcome: CaseloadOutcomeOut | None
 
 
 class CaseloadOut(_Out):

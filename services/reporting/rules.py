@@ -71,6 +71,7 @@ from typing import Any, Literal, TypeVar
 
 from shared import ids
 from shared.events import (
+    OUTCOME_OF,
     AlertState,
     AlertStatus,
     AlertStatusChanged,
@@ -349,6 +350,20 @@ def derive_record(identity: Mapping[str, Any], entries: Mapping[str, Doc],
     }
 
 
+# The alliance instrument a client with outcome sessions only is listed under in a caseload (the
+# first one `OUTCOME_OF` pairs with its outcome instrument: its trajectory answers for that client).
+CASELOAD_INSTRUMENT: dict[OutcomeInstrument, Instrument] = {
+    OutcomeInstrument.ORS: Instrument.SRS, OutcomeInstrument.CORS: Instrument.CSRS,
+    OutcomeInstrument.YCORS: Instrument.YCSRS}
+
+
+def paired_record_ids(outcome: Mapping[str, Any]) -> list[str]:
+    """The ids of the alliance records an outcome record pairs with (`OUTCOME_OF`): when one of
+    them has sessions, the client is listed by it, not by the outcome record."""
+    return [record_id(outcome["tenant_id"], outcome["client_id"], a.value)
+            for a, o in OUTCOME_OF.items() if o.value == outcome["instrument"]]
+
+
 def is_outcome(instrument: str) -> bool:
     """The instrument is of the ORS family (its record is an outcome record)."""
     return instrument in OutcomeInstrument.__members__
@@ -364,12 +379,16 @@ def derive_outcome_record(identity: Mapping[str, Any], entries: Mapping[str, Doc
                 "instrument": identity["instrument"], "entries": dict(entries)}
     if not groups:
         return {**doc, "site_id": None, "site_version": 0, "clinician_id": None, "episode_id": None,
-                "episode_derived": False, "episodes": [], "session_count": 0}
+                "episode_derived": False, "episodes": [], "session_count": 0, "caseload_key": None}
     ordered = next(iter(groups.values()))
     latest = ordered[-1]
+    shown_as = CASELOAD_INSTRUMENT[OutcomeInstrument(identity["instrument"])].value
     return {
         **doc,
         **_placement(groups),
+        # where the client stands in a caseload when it has no alliance record: not at risk on
+        # the alliance scale (it has no session there), under the alliance instrument it is listed by
+        "caseload_key": caseload_key(False, identity["client_id"], shown_as),
         "age_band": latest.get("age_band"),
         "first_total": float(ordered[0]["total"]),
         "intake_total": latest.get("intake_total"),
@@ -809,10 +828,6 @@ def outcome_only_view(instrument: str, outcome: Mapping[str, Any], outcome_alert
 def caseload_entry(doc: Mapping[str, Any], alerts: Sequence[Mapping[str, Any]] = ()) -> Doc:
     """One line of a caseload (the current episode): enough to draw its chart without another request."""
     episode, ordered = episode_of(doc)
-    marks = []
-    for a in _episode_alerts(alerts, episode):
-        view = alert_view(a)
-        marks.append({k: view[k] for k in ("session_number", "severity", "acknowledged", "status")})
     return {
         "client_id": doc["client_id"],
         "instrument": doc["instrument"],
@@ -829,7 +844,54 @@ def caseload_entry(doc: Mapping[str, Any], alerts: Sequence[Mapping[str, Any]] =
         "cutoff": float(doc["cutoff"]),
         "points": [{"session_number": int(s["session_number"]), "total": float(s["total"]),
                     "below_cutoff": below_cutoff(s)} for s in ordered],
-        "alerts": sorted(marks, key=lambda a: a["session_number"] or 0),
+        "alerts": _alert_marks(alerts, episode),
+        "outcome": None,
+    }
+
+
+def _alert_marks(alerts: Sequence[Mapping[str, Any]], episode: str | None) -> list[Doc]:
+    marks = []
+    for a in _episode_alerts(alerts, episode):
+        view = alert_view(a)
+        marks.append({k: view[k] for k in ("session_number", "severity", "acknowledged", "status")})
+    return sorted(marks, key=lambda a: a["session_number"] or 0)
+
+
+def caseload_outcome_entry(doc: Mapping[str, Any], alerts: Sequence[Mapping[str, Any]] = ()) -> Doc:
+    """The caseload line of a client with outcome sessions and no alliance record (`doc` its
+    outcome record, `alerts` its outcome alerts): the alliance fields say there is nothing on that
+    scale (null totals and cutoff, no points or alerts, not at risk), listed under the alliance
+    instrument its trajectory answers for (`CASELOAD_INSTRUMENT`); `outcome` holds the current
+    episode's latest ORS as scoring decided it."""
+    episode, ordered = episode_of(doc)
+    latest = ordered[-1]
+    return {
+        "client_id": doc["client_id"],
+        "instrument": CASELOAD_INSTRUMENT[OutcomeInstrument(doc["instrument"])].value,
+        "episode_id": episode,
+        "episode_count": len(doc.get("episodes", [])),
+        "site_id": doc["site_id"],
+        "at_risk": False,
+        "below_cutoff": False,
+        "declining": False,
+        "latest_total": None,
+        "latest_session_number": None,
+        "latest_administered_at": None,
+        "session_count": 0,
+        "cutoff": None,
+        "points": [],
+        "alerts": [],
+        "outcome": {
+            "instrument": doc["instrument"],
+            "latest_total": float(latest["total"]),
+            "latest_session_number": int(latest["session_number"]),
+            "latest_administered_at": _iso(latest["administered_at"]),
+            "session_count": len(ordered),
+            "cutoff": latest.get("cutoff"),
+            "change_from_intake": latest.get("change_from_intake"),
+            "change": latest.get("change"),
+            "alerts": _alert_marks(alerts, episode),
+        },
     }
 
 

@@ -22,8 +22,11 @@ Collections (all prefixed `reporting_`):
       counts come from the counters: no index per count.)
 - `reporting_<gen>_outcomes` and `reporting_<gen>_outcome_alerts`: the outcome (ORS) half, the
   same shapes and merges as `clients` and `alerts`, apart so that caseloads and the alliance alert
-  counts read exactly what they did. Outcome records are read by `_id` only (beside the alliance
-  record of the same client); their alerts by `(tenant_id, record_id)`. An outcome record moves
+  counts read exactly what they did. Outcome records are read by `_id` (beside the alliance
+  record of the same client) and by `(tenant_id, clinician_id, caseload_key)` — the caseload's
+  clients with no alliance record (see `caseload`; records written before they had a
+  `caseload_key` are listed after one `alliance reporting rebuild`); their alerts by
+  `(tenant_id, record_id)`. An outcome record moves
   the counters as an alliance record does (`pending`, markers), into the current bucket of its
   outcome instrument, with its own fields (`rules.outcome_contribution`: the outcome indices).
 - `reporting_submissions` (not per generation: a rebuild does not replay the dead-letter topic):
@@ -415,7 +418,9 @@ def from_stored(doc: Document) -> Document:
 _RECORD_INDEXES = (("caseload", ("clinician_id", "caseload_key")), ("by_site", ("site_id", "instrument")))
 _COUNTER_INDEXES = (("by_site", ("site_id",)), ("by_clinician", ("clinician_id",)))
 _ALERT_INDEXES = (("by_record", ("record_id",)),)
-# Outcome records are read by `_id` only (beside their alliance record); their alerts by record.
+# Outcome records are read by `_id` (beside their alliance record), and by caseload for the
+# clients with no alliance record; their alerts by record.
+_OUTCOME_INDEXES = (("caseload", ("clinician_id", "caseload_key")),)
 _OUTCOME_ALERT_INDEXES = (("by_record", ("record_id",)),)
 
 
@@ -477,7 +482,8 @@ class ReportingStore:
         if gen in self._indexed:
             return
         for col, indexes in ((self.clients(gen), _RECORD_INDEXES), (self.counters(gen), _COUNTER_INDEXES),
-                             (self.alerts(gen), _ALERT_INDEXES), (self.outcome_alerts(gen), _OUTCOME_ALERT_INDEXES)):
+                             (self.alerts(gen), _ALERT_INDEXES), (self.outcomes(gen), _OUTCOME_INDEXES),
+                             (self.outcome_alerts(gen), _OUTCOME_ALERT_INDEXES)):
             for name, fields in indexes:
                 await col.create_index([("tenant_id", ASCENDING), *((f, ASCENDING) for f in fields)], name=name)
         self._indexed.add(gen)
@@ -786,14 +792,39 @@ class ReportingStore:
 
     async def caseload(self, gen: str, tenant_id: str, clinician_id: str, site_id: str | None,
                        after: str | None, limit: int) -> list[Document]:
-        """One page (limit + 1 to tell whether more follow) of a clinician's records, at-risk first."""
+        """One page (limit + 1 to tell whether more follow) of a clinician's records, at-risk first:
+        the alliance records, and the outcome records of clients with no alliance record (an
+        outcome record's `caseload_key` is that of the alliance line it stands for), in one
+        `caseload_key` order. Both are range scans of their `caseload` index from the cursor; an
+        outcome record whose client has a paired alliance record with sessions is skipped (that
+        client is listed by its alliance record, wherever it is: one line per client). Outcome
+        records are scanned no further than the last alliance record of a full page, so a page
+        reads about twice the records it shows when most clients have both."""
         q: Document = {"tenant_id": tenant_id, "clinician_id": clinician_id}
         if after is not None:
             q["caseload_key"] = {"$gt": after}
         if site_id is not None:
             q["site_id"] = site_id
-        docs = await self.clients(gen).find(q).sort([("caseload_key", ASCENDING)]).limit(limit + 1).to_list()
-        return [from_stored(d) for d in docs]
+        order = [("caseload_key", ASCENDING)]
+        alliance = [from_stored(d) for d in await self.clients(gen).find(q).sort(order).limit(limit + 1).to_list()]
+        # past this key the page is alliance records only (there are limit + 1 of them before it)
+        bound = alliance[-1]["caseload_key"] if len(alliance) > limit else None
+        alone: list[Document] = []
+        # `$gt` a key also passes over outcome records written before they had one (a rebuild gives them theirs)
+        q = {**q, "caseload_key": {"$gt": after or ""}}
+        while len(alone) <= limit:
+            batch = await self.outcomes(gen).find(q).sort(order).limit(limit + 1).to_list()
+            within = [d for d in batch if bound is None or d["caseload_key"] < bound]
+            if within:
+                paired = {i: d for d in within for i in rules.paired_record_ids(d)}
+                listed = {d["_id"] for d in await self.clients(gen).find(
+                    {"_id": {"$in": sorted(paired)}, "session_count": {"$gt": 0}}, {"_id": 1}).to_list()}
+                shadowed = {paired[i]["_id"] for i in listed}
+                alone += [from_stored(d) for d in within if d["_id"] not in shadowed]
+            if len(batch) <= limit or len(within) < len(batch):
+                break
+            q = {**q, "caseload_key": {"$gt": batch[-1]["caseload_key"]}}
+        return sorted([*alliance, *alone], key=lambda d: str(d["caseload_key"]))[:limit + 1]
 
     async def summary(self, gen: str, tenant_id: str, site_id: str | None,
                       clinician_id: str | None = None) -> Document | None:

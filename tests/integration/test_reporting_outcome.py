@@ -14,6 +14,7 @@ from services.reporting.settings import ReportingSettings
 from shared.events import AlertStatus, DeadLetter, OrsSubmitted, Severity
 from shared.ids import derive
 from tests.integration.test_reporting_service import Reporting, reporting, reporting_process, tenant, until
+from tests.support.browser import chromium, sign_in
 from tests.support.outcome_events import (
     ors_scored,
     outcome_alert_for,
@@ -143,7 +144,8 @@ async def test_the_fhir_bundle_holds_the_ors_sessions_of_the_episode(reporting: 
     await publish(reporting.ns.kafka(), srs_sessions(t, "c1", [38.0]))
     await publish_outcome(reporting.ns.kafka(), outcome_series(t, "c1", [18.0, 24.0]))
     key = await reporting.key(t)
-    await until(reporting, "/v1/clients/c1/trajectory", key, has_ors(2))
+    # both scales visible (with the ORS alone the trajectory and the Bundle answer already)
+    await until(reporting, "/v1/clients/c1/trajectory", key, lambda b: len(b["sessions"]) == 1 and has_ors(2)(b))
     res = await reporting.http.get("/v1/clients/c1/fhir", headers={"Authorization": f"Bearer {key}"})
     codes = [e["resource"]["code"]["coding"][0]["code"] for e in res.json()["entry"]
              if e["resource"]["resourceType"] == "Observation"]
@@ -202,3 +204,83 @@ async def test_summaries_count_clients_by_their_latest_outcome_per_tenant_site_a
     moved = await until(reporting, "/v1/clinicians/c-1/summary", key,
                         lambda b: b["outcome"]["reliable_deterioration"]["count"] == 0)
     assert moved["outcome"]["no_reliable_change"]["count"] == 2 and moved["outcome"]["clients"] == 3
+
+
+async def test_a_client_with_only_ors_sessions_is_in_their_clinicians_caseload_with_the_outcome(
+        reporting: Reporting) -> None:
+    t = tenant()
+    await publish(reporting.ns.kafka(), srs_sessions(t, "c1", [38.0, 30.0]))
+    ors = outcome_series(t, "c2", [20.0, 14.0])
+    await publish_outcome(reporting.ns.kafka(), [*ors, outcome_alert_for(ors[1])])
+    key = await reporting.key(t)
+    body = await until(reporting, "/v1/clinicians/c-1/caseload", key,
+                       lambda b: len(b["clients"]) == 2 and b["clients"][1]["outcome"]["alerts"] != [])
+    srs, only_ors = body["clients"]
+    assert (srs["client_id"], srs["latest_total"], srs["outcome"]) == ("c1", 30.0, None)
+    assert (only_ors["client_id"], only_ors["instrument"], only_ors["latest_total"], only_ors["cutoff"],
+            only_ors["points"], only_ors["at_risk"]) == ("c2", "SRS", None, None, [], False)
+    outcome = only_ors["outcome"]
+    assert (outcome["instrument"], outcome["latest_total"], outcome["change"], outcome["session_count"]) == (
+        "ORS", 14.0, "reliable_deterioration", 2)
+    assert outcome["alerts"] == [{"session_number": 2, "severity": "critical", "acknowledged": False,
+                                  "status": "open"}]
+
+
+async def test_the_caseload_pages_over_both_sources_once_each_client(reporting: Reporting) -> None:
+    t = tenant()
+    # c0, c2, c4: SRS (c2 at risk) and ORS; c1, c3: ORS only
+    await publish(reporting.ns.kafka(), [*srs_sessions(t, "c0", [38.0]), *srs_sessions(t, "c2", [38.0, 30.0]),
+                                         *srs_sessions(t, "c4", [38.0])])
+    await publish_outcome(reporting.ns.kafka(), [e for c in ("c0", "c1", "c2", "c3", "c4")
+                                                 for e in outcome_series(t, c, [20.0])])
+    key = await reporting.key(t)
+    await until(reporting, "/v1/clinicians/c-1/caseload", key, lambda b: len(b["clients"]) == 5, limit=50)
+    seen: list[str] = []
+    cursor: str | None = None
+    while True:
+        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = (await reporting.get("/v1/clinicians/c-1/caseload", key, **params)).json()
+        seen += [c["client_id"] for c in page["clients"]]
+        if (cursor := page["next_cursor"]) is None:
+            break
+    assert seen == ["c2", "c0", "c1", "c3", "c4"]
+
+
+async def test_the_fhir_bundle_of_a_client_with_only_ors_sessions_holds_them(reporting: Reporting) -> None:
+    t = tenant()
+    await publish_outcome(reporting.ns.kafka(), outcome_series(t, "c1", [18.0, 24.0]))
+    key = await reporting.key(t)
+    await until(reporting, "/v1/clients/c1/trajectory", key, has_ors(2))
+    res = await reporting.http.get("/v1/clients/c1/fhir", headers={"Authorization": f"Bearer {key}"})
+    assert res.status_code == 200
+    codes = [e["resource"]["code"]["coding"][0]["code"] for e in res.json()["entry"]
+             if e["resource"]["resourceType"] == "Observation"]
+    assert codes == ["ORS-total", "ORS-total"]
+
+
+async def test_the_dashboard_card_of_a_client_with_only_ors_sessions_shows_its_latest_ors(
+        reporting: Reporting) -> None:
+    t = tenant()
+    ors = outcome_series(t, "c1", [20.0, 14.0])
+    await publish_outcome(reporting.ns.kafka(), [*ors, outcome_alert_for(ors[1])])
+    key = await reporting.key(t)
+    await until(reporting, "/v1/clinicians/c-1/caseload", key,
+                lambda b: len(b["clients"]) == 1 and b["clients"][0]["outcome"]["alerts"] != [])
+    async with chromium() as browser:
+        page = await browser.new_page()
+        await sign_in(page, reporting.proc.url, key, clinician="c-1")
+        facts = page.locator("#cards li.card .facts")
+        await facts.wait_for()
+        assert await facts.inner_text() == ("no SRS session · ORS latest 14.0 (session 2) · reliable deterioration"
+                                            " · 1 outcome alert")
+
+
+async def test_a_site_bound_key_sees_only_its_sites_clients_with_only_ors_sessions(reporting: Reporting) -> None:
+    t = tenant()
+    await publish_outcome(reporting.ns.kafka(), [*outcome_series(t, "c1", [20.0]),
+                                                 *outcome_series(t, "c2", [20.0], site_id="south")])
+    await until(reporting, "/v1/clinicians/c-1/caseload", await reporting.key(t), lambda b: len(b["clients"]) == 2)
+    north = (await reporting.get("/v1/clinicians/c-1/caseload", await reporting.key(t, site="north"))).json()
+    assert [c["client_id"] for c in north["clients"]] == ["c1"]
+    south = await reporting.key(t, site="south")
+    assert (await reporting.get("/v1/clients/c1/fhir", south)).status_code == 404

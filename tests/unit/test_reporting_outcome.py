@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.reporting import fhir, rules
-from services.reporting.models import SummaryOut, TrajectoryOut
+from services.reporting.models import CaseloadEntryOut, SummaryOut, TrajectoryOut
 from shared.events import AlertStatus, Flag, OrsItems, OrsScored, OutcomeInstrument, Severity
 from tests.support.outcome_events import ors_scored, outcome_alert_for, outcome_series
 from tests.unit.test_reporting_rules import content, fold  # the same batched fold the SRS rules are tested with
@@ -52,6 +52,29 @@ def test_an_ors_record_shows_scoring_s_outcome_of_its_latest_session() -> None:
     assert (doc["instrument"], doc["session_count"], doc["latest_total"]) == ("ORS", 3, 21.0)
     assert (doc["change"], doc["change_from_intake"], doc["cutoff"]) == ("reliable_improvement", 6.0, 25.0)
     assert doc["age_band"] == "adult" and "at_risk" not in doc  # the alliance's risk is not the outcome's
+
+
+@pytest.mark.parametrize(("outcome", "listed_as"), [(OutcomeInstrument.ORS, "SRS"), (OutcomeInstrument.CORS, "CSRS"),
+                                                    (OutcomeInstrument.YCORS, "YCSRS")])
+def test_an_outcome_record_sorts_in_a_caseload_as_the_not_at_risk_alliance_line_it_stands_for(
+        outcome: OutcomeInstrument, listed_as: str) -> None:
+    doc = fold(outcome_series(T, "c1", [15.0, 8.0], instrument=outcome))
+    assert doc["caseload_key"] == rules.caseload_key(False, "c1", listed_as)
+
+
+def test_an_outcome_record_pairs_with_every_alliance_instrument_of_its_scale() -> None:
+    doc = fold(outcome_series(T, "c1", [15.0]))
+    assert rules.paired_record_ids(doc) == [rules.record_id(T, "c1", "SRS"), rules.record_id(T, "c1", "GSRS")]
+
+
+def test_the_caseload_line_of_an_outcome_only_client_has_no_alliance_values_and_its_latest_outcome() -> None:
+    ors = outcome_series(T, "c1", [20.0, 14.0])
+    line = rules.caseload_outcome_entry(fold(ors), [alert_doc(outcome_alert_for(ors[1]))])
+    assert (line["instrument"], line["latest_total"], line["cutoff"], line["points"], line["at_risk"]) == (
+        "SRS", None, None, [], False)
+    assert (line["outcome"]["latest_total"], line["outcome"]["change_from_intake"],
+            [a["session_number"] for a in line["outcome"]["alerts"]]) == (14.0, -6.0, [2])
+    CaseloadEntryOut.model_validate(line)
 
 
 def test_a_duplicated_ors_event_changes_nothing() -> None:

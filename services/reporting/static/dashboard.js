@@ -135,10 +135,15 @@
     head.appendChild(el("span", { class: "badge" + (entry.at_risk ? " risk" : "") }, entry.at_risk ? "At risk" : "On track"));
     li.appendChild(head);
     const why = entry.below_cutoff ? "below cutoff" : entry.declining ? "declining" : "";
-    li.appendChild(el("div", { class: "facts" },
-      `latest ${num(entry.latest_total)} (session ${entry.latest_session_number}) · ${entry.session_count} sessions` +
-      (entry.alerts.length ? ` · ${entry.alerts.length} alert${entry.alerts.length > 1 ? "s" : ""}` : "") +
-      (why ? " · " + why : "")));
+    // a client with outcome sessions only: no alliance values, its latest outcome session instead
+    const o = entry.outcome;
+    li.appendChild(el("div", { class: "facts" }, o
+      ? `no ${entry.instrument} session · ${o.instrument} latest ${num(o.latest_total)} (session ${o.latest_session_number})` +
+        (o.change ? " · " + o.change.replace(/_/g, " ") : "") +
+        (o.alerts.length ? ` · ${o.alerts.length} outcome alert${o.alerts.length > 1 ? "s" : ""}` : "")
+      : `latest ${num(entry.latest_total)} (session ${entry.latest_session_number}) · ${entry.session_count} sessions` +
+        (entry.alerts.length ? ` · ${entry.alerts.length} alert${entry.alerts.length > 1 ? "s" : ""}` : "") +
+        (why ? " · " + why : "")));
     li.appendChild(chart(entry.points, entry.cutoff, entry.alerts,
       { width: 300, height: 80, label: `SRS trajectory of ${entry.client_id}` }));
     // the client's current episode: the detail page opens on it and offers the others
