@@ -320,9 +320,10 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
         if not months or len(months) > MAX_TREND_MONTHS:
             raise HTTPException(422, error_body([("to", f"must be from `from` to {MAX_TREND_MONTHS} months after it")]))
         gen = (await generations.current()).active
-        series = await store.trends(gen, p.tenant_id, first, last, site_id=site_id, clinician_id=clinician_id)
+        series, as_of = await store.trends_as_of(gen, p.tenant_id, first, last, site_id=site_id,
+                                                 clinician_id=clinician_id)
         body = {"tenant_id": p.tenant_id, "site_id": site_id, "clinician_id": clinician_id, "from_month": first,
-                "to_month": last, "as_of": datetime.now(UTC).isoformat(), "months": series}
+                "to_month": last, "as_of": as_of.isoformat(), "months": series}
         return _json_response(request, body, max_age=settings.summary_max_age_seconds, generation=gen)
 
     trend_responses: dict[int | str, dict[str, Any]] = {

@@ -16,7 +16,7 @@ from services.reporting.api import build_router, install_store_errors, mount_das
 from services.reporting.audit import build_audit_router
 from services.reporting.handlers import ReportingHandlers
 from services.reporting.settings import ReportingSettings
-from services.reporting.store import Generations, ReportingStore, SubmissionStore
+from services.reporting.store import Generations, ReportingStore, RollupRefresher, SubmissionStore
 from shared import audit, channels
 from shared.auth import KeyStore
 from shared.channels import Channel
@@ -42,7 +42,8 @@ def build(config: ReportingConfig) -> Service:
     settings = config.reporting
     base = Adapters(config)
     broker, topics = base.broker, base.topics
-    store = ReportingStore(base.db, cache_entries=settings.cache_entries, max_record_bytes=settings.max_record_bytes)
+    store = ReportingStore(base.db, cache_entries=settings.cache_entries, max_record_bytes=settings.max_record_bytes,
+                           rollup_max_age=settings.rollup_max_age_seconds)
     submissions = SubmissionStore(base.db)
     generations = Generations(base.db, settings.generation_cache_seconds)
     keys = KeyStore(base.db, settings.key_cache_seconds)
@@ -86,6 +87,9 @@ def build(config: ReportingConfig) -> Service:
         await submissions.ensure_indexes()
 
     runtime = base.runtime(on_start=[prepare_store])
+    if settings.consume:
+        # The writers keep the roll-ups they make out of date fresh (store.py, "Tenant roll-ups").
+        runtime.store_tasks.append(RollupRefresher(store, generations, settings.rollup_refresh_seconds).run)
     trail = audit.audit_collection(base.mongo, config.mongo, config.audit)
     audit_log = audit.audit_log_for(base.mongo, config.mongo, SERVICE, config.audit)
     auditor = audit.Auditor(audit_log, SERVICE, keys.lookup)

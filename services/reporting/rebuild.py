@@ -207,6 +207,9 @@ async def rebuild(kafka: KafkaSettings, mongo: MongoSettings, settings: Reportin
             result.events, result.skipped = replayer.events, replayer.skipped
             # Query indexes after the bulk load (cheaper than maintaining them through it).
             await store.ensure_indexes(new)
+            # The tenant roll-ups of everything replayed (and what the live consumers wrote into the
+            # new generation so far), before the switch: the first tenant read after it is one document.
+            await store.refresh_rollups(new)
             if before_switch is not None:
                 await before_switch(new)
             await generations.switch(new)

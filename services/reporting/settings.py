@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,6 +17,13 @@ class ReportingSettings(BaseSettings):
     generation_cache_seconds: float = Field(default=1.0, gt=0, le=30)
     # Network indices are not real-time numbers; one aggregation per scope and window is enough.
     summary_cache_seconds: NonNegativeFloat = 15.0
+    # A tenant's summary and trends read its roll-up (one document) instead of one counter
+    # document per site, clinician and instrument. A process that consumes refreshes the roll-ups
+    # of the tenants it wrote every `rollup_refresh_seconds`; a roll-up that misses counter writes
+    # is served until it is `rollup_max_age_seconds` old (as old as the summary cache lets a
+    # summary be), after that the read sums the counters itself. 0: exact reads only.
+    rollup_refresh_seconds: PositiveFloat = 5.0
+    rollup_max_age_seconds: NonNegativeFloat = 15.0
     # Browser/proxy caching of per-key JSON answers (`Cache-Control: private, max-age=...`).
     trajectory_max_age_seconds: NonNegativeInt = 5
     summary_max_age_seconds: NonNegativeInt = 30

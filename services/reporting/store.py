@@ -81,6 +81,40 @@ current bucket for the summaries: `rules.alert_share`), with the same markers ke
 id, through a versioned `counted` contribution on each alert document (`ReportingStore.count_alerts`).
 Records and alerts written before counters existed carry no share: run `alliance reporting
 rebuild` once.
+
+Tenant roll-ups (`reporting_<gen>_rollups`, issue 15): a tenant's summary and trends read the
+tenant's roll-up, ONE document holding the sum of all its counter documents (`cur.<instrument>`:
+the current buckets per instrument; `mo.<YYYY-MM>`: every instrument's monthly buckets added;
+`rollup_of`), instead of one counter document per site, clinician and instrument (at 2,000
+clinicians, 2,000+ documents per read: 218 ms cold on the local store, growing with clinicians).
+It is maintained *asynchronously from the counters*, not by the writers' `$inc`s:
+- the writers' way would need the same exactly-once guard on the roll-up, a marker per record
+  of the whole tenant in one document (200,000 at 200,000 clients: megabytes rewritten by every
+  batch, past 16 MiB at about half a million records), or a transaction; every batch of every
+  writer would also wait on that one document, and each record write would cost one more
+  counter update (the rebuild's write rate);
+- here a writer only bumps the tenant's change *stamp* (`s|<tenant>`: `$inc changed`) once per
+  batch, after its counter write (`_stamp`); a refresh (`refresh_rollups`: every
+  ALLIANCE_REPORTING_ROLLUP_REFRESH_SECONDS in each consuming process, and by the rebuild before
+  its switch) reads the stamp (`c0`), notes the time (`as_of`), sums every counter document of
+  the tenant and writes the roll-up (`r|<tenant>`) with `rolled` = c0, guarded on the stored
+  `rolled` being lower. A recomputation, not a delta: idempotent, and any number of refreshes in
+  any order leave the newest.
+What is served, and how stale: a roll-up is *up to date* when `rolled` >= the stamp's
+`changed`: every counter write stamped before its refresh read the stamp was applied before the
+refresh read the counters, so it holds them all. One that is not is served while its `as_of` is
+less than ALLIANCE_REPORTING_ROLLUP_MAX_AGE_SECONDS old (default 15 s, the summary cache's
+period); past that, or without a roll-up (a generation from before them, a tenant not refreshed
+yet), the read sums the counters as before. So a tenant read is at most that old whether or not
+a refresher runs, and `as_of` says up to when it counts every counter write (a summary or trend
+from the counters has `as_of` now). A roll-up holds integer sums, so its summary and trends are
+those of the counters it summed. Crashes: a refresh that dies leaves the previous roll-up, still
+out of date; a writer that dies between its counter write and its stamp leaves an up-to-date
+looking roll-up without that batch's moves until the batch is redelivered (its offsets were not
+committed) and stamps again - the same window in which, before roll-ups, the records were ahead
+of the counters (step 2 above). `verify` compares every up-to-date roll-up with the sum of what
+the records say. Sites and clinicians keep reading their counters: a site's reads cost its own
+clinicians (tens), not the network's, and stay exact.
 Submission parts are written with the same trick: an update conditioned on the stored part's key
 being lower (or absent), with upsert; E11000 means the document exists with a key at least as
 high (the update is tried once more in case that document was created concurrently).
@@ -90,6 +124,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from collections import Counter
 from collections.abc import AsyncIterator, Collection, Sequence
@@ -100,6 +135,7 @@ import bson
 from pymongo import ASCENDING, ReturnDocument, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
 
 from services.reporting import rules
 from shared.events import (
@@ -124,11 +160,14 @@ from shared.mongo import (
     write_versioned,
 )
 
+log = logging.getLogger("alliance.reporting")
+
 META = "reporting_meta"
 POINTER_ID = "generation"
 FIRST_GENERATION = "g1"
 # `trajectories` (one document per episode) is the shape before records; dropped with its generation.
-_GEN_COLLECTION = re.compile(r"^reporting_(g\d+)_(clients|trajectories|alerts|counters|outcomes|outcome_alerts)$")
+_GEN_COLLECTION = re.compile(
+    r"^reporting_(g\d+)_(clients|trajectories|alerts|counters|outcomes|outcome_alerts|rollups)$")
 SUBMISSIONS = "reporting_submissions"
 MONGO_MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_RECORD_BYTES = 15 * 1024 * 1024
@@ -175,9 +214,14 @@ def outcome_alerts_name(gen: str) -> str:
     return f"reporting_{gen}_outcome_alerts"
 
 
+def rollups_name(gen: str) -> str:
+    return f"reporting_{gen}_rollups"
+
+
 def generation_collections(gen: str) -> tuple[str, ...]:
     """Every collection of one generation (what an abandoned rebuild drops)."""
-    return (clients_name(gen), alerts_name(gen), counters_name(gen), outcomes_name(gen), outcome_alerts_name(gen))
+    return (clients_name(gen), alerts_name(gen), counters_name(gen), outcomes_name(gen), outcome_alerts_name(gen),
+            rollups_name(gen))
 
 
 PENDING = "pending"
@@ -279,6 +323,55 @@ def counter_values(doc: Document) -> dict[str, int]:
     for row in month_rows(doc):
         out.update({f"{MONTHS}.{row['month']}.{k}": int(v) for k, v in row.items() if k != "month" and v})
     return out
+
+
+# ------------------------------------------------------------------ tenant roll-ups (see the module docs)
+
+STAMP_PREFIX, ROLLUP_PREFIX = "s|", "r|"
+CHANGED, ROLLED, AS_OF, ROLLUP_CURRENT = "changed", "rolled", "as_of", "cur"
+# What a roll-up sums of each counter document's current bucket (a summary's fields; the months are summed whole).
+_ROLLED_FIELDS = (*rules.SUMMARY_FIELDS, *rules.SUMMARY_ALERT_FIELDS, *rules.OUTCOME_FIELDS)
+
+
+def stamp_id(tenant_id: str) -> str:
+    """The `_id` of a tenant's change stamp (`changed`: bumped after every counter write of the tenant)."""
+    return STAMP_PREFIX + tenant_id
+
+
+def rollup_id(tenant_id: str) -> str:
+    """The `_id` of a tenant's roll-up document."""
+    return ROLLUP_PREFIX + tenant_id
+
+
+def rollup_of(counter_docs: Sequence[Document]) -> Document:
+    """The sum of a tenant's counter documents as a roll-up holds it: `cur.<instrument>.<field>`
+    (the current buckets per instrument, what a summary groups by) and `mo.<YYYY-MM>.<field>`
+    (every instrument's monthly buckets added, what a trend point is); zeros left out. Integer
+    sums in any grouping, so a summary or trend from these equals one from the documents."""
+    cur: dict[str, dict[str, int]] = {}
+    months: dict[str, dict[str, int]] = {}
+    for d in counter_docs:
+        held = cur.setdefault(str(d["instrument"]), {})
+        for f in _ROLLED_FIELDS:
+            if n := int(d.get(f) or 0):
+                held[f] = held.get(f, 0) + n
+        for month, fields in (d.get(MONTHS) or {}).items():
+            at = months.setdefault(month, {})
+            for f, n in fields.items():
+                if n:
+                    at[f] = at.get(f, 0) + int(n)
+    return {ROLLUP_CURRENT: {i: c for i, c in cur.items() if c},
+            MONTHS: {m: {f: n for f, n in c.items() if n} for m, c in months.items() if any(c.values())}}
+
+
+def rollup_values(doc: Document) -> dict[str, int]:
+    """The summed fields of a roll-up by dotted name (what the checker compares)."""
+    return {f"{part}.{group}.{f}": int(n) for part in (ROLLUP_CURRENT, MONTHS)
+            for group, fields in (doc.get(part) or {}).items() for f, n in fields.items() if n}
+
+
+def _aware(ts: datetime) -> datetime:
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
 
 
 class Generations:
@@ -447,10 +540,14 @@ class ReportingStore:
     """Batch writes and queries of the reporting read models."""
 
     def __init__(self, db: AsyncDatabase[Document], max_conflict_retries: int = 8, cache_entries: int = 0,
-                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, cache_bytes: int | None = None) -> None:
+                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, cache_bytes: int | None = None,
+                 rollup_max_age: float = 0.0) -> None:
         """`cache_bytes`, when given, bounds the record cache by the memory its records take
-        (`record_weight`) instead of by `cache_entries`."""
+        (`record_weight`) instead of by `cache_entries`. `rollup_max_age`: how old (seconds) a
+        tenant roll-up that misses counter writes may be and still be served (0: only an
+        up-to-date one; see the module docs)."""
         self.db = db
+        self.rollup_max_age = rollup_max_age
         self._retries = max_conflict_retries
         self.max_record_bytes = max_record_bytes
         self._indexed: set[str] = set()
@@ -470,6 +567,9 @@ class ReportingStore:
 
     def outcome_alerts(self, gen: str) -> AsyncCollection[Document]:
         return self.db[outcome_alerts_name(gen)]
+
+    def rollups(self, gen: str) -> AsyncCollection[Document]:
+        return self.db[rollups_name(gen)]
 
     def _records(self, gen: str, instrument: str) -> AsyncCollection[Document]:
         return self.outcomes(gen) if rules.is_outcome(instrument) else self.clients(gen)
@@ -633,7 +733,62 @@ class ReportingStore:
                 bucket, _, marks = folded[cid]
                 alone.extend(op(cid, bucket, flat[(rid, bucket)], {rid: v}) for rid, v in sorted(marks.items()))
             done += await guarded_upserts(self.counters(gen), alone)
+        # After the counters, never before or with them: a refresh that read the stamp before
+        # this bump may have missed these moves, and the bump marks its roll-up out of date.
+        await self._stamp(gen, {bucket[0] for bucket, _, _ in folded.values()})
         return done
+
+    async def _stamp(self, gen: str, tenants: Collection[str]) -> None:
+        """Bump the change stamp of tenants whose counters were just written (one bulk write). Two
+        first bumps of a tenant both upsert and one loses with E11000: `guarded_upserts` runs it
+        once more, so no bump is lost."""
+        await guarded_upserts(self.rollups(gen), [
+            UpdateOne({"_id": stamp_id(t)}, {"$inc": {CHANGED: 1}, "$setOnInsert": {"tenant_id": t}}, upsert=True)
+            for t in sorted(tenants)])
+
+    async def refresh_rollups(self, gen: str) -> int:
+        """Rebuild the roll-up of every tenant whose counters changed since its roll-up was made
+        (its stamp's `changed` above the roll-up's `rolled`); returns the roll-ups written.
+
+        Per tenant: the stamp as read (`c0`), then the time (`as_of`), then every counter
+        document of the tenant; the sum is written with `rolled` = c0, guarded on the stored
+        `rolled` being lower, so a slower refresh (another replica's, or one that read an older
+        stamp) never replaces a newer roll-up. A crash anywhere leaves the previous roll-up,
+        still marked out of date; the next refresh starts over. It reads O(clinicians) counter
+        documents, once per tenant and refresh period instead of once per tenant read.
+        """
+        col = self.rollups(gen)
+        changed: dict[str, int] = {}
+        rolled: dict[str, int] = {}
+        async for d in col.find({}, {"tenant_id": 1, CHANGED: 1, ROLLED: 1}):
+            if str(d["_id"]).startswith(STAMP_PREFIX):
+                changed[str(d["tenant_id"])] = int(d.get(CHANGED) or 0)
+            else:
+                rolled[str(d["tenant_id"])] = int(d.get(ROLLED) or 0)
+        shown = {"instrument": 1, MONTHS: 1, **dict.fromkeys(_ROLLED_FIELDS, 1)}
+        ops: list[UpdateOne] = []
+        for tenant, c0 in sorted(changed.items()):
+            if rolled.get(tenant, 0) >= c0:
+                continue
+            as_of = datetime.now(UTC)
+            docs = await self.counters(gen).find({"tenant_id": tenant}, shown).to_list()
+            ops.append(UpdateOne({"_id": rollup_id(tenant), ROLLED: {"$not": {"$gte": c0}}},
+                                 {"$set": {"tenant_id": tenant, ROLLED: c0, AS_OF: as_of, **rollup_of(docs)}},
+                                 upsert=True))
+        return await guarded_upserts(col, ops)
+
+    async def _rollup(self, gen: str, tenant_id: str, shown: Document) -> Document | None:
+        """The tenant's roll-up (fields `shown`) when it may be served: up to date with the
+        counters, or made less than `rollup_max_age` seconds ago; else None (read the counters)."""
+        found = {d["_id"]: d async for d in self.rollups(gen).find(
+            {"_id": {"$in": [stamp_id(tenant_id), rollup_id(tenant_id)]}}, {CHANGED: 1, ROLLED: 1, AS_OF: 1, **shown})}
+        rollup, stamp = found.get(rollup_id(tenant_id)), found.get(stamp_id(tenant_id)) or {}
+        if rollup is None or not isinstance(rollup.get(AS_OF), datetime):
+            return None
+        if int(rollup.get(ROLLED) or 0) >= int(stamp.get(CHANGED) or 0):
+            return rollup
+        age = (datetime.now(UTC) - _aware(rollup[AS_OF])).total_seconds()
+        return rollup if age <= self.rollup_max_age else None
 
     async def apply_deterioration(self, gen: str, events: Sequence[AllianceDeterioration]) -> int:
         """Record raised (or revised) alliance alerts (`_apply_raises`), then count them."""
@@ -831,32 +986,50 @@ class ReportingStore:
         """The PCOMS summary of a tenant, a site or a clinician (each record's current episode),
         from the current-episode counters of the scope (one document per site, clinician and
         instrument, whatever the number of clients), with the outcome indices of its outcome
-        records; None when the scope has no data at all."""
+        records; None when the scope has no data at all. A tenant's from its roll-up when it may
+        be served (one document: see the module docs), `as_of` then the roll-up's."""
         scope = self._scope(tenant_id, site_id)
         if clinician_id is not None:
             scope["clinician_id"] = clinician_id
-        # Named fields, not "all but markers and months": the store copies a document to cut
-        # fields out of it, so an exclusion costs what the markers weigh (3.6x at 500 markers).
-        shown = {"instrument": 1, **dict.fromkeys((*rules.SUMMARY_FIELDS, *rules.SUMMARY_ALERT_FIELDS,
-                                                   *rules.OUTCOME_FIELDS), 1)}
-        rows = await self.counters(gen).find(scope, shown).to_list()
+        rollup = None if site_id is not None or clinician_id is not None else await self._rollup(
+            gen, tenant_id, {ROLLUP_CURRENT: 1})
+        if rollup is not None:
+            rows = [{"instrument": i, **fields} for i, fields in (rollup.get(ROLLUP_CURRENT) or {}).items()]
+            as_of = _aware(rollup[AS_OF])
+        else:
+            # Named fields, not "all but markers and months": the store copies a document to cut
+            # fields out of it, so an exclusion costs what the markers weigh (3.6x at 500 markers).
+            shown = dict.fromkeys(("instrument", *_ROLLED_FIELDS), 1)
+            rows = await self.counters(gen).find(scope, shown).to_list()
+            as_of = datetime.now(UTC)
         # Alerts from the counters too (`rules.alert_share`): counting alert documents costs one
         # read per alert (the local store fetches every document an index finds, even to count).
         raised = sum(int(r.get(rules.ALERTS_RAISED) or 0) for r in rows)
         acknowledged = sum(int(r.get(rules.ALERTS_ACKNOWLEDGED) or 0) for r in rows)
         if not any(r.get("records") or r.get("o_clients") for r in rows) and not raised and not acknowledged:
             return None
-        return {**rules.summary_from_counters(rows, raised, acknowledged), "as_of": datetime.now(UTC).isoformat()}
+        return {**rules.summary_from_counters(rows, raised, acknowledged), "as_of": as_of.isoformat()}
 
     async def trends(self, gen: str, tenant_id: str, first: str, last: str, *, site_id: str | None = None,
                      clinician_id: str | None = None) -> list[Document]:
         """Monthly series of a tenant, a site or a clinician from `first` to `last` (`YYYY-MM`)."""
+        return (await self.trends_as_of(gen, tenant_id, first, last, site_id=site_id, clinician_id=clinician_id))[0]
+
+    async def trends_as_of(self, gen: str, tenant_id: str, first: str, last: str, *, site_id: str | None = None,
+                           clinician_id: str | None = None) -> tuple[list[Document], datetime]:
+        """(`trends`, the time up to which they count every counter write): a tenant's from its
+        roll-up when it may be served (one document), else from the counters of the scope."""
+        shown: Document = {f"{MONTHS}.{m}": 1 for m in rules.months_between(first, last)}
+        rollup = None if site_id is not None or clinician_id is not None else await self._rollup(
+            gen, tenant_id, shown)
+        if rollup is not None:
+            return rules.trend_series(month_rows(rollup), first, last), _aware(rollup[AS_OF])
         q = self._scope(tenant_id, site_id)
         if clinician_id is not None:
             q["clinician_id"] = clinician_id
-        shown: Document = {f"{MONTHS}.{m}": 1 for m in rules.months_between(first, last)}
+        as_of = datetime.now(UTC)
         docs = await self.counters(gen).find(q, shown).to_list()
-        return rules.trend_series([row for d in docs for row in month_rows(d)], first, last)
+        return rules.trend_series([row for d in docs for row in month_rows(d)], first, last), as_of
 
     async def sites(self, gen: str, tenant_id: str) -> list[str]:
         """The sites of a tenant that have any counted data (one counter document per site,
@@ -881,13 +1054,53 @@ class ReportingStore:
             shares.append(share)
             if len(shares) == 1000:  # folded as it goes: memory bounded by the buckets, not the documents
                 total, shares = rules.total_counters([total, *shares]), []
-        expected = {counter_doc_id(b): v for b, v in flat_counters(rules.total_counters([total, *shares])).items()}
+        flat = flat_counters(rules.total_counters([total, *shares]))
+        expected = {counter_doc_id(b): v for b, v in flat.items()}
         held: dict[str, dict[str, int]] = {}
         async for c in self.counters(gen).find({}, {MARKS: 0}):
             if values := counter_values(c):
                 held[c["_id"]] = values
-        return {cid: (expected.get(cid, {}), held.get(cid, {}))
-                for cid in sorted(expected.keys() | held.keys()) if expected.get(cid, {}) != held.get(cid, {})}
+        out = {cid: (expected.get(cid, {}), held.get(cid, {}))
+               for cid in sorted(expected.keys() | held.keys()) if expected.get(cid, {}) != held.get(cid, {})}
+        return {**out, **await self._verify_rollups(gen, flat)}
+
+    async def _verify_rollups(self, gen: str, flat: dict[Bucket, dict[str, int]]) -> dict[
+            str, tuple[dict[str, int], dict[str, int]]]:
+        """Per roll-up marked up to date whose sums differ from the records' (as `flat`, the
+        counters the records and alerts make): (from the records, held). A roll-up marked out of
+        date is not compared: it is served only within `rollup_max_age` of its making, the bounded
+        staleness of the design, and the next refresh replaces it."""
+        by_tenant: dict[str, list[Document]] = {}
+        for bucket, fields in flat.items():
+            by_tenant.setdefault(bucket[0], []).append(counter_document(bucket, fields))
+        docs = await self.rollups(gen).find({}).to_list()
+        changed = {d["tenant_id"]: int(d.get(CHANGED) or 0) for d in docs if str(d["_id"]).startswith(STAMP_PREFIX)}
+        out: dict[str, tuple[dict[str, int], dict[str, int]]] = {}
+        for d in docs:
+            if not str(d["_id"]).startswith(ROLLUP_PREFIX) or int(d.get(ROLLED) or 0) < changed.get(d["tenant_id"], 0):
+                continue
+            want, have = rollup_values(rollup_of(by_tenant.get(d["tenant_id"], []))), rollup_values(d)
+            if want != have:
+                out[d["_id"]] = (want, have)
+        return out
+
+
+class RollupRefresher:
+    """The loop of a consuming process that refreshes the roll-ups of the active generation's
+    tenants every `interval` seconds (`ReportingStore.refresh_rollups`). A generation being
+    rebuilt is left to its rebuild, which refreshes it once before the switch; what the live
+    consumers write into it after that is refreshed here once it is active."""
+
+    def __init__(self, store: ReportingStore, generations: Generations, interval: float) -> None:
+        self.store, self.generations, self.interval = store, generations, interval
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.store.refresh_rollups((await self.generations.current()).active)
+            except PyMongoError as exc:  # the store is away: reads fall back to the counters past the max age
+                log.warning("refreshing the tenant roll-ups failed: %s", type(exc).__name__)
 
 
 class SubmissionStore:

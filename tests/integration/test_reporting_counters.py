@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -18,7 +18,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from services.reporting import rules
 from services.reporting.handlers import ReportingHandlers
-from services.reporting.store import FIRST_GENERATION, GenerationState, ReportingStore, SubmissionStore
+from services.reporting.store import FIRST_GENERATION, GenerationState, ReportingStore, SubmissionStore, rollup_id
 from shared import ids
 from shared.events import AlertStatus, AlertStatusChanged, AllianceDeterioration, Instrument, SrsScored
 from shared.kafka import Decoded
@@ -287,3 +287,61 @@ async def test_any_order_duplicates_and_batching_of_alert_events_leave_the_same_
     await deliver_alerts(handlers(ordered, "ref" + gen), _ALERT_EVENTS)
     months = (f"{BASE.year}-01", f"{BASE.year}-12")
     assert await store.trends(gen, T, *months) == await ordered.trends("ref" + gen, T, *months)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tenant roll-ups: a tenant's summary and trends from one document (store.py, "Tenant roll-ups")
+
+SPAN = (f"{BASE.year}-01", f"{BASE.year + 1}-12")
+
+
+async def test_a_refreshed_tenant_rollup_gives_the_summary_and_trends_the_counters_give(
+        db: AsyncDatabase[Document]) -> None:
+    store = ReportingStore(db, cache_entries=100)
+    await deliver_alerts(handlers(store), [*history(), *alert_history()])
+    from_counters = await store.summary(G, T, None), await store.trends(G, T, *SPAN)  # no roll-up yet
+    assert await store.refresh_rollups(G) == 1
+    rollup = await store.rollups(G).find_one({"_id": rollup_id(T)})
+    assert rollup is not None
+    made = rollup["as_of"].replace(tzinfo=rollup["as_of"].tzinfo or UTC)
+    summary = await store.summary(G, T, None)
+    series, as_of = await store.trends_as_of(G, T, *SPAN)
+    assert summary is not None and datetime.fromisoformat(summary["as_of"]) == as_of == made  # read from the roll-up
+    assert (without_time(summary), series) == (without_time(from_counters[0]), from_counters[1])
+
+
+async def test_a_tenant_rollup_behind_the_counters_is_served_only_within_its_max_age(
+        db: AsyncDatabase[Document]) -> None:
+    events = history()
+    writer = ReportingStore(db, cache_entries=100)
+    await deliver(handlers(writer), events[:4])
+    await writer.refresh_rollups(G)
+    at_refresh = await writer.summary(G, T, None)
+    await deliver(handlers(writer), events[4:])  # the roll-up misses these until the next refresh
+    lenient, exact = ReportingStore(db, rollup_max_age=3600), ReportingStore(db, rollup_max_age=0)
+    stale, current = await lenient.summary(G, T, None), await exact.summary(G, T, None)
+    assert without_time(stale) == without_time(at_refresh) != without_time(current)
+    assert (current or {})["sessions"] == 3  # the counters: every record's current episode
+
+
+async def test_a_refresh_brings_a_tenant_rollup_up_to_date_with_the_counters(db: AsyncDatabase[Document]) -> None:
+    events = history()
+    store = ReportingStore(db, cache_entries=100, rollup_max_age=3600)
+    await deliver(handlers(store), events[:4])
+    await store.refresh_rollups(G)
+    await deliver(handlers(store), events[4:])
+    assert await store.refresh_rollups(G) == 1
+    assert await store.refresh_rollups(G) == 0  # nothing written since: nothing to do
+    assert (await store.summary(G, T, None) or {})["sessions"] == 3
+
+
+async def test_the_check_names_an_up_to_date_tenant_rollup_that_differs_from_the_records(
+        db: AsyncDatabase[Document]) -> None:
+    store = ReportingStore(db, cache_entries=100)
+    await deliver(handlers(store), history())
+    await store.refresh_rollups(G)
+    assert await store.verify(G) == {}
+    field = f"cur.{Instrument.SRS.value}.sessions"
+    await store.rollups(G).update_one({"_id": rollup_id(T)}, {"$inc": {field: 1}})
+    assert list(await store.verify(G)) == [rollup_id(T)]
+    await store.rollups(G).update_one({"_id": rollup_id(T)}, {"$inc": {field: -1}})

@@ -21,7 +21,7 @@ from pymongo import AsyncMongoClient
 from services.reporting.cli import verify_generation
 from services.reporting.rebuild import rebuild
 from services.reporting.settings import ReportingSettings
-from services.reporting.store import META, POINTER_ID, clients_name, counters_name
+from services.reporting.store import META, POINTER_ID, clients_name, counters_name, rollup_id, rollups_name, stamp_id
 from shared.auth import create_key
 from shared.events import SrsScored
 from shared.mongo import Document
@@ -131,6 +131,9 @@ async def test_rebuild_replays_into_a_new_generation_and_switches_while_the_api_
         # the new generation is complete before anyone reads it
         count = await live.mongo[live.ns.database][clients_name(new)].count_documents({"tenant_id": T})
         assert count == 2
+        # and so is the tenant's roll-up (its summary and trends read one document from the start)
+        rollup = await live.mongo[live.ns.database][rollups_name(new)].find_one({"_id": rollup_id(T)})
+        assert rollup is not None and sum(c.get("sessions", 0) for c in rollup["cur"].values()) >= 3 + 2
 
     progress: list[tuple[int, int]] = []
     result = await rebuild(live.ns.kafka(), live.ns.mongo(), ReportingSettings(), after_claim=after_claim,
@@ -210,3 +213,6 @@ async def test_the_cli_verify_passes_on_agreeing_counters_and_exits_1_naming_a_c
     found = await run_cli(["reporting", "verify"], env)
     assert found.returncode == 1 and tampered["_id"] in found.stdout and "differ" in found.stderr
     await counters.update_one({"_id": tampered["_id"]}, {"$inc": {"sessions": -1}})
+    # A counter write bumps the tenant's stamp, as the store's do: a roll-up refreshed from the
+    # tampered counter meanwhile is then refreshed again.
+    await live.mongo[live.ns.database][rollups_name(gen)].update_one({"_id": stamp_id(T)}, {"$inc": {"changed": 1}})

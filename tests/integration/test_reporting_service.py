@@ -59,7 +59,11 @@ class Reporting:
 
 
 # Summaries uncached so each test sees its own writes at once.
-reporting_process = service_fixture("reporting", extra_env={"ALLIANCE_REPORTING_SUMMARY_CACHE_SECONDS": "0"})
+# Exact reads: no summary cache, and a tenant roll-up served only when up to date with the counters
+# (refreshed often, so that tenant reads do come from it).
+reporting_process = service_fixture("reporting", extra_env={"ALLIANCE_REPORTING_SUMMARY_CACHE_SECONDS": "0",
+                                                            "ALLIANCE_REPORTING_ROLLUP_MAX_AGE_SECONDS": "0",
+                                                            "ALLIANCE_REPORTING_ROLLUP_REFRESH_SECONDS": "0.5"})
 
 
 @pytest.fixture(scope="module")
