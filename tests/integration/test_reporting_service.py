@@ -209,7 +209,8 @@ async def test_alerts_are_marked_and_acknowledgements_counted_whatever_arrives_f
 
     body = await eventually(marked, timeout=30)
     assert [(a["alert_id"], a["session_number"]) for a in body["alerts"]] == [(alert.alert_id, 2)]
-    summary = (await reporting.get("/v1/sites/north/summary", key)).json()
+    # the counters follow the records they count (written after them): wait for them too
+    summary = await until(reporting, "/v1/sites/north/summary", key, lambda b: b["alerts"]["acknowledged"] == 1)
     assert summary["alerts"] == {"raised": 1, "acknowledged": 1}
 
 
@@ -286,7 +287,8 @@ async def test_caseload_pages_with_a_cursor_at_risk_clients_first(reporting: Rep
     totals = {"a": 38.0, "b": 30.0, "c": 39.0, "d": 31.0, "e": 37.5}
     await publish(reporting.ns.kafka(), [scored(t, c, 1, v, clinician_id="c-7") for c, v in totals.items()])
     key = await reporting.key(t)
-    await trajectory_of(reporting, key, "e", 1)
+    for client in totals:  # clients are in different partitions: one being visible says nothing of the others
+        await trajectory_of(reporting, key, client, 1)
     pages: list[list[dict[str, Any]]] = []
     cursor: str | None = None
     while True:
@@ -316,7 +318,8 @@ async def test_summaries_follow_the_pcoms_indices(reporting: Reporting) -> None:
     await trajectory_of(reporting, key, "k1", 1, instrument="CSRS")
     await trajectory_of(reporting, key, "c2", 3)
     await trajectory_of(reporting, key, "c1", 2)
-    s = (await reporting.get("/v1/summary", key)).json()
+    # the counters follow the records they count (written after them): wait for them too
+    s = await until(reporting, "/v1/summary", key, lambda b: b["sessions"] == 6)
     assert (s["clients"], s["sessions"], s["clients_at_risk"]) == (3, 6, 1)
     assert s["mean_first_session_total"] == round((30 + 38 + 37) / 3, 2)
     assert s["mean_latest_total"] == round((34 + 39.5 + 37) / 3, 2)
@@ -341,7 +344,8 @@ async def test_trends_give_the_monthly_series_of_a_tenant_a_site_and_a_clinician
     await trajectory_of(reporting, key, "c1", 3)
     await trajectory_of(reporting, key, "c2", 1)
     span = {"from": f"{y}-03", "to": f"{y}-05"}
-    whole = (await reporting.get("/v1/summary/trends", key, **span)).json()
+    whole = await until(reporting, "/v1/summary/trends", key,  # the counters follow the records
+                        lambda b: sum(m["sessions"] for m in b["months"]) == 4, **span)
     assert [(m["month"], m["sessions"], m["clients_seen"]) for m in whole["months"]] == [
         (f"{y}-03", 2, 1), (f"{y}-04", 2, 2), (f"{y}-05", 0, 0)]
     assert whole["months"][0]["pct_sessions_below_cutoff"] == 100.0
