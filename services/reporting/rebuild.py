@@ -12,6 +12,12 @@
    Anything past those marks was produced after the claim, so the live consumers put it into
    the new generation themselves; the writes are idempotent and commutative, so the two
    writers overlapping is harmless.
+   The replay's own counter moves are held in memory (`CounterTally`) and written as one `$inc`
+   per counter document whenever the tally grows past `TALLY_FIELDS` and at the end; its alert
+   documents are counted once each, at the end (`count_every_alert`), not once per event. The
+   live consumers keep counting what they write with their markers (see store.py); `$inc`
+   commutes, so both add up. A rebuild that dies loses its tally with its generation, which is
+   dropped (or abandoned by the next `rebuild --force`) and never switched to.
 4. Flip `active` to the new generation in one single-document update. Until then the API
    answers from the old generation; after at most one pointer-cache lifetime, from the new one.
 5. Drop generations older than the previous one (the previous stays for a quick way back).
@@ -32,7 +38,7 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.reporting.settings import ReportingSettings
-from services.reporting.store import Generations, ReportingStore, generation_collections
+from services.reporting.store import CounterTally, Generations, ReportingStore, generation_collections
 from shared import channels
 from shared.kafka import InboundRecord, admin_security_kwargs, decode_records
 from shared.mongo import database, make_client
@@ -41,6 +47,8 @@ from shared.settings import KafkaSettings, MongoSettings
 log = logging.getLogger("alliance.reporting.rebuild")
 
 Progress = Callable[[int, int], None]
+# Counter fields a replay holds before writing them (a few hundred bytes each: some MiB at most).
+TALLY_FIELDS = 50_000
 
 
 class TruncatedLog(RuntimeError):
@@ -81,6 +89,7 @@ class Replayer:
         self.outcome_alert_status = topics.outcome_alert_status
         self.events = 0
         self.skipped = 0
+        self.tally = CounterTally()
 
     @property
     def topics(self) -> tuple[str, ...]:
@@ -112,15 +121,22 @@ class Replayer:
         outcome_status = [d.event for d in ostatus_in]
         # Sessions over a record's size cap are skipped here as the live consumer dead-lettered them.
         if scored:
-            self.skipped += len((await self.store.apply_scored(self.gen, scored, fresh=True)).refused)
+            self.skipped += len((await self.store.apply_scored(self.gen, scored, fresh=True, tally=self.tally)).refused)
         if ors:
-            self.skipped += len((await self.store.apply_outcomes(self.gen, ors, fresh=True)).refused)
-        await self.store.apply_deterioration(self.gen, alerts)
-        await self.store.apply_alert_status(self.gen, status)
+            self.skipped += len((await self.store.apply_outcomes(self.gen, ors, fresh=True, tally=self.tally)).refused)
+        await self.store.apply_deterioration(self.gen, alerts, count=False)
+        await self.store.apply_alert_status(self.gen, status, count=False)
         await self.store.apply_outcome_alerts(self.gen, outcome_alerts)
         await self.store.apply_outcome_alert_status(self.gen, outcome_status)
         self.events += len(scored) + len(ors) + len(alerts) + len(status) + len(outcome_alerts) + len(outcome_status)
         self.skipped += len(bad1) + len(bad2) + len(bad3) + len(bad4) + len(bad5) + len(bad6)
+        if self.tally.fields > TALLY_FIELDS:
+            await self.store.flush_tally(self.gen, self.tally)
+
+    async def finish(self) -> None:
+        """Count the alerts replayed and write the counter moves held: the generation is complete."""
+        await self.store.count_every_alert(self.gen, self.tally)
+        await self.store.flush_tally(self.gen, self.tally)
 
 
 async def replay(kafka: KafkaSettings, replayer: Replayer, *, batch: int, progress: Progress | None = None,
@@ -203,6 +219,7 @@ async def rebuild(kafka: KafkaSettings, mongo: MongoSettings, settings: Reportin
             started = time.perf_counter()
             await replay(kafka, replayer, batch=settings.rebuild_batch_records, progress=progress,
                          idle_seconds=idle_seconds, allow_truncated=allow_truncated)
+            await replayer.finish()  # part of the replay's time: the counters it holds are its work
             result.replay_seconds = time.perf_counter() - started
             result.events, result.skipped = replayer.events, replayer.skipped
             # Query indexes after the bulk load (cheaper than maintaining them through it).

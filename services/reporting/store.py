@@ -115,6 +115,11 @@ committed) and stamps again - the same window in which, before roll-ups, the rec
 of the counters (step 2 above). `verify` compares every up-to-date roll-up with the sum of what
 the records say. Sites and clinicians keep reading their counters: a site's reads cost its own
 clinicians (tens), not the network's, and stay exact.
+A rebuild's replay skips all of this for its own writes (`CounterTally`): its records carry no
+`pending`, its moves are summed in memory and written as one `$inc` per counter document (no
+markers), and its alert documents are counted once each at its end (`count_every_alert`). Live
+consumers writing the same generation meanwhile use the markers as above; a dead rebuild's
+generation is never switched to.
 Submission parts are written with the same trick: an update conditioned on the stored part's key
 being lower (or absent), with upsert; E11000 means the document exists with a key at least as
 high (the update is tried once more in case that document was created concurrently).
@@ -372,6 +377,43 @@ def rollup_values(doc: Document) -> dict[str, int]:
 
 def _aware(ts: datetime) -> datetime:
     return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+class CounterTally:
+    """Counter moves a rebuild holds in memory, folded per counter document, then written as ONE
+    `$inc` per document (no markers) when flushed.
+
+    Only for a generation being rebuilt: its moves are neither carried in the documents' `pending`
+    nor marked on the counters, so nothing else can apply them; live consumers writing the same
+    generation meanwhile apply their own moves (diffs from what is stored) with markers, and `$inc`
+    commutes, so the sum is the same in any order. Held moves are lost if the rebuild dies, but so
+    is the generation: a failed rebuild drops it, and one killed is abandoned by the next
+    (`--force` claims a new generation; `drop_unused` removes the old one).
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[Bucket, dict[str, int]]] = {}
+        self.fields = 0  # the field counts held, to bound the memory between flushes
+
+    def add(self, counters: rules.Counters) -> None:
+        for bucket, fields in flat_counters(counters).items():
+            _, incs = self._held.setdefault(counter_doc_id(bucket), (bucket, {}))
+            for name, n in fields.items():
+                if name not in incs:
+                    self.fields += 1
+                incs[name] = incs.get(name, 0) + n
+
+    def tenants(self) -> set[str]:
+        """The tenants whose counters are held."""
+        return {bucket[0] for bucket, _ in self._held.values()}
+
+    async def flush(self, col: AsyncCollection[Document]) -> int:
+        """Write what is held (one upsert per counter document) and forget it; returns the documents written."""
+        ops = [UpdateOne({"_id": cid}, {"$inc": incs, "$setOnInsert": {
+                   **dict(zip(_COUNTER_FIELDS, bucket, strict=True)), "age_band": rules.age_band(bucket[3])}},
+                         upsert=True)
+               for cid, (bucket, incs) in sorted(self._held.items())]
+        self._held, self.fields = {}, 0
+        # A duplicate key here is only the race of two first upserts of one document: run once more.
+        return await guarded_upserts(col, ops)
 
 
 class Generations:
@@ -590,19 +632,21 @@ class ReportingStore:
 
     # ------------------------------------------------------------------ writes
 
-    async def apply_scored(self, gen: str, events: Sequence[SrsScored], *, fresh: bool = False) -> ApplyReport:
+    async def apply_scored(self, gen: str, events: Sequence[SrsScored], *, fresh: bool = False,
+                           tally: CounterTally | None = None) -> ApplyReport:
         """Merge scored SRS-family events into their records (`_apply_records`), with their
         counter moves."""
-        return await self._apply_records(gen, self.clients(gen), events, fresh=fresh)
+        return await self._apply_records(gen, self.clients(gen), events, fresh=fresh, tally=tally)
 
-    async def apply_outcomes(self, gen: str, events: Sequence[OrsScored], *, fresh: bool = False) -> ApplyReport:
+    async def apply_outcomes(self, gen: str, events: Sequence[OrsScored], *, fresh: bool = False,
+                             tally: CounterTally | None = None) -> ApplyReport:
         """Merge scored ORS-family events into their outcome records (`reporting_<gen>_outcomes`):
         the same merge, writes, size cap and counter moves (their outcome indices,
         `rules.outcome_contribution`) as the alliance records."""
-        return await self._apply_records(gen, self.outcomes(gen), events, fresh=fresh)
+        return await self._apply_records(gen, self.outcomes(gen), events, fresh=fresh, tally=tally)
 
     async def _apply_records(self, gen: str, col: AsyncCollection[Document], events: Sequence[rules.Scored], *,
-                             fresh: bool) -> ApplyReport:
+                             fresh: bool, tally: CounterTally | None = None) -> ApplyReport:
         """Merge scored events into their records with one bulk write per round.
 
         Current documents come from the cache, else from one `find` of the misses; with `fresh`
@@ -612,6 +656,11 @@ class ReportingStore:
         conditioned on the version they were merged from. A record whose merge would encode to
         more than `max_record_bytes` is not written; the events that would have changed it come
         back in `report.refused`.
+
+        With `tally` (a rebuild's generation, see `CounterTally`) the moves of the records written
+        are added to it instead of carried in `pending` and applied: the rebuild writes them later,
+        one `$inc` per counter document. Moves carried by records read from the store (another
+        writer's) are still applied first, with their markers.
         """
         report = ApplyReport()
         groups = rules.group_by_record(events)
@@ -641,6 +690,7 @@ class ReportingStore:
                         unsure.append((d["_id"], *carried))
                 await self.apply_counters(gen, unsure)
             writes: list[tuple[str, Document, int | None]] = []
+            moves: dict[str, tuple[int, rules.Counters]] = {}
             merged: dict[str, rules.MergeResult] = {}
             for rid in sorted(pending):
                 old = existing.get(rid)
@@ -652,7 +702,11 @@ class ReportingStore:
                     continue
                 result.doc["updated_at"] = datetime.now(UTC)
                 with_pending(result.doc, old, result.groups)
+                if (carried := pending_of(result.doc)) is not None:
+                    moves[rid] = carried
                 stored = to_stored(result.doc)
+                if tally is not None:
+                    del stored[PENDING]  # held by the tally, applied by nobody else
                 size = len(bson.encode(stored))
                 if size > self.max_record_bytes:
                     # Not written: the record keeps what it has; the events that changed it are refused.
@@ -666,9 +720,13 @@ class ReportingStore:
                     continue
                 writes.append((rid, stored, None if old is None else old.get("v", 0)))
             failed = await write_versioned(col, writes)
+            written = [(rid, *moves[rid]) for rid, _, _ in writes if rid not in failed and rid in moves]
             try:
-                await self.apply_counters(gen, [(rid, *p) for rid, doc, _ in writes
-                                                if rid not in failed and (p := pending_of(doc)) is not None])
+                if tally is not None:
+                    for _, _, counters in written:
+                        tally.add(counters)
+                else:
+                    await self.apply_counters(gen, written)
             except BaseException:
                 # The records are written, their moves maybe not: forget them here, so that the
                 # retry reads them back and applies what they carry.
@@ -790,10 +848,13 @@ class ReportingStore:
         age = (datetime.now(UTC) - _aware(rollup[AS_OF])).total_seconds()
         return rollup if age <= self.rollup_max_age else None
 
-    async def apply_deterioration(self, gen: str, events: Sequence[AllianceDeterioration]) -> int:
-        """Record raised (or revised) alliance alerts (`_apply_raises`), then count them."""
+    async def apply_deterioration(self, gen: str, events: Sequence[AllianceDeterioration], *,
+                                  count: bool = True) -> int:
+        """Record raised (or revised) alliance alerts (`_apply_raises`), then count them (unless
+        not `count`: a rebuild counts every alert once at its end, `count_every_alert`)."""
         written = await self._apply_raises(self.alerts(gen), events)
-        await self.count_alerts(gen, {e.alert_id for e in events})
+        if count:
+            await self.count_alerts(gen, {e.alert_id for e in events})
         return written
 
     async def apply_outcome_alerts(self, gen: str, events: Sequence[OutcomeAlert]) -> int:
@@ -824,10 +885,13 @@ class ReportingStore:
         await col.bulk_write(ops, ordered=False)
         return len(ops)
 
-    async def apply_alert_status(self, gen: str, events: Sequence[AlertStatusChanged]) -> int:
-        """Record what happened to alliance alerts (`_apply_statuses`), then count them."""
+    async def apply_alert_status(self, gen: str, events: Sequence[AlertStatusChanged], *,
+                                 count: bool = True) -> int:
+        """Record what happened to alliance alerts (`_apply_statuses`), then count them (unless
+        not `count`, as `apply_deterioration`)."""
         written = await self._apply_statuses(self.alerts(gen), events)
-        await self.count_alerts(gen, {e.alert_id for e in events})
+        if count:
+            await self.count_alerts(gen, {e.alert_id for e in events})
         return written
 
     @staticmethod
@@ -858,7 +922,7 @@ class ReportingStore:
         await col.bulk_write(ops, ordered=False)
         return len(ops)
 
-    async def count_alerts(self, gen: str, alert_ids: Collection[str]) -> int:
+    async def count_alerts(self, gen: str, alert_ids: Collection[str], tally: CounterTally | None = None) -> int:
         """Bring the counters in line with what these alert documents contribute now
         (`rules.alert_share`), each change applied exactly once; returns the alerts moved.
 
@@ -873,44 +937,83 @@ class ReportingStore:
         leaves `pending` set: the redelivered batch reads it back and applies it first (the
         markers skip the counters that took it), so the moves of version `cv` are on every
         counter before `cv` + 1 is written, as for records.
+
+        With `tally` (a rebuild's generation, see `CounterTally`) the conditional update clears
+        `pending` instead of setting it, and the moves go to the tally.
         """
-        col = self.alerts(gen)
         todo, moved = set(alert_ids), 0
         for attempt in range(self._retries + 1):
             if not todo:
                 return moved
-            docs = await find_by_ids(col, todo)
-            await self.apply_counters(gen, [(d["_id"], *p) for d in docs if (p := pending_of(d)) is not None])
-            writes: list[tuple[str, int, rules.Counters]] = []
-            ops: list[UpdateOne] = []
-            for d in docs:
-                _, was = unpack_counters(d.get(COUNTED))
-                now = rules.alert_share(d)
-                if now == was:
-                    continue
-                version, moves = int(d.get(COUNTED_VERSION) or 0) + 1, rules.diff(was, now)
-                writes.append((d["_id"], version, moves))
-                # "not counted yet" as `$not $gt 0`: matches a document without `cv`
-                held = version - 1 if version > 1 else {"$not": {"$gt": 0}}
-                ops.append(UpdateOne({"_id": d["_id"], COUNTED_VERSION: held},
-                                     # `counted` without its version (that is `cv`): two arrival orders
-                                     # of the same events leave the same `counted`
-                                     {"$set": {COUNTED_VERSION: version, COUNTED: pack_counters(0, now),
-                                               PENDING: pack_counters(version, moves)}}, upsert=True))
-            written = await bulk_write(col, ops)
-            lost = {writes[i][0] for i in written.duplicates}
-            done = [w for w in writes if w[0] not in lost]
-            await self.apply_counters(gen, done)
-            if done:
-                await col.bulk_write([UpdateOne({"_id": aid, COUNTED_VERSION: v}, {"$unset": {PENDING: ""}})
-                                      for aid, v, _ in done], ordered=False)
-            moved += len(done)
-            todo = lost
+            done, todo = await self._count_alert_docs(gen, await find_by_ids(self.alerts(gen), todo), tally)
+            moved += done
             if todo and attempt:
                 await asyncio.sleep(0.01 * attempt)
         if todo:
             raise RuntimeError(f"{len(todo)} alerts kept being counted concurrently; the batch will be retried")
         return moved
+
+    async def flush_tally(self, gen: str, tally: CounterTally) -> int:
+        """Write a rebuild's held counter moves into its generation (`CounterTally.flush`), then
+        bump the stamps of their tenants as every counter write does (a roll-up refreshed before
+        this write must not look up to date after it)."""
+        tenants = tally.tenants()
+        written = await tally.flush(self.counters(gen))
+        await self._stamp(gen, tenants)
+        return written
+
+    async def count_every_alert(self, gen: str, tally: CounterTally, chunk: int = 1_000) -> int:
+        """Count every alert of a generation being rebuilt (`count_alerts` with `tally`), read in
+        one pass, `chunk` documents at a time; returns the alerts moved. A rebuild writes its alert
+        documents uncounted and counts each once here, however many events made it."""
+        moved = 0
+        lost: set[str] = set()
+        docs: list[Document] = []
+        async for d in self.alerts(gen).find({}, batch_size=chunk):
+            docs.append(d)
+            if len(docs) == chunk:
+                done, missed = await self._count_alert_docs(gen, docs, tally)
+                moved, docs = moved + done, []
+                lost |= missed
+        done, missed = await self._count_alert_docs(gen, docs, tally)
+        # Counted concurrently by a live consumer meanwhile: read again and counted as usual.
+        return moved + done + await self.count_alerts(gen, lost | missed, tally)
+
+    async def _count_alert_docs(self, gen: str, docs: Sequence[Document],
+                                tally: CounterTally | None) -> tuple[int, set[str]]:
+        """One round of `count_alerts` over these alert documents as read: (alerts moved, ids
+        another writer counted first, to read and count again)."""
+        col = self.alerts(gen)
+        await self.apply_counters(gen, [(d["_id"], *p) for d in docs if (p := pending_of(d)) is not None])
+        writes: list[tuple[str, int, rules.Counters]] = []
+        ops: list[UpdateOne] = []
+        for d in docs:
+            _, was = unpack_counters(d.get(COUNTED))
+            now = rules.alert_share(d)
+            if now == was:
+                continue
+            version, moves = int(d.get(COUNTED_VERSION) or 0) + 1, rules.diff(was, now)
+            writes.append((d["_id"], version, moves))
+            # "not counted yet" as `$not $gt 0`: matches a document without `cv`
+            held = version - 1 if version > 1 else {"$not": {"$gt": 0}}
+            # `counted` without its version (that is `cv`): two arrival orders of the same events
+            # leave the same `counted`
+            counted: Document = {COUNTED_VERSION: version, COUNTED: pack_counters(0, now)}
+            update: Document = ({"$set": counted, "$unset": {PENDING: ""}} if tally is not None
+                                else {"$set": {**counted, PENDING: pack_counters(version, moves)}})
+            ops.append(UpdateOne({"_id": d["_id"], COUNTED_VERSION: held}, update, upsert=True))
+        written = await bulk_write(col, ops)
+        lost = {writes[i][0] for i in written.duplicates}
+        done = [w for w in writes if w[0] not in lost]
+        if tally is not None:
+            for _, _, moves in done:
+                tally.add(moves)
+        else:
+            await self.apply_counters(gen, done)
+            if done:
+                await col.bulk_write([UpdateOne({"_id": aid, COUNTED_VERSION: v}, {"$unset": {PENDING: ""}})
+                                      for aid, v, _ in done], ordered=False)
+        return len(done), lost
 
     # ------------------------------------------------------------------ reads
 
