@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 
 class Instrument(StrEnum):
@@ -219,6 +219,16 @@ class AlertStatusChanged(Event):
     episode_id: str | None = None
     session_number: int | None = None
     channel: Literal["webhook", "email"] | None = None
+
+    @model_serializer(mode="wrap")
+    def _channel_only_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # `channel` came with `delivered`/`failed`; the statuses that have none (every status scoring
+        # publishes) stay byte-for-byte what they were before it existed (a consumer reads a missing
+        # field as its default, null).
+        data: dict[str, Any] = handler(self)
+        if data.get("channel") is None:
+            data.pop("channel", None)
+        return data
 
 
 # --- the Outcome Rating Scale (ORS): the other half of PCOMS (docs/outcome.md) -------------------
