@@ -7,23 +7,18 @@ subscribed is `rules.SUBSCRIBABLE`. A unit test keeps the documented headers equ
 `signing.webhook_headers` sends.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: the routes' annotations are built from each webhook's
+# channel at run time, so FastAPI must see them evaluated.
+import inspect
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Response
 
 from services.alerts import signing
 from services.alerts.settings import AlertsSettings
-from shared.events import (
-    AlertStatusChanged,
-    AllianceDeterioration,
-    OrsScored,
-    OutcomeAlert,
-    OutcomeAlertStatusChanged,
-    SrsScored,
-)
-from shared.topics import ALERT_STATUS, DETERIORATION, ORS_SCORED, OUTCOME_ALERT, OUTCOME_ALERT_STATUS, SCORED
+from shared import channels
+from shared.channels import Channel
 
 _SIGNATURE = r"^v1,[A-Za-z0-9+/]+={0,2}( v1,[A-Za-z0-9+/]+={0,2})*$"
 
@@ -54,6 +49,71 @@ def _event(topic: str) -> Any:
     return Header(description="the topic of the body", json_schema_extra={"enum": [topic]})
 
 
+@dataclass(frozen=True)
+class Webhook:
+    """One webhook: the topic it is named after and whose event is its body (its channel), and what
+    the API document says of it. An alert's webhook also goes to the clinician's supervisor on
+    escalation, marked by a header."""
+
+    channel: Channel[Any]
+    operation_id: str
+    summary: str
+    doc: str
+    escalation_copy: bool = False
+
+    @property
+    def description(self) -> str:
+        return inspect.cleandoc(self.doc)
+
+    def endpoint(self) -> Any:
+        """The documentation-only route: the body is the channel's event, the headers every webhook
+        carries, `x-alliance-event` the topic, and on an alert's webhook the escalation header."""
+        topic = Annotated[str, _event(self.channel.topic)]
+        route: Any
+        if self.escalation_copy:
+            async def alert(body: Any, _: Signed, x_alliance_event: topic,
+                            x_alliance_escalation: EscalationCopy = None) -> None:
+                """See `Webhook.doc`."""
+            route = alert
+        else:
+            async def event(body: Any, _: Signed, x_alliance_event: topic) -> None:
+                """See `Webhook.doc`."""
+            route = event
+        route.__annotations__["body"] = self.channel.model
+        return route
+
+
+WEBHOOKS: tuple[Webhook, ...] = (
+    Webhook(channels.DETERIORATION, "deterioration_webhook", "An alert raised, or revised by a correction", """
+        Sent to the partners of the alert's tenant subscribed to `alliance.deterioration.v1`, to the alert's
+        clinician when their directory entry has a `webhook_url` (signed with the tenant's clinician-webhook
+        secret), and to their supervisor on escalation. Keep the highest `revision` per `alert_id`.""",
+            escalation_copy=True),
+    Webhook(channels.SCORED, "scored_webhook", "One revision of a scored session", """
+        Sent to the partners of the session's tenant subscribed to `srs.scored.v1`. Keep the highest
+        `revision` per `submission_id`."""),
+    Webhook(channels.ALERT_STATUS, "alert_status_webhook", "What happened to an alert", """
+        Every status is sent to the partners of the alert's tenant subscribed to `alliance.alert-status.v1`;
+        a `withdrawn` status also to the clinician who may have been told of the alert, when their directory
+        entry has a `webhook_url`."""),
+    # The Outcome Rating Scale (docs/outcome.md): its own event types, so an SRS partner never receives them
+    # unless it subscribes to them.
+    Webhook(channels.OUTCOME_ALERT, "outcome_alert_webhook", "An outcome alert raised, or revised by a correction",
+            """
+        Sent to the partners of the alert's tenant subscribed to `outcome.alert.v1`, to the alert's clinician
+        when their directory entry has a `webhook_url` (signed with the tenant's clinician-webhook secret, like an
+        alliance alert), and to their supervisor on escalation. `advice` says what to do about it. Keep the
+        highest `revision` per `alert_id`.""", escalation_copy=True),
+    Webhook(channels.ORS_SCORED, "ors_scored_webhook", "One revision of a scored ORS session", """
+        Sent to the partners of the session's tenant subscribed to `ors.scored.v1`. Keep the highest
+        `revision` per `submission_id`."""),
+    Webhook(channels.OUTCOME_ALERT_STATUS, "outcome_alert_status_webhook", "What happened to an outcome alert", """
+        Every status of an outcome alert is sent to the partners of its tenant subscribed to
+        `outcome.alert-status.v1` (never on `alliance.alert-status.v1`); a `withdrawn` status also to the
+        clinician who may have been told of the alert, when their directory entry has a `webhook_url`."""),
+)
+
+
 def webhooks_router(settings: AlertsSettings) -> APIRouter:
     """The webhooks as routes of an `APIRouter`, for `FastAPI.webhooks`."""
     router = APIRouter(tags=["webhooks"])
@@ -67,55 +127,8 @@ def webhooks_router(settings: AlertsSettings) -> APIRouter:
             "`POST /v1/deliveries/{delivery_id}/retry`)")}},
     }
 
-    @router.post(DETERIORATION, operation_id="deterioration_webhook", **answers,
-                 summary="An alert raised, or revised by a correction")
-    async def deterioration(
-        body: AllianceDeterioration, _: Signed,
-        x_alliance_event: Annotated[str, _event(DETERIORATION)],
-        x_alliance_escalation: EscalationCopy = None,
-    ) -> None:
-        """Sent to the partners of the alert's tenant subscribed to `alliance.deterioration.v1`, to the alert's
-        clinician when their directory entry has a `webhook_url` (signed with the tenant's clinician-webhook
-        secret), and to their supervisor on escalation. Keep the highest `revision` per `alert_id`."""
-
-    @router.post(SCORED, operation_id="scored_webhook", **answers, summary="One revision of a scored session")
-    async def scored(body: SrsScored, _: Signed, x_alliance_event: Annotated[str, _event(SCORED)]) -> None:
-        """Sent to the partners of the session's tenant subscribed to `srs.scored.v1`. Keep the highest
-        `revision` per `submission_id`."""
-
-    @router.post(ALERT_STATUS, operation_id="alert_status_webhook", **answers, summary="What happened to an alert")
-    async def alert_status(body: AlertStatusChanged, _: Signed,
-                           x_alliance_event: Annotated[str, _event(ALERT_STATUS)]) -> None:
-        """Every status is sent to the partners of the alert's tenant subscribed to `alliance.alert-status.v1`;
-        a `withdrawn` status also to the clinician who may have been told of the alert, when their directory
-        entry has a `webhook_url`."""
-
-    # The Outcome Rating Scale (docs/outcome.md): its own event types, so an SRS partner never receives them
-    # unless it subscribes to them.
-    @router.post(OUTCOME_ALERT, operation_id="outcome_alert_webhook", **answers,
-                 summary="An outcome alert raised, or revised by a correction")
-    async def outcome_alert(
-        body: OutcomeAlert, _: Signed,
-        x_alliance_event: Annotated[str, _event(OUTCOME_ALERT)],
-        x_alliance_escalation: EscalationCopy = None,
-    ) -> None:
-        """Sent to the partners of the alert's tenant subscribed to `outcome.alert.v1`, to the alert's clinician
-        when their directory entry has a `webhook_url` (signed with the tenant's clinician-webhook secret, like an
-        alliance alert), and to their supervisor on escalation. `advice` says what to do about it. Keep the
-        highest `revision` per `alert_id`."""
-
-    @router.post(ORS_SCORED, operation_id="ors_scored_webhook", **answers,
-                 summary="One revision of a scored ORS session")
-    async def ors_scored(body: OrsScored, _: Signed, x_alliance_event: Annotated[str, _event(ORS_SCORED)]) -> None:
-        """Sent to the partners of the session's tenant subscribed to `ors.scored.v1`. Keep the highest
-        `revision` per `submission_id`."""
-
-    @router.post(OUTCOME_ALERT_STATUS, operation_id="outcome_alert_status_webhook", **answers,
-                 summary="What happened to an outcome alert")
-    async def outcome_alert_status(body: OutcomeAlertStatusChanged, _: Signed,
-                                   x_alliance_event: Annotated[str, _event(OUTCOME_ALERT_STATUS)]) -> None:
-        """Every status of an outcome alert is sent to the partners of its tenant subscribed to
-        `outcome.alert-status.v1` (never on `alliance.alert-status.v1`); a `withdrawn` status also to the
-        clinician who may have been told of the alert, when their directory entry has a `webhook_url`."""
+    for hook in WEBHOOKS:
+        router.post(hook.channel.topic, operation_id=hook.operation_id, summary=hook.summary,
+                    description=hook.description, **answers)(hook.endpoint())
 
     return router
