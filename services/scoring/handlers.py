@@ -65,7 +65,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from services.scoring import metrics
 from services.scoring.outcome import advice
@@ -152,19 +152,27 @@ def scored_event(tenant_id: str, client_id: str, o: ScoredOut) -> SrsScored:
     )
 
 
+def _raised_alert(tenant_id: str, client_id: str, o: AlertOut) -> dict[str, Any]:
+    """What the events of a raised revision say alike, alliance and outcome alerts: the session the
+    alert is about (at the site it was first raised for), the revision, and the totals it shows."""
+    a, s, v = o.alert, o.alert.session, o.alert.session.version
+    return {
+        "event_id": ids.alert_event_id(a.alert_id, o.revision), "tenant_id": tenant_id, "occurred_at": o.at,
+        "submission_id": v.submission_id, "site_id": a.site_id, "clinician_id": v.clinician_id,
+        "client_id": client_id, "episode_id": s.episode_id, "session_number": v.session_number,
+        "administered_at": v.administered_at, "alert_id": a.alert_id, "triggers": list(a.triggers),
+        "total": s.total, "previous_total": s.previous_total, "change_from_previous": s.change_from_previous,
+        "cutoff": s.cutoff, "accepted_at": v.accepted_at, "revision": o.revision,
+    }
+
+
 def alert_event(tenant_id: str, client_id: str, o: AlertOut) -> AllianceDeterioration:
     """The `alliance.deterioration.v1` event of one raised revision of an alert."""
     a, s, v = o.alert, o.alert.session, o.alert.session.version
     assert isinstance(s, SessionView), "an outcome alert is published by outcome_alert_event"
-    return AllianceDeterioration(
-        event_id=ids.alert_event_id(a.alert_id, o.revision), tenant_id=tenant_id, occurred_at=o.at,
-        submission_id=v.submission_id, site_id=a.site_id, clinician_id=v.clinician_id, client_id=client_id,
-        episode_id=s.episode_id, instrument=v.instrument, session_number=v.session_number,
-        administered_at=v.administered_at, alert_id=a.alert_id, triggers=list(a.triggers),
-        severity=a.shown_severity, total=s.total, previous_total=s.previous_total,
-        change_from_previous=s.change_from_previous, cutoff=s.cutoff, accepted_at=v.accepted_at,
-        revision=o.revision, low_items=list(s.low_items), outcome_at_risk=a.outcome_at_risk,
-    )
+    return AllianceDeterioration(**_raised_alert(tenant_id, client_id, o), instrument=v.instrument,
+                                 severity=a.shown_severity, low_items=list(s.low_items),
+                                 outcome_at_risk=a.outcome_at_risk)
 
 
 def ors_scored_event(tenant_id: str, client_id: str, o: ScoredOut) -> OrsScored:
@@ -192,16 +200,9 @@ def outcome_alert_event(tenant_id: str, client_id: str, o: AlertOut) -> OutcomeA
     """The `outcome.alert.v1` event of one raised revision of an outcome alert."""
     a, s, v = o.alert, o.alert.session, o.alert.session.version
     assert isinstance(s, OutcomeView), "an alliance alert is published by alert_event"
-    return OutcomeAlert(
-        event_id=ids.alert_event_id(a.alert_id, o.revision), tenant_id=tenant_id, occurred_at=o.at,
-        submission_id=v.submission_id, site_id=a.site_id, clinician_id=v.clinician_id, client_id=client_id,
-        episode_id=s.episode_id, instrument=OutcomeInstrument(v.instrument), session_number=v.session_number,
-        administered_at=v.administered_at, client_age=v.client_age, alert_id=a.alert_id, triggers=list(a.triggers),
-        severity=a.severity, total=s.total, cutoff=s.cutoff, intake_total=s.intake_total,
-        change_from_intake=s.change_from_intake, previous_total=s.previous_total,
-        change_from_previous=s.change_from_previous, advice=advice(a.triggers, a.severity),
-        accepted_at=v.accepted_at, revision=o.revision,
-    )
+    return OutcomeAlert(**_raised_alert(tenant_id, client_id, o), instrument=OutcomeInstrument(v.instrument),
+                        client_age=v.client_age, severity=a.severity, intake_total=s.intake_total,
+                        change_from_intake=s.change_from_intake, advice=advice(a.triggers, a.severity))
 
 
 def status_event(tenant_id: str, client_id: str, o: StatusOut) -> AlertStatusChanged:
