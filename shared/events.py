@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
@@ -28,19 +28,29 @@ SCORED_INSTRUMENTS = frozenset({Instrument.SRS, Instrument.CSRS, Instrument.GSRS
 ITEM_NAMES: tuple[str, ...] = ("relationship", "goals", "approach", "overall")
 
 
-class Items(BaseModel):
-    """The four SRS items, each 0.0-10.0 to one decimal."""
+class ItemSet(BaseModel):
+    """The four items of a rating form (SRS or ORS family), each 0.0-10.0 to one decimal; a
+    subclass declares them as fields, and `NAMES` in their canonical order."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
+
+    NAMES: ClassVar[tuple[str, ...]]
+
+    def values(self) -> tuple[float, float, float, float]:
+        """The items in their canonical order."""
+        first, second, third, fourth = (getattr(self, name) for name in self.NAMES)
+        return (first, second, third, fourth)
+
+
+class Items(ItemSet):
+    """The four SRS items, each 0.0-10.0 to one decimal."""
+
+    NAMES = ITEM_NAMES
 
     relationship: float
     goals: float
     approach: float
     overall: float
-
-    def values(self) -> tuple[float, float, float, float]:
-        """The items in their canonical order."""
-        return (self.relationship, self.goals, self.approach, self.overall)
 
 
 class Event(BaseModel):
@@ -259,20 +269,16 @@ OUTCOME_OF: dict[Instrument, OutcomeInstrument] = {
 }
 
 
-class OrsItems(BaseModel):
+class OrsItems(ItemSet):
     """The four ORS items (individually, interpersonally, socially, overall), each 0.0-10.0 to
     one decimal; the total is 0.0-40.0."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    NAMES = ORS_ITEM_NAMES
 
     individually: float
     interpersonally: float
     socially: float
     overall: float
-
-    def values(self) -> tuple[float, float, float, float]:
-        """The items in their canonical order."""
-        return (self.individually, self.interpersonally, self.socially, self.overall)
 
 
 class AgeBand(StrEnum):
