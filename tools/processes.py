@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from tools.lifeline import popen_tied
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -34,8 +36,8 @@ class ServiceProcess:
         env = {**os.environ, **self.env, f"ALLIANCE_{self.name.upper()}_PORT": str(self.port),
                "PYTHONPATH": str(ROOT)}
         out = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", f"services.{self.name}"], env=env, cwd=ROOT,
-                                     stdout=out, stderr=subprocess.STDOUT)
+        self.proc = popen_tied([sys.executable, "-m", f"services.{self.name}"], env=env, cwd=ROOT,
+                               stdout=out, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         """Block until /readyz answers 200; fail early if the process exits."""

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from shared.settings import KafkaSettings
 from shared.topic_admin import ensure_topics
+from tools.lifeline import popen_tied
 
 log = logging.getLogger("alliance.stack")
 
@@ -108,8 +109,10 @@ class LocalStack:
         logs = self.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         out = open(logs / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                            env={**os.environ, **(env or {})}, start_new_session=True)
+        # Own session: a terminal's Ctrl-C reaches only the caller, which stops the stack in order;
+        # tied: the stack still dies with the caller if it is killed (no orphans burning CPU).
+        self.procs[name] = popen_tied(argv, stdout=out, stderr=subprocess.STDOUT,
+                                      env={**os.environ, **(env or {})}, start_new_session=True)
 
     def start_kafka(self) -> None:
         argv = [str(tansu_binary()), "broker", "--listener-url", f"tcp://127.0.0.1:{self.kafka_port}",
