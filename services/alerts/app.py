@@ -89,7 +89,8 @@ def build(config: AlertsConfig, resolve: Resolver = system_resolve) -> AlertsSer
     if config.smtp.enabled:
         senders["email"] = EmailSender(config.smtp, config.alerts.dashboard_url, config.alerts.attempt_timeout_seconds)
     statuses = StatusTeller(store, publisher, topics, config.alerts)
-    worker = DeliveryWorker(store, senders, publisher, topics, config.alerts, on_statuses_owed=statuses.recorded)
+    worker = DeliveryWorker(store, senders, publisher, topics, config.alerts, on_statuses_owed=statuses.recorded,
+                            on_statuses_recorded=statuses.recorded_docs)
     handlers = Handlers(store, config.smtp.enabled, worker.wake)
     escalator = Escalator(store, publisher, topics, config.alerts, config.smtp.enabled, worker.wake)
 

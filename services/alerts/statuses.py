@@ -11,15 +11,18 @@ Exactly-once effect under at-least-once (an outbox on the delivery row)
 -----------------------------------------------------------------------
 The worker's write that records such a delivery `delivered` or `failed` also sets its
 `status_outbox` flag, in the same single-document update: the outcome and the debt of its status
-are stored together or not at all. Only after that write does `StatusTeller` publish the status
-(the worker hands it the recorded ids), and only once the broker acknowledged does it unset the
-flag. A crash, a broker outage or a store error anywhere in between leaves the flag set, and the
-sweep (every `status_sweep_seconds`, in every alerts process) publishes what finished more than
-`status_sweep_seconds` ago and is still flagged. A status can therefore be published twice (a crash
-after the publish and before the unset, two processes sweeping at once, the sweep racing the
-worker's own publish), never lost; every copy has the same derived `event_id` and the same
-content (`occurred_at` is the recorded `delivered_at` / `finished_at`), so consumers that dedupe on
-`event_id` (the contract) see it once. A second channel delivering the same revision is not told
+are stored together or not at all. Only after that write does `StatusTeller` publish the status,
+and only once the broker acknowledged does it unset the flag. The worker hands it the recorded
+documents when every update of its write matched (it then knows what each holds: the claimed
+document plus the outcome it wrote, so the teller reads nothing back), else only their ids, and the
+teller reads the ones still flagged. A crash, a broker outage or a store error anywhere in between
+leaves the flag set, and the sweep (every `status_sweep_seconds`, in every alerts process)
+publishes what finished more than `status_sweep_seconds` ago and is still flagged. A status can
+therefore be published twice (a crash after the publish and before the unset, two processes
+sweeping at once, the sweep racing the worker's own publish), never lost; every copy has the same
+derived `event_id` and the same content (`occurred_at` is the recorded `delivered_at` /
+`finished_at`), so consumers that dedupe on `event_id` (the contract) see it once.
+A second channel delivering the same revision is not told
 (`rules.first_deliveries`); where two processes record the two channels at the same moment both
 may tell it, under the one id.
 
@@ -98,12 +101,21 @@ class StatusTeller:
     topics: Topics
     settings: AlertsSettings
     batch: int = 500
-    _recorded: asyncio.Queue[Sequence[str]] = field(default_factory=asyncio.Queue, init=False)
+    # Ids of deliveries recorded owing a status (read back before telling), or the recorded documents.
+    _recorded: asyncio.Queue[tuple[Sequence[str], Sequence[Document]]] = field(default_factory=asyncio.Queue,
+                                                                               init=False)
 
     def recorded(self, delivery_ids: Sequence[str]) -> None:
         """These deliveries were just recorded owing a status (called by the worker after the write)."""
         if delivery_ids:
-            self._recorded.put_nowait(delivery_ids)
+            self._recorded.put_nowait((delivery_ids, ()))
+
+    def recorded_docs(self, docs: Sequence[Document]) -> None:
+        """These deliveries were just recorded owing a status, and this is what the write left in
+        the store (the worker knows it when every update of the write matched): told as they are,
+        without reading them back."""
+        if docs:
+            self._recorded.put_nowait(((), docs))
 
     async def run(self) -> None:
         """Until cancelled: tell what the worker recorded as it comes, and sweep every
@@ -113,14 +125,19 @@ class StatusTeller:
         next_sweep = loop.time() + every
         while True:
             try:
-                ids = await asyncio.wait_for(self._recorded.get(), max(0.0, next_sweep - loop.time()))
+                first = await asyncio.wait_for(self._recorded.get(), max(0.0, next_sweep - loop.time()))
             except TimeoutError:
-                ids = None
+                first = None
             try:
-                if ids is not None:
+                if first is not None:
+                    ids, docs = list(first[0]), list(first[1])
                     while not self._recorded.empty():
-                        ids = [*ids, *self._recorded.get_nowait()]
-                    await self.tell(await self.store.owed_statuses(ids, limit=len(ids)))
+                        more_ids, more_docs = self._recorded.get_nowait()
+                        ids.extend(more_ids)
+                        docs.extend(more_docs)
+                    if ids:
+                        docs.extend(await self.store.owed_statuses(ids, limit=len(ids)))
+                    await self.tell(docs)
                 if loop.time() >= next_sweep:
                     next_sweep = loop.time() + every
                     await self.sweep()

@@ -568,20 +568,37 @@ class AlertsStore:
             "next_attempt_at", ASCENDING).limit(limit).to_list()
         return [(str(r["_id"]), str(r.get("tenant_id"))) for r in rows]
 
-    async def claim(self, now: datetime, ids: Sequence[str], lease: timedelta, owner: str = "") -> list[Document]:
-        """Lease these deliveries to this caller if they are still due and not leased (2 round trips).
+    async def due_documents(self, now: datetime, limit: int, exclude_tenants: Sequence[str] = ()
+                            ) -> list[Document]:
+        """`due_candidates` as whole documents (without a claim token): what `claim` hands out when
+        it gets every one of them, so the worker's claim needs no read after its update."""
+        query = self._due(now)
+        if exclude_tenants:
+            query["tenant_id"] = {"$nin": list(exclude_tenants)}
+        return await self.deliveries.find(query, {"claim": 0}).sort("next_attempt_at", ASCENDING).limit(
+            limit).to_list()
+
+    async def claim(self, now: datetime, ids: Sequence[str], lease: timedelta, owner: str = "",
+                    read: Mapping[str, Document] | None = None) -> list[Document]:
+        """Lease these deliveries to this caller if they are still due and not leased (1 or 2 round trips).
 
         One `update_many` whose filter repeats the "due and not leased" condition: the update of
         each document is atomic, so when two workers race for one delivery exactly one update
         matches it. The claim token tells which documents this caller got.
+
+        `read`: the deliveries as `due_documents` read them at `now`. When the update changed every
+        one of `ids`, this caller got them all, still as read (only a lease holder changes a pending
+        delivery, and none held these), so they are returned without reading them again; otherwise
+        (another worker got some) which ones this caller got is read by the token.
         """
         if not ids:
             return []
         due = self._due(now)
         token = uuid.uuid4().hex
-        await self.deliveries.update_many({**due, "_id": {"$in": list(ids)}},
-                                          {"$set": {"claimed_until": now + lease, "claim": token,
-                                                    "claimed_by": owner}})
+        lease_fields = {"claimed_until": now + lease, "claim": token, "claimed_by": owner}
+        res = await self.deliveries.update_many({**due, "_id": {"$in": list(ids)}}, {"$set": lease_fields})
+        if read is not None and res.modified_count == len(set(ids)) and all(i in read for i in ids):
+            return [{**read[i], **lease_fields} for i in ids]
         # By `_id` (the claim token has no index): which of them this caller got.
         return await self.deliveries.find({"_id": {"$in": list(ids)}, "claim": token, "status": "pending"}).to_list()
 
@@ -590,15 +607,19 @@ class AlertsStore:
         worker shares its slots with `due_candidates` + `rules.fair_pick` + `claim` instead)."""
         return await self.claim(now, [i for i, _ in await self.due_candidates(now, limit)], lease, owner)
 
-    async def record(self, results: Sequence[AttemptResult]) -> None:
+    async def record(self, results: Sequence[AttemptResult]) -> datetime | None:
         """Write attempt outcomes in one round trip.
 
         Success is recorded whoever holds the lease (it is true regardless); a retry or failure
         only by the holder of the claim, so a worker whose lease ran out cannot overwrite a newer
         attempt's state.
+
+        Returns the time written as `finished_at` / `delivered_at` when every outcome was written
+        (then each document holds exactly what the caller knows of it plus this write), None when
+        some were not (recorded by another worker first): the caller must read what is stored.
         """
         if not results:
-            return
+            return None
         now = utcnow()
         ops = []
         for r in results:
@@ -618,7 +639,8 @@ class AlertsStore:
                     "status": r.outcome, "attempts": r.attempts, "finished_at": now, "claimed_until": EPOCH,
                     "last_error": r.error, "response_status": r.response_status,
                     "last_outcome": r.last_outcome, **owed}}))
-        await self.deliveries.bulk_write(ops, ordered=False)
+        res = await self.deliveries.bulk_write(ops, ordered=False)
+        return now if res.matched_count == len(ops) else None
 
     # ---- the statuses owed for clinicians' deliveries (the outbox, see statuses.py) ----------
 

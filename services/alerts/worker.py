@@ -15,7 +15,9 @@ status topic: see the last section).
 Claiming (two alerts processes never send the same delivery at the same time)
 ------------------------------------------------------------------------------
 A worker leases due deliveries by setting `claimed_until = now + lease` and a claim token in a
-conditional `update_many` (see `AlertsStore.claim_due`); other workers skip leased documents.
+conditional `update_many` (see `AlertsStore.claim`); other workers skip leased documents. The
+candidates are read whole, so a claim that got every delivery it picked (the update changed them
+all) hands out what it read: two round trips per claim, a third only when another worker won some.
 The lease (default 30 s) outlasts one attempt (timeout 5 s) plus recording it. Up to
 `concurrency` attempts run at once, each with its own timeout, so one slow receiver occupies one
 slot, not the worker.
@@ -51,7 +53,8 @@ A clinician's delivery of an alert (webhook or email; not a partner's, a supervi
 withdrawal notice) also owes a status event when it ends: `delivered`, or `failed` once its
 attempts are used up. The single write that records the outcome sets the delivery's
 `status_outbox` flag with it; only after that write are the ids handed to the `StatusTeller`
-(services/alerts/statuses.py), which publishes on the alert's status topic and then unsets the
+(services/alerts/statuses.py; the documents as written instead, when every update of the write
+matched, so it reads nothing back), which publishes on the alert's status topic and then unsets the
 flag. A crash before the write loses nothing (the attempt is made again, as above); a crash after
 it leaves the flag, and the teller's sweep publishes the status later under the same derived
 event id. So the status of a recorded outcome is never lost, and at worst published twice as
@@ -85,7 +88,7 @@ from services.alerts.rules import (
 )
 from services.alerts.senders import Cancelled, SendError
 from services.alerts.settings import AlertsSettings
-from services.alerts.store import AlertsStore, AttemptResult, utcnow
+from services.alerts.store import EPOCH, STATUS_OUTBOX, AlertsStore, AttemptResult, utcnow
 from shared import ids, tracing
 from shared.events import DeadLetter, DeadLetterReason
 from shared.kafka import OutboundRecord, Publisher
@@ -127,6 +130,16 @@ def dead_letter(d: Document, attempts: int, error: str, dlq_topic: str) -> Outbo
                           correlation_id=d.get("correlation_id"), traceparent=d.get("traceparent"))
 
 
+def recorded_doc(claimed: Document, r: AttemptResult, at: datetime) -> Document:
+    """A claimed delivery as `AlertsStore.record` wrote `r` into it at `at` (ended: delivered or failed)."""
+    done: Document = {"status": r.outcome, "attempts": r.attempts, "finished_at": at, "last_outcome": r.last_outcome,
+                      "response_status": r.response_status, "last_error": r.error, "claimed_until": EPOCH,
+                      STATUS_OUTBOX: True}
+    if r.outcome == "delivered":
+        done["delivered_at"] = at
+    return {**claimed, **done}
+
+
 def _instance_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
@@ -142,8 +155,10 @@ class DeliveryWorker:
     settings: AlertsSettings
     jitter: Callable[[], float] = random.random
     # Told the ids of the deliveries just recorded owing a `delivered` / `failed` status
-    # (`StatusTeller.recorded`; see services/alerts/statuses.py).
+    # (`StatusTeller.recorded`; see services/alerts/statuses.py) when what the store holds of them
+    # is not known here, and their documents as recorded when it is (`StatusTeller.recorded_docs`).
     on_statuses_owed: Callable[[list[str]], None] = lambda _ids: None
+    on_statuses_recorded: Callable[[list[Document]], None] | None = None
     _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _inflight: set[asyncio.Task[None]] = field(default_factory=set, init=False)
     _tenant_of: dict[asyncio.Task[None], str] = field(default_factory=dict, init=False)
@@ -153,6 +168,8 @@ class DeliveryWorker:
     peak_by_tenant: Counter[str] = field(default_factory=Counter, init=False)
     _saturated: bool = field(default=False, init=False)
     _results: asyncio.Queue[AttemptResult | None] = field(default_factory=asyncio.Queue, init=False)
+    # The claimed documents of the attempts not yet recorded (what a recorded status is told from).
+    _claimed: dict[str, Document] = field(default_factory=dict, init=False)
     # Recorded on each claim, so operators (and tests) can tell which process holds a lease.
     instance: str = field(default_factory=_instance_name, init=False)
 
@@ -181,6 +198,7 @@ class DeliveryWorker:
                         log.warning("claiming deliveries failed (store unavailable?): %r", exc)
                         claimed, more = [], False
                     for d in claimed:
+                        self._claimed[str(d["_id"])] = d
                         tenant = str(d.get("tenant_id"))
                         task = asyncio.create_task(self._attempt(d), name=f"delivery-{d['_id']}")
                         self._inflight.add(task)
@@ -214,7 +232,9 @@ class DeliveryWorker:
         concurrency, cap = self.settings.concurrency, self.settings.tenant_concurrency
         window = free + concurrency  # room for other tenants' candidates behind one tenant's backlog
         at_share = tenants_at_share(self.inflight_by_tenant, concurrency, cap)
-        candidates = await self.store.due_candidates(now, window, at_share)
+        # Whole documents: when the claim gets every one picked, it hands these out without a read.
+        read = await self.store.due_documents(now, window, at_share)
+        candidates = [(str(d["_id"]), str(d.get("tenant_id"))) for d in read]
         # A tenant left out for holding its share may have a backlog: each of its finished attempts
         # must claim again at once, not at the next poll (one tenant alone would get a share per
         # poll interval).
@@ -222,7 +242,7 @@ class DeliveryWorker:
         if not candidates:
             return [], more
         ids = fair_pick(candidates, self.inflight_by_tenant, free, concurrency, cap)
-        claimed = await self.store.claim(now, ids, lease, self.instance)
+        claimed = await self.store.claim(now, ids, lease, self.instance, {str(d["_id"]): d for d in read})
         return claimed, more or len(candidates) == window or len(ids) < len(candidates)
 
     def _done(self, task: asyncio.Task[None]) -> None:
@@ -254,13 +274,13 @@ class DeliveryWorker:
                 item = self._results.get_nowait()
             if not batch:
                 continue
+            claimed = [self._claimed.pop(r.delivery_id, None) for r in batch]
             for retry_in in (0.2, 1.0, None):
                 try:
-                    await self.store.record(batch)
+                    written_at = await self.store.record(batch)
                     self._wake_when_due(batch)
                     # Only now that the outcomes (and their outbox flags) are stored: see statuses.py.
-                    self.on_statuses_owed([r.delivery_id for r in batch
-                                           if r.tells_status and r.outcome in ("delivered", "failed")])
+                    self._statuses_owed(batch, claimed, written_at)
                     break
                 except asyncio.CancelledError:
                     raise
@@ -271,6 +291,20 @@ class DeliveryWorker:
                         log.error("could not record %d delivery attempts: %r", len(batch), exc)
                     else:
                         await asyncio.sleep(retry_in)
+
+    def _statuses_owed(self, batch: list[AttemptResult], claimed: list[Document | None],
+                       written_at: datetime | None) -> None:
+        """Hand the statuses the write just made owed to the teller: as the documents now stored
+        when every outcome was written at `written_at` (the teller then reads nothing back), else as
+        ids (it reads what is stored)."""
+        owed = [(r, d) for r, d in zip(batch, claimed, strict=True)
+                if r.tells_status and r.outcome in ("delivered", "failed")]
+        if not owed:
+            return
+        if written_at is None or self.on_statuses_recorded is None or any(d is None for _, d in owed):
+            self.on_statuses_owed([r.delivery_id for r, _ in owed])
+            return
+        self.on_statuses_recorded([recorded_doc(d, r, written_at) for r, d in owed if d is not None])
 
     def _wake_when_due(self, recorded: list[AttemptResult]) -> None:
         """Wake this worker when each recorded retry is due (other processes find it by polling).
