@@ -734,6 +734,9 @@ def subscribe_batch(
         max_records=max_records,
         batch_timeout_ms=batch_timeout_ms,
         fetch_max_wait_ms=fetch_max_wait_ms,
+        # aiokafka's defaults without settings (see KafkaSettings.session_timeout_ms)
+        session_timeout_ms=settings.session_timeout_ms if settings is not None else 10_000,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms if settings is not None else 3_000,
         ack_policy=AckPolicy.MANUAL,
         auto_offset_reset="earliest",
         decoder=_raw,

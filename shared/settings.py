@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, cast
 
-from pydantic import Field, PositiveFloat, PositiveInt, SecretStr
+from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.topics import Topics
@@ -49,6 +49,18 @@ class KafkaSettings(BaseSettings):
     # for the store, a permanent refusal) before its records are isolated and the culprits
     # dead-lettered (`shared.kafka.subscribe_batch`); at most 5, as the 6th failure rewinds it.
     poison_attempts: int = Field(default=2, ge=1, le=5)
+    # Consumer group liveness (aiokafka's defaults). A member silent for the session timeout is
+    # dropped from its group; heartbeats go out every heartbeat interval (well under the timeout).
+    # The local Tansu also holds every group join for half the session timeout, so the test kit
+    # sets a shorter one (tests/support/stack.py) to start consumers in ~1.5 s instead of ~5 s.
+    session_timeout_ms: PositiveInt = 10_000
+    heartbeat_interval_ms: PositiveInt = 3_000
+
+    @model_validator(mode="after")
+    def _heartbeat_within_session(self) -> KafkaSettings:
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ValueError("heartbeat_interval_ms must be shorter than session_timeout_ms")
+        return self
 
     def topics(self) -> Topics:
         """Concrete topic names for this deployment."""

@@ -50,7 +50,11 @@ class Namespace:
     def kafka(self) -> KafkaSettings:
         return KafkaSettings(bootstrap=self.stack.bootstrap, idempotence=self.stack.idempotence,
                              topic_prefix=self.prefix, partitions=self.partitions,
-                             fetch_max_wait_ms=self.fetch_max_wait_ms)
+                             fetch_max_wait_ms=self.fetch_max_wait_ms, **self._group_timing())
+
+    def _group_timing(self) -> dict[str, int]:
+        timing = self.stack.group_timing
+        return {} if timing is None else {"session_timeout_ms": timing[0], "heartbeat_interval_ms": timing[1]}
 
     def mongo(self) -> MongoSettings:
         return MongoSettings(url=self.stack.mongo_url, database=self.database)
@@ -62,6 +66,7 @@ class Namespace:
             "ALLIANCE_KAFKA_TOPIC_PREFIX": self.prefix,
             "ALLIANCE_KAFKA_PARTITIONS": str(self.partitions),
             "ALLIANCE_KAFKA_FETCH_MAX_WAIT_MS": str(self.fetch_max_wait_ms),
+            **{f"ALLIANCE_KAFKA_{name.upper()}": str(ms) for name, ms in self._group_timing().items()},
             "ALLIANCE_MONGO_URL": self.stack.mongo_url,
             "ALLIANCE_MONGO_DATABASE": self.database,
             "ALLIANCE_ALERTS_ALLOW_PRIVATE_TARGETS": "true",
