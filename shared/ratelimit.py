@@ -33,7 +33,11 @@ store (the rest cost nothing there), which is what kept the rate limit from doub
 load per request. The next lease is counted in the background before the held one runs out, and
 again just after a slot turns for a key that was busy in the slot before, so on a steadily busy key
 requests do not wait for the store at all (issue 11: the POST p99 had doubled since the limit moved
-into the store).
+into the store). A request that finds no units held counts the lease itself - also the check
+before the body is read (`wait`), which then reads nothing: the units it counts are the ones the
+request's `take` spends - and requests of the key arriving meanwhile wait for that one count rather
+than each counting their own. Only a key whose lease the store refused in the current slot (one
+near its limit, or in debt) is checked by reading its window, as without a lease.
 """
 
 from __future__ import annotations
@@ -315,9 +319,11 @@ class Limiter:
     waits for it rather than asking the store itself. A key that spent half a lease or more in a
     slot gets one lease counted right after the next slot begins (held units of an ended slot are
     dropped, so without it the first requests of every slot would wait for the store). The two
-    conditions keep a slow key from counting leases it will not use (each a store write). A refill
-    the store refuses or does not answer is dropped: the request path then asks the store as
-    without refills, and reports its outage.
+    conditions keep a slow key from counting leases it will not use (each a store write). A request
+    (`wait` or `take`) that finds too few units held and no count under way counts a lease itself
+    and waits for it, so concurrent requests of a key count one lease, not one each (`_lease_now`).
+    A refill the store refuses or does not answer is dropped: the request path then asks the store
+    as without refills (for the rest of the slot when it refused), and reports its outage.
     """
 
     def __init__(self, storage: SlotStorage, namespace: str, rate: float, burst: float, lease: int = 1) -> None:
@@ -337,6 +343,9 @@ class Limiter:
         self._busy: dict[int, set[str]] = {}
         # Units this process admitted per key in the current slot: (slot, units).
         self._used: dict[str, tuple[int, int]] = {}
+        # Keys whose lease the store refused (the key near its limit), by slot: until the slot
+        # ends, requests short of units ask for what they need instead of a lease first.
+        self._refused: dict[str, int] = {}
 
     def _cost(self, cost: float) -> int:
         return min(max(math.ceil(cost), 0), self.item.amount)
@@ -370,6 +379,8 @@ class Limiter:
         if units == 0:
             return 0.0
         held = await self._refilled(key, units)
+        if (held is None or held.units < units) and units <= self.lease:
+            held = await self._lease_now(key, units)
         if held is not None and held.units >= units:
             held.units -= units
             self._refill_if_low(key, held, self._spent(key, held.slot, units))
@@ -393,8 +404,10 @@ class Limiter:
     async def wait(self, key: str) -> float:
         """0.0 when one unit would be admitted now, else the seconds until it would; spends nothing.
         (The strategy's `test` with the same arithmetic, from one read of the window; no read at
-        all while this process holds units of the key.)"""
-        if await self._refilled(key, 1) is not None:
+        all while this process holds units of the key. Holding none, it counts a lease for the
+        request's `take` to spend, as `take` would have: one round trip instead of a read and a
+        count; the read only when the store refused a lease of the key in this slot.)"""
+        if await self._refilled(key, 1) is not None or await self._lease_now(key, 1) is not None:
             return 0.0
         wait = await self._seconds_until(key, 1)
         return 0.0 if wait <= 0 else max(wait, 1e-3)
@@ -410,6 +423,16 @@ class Limiter:
             units -= spent
         if units > 0:
             await self.storage.force(self.item.key_for(key), self.item.amount, self.window, units)
+
+    async def _lease_now(self, key: str, units: int) -> _Held | None:
+        """Count one lease for `key` now and wait for it, unless one is being counted (then wait for
+        that one) or the store refused one in this slot: concurrent requests finding too few units
+        count one lease between them, not one each. Returns what is held after (maybe fewer than `units`)."""
+        slot = self.storage.current_slot(self.window)
+        if self.lease <= 1 or self._refused.get(key) == slot:
+            return self._holding(key)
+        self._refill(key, slot)
+        return await self._refilled(key, units)
 
     # --- refills ahead of need --------------------------------------------------------------------
 
@@ -455,9 +478,15 @@ class Limiter:
 
     async def _count_lease(self, key: str, slot: int) -> None:
         try:
-            if slot == self.storage.current_slot(self.window) and \
-                    await self._strategy.hit(self.item, key, cost=self.lease):
+            if slot != self.storage.current_slot(self.window):
+                return
+            if await self._strategy.hit(self.item, key, cost=self.lease):
                 self._hold(key, self.lease, slot)
+            else:
+                if len(self._refused) >= self._max_held:
+                    for old in list(self._refused)[: self._max_held // 2]:
+                        del self._refused[old]
+                self._refused[key] = slot
         except Exception as exc:  # the request path asks the store itself and reports its outage
             log.debug("rate-limit refill not counted: %s", type(exc).__name__)
 

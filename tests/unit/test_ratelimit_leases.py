@@ -175,6 +175,36 @@ async def test_requests_finding_too_few_units_wait_for_the_refill_under_way() ->
     assert store.adds - adds == 1  # both served from the refill's lease, neither counted one of its own
 
 
+async def test_concurrent_requests_finding_no_units_held_count_one_lease_between_them() -> None:
+    clock = Clock()
+    store = SlowCounters(clock)
+    lim = replica(store, clock)
+    # Four: six units stay held, more than half a lease, so no refill ahead is counted either.
+    assert list(await asyncio.gather(*(lim.take("k") for _ in range(4)))) == [0.0] * 4
+    assert store.adds == 1  # one lease of 10 served all four
+
+
+async def test_waiting_with_no_units_held_counts_the_lease_the_request_then_takes_from() -> None:
+    clock = Clock()
+    store = SlowCounters(clock)
+    lim = replica(store, clock)
+    assert await lim.wait("k") == 0.0
+    adds, trips = store.adds, store.trips
+    assert await lim.take("k") == 0.0
+    assert (adds, store.trips) == (1, trips)  # the wait counted the lease; the take cost no round trip
+
+
+async def test_once_the_store_refused_a_lease_of_a_key_waiting_reads_its_window_without_counting() -> None:
+    clock = Clock()
+    store = SlowCounters(clock)
+    lim = replica(store, clock, burst=200, lease=10)
+    assert await replica(store, clock).take("k", 195) == 0.0  # another replica: 5 units left, less than a lease
+    assert await lim.wait("k") == 0.0  # room for one, though not for a lease (the store refused it)
+    adds = store.adds
+    assert await lim.wait("k") == 0.0
+    assert store.adds == adds  # the second wait only read
+
+
 async def test_refilled_units_never_exceed_the_limit() -> None:
     clock = Clock()
     lim = replica(CountedCounters(clock), clock, burst=200, lease=10)
