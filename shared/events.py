@@ -330,13 +330,12 @@ class OutcomeFlag(StrEnum):
     NOT_ON_TRACK = "not_on_track"  # alert trigger: no reliable improvement by the tenant's session
 
 
-class OrsScored(Event, OutcomeIdentity):
-    """One version of a scored ORS-family session (topic `ors.scored.v1`). Revisions, `supersedes`,
-    `episode_id`/`episode_derived`, `latest` and `site_version` mean what they mean on
-    `srs.scored.v1` (docs/clinical-records.md). YCORS sessions are published with `total` only:
-    no cutoff, no change, no flags."""
+class OutcomeScore(BaseModel):
+    """What the outcome rules say about one ORS-family session (scoring's `score_outcome`), as
+    `ors.scored.v1` carries it. A YCORS session has its `total` and band only."""
 
-    items: OrsItems | None = None
+    model_config = ConfigDict(extra="ignore")
+
     total: float
     age_band: AgeBand
     cutoff: float | None = None
@@ -351,6 +350,20 @@ class OrsScored(Event, OutcomeIdentity):
     flags: list[str] = Field(default_factory=list)
     triggers: list[str] = Field(default_factory=list)
     severity: Severity | None = None
+
+
+class _OrsItemsField(BaseModel):
+    items: OrsItems | None = None
+
+
+# pydantic orders fields base by base along the reversed MRO, so the bases are listed last-first to
+# keep the v1 order on the wire: identity, event, items, the score, then the revision bookkeeping.
+class OrsScored(OutcomeScore, _OrsItemsField, Event, OutcomeIdentity):
+    """One version of a scored ORS-family session (topic `ors.scored.v1`). Revisions, `supersedes`,
+    `episode_id`/`episode_derived`, `latest` and `site_version` mean what they mean on
+    `srs.scored.v1` (docs/clinical-records.md). YCORS sessions are published with `total` only:
+    no cutoff, no change, no flags."""
+
     latest: bool = True
     scored_at: datetime
     accepted_at: datetime | None = None

@@ -37,10 +37,8 @@ defaults, configurable per tenant.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from services.scoring.rules import OutcomeRules, r1
-from shared.events import AgeBand, OutcomeChange, OutcomeFlag, OutcomeInstrument, Severity
+from shared.events import AgeBand, OutcomeChange, OutcomeFlag, OutcomeInstrument, OutcomeScore, Severity
 
 # Plain strings (see rules.py: they enter stored digests, whose `repr` must not name a class).
 IN_CLINICAL_RANGE = OutcomeFlag.IN_CLINICAL_RANGE.value
@@ -113,25 +111,11 @@ def advice(triggers: tuple[str, ...] | list[str], severity_: Severity | str) -> 
     return ADVICE_NOT_ON_TRACK_WARNING
 
 
-@dataclass(frozen=True)
-class OutcomeScoring:
-    """Everything the rules say about one ORS-family session. `triggers` and `severity` are what
-    an alert would carry if the session were the latest; `alert` says whether it holds one."""
+class OutcomeScoring(OutcomeScore):
+    """Everything the rules say about one ORS-family session: what its `ors.scored.v1` event
+    carries, and whether the session holds an alert. `triggers` and `severity` are what an alert
+    would carry if the session were the latest."""
 
-    total: float
-    band: AgeBand
-    cutoff: float | None = None
-    reliable_change: float | None = None
-    intake_total: float | None = None
-    change_from_intake: float | None = None
-    previous_total: float | None = None
-    change_from_previous: float | None = None
-    change: OutcomeChange | None = None
-    clinically_significant_improvement: bool = False
-    in_clinical_range: bool | None = None
-    flags: tuple[str, ...] = ()
-    triggers: tuple[str, ...] = ()
-    severity: Severity | None = None
     alert: bool = False
 
 
@@ -144,7 +128,7 @@ def score_outcome(instrument: OutcomeInstrument | str, client_age: int | None, t
     total = r1(total)
     cutoff = rules.cutoff(band)
     if cutoff is None:
-        return OutcomeScoring(total, band)
+        return OutcomeScoring.model_construct(total=total, age_band=band)
     intake = total if intake_total is None else r1(intake_total)
     prev = None if previous_total is None else r1(previous_total)
     from_intake = r1(total - intake)
@@ -161,7 +145,11 @@ def score_outcome(instrument: OutcomeInstrument | str, client_age: int | None, t
     }
     flags = tuple(f for f in OUTCOME_FLAG_NAMES if holds[f])
     triggers = tuple(f for f in OUTCOME_TRIGGERS if holds[f])
-    return OutcomeScoring(
-        total, band, r1(cutoff), r1(rules.reliable_change), intake, from_intake, prev,
-        None if prev is None else r1(total - prev), change, significant, in_range, flags, triggers,
-        severity(triggers, session_number, rules) if triggers else None, latest and bool(triggers))
+    # Built without validation: every value comes from the rules above (and this runs per session).
+    return OutcomeScoring.model_construct(
+        total=total, age_band=band, cutoff=r1(cutoff), reliable_change_index=r1(rules.reliable_change),
+        intake_total=intake, change_from_intake=from_intake, previous_total=prev,
+        change_from_previous=None if prev is None else r1(total - prev), change=change,
+        clinically_significant_improvement=significant, in_clinical_range=in_range, flags=list(flags),
+        triggers=list(triggers), severity=severity(triggers, session_number, rules) if triggers else None,
+        alert=latest and bool(triggers))

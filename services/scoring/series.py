@@ -467,16 +467,16 @@ def _outcome_view(v: Version, eid: str, derived: bool, prev: OutcomeView | None,
     total = R.total_of(v.ratings(), v.total, ORS_ITEM_NAMES)
     intake, prev_total = (prev.intake_total, prev.total) if prev is not None else (None, None)
     s = O.score_outcome(v.instrument, v.client_age, total, intake, prev_total, v.session_number, latest, resolved)
-    view = OutcomeView(v, eid, derived, owner or v.site_id, site_version, s.total, s.band.value, s.cutoff,
-                       s.reliable_change, s.intake_total, s.change_from_intake, s.previous_total,
+    view = OutcomeView(v, eid, derived, owner or v.site_id, site_version, s.total, s.age_band.value, s.cutoff,
+                       s.reliable_change_index, s.intake_total, s.change_from_intake, s.previous_total,
                        s.change_from_previous, None if s.change is None else s.change.value,
-                       s.clinically_significant_improvement, s.in_clinical_range, s.flags, s.triggers, s.severity,
-                       latest)
+                       s.clinically_significant_improvement, s.in_clinical_range, tuple(s.flags), tuple(s.triggers),
+                       s.severity, latest)
     if not s.alert or s.severity is None:
         return view, None
     aid = ids.alert_id(tenant_id, client_id, v.instrument, eid, v.session_number)
     site = (alert_sites or {}).get(aid, view.site_id)
-    return view, AlertView(aid, view, s.triggers, s.severity, site)
+    return view, AlertView(aid, view, view.triggers, s.severity, site)
 
 
 def _mark_outcome_at_risk(alerts: dict[str, AlertView], tenant_id: str, client_id: str) -> None:

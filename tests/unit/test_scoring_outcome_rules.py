@@ -75,8 +75,8 @@ def oracle(instrument: str, age: int | None, total: float, intake: float | None,
 def actual(instrument: str, age: int | None, total: float, intake: float | None, number: int,
            rules: OutcomeRules = DEFAULTS, previous: float | None = None) -> Expected:
     s = O.score_outcome(instrument, age, total, intake, previous, number, True, rules)
-    return Expected(s.band.value, s.cutoff, s.change_from_intake, None if s.change is None else s.change.value,
-                    s.clinically_significant_improvement, s.in_clinical_range, s.flags,
+    return Expected(s.age_band.value, s.cutoff, s.change_from_intake, None if s.change is None else s.change.value,
+                    s.clinically_significant_improvement, s.in_clinical_range, tuple(s.flags),
                     None if s.severity is None else s.severity.value)
 
 
@@ -122,7 +122,7 @@ def test_a_total_that_rounds_to_the_cutoff_is_at_it() -> None:
 
 def test_a_ycors_is_not_scored() -> None:
     s = O.score_outcome("YCORS", 4, 12.0, 30.0, 25.0, 8, True, DEFAULTS)
-    assert (s.cutoff, s.change, s.flags, s.triggers, s.alert, s.in_clinical_range) == (None, None, (), (), False, None)
+    assert (s.cutoff, s.change, s.flags, s.triggers, s.alert, s.in_clinical_range) == (None, None, [], [], False, None)
 
 
 # --- reliable change ------------------------------------------------------------------------------
@@ -209,7 +209,7 @@ def test_a_reliable_improvement_at_session_6_is_on_track() -> None:
 
 def test_a_reliable_deterioration_at_session_3_is_both_triggers_and_critical() -> None:
     s = O.score_outcome("ORS", None, 14.0, 20.0, 18.0, 3, True, DEFAULTS)
-    assert s.triggers == ("reliable_deterioration", "not_on_track") and s.severity is Severity.CRITICAL
+    assert s.triggers == ["reliable_deterioration", "not_on_track"] and s.severity is Severity.CRITICAL
 
 
 def test_a_session_that_is_not_the_latest_keeps_its_flags_but_holds_no_alert() -> None:
@@ -219,7 +219,7 @@ def test_a_session_that_is_not_the_latest_keeps_its_flags_but_holds_no_alert() -
 
 def test_flags_come_in_the_contracts_order() -> None:
     s = O.score_outcome("ORS", None, 14.0, 20.0, 18.0, 3, True, DEFAULTS)
-    assert s.flags == ("in_clinical_range", "reliable_deterioration", "not_on_track")
+    assert s.flags == ["in_clinical_range", "reliable_deterioration", "not_on_track"]
 
 
 def test_the_advice_for_a_deterioration_and_for_a_late_not_on_track_asks_to_consider_a_change() -> None:
