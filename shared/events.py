@@ -114,7 +114,43 @@ class Severity(StrEnum):
 Operator = Literal["<", "<="]
 
 
-class SrsScored(Event, SubmissionIdentity):
+class SrsScore(BaseModel):
+    """A scored SRS-family session's items and what the alliance rules make of them, as
+    `srs.scored.v1` carries it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    items: Items | None = None
+    total: float
+    cutoff: float
+    operator: Operator = "<"
+    previous_total: float | None = None
+    change_from_previous: float | None = None
+    flags: list[str] = Field(default_factory=list)
+    triggers: list[str] = Field(default_factory=list)
+    severity: Severity | None = None
+    low_items: list[str] = Field(default_factory=list)
+
+
+class ScoredRevision(BaseModel):
+    """Where one published version of a scored session (SRS or ORS family) stands among the
+    session's versions; `SrsScored` says what each field means."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    latest: bool = True
+    scored_at: datetime
+    accepted_at: datetime | None = None
+    revision: int = Field(default=1, ge=1)
+    supersedes: str | None = None
+    episode_derived: bool = False
+    site_version: int = Field(default=0, ge=0)
+
+
+# pydantic orders fields base by base along the reversed MRO, so the bases of the scored events are
+# listed last-first to keep the v1 order on the wire: identity, event, (items,) the score, then the
+# revision bookkeeping.
+class SrsScored(ScoredRevision, SrsScore, Event, SubmissionIdentity):
     """One version of a scored session (topic `srs.scored.v1`); see docs/clinical-records.md.
 
     A session is (tenant, client, instrument, episode_id, session_number). Scoring publishes a
@@ -127,26 +163,20 @@ class SrsScored(Event, SubmissionIdentity):
     was scored (false for a backfilled older session); later sessions make it stale.
     """
 
-    items: Items | None = None
+
+class AlertContent(BaseModel):
+    """What a raised revision of an alert, alliance or outcome, says first: which alert (derived
+    from its session), what triggered it, how urgent it is, and the session's total."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    alert_id: str
+    triggers: list[str]
+    severity: Severity
     total: float
-    cutoff: float
-    operator: Operator = "<"
-    previous_total: float | None = None
-    change_from_previous: float | None = None
-    flags: list[str] = Field(default_factory=list)
-    triggers: list[str] = Field(default_factory=list)
-    severity: Severity | None = None
-    low_items: list[str] = Field(default_factory=list)
-    latest: bool = True
-    scored_at: datetime
-    accepted_at: datetime | None = None
-    revision: int = Field(default=1, ge=1)
-    supersedes: str | None = None
-    episode_derived: bool = False
-    site_version: int = Field(default=0, ge=0)
 
 
-class AllianceDeterioration(Event, SubmissionIdentity):
+class AllianceDeterioration(AlertContent, Event, SubmissionIdentity):  # bases last-first: see SrsScored
     """The alliance is at risk in the latest session of a client's current episode (topic
     `alliance.deterioration.v1`): an alert raised (`revision` 1) or revised by a correction
     (`revision` + 1, same `alert_id`).
@@ -156,10 +186,6 @@ class AllianceDeterioration(Event, SubmissionIdentity):
     across redeliveries and corrections.
     """
 
-    alert_id: str
-    triggers: list[str]
-    severity: Severity
-    total: float
     previous_total: float | None = None
     change_from_previous: float | None = None
     cutoff: float
@@ -356,35 +382,24 @@ class _OrsItemsField(BaseModel):
     items: OrsItems | None = None
 
 
-# pydantic orders fields base by base along the reversed MRO, so the bases are listed last-first to
-# keep the v1 order on the wire: identity, event, items, the score, then the revision bookkeeping.
-class OrsScored(OutcomeScore, _OrsItemsField, Event, OutcomeIdentity):
+class OrsScored(ScoredRevision, OutcomeScore, _OrsItemsField, Event, OutcomeIdentity):  # bases: see SrsScored
     """One version of a scored ORS-family session (topic `ors.scored.v1`). Revisions, `supersedes`,
     `episode_id`/`episode_derived`, `latest` and `site_version` mean what they mean on
     `srs.scored.v1` (docs/clinical-records.md). YCORS sessions are published with `total` only:
     no cutoff, no change, no flags."""
 
-    latest: bool = True
-    scored_at: datetime
-    accepted_at: datetime | None = None
-    revision: int = Field(default=1, ge=1)
-    supersedes: str | None = None
-    episode_derived: bool = False
-    site_version: int = Field(default=0, ge=0)
+
+class _OutcomeAlertType(BaseModel):
+    alert_type: Literal["outcome"] = "outcome"
 
 
-class OutcomeAlert(Event, OutcomeIdentity):
+class OutcomeAlert(AlertContent, _OutcomeAlertType, Event, OutcomeIdentity):  # bases last-first: see SrsScored
     """The client is off track in the latest ORS session of their current episode (topic
     `outcome.alert.v1`): raised (`revision` 1) or revised (`revision` + 1, same `alert_id`), with
     the same lifecycle as an alliance alert. Also the body of outcome webhooks.
     `triggers`: `reliable_deterioration` (critical) and/or `not_on_track` (warning from the
     tenant's first not-on-track session, critical from its second)."""
 
-    alert_type: Literal["outcome"] = "outcome"
-    alert_id: str
-    triggers: list[str]
-    severity: Severity
-    total: float
     cutoff: float | None = None
     intake_total: float | None = None
     change_from_intake: float | None = None
