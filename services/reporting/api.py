@@ -20,7 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Security
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -152,15 +152,19 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
     either = read_or_submit(keys)
     summaries = SummaryCache(settings.summary_cache_seconds)
 
+    async def not_found(request: Request, p: Principal, client_id: str, instrument: Instrument, gen: str) -> NoReturn:
+        """The 404 of a record this key does not see (read already, scoped to the key's site)."""
+        # The caller gets the same 404 either way; the audit tells a foreign site's client apart.
+        if p.site_id is not None and await store.record(gen, p.tenant_id, client_id, instrument.value, None):
+            note(request, outcome="denied")
+        raise HTTPException(404, NOT_FOUND_CLIENT)
+
     async def find_record(request: Request, p: Principal, client_id: str, instrument: Instrument,
                           gen: str | None = None) -> tuple[str, dict[str, Any]]:
         gen = gen or (await generations.current()).active
         doc = await store.record(gen, p.tenant_id, client_id, instrument.value, p.site_id)
         if doc is None:
-            # The caller gets the same 404 either way; the audit tells a foreign site's client apart.
-            if p.site_id is not None and await store.record(gen, p.tenant_id, client_id, instrument.value, None):
-                note(request, outcome="denied")
-            raise HTTPException(404, NOT_FOUND_CLIENT)
+            await not_found(request, p, client_id, instrument, gen)
         return gen, doc
 
     async def outcome_record(gen: str, p: Principal, client_id: str, instrument: Instrument) -> dict[str, Any] | None:
@@ -204,8 +208,8 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
             # No session on this alliance instrument: a client with outcome sessions only still
             # has a trajectory (its outcome series; docs/partners.md).
             return await outcome_only(request, p, gen, outcome, instrument, pick_episode(outcome, episode_id, episode))
-        if found is None:  # the 404 (telling a foreign site's client apart in the audit)
-            gen, found = await find_record(request, p, client_id, instrument, gen)
+        if found is None:  # read above with the key's site: not read again for the 404 (issue 11)
+            await not_found(request, p, client_id, instrument, gen)
         doc, chosen = found, pick_episode(found, episode_id, episode)
         outcome_alerts = (await store.alerts_for(gen, p.tenant_id, [outcome["_id"]], outcome=True)
                           if outcome else {})

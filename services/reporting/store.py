@@ -78,7 +78,8 @@ caseload on one instrument).
 Alerts count in the same counter documents (the monthly `alerts_raised`, `alerts_acknowledged`
 and ack-delay histogram of rules.py, and all-time `alerts_raised` / `alerts_acknowledged` in the
 current bucket for the summaries: `rules.alert_share`), with the same markers keyed by the alert
-id, through a versioned `counted` contribution on each alert document (`ReportingStore.count_alerts`).
+id, through a versioned `counted` contribution on each alert document (`ReportingStore.count_alerts`),
+whose `pending` moves, like a record's, are never cleared (a reader applies them again: no-op).
 Records and alerts written before counters existed carry no share: run `alliance reporting
 rebuild` once.
 
@@ -563,6 +564,8 @@ _OUTCOME_ALERT_INDEXES = (("by_record", ("record_id",)),)
 # pending: 3.9 KB with 1 entry, 8.6 KB with 5, 76 KB with 60): about this much, plus this per entry.
 RECORD_BASE_BYTES = 2_700
 ENTRY_BYTES = 1_250
+# Alerts whose applied `pending` a store remembers (an entry is an id and a version: ~1 MB in all).
+APPLIED_ALERTS = 10_000
 
 
 def record_weight(doc: Document) -> int:
@@ -594,6 +597,8 @@ class ReportingStore:
         self.max_record_bytes = max_record_bytes
         self._indexed: set[str] = set()
         self.cache = DocCache(cache_entries) if cache_bytes is None else DocCache(cache_bytes, record_weight)
+        # (generation, alert id) -> the `cv` whose `pending` this process applied (see `count_alerts`)
+        self._applied: LruCache[tuple[str, str], int] = LruCache(APPLIED_ALERTS)
 
     def clients(self, gen: str) -> AsyncCollection[Document]:
         return self.db[clients_name(gen)]
@@ -931,12 +936,18 @@ class ReportingStore:
         contribution the counters have (with its version `cv`). An alert whose contribution
         differs gets, in one conditional update on `cv`, the new contribution, `cv` + 1 and in
         `pending` the moves between the two; those moves are then applied with the records'
-        markers (`apply_counters`, keyed by the alert id) and `pending` is cleared. A concurrent
+        markers (`apply_counters`, keyed by the alert id). As for records, `pending` is never
+        cleared (that was one more write per batch), only replaced by the next version's: this
+        process remembers which version it applied (`_applied`, bounded) and does not apply it
+        again; a reader that does not know (another process, this one after a restart or once
+        the alert is forgotten) applies it again, which the markers make a no-op. A concurrent
         counter of the same alert makes the condition miss (E11000 on the upsert): that alert is
-        read and counted again. A crash between the conditional update and the counter write
-        leaves `pending` set: the redelivered batch reads it back and applies it first (the
-        markers skip the counters that took it), so the moves of version `cv` are on every
-        counter before `cv` + 1 is written, as for records.
+        read and counted again. What a crash leaves: after the conditional update, before (or
+        during) the counter write, `pending` holds moves some counters lack and nobody remembers
+        applying it: the redelivered batch reads it back and applies it first (the markers skip
+        the counters that took it); after the counter write, moves applied and `pending` still
+        there: applied again by whoever reads it next, a no-op. So the moves of version `cv` are
+        on every counter before `cv` + 1 is written, as for records.
 
         With `tally` (a rebuild's generation, see `CounterTally`) the conditional update clears
         `pending` instead of setting it, and the moves go to the tally.
@@ -984,7 +995,8 @@ class ReportingStore:
         """One round of `count_alerts` over these alert documents as read: (alerts moved, ids
         another writer counted first, to read and count again)."""
         col = self.alerts(gen)
-        await self.apply_counters(gen, [(d["_id"], *p) for d in docs if (p := pending_of(d)) is not None])
+        await self.apply_counters(gen, [(d["_id"], *p) for d in docs if (p := pending_of(d)) is not None
+                                        and self._applied.get((gen, d["_id"])) != p[0]])
         writes: list[tuple[str, int, rules.Counters]] = []
         ops: list[UpdateOne] = []
         for d in docs:
@@ -1010,9 +1022,10 @@ class ReportingStore:
                 tally.add(moves)
         else:
             await self.apply_counters(gen, done)
-            if done:
-                await col.bulk_write([UpdateOne({"_id": aid, COUNTED_VERSION: v}, {"$unset": {PENDING: ""}})
-                                      for aid, v, _ in done], ordered=False)
+            # `pending` stays on the document (clearing it was one more write per batch): this
+            # process remembers that it applied it; another reader applies it again, a no-op.
+            for aid, v, _ in done:
+                self._applied.put((gen, aid), v)
         return len(done), lost
 
     # ------------------------------------------------------------------ reads

@@ -275,6 +275,47 @@ async def test_writers_counting_the_same_alerts_at_once_count_each_once(db: Asyn
     assert (march["alerts_raised"], march["alerts_acknowledged"]) == (3, 2)
 
 
+def spy_on_counter_writes(store: ReportingStore) -> list[tuple[str, int]]:
+    """The (record or alert id, version) pairs `store` asks `apply_counters` to apply, as it asks."""
+    asked: list[tuple[str, int]] = []
+    apply = store.apply_counters
+
+    async def spy(gen: str, moves: Sequence[tuple[str, int, rules.Counters]]) -> int:
+        asked.extend((rid, version) for rid, version, _ in moves)
+        return await apply(gen, moves)
+
+    store.apply_counters = spy  # type: ignore[method-assign]
+    return asked
+
+
+async def test_an_alert_counted_by_this_process_has_its_moves_applied_once_when_it_is_counted_again(
+        db: AsyncDatabase[Document]) -> None:
+    """`pending` stays on a counted alert (clearing it cost a write per batch); the process that
+    applied it remembers so and, counting the alert again, applies only the new version's moves."""
+    raised, *_ = alert_history()
+    store = ReportingStore(db)
+    h = handlers(store)
+    await deliver_alerts(h, [raised])
+    assert (await store.alerts(G).find_one({"_id": raised.alert_id}) or {}).get("pending")
+    asked = spy_on_counter_writes(store)
+    await deliver_alerts(h, [acknowledgement(raised, raised.occurred_at + timedelta(hours=1))])
+    assert asked == [(raised.alert_id, 2)]
+    assert await store.verify(G) == {}
+
+
+async def test_an_alert_counted_by_another_process_has_its_applied_moves_applied_again_without_effect(
+        db: AsyncDatabase[Document]) -> None:
+    raised, *_ = alert_history()
+    await deliver_alerts(handlers(ReportingStore(db)), [raised])
+    restarted = ReportingStore(db)
+    asked = spy_on_counter_writes(restarted)
+    await deliver_alerts(handlers(restarted), [acknowledgement(raised, raised.occurred_at + timedelta(hours=1))])
+    assert asked == [(raised.alert_id, 1), (raised.alert_id, 2)]
+    assert await restarted.verify(G) == {}
+    (march,) = await restarted.trends(G, T, f"{BASE.year}-03", f"{BASE.year}-03")
+    assert (march["alerts_raised"], march["alerts_acknowledged"]) == (1, 1)
+
+
 _ALERT_EVENTS = alert_history()
 
 
