@@ -483,6 +483,15 @@ def group_by_record(events: Iterable[Scored]) -> dict[str, list[Scored]]:
     return groups
 
 
+def opens_record(events: Iterable[Scored]) -> bool:
+    """Whether these events (of one record) look like its client's first session on the
+    instrument - the first version of session 1 with no session before it - so that the record
+    most likely does not exist yet. Only a guess (a new episode starts at session 1 too): a writer
+    acting on it writes an insert, which fails on the `_id` if the record exists after all."""
+    return all(e.session_number == 1 and e.previous_total is None and e.revision == 1 and not e.supersedes
+               for e in events)
+
+
 # ---------------------------------------------------------------------------------------------
 # Alerts: one document per alert id, merged from raises and status events in any order.
 #

@@ -35,7 +35,8 @@ Collections (all prefixed `reporting_`):
   `(tenant_id, rejected.site_id, rejected.sort)` — the rejections page of a tenant or a site.
 
 Concurrency: a batch takes the records it touches from a write-through cache (or one `find` of
-the misses), merges in Python (pure rules), and writes them in ONE unordered `bulk_write`:
+the misses; a new client's first session is not looked for: it is inserted, and read only if the
+insert finds the record there), merges in Python (pure rules), and writes them in ONE unordered `bulk_write`:
 inserts for new records, replaces conditioned on the version merged from (`{_id, v}` with
 upsert) for known ones. A concurrent writer (two consumers around a rebalance; the live consumer
 and a rebuild both filling a new generation) makes the condition miss; the upsert (or insert)
@@ -655,9 +656,11 @@ class ReportingStore:
         """Merge scored events into their records with one bulk write per round.
 
         Current documents come from the cache, else from one `find` of the misses; with `fresh`
-        (a generation being rebuilt, where almost nothing exists yet) a miss is taken as absent
-        and written as an insert — if it did exist, the insert fails on `_id` and that one
-        record is read and merged again. New records are inserts, known ones replaces
+        (a generation being rebuilt, where almost nothing exists yet), and for a record whose
+        events are its client's first session (`rules.opens_record`: a new client), a miss is
+        taken as absent and written as an insert — if it did exist, the insert fails on `_id`
+        and that one record is read and merged again (nothing was written: a crash leaves what a
+        crash before the write leaves). New records are inserts, known ones replaces
         conditioned on the version they were merged from. A record whose merge would encode to
         more than `max_record_bytes` is not written; the events that would have changed it come
         back in `report.refused`.
@@ -680,8 +683,8 @@ class ReportingStore:
                 cached = None if rid in must_read else self.cache.get((gen, rid))
                 if cached is not None:
                     existing[rid] = cached
-                elif fresh and rid not in must_read:
-                    continue
+                elif (fresh or rules.opens_record(groups[rid])) and rid not in must_read:
+                    continue  # taken as absent: written as an insert, read and merged again on E11000
                 else:
                     misses.append(rid)
             if misses:

@@ -14,9 +14,11 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from services.alerts.rules import delivery_status
 from services.reporting import rules
+from services.reporting import store as store_module
 from services.reporting.store import (
     COUNTED_VERSION,
     FIRST_GENERATION,
+    PENDING,
     Generations,
     RebuildInProgress,
     ReportingStore,
@@ -70,6 +72,33 @@ async def test_a_fresh_generation_insert_that_meets_an_existing_trajectory_merge
     assert doc is not None
     assert [s["session_number"] for s in rules.trajectory_view(from_stored(doc))["sessions"]] == [1, 2, 5]
     assert doc["latest_total"] == 31.0
+
+
+async def test_a_new_clients_first_session_is_inserted_without_reading_its_record(
+        db: AsyncDatabase[Document], monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[list[str]] = []
+    read = store_module.find_by_ids
+
+    async def spy(col: Any, wanted: Any, *args: Any) -> list[Document]:
+        reads.append(sorted(wanted))
+        return await read(col, wanted, *args)
+
+    monkeypatch.setattr(store_module, "find_by_ids", spy)
+    report = await ReportingStore(db).apply_scored("g1", [scored(T, "c1", 1, 38.0)])
+    assert (reads, report.outcomes["applied"], report.conflicts) == ([], 1, 0)
+    await ReportingStore(db).apply_scored("g1", [scored(T, "c1", 2, 37.0, previous_total=38.0)])
+    assert reads == [[tid("c1")]]  # a later session of a record not in the cache: read first
+
+
+async def test_a_new_episodes_first_session_taken_for_a_new_client_is_merged_into_the_existing_record(
+        db: AsyncDatabase[Document]) -> None:
+    await ReportingStore(db).apply_scored("g1", [scored(T, "c1", 1, 38.0, episode_id="e1"),
+                                                 scored(T, "c1", 2, 37.0, episode_id="e1")])
+    restarted = ReportingStore(db)  # nothing cached: session 1 of e2 looks like a new client's
+    report = await restarted.apply_scored("g1", [scored(T, "c1", 1, 30.0, episode_id="e2")])
+    assert (report.outcomes["applied"], report.conflicts) == (1, 1)  # the insert met the record: read, merged
+    doc = await restarted.record("g1", T, "c1", "SRS")
+    assert doc is not None and len(doc["entries"]) == 3 and doc["v"] == 2
 
 
 async def test_a_record_read_back_is_the_one_written(db: AsyncDatabase[Document]) -> None:
@@ -167,9 +196,9 @@ async def test_an_abandoned_rebuild_frees_the_slot_and_leaves_the_live_generatio
 
 
 def _alert_doc(doc: Document) -> Document:
-    # `cv` counts how often the alert's share of the counters changed, which depends on the order
-    # (what it holds, `counted`, does not)
-    out = {k: v for k, v in doc.items() if k not in ("_id", COUNTED_VERSION)}
+    # `cv` counts how often the alert's share of the counters changed, and `pending` holds its last
+    # change, both of which depend on the order (what it holds, `counted`, does not)
+    out = {k: v for k, v in doc.items() if k not in ("_id", COUNTED_VERSION, PENDING)}
     out["status_at"] = {k: v.replace(microsecond=0) for k, v in (doc.get("status_at") or {}).items()}
     return out
 
