@@ -264,12 +264,13 @@ class Run:
 @pytest.fixture(scope="module")
 def closed() -> tuple[int, dict[str, Run]]:
     """Every command above run as `alliance` (tools/cli.py) with the store and broker on a closed port;
-    the runs are concurrent, as each waits for its timeout (how long: see the in-process test below,
-    as start-up times vary too much on a shared machine)."""
+    the runs are concurrent, all at once, as each mostly waits for its timeout (how long: see the
+    in-process test below, as start-up times vary too much on a shared machine). What is checked here
+    is the message, so the store's timeout is 1 s rather than 5."""
     port = free_port()  # nothing listens there
     env = {**os.environ, "PYTHONPATH": str(ROOT),
            "ALLIANCE_MONGO_URL": f"mongodb://alliance:pw-s3cret@127.0.0.1:{port}/?directConnection=true",
-           "ALLIANCE_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}"}
+           "ALLIANCE_MONGO_TIMEOUT_MS": "1000", "ALLIANCE_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}"}
 
     def run(args: tuple[str, ...]) -> Run:
         done = subprocess.run([sys.executable, "-m", "tools.cli", *args], env=env, cwd=ROOT, capture_output=True,
@@ -277,7 +278,7 @@ def closed() -> tuple[int, dict[str, Run]]:
         return Run(done.returncode, done.stderr)
 
     commands = [*STORE_COMMANDS, *BROKER_COMMANDS]
-    with ThreadPoolExecutor(max_workers=3) as pool:
+    with ThreadPoolExecutor(max_workers=len(commands)) as pool:
         runs = dict(zip((" ".join(c) for c in commands), pool.map(run, commands), strict=True))
     return port, runs
 
