@@ -12,12 +12,18 @@
    Anything past those marks was produced after the claim, so the live consumers put it into
    the new generation themselves; the writes are idempotent and commutative, so the two
    writers overlapping is harmless.
-   The replay's own counter moves are held in memory (`CounterTally`) and written as one `$inc`
-   per counter document whenever the tally grows past `TALLY_FIELDS` and at the end; its alert
-   documents are counted once each, at the end (`count_every_alert`), not once per event. The
-   live consumers keep counting what they write with their markers (see store.py); `$inc`
-   commutes, so both add up. A rebuild that dies loses its tally with its generation, which is
-   dropped (or abandoned by the next `rebuild --force`) and never switched to.
+   The replay's own counter moves are held in memory (`CounterTally`) and written once per
+   counter document whenever the tally grows past `TALLY_FIELDS` and at the end (an insert of
+   the whole document the first time, a `$inc` after). Its alerts are held in memory too
+   (`HeldAlerts`, `rebuild_alerts_mib` of them), each as the one update its events fold into
+   (the alert operators commute), and inserted once, counted in the same insert (`counted`,
+   `cv` 1, the share added to the tally), when pushed out by newer alerts or at the end: the
+   store inserts several times faster than it updates. An alert whose document is there by
+   then (a live consumer's, or one pushed out before its later events) gets the update and is
+   counted as live consumers count (read back, `cv` the guard). The live consumers keep
+   counting what they write with their markers (see store.py); `$inc` commutes, so both add
+   up. A rebuild that dies loses what it holds with its generation, which is dropped (or
+   abandoned by the next `rebuild --force`) and never switched to.
 4. Flip `active` to the new generation in one single-document update. Until then the API
    answers from the old generation; after at most one pointer-cache lifetime, from the new one.
 5. Drop generations older than the previous one (the previous stays for a quick way back).
@@ -32,14 +38,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from services.reporting import rules
 from services.reporting.settings import ReportingSettings
-from services.reporting.store import CounterTally, Generations, ReportingStore, generation_collections
+from services.reporting.store import CounterTally, Generations, HeldAlerts, ReportingStore, generation_collections
 from shared import channels
+from shared.events import (
+    AlertStatusChanged,
+    AllianceDeterioration,
+    Event,
+    OrsScored,
+    OutcomeAlert,
+    OutcomeAlertStatusChanged,
+    SrsScored,
+)
 from shared.kafka import InboundRecord, admin_security_kwargs, decode_records
 from shared.mongo import database, make_client
 from shared.settings import KafkaSettings, MongoSettings
@@ -81,7 +97,7 @@ def truncated_partitions(begin: dict[TopicPartition, int], topic: str) -> list[i
 class Replayer:
     """Applies replayed records of the six topics (both scales) to one generation."""
 
-    def __init__(self, store: ReportingStore, gen: str, kafka: KafkaSettings) -> None:
+    def __init__(self, store: ReportingStore, gen: str, kafka: KafkaSettings, *, alert_bytes: int) -> None:
         self.store, self.gen = store, gen
         topics = kafka.topics()
         self.scored, self.deterioration, self.alert_status = topics.scored, topics.deterioration, topics.alert_status
@@ -90,6 +106,8 @@ class Replayer:
         self.events = 0
         self.skipped = 0
         self.tally = CounterTally()
+        self.alerts = HeldAlerts(store, gen, outcome=False, capacity=alert_bytes, tally=self.tally)
+        self.outcome_alerts = HeldAlerts(store, gen, outcome=True, capacity=alert_bytes)
 
     @property
     def topics(self) -> tuple[str, ...]:
@@ -103,39 +121,50 @@ class Replayer:
         return (self.scored, self.ors_scored)
 
     async def apply(self, records: list[InboundRecord]) -> None:
+        """Decode one batch of replayed records (skipping those that do not decode) and apply them."""
         by_topic: dict[str, list[InboundRecord]] = {}
         for r in records:
             by_topic.setdefault(r.topic, []).append(r)
-        scored_in, bad1 = decode_records(by_topic.get(self.scored, []), channels.SCORED.model)
-        alerts_in, bad2 = decode_records(by_topic.get(self.deterioration, []), channels.DETERIORATION.model)
-        status_in, bad3 = decode_records(by_topic.get(self.alert_status, []), channels.ALERT_STATUS.model)
-        ors_in, bad4 = decode_records(by_topic.get(self.ors_scored, []), channels.ORS_SCORED.model)
-        outcome_in, bad5 = decode_records(by_topic.get(self.outcome_alert, []), channels.OUTCOME_ALERT.model)
-        ostatus_in, bad6 = decode_records(by_topic.get(self.outcome_alert_status, []),
-                                          channels.OUTCOME_ALERT_STATUS.model)
-        scored = [d.event for d in scored_in]
-        ors = [d.event for d in ors_in]
-        alerts = [d.event for d in alerts_in]
-        status = [d.event for d in status_in]
-        outcome_alerts = [d.event for d in outcome_in]
-        outcome_status = [d.event for d in ostatus_in]
+        events: list[Event] = []
+        for topic, model in ((self.scored, channels.SCORED.model), (self.ors_scored, channels.ORS_SCORED.model),
+                             (self.deterioration, channels.DETERIORATION.model),
+                             (self.alert_status, channels.ALERT_STATUS.model),
+                             (self.outcome_alert, channels.OUTCOME_ALERT.model),
+                             (self.outcome_alert_status, channels.OUTCOME_ALERT_STATUS.model)):
+            decoded, bad = decode_records(by_topic.get(topic, []), model)
+            events.extend(d.event for d in decoded)
+            self.skipped += len(bad)
+        await self.apply_events(events)
+
+    async def apply_events(self, events: Sequence[Event]) -> None:
+        """Apply one batch of decoded events of the six topics (their channels' models)."""
+        scored = [e for e in events if isinstance(e, SrsScored)]
+        ors = [e for e in events if isinstance(e, OrsScored)]
         # Sessions over a record's size cap are skipped here as the live consumer dead-lettered them.
         if scored:
             self.skipped += len((await self.store.apply_scored(self.gen, scored, fresh=True, tally=self.tally)).refused)
         if ors:
             self.skipped += len((await self.store.apply_outcomes(self.gen, ors, fresh=True, tally=self.tally)).refused)
-        await self.store.apply_deterioration(self.gen, alerts, count=False)
-        await self.store.apply_alert_status(self.gen, status, count=False)
-        await self.store.apply_outcome_alerts(self.gen, outcome_alerts)
-        await self.store.apply_outcome_alert_status(self.gen, outcome_status)
-        self.events += len(scored) + len(ors) + len(alerts) + len(status) + len(outcome_alerts) + len(outcome_status)
-        self.skipped += len(bad1) + len(bad2) + len(bad3) + len(bad4) + len(bad5) + len(bad6)
+        # Alerts are held, their events folded, and written once each (`HeldAlerts`): raises
+        # before statuses, as the live consumer applies a batch of each.
+        for e in events:
+            if isinstance(e, AllianceDeterioration | OutcomeAlert):
+                (self.outcome_alerts if isinstance(e, OutcomeAlert) else self.alerts).add(
+                    e.alert_id, rules.raise_update(e))
+        for e in events:
+            if isinstance(e, AlertStatusChanged):
+                (self.outcome_alerts if isinstance(e, OutcomeAlertStatusChanged) else self.alerts).add(
+                    e.alert_id, rules.status_update(e))
+        await self.alerts.write_overflow()
+        await self.outcome_alerts.write_overflow()
+        self.events += len(events)
         if self.tally.fields > TALLY_FIELDS:
             await self.store.flush_tally(self.gen, self.tally)
 
     async def finish(self) -> None:
-        """Count the alerts replayed and write the counter moves held: the generation is complete."""
-        await self.store.count_every_alert(self.gen, self.tally)
+        """Write the alerts and the counter moves held: the generation is complete."""
+        await self.alerts.flush()
+        await self.outcome_alerts.flush()
         await self.store.flush_tally(self.gen, self.tally)
 
 
@@ -215,7 +244,7 @@ async def rebuild(kafka: KafkaSettings, mongo: MongoSettings, settings: Reportin
                 await after_claim(new)
             # Every live consumer re-reads the pointer at least once per cache lifetime.
             await asyncio.sleep(2 * settings.generation_cache_seconds + 0.25)
-            replayer = Replayer(store, new, kafka)
+            replayer = Replayer(store, new, kafka, alert_bytes=settings.rebuild_alerts_mib * 2**20)
             started = time.perf_counter()
             await replay(kafka, replayer, batch=settings.rebuild_batch_records, progress=progress,
                          idle_seconds=idle_seconds, allow_truncated=allow_truncated)

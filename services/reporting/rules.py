@@ -71,6 +71,7 @@ from typing import Any, Literal, TypeVar
 
 from shared import ids
 from shared.events import (
+    LIFECYCLE_STATUSES,
     OUTCOME_OF,
     AlertState,
     AlertStatus,
@@ -571,6 +572,94 @@ def alert_status(alert: Mapping[str, Any]) -> tuple[AlertState, int]:
     if rank == LIFECYCLE_RANK[Lifecycle.SUPERSEDED]:
         return AlertState.SUPERSEDED, revision
     return (AlertState.ACKNOWLEDGED if alert.get("acknowledged") else AlertState.OPEN), revision
+
+
+# An alert document is written by update operators only, each event's update a fact that
+# commutes with the others (`raise_update`, `status_update`). A rebuild folds the updates of one
+# alert in memory (`combine_updates`) and inserts the document they make (`updated`) once.
+AlertUpdate = dict[str, dict[str, Any]]  # {"$set": {...}, "$max": {...}, "$min": {...}, "$setOnInsert": {...}}
+_FACT_OPERATORS = ("$set", "$max", "$min", "$setOnInsert")
+
+
+def raise_update(event: AlertRaise) -> AlertUpdate:
+    """The update of an alert document by one raise (or revision): its session, the revision's
+    raise under its own number, the lifecycle key with `$max`, the earliest raise with `$min`."""
+    return {"$set": {**alert_identity(event), "raised": True, f"raises.{event.revision}": alert_raise(event)},
+            "$max": {"life": life_key(event.revision, Lifecycle.RAISED)},
+            "$min": {"raised_at": event.occurred_at},
+            "$setOnInsert": {"acknowledged": False}}
+
+
+def status_update(event: AlertStatusChanged) -> AlertUpdate:
+    """The update of an alert document by one status event (it may come before the raise): the
+    earliest time of each status with `$min`, scoring's lifecycle statuses with `$max`, the
+    acknowledgement as a flag that only turns true."""
+    update: AlertUpdate = {
+        "$set": {"tenant_id": event.tenant_id, "site_id": event.site_id, "clinician_id": event.clinician_id,
+                 **status_identity(event)},
+        "$min": {f"status_at.{event.status}": event.occurred_at},
+        "$setOnInsert": {"raised": False},
+    }
+    if event.status in LIFECYCLE_STATUSES:
+        update["$max"] = {"life": life_key(event.revision, event.status)}
+    if event.status == AlertStatus.ACKNOWLEDGED:
+        update["$set"]["acknowledged"] = True
+    else:
+        update["$setOnInsert"]["acknowledged"] = False
+    return update
+
+
+def combine_updates(first: AlertUpdate | None, then: AlertUpdate) -> AlertUpdate:
+    """One update doing what `first` then `then` do to any document (stored or not): `$set` the
+    later value, `$max`/`$min` the greater/smaller, `$setOnInsert` what no `$set` sets."""
+    if first is None:
+        return {op: dict(fields) for op, fields in then.items()}
+    out: AlertUpdate = {op: dict(first.get(op) or {}) for op in _FACT_OPERATORS}
+    out["$set"].update(then.get("$set") or {})
+    for op, pick in (("$max", max), ("$min", min)):
+        for name, value in (then.get(op) or {}).items():
+            held = out[op].get(name)
+            out[op][name] = value if held is None else pick(held, value)
+    for name, value in (then.get("$setOnInsert") or {}).items():
+        out["$setOnInsert"].setdefault(name, value)
+    # the store refuses an update naming one field in two operators: a `$set` wins on insert too
+    for name in out["$set"].keys() & out["$setOnInsert"].keys():
+        del out["$setOnInsert"][name]
+    return {op: fields for op, fields in out.items() if fields}
+
+
+def _as_stored(value: Any) -> Any:
+    """A value as the store gives it back: instants in UTC to the millisecond (BSON dates), arrays
+    as lists, string enums as strings."""
+    if isinstance(value, datetime):
+        value = (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
+        return value.replace(microsecond=value.microsecond // 1000 * 1000)
+    if isinstance(value, Mapping):
+        return {k: _as_stored(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_as_stored(v) for v in value]
+    if isinstance(value, str) and type(value) is not str:
+        return str(value)
+    return value
+
+
+def updated(doc: Mapping[str, Any] | None, update: AlertUpdate, doc_id: str) -> Doc:
+    """The document `update` makes of `doc` (None: inserts it, `_id` `doc_id`), as the store would
+    make and return it (`_as_stored`). For the operators `raise_update` and `status_update` use."""
+    out: Doc = _as_stored(dict(doc)) if doc is not None else {"_id": doc_id}
+    ops = [("$set", None), ("$max", max), ("$min", min)]
+    if doc is None:
+        ops.append(("$setOnInsert", None))
+    for op, pick in ops:
+        for name, value in (update.get(op) or {}).items():
+            *path, leaf = name.split(".")
+            at = out
+            for part in path:
+                at = at.setdefault(part, {})
+            value = _as_stored(value)
+            held = at.get(leaf)
+            at[leaf] = value if pick is None or held is None else pick(held, value)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

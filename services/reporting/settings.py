@@ -39,6 +39,9 @@ class ReportingSettings(BaseSettings):
     # again). The rebuild process itself takes ~165 MiB; with 96 here it peaked at 303 MiB.
     cache_entries: NonNegativeInt = 20_000
     rebuild_cache_mib: NonNegativeInt = 64
+    # The alerts a rebuild holds while their events fold (`store.HeldAlerts`), written once each
+    # when pushed out: 16 MiB of them pickled (~720 bytes an alert) holds the ~23,000 touched last.
+    rebuild_alerts_mib: NonNegativeInt = 16
     key_cache_seconds: NonNegativeFloat = 30.0
     # A client's record (every session on one instrument) is one document; sessions that would
     # grow it past this many bytes (encoded) are dead-lettered as `record_too_large` instead of

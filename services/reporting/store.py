@@ -118,10 +118,10 @@ of the counters (step 2 above). `verify` compares every up-to-date roll-up with 
 the records say. Sites and clinicians keep reading their counters: a site's reads cost its own
 clinicians (tens), not the network's, and stay exact.
 A rebuild's replay skips all of this for its own writes (`CounterTally`): its records carry no
-`pending`, its moves are summed in memory and written as one `$inc` per counter document (no
-markers), and its alert documents are counted once each at its end (`count_every_alert`). Live
-consumers writing the same generation meanwhile use the markers as above; a dead rebuild's
-generation is never switched to.
+`pending`, its moves are summed in memory and written once per counter document (an insert,
+then `$inc`s; no markers), and its alerts are held in memory, their events folded, and each
+inserted once with its `counted` share (`HeldAlerts`). Live consumers writing the same generation
+meanwhile use the markers as above; a dead rebuild's generation is never switched to.
 Submission parts are written with the same trick: an update conditioned on the stored part's key
 being lower (or absent), with upsert; E11000 means the document exists with a key at least as
 high (the update is tried once more in case that document was created concurrently).
@@ -132,26 +132,24 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import pickle
 import re
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import bson
-from pymongo import ASCENDING, ReturnDocument, UpdateOne
+from pymongo import ASCENDING, InsertOne, ReturnDocument, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
 from services.reporting import rules
 from shared.events import (
-    LIFECYCLE_STATUSES,
-    AlertStatus,
     AlertStatusChanged,
     AllianceDeterioration,
     DeadLetter,
-    Lifecycle,
     OrsScored,
     OutcomeAlert,
     OutcomeAlertStatusChanged,
@@ -380,24 +378,27 @@ def rollup_values(doc: Document) -> dict[str, int]:
 def _aware(ts: datetime) -> datetime:
     return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
 class CounterTally:
-    """Counter moves a rebuild holds in memory, folded per counter document, then written as ONE
-    `$inc` per document (no markers) when flushed.
+    """Counter moves a rebuild holds in memory, folded per counter document, then written ONCE per
+    document (no markers) when flushed: an insert of the whole document the first time, a `$inc`
+    after that.
 
     Only for a generation being rebuilt: its moves are neither carried in the documents' `pending`
     nor marked on the counters, so nothing else can apply them; live consumers writing the same
     generation meanwhile apply their own moves (diffs from what is stored) with markers, and `$inc`
-    commutes, so the sum is the same in any order. Held moves are lost if the rebuild dies, but so
-    is the generation: a failed rebuild drops it, and one killed is abandoned by the next
-    (`--force` claims a new generation; `drop_unused` removes the old one).
+    commutes, so the sum is the same in any order (an insert that finds the document created by a
+    live consumer is made a `$inc`). Held moves are lost if the rebuild dies, but so is the
+    generation: a failed rebuild drops it, and one killed is abandoned by the next (`--force`
+    claims a new generation; `drop_unused` removes the old one).
     """
 
     def __init__(self) -> None:
-        self._held: dict[str, tuple[Bucket, dict[str, int]]] = {}
+        self._held: dict[Bucket, dict[str, int]] = {}
+        self._written: set[Bucket] = set()  # documents flushed before (one per site, clinician and instrument)
         self.fields = 0  # the field counts held, to bound the memory between flushes
 
     def add(self, counters: rules.Counters) -> None:
         for bucket, fields in flat_counters(counters).items():
-            _, incs = self._held.setdefault(counter_doc_id(bucket), (bucket, {}))
+            incs = self._held.setdefault(bucket, {})
             for name, n in fields.items():
                 if name not in incs:
                     self.fields += 1
@@ -405,17 +406,102 @@ class CounterTally:
 
     def tenants(self) -> set[str]:
         """The tenants whose counters are held."""
-        return {bucket[0] for bucket, _ in self._held.values()}
+        return {bucket[0] for bucket in self._held}
 
     async def flush(self, col: AsyncCollection[Document]) -> int:
-        """Write what is held (one upsert per counter document) and forget it; returns the documents written."""
-        ops = [UpdateOne({"_id": cid}, {"$inc": incs, "$setOnInsert": {
-                   **dict(zip(_COUNTER_FIELDS, bucket, strict=True)), "age_band": rules.age_band(bucket[3])}},
-                         upsert=True)
-               for cid, (bucket, incs) in sorted(self._held.items())]
+        """Write what is held (one write per counter document) and forget it; returns the documents written.
+
+        A document this tally has not written yet is inserted whole (the store inserts several
+        times faster than it upserts); one a live consumer created meanwhile refuses the insert
+        on `_id` and takes the same moves as a `$inc`."""
+        def inc(bucket: Bucket, incs: dict[str, int]) -> UpdateOne:
+            identity = {**dict(zip(_COUNTER_FIELDS, bucket, strict=True)), "age_band": rules.age_band(bucket[3])}
+            return UpdateOne({"_id": counter_doc_id(bucket)}, {"$inc": incs, "$setOnInsert": identity}, upsert=True)
+
+        held = sorted(self._held.items())
         self._held, self.fields = {}, 0
+        known = [inc(bucket, incs) for bucket, incs in held if bucket in self._written]
+        new = [(bucket, incs) for bucket, incs in held if bucket not in self._written]
+        inserted = await bulk_write(col, [InsertOne(counter_document(bucket, incs)) for bucket, incs in new])
+        self._written.update(bucket for bucket, _ in new)
+        ops = [*known, *(inc(*new[i]) for i in inserted.duplicates)]
         # A duplicate key here is only the race of two first upserts of one document: run once more.
-        return await guarded_upserts(col, ops)
+        return inserted.inserted + await guarded_upserts(col, ops)
+
+
+class HeldAlerts:
+    """Alert documents a rebuild holds in memory, each as the ONE update its events make together
+    (`rules.combine_updates`), written once: inserted whole and, for alliance alerts, counted in
+    the same write (`counted` and `cv` 1 on the document, its share added to the tally) - when it
+    is pushed out (the alerts touched last are held, `capacity` bytes of them) or at the end
+    (`flush`). Held pickled: half the memory of the dictionaries, so twice the alerts whose
+    events fold before they are written.
+
+    Only for a generation being rebuilt. When the insert finds the document there (a live
+    consumer wrote the alert meanwhile, or this replay pushed it out before: its events far apart
+    in the log), the update is applied as a live consumer applies its events (the operators
+    commute), and the alert is counted as live consumers count (`ReportingStore.count_alerts`, read
+    back, `cv` the guard), its moves going to the tally.
+    """
+
+    def __init__(self, store: ReportingStore, gen: str, *, outcome: bool, capacity: int,
+                 tally: CounterTally | None = None) -> None:
+        self.store, self.gen, self.outcome, self.capacity, self.tally = store, gen, outcome, capacity, tally
+        self._held: OrderedDict[str, bytes] = OrderedDict()
+        self.held_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def add(self, alert_id: str, update: rules.AlertUpdate) -> None:
+        """Fold one event's update into what is held for its alert (now the alert touched last)."""
+        held = self._held.pop(alert_id, None)
+        if held is not None:
+            self.held_bytes -= len(held)
+            update = rules.combine_updates(pickle.loads(held), update)
+        self._held[alert_id] = packed = pickle.dumps(update, protocol=pickle.HIGHEST_PROTOCOL)
+        self.held_bytes += len(packed)
+
+    async def write_overflow(self) -> int:
+        """Write the alerts touched least recently beyond `capacity`; returns the alerts written."""
+        out: list[tuple[str, bytes]] = []
+        while self.held_bytes > self.capacity and self._held:
+            out.append(self._held.popitem(last=False))
+            self.held_bytes -= len(out[-1][1])
+        return await self._write(out)
+
+    async def flush(self) -> int:
+        """Write every alert held; returns the alerts written."""
+        out, self._held, self.held_bytes = list(self._held.items()), OrderedDict(), 0
+        return await self._write(out)
+
+    async def _write(self, packed: list[tuple[str, bytes]]) -> int:
+        if not packed:
+            return 0
+        held: list[tuple[str, rules.AlertUpdate]] = [(alert_id, pickle.loads(p)) for alert_id, p in packed]
+        col = self.store.outcome_alerts(self.gen) if self.outcome else self.store.alerts(self.gen)
+        docs: list[Document] = []
+        shares: list[rules.Counters] = []
+        for alert_id, update in held:
+            doc = rules.updated(None, update, alert_id)
+            share = {} if self.outcome else rules.alert_share(doc)
+            if share:  # as `count_alerts` counts it
+                doc.update({COUNTED_VERSION: 1, COUNTED: pack_counters(0, share)})
+            docs.append(doc)
+            shares.append(share)
+        written = await bulk_write(col, [InsertOne(d) for d in docs])
+        there = set(written.duplicates)
+        if self.tally is not None:
+            for i, share in enumerate(shares):
+                if i not in there:
+                    self.tally.add(share)
+        if there:
+            again = [held[i] for i in sorted(there)]
+            await bulk_write(col, [UpdateOne({"_id": alert_id, "tenant_id": update["$set"]["tenant_id"]}, update,
+                                             upsert=True) for alert_id, update in again])
+            if not self.outcome:
+                await self.store.count_alerts(self.gen, [alert_id for alert_id, _ in again], self.tally)
+        return len(held)
 
 
 class Generations:
@@ -856,13 +942,11 @@ class ReportingStore:
         age = (datetime.now(UTC) - _aware(rollup[AS_OF])).total_seconds()
         return rollup if age <= self.rollup_max_age else None
 
-    async def apply_deterioration(self, gen: str, events: Sequence[AllianceDeterioration], *,
-                                  count: bool = True) -> int:
-        """Record raised (or revised) alliance alerts (`_apply_raises`), then count them (unless
-        not `count`: a rebuild counts every alert once at its end, `count_every_alert`)."""
+    async def apply_deterioration(self, gen: str, events: Sequence[AllianceDeterioration]) -> int:
+        """Record raised (or revised) alliance alerts (`_apply_raises`), then count them. (A
+        rebuild holds its alerts and counts each as it inserts it: `HeldAlerts`.)"""
         written = await self._apply_raises(self.alerts(gen), events)
-        if count:
-            await self.count_alerts(gen, {e.alert_id for e in events})
+        await self.count_alerts(gen, {e.alert_id for e in events})
         return written
 
     async def apply_outcome_alerts(self, gen: str, events: Sequence[OutcomeAlert]) -> int:
@@ -883,23 +967,14 @@ class ReportingStore:
         """
         if not events:
             return 0
-        ops = [UpdateOne({"_id": e.alert_id},
-                         {"$set": {**rules.alert_identity(e), "raised": True,
-                                   f"raises.{e.revision}": rules.alert_raise(e)},
-                          "$max": {"life": rules.life_key(e.revision, Lifecycle.RAISED)},
-                          "$min": {"raised_at": e.occurred_at},
-                          "$setOnInsert": {"acknowledged": False}}, upsert=True)
-               for e in events]
+        ops = [UpdateOne({"_id": e.alert_id}, rules.raise_update(e), upsert=True) for e in events]
         await col.bulk_write(ops, ordered=False)
         return len(ops)
 
-    async def apply_alert_status(self, gen: str, events: Sequence[AlertStatusChanged], *,
-                                 count: bool = True) -> int:
-        """Record what happened to alliance alerts (`_apply_statuses`), then count them (unless
-        not `count`, as `apply_deterioration`)."""
+    async def apply_alert_status(self, gen: str, events: Sequence[AlertStatusChanged]) -> int:
+        """Record what happened to alliance alerts (`_apply_statuses`), then count them."""
         written = await self._apply_statuses(self.alerts(gen), events)
-        if count:
-            await self.count_alerts(gen, {e.alert_id for e in events})
+        await self.count_alerts(gen, {e.alert_id for e in events})
         return written
 
     @staticmethod
@@ -912,21 +987,8 @@ class ReportingStore:
         """
         if not events:
             return 0
-        ops = []
-        for e in events:
-            update: Document = {
-                "$set": {"tenant_id": e.tenant_id, "site_id": e.site_id, "clinician_id": e.clinician_id,
-                         **rules.status_identity(e)},
-                "$min": {f"status_at.{e.status}": e.occurred_at},
-                "$setOnInsert": {"raised": False},
-            }
-            if e.status in LIFECYCLE_STATUSES:
-                update["$max"] = {"life": rules.life_key(e.revision, e.status)}
-            if e.status == AlertStatus.ACKNOWLEDGED:
-                update["$set"]["acknowledged"] = True
-            else:
-                update["$setOnInsert"]["acknowledged"] = False
-            ops.append(UpdateOne({"_id": e.alert_id, "tenant_id": e.tenant_id}, update, upsert=True))
+        ops = [UpdateOne({"_id": e.alert_id, "tenant_id": e.tenant_id}, rules.status_update(e), upsert=True)
+               for e in events]
         await col.bulk_write(ops, ordered=False)
         return len(ops)
 
@@ -975,23 +1037,6 @@ class ReportingStore:
         written = await tally.flush(self.counters(gen))
         await self._stamp(gen, tenants)
         return written
-
-    async def count_every_alert(self, gen: str, tally: CounterTally, chunk: int = 1_000) -> int:
-        """Count every alert of a generation being rebuilt (`count_alerts` with `tally`), read in
-        one pass, `chunk` documents at a time; returns the alerts moved. A rebuild writes its alert
-        documents uncounted and counts each once here, however many events made it."""
-        moved = 0
-        lost: set[str] = set()
-        docs: list[Document] = []
-        async for d in self.alerts(gen).find({}, batch_size=chunk):
-            docs.append(d)
-            if len(docs) == chunk:
-                done, missed = await self._count_alert_docs(gen, docs, tally)
-                moved, docs = moved + done, []
-                lost |= missed
-        done, missed = await self._count_alert_docs(gen, docs, tally)
-        # Counted concurrently by a live consumer meanwhile: read again and counted as usual.
-        return moved + done + await self.count_alerts(gen, lost | missed, tally)
 
     async def _count_alert_docs(self, gen: str, docs: Sequence[Document],
                                 tally: CounterTally | None) -> tuple[int, set[str]]:

@@ -18,9 +18,9 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from services.reporting import rules
 from services.reporting.handlers import ReportingHandlers
+from services.reporting.rebuild import Replayer
 from services.reporting.store import (
     FIRST_GENERATION,
-    CounterTally,
     GenerationState,
     ReportingStore,
     SubmissionStore,
@@ -30,7 +30,7 @@ from shared import ids
 from shared.events import AlertStatus, AlertStatusChanged, AllianceDeterioration, Instrument, SrsScored
 from shared.kafka import Decoded
 from shared.mongo import Document
-from shared.settings import MongoSettings
+from shared.settings import KafkaSettings, MongoSettings
 from shared.topics import Topics
 from tests.support.fakes import FixedGenerations, Sink, inbound
 from tests.support.reporting import assert_counters_agree, counters_verified_in_db
@@ -383,67 +383,80 @@ async def test_a_refresh_brings_a_tenant_rollup_up_to_date_with_the_counters(db:
     assert (await store.summary(G, T, None) or {})["sessions"] == 3
 
 
-async def test_the_check_names_an_up_to_date_tenant_rollup_that_differs_from_the_records(
+# A rebuild's replay (`rebuild.Replayer`): counter moves held in memory (`CounterTally`) and written
+# once per counter document, alerts held (`HeldAlerts`) and inserted once each, counted as inserted
+
+def replayer(store: ReportingStore, gen: str = G, alert_bytes: int = 2**20) -> Replayer:
+    return Replayer(store, gen, KafkaSettings(), alert_bytes=alert_bytes)
+
+
+async def replay_as_a_rebuild(replay: Replayer, events: Sequence[SrsScored | AlertEvent], batch: int = 1) -> None:
+    for i in range(0, len(events), batch):
+        await replay.apply_events(events[i:i + batch])
+
+
+def alert_documents(docs: list[Document]) -> list[Document]:
+    """Alert documents without how they were counted (a rebuild counts on insert, live consumers after)."""
+    return sorted(({k: v for k, v in d.items() if k not in ("counted", "cv", "pending")} for d in docs),
+                  key=lambda d: str(d["_id"]))
+
+
+async def test_a_rebuild_writes_each_counter_and_alert_document_once_without_markers_and_the_counters_agree(
         db: AsyncDatabase[Document]) -> None:
-    store = ReportingStore(db, cache_entries=100)
-    await deliver(handlers(store), history())
-    await store.refresh_rollups(G)
-    assert await store.verify(G) == {}
-    field = f"cur.{Instrument.SRS.value}.sessions"
-    await store.rollups(G).update_one({"_id": rollup_id(T)}, {"$inc": {field: 1}})
-    assert list(await store.verify(G)) == [rollup_id(T)]
-    await store.rollups(G).update_one({"_id": rollup_id(T)}, {"$inc": {field: -1}})
-# A rebuild's counters: held in memory (`CounterTally`), written once per counter document
-
-async def replay_as_a_rebuild(store: ReportingStore, gen: str, events: Sequence[SrsScored | AlertEvent],
-                              tally: CounterTally) -> None:
-    """What `rebuild.Replayer` does with a log: records with their moves held, alerts uncounted."""
-    for e in events:
-        if isinstance(e, SrsScored):
-            await store.apply_scored(gen, [e], fresh=True, tally=tally)
-        elif isinstance(e, AllianceDeterioration):
-            await store.apply_deterioration(gen, [e], count=False)
-        else:
-            await store.apply_alert_status(gen, [e], count=False)
+    replay = replayer(ReportingStore(db, cache_entries=100))
+    await replay_as_a_rebuild(replay, [*history(), *alert_history()])
+    assert await replay.store.counters(G).count_documents({}) == 0  # nothing written before the end
+    assert await replay.store.alerts(G).count_documents({}) == 0
+    await replay.finish()
+    assert await replay.store.counters(G).count_documents({"m": {"$exists": True}}) == 0
+    assert await replay.store.alerts(G).count_documents({"pending": {"$exists": True}}) == 0
+    assert await replay.store.verify(G) == {}
 
 
-async def test_a_rebuild_writes_each_counter_document_once_without_markers_and_the_counters_agree(
-        db: AsyncDatabase[Document]) -> None:
-    store, tally = ReportingStore(db, cache_entries=100), CounterTally()
-    await replay_as_a_rebuild(store, G, [*history(), *alert_history()], tally)
-    assert await store.counters(G).count_documents({}) == 0  # nothing written before the end
-    await store.count_every_alert(G, tally)
-    await store.flush_tally(G, tally)
-    assert await store.counters(G).count_documents({"m": {"$exists": True}}) == 0
-    assert await store.alerts(G).count_documents({"pending": {"$exists": True}}) == 0
-    assert await store.verify(G) == {}
+@pytest.mark.parametrize("alert_bytes", [2**20, 0], ids=["alerts held to the end", "alerts pushed out each batch"])
+async def test_a_rebuild_makes_the_alert_documents_and_figures_live_consumers_make(
+        db: AsyncDatabase[Document], alert_bytes: int) -> None:
+    """Held to the end, each alert is one insert; pushed out after each batch, its later events
+    find it written and are applied and counted as a live consumer's."""
+    events = alert_history()
+    replay = replayer(ReportingStore(db), alert_bytes=alert_bytes)
+    await replay_as_a_rebuild(replay, events)
+    await replay.finish()
+    live = ReportingStore(db)
+    await deliver_alerts(handlers(live, "live"), events)
+    assert alert_documents(await replay.store.alerts(G).find({}).to_list()) == alert_documents(
+        await live.alerts("live").find({}).to_list())
+    assert await replay.store.trends(G, T, *SPAN) == await live.trends("live", T, *SPAN)
+    assert await replay.store.verify(G) == {}
 
 
+@pytest.mark.parametrize("alert_bytes", [2**20, 0], ids=["alerts held to the end", "alerts pushed out each batch"])
 async def test_a_rebuild_and_live_consumers_filling_the_same_generation_at_once_count_everything_once(
-        db: AsyncDatabase[Document]) -> None:
+        db: AsyncDatabase[Document], alert_bytes: int) -> None:
     """The live consumers write the generation being built (beside the active one), with their
-    markers, while the replay holds its own moves: both add up to what the records and alerts say."""
+    markers, while the replay holds its own moves and alerts: both add up to what the records and
+    alerts say."""
     events: list[SrsScored | AlertEvent] = [*history(), *alert_history()]
-    store, tally = ReportingStore(db, cache_entries=100), CounterTally()
+    replay = replayer(ReportingStore(db, cache_entries=100), alert_bytes=alert_bytes)
     live = ReportingHandlers(ReportingStore(db, cache_entries=100), FixedGenerations(GenerationState("g0", G)),
                              Sink(), TOPICS, SubmissionStore(db))
-    await asyncio.gather(replay_as_a_rebuild(store, G, events, tally),
+    await asyncio.gather(replay_as_a_rebuild(replay, events),
                          *(deliver_alerts(live, [e]) for e in reversed(events[len(events) // 3:])))
-    await store.count_every_alert(G, tally)
-    await store.flush_tally(G, tally)
-    assert await store.verify(G) == {}
+    await replay.finish()
+    assert await replay.store.verify(G) == {}
     after_switch = handlers(ReportingStore(db, cache_entries=100))
     await deliver_alerts(after_switch, events)  # and the live consumers go on counting after the switch
-    assert await store.verify(G) == {}
+    assert await replay.store.verify(G) == {}
 
 
 async def test_a_rebuilds_counter_write_marks_its_tenants_rollup_out_of_date(db: AsyncDatabase[Document]) -> None:
     events = history()
-    store, tally = ReportingStore(db, cache_entries=100, rollup_max_age=0), CounterTally()
-    await replay_as_a_rebuild(store, G, events[:4], tally)
-    await store.flush_tally(G, tally)
+    store = ReportingStore(db, cache_entries=100, rollup_max_age=0)
+    replay = replayer(store)
+    await replay_as_a_rebuild(replay, events[:4])
+    await store.flush_tally(G, replay.tally)
     await store.refresh_rollups(G)
-    await replay_as_a_rebuild(store, G, events[4:], tally)
-    await store.flush_tally(G, tally)
+    await replay_as_a_rebuild(replay, events[4:])
+    await store.flush_tally(G, replay.tally)
     assert await store.refresh_rollups(G) == 1
     assert (await store.summary(G, T, None) or {})["sessions"] == 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import random
 from dataclasses import dataclass
-from datetime import timedelta, timezone
+from datetime import UTC, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -13,8 +13,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.reporting import rules
-from shared.events import Instrument, Items, SrsScored
-from tools.demo import BASE, revised, scored, transferred
+from shared.events import AlertStatus, AlertStatusChanged, AllianceDeterioration, Instrument, Items, SrsScored
+from tools.demo import (
+    BASE,
+    acknowledgement,
+    deterioration_for,
+    lifecycle,
+    revised,
+    scored,
+    status_changed,
+    transferred,
+)
 
 T = "tenant-a"
 
@@ -387,6 +396,55 @@ def test_an_alert_shows_its_highest_revision_s_raise() -> None:
     view = rules.alert_view(alert)
     assert (view["severity"], view["low_items"], view["status"], view["revision"]) == (
         "critical", ["goals"], "open", 2)
+
+
+def _alert_events() -> list[AllianceDeterioration | AlertStatusChanged]:
+    """One alert's events: a raise at a non-UTC offset with microseconds, its revision, an
+    acknowledgement, a delivery, an end of each revision."""
+    alert = deterioration_for(scored(T, "c1", 2, 28.0, previous_total=36.0, episode_id="e1"))
+    assert alert is not None
+    alert = alert.model_copy(update={"occurred_at": BASE.astimezone(timezone(timedelta(hours=-5))).replace(
+        microsecond=123456)})
+    again = alert.model_copy(update={"revision": 2, "total": 26.5,
+                                     "occurred_at": alert.occurred_at + timedelta(hours=1)})
+    return [alert, again, acknowledgement(alert, alert.occurred_at + timedelta(minutes=20, microseconds=999)),
+            acknowledgement(alert, alert.occurred_at + timedelta(hours=5)),
+            status_changed(T, alert.alert_id, alert.site_id, alert.clinician_id, AlertStatus.DELIVERED,
+                           alert.occurred_at + timedelta(seconds=3), alert.client_id),
+            lifecycle(alert, AlertStatus.SUPERSEDED), lifecycle(again, AlertStatus.WITHDRAWN)]
+
+
+def _update_of(e: AllianceDeterioration | AlertStatusChanged) -> rules.AlertUpdate:
+    return rules.raise_update(e) if isinstance(e, AllianceDeterioration) else rules.status_update(e)
+
+
+@settings(max_examples=60, deadline=None)
+@given(order=st.permutations(range(7)), repeats=st.lists(st.integers(0, 6), max_size=3), cut=st.integers(0, 10))
+def test_an_alerts_updates_folded_into_one_make_the_document_they_make_one_by_one(
+        order: list[int], repeats: list[int], cut: int) -> None:
+    """A rebuild inserts the document of the one update its events fold into; the store applies
+    each event's update in turn, to a document that exists from the first one on - the same
+    document, whatever the order, the duplicates, and where the fold starts."""
+    events = _alert_events()
+    stream = [events[i] for i in [*order, *repeats]]
+    one_by_one: dict[str, Any] | None = None
+    for e in stream:
+        one_by_one = rules.updated(one_by_one, _update_of(e), e.alert_id)
+    folded: rules.AlertUpdate | None = None
+    for e in stream[cut:]:
+        folded = rules.combine_updates(folded, _update_of(e))
+    start: dict[str, Any] | None = None
+    for e in stream[:cut]:
+        start = rules.updated(start, _update_of(e), e.alert_id)
+    assert folded is None or rules.updated(start, folded, stream[0].alert_id) == one_by_one
+
+
+def test_an_alert_document_made_in_memory_holds_what_the_store_gives_back() -> None:
+    raised = _alert_events()[0]
+    doc = rules.updated(None, rules.raise_update(raised), raised.alert_id)
+    assert doc["raised_at"] == raised.occurred_at.replace(microsecond=123000)  # BSON dates: milliseconds
+    assert doc["raised_at"].tzinfo == UTC and type(doc["raises"]["1"]["severity"]) is str
+    assert doc["acknowledged"] is False and doc["raised"] is True
 
 
 def test_summary_indices() -> None:
