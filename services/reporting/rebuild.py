@@ -42,6 +42,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from pydantic import BaseModel
 
 from services.reporting import rules
 from services.reporting.settings import ReportingSettings
@@ -50,7 +51,6 @@ from shared import channels
 from shared.events import (
     AlertStatusChanged,
     AllianceDeterioration,
-    Event,
     OrsScored,
     OutcomeAlert,
     OutcomeAlertStatusChanged,
@@ -125,7 +125,7 @@ class Replayer:
         by_topic: dict[str, list[InboundRecord]] = {}
         for r in records:
             by_topic.setdefault(r.topic, []).append(r)
-        events: list[Event] = []
+        events: list[BaseModel] = []
         for topic, model in ((self.scored, channels.SCORED.model), (self.ors_scored, channels.ORS_SCORED.model),
                              (self.deterioration, channels.DETERIORATION.model),
                              (self.alert_status, channels.ALERT_STATUS.model),
@@ -136,7 +136,7 @@ class Replayer:
             self.skipped += len(bad)
         await self.apply_events(events)
 
-    async def apply_events(self, events: Sequence[Event]) -> None:
+    async def apply_events(self, events: Sequence[BaseModel]) -> None:
         """Apply one batch of decoded events of the six topics (their channels' models)."""
         scored = [e for e in events if isinstance(e, SrsScored)]
         ors = [e for e in events if isinstance(e, OrsScored)]
