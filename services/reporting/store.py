@@ -143,7 +143,7 @@ import bson
 from pymongo import ASCENDING, InsertOne, ReturnDocument, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import PyMongoError
+from pymongo.errors import OperationFailure, PyMongoError
 
 from services.reporting import rules
 from shared.events import (
@@ -943,56 +943,67 @@ class ReportingStore:
         return rollup if age <= self.rollup_max_age else None
 
     async def apply_deterioration(self, gen: str, events: Sequence[AllianceDeterioration]) -> int:
-        """Record raised (or revised) alliance alerts (`_apply_raises`), then count them. (A
+        """Record raised (or revised) alliance alerts (`rules.raise_update`), then count them. (A
         rebuild holds its alerts and counts each as it inserts it: `HeldAlerts`.)"""
-        written = await self._apply_raises(self.alerts(gen), events)
-        await self.count_alerts(gen, {e.alert_id for e in events})
-        return written
+        written = await self._write_alerts(self.alerts(gen), [self._raise_op(e) for e in events], read_back=True)
+        await self.count_alerts(gen, {e.alert_id for e in events}, written=written)
+        return len(events)
 
     async def apply_outcome_alerts(self, gen: str, events: Sequence[OutcomeAlert]) -> int:
         """Record raised (or revised) outcome alerts in their own collection (so the alliance
         alert counts of summaries stay what they were), merged the same way."""
-        return await self._apply_raises(self.outcome_alerts(gen), events)
+        await self._write_alerts(self.outcome_alerts(gen), [self._raise_op(e) for e in events])
+        return len(events)
 
     async def apply_outcome_alert_status(self, gen: str, events: Sequence[OutcomeAlertStatusChanged]) -> int:
-        """Record what happened to outcome alerts (`_apply_statuses`)."""
-        return await self._apply_statuses(self.outcome_alerts(gen), events)
-
-    @staticmethod
-    async def _apply_raises(col: AsyncCollection[Document], events: Sequence[rules.AlertRaise]) -> int:
-        """Record raised (or revised) alerts; one bulk write.
-
-        Every update is a max (the lifecycle key with `$max`, the earliest raise time with
-        `$min`, a raise stored under its own revision), so redeliveries and any order agree.
-        """
-        if not events:
-            return 0
-        ops = [UpdateOne({"_id": e.alert_id}, rules.raise_update(e), upsert=True) for e in events]
-        await col.bulk_write(ops, ordered=False)
-        return len(ops)
+        """Record what happened to outcome alerts (`rules.status_update`)."""
+        await self._write_alerts(self.outcome_alerts(gen), [self._status_op(e) for e in events])
+        return len(events)
 
     async def apply_alert_status(self, gen: str, events: Sequence[AlertStatusChanged]) -> int:
-        """Record what happened to alliance alerts (`_apply_statuses`), then count them."""
-        written = await self._apply_statuses(self.alerts(gen), events)
-        await self.count_alerts(gen, {e.alert_id for e in events})
-        return written
+        """Record what happened to alliance alerts (`rules.status_update`), then count them."""
+        written = await self._write_alerts(self.alerts(gen), [self._status_op(e) for e in events], read_back=True)
+        await self.count_alerts(gen, {e.alert_id for e in events}, written=written)
+        return len(events)
 
     @staticmethod
-    async def _apply_statuses(col: AsyncCollection[Document], events: Sequence[AlertStatusChanged]) -> int:
-        """Record what happened to alerts; may arrive before the alert itself. One bulk write.
+    def _raise_op(e: rules.AlertRaise) -> tuple[Document, Document]:
+        """(filter, update) of a raised (or revised) alert. Every update is a max (the lifecycle key
+        with `$max`, the earliest raise time with `$min`, a raise stored under its own revision),
+        so redeliveries and any order agree."""
+        return {"_id": e.alert_id}, rules.raise_update(e)
 
-        Every update is a monotone fact (a flag turning true, the earliest time per status, the
-        lifecycle key of scoring's `superseded`/`withdrawn` with `$max`), so the order of
-        arrival does not matter.
-        """
-        if not events:
-            return 0
-        ops = [UpdateOne({"_id": e.alert_id, "tenant_id": e.tenant_id}, rules.status_update(e), upsert=True)
-               for e in events]
-        await col.bulk_write(ops, ordered=False)
-        return len(ops)
+    @staticmethod
+    def _status_op(e: AlertStatusChanged) -> tuple[Document, Document]:
+        """(filter, update) of what happened to an alert; may arrive before the alert itself. Every
+        update is a monotone fact (a flag turning true, the earliest time per status, the
+        lifecycle key of scoring's `superseded`/`withdrawn` with `$max`), so the order of arrival
+        does not matter."""
+        return {"_id": e.alert_id, "tenant_id": e.tenant_id}, rules.status_update(e)
 
-    async def count_alerts(self, gen: str, alert_ids: Collection[str], tally: CounterTally | None = None) -> int:
+    @staticmethod
+    async def _write_alerts(col: AsyncCollection[Document], updates: Sequence[tuple[Document, Document]],
+                            read_back: bool = False) -> list[Document]:
+        """Run alert upserts (`_raise_op`, `_status_op`) in one unordered bulk write; returns
+        nothing. With `read_back` (the alert is counted next) a batch of ONE update (the usual
+        batch at a steady rate) runs as one find-and-modify instead and returns the document it
+        left, so the count does not read it: the write and the read are one round trip. Should
+        the store refuse that update, the bulk write repeats it (every update is idempotent), so
+        a refusal reaches the subscriber as a bulk write error, classified as ever; a crash
+        leaves what the bulk write's would."""
+        if not updates:
+            return []
+        if read_back and len(updates) == 1:
+            try:
+                doc = await col.find_one_and_update(*updates[0], upsert=True, return_document=ReturnDocument.AFTER)
+                return [doc] if doc is not None else []
+            except OperationFailure:
+                pass
+        await col.bulk_write([UpdateOne(f, u, upsert=True) for f, u in updates], ordered=False)
+        return []
+
+    async def count_alerts(self, gen: str, alert_ids: Collection[str], tally: CounterTally | None = None, *,
+                           written: Sequence[Document] = ()) -> int:
         """Bring the counters in line with what these alert documents contribute now
         (`rules.alert_share`), each change applied exactly once; returns the alerts moved.
 
@@ -1015,13 +1026,18 @@ class ReportingStore:
         on every counter before `cv` + 1 is written, as for records.
 
         With `tally` (a rebuild's generation, see `CounterTally`) the conditional update clears
-        `pending` instead of setting it, and the moves go to the tally.
+        `pending` instead of setting it, and the moves go to the tally. `written`: documents of
+        these alerts as the caller's write left them (`_write_alerts`), not read again.
         """
         todo, moved = set(alert_ids), 0
+        known = [d for d in written if d["_id"] in todo]
         for attempt in range(self._retries + 1):
             if not todo:
                 return moved
-            done, todo = await self._count_alert_docs(gen, await find_by_ids(self.alerts(gen), todo), tally)
+            unknown = todo - {d["_id"] for d in known}
+            docs = [*known, *(await find_by_ids(self.alerts(gen), unknown) if unknown else [])]
+            known = []  # a retry reads what another writer changed
+            done, todo = await self._count_alert_docs(gen, docs, tally)
             moved += done
             if todo and attempt:
                 await asyncio.sleep(0.01 * attempt)

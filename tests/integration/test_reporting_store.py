@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError
 
 from services.alerts.rules import delivery_status
 from services.reporting import rules
@@ -50,6 +51,19 @@ def tid(client: str) -> str:
     return rules.record_id(T, client, "SRS")
 
 
+def spy_on_reads(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The ids the store reads by `find_by_ids` (records and alerts), one list per read."""
+    reads: list[list[str]] = []
+    read = store_module.find_by_ids
+
+    async def spy(col: Any, wanted: Any, *args: Any) -> list[Document]:
+        reads.append(sorted(wanted))
+        return await read(col, wanted, *args)
+
+    monkeypatch.setattr(store_module, "find_by_ids", spy)
+    return reads
+
+
 async def test_a_writer_with_a_stale_cache_loses_nothing(db: AsyncDatabase[Document]) -> None:
     a = ReportingStore(db, cache_entries=100)
     b = ReportingStore(db, cache_entries=100)
@@ -76,14 +90,7 @@ async def test_a_fresh_generation_insert_that_meets_an_existing_trajectory_merge
 
 async def test_a_new_clients_first_session_is_inserted_without_reading_its_record(
         db: AsyncDatabase[Document], monkeypatch: pytest.MonkeyPatch) -> None:
-    reads: list[list[str]] = []
-    read = store_module.find_by_ids
-
-    async def spy(col: Any, wanted: Any, *args: Any) -> list[Document]:
-        reads.append(sorted(wanted))
-        return await read(col, wanted, *args)
-
-    monkeypatch.setattr(store_module, "find_by_ids", spy)
+    reads = spy_on_reads(monkeypatch)
     report = await ReportingStore(db).apply_scored("g1", [scored(T, "c1", 1, 38.0)])
     assert (reads, report.outcomes["applied"], report.conflicts) == ([], 1, 0)
     await ReportingStore(db).apply_scored("g1", [scored(T, "c1", 2, 37.0, previous_total=38.0)])
@@ -140,6 +147,32 @@ async def test_an_acknowledgement_before_its_alert_counts_once_both_are_in(db: A
     docs = await store.alerts("g1").find({}).to_list()
     assert len(docs) == 1 and docs[0]["raised"] and docs[0]["acknowledged"]
     assert docs[0]["record_id"] == tid("c1")
+
+
+async def test_a_batch_of_one_alert_event_is_counted_from_the_document_its_write_returned(
+        db: AsyncDatabase[Document], monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ReportingStore(db)
+    alert = deterioration_for(scored(T, "c1", 2, 30.0, previous_total=38.0))
+    assert alert is not None
+    reads = spy_on_reads(monkeypatch)
+    await store.apply_deterioration("g1", [alert])
+    await store.apply_alert_status("g1", [acknowledgement(alert)])
+    assert reads == []
+    (march,) = await store.trends("g1", T, alert.occurred_at.strftime("%Y-%m"), alert.occurred_at.strftime("%Y-%m"))
+    assert (march["alerts_raised"], march["alerts_acknowledged"]) == (1, 1)
+
+
+async def test_a_status_naming_another_tenants_alert_fails_its_batch_as_a_bulk_write_error(
+        db: AsyncDatabase[Document]) -> None:
+    """The single-update path (find-and-modify) hands a refusal to the bulk write, whose error the
+    subscriber classifies."""
+    store = ReportingStore(db)
+    alert = deterioration_for(scored(T, "c1", 2, 30.0, previous_total=38.0))
+    assert alert is not None
+    await store.apply_deterioration("g1", [alert])
+    foreign = acknowledgement(alert).model_copy(update={"tenant_id": "another-tenant"})
+    with pytest.raises(BulkWriteError):
+        await store.apply_alert_status("g1", [foreign])
 
 
 async def test_delivered_and_failed_statuses_are_neither_acknowledgements_nor_ends_of_the_alert(
