@@ -40,8 +40,10 @@ class ReportingSettings(BaseSettings):
     cache_entries: NonNegativeInt = 20_000
     rebuild_cache_mib: NonNegativeInt = 64
     # The alerts a rebuild holds while their events fold (`store.HeldAlerts`), written once each
-    # when pushed out: 16 MiB of them pickled (~720 bytes an alert) holds the ~23,000 touched last.
-    rebuild_alerts_mib: NonNegativeInt = 16
+    # when pushed out: 32 MiB of them pickled (~720-900 bytes an alert) holds the ~40,000 touched
+    # last. With 16, a fifth of the scale bench's alerts were pushed out before their last event
+    # (each then costs an update, a read and a counting update instead of its share of an insert).
+    rebuild_alerts_mib: NonNegativeInt = 32
     key_cache_seconds: NonNegativeFloat = 30.0
     # A client's record (every session on one instrument) is one document; sessions that would
     # grow it past this many bytes (encoded) are dead-lettered as `record_too_large` instead of

@@ -470,10 +470,15 @@ class HeldAlerts:
             self.held_bytes -= len(out[-1][1])
         return await self._write(out)
 
-    async def flush(self) -> int:
-        """Write every alert held; returns the alerts written."""
-        out, self._held, self.held_bytes = list(self._held.items()), OrderedDict(), 0
-        return await self._write(out)
+    async def flush(self, chunk: int = 2_000) -> int:
+        """Write every alert held, `chunk` at a time (their documents exist only while written);
+        returns the alerts written."""
+        written = 0
+        while self._held:
+            out = [self._held.popitem(last=False) for _ in range(min(chunk, len(self._held)))]
+            self.held_bytes -= sum(len(packed) for _, packed in out)
+            written += await self._write(out)
+        return written
 
     async def _write(self, packed: list[tuple[str, bytes]]) -> int:
         if not packed:
