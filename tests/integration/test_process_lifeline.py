@@ -75,7 +75,7 @@ def test_a_stack_dies_when_the_process_that_started_it_is_killed(tmp_path: Path)
         assert len(pids) == 2 and all(_running(pid) for pid in pids)
         parent.kill()
         parent.wait()
-        assert _all_gone(pids, timeout=60), "broker or store outlived the killed parent"
+        assert _all_gone(pids, timeout=30), "broker or store outlived the killed parent"
     finally:
         parent.kill()
         _kill_all(pids)
