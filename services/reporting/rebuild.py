@@ -48,14 +48,7 @@ from services.reporting import rules
 from services.reporting.settings import ReportingSettings
 from services.reporting.store import CounterTally, Generations, HeldAlerts, ReportingStore, generation_collections
 from shared import channels
-from shared.events import (
-    AlertStatusChanged,
-    AllianceDeterioration,
-    OrsScored,
-    OutcomeAlert,
-    OutcomeAlertStatusChanged,
-    SrsScored,
-)
+from shared import events as ev
 from shared.kafka import InboundRecord, admin_security_kwargs, decode_records
 from shared.mongo import database, make_client
 from shared.settings import KafkaSettings, MongoSettings
@@ -138,8 +131,8 @@ class Replayer:
 
     async def apply_events(self, events: Sequence[BaseModel]) -> None:
         """Apply one batch of decoded events of the six topics (their channels' models)."""
-        scored = [e for e in events if isinstance(e, SrsScored)]
-        ors = [e for e in events if isinstance(e, OrsScored)]
+        scored = [e for e in events if isinstance(e, ev.SrsScored)]
+        ors = [e for e in events if isinstance(e, ev.OrsScored)]
         # Sessions over a record's size cap are skipped here as the live consumer dead-lettered them.
         if scored:
             self.skipped += len((await self.store.apply_scored(self.gen, scored, fresh=True, tally=self.tally)).refused)
@@ -148,12 +141,12 @@ class Replayer:
         # Alerts are held, their events folded, and written once each (`HeldAlerts`): raises
         # before statuses, as the live consumer applies a batch of each.
         for e in events:
-            if isinstance(e, AllianceDeterioration | OutcomeAlert):
-                (self.outcome_alerts if isinstance(e, OutcomeAlert) else self.alerts).add(
+            if isinstance(e, ev.AllianceDeterioration | ev.OutcomeAlert):
+                (self.outcome_alerts if isinstance(e, ev.OutcomeAlert) else self.alerts).add(
                     e.alert_id, rules.raise_update(e))
         for e in events:
-            if isinstance(e, AlertStatusChanged):
-                (self.outcome_alerts if isinstance(e, OutcomeAlertStatusChanged) else self.alerts).add(
+            if isinstance(e, ev.AlertStatusChanged):
+                (self.outcome_alerts if isinstance(e, ev.OutcomeAlertStatusChanged) else self.alerts).add(
                     e.alert_id, rules.status_update(e))
         await self.alerts.write_overflow()
         await self.outcome_alerts.write_overflow()
