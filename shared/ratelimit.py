@@ -391,8 +391,10 @@ class Limiter:
         if held is not None:
             held.units = 0
         need = units - have
-        # A whole lease when it fits, else exactly what this request lacks.
-        for ask in dict.fromkeys((min(max(need, self.lease), self.item.amount), need)):
+        # A whole lease when it fits, else exactly what this request lacks; only the latter once the
+        # store refused a lease of the key in this slot (asking again would be an add and a give-back).
+        refused = self._refused.get(key) == self.storage.current_slot(self.window)
+        for ask in dict.fromkeys((need,) if refused else (min(max(need, self.lease), self.item.amount), need)):
             slot = self.storage.current_slot(self.window)
             if await self._strategy.hit(self.item, key, cost=ask):
                 self._hold(key, ask - need, slot)

@@ -205,6 +205,17 @@ async def test_once_the_store_refused_a_lease_of_a_key_waiting_reads_its_window_
     assert store.adds == adds  # the second wait only read
 
 
+async def test_once_the_store_refused_a_lease_of_a_key_a_request_counts_only_what_it_needs() -> None:
+    clock = Clock()
+    store = CountedCounters(clock)
+    lim = replica(store, clock, burst=200, lease=10)
+    assert await replica(store, clock).take("k", 195) == 0.0  # another replica: 5 units left, less than a lease
+    assert await lim.take("k") == 0.0  # the store refused the lease: the unit was counted alone
+    trips = store.trips
+    assert await lim.take("k") == 0.0
+    assert store.trips - trips == 1  # one add: no lease asked for (and given back) first
+
+
 async def test_refilled_units_never_exceed_the_limit() -> None:
     clock = Clock()
     lim = replica(CountedCounters(clock), clock, burst=200, lease=10)
