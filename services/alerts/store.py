@@ -587,9 +587,11 @@ class AlertsStore:
         matches it. The claim token tells which documents this caller got.
 
         `read`: the deliveries as `due_documents` read them at `now`. When the update changed every
-        one of `ids`, this caller got them all, still as read (only a lease holder changes a pending
-        delivery, and none held these), so they are returned without reading them again; otherwise
-        (another worker got some) which ones this caller got is read by the token.
+        one of `ids` and none was read under an ended lease (`claimed_until` past, not `EPOCH`), this
+        caller got them all, still as read (only a claim holder changes a pending delivery, and none
+        held these), so they are returned without reading them again; otherwise (another worker got
+        some, or the holder of an ended lease may have recorded its attempt since the read: a retry
+        is recorded by the claim token, whatever the lease) which ones this caller got is read by the token.
         """
         if not ids:
             return []
@@ -597,7 +599,8 @@ class AlertsStore:
         token = uuid.uuid4().hex
         lease_fields = {"claimed_until": now + lease, "claim": token, "claimed_by": owner}
         res = await self.deliveries.update_many({**due, "_id": {"$in": list(ids)}}, {"$set": lease_fields})
-        if read is not None and res.modified_count == len(set(ids)) and all(i in read for i in ids):
+        if read is not None and res.modified_count == len(set(ids)) and all(
+                i in read and read[i].get("claimed_until") == EPOCH for i in ids):
             return [{**read[i], **lease_fields} for i in ids]
         # By `_id` (the claim token has no index): which of them this caller got.
         return await self.deliveries.find({"_id": {"$in": list(ids)}, "claim": token, "status": "pending"}).to_list()

@@ -17,7 +17,8 @@ Claiming (two alerts processes never send the same delivery at the same time)
 A worker leases due deliveries by setting `claimed_until = now + lease` and a claim token in a
 conditional `update_many` (see `AlertsStore.claim`); other workers skip leased documents. The
 candidates are read whole, so a claim that got every delivery it picked (the update changed them
-all) hands out what it read: two round trips per claim, a third only when another worker won some.
+all) hands out what it read: two round trips per claim, a third only when another worker won some
+or one was read under an ended lease (its holder may still record the attempt it made).
 The lease (default 30 s) outlasts one attempt (timeout 5 s) plus recording it. Up to
 `concurrency` attempts run at once, each with its own timeout, so one slow receiver occupies one
 slot, not the worker.

@@ -25,8 +25,8 @@ def planned(n: int) -> PlannedDelivery:
                            channel="webhook", target="https://example.org/hook", subscription_id=None)
 
 
-async def scheduled(store: AlertsStore, count: int) -> list[str]:
-    now = utcnow() - timedelta(seconds=1)
+async def scheduled(store: AlertsStore, count: int, ago: timedelta = timedelta(seconds=1)) -> list[str]:
+    now = utcnow() - ago
     docs = [delivery_doc(planned(n), '{"body": 1}', now, f"corr-{n}", None, now) for n in range(count)]
     await store.insert_deliveries(docs)
     return [str(d["_id"]) for d in docs]
@@ -49,6 +49,20 @@ async def test_a_claim_hands_out_only_what_it_got_when_another_worker_claimed_on
     claimed = await store.claim(now, ids, LEASE, "w1", read)
     assert sorted(d["_id"] for d in claimed) == ids[1:]
     assert {d["claimed_by"] for d in claimed} == {"w1"}
+
+
+async def test_a_claim_hands_out_what_the_store_holds_when_an_expired_leases_holder_recorded_since_the_read(
+        store: AlertsStore) -> None:
+    """A worker whose lease ran out may still record its attempt (a retry is recorded by the claim
+    token, not the lease): between another worker's read and its claim, that changes the delivery."""
+    [i] = await scheduled(store, 1, ago=timedelta(minutes=2))
+    now = utcnow()
+    [late] = await store.claim(now - 2 * LEASE, [i], LEASE, "late")  # its lease ended 30 s ago
+    read = {str(d["_id"]): d for d in await store.due_documents(now, 10)}
+    await store.record([AttemptResult(i, str(late["claim"]), "retry", 1, error="timeout", last_outcome="timeout",
+                                      next_attempt_at=now - timedelta(seconds=1))])
+    [claimed] = await store.claim(now, [i], LEASE, "w1", read)
+    assert claimed == await store.deliveries.find_one({"_id": i})
 
 
 async def test_the_document_a_recorded_delivery_is_told_from_is_what_the_store_holds(store: AlertsStore) -> None:
