@@ -119,6 +119,11 @@ class IntakeHttp(HttpSettings):
     # Intake limits each route itself (ALLIANCE_INTAKE_MAX_SINGLE_BYTES / MAX_BATCH_BYTES), counting
     # its refusals in its metrics; no service-wide limit on top.
     max_body_bytes: int | None = None
+    # Submissions are intake's hot path and its burst is large (2,000): a lease of 50 (a fortieth of
+    # it) puts one store write behind 50 submissions instead of 10, cutting the limiter's share of
+    # the store's work (the store is what every stage queues behind; issue 11). The price stays
+    # bounded: N replicas may refuse up to N x 1.5 x 50 units of a key's 2,000 early, never admit more.
+    rate_limit_lease: int = Field(default=50, ge=1)
 
 
 class ScoringHttp(HttpSettings):

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from services.intake.ratelimit import submission_limiter
+from services.intake.settings import IntakeSettings
 from shared.ratelimit import Limiter, MemoryCounters, SlotStorage, retry_after_header, seconds_until
+from shared.settings import IntakeHttp
 
 
 class Clock:
@@ -116,3 +119,25 @@ def test_seconds_until_waits_for_the_next_slot_when_the_current_one_is_full() ->
     assert seconds_until(1, limit=10, window=10, previous=0, previous_share=0.2, current=10) == pytest.approx(2.0)
     # 3 more fit once 10 * share < 8: 2 s into the next slot
     assert seconds_until(3, limit=10, window=10, previous=0, previous_share=0.2, current=10) == pytest.approx(4.0)
+
+
+class CountedCounters(MemoryCounters):
+    """In-process counters counting the adds a shared store would have answered."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.adds = 0
+
+    async def add(self, name: str, amount: int, expires_at: float) -> int:
+        self.adds += 1
+        return await super().add(name, amount, expires_at)
+
+
+async def test_intake_by_default_reaches_the_store_once_per_fifty_single_submissions() -> None:
+    clock = Clock()
+    counters = CountedCounters(clock)
+    lim = submission_limiter(IntakeSettings(), SlotStorage(counters, clock), IntakeHttp().rate_limit_lease)
+    for _ in range(100):
+        assert await lim.take("k") == 0.0
+        clock.now += 0.005  # 200 submissions/s: well inside one 4-second slot
+    assert counters.adds <= 3  # two leases of 50, and at most one counted ahead of need
