@@ -602,8 +602,9 @@ class NetworkRun:
 
 
 async def network_run(ep: Endpoints, net: Network, reads: int) -> NetworkRun:
-    """Generate and publish one network's log, rebuild from it, read it cold and warm; drops its
-    database afterwards. Progress goes to stderr (stdout is the table or the JSON)."""
+    """Generate and publish one network's log, rebuild from it, read it cold and warm (unless
+    `reads` is 0: the rebuild alone); drops its database afterwards. Progress goes to stderr
+    (stdout is the table or the JSON)."""
     tag = uuid.uuid4().hex[:8]
     kafka = KafkaSettings(bootstrap=ep.bootstrap, idempotence=ep.idempotence, topic_prefix=f"scale{tag}.")
     mongo = MongoSettings(url=ep.mongo_url, database=f"bench_scale_{tag}")
@@ -619,6 +620,9 @@ async def network_run(ep: Endpoints, net: Network, reads: int) -> NetworkRun:
         rebuilt = rebuild_process(network_env(ep, kafka.topic_prefix, mongo.database))
         print(f"  rebuilt {rebuilt.events:,} events at {rebuilt.events_per_second:,.0f}/s "
               f"(peak RSS {rebuilt.peak_rss_mib:.0f} MiB); reading ...", file=sys.stderr, flush=True)
+        sizes = await collection_sizes(mongo)
+        if not reads:
+            return NetworkRun(net, published, publish_seconds, rebuilt, {}, {}, math.nan, sizes)
         client = make_client(mongo)
         try:
             key, _ = await create_key(database(client, mongo), SCALE_TENANT, "read")
@@ -626,7 +630,6 @@ async def network_run(ep: Endpoints, net: Network, reads: int) -> NetworkRun:
             await client.close()
         cold, cold_rss = await network_reads(ep, net, kafka.topic_prefix, mongo, key, reads, warm=False)
         warm, warm_rss = await network_reads(ep, net, kafka.topic_prefix, mongo, key, reads, warm=True)
-        sizes = await collection_sizes(mongo)
         return NetworkRun(net, published, publish_seconds, rebuilt, cold, warm, max(cold_rss, warm_rss), sizes)
     finally:
         await drop_database(mongo)
@@ -636,10 +639,10 @@ SUMMARIES = ("site summary", "tenant summary")
 TRENDS = ("tenant trends 24 mo", "site trends 24 mo", "clinician trends 24 mo")
 
 
-def scale_rows(big: NetworkRun, small: NetworkRun, raw: float) -> list[Row]:
-    """The table: every figure the issue asks for, with its target beside it where it has one."""
+def scale_rows(big: NetworkRun, small: NetworkRun | None, raw: float) -> list[Row]:
+    """The table: every figure the issue asks for, with its target beside it where it has one
+    (without `small`, a `--rebuild-only` run: the rebuild's figures and the collections' sizes)."""
     rows: list[Row] = []
-    n, m = big.net.clients, small.net.clients
     ratio = big.rebuilt.events_per_second / raw if raw else math.nan
     rows.append(Row("raw bulk upserts/s (same run)", f"{raw:,.0f}", value=raw))
     rows.append(Row(f"rebuild events/s ({big.rebuilt.events:,} events)",
@@ -647,6 +650,9 @@ def scale_rows(big: NetworkRun, small: NetworkRun, raw: float) -> list[Row]:
                     ratio))
     rows.append(Row("rebuild peak RSS MiB", f"{big.rebuilt.peak_rss_mib:.0f}", "< 300",
                     big.rebuilt.peak_rss_mib < 300, big.rebuilt.peak_rss_mib))
+    if small is None:
+        return [*rows, *size_rows(big)]
+    n, m = big.net.clients, small.net.clients
     rows.append(Row("reporting API peak RSS MiB", f"{big.api_rss_mib:.0f}", "< 300", big.api_rss_mib < 300,
                     big.api_rss_mib))
     for kind in big.cold:
@@ -664,10 +670,14 @@ def scale_rows(big: NetworkRun, small: NetworkRun, raw: float) -> list[Row]:
         timings = small.cold[kind]
         rows.append(Row(f"{kind} cold @{m:,}", f"p50 {statistics.median(timings):.1f} ms, "
                                                f"p99 {pct(timings, 99):.1f} ms", value=pct(timings, 99)))
-    for name, size in big.sizes.items():
-        rows.append(Row(f"{name} @{n:,}", f"{size['documents']:,.0f} docs, {size['data_mib']:,.1f} MiB data, "
-                                          f"{size['index_mib']:,.1f} MiB indexes", value=size["documents"]))
-    return rows
+    return [*rows, *size_rows(big)]
+
+
+def size_rows(run: NetworkRun) -> list[Row]:
+    """The size of each reporting collection of a network."""
+    return [Row(f"{name} @{run.net.clients:,}", f"{size['documents']:,.0f} docs, {size['data_mib']:,.1f} MiB data, "
+                                                f"{size['index_mib']:,.1f} MiB indexes", value=size["documents"])
+            for name, size in run.sizes.items()]
 
 
 def scale_table(rows: list[Row]) -> str:
@@ -688,12 +698,13 @@ async def run_scale(args: argparse.Namespace, ep: Endpoints) -> dict[str, Any]:
     clients = args.clients
     baseline = args.baseline_clients or max(1, clients // 10)
     probe = MongoSettings(url=ep.mongo_url, database=f"bench_scale_raw_{uuid.uuid4().hex[:8]}")
-    small = await network_run(ep, Network(baseline), args.reads)
+    # --rebuild-only: no baseline network and no reads (the rebuild against the raw rate around it)
+    small = None if args.rebuild_only else await network_run(ep, Network(baseline), args.reads)
     raw_before = await raw_upsert_rate(probe, args.raw_upserts, args.batch)
-    big = await network_run(ep, Network(clients), args.reads)
+    big = await network_run(ep, Network(clients), 0 if args.rebuild_only else args.reads)
     raw_after = await raw_upsert_rate(probe, args.raw_upserts, args.batch)
     rows = scale_rows(big, small, (raw_before + raw_after) / 2)
-    report = {"clients": clients, "baseline_clients": baseline, "sessions": big.published,
+    report = {"clients": clients, "baseline_clients": None if small is None else baseline, "sessions": big.published,
               "wall_seconds": time.perf_counter() - wall, "publish_seconds": big.publish_seconds,
               "rebuild_seconds": big.rebuilt.seconds, "raw_upserts_before": raw_before,
               "raw_upserts_after": raw_after,
@@ -720,6 +731,9 @@ def main(argv: list[str] | None = None) -> None:
                         "--clients x 5 sessions (and one of --baseline-clients), time every read cold and warm")
     p.add_argument("--baseline-clients", type=int, default=None,
                    help="with --scale: the smaller network the summaries are compared with (default --clients / 10)")
+    p.add_argument("--rebuild-only", action="store_true",
+                   help="with --scale: the --clients network's rebuild alone (raw rate, rebuild rate and peak RSS, "
+                        "collection sizes): no baseline network, no reads")
     p.add_argument("--json", action="store_true", help="with --scale: print the figures as JSON, not a table")
     p.add_argument("--reads", type=int, default=None, help="reads to time (per kind with --scale; default 1,000, "
                                                              "with --scale 200)")
