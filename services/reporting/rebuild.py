@@ -12,6 +12,12 @@
    Anything past those marks was produced after the claim, so the live consumers put it into
    the new generation themselves; the writes are idempotent and commutative, so the two
    writers overlapping is harmless.
+   The scored records are held undecoded, grouped by client (`HeldRecords`,
+   `rebuild_records_mib` of them), and a client's sessions are decoded, merged and written
+   together when the client is pushed out by newer ones or at the end: a record is written
+   about once, by insert, instead of once per batch holding one of its sessions. A record
+   there by then (a live consumer's, or one this replay pushed out before a later session) is
+   merged with what is stored and replaced, as any write of a known record is.
    The replay's own counter moves are held in memory (`CounterTally`) and written once per
    counter document whenever the tally grows past `TALLY_FIELDS` and at the end (an insert of
    the whole document the first time, a `$inc` after). Its alerts are held in memory too
@@ -22,8 +28,9 @@
    then (a live consumer's, or one pushed out before its later events) gets the update and is
    counted as live consumers count (read back, `cv` the guard). The live consumers keep
    counting what they write with their markers (see store.py); `$inc` commutes, so both add
-   up. A rebuild that dies loses what it holds with its generation, which is dropped (or
-   abandoned by the next `rebuild --force`) and never switched to.
+   up. A rebuild that dies loses what it holds (records, alerts, counter moves) with its
+   generation, which is dropped (or abandoned by the next `rebuild --force`) and never
+   switched to.
 4. Flip `active` to the new generation in one single-document update. Until then the API
    answers from the old generation; after at most one pointer-cache lifetime, from the new one.
 5. Drop generations older than the previous one (the previous stays for a quick way back).
@@ -38,11 +45,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from services.reporting import rules
 from services.reporting.settings import ReportingSettings
@@ -87,10 +95,70 @@ def truncated_partitions(begin: dict[TopicPartition, int], topic: str) -> list[i
     return sorted(tp.partition for tp, offset in begin.items() if tp.topic == topic and offset > 0)
 
 
+# What holding one scored record's value costs besides its bytes (the bytes object and its list
+# slot), and one client's group besides its values (its key, list and ordered-dict node).
+HELD_VALUE_OVERHEAD = 48
+HELD_GROUP_OVERHEAD = 320
+
+
+class HeldRecords:
+    """Scored records a replay holds undecoded, grouped by client (topic and Kafka key, which is
+    `tenant_id:client_id`), the clients touched last first kept, `capacity` bytes of them.
+
+    A client's sessions are decoded, merged and written together when its group is pushed out
+    (the clients touched least recently go first) or at the end (`drain`): each record is then
+    written about once, by insert, instead of once per replayed batch holding one of its sessions
+    (a conditional replace each: the store inserts several times faster than it updates), and
+    merged once. The group is only how records are held together: the writer groups the decoded
+    events by record (`rules.group_by_record`), so a key that is not a client's (a record without
+    one is held alone) changes how much folds, never the result. A group pushed out and touched
+    again is written again (the record cache, else a read, gives the merge its document): the
+    merge is a commutative max, so the result is the same either way.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._held: OrderedDict[tuple[str, bytes], list[bytes]] = OrderedDict()
+        self.held_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def add(self, topic: str, key: bytes, value: bytes) -> None:
+        """Hold one record's value with its client's (now the client touched last)."""
+        group = self._held.get((topic, key))
+        if group is None:
+            self._held[(topic, key)] = group = []
+            self.held_bytes += HELD_GROUP_OVERHEAD + len(key)
+        else:
+            self._held.move_to_end((topic, key))
+        group.append(value)
+        self.held_bytes += HELD_VALUE_OVERHEAD + len(value)
+
+    def _pop_oldest(self) -> tuple[str, list[bytes]]:
+        (topic, key), values = self._held.popitem(last=False)
+        self.held_bytes -= HELD_GROUP_OVERHEAD + len(key) + sum(HELD_VALUE_OVERHEAD + len(v) for v in values)
+        return topic, values
+
+    def overflow(self) -> list[tuple[str, list[bytes]]]:
+        """The groups touched least recently, once more than `capacity` is held: down to 7/8 of it,
+        so that what is written at once is a bulk write's worth, not a few records each batch."""
+        out: list[tuple[str, list[bytes]]] = []
+        if self.held_bytes > self.capacity:
+            while self._held and self.held_bytes > self.capacity * 7 // 8:
+                out.append(self._pop_oldest())
+        return out
+
+    def take(self, groups: int) -> list[tuple[str, list[bytes]]]:
+        """Up to `groups` groups, the least recently touched first (the end of a replay)."""
+        return [self._pop_oldest() for _ in range(min(groups, len(self._held)))]
+
+
 class Replayer:
     """Applies replayed records of the six topics (both scales) to one generation."""
 
-    def __init__(self, store: ReportingStore, gen: str, kafka: KafkaSettings, *, alert_bytes: int) -> None:
+    def __init__(self, store: ReportingStore, gen: str, kafka: KafkaSettings, *, alert_bytes: int,
+                 record_bytes: int = 0) -> None:
         self.store, self.gen = store, gen
         topics = kafka.topics()
         self.scored, self.deterioration, self.alert_status = topics.scored, topics.deterioration, topics.alert_status
@@ -99,6 +167,7 @@ class Replayer:
         self.events = 0
         self.skipped = 0
         self.tally = CounterTally()
+        self.records = HeldRecords(record_bytes)
         self.alerts = HeldAlerts(store, gen, outcome=False, capacity=alert_bytes, tally=self.tally)
         self.outcome_alerts = HeldAlerts(store, gen, outcome=True, capacity=alert_bytes)
 
@@ -114,48 +183,87 @@ class Replayer:
         return (self.scored, self.ors_scored)
 
     async def apply(self, records: list[InboundRecord]) -> None:
-        """Decode one batch of replayed records (skipping those that do not decode) and apply them."""
+        """Apply one batch of replayed records: scored ones are held undecoded (`HeldRecords`),
+        alert ones decoded (skipping those that do not decode) and folded into the held alerts."""
         by_topic: dict[str, list[InboundRecord]] = {}
         for r in records:
-            by_topic.setdefault(r.topic, []).append(r)
+            if r.topic in self.scored_topics:
+                self.records.add(r.topic, r.key if r.key is not None else f"@{r.partition}:{r.offset}".encode(),
+                                 r.value)
+            else:
+                by_topic.setdefault(r.topic, []).append(r)
         events: list[BaseModel] = []
-        for topic, model in ((self.scored, channels.SCORED.model), (self.ors_scored, channels.ORS_SCORED.model),
-                             (self.deterioration, channels.DETERIORATION.model),
+        for topic, model in ((self.deterioration, channels.DETERIORATION.model),
                              (self.alert_status, channels.ALERT_STATUS.model),
                              (self.outcome_alert, channels.OUTCOME_ALERT.model),
                              (self.outcome_alert_status, channels.OUTCOME_ALERT_STATUS.model)):
             decoded, bad = decode_records(by_topic.get(topic, []), model)
             events.extend(d.event for d in decoded)
             self.skipped += len(bad)
-        await self.apply_events(events)
+        await self._apply_alerts(events)
+        await self._write_records(self.records.overflow())
 
     async def apply_events(self, events: Sequence[BaseModel]) -> None:
-        """Apply one batch of decoded events of the six topics (their channels' models)."""
-        scored = [e for e in events if isinstance(e, ev.SrsScored)]
-        ors = [e for e in events if isinstance(e, ev.OrsScored)]
+        """Apply one batch of decoded events of the six topics (their channels' models): scored
+        ones are held as their records would be (grouped by record), alert ones folded."""
+        for e in events:
+            if isinstance(e, ev.SrsScored | ev.OrsScored):
+                topic = self.ors_scored if isinstance(e, ev.OrsScored) else self.scored
+                self.records.add(topic, rules.record_id(e.tenant_id, e.client_id, str(e.instrument)).encode(),
+                                 e.model_dump_json().encode())
+        await self._apply_alerts(events)
+        await self._write_records(self.records.overflow())
+
+    async def _apply_alerts(self, events: Sequence[BaseModel]) -> None:
+        # Alerts are held, their events folded, and written once each (`HeldAlerts`): raises
+        # before statuses, as the live consumer applies a batch of each.
+        alerts = 0
+        for e in events:
+            if isinstance(e, ev.AllianceDeterioration | ev.OutcomeAlert):
+                (self.outcome_alerts if isinstance(e, ev.OutcomeAlert) else self.alerts).add(
+                    e.alert_id, rules.raise_update(e))
+                alerts += 1
+        for e in events:
+            if isinstance(e, ev.AlertStatusChanged):
+                (self.outcome_alerts if isinstance(e, ev.OutcomeAlertStatusChanged) else self.alerts).add(
+                    e.alert_id, rules.status_update(e))
+                alerts += 1
+        await self.alerts.write_overflow()
+        await self.outcome_alerts.write_overflow()
+        self.events += alerts
+
+    async def _write_records(self, groups: list[tuple[str, list[bytes]]]) -> None:
+        """Decode the held records of these clients (skipping those that do not decode: the live
+        consumer dead-lettered them) and merge them into their records, one bulk write per scale."""
+        if not groups:
+            return
+        scored: list[ev.SrsScored] = []
+        ors: list[ev.OrsScored] = []
+        for topic, values in groups:
+            model = channels.ORS_SCORED.model if topic == self.ors_scored else channels.SCORED.model
+            for value in values:
+                try:
+                    event = model.model_validate_json(value)
+                except ValidationError:
+                    self.skipped += 1
+                    continue
+                if isinstance(event, ev.OrsScored):
+                    ors.append(event)
+                else:
+                    scored.append(event)
+        self.events += len(scored) + len(ors)
         # Sessions over a record's size cap are skipped here as the live consumer dead-lettered them.
         if scored:
             self.skipped += len((await self.store.apply_scored(self.gen, scored, fresh=True, tally=self.tally)).refused)
         if ors:
             self.skipped += len((await self.store.apply_outcomes(self.gen, ors, fresh=True, tally=self.tally)).refused)
-        # Alerts are held, their events folded, and written once each (`HeldAlerts`): raises
-        # before statuses, as the live consumer applies a batch of each.
-        for e in events:
-            if isinstance(e, ev.AllianceDeterioration | ev.OutcomeAlert):
-                (self.outcome_alerts if isinstance(e, ev.OutcomeAlert) else self.alerts).add(
-                    e.alert_id, rules.raise_update(e))
-        for e in events:
-            if isinstance(e, ev.AlertStatusChanged):
-                (self.outcome_alerts if isinstance(e, ev.OutcomeAlertStatusChanged) else self.alerts).add(
-                    e.alert_id, rules.status_update(e))
-        await self.alerts.write_overflow()
-        await self.outcome_alerts.write_overflow()
-        self.events += len(events)
         if self.tally.fields > TALLY_FIELDS:
             await self.store.flush_tally(self.gen, self.tally)
 
-    async def finish(self) -> None:
-        """Write the alerts and the counter moves held: the generation is complete."""
+    async def finish(self, chunk: int = 1_000) -> None:
+        """Write the records, alerts and counter moves held: the generation is complete."""
+        while len(self.records):
+            await self._write_records(self.records.take(chunk))
         await self.alerts.flush()
         await self.outcome_alerts.flush()
         await self.store.flush_tally(self.gen, self.tally)
@@ -237,7 +345,8 @@ async def rebuild(kafka: KafkaSettings, mongo: MongoSettings, settings: Reportin
                 await after_claim(new)
             # Every live consumer re-reads the pointer at least once per cache lifetime.
             await asyncio.sleep(2 * settings.generation_cache_seconds + 0.25)
-            replayer = Replayer(store, new, kafka, alert_bytes=settings.rebuild_alerts_mib * 2**20)
+            replayer = Replayer(store, new, kafka, alert_bytes=settings.rebuild_alerts_mib * 2**20,
+                                record_bytes=settings.rebuild_records_mib * 2**20)
             started = time.perf_counter()
             await replay(kafka, replayer, batch=settings.rebuild_batch_records, progress=progress,
                          idle_seconds=idle_seconds, allow_truncated=allow_truncated)

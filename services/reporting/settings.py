@@ -44,6 +44,11 @@ class ReportingSettings(BaseSettings):
     # last. With 16, a fifth of the scale bench's alerts were pushed out before their last event
     # (each then costs an update, a read and a counting update instead of its share of an insert).
     rebuild_alerts_mib: NonNegativeInt = 32
+    # The scored records a rebuild holds undecoded, grouped by client (`rebuild.HeldRecords`), so
+    # that a client's sessions are merged and its record written once (an insert) when pushed out,
+    # not rewritten by every replayed batch holding one of them: ~800 bytes a session, 32 MiB
+    # holds the last ~40,000 sessions. 0: each batch's records are written as it is replayed.
+    rebuild_records_mib: NonNegativeInt = 32
     key_cache_seconds: NonNegativeFloat = 30.0
     # A client's record (every session on one instrument) is one document; sessions that would
     # grow it past this many bytes (encoded) are dead-lettered as `record_too_large` instead of

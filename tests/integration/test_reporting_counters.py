@@ -386,8 +386,8 @@ async def test_a_refresh_brings_a_tenant_rollup_up_to_date_with_the_counters(db:
 # A rebuild's replay (`rebuild.Replayer`): counter moves held in memory (`CounterTally`) and written
 # once per counter document, alerts held (`HeldAlerts`) and inserted once each, counted as inserted
 
-def replayer(store: ReportingStore, gen: str = G, alert_bytes: int = 2**20) -> Replayer:
-    return Replayer(store, gen, KafkaSettings(), alert_bytes=alert_bytes)
+def replayer(store: ReportingStore, gen: str = G, alert_bytes: int = 2**20, record_bytes: int = 0) -> Replayer:
+    return Replayer(store, gen, KafkaSettings(), alert_bytes=alert_bytes, record_bytes=record_bytes)
 
 
 async def replay_as_a_rebuild(replay: Replayer, events: Sequence[SrsScored | AlertEvent], batch: int = 1) -> None:
@@ -430,14 +430,15 @@ async def test_a_rebuild_makes_the_alert_documents_and_figures_live_consumers_ma
     assert await replay.store.verify(G) == {}
 
 
-@pytest.mark.parametrize("alert_bytes", [2**20, 0], ids=["alerts held to the end", "alerts pushed out each batch"])
+@pytest.mark.parametrize("held_bytes", [2**20, 0], ids=["sessions and alerts held to the end",
+                                                         "sessions and alerts pushed out each batch"])
 async def test_a_rebuild_and_live_consumers_filling_the_same_generation_at_once_count_everything_once(
-        db: AsyncDatabase[Document], alert_bytes: int) -> None:
+        db: AsyncDatabase[Document], held_bytes: int) -> None:
     """The live consumers write the generation being built (beside the active one), with their
-    markers, while the replay holds its own moves and alerts: both add up to what the records and
-    alerts say."""
+    markers, while the replay holds its own moves, sessions and alerts: both add up to what the
+    records and alerts say."""
     events: list[SrsScored | AlertEvent] = [*history(), *alert_history()]
-    replay = replayer(ReportingStore(db, cache_entries=100), alert_bytes=alert_bytes)
+    replay = replayer(ReportingStore(db, cache_entries=100), alert_bytes=held_bytes, record_bytes=held_bytes)
     live = ReportingHandlers(ReportingStore(db, cache_entries=100), FixedGenerations(GenerationState("g0", G)),
                              Sink(), TOPICS, SubmissionStore(db))
     await asyncio.gather(replay_as_a_rebuild(replay, events),
@@ -447,6 +448,59 @@ async def test_a_rebuild_and_live_consumers_filling_the_same_generation_at_once_
     after_switch = handlers(ReportingStore(db, cache_entries=100))
     await deliver_alerts(after_switch, events)  # and the live consumers go on counting after the switch
     assert await replay.store.verify(G) == {}
+
+
+def record_documents(docs: list[Document]) -> list[Document]:
+    """Record documents without how they were written (version, time, carried moves)."""
+    return sorted(({k: v for k, v in d.items() if k not in ("v", "updated_at", "pending")} for d in docs),
+                  key=lambda d: str(d["_id"]))
+
+
+# How much `HeldRecords` holds: every session of the history, or about one session (a client pushed
+# out and touched again is written again), or none (each batch's records written as replayed).
+HELD_RECORDS = pytest.mark.parametrize("record_bytes", [2**20, 1_500, 0], ids=[
+    "sessions held to the end", "sessions pushed out by the next client", "sessions written each batch"])
+
+
+@HELD_RECORDS
+async def test_a_rebuild_makes_the_records_and_figures_live_consumers_make(
+        db: AsyncDatabase[Document], record_bytes: int) -> None:
+    events = history()
+    replay = replayer(ReportingStore(db, cache_entries=100), record_bytes=record_bytes)
+    await replay_as_a_rebuild(replay, events)
+    await replay.finish()
+    live = ReportingStore(db, cache_entries=100)
+    for e in events:
+        await deliver(handlers(live, "live"), [e])
+    assert record_documents(await replay.store.clients(G).find({}).to_list()) == record_documents(
+        await live.clients("live").find({}).to_list())
+    assert await replay.store.trends(G, T, *SPAN) == await live.trends("live", T, *SPAN)
+    rebuilt, lived = await replay.store.summary(G, T, None) or {}, await live.summary("live", T, None) or {}
+    assert {**rebuilt, "as_of": None} == {**lived, "as_of": None}
+    assert await replay.store.verify(G) == {}
+
+
+async def test_a_rebuild_holding_its_clients_sessions_writes_each_record_once_at_the_end(
+        db: AsyncDatabase[Document]) -> None:
+    replay = replayer(ReportingStore(db, cache_entries=100), record_bytes=2**20)
+    await replay_as_a_rebuild(replay, history())
+    assert await replay.store.clients(G).count_documents({}) == 0  # every session still held
+    await replay.finish()
+    versions = [d["v"] for d in await replay.store.clients(G).find({}).to_list()]
+    assert versions and set(versions) == {1}  # one write each
+    assert replay.events == len(history())
+
+
+async def test_a_replayed_scored_record_that_does_not_decode_is_skipped_and_the_others_written(
+        db: AsyncDatabase[Document]) -> None:
+    replay = replayer(ReportingStore(db, cache_entries=100), record_bytes=2**20)
+    good = history()[:2]
+    await replay.apply([inbound(replay.scored, good[0], key=b"k"), inbound(replay.scored, b"{not json", key=b"k"),
+                        inbound(replay.scored, good[1], key=b"k")])
+    await replay.finish()
+    record = await replay.store.clients(G).find_one({})
+    assert (replay.events, replay.skipped) == (2, 1)
+    assert record is not None and record["session_count"] == 2
 
 
 async def test_a_rebuilds_counter_write_marks_its_tenants_rollup_out_of_date(db: AsyncDatabase[Document]) -> None:
