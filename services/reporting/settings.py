@@ -33,12 +33,13 @@ class ReportingSettings(BaseSettings):
     batch_max_records: PositiveInt = 500
     rebuild_batch_records: PositiveInt = 2000
     # Write-through cache of record documents (saves the read before each write). Entries
-    # are a few KB each; a rebuild, which writes every trajectory, gets a bigger one, bounded by
-    # the memory its records take (a record of 5 sessions ~9 KB: 64 MiB ~ 7,500 of them), so that
-    # a rebuild's footprint does not grow with the network (a record it no longer holds is read
-    # again). The rebuild process itself takes ~165 MiB; with 96 here it peaked at 303 MiB.
+    # are a few KB each; a rebuild's is bounded by the memory its records take (a record of 5
+    # sessions ~9 KB: 16 MiB ~ 1,900 of them), so that its footprint does not grow with the
+    # network (a record it no longer holds is read again). A rebuild holds its clients' sessions
+    # until it writes each record once (`rebuild_records_mib`), so it rarely meets a record
+    # again: at 20,000 clients, 64 MiB here peaked at 348 MiB and 16 at 284, as fast.
     cache_entries: NonNegativeInt = 20_000
-    rebuild_cache_mib: NonNegativeInt = 64
+    rebuild_cache_mib: NonNegativeInt = 16
     # The alerts a rebuild holds while their events fold (`store.HeldAlerts`), written once each
     # when pushed out: 32 MiB of them pickled (~720-900 bytes an alert) holds the ~40,000 touched
     # last. With 16, a fifth of the scale bench's alerts were pushed out before their last event
@@ -49,6 +50,8 @@ class ReportingSettings(BaseSettings):
     # not rewritten by every replayed batch holding one of them: ~800 bytes a session, 32 MiB
     # holds the last ~40,000 sessions. 0: each batch's records are written as it is replayed.
     rebuild_records_mib: NonNegativeInt = 32
+    # What a rebuild's consumer fetches ahead of the replay, all partitions of the six topics together.
+    rebuild_fetch_mib: PositiveInt = 8
     key_cache_seconds: NonNegativeFloat = 30.0
     # A client's record (every session on one instrument) is one document; sessions that would
     # grow it past this many bytes (encoded) are dead-lettered as `record_too_large` instead of

@@ -135,7 +135,7 @@ import logging
 import pickle
 import re
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -348,25 +348,41 @@ def rollup_id(tenant_id: str) -> str:
     return ROLLUP_PREFIX + tenant_id
 
 
-def rollup_of(counter_docs: Sequence[Document]) -> Document:
-    """The sum of a tenant's counter documents as a roll-up holds it: `cur.<instrument>.<field>`
-    (the current buckets per instrument, what a summary groups by) and `mo.<YYYY-MM>.<field>`
-    (every instrument's monthly buckets added, what a trend point is); zeros left out. Integer
-    sums in any grouping, so a summary or trend from these equals one from the documents."""
-    cur: dict[str, dict[str, int]] = {}
-    months: dict[str, dict[str, int]] = {}
-    for d in counter_docs:
-        held = cur.setdefault(str(d["instrument"]), {})
+class RollupSum:
+    """A roll-up being summed one counter document at a time (`rollup_of`): it holds the sums,
+    never the documents (a tenant's counters are one document per site, clinician and
+    instrument, each with its months: tens of MiB once read whole)."""
+
+    def __init__(self) -> None:
+        self.cur: dict[str, dict[str, int]] = {}
+        self.months: dict[str, dict[str, int]] = {}
+
+    def add(self, d: Document) -> None:
+        held = self.cur.setdefault(str(d["instrument"]), {})
         for f in _ROLLED_FIELDS:
             if n := int(d.get(f) or 0):
                 held[f] = held.get(f, 0) + n
         for month, fields in (d.get(MONTHS) or {}).items():
-            at = months.setdefault(month, {})
+            at = self.months.setdefault(month, {})
             for f, n in fields.items():
                 if n:
                     at[f] = at.get(f, 0) + int(n)
-    return {ROLLUP_CURRENT: {i: c for i, c in cur.items() if c},
-            MONTHS: {m: {f: n for f, n in c.items() if n} for m, c in months.items() if any(c.values())}}
+
+    def document(self) -> Document:
+        """The sums as the roll-up document holds them (zeros left out)."""
+        return {ROLLUP_CURRENT: {i: c for i, c in self.cur.items() if c},
+                MONTHS: {m: {f: n for f, n in c.items() if n} for m, c in self.months.items() if any(c.values())}}
+
+
+def rollup_of(counter_docs: Iterable[Document]) -> Document:
+    """The sum of a tenant's counter documents as a roll-up holds it: `cur.<instrument>.<field>`
+    (the current buckets per instrument, what a summary groups by) and `mo.<YYYY-MM>.<field>`
+    (every instrument's monthly buckets added, what a trend point is); zeros left out. Integer
+    sums in any grouping, so a summary or trend from these equals one from the documents."""
+    total = RollupSum()
+    for d in counter_docs:
+        total.add(d)
+    return total.document()
 
 
 def rollup_values(doc: Document) -> dict[str, int]:
@@ -434,7 +450,7 @@ class HeldAlerts:
     (`rules.combine_updates`), written once: inserted whole and, for alliance alerts, counted in
     the same write (`counted` and `cv` 1 on the document, its share added to the tally) - when it
     is pushed out (the alerts touched last are held, `capacity` bytes of them) or at the end
-    (`flush`). Held pickled: half the memory of the dictionaries, so twice the alerts whose
+    (`write_oldest`). Held pickled: half the memory of the dictionaries, so twice the alerts whose
     events fold before they are written.
 
     Only for a generation being rebuilt. When the insert finds the document there (a live
@@ -470,15 +486,12 @@ class HeldAlerts:
             self.held_bytes -= len(out[-1][1])
         return await self._write(out)
 
-    async def flush(self, chunk: int = 2_000) -> int:
-        """Write every alert held, `chunk` at a time (their documents exist only while written);
-        returns the alerts written."""
-        written = 0
-        while self._held:
-            out = [self._held.popitem(last=False) for _ in range(min(chunk, len(self._held)))]
-            self.held_bytes -= sum(len(packed) for _, packed in out)
-            written += await self._write(out)
-        return written
+    async def write_oldest(self, n: int) -> int:
+        """Write the `n` alerts touched least recently (or all held, when fewer; the end of a
+        replay writes them all a chunk at a time); returns the alerts written."""
+        out = [self._held.popitem(last=False) for _ in range(min(n, len(self._held)))]
+        self.held_bytes -= sum(len(packed) for _, packed in out)
+        return await self._write(out)
 
     async def _write(self, packed: list[tuple[str, bytes]]) -> int:
         if not packed:
@@ -928,9 +941,11 @@ class ReportingStore:
             if rolled.get(tenant, 0) >= c0:
                 continue
             as_of = datetime.now(UTC)
-            docs = await self.counters(gen).find({"tenant_id": tenant}, shown).to_list()
+            total = RollupSum()
+            async for d in self.counters(gen).find({"tenant_id": tenant}, shown):
+                total.add(d)
             ops.append(UpdateOne({"_id": rollup_id(tenant), ROLLED: {"$not": {"$gte": c0}}},
-                                 {"$set": {"tenant_id": tenant, ROLLED: c0, AS_OF: as_of, **rollup_of(docs)}},
+                                 {"$set": {"tenant_id": tenant, ROLLED: c0, AS_OF: as_of, **total.document()}},
                                  upsert=True))
         return await guarded_upserts(col, ops)
 
