@@ -16,11 +16,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pymongo.asynchronous.database import AsyncDatabase
 
+from services.reporting import rebuild as rebuild_module
 from services.reporting import rules
 from services.reporting.handlers import ReportingHandlers
 from services.reporting.rebuild import Replayer
 from services.reporting.store import (
     FIRST_GENERATION,
+    CounterTally,
     GenerationState,
     ReportingStore,
     SubmissionStore,
@@ -501,6 +503,27 @@ async def test_a_replayed_scored_record_that_does_not_decode_is_skipped_and_the_
     record = await replay.store.clients(G).find_one({})
     assert (replay.events, replay.skipped) == (2, 1)
     assert record is not None and record["session_count"] == 2
+
+
+async def test_the_counter_moves_of_what_a_rebuild_writes_at_the_end_are_written_as_they_pass_their_bound(
+        db: AsyncDatabase[Document], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory bounded by the settings, not the network: the alerts and records written at the end
+    add their moves to the tally, which is written whenever it passes `TALLY_FIELDS` then too."""
+    monkeypatch.setattr(rebuild_module, "TALLY_FIELDS", 0)
+    replay = replayer(ReportingStore(db, cache_entries=100), record_bytes=2**20)
+    await replay_as_a_rebuild(replay, [*history(), *alert_history()])
+    held: list[int] = []
+    write = replay.store.flush_tally
+
+    async def flush_tally(gen: str, tally: CounterTally) -> int:
+        held.append(tally.fields)
+        return await write(gen, tally)
+
+    monkeypatch.setattr(replay.store, "flush_tally", flush_tally)
+    await replay.finish(records=1, alerts=1)
+    alerts = await replay.store.alerts(G).count_documents({})
+    assert len([n for n in held if n]) >= alerts  # a write after each alert that moved counters
+    assert await replay.store.verify(G) == {}
 
 
 async def test_a_rebuilds_counter_write_marks_its_tenants_rollup_out_of_date(db: AsyncDatabase[Document]) -> None:

@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import sys
+from typing import Any
 
 from tests.support.stack import StackUnderTest
 from tools.processes import ROOT
@@ -17,16 +18,21 @@ READS = ("trajectory", "caseload", "site summary", "tenant summary", "tenant tre
          "clinician trends 24 mo")
 
 
-async def test_a_small_scale_run_reports_every_figure_with_its_target(stack: StackUnderTest) -> None:
+async def scale_run(stack: StackUnderTest, *args: str) -> dict[str, Any]:
+    """The JSON report of `python -m tools.bench.reporting --scale` with these arguments."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ALLIANCE_KAFKA_BOOTSTRAP": stack.bootstrap,
            "ALLIANCE_KAFKA_IDEMPOTENCE": str(stack.idempotence).lower(), "ALLIANCE_MONGO_URL": stack.mongo_url}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tools.bench.reporting", "--scale", "--clients", "200", "--baseline-clients", "40",
-        "--reads", "3", "--raw-upserts", "2000", "--json", env=env, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable, "-m", "tools.bench.reporting", "--scale", *args, "--raw-upserts", "2000", "--json", env=env,
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), timeout=300)
     assert proc.returncode == 0, err.decode()[-3000:]
-    report = json.loads(out)
+    report: dict[str, Any] = json.loads(out)
+    return report
+
+
+async def test_a_small_scale_run_reports_every_figure_with_its_target(stack: StackUnderTest) -> None:
+    report = await scale_run(stack, "--clients", "200", "--baseline-clients", "40", "--reads", "3")
     rows = {row["name"]: row for row in report["rows"]}
 
     expected = {"raw bulk upserts/s (same run)", "rebuild peak RSS MiB", "reporting API peak RSS MiB",
@@ -41,3 +47,14 @@ async def test_a_small_scale_run_reports_every_figure_with_its_target(stack: Sta
         "tenant trends 24 mo cold @200"}
     assert all(row["ok"] in (True, False) for row in targeted)
     assert report["sessions"] >= 200 * 5
+
+
+async def test_a_rebuild_only_run_reports_the_rebuild_against_the_raw_rate_and_no_reads(
+        stack: StackUnderTest) -> None:
+    report = await scale_run(stack, "--clients", "200", "--rebuild-only")
+    names = {row["name"] for row in report["rows"]}
+
+    assert {"raw bulk upserts/s (same run)", "rebuild peak RSS MiB", "reporting_g2_clients @200"} <= names
+    assert any(name.startswith("rebuild events/s") for name in names)
+    assert not any(kind in name for kind in READS for name in names)
+    assert report["baseline_clients"] is None
