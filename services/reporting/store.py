@@ -96,7 +96,10 @@ It is maintained *asynchronously from the counters*, not by the writers' `$inc`s
   writer would also wait on that one document, and each record write would cost one more
   counter update (the rebuild's write rate);
 - here a writer only bumps the tenant's change *stamp* (`s|<tenant>`: `$inc changed`) once per
-  batch, after its counter write (`_stamp`); a refresh (`refresh_rollups`: every
+  batch, after its counter write: both in ONE ordered command, the store's cross-collection
+  `bulkWrite` (`_counters_then_stamps`: the counter updates first, the bumps last; a store
+  without that command, or a command that stops early on a counter guard that missed, gets the
+  two writes apart, the bump second: `_stamp`); a refresh (`refresh_rollups`: every
   ALLIANCE_REPORTING_ROLLUP_REFRESH_SECONDS in each consuming process, and by the rebuild before
   its switch) reads the stamp (`c0`), notes the time (`as_of`), sums every counter document of
   the tenant and writes the roll-up (`r|<tenant>`) with `rolled` = c0, guarded on the stored
@@ -143,7 +146,7 @@ import bson
 from pymongo import ASCENDING, InsertOne, ReturnDocument, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import OperationFailure, PyMongoError
+from pymongo.errors import ClientBulkWriteException, InvalidOperation, OperationFailure, PyMongoError
 
 from services.reporting import rules
 from shared.events import (
@@ -671,6 +674,8 @@ RECORD_BASE_BYTES = 2_700
 ENTRY_BYTES = 1_250
 # Alerts whose applied `pending` a store remembers (an entry is an id and a version: ~1 MB in all).
 APPLIED_ALERTS = 10_000
+# CommandNotFound, and the codes of a server that does not know the command's shape.
+_NO_CLIENT_BULK = frozenset({59, 40415, 9})
 
 
 def record_weight(doc: Document) -> int:
@@ -701,6 +706,8 @@ class ReportingStore:
         self._retries = max_conflict_retries
         self.max_record_bytes = max_record_bytes
         self._indexed: set[str] = set()
+        # The store takes the cross-collection bulkWrite (`_counters_then_stamps`) until it refuses it.
+        self._client_bulk = True
         self.cache = DocCache(cache_entries) if cache_bytes is None else DocCache(cache_bytes, record_weight)
         # (generation, alert id) -> the `cv` whose `pending` this process applied (see `count_alerts`)
         self._applied: LruCache[tuple[str, str], int] = LruCache(APPLIED_ALERTS)
@@ -886,14 +893,21 @@ class ReportingStore:
         if not folded:
             return 0
 
-        def op(cid: str, bucket: Bucket, incs: dict[str, int], marks: dict[str, int]) -> UpdateOne:
+        def op(cid: str, bucket: Bucket, incs: dict[str, int], marks: dict[str, int],
+               namespace: str | None = None) -> UpdateOne:
             guard = {marker(rid): {"$not": {"$gte": v}} for rid, v in sorted(marks.items())}
             identity = dict(zip(_COUNTER_FIELDS, bucket, strict=True))
             return UpdateOne({"_id": cid, **guard},
                              {"$inc": incs, "$set": {marker(rid): v for rid, v in marks.items()},
-                              "$setOnInsert": {**identity, "age_band": rules.age_band(bucket[3])}}, upsert=True)
+                              "$setOnInsert": {**identity, "age_band": rules.age_band(bucket[3])}}, upsert=True,
+                             namespace=namespace)
 
         ids = sorted(folded)
+        tenants = {bucket[0] for bucket, _, _ in folded.values()}
+        together = await self._counters_then_stamps(
+            gen, [op(cid, *folded[cid], namespace=self._namespace(self.counters(gen))) for cid in ids], tenants)
+        if together is not None:
+            return together
         written = await bulk_write(self.counters(gen), [op(cid, *folded[cid]) for cid in ids])
         done = written.upserted + written.modified
         missed = [ids[i] for i in written.duplicates]
@@ -905,16 +919,50 @@ class ReportingStore:
             done += await guarded_upserts(self.counters(gen), alone)
         # After the counters, never before or with them: a refresh that read the stamp before
         # this bump may have missed these moves, and the bump marks its roll-up out of date.
-        await self._stamp(gen, {bucket[0] for bucket, _, _ in folded.values()})
+        await self._stamp(gen, tenants)
         return done
 
     async def _stamp(self, gen: str, tenants: Collection[str]) -> None:
-        """Bump the change stamp of tenants whose counters were just written (one bulk write). Two
-        first bumps of a tenant both upsert and one loses with E11000: `guarded_upserts` runs it
-        once more, so no bump is lost."""
-        await guarded_upserts(self.rollups(gen), [
-            UpdateOne({"_id": stamp_id(t)}, {"$inc": {CHANGED: 1}, "$setOnInsert": {"tenant_id": t}}, upsert=True)
-            for t in sorted(tenants)])
+        """Bump the change stamp of tenants whose counters were just written (one bulk write)."""
+        await guarded_upserts(self.rollups(gen), self._stamp_ops(tenants))
+
+    @staticmethod
+    def _namespace(col: AsyncCollection[Document]) -> str:
+        return f"{col.database.name}.{col.name}"
+
+    @staticmethod
+    def _stamp_ops(tenants: Collection[str], namespace: str | None = None) -> list[UpdateOne]:
+        """Bumps of the change stamp of tenants whose counters were just written. Two first bumps
+        of a tenant both upsert and one loses with E11000: `guarded_upserts` runs it once more, so
+        no bump is lost."""
+        return [UpdateOne({"_id": stamp_id(t)}, {"$inc": {CHANGED: 1}, "$setOnInsert": {"tenant_id": t}}, upsert=True,
+                          namespace=namespace) for t in sorted(tenants)]
+
+    async def _counters_then_stamps(self, gen: str, counters: Sequence[UpdateOne], tenants: Collection[str],
+                                    ) -> int | None:
+        """The counter updates, then the stamp bumps of their tenants, as ONE ordered command (the
+        cross-collection `bulkWrite` of MongoDB 8.0+; SecantusDB has it): one round trip where two
+        followed each other on every batch's critical path (issue 11), and the bumps still come
+        after every counter update (ordered), as the roll-ups need (module docs). Returns the
+        counter documents written; None when the command did not apply everything - a counter
+        guard that missed (a redelivery: E11000 stops an ordered command) or any other refusal -
+        and the caller runs the two separate writes, which repeat nothing already applied
+        (markers) and bump the stamps (a bump too many only costs one more refresh). A server
+        without the command is remembered and never asked again. A failure to reach the store
+        raises, as the separate writes' would: the batch is retried."""
+        if not self._client_bulk or not counters:
+            return None
+        stamps = self._stamp_ops(tenants, self._namespace(self.rollups(gen)))
+        try:
+            result = await self.db.client.bulk_write([*counters, *stamps], ordered=True)
+        except (InvalidOperation, OperationFailure) as exc:
+            if isinstance(exc, InvalidOperation) or exc.code in _NO_CLIENT_BULK:
+                self._client_bulk = False
+                log.info("the store has no cross-collection bulkWrite: counters and stamps are written apart")
+            return None
+        except ClientBulkWriteException:
+            return None
+        return max(0, result.upserted_count + result.modified_count - len(stamps))
 
     async def refresh_rollups(self, gen: str) -> int:
         """Rebuild the roll-up of every tenant whose counters changed since its roll-up was made

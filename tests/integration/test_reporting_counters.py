@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pymongo import AsyncMongoClient, monitoring
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import InvalidOperation
 
 from services.reporting import rebuild as rebuild_module
 from services.reporting import rules
@@ -26,7 +28,9 @@ from services.reporting.store import (
     GenerationState,
     ReportingStore,
     SubmissionStore,
+    pending_of,
     rollup_id,
+    stamp_id,
 )
 from shared import ids
 from shared.events import AlertStatus, AlertStatusChanged, AllianceDeterioration, Instrument, SrsScored
@@ -383,6 +387,83 @@ async def test_a_refresh_brings_a_tenant_rollup_up_to_date_with_the_counters(db:
     assert await store.refresh_rollups(G) == 1
     assert await store.refresh_rollups(G) == 0  # nothing written since: nothing to do
     assert (await store.summary(G, T, None) or {})["sessions"] == 3
+
+
+# One command for a batch's counter moves and its tenants' stamps (issue 11: a round trip less on
+# every batch's critical path), ordered so that each stamp still follows the counters it covers
+
+class Commands(monitoring.CommandListener):
+    """The commands a client sent, by name."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, Document]] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        self.sent.append((event.command_name, dict(event.command)))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+async def test_a_batchs_counter_moves_and_its_tenants_stamps_reach_the_store_as_one_ordered_command(
+        db: AsyncDatabase[Document], stack: StackUnderTest) -> None:
+    listener = Commands()
+    client: AsyncMongoClient[Document] = AsyncMongoClient(stack.mongo_url, tz_aware=True, event_listeners=[listener])
+    try:
+        store = ReportingStore(client[db.name], cache_entries=100)
+        await store.ensure_indexes(G)
+        listener.sent.clear()
+        await deliver(handlers(store), history()[:4])
+    finally:
+        await client.close()
+    counters, rollups = f"{db.name}.{store.counters(G).name}", f"{db.name}.{store.rollups(G).name}"
+    touching = [(name, cmd) for name, cmd in listener.sent
+                if cmd.get(name) in (store.counters(G).name, store.rollups(G).name)
+                or any(ns["ns"] in (counters, rollups) for ns in cmd.get("nsInfo", []))]
+    assert [name for name, _ in touching] == ["bulkWrite"]
+    command = touching[0][1]
+    spaces = [ns["ns"] for ns in command["nsInfo"]]
+    assert command["ordered"] is True
+    assert [spaces[op["update"]] for op in command["ops"]][-1] == rollups  # the stamp after the counters
+
+
+async def test_a_redelivered_counter_write_counts_nothing_twice_and_still_bumps_the_stamp(
+        db: AsyncDatabase[Document]) -> None:
+    store = ReportingStore(db, cache_entries=100)
+    await deliver(handlers(store), history())
+    record = await store.clients(G).find_one({"_id": rules.record_id(T, "a", Instrument.SRS.value)})
+    assert record is not None
+    carried = pending_of(record)
+    assert carried is not None
+    counters = await store.counters(G).find({}).to_list()
+    stamp = await store.rollups(G).find_one({"_id": stamp_id(T)})
+    await store.apply_counters(G, [(record["_id"], *carried)])  # its guard misses: already applied
+    assert await store.counters(G).find({}).to_list() == counters
+    again = await store.rollups(G).find_one({"_id": stamp_id(T)})
+    assert stamp is not None and again is not None and again["changed"] == stamp["changed"] + 1
+    assert await store.verify(G) == {}
+
+
+async def test_a_store_without_the_cross_collection_bulk_write_gets_the_counters_and_stamps_apart(
+        db: AsyncDatabase[Document], monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[int] = []
+
+    async def refuse(self: AsyncMongoClient[Document], models: Any, **kwargs: Any) -> Any:
+        asked.append(len(models))
+        raise InvalidOperation("MongoClient.bulk_write requires MongoDB server version 8.0+.")
+
+    monkeypatch.setattr(AsyncMongoClient, "bulk_write", refuse)
+    store = ReportingStore(db, cache_entries=100, rollup_max_age=0)
+    events = history()
+    await deliver(handlers(store), events[:4])
+    await store.refresh_rollups(G)
+    await deliver(handlers(store), events[4:])
+    assert len(asked) == 1  # remembered: not asked again
+    assert await store.verify(G) == {}
+    assert await store.refresh_rollups(G) == 1  # the later batch stamped its tenant apart
 
 
 # A rebuild's replay (`rebuild.Replayer`): counter moves held in memory (`CounterTally`) and written
