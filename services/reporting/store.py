@@ -396,6 +396,39 @@ def rollup_values(doc: Document) -> dict[str, int]:
 
 def _aware(ts: datetime) -> datetime:
     return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+Folded = dict[str, tuple[Bucket, dict[str, int], dict[str, int]]]
+
+
+Shares = dict[tuple[str, Bucket], dict[str, int]]
+
+
+def fold_moves(moves: Sequence[tuple[str, int, rules.Counters]]) -> tuple[Folded, Shares]:
+    """Moves of (record or alert id, version, moves) folded per counter document: (counter id ->
+    (bucket, summed `$inc`s, marker versions)), and each id's own share per bucket (for the
+    one-by-one retry of a folded update that missed)."""
+    folded: Folded = {}
+    flat: Shares = {}
+    for rid, version, counters in moves:
+        for bucket, fields in flat_counters(counters).items():
+            flat[(rid, bucket)] = fields
+            _, incs, marks = folded.setdefault(counter_doc_id(bucket), (bucket, {}, {}))
+            for name, n in fields.items():
+                incs[name] = incs.get(name, 0) + n
+            marks[rid] = version
+    return folded, flat
+
+
+def counter_update(cid: str, bucket: Bucket, incs: dict[str, int], marks: dict[str, int],
+                   namespace: str | None = None) -> UpdateOne:
+    """One counter document's guarded `$inc` (see `ReportingStore.apply_counters`)."""
+    guard = {marker(rid): {"$not": {"$gte": v}} for rid, v in sorted(marks.items())}
+    identity = dict(zip(_COUNTER_FIELDS, bucket, strict=True))
+    return UpdateOne({"_id": cid, **guard},
+                     {"$inc": incs, "$set": {marker(rid): v for rid, v in marks.items()},
+                      "$setOnInsert": {**identity, "age_band": rules.age_band(bucket[3])}}, upsert=True,
+                     namespace=namespace)
+
+
 class CounterTally:
     """Counter moves a rebuild holds in memory, folded per counter document, then written ONCE per
     document (no markers) when flushed: an insert of the whole document the first time, a `$inc`
@@ -871,7 +904,9 @@ class ReportingStore:
             raise RuntimeError(f"{len(pending)} records kept conflicting; the batch will be retried")
         return report
 
-    async def apply_counters(self, gen: str, moves: Sequence[tuple[str, int, rules.Counters]]) -> int:
+    async def apply_counters(self, gen: str, moves: Sequence[tuple[str, int, rules.Counters]], *,
+                             documents: Sequence[tuple[AsyncCollection[Document], Document, Document]] = (),
+                             ) -> int | None:
         """Apply records' counter moves, given as (record id, record version, moves), exactly once.
 
         Each counter document keeps, per record, the version whose moves it took last
@@ -879,35 +914,25 @@ class ReportingStore:
         so a repeat does nothing. The moves of one batch are folded into one update per counter document (the
         filter names every record in it) and sent as one unordered bulk write; a folded update
         whose filter misses (some record in it was applied already: a retry) is split and each
-        record's share retried alone, where a miss really means "already applied".
+        record's share retried alone, where a miss really means "already applied". The counter
+        updates and the stamps go as one command when the store takes it (`_counters_then_stamps`).
+
+        `documents` (collection, filter, update): upserts of the documents that carry these moves
+        (an alert's new `counted`), written in the same ordered command ahead of the counters.
+        Returns None when that command did not apply everything: the caller then writes the
+        documents and the counters apart (`_count_alert_docs`); without `documents`, never None.
         """
-        folded: dict[str, tuple[Bucket, dict[str, int], dict[str, int]]] = {}
-        flat: dict[tuple[str, Bucket], dict[str, int]] = {}
-        for rid, version, counters in moves:
-            for bucket, fields in flat_counters(counters).items():
-                flat[(rid, bucket)] = fields
-                _, incs, marks = folded.setdefault(counter_doc_id(bucket), (bucket, {}, {}))
-                for name, n in fields.items():
-                    incs[name] = incs.get(name, 0) + n
-                marks[rid] = version
-        if not folded:
+        folded, flat = fold_moves(moves)
+        if not folded and not documents:
             return 0
-
-        def op(cid: str, bucket: Bucket, incs: dict[str, int], marks: dict[str, int],
-               namespace: str | None = None) -> UpdateOne:
-            guard = {marker(rid): {"$not": {"$gte": v}} for rid, v in sorted(marks.items())}
-            identity = dict(zip(_COUNTER_FIELDS, bucket, strict=True))
-            return UpdateOne({"_id": cid, **guard},
-                             {"$inc": incs, "$set": {marker(rid): v for rid, v in marks.items()},
-                              "$setOnInsert": {**identity, "age_band": rules.age_band(bucket[3])}}, upsert=True,
-                             namespace=namespace)
-
+        op = counter_update
         ids = sorted(folded)
         tenants = {bucket[0] for bucket, _, _ in folded.values()}
         together = await self._counters_then_stamps(
-            gen, [op(cid, *folded[cid], namespace=self._namespace(self.counters(gen))) for cid in ids], tenants)
-        if together is not None:
-            return together
+            gen, [*(UpdateOne(f, u, upsert=True, namespace=self._namespace(col)) for col, f, u in documents),
+                  *(op(cid, *folded[cid], namespace=self._namespace(self.counters(gen))) for cid in ids)], tenants)
+        if together is not None or documents:
+            return together  # None with `documents`: the caller writes them and then the counters apart
         written = await bulk_write(self.counters(gen), [op(cid, *folded[cid]) for cid in ids])
         done = written.upserted + written.modified
         missed = [ids[i] for i in written.duplicates]
@@ -938,23 +963,24 @@ class ReportingStore:
         return [UpdateOne({"_id": stamp_id(t)}, {"$inc": {CHANGED: 1}, "$setOnInsert": {"tenant_id": t}}, upsert=True,
                           namespace=namespace) for t in sorted(tenants)]
 
-    async def _counters_then_stamps(self, gen: str, counters: Sequence[UpdateOne], tenants: Collection[str],
+    async def _counters_then_stamps(self, gen: str, writes: Sequence[UpdateOne], tenants: Collection[str],
                                     ) -> int | None:
-        """The counter updates, then the stamp bumps of their tenants, as ONE ordered command (the
-        cross-collection `bulkWrite` of MongoDB 8.0+; SecantusDB has it): one round trip where two
-        followed each other on every batch's critical path (issue 11), and the bumps still come
-        after every counter update (ordered), as the roll-ups need (module docs). Returns the
-        counter documents written; None when the command did not apply everything - a counter
-        guard that missed (a redelivery: E11000 stops an ordered command) or any other refusal -
-        and the caller runs the two separate writes, which repeat nothing already applied
-        (markers) and bump the stamps (a bump too many only costs one more refresh). A server
-        without the command is remembered and never asked again. A failure to reach the store
-        raises, as the separate writes' would: the batch is retried."""
-        if not self._client_bulk or not counters:
+        """`writes` (counter updates; for alerts, first the alert documents that carry their
+        moves), then the stamp bumps of their tenants, as ONE ordered command (the cross-collection
+        `bulkWrite` of MongoDB 8.0+; SecantusDB has it): one round trip where two or three followed
+        each other on every batch's critical path (issue 11), and the bumps still come after every
+        counter update (ordered), as the roll-ups need (module docs). Returns the documents
+        written, stamps not counted; None when the command did not apply everything - a guard
+        that missed (a redelivery, a concurrent writer: E11000 stops an ordered command) or any
+        other refusal - and the caller runs the separate writes, which repeat nothing already
+        applied (markers, `cv`) and bump the stamps (a bump too many only costs one more
+        refresh). A server without the command is remembered and never asked again. A failure to
+        reach the store raises, as the separate writes' would: the batch is retried."""
+        if not self._client_bulk or not writes:
             return None
         stamps = self._stamp_ops(tenants, self._namespace(self.rollups(gen)))
         try:
-            result = await self.db.client.bulk_write([*counters, *stamps], ordered=True)
+            result = await self.db.client.bulk_write([*writes, *stamps], ordered=True)
         except (InvalidOperation, OperationFailure) as exc:
             if isinstance(exc, InvalidOperation) or exc.code in _NO_CLIENT_BULK:
                 self._client_bulk = False
@@ -1130,7 +1156,7 @@ class ReportingStore:
         await self.apply_counters(gen, [(d["_id"], *p) for d in docs if (p := pending_of(d)) is not None
                                         and self._applied.get((gen, d["_id"])) != p[0]])
         writes: list[tuple[str, int, rules.Counters]] = []
-        ops: list[UpdateOne] = []
+        specs: list[tuple[Document, Document]] = []
         for d in docs:
             _, was = unpack_counters(d.get(COUNTED))
             now = rules.alert_share(d)
@@ -1145,7 +1171,18 @@ class ReportingStore:
             counted: Document = {COUNTED_VERSION: version, COUNTED: pack_counters(0, now)}
             update: Document = ({"$set": counted, "$unset": {PENDING: ""}} if tally is not None
                                 else {"$set": {**counted, PENDING: pack_counters(version, moves)}})
-            ops.append(UpdateOne({"_id": d["_id"], COUNTED_VERSION: held}, update, upsert=True))
+            specs.append(({"_id": d["_id"], COUNTED_VERSION: held}, update))
+        ops = [UpdateOne(f, u, upsert=True) for f, u in specs]
+        if tally is None and specs:
+            # The documents' new contributions, their counter moves and their tenants' stamps in
+            # one ordered command: the counters after the documents that carry their moves, as
+            # below. When it does not apply everything, the writes below run: a document it did
+            # write misses its `cv` condition there and is read and counted again (its `pending`
+            # applied, a no-op on the counters that took it), as after a crash.
+            if await self.apply_counters(gen, writes, documents=[(col, f, u) for f, u in specs]) is not None:
+                for aid, v, _ in writes:
+                    self._applied.put((gen, aid), v)
+                return len(writes), set()
         written = await bulk_write(col, ops)
         lost = {writes[i][0] for i in written.duplicates}
         done = [w for w in writes if w[0] not in lost]

@@ -162,22 +162,46 @@ async def test_a_redelivered_batch_never_counts_twice(db: AsyncDatabase[Document
     assert await store.counters(G).find({}, {"m": 0}).to_list() == before
 
 
+def die_before_the_counters(monkeypatch: pytest.MonkeyPatch, one_command: bool) -> None:
+    """The store or the process dies after a batch's document writes, before its counter writes:
+    inside the one ordered command that carries them (the store dies), or between the separate
+    writes of a store without that command (the process dies)."""
+    if one_command:
+        real = AsyncMongoClient.bulk_write
+
+        async def dying(self: AsyncMongoClient[Document], models: Any, **kwargs: Any) -> Any:
+            first_counter = next(i for i, m in enumerate(models) if str(m._namespace).endswith("_counters"))
+            if first_counter:
+                await real(self, models[:first_counter], **kwargs)
+            raise ConnectionError("the store died here")
+
+        monkeypatch.setattr(AsyncMongoClient, "bulk_write", dying)
+        return
+
+    async def refuse(self: AsyncMongoClient[Document], models: Any, **kwargs: Any) -> Any:
+        raise InvalidOperation("MongoClient.bulk_write requires MongoDB server version 8.0+.")
+
+    async def crash(self: ReportingStore, gen: str, moves: Any, **kwargs: Any) -> int | None:
+        if moves:
+            raise ConnectionError("the process died here")
+        return await real_apply(self, gen, moves, **kwargs)
+
+    real_apply = ReportingStore.apply_counters
+    monkeypatch.setattr(AsyncMongoClient, "bulk_write", refuse)
+    monkeypatch.setattr(ReportingStore, "apply_counters", crash)
+
+
+@pytest.mark.parametrize("one_command", [True, False], ids=["one command", "separate writes"])
 @pytest.mark.parametrize(("kind", "cut"), [("sessions", (4, 8)), ("alerts", (3, 9))])
 async def test_a_crash_between_the_document_write_and_the_counter_write_is_repaired_by_the_redelivery(
-        db: AsyncDatabase[Document], monkeypatch: pytest.MonkeyPatch, kind: str, cut: tuple[int, int]) -> None:
+        db: AsyncDatabase[Document], monkeypatch: pytest.MonkeyPatch, kind: str, cut: tuple[int, int],
+        one_command: bool) -> None:
     """Sessions: the record is written, its moves are not; alerts: the alert's new contribution is
     written (`counted`), its moves are not."""
     dying = ReportingStore(db, cache_entries=100)
     events: Sequence[SrsScored | AlertEvent] = history() if kind == "sessions" else alert_history()
     await deliver_alerts(handlers(dying), events[:cut[0]])
-    real = ReportingStore.apply_counters
-
-    async def crash(self: ReportingStore, gen: str, moves: Any) -> int:
-        if moves:
-            raise ConnectionError("the process died here")
-        return await real(self, gen, moves)
-
-    monkeypatch.setattr(ReportingStore, "apply_counters", crash)
+    die_before_the_counters(monkeypatch, one_command)
     with pytest.raises(ConnectionError):
         await deliver_alerts(handlers(dying), events[cut[0]:cut[1]])
     monkeypatch.undo()
@@ -286,9 +310,9 @@ def spy_on_counter_writes(store: ReportingStore) -> list[tuple[str, int]]:
     asked: list[tuple[str, int]] = []
     apply = store.apply_counters
 
-    async def spy(gen: str, moves: Sequence[tuple[str, int, rules.Counters]]) -> int:
+    async def spy(gen: str, moves: Sequence[tuple[str, int, rules.Counters]], **kwargs: Any) -> int | None:
         asked.extend((rid, version) for rid, version, _ in moves)
-        return await apply(gen, moves)
+        return await apply(gen, moves, **kwargs)
 
     store.apply_counters = spy  # type: ignore[method-assign]
     return asked
@@ -408,26 +432,45 @@ class Commands(monitoring.CommandListener):
         pass
 
 
-async def test_a_batchs_counter_moves_and_its_tenants_stamps_reach_the_store_as_one_ordered_command(
-        db: AsyncDatabase[Document], stack: StackUnderTest) -> None:
+async def commands_of_one_batch(stack: StackUnderTest, db: AsyncDatabase[Document],
+                                events: Sequence[SrsScored | AlertEvent], names: Sequence[str],
+                                ) -> list[tuple[str, Document]]:
+    """The commands (name, body) one batch of `events` sends on these collections of generation G."""
     listener = Commands()
     client: AsyncMongoClient[Document] = AsyncMongoClient(stack.mongo_url, tz_aware=True, event_listeners=[listener])
     try:
         store = ReportingStore(client[db.name], cache_entries=100)
         await store.ensure_indexes(G)
         listener.sent.clear()
-        await deliver(handlers(store), history()[:4])
+        await deliver_alerts(handlers(store), events)
     finally:
         await client.close()
-    counters, rollups = f"{db.name}.{store.counters(G).name}", f"{db.name}.{store.rollups(G).name}"
-    touching = [(name, cmd) for name, cmd in listener.sent
-                if cmd.get(name) in (store.counters(G).name, store.rollups(G).name)
-                or any(ns["ns"] in (counters, rollups) for ns in cmd.get("nsInfo", []))]
+    spaces = {f"{db.name}.{n}" for n in names}
+    return [(name, cmd) for name, cmd in listener.sent
+            if cmd.get(name) in names or any(ns["ns"] in spaces for ns in cmd.get("nsInfo", []))]
+
+
+async def test_a_batchs_counter_moves_and_its_tenants_stamps_reach_the_store_as_one_ordered_command(
+        db: AsyncDatabase[Document], stack: StackUnderTest) -> None:
+    store = ReportingStore(db)
+    touching = await commands_of_one_batch(stack, db, history()[:4], (store.counters(G).name, store.rollups(G).name))
     assert [name for name, _ in touching] == ["bulkWrite"]
     command = touching[0][1]
     spaces = [ns["ns"] for ns in command["nsInfo"]]
     assert command["ordered"] is True
-    assert [spaces[op["update"]] for op in command["ops"]][-1] == rollups  # the stamp after the counters
+    assert spaces[command["ops"][-1]["update"]] == f"{db.name}.{store.rollups(G).name}"  # the stamp last
+
+
+async def test_an_alerts_counted_share_its_counter_moves_and_stamp_follow_its_raise_in_one_ordered_command(
+        db: AsyncDatabase[Document], stack: StackUnderTest) -> None:
+    store = ReportingStore(db)
+    names = (store.alerts(G).name, store.counters(G).name, store.rollups(G).name)
+    touching = await commands_of_one_batch(stack, db, alert_history()[:1], names)
+    assert [name for name, _ in touching] == ["findAndModify", "bulkWrite"]
+    command = touching[1][1]
+    order = [[ns["ns"] for ns in command["nsInfo"]][op["update"]].rsplit("_", 1)[-1] for op in command["ops"]]
+    assert command["ordered"] is True
+    assert order == ["alerts", *(["counters"] * (len(order) - 2)), "rollups"]
 
 
 async def test_a_redelivered_counter_write_counts_nothing_twice_and_still_bumps_the_stamp(

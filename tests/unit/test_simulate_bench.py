@@ -14,6 +14,7 @@ from tools.bench.system import (
     ORS_DETERIORATING,
     ORS_IMPROVED,
     ORS_INTAKE,
+    after_scoring,
     bench_plan,
 )
 
@@ -39,6 +40,12 @@ def test_bench_plan_posts_each_clients_sessions_in_order_and_valid() -> None:
         c = p.body["client_id"]
         assert p.body["session_number"] == last.get(c, 0) + 1
         last[c] = p.body["session_number"]
+
+
+def test_the_part_of_b_after_scoring_counts_the_sampled_submissions_the_scored_topic_showed() -> None:
+    visible = {"s1": 10.5, "s2": 11.0, "s3": 12.0}
+    scored = {"s1": 10.25, "s2": 11.25, "s4": 9.0}  # s2 seen on the topic late: no negative time
+    assert after_scoring(visible, scored) == [0.25, 0.0]
 
 
 def test_percentile_is_nearest_rank() -> None:

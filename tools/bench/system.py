@@ -327,6 +327,15 @@ class ScoredReader:
             await self.recorder.stop()
 
 
+B_AFTER_SCORING = "(b) part: scored event -> trajectory visible"
+B_READ = "(b) part: one trajectory read (every poll)"
+
+
+def after_scoring(visible: dict[str, float], scored: dict[str, float]) -> list[float]:
+    """Seconds from the scored event to the trajectory showing it, per sampled submission seen both ways."""
+    return [max(0.0, at - scored[s]) for s, at in visible.items() if s in scored]
+
+
 class VisibilityProbe:
     """Polls the reporting trajectory of sampled submissions until their session shows up."""
 
@@ -339,10 +348,13 @@ class VisibilityProbe:
         self.statuses: Counter[int] = Counter()
         self.watched = 0
         self.skipped = 0  # samples not probed because too many probes were in flight
+        self.round_trips: list[float] = []  # seconds of each trajectory read that was answered
 
     async def visible(self, client_id: str, session_number: int) -> bool:
+        started = time.monotonic()
         r = await self.http.get(f"/v1/clients/{client_id}/trajectory", params={"instrument": "SRS"},
                                 headers={"Authorization": f"Bearer {self.key}"})
+        self.round_trips.append(time.monotonic() - started)
         self.statuses[r.status_code] += 1
         if r.status_code != 200:
             return False
@@ -531,6 +543,10 @@ async def measure(stack: Stack, urls: dict[str, str], opts: Options, res: Result
         if reporting:
             res.latency[b] = [max(0.0, probe.first[s] - accepted[s]) for s in probe.first if s in accepted]
             res.expected[b] = probe.watched
+            # Where (b) goes (issue 11): its part after scoring (reporting's consume and write, and
+            # the read that saw it), and what one read costs the probe; the probe is unchanged.
+            res.latency[B_AFTER_SCORING] = after_scoring(probe.first, reader.first)
+            res.latency[B_READ] = list(probe.round_trips)
             if probe.skipped:
                 res.notes.append(f"(b): {probe.skipped} samples skipped ({probe.max_in_flight} probes in flight)")
         elif "reporting" not in urls:
