@@ -60,6 +60,7 @@ wrote its series: scoring against the stale entry ends in a conflict, never in a
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -251,6 +252,22 @@ class _Pass:
     changed: set[ClientKey] = field(default_factory=set)
 
 
+def in_acceptance_order(pairs: list[tuple[InboundRecord, Input]]) -> list[tuple[InboundRecord, Input]]:
+    """A batch's records with each partition's kept in its order, the partitions interleaved in
+    the order intake accepted their records. A batch holds several partitions' records one
+    partition after another (an ORS topic's before an SRS topic's), and the decisions taken at
+    arrival (the client's site from its first accepted session, a session gap) must follow
+    acceptance, not that layout. One partition's order is never changed: a redelivery of it in
+    batches cut elsewhere must decide the same (see the module docs). `timestamp()`, so that no
+    mix of naive and aware times can make a comparison raise and stall the partition."""
+    parts: dict[tuple[str, int], list[tuple[InboundRecord, Input]]] = {}
+    for pair in pairs:
+        parts.setdefault((pair[0].topic, pair[0].partition), []).append(pair)
+    if len(parts) < 2:
+        return pairs
+    return list(heapq.merge(*parts.values(), key=lambda pair: pair[1].accepted_at.timestamp()))
+
+
 @dataclass
 class ScoringHandler:
     """The batch handler given to `shared.kafka.subscribe_batch`.
@@ -270,7 +287,7 @@ class ScoringHandler:
 
     async def __call__(self, decoded: list[Decoded[Input]]) -> None:
         started = time.perf_counter()
-        inputs: list[tuple[InboundRecord, Input]] = [(d.record, d.event) for d in decoded]
+        inputs = in_acceptance_order([(d.record, d.event) for d in decoded])
         sending: list[asyncio.Task[None]] = []
         try:
             if inputs:

@@ -796,3 +796,14 @@ async def test_a_client_keeps_one_state_document_for_both_scales() -> None:
     (doc,) = states.docs.values()
     assert sorted((v["sid"], v["i"], v.get("ag")) for v in doc["subs"]) == [("x-1", "SRS", None),
                                                                            ("x-ors-1", "ORS", 15)]
+
+
+async def test_in_one_batch_the_client_belongs_to_the_site_of_its_first_accepted_session_whatever_the_topic() -> None:
+    # A batch holds the records of several partitions (here the ORS topic's before the SRS
+    # topic's): the session accepted first decides the client's site, not the batch's order.
+    h, _, sink = handler()
+    conflict = ors_submitted("x", 2, 20.0, at=2, site_id="south")
+    await h([conflict, submitted("x", 1, 38.0, at=1)])
+    (letter,) = letters_of(sink.published)
+    assert (letter.reason, letter.source_offset) == ("site_conflict", conflict.offset)
+    assert [s.submission_id for s in scored_of(sink.published)] == ["x-1"]
