@@ -396,9 +396,9 @@ def rollup_values(doc: Document) -> dict[str, int]:
 
 def _aware(ts: datetime) -> datetime:
     return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+
+
 Folded = dict[str, tuple[Bucket, dict[str, int], dict[str, int]]]
-
-
 Shares = dict[tuple[str, Bucket], dict[str, int]]
 
 
@@ -925,22 +925,23 @@ class ReportingStore:
         folded, flat = fold_moves(moves)
         if not folded and not documents:
             return 0
-        op = counter_update
         ids = sorted(folded)
         tenants = {bucket[0] for bucket, _, _ in folded.values()}
         together = await self._counters_then_stamps(
             gen, [*(UpdateOne(f, u, upsert=True, namespace=self._namespace(col)) for col, f, u in documents),
-                  *(op(cid, *folded[cid], namespace=self._namespace(self.counters(gen))) for cid in ids)], tenants)
+                  *(counter_update(cid, *folded[cid], namespace=self._namespace(self.counters(gen)))
+                    for cid in ids)], tenants)
         if together is not None or documents:
             return together  # None with `documents`: the caller writes them and then the counters apart
-        written = await bulk_write(self.counters(gen), [op(cid, *folded[cid]) for cid in ids])
+        written = await bulk_write(self.counters(gen), [counter_update(cid, *folded[cid]) for cid in ids])
         done = written.upserted + written.modified
         missed = [ids[i] for i in written.duplicates]
         if missed:
             alone: list[UpdateOne] = []
             for cid in missed:
                 bucket, _, marks = folded[cid]
-                alone.extend(op(cid, bucket, flat[(rid, bucket)], {rid: v}) for rid, v in sorted(marks.items()))
+                alone.extend(counter_update(cid, bucket, flat[(rid, bucket)], {rid: v})
+                             for rid, v in sorted(marks.items()))
             done += await guarded_upserts(self.counters(gen), alone)
         # After the counters, never before or with them: a refresh that read the stamp before
         # this bump may have missed these moves, and the bump marks its roll-up out of date.
