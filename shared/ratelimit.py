@@ -322,11 +322,13 @@ class Limiter:
     conditions keep a slow key from counting leases it will not use (each a store write). A request
     (`wait` or `take`) that finds too few units held and no count under way counts a lease itself
     and waits for it, so concurrent requests of a key count one lease, not one each (`_lease_now`).
-    A refill the store refuses or does not answer is dropped: the request path then asks the store
+    A refill the store refuses or does not answer (within `count_timeout` seconds: the count is
+    shared, so no one request's timeout ends it) is dropped: the request path then asks the store
     as without refills (for the rest of the slot when it refused), and reports its outage.
     """
 
-    def __init__(self, storage: SlotStorage, namespace: str, rate: float, burst: float, lease: int = 1) -> None:
+    def __init__(self, storage: SlotStorage, namespace: str, rate: float, burst: float, lease: int = 1,
+                 count_timeout: float = 3.0) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError("rate must be > 0 and burst >= 1")
         self.rate = rate
@@ -334,6 +336,10 @@ class Limiter:
         self.window = max(1, math.ceil(burst / rate))
         self.item = RateLimitItemPerSecond(int(burst), self.window, namespace=namespace)
         self.lease = max(1, min(lease, int(burst) // 20))
+        # A lease count is shared by every request of the key that waits for it, so no request's own
+        # timeout ends it: without this bound a store connection that hangs (no answer, no error)
+        # would keep the key waiting on that one count, every request of it refused with 503.
+        self.count_timeout = count_timeout
         self.storage = storage
         self._strategy = SlidingWindowCounterRateLimiter(storage)
         self._held: dict[str, _Held] = {}
@@ -482,7 +488,11 @@ class Limiter:
         try:
             if slot != self.storage.current_slot(self.window):
                 return
-            if await self._strategy.hit(self.item, key, cost=self.lease):
+            # Given up after `count_timeout`: the units may still be counted by the store, which
+            # only makes the key refused a little early in this slot, never admitted over its limit.
+            async with asyncio.timeout(self.count_timeout):
+                counted = await self._strategy.hit(self.item, key, cost=self.lease)
+            if counted:
                 self._hold(key, self.lease, slot)
             else:
                 if len(self._refused) >= self._max_held:

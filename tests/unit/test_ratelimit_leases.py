@@ -264,6 +264,28 @@ async def test_a_refill_the_store_does_not_answer_leaves_the_request_to_ask_itse
     assert await lim.take("k") == 0.0
 
 
+async def test_a_lease_count_the_store_never_answers_is_given_up_so_the_next_request_counts_again() -> None:
+    # A store connection that hangs (no error, no answer) must not leave the key waiting on one
+    # count forever: every later request of the key would wait for it and get 503.
+    clock = Clock()
+    store = CountedCounters(clock)
+    lim = Limiter(SlotStorage(store, clock), "test", rate=50, burst=200, lease=10, count_timeout=0.05)
+    answering = store.add
+    hung = asyncio.Event()
+
+    async def hang(name: str, amount: int, expires_at: float) -> int:
+        hung.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    store.add = hang  # type: ignore[method-assign]
+    first = asyncio.create_task(lim.take("k"))
+    await hung.wait()
+    store.add = answering  # type: ignore[method-assign]
+    assert await asyncio.wait_for(first, 1.0) == 0.0  # given up after 0.05 s, then asked again
+    assert await asyncio.wait_for(lim.take("k"), 1.0) == 0.0
+
+
 async def test_the_first_add_of_a_slot_reads_the_previous_slot_in_the_same_wait() -> None:
     clock = Clock()
 
