@@ -36,16 +36,17 @@ async def test_the_trajectory_page_shows_both_scales_of_the_posted_sessions_with
     read = {"Authorization": f"Bearer {keys['read']}"}
     reporting = services["reporting"].url
 
-    async def both_alerts() -> dict[str, Any] | None:
+    async def shown() -> dict[str, Any]:
         async with httpx.AsyncClient(timeout=15) as http:
             res = await http.get(f"{reporting}/v1/clients/{CLIENT}/trajectory", headers=read)
-        body: dict[str, Any] = res.json() if res.status_code == 200 else {}
-        rows = body.get("aligned", [])
-        done = len(rows) == 3 and all(r["srs"] and r["ors"] for r in rows) and rows[2]["srs"]["alert"] and \
-            rows[2]["ors"]["alert"] and rows[2]["srs"]["alert"].get("outcome_at_risk")
-        return body if done else None
+        return res.json() if res.status_code == 200 else {"status": res.status_code, "body": res.text}
 
-    trajectory = await eventually(both_alerts, timeout=90)
+    def both_alerts(body: dict[str, Any]) -> bool:
+        rows = body.get("aligned", [])
+        return bool(len(rows) == 3 and all(r["srs"] and r["ors"] for r in rows) and rows[2]["srs"]["alert"] and
+                    rows[2]["ors"]["alert"] and rows[2]["srs"]["alert"].get("outcome_at_risk"))
+
+    trajectory = await eventually(shown, until=both_alerts, timeout=90)
     outcome = trajectory["outcome"]
     assert (outcome["intake_total"], outcome["reliable_change_band"]) == (20.0, {"low": 15.0, "high": 25.0})
     assert outcome["sessions"][2]["change"] == "reliable_deterioration"

@@ -113,12 +113,14 @@ async def test_an_srs_drop_in_a_non_improving_episode_is_a_critical_alliance_ale
         ors(client, 3, 20.5), srs(client, 3, (8.0, 7.5, 8.0, 8.0)),
     ])
 
-    def alliance_alert_at_risk() -> dict[str, Any] | None:
-        delivered = [b for _, b in bodies(receiver, "alliance.deterioration.v1", client)]
+    def latest_at_risk(delivered: list[dict[str, Any]]) -> bool:
         latest = max(delivered, key=lambda b: b["revision"], default=None)
-        return latest if latest is not None and latest["outcome_at_risk"] else None
+        return latest is not None and bool(latest["outcome_at_risk"])
 
-    alert = await eventually(lambda: _async(alliance_alert_at_risk()), timeout=60)
+    # Every delivery of the client's alliance alert so far, so that a timeout shows which arrived.
+    delivered = await eventually(lambda: _async([b for _, b in bodies(receiver, "alliance.deterioration.v1", client)]),
+                                 until=latest_at_risk, timeout=60)
+    alert = max(delivered, key=lambda b: b["revision"])
     assert (alert["session_number"], alert["severity"]) == (3, "critical")
     outcome = await eventually(lambda: _async([b for _, b in bodies(receiver, "outcome.alert.v1", client)]))
     assert {(b["session_number"], *b["triggers"]) for b in outcome} == {(3, "not_on_track")}

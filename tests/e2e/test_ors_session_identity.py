@@ -57,6 +57,13 @@ async def read(http: httpx.AsyncClient, url: str, keys: dict[str, str], **params
     return await http.get(url, params=params, headers={"Authorization": f"Bearer {keys['read']}"})
 
 
+async def trajectory(http: httpx.AsyncClient, services: dict[str, ServiceProcess], keys: dict[str, str],
+                     client_id: str) -> dict[str, Any]:
+    """The client's trajectory as reporting shows it now (or the refusal, so that a wait shows it)."""
+    r = await read(http, f"{services['reporting'].url}/v1/clients/{client_id}/trajectory", keys)
+    return r.json() if r.status_code == 200 else {"status": r.status_code, "body": r.text}
+
+
 def about(client_id: str, records: list[Record]) -> list[dict[str, Any]]:
     return [b for b in (json.loads(r.value) for r in records) if b["client_id"] == client_id]
 
@@ -86,14 +93,10 @@ async def test_an_srs_and_an_ors_posted_under_one_submission_id_are_two_submissi
                                                ("appt-0002", instrument, 2, 1, None)]
         assert not {e["event_id"] for e in srs_events} & {e["event_id"] for e in ors_events}
 
-        async def trajectory() -> dict[str, Any] | None:
-            r = await read(http, f"{services['reporting'].url}/v1/clients/{client}/trajectory", keys)
-            body: dict[str, Any] = r.json()
-            done = r.status_code == 200 and len(body["sessions"]) == 2 and len((body["outcome"] or {})
-                                                                              .get("sessions", [])) == 2
-            return body if done else None
+        def both_scales_shown(body: dict[str, Any]) -> bool:
+            return len(body.get("sessions", [])) == 2 and len((body.get("outcome") or {}).get("sessions", [])) == 2
 
-        shown = await eventually(trajectory, timeout=60)
+        shown = await eventually(lambda: trajectory(http, services, keys, client), until=both_scales_shown, timeout=60)
         assert [(s["submission_id"], s["total"]) for s in shown["sessions"]] == [("appt-0001", 38.0),
                                                                                 ("appt-0002", 37.0)]
         assert [(s["submission_id"], s["total"]) for s in shown["outcome"]["sessions"]] == [("appt-0001", 20.0),
@@ -119,12 +122,11 @@ async def test_the_rejected_submissions_listing_names_the_scale_of_each_rejectio
             form(client, 2, "ORS", 20.0, submission_id="appt-r-2", site_id="south"),
             form(client, 2, "SRS", 36.0, submission_id="appt-r-2", site_id="south")])
 
-        async def both_rejected() -> list[dict[str, Any]] | None:
+        async def appointment_listed() -> list[dict[str, Any]]:
             r = await read(http, f"{services['reporting'].url}/v1/submissions", keys)
-            mine = [s for s in r.json()["submissions"] if s["submission_id"] == "appt-r-2"]
-            return mine if len(mine) == 2 else None
+            return [s for s in r.json()["submissions"] if s["submission_id"] == "appt-r-2"]
 
-        listed = await eventually(both_rejected, timeout=60)
+        listed = await eventually(appointment_listed, until=lambda mine: len(mine) == 2, timeout=60)
         assert sorted((s["scale"], s["instrument"], s["reason"]) for s in listed) == [
             ("alliance", "SRS", "site_conflict"), ("outcome", "ORS", "site_conflict")]
 
@@ -136,12 +138,8 @@ async def test_a_client_with_only_ors_sessions_has_a_trajectory_with_its_outcome
     async with httpx.AsyncClient(timeout=15) as http:
         await post_all(http, services, keys, [form(client, 1, "ORS", 20.0), form(client, 2, "ORS", 24.0)])
 
-        async def trajectory() -> dict[str, Any] | None:
-            r = await read(http, f"{services['reporting'].url}/v1/clients/{client}/trajectory", keys)
-            body: dict[str, Any] = r.json()
-            return body if r.status_code == 200 and len(body["outcome"]["sessions"]) == 2 else None
-
-        shown = await eventually(trajectory, timeout=60)
+        shown = await eventually(lambda: trajectory(http, services, keys, client), timeout=60,
+                                 until=lambda body: len((body.get("outcome") or {}).get("sessions", [])) == 2)
     assert (shown["instrument"], shown["sessions"], shown["alerts"], shown["latest_total"], shown["at_risk"]) == (
         "SRS", [], [], None, False)
     assert [(s["session_number"], s["total"]) for s in shown["outcome"]["sessions"]] == [(1, 20.0), (2, 24.0)]
