@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 # A fixed namespace for every id this system derives; changing it would break idempotency.
 NAMESPACE = uuid.UUID("5b7f3a52-6f0e-4e37-9a43-2c1f1f6f9a10")
@@ -81,6 +81,32 @@ def derived_episode_id(first_administered_at: datetime, first_session_number: in
     """Scoring's id of an episode the submitter did not name: `auto/<UTC date of its first
     session>/<that session's number>` (published in `SrsScored.episode_id`; see the contract)."""
     return f"{DERIVED_EPISODE_PREFIX}{first_administered_at.astimezone(UTC).date().isoformat()}/{first_session_number}"
+
+
+def _derived_episode_parts(episode_id: str) -> tuple[date, str] | None:
+    """The date and first session number a derived episode id names; None for a submitter's id."""
+    if not episode_id.startswith(DERIVED_EPISODE_PREFIX):
+        return None
+    day, _, number = episode_id.removeprefix(DERIVED_EPISODE_PREFIX).partition("/")
+    try:
+        return date.fromisoformat(day), number
+    except ValueError:
+        return None
+
+
+def same_episode_of_both_scales(alliance_episode: str, outcome_episode: str) -> bool:
+    """Whether an alliance instrument's episode and its paired outcome instrument's are one episode
+    of care (the ORS and the SRS of one session share it; see docs/outcome.md): the same id, or
+    two derived ids that begin with the same session number on UTC dates at most a day apart.
+
+    Each scale's episodes are derived from its own sessions, and the ORS is given at a session's
+    start, the SRS at its end: a session across midnight UTC (an evening session in the Americas)
+    puts its two first forms on two UTC dates, so the two derived ids name different dates."""
+    if alliance_episode == outcome_episode:
+        return True
+    alliance, outcome = _derived_episode_parts(alliance_episode), _derived_episode_parts(outcome_episode)
+    return (alliance is not None and outcome is not None and alliance[1] == outcome[1]
+            and abs((alliance[0] - outcome[0]).days) <= 1)
 
 
 def csv_submission_id(tenant_id: str, client_id: str, instrument: str, episode_id: str | None,

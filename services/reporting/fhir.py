@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from services.reporting.rules import below_cutoff, episode_of, is_outcome, sessions_by_episode
+from services.reporting.rules import below_cutoff, episode_of, is_outcome, outcome_episode, sessions_by_episode
 from shared import ids
 from shared.events import ITEM_NAMES, ORS_ITEM_NAMES
 
@@ -162,10 +162,12 @@ def trajectory_bundle(doc: Mapping[str, Any], episode_id: str | None = None,
     last_scored: datetime | None = None
     shown: list[tuple[Mapping[str, Any], Mapping[str, Any]]] = [(doc, s) for s in sessions]
     if outcome is not None:
-        shown.extend((outcome, s) for s in sessions_by_episode(outcome.get("entries", {})).get(episode, []))
+        paired = outcome_episode(outcome, episode)
+        shown.extend((outcome, s) for s in sessions_by_episode(outcome.get("entries", {})).get(paired, []))
     for record, s in shown:
-        qr_id, obs_id = session_resource_ids(tenant, doc["client_id"], record["instrument"], episode,
-                                             int(s["session_number"]))
+        # Each session's own episode: an outcome session keeps its resource ids in every Bundle.
+        qr_id, obs_id = session_resource_ids(tenant, doc["client_id"], record["instrument"],
+                                             s.get("episode_id", episode), int(s["session_number"]))
         qr = _questionnaire_response(qr_id, record, s, subject)
         obs = _observation(obs_id, qr_id, record, s, subject)
         entries.append({"fullUrl": f"urn:uuid:{qr_id}", "resource": qr})

@@ -797,6 +797,17 @@ def outcome_alert_view(alert: Mapping[str, Any]) -> Doc:
     return view
 
 
+def outcome_episode(outcome: Mapping[str, Any], episode_id: str | None) -> str | None:
+    """The episode of an outcome record shown beside the alliance episode `episode_id`: the same id,
+    else the record's derived episode that is the same episode of care
+    (`ids.same_episode_of_both_scales`: the ORS and SRS of a session across midnight UTC got
+    derived ids of two dates). `episode_id` itself when the record holds neither."""
+    episodes = sorted(e for e in sessions_by_episode(outcome.get("entries", {})) if e is not None)
+    if episode_id is None or episode_id in episodes:
+        return episode_id
+    return next((e for e in episodes if ids.same_episode_of_both_scales(episode_id, e)), episode_id)
+
+
 def outcome_series(doc: Mapping[str, Any], alerts: Sequence[Mapping[str, Any]],
                    episode_id: str | None) -> Doc:
     """The ORS series of one episode (`doc` an outcome record, `alerts` its outcome alerts): every
@@ -867,7 +878,8 @@ def trajectory_view(doc: Mapping[str, Any], alerts: Sequence[Mapping[str, Any]] 
     site; `episodes` lists every episode most recent first. Raises UnknownEpisode.
 
     `outcome` is the client's record on the paired outcome instrument (`OUTCOME_OF`; None when
-    there is none) with its alerts `outcome_alerts`: its series of the same episode is `outcome`
+    there is none) with its alerts `outcome_alerts`: its series of the same episode
+    (`outcome_episode`) is `outcome`
     and both scales side by side are `aligned` (see `outcome_series`, `aligned_view`). The fields
     above them are exactly those of the alliance trajectory before the ORS existed.
     """
@@ -875,7 +887,8 @@ def trajectory_view(doc: Mapping[str, Any], alerts: Sequence[Mapping[str, Any]] 
     latest = ordered[-1]
     below, declining = below_cutoff(latest), is_declining(latest)
     marks = _episode_alerts(alerts, episode)
-    series = outcome_series(outcome, outcome_alerts, episode) if outcome is not None else None
+    series = outcome_series(outcome, outcome_alerts, outcome_episode(outcome, episode)) if outcome is not None \
+        else None
     return {
         "client_id": doc["client_id"],
         "instrument": doc["instrument"],

@@ -480,17 +480,20 @@ def _outcome_view(v: Version, eid: str, derived: bool, prev: OutcomeView | None,
 
 
 def _mark_outcome_at_risk(alerts: dict[str, AlertView], tenant_id: str, client_id: str) -> None:
-    """Mark the alliance alerts whose session also holds an outcome alert (same episode id and
+    """Mark the alliance alerts whose session also holds an outcome alert (same episode - one id,
+    or derived ids of one session across midnight UTC: `ids.same_episode_of_both_scales` - and
     session number, the paired instrument: `OUTCOME_OF`) `outcome_at_risk`, and unmark the
     others. In place; an alert that does not change stays the same object (so `_grown` can tell
     which alerts an `extend` changed). There are at most a few alerts: one per instrument."""
     if not any(a.outcome_at_risk or a.session.version.outcome for a in alerts.values()):
         return  # no outcome alert, and no alliance alert marked: nothing to do (every SRS-only client)
+    outcome = [a.session for a in alerts.values() if a.session.version.outcome]
     for aid, a in list(alerts.items()):
         s = a.session
         paired = _PAIRED.get(s.version.instrument)
-        at_risk = paired is not None and ids.alert_id(tenant_id, client_id, paired, s.episode_id,
-                                                      s.version.session_number) in alerts
+        at_risk = paired is not None and any(
+            o.version.instrument == paired and o.version.session_number == s.version.session_number
+            and ids.same_episode_of_both_scales(s.episode_id, o.episode_id) for o in outcome)
         if at_risk != a.outcome_at_risk:
             alerts[aid] = replace(a, outcome_at_risk=at_risk)
 

@@ -97,3 +97,18 @@ def test_an_enum_part_derives_the_same_id_as_its_string() -> None:
     assert ids.alert_status_event_id("acme", "a-1", AlertStatus.ACKNOWLEDGED) == \
         ids.alert_status_event_id("acme", "a-1", "acknowledged")
     assert ids.client_record_id("acme", "c-1", Instrument.SRS) == ids.client_record_id("acme", "c-1", "SRS")
+
+
+@pytest.mark.parametrize(("alliance", "outcome", "one_episode"), [
+    ("ep-1", "ep-1", True),                                  # a submitter's id: the same id only
+    ("ep-1", "ep-2", False),
+    ("auto/2026-11-04/1", "auto/2026-11-03/1", True),        # a session across midnight UTC
+    ("auto/2026-11-03/1", "auto/2026-11-04/1", True),
+    ("auto/2026-11-05/1", "auto/2026-11-03/1", False),       # two days apart: another episode
+    ("auto/2026-11-04/1", "auto/2026-11-03/2", False),       # begun at another session number
+    ("auto/2026-11-04/1", "ep-1", False),
+    ("auto/not-a-date/1", "auto/2026-11-03/1", False),
+])
+def test_the_two_scales_share_an_episode_by_id_or_by_derived_ids_a_day_apart(alliance: str, outcome: str,
+                                                                              one_episode: bool) -> None:
+    assert ids.same_episode_of_both_scales(alliance, outcome) is one_episode

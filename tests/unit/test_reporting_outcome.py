@@ -211,6 +211,39 @@ def test_the_aligned_view_marks_both_kinds_of_alert_and_whether_the_outcome_was_
     TrajectoryOut.model_validate(view)
 
 
+
+# A session across midnight UTC: its ORS (at the start) on one date, its SRS (at the end) on the
+# next, so scoring derived each scale's episode with its own date (docs/outcome.md).
+SRS_EPISODE, ORS_EPISODE = "auto/2026-03-03/1", "auto/2026-03-02/1"
+
+
+def across_midnight(srs_totals: list[float], ors_totals: list[float]) -> tuple[dict[str, Any], dict[str, Any]]:
+    srs = [scored(T, "c1", n, t, episode_id=SRS_EPISODE, episode_derived=True)
+           for n, t in enumerate(srs_totals, start=1)]
+    return fold(srs), fold(outcome_series(T, "c1", ors_totals, episode_id=ORS_EPISODE))
+
+
+def test_the_trajectory_shows_the_ors_series_of_a_session_across_utc_midnight_beside_its_srs() -> None:
+    srs_doc, ors_doc = across_midnight([38.0, 36.0], [18.0, 21.0])
+    view = rules.trajectory_view(srs_doc, (), None, ors_doc)
+    assert (view["episode_id"], view["outcome"]["episode_id"]) == (SRS_EPISODE, ORS_EPISODE)
+    assert [(r["session_number"], r["srs"]["total"], r["ors"]["total"]) for r in view["aligned"]] == [
+        (1, 38.0, 18.0), (2, 36.0, 21.0)]
+
+
+def test_derived_episodes_two_days_apart_are_not_shown_side_by_side() -> None:
+    srs_doc = fold([scored(T, "c1", 1, 38.0, episode_id="auto/2026-03-04/1", episode_derived=True)])
+    ors_doc = fold(outcome_series(T, "c1", [18.0], episode_id=ORS_EPISODE))
+    assert rules.trajectory_view(srs_doc, (), None, ors_doc)["outcome"]["sessions"] == []
+
+
+def test_the_fhir_bundle_of_a_session_across_utc_midnight_holds_its_ors_with_the_ors_episode_s_ids() -> None:
+    srs_doc, ors_doc = across_midnight([38.0], [18.0])
+    bundle = fhir.trajectory_bundle(srs_doc, None, ors_doc)
+    ids_of = {r["resource"]["id"] for r in bundle["entry"]}
+    alone = fhir.trajectory_bundle(ors_doc)  # the outcome-only client's Bundle of the same session
+    assert {r["resource"]["id"] for r in alone["entry"]} < ids_of
+
 def test_an_outcome_alert_superseded_by_scoring_shows_as_superseded() -> None:
     ors = outcome_series(T, "c1", [20.0, 14.0])
     alert = alert_doc(outcome_alert_for(ors[1]))

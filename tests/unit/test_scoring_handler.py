@@ -807,3 +807,43 @@ async def test_in_one_batch_the_client_belongs_to_the_site_of_its_first_accepted
     (letter,) = letters_of(sink.published)
     assert (letter.reason, letter.source_offset) == ("site_conflict", conflict.offset)
     assert [s.submission_id for s in scored_of(sink.published)] == ["x-1"]
+
+
+
+# The ORS is given at a session's start, the SRS at its end: a session across midnight UTC puts
+# the first session's two forms on two UTC dates, and each scale's derived episode names its own
+# (`auto/<date>/<n>`). They are still one episode of care (CI ci7: the critical alert said
+# `outcome_at_risk: false` when the e2e suite ran just before midnight UTC).
+def _session_across_midnight(client: str, session: int, ors_total: float, srs_total: float) -> list[InboundRecord]:
+    """A session's ORS at 23:58 UTC and its SRS 50 minutes later, the next UTC day."""
+    start = T0.replace(hour=23, minute=58) + timedelta(days=7 * session)
+    return [ors_submitted(client, session, ors_total, at=2 * session, administered_at=start.isoformat()),
+            submitted(client, session, srs_total, at=2 * session + 1,
+                      administered_at=(start + timedelta(minutes=50)).isoformat())]
+
+
+async def test_an_srs_drop_in_a_session_across_utc_midnight_whose_ors_deteriorated_is_outcome_at_risk() -> None:
+    h, _, sink = handler()
+    await h([*_session_across_midnight("x", 1, 20.0, 38.0), *_session_across_midnight("x", 2, 21.0, 38.1),
+             *_session_across_midnight("x", 3, 14.0, 31.5)])
+    (alert,) = alerts_of(sink.published)
+    assert (alert.session_number, alert.severity, alert.outcome_at_risk) == (3, "critical", True)
+
+
+async def test_an_srs_alert_of_a_session_across_utc_midnight_is_revised_when_its_ors_alerts_later() -> None:
+    h, _, sink = handler()
+    first, second = _session_across_midnight("x", 1, 20.0, 38.0), _session_across_midnight("x", 2, 14.0, 31.5)
+    await h([*first, second[1]])
+    await h([second[0]])
+    assert [(a.revision, a.outcome_at_risk) for a in alerts_of(sink.published)] == [(1, False), (2, True)]
+
+
+async def test_an_ors_alert_two_days_from_the_srs_episode_of_the_same_number_is_another_episode() -> None:
+    h, _, sink = handler()
+    early = T0.replace(hour=10) + timedelta(days=7)
+    await h([ors_submitted("x", 1, 20.0, at=1, administered_at=early.isoformat()),
+             ors_submitted("x", 2, 14.0, at=2, administered_at=(early + timedelta(days=7)).isoformat()),
+             submitted("x", 1, 38.0, at=3, administered_at=(early + timedelta(days=2)).isoformat()),
+             submitted("x", 2, 31.5, at=4, administered_at=(early + timedelta(days=9)).isoformat())])
+    (alert,) = alerts_of(sink.published)
+    assert alert.outcome_at_risk is False
