@@ -22,7 +22,11 @@ from tools.receiver import Received, WebhookReceiver
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-START = datetime.now(UTC) - timedelta(days=30)
+# 10:00 UTC, not the wall clock, so that what these tests post never depends on when they run:
+# from 23:10 UTC a session's ORS (at its start) and SRS (50 minutes later) fell on two UTC dates,
+# which found the unpaired derived episodes of CI ci7 (that case is tested on its own:
+# tests/unit/test_scoring_handler.py and test_reporting_outcome.py, "across_utc_midnight").
+START = (datetime.now(UTC) - timedelta(days=30)).replace(hour=10, minute=0, second=0, microsecond=0)
 
 
 def _form(client_id: str, session: int, instrument: str, items: dict[str, float]) -> dict[str, Any]:

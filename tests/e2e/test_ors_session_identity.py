@@ -12,21 +12,20 @@ broker and store (docs/clinical-records.md, "Session identity"; docs/outcome.md)
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.e2e.test_ors_pipeline import START
 from tests.support.browser import CHROMIUM, trajectory_page
 from tests.support.services import Namespace, ServiceProcess
 from tests.support.wait import eventually
 from tools.recorder import Record, TopicRecorder
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-START = datetime.now(UTC) - timedelta(days=30)
 
 
 def form(client_id: str, session: int, instrument: str, total: float, *, submission_id: str | None = None,
