@@ -9,6 +9,12 @@
    generation, through the same merge as the live consumer (inserts for records it has not
    written yet, a write-through cache for the rest, query indexes built after the load), until
    each partition reaches the high-water mark first seen after step 2.
+   The partitions are read in step by their records' timestamps (`in_step`: none read more
+   than `rebuild_skew_seconds` ahead of the one furthest behind), so that a client's sessions and
+   an alert's events, produced together onto different topics, also reach the replay together,
+   while what it holds of them is still held (read as fetched, one topic ran ahead of the others
+   by a share of the log: at 50,000 clients a third of the alerts were written before their last
+   event, each then read back, updated and counted again).
    Anything past those marks was produced after the claim, so the live consumers put it into
    the new generation themselves; the writes are idempotent and commutative, so the two
    writers overlapping is harmless.
@@ -18,9 +24,10 @@
    about once, by insert, instead of once per batch holding one of its sessions. A record
    there by then (a live consumer's, or one this replay pushed out before a later session) is
    merged with what is stored and replaced, as any write of a known record is.
-   The replay's own counter moves are held in memory (`CounterTally`) and written once per
-   counter document whenever the tally grows past `TALLY_FIELDS` and at the end (an insert of
-   the whole document the first time, a `$inc` after). Its alerts are held in memory too
+   The replay's own counter moves are held in memory (`CounterTally`, `rebuild_tally_mib` of
+   them: a network's 2,000 counter documents take a few MiB) and written once per counter
+   document at the end, and whenever the tally grows past its bound before (an insert of the
+   whole document the first time, a `$inc` after). Its alerts are held in memory too
    (`HeldAlerts`, `rebuild_alerts_mib` of them), each as the one update its events fold into
    (the alert operators commute), and inserted once, counted in the same insert (`counted`,
    `cv` 1, the share added to the tally), when pushed out by newer alerts or at the end: the
@@ -64,8 +71,6 @@ from shared.settings import KafkaSettings, MongoSettings
 log = logging.getLogger("alliance.reporting.rebuild")
 
 Progress = Callable[[int, int], None]
-# Counter fields a replay holds before writing them (a few hundred bytes each: some MiB at most).
-TALLY_FIELDS = 50_000
 
 
 class TruncatedLog(RuntimeError):
@@ -88,6 +93,19 @@ class RebuildResult:
     @property
     def events_per_second(self) -> float:
         return self.events / self.replay_seconds if self.replay_seconds > 0 else 0.0
+
+
+def in_step(pending: Sequence[TopicPartition], read_to: dict[TopicPartition, int], skew_ms: int,
+            ) -> list[TopicPartition]:
+    """The partitions of `pending` (not at their end yet) to read next: those whose last record
+    read (`read_to`, its timestamp in ms) is at most `skew_ms` ahead of the one furthest behind,
+    and every one not read yet (its place unknown). The one furthest behind is always among them,
+    so the replay never stalls; a partition ahead waits, its fetched records buffered (the
+    consumer fetches no more for it meanwhile)."""
+    if any(tp not in read_to for tp in pending):
+        return list(pending)
+    behind = min((read_to[tp] for tp in pending), default=0)
+    return [tp for tp in pending if read_to[tp] <= behind + skew_ms]
 
 
 def truncated_partitions(begin: dict[TopicPartition, int], topic: str) -> list[int]:
@@ -158,7 +176,7 @@ class Replayer:
     """Applies replayed records of the six topics (both scales) to one generation."""
 
     def __init__(self, store: ReportingStore, gen: str, kafka: KafkaSettings, *, alert_bytes: int,
-                 record_bytes: int = 0) -> None:
+                 record_bytes: int = 0, tally_bytes: int = 16 * 2**20) -> None:
         self.store, self.gen = store, gen
         topics = kafka.topics()
         self.scored, self.deterioration, self.alert_status = topics.scored, topics.deterioration, topics.alert_status
@@ -167,6 +185,7 @@ class Replayer:
         self.events = 0
         self.skipped = 0
         self.tally = CounterTally()
+        self.tally_bytes = tally_bytes
         self.records = HeldRecords(record_bytes)
         self.alerts = HeldAlerts(store, gen, outcome=False, capacity=alert_bytes, tally=self.tally)
         self.outcome_alerts = HeldAlerts(store, gen, outcome=True, capacity=alert_bytes)
@@ -261,9 +280,9 @@ class Replayer:
             self.skipped += len((await self.store.apply_outcomes(self.gen, ors, fresh=True, tally=self.tally)).refused)
 
     async def _bound_tally(self) -> None:
-        """Write the counter moves held once they pass `TALLY_FIELDS` (after every write that
+        """Write the counter moves held once they pass `tally_bytes` (after every write that
         adds to them: records and alliance alerts)."""
-        if self.tally.fields > TALLY_FIELDS:
+        if self.tally.held_bytes > self.tally_bytes:
             await self.store.flush_tally(self.gen, self.tally)
 
     async def finish(self, records: int = 1_000, alerts: int = 2_000) -> None:
@@ -280,8 +299,10 @@ class Replayer:
 
 
 async def replay(kafka: KafkaSettings, replayer: Replayer, *, batch: int, progress: Progress | None = None,
-                 idle_seconds: float = 10.0, allow_truncated: bool = False, fetch_bytes: int = 8 * 2**20) -> None:
-    """Read the six topics from the beginning up to the high-water marks first seen, applying batches.
+                 idle_seconds: float = 10.0, allow_truncated: bool = False, fetch_bytes: int = 8 * 2**20,
+                 skew_seconds: float = 2.0) -> None:
+    """Read the six topics from the beginning up to the high-water marks first seen, applying
+    batches, the partitions in step (`in_step`, `skew_seconds`).
 
     Refuses (TruncatedLog) when a partition of a scored topic no longer starts at offset 0:
     the rebuilt trajectories would silently lack their oldest sessions. `srs.scored.v1` and
@@ -310,15 +331,23 @@ async def replay(kafka: KafkaSettings, replayer: Replayer, *, batch: int, progre
         # The high-water mark each partition had when first seen (Tansu's ListOffsets is
         # approximate; the fetch responses' marks are exact).
         target: dict[TopicPartition, int] = {}
+        read_to: dict[TopicPartition, int] = {}  # the latest timestamp read of each partition
+        pending = list(tps)
         last_record = time.monotonic()
         while True:
-            got = await consumer.getmany(timeout_ms=200, max_records=batch)
+            got = await consumer.getmany(*in_step(pending, read_to, int(skew_seconds * 1000)), timeout_ms=200,
+                                         max_records=batch)
+            for tp, recs in got.items():
+                if recs:
+                    newest = max(r.timestamp for r in recs)
+                    read_to[tp] = max(newest, read_to.get(tp, newest))
             records = [InboundRecord.from_consumer_record(r) for recs in got.values() for r in recs]
             if records:
                 last_record = time.monotonic()
                 await replayer.apply(records)
             done = 0
             caught_up = True
+            behind: list[TopicPartition] = []
             for tp in tps:
                 if tp not in target:
                     hw = consumer.highwater(tp)
@@ -328,8 +357,12 @@ async def replay(kafka: KafkaSettings, replayer: Replayer, *, batch: int, progre
                 if tp in target:
                     done += max(0, min(pos, target[tp]) - begin.get(tp, 0))
                     caught_up = caught_up and pos >= target[tp]
+                    if pos < target[tp]:
+                        behind.append(tp)
                 else:
                     caught_up = False
+                    behind.append(tp)
+            pending = behind
             if progress is not None:
                 progress(done, sum(target[tp] - begin.get(tp, 0) for tp in target))
             if caught_up:
@@ -360,11 +393,13 @@ async def rebuild(kafka: KafkaSettings, mongo: MongoSettings, settings: Reportin
             # Every live consumer re-reads the pointer at least once per cache lifetime.
             await asyncio.sleep(2 * settings.generation_cache_seconds + 0.25)
             replayer = Replayer(store, new, kafka, alert_bytes=settings.rebuild_alerts_mib * 2**20,
-                                record_bytes=settings.rebuild_records_mib * 2**20)
+                                record_bytes=settings.rebuild_records_mib * 2**20,
+                                tally_bytes=settings.rebuild_tally_mib * 2**20)
             started = time.perf_counter()
             await replay(kafka, replayer, batch=settings.rebuild_batch_records, progress=progress,
                          idle_seconds=idle_seconds, allow_truncated=allow_truncated,
-                         fetch_bytes=settings.rebuild_fetch_mib * 2**20)
+                         fetch_bytes=settings.rebuild_fetch_mib * 2**20,
+                         skew_seconds=settings.rebuild_skew_seconds)
             await replayer.finish()  # part of the replay's time: the counters it holds are its work
             result.replay_seconds = time.perf_counter() - started
             result.events, result.skipped = replayer.events, replayer.skipped

@@ -50,6 +50,18 @@ class ReportingSettings(BaseSettings):
     # not rewritten by every replayed batch holding one of them: ~800 bytes a session, 32 MiB
     # holds the last ~40,000 sessions. 0: each batch's records are written as it is replayed.
     rebuild_records_mib: NonNegativeInt = 32
+    # The counter moves a rebuild holds (`store.CounterTally`, 8 bytes a field of a counter
+    # document), written at the end, or whenever they pass this before: 16 MiB holds the 2,000
+    # documents of a 200,000-client network (~4 MiB) with room to spare. Each early write rewrites
+    # every counter document touched since the last (with 50,000 fields held, 2,000 documents
+    # every ~40,000 events: an eighth of the replay's time at 50,000 clients).
+    rebuild_tally_mib: NonNegativeInt = 16
+    # How far (by the records' timestamps) a rebuild reads any partition ahead of the one furthest
+    # behind (`rebuild.in_step`). The six topics are produced together; read as fetched, one runs
+    # ahead by a share of the log, and a client's sessions and an alert's events meet the replay
+    # too far apart to be held together (`rebuild_records_mib`, `rebuild_alerts_mib`). Smaller:
+    # closer to the order produced, smaller batches.
+    rebuild_skew_seconds: PositiveFloat = 2.0
     # What a rebuild's consumer fetches ahead of the replay, all partitions of the six topics together.
     rebuild_fetch_mib: PositiveInt = 8
     key_cache_seconds: NonNegativeFloat = 30.0

@@ -18,7 +18,6 @@ from pymongo import AsyncMongoClient, monitoring
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import InvalidOperation
 
-from services.reporting import rebuild as rebuild_module
 from services.reporting import rules
 from services.reporting.handlers import ReportingHandlers
 from services.reporting.rebuild import Replayer
@@ -512,8 +511,10 @@ async def test_a_store_without_the_cross_collection_bulk_write_gets_the_counters
 # A rebuild's replay (`rebuild.Replayer`): counter moves held in memory (`CounterTally`) and written
 # once per counter document, alerts held (`HeldAlerts`) and inserted once each, counted as inserted
 
-def replayer(store: ReportingStore, gen: str = G, alert_bytes: int = 2**20, record_bytes: int = 0) -> Replayer:
-    return Replayer(store, gen, KafkaSettings(), alert_bytes=alert_bytes, record_bytes=record_bytes)
+def replayer(store: ReportingStore, gen: str = G, alert_bytes: int = 2**20, record_bytes: int = 0,
+             tally_bytes: int = 2**20) -> Replayer:
+    return Replayer(store, gen, KafkaSettings(), alert_bytes=alert_bytes, record_bytes=record_bytes,
+                    tally_bytes=tally_bytes)
 
 
 async def replay_as_a_rebuild(replay: Replayer, events: Sequence[SrsScored | AlertEvent], batch: int = 1) -> None:
@@ -632,15 +633,14 @@ async def test_a_replayed_scored_record_that_does_not_decode_is_skipped_and_the_
 async def test_the_counter_moves_of_what_a_rebuild_writes_at_the_end_are_written_as_they_pass_their_bound(
         db: AsyncDatabase[Document], monkeypatch: pytest.MonkeyPatch) -> None:
     """Memory bounded by the settings, not the network: the alerts and records written at the end
-    add their moves to the tally, which is written whenever it passes `TALLY_FIELDS` then too."""
-    monkeypatch.setattr(rebuild_module, "TALLY_FIELDS", 0)
-    replay = replayer(ReportingStore(db, cache_entries=100), record_bytes=2**20)
+    add their moves to the tally, which is written whenever it passes its bound then too."""
+    replay = replayer(ReportingStore(db, cache_entries=100), record_bytes=2**20, tally_bytes=0)
     await replay_as_a_rebuild(replay, [*history(), *alert_history()])
     held: list[int] = []
     write = replay.store.flush_tally
 
     async def flush_tally(gen: str, tally: CounterTally) -> int:
-        held.append(tally.fields)
+        held.append(tally.held_bytes)
         return await write(gen, tally)
 
     monkeypatch.setattr(replay.store, "flush_tally", flush_tally)
@@ -648,6 +648,30 @@ async def test_the_counter_moves_of_what_a_rebuild_writes_at_the_end_are_written
     alerts = await replay.store.alerts(G).count_documents({})
     assert len([n for n in held if n]) >= alerts  # a write after each alert that moved counters
     assert await replay.store.verify(G) == {}
+
+
+async def test_a_tally_inserts_a_counter_document_whose_moves_sum_to_nothing_without_the_zero_fields(
+        db: AsyncDatabase[Document]) -> None:
+    store, tally = ReportingStore(db), CounterTally()
+    cur, month = (T, "s1", "doc1", Instrument.SRS.value, rules.CURRENT), (T, "s1", "doc1", Instrument.SRS.value,
+                                                                          "2026-01")
+    tally.add({cur: {"records": 1, "sessions": 2}, month: {"sessions": 2}})
+    tally.add({cur: {"records": -1, "sessions": -2}, month: {"sessions": -2}})
+    assert await store.flush_tally(G, tally) == 1
+    doc = await store.counters(G).find_one({})
+    assert doc is not None and doc["site_id"] == "s1" and not {"records", "sessions", "mo"} & set(doc)
+
+
+async def test_a_tally_writes_nothing_to_a_known_counter_document_whose_moves_sum_to_nothing(
+        db: AsyncDatabase[Document]) -> None:
+    store, tally = ReportingStore(db), CounterTally()
+    cur = (T, "s1", "doc1", Instrument.SRS.value, rules.CURRENT)
+    tally.add({cur: {"sessions": 1}})
+    tally.add({cur: {"sessions": -1}})
+    await store.flush_tally(G, tally)
+    tally.add({cur: {"sessions": 1}})
+    tally.add({cur: {"sessions": -1}})
+    assert await store.flush_tally(G, tally) == 0
 
 
 async def test_a_rebuilds_counter_write_marks_its_tenants_rollup_out_of_date(db: AsyncDatabase[Document]) -> None:
