@@ -159,11 +159,12 @@ class HeldRecords:
         return topic, values
 
     def overflow(self) -> list[tuple[str, list[bytes]]]:
-        """The groups touched least recently, once more than `capacity` is held: down to 7/8 of it,
-        so that what is written at once is a bulk write's worth, not a few records each batch."""
+        """The groups touched least recently, once more than `capacity` is held: down to 15/16 of
+        it, so that what is written at once is a bulk write's worth, not a few records each batch,
+        and no more (its sessions decoded and merged take several times their bytes until written)."""
         out: list[tuple[str, list[bytes]]] = []
         if self.held_bytes > self.capacity:
-            while self._held and self.held_bytes > self.capacity * 7 // 8:
+            while self._held and self.held_bytes > self.capacity * 15 // 16:
                 out.append(self._pop_oldest())
         return out
 
@@ -285,7 +286,7 @@ class Replayer:
         if self.tally.held_bytes > self.tally_bytes:
             await self.store.flush_tally(self.gen, self.tally)
 
-    async def finish(self, records: int = 1_000, alerts: int = 2_000) -> None:
+    async def finish(self, records: int = 500, alerts: int = 2_000) -> None:
         """Write the records, alerts and counter moves held, a chunk at a time (`records` clients,
         `alerts` alerts), the counter moves bounded as during the replay: the generation is complete."""
         while len(self.records):

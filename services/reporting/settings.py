@@ -37,14 +37,17 @@ class ReportingSettings(BaseSettings):
     # sessions ~9 KB: 16 MiB ~ 1,900 of them), so that its footprint does not grow with the
     # network (a record it no longer holds is read again). A rebuild holds its clients' sessions
     # until it writes each record once (`rebuild_records_mib`), so it rarely meets a record
-    # again: at 20,000 clients, 64 MiB here peaked at 348 MiB and 16 at 284, as fast.
+    # again: at 20,000 clients, 64 MiB here peaked at 348 MiB and 16 at 284, as fast. Read in
+    # step (`rebuild_skew_seconds`), a 50,000-client rebuild met 0-6 records again, so 4 is plenty.
     cache_entries: NonNegativeInt = 20_000
-    rebuild_cache_mib: NonNegativeInt = 16
+    rebuild_cache_mib: NonNegativeInt = 4
     # The alerts a rebuild holds while their events fold (`store.HeldAlerts`), written once each
     # when pushed out: 32 MiB of them pickled (~720-900 bytes an alert) holds the ~40,000 touched
     # last. With 16, a fifth of the scale bench's alerts were pushed out before their last event
     # (each then costs an update, a read and a counting update instead of its share of an insert).
-    rebuild_alerts_mib: NonNegativeInt = 32
+    # Read in step (`rebuild_skew_seconds`), an alert's events are close together: at 50,000
+    # clients 16 MiB left 2.4% of the alerts pushed out before their last event (32: 1.7%).
+    rebuild_alerts_mib: NonNegativeInt = 16
     # The scored records a rebuild holds undecoded, grouped by client (`rebuild.HeldRecords`), so
     # that a client's sessions are merged and its record written once (an insert) when pushed out,
     # not rewritten by every replayed batch holding one of them: ~800 bytes a session, 32 MiB
@@ -63,7 +66,10 @@ class ReportingSettings(BaseSettings):
     # closer to the order produced, smaller batches.
     rebuild_skew_seconds: PositiveFloat = 2.0
     # What a rebuild's consumer fetches ahead of the replay, all partitions of the six topics together.
-    rebuild_fetch_mib: PositiveInt = 8
+    # Read in step, each partition waiting holds its last fetched response (Tansu returned ~2 MiB
+    # a partition in the scale bench whatever the per-partition limit), so this bounds less than
+    # it says; it does bound the response being read (one buffer of this size).
+    rebuild_fetch_mib: PositiveInt = 2
     key_cache_seconds: NonNegativeFloat = 30.0
     # A client's record (every session on one instrument) is one document; sessions that would
     # grow it past this many bytes (encoded) are dead-lettered as `record_too_large` instead of
