@@ -104,6 +104,7 @@ def test_an_enum_part_derives_the_same_id_as_its_string() -> None:
     ("ep-1", "ep-2", False),
     ("auto/2026-11-04/1", "auto/2026-11-03/1", True),        # a session across midnight UTC
     ("auto/2026-11-03/1", "auto/2026-11-04/1", True),
+    ("auto/2027-01-01/1", "auto/2026-12-31/1", True),        # ... also at a year end
     ("auto/2026-11-05/1", "auto/2026-11-03/1", False),       # two days apart: another episode
     ("auto/2026-11-04/1", "auto/2026-11-03/2", False),       # begun at another session number
     ("auto/2026-11-04/1", "ep-1", False),

@@ -3,7 +3,7 @@ moves them (rules.diff): pure functions, no store."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -42,6 +42,17 @@ def test_sessions_count_in_the_utc_month_they_were_administered() -> None:
     y = BASE.year
     assert months[f"{y}-03"] == {"sessions": 1, "below": 1, "clients": 1}
     assert months[f"{y}-04"] == {"sessions": 1, "below": 0, "clients": 1, "episodes": 1, "change": 800}
+
+
+def test_a_session_given_with_an_offset_counts_in_its_utc_month_also_at_a_year_end() -> None:
+    # 00:30 on 1 December in Paris is still November in UTC; 20:00 on 31 December in New York is
+    # already January of the next year.
+    paris, new_york = timezone(timedelta(hours=1)), timezone(timedelta(hours=-5))
+    doc = record(scored(T, "a", 1, 30.0, administered_at=datetime(2026, 12, 1, 0, 30, tzinfo=paris)),
+                 scored(T, "a", 2, 38.0, administered_at=datetime(2026, 12, 31, 20, 0, tzinfo=new_york)))
+    months = {k[4]: v["sessions"] for k, v in rules.contribution(doc).items() if k[4]}
+    assert months == {"2026-11": 1, "2027-01": 1}
+    assert rules.month_of(datetime(2027, 1, 1, 0, 0, tzinfo=UTC)) == "2027-01"
 
 
 def test_a_correction_moves_only_what_it_changed() -> None:
