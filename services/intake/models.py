@@ -285,7 +285,10 @@ def check_submission(data: Any, now: datetime | None = None,
             errors.append(("total", _BOTH))
         elif not has_items and not has_total:
             errors.append(("items", _NEITHER))
-    outcome = isinstance(data, dict) and data.get("instrument") in OUTCOME_INSTRUMENTS
+    # Only a string can name a scale: any other JSON value (an object or a list is unhashable) is
+    # left to the model, which rejects it on `instrument` (422), never a TypeError here (500).
+    instrument = data.get("instrument") if isinstance(data, dict) else None
+    outcome = isinstance(instrument, str) and instrument in OUTCOME_INSTRUMENTS
     kind: type[AnySubmissionIn] = OrsSubmissionIn if outcome else SubmissionIn
     try:
         model = kind.model_validate(data, context={"now": now or datetime.now(UTC), "max_future": max_future})

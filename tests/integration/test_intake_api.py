@@ -404,6 +404,23 @@ async def test_batch_accepts_valid_items_and_rejects_invalid_ones_by_index(intak
     assert "b-1" not in intake.reader.seen
 
 
+@pytest.mark.parametrize("instrument", [{"ORS": 1}, ["ORS"]], ids=["an object", "a list"])
+async def test_an_instrument_that_is_not_a_string_is_a_rejected_item_naming_the_field(
+        intake: Intake, instrument: Any) -> None:
+    # Found by the API contract test: an unhashable instrument was looked up in a set (500).
+    r = await intake.post({"submissions": [submission(submission_id="bi-0", instrument=instrument)]},
+                          path="/v1/submissions/batch")
+    assert r.status_code == 200, r.text
+    [result] = r.json()["results"]
+    assert result["status"] == "rejected" and [e["field"] for e in result["errors"]] == ["instrument"]
+
+
+async def test_a_single_submission_with_an_instrument_that_is_not_a_string_is_422(intake: Intake) -> None:
+    r = await intake.post(submission(submission_id="si-0", instrument={"ORS": 1}))
+    assert r.status_code == 422, r.text
+    assert [e["field"] for e in r.json()["errors"]] == ["instrument"]
+
+
 async def test_batch_items_share_the_request_correlation_id(intake: Intake) -> None:
     r = await intake.post({"submissions": [submission(submission_id=f"bc-{i}") for i in range(3)]},
                           path="/v1/submissions/batch", headers={"X-Correlation-ID": "batch-corr"})

@@ -58,6 +58,12 @@ def test_items_and_total_together_fail_on_total() -> None:
     assert errors == [("total", "give either all four items or a total, not both")]
 
 
+@pytest.mark.parametrize("instrument", [{"ORS": 1}, ["ORS"], 3, True])
+def test_an_instrument_that_is_not_a_string_fails_on_instrument(instrument: Any) -> None:
+    model, errors = check_submission(sub(instrument=instrument), NOW)
+    assert model is None and [field for field, _ in errors] == ["instrument"]
+
+
 def test_neither_items_nor_total_fails_on_items() -> None:
     _, errors = check_submission(sub(items=...), NOW)
     assert errors == [("items", "either items (all four) or a total is required")]
