@@ -171,7 +171,7 @@ class Network:
 
 
 def new_client(slot: int, generation: int, clinician: tuple[int, str, str], rng: random.Random, run: str,
-               mix: Mix, first_seen: datetime) -> Client:
+               mix: Mix, first_seen: datetime, seed: int = 0) -> Client:
     """A client entering the caseload; their course of sessions ends before `first_seen` (when we first post)."""
     tenant, site_id, clinician_id = clinician
     r = rng.random()
@@ -192,7 +192,10 @@ def new_client(slot: int, generation: int, clinician: tuple[int, str, str], rng:
                     rng.random() < mix.total_only, "ep-1" if rng.random() < mix.episodes else None, start, slope,
                     course, anchor)
     # Drawn after every SRS draw, from their own generator: the SRS stream of a seed stays the same.
-    return with_outcome(client, random.Random(f"{run}:{client_id}"), mix) if mix.ors else client
+    # Seeded by the seed and the client's place, never the run label (a fresh one per run by
+    # default, which only names ids): a seed plans the same outcomes in every run.
+    outcome_rng = random.Random(f"{seed}:{slot}:{generation}")
+    return with_outcome(client, outcome_rng, mix) if mix.ors else client
 
 
 def with_outcome(client: Client, rng: random.Random, mix: Mix) -> Client:
@@ -222,7 +225,8 @@ Roster = Sequence[tuple[str, str]]  # (clinician_id, site_id)
 
 
 def build_network(tenants: int, sites: int, clinicians: int, clients: int, rng: random.Random, run: str,
-                  mix: Mix = Mix(), now: datetime = DEFAULT_NOW, roster: Roster | None = None) -> Network:
+                  mix: Mix = Mix(), now: datetime = DEFAULT_NOW, roster: Roster | None = None,
+                  seed: int = 0) -> Network:
     """Spread sites over tenants, clinicians over sites, clients over clinicians (round-robin).
 
     A `roster` names the clinicians and their sites instead (e.g. to match clinicians registered
@@ -242,7 +246,7 @@ def build_network(tenants: int, sites: int, clinicians: int, clients: int, rng: 
         site_list = tuple((i % tenants, f"site-{i + 1}") for i in range(sites))
         clin_list = tuple((site_list[j % sites][0], site_list[j % sites][1], f"clin-{j + 1}")
                           for j in range(clinicians))
-    first = tuple(new_client(k, 0, clin_list[k % clinicians], rng, run, mix, now) for k in range(clients))
+    first = tuple(new_client(k, 0, clin_list[k % clinicians], rng, run, mix, now, seed) for k in range(clients))
     return Network(tenants, site_list, clin_list, first)
 
 
@@ -298,7 +302,7 @@ def _iter_plan(tenants: int, sites: int, clinicians: int, clients: int, count: i
     rng = random.Random(seed)
     run = run or f"s{seed}"
     start = now or DEFAULT_NOW
-    net = build_network(tenants, sites, clinicians, clients, rng, run, mix, start, roster)
+    net = build_network(tenants, sites, clinicians, clients, rng, run, mix, start, roster, seed)
     active = list(net.clients)
     next_session = [1] * len(active)
     by_tenant: dict[int, list[int]] = {}
@@ -323,7 +327,7 @@ def _iter_plan(tenants: int, sites: int, clinicians: int, clients: int, count: i
         if next_session[slot] > client.course:  # discharged: the slot goes to a new client
             active[slot] = new_client(slot, client.generation + 1, (client.tenant, client.site_id,
                                                                     client.clinician_id),
-                                      rng, run, mix, posted_at(emitted))
+                                      rng, run, mix, posted_at(emitted), seed)
             next_session[slot] = 1
         return client, n
 
