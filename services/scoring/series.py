@@ -435,7 +435,7 @@ def derive(versions: Iterable[Version], owner: str | None, site_version: int, ru
         tails[instrument] = Tail(newest, latest_slot, latest_alert, last_derived, last_given,
                                  frozenset(e for e, _, _ in episodes),
                                  {(e, d): len(ms) for e, d, ms in episodes})
-    _mark_outcome_at_risk(alerts, tenant_id, client_id)
+    _mark_outcome_at_risk(alerts)
     return View(sessions, alerts, frozenset(v.key for v in by_key.values()), frozenset(resends), slot_of,
                 tails)
 
@@ -479,7 +479,7 @@ def _outcome_view(v: Version, eid: str, derived: bool, prev: OutcomeView | None,
     return view, AlertView(aid, view, view.triggers, s.severity, site)
 
 
-def _mark_outcome_at_risk(alerts: dict[str, AlertView], tenant_id: str, client_id: str) -> None:
+def _mark_outcome_at_risk(alerts: dict[str, AlertView]) -> None:
     """Mark the alliance alerts whose session also holds an outcome alert (same episode - one id,
     or derived ids of one session across midnight UTC: `ids.same_episode_of_both_scales` - and
     session number, the paired instrument: `OUTCOME_OF`) `outcome_at_risk`, and unmark the
@@ -567,7 +567,7 @@ def extend(view: View, v: Version, owner: str | None, site_version: int, rules: 
     sessions[sv.slot] = sv
     if alert is not None:
         alerts[alert.alert_id] = alert
-    _mark_outcome_at_risk(alerts, tenant_id, client_id)
+    _mark_outcome_at_risk(alerts)
     slot_of = dict(view.slot_of_key)
     slot_of[v.session_key] = sv.slot
     last_derived = tail.last_derived if tail is not None else None
