@@ -542,6 +542,7 @@ def read_paths(net: Network, reads: int, rng: random.Random, warm: bool) -> dict
     return {
         "trajectory": [f"/v1/clients/n{pick(net.clients):07d}/trajectory" for _ in range(reads)],
         "caseload": [f"/v1/clinicians/clin{pick(clinicians):04d}/caseload" for _ in range(reads)],
+        "clinician summary": [f"/v1/clinicians/clin{pick(clinicians):04d}/summary" for _ in range(reads)],
         "site summary": [f"/v1/sites/{net.site_of(pick(net.active_sites))}/summary" for _ in range(reads)],
         "tenant summary": ["/v1/summary"] * reads,
         "tenant trends 24 mo": [f"/v1/summary/trends?from={first}&to={last}"] * reads,
@@ -635,7 +636,7 @@ async def network_run(ep: Endpoints, net: Network, reads: int) -> NetworkRun:
         await drop_database(mongo)
 
 
-SUMMARIES = ("site summary", "tenant summary")
+SUMMARIES = ("clinician summary", "site summary", "tenant summary")
 TRENDS = ("tenant trends 24 mo", "site trends 24 mo", "clinician trends 24 mo")
 
 
