@@ -109,6 +109,31 @@ def same_episode_of_both_scales(alliance_episode: str, outcome_episode: str) -> 
             and abs((alliance[0] - outcome[0]).days) <= 1)
 
 
+def same_session_of_both_scales(alliance: tuple[str, int, datetime], outcome: tuple[str, int, datetime]) -> bool:
+    """Whether a session of an alliance instrument and one of its paired outcome instrument, each
+    given as (episode id, session number, administered at), are one session (docs/outcome.md): the
+    same session number, and one episode of both scales (`same_episode_of_both_scales`), or two
+    derived episodes and UTC dates of administration at most a day apart.
+
+    The second case is a form missing at the first session of an episode (the ORS forgotten at
+    session 1, or the SRS): each scale derives its episode from its own first session, so the two
+    ids name two first session numbers, and the sessions both scales hold are still one session
+    each (two forms of one number at most a day apart are one appointment's, as in
+    `same_episode_of_both_scales`)."""
+    (a_episode, a_number, a_at), (o_episode, o_number, o_at) = alliance, outcome
+    if a_number != o_number:
+        return False
+    if same_episode_of_both_scales(a_episode, o_episode):
+        return True
+    return (a_episode.startswith(DERIVED_EPISODE_PREFIX) and o_episode.startswith(DERIVED_EPISODE_PREFIX)
+            and abs((_utc_date(a_at) - _utc_date(o_at)).days) <= 1)
+
+
+def _utc_date(at: datetime) -> date:
+    """The UTC date of a time (a naive one is UTC, as scoring reads it)."""
+    return (at.astimezone(UTC) if at.tzinfo else at).date()
+
+
 def csv_submission_id(tenant_id: str, client_id: str, instrument: str, episode_id: str | None,
                       session_number: int, administered_day: str) -> str:
     """Intake's submission id of a CSV row without one, from its session (`administered_day`: the

@@ -162,7 +162,7 @@ def trajectory_bundle(doc: Mapping[str, Any], episode_id: str | None = None,
     last_scored: datetime | None = None
     shown: list[tuple[Mapping[str, Any], Mapping[str, Any]]] = [(doc, s) for s in sessions]
     if outcome is not None:
-        paired = outcome_episode(outcome, episode)
+        paired = outcome_episode(outcome, episode, sessions)
         shown.extend((outcome, s) for s in sessions_by_episode(outcome.get("entries", {})).get(paired, []))
     for record, s in shown:
         # Each session's own episode: an outcome session keeps its resource ids in every Bundle.

@@ -797,15 +797,34 @@ def outcome_alert_view(alert: Mapping[str, Any]) -> Doc:
     return view
 
 
-def outcome_episode(outcome: Mapping[str, Any], episode_id: str | None) -> str | None:
-    """The episode of an outcome record shown beside the alliance episode `episode_id`: the same id,
-    else the record's derived episode that is the same episode of care
-    (`ids.same_episode_of_both_scales`: the ORS and SRS of a session across midnight UTC got
-    derived ids of two dates). `episode_id` itself when the record holds neither."""
-    episodes = sorted(e for e in sessions_by_episode(outcome.get("entries", {})) if e is not None)
+def outcome_episode(outcome: Mapping[str, Any], episode_id: str | None,
+                    sessions: Sequence[Mapping[str, Any]] = ()) -> str | None:
+    """The episode of an outcome record shown beside the alliance episode `episode_id` (whose
+    sessions are `sessions`): the same id, else the record's derived episode that is the same
+    episode of care (`ids.same_episode_of_both_scales`: the ORS and SRS of a session across
+    midnight UTC got derived ids of two dates), else the most recent derived episode that holds
+    one of `sessions` (`ids.same_session_of_both_scales`: a form missing at the episode's first
+    session, so the two derived ids begin at two session numbers). `episode_id` itself when the
+    record holds none of these."""
+    groups = sessions_by_episode(outcome.get("entries", {}))
+    episodes = sorted(e for e in groups if e is not None)
     if episode_id is None or episode_id in episodes:
         return episode_id
-    return next((e for e in episodes if ids.same_episode_of_both_scales(episode_id, e)), episode_id)
+    by_id = next((e for e in episodes if ids.same_episode_of_both_scales(episode_id, e)), None)
+    if by_id is not None:
+        return by_id
+    alliance: dict[int, list[Any]] = {}
+    for a in sessions:
+        alliance.setdefault(int(a["session_number"]), []).append(a["administered_at"])
+    for e, held in groups.items():  # most recent first
+        if e is None:
+            continue
+        for o in held:
+            n = int(o["session_number"])
+            if any(ids.same_session_of_both_scales((episode_id, n, at), (e, n, o["administered_at"]))
+                   for at in alliance.get(n, ())):
+                return e
+    return episode_id
 
 
 def outcome_series(doc: Mapping[str, Any], alerts: Sequence[Mapping[str, Any]],
@@ -887,8 +906,8 @@ def trajectory_view(doc: Mapping[str, Any], alerts: Sequence[Mapping[str, Any]] 
     latest = ordered[-1]
     below, declining = below_cutoff(latest), is_declining(latest)
     marks = _episode_alerts(alerts, episode)
-    series = outcome_series(outcome, outcome_alerts, outcome_episode(outcome, episode)) if outcome is not None \
-        else None
+    series = (outcome_series(outcome, outcome_alerts, outcome_episode(outcome, episode, ordered))
+              if outcome is not None else None)
     return {
         "client_id": doc["client_id"],
         "instrument": doc["instrument"],

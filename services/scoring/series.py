@@ -480,9 +480,10 @@ def _outcome_view(v: Version, eid: str, derived: bool, prev: OutcomeView | None,
 
 
 def _mark_outcome_at_risk(alerts: dict[str, AlertView]) -> None:
-    """Mark the alliance alerts whose session also holds an outcome alert (same episode - one id,
-    or derived ids of one session across midnight UTC: `ids.same_episode_of_both_scales` - and
-    session number, the paired instrument: `OUTCOME_OF`) `outcome_at_risk`, and unmark the
+    """Mark the alliance alerts whose session also holds an outcome alert (the same session of
+    the paired instrument, `OUTCOME_OF`: `ids.same_session_of_both_scales` - the same session
+    number in one episode, or in derived episodes, whose ids differ for a session across midnight
+    UTC or a form missing at the episode's first session) `outcome_at_risk`, and unmark the
     others. In place; an alert that does not change stays the same object (so `_grown` can tell
     which alerts an `extend` changed). There are at most a few alerts: one per instrument."""
     if not any(a.outcome_at_risk or a.session.version.outcome for a in alerts.values()):
@@ -492,8 +493,9 @@ def _mark_outcome_at_risk(alerts: dict[str, AlertView]) -> None:
         s = a.session
         paired = _PAIRED.get(s.version.instrument)
         at_risk = paired is not None and any(
-            o.version.instrument == paired and o.version.session_number == s.version.session_number
-            and ids.same_episode_of_both_scales(s.episode_id, o.episode_id) for o in outcome)
+            o.version.instrument == paired and ids.same_session_of_both_scales(
+                (s.episode_id, s.version.session_number, s.version.administered_at),
+                (o.episode_id, o.version.session_number, o.version.administered_at)) for o in outcome)
         if at_risk != a.outcome_at_risk:
             alerts[aid] = replace(a, outcome_at_risk=at_risk)
 

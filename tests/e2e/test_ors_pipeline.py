@@ -62,6 +62,20 @@ async def _async(value: Any) -> Any:
     return value
 
 
+def _latest_at_risk(delivered: list[dict[str, Any]]) -> bool:
+    latest = max(delivered, key=lambda b: b["revision"], default=None)
+    return latest is not None and bool(latest["outcome_at_risk"])
+
+
+async def alliance_alert_at_risk(receiver: WebhookReceiver, client_id: str) -> dict[str, Any]:
+    """The client's alliance alert as last delivered, once that says `outcome_at_risk` (a timeout
+    shows every delivery of it so far)."""
+    delivered = await eventually(
+        lambda: _async([b for _, b in bodies(receiver, "alliance.deterioration.v1", client_id)]),
+        until=_latest_at_risk, timeout=60)
+    return max(delivered, key=lambda b: b["revision"])
+
+
 @pytest.fixture(scope="module")
 async def secret(services: dict[str, ServiceProcess], keys: dict[str, str], receiver: WebhookReceiver) -> str:
     """The tenant's clinician-webhook secret, with clinician c-17's webhook on the receiver."""
@@ -117,14 +131,7 @@ async def test_an_srs_drop_in_a_non_improving_episode_is_a_critical_alliance_ale
         ors(client, 3, 20.5), srs(client, 3, (8.0, 7.5, 8.0, 8.0)),
     ])
 
-    def latest_at_risk(delivered: list[dict[str, Any]]) -> bool:
-        latest = max(delivered, key=lambda b: b["revision"], default=None)
-        return latest is not None and bool(latest["outcome_at_risk"])
-
-    # Every delivery of the client's alliance alert so far, so that a timeout shows which arrived.
-    delivered = await eventually(lambda: _async([b for _, b in bodies(receiver, "alliance.deterioration.v1", client)]),
-                                 until=latest_at_risk, timeout=60)
-    alert = max(delivered, key=lambda b: b["revision"])
+    alert = await alliance_alert_at_risk(receiver, client)
     assert (alert["session_number"], alert["severity"]) == (3, "critical")
     outcome = await eventually(lambda: _async([b for _, b in bodies(receiver, "outcome.alert.v1", client)]))
     assert {(b["session_number"], *b["triggers"]) for b in outcome} == {(3, "not_on_track")}
@@ -138,3 +145,32 @@ async def test_an_srs_drop_in_a_non_improving_episode_is_a_critical_alliance_ale
     mine = {a["alert_type"]: a for a in listed if a["client_id"] == client and a["status"] == "open"}
     assert mine["alliance"]["outcome_at_risk"] is True and mine["alliance"]["severity"] == "critical"
     assert mine["outcome"]["triggers"] == ["not_on_track"]
+
+
+async def test_an_srs_drop_whose_ors_deteriorated_is_outcome_at_risk_and_shown_beside_it_when_the_ors_began_at_2(
+    services: dict[str, ServiceProcess], keys: dict[str, str], receiver: WebhookReceiver, secret: str,
+) -> None:
+    # The ORS was not given at session 1: the outcome episode scoring derives begins at session 2
+    # (its intake), the alliance one at session 1. The ORS falls 6 below its intake at session 3,
+    # where the SRS drops by 1 (a warning by the alliance rules alone).
+    client = "client-ors-begun-at-2"
+    await post_all(services, keys, [
+        srs(client, 1, (9.5, 9.5, 9.5, 9.5)),
+        ors(client, 2, 20.0), srs(client, 2, (9.5, 9.5, 9.5, 9.5)),
+        ors(client, 3, 14.0), srs(client, 3, (9.5, 9.5, 9.5, 8.5)),
+    ])
+
+    alert = await alliance_alert_at_risk(receiver, client)
+    assert (alert["session_number"], alert["severity"]) == (3, "critical")
+
+    read = {"Authorization": f"Bearer {keys['read']}"}
+    async with httpx.AsyncClient(timeout=15) as http:
+        async def trajectory() -> dict[str, Any]:
+            r = await http.get(f"{services['reporting'].url}/v1/clients/{client}/trajectory", headers=read)
+            return dict(r.json()) if r.status_code == 200 else {}
+
+        shown = await eventually(trajectory, timeout=60,
+                                 until=lambda t: len(t.get("sessions", [])) == 3 and len(
+                                     (t.get("outcome") or {}).get("sessions", [])) == 2)
+    assert [(row["session_number"], (row["ors"] or {}).get("total")) for row in shown["aligned"]] == [
+        (1, None), (2, 20.0), (3, 14.0)]

@@ -4,7 +4,7 @@ those the system gave before the recipes were gathered in shared/ids.py."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -113,3 +113,24 @@ def test_an_enum_part_derives_the_same_id_as_its_string() -> None:
 def test_the_two_scales_share_an_episode_by_id_or_by_derived_ids_a_day_apart(alliance: str, outcome: str,
                                                                               one_episode: bool) -> None:
     assert ids.same_episode_of_both_scales(alliance, outcome) is one_episode
+
+
+MORNING = datetime(2026, 11, 3, 10, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(("alliance", "outcome", "one_session"), [
+    (("ep-1", 3, MORNING), ("ep-1", 3, MORNING + timedelta(days=5)), True),   # one given episode: its number
+    (("ep-1", 3, MORNING), ("ep-1", 2, MORNING), False),
+    (("ep-1", 3, MORNING), ("ep-2", 3, MORNING), False),
+    # derived ids a day apart from one first session number: a session across midnight UTC
+    (("auto/2026-11-04/1", 3, MORNING), ("auto/2026-11-03/1", 3, MORNING - timedelta(hours=1)), True),
+    # derived ids from two first session numbers: a form missing at the episode's first session
+    (("auto/2026-10-27/1", 3, MORNING), ("auto/2026-11-03/2", 3, MORNING - timedelta(minutes=50)), True),
+    (("auto/2026-11-03/2", 3, MORNING), ("auto/2026-10-27/1", 3, MORNING + timedelta(hours=14)), True),
+    (("auto/2026-10-27/1", 3, MORNING), ("auto/2026-11-03/2", 3, MORNING + timedelta(days=2)), False),
+    (("auto/2026-10-27/1", 3, MORNING), ("auto/2026-11-03/2", 2, MORNING), False),
+    (("ep-1", 3, MORNING), ("auto/2026-11-03/2", 3, MORNING), False),          # a given id pairs only with itself
+])
+def test_a_session_of_both_scales_is_one_by_its_number_in_one_episode_or_in_derived_ones_a_day_apart(
+        alliance: tuple[str, int, datetime], outcome: tuple[str, int, datetime], one_session: bool) -> None:
+    assert ids.same_session_of_both_scales(alliance, outcome) is one_session

@@ -21,6 +21,7 @@ again before reporting and alerts see it. The oracle below shares no code with a
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -312,6 +313,12 @@ def srs_alert_oracle(subs: list[Sub]) -> dict[tuple[str, int], str]:
     return out
 
 
+def appointments(subs: list[Sub], alerts: Iterable[tuple[str, int]]) -> dict[tuple[str, int], tuple[int, int]]:
+    """The appointment (day, session number) of the session of each alert {(episode, number)}."""
+    episodes = _final_sessions(subs)
+    return {(eid, n): next((m.day, m.number) for m in episodes[eid] if m.number == n) for eid, n in alerts}
+
+
 MixedEvent = Event | OrsScored | OutcomeAlert
 
 
@@ -429,7 +436,13 @@ def test_with_both_scales_the_final_record_and_outcome_at_risk_depend_only_on_th
     assert not set(scored_ids) & {e.event_id for e in events if isinstance(e, OrsScored)}
     alliance, outcome = open_mixed_alerts(events)
     assert outcome == outcome_alerts
-    assert alliance == {k: ("critical", True) if k in outcome_alerts else (v, False) for k, v in srs_alerts.items()}
+    # An alliance alert is at risk when the outcome alert is of its session: the same appointment
+    # (the two forms of a session are posted on one day), whichever episode ids the two scales
+    # derived (a session whose ORS or SRS was not given begins that scale's episode later).
+    outcome_sessions = set(appointments(ors_subs, outcome_alerts).values())
+    alliance_sessions = appointments(srs_subs, srs_alerts)
+    assert alliance == {k: ("critical", True) if alliance_sessions[k] in outcome_sessions else (v, False)
+                        for k, v in srs_alerts.items()}
     if srs_subs:  # the SRS record itself is what it is without the ORS
         episodes, _ = oracle(srs_subs)
         doc = report([e for e in events if isinstance(e, SrsScored)], rng)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 import statistics
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -17,7 +17,7 @@ from services.reporting.models import CaseloadEntryOut, SummaryOut, TrajectoryOu
 from shared.events import AlertStatus, Flag, OrsItems, OrsScored, OutcomeInstrument, Severity
 from tests.support.outcome_events import ors_scored, outcome_alert_for, outcome_series
 from tests.unit.test_reporting_rules import content, fold  # the same batched fold the SRS rules are tested with
-from tools.demo import deterioration_for, scored
+from tools.demo import BASE, deterioration_for, scored
 
 T = "tenant-o"
 ITEMS = OrsItems(individually=4.0, interpersonally=5.0, socially=4.5, overall=4.5)
@@ -232,8 +232,10 @@ def test_the_trajectory_shows_the_ors_series_of_a_session_across_utc_midnight_be
 
 
 def test_derived_episodes_two_days_apart_are_not_shown_side_by_side() -> None:
-    srs_doc = fold([scored(T, "c1", 1, 38.0, episode_id="auto/2026-03-04/1", episode_derived=True)])
-    ors_doc = fold(outcome_series(T, "c1", [18.0], episode_id=ORS_EPISODE))
+    srs_doc = fold([scored(T, "c1", 1, 38.0, episode_id="auto/2026-03-04/1", episode_derived=True,
+                           administered_at=datetime(2026, 3, 4, 9, 0, tzinfo=UTC))])
+    ors_doc = fold(outcome_series(T, "c1", [18.0], episode_id=ORS_EPISODE,
+                                  administered_at=datetime(2026, 3, 2, 9, 0, tzinfo=UTC)))
     assert rules.trajectory_view(srs_doc, (), None, ors_doc)["outcome"]["sessions"] == []
 
 
@@ -243,6 +245,43 @@ def test_the_fhir_bundle_of_a_session_across_utc_midnight_holds_its_ors_with_the
     ids_of = {r["resource"]["id"] for r in bundle["entry"]}
     alone = fhir.trajectory_bundle(ors_doc)  # the outcome-only client's Bundle of the same session
     assert {r["resource"]["id"] for r in alone["entry"]} < ids_of
+
+# A form missing at the first session of an episode: the ORS begun at session 2 is its own derived
+# episode (`auto/<the date of session 2>/2`) and still the same episode of care as the SRS's
+# (docs/outcome.md): the sessions both scales hold are one session each.
+SRS_FROM_1, ORS_FROM_2 = "auto/2026-01-05/1", "auto/2026-01-12/2"
+
+
+def ors_begun_at_session_2(srs_totals: list[float], ors_totals: list[float],
+                           days_late: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    srs = [scored(T, "c1", n, t, episode_id=SRS_FROM_1, episode_derived=True)
+           for n, t in enumerate(srs_totals, start=1)]
+    ors = [ors_scored(T, "c1", n, t, intake_total=ors_totals[0] if n > 2 else None, episode_id=ORS_FROM_2,
+                      administered_at=BASE + timedelta(days=7 * (n - 1) + days_late, minutes=-50))
+           for n, t in enumerate(ors_totals, start=2)]
+    return fold(srs), fold(ors)
+
+
+def test_the_trajectory_shows_the_ors_series_of_an_episode_whose_ors_began_at_session_2_beside_its_srs() -> None:
+    srs_doc, ors_doc = ors_begun_at_session_2([38.0, 36.0, 35.0], [18.0, 21.0])
+    view = rules.trajectory_view(srs_doc, (), None, ors_doc)
+    assert (view["episode_id"], view["outcome"]["episode_id"]) == (SRS_FROM_1, ORS_FROM_2)
+    assert [(r["session_number"], (r["srs"] or {}).get("total"), (r["ors"] or {}).get("total"))
+            for r in view["aligned"]] == [(1, 38.0, None), (2, 36.0, 18.0), (3, 35.0, 21.0)]
+
+
+def test_a_derived_ors_episode_whose_sessions_are_days_from_the_srs_ones_of_their_numbers_is_not_shown_beside_it(
+) -> None:
+    srs_doc, ors_doc = ors_begun_at_session_2([38.0, 36.0, 35.0], [18.0, 21.0], days_late=3)
+    assert rules.trajectory_view(srs_doc, (), None, ors_doc)["outcome"]["sessions"] == []
+
+
+def test_the_fhir_bundle_of_an_episode_whose_ors_began_at_session_2_holds_its_ors_sessions() -> None:
+    srs_doc, ors_doc = ors_begun_at_session_2([38.0, 36.0], [18.0])
+    bundle = fhir.trajectory_bundle(srs_doc, None, ors_doc)
+    alone = fhir.trajectory_bundle(ors_doc)  # the outcome-only client's Bundle of the same session
+    assert {r["resource"]["id"] for r in alone["entry"]} < {r["resource"]["id"] for r in bundle["entry"]}
+
 
 def test_an_outcome_alert_superseded_by_scoring_shows_as_superseded() -> None:
     ors = outcome_series(T, "c1", [20.0, 14.0])

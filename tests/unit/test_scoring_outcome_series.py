@@ -316,6 +316,39 @@ def test_an_ors_alert_does_not_put_a_csrs_alert_at_risk() -> None:
     assert not alert.outcome_at_risk
 
 
+# A form missing at the first session of an episode: each scale derives its episode from its own
+# first session, so the ORS begun at session 2 is `auto/<its date>/2` beside the SRS's
+# `auto/<date>/1`. The sessions both scales hold are still one session each (docs/outcome.md).
+
+
+def test_an_srs_alert_is_at_risk_when_the_ors_of_its_session_alerts_in_an_ors_begun_at_session_2() -> None:
+    c = Client()
+    c.submit("s1", 1, 38.0, "SRS")  # the ORS of session 1 was not given
+    c.submit("o2", 2, 20.0)
+    c.submit("s2", 2, 38.0, "SRS")
+    c.submit("o3", 3, 14.0)  # 6 below its intake (session 2): a reliable deterioration
+    (alert,) = raised(c.submit("s3", 3, 37.0, "SRS"))  # a drop of 1: a warning by the alliance rules
+    assert alert.alert.alert_id == srs_alert(3)
+    assert alert.alert.outcome_at_risk and alert.alert.shown_severity is Severity.CRITICAL
+
+
+def test_an_srs_alert_is_at_risk_when_the_ors_of_its_session_alerts_and_the_srs_began_at_session_2() -> None:
+    c = Client()
+    c.ors(20.0, 20.0, 14.0)  # the SRS of session 1 was not given
+    c.submit("s2", 2, 38.0, "SRS")
+    (alert,) = raised(c.submit("s3", 3, 37.0, "SRS"))
+    assert alert.alert.alert_id == ids.alert_id(TENANT, CLIENT, "SRS", "auto/2026-09-02/2", 3)
+    assert alert.alert.outcome_at_risk
+
+
+def test_an_ors_begun_at_session_2_two_days_from_the_srs_of_its_number_is_not_the_same_session() -> None:
+    c = Client()
+    c.srs(38.0, 38.0, 37.0)
+    c.submit("o2", 2, 20.0, day=3)
+    c.submit("o3", 3, 14.0, day=4)  # the SRS of session 3 was given on day 2
+    assert not c.state.view(RULES).alerts[srs_alert(3)].outcome_at_risk
+
+
 # --- the view kept between steps (extend) equals the view derived afresh --------------------------------
 
 
