@@ -238,11 +238,12 @@ class AlertStatusChanged(Event):
     """What happened to an alert (topic `alliance.alert-status.v1`).
 
     `superseded` (a later session of the episode, or a later episode, was scored) and
-    `withdrawn` (a correction cleared the alert's triggers, or moved its session) come from
-    scoring and name the `revision` they end; `acknowledged`, `escalated`, `delivered` and
-    `failed` come from alerts. `delivered` (the revision reached its clinician) and `failed` (a
-    clinician channel used up its attempts on the revision) name the `revision` and the `channel`
-    (webhook, email); they are not part of the lifecycle.
+    `withdrawn` (a correction cleared the alert's triggers, or moved its session; or the
+    tenant's changed rules cleared those of the latest session) come from scoring and name the
+    `revision` they end; `acknowledged`, `escalated`, `delivered` and `failed` come from alerts.
+    `delivered` (the revision reached its clinician) and `failed` (a clinician channel used up its
+    attempts on the revision) name the `revision` and the `channel` (webhook, email); they are not
+    part of the lifecycle.
     """
 
     alert_id: str

@@ -996,7 +996,11 @@ class ClientState:
             if aid in view.alerts or rec.state != Lifecycle.RAISED:
                 continue
             session = view.sessions.get(rec.slot)
-            cleared = session is None or not session.triggers
+            # Withdrawn only when nothing later speaks for the session: it left its slot, or it is
+            # still the latest and no longer triggers. One a later session follows is superseded
+            # even when its own triggers changed too (the tenant's rules changed: the later
+            # session is scored with the whole record under the new ones).
+            cleared = session is None or (session.latest and not session.triggers)
             status = AlertStatus.WITHDRAWN if cleared else AlertStatus.SUPERSEDED
             ended = replace(rec, state=Lifecycle(status), at=now)
             self.alerts[aid] = ended

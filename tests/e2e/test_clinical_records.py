@@ -7,6 +7,7 @@ One tenant per module, one client per test, so the tests do not see each other's
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -356,3 +357,31 @@ async def test_reporting_and_fhir_show_the_flags_scoring_decided_with_the_tenant
     observations = [e["resource"] for e in fhir["entry"] if e["resource"]["resourceType"] == "Observation"]
     codes = [o["interpretation"][0]["coding"][0]["code"] for o in observations]
     assert codes == ["N", "L"]
+
+
+async def test_a_session_scored_under_changed_rules_supersedes_the_earlier_alert_and_tells_no_withdrawal(
+        http: httpx.AsyncClient, services: dict[str, ServiceProcess], receiver: WebhookReceiver,
+        namespace_m: Namespace) -> None:
+    # A tenant of its own: its rules change in the middle of the client's record.
+    tenant, c = "rules-change", "case9"
+    store: AsyncMongoClient[Document] = AsyncMongoClient(namespace_m.stack.mongo_url, tz_aware=True)
+    db = store[namespace_m.database]
+    key = {role: (await auth.create_key(db, tenant, role))[0] for role in ("submit", "admin")}  # type: ignore[arg-type]
+    (await http.post(f"{services['alerts'].url}/v1/webhook-secret", headers=_auth(key["admin"]))).raise_for_status()
+    (await http.put(f"{services['alerts'].url}/v1/clinicians/c-north", headers=_auth(key["admin"]), json={
+        "site_id": "north", "email": "c-north@clinic.example", "webhook_url": receiver.url})).raise_for_status()
+    await _post(http, services, key["submit"], _session(c, 1, SEPT, total=36.0, sid="case9-1"))
+    await _post(http, services, key["submit"], _session(c, 2, SEPT + timedelta(days=7), total=35.5, sid="case9-2"))
+    (alert,) = await eventually(lambda: _alert_webhooks(receiver, c), timeout=60)  # below the cutoff of 36 only
+
+    await RulesStore(db).put(tenant, TenantRules(cutoff=34.0))
+    await store.close()
+    await asyncio.sleep(6)  # nothing shows when scoring reads them: it does within its rules cache time (5 s)
+    await _post(http, services, key["submit"], _session(c, 3, SEPT + timedelta(days=14), total=35.5, sid="case9-3"))
+
+    async def ended() -> list[dict[str, Any]]:
+        return [a for a in await _alerts(http, services, key["admin"], c) if a["status"] != "open"]
+
+    assert [(a["alert_id"], a["status"]) for a in await eventually(ended, timeout=60)] == [
+        (alert["alert_id"], "superseded")]
+    assert [h.get("status") or "raised" for h in _webhooks(receiver, c)] == ["raised"]

@@ -889,6 +889,25 @@ def test_a_redelivery_after_the_tenants_rules_changed_publishes_the_record_anew_
     assert len(scored(c.state.current_outputs(c.rules))) == 2
 
 
+def test_an_alert_followed_by_a_session_scored_under_changed_rules_is_superseded_not_withdrawn() -> None:
+    # The next session re-scores the record under the tenant's new rules (cutoff 34): session 2's
+    # triggers no longer hold there, but no correction cleared them - a later session ended it.
+    c = Client()
+    c.feed(36.0, 35.5)  # session 2 below the cutoff of 36 (and no drop of 1): an alert
+    c.rules = TenantRules(cutoff=34.0)
+    step = c.submit("s3", 3, 35.5)
+    assert [(s.alert_id, s.status) for s in statuses(step)] == [(alert_id(2), "superseded")]
+
+
+def test_an_alert_whose_triggers_changed_rules_clear_on_a_redelivery_is_withdrawn() -> None:
+    # Nothing later ends it: the session is still the latest and holds no alert under the new rules.
+    c = Client()
+    c.feed(36.0, 35.5)
+    c.rules = TenantRules(cutoff=34.0)
+    again = c.apply(c.state.versions["s2"])  # session 2's record redelivered
+    assert again.redelivered and [(s.alert_id, s.status) for s in statuses(again)] == [(alert_id(2), "withdrawn")]
+
+
 def test_a_transfer_redelivered_after_the_tenants_rules_changed_publishes_the_record_anew() -> None:
     c = Client()
     c.feed(37.0)
