@@ -174,3 +174,29 @@ async def test_an_srs_drop_whose_ors_deteriorated_is_outcome_at_risk_and_shown_b
                                      (t.get("outcome") or {}).get("sessions", [])) == 2)
     assert [(row["session_number"], (row["ors"] or {}).get("total")) for row in shown["aligned"]] == [
         (1, None), (2, 20.0), (3, 14.0)]
+
+
+async def test_an_ors_correction_to_a_reliable_improvement_withdraws_the_outcome_alert_and_revises_the_srs_one_back(
+    services: dict[str, ServiceProcess], keys: dict[str, str], receiver: WebhookReceiver, secret: str,
+) -> None:
+    # Session 2's ORS read 6 below its intake (the alliance alert of the session is at risk); the
+    # EHR corrects it under the same id to 6 above: a reliable improvement, no outcome alert.
+    client = "client-ors-corrected-up"
+    await post_all(services, keys, [
+        ors(client, 1, 20.0), srs(client, 1, (9.5, 9.5, 9.5, 9.5)),
+        {**ors(client, 2, 14.0), "submission_id": "ors-corrected-up-2"}, srs(client, 2, (9.5, 9.5, 9.5, 8.5)),
+    ])
+
+    def alliance() -> list[dict[str, Any]]:
+        return sorted((b for _, b in bodies(receiver, "alliance.deterioration.v1", client)),
+                      key=lambda b: b["revision"])
+
+    at_risk = await alliance_alert_at_risk(receiver, client)
+    await post_all(services, keys, [{**ors(client, 2, 26.0), "submission_id": "ors-corrected-up-2"}])
+
+    withdrawn = await eventually(lambda: _async(bodies(receiver, "outcome.alert-status.v1", client)), timeout=60)
+    assert [(b["status"], b["session_number"]) for _, b in withdrawn] == [("withdrawn", 2)]
+    revised = await eventually(lambda: _async(alliance()), timeout=60,
+                               until=lambda got: got[-1]["revision"] > at_risk["revision"])
+    assert (revised[-1]["session_number"], revised[-1]["outcome_at_risk"], revised[-1]["severity"]) == (
+        2, False, "warning")
