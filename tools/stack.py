@@ -73,6 +73,9 @@ class LocalStack:
     mongo_port: int = 27017
     s3_port: int = 9000
     mongo_memory: bool = False
+    # The store's test-only commands (`configureFailPoint`): off, as in mongod, since any client
+    # reaching the port could arm a failpoint; the test kit turns them on for a store of its own.
+    test_commands: bool = False
     topic_prefix: str = ""
     partitions: int = 6
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -137,7 +140,8 @@ class LocalStack:
         if not self.mongo_memory:
             Path(storage).mkdir(parents=True, exist_ok=True)
         self._spawn("mongo", [_venv_script("secantusd-py"), "--host", "127.0.0.1", "--port",
-                              str(self.mongo_port), "--storage-path", storage, "--log-level", "WARNING"])
+                              str(self.mongo_port), "--storage-path", storage, "--log-level", "WARNING",
+                              *(["--enable-test-commands"] if self.test_commands else [])])
         wait_port(self.mongo_port, timeout=60)
 
     def start(self) -> None:

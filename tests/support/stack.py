@@ -105,8 +105,23 @@ def own_store(stack: StackUnderTest) -> Iterator[StackUnderTest]:
     if stack.local is None:
         yield stack
         return
+    with _store_of_its_own(stack) as own:
+        yield own
+
+
+@contextmanager
+def failpoint_store(stack: StackUnderTest) -> Iterator[StackUnderTest]:
+    """`stack` with a local store of its own whose test commands are on (`configureFailPoint`, see
+    `tests.support.stall`), whatever store the run uses: a failpoint holds server threads and
+    applies server-wide, so it never goes on the store the other tests share."""
+    with _store_of_its_own(stack, test_commands=True) as own:
+        yield own
+
+
+@contextmanager
+def _store_of_its_own(stack: StackUnderTest, test_commands: bool = False) -> Iterator[StackUnderTest]:
     data = Path(tempfile.mkdtemp(prefix="alliance-own-store-"))
-    own = LocalStack(data, kafka_port=stack.local.kafka_port, mongo_port=free_port())
+    own = LocalStack(data, mongo_port=free_port(), test_commands=test_commands)
     own.start_mongo()
     try:
         yield dataclasses.replace(stack, mongo_url=own.mongo_url)
