@@ -138,7 +138,7 @@ def keys_create(
 
     async def go() -> str:
         settings = MongoSettings()
-        client = make_client(settings)
+        client = make_client(settings, admin=True)
         try:
             key, principal = await auth.create_key(database(client, settings), tenant, role, site, label)
             await audit.write_now(audit.audit_collection(client, settings, AuditSettings()), tenant_id=tenant,
@@ -163,7 +163,7 @@ def keys_list(
 
     async def go() -> list[auth.KeyInfo]:
         settings = MongoSettings()
-        client = make_client(settings)
+        client = make_client(settings, admin=True)
         try:
             return await auth.list_keys(database(client, settings), tenant)
         finally:
@@ -184,7 +184,7 @@ def keys_revoke(key_id: str) -> None:
 
     async def go() -> bool:
         settings = MongoSettings()
-        client = make_client(settings)
+        client = make_client(settings, admin=True)
         try:
             db = database(client, settings)
             doc = await db[auth.KEYS].find_one({"key_id": key_id}, {"tenant_id": 1})

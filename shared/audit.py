@@ -439,7 +439,7 @@ async def record_cli(*, tenant_id: str, action: str, outcome: Outcome = "allowed
                      target: str | None = None) -> None:
     """`write_now` through the environment's settings (for the operator commands)."""
     mongo, settings = MongoSettings(), AuditSettings()
-    client = make_client(mongo)
+    client = make_client(mongo, admin=True)
     try:
         await write_now(audit_collection(client, mongo, settings), tenant_id=tenant_id, action=action,
                         outcome=outcome, client_id=client_id, target=target)

@@ -30,8 +30,9 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
 from fastapi import FastAPI, HTTPException, Request
@@ -46,6 +47,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.exposition import choose_encoder
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Mount, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -55,7 +57,7 @@ from shared.channels import Channel
 from shared.kafka import Publisher, make_broker, measure_lag
 from shared.logs import CORRELATION_ID
 from shared.metrics import DEPENDENCY_UP, HTTP_REQUESTS, HTTP_SECONDS, READY, THROTTLED
-from shared.mongo import Document, client_and_database, ping
+from shared.mongo import Document, admin_bound, client_and_database, ping
 from shared.ratelimit import COLLECTION, Limiter, SlotStorage, retry_after_header, slot_storage
 from shared.settings import MONITOR_INTERVAL_SECONDS, SERVICE_PORTS, HttpSettings, KafkaSettings, ServiceConfig
 from shared.topics import Topics
@@ -98,8 +100,21 @@ def validation_errors(errors: Sequence[Any]) -> list[tuple[str | None, str]]:
 _UNPARSABLE_BODY = "There was an error parsing the body"
 
 
+# Seconds a client is asked to wait after a 503 for a store that did not answer.
+STORE_RETRY_AFTER_SECONDS = 5
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """Make every error answer use the uniform body."""
+    """Make every error answer use the uniform body; a store that does not answer (down, or past
+    its operation bound: `ALLIANCE_MONGO_OPERATION_TIMEOUT_MS`) is a 503 with Retry-After, not a 500."""
+
+    @app.exception_handler(PyMongoError)
+    async def _store_unavailable(_: Request, exc: PyMongoError) -> JSONResponse:
+        # The type and code only: a store error's text can quote the documents it refused.
+        log.warning("store unavailable answering a request: %s(code=%s, timeout=%s)", type(exc).__name__,
+                    getattr(exc, "code", None), exc.timeout)
+        return JSONResponse(error_body([(None, "the store is unavailable; retry shortly")]), status_code=503,
+                            headers={"Retry-After": str(STORE_RETRY_AFTER_SECONDS)})
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -571,6 +586,11 @@ class Runtime:
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     monitor_interval_seconds: float = MONITOR_INTERVAL_SECONDS
+    # The block the on_start steps run in: their store operations (index builds over existing
+    # collections, migrations) may legitimately outlast the client's operation bound, so
+    # `Adapters.runtime` gives them the admin bound (`shared.mongo.admin_bound`). A step must not
+    # start long-lived tasks (they would inherit the block's deadline): those are `store_tasks`.
+    startup_bound: Callable[[], AbstractContextManager[None]] = nullcontext
     started: bool = False
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _store_tasks_started: bool = False
@@ -582,8 +602,9 @@ class Runtime:
         delay = 0.5
         while True:
             try:
-                for step in self.on_start:
-                    await step()
+                with self.startup_bound():
+                    for step in self.on_start:
+                        await step()
                 # on_start steps are re-run when the broker start fails; these tasks start once.
                 if not self._store_tasks_started:
                     self._store_tasks_started = True
@@ -747,7 +768,8 @@ class Adapters:
                 on_stop: Sequence[Callable[[], Awaitable[None]]] = ()) -> Runtime:
         """The service's runtime, its monitor loop at `ALLIANCE_MONITOR_INTERVAL_SECONDS`."""
         return Runtime(self.service, self.broker, self.mongo, on_start=list(on_start), store_tasks=list(store_tasks),
-                       on_stop=list(on_stop), monitor_interval_seconds=self.config.monitor.interval_seconds)
+                       on_stop=list(on_stop), monitor_interval_seconds=self.config.monitor.interval_seconds,
+                       startup_bound=partial(admin_bound, self.config.mongo))
 
     def declare_output(self, channel: Channel[Any], description: str, *, title: str | None = None) -> None:
         """Put an output into the AsyncAPI document: the deployment's topic of `channel` and the schema

@@ -48,7 +48,7 @@ def _ensure_demo_keys(state_dir: Path, mongo: MongoSettings) -> dict[str, str]:
     path = state_dir / "demo-keys.json"
 
     async def go() -> dict[str, str]:
-        client = make_client(mongo)
+        client = make_client(mongo, admin=True)
         try:
             db = database(client, mongo)
             await auth.ensure_indexes(db)

@@ -722,7 +722,7 @@ async def _create_keys(tenants: int) -> list[str]:
     from shared.settings import MongoSettings
 
     settings = MongoSettings()
-    client = make_client(settings)
+    client = make_client(settings, admin=True)
     try:
         db = database(client, settings)
         return [(await auth.create_key(db, f"sim-{i + 1}", "submit", None, "alliance simulate"))[0]

@@ -28,7 +28,7 @@ T = TypeVar("T")
 def _with_store(job: Callable[[AlertsStore], Awaitable[T]]) -> T:
     async def go() -> T:
         settings = MongoSettings()
-        client = make_client(settings)
+        client = make_client(settings, admin=True)
         try:
             return await job(AlertsStore(database(client, settings)))
         finally:

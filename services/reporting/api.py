@@ -26,7 +26,6 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, 
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from pymongo.errors import PyMongoError
 
 from services.reporting import rules
 from services.reporting.fhir import FHIR_JSON, trajectory_bundle
@@ -415,16 +414,6 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
         return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
     return router
-
-
-def install_store_errors(app: FastAPI) -> None:
-    """A store that does not answer is a 503 with Retry-After, not a 500."""
-
-    @app.exception_handler(PyMongoError)
-    async def _store_down(_: Request, exc: PyMongoError) -> JSONResponse:
-        log.warning("store error answering a read: %r", exc)
-        return JSONResponse(error_body([(None, "the read store is unavailable; retry shortly")]), status_code=503,
-                            headers={"Retry-After": "5"})
 
 
 def mount_dashboard(app: FastAPI) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from services.reporting.api import build_router, install_store_errors, mount_dashboard
+from services.reporting.api import build_router, mount_dashboard
 from services.reporting.audit import build_audit_router
 from services.reporting.handlers import ReportingHandlers
 from services.reporting.settings import ReportingSettings
@@ -100,7 +100,6 @@ def build(config: ReportingConfig) -> Service:
     app = service_api(runtime, title=TITLE, description=DESCRIPTION)
     app.include_router(build_router(store, generations, lambda: keys, config.reporting, submissions, auditor))
     app.include_router(build_audit_router(trail, lambda: keys, auditor, config.reporting))
-    install_store_errors(app)
     mount_dashboard(app)
     # Every /v1 route needs a key: check it before anything else (FastAPI reads a body first).
     # With it, the failed-authentication limit per peer and the request rate per key (`make_guard`).

@@ -61,7 +61,7 @@ def generation_command() -> None:
 
     async def go() -> str:
         settings = MongoSettings()
-        client = make_client(settings)
+        client = make_client(settings, admin=True)
         try:
             state = await Generations(database(client, settings), 0.1).ensure()
         finally:
@@ -75,7 +75,7 @@ async def verify_generation(mongo: MongoSettings, gen: str | None = None) -> tup
         dict[str, int], dict[str, int]]]]:
     """(generation checked, differences) of the counters against the records (`ReportingStore.verify`);
     the active generation unless `gen` names one."""
-    client = make_client(mongo)
+    client = make_client(mongo, admin=True)
     try:
         db = database(client, mongo)
         target = gen or (await Generations(db, 0.1).ensure()).active
@@ -119,7 +119,7 @@ def audit_export(
 
     async def go() -> int:
         mongo_settings, settings = MongoSettings(), AuditSettings()
-        mongo = make_client(mongo_settings)
+        mongo = make_client(mongo_settings, admin=True)
         try:
             trail = audit.audit_collection(mongo, mongo_settings, settings)
             # An export of every tenant's trail is recorded under tenant `*`.

@@ -380,7 +380,7 @@ async def rebuild(kafka: KafkaSettings, mongo: MongoSettings, settings: Reportin
                   before_switch: Hook | None = None, force: bool = False, drop_old: bool = True,
                   idle_seconds: float = 10.0, allow_truncated: bool = False) -> RebuildResult:
     """Replay the log into a new generation and switch the API over to it (see module docs)."""
-    client = make_client(mongo)
+    client = make_client(mongo, admin=True)
     db = database(client, mongo)
     generations = Generations(db, settings.generation_cache_seconds)
     store = ReportingStore(db, cache_bytes=settings.rebuild_cache_mib * 2**20,

@@ -104,7 +104,7 @@ def change_rules(
 def _run_store_op(op: str, tenant: str, new: TenantRules | None = None) -> TenantRules | None:
     async def go() -> TenantRules | None:
         settings = MongoSettings()
-        client = make_client(settings)
+        client = make_client(settings, admin=True)
         try:
             store = RulesStore(database(client, settings), ttl_seconds=0)
             if op == "put" and new is not None:

@@ -12,14 +12,17 @@ from pydantic import BaseModel, ValidationError
 from pymongo.errors import (
     AutoReconnect,
     BulkWriteError,
+    ClientBulkWriteException,
     DocumentTooLarge,
     ExecutionTimeout,
     NetworkTimeout,
     NotPrimaryError,
     OperationFailure,
     ServerSelectionTimeoutError,
+    WaitQueueTimeoutError,
     WriteConcernError,
     WriteError,
+    WTimeoutError,
 )
 
 from shared.kafka import PermanentError, classify
@@ -95,6 +98,8 @@ def test_a_permanent_error_keeps_the_reason_the_handler_gave() -> None:
     ServerSelectionTimeoutError("no servers"),
     WriteConcernError("waiting for replication timed out", 64),
     ExecutionTimeout("operation exceeded time limit", 50),
+    WTimeoutError("waiting for replication timed out", 64),
+    WaitQueueTimeoutError("timed out while checking out a connection from connection pool"),
     OperationFailure("interrupted", 11601),
     RuntimeError("3 records kept conflicting; the batch will be retried"),
     KeyError("x"),
@@ -116,6 +121,17 @@ def test_a_bulk_write_with_a_write_concern_error_is_transient() -> None:
 
 def test_a_bulk_write_with_one_unknown_code_among_too_large_ones_is_transient() -> None:
     assert not classify(bulk_error(10334, 50)).deterministic
+
+
+def test_a_bulk_write_the_store_stopped_at_its_time_limit_is_transient() -> None:
+    # Each write the operation bound cut (MaxTimeMSExpired) would succeed on a store that answers.
+    assert not classify(bulk_error(50, 50)).deterministic
+
+
+def test_a_cross_collection_bulk_write_that_timed_out_is_transient() -> None:
+    exc = ClientBulkWriteException({"error": NetworkTimeout("timed out"), "writeErrors": [],
+                                    "writeConcernErrors": []}, verbose=False)
+    assert not classify(exc).deterministic
 
 
 def test_duplicate_keys_beside_a_too_large_document_do_not_hide_it() -> None:

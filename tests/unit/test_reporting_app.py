@@ -125,23 +125,3 @@ async def test_a_store_that_does_not_answer_is_a_503_with_retry_after() -> None:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://reporting") as http:
         res = await http.get("/v1/clients/c1/trajectory", headers={"Authorization": "Bearer ak_x"})
     assert res.status_code == 503 and "retry-after" in res.headers
-
-
-async def test_a_store_error_after_authentication_is_a_503_too() -> None:
-    import httpx
-    from fastapi import FastAPI
-    from pymongo.errors import AutoReconnect
-
-    from services.reporting.api import install_store_errors
-
-    app = FastAPI()
-    install_store_errors(app)
-
-    @app.get("/boom")
-    async def boom() -> None:
-        raise AutoReconnect("connection pool paused")
-
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://reporting") as http:
-        res = await http.get("/boom")
-    assert res.status_code == 503 and res.headers["retry-after"] == "5"
-    assert res.json()["errors"][0]["message"].startswith("the read store is unavailable")

@@ -109,7 +109,7 @@ async def alerts_under_bench(in_process: bool = False) -> AsyncIterator[Bench]:
         mongo = MongoSettings(url=mongo_url, database=f"bench_{prefix[5:-1]}")
         await ensure_topics(kafka)
         receiver = on_exit.enter_context(WebhookReceiver())
-        client = make_client(mongo)
+        client = make_client(mongo, admin=True)
         on_exit.push_async_callback(client.close)
         if in_process:
             from services.alerts.app import AlertsConfig, create_app

@@ -103,7 +103,7 @@ def stack(memory: bool) -> Iterator[Endpoints]:
 
 async def raw_upsert_rate(mongo: MongoSettings, n: int, batch: int) -> float:
     """Upserts/s of plain bulk upserts (one small document per event) on this store."""
-    client = make_client(mongo)
+    client = make_client(mongo, admin=True)
     try:
         col = database(client, mongo)["bench_raw_upserts"]
         await col.drop()
@@ -156,7 +156,7 @@ async def materialize_rate(ep: Endpoints, clients: int, sessions: int, batch: in
 
 
 async def drop_database(mongo: MongoSettings) -> None:
-    client = make_client(mongo)
+    client = make_client(mongo, admin=True)
     try:
         await client.drop_database(mongo.database)
     finally:
@@ -188,7 +188,7 @@ def _template_docs(shapes: int) -> list[dict[str, Any]]:
 
 async def load_trajectories(mongo: MongoSettings, clients: int, gen: str) -> float:
     """Insert `clients` records (see `_template_docs`) into generation `gen`; returns seconds."""
-    client = make_client(mongo)
+    client = make_client(mongo, admin=True)
     try:
         store = ReportingStore(database(client, mongo))
         await store.ensure_indexes(gen)
@@ -301,7 +301,7 @@ async def run(args: argparse.Namespace, ep: Endpoints) -> None:
               f"{args.batch}) {raw:,.0f}/s before, {raw_after:,.0f}/s after", flush=True)
         print(f"RATIO ({order}) materialized / raw bulk upsert: {rate / raw_mean:.0%} (target >= 70%)", flush=True)
 
-    client = make_client(mongo)
+    client = make_client(mongo, admin=True)
     try:
         db = database(client, mongo)
         gen = (await Generations(db, 0.1).ensure()).active
@@ -333,7 +333,7 @@ async def run(args: argparse.Namespace, ep: Endpoints) -> None:
     if args.summary:
         print(f"tenant summary over {args.clients:,} trajectories: {cold:.2f} s cold (counters read), "
               f"{warm * 1000:.1f} ms cached")
-    client = make_client(mongo)
+    client = make_client(mongo, admin=True)
     try:
         await client.drop_database(mongo.database)
     finally:
@@ -496,7 +496,7 @@ def peak_rss_mib(pid: int | None) -> float:
 
 async def collection_sizes(mongo: MongoSettings) -> dict[str, dict[str, float]]:
     """Documents, data MiB and index MiB of each reporting collection of the network's database."""
-    client = make_client(mongo)
+    client = make_client(mongo, admin=True)
     try:
         db = database(client, mongo)
         out: dict[str, dict[str, float]] = {}
@@ -624,7 +624,7 @@ async def network_run(ep: Endpoints, net: Network, reads: int) -> NetworkRun:
         sizes = await collection_sizes(mongo)
         if not reads:
             return NetworkRun(net, published, publish_seconds, rebuilt, {}, {}, math.nan, sizes)
-        client = make_client(mongo)
+        client = make_client(mongo, admin=True)
         try:
             key, _ = await create_key(database(client, mongo), SCALE_TENANT, "read")
         finally:

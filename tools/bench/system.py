@@ -178,7 +178,7 @@ async def raw_upsert(mongo: MongoSettings, n: int, batch: int = 500) -> float:
 
     from shared.mongo import database, make_client
 
-    client = make_client(mongo)
+    client = make_client(mongo, admin=True)
     try:
         coll = database(client, mongo)["bench_raw_upsert"]
         await coll.drop()
@@ -435,7 +435,7 @@ async def setup_tenant(stack: Stack, urls: dict[str, str], hook_url: str, clinic
     from shared import auth
     from shared.mongo import database, make_client
 
-    client = make_client(stack.mongo)
+    client = make_client(stack.mongo, admin=True)
     try:
         db = database(client, stack.mongo)
         submit, _ = await auth.create_key(db, TENANT, "submit", None, "bench")
