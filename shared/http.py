@@ -30,9 +30,8 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping, Sequence
-from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
 from fastapi import FastAPI, HTTPException, Request
@@ -57,7 +56,7 @@ from shared.channels import Channel
 from shared.kafka import Publisher, make_broker, measure_lag
 from shared.logs import CORRELATION_ID
 from shared.metrics import DEPENDENCY_UP, HTTP_REQUESTS, HTTP_SECONDS, READY, THROTTLED
-from shared.mongo import Document, admin_bound, client_and_database, ping
+from shared.mongo import Document, client_and_database, ping
 from shared.ratelimit import COLLECTION, Limiter, SlotStorage, retry_after_header, slot_storage
 from shared.settings import MONITOR_INTERVAL_SECONDS, SERVICE_PORTS, HttpSettings, KafkaSettings, ServiceConfig
 from shared.topics import Topics
@@ -586,11 +585,6 @@ class Runtime:
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     monitor_interval_seconds: float = MONITOR_INTERVAL_SECONDS
-    # The block the on_start steps run in: their store operations (index builds over existing
-    # collections, migrations) may legitimately outlast the client's operation bound, so
-    # `Adapters.runtime` gives them the admin bound (`shared.mongo.admin_bound`). A step must not
-    # start long-lived tasks (they would inherit the block's deadline): those are `store_tasks`.
-    startup_bound: Callable[[], AbstractContextManager[None]] = nullcontext
     started: bool = False
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _store_tasks_started: bool = False
@@ -602,9 +596,8 @@ class Runtime:
         delay = 0.5
         while True:
             try:
-                with self.startup_bound():
-                    for step in self.on_start:
-                        await step()
+                for step in self.on_start:
+                    await step()
                 # on_start steps are re-run when the broker start fails; these tasks start once.
                 if not self._store_tasks_started:
                     self._store_tasks_started = True
@@ -768,8 +761,7 @@ class Adapters:
                 on_stop: Sequence[Callable[[], Awaitable[None]]] = ()) -> Runtime:
         """The service's runtime, its monitor loop at `ALLIANCE_MONITOR_INTERVAL_SECONDS`."""
         return Runtime(self.service, self.broker, self.mongo, on_start=list(on_start), store_tasks=list(store_tasks),
-                       on_stop=list(on_stop), monitor_interval_seconds=self.config.monitor.interval_seconds,
-                       startup_bound=partial(admin_bound, self.config.mongo))
+                       on_stop=list(on_stop), monitor_interval_seconds=self.config.monitor.interval_seconds)
 
     def declare_output(self, channel: Channel[Any], description: str, *, title: str | None = None) -> None:
         """Put an output into the AsyncAPI document: the deployment's topic of `channel` and the schema

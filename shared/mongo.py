@@ -8,11 +8,9 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-import pymongo
 from pymongo import AsyncMongoClient, DeleteMany, DeleteOne, InsertOne, ReplaceOne, UpdateMany, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
@@ -27,31 +25,24 @@ WriteOp = (InsertOne[Document] | ReplaceOne[Document] | UpdateOne | UpdateMany |
 def make_client(settings: MongoSettings, *, admin: bool = False) -> AsyncMongoClient[Document]:
     """An async client; it opens no connection until first used.
 
-    Every operation it runs is bounded (PyMongo's client-side operation timeout, `timeoutMS`): by
-    `settings.operation_timeout_ms` for a service, by `settings.admin_timeout_ms` with `admin` (the
-    operator CLI and the tools, whose single operations may legitimately run long). Unbounded, an
-    operation on a store that stopped answering (a hung server, a half-open connection) would wait
-    for ever, and with it the consumer's partition or the request. A service's own long operations
-    (its start-up steps) run under `admin_bound`.
+    Every reply is awaited at most `settings.operation_timeout_ms`, or with `admin` (the operator CLI
+    and the tools, whose single operations may legitimately run long) `settings.admin_timeout_ms`:
+    unbounded, an operation on a store that stopped answering (a hung server, a half-open
+    connection) would wait for ever, and with it the consumer's partition or the request.
+
+    The bound is `socketTimeoutMS`, not PyMongo's client-side operation timeout (`timeoutMS`): that
+    one also stretches finding the server to the whole bound, so a store that is down would hold
+    every operation 30 s (an operator command an hour) instead of `timeout_ms` (5 s).
     """
     bound = settings.admin_timeout_ms if admin else settings.operation_timeout_ms
     return AsyncMongoClient(
         settings.url,
         serverSelectionTimeoutMS=settings.timeout_ms,
         connectTimeoutMS=settings.timeout_ms,
-        timeoutMS=bound or None,
+        socketTimeoutMS=bound or None,
         tz_aware=True,
         uuidRepresentation="standard",
     )
-
-
-def admin_bound(settings: MongoSettings) -> AbstractContextManager[None]:
-    """A block whose store operations get the admin bound (`MongoSettings.admin_timeout_ms`, one
-    deadline for the whole block) instead of their client's operation bound.
-
-    The deadline lives in a context variable, so a task created inside the block inherits it: start
-    no long-lived task there (its operations would all fail once the block's deadline passed)."""
-    return pymongo.timeout(settings.admin_timeout_ms / 1000)
 
 
 def database(client: AsyncMongoClient[Document], settings: MongoSettings) -> AsyncDatabase[Document]:

@@ -81,23 +81,21 @@ class MongoSettings(BaseSettings):
     # Finding the store and opening a connection (server selection, connect): a store that is down
     # or refuses fails an operation after this.
     timeout_ms: int = 5_000
-    # The bound on every single store operation of a service (`shared.mongo.make_client`: PyMongo's
-    # client-side operation timeout, `timeoutMS`): the whole operation, its retry, waiting for a
-    # pooled connection and for the reply included, so a store that accepts connections but stops
-    # answering (a hung server, a half-open connection) fails the operation instead of holding a
-    # consumer's batch or a request for ever. The live path's operations are small: a batch's reads
+    # How long a service waits for each reply of the store (`shared.mongo.make_client`:
+    # `socketTimeoutMS`), so a store that accepts connections but stops answering (a hung server, a
+    # lock or disk stall, a half-open connection) fails the operation instead of holding a
+    # consumer's batch or a request for ever. PyMongo may retry a read or write once, so an
+    # operation fails within twice the bound. The live path's operations are small: a batch's reads
     # by id go 25 ids at a time (`IDS_PER_READ`), its writes are one bulk write of at most
     # `ALLIANCE_KAFKA_BATCH_MAX_RECORDS` documents, a client's record is at most ~3.5 MiB; the
     # slowest measured took a few seconds on a loaded machine (1,600 ids in one `$in` on the local
     # store: 6 s). 30 s leaves them a wide margin while a stalled partition or request is freed in
-    # half a minute. A timed-out operation raises (`NetworkTimeout`, `ExecutionTimeout`,
-    # `ServerSelectionTimeoutError`), which every caller treats as the store being unavailable.
-    # 0 = no bound (not for production).
+    # half a minute. A timed-out operation raises `NetworkTimeout`, which every caller treats as the
+    # store being unavailable. 0 = no bound (not for production).
     operation_timeout_ms: int = Field(default=30_000, ge=0)
     # The bound of the paths whose single operations legitimately run long: the operator CLI
     # (`reporting verify` aggregates over every trajectory, `reporting rebuild` builds the new
-    # generation's indexes and roll-ups over everything replayed, migrations), a service's start-up
-    # steps (index builds over existing collections, migrations) and the tools (`alliance run`, the
+    # generation's indexes and roll-ups over everything replayed) and the tools (`alliance run`, the
     # simulator, the benches). Still bounded: a store that stopped answering ends them too.
     admin_timeout_ms: int = Field(default=3_600_000, ge=0)
 

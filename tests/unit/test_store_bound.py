@@ -1,6 +1,7 @@
 """Every store operation is bounded: a store that stops answering fails the operation instead of
 holding a consumer's batch or a request for ever (`ALLIANCE_MONGO_OPERATION_TIMEOUT_MS`), and the
-paths whose operations legitimately run long get the admin bound (`ALLIANCE_MONGO_ADMIN_TIMEOUT_MS`).
+operator's commands and the tools, whose operations legitimately run long, get the admin bound
+(`ALLIANCE_MONGO_ADMIN_TIMEOUT_MS`).
 
 These are the rules without a store; a store that stops answering under a consuming service and
 an HTTP read is tests/integration/test_store_stall.py.
@@ -12,17 +13,22 @@ import asyncio
 import logging
 
 import httpx
-import pymongo
 import pytest
 from fastapi import FastAPI
-from pymongo import _csot
-from pymongo.errors import AutoReconnect, ExecutionTimeout, NetworkTimeout, OperationFailure, PyMongoError
+from pymongo import AsyncMongoClient
+from pymongo.errors import (
+    AutoReconnect,
+    ExecutionTimeout,
+    NetworkTimeout,
+    OperationFailure,
+    PyMongoError,
+    ServerSelectionTimeoutError,
+)
 
-from services.intake.app import IntakeConfig
-from shared.http import Adapters, Runtime, install_error_handlers
-from shared.mongo import admin_bound, make_client
+from shared.http import install_error_handlers
+from shared.mongo import Document, make_client
 from shared.settings import MongoSettings
-from tests.support.wait import eventually
+from tools.stack import free_port
 
 URL = "mongodb://127.0.0.1:1/?directConnection=true"  # never reached: building a client connects nothing
 SECRET = "client-p-8812"  # a value a store error may quote: must never reach a log line
@@ -40,69 +46,47 @@ def test_the_bounds_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatc
     assert (settings.operation_timeout_ms, settings.admin_timeout_ms) == (1_500, 600_000)
 
 
-async def test_a_services_client_bounds_each_operation_by_the_operation_timeout() -> None:
+def socket_timeout(client: AsyncMongoClient[Document]) -> float | None:
+    return client.options.pool_options.socket_timeout
+
+
+async def test_a_services_client_waits_for_each_reply_at_most_the_operation_timeout() -> None:
     client = make_client(MongoSettings(url=URL, operation_timeout_ms=2_500, admin_timeout_ms=90_000))
     try:
-        assert client.options.timeout == 2.5
+        assert socket_timeout(client) == 2.5
     finally:
         await client.close()
 
 
-async def test_an_admin_client_bounds_each_operation_by_the_admin_timeout() -> None:
+async def test_an_admin_client_waits_for_each_reply_at_most_the_admin_timeout() -> None:
     client = make_client(MongoSettings(url=URL, operation_timeout_ms=2_500, admin_timeout_ms=90_000), admin=True)
     try:
-        assert client.options.timeout == 90.0
+        assert socket_timeout(client) == 90.0
     finally:
         await client.close()
 
 
-async def test_a_bound_of_zero_leaves_operations_unbounded() -> None:
+async def test_a_bound_of_zero_leaves_replies_unbounded() -> None:
     client = make_client(MongoSettings(url=URL, operation_timeout_ms=0))
     try:
-        assert client.options.timeout is None
+        assert socket_timeout(client) is None
     finally:
         await client.close()
 
 
-def test_the_admin_bound_replaces_the_clients_bound_inside_its_block() -> None:
-    with admin_bound(MongoSettings(admin_timeout_ms=90_000)):
-        assert _csot.get_timeout() == 90.0
-    assert _csot.get_timeout() is None
-
-
-def test_an_admin_bound_of_zero_lifts_the_clients_bound_inside_its_block() -> None:
-    # PyMongo applies a client's bound only when no block set one; a block of 0 s means none.
-    with admin_bound(MongoSettings(admin_timeout_ms=0)):
-        assert _csot.get_timeout() == 0
-        assert _csot.remaining() is None
-
-
-async def test_a_services_start_up_steps_get_the_admin_bound() -> None:
-    adapters = Adapters(IntakeConfig(mongo=MongoSettings(url=URL, admin_timeout_ms=90_000)))
+@pytest.mark.parametrize("admin", [False, True], ids=["service", "admin"])
+async def test_a_store_that_is_down_still_fails_within_the_server_selection_timeout(admin: bool) -> None:
+    # The bounds are on replies: finding a store that is down stays ALLIANCE_MONGO_TIMEOUT_MS, not
+    # the operation's 30 s or an operator command's hour (PyMongo's `timeoutMS` would stretch it).
+    settings = MongoSettings(url=f"mongodb://127.0.0.1:{free_port()}/?directConnection=true", timeout_ms=300,
+                             operation_timeout_ms=60_000, admin_timeout_ms=3_600_000)
+    client = make_client(settings, admin=admin)
     try:
-        with adapters.runtime().startup_bound():
-            assert _csot.get_timeout() == 90.0
+        async with asyncio.timeout(10):
+            with pytest.raises(ServerSelectionTimeoutError):
+                await client[settings.database]["c"].find_one({})
     finally:
-        await adapters.mongo.close()
-
-
-async def test_start_up_steps_run_under_the_start_up_bound_and_store_tasks_do_not_inherit_it() -> None:
-    seen: dict[str, float | None] = {}
-
-    async def step() -> None:
-        seen["step"] = _csot.get_timeout()
-
-    async def store_task() -> None:
-        seen["store task"] = _csot.get_timeout()
-        await asyncio.Event().wait()
-
-    async def store_task_ran() -> bool:
-        return "store task" in seen
-
-    runtime = Runtime("bounded", on_start=[step], store_tasks=[store_task], startup_bound=lambda: pymongo.timeout(90))
-    async with runtime.lifespan(FastAPI()):
-        await eventually(store_task_ran, timeout=5, interval=0.01)
-    assert seen == {"step": 90.0, "store task": None}
+        await client.close()
 
 
 def app_raising(exc: PyMongoError) -> FastAPI:
