@@ -11,6 +11,7 @@ from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import pymongo
 from pymongo import AsyncMongoClient, DeleteMany, DeleteOne, InsertOne, ReplaceOne, UpdateMany, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
@@ -56,10 +57,21 @@ def client_and_database(settings: MongoSettings) -> tuple[AsyncMongoClient[Docum
     return client, database(client, settings)
 
 
-async def ping(client: AsyncMongoClient[Document]) -> bool:
-    """True when the store answers."""
+# A readiness check's bound on its ping. A store that stops answering would otherwise hold the
+# check for the operation bound (`ALLIANCE_MONGO_OPERATION_TIMEOUT_MS`, 30 s): longer than a
+# probe waits (Kubernetes: 1 s by default, then it counts a failure without an answer), and
+# `/readyz` and `alliance_dependency_up` would say nothing for that long. The broker's ping has
+# the same bound.
+PING_TIMEOUT_SECONDS = 2.0
+
+
+async def ping(client: AsyncMongoClient[Document], timeout: float = PING_TIMEOUT_SECONDS) -> bool:
+    """True when the store answers within `timeout` seconds (server selection included)."""
     try:
-        await client.admin.command("ping")
+        # PyMongo's own client-side bound for this one call: a timeout closes the connection it
+        # waited on (its late reply can never be read as another command's).
+        with pymongo.timeout(timeout):
+            await client.admin.command("ping")
     except Exception:
         return False
     return True

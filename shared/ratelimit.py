@@ -60,7 +60,7 @@ from pymongo import ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import PyMongoError
 
-from shared.mongo import Document
+from shared.mongo import Document, ping
 
 log = logging.getLogger("alliance.ratelimit")
 
@@ -139,11 +139,7 @@ class MongoCounters:
         await self._coll.delete_many({"_id": {"$regex": f"^{_escape(prefix)}"}})
 
     async def ping(self) -> bool:
-        try:
-            await self._coll.database.command("ping")
-        except PyMongoError:
-            return False
-        return True
+        return await ping(self._coll.database.client)
 
 
 def _escape(text: str) -> str:

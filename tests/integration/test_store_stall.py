@@ -38,6 +38,9 @@ OPERATION_TIMEOUT_MS = 1_500
 # How long a test waits for what the bound makes happen within 1.5 s (a loaded machine included);
 # without the bound it never happens while the store stalls (its failpoint holds commands 120 s).
 WITHIN_THE_BOUND_SECONDS = 15.0
+# A readiness check's bound on its store ping is 2 s (`shared.mongo.PING_TIMEOUT_SECONDS`); 8 s
+# leaves a loaded machine room and is still far below the operation bound of 30 s.
+READINESS_WITHIN_SECONDS = 8.0
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +122,18 @@ async def test_a_read_whose_store_stops_answering_is_a_503_with_retry_after_with
         assert res.status_code == 503 and res.headers["retry-after"] == "5"
         assert res.json()["errors"][0]["message"] == "the store is unavailable; retry shortly"
         assert (await probe.send(http, key)).status_code == probe.answer  # and it answers again
+
+
+async def test_readiness_against_a_store_that_stops_answering_even_pings_says_not_ready_within_seconds(
+        store: StackUnderTest, stall: Stall) -> None:
+    # The default operation bound (30 s) on purpose: a readiness check is bounded apart, so that a
+    # probe (Kubernetes waits 1 s by default) and `alliance_dependency_up` learn of a silent store
+    # in seconds rather than after the bound of a real operation.
+    ns = Namespace.fresh(dataclasses.replace(store, mongo_url=stall.client_url))
+    async with client(build_app("reporting", ns)) as http:
+        assert (await http.get("/readyz")).json()["checks"]["mongodb"] is True
+        async with stall.stalled(commands=("ping",)):
+            async with asyncio.timeout(READINESS_WITHIN_SECONDS):
+                res = await http.get("/readyz")
+        assert res.status_code == 503 and res.json()["checks"]["mongodb"] is False
+        assert (await http.get("/readyz")).json()["checks"]["mongodb"] is True  # and it answers again

@@ -14,7 +14,7 @@ with test commands on: `tests.support.stack.failpoint_store`.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -42,10 +42,11 @@ class Stall:
         """The store's URL naming this stall's application: the clients a stall holds use it."""
         return f"{self.mongo_url}{'&' if '?' in self.mongo_url else '/?'}appName={self.app_name}"
 
-    async def begin(self, hold_seconds: float = 120.0) -> None:
-        """From now on each data command of those clients waits `hold_seconds` before the store
-        runs it: longer than any test waits, so for the client it never answers."""
-        await self._configure("alwaysOn", {"failCommands": list(DATA_COMMANDS), "appName": self.app_name,
+    async def begin(self, hold_seconds: float = 120.0, commands: Sequence[str] = DATA_COMMANDS) -> None:
+        """From now on each of `commands` (the data commands, unless told) of those clients waits
+        `hold_seconds` before the store runs it: longer than any test waits, so for the client it
+        never answers."""
+        await self._configure("alwaysOn", {"failCommands": list(commands), "appName": self.app_name,
                                            "blockConnection": True, "blockTimeMS": int(hold_seconds * 1000)})
 
     async def end(self) -> None:
@@ -53,8 +54,9 @@ class Stall:
         await self._configure("off", {})
 
     @asynccontextmanager
-    async def stalled(self, hold_seconds: float = 120.0) -> AsyncIterator[None]:
-        await self.begin(hold_seconds)
+    async def stalled(self, hold_seconds: float = 120.0,
+                      commands: Sequence[str] = DATA_COMMANDS) -> AsyncIterator[None]:
+        await self.begin(hold_seconds, commands)
         try:
             yield
         finally:
