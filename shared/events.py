@@ -192,8 +192,9 @@ class AllianceDeterioration(AlertContent, Event, SubmissionIdentity):  # bases l
     accepted_at: datetime | None = None
     revision: int = Field(default=1, ge=1)
     low_items: list[str] = Field(default_factory=list)
-    # An outcome alert holds for the same session (its ORS, docs/outcome.md): then the alert is
-    # critical whatever its own triggers say. Added within v1 (optional, default false).
+    # The ORS of the same session triggers an outcome alert (superseded since by a later session's
+    # or not, docs/outcome.md): then the alert is critical whatever its own triggers say. Added
+    # within v1 (optional, default false).
     outcome_at_risk: bool = False
 
 

@@ -143,8 +143,8 @@ class AlertFields(BaseModel):
     change_from_previous: float | None = None
     cutoff: float | None = None
     outcome_at_risk: bool | None = Field(default=None, description=(
-        "alliance alerts: an outcome alert holds for the same session (then the alert is critical); "
-        "null for outcome alerts"))
+        "alliance alerts: the ORS of the same session triggers an outcome alert, superseded since by a "
+        "later session's or not (then the alert is critical); null for outcome alerts"))
     intake_total: float | None = Field(default=None, description="outcome alerts: the total of the episode's "
                                                                   "first session")
     change_from_intake: float | None = Field(default=None, description="outcome alerts: total - intake total")

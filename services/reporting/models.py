@@ -59,7 +59,8 @@ class EpisodeOut(_Out):
 
 class AlertMarkOnSessionOut(_Out):
     """The alert of one session, as marked on a series. `outcome_at_risk` (alliance alerts only):
-    an outcome alert holds for the same session, which made this alert critical."""
+    the ORS of the same session triggers an outcome alert (superseded since or not), which made
+    this alert critical."""
 
     alert_id: str
     severity: str | None

@@ -37,8 +37,9 @@ DESCRIPTION = (
     "alliance.deterioration.v1, alliance.alert-status.v1, srs.deadletter.v1. Outcome Rating Scale "
     "submissions (ors.submitted.v1) are scored in the same client records with the outcome rules "
     "(cutoff per age band, reliable change from intake, not on track; docs/outcome.md) and published "
-    "on ors.scored.v1, outcome.alert.v1 and outcome.alert-status.v1; an alliance alert whose session "
-    "also holds an outcome alert is critical and says outcome_at_risk."
+    "on ors.scored.v1, outcome.alert.v1 and outcome.alert-status.v1; an alliance alert whose session's "
+    "ORS triggers an outcome alert (superseded since by a later session's or not) is critical and says "
+    "outcome_at_risk."
 )
 
 

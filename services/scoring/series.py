@@ -292,8 +292,8 @@ AnyView = SessionView | OutcomeView
 class AlertView:
     """The alert the latest session of a current episode holds: an alliance alert (its session a
     `SessionView`) or an outcome alert (an `OutcomeView`). `severity` is what the session's own
-    rules say; an alliance alert whose session also holds an outcome alert is `outcome_at_risk`,
-    and then critical (`shown_severity`)."""
+    rules say; an alliance alert whose session's outcome form triggers an outcome alert (superseded
+    by a later session's or not) is `outcome_at_risk`, and then critical (`shown_severity`)."""
 
     alert_id: str
     session: AnyView
@@ -435,7 +435,7 @@ def derive(versions: Iterable[Version], owner: str | None, site_version: int, ru
         tails[instrument] = Tail(newest, latest_slot, latest_alert, last_derived, last_given,
                                  frozenset(e for e, _, _ in episodes),
                                  {(e, d): len(ms) for e, d, ms in episodes})
-    _mark_outcome_at_risk(alerts)
+    _mark_outcome_at_risk(alerts, sessions, tails)
     return View(sessions, alerts, frozenset(v.key for v in by_key.values()), frozenset(resends), slot_of,
                 tails)
 
@@ -479,25 +479,43 @@ def _outcome_view(v: Version, eid: str, derived: bool, prev: OutcomeView | None,
     return view, AlertView(aid, view, view.triggers, s.severity, site)
 
 
-def _mark_outcome_at_risk(alerts: dict[str, AlertView]) -> None:
-    """Mark the alliance alerts whose session also holds an outcome alert (the same session of
-    the paired instrument, `OUTCOME_OF`: `ids.same_session_of_both_scales` - the same session
-    number in one episode, or in derived episodes, whose ids differ for a session across midnight
-    UTC or a form missing at the episode's first session) `outcome_at_risk`, and unmark the
-    others. In place; an alert that does not change stays the same object (so `_grown` can tell
-    which alerts an `extend` changed). There are at most a few alerts: one per instrument."""
-    if not any(a.outcome_at_risk or a.session.version.outcome for a in alerts.values()):
-        return  # no outcome alert, and no alliance alert marked: nothing to do (every SRS-only client)
-    outcome = [a.session for a in alerts.values() if a.session.version.outcome]
+def _mark_outcome_at_risk(alerts: dict[str, AlertView], sessions: Mapping[str, AnyView],
+                          tails: Mapping[str, Tail]) -> None:
+    """Mark the alliance alerts whose session's outcome form triggers an outcome alert
+    (`_outcome_triggers`) `outcome_at_risk`, and unmark the others. In place; an alert that does
+    not change stays the same object (so `_grown` can tell which alerts an `extend` changed).
+    There are at most a few alerts: one per instrument."""
     for aid, a in list(alerts.items()):
-        s = a.session
-        paired = _PAIRED.get(s.version.instrument)
-        at_risk = paired is not None and any(
-            o.version.instrument == paired and ids.same_session_of_both_scales(
-                (s.episode_id, s.version.session_number, s.version.administered_at),
-                (o.episode_id, o.version.session_number, o.version.administered_at)) for o in outcome)
+        at_risk = _outcome_triggers(a.session, sessions, tails)
         if at_risk != a.outcome_at_risk:
             alerts[aid] = replace(a, outcome_at_risk=at_risk)
+
+
+def _outcome_triggers(s: AnyView, sessions: Mapping[str, AnyView], tails: Mapping[str, Tail]) -> bool:
+    """Whether the same session of the paired outcome instrument (`OUTCOME_OF`;
+    `ids.same_session_of_both_scales`: the same session number in one episode, or in derived
+    episodes, whose ids differ for a session across midnight UTC or a form missing at the
+    episode's first session) triggers an outcome alert by its own triggers under the tenant's
+    rules - whether or not it is still the latest. A later session's outcome alert supersedes
+    that session's, and that is a lifecycle status, not a fact about the earlier session: its
+    alliance alert stays at risk (docs/outcome.md). Only a change of that ORS itself (a
+    correction, a regrouping) changes the answer."""
+    paired = _PAIRED.get(s.version.instrument)
+    tail = tails.get(paired) if paired is not None else None
+    if paired is None or tail is None:
+        return False  # an outcome alert, or a client without the paired outcome form
+    number = s.version.session_number
+    here = (s.episode_id, number, s.version.administered_at)
+    # The same episode id first (given ids pair only so); derived ids may differ, so the other
+    # derived outcome episodes are looked up by slot: a few episodes, not every session.
+    derived = s.episode_id.startswith(DERIVED_PREFIX)
+    others = [e for e in tail.episode_ids if e != s.episode_id and e.startswith(DERIVED_PREFIX)] if derived else []
+    for eid in (s.episode_id, *others):
+        o = sessions.get(slot_key(paired, eid, number))
+        if o is not None and o.triggers and ids.same_session_of_both_scales(
+                here, (o.episode_id, number, o.version.administered_at)):
+            return True
+    return False
 
 
 def _session_view(v: Version, eid: str, derived: bool, prev: SessionView | None, latest: bool,
@@ -531,9 +549,10 @@ def extend(view: View, v: Version, owner: str | None, site_version: int, rules: 
     previous latest session stops being latest and loses its alert (nothing else about a session
     depends on `latest`); `v` is scored against the session before it in its episode, which is
     the episode's last (and, for the ORS family, against the episode's intake, which that session
-    carries); no other session's previous session changes. The only effect across instruments is
-    `outcome_at_risk`, a function of the alerts alone (at most one per instrument), which both
-    `derive` and `extend` compute last from the alerts they hold (`_mark_outcome_at_risk`).
+    carries); no other session's previous session changes, and no session's triggers. The only
+    effect across instruments is `outcome_at_risk`, a function of the alerts (at most one per
+    instrument), the sessions and the episode ids, which both `derive` and `extend` compute last
+    from what they hold (`_mark_outcome_at_risk`).
     """
     tail = view.tails.get(v.instrument)
     if v.instrument not in _SCORED or v.session_key in view.slot_of_key or v.key in view.members:
@@ -569,7 +588,6 @@ def extend(view: View, v: Version, owner: str | None, site_version: int, rules: 
     sessions[sv.slot] = sv
     if alert is not None:
         alerts[alert.alert_id] = alert
-    _mark_outcome_at_risk(alerts)
     slot_of = dict(view.slot_of_key)
     slot_of[v.session_key] = sv.slot
     last_derived = tail.last_derived if tail is not None else None
@@ -583,6 +601,7 @@ def extend(view: View, v: Version, owner: str | None, site_version: int, rules: 
     tails = dict(view.tails)
     tails[v.instrument] = Tail(v, sv.slot, alert.alert_id if alert is not None else None, last_derived, last_given,
                                (tail.episode_ids if tail is not None else frozenset()) | {eid}, sizes)
+    _mark_outcome_at_risk(alerts, sessions, tails)
     return View(sessions, alerts, view.current | {v.key}, view.members | {v.key}, slot_of, tails)
 
 

@@ -7,6 +7,7 @@ alliance alert with `outcome_at_risk`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -200,3 +201,39 @@ async def test_an_ors_correction_to_a_reliable_improvement_withdraws_the_outcome
                                until=lambda got: got[-1]["revision"] > at_risk["revision"])
     assert (revised[-1]["session_number"], revised[-1]["outcome_at_risk"], revised[-1]["severity"]) == (
         2, False, "warning")
+
+
+async def test_the_next_sessions_ors_leaves_the_at_risk_alliance_alert_of_the_session_before_as_it_was(
+    services: dict[str, ServiceProcess], keys: dict[str, str], receiver: WebhookReceiver, secret: str,
+) -> None:
+    # Session 2's ORS reads 6 below its intake and its SRS drops by 1: the alliance alert of
+    # session 2 is critical and at risk. At the start of session 3 the client fills in its ORS,
+    # still reliably worse: its outcome alert supersedes session 2's, but session 2's ORS still
+    # says what it said, so the clinician gets no "revised: warning" in the middle of session 3.
+    client = "client-ors-next-session"
+    await post_all(services, keys, [
+        ors(client, 1, 20.0), srs(client, 1, (9.5, 9.5, 9.5, 9.5)),
+        ors(client, 2, 14.0), srs(client, 2, (9.5, 9.5, 9.5, 8.5)),
+    ])
+    at_risk = await alliance_alert_at_risk(receiver, client)
+    assert (at_risk["session_number"], at_risk["severity"]) == (2, "critical")
+
+    await post_all(services, keys, [ors(client, 3, 13.0)])
+    read = {"Authorization": f"Bearer {keys['read']}"}
+    async with httpx.AsyncClient(timeout=15) as http:
+        async def listed() -> dict[tuple[str, int], dict[str, Any]]:
+            r = await http.get(f"{services['alerts'].url}/v1/alerts", params={"limit": 1000}, headers=read)
+            return {(a["alert_type"], a["session_number"]): a for a in r.json() if a["client_id"] == client}
+
+        # Scoring published session 3's outcome alert and session 2's supersession in the step that
+        # would have revised the alliance alert; the alerts service has heard both...
+        await eventually(listed, timeout=60, until=lambda got: got.get(("outcome", 2), {}).get("status") == "superseded"
+                         and got.get(("outcome", 3), {}).get("status") == "open")
+        await eventually(lambda: _async([b for _, b in bodies(receiver, "outcome.alert.v1", client)
+                                         if b["session_number"] == 3]), timeout=60)
+        await asyncio.sleep(3)  # ...and a revision published with them would have been heard by now
+        shown = (await listed())[("alliance", 2)]
+    assert (shown["status"], shown["severity"], shown["outcome_at_risk"], shown["revision"]) == (
+        "open", "critical", True, at_risk["revision"])
+    assert [b["revision"] for _, b in bodies(receiver, "alliance.deterioration.v1", client)
+            if b["revision"] > at_risk["revision"]] == []

@@ -436,10 +436,14 @@ def test_with_both_scales_the_final_record_and_outcome_at_risk_depend_only_on_th
     assert not set(scored_ids) & {e.event_id for e in events if isinstance(e, OrsScored)}
     alliance, outcome = open_mixed_alerts(events)
     assert outcome == outcome_alerts
-    # An alliance alert is at risk when the outcome alert is of its session: the same appointment
-    # (the two forms of a session are posted on one day), whichever episode ids the two scales
-    # derived (a session whose ORS or SRS was not given begins that scale's episode later).
-    outcome_sessions = set(appointments(ors_subs, outcome_alerts).values())
+    # An alliance alert is at risk when the ORS of its session triggers an outcome alert (a reliable
+    # deterioration or not on track), whether or not a later session's outcome alert has since
+    # superseded that one: the same appointment (the two forms of a session are posted on one
+    # day), whichever episode ids the two scales derived (a session whose ORS or SRS was not given
+    # begins that scale's episode later). (Until 2026-11-27 the oracle read the open outcome
+    # alerts here: a later session's ORS revised the alliance alert back, which was the defect.)
+    triggering = [k for k, (_, flags) in rows.items() if {"reliable_deterioration", "not_on_track"} & set(flags)]
+    outcome_sessions = set(appointments(ors_subs, triggering).values())
     alliance_sessions = appointments(srs_subs, srs_alerts)
     assert alliance == {k: ("critical", True) if alliance_sessions[k] in outcome_sessions else (v, False)
                         for k, v in srs_alerts.items()}

@@ -289,6 +289,59 @@ def test_an_srs_alert_is_revised_back_when_a_correction_withdraws_the_outcome_al
     assert not alert.alert.outcome_at_risk and alert.alert.shown_severity is Severity.WARNING
 
 
+# `outcome_at_risk` is a clinical fact about the session: the ORS of the same session triggers an
+# outcome alert. The next session's ORS supersedes that outcome alert (a lifecycle status), and
+# says nothing about the session before it.
+
+
+def test_an_srs_alert_stays_at_risk_when_the_next_sessions_ors_supersedes_its_sessions_outcome_alert() -> None:
+    c = Client()
+    c.ors(20.0, 15.0)
+    c.srs(38.0, 37.0)
+    step = c.submit("o3", 3, 14.0)  # still reliably worse: its own outcome alert supersedes session 2's
+    assert [(s.alert_id, s.status) for s in ended(step)] == [(ors_alert(2), "superseded")]
+    assert [a.alert.alert_id for a in raised(step)] == [ors_alert(3)]
+    alert = c.state.view(RULES).alerts[srs_alert(2)]
+    assert alert.outcome_at_risk and alert.shown_severity is Severity.CRITICAL
+
+
+def test_an_srs_alert_stays_at_risk_when_the_next_sessions_ors_no_longer_alerts() -> None:
+    c = Client()
+    c.ors(20.0, 15.0)
+    c.srs(38.0, 37.0)
+    step = c.submit("o3", 3, 26.0)  # a reliable improvement: no outcome alert at session 3
+    assert [a.alert.alert_id for a in raised(step)] == []
+    assert c.state.view(RULES).alerts[srs_alert(2)].outcome_at_risk
+
+
+def test_an_srs_alert_posted_after_the_next_sessions_ors_is_at_risk_when_its_own_sessions_ors_triggers() -> None:
+    c = Client()
+    c.ors(20.0, 15.0, 26.0)
+    c.submit("s1", 1, 38.0, "SRS")
+    (alert,) = raised(c.submit("s2", 2, 37.0, "SRS"))
+    assert alert.alert.alert_id == srs_alert(2) and alert.revision == 1
+    assert alert.alert.outcome_at_risk and alert.alert.shown_severity is Severity.CRITICAL
+
+
+def test_a_correction_clearing_a_superseded_sessions_ors_triggers_revises_its_srs_alert_back() -> None:
+    c = Client()
+    c.ors(20.0, 15.0)
+    c.srs(38.0, 37.0)
+    c.submit("o3", 3, 26.0)
+    (alert,) = raised(c.submit("o2", 2, 19.0))  # no longer a reliable deterioration, and session 2 < 3
+    assert alert.alert.alert_id == srs_alert(2) and alert.revision == 2
+    assert not alert.alert.outcome_at_risk and alert.alert.shown_severity is Severity.WARNING
+
+
+def test_a_correction_making_a_superseded_sessions_ors_trigger_revises_its_srs_alert_at_risk() -> None:
+    c = Client()
+    c.ors(20.0, 19.0, 26.0)
+    c.srs(38.0, 37.0)
+    (alert,) = raised(c.submit("o2", 2, 15.0))
+    assert alert.alert.alert_id == srs_alert(2) and alert.revision == 2
+    assert alert.alert.outcome_at_risk and alert.alert.shown_severity is Severity.CRITICAL
+
+
 def test_an_outcome_alert_of_another_session_does_not_put_the_srs_alert_at_risk() -> None:
     c = Client()
     c.ors(20.0, 15.0)
