@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -21,17 +22,22 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient
 
+from services.alerts.settings import AlertsSettings
 from services.scoring.store import StateStore
+from shared.auth import create_key
 from shared.events import SrsScored
 from shared.mongo import Document
 from shared.topic_admin import ensure_topics
+from tests.support.alerts import alerts_app
 from tests.support.apps import PROBES, HttpService, build_app, client, new_key
 from tests.support.services import Namespace, running
 from tests.support.stack import StackUnderTest, failpoint_store
 from tests.support.stall import Stall
 from tests.support.wait import eventually
+from tools.harness import deterioration
 from tools.loadgen import publish, start_producer, submission
 from tools.processes import ServiceProcess
+from tools.receiver import Received
 from tools.recorder import TopicRecorder
 
 OPERATION_TIMEOUT_MS = 1_500
@@ -137,3 +143,52 @@ async def test_readiness_against_a_store_that_stops_answering_even_pings_says_no
                 res = await http.get("/readyz")
         assert res.status_code == 503 and res.json()["checks"]["mongodb"] is False
         assert (await http.get("/readyz")).json()["checks"]["mongodb"] is True  # and it answers again
+
+
+async def test_alerts_delivery_and_escalation_loops_outlive_a_store_that_stops_answering_and_deliver_once(
+        store: StackUnderTest, stall: Stall, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Alerts' claim, delivery-status and escalation loops each catch a failed round and try again on
+    # the next: a bounded store call that times out must end the round, not the loop. An alert that
+    # arrives while the store is silent reaches its clinician once the store answers, and one left
+    # unacknowledged escalates once; nothing the stall interrupted is sent twice.
+    monkeypatch.setenv("ALLIANCE_MONGO_OPERATION_TIMEOUT_MS", str(OPERATION_TIMEOUT_MS))
+    settings = AlertsSettings(allow_private_targets=True, retry_first_seconds=0.05, retry_max_seconds=0.2,
+                              attempt_timeout_seconds=5.0, poll_seconds=0.1, gauge_seconds=0.1,
+                              escalation_check_seconds=0.2)
+    async with alerts_app(dataclasses.replace(store, mongo_url=stall.client_url), settings) as env:
+        t = "t-stall-alerts"
+        admin = {"Authorization": f"Bearer {(await create_key(env.db, t, 'admin'))[0]}"}
+        assert (await env.client.post("/v1/webhook-secret", headers=admin)).status_code == 201
+        for cid, supervisor in (("boss", None), ("c1", "boss")):
+            body = {"site_id": "site-a", "email": f"{cid}@clinic.test", "supervisor_id": supervisor,
+                    "webhook_url": env.receiver.behave(f"/{cid}")}
+            assert (await env.client.put(f"/v1/clinicians/{cid}", json=body, headers=admin)).status_code == 201
+        before = deterioration(t, "c1", "client-1")
+        await env.publisher.publish(env.topics.deterioration, before, t, before.client_id)
+        await eventually(lambda: _requests(env.receiver.at("/c1")), until=lambda got: len(got) == 1)
+
+        async with stall.stalled():
+            during = deterioration(t, "c1", "client-2")
+            await env.publisher.publish(env.topics.deterioration, during, t, during.client_id)
+            # Several rounds of every loop time out while it lasts (1.5 s each).
+            await asyncio.sleep(3 * OPERATION_TIMEOUT_MS / 1000)
+            assert [r for r in env.receiver.at("/c1") if during.alert_id.encode() in r.body] == []
+        assert (await env.client.put("/v1/escalation", json={"interval_seconds": 0.5},
+                                     headers=admin)).status_code == 200
+
+        sent = await eventually(lambda: _requests(env.receiver.at("/c1")), timeout=60, until=lambda got: len(got) == 2)
+        escalated = await eventually(lambda: _requests(env.receiver.at("/boss")), timeout=60,
+                                     until=lambda got: len(got) == 2)
+        await asyncio.sleep(2.0)  # what a second, duplicate round would have sent by now
+    assert sorted(_alert_ids(env.receiver.at("/c1"))) == sorted(_alert_ids(sent)) == sorted(
+        [before.alert_id, during.alert_id])
+    assert sorted(_alert_ids(env.receiver.at("/boss"))) == sorted(_alert_ids(escalated)) == sorted(
+        [before.alert_id, during.alert_id])
+
+
+async def _requests(got: list[Received]) -> list[Received]:
+    return got
+
+
+def _alert_ids(requests: list[Received]) -> list[str]:
+    return [json.loads(r.body)["alert_id"] for r in requests]
