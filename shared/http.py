@@ -34,6 +34,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
+from bson.errors import BSONError
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -56,7 +57,7 @@ from shared.channels import Channel
 from shared.kafka import Publisher, make_broker, measure_lag
 from shared.logs import CORRELATION_ID
 from shared.metrics import DEPENDENCY_UP, HTTP_REQUESTS, HTTP_SECONDS, READY, THROTTLED
-from shared.mongo import Document, client_and_database, ping
+from shared.mongo import Document, client_and_database, ping, store_unavailable
 from shared.ratelimit import COLLECTION, Limiter, SlotStorage, retry_after_header, slot_storage
 from shared.settings import MONITOR_INTERVAL_SECONDS, SERVICE_PORTS, HttpSettings, KafkaSettings, ServiceConfig
 from shared.topics import Topics
@@ -104,16 +105,25 @@ STORE_RETRY_AFTER_SECONDS = 5
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Make every error answer use the uniform body; a store that does not answer (down, or past
-    its operation bound: `ALLIANCE_MONGO_OPERATION_TIMEOUT_MS`) is a 503 with Retry-After, not a 500."""
+    """Make every error answer use the uniform body. A store error is a 503 with Retry-After when
+    the store is down, slow or failing over (`shared.mongo.store_unavailable`: e.g. past its
+    operation bound, `ALLIANCE_MONGO_OPERATION_TIMEOUT_MS`), and a 500 without one otherwise (a bad
+    query, a document too large, a duplicate key that escaped, a BSON error): a retry would fail
+    the same way, so clients are not asked to, and operators see a 5xx that is not an outage."""
 
-    @app.exception_handler(PyMongoError)
-    async def _store_unavailable(_: Request, exc: PyMongoError) -> JSONResponse:
+    async def _store_error(_: Request, exc: Exception) -> JSONResponse:
         # The type and code only: a store error's text can quote the documents it refused.
-        log.warning("store unavailable answering a request: %s(code=%s, timeout=%s)", type(exc).__name__,
-                    getattr(exc, "code", None), exc.timeout)
-        return JSONResponse(error_body([(None, "the store is unavailable; retry shortly")]), status_code=503,
-                            headers={"Retry-After": str(STORE_RETRY_AFTER_SECONDS)})
+        what = f"{type(exc).__name__}(code={getattr(exc, 'code', None)}, timeout={getattr(exc, 'timeout', False)})"
+        if store_unavailable(exc):
+            log.warning("store unavailable answering a request: %s", what)
+            return JSONResponse(error_body([(None, "the store is unavailable; retry shortly")]), status_code=503,
+                                headers={"Retry-After": str(STORE_RETRY_AFTER_SECONDS)})
+        log.error("store error answering a request: %s", what)
+        return JSONResponse(error_body([(None, "internal error: the store refused the operation")]),
+                            status_code=500)
+
+    app.add_exception_handler(PyMongoError, _store_error)
+    app.add_exception_handler(BSONError, _store_error)  # DocumentTooLarge and encoding errors are not PyMongoErrors
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

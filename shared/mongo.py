@@ -15,7 +15,13 @@ import pymongo
 from pymongo import AsyncMongoClient, DeleteMany, DeleteOne, InsertOne, ReplaceOne, UpdateMany, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError
+from pymongo.errors import (
+    BulkWriteError,
+    ClientBulkWriteException,
+    ConnectionFailure,
+    OperationFailure,
+    PyMongoError,
+)
 
 from shared.settings import MongoSettings
 
@@ -75,6 +81,38 @@ async def ping(client: AsyncMongoClient[Document], timeout: float = PING_TIMEOUT
     except Exception:
         return False
     return True
+
+
+# Server codes the retryable-reads and retryable-writes specifications call transient beside the
+# "not primary" and shutdown ones (which PyMongo raises as `NotPrimaryError`): HostUnreachable,
+# HostNotFound, NetworkTimeout, SocketException, ExceededTimeLimit,
+# ReadConcernMajorityNotAvailableYet. PyMongo retries an operation once on them and then raises a
+# plain `OperationFailure`, labelled only when it was a retryable write (a mongos that could not
+# reach a shard, for a read).
+TRANSIENT_SERVER_CODES = frozenset({6, 7, 89, 9001, 262, 134})
+# Labels with which the server or PyMongo says an error is worth retrying as it is.
+TRANSIENT_LABELS = ("RetryableWriteError", "TransientTransactionError", "RetryableError")
+
+
+def store_unavailable(exc: BaseException) -> bool:
+    """Whether a store error says the store is down, slow or failing over - the same operation can
+    succeed later - rather than that the operation itself is at fault (a bad query, a document too
+    large, a duplicate key, a write the schema refuses: a retry fails the same way).
+
+    PyMongo's own classification decides: a `ConnectionFailure` (store down or unreachable,
+    `ServerSelectionTimeoutError`; a connection lost, `AutoReconnect`; a reply past the operation
+    bound, `NetworkTimeout`; an election, `NotPrimaryError`; the pool exhausted,
+    `WaitQueueTimeoutError`), an error whose `timeout` is true (`ExecutionTimeout`, `WTimeoutError`,
+    a bulk write that timed out), an error labelled retryable (`TRANSIENT_LABELS`), and the
+    transient server codes (`TRANSIENT_SERVER_CODES`). A client-level bulk write is judged by its
+    top-level error. Anything else - BSON errors included - is not."""
+    if isinstance(exc, ClientBulkWriteException) and isinstance(exc.error, BaseException):
+        return store_unavailable(exc.error)
+    if not isinstance(exc, PyMongoError):
+        return False
+    if isinstance(exc, ConnectionFailure) or exc.timeout or any(map(exc.has_error_label, TRANSIENT_LABELS)):
+        return True
+    return isinstance(exc, OperationFailure) and exc.code in TRANSIENT_SERVER_CODES
 
 
 # Ids per `$in` list when reading documents by id. The local store's `$in` costs more per id the

@@ -18,11 +18,21 @@ from fastapi import FastAPI
 from pymongo import AsyncMongoClient
 from pymongo.errors import (
     AutoReconnect,
+    BulkWriteError,
+    ClientBulkWriteException,
+    DocumentTooLarge,
+    DuplicateKeyError,
     ExecutionTimeout,
+    InvalidOperation,
     NetworkTimeout,
+    NotPrimaryError,
     OperationFailure,
     PyMongoError,
     ServerSelectionTimeoutError,
+    WaitQueueTimeoutError,
+    WriteConcernError,
+    WriteError,
+    WTimeoutError,
 )
 
 from shared.http import install_error_handlers
@@ -100,21 +110,84 @@ def app_raising(exc: PyMongoError) -> FastAPI:
     return app
 
 
-@pytest.mark.parametrize("exc", [
-    NetworkTimeout("127.0.0.1:27017: timed out"),
-    ExecutionTimeout("operation exceeded time limit", 50),
-    AutoReconnect("connection pool paused"),
-], ids=lambda e: type(e).__name__)
-async def test_a_store_that_does_not_answer_a_route_is_a_503_with_retry_after(exc: PyMongoError) -> None:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app_raising(exc)), base_url="http://svc") as http:
-        res = await http.get("/read")
+# What a store that is down, slow or failing over raises: transient, so a retry after a while can
+# succeed. PyMongo's own classification decides (`ConnectionFailure` and its subclasses, an error
+# whose `timeout` is true, the retryable labels), plus the server codes the retryable-reads spec
+# names as transient (a mongos that could not reach a shard).
+TRANSIENT = [
+    pytest.param(ServerSelectionTimeoutError("127.0.0.1:27017: connection refused"), id="store-down"),
+    pytest.param(AutoReconnect("connection closed"), id="connection-lost"),
+    pytest.param(NetworkTimeout("127.0.0.1:27017: timed out"), id="socket-timeout"),
+    pytest.param(NotPrimaryError("not primary", {"code": 10107, "errmsg": "not primary"}), id="failover"),
+    pytest.param(WaitQueueTimeoutError("timed out waiting for a connection from the pool"), id="pool-exhausted"),
+    pytest.param(ExecutionTimeout("operation exceeded time limit", 50), id="execution-timeout"),
+    pytest.param(WTimeoutError("waiting for replication timed out", 64,
+                               {"code": 64, "errInfo": {"wtimeout": True}}), id="write-concern-timeout"),
+    pytest.param(WriteConcernError("shutdown in progress", 91, {"code": 91, "errorLabels": ["RetryableWriteError"]}),
+                 id="retryable-write-label"),
+    pytest.param(OperationFailure("transaction aborted", 251, {"code": 251, "errorLabels": [
+        "TransientTransactionError"]}), id="transient-transaction-label"),
+    pytest.param(BulkWriteError({"writeErrors": [{"index": 0, "code": 50, "errmsg": "operation exceeded time limit"}],
+                                 "writeConcernErrors": []}), id="bulk-write-timeout"),
+    pytest.param(OperationFailure("could not reach shard", 6, {"code": 6}), id="host-unreachable"),
+    pytest.param(OperationFailure("exceeded time limit", 262, {"code": 262}), id="exceeded-time-limit"),
+    pytest.param(ClientBulkWriteException({"error": AutoReconnect("connection closed"), "writeErrors": {},
+                                           "writeConcernErrors": []}, False), id="client-bulk-write-connection-lost"),
+]
+
+# What a retry cannot fix: the request, the code or the data is at fault (or a store setting).
+DETERMINISTIC = [
+    pytest.param(OperationFailure("unknown operator: $nope", 2, {"code": 2}), id="bad-query"),
+    pytest.param(DocumentTooLarge("BSON document too large (17000000 bytes)"), id="document-too-large"),
+    pytest.param(WriteError("Document failed validation", 121, {"code": 121}), id="write-error"),
+    pytest.param(DuplicateKeyError(f"E11000 duplicate key: {{ client_id: \"{SECRET}\" }}", 11000, {"code": 11000}),
+                 id="duplicate-key"),
+    pytest.param(BulkWriteError({"writeErrors": [{"index": 0, "code": 11000, "errmsg": "E11000"}],
+                                 "writeConcernErrors": []}), id="bulk-write-duplicate-key"),
+    pytest.param(WriteConcernError("unsatisfiable write concern", 100, {"code": 100}),
+                 id="write-concern-unsatisfiable"),
+    pytest.param(InvalidOperation("cannot use this cursor"), id="invalid-operation"),
+    pytest.param(ClientBulkWriteException({"writeErrors": {0: {"code": 11000, "errmsg": "E11000"}},
+                                           "writeConcernErrors": []}, False), id="client-bulk-write-duplicate-key"),
+]
+
+
+async def get(app: FastAPI) -> httpx.Response:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://svc") as http:
+        return await http.get("/read")
+
+
+@pytest.mark.parametrize("exc", TRANSIENT)
+async def test_a_store_that_is_down_slow_or_failing_over_is_a_503_with_retry_after(exc: PyMongoError) -> None:
+    res = await get(app_raising(exc))
     assert res.status_code == 503 and res.headers["retry-after"] == "5"
     assert res.json() == {"errors": [{"field": None, "message": "the store is unavailable; retry shortly"}]}
 
 
+@pytest.mark.parametrize("exc", DETERMINISTIC)
+async def test_a_store_error_a_retry_cannot_fix_is_a_500_without_retry_after(exc: PyMongoError) -> None:
+    res = await get(app_raising(exc))
+    assert res.status_code == 500 and "retry-after" not in res.headers
+    assert res.json() == {"errors": [{"field": None, "message": "internal error: the store refused the operation"}]}
+
+
 async def test_the_503s_log_line_names_the_store_error_without_its_text(caplog: pytest.LogCaptureFixture) -> None:
-    app = app_raising(OperationFailure(f"E11000 duplicate key: {{ client_id: \"{SECRET}\" }}", 11000))
+    app = app_raising(WTimeoutError(f"waiting for replication of {{ client_id: \"{SECRET}\" }}", 64, {"code": 64}))
     with caplog.at_level(logging.WARNING, logger="alliance.runtime"):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://svc") as http:
-            assert (await http.get("/read")).status_code == 503
-    assert "OperationFailure(code=11000" in caplog.text and SECRET not in caplog.text
+        assert (await get(app)).status_code == 503
+    (line,) = [r for r in caplog.records if r.name == "alliance.runtime"]
+    assert line.levelno == logging.WARNING
+    assert "store unavailable answering a request: WTimeoutError(code=64, timeout=True)" in caplog.text
+    assert SECRET not in caplog.text
+
+
+async def test_the_500s_log_line_is_an_error_naming_the_store_error_without_its_text(
+        caplog: pytest.LogCaptureFixture) -> None:
+    app = app_raising(DuplicateKeyError(f"E11000 duplicate key: {{ client_id: \"{SECRET}\" }}", 11000))
+    with caplog.at_level(logging.WARNING, logger="alliance.runtime"):
+        res = await get(app)
+    assert res.status_code == 500 and SECRET not in res.text
+    (line,) = [r for r in caplog.records if r.name == "alliance.runtime"]
+    assert line.levelno == logging.ERROR
+    assert "store error answering a request: DuplicateKeyError(code=11000, timeout=False)" in caplog.text
+    assert SECRET not in caplog.text
