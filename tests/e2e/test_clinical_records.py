@@ -385,3 +385,52 @@ async def test_a_session_scored_under_changed_rules_supersedes_the_earlier_alert
     assert [(a["alert_id"], a["status"]) for a in await eventually(ended, timeout=60)] == [
         (alert["alert_id"], "superseded")]
     assert [h.get("status") or "raised" for h in _webhooks(receiver, c)] == ["raised"]
+
+
+async def test_a_submission_reposted_for_another_client_moves_there_with_its_alert(
+        http: httpx.AsyncClient, services: dict[str, ServiceProcess], keys: dict[str, str],
+        receiver: WebhookReceiver) -> None:
+    # An EHR rated the wrong patient, moved the rating to the right one and re-exported it under
+    # the same submission id (docs/clinical-records.md, "The same id for another client moves the
+    # session"). A partner subscribed to srs.scored.v1 sees both clients' events.
+    first, second, moved = "case10-a", "case10-b", "case10-moved"
+    r = await http.post(f"{services['alerts'].url}/v1/subscriptions", headers=_auth(keys["admin"]),
+                        json={"url": receiver.url, "events": ["srs.scored.v1"]})
+    assert r.status_code in (200, 201), r.text
+    await _post(http, services, keys["submit"], _session(first, 1, SEPT, total=38.0, sid="case10-a1"))
+    await _post(http, services, keys["submit"], _session(second, 1, SEPT, total=38.0, sid="case10-b1"))
+    await _post(http, services, keys["submit"], _session(first, 2, SEPT + timedelta(days=7), total=32.0, sid=moved))
+
+    async def open_alerts(client: str) -> list[dict[str, Any]]:
+        return [a for a in await _alerts(http, services, keys["admin"], client) if a["status"] == "open"]
+
+    (raised,) = await eventually(lambda: open_alerts(first), timeout=60)
+    assert raised["severity"] == "critical"
+    await _post(http, services, keys["submit"], _session(second, 2, SEPT + timedelta(days=7), total=32.0, sid=moved))
+
+    async def withdrawn() -> list[dict[str, Any]]:
+        return [a for a in await _alerts(http, services, keys["admin"], first) if a["status"] == "withdrawn"]
+
+    assert [a["alert_id"] for a in await eventually(withdrawn, timeout=60)] == [raised["alert_id"]]
+    (theirs,) = await eventually(lambda: open_alerts(second), timeout=60)
+    assert theirs["severity"] == "critical" and theirs["alert_id"] != raised["alert_id"]
+
+    async def sessions_of(client: str, count: int) -> list[str] | None:
+        r = await _trajectory(http, services, keys["read"], client)
+        shown = [s["submission_id"] for s in r.json()["sessions"]] if r.status_code == 200 else []
+        return shown if len(shown) == count else None
+
+    assert await eventually(lambda: sessions_of(first, 1), timeout=60) == ["case10-a1"]
+    assert await eventually(lambda: sessions_of(second, 2), timeout=60) == ["case10-b1", moved]
+    status = await _status(http, services, keys["read"], moved, "scored")
+    assert status["client_id"] == second
+
+    async def scored_ids() -> dict[str, set[str]] | None:
+        got: dict[str, set[str]] = {}
+        for h in _webhooks(receiver, first) + _webhooks(receiver, second):
+            if h["_event"] == "srs.scored.v1" and h["submission_id"] == moved:
+                got.setdefault(h["client_id"], set()).add(h["event_id"])
+        return got if len(got) == 2 else None
+
+    ids_by_client = await eventually(scored_ids, timeout=60)
+    assert not ids_by_client[first] & ids_by_client[second]
