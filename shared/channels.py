@@ -42,9 +42,10 @@ OUTCOME_ALERT_STATUS = Channel(topics.OUTCOME_ALERT_STATUS, events.OutcomeAlertS
 _SINGLE: tuple[Channel[Any], ...] = (SCORED, DETERIORATION, ALERT_STATUS, DEADLETTER, ORS_SUBMITTED, ORS_SCORED,
                                     OUTCOME_ALERT, OUTCOME_ALERT_STATUS)
 
-# Every event a consumer of each topic may read (logical names). `srs.submitted.v1` carries two
-# kinds (a submission, or a client's transfer), so it has no single `Channel`.
+# Every event a consumer of each topic may read (logical names). `srs.submitted.v1` carries three
+# kinds (a submission, a client's transfer, or scoring's retraction of a moved submission), so it
+# has no single `Channel`.
 TOPIC_EVENTS: dict[str, tuple[type[BaseModel], ...]] = {
-    topics.SUBMITTED: (events.SrsSubmitted, events.ClientTransfer),
+    topics.SUBMITTED: (events.SrsSubmitted, events.ClientTransfer, events.SubmissionRetraction),
     **{c.topic: (c.model,) for c in _SINGLE},
 }

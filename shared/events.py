@@ -145,6 +145,17 @@ class ScoredRevision(BaseModel):
     supersedes: str | None = None
     episode_derived: bool = False
     site_version: int = Field(default=0, ge=0)
+    # Set ("moved") on the revision that retracts the session from this client's record: a newer
+    # version of the submission names another client (docs/clinical-records.md). Added within v1;
+    # absent (read as null) on every other event, whose bytes stay what they were.
+    retracted: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _retracted_only_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("retracted") is None:
+            data.pop("retracted", None)
+        return data
 
 
 # pydantic orders fields base by base along the reversed MRO, so the bases of the scored events are
@@ -433,6 +444,29 @@ class ClientTransfer(Event):
     site_id: str
     accepted_at: datetime
     requested_by: str | None = None
+
+
+SUBMISSION_RETRACTION = "submission-retraction"
+RETRACTED_MOVED = "moved"
+
+
+class SubmissionRetraction(Event):
+    """Scoring's control record: a newer version of a submission names another client, so the
+    session leaves this client's record (docs/clinical-records.md, "The same id for another client
+    moves the session"). Written by scoring to `srs.submitted.v1` (both scales), keyed by the
+    client that loses it, so that it is applied in order with that client's own records; header
+    `record-type: submission-retraction`. Applying it again, or one older than what the client's
+    record remembers, changes nothing."""
+
+    record_type: Literal["submission-retraction"] = "submission-retraction"
+    client_id: str  # the client whose record loses the submission
+    submission_id: str
+    scale: Literal["alliance", "outcome"]
+    # The newest version's order ("retracted as of"): its acceptance time and content digest, and
+    # the client it names (which holds the submission now).
+    accepted_at: datetime
+    digest: str
+    moved_to_client_id: str
 
 
 class DeadLetterReason(StrEnum):

@@ -28,6 +28,27 @@ def scored_event_id(tenant_id: str, submission_id: str, revision: int = 1) -> st
     return derive("scored", tenant_id, submission_id, str(revision))
 
 
+def moved_scored_event_id(tenant_id: str, submission_id: str, revision: int, client_id: str,
+                          outcome: bool = False) -> str:
+    """Event id of one revision of the scored event of a submission held by a client that was not
+    the first to hold it (the session moved there, docs/clinical-records.md): the client is part
+    of the id, so two clients' events of one submission never share one. The first client's events
+    keep `scored_event_id` / `ors_scored_event_id`."""
+    return derive("ors-scored" if outcome else "scored", tenant_id, submission_id, str(revision), "client", client_id)
+
+
+def submission_retraction_event_id(tenant_id: str, client_id: str, scale: str, submission_id: str,
+                                   accepted_at: datetime, digest: str, moved_to: str) -> str:
+    """Event id of a retraction: one per (client losing it, submission, newest version)."""
+    return derive("submission-retraction", tenant_id, client_id, scale, submission_id,
+                  accepted_at.astimezone(UTC).isoformat(), digest, moved_to)
+
+
+def submission_index_id(tenant_id: str, scale: str, submission_id: str) -> str:
+    """Scoring's key of a submission in its tenant-wide index (which clients hold versions of it)."""
+    return store_key(tenant_id, scale, submission_id)
+
+
 def ors_scored_event_id(tenant_id: str, submission_id: str, revision: int) -> str:
     """Event id of one revision of the scored event of an outcome (ORS-family) submission: apart
     from `scored_event_id`, because a submission id names one submission per scale, and the SRS and

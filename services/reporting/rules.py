@@ -9,7 +9,11 @@ submission id; everything else in the document is derived from that map.
 - its own *scored entry* under its `submission_id`, ranked by the key
   `(revision, 1, digest of the entry)`;
 - when it names another submission in `supersedes`, a *tombstone* under that submission id,
-  `{revision, superseded_by}` with the event's revision, ranked by `(revision, 0, superseded_by)`.
+  `{revision, superseded_by}` with the event's revision, ranked by `(revision, 0, superseded_by)`;
+- an event with `retracted` set (the session moved to another client, docs/clinical-records.md)
+  contributes a *retracted* entry instead of its scored entry, ranked by `(revision, 0,
+  "retracted")`: like a tombstone, it is not shown, and a scored event of a higher revision (the
+  session moved back) revives the submission.
 
 The map keeps, per submission id, the fact with the greatest key (the keys are stored as
 fixed-width text, so text order is that order). So:
@@ -108,6 +112,7 @@ DECLINE_FLAGS = frozenset({Flag.DROP_FROM_PREVIOUS, Flag.LOW_NOT_IMPROVING})
 BELOW_CUTOFF = Flag.BELOW_CUTOFF
 SCORED = "scored"
 SUPERSEDED = "superseded"
+RETRACTED = "retracted"
 
 Doc = dict[str, Any]
 # Both scales' scored sessions merge the same way (one record per client and instrument); an ORS
@@ -183,7 +188,11 @@ def _ors_fields(event: OrsScored) -> Doc:
 
 
 def session_entry(event: Scored) -> Doc:
-    """The scored entry of one event (the map's value under its submission id)."""
+    """The scored entry of one event (the map's value under its submission id); the retracted
+    entry of a revision that retracts its session (it moved to another client)."""
+    if event.retracted:
+        return {"kind": RETRACTED, "submission_id": event.submission_id, "revision": event.revision,
+                "key": f"{_rev_text(event.revision)}|0|{RETRACTED}"}
     entry: Doc = {
         "kind": SCORED,
         "submission_id": event.submission_id,
@@ -1043,7 +1052,9 @@ def caseload_outcome_entry(doc: Mapping[str, Any], alerts: Sequence[Mapping[str,
 # independent parts, each a max of its own key (the store writes a part only when its key is
 # greater than the stored one, so every part is commutative and idempotent on its own):
 #
-# - `scored`: the scored event with the highest revision (key: the revision);
+# - `scored`: the scored event of the newest accepted version, at its highest revision (key: the
+#   acceptance time, then the revision; a retracted revision is not written: the client the
+#   submission moved to answers for it);
 # - `superseded`: the highest-revision event that named this submission in `supersedes` (key:
 #   revision, then the superseding submission id);
 # - `rejected`: the dead-lettered version accepted last (key: its `accepted_at`, then a digest
@@ -1083,9 +1094,14 @@ def submission_scale(doc: Mapping[str, Any]) -> Scale:
 
 
 def scored_part(event: Scored) -> Doc:
-    """What the `scored` part keeps of a scored event."""
+    """What the `scored` part keeps of a scored event. Keyed by the version's acceptance time, then
+    the revision: the events of one client's submission come in revisions of versions accepted no
+    earlier, and when the submission moved between clients (docs/clinical-records.md), the client
+    holding the newest version is the one answered for, whatever order the events arrive in. (A
+    key stored before acceptance led it, the bare revision, is lower than every such key.)"""
     accepted = event.accepted_at or event.scored_at
-    return {"key": _rev_text(event.revision), "revision": event.revision, "accepted": _utc_text(accepted),
+    return {"key": f"{_utc_text(accepted)}|{_rev_text(event.revision)}", "revision": event.revision,
+            "accepted": _utc_text(accepted),
             "site_id": event.site_id, "client_id": event.client_id, "instrument": str(event.instrument),
             "episode_id": event.episode_id, "session_number": event.session_number, "total": event.total,
             "flags": list(event.flags), "at": event.scored_at}

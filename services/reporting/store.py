@@ -1452,6 +1452,8 @@ class SubmissionStore:
         owners: dict[str, tuple[str, str]] = {}
         parts: list[tuple[str, str, Document]] = []
         for e in events:
+            if e.retracted:  # the session moved to another client: that client's events answer for it
+                continue
             scale = rules.scale_of(str(e.instrument))  # a submission supersedes only one of its scale
             doc_id = rules.submission_doc_id(e.tenant_id, e.submission_id, scale)
             owners[doc_id] = (e.tenant_id, e.submission_id)

@@ -19,7 +19,7 @@ from typing import Any
 
 from services.scoring.handlers import SERVICE, ScoringHandler, model_of
 from services.scoring.settings import ScoringSettings
-from services.scoring.store import RulesStore, StateCache, StateStore
+from services.scoring.store import RulesStore, StateCache, StateStore, SubmissionIndex
 from shared import channels
 from shared.channels import Channel
 from shared.http import Adapters, Service, Views, service_api
@@ -48,7 +48,8 @@ DESCRIPTION = (
 OUTPUTS: tuple[tuple[Channel[Any], str], ...] = (
     (channels.SCORED,
      "One event per revision of a scored session (not for YCSRS): keep the highest "
-     "revision per submission_id. Key: tenant_id:client_id."),
+     "revision per (client_id, submission_id); a revision with retracted set removes the "
+     "session from that client (it moved to another). Key: tenant_id:client_id."),
     (channels.DETERIORATION,
      "An alert raised (revision 1) or revised by a correction (revision + 1) for the "
      "latest session of a client's current episode; alert_id is derived from the "
@@ -58,7 +59,8 @@ OUTPUTS: tuple[tuple[Channel[Any], str], ...] = (
      "cleared it, naming the revision it ends."),
     (channels.ORS_SCORED,
      "One event per revision of a scored ORS-family session (docs/outcome.md): keep "
-     "the highest revision per submission_id. Key: tenant_id:client_id."),
+     "the highest revision per (client_id, submission_id); retracted: as on srs.scored.v1. "
+     "Key: tenant_id:client_id."),
     (channels.OUTCOME_ALERT,
      "An outcome alert (reliable deterioration, not on track) raised or revised "
      "for the latest ORS session of a client's current episode; alert_id derived from"
@@ -88,7 +90,8 @@ def build(config: ScoringConfig) -> Service:
     states = StateCache(store, max_sessions=config.scoring.state_cache_sessions)
     rules = RulesStore(base.db, ttl_seconds=config.scoring.rules_cache_seconds)
     handler = ScoringHandler(states, rules, base.publisher.publish_all, topics,
-                             conflict_attempts=config.scoring.conflict_attempts, save_chunk=config.scoring.save_chunk)
+                             conflict_attempts=config.scoring.conflict_attempts, save_chunk=config.scoring.save_chunk,
+                             index=SubmissionIndex(base.db))
     # One consumer of both inputs: a client's SRS and ORS records come in the same batches, and
     # one ClientState (one document) holds both (docs/outcome.md).
     subscribe_batch(broker, (topics.submitted, topics.ors_submitted), group_id=config.kafka.group(SERVICE),

@@ -74,6 +74,7 @@ from services.scoring.rules import TenantRules
 from services.scoring.series import (
     AlertOut,
     ClientState,
+    Holding,
     OutcomeView,
     Output,
     ScoredOut,
@@ -81,13 +82,19 @@ from services.scoring.series import (
     StatusOut,
     Step,
     Version,
+    holding,
+    newer_elsewhere,
+    record_key,
+    retractions,
     version_of,
 )
-from services.scoring.store import ClientKey, StatePort, client_key
+from services.scoring.store import ClientKey, Held, IndexKey, IndexPort, MemoryIndex, StatePort, client_key
 from shared import ids
 from shared.events import (
     CLIENT_TRANSFER,
     RECORD_TYPE_HEADER,
+    RETRACTED_MOVED,
+    SUBMISSION_RETRACTION,
     AgeBand,
     AlertStatusChanged,
     AllianceDeterioration,
@@ -101,6 +108,7 @@ from shared.events import (
     OutcomeInstrument,
     SrsScored,
     SrsSubmitted,
+    SubmissionRetraction,
 )
 from shared.kafka import CORRELATION_HEADER, Decoded, InboundRecord, OutboundRecord, dead_letter_record
 from shared.topics import ORS_SUBMITTED, Topics
@@ -108,7 +116,7 @@ from shared.topics import ORS_SUBMITTED, Topics
 log = logging.getLogger("alliance.scoring")
 
 SERVICE = "scoring"
-Input = SrsSubmitted | OrsSubmitted | ClientTransfer
+Input = SrsSubmitted | OrsSubmitted | ClientTransfer | SubmissionRetraction
 Submitted = SrsSubmitted | OrsSubmitted
 
 
@@ -125,15 +133,54 @@ class StateConflict(RuntimeError):
     """Another process kept writing the same client; the batch is retried by the subscriber."""
 
 
-def model_of(rec: InboundRecord) -> type[SrsSubmitted] | type[OrsSubmitted] | type[ClientTransfer]:
+def model_of(rec: InboundRecord) -> (type[SrsSubmitted] | type[OrsSubmitted] | type[ClientTransfer]
+                                     | type[SubmissionRetraction]):
     """The model a record holds: an `ors.submitted.v1` record (whatever the deployment's prefix) an
-    ORS submission; on `srs.submitted.v1`, the `record-type` header tells a client transfer."""
+    ORS submission; on `srs.submitted.v1`, the `record-type` header tells a client transfer or a
+    retraction (scoring's own, docs/clinical-records.md)."""
     if rec.topic == ORS_SUBMITTED or rec.topic.endswith("." + ORS_SUBMITTED):
         return OrsSubmitted
-    return ClientTransfer if rec.headers.get(RECORD_TYPE_HEADER) == CLIENT_TRANSFER else SrsSubmitted
+    kind = rec.headers.get(RECORD_TYPE_HEADER)
+    if kind == CLIENT_TRANSFER:
+        return ClientTransfer
+    return SubmissionRetraction if kind == SUBMISSION_RETRACTION else SrsSubmitted
 
 
-def scored_event(tenant_id: str, client_id: str, o: ScoredOut) -> SrsScored:
+RETRACTION_HEADERS = {RECORD_TYPE_HEADER: SUBMISSION_RETRACTION}
+
+
+def scale_of(instrument: str) -> str:
+    """The scale of an instrument: "outcome" (ORS family) or "alliance" (SRS family)."""
+    return "outcome" if is_outcome(instrument) else "alliance"
+
+
+def index_key(ev: Submitted) -> IndexKey:
+    """A submitted version's submission id in the tenant-wide index."""
+    return IndexKey(ev.tenant_id, scale_of(ev.instrument), ev.submission_id)
+
+
+def retraction_event(k: IndexKey, client_id: str, as_of: Holding, now: datetime) -> SubmissionRetraction:
+    """The retraction telling `client_id` that the submission `k` moved to `as_of`'s client."""
+    at, digest, to_client = as_of
+    return SubmissionRetraction(
+        event_id=ids.submission_retraction_event_id(k.tenant_id, client_id, k.scale, k.submission_id, at, digest,
+                                                    to_client),
+        tenant_id=k.tenant_id, occurred_at=now, client_id=client_id, submission_id=k.submission_id, scale=k.scale,
+        accepted_at=at, digest=digest, moved_to_client_id=to_client)
+
+
+def _scored_id(tenant_id: str, client_id: str, o: ScoredOut, foreign: bool) -> str:
+    """The event id of a scored revision: the client is part of it only for a client that was not
+    the first to hold the submission (docs/clinical-records.md): every other id is what it was."""
+    v = o.session.version
+    if foreign:
+        return ids.moved_scored_event_id(tenant_id, v.submission_id, o.revision, client_id, outcome=v.outcome)
+    if v.outcome:
+        return ids.ors_scored_event_id(tenant_id, v.submission_id, o.revision)
+    return ids.scored_event_id(tenant_id, v.submission_id, o.revision)
+
+
+def scored_event(tenant_id: str, client_id: str, o: ScoredOut, foreign: bool = False) -> SrsScored:
     """The `srs.scored.v1` event of one published revision; a pure function of its inputs.
 
     Built without validation (`model_construct`): every value comes from a validated submission or
@@ -141,7 +188,7 @@ def scored_event(tenant_id: str, client_id: str, o: ScoredOut) -> SrsScored:
     s, v = o.session, o.session.version
     assert isinstance(s, SessionView), "an ORS-family session is published by ors_scored_event"
     return SrsScored.model_construct(
-        event_id=ids.scored_event_id(tenant_id, v.submission_id, o.revision), tenant_id=tenant_id, occurred_at=o.at,
+        event_id=_scored_id(tenant_id, client_id, o, foreign), tenant_id=tenant_id, occurred_at=o.at,
         submission_id=v.submission_id, site_id=s.site_id, clinician_id=v.clinician_id, client_id=client_id,
         episode_id=s.episode_id, instrument=Instrument(v.instrument), session_number=v.session_number,
         administered_at=v.administered_at, items=v.items_model(), total=s.total, cutoff=s.cutoff, operator=s.operator,
@@ -150,6 +197,7 @@ def scored_event(tenant_id: str, client_id: str, o: ScoredOut) -> SrsScored:
         triggers=list(s.triggers), severity=s.severity, low_items=list(s.low_items), latest=o.latest,
         scored_at=o.at, accepted_at=v.accepted_at, revision=o.revision, supersedes=o.supersedes,
         episode_derived=s.episode_derived, site_version=s.site_version,
+        retracted=RETRACTED_MOVED if o.retracted else None,
     )
 
 
@@ -176,12 +224,12 @@ def alert_event(tenant_id: str, client_id: str, o: AlertOut) -> AllianceDeterior
                                  outcome_at_risk=a.outcome_at_risk)
 
 
-def ors_scored_event(tenant_id: str, client_id: str, o: ScoredOut) -> OrsScored:
+def ors_scored_event(tenant_id: str, client_id: str, o: ScoredOut, foreign: bool = False) -> OrsScored:
     """The `ors.scored.v1` event of one published revision of an ORS-family session."""
     s, v = o.session, o.session.version
     assert isinstance(s, OutcomeView), "an SRS-family session is published by scored_event"
     return OrsScored.model_construct(
-        event_id=ids.ors_scored_event_id(tenant_id, v.submission_id, o.revision), tenant_id=tenant_id,
+        event_id=_scored_id(tenant_id, client_id, o, foreign), tenant_id=tenant_id,
         occurred_at=o.at, schema_version=1, submission_id=v.submission_id, site_id=s.site_id,
         clinician_id=v.clinician_id, client_id=client_id, episode_id=s.episode_id,
         instrument=OutcomeInstrument(v.instrument),
@@ -194,6 +242,7 @@ def ors_scored_event(tenant_id: str, client_id: str, o: ScoredOut) -> OrsScored:
         in_clinical_range=s.in_clinical_range, flags=list(s.flags), triggers=list(s.triggers), severity=s.severity,
         latest=o.latest, scored_at=o.at, accepted_at=v.accepted_at, revision=o.revision, supersedes=o.supersedes,
         episode_derived=s.episode_derived, site_version=s.site_version,
+        retracted=RETRACTED_MOVED if o.retracted else None,
     )
 
 
@@ -244,12 +293,27 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass(frozen=True)
+class _Decided:
+    """What one record made a client publish, turned into records once the index says which of the
+    client's submissions it was not the first to hold (their event ids name the client)."""
+
+    tenant_id: str
+    client_id: str
+    outputs: list[Output]
+    corr: str
+    traceparent: str | None
+
+
 @dataclass
 class _Pass:
     """The result of applying the batch's records to the state once."""
 
-    outputs: dict[ClientKey, list[OutboundRecord]] = field(default_factory=dict)  # incl. refusals' dead letters
+    outputs: dict[ClientKey, list[OutboundRecord | _Decided]] = field(default_factory=dict)  # incl. dead letters
     changed: set[ClientKey] = field(default_factory=set)
+    # Per client, the submissions of the batch it was given a version of (index key, record key):
+    # registered in the index once the client's state is written.
+    touched: dict[ClientKey, set[tuple[IndexKey, str]]] = field(default_factory=dict)
 
 
 def in_acceptance_order(pairs: list[tuple[InboundRecord, Input]]) -> list[tuple[InboundRecord, Input]]:
@@ -284,6 +348,9 @@ class ScoringHandler:
     clock: Callable[[], datetime] = _now
     conflict_attempts: int = 5
     save_chunk: int = 128
+    # Which clients hold which submission ids, tenant-wide (docs/clinical-records.md); the app
+    # passes the store's, a handler on its own keeps one in memory.
+    index: IndexPort = field(default_factory=MemoryIndex)
 
     async def __call__(self, decoded: list[Decoded[Input]]) -> None:
         started = time.perf_counter()
@@ -309,13 +376,18 @@ class ScoringHandler:
         remaining = inputs
         for _attempt in range(self.conflict_attempts):
             keys = {client_key(ev.tenant_id, ev.client_id) for _, ev in remaining}
+            claims: dict[IndexKey, str] = {}
+            for _, ev in remaining:  # the first client of an id in acceptance order claims it
+                if isinstance(ev, SrsSubmitted | OrsSubmitted):
+                    claims.setdefault(index_key(ev), ev.client_id)
             with metrics.PHASE_SECONDS.labels("load").time():
                 states = await self.states.load(keys)
                 rules = await self.rules.get_many({ev.tenant_id for _, ev in remaining})
+                held = await self.index.claim(claims) if claims else {}
             with metrics.PHASE_SECONDS.labels("apply").time():
-                p = self._apply(remaining, states, rules)
+                p = self._apply(remaining, states, rules, held)
             # Clients whose record did not change were stored before: their events can go now.
-            ready = [r for k, rs in p.outputs.items() if k not in p.changed for r in rs]
+            ready = await self._finish([k for k in p.outputs if k not in p.changed], p, states)
             if ready:
                 sending.append(asyncio.create_task(self._send(ready)))
             conflicts: set[ClientKey] = set()
@@ -326,7 +398,7 @@ class ScoringHandler:
                     lost = await self.states.save({k: states[k] for k in chunk})
                 saved = [k for k in chunk if k not in lost]
                 metrics.STATE_WRITES.inc(len(saved))
-                outputs = [r for k in saved for r in p.outputs.get(k, ())]
+                outputs = await self._finish(saved, p, states)
                 if outputs:
                     sending.append(asyncio.create_task(self._send(outputs)))
                 conflicts |= lost
@@ -339,8 +411,38 @@ class ScoringHandler:
             remaining = [(rec, ev) for rec, ev in remaining if client_key(ev.tenant_id, ev.client_id) in conflicts]
         raise StateConflict(f"state kept changing under us after {self.conflict_attempts} attempts")
 
+    async def _finish(self, keys: list[ClientKey], p: _Pass, states: dict[ClientKey, ClientState]
+                      ) -> list[OutboundRecord]:
+        """The records of clients whose state is written: register the versions they hold of the
+        batch's submissions in the index, then build their events (ids by what the index says)
+        and a retraction for every client the index lists with an older version of one."""
+        versions: dict[tuple[IndexKey, str], tuple[datetime, str]] = {}
+        for k in keys:
+            for ik, rkey in p.touched.get(k, ()):
+                order = states[k].newest(rkey)
+                if order is not None:
+                    versions[(ik, k.client_id)] = order
+        held = await self.index.register(versions) if versions else {}
+        now = self.clock()
+        out: list[OutboundRecord] = []
+        for k in keys:
+            foreign = states[k].foreign
+            for item in p.outputs.get(k, ()):
+                if isinstance(item, _Decided):
+                    out.extend(self._records(item.tenant_id, item.client_id, item.outputs, item.corr,
+                                             item.traceparent, foreign))
+                else:
+                    out.append(item)
+        for ik, h in sorted(held.items(), key=lambda kh: kh[0].doc_id):
+            for client_id, as_of in retractions(h.held):
+                ev = retraction_event(ik, client_id, as_of, now)
+                out.append(OutboundRecord(self.topics.submitted, ev.model_dump_json().encode(),
+                                          key=ids.partition_key(ik.tenant_id, client_id),
+                                          correlation_id=ik.submission_id, headers=dict(RETRACTION_HEADERS)))
+        return out
+
     def _apply(self, inputs: list[tuple[InboundRecord, Input]], states: dict[ClientKey, ClientState],
-               rules: dict[str, TenantRules]) -> _Pass:
+               rules: dict[str, TenantRules], held: dict[IndexKey, Held]) -> _Pass:
         p = _Pass()
         reemitted: set[ClientKey] = set()
         for rec, ev in inputs:
@@ -351,8 +453,16 @@ class ScoringHandler:
             step: Step
             if isinstance(ev, ClientTransfer):
                 step = st.transfer(ev.event_id, ev.site_id, tenant_rules, now)
+            elif isinstance(ev, SubmissionRetraction):
+                rkey = record_key(ev.submission_id, "ORS" if ev.scale == "outcome" else "SRS")
+                step = st.retract(rkey, holding(ev.accepted_at, ev.digest, ev.moved_to_client_id), tenant_rules, now)
             else:
-                step = st.submit(version_from(ev), tenant_rules, now)
+                v = version_from(ev)
+                ik = index_key(ev)
+                h = held.get(ik, Held())
+                step = st.submit(v, tenant_rules, now, newer_elsewhere(h.held, ev.client_id, v.accepted_at, v.digest),
+                                 first=h.first in (None, ev.client_id))
+                p.touched.setdefault(key, set()).add((ik, v.key))
             if step.changed:
                 p.changed.add(key)
             outputs: list[Output] = step.outputs
@@ -363,7 +473,8 @@ class ScoringHandler:
                     outputs = st.current_outputs(tenant_rules)
             corr = rec.headers.get(CORRELATION_HEADER) or getattr(ev, "submission_id", None) or ev.event_id
             mine = p.outputs.setdefault(key, [])
-            mine.extend(self._records(ev.tenant_id, ev.client_id, outputs, corr, rec.traceparent))
+            if outputs:
+                mine.append(_Decided(ev.tenant_id, ev.client_id, list(outputs), corr, rec.traceparent))
             if step.rejection is not None:
                 mine.append(dead_letter_record(SERVICE, rec, step.rejection.reason, step.rejection.detail,
                                                self.topics.deadletter, ev.tenant_id))
@@ -371,16 +482,17 @@ class ScoringHandler:
         return p
 
     def _records(self, tenant_id: str, client_id: str, outputs: Iterable[Output], corr: str,
-                 traceparent: str | None) -> list[OutboundRecord]:
+                 traceparent: str | None, foreign: set[str]) -> list[OutboundRecord]:
         pkey = ids.partition_key(tenant_id, client_id)
         out: list[OutboundRecord] = []
         t = self.topics
         for o in outputs:
             if isinstance(o, ScoredOut):
+                moved = o.session.version.key in foreign
                 if isinstance(o.session, OutcomeView):
-                    topic, body = t.ors_scored, ors_scored_event(tenant_id, client_id, o).model_dump_json()
+                    topic, body = t.ors_scored, ors_scored_event(tenant_id, client_id, o, moved).model_dump_json()
                 else:
-                    topic, body = t.scored, scored_event(tenant_id, client_id, o).model_dump_json()
+                    topic, body = t.scored, scored_event(tenant_id, client_id, o, moved).model_dump_json()
             elif isinstance(o, AlertOut):
                 if isinstance(o.alert.session, OutcomeView):
                     topic, body = t.outcome_alert, outcome_alert_event(tenant_id, client_id, o).model_dump_json()
@@ -395,7 +507,7 @@ class ScoringHandler:
 
     @staticmethod
     def _count(ev: Input, step: Step, now: datetime) -> None:
-        if isinstance(ev, ClientTransfer) or step.redelivered or not step.changed:
+        if isinstance(ev, ClientTransfer | SubmissionRetraction) or step.redelivered or not step.changed:
             return
         if step.audited:
             metrics.AUDITED.labels(ev.instrument.value).inc()

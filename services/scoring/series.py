@@ -196,6 +196,61 @@ class Rejection:
     detail: str
 
 
+# --- which client holds a submission id (docs/clinical-records.md) ---------------------------
+
+# How new a client's version of a submission is, tenant-wide: its acceptance time, its content
+# digest (the order of versions, `Version.order`), then the client's id (two clients' versions
+# accepted at the same instant with the same content are still ordered, the same way everywhere).
+Holding = tuple[datetime, str, str]
+
+
+def holding(accepted_at: datetime, digest: str, client_id: str) -> Holding:
+    return (_utc(accepted_at), digest, client_id)
+
+
+def holder(held: Mapping[str, tuple[datetime, str]]) -> Holding | None:
+    """Of the newest accepted version each client holds of one submission id (client ->
+    (accepted_at, digest)), the newest: the client that holds the submission. None: no client."""
+    return max((holding(at, d, c) for c, (at, d) in held.items()), default=None)
+
+
+def newer_elsewhere(held: Mapping[str, tuple[datetime, str]], client_id: str, accepted_at: datetime,
+                    digest: str) -> Holding | None:
+    """Whether another client holds a newer version than this client's (`accepted_at`, `digest`):
+    then that version (with its client), before which this one changes nothing; else None."""
+    newest = holder({c: o for c, o in held.items() if c != client_id})
+    return newest if newest is not None and newest > holding(accepted_at, digest, client_id) else None
+
+
+def retractions(held: Mapping[str, tuple[datetime, str]]) -> list[tuple[str, Holding]]:
+    """Every client that must lose the submission, with the version it loses it to: each client
+    but the holder (all of them hold older versions)."""
+    newest = holder(held)
+    if newest is None:
+        return []
+    return [(c, newest) for c in sorted(held) if c != newest[2]]
+
+
+@dataclass(frozen=True)
+class Moved:
+    """A submission retracted from this client's record (a tombstone): another client holds a
+    version at least as new as `accepted_at`/`digest` of `to_client`. `shown`: the version the
+    record showed when it was retracted (its retracted event is built from it), None when it showed
+    none; `revision` and `at`: that event's (0 when none)."""
+
+    accepted_at: datetime
+    digest: str
+    to_client: str
+    shown: Version | None = None
+    episode_id: str = ""
+    episode_derived: bool = False
+    revision: int = 0
+    at: datetime | None = None
+
+    def as_of(self) -> Holding:
+        return holding(self.accepted_at, self.digest, self.to_client)
+
+
 # --- the view -------------------------------------------------------------------------------
 
 
@@ -654,6 +709,7 @@ class ScoredOut:
     supersedes: str | None
     at: datetime
     latest: bool
+    retracted: bool = False  # the revision that retracts a session that moved to another client
 
 
 @dataclass(frozen=True)
@@ -710,6 +766,11 @@ class ClientState:
     # stays: its events were published): when it was. A version of that submission accepted
     # before then is older than the content the record shows, and changes nothing.
     resent: dict[str, datetime] = field(default_factory=dict)
+    # Submissions retracted from this record because another client holds them (by record key).
+    moved: dict[str, Moved] = field(default_factory=dict)
+    # Submissions this client was not the first to hold (by record key): their events' ids name
+    # the client (`ids.moved_scored_event_id`). Decided when the client first takes one.
+    foreign: set[str] = field(default_factory=set)
 
     def copy(self) -> ClientState:
         """An independent copy (the values are immutable, so copying the containers suffices)."""
@@ -718,7 +779,13 @@ class ClientState:
         return ClientState(self.tenant_id, self.client_id, self.owner, self.site_version, list(self.transfers),
                            dict(self.versions), dict(self.rejected), dict(self.published),
                            dict(self.submission_revision), dict(self.alerts), self.version, self.cached,
-                           dict(self.resent))
+                           dict(self.resent), dict(self.moved), set(self.foreign))
+
+    def newest(self, key: str) -> tuple[datetime, str] | None:
+        """The order (accepted_at, digest) of the version of `key` the record holds, counting a
+        later identical resend; None when it holds none (refused, retracted, never sent)."""
+        known = self.versions.get(key)
+        return None if known is None else self._order(known)
 
     def view(self, rules: R.TenantRules) -> View:
         """What the record shows under `rules` (derived once per change of the record)."""
@@ -760,8 +827,14 @@ class ClientState:
 
     # ---- inputs -----------------------------------------------------------------------------
 
-    def submit(self, v: Version, rules: R.TenantRules, now: datetime) -> Step:
-        """Apply one submitted version (see module docs); the state changes only when accepted."""
+    def submit(self, v: Version, rules: R.TenantRules, now: datetime, elsewhere: Holding | None = None,
+               first: bool = True) -> Step:
+        """Apply one submitted version (see module docs); the state changes only when accepted.
+
+        `elsewhere`: a newer version of this submission another client holds (`newer_elsewhere`
+        of the tenant-wide index); then this one is not taken, and the submission is retracted
+        from this record as of that version. `first`: this client was the first to hold the
+        submission id (else its events' ids name the client)."""
         key = v.key
         known = self.versions.get(key)
         same_rejection = self._same_rejection(v)
@@ -769,6 +842,12 @@ class ClientState:
             return self._redelivered(rules, now, same_rejection)
         if same_rejection is not None:
             return Step(rejection=same_rejection)
+        gone = self.moved.get(key)
+        mine = holding(v.accepted_at, v.digest, self.client_id)
+        if gone is not None and mine < gone.as_of():
+            return Step()  # older than the version the submission moved with: changes nothing
+        if elsewhere is not None and mine < elsewhere:
+            return self.retract(key, elsewhere, rules, now)
         if known is not None and (self._order(known) >= v.order() or known.digest == v.digest):
             if known.digest == v.digest and v.order() > self._order(known):
                 self.resent[key] = v.accepted_at  # newer: an older version arriving later loses
@@ -794,8 +873,11 @@ class ClientState:
             rej = Rejection(v.accepted_at, v.digest, reason, detail)
             self.rejected[key] = rej
             return Step(rejection=rej, changed=True)
+        if not first and known is None and key not in self.submission_revision:
+            self.foreign.add(key)
         self.versions[key] = v
         self.resent.pop(key, None)
+        self.moved.pop(key, None)  # newer than where it had moved: it is back
         self.owner = self.owner or v.site_id
         scope = None
         if known is None:
@@ -816,6 +898,53 @@ class ClientState:
                                f"identical to submission '{shown}', which is already recorded")
             self.rejected[key] = notice
         return Step(outputs=outputs, rejection=notice, changed=True)
+
+    def retract(self, key: str, as_of: Holding, rules: R.TenantRules, now: datetime) -> Step:
+        """Retract the submission `key` from this record: `as_of` (accepted_at, digest, client) is
+        a newer version another client holds. The version kept here leaves the record (unless it
+        is newer), the later sessions are scored again without it, its alert is withdrawn, and the
+        session it showed is published once more with `retracted` (`revision` + 1). Remembered as
+        a tombstone: a retraction as old or older, or a version accepted before `as_of`, arriving
+        later, changes nothing; a redelivered one re-emits what the record shows."""
+        gone = self.moved.get(key)
+        if gone is not None and gone.as_of() >= as_of:
+            return self._redelivered(rules, now)
+        known = self.versions.get(key)
+        if known is not None and (*self._order(known), self.client_id) > as_of:
+            return Step()  # newer here: its own registration retracts the other client's
+        at, digest, to_client = as_of
+        if known is None:  # nothing here (never taken, or refused): remember, so that it never is
+            self.moved[key] = Moved(at, digest, to_client, *(
+                (gone.shown, gone.episode_id, gone.episode_derived, gone.revision, gone.at) if gone else ()))
+            return Step(changed=True)
+        before = self.view(rules)
+        slot = before.slot_of_key.get(known.session_key) if key in before.current else None
+        p = self.published.get(slot) if slot is not None else None
+        shown = before.sessions[slot] if slot is not None and p is not None and not p.vacant \
+            and p.submission_id == key else None
+        del self.versions[key]
+        self.resent.pop(key, None)
+        self.cached = None
+        outputs: list[Output] = []
+        tomb = Moved(at, digest, to_client)
+        if shown is not None and slot is not None and p is not None:
+            rev = 1 + max(p.revision, self.submission_revision.get(key, 0))
+            self.submission_revision[key] = rev
+            self.published[slot] = replace(p, vacant=True)  # nothing names it: no `supersedes` below
+            tomb = Moved(at, digest, to_client, known, shown.episode_id, shown.episode_derived, rev, now)
+            outputs.append(self._retracted_out(tomb, rules))
+        self.moved[key] = tomb
+        outputs.extend(self._publish(self.view(rules), now))
+        return Step(outputs=outputs, changed=True)
+
+    def _retracted_out(self, m: Moved, rules: R.TenantRules) -> ScoredOut:
+        """The retracted event of a tombstone's session: its version scored alone (no previous
+        session: what it showed in the episode it left is not the point), `retracted` set."""
+        v = m.shown
+        assert v is not None and m.at is not None
+        view, _ = _scored_view(v, m.episode_id, m.episode_derived, None, False, _resolved(rules, v.instrument),
+                               self.owner, self.site_version, self.tenant_id, self.client_id, None)
+        return ScoredOut(view, m.revision, None, m.at, False, retracted=True)
 
     def transfer(self, event_id: str, site_id: str, rules: R.TenantRules, now: datetime) -> Step:
         """Apply an admin's transfer (`event_id`, a redelivery of which changes nothing): move the
@@ -1037,6 +1166,9 @@ class ClientState:
                 continue  # cannot happen after a completed step; never publish what was not decided
             sup = None if p.supersedes is None else submission_of(p.supersedes)
             out.append(ScoredOut(sv, p.revision, sup, p.at, p.latest))
+        for _key, m in sorted(self.moved.items()):
+            if m.shown is not None and m.revision:
+                out.append(self._retracted_out(m, rules))
         for aid, rec in sorted(self.alerts.items()):
             if rec.state == Lifecycle.RAISED:
                 av = view.alerts.get(aid)

@@ -18,16 +18,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
+from pymongo import UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.scoring.rules import TenantRules
 from services.scoring.series import (
     AlertRecord,
     ClientState,
+    Moved,
     Published,
     Rejection,
     Version,
@@ -37,7 +39,7 @@ from services.scoring.series import (
 )
 from shared import ids
 from shared.events import Lifecycle
-from shared.mongo import Document, LruCache, TtlCache, write_versioned
+from shared.mongo import Document, LruCache, TtlCache, bulk_write, write_versioned
 
 log = logging.getLogger("alliance.scoring.store")
 
@@ -128,7 +130,23 @@ def state_doc(key: ClientKey, st: ClientState, version: int) -> Document:
         # Only when there is one (documents written before it existed stay as they were).
         **({"rs": {sid: _iso(at) for sid, at in resent.items()}} if resent else {}),
         **({"rso": {sid: _iso(at) for sid, at in outcome_resent.items()}} if outcome_resent else {}),
+        # Sessions that moved to another client, and submissions first held by another (docs/
+        # clinical-records.md); keyed by record key. Only when there are some.
+        **({"mv": [_moved_doc(k, m) for k, m in st.moved.items()]} if st.moved else {}),
+        **({"fx": sorted(st.foreign)} if st.foreign else {}),
     }
+
+
+def _moved_doc(key: str, m: Moved) -> Document:
+    return {"k": key, "acc": _iso(m.accepted_at), "d": m.digest, "to": m.to_client,
+            "v": None if m.shown is None else _version_doc(m.shown), "e": m.episode_id, "ed": m.episode_derived,
+            "r": m.revision, "at": None if m.at is None else _iso(m.at)}
+
+
+def _moved_from(d: Document) -> Moved:
+    shown, at = d.get("v"), d.get("at")
+    return Moved(_dt(d["acc"]), d["d"], d["to"], None if shown is None else _version_from(shown), d.get("e") or "",
+                 bool(d.get("ed")), int(d.get("r") or 0), None if at is None else _dt(at))
 
 
 def _slot_instrument(slot: str) -> str:
@@ -169,6 +187,8 @@ def state_from(key: ClientKey, doc: Document) -> ClientState:
         st.resent[sid if sid in st.versions else record_key(sid, "ORS")] = at
     for sid, at in (doc.get("rso") or {}).items():
         st.resent[record_key(str(sid), "ORS")] = _dt(at)
+    st.moved = {str(d["k"]): _moved_from(d) for d in doc.get("mv", ())}
+    st.foreign = {str(k) for k in doc.get("fx", ())}
     for a in doc.get("al", ()):
         st.alerts[a["id"]] = AlertRecord(int(a["r"]), Lifecycle(a["st"]), a["d"], _dt(a["at"]), a["s"], a["c"],
                                          a["i"], a["e"], int(a["n"]), a["k"])
@@ -335,6 +355,127 @@ class RulesStore:
         await self._col.replace_one({"_id": tenant}, {**rules.to_doc(), "updated_at": datetime.now(UTC)},
                                     upsert=True)
         self._cache.pop(tenant)
+
+
+# --- the tenant-wide index of submission ids (docs/clinical-records.md, "The same id for another
+# client moves the session") ---------------------------------------------------------------------
+
+INDEX = "scoring_submissions"
+
+
+@dataclass(frozen=True)
+class IndexKey:
+    """A submission id on one scale of one tenant: one index document each."""
+
+    tenant_id: str
+    scale: str  # "alliance" | "outcome"
+    submission_id: str
+
+    @property
+    def doc_id(self) -> str:
+        return ids.submission_index_id(self.tenant_id, self.scale, self.submission_id)
+
+
+@dataclass(frozen=True)
+class Held:
+    """What the index knows of a submission id: the first client that claimed it, and per client
+    that accepted a version of it, the newest one's (accepted_at, digest)."""
+
+    first: str | None = None
+    held: dict[str, tuple[datetime, str]] = field(default_factory=dict)
+
+
+class IndexPort(Protocol):
+    """Where the index lives: `SubmissionIndex` (MongoDB) or `MemoryIndex`."""
+
+    async def claim(self, claims: dict[IndexKey, str]) -> dict[IndexKey, Held]:
+        """Make each client the first of its submission id unless one is already (an insert-only
+        field); what the index holds of every key, after."""
+        ...
+
+    async def register(self, versions: dict[tuple[IndexKey, str], tuple[datetime, str]]) -> dict[IndexKey, Held]:
+        """Record each (key, client)'s accepted version unless a newer one is recorded (a max);
+        what the index holds of every key, after."""
+        ...
+
+
+def _order_text(accepted_at: datetime, digest: str) -> str:
+    """Fixed-width UTC text then the digest, so that the store's `$max` on the text is the order."""
+    return f"{accepted_at.astimezone(UTC).strftime('%Y-%m-%dT%H:%M:%S.%fZ')}|{digest}"
+
+
+def _order_from(text: str) -> tuple[datetime, str]:
+    at, _, digest = text.partition("|")
+    return datetime.strptime(at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC), digest
+
+
+def _client_field(client_id: str) -> str:
+    """A field name for a client (ids may hold '.', which a field path may not)."""
+    return ids.derive("index-client", client_id).replace("-", "")
+
+
+def _held_from(doc: Document) -> Held:
+    return Held(doc.get("first"), {h["c"]: _order_from(h["o"]) for h in (doc.get("h") or {}).values()
+                                   if h.get("c") is not None and h.get("o")})
+
+
+class SubmissionIndex:
+    """The index in `scoring_submissions`: one upsert per key in one bulk write, then one read."""
+
+    def __init__(self, db: AsyncDatabase[Document]) -> None:
+        self._col = db[INDEX]
+
+    async def _upsert_and_read(self, keys: list[IndexKey], ops: list[UpdateOne]) -> dict[IndexKey, Held]:
+        pending = ops
+        for _ in range(2):  # two inserts of one new document: the loser's E11000 is run again (it exists now)
+            if not pending:
+                break
+            written = await bulk_write(self._col, pending)
+            pending = [pending[i] for i in written.duplicates]
+        by_id = {k.doc_id: k for k in keys}
+        out = {k: Held() for k in keys}
+        async for doc in self._col.find({"_id": {"$in": list(by_id)}}):
+            out[by_id[doc["_id"]]] = _held_from(doc)
+        return out
+
+    @staticmethod
+    def _identity(k: IndexKey) -> Document:
+        return {"tenant_id": k.tenant_id, "scale": k.scale, "submission_id": k.submission_id}
+
+    async def claim(self, claims: dict[IndexKey, str]) -> dict[IndexKey, Held]:
+        ops = [UpdateOne({"_id": k.doc_id}, {"$setOnInsert": {**self._identity(k), "first": c}}, upsert=True)
+               for k, c in sorted(claims.items(), key=lambda kc: kc[0].doc_id)]
+        return await self._upsert_and_read(list(claims), ops)
+
+    async def register(self, versions: dict[tuple[IndexKey, str], tuple[datetime, str]]) -> dict[IndexKey, Held]:
+        ops = []
+        for (k, c), (at, digest) in sorted(versions.items(), key=lambda kv: (kv[0][0].doc_id, kv[0][1])):
+            f = _client_field(c)
+            ops.append(UpdateOne({"_id": k.doc_id}, {
+                "$setOnInsert": {**self._identity(k), "first": c}, "$set": {f"h.{f}.c": c},
+                "$max": {f"h.{f}.o": _order_text(at, digest)}}, upsert=True))
+        return await self._upsert_and_read(list({k for k, _ in versions}), ops)
+
+
+class MemoryIndex:
+    """The index in one process's memory (unit tests; a scoring handler without a store)."""
+
+    def __init__(self) -> None:
+        self.docs: dict[IndexKey, Held] = {}
+
+    async def claim(self, claims: dict[IndexKey, str]) -> dict[IndexKey, Held]:
+        for k, c in claims.items():
+            if k not in self.docs:
+                self.docs[k] = Held(c, {})
+        return {k: self.docs[k] for k in claims}
+
+    async def register(self, versions: dict[tuple[IndexKey, str], tuple[datetime, str]]) -> dict[IndexKey, Held]:
+        for (k, c), order in versions.items():
+            held = self.docs.get(k) or Held(c, {})
+            now = dict(held.held)
+            now[c] = max(now.get(c, order), order)
+            self.docs[k] = Held(held.first or c, now)
+        return {k: self.docs[k] for k, _ in versions}
 
 
 def client_key(tenant_id: str, client_id: str) -> ClientKey:

@@ -43,7 +43,7 @@ CASES = [(m, v) for m in sorted(event_models()) for v in VARIANTS]
 
 def test_the_events_module_defines_the_srs_and_the_ors_v1_events() -> None:
     assert set(event_models()) == {"SrsSubmitted", "SrsScored", "AllianceDeterioration", "AlertStatusChanged",
-                                   "ClientTransfer", "DeadLetter",
+                                   "ClientTransfer", "SubmissionRetraction", "DeadLetter",
                                    "OrsSubmitted", "OrsScored", "OutcomeAlert", "OutcomeAlertStatusChanged"}
 
 
