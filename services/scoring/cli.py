@@ -24,7 +24,7 @@ from services.scoring.rules import (
     OutcomeRules,
     TenantRules,
 )
-from services.scoring.store import RulesStore
+from services.scoring.store import RulesStore, SubmissionIndex
 from shared import audit
 from shared.events import SCORED_INSTRUMENTS, Instrument, OutcomeInstrument
 from shared.mongo import database, make_client
@@ -200,5 +200,21 @@ def show_rules(tenant: Annotated[str, typer.Option(help="tenant id")]) -> None:
     _echo(tenant, stored or TenantRules(), "stored" if stored else "defaults")
 
 
+def index_submissions() -> None:
+    """Register the submissions of every stored client record in the tenant-wide index of
+    submission ids (docs/clinical-records.md: run once after upgrading to the scoring that keeps
+    it, so that a move of a submission scored before is seen). Idempotent."""
+    async def go() -> int:
+        settings = MongoSettings()
+        client = make_client(settings, admin=True)
+        try:
+            return await SubmissionIndex(database(client, settings)).register_stored(database(client, settings))
+        finally:
+            await client.close()
+
+    typer.echo(json.dumps({"registered": asyncio.run(go())}))
+
+
 app.command("set-rules")(set_rules)
+app.command("index-submissions")(index_submissions)
 app.command("show-rules")(show_rules)

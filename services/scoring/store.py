@@ -457,6 +457,29 @@ class SubmissionIndex:
         return await self._upsert_and_read(list({k for k, _ in versions}), ops)
 
 
+    async def register_stored(self, db: AsyncDatabase[Document], chunk: int = 500) -> int:
+        """Register the version of every submission every stored client record holds (`alliance
+        scoring index-submissions`, once after the upgrade that brought the index: records scored
+        before it are not in it). Idempotent; sends no retraction: an id two clients already held
+        is settled when a record of it is next applied. Returns how many (submission, client)
+        pairs it registered."""
+        done = 0
+        pending: dict[tuple[IndexKey, str], tuple[datetime, str]] = {}
+        async for doc in db[STATES].find({}, {"tenant_id": 1, "client_id": 1, "subs": 1, "rs": 1, "rso": 1}):
+            st = state_from(ClientKey(doc["tenant_id"], doc["client_id"]), doc)
+            for key in st.versions:
+                order = st.newest(key)
+                if order is not None:
+                    scale = "outcome" if is_outcome_key(key) else "alliance"
+                    pending[(IndexKey(st.tenant_id, scale, submission_of(key)), st.client_id)] = order
+            if len(pending) >= chunk:
+                await self.register(pending)
+                done, pending = done + len(pending), {}
+        if pending:
+            await self.register(pending)
+        return done + len(pending)
+
+
 class MemoryIndex:
     """The index in one process's memory (unit tests; a scoring handler without a store)."""
 

@@ -13,7 +13,17 @@ from pymongo import AsyncMongoClient
 
 from services.scoring.rules import InstrumentOverride, TenantRules
 from services.scoring.series import ClientState, Version
-from services.scoring.store import RULES, STATES, ClientKey, RulesStore, StateStore, client_key
+from services.scoring.store import (
+    RULES,
+    STATES,
+    ClientKey,
+    Held,
+    IndexKey,
+    RulesStore,
+    StateStore,
+    SubmissionIndex,
+    client_key,
+)
 from shared.mongo import Document
 from tests.support.services import Namespace
 
@@ -162,3 +172,26 @@ async def test_set_rules_command_refuses_an_invalid_operator_and_stores_nothing(
     code, _, err = await alliance(namespace, "tenants", "set-rules", "--tenant", "acme", "--operator", ">")
     assert code == 2 and "operator" in err
     assert await mongo[namespace.database][RULES].count_documents({}) == 0
+
+
+async def test_the_index_keeps_the_first_claimant_and_the_newest_version_per_client(
+        namespace: Namespace, mongo: AsyncMongoClient[Document]) -> None:
+    index = SubmissionIndex(mongo[namespace.database])
+    m = IndexKey("acme", "alliance", "m")
+    assert (await index.claim({m: "client.a"}))[m] == Held("client.a", {})
+    await index.claim({m: "client-b"})
+    await index.register({(m, "client.a"): (NOW, "d2")})
+    await index.register({(m, "client.a"): (NOW - timedelta(seconds=1), "d9"), (m, "client-b"): (NOW, "d1")})
+    assert (await index.claim({m: "client-b"}))[m] == Held("client.a", {"client.a": (NOW, "d2"),
+                                                                           "client-b": (NOW, "d1")})
+
+
+async def test_index_submissions_registers_every_stored_records_submissions(
+        namespace: Namespace, mongo: AsyncMongoClient[Document]) -> None:
+    await StateStore(mongo[namespace.database]).save({KEY: state_with(38.0, 34.5)})
+    code, out, err = await alliance(namespace, "scoring", "index-submissions")
+    assert code == 0, err
+    assert json.loads(out) == {"registered": 2}
+    s2 = IndexKey("acme", "alliance", "s2")
+    held = (await SubmissionIndex(mongo[namespace.database]).claim({s2: "someone-else"}))[s2]
+    assert held == Held("client-1", {"client-1": (version("s2", 2, 34.5).accepted_at, version("s2", 2, 34.5).digest)})
