@@ -4,35 +4,46 @@ scored/alert events out (the ORS family's on the ORS topics: docs/outcome.md).
 Per batch (never per message):
 
 1. the subscriber decodes every record (`shared.kafka.subscribe_batch(model=model_of)`: an SRS
-   submission, or a client transfer named by the `record-type` header; an ORS submission on
-   `ors.submitted.v1`); undecodable or invalid ones become dead letters, published once the
-   handler returned (the batch goes on);
+   submission, or a client transfer or a retraction named by the `record-type` header; an ORS
+   submission on `ors.submitted.v1`); undecodable or invalid ones become dead letters, published
+   once the handler returned (the batch goes on);
 2. read the state of every client in the batch - from this process's cache of the clients it
-   wrote, the rest with ONE query - and the tenants' rules (cached for a few seconds);
+   wrote, the rest with ONE query - and the tenants' rules (cached for a few seconds); claim the
+   batch's submission ids in the tenant-wide index (`store.SubmissionIndex`: one bulk upsert of
+   an insert-only "first client", one read), which says, per id, which other clients hold a newer
+   version (then a version is not taken) and whether this client was the first to hold it (else
+   its events' ids name the client): docs/clinical-records.md, "The same id for another client
+   moves the session";
 3. apply the records in order in memory (`series.ClientState`): each accepted record yields the
    events that tell the difference it made to the client's record; a refused one (site
    conflict, session gap, unscorable) a dead letter with the reason, remembered in the state so
    that a redelivery is refused alike; a record seen before re-emits what the record shows now;
 4. write the changed clients with bulk writes of `save_chunk` clients each, each guarded by the
    version it was read at;
-5. publish the scored events and alerts of each written chunk as soon as its write returned
-   (so the broker works while the next chunk is written), with the dead letters of the refused
-   records, and wait for every acknowledgement;
+5. register the versions the written chunk's clients hold of the batch's submission ids in the
+   index (one bulk `$max`, one read), then publish the chunk's scored events and alerts as soon as
+   that returned (so the broker works while the next chunk is written), with the dead letters of
+   the refused records and a retraction (on `srs.submitted.v1`, keyed by the client that loses the
+   id) for every client the index lists with an older version than the newest, and wait for every
+   acknowledgement;
 6. return: the shared subscriber then publishes the dead letters of the records that did not
    decode, and commits the offsets.
 
 State is written BEFORE publishing (not after) so that an outcome exists in exactly one version
 before anyone can see it. What a `kill -9` at each point leaves behind:
 
-- during 1-3: nothing was written or published; the batch is redelivered and scored afresh.
+- during 1-3: nothing was written or published (but a claim, which is insert-only: the
+  redelivery finds the same first client); the batch is redelivered and scored afresh.
 - during 4 (some documents or chunks written, some not): the written ones hold their records;
   the redelivered batch finds them as redeliveries, re-emits what those clients' records show
   (the same revisions, ids and bytes that were decided, none of which may have been published)
   and applies the rest.
-- during or after 5, before the commit (some or all events published): the state holds every
-  decision; the redelivery re-publishes the clients' current events with the same ids and
-  bytes (consumers dedupe by event id, and keep the highest revision). Nothing is lost: the
-  offsets were not committed, so the records come back.
+- during or after 5, before the commit (the index registered or not, some or all events
+  published): the state holds every decision; the redelivery registers again (a max: no
+  change), re-publishes the clients' current events with the same ids and bytes (consumers dedupe
+  by event id, and keep the highest revision) and the same retractions (a retraction applied
+  again changes nothing but re-emitting the record). Nothing is lost: the offsets were not
+  committed, so the records come back.
 - after 6: nothing is redelivered.
 
 A transient failure (store or broker down, acknowledgements late) raises out of the handler:
