@@ -111,6 +111,33 @@ def test_a_tombstone_is_revived_by_a_higher_revision_of_its_submission() -> None
         assert [s["total"] for s in rules.trajectory_view(doc)["sessions"]] == [32.0]
 
 
+def retracted(event: SrsScored) -> SrsScored:
+    """The revision scoring publishes when the session moved to another client."""
+    return revised(event).model_copy(update={"retracted": "moved"})
+
+
+def test_a_retracted_session_leaves_the_clients_trajectory_in_any_order() -> None:
+    first, moved = scored(T, "c1", 1, 38.0, submission_id="a1"), scored(T, "c1", 2, 30.0, submission_id="m")
+    for order in itertools.permutations([first, moved, retracted(moved)]):
+        doc = fold(list(order), 1)
+        assert [s["submission_id"] for s in rules.trajectory_view(doc)["sessions"]] == ["a1"]
+        assert doc["entries"]["m"]["kind"] == "retracted" and doc["latest_total"] == 38.0
+
+
+def test_a_record_whose_only_session_was_retracted_shows_nothing() -> None:
+    moved = scored(T, "c1", 1, 30.0, submission_id="m")
+    doc = fold([moved, retracted(moved)])
+    assert doc["session_count"] == 0 and doc["site_id"] is None
+
+
+def test_a_session_that_moved_back_is_shown_again() -> None:
+    moved = scored(T, "c1", 1, 30.0, submission_id="m")
+    gone = retracted(moved)
+    back = revised(gone, total=31.0).model_copy(update={"retracted": None})  # revision 3
+    for order in itertools.permutations([moved, gone, back]):
+        assert [s["total"] for s in rules.trajectory_view(fold(list(order), 1))["sessions"]] == [31.0]
+
+
 def test_superseding_takes_a_strictly_higher_revision() -> None:
     a = scored(T, "c1", 1, 30.0, submission_id="a", revision=2)
     b = scored(T, "c1", 1, 31.0, submission_id="b", revision=2, supersedes="a")

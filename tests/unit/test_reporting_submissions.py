@@ -14,7 +14,7 @@ from services.reporting import rules
 from services.reporting.handlers import rejection
 from shared.events import DeadLetter, SrsScored, SrsSubmitted
 from shared.topics import Topics
-from tools.demo import revised, scored
+from tools.demo import BASE, revised, scored
 
 T = "t"
 
@@ -158,3 +158,18 @@ def test_dead_letters_of_other_topics_or_payloads_are_not_rejections() -> None:
     bad_base64 = dead_letter(sub, topic="ns.srs.submitted.v1").model_copy(
         update={"payload": "%%%", "payload_encoding": "base64"})
     assert rejection(bad_base64, TOPICS) is None
+
+
+def test_a_submission_that_moved_is_answered_for_the_newest_versions_client_in_any_order() -> None:
+    first = scored(T, "c1", 2, 30.0, submission_id="m", accepted_at=BASE)
+    second = scored(T, "c2", 2, 30.0, submission_id="m", accepted_at=BASE + timedelta(hours=1))  # revision 1 too
+    for order in ([first, second], [second, first]):
+        final = rules.fold_parts([("d", "scored", rules.scored_part(e)) for e in order])
+        assert final[("d", "scored")]["client_id"] == "c2"
+
+
+def test_a_later_revision_of_one_clients_version_is_newer_whatever_its_key_was_stored_as() -> None:
+    e = scored(T, "c1", 1, 30.0, submission_id="s", accepted_at=BASE)
+    legacy = {**rules.scored_part(e), "key": "0000000001"}  # stored before acceptance led the key
+    assert rules.scored_part(revised(e, total=31.0))["key"] > legacy["key"]
+    assert rules.scored_part(revised(e, total=31.0))["key"] > rules.scored_part(e)["key"]
