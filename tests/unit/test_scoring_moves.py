@@ -30,7 +30,7 @@ from shared import ids
 from shared.events import RECORD_TYPE_HEADER, SUBMISSION_RETRACTION, Lifecycle, SubmissionRetraction
 from shared.kafka import BatchHandler, InboundRecord, OutboundRecord
 from tests.support.fakes import TOPICS, Sink
-from tests.unit.test_scoring_handler import handler, raw, submitted
+from tests.unit.test_scoring_handler import handler, ors_submitted, raw, submitted
 from tests.unit.test_scoring_series import ACCEPTED, CLIENT, TENANT, Client, alerts, scored, statuses
 
 T1, T2, T3 = (ACCEPTED + timedelta(hours=h) for h in (1, 2, 3))
@@ -310,6 +310,20 @@ async def test_a_redelivered_retraction_changes_nothing_it_re_emits_the_same_byt
     before = {r.value for r in sink.published}
     await h([raw(retraction.value, key=retraction.key, headers=dict(RETRACTION_HEADERS))])
     assert {r.value for r in sink.published} == before
+
+
+async def test_an_ors_session_moves_like_an_srs_one_and_an_srs_of_the_same_id_stays() -> None:
+    h, _, sink = handler()
+    await h([ors_submitted("a", 1, 20.0, sid="appt", at=1), submitted("a", 1, 38.0, sid="appt", at=1)])
+    await _run(h, sink, [[ors_submitted("b", 1, 20.0, sid="appt", at=2)]])
+    newest: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in sink.of_topic(TOPICS.ors_scored):
+        ev = json.loads(r.value)
+        if (ev["client_id"], "ors") not in newest or ev["revision"] > newest[(ev["client_id"], "ors")]["revision"]:
+            newest[(ev["client_id"], "ors")] = ev
+    assert newest[("a", "ors")].get("retracted") == "moved" and "retracted" not in newest[("b", "ors")]
+    assert newest[("a", "ors")]["event_id"] != newest[("b", "ors")]["event_id"]
+    assert _final(sink)[0] == {("a", "appt"): 38.0}  # the alliance submission of the id is another one
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
