@@ -387,18 +387,15 @@ class ScoringHandler:
         remaining = inputs
         for _attempt in range(self.conflict_attempts):
             keys = {client_key(ev.tenant_id, ev.client_id) for _, ev in remaining}
-            claims: dict[IndexKey, str] = {}
-            for _, ev in remaining:  # the first client of an id in acceptance order claims it
-                if isinstance(ev, SrsSubmitted | OrsSubmitted):
-                    claims.setdefault(index_key(ev), ev.client_id)
             with metrics.PHASE_SECONDS.labels("load").time():
                 states = await self.states.load(keys)
                 rules = await self.rules.get_many({ev.tenant_id for _, ev in remaining})
-                held = await self.index.claim(claims) if claims else {}
+                held = await self.index.read({index_key(ev) for _, ev in remaining
+                                              if isinstance(ev, SrsSubmitted | OrsSubmitted)})
             with metrics.PHASE_SECONDS.labels("apply").time():
                 p = self._apply(remaining, states, rules, held)
             # Clients whose record did not change were stored before: their events can go now.
-            ready = await self._finish([k for k in p.outputs if k not in p.changed], p, states)
+            ready = await self._finish([k for k in p.outputs if k not in p.changed], p, states, held)
             if ready:
                 sending.append(asyncio.create_task(self._send(ready)))
             conflicts: set[ClientKey] = set()
@@ -409,7 +406,7 @@ class ScoringHandler:
                     lost = await self.states.save({k: states[k] for k in chunk})
                 saved = [k for k in chunk if k not in lost]
                 metrics.STATE_WRITES.inc(len(saved))
-                outputs = await self._finish(saved, p, states)
+                outputs = await self._finish(saved, p, states, held)
                 if outputs:
                     sending.append(asyncio.create_task(self._send(outputs)))
                 conflicts |= lost
@@ -422,18 +419,29 @@ class ScoringHandler:
             remaining = [(rec, ev) for rec, ev in remaining if client_key(ev.tenant_id, ev.client_id) in conflicts]
         raise StateConflict(f"state kept changing under us after {self.conflict_attempts} attempts")
 
-    async def _finish(self, keys: list[ClientKey], p: _Pass, states: dict[ClientKey, ClientState]
-                      ) -> list[OutboundRecord]:
+    async def _finish(self, keys: list[ClientKey], p: _Pass, states: dict[ClientKey, ClientState],
+                      seen: dict[IndexKey, Held]) -> list[OutboundRecord]:
         """The records of clients whose state is written: register the versions they hold of the
         batch's submissions in the index, then build their events (ids by what the index says)
         and a retraction for every client the index lists with an older version of one."""
         versions: dict[tuple[IndexKey, str], tuple[datetime, str]] = {}
+        rkeys: dict[tuple[IndexKey, str], str] = {}
         for k in keys:
             for ik, rkey in p.touched.get(k, ()):
                 order = states[k].newest(rkey)
                 if order is not None:
                     versions[(ik, k.client_id)] = order
-        held = await self.index.register(versions) if versions else {}
+                    rkeys[(ik, k.client_id)] = rkey
+        with metrics.PHASE_SECONDS.labels("index").time():
+            held = await self.index.register(versions, seen) if versions else {}
+        # A client that took an id another took first at the same moment (neither saw the other
+        # when the batch was read) learns it only now: its events' ids must name it, so its record
+        # says so before they are published (its events are not built yet).
+        late = {client_key(ik.tenant_id, c) for (ik, c), rkey in rkeys.items()
+                if held[ik].first not in (None, c) and states[client_key(ik.tenant_id, c)].mark_foreign(rkey)}
+        if late:
+            if await self.states.save({k: states[k] for k in late}):
+                raise StateConflict("another process wrote a client while its foreign ids were being recorded")
         now = self.clock()
         out: list[OutboundRecord] = []
         for k in keys:

@@ -22,7 +22,8 @@ BATCH_SECONDS = batch_seconds("alliance_scoring_batch_seconds",
                               "and acks.")
 PHASE_SECONDS = Histogram(
     "alliance_scoring_phase_seconds",
-    "Time per batch in each phase: load (state and rules), apply (the rules), save (state), publish (incl. acks).",
+    "Time per batch in each phase: load (state, rules, index reads), apply (the rules), save (state), index "
+    "(registering the versions of the batch's submission ids), publish (incl. acks).",
     ["phase"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )

@@ -781,6 +781,14 @@ class ClientState:
                            dict(self.submission_revision), dict(self.alerts), self.version, self.cached,
                            dict(self.resent), dict(self.moved), set(self.foreign))
 
+    def mark_foreign(self, key: str) -> bool:
+        """Record that this client was not the first to hold the submission `key` (its events' ids
+        name the client from now on); whether that is news."""
+        if key in self.foreign:
+            return False
+        self.foreign.add(key)
+        return True
+
     def newest(self, key: str) -> tuple[datetime, str] | None:
         """The order (accepted_at, digest) of the version of `key` the record holds, counting a
         later identical resend; None when it holds none (refused, retracted, never sent)."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
-from pymongo import UpdateOne
+from pymongo import InsertOne, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.scoring.rules import TenantRules
@@ -378,24 +378,40 @@ class IndexKey:
 
 @dataclass(frozen=True)
 class Held:
-    """What the index knows of a submission id: the first client that claimed it, and per client
-    that accepted a version of it, the newest one's (accepted_at, digest)."""
+    """What the index knows of a submission id: the first client that registered a version of it,
+    and per client that did, the newest one's (accepted_at, digest). `v` counts the writes of
+    the document (0: there is none), so that a write can be made conditional on what was read."""
 
     first: str | None = None
     held: dict[str, tuple[datetime, str]] = field(default_factory=dict)
+    v: int = 0
+
+    def with_versions(self, versions: dict[str, tuple[datetime, str]]) -> Held:
+        """What the document holds after `versions` (client -> order) were registered on it."""
+        held = dict(self.held)
+        for c, order in versions.items():
+            held[c] = max(held.get(c, order), order)
+        return Held(self.first or _first_of(versions), held, self.v + 1)
+
+
+def _first_of(versions: dict[str, tuple[datetime, str]]) -> str:
+    """The first client of a new index document registered by several clients at once: the one
+    with the oldest version (then the smallest id), so the choice never depends on arrival."""
+    return min(versions.items(), key=lambda cv: (cv[1][0].astimezone(UTC), cv[1][1], cv[0]))[0]
 
 
 class IndexPort(Protocol):
     """Where the index lives: `SubmissionIndex` (MongoDB) or `MemoryIndex`."""
 
-    async def claim(self, claims: dict[IndexKey, str]) -> dict[IndexKey, Held]:
-        """Make each client the first of its submission id unless one is already (an insert-only
-        field); what the index holds of every key, after."""
+    async def read(self, keys: Iterable[IndexKey]) -> dict[IndexKey, Held]:
+        """What the index holds of `keys` (an empty `Held` for an id it does not know)."""
         ...
 
-    async def register(self, versions: dict[tuple[IndexKey, str], tuple[datetime, str]]) -> dict[IndexKey, Held]:
-        """Record each (key, client)'s accepted version unless a newer one is recorded (a max);
-        what the index holds of every key, after."""
+    async def register(self, versions: dict[tuple[IndexKey, str], tuple[datetime, str]],
+                       seen: dict[IndexKey, Held]) -> dict[IndexKey, Held]:
+        """Record each (key, client)'s accepted version unless a newer one is recorded (a max), the
+        first client of a key being set once, by the write that creates its document; what the
+        index holds of every key after it. `seen`: what `read` returned for these keys."""
         ...
 
 
@@ -416,46 +432,76 @@ def _client_field(client_id: str) -> str:
 
 def _held_from(doc: Document) -> Held:
     return Held(doc.get("first"), {h["c"]: _order_from(h["o"]) for h in (doc.get("h") or {}).values()
-                                   if h.get("c") is not None and h.get("o")})
+                                   if h.get("c") is not None and h.get("o")}, int(doc.get("v") or 1))
 
 
 class SubmissionIndex:
-    """The index in `scoring_submissions`: one upsert per key in one bulk write, then one read."""
+    """The index in `scoring_submissions`, one document per (tenant, scale, submission id).
+
+    A batch costs one read of its ids and one bulk write: an insert for an id the read did not
+    find, an update conditional on the document's write count `v` for one it did (the usual case
+    is a new id: one insert). What the index holds after is then known without reading it again,
+    unless another writer got there in between (an insert collides, or an update matches nothing):
+    those ids are written unconditionally and read back."""
 
     def __init__(self, db: AsyncDatabase[Document]) -> None:
         self._col = db[INDEX]
 
-    async def _upsert_and_read(self, keys: list[IndexKey], ops: list[UpdateOne]) -> dict[IndexKey, Held]:
-        pending = ops
-        for _ in range(2):  # two inserts of one new document: the loser's E11000 is run again (it exists now)
-            if not pending:
-                break
-            written = await bulk_write(self._col, pending)
-            pending = [pending[i] for i in written.duplicates]
+    async def read(self, keys: Iterable[IndexKey]) -> dict[IndexKey, Held]:
         by_id = {k.doc_id: k for k in keys}
-        out = {k: Held() for k in keys}
-        async for doc in self._col.find({"_id": {"$in": list(by_id)}}):
-            out[by_id[doc["_id"]]] = _held_from(doc)
+        out = {k: Held() for k in by_id.values()}
+        if by_id:
+            async for doc in self._col.find({"_id": {"$in": list(by_id)}}):
+                out[by_id[doc["_id"]]] = _held_from(doc)
         return out
 
     @staticmethod
     def _identity(k: IndexKey) -> Document:
         return {"tenant_id": k.tenant_id, "scale": k.scale, "submission_id": k.submission_id}
 
-    async def claim(self, claims: dict[IndexKey, str]) -> dict[IndexKey, Held]:
-        ops = [UpdateOne({"_id": k.doc_id}, {"$setOnInsert": {**self._identity(k), "first": c}}, upsert=True)
-               for k, c in sorted(claims.items(), key=lambda kc: kc[0].doc_id)]
-        return await self._upsert_and_read(list(claims), ops)
+    @staticmethod
+    def _fields(versions: dict[str, tuple[datetime, str]]) -> tuple[Document, Document]:
+        """The `$set` (client ids) and `$max` (orders) of registering `versions` (client -> order)."""
+        sets = {f"h.{_client_field(c)}.c": c for c in versions}
+        maxes = {f"h.{_client_field(c)}.o": _order_text(*order) for c, order in versions.items()}
+        return sets, maxes
 
-    async def register(self, versions: dict[tuple[IndexKey, str], tuple[datetime, str]]) -> dict[IndexKey, Held]:
-        ops = []
-        for (k, c), (at, digest) in sorted(versions.items(), key=lambda kv: (kv[0][0].doc_id, kv[0][1])):
-            f = _client_field(c)
-            ops.append(UpdateOne({"_id": k.doc_id}, {
-                "$setOnInsert": {**self._identity(k), "first": c}, "$set": {f"h.{f}.c": c},
-                "$max": {f"h.{f}.o": _order_text(at, digest)}}, upsert=True))
-        return await self._upsert_and_read(list({k for k, _ in versions}), ops)
-
+    async def register(self, versions: dict[tuple[IndexKey, str], tuple[datetime, str]],
+                       seen: dict[IndexKey, Held]) -> dict[IndexKey, Held]:
+        by_key: dict[IndexKey, dict[str, tuple[datetime, str]]] = {}
+        for (k, c), order in versions.items():
+            by_key.setdefault(k, {})[c] = order
+        keys = sorted(by_key, key=lambda k: k.doc_id)
+        ops: list[InsertOne[Document] | UpdateOne] = []
+        for k in keys:
+            was = seen.get(k, Held())
+            if not was.v:
+                held = was.with_versions(by_key[k])
+                ops.append(InsertOne({"_id": k.doc_id, **self._identity(k), "first": held.first, "v": 1, "h": {
+                    _client_field(c): {"c": c, "o": _order_text(*o)} for c, o in by_key[k].items()}}))
+            else:
+                sets, maxes = self._fields(by_key[k])
+                ops.append(UpdateOne({"_id": k.doc_id, "v": was.v}, {"$set": sets, "$max": maxes, "$inc": {"v": 1}}))
+        written = await bulk_write(self._col, ops)
+        updates = sum(1 for op in ops if isinstance(op, UpdateOne))
+        raced = {keys[i] for i in written.duplicates}
+        if written.modified < updates:  # which update matched nothing is not told: write them all again
+            raced |= {k for k, op in zip(keys, ops, strict=True) if isinstance(op, UpdateOne)}
+        out = {k: seen.get(k, Held()).with_versions(by_key[k]) for k in keys if k not in raced}
+        if raced:
+            again = []
+            for k in sorted(raced, key=lambda k: k.doc_id):
+                sets, maxes = self._fields(by_key[k])
+                again.append(UpdateOne({"_id": k.doc_id}, {
+                    "$setOnInsert": {**self._identity(k), "first": _first_of(by_key[k])}, "$set": sets,
+                    "$max": maxes, "$inc": {"v": 1}}, upsert=True))
+            for _ in range(2):  # two inserts of one new document: the loser's E11000 is run again (it exists now)
+                result = await bulk_write(self._col, again)
+                again = [again[i] for i in result.duplicates]
+                if not again:
+                    break
+            out.update(await self.read(raced))
+        return out
 
     async def register_stored(self, db: AsyncDatabase[Document], chunk: int = 500) -> int:
         """Register the version of every submission every stored client record holds (`alliance
@@ -473,10 +519,10 @@ class SubmissionIndex:
                     scale = "outcome" if is_outcome_key(key) else "alliance"
                     pending[(IndexKey(st.tenant_id, scale, submission_of(key)), st.client_id)] = order
             if len(pending) >= chunk:
-                await self.register(pending)
+                await self.register(pending, await self.read({k for k, _ in pending}))
                 done, pending = done + len(pending), {}
         if pending:
-            await self.register(pending)
+            await self.register(pending, await self.read({k for k, _ in pending}))
         return done + len(pending)
 
 
@@ -486,19 +532,17 @@ class MemoryIndex:
     def __init__(self) -> None:
         self.docs: dict[IndexKey, Held] = {}
 
-    async def claim(self, claims: dict[IndexKey, str]) -> dict[IndexKey, Held]:
-        for k, c in claims.items():
-            if k not in self.docs:
-                self.docs[k] = Held(c, {})
-        return {k: self.docs[k] for k in claims}
+    async def read(self, keys: Iterable[IndexKey]) -> dict[IndexKey, Held]:
+        return {k: self.docs.get(k, Held()) for k in keys}
 
-    async def register(self, versions: dict[tuple[IndexKey, str], tuple[datetime, str]]) -> dict[IndexKey, Held]:
+    async def register(self, versions: dict[tuple[IndexKey, str], tuple[datetime, str]],
+                       seen: dict[IndexKey, Held]) -> dict[IndexKey, Held]:
+        by_key: dict[IndexKey, dict[str, tuple[datetime, str]]] = {}
         for (k, c), order in versions.items():
-            held = self.docs.get(k) or Held(c, {})
-            now = dict(held.held)
-            now[c] = max(now.get(c, order), order)
-            self.docs[k] = Held(held.first or c, now)
-        return {k: self.docs[k] for k, _ in versions}
+            by_key.setdefault(k, {})[c] = order
+        for k, regs in by_key.items():
+            self.docs[k] = self.docs.get(k, Held()).with_versions(regs)
+        return {k: self.docs[k] for k in by_key}
 
 
 def client_key(tenant_id: str, client_id: str) -> ClientKey:

@@ -174,16 +174,30 @@ async def test_set_rules_command_refuses_an_invalid_operator_and_stores_nothing(
     assert await mongo[namespace.database][RULES].count_documents({}) == 0
 
 
-async def test_the_index_keeps_the_first_claimant_and_the_newest_version_per_client(
+async def test_the_index_keeps_the_first_client_and_the_newest_version_per_client(
         namespace: Namespace, mongo: AsyncMongoClient[Document]) -> None:
     index = SubmissionIndex(mongo[namespace.database])
     m = IndexKey("acme", "alliance", "m")
-    assert (await index.claim({m: "client.a"}))[m] == Held("client.a", {})
-    await index.claim({m: "client-b"})
-    await index.register({(m, "client.a"): (NOW, "d2")})
-    await index.register({(m, "client.a"): (NOW - timedelta(seconds=1), "d9"), (m, "client-b"): (NOW, "d1")})
-    assert (await index.claim({m: "client-b"}))[m] == Held("client.a", {"client.a": (NOW, "d2"),
-                                                                           "client-b": (NOW, "d1")})
+    assert await index.read([m]) == {m: Held()}
+    await index.register({(m, "client.a"): (NOW, "d2")}, await index.read([m]))
+    await index.register({(m, "client.a"): (NOW - timedelta(seconds=1), "d9"), (m, "client-b"): (NOW, "d1")},
+                         await index.read([m]))
+    held = (await index.read([m]))[m]
+    assert (held.first, held.held) == ("client.a", {"client.a": (NOW, "d2"), "client-b": (NOW, "d1")})
+
+
+async def test_a_registration_racing_another_writer_is_written_again_and_read_back(
+        namespace: Namespace, mongo: AsyncMongoClient[Document]) -> None:
+    index = SubmissionIndex(mongo[namespace.database])
+    m, n = IndexKey("acme", "alliance", "m"), IndexKey("acme", "outcome", "m")
+    stale = await index.read([m, n])  # both unknown when read
+    await index.register({(m, "a"): (NOW, "d"), (n, "a"): (NOW, "d")}, stale)  # another process got there first
+    after = await index.register({(m, "b"): (NOW + timedelta(seconds=1), "d")}, stale)
+    assert after[m].first == "a" and set(after[m].held) == {"a", "b"}
+    moved_on = await index.read([n])
+    await index.register({(n, "c"): (NOW, "e")}, moved_on)
+    after = await index.register({(n, "b"): (NOW, "f")}, moved_on)  # read before c's write: matches nothing
+    assert set(after[n].held) == {"a", "b", "c"} == set((await index.read([n]))[n].held)
 
 
 async def test_index_submissions_registers_every_stored_records_submissions(
@@ -193,5 +207,6 @@ async def test_index_submissions_registers_every_stored_records_submissions(
     assert code == 0, err
     assert json.loads(out) == {"registered": 2}
     s2 = IndexKey("acme", "alliance", "s2")
-    held = (await SubmissionIndex(mongo[namespace.database]).claim({s2: "someone-else"}))[s2]
-    assert held == Held("client-1", {"client-1": (version("s2", 2, 34.5).accepted_at, version("s2", 2, 34.5).digest)})
+    held = (await SubmissionIndex(mongo[namespace.database]).read([s2]))[s2]
+    assert (held.first, held.held) == ("client-1", {"client-1": (version("s2", 2, 34.5).accepted_at,
+                                                                 version("s2", 2, 34.5).digest)})
