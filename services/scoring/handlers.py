@@ -8,12 +8,11 @@ Per batch (never per message):
    submission on `ors.submitted.v1`); undecodable or invalid ones become dead letters, published
    once the handler returned (the batch goes on);
 2. read the state of every client in the batch - from this process's cache of the clients it
-   wrote, the rest with ONE query - and the tenants' rules (cached for a few seconds); claim the
-   batch's submission ids in the tenant-wide index (`store.SubmissionIndex`: one bulk upsert of
-   an insert-only "first client", one read), which says, per id, which other clients hold a newer
-   version (then a version is not taken) and whether this client was the first to hold it (else
-   its events' ids name the client): docs/clinical-records.md, "The same id for another client
-   moves the session";
+   wrote, the rest with ONE query - and the tenants' rules (cached for a few seconds); read the
+   batch's submission ids in the tenant-wide index (`store.SubmissionIndex`, one query), which
+   says, per id, which other clients hold a newer version (then a version is not taken) and
+   which client was the first to hold it (for any other, its events' ids name the client):
+   docs/clinical-records.md, "The same id for another client moves the session";
 3. apply the records in order in memory (`series.ClientState`): each accepted record yields the
    events that tell the difference it made to the client's record; a refused one (site
    conflict, session gap, unscorable) a dead letter with the reason, remembered in the state so
@@ -21,7 +20,8 @@ Per batch (never per message):
 4. write the changed clients with bulk writes of `save_chunk` clients each, each guarded by the
    version it was read at;
 5. register the versions the written chunk's clients hold of the batch's submission ids in the
-   index (one bulk `$max`, one read), then publish the chunk's scored events and alerts as soon as
+   index (one bulk write; a client that learns there that another took the id first is written
+   again, marked, before its events are built), then publish the chunk's scored events and alerts as soon as
    that returned (so the broker works while the next chunk is written), with the dead letters of
    the refused records and a retraction (on `srs.submitted.v1`, keyed by the client that loses the
    id) for every client the index lists with an older version than the newest, and wait for every
@@ -32,8 +32,7 @@ Per batch (never per message):
 State is written BEFORE publishing (not after) so that an outcome exists in exactly one version
 before anyone can see it. What a `kill -9` at each point leaves behind:
 
-- during 1-3: nothing was written or published (but a claim, which is insert-only: the
-  redelivery finds the same first client); the batch is redelivered and scored afresh.
+- during 1-3: nothing was written or published; the batch is redelivered and scored afresh.
 - during 4 (some documents or chunks written, some not): the written ones hold their records;
   the redelivered batch finds them as redeliveries, re-emits what those clients' records show
   (the same revisions, ids and bytes that were decided, none of which may have been published)
