@@ -90,9 +90,12 @@ async def test_alerts_of_both_kinds_are_marked_on_their_sessions_with_their_life
     await publish_outcome(reporting.ns.kafka(), [outcome_status(outcome, AlertStatus.ACKNOWLEDGED), *ors, outcome])
     key = await reporting.key(t)
 
+    # The acknowledgement travels on the outcome status topic, the raise on the outcome alert topic:
+    # reporting consumes the two apart, so the alert may be shown before its status is. Wait for both.
     def marked(b: dict[str, Any]) -> bool:
         return has_ors(2)(b) and len(b["aligned"]) == 2 and all(
-            b["aligned"][1][scale] and b["aligned"][1][scale]["alert"] for scale in ("srs", "ors"))
+            b["aligned"][1][scale] and b["aligned"][1][scale]["alert"] for scale in ("srs", "ors")) and (
+            b["aligned"][1]["ors"]["alert"]["status"] == "acknowledged")
 
     body = await until(reporting, "/v1/clients/c1/trajectory", key, marked)
     row = body["aligned"][1]
