@@ -255,7 +255,9 @@ class AlertStatusChanged(Event):
     `revision` they end; `acknowledged`, `escalated`, `delivered` and `failed` come from alerts.
     `delivered` (the revision reached its clinician) and `failed` (a clinician channel used up its
     attempts on the revision) name the `revision` and the `channel` (webhook, email); they are not
-    part of the lifecycle.
+    part of the lifecycle. A `failed` without a `channel` says that the revision reached no person
+    at all: neither its clinician nor a fallback entry of its site (`routing_reason`: why not the
+    clinician; docs/partners.md, "Alerts that reach no clinician").
     """
 
     alert_id: str
@@ -268,15 +270,19 @@ class AlertStatusChanged(Event):
     episode_id: str | None = None
     session_number: int | None = None
     channel: Literal["webhook", "email"] | None = None
+    # Only on a `failed` that reached nobody: why the alert's clinician could not be reached.
+    routing_reason: Literal["no_directory_entry", "other_site", "no_channel"] | None = None
 
     @model_serializer(mode="wrap")
     def _channel_only_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # `channel` came with `delivered`/`failed`; the statuses that have none (every status scoring
-        # publishes) stay byte-for-byte what they were before it existed (a consumer reads a missing
-        # field as its default, null).
+        # `channel` came with `delivered`/`failed`, `routing_reason` with the `failed` of a revision that
+        # reached nobody; the statuses that have neither (every status scoring publishes) stay
+        # byte-for-byte what they were before they existed (a consumer reads a missing field as its
+        # default, null).
         data: dict[str, Any] = handler(self)
-        if data.get("channel") is None:
-            data.pop("channel", None)
+        for optional in ("channel", "routing_reason"):
+            if data.get(optional) is None:
+                data.pop(optional, None)
         return data
 
 

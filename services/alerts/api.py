@@ -16,6 +16,10 @@ Alerts are of two types (`alert_type`): `alliance` (the SRS) and `outcome` (the 
 docs/outcome.md), listed side by side with the same lifecycle and the same endpoints.
 An alert's `status` is `open`, `acknowledged`, or — decided by scoring — `superseded` (a later
 session speaks for it) or `withdrawn` (a correction cleared it); see docs/clinical-records.md.
+Its `routing` says who its latest revision reached: its `clinician`, the `fallback` entries of its
+site (a directory entry with `fallback: true` receives its site's alerts that reach no
+clinician), or `none`, with the `routing_reason` (docs/partners.md, "Alerts that reach no
+clinician"). Fixing the directory afterwards does not re-send alerts already raised.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.alerts.rules import SUBSCRIBABLE, AlertType, Clinician, url_problem
+from services.alerts.rules import SUBSCRIBABLE, AlertType, Clinician, RoutedTo, url_problem
 from services.alerts.secretbox import SecretBox
 from services.alerts.service import (
     AlertsCommands,
@@ -79,6 +83,10 @@ class ClinicianIn(BaseModel):
     webhook_url: str | None = Field(default=None, max_length=2000, description="optional http(s) endpoint")
     supervisor_id: str | None = Field(default=None, min_length=1, max_length=128, pattern=CLINICIAN_ID_PATTERN,
                                       description="who gets unacknowledged alerts (a clinician id)")
+    fallback: bool = Field(default=False, description=(
+        "true: this entry (the site's duty clinician or clinical lead) also receives the alerts of its site whose "
+        "clinician cannot be reached (no directory entry, an entry of another site, no usable channel), marked "
+        "`x-alliance-routed: fallback` with the reason"))
 
     @field_validator("email")
     @classmethod
@@ -103,6 +111,12 @@ class ClinicianOut(BaseModel):
     email: str
     webhook_url: str | None = None
     supervisor_id: str | None = None
+    fallback: bool = False
+
+
+def _clinician_out(c: Clinician) -> ClinicianOut:
+    return ClinicianOut(clinician_id=c.clinician_id, site_id=c.site_id, email=c.email or "",
+                        webhook_url=c.webhook_url, supervisor_id=c.supervisor_id, fallback=c.fallback)
 
 
 class SubscriptionIn(BaseModel):
@@ -225,7 +239,7 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
         """Create or replace a clinician's directory entry."""
         try:
             created = await commands.put_clinician(p, Clinician(p.tenant_id, clinician_id, body.site_id, body.email,
-                                                                body.webhook_url, body.supervisor_id))
+                                                                body.webhook_url, body.supervisor_id, body.fallback))
         except SiteForbidden as exc:
             raise forbid_site(exc.site_id) from exc
         except Invalid as exc:
@@ -242,8 +256,7 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
         c = await store.get_clinician(p.tenant_id, clinician_id)
         if c is None or not p.may_see_site(c.site_id):
             raise _not_found("clinician")
-        return ClinicianOut(clinician_id=c.clinician_id, site_id=c.site_id, email=c.email or "",
-                            webhook_url=c.webhook_url, supervisor_id=c.supervisor_id)
+        return _clinician_out(c)
 
     @r.get("/clinicians", tags=["directory"], response_model=list[ClinicianOut])
     async def list_clinicians(p: Principal = reader,
@@ -253,8 +266,7 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
         if site_id is not None and not p.may_see_site(site_id):
             raise forbid_site(site_id)
         rows = await store.list_clinicians(p.tenant_id, p.site_id or site_id, limit)
-        return [ClinicianOut(clinician_id=c.clinician_id, site_id=c.site_id, email=c.email or "",
-                             webhook_url=c.webhook_url, supervisor_id=c.supervisor_id) for c in rows]
+        return [_clinician_out(c) for c in rows]
 
     @r.post("/subscriptions", tags=["subscriptions"], status_code=201, response_model=SubscriptionCreated,
             responses={409: {"description": "the tenant already has the most subscriptions allowed (20 by default)"}})
@@ -324,10 +336,13 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
                           status: AlertState | None = None,
                           alert_type: Annotated[AlertType | None, Query(
                               description="alliance or outcome alerts only (default: both)")] = None,
+                          routing: Annotated[RoutedTo | None, Query(
+                              description="only alerts whose latest revision reached this: clinician, fallback "
+                                          "or none (the unrouted alerts to look at)")] = None,
                           limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[AlertOut]:
         """Alliance and outcome alerts, newest first (a site-bound key sees its site only)."""
         return [_alert(d) for d in await store.list_alerts(p.tenant_id, p.site_id, clinician_id, status, limit,
-                                                           alert_type)]
+                                                           alert_type, routing)]
 
     @r.get("/alerts/{alert_id}", tags=["alerts"], response_model=AlertOut,
            responses={"404": _not_found_response("alert")})

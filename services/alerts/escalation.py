@@ -8,6 +8,11 @@ processes ticking at once, or a crash between steps, can at worst repeat a step 
 second delivery. An alert whose clinician has no supervisor in the directory (or one without
 any channel, or one of another site) is marked escalated with nobody to tell, and no status
 event is published for it.
+
+An alert whose clinician has no directory entry at all (it went to its site's fallback entries:
+`routing_fallbacks` on the alert) escalates to the supervisor of the first of those entries that
+names one (`rules.escalation_supervisor`), under the same site rule; an alert that reached nobody
+has no fallback to look through, and is marked escalated with nobody to tell, as above.
 """
 
 from __future__ import annotations
@@ -20,7 +25,13 @@ from datetime import UTC, datetime
 
 from services.alerts import metrics
 from services.alerts.handlers import delivery_doc, status_record
-from services.alerts.rules import due_for_escalation_filter, kind_of, route_escalation, status_changed
+from services.alerts.rules import (
+    due_for_escalation_filter,
+    escalation_supervisor,
+    kind_of,
+    route_escalation,
+    status_changed,
+)
 from services.alerts.settings import AlertsSettings
 from services.alerts.store import AlertsStore
 from shared.events import AlertStatus
@@ -66,10 +77,14 @@ class Escalator:
         if not due:
             return 0
         clinicians = await self.store.clinicians_for((a["tenant_id"], a["clinician_id"]) for a in due)
+        # The fallback entries told of the alerts whose clinician has no entry: read only when there are some.
+        missing = [a for a in due if (a["tenant_id"], a["clinician_id"]) not in clinicians]
+        fallbacks = await self.store.clinicians_for(
+            (a["tenant_id"], f) for a in missing for f in a.get("routing_fallbacks") or ())
         supervisor_of: dict[str, str | None] = {}
         for a in due:
-            c = clinicians.get((a["tenant_id"], a["clinician_id"]))
-            supervisor_of[a["_id"]] = c.supervisor_id if c is not None else None
+            told = [fb for f in a.get("routing_fallbacks") or () if (fb := fallbacks.get((a["tenant_id"], f)))]
+            supervisor_of[a["_id"]] = escalation_supervisor(clinicians.get((a["tenant_id"], a["clinician_id"])), told)
         supervisors = await self.store.clinicians_for(
             (a["tenant_id"], sup) for a in due if (sup := supervisor_of[a["_id"]]) is not None)
         docs: list[Document] = []

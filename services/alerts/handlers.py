@@ -19,6 +19,16 @@ later session superseding it says nothing about whether it was right, and whethe
 topics' consumers happened to see them in order must not decide who is warned). A withdrawal
 is told unless the alert was raised again since (a stale end). What is not told is still
 recorded.
+
+A raise whose clinician cannot be reached (`rules.unrouted_reason`: no directory entry, an entry of
+another site, no usable channel) goes to the fallback entries of its site (`rules.plan_alert`;
+read only when some raise of the batch needs them, in parallel with the lifecycle read, so the
+ordinary batch pays nothing for it). Who each told revision reached is recorded on its alert
+(`routing`, in parallel with scheduling the deliveries) and counted once per revision
+(`alliance_alerts_unrouted_total`, when the record is news); a revision that reaches no person at
+all is told `failed` on its type's status topic (`rules.unrouted_status`, published before the
+batch's offsets are committed; a redelivered batch publishes it again under the same event id).
+Withdrawals follow the same rule (`rules.route_status`).
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from typing import Any, Protocol
 
 from pydantic import model_validator
 
+from services.alerts import metrics
 from services.alerts.rules import (
     ALLIANCE_KIND,
     OUTCOME_KIND,
@@ -38,10 +49,13 @@ from services.alerts.rules import (
     Clinician,
     PlannedDelivery,
     RaisedAlert,
+    Routing,
     Subscription,
     lifecycle_order,
-    route_alert,
+    plan_alert,
     route_status,
+    unrouted_reason,
+    unrouted_status,
 )
 from services.alerts.rules import partner_deliveries as plan_partners
 from services.alerts.store import EPOCH
@@ -99,6 +113,8 @@ def delivery_doc(p: PlannedDelivery, body: str, origin_at: datetime, correlation
         "_id": p.delivery_id, "kind": p.kind, "tenant_id": p.tenant_id, "site_id": p.site_id,
         "subject_id": p.subject_id, "alert_id": p.alert_id, "topic": p.topic, "recipient": p.recipient,
         "channel": p.channel, "target": p.target, "subscription_id": p.subscription_id, "body": body,
+        # A site fallback's copy: the worker's senders mark it (x-alliance-routed) with the reason.
+        "routed_reason": p.routed_reason,
         "status": "pending", "attempts": 0, "next_attempt_at": now, "claimed_until": EPOCH,
         "created_at": now, "origin_at": origin_at, "correlation_id": correlation_id, "source": source,
         "traceparent": traceparent, "last_error": None,
@@ -159,6 +175,12 @@ class HandlerStore(Protocol):
 
     async def clinicians_for(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Clinician]: ...
 
+    async def fallbacks_for(self, sites: Iterable[tuple[str, str]]) -> list[Clinician]: ...
+
+    async def routed_revisions(self, alert_ids: Iterable[str]) -> dict[str, int]: ...
+
+    async def record_routing(self, routings: Sequence[tuple[str, int, Routing]]) -> None: ...
+
     async def subscriptions_for(self, tenant_ids: Iterable[str], topic: str) -> list[Subscription]: ...
 
     async def record_raises(self, raises: Sequence[tuple[int, Document]]) -> None: ...
@@ -177,13 +199,18 @@ class PublishesAll(Protocol):
 
 
 class Handlers:
-    """The three batch handlers of the service, on typed events (they publish nothing: the records
-    that do not decode are the subscriber's to dead-letter, and deliveries are the worker's)."""
+    """The batch handlers of the service, on typed events. They publish only the `failed` of a
+    revision that reached nobody (with `publisher` and `topics`; without them, as in unit tests of
+    other concerns, that status is not published): the records that do not decode are the
+    subscriber's to dead-letter, and deliveries are the worker's."""
 
-    def __init__(self, store: HandlerStore, email_enabled: bool, on_scheduled: Callable[[], None]) -> None:
+    def __init__(self, store: HandlerStore, email_enabled: bool, on_scheduled: Callable[[], None],
+                 publisher: PublishesAll | None = None, topics: Topics | None = None) -> None:
         self._store = store
         self._email = email_enabled
         self._on_scheduled = on_scheduled
+        self._publisher = publisher
+        self._topics = topics
 
     async def _schedule(self, docs: list[Document]) -> None:
         """Store a batch's deliveries and wake the worker when one is new (a redelivered batch
@@ -202,30 +229,68 @@ class Handlers:
     async def _on_raises(self, decoded: Sequence[Decoded[AllianceDeterioration]] | Sequence[Decoded[OutcomeAlert]],
                          kind: AlertKind) -> None:
         """Record alerts of `kind` and schedule their deliveries (clinician webhook/email, the
-        tenant's partners subscribed to the kind's topic)."""
+        tenant's partners subscribed to the kind's topic; the site's fallbacks when the clinician
+        cannot be reached), and record who each revision reached."""
+        if not decoded:
+            return
         docs: list[Document] = []
-        if decoded:
-            now = datetime.now(UTC)
-            # The two reads and the merge are independent: one wait for the store, not three
-            # (the webhook waits for every round trip of this handler; issue 11).
-            clinicians, subscriptions, _ = await asyncio.gather(
-                self._store.clinicians_for((d.event.tenant_id, d.event.clinician_id) for d in decoded),
-                self._store.subscriptions_for((d.event.tenant_id for d in decoded), kind.raised),
-                self._store.record_raises([(d.event.revision, alert_content(d.event, d.body, d.record))
-                                           for d in decoded]))
-            # After the merge: what the alert's lifecycle is now, with this batch's raises in it.
-            current = await self._store.lifecycle_orders(d.event.alert_id for d in decoded)
-            for d in decoded:
-                ev = d.event
-                if current.get(ev.alert_id) not in (lifecycle_order(Lifecycle.RAISED, ev.revision),
-                                                    lifecycle_order(Lifecycle.SUPERSEDED, ev.revision)):
-                    log.info("revision %d of an alert is already withdrawn or revised: not sent",
-                             ev.revision, extra={"alert_id": ev.alert_id})
-                    continue
-                planned = route_alert(ev, clinicians.get((ev.tenant_id, ev.clinician_id)),
-                                      subscriptions, self._email)
-                docs.extend(planned_docs(planned, d, ev.accepted_at or ev.occurred_at, now))
-        await self._schedule(docs)
+        now = datetime.now(UTC)
+        # The two reads and the merge are independent: one wait for the store, not three
+        # (the webhook waits for every round trip of this handler; issue 11).
+        clinicians, subscriptions, _ = await asyncio.gather(
+            self._store.clinicians_for((d.event.tenant_id, d.event.clinician_id) for d in decoded),
+            self._store.subscriptions_for((d.event.tenant_id for d in decoded), kind.raised),
+            self._store.record_raises([(d.event.revision, alert_content(d.event, d.body, d.record))
+                                       for d in decoded]))
+        unreached = [d.event for d in decoded if self._unreached(d.event, clinicians)]
+        # After the merge: what the alert's lifecycle is now, with this batch's raises in it;
+        # with it (one wait), the fallbacks and recorded routings of the raises that need them.
+        current, fallbacks, routed = await asyncio.gather(
+            self._store.lifecycle_orders(d.event.alert_id for d in decoded),
+            self._store.fallbacks_for((ev.tenant_id, ev.site_id) for ev in unreached),
+            self._store.routed_revisions(ev.alert_id for ev in unreached))
+        routings: list[tuple[str, int, Routing]] = []
+        nobody: list[tuple[Decoded[Any], RaisedAlert, Routing]] = []
+        for d in decoded:
+            ev = d.event
+            if current.get(ev.alert_id) not in (lifecycle_order(Lifecycle.RAISED, ev.revision),
+                                                lifecycle_order(Lifecycle.SUPERSEDED, ev.revision)):
+                log.info("revision %d of an alert is already withdrawn or revised: not sent",
+                         ev.revision, extra={"alert_id": ev.alert_id})
+                continue
+            routing, planned = plan_alert(ev, clinicians.get((ev.tenant_id, ev.clinician_id)),
+                                          subscriptions, self._email, fallbacks)
+            docs.extend(planned_docs(planned, d, ev.accepted_at or ev.occurred_at, now))
+            routings.append((ev.alert_id, ev.revision, routing))
+            if routing.to != "clinician":
+                log.warning("revision %d of an alert reached no clinician (%s): routed to %s", ev.revision,
+                            routing.reason, routing.to, extra={"alert_id": ev.alert_id})
+                if routing.to == "none":
+                    nobody.append((d, ev, routing))
+        await asyncio.gather(self._schedule(docs), self._store.record_routing(routings))
+        await self._tell_nobody(nobody, kind)
+        # Once per revision: not again when a redelivery finds it recorded, nor for a copy in the same batch.
+        for (alert_id, revision), routing in {(a, r): routing for a, r, routing in routings}.items():
+            if routing.reason is not None and routed.get(alert_id, 0) < revision:
+                metrics.UNROUTED.labels(kind.alert_type, routing.reason,
+                                        "yes" if routing.to == "fallback" else "no").inc()
+
+    def _unreached(self, ev: RaisedAlert | AlertStatusChanged,
+                   clinicians: dict[tuple[str, str], Clinician]) -> bool:
+        """Whether the clinician an event names cannot be reached (then its site's fallbacks are read)."""
+        return unrouted_reason(clinicians.get((ev.tenant_id, ev.clinician_id)), ev.tenant_id, ev.site_id,
+                               ev.clinician_id, self._email) is not None
+
+    async def _tell_nobody(self, nobody: Sequence[tuple[Decoded[Any], RaisedAlert, Routing]],
+                           kind: AlertKind) -> None:
+        """Publish `failed` (no channel, the reason) for the revisions that reached no person at all;
+        `occurred_at` is the revision's own, so every copy of the event is the same."""
+        if not nobody or self._publisher is None or self._topics is None:
+            return
+        await self._publisher.publish_all([
+            status_record(unrouted_status(ev, routing.reason, ev.occurred_at), ev.client_id, self._topics,
+                          d.correlation_id, d.traceparent, kind)
+            for d, ev, routing in nobody if routing.reason is not None])
 
     async def on_alert_status(self, decoded: list[Decoded[StatusEvent]]) -> None:
         """`alliance.alert-status.v1`: see `_on_statuses`."""
@@ -257,14 +322,17 @@ class Handlers:
                 self._store.clinicians_for((ev.tenant_id, ev.clinician_id) for ev in events
                                            if ev.status == AlertStatus.WITHDRAWN),
                 self._store.subscriptions_for((ev.tenant_id for ev in events), kind.status))
-            current = await self._store.lifecycle_orders(ev.alert_id for ev in events if ev.event_id in ends)
+            unreached = [ev for ev in events if ev.status == AlertStatus.WITHDRAWN and self._unreached(ev, clinicians)]
+            current, fallbacks = await asyncio.gather(
+                self._store.lifecycle_orders(ev.alert_id for ev in events if ev.event_id in ends),
+                self._store.fallbacks_for((ev.tenant_id, ev.site_id) for ev in unreached))
             for d in decoded:
                 ev = d.event
                 end = ends.get(ev.event_id)
                 if end is not None and current.get(ev.alert_id) != lifecycle_order(*end):
                     continue  # stale: the alert has moved on (e.g. raised again); telling anyone would mislead
                 planned = route_status(ev, clinicians.get((ev.tenant_id, ev.clinician_id)), subscriptions,
-                                       self._email, kind)
+                                       self._email, kind, fallbacks)
                 docs.extend(planned_docs(planned, d, ev.occurred_at, now))
         await self._schedule(docs)
 

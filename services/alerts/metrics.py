@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
-from services.alerts.rules import NEEDS_OPERATOR
+from services.alerts.rules import ALERT_TYPES, NEEDS_OPERATOR, UNROUTED_REASONS
 from shared.metrics import latency_seconds
 
 NOTIFICATIONS = Counter(
@@ -53,3 +53,15 @@ BLOCKED_ATTEMPTS = Counter(
 )
 for _reason in NEEDS_OPERATOR:  # exported at zero, so that `increase()` sees the first one
     BLOCKED_ATTEMPTS.labels(_reason)
+
+UNROUTED = Counter(
+    "alliance_alerts_unrouted",
+    "Raised alert revisions whose clinician could not be reached, counted once per revision: by kind (alliance, "
+    "outcome), reason (no_directory_entry, other_site, no_channel) and fallback (yes: the fallback entries of the "
+    "alert's site got it; no: nobody did, and `failed` was told on the alert's status topic).",
+    ["kind", "reason", "fallback"],
+)
+for _kind in ALERT_TYPES:  # every series exported at zero (12 in all), so that `increase()` sees the first one
+    for _why in UNROUTED_REASONS:
+        for _fallback in ("yes", "no"):
+            UNROUTED.labels(_kind, _why, _fallback)

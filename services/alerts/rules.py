@@ -2,6 +2,16 @@
 
 No I/O here: the handlers and the worker feed these functions with documents they loaded and
 write back what these functions decide.
+
+Alerts that reach no clinician (`routing`, `route_alert`): a raised revision whose clinician has
+no directory entry of the alert's tenant (an unregistered clinician, an id the EHR spelled
+differently), whose entry is of another site, or whose entry has no usable channel (no webhook,
+and no email or SMTP off) goes to the directory entries of the alert's tenant AND site marked
+`fallback` (a site's duty clinician or clinical lead) instead, each delivery saying why
+(`reason`: `no_directory_entry`, `other_site`, `no_channel`). When the site has no reachable
+fallback either, the revision reaches nobody: the handlers record `routing: none` and tell
+`failed` on the alert's status topic (`unrouted_status`). A fallback is never another site's
+entry: site ownership holds for fallbacks exactly as for clinicians.
 """
 
 from __future__ import annotations
@@ -37,6 +47,11 @@ from shared.topics import (
 )
 
 Channel = Literal["webhook", "email"]
+# Why an alert reached no clinician (docs/partners.md, "Alerts that reach no clinician").
+UnroutedReason = Literal["no_directory_entry", "other_site", "no_channel"]
+UNROUTED_REASONS: tuple[UnroutedReason, ...] = ("no_directory_entry", "other_site", "no_channel")
+# Who a raised revision reached: its clinician, the site's fallback entries, or no person at all.
+RoutedTo = Literal["clinician", "fallback", "none"]
 # alert: a raised revision; escalation: its supervisor's copy; withdrawal: the clinician told that
 # an alert they may have been sent is withdrawn; event: a topic event forwarded to a partner.
 Kind = Literal["alert", "event", "escalation", "withdrawal"]
@@ -184,6 +199,8 @@ class Clinician:
     email: str | None = None
     webhook_url: str | None = None
     supervisor_id: str | None = None
+    # Receives the alerts of its site that reach no clinician (see the module docstring).
+    fallback: bool = False
 
 
 @dataclass(frozen=True)
@@ -211,6 +228,8 @@ class PlannedDelivery:
     channel: Channel
     target: str  # URL or email address
     subscription_id: str | None = None
+    # Set on a delivery to a site's fallback entry: why the alert's clinician was not reached.
+    routed_reason: UnroutedReason | None = None
 
 
 def recipient(role: str, ident: str) -> str:
@@ -219,9 +238,10 @@ def recipient(role: str, ident: str) -> str:
 
 
 def _plan(kind: Kind, tenant_id: str, site_id: str, subject_id: str, alert_id: str | None, topic: str,
-          who: str, channel: Channel, target: str, subscription_id: str | None = None) -> PlannedDelivery:
+          who: str, channel: Channel, target: str, subscription_id: str | None = None,
+          routed_reason: UnroutedReason | None = None) -> PlannedDelivery:
     return PlannedDelivery(ids.delivery_id(subject_id, who, channel), kind, tenant_id, site_id, subject_id,
-                           alert_id, topic, who, channel, target, subscription_id)
+                           alert_id, topic, who, channel, target, subscription_id, routed_reason)
 
 
 def partner_deliveries(kind: Kind, tenant_id: str, site_id: str, subject_id: str, alert_id: str | None,
@@ -243,7 +263,8 @@ def reaches(person: Clinician | None, tenant_id: str, site_id: str) -> bool:
 
 
 def person_deliveries(kind: Kind, role: str, person: Clinician | None, email_enabled: bool, *, tenant_id: str,
-                      site_id: str, subject_id: str, alert_id: str, topic: str) -> list[PlannedDelivery]:
+                      site_id: str, subject_id: str, alert_id: str, topic: str,
+                      routed_reason: UnroutedReason | None = None) -> list[PlannedDelivery]:
     """A person's webhook (if they have one) and email (if they have one and SMTP is configured),
     provided the person belongs to the subject's tenant and site."""
     if person is None or not reaches(person, tenant_id, site_id):
@@ -251,10 +272,71 @@ def person_deliveries(kind: Kind, role: str, person: Clinician | None, email_ena
     who = recipient(role, person.clinician_id)
     out = []
     if person.webhook_url:
-        out.append(_plan(kind, tenant_id, site_id, subject_id, alert_id, topic, who, WEBHOOK, person.webhook_url))
+        out.append(_plan(kind, tenant_id, site_id, subject_id, alert_id, topic, who, WEBHOOK, person.webhook_url,
+                         routed_reason=routed_reason))
     if email_enabled and person.email:
-        out.append(_plan(kind, tenant_id, site_id, subject_id, alert_id, topic, who, EMAIL, person.email))
+        out.append(_plan(kind, tenant_id, site_id, subject_id, alert_id, topic, who, EMAIL, person.email,
+                         routed_reason=routed_reason))
     return out
+
+
+# ---- alerts that reach no clinician: the site's fallback ------------------------------------
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Who one raised revision (or a withdrawal) reaches: `to` its clinician, the site's
+    `fallback` entries (`fallback_ids`), or `none`; `reason` says why not the clinician (None
+    exactly when `to` is `clinician`)."""
+
+    to: RoutedTo
+    reason: UnroutedReason | None = None
+    fallback_ids: tuple[str, ...] = ()
+
+
+def unrouted_reason(clinician: Clinician | None, tenant_id: str, site_id: str, clinician_id: str,
+                    email_enabled: bool) -> UnroutedReason | None:
+    """Why the alert's clinician cannot be reached, or None when they can: no entry of this tenant
+    under this id (`no_directory_entry`), an entry of another site (`other_site`: somebody else, or
+    a stale entry), or an entry with no usable channel (`no_channel`: no webhook, and no email or
+    SMTP off)."""
+    if clinician is None or clinician.tenant_id != tenant_id or clinician.clinician_id != clinician_id:
+        return "no_directory_entry"
+    if clinician.site_id != site_id:
+        return "other_site"
+    if not clinician.webhook_url and not (email_enabled and clinician.email):
+        return "no_channel"
+    return None
+
+
+def site_fallbacks(entries: Iterable[Clinician], tenant_id: str, site_id: str) -> list[Clinician]:
+    """The fallback entries of the alert's tenant AND site, by id (never another site's or tenant's)."""
+    return sorted((e for e in entries if e.fallback and reaches(e, tenant_id, site_id)), key=lambda e: e.clinician_id)
+
+
+def _fallback_deliveries(kind: Kind, reason: UnroutedReason, fallbacks: Iterable[Clinician], email_enabled: bool,
+                         *, tenant_id: str, site_id: str, subject_id: str, alert_id: str,
+                         topic: str) -> list[PlannedDelivery]:
+    """Each fallback entry's webhook and email (recipient `fallback:<id>`: distinct from the same
+    person's deliveries as a clinician, and deterministic), marked with `reason`."""
+    return [p for f in site_fallbacks(fallbacks, tenant_id, site_id)
+            for p in person_deliveries(kind, "fallback", f, email_enabled, tenant_id=tenant_id, site_id=site_id,
+                                       subject_id=subject_id, alert_id=alert_id, topic=topic, routed_reason=reason)]
+
+
+def _people(kind: Kind, clinician: Clinician | None, fallbacks: Iterable[Clinician], email_enabled: bool, *,
+            tenant_id: str, site_id: str, clinician_id: str, subject_id: str, alert_id: str,
+            topic: str) -> tuple[Routing, list[PlannedDelivery]]:
+    """The clinician's deliveries, or, when the clinician cannot be reached, the site's fallbacks'."""
+    reason = unrouted_reason(clinician, tenant_id, site_id, clinician_id, email_enabled)
+    if reason is None:
+        return Routing("clinician"), person_deliveries(kind, "clinician", clinician, email_enabled,
+                                                       tenant_id=tenant_id, site_id=site_id,
+                                                       subject_id=subject_id, alert_id=alert_id, topic=topic)
+    planned = _fallback_deliveries(kind, reason, fallbacks, email_enabled, tenant_id=tenant_id, site_id=site_id,
+                                   subject_id=subject_id, alert_id=alert_id, topic=topic)
+    told = tuple(dict.fromkeys(p.recipient.partition(":")[2] for p in planned))
+    return Routing("fallback" if planned else "none", reason, told), planned
 
 
 def raise_subject(alert: RaisedAlert) -> str:
@@ -264,38 +346,58 @@ def raise_subject(alert: RaisedAlert) -> str:
 
 
 def route_alert(alert: RaisedAlert, clinician: Clinician | None, subscriptions: Iterable[Subscription],
-                email_enabled: bool) -> list[PlannedDelivery]:
-    """Everyone a raised revision goes to: its clinician (webhook, email; same site only) and the
-    tenant's partners subscribed to its type's topic (`alliance.deterioration.v1`, `outcome.alert.v1`)."""
-    if clinician is not None and clinician.clinician_id != alert.clinician_id:
-        clinician = None
+                email_enabled: bool, fallbacks: Iterable[Clinician] = ()) -> list[PlannedDelivery]:
+    """Everyone a raised revision goes to: `plan_alert`'s deliveries."""
+    return plan_alert(alert, clinician, subscriptions, email_enabled, fallbacks)[1]
+
+
+def plan_alert(alert: RaisedAlert, clinician: Clinician | None, subscriptions: Iterable[Subscription],
+               email_enabled: bool, fallbacks: Iterable[Clinician] = ()) -> tuple[Routing, list[PlannedDelivery]]:
+    """Who a raised revision reaches, and its deliveries: its clinician (webhook, email; same site
+    only) or, when the clinician cannot be reached, the site's `fallbacks` (see the module
+    docstring); and the tenant's partners subscribed to its type's topic (`alliance.deterioration.v1`,
+    `outcome.alert.v1`), whoever the people are. A partner is not a person: an alert that reaches
+    only partners is routed `none`."""
     subject = raise_subject(alert)
     topic = alert_kind(alert).raised
-    return [
-        *person_deliveries("alert", "clinician", clinician, email_enabled, tenant_id=alert.tenant_id,
-                           site_id=alert.site_id, subject_id=subject, alert_id=alert.alert_id, topic=topic),
+    routing, people = _people("alert", clinician, fallbacks, email_enabled, tenant_id=alert.tenant_id,
+                              site_id=alert.site_id, clinician_id=alert.clinician_id, subject_id=subject,
+                              alert_id=alert.alert_id, topic=topic)
+    return routing, [
+        *people,
         *partner_deliveries("alert", alert.tenant_id, alert.site_id, subject, alert.alert_id, topic, subscriptions),
     ]
 
 
 def route_status(event: AlertStatusChanged, clinician: Clinician | None, subscriptions: Iterable[Subscription],
-                 email_enabled: bool, kind: AlertKind = ALLIANCE_KIND) -> list[PlannedDelivery]:
+                 email_enabled: bool, kind: AlertKind = ALLIANCE_KIND,
+                 fallbacks: Iterable[Clinician] = ()) -> list[PlannedDelivery]:
     """Who hears of an alert-status event of `kind`'s status topic: partners subscribed to it
     (`alliance.alert-status.v1`, `outcome.alert-status.v1`) get every one (the topic's whole story
     of the alert), and a withdrawal also goes to the clinician (webhook, email; same site only),
-    who may have acted on the alert. A supersession is not sent to the clinician: the later
+    who may have acted on the alert; when the clinician cannot be reached, to the site's
+    `fallbacks` instead, by the same rule as the raise (they are who was told of it, unless the
+    directory changed in between). A supersession is not sent to the clinician: the later
     session that superseded it speaks for itself.
 
     The caller drops lifecycle events that are already stale (see the handlers)."""
     people: list[PlannedDelivery] = []
     if event.status == AlertStatus.WITHDRAWN:
-        if clinician is not None and clinician.clinician_id != event.clinician_id:
-            clinician = None
-        people = person_deliveries("withdrawal", "clinician", clinician, email_enabled, tenant_id=event.tenant_id,
-                                   site_id=event.site_id, subject_id=event.event_id, alert_id=event.alert_id,
-                                   topic=kind.status)
+        _, people = _people("withdrawal", clinician, fallbacks, email_enabled, tenant_id=event.tenant_id,
+                            site_id=event.site_id, clinician_id=event.clinician_id, subject_id=event.event_id,
+                            alert_id=event.alert_id, topic=kind.status)
     return [*people, *partner_deliveries("event", event.tenant_id, event.site_id, event.event_id, event.alert_id,
                                          kind.status, subscriptions)]
+
+
+def escalation_supervisor(clinician: Clinician | None, fallbacks: Sequence[Clinician]) -> str | None:
+    """Whose supervisor an unacknowledged alert escalates to: the clinician's entry's supervisor
+    when the entry exists (as before; `route_escalation` still requires the supervisor to be of
+    the alert's site), else that of the first of the fallback entries told of the alert (by id)
+    that names one; None: nobody to escalate to."""
+    if clinician is not None:
+        return clinician.supervisor_id
+    return next((f.supervisor_id for f in sorted(fallbacks, key=lambda f: f.clinician_id) if f.supervisor_id), None)
 
 
 def route_escalation(alert: RaisedAlert, supervisor: Clinician | None,
@@ -341,9 +443,25 @@ def _email_prefix(noun: str, revision: int, escalation: bool) -> str:
     return noun.capitalize() if revision == 1 else f"Revised {noun}"
 
 
-def email_text(alert: RaisedAlert, dashboard_url: str, escalation: bool = False) -> tuple[str, str]:
+# What a fallback entry's email says of why the alert came to them.
+_WHY_UNROUTED: dict[UnroutedReason, str] = {
+    "no_directory_entry": "has no directory entry (not registered yet, or the id is spelled differently)",
+    "other_site": "has a directory entry of another site only",
+    "no_channel": "has no webhook or email that alerts can use",
+}
+
+
+def routed_note(clinician_id: str, reason: UnroutedReason) -> str:
+    """The line a fallback entry's email starts with: whose alert it is and why it came to them."""
+    return (f"You receive this as your site's fallback: clinician {clinician_id} {_WHY_UNROUTED[reason]} "
+            f"(reason: {reason}). Please see that it reaches the right clinician, and fix the directory.")
+
+
+def email_text(alert: RaisedAlert, dashboard_url: str, escalation: bool = False,
+               routed_reason: UnroutedReason | None = None) -> tuple[str, str]:
     """Subject and plain-text body: pseudonymous client id, totals, triggers, link; nothing else
-    identifying. An outcome alert says where the client stands against intake, and its advice."""
+    identifying. An outcome alert says where the client stands against intake, and its advice.
+    A fallback entry's copy (`routed_reason`) says whose alert it is and why it came to them."""
     prefix = _email_prefix(alert_kind(alert).noun, alert.revision, escalation)
     subject = f"{prefix} ({alert.severity}) for client {alert.client_id}"
     lines = [
@@ -371,13 +489,16 @@ def email_text(alert: RaisedAlert, dashboard_url: str, escalation: bool = False)
         lines.insert(2, f"A correction changed this alert (revision {alert.revision}); it replaces the earlier one.")
     if escalation:
         lines.insert(2, f"It was sent to clinician {alert.clinician_id} and has not been acknowledged.")
+    if routed_reason is not None:
+        lines.insert(2, routed_note(alert.clinician_id, routed_reason))
     return subject, "\n".join(lines) + "\n"
 
 
-def withdrawal_email_text(event: AlertStatusChanged, dashboard_url: str,
-                          kind: AlertKind = ALLIANCE_KIND) -> tuple[str, str]:
-    """Subject and plain-text body telling the clinician an alert of `kind` is withdrawn (same
-    privacy rule as `email_text`: pseudonymous client id, no site, no submission id)."""
+def withdrawal_email_text(event: AlertStatusChanged, dashboard_url: str, kind: AlertKind = ALLIANCE_KIND,
+                          routed_reason: UnroutedReason | None = None) -> tuple[str, str]:
+    """Subject and plain-text body telling the clinician (or a fallback entry: `routed_reason`) an
+    alert of `kind` is withdrawn (same privacy rule as `email_text`: pseudonymous client id, no
+    site, no submission id)."""
     noun = kind.noun.capitalize()
     subject = f"{noun} withdrawn for client {event.client_id or '-'}"
     lines = [
@@ -392,6 +513,8 @@ def withdrawal_email_text(event: AlertStatusChanged, dashboard_url: str,
     if event.client_id and event.instrument is not None:
         lines += ["", f"Trajectory: {trajectory_link(dashboard_url, event.client_id, event.instrument.value)}"]
     lines += ["", f"Alert id: {event.alert_id}"]
+    if routed_reason is not None:
+        lines.insert(2, routed_note(event.clinician_id, routed_reason))
     return subject, "\n".join(lines) + "\n"
 
 
@@ -632,6 +755,19 @@ def delivery_status(alert: RaisedAlert, status: DeliveryStatus, channel: Channel
         clinician_id=alert.clinician_id, status=status, revision=alert.revision, client_id=alert.client_id,
         instrument=alert.instrument, episode_id=alert.episode_id, session_number=alert.session_number,
         channel=channel)
+
+
+def unrouted_status(alert: RaisedAlert, reason: UnroutedReason, occurred_at: datetime) -> AlertStatusChanged:
+    """The `failed` of a revision that reached no person at all (routing `none`): no channel, the
+    `reason` the clinician was not reached. Its id is derived from (alert, revision, failed) with no
+    channel, so it differs from every per-channel `failed` and a redelivered raise tells the same
+    event again (a duplicate a consumer drops by `event_id`)."""
+    return alert_kind(alert).status_model()(
+        event_id=ids.alert_status_event_id(alert.tenant_id, alert.alert_id, AlertStatus.FAILED, alert.revision),
+        tenant_id=alert.tenant_id, occurred_at=occurred_at, alert_id=alert.alert_id, site_id=alert.site_id,
+        clinician_id=alert.clinician_id, status=AlertStatus.FAILED, revision=alert.revision,
+        client_id=alert.client_id, instrument=alert.instrument, episode_id=alert.episode_id,
+        session_number=alert.session_number, routing_reason=reason)
 
 
 def first_deliveries(delivered: Iterable[tuple[str, str, datetime]]) -> set[str]:

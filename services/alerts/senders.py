@@ -116,6 +116,9 @@ class WebhookSender:
         headers = signing.webhook_headers(str(d["_id"]), int(time.time()), body, signing_secrets, str(d["topic"]))
         if d.get("kind") == "escalation":
             headers["x-alliance-escalation"] = "true"
+        if reason := d.get("routed_reason"):  # a site fallback's copy: why the clinician was not reached
+            headers["x-alliance-routed"] = "fallback"
+            headers["x-alliance-routed-reason"] = str(reason)
         try:
             async with self._client.stream("POST", url, content=body, headers=headers) as response:
                 status = response.status_code
@@ -154,12 +157,14 @@ class EmailSender:
     def message(self, d: Document) -> EmailMessage:
         topic = str(d.get("topic"))
         kind = kind_of_topic(topic)
+        reason = d.get("routed_reason")  # set on a site fallback's copy
         if topic == kind.status:  # a withdrawal; the body is the status event
             subject, text = withdrawal_email_text(kind.status_model().model_validate_json(d["body"]),
-                                                  self._dashboard, kind)
+                                                  self._dashboard, kind, routed_reason=reason)
         else:
             alert = kind.raised_model().model_validate_json(d["body"])
-            subject, text = email_text(alert, self._dashboard, escalation=d.get("kind") == "escalation")
+            subject, text = email_text(alert, self._dashboard, escalation=d.get("kind") == "escalation",
+                                       routed_reason=reason)
         msg = EmailMessage()
         msg["From"] = self._smtp.sender
         msg["To"] = str(d["target"])
@@ -168,6 +173,9 @@ class EmailSender:
         # The same Message-ID on every retry: mail systems can drop the duplicate of a resend.
         msg["Message-ID"] = f"<{d['_id']}@alliance-stream>"
         msg["X-Alliance-Delivery"] = str(d["_id"])
+        if reason:
+            msg["X-Alliance-Routed"] = "fallback"
+            msg["X-Alliance-Routed-Reason"] = str(reason)
         msg.set_content(text)
         return msg
 

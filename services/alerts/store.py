@@ -2,6 +2,8 @@
 
 - `clinicians`: the directory, `_id` = the JSON array `["<tenant>", "<clinician>"]` (see
   `clinician_key`; documents of the older `"<tenant>:<clinician>"` form are migrated at start).
+  `fallback: true` marks a site's fallback entry (it receives the alerts of its site that reach
+  no clinician; `fallbacks_for`); an entry stored before fallbacks existed has none, and is not one.
 - `subscriptions`: partner webhooks with their (sealed) signing secrets.
 - `alert_tenants`: per-tenant clinician-webhook signing secret and escalation interval.
 - `alerts`: one document per alert id, of either type (`alert_type`: `alliance`, or `outcome`
@@ -12,7 +14,10 @@
   event seen, and every write is conditional on it (see `record_raises`). Content (triggers,
   severity, totals, the body escalation sends) is that of the highest raised revision, `crev`.
   `status` is kept equal to `rules.api_status(lifecycle, acknowledged)`, so escalation (status
-  open) and list filters stay single-field queries. Escalated once.
+  open) and list filters stay single-field queries. Escalated once. `routing` (`clinician`,
+  `fallback`, `none`), `routing_reason` and `routing_fallbacks` (the fallback entries told) are
+  those of the highest revision the handlers routed, `rrev` (see `record_routing`); an alert
+  stored before routing was recorded has none (the API shows null).
 - `deliveries`: one document per (alert or event, recipient, channel) — `_id` is the delivery id,
   so a redelivered event cannot create a second one. It is also the durable retry schedule:
   status pending + `next_attempt_at`, leased by one worker at a time through `claimed_until`.
@@ -41,7 +46,10 @@ from services.alerts.rules import (
     OUTCOME,
     AlertType,
     Clinician,
+    RoutedTo,
+    Routing,
     Subscription,
+    UnroutedReason,
     lifecycle_order,
     tells_status,
 )
@@ -98,7 +106,7 @@ def _typed_insert(doc: Mapping[str, Any]) -> Document:
 
 def _clinician(doc: Mapping[str, Any]) -> Clinician:
     return Clinician(doc["tenant_id"], doc["clinician_id"], doc["site_id"], doc.get("email"),
-                     doc.get("webhook_url"), doc.get("supervisor_id"))
+                     doc.get("webhook_url"), doc.get("supervisor_id"), bool(doc.get("fallback", False)))
 
 
 class SubscriptionRow(BaseModel):
@@ -157,6 +165,13 @@ class AlertFields(BaseModel):
     escalated: bool
     escalated_at: datetime | None = None
     escalated_to: str | None = None
+    routing: RoutedTo | None = Field(default=None, description=(
+        "who the latest routed revision reached: `clinician` (their directory entry), `fallback` (the clinician "
+        "could not be reached: the fallback entries of the alert's site got it), `none` (nobody: told `failed` on "
+        "the alert's status topic); null for an alert routed before this field existed, or not routed yet"))
+    routing_reason: UnroutedReason | None = Field(default=None, description=(
+        "why the clinician was not reached: no_directory_entry, other_site, no_channel; null when routing is "
+        "`clinician` (or null)"))
 
     @model_validator(mode="before")
     @classmethod
@@ -288,7 +303,7 @@ class AlertsStore:
             {"_id": clinician_key(c.tenant_id, c.clinician_id)},
             {"$set": {"tenant_id": c.tenant_id, "clinician_id": c.clinician_id, "site_id": c.site_id,
                       "email": c.email, "webhook_url": c.webhook_url, "supervisor_id": c.supervisor_id,
-                      "updated_at": now},
+                      "fallback": c.fallback, "updated_at": now},
              "$setOnInsert": {"created_at": now}},
             upsert=True,
         )
@@ -312,6 +327,16 @@ class AlertsStore:
             return {}
         docs = await self.clinicians.find({"_id": {"$in": wanted}}).to_list()
         return {(d["tenant_id"], d["clinician_id"]): _clinician(d) for d in docs}
+
+    async def fallbacks_for(self, sites: Iterable[tuple[str, str]]) -> list[Clinician]:
+        """The fallback entries of these (tenant, site) pairs, in one round trip (the (tenant, site)
+        index); only asked when some alert of a batch reaches no clinician."""
+        wanted = sorted(set(sites))
+        if not wanted:
+            return []
+        docs = await self.clinicians.find({"fallback": True, "$or": [{"tenant_id": t, "site_id": s}
+                                                                     for t, s in wanted]}).to_list()
+        return [_clinician(d) for d in docs]
 
     # ---- subscriptions -----------------------------------------------------------------------
 
@@ -491,6 +516,26 @@ class AlertsStore:
         loser once more (documents here are never deleted and guards only grow)."""
         await guarded_upserts(self.alerts, ops)
 
+    async def routed_revisions(self, alert_ids: Iterable[str]) -> dict[str, int]:
+        """{alert id: the revision whose routing is recorded} (`rrev`; 0 for none), in one round trip:
+        whether a routing the handlers are about to record is news (counted once)."""
+        wanted = sorted(set(alert_ids))
+        if not wanted:
+            return {}
+        docs = await self.alerts.find({"_id": {"$in": wanted}}, {"rrev": 1}).to_list()
+        return {d["_id"]: int(d.get("rrev") or 0) for d in docs}
+
+    async def record_routing(self, routings: Sequence[tuple[str, int, Routing]]) -> None:
+        """Record who (alert id, revision) reached, in one round trip: `{_id, rrev < revision}`, so
+        the highest revision's routing stays and a redelivered one changes nothing. The alert exists
+        (its raise was merged first), so nothing is upserted."""
+        if routings:
+            await self.alerts.bulk_write([
+                UpdateOne({"_id": alert_id, "rrev": _below(revision)},
+                          {"$set": {"rrev": revision, "routing": r.to, "routing_reason": r.reason,
+                                    "routing_fallbacks": list(r.fallback_ids)}})
+                for alert_id, revision, r in routings], ordered=False)
+
     async def lifecycle_orders(self, alert_ids: Iterable[str]) -> dict[str, str]:
         """{alert id: stored `lkey`} for many alerts in one round trip (after a merge: which events
         of the batch are the alert's current state, and so worth telling anyone)."""
@@ -505,9 +550,11 @@ class AlertsStore:
         return None if doc is None else Alert.from_doc(doc)
 
     async def list_alerts(self, tenant_id: str, site_id: str | None, clinician_id: str | None,
-                          status: AlertState | None, limit: int, alert_type: AlertType | None = None) -> list[Alert]:
-        """Alerts newest first, of both types unless `alert_type` says which."""
-        query = {"tenant_id": tenant_id, **given(site_id=site_id, clinician_id=clinician_id, status=status),
+                          status: AlertState | None, limit: int, alert_type: AlertType | None = None,
+                          routing: RoutedTo | None = None) -> list[Alert]:
+        """Alerts newest first, of both types unless `alert_type` says which (and of one `routing`)."""
+        query = {"tenant_id": tenant_id,
+                 **given(site_id=site_id, clinician_id=clinician_id, status=status, routing=routing),
                  **(_of_type(alert_type) if alert_type is not None else {})}
         docs = await self.alerts.find(query, {"event": 0}).sort("created_at", DESCENDING).limit(limit).to_list()
         return [Alert.from_doc(d) for d in docs]

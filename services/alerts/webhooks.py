@@ -45,6 +45,16 @@ EscalationCopy = Annotated[Literal["true"] | None, Header(description=(
     "present on the copy a clinician's supervisor gets when the alert was not acknowledged in time"))]
 
 
+# The headers of a site fallback's copy of an alert or of its withdrawal (docs/partners.md, "Alerts
+# that reach no clinician").
+RoutedCopy = Annotated[Literal["fallback"] | None, Header(description=(
+    "present on the copy a fallback entry of the alert's site gets because the alert's clinician cannot be "
+    "reached"))]
+RoutedReason = Annotated[Literal["no_directory_entry", "other_site", "no_channel"] | None, Header(description=(
+    "with `x-alliance-routed`: why the clinician was not reached (no directory entry under the alert's "
+    "clinician_id, an entry of another site only, or no usable webhook or email)"))]
+
+
 def _event(topic: str) -> Any:
     return Header(description="the topic of the body", json_schema_extra={"enum": [topic]})
 
@@ -60,6 +70,7 @@ class Webhook:
     summary: str
     doc: str
     escalation_copy: bool = False
+    fallback_copy: bool = False  # also sent to a site's fallback entries (alerts and their withdrawals)
 
     @property
     def description(self) -> str:
@@ -72,9 +83,15 @@ class Webhook:
         route: Any
         if self.escalation_copy:
             async def alert(body: Any, _: Signed, x_alliance_event: topic,
-                            x_alliance_escalation: EscalationCopy = None) -> None:
+                            x_alliance_escalation: EscalationCopy = None, x_alliance_routed: RoutedCopy = None,
+                            x_alliance_routed_reason: RoutedReason = None) -> None:
                 """See `Webhook.doc`."""
             route = alert
+        elif self.fallback_copy:
+            async def status(body: Any, _: Signed, x_alliance_event: topic, x_alliance_routed: RoutedCopy = None,
+                             x_alliance_routed_reason: RoutedReason = None) -> None:
+                """See `Webhook.doc`."""
+            route = status
         else:
             async def event(body: Any, _: Signed, x_alliance_event: topic) -> None:
                 """See `Webhook.doc`."""
@@ -87,30 +104,36 @@ WEBHOOKS: tuple[Webhook, ...] = (
     Webhook(channels.DETERIORATION, "deterioration_webhook", "An alert raised, or revised by a correction", """
         Sent to the partners of the alert's tenant subscribed to `alliance.deterioration.v1`, to the alert's
         clinician when their directory entry has a `webhook_url` (signed with the tenant's clinician-webhook
-        secret), and to their supervisor on escalation. Keep the highest `revision` per `alert_id`.""",
-            escalation_copy=True),
+        secret), and to their supervisor on escalation. When the clinician cannot be reached, to the fallback
+        entries of the alert's site instead, with `x-alliance-routed: fallback` and the reason. Keep the highest
+        `revision` per `alert_id`.""", escalation_copy=True),
     Webhook(channels.SCORED, "scored_webhook", "One revision of a scored session", """
         Sent to the partners of the session's tenant subscribed to `srs.scored.v1`. Keep the highest
         `revision` per `submission_id`."""),
     Webhook(channels.ALERT_STATUS, "alert_status_webhook", "What happened to an alert", """
         Every status is sent to the partners of the alert's tenant subscribed to `alliance.alert-status.v1`;
         a `withdrawn` status also to the clinician who may have been told of the alert, when their directory
-        entry has a `webhook_url`."""),
+        entry has a `webhook_url` (to the site's fallback entries, marked like the alert, when the clinician
+        cannot be reached). A `failed` without a `channel` says the revision reached no person at all, and
+        `routing_reason` why.""", fallback_copy=True),
     # The Outcome Rating Scale (docs/outcome.md): its own event types, so an SRS partner never receives them
     # unless it subscribes to them.
     Webhook(channels.OUTCOME_ALERT, "outcome_alert_webhook", "An outcome alert raised, or revised by a correction",
             """
         Sent to the partners of the alert's tenant subscribed to `outcome.alert.v1`, to the alert's clinician
         when their directory entry has a `webhook_url` (signed with the tenant's clinician-webhook secret, like an
-        alliance alert), and to their supervisor on escalation. `advice` says what to do about it. Keep the
-        highest `revision` per `alert_id`.""", escalation_copy=True),
+        alliance alert), and to their supervisor on escalation; to the site's fallback entries, marked
+        `x-alliance-routed: fallback`, when the clinician cannot be reached. `advice` says what to do about it.
+        Keep the highest `revision` per `alert_id`.""", escalation_copy=True),
     Webhook(channels.ORS_SCORED, "ors_scored_webhook", "One revision of a scored ORS session", """
         Sent to the partners of the session's tenant subscribed to `ors.scored.v1`. Keep the highest
         `revision` per `submission_id`."""),
     Webhook(channels.OUTCOME_ALERT_STATUS, "outcome_alert_status_webhook", "What happened to an outcome alert", """
         Every status of an outcome alert is sent to the partners of its tenant subscribed to
         `outcome.alert-status.v1` (never on `alliance.alert-status.v1`); a `withdrawn` status also to the
-        clinician who may have been told of the alert, when their directory entry has a `webhook_url`."""),
+        clinician who may have been told of the alert, when their directory entry has a `webhook_url` (or to the
+        site's fallback entries, as for the alert). A `failed` without a `channel` says the revision reached no
+        person at all, and `routing_reason` why.""", fallback_copy=True),
 )
 
 

@@ -102,7 +102,8 @@ async def test_a_clinician_webhook_that_never_succeeds_publishes_failed_after_it
     assert row is not None and row["attempts"] == MAX_ATTEMPTS
 
 
-async def test_a_partners_subscription_delivery_publishes_no_status(env: Env) -> None:
+async def test_a_partners_subscription_delivery_publishes_no_delivered_and_reaching_no_person_is_failed(
+        env: Env) -> None:
     t = await new_tenant(env, "partner")
     await put_clinician(env, t, "c1", env.receiver.behave(path(t, "c1")))
     await subscribe(env, t, env.receiver.behave(path(t, "p")), ["alliance.deterioration.v1"])
@@ -112,7 +113,9 @@ async def test_a_partners_subscription_delivery_publishes_no_status(env: Env) ->
         await eventually(lambda: _async(env.receiver.at(path(t, "p"))))
         await eventually(lambda: deliveries(env, t, alert_id=unlisted.alert_id, status="delivered"))
         await delivered_status_of_a_later_alert(env, statuses, t, unlisted.client_id)
-        assert about(statuses.records, unlisted.alert_id) == []
+        # A partner is not a person: the partner's delivery tells nothing, and no person was reached.
+        [failed] = about(statuses.records, unlisted.alert_id)
+    assert (failed.status, failed.channel, failed.routing_reason) == ("failed", None, "no_directory_entry")
 
 
 async def test_an_outcome_alerts_statuses_go_only_to_the_outcome_status_topic(env: Env) -> None:

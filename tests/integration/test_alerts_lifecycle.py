@@ -235,6 +235,10 @@ async def test_a_supersession_is_not_sent_to_the_clinician_and_the_alert_lists_a
 
 async def test_a_partner_subscribed_to_alert_status_gets_every_status_event_of_the_tenant(env: Env) -> None:
     t = await new_tenant(env, "status-partner")
+    # c1 has no directory entry: the site's fallback gets the raises, so no `failed` (reached nobody) is told.
+    duty = {"site_id": "site-a", "email": "duty@site-a.test", "webhook_url": env.receiver.behave(path(t, "duty")),
+            "fallback": True}
+    assert (await env.client.put("/v1/clinicians/duty", json=duty, headers=t.admin)).status_code == 201
     sub = await subscribe(env, t, env.receiver.behave(path(t, "p")), [ALERT_STATUS])
     superseded, withdrawn = deterioration(t.id, "c1", "client-1"), deterioration(t.id, "c1", "client-1")
     for ev in (superseded, withdrawn):
@@ -264,11 +268,11 @@ async def test_a_clinician_of_another_site_with_the_same_id_gets_nothing(env: En
     await raise_(env, r1)
     await requests_at(env, t, "p", 1)
     await end(env, ended(r1, "withdrawn"))
-    await requests_at(env, t, "p", 2)  # the partner heard of both
+    await requests_at(env, t, "p", 3)  # the partner heard of both, and of the raise reaching no person (`failed`)
 
     assert env.receiver.at(path(t, "c1")) == []
     recipients = [who for _, who, _ in await kinds(env, t, r1.alert_id)]
-    assert len(recipients) == 2 and all(who.startswith("subscription:") for who in recipients)
+    assert len(recipients) == 3 and all(who.startswith("subscription:") for who in recipients)
 
 
 async def test_a_site_bound_admin_cannot_take_over_a_clinician_of_another_site(env: Env) -> None:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel
 
-from services.alerts.rules import Clinician, Subscription, lifecycle_order, tells_status
+from services.alerts.rules import Clinician, Routing, Subscription, lifecycle_order, tells_status
 from services.alerts.store import STATUS_OUTBOX, Alert, Delivery, SubscriptionRow
 from services.reporting.store import ApplyReport, GenerationState
 from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, Lifecycle, SrsScored, SrsSubmitted
@@ -87,6 +87,7 @@ class MemoryAlertsStore:
     contents: dict[str, tuple[int, Document]] = field(default_factory=dict)  # alert id -> (revision, content)
     deliveries: dict[str, Document] = field(default_factory=dict)
     alerts: dict[str, Document] = field(default_factory=dict)  # alert documents as the API reads them
+    routings: dict[str, tuple[int, Routing]] = field(default_factory=dict)  # alert id -> (revision, who it reached)
     # partner subscriptions as the API's commands write them: id -> (tenant, row, sealed secret)
     subscription_rows: dict[str, tuple[str, SubscriptionRow, str]] = field(default_factory=dict)
     webhook_secrets: dict[str, str] = field(default_factory=dict)  # tenant -> sealed clinician-webhook secret
@@ -101,6 +102,21 @@ class MemoryAlertsStore:
     async def clinicians_for(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Clinician]:
         self._check()
         return {k: self.clinicians[k] for k in keys if k in self.clinicians}
+
+    async def fallbacks_for(self, sites: Iterable[tuple[str, str]]) -> list[Clinician]:
+        self._check()
+        wanted = set(sites)
+        return [c for c in self.clinicians.values() if c.fallback and (c.tenant_id, c.site_id) in wanted]
+
+    async def routed_revisions(self, alert_ids: Iterable[str]) -> dict[str, int]:
+        self._check()
+        return {a: self.routings[a][0] for a in alert_ids if a in self.routings}
+
+    async def record_routing(self, routings: Sequence[tuple[str, int, Routing]]) -> None:
+        self._check()
+        for alert_id, revision, routing in routings:
+            if revision > self.routings.get(alert_id, (0, routing))[0]:
+                self.routings[alert_id] = (revision, routing)
 
     async def subscriptions_for(self, tenant_ids: Iterable[str], topic: str) -> list[Subscription]:
         self._check()

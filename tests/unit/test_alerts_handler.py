@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from services.alerts.handlers import INVALID, SERVICE, Handlers, StatusEvent
-from services.alerts.rules import Clinician, Subscription
+from services.alerts.rules import Clinician, Routing, Subscription
 from shared import ids
 from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetterReason, Instrument, SrsScored
 from shared.kafka import DeadLetterTarget, InboundRecord, typed_handler
@@ -33,7 +33,8 @@ class Wired:
         self.store = store or MemoryAlertsStore()
         self.sink = Sink()
         self.wakeups = 0
-        handlers = Handlers(self.store, email_enabled=False, on_scheduled=self._wake)
+        handlers = Handlers(self.store, email_enabled=False, on_scheduled=self._wake, publisher=self.sink,
+                            topics=TOPICS)
         dead_letters = DeadLetterTarget(TOPICS.deadletter, self.sink.publish_all)
 
         def consumer(model: type, handler: Any) -> Any:
@@ -151,6 +152,30 @@ async def test_a_redelivered_batch_schedules_nothing_new() -> None:
     assert w.store.deliveries == first and w.wakeups == 1
     letters = w.sink.letters(TOPICS.deadletter)
     assert len(letters) == 2 and letters[0].event_id == letters[1].event_id  # the same dead letter, again
+
+
+async def test_a_raise_whose_clinician_is_missing_is_scheduled_for_the_sites_fallback_and_its_routing_recorded(
+        ) -> None:
+    store = MemoryAlertsStore()
+    store.clinicians[(TENANT, "duty")] = Clinician(TENANT, "duty", "north", None, "https://duty.example/h",
+                                                   fallback=True)
+    w = Wired(store)
+    await w.handlers.on_deterioration([on(TOPICS.deterioration, raised())])
+    (delivery,) = w.store.deliveries.values()
+    assert (delivery["recipient"], delivery["routed_reason"]) == ("fallback:duty", "no_directory_entry")
+    assert w.store.routings[raised().alert_id] == (1, Routing("fallback", "no_directory_entry", ("duty",)))
+    assert w.sink.of_topic(TOPICS.alert_status) == []  # somebody was told: no `failed`
+
+
+async def test_a_raise_reaching_nobody_publishes_failed_with_the_reason_again_on_redelivery_under_one_id() -> None:
+    w = Wired(directory(webhook=None))  # email is off: c-1 has no usable channel
+    batch = [on(TOPICS.deterioration, raised())]
+    await w.handlers.on_deterioration(batch)
+    await w.handlers.on_deterioration(batch)
+    events = [AlertStatusChanged.model_validate_json(r.value) for r in w.sink.of_topic(TOPICS.alert_status)]
+    assert [(e.status, e.routing_reason, e.channel) for e in events] == [("failed", "no_channel", None)] * 2
+    assert len({e.event_id for e in events}) == 1 and w.store.deliveries == {}
+    assert w.store.routings[raised().alert_id] == (1, Routing("none", "no_channel"))
 
 
 async def test_a_raise_already_withdrawn_is_recorded_but_not_sent() -> None:

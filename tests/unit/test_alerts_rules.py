@@ -268,3 +268,128 @@ def test_status_event_id_is_stable_per_alert_and_status() -> None:
     assert a.event_id == b.event_id != c.event_id
     assert a.event_id == ids.alert_status_event_id("t1", "a1", "acknowledged")
     assert a.revision is None  # what alerts did holds for every revision
+
+
+# ---- alerts that reach no clinician: the site's fallback ----------------------------------------
+
+
+def fallback(cid: str = "duty", site: str = "site-a", tenant: str = "t1", webhook: str | None = "https://duty.example/h",
+             email: str | None = "duty@example.org", supervisor: str | None = None) -> Clinician:
+    return Clinician(tenant, cid, site, email, webhook, supervisor, fallback=True)
+
+
+def people(planned: list[rules.PlannedDelivery]) -> list[tuple[str, str, str | None]]:
+    return [(p.recipient, p.channel, p.routed_reason) for p in planned if not p.recipient.startswith("subscription:")]
+
+
+@pytest.mark.parametrize(("entry", "email_enabled", "reason"), [
+    (None, True, "no_directory_entry"),
+    (Clinician("t1", "c1", "site-b", "c1@example.org", "https://c1.example/hook"), True, "other_site"),
+    (Clinician("t2", "c1", "site-a", "c1@example.org", "https://c1.example/hook"), True, "no_directory_entry"),
+    (Clinician("t1", "c2", "site-a", "c1@example.org", "https://c1.example/hook"), True, "no_directory_entry"),
+    (Clinician("t1", "c1", "site-a", None, None), True, "no_channel"),
+    (Clinician("t1", "c1", "site-a", "c1@example.org", None), False, "no_channel"),
+])
+def test_why_a_clinician_cannot_be_reached(entry: Clinician | None, email_enabled: bool, reason: str) -> None:
+    assert rules.unrouted_reason(entry, "t1", "site-a", "c1", email_enabled) == reason
+
+
+@pytest.mark.parametrize(("entry", "email_enabled"), [
+    (Clinician("t1", "c1", "site-a", None, "https://c1.example/hook"), False),
+    (Clinician("t1", "c1", "site-a", "c1@example.org", None), True),
+])
+def test_a_clinician_with_one_usable_channel_is_reached(entry: Clinician, email_enabled: bool) -> None:
+    assert rules.unrouted_reason(entry, "t1", "site-a", "c1", email_enabled) is None
+
+
+def test_an_alert_whose_clinician_is_reached_goes_to_no_fallback() -> None:
+    routing, planned = rules.plan_alert(alert(), clinician(), [], True, [fallback()])
+    assert routing == rules.Routing("clinician")
+    assert {p.recipient for p in planned} == {"clinician:c1"}
+    assert all(p.routed_reason is None for p in planned)
+
+
+def test_an_alert_for_a_clinician_missing_from_the_directory_goes_to_the_sites_fallbacks_with_the_reason() -> None:
+    routing, planned = rules.plan_alert(alert(clinician="c-typo"), None, [sub("p1")], True,
+                                        [fallback("lead"), fallback("duty")])
+    assert routing == rules.Routing("fallback", "no_directory_entry", ("duty", "lead"))
+    assert people(planned) == [("fallback:duty", "webhook", "no_directory_entry"),
+                               ("fallback:duty", "email", "no_directory_entry"),
+                               ("fallback:lead", "webhook", "no_directory_entry"),
+                               ("fallback:lead", "email", "no_directory_entry")]
+    assert [p.recipient for p in planned if p.recipient.startswith("subscription:")] == ["subscription:p1"]
+
+
+def test_a_clinician_entry_of_another_site_sends_the_alert_to_the_alerts_sites_fallback_not_the_entrys() -> None:
+    routing, planned = rules.plan_alert(alert(site="site-a"), clinician(site="site-b"), [], True,
+                                        [fallback("duty-a", site="site-a"), fallback("duty-b", site="site-b")])
+    assert routing == rules.Routing("fallback", "other_site", ("duty-a",))
+    assert {p.recipient for p in planned} == {"fallback:duty-a"}
+
+
+def test_a_fallback_of_another_site_or_tenant_or_an_entry_not_marked_fallback_gets_nothing() -> None:
+    others = [fallback("b", site="site-b"), fallback("t2", tenant="t2"),
+              Clinician("t1", "plain", "site-a", "p@example.org", "https://plain.example/h")]
+    routing, planned = rules.plan_alert(alert(), None, [sub("p1")], True, others)
+    assert routing == rules.Routing("none", "no_directory_entry")
+    assert [p.recipient for p in planned] == ["subscription:p1"]  # a partner is not a person
+
+
+def test_a_fallback_without_a_usable_channel_leaves_the_alert_reaching_nobody() -> None:
+    routing, planned = rules.plan_alert(alert(), None, [], False, [fallback(webhook=None)])
+    assert (routing.to, planned) == ("none", [])
+
+
+def test_a_fallbacks_delivery_ids_are_deterministic_per_revision_and_distinct_from_its_own_as_a_clinician() -> None:
+    a = alert(clinician="duty")
+    as_fallback = rules.route_alert(alert(clinician="ghost"), None, [], True, [fallback()])
+    as_clinician = rules.route_alert(a, fallback(), [], True)
+    assert [p.delivery_id for p in as_fallback] == [ids.delivery_id(a.alert_id, "fallback:duty", c)
+                                                    for c in ("webhook", "email")]
+    assert not {p.delivery_id for p in as_fallback} & {p.delivery_id for p in as_clinician}
+    assert as_fallback == rules.route_alert(alert(clinician="ghost"), None, [], True, [fallback()])
+    revised = rules.route_alert(alert(clinician="ghost", revision=2), None, [], True, [fallback()])
+    assert not {p.delivery_id for p in as_fallback} & {p.delivery_id for p in revised}
+
+
+def test_a_withdrawal_of_an_alert_whose_clinician_cannot_be_reached_goes_to_the_sites_fallbacks() -> None:
+    planned = rules.route_status(status("withdrawn"), None, [], True, fallbacks=[fallback(), fallback("b", "site-b")])
+    assert people(planned) == [("fallback:duty", "webhook", "no_directory_entry"),
+                               ("fallback:duty", "email", "no_directory_entry")]
+    assert {p.kind for p in planned} == {"withdrawal"}
+
+
+def test_a_withdrawal_reaching_its_clinician_and_a_supersession_go_to_no_fallback() -> None:
+    assert people(rules.route_status(status("withdrawn"), clinician(), [], True, fallbacks=[fallback()])) == [
+        ("clinician:c1", "webhook", None), ("clinician:c1", "email", None)]
+    assert rules.route_status(status("superseded"), None, [], True, fallbacks=[fallback()]) == []
+
+
+def test_escalation_goes_to_the_clinicians_supervisor_else_to_the_first_told_fallback_naming_one() -> None:
+    assert rules.escalation_supervisor(clinician(), [fallback(supervisor="boss")]) == "sup1"
+    told = [fallback("z", supervisor="boss-z"), fallback("a"), fallback("m", supervisor="boss-m")]
+    assert rules.escalation_supervisor(None, told) == "boss-m"
+    assert rules.escalation_supervisor(None, [fallback("a")]) is None
+    assert rules.escalation_supervisor(None, []) is None
+
+
+def test_an_alert_reaching_nobody_is_told_failed_with_the_reason_and_no_channel_under_its_own_id() -> None:
+    a = alert(revision=2)
+    event = rules.unrouted_status(a, "other_site", NOW)
+    assert (event.status, event.revision, event.channel, event.routing_reason) == ("failed", 2, None, "other_site")
+    assert event.event_id == ids.alert_status_event_id("t1", a.alert_id, "failed", 2)
+    assert event.event_id != rules.delivery_status(a, "failed", "webhook", NOW).event_id
+    assert '"routing_reason":"other_site"' in event.model_dump_json() and '"channel"' not in event.model_dump_json()
+
+
+def test_a_status_without_a_reason_serialises_as_before() -> None:
+    assert '"routing_reason"' not in status("withdrawn").model_dump_json()
+
+
+def test_a_fallbacks_email_says_whose_alert_it_is_and_why_it_came_to_them() -> None:
+    _, text = rules.email_text(alert(clinician="c-17x"), "https://dash.example/dashboard",
+                               routed_reason="no_directory_entry")
+    assert "site's fallback: clinician c-17x has no directory entry" in text
+    assert "reason: no_directory_entry" in text and "site-a" not in text
+    _, plain = rules.email_text(alert(), "https://dash.example/dashboard")
+    assert "fallback" not in plain

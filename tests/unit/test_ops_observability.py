@@ -114,6 +114,8 @@ def recorded() -> set[str]:
         ("deliveries waiting for a retry", r"max\(alliance_notification_pending_retries\) >"),
         ("escalation without a supervisor", r"alliance_alert_escalations_total\{outcome=\"no_supervisor\"\}"),
         ("escalations", r"alliance_alert_escalations_total\{outcome=\"sent\"\}"),
+        ("alerts reaching nobody", r"increase\(alliance_alerts_unrouted_total\{fallback=\"no\"\}\[\w+\]\)\)\s*>\s*0"),
+        ("alerts sent to a site fallback", r"alliance_alerts_unrouted_total\{fallback=\"yes\"\}"),
         ("store unavailable", r"alliance_dependency_up\{dependency=\"mongodb\"\}\) == 0"),
         ("broker unavailable", r"alliance_dependency_up\{dependency=\"kafka\"\}\) == 0"),
         ("alert delivery SLO burn", r"alliance:slo_alert_delivery:error_ratio_rate1h > \(14\.4 \* 0\.010\)"),

@@ -105,10 +105,14 @@ def test_a_documented_signature_matches_what_alerts_sends(topic: str) -> None:
     assert re.fullmatch(pattern, sent)
 
 
-def test_only_the_alert_webhooks_have_the_optional_escalation_header() -> None:
+def test_only_the_alert_webhooks_have_the_optional_escalation_header_and_alerts_and_statuses_the_routed_ones(
+        ) -> None:
     optional = {t: {p["name"] for p in webhook(t)["parameters"] if not p["required"]} for t in SUBSCRIBABLE}
     alerts = {"alliance.deterioration.v1", "outcome.alert.v1"}
-    assert optional == {t: ({"x-alliance-escalation"} if t in alerts else set()) for t in SUBSCRIBABLE}
+    statuses = {"alliance.alert-status.v1", "outcome.alert-status.v1"}
+    routed = {"x-alliance-routed", "x-alliance-routed-reason"}
+    assert optional == {t: ({"x-alliance-escalation", *routed} if t in alerts else routed if t in statuses else set())
+                        for t in SUBSCRIBABLE}
 
 
 # ---- AsyncAPI ------------------------------------------------------------------------------------
