@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 from collections.abc import Awaitable, Callable
@@ -18,10 +19,11 @@ from typing import Literal
 
 from fastapi import HTTPException, Request
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import PyMongoError
 
-from shared.http import error_body
+from shared.http import describe_failure, error_body, look_up_failed, look_up_unavailable
 from shared.mongo import Document, TtlCache
+
+log = logging.getLogger("alliance.auth")
 
 Role = Literal["submit", "read", "admin"]
 ROLES: tuple[Role, ...] = ("submit", "read", "admin")
@@ -190,8 +192,12 @@ def require(keys: Callable[[], KeyStore], role: Role) -> Callable[[Request], Awa
             raise _unauthorized("missing bearer API key")
         try:
             principal = await asyncio.wait_for(keys().lookup(token), KEY_LOOKUP_TIMEOUT_SECONDS)
-        except (TimeoutError, PyMongoError) as exc:
-            # The key store not answering is our outage, not the caller's fault: 503, retry later.
+        except Exception as exc:
+            # The key store being away is our outage, not the caller's fault: 503, retry later. A
+            # look-up failing otherwise would fail again: a 500, not a request to retry.
+            if not look_up_unavailable(exc):
+                raise look_up_failed(exc, "API key look-up") from exc
+            log.warning("API key store unavailable: %s", describe_failure(exc))
             raise HTTPException(503, error_body([(None, "authentication store unavailable, retry later")]),
                                 headers={"Retry-After": "2"}) from exc
         if principal is None:

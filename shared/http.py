@@ -102,6 +102,28 @@ _UNPARSABLE_BODY = "There was an error parsing the body"
 
 # Seconds a client is asked to wait after a 503 for a store that did not answer.
 STORE_RETRY_AFTER_SECONDS = 5
+# The body of a 500 for a store error a retry cannot fix (or a failed key or rate-limit look-up).
+INTERNAL_ERROR_MESSAGE = "internal error: the store refused the operation"
+
+
+def describe_failure(exc: BaseException) -> str:
+    """An error as a log line may name it: type and code only, since a store error's text can quote
+    the documents it refused (and a look-up's, the key it looked up)."""
+    return f"{type(exc).__name__}(code={getattr(exc, 'code', None)}, timeout={getattr(exc, 'timeout', False)})"
+
+
+def look_up_unavailable(exc: BaseException) -> bool:
+    """Whether a key or rate-limit look-up failed because the store is away - past the look-up's own
+    bound (`TimeoutError`) or down, slow or failing over (`store_unavailable`) - so a retry can
+    succeed; anything else (a bad query, a bug) would fail the same way again."""
+    return isinstance(exc, TimeoutError) or store_unavailable(exc)
+
+
+def look_up_failed(exc: BaseException, what: str) -> HTTPException:
+    """The 500 for a key or rate-limit look-up (`what`) a retry cannot fix: the uniform internal
+    error, logged as an error with the type and code only."""
+    log.error("%s failed: %s", what, describe_failure(exc))
+    return HTTPException(500, error_body([(None, INTERNAL_ERROR_MESSAGE)]))
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -113,14 +135,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def _store_error(_: Request, exc: Exception) -> JSONResponse:
         # The type and code only: a store error's text can quote the documents it refused.
-        what = f"{type(exc).__name__}(code={getattr(exc, 'code', None)}, timeout={getattr(exc, 'timeout', False)})"
+        what = describe_failure(exc)
         if store_unavailable(exc):
             log.warning("store unavailable answering a request: %s", what)
             return JSONResponse(error_body([(None, "the store is unavailable; retry shortly")]), status_code=503,
                                 headers={"Retry-After": str(STORE_RETRY_AFTER_SECONDS)})
         log.error("store error answering a request: %s", what)
-        return JSONResponse(error_body([(None, "internal error: the store refused the operation")]),
-                            status_code=500)
+        return JSONResponse(error_body([(None, INTERNAL_ERROR_MESSAGE)]), status_code=500)
 
     app.add_exception_handler(PyMongoError, _store_error)
     app.add_exception_handler(BSONError, _store_error)  # DocumentTooLarge and encoding errors are not PyMongoErrors
@@ -414,8 +435,10 @@ class AuthenticateFirst:
     """ASGI middleware: requests under `prefix` need a known bearer key before the app sees them.
 
     A missing or unknown key gets 401 (the same answer as `shared.auth.require`) without the body
-    being read; a key store that does not answer gets 503. Roles and sites are still checked by each
-    route's dependency; `lookup` (a `KeyStore`'s) caches, so the second look-up costs nothing.
+    being read; a key or rate-limit store that is away (`look_up_unavailable`) gets 503 with
+    `Retry-After: 2`, and a look-up failing otherwise (a bad query, a bug) the uniform 500. Roles
+    and sites are still checked by each route's dependency; `lookup` (a `KeyStore`'s) caches, so
+    the second look-up costs nothing.
 
     With a `guard`: a peer past its failed-authentication limit gets 429 before its key is looked
     up (unless the key is one `known` remembers as valid: a valid key behind the same address keeps
@@ -455,8 +478,10 @@ class AuthenticateFirst:
                     return await self.guard.key_refusal(principal.key_id)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.warning("API key or rate-limit store unavailable", exc_info=True)
+        except Exception as exc:
+            if not look_up_unavailable(exc):
+                return look_up_failed(exc, "API key or rate-limit look-up")
+            log.warning("API key or rate-limit store unavailable: %s", describe_failure(exc))
             return HTTPException(503, error_body([(None, "authentication store unavailable, retry later")]),
                                  headers={"Retry-After": "2"})
         return None

@@ -67,7 +67,7 @@ from services.intake.ratelimit import Limiter, retry_after_header
 from services.intake.settings import IntakeSettings
 from shared import tracing
 from shared.auth import KeyStore, Principal, Role, bearer_token, require
-from shared.http import Guard, Runtime, error_body
+from shared.http import Guard, Runtime, describe_failure, error_body, look_up_failed, look_up_unavailable
 from shared.kafka import JSON_HEADERS
 from shared.tracing import TRACEPARENT
 
@@ -156,7 +156,9 @@ class Context:
         self._require = {role: require(lambda: self.keys, role) for role in ("submit", "admin")}
 
     async def authenticate(self, request: Request, role: Role = "submit") -> Principal:
-        """The caller's key with `role` (401/403), or 503 when the key store does not answer in time."""
+        """The caller's key with `role` (401/403), or 503 when the key store is away (does not answer
+        in time, or is down, slow or failing over: `look_up_unavailable`), or 500 when a look-up
+        fails otherwise."""
         count = metrics.count if role == "submit" else metrics.count_transfers
         try:
             async with asyncio.timeout(self.settings.auth_timeout_seconds):
@@ -174,12 +176,18 @@ class Context:
                         await self.guard.failed(request.scope)
                     raise
         except HTTPException as exc:
-            if exc.status_code != 429:
+            # 429s are counted where they are decided; a 500 is no outcome of the submission.
+            if exc.status_code in (401, 403):
                 count("rejected", "unauthorized" if exc.status_code == 401 else "forbidden", 1)
+            elif exc.status_code == 503:  # the key look-up's own (`require`)
+                count("unavailable", "keystore", 1)
             raise
-        except (TimeoutError, PyMongoError):
+        except Exception as exc:
+            if not look_up_unavailable(exc):
+                raise look_up_failed(exc, "API key look-up") from None
             count("unavailable", "keystore", 1)
-            log.warning("API key store unavailable", extra={"correlation_id": correlation_id(request)})
+            log.warning("API key store unavailable: %s", describe_failure(exc),
+                        extra={"correlation_id": correlation_id(request)})
             raise HTTPException(503, error_body([("Authorization", "API keys cannot be checked right now")]),
                                 headers={"Retry-After": str(self.settings.unavailable_retry_after_seconds)}) from None
 
@@ -197,13 +205,16 @@ class Context:
         return principal
 
     async def _limit(self, check: Awaitable[float], cost: int, count: Callable[..., None]) -> float:
-        """A limiter call, bounded: the counters' store not answering is our outage, so 503 (not 500)."""
+        """A limiter call, bounded: the counters' store being away is our outage, so 503 (not 500);
+        a call failing otherwise (a bad query, a bug) would fail again, so 500."""
         try:
             async with asyncio.timeout(self.settings.auth_timeout_seconds):
                 return await check
-        except (TimeoutError, PyMongoError):
+        except Exception as exc:
+            if not look_up_unavailable(exc):
+                raise look_up_failed(exc, "rate-limit look-up") from None
             count("unavailable", "keystore", cost)
-            log.warning("rate-limit store unavailable")
+            log.warning("rate-limit store unavailable: %s", describe_failure(exc))
             raise HTTPException(503, error_body([(None, "the rate limit cannot be checked right now; retry")]),
                                 headers={"Retry-After": str(self.settings.unavailable_retry_after_seconds)}) from None
 

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from prometheus_client import REGISTRY
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import (
     AutoReconnect,
     BulkWriteError,
@@ -35,8 +39,12 @@ from pymongo.errors import (
     WTimeoutError,
 )
 
-from shared.http import install_error_handlers
+from services.intake.api import Context, SubmissionPublisher
+from services.intake.settings import IntakeSettings
+from shared.auth import KeyStore, Principal, require
+from shared.http import AuthenticateFirst, Guard, install_error_handlers
 from shared.mongo import Document, make_client
+from shared.ratelimit import Limiter, MemoryCounters, SlotStorage
 from shared.settings import MongoSettings
 from tools.stack import free_port
 
@@ -191,3 +199,176 @@ async def test_the_500s_log_line_is_an_error_naming_the_store_error_without_its_
     assert line.levelno == logging.ERROR
     assert "store error answering a request: DuplicateKeyError(code=11000, timeout=False)" in caplog.text
     assert SECRET not in caplog.text
+
+
+# The look-ups in front of the routes classify a store error the same way as the handler above,
+# each keeping its own 503: `AuthenticateFirst` (keys and rate limits in front of alerts' and
+# reporting's APIs), `shared.auth.require` (a route's key check) and intake's key and rate-limit
+# checks. A look-up that fails for any other reason - a bad query, a bug - is the uniform 500.
+INTERNAL_ERROR = {"errors": [{"field": None, "message": "internal error: the store refused the operation"}]}
+KEYS_UNAVAILABLE = {"errors": [{"field": None, "message": "authentication store unavailable, retry later"}]}
+PRINCIPAL = Principal("key-1", "tenant-1", "submit")
+LOOKUP_TRANSIENT = [pytest.param(NetworkTimeout("127.0.0.1:27017: timed out"), id="socket-timeout")]
+LOOKUP_DETERMINISTIC = [
+    pytest.param(OperationFailure(f"unknown operator: $nope near {SECRET}", 2, {"code": 2}), id="bad-query"),
+    pytest.param(RuntimeError(f"a bug quoting {SECRET}"), id="bug"),
+]
+
+
+class RaisingKeys(KeyStore):
+    """A key store whose look-ups raise `exc` (or find `principal`, when `exc` is None)."""
+
+    def __init__(self, exc: Exception | None, principal: Principal | None = PRINCIPAL) -> None:
+        super().__init__(cast(AsyncDatabase[Document], None))
+        self.exc, self.principal = exc, principal
+
+    async def lookup(self, key: str) -> Principal | None:
+        if self.exc is not None:
+            raise self.exc
+        return self.principal
+
+
+class RaisingCounters:
+    """Rate-limit counters whose every operation raises `exc`."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    async def counts(self, names: Sequence[str]) -> dict[str, int]:
+        raise self.exc
+
+    async def add(self, name: str, amount: int, expires_at: float) -> int:
+        raise self.exc
+
+    async def delete(self, prefix: str) -> None:
+        raise self.exc
+
+    async def ping(self) -> bool:
+        raise self.exc
+
+
+def limiter(exc: Exception | None = None) -> Limiter:
+    return Limiter(SlotStorage(MemoryCounters() if exc is None else RaisingCounters(exc)), "t", 10, 100)
+
+
+def behind_authenticate_first(keys: KeyStore, guard: Guard | None = None) -> FastAPI:
+    app = FastAPI()
+    install_error_handlers(app)
+    app.add_middleware(AuthenticateFirst, lookup=keys.lookup, prefix="/v1/", guard=guard)
+
+    @app.get("/v1/read")
+    async def read() -> None:
+        return None
+
+    return app
+
+
+def behind_require(keys: KeyStore) -> FastAPI:
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/v1/read")
+    async def read(_: Principal = Depends(require(lambda: keys, "submit"))) -> None:
+        return None
+
+    return app
+
+
+def intake(keys: KeyStore, submissions: Limiter | None = None, failures: Limiter | None = None) -> FastAPI:
+    context = Context(IntakeSettings(), keys, cast(SubmissionPublisher, None), submissions or limiter(),
+                      Guard(failures or limiter()))
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/v1/read")
+    async def read(_: Principal = Depends(context.submitter)) -> None:
+        return None
+
+    return app
+
+
+async def get_with_key(app: FastAPI) -> httpx.Response:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://svc") as http:
+        return await http.get("/v1/read", headers={"Authorization": "Bearer ak_some-key"})
+
+
+# Each path that looks a key or a limit up, with the 503 it answers for a store that is away.
+LOOKUPS: dict[str, tuple[Callable[[Exception], FastAPI], dict[str, Any]]] = {
+    "authenticate-first-key": (lambda exc: behind_authenticate_first(RaisingKeys(exc)), KEYS_UNAVAILABLE),
+    "authenticate-first-rate-limit": (
+        lambda exc: behind_authenticate_first(RaisingKeys(None), Guard(limiter(), limiter(exc))), KEYS_UNAVAILABLE),
+    "authenticate-first-failed-authentications": (
+        lambda exc: behind_authenticate_first(RaisingKeys(None), Guard(limiter(exc))), KEYS_UNAVAILABLE),
+    "require-key": (lambda exc: behind_require(RaisingKeys(exc)), KEYS_UNAVAILABLE),
+    "intake-key": (lambda exc: intake(RaisingKeys(exc)), KEYS_UNAVAILABLE),
+    "intake-failed-authentications": (
+        lambda exc: intake(RaisingKeys(None), failures=limiter(exc)),
+        {"errors": [{"field": "Authorization", "message": "API keys cannot be checked right now"}]}),
+    "intake-rate-limit": (
+        lambda exc: intake(RaisingKeys(None), submissions=limiter(exc)),
+        {"errors": [{"field": None, "message": "the rate limit cannot be checked right now; retry"}]}),
+}
+
+
+@pytest.mark.parametrize("path", LOOKUPS)
+@pytest.mark.parametrize("exc", LOOKUP_TRANSIENT)
+async def test_a_key_or_rate_limit_look_up_the_store_does_not_answer_is_a_503_with_retry_after(
+        path: str, exc: Exception) -> None:
+    build, unavailable = LOOKUPS[path]
+    res = await get_with_key(build(exc))
+    assert res.status_code == 503 and res.headers["retry-after"] == "2"
+    assert res.json() == unavailable
+
+
+@pytest.mark.parametrize("path", LOOKUPS)
+@pytest.mark.parametrize("exc", LOOKUP_DETERMINISTIC)
+async def test_a_key_or_rate_limit_look_up_failing_otherwise_is_a_500_without_retry_after(
+        path: str, exc: Exception) -> None:
+    res = await get_with_key(LOOKUPS[path][0](exc))
+    assert res.status_code == 500 and "retry-after" not in res.headers
+    assert res.json() == INTERNAL_ERROR
+
+
+@pytest.mark.parametrize("path", LOOKUPS)
+async def test_a_failed_look_ups_500_is_logged_as_an_error_naming_its_type_and_code_only(
+        path: str, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        assert (await get_with_key(LOOKUPS[path][0](
+            OperationFailure(f"unknown operator: $nope near {SECRET}", 2, {"code": 2})))).status_code == 500
+    (line,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert line.levelno == logging.ERROR
+    assert "OperationFailure(code=2, timeout=False)" in line.getMessage()
+    assert SECRET not in caplog.text and "ak_some-key" not in caplog.text
+
+
+@pytest.mark.parametrize("path", LOOKUPS)
+async def test_a_failed_look_ups_503_is_logged_as_a_warning_naming_its_type_and_code_only(
+        path: str, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        assert (await get_with_key(LOOKUPS[path][0](
+            NetworkTimeout(f"timed out reading {SECRET}")))).status_code == 503
+    assert all(r.levelno == logging.WARNING for r in caplog.records if r.levelno >= logging.WARNING)
+    assert "NetworkTimeout(code=None, timeout=True)" in caplog.text
+    assert SECRET not in caplog.text and "ak_some-key" not in caplog.text
+
+
+
+def unavailable_and_forbidden() -> tuple[float, float]:
+    """Intake's submissions counted unavailable (key store) and rejected (forbidden) so far."""
+    def counted(outcome: str, reason: str) -> float:
+        labels = {"outcome": outcome, "reason": reason}
+        return REGISTRY.get_sample_value("alliance_intake_submissions_total", labels) or 0.0
+
+    return counted("unavailable", "keystore"), counted("rejected", "forbidden")
+
+
+async def test_intakes_key_look_up_the_store_does_not_answer_counts_as_unavailable_not_forbidden() -> None:
+    unavailable, forbidden = unavailable_and_forbidden()
+    assert (await get_with_key(intake(RaisingKeys(NetworkTimeout("timed out"))))).status_code == 503
+    assert unavailable_and_forbidden() == (unavailable + 1, forbidden)
+
+
+async def test_intakes_failed_key_look_up_is_counted_neither_unavailable_nor_forbidden() -> None:
+    before = unavailable_and_forbidden()
+    assert (await get_with_key(intake(RaisingKeys(RuntimeError("a bug"))))).status_code == 500
+    assert unavailable_and_forbidden() == before
