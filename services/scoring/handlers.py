@@ -25,7 +25,9 @@ Per batch (never per message):
    that returned (so the broker works while the next chunk is written), with the dead letters of
    the refused records and a retraction (on `srs.submitted.v1`, keyed by the client that loses the
    id) for every client the index lists with an older version than the newest, and wait for every
-   acknowledgement;
+   acknowledgement; once a chunk's records are acknowledged, remove from the index the former
+   holders of an id beyond the newest few (`series.forgettable`: their retractions are durable in
+   the broker now), so that an id re-sent for thousands of clients keeps one bounded document;
 6. return: the shared subscriber then publishes the dead letters of the records that did not
    decode, and commits the offsets.
 
@@ -43,6 +45,8 @@ before anyone can see it. What a `kill -9` at each point leaves behind:
   by event id, and keep the highest revision) and the same retractions (a retraction applied
   again changes nothing but re-emitting the record). Nothing is lost: the offsets were not
   committed, so the records come back.
+  A former holder is removed from the index only after its retraction was acknowledged, so a
+  redelivery that no longer finds it there has nothing left to send it.
 - after 6: nothing is redelivered.
 
 A transient failure (store or broker down, acknowledgements late) raises out of the handler:
@@ -92,6 +96,7 @@ from services.scoring.series import (
     StatusOut,
     Step,
     Version,
+    forgettable,
     holding,
     newer_elsewhere,
     record_key,
@@ -299,6 +304,10 @@ def version_from(ev: Submitted) -> Version:
                       ev.site_id, ev.clinician_id, ev.items, ev.total, ev.accepted_at, age)
 
 
+# Per submission id, the former holders the index may forget (client -> the version it lists).
+ToForget = dict[IndexKey, dict[str, tuple[datetime, str]]]
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -376,9 +385,17 @@ class ScoringHandler:
             await asyncio.gather(*sending, return_exceptions=True)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
 
-    async def _send(self, records: list[OutboundRecord]) -> None:
+    async def _send(self, records: list[OutboundRecord], forget: ToForget) -> None:
         with metrics.PHASE_SECONDS.labels("publish").time():
             await self.publish(records)
+        # Only now that their retractions are acknowledged may the index stop listing these
+        # clients: a crash before would redeliver the batch, and its registration must still find
+        # them to send the retractions again (series.forgettable).
+        if forget:
+            with metrics.PHASE_SECONDS.labels("index").time():
+                await self.index.forget(forget)
+            log.warning("submission index: forgot %d former holders of %d submission ids (one id re-sent for "
+                        "many clients)", sum(map(len, forget.values())), len(forget))
 
     async def _apply_all(self, inputs: list[tuple[InboundRecord, Input]], sending: list[asyncio.Task[None]]) -> None:
         """Apply, write state, and start publishing each client's events (and the dead letters of
@@ -394,9 +411,9 @@ class ScoringHandler:
             with metrics.PHASE_SECONDS.labels("apply").time():
                 p = self._apply(remaining, states, rules, held)
             # Clients whose record did not change were stored before: their events can go now.
-            ready = await self._finish([k for k in p.outputs if k not in p.changed], p, states, held)
+            ready, forget = await self._finish([k for k in p.outputs if k not in p.changed], p, states, held)
             if ready:
-                sending.append(asyncio.create_task(self._send(ready)))
+                sending.append(asyncio.create_task(self._send(ready, forget)))
             conflicts: set[ClientKey] = set()
             dirty = sorted(p.changed, key=lambda k: k.doc_id)
             for i in range(0, len(dirty), self.save_chunk):
@@ -405,9 +422,9 @@ class ScoringHandler:
                     lost = await self.states.save({k: states[k] for k in chunk})
                 saved = [k for k in chunk if k not in lost]
                 metrics.STATE_WRITES.inc(len(saved))
-                outputs = await self._finish(saved, p, states, held)
+                outputs, forget = await self._finish(saved, p, states, held)
                 if outputs:
-                    sending.append(asyncio.create_task(self._send(outputs)))
+                    sending.append(asyncio.create_task(self._send(outputs, forget)))
                 conflicts |= lost
             if not conflicts:
                 return
@@ -419,10 +436,13 @@ class ScoringHandler:
         raise StateConflict(f"state kept changing under us after {self.conflict_attempts} attempts")
 
     async def _finish(self, keys: list[ClientKey], p: _Pass, states: dict[ClientKey, ClientState],
-                      seen: dict[IndexKey, Held]) -> list[OutboundRecord]:
+                      seen: dict[IndexKey, Held]
+                      ) -> tuple[list[OutboundRecord], ToForget]:
         """The records of clients whose state is written: register the versions they hold of the
         batch's submissions in the index, then build their events (ids by what the index says)
-        and a retraction for every client the index lists with an older version of one."""
+        and a retraction for every client the index lists with an older version of one. Also the
+        former holders the index may forget once those records are published (per key, client ->
+        the version it lists)."""
         versions: dict[tuple[IndexKey, str], tuple[datetime, str]] = {}
         rkeys: dict[tuple[IndexKey, str], str] = {}
         for k in keys:
@@ -451,13 +471,16 @@ class ScoringHandler:
                                              item.traceparent, foreign))
                 else:
                     out.append(item)
+        forget: ToForget = {}
         for ik, h in sorted(held.items(), key=lambda kh: kh[0].doc_id):
             for client_id, as_of in retractions(h.held):
                 ev = retraction_event(ik, client_id, as_of, now)
                 out.append(OutboundRecord(self.topics.submitted, ev.model_dump_json().encode(),
                                           key=ids.partition_key(ik.tenant_id, client_id),
                                           correlation_id=ik.submission_id, headers=dict(RETRACTION_HEADERS)))
-        return out
+            if gone := forgettable(h.held):
+                forget[ik] = {c: h.held[c] for c in gone}
+        return out, forget
 
     def _apply(self, inputs: list[tuple[InboundRecord, Input]], states: dict[ClientKey, ClientState],
                rules: dict[str, TenantRules], held: dict[IndexKey, Held]) -> _Pass:

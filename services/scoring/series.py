@@ -231,6 +231,26 @@ def retractions(held: Mapping[str, tuple[datetime, str]]) -> list[tuple[str, Hol
     return [(c, newest) for c in sorted(held) if c != newest[2]]
 
 
+# How many former holders of a submission id the index keeps beside its holder (docs/clinical-
+# records.md, "Records are bounded"). A real move involves two or three clients; the bound is for an
+# integration that re-sends one id for thousands, which would otherwise grow one index document
+# without end (MongoDB refuses documents over 16 MiB).
+INDEX_FORMER_HOLDERS = 8
+
+
+def forgettable(held: Mapping[str, tuple[datetime, str]], keep: int = INDEX_FORMER_HOLDERS) -> list[str]:
+    """The clients the index may forget of one submission id, once their retractions are
+    published: every former holder but the `keep` newest. Nothing decides by them any more: which
+    version is newest is decided by the holder's, which is kept (so a forgotten client's older
+    version, arriving again, is still refused), and their retraction is on its way, durable in the
+    broker, so they stop showing the session without the index listing them."""
+    newest = holder(held)
+    if newest is None:
+        return []
+    former = sorted((holding(at, d, c) for c, (at, d) in held.items() if c != newest[2]), reverse=True)
+    return sorted(c for _, _, c in former[keep:])
+
+
 @dataclass(frozen=True)
 class Moved:
     """A submission retracted from this client's record (a tombstone): another client holds a

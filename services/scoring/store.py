@@ -414,6 +414,12 @@ class IndexPort(Protocol):
         index holds of every key after it. `seen`: what `read` returned for these keys."""
         ...
 
+    async def forget(self, clients: dict[IndexKey, dict[str, tuple[datetime, str]]]) -> None:
+        """Remove each key's listed clients (client -> the version read of it) from the index,
+        those of a key only if each still holds exactly that version (a client that registered a
+        newer one since may hold the id now): `series.forgettable`, docs/clinical-records.md."""
+        ...
+
 
 def _order_text(accepted_at: datetime, digest: str) -> str:
     """Fixed-width UTC text then the digest, so that the store's `$max` on the text is the order."""
@@ -525,6 +531,14 @@ class SubmissionIndex:
             await self.register(pending, await self.read({k for k, _ in pending}))
         return done + len(pending)
 
+    async def forget(self, clients: dict[IndexKey, dict[str, tuple[datetime, str]]]) -> None:
+        # One conditional update per document: when any of its clients registered another version
+        # since, none of them is removed now (the next registration of the id decides again).
+        await bulk_write(self._col, [UpdateOne(
+            {"_id": k.doc_id, **{f"h.{_client_field(c)}.o": _order_text(*o) for c, o in sorted(gone.items())}},
+            {"$unset": {f"h.{_client_field(c)}": "" for c in sorted(gone)}, "$inc": {"v": 1}})
+            for k, gone in sorted(clients.items(), key=lambda kg: kg[0].doc_id) if gone])
+
 
 class MemoryIndex:
     """The index in one process's memory (unit tests; a scoring handler without a store)."""
@@ -543,6 +557,13 @@ class MemoryIndex:
         for k, regs in by_key.items():
             self.docs[k] = self.docs.get(k, Held()).with_versions(regs)
         return {k: self.docs[k] for k in by_key}
+
+    async def forget(self, clients: dict[IndexKey, dict[str, tuple[datetime, str]]]) -> None:
+        for k, gone in clients.items():
+            was = self.docs.get(k)
+            if gone and was is not None and all(was.held.get(c) == o for c, o in gone.items()):
+                held = {c: o for c, o in was.held.items() if c not in gone}
+                self.docs[k] = Held(was.first, held, was.v + 1)
 
 
 def client_key(tenant_id: str, client_id: str) -> ClientKey:

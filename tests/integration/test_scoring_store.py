@@ -12,8 +12,9 @@ from pathlib import Path
 from pymongo import AsyncMongoClient
 
 from services.scoring.rules import InstrumentOverride, TenantRules
-from services.scoring.series import ClientState, Version
+from services.scoring.series import INDEX_FORMER_HOLDERS, ClientState, Version, holder
 from services.scoring.store import (
+    INDEX,
     RULES,
     STATES,
     ClientKey,
@@ -26,6 +27,8 @@ from services.scoring.store import (
 )
 from shared.mongo import Document
 from tests.support.services import Namespace
+from tests.unit.test_scoring_handler import handler
+from tests.unit.test_scoring_moves import _final, run_holders
 
 NOW = datetime(2026, 2, 3, 10, 11, 12, 345678, tzinfo=UTC)
 KEY = client_key("acme", "client-1")
@@ -210,3 +213,16 @@ async def test_index_submissions_registers_every_stored_records_submissions(
     held = (await SubmissionIndex(mongo[namespace.database]).read([s2]))[s2]
     assert (held.first, held.held) == ("client-1", {"client-1": (version("s2", 2, 34.5).accepted_at,
                                                                  version("s2", 2, 34.5).digest)})
+
+
+async def test_an_id_re_sent_for_many_clients_keeps_one_bounded_index_document_and_the_last_client_holds_it(
+        namespace: Namespace, mongo: AsyncMongoClient[Document]) -> None:
+    index = SubmissionIndex(mongo[namespace.database])
+    h, _, sink = handler(index=index)
+    clients = [f"p{i:02d}" for i in range(3 * INDEX_FORMER_HOLDERS)]
+    await run_holders(h, sink, clients)
+    doc = await mongo[namespace.database][INDEX].find_one({})
+    assert doc is not None and len(doc["h"]) == 1 + INDEX_FORMER_HOLDERS
+    (held,) = (await index.read([IndexKey("acme", "alliance", "moved")])).values()
+    assert holder(held.held)[2] == clients[-1] and held.first == clients[0]  # type: ignore[index]
+    assert {k for k in _final(sink)[0] if k[1] == "moved"} == {(clients[-1], "moved")}

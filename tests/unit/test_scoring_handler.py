@@ -19,7 +19,15 @@ from prometheus_client import REGISTRY
 from services.scoring.handlers import SERVICE, ScoringHandler, StateConflict, model_of
 from services.scoring.rules import TenantRules
 from services.scoring.series import ClientState
-from services.scoring.store import ClientKey, StateCache, StatePort, state_doc, state_from
+from services.scoring.store import (
+    ClientKey,
+    IndexPort,
+    MemoryIndex,
+    StateCache,
+    StatePort,
+    state_doc,
+    state_from,
+)
 from shared import ids
 from shared.events import (
     CLIENT_TRANSFER,
@@ -83,14 +91,15 @@ def ticking_clock(start: datetime = T0) -> Callable[[], datetime]:
 
 
 def handler(states: MemoryStates | None = None, sink: Sink | None = None, clock: Callable[[], datetime] | None = None,
-            rules: MemoryRules | None = None, cache: bool = False,
-            save_chunk: int = 128) -> tuple[BatchHandler, MemoryStates, Sink]:
-    """The handler on fakes, as the subscriber runs it (`subscribed`)."""
+            rules: MemoryRules | None = None, cache: bool = False, save_chunk: int = 128,
+            index: IndexPort | None = None) -> tuple[BatchHandler, MemoryStates, Sink]:
+    """The handler on fakes (the submission index in memory unless given), as the subscriber runs
+    it (`subscribed`)."""
     states = states or MemoryStates()
     sink = sink or Sink()
     port: StatePort = StateCache(states) if cache else states
     h = ScoringHandler(port, rules or MemoryRules(), sink, TOPICS, clock=clock or ticking_clock(),
-                       save_chunk=save_chunk)
+                       save_chunk=save_chunk, index=index or MemoryIndex())
     return subscribed(h), states, sink
 
 

@@ -18,14 +18,16 @@ from hypothesis import strategies as st
 from services.scoring import series
 from services.scoring.handlers import RETRACTION_HEADERS, model_of
 from services.scoring.series import (
+    INDEX_FORMER_HOLDERS,
     Holding,
     Moved,
+    forgettable,
     holder,
     holding,
     newer_elsewhere,
     retractions,
 )
-from services.scoring.store import ClientKey, state_doc, state_from
+from services.scoring.store import ClientKey, MemoryIndex, state_doc, state_from
 from shared import ids
 from shared.events import RECORD_TYPE_HEADER, SUBMISSION_RETRACTION, Lifecycle, SubmissionRetraction
 from shared.kafka import BatchHandler, InboundRecord, OutboundRecord
@@ -65,6 +67,26 @@ def test_every_client_but_the_holder_is_retracted_as_of_the_newest_version() -> 
 
 def test_a_single_client_is_never_retracted() -> None:
     assert retractions({"a": (T1, "d")}) == []
+
+
+def test_the_index_forgets_no_client_while_it_lists_at_most_the_holder_and_the_kept_former_holders() -> None:
+    held = {f"c{i}": (ACCEPTED + timedelta(seconds=i), "d") for i in range(INDEX_FORMER_HOLDERS + 1)}
+    assert forgettable(held) == [] and forgettable({}) == []
+
+
+def test_the_index_forgets_the_oldest_former_holders_beyond_the_kept_number() -> None:
+    held = {"old": (T1, "d"), "older": (ACCEPTED, "d"), "mid": (T2, "d"), "holder": (T3, "d")}
+    assert forgettable(held, keep=1) == ["old", "older"]
+
+
+def test_the_holder_is_never_forgotten_even_when_it_registered_first() -> None:
+    held = {"holder": (T3, "d"), "a": (T1, "d"), "b": (T2, "d")}
+    assert "holder" not in forgettable(held, keep=0) and holder(held) == holding(T3, "d", "holder")
+
+
+def test_former_holders_are_kept_newest_first_by_the_order_that_decides_the_holder() -> None:
+    held = {"holder": (T3, "d"), "a": (T2, "00"), "b": (T2, "ff"), "c": (T1, "ff")}
+    assert forgettable(held, keep=1) == ["a", "c"]
 
 
 def test_a_version_older_than_another_clients_is_not_taken() -> None:
@@ -341,6 +363,40 @@ async def test_whatever_the_arrival_order_the_newest_versions_client_alone_shows
     shown, _ = _final(sink)
     client, total = versions[-1]
     assert {k: v for k, v in shown.items() if k[1] == "moved"} == {(client, "moved"): total}
+
+
+async def run_holders(h: BatchHandler, sink: Sink, clients: list[str]) -> None:
+    """The submission "moved" re-sent for each of `clients` in turn, each accepted a second after
+    the one before (the last client holds it), one batch each, its retractions delivered back."""
+    await _run(h, sink, [[_moved(c, 10 + i)] for i, c in enumerate(clients)])
+
+
+async def test_an_id_re_sent_for_many_clients_keeps_the_holder_and_the_newest_former_holders_in_the_index(
+        ) -> None:
+    index = MemoryIndex()
+    h, _, sink = handler(index=index)
+    clients = [f"p{i:02d}" for i in range(INDEX_FORMER_HOLDERS + 5)]
+    await run_holders(h, sink, clients)
+    (held,) = index.docs.values()
+    assert set(held.held) == set(clients[-1 - INDEX_FORMER_HOLDERS:]) and holder(held.held)[2] == clients[-1]  # type: ignore[index]
+    assert held.first == clients[0]  # event ids of the first client stay as they were
+    assert {k for k in _final(sink)[0] if k[1] == "moved"} == {(clients[-1], "moved")}
+
+
+async def test_a_former_holder_stays_in_the_index_until_its_retraction_is_acknowledged() -> None:
+    index = MemoryIndex()
+    h, _, sink = handler(index=index)
+    clients = [f"p{i:02d}" for i in range(INDEX_FORMER_HOLDERS + 2)]
+    await run_holders(h, sink, clients[:-1])
+    sink.fail_next = 1
+    with pytest.raises(ConnectionError):
+        await h([_moved(clients[-1], 100)])
+    assert set(next(iter(index.docs.values())).held) == set(clients)  # the oldest still listed: nothing forgotten
+    await h([_moved(clients[-1], 100)])  # the redelivery publishes its retractions, then forgets
+    assert set(next(iter(index.docs.values())).held) == set(clients[-1 - INDEX_FORMER_HOLDERS:])
+    told = {(ev["client_id"], ev["moved_to_client_id"])
+            for ev in (json.loads(r.value) for r in _retractions(sink.published))}
+    assert (clients[0], clients[-1]) in told  # the forgotten client was told whom it lost the id to
 
 
 def test_a_retraction_record_decodes_as_one() -> None:
