@@ -200,12 +200,12 @@ class PublishesAll(Protocol):
 
 class Handlers:
     """The batch handlers of the service, on typed events. They publish only the `failed` of a
-    revision that reached nobody (with `publisher` and `topics`; without them, as in unit tests of
-    other concerns, that status is not published): the records that do not decode are the
-    subscriber's to dead-letter, and deliveries are the worker's."""
+    revision that reached nobody, through `publisher` on `topics` (required: an alert nobody could
+    be told of must never go untold): the records that do not decode are the subscriber's to
+    dead-letter, and deliveries are the worker's."""
 
     def __init__(self, store: HandlerStore, email_enabled: bool, on_scheduled: Callable[[], None],
-                 publisher: PublishesAll | None = None, topics: Topics | None = None) -> None:
+                 publisher: PublishesAll, topics: Topics) -> None:
         self._store = store
         self._email = email_enabled
         self._on_scheduled = on_scheduled
@@ -285,7 +285,7 @@ class Handlers:
                            kind: AlertKind) -> None:
         """Publish `failed` (no channel, the reason) for the revisions that reached no person at all;
         `occurred_at` is the revision's own, so every copy of the event is the same."""
-        if not nobody or self._publisher is None or self._topics is None:
+        if not nobody:
             return
         await self._publisher.publish_all([
             status_record(unrouted_status(ev, routing.reason, ev.occurred_at), ev.client_id, self._topics,

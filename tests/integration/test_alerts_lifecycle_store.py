@@ -25,6 +25,7 @@ from shared.events import AlertStatusChanged, AllianceDeterioration, Severity
 from shared.kafka import Decoded, InboundRecord
 from shared.mongo import Document
 from shared.topics import Topics
+from tests.support.fakes import Sink
 from tests.support.stack import StackUnderTest
 from tools.harness import deterioration, ended, revised
 
@@ -37,7 +38,7 @@ async def handlers(stack: StackUnderTest) -> AsyncIterator[tuple[Handlers, Alert
     client: AsyncMongoClient[Document] = AsyncMongoClient(stack.mongo_url, tz_aware=True)
     store = AlertsStore(client[f"t_{uuid.uuid4().hex[:10]}"])
     await store.ensure_indexes()
-    yield Handlers(store, email_enabled=False, on_scheduled=lambda: None), store
+    yield Handlers(store, email_enabled=False, on_scheduled=lambda: None, publisher=Sink(), topics=TOPICS), store
     await client.close()
 
 

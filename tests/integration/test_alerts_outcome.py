@@ -31,6 +31,7 @@ from tests.integration import test_alerts_delivery as delivery
 from tests.integration.test_alerts_delivery import Env, Tenant, _async, new_tenant, path, put_clinician, subscribe
 from tests.integration.test_alerts_lifecycle import requests_at
 from tests.support.alerts import NOT_ON_TRACK_ADVICE, outcome_alert, outcome_ended
+from tests.support.fakes import TOPICS, Sink
 from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
 from tools.harness import deterioration, ended
@@ -237,7 +238,7 @@ def decoded(topic: str, ev: Any) -> Decoded[Any]:
 
 
 async def test_an_outcome_status_naming_an_alliance_alert_does_not_end_it(store: AlertsStore) -> None:
-    h = Handlers(store, email_enabled=False, on_scheduled=lambda: None)
+    h = Handlers(store, email_enabled=False, on_scheduled=lambda: None, publisher=Sink(), topics=TOPICS)
     srs = deterioration("acme", "c1", "x")
     await h.on_deterioration([decoded("alliance.deterioration.v1", srs)])
     wrong = outcome_ended(outcome_alert("acme", "c1", "x"), "withdrawn").model_copy(update={"alert_id": srs.alert_id})
@@ -248,7 +249,7 @@ async def test_an_outcome_status_naming_an_alliance_alert_does_not_end_it(store:
 
 
 async def test_an_alliance_status_naming_an_outcome_alert_does_not_end_it(store: AlertsStore) -> None:
-    h = Handlers(store, email_enabled=False, on_scheduled=lambda: None)
+    h = Handlers(store, email_enabled=False, on_scheduled=lambda: None, publisher=Sink(), topics=TOPICS)
     ors = outcome_alert("acme", "c1", "x")
     await h.on_outcome_alert([decoded(OUTCOME_ALERT, ors)])
     wrong = ended(deterioration("acme", "c1", "x"), "withdrawn").model_copy(update={"alert_id": ors.alert_id})

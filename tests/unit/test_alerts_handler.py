@@ -5,6 +5,7 @@ behaviours run against the real broker and store in tests/integration/test_alert
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from types import SimpleNamespace
@@ -165,6 +166,11 @@ async def test_a_raise_whose_clinician_is_missing_is_scheduled_for_the_sites_fal
     assert (delivery["recipient"], delivery["routed_reason"]) == ("fallback:duty", "no_directory_entry")
     assert w.store.routings[raised().alert_id] == (1, Routing("fallback", "no_directory_entry", ("duty",)))
     assert w.sink.of_topic(TOPICS.alert_status) == []  # somebody was told: no `failed`
+
+
+def test_the_handlers_cannot_be_built_without_where_to_publish_failed() -> None:
+    params = inspect.signature(Handlers).parameters
+    assert all(params[name].default is inspect.Parameter.empty for name in ("publisher", "topics"))
 
 
 async def test_a_raise_reaching_nobody_publishes_failed_with_the_reason_again_on_redelivery_under_one_id() -> None:

@@ -52,7 +52,8 @@ class Wired:
         self.store = MemoryAlertsStore(subscriptions=subscriptions or [])
         self.store.clinicians[(TENANT, "c-1")] = Clinician(TENANT, "c-1", "site-a", "c1@clinic.example", webhook)
         self.sink = Sink()
-        handlers = Handlers(self.store, email_enabled=True, on_scheduled=lambda: None)
+        handlers = Handlers(self.store, email_enabled=True, on_scheduled=lambda: None, publisher=self.sink,
+                            topics=TOPICS)
         dead_letters = DeadLetterTarget(TOPICS.deadletter, self.sink.publish_all)
 
         def consumer(model: type, handler: Any) -> Any:
@@ -103,6 +104,15 @@ async def test_an_alliance_alert_is_stored_typed_alliance_with_its_outcome_at_ri
     await w.on.deterioration([rec(TOPICS.deterioration, alert)])
     (_, content), = w.store.contents.values()
     assert (content["alert_type"], content["outcome_at_risk"]) == ("alliance", True)
+
+
+async def test_an_outcome_alert_nobody_can_be_told_of_is_told_failed_on_outcome_alert_status_v1() -> None:
+    w = Wired()
+    w.store.clinicians.clear()  # no directory entry, no fallback: nobody can be told
+    await w.on.outcome_alert([rec(TOPICS.outcome_alert, raised())])
+    (record,) = w.sink.of_topic(TOPICS.outcome_alert_status)
+    event = OutcomeAlertStatusChanged.model_validate_json(record.value)
+    assert (event.status, event.routing_reason) == ("failed", "no_directory_entry") and w.sent() == []
 
 
 async def test_a_withdrawn_outcome_alert_is_told_to_the_clinician_as_outcome_alert_status_v1() -> None:
