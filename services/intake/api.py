@@ -229,9 +229,15 @@ class Context:
                 try:
                     async with asyncio.timeout(self.settings.auth_timeout_seconds):
                         await self.limiter.charge(principal.key_id, work.cost)
-                except (TimeoutError, PyMongoError):
-                    # The rejection stands; only its charge is lost while the store is away.
-                    log.warning("rate-limit store unavailable: a rejected request was not charged")
+                except (TimeoutError, PyMongoError) as charge_failed:
+                    # The rejection stands either way; only its charge is lost. Say which failure it
+                    # was (type and code only: a store error's text can quote what it refused).
+                    if look_up_unavailable(charge_failed):
+                        log.warning("rate-limit store unavailable: a rejected request was not charged: %s",
+                                    describe_failure(charge_failed))
+                    else:
+                        log.error("charging a rejected request failed, it was not charged: %s",
+                                  describe_failure(charge_failed))
             raise
 
     def _refuse_after(self, wait: float, cost: int, count: Callable[..., None]) -> None:

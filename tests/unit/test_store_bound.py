@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import httpx
 import pytest
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, HTTPException
 from prometheus_client import REGISTRY
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
@@ -372,3 +372,33 @@ async def test_intakes_failed_key_look_up_is_counted_neither_unavailable_nor_for
     before = unavailable_and_forbidden()
     assert (await get_with_key(intake(RaisingKeys(RuntimeError("a bug"))))).status_code == 500
     assert unavailable_and_forbidden() == before
+
+
+async def reject_unprocessable(exc: Exception) -> int:
+    """A 422 rejected inside intake's `paid` while charging the key for the work raises `exc`:
+    the status the client gets."""
+    context = Context(IntakeSettings(), RaisingKeys(None), cast(SubmissionPublisher, None), limiter(exc),
+                      Guard(limiter()))
+    with pytest.raises(HTTPException) as rejected:
+        async with context.paid(PRINCIPAL):
+            raise HTTPException(422, f"an invalid submission of {SECRET}")
+    return rejected.value.status_code
+
+
+async def test_a_rejection_whose_charge_the_store_cannot_take_now_stands_and_is_logged_as_the_store_away(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        assert await reject_unprocessable(NetworkTimeout(f"timed out reading {SECRET}")) == 422
+    (line,) = caplog.records
+    assert line.levelno == logging.WARNING and "unavailable" in line.getMessage()
+    assert "NetworkTimeout(code=None, timeout=True)" in line.getMessage() and SECRET not in caplog.text
+
+
+async def test_a_rejection_whose_charge_fails_otherwise_stands_and_is_logged_as_an_error_not_the_store_away(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        assert await reject_unprocessable(OperationFailure(f"unknown operator: $nope near {SECRET}", 2,
+                                                           {"code": 2})) == 422
+    (line,) = caplog.records
+    assert line.levelno == logging.ERROR and "unavailable" not in line.getMessage()
+    assert "OperationFailure(code=2, timeout=False)" in line.getMessage() and SECRET not in caplog.text
