@@ -257,7 +257,8 @@ class AlertStatusChanged(Event):
     attempts on the revision) name the `revision` and the `channel` (webhook, email); they are not
     part of the lifecycle. A `failed` without a `channel` says that the revision reached no person
     at all: neither its clinician nor a fallback entry of its site (`routing_reason`: why not the
-    clinician; docs/partners.md, "Alerts that reach no clinician").
+    clinician, `undelivered` when every delivery to a person it was routed to used up its attempts;
+    docs/partners.md, "Alerts that reach no clinician").
     """
 
     alert_id: str
@@ -271,7 +272,7 @@ class AlertStatusChanged(Event):
     session_number: int | None = None
     channel: Literal["webhook", "email"] | None = None
     # Only on a `failed` that reached nobody: why the alert's clinician could not be reached.
-    routing_reason: Literal["no_directory_entry", "other_site", "no_channel"] | None = None
+    routing_reason: Literal["no_directory_entry", "other_site", "no_channel", "undelivered"] | None = None
 
     @model_serializer(mode="wrap")
     def _channel_only_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -57,11 +57,13 @@ for _reason in NEEDS_OPERATOR:  # exported at zero, so that `increase()` sees th
 UNROUTED = Counter(
     "alliance_alerts_unrouted",
     "Raised alert revisions whose clinician could not be reached, counted once per revision: by kind (alliance, "
-    "outcome), reason (no_directory_entry, other_site, no_channel) and fallback (yes: the fallback entries of the "
+    "outcome), reason (no_directory_entry, other_site, no_channel; undelivered: every delivery to a person it was "
+    "routed to, clinician or fallbacks, used up its attempts) and fallback (yes: the fallback entries of the "
     "alert's site got it; no: nobody did, and `failed` was told on the alert's status topic).",
     ["kind", "reason", "fallback"],
 )
-for _kind in ALERT_TYPES:  # every series exported at zero (12 in all), so that `increase()` sees the first one
+for _kind in ALERT_TYPES:  # every series exported at zero (14 in all), so that `increase()` sees the first one
     for _why in UNROUTED_REASONS:
         for _fallback in ("yes", "no"):
-            UNROUTED.labels(_kind, _why, _fallback)
+            if (_why, _fallback) != ("undelivered", "yes"):  # an undelivered revision reached nobody
+                UNROUTED.labels(_kind, _why, _fallback)

@@ -48,8 +48,11 @@ from shared.topics import (
 
 Channel = Literal["webhook", "email"]
 # Why an alert reached no clinician (docs/partners.md, "Alerts that reach no clinician").
-UnroutedReason = Literal["no_directory_entry", "other_site", "no_channel"]
-UNROUTED_REASONS: tuple[UnroutedReason, ...] = ("no_directory_entry", "other_site", "no_channel")
+# Why a revision did not reach its clinician: the first three are known when it is routed (it goes
+# to the site's fallbacks, or to nobody); `undelivered`, when every delivery to a person it was
+# routed to (clinician or fallbacks) used up its attempts (`reached_nobody`): it reached nobody.
+UnroutedReason = Literal["no_directory_entry", "other_site", "no_channel", "undelivered"]
+UNROUTED_REASONS: tuple[UnroutedReason, ...] = ("no_directory_entry", "other_site", "no_channel", "undelivered")
 # Who a raised revision reached: its clinician, the site's fallback entries, or no person at all.
 RoutedTo = Literal["clinician", "fallback", "none"]
 # alert: a raised revision; escalation: its supervisor's copy; withdrawal: the clinician told that
@@ -448,6 +451,7 @@ _WHY_UNROUTED: dict[UnroutedReason, str] = {
     "no_directory_entry": "has no directory entry (not registered yet, or the id is spelled differently)",
     "other_site": "has a directory entry of another site only",
     "no_channel": "has no webhook or email that alerts can use",
+    "undelivered": "could not be reached: every delivery used up its attempts",  # never routed to a fallback
 }
 
 
@@ -740,6 +744,23 @@ def tells_status(kind: str | None, recipient_: str | None) -> bool:
     return kind == "alert" and str(recipient_ or "").startswith("clinician:")
 
 
+def to_person(kind: str | None, recipient_: str | None) -> bool:
+    """Whether a delivery is one of a raised revision to a person it was routed to: its clinician or
+    a fallback entry of its site (not a partner, a supervisor's escalation copy or a withdrawal
+    notice). Recording its final outcome owes the status teller a look (the `status_outbox`): a
+    clinician's tells `delivered` / `failed` (`tells_status`), and any may be the last of its
+    revision's to fail (`reached_nobody`)."""
+    return kind == "alert" and str(recipient_ or "").startswith(("clinician:", "fallback:"))
+
+
+def reached_nobody(statuses: Iterable[str]) -> bool:
+    """Whether a raised revision reached no person after all, from the statuses of its deliveries to
+    persons (`to_person`): there is one, and every one used up its attempts (`failed`). One
+    delivered, still pending, or cancelled (the alert moved on before it went) says otherwise."""
+    seen = list(statuses)
+    return bool(seen) and all(s == "failed" for s in seen)
+
+
 def delivery_status(alert: RaisedAlert, status: DeliveryStatus, channel: Channel,
                     occurred_at: datetime) -> AlertStatusChanged:
     """The `delivered` / `failed` event of one clinician delivery of `alert` (a raised revision), of
@@ -759,9 +780,10 @@ def delivery_status(alert: RaisedAlert, status: DeliveryStatus, channel: Channel
 
 def unrouted_status(alert: RaisedAlert, reason: UnroutedReason, occurred_at: datetime) -> AlertStatusChanged:
     """The `failed` of a revision that reached no person at all (routing `none`): no channel, the
-    `reason` the clinician was not reached. Its id is derived from (alert, revision, failed) with no
-    channel, so it differs from every per-channel `failed` and a redelivered raise tells the same
-    event again (a duplicate a consumer drops by `event_id`)."""
+    `reason` the clinician was not reached (`undelivered`: every delivery to a person failed).
+    Its id is derived from (alert, revision, failed) with no channel, so it differs from every
+    per-channel `failed` and a redelivered raise tells the same event again (a duplicate a
+    consumer drops by `event_id`)."""
     return alert_kind(alert).status_model()(
         event_id=ids.alert_status_event_id(alert.tenant_id, alert.alert_id, AlertStatus.FAILED, alert.revision),
         tenant_id=alert.tenant_id, occurred_at=occurred_at, alert_id=alert.alert_id, site_id=alert.site_id,

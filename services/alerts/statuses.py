@@ -5,7 +5,12 @@ clinician's delivery of a raised revision, webhook or email; `delivered` once pe
 first channel that got through), `failed` once per revision and channel whose delivery used up its
 attempts; on the alert's type's status topic (`alliance.alert-status.v1`, or
 `outcome.alert-status.v1` for an outcome alert); a partner's, a supervisor's or a withdrawal's
-delivery tells nothing.
+delivery tells nothing. And when the last delivery to a person of a raised revision (its
+clinician's, or its site's fallbacks', `rules.to_person`) fails, so that all of them used up their
+attempts (`rules.reached_nobody`), the revision reached nobody after all: the channel-less `failed`
+with `routing_reason` `undelivered` is published (`nobody_record`), then the alert's routing is
+recorded `none` and, when that write is news, `alliance_alerts_unrouted_total{reason="undelivered",
+fallback="no"}` is counted. Those deliveries carry the outbox flag too, so this is never lost.
 
 Exactly-once effect under at-least-once (an outbox on the delivery row)
 -----------------------------------------------------------------------
@@ -44,7 +49,17 @@ from pydantic import ValidationError
 
 from services.alerts import metrics
 from services.alerts.handlers import PublishesAll, status_record
-from services.alerts.rules import DeliveryStatus, delivery_status, first_deliveries, kind_of_topic
+from services.alerts.rules import (
+    DeliveryStatus,
+    RaisedAlert,
+    alert_kind,
+    delivery_status,
+    first_deliveries,
+    kind_of_topic,
+    reached_nobody,
+    tells_status,
+    unrouted_status,
+)
 from services.alerts.settings import AlertsSettings
 from services.alerts.store import utcnow
 from shared.events import AlertStatus
@@ -65,6 +80,10 @@ class OwedStatuses(Protocol):
 
     async def statuses_told(self, told: Sequence[tuple[str, datetime | None]]) -> None: ...
 
+    async def person_deliveries(self, revisions: Sequence[tuple[str, str]]) -> list[Document]: ...
+
+    async def record_unreached(self, revisions: Sequence[tuple[str, int]]) -> set[str]: ...
+
 
 def status_of(d: Document) -> tuple[DeliveryStatus, datetime] | None:
     """The status a recorded delivery owes and when it happened, or None for one not finished."""
@@ -75,21 +94,44 @@ def status_of(d: Document) -> tuple[DeliveryStatus, datetime] | None:
     return None
 
 
-def owed_record(d: Document, topics: Topics) -> OutboundRecord | None:
-    """The status record a flagged delivery owes (its body is the raised revision it delivered), or
-    None when it cannot owe one (not finished; a body that no longer decodes, which no retry fixes)."""
-    owed = status_of(d)
-    if owed is None:
-        return None
-    kind = kind_of_topic(str(d.get("topic", "")))
+def _delivered_alert(d: Document) -> RaisedAlert | None:
+    """The raised revision a delivery carried (its body), or None for a body that no longer decodes
+    (which no retry fixes)."""
     try:
-        alert = kind.raised_model().model_validate_json(str(d.get("body", "")))
+        return kind_of_topic(str(d.get("topic", ""))).raised_model().model_validate_json(str(d.get("body", "")))
     except ValidationError:
         log.error("a delivered alert's body does not decode: its status is not published",
                   extra={"delivery_id": d["_id"]})
         return None
+
+
+def owed_record(d: Document, topics: Topics) -> OutboundRecord | None:
+    """The status record a flagged clinician's delivery owes (its body is the raised revision it
+    delivered), or None when it cannot owe one (not finished; a body that no longer decodes)."""
+    owed = status_of(d)
+    alert = None if owed is None else _delivered_alert(d)
+    if owed is None or alert is None:
+        return None
     event = delivery_status(alert, owed[0], d["channel"], owed[1])
-    return status_record(event, alert.client_id, topics, d.get("correlation_id"), d.get("traceparent"), kind)
+    return status_record(event, alert.client_id, topics, d.get("correlation_id"), d.get("traceparent"),
+                         alert_kind(alert))
+
+
+def nobody_record(d: Document, siblings: Sequence[Document],
+                  topics: Topics) -> tuple[RaisedAlert, OutboundRecord] | None:
+    """The channel-less `failed` (`undelivered`) of the revision a failed delivery `d` carried, when
+    `siblings` (every delivery of that revision to a person, `d` included) all used up their
+    attempts (`rules.reached_nobody`); else None. It happened when the last of them failed, so every
+    copy of it (another sibling's teller, the sweep) is the same event."""
+    if not reached_nobody(str(s.get("status")) for s in siblings):
+        return None
+    alert = _delivered_alert(d)
+    if alert is None:
+        return None
+    at = max(s["finished_at"] for s in siblings if isinstance(s.get("finished_at"), datetime))
+    event = unrouted_status(alert, "undelivered", at)
+    return alert, status_record(event, alert.client_id, topics, d.get("correlation_id"), d.get("traceparent"),
+                                alert_kind(alert))
 
 
 @dataclass(eq=False)
@@ -159,8 +201,11 @@ class StatusTeller:
 
     async def tell(self, owed: Sequence[Document], swept: bool = False) -> int:
         """Publish the statuses `owed` (flagged deliveries), then unset their flags; returns how
-        many were settled. A `delivered` of a revision another channel delivered first is settled
-        without publishing (that one tells it)."""
+        many were settled. A clinician's delivery tells its `delivered` / `failed`; a `delivered` of a
+        revision another channel delivered first is settled without publishing (that one tells it).
+        A failed one (a clinician's or a fallback's) whose revision's deliveries to persons all
+        failed also tells that the revision reached nobody (`nobody_record`), recorded on the alert
+        and counted once the event is published."""
         if not owed:
             return 0
         delivered = [d for d in owed if d.get("status") == "delivered"]
@@ -169,15 +214,29 @@ class StatusTeller:
             siblings = await self.store.clinician_deliveries([str(d["alert_id"]) for d in delivered])
             first = first_deliveries((str(s["_id"]), str(s["subject_id"]), s["delivered_at"]) for s in siblings
                                      if isinstance(s.get("delivered_at"), datetime))
+        failed = {(str(d["alert_id"]), str(d["subject_id"])): d for d in owed if d.get("status") == "failed"}
+        people: dict[str, list[Document]] = {}
+        for s in await self.store.person_deliveries(sorted(failed)) if failed else []:
+            people.setdefault(str(s["subject_id"]), []).append(s)
         records: list[tuple[str, OutboundRecord]] = []
         told: list[tuple[str, datetime | None]] = []
         for d in owed:
-            record = None if d.get("status") == "delivered" and d["_id"] not in first else owed_record(d, self.topics)
+            record = None
+            if tells_status(d.get("kind"), d.get("recipient")) and (d.get("status") == "failed" or d["_id"] in first):
+                record = owed_record(d, self.topics)
             if record is not None:
                 records.append((str(d["status"]), record))
             told.append((d["_id"], d.get("finished_at")))
-        await self.publisher.publish_all([r for _, r in records])
+        nobody = [told_of for (_, subject), d in sorted(failed.items())
+                  if (told_of := nobody_record(d, people.get(subject, [d]), self.topics)) is not None]
+        await self.publisher.publish_all([r for _, r in records] + [r for _, r in nobody])
         for status, _ in records:
             metrics.DELIVERY_STATUSES.labels(status, "swept" if swept else "recorded").inc()
+        if nobody:
+            for alert_id in await self.store.record_unreached([(a.alert_id, a.revision) for a, _ in nobody]):
+                alert = next(a for a, _ in nobody if a.alert_id == alert_id)
+                metrics.UNROUTED.labels(alert_kind(alert).alert_type, "undelivered", "no").inc()
+                log.warning("revision %d of an alert reached nobody: every delivery to a person used up its "
+                            "attempts", alert.revision, extra={"alert_id": alert_id})
         await self.store.statuses_told(told)
         return len(told)

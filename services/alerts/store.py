@@ -52,6 +52,7 @@ from services.alerts.rules import (
     UnroutedReason,
     lifecycle_order,
     tells_status,
+    to_person,
 )
 from services.alerts.rules import Outcome as AttemptClass
 from services.alerts.secretbox import Row, subscription_row, tenant_row
@@ -246,8 +247,8 @@ class AttemptResult:
     response_status: int | None = None
     # The class tenants see (rules.Outcome); error and response_status are for operators only.
     last_outcome: str | None = None
-    # A clinician's delivery of an alert (`rules.tells_status`): recording it `delivered` or
-    # `failed` also owes its status event (the `status_outbox` flag, in the same write).
+    # A delivery of an alert to a person (`rules.to_person`): recording it `delivered` or `failed`
+    # also owes the status teller a look (the `status_outbox` flag, in the same write).
     tells_status: bool = False
 
 
@@ -715,6 +716,33 @@ class AlertsStore:
                                           {"_id": 1, "kind": 1, "recipient": 1, "subject_id": 1,
                                            "delivered_at": 1}).to_list()
         return [d for d in docs if tells_status(d.get("kind"), d.get("recipient"))]
+
+    async def person_deliveries(self, revisions: Iterable[tuple[str, str]]) -> list[Document]:
+        """Every delivery to a person (`rules.to_person`) of these raised revisions ((alert id,
+        `subject_id`)), whatever its status, in one round trip (by the alert id's index): whether a
+        revision reached nobody."""
+        wanted = set(revisions)
+        if not wanted:
+            return []
+        docs = await self.deliveries.find({"alert_id": {"$in": sorted({a for a, _ in wanted})},
+                                           "subject_id": {"$in": sorted({s for _, s in wanted})}, "kind": "alert"},
+                                          {"_id": 1, "kind": 1, "recipient": 1, "subject_id": 1, "status": 1,
+                                           "finished_at": 1}).to_list()
+        return [d for d in docs if to_person(d.get("kind"), d.get("recipient"))]
+
+    async def record_unreached(self, revisions: Sequence[tuple[str, int]]) -> set[str]:
+        """Record that these (alert id, revision) reached nobody after all (routing `none`, reason
+        `undelivered`; the fallbacks it was sent to stay listed), in one round trip, on an alert whose
+        routed revision is still that one and not already recorded so. Returns the alert ids it
+        changed: news, counted once."""
+        changed: set[str] = set()
+        for alert_id, revision in revisions:  # rare (every attempt of every channel failed): no batching
+            res = await self.alerts.update_one(
+                {"_id": alert_id, "rrev": revision, "routing_reason": {"$ne": "undelivered"}},
+                {"$set": {"routing": "none", "routing_reason": "undelivered"}})
+            if res.modified_count:
+                changed.add(alert_id)
+        return changed
 
     async def statuses_told(self, told: Sequence[tuple[str, datetime | None]]) -> None:
         """Unset the outbox flag of (delivery id, `finished_at` told) in one round trip; conditional

@@ -52,14 +52,16 @@ What is told of a clinician's delivery, and a crash around it
 --------------------------------------------------------------
 A clinician's delivery of an alert (webhook or email; not a partner's, a supervisor's or a
 withdrawal notice) also owes a status event when it ends: `delivered`, or `failed` once its
-attempts are used up. The single write that records the outcome sets the delivery's
-`status_outbox` flag with it; only after that write are the ids handed to the `StatusTeller`
-(services/alerts/statuses.py; the documents as written instead, when every update of the write
-matched, so it reads nothing back), which publishes on the alert's status topic and then unsets the
-flag. A crash before the write loses nothing (the attempt is made again, as above); a crash after
-it leaves the flag, and the teller's sweep publishes the status later under the same derived
-event id. So the status of a recorded outcome is never lost, and at worst published twice as
-one event.
+attempts are used up; and any delivery of an alert to a person it was routed to (its clinician or a
+site fallback, `rules.to_person`) may be the last of its revision's to fail, when the revision
+reached nobody and is told `failed` without a channel (`rules.reached_nobody`). The single write
+that records the outcome sets the delivery's `status_outbox` flag with it; only after that write
+are the ids handed to the `StatusTeller` (services/alerts/statuses.py; the documents as written
+instead, when every update of the write matched, so it reads nothing back), which publishes on the
+alert's status topic and then unsets the flag. A crash before the write loses nothing (the attempt
+is made again, as above); a crash after it leaves the flag, and the teller's sweep publishes the
+status later under the same derived event id. So the status of a recorded outcome is never lost,
+and at worst published twice as one event.
 """
 
 from __future__ import annotations
@@ -84,8 +86,8 @@ from services.alerts.rules import (
     backoff_seconds,
     fair_pick,
     is_final,
-    tells_status,
     tenants_at_share,
+    to_person,
 )
 from services.alerts.senders import Cancelled, SendError
 from services.alerts.settings import AlertsSettings
@@ -319,7 +321,7 @@ class DeliveryWorker:
         channel = str(d["channel"])
         attempt = int(d.get("attempts", 0)) + 1
         claim = str(d["claim"])
-        tells = tells_status(d.get("kind"), d.get("recipient"))
+        tells = to_person(d.get("kind"), d.get("recipient"))
         result: AttemptResult
         if attempt > self.settings.max_attempts:
             # The last attempt already failed but its dead letter could not be published then.
@@ -393,7 +395,7 @@ class DeliveryWorker:
         log.warning("delivery failed after %d attempts: %s", attempts, error,
                     extra={"delivery_id": d["_id"], "alert_id": d.get("alert_id")})
         return AttemptResult(d["_id"], claim, "failed", attempts, error=error, response_status=status,
-                             last_outcome=outcome, tells_status=tells_status(d.get("kind"), d.get("recipient")))
+                             last_outcome=outcome, tells_status=to_person(d.get("kind"), d.get("recipient")))
 
     async def _record(self, result: AttemptResult) -> None:
         self._results.put_nowait(result)

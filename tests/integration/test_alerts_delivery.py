@@ -49,13 +49,17 @@ KEY_1, KEY_2 = new_key("k1"), new_key("k2")
 
 
 class SmtpSink:
-    """aiosmtpd handler that keeps every message it receives."""
+    """aiosmtpd handler that keeps every message it receives, but refuses for now (a transient 451)
+    every message to an address in `failing`."""
 
     def __init__(self) -> None:
         self.messages: list[tuple[list[str], EmailMessage]] = []
+        self.failing: set[str] = set()
         self._lock = threading.Lock()
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.failing.intersection(envelope.rcpt_tos):
+            return "451 4.3.0 mailbox unavailable, try again later"
         msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
         with self._lock:
             self.messages.append((list(envelope.rcpt_tos), msg))  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ from standardwebhooks.webhooks import Webhook
 
 from services.alerts.settings import AlertsSettings
 from shared import ids
-from shared.events import AlertStatusChanged
+from shared.events import AlertStatusChanged, AllianceDeterioration
 from tests.integration.test_alerts_delivery import (
     Env,
     Tenant,
@@ -35,20 +35,27 @@ from tests.support.wait import eventually
 from tools.harness import deterioration
 from tools.recorder import Record, TopicRecorder
 
+MAX_ATTEMPTS = 3
+
 
 @pytest.fixture(scope="module")
 async def env(stack: StackUnderTest) -> AsyncIterator[Env]:
     settings = AlertsSettings(allow_private_targets=True, retry_first_seconds=0.05, retry_max_seconds=0.2,
-                              max_attempts=3, poll_seconds=0.1, gauge_seconds=0.1, escalation_check_seconds=0.2)
+                              max_attempts=MAX_ATTEMPTS, poll_seconds=0.1, gauge_seconds=0.1,
+                              escalation_check_seconds=0.2)
     async with env_with(stack, settings) as e:
         yield e
 
 
-async def put_fallback(env: Env, t: Tenant, cid: str, site: str = "site-a", supervisor: str | None = None) -> str:
-    """A site's fallback entry (the duty clinician) with a webhook and an email; returns its webhook path."""
+async def put_fallback(env: Env, t: Tenant, cid: str, site: str = "site-a", supervisor: str | None = None,
+                       unreachable: bool = False) -> str:
+    """A site's fallback entry (the duty clinician) with a webhook and an email, both failing every
+    attempt when `unreachable`; returns its webhook path."""
     hook = path(t, cid)
-    body = {"site_id": site, "email": f"{cid}@{t.id}.test", "webhook_url": env.receiver.behave(hook),
-            "supervisor_id": supervisor, "fallback": True}
+    if unreachable:
+        env.smtp.failing.add(f"{cid}@{t.id}.test")
+    body = {"site_id": site, "email": f"{cid}@{t.id}.test", "supervisor_id": supervisor, "fallback": True,
+            "webhook_url": env.receiver.behave(hook, always_fail=unreachable)}
     r = await env.client.put(f"/v1/clinicians/{cid}", json=body, headers=t.admin)
     assert r.status_code in (200, 201), r.text
     assert r.json()["fallback"] is True
@@ -159,3 +166,63 @@ async def test_an_unrouted_alert_escalates_to_the_fallbacks_supervisor(env: Env)
     [copy] = await eventually(lambda: _async(env.receiver.at(path(t, "boss"))))
     assert json.loads(copy.body)["alert_id"] == ev.alert_id and copy.headers["x-alliance-escalation"] == "true"
     assert (await alert_row(env, t, ev.alert_id))["escalated_to"] == "boss"
+
+
+async def told_reached_nobody(env: Env, t: Tenant, ev: AllianceDeterioration) -> AlertStatusChanged:
+    """Publish `ev` and wait for its channel-less `failed` (the revision reached no person)."""
+    async with TopicRecorder(env.ns.stack.bootstrap, env.topics.alert_status) as statuses:
+        await env.publisher.publish(env.topics.deterioration, ev, t.id, ev.client_id)
+        records = await statuses.until(lambda r: any(f.channel is None for f in failed_about(r, ev.alert_id)))
+    [failed] = {f.event_id: f for f in failed_about(records, ev.alert_id) if f.channel is None}.values()
+    return failed
+
+
+async def routed_nowhere(env: Env, t: Tenant, alert_id: str) -> dict[str, Any] | None:
+    row = await alert_row(env, t, alert_id)
+    return row if row.get("routing") == "none" else None
+
+
+async def test_an_alert_whose_only_fallback_fails_every_attempt_is_told_failed_undelivered_counted_and_listed(
+        env: Env) -> None:
+    t = await new_tenant(env, "deadfallback")
+    hook = await put_fallback(env, t, "duty", unreachable=True)
+    before = await _metrics(env)
+    ev = deterioration(t.id, "ghost", "client-6")
+    failed = await told_reached_nobody(env, t, ev)
+
+    assert len(env.receiver.at(hook)) == MAX_ATTEMPTS  # every attempt was made first
+    assert (failed.routing_reason, failed.revision) == ("undelivered", 1)
+    assert failed.event_id == ids.alert_status_event_id(t.id, ev.alert_id, "failed", 1)
+    row = await eventually(lambda: routed_nowhere(env, t, ev.alert_id))
+    assert row["routing_reason"] == "undelivered"
+    listed = await env.client.get("/v1/alerts", params={"routing": "none"}, headers=t.read)
+    assert [a["alert_id"] for a in listed.json()] == [ev.alert_id]
+    after = await _metrics(env)
+    assert unrouted(after, "undelivered", "no") - unrouted(before, "undelivered", "no") == 1
+
+
+async def test_an_alert_whose_clinicians_webhook_and_email_fail_every_attempt_is_told_failed_undelivered_too(
+        env: Env) -> None:
+    t = await new_tenant(env, "deadhook")
+    hook = path(t, "c1")
+    env.smtp.failing.add(f"c1@{t.id}.test")
+    await put_clinician(env, t, "c1", env.receiver.behave(hook, always_fail=True), f"c1@{t.id}.test")
+    ev = deterioration(t.id, "c1", "client-7")
+    failed = await told_reached_nobody(env, t, ev)
+
+    assert len(env.receiver.at(hook)) == MAX_ATTEMPTS
+    assert failed.routing_reason == "undelivered"
+    row = await eventually(lambda: routed_nowhere(env, t, ev.alert_id))
+    assert row["routing_reason"] == "undelivered"
+
+
+async def test_an_alert_one_of_whose_channels_got_through_is_not_told_it_reached_nobody(env: Env) -> None:
+    t = await new_tenant(env, "halfway")
+    await put_clinician(env, t, "c1", env.receiver.behave(path(t, "c1"), always_fail=True))  # email gets through
+    ev = deterioration(t.id, "c1", "client-8")
+    async with TopicRecorder(env.ns.stack.bootstrap, env.topics.alert_status) as statuses:
+        await env.publisher.publish(env.topics.deterioration, ev, t.id, ev.client_id)
+        # The webhook's own `failed`: a channel-less one would be published with it, in one batch.
+        failed = failed_about(await statuses.until(lambda r: bool(failed_about(r, ev.alert_id))), ev.alert_id)
+    assert {f.channel for f in failed} == {"webhook"}
+    assert (await alert_row(env, t, ev.alert_id))["routing"] == "clinician"

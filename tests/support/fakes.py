@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel
 
-from services.alerts.rules import Clinician, Routing, Subscription, lifecycle_order, tells_status
+from services.alerts.rules import Clinician, Routing, Subscription, lifecycle_order, tells_status, to_person
 from services.alerts.store import STATUS_OUTBOX, Alert, Delivery, SubscriptionRow
 from services.reporting.store import ApplyReport, GenerationState
 from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, Lifecycle, SrsScored, SrsSubmitted
@@ -172,6 +172,21 @@ class MemoryAlertsStore:
         self._check()
         return [d for d in self.deliveries.values() if d.get("alert_id") in alert_ids and d["status"] == "delivered"
                 and tells_status(d.get("kind"), d.get("recipient"))]
+
+    async def person_deliveries(self, revisions: Sequence[tuple[str, str]]) -> list[Document]:
+        self._check()
+        return [d for d in self.deliveries.values() if (d.get("alert_id"), d.get("subject_id")) in set(revisions)
+                and to_person(d.get("kind"), d.get("recipient"))]
+
+    async def record_unreached(self, revisions: Sequence[tuple[str, int]]) -> set[str]:
+        self._check()
+        changed = set()
+        for alert_id, revision in revisions:
+            was = self.routings.get(alert_id)
+            if was is not None and was[0] == revision and was[1].reason != "undelivered":
+                self.routings[alert_id] = (revision, Routing("none", "undelivered", was[1].fallback_ids))
+                changed.add(alert_id)
+        return changed
 
     async def statuses_told(self, told: Sequence[tuple[str, datetime | None]]) -> None:
         self._check()

@@ -1,15 +1,27 @@
 """`delivered` / `failed` of clinicians' deliveries (services/alerts/statuses.py and the rules in
 services/alerts/rules.py), on an in-memory store and publisher: which deliveries tell, on which
-topic, under which id, and that a status left owed is published by the sweep, never lost."""
+topic, under which id, and that a status left owed is published by the sweep, never lost; and the
+channel-less `failed` of a revision whose every delivery to a person used up its attempts."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from prometheus_client import REGISTRY
 
 from services.alerts.handlers import delivery_doc
-from services.alerts.rules import Clinician, PlannedDelivery, Subscription, first_deliveries, route_alert, tells_status
+from services.alerts.rules import (
+    Clinician,
+    PlannedDelivery,
+    Routing,
+    Subscription,
+    first_deliveries,
+    reached_nobody,
+    route_alert,
+    tells_status,
+    to_person,
+)
 from services.alerts.settings import AlertsSettings
 from services.alerts.statuses import StatusTeller
 from services.alerts.store import STATUS_OUTBOX
@@ -39,6 +51,11 @@ def recorded(alert: AllianceDeterioration | OutcomeAlert, p: PlannedDelivery, st
     return {**doc, **done, **({STATUS_OUTBOX: True} if owed else {})}
 
 
+def pending(alert: AllianceDeterioration | OutcomeAlert, p: PlannedDelivery) -> Document:
+    """A delivery still being tried (not finished)."""
+    return delivery_doc(p, alert.model_dump_json(), alert.occurred_at, "corr-1", None, NOW)
+
+
 def teller(store: MemoryAlertsStore, sink: Sink) -> StatusTeller:
     return StatusTeller(store, sink, TOPICS, AlertsSettings(status_sweep_seconds=SWEEP))
 
@@ -56,6 +73,20 @@ def test_only_a_clinicians_delivery_of_a_raised_revision_tells_a_status() -> Non
     assert not tells_status("escalation", "supervisor:boss")
     assert not tells_status("withdrawal", "clinician:c1")
     assert not tells_status("event", "subscription:s1")
+
+
+def test_a_delivery_of_a_raised_revision_to_its_clinician_or_a_fallback_is_one_to_a_person() -> None:
+    assert to_person("alert", "clinician:c1") and to_person("alert", "fallback:duty")
+    assert not to_person("alert", "subscription:s1")
+    assert not to_person("escalation", "supervisor:boss")
+    assert not to_person("withdrawal", "fallback:duty")
+
+
+def test_a_revision_reached_nobody_only_when_every_delivery_to_a_person_used_up_its_attempts() -> None:
+    assert reached_nobody(["failed"]) and reached_nobody(["failed", "failed", "failed"])
+    for other in ("delivered", "pending", "cancelled"):
+        assert not reached_nobody(["failed", other])
+    assert not reached_nobody([])  # routed to nobody is told when it is routed, not here
 
 
 def test_the_first_delivery_of_a_revision_is_the_earliest_recorded_ties_broken_by_id() -> None:
@@ -82,7 +113,8 @@ async def test_a_clinicians_delivered_webhook_publishes_delivered_with_the_deriv
 async def test_a_clinician_delivery_that_used_up_its_attempts_publishes_failed_naming_its_channel() -> None:
     alert, store, sink = deterioration("acme", "c1", "client-2"), MemoryAlertsStore(), Sink()
     d = recorded(alert, planned(alert)["clinician:email"], "failed", NOW)
-    await store.insert_deliveries([d])
+    webhook = planned(alert)["clinician:webhook"]  # still being tried: the revision may reach c1 yet
+    await store.insert_deliveries([d, pending(alert, webhook)])
 
     await teller(store, sink).tell(await store.owed_statuses([d["_id"]]))
 
@@ -155,3 +187,69 @@ async def test_a_delivery_requeued_and_finished_again_since_it_was_told_keeps_it
     await teller(store, sink).tell(owed)
 
     assert store.deliveries[d["_id"]][STATUS_OUTBOX] is True
+
+
+# --- a revision whose every delivery to a person used up its attempts reached nobody -------------
+
+
+DUTY = Clinician("acme", "duty", "site-a", email="duty@clinic.test", webhook_url="https://duty.test/h", fallback=True)
+
+
+def to_fallback(alert: AllianceDeterioration, store: MemoryAlertsStore) -> dict[str, PlannedDelivery]:
+    """The revision routed to the site's fallback `duty` (its clinician has no entry), as recorded."""
+    store.routings[alert.alert_id] = (alert.revision, Routing("fallback", "no_directory_entry", ("duty",)))
+    return {f"{p.recipient.split(':')[0]}:{p.channel}": p for p in route_alert(alert, None, [PARTNER], True, [DUTY])}
+
+
+def unrouted_no(reason: str = "undelivered") -> float:
+    labels = {"kind": "alliance", "reason": reason, "fallback": "no"}
+    return REGISTRY.get_sample_value("alliance_alerts_unrouted_total", labels) or 0.0
+
+
+async def test_a_fallbacks_failed_delivery_tells_nothing_while_another_channel_may_reach_it() -> None:
+    alert, store, sink = deterioration("acme", "ghost", "client-20"), MemoryAlertsStore(), Sink()
+    p = to_fallback(alert, store)
+    d = recorded(alert, p["fallback:webhook"], "failed", NOW)
+    await store.insert_deliveries([d, pending(alert, p["fallback:email"])])
+    assert await teller(store, sink).tell(await store.owed_statuses([d["_id"]])) == 1
+    assert sink.published == [] and STATUS_OUTBOX not in store.deliveries[d["_id"]]
+
+
+async def test_the_last_failed_delivery_to_a_person_tells_failed_undelivered_records_routing_none_and_counts() -> None:
+    alert, store, sink = deterioration("acme", "ghost", "client-21"), MemoryAlertsStore(), Sink()
+    p = to_fallback(alert, store)
+    first = recorded(alert, p["fallback:webhook"], "failed", NOW, owed=False)
+    last = recorded(alert, p["fallback:email"], "failed", NOW + timedelta(seconds=3))
+    await store.insert_deliveries([first, last])
+    before = unrouted_no()
+
+    await teller(store, sink).tell(await store.owed_statuses([last["_id"]]))
+
+    [status] = alliance_statuses(sink)  # no per-channel `failed` of a fallback's delivery
+    assert status.event_id == ids.alert_status_event_id("acme", alert.alert_id, "failed", 1)
+    assert (status.channel, status.routing_reason, status.occurred_at) == (None, "undelivered", last["finished_at"])
+    assert store.routings[alert.alert_id] == (1, Routing("none", "undelivered", ("duty",)))
+    assert unrouted_no() == before + 1
+
+
+async def test_telling_that_a_revision_reached_nobody_again_is_the_same_event_and_not_counted_again() -> None:
+    alert, store, sink = deterioration("acme", "ghost", "client-22"), MemoryAlertsStore(), Sink()
+    p = to_fallback(alert, store)
+    docs = [recorded(alert, p["fallback:webhook"], "failed", NOW), recorded(alert, p["fallback:email"], "failed", NOW)]
+    await store.insert_deliveries(docs)
+    statuses = teller(store, sink)
+    await statuses.tell(docs[:1])
+    before = unrouted_no()
+    await statuses.tell(docs[1:])  # the other delivery's teller (or the sweep) sees the same
+    assert len({r.value for r in sink.of_topic(TOPICS.alert_status)}) == 1 and unrouted_no() == before
+
+
+async def test_a_clinicians_two_failed_channels_tell_each_failed_and_that_the_revision_reached_nobody() -> None:
+    alert, store, sink = deterioration("acme", "c1", "client-23"), MemoryAlertsStore(), Sink()
+    store.routings[alert.alert_id] = (1, Routing("clinician"))
+    docs = [recorded(alert, planned(alert)[f"clinician:{c}"], "failed", NOW) for c in ("webhook", "email")]
+    await store.insert_deliveries(docs)
+    await teller(store, sink).tell(docs)
+    assert sorted((s.channel or "-", s.routing_reason or "-") for s in alliance_statuses(sink)) == [
+        ("-", "undelivered"), ("email", "-"), ("webhook", "-")]
+    assert store.routings[alert.alert_id] == (1, Routing("none", "undelivered"))
