@@ -100,7 +100,9 @@ DERIVED_EPISODE_PREFIX = "auto/"
 
 def derived_episode_id(first_administered_at: datetime, first_session_number: int) -> str:
     """Scoring's id of an episode the submitter did not name: `auto/<UTC date of its first
-    session>/<that session's number>` (published in `SrsScored.episode_id`; see the contract)."""
+    session>/<that session's number>` (published in `SrsScored.episode_id`; see the contract).
+    Scoring passes the time of the first session as first accepted (`series.Version.named_at`):
+    a corrected time of that session does not rename the episode."""
     return f"{DERIVED_EPISODE_PREFIX}{first_administered_at.astimezone(UTC).date().isoformat()}/{first_session_number}"
 
 

@@ -6,11 +6,14 @@ implements is docs/clinical-records.md; the shape of the algorithm is:
     what was submitted (inputs)  --derive-->  what the record shows (a View)
     what the record showed       --diff---->  the events that tell everyone the difference
 
-1. **Inputs.** For every submission id, its newest accepted version (`Version`), and the client's
-   owning site. Nothing else is an input: in particular no earlier *decision* is.
+1. **Inputs.** For every submission id, its newest accepted version (`Version`), with its
+   earliest (`Version.origin`, which names a derived episode when a correction changed only the
+   time of its first session), and the client's owning site. Nothing else is an input: in
+   particular no earlier *decision* is (not even a name published before).
 2. **View** (`derive`). Versions naming the same session are grouped; the newest accepted is
    current. Sessions without an episode id are put in episodes by the order they were
-   administered (a restart of the numbering begins a new episode). Every session of every episode
+   administered (a restart of the numbering begins a new episode), each named by the date of its
+   first session as first accepted (`_named_runs`). Every session of every episode
    is scored against its previous session with the tenant's rules, and the latest session of the
    current episode is the one that may hold an alert. The view is a function of the set of
    current versions and the rules alone, so it does not depend on the order the versions arrived
@@ -84,6 +87,12 @@ class Version:
     accepted_at: datetime
     digest: str = ""
     client_age: int | None = None  # ORS family only: picks the ORS cutoff (docs/outcome.md)
+    # The earliest accepted version of this submission, once a later one replaced it (a
+    # correction): a derived episode this session begins is named by that version's date when the
+    # correction changed only the time (`named_at`). Kept whatever the correction changed, so that
+    # it is the earliest whatever order the versions arrive in. None: this version is its
+    # submission's first (or was stored before the rule: then the names it published are its own).
+    origin: Origin | None = None
     # Derived once here (not as cached properties: those take a lock on every read in 3.11, and
     # these are read many times per step).
     accepted_utc: datetime = field(init=False, repr=False, compare=False)
@@ -109,6 +118,26 @@ class Version:
         """Which of two versions is newer: later accepted, then (a tie) the larger digest."""
         return (self.accepted_utc, self.digest)
 
+    @property
+    def named_at(self) -> datetime:
+        """The administered time a derived episode this session begins is named by: that of the
+        submission's earliest accepted version (docs/clinical-records.md, "Episodes"), so a
+        corrected time does not rename the episode, nor its alerts."""
+        o = self.origin
+        return o.administered_at if o is not None and o.names(self) else self.administered_at
+
+    def first(self) -> Origin:
+        """The earliest accepted version of this submission that the record has seen."""
+        return self.origin if self.origin is not None else Origin(
+            self.accepted_at, self.digest, self.administered_at, self.instrument, self.session_number,
+            self.episode_id is None)
+
+    def named_from(self, first: Origin) -> Version:
+        """This version with `first` as its submission's earliest accepted version: a correction
+        inherits it from the version it replaces, and the kept version takes a version accepted
+        earlier still that arrives late."""
+        return replace(self, origin=first)
+
     def items_model(self) -> Items | None:
         """The items as the event model carries them (built only when an event is)."""
         if self.items is None:
@@ -131,6 +160,31 @@ class Version:
     def ratings(self) -> Ratings | None:
         """The items for the rules: a plain tuple, cheap enough to build on every derivation."""
         return None if self.items is None else Ratings(self.items)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """The earliest accepted version of a submission, as much of it as naming needs: when it was
+    accepted (and its digest: the order of versions, `Version.order`), the time it said, and
+    which session it named without its date (instrument, number, whether without episode id)."""
+
+    accepted_at: datetime
+    digest: str
+    administered_at: datetime
+    instrument: str
+    session_number: int
+    derived: bool  # it had no episode id
+
+    def order(self) -> tuple[datetime, str]:
+        return (_utc(self.accepted_at), self.digest)
+
+    def names(self, v: Version) -> bool:
+        """Whether a derived episode `v` begins is named by this version's date: `v` corrects
+        only the time of the session this version named (the same instrument and number, neither
+        with an episode id). A correction of anything else that says which session it is names a
+        session afresh, so its episodes are named by its own date."""
+        return (self.derived and v.episode_id is None and self.instrument == v.instrument
+                and self.session_number == v.session_number)
 
 
 # A submission id names one submission of one scale (docs/clinical-records.md, "Session identity"):
@@ -422,8 +476,31 @@ def slot_key(instrument: str, episode_id: str, session_number: int) -> str:
 
 
 def derived_episode_id(first: Version) -> str:
-    """`auto/<UTC date of the episode's first session>/<its number>` (see the contract)."""
-    return ids.derived_episode_id(first.administered_at, first.session_number)
+    """`auto/<UTC date of the episode's first session>/<its number>` (see the contract), the date
+    that of the first session's earliest accepted version (`Version.named_at`): a correction of
+    its time keeps the name. `episodes_of` decides when that name is another episode's."""
+    return ids.derived_episode_id(first.named_at, first.session_number)
+
+
+def _named_runs(runs: list[list[Version]]) -> list[tuple[str, bool, list[Version]]]:
+    """The derived episodes of one instrument's runs (in order of administration), each named by
+    `derived_episode_id`, unless that name is taken: a run's own name (the date its first session
+    is administered on now) is never another's, as two sessions of one date and number are one
+    session; a name kept from a corrected date may be. Then the run whose first session is
+    administered on that date keeps it, and so does the earlier of two runs keeping the same name;
+    the other is named by its own date. Decided by the versions alone, as everything in a view."""
+    if all(r[0].origin is None for r in runs):
+        return [(derived_episode_id(r[0]), True, r) for r in runs]
+    own = [ids.derived_episode_id(r[0].administered_at, r[0].session_number) for r in runs]
+    taken = set(own)
+    out: list[tuple[str, bool, list[Version]]] = []
+    for run, mine in zip(runs, own, strict=True):
+        kept = derived_episode_id(run[0])
+        if kept != mine and kept not in taken:
+            taken.add(kept)
+            mine = kept
+        out.append((mine, True, run))
+    return out
 
 
 def _administered(v: Version) -> tuple[datetime, int, str]:
@@ -451,7 +528,9 @@ def current_versions(versions: Iterable[Version]) -> tuple[dict[tuple[str, ...],
 
 
 def episodes_of(current: Iterable[Version]) -> dict[str, list[tuple[str, bool, list[Version]]]]:
-    """Per instrument, its episodes: (episode id, derived?, sessions by number)."""
+    """Per instrument, its episodes: (episode id, derived?, sessions by number). Sessions without
+    an episode id form runs in order of administration (a restart of the numbering begins one),
+    named by `_named_runs`."""
     by_instrument: dict[str, list[Version]] = {}
     for v in current:
         by_instrument.setdefault(v.instrument, []).append(v)
@@ -464,14 +543,12 @@ def episodes_of(current: Iterable[Version]) -> dict[str, list[tuple[str, bool, l
                 given.setdefault(v.episode_id, []).append(v)
         for eid, members in sorted(given.items()):
             episodes.append((eid, False, sorted(members, key=lambda x: x.session_number)))
-        run: list[Version] = []
+        runs: list[list[Version]] = []
         for v in sorted((v for v in vs if v.episode_id is None), key=_administered):
-            if run and v.session_number <= run[-1].session_number:
-                episodes.append((derived_episode_id(run[0]), True, run))
-                run = []
-            run.append(v)
-        if run:
-            episodes.append((derived_episode_id(run[0]), True, run))
+            if not runs or v.session_number <= runs[-1][-1].session_number:
+                runs.append([])  # a restart of the numbering begins a new episode
+            runs[-1].append(v)
+        episodes.extend(_named_runs(runs))
         out[instrument] = episodes
     return out
 
@@ -880,6 +957,8 @@ class ClientState:
             if known.digest == v.digest and v.order() > self._order(known):
                 self.resent[key] = v.accepted_at  # newer: an older version arriving later loses
                 return Step(changed=True)
+            if v.order() < known.first().order() and self.owner in (None, v.site_id):
+                return self._named_earlier(known, v, rules, now)
             return Step()  # an older version arriving late, or an identical resend: nothing changes
         if known is None and key not in self.rejected and self._holds() >= rules.max_client_submissions:
             # Not remembered (that would grow the record the cap bounds): a redelivery is judged
@@ -887,6 +966,8 @@ class ClientState:
             return Step(rejection=Rejection(v.accepted_at, v.digest, "series_full", (
                 f"the client's record already holds {self._holds()} submissions, the most one client may hold "
                 f"(max_client_submissions {rules.max_client_submissions})")))
+        if known is not None:
+            v = v.named_from(known.first())  # a correction: the episode keeps the name it has
         if v.instrument not in _SCORED and self.owner in (None, v.site_id):  # another site's: refused below
             self.versions[key] = v
             self.resent.pop(key, None)
@@ -926,6 +1007,17 @@ class ClientState:
                                f"identical to submission '{shown}', which is already recorded")
             self.rejected[key] = notice
         return Step(outputs=outputs, rejection=notice, changed=True)
+
+    def _named_earlier(self, known: Version, older: Version, rules: R.TenantRules, now: datetime) -> Step:
+        """A version of `known`'s submission accepted before every version the record has seen
+        arrives late (the correction came first): the kept version stays, and the episode its
+        session begins takes the older version's name, as it would have had in arrival order
+        (docs/clinical-records.md, "Episodes"). Whatever that renames is published (nothing when
+        both versions name the same date)."""
+        self.versions[known.key] = known.named_from(older.first())
+        self.cached = None
+        outputs = self._publish(self.view(rules), now)
+        return Step(outputs=outputs, changed=True)
 
     def retract(self, key: str, as_of: Holding, rules: R.TenantRules, now: datetime) -> Step:
         """Retract the submission `key` from this record: `as_of` (accepted_at, digest, client) is

@@ -30,6 +30,7 @@ from services.scoring.series import (
     AlertRecord,
     ClientState,
     Moved,
+    Origin,
     Published,
     Rejection,
     Version,
@@ -86,15 +87,22 @@ def _new_version_doc(v: Version) -> Document:
                      "d": v.digest}
     if v.client_age is not None:  # ORS family only; absent, SRS documents stay as they were
         doc["ag"] = v.client_age
+    if v.origin is not None:  # corrected submissions only; absent, the version is its own first
+        o = v.origin
+        doc["og"] = {"acc": _iso(o.accepted_at), "d": o.digest, "at": _iso(o.administered_at), "i": o.instrument,
+                     "n": o.session_number, "ed": o.derived}
     return doc
 
 
 def _version_from(d: Document) -> Version:
     items = d.get("it")
     age = d.get("ag")
+    o = d.get("og")
     return Version(d["sid"], d["i"], d.get("e"), int(d["n"]), _dt(d["at"]), d["s"], d["c"],
                    (items[0], items[1], items[2], items[3]) if items is not None else None, d.get("t"),
-                   _dt(d["acc"]), d["d"], None if age is None else int(age))
+                   _dt(d["acc"]), d["d"], None if age is None else int(age),
+                   None if o is None else Origin(_dt(o["acc"]), o["d"], _dt(o["at"]), o["i"], int(o["n"]),
+                                                 bool(o["ed"])))
 
 
 def _split(keyed: dict[str, _T]) -> tuple[dict[str, _T], dict[str, _T]]:

@@ -434,3 +434,77 @@ async def test_a_submission_reposted_for_another_client_moves_there_with_its_ale
 
     ids_by_client = await eventually(scored_ids, timeout=60)
     assert not ids_by_client[first] & ids_by_client[second]
+
+
+async def _evening_episode_with_an_alert(http: httpx.AsyncClient, services: dict[str, ServiceProcess],
+                                         keys: dict[str, str], c: str) -> dict[str, Any]:
+    """Sessions 1..3 without episode id, session 1 at 23:30 UTC (an evening session in the
+    Americas), session 3 dropping: its alert, once it is open."""
+    evening = datetime(2026, 11, 3, 23, 30, tzinfo=UTC)
+    for n, total in ((1, 38.0), (2, 38.0), (3, 32.0)):
+        await _post(http, services, keys["submit"], _session(c, n, evening + timedelta(days=7 * (n - 1)),
+                                                             total=total, sid=f"{c}-{n}"))
+
+    async def raised() -> list[dict[str, Any]]:
+        return [a for a in await _alerts(http, services, keys["admin"], c) if a["status"] == "open"]
+
+    (alert,) = await eventually(raised, timeout=60)
+    assert alert["episode_id"] == "auto/2026-11-03/1" and alert["session_number"] == 3
+    return alert
+
+
+async def _correct_session_1_across_midnight(http: httpx.AsyncClient, services: dict[str, ServiceProcess],
+                                             keys: dict[str, str], c: str) -> dict[str, Any]:
+    """The EHR fixes session 1's time (23:30 -> 00:30 the next day, UTC) under the same id; the
+    trajectory once reporting shows the correction."""
+    fixed = datetime(2026, 11, 4, 0, 30, tzinfo=UTC)
+    await _post(http, services, keys["submit"], _session(c, 1, fixed, total=38.0, sid=f"{c}-1"))
+    status = await _status(http, services, keys["read"], f"{c}-1", "scored", 2)
+    assert status["episode_id"] == "auto/2026-11-03/1"
+
+    async def corrected() -> dict[str, Any] | None:
+        r = await _trajectory(http, services, keys["read"], c)
+        doc: dict[str, Any] = r.json() if r.status_code == 200 else {}
+        sessions = doc.get("sessions", [])
+        return doc if sessions and datetime.fromisoformat(sessions[0]["administered_at"]) == fixed else None
+
+    traj = await eventually(corrected, timeout=60)
+    # Whatever scoring published with the correction (a withdrawal, a raise) is in the alerts
+    # service well within this (it is consumed within a second of the scored event).
+    await asyncio.sleep(3)
+    return traj
+
+
+async def test_a_time_correction_of_session_1_across_midnight_keeps_the_episode_and_its_acknowledged_alert(
+        http: httpx.AsyncClient, services: dict[str, ServiceProcess], keys: dict[str, str],
+        receiver: WebhookReceiver) -> None:
+    c = "case11"
+    alert = await _evening_episode_with_an_alert(http, services, keys, c)
+    r = await http.post(f"{services['alerts'].url}/v1/alerts/{alert['alert_id']}/ack", headers=_auth(keys["read"]))
+    assert r.status_code == 200, r.text
+
+    traj = await _correct_session_1_across_midnight(http, services, keys, c)
+
+    assert [e["episode_id"] for e in traj["episodes"]] == ["auto/2026-11-03/1"]
+    assert [s["session_number"] for s in traj["sessions"]] == [1, 2, 3]
+    (now,) = await _alerts(http, services, keys["admin"], c)
+    assert (now["alert_id"], now["status"], now["revision"]) == (alert["alert_id"], "acknowledged", 1)
+    kinds = [h.get("status") or "raised" for h in _webhooks(receiver, c) if h["_event"] != "srs.scored.v1"]
+    assert kinds == ["raised"]
+
+
+async def test_a_time_correction_of_session_1_across_midnight_keeps_an_open_alerts_raise_time(
+        http: httpx.AsyncClient, services: dict[str, ServiceProcess], keys: dict[str, str],
+        receiver: WebhookReceiver) -> None:
+    c = "case12"
+    alert = await _evening_episode_with_an_alert(http, services, keys, c)
+
+    traj = await _correct_session_1_across_midnight(http, services, keys, c)
+
+    assert [e["episode_id"] for e in traj["episodes"]] == ["auto/2026-11-03/1"]
+    (now,) = await _alerts(http, services, keys["admin"], c)
+    # The escalation clock runs from the raise: the same alert, raised when it was.
+    assert (now["alert_id"], now["status"], now["revision"]) == (alert["alert_id"], "open", 1)
+    assert now["created_at"] == alert["created_at"] and not now["escalated"]
+    assert len(await _alert_webhooks(receiver, c)) == 1
+    assert not [h for h in _webhooks(receiver, c) if h.get("status") == "withdrawn"]

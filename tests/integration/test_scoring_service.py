@@ -34,6 +34,7 @@ from shared.events import (
     OrsSubmitted,
     OutcomeAlert,
     SrsScored,
+    SrsSubmitted,
 )
 from shared.kafka import CORRELATION_HEADER
 from shared.mongo import Document
@@ -441,3 +442,53 @@ async def test_an_ors_deterioration_alerts_and_an_srs_drop_in_its_session_is_cri
     finally:
         for r in (ors_scored, outcome_alerts):
             await r.stop()
+
+
+EVENING = datetime(2026, 4, 1, 23, 30, tzinfo=UTC)  # session 1 of an evening client in the Americas
+
+
+def evening_client(t: str, client: str, first_accepted: int, fixed_accepted: int) -> list[SrsSubmitted]:
+    """Sessions 1..3 without episode id, session 3 dropping; session 1 in two versions under its
+    id: 23:30 UTC (accepted at `first_accepted`) and its time fixed to 00:30 the next day."""
+    return [submission(t, client, 1, 38.0, administered_at=EVENING, accepted_at=at(first_accepted)),
+            submission(t, client, 2, 38.0, administered_at=EVENING + timedelta(days=7), accepted_at=at(2)),
+            submission(t, client, 3, 32.0, administered_at=EVENING + timedelta(days=14), accepted_at=at(3)),
+            submission(t, client, 1, 38.0, administered_at=EVENING + timedelta(hours=1),
+                       accepted_at=at(fixed_accepted))]
+
+
+def open_alerts(alerts: list[AllianceDeterioration], statuses: list[AlertStatusChanged],
+                client: str) -> set[tuple[str, str, int]]:
+    ended = {s.alert_id for s in statuses if s.client_id == client}
+    return {(a.alert_id, a.episode_id, a.session_number) for a in alerts
+            if a.client_id == client and a.alert_id not in ended}
+
+
+async def test_a_time_of_session_1_corrected_across_midnight_keeps_the_episode_whichever_version_arrives_first(
+        scoring: Scoring) -> None:
+    t = "t-evening"
+    topic = scoring.ns.kafka().topics().submitted
+    in_order = evening_client(t, "in-order", 1, 4)
+    await publish(scoring.producer, topic, in_order)
+    # The other client's correction reaches scoring first, its older version (accepted first) last.
+    late = evening_client(t, "late", 1, 4)
+    await publish(scoring.producer, topic, [late[3], late[1], late[2]])
+    await publish(scoring.producer, topic, [late[0]])
+    episode = "auto/2026-04-01/1"
+
+    async def settled() -> bool:
+        return all(open_alerts(scoring.alerts_of(t), scoring.statuses_of(t), c) == {
+            (ids.alert_id(t, c, "SRS", episode, 3), episode, 3)} for c in ("in-order", "late"))
+
+    await eventually(settled, timeout=60)
+    latest: dict[tuple[str, str], SrsScored] = {}
+    for s in scoring.scored_of(t):
+        if s.revision > latest.get((s.client_id, s.submission_id), s.model_copy(update={"revision": 0})).revision:
+            latest[(s.client_id, s.submission_id)] = s
+    for c in ("in-order", "late"):
+        shown = {s.session_number: (s.episode_id, s.administered_at) for (c_, _), s in latest.items() if c_ == c}
+        assert shown == {1: (episode, EVENING + timedelta(hours=1)), 2: (episode, EVENING + timedelta(days=7)),
+                         3: (episode, EVENING + timedelta(days=14))}
+    # In order, the correction re-published session 1 alone, and said nothing of the alert.
+    assert [a.client_id for a in scoring.alerts_of(t)].count("in-order") == 1
+    assert not [s for s in scoring.statuses_of(t) if s.client_id == "in-order"]

@@ -96,14 +96,33 @@ def _final_sessions(subs: list[Sub]) -> dict[str, list[Sub]]:
     for s in sessions.values():
         if s.episode is not None:
             episodes.setdefault(s.episode, []).append(s)
-    run: list[Sub] = []
+    runs: list[list[Sub]] = []
     for s in sorted((s for s in sessions.values() if s.episode is None), key=lambda s: (s.administered, s.number)):
-        if run and s.number <= run[-1].number:
-            episodes[f"auto/{(DAY0 + timedelta(days=run[0].day)).date().isoformat()}/{run[0].number}"] = run
-            run = []
-        run.append(s)
-    if run:
-        episodes[f"auto/{(DAY0 + timedelta(days=run[0].day)).date().isoformat()}/{run[0].number}"] = run
+        if not runs or s.number <= runs[-1][-1].number:
+            runs.append([])
+        runs[-1].append(s)
+    # A derived episode is named by the day its first session's submission was FIRST accepted
+    # with (a corrected day keeps the name), unless another episode begins on that day with that
+    # number, or an earlier episode keeps that name: then by its own day.
+    def name(day: int, number: int) -> str:
+        return f"auto/{(DAY0 + timedelta(days=day)).date().isoformat()}/{number}"
+
+    earliest = {sid: min((x for x in subs if x.sid == sid), key=lambda x: x.accepted) for sid in {x.sid for x in subs}}
+    # A session's content resent under another id changes nothing: its submission is the one that
+    # said the content first.
+    said_first = {id(s): min((x for x in final.values() if (x.episode, x.number, x.day, x.minute, x.total)
+                              == (s.episode, s.number, s.day, s.minute, s.total)), key=lambda x: x.accepted).sid
+                  for s in sessions.values()}
+    taken = {name(r[0].day, r[0].number) for r in runs}
+    for run in runs:
+        first = earliest[said_first[id(run[0])]]
+        own = name(run[0].day, run[0].number)
+        # Only a correction of the time alone keeps the name (the same number, no episode id).
+        kept = name(first.day, run[0].number) if (first.number, first.episode) == (run[0].number, None) else own
+        if kept not in taken:
+            taken.add(kept)
+            own = kept
+        episodes[own] = run
     for members in episodes.values():
         members.sort(key=lambda s: s.number)
     return episodes
@@ -215,7 +234,8 @@ def shown(doc: dict[str, Any], episode: str) -> list[tuple[int, float, tuple[str
 def histories(draw: st.DrawFn) -> list[Sub]:
     """A client's sessions over two or three courses of care, some with an episode id, each
     session posted in one to three versions (corrections under the same or a new id, identical
-    resends under the same or a new id, a date corrected under the same id)."""
+    resends under the same or a new id, a date corrected under the same id: by a day either way, or
+    past the sessions after it)."""
     subs: list[Sub] = []
     clock = iter(range(1, 10_000))
     day = 0
@@ -241,8 +261,9 @@ def histories(draw: st.DrawFn) -> list[Sub]:
                 elif kind == "resend-new":
                     subs.append(Sub(f"{sid}-again{len(subs)}", episode, number, last.day, last.total, next(clock),
                                     last.minute))
-                elif episode is None:
-                    subs.append(Sub(last.sid, None, number, last.day + 1, last.total, next(clock), last.minute))
+                elif episode is None:  # a date corrected under the same id: across midnight, or past later sessions
+                    moved = last.day + draw(st.sampled_from([1, 1, -1, 4, 15]))
+                    subs.append(Sub(last.sid, None, number, moved, last.total, next(clock), last.minute))
     return subs
 
 

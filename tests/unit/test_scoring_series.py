@@ -230,13 +230,15 @@ def test_correction_that_changes_nothing_the_next_session_shows_does_not_republi
     assert [o.session.version.submission_id for o in scored(step)] == ["s1"]
 
 
-def test_older_version_of_a_submission_arriving_late_changes_nothing() -> None:
+def test_older_version_of_a_submission_arriving_late_changes_nothing_shown() -> None:
     c = Client()
     old = c.version("s1", 1, 30.0)
     c.submit("s1", 1, 38.0)
     step = c.apply(old)
-    assert step.outputs == [] and not step.changed and step.rejection is None
+    assert step.outputs == [] and step.rejection is None
     assert c.state.versions["s1"].total == 38.0
+    # Only remembered as the submission's earliest version (what a derived episode is named by).
+    assert c.state.versions["s1"].origin == old.first()
 
 
 def test_a_version_older_than_an_identical_resend_of_the_current_content_changes_nothing() -> None:
@@ -581,6 +583,169 @@ def test_the_view_does_not_depend_on_the_order_versions_arrive_in() -> None:
           c.version("c", 1, 34.0, at=NOV), c.version("d", 2, 31.0, at=NOV + timedelta(days=1))]
     views = [derive(p, "north", 0, RULES, TENANT, CLIENT) for p in itertools.permutations(vs)]
     assert all(v == views[0] for v in views)
+
+
+# --- a corrected time keeps the episode's name ---------------------------------------------------
+
+EVENING = datetime(2026, 9, 1, 23, 30, tzinfo=UTC)  # an evening session in the Americas
+FIXED = datetime(2026, 9, 2, 0, 30, tzinfo=UTC)  # its time or offset fixed: the next UTC day
+
+
+def evening_episode(c: Client) -> list[series.Step]:
+    """Sessions 1..3 without episode id, session 1 at 23:30 UTC, session 3 dropping (its alert)."""
+    return [c.submit("s1", 1, 38.0, at=EVENING), c.submit("s2", 2, 38.0, at=EVENING + timedelta(days=7)),
+            c.submit("s3", 3, 32.0, at=EVENING + timedelta(days=14))]
+
+
+def shown(c: Client) -> tuple[dict[str, tuple[str, str]], dict[str, str]]:
+    """{submission: (episode id, administered at)} and {open alert: its episode}, as the record shows them."""
+    view = c.state.view(c.rules)
+    sessions = {s.version.submission_id: (s.episode_id, s.version.administered_at.isoformat())
+                for s in view.sessions.values()}
+    return sessions, {a: r.episode_id for a, r in c.state.alerts.items() if r.state == "raised"}
+
+
+def test_a_time_of_session_1_corrected_across_midnight_republishes_it_alone_under_the_same_episode() -> None:
+    c = Client()
+    evening_episode(c)
+    step = c.submit("s1", 1, 38.0, at=FIXED)
+    (o,) = scored(step)
+    assert (o.session.version.submission_id, o.revision) == ("s1", 2)
+    assert o.session.episode_id == "auto/2026-09-01/1" and o.session.version.administered_at == FIXED
+    assert alerts(step) == [] and statuses(step) == []  # the alert keeps its id, status and raise time
+    assert c.state.alerts[alert_id(3)].revision == 1
+
+
+def test_a_corrected_time_names_the_episode_whichever_version_arrives_first() -> None:
+    in_order, reversed_ = Client(), Client()
+    old, fixed = in_order.version("s1", 1, 38.0, at=EVENING), in_order.version("s1", 1, 38.0, at=FIXED)
+    for c, first, second in ((in_order, old, fixed), (reversed_, fixed, old)):
+        c.apply(first)
+        c.submit("s2", 2, 38.0, at=EVENING + timedelta(days=7))
+        c.submit("s3", 3, 32.0, at=EVENING + timedelta(days=14))
+        c.apply(second)
+    assert shown(in_order) == shown(reversed_)
+    assert shown(in_order)[1] == {alert_id(3): "auto/2026-09-01/1"}
+    assert in_order.state.versions["s1"] == reversed_.state.versions["s1"]
+
+
+def test_the_older_version_arriving_after_its_correction_renames_the_episode_back_to_its_date() -> None:
+    c = Client()
+    old, fixed = c.version("s1", 1, 38.0, at=EVENING), c.version("s1", 1, 38.0, at=FIXED)
+    c.apply(fixed)
+    c.submit("s2", 2, 30.0, at=EVENING + timedelta(days=7))  # alerts in auto/2026-09-02/1
+    step = c.apply(old)
+    assert {(o.session.version.submission_id, o.session.episode_id) for o in scored(step)} == {
+        ("s1", "auto/2026-09-01/1"), ("s2", "auto/2026-09-01/1")}
+    assert [(s.alert_id, s.status) for s in statuses(step)] == [(alert_id(2, "auto/2026-09-02/1"), "withdrawn")]
+    assert [a.alert.alert_id for a in alerts(step)] == [alert_id(2)]
+
+
+def test_a_version_redelivered_after_its_correction_changes_nothing() -> None:
+    c = Client()
+    old = c.version("s1", 1, 38.0, at=EVENING)
+    c.apply(old)
+    c.submit("s2", 2, 38.0, at=EVENING + timedelta(days=7))
+    c.submit("s1", 1, 38.0, at=FIXED)
+    before = c.state.copy()
+    step = c.apply(old)
+    assert step.outputs == [] and not step.changed and c.state == before
+
+
+def test_a_corrected_time_that_moves_session_1_after_session_2_regroups_and_keeps_session_1s_episode() -> None:
+    # 2, then 1, 3: a restart of the numbering. Session 1 still begins its episode, which keeps its
+    # name, so the alert of session 3 (whose previous total is the same 38.0) is unchanged; session
+    # 2 is now an episode of its own, named by its date.
+    c = Client()
+    evening_episode(c)
+    step = c.submit("s1", 1, 38.0, at=EVENING + timedelta(days=8))
+    got = {o.session.version.submission_id: (o.session.episode_id, o.revision) for o in scored(step)}
+    assert got == {"s1": ("auto/2026-09-01/1", 2), "s2": ("auto/2026-09-08/2", 2)}
+    assert alerts(step) == [] and statuses(step) == []
+    assert c.state.view(c.rules).sessions[series.slot_key("SRS", "auto/2026-09-01/1", 3)].previous_total == 38.0
+
+
+def test_a_backfilled_earlier_session_still_regroups_an_episode_whose_first_time_was_corrected() -> None:
+    c = Client()
+    c.submit("n3", 3, 38.0, at=NOV)
+    c.submit("n4", 4, 30.0, at=NOV + timedelta(days=7))
+    c.submit("n3", 3, 38.0, at=NOV + timedelta(hours=16))  # a corrected time: still auto/2026-11-01/3
+    step = c.submit("s1", 1, 38.0, at=SEPT)  # 1 then 3, 4: one episode that began in September
+    assert {o.session.version.submission_id: o.session.episode_id for o in scored(step)} == {
+        "s1": "auto/2026-09-01/1", "n3": "auto/2026-09-01/1", "n4": "auto/2026-09-01/1"}
+    assert [(s.alert_id, s.status) for s in statuses(step)] == [(alert_id(4, "auto/2026-11-01/3"), "withdrawn")]
+
+
+def test_a_kept_name_another_episode_begins_on_goes_to_that_episode() -> None:
+    # s1 began an episode on Sept 1 and was moved to Sept 20; a new session 1 posted for Sept 1
+    # begins its own episode there: it is named by its date, the moved one by its own date.
+    c = Client()
+    c.submit("s1", 1, 38.0, at=SEPT)
+    c.submit("s1", 1, 38.0, at=SEPT + timedelta(days=19))
+    c.submit("again", 1, 37.0, at=SEPT)
+    c.submit("again-2", 2, 37.0, at=SEPT + timedelta(days=7))
+    sessions, _ = shown(c)
+    assert sessions["again"][0] == sessions["again-2"][0] == "auto/2026-09-01/1"
+    assert sessions["s1"][0] == "auto/2026-09-20/1"
+
+
+def test_both_forms_of_session_1_corrected_across_midnight_keep_the_alliance_alert_at_risk_unchanged() -> None:
+    c = Client()
+    for n, (ors, srs) in enumerate(((20.0, 38.0), (20.0, 38.0), (20.0, 32.0)), start=1):
+        at = EVENING + timedelta(days=7 * (n - 1))
+        c.submit(f"a{n}", n, ors, at=at - timedelta(minutes=50), instrument="ORS")  # one appointment id
+        c.submit(f"a{n}", n, srs, at=at)
+    raised = c.state.view(c.rules).alerts[alert_id(3)]
+    assert raised.outcome_at_risk
+    outputs = c.submit("a1", 1, 20.0, at=FIXED - timedelta(minutes=50), instrument="ORS").outputs
+    outputs += c.submit("a1", 1, 38.0, at=FIXED).outputs
+    assert {(o.session.version.instrument, o.session.episode_id) for o in scored(outputs)} == {
+        ("ORS", "auto/2026-09-01/1"), ("SRS", "auto/2026-09-01/1")}
+    assert alerts(outputs) == [] and statuses(outputs) == []
+
+
+def test_a_correction_that_renumbers_session_1_names_its_episode_afresh() -> None:
+    # Not a correction of the time alone: it says another session (number 2 on Sept 2).
+    c = Client()
+    c.submit("s1", 1, 38.0, at=EVENING)
+    (o,) = scored(c.submit("s1", 2, 38.0, at=FIXED))
+    assert o.session.episode_id == "auto/2026-09-02/2"
+
+
+def test_a_record_stored_before_names_were_kept_keeps_the_names_it_published() -> None:
+    # Before, a record kept only the newest version of a submission: an episode whose first time
+    # was corrected was published under the corrected date, and keeps that name.
+    c = Client()
+    c.submit("s1", 1, 38.0, at=FIXED)  # all such a record holds of s1 (no earliest version)
+    c.submit("s2", 2, 38.0, at=EVENING + timedelta(days=7))
+    key = ClientKey(TENANT, CLIENT)
+    doc = state_doc(key, c.state, 1)
+    assert all("og" not in v for v in doc["subs"]), "a submission never corrected stores no earliest version"
+    c.state = state_from(key, doc)
+    (o,) = scored(c.submit("s3", 3, 32.0, at=EVENING + timedelta(days=14)))
+    assert o.session.episode_id == "auto/2026-09-02/1"
+    assert [a.alert.alert_id for a in alerts(c.submit("s3", 3, 31.0, at=EVENING + timedelta(days=14)))] == [
+        alert_id(3, "auto/2026-09-02/1")]
+
+
+def test_the_earliest_version_of_a_corrected_submission_is_stored_with_it() -> None:
+    c = Client()
+    evening_episode(c)
+    c.submit("s1", 1, 38.0, at=FIXED)
+    key = ClientKey(TENANT, CLIENT)
+    back = state_from(key, state_doc(key, c.state, 1))
+    assert back.versions["s1"].origin == c.state.versions["s1"].origin
+    assert back.versions["s1"].named_at == EVENING
+
+
+def test_an_ors_time_of_session_1_corrected_across_midnight_keeps_its_episode_and_outcome_alert() -> None:
+    c = Client()
+    for n in (1, 2, 3):  # not on track at session 3: an outcome alert
+        c.submit(f"o{n}", n, 20.0, at=EVENING + timedelta(days=7 * (n - 1)), instrument="ORS")
+    step = c.submit("o1", 1, 20.0, at=FIXED, instrument="ORS")
+    (o,) = scored(step)
+    assert o.session.episode_id == "auto/2026-09-01/1" and o.revision == 2
+    assert alerts(step) == [] and statuses(step) == []
 
 
 # --- the session gap --------------------------------------------------------------------------

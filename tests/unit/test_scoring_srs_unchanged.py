@@ -6,6 +6,11 @@ ORS was scored (b6da435 + the outcome rules, series untouched), from the scenari
 clients with every instrument, corrections under the same and new ids, identical resends, late
 sessions, restarts of the numbering, other sites' submissions, transfers and redeliveries. Run
 this module as a script to see what the current code produces.
+
+Regenerated once since (2026-11-27), when scoring began to keep the earliest accepted version of
+a corrected submission (`og` in a stored version; a corrected time no longer renames a derived
+episode, docs/clinical-records.md): the events were byte-identical, and the stored states differed
+only by the `og` of each corrected submission.
 """
 
 from __future__ import annotations
