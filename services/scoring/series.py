@@ -428,7 +428,7 @@ class AlertView:
     session: AnyView
     triggers: tuple[str, ...]
     severity: Severity
-    site_id: str  # the site the alert was first raised for (a transfer does not move an alert)
+    site_id: str  # the site it goes to (`alert_site`: a transfer does not move an open alert)
     outcome_at_risk: bool = False
 
     @property
@@ -627,8 +627,23 @@ def _outcome_view(v: Version, eid: str, derived: bool, prev: OutcomeView | None,
     if not s.alert or s.severity is None:
         return view, None
     aid = ids.alert_id(tenant_id, client_id, v.instrument, eid, v.session_number)
-    site = (alert_sites or {}).get(aid, view.site_id)
+    site = alert_site(v.site_id, view.site_id, (alert_sites or {}).get(aid))
     return view, AlertView(aid, view, view.triggers, s.severity, site)
+
+
+def alert_site(submitted_by: str, owner: str, raised_for: str | None) -> str:
+    """The site an alert goes to (its clinician, fallbacks, supervisor and site-bound reads):
+    `submitted_by`, the site of its session's current version, when that site owns the client;
+    else the site it was last raised for (`raised_for`: a transfer does not move an open alert,
+    nor raise it again), else the owning site (a session of the old site first alerting after a
+    transfer goes to the new site, never back to the old one). A version is accepted only from
+    the owning site, so before any transfer all three are the same site; after one, a correction
+    from the new site (naming the new site's clinician) revises the alert for the new site,
+    where that clinician can be reached, instead of sending the new site's client to the old
+    site's fallbacks (docs/clinical-records.md, "Site ownership")."""
+    if submitted_by == owner:
+        return owner
+    return raised_for if raised_for is not None else owner
 
 
 def _mark_outcome_at_risk(alerts: dict[str, AlertView], sessions: Mapping[str, AnyView],
@@ -684,7 +699,7 @@ def _session_view(v: Version, eid: str, derived: bool, prev: SessionView | None,
     if s.alert is None:
         return view, None
     aid = ids.alert_id(tenant_id, client_id, v.instrument, eid, v.session_number)
-    site = (alert_sites or {}).get(aid, view.site_id)
+    site = alert_site(v.site_id, view.site_id, (alert_sites or {}).get(aid))
     return view, AlertView(aid, view, s.alert.triggers, s.alert.severity, site)
 
 
@@ -1320,7 +1335,7 @@ class _Scope:
 
 
 class _AlertSites(Mapping[str, str]):
-    """The site each known alert was first raised for (read by `derive`; a view, not a copy)."""
+    """The site each known alert was last raised for (read by `derive`; a view, not a copy)."""
 
     def __init__(self, alerts: Mapping[str, AlertRecord]) -> None:
         self._alerts = alerts

@@ -508,3 +508,32 @@ async def test_a_time_correction_of_session_1_across_midnight_keeps_an_open_aler
     assert now["created_at"] == alert["created_at"] and not now["escalated"]
     assert len(await _alert_webhooks(receiver, c)) == 1
     assert not [h for h in _webhooks(receiver, c) if h.get("status") == "withdrawn"]
+
+
+async def test_a_correction_after_a_transfer_revises_the_open_alert_for_the_new_site_and_its_clinician(
+        http: httpx.AsyncClient, services: dict[str, ServiceProcess], keys: dict[str, str],
+        receiver: WebhookReceiver) -> None:
+    # An open alert raised at north stays north's through the transfer; the south clinician's
+    # correction of that session revises it for south (who submitted it, and owns the client
+    # now): not for north's fallbacks, with a south clinician north's routing cannot reach.
+    c = "case5c"
+    await _post(http, services, keys["submit@north"], _session(c, 1, SEPT, total=38.0, sid="case5c-s1"))
+    await _post(http, services, keys["submit@north"], _session(c, 2, SEPT + timedelta(days=7), total=30.0,
+                                                               sid="case5c-s2"))
+    await eventually(lambda: _alert_webhooks(receiver, c), timeout=60)
+    r = await http.post(f"{services['intake'].url}/v1/clients/{c}/transfer", headers=_auth(keys["admin"]),
+                        json={"site_id": "south"})
+    assert r.status_code == 202, r.text
+    await _status(http, services, keys["read@south"], "case5c-s2", "scored", 2)
+    await _post(http, services, keys["submit@south"], _session(c, 2, SEPT + timedelta(days=7), total=28.0,
+                                                               sid="case5c-s2", site="south", clinician="c-south"))
+    await _status(http, services, keys["read@south"], "case5c-s2", "scored", 3)
+
+    async def revised() -> dict[str, Any] | None:
+        return next((h for h in await _alert_webhooks(receiver, c) if h["revision"] == 2), None)
+
+    got = await eventually(revised, timeout=60)
+    assert (got["site_id"], got["clinician_id"], got["total"]) == ("south", "c-south", 28.0)
+    (listed,) = await _alerts(http, services, keys["read@south"], c)
+    assert (listed["revision"], listed["status"]) == (2, "open")
+    assert await _alerts(http, services, keys["read@north"], c) == []

@@ -8,9 +8,10 @@ transfers, redelivery, and the stored form of the state.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta, timezone
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -970,6 +971,45 @@ def test_a_session_after_a_transfer_alerts_for_the_new_site() -> None:
     c.transfer("tx-1", "south")
     (a,) = alerts(c.submit("s2", 2, 30.0, site="south"))
     assert a.alert.site_id == "south"
+
+
+def test_a_correction_from_the_new_site_revises_the_open_alert_for_the_new_site_and_its_clinician() -> None:
+    c = Client()
+    c.feed(38.0, 30.0)
+    c.transfer("tx-1", "south")
+    (a,) = alerts(c.submit("s2", 2, 28.0, site="south", clinician="c-south"))
+    assert (a.alert.site_id, a.alert.session.version.clinician_id, a.revision) == ("south", "c-south", 2)
+    assert c.state.alerts[a.alert.alert_id].site_id == "south"
+
+
+def test_a_transfer_there_and_back_does_not_raise_the_open_alert_again() -> None:
+    c = Client()
+    c.feed(38.0, 30.0)
+    there, back = c.transfer("tx-1", "south"), c.transfer("tx-2", "north")
+    assert alerts(there) == alerts(back) == []
+    (a,) = alerts(c.state.current_outputs(c.rules))
+    assert (a.alert.site_id, a.revision) == ("north", 1)
+
+
+def test_an_old_sites_session_first_alerting_after_a_transfer_alerts_for_the_new_site() -> None:
+    c = Client()
+    c.feed(37.0, 37.0)  # no alert under the cutoff of 36
+    c.rules = replace(RULES, cutoff=38.0)  # applied with the transfer, the next record scoring applies
+    (a,) = alerts(c.transfer("tx-1", "south"))
+    assert (a.alert.site_id, a.alert.session.version.site_id) == ("south", "north")
+
+
+@pytest.mark.parametrize(("submitted_by", "owner", "raised_for", "site"), [
+    ("north", "north", None, "north"),  # no transfer: the one site
+    ("north", "north", "north", "north"),
+    ("north", "south", "north", "north"),  # an open alert the transfer did not move
+    ("north", "south", None, "south"),  # the old site's session first alerting after the transfer
+    ("south", "south", "north", "south"),  # the new site's correction revises it for the new site
+    ("north", "north", "south", "north"),  # transferred back: the old site's version, its site again
+])
+def test_an_alert_goes_to_the_submitting_site_while_it_owns_the_client_else_where_it_was_raised(
+        submitted_by: str, owner: str, raised_for: str | None, site: str) -> None:
+    assert series.alert_site(submitted_by, owner, raised_for) == site
 
 
 def test_a_rejection_from_before_a_transfer_is_given_again_when_redelivered_after_it() -> None:
