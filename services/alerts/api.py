@@ -40,9 +40,11 @@ from services.alerts.service import (
     NoSigningSecret,
     NotFound,
     NotPublished,
+    Reroute,
     SiteForbidden,
     TenantWideOnly,
     TooManySubscriptions,
+    no_reroute,
     tenant_wide,
 )
 from services.alerts.settings import AlertsSettings
@@ -218,10 +220,11 @@ def _note_alert(request: Request, p: Principal, alert: Alert | None) -> None:
 
 def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topics: Topics, settings: AlertsSettings,
                  box: SecretBox, forget_secret: Callable[[str], None], wake: Callable[[], None],
-                 auditor: Auditor | None = None, resolve: Resolver = system_resolve) -> APIRouter:
+                 auditor: Auditor | None = None, resolve: Resolver = system_resolve,
+                 reroute: Reroute = no_reroute) -> APIRouter:
     """The /v1 routes. Alert and delivery reads and every change append an audit entry (`shared.audit`)."""
     commands = AlertsCommands(store, publisher, topics, wake, settings.allow_private_targets, resolve, settings, box,
-                              forget_secret)
+                              forget_secret, reroute)
     read_key, admin_key = require(lambda: keys, "read"), require(lambda: keys, "admin")
     reader = Depends(read_key)
     audited = (auditor or Auditor(None, "alerts", keys.lookup)).route

@@ -21,6 +21,7 @@ from faststream import FastStream
 from services.alerts.api import build_router
 from services.alerts.escalation import Escalator
 from services.alerts.handlers import INVALID, Handlers, OutcomeStatusEvent, StatusEvent
+from services.alerts.reroute import Rerouter
 from services.alerts.senders import EmailSender, SigningSecrets, WebhookSender
 from services.alerts.settings import AlertsSettings, SmtpSettings
 from services.alerts.statuses import StatusTeller
@@ -93,6 +94,7 @@ def build(config: AlertsConfig, resolve: Resolver = system_resolve) -> AlertsSer
                             on_statuses_recorded=statuses.recorded_docs)
     handlers = Handlers(store, config.smtp.enabled, worker.wake, publisher, topics)
     escalator = Escalator(store, publisher, topics, config.alerts, config.smtp.enabled, worker.wake)
+    rerouter = Rerouter(store, config.smtp.enabled, worker.wake, config.alerts)
 
     poison = DeadLetterTarget(topics.deadletter, publisher.publish_all)
     subscribe_batch(broker, topics.deterioration, group_id=config.kafka.group(SERVICE), service=SERVICE,
@@ -136,11 +138,13 @@ def build(config: AlertsConfig, resolve: Resolver = system_resolve) -> AlertsSer
     # after a restart, pending deliveries and retries go out while the consumer group still rebalances.
     # On stop the runtime cancels them before closing the webhook client.
     runtime = base.runtime(on_start=[start],
-                           store_tasks=[worker.run, statuses.run, escalator.run, worker.refresh_gauges],
+                           store_tasks=[worker.run, statuses.run, escalator.run, rerouter.run,
+                                        worker.refresh_gauges],
                            on_stop=[webhook.close, *([audit_log.close] if audit_log is not None else [])])
     keys = auth.KeyStore(db)
     router = build_router(store, keys, publisher, topics, config.alerts, box, secrets.forget, worker.wake,
-                          audit.Auditor(audit_log, SERVICE, keys.lookup), resolve=resolve)
+                          audit.Auditor(audit_log, SERVICE, keys.lookup), resolve=resolve,
+                          reroute=rerouter.reroute)
     app = service_api(runtime, title=TITLE, description=DESCRIPTION)
     app.include_router(router)
     # What the worker sends, documented as the OpenAPI document's `webhooks` (served by no route).

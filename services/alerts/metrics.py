@@ -67,3 +67,15 @@ for _kind in ALERT_TYPES:  # every series exported at zero (14 in all), so that 
         for _fallback in ("yes", "no"):
             if (_why, _fallback) != ("undelivered", "yes"):  # an undelivered revision reached nobody
                 UNROUTED.labels(_kind, _why, _fallback)
+
+REROUTED = Counter(
+    "alliance_alerts_rerouted",
+    "Stranded alerts (open, their routed revision reached a fallback or nobody) delivered to their clinician "
+    "after a directory change made them reachable, counted once per alert revision: by kind (alliance, "
+    "outcome) and the reason they had not reached them (no_directory_entry, other_site, no_channel, "
+    "undelivered).",
+    ["kind", "reason"],
+)
+for _kind in ALERT_TYPES:  # every series exported at zero (8 in all)
+    for _why in UNROUTED_REASONS:
+        REROUTED.labels(_kind, _why)

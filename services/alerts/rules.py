@@ -372,6 +372,71 @@ def plan_alert(alert: RaisedAlert, clinician: Clinician | None, subscriptions: I
     ]
 
 
+# ---- rerouting: a directory fix delivers what it stranded (docs/operations.md) -----------------
+#
+# A revision routed to the site's fallbacks or to nobody stays so while its clinician cannot be
+# reached. Once a directory change makes them reachable (registered, moved to the alert's site, given
+# a channel), the revision is sent to them after all: the clinician deliveries `plan_alert` would plan
+# today, under the same derived ids, so each channel goes at most once per revision whoever decides it
+# and however often. A channel the revision already tried to the SAME target and failed for good is
+# not tried again (nothing changed for it); one tried to another target is retried at the new one.
+
+
+@dataclass(frozen=True)
+class StrandedAlert:
+    """What rerouting needs of a stored alert: the revision its content and routing are of, where its
+    lifecycle stands (`status` as the API shows it), and who that revision reached."""
+
+    alert: RaisedAlert  # the stored body of its highest raised revision
+    status: str  # open, acknowledged, superseded, withdrawn
+    routed_revision: int  # the revision `routing` is of (`rrev`; 0: not routed yet)
+    routing: RoutedTo | None
+    routing_reason: UnroutedReason | None
+
+
+@dataclass(frozen=True)
+class Reroute:
+    """A stranded revision sent to its clinician: deliveries to insert (`new`), failed ones to put
+    back on the schedule at the entry's current target (`retry`), and why it had not reached them."""
+
+    alert_id: str
+    revision: int
+    reason: UnroutedReason
+    new: tuple[PlannedDelivery, ...] = ()
+    retry: tuple[PlannedDelivery, ...] = ()
+
+
+def plan_reroute(stranded: StrandedAlert, entry: Clinician | None, email_enabled: bool,
+                 tried: Mapping[str, tuple[str, str]]) -> Reroute | None:
+    """Whether (and how) a stranded revision now goes to its clinician, or None.
+
+    None unless the alert is still `open` (an acknowledged, superseded or withdrawn one is not sent),
+    its recorded routing is of this very revision and says it did not reach the clinician (`fallback`
+    or `none`), and the clinician can now be reached by the routing rule (`unrouted_reason`: an entry
+    of the alert's tenant AND site with a usable channel; never another site's). `tried`: {delivery
+    id: (status, target)} of the clinician deliveries of this revision that exist. A channel never
+    planned is new; one `failed` at another target is retried at the entry's; one failed at the same
+    target, or pending, delivered or cancelled, is left. Rerouted when something is sent, or when a
+    clinician delivery is already pending or delivered (a reroute that stopped between its two
+    writes); not when every channel already failed at the target it has now (still undelivered)."""
+    alert = stranded.alert
+    if (stranded.status != AlertState.OPEN or stranded.routed_revision != alert.revision
+            or stranded.routing not in ("fallback", "none") or stranded.routing_reason is None):
+        return None
+    if unrouted_reason(entry, alert.tenant_id, alert.site_id, alert.clinician_id, email_enabled) is not None:
+        return None
+    planned = person_deliveries("alert", "clinician", entry, email_enabled, tenant_id=alert.tenant_id,
+                                site_id=alert.site_id, subject_id=raise_subject(alert), alert_id=alert.alert_id,
+                                topic=alert_kind(alert).raised)
+    new = tuple(p for p in planned if p.delivery_id not in tried)
+    retry = tuple(p for p in planned if tried.get(p.delivery_id, ("", p.target))[0] == "failed"
+                  and tried[p.delivery_id][1] != p.target)
+    live = any(tried.get(p.delivery_id, ("",))[0] in ("pending", "delivered") for p in planned)
+    if not (new or retry or live):
+        return None
+    return Reroute(alert.alert_id, alert.revision, stranded.routing_reason, new, retry)
+
+
 def route_status(event: AlertStatusChanged, clinician: Clinician | None, subscriptions: Iterable[Subscription],
                  email_enabled: bool, kind: AlertKind = ALLIANCE_KIND,
                  fallbacks: Iterable[Clinician] = ()) -> list[PlannedDelivery]:

@@ -12,7 +12,8 @@ bound to none (`TenantWideOnly`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -28,6 +29,8 @@ from shared import tracing
 from shared.auth import Principal
 from shared.events import AlertStatus
 from shared.topics import Topics
+
+log = logging.getLogger("alliance.alerts.service")
 
 
 class NotFound(Exception):
@@ -122,6 +125,15 @@ class CommandStore(Protocol):
     async def set_escalation(self, tenant_id: str, seconds: float | None) -> None: ...
 
 
+# Sends a clinician the stranded alerts their entry now reaches (`reroute.Rerouter.reroute`): (tenant,
+# clinician) -> how many alerts it rerouted.
+Reroute = Callable[[str, str], Awaitable[int]]
+
+
+async def no_reroute(tenant_id: str, clinician_id: str) -> int:
+    return 0
+
+
 # Told what a command found before it checks the caller's site (the audit trail names it).
 Seen = Callable[[Alert | None], None]
 
@@ -179,6 +191,7 @@ class AlertsCommands:
     settings: AlertsSettings = field(default_factory=AlertsSettings)  # the subscription cap, grace, interval
     box: SecretBox = field(default_factory=SecretBox)  # seals signing secrets (no keyring: stored as they are)
     forget_secret: Callable[[str], None] = _forget_nothing  # drops a cached secret (the senders')
+    reroute: Reroute = no_reroute  # delivers the stranded alerts a directory change unstrands
 
     async def put_clinician(self, p: Principal, entry: Clinician) -> bool:
         """Create or replace a directory entry (of the caller's tenant); True when it is new.
@@ -198,7 +211,14 @@ class AlertsCommands:
             raise Invalid("webhook_url", problem)
         if entry.webhook_url and not await self.store.has_webhook_secret(p.tenant_id):
             raise NoSigningSecret()
-        return await self.store.put_clinician(entry)
+        created = await self.store.put_clinician(entry)
+        try:
+            # At once, so the clinician hears of their stranded open alerts within seconds; the entry
+            # stays owed a look (stored with it), so a failure here is only late, never lost.
+            await self.reroute(p.tenant_id, entry.clinician_id)
+        except Exception:
+            log.exception("rerouting after a directory change failed; the sweep looks again")
+        return created
 
     async def acknowledge(self, p: Principal, alert_id: str, seen: Seen = _nothing) -> Alert:
         """Acknowledge an alert (idempotent) and publish `acknowledged` on its type's status topic

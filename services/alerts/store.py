@@ -69,6 +69,8 @@ DELIVERIES = "deliveries"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # The outbox flag of a delivery whose `delivered` / `failed` status event is still owed.
 STATUS_OUTBOX = "status_outbox"
+# The outbox flag of a directory entry whose stranded alerts are still to be looked at (services/alerts/reroute.py).
+REROUTE_OWED = "reroute_owed"
 
 Outcome = Literal["delivered", "retry", "failed", "cancelled"]
 DeliveryStatus = Literal["pending", "delivered", "failed", "cancelled"]
@@ -294,6 +296,7 @@ class AlertsStore:
         await self.deliveries.create_index([("subscription_id", ASCENDING), ("status", ASCENDING)])
         # Sparse: only the deliveries whose status is still owed carry the flag.
         await self.deliveries.create_index([(STATUS_OUTBOX, ASCENDING)], sparse=True)
+        await self.clinicians.create_index([(REROUTE_OWED, ASCENDING)], sparse=True)
 
     # ---- directory -------------------------------------------------------------------------
 
@@ -304,7 +307,9 @@ class AlertsStore:
             {"_id": clinician_key(c.tenant_id, c.clinician_id)},
             {"$set": {"tenant_id": c.tenant_id, "clinician_id": c.clinician_id, "site_id": c.site_id,
                       "email": c.email, "webhook_url": c.webhook_url, "supervisor_id": c.supervisor_id,
-                      "fallback": c.fallback, "updated_at": now},
+                      "fallback": c.fallback, "updated_at": now,
+                      # Owed in the same write: the alerts this change may unstrand (see `owed_reroutes`).
+                      REROUTE_OWED: now},
              "$setOnInsert": {"created_at": now}},
             upsert=True,
         )
@@ -338,6 +343,19 @@ class AlertsStore:
         docs = await self.clinicians.find({"fallback": True, "$or": [{"tenant_id": t, "site_id": s}
                                                                      for t, s in wanted]}).to_list()
         return [_clinician(d) for d in docs]
+
+    async def owed_reroutes(self, put_before: datetime, limit: int = 100) -> list[tuple[str, str, datetime]]:
+        """(tenant, clinician, when put) of the directory entries put before `put_before` whose
+        stranded alerts are still owed a look (the sparse `reroute_owed` index), oldest first."""
+        docs = await self.clinicians.find({REROUTE_OWED: {"$lte": put_before}},
+                                          {"tenant_id": 1, "clinician_id": 1, REROUTE_OWED: 1}).sort(
+            REROUTE_OWED, ASCENDING).limit(limit).to_list()
+        return [(d["tenant_id"], d["clinician_id"], d[REROUTE_OWED]) for d in docs]
+
+    async def reroute_done(self, tenant_id: str, clinician_id: str, put_at: datetime) -> None:
+        """Unset the flag of the put at `put_at`; a later put of the entry keeps its own debt."""
+        await self.clinicians.update_one({"_id": clinician_key(tenant_id, clinician_id), REROUTE_OWED: put_at},
+                                         {"$unset": {REROUTE_OWED: ""}})
 
     # ---- subscriptions -----------------------------------------------------------------------
 
@@ -536,6 +554,31 @@ class AlertsStore:
                           {"$set": {"rrev": revision, "routing": r.to, "routing_reason": r.reason,
                                     "routing_fallbacks": list(r.fallback_ids)}})
                 for alert_id, revision, r in routings], ordered=False)
+
+    async def stranded_alerts(self, tenant_id: str, clinician_id: str) -> list[Document]:
+        """The open alerts of one clinician whose routed revision did not reach them (routing
+        `fallback` or `none`), with content, in one read (the (tenant, clinician, status) index).
+        Their site is the rule's to judge (`rules.plan_reroute`), not this query's."""
+        return await self.alerts.find({"tenant_id": tenant_id, "clinician_id": clinician_id,
+                                       "status": AlertState.OPEN, "routing": {"$in": ["fallback", "none"]},
+                                       "crev": {"$gte": 1}}).to_list()
+
+    async def record_rerouted(self, reroutes: Sequence[tuple[str, int, UnroutedReason]]) -> set[str]:
+        """Record (alert id, revision) as reaching its clinician after all (routing `clinician`,
+        `rerouted_at`, `rerouted_from`: the reason it had not), on an alert whose routed revision is
+        still that one, still open and still stranded. Returns the alert ids it changed: news,
+        counted once whoever else rerouted the same alert at the same moment."""
+        changed: set[str] = set()
+        now = utcnow()
+        for alert_id, revision, reason in reroutes:  # a directory fix's few alerts: no batching
+            res = await self.alerts.update_one(
+                {"_id": alert_id, "rrev": revision, "status": AlertState.OPEN,
+                 "routing": {"$in": ["fallback", "none"]}},
+                {"$set": {"routing": "clinician", "routing_reason": None, "rerouted_at": now,
+                          "rerouted_from": reason}})
+            if res.modified_count:
+                changed.add(alert_id)
+        return changed
 
     async def lifecycle_orders(self, alert_ids: Iterable[str]) -> dict[str, str]:
         """{alert id: stored `lkey`} for many alerts in one round trip (after a merge: which events
@@ -743,6 +786,37 @@ class AlertsStore:
             if res.modified_count:
                 changed.add(alert_id)
         return changed
+
+    async def clinician_tries(self, alert_ids: Iterable[str], recipient: str) -> dict[str, tuple[str, str]]:
+        """{delivery id: (status, target)} of `recipient`'s deliveries of these alerts' raised
+        revisions, in one round trip (by the alert id's index)."""
+        wanted = sorted(set(alert_ids))
+        if not wanted:
+            return {}
+        docs = await self.deliveries.find({"alert_id": {"$in": wanted}, "kind": "alert", "recipient": recipient},
+                                          {"_id": 1, "status": 1, "target": 1}).to_list()
+        return {str(d["_id"]): (str(d["status"]), str(d["target"])) for d in docs}
+
+    async def retarget_failed(self, retargets: Sequence[tuple[str, str]]) -> None:
+        """Put failed deliveries — (delivery id, new target) — back on the schedule at the new
+        target with a fresh attempt budget (as `requeue_failed`); one that is no longer failed is left."""
+        now = utcnow()
+        for delivery_id, target in retargets:
+            await self.deliveries.update_one({"_id": delivery_id, "status": "failed"}, {"$set": {
+                "status": "pending", "attempts": 0, "target": target, "next_attempt_at": now,
+                "claimed_until": EPOCH}})
+
+    async def cancel_fallback_deliveries(self, revisions: Sequence[tuple[str, str]]) -> None:
+        """Cancel the fallbacks' deliveries of these raised revisions ((alert id, `subject_id`)) that
+        are still pending and not being attempted: the clinician has it now."""
+        if not revisions:
+            return
+        now = utcnow()
+        await self.deliveries.update_many(
+            {"alert_id": {"$in": sorted({a for a, _ in revisions})},
+             "subject_id": {"$in": sorted({s for _, s in revisions})}, "kind": "alert",
+             "recipient": {"$regex": "^fallback:"}, "status": "pending", "claimed_until": {"$lte": now}},
+            {"$set": {"status": "cancelled", "last_error": "rerouted to the alert's clinician", "finished_at": now}})
 
     async def statuses_told(self, told: Sequence[tuple[str, datetime | None]]) -> None:
         """Unset the outbox flag of (delivery id, `finished_at` told) in one round trip; conditional

@@ -30,7 +30,7 @@ from tests.integration.test_alerts_delivery import (
     path,
     put_clinician,
 )
-from tests.integration.test_alerts_unrouted import alert_row, put_fallback, routed, routed_nowhere, told_reached_nobody
+from tests.integration.test_alerts_unrouted import alert_row, put_fallback, routed_nowhere, told_reached_nobody
 from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
 from tools.harness import deterioration, ended
@@ -51,8 +51,21 @@ async def stranded(env: Env, t: Tenant, cid: str, client: str) -> AllianceDeteri
     """An alert for `cid`, who is not in the directory yet, once its routing is recorded."""
     ev = deterioration(t.id, cid, client)
     await env.publisher.publish(env.topics.deterioration, ev, t.id, ev.client_id)
-    await eventually(lambda: routed(env, t, ev.alert_id))
+
+    async def routing_recorded() -> object:
+        r = await env.client.get(f"/v1/alerts/{ev.alert_id}", headers=t.read)
+        return r.status_code == 200 and r.json()["routing"] is not None
+    await eventually(routing_recorded)
     return ev
+
+
+async def swept(env: Env, t: Tenant, cid: str) -> None:
+    """Wait until the sweep has looked again at `cid`'s entry (its owed flag is unset): whatever
+    rerouting was going to do is done."""
+    async def looked() -> bool:
+        doc = await env.db["clinicians"].find_one({"tenant_id": t.id, "clinician_id": cid})
+        return doc is not None and "reroute_owed" not in doc
+    await eventually(looked)
 
 
 def alerts_at(env: Env, hook: str, alert_id: str) -> list[dict[str, object]]:
@@ -91,11 +104,13 @@ async def test_putting_the_fixed_entry_again_sends_the_clinician_nothing_more(en
     for _ in range(3):
         await put_clinician(env, t, "c1", env.receiver.behave(hook))
     await eventually(lambda: _async(alerts_at(env, hook, ev.alert_id)))
+    await swept(env, t, "c1")
     await _sentinel(env, t, "c1", "client-2")
 
     assert len(alerts_at(env, hook, ev.alert_id)) == 1
     mine = [d for d in await deliveries(env, t, alert_id=ev.alert_id) if d["recipient"] == "clinician:c1"]
-    assert sorted(d["channel"] for d in mine) == ["webhook"]  # no SMTP in this env: the webhook only
+    assert sorted(d["channel"] for d in mine) == ["email", "webhook"]  # one delivery per channel
+    assert sum(ev.alert_id in m.get_content() for m in env.smtp.to("c1@clinic.test")) == 1
     after = await _metrics(env)
     assert rerouted(after, "no_directory_entry") - rerouted(before, "no_directory_entry") == 1
 
@@ -108,6 +123,7 @@ async def test_an_acknowledged_stranded_alert_is_not_sent_when_the_clinician_is_
     assert r.status_code == 200 and r.json()["status"] == "acknowledged"
     hook = path(t, "c1")
     await put_clinician(env, t, "c1", env.receiver.behave(hook))
+    await swept(env, t, "c1")
     await _sentinel(env, t, "c1", "client-3")
 
     assert alerts_at(env, hook, ev.alert_id) == []
@@ -124,6 +140,7 @@ async def test_a_superseded_stranded_alert_is_not_sent_when_the_clinician_is_reg
     await eventually(superseded)
     hook = path(t, "c1")
     await put_clinician(env, t, "c1", env.receiver.behave(hook))
+    await swept(env, t, "c1")
     await _sentinel(env, t, "c1", "client-4")
 
     assert alerts_at(env, hook, ev.alert_id) == []
@@ -135,6 +152,7 @@ async def test_an_entry_of_another_site_with_the_same_id_gets_nothing(env: Env) 
     hook = path(t, "c1-b")
     await put_clinician(env, t, "c1", env.receiver.behave(hook), site="site-b")
     await put_clinician(env, t, "sentinel", env.receiver.behave(path(t, "sentinel")))
+    await swept(env, t, "c1")
     await _sentinel(env, t, "sentinel", "client-5")
 
     assert env.receiver.at(hook) == []
@@ -160,15 +178,16 @@ async def test_moving_an_entry_to_the_alerts_site_delivers_the_alert_the_fallbac
 
 async def test_an_undelivered_alert_is_delivered_once_the_clinicians_webhook_is_changed(env: Env) -> None:
     t = await new_tenant(env, "newhook")
-    dead = path(t, "c1-dead")
-    await put_clinician(env, t, "c1", env.receiver.behave(dead, always_fail=True))
+    dead, mail = path(t, "c1-dead"), f"c1@{t.id}.test"
+    env.smtp.failing.add(mail)
+    await put_clinician(env, t, "c1", env.receiver.behave(dead, always_fail=True), mail)
     ev = deterioration(t.id, "c1", "client-7")
     await told_reached_nobody(env, t, ev)
     await eventually(lambda: routed_nowhere(env, t, ev.alert_id))
     assert len(env.receiver.at(dead)) == MAX_ATTEMPTS
 
     hook = path(t, "c1-fixed")
-    await put_clinician(env, t, "c1", env.receiver.behave(hook))
+    await put_clinician(env, t, "c1", env.receiver.behave(hook), mail)  # the webhook fixed, the email not
 
     [req] = await eventually(lambda: _async(env.receiver.at(hook)))
     assert json.loads(req.body)["alert_id"] == ev.alert_id
@@ -180,13 +199,15 @@ async def test_an_undelivered_alert_is_delivered_once_the_clinicians_webhook_is_
 
 async def test_putting_an_undelivered_clinicians_entry_again_unchanged_does_not_retry_it(env: Env) -> None:
     t = await new_tenant(env, "samehook")
-    dead = path(t, "c1")
-    await put_clinician(env, t, "c1", env.receiver.behave(dead, always_fail=True))
+    dead, mail = path(t, "c1"), f"c1@{t.id}.test"
+    env.smtp.failing.add(mail)
+    await put_clinician(env, t, "c1", env.receiver.behave(dead, always_fail=True), mail)
     ev = deterioration(t.id, "c1", "client-8")
     await told_reached_nobody(env, t, ev)
     await eventually(lambda: routed_nowhere(env, t, ev.alert_id))
 
-    await put_clinician(env, t, "c1", env.receiver.behave(dead, always_fail=True))
+    await put_clinician(env, t, "c1", env.receiver.behave(dead, always_fail=True), mail)
+    await swept(env, t, "c1")
 
     assert len(env.receiver.at(dead)) == MAX_ATTEMPTS
     assert (await alert_row(env, t, ev.alert_id))["routing"] == "none"
