@@ -11,7 +11,9 @@ and no email or SMTP off) goes to the directory entries of the alert's tenant AN
 (`reason`: `no_directory_entry`, `other_site`, `no_channel`). When the site has no reachable
 fallback either, the revision reaches nobody: the handlers record `routing: none` and tell
 `failed` on the alert's status topic (`unrouted_status`). A fallback is never another site's
-entry: site ownership holds for fallbacks exactly as for clinicians.
+entry: site ownership holds for fallbacks exactly as for clinicians. Once a directory change makes
+the clinician reachable, an alert of theirs still open whose routed revision reached only fallbacks
+or nobody is sent to them after all (`plan_reroute`, "rerouting" below).
 """
 
 from __future__ import annotations

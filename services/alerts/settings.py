@@ -42,7 +42,8 @@ class AlertsSettings(BaseSettings):
     gauge_seconds: PositiveFloat = 5.0
     # A clinician's `delivered` / `failed` status is published right after its delivery is recorded;
     # one still owed this long after (a crash, a broker outage) is published by a sweep that runs
-    # this often (services/alerts/statuses.py).
+    # this often (services/alerts/statuses.py). Rerouting looks again, this often, at directory entries
+    # put this long ago whose stranded alerts are still owed a look (services/alerts/reroute.py).
     status_sweep_seconds: PositiveFloat = 30.0
 
     escalation_seconds: PositiveFloat = 24 * 3600.0

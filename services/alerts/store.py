@@ -4,6 +4,8 @@
   `clinician_key`; documents of the older `"<tenant>:<clinician>"` form are migrated at start).
   `fallback: true` marks a site's fallback entry (it receives the alerts of its site that reach
   no clinician; `fallbacks_for`); an entry stored before fallbacks existed has none, and is not one.
+  `reroute_owed` (the time of the put, set by the same write, unset once the sweep looked again)
+  marks an entry whose stranded alerts are still owed a look (services/alerts/reroute.py).
 - `subscriptions`: partner webhooks with their (sealed) signing secrets.
 - `alert_tenants`: per-tenant clinician-webhook signing secret and escalation interval.
 - `alerts`: one document per alert id, of either type (`alert_type`: `alliance`, or `outcome`
@@ -17,7 +19,9 @@
   open) and list filters stay single-field queries. Escalated once. `routing` (`clinician`,
   `fallback`, `none`), `routing_reason` and `routing_fallbacks` (the fallback entries told) are
   those of the highest revision the handlers routed, `rrev` (see `record_routing`); an alert
-  stored before routing was recorded has none (the API shows null).
+  stored before routing was recorded has none (the API shows null). A stranded alert a directory
+  fix sent to its clinician is `clinician` from then on, with `rerouted_at` and `rerouted_from`
+  (the reason it had not reached them; see `record_rerouted`).
 - `deliveries`: one document per (alert or event, recipient, channel) — `_id` is the delivery id,
   so a redelivered event cannot create a second one. It is also the durable retry schedule:
   status pending + `next_attempt_at`, leased by one worker at a time through `claimed_until`.
