@@ -9,13 +9,17 @@ One alerts instance serves the module (webhook receiver, SMTP sink); each test h
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from services.alerts.reroute import Rerouter
+from services.alerts.rules import Clinician
 from services.alerts.settings import AlertsSettings
+from services.alerts.store import AlertsStore
 from shared import ids
 from shared.events import AllianceDeterioration
 from tests.integration.test_alerts_delivery import (
@@ -211,3 +215,36 @@ async def test_putting_an_undelivered_clinicians_entry_again_unchanged_does_not_
 
     assert len(env.receiver.at(dead)) == MAX_ATTEMPTS
     assert (await alert_row(env, t, ev.alert_id))["routing"] == "none"
+
+
+async def test_an_entry_stored_by_a_process_that_died_before_looking_is_looked_at_by_the_sweep(env: Env) -> None:
+    t = await new_tenant(env, "crash")
+    ev = await stranded(env, t, "c1", "client-9")
+    hook = path(t, "c1")
+    # What the put's store write leaves when the process dies right after it: the entry, owing a look.
+    await AlertsStore(env.db).put_clinician(Clinician(t.id, "c1", "site-a", None, env.receiver.behave(hook)))
+
+    [body] = await eventually(lambda: _async(alerts_at(env, hook, ev.alert_id)))
+    assert body["revision"] == 1
+    await swept(env, t, "c1")
+    assert (await alert_row(env, t, ev.alert_id))["routing"] == "clinician"
+
+
+async def test_two_processes_rerouting_at_once_deliver_each_channel_once_and_count_it_once(env: Env) -> None:
+    t = await new_tenant(env, "twice")
+    ev = await stranded(env, t, "c1", "client-10")
+    hook = path(t, "c1")
+    await AlertsStore(env.db).put_clinician(Clinician(t.id, "c1", "site-a", None, env.receiver.behave(hook)))
+    before = await _metrics(env)
+    settings = AlertsSettings()
+    one, two = (Rerouter(AlertsStore(env.db), True, lambda: None, settings) for _ in range(2))
+
+    counted = await asyncio.gather(one.reroute(t.id, "c1"), two.reroute(t.id, "c1"), one.reroute(t.id, "c1"))
+
+    assert sum(counted) <= 1  # the app's own sweep may be the one that records it
+    await eventually(lambda: _async(alerts_at(env, hook, ev.alert_id)))
+    await swept(env, t, "c1")
+    await _sentinel(env, t, "c1", "client-10")
+    assert len(alerts_at(env, hook, ev.alert_id)) == 1
+    after = await _metrics(env)
+    assert rerouted(after, "no_directory_entry") - rerouted(before, "no_directory_entry") == 1

@@ -74,6 +74,41 @@ async def test_a_new_entry_is_created_and_a_second_put_replaces_it() -> None:
     assert w.store.clinicians[(TENANT, "c-1")].webhook_url == "https://clinic.example/h"
 
 
+async def test_a_put_entry_is_looked_at_for_stranded_alerts_at_once() -> None:
+    w = Wired()
+    looked: list[tuple[str, str]] = []
+
+    async def reroute(tenant_id: str, clinician_id: str) -> int:
+        looked.append((tenant_id, clinician_id))
+        return 1
+    w.commands.reroute = reroute
+    await w.commands.put_clinician(ADMIN, entry())
+    assert looked == [(TENANT, "c-1")]
+
+
+async def test_a_failed_look_for_stranded_alerts_does_not_fail_the_put_it_only_comes_later() -> None:
+    w = Wired()
+
+    async def reroute(tenant_id: str, clinician_id: str) -> int:
+        raise ConnectionError("store away")
+    w.commands.reroute = reroute
+    assert await w.commands.put_clinician(ADMIN, entry()) is True
+    assert w.store.clinicians[(TENANT, "c-1")].site_id == "north"
+
+
+async def test_a_refused_put_looks_at_nothing() -> None:
+    w = Wired()
+    looked: list[str] = []
+
+    async def reroute(tenant_id: str, clinician_id: str) -> int:
+        looked.append(clinician_id)
+        return 0
+    w.commands.reroute = reroute
+    with pytest.raises(service.SiteForbidden):
+        await w.commands.put_clinician(NORTH_ONLY, entry(site="south"))
+    assert looked == []
+
+
 async def test_a_site_bound_key_may_not_move_an_entry_out_of_its_site_nor_take_one_from_another() -> None:
     w = Wired()
     with pytest.raises(service.SiteForbidden):
