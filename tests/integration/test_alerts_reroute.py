@@ -4,7 +4,7 @@ still open and reached them not (routing `fallback` or `none`) is delivered to t
 revision, through the real alerts service, broker and store (docs/operations.md, "Rerouting stranded
 alerts").
 
-One alerts instance serves the module (webhook receiver, SMTP sink); each test has its own tenant.
+The module shares one alerts instance (its webhook receiver and SMTP sink); every test is a tenant of its own.
 """
 
 from __future__ import annotations
@@ -34,20 +34,23 @@ from tests.integration.test_alerts_delivery import (
     path,
     put_clinician,
 )
-from tests.integration.test_alerts_unrouted import alert_row, put_fallback, routed_nowhere, told_reached_nobody
+from tests.integration.test_alerts_unrouted import (
+    FAST,
+    MAX_ATTEMPTS,
+    alert_row,
+    put_fallback,
+    routed_nowhere,
+    told_reached_nobody,
+)
 from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
 from tools.harness import deterioration, ended
 
-MAX_ATTEMPTS = 3
-
 
 @pytest.fixture(scope="module")
 async def env(stack: StackUnderTest) -> AsyncIterator[Env]:
-    settings = AlertsSettings(allow_private_targets=True, retry_first_seconds=0.05, retry_max_seconds=0.2,
-                              max_attempts=MAX_ATTEMPTS, poll_seconds=0.1, gauge_seconds=0.1,
-                              escalation_check_seconds=0.2, status_sweep_seconds=0.5)
-    async with env_with(stack, settings) as e:
+    # The sweep looks again half a second after a put: the tests wait for it (`swept`).
+    async with env_with(stack, FAST.model_copy(update={"status_sweep_seconds": 0.5})) as e:
         yield e
 
 
@@ -180,14 +183,21 @@ async def test_moving_an_entry_to_the_alerts_site_delivers_the_alert_the_fallbac
     assert (await alert_row(env, t, ev.alert_id))["routing"] == "clinician"
 
 
-async def test_an_undelivered_alert_is_delivered_once_the_clinicians_webhook_is_changed(env: Env) -> None:
-    t = await new_tenant(env, "newhook")
+async def undelivered(env: Env, t: Tenant, client: str) -> tuple[AllianceDeterioration, str, str]:
+    """An alert of clinician c1 whose webhook and email failed every attempt (routing none,
+    undelivered): the alert, the dead webhook's path and the refused address."""
     dead, mail = path(t, "c1-dead"), f"c1@{t.id}.test"
     env.smtp.failing.add(mail)
     await put_clinician(env, t, "c1", env.receiver.behave(dead, always_fail=True), mail)
-    ev = deterioration(t.id, "c1", "client-7")
+    ev = deterioration(t.id, "c1", client)
     await told_reached_nobody(env, t, ev)
     await eventually(lambda: routed_nowhere(env, t, ev.alert_id))
+    return ev, dead, mail
+
+
+async def test_an_undelivered_alert_is_delivered_once_the_clinicians_webhook_is_changed(env: Env) -> None:
+    t = await new_tenant(env, "newhook")
+    ev, dead, mail = await undelivered(env, t, "client-7")
     assert len(env.receiver.at(dead)) == MAX_ATTEMPTS
 
     hook = path(t, "c1-fixed")
@@ -203,12 +213,7 @@ async def test_an_undelivered_alert_is_delivered_once_the_clinicians_webhook_is_
 
 async def test_putting_an_undelivered_clinicians_entry_again_unchanged_does_not_retry_it(env: Env) -> None:
     t = await new_tenant(env, "samehook")
-    dead, mail = path(t, "c1"), f"c1@{t.id}.test"
-    env.smtp.failing.add(mail)
-    await put_clinician(env, t, "c1", env.receiver.behave(dead, always_fail=True), mail)
-    ev = deterioration(t.id, "c1", "client-8")
-    await told_reached_nobody(env, t, ev)
-    await eventually(lambda: routed_nowhere(env, t, ev.alert_id))
+    ev, dead, mail = await undelivered(env, t, "client-8")
 
     await put_clinician(env, t, "c1", env.receiver.behave(dead, always_fail=True), mail)
     await swept(env, t, "c1")
@@ -217,12 +222,18 @@ async def test_putting_an_undelivered_clinicians_entry_again_unchanged_does_not_
     assert (await alert_row(env, t, ev.alert_id))["routing"] == "none"
 
 
+async def stored_without_a_look(env: Env, t: Tenant, cid: str) -> str:
+    """What a put's store write leaves when its process dies right after it: the entry (with a
+    webhook; its path returned), owing a look that nobody took yet."""
+    hook = path(t, cid)
+    await AlertsStore(env.db).put_clinician(Clinician(t.id, cid, "site-a", None, env.receiver.behave(hook)))
+    return hook
+
+
 async def test_an_entry_stored_by_a_process_that_died_before_looking_is_looked_at_by_the_sweep(env: Env) -> None:
     t = await new_tenant(env, "crash")
     ev = await stranded(env, t, "c1", "client-9")
-    hook = path(t, "c1")
-    # What the put's store write leaves when the process dies right after it: the entry, owing a look.
-    await AlertsStore(env.db).put_clinician(Clinician(t.id, "c1", "site-a", None, env.receiver.behave(hook)))
+    hook = await stored_without_a_look(env, t, "c1")
 
     [body] = await eventually(lambda: _async(alerts_at(env, hook, ev.alert_id)))
     assert body["revision"] == 1
@@ -233,8 +244,7 @@ async def test_an_entry_stored_by_a_process_that_died_before_looking_is_looked_a
 async def test_two_processes_rerouting_at_once_deliver_each_channel_once_and_count_it_once(env: Env) -> None:
     t = await new_tenant(env, "twice")
     ev = await stranded(env, t, "c1", "client-10")
-    hook = path(t, "c1")
-    await AlertsStore(env.db).put_clinician(Clinician(t.id, "c1", "site-a", None, env.receiver.behave(hook)))
+    hook = await stored_without_a_look(env, t, "c1")
     before = await _metrics(env)
     settings = AlertsSettings()
     one, two = (Rerouter(AlertsStore(env.db), True, lambda: None, settings) for _ in range(2))

@@ -38,12 +38,14 @@ from tools.recorder import Record, TopicRecorder
 MAX_ATTEMPTS = 3
 
 
+# Retries, polls and checks fast enough that a revision reaches nobody within a second.
+FAST = AlertsSettings(allow_private_targets=True, retry_first_seconds=0.05, retry_max_seconds=0.2,
+                      max_attempts=MAX_ATTEMPTS, poll_seconds=0.1, gauge_seconds=0.1, escalation_check_seconds=0.2)
+
+
 @pytest.fixture(scope="module")
 async def env(stack: StackUnderTest) -> AsyncIterator[Env]:
-    settings = AlertsSettings(allow_private_targets=True, retry_first_seconds=0.05, retry_max_seconds=0.2,
-                              max_attempts=MAX_ATTEMPTS, poll_seconds=0.1, gauge_seconds=0.1,
-                              escalation_check_seconds=0.2)
-    async with env_with(stack, settings) as e:
+    async with env_with(stack, FAST) as e:
         yield e
 
 
