@@ -428,7 +428,7 @@ class AlertView:
     session: AnyView
     triggers: tuple[str, ...]
     severity: Severity
-    site_id: str  # the site it goes to (`alert_site`: a transfer does not move an open alert)
+    site_id: str  # the site it was last raised for (`revision_site`: a transfer does not move an open alert)
     outcome_at_risk: bool = False
 
     @property
@@ -627,23 +627,19 @@ def _outcome_view(v: Version, eid: str, derived: bool, prev: OutcomeView | None,
     if not s.alert or s.severity is None:
         return view, None
     aid = ids.alert_id(tenant_id, client_id, v.instrument, eid, v.session_number)
-    site = alert_site(v.site_id, view.site_id, (alert_sites or {}).get(aid))
+    site = (alert_sites or {}).get(aid, view.site_id)  # the site it was last raised for
     return view, AlertView(aid, view, view.triggers, s.severity, site)
 
 
-def alert_site(submitted_by: str, owner: str, raised_for: str | None) -> str:
-    """The site an alert goes to (its clinician, fallbacks, supervisor and site-bound reads):
-    `submitted_by`, the site of its session's current version, when that site owns the client;
-    else the site it was last raised for (`raised_for`: a transfer does not move an open alert,
-    nor raise it again), else the owning site (a session of the old site first alerting after a
-    transfer goes to the new site, never back to the old one). A version is accepted only from
-    the owning site, so before any transfer all three are the same site; after one, a correction
-    from the new site (naming the new site's clinician) revises the alert for the new site,
-    where that clinician can be reached, instead of sending the new site's client to the old
-    site's fallbacks (docs/clinical-records.md, "Site ownership")."""
-    if submitted_by == owner:
-        return owner
-    return raised_for if raised_for is not None else owner
+def revision_site(owner: str | None, raised_for: str) -> str:
+    """The site a raised revision of an alert goes to (its clinician, that site's fallbacks, the
+    supervisor it escalates to, the site-bound keys that list it): the site that owns the client
+    when it is raised. An alert that does not change keeps the site it was last raised for
+    (`raised_for`: a transfer does not move an open alert, nor raise it again), but anything
+    raised after a transfer - a correction from the new site, the new site's ORS making it
+    `outcome_at_risk`, the tenant's changed rules - goes to the new site, never back to the old
+    one, which no longer owns the client (docs/clinical-records.md, "Site ownership")."""
+    return owner if owner is not None else raised_for
 
 
 def _mark_outcome_at_risk(alerts: dict[str, AlertView], sessions: Mapping[str, AnyView],
@@ -699,7 +695,7 @@ def _session_view(v: Version, eid: str, derived: bool, prev: SessionView | None,
     if s.alert is None:
         return view, None
     aid = ids.alert_id(tenant_id, client_id, v.instrument, eid, v.session_number)
-    site = alert_site(v.site_id, view.site_id, (alert_sites or {}).get(aid))
+    site = (alert_sites or {}).get(aid, view.site_id)  # the site it was last raised for
     return view, AlertView(aid, view, s.alert.triggers, s.alert.severity, site)
 
 
@@ -1269,6 +1265,12 @@ class ClientState:
             digest = av.digest
             if rec is not None and rec.state == Lifecycle.RAISED and rec.digest == digest:
                 continue
+            site = revision_site(self.owner, av.site_id)
+            if site != av.site_id:
+                # Raised after a transfer: for the new site. The view is the one kept, and must
+                # be what `derive` makes of the record now (that reads the site from `self.alerts`).
+                av = view.alerts[aid] = replace(av, site_id=site)
+                digest = av.digest
             rev = rec.revision + 1 if rec is not None else 1
             s = av.session
             self.alerts[aid] = AlertRecord(rev, Lifecycle.RAISED, digest, now, av.site_id, s.version.clinician_id,

@@ -537,3 +537,41 @@ async def test_a_correction_after_a_transfer_revises_the_open_alert_for_the_new_
     (listed,) = await _alerts(http, services, keys["read@south"], c)
     assert (listed["revision"], listed["status"]) == (2, "open")
     assert await _alerts(http, services, keys["read@north"], c) == []
+
+
+async def test_the_new_sites_ors_after_a_transfer_raises_the_old_sites_open_alert_for_the_new_site_only(
+        http: httpx.AsyncClient, services: dict[str, ServiceProcess], keys: dict[str, str],
+        receiver: WebhookReceiver) -> None:
+    # North's SRS alert of session 2 is open when the client moves to south; south's ORS of that
+    # session deteriorated, so the alert is revised `outcome_at_risk`. That revision is south's
+    # news about south's client: not for north's clinician. (c-north is not south's: with no
+    # fallback entry at south, it reaches nobody, and says so.)
+    c = "case5d"
+    week = SEPT + timedelta(days=7)
+    await _post(http, services, keys["submit@north"], {**_session(c, 1, SEPT - timedelta(minutes=50), sid="case5d-o1",
+                                                                  items=_ors(20.0)), "instrument": "ORS"})
+    await _post(http, services, keys["submit@north"], _session(c, 1, SEPT, total=38.0, sid="case5d-s1"))
+    await _post(http, services, keys["submit@north"], _session(c, 2, week, total=30.0, sid="case5d-s2"))
+    await eventually(lambda: _alert_webhooks(receiver, c), timeout=60)
+    r = await http.post(f"{services['intake'].url}/v1/clients/{c}/transfer", headers=_auth(keys["admin"]),
+                        json={"site_id": "south"})
+    assert r.status_code == 202, r.text
+    await _status(http, services, keys["read@south"], "case5d-s2", "scored", 2)
+    await _post(http, services, keys["submit@south"], {
+        **_session(c, 2, week - timedelta(minutes=50), items=_ors(13.0), sid="case5d-o2", site="south",
+                   clinician="c-south"), "instrument": "ORS"})
+
+    async def at_risk() -> list[dict[str, Any]]:
+        return [a for a in await _alerts(http, services, keys["read@south"], c)
+                if a["alert_type"] == "alliance" and a["revision"] == 2]
+
+    (alert,) = await eventually(at_risk, timeout=60)
+    assert (alert["site_id"], alert["outcome_at_risk"]) == ("south", True)
+    assert [a for a in await _alerts(http, services, keys["read@north"], c) if a["alert_type"] == "alliance"] == []
+    assert [h["revision"] for h in await _alert_webhooks(receiver, c)] == [1]
+
+
+def _ors(total: float) -> dict[str, float]:
+    quarter = round(total / 4, 1)
+    return {"individually": quarter, "interpersonally": quarter, "socially": quarter,
+            "overall": round(total - 3 * quarter, 1)}

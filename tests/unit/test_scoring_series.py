@@ -982,7 +982,31 @@ def test_a_correction_from_the_new_site_revises_the_open_alert_for_the_new_site_
     assert c.state.alerts[a.alert.alert_id].site_id == "south"
 
 
-def test_a_transfer_there_and_back_does_not_raise_the_open_alert_again() -> None:
+def test_an_alert_raised_for_the_new_site_is_what_the_record_shows_and_re_emits() -> None:
+    c = Client()
+    c.feed(38.0, 30.0)
+    c.transfer("tx-1", "south")
+    (a,) = alerts(c.submit("s2", 2, 28.0, site="south", clinician="c-south"))
+    kept = alerts(c.state.current_outputs(c.rules))
+    c.state.cached = None  # derived afresh from the record, as after a restart
+    assert alerts(c.state.current_outputs(c.rules)) == kept == [a]
+    assert alerts(c.submit("s3", 3, 38.0, site="south")) == []  # and it is not raised again
+
+
+def test_the_new_sites_outcome_form_making_an_open_alert_at_risk_raises_it_for_the_new_site() -> None:
+    c = Client()
+    c.submit("o1", 1, 20.0, at=SEPT - timedelta(minutes=50), instrument="ORS")
+    c.submit("s1", 1, 38.0, at=SEPT)
+    c.submit("s2", 2, 30.0, at=SEPT + timedelta(days=7))
+    c.transfer("tx-1", "south")
+    step = c.submit("o2", 2, 13.0, at=SEPT + timedelta(days=7, minutes=-50), instrument="ORS", site="south",
+                    clinician="c-south")
+    got = {(a.alert.session.version.instrument, a.alert.site_id, a.alert.outcome_at_risk, a.revision)
+           for a in alerts(step)}
+    assert got == {("ORS", "south", False, 1), ("SRS", "south", True, 2)}
+
+
+def test_an_open_alert_stays_with_its_site_through_a_transfer_there_and_back() -> None:
     c = Client()
     c.feed(38.0, 30.0)
     there, back = c.transfer("tx-1", "south"), c.transfer("tx-2", "north")
@@ -999,17 +1023,13 @@ def test_an_old_sites_session_first_alerting_after_a_transfer_alerts_for_the_new
     assert (a.alert.site_id, a.alert.session.version.site_id) == ("south", "north")
 
 
-@pytest.mark.parametrize(("submitted_by", "owner", "raised_for", "site"), [
-    ("north", "north", None, "north"),  # no transfer: the one site
-    ("north", "north", "north", "north"),
-    ("north", "south", "north", "north"),  # an open alert the transfer did not move
-    ("north", "south", None, "south"),  # the old site's session first alerting after the transfer
-    ("south", "south", "north", "south"),  # the new site's correction revises it for the new site
-    ("north", "north", "south", "north"),  # transferred back: the old site's version, its site again
+@pytest.mark.parametrize(("owner", "raised_for", "site"), [
+    ("north", "north", "north"),  # no transfer: the one site
+    ("south", "north", "south"),  # raised after a transfer: the new site
+    (None, "north", "north"),  # no owner yet (the record's first session names it)
 ])
-def test_an_alert_goes_to_the_submitting_site_while_it_owns_the_client_else_where_it_was_raised(
-        submitted_by: str, owner: str, raised_for: str | None, site: str) -> None:
-    assert series.alert_site(submitted_by, owner, raised_for) == site
+def test_a_raised_revision_goes_to_the_owning_site(owner: str | None, raised_for: str, site: str) -> None:
+    assert series.revision_site(owner, raised_for) == site
 
 
 def test_a_rejection_from_before_a_transfer_is_given_again_when_redelivered_after_it() -> None:

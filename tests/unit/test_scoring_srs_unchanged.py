@@ -10,7 +10,10 @@ this module as a script to see what the current code produces.
 Regenerated once since (2026-11-27), when scoring began to keep the earliest accepted version of
 a corrected submission (`og` in a stored version; a corrected time no longer renames a derived
 episode, docs/clinical-records.md): the events were byte-identical, and the stored states differed
-only by the `og` of each corrected submission.
+only by the `og` of each corrected submission. And again when an alert revised after a transfer
+began to be raised for the site that owns the client then (`series.revision_site`): one alert
+revision of client-2 (after its transfer to south) says `site_id` south instead of north, and
+its stored alert record the same; nothing else changed.
 """
 
 from __future__ import annotations
