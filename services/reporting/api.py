@@ -1,9 +1,9 @@
 """The read API (role `read`; the submission status also `submit`) and the dashboard.
 
 Isolation: every query is filtered by the key's tenant, and by its site when the key is bound
-to one (a client's owning site; a submission's current site). A client (or submission) that
-does not exist and one of another tenant (or another site, for a site-bound key) get the same
-404 body, so nothing tells them apart. Summaries of a site other
+to one (a client's owning site; a submission's versions of that site, `rules.seen_by_site`). A
+client (or submission) that does not exist and one of another tenant (or another site, for a
+site-bound key) get the same 404 body, so nothing tells them apart. Summaries of a site other
 than a site-bound key's own are 403 (the site is named in the request, the key says which it
 may see); a site or clinician with nothing visible is 404.
 
@@ -379,11 +379,12 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
                                          "Default: the alliance one when there is one, else the outcome one")] = None,
                          ) -> JSONResponse:
         doc = await submissions.get(p.tenant_id, submission_id, scale)
-        body = rules.submission_view(doc) if doc is not None else None
-        if body is not None and body.get("client_id"):
-            note(request, client_id=body["client_id"])
-        if body is None or (p.site_id is not None and rules.submission_site(doc or {}) != p.site_id):
-            if body is not None:
+        known = rules.submission_view(doc) if doc is not None else None
+        body = rules.submission_view(doc, p.site_id) if doc is not None else None
+        if known is not None and known.get("client_id"):
+            note(request, client_id=(body or known)["client_id"])
+        if body is None:
+            if known is not None:
                 note(request, outcome="denied")
             raise HTTPException(404, NOT_FOUND_SUBMISSION)
         return JSONResponse(body, headers={"Cache-Control": "no-store"})
@@ -406,8 +407,8 @@ def build_router(store: ReportingStore, generations: Generations, keys: Callable
         page, more = docs[:size], len(docs) > size
         items = []
         for d in page:
-            view = rules.submission_view(d)
-            if view is not None and (p.site_id is None or rules.submission_site(d) == p.site_id):
+            view = rules.submission_view(d, p.site_id)
+            if view is not None:
                 items.append(view)
         body = {"submissions": items,
                 "next_cursor": rules.encode_cursor(page[-1]["rejected"]["sort"]) if more else None}

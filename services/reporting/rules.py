@@ -1144,21 +1144,26 @@ def submission_status(doc: Mapping[str, Any]) -> SubmissionStatus | None:
     return None
 
 
-def submission_site(doc: Mapping[str, Any]) -> str | None:
-    """The site a submission belongs to now: that of the part deciding its status (the scored
-    version's, else the superseding one's, or the rejected version's)."""
-    status = submission_status(doc)
-    if status == "rejected":
-        return str(doc["rejected"]["site_id"])
-    if doc.get("scored"):
-        return str(doc["scored"]["site_id"])
-    if doc.get("superseded"):
-        return str(doc["superseded"]["site_id"])
-    return None
+def seen_by_site(doc: Mapping[str, Any], site_id: str | None) -> Mapping[str, Any]:
+    """The status document as a key bound to `site_id` sees it (None: a tenant-wide key, all of
+    it): only the parts of that site. Each part names the site of its version, and one id may hold
+    parts of two sites once the client was transferred: the new site's scored revision and the old
+    site's re-export of the session, refused `site_conflict` (or a site posting an id another
+    site's client holds). Each site is answered about its own: the old site learns its version
+    was refused, the new site still sees its client's session scored, and neither is shown the
+    other's version (docs/clinical-records.md, "What happened to my submission?")."""
+    if site_id is None:
+        return doc
+    return {k: v for k, v in doc.items() if k not in _PARTS or (isinstance(v, Mapping) and v.get("site_id") == site_id)}
 
 
-def submission_view(doc: Mapping[str, Any]) -> Doc | None:
-    """The API answer about one submission; None when nothing is known yet."""
+_PARTS = ("scored", "superseded", "rejected")
+
+
+def submission_view(doc: Mapping[str, Any], site_id: str | None = None) -> Doc | None:
+    """The API answer about one submission to a key of `site_id` (None: tenant-wide; see
+    `seen_by_site`); None when nothing (of that site) is known yet."""
+    doc = seen_by_site(doc, site_id)
     status = submission_status(doc)
     if status is None:
         return None

@@ -575,3 +575,22 @@ def _ors(total: float) -> dict[str, float]:
     quarter = round(total / 4, 1)
     return {"individually": quarter, "interpersonally": quarter, "socially": quarter,
             "overall": round(total - 3 * quarter, 1)}
+
+
+async def test_the_old_sites_re_export_after_a_transfer_is_refused_to_it_and_hides_nothing_from_the_new_site(
+        http: httpx.AsyncClient, services: dict[str, ServiceProcess], keys: dict[str, str]) -> None:
+    c = "case5e"
+    await _post(http, services, keys["submit@north"], _session(c, 1, SEPT, total=38.0, sid="case5e-s1"))
+    await _status(http, services, keys["read@north"], "case5e-s1", "scored")
+    r = await http.post(f"{services['intake'].url}/v1/clients/{c}/transfer", headers=_auth(keys["admin"]),
+                        json={"site_id": "south"})
+    assert r.status_code == 202, r.text
+    await _status(http, services, keys["read@south"], "case5e-s1", "scored", 2)
+    await _post(http, services, keys["submit@north"], _session(c, 1, SEPT, total=30.0, sid="case5e-s1"))
+
+    refused = await _status(http, services, keys["submit@north"], "case5e-s1", "rejected")
+    assert (refused["reason"], refused["total"]) == ("site_conflict", 30.0)
+    owned = await _status(http, services, keys["read@south"], "case5e-s1")
+    assert (owned["status"], owned["revision"], owned["total"]) == ("scored", 2, 38.0)
+    traj = (await _trajectory(http, services, keys["read@south"], c)).json()
+    assert [s["total"] for s in traj["sessions"]] == [38.0]

@@ -74,7 +74,8 @@ def test_a_superseded_submission_revived_by_a_higher_revision_is_scored_again() 
 def test_known_only_as_superseded_is_superseded() -> None:
     e = scored(T, "c1", 1, 30.0, submission_id="old")
     doc = doc_of("old", superseded=rules.superseded_part(revised(e, submission_id="new")))
-    assert rules.submission_status(doc) == "superseded" and rules.submission_site(doc) == "north"
+    assert rules.submission_status(doc) == "superseded"
+    assert rules.submission_view(doc, "north") is not None and rules.submission_view(doc, "south") is None
 
 
 def test_nothing_known_is_no_answer() -> None:
@@ -95,9 +96,10 @@ def test_rejected_only_when_the_rejected_version_was_accepted_after_the_scored_o
     if expected == "rejected":
         assert (view["reason"], view["detail"], view["revision"], view["flags"]) == (
             "site_conflict", "because site_conflict", None, [])
-        assert rules.submission_site(doc) == "south"
+        assert (rules.submission_view(doc, "south") or {}).get("status") == "rejected"
     else:
-        assert view["reason"] is None and view["revision"] == 1 and rules.submission_site(doc) == "north"
+        assert view["reason"] is None and view["revision"] == 1
+        assert (rules.submission_view(doc, "north") or {}).get("status") == "scored"
 
 
 def test_a_rejection_alone_is_rejected_with_what_was_submitted() -> None:
@@ -173,3 +175,33 @@ def test_a_later_revision_of_one_clients_version_is_newer_whatever_its_key_was_s
     legacy = {**rules.scored_part(e), "key": "0000000001"}  # stored before acceptance led the key
     assert rules.scored_part(revised(e, total=31.0))["key"] > legacy["key"]
     assert rules.scored_part(revised(e, total=31.0))["key"] > rules.scored_part(e)["key"]
+
+
+def _transferred_then_re_exported() -> dict[str, Any]:
+    """Scored at north, re-published for south by a transfer (revision 2), then north's re-export
+    of the session, accepted later, refused `site_conflict`."""
+    e = revised(scored(T, "c1", 1, 38.0), site_id="south")
+    late = submitted_like(e, accepted_delta=timedelta(minutes=5), site_id="north", total=30.0)
+    return doc_of(e.submission_id, scored=rules.scored_part(e),
+                  rejected=rules.rejected_part(dead_letter(late, "site_conflict"), late))
+
+
+def test_after_a_transfer_the_new_site_still_sees_its_clients_session_scored() -> None:
+    view = rules.submission_view(_transferred_then_re_exported(), "south")
+    assert view is not None and (view["status"], view["revision"], view["total"], view["reason"]) == (
+        "scored", 2, 38.0, None)
+
+
+def test_after_a_transfer_the_old_site_sees_its_re_export_refused_and_nothing_of_the_new_site() -> None:
+    view = rules.submission_view(_transferred_then_re_exported(), "north")
+    assert view is not None and (view["status"], view["reason"], view["total"], view["revision"]) == (
+        "rejected", "site_conflict", 30.0, None)
+
+
+def test_a_tenant_wide_key_sees_the_version_accepted_last() -> None:
+    view = rules.submission_view(_transferred_then_re_exported())
+    assert view is not None and view["status"] == "rejected"
+
+
+def test_a_site_with_no_part_of_a_submission_sees_nothing() -> None:
+    assert rules.submission_view(_transferred_then_re_exported(), "east") is None
