@@ -88,6 +88,21 @@ async def _post(http: httpx.AsyncClient, services: dict[str, ServiceProcess], ke
     return sid
 
 
+async def _transfer(http: httpx.AsyncClient, services: dict[str, ServiceProcess], admin_key: str, client: str,
+                    site: str) -> None:
+    r = await http.post(f"{services['intake'].url}/v1/clients/{client}/transfer", headers=_auth(admin_key),
+                        json={"site_id": site})
+    assert r.status_code == 202, r.text
+
+
+async def _scored_at_north_then_transferred_south(http: httpx.AsyncClient, services: dict[str, ServiceProcess],
+                                                  keys: dict[str, str], c: str) -> None:
+    """Session 1 of client `c` (submission `<c>-s1`, 38.0) scored at north; then `c` transferred to south."""
+    await _post(http, services, keys["submit@north"], _session(c, 1, SEPT, total=38.0, sid=f"{c}-s1"))
+    await _status(http, services, keys["read@north"], f"{c}-s1", "scored")
+    await _transfer(http, services, keys["admin"], c, "south")
+
+
 async def _status(http: httpx.AsyncClient, services: dict[str, ServiceProcess], key: str, sid: str,
                   want: str | None = None, revision: int | None = None) -> dict[str, Any]:
     """The submission's status once reporting knows it (and, if asked, has reached `want`)."""
@@ -258,11 +273,7 @@ async def test_another_sites_submission_never_takes_a_client_over(
 async def test_an_admin_transfer_moves_the_client_and_its_reads_to_the_new_site(
         http: httpx.AsyncClient, services: dict[str, ServiceProcess], keys: dict[str, str]) -> None:
     c = "case5b"
-    await _post(http, services, keys["submit@north"], _session(c, 1, SEPT, total=38.0, sid="case5b-s1"))
-    await _status(http, services, keys["read@north"], "case5b-s1", "scored")
-    r = await http.post(f"{services['intake'].url}/v1/clients/{c}/transfer", headers=_auth(keys["admin"]),
-                        json={"site_id": "south"})
-    assert r.status_code == 202, r.text
+    await _scored_at_north_then_transferred_south(http, services, keys, c)
 
     async def moved() -> bool:
         return (await _trajectory(http, services, keys["read@south"], c)).status_code == 200
@@ -521,9 +532,7 @@ async def test_a_correction_after_a_transfer_revises_the_open_alert_for_the_new_
     await _post(http, services, keys["submit@north"], _session(c, 2, SEPT + timedelta(days=7), total=30.0,
                                                                sid="case5c-s2"))
     await eventually(lambda: _alert_webhooks(receiver, c), timeout=60)
-    r = await http.post(f"{services['intake'].url}/v1/clients/{c}/transfer", headers=_auth(keys["admin"]),
-                        json={"site_id": "south"})
-    assert r.status_code == 202, r.text
+    await _transfer(http, services, keys["admin"], c, "south")
     await _status(http, services, keys["read@south"], "case5c-s2", "scored", 2)
     await _post(http, services, keys["submit@south"], _session(c, 2, SEPT + timedelta(days=7), total=28.0,
                                                                sid="case5c-s2", site="south", clinician="c-south"))
@@ -553,9 +562,7 @@ async def test_the_new_sites_ors_after_a_transfer_raises_the_old_sites_open_aler
     await _post(http, services, keys["submit@north"], _session(c, 1, SEPT, total=38.0, sid="case5d-s1"))
     await _post(http, services, keys["submit@north"], _session(c, 2, week, total=30.0, sid="case5d-s2"))
     await eventually(lambda: _alert_webhooks(receiver, c), timeout=60)
-    r = await http.post(f"{services['intake'].url}/v1/clients/{c}/transfer", headers=_auth(keys["admin"]),
-                        json={"site_id": "south"})
-    assert r.status_code == 202, r.text
+    await _transfer(http, services, keys["admin"], c, "south")
     await _status(http, services, keys["read@south"], "case5d-s2", "scored", 2)
     await _post(http, services, keys["submit@south"], {
         **_session(c, 2, week - timedelta(minutes=50), items=_ors(13.0), sid="case5d-o2", site="south",
@@ -580,11 +587,7 @@ def _ors(total: float) -> dict[str, float]:
 async def test_the_old_sites_re_export_after_a_transfer_is_refused_to_it_and_hides_nothing_from_the_new_site(
         http: httpx.AsyncClient, services: dict[str, ServiceProcess], keys: dict[str, str]) -> None:
     c = "case5e"
-    await _post(http, services, keys["submit@north"], _session(c, 1, SEPT, total=38.0, sid="case5e-s1"))
-    await _status(http, services, keys["read@north"], "case5e-s1", "scored")
-    r = await http.post(f"{services['intake'].url}/v1/clients/{c}/transfer", headers=_auth(keys["admin"]),
-                        json={"site_id": "south"})
-    assert r.status_code == 202, r.text
+    await _scored_at_north_then_transferred_south(http, services, keys, c)
     await _status(http, services, keys["read@south"], "case5e-s1", "scored", 2)
     await _post(http, services, keys["submit@north"], _session(c, 1, SEPT, total=30.0, sid="case5e-s1"))
 
