@@ -58,7 +58,12 @@ outputs for one input. Writing first closes that window.
 
 Re-emitting what a record shows *now* (not what the redelivered input produced then) is enough
 and never wrong: every event is a revision of a session or an alert, consumers keep the greatest
-revision, and the current ones are the greatest.
+revision, and the current ones are the greatest. One thing the record's *now* does not show is
+an alert's raise once the alert ended: when the batch that raised it also superseded it (a later
+session of the client in the same batch, as after a backlog) and the crash came before the broker
+acknowledged the raise, re-emitting only the end would leave an alert nobody heard raised. So an
+ended alert re-emits its last raise too (recomputed from the record, published only when its
+digest is what was raised, at the raise's own time: byte-equal), then its end.
 
 Two scoring processes share the consumer group. The Kafka key is `tenant:client`, so one client
 (its whole record) is in one partition, owned by one process at a time. During a rebalance the

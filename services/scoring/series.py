@@ -41,6 +41,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import cached_property
+from itertools import pairwise
 from typing import Literal, NamedTuple
 
 from services.scoring import outcome as O
@@ -805,6 +806,9 @@ class AlertRecord:
     episode_id: str
     session_number: int
     slot: str
+    # When its last revision was raised, kept once it ended (`at` is then the end's time): what
+    # re-emitting that raise needs (`current_outputs`). None for a record ended before it was kept.
+    raised_at: datetime | None = None
 
 
 # --- outputs --------------------------------------------------------------------------------
@@ -1287,7 +1291,7 @@ class ClientState:
             # session is scored with the whole record under the new ones).
             cleared = session is None or (session.latest and not session.triggers)
             status = AlertStatus.WITHDRAWN if cleared else AlertStatus.SUPERSEDED
-            ended = replace(rec, state=Lifecycle(status), at=now)
+            ended = replace(rec, state=Lifecycle(status), at=now, raised_at=rec.at)
             self.alerts[aid] = ended
             out.append(StatusOut(aid, ended, status))
         return out
@@ -1306,14 +1310,54 @@ class ClientState:
         for _key, m in sorted(self.moved.items()):
             if m.shown is not None and m.revision:
                 out.append(self._retracted_out(m, rules))
+        previous = _previous_sessions(view.sessions.values())
         for aid, rec in sorted(self.alerts.items()):
             if rec.state == Lifecycle.RAISED:
                 av = view.alerts.get(aid)
                 if av is not None and av.digest == rec.digest:
                     out.append(AlertOut(av, rec.revision, rec.at))
-            else:
-                out.append(StatusOut(aid, rec, AlertStatus(rec.state)))
+                continue
+            # An ended alert's last raise too: the batch that raised it may also have ended it (a
+            # later session in the same batch), and a crash before the broker acknowledged the raise
+            # leaves only what the record shows now - the end. Without the raise, the alert would
+            # be superseded without anyone (its clinician, partners, reporting) hearing it raised.
+            raised = self._raised(aid, rec, view, previous, rules)
+            if raised is not None and rec.raised_at is not None:
+                out.append(AlertOut(raised, rec.revision, rec.raised_at))
+            out.append(StatusOut(aid, rec, AlertStatus(rec.state)))
         return out
+
+    def _raised(self, aid: str, rec: AlertRecord, view: View, previous: Mapping[str, AnyView],
+                rules: R.TenantRules) -> AlertView | None:
+        """The alert an ended record last raised, as decided then: its session scored as the latest
+        against the same previous session (what it was when raised), or None when the record no
+        longer shows that (the session left its slot, or a correction or changed rules changed
+        it since: the digest differs). Never publishes what was not decided."""
+        sv = view.sessions.get(rec.slot)
+        if sv is None:
+            return None
+        _, av = _scored_view(sv.version, sv.episode_id, sv.episode_derived, previous.get(rec.slot), True,
+                             _resolved(rules, sv.version.instrument), self.owner, self.site_version, self.tenant_id,
+                             self.client_id, {aid: rec.site_id})
+        if av is None or av.alert_id != aid:
+            return None
+        if not isinstance(av.session, OutcomeView) and _outcome_triggers(av.session, view.sessions, view.tails):
+            av = replace(av, outcome_at_risk=True)
+        return av if av.digest == rec.digest else None
+
+
+def _previous_sessions(sessions: Iterable[AnyView]) -> dict[str, AnyView]:
+    """Each session's previous session of its episode (same instrument), by slot: what it was
+    scored against."""
+    runs: dict[tuple[str, str], list[AnyView]] = {}
+    for sv in sessions:
+        runs.setdefault((sv.version.instrument, sv.episode_id), []).append(sv)
+    out: dict[str, AnyView] = {}
+    for run in runs.values():
+        run.sort(key=lambda sv: sv.version.session_number)
+        for before, sv in pairwise(run):
+            out[sv.slot] = before
+    return out
 
 
 _EXISTING: tuple[str, int, int | None] = ("", 0, None)  # joins nothing that could refuse it

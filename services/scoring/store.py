@@ -133,7 +133,9 @@ def state_doc(key: ClientKey, st: ClientState, version: int) -> Document:
         "sr": revisions,
         **({"sro": outcome_revisions} if outcome_revisions else {}),
         "al": [{"id": aid, "r": a.revision, "st": a.state, "d": a.digest, "at": _iso(a.at), "s": a.site_id,
-                "c": a.clinician_id, "i": a.instrument, "e": a.episode_id, "n": a.session_number, "k": a.slot}
+                "c": a.clinician_id, "i": a.instrument, "e": a.episode_id, "n": a.session_number, "k": a.slot,
+                # The raise time of an ended alert, only when kept (documents written before it stay as they were).
+                **({"ra": _iso(a.raised_at)} if a.raised_at is not None else {})}
                for aid, a in st.alerts.items()],
         # Only when there is one (documents written before it existed stay as they were).
         **({"rs": {sid: _iso(at) for sid, at in resent.items()}} if resent else {}),
@@ -199,7 +201,7 @@ def state_from(key: ClientKey, doc: Document) -> ClientState:
     st.foreign = {str(k) for k in doc.get("fx", ())}
     for a in doc.get("al", ()):
         st.alerts[a["id"]] = AlertRecord(int(a["r"]), Lifecycle(a["st"]), a["d"], _dt(a["at"]), a["s"], a["c"],
-                                         a["i"], a["e"], int(a["n"]), a["k"])
+                                         a["i"], a["e"], int(a["n"]), a["k"], _dt(a["ra"]) if "ra" in a else None)
     return st
 
 

@@ -40,7 +40,8 @@ def inbound(topic: str, value: bytes | BaseModel, *, key: bytes | None = b"acme:
 
 class Sink:
     """A publisher that keeps what it was given; it can fail its next N calls (broker down, or a
-    kill -9 before the acks), a failing call still getting its first half acknowledged.
+    kill -9 before the acks), a failing call still getting its first half acknowledged (or only the
+    records on `reached_topics` when that is set: a crash that lost exactly some of them).
 
     Callable (`publish(records)`, the handlers' sink) and `publish_all` (`shared.kafka.Publisher`)."""
 
@@ -48,12 +49,15 @@ class Sink:
         self.published: list[OutboundRecord] = []
         self.attempted: list[OutboundRecord] = []
         self.fail_next = 0
+        self.reached_topics: set[str] | None = None
 
     async def __call__(self, records: Sequence[OutboundRecord]) -> None:
         self.attempted.extend(records)
         if self.fail_next:
             self.fail_next -= 1
-            self.published.extend(records[: len(records) // 2])
+            reached = self.reached_topics
+            self.published.extend(records[: len(records) // 2] if reached is None
+                                  else [r for r in records if r.topic in reached])
             raise ConnectionError("broker did not acknowledge")
         self.published.extend(records)
 

@@ -450,13 +450,44 @@ async def test_redelivery_after_publishing_republishes_the_current_events_byte_e
     await h(batch)  # kill -9 before the commit: the whole batch comes again
     again = sink.published[len(first):]
     assert again and {r.value for r in again} <= {r.value for r in first}
-    # what the record shows now: both sessions, the open alert, the superseded one's status
+    # what the record shows now: both sessions, the open alert, the superseded one's raise and status
+    ended = [(TOPICS.deterioration, alert_id("x", 1)),
+             (TOPICS.alert_status, ids.alert_status_event_id("acme", alert_id("x", 1), "superseded", 1))]
+    opened = [(TOPICS.deterioration, alert_id("x", 2))]
     assert [(r.topic, json.loads(r.value)["event_id"]) for r in again] == [
         (TOPICS.scored, ids.scored_event_id("acme", "x-1")), (TOPICS.scored, ids.scored_event_id("acme", "x-2")),
-        *sorted([(TOPICS.deterioration, alert_id("x", 2)),
-                 (TOPICS.alert_status, ids.alert_status_event_id("acme", alert_id("x", 1), "superseded", 1))],
-                key=lambda t: alert_id("x", 2) if t[0] == TOPICS.deterioration else alert_id("x", 1))]
+        *(ended + opened if alert_id("x", 1) < alert_id("x", 2) else opened + ended)]
     assert {a.alert_id for a in alerts_of(sink.published)} == {alert_id("x", 1), alert_id("x", 2)}
+
+
+async def test_a_raise_lost_in_a_crash_is_re_emitted_when_the_redelivery_brings_the_session_that_supersedes_it(
+) -> None:
+    # The fault suite's chaos run: sessions 6 and 7 of a client scored in one batch, the state
+    # written, the process killed before the broker acknowledged session 6's alert; the redelivered
+    # batch finds 6 and 7 applied and 6's alert superseded. Re-emitting only that status would
+    # leave an alert nobody ever heard raised (and its clinician untold).
+    states = MemoryStates()
+    h, _, sink = handler(states=states)
+    await h([submitted("x", 5, 37.0, at=5)])
+    sink.fail_next, sink.reached_topics = 1, {TOPICS.scored}  # the scored events reach the broker, the alerts not
+    with pytest.raises(ConnectionError):
+        await h([submitted("x", 6, 35.5, at=6), submitted("x", 7, 37.0, at=7)])
+    assert alert_id("x", 6, first_session=5) not in {a.alert_id for a in alerts_of(sink.published)}
+    again, _, resent = handler(states=states)  # another process gets the uncommitted batch
+    await again([submitted("x", 6, 35.5, at=6), submitted("x", 7, 37.0, at=7)])
+    (raised,) = alerts_of(resent.published)
+    assert (raised.alert_id, raised.session_number, raised.revision) == (alert_id("x", 6, first_session=5), 6, 1)
+    assert [(s.alert_id, s.status) for s in statuses_of(resent.published)] == [
+        (alert_id("x", 6, first_session=5), "superseded")]
+
+
+async def test_a_re_emitted_raise_is_byte_equal_to_the_one_decided() -> None:
+    h, _, sink = handler()
+    batch = [submitted("x", 1, 30.0, at=1), submitted("x", 2, 38.0, at=2)]
+    await h(batch)
+    first = {r.value for r in of_topic(sink.published, TOPICS.deterioration)}
+    await h(batch)
+    assert first and {r.value for r in of_topic(sink.published, TOPICS.deterioration)} == first
 
 
 async def test_a_redelivered_client_is_re_emitted_once_per_batch() -> None:

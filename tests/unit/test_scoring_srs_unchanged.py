@@ -13,7 +13,10 @@ episode, docs/clinical-records.md): the events were byte-identical, and the stor
 only by the `og` of each corrected submission. And again when an alert revised after a transfer
 began to be raised for the site that owns the client then (`series.revision_site`): one alert
 revision of client-2 (after its transfer to south) says `site_id` south instead of north, and
-its stored alert record the same; nothing else changed.
+its stored alert record the same; nothing else changed. And again when a redelivery began to
+re-emit the last raise of an ended alert beside its end (a crash could otherwise lose a raise that
+the same batch superseded; services/scoring/handlers.py): 16 more events, each byte-equal to a raise
+published before it, and the ended alert records keep their raise time (`ra`); nothing else changed.
 """
 
 from __future__ import annotations
