@@ -1339,3 +1339,37 @@ def test_stored_digests_keep_the_values_earlier_versions_stored() -> None:
     alert = AlertView("alert-1", session, s.triggers, s.severity or Severity.WARNING, "north")
     assert (s.severity, v.digest, session.digest, alert.digest) == (
         Severity.CRITICAL, "f0571247da3bdce9a83e", "9627261a4410c4466860", "17c91ffc53587dd7b103")
+
+
+# --- what a redelivery re-emits of an ended alert -------------------------------------------------
+
+
+def test_an_ended_alert_re_emits_the_raise_it_published_then_its_end() -> None:
+    c = Client()
+    (raised,) = alerts(c.feed(38.0, 30.0)[1])
+    c.submit("s3", 3, 38.0)  # supersedes session 2's alert
+    again = c.state.current_outputs(RULES)
+    assert [(a.alert.alert_id, a.revision, a.at, a.alert.digest) for a in alerts(again)] == [
+        (raised.alert.alert_id, raised.revision, raised.at, raised.alert.digest)]
+    assert [(s.alert_id, s.status) for s in statuses(again)] == [(alert_id(2), "superseded")]
+
+
+def test_an_ended_alert_re_emits_its_last_revision_not_its_first() -> None:
+    c = Client()
+    c.feed(38.0, 30.0)
+    (revised,) = alerts(c.submit("s2", 2, 28.0))  # a correction that still triggers: revision 2
+    c.submit("s3", 3, 38.0)
+    (again,) = alerts(c.state.current_outputs(RULES))
+    assert (again.revision, again.at, again.alert.session.total) == (2, revised.at, 28.0)
+
+
+def test_an_alert_ended_in_a_record_stored_before_raise_times_were_kept_re_emits_only_its_end() -> None:
+    c = Client()
+    c.feed(38.0, 30.0, 38.0)
+    key = ClientKey(TENANT, CLIENT)
+    doc = state_doc(key, c.state, 1)
+    for a in doc["al"]:
+        a.pop("ra")  # as such a record was stored
+    back = state_from(key, doc)
+    assert alerts(back.current_outputs(RULES)) == []
+    assert [s.status for s in statuses(back.current_outputs(RULES))] == ["superseded"]
