@@ -258,6 +258,11 @@ class AttemptResult:
     tells_status: bool = False
 
 
+def _requeued(now: datetime) -> Document:
+    """The fields that put a failed delivery back on the schedule with a fresh attempt budget."""
+    return {"status": "pending", "attempts": 0, "next_attempt_at": now, "claimed_until": EPOCH}
+
+
 class AlertsStore:
     """Thin adapter over the service's collections."""
 
@@ -806,9 +811,8 @@ class AlertsStore:
         target with a fresh attempt budget (as `requeue_failed`); one that is no longer failed is left."""
         now = utcnow()
         for delivery_id, target in retargets:
-            await self.deliveries.update_one({"_id": delivery_id, "status": "failed"}, {"$set": {
-                "status": "pending", "attempts": 0, "target": target, "next_attempt_at": now,
-                "claimed_until": EPOCH}})
+            await self.deliveries.update_one({"_id": delivery_id, "status": "failed"},
+                                             {"$set": {**_requeued(now), "target": target}})
 
     async def cancel_fallback_deliveries(self, revisions: Sequence[tuple[str, str]]) -> None:
         """Cancel the fallbacks' deliveries of these raised revisions ((alert id, `subject_id`)) that
@@ -864,6 +868,5 @@ class AlertsStore:
             query["tenant_id"] = tenant_id
         if delivery_ids:
             query["_id"] = {"$in": list(delivery_ids)}
-        res = await self.deliveries.update_many(query, {"$set": {
-            "status": "pending", "attempts": 0, "next_attempt_at": utcnow(), "claimed_until": EPOCH}})
+        res = await self.deliveries.update_many(query, {"$set": _requeued(utcnow())})
         return res.modified_count
