@@ -54,7 +54,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared import tracing
 from shared.channels import Channel
-from shared.kafka import Publisher, make_broker, measure_lag
+from shared.kafka import Publisher, make_broker, measure_lag, start_broker
 from shared.logs import CORRELATION_ID
 from shared.metrics import DEPENDENCY_UP, HTTP_REQUESTS, HTTP_SECONDS, READY, THROTTLED
 from shared.mongo import Document, client_and_database, ping, store_unavailable
@@ -640,7 +640,7 @@ class Runtime:
                         self._tasks.append(asyncio.create_task(job(), name=f"{self.name}-{job.__name__}"))
                 if self.broker is not None:
                     self._broker_refused = True
-                    await self.broker.start()
+                    await start_broker(self.broker)
                     self._broker_refused = False
                 break
             except asyncio.CancelledError:

@@ -152,6 +152,34 @@ def make_broker(settings: KafkaSettings, client_id: str) -> KafkaBroker:
     return broker
 
 
+async def start_broker(broker: KafkaBroker) -> None:
+    """What `broker.start()` does, with the subscribers started together instead of in turn.
+
+    Why: FastStream starts subscribers one after another, and aiokafka's `start()` of a subscribed
+    consumer returns only once its group has assigned it partitions. The coordinator holds a group's
+    first join (Apache Kafka: `group.initial.rebalance.delay.ms`, 3 s by default; Tansu: half the
+    session timeout), so a service was ready only after as many joins in a row as it has
+    subscribers: reporting (seven) 14 s on the local stack, alerts (six) 12 s, after every start
+    and every restart, `kill -9` included. Every subscriber of a service has a group of its own
+    (`KafkaSettings.group`), so their joins do not depend on one another and can overlap.
+
+    When one subscriber fails to start, the others' starts are cancelled and the first error is
+    raised, as from `broker.start()` (the runtime then stops the broker and retries).
+    """
+    await broker.connect()
+    starts = [asyncio.create_task(sub.start()) for sub in broker.subscribers]
+    try:
+        await asyncio.gather(*starts)
+    except BaseException:
+        for task in starts:
+            task.cancel()
+        await asyncio.gather(*starts, return_exceptions=True)
+        raise
+    for pub in broker.publishers:
+        await pub.start()
+    broker.running = True
+
+
 @dataclass(frozen=True)
 class InboundRecord:
     """One consumed record, undecoded."""

@@ -38,9 +38,10 @@ class StackUnderTest:
     local: LocalStack | None = None
     # Consumer group timing of the services under test, (session timeout, heartbeat) in ms; None
     # keeps the production defaults. The local Tansu holds every group join for half the session
-    # timeout (10 s by default: 5 s a consumer, ~30 s for alerts' six), so the suite's own local
-    # stack shortens it. 3 s still leaves ten heartbeats per session on a loaded machine; Apache
-    # Kafka refuses sessions under 6 s and is left alone, and so are the fault tests' stacks.
+    # timeout (10 s by default: 5 s a consumer; a service's consumers join together, see
+    # `shared.kafka.start_broker`), so the suite's own local stack shortens it. 3 s still leaves
+    # ten heartbeats per session on a loaded machine; Apache Kafka refuses sessions under 6 s and
+    # is left alone, and so are the fault tests' stacks.
     group_timing: tuple[int, int] | None = None
 
 
