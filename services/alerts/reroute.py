@@ -7,7 +7,9 @@ moves the entry to the alert's site, gives it a channel, changes a webhook that 
 alert of that clinician still open whose routed revision did not reach them is sent to them now
 (`rules.plan_reroute` decides; the site rule holds: never another site's entry), its routing becomes
 `clinician`, the fallbacks' deliveries of it still pending are cancelled, and
-`alliance_alerts_rerouted_total{kind,reason}` counts it.
+`alliance_alerts_rerouted_total{kind,reason}` counts it. Should every delivery to them then use up
+its attempts, the status teller records who has it after all (services/alerts/statuses.py):
+`fallback` again when a fallback had received it, else nobody (`none`, told `failed`, `undelivered`).
 
 Exactly once per revision, under at-least-once
 ----------------------------------------------

@@ -13,7 +13,8 @@ fallback either, the revision reaches nobody: the handlers record `routing: none
 `failed` on the alert's status topic (`unrouted_status`). A fallback is never another site's
 entry: site ownership holds for fallbacks exactly as for clinicians. Once a directory change makes
 the clinician reachable, an alert of theirs still open whose routed revision reached only fallbacks
-or nobody is sent to them after all (`plan_reroute`, "rerouting" below).
+or nobody is sent to them after all (`plan_reroute`, "rerouting" below); should that not get through
+either, who it reached in the end is settled by its deliveries (`revision_reached`).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ Channel = Literal["webhook", "email"]
 # Why an alert reached no clinician (docs/partners.md, "Alerts that reach no clinician").
 # Why a revision did not reach its clinician: the first three are known when it is routed (it goes
 # to the site's fallbacks, or to nobody); `undelivered`, when every delivery to a person it was
-# routed to (clinician or fallbacks) used up its attempts (`reached_nobody`): it reached nobody.
+# routed to (clinician or fallbacks) used up its attempts (`revision_reached`): it reached nobody.
 UnroutedReason = Literal["no_directory_entry", "other_site", "no_channel", "undelivered"]
 UNROUTED_REASONS: tuple[UnroutedReason, ...] = ("no_directory_entry", "other_site", "no_channel", "undelivered")
 # Who a raised revision reached: its clinician, the site's fallback entries, or no person at all.
@@ -815,17 +816,30 @@ def to_person(kind: str | None, recipient_: str | None) -> bool:
     """Whether a delivery is one of a raised revision to a person it was routed to: its clinician or
     a fallback entry of its site (not a partner, a supervisor's escalation copy or a withdrawal
     notice). Recording its final outcome owes the status teller a look (the `status_outbox`): a
-    clinician's tells `delivered` / `failed` (`tells_status`), and any may be the last of its
-    revision's to fail (`reached_nobody`)."""
+    clinician's tells `delivered` / `failed` (`tells_status`), and any may settle who its revision
+    reached in the end (`revision_reached`)."""
     return kind == "alert" and str(recipient_ or "").startswith(("clinician:", "fallback:"))
 
 
-def reached_nobody(statuses: Iterable[str]) -> bool:
-    """Whether a raised revision reached no person after all, from the statuses of its deliveries to
-    persons (`to_person`): there is one, and every one used up its attempts (`failed`). One
-    delivered, still pending, or cancelled (the alert moved on before it went) says otherwise."""
-    seen = list(statuses)
-    return bool(seen) and all(s == "failed" for s in seen)
+def revision_reached(people: Iterable[tuple[str, str]]) -> RoutedTo | None:
+    """Who a raised revision reached in the end, from (recipient, status) of its deliveries to persons
+    (`to_person`), or None while that is not settled (one still pending could change it, or none failed):
+
+    - `clinician`: a delivery to its clinician got through;
+    - `fallback`: none to the clinician did (each used up its attempts), one to a fallback entry did:
+      a revision a directory fix rerouted to its clinician (`plan_reroute`) after its fallback had it;
+    - `none`: every one used up its attempts or was cancelled, and one of them failed: it reached
+      nobody. A person's delivery is cancelled only by a reroute (a fallback's, not sent yet when the
+      alert went to its clinician instead), so a cancelled one reached nobody either."""
+    seen = list(people)
+    statuses = {s for _, s in seen}
+    if any(r.startswith("clinician:") and s == "delivered" for r, s in seen):
+        return "clinician"
+    if "pending" in statuses:
+        return None
+    if "delivered" in statuses:
+        return "fallback"
+    return "none" if "failed" in statuses and statuses <= {"failed", "cancelled"} else None
 
 
 def delivery_status(alert: RaisedAlert, status: DeliveryStatus, channel: Channel,

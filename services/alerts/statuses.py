@@ -7,10 +7,13 @@ attempts; on the alert's type's status topic (`alliance.alert-status.v1`, or
 `outcome.alert-status.v1` for an outcome alert); a partner's, a supervisor's or a withdrawal's
 delivery tells nothing. And when the last delivery to a person of a raised revision (its
 clinician's, or its site's fallbacks', `rules.to_person`) fails, so that all of them used up their
-attempts (`rules.reached_nobody`), the revision reached nobody after all: the channel-less `failed`
-with `routing_reason` `undelivered` is published (`nobody_record`), then the alert's routing is
-recorded `none` and, when that write is news, `alliance_alerts_unrouted_total{reason="undelivered",
-fallback="no"}` is counted. Those deliveries carry the outbox flag too, so this is never lost.
+attempts or were cancelled by a reroute (`rules.revision_reached`), the revision reached nobody
+after all: the channel-less `failed` with `routing_reason` `undelivered` is published
+(`nobody_record`), then the alert's routing is recorded `none` and, when that write is news,
+`alliance_alerts_unrouted_total{reason="undelivered", fallback="no"}` is counted. A revision a
+directory fix rerouted to its clinician (services/alerts/reroute.py) none of whose deliveries to
+them got through, but which a fallback's delivery had reached, is recorded `fallback` again
+(`fell_back`) and tells nothing more. Those deliveries carry the outbox flag too, so this is never lost.
 
 Exactly-once effect under at-least-once (an outbox on the delivery row)
 -----------------------------------------------------------------------
@@ -50,13 +53,16 @@ from pydantic import ValidationError
 from services.alerts import metrics
 from services.alerts.handlers import PublishesAll, status_record
 from services.alerts.rules import (
+    UNROUTED_REASONS,
     DeliveryStatus,
     RaisedAlert,
+    RoutedTo,
+    UnroutedReason,
     alert_kind,
     delivery_status,
     first_deliveries,
     kind_of_topic,
-    reached_nobody,
+    revision_reached,
     tells_status,
     unrouted_status,
 )
@@ -83,6 +89,8 @@ class OwedStatuses(Protocol):
     async def person_deliveries(self, revisions: Sequence[tuple[str, str]]) -> list[Document]: ...
 
     async def record_unreached(self, revisions: Sequence[tuple[str, int]]) -> set[str]: ...
+
+    async def record_fell_back(self, revisions: Sequence[tuple[str, int, UnroutedReason]]) -> set[str]: ...
 
 
 def status_of(d: Document) -> tuple[DeliveryStatus, datetime] | None:
@@ -117,21 +125,43 @@ def owed_record(d: Document, topics: Topics) -> OutboundRecord | None:
                          alert_kind(alert))
 
 
+def reached_in_the_end(d: Document, siblings: Sequence[Document]) -> RoutedTo | None:
+    """Who the revision a finished delivery `d` carried reached in the end (`rules.revision_reached`),
+    from `siblings`: every delivery of that revision to a person, `d` included."""
+    return revision_reached((str(s.get("recipient")), str(s.get("status"))) for s in siblings)
+
+
 def nobody_record(d: Document, siblings: Sequence[Document],
                   topics: Topics) -> tuple[RaisedAlert, OutboundRecord] | None:
     """The channel-less `failed` (`undelivered`) of the revision a failed delivery `d` carried, when
-    `siblings` (every delivery of that revision to a person, `d` included) all used up their
-    attempts (`rules.reached_nobody`); else None. It happened when the last of them failed, so every
-    copy of it (another sibling's teller, the sweep) is the same event."""
-    if not reached_nobody(str(s.get("status")) for s in siblings):
+    `siblings` (every delivery of that revision to a person, `d` included) reached nobody: each used
+    up its attempts, or was cancelled by a reroute (`rules.revision_reached`); else None. It happened
+    when the last of them failed, so every copy of it (another sibling's teller, the sweep) is the
+    same event."""
+    if reached_in_the_end(d, siblings) != "none":
         return None
     alert = _delivered_alert(d)
     if alert is None:
         return None
-    at = max(s["finished_at"] for s in siblings if isinstance(s.get("finished_at"), datetime))
+    at = max(s["finished_at"] for s in siblings if s.get("status") == "failed" and isinstance(s.get("finished_at"),
+                                                                                            datetime))
     event = unrouted_status(alert, "undelivered", at)
     return alert, status_record(event, alert.client_id, topics, d.get("correlation_id"), d.get("traceparent"),
                                 alert_kind(alert))
+
+
+def fell_back(d: Document, siblings: Sequence[Document]) -> tuple[RaisedAlert, UnroutedReason] | None:
+    """The revision a finished delivery `d` carried, and why it had gone to its site's fallback, when
+    it was rerouted to its clinician (a clinician's delivery is among `siblings`), none of those got
+    through and a fallback's had (`rules.revision_reached`): the fallback is who has it; else None."""
+    if not any(str(s.get("recipient")).startswith("clinician:") for s in siblings):
+        return None  # routed to the fallbacks and never rerouted: its routing says so already
+    reason = next((s.get("routed_reason") for s in siblings if s.get("status") == "delivered"
+                   and s.get("routed_reason") in UNROUTED_REASONS), None)
+    if reached_in_the_end(d, siblings) != "fallback" or reason is None:
+        return None
+    alert = _delivered_alert(d)
+    return None if alert is None else (alert, reason)
 
 
 @dataclass(eq=False)
@@ -204,8 +234,9 @@ class StatusTeller:
         many were settled. A clinician's delivery tells its `delivered` / `failed`; a `delivered` of a
         revision another channel delivered first is settled without publishing (that one tells it).
         A failed one (a clinician's or a fallback's) whose revision's deliveries to persons all
-        failed also tells that the revision reached nobody (`nobody_record`), recorded on the alert
-        and counted once the event is published."""
+        failed (or were cancelled by a reroute) also tells that the revision reached nobody
+        (`nobody_record`), recorded on the alert and counted once the event is published. A revision
+        rerouted to its clinician that only its fallback got is recorded `fallback` again (`fell_back`)."""
         if not owed:
             return 0
         delivered = [d for d in owed if d.get("status") == "delivered"]
@@ -215,8 +246,12 @@ class StatusTeller:
             first = first_deliveries((str(s["_id"]), str(s["subject_id"]), s["delivered_at"]) for s in siblings
                                      if isinstance(s.get("delivered_at"), datetime))
         failed = {(str(d["alert_id"]), str(d["subject_id"])): d for d in owed if d.get("status") == "failed"}
+        # A fallback's delivery that got through settles a rerouted revision too, when it finished
+        # after the clinician's last failure (it was being attempted when the reroute cancelled the rest).
+        settling = {**{(str(d["alert_id"]), str(d["subject_id"])): d for d in delivered
+                       if str(d.get("recipient")).startswith("fallback:")}, **failed}
         people: dict[str, list[Document]] = {}
-        for s in await self.store.person_deliveries(sorted(failed)) if failed else []:
+        for s in await self.store.person_deliveries(sorted(settling)) if settling else []:
             people.setdefault(str(s["subject_id"]), []).append(s)
         records: list[tuple[str, OutboundRecord]] = []
         told: list[tuple[str, datetime | None]] = []
@@ -229,6 +264,7 @@ class StatusTeller:
             told.append((d["_id"], d.get("finished_at")))
         nobody = [told_of for (_, subject), d in sorted(failed.items())
                   if (told_of := nobody_record(d, people.get(subject, [d]), self.topics)) is not None]
+        back = [b for (_, subject), d in sorted(settling.items()) if (b := fell_back(d, people.get(subject, [d])))]
         await self.publisher.publish_all([r for _, r in records] + [r for _, r in nobody])
         for status, _ in records:
             metrics.DELIVERY_STATUSES.labels(status, "swept" if swept else "recorded").inc()
@@ -238,5 +274,11 @@ class StatusTeller:
                 metrics.UNROUTED.labels(alert_kind(alert).alert_type, "undelivered", "no").inc()
                 log.warning("revision %d of an alert reached nobody: every delivery to a person used up its "
                             "attempts", alert.revision, extra={"alert_id": alert_id})
+        if back:
+            for alert_id in await self.store.record_fell_back([(a.alert_id, a.revision, why) for a, why in back]):
+                alert = next(a for a, _ in back if a.alert_id == alert_id)
+                log.warning("revision %d of an alert rerouted to its clinician did not reach them: every delivery "
+                            "used up its attempts; its site's fallback has it", alert.revision,
+                            extra={"alert_id": alert_id})
         await self.store.statuses_told(told)
         return len(told)

@@ -21,7 +21,9 @@
   those of the highest revision the handlers routed, `rrev` (see `record_routing`); an alert
   stored before routing was recorded has none (the API shows null). A stranded alert a directory
   fix sent to its clinician is `clinician` from then on, with `rerouted_at` and `rerouted_from`
-  (the reason it had not reached them; see `record_rerouted`).
+  (the reason it had not reached them; see `record_rerouted`), until its deliveries to them all use
+  up their attempts: then `fallback` again when the site's fallback had got it (`record_fell_back`),
+  else `none` (`undelivered`, `record_unreached`).
 - `deliveries`: one document per (alert or event, recipient, channel) — `_id` is the delivery id,
   so a redelivered event cannot create a second one. It is also the durable retry schedule:
   status pending + `next_attempt_at`, leased by one worker at a time through `claimed_until`.
@@ -779,7 +781,7 @@ class AlertsStore:
         docs = await self.deliveries.find({"alert_id": {"$in": sorted({a for a, _ in wanted})},
                                            "subject_id": {"$in": sorted({s for _, s in wanted})}, "kind": "alert"},
                                           {"_id": 1, "kind": 1, "recipient": 1, "subject_id": 1, "status": 1,
-                                           "finished_at": 1}).to_list()
+                                           "finished_at": 1, "routed_reason": 1}).to_list()
         return [d for d in docs if to_person(d.get("kind"), d.get("recipient"))]
 
     async def record_unreached(self, revisions: Sequence[tuple[str, int]]) -> set[str]:
@@ -792,6 +794,19 @@ class AlertsStore:
             res = await self.alerts.update_one(
                 {"_id": alert_id, "rrev": revision, "routing_reason": {"$ne": "undelivered"}},
                 {"$set": {"routing": "none", "routing_reason": "undelivered"}})
+            if res.modified_count:
+                changed.add(alert_id)
+        return changed
+
+    async def record_fell_back(self, revisions: Sequence[tuple[str, int, UnroutedReason]]) -> set[str]:
+        """Record that these (alert id, revision, reason), rerouted to their clinician, reached only
+        the site's fallback after all (routing `fallback` again, with the reason it had gone there;
+        `rerouted_at` and `rerouted_from` stay), on an alert whose routed revision is still that one
+        and still recorded `clinician`. Returns the alert ids it changed."""
+        changed: set[str] = set()
+        for alert_id, revision, reason in revisions:  # rare (a reroute whose every attempt failed): no batching
+            res = await self.alerts.update_one({"_id": alert_id, "rrev": revision, "routing": "clinician"},
+                                               {"$set": {"routing": "fallback", "routing_reason": reason}})
             if res.modified_count:
                 changed.add(alert_id)
         return changed

@@ -54,7 +54,7 @@ A clinician's delivery of an alert (webhook or email; not a partner's, a supervi
 withdrawal notice) also owes a status event when it ends: `delivered`, or `failed` once its
 attempts are used up; and any delivery of an alert to a person it was routed to (its clinician or a
 site fallback, `rules.to_person`) may be the last of its revision's to fail, when the revision
-reached nobody and is told `failed` without a channel (`rules.reached_nobody`). The single write
+reached nobody and is told `failed` without a channel (`rules.revision_reached`). The single write
 that records the outcome sets the delivery's `status_outbox` flag with it; only after that write
 are the ids handed to the `StatusTeller` (services/alerts/statuses.py; the documents as written
 instead, when every update of the write matched, so it reads nothing back), which publishes on the

@@ -16,7 +16,15 @@ from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel
 
-from services.alerts.rules import Clinician, Routing, Subscription, lifecycle_order, tells_status, to_person
+from services.alerts.rules import (
+    Clinician,
+    Routing,
+    Subscription,
+    UnroutedReason,
+    lifecycle_order,
+    tells_status,
+    to_person,
+)
 from services.alerts.store import STATUS_OUTBOX, Alert, Delivery, SubscriptionRow
 from services.reporting.store import ApplyReport, GenerationState
 from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, Lifecycle, SrsScored, SrsSubmitted
@@ -189,6 +197,16 @@ class MemoryAlertsStore:
             was = self.routings.get(alert_id)
             if was is not None and was[0] == revision and was[1].reason != "undelivered":
                 self.routings[alert_id] = (revision, Routing("none", "undelivered", was[1].fallback_ids))
+                changed.add(alert_id)
+        return changed
+
+    async def record_fell_back(self, revisions: Sequence[tuple[str, int, UnroutedReason]]) -> set[str]:
+        self._check()
+        changed = set()
+        for alert_id, revision, reason in revisions:
+            was = self.routings.get(alert_id)
+            if was is not None and was[0] == revision and was[1].to == "clinician":
+                self.routings[alert_id] = (revision, Routing("fallback", reason, was[1].fallback_ids))
                 changed.add(alert_id)
         return changed
 

@@ -17,7 +17,7 @@ from services.alerts.rules import (
     Routing,
     Subscription,
     first_deliveries,
-    reached_nobody,
+    revision_reached,
     route_alert,
     tells_status,
     to_person,
@@ -82,11 +82,33 @@ def test_a_delivery_of_a_raised_revision_to_its_clinician_or_a_fallback_is_one_t
     assert not to_person("withdrawal", "fallback:duty")
 
 
-def test_a_revision_reached_nobody_only_when_every_delivery_to_a_person_used_up_its_attempts() -> None:
-    assert reached_nobody(["failed"]) and reached_nobody(["failed", "failed", "failed"])
-    for other in ("delivered", "pending", "cancelled"):
-        assert not reached_nobody(["failed", other])
-    assert not reached_nobody([])  # routed to nobody is told when it is routed, not here
+def test_a_revision_reached_nobody_when_every_delivery_to_a_person_used_up_its_attempts() -> None:
+    assert revision_reached([("fallback:duty", "failed")]) == "none"
+    assert revision_reached([("clinician:c1", "failed"), ("clinician:c1", "failed")]) == "none"
+
+
+def test_a_fallbacks_delivery_a_reroute_cancelled_reached_nobody_either() -> None:
+    assert revision_reached([("fallback:duty", "cancelled"), ("clinician:c1", "failed")]) == "none"
+
+
+def test_a_clinicians_delivery_that_got_through_reached_them_whatever_the_others_did() -> None:
+    for other in ("failed", "pending", "delivered", "cancelled"):
+        assert revision_reached([("clinician:c1", "delivered"), ("fallback:duty", other)]) == "clinician"
+
+
+def test_a_rerouted_revision_none_of_whose_clinician_deliveries_got_through_reached_the_fallback_that_had_it() -> None:
+    assert revision_reached([("fallback:duty", "delivered"), ("clinician:c1", "failed")]) == "fallback"
+
+
+def test_who_a_revision_reached_is_not_settled_while_a_delivery_to_a_person_is_pending() -> None:
+    assert revision_reached([("clinician:c1", "failed"), ("clinician:c1", "pending")]) is None
+    assert revision_reached([("fallback:duty", "delivered"), ("clinician:c1", "pending")]) is None
+    assert revision_reached([("fallback:duty", "pending"), ("clinician:c1", "failed")]) is None
+
+
+def test_who_a_revision_reached_is_not_settled_before_one_of_its_deliveries_failed() -> None:
+    assert revision_reached([]) is None  # routed to nobody is told when it is routed, not here
+    assert revision_reached([("fallback:duty", "cancelled")]) is None
 
 
 def test_the_first_delivery_of_a_revision_is_the_earliest_recorded_ties_broken_by_id() -> None:
@@ -253,3 +275,75 @@ async def test_a_clinicians_two_failed_channels_tell_each_failed_and_that_the_re
     assert sorted((s.channel or "-", s.routing_reason or "-") for s in alliance_statuses(sink)) == [
         ("-", "undelivered"), ("email", "-"), ("webhook", "-")]
     assert store.routings[alert.alert_id] == (1, Routing("none", "undelivered"))
+
+
+# --- a revision a directory fix rerouted to its clinician, whose deliveries to them all failed ---
+
+
+def rerouted(alert: AllianceDeterioration, store: MemoryAlertsStore) -> dict[str, PlannedDelivery]:
+    """The revision routed to the fallback `duty`, then rerouted to its registered clinician c1 (as
+    recorded): the fallback's and the clinician's deliveries, by role and channel."""
+    p = to_fallback(alert, store)
+    store.routings[alert.alert_id] = (alert.revision, Routing("clinician"))
+    return {**p, **planned(alert)}
+
+
+async def test_a_rerouted_revision_the_fallback_had_is_the_fallbacks_again_once_the_clinicians_deliveries_fail(
+        ) -> None:
+    alert, store, sink = deterioration("acme", "c1", "client-30"), MemoryAlertsStore(), Sink()
+    p = rerouted(alert, store)
+    got = [recorded(alert, p[f"fallback:{c}"], "delivered", NOW - timedelta(minutes=5), owed=False)
+           for c in ("webhook", "email")]
+    failed = [recorded(alert, p[f"clinician:{c}"], "failed", NOW) for c in ("webhook", "email")]
+    await store.insert_deliveries([*got, *failed])
+    before = unrouted_no()
+
+    await teller(store, sink).tell(failed)
+
+    assert sorted(s.channel or "-" for s in alliance_statuses(sink)) == ["email", "webhook"]  # nobody told failed
+    assert store.routings[alert.alert_id] == (1, Routing("fallback", "no_directory_entry", ()))
+    assert unrouted_no() == before
+
+
+async def test_a_rerouted_revision_whose_fallback_deliveries_the_reroute_cancelled_reached_nobody() -> None:
+    alert, store, sink = deterioration("acme", "c1", "client-31"), MemoryAlertsStore(), Sink()
+    p = rerouted(alert, store)
+    stopped = [recorded(alert, p[f"fallback:{c}"], "cancelled", NOW - timedelta(minutes=5), owed=False)
+               for c in ("webhook", "email")]
+    first = recorded(alert, p["clinician:email"], "failed", NOW - timedelta(seconds=3), owed=False)
+    last = recorded(alert, p["clinician:webhook"], "failed", NOW)
+    await store.insert_deliveries([*stopped, first, last])
+    before = unrouted_no()
+
+    await teller(store, sink).tell([last])
+
+    nobody = [s for s in alliance_statuses(sink) if s.channel is None]
+    assert [(s.routing_reason, s.occurred_at) for s in nobody] == [("undelivered", NOW)]
+    assert store.routings[alert.alert_id] == (1, Routing("none", "undelivered"))
+    assert unrouted_no() == before + 1
+
+
+async def test_a_fallbacks_delivery_that_got_through_after_the_rerouted_clinicians_failed_makes_it_the_fallbacks(
+        ) -> None:
+    alert, store, sink = deterioration("acme", "c1", "client-32"), MemoryAlertsStore(), Sink()
+    p = rerouted(alert, store)
+    failed = [recorded(alert, p[f"clinician:{c}"], "failed", NOW, owed=False) for c in ("webhook", "email")]
+    late = recorded(alert, p["fallback:webhook"], "delivered", NOW + timedelta(seconds=1))  # in flight at the reroute
+    await store.insert_deliveries([*failed, late])
+
+    await teller(store, sink).tell([late])
+
+    assert sink.published == []
+    assert store.routings[alert.alert_id] == (1, Routing("fallback", "no_directory_entry", ()))
+
+
+async def test_a_revision_only_ever_routed_to_the_fallback_keeps_its_routing_when_the_fallback_gets_it() -> None:
+    alert, store, sink = deterioration("acme", "ghost", "client-33"), MemoryAlertsStore(), Sink()
+    p = to_fallback(alert, store)
+    failed = recorded(alert, p["fallback:webhook"], "failed", NOW)
+    await store.insert_deliveries([failed, recorded(alert, p["fallback:email"], "delivered", NOW, owed=False)])
+
+    await teller(store, sink).tell([failed])
+
+    assert sink.published == []
+    assert store.routings[alert.alert_id] == (1, Routing("fallback", "no_directory_entry", ("duty",)))
