@@ -52,6 +52,26 @@ before anyone can see it. What a `kill -9` at each point leaves behind:
 A transient failure (store or broker down, acknowledgements late) raises out of the handler:
 the shared subscriber retries the batch with backoff and never commits past it.
 
+A transfer re-judges the refusals a client's record kept (`site_conflict` of an ORS-family form
+read before the transfer, accepted at or after it: docs/clinical-records.md, "Site ownership").
+In step 2 the index is also read for the submission ids of those refusals, and in step 3 the
+transfer takes the ones its site owned at their acceptance into the record, as submitted
+versions (judged against the index, so a newer version another client holds is not taken); the
+timeline entry of the transfer names them. What a crash leaves behind:
+
+- during 1-3: nothing; the refused ORS is still refused in the stored record, and the
+  redelivered transfer re-judges it afresh.
+- during 4: the client's document holds the transfer, the versions it took and their revisions,
+  or none of it (one document, one write); the redelivery finds the transfer applied
+  (`ClientState.transfers`) and re-emits what the record shows: the taken ORS's revision 1 and
+  its alert at the revision decided, never a second revision nor a second alert.
+- during 5, the index not registered: the redelivered transfer returns the versions its timeline
+  entry names (`Step.taken`), which are registered like the batch's own submissions; registering
+  again is a max, so no change when it was.
+- the refused ORS record itself redelivered after the transfer took it (its batch's offsets
+  were not committed): the record holds that very version, so it is a redelivery; its dead
+  letter (sent when it was refused) is not sent again.
+
 Had we published first and written state after, a crash between the two would make the
 redelivery score again with a new `scored_at` (and possibly changed tenant rules): two different
 outputs for one input. Writing first closes that window.
@@ -85,6 +105,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Protocol
 
 from services.scoring import metrics
@@ -177,6 +198,29 @@ def scale_of(instrument: str) -> str:
 def index_key(ev: Submitted) -> IndexKey:
     """A submitted version's submission id in the tenant-wide index."""
     return IndexKey(ev.tenant_id, scale_of(ev.instrument), ev.submission_id)
+
+
+def _index_key_of(tenant_id: str, v: Version) -> IndexKey:
+    """A kept version's submission id in the tenant-wide index."""
+    return IndexKey(tenant_id, scale_of(v.instrument), v.submission_id)
+
+
+def rejudged_keys(inputs: Iterable[tuple[InboundRecord, Input]], states: dict[ClientKey, ClientState]) -> set[IndexKey]:
+    """The submission ids of the refusals a transfer of the batch may re-judge (the kept
+    `site_conflict` refusals of its client): read in the index with the batch's own, so that a
+    version taken by a transfer is judged against other clients' as any submitted one."""
+    out: set[IndexKey] = set()
+    for _, ev in inputs:
+        if isinstance(ev, ClientTransfer):
+            st = states[client_key(ev.tenant_id, ev.client_id)]
+            out |= {_index_key_of(ev.tenant_id, r.version) for r in st.rejected.values() if r.version is not None}
+    return out
+
+
+def _judged(held: dict[IndexKey, Held], tenant_id: str, client_id: str, v: Version) -> tuple[Holding | None, bool]:
+    """What the index says of a version a transfer re-judges (`series.Judge`)."""
+    h = held.get(_index_key_of(tenant_id, v), Held())
+    return newer_elsewhere(h.held, client_id, v.accepted_at, v.digest), h.first in (None, client_id)
 
 
 def retraction_event(k: IndexKey, client_id: str, as_of: Holding, now: datetime) -> SubmissionRetraction:
@@ -412,7 +456,8 @@ class ScoringHandler:
                 states = await self.states.load(keys)
                 rules = await self.rules.get_many({ev.tenant_id for _, ev in remaining})
                 held = await self.index.read({index_key(ev) for _, ev in remaining
-                                              if isinstance(ev, SrsSubmitted | OrsSubmitted)})
+                                              if isinstance(ev, SrsSubmitted | OrsSubmitted)}
+                                             | rejudged_keys(remaining, states))
             with metrics.PHASE_SECONDS.labels("apply").time():
                 p = self._apply(remaining, states, rules, held)
             # Clients whose record did not change were stored before: their events can go now.
@@ -498,7 +543,10 @@ class ScoringHandler:
             now = self.clock()
             step: Step
             if isinstance(ev, ClientTransfer):
-                step = st.transfer(ev.event_id, ev.site_id, tenant_rules, now)
+                step = st.transfer(ev.event_id, ev.site_id, tenant_rules, now, ev.accepted_at,
+                                   partial(_judged, held, ev.tenant_id, ev.client_id))
+                for v in step.taken:  # refusals the transfer re-judged and took: registered as submitted
+                    p.touched.setdefault(key, set()).add((_index_key_of(ev.tenant_id, v), v.key))
             elif isinstance(ev, SubmissionRetraction):
                 rkey = record_key(ev.submission_id, "ORS" if ev.scale == "outcome" else "SRS")
                 step = st.retract(rkey, holding(ev.accepted_at, ev.digest, ev.moved_to_client_id), tenant_rules, now)

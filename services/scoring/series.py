@@ -28,7 +28,11 @@ implements is docs/clinical-records.md; the shape of the algorithm is:
 Decisions that depend on the state at arrival (a `session_gap` or `site_conflict` rejection, an
 identical resend under a new id rejected as `duplicate`) are stored with the version they
 rejected, so a redelivery of that record gets the same answer even after later records changed
-the state. A record seen before (same submission, same accepted time, same content) is a
+the state. One refusal is not final: a `site_conflict` is decided by the site that owned the client
+when the version was accepted (`owner_at`, over the transfers applied so far), and an ORS-family
+form read before a transfer accepted earlier than it keeps its content (`keeps_content`, bounded)
+so that the transfer, when applied, re-judges it (`to_rejudge`) and takes it as if it had just
+arrived. A record seen before (same submission, same accepted time, same content) is a
 *redelivery*: the step changes nothing and returns `redelivered=True`, and the handler re-emits
 everything the record currently shows (`current_outputs`), because the first attempt's events may
 not have reached the broker before a crash.
@@ -37,7 +41,7 @@ not have reached the broker before a crash.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import cached_property
@@ -243,12 +247,89 @@ class Ratings(NamedTuple):
 
 @dataclass(frozen=True)
 class Rejection:
-    """A version scoring refused, kept so that a redelivery gets the same answer."""
+    """A version scoring refused, kept so that a redelivery gets the same answer. `version`: the
+    refused content itself, kept only for a `site_conflict` refusal a later transfer may still
+    re-judge (`keeps_content`), None otherwise (the refusal is final)."""
 
     accepted_at: datetime
     digest: str
     reason: RejectReason
     detail: str
+    version: Version | None = None
+
+
+# --- who owned the client when a version was accepted (docs/clinical-records.md) ------------
+
+# How many site_conflict refusals a client's record keeps the content of, to re-judge them when a
+# transfer is applied after them (docs/clinical-records.md, "Site ownership"): past it, the oldest
+# accepted loses its content and its refusal is final, as every refusal was before.
+MAX_KEPT_REFUSALS = 16
+
+
+class Handover(NamedTuple):
+    """A transfer as the ownership timeline keeps it: from `accepted_at` on (inclusive) the client
+    is `to_site`'s, before it `from_site`'s (None: no site yet, the first accepted session's).
+    `event_id`: the transfer's; `taken`: the record keys of the refusals it re-judged and took
+    (re-registered in the index when the transfer is redelivered)."""
+
+    accepted_at: datetime
+    from_site: str | None
+    to_site: str
+    event_id: str
+    taken: tuple[str, ...] = ()
+
+
+def owner_at(handovers: Sequence[Handover], owner: str | None, at: datetime) -> str | None:
+    """The site that owned the client when a version accepted `at` was accepted, by acceptance time
+    alone: the site the earliest transfer accepted after `at` moved it from, else `owner` (the
+    site now). A transfer takes effect at its acceptance instant: a version accepted at the very
+    same time is the new site's. `handovers` in acceptance order; a time before every one kept is
+    judged as of the oldest kept (its `from_site`), the older ones being forgotten."""
+    t = _utc(at)
+    for h in handovers:
+        if h.accepted_at > t:
+            return h.from_site
+    return owner
+
+
+def site_allowed(site_id: str, owner: str | None) -> bool:
+    """Whether a version of `site_id` may change the record of a client `owner` owned when it was
+    accepted (None: nobody yet, so the version's site will)."""
+    return owner is None or owner == site_id
+
+
+def rejudgeable(handovers: Sequence[Handover], at: datetime) -> bool:
+    """Whether a refusal of a version accepted `at` may still be changed by a transfer not applied
+    yet: transfers are applied in acceptance order (one partition with the client's SRS), so a
+    later one changes the owner only from its own acceptance on, never before the newest applied."""
+    return not handovers or _utc(at) >= handovers[-1].accepted_at
+
+
+def keeps_content(v: Version, reason: RejectReason, handovers: Sequence[Handover]) -> bool:
+    """Whether a refusal of `v` keeps its content to be re-judged: a `site_conflict` of an
+    outcome-family version (on `ors.submitted.v1`, which a transfer may be read before or after;
+    an SRS shares the transfer's partition, so it is always judged in acceptance order) that a
+    later transfer may still change (`rejudgeable`)."""
+    return reason == "site_conflict" and v.outcome and rejudgeable(handovers, v.accepted_at)
+
+
+def to_rejudge(rejected: Mapping[str, Rejection], handovers: Sequence[Handover], owner: str | None) -> list[Version]:
+    """The kept refusals that the ownership timeline now allows (their site owned the client when
+    they were accepted), oldest accepted first: what a transfer takes into the record."""
+    found = [r.version for r in rejected.values() if r.version is not None
+             and site_allowed(r.version.site_id, owner_at(handovers, owner, r.version.accepted_at))]
+    return sorted(found, key=Version.order)
+
+
+def contents_to_drop(rejected: Mapping[str, Rejection], handovers: Sequence[Handover],
+                     bound: int = MAX_KEPT_REFUSALS) -> list[str]:
+    """The keys of the kept refusals whose content is no longer kept: those no transfer can change
+    any more (`rejudgeable`), and, past `bound`, the oldest accepted of the rest."""
+    kept = sorted(((_utc(r.accepted_at), r.digest, k) for k, r in rejected.items() if r.version is not None),
+                  reverse=True)
+    final = [k for at, _, k in kept if not rejudgeable(handovers, at)]
+    rest = [k for at, _, k in kept if rejudgeable(handovers, at)]
+    return sorted(final + rest[bound:])
 
 
 # --- which client holds a submission id (docs/clinical-records.md) ---------------------------
@@ -850,9 +931,16 @@ class Step:
     redelivered: bool = False
     changed: bool = False
     audited: bool = False  # stored, never scored (YCSRS)
+    # Versions a transfer took into the record (refusals it re-judged): registered in the index.
+    taken: tuple[Version, ...] = ()
 
 
 # --- the state ------------------------------------------------------------------------------
+
+# What the tenant-wide index says of a version a transfer re-judges: a newer version another client
+# holds (`newer_elsewhere`), and whether this client was the first to hold the id (`submit`).
+Judge = Callable[["Version"], tuple[Holding | None, bool]]
+
 
 
 @dataclass
@@ -883,6 +971,10 @@ class ClientState:
     # Submissions this client was not the first to hold (by record key): their events' ids name
     # the client (`ids.moved_scored_event_id`). Decided when the client first takes one.
     foreign: set[str] = field(default_factory=set)
+    # The ownership timeline: the transfers that changed the site, in acceptance order (the last
+    # MAX_TRANSFER_IDS), by which a version is judged against the site that owned the client when
+    # it was accepted (`owner_at`), whatever order the topics were read in.
+    handovers: list[Handover] = field(default_factory=list)
 
     def copy(self) -> ClientState:
         """An independent copy (the values are immutable, so copying the containers suffices)."""
@@ -891,7 +983,7 @@ class ClientState:
         return ClientState(self.tenant_id, self.client_id, self.owner, self.site_version, list(self.transfers),
                            dict(self.versions), dict(self.rejected), dict(self.published),
                            dict(self.submission_revision), dict(self.alerts), self.version, self.cached,
-                           dict(self.resent), dict(self.moved), set(self.foreign))
+                           dict(self.resent), dict(self.moved), set(self.foreign), list(self.handovers))
 
     def mark_foreign(self, key: str) -> bool:
         """Record that this client was not the first to hold the submission `key` (its events' ids
@@ -972,7 +1064,7 @@ class ClientState:
             if known.digest == v.digest and v.order() > self._order(known):
                 self.resent[key] = v.accepted_at  # newer: an older version arriving later loses
                 return Step(changed=True)
-            if v.order() < known.first().order() and self.owner in (None, v.site_id):
+            if v.order() < known.first().order() and self._site_ok(v):
                 return self._named_earlier(known, v, rules, now)
             return Step()  # an older version arriving late, or an identical resend: nothing changes
         if known is None and key not in self.rejected and self._holds() >= rules.max_client_submissions:
@@ -983,7 +1075,7 @@ class ClientState:
                 f"(max_client_submissions {rules.max_client_submissions})")))
         if known is not None:
             v = v.named_from(known.first())  # a correction: the episode keeps the name it has
-        if v.instrument not in _SCORED and self.owner in (None, v.site_id):  # another site's: refused below
+        if v.instrument not in _SCORED and self._site_ok(v):  # another site's: refused below
             self.versions[key] = v
             self.resent.pop(key, None)
             self.cached = None
@@ -994,8 +1086,10 @@ class ClientState:
         refusal = self._refusal(v, rules)
         if refusal is not None:
             reason, detail = refusal
-            rej = Rejection(v.accepted_at, v.digest, reason, detail)
+            rej = Rejection(v.accepted_at, v.digest, reason, detail,
+                            v if keeps_content(v, reason, self.handovers) else None)
             self.rejected[key] = rej
+            self._drop_final_contents()
             return Step(rejection=rej, changed=True)
         if not first and known is None and key not in self.submission_revision:
             self.foreign.add(key)
@@ -1081,17 +1175,53 @@ class ClientState:
                                self.owner, self.site_version, self.tenant_id, self.client_id, None)
         return ScoredOut(view, m.revision, None, m.at, False, retracted=True)
 
-    def transfer(self, event_id: str, site_id: str, rules: R.TenantRules, now: datetime) -> Step:
-        """Apply an admin's transfer (`event_id`, a redelivery of which changes nothing): move the
-        client to `site_id`; every current session is re-published with it."""
+    def transfer(self, event_id: str, site_id: str, rules: R.TenantRules, now: datetime,
+                 accepted_at: datetime | None = None, index: Judge | None = None) -> Step:
+        """Apply an admin's transfer accepted at `accepted_at` (None: `now`), `event_id` (a
+        redelivery of which changes nothing): move the client to `site_id`; every current session
+        is re-published with it. The kept `site_conflict` refusals the new timeline allows (the
+        new site's, accepted at or after the transfer, read before it) are taken as if they had
+        just arrived (`submit`; `index` says, per version, what `submit`'s `elsewhere` and `first`
+        are), and their versions returned in `taken`."""
         if event_id in self.transfers:
-            return self._redelivered(rules, now)
+            step = self._redelivered(rules, now)
+            done = next((h for h in self.handovers if h.event_id == event_id), None)
+            step.taken = tuple(self.versions[k] for k in (done.taken if done else ()) if k in self.versions)
+            return step
         self.transfers = [*self.transfers, event_id][-MAX_TRANSFER_IDS:]
         if self.owner == site_id:
             return Step(changed=True)
+        # Never before the one applied last: the timeline stays in order, as the partition is.
+        at = _utc(accepted_at or now)
+        at = max(at, self.handovers[-1].accepted_at) if self.handovers else at
+        self.handovers = [*self.handovers, Handover(at, self.owner, site_id, event_id)][-MAX_TRANSFER_IDS:]
         self.owner = site_id
         self.site_version += 1
-        return Step(outputs=self._publish(self.view(rules), now), changed=True)
+        outputs: list[Output] = []
+        taken: list[Version] = []
+        for v in to_rejudge(self.rejected, self.handovers, self.owner):
+            refused = self.rejected.pop(v.key)
+            elsewhere, first = index(v) if index is not None else (None, True)
+            outputs.extend(self.submit(v, rules, now, elsewhere, first).outputs)
+            if v.key not in self.versions and v.key not in self.rejected and v.key not in self.moved:
+                # Refused again without being remembered (`series_full`): the refusal stays, final.
+                self.rejected[v.key] = replace(refused, version=None)
+            taken.append(v)
+        if taken:
+            self.handovers[-1] = self.handovers[-1]._replace(taken=tuple(v.key for v in taken))
+        self._drop_final_contents()
+        outputs.extend(self._publish(self.view(rules), now))
+        return Step(outputs=outputs, changed=True, taken=tuple(taken))
+
+    def _site_ok(self, v: Version) -> bool:
+        """Whether `v`'s site owned the client when `v` was accepted (`owner_at`)."""
+        return site_allowed(v.site_id, owner_at(self.handovers, self.owner, v.accepted_at))
+
+    def _drop_final_contents(self) -> None:
+        """Keep the content of refusals only while a transfer may re-judge them, and of at most
+        MAX_KEPT_REFUSALS (`contents_to_drop`): the record stays bounded."""
+        for key in contents_to_drop(self.rejected, self.handovers):
+            self.rejected[key] = replace(self.rejected[key], version=None)
 
     def _same_rejection(self, v: Version) -> Rejection | None:
         """The rejection of this very record (same accepted time, same content), if it was refused.
@@ -1118,8 +1248,9 @@ class ClientState:
         return Step(outputs=outputs, rejection=rejection, redelivered=True, changed=bool(outputs))
 
     def _refusal(self, v: Version, rules: R.TenantRules) -> tuple[RejectReason, str] | None:
-        if self.owner is not None and v.site_id != self.owner:
-            return "site_conflict", (f"client belongs to site '{self.owner}', not '{v.site_id}'; an admin can "
+        owner = owner_at(self.handovers, self.owner, v.accepted_at)
+        if not site_allowed(v.site_id, owner):
+            return "site_conflict", (f"client belongs to site '{owner}', not '{v.site_id}'; an admin can "
                                      "transfer it (POST /v1/clients/{client_id}/transfer)")
         try:
             R.total_of(v.ratings(), v.total, ORS_ITEM_NAMES if v.outcome else ITEM_NAMES)

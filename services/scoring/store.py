@@ -29,6 +29,7 @@ from services.scoring.rules import TenantRules
 from services.scoring.series import (
     AlertRecord,
     ClientState,
+    Handover,
     Moved,
     Origin,
     Published,
@@ -126,7 +127,11 @@ def state_doc(key: ClientKey, st: ClientState, version: int) -> Document:
         "owner": st.owner, "sv": st.site_version, "tx": list(st.transfers),
         "subs": [_version_doc(v) for v in st.versions.values()],
         "rej": [{"sid": submission_of(k), "acc": _iso(r.accepted_at), "d": r.digest, "r": r.reason, "x": r.detail,
-                 **({"o": True} if is_outcome_key(k) else {})} for k, r in st.rejected.items()],
+                 **({"o": True} if is_outcome_key(k) else {}),
+                 # The content of a site_conflict refusal a transfer may re-judge (at most
+                 # series.MAX_KEPT_REFUSALS per client); absent, the refusal is final.
+                 **({"v": _version_doc(r.version)} if r.version is not None else {})}
+                for k, r in st.rejected.items()],
         "pub": [{"k": slot, "r": p.revision, "sid": submission_of(p.submission_id), "d": p.digest, "at": _iso(p.at),
                  "sup": None if p.supersedes is None else submission_of(p.supersedes), "l": p.latest,
                  "vac": p.vacant} for slot, p in st.published.items()],
@@ -144,6 +149,9 @@ def state_doc(key: ClientKey, st: ClientState, version: int) -> Document:
         # clinical-records.md); keyed by record key. Only when there are some.
         **({"mv": [_moved_doc(k, m) for k, m in st.moved.items()]} if st.moved else {}),
         **({"fx": sorted(st.foreign)} if st.foreign else {}),
+        # The ownership timeline (series.Handover), once a transfer changed the site.
+        **({"ho": [{"at": _iso(h.accepted_at), "f": h.from_site, "t": h.to_site, "id": h.event_id,
+                    **({"k": list(h.taken)} if h.taken else {})} for h in st.handovers]} if st.handovers else {}),
     }
 
 
@@ -171,8 +179,9 @@ def state_from(key: ClientKey, doc: Document) -> ClientState:
         v = _version_from(d)
         st.versions[v.key] = v
     for r in doc.get("rej", ()):
+        kept = r.get("v")
         st.rejected[record_key(r["sid"], "ORS") if r.get("o") else r["sid"]] = Rejection(
-            _dt(r["acc"]), r["d"], r["r"], r["x"])
+            _dt(r["acc"]), r["d"], r["r"], r["x"], None if kept is None else _version_from(kept))
     outcome_named: set[str] = set()  # ids an outcome version or slot names (for documents written before)
     for p in doc.get("pub", ()):
         instrument = _slot_instrument(p["k"])
@@ -199,6 +208,8 @@ def state_from(key: ClientKey, doc: Document) -> ClientState:
         st.resent[record_key(str(sid), "ORS")] = _dt(at)
     st.moved = {str(d["k"]): _moved_from(d) for d in doc.get("mv", ())}
     st.foreign = {str(k) for k in doc.get("fx", ())}
+    st.handovers = [Handover(_dt(h["at"]), h.get("f"), h["t"], h["id"], tuple(h.get("k") or ()))
+                    for h in doc.get("ho", ())]
     for a in doc.get("al", ()):
         st.alerts[a["id"]] = AlertRecord(int(a["r"]), Lifecycle(a["st"]), a["d"], _dt(a["at"]), a["s"], a["c"],
                                          a["i"], a["e"], int(a["n"]), a["k"], _dt(a["ra"]) if "ra" in a else None)

@@ -102,6 +102,21 @@ def test_rejected_only_when_the_rejected_version_was_accepted_after_the_scored_o
         assert (rules.submission_view(doc, "north") or {}).get("status") == "scored"
 
 
+def test_a_refusal_a_transfer_took_back_is_answered_scored_and_keeps_its_rejection_time() -> None:
+    # The new site's form refused site_conflict when read before the transfer, then scored by it
+    # (docs/clinical-records.md, "Site ownership"): the same version, so the same acceptance time.
+    e = scored(T, "c1", 2, 38.0, site_id="south", site_version=1)
+    sub = submitted_like(e)
+    doc = doc_of(e.submission_id, scored=rules.scored_part(e),
+                 rejected=rules.rejected_part(dead_letter(sub, "site_conflict"), sub))
+    for key_site in (None, "south"):
+        view = rules.submission_view(doc, key_site)
+        assert view is not None
+        assert (view["status"], view["reason"], view["revision"], view["rejected_at"]) == (
+            "scored", None, 1, dead_letter(sub).occurred_at.isoformat())
+    assert rules.submission_view(doc, "north") is None
+
+
 def test_a_rejection_alone_is_rejected_with_what_was_submitted() -> None:
     e = scored(T, "c1", 41, 30.0)
     sub = submitted_like(e)

@@ -21,6 +21,7 @@ from services.scoring.rules import TenantRules
 from services.scoring.series import ClientState
 from services.scoring.store import (
     ClientKey,
+    IndexKey,
     IndexPort,
     MemoryIndex,
     StateCache,
@@ -136,10 +137,11 @@ def raw(value: bytes, key: bytes | None = b"acme:x", correlation: str | None = N
 
 
 def transfer(client: str, site: str, *, tenant: str = "acme", request: str = "r-1",
-             correlation: str | None = "corr-tx") -> InboundRecord:
-    """A client transfer as intake writes it: on the submitted topic, with the record-type header."""
+             correlation: str | None = "corr-tx", at: int = 3600) -> InboundRecord:
+    """A client transfer as intake writes it: on the submitted topic, with the record-type header;
+    accepted `at` seconds after T0 (like `submitted`)."""
     ev = ClientTransfer(event_id=ids.client_transfer_event_id(tenant, client, site, request), tenant_id=tenant,
-                        occurred_at=T0, client_id=client, site_id=site, accepted_at=T0 + timedelta(hours=1))
+                        occurred_at=T0, client_id=client, site_id=site, accepted_at=T0 + timedelta(seconds=at))
     return raw(ev.model_dump_json().encode(), key=f"{tenant}:{client}".encode(), correlation=correlation,
                headers={RECORD_TYPE_HEADER: CLIENT_TRANSFER})
 
@@ -384,11 +386,65 @@ async def test_a_transfer_republishes_the_clients_sessions_with_the_new_site() -
 
 async def test_after_a_transfer_the_new_sites_submissions_are_scored_and_the_old_sites_refused() -> None:
     h, _, sink = handler()
-    await h([submitted("x", 1, 38.0, at=1), transfer("x", "south"),
-             submitted("x", 2, 37.5, at=2, site_id="south"), submitted("x", 3, 37.5, at=3)])
+    await h([submitted("x", 1, 38.0, at=1), transfer("x", "south", at=2),
+             submitted("x", 2, 37.5, at=3, site_id="south"), submitted("x", 3, 37.5, at=4)])
     assert [s.submission_id for s in scored_of(sink.published) if s.site_id == "south"] == ["x-1", "x-2"]
     (letter,) = letters_of(sink.published)
     assert letter.reason == "site_conflict"
+
+
+def ors_scored_of(records: Iterable[OutboundRecord]) -> list[OrsScored]:
+    return [OrsScored.model_validate_json(r.value) for r in of_topic(records, TOPICS.ors_scored)]
+
+
+async def test_the_new_sites_ors_read_before_the_transfer_is_scored_when_the_transfer_is_applied() -> None:
+    h, _, sink = handler()
+    await h([submitted("x", 1, 38.0, at=1)])
+    await h([ors_submitted("x", 1, 25.0, at=5, site_id="south")])  # read first: the SRS topic lagged
+    (letter,) = letters_of(sink.published)
+    assert letter.reason == "site_conflict"
+    await h([transfer("x", "south", at=3)])
+    (o,) = ors_scored_of(sink.published)
+    assert (o.submission_id, o.site_id, o.site_version, o.revision) == ("x-ors-1", "south", 1, 1)
+    assert len(letters_of(sink.published)) == 1
+
+
+async def test_redelivering_the_refused_ors_and_the_transfer_publishes_no_new_revision_nor_letter() -> None:
+    h, _, sink = handler()
+    refused, move = ors_submitted("x", 1, 25.0, at=5, site_id="south"), transfer("x", "south", at=3)
+    await h([submitted("x", 1, 38.0, at=1)])
+    await h([refused])
+    await h([move])
+    published = {r.value for r in sink.published}
+    await h([refused])
+    await h([move])
+    assert {r.value for r in sink.published} == published
+    assert [o.revision for o in ors_scored_of(sink.published)] == [1] * len(ors_scored_of(sink.published))
+    assert len(letters_of(sink.published)) == 1
+
+
+async def test_a_version_the_transfer_took_is_registered_in_the_index_again_when_the_transfer_is_redelivered(
+        ) -> None:
+    # A crash after the record was written, before the index was: the redelivered transfer registers it.
+    h, states, _ = handler()
+    move = transfer("x", "south", at=3)
+    await h([submitted("x", 1, 38.0, at=1)])
+    await h([ors_submitted("x", 1, 25.0, at=5, site_id="south")])
+    await h([move])
+    fresh = MemoryIndex()
+    again, _, _ = handler(states, index=fresh)
+    await again([move])
+    held = (await fresh.read([IndexKey("acme", "outcome", "x-ors-1")]))[IndexKey("acme", "outcome", "x-ors-1")]
+    assert set(held.held) == {"x"}
+
+
+async def test_a_version_the_transfer_takes_that_another_client_holds_newer_is_not_taken() -> None:
+    h, _, sink = handler()
+    await h([submitted("x", 1, 38.0, at=1), submitted("y", 1, 38.0, at=2, site_id="south")])
+    await h([ors_submitted("x", 1, 25.0, at=5, site_id="south")])
+    await h([ors_submitted("y", 1, 25.0, at=6, site_id="south", sid="x-ors-1")])  # moved to y, newer
+    await h([transfer("x", "south", at=3)])
+    assert {(o.client_id, o.retracted) for o in ors_scored_of(sink.published)} == {("y", None)}
 
 
 async def test_a_redelivered_transfer_changes_nothing_and_republishes_the_record_byte_equal() -> None:
@@ -664,7 +720,7 @@ def workloads(draw: st.DrawFn) -> list[InboundRecord]:
                 out.append(submitted(f"c{c}", s + 1, 20.0, sid=f"c{c}-{s}-elsewhere", at=next(at), site_id="west"))
             elif extra == "transfer":
                 site = "south" if site == "north" else "north"
-                out.append(transfer(f"c{c}", site, request=f"r-{s}"))
+                out.append(transfer(f"c{c}", site, request=f"r-{s}", at=next(at)))
     return out
 
 

@@ -17,6 +17,11 @@ its stored alert record the same; nothing else changed. And again when a redeliv
 re-emit the last raise of an ended alert beside its end (a crash could otherwise lose a raise that
 the same batch superseded; services/scoring/handlers.py): 16 more events, each byte-equal to a raise
 published before it, and the ended alert records keep their raise time (`ra`); nothing else changed.
+And again when scoring began to keep the ownership timeline (a site_conflict is judged by the site
+that owned the client when the version was accepted, docs/clinical-records.md, "Site ownership"):
+the events were byte-identical, and the stored states differed only by the `ho` (one entry per
+transfer that changed the site) of the two clients transferred (client-1, client-2), checked by
+script field by field.
 """
 
 from __future__ import annotations
