@@ -494,24 +494,42 @@ async def test_a_time_of_session_1_corrected_across_midnight_keeps_the_episode_w
     assert not [s for s in scoring.statuses_of(t) if s.client_id == "in-order"]
 
 
+async def send_ors(scoring: Scoring, ev: OrsSubmitted) -> None:
+    """`ev` on ors.submitted.v1, as intake publishes it."""
+    topics = scoring.ns.kafka().topics()
+    await (await scoring.producer.send(topics.ors_submitted, ev.model_dump_json().encode(),
+                                       key=ids.partition_key(ev.tenant_id, ev.client_id)))
+
+
+async def ors_scored_recorder(scoring: Scoring) -> TopicRecorder:
+    return await TopicRecorder(scoring.ns.stack.bootstrap, scoring.ns.kafka().topics().ors_scored).start(
+        background=True)
+
+
+def ors_scored_in(recorder: TopicRecorder, tenant: str) -> list[OrsScored]:
+    return [s for s in map(OrsScored.model_validate_json, recorder.values()) if s.tenant_id == tenant]
+
+
+async def transferred_south(scoring: Scoring, t: str) -> None:
+    """Client `c` transferred to south (accepted at 3 s), once scoring re-published it there."""
+    await publish(scoring.producer, scoring.submitted, [client_transfer(t, "c", "south", accepted_at=at(3))])
+    await at_least(lambda: [s for s in scoring.scored_of(t) if s.site_id == "south"], 1)
+
+
 async def test_the_new_sites_ors_accepted_after_a_transfer_is_scored_whichever_topic_is_read_first(
         scoring: Scoring) -> None:
     t = "t-transfer-race"
-    topics = scoring.ns.kafka().topics()
-    ors_scored = await TopicRecorder(scoring.ns.stack.bootstrap, topics.ors_scored).start(background=True)
+    ors_scored = await ors_scored_recorder(scoring)
     try:
         await publish(scoring.producer, scoring.submitted, [submission(t, "c", 1, 38.0, accepted_at=at(1))])
         await at_least(lambda: scoring.scored_of(t), 1)
-        south = ors(t, "c", 1, 22.0, 4).model_copy(update={"site_id": "south", "clinician_id": "c-south"})
-        await (await scoring.producer.send(topics.ors_submitted, south.model_dump_json().encode(),
-                                           key=ids.partition_key(t, "c")))
+        await send_ors(scoring, ors(t, "c", 1, 22.0, 4).model_copy(update={"site_id": "south",
+                                                                             "clinician_id": "c-south"}))
         await at_least(lambda: scoring.letters_of(t), 1)  # read first: the srs.submitted.v1 consumer lagged
-        await publish(scoring.producer, scoring.submitted, [client_transfer(t, "c", "south", accepted_at=at(3))])
-        await at_least(lambda: [s for s in scoring.scored_of(t) if s.site_id == "south"], 1)
+        await transferred_south(scoring, t)
 
         async def ors_of_south() -> list[OrsScored]:
-            return [s for s in map(OrsScored.model_validate_json, ors_scored.values())
-                    if s.tenant_id == t and s.site_id == "south"]
+            return [s for s in ors_scored_in(ors_scored, t) if s.site_id == "south"]
 
         (scored,) = await eventually(ors_of_south, timeout=10)
         assert (scored.submission_id, scored.revision, scored.total) == ("c-ors1", 1, 22.0)
@@ -526,18 +544,14 @@ async def test_the_old_sites_ors_accepted_before_a_transfer_is_scored_whichever_
     # Accepted while north owned the client, read after the transfer (the ors.submitted.v1 consumer
     # lagged): judged by its acceptance, so taken, and shown for the site that owns the client now.
     t = "t-transfer-race-old"
-    topics = scoring.ns.kafka().topics()
-    ors_scored = await TopicRecorder(scoring.ns.stack.bootstrap, topics.ors_scored).start(background=True)
+    ors_scored = await ors_scored_recorder(scoring)
     try:
         await publish(scoring.producer, scoring.submitted, [submission(t, "c", 1, 38.0, accepted_at=at(1))])
-        await publish(scoring.producer, scoring.submitted, [client_transfer(t, "c", "south", accepted_at=at(3))])
-        await at_least(lambda: [s for s in scoring.scored_of(t) if s.site_id == "south"], 1)
-        north = ors(t, "c", 1, 22.0, 2)
-        await (await scoring.producer.send(topics.ors_submitted, north.model_dump_json().encode(),
-                                           key=ids.partition_key(t, "c")))
+        await transferred_south(scoring, t)
+        await send_ors(scoring, ors(t, "c", 1, 22.0, 2))
 
         async def ors_of_tenant() -> list[OrsScored]:
-            return [s for s in map(OrsScored.model_validate_json, ors_scored.values()) if s.tenant_id == t]
+            return ors_scored_in(ors_scored, t)
 
         (scored,) = await eventually(ors_of_tenant, timeout=10)
         assert (scored.submission_id, scored.site_id, scored.clinician_id, scored.site_version) == (

@@ -1209,12 +1209,18 @@ def test_the_old_sites_ors_read_after_the_transfer_is_scored_for_the_site_that_o
     assert step.rejection is None and (o.session.site_id, o.session.site_version, o.revision) == ("south", 1, 1)
 
 
-def test_an_ors_redelivered_after_the_transfer_took_it_changes_nothing() -> None:
+def taken_by_a_transfer() -> tuple[Client, Version]:
+    """A client whose new site's ORS, read before the transfer, the transfer (tx-1) took."""
     c = Client()
     c.submit("s1", 1, 38.0)
     v = ors_version("o1", 1, T1 + SECOND, "south")
     c.apply(v)
     c.state.transfer("tx-1", "south", c.rules, c.now(), T1)
+    return c, v
+
+
+def test_an_ors_redelivered_after_the_transfer_took_it_changes_nothing() -> None:
+    c, v = taken_by_a_transfer()
     before = c.state.copy()
     again = c.apply(v)
     assert again.redelivered and again.rejection is None and again.outputs == []
@@ -1222,11 +1228,7 @@ def test_an_ors_redelivered_after_the_transfer_took_it_changes_nothing() -> None
 
 
 def test_a_redelivered_transfer_names_the_versions_it_took_and_publishes_nothing_new() -> None:
-    c = Client()
-    c.submit("s1", 1, 38.0)
-    v = ors_version("o1", 1, T1 + SECOND, "south")
-    c.apply(v)
-    c.state.transfer("tx-1", "south", c.rules, c.now(), T1)
+    c, v = taken_by_a_transfer()
     again = c.state.transfer("tx-1", "south", c.rules, c.now(), T1)
     assert again.redelivered and again.outputs == [] and again.taken == (v,)
 
