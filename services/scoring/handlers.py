@@ -79,11 +79,32 @@ outputs for one input. Writing first closes that window.
 Re-emitting what a record shows *now* (not what the redelivered input produced then) is enough
 and never wrong: every event is a revision of a session or an alert, consumers keep the greatest
 revision, and the current ones are the greatest. One thing the record's *now* does not show is
-an alert's raise once the alert ended: when the batch that raised it also superseded it (a later
-session of the client in the same batch, as after a backlog) and the crash came before the broker
-acknowledged the raise, re-emitting only the end would leave an alert nobody heard raised. So an
-ended alert re-emits its last raise too (recomputed from the record, published only when its
-digest is what was raised, at the raise's own time: byte-equal), then its end.
+an alert's raise once the alert ended: when the batch that raised it also ended it and the crash
+came before the broker acknowledged the raise, re-emitting only the end would leave an alert
+nobody heard raised (a clinician told of the withdrawal of an alert never raised, reporting's
+`alerts_raised` depending on when the crash came). So an ended alert re-emits its last raise too,
+byte-equal, at the raise's own time (`ra`), then its end. Where that raise comes from:
+
+- superseded (a later session of the client, as after a backlog): its session is still in its
+  slot, so the raise is recomputed from the record (scored as the latest against the same
+  previous session), and published only when its digest is what was raised. Only its time is kept.
+- withdrawn (its session left its slot: regrouped into another episode, moved to another client
+  by a retraction behind it in the partition, corrected into an unscored form; or a correction
+  cleared its triggers): the record can no longer recompute it, so the withdrawn alert record
+  keeps the raise itself (`rv`: the raised session's version and view, taken from what the record
+  showed just before the withdrawing step, kept only when its digest is the record's). It is kept
+  for every withdrawn alert, not only for one withdrawn in the batch that raised it: the series
+  cannot tell whether a raise was acknowledged (a batch that crashed after raising it is
+  redelivered, and the redelivery may bring the record that withdraws it too). Its size is
+  bounded: one kept raise (some 700 bytes) per withdrawn alert, withdrawals are rare (moves,
+  regroupings, corrections), and a record's alerts are bounded with its sessions
+  (`max_client_submissions`). Forgetting it after the acknowledgement would take a write per
+  batch, or a notion of batches in the pure series; neither is worth the bytes.
+
+Not re-emitted (the end alone, as before): an alert ended in a record written before raise times
+were kept (`ra`), one withdrawn in a record written before raises were kept (`rv`), and one whose
+raise the record no longer shows alike (it was raised under tenant rules changed since: a raise
+and its end in one batch are decided under the same rules).
 
 Two scoring processes share the consumer group. The Kafka key is `tenant:client`, so one client
 (its whole record) is in one partition, owned by one process at a time. During a rebalance the

@@ -890,6 +890,11 @@ class AlertRecord:
     # When its last revision was raised, kept once it ended (`at` is then the end's time): what
     # re-emitting that raise needs (`current_outputs`). None for a record ended before it was kept.
     raised_at: datetime | None = None
+    # That raise itself, kept with a withdrawn end only: its session left its slot (a regrouping
+    # into another episode, a move to another client) or no longer triggers, so the record can no
+    # longer recompute it (`ClientState._raised`). None for every other record, and for one
+    # withdrawn before it was kept.
+    raised: AlertView | None = None
 
 
 # --- outputs --------------------------------------------------------------------------------
@@ -1075,13 +1080,14 @@ class ClientState:
                 f"(max_client_submissions {rules.max_client_submissions})")))
         if known is not None:
             v = v.named_from(known.first())  # a correction: the episode keeps the name it has
+        before = self._before(key, known, rules)
         if v.instrument not in _SCORED and self._site_ok(v):  # another site's: refused below
             self.versions[key] = v
             self.resent.pop(key, None)
             self.cached = None
             self.owner = self.owner or v.site_id
             # A scored submission corrected into an unscored form leaves its session: say so now.
-            outputs = self._publish(self.view(rules), now) if known is not None else []
+            outputs = self._publish(self.view(rules), now, before=before) if known is not None else []
             return Step(outputs=outputs, changed=True, audited=True)
         refusal = self._refusal(v, rules)
         if refusal is not None:
@@ -1103,7 +1109,7 @@ class ClientState:
         else:
             self.cached = None
             view = self.view(rules)
-        outputs = self._publish(view, now, scope)
+        outputs = self._publish(view, now, scope, before)
         # A version whose content another submission already shows (an identical resend under a
         # new id, or a correction back to content an older submission holds) is kept - so that the
         # record does not depend on which arrived first - but changes nothing; its submitter is
@@ -1123,9 +1129,10 @@ class ClientState:
         session begins takes the older version's name, as it would have had in arrival order
         (docs/clinical-records.md, "Episodes"). Whatever that renames is published (nothing when
         both versions name the same date)."""
+        before = self._before(known.key, known, rules)
         self.versions[known.key] = known.named_from(older.first())
         self.cached = None
-        outputs = self._publish(self.view(rules), now)
+        outputs = self._publish(self.view(rules), now, before=before)
         return Step(outputs=outputs, changed=True)
 
     def retract(self, key: str, as_of: Holding, rules: R.TenantRules, now: datetime) -> Step:
@@ -1163,7 +1170,7 @@ class ClientState:
             tomb = Moved(at, digest, to_client, known, shown.episode_id, shown.episode_derived, rev, now)
             outputs.append(self._retracted_out(tomb, rules))
         self.moved[key] = tomb
-        outputs.extend(self._publish(self.view(rules), now))
+        outputs.extend(self._publish(self.view(rules), now, before=lambda: before))
         return Step(outputs=outputs, changed=True)
 
     def _retracted_out(self, m: Moved, rules: R.TenantRules) -> ScoredOut:
@@ -1322,12 +1329,35 @@ class ClientState:
 
     # ---- outputs ----------------------------------------------------------------------------
 
-    def _publish(self, view: View, now: datetime, scope: _Scope | None = None) -> list[Output]:
+    def _before(self, key: str, known: Version | None, rules: R.TenantRules) -> Callable[[], View]:
+        """What the record showed before a step changes the version of `key` (`known`, None when
+        it held none), derived only when asked (an alert withdrawn: rare): the view last published
+        when it is still cached, else derived from the versions with `known` put back. Call it
+        before the step changes anything."""
+        c = self._cached(rules)
+        shown = c.view if c is not None and c.published else None
+
+        def before() -> View:
+            if shown is not None:
+                return shown
+            versions = dict(self.versions)
+            if known is None:
+                versions.pop(key, None)
+            else:
+                versions[key] = known
+            return derive(versions.values(), self.owner, self.site_version, rules, self.tenant_id, self.client_id,
+                          _AlertSites(self.alerts))
+        return before
+
+    def _publish(self, view: View, now: datetime, scope: _Scope | None = None,
+                 before: Callable[[], View] | None = None) -> list[Output]:
         """Diff the view against what was published; record and return what must be published now.
 
         `scope`: the view grew by one session from a view that was published, and only these
         slots and alerts can differ (what `extend` changes; the tests check the outputs equal the
         full diff's): the diff looks at them alone, in time independent of the record's length.
+        `before`: what the record showed before the step (`_before`), which a withdrawn alert's
+        raise is kept from.
 
         A revision always exceeds every revision published before for the submissions it names
         (its own, and the one it supersedes), so "keep the highest revision per submission" is
@@ -1340,7 +1370,7 @@ class ClientState:
                 p = self.published.get(slot)
                 if p is None or p.vacant or p.submission_id != sv.version.key or p.digest != sv.digest:
                     out.append(self._scored(slot, sv, None, now))
-            out.extend(self._alerts(view, now, scope.alerts))
+            out.extend(self._alerts(view, now, scope.alerts, before))
             self._mark_published(view)
             return out
         shown_before = {p.submission_id for p in self.published.values() if not p.vacant}
@@ -1372,7 +1402,7 @@ class ClientState:
             holder = view.slot_of_key.get(v.session_key)
             if holder is not None:
                 out.append(self._scored(holder, view.sessions[holder], sid, now))
-        out.extend(self._alerts(view, now))
+        out.extend(self._alerts(view, now, before=before))
         self._mark_published(view)
         return out
 
@@ -1392,8 +1422,10 @@ class ClientState:
             self.submission_revision[supersedes] = rev
         return ScoredOut(sv, rev, None if supersedes is None else submission_of(supersedes), now, sv.latest)
 
-    def _alerts(self, view: View, now: datetime, only: frozenset[str] | None = None) -> list[Output]:
+    def _alerts(self, view: View, now: datetime, only: frozenset[str] | None = None,
+                before: Callable[[], View] | None = None) -> list[Output]:
         out: list[Output] = []
+        shown: View | None = None  # `before()`, derived at most once
         for aid in sorted(view.alerts if only is None else only & view.alerts.keys()):
             av = view.alerts[aid]
             rec = self.alerts.get(aid)
@@ -1422,7 +1454,16 @@ class ClientState:
             # session is scored with the whole record under the new ones).
             cleared = session is None or (session.latest and not session.triggers)
             status = AlertStatus.WITHDRAWN if cleared else AlertStatus.SUPERSEDED
-            ended = replace(rec, state=Lifecycle(status), at=now, raised_at=rec.at)
+            # A withdrawn alert keeps its raise as the record showed it (`current_outputs`): the
+            # batch that raised it may have withdrawn it too, and its session is gone from where
+            # a redelivery could score it again. A superseded one is scored again from its slot.
+            kept = None
+            if cleared and before is not None:
+                if shown is None:
+                    shown = before()
+                was = shown.alerts.get(aid)
+                kept = was if was is not None and was.digest == rec.digest else None
+            ended = replace(rec, state=Lifecycle(status), at=now, raised_at=rec.at, raised=kept)
             self.alerts[aid] = ended
             out.append(StatusOut(aid, ended, status))
         return out
@@ -1449,10 +1490,13 @@ class ClientState:
                     out.append(AlertOut(av, rec.revision, rec.at))
                 continue
             # An ended alert's last raise too: the batch that raised it may also have ended it (a
-            # later session in the same batch), and a crash before the broker acknowledged the raise
-            # leaves only what the record shows now - the end. Without the raise, the alert would
-            # be superseded without anyone (its clinician, partners, reporting) hearing it raised.
-            raised = self._raised(aid, rec, view, previous, rules)
+            # later session in the same batch, a move of its session), and a crash before the
+            # broker acknowledged the raise leaves only what the record shows now - the end.
+            # Without the raise, the alert would be ended without anyone (its clinician, partners,
+            # reporting) hearing it raised. Kept with a withdrawn end, else scored again.
+            kept = rec.raised
+            raised = kept if kept is not None and kept.digest == rec.digest else self._raised(aid, rec, view,
+                                                                                               previous, rules)
             if raised is not None and rec.raised_at is not None:
                 out.append(AlertOut(raised, rec.revision, rec.raised_at))
             out.append(StatusOut(aid, rec, AlertStatus(rec.state)))

@@ -18,9 +18,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pymongo import InsertOne, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
@@ -28,19 +28,23 @@ from pymongo.asynchronous.database import AsyncDatabase
 from services.scoring.rules import TenantRules
 from services.scoring.series import (
     AlertRecord,
+    AlertView,
+    AnyView,
     ClientState,
     Handover,
     Moved,
     Origin,
+    OutcomeView,
     Published,
     Rejection,
+    SessionView,
     Version,
     is_outcome_key,
     record_key,
     submission_of,
 )
 from shared import ids
-from shared.events import Lifecycle
+from shared.events import Lifecycle, Severity
 from shared.mongo import Document, LruCache, TtlCache, bulk_write, write_versioned
 
 log = logging.getLogger("alliance.scoring.store")
@@ -140,7 +144,9 @@ def state_doc(key: ClientKey, st: ClientState, version: int) -> Document:
         "al": [{"id": aid, "r": a.revision, "st": a.state, "d": a.digest, "at": _iso(a.at), "s": a.site_id,
                 "c": a.clinician_id, "i": a.instrument, "e": a.episode_id, "n": a.session_number, "k": a.slot,
                 # The raise time of an ended alert, only when kept (documents written before it stay as they were).
-                **({"ra": _iso(a.raised_at)} if a.raised_at is not None else {})}
+                **({"ra": _iso(a.raised_at)} if a.raised_at is not None else {}),
+                # The raise itself, kept with a withdrawn end only.
+                **({"rv": _raised_doc(a.raised)} if a.raised is not None else {})}
                for aid, a in st.alerts.items()],
         # Only when there is one (documents written before it existed stay as they were).
         **({"rs": {sid: _iso(at) for sid, at in resent.items()}} if resent else {}),
@@ -165,6 +171,40 @@ def _moved_from(d: Document) -> Moved:
     shown, at = d.get("v"), d.get("at")
     return Moved(_dt(d["acc"]), d["d"], d["to"], None if shown is None else _version_from(shown), d.get("e") or "",
                  bool(d.get("ed")), int(d.get("r") or 0), None if at is None else _dt(at))
+
+
+def _raised_doc(a: AlertView) -> Document:
+    """A withdrawn alert's last raise (`AlertRecord.raised`): its session's version and every value
+    of its session view by the view's own field names (a few records hold one: withdrawn alerts
+    only), its triggers, severity and `outcome_at_risk`; its id and site are the record's. A field
+    added to a session view later needs a default in `_raised_from` for the raises stored before."""
+    s = a.session
+    view = {f.name: _plain(getattr(s, f.name)) for f in fields(s) if f.name != "version"}
+    return {"v": _version_doc(s.version), "o": isinstance(s, OutcomeView), "sv": view, "tr": list(a.triggers),
+            "sev": str(a.severity), "ar": a.outcome_at_risk}
+
+
+def _plain(value: object) -> object:
+    """A value of a session view as the document holds it: a tuple as a list, a severity as its text."""
+    if isinstance(value, tuple):
+        return list(value)
+    return str(value) if isinstance(value, Severity) else value
+
+
+def _raised_from(d: Document, alert_id: str, site_id: str) -> AlertView:
+    kind: type[SessionView] | type[OutcomeView] = OutcomeView if d["o"] else SessionView
+    values: dict[str, Any] = {}
+    for f in fields(kind):
+        if f.name == "version":
+            continue
+        value = d["sv"][f.name]
+        if isinstance(value, list):
+            value = tuple(value)
+        elif f.name == "severity" and value is not None:
+            value = Severity(value)
+        values[f.name] = value
+    session: AnyView = kind(version=_version_from(d["v"]), **values)
+    return AlertView(alert_id, session, tuple(d["tr"]), Severity(d["sev"]), site_id, bool(d["ar"]))
 
 
 def _slot_instrument(slot: str) -> str:
@@ -211,8 +251,10 @@ def state_from(key: ClientKey, doc: Document) -> ClientState:
     st.handovers = [Handover(_dt(h["at"]), h.get("f"), h["t"], h["id"], tuple(h.get("k") or ()))
                     for h in doc.get("ho", ())]
     for a in doc.get("al", ()):
+        raised = a.get("rv")
         st.alerts[a["id"]] = AlertRecord(int(a["r"]), Lifecycle(a["st"]), a["d"], _dt(a["at"]), a["s"], a["c"],
-                                         a["i"], a["e"], int(a["n"]), a["k"], _dt(a["ra"]) if "ra" in a else None)
+                                         a["i"], a["e"], int(a["n"]), a["k"], _dt(a["ra"]) if "ra" in a else None,
+                                         None if raised is None else _raised_from(raised, a["id"], a["s"]))
     return st
 
 

@@ -22,6 +22,10 @@ that owned the client when the version was accepted, docs/clinical-records.md, "
 the events were byte-identical, and the stored states differed only by the `ho` (one entry per
 transfer that changed the site) of the two clients transferred (client-1, client-2), checked by
 script field by field.
+And again when a withdrawn alert began to keep its raise (`rv`: its session left its slot or no
+longer triggers, so a redelivery cannot score it again): 15 more events, each byte-equal to a raise
+published before it and followed by that alert's withdrawal, and the 13 withdrawn alert records keep
+their raise (`rv`); without `rv` the stored states are equal; nothing else changed.
 """
 
 from __future__ import annotations
