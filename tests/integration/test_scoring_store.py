@@ -72,6 +72,27 @@ async def test_a_saved_record_loads_back_equal_and_re_emits_the_same_outputs(
     assert loaded.published["SRS\x1fauto/2026-02-04/1\x1f1"].at == moved_at  # not cut to milliseconds
 
 
+async def test_the_raises_withdrawn_alerts_keep_load_back_equal_and_are_re_emitted(
+        namespace: Namespace, mongo: AsyncMongoClient[Document]) -> None:
+    store = StateStore(mongo[namespace.database])
+    st, rules = ClientState(KEY.tenant_id, KEY.client_id), TenantRules()
+    for instrument, first, low in (("SRS", 38.0, 30.0), ("ORS", 20.0, 15.0)):
+        st.submit(version(f"{instrument}-1", 1, first, instrument=instrument), rules, NOW)
+        raised = version(f"{instrument}-2", 2, None if instrument == "SRS" else low, instrument=instrument,
+                         items=(6.0, 7.5, 8.0, 8.5) if instrument == "SRS" else None)  # low items too
+        st.submit(raised, rules, NOW + timedelta(seconds=1))
+        # corrected into an episode of its own: the alert of the derived episode is withdrawn
+        moved = Version(raised.submission_id, instrument, "ep-2", 2, raised.administered_at, "north", "c-1",
+                        raised.items, raised.total, raised.accepted_at + timedelta(minutes=1))
+        st.submit(moved, rules, NOW + timedelta(seconds=2))
+    kept = {a.instrument: a.raised for a in st.alerts.values() if a.raised is not None}
+    assert kept.keys() == {"SRS", "ORS"}
+    assert await store.save({KEY: st}) == set()
+    loaded = (await store.load([KEY]))[KEY]
+    assert loaded.alerts == st.alerts
+    assert loaded.current_outputs(rules) == st.current_outputs(rules)
+
+
 async def test_submission_ids_with_dots_colons_and_dashes_are_stored(
         namespace: Namespace, mongo: AsyncMongoClient[Document]) -> None:
     store = StateStore(mongo[namespace.database])

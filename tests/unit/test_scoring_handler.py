@@ -16,9 +16,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
-from services.scoring.handlers import SERVICE, ScoringHandler, StateConflict, model_of
+from services.scoring.handlers import (
+    RETRACTION_HEADERS,
+    SERVICE,
+    ScoringHandler,
+    StateConflict,
+    model_of,
+    retraction_event,
+)
 from services.scoring.rules import TenantRules
-from services.scoring.series import ClientState
+from services.scoring.series import ClientState, holding
 from services.scoring.store import (
     ClientKey,
     IndexKey,
@@ -535,6 +542,58 @@ async def test_a_raise_lost_in_a_crash_is_re_emitted_when_the_redelivery_brings_
     assert (raised.alert_id, raised.session_number, raised.revision) == (alert_id("x", 6, first_session=5), 6, 1)
     assert [(s.alert_id, s.status) for s in statuses_of(resent.published)] == [
         (alert_id("x", 6, first_session=5), "superseded")]
+
+
+def retraction(client: str, sid: str, to_client: str, at: int) -> InboundRecord:
+    """The retraction scoring writes for `client` once `to_client`'s version of `sid` (accepted at
+    `at`) is the newest (docs/clinical-records.md, "The same id for another client moves the session")."""
+    ev = retraction_event(IndexKey("acme", "alliance", sid), client,
+                          holding(T0 + timedelta(seconds=at), "d", to_client), T0)
+    return raw(ev.model_dump_json().encode(), key=f"acme:{client}".encode(), headers=dict(RETRACTION_HEADERS))
+
+
+async def _crash_before_the_raise_is_acknowledged(batch: list[InboundRecord], *, before: list[InboundRecord]
+                                                  ) -> tuple[list[OutboundRecord], Sink]:
+    """`batch` applied and its state written, the process killed once the scored events and the
+    statuses reached the broker but not the raises; then another process gets the uncommitted batch.
+    The raises the first attempt decided, and what the second published."""
+    states = MemoryStates()
+    h, _, sink = handler(states=states)
+    await h(before)
+    sink.fail_next, sink.reached_topics = 1, {TOPICS.scored, TOPICS.alert_status}
+    start = len(sink.attempted)
+    with pytest.raises(ConnectionError):
+        await h(batch)
+    decided = of_topic(sink.attempted[start:], TOPICS.deterioration)
+    assert decided and not of_topic(sink.published, TOPICS.deterioration)  # decided, never acknowledged
+    again, _, resent = handler(states=states)
+    await again(batch)
+    return decided, resent
+
+
+async def test_a_raise_lost_in_a_crash_is_re_emitted_when_the_same_batch_moved_its_session_to_another_client(
+) -> None:
+    # A backlog: the client's session and the retraction that moves it to client b (b's newer
+    # version of the same submission) in one batch. The raise, then its withdrawal; killed before
+    # the raise was acknowledged. The redelivery must not tell a withdrawal of an alert never raised.
+    batch = [submitted("a", 2, 30.0, sid="moved", at=10), retraction("a", "moved", "b", 20)]
+    decided, resent = await _crash_before_the_raise_is_acknowledged(batch, before=[submitted("a", 1, 38.0, at=1)])
+    assert [json.loads(r.value)["alert_id"] for r in decided] == [alert_id("a", 2)]
+    assert [r.value for r in of_topic(resent.published, TOPICS.deterioration)] == [r.value for r in decided]
+    assert [(s.alert_id, s.status) for s in statuses_of(resent.published)] == [(alert_id("a", 2), "withdrawn")]
+
+
+async def test_a_raise_lost_in_a_crash_is_re_emitted_when_the_same_batch_moved_its_session_to_another_episode(
+) -> None:
+    # Session 2 raised in its derived episode, then corrected in the same batch to name an episode
+    # of its own: the alert of the derived episode is withdrawn (its session left), another raised.
+    moved = ids.alert_id("acme", "x", "SRS", "ep-2", 2)
+    batch = [submitted("x", 2, 30.0, at=2), submitted("x", 2, 30.0, at=3, episode_id="ep-2")]
+    decided, resent = await _crash_before_the_raise_is_acknowledged(batch, before=[submitted("x", 1, 38.0, at=1)])
+    assert sorted(json.loads(r.value)["alert_id"] for r in decided) == sorted([alert_id("x", 2), moved])
+    assert sorted(r.value for r in of_topic(resent.published, TOPICS.deterioration)) == sorted(
+        r.value for r in decided)
+    assert [(s.alert_id, s.status) for s in statuses_of(resent.published)] == [(alert_id("x", 2), "withdrawn")]
 
 
 async def test_a_re_emitted_raise_is_byte_equal_to_the_one_decided() -> None:

@@ -145,6 +145,18 @@ def test_a_retraction_withdraws_the_alert_of_the_session_it_removes() -> None:
     assert [(s.alert_id, s.status) for s in statuses(step)] == [(raised.alert.alert_id, "withdrawn")]
 
 
+def test_an_alert_withdrawn_by_a_move_to_another_client_re_emits_its_raise_then_the_withdrawal() -> None:
+    # The batch that raised it may have withdrawn it too (a retraction behind it in the partition):
+    # a redelivery must not tell a withdrawal of an alert nobody heard raised.
+    c = Client()
+    c.feed(38.0)
+    (raised,) = alerts(c.submit("m", 2, 32.0))
+    _retract(c, holding(T3, "d", "b"))
+    again = c.state.current_outputs(c.rules)
+    assert alerts(again) == [raised]
+    assert [(s.alert_id, s.status) for s in statuses(again)] == [(raised.alert.alert_id, "withdrawn")]
+
+
 def test_the_session_before_becomes_the_latest_again_and_holds_its_own_alert() -> None:
     c = Client()
     c.feed(30.0)

@@ -465,3 +465,16 @@ def test_the_outputs_of_a_record_grown_by_extend_equal_those_of_one_derived_each
         slow.cached = None  # no view kept: every step derives afresh and diffs everything
         b = slow.submit(v, RULES, NOW)
         assert (a.outputs, a.rejection) == (b.outputs, b.rejection), i
+
+
+def test_an_outcome_alert_withdrawn_by_moving_its_session_keeps_its_raise_through_the_store() -> None:
+    c = Client()
+    c.ors(20.0)
+    (alert,) = raised(c.submit("o2", 2, 15.0))
+    c.submit("o2", 2, 15.0, episode="ep-b")  # the session leaves the derived episode: withdrawn
+    key = ClientKey(TENANT, CLIENT)
+    back = state_from(key, state_doc(key, c.state, 1))
+    again = back.current_outputs(RULES)
+    assert [o for o in again if isinstance(o, series.AlertOut)] == [alert]
+    assert [(o.alert_id, o.status) for o in again if isinstance(o, series.StatusOut)] == [
+        (ors_alert(2), "withdrawn")]

@@ -1612,3 +1612,64 @@ def test_an_alert_ended_in_a_record_stored_before_raise_times_were_kept_re_emits
     back = state_from(key, doc)
     assert alerts(back.current_outputs(RULES)) == []
     assert [s.status for s in statuses(back.current_outputs(RULES))] == ["superseded"]
+
+
+def _reemitted(state: ClientState, aid: str) -> tuple[list[series.AlertOut], list[str]]:
+    """What a redelivery re-emits of one alert: its raises, and its statuses."""
+    again = state.current_outputs(RULES)
+    return [a for a in alerts(again) if a.alert.alert_id == aid], [s.status for s in statuses(again)
+                                                                    if s.alert_id == aid]
+
+
+@pytest.mark.parametrize("read_back", [False, True], ids=["kept-in-memory", "read-from-the-store"])
+def test_an_alert_withdrawn_by_moving_its_session_to_another_episode_re_emits_its_raise_then_the_withdrawal(
+        read_back: bool) -> None:
+    c = Client()
+    c.feed(38.0)
+    (raised,) = alerts(c.submit("s2", 2, 30.0))
+    if read_back:  # no view kept: what the record showed is derived again
+        key = ClientKey(TENANT, CLIENT)
+        c.state = state_from(key, state_doc(key, c.state, 1))
+    step = c.submit("s2", 2, 30.0, episode="ep-b")  # the session leaves the derived episode
+    assert [(s.alert_id, s.status) for s in statuses(step)] == [(alert_id(2), "withdrawn")]
+    assert _reemitted(c.state, alert_id(2)) == ([raised], ["withdrawn"])
+
+
+@pytest.mark.parametrize("total, instrument", [(39.0, "SRS"), (30.0, "YCSRS")],
+                         ids=["clears-its-triggers", "into-an-unscored-form"])  # YCSRS: stored, never scored
+def test_an_alert_withdrawn_by_a_correction_re_emits_its_raise_then_the_withdrawal(total: float,
+                                                                                  instrument: str) -> None:
+    c = Client()
+    c.feed(38.0)
+    (raised,) = alerts(c.submit("s2", 2, 30.0))
+    c.submit("s2", 2, total, instrument=instrument)
+    assert _reemitted(c.state, alert_id(2)) == ([raised], ["withdrawn"])
+
+
+def test_a_withdrawn_alerts_kept_raise_survives_the_store() -> None:
+    c = Client()
+    c.feed(38.0)
+    (raised,) = alerts(c.submit("s2", 2, 30.0, items=(6.0, 7.5, 8.0, 8.5)))  # low items, flags: every field
+    c.submit("s2", 2, 30.0, items=(6.0, 7.5, 8.0, 8.5), episode="ep-b")
+    key = ClientKey(TENANT, CLIENT)
+    back = state_from(key, state_doc(key, c.state, 1))
+    assert back.alerts == c.state.alerts
+    assert _reemitted(back, alert_id(2)) == ([raised], ["withdrawn"])
+
+
+def test_only_a_withdrawn_alert_keeps_its_raise() -> None:
+    c = Client()
+    c.feed(38.0, 30.0, 38.0)  # session 2's alert superseded: scored again from its slot
+    assert [(a.state, a.raised) for a in c.state.alerts.values()] == [("superseded", None)]
+
+
+def test_an_alert_withdrawn_in_a_record_stored_before_raises_were_kept_re_emits_only_its_withdrawal() -> None:
+    c = Client()
+    c.feed(38.0)
+    c.submit("s2", 2, 30.0)
+    c.submit("s2", 2, 30.0, episode="ep-b")
+    key = ClientKey(TENANT, CLIENT)
+    doc = state_doc(key, c.state, 1)
+    for a in doc["al"]:
+        a.pop("rv", None)  # as such a record was stored
+    assert _reemitted(state_from(key, doc), alert_id(2)) == ([], ["withdrawn"])
