@@ -19,7 +19,8 @@ session speaks for it) or `withdrawn` (a correction cleared it); see docs/clinic
 Its `routing` says who its latest revision reached: its `clinician`, the `fallback` entries of its
 site (a directory entry with `fallback: true` receives its site's alerts that reach no
 clinician), or `none`, with the `routing_reason` (docs/partners.md, "Alerts that reach no
-clinician"). Fixing the directory afterwards does not re-send alerts already raised.
+clinician"). Fixing the directory afterwards (the entry, or an alias of it for an id the EHR
+spells differently) sends the clinician their alerts still open that it stranded (services/alerts/reroute.py).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from services.alerts.store import (
     Delivery,
     DeliveryFields,
     DeliveryStatus,
+    NameTaken,
     SubscriptionRow,
 )
 from services.alerts.targets import Resolver, system_resolve
@@ -114,11 +116,19 @@ class ClinicianOut(BaseModel):
     webhook_url: str | None = None
     supervisor_id: str | None = None
     fallback: bool = False
+    aliases: list[str] = Field(default_factory=list, description=(
+        "other ids alerts may name this clinician by (PUT /v1/clinicians/{clinician_id}/aliases/{alias_id})"))
 
 
-def _clinician_out(c: Clinician) -> ClinicianOut:
+def _clinician_out(c: Clinician, aliases: list[str]) -> ClinicianOut:
     return ClinicianOut(clinician_id=c.clinician_id, site_id=c.site_id, email=c.email or "",
-                        webhook_url=c.webhook_url, supervisor_id=c.supervisor_id, fallback=c.fallback)
+                        webhook_url=c.webhook_url, supervisor_id=c.supervisor_id, fallback=c.fallback,
+                        aliases=aliases)
+
+
+def _name_taken(exc: NameTaken, field: str) -> HTTPException:
+    return HTTPException(409, error_body([(field, f"{exc.name} is already a clinician id or another entry's alias "
+                                                  "in this tenant")]))
 
 
 class SubscriptionIn(BaseModel):
@@ -235,7 +245,8 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
     @r.put("/clinicians/{clinician_id}", tags=["directory"], response_model=ClinicianOut,
            responses={201: {"description": "created"}, 422: {"description": "invalid body"},
                       409: error_response("a webhook_url while the tenant has no webhook signing secret: create "
-                                          "one first with POST /v1/webhook-secret")})
+                                          "one first with POST /v1/webhook-secret; or the id is another "
+                                          "entry's alias")})
     async def put_clinician(clinician_id: ClinicianId, body: ClinicianIn, response: Response,
                             p: Principal = audited("clinician.put", admin_key, client_param=None,
                                                    target_param="clinician_id")) -> ClinicianOut:
@@ -249,17 +260,59 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
             raise HTTPException(422, error_body([(exc.field, exc.message)])) from exc
         except NoSigningSecret as exc:
             raise HTTPException(409, error_body([(exc.field, exc.message)])) from exc
+        except NameTaken as exc:
+            raise _name_taken(exc, "clinician_id") from exc
         response.status_code = 201 if created else 200
-        return ClinicianOut(clinician_id=clinician_id, **body.model_dump())
+        aliases = (await store.aliases_of(p.tenant_id, [clinician_id])).get(clinician_id, [])
+        return ClinicianOut(clinician_id=clinician_id, **body.model_dump(), aliases=aliases)
+
+    @r.put("/clinicians/{clinician_id}/aliases/{alias_id}", tags=["directory"], response_model=ClinicianOut,
+           responses={201: {"description": "created"}, "404": _not_found_response("clinician"),
+                      409: error_response("the alias is already a clinician id or another entry's alias in the "
+                                          "tenant")})
+    async def put_alias(clinician_id: ClinicianId, alias_id: ClinicianId, response: Response,
+                        p: Principal = audited("clinician.alias.put", admin_key, client_param=None,
+                                               target_param="clinician_id")) -> ClinicianOut:
+        """Let alerts name this clinician by another id too (one the EHR spells differently): they are
+        routed to this entry, by the same site rule, and its stranded open alerts are sent now."""
+        try:
+            created = await commands.put_alias(p, clinician_id, alias_id)
+        except SiteForbidden as exc:
+            raise forbid_site(exc.site_id) from exc
+        except NotFound as exc:
+            raise _not_found(exc.what) from exc
+        except Invalid as exc:
+            raise HTTPException(422, error_body([(exc.field, exc.message)])) from exc
+        except NameTaken as exc:
+            raise _name_taken(exc, "alias_id") from exc
+        response.status_code = 201 if created else 200
+        return await _entry_out(p, clinician_id)
+
+    @r.delete("/clinicians/{clinician_id}/aliases/{alias_id}", tags=["directory"], status_code=204,
+              responses={"404": _not_found_response("clinician or alias")})
+    async def delete_alias(clinician_id: ClinicianId, alias_id: ClinicianId,
+                           p: Principal = audited("clinician.alias.delete", admin_key, client_param=None,
+                                                  target_param="clinician_id")) -> Response:
+        """Remove an alias: alerts naming it reach this clinician no more."""
+        try:
+            await commands.delete_alias(p, clinician_id, alias_id)
+        except SiteForbidden as exc:
+            raise forbid_site(exc.site_id) from exc
+        except NotFound as exc:
+            raise _not_found(exc.what) from exc
+        return Response(status_code=204)
+
+    async def _entry_out(p: Principal, clinician_id: str) -> ClinicianOut:
+        c = await store.get_clinician(p.tenant_id, clinician_id)
+        if c is None or not p.may_see_site(c.site_id):
+            raise _not_found("clinician")
+        return _clinician_out(c, (await store.aliases_of(p.tenant_id, [clinician_id])).get(clinician_id, []))
 
     @r.get("/clinicians/{clinician_id}", tags=["directory"], response_model=ClinicianOut,
            responses={"404": _not_found_response("clinician")})
     async def get_clinician(clinician_id: ClinicianId, p: Principal = reader) -> ClinicianOut:
         """One directory entry."""
-        c = await store.get_clinician(p.tenant_id, clinician_id)
-        if c is None or not p.may_see_site(c.site_id):
-            raise _not_found("clinician")
-        return _clinician_out(c)
+        return await _entry_out(p, clinician_id)
 
     @r.get("/clinicians", tags=["directory"], response_model=list[ClinicianOut])
     async def list_clinicians(p: Principal = reader,
@@ -269,7 +322,8 @@ def build_router(store: AlertsStore, keys: KeyStore, publisher: Publisher, topic
         if site_id is not None and not p.may_see_site(site_id):
             raise forbid_site(site_id)
         rows = await store.list_clinicians(p.tenant_id, p.site_id or site_id, limit)
-        return [_clinician_out(c) for c in rows]
+        aliases = await store.aliases_of(p.tenant_id, (c.clinician_id for c in rows))
+        return [_clinician_out(c, aliases.get(c.clinician_id, [])) for c in rows]
 
     @r.post("/subscriptions", tags=["subscriptions"], status_code=201, response_model=SubscriptionCreated,
             responses={409: {"description": "the tenant already has the most subscriptions allowed (20 by default)"}})

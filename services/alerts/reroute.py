@@ -3,8 +3,9 @@
 
 An alert whose clinician could not be reached went to its site's fallbacks, or to nobody
 (`routing` `fallback` / `none`). When an admin then puts the clinician's entry (registers them,
-moves the entry to the alert's site, gives it a channel, changes a webhook that failed), every
-alert of that clinician still open whose routed revision did not reach them is sent to them now
+moves the entry to the alert's site, gives it a channel, changes a webhook that failed) or an alias
+of it (an id the EHR spells differently), every alert of that clinician (under the entry's id or
+any of its aliases) still open whose routed revision did not reach them is sent to them now
 (`rules.plan_reroute` decides; the site rule holds: never another site's entry), its routing becomes
 `clinician`, the fallbacks' deliveries of it still pending are cancelled, and
 `alliance_alerts_rerouted_total{kind,reason}` counts it. Should every delivery to them then use up
@@ -37,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -65,9 +67,11 @@ log = logging.getLogger("alliance.alerts.reroute")
 class RerouteStore(Protocol):
     """What rerouting needs of the store (`AlertsStore`)."""
 
-    async def get_clinician(self, tenant_id: str, clinician_id: str) -> Clinician | None: ...
+    async def clinicians_for(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Clinician]: ...
 
-    async def stranded_alerts(self, tenant_id: str, clinician_id: str) -> list[Document]: ...
+    async def aliases_of(self, tenant_id: str, clinician_ids: Iterable[str]) -> dict[str, list[str]]: ...
+
+    async def stranded_alerts(self, tenant_id: str, clinician_ids: Sequence[str]) -> list[Document]: ...
 
     async def clinician_tries(self, alert_ids: Iterable[str], recipient: str) -> dict[str, tuple[str, str]]: ...
 
@@ -106,18 +110,21 @@ class Rerouter:
         self._settings = settings
 
     async def reroute(self, tenant_id: str, clinician_id: str) -> int:
-        """Look at one clinician's stranded alerts against their entry as stored now; how many
-        alerts this call rerouted (another process may have recorded some of them first)."""
-        entry = await self._store.get_clinician(tenant_id, clinician_id)
+        """Look at one clinician's stranded alerts (named by their id or any alias of their entry;
+        `clinician_id` may be either) against their entry as stored now; how many alerts this call
+        rerouted (another process may have recorded some of them first)."""
+        entry = (await self._store.clinicians_for([(tenant_id, clinician_id)])).get((tenant_id, clinician_id))
         if entry is None:
             return 0
-        stored = {d["_id"]: d for d in await self._store.stranded_alerts(tenant_id, clinician_id)}
+        own = entry.clinician_id
+        names = [own, *(await self._store.aliases_of(tenant_id, [own])).get(own, [])]
+        stored = {d["_id"]: d for d in await self._store.stranded_alerts(tenant_id, names)}
         found = [s for d in stored.values() if (s := stranded_of(d)) is not None]
         if not found:
             return 0
-        tried = await self._store.clinician_tries((s.alert.alert_id for s in found),
-                                                  recipient("clinician", clinician_id))
-        plans = [(s, r) for s in found if (r := plan_reroute(s, entry, self._email, tried)) is not None]
+        tried = await self._store.clinician_tries((s.alert.alert_id for s in found), recipient("clinician", own))
+        plans = [(s, r) for s in found
+                 if (r := plan_reroute(s, replace(entry, alias=s.alert.clinician_id), self._email, tried)) is not None]
         if not plans:
             return 0
         now = utcnow()

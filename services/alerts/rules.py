@@ -5,10 +5,11 @@ write back what these functions decide.
 
 Alerts that reach no clinician (`routing`, `route_alert`): a raised revision whose clinician has
 no directory entry of the alert's tenant (an unregistered clinician, an id the EHR spelled
-differently), whose entry is of another site, or whose entry has no usable channel (no webhook,
-and no email or SMTP off) goes to the directory entries of the alert's tenant AND site marked
-`fallback` (a site's duty clinician or clinical lead) instead, each delivery saying why
-(`reason`: `no_directory_entry`, `other_site`, `no_channel`). When the site has no reachable
+differently and not made an alias of their entry: `Clinician.alias`), whose entry is of another
+site, or whose entry has no usable channel (no webhook, and no email or SMTP off) goes to the
+directory entries of the alert's tenant AND site marked `fallback` (a site's duty clinician or
+clinical lead) instead, each delivery saying why (`reason`: `no_directory_entry`, `other_site`,
+`no_channel`). When the site has no reachable
 fallback either, the revision reaches nobody: the handlers record `routing: none` and tell
 `failed` on the alert's status topic (`unrouted_status`). A fallback is never another site's
 entry: site ownership holds for fallbacks exactly as for clinicians. Once a directory change makes
@@ -207,6 +208,9 @@ class Clinician:
     supervisor_id: str | None = None
     # Receives the alerts of its site that reach no clinician (see the module docstring).
     fallback: bool = False
+    # The other id this entry was looked up under: an alias of it (the id an EHR spells differently;
+    # `AlertsStore.put_alias`), so an alert naming that id is this clinician's.
+    alias: str | None = None
 
 
 @dataclass(frozen=True)
@@ -303,10 +307,11 @@ class Routing:
 def unrouted_reason(clinician: Clinician | None, tenant_id: str, site_id: str, clinician_id: str,
                     email_enabled: bool) -> UnroutedReason | None:
     """Why the alert's clinician cannot be reached, or None when they can: no entry of this tenant
-    under this id (`no_directory_entry`), an entry of another site (`other_site`: somebody else, or
-    a stale entry), or an entry with no usable channel (`no_channel`: no webhook, and no email or
-    SMTP off)."""
-    if clinician is None or clinician.tenant_id != tenant_id or clinician.clinician_id != clinician_id:
+    under this id or an alias of it (`no_directory_entry`), an entry of another site (`other_site`:
+    somebody else, or a stale entry), or an entry with no usable channel (`no_channel`: no webhook,
+    and no email or SMTP off)."""
+    if (clinician is None or clinician.tenant_id != tenant_id
+            or clinician_id not in (clinician.clinician_id, clinician.alias)):
         return "no_directory_entry"
     if clinician.site_id != site_id:
         return "other_site"

@@ -95,6 +95,10 @@ class CommandStore(Protocol):
 
     async def put_clinician(self, c: Clinician) -> bool: ...
 
+    async def put_alias(self, tenant_id: str, alias_id: str, clinician_id: str) -> bool: ...
+
+    async def delete_alias(self, tenant_id: str, alias_id: str, clinician_id: str) -> bool: ...
+
     async def has_webhook_secret(self, tenant_id: str) -> bool: ...
 
     async def get_alert(self, tenant_id: str, alert_id: str) -> Alert | None: ...
@@ -212,13 +216,43 @@ class AlertsCommands:
         if entry.webhook_url and not await self.store.has_webhook_secret(p.tenant_id):
             raise NoSigningSecret()
         created = await self.store.put_clinician(entry)
+        await self._reroute(p.tenant_id, entry.clinician_id)
+        return created
+
+    async def _reroute(self, tenant_id: str, name: str) -> None:
+        """Send the clinician their stranded alerts at once, so they hear of them within seconds; the
+        entry or alias stays owed a look (stored with it), so a failure here is only late, never lost."""
         try:
-            # At once, so the clinician hears of their stranded open alerts within seconds; the entry
-            # stays owed a look (stored with it), so a failure here is only late, never lost.
-            await self.reroute(p.tenant_id, entry.clinician_id)
+            await self.reroute(tenant_id, name)
         except Exception:
             log.exception("rerouting after a directory change failed; the sweep looks again")
+
+    async def _own_entry(self, p: Principal, clinician_id: str) -> Clinician:
+        """The caller's tenant's entry `clinician_id`, which the caller's key must see (as for a put)."""
+        entry = await self.store.get_clinician(p.tenant_id, clinician_id)
+        if entry is None:
+            raise NotFound("clinician")
+        if not p.may_see_site(entry.site_id):
+            raise SiteForbidden(entry.site_id)
+        return entry
+
+    async def put_alias(self, p: Principal, clinician_id: str, alias_id: str) -> bool:
+        """Make `alias_id` (an id the EHR sends for this clinician) an alias of their entry: alerts
+        naming it are routed to the entry, by the same site rule, and its stranded open alerts are
+        sent to them now. True when it is new; `NameTaken` when the id is already an entry's or
+        another entry's alias in the tenant."""
+        if alias_id == clinician_id:
+            raise Invalid("alias_id", "an alias is another id than the entry's own")
+        entry = await self._own_entry(p, clinician_id)
+        created = await self.store.put_alias(p.tenant_id, alias_id, entry.clinician_id)
+        await self._reroute(p.tenant_id, alias_id)
         return created
+
+    async def delete_alias(self, p: Principal, clinician_id: str, alias_id: str) -> None:
+        """Remove an alias of the entry (alerts naming it reach no clinician from then on)."""
+        await self._own_entry(p, clinician_id)
+        if not await self.store.delete_alias(p.tenant_id, alias_id, clinician_id):
+            raise NotFound("alias")
 
     async def acknowledge(self, p: Principal, alert_id: str, seen: Seen = _nothing) -> Alert:
         """Acknowledge an alert (idempotent) and publish `acknowledged` on its type's status topic

@@ -6,6 +6,9 @@
   no clinician; `fallbacks_for`); an entry stored before fallbacks existed has none, and is not one.
   `reroute_owed` (the time of the put, set by the same write, unset once the sweep looked again)
   marks an entry whose stranded alerts are still owed a look (services/alerts/reroute.py).
+  An alias (`alias_of`: the id of the entry it names; see `put_alias`) is a document of the same
+  key space under its own id, with nothing else of an entry: an id is either one entry's or one
+  entry's alias in a tenant, which the `_id` itself makes sure of, at once, whoever writes first.
 - `subscriptions`: partner webhooks with their (sealed) signing secrets.
 - `alert_tenants`: per-tenant clinician-webhook signing secret and escalation interval.
 - `alerts`: one document per alert id, of either type (`alert_type`: `alliance`, or `outcome`
@@ -39,13 +42,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pymongo import ASCENDING, DESCENDING, InsertOne, ReturnDocument, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
 
 from services.alerts.rules import (
     ALLIANCE,
@@ -77,6 +81,18 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 STATUS_OUTBOX = "status_outbox"
 # The outbox flag of a directory entry whose stranded alerts are still to be looked at (services/alerts/reroute.py).
 REROUTE_OWED = "reroute_owed"
+# The field of an alias document: the id of the entry it names (`AlertsStore.put_alias`).
+ALIAS_OF = "alias_of"
+# The directory's entries, not its aliases.
+_ENTRY: Document = {ALIAS_OF: {"$exists": False}}
+
+
+class NameTaken(Exception):
+    """The id is already another directory entry's, or an alias of another entry, in this tenant."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
 
 Outcome = Literal["delivered", "retry", "failed", "cancelled"]
 DeliveryStatus = Literal["pending", "delivered", "failed", "cancelled"]
@@ -312,10 +328,17 @@ class AlertsStore:
     # ---- directory -------------------------------------------------------------------------
 
     async def put_clinician(self, c: Clinician) -> bool:
-        """Create or replace a directory entry; True when it was created."""
+        """Create or replace a directory entry; True when it was created. `NameTaken` when the id is
+        an alias of another entry (the upsert finds no entry there and collides with the alias)."""
         now = utcnow()
+        try:
+            return await self._put_entry(c, now)
+        except DuplicateKeyError as exc:
+            raise NameTaken(c.clinician_id) from exc
+
+    async def _put_entry(self, c: Clinician, now: datetime) -> bool:
         res = await self.clinicians.update_one(
-            {"_id": clinician_key(c.tenant_id, c.clinician_id)},
+            {"_id": clinician_key(c.tenant_id, c.clinician_id), **_ENTRY},
             {"$set": {"tenant_id": c.tenant_id, "clinician_id": c.clinician_id, "site_id": c.site_id,
                       "email": c.email, "webhook_url": c.webhook_url, "supervisor_id": c.supervisor_id,
                       "fallback": c.fallback, "updated_at": now,
@@ -327,23 +350,64 @@ class AlertsStore:
         return res.upserted_id is not None
 
     async def get_clinician(self, tenant_id: str, clinician_id: str) -> Clinician | None:
-        doc = await self.clinicians.find_one({"_id": clinician_key(tenant_id, clinician_id)})
+        """The entry under this id (an alias is not an entry: None)."""
+        doc = await self.clinicians.find_one({"_id": clinician_key(tenant_id, clinician_id), **_ENTRY})
         return None if doc is None else _clinician(doc)
 
+    async def put_alias(self, tenant_id: str, alias_id: str, clinician_id: str) -> bool:
+        """Make `alias_id` an alias of the entry `clinician_id` (which the caller read: an entry); True
+        when it is new. Owes the alias's stranded alerts a look, like a put of the entry (`REROUTE_OWED`).
+        `NameTaken` when the id is an entry's, or another entry's alias: the upsert, conditional on
+        naming this entry, then collides with that document."""
+        now = utcnow()
+        try:
+            res = await self.clinicians.update_one(
+                {"_id": clinician_key(tenant_id, alias_id), ALIAS_OF: clinician_id},
+                {"$set": {"updated_at": now, REROUTE_OWED: now},
+                 "$setOnInsert": {"tenant_id": tenant_id, "clinician_id": alias_id, "created_at": now}},
+                upsert=True)
+        except DuplicateKeyError as exc:
+            raise NameTaken(alias_id) from exc
+        return res.upserted_id is not None
+
+    async def delete_alias(self, tenant_id: str, alias_id: str, clinician_id: str) -> bool:
+        """Remove `alias_id` as an alias of `clinician_id`; True when it was one."""
+        res = await self.clinicians.delete_one({"_id": clinician_key(tenant_id, alias_id), ALIAS_OF: clinician_id})
+        return res.deleted_count == 1
+
+    async def aliases_of(self, tenant_id: str, clinician_ids: Iterable[str]) -> dict[str, list[str]]:
+        """{entry id: its aliases, sorted} for these entries of one tenant, in one round trip."""
+        wanted = sorted(set(clinician_ids))
+        out: dict[str, list[str]] = {}
+        if wanted:
+            for d in await self.clinicians.find({"tenant_id": tenant_id, ALIAS_OF: {"$in": wanted}},
+                                                {ALIAS_OF: 1, "clinician_id": 1}).sort("_id", ASCENDING).to_list():
+                out.setdefault(d[ALIAS_OF], []).append(d["clinician_id"])
+        return out
+
     async def list_clinicians(self, tenant_id: str, site_id: str | None, limit: int) -> list[Clinician]:
-        query: Document = {"tenant_id": tenant_id}
+        query: Document = {"tenant_id": tenant_id, **_ENTRY}
         if site_id is not None:
             query["site_id"] = site_id
         docs = await self.clinicians.find(query).sort("_id", ASCENDING).limit(limit).to_list()
         return [_clinician(d) for d in docs]
 
     async def clinicians_for(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Clinician]:
-        """Directory entries for many (tenant, clinician) pairs in one round trip."""
+        """Directory entries for many (tenant, clinician) pairs in one round trip; a pair naming an
+        alias gets the entry it names (`Clinician.alias` set), read in a second one only then."""
         wanted = sorted({clinician_key(t, c) for t, c in keys})
         if not wanted:
             return {}
         docs = await self.clinicians.find({"_id": {"$in": wanted}}).to_list()
-        return {(d["tenant_id"], d["clinician_id"]): _clinician(d) for d in docs}
+        found = {(d["tenant_id"], d["clinician_id"]): _clinician(d) for d in docs if ALIAS_OF not in d}
+        aliases = {(d["tenant_id"], d["clinician_id"]): str(d[ALIAS_OF]) for d in docs if ALIAS_OF in d}
+        if aliases:
+            named = sorted({clinician_key(t, c) for (t, _), c in aliases.items()})
+            entries = {(d["tenant_id"], d["clinician_id"]): _clinician(d)
+                       for d in await self.clinicians.find({"_id": {"$in": named}, **_ENTRY}).to_list()}
+            found.update({(t, a): replace(e, alias=a) for (t, a), c in aliases.items()
+                          if (e := entries.get((t, c))) is not None})
+        return found
 
     async def fallbacks_for(self, sites: Iterable[tuple[str, str]]) -> list[Clinician]:
         """The fallback entries of these (tenant, site) pairs, in one round trip (the (tenant, site)
@@ -566,11 +630,11 @@ class AlertsStore:
                                     "routing_fallbacks": list(r.fallback_ids)}})
                 for alert_id, revision, r in routings], ordered=False)
 
-    async def stranded_alerts(self, tenant_id: str, clinician_id: str) -> list[Document]:
-        """The open alerts of one clinician whose routed revision did not reach them (routing
-        `fallback` or `none`), with content, in one read (the (tenant, clinician, status) index).
-        Their site is the rule's to judge (`rules.plan_reroute`), not this query's."""
-        return await self.alerts.find({"tenant_id": tenant_id, "clinician_id": clinician_id,
+    async def stranded_alerts(self, tenant_id: str, clinician_ids: Sequence[str]) -> list[Document]:
+        """The open alerts of one clinician (under their id or an alias) whose routed revision did not
+        reach them (routing `fallback` or `none`), with content, in one read (the (tenant, clinician,
+        status) index). Their site is the rule's to judge (`rules.plan_reroute`), not this query's."""
+        return await self.alerts.find({"tenant_id": tenant_id, "clinician_id": {"$in": list(clinician_ids)},
                                        "status": AlertState.OPEN, "routing": {"$in": ["fallback", "none"]},
                                        "crev": {"$gte": 1}}).to_list()
 

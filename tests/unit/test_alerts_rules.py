@@ -3,6 +3,7 @@ text, URL checks. The lifecycle merge has its own file (test_alerts_lifecycle.py
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -300,6 +301,24 @@ def test_why_a_clinician_cannot_be_reached(entry: Clinician | None, email_enable
 ])
 def test_a_clinician_with_one_usable_channel_is_reached(entry: Clinician, email_enabled: bool) -> None:
     assert rules.unrouted_reason(entry, "t1", "site-a", "c1", email_enabled) is None
+
+
+def test_an_alert_naming_an_alias_of_an_entry_reaches_that_entrys_clinician_under_the_entrys_id() -> None:
+    routing, planned = rules.plan_alert(alert(clinician="c-1x"), replace(clinician(), alias="c-1x"), [], True,
+                                        [fallback()])
+    assert routing == rules.Routing("clinician")
+    assert {p.recipient for p in planned} == {"clinician:c1"}
+
+
+def test_an_alias_of_an_entry_of_another_site_reaches_nobody_there_but_the_alerts_sites_fallback() -> None:
+    routing, _ = rules.plan_alert(alert(clinician="c-1x", site="site-a"),
+                                  replace(clinician(site="site-b"), alias="c-1x"), [], True, [fallback()])
+    assert routing == rules.Routing("fallback", "other_site", ("duty",))
+
+
+def test_an_entry_found_under_another_alias_is_not_the_alerts_clinician() -> None:
+    assert rules.unrouted_reason(replace(clinician(), alias="c-other"), "t1", "site-a", "c-1x",
+                                 True) == "no_directory_entry"
 
 
 def test_an_alert_whose_clinician_is_reached_goes_to_no_fallback() -> None:
