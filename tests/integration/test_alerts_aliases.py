@@ -27,8 +27,8 @@ from tests.integration.test_alerts_delivery import (
     path,
     put_clinician,
 )
-from tests.integration.test_alerts_reroute import alerts_at, rerouted, stranded
-from tests.integration.test_alerts_unrouted import FAST, alert_row, put_fallback
+from tests.integration.test_alerts_reroute import SWEEPING, alerts_at, rerouted, stranded
+from tests.integration.test_alerts_unrouted import alert_row, put_fallback
 from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
 from tools.harness import deterioration
@@ -36,7 +36,7 @@ from tools.harness import deterioration
 
 @pytest.fixture(scope="module")
 async def env(stack: StackUnderTest) -> AsyncIterator[Env]:
-    async with env_with(stack, FAST.model_copy(update={"status_sweep_seconds": 0.5})) as e:
+    async with env_with(stack, SWEEPING) as e:
         yield e
 
 

@@ -46,11 +46,14 @@ from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
 from tools.harness import deterioration, ended
 
+# The unrouted module's fast settings, and the sweep looks again half a second after a put: the
+# tests wait for it (`swept`).
+SWEEPING = FAST.model_copy(update={"status_sweep_seconds": 0.5})
+
 
 @pytest.fixture(scope="module")
 async def env(stack: StackUnderTest) -> AsyncIterator[Env]:
-    # The sweep looks again half a second after a put: the tests wait for it (`swept`).
-    async with env_with(stack, FAST.model_copy(update={"status_sweep_seconds": 0.5})) as e:
+    async with env_with(stack, SWEEPING) as e:
         yield e
 
 

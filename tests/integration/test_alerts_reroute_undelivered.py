@@ -29,8 +29,8 @@ from tests.integration.test_alerts_delivery import (
     path,
     put_clinician,
 )
-from tests.integration.test_alerts_reroute import alerts_at, stranded
-from tests.integration.test_alerts_unrouted import FAST, alert_row, failed_about, put_fallback, unrouted
+from tests.integration.test_alerts_reroute import SWEEPING, alerts_at, stranded
+from tests.integration.test_alerts_unrouted import alert_row, failed_about, put_fallback, unrouted
 from tests.support.stack import StackUnderTest
 from tests.support.wait import eventually
 from tools.recorder import TopicRecorder
@@ -40,9 +40,8 @@ ATTEMPTS = 2
 
 @pytest.fixture(scope="module")
 async def env(stack: StackUnderTest) -> AsyncIterator[Env]:
-    slow = {"retry_first_seconds": 2.0, "retry_max_seconds": 2.0, "max_attempts": ATTEMPTS,
-            "status_sweep_seconds": 0.5}
-    async with env_with(stack, FAST.model_copy(update=slow)) as e:
+    slow = {"retry_first_seconds": 2.0, "retry_max_seconds": 2.0, "max_attempts": ATTEMPTS}
+    async with env_with(stack, SWEEPING.model_copy(update=slow)) as e:
         yield e
 
 
