@@ -11,7 +11,15 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from shared import ids
-from shared.events import CLIENT_TRANSFER, RECORD_TYPE_HEADER, ClientTransfer, Instrument, Items, SrsSubmitted
+from shared.events import (
+    CLIENT_TRANSFER,
+    RECORD_TYPE_HEADER,
+    ClientTransfer,
+    Instrument,
+    Items,
+    OrsSubmitted,
+    SrsSubmitted,
+)
 from shared.kafka import CORRELATION_HEADER
 
 BASE = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
@@ -58,13 +66,14 @@ async def start_producer(bootstrap: str, **kwargs: Any) -> AIOKafkaProducer:
     return producer
 
 
-async def publish(producer: AIOKafkaProducer, topic: str, events: Sequence[SrsSubmitted | ClientTransfer],
-                  correlation: str | None = None) -> None:
+async def publish(producer: AIOKafkaProducer, topic: str,
+                  events: Sequence[SrsSubmitted | OrsSubmitted | ClientTransfer], correlation: str | None = None
+                  ) -> None:
     """Publish events keyed `tenant:client` and wait for every acknowledgement. A transfer gets the
-    `record-type: client-transfer` header, as intake writes it."""
+    `record-type: client-transfer` header, as intake writes it (on either submitted topic)."""
     futures = []
     for ev in events:
-        name = ev.submission_id if isinstance(ev, SrsSubmitted) else ev.event_id
+        name = ev.event_id if isinstance(ev, ClientTransfer) else ev.submission_id
         headers = [(CORRELATION_HEADER, (correlation or f"corr-{name}").encode())]
         if isinstance(ev, ClientTransfer):
             headers.append((RECORD_TYPE_HEADER, CLIENT_TRANSFER.encode()))

@@ -564,6 +564,43 @@ async def test_a_tenant_wide_admin_key_transfers_a_client_through_the_submitted_
     assert (await intake.reader.wait_for("move-sub-1"))[0].partition == rec.partition
 
 
+async def test_a_transfer_is_answered_only_once_its_copies_on_both_submitted_topics_are_acknowledged(
+        intake: Intake, ors_reader: TopicReader, monkeypatch: pytest.MonkeyPatch) -> None:
+    publisher = intake.app.state.intake.publisher
+    real, release = publisher._publish_outcome, asyncio.Event()
+
+    async def held_ack(*args: Any, **kw: Any) -> Any:
+        ack = await real(*args, **kw)  # sent; its acknowledgement handed over only once released
+
+        async def later() -> Any:
+            await release.wait()
+            return await ack
+        return later()
+
+    monkeypatch.setattr(publisher, "_publish_outcome", held_ack)
+    request = asyncio.create_task(transfer(intake, "p-move-both", {"site_id": "south"}, intake.keys.admin,
+                                           headers={"X-Correlation-ID": "transfer-both"}))
+    on_srs = await intake.reader.wait_for_other(lambda p: p.headers.get("correlation_id") == "transfer-both")
+    await asyncio.sleep(0.5)
+    assert not request.done()  # the srs.submitted.v1 copy is acknowledged, the ors.submitted.v1 one not yet
+    release.set()
+    assert (await request).status_code == 202
+    on_ors = await ors_reader.wait_for_other(lambda p: p.headers.get("correlation_id") == "transfer-both")
+    assert (on_ors.key, on_ors.value, on_ors.headers[RECORD_TYPE_HEADER]) == (on_srs.key, on_srs.value,
+                                                                              CLIENT_TRANSFER)
+
+
+async def test_a_transfer_whose_ors_topic_copy_is_not_acknowledged_is_not_accepted(
+        intake: Intake, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def refused(*args: Any, **kw: Any) -> Any:
+        raise ConnectionError("the broker refused the write")
+
+    monkeypatch.setattr(intake.app.state.intake.publisher, "_publish_outcome", refused)
+    r = await transfer(intake, "p-move-half", {"site_id": "south"}, intake.keys.admin)
+    assert r.status_code == 503 and "retry" in r.json()["errors"][0]["message"]
+    assert r.headers["retry-after"]
+
+
 async def test_every_transfer_request_is_an_event_of_its_own(intake: Intake) -> None:
     for cid in ("transfer-twice-a", "transfer-twice-b"):
         r = await transfer(intake, "p-move-2", {"site_id": "south"}, intake.keys.admin,
@@ -574,11 +611,13 @@ async def test_every_transfer_request_is_an_event_of_its_own(intake: Intake) -> 
     assert json.loads(a.value)["event_id"] != json.loads(b.value)["event_id"]
 
 
-async def test_the_operator_cli_publishes_the_same_transfer_record(intake: Intake) -> None:
+async def test_the_operator_cli_publishes_the_same_transfer_records(intake: Intake, ors_reader: TopicReader) -> None:
     from services.intake.cli import publish_transfer
 
     event_id = await publish_transfer(intake.ns.kafka(), "acme", "p-move-cli", "south")
     rec = await intake.reader.wait_for_other(lambda p: json.loads(p.value)["event_id"] == event_id)
+    copy = await ors_reader.wait_for_other(lambda p: json.loads(p.value)["event_id"] == event_id)
+    assert (copy.key, copy.value, copy.headers[RECORD_TYPE_HEADER]) == (rec.key, rec.value, CLIENT_TRANSFER)
     assert rec.key == b"acme:p-move-cli" and rec.headers[RECORD_TYPE_HEADER] == CLIENT_TRANSFER
     ev = ClientTransfer.model_validate_json(rec.value)
     assert (ev.tenant_id, ev.client_id, ev.site_id, ev.requested_by) == ("acme", "p-move-cli", "south", "operator-cli")

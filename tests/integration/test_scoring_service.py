@@ -559,3 +559,23 @@ async def test_the_old_sites_ors_accepted_before_a_transfer_is_scored_whichever_
         assert scoring.letters_of(t) == []
     finally:
         await ors_scored.stop()
+
+
+async def test_the_old_sites_ors_accepted_after_a_transfer_is_refused_though_the_srs_topic_lags(
+        scoring: Scoring) -> None:
+    # The transfer's copy on ors.submitted.v1 precedes the ORS in its partition; its copy on
+    # srs.submitted.v1 is read last (that consumer lagging) and changes nothing.
+    t = "t-transfer-race-late"
+    topics = scoring.ns.kafka().topics()
+    move = client_transfer(t, "c", "south", accepted_at=at(3))
+    await publish(scoring.producer, scoring.submitted, [submission(t, "c", 1, 38.0, accepted_at=at(1))])
+    await at_least(lambda: scoring.scored_of(t), 1)
+    await publish(scoring.producer, topics.ors_submitted, [move, ors(t, "c", 1, 22.0, 4)])
+    (letter,) = await at_least(lambda: scoring.letters_of(t), 1)
+    assert (letter.reason, json.loads(letter.payload)["submission_id"]) == ("site_conflict", "c-ors1")
+    await publish(scoring.producer, scoring.submitted, [move, submission(t, "c", 2, 37.0, site="south",
+                                                                         accepted_at=at(5))])
+    await at_least(lambda: [s for s in scoring.scored_of(t) if s.session_number == 2], 1)
+    assert [(s.submission_id, s.site_id, s.site_version, s.revision) for s in scoring.scored_of(t)] == [
+        ("c-s1", "north", 0, 1), ("c-s1", "south", 1, 2), ("c-s2", "south", 1, 1)]
+    assert len(scoring.letters_of(t)) == 1

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from services.intake.app import IntakeConfig, asyncapi_app, create_app
 from services.intake.cli import clients_app
-from services.intake.models import check_id, check_transfer, transfer_event, transfer_record
+from services.intake.models import check_id, check_transfer, transfer_event, transfer_records
 from shared import ids
 from shared.events import CLIENT_TRANSFER, RECORD_TYPE_HEADER, ClientTransfer
 from shared.http import route_template, route_templates
@@ -23,13 +23,19 @@ NOW = datetime(2026, 11, 25, 14, 5, tzinfo=UTC)
 def test_a_transfer_record_is_keyed_like_the_clients_submissions_and_marked_by_its_header() -> None:
     event = transfer_event("acme", "p-1", "south", "key-1", NOW, request_id="r-1")
     assert event.event_id == ids.client_transfer_event_id("acme", "p-1", "south", "r-1")
-    rec = transfer_record(event)
+    rec, _ = transfer_records(event)
     assert rec.key == ids.partition_key("acme", "p-1")
     assert rec.headers == {RECORD_TYPE_HEADER: CLIENT_TRANSFER}
     body = ClientTransfer.model_validate_json(rec.value)
     assert body == event
     assert (body.record_type, body.requested_by, body.occurred_at, body.accepted_at) == (
         CLIENT_TRANSFER, "key-1", NOW, NOW)
+
+
+def test_a_transfer_is_the_same_record_on_both_submitted_topics() -> None:
+    on_srs, on_ors = transfer_records(transfer_event("acme", "p-1", "south", "key-1", NOW, request_id="r-1"))
+    assert (on_srs.outcome, on_ors.outcome) == (False, True)
+    assert (on_srs.key, on_srs.value, on_srs.headers) == (on_ors.key, on_ors.value, on_ors.headers)
 
 
 def test_each_request_gets_an_event_id_of_its_own() -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from services.reporting import rules
 from services.reporting.handlers import rejection
-from shared.events import DeadLetter, SrsScored, SrsSubmitted
+from shared.events import ClientTransfer, DeadLetter, SrsScored, SrsSubmitted
 from shared.topics import Topics
 from tools.demo import BASE, revised, scored
 
@@ -175,6 +175,16 @@ def test_dead_letters_of_other_topics_or_payloads_are_not_rejections() -> None:
     bad_base64 = dead_letter(sub, topic="ns.srs.submitted.v1").model_copy(
         update={"payload": "%%%", "payload_encoding": "base64"})
     assert rejection(bad_base64, TOPICS) is None
+
+
+def test_a_dead_lettered_transfer_copy_on_the_ors_topic_is_not_a_rejection() -> None:
+    # What a scoring of before both copies makes of intake's copy on ors.submitted.v1 (docs/operations.md).
+    sub = submitted_like(scored(T, "c1", 1, 30.0))
+    move = ClientTransfer(event_id="tx-1", tenant_id=T, occurred_at=sub.accepted_at, client_id="c1",
+                          site_id="south", accepted_at=sub.accepted_at)
+    letter = dead_letter(sub, "invalid", topic="ns.ors.submitted.v1").model_copy(
+        update={"payload": move.model_dump_json()})
+    assert rejection(letter, TOPICS) is None
 
 
 def test_a_submission_that_moved_is_answered_for_the_newest_versions_client_in_any_order() -> None:

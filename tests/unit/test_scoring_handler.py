@@ -153,6 +153,14 @@ def transfer(client: str, site: str, *, tenant: str = "acme", request: str = "r-
                headers={RECORD_TYPE_HEADER: CLIENT_TRANSFER})
 
 
+def transfer_copies(client: str, site: str, *, at: int = 3600) -> tuple[InboundRecord, InboundRecord]:
+    """A client transfer as intake publishes it now: the same record on `srs.submitted.v1` and on
+    `ors.submitted.v1` (in that order)."""
+    on_srs = transfer(client, site, at=at)
+    on_ors = InboundRecord(TOPICS.ors_submitted, 0, next(_offsets), on_srs.key, on_srs.value, on_srs.headers, 0)
+    return on_srs, on_ors
+
+
 def of_topic(records: Iterable[OutboundRecord], topic: str) -> list[OutboundRecord]:
     return [r for r in records if r.topic == topic]
 
@@ -472,6 +480,56 @@ async def test_an_invalid_transfer_is_dead_lettered() -> None:
     await h([raw(b'{"tenant_id": "acme", "client_id": "x"}', headers={RECORD_TYPE_HEADER: CLIENT_TRANSFER})])
     (letter,) = letters_of(sink.published)
     assert letter.reason == "invalid" and "site_id" in letter.detail
+
+
+# --- a transfer's two copies (one on each submitted topic) ------------------------------------
+
+
+def test_a_transfer_on_the_ors_topic_decodes_as_a_transfer() -> None:
+    assert model_of(transfer_copies("x", "south")[1]) is ClientTransfer
+
+
+@pytest.mark.parametrize("outcome_first", [True, False], ids=["ors copy first", "srs copy first"])
+async def test_the_transfers_second_copy_publishes_nothing_and_writes_nothing(outcome_first: bool) -> None:
+    h, states, sink = handler()
+    on_srs, on_ors = transfer_copies("x", "south", at=3)
+    first, second = (on_ors, on_srs) if outcome_first else (on_srs, on_ors)
+    await h([submitted("x", 1, 38.0, at=1)])
+    await h([first])
+    doc, published = dict(states.docs[ClientKey("acme", "x").doc_id]), len(sink.published)
+    await h([second])
+    assert states.docs[ClientKey("acme", "x").doc_id] == doc and len(sink.published) == published
+    assert [(s.site_id, s.revision) for s in scored_of(sink.published)] == [("north", 1), ("south", 2)]
+    assert letters_of(sink.published) == []
+
+
+async def test_the_old_sites_ors_after_the_transfers_ors_copy_is_refused_though_the_srs_copy_lags() -> None:
+    h, _, sink = handler()
+    on_srs, on_ors = transfer_copies("x", "south", at=3)
+    await h([submitted("x", 1, 38.0, at=1)])
+    await h([on_ors, ors_submitted("x", 1, 25.0, at=5)])  # north's ORS, accepted after the transfer
+    await h([on_srs])
+    (letter,) = letters_of(sink.published)
+    assert (letter.reason, letter.source_topic) == ("site_conflict", TOPICS.ors_submitted)
+    assert ors_scored_of(sink.published) == []
+
+
+async def test_a_crash_after_the_first_copy_was_written_is_made_good_by_its_redelivery_not_the_second_copy(
+        ) -> None:
+    h, _, sink = handler()
+    on_srs, on_ors = transfer_copies("x", "south", at=3)
+    await h([submitted("x", 1, 38.0, at=1)])
+    sink.fail_next, sink.reached_topics = 1, set()  # written, nothing acknowledged: a kill -9 before the acks
+    with pytest.raises(ConnectionError):
+        await h([on_srs])
+    lost = [r.value for r in sink.attempted if r.topic == TOPICS.scored][1:]
+    await h([on_ors])  # the other partition, read meanwhile: nothing
+    assert not set(lost) & {r.value for r in sink.published}
+    await h([on_srs])  # the uncommitted first copy comes back: the record, byte-equal
+    assert set(lost) <= {r.value for r in sink.published}
+    await h([on_ors, on_srs])  # both redelivered again: nothing new
+    assert [(s.site_id, s.revision) for s in scored_of(sink.published)] == [("north", 1), ("south", 2),
+                                                                               ("south", 2)]
 
 
 # --- crash and redelivery ----------------------------------------------------------------------

@@ -1259,14 +1259,52 @@ def test_past_the_bound_the_oldest_refusal_loses_its_content_and_stays_refused()
     assert list(c.state.rejected) == [vs[0].key] and c.state.rejected[vs[0].key].reason == "site_conflict"
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (docs/clinical-records.md, Site ownership): a version taken before "
-                   "the transfer accepted before it was read is not taken back")
 def test_the_old_sites_ors_accepted_after_the_transfer_but_read_before_it_is_refused() -> None:
+    # Read before the transfer's copy on srs.submitted.v1 (that consumer lagging), but after its copy
+    # on ors.submitted.v1, which precedes the ORS in the client's partition of that topic.
     c = Client()
     c.submit("s1", 1, 38.0)
-    race(c, ors_version("o1", 1, T1 + SECOND, "north"), read_first=True)
+    c.state.transfer("tx-1", "south", c.rules, c.now(), T1, outcome_copy=True)
+    c.apply(ors_version("o1", 1, T1 + SECOND, "north"))
+    c.state.transfer("tx-1", "south", c.rules, c.now(), T1)
     key = record_key("o1", "ORS")
     assert key not in c.state.versions and c.state.rejected[key].reason == "site_conflict"
+
+
+@pytest.mark.parametrize("outcome_first", [True, False], ids=["ors copy first", "srs copy first"])
+def test_the_transfers_other_copy_changes_nothing_and_publishes_nothing(outcome_first: bool) -> None:
+    c = Client()
+    c.submit("s1", 1, 38.0)
+    c.apply(ors_version("o1", 1, T1 + SECOND, "south"))  # refused, kept: the first copy takes it
+    c.state.transfer("tx-1", "south", c.rules, c.now(), T1, outcome_copy=outcome_first)
+    before = c.state.copy()
+    second = c.state.transfer("tx-1", "south", c.rules, c.now(), T1, outcome_copy=not outcome_first)
+    assert second == series.Step()  # not even a redelivery: nothing re-emitted, nothing to write
+    assert c.state == before
+
+
+@pytest.mark.parametrize("outcome_first", [True, False], ids=["ors copy first", "srs copy first"])
+def test_a_redelivery_of_the_copy_that_applied_the_transfer_still_re_emits_and_names_what_it_took(
+        outcome_first: bool) -> None:
+    c = Client()
+    c.submit("s1", 1, 38.0)
+    v = ors_version("o1", 1, T1 + SECOND, "south")
+    c.apply(v)
+    c.state.transfer("tx-1", "south", c.rules, c.now(), T1, outcome_copy=outcome_first)
+    c.state.transfer("tx-1", "south", c.rules, c.now(), T1, outcome_copy=not outcome_first)
+    again = c.state.transfer("tx-1", "south", c.rules, c.now(), T1, outcome_copy=outcome_first)
+    assert again.redelivered and again.outputs == [] and again.taken == (v,)
+    assert c.state.transfer("tx-1", "south", c.rules, c.now(), T1, outcome_copy=not outcome_first) == series.Step()
+
+
+def test_which_copy_applied_a_transfer_is_stored_and_read_back() -> None:
+    c = Client()
+    c.submit("s1", 1, 38.0)
+    c.state.transfer("tx-1", "south", c.rules, c.now(), T1, outcome_copy=True)
+    c.state.transfer("tx-2", "north", c.rules, c.now(), T2)
+    key = ClientKey(TENANT, CLIENT)
+    loaded = state_from(key, state_doc(key, c.state, c.state.version))
+    assert (loaded.transfers, loaded.outcome_copies) == (["tx-1", "tx-2"], ["tx-1"])
 
 
 def test_kept_refusals_and_the_ownership_timeline_are_stored_and_read_back() -> None:
