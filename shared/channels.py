@@ -34,18 +34,19 @@ SCORED = Channel(topics.SCORED, events.SrsScored)
 DETERIORATION = Channel(topics.DETERIORATION, events.AllianceDeterioration)
 ALERT_STATUS = Channel(topics.ALERT_STATUS, events.AlertStatusChanged)
 DEADLETTER = Channel(topics.DEADLETTER, events.DeadLetter)
-ORS_SUBMITTED = Channel(topics.ORS_SUBMITTED, events.OrsSubmitted)
 ORS_SCORED = Channel(topics.ORS_SCORED, events.OrsScored)
 OUTCOME_ALERT = Channel(topics.OUTCOME_ALERT, events.OutcomeAlert)
 OUTCOME_ALERT_STATUS = Channel(topics.OUTCOME_ALERT_STATUS, events.OutcomeAlertStatusChanged)
 
-_SINGLE: tuple[Channel[Any], ...] = (SCORED, DETERIORATION, ALERT_STATUS, DEADLETTER, ORS_SUBMITTED, ORS_SCORED,
+_SINGLE: tuple[Channel[Any], ...] = (SCORED, DETERIORATION, ALERT_STATUS, DEADLETTER, ORS_SCORED,
                                     OUTCOME_ALERT, OUTCOME_ALERT_STATUS)
 
 # Every event a consumer of each topic may read (logical names). `srs.submitted.v1` carries three
-# kinds (a submission, a client's transfer, or scoring's retraction of a moved submission), so it
-# has no single `Channel`.
+# kinds (a submission, a client's transfer, or scoring's retraction of a moved submission) and
+# `ors.submitted.v1` two (a submission, or the copy of a client's transfer intake publishes on
+# both), so neither has a single `Channel`.
 TOPIC_EVENTS: dict[str, tuple[type[BaseModel], ...]] = {
     topics.SUBMITTED: (events.SrsSubmitted, events.ClientTransfer, events.SubmissionRetraction),
+    topics.ORS_SUBMITTED: (events.OrsSubmitted, events.ClientTransfer),
     **{c.topic: (c.model,) for c in _SINGLE},
 }

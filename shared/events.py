@@ -348,7 +348,8 @@ class OutcomeIdentity(SubmissionIdentity):
 
 class OrsSubmitted(Event, OutcomeIdentity):
     """A validated ORS-family submission accepted by intake (topic `ors.submitted.v1`, keyed like
-    `srs.submitted.v1`). Exactly one of `items` and `total` is set."""
+    `srs.submitted.v1`; the topic also carries a copy of each `ClientTransfer`). Exactly one of
+    `items` and `total` is set."""
 
     items: OrsItems | None = None
     total: float | None = None
@@ -442,9 +443,10 @@ CLIENT_TRANSFER = "client-transfer"
 
 
 class ClientTransfer(Event):
-    """An admin moved a client to another site (written by intake to `srs.submitted.v1`, keyed
-    like the client's submissions so that it is applied in order with them; the record carries
-    the header `record-type: client-transfer`). Scoring applies it."""
+    """An admin moved a client to another site (written by intake to `srs.submitted.v1` and, the
+    same record, to `ors.submitted.v1`, keyed like the client's submissions so that each topic
+    holds it in order with them; the record carries the header `record-type: client-transfer`).
+    Scoring applies the copy it reads first; the other changes nothing."""
 
     record_type: Literal["client-transfer"] = "client-transfer"
     client_id: str

@@ -61,7 +61,7 @@ from services.intake.models import (
     claimed_submission_id,
     outgoing,
     transfer_event,
-    transfer_record,
+    transfer_records,
 )
 from services.intake.ratelimit import Limiter, retry_after_header
 from services.intake.settings import IntakeSettings
@@ -262,9 +262,12 @@ class Context:
                                                            "submission_id")]), "submission_ids": list(ids)},
                                 headers={"Retry-After": str(self.settings.unavailable_retry_after_seconds)}) from None
 
-    async def publish_transfer(self, record: Outgoing, request: Request) -> None:
+    async def publish_transfer(self, records: Sequence[Outgoing], request: Request) -> None:
+        """Publish a transfer's records (both copies, `transfer_records`) and wait for every
+        acknowledgement: a copy not acknowledged fails the request (503), and its retry is a new
+        transfer to the same site, which changes nothing where the first was applied."""
         try:
-            await self.publisher.publish([record], correlation_id(request), "transfer")
+            await self.publisher.publish(records, correlation_id(request), "transfer")
         except PublishFailed as exc:
             metrics.count_transfers("unavailable", exc.reason, 1)
             log.warning("transfer not accepted: %s", exc, extra={"correlation_id": correlation_id(request)})
@@ -511,7 +514,8 @@ def build_router(ctx: Context) -> APIRouter:
         summary="Move a client to another site (tenant-wide admin key); 202 once the broker has acknowledged it",
         description="The client's record follows the new site: scoring re-publishes its current sessions with "
                     "the new `site_id`, in order with the client's submissions (docs/clinical-records.md, "
-                    "*Site ownership*). Only an `admin` key that is not bound to a site may do this.",
+                    "*Site ownership*): it is published on both submitted topics, and answered 202 once both "
+                    "copies are acknowledged. Only an `admin` key that is not bound to a site may do this.",
         openapi_extra=_json_body("TransferIn"),
     )
     async def transfer_client(
@@ -535,7 +539,7 @@ def build_router(ctx: Context) -> APIRouter:
                 _reject(422, "invalid", errors, count=count)
         await ctx.rate_limit(principal, 1, count)
         event = transfer_event(principal.tenant_id, client_id, model.site_id, principal.key_id, datetime.now(UTC))
-        await ctx.publish_transfer(transfer_record(event), request)
+        await ctx.publish_transfer(transfer_records(event), request)
         count("accepted", "ok", 1)
         log.info("client transfer accepted", extra={"event_id": event.event_id, "site_id": model.site_id,
                                                     "correlation_id": correlation_id(request)})

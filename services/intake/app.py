@@ -57,9 +57,11 @@ def _publisher(broker: KafkaBroker, config: IntakeConfig) -> Any:
 def _ors_publisher(broker: KafkaBroker, config: IntakeConfig) -> Any:
     return broker.publisher(
         config.kafka.topics().ors_submitted,
-        description="Validated Outcome Rating Scale submissions (ORS, CORS, YCORS; docs/outcome.md); key "
-                    "`tenant_id:client_id`, header `correlation_id`.",
-        schema=OrsSubmitted,
+        description="Validated Outcome Rating Scale submissions (ORS, CORS, YCORS; docs/outcome.md), and a copy "
+                    "of every client transfer (header `record-type: client-transfer`, the same record as on "
+                    "`srs.submitted.v1`; see docs/clinical-records.md); key `tenant_id:client_id`, header "
+                    "`correlation_id`.",
+        schema=OrsSubmitted | ClientTransfer,
     )
 
 

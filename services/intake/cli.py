@@ -32,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from services.intake.csvformat import CsvRow, parse_csv, to_csv
-from services.intake.models import check_id, transfer_event, transfer_record
+from services.intake.models import check_id, transfer_event, transfer_records
 from shared import audit
 from shared.kafka import OutboundRecord, Publisher, make_broker
 from shared.settings import KafkaSettings
@@ -184,15 +184,16 @@ app.command("import")(import_csv)
 
 async def publish_transfer(kafka: KafkaSettings, tenant: str, client: str, site: str,
                            requested_by: str = "operator-cli") -> str:
-    """Publish one client transfer and wait for the broker's acknowledgement; its event id."""
+    """Publish one client transfer (its copies on both submitted topics, as intake does) and wait
+    for the broker's acknowledgements; its event id."""
     event = transfer_event(tenant, client, site, requested_by, datetime.now(UTC))
-    record = transfer_record(event)
+    topics, corr = kafka.topics(), str(uuid.uuid4())
     broker = make_broker(kafka, "intake-cli")
     try:
         await broker.start()  # inside the try: a broker that never answered is closed too
         await Publisher(broker, kafka.publish_timeout_seconds).publish_all([OutboundRecord(
-            kafka.topics().submitted, record.value, record.key, correlation_id=str(uuid.uuid4()),
-            headers=dict(record.headers or {}))])
+            topics.ors_submitted if r.outcome else topics.submitted, r.value, r.key, correlation_id=corr,
+            headers=dict(r.headers or {})) for r in transfer_records(event)])
     finally:
         await broker.stop()
     return event.event_id

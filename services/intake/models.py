@@ -396,11 +396,15 @@ def transfer_event(tenant_id: str, client_id: str, site_id: str, requested_by: s
         occurred_at=now, client_id=client_id, site_id=site_id, accepted_at=now, requested_by=requested_by)
 
 
-def transfer_record(event: ClientTransfer) -> Outgoing:
-    """The Kafka record of a transfer: on `srs.submitted.v1` with the client's key, so it is applied
-    in order with the client's submissions, and the header `record-type: client-transfer`."""
-    return Outgoing(event.event_id, ids.partition_key(event.tenant_id, event.client_id),
-                    event.model_dump_json().encode(), TRANSFER_HEADERS)
+def transfer_records(event: ClientTransfer) -> tuple[Outgoing, Outgoing]:
+    """The Kafka records of a transfer: the same record (the client's key, the header `record-type:
+    client-transfer`, the same event) on `srs.submitted.v1` and on `ors.submitted.v1`, so that each
+    topic's partition holds it in order with the client's submissions of that topic (scoring applies
+    the copy it reads first; docs/clinical-records.md, "Site ownership"). Published together, the
+    transfer accepted once both are acknowledged."""
+    key, value = ids.partition_key(event.tenant_id, event.client_id), event.model_dump_json().encode()
+    return (Outgoing(event.event_id, key, value, TRANSFER_HEADERS),
+            Outgoing(event.event_id, key, value, TRANSFER_HEADERS, outcome=True))
 
 
 __all__ = ["ITEM_NAMES", "check_submission", "outgoing", "to_event"]

@@ -3,9 +3,10 @@ scored/alert events out (the ORS family's on the ORS topics: docs/outcome.md).
 
 Per batch (never per message):
 
-1. the subscriber decodes every record (`shared.kafka.subscribe_batch(model=model_of)`: an SRS
-   submission, or a client transfer or a retraction named by the `record-type` header; an ORS
-   submission on `ors.submitted.v1`); undecodable or invalid ones become dead letters, published
+1. the subscriber decodes every record (`shared.kafka.subscribe_batch(model=model_of)`: a client
+   transfer named by the `record-type` header, on either submitted topic; on `srs.submitted.v1`
+   a retraction named so too, else an SRS submission; on `ors.submitted.v1` else an ORS
+   submission); undecodable or invalid ones become dead letters, published
    once the handler returned (the batch goes on);
 2. read the state of every client in the batch - from this process's cache of the clients it
    wrote, the rest with ONE query - and the tenants' rules (cached for a few seconds); read the
@@ -71,6 +72,26 @@ timeline entry of the transfer names them. What a crash leaves behind:
 - the refused ORS record itself redelivered after the transfer took it (its batch's offsets
   were not committed): the record holds that very version, so it is a redelivery; its dead
   letter (sent when it was refused) is not sent again.
+
+Intake writes each transfer twice, the same record on `srs.submitted.v1` and on
+`ors.submitted.v1` (so each topic's partition holds it in order with the client's submissions of
+that topic), and the two copies may be read in one batch or in any two, by one process or by two
+(each topic's partition of the client may be owned by another). The copy read first applies the
+transfer and the record notes which copy that was (`ClientState.outcome_copies`); the other copy
+is an empty step: no write, no event, not even a redelivery's re-emission. That is enough because
+the applying copy's offset is committed only after its events were acknowledged: until then it is
+itself redelivered and re-emits the record. What a crash leaves behind:
+
+- during 1-3 of the applying copy: nothing; whichever copy is read next applies the transfer.
+- during 4-5 of the applying copy (written, the index or the events not): its redelivery re-emits
+  the record and registers what the transfer took, as above; the other copy, read meanwhile or
+  after, changes and publishes nothing.
+- both copies applied concurrently by two processes (the client's two partitions owned by
+  different processes): the version check in step 4 lets one write; the other reloads, finds the
+  transfer applied by the other copy, and its copy is the empty step; the winner publishes.
+- either copy redelivered at any later time: the other copy's is an empty step, the applying
+  copy's a redelivery (re-emits byte-equal events); a transfer's id is remembered among the last
+  32 transfers of the client (`MAX_TRANSFER_IDS`), as before.
 
 Had we published first and written state after, a crash between the two would make the
 redelivery score again with a new `scored_at` (and possibly changed tenant rules): two different
@@ -197,15 +218,21 @@ class StateConflict(RuntimeError):
 
 def model_of(rec: InboundRecord) -> (type[SrsSubmitted] | type[OrsSubmitted] | type[ClientTransfer]
                                      | type[SubmissionRetraction]):
-    """The model a record holds: an `ors.submitted.v1` record (whatever the deployment's prefix) an
-    ORS submission; on `srs.submitted.v1`, the `record-type` header tells a client transfer or a
-    retraction (scoring's own, docs/clinical-records.md)."""
-    if rec.topic == ORS_SUBMITTED or rec.topic.endswith("." + ORS_SUBMITTED):
-        return OrsSubmitted
+    """The model a record holds: the `record-type` header tells a client transfer (on either
+    submitted topic: intake publishes each on both) or, on `srs.submitted.v1`, a retraction
+    (scoring's own, docs/clinical-records.md); any other `ors.submitted.v1` record (whatever the
+    deployment's prefix) is an ORS submission, any other `srs.submitted.v1` record an SRS one."""
     kind = rec.headers.get(RECORD_TYPE_HEADER)
     if kind == CLIENT_TRANSFER:
         return ClientTransfer
+    if on_outcome_topic(rec):
+        return OrsSubmitted
     return SubmissionRetraction if kind == SUBMISSION_RETRACTION else SrsSubmitted
+
+
+def on_outcome_topic(rec: InboundRecord) -> bool:
+    """Whether the record was read on `ors.submitted.v1` (whatever the deployment's prefix)."""
+    return rec.topic == ORS_SUBMITTED or rec.topic.endswith("." + ORS_SUBMITTED)
 
 
 RETRACTION_HEADERS = {RECORD_TYPE_HEADER: SUBMISSION_RETRACTION}
@@ -565,7 +592,7 @@ class ScoringHandler:
             step: Step
             if isinstance(ev, ClientTransfer):
                 step = st.transfer(ev.event_id, ev.site_id, tenant_rules, now, ev.accepted_at,
-                                   partial(_judged, held, ev.tenant_id, ev.client_id))
+                                   partial(_judged, held, ev.tenant_id, ev.client_id), on_outcome_topic(rec))
                 for v in step.taken:  # refusals the transfer re-judged and took: registered as submitted
                     p.touched.setdefault(key, set()).add((_index_key_of(ev.tenant_id, v), v.key))
             elif isinstance(ev, SubmissionRetraction):

@@ -32,10 +32,12 @@ the state. One refusal is not final: a `site_conflict` is decided by the site th
 when the version was accepted (`owner_at`, over the transfers applied so far), and an ORS-family
 form read before a transfer accepted earlier than it keeps its content (`keeps_content`, bounded)
 so that the transfer, when applied, re-judges it (`to_rejudge`) and takes it as if it had just
-arrived. A record seen before (same submission, same accepted time, same content) is a
-*redelivery*: the step changes nothing and returns `redelivered=True`, and the handler re-emits
-everything the record currently shows (`current_outputs`), because the first attempt's events may
-not have reached the broker before a crash.
+arrived. A transfer comes twice, once per submitted topic: the copy read first applies it, the
+other changes nothing (`ClientState.transfer`). A record seen before (same submission, same
+accepted time, same content) is a *redelivery*: the step changes nothing and returns
+`redelivered=True`, and the handler re-emits everything the record currently shows
+(`current_outputs`), because the first attempt's events may not have reached the broker before a
+crash.
 """
 
 from __future__ import annotations
@@ -300,15 +302,17 @@ def site_allowed(site_id: str, owner: str | None) -> bool:
 
 def rejudgeable(handovers: Sequence[Handover], at: datetime) -> bool:
     """Whether a refusal of a version accepted `at` may still be changed by a transfer not applied
-    yet: transfers are applied in acceptance order (one partition with the client's SRS), so a
+    yet: transfers are applied in acceptance order (in the partition of whichever copy is read
+    first: intake writes each on both submitted topics, in the same order), so a
     later one changes the owner only from its own acceptance on, never before the newest applied."""
     return not handovers or _utc(at) >= handovers[-1].accepted_at
 
 
 def keeps_content(v: Version, reason: RejectReason, handovers: Sequence[Handover]) -> bool:
     """Whether a refusal of `v` keeps its content to be re-judged: a `site_conflict` of an
-    outcome-family version (on `ors.submitted.v1`, which a transfer may be read before or after;
-    an SRS shares the transfer's partition, so it is always judged in acceptance order) that a
+    outcome-family version (on `ors.submitted.v1`, which a transfer written to `srs.submitted.v1`
+    alone, as intake did before it wrote a copy on each topic, may be read before or after; an SRS
+    shares that copy's partition, so it is always judged in acceptance order) that a
     later transfer may still change (`rejudgeable`)."""
     return reason == "site_conflict" and v.outcome and rejudgeable(handovers, v.accepted_at)
 
@@ -980,6 +984,11 @@ class ClientState:
     # MAX_TRANSFER_IDS), by which a version is judged against the site that owned the client when
     # it was accepted (`owner_at`), whatever order the topics were read in.
     handovers: list[Handover] = field(default_factory=list)
+    # The transfers of `transfers` whose copy on `ors.submitted.v1` was read first (intake
+    # publishes each transfer on both submitted topics; the rest were applied from
+    # `srs.submitted.v1`): the other copy of a transfer changes nothing, a redelivery of the
+    # copy that applied it re-emits the record (`transfer`).
+    outcome_copies: list[str] = field(default_factory=list)
 
     def copy(self) -> ClientState:
         """An independent copy (the values are immutable, so copying the containers suffices)."""
@@ -988,7 +997,8 @@ class ClientState:
         return ClientState(self.tenant_id, self.client_id, self.owner, self.site_version, list(self.transfers),
                            dict(self.versions), dict(self.rejected), dict(self.published),
                            dict(self.submission_revision), dict(self.alerts), self.version, self.cached,
-                           dict(self.resent), dict(self.moved), set(self.foreign), list(self.handovers))
+                           dict(self.resent), dict(self.moved), set(self.foreign), list(self.handovers),
+                           list(self.outcome_copies))
 
     def mark_foreign(self, key: str) -> bool:
         """Record that this client was not the first to hold the submission `key` (its events' ids
@@ -1183,19 +1193,31 @@ class ClientState:
         return ScoredOut(view, m.revision, None, m.at, False, retracted=True)
 
     def transfer(self, event_id: str, site_id: str, rules: R.TenantRules, now: datetime,
-                 accepted_at: datetime | None = None, index: Judge | None = None) -> Step:
+                 accepted_at: datetime | None = None, index: Judge | None = None,
+                 outcome_copy: bool = False) -> Step:
         """Apply an admin's transfer accepted at `accepted_at` (None: `now`), `event_id` (a
         redelivery of which changes nothing): move the client to `site_id`; every current session
         is re-published with it. The kept `site_conflict` refusals the new timeline allows (the
         new site's, accepted at or after the transfer, read before it) are taken as if they had
         just arrived (`submit`; `index` says, per version, what `submit`'s `elsewhere` and `first`
-        are), and their versions returned in `taken`."""
+        are), and their versions returned in `taken`.
+
+        Intake publishes each transfer on both submitted topics (`outcome_copy`: this is the copy
+        read on `ors.submitted.v1`), so that each topic's partition holds it in order with the
+        client's submissions of that topic. The copy read first applies it; the other changes
+        nothing and re-emits nothing (an empty step, not a redelivery): until the first copy's
+        offsets are committed, its own redelivery re-emits the record and re-registers what the
+        transfer took, so the second copy has nothing left to make good."""
         if event_id in self.transfers:
+            if outcome_copy != (event_id in self.outcome_copies):
+                return Step()  # the other copy of a transfer already applied
             step = self._redelivered(rules, now)
             done = next((h for h in self.handovers if h.event_id == event_id), None)
             step.taken = tuple(self.versions[k] for k in (done.taken if done else ()) if k in self.versions)
             return step
         self.transfers = [*self.transfers, event_id][-MAX_TRANSFER_IDS:]
+        copies = [*self.outcome_copies, event_id] if outcome_copy else self.outcome_copies
+        self.outcome_copies = [t for t in copies if t in self.transfers]  # bounded like `transfers`
         if self.owner == site_id:
             return Step(changed=True)
         # Never before the one applied last: the timeline stays in order, as the partition is.

@@ -158,6 +158,8 @@ def state_doc(key: ClientKey, st: ClientState, version: int) -> Document:
         # The ownership timeline (series.Handover), once a transfer changed the site.
         **({"ho": [{"at": _iso(h.accepted_at), "f": h.from_site, "t": h.to_site, "id": h.event_id,
                     **({"k": list(h.taken)} if h.taken else {})} for h in st.handovers]} if st.handovers else {}),
+        # The transfers applied from their copy on ors.submitted.v1 (ClientState.outcome_copies).
+        **({"txo": list(st.outcome_copies)} if st.outcome_copies else {}),
     }
 
 
@@ -248,6 +250,7 @@ def state_from(key: ClientKey, doc: Document) -> ClientState:
         st.resent[record_key(str(sid), "ORS")] = _dt(at)
     st.moved = {str(d["k"]): _moved_from(d) for d in doc.get("mv", ())}
     st.foreign = {str(k) for k in doc.get("fx", ())}
+    st.outcome_copies = [str(t) for t in doc.get("txo", ())]
     st.handovers = [Handover(_dt(h["at"]), h.get("f"), h["t"], h["id"], tuple(h.get("k") or ()))
                     for h in doc.get("ho", ())]
     for a in doc.get("al", ()):
