@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -33,7 +34,18 @@ from shared.events import RECORD_TYPE_HEADER, SUBMISSION_RETRACTION, Lifecycle, 
 from shared.kafka import BatchHandler, InboundRecord, OutboundRecord
 from tests.support.fakes import TOPICS, Sink
 from tests.unit.test_scoring_handler import handler, ors_submitted, raw, submitted
-from tests.unit.test_scoring_series import ACCEPTED, CLIENT, TENANT, Client, alerts, scored, statuses
+from tests.unit.test_scoring_series import (
+    ACCEPTED,
+    CLIENT,
+    EVENING,
+    FIXED,
+    TENANT,
+    Client,
+    alerts,
+    scored,
+    shown,
+    statuses,
+)
 
 T1, T2, T3 = (ACCEPTED + timedelta(hours=h) for h in (1, 2, 3))
 
@@ -421,3 +433,113 @@ def test_a_retraction_names_the_submissions_scale_in_its_id(scale: str) -> None:
     other = "outcome" if scale == "alliance" else "alliance"
     assert ids.submission_retraction_event_id("t", "a", scale, "m", T1, "d", "b") != \
         ids.submission_retraction_event_id("t", "a", other, "m", T1, "d", "b")
+
+
+# --- a move and back racing a corrected time of an episode's first session ----------------------
+#
+# Client a's session 1 (submission "s1", 23:30 UTC on Sept 1) begins its derived episode; it is
+# moved to client b and back while its time is fixed to 00:30 the next UTC day (docs/clinical-
+# records.md, "Episodes"). Client a's record hears of b's version only through the index (when one
+# of its own versions is checked) and b's retraction, which reach it at any point among a's own
+# versions; `_race` plays one such arrival order through the record, the index as the handler keeps
+# it (`newer_elsewhere` when a version is applied, `retractions` after each registration).
+
+@dataclass(frozen=True)
+class Race:
+    """How one arrival order ends: what client a's record shows (`shown`: per submission its episode
+    and time; the open alerts and their episode), and what a consumer keeping the newest revision
+    ends with (per submission: episode, time, retracted; per alert: its last status)."""
+
+    sessions: tuple[tuple[str, tuple[str, str]], ...]
+    open_alerts: tuple[tuple[str, str], ...]
+    events: tuple[tuple[str, tuple[str, str, bool]], ...]
+    lifecycle: tuple[tuple[str, str], ...]
+
+
+def _s1(at: datetime, accepted: datetime) -> series.Version:
+    return series.Version("s1", "SRS", None, 1, at, "north", "c-1", None, 38.0, accepted)
+
+
+def _race(mine: list[series.Version], b_registers: int) -> Race:
+    """Client a's record after its versions of s1 arrive in the order of `mine` (after sessions 2
+    and 3), b's version (accepted at T3) registering after the first `b_registers` of them, each
+    retraction a registration sends to a appended to a's partition."""
+    c = Client()
+    c.submit("s2", 2, 38.0, at=EVENING + timedelta(days=7))
+    c.submit("s3", 3, 32.0, at=EVENING + timedelta(days=14))
+    held: dict[str, tuple[datetime, str]] = {}
+    queue: list[series.Version | Holding] = list(mine)
+    outputs: list[series.Output] = []
+
+    def register(client: str, order: tuple[datetime, str] | None) -> None:
+        if order is not None:
+            held[client] = max(held.get(client, order), order)
+        queue.extend(as_of for to, as_of in retractions(held) if to == CLIENT)
+
+    done, b_done = 0, False
+    while True:
+        if done == b_registers and not b_done:
+            b_done = True  # b takes its version only when no newer one is registered
+            if newer_elsewhere(held, "b", T3, "b3") is None:
+                register("b", (T3, "b3"))
+        if not queue:
+            break
+        item = queue.pop(0)
+        if isinstance(item, series.Version):
+            step = c.state.submit(item, c.rules, c.now(), newer_elsewhere(held, CLIENT, item.accepted_at, item.digest))
+            register(CLIENT, c.state.newest("s1"))
+            done += 1
+        else:
+            step = c.state.retract("s1", item, c.rules, c.now())
+        outputs += step.outputs
+    events: dict[str, tuple[int, tuple[str, str, bool]]] = {}
+    for o in scored(outputs):
+        sid = o.session.version.submission_id
+        if o.revision >= events.get(sid, (0,))[0]:
+            events[sid] = (o.revision, (o.session.episode_id, o.session.version.administered_at.isoformat(),
+                                        o.retracted))
+    life: dict[str, tuple[int, int, str]] = {}
+    for a in alerts(outputs):
+        life[a.alert.alert_id] = max(life.get(a.alert.alert_id, (0, 0, "")), (a.revision, 0, "raised"))
+    for s in statuses(outputs):
+        rank = 2 if s.status == "withdrawn" else 1
+        life[s.alert_id] = max(life.get(s.alert_id, (0, 0, "")), (s.record.revision, rank, str(s.status)))
+    sessions, open_ = shown(c)
+    return Race(tuple(sorted(sessions.items())), tuple(sorted(open_.items())),
+                tuple(sorted((sid, e) for sid, (_, e) in events.items())),
+                tuple(sorted((a, st) for a, (_, _, st) in life.items())))
+
+
+def _every_arrival_order(mine: list[series.Version]) -> dict[Race, list[tuple[list[str], int]]]:
+    """The outcomes of every order of `mine` and every moment b's version registers, each with the
+    orders that give it (a version named by its time and acceptance)."""
+    outcomes: dict[Race, list[tuple[list[str], int]]] = {}
+    for order in itertools.permutations(mine):
+        for b_at in range(len(mine) + 1):
+            label = [f"{v.administered_at:%d %H:%M}@{v.accepted_at:%H}h" for v in order]
+            outcomes.setdefault(_race(list(order), b_at), []).append((label, b_at))
+    return outcomes
+
+
+def _final_of(outcomes: dict[Race, list[tuple[list[str], int]]]) -> Race:
+    assert len(outcomes) == 1, "\n".join(f"{orders[:3]}: {dict(race.sessions)['s1']}"
+                                         for race, orders in outcomes.items())
+    (race,) = outcomes
+    return race
+
+
+T4 = T3 + timedelta(hours=1)
+
+
+def test_a_session_1_moved_away_and_back_with_its_time_fixed_keeps_its_episode_whatever_the_order() -> None:
+    # a: 23:30 (T1); b (T3); a again, the time fixed to 00:30 the next UTC day (T4).
+    race = _final_of(_every_arrival_order([_s1(EVENING, T1), _s1(FIXED, T4)]))
+    assert dict(race.sessions)["s1"] == ("auto/2026-09-01/1", FIXED.isoformat())
+    assert race.open_alerts == ((ids.alert_id(TENANT, CLIENT, "SRS", "auto/2026-09-01/1", 3), "auto/2026-09-01/1"),)
+    assert dict(race.events)["s1"] == ("auto/2026-09-01/1", FIXED.isoformat(), False)
+
+
+def test_a_session_1_whose_time_was_fixed_then_moved_away_and_back_keeps_its_episode_whatever_the_order() -> None:
+    # a: 23:30 (T1); a: fixed to 00:30 (T2); b (T3); a again as fixed (T4).
+    race = _final_of(_every_arrival_order([_s1(EVENING, T1), _s1(FIXED, T2), _s1(FIXED, T4)]))
+    assert dict(race.sessions)["s1"] == ("auto/2026-09-01/1", FIXED.isoformat())
