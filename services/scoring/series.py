@@ -396,7 +396,10 @@ class Moved:
     """A submission retracted from this client's record (a tombstone): another client holds a
     version at least as new as `accepted_at`/`digest` of `to_client`. `shown`: the version the
     record showed when it was retracted (its retracted event is built from it), None when it showed
-    none; `revision` and `at`: that event's (0 when none)."""
+    none; `revision` and `at`: that event's (0 when none). `first`: the earliest version of the
+    submission this client's record has seen (`earliest`), when that is not `shown`'s: a version
+    that brings the submission back is named by it, as if it had never left (docs/clinical-
+    records.md, "Episodes")."""
 
     accepted_at: datetime
     digest: str
@@ -406,9 +409,22 @@ class Moved:
     episode_derived: bool = False
     revision: int = 0
     at: datetime | None = None
+    first: Origin | None = None
 
     def as_of(self) -> Holding:
         return holding(self.accepted_at, self.digest, self.to_client)
+
+    def earliest(self) -> Origin | None:
+        """The earliest version of the submission this client's record has seen, held or not
+        (None: none, the record only heard of the move)."""
+        if self.first is not None:
+            return self.first
+        return self.shown.first() if self.shown is not None else None
+
+    def seen(self, v: Version) -> Moved:
+        """This tombstone having seen `v` too (a version of this client older than the move)."""
+        known = self.earliest()
+        return self if known is not None and known.order() <= v.order() else replace(self, first=v.first())
 
 
 # --- the view -------------------------------------------------------------------------------
@@ -808,6 +824,8 @@ def extend(view: View, v: Version, owner: str | None, site_version: int, rules: 
         return None
     if tail is not None and _administered(v) <= _administered(tail.newest):
         return None  # not the newest: it may fall inside an episode, or split one
+    if v.origin is not None:
+        return None  # back from another client, named by an earlier version: `_named_runs` decides
     derived = v.episode_id is None
     before: Version | None = None  # the session before `v` in its episode
     if v.episode_id is None:
@@ -1072,9 +1090,14 @@ class ClientState:
         gone = self.moved.get(key)
         mine = holding(v.accepted_at, v.digest, self.client_id)
         if gone is not None and mine < gone.as_of():
-            return Step()  # older than the version the submission moved with: changes nothing
-        if elsewhere is not None and mine < elsewhere:
-            return self.retract(key, elsewhere, rules, now)
+            # Older than the version the submission moved with: shows nothing, but may be the
+            # client's earliest version, which names the episode should the submission come back.
+            return Step(changed=self._seen_moved(key, v))
+        if elsewhere is not None and mine < elsewhere and (
+                known is None or holding(*self._order(known), self.client_id) < elsewhere):
+            step = self.retract(key, elsewhere, rules, now)
+            step.changed = self._seen_moved(key, v) or step.changed
+            return step
         if known is not None and (self._order(known) >= v.order() or known.digest == v.digest):
             if known.digest == v.digest and v.order() > self._order(known):
                 self.resent[key] = v.accepted_at  # newer: an older version arriving later loses
@@ -1090,6 +1113,8 @@ class ClientState:
                 f"(max_client_submissions {rules.max_client_submissions})")))
         if known is not None:
             v = v.named_from(known.first())  # a correction: the episode keeps the name it has
+        elif gone is not None and (o := gone.earliest()) is not None and o.order() < v.order():
+            v = v.named_from(o)  # back from another client: named as if it had never left
         before = self._before(key, known, rules)
         if v.instrument not in _SCORED and self._site_ok(v):  # another site's: refused below
             self.versions[key] = v
@@ -1133,6 +1158,16 @@ class ClientState:
             self.rejected[key] = notice
         return Step(outputs=outputs, rejection=notice, changed=True)
 
+    def _seen_moved(self, key: str, v: Version) -> bool:
+        """Remember `v`, a version of a submission that moved away, as the earliest this record has
+        seen of it when it is (and of the client's site, as `_named_earlier`); whether it was."""
+        gone = self.moved.get(key)
+        if gone is None or not self._site_ok(v):
+            return False
+        seen = gone.seen(v)
+        self.moved[key] = seen
+        return seen is not gone
+
     def _named_earlier(self, known: Version, older: Version, rules: R.TenantRules, now: datetime) -> Step:
         """A version of `known`'s submission accepted before every version the record has seen
         arrives late (the correction came first): the kept version stays, and the episode its
@@ -1160,8 +1195,8 @@ class ClientState:
             return Step()  # newer here: its own registration retracts the other client's
         at, digest, to_client = as_of
         if known is None:  # nothing here (never taken, or refused): remember, so that it never is
-            self.moved[key] = Moved(at, digest, to_client, *(
-                (gone.shown, gone.episode_id, gone.episode_derived, gone.revision, gone.at) if gone else ()))
+            self.moved[key] = Moved(at, digest, to_client) if gone is None else replace(
+                gone, accepted_at=at, digest=digest, to_client=to_client)
             return Step(changed=True)
         before = self.view(rules)
         slot = before.slot_of_key.get(known.session_key) if key in before.current else None
@@ -1172,7 +1207,7 @@ class ClientState:
         self.resent.pop(key, None)
         self.cached = None
         outputs: list[Output] = []
-        tomb = Moved(at, digest, to_client)
+        tomb = Moved(at, digest, to_client, first=known.first())  # the earliest it saw: names its return
         if shown is not None and slot is not None and p is not None:
             rev = 1 + max(p.revision, self.submission_revision.get(key, 0))
             self.submission_revision[key] = rev

@@ -93,10 +93,17 @@ def _new_version_doc(v: Version) -> Document:
     if v.client_age is not None:  # ORS family only; absent, SRS documents stay as they were
         doc["ag"] = v.client_age
     if v.origin is not None:  # corrected submissions only; absent, the version is its own first
-        o = v.origin
-        doc["og"] = {"acc": _iso(o.accepted_at), "d": o.digest, "at": _iso(o.administered_at), "i": o.instrument,
-                     "n": o.session_number, "ed": o.derived}
+        doc["og"] = _origin_doc(v.origin)
     return doc
+
+
+def _origin_doc(o: Origin) -> Document:
+    return {"acc": _iso(o.accepted_at), "d": o.digest, "at": _iso(o.administered_at), "i": o.instrument,
+            "n": o.session_number, "ed": o.derived}
+
+
+def _origin_from(o: Document | None) -> Origin | None:
+    return None if o is None else Origin(_dt(o["acc"]), o["d"], _dt(o["at"]), o["i"], int(o["n"]), bool(o["ed"]))
 
 
 def _version_from(d: Document) -> Version:
@@ -105,9 +112,7 @@ def _version_from(d: Document) -> Version:
     o = d.get("og")
     return Version(d["sid"], d["i"], d.get("e"), int(d["n"]), _dt(d["at"]), d["s"], d["c"],
                    (items[0], items[1], items[2], items[3]) if items is not None else None, d.get("t"),
-                   _dt(d["acc"]), d["d"], None if age is None else int(age),
-                   None if o is None else Origin(_dt(o["acc"]), o["d"], _dt(o["at"]), o["i"], int(o["n"]),
-                                                 bool(o["ed"])))
+                   _dt(d["acc"]), d["d"], None if age is None else int(age), _origin_from(o))
 
 
 def _split(keyed: dict[str, _T]) -> tuple[dict[str, _T], dict[str, _T]]:
@@ -164,15 +169,18 @@ def state_doc(key: ClientKey, st: ClientState, version: int) -> Document:
 
 
 def _moved_doc(key: str, m: Moved) -> Document:
-    return {"k": key, "acc": _iso(m.accepted_at), "d": m.digest, "to": m.to_client,
-            "v": None if m.shown is None else _version_doc(m.shown), "e": m.episode_id, "ed": m.episode_derived,
-            "r": m.revision, "at": None if m.at is None else _iso(m.at)}
+    doc: Document = {"k": key, "acc": _iso(m.accepted_at), "d": m.digest, "to": m.to_client,
+                     "v": None if m.shown is None else _version_doc(m.shown), "e": m.episode_id,
+                     "ed": m.episode_derived, "r": m.revision, "at": None if m.at is None else _iso(m.at)}
+    if m.first is not None:  # only when the record saw a version it did not show (else `v` names it)
+        doc["og"] = _origin_doc(m.first)
+    return doc
 
 
 def _moved_from(d: Document) -> Moved:
     shown, at = d.get("v"), d.get("at")
     return Moved(_dt(d["acc"]), d["d"], d["to"], None if shown is None else _version_from(shown), d.get("e") or "",
-                 bool(d.get("ed")), int(d.get("r") or 0), None if at is None else _dt(at))
+                 bool(d.get("ed")), int(d.get("r") or 0), None if at is None else _dt(at), _origin_from(d.get("og")))
 
 
 def _raised_doc(a: AlertView) -> Document:

@@ -12,8 +12,15 @@ flags, the open outcome alerts, and the open alliance alerts with their `outcome
 severity equal the oracle's, the SRS record is what it would be without the ORS, and no SRS and
 ORS event ever share an event id.
 
-The pipeline runs through the real pure code: scoring's `ClientState` (submit, and on a
-redelivery what the handler re-emits), the event builders of scoring's handler, reporting's merge
+The first property's histories also move a session to another client and back (the same
+submission id re-sent for another client, then for this one again, the time of an episode's first
+session perhaps fixed on the way): the other client's version reaches this client's record only
+as the handler's index tells it (a version checked against it, a retraction sent after a
+registration and read later, at a random point of this client's partition).
+
+The pipeline runs through the real pure code: scoring's `ClientState` (submit, retract, and on a
+redelivery what the handler re-emits), the submission index's decisions (`newer_elsewhere`,
+`retractions`), the event builders of scoring's handler, reporting's merge
 and view, and the alerts service's lifecycle merge; scoring's output is shuffled and duplicated
 again before reporting and alerts see it. The oracle below shares no code with any of them.
 """
@@ -22,10 +29,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
@@ -39,7 +47,18 @@ from services.scoring.handlers import (
     status_event,
 )
 from services.scoring.rules import TenantRules
-from services.scoring.series import AlertOut, ClientState, OutcomeView, Output, ScoredOut, version_of
+from services.scoring.series import (
+    AlertOut,
+    ClientState,
+    Holding,
+    OutcomeView,
+    Output,
+    ScoredOut,
+    newer_elsewhere,
+    record_key,
+    retractions,
+    version_of,
+)
 from shared import ids
 from shared.events import (
     AlertStatusChanged,
@@ -50,7 +69,7 @@ from shared.events import (
     SrsScored,
 )
 
-TENANT, CLIENT = "acme", "client-1"
+TENANT, CLIENT, OTHER = "acme", "client-1", "client-2"
 Event = SrsScored | AllianceDeterioration | AlertStatusChanged
 DAY0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 RULES = TenantRules()
@@ -68,6 +87,7 @@ class Sub:
     accepted: int  # seconds after DAY0; distinct per version
     minute: int = 0  # of the day: sessions of two courses on one day are never at the same time
     instrument: str = "SRS"
+    client: str = CLIENT  # OTHER: the submission moved to another client (until a newer version of ours)
 
     @property
     def administered(self) -> datetime:
@@ -82,11 +102,13 @@ def _r1(x: float) -> float:
 
 
 def _final_sessions(subs: list[Sub]) -> dict[str, list[Sub]]:
-    """Per episode id, the final version of each of its sessions (one instrument's subs)."""
+    """Per episode id, the final version of each of its sessions (one instrument's subs). A
+    submission whose newest version is another client's is not this client's."""
     final: dict[str, Sub] = {}
     for s in subs:
         if s.sid not in final or s.accepted > final[s.sid].accepted:
             final[s.sid] = s
+    final = {sid: s for sid, s in final.items() if s.client == CLIENT}
     sessions: dict[tuple[Any, ...], Sub] = {}
     for s in final.values():
         key = ("e", s.episode, s.number) if s.episode is not None else ("d", s.day, s.number)
@@ -102,12 +124,14 @@ def _final_sessions(subs: list[Sub]) -> dict[str, list[Sub]]:
             runs.append([])
         runs[-1].append(s)
     # A derived episode is named by the day its first session's submission was FIRST accepted
-    # with (a corrected day keeps the name), unless another episode begins on that day with that
-    # number, or an earlier episode keeps that name: then by its own day.
+    # with for this client (a corrected day keeps the name, and so does a move to another client
+    # and back), unless another episode begins on that day with that number, or an earlier episode
+    # keeps that name: then by its own day.
     def name(day: int, number: int) -> str:
         return f"auto/{(DAY0 + timedelta(days=day)).date().isoformat()}/{number}"
 
-    earliest = {sid: min((x for x in subs if x.sid == sid), key=lambda x: x.accepted) for sid in {x.sid for x in subs}}
+    earliest = {sid: min((x for x in subs if x.sid == sid and x.client == CLIENT), key=lambda x: x.accepted)
+                for sid in final}
     # A session's content resent under another id changes nothing: its submission is the one that
     # said the content first.
     said_first = {id(s): min((x for x in final.values() if (x.episode, x.number, x.day, x.minute, x.total)
@@ -179,14 +203,43 @@ def _events(outputs: list[Output]) -> list[Event]:
     return events
 
 
-def score(deliveries: list[Sub]) -> list[Event]:
-    """Scoring's events for the deliveries, in the order it would publish them."""
+def score(deliveries: list[Sub], rng: random.Random) -> list[Event]:
+    """Scoring's events for the deliveries, in the order it would publish them. A version of the
+    other client is where that client's record takes it and registers it in the index (when no
+    newer version is registered); a retraction that a registration sends this client is read at
+    a random later point of its partition."""
     state = ClientState(TENANT, CLIENT)
+    held: dict[str, dict[str, tuple[datetime, str]]] = {}
+    queue: list[Sub | tuple[str, Holding]] = list(deliveries)
     published: list[Output] = []
-    for i, s in enumerate(deliveries):
-        step = state.submit(version_of(s.sid, "SRS", s.episode, s.number, s.administered, "north", "c-1", None,
-                                       s.total, DAY0 + timedelta(seconds=s.accepted)), RULES,
-                            DAY0 + timedelta(days=400, seconds=i))
+
+    def register(sid: str, client: str, order: tuple[datetime, str] | None) -> None:
+        h = held.setdefault(sid, {})
+        if order is not None:
+            h[client] = max(h.get(client, order), order)
+        for to, as_of in retractions(h):
+            if to == CLIENT:
+                queue.insert(rng.randint(0, len(queue)), (sid, as_of))
+
+    i = 0
+    while queue:
+        item = queue.pop(0)
+        i += 1
+        now = DAY0 + timedelta(days=400, seconds=i)
+        if isinstance(item, tuple):
+            sid, as_of = item
+            step = state.retract(record_key(sid, "SRS"), as_of, RULES, now)
+        else:
+            s = item
+            v = version_of(s.sid, "SRS", s.episode, s.number, s.administered, "north", "c-1", None, s.total,
+                           DAY0 + timedelta(seconds=s.accepted))
+            h = held.get(s.sid, {})
+            if s.client != CLIENT:
+                if newer_elsewhere(h, s.client, v.accepted_at, v.digest) is None:
+                    register(s.sid, s.client, v.order())
+                continue
+            step = state.submit(v, RULES, now, newer_elsewhere(h, CLIENT, v.accepted_at, v.digest))
+            register(s.sid, CLIENT, state.newest(v.key))
         assert step.rejection is None or step.rejection.reason == "duplicate", step.rejection
         published += state.current_outputs(RULES) if step.redelivered else step.outputs
     return _events(published)
@@ -235,7 +288,8 @@ def histories(draw: st.DrawFn) -> list[Sub]:
     """A client's sessions over two or three courses of care, some with an episode id, each
     session posted in one to three versions (corrections under the same or a new id, identical
     resends under the same or a new id, a date corrected under the same id: by a day either way, or
-    past the sessions after it)."""
+    past the sessions after it, a move to another client: the next version under the same id
+    moves it back)."""
     subs: list[Sub] = []
     clock = iter(range(1, 10_000))
     day = 0
@@ -248,7 +302,7 @@ def histories(draw: st.DrawFn) -> list[Sub]:
             total = draw(st.sampled_from([20.0, 30.0, 34.5, 35.4, 36.5, 38.0, 39.9, 40.0]))
             subs.append(Sub(sid, episode, number, day, total, next(clock), 10 * course + number))
             for _ in range(draw(st.integers(0, 2))):
-                kind = draw(st.sampled_from(["same-id", "new-id", "resend-same", "resend-new", "move"]))
+                kind = draw(st.sampled_from(["same-id", "new-id", "resend-same", "resend-new", "move", "away"]))
                 last = subs[-1]
                 fresh = draw(st.sampled_from([28.0, 37.0, 39.0]))
                 if kind == "same-id":
@@ -261,6 +315,8 @@ def histories(draw: st.DrawFn) -> list[Sub]:
                 elif kind == "resend-new":
                     subs.append(Sub(f"{sid}-again{len(subs)}", episode, number, last.day, last.total, next(clock),
                                     last.minute))
+                elif kind == "away":
+                    subs.append(replace(last, accepted=next(clock), client=OTHER))
                 elif episode is None:  # a date corrected under the same id: across midnight, or past later sessions
                     moved = last.day + draw(st.sampled_from([1, 1, -1, 4, 15]))
                     subs.append(Sub(last.sid, None, number, moved, last.total, next(clock), last.minute))
@@ -274,9 +330,15 @@ def test_final_record_depends_only_on_the_final_version_of_each_session(subs: li
     rng = random.Random(seed)
     deliveries = subs + rng.sample(subs, k=len(subs) // 2)  # redeliveries and duplicates
     rng.shuffle(deliveries)
-    events = score(deliveries)
+    events = score(deliveries, rng)
     episodes, alerts = oracle(subs)
 
+    if not episodes:  # every session moved away: nothing shown (what was, retracted)
+        if any(isinstance(e, SrsScored) for e in events):
+            with pytest.raises(reporting.UnknownEpisode):
+                reporting.trajectory_view(report(events, rng), [], None)
+        assert open_alerts(events, rng) == alerts == {}
+        return
     doc = report(events, rng)
     listed = {e["episode_id"] for e in reporting.trajectory_view(doc, [], None)["episodes"]}
     assert listed == set(episodes)
