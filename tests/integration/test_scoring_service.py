@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient
 
+from services.alerts.rules import merge_lifecycle
 from services.scoring.rules import TenantRules
 from services.scoring.store import RulesStore, StateStore
 from shared import ids
@@ -459,9 +460,27 @@ def evening_client(t: str, client: str, first_accepted: int, fixed_accepted: int
 
 def open_alerts(alerts: list[AllianceDeterioration], statuses: list[AlertStatusChanged],
                 client: str) -> set[tuple[str, str, int]]:
-    ended = {s.alert_id for s in statuses if s.client_id == client}
-    return {(a.alert_id, a.episode_id, a.session_number) for a in alerts
-            if a.client_id == client and a.alert_id not in ended}
+    """A client's alerts whose lifecycle ends open, in whatever order it was heard (an alert
+    withdrawn, then raised again with a higher revision, is open)."""
+    mine = [a for a in alerts if a.client_id == client]
+    final = merge_lifecycle([*mine, *(s for s in statuses if s.client_id == client)])
+    return {(a.alert_id, a.episode_id, a.session_number) for a in mine if final[a.alert_id] == "open"}
+
+
+def fixed_evening(episode: str) -> dict[int, tuple[str, datetime]]:
+    """An `evening_client`'s sessions once session 1's time is fixed: all three in `episode`."""
+    return {1: (episode, EVENING + timedelta(hours=1)), 2: (episode, EVENING + timedelta(days=7)),
+            3: (episode, EVENING + timedelta(days=14))}
+
+
+def newest_of(scored: list[SrsScored], client: str) -> dict[int, tuple[str, datetime]]:
+    """A client's sessions (episode, time) as a consumer keeping each submission's newest revision
+    shows them (a retracted one is not shown)."""
+    newest: dict[str, SrsScored] = {}
+    for s in scored:
+        if s.client_id == client and (s.submission_id not in newest or s.revision > newest[s.submission_id].revision):
+            newest[s.submission_id] = s
+    return {s.session_number: (s.episode_id, s.administered_at) for s in newest.values() if not s.retracted}
 
 
 async def test_a_time_of_session_1_corrected_across_midnight_keeps_the_episode_whichever_version_arrives_first(
@@ -481,17 +500,50 @@ async def test_a_time_of_session_1_corrected_across_midnight_keeps_the_episode_w
             (ids.alert_id(t, c, "SRS", episode, 3), episode, 3)} for c in ("in-order", "late"))
 
     await eventually(settled, timeout=60)
-    latest: dict[tuple[str, str], SrsScored] = {}
-    for s in scoring.scored_of(t):
-        if s.revision > latest.get((s.client_id, s.submission_id), s.model_copy(update={"revision": 0})).revision:
-            latest[(s.client_id, s.submission_id)] = s
     for c in ("in-order", "late"):
-        shown = {s.session_number: (s.episode_id, s.administered_at) for (c_, _), s in latest.items() if c_ == c}
-        assert shown == {1: (episode, EVENING + timedelta(hours=1)), 2: (episode, EVENING + timedelta(days=7)),
-                         3: (episode, EVENING + timedelta(days=14))}
+        assert newest_of(scoring.scored_of(t), c) == fixed_evening(episode)
     # In order, the correction re-published session 1 alone, and said nothing of the alert.
     assert [a.client_id for a in scoring.alerts_of(t)].count("in-order") == 1
     assert not [s for s in scoring.statuses_of(t) if s.client_id == "in-order"]
+
+
+async def test_session_1_moved_away_and_back_with_its_time_fixed_keeps_the_episode_whichever_arrives_first(
+        scoring: Scoring) -> None:
+    # Session 1 (23:30 UTC) of each client is re-sent for another client (accepted at 5), then for
+    # its own again with its time fixed to 00:30 the next UTC day (accepted at 6). One client reads
+    # the retraction before the version that brings it back; for the other, the version for the
+    # other client is read last (older than the one the client holds by then: it changes nothing).
+    t = "t-evening-move"
+    topic = scoring.ns.kafka().topics().submitted
+    fixed = EVENING + timedelta(hours=1)
+    episode = "auto/2026-04-01/1"
+    clients = ("retraction-first", "return-first")
+
+    def moves(client: str) -> tuple[SrsSubmitted, SrsSubmitted]:
+        sid = f"{client}-s1"
+        return (submission(t, f"{client}-b", 1, 38.0, submission_id=sid, administered_at=EVENING, accepted_at=at(5)),
+                submission(t, client, 1, 38.0, submission_id=sid, administered_at=fixed, accepted_at=at(6)))
+
+    async def shown(client: str) -> dict[int, tuple[str, datetime]]:
+        return newest_of(scoring.scored_of(t), client)
+
+    for c in clients:
+        await publish(scoring.producer, topic, evening_client(t, c, 1, 4)[:3])
+    await at_least(lambda: scoring.alerts_of(t), 2)
+    away, back = moves("retraction-first")
+    await publish(scoring.producer, topic, [away])
+    await eventually(lambda: shown("retraction-first"), timeout=60, until=lambda s: 1 not in s)
+    await publish(scoring.producer, topic, [back])
+    away, back = moves("return-first")
+    await publish(scoring.producer, topic, [back])
+    await eventually(lambda: shown("return-first"), timeout=60, until=lambda s: s.get(1, ("", None))[1] == fixed)
+    await publish(scoring.producer, topic, [away])
+
+    async def final() -> list[tuple[dict[int, tuple[str, datetime]], set[tuple[str, str, int]]]]:
+        return [(await shown(c), open_alerts(scoring.alerts_of(t), scoring.statuses_of(t), c)) for c in clients]
+
+    await eventually(final, timeout=60, until=lambda got: got == [
+        (fixed_evening(episode), {(ids.alert_id(t, c, "SRS", episode, 3), episode, 3)}) for c in clients])
 
 
 async def send_ors(scoring: Scoring, ev: OrsSubmitted) -> None:
