@@ -7,8 +7,9 @@ implements is docs/clinical-records.md; the shape of the algorithm is:
     what the record showed       --diff---->  the events that tell everyone the difference
 
 1. **Inputs.** For every submission id, its newest accepted version (`Version`), with its
-   earliest (`Version.origin`, which names a derived episode when a correction changed only the
-   time of its first session), and the client's owning site. Nothing else is an input: in
+   earliest for this client (`Version.origin`, which names a derived episode when a correction
+   changed only the time of its first session; kept across a move to another client and back by
+   the tombstone, `Moved.earliest`), and the client's owning site. Nothing else is an input: in
    particular no earlier *decision* is (not even a name published before).
 2. **View** (`derive`). Versions naming the same session are grouped; the newest accepted is
    current. Sessions without an episode id are put in episodes by the order they were
