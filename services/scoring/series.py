@@ -1161,7 +1161,8 @@ class ClientState:
 
     def _seen_moved(self, key: str, v: Version) -> bool:
         """Remember `v`, a version of a submission that moved away, as the earliest this record has
-        seen of it when it is (and of the client's site, as `_named_earlier`); whether it was."""
+        seen of it when it is (and of the site that owned the client when it was accepted, as for
+        `_named_earlier`); whether it was."""
         gone = self.moved.get(key)
         if gone is None or not self._site_ok(v):
             return False
