@@ -483,6 +483,18 @@ def newest_of(scored: list[SrsScored], client: str) -> dict[int, tuple[str, date
     return {s.session_number: (s.episode_id, s.administered_at) for s in newest.values() if not s.retracted}
 
 
+async def settle_fixed_evenings(scoring: Scoring, t: str, clients: tuple[str, ...], episode: str) -> None:
+    """Wait until each client shows `fixed_evening(episode)` on the scored topic and one open
+    alert, session 3's in `episode` (the two topics are read apart: neither is waited for alone)."""
+
+    async def final() -> list[tuple[dict[int, tuple[str, datetime]], set[tuple[str, str, int]]]]:
+        return [(newest_of(scoring.scored_of(t), c), open_alerts(scoring.alerts_of(t), scoring.statuses_of(t), c))
+                for c in clients]
+
+    await eventually(final, timeout=60, until=lambda got: got == [
+        (fixed_evening(episode), {(ids.alert_id(t, c, "SRS", episode, 3), episode, 3)}) for c in clients])
+
+
 async def test_a_time_of_session_1_corrected_across_midnight_keeps_the_episode_whichever_version_arrives_first(
         scoring: Scoring) -> None:
     t = "t-evening"
@@ -495,13 +507,7 @@ async def test_a_time_of_session_1_corrected_across_midnight_keeps_the_episode_w
     await publish(scoring.producer, topic, [late[0]])
     episode = "auto/2026-04-01/1"
 
-    async def settled() -> bool:
-        return all(open_alerts(scoring.alerts_of(t), scoring.statuses_of(t), c) == {
-            (ids.alert_id(t, c, "SRS", episode, 3), episode, 3)} for c in ("in-order", "late"))
-
-    await eventually(settled, timeout=60)
-    for c in ("in-order", "late"):
-        assert newest_of(scoring.scored_of(t), c) == fixed_evening(episode)
+    await settle_fixed_evenings(scoring, t, ("in-order", "late"), episode)
     # In order, the correction re-published session 1 alone, and said nothing of the alert.
     assert [a.client_id for a in scoring.alerts_of(t)].count("in-order") == 1
     assert not [s for s in scoring.statuses_of(t) if s.client_id == "in-order"]
@@ -539,11 +545,7 @@ async def test_session_1_moved_away_and_back_with_its_time_fixed_keeps_the_episo
     await eventually(lambda: shown("return-first"), timeout=60, until=lambda s: s.get(1, ("", None))[1] == fixed)
     await publish(scoring.producer, topic, [away])
 
-    async def final() -> list[tuple[dict[int, tuple[str, datetime]], set[tuple[str, str, int]]]]:
-        return [(await shown(c), open_alerts(scoring.alerts_of(t), scoring.statuses_of(t), c)) for c in clients]
-
-    await eventually(final, timeout=60, until=lambda got: got == [
-        (fixed_evening(episode), {(ids.alert_id(t, c, "SRS", episode, 3), episode, 3)}) for c in clients])
+    await settle_fixed_evenings(scoring, t, clients, episode)
 
 
 async def send_ors(scoring: Scoring, ev: OrsSubmitted) -> None:
