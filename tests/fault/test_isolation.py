@@ -74,6 +74,8 @@ async def test_every_endpoint_refuses_other_tenants_other_sites_and_missing_keys
             (await http.post(f"{url['alerts']}/v1/webhook-secret", headers=admin_a)).raise_for_status()
             (await http.put(f"{url['alerts']}/v1/clinicians/clin-a7", headers=admin_a, json={
                 "site_id": "north", "email": "a7@clinic.example", "webhook_url": receiver.url})).raise_for_status()
+            (await http.put(f"{url['alerts']}/v1/clinicians/clin-a7/aliases/clin-a7-ehr",
+                            headers=admin_a)).raise_for_status()
             sub = await http.post(f"{url['alerts']}/v1/subscriptions", headers=admin_a, json={
                 "url": receiver.url, "events": ["alliance.deterioration.v1"]})
             sub.raise_for_status()
@@ -98,7 +100,7 @@ async def test_every_endpoint_refuses_other_tenants_other_sites_and_missing_keys
 
             await eventually(visible, timeout=90)
             ids = {"client_id": "client-4242", "clinician_id": "clin-a7", "site_id": "north", "alert_id": alert_id,
-                   "subscription_id": sub.json()["id"], "delivery_id": delivery_id,
+                   "alias_id": "clin-a7-ehr", "subscription_id": sub.json()["id"], "delivery_id": delivery_id,
                    "submission_id": falling["submission_id"]}
             # tenant B may create its own client-4242 here (its submit key posts one), so the markers
             # are ids only tenant A's data can hold
@@ -142,7 +144,7 @@ async def test_every_endpoint_refuses_other_tenants_other_sites_and_missing_keys
             # Tenant A's things are intact after tenant B's writes and deletes.
             assert (await http.get(f"{url['alerts']}/v1/subscriptions", headers=admin_a)).json()
             a7 = (await http.get(f"{url['alerts']}/v1/clinicians/clin-a7", headers=admin_a)).json()
-            assert a7["site_id"] == "north"
+            assert a7["site_id"] == "north" and a7["aliases"] == ["clin-a7-ehr"]
             await assert_counters_agree(ns.mongo())
     print(f"\n{len(ops)} operations x 7 callers checked")
     print("\n".join(["failures:", *failures, "leaks:", *leaks, f"tenant A ids: {ids}"]))
