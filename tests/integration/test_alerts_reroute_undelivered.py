@@ -1,9 +1,10 @@
 """A rerouted alert whose deliveries to the clinician then use up their attempts: the routing says who
 has it after all, through the real alerts service, broker and store (docs/partners.md, "Alerts that
 reach no clinician"). When the site's fallback had received the revision, it is theirs again (routing
-`fallback`, nobody told `failed`); when no person received it (the fallback's deliveries still waiting
-for a retry were cancelled by the reroute), it reached nobody: told `failed` without a channel
-(`undelivered`), routing `none`, counted.
+`fallback`, nobody told `failed`); when the reroute had cancelled the fallback's deliveries still
+waiting for a retry, they are scheduled again with fresh attempts (routing `fallback` again), so the
+fallback gets what it would have got without the reroute; only when those fail too did it reach
+nobody: told `failed` without a channel (`undelivered`), routing `none`, counted.
 
 Its own alerts instance: retries slow enough (one to two seconds) that a fallback's failed delivery
 is still waiting for its retry when the clinician is registered; two attempts per delivery.
@@ -11,6 +12,7 @@ is still waiting for its retry when the clinician is registered; two attempts pe
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -85,15 +87,54 @@ async def test_a_rerouted_alert_the_clinician_never_got_goes_back_to_the_fallbac
     assert len(alerts_at(env, fallback, ev.alert_id)) == 1  # the fallback is not sent it again
 
 
-async def test_a_rerouted_alert_nobody_got_is_told_failed_undelivered_routed_none_and_counted(env: Env) -> None:
-    t = await new_tenant(env, "nobodygot")
-    await put_fallback(env, t, "duty", unreachable=True)
-    ev = await stranded(env, t, "c1", "client-2")
-
-    async def waiting_for_a_retry() -> list[dict[str, Any]]:
+async def fallback_waiting_for_a_retry(env: Env, t: Tenant, ev: AllianceDeterioration) -> None:
+    """Wait until both of the fallback `duty`'s deliveries of `ev` failed once and wait for a retry."""
+    async def waiting() -> list[dict[str, Any]]:
         return [d for d in await deliveries(env, t, alert_id=ev.alert_id, status="pending")
                 if d["recipient"] == "fallback:duty" and d["attempts"] == 1]
-    await eventually(waiting_for_a_retry, until=lambda rows: len(rows) == 2)
+    await eventually(waiting, until=lambda rows: len(rows) == 2)
+
+
+async def fallback_rows(env: Env, t: Tenant, ev: AllianceDeterioration) -> list[dict[str, Any]]:
+    return [d for d in await deliveries(env, t, alert_id=ev.alert_id) if d["recipient"] == "fallback:duty"]
+
+
+async def test_the_fallback_whose_retry_the_reroute_cancelled_gets_the_alert_once_the_clinicians_deliveries_fail(
+        env: Env) -> None:
+    t = await new_tenant(env, "fallbackagain")
+    hook = await put_fallback(env, t, "duty", unreachable=True)
+    ev = await stranded(env, t, "c1", "client-3")
+    await fallback_waiting_for_a_retry(env, t, ev)
+    before = await _metrics(env)
+
+    async with TopicRecorder(env.ns.stack.bootstrap, env.topics.alert_status) as statuses:
+        await register_dead(env, t, "c1")  # the reroute cancels the fallback's retries
+        assert sorted(d["status"] for d in await fallback_rows(env, t, ev)) == ["cancelled", "cancelled"]
+        env.receiver.behave(hook)  # the fallback's receivers work again: without the reroute it would get it
+        env.smtp.failing.discard(f"duty@{t.id}.test")
+        await clinician_failed(env, t, ev, "c1")
+        got = await eventually(lambda: _async([r for r in env.receiver.successes(hook)
+                                                if json.loads(r.body)["alert_id"] == ev.alert_id]))
+        row = await routing_is(env, t, ev.alert_id, "fallback")
+        told = failed_about(await statuses.until(lambda r: len(failed_about(r, ev.alert_id)) >= 2), ev.alert_id)
+
+    assert len(got) == 1 and got[0].headers["x-alliance-routed"] == "fallback"
+    assert (row["routing"], row["routing_reason"]) == ("fallback", "no_directory_entry")
+    assert sorted(f.channel or "-" for f in told) == ["email", "webhook"]  # the clinician's; none without one
+    delivered = await eventually(lambda: fallback_rows(env, t, ev),
+                                 until=lambda rows: [d["status"] for d in rows] == ["delivered", "delivered"])
+    assert [d["attempts"] for d in delivered] == [1, 1]  # a fresh attempt budget
+    after = await _metrics(env)
+    assert unrouted(after, "undelivered", "yes") - unrouted(before, "undelivered", "yes") == 1
+    assert unrouted(after, "undelivered", "no") == unrouted(before, "undelivered", "no")
+
+
+async def test_a_rerouted_alert_whose_rescheduled_fallback_deliveries_fail_too_is_told_failed_undelivered_once(
+        env: Env) -> None:
+    t = await new_tenant(env, "nobodygot")
+    hook = await put_fallback(env, t, "duty", unreachable=True)
+    ev = await stranded(env, t, "c1", "client-2")
+    await fallback_waiting_for_a_retry(env, t, ev)
     before = await _metrics(env)
 
     async with TopicRecorder(env.ns.stack.bootstrap, env.topics.alert_status) as statuses:
@@ -107,7 +148,9 @@ async def test_a_rerouted_alert_nobody_got_is_told_failed_undelivered_routed_non
     [nobody] = {f.event_id: f for f in told if f.channel is None}.values()
     assert nobody.event_id == ids.alert_status_event_id(t.id, ev.alert_id, "failed", 1)
     assert (nobody.routing_reason, nobody.revision) == ("undelivered", 1)
-    fallbacks = [d for d in await deliveries(env, t, alert_id=ev.alert_id) if d["recipient"] == "fallback:duty"]
-    assert sorted(d["status"] for d in fallbacks) == ["cancelled", "cancelled"]  # the reroute stopped them
+    fallbacks = await fallback_rows(env, t, ev)
+    assert sorted(d["status"] for d in fallbacks) == ["failed", "failed"]  # re-scheduled, then used up again
+    assert len([r for r in env.receiver.at(hook) if json.loads(r.body)["alert_id"] == ev.alert_id]) == 1 + ATTEMPTS
     after = await _metrics(env)
     assert unrouted(after, "undelivered", "no") - unrouted(before, "undelivered", "no") == 1
+    assert unrouted(after, "undelivered", "yes") - unrouted(before, "undelivered", "yes") == 1
