@@ -56,23 +56,27 @@ for _reason in NEEDS_OPERATOR:  # exported at zero, so that `increase()` sees th
 
 UNROUTED = Counter(
     "alliance_alerts_unrouted",
-    "Raised alert revisions whose clinician could not be reached, counted once per revision: by kind (alliance, "
-    "outcome), reason (no_directory_entry, other_site, no_channel; undelivered: every delivery to a person it was "
-    "routed to, clinician or fallbacks, used up its attempts) and fallback (yes: the fallback entries of the "
-    "alert's site got it; no: nobody did, and `failed` was told on the alert's status topic).",
+    "Raised alert revisions whose clinician could not be reached, by kind (alliance, outcome), reason and fallback. "
+    "When a revision is routed: reason no_directory_entry, other_site or no_channel, with fallback yes (the "
+    "fallback entries of the alert's site got it) or no (nobody did: `failed` told on the alert's status topic). "
+    "Later, reason undelivered: fallback no when every delivery to a person it was routed to used up its attempts "
+    "(`failed` told); fallback yes when a revision a directory fix rerouted to its clinician had every delivery to "
+    "them use up its attempts and went back to its site's fallback (which had it, or whose deliveries the reroute "
+    "cancelled are scheduled again). Counted each time such a routing is recorded: one revision may count under "
+    "several (e.g. no_directory_entry/yes, then undelivered/yes, then undelivered/no).",
     ["kind", "reason", "fallback"],
 )
-for _kind in ALERT_TYPES:  # every series exported at zero (14 in all), so that `increase()` sees the first one
+for _kind in ALERT_TYPES:  # every series exported at zero (16 in all), so that `increase()` sees the first one
     for _why in UNROUTED_REASONS:
         for _fallback in ("yes", "no"):
-            if (_why, _fallback) != ("undelivered", "yes"):  # an undelivered revision reached nobody
-                UNROUTED.labels(_kind, _why, _fallback)
+            UNROUTED.labels(_kind, _why, _fallback)
 
 REROUTED = Counter(
     "alliance_alerts_rerouted",
     "Stranded alerts (open, their routed revision reached a fallback or nobody) delivered to their clinician "
-    "after a directory change made them reachable, counted once per alert revision: by kind (alliance, "
-    "outcome) and the reason they had not reached them (no_directory_entry, other_site, no_channel, "
+    "after a directory change made them reachable, counted each time one is rerouted (a revision whose deliveries "
+    "to the clinician then all failed, rerouted again once the entry's target is fixed, counts again): by kind "
+    "(alliance, outcome) and the reason they had not reached them (no_directory_entry, other_site, no_channel, "
     "undelivered).",
     ["kind", "reason"],
 )

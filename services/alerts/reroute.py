@@ -10,7 +10,9 @@ any of its aliases) still open whose routed revision did not reach them is sent 
 `clinician`, the fallbacks' deliveries of it still pending are cancelled, and
 `alliance_alerts_rerouted_total{kind,reason}` counts it. Should every delivery to them then use up
 its attempts, the status teller records who has it after all (services/alerts/statuses.py):
-`fallback` again when a fallback had received it, else nobody (`none`, told `failed`, `undelivered`).
+`fallback` again, the fallbacks' deliveries this cancelled scheduled again with fresh attempts (so a
+reroute that does not get through never takes from the fallback what it would have got), and
+nobody (`none`, told `failed`, `undelivered`) only when the fallbacks' deliveries fail too.
 
 Exactly once per revision, under at-least-once
 ----------------------------------------------

@@ -15,7 +15,8 @@ fallback either, the revision reaches nobody: the handlers record `routing: none
 entry: site ownership holds for fallbacks exactly as for clinicians. Once a directory change makes
 the clinician reachable, an alert of theirs still open whose routed revision reached only fallbacks
 or nobody is sent to them after all (`plan_reroute`, "rerouting" below); should that not get through
-either, who it reached in the end is settled by its deliveries (`revision_reached`).
+either, who it reached in the end is settled by its deliveries (`revision_reached`), the fallbacks'
+deliveries the reroute cancelled going out again.
 """
 
 from __future__ import annotations
@@ -826,25 +827,42 @@ def to_person(kind: str | None, recipient_: str | None) -> bool:
     return kind == "alert" and str(recipient_ or "").startswith(("clinician:", "fallback:"))
 
 
-def revision_reached(people: Iterable[tuple[str, str]]) -> RoutedTo | None:
-    """Who a raised revision reached in the end, from (recipient, status) of its deliveries to persons
-    (`to_person`), or None while that is not settled (one still pending could change it, or none failed):
+@dataclass(frozen=True)
+class Reached:
+    """Who a raised revision reached in the end (`revision_reached`), and the ids of the fallbacks'
+    deliveries of it a reroute cancelled that are to be scheduled again (`again`: then it is theirs)."""
+
+    to: RoutedTo
+    again: tuple[str, ...] = ()
+
+
+def revision_reached(people: Iterable[tuple[str, str, str]]) -> Reached | None:
+    """Who a raised revision reached in the end, from (delivery id, recipient, status) of its
+    deliveries to persons (`to_person`), or None while that is not settled (one still pending could
+    change it, or none failed):
 
     - `clinician`: a delivery to its clinician got through;
     - `fallback`: none to the clinician did (each used up its attempts), one to a fallback entry did:
       a revision a directory fix rerouted to its clinician (`plan_reroute`) after its fallback had it;
-    - `none`: every one used up its attempts or was cancelled, and one of them failed: it reached
-      nobody. A person's delivery is cancelled only by a reroute (a fallback's, not sent yet when the
-      alert went to its clinician instead), so a cancelled one reached nobody either."""
+    - `fallback` with `again`: nothing got through, and fallbacks' deliveries of it were cancelled.
+      A person's delivery is cancelled only by a reroute (a fallback's, not sent yet when the alert
+      went to its clinician instead): without the reroute the fallback would still be trying, so
+      once the clinician's have all failed those are scheduled again, and the fallback is who it goes to;
+    - `none`: every one used up its attempts (none cancelled): it reached nobody."""
     seen = list(people)
-    statuses = {s for _, s in seen}
-    if any(r.startswith("clinician:") and s == "delivered" for r, s in seen):
-        return "clinician"
+    statuses = {s for _, _, s in seen}
+    if any(r.startswith("clinician:") and s == "delivered" for _, r, s in seen):
+        return Reached("clinician")
     if "pending" in statuses:
         return None
     if "delivered" in statuses:
-        return "fallback"
-    return "none" if "failed" in statuses and statuses <= {"failed", "cancelled"} else None
+        return Reached("fallback")
+    if "failed" not in statuses:
+        return None
+    stopped = tuple(sorted(i for i, r, s in seen if s == "cancelled" and r.startswith("fallback:")))
+    if stopped:
+        return Reached("fallback", stopped)
+    return Reached("none") if statuses == {"failed"} else None
 
 
 def delivery_status(alert: RaisedAlert, status: DeliveryStatus, channel: Channel,

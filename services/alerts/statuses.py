@@ -7,13 +7,54 @@ attempts; on the alert's type's status topic (`alliance.alert-status.v1`, or
 `outcome.alert-status.v1` for an outcome alert); a partner's, a supervisor's or a withdrawal's
 delivery tells nothing. And when the last delivery to a person of a raised revision (its
 clinician's, or its site's fallbacks', `rules.to_person`) fails, so that all of them used up their
-attempts or were cancelled by a reroute (`rules.revision_reached`), the revision reached nobody
+attempts (`rules.revision_reached`; none cancelled by a reroute, see below), the revision reached nobody
 after all: the channel-less `failed` with `routing_reason` `undelivered` is published
 (`nobody_record`), then the alert's routing is recorded `none` and, when that write is news,
 `alliance_alerts_unrouted_total{reason="undelivered", fallback="no"}` is counted. A revision a
 directory fix rerouted to its clinician (services/alerts/reroute.py) none of whose deliveries to
-them got through, but which a fallback's delivery had reached, is recorded `fallback` again
-(`fell_back`) and tells nothing more. Those deliveries carry the outbox flag too, so this is never lost.
+them got through is its site's fallback's again (`fell_back`): routing `fallback` with the reason it
+had gone there, `alliance_alerts_unrouted_total{reason="undelivered", fallback="yes"}` counted when
+that write is news, and nothing told. When a fallback's delivery had reached it, that is all; when
+the reroute had cancelled the fallbacks' deliveries still waiting for a retry, those are scheduled
+again with a fresh attempt budget (the fallback would have kept trying without the reroute; a
+fallback's delivery that had already used up its attempts is not), and only if they fail too does
+the revision reach nobody as above. Those deliveries carry the outbox flag too, so none of this is lost.
+
+A rerouted revision whose clinician deliveries all failed, step by step
+-----------------------------------------------------------------------
+When the last of the clinician's deliveries is recorded `failed` (its outbox flag set by that write):
+
+1. the teller reads every delivery of the revision to a person (`person_deliveries`) and asks
+   `rules.revision_reached`: `fallback`, with the ids of the fallbacks' cancelled deliveries;
+2. records routing `fallback` (`record_fell_back`: conditional on the revision being the routed one
+   and still `clinician`, so it is news once; counted then);
+3. puts those deliveries back on the schedule (`reschedule_cancelled`: conditional on each being
+   still `cancelled`), and wakes the worker;
+4. unsets the clinician delivery's flag (`statuses_told`).
+
+What a `kill -9` (or a store error) at each point leaves behind:
+
+- before 2: the flag is set; the sweep (any alerts process) does 1-4 from the start.
+- between 2 and 3: routing says `fallback`, the deliveries are still cancelled, the flag is set;
+  the sweep sees the same in 1, its write in 2 is no news (not counted again) and 3 schedules them.
+  The routing is written first for this: the other order would leave, after a crash, deliveries
+  pending under a routing still `clinician`, which the sweep's look (1: pending, not settled)
+  would not correct until they finish.
+- between 3 and 4: the deliveries are pending (or already being tried); the sweep's look finds one
+  pending and settles nothing, or finds them finished and settles what they say (delivered: the
+  fallback's, already recorded; failed: nobody, below). 3 is conditional on `cancelled`, so
+  nothing is scheduled twice and no attempt budget is reset twice.
+- after 4: done; what the fallback's deliveries become is told when they finish, as for any
+  fallback's delivery: the last to fail tells `undelivered` (routing `none`, counted), once per
+  revision under its derived `event_id`.
+
+Two alerts processes telling the clinician's two channels at the same moment either each see the
+other's still pending (neither settles; the later write's teller does), or both see both failed:
+both write 2 (one of them is news, counted once) and 3 (each delivery is scheduled by whichever
+matches it first). A teller whose read in 1 is stale can only find its writes no longer match (the
+routing moved on, the deliveries are no longer cancelled). The one exception is a directory fix
+that reroutes the revision again between 1 and 3 of a slow teller: the fallback is then scheduled
+alongside the clinician's retries, and both may get it (never fewer people).
 
 Exactly-once effect under at-least-once (an outbox on the delivery row)
 -----------------------------------------------------------------------
@@ -43,7 +84,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -56,7 +97,7 @@ from services.alerts.rules import (
     UNROUTED_REASONS,
     DeliveryStatus,
     RaisedAlert,
-    RoutedTo,
+    Reached,
     UnroutedReason,
     alert_kind,
     delivery_status,
@@ -92,6 +133,8 @@ class OwedStatuses(Protocol):
 
     async def record_fell_back(self, revisions: Sequence[tuple[str, int, UnroutedReason]]) -> set[str]: ...
 
+    async def reschedule_cancelled(self, delivery_ids: Sequence[str]) -> int: ...
+
 
 def status_of(d: Document) -> tuple[DeliveryStatus, datetime] | None:
     """The status a recorded delivery owes and when it happened, or None for one not finished."""
@@ -125,20 +168,20 @@ def owed_record(d: Document, topics: Topics) -> OutboundRecord | None:
                          alert_kind(alert))
 
 
-def reached_in_the_end(d: Document, siblings: Sequence[Document]) -> RoutedTo | None:
-    """Who the revision a finished delivery `d` carried reached in the end (`rules.revision_reached`),
-    from `siblings`: every delivery of that revision to a person, `d` included."""
-    return revision_reached((str(s.get("recipient")), str(s.get("status"))) for s in siblings)
+def reached_in_the_end(siblings: Sequence[Document]) -> Reached | None:
+    """Who a revision reached in the end (`rules.revision_reached`), from `siblings`: every delivery
+    of it to a person."""
+    return revision_reached((str(s["_id"]), str(s.get("recipient")), str(s.get("status"))) for s in siblings)
 
 
 def nobody_record(d: Document, siblings: Sequence[Document],
                   topics: Topics) -> tuple[RaisedAlert, OutboundRecord] | None:
     """The channel-less `failed` (`undelivered`) of the revision a failed delivery `d` carried, when
     `siblings` (every delivery of that revision to a person, `d` included) reached nobody: each used
-    up its attempts, or was cancelled by a reroute (`rules.revision_reached`); else None. It happened
-    when the last of them failed, so every copy of it (another sibling's teller, the sweep) is the
-    same event."""
-    if reached_in_the_end(d, siblings) != "none":
+    up its attempts (`rules.revision_reached`); else None. It happened when the last of them failed,
+    so every copy of it (another sibling's teller, the sweep) is the same event."""
+    reached = reached_in_the_end(siblings)
+    if reached is None or reached.to != "none":
         return None
     alert = _delivered_alert(d)
     if alert is None:
@@ -150,18 +193,30 @@ def nobody_record(d: Document, siblings: Sequence[Document],
                                 alert_kind(alert))
 
 
-def fell_back(d: Document, siblings: Sequence[Document]) -> tuple[RaisedAlert, UnroutedReason] | None:
-    """The revision a finished delivery `d` carried, and why it had gone to its site's fallback, when
-    it was rerouted to its clinician (a clinician's delivery is among `siblings`), none of those got
-    through and a fallback's had (`rules.revision_reached`): the fallback is who has it; else None."""
+@dataclass(frozen=True)
+class FellBack:
+    """A revision rerouted to its clinician that its site's fallback has after all (`fell_back`)."""
+
+    alert: RaisedAlert
+    reason: UnroutedReason  # why it had gone to the fallback: the routing's reason again
+    again: tuple[str, ...]  # the fallbacks' deliveries the reroute cancelled, to schedule again
+
+
+def fell_back(d: Document, siblings: Sequence[Document]) -> FellBack | None:
+    """The revision a finished delivery `d` carried, when it was rerouted to its clinician (a
+    clinician's delivery is among `siblings`), none of those got through, and its site's fallback
+    has it (`rules.revision_reached`): a fallback's delivery got through, or the ones the reroute
+    cancelled are to be scheduled again; else None."""
     if not any(str(s.get("recipient")).startswith("clinician:") for s in siblings):
         return None  # routed to the fallbacks and never rerouted: its routing says so already
-    reason = next((s.get("routed_reason") for s in siblings if s.get("status") == "delivered"
-                   and s.get("routed_reason") in UNROUTED_REASONS), None)
-    if reached_in_the_end(d, siblings) != "fallback" or reason is None:
+    reached = reached_in_the_end(siblings)
+    if reached is None or reached.to != "fallback":
         return None
-    alert = _delivered_alert(d)
-    return None if alert is None else (alert, reason)
+    theirs = set(reached.again)
+    reason = next((s.get("routed_reason") for s in siblings if (s.get("status") == "delivered" or s["_id"] in theirs)
+                   and s.get("routed_reason") in UNROUTED_REASONS), None)
+    alert = None if reason is None else _delivered_alert(d)
+    return None if alert is None or reason is None else FellBack(alert, reason, reached.again)
 
 
 @dataclass(eq=False)
@@ -173,6 +228,8 @@ class StatusTeller:
     topics: Topics
     settings: AlertsSettings
     batch: int = 500
+    # Wakes the delivery worker (its `wake`): fallbacks' deliveries scheduled again are due at once.
+    wake: Callable[[], None] = field(default=lambda: None)
     # Ids of deliveries recorded owing a status (read back before telling), or the recorded documents.
     _recorded: asyncio.Queue[tuple[Sequence[str], Sequence[Document]]] = field(default_factory=asyncio.Queue,
                                                                                init=False)
@@ -234,9 +291,10 @@ class StatusTeller:
         many were settled. A clinician's delivery tells its `delivered` / `failed`; a `delivered` of a
         revision another channel delivered first is settled without publishing (that one tells it).
         A failed one (a clinician's or a fallback's) whose revision's deliveries to persons all
-        failed (or were cancelled by a reroute) also tells that the revision reached nobody
+        failed also tells that the revision reached nobody
         (`nobody_record`), recorded on the alert and counted once the event is published. A revision
-        rerouted to its clinician that only its fallback got is recorded `fallback` again (`fell_back`)."""
+        rerouted to its clinician that none of their deliveries got is recorded `fallback` again
+        (`fell_back`), and the fallbacks' deliveries the reroute cancelled are scheduled again."""
         if not owed:
             return 0
         delivered = [d for d in owed if d.get("status") == "delivered"]
@@ -275,10 +333,17 @@ class StatusTeller:
                 log.warning("revision %d of an alert reached nobody: every delivery to a person used up its "
                             "attempts", alert.revision, extra={"alert_id": alert_id})
         if back:
-            for alert_id in await self.store.record_fell_back([(a.alert_id, a.revision, why) for a, why in back]):
-                alert = next(a for a, _ in back if a.alert_id == alert_id)
-                log.warning("revision %d of an alert rerouted to its clinician did not reach them: every delivery "
-                            "used up its attempts; its site's fallback has it", alert.revision,
-                            extra={"alert_id": alert_id})
+            # The routing first, the schedule after: a crash in between leaves the outbox flags set,
+            # and the next look (the sweep's) sees the same deliveries still cancelled and schedules them.
+            changed = await self.store.record_fell_back([(b.alert.alert_id, b.alert.revision, b.reason) for b in back])
+            for b in back:
+                if b.alert.alert_id in changed:
+                    metrics.UNROUTED.labels(alert_kind(b.alert).alert_type, "undelivered", "yes").inc()
+                    log.warning("revision %d of an alert rerouted to its clinician did not reach them: every delivery "
+                                "used up its attempts; its site's fallback has it%s", b.alert.revision,
+                                " (its deliveries the reroute cancelled are scheduled again)" if b.again else "",
+                                extra={"alert_id": b.alert.alert_id})
+            if await self.store.reschedule_cancelled([i for b in back for i in b.again]):
+                self.wake()
         await self.store.statuses_told(told)
         return len(told)

@@ -25,8 +25,9 @@
   stored before routing was recorded has none (the API shows null). A stranded alert a directory
   fix sent to its clinician is `clinician` from then on, with `rerouted_at` and `rerouted_from`
   (the reason it had not reached them; see `record_rerouted`), until its deliveries to them all use
-  up their attempts: then `fallback` again when the site's fallback had got it (`record_fell_back`),
-  else `none` (`undelivered`, `record_unreached`).
+  up their attempts: then `fallback` again (`record_fell_back`; the fallbacks' deliveries the reroute
+  cancelled are put back on the schedule, `reschedule_cancelled`), and `none` (`undelivered`,
+  `record_unreached`) only once no person got it.
 - `deliveries`: one document per (alert or event, recipient, channel) — `_id` is the delivery id,
   so a redelivered event cannot create a second one. It is also the durable retry schedule:
   status pending + `next_attempt_at`, leased by one worker at a time through `claimed_until`.
@@ -893,9 +894,20 @@ class AlertsStore:
             await self.deliveries.update_one({"_id": delivery_id, "status": "failed"},
                                              {"$set": {**_requeued(now), "target": target}})
 
+    async def reschedule_cancelled(self, delivery_ids: Sequence[str]) -> int:
+        """Put deliveries a reroute cancelled (`cancel_fallback_deliveries`) back on the schedule with
+        a fresh attempt budget (as `requeue_failed`); one no longer cancelled is left, so a second
+        call (a crash, another process, a late sweep) schedules nothing twice. Returns how many."""
+        if not delivery_ids:
+            return 0
+        res = await self.deliveries.update_many({"_id": {"$in": sorted(set(delivery_ids))}, "status": "cancelled"},
+                                                {"$set": _requeued(utcnow())})
+        return res.modified_count
+
     async def cancel_fallback_deliveries(self, revisions: Sequence[tuple[str, str]]) -> None:
         """Cancel the fallbacks' deliveries of these raised revisions ((alert id, `subject_id`)) that
-        are still pending and not being attempted: the clinician has it now."""
+        are still pending and not being attempted: the clinician has it now (should every delivery
+        to them use up its attempts, the status teller schedules these again: `reschedule_cancelled`)."""
         if not revisions:
             return
         now = utcnow()

@@ -210,6 +210,13 @@ class MemoryAlertsStore:
                 changed.add(alert_id)
         return changed
 
+    async def reschedule_cancelled(self, delivery_ids: Sequence[str]) -> int:
+        self._check()
+        hits = [d for d in self.deliveries.values() if d["status"] == "cancelled" and d["_id"] in delivery_ids]
+        for d in hits:
+            d.update(status="pending", attempts=0)
+        return len(hits)
+
     async def statuses_told(self, told: Sequence[tuple[str, datetime | None]]) -> None:
         self._check()
         for delivery_id, finished_at in told:

@@ -5,6 +5,7 @@ channel-less `failed` of a revision whose every delivery to a person used up its
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -14,6 +15,7 @@ from services.alerts.handlers import delivery_doc
 from services.alerts.rules import (
     Clinician,
     PlannedDelivery,
+    Reached,
     Routing,
     Subscription,
     first_deliveries,
@@ -29,7 +31,7 @@ from shared import ids
 from shared.events import AlertStatusChanged, AllianceDeterioration, OutcomeAlert, OutcomeAlertStatusChanged
 from shared.mongo import Document
 from tests.support.alerts import outcome_alert
-from tests.support.fakes import TOPICS, MemoryAlertsStore, Sink
+from tests.support.fakes import TOPICS, MemoryAlertsStore, Sink, StoreDown
 from tools.harness import deterioration
 
 SWEEP = 30.0
@@ -82,33 +84,51 @@ def test_a_delivery_of_a_raised_revision_to_its_clinician_or_a_fallback_is_one_t
     assert not to_person("withdrawal", "fallback:duty")
 
 
+def people(*deliveries: tuple[str, str]) -> list[tuple[str, str, str]]:
+    """(delivery id, recipient, status) of deliveries given as (recipient, status), ids d0, d1, ..."""
+    return [(f"d{i}", r, st) for i, (r, st) in enumerate(deliveries)]
+
+
 def test_a_revision_reached_nobody_when_every_delivery_to_a_person_used_up_its_attempts() -> None:
-    assert revision_reached([("fallback:duty", "failed")]) == "none"
-    assert revision_reached([("clinician:c1", "failed"), ("clinician:c1", "failed")]) == "none"
+    assert revision_reached(people(("fallback:duty", "failed"))) == Reached("none")
+    assert revision_reached(people(("clinician:c1", "failed"), ("clinician:c1", "failed"))) == Reached("none")
+    assert revision_reached(people(("fallback:duty", "failed"), ("clinician:c1", "failed"))) == Reached("none")
 
 
-def test_a_fallbacks_delivery_a_reroute_cancelled_reached_nobody_either() -> None:
-    assert revision_reached([("fallback:duty", "cancelled"), ("clinician:c1", "failed")]) == "none"
+def test_a_fallbacks_deliveries_a_reroute_cancelled_go_to_the_fallback_again_once_the_clinicians_failed() -> None:
+    assert revision_reached(people(("fallback:duty", "cancelled"), ("clinician:c1", "failed"),
+                                   ("fallback:duty", "cancelled"))) == Reached("fallback", ("d0", "d2"))
+
+
+def test_only_the_fallbacks_deliveries_the_reroute_cancelled_go_again_not_those_that_had_failed_already() -> None:
+    assert revision_reached(people(("fallback:duty", "failed"), ("fallback:duty", "cancelled"),
+                                   ("clinician:c1", "failed"))) == Reached("fallback", ("d1",))
+
+
+def test_a_fallbacks_delivery_that_got_through_needs_none_of_the_cancelled_ones_again() -> None:
+    assert revision_reached(people(("fallback:duty", "delivered"), ("fallback:duty", "cancelled"),
+                                   ("clinician:c1", "failed"))) == Reached("fallback")
 
 
 def test_a_clinicians_delivery_that_got_through_reached_them_whatever_the_others_did() -> None:
     for other in ("failed", "pending", "delivered", "cancelled"):
-        assert revision_reached([("clinician:c1", "delivered"), ("fallback:duty", other)]) == "clinician"
+        assert revision_reached(people(("clinician:c1", "delivered"), ("fallback:duty", other))) == Reached("clinician")
 
 
 def test_a_rerouted_revision_none_of_whose_clinician_deliveries_got_through_reached_the_fallback_that_had_it() -> None:
-    assert revision_reached([("fallback:duty", "delivered"), ("clinician:c1", "failed")]) == "fallback"
+    assert revision_reached(people(("fallback:duty", "delivered"), ("clinician:c1", "failed"))) == Reached("fallback")
 
 
 def test_who_a_revision_reached_is_not_settled_while_a_delivery_to_a_person_is_pending() -> None:
-    assert revision_reached([("clinician:c1", "failed"), ("clinician:c1", "pending")]) is None
-    assert revision_reached([("fallback:duty", "delivered"), ("clinician:c1", "pending")]) is None
-    assert revision_reached([("fallback:duty", "pending"), ("clinician:c1", "failed")]) is None
+    assert revision_reached(people(("clinician:c1", "failed"), ("clinician:c1", "pending"))) is None
+    assert revision_reached(people(("fallback:duty", "delivered"), ("clinician:c1", "pending"))) is None
+    assert revision_reached(people(("fallback:duty", "pending"), ("clinician:c1", "failed"))) is None
+    assert revision_reached(people(("fallback:duty", "cancelled"), ("clinician:c1", "pending"))) is None
 
 
 def test_who_a_revision_reached_is_not_settled_before_one_of_its_deliveries_failed() -> None:
     assert revision_reached([]) is None  # routed to nobody is told when it is routed, not here
-    assert revision_reached([("fallback:duty", "cancelled")]) is None
+    assert revision_reached(people(("fallback:duty", "cancelled"))) is None
 
 
 def test_the_first_delivery_of_a_revision_is_the_earliest_recorded_ties_broken_by_id() -> None:
@@ -296,31 +316,109 @@ async def test_a_rerouted_revision_the_fallback_had_is_the_fallbacks_again_once_
            for c in ("webhook", "email")]
     failed = [recorded(alert, p[f"clinician:{c}"], "failed", NOW) for c in ("webhook", "email")]
     await store.insert_deliveries([*got, *failed])
-    before = unrouted_no()
+    before, before_yes = unrouted_no(), unrouted_yes()
 
     await teller(store, sink).tell(failed)
 
     assert sorted(s.channel or "-" for s in alliance_statuses(sink)) == ["email", "webhook"]  # nobody told failed
     assert store.routings[alert.alert_id] == (1, Routing("fallback", "no_directory_entry", ()))
-    assert unrouted_no() == before
+    assert (unrouted_no(), unrouted_yes()) == (before, before_yes + 1)
 
 
-async def test_a_rerouted_revision_whose_fallback_deliveries_the_reroute_cancelled_reached_nobody() -> None:
-    alert, store, sink = deterioration("acme", "c1", "client-31"), MemoryAlertsStore(), Sink()
+def unrouted_yes() -> float:
+    labels = {"kind": "alliance", "reason": "undelivered", "fallback": "yes"}
+    return REGISTRY.get_sample_value("alliance_alerts_unrouted_total", labels) or 0.0
+
+
+async def stopped_by_the_reroute(alert: AllianceDeterioration,
+                                 store: MemoryAlertsStore) -> tuple[list[Document], Document]:
+    """The revision rerouted to c1 while the fallback's two deliveries waited for a retry (cancelled
+    by the reroute), and c1's two deliveries failed, as stored: (the fallback's, c1's last, owed)."""
     p = rerouted(alert, store)
-    stopped = [recorded(alert, p[f"fallback:{c}"], "cancelled", NOW - timedelta(minutes=5), owed=False)
-               for c in ("webhook", "email")]
+    stopped = [{**recorded(alert, p[f"fallback:{c}"], "cancelled", NOW - timedelta(minutes=5), owed=False),
+                "attempts": 1} for c in ("webhook", "email")]
     first = recorded(alert, p["clinician:email"], "failed", NOW - timedelta(seconds=3), owed=False)
     last = recorded(alert, p["clinician:webhook"], "failed", NOW)
     await store.insert_deliveries([*stopped, first, last])
+    return stopped, last
+
+
+async def test_a_rerouted_revision_whose_fallback_retries_the_reroute_cancelled_schedules_them_again() -> None:
+    alert, store, sink = deterioration("acme", "c1", "client-31"), MemoryAlertsStore(), Sink()
+    stopped, last = await stopped_by_the_reroute(alert, store)
+    woken: list[bool] = []
+    statuses = teller(store, sink)
+    statuses.wake = lambda: woken.append(True)
+    before_yes, before_no = unrouted_yes(), unrouted_no()
+
+    await statuses.tell([last])
+
+    assert [s.channel for s in alliance_statuses(sink)] == ["webhook"]  # c1's own; nobody told failed
+    assert [(store.deliveries[d["_id"]]["status"], store.deliveries[d["_id"]]["attempts"]) for d in stopped] == [
+        ("pending", 0), ("pending", 0)]  # a fresh attempt budget
+    assert store.routings[alert.alert_id] == (1, Routing("fallback", "no_directory_entry", ()))
+    assert woken == [True]
+    assert (unrouted_yes(), unrouted_no()) == (before_yes + 1, before_no)
+
+
+async def test_a_rerouted_revision_whose_rescheduled_fallback_deliveries_fail_too_reached_nobody() -> None:
+    alert, store, sink = deterioration("acme", "c1", "client-34"), MemoryAlertsStore(), Sink()
+    stopped, last = await stopped_by_the_reroute(alert, store)
+    statuses = teller(store, sink)
+    await statuses.tell([last])
+    failed = [{**store.deliveries[d["_id"]], "status": "failed", "finished_at": NOW + timedelta(minutes=1),
+               STATUS_OUTBOX: True} for d in stopped]
+    store.deliveries.update((d["_id"], d) for d in failed)
     before = unrouted_no()
 
-    await teller(store, sink).tell([last])
+    await statuses.tell(failed)
 
     nobody = [s for s in alliance_statuses(sink) if s.channel is None]
-    assert [(s.routing_reason, s.occurred_at) for s in nobody] == [("undelivered", NOW)]
-    assert store.routings[alert.alert_id] == (1, Routing("none", "undelivered"))
+    assert [(s.routing_reason, s.occurred_at) for s in nobody] == [("undelivered", NOW + timedelta(minutes=1))]
+    assert store.routings[alert.alert_id] == (1, Routing("none", "undelivered", ()))
     assert unrouted_no() == before + 1
+
+
+async def test_telling_a_failed_reroute_again_schedules_the_fallback_once_and_counts_it_once() -> None:
+    alert, store, sink = deterioration("acme", "c1", "client-35"), MemoryAlertsStore(), Sink()
+    stopped, last = await stopped_by_the_reroute(alert, store)
+    statuses = teller(store, sink)
+    await statuses.tell([last])
+    before = unrouted_yes()
+    for d in stopped:  # the worker got to them: no longer cancelled
+        store.deliveries[d["_id"]]["attempts"] = 1
+
+    await statuses.tell([last])  # the sweep, or another process, after a crash before the flag was unset
+
+    assert [store.deliveries[d["_id"]]["attempts"] for d in stopped] == [1, 1]
+    assert unrouted_yes() == before
+
+
+class FailsToReschedule(MemoryAlertsStore):
+    """A store that fails the write scheduling deliveries again once (a crash right before it)."""
+
+    failed_once = False
+
+    async def reschedule_cancelled(self, delivery_ids: Sequence[str]) -> int:
+        if not self.failed_once:
+            self.failed_once = True
+            raise StoreDown("store unreachable")
+        return await super().reschedule_cancelled(delivery_ids)
+
+
+async def test_a_crash_before_the_fallback_is_scheduled_again_is_finished_by_the_next_look() -> None:
+    alert, store, sink = deterioration("acme", "c1", "client-36"), FailsToReschedule(), Sink()
+    stopped, last = await stopped_by_the_reroute(alert, store)
+    statuses = teller(store, sink)
+    with pytest.raises(StoreDown):
+        await statuses.tell([last])
+    assert store.routings[alert.alert_id][1].to == "fallback"  # recorded first
+    assert store.deliveries[last["_id"]][STATUS_OUTBOX] is True  # still owed: the sweep looks again
+
+    await statuses.tell(await store.owed_statuses([last["_id"]]))
+
+    assert [store.deliveries[d["_id"]]["status"] for d in stopped] == ["pending", "pending"]
+    assert STATUS_OUTBOX not in store.deliveries[last["_id"]]
 
 
 async def test_a_fallbacks_delivery_that_got_through_after_the_rerouted_clinicians_failed_makes_it_the_fallbacks(
