@@ -87,12 +87,20 @@ async def test_a_rerouted_alert_the_clinician_never_got_goes_back_to_the_fallbac
     assert len(alerts_at(env, fallback, ev.alert_id)) == 1  # the fallback is not sent it again
 
 
-async def fallback_waiting_for_a_retry(env: Env, t: Tenant, ev: AllianceDeterioration) -> None:
-    """Wait until both of the fallback `duty`'s deliveries of `ev` failed once and wait for a retry."""
+async def stranded_with_the_fallback_retrying(env: Env, name: str,
+                                             client: str) -> tuple[Tenant, str, AllianceDeterioration]:
+    """A new tenant whose fallback `duty` fails every attempt, and an alert for c1 (not registered yet)
+    once both of the fallback's deliveries of it failed once and wait for a retry: (tenant, the
+    fallback's webhook path, the alert)."""
+    t = await new_tenant(env, name)
+    hook = await put_fallback(env, t, "duty", unreachable=True)
+    ev = await stranded(env, t, "c1", client)
+
     async def waiting() -> list[dict[str, Any]]:
         return [d for d in await deliveries(env, t, alert_id=ev.alert_id, status="pending")
                 if d["recipient"] == "fallback:duty" and d["attempts"] == 1]
     await eventually(waiting, until=lambda rows: len(rows) == 2)
+    return t, hook, ev
 
 
 async def fallback_rows(env: Env, t: Tenant, ev: AllianceDeterioration) -> list[dict[str, Any]]:
@@ -101,10 +109,7 @@ async def fallback_rows(env: Env, t: Tenant, ev: AllianceDeterioration) -> list[
 
 async def test_the_fallback_whose_retry_the_reroute_cancelled_gets_the_alert_once_the_clinicians_deliveries_fail(
         env: Env) -> None:
-    t = await new_tenant(env, "fallbackagain")
-    hook = await put_fallback(env, t, "duty", unreachable=True)
-    ev = await stranded(env, t, "c1", "client-3")
-    await fallback_waiting_for_a_retry(env, t, ev)
+    t, hook, ev = await stranded_with_the_fallback_retrying(env, "fallbackagain", "client-3")
     before = await _metrics(env)
 
     async with TopicRecorder(env.ns.stack.bootstrap, env.topics.alert_status) as statuses:
@@ -131,10 +136,7 @@ async def test_the_fallback_whose_retry_the_reroute_cancelled_gets_the_alert_onc
 
 async def test_a_rerouted_alert_whose_rescheduled_fallback_deliveries_fail_too_is_told_failed_undelivered_once(
         env: Env) -> None:
-    t = await new_tenant(env, "nobodygot")
-    hook = await put_fallback(env, t, "duty", unreachable=True)
-    ev = await stranded(env, t, "c1", "client-2")
-    await fallback_waiting_for_a_retry(env, t, ev)
+    t, hook, ev = await stranded_with_the_fallback_retrying(env, "nobodygot", "client-2")
     before = await _metrics(env)
 
     async with TopicRecorder(env.ns.stack.bootstrap, env.topics.alert_status) as statuses:
@@ -150,7 +152,7 @@ async def test_a_rerouted_alert_whose_rescheduled_fallback_deliveries_fail_too_i
     assert (nobody.routing_reason, nobody.revision) == ("undelivered", 1)
     fallbacks = await fallback_rows(env, t, ev)
     assert sorted(d["status"] for d in fallbacks) == ["failed", "failed"]  # re-scheduled, then used up again
-    assert len([r for r in env.receiver.at(hook) if json.loads(r.body)["alert_id"] == ev.alert_id]) == 1 + ATTEMPTS
+    assert len(alerts_at(env, hook, ev.alert_id)) == 1 + ATTEMPTS
     after = await _metrics(env)
     assert unrouted(after, "undelivered", "no") - unrouted(before, "undelivered", "no") == 1
     assert unrouted(after, "undelivered", "yes") - unrouted(before, "undelivered", "yes") == 1
