@@ -18,7 +18,7 @@ Defaults (each overridable per tenant, and cutoff/operator/drop per instrument):
 - session_gap: a session more than 20 numbers above the highest of its episode is refused as a
   probable typo (it would otherwise be the "latest" session for ever and silence the client);
 - series_full: a new session beyond 500 in one episode, or a new submission once a client holds
-  5,000 (accepted and refused together), is refused. Weekly sessions for ten years are ~520; the
+  5,000 (accepted, refused and moved away together), is refused. Weekly sessions for ten years are ~520; the
   caps exist so that no client's record can grow without bound (one document per client: MongoDB
   refuses documents over 16 MiB, and every step re-reads the record).
 

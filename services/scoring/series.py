@@ -1106,9 +1106,11 @@ class ClientState:
             if v.order() < known.first().order() and self._site_ok(v):
                 return self._named_earlier(known, v, rules, now)
             return Step()  # an older version arriving late, or an identical resend: nothing changes
-        if known is None and key not in self.rejected and self._holds() >= rules.max_client_submissions:
-            # Not remembered (that would grow the record the cap bounds): a redelivery is judged
-            # again, and as the record never shrinks, it is refused again unless the cap was raised.
+        if known is None and key not in self.rejected and key not in self.moved and \
+                self._holds() >= rules.max_client_submissions:
+            # A submission coming back is not new: its tombstone already counts. Not remembered
+            # (that would grow the record the cap bounds): a redelivery is judged again, and as
+            # the record never shrinks, it is refused again unless the cap was raised.
             return Step(rejection=Rejection(v.accepted_at, v.digest, "series_full", (
                 f"the client's record already holds {self._holds()} submissions, the most one client may hold "
                 f"(max_client_submissions {rules.max_client_submissions})")))
@@ -1383,8 +1385,11 @@ class ClientState:
         return _EXISTING  # unreachable: `v` is in one of its instrument's episodes
 
     def _holds(self) -> int:
-        """How many submissions the record keeps (accepted and refused): what the client cap bounds."""
-        return len(self.versions) + len(self.rejected)  # an id in both counts twice: errs on the safe side
+        """How many submissions the record keeps (accepted, refused and moved to another client):
+        what the client cap bounds. A tombstone stays in the record, so an integration that keeps
+        moving new ids away from one client would otherwise grow its document without end."""
+        # an id in two of them counts twice: errs on the safe side
+        return len(self.versions) + len(self.rejected) + len(self.moved)
 
     # ---- outputs ----------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from services.scoring import series
 from services.scoring.handlers import RETRACTION_HEADERS, model_of
+from services.scoring.rules import TenantRules
 from services.scoring.series import (
     INDEX_FORMER_HOLDERS,
     Holding,
@@ -147,6 +148,28 @@ def test_a_retraction_publishes_the_session_once_more_marked_retracted_with_the_
     c.submit("m", 2, 32.0)
     (out,) = [o for o in scored(_retract(c, holding(T3, "d", "b"))) if o.session.version.submission_id == "m"]
     assert out.retracted and out.revision == 2 and not out.latest
+
+
+def test_a_submission_moved_to_another_client_still_counts_towards_the_clients_cap() -> None:
+    # Its tombstone stays in the record: without counting it, an integration moving new ids away
+    # from one client for ever would grow that client's document without end.
+    c = Client(rules=TenantRules(max_client_submissions=2))
+    c.feed(38.0)
+    c.submit("m", 2, 32.0)
+    _retract(c, holding(T3, "d", "b"))
+    step = c.submit("s3", 3, 38.0)
+    assert step.rejection is not None and step.rejection.reason == "series_full"
+    assert "m" in c.state.moved and "s3" not in c.state.versions
+
+
+def test_a_submission_that_comes_back_counts_once_towards_the_clients_cap() -> None:
+    c = Client(rules=TenantRules(max_client_submissions=2))
+    c.feed(38.0)
+    c.submit("m", 2, 32.0)
+    _retract(c, holding(T3, "d", "b"))
+    back = c.state.submit(replace(c.version("m", 2, 30.0), accepted_at=T3 + timedelta(hours=1)), c.rules, c.now())
+    assert back.rejection is None and "m" not in c.state.moved
+    assert c.submit("s3", 3, 38.0).rejection is not None
 
 
 def test_a_retraction_withdraws_the_alert_of_the_session_it_removes() -> None:
