@@ -896,6 +896,19 @@ class Published:
     vacant: bool = False
 
 
+def _still_named(p: Published | None, sid: str, view: View) -> str | None:
+    """The submission a slot's last event named in `supersedes`, while the slot still shows the same
+    submission and that one is still not current: a slot published again (a transfer, a correction
+    under the same id, a recomputed change from the previous session) names it again. Why: the
+    revision that named it first may be lost in a crash before the broker acknowledged it - the
+    redelivery re-emits only what the record shows now, the latest revision - and consumers drop a
+    submission only when a higher revision names it: without this they would keep it for ever
+    beside its replacement."""
+    if p is None or p.vacant or p.submission_id != sid or p.supersedes is None or p.supersedes in view.current:
+        return None
+    return p.supersedes
+
+
 @dataclass(frozen=True)
 class AlertRecord:
     """The last thing published about an alert, and enough to publish a status change."""
@@ -1433,7 +1446,7 @@ class ClientState:
                 sv = view.sessions[slot]
                 p = self.published.get(slot)
                 if p is None or p.vacant or p.submission_id != sv.version.key or p.digest != sv.digest:
-                    out.append(self._scored(slot, sv, None, now))
+                    out.append(self._scored(slot, sv, _still_named(p, sv.version.key, view), now))
             out.extend(self._alerts(view, now, scope.alerts, before))
             self._mark_published(view)
             return out
@@ -1446,7 +1459,7 @@ class ClientState:
             if p is not None and not p.vacant and p.submission_id == sid and p.digest == sv.digest:
                 continue
             sup = p.submission_id if (p is not None and not p.vacant and p.submission_id != sid
-                                      and p.submission_id not in view.current) else None
+                                      and p.submission_id not in view.current) else _still_named(p, sid, view)
             if sup is not None:
                 named.add(sup)
             out.append(self._scored(slot, sv, sup, now))

@@ -535,6 +535,30 @@ async def test_a_crash_after_the_first_copy_was_written_is_made_good_by_its_rede
 # --- crash and redelivery ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("republishes", ["a transfer", "a correction under the same id"])
+async def test_a_submission_replaced_under_a_new_id_stays_named_when_a_crash_lost_the_revision_naming_it(
+        republishes: str) -> None:
+    # Found by the crash property test below: session 1 was published, then one batch replaced it
+    # under a new id (revision 2, naming it in `supersedes`) and re-published that session again
+    # (revision 3). A crash before the acks lost revision 2; the redelivery re-emits what the
+    # record shows, revision 3. Had it not named session 1's submission too, consumers would keep
+    # that submission for ever, beside its replacement.
+    again = transfer("c", "south", at=3) if republishes == "a transfer" else submitted("c", 1, 20.2, sid="c-1-fix",
+                                                                                          at=3)
+    stream = [submitted("c", 1, 20.0, at=1), submitted("c", 1, 20.1, sid="c-1-fix", at=2), again]
+    clean, _, clean_sink = handler()
+    await clean(stream[:1])
+    await clean(stream[1:])
+    h, _, sink = handler()
+    await h(stream[:1])
+    sink.fail_next, sink.reached_topics = 1, set()  # written, nothing acknowledged: a kill -9 before the acks
+    with pytest.raises(ConnectionError):
+        await h(stream[1:])
+    await h(stream[1:])
+    assert latest_per_key(sink.published) == latest_per_key(clean_sink.published)
+    assert ("scored", "c-1") not in latest_per_key(sink.published)
+
+
 async def test_crash_after_state_write_before_the_acks_republishes_byte_equal_events() -> None:
     h, _, sink = handler()
     batch = [submitted("x", 1, 38.0, at=1), submitted("x", 2, 33.0, at=2)]

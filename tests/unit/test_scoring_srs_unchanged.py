@@ -26,6 +26,11 @@ And again when a withdrawn alert began to keep its raise (`rv`: its session left
 longer triggers, so a redelivery cannot score it again): 15 more events, each byte-equal to a raise
 published before it and followed by that alert's withdrawal, and the 13 withdrawn alert records keep
 their raise (`rv`); without `rv` the stored states are equal; nothing else changed.
+And again when a session published again while it shows the same submission began to name the
+submission it replaced under a new id once more (`supersedes`; a crash could lose the revision that
+named it first): one event of client-3 names in `supersedes` the submission an earlier revision of
+that session named, where it said null; nothing else changed (checked by script event by event and
+field by field of the stored states).
 """
 
 from __future__ import annotations
