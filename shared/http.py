@@ -626,6 +626,10 @@ class Runtime:
     # True while start-up is failing at the broker connection (not at an on_start step): until the
     # broker first connects, `kafka` is known to be down only then.
     _broker_refused: bool = False
+    # Set when the lifespan ends: the loops stop at their next turn even when a cancellation did not
+    # reach them (PyMongo's server selection can swallow it; see `lifespan`), so a stopped service's
+    # start-up never goes on retrying against a closed store client.
+    _stopping: bool = False
 
     async def _start(self) -> None:
         delay = 0.5
@@ -646,6 +650,8 @@ class Runtime:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if self._stopping:
+                    return
                 log.warning("%s: start-up failed, retrying in %.1fs: %r", self.name, delay, exc)
                 if self.broker is not None:
                     try:
@@ -654,6 +660,8 @@ class Runtime:
                         pass
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+        if self._stopping:
+            return  # stopped while a start-up step that swallowed the cancellation went on
         self.started = True
         log.info("%s: started", self.name)
         for job in self.background:
@@ -691,7 +699,7 @@ class Runtime:
         return checks
 
     async def _monitor(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.refresh()
             except asyncio.CancelledError:
@@ -707,6 +715,7 @@ class Runtime:
         try:
             yield
         finally:
+            self._stopping = True
             for t in self._tasks:
                 t.cancel()
             # Bounded: a task cancellation does not reach must not hold the exit for ever. PyMongo's

@@ -120,7 +120,10 @@ async def test_a_read_whose_store_stops_answering_is_a_503_with_retry_after_with
     ns = Namespace.fresh(dataclasses.replace(store, mongo_url=stall.client_url))
     probe = PROBES[service]
     key = await new_key(ns, probe.role)
-    async with client(build_app(service, ns)) as http:
+    # The read limit in slots of 1,000 s, not the suite's 1 s: a key's rate-limit units are held per
+    # slot, and a probe in a new slot would count them in the stalled store first (a 503 of the
+    # rate-limit store, Retry-After 2, not the read's own).
+    async with client(build_app(service, ns, read_rate_burst=1_000_000, read_rate_per_second=1_000)) as http:
         assert (await probe.send(http, key)).status_code == probe.answer  # the key is known from now on
         async with stall.stalled():
             async with asyncio.timeout(WITHIN_THE_BOUND_SECONDS):

@@ -220,3 +220,28 @@ async def test_a_consumer_whose_position_is_not_known_in_time_keeps_its_last_lag
     consumer.high[P0], consumer.positions = 60, {}  # reassigned: no position yet
     await measure(consumer)
     assert lag(0) == 40
+
+
+async def test_a_start_up_retry_loop_whose_cancellation_was_swallowed_ends_once_the_service_stopped(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # PyMongo's server selection can swallow the cancellation of the task awaiting it (see
+    # `Runtime.lifespan`): the start-up loop then went on retrying after the service had stopped
+    # and its store client was closed, for the rest of the process (seen in CI: its warnings every
+    # 10 s in other tests' logs).
+    entered = asyncio.Event()
+
+    async def swallowing_step() -> None:
+        entered.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass  # swallowed, as PyMongo's server selection did
+        raise ConnectionError("Cannot use AsyncMongoClient after close")
+
+    runtime = Runtime("monitor-swallow-test", on_start=[swallowing_step], monitor_interval_seconds=0.05)
+    async with runtime.lifespan(FastAPI()):
+        await entered.wait()
+    with caplog.at_level("WARNING"):
+        await asyncio.sleep(0.8)  # past the first retry's delay (0.5 s)
+    assert all(t.done() for t in runtime._tasks)
+    assert not [r for r in caplog.records if "start-up failed" in r.getMessage()]
