@@ -54,7 +54,8 @@ A transient failure (store or broker down, acknowledgements late) raises out of 
 the shared subscriber retries the batch with backoff and never commits past it.
 
 A transfer re-judges the refusals a client's record kept (`site_conflict` of an ORS-family form
-read before the transfer, accepted at or after it: docs/clinical-records.md, "Site ownership").
+read before the transfer, accepted at or after it, or between it and a later transfer read before
+it: docs/clinical-records.md, "Site ownership").
 In step 2 the index is also read for the submission ids of those refusals, and in step 3 the
 transfer takes the ones its site owned at their acceptance into the record, as submitted
 versions (judged against the index, so a newer version another client holds is not taken); the
@@ -72,6 +73,14 @@ timeline entry of the transfer names them. What a crash leaves behind:
 - the refused ORS record itself redelivered after the transfer took it (its batch's offsets
   were not committed): the record holds that very version, so it is a redelivery; its dead
   letter (sent when it was refused) is not sent again.
+
+Two transfers of one client may be read in the reverse of their acceptance order (intake stamps
+`accepted_at` before it publishes). The transfer read late is placed in the timeline at its
+acceptance (`series.placed`), so the one accepted last decides the owner whatever the order; when
+the owner does not change, it publishes nothing but the refusals it takes, and writes its id and
+timeline entry like any transfer, so what a crash leaves behind is as above: its redelivery is a
+redelivery (re-emits the record, re-registers what its own entry names), its other copy an empty
+step.
 
 Intake writes each transfer twice, the same record on `srs.submitted.v1` and on
 `ors.submitted.v1` (so each topic's partition holds it in order with the client's submissions of

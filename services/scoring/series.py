@@ -31,9 +31,11 @@ identical resend under a new id rejected as `duplicate`) are stored with the ver
 rejected, so a redelivery of that record gets the same answer even after later records changed
 the state. One refusal is not final: a `site_conflict` is decided by the site that owned the client
 when the version was accepted (`owner_at`, over the transfers applied so far), and an ORS-family
-form read before a transfer accepted earlier than it keeps its content (`keeps_content`, bounded)
-so that the transfer, when applied, re-judges it (`to_rejudge`) and takes it as if it had just
-arrived. A transfer comes twice, once per submitted topic: the copy read first applies it, the
+form refused so keeps its content (`keeps_content`, bounded) so that a transfer accepted earlier
+than it, read after it, re-judges it (`to_rejudge`) and takes it as if it had just arrived.
+Transfers are placed in the ownership timeline by acceptance, whatever order they are read in
+(`placed`): the client's owner is the destination of the transfer accepted last (ties: the greater
+event id). A transfer comes twice, once per submitted topic: the copy read first applies it, the
 other changes nothing (`ClientState.transfer`). A record seen before (same submission, same
 accepted time, same content) is a *redelivery*: the step changes nothing and returns
 `redelivered=True`, and the handler re-emits everything the record currently shows
@@ -264,14 +266,15 @@ class Rejection:
 # --- who owned the client when a version was accepted (docs/clinical-records.md) ------------
 
 # How many site_conflict refusals a client's record keeps the content of, to re-judge them when a
-# transfer is applied after them (docs/clinical-records.md, "Site ownership"): past it, the oldest
-# accepted loses its content and its refusal is final, as every refusal was before.
+# transfer accepted before them is applied after them (docs/clinical-records.md, "Site ownership"):
+# past it, the oldest accepted loses its content and its refusal is final, as every refusal was before.
 MAX_KEPT_REFUSALS = 16
 
 
 class Handover(NamedTuple):
     """A transfer as the ownership timeline keeps it: from `accepted_at` on (inclusive) the client
-    is `to_site`'s, before it `from_site`'s (None: no site yet, the first accepted session's).
+    is `to_site`'s, before it `from_site`'s (None: no site yet, the first accepted session's); the
+    two are one site for a transfer to the site that owned the client at its place (`placed`).
     `event_id`: the transfer's; `taken`: the record keys of the refusals it re-judged and took
     (re-registered in the index when the transfer is redelivered)."""
 
@@ -295,27 +298,36 @@ def owner_at(handovers: Sequence[Handover], owner: str | None, at: datetime) -> 
     return owner
 
 
+def placed(handovers: Sequence[Handover], owner: str | None, new: Handover) -> list[Handover]:
+    """The timeline with the transfer `new` (its `from_site` ignored) at its place: in acceptance
+    order, two accepted at the same instant by event id, so the order never depends on the order
+    they were read in. Every entry's `from_site` is then the site the one before it moved the
+    client to (the first's: the owner before every transfer kept, `owner` when none is); a
+    transfer to the site that owned the client at its place is kept too (from and to alike), so an
+    earlier transfer read after it cannot outlast it. The last MAX_TRANSFER_IDS are kept."""
+    ordered = sorted([*handovers, new], key=lambda h: (h.accepted_at, h.event_id))
+    site = handovers[0].from_site if handovers else owner
+    chained = []
+    for h in ordered:
+        chained.append(h._replace(from_site=site))
+        site = h.to_site
+    return chained[-MAX_TRANSFER_IDS:]
+
+
 def site_allowed(site_id: str, owner: str | None) -> bool:
     """Whether a version of `site_id` may change the record of a client `owner` owned when it was
     accepted (None: nobody yet, so the version's site will)."""
     return owner is None or owner == site_id
 
 
-def rejudgeable(handovers: Sequence[Handover], at: datetime) -> bool:
-    """Whether a refusal of a version accepted `at` may still be changed by a transfer not applied
-    yet: transfers are applied in acceptance order (in the partition of whichever copy is read
-    first: intake writes each on both submitted topics, in the same order), so a
-    later one changes the owner only from its own acceptance on, never before the newest applied."""
-    return not handovers or _utc(at) >= handovers[-1].accepted_at
-
-
-def keeps_content(v: Version, reason: RejectReason, handovers: Sequence[Handover]) -> bool:
+def keeps_content(v: Version, reason: RejectReason) -> bool:
     """Whether a refusal of `v` keeps its content to be re-judged: a `site_conflict` of an
     outcome-family version (on `ors.submitted.v1`, which a transfer written to `srs.submitted.v1`
     alone, as intake did before it wrote a copy on each topic, may be read before or after; an SRS
-    shares that copy's partition, so it is always judged in acceptance order) that a
-    later transfer may still change (`rejudgeable`)."""
-    return reason == "site_conflict" and v.outcome and rejudgeable(handovers, v.accepted_at)
+    shares that copy's partition, so it is judged in acceptance order but for the moment a transfer
+    is being published). Whatever its acceptance: a transfer accepted before the newest one applied
+    may still be read after it (`placed`) and change who owned the client then."""
+    return reason == "site_conflict" and v.outcome
 
 
 def to_rejudge(rejected: Mapping[str, Rejection], handovers: Sequence[Handover], owner: str | None) -> list[Version]:
@@ -326,15 +338,12 @@ def to_rejudge(rejected: Mapping[str, Rejection], handovers: Sequence[Handover],
     return sorted(found, key=Version.order)
 
 
-def contents_to_drop(rejected: Mapping[str, Rejection], handovers: Sequence[Handover],
-                     bound: int = MAX_KEPT_REFUSALS) -> list[str]:
-    """The keys of the kept refusals whose content is no longer kept: those no transfer can change
-    any more (`rejudgeable`), and, past `bound`, the oldest accepted of the rest."""
+def contents_to_drop(rejected: Mapping[str, Rejection], bound: int = MAX_KEPT_REFUSALS) -> list[str]:
+    """The keys of the kept refusals whose content is no longer kept: past `bound`, the oldest
+    accepted (their refusals are final)."""
     kept = sorted(((_utc(r.accepted_at), r.digest, k) for k, r in rejected.items() if r.version is not None),
                   reverse=True)
-    final = [k for at, _, k in kept if not rejudgeable(handovers, at)]
-    rest = [k for at, _, k in kept if rejudgeable(handovers, at)]
-    return sorted(final + rest[bound:])
+    return sorted(k for _, _, k in kept[bound:])
 
 
 # --- which client holds a submission id (docs/clinical-records.md) ---------------------------
@@ -1012,9 +1021,11 @@ class ClientState:
     # Submissions this client was not the first to hold (by record key): their events' ids name
     # the client (`ids.moved_scored_event_id`). Decided when the client first takes one.
     foreign: set[str] = field(default_factory=set)
-    # The ownership timeline: the transfers that changed the site, in acceptance order (the last
-    # MAX_TRANSFER_IDS), by which a version is judged against the site that owned the client when
-    # it was accepted (`owner_at`), whatever order the topics were read in.
+    # The ownership timeline: the transfers applied, in acceptance order (then event id) whatever
+    # order they were read in (`placed`; the last MAX_TRANSFER_IDS), by which a version is judged
+    # against the site that owned the client when it was accepted (`owner_at`); the owner is the
+    # last one's `to_site`. Before 2026-11-27 it held only the transfers that changed the site, in
+    # the order applied; such a record reads the same.
     handovers: list[Handover] = field(default_factory=list)
     # The transfers of `transfers` whose copy on `ors.submitted.v1` was read first (intake
     # publishes each transfer on both submitted topics; the rest were applied from
@@ -1144,7 +1155,7 @@ class ClientState:
         if refusal is not None:
             reason, detail = refusal
             rej = Rejection(v.accepted_at, v.digest, reason, detail,
-                            v if keeps_content(v, reason, self.handovers) else None)
+                            v if keeps_content(v, reason) else None)
             self.rejected[key] = rej
             self._drop_final_contents()
             return Step(rejection=rej, changed=True)
@@ -1248,11 +1259,15 @@ class ClientState:
                  accepted_at: datetime | None = None, index: Judge | None = None,
                  outcome_copy: bool = False) -> Step:
         """Apply an admin's transfer accepted at `accepted_at` (None: `now`), `event_id` (a
-        redelivery of which changes nothing): move the client to `site_id`; every current session
-        is re-published with it. The kept `site_conflict` refusals the new timeline allows (the
-        new site's, accepted at or after the transfer, read before it) are taken as if they had
-        just arrived (`submit`; `index` says, per version, what `submit`'s `elsewhere` and `first`
-        are), and their versions returned in `taken`.
+        redelivery of which changes nothing): place it in the ownership timeline by acceptance
+        (`placed`), so the client's owner is the destination of the transfer accepted last,
+        whatever order they are read in. When that changes the owner, `site_version` + 1 and every
+        current session is re-published with it; a transfer read after one accepted later (the
+        owner stays) re-publishes nothing. The kept `site_conflict` refusals the new timeline
+        allows (the new site's, accepted at or after the transfer, read before it; or accepted
+        before a later transfer read first, when this one gave the site they name) are taken as if
+        they had just arrived (`submit`; `index` says, per version, what `submit`'s `elsewhere`
+        and `first` are), and their versions returned in `taken`, named by this transfer's entry.
 
         Intake publishes each transfer on both submitted topics (`outcome_copy`: this is the copy
         read on `ors.submitted.v1`), so that each topic's partition holds it in order with the
@@ -1270,14 +1285,14 @@ class ClientState:
         self.transfers = [*self.transfers, event_id][-MAX_TRANSFER_IDS:]
         copies = [*self.outcome_copies, event_id] if outcome_copy else self.outcome_copies
         self.outcome_copies = [t for t in copies if t in self.transfers]  # bounded like `transfers`
-        if self.owner == site_id:
-            return Step(changed=True)
-        # Never before the one applied last: the timeline stays in order, as the partition is.
-        at = _utc(accepted_at or now)
-        at = max(at, self.handovers[-1].accepted_at) if self.handovers else at
-        self.handovers = [*self.handovers, Handover(at, self.owner, site_id, event_id)][-MAX_TRANSFER_IDS:]
-        self.owner = site_id
-        self.site_version += 1
+        # At its place by acceptance, wherever that is: one accepted before a transfer read earlier
+        # (intake stamps the time before it publishes) goes before it, and the last accepted decides.
+        self.handovers = placed(self.handovers, self.owner,
+                                Handover(_utc(accepted_at or now), None, site_id, event_id))
+        owner = self.handovers[-1].to_site
+        if owner != self.owner:  # a transfer read late that leaves the owner as it is re-publishes nothing
+            self.owner = owner
+            self.site_version += 1
         outputs: list[Output] = []
         taken: list[Version] = []
         for v in to_rejudge(self.rejected, self.handovers, self.owner):
@@ -1289,7 +1304,8 @@ class ClientState:
                 self.rejected[v.key] = replace(refused, version=None)
             taken.append(v)
         if taken:
-            self.handovers[-1] = self.handovers[-1]._replace(taken=tuple(v.key for v in taken))
+            self.handovers = [h._replace(taken=tuple(v.key for v in taken)) if h.event_id == event_id else h
+                              for h in self.handovers]
         self._drop_final_contents()
         outputs.extend(self._publish(self.view(rules), now))
         return Step(outputs=outputs, changed=True, taken=tuple(taken))
@@ -1301,7 +1317,7 @@ class ClientState:
     def _drop_final_contents(self) -> None:
         """Keep the content of refusals only while a transfer may re-judge them, and of at most
         MAX_KEPT_REFUSALS (`contents_to_drop`): the record stays bounded."""
-        for key in contents_to_drop(self.rejected, self.handovers):
+        for key in contents_to_drop(self.rejected):
             self.rejected[key] = replace(self.rejected[key], version=None)
 
     def _same_rejection(self, v: Version) -> Rejection | None:

@@ -633,3 +633,25 @@ async def test_the_old_sites_ors_accepted_after_a_transfer_is_refused_though_the
     assert [(s.submission_id, s.site_id, s.site_version, s.revision) for s in scoring.scored_of(t)] == [
         ("c-s1", "north", 0, 1), ("c-s1", "south", 1, 2), ("c-s2", "south", 1, 1)]
     assert len(scoring.letters_of(t)) == 1
+
+
+async def test_two_transfers_read_in_reverse_acceptance_order_leave_the_client_at_the_one_accepted_last(
+        scoring: Scoring) -> None:
+    # Intake stamps `accepted_at` before it publishes: the transfer to south accepted at 3 s reaches
+    # the client's partitions after the one to west accepted at 5 s. West, accepted last, owns it;
+    # south's SRS accepted between the two is judged against south, and taken.
+    t = "t-transfer-reversed"
+    topics = scoring.ns.kafka().topics()
+    await publish(scoring.producer, scoring.submitted, [submission(t, "c", 1, 38.0, accepted_at=at(1))])
+    await at_least(lambda: scoring.scored_of(t), 1)
+    south, west = (client_transfer(t, "c", "south", accepted_at=at(3)),
+                   client_transfer(t, "c", "west", accepted_at=at(5)))
+    for topic in (scoring.submitted, topics.ors_submitted):  # both copies of each, as intake writes them
+        await publish(scoring.producer, topic, [west, south])
+    await publish(scoring.producer, scoring.submitted, [submission(t, "c", 2, 37.0, site="south", accepted_at=at(4))])
+    await at_least(lambda: [s for s in scoring.scored_of(t) if s.session_number == 2], 1)
+    scored = scoring.scored_of(t)
+    assert [(s.submission_id, s.site_id, s.site_version, s.revision) for s in scored] == [
+        ("c-s1", "north", 0, 1), ("c-s1", "west", 1, 2), ("c-s2", "west", 1, 1)]
+    assert max(scored, key=lambda s: s.site_version).site_id == "west"  # the site reporting derives
+    assert scoring.letters_of(t) == []

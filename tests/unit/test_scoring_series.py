@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.reporting import rules as reporting
 from services.scoring import handlers, series
 from services.scoring import rules as R
 from services.scoring.rules import TenantRules
@@ -1090,17 +1091,6 @@ def test_a_version_may_change_the_record_only_when_its_site_owned_the_client(
     assert series.site_allowed(site, owner) is allowed
 
 
-@pytest.mark.parametrize(("handovers", "at", "open_"), [
-    ([], T1, True),  # no transfer yet: any later one may change it
-    (TWO_TRANSFERS, T2 - SECOND, False),  # before the newest transfer: final
-    (TWO_TRANSFERS, T2, True),  # at it: a transfer accepted at the same instant would apply to it
-    (TWO_TRANSFERS, T2 + SECOND, True),
-])
-def test_a_refusal_may_be_re_judged_only_from_the_newest_transfers_acceptance_on(
-        handovers: list[series.Handover], at: datetime, open_: bool) -> None:
-    assert series.rejudgeable(handovers, at) is open_
-
-
 def ors_version(sid: str, n: int, at: datetime, site: str, total: float = 25.0) -> Version:
     return Version(sid, "ORS", None, n, SEPT + timedelta(days=7 * (n - 1)), site, f"c-{site}", None, total, at)
 
@@ -1112,14 +1102,14 @@ def refusal(v: Version, kept: bool = True) -> series.Rejection:
 @pytest.mark.parametrize(("instrument", "reason", "at", "kept"), [
     ("ORS", "site_conflict", T2, True),
     ("YCORS", "site_conflict", T2 + SECOND, True),
+    ("ORS", "site_conflict", T2 - SECOND, True),  # before the newest transfer: one before it may be read late
     ("SRS", "site_conflict", T2, False),  # shares the transfer's partition: judged in order already
     ("ORS", "session_gap", T2, False),  # no transfer changes that
-    ("ORS", "site_conflict", T2 - SECOND, False),  # before the newest transfer: final
 ])
-def test_only_an_outcome_forms_site_conflict_a_later_transfer_may_change_keeps_its_content(
+def test_only_an_outcome_forms_site_conflict_keeps_its_content(
         instrument: str, reason: series.RejectReason, at: datetime, kept: bool) -> None:
     v = replace(ors_version("o1", 1, at, "south"), instrument=instrument)
-    assert series.keeps_content(v, reason, TWO_TRANSFERS) is kept
+    assert series.keeps_content(v, reason) is kept
 
 
 def test_a_transfer_re_judges_the_kept_refusals_its_site_owned_at_their_acceptance_oldest_first() -> None:
@@ -1132,15 +1122,13 @@ def test_a_transfer_re_judges_the_kept_refusals_its_site_owned_at_their_acceptan
     assert series.to_rejudge(rejected, hs, "south") == [at_it, later]
 
 
-def test_contents_no_transfer_can_change_are_dropped_and_past_the_bound_the_oldest() -> None:
-    hs = [handover(T1, "north", "south")]
-    final = ors_version("f", 1, T1 - SECOND, "south")
-    open_ = [ors_version(f"o{i}", i + 2, T1 + i * SECOND, "west") for i in range(4)]
-    rejected = {v.key: refusal(v) for v in (final, *open_)}
-    assert series.contents_to_drop(rejected, hs, bound=4) == [final.key]
-    assert series.contents_to_drop(rejected, hs, bound=2) == sorted([final.key, open_[0].key, open_[1].key])
-    rejected[final.key] = refusal(final, kept=False)
-    assert series.contents_to_drop(rejected, hs, bound=4) == []
+def test_past_the_bound_the_oldest_kept_contents_are_dropped() -> None:
+    kept = [ors_version(f"o{i}", i + 2, T1 + i * SECOND, "west") for i in range(4)]
+    rejected = {v.key: refusal(v) for v in kept}
+    assert series.contents_to_drop(rejected, bound=4) == []
+    assert series.contents_to_drop(rejected, bound=2) == sorted([kept[0].key, kept[1].key])
+    rejected[kept[0].key] = refusal(kept[0], kept=False)
+    assert series.contents_to_drop(rejected, bound=2) == [kept[1].key]
 
 
 def race(c: Client, v: Version, read_first: bool, at: datetime = T1, site: str = "south") -> list[series.Output]:
@@ -1244,7 +1232,6 @@ def test_through_two_transfers_each_ors_is_judged_against_the_site_of_its_accept
     second = c.state.transfer("tx-2", "north", c.rules, c.now(), T2)
     assert first.taken == (between,) and second.taken == ()
     assert between.key in c.state.versions and before_both.key in c.state.rejected
-    assert c.state.rejected[before_both.key].version is None  # final now: its content is not kept
 
 
 def test_past_the_bound_the_oldest_refusal_loses_its_content_and_stays_refused() -> None:
@@ -1317,6 +1304,129 @@ def test_kept_refusals_and_the_ownership_timeline_are_stored_and_read_back() -> 
     loaded = state_from(key, state_doc(key, c.state, c.state.version))
     assert loaded.handovers == c.state.handovers and loaded.rejected == c.state.rejected
     assert loaded.rejected[record_key("o2", "ORS")].version is not None
+
+
+# --- two transfers read in reverse acceptance order (docs/clinical-records.md) -----------------
+
+# Two admin transfers of one client, north to south accepted at T1 (A) and on to west at T2 (B):
+# intake stamps `accepted_at` before it publishes, so B's copies may precede A's in the partitions.
+A, B = ("tx-a", "south", T1), ("tx-b", "west", T2)
+Copy = tuple[str, str, datetime, bool]  # a transfer's event id, site, acceptance, read on ors.submitted.v1
+
+
+def transferred(c: Client, *copies: Copy) -> list[series.Step]:
+    return [c.state.transfer(eid, site, c.rules, c.now(), at, outcome_copy=ors_copy)
+            for eid, site, at, ors_copy in copies]
+
+
+def timeline(c: Client) -> list[tuple[datetime, str | None, str, str]]:
+    """The ownership timeline, without which transfer re-judged what (that depends on the order)."""
+    return [(h.accepted_at, h.from_site, h.to_site, h.event_id) for h in c.state.handovers]
+
+
+IN_ORDER, REVERSED = [(*A, False), (*B, False)], [(*B, False), (*A, False)]
+BOTH_ORDERS = pytest.mark.parametrize("order", [IN_ORDER, REVERSED], ids=["in acceptance order", "reversed"])
+
+
+@BOTH_ORDERS
+def test_the_transfer_accepted_last_decides_the_owner_whichever_is_read_first(order: list[Copy]) -> None:
+    c = Client()
+    c.submit("s1", 1, 38.0)
+    transferred(c, *order)
+    assert c.state.owner == "west"
+
+
+@BOTH_ORDERS
+def test_the_ownership_timeline_holds_the_transfers_in_acceptance_order_whichever_is_read_first(
+        order: list[Copy]) -> None:
+    c = Client()
+    c.submit("s1", 1, 38.0)
+    transferred(c, *order)
+    assert timeline(c) == [(T1, "north", "south", "tx-a"), (T2, "south", "west", "tx-b")]
+
+
+@BOTH_ORDERS
+@pytest.mark.parametrize(("site", "taken"), [("south", True), ("north", False), ("west", False)])
+def test_a_version_accepted_between_two_transfers_read_after_both_is_judged_against_the_first_ones_site(
+        order: list[Copy], site: str, taken: bool) -> None:
+    c = Client()
+    c.submit("s1", 1, 38.0)
+    transferred(c, *order)
+    step = c.apply(ors_version("o1", 1, T1 + SECOND, site))
+    assert (step.rejection is None) is taken
+
+
+def test_an_earlier_transfer_read_late_takes_the_new_sites_kept_refusal_it_now_allows() -> None:
+    c = Client()
+    c.submit("s1", 1, 38.0)
+    v = ors_version("o1", 1, T1 + SECOND, "south")
+    transferred(c, (*B, False))
+    assert c.apply(v).rejection is not None  # north owned it then, as far as scoring knew
+    (late,) = transferred(c, (*A, False))
+    o = one_scored(late, "o1")
+    assert late.taken == (v,) and (o.session.site_id, o.session.site_version) == ("west", 1)
+    assert [h.taken for h in c.state.handovers] == [(v.key,), ()]
+
+
+def test_an_earlier_transfer_read_late_republishes_nothing_and_keeps_the_site_version() -> None:
+    c = Client()
+    c.submit("s1", 1, 38.0)
+    transferred(c, (*B, False))
+    (late,) = transferred(c, (*A, False))
+    assert late.outputs == [] and late.changed and c.state.site_version == 1
+
+
+def test_a_transfer_to_the_site_that_owns_the_client_still_holds_its_place_in_the_timeline() -> None:
+    # Read in order it changes nothing; an earlier transfer read after it must not outlast it.
+    c = Client()
+    c.submit("s1", 1, 38.0)
+    transferred(c, ("tx-c", "north", T2, False), (*A, False))
+    assert c.state.owner == "north"
+    assert timeline(c) == [(T1, "north", "south", "tx-a"), (T2, "south", "north", "tx-c")]
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["in event id order", "reversed"])
+def test_two_transfers_accepted_at_the_same_instant_are_ordered_by_event_id(reverse: bool) -> None:
+    c = Client()
+    c.submit("s1", 1, 38.0)
+    copies: list[Copy] = [("tx-1", "south", T1, False), ("tx-2", "west", T1, False)]
+    transferred(c, *(reversed(copies) if reverse else copies))
+    assert c.state.owner == "west" and [h.event_id for h in c.state.handovers] == ["tx-1", "tx-2"]
+
+
+def reporting_owner(c: Client, outputs: list[series.Output]) -> str | None:
+    """The client's site as reporting derives it from every scored SRS event it was sent."""
+    events = [handlers.scored_event(TENANT, CLIENT, o) for o in scored(outputs) if not o.session.version.outcome]
+    doc = reporting.merge(None, events).doc
+    assert doc is not None
+    return str(doc["site_id"])
+
+
+BETWEEN = {"south": ors_version("o1", 1, T1 + SECOND, "south"), "west": ors_version("o1", 1, T1 + SECOND, "west")}
+FOUR_COPIES: list[Copy] = [(*A, False), (*A, True), (*B, False), (*B, True)]
+
+
+@pytest.mark.parametrize("site", sorted(BETWEEN))
+def test_every_read_order_of_two_transfers_four_copies_and_an_ors_between_them_ends_alike(site: str) -> None:
+    """Whatever order the copies of A and B and an ORS accepted between them (south's: taken; west's:
+    refused) are read in, the owner, the timeline, what is shown and refused are the same, and
+    reporting ends with the owner scoring has."""
+    ends = set()
+    for order in itertools.permutations([*FOUR_COPIES, None]):
+        c = Client()
+        outputs = c.submit("s1", 1, 38.0).outputs
+        for copy in order:
+            step = c.apply(BETWEEN[site]) if copy is None else transferred(c, copy)[0]
+            outputs += step.outputs
+        shown = sorted((o.session.version.submission_id, o.session.site_id)
+                       for o in scored(c.state.current_outputs(c.rules)))
+        ends.add((c.state.owner, tuple(timeline(c)), tuple(shown), tuple(sorted(c.state.rejected)),
+                  reporting_owner(c, outputs)))
+    (end,) = ends
+    owner, _, shown, rejected, seen_by_reporting = end
+    assert owner == seen_by_reporting == "west"
+    taken = site == "south"
+    assert (("o1", "west") in shown, rejected) == (taken, () if taken else (record_key("o1", "ORS"),))
 
 
 # --- young children's forms -------------------------------------------------------------------

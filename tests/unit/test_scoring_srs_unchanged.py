@@ -31,6 +31,12 @@ submission it replaced under a new id once more (`supersedes`; a crash could los
 named it first): one event of client-3 names in `supersedes` the submission an earlier revision of
 that session named, where it said null; nothing else changed (checked by script event by event and
 field by field of the stored states).
+And again when the ownership timeline began to hold every transfer at its place by acceptance, a
+transfer to the site that already owned the client included (two transfers read in reverse
+acceptance order: the one accepted last decides, docs/clinical-records.md, "Site ownership"): the
+events were byte-identical, and the stored states differ only by 6 more `ho` entries, each a
+transfer to the owning site (`f` = `t`: tx-0-0, tx-0-1, tx-1-1, tx-2-2, tx-3-0, tx-3-2), of
+client-0 to client-3; nothing else changed (checked by script event by event and field by field).
 """
 
 from __future__ import annotations
