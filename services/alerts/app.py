@@ -81,7 +81,7 @@ def build(config: AlertsConfig, resolve: Resolver = system_resolve) -> AlertsSer
     base = Adapters(config)
     _declare_outputs(base)
     broker, mongo, db, topics, publisher = base.broker, base.mongo, base.db, base.topics, base.publisher
-    store = AlertsStore(db)
+    store = AlertsStore(db, config.alerts.subscription_cache_seconds)
     box = config.alerts.secret_box()
     secrets = SigningSecrets(store, box)
     webhook = WebhookSender(secrets, config.alerts.allow_private_targets, config.alerts.attempt_timeout_seconds,

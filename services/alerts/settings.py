@@ -45,6 +45,10 @@ class AlertsSettings(BaseSettings):
     # this often (services/alerts/statuses.py). Rerouting looks again, this often, at directory entries
     # put this long ago whose stranded alerts are still owed a look (services/alerts/reroute.py).
     status_sweep_seconds: PositiveFloat = 30.0
+    # How long each tenant's partner subscriptions to a topic are kept between store reads (every
+    # consumed batch needs them). A change through this process is seen at once; another alerts
+    # process's within this time (docs/partners.md). 0 reads the store for every batch.
+    subscription_cache_seconds: NonNegativeFloat = 5.0
 
     escalation_seconds: PositiveFloat = 24 * 3600.0
     escalation_check_seconds: PositiveFloat = 30.0
