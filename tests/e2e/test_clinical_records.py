@@ -19,10 +19,12 @@ from pymongo import AsyncMongoClient
 
 from services.scoring.rules import TenantRules
 from services.scoring.store import RulesStore
-from shared import auth
+from shared import auth, ids
+from shared.events import OrsItems, OrsSubmitted
 from shared.mongo import Document
 from tests.support.services import Namespace, ServiceProcess
 from tests.support.wait import eventually
+from tools.loadgen import client_transfer, publish, start_producer
 from tools.receiver import WebhookReceiver
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -582,6 +584,45 @@ def _ors(total: float) -> dict[str, float]:
     quarter = round(total / 4, 1)
     return {"individually": quarter, "interpersonally": quarter, "socially": quarter,
             "overall": round(total - 3 * quarter, 1)}
+
+
+async def test_the_new_sites_ors_a_transfer_re_judges_into_a_session_gap_is_answered_session_gap(
+        http: httpx.AsyncClient, services: dict[str, ServiceProcess], keys: dict[str, str],
+        namespace_m: Namespace) -> None:
+    # South's ORS, accepted after the transfer but read before it (the transfer written to
+    # srs.submitted.v1 alone, as intake did before it wrote both copies), is refused site_conflict;
+    # the transfer re-judges it, and its number is 30 above its episode's highest: a session gap.
+    # Its submitter must be told that (on main it kept saying site_conflict for ever).
+    c, sid = "case5f", "case5f-o31"
+    await _post(http, services, keys["submit@north"], {**_session(c, 1, SEPT - timedelta(minutes=50), sid="case5f-o1",
+                                                                  items=_ors(20.0)), "instrument": "ORS"})
+    await _status(http, services, keys["read@north"], "case5f-o1", "scored")
+    topics, moved_at = namespace_m.kafka().topics(), datetime.now(UTC)
+    gap = OrsSubmitted(event_id=ids.submitted_event_id(TENANT, sid), tenant_id=TENANT, submission_id=sid,
+                       occurred_at=moved_at + timedelta(seconds=1), site_id="south", clinician_id="c-south",
+                       client_id=c, session_number=31, administered_at=SEPT + timedelta(days=7 * 30, minutes=-50),
+                       items=OrsItems.model_validate(_ors(20.0)), accepted_at=moved_at + timedelta(seconds=1))
+    producer = await start_producer(namespace_m.stack.bootstrap)
+    try:
+        await publish(producer, topics.ors_submitted, [gap])
+        refused = await _status(http, services, keys["read@south"], sid, "rejected")
+        assert refused["reason"] == "site_conflict"
+        await publish(producer, topics.submitted, [client_transfer(TENANT, c, "south", "r-case5f", moved_at)])
+    finally:
+        await producer.stop()
+
+    async def reason() -> str | None:
+        r = await http.get(f"{services['reporting'].url}/v1/submissions/{sid}", headers=_auth(keys["read@south"]))
+        return r.json()["reason"] if r.status_code == 200 else None
+
+    await eventually(reason, timeout=30, until=lambda got: got == "session_gap")
+    told = await _status(http, services, keys["read"], sid)
+    assert (told["status"], told["reason"], told["scale"], told["session_number"]) == (
+        "rejected", "session_gap", "outcome", 31)
+    assert "31" in told["detail"]
+    r = await http.get(f"{services['reporting'].url}/v1/submissions", headers=_auth(keys["read@south"]),
+                       params={"status": "rejected", "since": (moved_at - timedelta(minutes=1)).isoformat()})
+    assert [s["reason"] for s in r.json()["submissions"] if s["submission_id"] == sid] == ["session_gap"]
 
 
 async def test_the_old_sites_re_export_after_a_transfer_is_refused_to_it_and_hides_nothing_from_the_new_site(
