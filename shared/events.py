@@ -526,3 +526,9 @@ class DeadLetter(BaseModel):
         default_factory=dict,
         description="the original record's headers (correlation id, record type), so that a replay to "
                     "`source_topic` is read like the original; empty in dead letters written before they were kept")
+    judgement: int = Field(
+        default=0,
+        description="which judgement of the submitted version this refusal is: 0 when scoring read it (every "
+                    "dead letter but one kind), 1 when a client transfer re-judged a `site_conflict` refusal of it "
+                    "and refused it for another reason; of two dead letters of one submission and `accepted_at`, the "
+                    "higher judgement is the last word (docs/clinical-records.md, \"Site ownership\")")

@@ -44,6 +44,14 @@ def submission_retraction_event_id(tenant_id: str, client_id: str, scale: str, s
                   accepted_at.astimezone(UTC).isoformat(), digest, moved_to)
 
 
+def rejudged_dead_letter_event_id(tenant_id: str, client_id: str, scale: str, submission_id: str,
+                                  accepted_at: datetime, digest: str, judgement: int) -> str:
+    """Event id of the dead letter of a refusal a transfer re-judged: one per (client, submitted
+    version, judgement), whichever copy of the transfer applied it and however often it is redelivered."""
+    return derive("rejudged-dead-letter", tenant_id, client_id, scale, submission_id,
+                  accepted_at.astimezone(UTC).isoformat(), digest, str(judgement))
+
+
 def submission_index_id(tenant_id: str, scale: str, submission_id: str) -> str:
     """Scoring's key of a submission in its tenant-wide index (which clients hold versions of it)."""
     return store_key(tenant_id, scale, submission_id)

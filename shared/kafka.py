@@ -266,8 +266,9 @@ class Publisher:
 
 
 def dead_letter_record(service: str, rec: InboundRecord, reason: str, detail: str, dlq_topic: str,
-                       tenant_id: str | None = None) -> OutboundRecord:
-    """A dead-letter record for `rec`, keeping its source coordinates and its original bytes."""
+                       tenant_id: str | None = None, judgement: int = 0) -> OutboundRecord:
+    """A dead-letter record for `rec`, keeping its source coordinates and its original bytes
+    (`judgement`: `DeadLetter.judgement`, scoring's, of a refusal a transfer re-judged)."""
     try:
         payload, encoding = rec.value.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
@@ -287,6 +288,7 @@ def dead_letter_record(service: str, rec: InboundRecord, reason: str, detail: st
         payload=payload,
         payload_encoding=encoding,
         headers=rec.headers,
+        judgement=judgement,
     )
     DEADLETTER.labels(service, reason).inc()
     CONSUMER_RECORDS.labels(service, rec.topic, "deadlettered").inc()

@@ -1057,8 +1057,13 @@ def caseload_outcome_entry(doc: Mapping[str, Any], alerts: Sequence[Mapping[str,
 #   submission moved to answers for it);
 # - `superseded`: the highest-revision event that named this submission in `supersedes` (key:
 #   revision, then the superseding submission id);
-# - `rejected`: the dead-lettered version accepted last (key: its `accepted_at`, then a digest
-#   of the payload).
+# - `rejected`: the dead-lettered version accepted last, at its last judgement (key: its
+#   `accepted_at`, then its `judgement`, then a digest of the payload). A version refused
+#   `site_conflict` when read and refused again for another reason when a transfer re-judged it
+#   has two dead letters with one `accepted_at`: the re-judging's (`judgement` 1) is the last word
+#   whichever is read first. A first judgement's key is what it always was (`accepted|digest`);
+#   a later one's is `accepted|~<judgement>|digest`, and `~` sorts after every hex digit, so it
+#   outranks every first judgement of its acceptance time, those stored before this rule included.
 #
 # The status is decided when read, from the three parts: `rejected` when the rejected version
 # was accepted after the scored one (or nothing was scored); else `superseded` when the
@@ -1117,7 +1122,8 @@ def superseded_part(event: Scored) -> Doc:
 def rejected_part(dead: DeadLetter, submitted: Submitted) -> Doc:
     """What the `rejected` part keeps of a dead-lettered submission (`sort` orders the rejections page)."""
     accepted = _utc_text(submitted.accepted_at)
-    return {"key": f"{accepted}|{hashlib.sha256(dead.payload.encode()).hexdigest()[:20]}",
+    judged = f"~{dead.judgement:04d}|" if dead.judgement else ""
+    return {"key": f"{accepted}|{judged}{hashlib.sha256(dead.payload.encode()).hexdigest()[:20]}",
             # The outcome one of an id shared by both scales sorts apart (a cursor names one).
             "sort": f"{_utc_text(dead.occurred_at)}|{submitted.submission_id}"
                     + ("|outcome" if is_outcome(str(submitted.instrument)) else ""),

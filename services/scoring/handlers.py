@@ -77,10 +77,28 @@ timeline entry of the transfer names them. What a crash leaves behind:
 Two transfers of one client may be read in the reverse of their acceptance order (intake stamps
 `accepted_at` before it publishes). The transfer read late is placed in the timeline at its
 acceptance (`series.placed`), so the one accepted last decides the owner whatever the order; when
-the owner does not change, it publishes nothing but the refusals it takes, and writes its id and
+the owner does not change, it publishes nothing but the refusals it takes (and the dead letters
+of those it refuses again, below), and writes its id and
 timeline entry like any transfer, so what a crash leaves behind is as above: its redelivery is a
 redelivery (re-emits the record, re-registers what its own entry names), its other copy an empty
 step.
+
+A kept refusal the transfer re-judges and refuses for another reason (a session gap, a duplicate,
+a full record: `Step.refused`) is the record's refusal from then on, with `judgement` 1, and gets
+a dead letter saying so (`rejudged_letter`, published in step 5 with the transfer's events; its
+payload is the version's submitted event, rebuilt). The transfer's timeline entry keeps each such
+refusal with its version and the time it was decided (`series.Handover.refused`), in the same
+write. What a crash leaves behind:
+
+- during 1-3: nothing; the transfer re-judges it afresh.
+- during 4-5 (written, the dead letter not acknowledged): the redelivery of the copy that applied
+  the transfer names the same refusals and publishes their dead letters again, byte-equal (the id
+  derives from the client, the version and the judgement; the time is the re-judging's), so none
+  is lost and none is sent with another outcome; the other copy publishes nothing, as for every
+  transfer (the applying copy's redelivery makes it good).
+- the refused ORS record itself redelivered after that: refused as the record says now (the new
+  reason, `judgement` 1), under its own record's dead-letter id; reporting keeps, per submission
+  and acceptance time, the highest judgement, so either letter read last changes nothing.
 
 Intake writes each transfer twice, the same record on `srs.submitted.v1` and on
 `ors.submitted.v1` (so each topic's partition holds it in order with the client's submissions of
@@ -168,6 +186,7 @@ from services.scoring.series import (
     Holding,
     OutcomeView,
     Output,
+    Refusal,
     ScoredOut,
     SessionView,
     StatusOut,
@@ -191,6 +210,7 @@ from shared.events import (
     AlertStatusChanged,
     AllianceDeterioration,
     ClientTransfer,
+    DeadLetter,
     Instrument,
     OrsScored,
     OrsSubmitted,
@@ -203,6 +223,7 @@ from shared.events import (
     SubmissionRetraction,
 )
 from shared.kafka import CORRELATION_HEADER, Decoded, InboundRecord, OutboundRecord, dead_letter_record
+from shared.metrics import DEADLETTER
 from shared.topics import ORS_SUBMITTED, Topics
 
 log = logging.getLogger("alliance.scoring")
@@ -408,6 +429,42 @@ def version_from(ev: Submitted) -> Version:
     age = ev.client_age if isinstance(ev, OrsSubmitted) else None
     return version_of(ev.submission_id, ev.instrument, ev.episode_id, ev.session_number, ev.administered_at,
                       ev.site_id, ev.clinician_id, ev.items, ev.total, ev.accepted_at, age)
+
+
+def submitted_event(tenant_id: str, client_id: str, v: Version) -> Submitted:
+    """The submitted event of a kept version as intake publishes it (its id derived from the
+    submission, `occurred_at` its acceptance): the payload of a dead letter decided while another
+    record was applied (`rejudged_letter`), which reporting reads like any refused submission."""
+    common: dict[str, Any] = {
+        "event_id": ids.submitted_event_id(tenant_id, v.submission_id), "tenant_id": tenant_id,
+        "occurred_at": v.accepted_at, "submission_id": v.submission_id, "site_id": v.site_id,
+        "clinician_id": v.clinician_id, "client_id": client_id, "episode_id": v.episode_id,
+        "session_number": v.session_number, "administered_at": v.administered_at, "total": v.total,
+        "accepted_at": v.accepted_at}
+    if v.outcome:
+        return OrsSubmitted(**common, instrument=OutcomeInstrument(v.instrument), client_age=v.client_age,
+                            items=v.ors_items_model())
+    return SrsSubmitted(**common, instrument=Instrument(v.instrument), items=v.items_model())
+
+
+def rejudged_letter(tenant_id: str, client_id: str, r: Refusal, topics: Topics, corr: str,
+                    traceparent: str | None = None) -> OutboundRecord:
+    """The dead letter of a refusal a transfer's re-judging decided (`Step.refused`): byte-equal
+    whenever it is built again (its id names the version and the judgement, its time is the
+    re-judging's), its payload the version's submitted event on its submitted topic, so that it reads
+    as the refused submission's dead letter; no source partition or offset (no record of its own)."""
+    v, rej = r.version, r.rejection
+    key = ids.partition_key(tenant_id, client_id)
+    letter = DeadLetter(
+        event_id=ids.rejudged_dead_letter_event_id(tenant_id, client_id, scale_of(v.instrument), v.submission_id,
+                                                   v.accepted_at, v.digest, rej.judgement),
+        tenant_id=tenant_id, occurred_at=r.at, service=SERVICE, reason=rej.reason, detail=rej.detail[:2000],
+        source_topic=topics.ors_submitted if v.outcome else topics.submitted, key=key.decode(),
+        payload=submitted_event(tenant_id, client_id, v).model_dump_json(),
+        headers={CORRELATION_HEADER: v.submission_id}, judgement=rej.judgement)
+    DEADLETTER.labels(SERVICE, rej.reason).inc()
+    return OutboundRecord(topics.deadletter, letter.model_dump_json().encode(), key=key, correlation_id=corr,
+                          traceparent=traceparent)
 
 
 # Per submission id, the former holders the index may forget (client -> the version it lists).
@@ -628,7 +685,11 @@ class ScoringHandler:
                 mine.append(_Decided(ev.tenant_id, ev.client_id, list(outputs), corr, rec.traceparent))
             if step.rejection is not None:
                 mine.append(dead_letter_record(SERVICE, rec, step.rejection.reason, step.rejection.detail,
-                                               self.topics.deadletter, ev.tenant_id))
+                                               self.topics.deadletter, ev.tenant_id, step.rejection.judgement))
+            # A transfer's re-judging refused a kept site_conflict for another reason (its redelivery
+            # names them again): the submitter hears the new reason, under the same id each time.
+            mine.extend(rejudged_letter(ev.tenant_id, ev.client_id, r, self.topics, corr, rec.traceparent)
+                        for r in step.refused)
             self._count(ev, step, now)
         return p
 

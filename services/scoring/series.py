@@ -32,7 +32,9 @@ rejected, so a redelivery of that record gets the same answer even after later r
 the state. One refusal is not final: a `site_conflict` is decided by the site that owned the client
 when the version was accepted (`owner_at`, over the transfers applied so far), and an ORS-family
 form refused so keeps its content (`keeps_content`, bounded) so that a transfer accepted earlier
-than it, read after it, re-judges it (`to_rejudge`) and takes it as if it had just arrived.
+than it, read after it, re-judges it (`to_rejudge`) and takes it as if it had just arrived; refused
+again for another reason, that refusal replaces the `site_conflict`, as the next judgement
+(`Rejection.judgement`), and the step names it (`Step.refused`) for its dead letter.
 Transfers are placed in the ownership timeline by acceptance, whatever order they are read in
 (`placed`): the client's owner is the destination of the transfer accepted last (ties: the greater
 event id). A transfer comes twice, once per submitted topic: the copy read first applies it, the
@@ -261,6 +263,20 @@ class Rejection:
     reason: RejectReason
     detail: str
     version: Version | None = None
+    # Which judgement of the version this is: 0 when it was read, 1 when a transfer re-judged its
+    # `site_conflict` and refused it for another reason. Its dead letter carries it
+    # (`DeadLetter.judgement`), so that a reader keeps the last word whatever order it reads them in.
+    judgement: int = 0
+
+
+class Refusal(NamedTuple):
+    """A version a transfer's re-judging refused for another reason than `site_conflict`, with that
+    refusal and when it was decided: the transfer's timeline entry keeps it, so that a redelivery of
+    the transfer publishes its dead letter again, byte-equal (docs/clinical-records.md)."""
+
+    version: Version
+    rejection: Rejection
+    at: datetime
 
 
 # --- who owned the client when a version was accepted (docs/clinical-records.md) ------------
@@ -276,13 +292,15 @@ class Handover(NamedTuple):
     is `to_site`'s, before it `from_site`'s (None: no site yet, the first accepted session's); the
     two are one site for a transfer to the site that owned the client at its place (`placed`).
     `event_id`: the transfer's; `taken`: the record keys of the refusals it re-judged and took
-    (re-registered in the index when the transfer is redelivered)."""
+    (re-registered in the index when the transfer is redelivered); `refused`: those its re-judging
+    refused for another reason (their dead letters are published again when it is redelivered)."""
 
     accepted_at: datetime
     from_site: str | None
     to_site: str
     event_id: str
     taken: tuple[str, ...] = ()
+    refused: tuple[Refusal, ...] = ()
 
 
 def owner_at(handovers: Sequence[Handover], owner: str | None, at: datetime) -> str | None:
@@ -983,6 +1001,8 @@ class Step:
     audited: bool = False  # stored, never scored (YCSRS)
     # Versions a transfer took into the record (refusals it re-judged): registered in the index.
     taken: tuple[Version, ...] = ()
+    # Refusals a transfer re-judged and refused for another reason: each gets a dead letter.
+    refused: tuple[Refusal, ...] = ()
 
 
 # --- the state ------------------------------------------------------------------------------
@@ -1267,7 +1287,8 @@ class ClientState:
         allows (the new site's, accepted at or after the transfer, read before it; or accepted
         before a later transfer read first, when this one gave the site they name) are taken as if
         they had just arrived (`submit`; `index` says, per version, what `submit`'s `elsewhere`
-        and `first` are), and their versions returned in `taken`, named by this transfer's entry.
+        and `first` are), and their versions returned in `taken`, named by this transfer's entry;
+        those it refuses again for another reason in `refused`, kept by that entry too.
 
         Intake publishes each transfer on both submitted topics (`outcome_copy`: this is the copy
         read on `ors.submitted.v1`), so that each topic's partition holds it in order with the
@@ -1281,6 +1302,7 @@ class ClientState:
             step = self._redelivered(rules, now)
             done = next((h for h in self.handovers if h.event_id == event_id), None)
             step.taken = tuple(self.versions[k] for k in (done.taken if done else ()) if k in self.versions)
+            step.refused = done.refused if done else ()
             return step
         self.transfers = [*self.transfers, event_id][-MAX_TRANSFER_IDS:]
         copies = [*self.outcome_copies, event_id] if outcome_copy else self.outcome_copies
@@ -1295,20 +1317,27 @@ class ClientState:
             self.site_version += 1
         outputs: list[Output] = []
         taken: list[Version] = []
+        refusals: list[Refusal] = []
         for v in to_rejudge(self.rejected, self.handovers, self.owner):
             refused = self.rejected.pop(v.key)
             elsewhere, first = index(v) if index is not None else (None, True)
-            outputs.extend(self.submit(v, rules, now, elsewhere, first).outputs)
-            if v.key not in self.versions and v.key not in self.rejected and v.key not in self.moved:
-                # Refused again without being remembered (`series_full`): the refusal stays, final.
-                self.rejected[v.key] = replace(refused, version=None)
+            judged = self.submit(v, rules, now, elsewhere, first)
+            outputs.extend(judged.outputs)
+            if judged.rejection is not None:
+                # Refused for another reason (a session gap, a duplicate, a full record): that is its
+                # refusal now, final, and its submitter is told (a dead letter of the next judgement).
+                # Kept in place of the site_conflict (a full client record's `series_full` too, which
+                # `submit` does not remember: this takes no more room than the refusal it replaces).
+                again = replace(judged.rejection, judgement=refused.judgement + 1)
+                self.rejected[v.key] = again
+                refusals.append(Refusal(v, again, now))
             taken.append(v)
         if taken:
-            self.handovers = [h._replace(taken=tuple(v.key for v in taken)) if h.event_id == event_id else h
-                              for h in self.handovers]
+            self.handovers = [h._replace(taken=tuple(v.key for v in taken), refused=tuple(refusals))
+                              if h.event_id == event_id else h for h in self.handovers]
         self._drop_final_contents()
         outputs.extend(self._publish(self.view(rules), now))
-        return Step(outputs=outputs, changed=True, taken=tuple(taken))
+        return Step(outputs=outputs, changed=True, taken=tuple(taken), refused=tuple(refusals))
 
     def _site_ok(self, v: Version) -> bool:
         """Whether `v`'s site owned the client when `v` was accepted (`owner_at`)."""

@@ -36,6 +36,7 @@ from services.scoring.series import (
     Origin,
     OutcomeView,
     Published,
+    Refusal,
     Rejection,
     SessionView,
     Version,
@@ -139,7 +140,9 @@ def state_doc(key: ClientKey, st: ClientState, version: int) -> Document:
                  **({"o": True} if is_outcome_key(k) else {}),
                  # The content of a site_conflict refusal a transfer may re-judge (at most
                  # series.MAX_KEPT_REFUSALS per client); absent, the refusal is final.
-                 **({"v": _version_doc(r.version)} if r.version is not None else {})}
+                 **({"v": _version_doc(r.version)} if r.version is not None else {}),
+                 # A transfer's re-judging (series.Rejection.judgement); absent, the refusal when read.
+                 **({"j": r.judgement} if r.judgement else {})}
                 for k, r in st.rejected.items()],
         "pub": [{"k": slot, "r": p.revision, "sid": submission_of(p.submission_id), "d": p.digest, "at": _iso(p.at),
                  "sup": None if p.supersedes is None else submission_of(p.supersedes), "l": p.latest,
@@ -162,10 +165,23 @@ def state_doc(key: ClientKey, st: ClientState, version: int) -> Document:
         **({"fx": sorted(st.foreign)} if st.foreign else {}),
         # The ownership timeline (series.Handover), once a transfer changed the site.
         **({"ho": [{"at": _iso(h.accepted_at), "f": h.from_site, "t": h.to_site, "id": h.event_id,
-                    **({"k": list(h.taken)} if h.taken else {})} for h in st.handovers]} if st.handovers else {}),
+                    **({"k": list(h.taken)} if h.taken else {}),
+                    **({"rf": [_refusal_doc(r) for r in h.refused]} if h.refused else {})}
+                   for h in st.handovers]} if st.handovers else {}),
         # The transfers applied from their copy on ors.submitted.v1 (ClientState.outcome_copies).
         **({"txo": list(st.outcome_copies)} if st.outcome_copies else {}),
     }
+
+
+def _refusal_doc(r: Refusal) -> Document:
+    """A refusal a transfer's re-judging decided (series.Refusal): the version, its reason and when."""
+    rej = r.rejection
+    return {"v": _version_doc(r.version), "r": rej.reason, "x": rej.detail, "j": rej.judgement, "at": _iso(r.at)}
+
+
+def _refusal_from(d: Document) -> Refusal:
+    v = _version_from(d["v"])
+    return Refusal(v, Rejection(v.accepted_at, v.digest, d["r"], d["x"], None, int(d["j"])), _dt(d["at"]))
 
 
 def _moved_doc(key: str, m: Moved) -> Document:
@@ -231,7 +247,7 @@ def state_from(key: ClientKey, doc: Document) -> ClientState:
     for r in doc.get("rej", ()):
         kept = r.get("v")
         st.rejected[record_key(r["sid"], "ORS") if r.get("o") else r["sid"]] = Rejection(
-            _dt(r["acc"]), r["d"], r["r"], r["x"], None if kept is None else _version_from(kept))
+            _dt(r["acc"]), r["d"], r["r"], r["x"], None if kept is None else _version_from(kept), int(r.get("j", 0)))
     outcome_named: set[str] = set()  # ids an outcome version or slot names (for documents written before)
     for p in doc.get("pub", ()):
         instrument = _slot_instrument(p["k"])
@@ -259,7 +275,8 @@ def state_from(key: ClientKey, doc: Document) -> ClientState:
     st.moved = {str(d["k"]): _moved_from(d) for d in doc.get("mv", ())}
     st.foreign = {str(k) for k in doc.get("fx", ())}
     st.outcome_copies = [str(t) for t in doc.get("txo", ())]
-    st.handovers = [Handover(_dt(h["at"]), h.get("f"), h["t"], h["id"], tuple(h.get("k") or ()))
+    st.handovers = [Handover(_dt(h["at"]), h.get("f"), h["t"], h["id"], tuple(h.get("k") or ()),
+                             tuple(_refusal_from(r) for r in h.get("rf", ())))
                     for h in doc.get("ho", ())]
     for a in doc.get("al", ()):
         raised = a.get("rv")

@@ -117,6 +117,42 @@ def test_a_refusal_a_transfer_took_back_is_answered_scored_and_keeps_its_rejecti
     assert rules.submission_view(doc, "north") is None
 
 
+def re_judged_letters() -> tuple[SrsSubmitted, list[DeadLetter]]:
+    """A version's dead letters when a transfer re-judged its site_conflict into a session gap: the
+    first refusal, the re-judging's (its payload rebuilt by scoring: other bytes), and the one of the
+    refused record itself redelivered after it (the record's refusal now, its own bytes)."""
+    sub = submitted_like(scored(T, "c1", 30, 25.0, site_id="south"))
+    conflict = dead_letter(sub, "site_conflict")
+    rebuilt = sub.model_copy(update={"event_id": "rebuilt"})
+    again = dead_letter(rebuilt, "session_gap").model_copy(update={"judgement": 1, "payload": rebuilt.model_dump_json(),
+                                                                  "occurred_at": conflict.occurred_at + timedelta(1)})
+    redelivered = dead_letter(sub, "session_gap").model_copy(update={"judgement": 1})
+    return sub, [conflict, again, redelivered]
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
+def test_a_refusal_re_judged_for_another_reason_is_answered_with_it_whatever_order_its_letters_are_read(
+        order: tuple[int, ...]) -> None:
+    sub, letters = re_judged_letters()
+    parts = [("d", "rejected", rules.rejected_part(letters[i], sub)) for i in order]
+    doc = doc_of(sub.submission_id, rejected=rules.fold_parts(parts)[("d", "rejected")])
+    view = rules.submission_view(doc)
+    assert view is not None and (view["status"], view["reason"]) == ("rejected", "session_gap")
+
+
+def test_a_re_judgement_outranks_a_first_judgement_of_its_version_whatever_their_digests() -> None:
+    sub, (conflict, again, _) = re_judged_letters()
+    for n in range(64):  # payloads whose digests start with every hex digit: a key stored before the rule too
+        first = conflict.model_copy(update={"payload": f"{n}"})
+        assert rules.rejected_part(again, sub)["key"] > rules.rejected_part(first, sub)["key"]
+
+
+def test_a_version_accepted_later_still_outranks_an_earlier_versions_re_judgement() -> None:
+    sub, (_, again, _) = re_judged_letters()
+    later = submitted_like(scored(T, "c1", 30, 26.0, site_id="south"), accepted_delta=timedelta(seconds=1))
+    assert rules.rejected_part(dead_letter(later), later)["key"] > rules.rejected_part(again, sub)["key"]
+
+
 def test_a_rejection_alone_is_rejected_with_what_was_submitted() -> None:
     e = scored(T, "c1", 41, 30.0)
     sub = submitted_like(e)

@@ -23,6 +23,7 @@ from services.scoring.handlers import (
     StateConflict,
     model_of,
     retraction_event,
+    version_from,
 )
 from services.scoring.rules import TenantRules
 from services.scoring.series import ClientState, holding
@@ -436,6 +437,58 @@ async def test_redelivering_the_refused_ors_and_the_transfer_publishes_no_new_re
     assert {r.value for r in sink.published} == published
     assert [o.revision for o in ors_scored_of(sink.published)] == [1] * len(ors_scored_of(sink.published))
     assert len(letters_of(sink.published)) == 1
+
+
+def re_judged_into_a_gap() -> tuple[InboundRecord, InboundRecord]:
+    """South's ORS of session 30 (its episode's highest is 1: a session gap), accepted after the
+    transfer to south; the transfer (on srs.submitted.v1 alone)."""
+    return ors_submitted("x", 30, 25.0, at=5, site_id="south"), transfer("x", "south", at=3)
+
+
+async def test_the_new_sites_ors_a_transfer_re_judges_into_a_session_gap_is_dead_lettered_session_gap() -> None:
+    h, _, sink = handler()
+    refused, move = re_judged_into_a_gap()
+    await h([submitted("x", 1, 38.0, at=1), ors_submitted("x", 1, 25.0, at=2)])
+    await h([refused])  # read first: the SRS topic lagged
+    await h([move])
+    first, told = letters_of(sink.published)
+    assert (first.reason, first.judgement) == ("site_conflict", 0)
+    assert (told.reason, told.judgement, told.source_topic, told.tenant_id, told.key) == (
+        "session_gap", 1, TOPICS.ors_submitted, "acme", "acme:x")
+    assert "30" in told.detail and "x-ors-30" not in {o.submission_id for o in ors_scored_of(sink.published)}
+    # The payload is the refused submission: read back, the very version scoring refused.
+    assert version_from(OrsSubmitted.model_validate_json(told.payload)) == version_from(
+        OrsSubmitted.model_validate_json(refused.value))
+
+
+async def test_a_redelivered_transfer_sends_the_re_judged_refusal_again_byte_equal_and_nothing_else() -> None:
+    h, _, sink = handler()
+    refused, move = re_judged_into_a_gap()
+    await h([submitted("x", 1, 38.0, at=1), ors_submitted("x", 1, 25.0, at=2)])
+    await h([refused])
+    await h([move])
+    told = of_topic(sink.published, TOPICS.deadletter)[-1].value
+    await h([move])
+    await h([refused])  # its own record redelivered: the refusal the record holds now
+    letters = of_topic(sink.published, TOPICS.deadletter)
+    assert [r.value for r in letters].count(told) == 2
+    assert [(d.reason, d.judgement) for d in letters_of(letters)] == [
+        ("site_conflict", 0), ("session_gap", 1), ("session_gap", 1), ("session_gap", 1)]
+
+
+async def test_a_crash_before_the_re_judged_refusal_was_acknowledged_is_made_good_by_the_transfers_redelivery(
+        ) -> None:
+    h, _, sink = handler()
+    refused, move = re_judged_into_a_gap()
+    await h([submitted("x", 1, 38.0, at=1), ors_submitted("x", 1, 25.0, at=2)])
+    await h([refused])
+    sink.fail_next, sink.reached_topics = 1, set()  # written, nothing acknowledged: a kill -9 before the acks
+    with pytest.raises(ConnectionError):
+        await h([move])
+    (lost,) = [r.value for r in sink.attempted if r.topic == TOPICS.deadletter][1:]
+    assert lost not in {r.value for r in sink.published}
+    await h([move])
+    assert lost in {r.value for r in sink.published}
 
 
 async def test_a_version_the_transfer_took_is_registered_in_the_index_again_when_the_transfer_is_redelivered(

@@ -1221,6 +1221,75 @@ def test_a_redelivered_transfer_names_the_versions_it_took_and_publishes_nothing
     assert again.redelivered and again.outputs == [] and again.taken == (v,)
 
 
+def refused_before_its_transfer(*kept: Version) -> Client:
+    """A client of north (session 1 of each scale) whose versions `kept`, read before the transfer
+    to south accepted at T1, were refused site_conflict (their content kept to be re-judged)."""
+    c = Client()
+    c.submit("s1", 1, 38.0)
+    c.apply(ors_version("o1", 1, T1 - SECOND, "north"))
+    for v in kept:
+        refused = c.apply(v).rejection
+        assert refused is not None and refused.reason == "site_conflict"
+    return c
+
+
+GAP = ors_version("o30", 30, T1 + SECOND, "south")  # 29 above its episode's highest (o1): a session gap
+
+
+def test_the_new_sites_ors_its_transfer_re_judges_into_a_session_gap_is_refused_so_at_the_next_judgement() -> None:
+    c = refused_before_its_transfer(GAP)
+    now = c.now()
+    step = c.state.transfer("tx-1", "south", c.rules, now, T1)
+    (refused,) = step.refused
+    assert (refused.version, refused.rejection.reason, refused.rejection.judgement, refused.at) == (
+        GAP, "session_gap", 1, now)
+    assert "30" in refused.rejection.detail and GAP.key not in c.state.versions
+    assert c.state.rejected[GAP.key] == refused.rejection and refused.rejection.version is None  # final now
+    assert c.state.handovers[-1].refused == (refused,)
+
+
+def test_a_redelivery_of_the_transfers_applying_copy_names_the_same_refusal_and_the_other_copy_none() -> None:
+    c = refused_before_its_transfer(GAP)
+    first = c.state.transfer("tx-1", "south", c.rules, c.now(), T1)
+    again = c.state.transfer("tx-1", "south", c.rules, c.now(), T1)
+    assert again.redelivered and again.refused == first.refused and again.outputs == []
+    assert c.state.transfer("tx-1", "south", c.rules, c.now(), T1, outcome_copy=True) == series.Step()
+
+
+def test_the_refused_ors_redelivered_after_its_re_judging_gets_the_new_refusal() -> None:
+    c = refused_before_its_transfer(GAP)
+    (refused,) = c.state.transfer("tx-1", "south", c.rules, c.now(), T1).refused
+    assert c.apply(GAP).rejection == refused.rejection
+
+
+def test_the_second_of_two_identical_orses_a_transfer_re_judges_is_refused_duplicate_at_the_next_judgement() -> None:
+    first, second = ors_version("o2", 2, T1 + SECOND, "south"), ors_version("o2b", 2, T1 + 2 * SECOND, "south")
+    c = refused_before_its_transfer(first, second)
+    step = c.state.transfer("tx-1", "south", c.rules, c.now(), T1)
+    assert [(r.version, r.rejection.reason, r.rejection.judgement) for r in step.refused] == [
+        (second, "duplicate", 1)]
+    assert "'o2'" in step.refused[0].rejection.detail and first.key in c.state.versions
+
+
+def test_an_ors_a_transfer_re_judges_into_a_full_record_is_refused_series_full_in_place_of_its_site_conflict(
+        ) -> None:
+    c = refused_before_its_transfer(GAP)  # s1, o1 and the refusal: 3 submissions
+    full = replace(c.rules, max_client_submissions=2)  # lowered since: the record is full without it
+    step = c.state.transfer("tx-1", "south", full, c.now(), T1)
+    (refused,) = step.refused
+    assert (refused.rejection.reason, refused.rejection.judgement) == ("series_full", 1)
+    assert c.state.rejected[GAP.key] == refused.rejection and len(c.state.rejected) == 1
+
+
+def test_a_refusal_re_judged_by_a_transfer_is_stored_and_read_back() -> None:
+    c = refused_before_its_transfer(GAP)
+    c.state.transfer("tx-1", "south", c.rules, c.now(), T1)
+    key = ClientKey(TENANT, CLIENT)
+    loaded = state_from(key, state_doc(key, c.state, c.state.version))
+    assert loaded.handovers == c.state.handovers and loaded.rejected == c.state.rejected
+    assert loaded.rejected[GAP.key].judgement == 1
+
+
 def test_through_two_transfers_each_ors_is_judged_against_the_site_of_its_acceptance() -> None:
     c = Client()
     c.submit("s1", 1, 38.0)
