@@ -1281,6 +1281,17 @@ def test_an_ors_a_transfer_re_judges_into_a_full_record_is_refused_series_full_i
     assert c.state.rejected[GAP.key] == refused.rejection and len(c.state.rejected) == 1
 
 
+def test_a_transfer_read_late_that_leaves_the_owner_tells_the_new_reason_of_a_refusal_it_re_judges() -> None:
+    c = refused_before_its_transfer()
+    c.state.transfer("tx-2", "west", c.rules, c.now(), T2)  # accepted last, read first
+    c.apply(GAP)  # south's, accepted between the two: refused, the timeline holding the later alone
+    step = c.state.transfer("tx-1", "south", c.rules, c.now(), T1)  # read late: placed before tx-2
+    (refused,) = step.refused
+    assert (refused.version, refused.rejection.reason, refused.rejection.judgement) == (GAP, "session_gap", 1)
+    assert c.state.owner == "west" and c.state.rejected[GAP.key] == refused.rejection
+    assert {h.event_id: h.refused for h in c.state.handovers} == {"tx-1": (refused,), "tx-2": ()}
+
+
 def test_a_refusal_re_judged_by_a_transfer_is_stored_and_read_back() -> None:
     c = refused_before_its_transfer(GAP)
     c.state.transfer("tx-1", "south", c.rules, c.now(), T1)
