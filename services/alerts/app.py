@@ -93,7 +93,7 @@ def build(config: AlertsConfig, resolve: Resolver = system_resolve) -> AlertsSer
     worker = DeliveryWorker(store, senders, publisher, topics, config.alerts, on_statuses_owed=statuses.recorded,
                             on_statuses_recorded=statuses.recorded_docs)
     statuses.wake = worker.wake  # the teller schedules fallbacks' deliveries again (a reroute that failed)
-    handlers = Handlers(store, config.smtp.enabled, worker.wake, publisher, topics)
+    handlers = Handlers(store, config.smtp.enabled, worker.wake, publisher, topics, hand_off=worker)
     escalator = Escalator(store, publisher, topics, config.alerts, config.smtp.enabled, worker.wake)
     rerouter = Rerouter(store, config.smtp.enabled, worker.wake, config.alerts)
 

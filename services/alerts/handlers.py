@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -191,6 +191,16 @@ class HandlerStore(Protocol):
 
     async def insert_deliveries(self, docs: Sequence[Document]) -> int: ...
 
+    async def insert_new_deliveries(self, docs: Sequence[Document]) -> list[Document]: ...
+
+
+class HandsOff(Protocol):
+    """Inserts new deliveries, leasing to itself and attempting at once those it has room for
+    (`DeliveryWorker.hand_off`), and wakes itself for the rest."""
+
+    async def hand_off(self, docs: Sequence[Document],
+                       insert: Callable[[Sequence[Document]], Awaitable[list[Document]]]) -> list[Document]: ...
+
 
 class PublishesAll(Protocol):
     """Publishes records and returns once every one is acknowledged (`shared.kafka.Publisher`)."""
@@ -205,17 +215,23 @@ class Handlers:
     dead-letter, and deliveries are the worker's."""
 
     def __init__(self, store: HandlerStore, email_enabled: bool, on_scheduled: Callable[[], None],
-                 publisher: PublishesAll, topics: Topics) -> None:
+                 publisher: PublishesAll, topics: Topics, hand_off: HandsOff | None = None) -> None:
         self._store = store
         self._email = email_enabled
         self._on_scheduled = on_scheduled
         self._publisher = publisher
         self._topics = topics
+        self._hand_off = hand_off
 
     async def _schedule(self, docs: list[Document]) -> None:
-        """Store a batch's deliveries and wake the worker when one is new (a redelivered batch
-        schedules nothing twice)."""
-        if docs and await self._store.insert_deliveries(docs):
+        """Store a batch's deliveries: through this process's worker when there is one (it leases to
+        itself at insert what it has room for: see worker.py), else waking the worker when one is
+        new. A redelivered batch schedules nothing twice (and the worker attempts only what was new)."""
+        if not docs:
+            return
+        if self._hand_off is not None:
+            await self._hand_off.hand_off(docs, self._store.insert_new_deliveries)
+        elif await self._store.insert_deliveries(docs):
             self._on_scheduled()
 
     async def on_deterioration(self, decoded: list[Decoded[AllianceDeterioration]]) -> None:

@@ -781,10 +781,16 @@ class AlertsStore:
 
     async def insert_deliveries(self, docs: Sequence[Document]) -> int:
         """Insert new deliveries in one round trip; existing ids are left as they are. Returns # new."""
+        return len(await self.insert_new_deliveries(docs))
+
+    async def insert_new_deliveries(self, docs: Sequence[Document]) -> list[Document]:
+        """`insert_deliveries`, returning the documents it inserted (an existing id is left as it
+        is, and its document here is not among them): one round trip."""
         unique = list({d["_id"]: d for d in docs}.values())
         if not unique:
-            return 0
-        return (await bulk_write(self.deliveries, [InsertOne(d) for d in unique])).inserted
+            return []
+        refused = set((await bulk_write(self.deliveries, [InsertOne(d) for d in unique])).duplicates)
+        return [d for i, d in enumerate(unique) if i not in refused]
 
     @staticmethod
     def _due(now: datetime) -> Document:

@@ -74,7 +74,7 @@ import random
 import socket
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -175,48 +175,132 @@ class DeliveryWorker:
     _claimed: dict[str, Document] = field(default_factory=dict, init=False)
     # Recorded on each claim, so operators (and tests) can tell which process holds a lease.
     instance: str = field(default_factory=_instance_name, init=False)
+    # Slots held for deliveries being inserted already leased to this worker (`hand_off`); they
+    # count in `inflight_by_tenant` too, so a claim meanwhile sees them as taken.
+    _reserved: int = field(default=0, init=False)
+    # Whether a hand-off may take slots: the loop is waiting with no wake pending, no claim in
+    # flight, and its last claim left nothing due behind (see `_may_hand_off`).
+    _running: bool = field(default=False, init=False)
+    _claiming: bool = field(default=False, init=False)
+    _left_behind: bool = field(default=True, init=False)
 
     def wake(self) -> None:
         """New deliveries are due now (called by the consumer after it recorded them)."""
         self._wake.set()
 
+    def _free(self) -> int:
+        return self.settings.concurrency - len(self._inflight) - self._reserved
+
+    def _may_hand_off(self) -> bool:
+        """Whether new deliveries may be leased at insert: only when a claim now would read no other
+        candidates this worker knows of (its last claim left none behind, and no finished attempt,
+        retry timer or wake is waiting for a claim that would read the store first). The hand-off's
+        `fair_pick` over the new deliveries is then the claim's over the same candidates."""
+        return self._running and not self._claiming and not self._left_behind and not self._wake.is_set()
+
+    async def hand_off(self, docs: Sequence[Document],
+                       insert: Callable[[Sequence[Document]], Awaitable[list[Document]]]) -> list[Document]:
+        """Insert new deliveries (`insert` returns those it inserted), the ones the free slots and
+        each tenant's share allow (`rules.fair_pick`) already leased to this worker, and start their
+        attempts at once: no read and no claim. The rest are inserted unleased and the worker woken
+        to claim them. A document whose id existed already is never attempted here (the stored one
+        is claimed as ever). Returns what `insert` inserted."""
+        unique = list({d["_id"]: d for d in docs}.values())
+        leased = self._reserve(unique) if self._may_hand_off() else {}
+        try:
+            new = await insert([leased.get(str(d["_id"]), d) for d in unique])
+        except BaseException:
+            self._release(list(leased.values()))
+            raise
+        inserted = {str(d["_id"]) for d in new}
+        if not self._running:  # stopping: the leases end and the deliveries are claimed then
+            self._release(list(leased.values()))
+        else:
+            for d in leased.values():
+                if str(d["_id"]) in inserted:
+                    self._reserved -= 1
+                    self._start(d)
+                else:
+                    self._release([d])
+        if any(str(d["_id"]) not in leased for d in new):
+            self._left_behind = True
+            self.wake()
+        return new
+
+    def _reserve(self, docs: list[Document]) -> dict[str, Document]:
+        """Lease what `fair_pick` gives of `docs` now (in memory: the insert writes the lease)."""
+        concurrency, cap = self.settings.concurrency, self.settings.tenant_concurrency
+        tenant_of = {str(d["_id"]): str(d.get("tenant_id")) for d in docs}
+        picked = fair_pick(list(tenant_of.items()), self.inflight_by_tenant, self._free(), concurrency, cap)
+        lease = {"claimed_until": utcnow() + timedelta(seconds=self.settings.lease_seconds),
+                 "claim": uuid.uuid4().hex, "claimed_by": self.instance}
+        by_id = {str(d["_id"]): d for d in docs}
+        for i in picked:
+            self._reserved += 1
+            self._track(tenant_of[i])
+        return {i: {**by_id[i], **lease} for i in picked}
+
+    def _release(self, leased: list[Document]) -> None:
+        for d in leased:
+            self._reserved -= 1
+            self._untrack(str(d.get("tenant_id")))
+
+    def _track(self, tenant: str) -> None:
+        self.inflight_by_tenant[tenant] += 1
+        self.peak_by_tenant[tenant] = max(self.peak_by_tenant[tenant], self.inflight_by_tenant[tenant])
+
+    def _untrack(self, tenant: str) -> None:
+        self.inflight_by_tenant[tenant] -= 1
+        if self.inflight_by_tenant[tenant] <= 0:
+            del self.inflight_by_tenant[tenant]
+        if self._saturated:
+            self._wake.set()  # a slot is free and more may be due
+
+    def _start(self, d: Document) -> None:
+        """Attempt a delivery leased to this worker; its slot is already counted (`_track`)."""
+        self._claimed[str(d["_id"])] = d
+        task = asyncio.create_task(self._attempt(d), name=f"delivery-{d['_id']}")
+        self._inflight.add(task)
+        self._tenant_of[task] = str(d.get("tenant_id"))
+        task.add_done_callback(self._done)
+
     async def run(self) -> None:
         """Loop until cancelled: claim what is due and free slots allow, start attempts, wait."""
         lease = timedelta(seconds=self.settings.lease_seconds)
         recorder = asyncio.create_task(self._recorder(), name="delivery-recorder")
+        self._running = True
         try:
             while True:
                 self._wake.clear()
-                free = self.settings.concurrency - len(self._inflight)
+                free = self._free()
                 # Until the claim below has decided, every finished attempt must wake the loop: one
                 # that finishes while the claim is in flight would otherwise go unheard (the claim
                 # left its tenant out, at its share, and nothing else may ever wake the loop).
                 self._saturated = True
                 if free > 0:
+                    self._claiming = True
                     try:
-                        claimed, more = await self._claim(free, lease)
+                        claimed, more, left_behind = await self._claim(free, lease)
                     except asyncio.CancelledError:
                         raise
                     except Exception as exc:
                         log.warning("claiming deliveries failed (store unavailable?): %r", exc)
-                        claimed, more = [], False
+                        claimed, more, left_behind = [], False, True
+                    finally:
+                        self._claiming = False
+                    self._left_behind = left_behind
                     for d in claimed:
-                        self._claimed[str(d["_id"])] = d
-                        tenant = str(d.get("tenant_id"))
-                        task = asyncio.create_task(self._attempt(d), name=f"delivery-{d['_id']}")
-                        self._inflight.add(task)
-                        self._tenant_of[task] = tenant
-                        self.inflight_by_tenant[tenant] += 1
-                        self.peak_by_tenant[tenant] = max(self.peak_by_tenant[tenant], self.inflight_by_tenant[tenant])
-                        task.add_done_callback(self._done)
+                        self._track(str(d.get("tenant_id")))
+                        self._start(d)
                     # Every slot taken, or some tenant may have more due than it got: a freed slot
                     # should claim again.
-                    self._saturated = more or len(self._inflight) >= self.settings.concurrency
-                    if more and claimed and len(self._inflight) < self.settings.concurrency:
+                    self._saturated = more or self._free() <= 0
+                    if more and claimed and self._free() > 0:
                         continue
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
         finally:
+            self._running = False
             for t in list(self._inflight):
                 t.cancel()
             await asyncio.gather(*self._inflight, return_exceptions=True)
@@ -227,10 +311,11 @@ class DeliveryWorker:
             except (TimeoutError, asyncio.CancelledError, Exception) as exc:
                 log.warning("delivery outcomes not recorded at shutdown: %r", exc)
 
-    async def _claim(self, free: int, lease: timedelta) -> tuple[list[Document], bool]:
+    async def _claim(self, free: int, lease: timedelta) -> tuple[list[Document], bool, bool]:
         """Claim up to `free` due deliveries, shared between tenants (`rules.fair_pick`); also
         whether more may be due (the candidates filled their window, or some were left for a
-        tenant's share)."""
+        tenant's share, or a tenant was left out for holding its share), and whether candidates
+        were left behind (the window was full, or some were not picked or not got)."""
         now = utcnow()
         concurrency, cap = self.settings.concurrency, self.settings.tenant_concurrency
         window = free + concurrency  # room for other tenants' candidates behind one tenant's backlog
@@ -243,19 +328,18 @@ class DeliveryWorker:
         # poll interval).
         more = bool(at_share)
         if not candidates:
-            return [], more
+            return [], more, False
         ids = fair_pick(candidates, self.inflight_by_tenant, free, concurrency, cap)
         claimed = await self.store.claim(now, ids, lease, self.instance, {str(d["_id"]): d for d in read})
-        return claimed, more or len(candidates) == window or len(ids) < len(candidates)
+        left_behind = len(candidates) == window or len(ids) < len(candidates) or len(claimed) < len(ids)
+        return claimed, more or left_behind, left_behind
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
         tenant = self._tenant_of.pop(task, None)
         if tenant is not None:
-            self.inflight_by_tenant[tenant] -= 1
-            if self.inflight_by_tenant[tenant] <= 0:
-                del self.inflight_by_tenant[tenant]
-        if self._saturated:
+            self._untrack(tenant)
+        elif self._saturated:
             self._wake.set()  # a slot is free and more may be due
 
     async def _recorder(self) -> None:

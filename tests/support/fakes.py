@@ -165,10 +165,13 @@ class MemoryAlertsStore:
         return {a: self.lkeys[a] for a in alert_ids if a in self.lkeys}
 
     async def insert_deliveries(self, docs: Sequence[Document]) -> int:
+        return len(await self.insert_new_deliveries(docs))
+
+    async def insert_new_deliveries(self, docs: Sequence[Document]) -> list[Document]:
         self._check()
         new = [d for d in {d["_id"]: d for d in docs}.values() if d["_id"] not in self.deliveries]
         self.deliveries.update((d["_id"], d) for d in new)
-        return len(new)
+        return new
 
     # what the status teller uses (services/alerts/statuses.py): the `status_outbox` flag of a delivery
 
