@@ -14,14 +14,41 @@ status topic: see the last section).
 
 Claiming (two alerts processes never send the same delivery at the same time)
 ------------------------------------------------------------------------------
-A worker leases due deliveries by setting `claimed_until = now + lease` and a claim token in a
-conditional `update_many` (see `AlertsStore.claim`); other workers skip leased documents. The
-candidates are read whole, so a claim that got every delivery it picked (the update changed them
-all) hands out what it read: two round trips per claim, a third only when another worker won some
-or one was read under an ended lease (its holder may still record the attempt it made).
-The lease (default 30 s) outlasts one attempt (timeout 5 s) plus recording it. Up to
+A delivery is attempted only by the worker that holds its lease: `claimed_until = now + lease`, a
+claim token and `claimed_by` (the worker's `instance`) on the document. A worker takes only what is
+due and not leased (`claimed_until <= now`), so no other process's worker sees a leased document as
+due. The lease (default 30 s) outlasts one attempt (timeout 5 s) plus recording it. Up to
 `concurrency` attempts run at once, each with its own timeout, so one slow receiver occupies one
-slot, not the worker.
+slot, not the worker. A lease is taken in one of two ways.
+
+At insert (`hand_off`: the deliveries this process's consumer schedules). Before the insert, the
+worker picks of the new deliveries what its free slots and each tenant's share allow
+(`rules.fair_pick`, as a claim would), writes its lease into those documents and counts their
+slots as taken; the insert (one round trip) stores them leased and the rest unleased
+(`claimed_until` EPOCH). It then attempts only the leased documents the insert really inserted:
+one whose id existed already (a redelivered event) is not attempted here, the stored one being
+claimed as ever; and if anything was inserted unleased it wakes itself to claim it. So a new
+delivery costs the insert and the record of its attempt: no read, no claim. It leases at insert
+only when a claim now would read no other candidate it knows of (its last claim left nothing due
+behind, no claim is in flight, no wake is pending: a finished attempt, a retry timer, a new
+delivery): otherwise everything is inserted unleased and claimed, so new deliveries never overtake
+ones this worker knows are waiting. (Those another process inserted since its last claim it sees
+at its next claim or poll, as before.) Escalations, reroutes, and the deliveries the status teller
+or the API schedules again are stored unleased and wake the worker.
+What a crash leaves: before the insert, nothing (the consumer has not committed; the event is
+consumed again). After the insert, the leased deliveries pending under a lease that ends within
+`lease_seconds`; then they are due, and another process's worker (or this one after a restart,
+which claims before it leases at insert) claims and sends them. An insert that fails
+leaves the same: what it stored leased is claimed once the lease ends, and the consumer retries the
+batch as with any failed store write.
+
+By a claim (everything else, and whenever leasing at insert did not apply). A conditional
+`update_many` (see `AlertsStore.claim`) sets the lease on the due candidates the worker read and
+picked, and the update of each document is atomic, so of two workers racing for one delivery
+exactly one gets it. The candidates are read whole, so a claim that got every delivery it picked
+(the update changed them all) hands out what it read: two round trips per claim, a third only when
+another worker won some or one was read under an ended lease (its holder may still record the
+attempt it made). A crash after the claim leaves the same as one after a leased insert.
 
 Sharing the slots between tenants
 ---------------------------------
@@ -31,11 +58,12 @@ due candidates of the tenants not already at their share (so one tenant's backlo
 candidates) and takes, tenants taking turns, at most each tenant's share (`rules.fair_pick`): an
 equal split of the slots between the tenants with work, capped at `tenant_concurrency` (a quarter
 of the slots by default), so a tenant alone never holds every slot and a newcomer's delivery finds
-a free one at once.
+a free one at once. A lease at insert takes the same turns and shares over the new deliveries, its
+slots counted as in flight from before the insert, so a claim meanwhile sees them taken.
 
 Outcomes are written in batches (whatever finished while the previous write was in flight), and a
-claim happens only when something is due: new deliveries (the consumer wakes the worker), a retry
-timer, a slot freed while work was waiting, or the poll interval.
+claim happens only when something is due: deliveries stored unleased (whoever stored them wakes
+the worker), a retry timer, a slot freed while work was waiting, or the poll interval.
 
 The window between sending and recording, and what a receiver sees
 ------------------------------------------------------------------
