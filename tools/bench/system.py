@@ -13,7 +13,8 @@ What it does, in one run on this machine:
    deteriorating) and measures p50/p95/p99 from intake acceptance (the 202 received) to
    (a) the scored event on `srs.scored.v1` (a raw aiokafka reader), (b) the session visible in the
    trajectory through the reporting API (a sample, polled), (c) the webhook received; plus the
-   intake round trip itself and the bench's own event-loop lag (every timestamp is taken on it).
+   intake round trip itself and the bench's own event-loop lag (every timestamp but (b)'s is taken
+   on it; (b)'s probe polls from a process of its own, `tools/bench/probe.py` says why).
 5. Throughput phase: a burst through the batch endpoint; intake submissions/s, and the rates at
    which scoring and reporting drain it (with all four services running), each as a ratio to the
    raw limit that binds it (step 2).
@@ -336,11 +337,20 @@ def after_scoring(visible: dict[str, float], scored: dict[str, float]) -> list[f
     return [max(0.0, at - scored[s]) for s, at in visible.items() if s in scored]
 
 
+# The checkout the bench runs from: the probe process imports `tools` from it too.
+_ROOT = str(Path(__file__).resolve().parents[2])
+ReadHook = Callable[[float, int], None]
+EndHook = Callable[[str, float | None], None]
+
+
 class VisibilityProbe:
-    """Polls the reporting trajectory of sampled submissions until their session shows up."""
+    """Polls the reporting trajectory of sampled submissions until their session shows up.
+
+    `alliance bench` runs it in a process of its own (`ProbeProcess`, `python -m tools.bench.probe`);
+    in the bench's process it only answers the warm-up's one question (`visible`)."""
 
     def __init__(self, http: httpx.AsyncClient, key: str, interval: float, timeout: float,
-                 max_in_flight: int = 8) -> None:
+                 max_in_flight: int = 8, on_read: ReadHook | None = None, on_end: EndHook | None = None) -> None:
         self.http, self.key, self.interval, self.timeout = http, key, interval, timeout
         self.max_in_flight = max_in_flight
         self.first: dict[str, float] = {}
@@ -349,13 +359,17 @@ class VisibilityProbe:
         self.watched = 0
         self.skipped = 0  # samples not probed because too many probes were in flight
         self.round_trips: list[float] = []  # seconds of each trajectory read that was answered
+        self._on_read, self._on_end = on_read, on_end
 
     async def visible(self, client_id: str, session_number: int) -> bool:
         started = time.monotonic()
         r = await self.http.get(f"/v1/clients/{client_id}/trajectory", params={"instrument": "SRS"},
                                 headers={"Authorization": f"Bearer {self.key}"})
-        self.round_trips.append(time.monotonic() - started)
+        took = time.monotonic() - started
+        self.round_trips.append(took)
         self.statuses[r.status_code] += 1
+        if self._on_read is not None:
+            self._on_read(took, r.status_code)
         if r.status_code != 200:
             return False
         return any(s.get("session_number") == session_number for s in r.json().get("sessions", []))
@@ -369,16 +383,86 @@ class VisibilityProbe:
 
         async def poll() -> None:
             deadline = time.monotonic() + self.timeout
-            while time.monotonic() < deadline:
-                with contextlib.suppress(httpx.HTTPError, ValueError):
-                    if await self.visible(client_id, session_number):
-                        self.first[submission_id] = time.time()
-                        return
-                await asyncio.sleep(self.interval)
+            seen: float | None = None
+            try:
+                while time.monotonic() < deadline:
+                    with contextlib.suppress(httpx.HTTPError, ValueError):
+                        if await self.visible(client_id, session_number):
+                            seen = self.first[submission_id] = time.time()
+                            return
+                    await asyncio.sleep(self.interval)
+            finally:
+                if self._on_end is not None:
+                    self._on_end(submission_id, seen)
 
         task = asyncio.create_task(poll())
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+
+class ProbeProcess:
+    """The (b) probe as the latency phase uses it (`watch`, then `first`, `round_trips`,
+    `statuses`, `watched`, `skipped`, `tasks`), its polling done by a `VisibilityProbe` in a
+    process of its own (`python -m tools.bench.probe`, which says why).
+
+    `watch` sends the child one JSON line; the child answers one line per trajectory read and one
+    when a watch ends (seen, with the wall-clock time it was seen, or timed out). The bound on
+    probes in flight is kept here, so what is skipped is decided where it was before."""
+
+    def __init__(self, base_url: str, key: str, interval: float, timeout: float, max_in_flight: int = 8) -> None:
+        self._args = [base_url, key, str(interval), str(timeout)]
+        self.max_in_flight = max_in_flight
+        self.first: dict[str, float] = {}
+        self.tasks: set[str] = set()  # the submissions being watched (named as VisibilityProbe's)
+        self.statuses: Counter[int] = Counter()
+        self.watched = 0
+        self.skipped = 0
+        self.round_trips: list[float] = []
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reading: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)}
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tools.bench.probe", *self._args, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, env=env)
+        self._reading = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        while line := await self._proc.stdout.readline():
+            msg = json.loads(line)
+            if "read" in msg:
+                self.round_trips.append(float(msg["read"]))
+                self.statuses[int(msg["status"])] += 1
+            else:
+                self.tasks.discard(msg["sid"])
+                if msg["at"] is not None:
+                    self.first[msg["sid"]] = float(msg["at"])
+        self.tasks.clear()  # the child is gone: nothing is being watched any more
+
+    def watch(self, submission_id: str, client_id: str, session_number: int) -> None:
+        if self._proc is None or self._proc.stdin is None or len(self.tasks) >= self.max_in_flight:
+            self.skipped += 1
+            return
+        self.watched += 1
+        self.tasks.add(submission_id)
+        self._proc.stdin.write(json.dumps({"sid": submission_id, "client": client_id,
+                                           "n": session_number}).encode() + b"\n")
+
+    async def stop(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        try:
+            await asyncio.wait_for(self._proc.wait(), 5)
+        except TimeoutError:
+            self._proc.kill()
+            await self._proc.wait()
+        if self._reading is not None:
+            await self._reading
+        self._proc = self._reading = None  # stopped: a second stop does nothing
 
 
 async def metric_sum(http: httpx.AsyncClient, url: str, name: str) -> float | None:
@@ -473,7 +557,10 @@ async def measure(stack: Stack, urls: dict[str, str], opts: Options, res: Result
     submit, read, secret = await setup_tenant(stack, urls, receiver.url, clinicians=4)
     alerts, reporting = "alerts" in urls, "reporting" in urls
     http = httpx.AsyncClient(base_url=urls.get("reporting", "http://127.0.0.1:9"), timeout=10)
-    probe = VisibilityProbe(http, read, opts.visible_poll, opts.visible_timeout, opts.visible_probes)
+    warm_probe = VisibilityProbe(http, read, opts.visible_poll, opts.visible_timeout)
+    probe = ProbeProcess(urls.get("reporting", "http://127.0.0.1:9"), read, opts.visible_poll, opts.visible_timeout,
+                         opts.visible_probes)
+    await probe.start()
     try:
         # Warm-up: one deteriorating submission must travel the whole way (consumers have joined
         # their groups, caches are warm) before anything is timed.
@@ -491,12 +578,12 @@ async def measure(stack: Stack, urls: dict[str, str], opts: Options, res: Result
                              f"after {opts.ready_timeout:.0f} s")
 
         async def visible() -> bool:
-            return await probe.visible(warm[0].body["client_id"], 1)
+            return await warm_probe.visible(warm[0].body["client_id"], 1)
 
         if reporting and not await until(visible, opts.drain_timeout, 0.2):
             reporting = False
             res.notes.append(f"warm-up: the trajectory never became visible through reporting within "
-                             f"{opts.drain_timeout:.0f} s (answers: {dict(probe.statuses)}); (b) not measured")
+                             f"{opts.drain_timeout:.0f} s (answers: {dict(warm_probe.statuses)}); (b) not measured")
         res.counts["warmup_seconds"] = round(time.monotonic() - t0, 1)
 
         # Latency phase: single posts at the offered rate.
@@ -540,6 +627,9 @@ async def measure(stack: Stack, urls: dict[str, str], opts: Options, res: Result
         res.expected["(0) POST sent -> 202 received (intake)"] = stats.sent
         res.latency[a] = [max(0.0, reader.first[s] - t) for s, t in accepted.items() if s in reader.first]
         res.expected[a] = len(accepted)
+        # Its answers are all in once it has ended; and ended (reaped), its CPU counts as the
+        # bench's in the figures taken next (`os.times` of the children waited for).
+        await probe.stop()
         if reporting:
             res.latency[b] = [max(0.0, probe.first[s] - accepted[s]) for s in probe.first if s in accepted]
             res.expected[b] = probe.watched
@@ -583,8 +673,7 @@ async def measure(stack: Stack, urls: dict[str, str], opts: Options, res: Result
             await ors_phase(stack, opts, res, urls["intake"], submit, receiver, alerts, lag)
     finally:
         lag.stop()
-        for t in list(probe.tasks):
-            t.cancel()
+        await probe.stop()
         await http.aclose()
         await reader.stop()
         receiver.receiver.stop()
@@ -896,14 +985,16 @@ def bench(
             pids = {s: p.proc.pid for s, p in procs.items() if p.proc is not None}
             pids.update({PROC_NAMES.get(n, n): pid for n, pid in stack.pids.items()})
             cpu0 = {n: cpu_seconds(pid) for n, pid in pids.items()}
-            own0 = sum(os.times()[:2])
+            own0 = sum(os.times()[:4])
 
             def snapshot() -> None:
                 """CPU used and peak RSS so far: taken before the ORS phase, so they stay SRS-only figures."""
                 for n, pid in pids.items():
                     used = cpu_seconds(pid) - cpu0.get(n, math.nan)
                     res.cpu_s[n] = None if math.isnan(used) else used
-                res.cpu_s["bench (load generator, probes, receiver)"] = sum(os.times()[:2]) - own0
+                # Its own CPU and that of its children it has waited for: the probe process
+                # (`ProbeProcess`, ended with the latency phase); the services and the stack run on.
+                res.cpu_s["bench (load generator, probes, receiver)"] = sum(os.times()[:4]) - own0
                 res.counts["load average (1 min) at end"] = round(os.getloadavg()[0], 2)
                 for s, p in procs.items():
                     res.rss_kb[s] = vm_hwm_kb(p.proc.pid) if p.proc is not None else None

@@ -1,0 +1,56 @@
+"""The trajectory probe of `alliance bench` ((b): accepted -> trajectory visible), in a process of its own.
+
+Why a process: every timestamp of the latency phase is taken on the bench's event loop (the 202
+of each POST, the scored event read from the broker, the webhook received). The probe reads a
+sampled client's whole trajectory every 50 ms until the session shows; on main that answer (the
+sessions with their episodes, flags, alerts and the paired ORS series) costs the reader ~7 ms of
+CPU per read, ~6 CPU-seconds per run, and on the same loop it delayed every other callback. Measured
+on 2026-11-27 (main 5da22a7, one run): intake's own histogram (`alliance_http_request_seconds`,
+POST /v1/submissions) had every request under 1 s and about three quarters under 50 ms, while the
+bench timed POST -> 202 at p50 839 ms, p99 5.9 s (loop lag p99 189 ms); the same run without probes
+timed p50 19 ms, p99 88 ms. So the instrument, not intake, made those figures. Here the probe has
+its own loop, and the bench's loop times what it times.
+
+Protocol (JSON lines), driven by `tools.bench.system.ProbeProcess`: on stdin, one
+`{"sid", "client", "n"}` per submission to watch (EOF: stop); on stdout, `{"read": seconds,
+"status": code}` per trajectory read, and `{"sid", "at": wall-clock seconds | null}` when a watch
+ends (seen, or timed out). Arguments: reporting's base URL, a read key, the poll interval and the
+timeout of one watch, in seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+import httpx
+
+from tools.bench.system import VisibilityProbe
+
+
+async def main(base_url: str, key: str, interval: float, timeout: float) -> None:
+    out = sys.stdout
+
+    def emit(msg: dict[str, object]) -> None:
+        out.write(json.dumps(msg) + "\n")
+        out.flush()
+
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
+        # The bound on watches in flight is the parent's (it decides what is skipped).
+        probe = VisibilityProbe(http, key, interval, timeout, max_in_flight=sys.maxsize,
+                                on_read=lambda took, status: emit({"read": took, "status": status}),
+                                on_end=lambda sid, at: emit({"sid": sid, "at": at}))
+        while line := await stdin.readline():
+            w = json.loads(line)
+            probe.watch(str(w["sid"]), str(w["client"]), int(w["n"]))
+        for task in list(probe.tasks):
+            task.cancel()
+        await asyncio.gather(*probe.tasks, return_exceptions=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])))
