@@ -2,14 +2,14 @@
 
 Why a process: every timestamp of the latency phase is taken on the bench's event loop (the 202
 of each POST, the scored event read from the broker, the webhook received). The probe reads a
-sampled client's whole trajectory every 50 ms until the session shows; on main that answer (the
-sessions with their episodes, flags, alerts and the paired ORS series) costs the reader ~7 ms of
-CPU per read, ~6 CPU-seconds per run, and on the same loop it delayed every other callback. Measured
-on 2026-11-27 (main 5da22a7, one run): intake's own histogram (`alliance_http_request_seconds`,
-POST /v1/submissions) had every request under 1 s and about three quarters under 50 ms, while the
-bench timed POST -> 202 at p50 839 ms, p99 5.9 s (loop lag p99 189 ms); the same run without probes
-timed p50 19 ms, p99 88 ms. So the instrument, not intake, made those figures. Here the probe has
-its own loop, and the bench's loop times what it times.
+sampled client's trajectory every 50 ms until the session shows, up to 8 at once, and on the same
+loop that polling delayed every other callback. Measured on 2026-11-27 (main 5da22a7, one run):
+intake's own histogram (`alliance_http_request_seconds`, POST /v1/submissions) had every request
+under 1 s and about three quarters under 50 ms, while the bench timed POST -> 202 at p50 839 ms,
+p99 5.9 s (loop lag p99 189 ms); the same run without probes timed p50 19 ms, p99 88 ms, and the
+bench process used 6.1 CPU-s instead of 11.6. (Not because of what it reads: a trajectory of 8
+sessions is 4.4 KB and parses in 0.05 ms.) So the instrument, not intake, made those figures.
+Here the probe has its own loop, and the bench's loop times what it times.
 
 Protocol (JSON lines), driven by `tools.bench.system.ProbeProcess`: on stdin, one
 `{"sid", "client", "n"}` per submission to watch (EOF: stop); on stdout, `{"read": seconds,
