@@ -43,8 +43,9 @@
 5. Drop generations older than the previous one (the previous stays for a quick way back).
 
 The replay skips records that do not decode (the live consumer dead-lettered them already).
-Submission statuses (`reporting_submissions`) are not part of a generation and are not touched:
-the live consumers keep them, and the dead-letter topic is not replayed.
+Submission statuses (`reporting_submissions`, and their listing `reporting_rejections`) are not
+part of a generation and are not touched: the live consumers keep them, and the dead-letter topic
+is not replayed.
 """
 
 from __future__ import annotations

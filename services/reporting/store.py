@@ -31,8 +31,18 @@ Collections (all prefixed `reporting_`):
   outcome instrument, with its own fields (`rules.outcome_contribution`: the outcome indices).
 - `reporting_submissions` (not per generation: a rebuild does not replay the dead-letter topic):
   one document per (tenant, scale, submission id) with the parts `scored`, `superseded` and `rejected`
-  (see rules.py). Indexes: `_id` — GET /v1/submissions/{id}; `(tenant_id, rejected.sort)` and
-  `(tenant_id, rejected.site_id, rejected.sort)` — the rejections page of a tenant or a site.
+  (see rules.py). Index: `_id` only — GET /v1/submissions/{id}, and every write.
+- `reporting_rejections`: the rejections page's listing, one document per status document with a
+  `rejected` part: its `_id` and `tenant_id`, and the part's `site_id`, `sort` and `key` (the key
+  guards the listing as it guards the part). Indexes: `(tenant_id, sort)` and
+  `(tenant_id, site_id, sort)` — the rejections page of a tenant or a site (then its status
+  documents by `_id`). Apart because the local store maintains every secondary index on every
+  write of a document, sparse or not, whether or not the indexed fields are there or changed:
+  the two indexes on the status documents cost every scored submission's write (2.03 against
+  1.17 ms of store time per status document at `alliance bench --burst 0`), and only the rare
+  rejected ones need them. A part and its listing are written in one ordered command, the part
+  first (`SubmissionStore._write`); status documents from before the listing are listed, and the
+  old indexes dropped, at the first `ensure_indexes` (`SubmissionStore._migrate`).
 
 Concurrency: a batch takes the records it touches from a write-through cache (or one `find` of
 the misses; a new client's first session is not looked for: it is inserted, and read only if the
@@ -148,6 +158,7 @@ from pymongo import ASCENDING, InsertOne, ReturnDocument, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ClientBulkWriteException, InvalidOperation, OperationFailure, PyMongoError
+from pymongo.results import ClientBulkWriteResult
 
 from services.reporting import rules
 from shared.events import (
@@ -178,6 +189,13 @@ FIRST_GENERATION = "g1"
 _GEN_COLLECTION = re.compile(
     r"^reporting_(g\d+)_(clients|trajectories|alerts|counters|outcomes|outcome_alerts|rollups)$")
 SUBMISSIONS = "reporting_submissions"
+REJECTIONS = "reporting_rejections"
+# The listing's indexes (after `tenant_id`); the status documents carried them under these names
+# before the listing (`SubmissionStore._migrate`).
+_REJECTION_INDEXES = (("rejections", ("sort",)), ("site_rejections", ("site_id", "sort")))
+_OLD_REJECTION_INDEXES = ("rejections", "site_rejections")
+MIGRATION_BATCH = 1_000
+INDEX_NOT_FOUND = 27
 MONGO_MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_RECORD_BYTES = 15 * 1024 * 1024
 
@@ -738,6 +756,37 @@ APPLIED_ALERTS = 10_000
 _NO_CLIENT_BULK = frozenset({59, 40415, 9})
 
 
+class ClientBulk:
+    """The store's cross-collection `bulkWrite` (MongoDB 8.0+; SecantusDB has it), used until the
+    store refuses it: writes to several collections as ONE ordered command."""
+
+    def __init__(self, db: AsyncDatabase[Document]) -> None:
+        self._db = db
+        self.taken = True
+
+    async def ordered(self, writes: Sequence[UpdateOne]) -> ClientBulkWriteResult | None:
+        """Run `writes` (each with its `namespace`) in order; None when the command did not apply
+        everything - a guard that missed (E11000 stops an ordered command) or any other refusal -
+        and the caller makes the writes apart, which repeat nothing already applied. A server
+        without the command is remembered and never asked again. A failure to reach the store
+        raises, as the separate writes' would."""
+        if not self.taken or not writes:
+            return None
+        try:
+            return await self._db.client.bulk_write(list(writes), ordered=True)
+        except (InvalidOperation, OperationFailure) as exc:
+            if isinstance(exc, InvalidOperation) or exc.code in _NO_CLIENT_BULK:
+                self.taken = False
+                log.info("the store has no cross-collection bulkWrite: the writes it would join are made apart")
+            return None
+        except ClientBulkWriteException:
+            return None
+
+
+def namespace_of(col: AsyncCollection[Document]) -> str:
+    return f"{col.database.name}.{col.name}"
+
+
 def record_weight(doc: Document) -> int:
     """The memory a cached record takes, estimated from its number of entries (see above)."""
     return RECORD_BASE_BYTES + ENTRY_BYTES * len(doc.get("entries") or ())
@@ -766,8 +815,7 @@ class ReportingStore:
         self._retries = max_conflict_retries
         self.max_record_bytes = max_record_bytes
         self._indexed: set[str] = set()
-        # The store takes the cross-collection bulkWrite (`_counters_then_stamps`) until it refuses it.
-        self._client_bulk = True
+        self._client_bulk = ClientBulk(db)  # `_counters_then_stamps`
         self.cache = DocCache(cache_entries) if cache_bytes is None else DocCache(cache_bytes, record_weight)
         # (generation, alert id) -> the `cv` whose `pending` this process applied (see `count_alerts`)
         self._applied: LruCache[tuple[str, str], int] = LruCache(APPLIED_ALERTS)
@@ -955,8 +1003,8 @@ class ReportingStore:
         ids = sorted(folded)
         tenants = {bucket[0] for bucket, _, _ in folded.values()}
         together = await self._counters_then_stamps(
-            gen, [*(UpdateOne(f, u, upsert=True, namespace=self._namespace(col)) for col, f, u in documents),
-                  *(counter_update(cid, *folded[cid], namespace=self._namespace(self.counters(gen)))
+            gen, [*(UpdateOne(f, u, upsert=True, namespace=namespace_of(col)) for col, f, u in documents),
+                  *(counter_update(cid, *folded[cid], namespace=namespace_of(self.counters(gen)))
                     for cid in ids)], tenants)
         if together is not None or documents:
             return together  # None with `documents`: the caller writes them and then the counters apart
@@ -980,10 +1028,6 @@ class ReportingStore:
         await guarded_upserts(self.rollups(gen), self._stamp_ops(tenants))
 
     @staticmethod
-    def _namespace(col: AsyncCollection[Document]) -> str:
-        return f"{col.database.name}.{col.name}"
-
-    @staticmethod
     def _stamp_ops(tenants: Collection[str], namespace: str | None = None) -> list[UpdateOne]:
         """Bumps of the change stamp of tenants whose counters were just written. Two first bumps
         of a tenant both upsert and one loses with E11000: `guarded_upserts` runs it once more, so
@@ -1002,19 +1046,13 @@ class ReportingStore:
         that missed (a redelivery, a concurrent writer: E11000 stops an ordered command) or any
         other refusal - and the caller runs the separate writes, which repeat nothing already
         applied (markers, `cv`) and bump the stamps (a bump too many only costs one more
-        refresh). A server without the command is remembered and never asked again. A failure to
-        reach the store raises, as the separate writes' would: the batch is retried."""
-        if not self._client_bulk or not writes:
+        refresh). A server without the command is remembered and never asked again (`ClientBulk`).
+        A failure to reach the store raises, as the separate writes' would: the batch is retried."""
+        if not writes:
             return None
-        stamps = self._stamp_ops(tenants, self._namespace(self.rollups(gen)))
-        try:
-            result = await self.db.client.bulk_write([*writes, *stamps], ordered=True)
-        except (InvalidOperation, OperationFailure) as exc:
-            if isinstance(exc, InvalidOperation) or exc.code in _NO_CLIENT_BULK:
-                self._client_bulk = False
-                log.info("the store has no cross-collection bulkWrite: counters and stamps are written apart")
-            return None
-        except ClientBulkWriteException:
+        stamps = self._stamp_ops(tenants, namespace_of(self.rollups(gen)))
+        result = await self._client_bulk.ordered([*writes, *stamps])
+        if result is None:
             return None
         return max(0, result.upserted_count + result.modified_count - len(stamps))
 
@@ -1417,35 +1455,94 @@ class RollupRefresher:
 
 
 class SubmissionStore:
-    """The `reporting_submissions` collection: what happened to each submission (see rules.py)."""
+    """The `reporting_submissions` collection: what happened to each submission (see rules.py), and
+    `reporting_rejections`, the rejections page's listing of its rejected documents (module docs)."""
 
     def __init__(self, db: AsyncDatabase[Document]) -> None:
         self.col: AsyncCollection[Document] = db[SUBMISSIONS]
+        self.listed: AsyncCollection[Document] = db[REJECTIONS]
+        self._client_bulk = ClientBulk(db)
         self._indexed = False
 
     async def ensure_indexes(self) -> None:
+        """The listing's indexes; on the first start after the split, the migration (`_migrate`)."""
         if self._indexed:
             return
-        await self.col.create_index([("tenant_id", ASCENDING), ("rejected.sort", ASCENDING)], name="rejections")
-        await self.col.create_index([("tenant_id", ASCENDING), ("rejected.site_id", ASCENDING),
-                                     ("rejected.sort", ASCENDING)], name="site_rejections")
+        for name, fields in _REJECTION_INDEXES:
+            await self.listed.create_index([("tenant_id", ASCENDING), *((f, ASCENDING) for f in fields)], name=name)
+        if _OLD_REJECTION_INDEXES[0] in await self.col.index_information():
+            await self._migrate()
         self._indexed = True
+
+    async def _migrate(self) -> None:
+        """From a deployment whose status documents carried the rejections indexes: list every
+        rejected status document (one scan, guarded upserts in batches: a repeat writes nothing),
+        then drop the old indexes. The drop marks the migration done: a crash before it repeats the
+        backfill on the next start, and two processes starting together both backfill (idempotent)
+        and one of them finds an index already dropped."""
+        scanned = written = 0
+        batch: list[UpdateOne] = []
+        async for doc in self.col.find({"rejected": {"$exists": True}},
+                                       {"tenant_id": 1, "rejected.key": 1, "rejected.sort": 1, "rejected.site_id": 1}):
+            scanned += 1
+            batch.append(self._listing_op(doc["_id"], doc["tenant_id"], doc["rejected"]))
+            if len(batch) >= MIGRATION_BATCH:
+                written += await guarded_upserts(self.listed, batch)
+                batch = []
+        written += await guarded_upserts(self.listed, batch)
+        for name in _OLD_REJECTION_INDEXES:
+            try:
+                await self.col.drop_index(name)
+            except OperationFailure as exc:
+                if exc.code != INDEX_NOT_FOUND:
+                    raise
+        log.info("rejections moved to %s: %d rejected status documents, %d listed anew; old indexes dropped",
+                 REJECTIONS, scanned, written)
+
+    @staticmethod
+    def _part_op(doc_id: str, name: str, part: Document, owner: tuple[str, str],
+                 namespace: str | None = None) -> UpdateOne:
+        """The write of a part, when its key is greater than the stored one (or there is none)."""
+        tenant_id, submission_id = owner
+        owned = {"tenant_id": tenant_id, "submission_id": submission_id}
+        # "missing or lower" as one `$not`, not an `$or`: the local store plans an `$or` as a
+        # collection scan (63 ms per update at 10,000 documents), `_id` + `$not` by key.
+        return UpdateOne({"_id": doc_id, f"{name}.key": {"$not": {"$gte": part["key"]}}},
+                         {"$set": {name: part}, "$setOnInsert": owned}, upsert=True, namespace=namespace)
+
+    @staticmethod
+    def _listing_op(doc_id: str, tenant_id: str, rejected: Document, namespace: str | None = None) -> UpdateOne:
+        """The listing of a status document's `rejected` part, under the same guard as the part
+        (its key): so it follows the part a re-judgement writes (a new `sort`), never an older one."""
+        return UpdateOne({"_id": doc_id, "key": {"$not": {"$gte": rejected["key"]}}},
+                         {"$set": {"tenant_id": tenant_id, "site_id": rejected["site_id"], "sort": rejected["sort"],
+                                   "key": rejected["key"]}},
+                         upsert=True, namespace=namespace)
 
     async def _write(self, parts: dict[tuple[str, str], Document], owners: dict[str, tuple[str, str]]) -> int:
         """Write each (document, part) when its key is greater than the stored one, in one bulk write
-        (`guarded_upserts`: E11000 means the document exists with a key at least as high)."""
-        ops: list[UpdateOne] = []
-        for doc_id, name in sorted(parts):
-            part = parts[(doc_id, name)]
-            tenant_id, submission_id = owners[doc_id]
-            # "missing or lower" as one `$not`, not an `$or`: the local store plans an `$or` as a
-            # collection scan (63 ms per update at 10,000 documents), `_id` + `$not` by key.
-            lower = {f"{name}.key": {"$not": {"$gte": part["key"]}}}
-            ops.append(UpdateOne(
-                {"_id": doc_id, **lower},
-                {"$set": {name: part}, "$setOnInsert": {"tenant_id": tenant_id, "submission_id": submission_id}},
-                upsert=True))
-        return await guarded_upserts(self.col, ops)
+        (`guarded_upserts`: E11000 means the document exists with a key at least as high), and the
+        listing of each `rejected` part under the same guard. Returns the parts written.
+
+        With rejected parts, the parts and then their listings go as ONE ordered cross-collection
+        command. When it stops early (a guard that missed: a redelivery, a concurrent writer) or
+        the store has no such command, the two writes are made apart, the parts first: so a
+        listing never names a part not written yet, and a crash between the two leaves parts
+        without their listing until the redelivery, whose part writes are no-ops and whose
+        listings go through."""
+        keys = sorted(parts)
+        listed = [(doc_id, parts[(doc_id, name)]) for doc_id, name in keys if name == "rejected"]
+        if listed:
+            together = await self._client_bulk.ordered(
+                [*(self._part_op(d, n, parts[(d, n)], owners[d], namespace_of(self.col)) for d, n in keys),
+                 *(self._listing_op(d, owners[d][0], part, namespace_of(self.listed)) for d, part in listed)])
+            if together is not None:
+                # Complete: every guarded update matched (and changed the key) or upserted.
+                return len(keys)
+        written = await guarded_upserts(self.col, [self._part_op(d, n, parts[(d, n)], owners[d]) for d, n in keys])
+        await guarded_upserts(self.listed, [self._listing_op(d, owners[d][0], part) for d, part in listed])
+        return written
+
     async def apply_scored(self, events: Sequence[rules.Scored]) -> int:
         """The `scored` part of each event's submission and the `superseded` part of the one it
         names in `supersedes`."""
@@ -1494,8 +1591,23 @@ class SubmissionStore:
         return found.get("alliance") or found.get("outcome")
 
     async def rejections(self, tenant_id: str, site_id: str | None, after: str, limit: int) -> list[Document]:
-        """One page (limit + 1) of a tenant's (or site's) rejections with `rejected.sort` > `after`, oldest first."""
-        q: Document = {"tenant_id": tenant_id, "rejected.sort": {"$gt": after}}
+        """One page (limit + 1) of a tenant's (or site's) rejections with `rejected.sort` > `after`,
+        oldest first: the listing's page (by its index), then its status documents in one read.
+
+        A listing lags its part only between the two writes of `_write` (a re-judgement's part
+        written, its listing not yet: until the redelivery). Such a document is returned where its
+        listing is, with its `rejected.sort` set to the listing's: the page's cursor is the listing's
+        order, so no listing after it is skipped; its reason is the part's, the newer one. (The API
+        still checks the part's site: `rules.submission_view`.)"""
+        q: Document = {"tenant_id": tenant_id, "sort": {"$gt": after}}
         if site_id is not None:
-            q["rejected.site_id"] = site_id
-        return await self.col.find(q).sort([("rejected.sort", ASCENDING)]).limit(limit + 1).to_list()
+            q["site_id"] = site_id
+        page = await self.listed.find(q, {"sort": 1}).sort([("sort", ASCENDING)]).limit(limit + 1).to_list()
+        docs = {d["_id"]: d for d in await self.col.find({"_id": {"$in": [p["_id"] for p in page]}}).to_list()}
+        out: list[Document] = []
+        for p in page:
+            doc = docs.get(p["_id"])
+            if doc is not None and doc.get("rejected"):  # never otherwise: a part is written before its listing
+                doc["rejected"]["sort"] = p["sort"]
+                out.append(doc)
+        return out

@@ -334,6 +334,83 @@ async def test_rejections_page_oldest_first_per_tenant_and_site(db: AsyncDatabas
     assert [d["submission_id"] for d in await store.rejections("other", None, "", 10)] == ["r0"]
 
 
+async def test_a_scored_status_document_has_no_rejections_listing(db: AsyncDatabase[Document]) -> None:
+    store = SubmissionStore(db)
+    await store.ensure_indexes()
+    await store.apply_scored([scored(T, "c1", 1, 30.0, submission_id="ok")])
+    assert await store.get(T, "ok") is not None
+    assert await store.listed.count_documents({}) == 0
+    assert set(await store.col.index_information()) == {"_id_"}  # no index to maintain on every status write
+
+
+def _rejudged(dead: DeadLetter, at: datetime, judgement: int) -> DeadLetter:
+    return dead.model_copy(update={"occurred_at": at, "judgement": judgement, "reason": "rejudged"})
+
+
+async def test_a_rejudged_rejection_moves_in_the_listing_and_an_older_one_does_not(
+        db: AsyncDatabase[Document]) -> None:
+    store = SubmissionStore(db)
+    await store.ensure_indexes()
+    at = datetime(2026, 3, 1, tzinfo=UTC)
+    a, b = _submitted("a", 1, at), _submitted("b", 2, at)
+    first = _dead(a, "session_gap", at)
+    await store.apply_rejected([(T, first, a), (T, _dead(b, "session_gap", at + timedelta(minutes=1)), b)])
+    await store.apply_rejected([(T, _rejudged(first, at + timedelta(minutes=2), 1), a)])
+    assert [(d["submission_id"], d["rejected"]["reason"]) for d in await store.rejections(T, None, "", 10)] == [
+        ("b", "session_gap"), ("a", "rejudged")]
+    await store.apply_rejected([(T, first, a)])  # the first judgement redelivered: its key is lower
+    listing = await store.listed.find({}, {"_id": 0, "sort": 1}).sort("sort").to_list()
+    page = await store.rejections(T, None, "", 10)
+    assert [d["submission_id"] for d in page] == ["b", "a"]
+    assert [d["rejected"]["sort"] for d in page] == [row["sort"] for row in listing]
+
+
+async def test_a_listing_written_late_keeps_the_page_in_listing_order(db: AsyncDatabase[Document]) -> None:
+    """A crash between a re-judgement's part and its listing: the page follows the listing (its
+    cursor too) and shows the newer part; the redelivery then moves the listing."""
+    store = SubmissionStore(db)
+    await store.ensure_indexes()
+    at = datetime(2026, 3, 1, tzinfo=UTC)
+    a, b = _submitted("a", 1, at), _submitted("b", 2, at)
+    first = _dead(a, "session_gap", at)
+    await store.apply_rejected([(T, first, a), (T, _dead(b, "session_gap", at + timedelta(minutes=1)), b)])
+    again = (T, _rejudged(first, at + timedelta(minutes=2), 1), a)
+    part = rules.rejected_part(again[1], a)
+    await store.col.update_one({"_id": rules.submission_doc_id(T, "a")}, {"$set": {"rejected": part}})
+    page = await store.rejections(T, None, "", 1)
+    assert [(d["submission_id"], d["rejected"]["reason"]) for d in page] == [("a", "rejudged"), ("b", "session_gap")]
+    assert [d["submission_id"] for d in await store.rejections(T, None, page[0]["rejected"]["sort"], 1)] == ["b"]
+    await store.apply_rejected([again])
+    assert [d["submission_id"] for d in await store.rejections(T, None, "", 10)] == ["b", "a"]
+
+
+async def test_upgrading_lists_the_rejections_of_status_documents_and_drops_their_indexes(
+        db: AsyncDatabase[Document]) -> None:
+    store = SubmissionStore(db)
+    at = datetime(2026, 3, 1, tzinfo=UTC)
+    subs = [_submitted(f"r{i}", 40 + i, at, site="north" if i % 2 else "south") for i in range(3)]
+    # written the old way: the parts on the status documents, indexed there
+    await store.col.insert_many([
+        {"_id": rules.submission_doc_id(T, s.submission_id), "tenant_id": T, "submission_id": s.submission_id,
+         "rejected": rules.rejected_part(_dead(s, "session_gap", at + timedelta(minutes=i)), s)}
+        for i, s in enumerate(subs)])
+    await store.apply_scored([scored(T, "c1", 1, 30.0, submission_id="ok")])
+    await store.col.create_index([("tenant_id", 1), ("rejected.sort", 1)], name="rejections")
+    await store.col.create_index([("tenant_id", 1), ("rejected.site_id", 1), ("rejected.sort", 1)],
+                                 name="site_rejections")
+    await store.ensure_indexes()
+    assert [d["submission_id"] for d in await store.rejections(T, None, "", 10)] == ["r0", "r1", "r2"]
+    assert [d["submission_id"] for d in await store.rejections(T, "north", "", 10)] == ["r1"]
+    assert set(await store.col.index_information()) == {"_id_"}
+    listing = await store.listed.find().sort("_id").to_list()
+    assert len(listing) == 3
+    # a process of the previous version recreates the old indexes; the next start migrates again
+    await store.col.create_index([("tenant_id", 1), ("rejected.sort", 1)], name="rejections")
+    await SubmissionStore(db).ensure_indexes()
+    assert await store.listed.find().sort("_id").to_list() == listing
+    assert set(await store.col.index_information()) == {"_id_"}
+
+
 # A submission id names one submission per scale (docs/clinical-records.md, "Session identity").
 
 
