@@ -347,14 +347,21 @@ def _rejudged(dead: DeadLetter, at: datetime, judgement: int) -> DeadLetter:
     return dead.model_copy(update={"occurred_at": at, "judgement": judgement, "reason": "rejudged"})
 
 
-async def test_a_rejudged_rejection_moves_in_the_listing_and_an_older_one_does_not(
-        db: AsyncDatabase[Document]) -> None:
+async def _a_then_b_rejected(db: AsyncDatabase[Document]) -> tuple[SubmissionStore, SrsSubmitted, DeadLetter]:
+    """A store listing "a" then "b" (a minute later); returns "a"'s submission and dead letter."""
     store = SubmissionStore(db)
     await store.ensure_indexes()
     at = datetime(2026, 3, 1, tzinfo=UTC)
     a, b = _submitted("a", 1, at), _submitted("b", 2, at)
     first = _dead(a, "session_gap", at)
     await store.apply_rejected([(T, first, a), (T, _dead(b, "session_gap", at + timedelta(minutes=1)), b)])
+    return store, a, first
+
+
+async def test_a_rejudged_rejection_moves_in_the_listing_and_an_older_one_does_not(
+        db: AsyncDatabase[Document]) -> None:
+    store, a, first = await _a_then_b_rejected(db)
+    at = first.occurred_at
     await store.apply_rejected([(T, _rejudged(first, at + timedelta(minutes=2), 1), a)])
     assert [(d["submission_id"], d["rejected"]["reason"]) for d in await store.rejections(T, None, "", 10)] == [
         ("b", "session_gap"), ("a", "rejudged")]
@@ -368,12 +375,8 @@ async def test_a_rejudged_rejection_moves_in_the_listing_and_an_older_one_does_n
 async def test_a_listing_written_late_keeps_the_page_in_listing_order(db: AsyncDatabase[Document]) -> None:
     """A crash between a re-judgement's part and its listing: the page follows the listing (its
     cursor too) and shows the newer part; the redelivery then moves the listing."""
-    store = SubmissionStore(db)
-    await store.ensure_indexes()
-    at = datetime(2026, 3, 1, tzinfo=UTC)
-    a, b = _submitted("a", 1, at), _submitted("b", 2, at)
-    first = _dead(a, "session_gap", at)
-    await store.apply_rejected([(T, first, a), (T, _dead(b, "session_gap", at + timedelta(minutes=1)), b)])
+    store, a, first = await _a_then_b_rejected(db)
+    at = first.occurred_at
     again = (T, _rejudged(first, at + timedelta(minutes=2), 1), a)
     part = rules.rejected_part(again[1], a)
     await store.col.update_one({"_id": rules.submission_doc_id(T, "a")}, {"$set": {"rejected": part}})
