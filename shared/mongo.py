@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Hashable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -124,11 +124,16 @@ IDS_PER_READ = 25
 async def find_by_ids(collection: AsyncCollection[Document], ids: Collection[str],
                       per_read: int = IDS_PER_READ) -> list[Document]:
     """The documents of `collection` with these `_id`s (those that exist), read `per_read` ids at a time."""
+    return [d async for d in each_by_ids(collection, ids, per_read=per_read)]
+
+
+async def each_by_ids(collection: AsyncCollection[Document], ids: Collection[str], projection: Document | None = None,
+                      per_read: int = IDS_PER_READ) -> AsyncIterator[Document]:
+    """`find_by_ids` one document at a time (fields `projection`), holding one list's documents at most."""
     wanted = sorted(ids)
-    out: list[Document] = []
     for i in range(0, len(wanted), per_read):
-        out.extend(await collection.find({"_id": {"$in": wanted[i:i + per_read]}}).to_list())
-    return out
+        async for d in collection.find({"_id": {"$in": wanted[i:i + per_read]}}, projection):
+            yield d
 
 
 def given(**fields: Any) -> Document:

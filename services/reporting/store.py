@@ -81,9 +81,20 @@ What a crash leaves behind, step by step:
 So moves of version `v` are on every counter before version `v + 1` of the record can be
 written (a writer either applied them itself, or read the record and applied them), and a
 marker never passes a version whose moves it has not taken. `pending` is never cleared (that
-would cost a write); it is replaced with the next version. Indexes: `(tenant, site)`,
-`(tenant, clinician)` — summaries and trends read every counter document of a scope (one per
-site, clinician and instrument, whatever the number of clients; trends project the months asked).
+would cost a write); it is replaced with the next version. Index: `_id` only. Summaries, trends
+and roll-up refreshes read every counter document of a scope (one per site, clinician and
+instrument, whatever the number of clients; trends project the months asked), found through the
+counter directory (`reporting_<gen>_counter_directory`): one small document per counter document
+(`_id` the counter's, tenant_id, site_id, clinician_id, instrument), with the indexes
+`(tenant, site)` and `(tenant, clinician)`; a read takes the scope's ids there, then the counters
+by `_id` (`_scope_counters`), and `sites` is a distinct on it. Why apart: the local store
+maintains every secondary index on every document write, even when the indexed fields do not
+change (+0.15-0.4 ms per index and document written), and a counter document is rewritten by
+every batch that touches its bucket, while its entry is written once, when the bucket first
+appears (a new site, clinician or instrument of a tenant). Every path that creates a counter
+lists it in the directory first (`apply_counters` explains the order and what a crash leaves; a
+rebuild's `CounterTally.flush` does the same); a generation from before the directory is
+upgraded by `ensure_indexes`.
 A counter document's markers grow with the records that ever counted in it (a clinician's
 caseload on one instrument).
 Alerts count in the same counter documents (the monthly `alerts_raised`, `alerts_acknowledged`
@@ -175,6 +186,7 @@ from shared.mongo import (
     LruCache,
     TtlCache,
     bulk_write,
+    each_by_ids,
     find_by_ids,
     guarded_upserts,
     write_versioned,
@@ -187,7 +199,7 @@ POINTER_ID = "generation"
 FIRST_GENERATION = "g1"
 # `trajectories` (one document per episode) is the shape before records; dropped with its generation.
 _GEN_COLLECTION = re.compile(
-    r"^reporting_(g\d+)_(clients|trajectories|alerts|counters|outcomes|outcome_alerts|rollups)$")
+    r"^reporting_(g\d+)_(clients|trajectories|alerts|counters|counter_directory|outcomes|outcome_alerts|rollups)$")
 SUBMISSIONS = "reporting_submissions"
 REJECTIONS = "reporting_rejections"
 # The listing's indexes (after `tenant_id`); the status documents carried them under these names
@@ -233,6 +245,10 @@ def counters_name(gen: str) -> str:
     return f"reporting_{gen}_counters"
 
 
+def counter_directory_name(gen: str) -> str:
+    return f"reporting_{gen}_counter_directory"
+
+
 def outcomes_name(gen: str) -> str:
     return f"reporting_{gen}_outcomes"
 
@@ -247,8 +263,8 @@ def rollups_name(gen: str) -> str:
 
 def generation_collections(gen: str) -> tuple[str, ...]:
     """Every collection of one generation (what an abandoned rebuild drops)."""
-    return (clients_name(gen), alerts_name(gen), counters_name(gen), outcomes_name(gen), outcome_alerts_name(gen),
-            rollups_name(gen))
+    return (clients_name(gen), alerts_name(gen), counters_name(gen), counter_directory_name(gen), outcomes_name(gen),
+            outcome_alerts_name(gen), rollups_name(gen))
 
 
 PENDING = "pending"
@@ -277,6 +293,17 @@ def marker(record_id: str) -> str:
 
 def counter_doc_id(bucket: Bucket) -> str:
     return rules.counter_id((*bucket, rules.CURRENT))
+
+
+def directory_document(bucket: Bucket) -> Document:
+    """The counter directory's entry of a counter document: its `_id` and the bucket's identity."""
+    return {"_id": counter_doc_id(bucket), **dict(zip(_COUNTER_FIELDS, bucket, strict=True))}
+
+
+async def list_counters(directory: AsyncCollection[Document], entries: Iterable[Document]) -> None:
+    """Make sure the counter directory holds these entries (`directory_document`): one unordered
+    bulk insert, an entry already there (E11000) left as it is (an entry never changes)."""
+    await bulk_write(directory, [InsertOne(e) for e in entries])
 
 
 def flat_counters(counters: rules.Counters) -> dict[Bucket, dict[str, int]]:
@@ -502,8 +529,11 @@ class CounterTally:
         """The tenants whose counters are held."""
         return {bucket[0] for bucket in self._held}
 
-    async def flush(self, col: AsyncCollection[Document]) -> int:
+    async def flush(self, col: AsyncCollection[Document], directory: AsyncCollection[Document]) -> int:
         """Write what is held (one write per counter document) and forget it; returns the documents written.
+
+        The documents this tally has not written yet are listed in the counter `directory` first
+        (`list_counters`; see `ReportingStore.apply_counters` for why before).
 
         A document this tally has not written yet is inserted whole (the store inserts several
         times faster than it upserts), even when its moves summed to nothing (it exists as it
@@ -519,6 +549,7 @@ class CounterTally:
         self._held, self.held_bytes = {}, 0
         known = [inc(bucket, incs) for bucket, incs in held if bucket in self._written and incs]
         new = [(bucket, incs) for bucket, incs in held if bucket not in self._written]
+        await list_counters(directory, (directory_document(bucket) for bucket, _ in new))
         inserted = await bulk_write(col, [InsertOne(counter_document(bucket, incs)) for bucket, incs in new])
         self._written.update(bucket for bucket, _ in new)
         ops = [*known, *(inc(*new[i]) for i in inserted.duplicates if new[i][1])]
@@ -738,7 +769,8 @@ def from_stored(doc: Document) -> Document:
 
 # (name, fields after `tenant_id`) of each generation collection's query indexes (see the module docs)
 _RECORD_INDEXES = (("caseload", ("clinician_id", "caseload_key")), ("by_site", ("site_id", "instrument")))
-_COUNTER_INDEXES = (("by_site", ("site_id",)), ("by_clinician", ("clinician_id",)))
+# The counters' scopes are looked up in their directory (`list_counters`), the counters themselves by `_id`.
+_DIRECTORY_INDEXES = (("by_site", ("site_id",)), ("by_clinician", ("clinician_id",)))
 _ALERT_INDEXES = (("by_record", ("record_id",)),)
 # Outcome records are read by `_id` (beside their alliance record), and by caseload for the
 # clients with no alliance record; their alerts by record.
@@ -752,6 +784,14 @@ RECORD_BASE_BYTES = 2_700
 ENTRY_BYTES = 1_250
 # Alerts whose applied `pending` a store remembers (an entry is an id and a version: ~1 MB in all).
 APPLIED_ALERTS = 10_000
+# Counter documents whose directory entry a store knows is written, per generation (an id: ~100 bytes).
+LISTED_COUNTERS = 100_000
+# Generations whose listed counters a store remembers: the ones consumers write (the active one and
+# a rebuild's); a third means a rebuild switched, and the oldest is no longer written (then dropped).
+LISTED_GENERATIONS = 2
+# Counter directory entries per insert of an upgrade's backfill (`ReportingStore.ensure_indexes`).
+BACKFILL_CHUNK = 1_000
+INDEX_NOT_FOUND = 27
 # CommandNotFound, and the codes of a server that does not know the command's shape.
 _NO_CLIENT_BULK = frozenset({59, 40415, 9})
 
@@ -819,6 +859,8 @@ class ReportingStore:
         self.cache = DocCache(cache_entries) if cache_bytes is None else DocCache(cache_bytes, record_weight)
         # (generation, alert id) -> the `cv` whose `pending` this process applied (see `count_alerts`)
         self._applied: LruCache[tuple[str, str], int] = LruCache(APPLIED_ALERTS)
+        # generation -> counter ids whose directory entry is written (see `apply_counters`)
+        self._listed: LruCache[str, LruCache[str, bool]] = LruCache(LISTED_GENERATIONS)
 
     def clients(self, gen: str) -> AsyncCollection[Document]:
         return self.db[clients_name(gen)]
@@ -828,6 +870,9 @@ class ReportingStore:
 
     def counters(self, gen: str) -> AsyncCollection[Document]:
         return self.db[counters_name(gen)]
+
+    def counter_directory(self, gen: str) -> AsyncCollection[Document]:
+        return self.db[counter_directory_name(gen)]
 
     def outcomes(self, gen: str) -> AsyncCollection[Document]:
         return self.db[outcomes_name(gen)]
@@ -844,16 +889,62 @@ class ReportingStore:
     async def ensure_indexes(self, gen: str) -> None:
         """Create one generation's query indexes (idempotent; done once per process and generation).
 
-        Writers need only `_id`; a rebuild creates these after its bulk load, before the switch.
+        Writers need only `_id`; a rebuild creates these after its bulk load, before the switch
+        (its counter directory is complete by then: every counter write lists its document first).
+
+        A generation from before the counter directory has the scope indexes on its counters
+        (`by_site`, `by_clinician`): it is upgraded here, once. Its directory is filled from the
+        counter documents (`_backfill_directory`: one scan of the four identity fields), its
+        indexes created, and then the two counter indexes dropped, `by_site` last: that drop marks
+        the upgrade done. A crash (or a second process upgrading at the same time) before it
+        repeats the backfill, which is idempotent; a counter created meanwhile is listed by its
+        writer. Every reporting process must run this code before any of them does (they are
+        upgraded together): one from before would create counters without their directory
+        entries, which no query would find.
         """
         if gen in self._indexed:
             return
-        for col, indexes in ((self.clients(gen), _RECORD_INDEXES), (self.counters(gen), _COUNTER_INDEXES),
+        upgrade = "by_site" in await self.counters(gen).index_information()
+        if upgrade:
+            await self._backfill_directory(gen)
+        for col, indexes in ((self.clients(gen), _RECORD_INDEXES), (self.counter_directory(gen), _DIRECTORY_INDEXES),
                              (self.alerts(gen), _ALERT_INDEXES), (self.outcomes(gen), _OUTCOME_INDEXES),
                              (self.outcome_alerts(gen), _OUTCOME_ALERT_INDEXES)):
             for name, fields in indexes:
                 await col.create_index([("tenant_id", ASCENDING), *((f, ASCENDING) for f in fields)], name=name)
+        if upgrade:
+            for name in ("by_clinician", "by_site"):
+                try:
+                    await self.counters(gen).drop_index(name)
+                except OperationFailure as exc:
+                    if exc.code != INDEX_NOT_FOUND:  # another process dropped it first
+                        raise
         self._indexed.add(gen)
+
+    async def _backfill_directory(self, gen: str) -> None:
+        """List every counter document of `gen` in its directory (an upgrade: `ensure_indexes`),
+        `BACKFILL_CHUNK` entries per insert. The projection of a counter document on its identity
+        is its directory entry."""
+        chunk: list[Document] = []
+        async for d in self.counters(gen).find({}, dict.fromkeys(_COUNTER_FIELDS, 1)):
+            chunk.append(d)
+            if len(chunk) == BACKFILL_CHUNK:
+                await list_counters(self.counter_directory(gen), chunk)
+                chunk = []
+        await list_counters(self.counter_directory(gen), chunk)
+
+    async def _list(self, gen: str, buckets: Iterable[Bucket]) -> None:
+        """List these buckets' counter documents in the directory of `gen` before they are written
+        (see `apply_counters`), skipping those this process listed (or found listed) before."""
+        listed = self._listed.get(gen)
+        if listed is None:
+            listed = LruCache(LISTED_COUNTERS)
+            self._listed.put(gen, listed)
+        new = {cid: b for b in buckets if listed.get(cid := counter_doc_id(b)) is None}
+        if new:
+            await list_counters(self.counter_directory(gen), map(directory_document, new.values()))
+            for cid in new:
+                listed.put(cid, True)
 
     # ------------------------------------------------------------------ writes
 
@@ -996,11 +1087,31 @@ class ReportingStore:
         (an alert's new `counted`), written in the same ordered command ahead of the counters.
         Returns None when that command did not apply everything: the caller then writes the
         documents and the counters apart (`_count_alert_docs`); without `documents`, never None.
+
+        Before any of that, each counter document is listed in the generation's counter directory
+        (`_list`: one insert of the entries this process has not listed yet, none at all once a
+        tenant's buckets are known). Readers find a scope's counters there: the directory holds the
+        scope indexes, which the store would otherwise maintain on every counter write although
+        a counter's scope never changes. Directory BEFORE counter, never with or after it. What a
+        crash leaves behind:
+
+        - before or during the directory insert: some entries, no counter write; the batch is
+          redelivered (or the record read back with its `pending`) and lists them again (E11000:
+          left as they are);
+        - after it, before (or during) the counter write: entries whose counter document may not
+          exist yet. A reader finds the id and no document under it, which reads as zero - as the
+          counter would have before its first move; a tenant's `sites` may name that site. The
+          moves are applied by the redelivery (step 2 of the module docs), which creates the counter;
+        - after the counter write: both exist.
+
+        So a counter document is never without its entry, which would leave it out of every
+        summary, trend and roll-up for good.
         """
         folded, flat = fold_moves(moves)
         if not folded and not documents:
             return 0
         ids = sorted(folded)
+        await self._list(gen, (folded[cid][0] for cid in ids))
         tenants = {bucket[0] for bucket, _, _ in folded.values()}
         together = await self._counters_then_stamps(
             gen, [*(UpdateOne(f, u, upsert=True, namespace=namespace_of(col)) for col, f, u in documents),
@@ -1082,7 +1193,7 @@ class ReportingStore:
                 continue
             as_of = datetime.now(UTC)
             total = RollupSum()
-            async for d in self.counters(gen).find({"tenant_id": tenant}, shown):
+            async for d in self._scope_counters(gen, {"tenant_id": tenant}, shown):
                 total.add(d)
             ops.append(UpdateOne({"_id": rollup_id(tenant), ROLLED: {"$not": {"$gte": c0}}},
                                  {"$set": {"tenant_id": tenant, ROLLED: c0, AS_OF: as_of, **total.document()}},
@@ -1210,7 +1321,7 @@ class ReportingStore:
         bump the stamps of their tenants as every counter write does (a roll-up refreshed before
         this write must not look up to date after it)."""
         tenants = tally.tenants()
-        written = await tally.flush(self.counters(gen))
+        written = await tally.flush(self.counters(gen), self.counter_directory(gen))
         await self._stamp(gen, tenants)
         return written
 
@@ -1264,6 +1375,15 @@ class ReportingStore:
         return len(done), lost
 
     # ------------------------------------------------------------------ reads
+
+    async def _scope_counters(self, gen: str, scope: Document, shown: Document) -> AsyncIterator[Document]:
+        """The counter documents of a scope (tenant, site and/or clinician), fields `shown`: their
+        ids from the counter directory (its scope indexes), then the documents by `_id`
+        (`each_by_ids`). An entry whose counter is not written yet finds nothing (a crash between
+        the two writes: `apply_counters`), as a counter without moves adds nothing."""
+        ids = [str(d["_id"]) async for d in self.counter_directory(gen).find(scope, {"_id": 1})]
+        async for d in each_by_ids(self.counters(gen), ids, shown):
+            yield d
 
     @staticmethod
     def _scope(tenant_id: str, site_id: str | None) -> Document:
@@ -1351,7 +1471,7 @@ class ReportingStore:
             # Named fields, not "all but markers and months": the store copies a document to cut
             # fields out of it, so an exclusion costs what the markers weigh (3.6x at 500 markers).
             shown = dict.fromkeys(("instrument", *_ROLLED_FIELDS), 1)
-            rows = await self.counters(gen).find(scope, shown).to_list()
+            rows = [d async for d in self._scope_counters(gen, scope, shown)]
             as_of = datetime.now(UTC)
         # Alerts from the counters too (`rules.alert_share`): counting alert documents costs one
         # read per alert (the local store fetches every document an index finds, even to count).
@@ -1379,18 +1499,22 @@ class ReportingStore:
         if clinician_id is not None:
             q["clinician_id"] = clinician_id
         as_of = datetime.now(UTC)
-        docs = await self.counters(gen).find(q, shown).to_list()
+        docs = [d async for d in self._scope_counters(gen, q, shown)]
         return rules.trend_series([row for d in docs for row in month_rows(d)], first, last), as_of
 
     async def sites(self, gen: str, tenant_id: str) -> list[str]:
-        """The sites of a tenant that have any counted data (one counter document per site,
-        clinician and instrument, so this reads no record)."""
-        return sorted(str(s) for s in await self.counters(gen).distinct("site_id", {"tenant_id": tenant_id}) if s)
+        """The sites of a tenant that have any counted data (one counter directory entry per site,
+        clinician and instrument, so this reads no record and no counter). A site whose only
+        entry's counter a crash left unwritten is listed, and reads as zero until the redelivery
+        writes it (`apply_counters`), as a site whose counters all went back to zero does."""
+        return sorted(str(s) for s in await self.counter_directory(gen).distinct("site_id", {"tenant_id": tenant_id})
+                      if s)
 
     async def verify(self, gen: str) -> dict[str, tuple[dict[str, int], dict[str, int]]]:
         """Recompute the counters from the records and the alerts and compare: per counter id
-        whose values differ, (what the records and alerts say, what the counters hold). Empty when
-        they agree."""
+        whose values differ, (what the records and alerts say, what the counters hold as readers
+        find them: a counter document its counter directory does not list is read by no query,
+        so it holds nothing). Empty when they agree."""
 
         async def every_share() -> AsyncIterator[rules.Counters]:
             for records in (self.clients(gen), self.outcomes(gen)):
@@ -1408,8 +1532,9 @@ class ReportingStore:
         flat = flat_counters(rules.total_counters([total, *shares]))
         expected = {counter_doc_id(b): v for b, v in flat.items()}
         held: dict[str, dict[str, int]] = {}
+        listed = {d["_id"] async for d in self.counter_directory(gen).find({}, {"_id": 1})}
         async for c in self.counters(gen).find({}, {MARKS: 0}):
-            if values := counter_values(c):
+            if c["_id"] in listed and (values := counter_values(c)):
                 held[c["_id"]] = values
         out = {cid: (expected.get(cid, {}), held.get(cid, {}))
                for cid in sorted(expected.keys() | held.keys()) if expected.get(cid, {}) != held.get(cid, {})}

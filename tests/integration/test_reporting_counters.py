@@ -29,6 +29,7 @@ from services.reporting.store import (
     SubmissionStore,
     pending_of,
     rollup_id,
+    rollup_of,
     stamp_id,
 )
 from shared import ids
@@ -685,3 +686,163 @@ async def test_a_rebuilds_counter_write_marks_its_tenants_rollup_out_of_date(db:
     await store.flush_tally(G, replay.tally)
     assert await store.refresh_rollups(G) == 1
     assert (await store.summary(G, T, None) or {})["sessions"] == 3
+
+
+# The counter directory (store.py, "Counters"): a scope's counter documents are found through a
+# directory of their identities, which holds the scope indexes the counters no longer carry
+
+IDENTITY = dict.fromkeys(("tenant_id", "site_id", "clinician_id", "instrument"), 1)
+SCOPES: dict[str, dict[str, str]] = {"tenant": {}, "site": {"site_id": "south"}, "clinician": {"clinician_id": "c-1"},
+                                     "site and clinician": {"site_id": "south", "clinician_id": "c-1"}}
+
+
+class ReadingAsBefore(ReportingStore):
+    """The reads of before the directory: a scope's counter documents found by their own fields."""
+
+    async def _scope_counters(self, gen: str, scope: Document, shown: Document) -> AsyncIterator[Document]:
+        async for d in self.counters(gen).find(scope, shown):
+            yield d
+
+    async def sites(self, gen: str, tenant_id: str) -> list[str]:
+        return sorted(str(s) for s in await self.counters(gen).distinct("site_id", {"tenant_id": tenant_id}) if s)
+
+
+async def reads(store: ReportingStore, scope: dict[str, str]) -> tuple[Document | None, list[Document], list[str]]:
+    """(summary without its time, trends, sites) of a scope, read from its counters (no roll-up)."""
+    summary = await store.summary(G, T, scope.get("site_id"), scope.get("clinician_id"))
+    series = await store.trends(G, T, *SPAN, site_id=scope.get("site_id"), clinician_id=scope.get("clinician_id"))
+    return (None if summary is None else without_time(summary)), series, await store.sites(G, T)
+
+
+async def directory(store: ReportingStore) -> list[Document]:
+    return await store.counter_directory(G).find({}).sort("_id").to_list()
+
+
+async def identities(store: ReportingStore) -> list[Document]:
+    """Every counter document's identity: what its directory entry must be."""
+    return await store.counters(G).find({}, IDENTITY).sort("_id").to_list()
+
+
+async def generation_from_before_the_directory(db: AsyncDatabase[Document]) -> None:
+    """Generation G as written before the directory: counter documents carrying the scope indexes, no directory."""
+    store = ReportingStore(db, cache_entries=100)
+    await deliver_alerts(handlers(store), [*history(), *alert_history()])
+    await store.counter_directory(G).drop()
+    for name, field in (("by_site", "site_id"), ("by_clinician", "clinician_id")):
+        await store.counters(G).create_index([("tenant_id", 1), (field, 1)], name=name)
+
+
+@pytest.mark.parametrize("scope", SCOPES.values(), ids=SCOPES.keys())
+async def test_summaries_trends_and_sites_through_the_directory_are_those_of_the_scopes_counter_documents(
+        db: AsyncDatabase[Document], scope: dict[str, str]) -> None:
+    store = ReportingStore(db, cache_entries=100)
+    await deliver_alerts(handlers(store), [*history(), *alert_history()])
+    through_directory = await reads(store, scope)
+    assert through_directory[0] is not None and any(p["sessions"] for p in through_directory[1])  # the scope counts
+    assert through_directory == await reads(ReadingAsBefore(db), scope)
+
+
+async def test_a_tenant_rollup_refreshed_through_the_directory_sums_every_counter_document_of_the_tenant(
+        db: AsyncDatabase[Document]) -> None:
+    store = ReportingStore(db, cache_entries=100)
+    await deliver_alerts(handlers(store), [*history(), *alert_history()])
+    assert await store.refresh_rollups(G) == 1
+    rollup = await store.rollups(G).find_one({"_id": rollup_id(T)}, {"cur": 1, "mo": 1, "_id": 0})
+    assert rollup == rollup_of(await store.counters(G).find({"tenant_id": T}).to_list())
+
+
+async def test_every_counter_document_a_live_consumer_writes_is_listed_in_the_directory(
+        db: AsyncDatabase[Document]) -> None:
+    store = ReportingStore(db, cache_entries=100)
+    await deliver_alerts(handlers(store), [*history(), *alert_history()])
+    assert await directory(store) == await identities(store) != []
+    assert sorted(await store.counters(G).index_information()) == ["_id_"]
+
+
+async def test_a_batch_on_buckets_this_process_listed_before_writes_nothing_to_the_directory(
+        db: AsyncDatabase[Document], stack: StackUnderTest) -> None:
+    listener = Commands()
+    client: AsyncMongoClient[Document] = AsyncMongoClient(stack.mongo_url, tz_aware=True, event_listeners=[listener])
+    try:
+        store = ReportingStore(client[db.name], cache_entries=100)
+        await store.ensure_indexes(G)
+        listener.sent.clear()
+        events = history()
+        await deliver(handlers(store), events[:1])
+        listed = [name for name, cmd in listener.sent if cmd.get(name) == store.counter_directory(G).name]
+        listener.sent.clear()
+        await deliver(handlers(store), events[1:3])  # client a's next sessions: the same counter document
+        again = [name for name, cmd in listener.sent if cmd.get(name) == store.counter_directory(G).name]
+    finally:
+        await client.close()
+    assert (listed, again) == (["insert"], [])
+
+
+async def test_a_directory_entry_whose_counter_a_crash_left_unwritten_reads_as_nothing_until_the_redelivery(
+        db: AsyncDatabase[Document], monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ReportingStore(db, cache_entries=100)
+    await deliver(handlers(store), history())
+    before = await reads(store, {})
+    newcomer = scored(T, "z", 1, 30.0, clinician_id="c-9")  # the first session of a new clinician
+    die_before_the_counters(monkeypatch, one_command=True)
+    with pytest.raises(ConnectionError):
+        await deliver(handlers(store), [newcomer])
+    monkeypatch.undo()
+    assert await store.counter_directory(G).count_documents({"clinician_id": "c-9"}) == 1
+    assert await store.counters(G).count_documents({"clinician_id": "c-9"}) == 0
+    assert await store.summary(G, T, None, "c-9") is None
+    assert not any(p["sessions"] for p in await store.trends(G, T, *SPAN, clinician_id="c-9"))
+    summary, series, sites = await reads(store, {})
+    assert (summary, series) == before[:2]
+    # its site is listed (`sites` reads the directory alone), and reads as nothing
+    assert (before[2], sites) == (["south"], ["north", "south"]) and await store.summary(G, T, "north") is None
+    await deliver(handlers(ReportingStore(db)), [newcomer])  # the uncommitted batch comes again
+    assert (await store.summary(G, T, None, "c-9") or {})["sessions"] == 1
+
+
+async def test_verify_names_a_counter_document_its_directory_does_not_list(db: AsyncDatabase[Document]) -> None:
+    store = ReportingStore(db)
+    await deliver(handlers(store), history()[:3])
+    unlisted = await store.counter_directory(G).find_one_and_delete({})
+    assert unlisted is not None
+    assert unlisted["_id"] in await store.verify(G)  # no query would find it: it counts for nothing
+    await store.counter_directory(G).insert_one(unlisted)
+
+
+async def test_upgrading_a_generation_from_before_the_directory_lists_its_counters_and_drops_their_indexes(
+        db: AsyncDatabase[Document]) -> None:
+    await generation_from_before_the_directory(db)
+    before = {name: await reads(ReadingAsBefore(db), scope) for name, scope in SCOPES.items()}
+    store = ReportingStore(db)
+    await store.ensure_indexes(G)
+    assert await directory(store) == await identities(store) != []
+    assert sorted(await store.counters(G).index_information()) == ["_id_"]
+    assert sorted(await store.counter_directory(G).index_information()) == ["_id_", "by_clinician", "by_site"]
+    assert {name: await reads(store, scope) for name, scope in SCOPES.items()} == before
+
+
+async def test_an_upgrade_that_died_before_dropping_the_by_site_index_is_done_again_to_the_same_directory(
+        db: AsyncDatabase[Document]) -> None:
+    await generation_from_before_the_directory(db)
+    await ReportingStore(db).ensure_indexes(G)
+    listed = await directory(ReportingStore(db))
+    await ReportingStore(db).counters(G).create_index([("tenant_id", 1), ("site_id", 1)], name="by_site")
+    store = ReportingStore(db)  # another process, as after the crash
+    await store.ensure_indexes(G)
+    assert await directory(store) == listed
+    assert sorted(await store.counters(G).index_information()) == ["_id_"]
+
+
+async def test_two_processes_upgrading_a_generation_at_once_both_start(db: AsyncDatabase[Document]) -> None:
+    await generation_from_before_the_directory(db)
+    first, second = ReportingStore(db), ReportingStore(db)
+    await asyncio.gather(first.ensure_indexes(G), second.ensure_indexes(G))
+    assert await directory(first) == await identities(first)
+    assert sorted(await first.counters(G).index_information()) == ["_id_"]
+
+
+async def test_a_rebuild_lists_every_counter_document_it_writes_in_the_directory(db: AsyncDatabase[Document]) -> None:
+    replay = replayer(ReportingStore(db, cache_entries=100))
+    await replay_as_a_rebuild(replay, [*history(), *alert_history()])
+    await replay.finish()
+    assert await directory(replay.store) == await identities(replay.store) != []

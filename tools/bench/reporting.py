@@ -51,9 +51,11 @@ from services.reporting import rules
 from services.reporting.rebuild import rebuild
 from services.reporting.settings import ReportingSettings
 from services.reporting.store import (
+    Bucket,
     Generations,
     ReportingStore,
     counter_document,
+    directory_document,
     flat_counters,
     from_stored,
     to_stored,
@@ -210,14 +212,17 @@ async def load_trajectories(mongo: MongoSettings, clients: int, gen: str) -> flo
                 print(f"  loaded {i:,} records ({i / (time.perf_counter() - started):,.0f}/s)", flush=True)
         if batch:
             await col.bulk_write(batch, ordered=False)
-        await store.counters(gen).insert_many(bench_counters(templates, clients))
+        counters = bench_counters(templates, clients)
+        # listed in their directory first, as every counter write does (store.ReportingStore.apply_counters)
+        await store.counter_directory(gen).insert_many([directory_document(bucket) for bucket in counters])
+        await store.counters(gen).insert_many([counter_document(*c) for c in counters.items()])
         return time.perf_counter() - started
     finally:
         await client.close()
 
 
-def bench_counters(templates: list[dict[str, Any]], clients: int) -> list[dict[str, Any]]:
-    """The counter documents of the records `load_trajectories` inserts (what the live writer
+def bench_counters(templates: list[dict[str, Any]], clients: int) -> dict[Bucket, dict[str, int]]:
+    """The counter documents (fields per bucket) of the records `load_trajectories` inserts (what the live writer
     would have built record by record), so that summaries and trends read realistic counters."""
     shares = [rules.contribution(from_stored(copy.deepcopy(t))) for t in templates]
     totals: rules.Counters = {}
@@ -226,7 +231,7 @@ def bench_counters(templates: list[dict[str, Any]], clients: int) -> list[dict[s
             held = totals.setdefault((tenant, f"site{i % 20}", f"doc{i % 4000}", inst, month), {})
             for name, n in fields.items():
                 held[name] = held.get(name, 0) + n
-    return [counter_document(bucket, fields) for bucket, fields in flat_counters(totals).items()]
+    return flat_counters(totals)
 
 
 async def summary_latency(url: str, key: str) -> tuple[float, float]:
