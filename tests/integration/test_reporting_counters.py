@@ -436,18 +436,29 @@ async def commands_of_one_batch(stack: StackUnderTest, db: AsyncDatabase[Documen
                                 events: Sequence[SrsScored | AlertEvent], names: Sequence[str],
                                 ) -> list[tuple[str, Document]]:
     """The commands (name, body) one batch of `events` sends on these collections of generation G."""
+    return (await commands_of_batches(stack, db, [events], names))[0]
+
+
+async def commands_of_batches(stack: StackUnderTest, db: AsyncDatabase[Document],
+                              batches: Sequence[Sequence[SrsScored | AlertEvent]], names: Sequence[str],
+                              ) -> list[list[tuple[str, Document]]]:
+    """Per batch, the commands (name, body) it sends on these collections of generation G, the
+    batches delivered in turn to one process."""
     listener = Commands()
     client: AsyncMongoClient[Document] = AsyncMongoClient(stack.mongo_url, tz_aware=True, event_listeners=[listener])
+    spaces = {f"{db.name}.{n}" for n in names}
+    out: list[list[tuple[str, Document]]] = []
     try:
         store = ReportingStore(client[db.name], cache_entries=100)
         await store.ensure_indexes(G)
-        listener.sent.clear()
-        await deliver_alerts(handlers(store), events)
+        for events in batches:
+            listener.sent.clear()
+            await deliver_alerts(handlers(store), events)
+            out.append([(name, cmd) for name, cmd in listener.sent
+                        if cmd.get(name) in names or any(ns["ns"] in spaces for ns in cmd.get("nsInfo", []))])
     finally:
         await client.close()
-    spaces = {f"{db.name}.{n}" for n in names}
-    return [(name, cmd) for name, cmd in listener.sent
-            if cmd.get(name) in names or any(ns["ns"] in spaces for ns in cmd.get("nsInfo", []))]
+    return out
 
 
 async def test_a_batchs_counter_moves_and_its_tenants_stamps_reach_the_store_as_one_ordered_command(
@@ -761,21 +772,11 @@ async def test_every_counter_document_a_live_consumer_writes_is_listed_in_the_di
 
 async def test_a_batch_on_buckets_this_process_listed_before_writes_nothing_to_the_directory(
         db: AsyncDatabase[Document], stack: StackUnderTest) -> None:
-    listener = Commands()
-    client: AsyncMongoClient[Document] = AsyncMongoClient(stack.mongo_url, tz_aware=True, event_listeners=[listener])
-    try:
-        store = ReportingStore(client[db.name], cache_entries=100)
-        await store.ensure_indexes(G)
-        listener.sent.clear()
-        events = history()
-        await deliver(handlers(store), events[:1])
-        listed = [name for name, cmd in listener.sent if cmd.get(name) == store.counter_directory(G).name]
-        listener.sent.clear()
-        await deliver(handlers(store), events[1:3])  # client a's next sessions: the same counter document
-        again = [name for name, cmd in listener.sent if cmd.get(name) == store.counter_directory(G).name]
-    finally:
-        await client.close()
-    assert (listed, again) == (["insert"], [])
+    events = history()
+    # client a's first session, then its next two: the same counter document
+    first, then = await commands_of_batches(stack, db, [events[:1], events[1:3]],
+                                            [ReportingStore(db).counter_directory(G).name])
+    assert ([name for name, _ in first], then) == (["insert"], [])
 
 
 async def test_a_directory_entry_whose_counter_a_crash_left_unwritten_reads_as_nothing_until_the_redelivery(
