@@ -206,6 +206,7 @@ REJECTIONS = "reporting_rejections"
 # before the listing (`SubmissionStore._migrate`).
 _REJECTION_INDEXES = (("rejections", ("sort",)), ("site_rejections", ("site_id", "sort")))
 _OLD_REJECTION_INDEXES = ("rejections", "site_rejections")
+# Documents per write of a migration's backfill (`SubmissionStore._migrate`, `ReportingStore._backfill_directory`).
 MIGRATION_BATCH = 1_000
 INDEX_NOT_FOUND = 27
 MONGO_MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
@@ -789,9 +790,6 @@ LISTED_COUNTERS = 100_000
 # Generations whose listed counters a store remembers: the ones consumers write (the active one and
 # a rebuild's); a third means a rebuild switched, and the oldest is no longer written (then dropped).
 LISTED_GENERATIONS = 2
-# Counter directory entries per insert of an upgrade's backfill (`ReportingStore.ensure_indexes`).
-BACKFILL_CHUNK = 1_000
-INDEX_NOT_FOUND = 27
 # CommandNotFound, and the codes of a server that does not know the command's shape.
 _NO_CLIENT_BULK = frozenset({59, 40415, 9})
 
@@ -821,6 +819,17 @@ class ClientBulk:
             return None
         except ClientBulkWriteException:
             return None
+
+
+async def drop_indexes(col: AsyncCollection[Document], names: Sequence[str]) -> None:
+    """Drop these indexes of `col` in this order (a migration's last step); one already gone (another
+    process migrating at the same time dropped it first) is no error."""
+    for name in names:
+        try:
+            await col.drop_index(name)
+        except OperationFailure as exc:
+            if exc.code != INDEX_NOT_FOUND:
+                raise
 
 
 def namespace_of(col: AsyncCollection[Document]) -> str:
@@ -913,22 +922,17 @@ class ReportingStore:
             for name, fields in indexes:
                 await col.create_index([("tenant_id", ASCENDING), *((f, ASCENDING) for f in fields)], name=name)
         if upgrade:
-            for name in ("by_clinician", "by_site"):
-                try:
-                    await self.counters(gen).drop_index(name)
-                except OperationFailure as exc:
-                    if exc.code != INDEX_NOT_FOUND:  # another process dropped it first
-                        raise
+            await drop_indexes(self.counters(gen), ("by_clinician", "by_site"))
         self._indexed.add(gen)
 
     async def _backfill_directory(self, gen: str) -> None:
         """List every counter document of `gen` in its directory (an upgrade: `ensure_indexes`),
-        `BACKFILL_CHUNK` entries per insert. The projection of a counter document on its identity
+        `MIGRATION_BATCH` entries per insert. The projection of a counter document on its identity
         is its directory entry."""
         chunk: list[Document] = []
         async for d in self.counters(gen).find({}, dict.fromkeys(_COUNTER_FIELDS, 1)):
             chunk.append(d)
-            if len(chunk) == BACKFILL_CHUNK:
+            if len(chunk) == MIGRATION_BATCH:
                 await list_counters(self.counter_directory(gen), chunk)
                 chunk = []
         await list_counters(self.counter_directory(gen), chunk)
@@ -1615,12 +1619,7 @@ class SubmissionStore:
                 written += await guarded_upserts(self.listed, batch)
                 batch = []
         written += await guarded_upserts(self.listed, batch)
-        for name in _OLD_REJECTION_INDEXES:
-            try:
-                await self.col.drop_index(name)
-            except OperationFailure as exc:
-                if exc.code != INDEX_NOT_FOUND:
-                    raise
+        await drop_indexes(self.col, _OLD_REJECTION_INDEXES)
         log.info("rejections moved to %s: %d rejected status documents, %d listed anew; old indexes dropped",
                  REJECTIONS, scanned, written)
 
