@@ -5,6 +5,7 @@ of the store and the one duplicate-key / write-concern policy of bulk writes."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Collection, Hashable, Sequence
@@ -19,13 +20,18 @@ from pymongo.errors import (
     BulkWriteError,
     ClientBulkWriteException,
     ConnectionFailure,
+    InvalidOperation,
     OperationFailure,
     PyMongoError,
 )
+from pymongo.results import ClientBulkWriteResult
 
 from shared.settings import MongoSettings
 
 Document = dict[str, Any]
+log = logging.getLogger("alliance.mongo")
+# The server's answer to dropping an index that does not exist.
+INDEX_NOT_FOUND = 27
 WriteOp = (InsertOne[Document] | ReplaceOne[Document] | UpdateOne | UpdateMany | DeleteOne | DeleteMany)
 
 
@@ -349,3 +355,49 @@ async def write_versioned(collection: AsyncCollection[Document],
     re-read and merge them again)."""
     written = await bulk_write(collection, [versioned_op(doc, read) for _, doc, read in writes])
     return {writes[i][0] for i in written.duplicates}
+
+
+# CommandNotFound, and the codes of a server that does not know the command's shape.
+_NO_CLIENT_BULK = frozenset({59, 40415, 9})
+
+
+class ClientBulk:
+    """The store's cross-collection `bulkWrite` (MongoDB 8.0+; SecantusDB has it), used until the
+    store refuses it: writes to several collections as ONE ordered command."""
+
+    def __init__(self, db: AsyncDatabase[Document]) -> None:
+        self._db = db
+        self.taken = True
+
+    async def ordered(self, writes: Sequence[UpdateOne]) -> ClientBulkWriteResult | None:
+        """Run `writes` (each with its `namespace`) in order; None when the command did not apply
+        everything - a guard that missed (E11000 stops an ordered command) or any other refusal -
+        and the caller makes the writes apart, which repeat nothing already applied. A server
+        without the command is remembered and never asked again. A failure to reach the store
+        raises, as the separate writes' would."""
+        if not self.taken or not writes:
+            return None
+        try:
+            return await self._db.client.bulk_write(list(writes), ordered=True)
+        except (InvalidOperation, OperationFailure) as exc:
+            if isinstance(exc, InvalidOperation) or exc.code in _NO_CLIENT_BULK:
+                self.taken = False
+                log.info("the store has no cross-collection bulkWrite: the writes it would join are made apart")
+            return None
+        except ClientBulkWriteException:
+            return None
+
+
+async def drop_indexes(col: AsyncCollection[Document], names: Sequence[str]) -> None:
+    """Drop these indexes of `col` in this order (a migration's last step); one already gone (another
+    process migrating at the same time dropped it first) is no error."""
+    for name in names:
+        try:
+            await col.drop_index(name)
+        except OperationFailure as exc:
+            if exc.code != INDEX_NOT_FOUND:
+                raise
+
+
+def namespace_of(col: AsyncCollection[Document]) -> str:
+    return f"{col.database.name}.{col.name}"

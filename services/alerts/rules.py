@@ -821,7 +821,7 @@ def tells_status(kind: str | None, recipient_: str | None) -> bool:
 def to_person(kind: str | None, recipient_: str | None) -> bool:
     """Whether a delivery is one of a raised revision to a person it was routed to: its clinician or
     a fallback entry of its site (not a partner, a supervisor's escalation copy or a withdrawal
-    notice). Recording its final outcome owes the status teller a look (the `status_outbox`): a
+    notice). Recording its final outcome owes the status teller a look (its `delivery_outbox` entry): a
     clinician's tells `delivered` / `failed` (`tells_status`), and any may settle who its revision
     reached in the end (`revision_reached`)."""
     return kind == "alert" and str(recipient_ or "").startswith(("clinician:", "fallback:"))

@@ -18,11 +18,11 @@ that write is news, and nothing told. When a fallback's delivery had reached it,
 the reroute had cancelled the fallbacks' deliveries still waiting for a retry, those are scheduled
 again with a fresh attempt budget (the fallback would have kept trying without the reroute; a
 fallback's delivery that had already used up its attempts is not), and only if they fail too does
-the revision reach nobody as above. Those deliveries carry the outbox flag too, so none of this is lost.
+the revision reach nobody as above. Those deliveries' outcomes write outbox entries too, so none of this is lost.
 
 A rerouted revision whose clinician deliveries all failed, step by step
 -----------------------------------------------------------------------
-When the last of the clinician's deliveries is recorded `failed` (its outbox flag set by that write):
+When the last of the clinician's deliveries is recorded `failed` (its outbox entry written with it):
 
 1. the teller reads every delivery of the revision to a person (`person_deliveries`) and asks
    `rules.revision_reached`: `fallback`, with the ids of the fallbacks' cancelled deliveries;
@@ -30,12 +30,12 @@ When the last of the clinician's deliveries is recorded `failed` (its outbox fla
    and still `clinician`, so it is news once; counted then);
 3. puts those deliveries back on the schedule (`reschedule_cancelled`: conditional on each being
    still `cancelled`), and wakes the worker;
-4. unsets the clinician delivery's flag (`statuses_told`).
+4. deletes the clinician delivery's outbox entry (`statuses_told`).
 
 What a `kill -9` (or a store error) at each point leaves behind:
 
-- before 2: the flag is set; the sweep (any alerts process) does 1-4 from the start.
-- between 2 and 3: routing says `fallback`, the deliveries are still cancelled, the flag is set;
+- before 2: the entry is there; the sweep (any alerts process) does 1-4 from the start.
+- between 2 and 3: routing says `fallback`, the deliveries are still cancelled, the entry is there;
   the sweep sees the same in 1, its write in 2 is no news (not counted again) and 3 schedules them.
   The routing is written first for this: the other order would leave, after a crash, deliveries
   pending under a routing still `clinician`, which the sweep's look (1: pending, not settled)
@@ -56,28 +56,60 @@ routing moved on, the deliveries are no longer cancelled). The one exception is 
 that reroutes the revision again between 1 and 3 of a slow teller: the fallback is then scheduled
 alongside the clinician's retries, and both may get it (never fewer people).
 
-Exactly-once effect under at-least-once (an outbox on the delivery row)
------------------------------------------------------------------------
-The worker's write that records such a delivery `delivered` or `failed` also sets its
-`status_outbox` flag, in the same single-document update: the outcome and the debt of its status
-are stored together or not at all. Only after that write does `StatusTeller` publish the status,
-and only once the broker acknowledged does it unset the flag. The worker hands it the recorded
-documents when every update of its write matched (it then knows what each holds: the claimed
-document plus the outcome it wrote, so the teller reads nothing back), else only their ids, and the
-teller reads the ones still flagged. A crash, a broker outage or a store error anywhere in between
-leaves the flag set, and the sweep (every `status_sweep_seconds`, in every alerts process)
-publishes what finished more than `status_sweep_seconds` ago and is still flagged. A status can
-therefore be published twice (a crash after the publish and before the unset, two processes
+Exactly-once effect under at-least-once (an outbox beside the deliveries)
+-------------------------------------------------------------------------
+The debt of a status is an entry in `delivery_outbox` (`_id` = the delivery id, `finished_at` = the
+time of the outcome it was written with), not a flag on the delivery: a delivery document carries
+its body and five indexes, and the local store rewrites all of it on every write, so unsetting a
+flag cost a second full write of every told delivery (4.8 ms per document at `alliance bench`),
+where an entry is a small insert and delete with only its `_id` index. Per recorded batch:
+
+1. the worker's write (`AlertsStore.record`) stores the entries of the outcomes that owe a status
+   and then the outcomes, as one ordered cross-collection command (two writes in that order on a
+   store without it);
+2. the worker hands the teller the recorded documents when every outcome matched (the claimed
+   document plus what it wrote, and the entry's time: the teller reads nothing back), else their
+   ids, and the teller reads their entries and then the finished deliveries they name;
+3. the teller publishes the statuses and waits for the broker's acknowledgement;
+4. it deletes the entries (`statuses_told`), each conditional on the `finished_at` it read or
+   was handed.
+
+What a `kill -9` (or a store error, a broker outage) at each point leaves behind:
+
+- during 1, the entries written and not the outcomes: the deliveries are pending, still leased;
+  once the lease ends they are attempted again, and the outcome recorded then writes the entry
+  again (with its own time). The sweep drops an entry whose delivery owes nothing (not finished,
+  or gone) once it is older than `status_sweep_seconds`, conditional on the time it read, so an
+  entry written again since stays. The same holds for an entry written with an outcome that did
+  not match (another worker recorded the delivery, or the lease had run out): it names a delivery
+  still pending (dropped as above) or finished by the other writer, whose status is then told
+  (again: at least once).
+- after 1, before 4: the entries are there, and the sweep (every `status_sweep_seconds`, in every
+  alerts process) publishes what each names whose entry is older than that, reading the entries
+  first and the deliveries after.
+- after 3, before 4: the same, so the status is published twice.
+- after 4: done.
+
+No outcome is stored without its entry, so the status of a recorded outcome is never lost. A
+status can be published twice (a crash after the publish and before the delete, two processes
 sweeping at once, the sweep racing the worker's own publish), never lost; every copy has the same
 derived `event_id` and the same content (`occurred_at` is the recorded `delivered_at` /
-`finished_at`), so consumers that dedupe on `event_id` (the contract) see it once.
+`finished_at`), so consumers that dedupe on `event_id` (the contract) see it once. A sweep reads
+`batch` entries at a time, in no order (the entries have no other index; every one it reads is
+settled or dropped); a batch that held entries owing nothing ends that sweep early, and the next
+one goes on.
 A second channel delivering the same revision is not told
 (`rules.first_deliveries`); where two processes record the two channels at the same moment both
 may tell it, under the one id.
 
-A delivery an operator re-queues and that finishes again owes its status again (the unset is
-conditional on the `finished_at` that was told): a `delivered` after a `failed`, or the same
-`failed` again under the same id.
+A delivery an operator re-queues and that finishes again owes its status again (its outcome writes
+its entry again, with the new `finished_at`, and the delete is conditional on the one that was read
+before the delivery was): a `delivered` after a `failed`, or the same `failed` again under the same
+id. Entries left pending by a re-queue before their status was told are dropped by the sweep (the
+delivery is not finished) and written again when it finishes.
+
+Deliveries whose status was owed before the upgrade carried the flag `status_outbox`; the first
+start of this version moves them to the outbox (`AlertsStore.ensure_indexes`, docs/operations.md).
 """
 
 from __future__ import annotations
@@ -108,7 +140,7 @@ from services.alerts.rules import (
     unrouted_status,
 )
 from services.alerts.settings import AlertsSettings
-from services.alerts.store import utcnow
+from services.alerts.store import OWED_AT, utcnow
 from shared.events import AlertStatus
 from shared.kafka import OutboundRecord
 from shared.mongo import Document
@@ -157,7 +189,7 @@ def _delivered_alert(d: Document) -> RaisedAlert | None:
 
 
 def owed_record(d: Document, topics: Topics) -> OutboundRecord | None:
-    """The status record a flagged clinician's delivery owes (its body is the raised revision it
+    """The status record an owing clinician's delivery owes (its body is the raised revision it
     delivered), or None when it cannot owe one (not finished; a body that no longer decodes)."""
     owed = status_of(d)
     alert = None if owed is None else _delivered_alert(d)
@@ -287,7 +319,7 @@ class StatusTeller:
                 return settled
 
     async def tell(self, owed: Sequence[Document], swept: bool = False) -> int:
-        """Publish the statuses `owed` (flagged deliveries), then unset their flags; returns how
+        """Publish the statuses `owed` (deliveries with an outbox entry), then delete the entries; returns how
         many were settled. A clinician's delivery tells its `delivered` / `failed`; a `delivered` of a
         revision another channel delivered first is settled without publishing (that one tells it).
         A failed one (a clinician's or a fallback's) whose revision's deliveries to persons all
@@ -319,7 +351,8 @@ class StatusTeller:
                 record = owed_record(d, self.topics)
             if record is not None:
                 records.append((str(d["status"]), record))
-            told.append((d["_id"], d.get("finished_at")))
+            # The entry's time as read (the outcome's, unless the entry outlived an outcome that did not match).
+            told.append((d["_id"], d.get(OWED_AT, d.get("finished_at"))))
         nobody = [told_of for (_, subject), d in sorted(failed.items())
                   if (told_of := nobody_record(d, people.get(subject, [d]), self.topics)) is not None]
         back = [b for (_, subject), d in sorted(settling.items()) if (b := fell_back(d, people.get(subject, [d])))]
@@ -333,7 +366,7 @@ class StatusTeller:
                 log.warning("revision %d of an alert reached nobody: every delivery to a person used up its "
                             "attempts", alert.revision, extra={"alert_id": alert_id})
         if back:
-            # The routing first, the schedule after: a crash in between leaves the outbox flags set,
+            # The routing first, the schedule after: a crash in between leaves the outbox entries,
             # and the next look (the sweep's) sees the same deliveries still cancelled and schedules them.
             changed = await self.store.record_fell_back([(b.alert.alert_id, b.alert.revision, b.reason) for b in back])
             for b in back:

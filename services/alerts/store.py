@@ -31,9 +31,15 @@
 - `deliveries`: one document per (alert or event, recipient, channel) — `_id` is the delivery id,
   so a redelivered event cannot create a second one. It is also the durable retry schedule:
   status pending + `next_attempt_at`, leased by one worker at a time through `claimed_until`.
-  `status_outbox: true` (an outbox flag, set in the same write that records a clinician's
-  delivery of an alert `delivered` or `failed`, unset once that status is published) marks a
-  status still owed to the alert's status topic (see `services/alerts/statuses.py`).
+- `delivery_outbox`: one small document per delivery whose `delivered` / `failed` status (or its
+  revision's `undelivered`) is still owed to the alert's status topic (see
+  `services/alerts/statuses.py`): `_id` = the delivery id, `finished_at` = the time of the outcome
+  it was written with. It is written with the outcome and before it (`record`), and deleted once
+  the status is published (`statuses_told`, conditional on that `finished_at`). The debt lived on
+  the delivery as a `status_outbox` flag before: a second write of the delivery (index
+  maintenance of five indexes and the whole body) for every status told, where an entry costs an
+  insert and a delete of a document with only its `_id` index; flags left from before are moved
+  here at start (`ensure_indexes`).
 
 Every hot path is one round trip per batch (bulk writes, `$in` reads); see the worker for how
 deliveries are claimed.
@@ -49,7 +55,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pymongo import ASCENDING, DESCENDING, InsertOne, ReturnDocument, UpdateOne
+from pymongo import ASCENDING, DESCENDING, DeleteOne, InsertOne, ReturnDocument, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
@@ -70,21 +76,43 @@ from services.alerts.rules import Outcome as AttemptClass
 from services.alerts.secretbox import Row, subscription_row, tenant_row
 from shared import ids
 from shared.events import AlertState, Lifecycle, Severity
-from shared.mongo import Document, TtlCache, bulk_write, given, guarded_upserts
+from shared.mongo import (
+    ClientBulk,
+    Document,
+    TtlCache,
+    bulk_write,
+    drop_indexes,
+    given,
+    guarded_upserts,
+    namespace_of,
+)
 
 CLINICIANS = "clinicians"
 SUBSCRIPTIONS = "subscriptions"
 TENANTS = "alert_tenants"
 ALERTS = "alerts"
 DELIVERIES = "deliveries"
+OUTBOX = "delivery_outbox"
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-# The outbox flag of a delivery whose `delivered` / `failed` status event is still owed.
+# The outbox flag a delivery whose status was owed carried before `delivery_outbox` (moved there at start).
 STATUS_OUTBOX = "status_outbox"
+# Of a delivery the teller is handed (`owed_statuses`, `worker.recorded_doc`): the `finished_at` of its
+# outbox entry, what `statuses_told` deletes it by (not stored on the delivery).
+OWED_AT = "owed_at"
+# Flagged deliveries moved to the outbox per write (`_move_status_flags`).
+MIGRATION_BATCH = 1_000
 # The outbox flag of a directory entry whose stranded alerts are still to be looked at (services/alerts/reroute.py).
 REROUTE_OWED = "reroute_owed"
 # The field of an alias document: the id of the entry it names (`AlertsStore.put_alias`).
 ALIAS_OF = "alias_of"
+# The sparse index of `STATUS_OUTBOX`, dropped by the upgrade (`_move_status_flags`).
+_STATUS_OUTBOX_INDEX = f"{STATUS_OUTBOX}_1"
+# The deliveries' (status, next_attempt_at): the schedule (`_due`), and the pending ones of a
+# deleted subscription (`delete_subscription`).
+_SCHEDULE_INDEX = "status_1_next_attempt_at_1"
+# The deliveries' (subscription_id, status), dropped at start (`ensure_indexes`).
+_SUBSCRIPTION_INDEX = "subscription_id_1_status_1"
 # The directory's entries, not its aliases.
 _ENTRY: Document = {ALIAS_OF: {"$exists": False}}
 
@@ -274,8 +302,31 @@ class AttemptResult:
     # The class tenants see (rules.Outcome); error and response_status are for operators only.
     last_outcome: str | None = None
     # A delivery of an alert to a person (`rules.to_person`): recording it `delivered` or `failed`
-    # also owes the status teller a look (the `status_outbox` flag, in the same write).
+    # also owes the status teller a look (an entry in `delivery_outbox`, written with it).
     tells_status: bool = False
+
+
+def _entry_op(delivery_id: str, finished_at: datetime, namespace: str | None = None) -> UpdateOne:
+    """The `delivery_outbox` entry that owes the status of a delivery recorded at `finished_at`."""
+    return UpdateOne({"_id": delivery_id}, {"$set": {"finished_at": finished_at}}, upsert=True, namespace=namespace)
+
+
+def _outcome_op(r: AttemptResult, now: datetime, namespace: str | None = None) -> UpdateOne:
+    """The update that records `r` at `now` on its delivery (`AlertsStore.record`)."""
+    if r.outcome == "delivered":
+        return UpdateOne({"_id": r.delivery_id, "status": "pending"}, {"$set": {
+            "status": "delivered", "attempts": r.attempts, "delivered_at": now, "finished_at": now,
+            "response_status": r.response_status, "claimed_until": EPOCH, "last_error": None,
+            "last_outcome": r.last_outcome}}, namespace=namespace)
+    if r.outcome == "retry":
+        return UpdateOne({"_id": r.delivery_id, "status": "pending", "claim": r.claim}, {"$set": {
+            "attempts": r.attempts, "next_attempt_at": r.next_attempt_at or now, "claimed_until": EPOCH,
+            "last_error": r.error, "last_attempt_at": now, "response_status": r.response_status,
+            "last_outcome": r.last_outcome}}, namespace=namespace)
+    return UpdateOne({"_id": r.delivery_id, "status": "pending", "claim": r.claim}, {"$set": {
+        "status": r.outcome, "attempts": r.attempts, "finished_at": now, "claimed_until": EPOCH,
+        "last_error": r.error, "response_status": r.response_status, "last_outcome": r.last_outcome}},
+        namespace=namespace)
 
 
 def _requeued(now: datetime) -> Document:
@@ -352,6 +403,8 @@ class AlertsStore:
         self.tenants = db[TENANTS]
         self.alerts = db[ALERTS]
         self.deliveries = db[DELIVERIES]
+        self.outbox = db[OUTBOX]
+        self._client_bulk = ClientBulk(db)  # `record`: the outbox entries, then the outcomes
 
     async def migrate_clinician_keys(self) -> int:
         """Rewrite directory documents still keyed `tenant:clinician` to `clinician_key` (from their
@@ -377,14 +430,38 @@ class AlertsStore:
         await self.alerts.create_index([("tenant_id", ASCENDING), ("clinician_id", ASCENDING),
                                         ("status", ASCENDING), ("created_at", DESCENDING)])
         await self.alerts.create_index([("status", ASCENDING), ("escalated", ASCENDING), ("created_at", ASCENDING)])
-        await self.deliveries.create_index([("status", ASCENDING), ("next_attempt_at", ASCENDING)])
+        await self.deliveries.create_index([("status", ASCENDING), ("next_attempt_at", ASCENDING)],
+                                           name=_SCHEDULE_INDEX)
         await self.deliveries.create_index([("tenant_id", ASCENDING), ("status", ASCENDING),
                                             ("created_at", DESCENDING)])
         await self.deliveries.create_index([("alert_id", ASCENDING)])
-        await self.deliveries.create_index([("subscription_id", ASCENDING), ("status", ASCENDING)])
-        # Sparse: only the deliveries whose status is still owed carry the flag.
-        await self.deliveries.create_index([(STATUS_OUTBOX, ASCENDING)], sparse=True)
         await self.clinicians.create_index([(REROUTE_OWED, ASCENDING)], sparse=True)
+        # `delivery_outbox` has only its `_id` index: the sweep's scan of the few entries owed is
+        # cheaper than maintaining another index on each entry's insert and delete.
+        await self._move_status_flags()
+        # (subscription_id, status) served only `delete_subscription`, which now reads the pending
+        # deliveries by the schedule's index; the local store maintained it on every delivery write.
+        await drop_indexes(self.deliveries, (_SUBSCRIPTION_INDEX,))
+
+    async def _move_status_flags(self) -> int:
+        """The upgrade from the `status_outbox` flag (docs/operations.md): while the flag's sparse
+        index exists, give every flagged delivery its outbox entry (`$setOnInsert`: an entry written
+        since by `record` is newer), then unset the flags, then drop the index, which marks it done.
+        A crash before the drop leaves entries and flags both: the next start moves again, which
+        changes nothing but the flags still set. Returns how many flags it moved."""
+        if _STATUS_OUTBOX_INDEX not in {i["name"] async for i in await self.deliveries.list_indexes()}:
+            return 0
+        moved = 0
+        while flagged := await self.deliveries.find({STATUS_OUTBOX: True}, {"finished_at": 1}).limit(
+                MIGRATION_BATCH).to_list():
+            await self.outbox.bulk_write([
+                UpdateOne({"_id": d["_id"]}, {"$setOnInsert": {"finished_at": d.get("finished_at") or EPOCH}},
+                          upsert=True) for d in flagged], ordered=False)
+            await self.deliveries.update_many({"_id": {"$in": [d["_id"] for d in flagged]}, STATUS_OUTBOX: True},
+                                              {"$unset": {STATUS_OUTBOX: ""}})
+            moved += len(flagged)
+        await drop_indexes(self.deliveries, (_STATUS_OUTBOX_INDEX,))
+        return moved
 
     # ---- directory -------------------------------------------------------------------------
 
@@ -527,9 +604,13 @@ class AlertsStore:
         res = await self.subscriptions.delete_one({"_id": subscription_id, "tenant_id": tenant_id})
         self._partners.forget(tenant_id)
         if res.deleted_count:
+            # Rare (an admin's action): the pending deliveries by the schedule's index, the
+            # subscription's among them by a filter. The store's planner would scan the collection
+            # without the hint; an index of their own would cost every delivery write.
             await self.deliveries.update_many(
                 {"subscription_id": subscription_id, "status": "pending"},
-                {"$set": {"status": "cancelled", "last_error": "subscription deleted", "finished_at": utcnow()}})
+                {"$set": {"status": "cancelled", "last_error": "subscription deleted", "finished_at": utcnow()}},
+                hint=_SCHEDULE_INDEX)
         return res.deleted_count == 1
 
     async def subscriptions_for(self, tenant_ids: Iterable[str], topic: str) -> list[Subscription]:
@@ -856,6 +937,17 @@ class AlertsStore:
         only by the holder of the claim, so a worker whose lease ran out cannot overwrite a newer
         attempt's state.
 
+        An outcome that owes a status (`AttemptResult.tells_status`, delivered or failed) owes it by
+        an entry in `delivery_outbox` (`finished_at` = the outcome's), written BEFORE the outcome:
+        the entries, then the outcomes, as ONE ordered cross-collection command (`ClientBulk`), or
+        as two writes in that order when the store has no such command or the command stopped (a
+        concurrent upsert of the same entry: E11000), repeating nothing that matters (an entry's
+        upsert sets the same time; an outcome already written no longer matches). So no outcome is
+        ever stored without its entry; an entry may be stored without its outcome (a crash between
+        the two writes, an update that did not match: another worker recorded it, the lease ran
+        out), which the status teller's sweep drops once it is older than `status_sweep_seconds`
+        (`owed_statuses`): the delivery's next recorded outcome writes its entry again.
+
         Returns the time written as `finished_at` / `delivered_at` when every outcome was written
         (then each document holds exactly what the caller knows of it plus this write), None when
         some were not (recorded by another worker first): the caller must read what is stored.
@@ -863,24 +955,16 @@ class AlertsStore:
         if not results:
             return None
         now = utcnow()
-        ops = []
-        for r in results:
-            owed = {STATUS_OUTBOX: True} if r.tells_status and r.outcome in ("delivered", "failed") else {}
-            if r.outcome == "delivered":
-                ops.append(UpdateOne({"_id": r.delivery_id, "status": "pending"}, {"$set": {
-                    "status": "delivered", "attempts": r.attempts, "delivered_at": now, "finished_at": now,
-                    "response_status": r.response_status, "claimed_until": EPOCH, "last_error": None,
-                    "last_outcome": r.last_outcome, **owed}}))
-            elif r.outcome == "retry":
-                ops.append(UpdateOne({"_id": r.delivery_id, "status": "pending", "claim": r.claim}, {"$set": {
-                    "attempts": r.attempts, "next_attempt_at": r.next_attempt_at or now, "claimed_until": EPOCH,
-                    "last_error": r.error, "last_attempt_at": now, "response_status": r.response_status,
-                    "last_outcome": r.last_outcome}}))
-            else:
-                ops.append(UpdateOne({"_id": r.delivery_id, "status": "pending", "claim": r.claim}, {"$set": {
-                    "status": r.outcome, "attempts": r.attempts, "finished_at": now, "claimed_until": EPOCH,
-                    "last_error": r.error, "response_status": r.response_status,
-                    "last_outcome": r.last_outcome, **owed}}))
+        owed = [r.delivery_id for r in results if r.tells_status and r.outcome in ("delivered", "failed")]
+        if owed:
+            together = await self._client_bulk.ordered(
+                [*(_entry_op(i, now, namespace_of(self.outbox)) for i in owed),
+                 *(_outcome_op(r, now, namespace_of(self.deliveries)) for r in results)])
+            if together is not None:
+                # Each entry matched or upserted (one each); every outcome matched when the rest add up.
+                return now if together.matched_count + together.upserted_count == len(owed) + len(results) else None
+            await self.outbox.bulk_write([_entry_op(i, now) for i in owed], ordered=False)
+        ops = [_outcome_op(r, now) for r in results]
         res = await self.deliveries.bulk_write(ops, ordered=False)
         return now if res.matched_count == len(ops) else None
 
@@ -888,14 +972,32 @@ class AlertsStore:
 
     async def owed_statuses(self, delivery_ids: Sequence[str] = (), finished_before: datetime | None = None,
                             limit: int = 500) -> list[Document]:
-        """Deliveries whose `delivered` / `failed` is still to be published: of `delivery_ids`, or
-        (the sweep) any that finished before `finished_before`, oldest first."""
-        query: Document = {STATUS_OUTBOX: True, "status": {"$in": ["delivered", "failed"]}}
+        """Deliveries whose `delivered` / `failed` is still to be published (an entry in
+        `delivery_outbox`; each with the entry's `finished_at` as `OWED_AT`): of `delivery_ids`, or
+        (the sweep) any whose entry is older than `finished_before`, at most `limit` entries read
+        (in no particular order: the entries have no other index, and every one read is settled).
+
+        The entries are read before their deliveries, so a delivery re-queued and finished again
+        after the read has a newer entry than the `OWED_AT` told, and keeps its debt. The sweep
+        drops the entries it read whose delivery owes nothing (not finished, or gone): left by a
+        crash between an entry and its outcome or by an outcome that did not match (see
+        `record`). The delete is conditional on the entry as read, which is older than
+        `finished_before`: an entry written since (the delivery recorded again) is newer and stays.
+        """
+        query: Document = {}
         if delivery_ids:
             query["_id"] = {"$in": list(delivery_ids)}
         if finished_before is not None:
             query["finished_at"] = {"$lt": finished_before}
-        return await self.deliveries.find(query, {"claim": 0}).sort("finished_at", ASCENDING).limit(limit).to_list()
+        entries = {e["_id"]: e["finished_at"] for e in await self.outbox.find(query).limit(limit).to_list()}
+        if not entries:
+            return []
+        docs = await self.deliveries.find({"_id": {"$in": list(entries)}, "status": {"$in": ["delivered", "failed"]}},
+                                          {"claim": 0}).to_list()
+        if finished_before is not None and (stale := entries.keys() - {d["_id"] for d in docs}):
+            await self.outbox.bulk_write([DeleteOne({"_id": i, "finished_at": entries[i]}) for i in sorted(stale)],
+                                         ordered=False)
+        return [{**d, OWED_AT: entries[d["_id"]]} for d in sorted(docs, key=lambda d: entries[d["_id"]])]
 
     async def clinician_deliveries(self, alert_ids: Iterable[str]) -> list[Document]:
         """The clinicians' deliveries of these alerts recorded `delivered` (which of them was the
@@ -990,12 +1092,10 @@ class AlertsStore:
             {"$set": {"status": "cancelled", "last_error": "rerouted to the alert's clinician", "finished_at": now}})
 
     async def statuses_told(self, told: Sequence[tuple[str, datetime | None]]) -> None:
-        """Unset the outbox flag of (delivery id, `finished_at` told) in one round trip; conditional
-        on that `finished_at`, so a delivery re-queued and finished again since keeps its new debt."""
+        """Delete the outbox entries of (delivery id, `OWED_AT` told) in one round trip; conditional
+        on that time, so a delivery re-queued and finished again since keeps its new debt."""
         if told:
-            await self.deliveries.bulk_write([
-                UpdateOne({"_id": i, STATUS_OUTBOX: True, "finished_at": at}, {"$unset": {STATUS_OUTBOX: ""}})
-                for i, at in told], ordered=False)
+            await self.outbox.bulk_write([DeleteOne({"_id": i, "finished_at": at}) for i, at in told], ordered=False)
 
     async def list_deliveries(self, tenant_id: str, site_id: str | None, status: str | None,
                               alert_id: str | None, limit: int) -> list[Delivery]:

@@ -82,14 +82,16 @@ A clinician's delivery of an alert (webhook or email; not a partner's, a supervi
 withdrawal notice) also owes a status event when it ends: `delivered`, or `failed` once its
 attempts are used up; and any delivery of an alert to a person it was routed to (its clinician or a
 site fallback, `rules.to_person`) may be the last of its revision's to fail, when the revision
-reached nobody and is told `failed` without a channel (`rules.revision_reached`). The single write
-that records the outcome sets the delivery's `status_outbox` flag with it; only after that write
-are the ids handed to the `StatusTeller` (services/alerts/statuses.py; the documents as written
-instead, when every update of the write matched, so it reads nothing back), which publishes on the
-alert's status topic and then unsets the flag. A crash before the write loses nothing (the attempt
-is made again, as above); a crash after it leaves the flag, and the teller's sweep publishes the
-status later under the same derived event id. So the status of a recorded outcome is never lost,
-and at worst published twice as one event.
+reached nobody and is told `failed` without a channel (`rules.revision_reached`). The write that
+records the outcome first stores the delivery's entry in `delivery_outbox` (one ordered command
+with the outcome); only after that write are the ids handed to the `StatusTeller`
+(services/alerts/statuses.py; the documents as written instead, when every update of the write
+matched, so it reads nothing back), which publishes on the alert's status topic and then deletes
+the entry. A crash before the write loses nothing (the attempt is made again, as above); a crash
+between the entry and the outcome leaves an entry the sweep drops (the delivery is attempted
+again and its outcome writes it again); a crash after the write leaves the entry, and the
+teller's sweep publishes the status later under the same derived event id. So the status of a
+recorded outcome is never lost, and at worst published twice as one event.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ from services.alerts.rules import (
 )
 from services.alerts.senders import Cancelled, SendError
 from services.alerts.settings import AlertsSettings
-from services.alerts.store import EPOCH, STATUS_OUTBOX, AlertsStore, AttemptResult, utcnow
+from services.alerts.store import EPOCH, OWED_AT, AlertsStore, AttemptResult, utcnow
 from shared import ids, tracing
 from shared.events import DeadLetter, DeadLetterReason
 from shared.kafka import OutboundRecord, Publisher
@@ -162,10 +164,11 @@ def dead_letter(d: Document, attempts: int, error: str, dlq_topic: str) -> Outbo
 
 
 def recorded_doc(claimed: Document, r: AttemptResult, at: datetime) -> Document:
-    """A claimed delivery as `AlertsStore.record` wrote `r` into it at `at` (ended: delivered or failed)."""
+    """A claimed delivery as `AlertsStore.record` wrote `r` into it at `at` (ended: delivered or failed),
+    with the time of its outbox entry (`OWED_AT`: the same)."""
     done: Document = {"status": r.outcome, "attempts": r.attempts, "finished_at": at, "last_outcome": r.last_outcome,
                       "response_status": r.response_status, "last_error": r.error, "claimed_until": EPOCH,
-                      STATUS_OUTBOX: True}
+                      OWED_AT: at}
     if r.outcome == "delivered":
         done["delivered_at"] = at
     return {**claimed, **done}
@@ -394,7 +397,7 @@ class DeliveryWorker:
                 try:
                     written_at = await self.store.record(batch)
                     self._wake_when_due(batch)
-                    # Only now that the outcomes (and their outbox flags) are stored: see statuses.py.
+                    # Only now that the outcomes (and their outbox entries) are stored: see statuses.py.
                     self._statuses_owed(batch, claimed, written_at)
                     break
                 except asyncio.CancelledError:

@@ -168,8 +168,7 @@ import bson
 from pymongo import ASCENDING, InsertOne, ReturnDocument, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import ClientBulkWriteException, InvalidOperation, OperationFailure, PyMongoError
-from pymongo.results import ClientBulkWriteResult
+from pymongo.errors import OperationFailure, PyMongoError
 
 from services.reporting import rules
 from shared.events import (
@@ -182,13 +181,16 @@ from shared.events import (
     SrsScored,
 )
 from shared.mongo import (
+    ClientBulk,
     Document,
     LruCache,
     TtlCache,
     bulk_write,
+    drop_indexes,
     each_by_ids,
     find_by_ids,
     guarded_upserts,
+    namespace_of,
     write_versioned,
 )
 
@@ -208,7 +210,6 @@ _REJECTION_INDEXES = (("rejections", ("sort",)), ("site_rejections", ("site_id",
 _OLD_REJECTION_INDEXES = ("rejections", "site_rejections")
 # Documents per write of a migration's backfill (`SubmissionStore._migrate`, `ReportingStore._backfill_directory`).
 MIGRATION_BATCH = 1_000
-INDEX_NOT_FOUND = 27
 MONGO_MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_RECORD_BYTES = 15 * 1024 * 1024
 
@@ -790,52 +791,6 @@ LISTED_COUNTERS = 100_000
 # Generations whose listed counters a store remembers: the ones consumers write (the active one and
 # a rebuild's); a third means a rebuild switched, and the oldest is no longer written (then dropped).
 LISTED_GENERATIONS = 2
-# CommandNotFound, and the codes of a server that does not know the command's shape.
-_NO_CLIENT_BULK = frozenset({59, 40415, 9})
-
-
-class ClientBulk:
-    """The store's cross-collection `bulkWrite` (MongoDB 8.0+; SecantusDB has it), used until the
-    store refuses it: writes to several collections as ONE ordered command."""
-
-    def __init__(self, db: AsyncDatabase[Document]) -> None:
-        self._db = db
-        self.taken = True
-
-    async def ordered(self, writes: Sequence[UpdateOne]) -> ClientBulkWriteResult | None:
-        """Run `writes` (each with its `namespace`) in order; None when the command did not apply
-        everything - a guard that missed (E11000 stops an ordered command) or any other refusal -
-        and the caller makes the writes apart, which repeat nothing already applied. A server
-        without the command is remembered and never asked again. A failure to reach the store
-        raises, as the separate writes' would."""
-        if not self.taken or not writes:
-            return None
-        try:
-            return await self._db.client.bulk_write(list(writes), ordered=True)
-        except (InvalidOperation, OperationFailure) as exc:
-            if isinstance(exc, InvalidOperation) or exc.code in _NO_CLIENT_BULK:
-                self.taken = False
-                log.info("the store has no cross-collection bulkWrite: the writes it would join are made apart")
-            return None
-        except ClientBulkWriteException:
-            return None
-
-
-async def drop_indexes(col: AsyncCollection[Document], names: Sequence[str]) -> None:
-    """Drop these indexes of `col` in this order (a migration's last step); one already gone (another
-    process migrating at the same time dropped it first) is no error."""
-    for name in names:
-        try:
-            await col.drop_index(name)
-        except OperationFailure as exc:
-            if exc.code != INDEX_NOT_FOUND:
-                raise
-
-
-def namespace_of(col: AsyncCollection[Document]) -> str:
-    return f"{col.database.name}.{col.name}"
-
-
 def record_weight(doc: Document) -> int:
     """The memory a cached record takes, estimated from its number of entries (see above)."""
     return RECORD_BASE_BYTES + ENTRY_BYTES * len(doc.get("entries") or ())

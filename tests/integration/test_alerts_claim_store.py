@@ -10,7 +10,7 @@ from datetime import timedelta
 
 from services.alerts.handlers import delivery_doc
 from services.alerts.rules import PlannedDelivery
-from services.alerts.store import AlertsStore, AttemptResult, utcnow
+from services.alerts.store import OWED_AT, AlertsStore, AttemptResult, utcnow
 from services.alerts.worker import recorded_doc
 
 # The `store` fixture (an AlertsStore of its own per test); the tests' parameters name it.
@@ -73,7 +73,9 @@ async def test_the_document_a_recorded_delivery_is_told_from_is_what_the_store_h
                            tells_status=True)
     at = await store.record([result])
     assert at is not None
-    assert recorded_doc(d, result, at) == await store.deliveries.find_one({"_id": i})
+    told = recorded_doc(d, result, at)
+    assert {k: v for k, v in told.items() if k != OWED_AT} == await store.deliveries.find_one({"_id": i})
+    assert await store.outbox.find_one({"_id": i}) == {"_id": i, "finished_at": told[OWED_AT]}
 
 
 async def test_recording_an_outcome_another_worker_recorded_first_says_the_caller_cannot_know_the_document(

@@ -173,7 +173,8 @@ class MemoryAlertsStore:
         self.deliveries.update((d["_id"], d) for d in new)
         return new
 
-    # what the status teller uses (services/alerts/statuses.py): the `status_outbox` flag of a delivery
+    # what the status teller uses (services/alerts/statuses.py): the debt of a status is kept here as a
+    # flag on the delivery (the real store keeps it as an entry in `delivery_outbox`)
 
     async def owed_statuses(self, delivery_ids: Sequence[str] = (), finished_before: datetime | None = None,
                             limit: int = 500) -> list[Document]:
