@@ -37,7 +37,9 @@
    counting what they write with their markers (see store.py); `$inc` commutes, so both add
    up. A rebuild that dies loses what it holds (records, alerts, counter moves) with its
    generation, which is dropped (or abandoned by the next `rebuild --force`) and never
-   switched to.
+   switched to. Every record written (a new one, or one read back from the store) is entered in
+   its record directory after it (store.directory_entries), so the directories are complete
+   when the indexes are built.
 4. Flip `active` to the new generation in one single-document update. Until then the API
    answers from the old generation; after at most one pointer-cache lifetime, from the new one.
 5. Drop generations older than the previous one (the previous stays for a quick way back).

@@ -7,14 +7,32 @@ Collections (all prefixed `reporting_`):
   new generation next to the live one and flips `active` in one single-document update.
 - `reporting_<gen>_clients`: one *record* per (tenant, client, instrument) holding every episode;
   its entries are a map keyed by submission id (see rules.py), packed as one JSON text; the
-  query fields (owning site, clinician, current episode's figures) are top-level. Indexes, and
-  the query each serves:
-    * `_id` (derived from tenant, client, instrument) — GET trajectory / fhir (one primary-key
-      read, then the owning site is checked), the consumer's batch read and conditional replace;
-    * `(tenant_id, clinician_id, caseload_key)` — GET caseload: equality on the clinician, then
-      a range scan from the cursor in sort order (at-risk first), no in-memory sort;
-    * `(tenant_id, site_id, instrument)` — a scope's records (summaries read the counters now;
-      kept for operators' scans of one site).
+  query fields (owning site, clinician, current episode's figures) are top-level. Index: `_id`
+  only (derived from tenant, client, instrument) — GET trajectory / fhir (one primary-key read,
+  then the owning site is checked), the consumer's batch read and conditional replace, and the
+  caseload's records once its directory has found them.
+- `reporting_<gen>_client_directory` and `reporting_<gen>_outcome_directory`: the record
+  directories, one small entry per alliance (outcome) record: `_id` the record's, its
+  `tenant_id`, `clinician_id`, `caseload_key`, `site_id`, `instrument`, and `v`, the version of
+  the record it was taken from (its guard: an older record write never overwrites a newer entry).
+  Indexes, and the query each serves:
+    * `(tenant_id, clinician_id, caseload_key)` (both) — GET caseload: equality on the clinician,
+      then a range scan from the cursor in sort order (at-risk first), no in-memory sort; then the
+      page's records by `_id` (`ReportingStore._directory_page`);
+    * `(tenant_id, site_id, instrument)` (alliance) — a scope's records (summaries read the
+      counters; kept for operators' scans of one site).
+  Why apart: the local store maintains every secondary index on every document write, even when
+  the indexed fields do not change (+0.15-0.4 ms per index and document written), and a record is
+  rewritten by every session of its client, while its indexed fields change rarely (a new client,
+  a transfer, a new clinician, `at_risk` turning, which changes `caseload_key`). An entry is
+  written after its record, in the same ordered command as the batch's counters (last in it), and
+  only when the record is new, its indexed fields changed, or it was read from the store rather
+  than this process's cache (the repair of a crash between the two writes:
+  `directory_entries` tells it step by step). One directory per record collection, not one for
+  both: the caseload scans the alliance and the outcome records apart (see `caseload`), so each
+  scan keeps the index it had, with no field to tell the two kinds apart. A generation from before
+  the directories is upgraded by `ensure_indexes`; a rebuild's records are entered as they are
+  written, so its directories are complete before the switch.
 - `reporting_<gen>_alerts`: one document per alert id, merged from deterioration and alert
   status events (either may come first; every update is a max, see rules.py), and what it
   contributes to the monthly counters (`counted`, `cv`, `pending`: see `count_alerts`). Indexes:
@@ -23,8 +41,9 @@ Collections (all prefixed `reporting_`):
 - `reporting_<gen>_outcomes` and `reporting_<gen>_outcome_alerts`: the outcome (ORS) half, the
   same shapes and merges as `clients` and `alerts`, apart so that caseloads and the alliance alert
   counts read exactly what they did. Outcome records are read by `_id` (beside the alliance
-  record of the same client) and by `(tenant_id, clinician_id, caseload_key)` — the caseload's
-  clients with no alliance record (see `caseload`; records written before they had a
+  record of the same client) and through their directory's `(tenant_id, clinician_id,
+  caseload_key)` — the caseload's clients with no alliance record (see `caseload`; records
+  written before they had a
   `caseload_key` are listed after one `alliance reporting rebuild`); their alerts by
   `(tenant_id, record_id)`. An outcome record moves
   the counters as an alliance record does (`pending`, markers), into the current bucket of its
@@ -181,6 +200,7 @@ from shared.events import (
     SrsScored,
 )
 from shared.mongo import (
+    VERSION_FIELD,
     ClientBulk,
     Document,
     LruCache,
@@ -201,14 +221,15 @@ POINTER_ID = "generation"
 FIRST_GENERATION = "g1"
 # `trajectories` (one document per episode) is the shape before records; dropped with its generation.
 _GEN_COLLECTION = re.compile(
-    r"^reporting_(g\d+)_(clients|trajectories|alerts|counters|counter_directory|outcomes|outcome_alerts|rollups)$")
+    r"^reporting_(g\d+)_(clients|trajectories|alerts|counters|counter_directory|outcomes|outcome_alerts|rollups|client_directory|outcome_directory)$")
 SUBMISSIONS = "reporting_submissions"
 REJECTIONS = "reporting_rejections"
 # The listing's indexes (after `tenant_id`); the status documents carried them under these names
 # before the listing (`SubmissionStore._migrate`).
 _REJECTION_INDEXES = (("rejections", ("sort",)), ("site_rejections", ("site_id", "sort")))
 _OLD_REJECTION_INDEXES = ("rejections", "site_rejections")
-# Documents per write of a migration's backfill (`SubmissionStore._migrate`, `ReportingStore._backfill_directory`).
+# Documents per write of a migration's backfill (`SubmissionStore._migrate`, `ReportingStore._backfill_directory`,
+# `ReportingStore._backfill_record_directory`).
 MIGRATION_BATCH = 1_000
 MONGO_MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_RECORD_BYTES = 15 * 1024 * 1024
@@ -255,6 +276,14 @@ def outcomes_name(gen: str) -> str:
     return f"reporting_{gen}_outcomes"
 
 
+def client_directory_name(gen: str) -> str:
+    return f"reporting_{gen}_client_directory"
+
+
+def outcome_directory_name(gen: str) -> str:
+    return f"reporting_{gen}_outcome_directory"
+
+
 def outcome_alerts_name(gen: str) -> str:
     return f"reporting_{gen}_outcome_alerts"
 
@@ -265,8 +294,9 @@ def rollups_name(gen: str) -> str:
 
 def generation_collections(gen: str) -> tuple[str, ...]:
     """Every collection of one generation (what an abandoned rebuild drops)."""
-    return (clients_name(gen), alerts_name(gen), counters_name(gen), counter_directory_name(gen), outcomes_name(gen),
-            outcome_alerts_name(gen), rollups_name(gen))
+    return (clients_name(gen), client_directory_name(gen), alerts_name(gen), counters_name(gen),
+            counter_directory_name(gen), outcomes_name(gen), outcome_directory_name(gen), outcome_alerts_name(gen),
+            rollups_name(gen))
 
 
 PENDING = "pending"
@@ -769,7 +799,76 @@ def from_stored(doc: Document) -> Document:
     return doc
 
 
-# (name, fields after `tenant_id`) of each generation collection's query indexes (see the module docs)
+# The fields of a record its directory entry holds (`record_entry`): what the record directories
+# index. A record write that changes none of them writes no entry (see `_apply_records`).
+_RECORD_IDENTITY = ("tenant_id", "clinician_id", "caseload_key", "site_id", "instrument")
+
+
+def record_identity(doc: Document) -> tuple[object, ...]:
+    return tuple(doc.get(f) for f in _RECORD_IDENTITY)
+
+
+def record_entry(doc: Document) -> Document:
+    """A record's directory entry: its `_id`, indexed fields and version (`v`, the entry's guard)."""
+    return {"_id": doc["_id"], **{f: doc.get(f) for f in _RECORD_IDENTITY},
+            VERSION_FIELD: int(doc.get(VERSION_FIELD) or 0)}
+
+
+def entry_op(entry: Document, namespace: str | None = None) -> UpdateOne:
+    """The write of a directory entry when the stored one is of an older record version (or there
+    is none): an older record write never overwrites a newer entry (E11000: `guarded_upserts`)."""
+    return UpdateOne({"_id": entry["_id"], VERSION_FIELD: {"$not": {"$gte": entry[VERSION_FIELD]}}},
+                     {"$set": {k: v for k, v in entry.items() if k != "_id"}}, upsert=True, namespace=namespace)
+
+
+def directory_entries(existing: dict[str, Document], read: Collection[str],
+                      writes: Sequence[tuple[str, Document, int | None]], failed: Collection[str]) -> list[Document]:
+    """The directory entries one round of `ReportingStore._apply_records` writes, after its records:
+
+    - a record written (not `failed`) that is new, or whose indexed fields (`_RECORD_IDENTITY`)
+      differ from the version it was merged from: its new entry;
+    - a record read from the store this round (`read`, not from this process's cache): the entry
+      of the newest version the round has of it (the one written, or the one read when nothing
+      was written), whether or not anything changed;
+    - nothing else: a record from the cache written with the same indexed fields (the common
+      case: a new session moves none of them; that is the saving) or not written at all.
+
+    Why the records read from the store: that is how a crash between a record write and its
+    entry write is repaired. What a crash leaves behind, step by step:
+
+      1. before the record write: nothing; the batch is redelivered and merged again;
+      2. after the record write, before (or during) its entry write: a record at `v` whose entry
+         is older (or missing). The process's cache is gone (a failed entry or counter write also
+         drops these records from it: `_apply_records`), so whoever takes the record next - the
+         redelivery, whose merge finds the record already written and writes nothing, or any
+         later batch, or another writer whose cached version is now stale and whose write fails
+         and re-reads - reads it from the store and writes its entry, guarded by the version: an
+         entry is never stale past the next batch that touches the record;
+      3. after the entry write: both hold `v`; the redelivery's entry write is a no-op (E11000).
+
+    Comparing against the record merged from would not do: in step 2 the redelivered batch merges
+    to "duplicate" against the record already written and would skip the stale entry for good.
+    Between 2 and the repair, the caseload lists the record where its entry says (`caseload`).
+    """
+    written = {rid for rid, _, _ in writes}
+    out: list[Document] = []
+    for rid, stored, _ in writes:
+        old = existing.get(rid)
+        if rid not in failed and (old is None or rid in read or record_identity(old) != record_identity(stored)):
+            out.append(record_entry(stored))
+    out.extend(record_entry(existing[rid]) for rid in sorted(read) if rid not in written)
+    return out
+
+
+async def enter_records(directory: AsyncCollection[Document] | None, entries: Sequence[Document]) -> None:
+    """Write these record directory entries apart (one guarded bulk write: `entry_op`)."""
+    if directory is not None and entries:
+        await guarded_upserts(directory, [entry_op(e) for e in entries])
+
+
+# (name, fields after `tenant_id`) of each generation collection's query indexes (see the module docs).
+# The records' are on their directories (`reporting_<gen>_client_directory`, `_outcome_directory`);
+# a generation from before them had these on the records themselves (`ReportingStore.ensure_indexes`).
 _RECORD_INDEXES = (("caseload", ("clinician_id", "caseload_key")), ("by_site", ("site_id", "instrument")))
 # The counters' scopes are looked up in their directory (`list_counters`), the counters themselves by `_id`.
 _DIRECTORY_INDEXES = (("by_site", ("site_id",)), ("by_clinician", ("clinician_id",)))
@@ -844,6 +943,16 @@ class ReportingStore:
     def outcome_alerts(self, gen: str) -> AsyncCollection[Document]:
         return self.db[outcome_alerts_name(gen)]
 
+    def client_directory(self, gen: str) -> AsyncCollection[Document]:
+        return self.db[client_directory_name(gen)]
+
+    def outcome_directory(self, gen: str) -> AsyncCollection[Document]:
+        return self.db[outcome_directory_name(gen)]
+
+    def _directory_of(self, gen: str, records: AsyncCollection[Document]) -> AsyncCollection[Document]:
+        """The directory of a record collection (`clients` or `outcomes`) of `gen`."""
+        return self.outcome_directory(gen) if records.name == outcomes_name(gen) else self.client_directory(gen)
+
     def rollups(self, gen: str) -> AsyncCollection[Document]:
         return self.db[rollups_name(gen)]
 
@@ -865,20 +974,51 @@ class ReportingStore:
         writer. Every reporting process must run this code before any of them does (they are
         upgraded together): one from before would create counters without their directory
         entries, which no query would find.
+
+        A generation from before the record directories has the caseload index (and, on the
+        alliance records, `by_site`) on its records: upgraded the same way, each record collection
+        on its own. Its directory is filled from the records' identities (`_backfill_record_directory`,
+        guarded by the record version: idempotent, and never over a newer entry a writer made
+        meanwhile), its indexes created, then the record indexes dropped, `caseload` last (the mark
+        that it is done). A reporting process from before, started after, would recreate the
+        record indexes and write records without entries: a new client, or a moved one, would be
+        missing from (or misplaced in) the caseload until the next start of a process of this
+        version upgrades again.
         """
         if gen in self._indexed:
             return
         upgrade = "by_site" in await self.counters(gen).index_information()
         if upgrade:
             await self._backfill_directory(gen)
-        for col, indexes in ((self.clients(gen), _RECORD_INDEXES), (self.counter_directory(gen), _DIRECTORY_INDEXES),
-                             (self.alerts(gen), _ALERT_INDEXES), (self.outcomes(gen), _OUTCOME_INDEXES),
+        # each record collection's old indexes, in the order they are dropped: `caseload` last
+        records = ((self.clients(gen), ("by_site", "caseload")), (self.outcomes(gen), ("caseload",)))
+        upgrades = [(col, old) for col, old in records if "caseload" in await col.index_information()]
+        for col, _ in upgrades:
+            await self._backfill_record_directory(gen, col)
+        for col, indexes in ((self.client_directory(gen), _RECORD_INDEXES),
+                             (self.counter_directory(gen), _DIRECTORY_INDEXES),
+                             (self.alerts(gen), _ALERT_INDEXES), (self.outcome_directory(gen), _OUTCOME_INDEXES),
                              (self.outcome_alerts(gen), _OUTCOME_ALERT_INDEXES)):
             for name, fields in indexes:
                 await col.create_index([("tenant_id", ASCENDING), *((f, ASCENDING) for f in fields)], name=name)
         if upgrade:
             await drop_indexes(self.counters(gen), ("by_clinician", "by_site"))
+        for col, old in upgrades:
+            await drop_indexes(col, old)
         self._indexed.add(gen)
+
+    async def _backfill_record_directory(self, gen: str, records: AsyncCollection[Document]) -> None:
+        """Enter every record of `records` in its directory (an upgrade: `ensure_indexes`), one
+        guarded upsert per record (`entry_op`), `MIGRATION_BATCH` per write."""
+        directory = self._directory_of(gen, records)
+        batch: list[UpdateOne] = []
+        async for d in records.find({}, dict.fromkeys((*_RECORD_IDENTITY, VERSION_FIELD), 1)):
+            batch.append(entry_op(record_entry(d)))
+            if len(batch) >= MIGRATION_BATCH:
+                await guarded_upserts(directory, batch)
+                batch = []
+        await guarded_upserts(directory, batch)
+        log.info("records of %s entered in %s; their indexes are dropped next", records.name, directory.name)
 
     async def _backfill_directory(self, gen: str) -> None:
         """List every counter document of `gen` in its directory (an upgrade: `ensure_indexes`),
@@ -947,6 +1087,7 @@ class ReportingStore:
             if not pending:
                 break
             existing: dict[str, Document] = {}
+            read: set[str] = set()  # records read from the store this round: their entries are made good
             misses: list[str] = []
             for rid in pending:
                 cached = None if rid in must_read else self.cache.get((gen, rid))
@@ -963,6 +1104,7 @@ class ReportingStore:
                 unsure: list[tuple[str, int, rules.Counters]] = []
                 for d in await find_by_ids(col, misses):
                     existing[d["_id"]] = from_stored(d)
+                    read.add(d["_id"])
                     if (carried := pending_of(d)) is not None:
                         unsure.append((d["_id"], *carried))
                 await self.apply_counters(gen, unsure)
@@ -998,16 +1140,19 @@ class ReportingStore:
                 writes.append((rid, stored, None if old is None else old.get("v", 0)))
             failed = await write_versioned(col, writes)
             written = [(rid, *moves[rid]) for rid, _, _ in writes if rid not in failed and rid in moves]
+            entries = directory_entries(existing, read, writes, failed)
             try:
                 if tally is not None:
                     for _, _, counters in written:
                         tally.add(counters)
+                    await enter_records(self._directory_of(gen, col), entries)
                 else:
-                    await self.apply_counters(gen, written)
+                    await self.apply_counters(gen, written, entries=(self._directory_of(gen, col), entries))
             except BaseException:
-                # The records are written, their moves maybe not: forget them here, so that the
-                # retry reads them back and applies what they carry.
-                for rid, _, _ in writes:
+                # The records are written, their moves and entries maybe not: forget them here, so
+                # that the retry reads them back and applies what they carry (and makes their
+                # entries good). The same for the records read whose entries were to be made good.
+                for rid in (*(rid for rid, _, _ in writes), *(e["_id"] for e in entries)):
                     self.cache.pop((gen, rid))
                 raise
             for rid, result in merged.items():
@@ -1031,6 +1176,7 @@ class ReportingStore:
 
     async def apply_counters(self, gen: str, moves: Sequence[tuple[str, int, rules.Counters]], *,
                              documents: Sequence[tuple[AsyncCollection[Document], Document, Document]] = (),
+                             entries: tuple[AsyncCollection[Document], Sequence[Document]] | None = None,
                              ) -> int | None:
         """Apply records' counter moves, given as (record id, record version, moves), exactly once.
 
@@ -1065,17 +1211,27 @@ class ReportingStore:
 
         So a counter document is never without its entry, which would leave it out of every
         summary, trend and roll-up for good.
+
+        `entries` (a record directory, entries): the directory entries of the records that carry
+        these moves (`_apply_records`), written LAST in the same ordered command, after the stamps:
+        one round trip for the batch's counters, stamps and entries. When that command does not
+        apply everything (or is not taken), the counters and stamps are written apart, then the
+        entries (`enter_records`); an entry is never written before its record, which is written
+        before this call.
         """
         folded, flat = fold_moves(moves)
+        directory, listed = entries or (None, ())
         if not folded and not documents:
+            await enter_records(directory, listed)
             return 0
         ids = sorted(folded)
         await self._list(gen, (folded[cid][0] for cid in ids))
         tenants = {bucket[0] for bucket, _, _ in folded.values()}
+        after = [entry_op(e, namespace_of(directory)) for e in listed] if directory is not None else []
         together = await self._counters_then_stamps(
             gen, [*(UpdateOne(f, u, upsert=True, namespace=namespace_of(col)) for col, f, u in documents),
                   *(counter_update(cid, *folded[cid], namespace=namespace_of(self.counters(gen)))
-                    for cid in ids)], tenants)
+                    for cid in ids)], tenants, after)
         if together is not None or documents:
             return together  # None with `documents`: the caller writes them and then the counters apart
         written = await bulk_write(self.counters(gen), [counter_update(cid, *folded[cid]) for cid in ids])
@@ -1091,6 +1247,7 @@ class ReportingStore:
         # After the counters, never before or with them: a refresh that read the stamp before
         # this bump may have missed these moves, and the bump marks its roll-up out of date.
         await self._stamp(gen, tenants)
+        await enter_records(directory, listed)
         return done
 
     async def _stamp(self, gen: str, tenants: Collection[str]) -> None:
@@ -1106,7 +1263,7 @@ class ReportingStore:
                           namespace=namespace) for t in sorted(tenants)]
 
     async def _counters_then_stamps(self, gen: str, writes: Sequence[UpdateOne], tenants: Collection[str],
-                                    ) -> int | None:
+                                    after: Sequence[UpdateOne] = ()) -> int | None:
         """`writes` (counter updates; for alerts, first the alert documents that carry their
         moves), then the stamp bumps of their tenants, as ONE ordered command (the cross-collection
         `bulkWrite` of MongoDB 8.0+; SecantusDB has it): one round trip where two or three followed
@@ -1117,14 +1274,15 @@ class ReportingStore:
         other refusal - and the caller runs the separate writes, which repeat nothing already
         applied (markers, `cv`) and bump the stamps (a bump too many only costs one more
         refresh). A server without the command is remembered and never asked again (`ClientBulk`).
-        A failure to reach the store raises, as the separate writes' would: the batch is retried."""
+        A failure to reach the store raises, as the separate writes' would: the batch is retried.
+        `after` (record directory entries, `apply_counters`) go last, and are not counted either."""
         if not writes:
             return None
         stamps = self._stamp_ops(tenants, namespace_of(self.rollups(gen)))
-        result = await self._client_bulk.ordered([*writes, *stamps])
+        result = await self._client_bulk.ordered([*writes, *stamps, *after])
         if result is None:
             return None
-        return max(0, result.upserted_count + result.modified_count - len(stamps))
+        return max(0, result.upserted_count + result.modified_count - len(stamps) - len(after))
 
     async def refresh_rollups(self, gen: str) -> int:
         """Rebuild the roll-up of every tenant whose counters changed since its roll-up was made
@@ -1384,21 +1542,24 @@ class ReportingStore:
         outcome record whose client has a paired alliance record with sessions is skipped (that
         client is listed by its alliance record, wherever it is: one line per client). Outcome
         records are scanned no further than the last alliance record of a full page, so a page
-        reads about twice the records it shows when most clients have both."""
+        reads about twice the records it shows when most clients have both.
+
+        The scans are of the record directories (`client_directory`, `outcome_directory`: the
+        records carry no index but `_id`), then the records of a page by `_id`
+        (`_directory_page`)."""
         q: Document = {"tenant_id": tenant_id, "clinician_id": clinician_id}
         if after is not None:
             q["caseload_key"] = {"$gt": after}
         if site_id is not None:
             q["site_id"] = site_id
-        order = [("caseload_key", ASCENDING)]
-        alliance = [from_stored(d) for d in await self.clients(gen).find(q).sort(order).limit(limit + 1).to_list()]
+        alliance = await self._directory_page(self.client_directory(gen), self.clients(gen), q, limit)
         # past this key the page is alliance records only (there are limit + 1 of them before it)
         bound = alliance[-1]["caseload_key"] if len(alliance) > limit else None
         alone: list[Document] = []
         # `$gt` a key also passes over outcome records written before they had one (a rebuild gives them theirs)
         q = {**q, "caseload_key": {"$gt": after or ""}}
         while len(alone) <= limit:
-            batch = await self.outcomes(gen).find(q).sort(order).limit(limit + 1).to_list()
+            batch = await self._directory_page(self.outcome_directory(gen), self.outcomes(gen), q, limit)
             within = [d for d in batch if bound is None or d["caseload_key"] < bound]
             if within:
                 paired = {i: d for d in within for i in rules.paired_record_ids(d)}
@@ -1410,6 +1571,26 @@ class ReportingStore:
                 break
             q = {**q, "caseload_key": {"$gt": batch[-1]["caseload_key"]}}
         return sorted([*alliance, *alone], key=lambda d: str(d["caseload_key"]))[:limit + 1]
+
+    @staticmethod
+    async def _directory_page(directory: AsyncCollection[Document], records: AsyncCollection[Document],
+                              q: Document, limit: int) -> list[Document]:
+        """The records of the first limit + 1 entries of `directory` matching `q`, in `caseload_key`
+        order (the `caseload` index), read by `_id`.
+
+        An entry lags its record only between the two writes (`directory_entries`: a crash, until
+        the record is next taken). Such a record is returned where its entry is, with its
+        `caseload_key` set to the entry's: the page's cursor is the entries' order, so no entry
+        after it is skipped or shown twice; the rest of it is the record's, the newer."""
+        page = await directory.find(q, {"caseload_key": 1}).sort([("caseload_key", ASCENDING)]).limit(
+            limit + 1).to_list()
+        docs = {d["_id"]: d async for d in each_by_ids(records, [p["_id"] for p in page])}
+        out: list[Document] = []
+        for p in page:
+            if (doc := docs.get(p["_id"])) is not None:  # never otherwise: a record is written before its entry
+                doc["caseload_key"] = p["caseload_key"]
+                out.append(from_stored(doc))
+        return out
 
     async def summary(self, gen: str, tenant_id: str, site_id: str | None,
                       clinician_id: str | None = None) -> Document | None:

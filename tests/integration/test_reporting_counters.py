@@ -467,9 +467,11 @@ async def test_a_batchs_counter_moves_and_its_tenants_stamps_reach_the_store_as_
     touching = await commands_of_one_batch(stack, db, history()[:4], (store.counters(G).name, store.rollups(G).name))
     assert [name for name, _ in touching] == ["bulkWrite"]
     command = touching[0][1]
-    spaces = [ns["ns"] for ns in command["nsInfo"]]
+    order = [[ns["ns"] for ns in command["nsInfo"]][op["update"]].rsplit("_g1_", 1)[-1] for op in command["ops"]]
     assert command["ordered"] is True
-    assert spaces[command["ops"][-1]["update"]] == f"{db.name}.{store.rollups(G).name}"  # the stamp last
+    # the stamp after every counter; then the new records' directory entries (store.directory_entries)
+    counters = order.count("counters")
+    assert order == ["counters"] * counters + ["rollups"] + ["client_directory"] * (len(order) - counters - 1)
 
 
 async def test_an_alerts_counted_share_its_counter_moves_and_stamp_follow_its_raise_in_one_ordered_command(

@@ -10,8 +10,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError
+from pymongo.errors import BulkWriteError, InvalidOperation
 
 from services.alerts.rules import delivery_status
 from services.reporting import rules
@@ -27,9 +28,11 @@ from services.reporting.store import (
     alerts_name,
     clients_name,
     from_stored,
+    record_entry,
 )
-from shared.events import AlertState, AlertStatus, AlertStatusChanged, DeadLetter, SrsSubmitted
+from shared.events import AlertState, AlertStatus, AlertStatusChanged, DeadLetter, OrsScored, SrsScored, SrsSubmitted
 from shared.mongo import Document
+from tests.integration.test_reporting_counters import commands_of_batches, history, replay_as_a_rebuild, replayer
 from tests.support.outcome_events import ors_scored
 from tests.support.reporting import counters_verified_in_db
 from tests.support.stack import StackUnderTest, scratch_database
@@ -437,3 +440,185 @@ async def test_an_ors_status_written_under_the_bare_id_before_is_found_as_the_ou
     assert found is not None and found == await store.get(T, "old-ors")
     assert await store.get(T, "old-ors", "alliance") is None
     assert (rules.submission_view(found) or {})["scale"] == "outcome"
+
+
+# ---------------------------------------------------------------------------------------------
+# The record directories (store.py, module docs): the caseload index (and `by_site`) live on one
+# small entry per record, written only when a record's indexed fields change
+
+def population() -> tuple[list[SrsScored], list[OrsScored]]:
+    """Clients of two clinicians at two sites, at risk or not, with an alliance record, an outcome
+    record, or both."""
+    srs = [scored(T, f"k{i}", 1, 25.0 if i % 3 == 0 else 38.0, clinician_id=f"c-{i % 2 + 1}",
+                  site_id="south" if i % 4 == 0 else "north") for i in range(12)]
+    ors = [ors_scored(T, f"k{i}", 1, 20.0, intake_total=None, clinician_id=f"c-{i % 2 + 1}",
+                      site_id="south" if i % 4 == 0 else "north") for i in range(6, 18)]
+    return srs, ors
+
+
+async def populated(db: AsyncDatabase[Document]) -> ReportingStore:
+    store = ReportingStore(db, cache_entries=100)
+    srs, ors = population()
+    await store.apply_scored(FIRST_GENERATION, srs)
+    await store.apply_outcomes(FIRST_GENERATION, ors)
+    return store
+
+
+class CaseloadAsBefore(ReportingStore):
+    """The caseload of before the directories: a page of records found by their own fields."""
+
+    @staticmethod
+    async def _directory_page(directory: Any, records: Any, q: Document, limit: int) -> list[Document]:
+        return [from_stored(d) for d in await records.find(q).sort("caseload_key").limit(limit + 1).to_list()]
+
+
+async def every_page(store: ReportingStore, clinician: str, site: str | None, limit: int) -> list[list[Document]]:
+    """Every page of a caseload, following the cursor as the API does."""
+    pages: list[list[Document]] = []
+    after = None
+    while True:
+        page = await store.caseload(FIRST_GENERATION, T, clinician, site, after, limit)
+        pages.append(page[:limit])
+        if len(page) <= limit:
+            return pages
+        after = page[limit - 1]["caseload_key"]
+
+
+async def every_caseload(store: ReportingStore) -> dict[tuple[str, str | None, int], list[list[Document]]]:
+    return {(c, s, n): await every_page(store, c, s, n)
+            for c in ("c-1", "c-2") for s in (None, "north", "south") for n in (1, 2, 5)}
+
+
+async def entries(store: ReportingStore) -> list[Document]:
+    return [*await store.client_directory(FIRST_GENERATION).find({}).sort("_id").to_list(),
+            *await store.outcome_directory(FIRST_GENERATION).find({}).sort("_id").to_list()]
+
+
+async def identities(store: ReportingStore) -> list[Document]:
+    """Every record's identity and version: what its directory entry must be."""
+    shown = dict.fromkeys(("tenant_id", "clinician_id", "caseload_key", "site_id", "instrument", "v"), 1)
+    return [record_entry(d) for col in (store.clients(FIRST_GENERATION), store.outcomes(FIRST_GENERATION))
+            for d in await col.find({}, shown).sort("_id").to_list()]
+
+
+async def test_caseload_pages_through_the_directories_are_those_the_records_own_indexes_gave(
+        db: AsyncDatabase[Document]) -> None:
+    store = await populated(db)
+    await store.ensure_indexes(FIRST_GENERATION)
+    through_directory = await every_caseload(store)
+    assert sum(len(p) for p in through_directory[("c-1", None, 5)]) > 5  # several pages, both sources
+    assert through_directory == await every_caseload(CaseloadAsBefore(db))
+    assert await entries(store) == await identities(store)
+    assert sorted(await store.clients(FIRST_GENERATION).index_information()) == ["_id_"]
+    assert sorted(await store.outcomes(FIRST_GENERATION).index_information()) == ["_id_"]
+
+
+async def test_a_client_turning_at_risk_moves_its_entry_to_the_head_of_the_caseload(
+        db: AsyncDatabase[Document]) -> None:
+    store = ReportingStore(db, cache_entries=100)
+    await store.apply_scored(FIRST_GENERATION, [scored(T, "a", 1, 38.0), scored(T, "b", 1, 39.0)])
+    await store.apply_scored(FIRST_GENERATION, [scored(T, "b", 2, 20.0)])
+    assert [d["client_id"] for d in await store.caseload(FIRST_GENERATION, T, "c-1", None, None, 5)] == ["b", "a"]
+    entry = await store.client_directory(FIRST_GENERATION).find_one({"_id": tid("b")})
+    assert entry is not None and entry["caseload_key"].startswith("0") and entry["v"] == 2
+
+
+async def test_an_older_record_version_never_overwrites_a_newer_entry(db: AsyncDatabase[Document]) -> None:
+    store = ReportingStore(db, cache_entries=100)
+    await store.apply_scored(FIRST_GENERATION, [scored(T, "a", 1, 38.0)])
+    await store.apply_scored(FIRST_GENERATION, [scored(T, "a", 2, 20.0)])
+    newer = await store.client_directory(FIRST_GENERATION).find_one({"_id": tid("a")})
+    assert newer is not None
+    await store_module.enter_records(store.client_directory(FIRST_GENERATION),
+                                     [{**newer, "v": 1, "caseload_key": "1\x1fa\x1fSRS", "clinician_id": "c-9"}])
+    assert await store.client_directory(FIRST_GENERATION).find_one({"_id": tid("a")}) == newer
+
+
+def die_before_the_entries(monkeypatch: pytest.MonkeyPatch, one_command: bool) -> None:
+    """The store or the process dies after a batch's record write and its counter write, before
+    its directory entries: inside the one ordered command (the store dies), or between the
+    separate writes of a store without that command (the process dies)."""
+    if one_command:
+        real = AsyncMongoClient.bulk_write
+
+        async def dying(self: AsyncMongoClient[Document], models: Any, **kwargs: Any) -> Any:
+            first = next(i for i, m in enumerate(models) if str(m._namespace).endswith("_client_directory"))
+            await real(self, models[:first], **kwargs)
+            raise ConnectionError("the store died here")
+
+        monkeypatch.setattr(AsyncMongoClient, "bulk_write", dying)
+        return
+
+    async def refuse(self: AsyncMongoClient[Document], models: Any, **kwargs: Any) -> Any:
+        raise InvalidOperation("MongoClient.bulk_write requires MongoDB server version 8.0+.")
+
+    async def crash(directory: Any, written: Any) -> None:
+        if written:
+            raise ConnectionError("the process died here")
+
+    monkeypatch.setattr(AsyncMongoClient, "bulk_write", refuse)
+    monkeypatch.setattr(store_module, "enter_records", crash)
+
+
+@pytest.mark.parametrize("one_command", [True, False], ids=["one command", "separate writes"])
+async def test_a_crash_between_a_record_and_its_entry_is_repaired_by_the_redelivery(
+        db: AsyncDatabase[Document], monkeypatch: pytest.MonkeyPatch, one_command: bool) -> None:
+    dying = ReportingStore(db, cache_entries=100)
+    await dying.apply_scored(FIRST_GENERATION, [scored(T, "a", 1, 38.0), scored(T, "b", 1, 39.0)])
+    flip = [scored(T, "b", 2, 20.0)]  # b turns at risk: its entry must move
+    die_before_the_entries(monkeypatch, one_command)
+    with pytest.raises(ConnectionError):
+        await dying.apply_scored(FIRST_GENERATION, flip)
+    monkeypatch.undo()
+    assert await entries(dying) != await identities(dying)  # the record moved, its entry did not
+    # listed where its entry says, with the entry's key (the cursor's order), the record's figures
+    page = await dying.caseload(FIRST_GENERATION, T, "c-1", None, None, 5)
+    assert [(d["client_id"], d["caseload_key"][0], d["session_count"]) for d in page] == [("a", "1", 1), ("b", "1", 2)]
+    restarted = ReportingStore(db, cache_entries=100)
+    await restarted.apply_scored(FIRST_GENERATION, flip)  # the uncommitted batch comes again: "duplicate"
+    assert await entries(restarted) == await identities(restarted)
+    assert [d["client_id"] for d in await restarted.caseload(FIRST_GENERATION, T, "c-1", None, None, 5)] == ["b", "a"]
+
+
+async def test_upgrading_a_generation_from_before_the_directories_enters_its_records_and_drops_their_indexes(
+        db: AsyncDatabase[Document]) -> None:
+    store = await populated(db)
+    for directory in (store.client_directory(FIRST_GENERATION), store.outcome_directory(FIRST_GENERATION)):
+        await directory.drop()
+    for col, names in ((store.clients(FIRST_GENERATION), ("caseload", "by_site")),
+                       (store.outcomes(FIRST_GENERATION), ("caseload",))):
+        for name in names:
+            fields = ("clinician_id", "caseload_key") if name == "caseload" else ("site_id", "instrument")
+            await col.create_index([("tenant_id", 1), *((f, 1) for f in fields)], name=name)
+    before = await every_caseload(CaseloadAsBefore(db))
+    upgraded = ReportingStore(db)
+    await upgraded.ensure_indexes(FIRST_GENERATION)
+    assert await entries(upgraded) == await identities(upgraded) != []
+    assert sorted(await upgraded.clients(FIRST_GENERATION).index_information()) == ["_id_"]
+    assert sorted(await upgraded.outcomes(FIRST_GENERATION).index_information()) == ["_id_"]
+    assert sorted(await upgraded.client_directory(FIRST_GENERATION).index_information()) == [
+        "_id_", "by_site", "caseload"]
+    assert await every_caseload(upgraded) == before
+    # died before dropping `caseload`: the next process upgrades again, to the same directory
+    listed = await entries(upgraded)
+    await upgraded.clients(FIRST_GENERATION).create_index([("tenant_id", 1), ("clinician_id", 1),
+                                                           ("caseload_key", 1)], name="caseload")
+    again = ReportingStore(db)
+    await again.ensure_indexes(FIRST_GENERATION)
+    assert await entries(again) == listed
+    assert sorted(await again.clients(FIRST_GENERATION).index_information()) == ["_id_"]
+
+
+async def test_a_batch_that_moves_no_indexed_field_of_its_records_sends_nothing_to_their_directory(
+        db: AsyncDatabase[Document], stack: StackUnderTest) -> None:
+    events = history()  # client a: 30, 34, then 37.5 (no longer below the cutoff)
+    new, same, flip = await commands_of_batches(stack, db, [events[:1], events[1:2], events[2:3]],
+                                                [ReportingStore(db).client_directory(FIRST_GENERATION).name])
+    assert ([name for name, _ in new], same, [name for name, _ in flip]) == (["bulkWrite"], [], ["bulkWrite"])
+
+
+async def test_a_rebuild_enters_every_record_it_writes_in_its_directory(db: AsyncDatabase[Document]) -> None:
+    replay = replayer(ReportingStore(db, cache_entries=100))
+    await replay_as_a_rebuild(replay, history())
+    await replay.finish()
+    assert await entries(replay.store) == await identities(replay.store) != []

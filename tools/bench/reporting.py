@@ -58,6 +58,7 @@ from services.reporting.store import (
     directory_document,
     flat_counters,
     from_stored,
+    record_entry,
     to_stored,
 )
 from shared.auth import create_key
@@ -198,6 +199,7 @@ async def load_trajectories(mongo: MongoSettings, clients: int, gen: str) -> flo
         templates = _template_docs(50)
         started = time.perf_counter()
         batch: list[InsertOne[dict[str, Any]]] = []
+        entries: list[InsertOne[dict[str, Any]]] = []
         for i in range(clients):
             doc = copy.copy(templates[i % len(templates)])
             client_id, clinician = f"r{i:07d}", f"doc{i % 4000}"
@@ -205,13 +207,17 @@ async def load_trajectories(mongo: MongoSettings, clients: int, gen: str) -> flo
                        clinician_id=clinician, site_id=f"site{i % 20}",
                        caseload_key=rules.caseload_key(doc["at_risk"], client_id, "SRS"))
             batch.append(InsertOne(doc))
+            # entered in the record directory, as every record write is (store.directory_entries)
+            entries.append(InsertOne(record_entry(doc)))
             if len(batch) == 2000:
                 await col.bulk_write(batch, ordered=False)
-                batch = []
+                await store.client_directory(gen).bulk_write(entries, ordered=False)
+                batch, entries = [], []
             if i and i % 20000 == 0:
                 print(f"  loaded {i:,} records ({i / (time.perf_counter() - started):,.0f}/s)", flush=True)
         if batch:
             await col.bulk_write(batch, ordered=False)
+            await store.client_directory(gen).bulk_write(entries, ordered=False)
         counters = bench_counters(templates, clients)
         # listed in their directory first, as every counter write does (store.ReportingStore.apply_counters)
         await store.counter_directory(gen).insert_many([directory_document(bucket) for bucket in counters])
