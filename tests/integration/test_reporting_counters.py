@@ -167,19 +167,8 @@ def die_before_the_counters(monkeypatch: pytest.MonkeyPatch, one_command: bool) 
     inside the one ordered command that carries them (the store dies), or between the separate
     writes of a store without that command (the process dies)."""
     if one_command:
-        real = AsyncMongoClient.bulk_write
-
-        async def dying(self: AsyncMongoClient[Document], models: Any, **kwargs: Any) -> Any:
-            first_counter = next(i for i, m in enumerate(models) if str(m._namespace).endswith("_counters"))
-            if first_counter:
-                await real(self, models[:first_counter], **kwargs)
-            raise ConnectionError("the store died here")
-
-        monkeypatch.setattr(AsyncMongoClient, "bulk_write", dying)
+        die_in_the_command_before(monkeypatch, "_counters")
         return
-
-    async def refuse(self: AsyncMongoClient[Document], models: Any, **kwargs: Any) -> Any:
-        raise InvalidOperation("MongoClient.bulk_write requires MongoDB server version 8.0+.")
 
     async def crash(self: ReportingStore, gen: str, moves: Any, **kwargs: Any) -> int | None:
         if moves:
@@ -187,8 +176,31 @@ def die_before_the_counters(monkeypatch: pytest.MonkeyPatch, one_command: bool) 
         return await real_apply(self, gen, moves, **kwargs)
 
     real_apply = ReportingStore.apply_counters
-    monkeypatch.setattr(AsyncMongoClient, "bulk_write", refuse)
+    refuse_the_command(monkeypatch)
     monkeypatch.setattr(ReportingStore, "apply_counters", crash)
+
+
+def die_in_the_command_before(monkeypatch: pytest.MonkeyPatch, collection_suffix: str) -> None:
+    """The store dies inside the ordered cross-collection command, before its first write to a
+    collection whose name ends in `collection_suffix` (what comes before it is written)."""
+    real = AsyncMongoClient.bulk_write
+
+    async def dying(self: AsyncMongoClient[Document], models: Any, **kwargs: Any) -> Any:
+        first = next(i for i, m in enumerate(models) if str(m._namespace).endswith(collection_suffix))
+        if first:
+            await real(self, models[:first], **kwargs)
+        raise ConnectionError("the store died here")
+
+    monkeypatch.setattr(AsyncMongoClient, "bulk_write", dying)
+
+
+def refuse_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store without the cross-collection command: the writes it would join are made apart."""
+
+    async def refuse(self: AsyncMongoClient[Document], models: Any, **kwargs: Any) -> Any:
+        raise InvalidOperation("MongoClient.bulk_write requires MongoDB server version 8.0+.")
+
+    monkeypatch.setattr(AsyncMongoClient, "bulk_write", refuse)
 
 
 @pytest.mark.parametrize("one_command", [True, False], ids=["one command", "separate writes"])

@@ -10,9 +10,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, InvalidOperation
+from pymongo.errors import BulkWriteError
 
 from services.alerts.rules import delivery_status
 from services.reporting import rules
@@ -32,7 +31,14 @@ from services.reporting.store import (
 )
 from shared.events import AlertState, AlertStatus, AlertStatusChanged, DeadLetter, OrsScored, SrsScored, SrsSubmitted
 from shared.mongo import Document
-from tests.integration.test_reporting_counters import commands_of_batches, history, replay_as_a_rebuild, replayer
+from tests.integration.test_reporting_counters import (
+    commands_of_batches,
+    die_in_the_command_before,
+    history,
+    refuse_the_command,
+    replay_as_a_rebuild,
+    replayer,
+)
 from tests.support.outcome_events import ors_scored
 from tests.support.reporting import counters_verified_in_db
 from tests.support.stack import StackUnderTest, scratch_database
@@ -539,24 +545,14 @@ def die_before_the_entries(monkeypatch: pytest.MonkeyPatch, one_command: bool) -
     its directory entries: inside the one ordered command (the store dies), or between the
     separate writes of a store without that command (the process dies)."""
     if one_command:
-        real = AsyncMongoClient.bulk_write
-
-        async def dying(self: AsyncMongoClient[Document], models: Any, **kwargs: Any) -> Any:
-            first = next(i for i, m in enumerate(models) if str(m._namespace).endswith("_client_directory"))
-            await real(self, models[:first], **kwargs)
-            raise ConnectionError("the store died here")
-
-        monkeypatch.setattr(AsyncMongoClient, "bulk_write", dying)
+        die_in_the_command_before(monkeypatch, "_client_directory")
         return
-
-    async def refuse(self: AsyncMongoClient[Document], models: Any, **kwargs: Any) -> Any:
-        raise InvalidOperation("MongoClient.bulk_write requires MongoDB server version 8.0+.")
 
     async def crash(directory: Any, written: Any) -> None:
         if written:
             raise ConnectionError("the process died here")
 
-    monkeypatch.setattr(AsyncMongoClient, "bulk_write", refuse)
+    refuse_the_command(monkeypatch)
     monkeypatch.setattr(store_module, "enter_records", crash)
 
 
