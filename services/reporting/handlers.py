@@ -14,7 +14,6 @@ never stalls its partition.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import logging
@@ -27,7 +26,7 @@ from pydantic import ValidationError
 
 from services.reporting import metrics
 from services.reporting.rules import Scored, ScoredT, Submitted
-from services.reporting.store import ApplyReport, GenerationState
+from services.reporting.store import ApplyReport, GenerationState, Ride
 from shared.events import (
     AlertStatusChanged,
     AllianceDeterioration,
@@ -99,17 +98,27 @@ class ReadModels(Protocol):
 
     async def ensure_indexes(self, gen: str) -> None: ...
 
-    async def apply_scored(self, gen: str, events: Sequence[SrsScored]) -> ApplyReport: ...
+    async def apply_scored(self, gen: str, events: Sequence[SrsScored], *, ride: Ride | None = None) -> ApplyReport: ...
 
     async def apply_deterioration(self, gen: str, events: Sequence[AllianceDeterioration]) -> int: ...
 
     async def apply_alert_status(self, gen: str, events: Sequence[AlertStatusChanged]) -> int: ...
 
-    async def apply_outcomes(self, gen: str, events: Sequence[OrsScored]) -> ApplyReport: ...
+    async def apply_outcomes(self, gen: str, events: Sequence[OrsScored], *,
+                             ride: Ride | None = None) -> ApplyReport: ...
 
     async def apply_outcome_alerts(self, gen: str, events: Sequence[OutcomeAlert]) -> int: ...
 
     async def apply_outcome_alert_status(self, gen: str, events: Sequence[OutcomeAlertStatusChanged]) -> int: ...
+
+
+_E = TypeVar("_E", contravariant=True)
+
+
+class ApplyScored(Protocol[_E]):
+    """`ReadModels.apply_scored` or `apply_outcomes`: merge a batch into one generation."""
+
+    async def __call__(self, gen: str, events: Sequence[_E], *, ride: Ride | None = None) -> ApplyReport: ...
 
 
 class GenerationPointer(Protocol):
@@ -122,6 +131,8 @@ class SubmissionStatuses(Protocol):
     """The submissions' status, outside the generations (`SubmissionStore`)."""
 
     async def apply_scored(self, events: Sequence[Scored]) -> int: ...
+
+    def ride(self, events: Sequence[Scored]) -> Ride: ...
 
     async def apply_rejected(self, rejections: Sequence[tuple[str, DeadLetter, Submitted]]) -> int: ...
 
@@ -161,16 +172,19 @@ class ReportingHandlers:
         await self._scored(decoded, self.store.apply_outcomes)
 
     async def _scored(self, decoded: list[Decoded[ScoredT]],
-                      apply: Callable[[str, Sequence[ScoredT]], Awaitable[ApplyReport]]) -> None:
+                      apply: ApplyScored[ScoredT]) -> None:
         events = [d.event for d in decoded]
         dead: list[OutboundRecord] = []
         started = time.perf_counter()
         if events:
             active, building = await self._targets()
-            # The submissions' statuses are another collection, independent of the records: written
-            # while the records and their counters are (both idempotent: a failure of either fails
-            # the batch, whose retry repeats nothing).
-            report, statuses = await asyncio.gather(apply(active, events), self.submissions.apply_scored(events))
+            # The submissions' statuses are another collection, independent of the records: they ride
+            # last in the command of the records' counters (`Ride`: one round trip fewer per batch),
+            # else are written apart after it. Both idempotent: a failure of either fails the batch,
+            # whose retry repeats nothing.
+            ride = self.submissions.ride(events)
+            report = await apply(active, events, ride=ride)
+            statuses = len(ride.ops) if ride.taken else await self.submissions.apply_scored(events)
             refused = list(report.refused)
             if building is not None:
                 refused.extend((await apply(building, events)).refused)

@@ -23,6 +23,7 @@ from services.reporting.handlers import ReportingHandlers
 from services.reporting.rebuild import Replayer
 from services.reporting.store import (
     FIRST_GENERATION,
+    SUBMISSIONS,
     CounterTally,
     GenerationState,
     ReportingStore,
@@ -482,8 +483,42 @@ async def test_a_batchs_counter_moves_and_its_tenants_stamps_reach_the_store_as_
     order = [[ns["ns"] for ns in command["nsInfo"]][op["update"]].rsplit("_g1_", 1)[-1] for op in command["ops"]]
     assert command["ordered"] is True
     # the stamp after every counter; then the new records' directory entries (store.directory_entries)
-    counters = order.count("counters")
-    assert order == ["counters"] * counters + ["rollups"] + ["client_directory"] * (len(order) - counters - 1)
+    counters, entries = order.count("counters"), order.count("client_directory")
+    assert order[:counters + 1 + entries] == ["counters"] * counters + ["rollups"] + ["client_directory"] * entries
+
+
+async def test_a_scored_batchs_submission_statuses_ride_last_in_its_counter_command_not_in_one_of_their_own(
+        db: AsyncDatabase[Document], stack: StackUnderTest) -> None:
+    store = ReportingStore(db)
+    events = history()[:4]
+    names = (store.counters(G).name, store.rollups(G).name, SUBMISSIONS)
+    touching = await commands_of_one_batch(stack, db, events, names)
+    assert [name for name, _ in touching] == ["bulkWrite"]
+    command = touching[0][1]
+    spaces = [ns["ns"] for ns in command["nsInfo"]]
+    order = [spaces[op["update"]].rsplit(".", 1)[-1] for op in command["ops"]]
+    statuses = order.count(SUBMISSIONS)
+    assert statuses and order[-statuses:] == [SUBMISSIONS] * statuses
+    known = SubmissionStore(db)
+    for e in events:
+        status = await known.get(T, e.submission_id)
+        assert status is not None and status["scored"]["revision"] == e.revision
+
+
+async def test_statuses_whose_guard_stops_the_counter_command_are_written_apart_and_nothing_counts_twice(
+        db: AsyncDatabase[Document]) -> None:
+    store = ReportingStore(db, cache_entries=100)
+    events = history()[:4]
+    newer = events[0].model_copy(update={"revision": events[0].revision + 1})
+    statuses = SubmissionStore(db)
+    await statuses.apply_scored([newer])  # another writer got there with a later revision first
+    await deliver(handlers(store), events)
+    kept = await statuses.get(T, newer.submission_id)
+    assert kept is not None and kept["scored"]["revision"] == newer.revision
+    for e in events[1:]:
+        status = await statuses.get(T, e.submission_id)
+        assert status is not None and status["scored"]["revision"] == e.revision
+    assert await store.verify(G) == {}
 
 
 async def test_an_alerts_counted_share_its_counter_moves_and_stamp_follow_its_raise_in_one_ordered_command(

@@ -26,7 +26,7 @@ from services.alerts.rules import (
     to_person,
 )
 from services.alerts.store import STATUS_OUTBOX, Alert, Delivery, SubscriptionRow
-from services.reporting.store import ApplyReport, GenerationState
+from services.reporting.store import ApplyReport, GenerationState, Ride
 from shared.events import AlertStatusChanged, AllianceDeterioration, DeadLetter, Lifecycle, SrsScored, SrsSubmitted
 from shared.kafka import CORRELATION_HEADER, InboundRecord, OutboundRecord
 from shared.mongo import Document
@@ -338,7 +338,8 @@ class MemoryReadModels:
         self._check()
         self.indexed.add(gen)
 
-    async def apply_scored(self, gen: str, events: Sequence[SrsScored]) -> ApplyReport:
+    async def apply_scored(self, gen: str, events: Sequence[SrsScored], *, ride: Ride | None = None) -> ApplyReport:
+        """The events as given; a `ride` is never taken (its owner then writes it apart)."""
         self._check()
         report = ApplyReport()
         held = self.scored.setdefault(gen, {})
@@ -388,6 +389,9 @@ class MemorySubmissions:
     async def apply_scored(self, events: Sequence[SrsScored]) -> int:
         self.scored.update(e.submission_id for e in events)
         return len(events)
+
+    def ride(self, events: Sequence[SrsScored]) -> Ride:
+        return Ride([])
 
     async def apply_rejected(self, rejections: Sequence[tuple[str, DeadLetter, SrsSubmitted]]) -> int:
         for tenant, letter, submitted in rejections:
