@@ -32,6 +32,7 @@ sessions). The SRS stream of a seed is the same as without the ORS, except that 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import re
@@ -66,6 +67,7 @@ OUTCOME_SHARES: dict[Trajectory, tuple[tuple[OutcomeTrajectory, float], ...]] = 
 }
 ORS_BEFORE_SRS = timedelta(minutes=50)  # the ORS opens the session, the SRS closes it
 DEFAULT_NOW = datetime(2026, 1, 1, tzinfo=UTC)
+POOL_CONNECTIONS = 8  # connections per HTTP client of the load generator (`send`: why several small pools)
 
 # Rules of issue 3 the planner breaks on purpose; each must get a 422 (or a rejected batch item).
 INVALID_RULES: tuple[str, ...] = (
@@ -614,9 +616,21 @@ async def send(planned: Iterable[PlannedSubmission], url: str, keys: Sequence[st
     stats = SendStats(planned=total, track_ids=track_ids)
     sem = asyncio.Semaphore(concurrency)
     tasks: set[asyncio.Task[None]] = set()
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(30.0), limits=limits,
-                                 transport=transport) as client:
+    # Not one pool of `concurrency` connections: httpcore's pool walks every connection it holds on
+    # each request's start and end, polling each idle socket (quadratic in the connections: known
+    # upstream, encode/httpcore#1035, pydantic/httpx2#974). Once intake slowed for a moment and the
+    # pool had grown to its 64 connections, that walk took most of the generator's CPU (py-spy of
+    # `alliance bench`, 2026-11-27: 85% of the bench process's samples in the POSTs, 42% in
+    # `_assign_requests_to_connections`), its event loop lagged (p50 59 ms, p99 183 ms), and every
+    # later POST was timed late: the instrument fed its own slowness. Small pools, each request on
+    # the least busy one, keep each walk short; the bound on requests in flight is unchanged.
+    shards = 1 if transport is not None else max(1, -(-concurrency // POOL_CONNECTIONS))
+    per_pool = -(-concurrency // shards)
+    limits = httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool)
+    async with contextlib.AsyncExitStack() as pools:
+        clients = [await pools.enter_async_context(httpx.AsyncClient(
+            base_url=url, timeout=httpx.Timeout(30.0), limits=limits, transport=transport)) for _ in range(shards)]
+        busy = [0] * shards
         start = time.monotonic()
         stop_at = start + duration
         done = 0
@@ -632,10 +646,14 @@ async def send(planned: Iterable[PlannedSubmission], url: str, keys: Sequence[st
             await sem.acquire()
             key = keys[group[0].tenant % len(keys)]
 
-            async def run(g: list[PlannedSubmission] = group, k: str = key) -> None:
+            pool = min(range(shards), key=busy.__getitem__)
+            busy[pool] += 1
+
+            async def run(g: list[PlannedSubmission] = group, k: str = key, pool: int = pool) -> None:
                 try:
-                    await _post(client, k, g, stats, on_result, stop_at + grace)
+                    await _post(clients[pool], k, g, stats, on_result, stop_at + grace)
                 finally:
+                    busy[pool] -= 1
                     sem.release()
 
             task = asyncio.create_task(run())
