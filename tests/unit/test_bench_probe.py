@@ -7,9 +7,12 @@ a given number of reads. The probe process (`python -m tools.bench.probe`) is th
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import uvicorn
@@ -109,3 +112,12 @@ async def test_stopping_twice_is_harmless(reporting: tuple[Reporting, str]) -> N
     await probe.stop()
     probe.watch("s-late", "client-1", 1)  # after the stop: nothing to send it to
     assert probe.skipped == 1 and probe.watched == 0
+
+
+def test_the_probe_process_imports_neither_kafka_nor_the_store_nor_the_product() -> None:
+    # Its start-up CPU counts as the bench's: what the probe imports, every bench run pays.
+    heavy = ("aiokafka", "faststream", "pymongo", "shared", "services")
+    shown = subprocess.run(
+        [sys.executable, "-c", "import sys, tools.bench.probe; print(' '.join(sorted(sys.modules)))"],
+        capture_output=True, text=True, check=True, cwd=str(Path(__file__).resolve().parents[2])).stdout.split()
+    assert [m for m in shown if m.split(".")[0] in heavy] == []

@@ -63,6 +63,7 @@ from shared.kafka import InboundRecord, admin_security_kwargs
 from shared.settings import KafkaSettings, MongoSettings
 from shared.topic_admin import ensure_topics
 from tools.bench.common import cpu_seconds, percentile, until
+from tools.bench.probe import VisibilityProbe
 from tools.console import run_command
 from tools.processes import ServiceProcess
 from tools.receiver import Behaviour, Received, WebhookReceiver
@@ -339,65 +340,6 @@ def after_scoring(visible: dict[str, float], scored: dict[str, float]) -> list[f
 
 # The checkout the bench runs from: the probe process imports `tools` from it too.
 _ROOT = str(Path(__file__).resolve().parents[2])
-ReadHook = Callable[[float, int], None]
-EndHook = Callable[[str, float | None], None]
-
-
-class VisibilityProbe:
-    """Polls the reporting trajectory of sampled submissions until their session shows up.
-
-    `alliance bench` runs it in a process of its own (`ProbeProcess`, `python -m tools.bench.probe`);
-    in the bench's process it only answers the warm-up's one question (`visible`)."""
-
-    def __init__(self, http: httpx.AsyncClient, key: str, interval: float, timeout: float,
-                 max_in_flight: int = 8, on_read: ReadHook | None = None, on_end: EndHook | None = None) -> None:
-        self.http, self.key, self.interval, self.timeout = http, key, interval, timeout
-        self.max_in_flight = max_in_flight
-        self.first: dict[str, float] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.statuses: Counter[int] = Counter()
-        self.watched = 0
-        self.skipped = 0  # samples not probed because too many probes were in flight
-        self.round_trips: list[float] = []  # seconds of each trajectory read that was answered
-        self._on_read, self._on_end = on_read, on_end
-
-    async def visible(self, client_id: str, session_number: int) -> bool:
-        started = time.monotonic()
-        r = await self.http.get(f"/v1/clients/{client_id}/trajectory", params={"instrument": "SRS"},
-                                headers={"Authorization": f"Bearer {self.key}"})
-        took = time.monotonic() - started
-        self.round_trips.append(took)
-        self.statuses[r.status_code] += 1
-        if self._on_read is not None:
-            self._on_read(took, r.status_code)
-        if r.status_code != 200:
-            return False
-        return any(s.get("session_number") == session_number for s in r.json().get("sessions", []))
-
-    def watch(self, submission_id: str, client_id: str, session_number: int) -> None:
-        # Bounded, so a slow or broken reporting service cannot turn the probe into the load
-        if len(self.tasks) >= self.max_in_flight:
-            self.skipped += 1
-            return
-        self.watched += 1
-
-        async def poll() -> None:
-            deadline = time.monotonic() + self.timeout
-            seen: float | None = None
-            try:
-                while time.monotonic() < deadline:
-                    with contextlib.suppress(httpx.HTTPError, ValueError):
-                        if await self.visible(client_id, session_number):
-                            seen = self.first[submission_id] = time.time()
-                            return
-                    await asyncio.sleep(self.interval)
-            finally:
-                if self._on_end is not None:
-                    self._on_end(submission_id, seen)
-
-        task = asyncio.create_task(poll())
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
 
 
 class ProbeProcess:
