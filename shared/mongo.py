@@ -142,6 +142,22 @@ async def each_by_ids(collection: AsyncCollection[Document], ids: Collection[str
             yield d
 
 
+T = TypeVar("T")
+
+
+async def batches(items: AsyncIterator[T], size: int) -> AsyncIterator[list[T]]:
+    """`items` in lists of `size` (the last one shorter, none when there is nothing): a scan
+    written back `size` documents per command (a migration's backfill)."""
+    batch: list[T] = []
+    async for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def given(**fields: Any) -> Document:
     """The fields whose value is not None: the optional parts of a filter or a document, left out
     when not given."""

@@ -207,6 +207,7 @@ from shared.mongo import (
     Document,
     LruCache,
     TtlCache,
+    batches,
     bulk_write,
     drop_indexes,
     each_by_ids,
@@ -1032,26 +1033,17 @@ class ReportingStore:
         """Enter every record of `records` in its directory (an upgrade: `ensure_indexes`), one
         guarded upsert per record (`entry_op`), `MIGRATION_BATCH` per write."""
         directory = self._directory_of(gen, records)
-        batch: list[UpdateOne] = []
-        async for d in records.find({}, dict.fromkeys((*_RECORD_IDENTITY, VERSION_FIELD), 1)):
-            batch.append(entry_op(record_entry(d)))
-            if len(batch) >= MIGRATION_BATCH:
-                await guarded_upserts(directory, batch)
-                batch = []
-        await guarded_upserts(directory, batch)
+        async for batch in batches(records.find({}, dict.fromkeys((*_RECORD_IDENTITY, VERSION_FIELD), 1)),
+                                   MIGRATION_BATCH):
+            await guarded_upserts(directory, [entry_op(record_entry(d)) for d in batch])
         log.info("records of %s entered in %s; their indexes are dropped next", records.name, directory.name)
 
     async def _backfill_directory(self, gen: str) -> None:
         """List every counter document of `gen` in its directory (an upgrade: `ensure_indexes`),
         `MIGRATION_BATCH` entries per insert. The projection of a counter document on its identity
         is its directory entry."""
-        chunk: list[Document] = []
-        async for d in self.counters(gen).find({}, dict.fromkeys(_COUNTER_FIELDS, 1)):
-            chunk.append(d)
-            if len(chunk) == MIGRATION_BATCH:
-                await list_counters(self.counter_directory(gen), chunk)
-                chunk = []
-        await list_counters(self.counter_directory(gen), chunk)
+        async for batch in batches(self.counters(gen).find({}, dict.fromkeys(_COUNTER_FIELDS, 1)), MIGRATION_BATCH):
+            await list_counters(self.counter_directory(gen), batch)
 
     async def _list(self, gen: str, buckets: Iterable[Bucket]) -> None:
         """List these buckets' counter documents in the directory of `gen` before they are written
@@ -1776,15 +1768,12 @@ class SubmissionStore:
         backfill on the next start, and two processes starting together both backfill (idempotent)
         and one of them finds an index already dropped."""
         scanned = written = 0
-        batch: list[UpdateOne] = []
-        async for doc in self.col.find({"rejected": {"$exists": True}},
-                                       {"tenant_id": 1, "rejected.key": 1, "rejected.sort": 1, "rejected.site_id": 1}):
-            scanned += 1
-            batch.append(self._listing_op(doc["_id"], doc["tenant_id"], doc["rejected"]))
-            if len(batch) >= MIGRATION_BATCH:
-                written += await guarded_upserts(self.listed, batch)
-                batch = []
-        written += await guarded_upserts(self.listed, batch)
+        rejected = self.col.find({"rejected": {"$exists": True}},
+                                 {"tenant_id": 1, "rejected.key": 1, "rejected.sort": 1, "rejected.site_id": 1})
+        async for batch in batches(rejected, MIGRATION_BATCH):
+            scanned += len(batch)
+            written += await guarded_upserts(
+                self.listed, [self._listing_op(d["_id"], d["tenant_id"], d["rejected"]) for d in batch])
         await drop_indexes(self.col, _OLD_REJECTION_INDEXES)
         log.info("rejections moved to %s: %d rejected status documents, %d listed anew; old indexes dropped",
                  REJECTIONS, scanned, written)
@@ -1904,7 +1893,7 @@ class SubmissionStore:
         if site_id is not None:
             q["site_id"] = site_id
         page = await self.listed.find(q, {"sort": 1}).sort([("sort", ASCENDING)]).limit(limit + 1).to_list()
-        docs = {d["_id"]: d for d in await self.col.find({"_id": {"$in": [p["_id"] for p in page]}}).to_list()}
+        docs = {d["_id"]: d for d in await find_by_ids(self.col, [p["_id"] for p in page])}
         out: list[Document] = []
         for p in page:
             doc = docs.get(p["_id"])

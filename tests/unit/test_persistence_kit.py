@@ -4,13 +4,14 @@ is raised). Against the real store: tests/integration/test_persistence_kit_store
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import pytest
 from pymongo import UpdateOne
 from pymongo.errors import BulkWriteError
 
-from shared.mongo import DUPLICATE_KEY, LruCache, TtlCache, duplicate_key_indexes, given, guarded_upserts
+from shared.mongo import DUPLICATE_KEY, LruCache, TtlCache, batches, duplicate_key_indexes, given, guarded_upserts
 
 
 class Clock:
@@ -203,3 +204,21 @@ async def test_a_guarded_upsert_raises_any_other_write_error() -> None:
 
 def test_given_keeps_only_the_fields_that_are_not_none() -> None:
     assert given(site_id="north", status=None, flag=False) == {"site_id": "north", "flag": False}
+
+
+# ---- batches (a migration's backfill)
+
+
+async def numbers(n: int) -> AsyncIterator[int]:
+    for i in range(n):
+        yield i
+
+
+async def test_batches_hold_size_items_each_and_the_rest_last() -> None:
+    got = [b async for b in batches(numbers(2_500), 1_000)]
+    assert [len(b) for b in got] == [1_000, 1_000, 500]
+    assert [i for b in got for i in b] == list(range(2_500))
+
+
+async def test_batches_of_nothing_are_none() -> None:
+    assert [b async for b in batches(numbers(0), 1_000)] == []
