@@ -637,6 +637,10 @@ class Runtime:
             try:
                 for step in self.on_start:
                     await step()
+                # A step that swallowed the stop's cancellation and then succeeded must not go on to
+                # start tasks the lifespan no longer cancels (they would run against a closed client).
+                if self._stopping:
+                    return
                 # on_start steps are re-run when the broker start fails; these tasks start once.
                 if not self._store_tasks_started:
                     self._store_tasks_started = True
