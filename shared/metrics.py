@@ -79,3 +79,12 @@ HTTP_SECONDS = Histogram(
     ["service", "method", "route"],
     buckets=REQUEST_BUCKETS,
 )
+EVENT_LOOP_LAG = Histogram(
+    "alliance_event_loop_lag_seconds",
+    "How late the service's event loop ran a timer: sampled every 0.1 s by the runtime (the time "
+    "past a 0.1 s sleep). Every request, consumed batch and store reply of the process waits on "
+    "this loop, so a lag of tens of ms adds that much to each of their steps; high when the process "
+    "runs long callbacks or waits for a CPU (docs/operations.md).",
+    ["service"],
+    buckets=REQUEST_BUCKETS,
+)

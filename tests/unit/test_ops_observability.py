@@ -551,6 +551,8 @@ def panel_exprs() -> str:
         ("delivery backlog", r"alliance_notification_pending\b"),
         ("escalations", r"alliance_alert_escalations_total"),
         ("dependencies", r"alliance_dependency_up"),
+        ("event-loop lag by service",
+         rf"histogram_quantile\(0\.99, sum by \(le, service\) \(rate\(alliance_event_loop_lag_seconds_bucket{SEL}\["),
         *[(f"the burn rate of the {slo} SLO", rf"alliance:slo_{slo}:error_ratio_rate1h / ")
           for slo in ("alert_delivery", "submissions_scored")],
         *[(f"latency percentiles of {h}", rf"histogram_quantile\(0\.99, sum by \(le\) \(rate\({h}_bucket{SEL}\[")

@@ -8,6 +8,7 @@ batches keep failing, is tests/integration/test_consumer_lag_monitor.py).
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,7 @@ from fastapi import FastAPI
 
 from shared.http import Runtime
 from shared.kafka import _RESUME, InboundRecord, _note_batch, measure_lag
-from shared.metrics import CONSUMER_LAG, DEPENDENCY_UP, READY
+from shared.metrics import CONSUMER_LAG, DEPENDENCY_UP, EVENT_LOOP_LAG, READY
 from tests.support.wait import eventually
 
 
@@ -271,4 +272,41 @@ async def test_a_start_up_step_that_swallowed_the_stop_and_then_succeeded_starts
         await entered.wait()
     await asyncio.sleep(0.1)
     assert not ran.is_set()
+    assert all(t.done() for t in runtime._tasks)
+
+
+def lag_samples(service: str) -> tuple[float, float]:
+    """(count, sum) of the service's `alliance_event_loop_lag_seconds`."""
+    count = total = 0.0
+    for family in EVENT_LOOP_LAG.collect():
+        for sample in family.samples:
+            if sample.labels.get("service") == service and sample.name.endswith("_count"):
+                count = sample.value
+            if sample.labels.get("service") == service and sample.name.endswith("_sum"):
+                total = sample.value
+    return count, total
+
+
+async def lag_sampled(service: str, count: float = 0.0, total: float = 0.0) -> bool:
+    """Whether the service's lag histogram holds at least `count` samples summing to `total`."""
+    n, sum_ = lag_samples(service)
+    return n >= count and sum_ >= total
+
+
+async def test_the_event_loop_lag_is_sampled_while_the_service_runs() -> None:
+    runtime = Runtime("loop-lag-idle-test", monitor_interval_seconds=60)
+    async with runtime.lifespan(FastAPI()):
+        await eventually(lambda: lag_sampled("loop-lag-idle-test", count=3), timeout=5)
+    count, total = lag_samples("loop-lag-idle-test")
+    assert total / count < 0.05  # an idle loop runs its timers on time
+
+
+async def test_a_callback_that_holds_the_event_loop_shows_as_lag() -> None:
+    runtime = Runtime("loop-lag-blocked-test", monitor_interval_seconds=60)
+    async with runtime.lifespan(FastAPI()):
+        await eventually(lambda: lag_sampled("loop-lag-blocked-test", count=1), timeout=5)
+        before = lag_samples("loop-lag-blocked-test")[1]
+        # A synchronous step on the loop: the timer due meanwhile runs at least 0.3 s late.
+        time.sleep(0.4)  # noqa: ASYNC251 - blocking the loop is what this test does
+        await eventually(lambda: lag_sampled("loop-lag-blocked-test", total=before + 0.2), timeout=5)
     assert all(t.done() for t in runtime._tasks)
