@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 
+import pytest
+
 from services.intake.models import check_submission
 from tests.unit.test_simulate_plan import issue3_errors
-from tools.bench.common import percentile
+from tools.bench.common import histogram_quantile, percentile
 from tools.bench.system import (
     DETERIORATING,
     HEALTHY,
@@ -82,3 +84,34 @@ def test_the_srs_plan_carries_no_field_of_the_ors() -> None:
         assert p.body["instrument"] == "SRS" and "client_age" not in p.body
         assert list(p.body) == ["submission_id", "instrument", "client_id", "clinician_id", "site_id",
                                 "session_number", "administered_at", "items"]
+
+
+LAG_PAGE = """# HELP alliance_event_loop_lag_seconds lag
+# TYPE alliance_event_loop_lag_seconds histogram
+alliance_event_loop_lag_seconds_bucket{le="0.01",service="reporting"} 50.0
+alliance_event_loop_lag_seconds_bucket{le="0.1",service="reporting"} 90.0
+alliance_event_loop_lag_seconds_bucket{le="1.0",service="reporting"} 100.0
+alliance_event_loop_lag_seconds_bucket{le="+Inf",service="reporting"} 100.0
+alliance_event_loop_lag_seconds_count{service="reporting"} 100.0
+alliance_event_loop_lag_seconds_sum{service="reporting"} 7.0
+alliance_event_loop_lag_seconds_bucket{le="0.01",service="scoring"} 10.0
+alliance_event_loop_lag_seconds_bucket{le="0.1",service="scoring"} 10.0
+alliance_event_loop_lag_seconds_bucket{le="1.0",service="scoring"} 10.0
+alliance_event_loop_lag_seconds_bucket{le="+Inf",service="scoring"} 20.0
+alliance_event_loop_lag_seconds_count{service="scoring"} 20.0
+alliance_event_loop_lag_seconds_sum{service="scoring"} 100.0
+"""
+
+
+@pytest.mark.parametrize(("q", "expected"), [(0.5, 0.01), (0.9, 0.1), (0.99, 0.91), (0.25, 0.005)])
+def test_a_histogram_quantile_is_estimated_as_prometheus_does_within_the_bucket(q: float, expected: float) -> None:
+    assert histogram_quantile(LAG_PAGE, "alliance_event_loop_lag_seconds", q,
+                              service="reporting") == pytest.approx(expected)
+
+
+def test_a_quantile_in_the_open_bucket_is_its_lower_bound() -> None:
+    assert histogram_quantile(LAG_PAGE, "alliance_event_loop_lag_seconds", 0.99, service="scoring") == 1.0
+
+
+def test_a_histogram_the_page_does_not_hold_has_no_quantile() -> None:
+    assert math.isnan(histogram_quantile(LAG_PAGE, "alliance_event_loop_lag_seconds", 0.5, service="alerts"))

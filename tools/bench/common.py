@@ -9,6 +9,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 
 def percentile(values: Sequence[float], p: float) -> float:
     """Nearest-rank percentile (p in 0..100); NaN for no values."""
@@ -17,6 +19,29 @@ def percentile(values: Sequence[float], p: float) -> float:
     ordered = sorted(values)
     rank = max(1, math.ceil(p / 100 * len(ordered)))
     return ordered[rank - 1]
+
+
+def histogram_quantile(text: str, name: str, q: float, **labels: str) -> float:
+    """The `q` quantile (0..1) of one histogram series of a /metrics page, as Prometheus's
+    `histogram_quantile` estimates it (linear within the bucket the rank falls in; the lower bound
+    of +Inf's bucket when it falls there); NaN when the series is absent or empty."""
+    buckets: list[tuple[float, float]] = []
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == f"{name}_bucket" and all(sample.labels.get(k) == v for k, v in labels.items()):
+                buckets.append((float(sample.labels["le"]), sample.value))
+    buckets.sort()
+    if not buckets or buckets[-1][1] == 0:
+        return math.nan
+    rank = q * buckets[-1][1]
+    below, below_count = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if math.isinf(le):
+                return below
+            return below + (le - below) * (rank - below_count) / (count - below_count) if count > below_count else le
+        below, below_count = le, count
+    return below
 
 
 def latency_summary(seconds: Sequence[float]) -> dict[str, float]:

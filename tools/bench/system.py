@@ -62,7 +62,7 @@ from shared.events import ORS_ITEM_NAMES
 from shared.kafka import InboundRecord, admin_security_kwargs
 from shared.settings import KafkaSettings, MongoSettings
 from shared.topic_admin import ensure_topics
-from tools.bench.common import cpu_seconds, percentile, until
+from tools.bench.common import cpu_seconds, histogram_quantile, percentile, until
 from tools.bench.probe import VisibilityProbe
 from tools.console import run_command
 from tools.processes import ServiceProcess
@@ -330,6 +330,7 @@ class ScoredReader:
 
 
 B_AFTER_SCORING = "(b) part: scored event -> trajectory visible"
+LOOP_LAG = "alliance_event_loop_lag_seconds"  # shared.metrics.EVENT_LOOP_LAG, read from each service's page
 B_READ = "(b) part: one trajectory read (every poll)"
 
 
@@ -451,6 +452,8 @@ class Results:
     throughput: dict[str, float] = field(default_factory=dict)
     rss_kb: dict[str, int | None] = field(default_factory=dict)
     cpu_s: dict[str, float | None] = field(default_factory=dict)  # CPU used during warm-up + measurement
+    # Each service's own `alliance_event_loop_lag_seconds` (p50, p99), from its start to the snapshot.
+    loop_lag_s: dict[str, tuple[float, float]] = field(default_factory=dict)
     startup_seconds: float = math.nan
     notes: list[str] = field(default_factory=list)
 
@@ -817,13 +820,16 @@ def report(res: Results, opts: Options) -> None:
             thr.add_row(name, f"{rate:,.0f}", f"{limit_name} {limit:,.0f}/s", f"{rate / limit:.1%}")
         console.print(thr)
 
-    rss = Table(title="per process: peak RSS (VmHWM) and CPU used from warm-up to the end of the burst")
+    rss = Table(title="per process: peak RSS (VmHWM) and CPU used from warm-up to the end of the burst; "
+                      "a service's event-loop lag (its alliance_event_loop_lag_seconds, from start)")
     rss.add_column("process")
     rss.add_column("peak RSS MiB", justify="right")
     rss.add_column("CPU s", justify="right")
+    rss.add_column("loop lag p50 / p99 ms", justify="right")
     for name in dict.fromkeys([*res.rss_kb, *res.cpu_s]):
-        kb, cpu = res.rss_kb.get(name), res.cpu_s.get(name)
-        rss.add_row(name, "-" if kb is None else f"{kb / 1024:.0f}", "-" if cpu is None else f"{cpu:.1f}")
+        kb, cpu, lag = res.rss_kb.get(name), res.cpu_s.get(name), res.loop_lag_s.get(name)
+        rss.add_row(name, "-" if kb is None else f"{kb / 1024:.0f}", "-" if cpu is None else f"{cpu:.1f}",
+                    "-" if lag is None else f"{lag[0] * 1000:.1f} / {lag[1] * 1000:.1f}")
     console.print(rss)
 
     counts = Table(title="counts")
@@ -849,6 +855,8 @@ def figures(res: Results, opts: Options) -> dict[str, Any]:
         "throughput_ratio": {k: round(v / stage_limit(k, res.raw)[1], 3) for k, v in res.throughput.items()},
         "peak_rss_mib": {k: None if v is None else round(v / 1024, 1) for k, v in res.rss_kb.items()},
         "cpu_seconds": {k: None if v is None else round(v, 1) for k, v in res.cpu_s.items()},
+        "loop_lag_ms": {k: {"p50": round(v[0] * 1000, 1), "p99": round(v[1] * 1000, 1)}
+                        for k, v in res.loop_lag_s.items()},
         "counts": res.counts,
         "startup_seconds": res.startup_seconds,
         "notes": res.notes,
@@ -940,6 +948,11 @@ def bench(
                 res.counts["load average (1 min) at end"] = round(os.getloadavg()[0], 2)
                 for s, p in procs.items():
                     res.rss_kb[s] = vm_hwm_kb(p.proc.pid) if p.proc is not None else None
+                for s, p in procs.items():  # after the CPU figures, so reading the pages is not in them
+                    with contextlib.suppress(httpx.HTTPError):
+                        page = httpx.get(p.url + "/metrics", timeout=5).text
+                        res.loop_lag_s[s] = (histogram_quantile(page, LOOP_LAG, 0.5, service=s),
+                                             histogram_quantile(page, LOOP_LAG, 0.99, service=s))
                 for name, pid in stack.pids.items():
                     res.rss_kb[PROC_NAMES.get(name, name)] = vm_hwm_kb(pid)
 
