@@ -330,8 +330,8 @@ class ScoredReader:
 
 
 B_AFTER_SCORING = "(b) part: scored event -> trajectory visible"
-LOOP_LAG = "alliance_event_loop_lag_seconds"  # shared.metrics.EVENT_LOOP_LAG, read from each service's page
 B_READ = "(b) part: one trajectory read (every poll)"
+LOOP_LAG = "alliance_event_loop_lag_seconds"  # shared.metrics.EVENT_LOOP_LAG, read from each service's page
 
 
 def after_scoring(visible: dict[str, float], scored: dict[str, float]) -> list[float]:
