@@ -14,16 +14,19 @@ Per batch (never per message):
    says, per id, which other clients hold a newer version (then a version is not taken) and
    which client was the first to hold it (for any other, its events' ids name the client):
    docs/clinical-records.md, "The same id for another client moves the session";
-3. apply the records in order in memory (`series.ClientState`): each accepted record yields the
+3. apply the records in order in memory (`series.ClientState`), one chunk of `save_chunk`
+   clients at a time (a client's records all in one chunk, in the batch's order): each accepted
+   record yields the
    events that tell the difference it made to the client's record; a refused one (site
    conflict, session gap, unscorable) a dead letter with the reason, remembered in the state so
    that a redelivery is refused alike; a record seen before re-emits what the record shows now;
-4. write the changed clients with bulk writes of `save_chunk` clients each, each guarded by the
-   version it was read at;
+4. write the chunk's changed clients with one bulk write, each guarded by the version it was
+   read at - while the next chunk is applied (step 3), so that this process's CPU and the
+   store's work at the same time; the store still gets one command after another;
 5. register the versions the written chunk's clients hold of the batch's submission ids in the
    index (one bulk write; a client that learns there that another took the id first is written
-   again, marked, before its events are built), then publish the chunk's scored events and alerts as soon as
-   that returned (so the broker works while the next chunk is written), with the dead letters of
+   again, marked, before its events are built), then build and publish the chunk's scored events
+   and alerts while the next chunk is written, with the dead letters of
    the refused records and a retraction (on `srs.submitted.v1`, keyed by the client that loses the
    id) for every client the index lists with an older version than the newest, and wait for every
    acknowledgement; once a chunk's records are acknowledged, remove from the index the former
@@ -35,7 +38,10 @@ Per batch (never per message):
 State is written BEFORE publishing (not after) so that an outcome exists in exactly one version
 before anyone can see it. What a `kill -9` at each point leaves behind:
 
-- during 1-3: nothing was written or published; the batch is redelivered and scored afresh.
+- during 1-2, or 3 of the first chunk: nothing was written or published; the batch is
+  redelivered and scored afresh. (Later chunks' steps overlap - one chunk applied while another is
+  written and a third published - so a crash leaves each chunk in one of the states below; every
+  chunk is written before its events are built, so none is published ahead of its state.)
 - during 4 (some documents or chunks written, some not): the written ones hold their records;
   the redelivered batch finds them as redeliveries, re-emits what those clients' records show
   (the same revisions, ids and bytes that were decided, none of which may have been published)
@@ -496,6 +502,8 @@ class _Pass:
     # Per client, the submissions of the batch it was given a version of (index key, record key):
     # registered in the index once the client's state is written.
     touched: dict[ClientKey, set[tuple[IndexKey, str]]] = field(default_factory=dict)
+    # The clients whose whole record a redelivery re-emitted (once per client and pass).
+    reemitted: set[ClientKey] = field(default_factory=set)
 
 
 def in_acceptance_order(pairs: list[tuple[InboundRecord, Input]]) -> list[tuple[InboundRecord, Input]]:
@@ -514,13 +522,19 @@ def in_acceptance_order(pairs: list[tuple[InboundRecord, Input]]) -> list[tuple[
     return list(heapq.merge(*parts.values(), key=lambda pair: pair[1].accepted_at.timestamp()))
 
 
+# Records applied between two yields to the event loop: a slice takes a few ms of CPU, so the
+# previous chunk's write, the consumer's fetches and the HTTP endpoints wait no longer than that.
+APPLY_SLICE = 32
+
+
 @dataclass
 class ScoringHandler:
     """The batch handler given to `shared.kafka.subscribe_batch`.
 
-    The state write is split into chunks of `save_chunk` clients, and the events of a chunk are
-    published as soon as its write succeeded, while the next chunk is being written: the store
-    and the broker work at the same time, and no event is ever published before its state.
+    The batch is applied and written in chunks of clients (module docs, steps 3-5): a chunk is
+    applied while the one before it is written, and its events are built and published while the
+    one after it is written. The store, the broker and this process work at the same time, and no
+    event is ever published before its state.
     """
 
     states: StatePort
@@ -562,7 +576,15 @@ class ScoringHandler:
 
     async def _apply_all(self, inputs: list[tuple[InboundRecord, Input]], sending: list[asyncio.Task[None]]) -> None:
         """Apply, write state, and start publishing each client's events (and the dead letters of
-        its refused records) once its state is written."""
+        its refused records) once its state is written.
+
+        The batch is applied one chunk of `save_chunk` clients at a time, and a chunk is applied
+        while the previous one is written, registered and turned into records (`_write`, one task
+        at a time, so the store still gets one command after another): this process's CPU and the
+        store's then work at the same time instead of in turn. A client's records are all in one
+        chunk, in the batch's order, and a chunk's pass reads only what was read for the batch
+        (states, rules, the index) and its own clients' states, so applying by chunks decides
+        exactly what applying the whole batch at once would."""
         remaining = inputs
         for _attempt in range(self.conflict_attempts):
             keys = {client_key(ev.tenant_id, ev.client_id) for _, ev in remaining}
@@ -572,24 +594,35 @@ class ScoringHandler:
                 held = await self.index.read({index_key(ev) for _, ev in remaining
                                               if isinstance(ev, SrsSubmitted | OrsSubmitted)}
                                              | rejudged_keys(remaining, states))
-            with metrics.PHASE_SECONDS.labels("apply").time():
-                p = self._apply(remaining, states, rules, held)
-            # Clients whose record did not change were stored before: their events can go now.
-            ready, forget = await self._finish([k for k in p.outputs if k not in p.changed], p, states, held)
-            if ready:
-                sending.append(asyncio.create_task(self._send(ready, forget)))
             conflicts: set[ClientKey] = set()
-            dirty = sorted(p.changed, key=lambda k: k.doc_id)
-            for i in range(0, len(dirty), self.save_chunk):
-                chunk = dirty[i : i + self.save_chunk]
-                with metrics.PHASE_SECONDS.labels("save").time():
-                    lost = await self.states.save({k: states[k] for k in chunk})
-                saved = [k for k in chunk if k not in lost]
-                metrics.STATE_WRITES.inc(len(saved))
-                outputs, forget = await self._finish(saved, p, states, held)
-                if outputs:
-                    sending.append(asyncio.create_task(self._send(outputs, forget)))
-                conflicts |= lost
+            writing: asyncio.Task[tuple[set[ClientKey], list[ClientKey], dict[IndexKey, Held]]] | None = None
+            written: _Pass | None = None
+            try:
+                for chunk in self._chunks(remaining):
+                    p = _Pass()
+                    for i in range(0, len(chunk), APPLY_SLICE):
+                        with metrics.PHASE_SECONDS.labels("apply").time():
+                            self._apply(chunk[i : i + APPLY_SLICE], states, rules, held, p)
+                        # Let the previous chunk's store work go on (send its command, read its
+                        # reply, register) between slices: a task only runs when this one yields.
+                        await asyncio.sleep(0)
+                    done = None
+                    if writing is not None and written is not None:
+                        lost, stored, after = await writing
+                        conflicts |= lost
+                        done = (written, stored, after)
+                    writing, written = asyncio.create_task(self._store(p, states, held)), p
+                    await asyncio.sleep(0)  # the write starts (its command is sent) before anything else runs
+                    if done is not None:  # the previous chunk's records are built while this chunk is written
+                        self._publish(*done, states, sending)
+                if writing is not None and written is not None:
+                    lost, stored, after = await writing
+                    conflicts |= lost
+                    self._publish(written, stored, after, states, sending)
+            finally:
+                if writing is not None and not writing.done():  # a failure above: no write outlives it
+                    writing.cancel()
+                    await asyncio.gather(writing, return_exceptions=True)
             if not conflicts:
                 return
             # Another process wrote these clients since we read them (a partition moved): read
@@ -599,14 +632,46 @@ class ScoringHandler:
             remaining = [(rec, ev) for rec, ev in remaining if client_key(ev.tenant_id, ev.client_id) in conflicts]
         raise StateConflict(f"state kept changing under us after {self.conflict_attempts} attempts")
 
-    async def _finish(self, keys: list[ClientKey], p: _Pass, states: dict[ClientKey, ClientState],
-                      seen: dict[IndexKey, Held]
-                      ) -> tuple[list[OutboundRecord], ToForget]:
-        """The records of clients whose state is written: register the versions they hold of the
-        batch's submissions in the index, then build their events (ids by what the index says)
-        and a retraction for every client the index lists with an older version of one. Also the
-        former holders the index may forget once those records are published (per key, client ->
-        the version it lists)."""
+    def _chunks(self, inputs: list[tuple[InboundRecord, Input]]) -> list[list[tuple[InboundRecord, Input]]]:
+        """The records of `save_chunk` clients each (clients in `_id` order, so that two processes
+        writing the same clients take them in the same order), each client's in the batch's order."""
+        order = sorted({client_key(ev.tenant_id, ev.client_id) for _, ev in inputs}, key=lambda k: k.doc_id)
+        if len(order) <= self.save_chunk:
+            return [inputs]
+        chunks: list[list[tuple[InboundRecord, Input]]] = []
+        for i in range(0, len(order), self.save_chunk):
+            mine = set(order[i : i + self.save_chunk])
+            chunks.append([pair for pair in inputs if client_key(pair[1].tenant_id, pair[1].client_id) in mine])
+        return chunks
+
+    async def _store(self, p: _Pass, states: dict[ClientKey, ClientState], held: dict[IndexKey, Held]
+                     ) -> tuple[set[ClientKey], list[ClientKey], dict[IndexKey, Held]]:
+        """The store's part of one chunk's pass: write its changed clients (one bulk write), then
+        register the versions of every client of it whose state is stored (the written ones and
+        those whose record did not change, stored before). Returns the clients another writer got
+        to first (nothing of theirs is published), the stored ones, and what the index holds."""
+        dirty = {k: states[k] for k in sorted(p.changed, key=lambda k: k.doc_id)}
+        lost: set[ClientKey] = set()
+        if dirty:
+            # Timed from the command's start to when this task resumes: it includes the wait for
+            # the loop while the next chunk is being applied.
+            with metrics.PHASE_SECONDS.labels("save").time():
+                lost = await self.states.save(dirty)
+            metrics.STATE_WRITES.inc(len(dirty) - len(lost))
+        keys = [k for k in p.outputs if k not in lost]
+        return lost, keys, await self._register(keys, p, states, held)
+
+    def _publish(self, p: _Pass, keys: list[ClientKey], held: dict[IndexKey, Held],
+                 states: dict[ClientKey, ClientState], sending: list[asyncio.Task[None]]) -> None:
+        """Start publishing the records of a chunk's stored clients."""
+        outputs, forget = self._outbound(keys, p, states, held)
+        if outputs:
+            sending.append(asyncio.create_task(self._send(outputs, forget)))
+
+    async def _register(self, keys: list[ClientKey], p: _Pass, states: dict[ClientKey, ClientState],
+                        seen: dict[IndexKey, Held]) -> dict[IndexKey, Held]:
+        """Register in the index the versions that clients whose state is written hold of the
+        batch's submissions; returns what the index holds of those ids after."""
         versions: dict[tuple[IndexKey, str], tuple[datetime, str]] = {}
         rkeys: dict[tuple[IndexKey, str], str] = {}
         for k in keys:
@@ -625,6 +690,14 @@ class ScoringHandler:
         if late:
             if await self.states.save({k: states[k] for k in late}):
                 raise StateConflict("another process wrote a client while its foreign ids were being recorded")
+        return held
+
+    def _outbound(self, keys: list[ClientKey], p: _Pass, states: dict[ClientKey, ClientState],
+                  held: dict[IndexKey, Held]) -> tuple[list[OutboundRecord], ToForget]:
+        """The records of clients whose state is written and whose versions are registered: their
+        events (ids by what the index says) and a retraction for every client the index lists with
+        an older version of one. Also the former holders the index may forget once those records
+        are published (per key, client -> the version it lists)."""
         now = self.clock()
         out: list[OutboundRecord] = []
         for k in keys:
@@ -647,9 +720,9 @@ class ScoringHandler:
         return out, forget
 
     def _apply(self, inputs: list[tuple[InboundRecord, Input]], states: dict[ClientKey, ClientState],
-               rules: dict[str, TenantRules], held: dict[IndexKey, Held]) -> _Pass:
-        p = _Pass()
-        reemitted: set[ClientKey] = set()
+               rules: dict[str, TenantRules], held: dict[IndexKey, Held], p: _Pass) -> None:
+        """Apply `inputs` in order, adding what they decide to `p`."""
+        reemitted = p.reemitted
         for rec, ev in inputs:
             key = client_key(ev.tenant_id, ev.client_id)
             st = states[key]
@@ -691,7 +764,6 @@ class ScoringHandler:
             mine.extend(rejudged_letter(ev.tenant_id, ev.client_id, r, self.topics, corr, rec.traceparent)
                         for r in step.refused)
             self._count(ev, step, now)
-        return p
 
     def _records(self, tenant_id: str, client_id: str, outputs: Iterable[Output], corr: str,
                  traceparent: str | None, foreign: set[str]) -> list[OutboundRecord]:

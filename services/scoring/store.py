@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
+from functools import cached_property, lru_cache
 from typing import Any, Protocol, TypeVar
 
 from pymongo import InsertOne, UpdateOne
@@ -63,7 +64,7 @@ class ClientKey:
     tenant_id: str
     client_id: str
 
-    @property
+    @cached_property  # a JSON encoding, asked for several times per record: kept once made
     def doc_id(self) -> str:
         return ids.store_key(self.tenant_id, self.client_id)
 
@@ -462,7 +463,7 @@ class IndexKey:
     scale: str  # "alliance" | "outcome"
     submission_id: str
 
-    @property
+    @cached_property  # as ClientKey.doc_id
     def doc_id(self) -> str:
         return ids.submission_index_id(self.tenant_id, self.scale, self.submission_id)
 
@@ -657,6 +658,7 @@ class MemoryIndex:
                 self.docs[k] = Held(was.first, held, was.v + 1)
 
 
+@lru_cache(maxsize=65_536)  # one key per client while it is active: its `doc_id` made once
 def client_key(tenant_id: str, client_id: str) -> ClientKey:
     """The record a submission belongs to."""
     return ClientKey(tenant_id, client_id)

@@ -63,6 +63,7 @@ class MemoryStates:
         self.docs: dict[str, Document] = {}
         self.loads = 0
         self.saves = 0
+        self.saved: list[int] = []  # clients per write
         self.before_save: Callable[[], Awaitable[None]] | None = None
 
     async def load(self, keys: Iterable[ClientKey]) -> dict[ClientKey, ClientState]:
@@ -75,6 +76,7 @@ class MemoryStates:
             hook, self.before_save = self.before_save, None
             await hook()
         self.saves += 1
+        self.saved.append(len(changed))
         conflicts = set()
         for k, h in changed.items():
             stored = self.docs.get(k.doc_id)
@@ -248,12 +250,54 @@ async def test_dead_letter_detail_names_fields_but_not_their_values() -> None:
     assert "session_number" in letter.detail and "secret-client" not in letter.detail
 
 
-async def test_a_batch_reads_state_once_and_writes_it_once() -> None:
+async def test_a_batch_of_few_clients_reads_state_once_and_writes_it_once() -> None:
     h, states, sink = handler()
-    batch = [submitted(f"c{i}", s, 37.0, at=s) for i in range(50) for s in (1, 2, 3)]
+    batch = [submitted(f"c{i}", s, 37.0, at=s) for i in range(20) for s in (1, 2, 3)]
     await h(batch)
     assert (states.loads, states.saves) == (1, 1)
-    assert len(of_topic(sink.published, TOPICS.scored)) == 150 and len(states.docs) == 50
+    assert len(of_topic(sink.published, TOPICS.scored)) == 60 and len(states.docs) == 20
+
+
+async def test_a_batch_writes_each_client_once_in_chunks_of_save_chunk_clients() -> None:
+    h, states, sink = handler(save_chunk=64)
+    batch = [submitted(f"c{i}", s, 37.0, at=s) for i in range(200) for s in (1, 2)]
+    await h(batch)
+    assert states.loads == 1 and states.saved == [64, 64, 64, 8]
+    assert len(of_topic(sink.published, TOPICS.scored)) == 400 and len(states.docs) == 200
+
+
+async def test_the_next_chunk_is_applied_while_the_previous_one_is_written_and_writes_never_overlap() -> None:
+    applied = 0
+    clock = ticking_clock()
+
+    def counting_clock() -> datetime:  # the handler reads the clock once per record it applies
+        nonlocal applied
+        applied += 1
+        return clock()
+
+    at_write: list[int] = []
+    writing = 0
+    release = asyncio.Event()
+
+    class Slow(MemoryStates):
+        async def save(self, changed: dict[ClientKey, ClientState]) -> set[ClientKey]:
+            nonlocal writing
+            writing += 1
+            assert writing == 1, "two writes to the store at once"
+            at_write.append(applied)
+            await release.wait()
+            writing -= 1
+            return await super().save(changed)
+
+    h, states, _ = handler(Slow(), clock=counting_clock, save_chunk=64)
+    batch = [submitted(f"c{i}", 1, 37.0) for i in range(64 + 64 + 10)]
+    run: asyncio.Future[None] = asyncio.ensure_future(h(batch))
+    for _ in range(200):
+        await asyncio.sleep(0)
+    assert at_write == [64] and applied == 64 + 64  # the second chunk applied meanwhile
+    release.set()
+    await run
+    assert states.saved == [64, 64, 10]
 
 
 async def test_one_state_document_per_client_across_instruments_and_episodes() -> None:
