@@ -22,8 +22,10 @@ BATCH_SECONDS = batch_seconds("alliance_scoring_batch_seconds",
                               "and acks.")
 PHASE_SECONDS = Histogram(
     "alliance_scoring_phase_seconds",
-    "Time per batch in each phase: load (state, rules, index reads), apply (the rules), save (state), index "
-    "(registering the versions of the batch's submission ids), publish (incl. acks).",
+    "Time of each step of a batch: load (state, rules, index reads; once per batch), apply (the rules; per "
+    "slice of records), save (one chunk's state write), index (registering a chunk's versions of the batch's "
+    "submission ids), publish (one chunk's records, incl. acks). Chunks overlap (a chunk is applied while the "
+    "one before it is written), so the sums can exceed the batch's time.",
     ["phase"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )

@@ -251,7 +251,8 @@ async def run(args: argparse.Namespace) -> dict[str, float | str]:
               f"   (store CPU {scoring_cpu * 1e6:.0f} us/event; {sr.wall:.1f} s from process start, group join "
               f"included)")
         print(f"    {sr.batches} batches, {sr.writes / n:.2f} state writes per event (1.00: no two sessions of a "
-              f"client in one batch, as in the raw limit); summed time per phase (publishing overlaps the writes): "
+              f"client in one batch, as in the raw limit); summed time per phase (chunks overlap: "
+              f"applied, written and published at once): "
               + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(sr.phases.items(), key=lambda kv: -kv[1]))
               + (f"; {sr.conflicts:.0f} state conflicts" if sr.conflicts else ""))
         binding = "store (raw bulk upsert)" if store < bare else "broker (bare read-process-write loop)"
