@@ -578,10 +578,11 @@ class ScoringHandler:
         """Apply, write state, and start publishing each client's events (and the dead letters of
         its refused records) once its state is written.
 
-        The batch is applied one chunk of `save_chunk` clients at a time, and a chunk is applied
-        while the previous one is written, registered and turned into records (`_write`, one task
-        at a time, so the store still gets one command after another): this process's CPU and the
-        store's then work at the same time instead of in turn. A client's records are all in one
+        The batch is applied one chunk of `save_chunk` clients at a time: a chunk is applied while
+        the previous one is written and registered (`_store`, one task at a time, so the store
+        still gets one command after another), and the previous one's records are built while
+        it is written. This process's CPU and the store's then work at the same time instead of
+        in turn. A client's records are all in one
         chunk, in the batch's order, and a chunk's pass reads only what was read for the batch
         (states, rules, the index) and its own clients' states, so applying by chunks decides
         exactly what applying the whole batch at once would."""
