@@ -16,10 +16,10 @@ Per batch (never per message):
    docs/clinical-records.md, "The same id for another client moves the session";
 3. apply the records in order in memory (`series.ClientState`), one chunk of `save_chunk`
    clients at a time (a client's records all in one chunk, in the batch's order): each accepted
-   record yields the
-   events that tell the difference it made to the client's record; a refused one (site
-   conflict, session gap, unscorable) a dead letter with the reason, remembered in the state so
-   that a redelivery is refused alike; a record seen before re-emits what the record shows now;
+   record yields the events that tell the difference it made to the client's record; a refused
+   one (site conflict, session gap, unscorable) a dead letter with the reason, remembered in the
+   state so that a redelivery is refused alike; a record seen before re-emits what the record
+   shows now;
 4. write the chunk's changed clients with one bulk write, each guarded by the version it was
    read at - while the next chunk is applied (step 3), so that this process's CPU and the
    store's work at the same time; the store still gets one command after another;
@@ -582,10 +582,9 @@ class ScoringHandler:
         the previous one is written and registered (`_store`, one task at a time, so the store
         still gets one command after another), and the previous one's records are built while
         it is written. This process's CPU and the store's then work at the same time instead of
-        in turn. A client's records are all in one
-        chunk, in the batch's order, and a chunk's pass reads only what was read for the batch
-        (states, rules, the index) and its own clients' states, so applying by chunks decides
-        exactly what applying the whole batch at once would."""
+        in turn. A client's records are all in one chunk, in the batch's order, and a chunk's pass
+        reads only what was read for the batch (states, rules, the index) and its own clients'
+        states, so applying by chunks decides exactly what applying the whole batch at once would."""
         remaining = inputs
         for _attempt in range(self.conflict_attempts):
             keys = {client_key(ev.tenant_id, ev.client_id) for _, ev in remaining}
