@@ -522,6 +522,10 @@ def in_acceptance_order(pairs: list[tuple[InboundRecord, Input]]) -> list[tuple[
     return list(heapq.merge(*parts.values(), key=lambda pair: pair[1].accepted_at.timestamp()))
 
 
+# What a chunk's store work returns (`ScoringHandler._store`): the clients another writer got to
+# first, the clients whose state is stored, and what the index holds after registering them.
+_Stored = tuple[set[ClientKey], list[ClientKey], dict[IndexKey, Held]]
+
 # Records applied between two yields to the event loop: a slice takes a few ms of CPU, so the
 # previous chunk's write, the consumer's fetches and the HTTP endpoints wait no longer than that.
 APPLY_SLICE = 32
@@ -595,8 +599,8 @@ class ScoringHandler:
                                               if isinstance(ev, SrsSubmitted | OrsSubmitted)}
                                              | rejudged_keys(remaining, states))
             conflicts: set[ClientKey] = set()
-            writing: asyncio.Task[tuple[set[ClientKey], list[ClientKey], dict[IndexKey, Held]]] | None = None
-            written: _Pass | None = None
+            # The chunk being written: its store task and its pass.
+            writing: tuple[asyncio.Task[_Stored], _Pass] | None = None
             try:
                 for chunk in self._chunks(remaining):
                     p = _Pass()
@@ -607,22 +611,22 @@ class ScoringHandler:
                         # reply, register) between slices: a task only runs when this one yields.
                         await asyncio.sleep(0)
                     done = None
-                    if writing is not None and written is not None:
-                        lost, stored, after = await writing
+                    if writing is not None:
+                        lost, stored, after = await writing[0]
                         conflicts |= lost
-                        done = (written, stored, after)
-                    writing, written = asyncio.create_task(self._store(p, states, held)), p
+                        done = (writing[1], stored, after)
+                    writing = (asyncio.create_task(self._store(p, states, held)), p)
                     await asyncio.sleep(0)  # the write starts (its command is sent) before anything else runs
                     if done is not None:  # the previous chunk's records are built while this chunk is written
                         self._publish(*done, states, sending)
-                if writing is not None and written is not None:
-                    lost, stored, after = await writing
+                if writing is not None:
+                    lost, stored, after = await writing[0]
                     conflicts |= lost
-                    self._publish(written, stored, after, states, sending)
+                    self._publish(writing[1], stored, after, states, sending)
             finally:
-                if writing is not None and not writing.done():  # a failure above: no write outlives it
-                    writing.cancel()
-                    await asyncio.gather(writing, return_exceptions=True)
+                if writing is not None and not writing[0].done():  # a failure above: no write outlives it
+                    writing[0].cancel()
+                    await asyncio.gather(writing[0], return_exceptions=True)
             if not conflicts:
                 return
             # Another process wrote these clients since we read them (a partition moved): read
@@ -644,8 +648,7 @@ class ScoringHandler:
             chunks.append([pair for pair in inputs if client_key(pair[1].tenant_id, pair[1].client_id) in mine])
         return chunks
 
-    async def _store(self, p: _Pass, states: dict[ClientKey, ClientState], held: dict[IndexKey, Held]
-                     ) -> tuple[set[ClientKey], list[ClientKey], dict[IndexKey, Held]]:
+    async def _store(self, p: _Pass, states: dict[ClientKey, ClientState], held: dict[IndexKey, Held]) -> _Stored:
         """The store's part of one chunk's pass: write its changed clients (one bulk write), then
         register the versions of every client of it whose state is stored (the written ones and
         those whose record did not change, stored before). Returns the clients another writer got

@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 from fastapi import FastAPI
+from prometheus_client import REGISTRY
 
 from shared.http import Runtime
 from shared.kafka import _RESUME, InboundRecord, _note_batch, measure_lag
-from shared.metrics import CONSUMER_LAG, DEPENDENCY_UP, EVENT_LOOP_LAG, READY
+from shared.metrics import CONSUMER_LAG, DEPENDENCY_UP, READY
 from tests.support.wait import eventually
 
 
@@ -277,14 +278,9 @@ async def test_a_start_up_step_that_swallowed_the_stop_and_then_succeeded_starts
 
 def lag_samples(service: str) -> tuple[float, float]:
     """(count, sum) of the service's `alliance_event_loop_lag_seconds`."""
-    count = total = 0.0
-    for family in EVENT_LOOP_LAG.collect():
-        for sample in family.samples:
-            if sample.labels.get("service") == service and sample.name.endswith("_count"):
-                count = sample.value
-            if sample.labels.get("service") == service and sample.name.endswith("_sum"):
-                total = sample.value
-    return count, total
+    def value(suffix: str) -> float:
+        return REGISTRY.get_sample_value(f"alliance_event_loop_lag_seconds_{suffix}", {"service": service}) or 0.0
+    return value("count"), value("sum")
 
 
 async def lag_sampled(service: str, count: float = 0.0, total: float = 0.0) -> bool:

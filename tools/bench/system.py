@@ -946,9 +946,8 @@ def bench(
                 # (`ProbeProcess`, ended with the latency phase); the services and the stack run on.
                 res.cpu_s["bench (load generator, probes, receiver)"] = sum(os.times()[:4]) - own0
                 res.counts["load average (1 min) at end"] = round(os.getloadavg()[0], 2)
-                for s, p in procs.items():
-                    res.rss_kb[s] = vm_hwm_kb(p.proc.pid) if p.proc is not None else None
                 for s, p in procs.items():  # after the CPU figures, so reading the pages is not in them
+                    res.rss_kb[s] = vm_hwm_kb(p.proc.pid) if p.proc is not None else None
                     with contextlib.suppress(httpx.HTTPError):
                         page = httpx.get(p.url + "/metrics", timeout=5).text
                         res.loop_lag_s[s] = (histogram_quantile(page, LOOP_LAG, 0.5, service=s),
