@@ -163,12 +163,15 @@ class BatchTrace:
     """The spans of one consumed batch (made only when tracing is on).
 
     `batch`: `<topic> process`, a root linked to the contexts the records arrived with. One
-    `<topic> process` span per record continues that record's own trace and links to the batch span;
+    `<topic> process` span per record (its own topic) continues that record's own trace and links to
+    the batch span;
     `traceparents[i]` is the i-th record's, which its outputs carry. All end with the batch: committed
     (ok) or rewound (error)."""
 
     def __init__(self, service: str, topic: str, group: str, headers: Sequence[Mapping[str, str]],
-                 tracer: trace.Tracer = _TRACER) -> None:
+                 tracer: trace.Tracer = _TRACER, topics: Sequence[str] | None = None) -> None:
+        # `topics`: each record's, for a consumer of several (`topic` then names the batch's, e.g.
+        # "a, b"); without it every record is on `topic`.
         attributes = {"messaging.system": "kafka", "messaging.destination.name": topic,
                       "messaging.consumer.group.name": group, "messaging.operation.type": "process",
                       "alliance.service": service}
@@ -183,9 +186,9 @@ class BatchTrace:
                                         attributes={**attributes, "messaging.batch.message_count": len(headers)})
         # The record spans name their topic only: the batch span holds the rest, once.
         to_batch = [Link(self.batch.get_span_context())]
-        name, on_topic = f"{topic} process", {"messaging.destination.name": topic}
-        self.records = [tracer.start_span(name, context=ctx or Context(), kind=SpanKind.CONSUMER, links=to_batch,
-                                          attributes=on_topic) for ctx in parents]
+        self.records = [tracer.start_span(f"{on} process", context=ctx or Context(), kind=SpanKind.CONSUMER,
+                                          links=to_batch, attributes={"messaging.destination.name": on})
+                        for ctx, on in zip(parents, topics or [topic] * len(parents), strict=True)]
         self.traceparents = [traceparent_of(s) for s in self.records]
         self.ended = False
 

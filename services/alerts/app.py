@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import FastAPI
 from faststream import FastStream
@@ -31,7 +32,7 @@ from services.alerts.webhooks import webhooks_router
 from services.alerts.worker import DeliveryWorker, Sender
 from shared import audit, auth, channels
 from shared.http import Adapters, Service, authenticate_first, make_guard, service_api, stream_app
-from shared.kafka import DeadLetterTarget, subscribe_batch
+from shared.kafka import DeadLetterTarget, Route, by_topic, subscribe_batch
 from shared.settings import ServiceConfig
 
 log = logging.getLogger("alliance.alerts")
@@ -42,6 +43,12 @@ webhooks, Standard Webhooks), retries with backoff from a durable schedule, esca
 
 
 TITLE = "Alliance Stream alerts"
+
+# The consumer group each input topic had (`Topics` attribute, group purpose) before alerts read
+# them all with one consumer.
+PREVIOUS_GROUPS = (("deterioration", SERVICE), ("scored", "alerts-partners"), ("alert_status", "alerts-status"),
+                   ("outcome_alert", "alerts-outcome"), ("outcome_alert_status", "alerts-outcome-status"),
+                   ("ors_scored", "alerts-ors-partners"))
 
 
 @dataclass
@@ -98,30 +105,27 @@ def build(config: AlertsConfig, resolve: Resolver = system_resolve) -> AlertsSer
     rerouter = Rerouter(store, config.smtp.enabled, worker.wake, config.alerts)
 
     poison = DeadLetterTarget(topics.deadletter, publisher.publish_all)
-    subscribe_batch(broker, topics.deterioration, group_id=config.kafka.group(SERVICE), service=SERVICE,
-                    model=channels.DETERIORATION.model, handler=handlers.on_deterioration, invalid_reason=INVALID,
-                    max_records=config.kafka.batch_max_records, dead_letters=poison, settings=config.kafka)
-    subscribe_batch(broker, topics.scored, group_id=config.kafka.group("alerts-partners"), service=SERVICE,
-                    model=channels.SCORED.model, handler=handlers.on_scored, invalid_reason=INVALID,
-                    max_records=config.kafka.batch_max_records, dead_letters=poison, settings=config.kafka)
-    # Superseded / withdrawn from scoring (and this service's own acknowledged / escalated /
-    # delivered / failed, which are only forwarded to partners). Its own group: the lifecycle merge
-    # does not depend on the order of the two topics, so neither consumer waits for the other.
-    subscribe_batch(broker, topics.alert_status, group_id=config.kafka.group("alerts-status"), service=SERVICE,
-                    model=StatusEvent, handler=handlers.on_alert_status, invalid_reason=INVALID,
-                    max_records=config.kafka.batch_max_records, dead_letters=poison, settings=config.kafka)
-    # Outcome alerts (the ORS, docs/outcome.md): the same three consumers on the ORS topics, each in
-    # a group of its own, so neither alliance consumer ever waits for them or they for it.
-    subscribe_batch(broker, topics.outcome_alert, group_id=config.kafka.group("alerts-outcome"), service=SERVICE,
-                    model=channels.OUTCOME_ALERT.model, handler=handlers.on_outcome_alert, invalid_reason=INVALID,
-                    max_records=config.kafka.batch_max_records, dead_letters=poison, settings=config.kafka)
-    subscribe_batch(broker, topics.outcome_alert_status, group_id=config.kafka.group("alerts-outcome-status"),
-                    service=SERVICE, model=OutcomeStatusEvent, handler=handlers.on_outcome_status,
-                    invalid_reason=INVALID, max_records=config.kafka.batch_max_records, dead_letters=poison,
-                    settings=config.kafka)
-    subscribe_batch(broker, topics.ors_scored, group_id=config.kafka.group("alerts-ors-partners"), service=SERVICE,
-                    model=channels.ORS_SCORED.model, handler=handlers.on_ors_scored, invalid_reason=INVALID,
-                    max_records=config.kafka.batch_max_records, dead_letters=poison, settings=config.kafka)
+    # One consumer over every input topic (each consumer polls the broker all the time, busy or
+    # not), starting where each topic's group of before left off (`TakeOver`; docs/operations.md,
+    # "Upgrading to one consumer per service"). The lifecycle merge does not depend on the order
+    # of the topics, so each topic's part of a batch goes to its handler, the parts at the same time.
+    #   deterioration / outcome alert: alliance and outcome alerts (docs/outcome.md) for clinicians;
+    #   alert status / outcome alert status: superseded / withdrawn from scoring (and this service's
+    #     own acknowledged / escalated / delivered / failed, which are only forwarded to partners);
+    #   scored / ORS scored: for partners.
+    routes: list[Route[Any]] = [
+        Route(topics.deterioration, channels.DETERIORATION.model, handlers.on_deterioration),
+        Route(topics.scored, channels.SCORED.model, handlers.on_scored),
+        Route(topics.alert_status, StatusEvent, handlers.on_alert_status),
+        Route(topics.outcome_alert, channels.OUTCOME_ALERT.model, handlers.on_outcome_alert),
+        Route(topics.outcome_alert_status, OutcomeStatusEvent, handlers.on_outcome_status),
+        Route(topics.ors_scored, channels.ORS_SCORED.model, handlers.on_ors_scored),
+    ]
+    subscribe_batch(broker, [r.topic for r in routes], group_id=config.kafka.group(f"{SERVICE}-events"),
+                    service=SERVICE, handler=by_topic(routes, service=SERVICE, dead_letters=poison,
+                                                      invalid_reason=INVALID),
+                    max_records=config.kafka.batch_max_records, dead_letters=poison, settings=config.kafka,
+                    takes_over={getattr(topics, name): config.kafka.group(group) for name, group in PREVIOUS_GROUPS})
 
     async def start() -> None:
         await store.ensure_indexes()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.reporting.api import build_router, mount_dashboard
 from services.reporting.audit import build_audit_router
@@ -21,13 +22,20 @@ from shared import audit, channels
 from shared.auth import KeyStore
 from shared.channels import Channel
 from shared.http import Adapters, Service, Views, authenticate_first, make_guard, service_api
-from shared.kafka import DeadLetterTarget, M, OutboundRecord, TypedHandler, subscribe_batch
+from shared.kafka import DeadLetterTarget, M, OutboundRecord, Route, TypedHandler, by_topic, subscribe_batch
 from shared.settings import ServiceConfig
 
 SERVICE = "reporting"
 TITLE = "Alliance Stream reporting"
 DESCRIPTION = ("Trajectories and PCOMS indices materialized from scored sessions (read keys), and what happened to "
                "each submission (read or submit keys).")
+
+
+# The consumer group each event topic had before reporting read them all with one consumer.
+PREVIOUS_GROUPS: tuple[tuple[Channel[Any], str], ...] = (
+    (channels.SCORED, "scored"), (channels.DETERIORATION, "deterioration"), (channels.ALERT_STATUS, "alert-status"),
+    (channels.ORS_SCORED, "ors-scored"), (channels.OUTCOME_ALERT, "outcome-alert"),
+    (channels.OUTCOME_ALERT_STATUS, "outcome-alert-status"))
 
 
 @dataclass
@@ -59,18 +67,24 @@ def build(config: ReportingConfig) -> Service:
         def group(purpose: str) -> str:
             return config.kafka.group(f"{SERVICE}-{purpose}")
 
-        def consume(channel: Channel[M], purpose: str, handler: TypedHandler[M]) -> None:
-            """One consumer group per input topic, each decoding to the channel's event."""
-            subscribe_batch(broker, channel.on(topics), group_id=group(purpose), service=SERVICE, model=channel.model,
-                            handler=handler, max_records=batch, dead_letters=poison, settings=config.kafka)
+        def route(channel: Channel[M], handler: TypedHandler[M]) -> Route[M]:
+            return Route(channel.on(topics), channel.model, handler)
 
-        consume(channels.SCORED, "scored", handlers.scored)
-        consume(channels.DETERIORATION, "deterioration", handlers.deterioration)
-        consume(channels.ALERT_STATUS, "alert-status", handlers.alert_status)
-        # The outcome half (ORS): its own topics, the same merge (docs/outcome.md).
-        consume(channels.ORS_SCORED, "ors-scored", handlers.ors_scored)
-        consume(channels.OUTCOME_ALERT, "outcome-alert", handlers.outcome_alert)
-        consume(channels.OUTCOME_ALERT_STATUS, "outcome-alert-status", handlers.outcome_alert_status)
+        # One consumer over every event topic (each polls the broker all the time, busy or not):
+        # each topic's part of a batch goes to its handler, decoded to the channel's event.
+        # Each topic had a consumer group of its own before (`PREVIOUS_GROUPS`): the new group
+        # starts where those left off (`TakeOver`; docs/operations.md, "Upgrading to one consumer
+        # per service").
+        routes: list[Route[Any]] = [
+            route(channels.SCORED, handlers.scored), route(channels.DETERIORATION, handlers.deterioration),
+            route(channels.ALERT_STATUS, handlers.alert_status),
+            # The outcome half (ORS): its own topics, the same merge (docs/outcome.md).
+            route(channels.ORS_SCORED, handlers.ors_scored), route(channels.OUTCOME_ALERT, handlers.outcome_alert),
+            route(channels.OUTCOME_ALERT_STATUS, handlers.outcome_alert_status)]
+        subscribe_batch(broker, [r.topic for r in routes], group_id=group("events"), service=SERVICE,
+                        handler=by_topic(routes, service=SERVICE, dead_letters=poison), max_records=batch,
+                        dead_letters=poison, settings=config.kafka,
+                        takes_over={channel.on(topics): group(purpose) for channel, purpose in PREVIOUS_GROUPS})
         # Raw records and no target: a record the dead-letter consumer fails on must not feed its own input.
         subscribe_batch(broker, topics.deadletter, group_id=group("deadletter"), service=SERVICE,
                         handler=handlers.deadletter, max_records=batch, settings=config.kafka)

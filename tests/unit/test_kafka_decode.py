@@ -3,6 +3,8 @@ dead-letter reasons."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import re
 from pathlib import Path
 from typing import get_args
@@ -19,7 +21,18 @@ from shared.events import (
     DeadLetterReason,
     SrsSubmitted,
 )
-from shared.kafka import DeadLetterTarget, Decoded, InboundRecord, decode_batch, subscribe_batch, typed_handler
+from shared.kafka import (
+    BatchHandler,
+    DeadLetterTarget,
+    Decoded,
+    InboundRecord,
+    PermanentError,
+    Route,
+    by_topic,
+    decode_batch,
+    subscribe_batch,
+    typed_handler,
+)
 from tests.support.fakes import Sink, inbound
 
 EVENTS_DOC = Path(__file__).resolve().parents[2] / "docs" / "events.md"
@@ -119,3 +132,72 @@ def test_a_typed_consumer_without_a_dead_letter_target_is_refused_at_wiring() ->
     with pytest.raises(ValueError, match="dead_letters"):
         subscribe_batch(KafkaBroker(), "t", group_id="g", service="s", model=ClientTransfer,  # type: ignore[call-overload]
                         handler=Recording(Sink()))
+
+
+# ---- one consumer over several topics (`by_topic`) -------------------------------------------
+
+
+class Topic:
+    """A route's handler: keeps the client ids it was given; can wait for another topic's part, or fail."""
+
+    def __init__(self, failure: Exception | None = None, wait_for: asyncio.Event | None = None) -> None:
+        self.batches: list[list[str]] = []
+        self.started = asyncio.Event()
+        self.failure = failure
+        self.wait_for = wait_for
+
+    async def __call__(self, decoded: list[Decoded[ClientTransfer]]) -> None:
+        self.started.set()
+        if self.wait_for is not None:
+            await asyncio.wait_for(self.wait_for.wait(), timeout=5)
+        self.batches.append([d.event.client_id for d in decoded])
+        if self.failure is not None:
+            raise self.failure
+
+
+def on(topic: str, client: str) -> InboundRecord:
+    return dataclasses.replace(transfer_to(client), topic=topic)
+
+
+def routed(handlers: dict[str, Topic], sink: Sink) -> BatchHandler:
+    return by_topic([Route(topic, ClientTransfer, h) for topic, h in handlers.items()], service="s",
+                    dead_letters=DeadLetterTarget("dlq", sink.publish_all))
+
+
+async def test_each_topic_of_a_batch_goes_to_its_own_handler_in_record_order() -> None:
+    a, b, sink = Topic(), Topic(), Sink()
+    await routed({"a": a, "b": b}, sink)([on("a", "1"), on("b", "2"), on("a", "3"), on("b", "4")])
+    assert (a.batches, b.batches) == ([["1", "3"]], [["2", "4"]])
+
+
+async def test_each_topic_dead_letters_the_records_of_its_own_that_do_not_decode() -> None:
+    a, b, sink = Topic(), Topic(), Sink()
+    await routed({"a": a, "b": b}, sink)([on("a", "1"), inbound("b", b"{")])
+    assert [DeadLetter.model_validate_json(r.value).source_topic for r in sink.of_topic("dlq")] == ["b"]
+    assert (a.batches, b.batches) == ([["1"]], [[]])
+
+
+async def test_the_topics_of_a_batch_are_handled_at_the_same_time() -> None:
+    b = Topic()
+    a = Topic(wait_for=b.started)  # would time out if b's part ran only after a's
+    await routed({"a": a, "b": b}, Sink())([on("a", "1"), on("b", "2")])
+    assert (a.batches, b.batches) == ([["1"]], [["2"]])
+
+
+async def test_a_topics_failure_is_raised_after_every_other_topic_has_run() -> None:
+    a, b = Topic(failure=ConnectionError("store down")), Topic()
+    with pytest.raises(ConnectionError):
+        await routed({"a": a, "b": b}, Sink())([on("a", "1"), on("b", "2")])
+    assert b.batches == [["2"]]
+
+
+async def test_a_transient_failure_is_raised_before_a_deterministic_one_so_the_batch_is_retried_not_isolated() -> None:
+    a, b = Topic(failure=PermanentError()), Topic(failure=ConnectionError("store down"))
+    with pytest.raises(ConnectionError):
+        await routed({"a": a, "b": b}, Sink())([on("a", "1"), on("b", "2")])
+
+
+def test_two_routes_for_one_topic_are_refused_at_wiring() -> None:
+    with pytest.raises(ValueError, match="one route per topic"):
+        routed_twice = [Route("a", ClientTransfer, Topic()), Route("a", ClientTransfer, Topic())]
+        by_topic(routed_twice, service="s", dead_letters=DeadLetterTarget("dlq", Sink().publish_all))

@@ -117,3 +117,14 @@ def test_a_log_line_written_in_a_span_carries_its_trace_and_span_ids(
 
 def test_a_log_line_outside_any_span_has_no_trace_ids() -> None:
     assert not {"trace_id", "span_id"} & _log_line().keys()
+
+
+def test_each_record_span_names_its_own_topic_in_a_batch_of_several(
+        exported: tuple[trace.Tracer, InMemorySpanExporter]) -> None:
+    tracer, exporter = exported
+    batch = tracing.BatchTrace("reporting", "a, b", "g", [{"traceparent": PRODUCER}, {"traceparent": OTHER}], tracer,
+                               topics=["b", "a"])
+    batch.end(True)
+    names = {s.context.span_id: s.name for s in exporter.get_finished_spans()}
+    assert [names[s.get_span_context().span_id] for s in batch.records] == ["b process", "a process"]
+    assert names[batch.batch.get_span_context().span_id] == "a, b process"
