@@ -44,8 +44,8 @@ webhooks, Standard Webhooks), retries with backoff from a durable schedule, esca
 
 TITLE = "Alliance Stream alerts"
 
-# The consumer group each input topic had (`Topics` attribute, group purpose) before alerts read
-# them all with one consumer.
+# The consumer group each input topic had (`Topics` attribute, group purpose) before alerts shared
+# consumers between topics.
 PREVIOUS_GROUPS = (("deterioration", SERVICE), ("scored", "alerts-partners"), ("alert_status", "alerts-status"),
                    ("outcome_alert", "alerts-outcome"), ("outcome_alert_status", "alerts-outcome-status"),
                    ("ors_scored", "alerts-ors-partners"))
@@ -105,27 +105,31 @@ def build(config: AlertsConfig, resolve: Resolver = system_resolve) -> AlertsSer
     rerouter = Rerouter(store, config.smtp.enabled, worker.wake, config.alerts)
 
     poison = DeadLetterTarget(topics.deadletter, publisher.publish_all)
-    # One consumer over every input topic (each consumer polls the broker all the time, busy or
-    # not), starting where each topic's group of before left off (`TakeOver`; docs/operations.md,
-    # "Upgrading to one consumer per service"). The lifecycle merge does not depend on the order
-    # of the topics, so each topic's part of a batch goes to its handler, the parts at the same time.
-    #   deterioration / outcome alert: alliance and outcome alerts (docs/outcome.md) for clinicians;
-    #   alert status / outcome alert status: superseded / withdrawn from scoring (and this service's
-    #     own acknowledged / escalated / delivered / failed, which are only forwarded to partners);
-    #   scored / ORS scored: for partners.
-    routes: list[Route[Any]] = [
-        Route(topics.deterioration, channels.DETERIORATION.model, handlers.on_deterioration),
-        Route(topics.scored, channels.SCORED.model, handlers.on_scored),
-        Route(topics.alert_status, StatusEvent, handlers.on_alert_status),
-        Route(topics.outcome_alert, channels.OUTCOME_ALERT.model, handlers.on_outcome_alert),
-        Route(topics.outcome_alert_status, OutcomeStatusEvent, handlers.on_outcome_status),
-        Route(topics.ors_scored, channels.ORS_SCORED.model, handlers.on_ors_scored),
-    ]
-    subscribe_batch(broker, [r.topic for r in routes], group_id=config.kafka.group(f"{SERVICE}-events"),
-                    service=SERVICE, handler=by_topic(routes, service=SERVICE, dead_letters=poison,
-                                                      invalid_reason=INVALID),
-                    max_records=config.kafka.batch_max_records, dead_letters=poison, settings=config.kafka,
-                    takes_over={getattr(topics, name): config.kafka.group(group) for name, group in PREVIOUS_GROUPS})
+    previous = {getattr(topics, name): config.kafka.group(group) for name, group in PREVIOUS_GROUPS}
+
+    def consume(purpose: str, routes: list[Route[Any]]) -> None:
+        """One consumer over several topics, starting where each topic's group of before left off
+        (`TakeOver`; docs/operations.md, "Upgrading to one consumer per kind of event"). The
+        lifecycle merge does not depend on the order of the topics, so each topic's part of a batch
+        goes to its handler, the parts at the same time."""
+        subscribe_batch(broker, [r.topic for r in routes], group_id=config.kafka.group(f"{SERVICE}-{purpose}"),
+                        service=SERVICE, handler=by_topic(routes, service=SERVICE, dead_letters=poison,
+                                                          invalid_reason=INVALID),
+                        max_records=config.kafka.batch_max_records, dead_letters=poison, settings=config.kafka,
+                        takes_over={r.topic: previous[r.topic] for r in routes})
+
+    # Every consumer polls the broker all the time, busy or not, so topics share consumers; but a
+    # batch is committed only when each of its parts is handled, so the raised alerts (what reaches
+    # a clinician) do not share one with partners' events. Alliance and outcome alerts
+    # (docs/outcome.md):
+    consume("raised", [Route(topics.deterioration, channels.DETERIORATION.model, handlers.on_deterioration),
+                       Route(topics.outcome_alert, channels.OUTCOME_ALERT.model, handlers.on_outcome_alert)])
+    # Superseded / withdrawn from scoring (and this service's own acknowledged / escalated /
+    # delivered / failed, which are only forwarded to partners), and scored sessions for partners.
+    consume("events", [Route(topics.alert_status, StatusEvent, handlers.on_alert_status),
+                       Route(topics.outcome_alert_status, OutcomeStatusEvent, handlers.on_outcome_status),
+                       Route(topics.scored, channels.SCORED.model, handlers.on_scored),
+                       Route(topics.ors_scored, channels.ORS_SCORED.model, handlers.on_ors_scored)])
 
     async def start() -> None:
         await store.ensure_indexes()

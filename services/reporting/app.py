@@ -31,7 +31,7 @@ DESCRIPTION = ("Trajectories and PCOMS indices materialized from scored sessions
                "each submission (read or submit keys).")
 
 
-# The consumer group each event topic had before reporting read them all with one consumer.
+# The consumer group (purpose) each event topic had before reporting shared consumers between topics.
 PREVIOUS_GROUPS: tuple[tuple[Channel[Any], str], ...] = (
     (channels.SCORED, "scored"), (channels.DETERIORATION, "deterioration"), (channels.ALERT_STATUS, "alert-status"),
     (channels.ORS_SCORED, "ors-scored"), (channels.OUTCOME_ALERT, "outcome-alert"),
@@ -70,21 +70,27 @@ def build(config: ReportingConfig) -> Service:
         def route(channel: Channel[M], handler: TypedHandler[M]) -> Route[M]:
             return Route(channel.on(topics), channel.model, handler)
 
-        # One consumer over every event topic (each polls the broker all the time, busy or not):
-        # each topic's part of a batch goes to its handler, decoded to the channel's event.
-        # Each topic had a consumer group of its own before (`PREVIOUS_GROUPS`): the new group
-        # starts where those left off (`TakeOver`; docs/operations.md, "Upgrading to one consumer
-        # per service").
-        routes: list[Route[Any]] = [
-            route(channels.SCORED, handlers.scored), route(channels.DETERIORATION, handlers.deterioration),
-            route(channels.ALERT_STATUS, handlers.alert_status),
-            # The outcome half (ORS): its own topics, the same merge (docs/outcome.md).
-            route(channels.ORS_SCORED, handlers.ors_scored), route(channels.OUTCOME_ALERT, handlers.outcome_alert),
-            route(channels.OUTCOME_ALERT_STATUS, handlers.outcome_alert_status)]
-        subscribe_batch(broker, [r.topic for r in routes], group_id=group("events"), service=SERVICE,
-                        handler=by_topic(routes, service=SERVICE, dead_letters=poison), max_records=batch,
-                        dead_letters=poison, settings=config.kafka,
-                        takes_over={channel.on(topics): group(purpose) for channel, purpose in PREVIOUS_GROUPS})
+        def consume(purpose: str, routes: Sequence[Route[Any]]) -> None:
+            """One consumer over several topics: each topic's part of a batch goes to its handler,
+            decoded to the channel's event. Each topic had a consumer group of its own before
+            (`PREVIOUS_GROUPS`): the new group starts where those left off (`TakeOver`;
+            docs/operations.md, "Upgrading to one consumer per kind of event")."""
+            subscribe_batch(broker, [r.topic for r in routes], group_id=group(purpose), service=SERVICE,
+                            handler=by_topic(routes, service=SERVICE, dead_letters=poison), max_records=batch,
+                            dead_letters=poison, settings=config.kafka,
+                            takes_over={r.topic: previous[r.topic] for r in routes})
+
+        previous = {channel.on(topics): group(purpose) for channel, purpose in PREVIOUS_GROUPS}
+
+        # Every consumer polls the broker all the time, busy or not, so topics share consumers; but a
+        # batch is committed only when each of its parts is written, so the scored sessions (what a
+        # clinician waits to see) do not share one with the alerts' writes. The outcome half (ORS):
+        # its own topics, the same merge (docs/outcome.md).
+        consume("sessions", [route(channels.SCORED, handlers.scored), route(channels.ORS_SCORED, handlers.ors_scored)])
+        consume("alerts", [route(channels.DETERIORATION, handlers.deterioration),
+                           route(channels.ALERT_STATUS, handlers.alert_status),
+                           route(channels.OUTCOME_ALERT, handlers.outcome_alert),
+                           route(channels.OUTCOME_ALERT_STATUS, handlers.outcome_alert_status)])
         # Raw records and no target: a record the dead-letter consumer fails on must not feed its own input.
         subscribe_batch(broker, topics.deadletter, group_id=group("deadletter"), service=SERVICE,
                         handler=handlers.deadletter, max_records=batch, settings=config.kafka)

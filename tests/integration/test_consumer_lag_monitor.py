@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 
 from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI
+from prometheus_client import REGISTRY
 from pymongo.errors import AutoReconnect
 
 from shared.http import Runtime
@@ -33,12 +34,13 @@ async def always_failing(records: list[InboundRecord]) -> None:
 
 
 @asynccontextmanager
-async def failing_consumer(ns: Namespace, group: str) -> AsyncIterator[str]:
-    """A runtime whose only consumer, on the namespace's scored topic, fails every batch."""
+async def failing_consumer(ns: Namespace, group: str, also: tuple[str, ...] = ()) -> AsyncIterator[str]:
+    """A runtime whose only consumer, on the namespace's scored topic (and the topics `also` names),
+    fails every batch."""
     kafka = ns.kafka()
     topic = kafka.topics().scored
     broker = make_broker(kafka, SERVICE)
-    subscribe_batch(broker, topic, group_id=group, service=SERVICE, handler=always_failing, retry=SLOW,
+    subscribe_batch(broker, (topic, *also), group_id=group, service=SERVICE, handler=always_failing, retry=SLOW,
                     settings=kafka)
     runtime = Runtime(SERVICE, broker=broker, monitor_interval_seconds=0.2)
     async with runtime.lifespan(FastAPI()):
@@ -79,3 +81,22 @@ async def test_the_lag_of_a_consumer_whose_batches_keep_failing_grows_as_records
         await eventually(lambda: lag_is(5), timeout=45)
         await produce(namespace.stack.bootstrap, topic, 7)
         await eventually(lambda: lag_is(12), timeout=45)
+
+
+def retries(topic: str) -> float:
+    return REGISTRY.get_sample_value("alliance_consumer_batch_retries_total",
+                                     {"service": SERVICE, "topic": topic}) or 0.0
+
+
+async def test_a_failing_batch_of_several_topics_counts_a_retry_for_each_topic_it_holds(namespace: Namespace) -> None:
+    # AllianceConsumerStuck joins a topic's lag with its retries: a record waiting on the second
+    # topic of a consumer must show retries of its own topic.
+    other = namespace.kafka().topics().deterioration
+    before = retries(other)
+    async with failing_consumer(namespace, f"{namespace.prefix}lag-several", also=(other,)):
+        await produce(namespace.stack.bootstrap, other, 1)
+
+        async def retried() -> bool:
+            return retries(other) > before
+
+        await eventually(retried, timeout=45)
