@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -723,7 +724,7 @@ def by_topic(routes: Sequence[Route[Any]], *, service: str, dead_letters: DeadLe
                                        return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         for exc in failures:
-            if isinstance(exc, asyncio.CancelledError) or not isinstance(exc, Exception):
+            if not isinstance(exc, Exception):  # cancelled (or worse): not a failure to retry
                 raise exc
         if failures:
             raise next((e for e in failures if not classify(e).deterministic), failures[0])
@@ -762,11 +763,13 @@ class TakeOver:
         kafka = self.settings
         common: dict[str, Any] = {"bootstrap_servers": kafka.bootstrap, "request_timeout_ms": kafka.request_timeout_ms,
                                   **admin_security_kwargs(kafka)}
-        admin = AIOKafkaAdminClient(**common)
-        consumer = AIOKafkaConsumer(group_id=self.group_id, enable_auto_commit=False, **common)
-        try:
+        async with contextlib.AsyncExitStack() as started:
+            admin = AIOKafkaAdminClient(**common)
             await admin.start()
+            started.push_async_callback(admin.close)
+            consumer = AIOKafkaConsumer(group_id=self.group_id, enable_auto_commit=False, **common)
             await consumer.start()
+            started.push_async_callback(consumer.stop)
             await consumer.topics()  # the topics' partitions, fresh
             partitions = [TopicPartition(topic, p) for topic in self.previous
                           for p in sorted(consumer.partitions_for_topic(topic) or ())]
@@ -784,9 +787,6 @@ class TakeOver:
                 log.info("%s took over %d partitions at the offsets of %s", self.group_id, len(found),
                          ", ".join(sorted({self.previous[tp.topic] for tp in found})))
             return found
-        finally:
-            await consumer.stop()
-            await admin.close()
 
 
 # The takeovers `start_broker` runs before it starts a broker's subscribers.
