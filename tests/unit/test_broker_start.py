@@ -33,7 +33,7 @@ class Starting:
         self.started = True
 
 
-@dataclass
+@dataclass(eq=False)  # hashable by identity, as a KafkaBroker is (start_broker looks its takeovers up by broker)
 class StandInBroker:
     subscribers: list[Starting]
     publishers: list[Starting] = field(default_factory=list)
