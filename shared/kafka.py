@@ -909,7 +909,6 @@ def subscribe_batch(
         deterministic: Failure | None = None
         seen_deterministic = 0
         _note_batch(service, records, committed=False)
-        held = (topic,) if len(topics) == 1 else sorted({r.topic for r in records})
         for attempt, delay in enumerate([*policy.delays(), None]):
             poison: list[tuple[InboundRecord, Failure]] = []
             try:
@@ -926,7 +925,7 @@ def subscribe_batch(
             except Exception as exc:
                 failure = classify(exc)
                 # Per topic the batch holds: AllianceConsumerStuck joins a topic's lag with its retries.
-                for name in held:
+                for name in (topic,) if len(topics) == 1 else {r.topic for r in records}:
                     CONSUMER_RETRIES.labels(service, name).inc()
                 if failure.deterministic:
                     deterministic, seen_deterministic = failure, seen_deterministic + 1

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI
 from prometheus_client import REGISTRY
 from pymongo.errors import AutoReconnect
@@ -61,25 +60,15 @@ def lag(topic: str, partition: int) -> float | None:
     return None
 
 
-async def produce(bootstrap: str, topic: str, count: int) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-    await producer.start()
-    try:
-        for i in range(count):
-            await producer.send_and_wait(topic, f"record-{i}".encode(), partition=0)
-    finally:
-        await producer.stop()
-
-
 async def test_the_lag_of_a_consumer_whose_batches_keep_failing_grows_as_records_arrive(namespace: Namespace) -> None:
     async with failing_consumer(namespace, f"{namespace.prefix}lag-failing") as topic:
-        await produce(namespace.stack.bootstrap, topic, 5)
+        await namespace.produce(topic, 5)
 
         async def lag_is(expected: int) -> bool:
             return lag(topic, 0) == expected
 
         await eventually(lambda: lag_is(5), timeout=45)
-        await produce(namespace.stack.bootstrap, topic, 7)
+        await namespace.produce(topic, 7)
         await eventually(lambda: lag_is(12), timeout=45)
 
 
@@ -94,7 +83,7 @@ async def test_a_failing_batch_of_several_topics_counts_a_retry_for_each_topic_i
     other = namespace.kafka().topics().deterioration
     before = retries(other)
     async with failing_consumer(namespace, f"{namespace.prefix}lag-several", also=(other,)):
-        await produce(namespace.stack.bootstrap, other, 1)
+        await namespace.produce(other, 1)
 
         async def retried() -> bool:
             return retries(other) > before

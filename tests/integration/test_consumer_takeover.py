@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from fastapi import FastAPI
 
 from shared.http import Runtime
@@ -21,16 +21,6 @@ from tests.support.services import Namespace
 from tests.support.wait import eventually
 
 SERVICE = "takeover-test"
-
-
-async def produce(bootstrap: str, topic: str, partition: int, count: int) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-    await producer.start()
-    try:
-        for i in range(count):
-            await producer.send_and_wait(topic, f"record-{i}".encode(), partition=partition)
-    finally:
-        await producer.stop()
 
 
 async def commit_as(bootstrap: str, group: str, offsets: dict[TopicPartition, int]) -> None:
@@ -62,9 +52,9 @@ async def new_consumer(ns: Namespace, group: str, topics: list[str], takes_over:
 async def test_a_new_group_resumes_each_partition_where_the_group_it_replaces_committed(namespace: Namespace) -> None:
     bootstrap, t = namespace.stack.bootstrap, namespace.kafka().topics()
     old = f"{namespace.prefix}old-scored"
-    await produce(bootstrap, t.scored, 0, 10)
-    await produce(bootstrap, t.scored, 1, 4)  # the old group committed nothing here
-    await produce(bootstrap, t.deterioration, 0, 3)  # no group had this topic
+    await namespace.produce(t.scored, 10, partition=0)
+    await namespace.produce(t.scored, 4, partition=1)  # the old group committed nothing here
+    await namespace.produce(t.deterioration, 3, partition=0)  # no group had this topic
     await commit_as(bootstrap, old, {TopicPartition(t.scored, 0): 6})
     seen: list[tuple[str, int, int]] = []
     async with new_consumer(namespace, f"{namespace.prefix}new", [t.scored, t.deterioration], {t.scored: old}, seen):
@@ -76,13 +66,13 @@ async def test_a_new_group_resumes_each_partition_where_the_group_it_replaces_co
 async def test_a_partition_the_new_group_has_committed_stays_where_the_new_group_is(namespace: Namespace) -> None:
     bootstrap, t = namespace.stack.bootstrap, namespace.kafka().topics()
     old, new = f"{namespace.prefix}old-scored", f"{namespace.prefix}new"
-    await produce(bootstrap, t.scored, 0, 5)
+    await namespace.produce(t.scored, 5, partition=0)
     await commit_as(bootstrap, old, {TopicPartition(t.scored, 0): 2})
     first: list[tuple[str, int, int]] = []
     async with new_consumer(namespace, new, [t.scored], {t.scored: old}, first):
         await eventually(lambda: _count(first, 3), timeout=60)
         await eventually(lambda: _committed(bootstrap, new, TopicPartition(t.scored, 0), 5), timeout=30)
-    await produce(bootstrap, t.scored, 0, 2)
+    await namespace.produce(t.scored, 2, partition=0)
     again: list[tuple[str, int, int]] = []
     async with new_consumer(namespace, new, [t.scored], {t.scored: old}, again):
         await eventually(lambda: _count(again, 2), timeout=60)
@@ -93,7 +83,7 @@ async def test_the_new_group_commits_the_offsets_it_took_over_before_it_handles_
         namespace: Namespace) -> None:
     bootstrap, t = namespace.stack.bootstrap, namespace.kafka().topics()
     old, new = f"{namespace.prefix}old-scored", f"{namespace.prefix}new"
-    await produce(bootstrap, t.scored, 0, 4)
+    await namespace.produce(t.scored, 4, partition=0)
     await commit_as(bootstrap, old, {TopicPartition(t.scored, 0): 4})  # nothing left to read
     seen: list[tuple[str, int, int]] = []
     async with new_consumer(namespace, new, [t.scored], {t.scored: old}, seen):

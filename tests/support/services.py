@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from shared.settings import KafkaSettings, MongoSettings
 from tests.support.stack import StackUnderTest
@@ -74,6 +75,16 @@ class Namespace:
             "ALLIANCE_ALERTS_DEV_MODE": "true",
             **self.extra_env,
         }
+
+    async def produce(self, topic: str, count: int, partition: int = 0) -> None:
+        """`count` records (`record-0`, ...) to one partition of `topic`, each acknowledged."""
+        producer = AIOKafkaProducer(bootstrap_servers=self.stack.bootstrap)
+        await producer.start()
+        try:
+            for i in range(count):
+                await producer.send_and_wait(topic, f"record-{i}".encode(), partition=partition)
+        finally:
+            await producer.stop()
 
 
 @contextmanager
